@@ -1,0 +1,1 @@
+//! The compute engine: tensors, CPU/CUDA backends, model architectures, LoRA, losses, AdamW, sampling.

@@ -1,0 +1,1 @@
+//! Head: control plane (node registry, child registration, desired state, status).

@@ -1,0 +1,9 @@
+//! Twinkle in Rust: a training-as-a-service server for LLMs (library half of the `twinkle` binary).
+
+pub mod cluster;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod head;
+pub mod node;
+pub mod worker;

@@ -1,0 +1,1 @@
+//! Node agent: spawns, supervises, restarts and stops this node's application children.

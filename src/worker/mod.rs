@@ -1,0 +1,1 @@
+//! `twinkle worker`: the entry point of one application child process.
