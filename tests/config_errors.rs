@@ -72,10 +72,13 @@ fn base_is_valid() {
     assert_eq!(c.applications.len(), 2);
 }
 
+/// (what is wrong, line edits of BASE, expected text of the error).
+type Row = (&'static str, &'static [(usize, &'static str)], &'static str);
+
 #[test]
 fn table_of_bad_configs() {
     #[rustfmt::skip]
-    let table: &[(&str, &[(usize, &str)], &str)] = &[
+    let table: &[Row] = &[
         ("unknown top-level key",
          &[(1, "sever_type: twinkle")],
          "sever_type: unknown key (allowed keys: server_type, ray_namespace, proxy_location, http_options, telemetry, persistence, task_queue, applications) (line 1)"),
@@ -194,7 +197,8 @@ fn table_of_bad_configs() {
 
 #[test]
 fn every_semantic_problem_is_reported_in_file_order() {
-    let text = edit(&[(29, "          num_cpus: -1"), (14, "  - name: server"), (6, "  mode: file")]);
+    let text =
+        edit(&[(29, "          num_cpus: -1"), (14, "  - name: server"), (6, "  mode: file")]);
     let err = config::load_str(&text).unwrap_err();
     let lines: Vec<Option<usize>> = err.problems().iter().map(|p| p.line).collect();
     assert_eq!(lines, [Some(6), Some(14), Some(29)], "{err}");
@@ -219,7 +223,10 @@ fn empty_file_is_rejected() {
 #[test]
 fn parallel_dimensions_above_one_load() {
     // tp/pp > 1 are accepted here; the engine rejects them at run time until implemented.
-    let text = edit(&[(21, "        ranks: 4"), (25, "        dp_size: 1\n        tp_size: 2\n        pp_size: 2")]);
+    let text = edit(&[
+        (21, "        ranks: 4"),
+        (25, "        dp_size: 1\n        tp_size: 2\n        pp_size: 2"),
+    ]);
     let c = config::load_str(&text).unwrap_or_else(|e| panic!("{e}"));
     let mesh = c.applications[1].args.device_mesh.as_ref().unwrap();
     assert_eq!((mesh.tp_size, mesh.pp_size), (Some(2), Some(2)));

@@ -170,7 +170,12 @@ applications:
         model.env_vars().iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(
         env,
-        [("FLAG", "true"), ("R", "1.5"), ("TWINKLE_FAIL_FAST", "0"), ("TWINKLE_TRUST_REMOTE_CODE", "0")]
+        [
+            ("FLAG", "true"),
+            ("R", "1.5"),
+            ("TWINKLE_FAIL_FAST", "0"),
+            ("TWINKLE_TRUST_REMOTE_CODE", "0")
+        ]
     );
 }
 

@@ -197,7 +197,11 @@ pub(crate) fn humanize(msg: &str) -> String {
         {
             let (got, expected) = (&rest[..at], &rest[at + ", expected ".len()..]);
             let negative = got.starts_with("integer `-");
-            return format!("expected {}, got {}", expected_text(expected, negative), got_text(got));
+            return format!(
+                "expected {}, got {}",
+                expected_text(expected, negative),
+                got_text(got)
+            );
         }
     }
     if let Some(rest) = msg.strip_prefix("unknown field `")
@@ -214,7 +218,11 @@ pub(crate) fn humanize(msg: &str) -> String {
         && let Some(end) = rest.find('`')
     {
         let allowed = backticked(&rest[end + 1..]);
-        return format!("unknown value \"{}\", expected one of: {}", &rest[..end], allowed.join(", "));
+        return format!(
+            "unknown value \"{}\", expected one of: {}",
+            &rest[..end],
+            allowed.join(", ")
+        );
     }
     if let Some(rest) = msg.strip_prefix("missing field `") {
         return format!("missing required key \"{}\"", rest.trim_end_matches('`'));

@@ -268,6 +268,10 @@ pub struct AppArgs {
     pub api_keys: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
+    // model and sampler
+    /// `ms://Org/Name`, `hf://Org/Name`, a bare `Org/Name` or a local path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
     // model
     /// Canonical engine selector of a model app; after loading it is always set for models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,10 +285,6 @@ pub struct AppArgs {
     pub max_loras: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<u64>,
-    // model and sampler
-    /// `ms://Org/Name`, `hf://Org/Name`, a bare `Org/Name` or a local path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_id: Option<String>,
     // sampler
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler_type: Option<SamplerType>,
@@ -332,7 +332,9 @@ impl AppArgs {
     /// The `args` keys an application of kind `kind` accepts.
     pub fn keys_allowed_for(kind: ImportPath) -> &'static [&'static str] {
         match kind {
-            ImportPath::Server => &["server_config", "supported_models", "api_keys", "api_keys_file"],
+            ImportPath::Server => {
+                &["server_config", "supported_models", "api_keys", "api_keys_file"]
+            }
             ImportPath::Model => &[
                 "backend",
                 "use_megatron",

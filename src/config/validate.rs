@@ -37,7 +37,10 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
             names.insert(&app.name, first);
             out.push((
                 at.key("name"),
-                format!("duplicate application name \"{}\" (also used by applications[{first}])", app.name),
+                format!(
+                    "duplicate application name \"{}\" (also used by applications[{first}])",
+                    app.name
+                ),
             ));
         }
         check_route(app, &at, &mut out);
@@ -71,10 +74,16 @@ fn check_persistence(p: &Persistence, at: &KeyPath, out: &mut Issues) {
         _ => {}
     }
     if p.mode != PersistenceMode::File && p.file_path.is_some() {
-        out.push((at.key("file_path"), "only used with mode: file (set mode: file or remove it)".into()));
+        out.push((
+            at.key("file_path"),
+            "only used with mode: file (set mode: file or remove it)".into(),
+        ));
     }
     if p.mode != PersistenceMode::Redis && p.redis_url.is_some() {
-        out.push((at.key("redis_url"), "only used with mode: redis (set mode: redis or remove it)".into()));
+        out.push((
+            at.key("redis_url"),
+            "only used with mode: redis (set mode: redis or remove it)".into(),
+        ));
     }
 }
 
@@ -225,7 +234,9 @@ fn check_group(kind: ImportPath, g: &DeviceGroup, at: &KeyPath, out: &mut Issues
             at.key("ranks"),
             "a cuda device_group needs at least one rank (the number of GPUs to use)".into(),
         )),
-        DeviceType::Cuda if g.gpus_per_worker > 0 && g.ranks.count() % g.gpus_per_worker != 0 => {
+        DeviceType::Cuda
+            if g.gpus_per_worker > 0 && !g.ranks.count().is_multiple_of(g.gpus_per_worker) =>
+        {
             out.push((
                 at.key("gpus_per_worker"),
                 format!(
@@ -269,7 +280,10 @@ fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, ou
     if let Some(w) = m.world_size
         && u64::from(w) != product
     {
-        out.push((at.key("world_size"), format!("world_size {w} does not match {formula} = {product}")));
+        out.push((
+            at.key("world_size"),
+            format!("world_size {w} does not match {formula} = {product}"),
+        ));
     }
     let Some(g) = group else { return };
     if let Some(t) = m.device_type
