@@ -29,6 +29,9 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = ConfigFormat::Yaml)]
         format: ConfigFormat,
+        /// Override the file's `server_type` (twinkle or tinker), as `serve` does.
+        #[arg(short = 't', long)]
+        server_type: Option<twinkle::config::ServerType>,
     },
 }
 
@@ -51,8 +54,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::PrintConfig { config, format } => {
-            let rendered = twinkle::config::load_file(&config).and_then(|c| match format {
+        Command::PrintConfig { config, format, server_type } => {
+            let loaded = twinkle::config::load_file(&config).map(|c| match server_type {
+                Some(t) => c.with_server_type(t),
+                None => c,
+            });
+            let rendered = loaded.and_then(|c| match format {
                 ConfigFormat::Yaml => c.to_yaml(),
                 ConfigFormat::Json => c.to_json(),
             });

@@ -150,7 +150,7 @@ applications:
         ray_actor_options:
           num_cpus: 1
           runtime_env:
-            env_vars: {TWINKLE_TRUST_REMOTE_CODE: "0", TWINKLE_FAIL_FAST: 0, FLAG: true, R: 1.5}
+            env_vars: {TWINKLE_TRUST_REMOTE_CODE: "0", TWINKLE_FAIL_FAST: 0, FLAG: true, V: 1.10, Y: yes}
 "#;
     let c = config::load_str(text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.http_options.port, 9000);
@@ -172,9 +172,10 @@ applications:
         env,
         [
             ("FLAG", "true"),
-            ("R", "1.5"),
             ("TWINKLE_FAIL_FAST", "0"),
-            ("TWINKLE_TRUST_REMOTE_CODE", "0")
+            ("TWINKLE_TRUST_REMOTE_CODE", "0"),
+            ("V", "1.10"),
+            ("Y", "yes")
         ]
     );
 }
@@ -252,4 +253,12 @@ fn cli_print_config_output_loads_again() {
     .unwrap();
     assert!(text.contains("backend: megatron"), "{text}");
     assert!(!text.contains("use_megatron"), "{text}");
+    assert!(text.starts_with("server_type: twinkle\n"), "{text}");
+
+    let overridden = twinkle()
+        .args(["print-config", "--server-type", "tinker", "-c"])
+        .arg(shipped("twinkle-megatron.yaml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&overridden.stdout).starts_with("server_type: tinker\n"));
 }

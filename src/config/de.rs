@@ -42,8 +42,9 @@ pub(crate) fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     d.deserialize_any(PortVisitor)
 }
 
-/// Text of a YAML scalar that stands for a string (env var values may be written as numbers
-/// or booleans: `TWINKLE_FAIL_FAST: 0`).
+/// Text of a YAML scalar exactly as written (env var values may be written as numbers or
+/// booleans: `TWINKLE_FAIL_FAST: 0`; `1.10` stays `1.10`, `yes` stays `yes`). serde_norway's
+/// `deserialize_str` hands over the source text of any scalar; the other visits are fallbacks.
 struct ScalarText;
 
 impl Visitor<'_> for ScalarText {
@@ -72,7 +73,7 @@ struct ScalarString(String);
 
 impl<'de> Deserialize<'de> for ScalarString {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ScalarText).map(ScalarString)
+        d.deserialize_str(ScalarText).map(ScalarString)
     }
 }
 
@@ -96,9 +97,8 @@ pub(crate) fn env_vars<'de, D: Deserializer<'de>>(
             let mut out = BTreeMap::new();
             while let Some(ScalarString(key)) = map.next_key()? {
                 let ScalarString(value) = map.next_value()?;
-                if out.insert(key.clone(), value).is_some() {
-                    return Err(de::Error::custom(format!("key \"{key}\" is given twice")));
-                }
+                // Duplicate keys never get here: the syntax pass rejects them.
+                out.insert(key, value);
             }
             Ok(out)
         }

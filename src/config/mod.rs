@@ -102,9 +102,7 @@ pub fn load_str(text: &str) -> Result<ServerConfig, ConfigError> {
 
 /// Step 1: YAML syntax, then the typed schema with the path and line of the first failure.
 fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
-    let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
-        ConfigError::Syntax { message: e.to_string(), line: e.location().map(|l| l.line()) }
-    })?;
+    let value: serde_norway::Value = serde_norway::from_str(text).map_err(syntax_error)?;
     if value.is_null() {
         return Err(ConfigError::Invalid(vec![Problem {
             path: String::new(),
@@ -130,6 +128,25 @@ fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
             line,
         }])
     })
+}
+
+/// A failure of the untyped pass: broken YAML, or a key given twice in one mapping (which
+/// serde_norway reports as "PATH: duplicate entry with key \"K\"").
+fn syntax_error(e: serde_norway::Error) -> ConfigError {
+    let line = e.location().map(|l| l.line());
+    let full = e.to_string();
+    const DUP: &str = "duplicate entry with key ";
+    if let Some(at) = full.find(DUP) {
+        let path = full[..at].trim_end_matches(": ").to_string();
+        let rest = &full[at + DUP.len()..];
+        let key = rest.split(" at line ").next().unwrap_or(rest);
+        return ConfigError::Invalid(vec![Problem {
+            path,
+            message: format!("key {key} is given more than once"),
+            line,
+        }]);
+    }
+    ConfigError::Syntax { message: full, line }
 }
 
 /// serde_norway's Display adds "path: " in front and " at line L column C" behind the message.
