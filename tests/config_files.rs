@@ -43,7 +43,7 @@ fn transformers_file_reads_as_the_seed_says() {
     let server = c.application("server").expect("server app");
     assert_eq!(server.import_path, ImportPath::Server);
     assert_eq!(server.route_prefix(), "/server");
-    assert_eq!(server.demand().num_cpus, 0.1);
+    assert_eq!(server.demand_inputs().num_cpus, 0.1);
     assert!(server.env_vars().is_empty());
 
     let model = c.application("models-Qwen2.5-7B-Instruct").expect("model app");
@@ -53,7 +53,7 @@ fn transformers_file_reads_as_the_seed_says() {
     let adapter = model.args.adapter_config.as_ref().expect("adapter_config");
     assert_eq!(adapter.adapter_timeout, Some(1800.0));
     assert_eq!(adapter.adapter_max_lifetime, Some(36000.0));
-    let d = model.demand();
+    let d = model.demand_inputs();
     assert_eq!((d.device_type, d.ranks, d.num_cpus, d.num_gpus), (DeviceType::Cuda, 2, 0.1, 0.0));
     assert_eq!(model.gpu_count(), 2);
     assert_eq!(model.first_deployment().and_then(|d| d.name.as_deref()), Some("ModelManagement"));
@@ -61,7 +61,7 @@ fn transformers_file_reads_as_the_seed_says() {
     assert_eq!((mesh.dp_size, mesh.tp_size), (2, None));
 
     let proc_ = c.application("processor").expect("processor app");
-    let d = proc_.demand();
+    let d = proc_.demand_inputs();
     assert_eq!((d.device_type, d.ranks), (DeviceType::Cpu, 2));
     assert_eq!(proc_.gpu_count(), 0);
     assert_eq!(proc_.args.ncpu_proc_per_node, Some(2));
@@ -95,7 +95,7 @@ fn tinker_file_reads_as_the_seed_says() {
     assert_eq!(engine.max_model_len, Some(4096));
     assert_eq!(engine.gpu_memory_utilization, Some(0.5));
     assert_eq!(engine.enable_lora, Some(true));
-    let d = sampler.demand();
+    let d = sampler.demand_inputs();
     assert_eq!((d.device_type, d.ranks, d.num_gpus), (DeviceType::Cuda, 1, 1.0));
 
     let overridden = c.with_server_type(ServerType::Twinkle);
@@ -113,9 +113,9 @@ fn three_node_example_derives_model_ids_from_routes() {
     assert_eq!(sampler.gpu_count(), 2);
     let proc_ = c.application("processor").expect("processor");
     assert_eq!(proc_.args.device_group.as_ref().map(|g| &g.ranks), Some(&Ranks::Count(0)));
-    assert_eq!(proc_.demand().device_type, DeviceType::Cpu);
+    assert_eq!(proc_.demand_inputs().device_type, DeviceType::Cpu);
     // Defaults: no deployments means no extra resources and no env.
-    assert_eq!(proc_.demand().num_cpus, 0.0);
+    assert_eq!(proc_.demand_inputs().num_cpus, 0.0);
     assert!(proc_.first_deployment().is_none());
     assert_eq!(c.http_options.port, 8000);
 }
@@ -157,8 +157,7 @@ applications:
     assert!(c.telemetry.enabled);
     assert_eq!(c.persistence.file_path.as_deref(), Some("/tmp/twinkle-state.db"));
     let server = c.application("server").expect("server");
-    let names: Vec<&str> =
-        server.args.supported_models.iter().flatten().map(|m| m.name()).collect();
+    let names: Vec<&str> = server.args.supported_models.iter().map(|m| m.name()).collect();
     assert_eq!(names, ["Acme/Foo-7B", "Acme/Bar-1B"]);
     let model = c.application("model-foo").expect("model");
     assert_eq!(model.model_id(), Some("/models/foo"), "an explicit model_id wins");

@@ -94,6 +94,8 @@ fn exact_line(text: &str, segs: &[Seg]) -> Option<usize> {
 }
 
 /// Follows `rest` from the current node; `Ok(())` means the path is not in the document.
+/// As a visitor it is only used with a non-empty `rest` (see its `deserialize`), so
+/// `rest[1..]` below is always in bounds.
 struct Walk<'p> {
     rest: &'p [Seg],
 }

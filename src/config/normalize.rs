@@ -42,7 +42,6 @@ fn normalize_app(app: &mut Application) {
             s.cleanup_interval.get_or_insert(3_600.0);
             s.per_token_model_limit.get_or_insert(30);
             s.metrics_update_interval.get_or_insert(15.0);
-            args.supported_models.get_or_insert_with(Vec::new);
         }
         ImportPath::Model => {
             let backend = args.backend.unwrap_or(if args.use_megatron == Some(true) {
@@ -75,9 +74,10 @@ fn normalize_app(app: &mut Application) {
     }
 }
 
-/// What an application asks the scheduler for.
+/// The configured inputs of an application's resource demand, read as written (the
+/// scheduler's `cluster::demand_of` decides how they combine).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Demand {
+pub struct DemandInputs {
     /// `device_group.device_type`; CPU when the application has no device group.
     pub device_type: DeviceType,
     /// `device_group.ranks` as a count: GPUs for cuda, worker processes for CPU (0 = none).
@@ -107,12 +107,12 @@ impl Application {
         &self.route_prefix
     }
 
-    /// Scheduler inputs: device type and rank count of the device group, and the
-    /// process's own `num_cpus` / `num_gpus`.
-    pub fn demand(&self) -> Demand {
+    /// Device type and rank count of the device group, and the process's own
+    /// `num_cpus` / `num_gpus` from `deployments[0].ray_actor_options`.
+    pub fn demand_inputs(&self) -> DemandInputs {
         let group = self.args.device_group.as_ref();
         let opts = self.first_deployment().map(|d| &d.ray_actor_options);
-        Demand {
+        DemandInputs {
             device_type: group.map_or(DeviceType::Cpu, |g| g.device_type),
             ranks: group.map_or(0, |g| g.ranks.count()),
             num_cpus: opts.map_or(0.0, |o| o.num_cpus),
@@ -122,7 +122,7 @@ impl Application {
 
     /// GPUs this application's device group needs (0 for CPU groups and no group).
     pub fn gpu_count(&self) -> u32 {
-        let d = self.demand();
+        let d = self.demand_inputs();
         if d.device_type == DeviceType::Cuda { d.ranks } else { 0 }
     }
 

@@ -262,8 +262,9 @@ pub struct AppArgs {
     // server
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_config: Option<ServerStateArgs>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub supported_models: Option<Vec<SupportedModel>>,
+    /// Base models the server advertises (Tinker `get_server_capabilities`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    pub supported_models: Vec<SupportedModel>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,7 +310,7 @@ impl AppArgs {
     pub fn present_keys(&self) -> Vec<&'static str> {
         let flags = [
             ("server_config", self.server_config.is_some()),
-            ("supported_models", self.supported_models.is_some()),
+            ("supported_models", !self.supported_models.is_empty()),
             ("api_keys", self.api_keys.is_some()),
             ("api_keys_file", self.api_keys_file.is_some()),
             ("backend", self.backend.is_some()),

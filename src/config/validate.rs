@@ -181,11 +181,9 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         positive(s.metrics_update_interval, &s_at.key("metrics_update_interval"), out);
         positive_u32(s.per_token_model_limit, &s_at.key("per_token_model_limit"), out);
     }
-    if let Some(models) = &args.supported_models {
-        for (j, m) in models.iter().enumerate() {
-            if m.name().trim().is_empty() {
-                out.push((args_at.key("supported_models").index(j), "must not be empty".into()));
-            }
+    for (j, m) in args.supported_models.iter().enumerate() {
+        if m.name().trim().is_empty() {
+            out.push((args_at.key("supported_models").index(j), "must not be empty".into()));
         }
     }
     if let Some(keys) = &args.api_keys {
