@@ -261,3 +261,68 @@ fn cli_print_config_output_loads_again() {
         .unwrap();
     assert!(String::from_utf8_lossy(&overridden.stdout).starts_with("server_type: tinker\n"));
 }
+
+/// The newer-format example of the design study (specs/twinkle-server.md §1.9).
+const SPEC_EXAMPLE: &str = r#"
+ray_namespace: demo
+proxy_location: EveryNode
+http_options: {host: 0.0.0.0, port: 8000}
+telemetry: {enabled: true, otlp_endpoint: http://otel:4317}
+persistence: {mode: redis, redis_url: redis://localhost:6380, key_prefix: "demo:"}
+applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+    args:
+      server_config: {per_token_model_limit: 3}
+      supported_models: [Acme/Foo-7B]
+    deployments: [{name: Gw, max_ongoing_requests: 50, ray_actor_options: {num_cpus: 0.1}}]
+  - name: model-foo
+    route_prefix: /api/v1/model/Acme/Foo-7B        # must equal client model id / supported_models entry
+    import_path: model
+    args:
+      backend: transformers
+      model_id: ms://Acme/Foo-7B
+      nproc_per_node: 2
+      device_group: {name: model, ranks: 2, device_type: cuda}
+      device_mesh: {device_type: cuda, dp_size: 2}
+      max_loras: 4
+      max_length: 16384
+      queue_config: {rps_limit: 20, tps_limit: 200000, max_input_tokens: 16384, execution_timeout: 0}
+      adapter_config: {adapter_timeout: 120, adapter_max_lifetime: 36000}
+    deployments: [{name: ModelManagement, ray_actor_options: {num_cpus: 0.1,
+                   runtime_env: {env_vars: {TWINKLE_TRUST_REMOTE_CODE: "0", TWINKLE_FAIL_FAST: "0"}}}}]
+  - name: sampler-foo
+    route_prefix: /api/v1/sampler/Acme/Foo-7B
+    import_path: sampler
+    args:
+      model_id: ms://Acme/Foo-7B
+      nproc_per_node: 2
+      sampler_type: vllm
+      engine_args: {max_model_len: 8192, gpu_memory_utilization: 0.8, enable_lora: true, max_loras: 4}
+      device_group: {name: sampler, ranks: 2, device_type: cuda, gpus_per_worker: 2}
+      device_mesh: {device_type: cuda, dp_size: 1, tp_size: 2}
+  - name: processor
+    route_prefix: /api/v1/processor
+    import_path: processor
+    args:
+      ncpu_proc_per_node: 2
+      device_group: {name: proc, ranks: 2, device_type: CPU}
+      device_mesh: {device_type: CPU, dp_size: 2}
+"#;
+
+#[test]
+fn newer_format_example_loads() {
+    let c = config::load_str(SPEC_EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.ray_namespace.as_deref(), Some("demo"));
+    assert_eq!(c.persistence.mode, PersistenceMode::Redis);
+    assert_eq!(c.persistence.redis_url.as_deref(), Some("redis://localhost:6380"));
+    let model = c.application("model-foo").expect("model");
+    assert_eq!(model.backend(), Some(Backend::Transformers));
+    assert_eq!(model.env_vars().get("TWINKLE_FAIL_FAST").map(String::as_str), Some("0"));
+    let sampler = c.application("sampler-foo").expect("sampler");
+    let group = sampler.args.device_group.as_ref().expect("group");
+    assert_eq!((group.ranks.count(), group.gpus_per_worker), (2, 2));
+    let gw = c.application("server").expect("server");
+    assert_eq!(gw.first_deployment().and_then(|d| d.max_ongoing_requests), Some(50));
+}
