@@ -196,12 +196,7 @@ pub(crate) fn humanize(msg: &str) -> String {
             && let Some(at) = rest.rfind(", expected ")
         {
             let (got, expected) = (&rest[..at], &rest[at + ", expected ".len()..]);
-            let negative = got.starts_with("integer `-");
-            return format!(
-                "expected {}, got {}",
-                expected_text(expected, negative),
-                got_text(got)
-            );
+            return format!("expected {}, got {}", expected_text(expected, got), got_text(got));
         }
     }
     if let Some(rest) = msg.strip_prefix("unknown field `")
@@ -238,13 +233,15 @@ fn backticked(s: &str) -> Vec<&str> {
     s.split('`').skip(1).step_by(2).collect()
 }
 
-fn expected_text(expected: &str, negative: bool) -> String {
+fn expected_text(expected: &str, got: &str) -> String {
+    // A non-negative integer that an unsigned type rejects can only be too large.
+    let too_large = got.starts_with("integer `") && !got.starts_with("integer `-");
     let text = match expected {
-        "u8" | "u16" | "u32" | "u64" | "usize" if negative => "a non-negative integer",
-        "u8" => "an integer between 0 and 255",
-        "u16" => "an integer between 0 and 65535",
-        "u32" => "an integer between 0 and 4294967295",
-        "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => "an integer",
+        "u8" if too_large => "an integer no larger than 255",
+        "u16" if too_large => "an integer no larger than 65535",
+        "u32" if too_large => "an integer no larger than 4294967295",
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative integer",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "an integer",
         "f32" | "f64" => "a number",
         "a boolean" => "true or false",
         "a map" => "a mapping",
@@ -290,6 +287,14 @@ mod tests {
             "expected a non-negative integer, got -3"
         );
         assert_eq!(humanize("invalid type: map, expected f64"), "expected a number, got a mapping");
+        assert_eq!(
+            humanize("invalid type: floating point `1.5`, expected u32"),
+            "expected a non-negative integer, got 1.5"
+        );
+        assert_eq!(
+            humanize("invalid value: integer `5000000000`, expected u32"),
+            "expected an integer no larger than 4294967295, got 5000000000"
+        );
         assert_eq!(humanize("missing field `name`"), "missing required key \"name\"");
         assert_eq!(
             humanize("unknown field `foo`, expected one of `a`, `b`"),
