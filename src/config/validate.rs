@@ -33,8 +33,7 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
         let at = apps.index(i);
         if app.name.trim().is_empty() {
             out.push((at.key("name"), "must not be empty".into()));
-        } else if let Some(first) = names.insert(&app.name, i) {
-            names.insert(&app.name, first);
+        } else if let Some(&first) = names.get(app.name.as_str()) {
             out.push((
                 at.key("name"),
                 format!(
@@ -42,10 +41,11 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
                     app.name
                 ),
             ));
+        } else {
+            names.insert(&app.name, i);
         }
         check_route(app, &at, &mut out);
-        if let Some(first) = routes.insert(&app.route_prefix, i) {
-            routes.insert(&app.route_prefix, first);
+        if let Some(&first) = routes.get(app.route_prefix.as_str()) {
             out.push((
                 at.key("route_prefix"),
                 format!(
@@ -53,6 +53,8 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
                     app.route_prefix
                 ),
             ));
+        } else {
+            routes.insert(&app.route_prefix, i);
         }
         check_args(app, &at, &mut out);
         for (j, d) in app.deployments.iter().enumerate() {
