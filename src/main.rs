@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,22 @@ enum Command {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Print a configuration file with every default filled in (loads again unchanged).
+    PrintConfig {
+        #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = ConfigFormat::Yaml)]
+        format: ConfigFormat,
+        /// Override the file's `server_type` (twinkle or tinker), as `serve` does.
+        #[arg(short = 't', long)]
+        server_type: Option<twinkle::config::ServerType>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConfigFormat {
+    Yaml,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -38,5 +54,28 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::PrintConfig { config, format, server_type } => {
+            let loaded = twinkle::config::load_file(&config).map(|c| match server_type {
+                Some(t) => c.with_server_type(t),
+                None => c,
+            });
+            let rendered = loaded.and_then(|c| match format {
+                ConfigFormat::Yaml => c.to_yaml(),
+                ConfigFormat::Json => c.to_json(),
+            });
+            match rendered {
+                Ok(text) => {
+                    print!("{text}");
+                    if !text.ends_with('\n') {
+                        println!();
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }
