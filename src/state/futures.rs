@@ -141,7 +141,7 @@ fn finish((mut rec, status, ids, category): RawFuture) -> Result<FutureRecord, S
 }
 
 fn ids_text(ids: &Option<Vec<String>>) -> Result<Option<String>, StateError> {
-    ids.as_ref().map(|v| serde_json::to_string(v)).transpose().map_err(|e| StateError::Corrupt {
+    ids.as_ref().map(serde_json::to_string).transpose().map_err(|e| StateError::Corrupt {
         what: "future sample_sequence_ids",
         reason: e.to_string(),
     })

@@ -146,15 +146,14 @@ fn decode_datum(
         } else if FLOAT_KEYS.contains(&key.as_str()) {
             tensor::require_kind(&typed, true, &field, t.dtype)?;
         }
-        if key == "target_tokens" {
-            if let Some(v) = typed.as_i64() {
-                if let Some(p) = v.iter().position(|&x| x < 0 || x > i64::from(i32::MAX)) {
-                    return Err(ProtocolError::invalid(
-                        field,
-                        format!("token id {} at position {p} is not a valid token id", v[p]),
-                    ));
-                }
-            }
+        if key == "target_tokens"
+            && let Some(v) = typed.as_i64()
+            && let Some(p) = v.iter().position(|&x| x < 0 || x > i64::from(i32::MAX))
+        {
+            return Err(ProtocolError::invalid(
+                field,
+                format!("token id {} at position {p} is not a valid token id", v[p]),
+            ));
         }
         inputs.insert(key.clone(), typed);
     }
@@ -182,13 +181,13 @@ fn merge_config(
         }
     }
     for (k, v) in &out {
-        if let ConfigValue::Number(n) = v {
-            if !n.is_finite() {
-                return Err(ProtocolError::invalid(
-                    format!("loss_fn_config[{k}]"),
-                    format!("{n} is not finite"),
-                ));
-            }
+        if let ConfigValue::Number(n) = v
+            && !n.is_finite()
+        {
+            return Err(ProtocolError::invalid(
+                format!("loss_fn_config[{k}]"),
+                format!("{n} is not finite"),
+            ));
         }
     }
     Ok(out)
@@ -367,8 +366,8 @@ fn split_batched(
         if a < 0
             || b < a
             || b as u64 > bt.data.len() as u64
-            || a as u64 % item as u64 != 0
-            || b as u64 % item as u64 != 0
+            || !(a as u64).is_multiple_of(item as u64)
+            || !(b as u64).is_multiple_of(item as u64)
         {
             return Err(ProtocolError::invalid(
                 format!("{field}.offsets"),
@@ -381,7 +380,7 @@ fn split_batched(
         }
         let bytes = &bt.data[a as usize..b as usize];
         let count = (bytes.len() / item) as u64;
-        if row == 0 || count % row != 0 {
+        if row == 0 || !count.is_multiple_of(row) {
             return Err(ProtocolError::invalid(
                 format!("{field}.trailing_shape"),
                 format!("datum {i} has {count} elements, not a multiple of {row}"),

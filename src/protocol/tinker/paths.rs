@@ -268,12 +268,11 @@ fn join_inside(root: &Path, parts: &[&str]) -> Result<PathBuf, PathError> {
             _ => return Err(PathError::Escapes(format!("component {part:?}"))),
         }
     }
-    if let (Ok(real_root), Some(existing)) = (root.canonicalize(), deepest_existing(&p)) {
-        if let Ok(real) = existing.canonicalize() {
-            if !real.starts_with(&real_root) {
-                return Err(PathError::Escapes(p.display().to_string()));
-            }
-        }
+    if let (Ok(real_root), Some(existing)) = (root.canonicalize(), deepest_existing(&p))
+        && let Ok(real) = existing.canonicalize()
+        && !real.starts_with(&real_root)
+    {
+        return Err(PathError::Escapes(p.display().to_string()));
     }
     Ok(p)
 }

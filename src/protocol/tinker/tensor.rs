@@ -107,7 +107,7 @@ impl WireDtype {
 }
 
 fn check_len(bytes: &[u8], itemsize: usize, field: &str) -> Result<usize, ProtocolError> {
-    if bytes.len() % itemsize != 0 {
+    if !bytes.len().is_multiple_of(itemsize) {
         return Err(ProtocolError::ByteLength {
             field: field.to_string(),
             len: bytes.len(),
@@ -239,13 +239,13 @@ pub fn decode_tensor(
             decode_csr(csr, &t.shape, dtype, field, limits, budget)?
         }
     };
-    if let TensorValues::F32(v) = &tensor.values {
-        if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
-            return Err(ProtocolError::invalid(
-                field,
-                format!("element {pos} is {} (values must be finite)", v[pos]),
-            ));
-        }
+    if let TensorValues::F32(v) = &tensor.values
+        && let Some(pos) = v.iter().position(|x| !x.is_finite())
+    {
+        return Err(ProtocolError::invalid(
+            field,
+            format!("element {pos} is {} (values must be finite)", v[pos]),
+        ));
     }
     Ok(tensor)
 }
