@@ -3,16 +3,32 @@
 use std::path::Path;
 
 use twinkle::protocol::tinker::paths::{
-    CheckpointKind, PathError, TinkerPath, checkpoint_dir, format_model_id, format_sampling_session_id,
-    owner_hash, parse_model_id, parse_sampling_session_id, run_dir, validate_session_id,
+    CheckpointKind, PathError, TinkerPath, checkpoint_dir, format_model_id,
+    format_sampling_session_id, owner_hash, parse_model_id, parse_sampling_session_id, run_dir,
+    validate_session_id,
 };
 
 #[test]
 fn valid_paths_parse_and_print_back() {
     let cases = [
-        ("tinker://sess-1:train:0/weights/ckpt-1", "sess-1:train:0", CheckpointKind::Weights, "ckpt-1"),
-        ("tinker://s:train:12/sampler_weights/step_0005", "s:train:12", CheckpointKind::SamplerWeights, "step_0005"),
-        ("tinker://a.b:train:3/external_weights/v1.0", "a.b:train:3", CheckpointKind::ExternalWeights, "v1.0"),
+        (
+            "tinker://sess-1:train:0/weights/ckpt-1",
+            "sess-1:train:0",
+            CheckpointKind::Weights,
+            "ckpt-1",
+        ),
+        (
+            "tinker://s:train:12/sampler_weights/step_0005",
+            "s:train:12",
+            CheckpointKind::SamplerWeights,
+            "step_0005",
+        ),
+        (
+            "tinker://a.b:train:3/external_weights/v1.0",
+            "a.b:train:3",
+            CheckpointKind::ExternalWeights,
+            "v1.0",
+        ),
     ];
     for (text, run, kind, name) in cases {
         let p = TinkerPath::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -69,7 +85,17 @@ fn model_and_sampling_ids() {
     let m = parse_model_id("sess-1:train:42").expect("valid");
     assert_eq!((m.session_id.as_str(), m.seq), ("sess-1", 42));
     assert_eq!(parse_sampling_session_id("s:sample:3").expect("valid").seq, 3);
-    for bad in ["sess-1:sample:0", "sess-1:train:", "sess-1:train:-1", "sess-1:train:+1", "a:b:train:1", "sess/1:train:0", ":train:0", "s:train:99999999999999999999999", "s:train: 1"] {
+    for bad in [
+        "sess-1:sample:0",
+        "sess-1:train:",
+        "sess-1:train:-1",
+        "sess-1:train:+1",
+        "a:b:train:1",
+        "sess/1:train:0",
+        ":train:0",
+        "s:train:99999999999999999999999",
+        "s:train: 1",
+    ] {
         assert!(parse_model_id(bad).is_err(), "accepted {bad:?}");
     }
     assert!(validate_session_id("sess-abc_1.2").is_ok());
@@ -94,12 +120,17 @@ fn checkpoint_dirs_stay_inside_the_root() {
     let p = TinkerPath::parse("tinker://s:train:0/weights/ckpt-1").expect("valid");
     let dir = checkpoint_dir(root.path(), &ns, &p).expect("inside");
     assert_eq!(dir, root.path().join(&ns).join("s:train:0").join("weights").join("ckpt-1"));
-    assert_eq!(run_dir(root.path(), &ns, "s:train:0").expect("ok"), root.path().join(&ns).join("s:train:0"));
+    assert_eq!(
+        run_dir(root.path(), &ns, "s:train:0").expect("ok"),
+        root.path().join(&ns).join("s:train:0")
+    );
 
     // Fields set by hand (bypassing parse) are re-validated.
-    let forged = TinkerPath { run_id: "..".into(), kind: CheckpointKind::Weights, name: "x".into() };
+    let forged =
+        TinkerPath { run_id: "..".into(), kind: CheckpointKind::Weights, name: "x".into() };
     assert!(checkpoint_dir(root.path(), &ns, &forged).is_err());
-    let forged = TinkerPath { run_id: "r".into(), kind: CheckpointKind::Weights, name: "/etc".into() };
+    let forged =
+        TinkerPath { run_id: "r".into(), kind: CheckpointKind::Weights, name: "/etc".into() };
     assert!(checkpoint_dir(root.path(), &ns, &forged).is_err());
     for bad_ns in ["..", "", "/tmp", "ABC", &ns[..63]] {
         assert!(checkpoint_dir(root.path(), bad_ns, &p).is_err(), "accepted namespace {bad_ns:?}");
@@ -113,7 +144,8 @@ fn a_symlink_inside_the_root_cannot_lead_outside() {
     let outside = tempfile::tempdir().expect("tempdir");
     let ns = owner_hash(b"salt", "tml-local");
     std::fs::create_dir_all(root.path().join(&ns)).expect("mkdir");
-    std::os::unix::fs::symlink(outside.path(), root.path().join(&ns).join("r:train:0")).expect("symlink");
+    std::os::unix::fs::symlink(outside.path(), root.path().join(&ns).join("r:train:0"))
+        .expect("symlink");
     let p = TinkerPath::parse("tinker://r:train:0/weights/x").expect("valid");
     let err = checkpoint_dir(root.path(), &ns, &p).expect_err("escapes through the symlink");
     assert!(matches!(err, PathError::Escapes(_)));

@@ -108,7 +108,9 @@ const INT64: u64 = 2;
 const INT32: u64 = 3;
 const BFLOAT16: u64 = 4;
 
-fn decode(body: &[u8]) -> Result<twinkle::protocol::tinker::codec::ForwardBackwardInput, ProtocolError> {
+fn decode(
+    body: &[u8],
+) -> Result<twinkle::protocol::tinker::codec::ForwardBackwardInput, ProtocolError> {
     decode_forward_backward(body, &DecodeLimits::default())
 }
 
@@ -138,7 +140,10 @@ fn decodes_the_spec_sft_example() {
 
 #[test]
 fn forward_only_and_several_text_chunks_concatenate() {
-    let two_chunks = cat(&[f_len(1, &f_len(1, &f_len(1, &i32s(&[7, 8])))), f_len(1, &f_len(1, &f_len(1, &i32s(&[9]))))]);
+    let two_chunks = cat(&[
+        f_len(1, &f_len(1, &f_len(1, &i32s(&[7, 8])))),
+        f_len(1, &f_len(1, &f_len(1, &i32s(&[9])))),
+    ]);
     let body = request(&[two_chunks], &[f_varint(6, 1)]);
     let req = decode(&body).expect("valid");
     assert!(req.forward_only);
@@ -149,8 +154,14 @@ fn forward_only_and_several_text_chunks_concatenate() {
 fn absent_shape_means_1d_and_unpacked_shape_is_accepted() {
     let no_shape = dense_tensor(FLOAT32, &f32s(&[0.5, 0.25, 2.0]), &[]);
     // shape written unpacked: one varint field per dimension.
-    let unpacked = cat(&[f_len(1, &i64s(&[1, 2, 3, 4, 5, 6])), f_varint(3, INT64), f_varint(4, 2), f_varint(4, 3)]);
-    let body = request(&[datum(&[1, 2, 3], &[("weights", no_shape), ("target_tokens", unpacked)])], &[]);
+    let unpacked = cat(&[
+        f_len(1, &i64s(&[1, 2, 3, 4, 5, 6])),
+        f_varint(3, INT64),
+        f_varint(4, 2),
+        f_varint(4, 3),
+    ]);
+    let body =
+        request(&[datum(&[1, 2, 3], &[("weights", no_shape), ("target_tokens", unpacked)])], &[]);
     let req = decode(&body).expect("valid");
     assert_eq!(req.data[0].loss_fn_inputs["weights"].shape, vec![3]);
     let tt = &req.data[0].loss_fn_inputs["target_tokens"];
@@ -173,8 +184,14 @@ fn int32_and_bfloat16_are_widened() {
         &[],
     );
     let req = decode(&body).expect("valid");
-    assert_eq!(req.data[0].loss_fn_inputs["target_tokens"].values, TensorValues::I64(vec![10, 20, 30]));
-    assert_eq!(req.data[0].loss_fn_inputs["weights"].values, TensorValues::F32(vec![1.0, 0.5, -2.0]));
+    assert_eq!(
+        req.data[0].loss_fn_inputs["target_tokens"].values,
+        TensorValues::I64(vec![10, 20, 30])
+    );
+    assert_eq!(
+        req.data[0].loss_fn_inputs["weights"].values,
+        TensorValues::F32(vec![1.0, 0.5, -2.0])
+    );
 }
 
 #[test]
@@ -194,7 +211,8 @@ fn loss_config_prefers_v2_and_keeps_text() {
     let v2_num = f_len(7, &cat(&[f_len(1, b"beta"), f_len(2, &f_double(1, 0.25))]));
     let v2_text = f_len(7, &cat(&[f_len(1, b"loss_id"), f_len(2, &f_len(2, b"abc"))]));
     let d = datum(&[1], &[]);
-    let only_legacy = decode(&request(std::slice::from_ref(&d), std::slice::from_ref(&legacy))).expect("valid");
+    let only_legacy =
+        decode(&request(std::slice::from_ref(&d), std::slice::from_ref(&legacy))).expect("valid");
     assert_eq!(only_legacy.loss_config.get("clip_low_threshold"), Some(&ConfigValue::Number(0.7)));
     let both = decode(&request(&[d], &[legacy, v2_num, v2_text])).expect("valid");
     assert_eq!(both.loss_config.len(), 2);
@@ -216,14 +234,38 @@ fn one(key: &str, tensor: Vec<u8>) -> Vec<u8> {
 #[test]
 fn validation_errors_name_the_field() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (one("weights", dense_tensor(0, &f32s(&[1.0, 1.0]), &[2])), "data[0].loss_fn_inputs[weights].dtype"),
-        (one("weights", dense_tensor(9, &f32s(&[1.0, 1.0]), &[2])), "data[0].loss_fn_inputs[weights].dtype"),
-        (one("weights", dense_tensor(FLOAT32, &[0u8; 7], &[2])), "data[0].loss_fn_inputs[weights].dense"),
-        (one("weights", dense_tensor(FLOAT32, &f32s(&[1.0, 1.0]), &[3])), "data[0].loss_fn_inputs[weights]"),
-        (one("target_tokens", dense_tensor(FLOAT32, &f32s(&[1.0, 1.0]), &[2])), "data[0].loss_fn_inputs[target_tokens].dtype"),
-        (one("weights", dense_tensor(INT64, &i64s(&[1, 1]), &[2])), "data[0].loss_fn_inputs[weights].dtype"),
-        (one("target_tokens", dense_tensor(INT64, &i64s(&[1, -3]), &[2])), "data[0].loss_fn_inputs[target_tokens]"),
-        (one("weights", dense_tensor(FLOAT32, &f32s(&[1.0, f32::NAN]), &[2])), "data[0].loss_fn_inputs[weights]"),
+        (
+            one("weights", dense_tensor(0, &f32s(&[1.0, 1.0]), &[2])),
+            "data[0].loss_fn_inputs[weights].dtype",
+        ),
+        (
+            one("weights", dense_tensor(9, &f32s(&[1.0, 1.0]), &[2])),
+            "data[0].loss_fn_inputs[weights].dtype",
+        ),
+        (
+            one("weights", dense_tensor(FLOAT32, &[0u8; 7], &[2])),
+            "data[0].loss_fn_inputs[weights].dense",
+        ),
+        (
+            one("weights", dense_tensor(FLOAT32, &f32s(&[1.0, 1.0]), &[3])),
+            "data[0].loss_fn_inputs[weights]",
+        ),
+        (
+            one("target_tokens", dense_tensor(FLOAT32, &f32s(&[1.0, 1.0]), &[2])),
+            "data[0].loss_fn_inputs[target_tokens].dtype",
+        ),
+        (
+            one("weights", dense_tensor(INT64, &i64s(&[1, 1]), &[2])),
+            "data[0].loss_fn_inputs[weights].dtype",
+        ),
+        (
+            one("target_tokens", dense_tensor(INT64, &i64s(&[1, -3]), &[2])),
+            "data[0].loss_fn_inputs[target_tokens]",
+        ),
+        (
+            one("weights", dense_tensor(FLOAT32, &f32s(&[1.0, f32::NAN]), &[2])),
+            "data[0].loss_fn_inputs[weights]",
+        ),
         (
             one("target_tokens", csr_tensor(INT64, &i64s(&[1]), &[0, 1, 1], &[5], &[2, 3])),
             "data[0].loss_fn_inputs[target_tokens].sparse_csr.col_indices",
@@ -245,7 +287,10 @@ fn validation_errors_name_the_field() {
             "data[0].loss_fn_inputs[target_tokens].shape",
         ),
         (request(&[datum(&[1, -5], &[])], &[]), "data[0].model_input[0].encoded_text.tokens"),
-        (request(&[f_len(1, &f_len(1, &f_len(1, &[0u8; 3])))], &[]), "data[0].model_input[0].encoded_text.tokens"),
+        (
+            request(&[f_len(1, &f_len(1, &f_len(1, &[0u8; 3])))], &[]),
+            "data[0].model_input[0].encoded_text.tokens",
+        ),
         (request(&[f_len(1, &f_len(2, &f_len(2, b"png")))], &[]), "data[0].model_input[0]"),
         (request(&[f_len(1, &[])], &[]), "data[0].model_input[0].chunk"),
         (one("weights", f_varint(3, FLOAT32)), "data[0].loss_fn_inputs[weights].encoding"),
@@ -286,13 +331,21 @@ fn forward_backward_output_matches_the_spec_layout() {
     let lp1 = vec![-0.5f32, -1.0, -1.5, -2.0];
     let lp2 = vec![-0.25f32, -0.75, -1.25, -1.75, -2.25, -2.75];
     let outputs = vec![
-        DatumOutput { logprobs: FloatArray::vector(lp1.clone()), elementwise_loss: FloatArray::vector(vec![0.0; 4]) },
-        DatumOutput { logprobs: FloatArray::vector(lp2.clone()), elementwise_loss: FloatArray::vector(vec![1.0; 6]) },
+        DatumOutput {
+            logprobs: FloatArray::vector(lp1.clone()),
+            elementwise_loss: FloatArray::vector(vec![0.0; 4]),
+        },
+        DatumOutput {
+            logprobs: FloatArray::vector(lp2.clone()),
+            elementwise_loss: FloatArray::vector(vec![1.0; 6]),
+        },
     ];
     let mut metrics = BTreeMap::new();
     metrics.insert("loss:sum".to_string(), 6.0);
-    let bytes = encode_forward_backward_output(&outputs, &metrics, "CrossEntropyLossReturn").expect("encode");
-    let msg = <proto::ForwardBackwardOutput as prost::Message>::decode(bytes.as_slice()).expect("decode");
+    let bytes = encode_forward_backward_output(&outputs, &metrics, "CrossEntropyLossReturn")
+        .expect("encode");
+    let msg =
+        <proto::ForwardBackwardOutput as prost::Message>::decode(bytes.as_slice()).expect("decode");
     assert_eq!(msg.loss_fn_output_type, "CrossEntropyLossReturn");
     assert_eq!(msg.metrics.get("loss:sum"), Some(&6.0));
     assert_eq!(msg.loss_fn_outputs.len(), 1);
@@ -309,11 +362,16 @@ fn forward_backward_output_matches_the_spec_layout() {
 #[test]
 fn forward_backward_output_with_topk_targets_has_trailing_k() {
     let out = DatumOutput {
-        logprobs: FloatArray { values: vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0], shape: vec![3, 2] },
+        logprobs: FloatArray {
+            values: vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0],
+            shape: vec![3, 2],
+        },
         elementwise_loss: FloatArray::vector(vec![1.0, 2.0, 3.0]),
     };
-    let bytes = encode_forward_backward_output(&[out], &BTreeMap::new(), "ArrayRecord").expect("encode");
-    let msg = <proto::ForwardBackwardOutput as prost::Message>::decode(bytes.as_slice()).expect("decode");
+    let bytes =
+        encode_forward_backward_output(&[out], &BTreeMap::new(), "ArrayRecord").expect("encode");
+    let msg =
+        <proto::ForwardBackwardOutput as prost::Message>::decode(bytes.as_slice()).expect("decode");
     let lp = &msg.loss_fn_outputs[0].fields["logprobs"];
     assert_eq!(lp.trailing_shape, vec![2]);
     assert_eq!(lp.offsets, i64s(&[0, 24]));
@@ -325,29 +383,53 @@ fn forward_backward_output_with_topk_targets_has_trailing_k() {
 
 #[test]
 fn forward_backward_output_rejects_bad_metric_keys_and_shapes() {
-    let ok = DatumOutput { logprobs: FloatArray::vector(vec![0.0]), elementwise_loss: FloatArray::vector(vec![0.0]) };
+    let ok = DatumOutput {
+        logprobs: FloatArray::vector(vec![0.0]),
+        elementwise_loss: FloatArray::vector(vec![0.0]),
+    };
     for key in ["loss", "loss:sum:x", ":sum", "loss:"] {
         let mut m = BTreeMap::new();
         m.insert(key.to_string(), 1.0);
-        let err = encode_forward_backward_output(std::slice::from_ref(&ok), &m, "x").expect_err(key);
+        let err =
+            encode_forward_backward_output(std::slice::from_ref(&ok), &m, "x").expect_err(key);
         assert!(err.to_string().starts_with(&format!("metrics[{key}]")), "{err}");
     }
-    let bad = DatumOutput { logprobs: FloatArray { values: vec![0.0; 3], shape: vec![2] }, elementwise_loss: FloatArray::vector(vec![0.0]) };
-    assert!(matches!(encode_forward_backward_output(&[bad], &BTreeMap::new(), "x"), Err(ProtocolError::ShapeMismatch { .. })));
+    let bad = DatumOutput {
+        logprobs: FloatArray { values: vec![0.0; 3], shape: vec![2] },
+        elementwise_loss: FloatArray::vector(vec![0.0]),
+    };
+    assert!(matches!(
+        encode_forward_backward_output(&[bad], &BTreeMap::new(), "x"),
+        Err(ProtocolError::ShapeMismatch { .. })
+    ));
     let mixed = vec![
-        DatumOutput { logprobs: FloatArray { values: vec![0.0; 2], shape: vec![1, 2] }, elementwise_loss: FloatArray::vector(vec![0.0]) },
-        DatumOutput { logprobs: FloatArray { values: vec![0.0; 3], shape: vec![1, 3] }, elementwise_loss: FloatArray::vector(vec![0.0]) },
+        DatumOutput {
+            logprobs: FloatArray { values: vec![0.0; 2], shape: vec![1, 2] },
+            elementwise_loss: FloatArray::vector(vec![0.0]),
+        },
+        DatumOutput {
+            logprobs: FloatArray { values: vec![0.0; 3], shape: vec![1, 3] },
+            elementwise_loss: FloatArray::vector(vec![0.0]),
+        },
     ];
-    assert!(matches!(encode_forward_backward_output(&mixed, &BTreeMap::new(), "x"), Err(ProtocolError::BadShape { .. })));
+    assert!(matches!(
+        encode_forward_backward_output(&mixed, &BTreeMap::new(), "x"),
+        Err(ProtocolError::BadShape { .. })
+    ));
 }
 
 #[test]
 fn sample_response_bytes_are_exact() {
-    let seq = SampledSequenceOut { stop_reason: StopReason::Length, tokens: vec![5], logprobs: vec![-0.5] };
+    let seq = SampledSequenceOut {
+        stop_reason: StopReason::Length,
+        tokens: vec![5],
+        logprobs: vec![-0.5],
+    };
     let bytes = encode_sample_response(std::slice::from_ref(&seq), None).expect("encode");
     // SampleResponse.sequences (1) = SampledSequence { stop_reason (1) = 1, tokens (2) = 05 00 00 00,
     // logprobs (3) = -0.5f32 = 0xBF000000 little-endian }.
-    let expected: Vec<u8> = vec![0x0a, 0x0e, 0x08, 0x01, 0x12, 0x04, 5, 0, 0, 0, 0x1a, 0x04, 0, 0, 0, 0xbf];
+    let expected: Vec<u8> =
+        vec![0x0a, 0x0e, 0x08, 0x01, 0x12, 0x04, 5, 0, 0, 0, 0x1a, 0x04, 0, 0, 0, 0xbf];
     assert_eq!(bytes, expected);
     let with_prompt = encode_sample_response(&[seq], Some(&[None, Some(-2.0)])).expect("encode");
     // prompt_logprobs (2): NaN = 0x7FC00000, -2.0 = 0xC0000000.
@@ -356,7 +438,11 @@ fn sample_response_bytes_are_exact() {
     let dec = decode_sample_response(&with_prompt).expect("decode");
     assert_eq!(dec.prompt_logprobs, Some(vec![None, Some(-2.0)]));
     assert_eq!(dec.sequences[0].tokens, vec![5]);
-    let mismatch = SampledSequenceOut { stop_reason: StopReason::Stop, tokens: vec![1, 2], logprobs: vec![0.0] };
+    let mismatch = SampledSequenceOut {
+        stop_reason: StopReason::Stop,
+        tokens: vec![1, 2],
+        logprobs: vec![0.0],
+    };
     assert!(encode_sample_response(&[mismatch], None).is_err());
 }
 

@@ -6,6 +6,7 @@ pub mod error;
 pub mod paths;
 pub mod proto;
 pub mod rest;
+pub mod sample;
 pub mod tensor;
 pub mod types;
 
