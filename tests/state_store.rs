@@ -500,3 +500,55 @@ fn ids_are_unique_and_well_formed() {
     assert_eq!(a.len(), 4 + 32);
     assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()));
 }
+
+#[test]
+fn records_render_as_rest_objects() {
+    use twinkle::protocol::tinker::types::ErrorCategory;
+    use twinkle::protocol::tinker::views::{checkpoint_view, training_run_view};
+    // 1735689600000 ms = 2025-01-01T00:00:00Z.
+    let s = Store::open_memory().expect("memory").with_clock(Arc::new(|| 1_735_689_600_000));
+    let run = s.insert_run(&new_run("s:train:0", ALICE)).expect("run");
+    let c = s
+        .insert_checkpoint(
+            ALICE,
+            &ckpt("s:train:0", "weights", "c1", CheckpointType::Training),
+            false,
+        )
+        .expect("c");
+    let v = serde_json::to_value(checkpoint_view(&c)).expect("json");
+    assert_eq!(
+        v,
+        json!({"checkpoint_id": "weights/c1", "checkpoint_type": "training", "time": "2025-01-01T00:00:00.000Z",
+               "tinker_path": "tinker://s:train:0/weights/c1", "size_bytes": 1024, "public": false,
+               "user_metadata": {"step": 1}, "expires_at": null})
+    );
+    let r = serde_json::to_value(training_run_view(&run, Some(&c), None)).expect("json");
+    assert_eq!(r["training_run_id"], json!("s:train:0"));
+    assert_eq!(r["model_owner"], json!(ALICE));
+    assert_eq!(r["lora_rank"], json!(8));
+    assert_eq!(r["last_request_time"], json!("2025-01-01T00:00:00.000Z"));
+    assert_eq!(r["last_checkpoint"]["checkpoint_id"], json!("weights/c1"));
+    assert_eq!(r["last_sampler_checkpoint"], json!(null));
+    assert_eq!(ErrorCategory::from(FailureCategory::Server), ErrorCategory::Server);
+    assert_eq!(FailureCategory::parse("Server"), FailureCategory::Unknown);
+}
+
+#[test]
+fn store_from_persistence_config() {
+    use twinkle::config::schema::{Persistence, PersistenceMode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = Persistence { mode: PersistenceMode::Memory, ..Persistence::default() };
+    assert_eq!(Store::from_config(&mem).expect("memory").location(), ":memory:");
+    let path = dir.path().join("x").join("state.sqlite");
+    let file = Persistence {
+        mode: PersistenceMode::File,
+        file_path: Some(path.display().to_string()),
+        ..Persistence::default()
+    };
+    Store::from_config(&file).expect("file");
+    assert!(path.exists());
+    let no_path = Persistence { mode: PersistenceMode::File, ..Persistence::default() };
+    assert!(matches!(Store::from_config(&no_path), Err(StateError::MissingFilePath)));
+    let redis = Persistence { mode: PersistenceMode::Redis, ..Persistence::default() };
+    assert!(matches!(Store::from_config(&redis), Err(StateError::UnsupportedMode(_))));
+}

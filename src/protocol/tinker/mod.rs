@@ -9,5 +9,6 @@ pub mod rest;
 pub mod sample;
 pub mod tensor;
 pub mod types;
+pub mod views;
 
 pub use error::ProtocolError;

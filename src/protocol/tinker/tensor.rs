@@ -97,6 +97,16 @@ impl WireDtype {
         }
     }
 
+    /// The protobuf enum name, for error messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            WireDtype::F32 => "FLOAT32",
+            WireDtype::I64 => "INT64",
+            WireDtype::I32 => "INT32",
+            WireDtype::Bf16 => "BFLOAT16",
+        }
+    }
+
     pub(crate) fn itemsize(self) -> usize {
         match self {
             WireDtype::F32 | WireDtype::I32 => 4,
@@ -372,7 +382,8 @@ pub(crate) fn require_kind(
     if ok {
         return Ok(());
     }
-    let name = WireDtype::from_i32(raw_dtype, field).map(|d| format!("{d:?}")).unwrap_or_default();
+    let name =
+        WireDtype::from_i32(raw_dtype, field).map(|d| d.name().to_string()).unwrap_or_default();
     Err(ProtocolError::BadDtype {
         field: format!("{field}.dtype"),
         dtype: name,

@@ -611,6 +611,22 @@ impl TryAgainResponse {
     }
 }
 
+/// Literal `"complete_metadata"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompleteMetadataTag {
+    #[default]
+    #[serde(rename = "complete_metadata")]
+    CompleteMetadata,
+}
+
+/// Optional first answer for a large finished result when the poll allowed metadata only; the
+/// client re-polls once with `allow_metadata_only: false`. Send it at most once per future.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteMetadataResponse {
+    pub status: CompleteMetadataTag,
+    pub response_payload_size: u64,
+}
+
 /// Failure category of a failed future.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
