@@ -150,4 +150,12 @@ fn a_symlink_inside_the_root_cannot_lead_outside() {
     let err = checkpoint_dir(root.path(), &ns, &p).expect_err("escapes through the symlink");
     assert!(matches!(err, PathError::Escapes(_)));
     assert!(Path::new(outside.path()).exists());
+    // A dangling symlink is refused too (creating the directory would follow it).
+    let gone = outside.path().join("missing");
+    std::os::unix::fs::symlink(&gone, root.path().join(&ns).join("d:train:0")).expect("symlink");
+    let p = TinkerPath::parse("tinker://d:train:0/weights/x").expect("valid");
+    assert!(matches!(checkpoint_dir(root.path(), &ns, &p), Err(PathError::Escapes(_))));
+    // Paths that do not exist yet below a real directory are fine.
+    let p = TinkerPath::parse("tinker://new:train:0/weights/x").expect("valid");
+    assert!(checkpoint_dir(root.path(), &ns, &p).is_ok());
 }

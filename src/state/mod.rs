@@ -3,6 +3,9 @@
 //! One connection behind a mutex serves every thread; each method is one short transaction.
 //! Owners are keyed hashes of API keys (`protocol::tinker::paths::owner_hash`), never raw keys, and
 //! a row owned by another key reads as NotFound so existence does not leak.
+//! Methods block (briefly) on SQLite: async handlers should call them through `spawn_blocking`
+//! (or `web::block`), at least those that write or read result blobs. The store records futures
+//! durably but does not wake long-polls; the dispatcher signals waiters in memory.
 
 mod futures;
 mod runs;

@@ -268,17 +268,17 @@ fn join_inside(root: &Path, parts: &[&str]) -> Result<PathBuf, PathError> {
             _ => return Err(PathError::Escapes(format!("component {part:?}"))),
         }
     }
-    if let (Ok(real_root), Some(existing)) = (root.canonicalize(), deepest_existing(&p))
-        && let Ok(real) = existing.canonicalize()
-        && !real.starts_with(&real_root)
+    // The deepest entry that exists (a dangling symlink counts: `symlink_metadata` does not follow
+    // it) must resolve inside the root; one that cannot be resolved is refused.
+    if let Ok(real_root) = root.canonicalize()
+        && let Some(existing) = p.ancestors().find(|a| a.symlink_metadata().is_ok())
     {
-        return Err(PathError::Escapes(p.display().to_string()));
+        match existing.canonicalize() {
+            Ok(real) if real.starts_with(&real_root) => {}
+            _ => return Err(PathError::Escapes(p.display().to_string())),
+        }
     }
     Ok(p)
-}
-
-fn deepest_existing(p: &Path) -> Option<PathBuf> {
-    p.ancestors().find(|a| a.exists()).map(Path::to_path_buf)
 }
 
 /// `{root}/{owner_ns}/{run_id}`: the directory of one training run.
