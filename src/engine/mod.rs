@@ -1,1 +1,9 @@
-//! The compute engine: tensors, CPU/CUDA backends, model architectures, LoRA, losses, AdamW, sampling.
+//! The compute engine: tensors, the backend boundary (CPU today), model architectures, LoRA,
+//! losses, AdamW.
+
+pub mod backend;
+pub mod error;
+pub mod tensor;
+
+pub use error::{EngineError, Result};
+pub use tensor::Tensor;
