@@ -23,6 +23,12 @@ enum Command {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Check the engine against PyTorch golden case directories (exit 1 on any miss).
+    VerifyGolden {
+        /// Case directories (model/, adapter/, case.json, expected.safetensors).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,5 +44,23 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::VerifyGolden { dirs } => verify_golden(&dirs),
     }
+}
+
+fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for dir in dirs {
+        match twinkle::engine::golden::verify(dir) {
+            Ok(report) => {
+                println!("{report}");
+                ok &= report.passed();
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", dir.display());
+                ok = false;
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
