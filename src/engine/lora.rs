@@ -207,7 +207,7 @@ impl Adapter {
             let bound = 1.0 / (inp as f32).sqrt();
             let a: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.uniform(bound)).collect();
             LoraPair::new(
-                Tensor::new(vec![cfg.rank, inp], a).unwrap_or_else(|_| Tensor::zeros(vec![0])),
+                Tensor::from_parts(vec![cfg.rank, inp], a),
                 Tensor::zeros(vec![out, cfg.rank]),
             )
         };
@@ -313,13 +313,11 @@ impl Adapter {
         for (k, p) in self.pairs() {
             out.insert(
                 format!("{k}.lora_A.weight"),
-                Tensor::new(p.a.shape().to_vec(), p.grad_a.clone())
-                    .unwrap_or_else(|_| Tensor::zeros(vec![0])),
+                Tensor::from_parts(p.a.shape().to_vec(), p.grad_a.clone()),
             );
             out.insert(
                 format!("{k}.lora_B.weight"),
-                Tensor::new(p.b.shape().to_vec(), p.grad_b.clone())
-                    .unwrap_or_else(|_| Tensor::zeros(vec![0])),
+                Tensor::from_parts(p.b.shape().to_vec(), p.grad_b.clone()),
             );
         }
         out

@@ -156,6 +156,7 @@ impl Head<'_> {
     }
 
     /// Logits of columns `v0..v1` for a block of rows into `out` `[rows, v1−v0]`.
+    #[allow(clippy::too_many_arguments)]
     fn chunk(
         &self,
         h: &[f32],
@@ -361,5 +362,39 @@ impl Head<'_> {
             }
         }
         dh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossFn;
+
+    fn close(a: (f64, f64), b: (f64, f64)) -> bool {
+        (a.0 - b.0).abs() < 1e-12 && (a.1 - b.1).abs() < 1e-12
+    }
+
+    #[test]
+    fn terms_match_hand_derived_values() {
+        // (loss term, ∂term/∂lp) with lp, weight, sampler lp, advantage.
+        assert!(close(LossFn::CrossEntropy.term(-2.0, 0.5, 0.0, 0.0), (1.0, -0.5)));
+        assert!(close(LossFn::CrossEntropy.term(-2.0, -1.0, 0.0, 0.0), (-2.0, 1.0)));
+        assert!(close(LossFn::ImportanceSampling.term(-1.0, 0.0, -1.0, 2.0), (-2.0, -2.0)));
+        let ppo = LossFn::Ppo { clip_low: 0.8, clip_high: 1.2 };
+        let l15 = 1.5f64.ln();
+        // r = 1.5, A = +1: min(1.5, 1.2) = 1.2 from the clipped (constant) branch.
+        assert!(close(ppo.term(l15, 0.0, 0.0, 1.0), (-1.2, 0.0)));
+        // r = 1.5, A = −1: min(−1.5, −1.2) = −1.5, unclipped: ∂(r·A)/∂lp = r·A.
+        assert!(close(ppo.term(l15, 0.0, 0.0, -1.0), (1.5, 1.5)));
+        // Inside the range both branches agree.
+        assert!(close(ppo.term(0.0, 0.0, 0.0, 3.0), (-3.0, -3.0)));
+        let cispo = LossFn::Cispo { clip_low: 0.0, clip_high: 4.0 };
+        // r = e^{ln 5} = 5 → clamped to 4, stop-gradient: term −4·A·lp.
+        assert!(close(
+            cispo.term(5f64.ln() - 1.0, 0.0, -1.0, 1.0),
+            (-4.0 * (5f64.ln() - 1.0), -4.0)
+        ));
+        let dro = LossFn::Dro { beta: 0.1 };
+        // −(lp·A − ½β(lp − slp)²) = −(−1 − 0.05) = 1.05; ∂ = −(A − β(lp − slp)) = −0.9.
+        assert!(close(dro.term(-1.0, 0.0, -2.0, 1.0), (1.05, -0.9)));
     }
 }

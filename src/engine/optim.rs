@@ -51,9 +51,8 @@ impl AdamParams {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1 and beta2 must be in [0, 1)");
         }
-        if !(self.eps.is_finite() && self.eps >= 0.0)
-            || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0)
-        {
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(self.eps) || !non_negative(self.weight_decay) {
             return bad("eps and weight_decay must be finite and >= 0");
         }
         if !(self.grad_clip_norm.is_finite() && self.grad_clip_norm >= 0.0) {

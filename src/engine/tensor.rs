@@ -23,6 +23,12 @@ impl Tensor {
         Ok(Tensor { shape, data })
     }
 
+    /// Builds a tensor from parts the engine sized itself (length = product of the shape).
+    pub(crate) fn from_parts(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { shape, data }
+    }
+
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
         Tensor { shape, data: vec![0.0; n] }

@@ -110,7 +110,7 @@ fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
 /// base model is evaluated and `forward_only` is implied.
 pub fn forward_backward(
     model: &Model,
-    mut adapter: Option<&mut Adapter>,
+    adapter: Option<&mut Adapter>,
     data: &[Datum],
     loss: &LossFn,
     forward_only: bool,
@@ -166,7 +166,7 @@ pub fn forward_backward(
         per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
     }
 
-    if backward && let Some(ad) = adapter.as_deref_mut() {
+    if backward && let Some(ad) = adapter {
         // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
         let mut head_grads = ad
             .lm_head_mut()

@@ -104,11 +104,11 @@ fn rope_matches_complex_rotation_and_inverts() {
     let x = rand_vec(rows * heads * hd, 6);
     let mut y = x.clone();
     backend().rope(&mut y, heads, hd, &table, false);
-    for t in 0..rows {
+    for (t, &pos) in positions.iter().enumerate() {
         for h in 0..heads {
             for i in 0..hd / 2 {
                 let base = (t * heads + h) * hd;
-                let ang = positions[t] as f64 * inv_freq[i];
+                let ang = pos as f64 * inv_freq[i];
                 let (re, im) = (x[base + i] as f64, x[base + i + hd / 2] as f64);
                 let (c, s) = (ang.cos(), ang.sin());
                 assert!((y[base + i] as f64 - (re * c - im * s)).abs() < 1e-5);

@@ -94,13 +94,13 @@ impl HfConfig {
             ));
         }
         let kv = self.num_key_value_heads.unwrap_or(heads);
-        if kv == 0 || heads % kv != 0 {
+        if kv == 0 || !heads.is_multiple_of(kv) {
             return Err(EngineError::Config(format!(
                 "num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})"
             )));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(EngineError::Config(format!("head_dim {head_dim} must be even and > 0")));
         }
         if self.mlp_bias == Some(true) {
