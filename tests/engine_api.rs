@@ -111,6 +111,17 @@ fn invalid_inputs_are_typed_user_errors() {
         assert!(err.is_user_error(), "{err}");
         assert!(err.to_string().contains(want), "`{err}` should mention `{want}`");
     }
+    // An adapter made for a model of another shape is refused, not run.
+    let other_dir = tmp.path().join("other");
+    write_model(&other_dir, &Spec { inter: 20, ..spec() }, 1);
+    let other = Model::load(&other_dir).unwrap();
+    let mut foreign =
+        Adapter::new(&other, &LoraConfig { rank: 2, alpha: 2.0, targets: all_targets(), seed: 1 })
+            .unwrap();
+    let err = forward_backward(&m, Some(&mut foreign), std::slice::from_ref(&good), &ce, false)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Adapter(_)), "{err}");
+    assert!(m.logits(Some(&foreign), &[1, 2]).is_err());
     let err = LossFn::from_name("kl_magic", &Default::default()).unwrap_err();
     assert!(matches!(&err, EngineError::UnknownLoss(n) if n == "kl_magic") && err.is_user_error());
 }

@@ -184,6 +184,20 @@ pub struct Adapter {
     /// Optimizer steps taken.
     pub(crate) step: u64,
     base_model: String,
+    /// Shape signature of the model it was built for (see `model_signature`).
+    signature: [usize; 6],
+}
+
+/// The model dimensions an adapter's tensors depend on.
+fn model_signature(c: &ModelConfig) -> [usize; 6] {
+    [
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.vocab_size,
+    ]
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -229,7 +243,20 @@ impl Adapter {
             lm_head,
             step: 0,
             base_model: String::new(),
+            signature: model_signature(mc),
         })
+    }
+
+    /// Errors unless this adapter was built for a model of `model`'s shape.
+    pub fn check_compatible(&self, model: &Model) -> Result<()> {
+        if self.signature != model_signature(model.config()) {
+            return Err(EngineError::Adapter(format!(
+                "adapter was built for a model of another shape (layers, hidden, intermediate, q, kv, vocab = {:?}; this model {:?})",
+                self.signature,
+                model_signature(model.config())
+            )));
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &LoraConfig {

@@ -116,6 +116,9 @@ pub fn forward_backward(
     forward_only: bool,
 ) -> Result<FwdBwdOutput> {
     validate(model, data, loss)?;
+    if let Some(a) = adapter.as_deref() {
+        a.check_compatible(model)?;
+    }
     let c = model.config();
     let (tokens, seqs, positions) = pack(data);
     let rows = tokens.len();
@@ -206,6 +209,9 @@ impl Model {
     /// for training batches).
     pub fn logits(&self, adapter: Option<&Adapter>, tokens: &[u32]) -> Result<Vec<f32>> {
         check_tokens("tokens", 0, tokens, self.config.vocab_size)?;
+        if let Some(a) = adapter {
+            a.check_compatible(self)?;
+        }
         if tokens.is_empty() {
             return Err(EngineError::InvalidInput("no tokens".into()));
         }
@@ -230,6 +236,9 @@ impl Model {
         caches: &mut [KvCache],
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
+        if let Some(a) = adapter {
+            a.check_compatible(self)?;
+        }
         if new_tokens.len() != caches.len() {
             return Err(EngineError::InvalidInput(format!(
                 "{} token lists for {} caches",
