@@ -347,3 +347,22 @@ fn peft_and_training_state_round_trip() {
     let err = Adapter::load_peft(&dir, &m).unwrap_err();
     assert!(err.to_string().contains("layers.0.mlp.up_proj.lora_B.weight"), "{err}");
 }
+
+#[test]
+fn repeated_runs_are_bitwise_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let mut rng = Rng(4);
+    let data = vec![sft(&mut rng, 7), sft(&mut rng, 12), sft(&mut rng, 2)];
+    let cfg = LoraConfig { rank: 2, alpha: 2.0, targets: all_targets(), seed: 9 };
+    let run = || {
+        let mut ad = Adapter::new(&m, &cfg).unwrap();
+        let out =
+            forward_backward(&m, Some(&mut ad), &data, &LossFn::ImportanceSampling, false).unwrap();
+        ad.optim_step(&AdamParams { learning_rate: 1e-2, ..Default::default() }).unwrap();
+        let out2 =
+            forward_backward(&m, Some(&mut ad), &data, &LossFn::CrossEntropy, false).unwrap();
+        (out, out2, ad.gradients(), ad.tensors())
+    };
+    assert_eq!(run(), run());
+}

@@ -83,11 +83,11 @@ fn lin_bwd(
     }
 }
 
-/// Activations one layer keeps for its backward.
+/// Activations one layer keeps for its backward. The normed inputs `h1`/`h2` and the SwiGLU
+/// output are cheap to recompute, so they are not kept.
 pub(crate) struct LayerSave {
     x_in: Vec<f32>,
     rstd1: Vec<f32>,
-    h1: Vec<f32>,
     xa: [Option<Vec<f32>>; 7],
     q_pre: Vec<f32>,
     q_rstd: Vec<f32>,
@@ -100,10 +100,8 @@ pub(crate) struct LayerSave {
     lse: Vec<Vec<f32>>,
     x_mid: Vec<f32>,
     rstd2: Vec<f32>,
-    h2: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
-    act: Vec<f32>,
 }
 
 /// Result of the decoder stack: final normed hidden states and what backward needs.
@@ -212,7 +210,6 @@ impl Model {
                 saves.push(LayerSave {
                     x_in,
                     rstd1,
-                    h1,
                     xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
                     q_pre,
                     q_rstd,
@@ -225,10 +222,8 @@ impl Model {
                     lse: lses,
                     x_mid,
                     rstd2,
-                    h2,
                     g,
                     u,
-                    act,
                 });
             }
         }
@@ -261,11 +256,16 @@ impl Model {
         be.rmsnorm_bwd(dh_final, &st.x_final, &self.final_norm, &st.rstd_final, h, &mut dx);
         for (l, (lw, s)) in self.layers.iter().zip(&st.saves).enumerate().rev() {
             let xa = |t: Target| s.xa[idx(t)].as_deref();
+            let mut rstd_scratch = vec![0.0f32; rows];
+            let mut act = vec![0.0f32; s.g.len()];
+            be.swiglu_fwd(&s.g, &s.u, &mut act);
+            let mut h2 = vec![0.0f32; rows * h];
+            be.rmsnorm_fwd(&s.x_mid, &lw.post_norm, h, c.rms_norm_eps, &mut h2, &mut rstd_scratch);
             // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
-            let mut dact = vec![0.0f32; s.act.len()];
+            let mut dact = vec![0.0f32; act.len()];
             lin_bwd(
                 &dx,
-                &s.act,
+                &act,
                 xa(Target::Down),
                 rows,
                 &lw.down,
@@ -279,7 +279,7 @@ impl Model {
             let mut dh2 = vec![0.0f32; rows * h];
             lin_bwd(
                 &dg,
-                &s.h2,
+                &h2,
                 xa(Target::Gate),
                 rows,
                 &lw.gate,
@@ -290,7 +290,7 @@ impl Model {
             );
             lin_bwd(
                 &du,
-                &s.h2,
+                &h2,
                 xa(Target::Up),
                 rows,
                 &lw.up,
@@ -348,10 +348,12 @@ impl Model {
                 be.rmsnorm_bwd(&dk, &s.k_pre, kn, &s.k_rstd, hd, &mut t);
                 dk = t;
             }
+            let mut h1 = vec![0.0f32; rows * h];
+            be.rmsnorm_fwd(&s.x_in, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd_scratch);
             let mut dh1 = vec![0.0f32; rows * h];
             lin_bwd(
                 &dq,
-                &s.h1,
+                &h1,
                 xa(Target::Q),
                 rows,
                 &lw.q,
@@ -362,7 +364,7 @@ impl Model {
             );
             lin_bwd(
                 &dk,
-                &s.h1,
+                &h1,
                 xa(Target::K),
                 rows,
                 &lw.k,
@@ -373,7 +375,7 @@ impl Model {
             );
             lin_bwd(
                 &dv,
-                &s.h1,
+                &h1,
                 xa(Target::V),
                 rows,
                 &lw.v,

@@ -227,59 +227,62 @@ impl Backend for Cpu {
         let group = n_heads / n_kv_heads.max(1);
         let past = n_k - n_q;
         let scale = 1.0 / (hd as f32).sqrt();
-        // One task per kv head: it owns dk/dv of that head and dq of the query heads sharing it.
+        // One task per query head computes its dq and its partial dk/dv; the partials of the
+        // heads sharing a kv head are then summed in head order (deterministic, and parallel
+        // even when there are only one or two kv heads).
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let per_kv: Vec<Grads> = (0..n_kv_heads)
+        let per_head: Vec<Grads> = (0..n_heads)
             .into_par_iter()
-            .map(|kvh| {
-                let mut dqh = vec![0.0f32; group * n_q * hd];
+            .map(|h| {
+                let kvh = h / group;
+                let mut dqh = vec![0.0f32; n_q * hd];
                 let mut dkh = vec![0.0f32; n_k * hd];
                 let mut dvh = vec![0.0f32; n_k * hd];
-                for g in 0..group {
-                    let h = kvh * group + g;
-                    for i in 0..n_q {
-                        let qi = &q[(i * n_heads + h) * hd..][..hd];
-                        let oi = &out[(i * n_heads + h) * hd..][..hd];
-                        let doi = &dout[(i * n_heads + h) * hd..][..hd];
-                        let l = lse[h * n_q + i];
-                        let dsum: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                        let dqi = &mut dqh[(g * n_q + i) * hd..][..hd];
-                        for j in 0..=past + i {
-                            let kj = &k[(j * n_kv_heads + kvh) * hd..][..hd];
-                            let vj = &v[(j * n_kv_heads + kvh) * hd..][..hd];
-                            let sc: f32 =
-                                qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                            let p = (sc - l).exp();
-                            let dp: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-                            let ds = p * (dp - dsum) * scale;
-                            for (d, kv) in dqi.iter_mut().zip(kj) {
-                                *d += ds * kv;
-                            }
-                            let dkj = &mut dkh[j * hd..(j + 1) * hd];
-                            for (d, qv) in dkj.iter_mut().zip(qi) {
-                                *d += ds * qv;
-                            }
-                            let dvj = &mut dvh[j * hd..(j + 1) * hd];
-                            for (d, g) in dvj.iter_mut().zip(doi) {
-                                *d += p * g;
-                            }
+                for i in 0..n_q {
+                    let qi = &q[(i * n_heads + h) * hd..][..hd];
+                    let oi = &out[(i * n_heads + h) * hd..][..hd];
+                    let doi = &dout[(i * n_heads + h) * hd..][..hd];
+                    let l = lse[h * n_q + i];
+                    let dsum: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
+                    let dqi = &mut dqh[i * hd..(i + 1) * hd];
+                    for j in 0..=past + i {
+                        let kj = &k[(j * n_kv_heads + kvh) * hd..][..hd];
+                        let vj = &v[(j * n_kv_heads + kvh) * hd..][..hd];
+                        let sc: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        let p = (sc - l).exp();
+                        let dp: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                        let ds = p * (dp - dsum) * scale;
+                        for (d, kv) in dqi.iter_mut().zip(kj) {
+                            *d += ds * kv;
+                        }
+                        let dkj = &mut dkh[j * hd..(j + 1) * hd];
+                        for (d, qv) in dkj.iter_mut().zip(qi) {
+                            *d += ds * qv;
+                        }
+                        let dvj = &mut dvh[j * hd..(j + 1) * hd];
+                        for (d, g) in dvj.iter_mut().zip(doi) {
+                            *d += p * g;
                         }
                     }
                 }
                 (dqh, dkh, dvh)
             })
             .collect();
-        for (kvh, (dqh, dkh, dvh)) in per_kv.iter().enumerate() {
-            for g in 0..group {
-                let h = kvh * group + g;
-                for i in 0..n_q {
-                    dq[(i * n_heads + h) * hd..][..hd]
-                        .copy_from_slice(&dqh[(g * n_q + i) * hd..][..hd]);
-                }
+        dk.fill(0.0);
+        dv.fill(0.0);
+        for (h, (dqh, dkh, dvh)) in per_head.iter().enumerate() {
+            let kvh = h / group;
+            for i in 0..n_q {
+                dq[(i * n_heads + h) * hd..][..hd].copy_from_slice(&dqh[i * hd..(i + 1) * hd]);
             }
             for j in 0..n_k {
-                dk[(j * n_kv_heads + kvh) * hd..][..hd].copy_from_slice(&dkh[j * hd..(j + 1) * hd]);
-                dv[(j * n_kv_heads + kvh) * hd..][..hd].copy_from_slice(&dvh[j * hd..(j + 1) * hd]);
+                let at = (j * n_kv_heads + kvh) * hd;
+                for (d, s) in dk[at..at + hd].iter_mut().zip(&dkh[j * hd..(j + 1) * hd]) {
+                    *d += s;
+                }
+                for (d, s) in dv[at..at + hd].iter_mut().zip(&dvh[j * hd..(j + 1) * hd]) {
+                    *d += s;
+                }
             }
         }
     }
