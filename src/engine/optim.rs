@@ -42,6 +42,18 @@ pub struct OptimMetrics {
     pub learning_rate: f64,
 }
 
+impl OptimMetrics {
+    /// Metrics map for `OptimStepResponse.metrics`.
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("grad_norm:mean".to_string(), self.grad_norm),
+            ("step:max".to_string(), self.step as f64),
+            ("learning_rate:mean".to_string(), self.learning_rate),
+        ]
+        .into()
+    }
+}
+
 impl AdamParams {
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(EngineError::InvalidInput(format!("adam_params: {m}")));

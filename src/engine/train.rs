@@ -18,6 +18,13 @@ pub struct FwdBwdOutput {
     pub loss_sum: f64,
 }
 
+impl FwdBwdOutput {
+    /// Tinker-style metrics (`name:reduction` keys): `loss:sum`.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [("loss:sum".to_string(), self.loss_sum)].into()
+    }
+}
+
 fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> {
     if let Some((p, t)) = toks.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
         return Err(EngineError::InvalidInput(format!(

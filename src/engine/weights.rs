@@ -141,3 +141,40 @@ pub fn load_f32(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     store.load_file(path)?;
     Ok(store.tensors.into_iter().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) {
+        let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).unwrap();
+        std::fs::write(path, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn half_precision_weights_convert_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vals = [1.0f32, -2.5, 0.15625, 65504.0];
+        for dtype in [Dtype::F16, Dtype::BF16] {
+            let bytes: Vec<u8> = vals
+                .iter()
+                .flat_map(|v| match dtype {
+                    Dtype::F16 => half::f16::from_f32(*v).to_bits().to_le_bytes(),
+                    _ => half::bf16::from_f32(*v).to_bits().to_le_bytes(),
+                })
+                .collect();
+            let path = tmp.path().join("w.safetensors");
+            write(&path, dtype, vec![2, 2], &bytes);
+            let t = &load_f32(&path).unwrap()["w"];
+            assert_eq!(t.shape(), &[2, 2]);
+            // All four values are exactly representable in f16; bf16 rounds 65504 to 65536.
+            let want: Vec<f32> =
+                if dtype == Dtype::F16 { vals.to_vec() } else { vec![1.0, -2.5, 0.15625, 65536.0] };
+            assert_eq!(t.data(), want.as_slice());
+        }
+        let path = tmp.path().join("i.safetensors");
+        write(&path, Dtype::I64, vec![1], &7i64.to_le_bytes());
+        let err = load_f32(&path).unwrap_err();
+        assert!(matches!(err, EngineError::TensorDtype { ref name, .. } if name == "w"), "{err}");
+    }
+}
