@@ -68,6 +68,8 @@ pub(crate) struct HfConfig {
     bos_token_id: Option<Value>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
 }
 
 /// Architecture-specific switches chosen by the `models/<arch>.rs` files.
@@ -102,6 +104,14 @@ impl HfConfig {
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(EngineError::Config(format!("head_dim {head_dim} must be even and > 0")));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(EngineError::Config(format!(
+                "hidden_act `{act}` is not supported (only silu)"
+            )));
+        }
+        if self.use_sliding_window == Some(true) {
+            return Err(EngineError::Config("use_sliding_window = true is not supported".into()));
         }
         if self.mlp_bias == Some(true) {
             return Err(EngineError::Config("mlp_bias = true is not supported".into()));
@@ -307,5 +317,62 @@ impl Model {
     /// The `[vocab, hidden]` output projection (the embedding when tied).
     pub(crate) fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        let hf: HfConfig =
+            serde_json::from_value(v).map_err(|e| EngineError::Config(e.to_string()))?;
+        llama::config(&hf)
+    }
+
+    fn base() -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 128, "rope_theta": 500000.0,
+        })
+    }
+
+    #[test]
+    fn llama3_rope_scaling_follows_the_wavelength_bands() {
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = parse(v).unwrap();
+        let plain: Vec<f64> = (0..64).map(|i| 500000f64.powf(-(2.0 * i as f64) / 128.0)).collect();
+        // Wavelength 2π/f: below 8192/4 unchanged, above 8192/1 divided by the factor,
+        // in between a blend of the two.
+        for (i, (&got, &f)) in c.inv_freq.iter().zip(&plain).enumerate() {
+            let wl = 2.0 * std::f64::consts::PI / f;
+            if wl < 2048.0 {
+                assert!((got - f).abs() <= 1e-15 * f, "{i}");
+            } else if wl > 8192.0 {
+                assert!((got - f / 8.0).abs() <= 1e-15 * f, "{i}");
+            } else {
+                assert!(got > f / 8.0 && got < f, "{i}");
+            }
+        }
+        assert!(plain.iter().any(|f| 2.0 * std::f64::consts::PI / f > 8192.0));
+    }
+
+    #[test]
+    fn config_fields_and_rejections() {
+        let c = parse(base()).unwrap();
+        assert_eq!((c.head_dim, c.num_kv_heads, c.rope_theta), (128, 1, 500000.0));
+        assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.qk_norm);
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        assert!(parse(v).unwrap_err().to_string().contains("yarn"));
+        let mut v = base();
+        v["num_key_value_heads"] = serde_json::json!(3);
+        assert!(parse(v).unwrap_err().to_string().contains("multiple"));
+        let mut v = base();
+        v["hidden_act"] = serde_json::json!("gelu");
+        assert!(parse(v).unwrap_err().to_string().contains("gelu"));
     }
 }
