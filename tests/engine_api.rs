@@ -86,6 +86,17 @@ fn invalid_inputs_are_typed_user_errors() {
         ),
         (
             vec![Datum {
+                inputs: LossInputs {
+                    advantages: Some(vec![0.0, f32::NAN, 0.0, 0.0, 0.0]),
+                    ..good.inputs.clone()
+                },
+                ..good.clone()
+            }],
+            LossFn::ImportanceSampling,
+            "advantages[1] is not a finite number",
+        ),
+        (
+            vec![Datum {
                 inputs: LossInputs { advantages: None, ..good.inputs.clone() },
                 ..good.clone()
             }],

@@ -52,8 +52,10 @@ fn forward_backward_throughput() {
     let fwd = 2.0 * (2.0 * per_layer + 896.0 * spec.vocab as f64);
     for _ in 0..2 {
         let t = Instant::now();
-        forward_backward(&model, Some(&mut ad), &data, &LossFn::CrossEntropy, false).unwrap();
+        let out =
+            forward_backward(&model, Some(&mut ad), &data, &LossFn::CrossEntropy, false).unwrap();
         let s = t.elapsed().as_secs_f64();
+        assert!(out.loss_sum.is_finite() && out.loss_sum > 0.0);
         println!(
             "fwd+bwd {:.0} tokens/s, ~{:.1} GFLOP/s ({} threads)",
             n_tok / s,
@@ -87,6 +89,11 @@ fn matmul_layouts_throughput() {
         let t = Instant::now();
         for _ in 0..3 {
             backend().matmul(&mut out, &a, &b, mm);
+        }
+        if !mm.accumulate {
+            // Constant operands: every entry is k · 0.5 · 0.25.
+            let want = mm.k as f32 * 0.125;
+            assert!(out[..mm.m * mm.n].iter().all(|v| (v - want).abs() <= 1e-3 * want));
         }
         let s = t.elapsed().as_secs_f64() / 3.0;
         println!("{name}: {:.1} GFLOP/s", 2.0 * (mm.m * mm.k * mm.n) as f64 / s / 1e9);

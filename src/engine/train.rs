@@ -70,6 +70,17 @@ fn validate(model: &Model, data: &[Datum], loss: &LossFn) -> Result<()> {
                 n * k
             )));
         }
+        for (name, v) in [
+            ("weights", &inp.weights),
+            ("logprobs", &inp.logprobs),
+            ("advantages", &inp.advantages),
+        ] {
+            if let Some(p) = v.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
+                return Err(EngineError::InvalidInput(format!(
+                    "datum {i}: {name}[{p}] is not a finite number"
+                )));
+            }
+        }
         if loss.is_rl() {
             if k != 1 {
                 return Err(EngineError::InvalidInput(format!(
