@@ -480,3 +480,29 @@ fn head_row_blocks_match_single_block_results() {
         assert!(scale > 0.0 && err <= 1e-4 * scale, "{k}: {err} vs scale {scale}");
     }
 }
+
+#[test]
+fn sequence_logprobs_and_shared_forward_match_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = llama_gqa();
+    let model = load(tmp.path(), &spec, 27);
+    let ad = random_adapter(&model, 2, 2.0, vec![Target::V, Target::LmHead], 28);
+    let mut rng = Rng(29);
+    let seq = tokens(&mut rng, 10, spec.vocab);
+    for adapter in [None, Some(&ad)] {
+        let got = model.sequence_logprobs(adapter, &seq).unwrap();
+        let want = reference_logprobs(&model, adapter, &seq[..9], &seq[1..]);
+        assert_eq!(got.len(), 9);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    assert!(model.sequence_logprobs(None, &seq[..1]).unwrap().is_empty());
+    let data = batch(&mut rng, &[4, 6], spec.vocab);
+    let shared = twinkle::engine::forward(&model, Some(&ad), &data, &LossFn::CrossEntropy).unwrap();
+    let mut owned = ad.clone();
+    let fb =
+        forward_backward(&model, Some(&mut owned), &data, &LossFn::CrossEntropy, true).unwrap();
+    assert_eq!(shared, fb);
+    assert_eq!(shared.metrics()["loss:sum"], shared.loss_sum);
+}

@@ -11,6 +11,8 @@
 //! - [`forward_backward`]`(&model, Option<&mut Adapter>, &[Datum], &LossFn, forward_only)` ->
 //!   [`FwdBwdOutput`] `{ per_datum: [DatumOutput { logprobs, elementwise_loss }], loss_sum }`;
 //!   gradients accumulate in the adapter until [`Adapter::optim_step`]`(&AdamParams)`.
+//!   [`forward`] is the forward-only variant with a shared adapter borrow;
+//!   [`Model::sequence_logprobs`] gives next-token logprobs of one sequence (prompt logprobs).
 //! - Generation: [`KvCache::new`] per sequence and [`Model::forward_cached`] (prefill and
 //!   incremental decode of several sequences, last-position logits); [`Model::logits`] for a
 //!   whole sequence.
@@ -36,4 +38,4 @@ pub use loss::{Datum, DatumOutput, LossFn, LossInputs};
 pub use models::{Model, ModelConfig};
 pub use optim::{AdamParams, OptimMetrics};
 pub use tensor::Tensor;
-pub use train::{FwdBwdOutput, forward_backward};
+pub use train::{FwdBwdOutput, forward, forward_backward};

@@ -123,6 +123,23 @@ fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
     (tokens, seqs, positions)
 }
 
+/// How a call uses the adapter.
+enum AdapterUse<'a> {
+    Base,
+    Read(&'a Adapter),
+    Train(&'a mut Adapter),
+}
+
+impl AdapterUse<'_> {
+    fn get(&self) -> Option<&Adapter> {
+        match self {
+            AdapterUse::Base => None,
+            AdapterUse::Read(a) => Some(a),
+            AdapterUse::Train(a) => Some(a),
+        }
+    }
+}
+
 /// Forward (and unless `forward_only`, backward) over a batch. Gradients are ADDED to the
 /// adapter's accumulated gradients; `optim_step` applies and clears them. Without an adapter the
 /// base model is evaluated and `forward_only` is implied.
@@ -133,8 +150,27 @@ pub fn forward_backward(
     loss: &LossFn,
     forward_only: bool,
 ) -> Result<FwdBwdOutput> {
+    let usage = match adapter {
+        None => AdapterUse::Base,
+        Some(a) if forward_only => AdapterUse::Read(a),
+        Some(a) => AdapterUse::Train(a),
+    };
+    run(model, usage, data, loss)
+}
+
+/// Forward only (logprobs and loss, no gradients) with a shared adapter borrow.
+pub fn forward(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    data: &[Datum],
+    loss: &LossFn,
+) -> Result<FwdBwdOutput> {
+    run(model, adapter.map_or(AdapterUse::Base, AdapterUse::Read), data, loss)
+}
+
+fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Result<FwdBwdOutput> {
     validate(model, data, loss)?;
-    if let Some(a) = adapter.as_deref() {
+    if let Some(a) = adapter.get() {
         a.check_compatible(model)?;
     }
     let c = model.config();
@@ -142,8 +178,8 @@ pub fn forward_backward(
     let rows = tokens.len();
     let packed =
         Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
-    let backward = !forward_only && adapter.is_some();
-    let st = model.forward_stack(&tokens, &packed, adapter.as_deref(), None, backward);
+    let backward = matches!(adapter, AdapterUse::Train(_));
+    let st = model.forward_stack(&tokens, &packed, adapter.get(), None, backward);
 
     // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]].
     let mut row_ptr = Vec::with_capacity(rows + 1);
@@ -158,7 +194,7 @@ pub fn forward_backward(
     }
     let hidden = c.hidden_size;
     let (lse, tlog) = {
-        let head = head_of(model, adapter.as_deref());
+        let head = head_of(model, adapter.get());
         head.lse_and_targets(&st.h_final, rows, hidden, &row_ptr, &targets)
     };
 
@@ -187,7 +223,7 @@ pub fn forward_backward(
         per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
     }
 
-    if backward && let Some(ad) = adapter {
+    if let AdapterUse::Train(ad) = adapter {
         // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
         let mut head_grads = ad
             .lm_head_mut()
@@ -242,6 +278,25 @@ impl Model {
         };
         let st = self.forward_stack(tokens, &packed, adapter, None, false);
         Ok(head_of(self, adapter).full_logits(&st.h_final, tokens.len(), self.config.hidden_size))
+    }
+
+    /// Log-probability of each next token of one sequence: entry `i` is
+    /// `log p(tokens[i+1] | tokens[..=i])` (`len − 1` values; chunked, no full logits).
+    pub fn sequence_logprobs(&self, adapter: Option<&Adapter>, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let n = tokens.len() - 1;
+        let datum = Datum {
+            input_tokens: tokens[..n].to_vec(),
+            inputs: super::loss::LossInputs {
+                target_tokens: tokens[1..].to_vec(),
+                k: 1,
+                ..Default::default()
+            },
+        };
+        let out = forward(self, adapter, &[datum], &LossFn::CrossEntropy)?;
+        Ok(out.per_datum.into_iter().next().map(|d| d.logprobs).unwrap_or_default())
     }
 
     /// Incremental decoding: feeds `new_tokens[i]` to sequence `i` (prefill when its cache is
