@@ -81,30 +81,28 @@ fn validate(model: &Model, data: &[Datum], loss: &LossFn) -> Result<()> {
                 )));
             }
         }
-        if loss.is_rl() {
-            if k != 1 {
-                return Err(EngineError::InvalidInput(format!(
-                    "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
-                    loss.name()
-                )));
-            }
-            for (name, v) in [("logprobs", &inp.logprobs), ("advantages", &inp.advantages)] {
-                match v {
-                    None => {
-                        return Err(EngineError::InvalidInput(format!(
-                            "datum {i}: loss {} needs loss_fn_inputs `{name}`",
-                            loss.name()
-                        )));
-                    }
-                    Some(v) if v.len() != n => {
-                        return Err(EngineError::InvalidInput(format!(
-                            "datum {i}: {name} has {} values, expected {n}",
-                            v.len()
-                        )));
-                    }
-                    _ => {}
+        for (name, v) in [("logprobs", &inp.logprobs), ("advantages", &inp.advantages)] {
+            match v {
+                None if loss.is_rl() => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: loss {} needs loss_fn_inputs `{name}`",
+                        loss.name()
+                    )));
                 }
+                Some(v) if v.len() != n => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: {name} has {} values, expected {n}",
+                        v.len()
+                    )));
+                }
+                _ => {}
             }
+        }
+        if loss.is_rl() && k != 1 {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
+                loss.name()
+            )));
         }
     }
     Ok(())
@@ -326,7 +324,7 @@ impl Model {
             if t.is_empty() {
                 return Err(EngineError::InvalidInput(format!("sequence {i}: no new tokens")));
             }
-            if cache.k.len() != c.num_layers {
+            if cache.k.len() != c.num_layers || cache.width != c.num_kv_heads * c.head_dim {
                 return Err(EngineError::InvalidInput(format!(
                     "sequence {i}: cache built for another model"
                 )));
