@@ -33,6 +33,12 @@ enum Command {
         #[arg(short = 't', long)]
         server_type: Option<twinkle::config::ServerType>,
     },
+    /// Check the engine against PyTorch golden case directories (exit 1 on any miss).
+    VerifyGolden {
+        /// Case directories (model/, adapter/, case.json, expected.safetensors).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -77,5 +83,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::VerifyGolden { dirs } => verify_golden(&dirs),
     }
+}
+
+fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for dir in dirs {
+        match twinkle::engine::golden::verify(dir) {
+            Ok(report) => {
+                println!("{report}");
+                ok &= report.passed();
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", dir.display());
+                ok = false;
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

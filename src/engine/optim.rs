@@ -1,0 +1,121 @@
+//! AdamW over an adapter's LoRA tensors with Tinker's `AdamParams` (torch.optim.AdamW
+//! semantics: decoupled weight decay, bias correction), optional global-norm clipping.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{EngineError, Result};
+use super::lora::Adapter;
+
+/// Tinker `AdamParams`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdamParams {
+    pub learning_rate: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global L2 norm clip over all LoRA gradients; 0 = off.
+    pub grad_clip_norm: f64,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        AdamParams {
+            learning_rate: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.0,
+            grad_clip_norm: 0.0,
+        }
+    }
+}
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimMetrics {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Step number after this step (1 for the first).
+    pub step: u64,
+    pub learning_rate: f64,
+}
+
+impl OptimMetrics {
+    /// Metrics map for `OptimStepResponse.metrics`.
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("grad_norm:mean".to_string(), self.grad_norm),
+            ("step:max".to_string(), self.step as f64),
+            ("learning_rate:mean".to_string(), self.learning_rate),
+        ]
+        .into()
+    }
+}
+
+impl AdamParams {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::InvalidInput(format!("adam_params: {m}")));
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad("learning_rate must be finite and >= 0");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta1 and beta2 must be in [0, 1)");
+        }
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(self.eps) || !non_negative(self.weight_decay) {
+            return bad("eps and weight_decay must be finite and >= 0");
+        }
+        if !(self.grad_clip_norm.is_finite() && self.grad_clip_norm >= 0.0) {
+            return bad("grad_clip_norm must be finite and >= 0");
+        }
+        Ok(())
+    }
+}
+
+impl Adapter {
+    /// Applies one AdamW step with the accumulated gradients, then zeroes them.
+    pub fn optim_step(&mut self, p: &AdamParams) -> Result<OptimMetrics> {
+        p.validate()?;
+        let sq: f64 = self
+            .pairs()
+            .iter()
+            .map(|(_, l)| {
+                l.grad_a.iter().chain(&l.grad_b).map(|g| (*g as f64) * (*g as f64)).sum::<f64>()
+            })
+            .sum();
+        let grad_norm = sq.sqrt();
+        let clip = if p.grad_clip_norm > 0.0 && grad_norm > p.grad_clip_norm {
+            p.grad_clip_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - p.beta1.powi(t);
+        let bc2 = 1.0 - p.beta2.powi(t);
+        let step_size = p.learning_rate / bc1;
+        let decay = 1.0 - p.learning_rate * p.weight_decay;
+        for (_, l) in self.pairs_mut() {
+            let groups = [
+                (l.a.data_mut(), &mut l.grad_a, &mut l.m_a, &mut l.v_a),
+                (l.b.data_mut(), &mut l.grad_b, &mut l.m_b, &mut l.v_b),
+            ];
+            for (w, g, m, v) in groups {
+                for i in 0..w.len() {
+                    let gi = g[i] as f64 * clip;
+                    let mi = p.beta1 * m[i] as f64 + (1.0 - p.beta1) * gi;
+                    let vi = p.beta2 * v[i] as f64 + (1.0 - p.beta2) * gi * gi;
+                    m[i] = mi as f32;
+                    v[i] = vi as f32;
+                    let denom = (vi.sqrt() / bc2.sqrt()) + p.eps;
+                    let wi = w[i] as f64 * decay - step_size * mi / denom;
+                    w[i] = wi as f32;
+                }
+                g.fill(0.0);
+            }
+        }
+        Ok(OptimMetrics { grad_norm, step: self.step, learning_rate: p.learning_rate })
+    }
+}

@@ -1,0 +1,355 @@
+//! Entry points over a model and an optional adapter: `forward_backward` (packed batch, loss,
+//! gradient accumulation), full logits, and cached decoding for the sampler.
+
+use super::backend::RopeTable;
+use super::error::{EngineError, Result};
+use super::kv_cache::KvCache;
+use super::lora::Adapter;
+use super::loss::{Datum, DatumOutput, Head, LossFn};
+use super::models::Model;
+use super::transformer::Packed;
+
+/// Result of `forward_backward`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FwdBwdOutput {
+    /// One entry per datum, in order.
+    pub per_datum: Vec<DatumOutput>,
+    /// The summed loss (`loss:sum`).
+    pub loss_sum: f64,
+}
+
+impl FwdBwdOutput {
+    /// Tinker-style metrics (`name:reduction` keys): `loss:sum`.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [("loss:sum".to_string(), self.loss_sum)].into()
+    }
+}
+
+fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> {
+    if let Some((p, t)) = toks.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(EngineError::InvalidInput(format!(
+            "datum {i}: {what}[{p}] = {t} is not below the vocabulary size {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+fn validate(model: &Model, data: &[Datum], loss: &LossFn) -> Result<()> {
+    let c = model.config();
+    if data.is_empty() {
+        return Err(EngineError::InvalidInput("the batch has no datums".into()));
+    }
+    for (i, d) in data.iter().enumerate() {
+        let n = d.input_tokens.len();
+        let inp = &d.inputs;
+        if n == 0 {
+            return Err(EngineError::InvalidInput(format!("datum {i}: model_input is empty")));
+        }
+        if n > c.max_position_embeddings {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: {n} tokens exceed max_position_embeddings {}",
+                c.max_position_embeddings
+            )));
+        }
+        let k = inp.k.max(1);
+        if inp.target_tokens.len() != n * k {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: target_tokens has {} values, expected {} ({n} input tokens × {k})",
+                inp.target_tokens.len(),
+                n * k
+            )));
+        }
+        check_tokens("model_input", i, &d.input_tokens, c.vocab_size)?;
+        check_tokens("target_tokens", i, &inp.target_tokens, c.vocab_size)?;
+        if let Some(w) = &inp.weights
+            && w.len() != n * k
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: weights has {} values, target_tokens {}",
+                w.len(),
+                n * k
+            )));
+        }
+        for (name, v) in [
+            ("weights", &inp.weights),
+            ("logprobs", &inp.logprobs),
+            ("advantages", &inp.advantages),
+        ] {
+            if let Some(p) = v.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
+                return Err(EngineError::InvalidInput(format!(
+                    "datum {i}: {name}[{p}] is not a finite number"
+                )));
+            }
+        }
+        for (name, v) in [("logprobs", &inp.logprobs), ("advantages", &inp.advantages)] {
+            match v {
+                None if loss.is_rl() => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: loss {} needs loss_fn_inputs `{name}`",
+                        loss.name()
+                    )));
+                }
+                Some(v) if v.len() != n => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: {name} has {} values, expected {n}",
+                        v.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if loss.is_rl() && k != 1 {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
+                loss.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Packs datums: concatenated tokens, `(start, len)` per datum, positions restarting at 0.
+fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(data.len());
+    let mut positions = Vec::new();
+    for d in data {
+        seqs.push((tokens.len(), d.input_tokens.len()));
+        tokens.extend_from_slice(&d.input_tokens);
+        positions.extend(0..d.input_tokens.len() as u32);
+    }
+    (tokens, seqs, positions)
+}
+
+/// How a call uses the adapter.
+enum AdapterUse<'a> {
+    Base,
+    Read(&'a Adapter),
+    Train(&'a mut Adapter),
+}
+
+impl AdapterUse<'_> {
+    fn get(&self) -> Option<&Adapter> {
+        match self {
+            AdapterUse::Base => None,
+            AdapterUse::Read(a) => Some(a),
+            AdapterUse::Train(a) => Some(a),
+        }
+    }
+}
+
+/// Forward (and unless `forward_only`, backward) over a batch. Gradients are ADDED to the
+/// adapter's accumulated gradients; `optim_step` applies and clears them. Without an adapter the
+/// base model is evaluated and `forward_only` is implied.
+pub fn forward_backward(
+    model: &Model,
+    adapter: Option<&mut Adapter>,
+    data: &[Datum],
+    loss: &LossFn,
+    forward_only: bool,
+) -> Result<FwdBwdOutput> {
+    let usage = match adapter {
+        None => AdapterUse::Base,
+        Some(a) if forward_only => AdapterUse::Read(a),
+        Some(a) => AdapterUse::Train(a),
+    };
+    run(model, usage, data, loss)
+}
+
+/// Forward only (logprobs and loss, no gradients) with a shared adapter borrow.
+pub fn forward(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    data: &[Datum],
+    loss: &LossFn,
+) -> Result<FwdBwdOutput> {
+    run(model, adapter.map_or(AdapterUse::Base, AdapterUse::Read), data, loss)
+}
+
+fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Result<FwdBwdOutput> {
+    validate(model, data, loss)?;
+    if let Some(a) = adapter.get() {
+        a.check_compatible(model)?;
+    }
+    let c = model.config();
+    let (tokens, seqs, positions) = pack(data);
+    let rows = tokens.len();
+    let packed =
+        Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
+    let backward = matches!(adapter, AdapterUse::Train(_));
+    let st = model.forward_stack(&tokens, &packed, adapter.get(), None, backward);
+
+    // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]].
+    let mut row_ptr = Vec::with_capacity(rows + 1);
+    let mut targets = Vec::new();
+    row_ptr.push(0);
+    for d in data {
+        let k = d.inputs.k.max(1);
+        for p in 0..d.input_tokens.len() {
+            targets.extend_from_slice(&d.inputs.target_tokens[p * k..(p + 1) * k]);
+            row_ptr.push(targets.len());
+        }
+    }
+    let hidden = c.hidden_size;
+    let (lse, tlog) = {
+        let head = head_of(model, adapter.get());
+        head.lse_and_targets(&st.h_final, rows, hidden, &row_ptr, &targets)
+    };
+
+    let mut per_datum = Vec::with_capacity(data.len());
+    let mut coef = vec![0.0f32; targets.len()];
+    let mut loss_sum = 0.0f64;
+    for (d, &(start, n)) in data.iter().zip(&seqs) {
+        let k = d.inputs.k.max(1);
+        let mut lps = Vec::with_capacity(n * k);
+        let mut elem = vec![0.0f32; n];
+        for p in 0..n {
+            let r = start + p;
+            for j in 0..k {
+                let t = row_ptr[r] + j;
+                let lp = (tlog[t] - lse[r]) as f64;
+                let w = d.inputs.weights.as_ref().map(|w| w[p * k + j] as f64).unwrap_or(1.0);
+                let slp = d.inputs.logprobs.as_ref().map(|v| v[p] as f64).unwrap_or(0.0);
+                let adv = d.inputs.advantages.as_ref().map(|v| v[p] as f64).unwrap_or(0.0);
+                let (l, g) = loss.term(lp, w, slp, adv);
+                elem[p] += l as f32;
+                loss_sum += l;
+                coef[t] = g as f32;
+                lps.push(lp as f32);
+            }
+        }
+        per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
+    }
+
+    if let AdapterUse::Train(ad) = adapter {
+        // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
+        let mut head_grads = ad
+            .lm_head_mut()
+            .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b)));
+        let dh = {
+            let head = head_of(model, Some(ad));
+            head.backward(
+                &st.h_final,
+                rows,
+                hidden,
+                &row_ptr,
+                &targets,
+                &coef,
+                &lse,
+                head_grads.as_mut().map(|(a, b)| (a, b)),
+            )
+        };
+        if let (Some(p), Some((ga, gb))) = (ad.lm_head_mut(), head_grads) {
+            p.grad_a = ga;
+            p.grad_b = gb;
+        }
+        model.backward_stack(&st, &dh, &packed, ad);
+    }
+    Ok(FwdBwdOutput { per_datum, loss_sum })
+}
+
+fn head_of<'a>(model: &'a Model, adapter: Option<&'a Adapter>) -> Head<'a> {
+    Head {
+        w: model.head_weight(),
+        lora: adapter.and_then(|a| a.lm_head()),
+        scale: adapter.map(|a| a.scaling()).unwrap_or(0.0),
+    }
+}
+
+impl Model {
+    /// Full logits `[len, vocab]` of one sequence (materialised: for tests and tooling, not
+    /// for training batches).
+    pub fn logits(&self, adapter: Option<&Adapter>, tokens: &[u32]) -> Result<Vec<f32>> {
+        check_tokens("tokens", 0, tokens, self.config.vocab_size)?;
+        if let Some(a) = adapter {
+            a.check_compatible(self)?;
+        }
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidInput("no tokens".into()));
+        }
+        let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+        let seqs = [(0, tokens.len())];
+        let packed = Packed {
+            seqs: &seqs,
+            rope: RopeTable::new(&positions, self.config.head_dim, &self.config.inv_freq),
+            rows: tokens.len(),
+        };
+        let st = self.forward_stack(tokens, &packed, adapter, None, false);
+        Ok(head_of(self, adapter).full_logits(&st.h_final, tokens.len(), self.config.hidden_size))
+    }
+
+    /// Log-probability of each next token of one sequence: entry `i` is
+    /// `log p(tokens[i+1] | tokens[..=i])` (`len − 1` values; chunked, no full logits).
+    pub fn sequence_logprobs(&self, adapter: Option<&Adapter>, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let n = tokens.len() - 1;
+        let datum = Datum {
+            input_tokens: tokens[..n].to_vec(),
+            inputs: super::loss::LossInputs {
+                target_tokens: tokens[1..].to_vec(),
+                k: 1,
+                ..Default::default()
+            },
+        };
+        let out = forward(self, adapter, &[datum], &LossFn::CrossEntropy)?;
+        Ok(out.per_datum.into_iter().next().map(|d| d.logprobs).unwrap_or_default())
+    }
+
+    /// Incremental decoding: feeds `new_tokens[i]` to sequence `i` (prefill when its cache is
+    /// empty, one or more tokens later), appends to `caches[i]`, and returns the logits of each
+    /// sequence's last new position (`[vocab]` per sequence).
+    pub fn forward_cached(
+        &self,
+        adapter: Option<&Adapter>,
+        new_tokens: &[&[u32]],
+        caches: &mut [KvCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        if let Some(a) = adapter {
+            a.check_compatible(self)?;
+        }
+        if new_tokens.len() != caches.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} token lists for {} caches",
+                new_tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut tokens = Vec::new();
+        let mut seqs = Vec::new();
+        let mut positions = Vec::new();
+        for (i, (t, cache)) in new_tokens.iter().zip(caches.iter()).enumerate() {
+            if t.is_empty() {
+                return Err(EngineError::InvalidInput(format!("sequence {i}: no new tokens")));
+            }
+            if cache.k.len() != c.num_layers || cache.width != c.num_kv_heads * c.head_dim {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {i}: cache built for another model"
+                )));
+            }
+            check_tokens("tokens", i, t, c.vocab_size)?;
+            if cache.len + t.len() > c.max_position_embeddings {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {i}: exceeds max_position_embeddings {}",
+                    c.max_position_embeddings
+                )));
+            }
+            seqs.push((tokens.len(), t.len()));
+            tokens.extend_from_slice(t);
+            positions.extend(cache.len as u32..(cache.len + t.len()) as u32);
+        }
+        let rows = tokens.len();
+        let packed =
+            Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
+        let st = self.forward_stack(&tokens, &packed, adapter, Some(caches), false);
+        let h = c.hidden_size;
+        let mut last = Vec::with_capacity(seqs.len() * h);
+        for &(start, len) in &seqs {
+            last.extend_from_slice(&st.h_final[(start + len - 1) * h..(start + len) * h]);
+        }
+        let logits = head_of(self, adapter).full_logits(&last, seqs.len(), h);
+        Ok(logits.chunks(c.vocab_size).map(|r| r.to_vec()).collect())
+    }
+}

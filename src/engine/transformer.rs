@@ -1,0 +1,393 @@
+//! The decoder stack shared by all architectures: forward (training, forward-only, or cached
+//! decoding) and the explicit layer-local backward that accumulates LoRA gradients.
+
+use super::backend::{AttnShape, MatMul, RopeTable, backend};
+use super::kv_cache::KvCache;
+use super::lora::{Adapter, LoraPair, Target};
+use super::models::{Linear, Model};
+
+/// Packed rows of several sequences: `(start_row, len)` per sequence, plus one position per row.
+pub(crate) struct Packed<'a> {
+    pub seqs: &'a [(usize, usize)],
+    pub rope: RopeTable,
+    pub rows: usize,
+}
+
+/// Output of a LoRA-augmented linear layer: `y`, and `s·x·Aᵀ` when a LoRA module is attached.
+fn lin_fwd(
+    x: &[f32],
+    rows: usize,
+    lin: &Linear,
+    lora: Option<&LoraPair>,
+    scale: f32,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let be = backend();
+    let (inp, out) = (lin.in_dim(), lin.out_dim());
+    let mut y = vec![0.0f32; rows * out];
+    be.matmul(&mut y, x, lin.w.data(), MatMul::linear(rows, inp, out));
+    if let Some(b) = &lin.b {
+        for r in y.chunks_mut(out) {
+            for (v, bv) in r.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+    let xa = lora.map(|p| {
+        let r = p.rank();
+        let mut xa = vec![0.0f32; rows * r];
+        be.matmul(&mut xa, x, p.a.data(), MatMul::linear(rows, inp, r));
+        xa.iter_mut().for_each(|v| *v *= scale);
+        be.matmul(&mut y, &xa, p.b.data(), MatMul::linear(rows, r, out).acc());
+        xa
+    });
+    (y, xa)
+}
+
+/// Backward of `lin_fwd`: accumulates LoRA grads and `dx (+)= dy·W + s·(dy·B)·A`.
+#[allow(clippy::too_many_arguments)]
+fn lin_bwd(
+    dy: &[f32],
+    x: &[f32],
+    xa: Option<&[f32]>,
+    rows: usize,
+    lin: &Linear,
+    lora: Option<&mut LoraPair>,
+    scale: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let be = backend();
+    let (inp, out) = (lin.in_dim(), lin.out_dim());
+    let mm = MatMul { m: rows, k: out, n: inp, trans_a: false, trans_b: false, accumulate };
+    be.matmul(dx, dy, lin.w.data(), mm);
+    if let (Some(p), Some(xa)) = (lora, xa) {
+        let r = p.rank();
+        let gb = MatMul { m: out, k: rows, n: r, trans_a: true, trans_b: false, accumulate: true };
+        be.matmul(&mut p.grad_b, dy, xa, gb);
+        let mut dyb = vec![0.0f32; rows * r];
+        be.matmul(
+            &mut dyb,
+            dy,
+            p.b.data(),
+            MatMul { m: rows, k: out, n: r, trans_a: false, trans_b: false, accumulate: false },
+        );
+        dyb.iter_mut().for_each(|v| *v *= scale);
+        let ga = MatMul { m: r, k: rows, n: inp, trans_a: true, trans_b: false, accumulate: true };
+        be.matmul(&mut p.grad_a, &dyb, x, ga);
+        be.matmul(
+            dx,
+            &dyb,
+            p.a.data(),
+            MatMul { m: rows, k: r, n: inp, trans_a: false, trans_b: false, accumulate: true },
+        );
+    }
+}
+
+/// Activations one layer keeps for its backward. The normed inputs `h1`/`h2` and the SwiGLU
+/// output are cheap to recompute, so they are not kept.
+pub(crate) struct LayerSave {
+    x_in: Vec<f32>,
+    rstd1: Vec<f32>,
+    xa: [Option<Vec<f32>>; 7],
+    q_pre: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k_pre: Vec<f32>,
+    k_rstd: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    lse: Vec<Vec<f32>>,
+    x_mid: Vec<f32>,
+    rstd2: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+}
+
+/// Result of the decoder stack: final normed hidden states and what backward needs.
+pub(crate) struct StackOut {
+    pub h_final: Vec<f32>,
+    x_final: Vec<f32>,
+    rstd_final: Vec<f32>,
+    saves: Vec<LayerSave>,
+}
+
+fn idx(t: Target) -> usize {
+    Target::LAYER.iter().position(|&x| x == t).unwrap_or(0)
+}
+
+impl Model {
+    /// Embedding lookup of already-validated token ids.
+    fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let mut x = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            x.extend_from_slice(self.embed.row(t as usize));
+        }
+        x
+    }
+
+    /// Runs the decoder stack on packed rows. With `caches` (one per sequence), keys/values are
+    /// appended and attention covers the cached past; with `save`, activations are kept.
+    pub(crate) fn forward_stack(
+        &self,
+        tokens: &[u32],
+        packed: &Packed,
+        adapter: Option<&Adapter>,
+        mut caches: Option<&mut [KvCache]>,
+        save: bool,
+    ) -> StackOut {
+        let be = backend();
+        let c = &self.config;
+        let rows = packed.rows;
+        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let scale = adapter.map(|a| a.scaling()).unwrap_or(0.0);
+        let mut x = self.embed_rows(tokens);
+        let mut saves = Vec::new();
+        for (l, lw) in self.layers.iter().enumerate() {
+            let lora = |t: Target| adapter.and_then(|a| a.layer(l, t));
+            let mut h1 = vec![0.0f32; rows * h];
+            let mut rstd1 = vec![0.0f32; rows];
+            be.rmsnorm_fwd(&x, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd1);
+            let (mut q, xa_q) = lin_fwd(&h1, rows, &lw.q, lora(Target::Q), scale);
+            let (mut k, xa_k) = lin_fwd(&h1, rows, &lw.k, lora(Target::K), scale);
+            let (v, xa_v) = lin_fwd(&h1, rows, &lw.v, lora(Target::V), scale);
+            let (mut q_pre, mut q_rstd, mut k_pre, mut k_rstd) = (vec![], vec![], vec![], vec![]);
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                q_rstd = vec![0.0; rows * nh];
+                k_rstd = vec![0.0; rows * nkv];
+                q_pre = std::mem::replace(&mut q, vec![0.0; rows * nh * hd]);
+                k_pre = std::mem::replace(&mut k, vec![0.0; rows * nkv * hd]);
+                be.rmsnorm_fwd(&q_pre, qn, hd, c.rms_norm_eps, &mut q, &mut q_rstd);
+                be.rmsnorm_fwd(&k_pre, kn, hd, c.rms_norm_eps, &mut k, &mut k_rstd);
+            }
+            be.rope(&mut q, nh, hd, &packed.rope, false);
+            be.rope(&mut k, nkv, hd, &packed.rope, false);
+            let mut attn = vec![0.0f32; rows * nh * hd];
+            let mut lses = Vec::with_capacity(packed.seqs.len());
+            for (si, &(start, len)) in packed.seqs.iter().enumerate() {
+                let qs = &q[start * nh * hd..(start + len) * nh * hd];
+                let ks = &k[start * nkv * hd..(start + len) * nkv * hd];
+                let vs = &v[start * nkv * hd..(start + len) * nkv * hd];
+                let out = &mut attn[start * nh * hd..(start + len) * nh * hd];
+                let mut lse = vec![0.0f32; nh * len];
+                match caches.as_deref_mut().and_then(|cs| cs.get_mut(si)) {
+                    Some(cache) => {
+                        cache.k[l].extend_from_slice(ks);
+                        cache.v[l].extend_from_slice(vs);
+                        let n_k = cache.k[l].len() / (nkv * hd);
+                        let s =
+                            AttnShape { n_q: len, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+                        be.attention_fwd(qs, &cache.k[l], &cache.v[l], s, out, &mut lse);
+                    }
+                    None => {
+                        let s = AttnShape {
+                            n_q: len,
+                            n_k: len,
+                            n_heads: nh,
+                            n_kv_heads: nkv,
+                            head_dim: hd,
+                        };
+                        be.attention_fwd(qs, ks, vs, s, out, &mut lse);
+                    }
+                }
+                lses.push(lse);
+            }
+            let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, lora(Target::O), scale);
+            let x_in = if save { x.clone() } else { Vec::new() };
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let mut h2 = vec![0.0f32; rows * h];
+            let mut rstd2 = vec![0.0f32; rows];
+            be.rmsnorm_fwd(&x, &lw.post_norm, h, c.rms_norm_eps, &mut h2, &mut rstd2);
+            let (g, xa_g) = lin_fwd(&h2, rows, &lw.gate, lora(Target::Gate), scale);
+            let (u, xa_u) = lin_fwd(&h2, rows, &lw.up, lora(Target::Up), scale);
+            let mut act = vec![0.0f32; g.len()];
+            be.swiglu_fwd(&g, &u, &mut act);
+            let (d, xa_d) = lin_fwd(&act, rows, &lw.down, lora(Target::Down), scale);
+            let x_mid = if save { x.clone() } else { Vec::new() };
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+            if save {
+                saves.push(LayerSave {
+                    x_in,
+                    rstd1,
+                    xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+                    q_pre,
+                    q_rstd,
+                    k_pre,
+                    k_rstd,
+                    q,
+                    k,
+                    v,
+                    attn,
+                    lse: lses,
+                    x_mid,
+                    rstd2,
+                    g,
+                    u,
+                });
+            }
+        }
+        if let Some(cs) = caches {
+            for (cache, &(_, len)) in cs.iter_mut().zip(packed.seqs) {
+                cache.len += len;
+            }
+        }
+        let mut h_final = vec![0.0f32; rows * h];
+        let mut rstd_final = vec![0.0f32; rows];
+        be.rmsnorm_fwd(&x, &self.final_norm, h, c.rms_norm_eps, &mut h_final, &mut rstd_final);
+        StackOut { h_final, x_final: x, rstd_final, saves }
+    }
+
+    /// Backward through the stack from `dh_final` (gradient w.r.t. the final normed hidden
+    /// states), accumulating LoRA gradients into `adapter`.
+    pub(crate) fn backward_stack(
+        &self,
+        st: &StackOut,
+        dh_final: &[f32],
+        packed: &Packed,
+        adapter: &mut Adapter,
+    ) {
+        let be = backend();
+        let c = &self.config;
+        let rows = packed.rows;
+        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let scale = adapter.scaling();
+        let mut dx = vec![0.0f32; rows * h];
+        be.rmsnorm_bwd(dh_final, &st.x_final, &self.final_norm, &st.rstd_final, h, &mut dx);
+        for (l, (lw, s)) in self.layers.iter().zip(&st.saves).enumerate().rev() {
+            let xa = |t: Target| s.xa[idx(t)].as_deref();
+            let mut rstd_scratch = vec![0.0f32; rows];
+            let mut act = vec![0.0f32; s.g.len()];
+            be.swiglu_fwd(&s.g, &s.u, &mut act);
+            let mut h2 = vec![0.0f32; rows * h];
+            be.rmsnorm_fwd(&s.x_mid, &lw.post_norm, h, c.rms_norm_eps, &mut h2, &mut rstd_scratch);
+            // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
+            let mut dact = vec![0.0f32; act.len()];
+            lin_bwd(
+                &dx,
+                &act,
+                xa(Target::Down),
+                rows,
+                &lw.down,
+                adapter.layer_mut(l, Target::Down),
+                scale,
+                &mut dact,
+                false,
+            );
+            let (mut dg, mut du) = (vec![0.0f32; s.g.len()], vec![0.0f32; s.u.len()]);
+            be.swiglu_bwd(&dact, &s.g, &s.u, &mut dg, &mut du);
+            let mut dh2 = vec![0.0f32; rows * h];
+            lin_bwd(
+                &dg,
+                &h2,
+                xa(Target::Gate),
+                rows,
+                &lw.gate,
+                adapter.layer_mut(l, Target::Gate),
+                scale,
+                &mut dh2,
+                false,
+            );
+            lin_bwd(
+                &du,
+                &h2,
+                xa(Target::Up),
+                rows,
+                &lw.up,
+                adapter.layer_mut(l, Target::Up),
+                scale,
+                &mut dh2,
+                true,
+            );
+            let mut tmp = vec![0.0f32; rows * h];
+            be.rmsnorm_bwd(&dh2, &s.x_mid, &lw.post_norm, &s.rstd2, h, &mut tmp);
+            dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+            // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
+            let mut dattn = vec![0.0f32; s.attn.len()];
+            lin_bwd(
+                &dx,
+                &s.attn,
+                xa(Target::O),
+                rows,
+                &lw.o,
+                adapter.layer_mut(l, Target::O),
+                scale,
+                &mut dattn,
+                false,
+            );
+            let mut dq = vec![0.0f32; s.q.len()];
+            let mut dk = vec![0.0f32; s.k.len()];
+            let mut dv = vec![0.0f32; s.v.len()];
+            for (si, &(start, len)) in packed.seqs.iter().enumerate() {
+                let (qr, kr) = (
+                    start * nh * hd..(start + len) * nh * hd,
+                    start * nkv * hd..(start + len) * nkv * hd,
+                );
+                let shape =
+                    AttnShape { n_q: len, n_k: len, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+                be.attention_bwd(
+                    &s.q[qr.clone()],
+                    &s.k[kr.clone()],
+                    &s.v[kr.clone()],
+                    &s.attn[qr.clone()],
+                    &s.lse[si],
+                    &dattn[qr.clone()],
+                    shape,
+                    &mut dq[qr],
+                    &mut dk[kr.clone()],
+                    &mut dv[kr],
+                );
+            }
+            be.rope(&mut dq, nh, hd, &packed.rope, true);
+            be.rope(&mut dk, nkv, hd, &packed.rope, true);
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                let mut t = vec![0.0f32; dq.len()];
+                be.rmsnorm_bwd(&dq, &s.q_pre, qn, &s.q_rstd, hd, &mut t);
+                dq = t;
+                let mut t = vec![0.0f32; dk.len()];
+                be.rmsnorm_bwd(&dk, &s.k_pre, kn, &s.k_rstd, hd, &mut t);
+                dk = t;
+            }
+            let mut h1 = vec![0.0f32; rows * h];
+            be.rmsnorm_fwd(&s.x_in, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd_scratch);
+            let mut dh1 = vec![0.0f32; rows * h];
+            lin_bwd(
+                &dq,
+                &h1,
+                xa(Target::Q),
+                rows,
+                &lw.q,
+                adapter.layer_mut(l, Target::Q),
+                scale,
+                &mut dh1,
+                false,
+            );
+            lin_bwd(
+                &dk,
+                &h1,
+                xa(Target::K),
+                rows,
+                &lw.k,
+                adapter.layer_mut(l, Target::K),
+                scale,
+                &mut dh1,
+                true,
+            );
+            lin_bwd(
+                &dv,
+                &h1,
+                xa(Target::V),
+                rows,
+                &lw.v,
+                adapter.layer_mut(l, Target::V),
+                scale,
+                &mut dh1,
+                true,
+            );
+            if l > 0 {
+                be.rmsnorm_bwd(&dh1, &s.x_in, &lw.input_norm, &s.rstd1, h, &mut tmp);
+                dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+}
