@@ -1,1 +1,4 @@
 //! The compute engine: tensors, CPU/CUDA backends, model architectures, LoRA, losses, AdamW, sampling.
+
+pub mod rng;
+pub mod sampling;
