@@ -85,10 +85,8 @@ impl PhiloxStream {
 /// `RandomState` gives distinct, unpredictable seeds without another dependency. Such requests
 /// are not reproducible, which is what omitting the seed means.
 pub fn fresh_seed() -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let nanos =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(nanos);
     hasher.finish()
