@@ -6,4 +6,5 @@ pub mod engine;
 pub mod gateway;
 pub mod head;
 pub mod node;
+pub mod tokenize;
 pub mod worker;
