@@ -68,6 +68,13 @@ fn uniform_draws_at_cdf_boundaries() {
     assert_eq!(pick(&four, &p, 0.75 - 1.0 / 16_777_216.0), 2);
     assert_eq!(pick(&four, &p, 0.75), 3);
     assert_eq!(pick(&four, &p, 1.0 - 1.0 / 16_777_216.0), 3);
+    // -0.0 and +0.0 are the same logit: ordered by id, whatever the sign bit.
+    let zeros = [0.0, -0.0, f32::NEG_INFINITY, -1.0];
+    assert_eq!(pick(&zeros, &params(0.0, -1, 1.0), 0.0), 0);
+    let signed = [-1.0, 0.0, -0.0];
+    assert_eq!(pick(&signed, &params(1.0, 1, 1.0), 0.9), 1);
+    assert_eq!(pick(&[-0.0, 0.0], &p, 0.49), 0);
+    assert_eq!(pick(&[-0.0, 0.0], &p, 0.5), 1);
 }
 
 #[test]

@@ -92,35 +92,41 @@ fn same_seed_same_tokens() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The definition read literally: full sort, softmax, prefix, CDF inversion.
+/// The definition (module docs of `sampling`) read literally: full sort, integer weights,
+/// prefix, CDF inversion.
 fn reference(logits: &[f32], t: f32, top_k: i64, top_p: f32, u: f32) -> u32 {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap().then(a.cmp(&b)));
     if top_k > 0 {
         order.truncate(top_k as usize);
     }
-    let zmax = f64::from(logits[order[0]]) / f64::from(t);
-    let p: Vec<f64> =
-        order.iter().map(|&i| (f64::from(logits[i]) / f64::from(t) - zmax).exp()).collect();
-    let total: f64 = p.iter().sum();
-    let mut n = p.len();
-    let mut cum = 0.0;
-    for (i, q) in p.iter().enumerate() {
-        cum += q;
-        if cum >= f64::from(top_p) * total {
-            n = i + 1;
-            break;
+    let max = f64::from(logits[order[0]]);
+    let q = |i: usize| {
+        let w = ((f64::from(logits[i]) - max) * (1.0 / f64::from(t))).exp();
+        (w * 2f64.powi(52)).round() as u128
+    };
+    let total: u128 = order.iter().map(|&i| q(i)).sum();
+    let (mut n, mut norm) = (order.len(), total);
+    if top_p < 1.0 {
+        let mut cum = 0;
+        for (j, &i) in order.iter().enumerate() {
+            cum += q(i);
+            if cum as f64 >= f64::from(top_p) * total as f64 {
+                n = j + 1;
+                norm = cum;
+                break;
+            }
         }
     }
-    let kept: f64 = p[..n].iter().sum();
-    let mut cum = 0.0;
-    for i in 0..n {
-        cum += p[i];
-        if cum > f64::from(u) * kept {
-            return order[i] as u32;
+    let target = ((f64::from(u) * 2f64.powi(24)).floor() as u128 * norm) >> 24;
+    let mut cum = 0;
+    for &i in &order[..n] {
+        cum += q(i);
+        if cum > target {
+            return i as u32;
         }
     }
-    order[n - 1] as u32
+    panic!("no token crosses the target");
 }
 
 #[test]

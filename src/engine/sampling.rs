@@ -4,22 +4,30 @@
 //! 1. Canonical order: tokens sorted by raw logit descending, ties broken by lower token id.
 //!    Scaling by a positive temperature is monotone, so this is also descending probability.
 //! 2. `temperature == 0` is greedy: the first token in canonical order (argmax, lowest id on ties).
-//! 3. Otherwise `z = logit / temperature` (in f64). `top_k > 0` keeps the first `k` tokens in
-//!    canonical order. Probabilities are `softmax(z)` over the kept tokens (accumulated in f64 in
-//!    canonical order). `top_p < 1` then keeps the shortest canonical prefix whose cumulative
-//!    probability is `>= top_p * total` (at least one token).
-//! 4. The draw `u` in `[0, 1)` picks token `i` of the kept prefix with `C(i-1) <= u * C(n) < C(i)`,
-//!    `C` being the cumulative sums of the kept probabilities (so a draw exactly on a boundary
-//!    goes to the later token).
+//! 3. Otherwise the candidates are all tokens, or with `top_k > 0` the first `k` in canonical
+//!    order. Each gets the integer weight `q = round(exp((logit - max_logit) * (1 / T)) * 2^52)`
+//!    (f64 arithmetic, rounding half away from zero), so the best token weighs exactly 2^52.
+//!    `W` = the sum of the candidates' weights; `C(n)` = the sum over the first `n` candidates in
+//!    canonical order. Sums are exact integers, so they do not depend on summation order (a
+//!    parallel GPU reduction gets the same numbers).
+//! 4. `top_p < 1` keeps the first `n` candidates, `n` the smallest with
+//!    `C(n) as f64 >= top_p as f64 * W as f64`, and sets `N = C(n)`; with `top_p == 1` all
+//!    candidates are kept and `N = W`.
+//! 5. The draw `u` in `[0, 1)` becomes `m = floor(u * 2^24)` and `target = floor(m * N / 2^24)`;
+//!    the chosen token is the first kept candidate `i` (1-based) with `C(i) > target`. It always
+//!    exists because `target < N`; a draw exactly on a boundary goes to the later token.
+//!    Tokens whose weight rounds to 0 (probability below ~2^-53 of the best) are never drawn.
+//!
+//! Only the canonical position of the crossing is needed, so it is found by bisection with
+//! `select_nth_unstable` (expected linear time) instead of sorting the vocabulary; since the
+//! order is total and the sums exact, the result equals that of a full sort.
 //!
 //! The returned logprob is the log-softmax of the RAW logits (temperature 1, no top-k/top-p):
 //! the model's own distribution. RL losses (importance sampling, PPO) divide the trainer's
 //! probability by the sampler's; both must be the same model distribution for the ratio to be 1
 //! on-policy, so the processed (scaled or truncated) distribution would bias them.
 //!
-//! Masked tokens may carry `-inf`; NaN or `+inf` logits are rejected as a backend bug.
-
-use std::cmp::Ordering;
+//! Masked tokens may carry `-inf` (weight 0, never drawn); NaN or `+inf` logits are rejected.
 
 use thiserror::Error;
 
@@ -174,11 +182,23 @@ pub fn token_logprob(logits: &[f32], token: u32) -> Result<f32, SamplingError> {
     Ok((f64::from(*x) - lse) as f32)
 }
 
-/// The canonical order: logit descending, then token id ascending. Logits are NaN-free here
-/// (checked in `log_normaliser`), so `partial_cmp` is total; `Equal` also merges -0.0 and +0.0.
-fn canonical(logits: &[f32], a: u32, b: u32) -> Ordering {
-    let (xa, xb) = (logits[a as usize], logits[b as usize]);
-    xb.partial_cmp(&xa).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+/// Sort key of token `t`: ascending keys are the canonical order (logit descending, then id
+/// ascending). The high half maps the logit to an order-reversing integer (-0.0 and +0.0 first
+/// made equal), so selection and sorting compare plain integers.
+fn canonical_key(logit: f32, t: u32) -> u64 {
+    let bits = (logit + 0.0).to_bits();
+    let ascending = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+    (u64::from(!ascending) << 32) | u64::from(t)
+}
+
+/// 2^52: the integer weight of the most likely token.
+const WEIGHT_ONE: f64 = 4_503_599_627_370_496.0;
+
+/// A candidate: `(canonical key, integer weight)`. Keys are unique, so tuple order is key order.
+type Candidate = (u64, u64);
+
+fn candidate_token(c: Candidate) -> u32 {
+    c.0 as u32
 }
 
 /// Samples one token. Returns `(token, logprob)` with the logprob of the raw model distribution
@@ -191,63 +211,104 @@ pub fn sample_token(
     params.validate()?;
     let lse = log_normaliser(logits)?;
     let logprob = |t: u32| (f64::from(logits[t as usize]) - lse) as f32;
-    // Fits in u32: `log_normaliser` checked the length.
-    let vocab = logits.len() as u32;
 
+    // First index of the maximum: the head of the canonical order. `>` treats -0.0 == +0.0.
+    let mut best = 0_usize;
+    for (t, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = t;
+        }
+    }
+    // `log_normaliser` checked that every id fits in u32.
     if params.temperature == 0.0 {
-        let best = (1..vocab).fold(0_u32, |best, t| {
-            if canonical(logits, t, best) == Ordering::Less { t } else { best }
-        });
-        return Ok((best, logprob(best)));
+        return Ok((best as u32, logprob(best as u32)));
     }
     if !(0.0..1.0).contains(&uniform) {
         return Err(SamplingError::InvalidUniform(uniform));
     }
 
-    let mut order: Vec<u32> = (0..vocab).collect();
-    match params.top_k_limit() {
-        Some(k) if k < order.len() => {
-            // Selection then a sort of only k entries; the order is total, so the kept set and
-            // its order equal those of a full sort.
-            order.select_nth_unstable_by(k - 1, |&a, &b| canonical(logits, a, b));
-            order.truncate(k);
-            order.sort_unstable_by(|&a, &b| canonical(logits, a, b));
-        }
-        _ => order.sort_unstable_by(|&a, &b| canonical(logits, a, b)),
-    }
-
     let inv_t = 1.0 / f64::from(params.temperature);
-    let z_max = f64::from(logits[order[0] as usize]) * inv_t;
-    let probs: Vec<f64> =
-        order.iter().map(|&t| (f64::from(logits[t as usize]) * inv_t - z_max).exp()).collect();
+    let max = f64::from(logits[best]);
+    let weight = |x: f32| {
+        let w = ((f64::from(x) - max) * inv_t).exp();
+        (w * WEIGHT_ONE).round() as u64
+    };
+    // Select on keys first when top-k is on, so only k weights (exp) are computed.
+    let mut candidates: Vec<Candidate> = match params.top_k_limit() {
+        Some(k) if k < logits.len() => {
+            let mut keys: Vec<u64> =
+                logits.iter().enumerate().map(|(t, &x)| canonical_key(x, t as u32)).collect();
+            keys.select_nth_unstable(k - 1);
+            keys.truncate(k);
+            keys.iter().map(|&key| (key, weight(logits[(key as u32) as usize]))).collect()
+        }
+        _ => logits
+            .iter()
+            .enumerate()
+            .map(|(t, &x)| (canonical_key(x, t as u32), weight(x)))
+            .collect(),
+    };
+    let total: u128 = candidates.iter().map(|c| u128::from(c.1)).sum();
 
-    let mut kept = probs.len();
-    if params.top_p < 1.0 {
-        let total: f64 = probs.iter().sum();
-        let threshold = f64::from(params.top_p) * total;
-        let mut cum = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= threshold {
-                kept = i + 1;
-                break;
-            }
+    let (kept, normaliser) = if params.top_p < 1.0 {
+        let threshold = f64::from(params.top_p) * total as f64;
+        // C(all) == W >= threshold, so a prefix always qualifies; `None` cannot happen.
+        match first_prefix(&mut candidates, |c| c as f64 >= threshold) {
+            Some((n, c, _)) => (n, c),
+            None => (candidates.len(), total),
+        }
+    } else {
+        (candidates.len(), total)
+    };
+
+    // Exact: m < 2^24 and N < 2^84 (2^32 tokens of weight <= 2^52), so m * N < 2^108.
+    let m = (f64::from(uniform) * 16_777_216.0).floor() as u128;
+    let target = (m * normaliser) >> 24;
+    let kept = &mut candidates[..kept];
+    let token = match first_prefix(kept, |c| c > target) {
+        Some((_, _, t)) => t,
+        // Unreachable: target < N = C(kept). Falling back to the best token keeps it total.
+        None => best as u32,
+    };
+    Ok((token, logprob(token)))
+}
+
+/// Finds the smallest `n >= 1` with `pred(C(n))`, `C(n)` the weight of the `n` canonically first
+/// candidates; `pred` must be monotone (false then true). Returns `(n, C(n), n-th token)` and
+/// leaves `candidates[..n]` holding exactly those `n` candidates. Bisection: each step selects the
+/// better half of the open range and keeps the half where `pred` flips.
+fn first_prefix(
+    candidates: &mut [Candidate],
+    pred: impl Fn(u128) -> bool,
+) -> Option<(usize, u128, u32)> {
+    const LINEAR: usize = 32;
+    // candidates[..lo] are the lo first (as a set) with weight `base` and !pred(base);
+    // the answer, if any, lies in lo+1..=hi.
+    let (mut lo, mut hi, mut base) = (0_usize, candidates.len(), 0_u128);
+    let total: u128 = candidates.iter().map(|c| u128::from(c.1)).sum();
+    if !pred(total) {
+        return None;
+    }
+    while hi - lo > LINEAR {
+        let mid = lo + (hi - lo) / 2;
+        candidates[lo..hi].select_nth_unstable(mid - lo - 1);
+        let upper: u128 = candidates[lo..mid].iter().map(|c| u128::from(c.1)).sum();
+        if pred(base + upper) {
+            hi = mid;
+        } else {
+            base += upper;
+            lo = mid;
         }
     }
-    let probs = &probs[..kept];
-    let total: f64 = probs.iter().sum();
-    let target = f64::from(uniform) * total;
-    let mut cum = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        cum += p;
-        if cum > target {
-            return Ok((order[i], logprob(order[i])));
+    let block = &mut candidates[lo..hi];
+    block.sort_unstable();
+    for (i, c) in block.iter().enumerate() {
+        base += u128::from(c.1);
+        if pred(base) {
+            return Some((lo + i + 1, base, candidate_token(*c)));
         }
     }
-    // Only reachable through rounding (u * total == total): take the last kept token that has
-    // any probability. probs[0] == 1 (it is exp(0)), so one exists.
-    let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-    Ok((order[last], logprob(order[last])))
+    None
 }
 
 /// Why a sequence ended (`SampleResponse.sequences[j].stop_reason`).
