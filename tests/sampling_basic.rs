@@ -2,7 +2,7 @@
 
 use twinkle::engine::sampling::{
     SamplingError, SamplingParams, Stop, StopChecker, StopDecision, StopReason, sample_token,
-    token_logprob,
+    token_logprob, top_logprobs,
 };
 
 fn params(temperature: f32, top_k: i64, top_p: f32) -> SamplingParams {
@@ -154,6 +154,28 @@ fn top_k_keeps_the_k_most_likely_with_index_tie_break() {
     assert_eq!(pick(&tied, &params(1.0, 2, 1.0), 0.999), 2);
     // top_k then top_p: top_k 3 of the tied case keeps 1, 2, 3 at 1/3; top_p 0.5 keeps two.
     assert_eq!(pick(&tied, &params(1.0, 3, 0.5), 0.999), 2);
+}
+
+#[test]
+fn top_logprobs_in_canonical_order() -> anyhow::Result<()> {
+    let logits = ln(&[0.2, 0.5, 0.3, 0.0]);
+    let top = top_logprobs(&logits, 2)?;
+    assert_eq!(top.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert!((f64::from(top[0].1) - 0.5_f64.ln()).abs() < 1e-6);
+    assert!((f64::from(top[1].1) - 0.3_f64.ln()).abs() < 1e-6);
+    // k beyond the vocabulary returns everything; the zero-probability token comes last.
+    let all = top_logprobs(&logits, 10)?;
+    assert_eq!(all.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2, 0, 3]);
+    assert_eq!(all[3].1, f32::NEG_INFINITY);
+    assert!(top_logprobs(&logits, 0)?.is_empty());
+    // Ties by id.
+    let tied = top_logprobs(&[1.0, 2.0, 2.0, 2.0], 2)?;
+    assert_eq!(tied.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        token_logprob(&logits, 4),
+        Err(SamplingError::TokenOutOfRange { token: 4, vocab: 4 })
+    );
+    Ok(())
 }
 
 #[test]

@@ -92,6 +92,11 @@ pub fn fresh_seed() -> u64 {
     hasher.finish()
 }
 
+/// The request's seed, or a fresh one when it sent none.
+pub fn resolve_seed(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(fresh_seed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +157,6 @@ mod tests {
     #[test]
     fn fresh_seeds_differ() {
         assert_ne!(fresh_seed(), fresh_seed());
+        assert_eq!(resolve_seed(Some(7)), 7);
     }
 }

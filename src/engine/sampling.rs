@@ -40,6 +40,8 @@ pub enum SamplingError {
     VocabTooLarge(usize),
     #[error("logit {index} is {value}; logits must be finite or -inf")]
     BadLogit { index: usize, value: f32 },
+    #[error("token {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { token: u32, vocab: usize },
     #[error("every logit is -inf; nothing can be sampled")]
     AllMasked,
     #[error("temperature must be a finite number >= 0, got {0}")]
@@ -178,8 +180,31 @@ pub fn token_logprob(logits: &[f32], token: u32) -> Result<f32, SamplingError> {
     let lse = log_normaliser(logits)?;
     let x = logits
         .get(token as usize)
-        .ok_or(SamplingError::BadLogit { index: token as usize, value: f32::NAN })?;
+        .ok_or(SamplingError::TokenOutOfRange { token, vocab: logits.len() })?;
     Ok((f64::from(*x) - lse) as f32)
+}
+
+/// The `k` most likely tokens with their raw logprobs, in canonical order (for
+/// `topk_sample_logprobs` / `topk_prompt_logprobs`). Fewer than `k` when the vocabulary is smaller.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Result<Vec<(u32, f32)>, SamplingError> {
+    let lse = log_normaliser(logits)?;
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let mut keys: Vec<u64> =
+        logits.iter().enumerate().map(|(t, &x)| canonical_key(x, t as u32)).collect();
+    if k < keys.len() {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
+    }
+    keys.sort_unstable();
+    Ok(keys
+        .iter()
+        .map(|&key| {
+            let t = key as u32;
+            (t, (f64::from(logits[t as usize]) - lse) as f32)
+        })
+        .collect())
 }
 
 /// Sort key of token `t`: ascending keys are the canonical order (logit descending, then id
