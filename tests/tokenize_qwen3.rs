@@ -55,6 +55,8 @@ fn decode_with_and_without_special_tokens() -> anyhow::Result<()> {
     assert_eq!(t.decode(&ids, true)?, "user\nHello");
     // <think> is an added token but not a special one, so it survives skipping.
     assert_eq!(t.decode(&[151667, 9707], true)?, "<think>Hello");
+    // Ids in the model's padded embedding rows (151669..151936) have no text.
+    assert_eq!(t.decode(&[9707, 151_900], false)?, "Hello");
     Ok(())
 }
 

@@ -99,6 +99,29 @@ fn template_features_hf_templates_rely_on() -> anyhow::Result<()> {
 }
 
 #[test]
+fn added_tokens_from_the_config_join_the_vocabulary() -> anyhow::Result<()> {
+    let config = r#"{"added_tokens_decoder": {
+        "2": {"content": "<|im_end|>", "special": true},
+        "387": {"content": "<tool>", "special": false},
+        "386": {"content": "<|extra|>", "special": true}}}"#;
+    let dir = dir_with(&[("tokenizer_config.json", config)])?;
+    let t = Tokenizer::from_dir(dir.path())?;
+    assert_eq!(t.vocab_size(), 388);
+    assert_eq!(t.token_to_id("<|extra|>"), Some(386));
+    assert_eq!(t.encode("a<|extra|><tool>", false)?[1..], [386, 387]);
+    assert_eq!(t.decode(&[386, 387], true)?, "<tool>");
+
+    let gap = r#"{"added_tokens_decoder": {"400": {"content": "<x>", "special": true}}}"#;
+    let dir = dir_with(&[("tokenizer_config.json", gap)])?;
+    let err = Tokenizer::from_dir(dir.path());
+    assert!(
+        matches!(&err, Err(TokenizeError::Config { message, .. }) if message.contains("400")),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn bad_directories_are_clear_errors() -> anyhow::Result<()> {
     let empty = tempfile::tempdir()?;
     assert!(matches!(Tokenizer::from_dir(empty.path()), Err(TokenizeError::Io { .. })));

@@ -82,6 +82,49 @@ fn template_source(config: &Json) -> Option<String> {
     }
 }
 
+/// Adds the `added_tokens_decoder` entries of tokenizer_config.json that tokenizer.json lacks
+/// (normally it has them all; tokenizer.json wins where both name a token). Each must land on
+/// the id the config gives it.
+fn add_missing_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    config: &Json,
+    config_path: &Path,
+) -> Result<(), TokenizeError> {
+    let Some(Json::Object(entries)) = config.get("added_tokens_decoder") else {
+        return Ok(());
+    };
+    let bad = |message: String| TokenizeError::Config { path: config_path.to_owned(), message };
+    let mut missing = Vec::new();
+    for (id, entry) in entries {
+        let id: u32 = id
+            .parse()
+            .map_err(|_| bad(format!("added_tokens_decoder key {id:?} is not a token id")))?;
+        let content = entry
+            .get("content")
+            .and_then(Json::as_str)
+            .ok_or_else(|| bad(format!("added_tokens_decoder[{id}] has no \"content\" string")))?;
+        let special = entry.get("special").and_then(Json::as_bool).unwrap_or(false);
+        if inner.token_to_id(content).is_none() {
+            missing.push((id, content.to_owned(), special));
+        }
+    }
+    missing.sort_unstable();
+    for (id, content, special) in missing {
+        let token = tokenizers::AddedToken::from(content.clone(), special);
+        let added =
+            if special { inner.add_special_tokens([token]) } else { inner.add_tokens([token]) };
+        added.map_err(|e| bad(format!("cannot add token {content:?}: {e}")))?;
+        let got = inner.token_to_id(&content);
+        if got != Some(id) {
+            return Err(bad(format!(
+                "added token {content:?} is declared as id {id} but would get {got:?}; \
+                 the ids in added_tokens_decoder must continue the vocabulary"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` (required), `tokenizer_config.json`, `chat_template.jinja` and
     /// `generation_config.json` (all optional) from a model directory.
@@ -90,11 +133,12 @@ impl Tokenizer {
         let tok_path = dir.join("tokenizer.json");
         let bytes = std::fs::read(&tok_path)
             .map_err(|source| TokenizeError::Io { path: tok_path.clone(), source })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| TokenizeError::Load { path: tok_path.clone(), message: e.to_string() })?;
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(Json::Null);
+        add_missing_tokens(&mut inner, &config, &config_path)?;
         let mut template = template_source(&config);
         if template.is_none() {
             let jinja = dir.join("chat_template.jinja");
@@ -156,7 +200,8 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Text of `ids`; incomplete UTF-8 at the edges decodes as U+FFFD. Unknown ids are an error.
+    /// Text of `ids`; incomplete UTF-8 at the edges decodes as U+FFFD. Ids the tokenizer does not
+    /// know (a model's padded embedding rows beyond `vocab_size()`) decode to nothing.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizeError> {
         self.inner.decode(ids, skip_special).map_err(|e| TokenizeError::Decode(e.to_string()))
     }
@@ -209,7 +254,7 @@ impl Tokenizer {
     }
 
     /// Number of token ids the tokenizer knows, added tokens included. A model's embedding
-    /// table is often larger (padded); ids beyond this decode as errors.
+    /// table is often larger (padded, e.g. 151,936 for Qwen3); ids beyond this decode to nothing.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
