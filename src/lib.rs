@@ -8,4 +8,5 @@ pub mod head;
 pub mod node;
 pub mod protocol;
 pub mod state;
+pub mod tokenize;
 pub mod worker;

@@ -26,6 +26,8 @@ pub mod lora;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod rng;
+pub mod sampling;
 pub mod tensor;
 mod train;
 mod transformer;
