@@ -1,1 +1,2 @@
 //! The compute engine: tensors, CPU/CUDA backends, model architectures, LoRA, losses, AdamW, sampling.
+pub mod cuda;

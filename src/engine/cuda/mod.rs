@@ -1,0 +1,29 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled at run time by NVRTC for the
+//! device's exact `sm_XY` (CUBIN, cached per process), their Rust launchers, and the device
+//! wrapper (context, stream, cuBLAS).
+//!
+//! Everything here loads the CUDA libraries lazily (cudarc `dynamic-loading`), and every entry
+//! point first checks that the library is loadable, so a machine without CUDA gets a
+//! [`CudaError`] instead of cudarc's panic. The head process never calls into this module's
+//! device side: only children (started with `CUDA_VISIBLE_DEVICES`) create a [`CudaDevice`].
+//!
+//! | here | CPU analogue |
+//! |---|---|
+//! | [`CudaDevice`] | the thread pool + allocator |
+//! | `CudaSlice<T>` / `CudaView<T>` (cudarc) | `Vec<T>` / `&[T]` |
+//! | `launch::*` functions | the CPU twin functions (same shapes, same math) |
+
+mod device;
+mod error;
+pub mod launch;
+mod nvrtc;
+
+pub use device::{CudaDevice, cublas_available, driver_available};
+pub use error::CudaError;
+pub use nvrtc::{
+    COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
+    nvrtc_available, nvrtc_version,
+};
+
+/// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
+pub use half::bf16;
