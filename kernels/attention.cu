@@ -6,14 +6,15 @@
 // Layout (T = bf16 or f32, packed tokens, cu_seqlens[B+1] int32 prefix sums):
 //   q, out, dq, dout : [Ttot, Hq, hd]     k, v, dk, dv : [Ttot, Hkv, hd]
 //   lse, delta       : [Ttot, Hq] f32 (natural-log log-sum-exp of the scaled scores)
-// q head h reads kv head h / (Hq / Hkv). Requires hd % 32 == 0 and hd <= 256.
+// q head h reads kv head h / (Hq / Hkv). Requires hd % 32 == 0 and hd <= 256. Sequence bounds
+// are clamped to [0, Ttot), so a malformed cu_seqlens gives wrong rows, never a wild access.
 //
 // defines: attention_fwd_<dt>(out, lse, q, k, v, cu_seqlens, hq, hkv, hd, scale)
 //            grid (ceil(max_seqlen/16), Hq, B), block 128, dyn smem attn_fwd_smem(hd)
 //          attention_delta_bwd_<dt>(delta, dout, out, ntok_heads, hd)   delta = rowsum(dO * O)
 //            grid ceil(Ttot*Hq/8), block 256
 //          attention_bwd_<dt>(dq_accum f32, dk, dv, dout, q, k, v, lse, delta, cu_seqlens,
-//                             hq, hkv, hd, scale)
+//                             Ttot, hq, hkv, hd, scale)
 //            grid (ceil(max_seqlen/32), Hkv, B), block 256, dyn smem attn_bwd_smem(hd);
 //            dq_accum must be zeroed: it is accumulated with atomics across key tiles.
 //          attention_dq_bwd_<dt>(dq, dq_accum, n)   dq = dq_accum (cast to T)
@@ -42,11 +43,13 @@ __device__ __forceinline__ void ld2(const bf16* p, float& a, float& b) {
 
 template <typename T>
 __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v,
-                              const int* cu, int hq, int hkv, int hd, float scale) {
+                              const int* cu, int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, h = blockIdx.y;
-    const int seq0 = cu[b];
-    const int seqlen = cu[b + 1] - seq0;
+    // clamped so that a malformed cu_seqlens can never index outside [0, ntok)
+    const int seq_end = max(0, min(cu[b + 1], ntok));
+    const int seq0 = max(0, min(cu[b], seq_end));
+    const int seqlen = seq_end - seq0;
     const int q0 = blockIdx.x * ATT_BQ;
     if (q0 >= seqlen) return;
     const int kvh = h / (hq / hkv);
@@ -152,11 +155,12 @@ __device__ void attn_delta_impl(float* delta, const T* dout, const T* out, long 
 template <typename T>
 __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const T* q, const T* k,
                               const T* v, const float* lse, const float* delta, const int* cu,
-                              int hq, int hkv, int hd, float scale) {
+                              int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, kvh = blockIdx.y;
-    const int seq0 = cu[b];
-    const int seqlen = cu[b + 1] - seq0;
+    const int seq_end = max(0, min(cu[b + 1], ntok));
+    const int seq0 = max(0, min(cu[b], seq_end));
+    const int seqlen = seq_end - seq0;
     const int k0 = blockIdx.x * ATT_BK;
     if (k0 >= seqlen) return;
     const int group = hq / hkv;
@@ -274,8 +278,8 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
 #define ATTENTION_DEF(T, DT)                                                                       \
     extern "C" __global__ void __launch_bounds__(ATT_FWD_WARPS * 32)                               \
         attention_fwd_##DT(T* out, float* lse, const T* q, const T* k, const T* v, const int* cu,  \
-                           int hq, int hkv, int hd, float scale) {                                 \
-        attn_fwd_impl<T>(out, lse, q, k, v, cu, hq, hkv, hd, scale);                               \
+                           int ntok, int hq, int hkv, int hd, float scale) {                       \
+        attn_fwd_impl<T>(out, lse, q, k, v, cu, ntok, hq, hkv, hd, scale);                             \
     }                                                                                              \
     extern "C" __global__ void attention_delta_bwd_##DT(float* delta, const T* dout, const T* out, \
                                                         long long rows, int hd) {                  \
@@ -284,8 +288,8 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
     extern "C" __global__ void __launch_bounds__(ATT_BWD_WARPS * 32)                               \
         attention_bwd_##DT(float* dq_acc, T* dk, T* dv, const T* dout, const T* q, const T* k,     \
                            const T* v, const float* lse, const float* delta, const int* cu,        \
-                           int hq, int hkv, int hd, float scale) {                                 \
-        attn_bwd_impl<T>(dq_acc, dk, dv, dout, q, k, v, lse, delta, cu, hq, hkv, hd, scale);       \
+                           int ntok, int hq, int hkv, int hd, float scale) {                       \
+        attn_bwd_impl<T>(dq_acc, dk, dv, dout, q, k, v, lse, delta, cu, ntok, hq, hkv, hd, scale);     \
     }                                                                                              \
     extern "C" __global__ void attention_dq_bwd_##DT(T* dq, const float* dq_acc, long long n) {    \
         long long stride = (long long)gridDim.x * blockDim.x;                                      \

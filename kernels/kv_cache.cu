@@ -7,7 +7,8 @@
 //            row = Hkv * hd; slot < 0 skips the token (padding). grid N, block 128.
 //          decode_attention_fwd_<dt>(out[B,Hq,hd], q[B,Hq,hd], k_cache, v_cache,
 //                                    block_table[B,max_blocks], ctx_lens[B], hq, hkv, hd,
-//                                    block_size, max_blocks, scale)
+//                                    block_size, max_blocks, num_slots, scale)
+//            table entries pointing outside the cache are skipped (never read out of bounds).
 //            grid (Hq, B), block 128 (4 warps). Each warp streams every 4th key with an online
 //            softmax (lanes split the head dim, so cache reads are coalesced), then the four
 //            partial states are merged through shared memory. hd % 32 == 0, hd <= 256.
@@ -17,11 +18,11 @@
 
 template <typename T>
 __device__ void kv_append_impl(T* kc, T* vc, const T* k, const T* v, const int* slots, int n,
-                               int row) {
+                               int row, long long num_slots) {
     int t = blockIdx.x;
     if (t >= n) return;
     int slot = slots[t];
-    if (slot < 0) return;
+    if (slot < 0 || slot >= num_slots) return;
     const T* ks = k + (long long)t * row;
     const T* vs = v + (long long)t * row;
     T* kd = kc + (long long)slot * row;
@@ -35,14 +36,14 @@ __device__ void kv_append_impl(T* kc, T* vc, const T* k, const T* v, const int* 
 template <typename T>
 __device__ void decode_impl(T* out, const T* q, const T* kc, const T* vc, const int* block_table,
                             const int* ctx_lens, int hq, int hkv, int hd, int block_size,
-                            int max_blocks, float scale) {
+                            int max_blocks, long long num_slots, float scale) {
     __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
     __shared__ float sm_acc[DEC_WARPS][DEC_MAX_DPL * 32];
     const int h = blockIdx.x, b = blockIdx.y;
     const int kvh = h / (hq / hkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int dpl = hd >> 5;
-    const int len = ctx_lens[b];
+    const int len = min(ctx_lens[b], max_blocks * block_size);
     const float qscale = scale * LOG2E_F;
 
     float qv[DEC_MAX_DPL], acc[DEC_MAX_DPL];
@@ -56,6 +57,7 @@ __device__ void decode_impl(T* out, const T* q, const T* kc, const T* vc, const 
     const int* table = block_table + (long long)b * max_blocks;
     for (int t = warp; t < len; t += DEC_WARPS) {
         const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
+        if (slot < 0 || slot >= num_slots) continue;  // warp-uniform; a bad table entry is skipped
         const long long base = (slot * hkv + kvh) * hd + lane;
         float s = 0.0f;
 #pragma unroll
@@ -103,14 +105,15 @@ __device__ void decode_impl(T* out, const T* q, const T* kc, const T* vc, const 
 
 #define KV_CACHE_DEF(T, DT)                                                                      \
     extern "C" __global__ void kv_append_fwd_##DT(T* kc, T* vc, const T* k, const T* v,          \
-                                                  const int* slots, int n, int row) {            \
-        kv_append_impl<T>(kc, vc, k, v, slots, n, row);                                          \
+                                                  const int* slots, int n, int row,              \
+                                                  long long num_slots) {                         \
+        kv_append_impl<T>(kc, vc, k, v, slots, n, row, num_slots);                                       \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_fwd_##DT(      \
         T* out, const T* q, const T* kc, const T* vc, const int* block_table,                    \
         const int* ctx_lens, int hq, int hkv, int hd, int block_size, int max_blocks,            \
-        float scale) {                                                                           \
+        long long num_slots, float scale) {                                                      \
         decode_impl<T>(out, q, kc, vc, block_table, ctx_lens, hq, hkv, hd, block_size,           \
-                       max_blocks, scale);                                                       \
+                       max_blocks, num_slots, scale);                                                    \
     }
 FOR_F32_BF16(KV_CACHE_DEF)
