@@ -68,13 +68,13 @@ fn check_shape(
     kv_len: usize,
     cu_len: usize,
 ) -> Result<(usize, usize), CudaError> {
-    if s.q_heads == 0 || s.kv_heads == 0 || s.q_heads % s.kv_heads != 0 {
+    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
         return Err(shape_err(
             k,
             format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
         ));
     }
-    if s.head_dim == 0 || s.head_dim % 32 != 0 || s.head_dim > 256 {
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 {
         return Err(shape_err(
             k,
             format!("head_dim {} must be a multiple of 32 and <= 256", s.head_dim),
@@ -84,7 +84,7 @@ fn check_shape(
         return Err(shape_err(k, "cu_seqlens needs at least 2 entries (batch + 1)"));
     }
     let row = s.q_heads * s.head_dim;
-    if q_len % row != 0 {
+    if !q_len.is_multiple_of(row) {
         return Err(shape_err(
             k,
             format!("q of {q_len} elements is not [T, {}, {}]", s.q_heads, s.head_dim),
@@ -334,13 +334,13 @@ pub fn decode_attention_fwd<T: Dtype>(
     s: &DecodeShape,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "decode_attention_fwd");
-    if s.q_heads == 0 || s.kv_heads == 0 || s.q_heads % s.kv_heads != 0 {
+    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
         return Err(shape_err(
             kn,
             format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
         ));
     }
-    if s.head_dim == 0 || s.head_dim % 32 != 0 || s.head_dim > 256 || s.block_size == 0 {
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 || s.block_size == 0 {
         return Err(shape_err(
             kn,
             format!("head_dim {} must be a multiple of 32 <= 256, block_size > 0", s.head_dim),

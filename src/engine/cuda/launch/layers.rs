@@ -124,7 +124,7 @@ fn rope<T: Dtype>(
     heads: usize,
     hd: usize,
 ) -> Result<(), CudaError> {
-    if hd == 0 || hd % 2 != 0 {
+    if hd == 0 || !hd.is_multiple_of(2) {
         return Err(shape_err(k, format!("head_dim {hd} must be even and > 0")));
     }
     let half = hd / 2;

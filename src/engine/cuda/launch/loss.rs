@@ -19,7 +19,7 @@ fn row_cfg(kernel: &'static str, rows: usize, threads: u32) -> Result<LaunchConf
 
 /// Checks a logits chunk [n, ld] holding `vc` valid columns; returns n.
 fn chunk_rows(k: &'static str, len: usize, ld: usize, vc: usize) -> Result<usize, CudaError> {
-    if vc == 0 || ld < vc || len % ld != 0 {
+    if vc == 0 || ld < vc || !len.is_multiple_of(ld) {
         return Err(shape_err(
             k,
             format!("logits of {len} elements is not [n, ld = {ld}] with {vc} <= ld columns"),
