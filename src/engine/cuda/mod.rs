@@ -12,6 +12,14 @@
 //! | [`CudaDevice`] | the thread pool + allocator |
 //! | `CudaSlice<T>` / `CudaView<T>` (cudarc) | `Vec<T>` / `&[T]` |
 //! | `launch::*` functions | the CPU twin functions (same shapes, same math) |
+//!
+//! Library versions: cudarc is built with the `cuda-13000` bindings because, with dynamic
+//! loading, the pinned major decides which sonames are searched: 13 searches `libnvrtc.so`,
+//! `.so.13`, `.so.12`, `.so.11`, ... (likewise cuBLAS), so both CUDA 13 hosts and the CUDA 12
+//! NVRTC wheel used in CI are found; the NVRTC / cuBLAS calls made here have the same ABI in
+//! 12 and 13. The driver must be at least as new as the NVRTC that built the CUBIN (driver
+//! 580 = CUDA 13.0 loads CUBIN from NVRTC 12.x and 13.0). `TWINKLE_NVRTC_LIB` names an exact
+//! libnvrtc to use.
 
 mod device;
 mod error;
