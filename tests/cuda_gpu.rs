@@ -361,3 +361,59 @@ fn sampling_matches_cpu_definition() -> Result<()> {
     refs::sampling::<f32>(&dev)?;
     refs::sampling::<bf16>(&dev)
 }
+
+fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(53);
+    let (m, n, kk) = (33, 20, 70);
+    let a = rt::<T>(&r.vec(m * kk, 1.0));
+    let b = rt::<T>(&r.vec(n * kk, 1.0));
+    let c0 = rt::<O>(&r.vec(m * n, 1.0));
+    let (da, db) = (up::<T>(s, &a)?, up::<T>(s, &b)?);
+    for layout in [k::BLayout::Nk, k::BLayout::Kn] {
+        // Nk: b is [n, k]; Kn: the same numbers read as [k, n]
+        let bij = |i: usize, j: usize| match layout {
+            k::BLayout::Nk => b[j * kk + i],
+            k::BLayout::Kn => b[i * n + j],
+        };
+        let want: Vec<f64> = (0..m * n)
+            .map(|x| 0.5 * (0..kk).map(|p| a[x / n * kk + p] * bij(p, x % n)).sum::<f64>() + c0[x])
+            .collect();
+        let mut dc = up::<O>(s, &c0)?;
+        k::matmul(
+            dev,
+            &mut dc.as_view_mut(),
+            &da.as_view(),
+            &db.as_view(),
+            layout,
+            (m, n, kk),
+            0.5,
+            1.0,
+        )?;
+        close_scaled(&format!("gemm {layout:?}"), &down(s, &dc)?, &want, O::TOL);
+    }
+    Ok(())
+}
+
+#[test]
+fn cublas_gemm_matches_cpu() -> Result<()> {
+    let Some(dev) = device("gemm") else { return Ok(()) };
+    gemm::<f32, f32>(&dev)?;
+    gemm::<bf16, bf16>(&dev)?;
+    gemm::<bf16, f32>(&dev)?;
+    let s = dev.stream();
+    let (a, b) = (s.alloc_zeros::<f32>(6)?, s.alloc_zeros::<f32>(6)?);
+    let mut c = s.alloc_zeros::<bf16>(4)?;
+    let err = k::matmul(
+        &dev,
+        &mut c.as_view_mut(),
+        &a.as_view(),
+        &b.as_view(),
+        k::BLayout::Nk,
+        (2, 2, 3),
+        1.0,
+        0.0,
+    );
+    assert!(matches!(err, Err(CudaError::Shape { .. })), "f32 -> bf16 must be refused");
+    Ok(())
+}

@@ -7,6 +7,7 @@
 
 mod attention;
 mod elementwise;
+mod gemm;
 mod layers;
 mod lora;
 mod loss;
@@ -15,6 +16,7 @@ pub use attention::{
     AttentionShape, DecodeShape, attention_bwd, attention_fwd, decode_attention_fwd, kv_append_fwd,
 };
 pub use elementwise::{add_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd};
+pub use gemm::{BLayout, matmul};
 pub use layers::{
     embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope_bwd, rope_fwd, swiglu_bwd, swiglu_fwd,
 };
