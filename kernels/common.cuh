@@ -95,3 +95,41 @@ __device__ __forceinline__ float key_float(u32 k) {
 // Entry-point instantiation: KERNEL_DEF(T, suffix) must be a macro that emits
 // `extern "C" __global__ void name_<suffix>(...)` calling a template with T.
 #define FOR_F32_BF16(KERNEL_DEF) KERNEL_DEF(float, f32) KERNEL_DEF(bf16, bf16)
+
+// 16-byte vector access (4 f32 or 8 bf16 per load): the memory-bound kernels use it when every
+// pointer is 16-byte aligned and fall back to scalar access otherwise (views at odd offsets).
+template <typename T> struct Pack;
+template <> struct Pack<float> { static constexpr int N = 4; };
+template <> struct Pack<bf16> { static constexpr int N = 8; };
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<u64>(p) & 15ull) == 0;
+}
+
+__device__ __forceinline__ void ld16(const float* p, float* out) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+}
+
+__device__ __forceinline__ void ld16(const bf16* p, float* out) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void st16(float* p, const float* in) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+}
+
+__device__ __forceinline__ void st16(bf16* p, const float* in) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[i] = (u32)f32_to_bf16(in[2 * i]).bits | ((u32)f32_to_bf16(in[2 * i + 1]).bits << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}

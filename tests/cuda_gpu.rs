@@ -130,7 +130,7 @@ fn missing_driver_is_an_error_not_a_panic() {
 fn elementwise<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let s = dev.stream();
     let mut r = Rng(7);
-    let n = 5000;
+    let n = 5003; // not a multiple of 8: exercises the vector body and the scalar tail
     let (a, b) = (rt::<T>(&r.vec(n, 3.0)), rt::<T>(&r.vec(n, 3.0)));
     let (da, db) = (up::<T>(s, &a)?, up::<T>(s, &b)?);
     let mut out = s.alloc_zeros::<T>(n)?;

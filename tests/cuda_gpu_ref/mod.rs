@@ -477,7 +477,7 @@ pub fn losses(dev: &CudaDevice) -> Result<()> {
 pub fn adamw(dev: &CudaDevice) -> Result<()> {
     let s = dev.stream();
     let mut r = Rng(31);
-    let n = 1000;
+    let n = 1001; // vector body + scalar tail
     let mut p = r.vec(n, 1.0);
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     let (dp, mut dm, mut dv) = (up32(s, &p)?, s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n)?);
