@@ -23,7 +23,11 @@ stamp="$VENV/.twinkle-requirements"
 wanted="$(printf '%s\n' "${REQUIREMENTS[@]}")"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV" >&2
+  mkdir -p "$(dirname "$VENV")"
+  if ! python3 -m venv "$VENV" >&2; then
+    echo "setup-venv: 'python3 -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  fi
 fi
 if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
