@@ -19,6 +19,7 @@
 //! - [`golden::verify`] checks the engine against a PyTorch fixture case directory.
 
 pub mod backend;
+pub mod cuda;
 pub mod error;
 pub mod golden;
 pub mod kv_cache;

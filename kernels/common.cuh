@@ -1,0 +1,135 @@
+// Prelude prepended to every kernel file before NVRTC compiles it (no #include: NVRTC gets no
+// include path, so the kernels build with nothing but libnvrtc).
+//
+// defines: bf16 (storage type, bit-level conversions), ld/st (load any dtype as f32, store f32 as
+// any dtype), warp_sum/warp_max, block_sum/block_max, ordered keys for float comparisons, and the
+// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes.
+//
+// Conventions: activations and base weights are T (bf16 or f32), all accumulation is f32,
+// indices are int (packed token counts fit in 2^31), shapes arrive as int.
+
+typedef unsigned int u32;
+#define NEG_INF_F __int_as_float(0xff800000)
+#define POS_INF_F __int_as_float(0x7f800000)
+typedef unsigned long long u64;
+
+// bf16 as raw bits: a struct so overloads on bf16 differ from unsigned short.
+struct bf16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float bf16_to_f32(bf16 h) {
+    return __uint_as_float(((u32)h.bits) << 16);
+}
+
+// Round to nearest even, NaN stays NaN (quiet): matches half::bf16::from_f32 on the CPU side.
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    bf16 r;
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)((x >> 16) | 0x0040u);
+        return r;
+    }
+    u32 lsb = (x >> 16) & 1u;
+    x += 0x7fffu + lsb;
+    r.bits = (unsigned short)(x >> 16);
+    return r;
+}
+
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const bf16* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16* p, float v) { *p = f32_to_bf16(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats.
+// Safe to call repeatedly with the same scratch (leading barrier protects the reuse).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : NEG_INF_F;
+    return warp_max(v);
+}
+
+// Monotone map float -> u32: a < b (as floats, -0 == +0 aside) iff key(a) < key(b).
+__device__ __forceinline__ u32 float_key(float f) {
+    u32 x = __float_as_uint(f);
+    return (x & 0x80000000u) ? ~x : (x | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_float(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.6931471805599453f
+
+// Entry-point instantiation: KERNEL_DEF(T, suffix) must be a macro that emits
+// `extern "C" __global__ void name_<suffix>(...)` calling a template with T.
+#define FOR_F32_BF16(KERNEL_DEF) KERNEL_DEF(float, f32) KERNEL_DEF(bf16, bf16)
+
+// 16-byte vector access (4 f32 or 8 bf16 per load): the memory-bound kernels use it when every
+// pointer is 16-byte aligned and fall back to scalar access otherwise (views at odd offsets).
+template <typename T> struct Pack;
+template <> struct Pack<float> { static constexpr int N = 4; };
+template <> struct Pack<bf16> { static constexpr int N = 8; };
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<u64>(p) & 15ull) == 0;
+}
+
+__device__ __forceinline__ void ld16(const float* p, float* out) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+}
+
+__device__ __forceinline__ void ld16(const bf16* p, float* out) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void st16(float* p, const float* in) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+}
+
+__device__ __forceinline__ void st16(bf16* p, const float* in) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[i] = (u32)f32_to_bf16(in[2 * i]).bits | ((u32)f32_to_bf16(in[2 * i + 1]).bits << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's Python venv: NVRTC for the kernel compile test, and later the
+# tinker SDK for protocol tests. Idempotent and fast when the venv already holds every requirement.
+#
+# Usage: scripts/setup-venv.sh            # prints KEY=VALUE lines (eval-able)
+#   TWINKLE_VENV   venv location (default: $HOME/.cache/twinkle/venv)
+# Output:
+#   TWINKLE_VENV=...         the venv
+#   TWINKLE_NVRTC_LIB=...    full path of libnvrtc.so.N (src/engine/cuda preloads it)
+#   TWINKLE_NVRTC_LIBDIR=... its directory (put it on LD_LIBRARY_PATH)
+set -euo pipefail
+
+VENV="${TWINKLE_VENV:-$HOME/.cache/twinkle/venv}"
+
+# One requirement per line, exact pins. Add new ones here (e.g. tinker==0.38.0).
+# The kernels include no CUDA headers (bf16 is handled bit-wise), so only NVRTC itself is needed;
+# 12.8 emits sm_80/sm_90 CUBIN that every driver >= 570 (CUDA 12.8+, incl. 580 / CUDA 13.0) loads.
+REQUIREMENTS=(
+  "nvidia-cuda-nvrtc-cu12==12.8.93"
+)
+
+stamp="$VENV/.twinkle-requirements"
+wanted="$(printf '%s\n' "${REQUIREMENTS[@]}")"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  mkdir -p "$(dirname "$VENV")"
+  if ! python3 -m venv "$VENV" >&2; then
+    echo "setup-venv: 'python3 -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  fi
+fi
+if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    "${REQUIREMENTS[@]}" >&2
+  printf '%s\n' "$wanted" >"$stamp"
+fi
+
+# Locate libnvrtc.so.<major> inside the venv (site-packages/nvidia/cuda_nvrtc/lib).
+nvrtc_lib="$(find "$VENV/lib" -path '*nvidia/cuda_nvrtc/lib/*' -name 'libnvrtc.so.[0-9]*' \
+  ! -name '*builtins*' 2>/dev/null | sort | head -n 1)"
+if [[ -z "$nvrtc_lib" ]]; then
+  echo "setup-venv: libnvrtc.so.* not found under $VENV/lib (pip install failed?)" >&2
+  exit 1
+fi
+
+echo "TWINKLE_VENV=$VENV"
+echo "TWINKLE_NVRTC_LIB=$nvrtc_lib"
+echo "TWINKLE_NVRTC_LIBDIR=$(dirname "$nvrtc_lib")"

@@ -1,0 +1,427 @@
+//! Launchers for `kernels/attention.cu` (packed causal GQA attention, forward and backward) and
+//! `kernels/kv_cache.cu` (paged KV-cache append and decode attention).
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+// Tile constants of attention.cu / kv_cache.cu (keep in sync with the #defines there).
+const ATT_BK: usize = 32;
+const ATT_BQ: usize = 16;
+const ATT_FWD_THREADS: u32 = 128;
+const ATT_BWD_RB: usize = 8;
+const ATT_BWD_THREADS: u32 = 256;
+const DEC_THREADS: u32 = 128;
+/// Dynamic shared memory available without opting in.
+const SMEM_DEFAULT: usize = 48 * 1024;
+const MAX_GRID_YZ: u32 = 65_535;
+
+/// Shape of a packed attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads (divides `q_heads`).
+    pub kv_heads: usize,
+    /// Head dimension (multiple of 32, at most 256).
+    pub head_dim: usize,
+    /// Longest sequence in the pack (sizes the grid; a smaller value leaves rows uncomputed).
+    pub max_seqlen: usize,
+    /// Softmax scale, usually 1/sqrt(head_dim).
+    pub scale: f32,
+}
+
+fn kv_stride<T>(hd: usize) -> usize {
+    hd + 4 / std::mem::size_of::<T>()
+}
+
+fn fwd_smem<T>(hd: usize) -> usize {
+    2 * ATT_BK * kv_stride::<T>(hd) * std::mem::size_of::<T>() + ATT_BQ * hd * 4
+}
+
+fn bwd_smem<T>(hd: usize) -> usize {
+    2 * ATT_BK * kv_stride::<T>(hd) * std::mem::size_of::<T>()
+        + 2 * ATT_BWD_RB * hd * 4
+        + 2 * ATT_BWD_RB * ATT_BK * 4
+}
+
+/// Opts the kernel into more than 48 KiB of dynamic shared memory when it needs it.
+fn allow_smem(kernel: &'static str, f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
+    if bytes > SMEM_DEFAULT {
+        let v = int(kernel, "shared memory bytes", bytes)?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            v,
+        )
+        .map_err(CudaError::driver(format!("{kernel}: requesting {bytes} B of shared memory")))?;
+    }
+    Ok(())
+}
+
+/// Checks the head layout and returns (total tokens, batch).
+fn check_shape(
+    k: &'static str,
+    s: &AttentionShape,
+    q_len: usize,
+    kv_len: usize,
+    cu_len: usize,
+) -> Result<(usize, usize), CudaError> {
+    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
+        return Err(shape_err(
+            k,
+            format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
+        ));
+    }
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 {
+        return Err(shape_err(
+            k,
+            format!("head_dim {} must be a multiple of 32 and <= 256", s.head_dim),
+        ));
+    }
+    if cu_len < 2 {
+        return Err(shape_err(k, "cu_seqlens needs at least 2 entries (batch + 1)"));
+    }
+    let row = s.q_heads * s.head_dim;
+    if !q_len.is_multiple_of(row) {
+        return Err(shape_err(
+            k,
+            format!("q of {q_len} elements is not [T, {}, {}]", s.q_heads, s.head_dim),
+        ));
+    }
+    let t = q_len / row;
+    need_len(k, "k/v", kv_len, t * s.kv_heads * s.head_dim)?;
+    Ok((t, cu_len - 1))
+}
+
+fn grid(
+    k: &'static str,
+    rows_per_block: usize,
+    heads: usize,
+    s: &AttentionShape,
+    batch: usize,
+) -> Result<(u32, u32, u32), CudaError> {
+    Ok((
+        grid_dim(
+            k,
+            "max_seqlen tiles",
+            s.max_seqlen.div_ceil(rows_per_block).max(1),
+            i32::MAX as u32,
+        )?,
+        grid_dim(k, "heads", heads, MAX_GRID_YZ)?,
+        grid_dim(k, "batch", batch, MAX_GRID_YZ)?,
+    ))
+}
+
+/// Causal attention forward over packed sequences. q/out: [T, Hq, hd]; k/v: [T, Hkv, hd];
+/// cu_seqlens: [B + 1] prefix sums on the device; lse: [T, Hq] (saved for the backward).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    lse: &mut CudaViewMut<'_, f32>,
+    q: &CudaView<'_, T>,
+    k: &CudaView<'_, T>,
+    v: &CudaView<'_, T>,
+    cu_seqlens: &CudaView<'_, i32>,
+    s: &AttentionShape,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "attention_fwd");
+    let (t, batch) = check_shape(kn, s, q.len(), k.len(), cu_seqlens.len())?;
+    need_len(kn, "v", v.len(), k.len())?;
+    need_len(kn, "out", out.len(), q.len())?;
+    need_len(kn, "lse", lse.len(), t * s.q_heads)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let f = dev.function("attention.cu", kn)?;
+    let smem = fwd_smem::<T>(s.head_dim);
+    allow_smem(kn, &f, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(kn, ATT_BQ, s.q_heads, s, batch)?,
+        block_dim: (ATT_FWD_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (ti, hq, hkv, hd) = (
+        int(kn, "tokens", t)?,
+        int(kn, "q_heads", s.q_heads)?,
+        int(kn, "kv_heads", s.kv_heads)?,
+        int(kn, "head_dim", s.head_dim)?,
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out)
+        .arg(lse)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(cu_seqlens)
+        .arg(&ti)
+        .arg(&hq)
+        .arg(&hkv)
+        .arg(&hd)
+        .arg(&s.scale);
+    // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked); the kernel clamps
+    // every cu_seqlens entry into [0, t]; smem matches attention.cu's carve-up (fwd_smem).
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
+/// workspaces (overwritten); `out` and `lse` are the forward's outputs.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dq: &mut CudaViewMut<'_, T>,
+    dk: &mut CudaViewMut<'_, T>,
+    dv: &mut CudaViewMut<'_, T>,
+    dq_accum: &mut CudaViewMut<'_, f32>,
+    delta: &mut CudaViewMut<'_, f32>,
+    dout: &CudaView<'_, T>,
+    q: &CudaView<'_, T>,
+    k: &CudaView<'_, T>,
+    v: &CudaView<'_, T>,
+    out: &CudaView<'_, T>,
+    lse: &CudaView<'_, f32>,
+    cu_seqlens: &CudaView<'_, i32>,
+    s: &AttentionShape,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "attention_bwd");
+    let (t, batch) = check_shape(kn, s, q.len(), k.len(), cu_seqlens.len())?;
+    for (name, len) in [("v", v.len()), ("dk", dk.len()), ("dv", dv.len())] {
+        need_len(kn, name, len, k.len())?;
+    }
+    for (name, len) in
+        [("dq", dq.len()), ("dq_accum", dq_accum.len()), ("dout", dout.len()), ("out", out.len())]
+    {
+        need_len(kn, name, len, q.len())?;
+    }
+    need_len(kn, "lse", lse.len(), t * s.q_heads)?;
+    need_len(kn, "delta", delta.len(), t * s.q_heads)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let (ti, hq, hkv, hd) = (
+        int(kn, "tokens", t)?,
+        int(kn, "q_heads", s.q_heads)?,
+        int(kn, "kv_heads", s.kv_heads)?,
+        int(kn, "head_dim", s.head_dim)?,
+    );
+    let stream = dev.stream();
+    stream.memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
+
+    let kd = sym!(T, "attention_delta_bwd");
+    let fd = dev.function("attention.cu", kd)?;
+    let rows = t * s.q_heads;
+    let rows_l = long(kd, "rows", rows)?;
+    let cfg_d = LaunchConfig {
+        grid_dim: (grid_dim(kd, "rows/8", rows.div_ceil(8), i32::MAX as u32)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = stream.launch_builder(&fd);
+    l.arg(&mut *delta).arg(dout).arg(out).arg(&rows_l).arg(&hd);
+    // SAFETY: delta is [rows], dout/out are [rows, hd] (checked); 8 warps per block, one row each.
+    unsafe { l.launch(cfg_d) }.map_err(launch_err(kd))?;
+
+    let f = dev.function("attention.cu", kn)?;
+    let smem = bwd_smem::<T>(s.head_dim);
+    allow_smem(kn, &f, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(kn, ATT_BK, s.kv_heads, s, batch)?,
+        block_dim: (ATT_BWD_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let delta_v = delta.as_view();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&mut *dq_accum)
+        .arg(dk)
+        .arg(dv)
+        .arg(dout)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(lse)
+        .arg(&delta_v)
+        .arg(cu_seqlens);
+    l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
+    // SAFETY: all buffers sized as checked above; cu_seqlens entries are clamped in the kernel;
+    // smem matches attention.cu's carve-up (bwd_smem); dq_accum was zeroed on this stream.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+
+    let kq = sym!(T, "attention_dq_bwd");
+    let fq = dev.function("attention.cu", kq)?;
+    let n = q.len();
+    let nl = long(kq, "n", n)?;
+    let acc_v = dq_accum.as_view();
+    let mut l = stream.launch_builder(&fq);
+    l.arg(dq).arg(&acc_v).arg(&nl);
+    // SAFETY: dq and dq_accum both hold n elements (checked).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kq))?;
+    Ok(())
+}
+
+/// Writes k/v [N, Hkv, hd] into the paged caches [num_slots, Hkv, hd] at `slots` [N]; slots
+/// outside [0, num_slots) (e.g. -1 for padding) are skipped.
+pub fn kv_append_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    k_cache: &mut CudaViewMut<'_, T>,
+    v_cache: &mut CudaViewMut<'_, T>,
+    k: &CudaView<'_, T>,
+    v: &CudaView<'_, T>,
+    slots: &CudaView<'_, i32>,
+    row: usize,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "kv_append_fwd");
+    let n = slots.len();
+    if row == 0 || k_cache.len() % row != 0 {
+        return Err(shape_err(
+            kn,
+            format!("cache of {} elements is not [slots, {row}]", k_cache.len()),
+        ));
+    }
+    need_len(kn, "v_cache", v_cache.len(), k_cache.len())?;
+    need_len(kn, "k", k.len(), n * row)?;
+    need_len(kn, "v", v.len(), n * row)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
+    let (ni, ri) = (int(kn, "n", n)?, int(kn, "row", row)?);
+    let f = dev.function("kv_cache.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(kn, "n", n, i32::MAX as u32)?, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(k_cache).arg(v_cache).arg(k).arg(v).arg(slots).arg(&ni).arg(&ri).arg(&num_slots);
+    // SAFETY: caches are [num_slots, row], k/v [n, row], slots [n] (checked); the kernel skips
+    // slots outside [0, num_slots).
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// Shape of a decode-attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeShape {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads (divides `q_heads`).
+    pub kv_heads: usize,
+    /// Head dimension (multiple of 32, at most 256).
+    pub head_dim: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+    /// Columns of the block table.
+    pub max_blocks: usize,
+    /// Softmax scale.
+    pub scale: f32,
+}
+
+/// One new token per sequence attending to its cached context. q/out: [B, Hq, hd];
+/// caches [num_slots, Hkv, hd]; block_table [B, max_blocks]; ctx_lens [B] (tokens in cache,
+/// including the one just appended).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    q: &CudaView<'_, T>,
+    k_cache: &CudaView<'_, T>,
+    v_cache: &CudaView<'_, T>,
+    block_table: &CudaView<'_, i32>,
+    ctx_lens: &CudaView<'_, i32>,
+    s: &DecodeShape,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "decode_attention_fwd");
+    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
+        return Err(shape_err(
+            kn,
+            format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
+        ));
+    }
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 || s.block_size == 0 {
+        return Err(shape_err(
+            kn,
+            format!("head_dim {} must be a multiple of 32 <= 256, block_size > 0", s.head_dim),
+        ));
+    }
+    let b = ctx_lens.len();
+    let row = s.kv_heads * s.head_dim;
+    need_len(kn, "q", q.len(), b * s.q_heads * s.head_dim)?;
+    need_len(kn, "out", out.len(), q.len())?;
+    need_len(kn, "block_table", block_table.len(), b * s.max_blocks)?;
+    if k_cache.len() % row != 0 {
+        return Err(shape_err(
+            kn,
+            format!(
+                "cache of {} elements is not [slots, {}, {}]",
+                k_cache.len(),
+                s.kv_heads,
+                s.head_dim
+            ),
+        ));
+    }
+    need_len(kn, "v_cache", v_cache.len(), k_cache.len())?;
+    if b == 0 {
+        return Ok(());
+    }
+    let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
+    let (hq, hkv, hd) = (
+        int(kn, "q_heads", s.q_heads)?,
+        int(kn, "kv_heads", s.kv_heads)?,
+        int(kn, "head_dim", s.head_dim)?,
+    );
+    let (bs, mb) = (int(kn, "block_size", s.block_size)?, int(kn, "max_blocks", s.max_blocks)?);
+    let f = dev.function("kv_cache.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(kn, "q_heads", s.q_heads, i32::MAX as u32)?,
+            grid_dim(kn, "batch", b, MAX_GRID_YZ)?,
+            1,
+        ),
+        block_dim: (DEC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(q).arg(k_cache).arg(v_cache).arg(block_table).arg(ctx_lens);
+    l.arg(&hq).arg(&hkv).arg(&hd).arg(&bs).arg(&mb).arg(&num_slots).arg(&s.scale);
+    // SAFETY: q/out [b, hq, hd], block_table [b, max_blocks], caches [num_slots, hkv, hd]
+    // (checked); the kernel clamps ctx_lens to the table and skips slots outside the cache.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn shared_memory_layout_matches_the_kernel_formulas() {
+        // 2 tiles of 32 x (128 + 2) bf16, 16 query rows of 128 f32
+        assert_eq!(fwd_smem::<bf16>(128), 2 * 32 * 130 * 2 + 16 * 128 * 4);
+        // 2 tiles of 32 x (128 + 1) f32, Q and dO 8 x 128 f32, P and dS 8 x 32 f32
+        assert_eq!(bwd_smem::<f32>(128), 2 * 32 * 129 * 4 + 2 * 8 * 128 * 4 + 2 * 8 * 32 * 4);
+        // every supported configuration fits the 99 KiB opt-in limit of sm_80+ (sm_86/89)
+        for hd in [32, 64, 128, 256] {
+            assert!(
+                fwd_smem::<f32>(hd) <= 99 * 1024 && bwd_smem::<f32>(hd) <= 99 * 1024,
+                "hd {hd}"
+            );
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked_before_anything_touches_the_gpu() {
+        let s =
+            AttentionShape { q_heads: 6, kv_heads: 4, head_dim: 64, max_seqlen: 8, scale: 0.125 };
+        assert!(check_shape("k", &s, 6 * 64 * 8, 4 * 64 * 8, 3).is_err());
+        let s = AttentionShape { q_heads: 8, kv_heads: 2, head_dim: 80, ..s };
+        assert!(check_shape("k", &s, 8 * 80, 2 * 80, 2).is_err());
+        let s = AttentionShape { head_dim: 64, ..s };
+        assert_eq!(check_shape("k", &s, 8 * 64 * 5, 2 * 64 * 5, 3).unwrap(), (5, 2));
+        assert!(check_shape("k", &s, 8 * 64 * 5, 2 * 64 * 4, 3).is_err());
+        assert!(check_shape("k", &s, 8 * 64 * 5, 2 * 64 * 5, 1).is_err());
+    }
+}

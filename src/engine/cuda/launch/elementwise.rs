@@ -1,0 +1,122 @@
+//! Launchers for `kernels/elementwise.cu`: residual add, in-place scale, dtype casts and the
+//! sum of squares used for the global gradient norm.
+
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use half::bf16;
+
+use super::{Dtype, grid_stride, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+const FILE: &str = "elementwise.cu";
+
+/// out = a + b (elementwise, f32 math).
+pub fn add_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "add_fwd");
+    let n = out.len();
+    need_len(k, "a", a.len(), n)?;
+    need_len(k, "b", b.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(a).arg(b).arg(&nn);
+    // SAFETY: out, a, b each hold exactly n elements of T (checked above); the kernel's
+    // signature is (T*, const T*, const T*, long long) and touches indices < n only.
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// x *= s in place.
+pub fn scale_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    x: &mut CudaViewMut<'_, T>,
+    s: f32,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "scale_fwd");
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(x).arg(&s).arg(&nn);
+    // SAFETY: x holds n elements; signature (T*, float, long long).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// out = bf16(x), round to nearest even.
+pub fn to_bf16_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    let k = "to_bf16_fwd_f32";
+    let n = out.len();
+    need_len(k, "x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(x).arg(&nn);
+    // SAFETY: out and x hold n elements; signature (bf16*, const float*, long long).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// out = f32(x).
+pub fn to_f32_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+) -> Result<(), CudaError> {
+    let k = "to_f32_fwd_bf16";
+    let n = out.len();
+    need_len(k, "x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(x).arg(&nn);
+    // SAFETY: out and x hold n elements; signature (float*, const bf16*, long long).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// acc[0] += sum(x^2). `acc` is not cleared, so several tensors can add into one norm.
+pub fn sumsq_fwd(
+    dev: &CudaDevice,
+    acc: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    let k = "sumsq_fwd_f32";
+    if acc.len() != 1 {
+        return Err(shape_err(k, format!("acc must hold 1 element, has {}", acc.len())));
+    }
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut cfg = grid_stride(n);
+    cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(acc).arg(x).arg(&nn);
+    // SAFETY: acc holds 1 float, x holds n; signature (float*, const float*, long long); the
+    // kernel's 32-float static shared scratch fits any block of <= 1024 threads.
+    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
+    Ok(())
+}

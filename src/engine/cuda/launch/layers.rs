@@ -1,0 +1,238 @@
+//! Launchers for the per-layer kernels: embedding (`embedding.cu`), RMSNorm (`rmsnorm.cu`),
+//! RoPE (`rope.cu`) and SwiGLU (`swiglu.cu`).
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+/// One block per row: enough threads to stream a hidden row (up to 8192) in a few steps.
+fn row_cfg(kernel: &'static str, rows: usize, d: usize) -> Result<LaunchConfig, CudaError> {
+    let threads = if d >= 2048 {
+        512
+    } else if d >= 512 {
+        256
+    } else {
+        128
+    };
+    Ok(LaunchConfig {
+        grid_dim: (grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// out[n, :] = table[ids[n], :]; ids outside [0, V) give a zero row (validate them on the host).
+pub fn embedding_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    table: &CudaView<'_, T>,
+    ids: &CudaView<'_, i32>,
+    d: usize,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "embedding_fwd");
+    if d == 0 || table.len() % d != 0 {
+        return Err(shape_err(k, format!("table of {} elements is not [V, {d}]", table.len())));
+    }
+    let n = ids.len();
+    let v = table.len() / d;
+    need_len(k, "out", out.len(), n * d)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (ni, di, vi) = (int(k, "n", n)?, int(k, "d", d)?, int(k, "vocab", v)?);
+    let f = dev.function("embedding.cu", k)?;
+    let cfg = row_cfg(k, n, d)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(table).arg(ids).arg(&ni).arg(&di).arg(&vi);
+    // SAFETY: out is [n, d], table [v, d], ids [n] (checked); the kernel bounds-checks ids.
+    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) per row of `x` [n, d]; writes rstd [n]
+/// for the backward.
+pub fn rmsnorm_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    rstd: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "rmsnorm_fwd");
+    let d = w.len();
+    if d == 0 || x.len() % d != 0 {
+        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
+    }
+    let n = x.len() / d;
+    need_len(k, "out", out.len(), n * d)?;
+    need_len(k, "rstd", rstd.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
+    let f = dev.function("rmsnorm.cu", k)?;
+    let cfg = row_cfg(k, n, d)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(rstd).arg(x).arg(w).arg(&eps).arg(&ni).arg(&di);
+    // SAFETY: out/x are [n, d], w [d], rstd [n] (checked); one block per row, block <= 512.
+    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// dx for y = rmsnorm(x) * w (w frozen), from the saved rstd.
+pub fn rmsnorm_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dx: &mut CudaViewMut<'_, T>,
+    dout: &CudaView<'_, T>,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    rstd: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "rmsnorm_bwd");
+    let d = w.len();
+    if d == 0 || x.len() % d != 0 {
+        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
+    }
+    let n = x.len() / d;
+    need_len(k, "dx", dx.len(), n * d)?;
+    need_len(k, "dout", dout.len(), n * d)?;
+    need_len(k, "rstd", rstd.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
+    let f = dev.function("rmsnorm.cu", k)?;
+    let cfg = row_cfg(k, n, d)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(dx).arg(dout).arg(x).arg(w).arg(rstd).arg(&ni).arg(&di);
+    // SAFETY: dx/dout/x are [n, d], w [d], rstd [n] (checked).
+    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope<T: Dtype>(
+    dev: &CudaDevice,
+    k: &'static str,
+    out: &mut CudaViewMut<'_, T>,
+    x: &CudaView<'_, T>,
+    cos: &CudaView<'_, f32>,
+    sin: &CudaView<'_, f32>,
+    pos: &CudaView<'_, i32>,
+    heads: usize,
+    hd: usize,
+) -> Result<(), CudaError> {
+    if hd == 0 || !hd.is_multiple_of(2) {
+        return Err(shape_err(k, format!("head_dim {hd} must be even and > 0")));
+    }
+    let half = hd / 2;
+    if cos.len() != sin.len() || cos.len() % half != 0 || cos.is_empty() {
+        return Err(shape_err(
+            k,
+            format!("cos/sin must both be [P, {half}], got {} and {}", cos.len(), sin.len()),
+        ));
+    }
+    let p = cos.len() / half;
+    let n = pos.len();
+    need_len(k, "x", x.len(), n * heads * hd)?;
+    need_len(k, "out", out.len(), n * heads * hd)?;
+    if n == 0 || heads == 0 {
+        return Ok(());
+    }
+    let (ni, hi, hdi, pi) = (
+        int(k, "n", n)?,
+        int(k, "heads", heads)?,
+        int(k, "head_dim", hd)?,
+        int(k, "positions", p)?,
+    );
+    let f = dev.function("rope.cu", k)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(x).arg(cos).arg(sin).arg(pos).arg(&ni).arg(&hi).arg(&hdi).arg(&pi);
+    // SAFETY: x/out are [n, heads, hd], cos/sin [p, hd/2], pos [n] (checked); the kernel clamps
+    // positions into [0, p).
+    unsafe { l.launch(grid_stride(n * heads * half)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// Rotates `x` [n, heads, hd] by the angles at `pos` [n] (HF rotate_half); cos/sin are
+/// f32 tables [P, hd/2].
+#[allow(clippy::too_many_arguments)]
+pub fn rope_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    x: &CudaView<'_, T>,
+    cos: &CudaView<'_, f32>,
+    sin: &CudaView<'_, f32>,
+    pos: &CudaView<'_, i32>,
+    heads: usize,
+    hd: usize,
+) -> Result<(), CudaError> {
+    rope(dev, sym!(T, "rope_fwd"), out, x, cos, sin, pos, heads, hd)
+}
+
+/// Gradient of [`rope_fwd`]: rotation by the negative angle.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dx: &mut CudaViewMut<'_, T>,
+    dout: &CudaView<'_, T>,
+    cos: &CudaView<'_, f32>,
+    sin: &CudaView<'_, f32>,
+    pos: &CudaView<'_, i32>,
+    heads: usize,
+    hd: usize,
+) -> Result<(), CudaError> {
+    rope(dev, sym!(T, "rope_bwd"), dx, dout, cos, sin, pos, heads, hd)
+}
+
+/// out = silu(gate) * up.
+pub fn swiglu_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, T>,
+    gate: &CudaView<'_, T>,
+    up: &CudaView<'_, T>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "swiglu_fwd");
+    let n = out.len();
+    need_len(k, "gate", gate.len(), n)?;
+    need_len(k, "up", up.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let nn = long(k, "n", n)?;
+    let f = dev.function("swiglu.cu", k)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(gate).arg(up).arg(&nn);
+    // SAFETY: out, gate, up each hold n elements (checked).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// dgate, dup of out = silu(gate) * up.
+pub fn swiglu_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dgate: &mut CudaViewMut<'_, T>,
+    dup: &mut CudaViewMut<'_, T>,
+    dout: &CudaView<'_, T>,
+    gate: &CudaView<'_, T>,
+    up: &CudaView<'_, T>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "swiglu_bwd");
+    let n = dout.len();
+    need_len(k, "dgate", dgate.len(), n)?;
+    need_len(k, "dup", dup.len(), n)?;
+    need_len(k, "gate", gate.len(), n)?;
+    need_len(k, "up", up.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let nn = long(k, "n", n)?;
+    let f = dev.function("swiglu.cu", k)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&nn);
+    // SAFETY: all five buffers hold n elements (checked).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}

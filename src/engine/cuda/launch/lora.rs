@@ -1,0 +1,175 @@
+//! Launchers for `kernels/lora.cu`: the rank-r shrink, the expand-and-add, and the weight
+//! gradient. With A [r, K], B [J, r] (PEFT layout) and s = alpha / r, a LoRA linear is
+//! - forward: `lora_shrink_fwd(h, x, A, Rows, 1)`, then `lora_expand_fwd(y, h, B, Cols, s)`;
+//! - backward: `lora_shrink_fwd(dh, dy, B, Cols, s)`, `lora_expand_fwd(dx, dh, A, Rows, 1)`,
+//!   `lora_wgrad_bwd(dA, dh, x, Rows, 1)`, `lora_wgrad_bwd(dB, h, dy, Cols, s)`
+//!
+//! (`Rows`/`Cols` are [`LoraLayout`] variants.)
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{Dtype, grid_dim, int, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+const SHRINK_ROWS: usize = 4;
+const EXPAND_ROWS: usize = 8;
+const MAX_RANK: usize = 256;
+const WGRAD_K: usize = 8;
+const WGRAD_NCHUNK: usize = 512;
+
+/// Storage of a LoRA weight relative to the rank axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraLayout {
+    /// [r, dim]: row k is contiguous (lora_A).
+    Rows,
+    /// [dim, r]: column k is strided by r (lora_B).
+    Cols,
+}
+
+impl LoraLayout {
+    /// (stride between rank index k, stride between dim index j) for a weight of `dim` x `r`.
+    fn strides(self, dim: usize, r: usize) -> (usize, usize) {
+        match self {
+            LoraLayout::Rows => (dim, 1),
+            LoraLayout::Cols => (1, r),
+        }
+    }
+}
+
+fn check_rank(k: &'static str, r: usize) -> Result<(), CudaError> {
+    if r == 0 || r > MAX_RANK {
+        return Err(shape_err(k, format!("rank {r} must be in 1..={MAX_RANK}")));
+    }
+    Ok(())
+}
+
+/// h[n, k] = s * sum_j x[n, j] W(k, j) for x [N, dim] and an f32 weight W of rank r.
+pub fn lora_shrink_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    h: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, f32>,
+    layout: LoraLayout,
+    rank: usize,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "lora_shrink_fwd");
+    check_rank(kn, rank)?;
+    if w.len() % rank != 0 {
+        return Err(shape_err(kn, format!("weight of {} elements is not rank {rank}", w.len())));
+    }
+    let dim = w.len() / rank;
+    if dim == 0 || x.len() % dim != 0 {
+        return Err(shape_err(kn, format!("x of {} elements is not [N, {dim}]", x.len())));
+    }
+    let n = x.len() / dim;
+    need_len(kn, "h", h.len(), n * rank)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (wk, wj) = layout.strides(dim, rank);
+    let (wk, wj) = (long(kn, "stride", wk)?, long(kn, "stride", wj)?);
+    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let f = dev.function("lora.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(kn, "row groups", n.div_ceil(SHRINK_ROWS), i32::MAX as u32)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(h).arg(x).arg(w).arg(&wk).arg(&wj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+    // SAFETY: x [n, dim], w [rank * dim], h [n, rank] (checked); strides address w within
+    // rank * dim for both layouts.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// y[n, j] += s * sum_k h[n, k] W(j, k) for y [N, dim], h [N, r] f32.
+pub fn lora_expand_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    y: &mut CudaViewMut<'_, T>,
+    h: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    layout: LoraLayout,
+    rank: usize,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "lora_expand_fwd");
+    check_rank(kn, rank)?;
+    if w.len() % rank != 0 || h.len() % rank != 0 {
+        return Err(shape_err(
+            kn,
+            format!("weight ({}) and h ({}) must be multiples of rank {rank}", w.len(), h.len()),
+        ));
+    }
+    let dim = w.len() / rank;
+    let n = h.len() / rank;
+    need_len(kn, "y", y.len(), n * dim)?;
+    if n == 0 || dim == 0 {
+        return Ok(());
+    }
+    // the weight is read as W(j, k): j strides like the "dim" index of `strides`
+    let (wk, wj) = layout.strides(dim, rank);
+    let (wj, wk) = (long(kn, "stride", wj)?, long(kn, "stride", wk)?);
+    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let f = dev.function("lora.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(kn, "column tiles", dim.div_ceil(256), i32::MAX as u32)?,
+            grid_dim(kn, "row groups", n.div_ceil(EXPAND_ROWS), 65_535)?,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(h).arg(w).arg(&wj).arg(&wk).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+    // SAFETY: y [n, dim], h [n, rank], w [rank * dim] (checked); rank <= 256 fits the kernel's
+    // static [8][256] shared tile.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// dW(k, j) += s * sum_n u[n, k] v[n, j] for u [N, r] f32, v [N, dim]; dW f32 in `layout`.
+pub fn lora_wgrad_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dw: &mut CudaViewMut<'_, f32>,
+    u: &CudaView<'_, f32>,
+    v: &CudaView<'_, T>,
+    layout: LoraLayout,
+    rank: usize,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "lora_wgrad_bwd");
+    check_rank(kn, rank)?;
+    if dw.len() % rank != 0 || u.len() % rank != 0 {
+        return Err(shape_err(
+            kn,
+            format!("dW ({}) and u ({}) must be multiples of rank {rank}", dw.len(), u.len()),
+        ));
+    }
+    let dim = dw.len() / rank;
+    let n = u.len() / rank;
+    need_len(kn, "v", v.len(), n * dim)?;
+    if n == 0 || dim == 0 {
+        return Ok(());
+    }
+    let (ok, oj) = layout.strides(dim, rank);
+    let (ok, oj) = (long(kn, "stride", ok)?, long(kn, "stride", oj)?);
+    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let f = dev.function("lora.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(kn, "column tiles", dim.div_ceil(256), i32::MAX as u32)?,
+            grid_dim(kn, "rank groups", rank.div_ceil(WGRAD_K), 65_535)?,
+            grid_dim(kn, "token chunks", n.div_ceil(WGRAD_NCHUNK), 65_535)?,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(dw).arg(u).arg(v).arg(&ok).arg(&oj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+    // SAFETY: dW [rank * dim], u [n, rank], v [n, dim] (checked).
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! Launchers for `kernels/loss.cu` (chunked cross-entropy, RL loss variants), `kernels/adamw.cu`
+//! and `kernels/sampling.cu`.
+
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+const XENT_THREADS: u32 = 256;
+const SAMPLE_THREADS: u32 = 1024;
+
+fn row_cfg(kernel: &'static str, rows: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Checks a logits chunk [n, ld] holding `vc` valid columns; returns n.
+fn chunk_rows(k: &'static str, len: usize, ld: usize, vc: usize) -> Result<usize, CudaError> {
+    if vc == 0 || ld < vc || !len.is_multiple_of(ld) {
+        return Err(shape_err(
+            k,
+            format!("logits of {len} elements is not [n, ld = {ld}] with {vc} <= ld columns"),
+        ));
+    }
+    Ok(len / ld)
+}
+
+/// Merges one vocabulary chunk of logits ([n, ld], columns `v0 .. v0 + vc` of the vocabulary)
+/// into the running per-row (max `m`, sum-exp `s`) and picks up target logits `tgt` [n, K]
+/// for targets [n, K] inside the chunk. `first` initialises m, s and tgt.
+#[allow(clippy::too_many_arguments)]
+pub fn xent_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    m: &mut CudaViewMut<'_, f32>,
+    s: &mut CudaViewMut<'_, f32>,
+    tgt: &mut CudaViewMut<'_, f32>,
+    logits: &CudaView<'_, T>,
+    ld: usize,
+    v0: usize,
+    vc: usize,
+    targets: &CudaView<'_, i32>,
+    first: bool,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "xent_fwd");
+    let n = chunk_rows(kn, logits.len(), ld, vc)?;
+    need_len(kn, "m", m.len(), n)?;
+    need_len(kn, "s", s.len(), n)?;
+    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
+        return Err(shape_err(
+            kn,
+            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
+        ));
+    }
+    let kt = targets.len() / n;
+    need_len(kn, "tgt", tgt.len(), n * kt)?;
+    let (ldl, v0i, vci, kti, ni) = (
+        long(kn, "ld", ld)?,
+        int(kn, "v0", v0)?,
+        int(kn, "vc", vc)?,
+        int(kn, "K", kt)?,
+        int(kn, "n", n)?,
+    );
+    int(kn, "v0 + vc", v0 + vc)?;
+    let first = i32::from(first);
+    let f = dev.function("loss.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(m)
+        .arg(s)
+        .arg(tgt)
+        .arg(logits)
+        .arg(&ldl)
+        .arg(&v0i)
+        .arg(&vci)
+        .arg(targets)
+        .arg(&kti)
+        .arg(&ni)
+        .arg(&first);
+    // SAFETY: logits [n, ld] with vc <= ld, m/s [n], tgt/targets [n, K] (checked).
+    unsafe { l.launch(row_cfg(kn, n, XENT_THREADS)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// After the last chunk: lse = m + ln(s) [n]; logprob = tgt - lse [n, K] (0 where target < 0).
+pub fn xent_finish_fwd(
+    dev: &CudaDevice,
+    lse: &mut CudaViewMut<'_, f32>,
+    logprob: &mut CudaViewMut<'_, f32>,
+    m: &CudaView<'_, f32>,
+    s: &CudaView<'_, f32>,
+    tgt: &CudaView<'_, f32>,
+    targets: &CudaView<'_, i32>,
+) -> Result<(), CudaError> {
+    let kn = "xent_finish_fwd_f32";
+    let n = m.len();
+    need_len(kn, "s", s.len(), n)?;
+    need_len(kn, "lse", lse.len(), n)?;
+    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
+        return Err(shape_err(
+            kn,
+            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
+        ));
+    }
+    let kt = targets.len() / n;
+    need_len(kn, "tgt", tgt.len(), n * kt)?;
+    need_len(kn, "logprob", logprob.len(), n * kt)?;
+    let (kti, ni) = (int(kn, "K", kt)?, int(kn, "n", n)?);
+    int(kn, "n * K", n * kt)?;
+    let f = dev.function("loss.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(kn, "blocks", (n * kt).div_ceil(256), i32::MAX as u32)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(lse).arg(logprob).arg(m).arg(s).arg(tgt).arg(targets).arg(&kti).arg(&ni);
+    // SAFETY: m/s/lse [n], tgt/targets/logprob [n, K] (checked); one thread per (row, k).
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn xent_bwd_raw<T: Dtype>(
+    dev: &CudaDevice,
+    dst: &mut CudaViewMut<'_, T>,
+    ldd: usize,
+    src_ptr: Option<u64>,
+    src: Option<&CudaView<'_, T>>,
+    ld: usize,
+    v0: usize,
+    vc: usize,
+    targets: &CudaView<'_, i32>,
+    coef: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "xent_bwd");
+    let n = chunk_rows(kn, src.map(|s| s.len()).unwrap_or(dst.len()), ld, vc)?;
+    if ldd < vc || dst.len() != n * ldd {
+        return Err(shape_err(
+            kn,
+            format!("dlogits of {} elements is not [{n}, ldd = {ldd} >= {vc}]", dst.len()),
+        ));
+    }
+    need_len(kn, "lse", lse.len(), n)?;
+    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
+        return Err(shape_err(
+            kn,
+            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
+        ));
+    }
+    let kt = targets.len() / n;
+    need_len(kn, "coef", coef.len(), n * kt)?;
+    let (lddl, ldl, v0i, vci, kti, ni) = (
+        long(kn, "ldd", ldd)?,
+        long(kn, "ld", ld)?,
+        int(kn, "v0", v0)?,
+        int(kn, "vc", vc)?,
+        int(kn, "K", kt)?,
+        int(kn, "n", n)?,
+    );
+    let f = dev.function("loss.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    let in_place;
+    l.arg(&mut *dst).arg(&lddl);
+    match (src, src_ptr) {
+        (Some(s), _) => {
+            l.arg(s);
+        }
+        (None, Some(p)) => {
+            in_place = p;
+            l.arg(&in_place);
+        }
+        (None, None) => return Err(shape_err(kn, "no logits given")),
+    }
+    l.arg(&ldl).arg(&v0i).arg(&vci).arg(targets).arg(coef).arg(lse).arg(&kti).arg(&ni);
+    // SAFETY: logits [n, ld] (or dst itself, same shape, for the in-place form: the kernel reads
+    // each element before writing it, in the same thread), dst [n, ldd], targets/coef [n, K],
+    // lse [n] (checked).
+    unsafe { l.launch(row_cfg(kn, n, XENT_THREADS)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// dlogits[n, v] = sum_k coef[n, k] (softmax[n, v] - [v == targets[n, k]]) for one chunk
+/// (columns v0 .. v0 + vc); coef = -dLoss/dlogprob (for cross-entropy: the weights).
+#[allow(clippy::too_many_arguments)]
+pub fn xent_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dlogits: &mut CudaViewMut<'_, T>,
+    ldd: usize,
+    logits: &CudaView<'_, T>,
+    ld: usize,
+    v0: usize,
+    vc: usize,
+    targets: &CudaView<'_, i32>,
+    coef: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    xent_bwd_raw(dev, dlogits, ldd, None, Some(logits), ld, v0, vc, targets, coef, lse)
+}
+
+/// [`xent_bwd`] overwriting the logits chunk with its gradient (saves a [n, ld] buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn xent_bwd_inplace<T: Dtype>(
+    dev: &CudaDevice,
+    logits: &mut CudaViewMut<'_, T>,
+    ld: usize,
+    v0: usize,
+    vc: usize,
+    targets: &CudaView<'_, i32>,
+    coef: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+) -> Result<(), CudaError> {
+    let (ptr, sync) = logits.device_ptr(dev.stream());
+    drop(sync);
+    xent_bwd_raw(dev, logits, ld, Some(ptr), None, ld, v0, vc, targets, coef, lse)
+}
+
+/// Per-token RL objective (loss = -sum objective); `a`/`b` are the variant's parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossVariant {
+    /// exp(lp - lp_sampler) * A.
+    ImportanceSampling,
+    /// min(r A, clamp(r, low, high) A).
+    Ppo { clip_low: f32, clip_high: f32 },
+    /// stopgrad(clamp(r, low, high)) A lp.
+    Cispo { clip_low: f32, clip_high: f32 },
+    /// lp A - beta/2 (lp - lp_sampler)^2.
+    Dro { beta: f32 },
+}
+
+impl LossVariant {
+    fn code(self) -> (i32, f32, f32) {
+        match self {
+            LossVariant::ImportanceSampling => (1, 0.0, 0.0),
+            LossVariant::Ppo { clip_low, clip_high } => (2, clip_low, clip_high),
+            LossVariant::Cispo { clip_low, clip_high } => (3, clip_low, clip_high),
+            LossVariant::Dro { beta } => (4, beta, 0.0),
+        }
+    }
+}
+
+/// loss[n] = -objective * w and coef[n] = d objective / d logprob * w (feed coef to
+/// [`xent_bwd`]). `weights` None means 1.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_fwd(
+    dev: &CudaDevice,
+    loss: &mut CudaViewMut<'_, f32>,
+    coef: &mut CudaViewMut<'_, f32>,
+    logprob: &CudaView<'_, f32>,
+    sampler_logprob: &CudaView<'_, f32>,
+    advantages: &CudaView<'_, f32>,
+    weights: Option<&CudaView<'_, f32>>,
+    variant: LossVariant,
+) -> Result<(), CudaError> {
+    let kn = "loss_fwd_f32";
+    let n = logprob.len();
+    for (name, len) in [
+        ("loss", loss.len()),
+        ("coef", coef.len()),
+        ("sampler_logprob", sampler_logprob.len()),
+        ("advantages", advantages.len()),
+    ] {
+        need_len(kn, name, len, n)?;
+    }
+    if let Some(w) = weights {
+        need_len(kn, "weights", w.len(), n)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let ni = int(kn, "n", n)?;
+    let (code, a, b) = variant.code();
+    let f = dev.function("loss.cu", kn)?;
+    let null: u64 = 0;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(loss).arg(coef).arg(logprob).arg(sampler_logprob).arg(advantages);
+    match weights {
+        Some(w) => l.arg(w),
+        None => l.arg(&null),
+    };
+    l.arg(&ni).arg(&code).arg(&a).arg(&b);
+    // SAFETY: all buffers hold n floats (checked); a null weights pointer means 1 in the kernel.
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// One AdamW step's hyper-parameters (Tinker AdamParams plus the step and the clip factor).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// 1-based step number (for bias correction).
+    pub step: u32,
+    /// Gradient multiplier: min(1, grad_clip_norm / global_norm), or 1.
+    pub grad_scale: f32,
+}
+
+/// In-place AdamW over flat f32 buffers p, g, m, v of equal length.
+pub fn adamw_fwd(
+    dev: &CudaDevice,
+    p: &mut CudaViewMut<'_, f32>,
+    g: &CudaView<'_, f32>,
+    m: &mut CudaViewMut<'_, f32>,
+    v: &mut CudaViewMut<'_, f32>,
+    h: &AdamStep,
+) -> Result<(), CudaError> {
+    let kn = "adamw_fwd_f32";
+    let n = p.len();
+    need_len(kn, "g", g.len(), n)?;
+    need_len(kn, "m", m.len(), n)?;
+    need_len(kn, "v", v.len(), n)?;
+    if h.step == 0 {
+        return Err(shape_err(kn, "step must be >= 1 (bias correction divides by 1 - beta^step)"));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step.min(i32::MAX as u32) as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step.min(i32::MAX as u32) as i32);
+    if bc1 <= 0.0 || bc2 <= 0.0 {
+        return Err(shape_err(kn, format!("beta1 {} / beta2 {} must be < 1", h.beta1, h.beta2)));
+    }
+    let (bc1, bc2) = (bc1 as f32, bc2 as f32);
+    let nl = long(kn, "n", n)?;
+    let f = dev.function("adamw.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(p).arg(g).arg(m).arg(v).arg(&nl);
+    l.arg(&h.lr)
+        .arg(&h.beta1)
+        .arg(&h.beta2)
+        .arg(&h.eps)
+        .arg(&h.weight_decay)
+        .arg(&bc1)
+        .arg(&bc2)
+        .arg(&h.grad_scale);
+    // SAFETY: p, g, m, v each hold n floats (checked).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// Per-row sampling parameters on the device, one entry per row.
+pub struct SampleParams<'a, 'b> {
+    /// Temperature; <= 0 means greedy.
+    pub temperature: &'a CudaView<'b, f32>,
+    /// Top-k; <= 0 or >= vocab disables.
+    pub top_k: &'a CudaView<'b, i32>,
+    /// Top-p; outside (0, 1) disables.
+    pub top_p: &'a CudaView<'b, f32>,
+    /// Uniform draws in [0, 1).
+    pub uniform: &'a CudaView<'b, f32>,
+}
+
+/// Samples one token per row of `logits` [B, ld] (first `vocab` columns) into `out` [B].
+pub fn sample_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, i32>,
+    logits: &CudaView<'_, T>,
+    ld: usize,
+    vocab: usize,
+    params: &SampleParams<'_, '_>,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "sample_fwd");
+    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
+    need_len(kn, "out", out.len(), b)?;
+    for (name, len) in [
+        ("temperature", params.temperature.len()),
+        ("top_k", params.top_k.len()),
+        ("top_p", params.top_p.len()),
+        ("uniform", params.uniform.len()),
+    ] {
+        need_len(kn, name, len, b)?;
+    }
+    if b == 0 {
+        return Ok(());
+    }
+    let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
+    let f = dev.function("sampling.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out)
+        .arg(logits)
+        .arg(&ldl)
+        .arg(&vi)
+        .arg(params.temperature)
+        .arg(params.top_k)
+        .arg(params.top_p)
+        .arg(params.uniform);
+    // SAFETY: logits [b, ld] with vocab <= ld, out and the four parameter arrays [b] (checked);
+    // the kernel is compiled with __launch_bounds__(1024) and uses only static shared memory.
+    unsafe { l.launch(row_cfg(kn, b, SAMPLE_THREADS)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Kernel launchers, one per kernel (llm.c's kernel + launcher pairs): each checks shapes and
+//! returns a typed error, owns its grid / block / shared-memory choice, and enqueues on the
+//! device stream. Inputs are `CudaView`s, outputs `CudaViewMut`s (take them with `.as_view()`,
+//! `.slice(..)`); nothing here synchronises.
+//!
+//! Kernel symbols are `<op>_<fwd|bwd>_<dtype>`; [`Dtype`] picks the suffix.
+
+mod attention;
+mod elementwise;
+mod gemm;
+mod layers;
+mod lora;
+mod loss;
+
+pub use attention::{
+    AttentionShape, DecodeShape, attention_bwd, attention_fwd, decode_attention_fwd, kv_append_fwd,
+};
+pub use elementwise::{add_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd};
+pub use gemm::{BLayout, matmul};
+pub use layers::{
+    embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope_bwd, rope_fwd, swiglu_bwd, swiglu_fwd,
+};
+pub use lora::{LoraLayout, lora_expand_fwd, lora_shrink_fwd, lora_wgrad_bwd};
+pub use loss::{
+    AdamStep, LossVariant, SampleParams, adamw_fwd, loss_fwd, sample_fwd, xent_bwd,
+    xent_bwd_inplace, xent_finish_fwd, xent_fwd,
+};
+
+use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
+use half::bf16;
+
+use super::CudaError;
+
+/// Storage dtypes the kernels are instantiated for.
+pub trait Dtype: DeviceRepr + Copy + Send + Sync + 'static {
+    /// Selects the `_bf16` symbol instead of `_f32`.
+    const IS_BF16: bool;
+}
+
+impl Dtype for f32 {
+    const IS_BF16: bool = false;
+}
+
+impl Dtype for bf16 {
+    const IS_BF16: bool = true;
+}
+
+/// `sym!(T, "rmsnorm_fwd")` is `"rmsnorm_fwd_bf16"` or `"rmsnorm_fwd_f32"`.
+macro_rules! sym {
+    ($t:ty, $op:literal) => {
+        if <$t as $crate::engine::cuda::launch::Dtype>::IS_BF16 {
+            concat!($op, "_bf16")
+        } else {
+            concat!($op, "_f32")
+        }
+    };
+}
+pub(crate) use sym;
+
+/// Threads per block of the grid-stride elementwise kernels.
+const EW_BLOCK: u32 = 256;
+/// Grid cap for grid-stride loops: enough blocks to fill any current GPU several times over.
+const EW_MAX_BLOCKS: usize = 8192;
+
+pub(crate) fn shape_err(kernel: &'static str, msg: impl Into<String>) -> CudaError {
+    CudaError::Shape { kernel, msg: msg.into() }
+}
+
+/// `v` as a kernel `int`.
+pub(crate) fn int(kernel: &'static str, name: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| shape_err(kernel, format!("{name} = {v} exceeds i32::MAX")))
+}
+
+/// `v` as a kernel `long long`.
+pub(crate) fn long(kernel: &'static str, name: &str, v: usize) -> Result<i64, CudaError> {
+    i64::try_from(v).map_err(|_| shape_err(kernel, format!("{name} = {v} exceeds i64::MAX")))
+}
+
+/// A buffer must hold exactly `want` elements.
+pub(crate) fn need_len(
+    kernel: &'static str,
+    name: &str,
+    have: usize,
+    want: usize,
+) -> Result<(), CudaError> {
+    if have == want {
+        Ok(())
+    } else {
+        Err(shape_err(kernel, format!("{name} has {have} elements, expected {want}")))
+    }
+}
+
+/// `n` elements through a grid-stride loop.
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(EW_BLOCK as usize).clamp(1, EW_MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `n` as a grid dimension (blocks along x may number up to 2^31 - 1, y and z up to 65535).
+pub(crate) fn grid_dim(
+    kernel: &'static str,
+    name: &str,
+    n: usize,
+    max: u32,
+) -> Result<u32, CudaError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&v| v <= max)
+        .ok_or_else(|| shape_err(kernel, format!("{name} = {n} exceeds the grid limit {max}")))
+}
+
+pub(crate) fn launch_err(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+    move |source| CudaError::Driver { context: format!("launching {kernel}"), source }
+}

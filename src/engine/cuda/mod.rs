@@ -1,0 +1,37 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled at run time by NVRTC for the
+//! device's exact `sm_XY` (CUBIN, cached per process), their Rust launchers, and the device
+//! wrapper (context, stream, cuBLAS).
+//!
+//! Everything here loads the CUDA libraries lazily (cudarc `dynamic-loading`), and every entry
+//! point first checks that the library is loadable, so a machine without CUDA gets a
+//! [`CudaError`] instead of cudarc's panic. The head process never calls into this module's
+//! device side: only children (started with `CUDA_VISIBLE_DEVICES`) create a [`CudaDevice`].
+//!
+//! | here | CPU analogue |
+//! |---|---|
+//! | [`CudaDevice`] | the thread pool + allocator |
+//! | `CudaSlice<T>` / `CudaView<T>` (cudarc) | `Vec<T>` / `&[T]` |
+//! | `launch::*` functions | the CPU twin functions (same shapes, same math) |
+//!
+//! Library versions: cudarc is built with the `cuda-13000` bindings because, with dynamic
+//! loading, the pinned major decides which sonames are searched: 13 searches `libnvrtc.so`,
+//! `.so.13`, `.so.12`, `.so.11`, ... (likewise cuBLAS), so both CUDA 13 hosts and the CUDA 12
+//! NVRTC wheel used in CI are found; the NVRTC / cuBLAS calls made here have the same ABI in
+//! 12 and 13. The driver must be at least as new as the NVRTC that built the CUBIN (driver
+//! 580 = CUDA 13.0 loads CUBIN from NVRTC 12.x and 13.0). `TWINKLE_NVRTC_LIB` names an exact
+//! libnvrtc to use.
+
+mod device;
+mod error;
+pub mod launch;
+mod nvrtc;
+
+pub use device::{CudaDevice, cublas_available, driver_available};
+pub use error::CudaError;
+pub use nvrtc::{
+    COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
+    nvrtc_available, nvrtc_version,
+};
+
+/// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
+pub use half::bf16;

@@ -1,0 +1,419 @@
+//! Kernel-vs-CPU parity tests for every CUDA kernel (f32 and bf16). The CPU references here are
+//! deliberately naive (f64, straight from the math), independent of the engine's CPU backend.
+//! Without a GPU each test prints why it skips and passes; `TWINKLE_REQUIRE_GPU=1` makes a
+//! missing GPU a failure (set it in GPU sessions).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, CudaStream};
+use twinkle::engine::cuda::launch::{self as k, Dtype};
+use twinkle::engine::cuda::{CudaDevice, CudaError, bf16};
+
+// ---------- harness ----------
+
+fn device(test: &str) -> Option<CudaDevice> {
+    match CudaDevice::new(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let required = std::env::var("TWINKLE_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            assert!(!required, "TWINKLE_REQUIRE_GPU=1 but no GPU: {e}");
+            eprintln!("SKIP {test}: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+trait TestT: Dtype + cudarc::driver::ValidAsZeroBits {
+    fn from_f(x: f64) -> Self;
+    fn to_f(self) -> f64;
+    /// (relative, absolute) tolerance for values of magnitude ~1.
+    const TOL: (f64, f64);
+}
+
+impl TestT for f32 {
+    fn from_f(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f(self) -> f64 {
+        self as f64
+    }
+    const TOL: (f64, f64) = (1e-4, 1e-5);
+}
+
+impl TestT for bf16 {
+    fn from_f(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_f(self) -> f64 {
+        self.to_f64()
+    }
+    const TOL: (f64, f64) = (2e-2, 2e-2);
+}
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| (self.uniform() * 2.0 - 1.0) * scale).collect()
+    }
+}
+
+/// Rounds through T, so the reference sees exactly what the GPU sees.
+fn rt<T: TestT>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| T::from_f(x).to_f()).collect()
+}
+
+fn up<T: TestT>(s: &Arc<CudaStream>, v: &[f64]) -> Result<CudaSlice<T>> {
+    Ok(s.clone_htod(&v.iter().map(|&x| T::from_f(x)).collect::<Vec<T>>())?)
+}
+
+fn up32(s: &Arc<CudaStream>, v: &[f64]) -> Result<CudaSlice<f32>> {
+    up::<f32>(s, v)
+}
+
+fn upi(s: &Arc<CudaStream>, v: &[i32]) -> Result<CudaSlice<i32>> {
+    Ok(s.clone_htod(v)?)
+}
+
+fn down<T: TestT>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Result<Vec<f64>> {
+    Ok(s.clone_dtoh(d)?.into_iter().map(|x| x.to_f()).collect())
+}
+
+fn close(name: &str, got: &[f64], want: &[f64], (rtol, atol): (f64, f64)) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let mut worst = (0.0, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if excess > worst.0 || g.is_nan() != w.is_nan() {
+            worst = (excess.max(f64::MIN_POSITIVE), i);
+        }
+    }
+    let i = worst.1;
+    assert!(
+        worst.0 <= 0.0,
+        "{name}[{i}]: got {} want {} (rtol {rtol}, atol {atol})",
+        got[i],
+        want[i]
+    );
+}
+
+/// Like [`close`] with the absolute tolerance scaled by the largest reference magnitude
+/// (gradients span orders of magnitude; bf16 error is relative to the tensor's scale).
+fn close_scaled(name: &str, got: &[f64], want: &[f64], (rtol, atol): (f64, f64)) {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    close(name, got, want, (rtol, atol.max(rtol) * scale));
+}
+
+// ---------- no GPU: errors, not panics ----------
+
+#[test]
+fn missing_driver_is_an_error_not_a_panic() {
+    if twinkle::engine::cuda::driver_available().is_ok() {
+        eprintln!("SKIP missing_driver_is_an_error_not_a_panic: a CUDA driver is present");
+        return;
+    }
+    let err = CudaDevice::new(0).unwrap_err();
+    assert!(matches!(err, CudaError::DriverNotFound), "{err}");
+    assert_eq!(CudaDevice::count(), 0);
+}
+
+// ---------- elementwise ----------
+
+fn elementwise<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(7);
+    let n = 5003; // not a multiple of 8: exercises the vector body and the scalar tail
+    let (a, b) = (rt::<T>(&r.vec(n, 3.0)), rt::<T>(&r.vec(n, 3.0)));
+    let (da, db) = (up::<T>(s, &a)?, up::<T>(s, &b)?);
+    let mut out = s.alloc_zeros::<T>(n)?;
+    k::add_fwd(dev, &mut out.as_view_mut(), &da.as_view(), &db.as_view())?;
+    let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    close("add", &down(s, &out)?, &want, T::TOL);
+    k::scale_fwd(dev, &mut out.as_view_mut(), -0.5)?;
+    close("scale", &down(s, &out)?, &want.iter().map(|x| -0.5 * x).collect::<Vec<_>>(), T::TOL);
+    Ok(())
+}
+
+#[test]
+fn elementwise_matches_cpu() -> Result<()> {
+    let Some(dev) = device("elementwise") else { return Ok(()) };
+    elementwise::<f32>(&dev)?;
+    elementwise::<bf16>(&dev)?;
+    let s = dev.stream();
+    // casts: bf16 round-to-nearest-even on exactly representable halfway points
+    let x = vec![1.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5, 65504.0];
+    let dx = up32(s, &x)?;
+    let mut h = s.alloc_zeros::<bf16>(x.len())?;
+    k::to_bf16_fwd(&dev, &mut h.as_view_mut(), &dx.as_view())?;
+    assert_eq!(down(s, &h)?, vec![1.0, 1.0, 1.0 + 4.0 / 256.0, -2.5, 65536.0]);
+    let mut back = s.alloc_zeros::<f32>(x.len())?;
+    k::to_f32_fwd(&dev, &mut back.as_view_mut(), &h.as_view())?;
+    assert_eq!(down(s, &back)?, vec![1.0, 1.0, 1.0 + 4.0 / 256.0, -2.5, 65536.0]);
+    // sum of squares of 1..=1000 = 333_833_500
+    let v: Vec<f64> = (1..=1000).map(|i| i as f64).collect();
+    let dv = up32(s, &v)?;
+    let mut acc = s.alloc_zeros::<f32>(1)?;
+    k::sumsq_fwd(&dev, &mut acc.as_view_mut(), &dv.as_view())?;
+    close("sumsq", &down(s, &acc)?, &[333_833_500.0], (1e-6, 0.0));
+    Ok(())
+}
+
+// ---------- embedding, rmsnorm, rope, swiglu ----------
+
+fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(11);
+    let (n, d, vocab) = (7, 96, 13);
+    // embedding (ids 13 and -1 are out of range: zero rows)
+    let table = rt::<T>(&r.vec(vocab * d, 1.0));
+    let ids = [3, 0, 12, 13, -1, 5, 3];
+    let (dt, di) = (up::<T>(s, &table)?, upi(s, &ids)?);
+    let mut emb = s.alloc_zeros::<T>(n * d)?;
+    k::embedding_fwd(dev, &mut emb.as_view_mut(), &dt.as_view(), &di.as_view(), d)?;
+    let tref = &table;
+    let want: Vec<f64> = ids
+        .iter()
+        .flat_map(|&id| {
+            (0..d).map(move |j| {
+                if (0..vocab as i32).contains(&id) { tref[id as usize * d + j] } else { 0.0 }
+            })
+        })
+        .collect();
+    assert_eq!(down(s, &emb)?, want, "embedding copies rows exactly");
+
+    // rmsnorm
+    let x = rt::<T>(&r.vec(n * d, 2.0));
+    let w = rt::<T>(&r.vec(d, 1.0));
+    let g = rt::<T>(&r.vec(n * d, 1.0));
+    let eps = 1e-6;
+    let (dx_, dw_, dg_) = (up::<T>(s, &x)?, up::<T>(s, &w)?, up::<T>(s, &g)?);
+    let mut y = s.alloc_zeros::<T>(n * d)?;
+    let mut rstd = s.alloc_zeros::<f32>(n)?;
+    k::rmsnorm_fwd(
+        dev,
+        &mut y.as_view_mut(),
+        &mut rstd.as_view_mut(),
+        &dx_.as_view(),
+        &dw_.as_view(),
+        eps as f32,
+    )?;
+    let mut dx = s.alloc_zeros::<T>(n * d)?;
+    k::rmsnorm_bwd(
+        dev,
+        &mut dx.as_view_mut(),
+        &dg_.as_view(),
+        &dx_.as_view(),
+        &dw_.as_view(),
+        &rstd.as_view(),
+    )?;
+    let (mut wy, mut wdx, mut wr) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
+    for i in 0..n {
+        let row = &x[i * d..(i + 1) * d];
+        let rs = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+        wr[i] = rs;
+        let dot: f64 = (0..d).map(|j| g[i * d + j] * w[j] * row[j]).sum();
+        for j in 0..d {
+            wy[i * d + j] = row[j] * rs * w[j];
+            wdx[i * d + j] = rs * (g[i * d + j] * w[j] - row[j] * rs * rs * dot / d as f64);
+        }
+    }
+    close("rmsnorm rstd", &down(s, &rstd)?, &wr, (1e-5, 1e-6));
+    close("rmsnorm y", &down(s, &y)?, &wy, T::TOL);
+    close("rmsnorm dx", &down(s, &dx)?, &wdx, T::TOL);
+
+    // rope: [n, heads, hd], positions into a table of 40
+    let (heads, hd, p) = (3, 32, 40);
+    let half = hd / 2;
+    let (mut cos, mut sin) = (vec![0.0; p * half], vec![0.0; p * half]);
+    for pos in 0..p {
+        for i in 0..half {
+            let ang = pos as f64 * 10000f64.powf(-(2.0 * i as f64) / hd as f64);
+            cos[pos * half + i] = (ang as f32).cos() as f64;
+            sin[pos * half + i] = (ang as f32).sin() as f64;
+        }
+    }
+    let pos = [0, 1, 2, 39, 17, 5, 6];
+    let q = rt::<T>(&r.vec(n * heads * hd, 1.0));
+    let (dq, dc, dsn, dp) = (up::<T>(s, &q)?, up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
+    let mut out = s.alloc_zeros::<T>(q.len())?;
+    k::rope_fwd(
+        dev,
+        &mut out.as_view_mut(),
+        &dq.as_view(),
+        &dc.as_view(),
+        &dsn.as_view(),
+        &dp.as_view(),
+        heads,
+        hd,
+    )?;
+    let mut back = s.alloc_zeros::<T>(q.len())?;
+    k::rope_bwd(
+        dev,
+        &mut back.as_view_mut(),
+        &dq.as_view(),
+        &dc.as_view(),
+        &dsn.as_view(),
+        &dp.as_view(),
+        heads,
+        hd,
+    )?;
+    let (mut wf, mut wb) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+    for t in 0..n {
+        for h in 0..heads {
+            let base = (t * heads + h) * hd;
+            for i in 0..half {
+                let (c, sn) = (cos[pos[t] as usize * half + i], sin[pos[t] as usize * half + i]);
+                let (x1, x2) = (q[base + i], q[base + i + half]);
+                wf[base + i] = x1 * c - x2 * sn;
+                wf[base + i + half] = x2 * c + x1 * sn;
+                wb[base + i] = x1 * c + x2 * sn;
+                wb[base + i + half] = x2 * c - x1 * sn;
+            }
+        }
+    }
+    close("rope fwd", &down(s, &out)?, &wf, T::TOL);
+    close("rope bwd", &down(s, &back)?, &wb, T::TOL);
+
+    // swiglu
+    let m = 3001;
+    let (ga, u, go) = (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
+    let (dga, du, dgo) = (up::<T>(s, &ga)?, up::<T>(s, &u)?, up::<T>(s, &go)?);
+    let mut o = s.alloc_zeros::<T>(m)?;
+    k::swiglu_fwd(dev, &mut o.as_view_mut(), &dga.as_view(), &du.as_view())?;
+    let (mut dgate, mut dup) = (s.alloc_zeros::<T>(m)?, s.alloc_zeros::<T>(m)?);
+    k::swiglu_bwd(
+        dev,
+        &mut dgate.as_view_mut(),
+        &mut dup.as_view_mut(),
+        &dgo.as_view(),
+        &dga.as_view(),
+        &du.as_view(),
+    )?;
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
+    let wdu: Vec<f64> = (0..m).map(|i| go[i] * ga[i] * sig(ga[i])).collect();
+    let wdg: Vec<f64> =
+        (0..m).map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i])))).collect();
+    close("swiglu", &down(s, &o)?, &wo, T::TOL);
+    close("swiglu dup", &down(s, &dup)?, &wdu, T::TOL);
+    close("swiglu dgate", &down(s, &dgate)?, &wdg, T::TOL);
+    Ok(())
+}
+
+#[test]
+fn layer_kernels_match_cpu() -> Result<()> {
+    let Some(dev) = device("layers") else { return Ok(()) };
+    layers::<f32>(&dev)?;
+    layers::<bf16>(&dev)
+}
+
+#[path = "cuda_gpu_ref/mod.rs"]
+mod refs;
+
+#[test]
+fn attention_matches_cpu() -> Result<()> {
+    let Some(dev) = device("attention") else { return Ok(()) };
+    refs::attention::<f32>(&dev, 64)?;
+    refs::attention::<f32>(&dev, 128)?;
+    refs::attention::<bf16>(&dev, 128)?;
+    refs::attention::<bf16>(&dev, 256)
+}
+
+#[test]
+fn decode_attention_matches_cpu() -> Result<()> {
+    let Some(dev) = device("decode") else { return Ok(()) };
+    refs::decode::<f32>(&dev)?;
+    refs::decode::<bf16>(&dev)
+}
+
+#[test]
+fn lora_matches_cpu() -> Result<()> {
+    let Some(dev) = device("lora") else { return Ok(()) };
+    refs::lora::<f32>(&dev)?;
+    refs::lora::<bf16>(&dev)
+}
+
+#[test]
+fn cross_entropy_and_losses_match_cpu() -> Result<()> {
+    let Some(dev) = device("xent") else { return Ok(()) };
+    refs::xent::<f32>(&dev)?;
+    refs::xent::<bf16>(&dev)?;
+    refs::losses(&dev)
+}
+
+#[test]
+fn adamw_matches_cpu() -> Result<()> {
+    let Some(dev) = device("adamw") else { return Ok(()) };
+    refs::adamw(&dev)
+}
+
+#[test]
+fn sampling_matches_cpu_definition() -> Result<()> {
+    let Some(dev) = device("sampling") else { return Ok(()) };
+    refs::sampling::<f32>(&dev)?;
+    refs::sampling::<bf16>(&dev)
+}
+
+fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(53);
+    let (m, n, kk) = (33, 20, 70);
+    let a = rt::<T>(&r.vec(m * kk, 1.0));
+    let b = rt::<T>(&r.vec(n * kk, 1.0));
+    let c0 = rt::<O>(&r.vec(m * n, 1.0));
+    let (da, db) = (up::<T>(s, &a)?, up::<T>(s, &b)?);
+    for layout in [k::BLayout::Nk, k::BLayout::Kn] {
+        // Nk: b is [n, k]; Kn: the same numbers read as [k, n]
+        let bij = |i: usize, j: usize| match layout {
+            k::BLayout::Nk => b[j * kk + i],
+            k::BLayout::Kn => b[i * n + j],
+        };
+        let want: Vec<f64> = (0..m * n)
+            .map(|x| 0.5 * (0..kk).map(|p| a[x / n * kk + p] * bij(p, x % n)).sum::<f64>() + c0[x])
+            .collect();
+        let mut dc = up::<O>(s, &c0)?;
+        k::matmul(
+            dev,
+            &mut dc.as_view_mut(),
+            &da.as_view(),
+            &db.as_view(),
+            layout,
+            (m, n, kk),
+            0.5,
+            1.0,
+        )?;
+        close_scaled(&format!("gemm {layout:?}"), &down(s, &dc)?, &want, O::TOL);
+    }
+    Ok(())
+}
+
+#[test]
+fn cublas_gemm_matches_cpu() -> Result<()> {
+    let Some(dev) = device("gemm") else { return Ok(()) };
+    gemm::<f32, f32>(&dev)?;
+    gemm::<bf16, bf16>(&dev)?;
+    gemm::<bf16, f32>(&dev)?;
+    let s = dev.stream();
+    let (a, b) = (s.alloc_zeros::<f32>(6)?, s.alloc_zeros::<f32>(6)?);
+    let mut c = s.alloc_zeros::<bf16>(4)?;
+    let err = k::matmul(
+        &dev,
+        &mut c.as_view_mut(),
+        &a.as_view(),
+        &b.as_view(),
+        k::BLayout::Nk,
+        (2, 2, 3),
+        1.0,
+        0.0,
+    );
+    assert!(matches!(err, Err(CudaError::Shape { .. })), "f32 -> bf16 must be refused");
+    Ok(())
+}

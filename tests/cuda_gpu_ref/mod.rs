@@ -1,0 +1,613 @@
+//! Parity checks (GPU vs naive f64 CPU references) for attention, decode, LoRA, losses, AdamW
+//! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
+
+use anyhow::Result;
+use twinkle::engine::cuda::CudaDevice;
+use twinkle::engine::cuda::launch::{
+    self as k, AdamStep, AttentionShape, DecodeShape, LoraLayout, LossVariant, SampleParams,
+};
+
+use super::{Rng, TestT, close, close_scaled, down, rt, up, up32, upi};
+
+/// Reference causal GQA attention for one packed batch: returns (out, lse, dq, dk, dv).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn attention_ref(
+    q: &[f64],
+    kk: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    cu: &[i32],
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let t = q.len() / (hq * hd);
+    let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; t * hq]);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; v.len()]);
+    let qi = |tok: usize, h: usize| (tok * hq + h) * hd;
+    let ki = |tok: usize, h: usize| (tok * hkv + h) * hd;
+    for b in 0..cu.len() - 1 {
+        let (s0, s1) = (cu[b] as usize, cu[b + 1] as usize);
+        for h in 0..hq {
+            let g = h / (hq / hkv);
+            for i in s0..s1 {
+                let sc: Vec<f64> = (s0..=i)
+                    .map(|j| {
+                        scale * (0..hd).map(|d| q[qi(i, h) + d] * kk[ki(j, g) + d]).sum::<f64>()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                let p: Vec<f64> = sc.iter().map(|s| (s - m).exp() / z).collect();
+                lse[i * hq + h] = m + z.ln();
+                for d in 0..hd {
+                    out[qi(i, h) + d] = (s0..=i).map(|j| p[j - s0] * v[ki(j, g) + d]).sum();
+                }
+                let dp: Vec<f64> = (s0..=i)
+                    .map(|j| (0..hd).map(|d| dout[qi(i, h) + d] * v[ki(j, g) + d]).sum())
+                    .collect();
+                let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in s0..=i {
+                    let ds = p[j - s0] * (dp[j - s0] - pdp);
+                    for d in 0..hd {
+                        dq[qi(i, h) + d] += scale * ds * kk[ki(j, g) + d];
+                        dk[ki(j, g) + d] += scale * ds * q[qi(i, h) + d];
+                        dv[ki(j, g) + d] += p[j - s0] * dout[qi(i, h) + d];
+                    }
+                }
+            }
+        }
+    }
+    (out, lse, dq, dk, dv)
+}
+
+pub fn attention<T: TestT>(dev: &CudaDevice, hd: usize) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(hd as u64 + 3);
+    let cu = [0, 5, 38, 55, 55]; // lengths 5, 33 (crosses a 32-key tile), 17, 0
+    let (hq, hkv, t) = (4, 2, 55);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = rt::<T>(&r.vec(t * hq * hd, 1.0));
+    let kk = rt::<T>(&r.vec(t * hkv * hd, 1.0));
+    let v = rt::<T>(&r.vec(t * hkv * hd, 1.0));
+    let dout = rt::<T>(&r.vec(t * hq * hd, 1.0));
+    let (wo, wl, wdq, wdk, wdv) = attention_ref(&q, &kk, &v, &dout, &cu, hq, hkv, hd, scale);
+    let (dq_, dk_, dv_, dd_, dcu) =
+        (up::<T>(s, &q)?, up::<T>(s, &kk)?, up::<T>(s, &v)?, up::<T>(s, &dout)?, upi(s, &cu)?);
+    let shape = AttentionShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: hd,
+        max_seqlen: 33,
+        scale: scale as f32,
+    };
+    let mut out = s.alloc_zeros::<T>(q.len())?;
+    let mut lse = s.alloc_zeros::<f32>(t * hq)?;
+    k::attention_fwd(
+        dev,
+        &mut out.as_view_mut(),
+        &mut lse.as_view_mut(),
+        &dq_.as_view(),
+        &dk_.as_view(),
+        &dv_.as_view(),
+        &dcu.as_view(),
+        &shape,
+    )?;
+    close_scaled(&format!("attention out hd{hd}"), &down(s, &out)?, &wo, T::TOL);
+    close(&format!("attention lse hd{hd}"), &down(s, &lse)?, &wl, (1e-4, 1e-4));
+    let (mut gq, mut gk, mut gv) =
+        (s.alloc_zeros::<T>(q.len())?, s.alloc_zeros::<T>(kk.len())?, s.alloc_zeros::<T>(v.len())?);
+    let (mut acc, mut delta) = (s.alloc_zeros::<f32>(q.len())?, s.alloc_zeros::<f32>(t * hq)?);
+    k::attention_bwd(
+        dev,
+        &mut gq.as_view_mut(),
+        &mut gk.as_view_mut(),
+        &mut gv.as_view_mut(),
+        &mut acc.as_view_mut(),
+        &mut delta.as_view_mut(),
+        &dd_.as_view(),
+        &dq_.as_view(),
+        &dk_.as_view(),
+        &dv_.as_view(),
+        &out.as_view(),
+        &lse.as_view(),
+        &dcu.as_view(),
+        &shape,
+    )?;
+    close_scaled(&format!("attention dq hd{hd}"), &down(s, &gq)?, &wdq, T::TOL);
+    close_scaled(&format!("attention dk hd{hd}"), &down(s, &gk)?, &wdk, T::TOL);
+    close_scaled(&format!("attention dv hd{hd}"), &down(s, &gv)?, &wdv, T::TOL);
+    Ok(())
+}
+
+pub fn decode<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(5);
+    let (hq, hkv, hd, bs, max_blocks, num_blocks) = (8, 2, 64, 16, 5, 16);
+    let lens = [1usize, 37, 70];
+    let tables: [[i32; 5]; 3] = [[9, 0, 0, 0, 0], [3, 14, 1, 0, 0], [2, 7, 11, 5, 12]];
+    let row = hkv * hd;
+    let ntok: usize = lens.iter().sum::<usize>() + 1;
+    let kv_k = rt::<T>(&r.vec(ntok * row, 1.0));
+    let kv_v = rt::<T>(&r.vec(ntok * row, 1.0));
+    let mut slots = Vec::new();
+    for (b, &len) in lens.iter().enumerate() {
+        for tpos in 0..len {
+            slots.push(tables[b][tpos / bs] * bs as i32 + (tpos % bs) as i32);
+        }
+    }
+    slots.push(-1); // padding token: must be skipped
+    let (dkk, dvv, dsl) = (up::<T>(s, &kv_k)?, up::<T>(s, &kv_v)?, upi(s, &slots)?);
+    let (mut kc, mut vc) =
+        (s.alloc_zeros::<T>(num_blocks * bs * row)?, s.alloc_zeros::<T>(num_blocks * bs * row)?);
+    k::kv_append_fwd(
+        dev,
+        &mut kc.as_view_mut(),
+        &mut vc.as_view_mut(),
+        &dkk.as_view(),
+        &dvv.as_view(),
+        &dsl.as_view(),
+        row,
+    )?;
+    let kc_host = down(s, &kc)?;
+    for (t, &slot) in slots.iter().enumerate().filter(|(_, sl)| **sl >= 0) {
+        assert_eq!(
+            &kc_host[slot as usize * row..(slot as usize + 1) * row],
+            &kv_k[t * row..(t + 1) * row],
+            "kv_append token {t}"
+        );
+    }
+    let q = rt::<T>(&r.vec(lens.len() * hq * hd, 1.0));
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut want = vec![0.0; q.len()];
+    let mut tok0 = 0;
+    for (b, &len) in lens.iter().enumerate() {
+        for h in 0..hq {
+            let g = h / (hq / hkv);
+            let qv = &q[(b * hq + h) * hd..(b * hq + h + 1) * hd];
+            let sc: Vec<f64> = (0..len)
+                .map(|j| {
+                    scale
+                        * (0..hd).map(|d| qv[d] * kv_k[(tok0 + j) * row + g * hd + d]).sum::<f64>()
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+            for d in 0..hd {
+                want[(b * hq + h) * hd + d] = (0..len)
+                    .map(|j| (sc[j] - m).exp() / z * kv_v[(tok0 + j) * row + g * hd + d])
+                    .sum();
+            }
+        }
+        tok0 += len;
+    }
+    let flat: Vec<i32> = tables.iter().flatten().copied().collect();
+    let ctx: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let (dq, dt, dc) = (up::<T>(s, &q)?, upi(s, &flat)?, upi(s, &ctx)?);
+    let mut out = s.alloc_zeros::<T>(q.len())?;
+    let shape = DecodeShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: hd,
+        block_size: bs,
+        max_blocks,
+        scale: scale as f32,
+    };
+    k::decode_attention_fwd(
+        dev,
+        &mut out.as_view_mut(),
+        &dq.as_view(),
+        &kc.as_view(),
+        &vc.as_view(),
+        &dt.as_view(),
+        &dc.as_view(),
+        &shape,
+    )?;
+    close_scaled("decode attention", &down(s, &out)?, &want, T::TOL);
+    Ok(())
+}
+
+pub fn lora<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(17);
+    let (n, kin, jout, rank, sc) = (37, 96, 80, 8, 2.0);
+    let a = r.vec(rank * kin, 0.5);
+    let b = r.vec(jout * rank, 0.5);
+    let x = rt::<T>(&r.vec(n * kin, 1.0));
+    let y0 = rt::<T>(&r.vec(n * jout, 1.0));
+    let dy = rt::<T>(&r.vec(n * jout, 1.0));
+    let h: Vec<f64> = (0..n * rank)
+        .map(|i| (0..kin).map(|j| x[i / rank * kin + j] * a[i % rank * kin + j]).sum())
+        .collect();
+    let y: Vec<f64> = (0..n * jout)
+        .map(|i| {
+            y0[i]
+                + sc * (0..rank)
+                    .map(|kk| h[i / jout * rank + kk] * b[i % jout * rank + kk])
+                    .sum::<f64>()
+        })
+        .collect();
+    let dh: Vec<f64> = (0..n * rank)
+        .map(|i| {
+            sc * (0..jout).map(|o| dy[i / rank * jout + o] * b[o * rank + i % rank]).sum::<f64>()
+        })
+        .collect();
+    let dx: Vec<f64> = (0..n * kin)
+        .map(|i| (0..rank).map(|kk| dh[i / kin * rank + kk] * a[kk * kin + i % kin]).sum())
+        .collect();
+    let da: Vec<f64> = (0..rank * kin)
+        .map(|i| (0..n).map(|t| dh[t * rank + i / kin] * x[t * kin + i % kin]).sum())
+        .collect();
+    let db: Vec<f64> = (0..jout * rank)
+        .map(|i| sc * (0..n).map(|t| dy[t * jout + i / rank] * h[t * rank + i % rank]).sum::<f64>())
+        .collect();
+
+    let (da_, db_, dx_, dy0_, ddy_) =
+        (up32(s, &a)?, up32(s, &b)?, up::<T>(s, &x)?, up::<T>(s, &y0)?, up::<T>(s, &dy)?);
+    let mut gh = s.alloc_zeros::<f32>(n * rank)?;
+    k::lora_shrink_fwd(
+        dev,
+        &mut gh.as_view_mut(),
+        &dx_.as_view(),
+        &da_.as_view(),
+        LoraLayout::Rows,
+        rank,
+        1.0,
+    )?;
+    close_scaled("lora h", &down(s, &gh)?, &h, T::TOL);
+    let mut gy = dy0_.clone();
+    k::lora_expand_fwd(
+        dev,
+        &mut gy.as_view_mut(),
+        &gh.as_view(),
+        &db_.as_view(),
+        LoraLayout::Cols,
+        rank,
+        sc as f32,
+    )?;
+    close_scaled("lora y", &down(s, &gy)?, &y, T::TOL);
+    let mut gdh = s.alloc_zeros::<f32>(n * rank)?;
+    k::lora_shrink_fwd(
+        dev,
+        &mut gdh.as_view_mut(),
+        &ddy_.as_view(),
+        &db_.as_view(),
+        LoraLayout::Cols,
+        rank,
+        sc as f32,
+    )?;
+    close_scaled("lora dh", &down(s, &gdh)?, &dh, T::TOL);
+    let mut gdx = s.alloc_zeros::<T>(n * kin)?;
+    k::lora_expand_fwd(
+        dev,
+        &mut gdx.as_view_mut(),
+        &gdh.as_view(),
+        &da_.as_view(),
+        LoraLayout::Rows,
+        rank,
+        1.0,
+    )?;
+    close_scaled("lora dx", &down(s, &gdx)?, &dx, T::TOL);
+    let (mut gda, mut gdb) =
+        (s.alloc_zeros::<f32>(rank * kin)?, s.alloc_zeros::<f32>(jout * rank)?);
+    k::lora_wgrad_bwd(
+        dev,
+        &mut gda.as_view_mut(),
+        &gdh.as_view(),
+        &dx_.as_view(),
+        LoraLayout::Rows,
+        rank,
+        1.0,
+    )?;
+    k::lora_wgrad_bwd(
+        dev,
+        &mut gdb.as_view_mut(),
+        &gh.as_view(),
+        &ddy_.as_view(),
+        LoraLayout::Cols,
+        rank,
+        sc as f32,
+    )?;
+    close_scaled("lora dA", &down(s, &gda)?, &da, T::TOL);
+    close_scaled("lora dB", &down(s, &gdb)?, &db, T::TOL);
+    Ok(())
+}
+
+pub fn xent<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(23);
+    let (n, vocab, ld, kt) = (6, 300, 128, 2);
+    let logits = rt::<T>(&r.vec(n * vocab, 4.0));
+    let targets: Vec<i32> = vec![0, 299, 128, 127, 5, -1, 200, 200, 42, 7, 256, 1];
+    let coef = r.vec(n * kt, 1.0);
+    let (mut lse, mut lp, mut grad) = (vec![0.0; n], vec![0.0; n * kt], vec![0.0; n * vocab]);
+    for i in 0..n {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        lse[i] = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        for kk in 0..kt {
+            let t = targets[i * kt + kk];
+            if t >= 0 {
+                lp[i * kt + kk] = row[t as usize] - lse[i];
+                grad[i * vocab + t as usize] -= coef[i * kt + kk];
+            }
+        }
+        let csum: f64 =
+            (0..kt).filter(|&kk| targets[i * kt + kk] >= 0).map(|kk| coef[i * kt + kk]).sum();
+        for v in 0..vocab {
+            grad[i * vocab + v] += csum * (row[v] - lse[i]).exp();
+        }
+    }
+    let (dt, dcoef) = (upi(s, &targets)?, up32(s, &coef)?);
+    let (mut m, mut sm, mut tg) =
+        (s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n * kt)?);
+    let mut chunks = Vec::new();
+    for (ci, v0) in (0..vocab).step_by(ld).enumerate() {
+        let vc = ld.min(vocab - v0);
+        let mut buf = vec![0.0; n * ld];
+        for i in 0..n {
+            buf[i * ld..i * ld + vc].copy_from_slice(&logits[i * vocab + v0..i * vocab + v0 + vc]);
+        }
+        let d = up::<T>(s, &buf)?;
+        k::xent_fwd(
+            dev,
+            &mut m.as_view_mut(),
+            &mut sm.as_view_mut(),
+            &mut tg.as_view_mut(),
+            &d.as_view(),
+            ld,
+            v0,
+            vc,
+            &dt.as_view(),
+            ci == 0,
+        )?;
+        chunks.push((v0, vc, d));
+    }
+    let (mut glse, mut glp) = (s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n * kt)?);
+    k::xent_finish_fwd(
+        dev,
+        &mut glse.as_view_mut(),
+        &mut glp.as_view_mut(),
+        &m.as_view(),
+        &sm.as_view(),
+        &tg.as_view(),
+        &dt.as_view(),
+    )?;
+    close("xent lse", &down(s, &glse)?, &lse, (1e-5, 1e-4));
+    close("xent logprob", &down(s, &glp)?, &lp, (1e-5, 1e-4));
+    for (idx, (v0, vc, mut d)) in chunks.into_iter().enumerate() {
+        let got = if idx == 0 {
+            let mut out = s.alloc_zeros::<T>(n * ld)?;
+            k::xent_bwd(
+                dev,
+                &mut out.as_view_mut(),
+                ld,
+                &d.as_view(),
+                ld,
+                v0,
+                vc,
+                &dt.as_view(),
+                &dcoef.as_view(),
+                &glse.as_view(),
+            )?;
+            down(s, &out)?
+        } else {
+            k::xent_bwd_inplace(
+                dev,
+                &mut d.as_view_mut(),
+                ld,
+                v0,
+                vc,
+                &dt.as_view(),
+                &dcoef.as_view(),
+                &glse.as_view(),
+            )?;
+            down(s, &d)?
+        };
+        for i in 0..n {
+            close_scaled(
+                &format!("xent dlogits row {i} chunk {idx}"),
+                &got[i * ld..i * ld + vc],
+                &grad[i * vocab + v0..i * vocab + v0 + vc],
+                T::TOL,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (logprob, sampler logprob, advantage) -> (objective, d objective / d logprob).
+type Objective = fn(f64, f64, f64) -> (f64, f64);
+
+pub fn losses(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let lp = [-1.0, -0.5, -2.0, -0.1, -3.0];
+    let slp = [-1.2, -0.5, -1.0, -0.9, -2.0];
+    let adv = [1.0, -1.0, 2.0, -0.5, 0.0];
+    let w = [1.0, 1.0, 0.5, 1.0, 2.0];
+    let (dl, ds, da, dw) = (up32(s, &lp)?, up32(s, &slp)?, up32(s, &adv)?, up32(s, &w)?);
+    let cases: [(LossVariant, Objective); 4] = [
+        (LossVariant::ImportanceSampling, |l, s, a| {
+            let r = (l - s).exp();
+            (r * a, r * a)
+        }),
+        (LossVariant::Ppo { clip_low: 0.8, clip_high: 1.2 }, |l, s, a| {
+            let r = (l - s).exp();
+            let (un, cl) = (r * a, r.clamp(0.8, 1.2) * a);
+            (un.min(cl), if un <= cl || (0.8..=1.2).contains(&r) { r * a } else { 0.0 })
+        }),
+        (LossVariant::Cispo { clip_low: 0.0, clip_high: 4.0 }, |l, s, a| {
+            let rc = (l - s).exp().clamp(0.0, 4.0);
+            (rc * a * l, rc * a)
+        }),
+        (LossVariant::Dro { beta: 0.1 }, |l, s, a| {
+            (l * a - 0.05 * (l - s) * (l - s), a - 0.1 * (l - s))
+        }),
+    ];
+    for (variant, f) in cases {
+        let (mut loss, mut coef) = (s.alloc_zeros::<f32>(5)?, s.alloc_zeros::<f32>(5)?);
+        k::loss_fwd(
+            dev,
+            &mut loss.as_view_mut(),
+            &mut coef.as_view_mut(),
+            &dl.as_view(),
+            &ds.as_view(),
+            &da.as_view(),
+            Some(&dw.as_view()),
+            variant,
+        )?;
+        let want: Vec<(f64, f64)> = (0..5).map(|i| f(lp[i], slp[i], adv[i])).collect();
+        close(
+            &format!("{variant:?} loss"),
+            &down(s, &loss)?,
+            &want.iter().enumerate().map(|(i, o)| -o.0 * w[i]).collect::<Vec<_>>(),
+            (1e-5, 1e-6),
+        );
+        close(
+            &format!("{variant:?} coef"),
+            &down(s, &coef)?,
+            &want.iter().enumerate().map(|(i, o)| o.1 * w[i]).collect::<Vec<_>>(),
+            (1e-5, 1e-6),
+        );
+    }
+    Ok(())
+}
+
+pub fn adamw(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(31);
+    let n = 1001; // vector body + scalar tail
+    let mut p = r.vec(n, 1.0);
+    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+    let (dp, mut dm, mut dv) = (up32(s, &p)?, s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n)?);
+    let mut dp = dp;
+    for step in 1..=3u32 {
+        let g = r.vec(n, 0.1);
+        let dg = up32(s, &g)?;
+        let h = AdamStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+            grad_scale: 0.5,
+        };
+        k::adamw_fwd(
+            dev,
+            &mut dp.as_view_mut(),
+            &dg.as_view(),
+            &mut dm.as_view_mut(),
+            &mut dv.as_view_mut(),
+            &h,
+        )?;
+        let (b1, b2, lr, wd): (f64, f64, f64, f64) = (0.9, 0.95, 1e-2, 0.1);
+        for i in 0..n {
+            let gi = g[i] as f32 as f64 * 0.5;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let (mh, vh) =
+                (m[i] / (1.0 - b1.powi(step as i32)), v[i] / (1.0 - b2.powi(step as i32)));
+            p[i] = p[i] * (1.0 - lr * wd) - lr * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+    close("adamw p", &down(s, &dp)?, &p, (1e-5, 1e-6));
+    close("adamw m", &down(s, &dm)?, &m, (1e-5, 1e-7));
+    close("adamw v", &down(s, &dv)?, &v, (1e-4, 1e-9));
+    Ok(())
+}
+
+/// The sampling definition on the CPU, in f64 over the f32 scaled logits. Returns the token and
+/// whether the draw is robust (no cumulative boundary within 1e-4 of a threshold, where f32
+/// summation order could legitimately flip the answer).
+fn sample_ref(logits: &[f64], t: f64, top_k: i32, top_p: f64, u: f64) -> (usize, bool) {
+    let vocab = logits.len();
+    let argmax = |x: &[f32]| (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b });
+    let raw: Vec<f32> = logits.iter().map(|&l| l as f32).collect();
+    if t <= 0.0 {
+        return (argmax(&raw), true);
+    }
+    let x: Vec<f32> = raw.iter().map(|&l| l / t as f32).collect();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    if top_k > 0 && (top_k as usize) < vocab {
+        order.truncate(top_k as usize);
+    }
+    let mx = x[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| (x[i] as f64 - mx).exp()).collect();
+    let mut robust = true;
+    let near = |a: f64, b: f64, z: f64| (a - b).abs() < 1e-4 * z;
+    if top_p > 0.0 && top_p < 1.0 {
+        let z: f64 = probs.iter().sum();
+        let target = top_p * z;
+        let mut cum = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= target {
+                robust &= !near(cum, target, z) && !near(cum - p, target, z);
+                probs.truncate(i + 1);
+                break;
+            }
+        }
+    }
+    let z: f64 = probs.iter().sum();
+    let target = u * z;
+    let mut cum = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        cum += p;
+        if cum > target {
+            robust &= !near(cum, target, z) && !near(cum - p, target, z);
+            return (order[i], robust);
+        }
+    }
+    (order[probs.len() - 1], false)
+}
+
+/// (logits, temperature, top_k, top_p, uniform, hand-derived token).
+type SampleCase = (Vec<f64>, f64, i32, f64, f64, Option<usize>);
+
+pub fn sampling<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(41);
+    // hand-checked rows: ties go to the lowest index
+    let mut rows: Vec<SampleCase> = vec![
+        (vec![1.0, 3.0, 3.0, 2.0], 0.0, 0, 1.0, 0.5, Some(1)),
+        (vec![1.0, 3.0, 3.0, 2.0], 1.0, 1, 1.0, 0.99, Some(1)),
+        (vec![1.0, 3.0, 3.0, 2.0], 1.0, 2, 1.0, 0.75, Some(2)), // two equal tokens: u >= 0.5 -> second
+        // p = 0.3 over four equal probabilities keeps two (0.25 < 0.3 <= 0.5); u = 0.9 -> the 2nd
+        (vec![0.0, 0.0, 0.0, 0.0], 1.0, 0, 0.3, 0.9, Some(1)),
+    ];
+    for vocab in [1000usize, 50_000] {
+        for _ in 0..12 {
+            let l = r.vec(vocab, 6.0);
+            let t = [0.0, 0.7, 1.0, 1.5][(r.uniform() * 4.0) as usize];
+            let kk = [0, 1, 5, 50, vocab as i32][(r.uniform() * 5.0) as usize];
+            let p = [1.0, 0.9, 0.5, 0.05][(r.uniform() * 4.0) as usize];
+            rows.push((l, t, kk, p, r.uniform(), None));
+        }
+    }
+    for (ri, (l, t, kk, p, u, expect)) in rows.iter().enumerate() {
+        let l = rt::<T>(l);
+        let (want, robust) = sample_ref(&l, *t, *kk, *p, *u);
+        if let Some(e) = expect {
+            assert_eq!(want, *e, "reference disagrees with hand-derived row {ri}");
+        }
+        if !robust {
+            continue;
+        }
+        let dl = up::<T>(s, &l)?;
+        let (dt, dk, dp, du) = (up32(s, &[*t])?, upi(s, &[*kk])?, up32(s, &[*p])?, up32(s, &[*u])?);
+        let mut out = s.alloc_zeros::<i32>(1)?;
+        let params = SampleParams {
+            temperature: &dt.as_view(),
+            top_k: &dk.as_view(),
+            top_p: &dp.as_view(),
+            uniform: &du.as_view(),
+        };
+        k::sample_fwd(dev, &mut out.as_view_mut(), &dl.as_view(), l.len(), l.len(), &params)?;
+        let got = s.clone_dtoh(&out)?[0];
+        assert_eq!(got as usize, want, "row {ri}: T {t} k {kk} p {p} u {u}");
+    }
+    Ok(())
+}
