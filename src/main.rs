@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,115 @@ enum Command {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Run the whole platform on this machine: head, gateway and one child per application.
+    Serve {
+        #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
+        config: PathBuf,
+        /// Overrides the config's `server_type`.
+        #[arg(short = 't', long, value_enum)]
+        server_type: Option<ServerTypeArg>,
+        /// Namespace shown in status (Ray's `--namespace`; informational on one machine).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Log filter, e.g. `info`, `debug`, `twinkle=debug` (RUST_LOG syntax).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// GPUs this node offers (default: what NVML reports, limited by CUDA_VISIBLE_DEVICES).
+        #[arg(long)]
+        num_gpus: Option<u32>,
+        /// CPUs this node offers (default: the CPUs the OS reports).
+        #[arg(long)]
+        num_cpus: Option<f64>,
+        /// Loopback port of the control plane (default: any free port).
+        #[arg(long, default_value_t = 0)]
+        control_port: u16,
+    },
+    /// Show the running server's nodes and applications (like `ray status`).
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Control address `HOST:PORT` (default: from `$TWINKLE_HOME/serve.json`).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Internal: one application child, started by `twinkle serve`.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        app: String,
+        #[arg(long, value_enum)]
+        import_path: ImportPathArg,
+        #[arg(long, default_value = "/")]
+        route_prefix: String,
+        #[arg(long, value_enum, default_value = "twinkle")]
+        server_type: ServerTypeArg,
+        /// The head's control address.
+        #[arg(long)]
+        head: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Seconds to keep retrying the registration.
+        #[arg(long, env = "TWINKLE_REGISTER_DEADLINE_S", default_value_t = 60.0)]
+        register_deadline_s: f64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ServerTypeArg {
+    Twinkle,
+    Tinker,
+}
+
+impl From<ServerTypeArg> for twinkle::config::ServerType {
+    fn from(t: ServerTypeArg) -> Self {
+        match t {
+            ServerTypeArg::Twinkle => Self::Twinkle,
+            ServerTypeArg::Tinker => Self::Tinker,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ImportPathArg {
+    Server,
+    Model,
+    Sampler,
+    Processor,
+}
+
+impl From<ImportPathArg> for twinkle::config::ImportPath {
+    fn from(t: ImportPathArg) -> Self {
+        match t {
+            ImportPathArg::Server => Self::Server,
+            ImportPathArg::Model => Self::Model,
+            ImportPathArg::Sampler => Self::Sampler,
+            ImportPathArg::Processor => Self::Processor,
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
+    let addr = match address {
+        Some(a) => a,
+        None => twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
+            .control_address,
+    };
+    let report = actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", twinkle::head::status_cli::render(&report));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -38,5 +147,74 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Serve {
+            config,
+            server_type,
+            namespace,
+            log_level,
+            num_gpus,
+            num_cpus,
+            control_port,
+        } => {
+            init_logging(&log_level);
+            let opts = twinkle::node::serve::ServeOptions {
+                config_path: config,
+                server_type: server_type.map(Into::into),
+                namespace,
+                num_gpus,
+                num_cpus,
+                control_port,
+                log_level,
+            };
+            match twinkle::node::serve::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("twinkle serve: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Status { json, address } => match status(json, address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinkle status: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Worker {
+            app,
+            import_path,
+            route_prefix,
+            server_type,
+            head,
+            config,
+            log_level,
+            register_deadline_s,
+        } => {
+            init_logging(&log_level);
+            let deadline = if register_deadline_s.is_finite() && register_deadline_s > 0.0 {
+                std::time::Duration::from_secs_f64(register_deadline_s)
+            } else {
+                std::time::Duration::from_secs(60)
+            };
+            let opts = twinkle::worker::WorkerOptions {
+                app,
+                import_path: import_path.into(),
+                route_prefix,
+                server_type: server_type.into(),
+                head,
+                config,
+                register_deadline: deadline,
+            };
+            match twinkle::worker::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("twinkle worker: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
     }
 }
