@@ -113,10 +113,18 @@ impl From<ImportPathArg> for twinkle::config::ImportPath {
     }
 }
 
+/// Logs to stderr. A bare level (`info`) also quiets actix's per-worker start/stop lines.
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    use std::io::IsTerminal as _;
+    let spec =
+        if level.contains('=') { level.to_string() } else { format!("{level},actix_server=warn") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {

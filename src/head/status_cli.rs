@@ -23,8 +23,10 @@ pub async fn fetch(addr: &str) -> Result<StatusReport, HeadError> {
     serde_json::from_slice(&body).map_err(|e| unreachable(format!("bad status JSON: {e}")))
 }
 
+/// Resources are fixed-point 1/10000 units: print at most 4 decimals, no float noise.
 fn fmt_num(x: f64) -> String {
-    if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x}") }
+    let s = format!("{x:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 fn fmt_ids(ids: &[u32]) -> String {
