@@ -130,8 +130,10 @@ fn init_logging(level: &str) {
 fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
     let addr = match address {
         Some(a) => a,
-        None => twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
-            .control_address,
+        None => {
+            twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
+                .control_address
+        }
     };
     let report = actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr))?;
     if json {

@@ -98,7 +98,8 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
     assert_eq!(r.json()?["status"], "ok");
 
     // (e) a 1 MB binary body passes through unchanged, both ways.
-    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let body: Vec<u8> =
+        (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let r = http(
         "POST",
         &serve.gateway,

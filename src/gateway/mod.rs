@@ -43,7 +43,8 @@ pub fn start(
     routes: RouteTable,
     registry: SharedRegistry,
 ) -> Result<(Server, SocketAddr), GatewayError> {
-    let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let addr =
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     let bind_err = |source| GatewayError::Bind { addr: addr.clone(), source };
     let listener = TcpListener::bind(&addr).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;

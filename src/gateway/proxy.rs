@@ -15,11 +15,7 @@ const RETRY_AFTER_S: &str = "1";
 /// The upstream client of one gateway worker thread: no timeout (Tinker futures long-poll), no
 /// redirects followed, no headers added.
 pub fn client() -> awc::Client {
-    awc::Client::builder()
-        .disable_timeout()
-        .disable_redirects()
-        .no_default_headers()
-        .finish()
+    awc::Client::builder().disable_timeout().disable_redirects().no_default_headers().finish()
 }
 
 /// RFC 9110 §7.6.1 connection-specific headers, which a proxy must not forward.
@@ -62,28 +58,28 @@ fn error_json(status: StatusCode, body: serde_json::Value) -> HttpResponse {
 }
 
 fn unavailable(app: &str, state: &str, path: &str) -> HttpResponse {
-    HttpResponse::ServiceUnavailable()
-        .insert_header((header::RETRY_AFTER, RETRY_AFTER_S))
-        .json(json!({
+    HttpResponse::ServiceUnavailable().insert_header((header::RETRY_AFTER, RETRY_AFTER_S)).json(
+        json!({
             "detail": format!("application {app:?} is {state}; retry shortly"),
             "app": app,
             "state": state,
             "path": path,
-        }))
+        }),
+    )
 }
 
 /// `GET /healthz` of the gateway itself: 200 `ok` when every application is running, else 503
 /// `degraded` with each application's state.
 pub async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
     let report = registry::read(&state.registry).snapshot();
-    let apps: serde_json::Map<String, serde_json::Value> = report
-        .applications
-        .iter()
-        .map(|a| (a.name.clone(), json!(a.state.as_str())))
-        .collect();
+    let apps: serde_json::Map<String, serde_json::Value> =
+        report.applications.iter().map(|a| (a.name.clone(), json!(a.state.as_str()))).collect();
     let all_up = report.applications.iter().all(|a| a.state == AppState::Running);
     let status = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    error_json(status, json!({"status": if all_up { "ok" } else { "degraded" }, "applications": apps}))
+    error_json(
+        status,
+        json!({"status": if all_up { "ok" } else { "degraded" }, "applications": apps}),
+    )
 }
 
 /// Every other request: find the application, forward, stream the answer back.

@@ -55,7 +55,7 @@ impl RouteTable {
             }
             routes.push(Route { prefix, app: app.to_string() });
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Self { routes })
     }
 
@@ -95,7 +95,10 @@ mod tests {
             app_of(&t, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct/forward").as_deref(),
             Some("model")
         );
-        assert_eq!(app_of(&t, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct").as_deref(), Some("model"));
+        assert_eq!(
+            app_of(&t, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct").as_deref(),
+            Some("model")
+        );
         // Not a segment boundary: falls back to the shorter prefix.
         assert_eq!(
             app_of(&t, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct-2/x").as_deref(),

@@ -199,7 +199,8 @@ impl Registry {
 
     /// Accepts a registration from the current child of `req.app`; returns its address.
     pub fn register(&mut self, req: &RegisterRequest) -> Result<String, RegisterError> {
-        let e = self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
+        let e =
+            self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
         if e.token.as_deref() != Some(req.token.as_str()) {
             return Err(RegisterError::BadToken(req.app.clone()));
         }

@@ -80,8 +80,10 @@ pub fn write(home: &Path, rec: &ServeRecord) -> Result<(), HeadError> {
     std::fs::create_dir_all(home).map_err(io_err(home))?;
     let path = serve_file(home);
     let tmp = home.join(format!("serve.json.{}.tmp", std::process::id()));
-    let text = serde_json::to_string_pretty(rec)
-        .map_err(|source| HeadError::StateFileFormat { path: path.display().to_string(), source })?;
+    let text = serde_json::to_string_pretty(rec).map_err(|source| HeadError::StateFileFormat {
+        path: path.display().to_string(),
+        source,
+    })?;
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }

@@ -50,18 +50,12 @@ pub fn render(s: &StatusReport) -> String {
     let _ = writeln!(out, "\nNodes");
     let _ = writeln!(out, "------");
     for n in &s.nodes {
-        let get = |m: &std::collections::BTreeMap<String, f64>, k: &str| {
-            m.get(k).copied().unwrap_or(0.0)
-        };
+        let get =
+            |m: &std::collections::BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
         let (cpu_t, gpu_t) = (get(&n.resources, "CPU"), get(&n.resources, "GPU"));
         let (cpu_f, gpu_f) = (get(&n.available, "CPU"), get(&n.available, "GPU"));
-        let _ = writeln!(
-            out,
-            " {} ({}) {}",
-            n.id,
-            n.address,
-            if n.alive { "alive" } else { "DEAD" }
-        );
+        let _ =
+            writeln!(out, " {} ({}) {}", n.id, n.address, if n.alive { "alive" } else { "DEAD" });
         let _ = writeln!(
             out,
             "   {}/{} CPU   {}/{} GPU used   GPU ids [{}]",

@@ -12,9 +12,9 @@ use super::supervise::{ChildSpec, RestartPolicy, supervise};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
 use crate::gateway::{self, RouteTable};
+use crate::head::control;
 use crate::head::registry::{self, AppState, AppStatus, NodeStatus, Registry};
 use crate::head::state_file::{self, ServeRecord};
-use crate::head::control;
 use crate::worker::APP_SPEC_ENV;
 
 /// Command-line options of `twinkle serve`.

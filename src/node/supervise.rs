@@ -112,8 +112,7 @@ impl ChildSpec {
             cmd.pre_exec(move || {
                 // The signal fires when the *thread* that forked exits; spawns happen on the
                 // serve process's main runtime thread, which lives until serve exits.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0)
-                    != 0
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -87,7 +87,12 @@ pub struct Serve {
 
 impl Serve {
     /// Writes `config` into a temp dir and starts `twinkle serve` with its own TWINKLE_HOME.
-    pub fn start(config: &str, gateway_port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start(
+        config: &str,
+        gateway_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("server_config.yaml");
         std::fs::write(&cfg, config)?;
@@ -149,7 +154,9 @@ impl Serve {
             let apps = st["applications"].as_array()?;
             apps.iter().all(|a| a["state"] == "running").then_some(st)
         })
-        .with_context(|| format!("applications not all running; serve log:\n{}", self.log_text()))?;
+        .with_context(|| {
+            format!("applications not all running; serve log:\n{}", self.log_text())
+        })?;
         self.remember(&st);
         Ok(st)
     }
@@ -253,7 +260,13 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// One HTTP/1.1 request with `Connection: close`, read to the end.
-pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Resp> {
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -268,13 +281,16 @@ pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)], body
     s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no header end"))?;
+    let end =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no header end"))?;
     let head = std::str::from_utf8(&raw[..end])?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let status: u16 = status_line.split(' ').nth(1).unwrap_or("").parse()?;
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let rest = &raw[end + 4..];
     let chunked = headers
