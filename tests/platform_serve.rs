@@ -111,6 +111,37 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
     assert_eq!(r.header("content-type"), Some("application/octet-stream"));
     ensure!(r.body == body, "echoed body differs ({} bytes back)", r.body.len());
 
+    // A chunked upload (no Content-Length) is streamed through as well.
+    let mut chunked = Vec::new();
+    for part in body.chunks(300_000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = http(
+        "POST",
+        &serve.gateway,
+        "/api/v1/echo",
+        &[("Transfer-Encoding", "chunked")],
+        &chunked,
+    )?;
+    assert_eq!(r.status, 200);
+    ensure!(r.body == body, "chunked echo differs ({} bytes back)", r.body.len());
+
+    // Children's environment: scheduler's cards, PCI order, runtime_env, serve's TWINKLE_*.
+    let model_pid = model["pid"].as_u64().context("pid")? as u32;
+    let env = environ(model_pid)?;
+    let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(var("CUDA_VISIBLE_DEVICES"), Some(gpu_csv(model)));
+    assert_eq!(var("CUDA_DEVICE_ORDER").as_deref(), Some("PCI_BUS_ID"));
+    assert_eq!(var("TWINKLE_TEST_MARKER").as_deref(), Some("model-env"));
+    assert_eq!(var("TWINKLE_TRUST_REMOTE_CODE").as_deref(), Some("0"));
+    let server_pid = server["pid"].as_u64().context("pid")? as u32;
+    let env = environ(server_pid)?;
+    ensure!(env.iter().any(|(k, v)| k == "CUDA_VISIBLE_DEVICES" && v.is_empty()), "server env");
+    ensure!(!env.iter().any(|(k, _)| k == "TWINKLE_TEST_MARKER"), "runtime_env leaked to server");
+
     // Human status lists the node totals and every application.
     let text = serve.status_text()?;
     ensure!(text.contains("0.3/4 CPU   3/8 GPU used"), "{text}");
@@ -194,6 +225,50 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
     assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
     assert_tree_gone(serve_pid, &pids)?;
     ensure!(serve.log_text().contains("killed after"), "log:\n{}", serve.log_text());
+    Ok(())
+}
+
+#[test]
+fn children_die_with_a_killed_serve() -> Result<()> {
+    let port = free_port()?;
+    let mut serve = Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[])?;
+    serve.wait_all_running(STARTUP)?;
+    let pids = serve.known_pids.clone();
+    assert_eq!(pids.len(), 3);
+    // SIGKILL: no handler runs; only the children's parent-death signal can stop them.
+    let _ = serve.stop(Signal::SIGKILL, Duration::from_secs(30))?;
+    poll(Duration::from_secs(10), || pids.iter().all(|p| !pid_running(*p)).then_some(()))
+        .with_context(|| format!("children {pids:?} outlived a killed serve"))?;
+    Ok(())
+}
+
+#[test]
+fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
+    let port = free_port()?;
+    let mut serve = Serve::start(
+        &tinker_config(port),
+        port,
+        &["--num-gpus", "3"],
+        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"), ("TWINKLE_REGISTER_DEADLINE_S", "1")],
+    )?;
+    let st = poll(STARTUP, || {
+        let st = serve.status_json().ok()?;
+        apps(&st).iter().all(|a| a["restarts"].as_u64() >= Some(1)).then_some(st)
+    })
+    .with_context(|| format!("no restart after a missed deadline; log:\n{}", serve.log_text()))?;
+    serve.remember(&st);
+    for a in apps(&st) {
+        let why = a["last_exit"].as_str().unwrap_or_default();
+        ensure!(why.starts_with("did not register within 1s"), "{a}");
+        ensure!(a["state"] != "running", "{a}");
+    }
+    let r = get(&serve.gateway, "/api/v1/healthz")?;
+    assert_eq!(r.status, 503);
+    let serve_pid = serve.pid();
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    let pids = serve.known_pids.clone();
+    assert_tree_gone(serve_pid, &pids)?;
     Ok(())
 }
 
