@@ -273,6 +273,35 @@ fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
 }
 
 #[test]
+fn second_signal_skips_the_grace_period() -> Result<()> {
+    let port = free_port()?;
+    let mut serve = Serve::start(
+        &tinker_config(port),
+        port,
+        &["--num-gpus", "3"],
+        &[("TWINKLE_STOP_GRACE_S", "120")],
+    )?;
+    let st = serve.wait_all_running(STARTUP)?;
+    // A stopped child cannot act on SIGTERM: only the 120 s grace or a second signal ends it.
+    let server_pid = app_named(&st, "server").and_then(|a| a["pid"].as_u64()).context("pid")?;
+    kill(Pid::from_raw(server_pid as i32), Signal::SIGSTOP)?;
+    let serve_pid = Pid::from_raw(serve.pid() as i32);
+    kill(serve_pid, Signal::SIGTERM)?;
+    // Wait until the other children have stopped, i.e. shutdown is underway.
+    poll(Duration::from_secs(30), || {
+        let st = serve.status_json().ok()?;
+        apps(&st).iter().filter(|a| a["state"] == "stopped").count().eq(&2).then_some(())
+    })?;
+    let start = Instant::now();
+    let code = serve.stop(Signal::SIGINT, Duration::from_secs(30))?;
+    ensure!(start.elapsed() < Duration::from_secs(30), "second signal did not cut the grace");
+    assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
+    let pids = serve.known_pids.clone();
+    assert_tree_gone(serve_pid.as_raw() as u32, &pids)?;
+    Ok(())
+}
+
+#[test]
 fn infeasible_deployment_exits_2_and_starts_nothing() -> Result<()> {
     let port = free_port()?;
     let dir = tempfile::tempdir()?;

@@ -146,7 +146,12 @@ fn app_status(p: &Placement) -> AppStatus {
 pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
     let config = config::load_file(&opts.config_path)?;
     let server_type = opts.server_type.unwrap_or(config.server_type);
-    let namespace = opts.namespace.clone().or_else(|| config.ray_namespace.clone());
+    // As the Python launcher: tinker mode defaults to the `twinkle_cluster` namespace.
+    let namespace = opts
+        .namespace
+        .clone()
+        .or_else(|| config.ray_namespace.clone())
+        .or_else(|| (server_type == ServerType::Tinker).then(|| "twinkle_cluster".to_string()));
     let routes = RouteTable::new(
         config.applications.iter().map(|a| (a.name.as_str(), a.route_prefix.as_str())),
     )
@@ -171,6 +176,21 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
     .into_shared();
     let ctx = Running { config, server_type, placements, routes, exe, config_path, home, opts };
     actix_web::rt::System::new().block_on(ctx.serve(reg))
+}
+
+/// SIGKILL to every child's process group (second signal during shutdown).
+fn kill_all_children(reg: &registry::SharedRegistry) {
+    tracing::warn!("second signal: killing every child now");
+    let pids: Vec<u32> =
+        registry::read(reg).snapshot().applications.iter().filter_map(|a| a.pid).collect();
+    for pid in pids {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 struct Running {
@@ -239,10 +259,21 @@ impl Running {
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        gateway_handle.stop(true).await;
-        let _ = stop_tx.send(true);
-        for s in supervisors {
-            let _ = s.await;
+        let orderly = async {
+            gateway_handle.stop(true).await;
+            let _ = stop_tx.send(true);
+            for s in supervisors {
+                let _ = s.await;
+            }
+        };
+        tokio::pin!(orderly);
+        loop {
+            tokio::select! {
+                _ = &mut orderly => break,
+                // An impatient second Ctrl-C: skip the grace period, the supervisors reap.
+                _ = sigterm.recv() => kill_all_children(&reg),
+                _ = sigint.recv() => kill_all_children(&reg),
+            }
         }
         control_handle.stop(true).await;
         let _ = gateway_task.await;
