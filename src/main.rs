@@ -179,7 +179,6 @@ fn main() -> ExitCode {
             match twinkle::node::serve::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("twinkle serve: {e}");
                     ExitCode::from(e.exit_code())
                 }
@@ -220,7 +219,6 @@ fn main() -> ExitCode {
             match twinkle::worker::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("twinkle worker: {e}");
                     ExitCode::from(3)
                 }

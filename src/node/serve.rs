@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::NodeError;
 use super::supervise::{ChildSpec, RestartPolicy, supervise};
-use crate::cluster::{Allocation, ClusterState, NodeSpec, ScheduleResult, demand_of};
+use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
 use crate::gateway::{self, RouteTable};
 use crate::head::control;
@@ -49,6 +49,13 @@ pub fn plan(
         return Err(NodeError::Invalid("the config has no applications to run".to_string()));
     }
     let demands: Vec<_> = config.applications.iter().map(demand_of).collect();
+    let offered = format!(
+        "this machine offers {} GPU {:?} and {} CPU (change with --num-gpus / --num-cpus or \
+         CUDA_VISIBLE_DEVICES)",
+        node.gpu_ids.len(),
+        node.gpu_ids,
+        node.cpus
+    );
     let mut cluster = ClusterState::new(vec![node]);
     let results = cluster.schedule_all(&demands);
     let mut placements = Vec::new();
@@ -63,6 +70,9 @@ pub fn plan(
         }
     }
     if !errors.is_empty() {
+        let gpus: u32 = demands.iter().map(|d| d.gpus).sum();
+        let cpus = demands.iter().fold(Quantity::ZERO, |acc, d| acc + d.cpus);
+        errors.push(format!("all applications together need {gpus} GPU and {cpus} CPU; {offered}"));
         return Err(NodeError::Infeasible(errors.join("\n")));
     }
     let nodes = cluster.nodes().iter().map(NodeStatus::from_state).collect();
@@ -289,7 +299,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::cluster::Quantity;
 
     const TINKER: &str = r#"
 server_type: tinker
@@ -354,6 +363,8 @@ applications:
         let msg = err.to_string();
         assert!(msg.contains("cannot place"), "{msg}");
         assert!(msg.contains("model") || msg.contains("sampler"), "{msg}");
+        assert!(msg.contains("together need 3 GPU and 0.3 CPU"), "{msg}");
+        assert!(msg.contains("offers 2 GPU [0, 1] and 4 CPU"), "{msg}");
     }
 
     #[test]
