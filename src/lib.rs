@@ -6,4 +6,6 @@ pub mod engine;
 pub mod gateway;
 pub mod head;
 pub mod node;
+pub mod protocol;
+pub mod state;
 pub mod worker;

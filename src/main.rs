@@ -23,13 +23,23 @@ enum Command {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Print a configuration file with every default filled in (loads again unchanged).
+    PrintConfig {
+        #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = ConfigFormat::Yaml)]
+        format: ConfigFormat,
+        /// Override the file's `server_type` (twinkle or tinker), as `serve` does.
+        #[arg(short = 't', long)]
+        server_type: Option<twinkle::config::ServerType>,
+    },
     /// Run the whole platform on this machine: head, gateway and one child per application.
     Serve {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
         config: PathBuf,
         /// Overrides the config's `server_type`.
-        #[arg(short = 't', long, value_enum)]
-        server_type: Option<ServerTypeArg>,
+        #[arg(short = 't', long)]
+        server_type: Option<twinkle::config::ServerType>,
         /// Namespace shown in status (Ray's `--namespace`; informational on one machine).
         #[arg(long)]
         namespace: Option<String>,
@@ -64,8 +74,8 @@ enum Command {
         import_path: ImportPathArg,
         #[arg(long, default_value = "/")]
         route_prefix: String,
-        #[arg(long, value_enum, default_value = "twinkle")]
-        server_type: ServerTypeArg,
+        #[arg(long, default_value = "twinkle")]
+        server_type: twinkle::config::ServerType,
         /// The head's control address.
         #[arg(long)]
         head: String,
@@ -80,18 +90,9 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum ServerTypeArg {
-    Twinkle,
-    Tinker,
-}
-
-impl From<ServerTypeArg> for twinkle::config::ServerType {
-    fn from(t: ServerTypeArg) -> Self {
-        match t {
-            ServerTypeArg::Twinkle => Self::Twinkle,
-            ServerTypeArg::Tinker => Self::Tinker,
-        }
-    }
+enum ConfigFormat {
+    Yaml,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -157,6 +158,29 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::PrintConfig { config, format, server_type } => {
+            let loaded = twinkle::config::load_file(&config).map(|c| match server_type {
+                Some(t) => c.with_server_type(t),
+                None => c,
+            });
+            let rendered = loaded.and_then(|c| match format {
+                ConfigFormat::Yaml => c.to_yaml(),
+                ConfigFormat::Json => c.to_json(),
+            });
+            match rendered {
+                Ok(text) => {
+                    print!("{text}");
+                    if !text.ends_with('\n') {
+                        println!();
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Serve {
             config,
             server_type,
@@ -169,7 +193,7 @@ fn main() -> ExitCode {
             init_logging(&log_level);
             let opts = twinkle::node::serve::ServeOptions {
                 config_path: config,
-                server_type: server_type.map(Into::into),
+                server_type,
                 namespace,
                 num_gpus,
                 num_cpus,
@@ -211,7 +235,7 @@ fn main() -> ExitCode {
                 app,
                 import_path: import_path.into(),
                 route_prefix,
-                server_type: server_type.into(),
+                server_type,
                 head,
                 config,
                 register_deadline: deadline,

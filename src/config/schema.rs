@@ -1,10 +1,16 @@
 //! Typed YAML schema of a server configuration: the seed's keys plus the newer Twinkle keys.
+//!
+//! Every struct rejects unknown keys. Keys that only make sense for some kinds of application
+//! live in one [`AppArgs`] struct and are checked against `import_path` by validation, so the
+//! seed's files load unchanged and print-config stays one plain struct.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Which client protocol the `server` application speaks.
+use super::de::{env_vars, null_as_default, port};
+
+/// Which client protocol the `server` application speaks (`--server-type` overrides it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ServerType {
@@ -26,30 +32,32 @@ pub enum ProxyLocation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub server_type: ServerType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ray_namespace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub proxy_location: ProxyLocation,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub http_options: HttpOptions,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub telemetry: Telemetry,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub persistence: Persistence,
+    /// Accepted for compatibility; queue settings take effect per application (`queue_config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_queue: Option<QueueConfig>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub applications: Vec<Application>,
 }
 
+/// Address of the HTTP gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpOptions {
     #[serde(default = "default_host")]
     pub host: String,
-    #[serde(default = "default_port")]
+    #[serde(default = "default_port", deserialize_with = "port")]
     pub port: u16,
 }
 
@@ -66,6 +74,7 @@ impl Default for HttpOptions {
     }
 }
 
+/// OpenTelemetry export settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Telemetry {
@@ -79,7 +88,7 @@ pub struct Telemetry {
     pub debug: bool,
     #[serde(default = "default_export_interval")]
     pub export_interval_ms: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "env_vars")]
     pub resource_attributes: BTreeMap<String, String>,
 }
 
@@ -106,6 +115,7 @@ impl Default for Telemetry {
     }
 }
 
+/// Where durable server state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PersistenceMode {
@@ -115,6 +125,7 @@ pub enum PersistenceMode {
     Redis,
 }
 
+/// `persistence`: `mode: file` needs `file_path`, `mode: redis` needs `redis_url`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Persistence {
@@ -132,14 +143,18 @@ pub struct Persistence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
+    /// Requests per window per API key.
     #[serde(default = "d_rps")]
     pub rps_limit: f64,
+    /// Input tokens per window per API key.
     #[serde(default = "d_tps")]
     pub tps_limit: f64,
     #[serde(default = "d_window")]
     pub window_seconds: f64,
+    /// Seconds a task may wait in the queue.
     #[serde(default = "d_queue_timeout")]
     pub queue_timeout: f64,
+    /// Seconds a task may run; 0 means no limit.
     #[serde(default = "d_exec_timeout")]
     pub execution_timeout: f64,
     #[serde(default = "d_true")]
@@ -207,6 +222,7 @@ pub enum ImportPath {
 }
 
 impl ImportPath {
+    /// The YAML spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             ImportPath::Server => "server",
@@ -222,13 +238,15 @@ impl ImportPath {
 #[serde(deny_unknown_fields)]
 pub struct Application {
     pub name: String,
+    /// HTTP mount point; always starts with `/`.
     #[serde(default = "default_route")]
     pub route_prefix: String,
     pub import_path: ImportPath,
     /// Validated against the schema of `import_path` (see [`AppArgs`]).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub args: AppArgs,
-    #[serde(default)]
+    /// Only `deployments[0]` is used.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub deployments: Vec<Deployment>,
 }
 
@@ -236,37 +254,44 @@ fn default_route() -> String {
     "/".to_string()
 }
 
-/// `args` of any application kind; which keys are allowed depends on `import_path` and is
-/// checked by validation (one struct keeps print-config simple and the YAML unchanged).
+/// `args` of any application kind. Which keys are allowed depends on `import_path` and is
+/// checked by validation ([`AppArgs::keys_allowed_for`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AppArgs {
     // server
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_config: Option<ServerStateArgs>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Base models the server advertises (Tinker `get_server_capabilities`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
     pub supported_models: Vec<SupportedModel>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
-    // model / sampler
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<Backend>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub use_megatron: Option<bool>,
+    // model and sampler
+    /// `ms://Org/Name`, `hf://Org/Name`, a bare `Org/Name` or a local path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_id: Option<String>,
+    // model
+    /// Canonical engine selector of a model app; after loading it is always set for models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    /// The seed's selector; folded into `backend` when the config is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_megatron: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_config: Option<AdapterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_loras: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<u64>,
+    // sampler
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler_type: Option<SamplerType>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_args: Option<EngineArgs>,
+    // model, sampler (and processor, where it is ignored)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_config: Option<QueueConfig>,
     // placement
@@ -280,13 +305,79 @@ pub struct AppArgs {
     pub device_mesh: Option<DeviceMesh>,
 }
 
+impl AppArgs {
+    /// The `args` keys that are set (not absent, not null), in schema order.
+    pub fn present_keys(&self) -> Vec<&'static str> {
+        let flags = [
+            ("server_config", self.server_config.is_some()),
+            ("supported_models", !self.supported_models.is_empty()),
+            ("api_keys", self.api_keys.is_some()),
+            ("api_keys_file", self.api_keys_file.is_some()),
+            ("backend", self.backend.is_some()),
+            ("use_megatron", self.use_megatron.is_some()),
+            ("adapter_config", self.adapter_config.is_some()),
+            ("max_loras", self.max_loras.is_some()),
+            ("max_length", self.max_length.is_some()),
+            ("model_id", self.model_id.is_some()),
+            ("sampler_type", self.sampler_type.is_some()),
+            ("engine_args", self.engine_args.is_some()),
+            ("queue_config", self.queue_config.is_some()),
+            ("nproc_per_node", self.nproc_per_node.is_some()),
+            ("ncpu_proc_per_node", self.ncpu_proc_per_node.is_some()),
+            ("device_group", self.device_group.is_some()),
+            ("device_mesh", self.device_mesh.is_some()),
+        ];
+        flags.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect()
+    }
+
+    /// The `args` keys an application of kind `kind` accepts.
+    pub fn keys_allowed_for(kind: ImportPath) -> &'static [&'static str] {
+        match kind {
+            ImportPath::Server => {
+                &["server_config", "supported_models", "api_keys", "api_keys_file"]
+            }
+            ImportPath::Model => &[
+                "backend",
+                "use_megatron",
+                "model_id",
+                "adapter_config",
+                "max_loras",
+                "max_length",
+                "queue_config",
+                "nproc_per_node",
+                "device_group",
+                "device_mesh",
+            ],
+            ImportPath::Sampler => &[
+                "model_id",
+                "sampler_type",
+                "engine_args",
+                "queue_config",
+                "nproc_per_node",
+                "device_group",
+                "device_mesh",
+            ],
+            ImportPath::Processor => &[
+                "nproc_per_node",
+                "ncpu_proc_per_node",
+                "queue_config",
+                "device_group",
+                "device_mesh",
+            ],
+        }
+    }
+}
+
+/// Settings of the server application's state (`args.server_config`); they apply server-wide.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ServerStateArgs {
+    /// Seconds after which an idle session expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiration_timeout: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleanup_interval: Option<f64>,
+    /// Most models (adapters) one API key may hold at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_token_model_limit: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -296,13 +387,23 @@ pub struct ServerStateArgs {
 }
 
 /// A `supported_models` entry: a bare name or `{model_name: ...}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum SupportedModel {
     Name(String),
     Entry { model_name: String },
 }
 
+impl SupportedModel {
+    /// The model name either form carries.
+    pub fn name(&self) -> &str {
+        match self {
+            SupportedModel::Name(n) | SupportedModel::Entry { model_name: n } => n,
+        }
+    }
+}
+
+/// Engine selector of a model application (all are served by the native engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -311,6 +412,7 @@ pub enum Backend {
     Megatron,
 }
 
+/// Engine selector of a sampler application (all are served by the native engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SamplerType {
@@ -319,16 +421,19 @@ pub enum SamplerType {
     Torch,
 }
 
+/// LoRA adapter lifecycle of a model application.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
+    /// Seconds an idle adapter stays loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_timeout: Option<f64>,
+    /// Seconds an adapter may live at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_max_lifetime: Option<f64>,
 }
 
-/// vLLM-style engine arguments of a sampler; the ones our engine understands are typed.
+/// vLLM-style engine arguments of a sampler; the ones our engine understands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EngineArgs {
@@ -358,32 +463,21 @@ pub struct EngineArgs {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensor_parallel_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs_mode: Option<String>,
 }
 
-/// `device_type`: `cuda`/`gpu` or `CPU` (any case).
+/// `device_type`: `cuda` (also `gpu`, any case) or `CPU` (any case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum DeviceType {
+    #[serde(rename = "cuda")]
     Cuda,
+    #[serde(rename = "CPU")]
     Cpu,
 }
 
-impl<'de> Deserialize<'de> for DeviceType {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.to_ascii_lowercase().as_str() {
-            "cuda" | "gpu" => Ok(DeviceType::Cuda),
-            "cpu" => Ok(DeviceType::Cpu),
-            _ => Err(serde::de::Error::invalid_value(
-                serde::de::Unexpected::Str(&s),
-                &"one of `cuda`, `gpu`, `CPU`",
-            )),
-        }
-    }
-}
-
 /// `ranks`: a count, or an explicit list of rank indices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Ranks {
     Count(u32),
@@ -391,14 +485,17 @@ pub enum Ranks {
 }
 
 impl Ranks {
+    /// How many ranks (GPUs for a cuda group, worker processes for a CPU group).
     pub fn count(&self) -> u32 {
         match self {
             Ranks::Count(n) => *n,
-            Ranks::List(v) => v.len() as u32,
+            // A list longer than u32::MAX cannot come from a YAML file we can read.
+            Ranks::List(v) => u32::try_from(v.len()).unwrap_or(u32::MAX),
         }
     }
 }
 
+/// Logical device group of an application.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceGroup {
@@ -408,6 +505,7 @@ pub struct DeviceGroup {
     pub device_type: DeviceType,
     #[serde(default = "d_one")]
     pub gpus_per_worker: u32,
+    /// Accepted for compatibility; physical devices come from the scheduler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub visible_devices: Option<serde_json::Value>,
 }
@@ -416,6 +514,8 @@ fn d_one() -> u32 {
     1
 }
 
+/// Parallel layout. Only `dp_size` is implemented by the engine; the others are accepted here
+/// and rejected by the engine at run time when greater than 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceMesh {
@@ -447,6 +547,36 @@ pub struct DeviceMesh {
     pub vpp_size: Option<u32>,
 }
 
+impl DeviceMesh {
+    /// A pure data-parallel mesh of `dp_size` ranks.
+    pub fn data_parallel(device_type: DeviceType, dp_size: u32) -> Self {
+        Self {
+            device_type: Some(device_type),
+            world_size: None,
+            dp_size,
+            fsdp_size: None,
+            tp_size: None,
+            pp_size: None,
+            cp_size: None,
+            ulysses_size: None,
+            sequence_parallel: None,
+            ep_size: None,
+            etp_size: None,
+            ep_fsdp_size: None,
+            vpp_size: None,
+        }
+    }
+
+    /// Product of the mesh dimensions (fsdp × pp × dp × cp × tp); ep and ulysses subdivide
+    /// these and do not add ranks. Saturates instead of overflowing.
+    pub fn mesh_world_size(&self) -> u64 {
+        [Some(self.dp_size), self.fsdp_size, self.pp_size, self.cp_size, self.tp_size]
+            .iter()
+            .map(|s| u64::from(s.unwrap_or(1)))
+            .fold(1u64, u64::saturating_mul)
+    }
+}
+
 /// A Ray Serve deployment entry; only `deployments[0]` is used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -454,13 +584,16 @@ pub struct Deployment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_replicas: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling_config: Option<AutoscalingConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ongoing_requests: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub ray_actor_options: RayActorOptions,
 }
 
+/// Replica bounds of a deployment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AutoscalingConfig {
@@ -472,6 +605,7 @@ pub struct AutoscalingConfig {
     pub target_ongoing_requests: Option<f64>,
 }
 
+/// Resources and environment of an application's process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RayActorOptions {
@@ -479,24 +613,22 @@ pub struct RayActorOptions {
     pub num_cpus: f64,
     #[serde(default)]
     pub num_gpus: f64,
+    /// Bytes of memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<f64>,
+    /// Custom resources, as `ray start --resources`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub runtime_env: RuntimeEnv,
 }
 
+/// Environment of an application's process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeEnv {
-    /// `env_vars:` with no value (as the seed writes it) means none.
-    #[serde(default, deserialize_with = "null_as_empty")]
+    /// `env_vars:` with no value (as the seed writes it) means none; scalar values (numbers,
+    /// booleans) are kept as their YAML text.
+    #[serde(default, deserialize_with = "env_vars")]
     pub env_vars: BTreeMap<String, String>,
-}
-
-fn null_as_empty<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
-    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }

@@ -1,0 +1,433 @@
+//! Semantic checks that the typed schema cannot express: per-kind `args` keys, cross-field
+//! rules, value ranges, uniqueness. Every problem is collected with its key path.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::locate::KeyPath;
+use super::normalize::derive_model_id;
+use super::schema::*;
+
+type Issues = Vec<(KeyPath, String)>;
+
+/// Every semantic problem of a parsed configuration.
+pub(crate) fn check(cfg: &ServerConfig) -> Issues {
+    let mut out = Issues::new();
+    let root = KeyPath::root();
+
+    let http = root.key("http_options");
+    if cfg.http_options.host.trim().is_empty() {
+        out.push((http.key("host"), "must not be empty".to_string()));
+    }
+    if cfg.telemetry.export_interval_ms == 0 {
+        out.push((root.key("telemetry").key("export_interval_ms"), "must be at least 1".into()));
+    }
+    check_persistence(&cfg.persistence, &root.key("persistence"), &mut out);
+    if let Some(q) = &cfg.task_queue {
+        check_queue(q, &root.key("task_queue"), &mut out);
+    }
+
+    let apps = root.key("applications");
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut routes: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, app) in cfg.applications.iter().enumerate() {
+        let at = apps.index(i);
+        if app.name.trim().is_empty() {
+            out.push((at.key("name"), "must not be empty".into()));
+        } else if let Some(&first) = names.get(app.name.as_str()) {
+            out.push((
+                at.key("name"),
+                format!(
+                    "duplicate application name \"{}\" (also used by applications[{first}])",
+                    app.name
+                ),
+            ));
+        } else {
+            names.insert(&app.name, i);
+        }
+        check_route(app, &at, &mut out);
+        if let Some(&first) = routes.get(app.route_prefix.as_str()) {
+            out.push((
+                at.key("route_prefix"),
+                format!(
+                    "duplicate route_prefix \"{}\" (also used by applications[{first}])",
+                    app.route_prefix
+                ),
+            ));
+        } else {
+            routes.insert(&app.route_prefix, i);
+        }
+        check_args(app, &at, &mut out);
+        for (j, d) in app.deployments.iter().enumerate() {
+            check_deployment(d, &at.key("deployments").index(j), &mut out);
+        }
+    }
+    out
+}
+
+fn check_persistence(p: &Persistence, at: &KeyPath, out: &mut Issues) {
+    let blank = |s: &Option<String>| s.as_deref().is_none_or(|v| v.trim().is_empty());
+    match p.mode {
+        PersistenceMode::File if blank(&p.file_path) => {
+            out.push((at.key("mode"), "\"file\" requires file_path to be set".into()));
+        }
+        PersistenceMode::Redis if blank(&p.redis_url) => {
+            out.push((at.key("mode"), "\"redis\" requires redis_url to be set".into()));
+        }
+        _ => {}
+    }
+    if p.mode != PersistenceMode::File && p.file_path.is_some() {
+        out.push((
+            at.key("file_path"),
+            "only used with mode: file (set mode: file or remove it)".into(),
+        ));
+    }
+    if p.mode != PersistenceMode::Redis && p.redis_url.is_some() {
+        out.push((
+            at.key("redis_url"),
+            "only used with mode: redis (set mode: redis or remove it)".into(),
+        ));
+    }
+}
+
+fn check_route(app: &Application, at: &KeyPath, out: &mut Issues) {
+    let r = &app.route_prefix;
+    let at = at.key("route_prefix");
+    if !r.starts_with('/') {
+        out.push((at, format!("must start with '/', got \"{r}\"")));
+    } else if r.len() > 1 && r.ends_with('/') {
+        out.push((at, format!("must not end with '/', got \"{r}\"")));
+    } else if r.chars().any(char::is_whitespace) {
+        out.push((at, format!("must not contain spaces, got \"{r}\"")));
+    }
+}
+
+fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
+    let kind = app.import_path;
+    let args = &app.args;
+    let args_at = at.key("args");
+    let allowed = AppArgs::keys_allowed_for(kind);
+    for key in args.present_keys() {
+        if !allowed.contains(&key) {
+            out.push((
+                args_at.key(key),
+                format!(
+                    "not allowed for a {} application (allowed keys: {})",
+                    kind.as_str(),
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+
+    if kind == ImportPath::Model
+        && let (Some(backend), Some(mega)) = (args.backend, args.use_megatron)
+        && mega != (backend == Backend::Megatron)
+    {
+        out.push((
+            args_at.key("use_megatron"),
+            format!(
+                "use_megatron: {mega} contradicts backend: {} (give only one of them)",
+                serde_name(backend)
+            ),
+        ));
+    }
+
+    if matches!(kind, ImportPath::Model | ImportPath::Sampler) {
+        match &args.model_id {
+            Some(id) if id.trim().is_empty() => {
+                out.push((args_at.key("model_id"), "must not be empty".into()));
+            }
+            Some(_) => {}
+            None if derive_model_id(&app.route_prefix).is_some() => {}
+            None => out.push((
+                args_at.clone(),
+                format!(
+                    "model_id is required for a {} application (it may only be left out when \
+                     route_prefix ends in /model/<Org>/<Name> or /sampler/<Org>/<Name>)",
+                    kind.as_str()
+                ),
+            )),
+        }
+        if args.device_group.is_none() {
+            out.push((
+                args_at.clone(),
+                format!("device_group is required for a {} application", kind.as_str()),
+            ));
+        }
+    }
+
+    positive_u32(args.nproc_per_node, &args_at.key("nproc_per_node"), out);
+    positive_u32(args.ncpu_proc_per_node, &args_at.key("ncpu_proc_per_node"), out);
+    positive_u32(args.max_loras, &args_at.key("max_loras"), out);
+    if args.max_length == Some(0) {
+        out.push((args_at.key("max_length"), "must be at least 1".into()));
+    }
+    if let Some(group) = &args.device_group {
+        check_group(kind, group, &args_at.key("device_group"), out);
+    }
+    if let Some(mesh) = &args.device_mesh {
+        check_mesh(mesh, args.device_group.as_ref(), &args_at, out);
+    }
+    if let Some(q) = &args.queue_config {
+        check_queue(q, &args_at.key("queue_config"), out);
+    }
+    if let Some(a) = &args.adapter_config {
+        let a_at = args_at.key("adapter_config");
+        positive(a.adapter_timeout, &a_at.key("adapter_timeout"), out);
+        positive(a.adapter_max_lifetime, &a_at.key("adapter_max_lifetime"), out);
+    }
+    if let Some(s) = &args.server_config {
+        let s_at = args_at.key("server_config");
+        positive(s.expiration_timeout, &s_at.key("expiration_timeout"), out);
+        positive(s.cleanup_interval, &s_at.key("cleanup_interval"), out);
+        positive(s.metrics_update_interval, &s_at.key("metrics_update_interval"), out);
+        positive_u32(s.per_token_model_limit, &s_at.key("per_token_model_limit"), out);
+    }
+    for (j, m) in args.supported_models.iter().enumerate() {
+        if m.name().trim().is_empty() {
+            out.push((args_at.key("supported_models").index(j), "must not be empty".into()));
+        }
+    }
+    if let Some(keys) = &args.api_keys {
+        for (j, k) in keys.iter().enumerate() {
+            if k.trim().is_empty() {
+                out.push((args_at.key("api_keys").index(j), "must not be empty".into()));
+            }
+        }
+    }
+    if let Some(e) = &args.engine_args {
+        let e_at = args_at.key("engine_args");
+        if let Some(u) = e.gpu_memory_utilization
+            && !(u > 0.0 && u <= 1.0)
+        {
+            out.push((
+                e_at.key("gpu_memory_utilization"),
+                format!("must be greater than 0 and at most 1, got {u}"),
+            ));
+        }
+        if e.max_model_len == Some(0) {
+            out.push((e_at.key("max_model_len"), "must be at least 1".into()));
+        }
+        positive_u32(e.max_num_seqs, &e_at.key("max_num_seqs"), out);
+        positive_u32(e.max_loras, &e_at.key("max_loras"), out);
+        positive_u32(e.max_lora_rank, &e_at.key("max_lora_rank"), out);
+        positive_u32(e.tensor_parallel_size, &e_at.key("tensor_parallel_size"), out);
+    }
+}
+
+fn check_group(kind: ImportPath, g: &DeviceGroup, at: &KeyPath, out: &mut Issues) {
+    if let Ranks::List(list) = &g.ranks {
+        let mut seen = HashSet::new();
+        if let Some(dup) = list.iter().find(|r| !seen.insert(**r)) {
+            out.push((at.key("ranks"), format!("rank {dup} is listed twice")));
+        }
+    }
+    if g.gpus_per_worker == 0 {
+        out.push((at.key("gpus_per_worker"), "must be at least 1".into()));
+    }
+    match g.device_type {
+        DeviceType::Cuda if kind == ImportPath::Processor => out.push((
+            at.key("device_type"),
+            "the processor runs on CPU: device_type must be CPU".into(),
+        )),
+        DeviceType::Cuda if g.ranks.count() == 0 => out.push((
+            at.key("ranks"),
+            "a cuda device_group needs at least one rank (the number of GPUs to use)".into(),
+        )),
+        DeviceType::Cuda
+            if g.gpus_per_worker > 0 && !g.ranks.count().is_multiple_of(g.gpus_per_worker) =>
+        {
+            out.push((
+                at.key("gpus_per_worker"),
+                format!(
+                    "ranks ({}) must be a multiple of gpus_per_worker ({})",
+                    g.ranks.count(),
+                    g.gpus_per_worker
+                ),
+            ));
+        }
+        _ => {}
+    }
+}
+
+fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, out: &mut Issues) {
+    let at = args_at.key("device_mesh");
+    let sizes = [
+        ("dp_size", Some(m.dp_size)),
+        ("fsdp_size", m.fsdp_size),
+        ("tp_size", m.tp_size),
+        ("pp_size", m.pp_size),
+        ("cp_size", m.cp_size),
+        ("ulysses_size", m.ulysses_size),
+        ("ep_size", m.ep_size),
+        ("etp_size", m.etp_size),
+        ("ep_fsdp_size", m.ep_fsdp_size),
+        ("vpp_size", m.vpp_size),
+        ("world_size", m.world_size),
+    ];
+    let mut zero = false;
+    for (key, v) in sizes {
+        if v == Some(0) {
+            zero = true;
+            out.push((at.key(key), "must be at least 1".into()));
+        }
+    }
+    if zero {
+        return;
+    }
+    let product = m.mesh_world_size();
+    let formula = mesh_formula(m);
+    if let Some(w) = m.world_size
+        && u64::from(w) != product
+    {
+        out.push((
+            at.key("world_size"),
+            format!("world_size {w} does not match {formula} = {product}"),
+        ));
+    }
+    let Some(g) = group else { return };
+    if let Some(t) = m.device_type
+        && t != g.device_type
+    {
+        out.push((
+            at.key("device_type"),
+            format!(
+                "device_mesh.device_type {} differs from device_group.device_type {}",
+                serde_name(t),
+                serde_name(g.device_type)
+            ),
+        ));
+    }
+    let ranks = g.ranks.count();
+    if g.device_type == DeviceType::Cuda && ranks > 0 && product != u64::from(ranks) {
+        out.push((
+            at,
+            format!(
+                "world size {formula} = {product} does not match device_group.ranks = {ranks} \
+                 (each rank is one GPU)"
+            ),
+        ));
+    }
+}
+
+/// "dp_size 2 × tp_size 2" over the dimensions that are set.
+fn mesh_formula(m: &DeviceMesh) -> String {
+    let mut parts = vec![format!("dp_size {}", m.dp_size)];
+    for (k, v) in [
+        ("fsdp_size", m.fsdp_size),
+        ("pp_size", m.pp_size),
+        ("cp_size", m.cp_size),
+        ("tp_size", m.tp_size),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{k} {v}"));
+        }
+    }
+    parts.join(" × ")
+}
+
+fn check_queue(q: &QueueConfig, at: &KeyPath, out: &mut Issues) {
+    non_negative(q.rps_limit, &at.key("rps_limit"), out);
+    non_negative(q.tps_limit, &at.key("tps_limit"), out);
+    positive(Some(q.window_seconds), &at.key("window_seconds"), out);
+    non_negative(q.queue_timeout, &at.key("queue_timeout"), out);
+    non_negative(q.execution_timeout, &at.key("execution_timeout"), out);
+    positive(Some(q.token_cleanup_multiplier), &at.key("token_cleanup_multiplier"), out);
+    positive(Some(q.token_cleanup_interval), &at.key("token_cleanup_interval"), out);
+    if q.max_input_tokens == 0 {
+        out.push((at.key("max_input_tokens"), "must be at least 1".into()));
+    }
+}
+
+fn check_deployment(d: &Deployment, at: &KeyPath, out: &mut Issues) {
+    positive_u32(d.num_replicas, &at.key("num_replicas"), out);
+    positive_u32(d.max_ongoing_requests, &at.key("max_ongoing_requests"), out);
+    if let Some(a) = &d.autoscaling_config {
+        let a_at = at.key("autoscaling_config");
+        positive_u32(a.max_replicas, &a_at.key("max_replicas"), out);
+        positive(a.target_ongoing_requests, &a_at.key("target_ongoing_requests"), out);
+        if let (Some(min), Some(max)) = (a.min_replicas, a.max_replicas)
+            && min > max
+        {
+            out.push((
+                a_at.key("min_replicas"),
+                format!("min_replicas ({min}) is greater than max_replicas ({max})"),
+            ));
+        }
+    }
+    let o = &d.ray_actor_options;
+    let o_at = at.key("ray_actor_options");
+    non_negative(o.num_cpus, &o_at.key("num_cpus"), out);
+    non_negative(o.num_gpus, &o_at.key("num_gpus"), out);
+    if let Some(m) = o.memory {
+        non_negative(m, &o_at.key("memory"), out);
+    }
+    if let Some(res) = &o.resources {
+        for (name, v) in res {
+            non_negative(*v, &o_at.key("resources").key(name), out);
+        }
+    }
+    let env_at = o_at.key("runtime_env").key("env_vars");
+    for name in o.runtime_env.env_vars.keys() {
+        if !valid_env_name(name) {
+            out.push((
+                env_at.key(name),
+                format!(
+                    "\"{name}\" is not a valid environment variable name (letters, digits and \
+                     '_', not starting with a digit)"
+                ),
+            ));
+        }
+    }
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn non_negative(v: f64, at: &KeyPath, out: &mut Issues) {
+    if !v.is_finite() {
+        out.push((at.clone(), format!("expected a finite number, got {v}")));
+    } else if v < 0.0 {
+        out.push((at.clone(), format!("must not be negative, got {v}")));
+    }
+}
+
+fn positive(v: Option<f64>, at: &KeyPath, out: &mut Issues) {
+    let Some(v) = v else { return };
+    if !v.is_finite() {
+        out.push((at.clone(), format!("expected a finite number, got {v}")));
+    } else if v <= 0.0 {
+        out.push((at.clone(), format!("must be greater than 0, got {v}")));
+    }
+}
+
+fn positive_u32(v: Option<u32>, at: &KeyPath, out: &mut Issues) {
+    if v == Some(0) {
+        out.push((at.clone(), "must be at least 1".into()));
+    }
+}
+
+/// The YAML spelling of a unit enum value.
+fn serde_name<T: serde::Serialize>(v: T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::from("?"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_env_name;
+
+    #[test]
+    fn env_names() {
+        assert!(valid_env_name("TWINKLE_FAIL_FAST"));
+        assert!(valid_env_name("_x1"));
+        assert!(!valid_env_name("1X"));
+        assert!(!valid_env_name("A-B"));
+        assert!(!valid_env_name(""));
+    }
+}

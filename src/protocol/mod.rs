@@ -1,0 +1,3 @@
+//! Wire protocols served by the `server` application.
+
+pub mod tinker;

@@ -1,0 +1,665 @@
+//! JSON request and response bodies of the Tinker endpoints (`specs/tinker-protocol.md` §4–§6, §11).
+//! Requests ignore unknown keys (the SDK adds `type` discriminators and newer fields); responses
+//! carry exactly the fields the SDK validates, with `None` fields omitted unless `null` is required.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::error::ProtocolError;
+
+pub use super::rest::*;
+pub use super::sample::*;
+
+/// Free-form `user_metadata` object.
+pub type Metadata = Map<String, Value>;
+
+// ---------------------------------------------------------------- bootstrap and session
+
+/// Body of `client/config` and `client/dynamic_config`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SdkVersionRequest {
+    #[serde(default)]
+    pub sdk_version: Option<String>,
+}
+
+/// `POST /client/config` answer; every field is optional for the SDK.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientConfigResponse {
+    pub pjwt_auth_enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_fwdbwd_chunks: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwdbwd_max_chunk_len: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwdbwd_max_chunk_bytes_count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto_compress_fwdbwd: Option<bool>,
+}
+
+impl Default for ClientConfigResponse {
+    fn default() -> Self {
+        ClientConfigResponse {
+            pjwt_auth_enabled: false,
+            parallel_fwdbwd_chunks: None,
+            fwdbwd_max_chunk_len: None,
+            fwdbwd_max_chunk_bytes_count: None,
+            proto_compress_fwdbwd: Some(false),
+        }
+    }
+}
+
+/// `POST /client/dynamic_config` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DynamicConfigResponse {
+    pub refresh_interval_sec: u64,
+    pub sample_cancel_enabled: bool,
+    pub sample_cancel_max_batch_size: u32,
+}
+
+impl Default for DynamicConfigResponse {
+    fn default() -> Self {
+        DynamicConfigResponse {
+            refresh_interval_sec: 300,
+            sample_cancel_enabled: false,
+            sample_cancel_max_batch_size: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct CreateSessionRequest {
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub user_metadata: Metadata,
+    #[serde(default)]
+    pub sdk_version: Option<String>,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateSessionResponse {
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+impl CreateSessionResponse {
+    pub fn new(session_id: impl Into<String>) -> Self {
+        CreateSessionResponse {
+            session_id: session_id.into(),
+            info_message: None,
+            warning_message: None,
+            error_message: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SessionHeartbeatRequest {
+    pub session_id: String,
+}
+
+/// `{}`: answer of heartbeats, finish, dynamic endpoints with no payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct FinishReason {
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// `POST /sessions/{id}/finish`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct FinishSessionRequest {
+    #[serde(default)]
+    pub reason: Option<FinishReason>,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// `POST /telemetry`: accepted and dropped.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct TelemetryRequest {
+    #[serde(default)]
+    pub events: Vec<Value>,
+    #[serde(default)]
+    pub platform: Option<String>,
+    #[serde(default)]
+    pub sdk_version: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub process_uuid: Option<String>,
+}
+
+/// Literal `"accepted"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accepted {
+    #[default]
+    #[serde(rename = "accepted")]
+    Accepted,
+}
+
+/// `{"status": "accepted"}` exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryResponse {
+    pub status: Accepted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthzResponse {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SupportedModel {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context_length: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampleable: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerCapabilitiesResponse {
+    pub supported_models: Vec<SupportedModel>,
+}
+
+// ---------------------------------------------------------------- training
+
+fn d_rank() -> u32 {
+    32
+}
+fn d_true() -> bool {
+    true
+}
+
+/// LoRA settings of `create_model` (also echoed by `weights_info`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "d_rank")]
+    pub rank: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default = "d_true")]
+    pub train_unembed: bool,
+    #[serde(default = "d_true")]
+    pub train_mlp: bool,
+    #[serde(default = "d_true")]
+    pub train_attn: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { rank: 32, seed: None, train_unembed: true, train_mlp: true, train_attn: true }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self, max_rank: u32) -> Result<(), ProtocolError> {
+        if self.rank == 0 || self.rank > max_rank {
+            return Err(ProtocolError::invalid(
+                "lora_config.rank",
+                format!("{} is not in 1..={max_rank}", self.rank),
+            ));
+        }
+        if !(self.train_unembed || self.train_mlp || self.train_attn) {
+            return Err(ProtocolError::invalid(
+                "lora_config",
+                "at least one of train_unembed/train_mlp/train_attn must be true",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn d_adamw() -> String {
+    "adamw".into()
+}
+
+/// `{"type": "adamw"}` or `{"type": "dimuon", "version": 1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    #[serde(rename = "type", default = "d_adamw")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig { kind: d_adamw(), version: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CreateModelRequest {
+    pub session_id: String,
+    pub model_seq_id: u64,
+    pub base_model: String,
+    #[serde(default)]
+    pub lora_config: Option<LoraConfig>,
+    #[serde(default)]
+    pub user_metadata: Option<Metadata>,
+    #[serde(default)]
+    pub optimizer_config: Option<OptimizerConfig>,
+}
+
+/// Result of `create_model` (future payload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateModelResponse {
+    pub model_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GetInfoRequest {
+    pub model_id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetInfoResponse {
+    pub model_id: String,
+    pub model_data: ModelData,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_lora: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_config: Option<OptimizerConfig>,
+}
+
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.95
+}
+fn d_eps() -> f64 {
+    1e-12
+}
+
+/// AdamW hyper-parameters with the SDK defaults (§6.5).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamParams {
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_beta1")]
+    pub beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub grad_clip_norm: f64,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        AdamParams {
+            learning_rate: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.0,
+            grad_clip_norm: 0.0,
+        }
+    }
+}
+
+impl AdamParams {
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let check = |name: &str, v: f64, ok: bool, rule: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(ProtocolError::invalid(
+                    format!("adam_params.{name}"),
+                    format!("{v} must be {rule}"),
+                ))
+            }
+        };
+        check("learning_rate", self.learning_rate, self.learning_rate >= 0.0, ">= 0")?;
+        check("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)")?;
+        check("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)")?;
+        check("eps", self.eps, self.eps > 0.0, "> 0")?;
+        check("weight_decay", self.weight_decay, self.weight_decay >= 0.0, ">= 0")?;
+        check("grad_clip_norm", self.grad_clip_norm, self.grad_clip_norm >= 0.0, ">= 0 (0 = off)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct OptimStepRequest {
+    pub model_id: String,
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default, alias = "optim_params")]
+    pub adam_params: Option<AdamParams>,
+    /// Non-Adam optimizers (`{"type": "dimuon", ...}`); kept raw.
+    #[serde(default)]
+    pub optimizer_params: Option<Value>,
+}
+
+/// Result of `optim_step`; metric keys are free-form.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OptimStepResponse {
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SaveWeightsRequest {
+    pub model_id: String,
+    /// The checkpoint name (not a path).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    #[serde(default)]
+    pub user_metadata: Option<Metadata>,
+}
+
+/// Result of `save_weights`: `{"path": "tinker://RUN/weights/NAME"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveWeightsResponse {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SaveWeightsForSamplerRequest {
+    pub model_id: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub sampling_session_seq_id: Option<u64>,
+    /// `snapshot` (default) or `inflight`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    #[serde(default)]
+    pub user_metadata: Option<Metadata>,
+}
+
+/// The two forms of `save_weights_for_sampler`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SamplerSaveForm {
+    /// `save_weights_for_sampler(name)`: a listed checkpoint `sampler_weights/{name}`.
+    Named { name: String },
+    /// `save_weights_and_get_sampling_client()`: a new sampling session, no checkpoint.
+    Ephemeral { sampling_session_seq_id: u64 },
+}
+
+impl SaveWeightsForSamplerRequest {
+    pub fn form(&self) -> Result<SamplerSaveForm, ProtocolError> {
+        match (&self.path, self.sampling_session_seq_id) {
+            (Some(name), _) => Ok(SamplerSaveForm::Named { name: name.clone() }),
+            (None, Some(seq)) => Ok(SamplerSaveForm::Ephemeral { sampling_session_seq_id: seq }),
+            (None, None) => Err(ProtocolError::missing("path or sampling_session_seq_id")),
+        }
+    }
+}
+
+/// Result of `save_weights_for_sampler`. Named: `{"path": ...}`; ephemeral:
+/// `{"path": null, "sampling_session_id": ...}` (`path` is always present).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveWeightsForSamplerResponse {
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_session_id: Option<String>,
+}
+
+impl SaveWeightsForSamplerResponse {
+    pub fn named(path: impl Into<String>) -> Self {
+        SaveWeightsForSamplerResponse { path: Some(path.into()), sampling_session_id: None }
+    }
+    pub fn ephemeral(sampling_session_id: impl Into<String>) -> Self {
+        SaveWeightsForSamplerResponse {
+            path: None,
+            sampling_session_id: Some(sampling_session_id.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SaveWeightsExternalRequest {
+    pub model_id: String,
+    pub path: String,
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveWeightsExternalResponse {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// `load_weights` in either form; see [`LoadWeightsRequest::form`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LoadWeightsRequest {
+    pub path: String,
+    #[serde(default)]
+    pub optimizer: bool,
+    #[serde(default)]
+    pub model_id: Option<String>,
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub model_seq_id: Option<u64>,
+    #[serde(default)]
+    pub base_model: Option<String>,
+    #[serde(default)]
+    pub user_metadata: Option<Metadata>,
+    #[serde(default)]
+    pub optimizer_config: Option<OptimizerConfig>,
+    #[serde(default)]
+    pub weights_access_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadForm {
+    /// `TrainingClient.load_state*`: load onto an existing model.
+    Legacy { model_id: String },
+    /// `create_training_client_from_state*`: create `{session_id}:train:{model_seq_id}` and load.
+    CreateViaLoad { session_id: String, model_seq_id: u64 },
+}
+
+impl LoadWeightsRequest {
+    pub fn form(&self) -> Result<LoadForm, ProtocolError> {
+        match (&self.model_id, &self.session_id, self.model_seq_id) {
+            (Some(m), _, _) => Ok(LoadForm::Legacy { model_id: m.clone() }),
+            (None, Some(s), Some(n)) => {
+                Ok(LoadForm::CreateViaLoad { session_id: s.clone(), model_seq_id: n })
+            }
+            (None, Some(_), None) => Err(ProtocolError::missing("model_seq_id")),
+            (None, None, _) => Err(ProtocolError::missing("model_id or session_id")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadWeightsResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+}
+
+// ---------------------------------------------------------------- sampling
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CreateSamplingSessionRequest {
+    pub session_id: String,
+    pub sampling_session_seq_id: u64,
+    #[serde(default)]
+    pub base_model: Option<String>,
+    #[serde(default)]
+    pub model_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateSamplingSessionResponse {
+    pub sampling_session_id: String,
+}
+
+/// `GET /samplers/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetSamplerResponse {
+    pub sampler_id: String,
+    pub base_model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_path: Option<String>,
+}
+
+// ---------------------------------------------------------------- futures
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RetrieveFutureRequest {
+    pub request_id: String,
+    #[serde(default)]
+    pub allow_metadata_only: bool,
+}
+
+/// Answer of every submission endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UntypedFuture {
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// Required for `asample`: exactly `num_samples` ids, in result order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_sequence_ids: Option<Vec<String>>,
+}
+
+/// Literal `"try_again"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TryAgainTag {
+    #[default]
+    #[serde(rename = "try_again")]
+    TryAgain,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueState {
+    #[default]
+    Active,
+    PausedCapacity,
+    PausedRateLimit,
+}
+
+/// Pending answer of `retrieve_future` (send with HTTP 408).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TryAgainResponse {
+    #[serde(rename = "type")]
+    pub kind: TryAgainTag,
+    pub request_id: String,
+    pub queue_state: QueueState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_state_reason: Option<String>,
+}
+
+impl TryAgainResponse {
+    pub fn new(request_id: impl Into<String>, queue_state: QueueState) -> Self {
+        TryAgainResponse {
+            kind: TryAgainTag::TryAgain,
+            request_id: request_id.into(),
+            queue_state,
+            queue_state_reason: None,
+        }
+    }
+}
+
+/// Literal `"complete_metadata"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompleteMetadataTag {
+    #[default]
+    #[serde(rename = "complete_metadata")]
+    CompleteMetadata,
+}
+
+/// Optional first answer for a large finished result when the poll allowed metadata only; the
+/// client re-polls once with `allow_metadata_only: false`. Send it at most once per future.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteMetadataResponse {
+    pub status: CompleteMetadataTag,
+    pub response_payload_size: u64,
+}
+
+/// Failure category of a failed future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorCategory {
+    User,
+    Server,
+    Unknown,
+}
+
+/// Failed future (HTTP 200): `{"error": ..., "category": "user"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedFutureResponse {
+    pub error: String,
+    pub category: ErrorCategory,
+}
+
+/// Body of an HTTP error (never send an empty 400).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub detail: String,
+}
+
+/// `{"ttl_seconds": int | null}` of `PUT .../ttl`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SetTtlRequest {
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}

@@ -1,0 +1,632 @@
+//! Training runs (one per model id), their checkpoints, and sampling sessions.
+
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use serde_json::Value;
+
+use super::{StateError, Store, json_text, parse_json, to_i64};
+
+/// LoRA settings of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraSettings {
+    pub rank: u32,
+    pub seed: Option<i64>,
+    pub train_unembed: bool,
+    pub train_mlp: bool,
+    pub train_attn: bool,
+}
+
+/// A training run to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// The model id `{session}:train:{n}`.
+    pub id: String,
+    pub owner: String,
+    pub session_id: String,
+    pub base_model: String,
+    pub lora: LoraSettings,
+    /// JSON `{"type": "adamw"}` or null.
+    pub optimizer_config: Value,
+    pub user_metadata: Value,
+}
+
+/// A stored training run. Times are Unix milliseconds; checkpoint fields hold checkpoint ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: String,
+    pub owner: String,
+    pub session_id: String,
+    pub base_model: String,
+    pub lora: LoraSettings,
+    pub optimizer_config: Value,
+    pub user_metadata: Value,
+    pub created_at: i64,
+    pub last_request_time: i64,
+    pub last_checkpoint: Option<String>,
+    pub last_sampler_checkpoint: Option<String>,
+    pub corrupted: bool,
+}
+
+/// `checkpoint_type` of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckpointType {
+    Training,
+    Sampler,
+    External,
+}
+
+impl CheckpointType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointType::Training => "training",
+            CheckpointType::Sampler => "sampler",
+            CheckpointType::External => "external",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [CheckpointType::Training, CheckpointType::Sampler, CheckpointType::External]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+/// A checkpoint to record (after its files are written).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCheckpoint {
+    pub run_id: String,
+    /// `weights/{name}`, `sampler_weights/{name}` or `external_weights/{name}`.
+    pub checkpoint_id: String,
+    pub checkpoint_type: CheckpointType,
+    pub tinker_path: String,
+    pub size_bytes: Option<u64>,
+    pub user_metadata: Value,
+    pub expires_at: Option<i64>,
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    pub run_id: String,
+    pub checkpoint_id: String,
+    pub owner: String,
+    pub checkpoint_type: CheckpointType,
+    pub tinker_path: String,
+    pub created_at: i64,
+    pub size_bytes: Option<u64>,
+    pub user_metadata: Value,
+    pub expires_at: Option<i64>,
+    pub public: bool,
+}
+
+/// A sampling session to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSamplingSession {
+    /// `{session}:sample:{seq}`.
+    pub id: String,
+    pub session_id: String,
+    pub owner: String,
+    pub seq: u64,
+    pub base_model: String,
+    /// `tinker://...` when sampling from saved weights.
+    pub model_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingSessionRecord {
+    pub id: String,
+    pub session_id: String,
+    pub owner: String,
+    pub seq: u64,
+    pub base_model: String,
+    pub model_path: Option<String>,
+    pub created_at: i64,
+}
+
+const RUN_COLUMNS: &str = "id, owner, session_id, base_model, lora_rank, seed, train_unembed, train_mlp, \
+    train_attn, optimizer_config, user_metadata, created_at, last_request_time, last_checkpoint, \
+    last_sampler_checkpoint, corrupted";
+
+type RawRun = (RunRecord, Option<String>, Option<String>);
+
+fn read_run(r: &Row<'_>) -> rusqlite::Result<RawRun> {
+    Ok((
+        RunRecord {
+            id: r.get(0)?,
+            owner: r.get(1)?,
+            session_id: r.get(2)?,
+            base_model: r.get(3)?,
+            lora: LoraSettings {
+                rank: r.get(4)?,
+                seed: r.get(5)?,
+                train_unembed: r.get(6)?,
+                train_mlp: r.get(7)?,
+                train_attn: r.get(8)?,
+            },
+            optimizer_config: Value::Null,
+            user_metadata: Value::Null,
+            created_at: r.get(11)?,
+            last_request_time: r.get(12)?,
+            last_checkpoint: r.get(13)?,
+            last_sampler_checkpoint: r.get(14)?,
+            corrupted: r.get(15)?,
+        },
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn finish_run((mut rec, opt, meta): RawRun) -> Result<RunRecord, StateError> {
+    rec.optimizer_config = parse_json("run optimizer_config", opt)?;
+    rec.user_metadata = parse_json("run user_metadata", meta)?;
+    Ok(rec)
+}
+
+const CKPT_COLUMNS: &str = "run_id, checkpoint_id, owner, checkpoint_type, tinker_path, created_at, \
+    size_bytes, user_metadata, expires_at, public";
+
+type RawCheckpoint = (CheckpointRecord, String, Option<String>);
+
+fn read_ckpt(r: &Row<'_>) -> rusqlite::Result<RawCheckpoint> {
+    Ok((
+        CheckpointRecord {
+            run_id: r.get(0)?,
+            checkpoint_id: r.get(1)?,
+            owner: r.get(2)?,
+            checkpoint_type: CheckpointType::Training,
+            tinker_path: r.get(4)?,
+            created_at: r.get(5)?,
+            size_bytes: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+            user_metadata: Value::Null,
+            expires_at: r.get(8)?,
+            public: r.get(9)?,
+        },
+        r.get(3)?,
+        r.get(7)?,
+    ))
+}
+
+fn finish_ckpt((mut rec, kind, meta): RawCheckpoint) -> Result<CheckpointRecord, StateError> {
+    rec.checkpoint_type = CheckpointType::parse(&kind).ok_or_else(|| StateError::Corrupt {
+        what: "checkpoint type",
+        reason: format!("unknown type `{kind}`"),
+    })?;
+    rec.user_metadata = parse_json("checkpoint user_metadata", meta)?;
+    Ok(rec)
+}
+
+fn collect_ckpts(
+    rows: impl Iterator<Item = rusqlite::Result<RawCheckpoint>>,
+) -> Result<Vec<CheckpointRecord>, StateError> {
+    rows.map(|r| finish_ckpt(r?)).collect()
+}
+
+fn owns_run(tx: &Transaction<'_>, owner: &str, run_id: &str) -> Result<(), StateError> {
+    let ok: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM runs WHERE id = ?1 AND owner = ?2)",
+        params![run_id, owner],
+        |r| r.get(0),
+    )?;
+    if ok { Ok(()) } else { Err(StateError::not_found("training run", run_id)) }
+}
+
+/// Points the run's `last_checkpoint` / `last_sampler_checkpoint` at its newest checkpoint of that type.
+fn refresh_last(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    kind: CheckpointType,
+) -> Result<(), StateError> {
+    let column = match kind {
+        CheckpointType::Training => "last_checkpoint",
+        CheckpointType::Sampler => "last_sampler_checkpoint",
+        CheckpointType::External => return Ok(()),
+    };
+    tx.execute(
+        &format!(
+            "UPDATE runs SET {column} = (SELECT checkpoint_id FROM checkpoints WHERE run_id = ?1 \
+             AND checkpoint_type = ?2 ORDER BY created_at DESC, rowid DESC LIMIT 1) WHERE id = ?1"
+        ),
+        params![run_id, kind.as_str()],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Creates a training run; a duplicate id is `AlreadyExists`.
+    pub fn insert_run(&self, run: &NewRun) -> Result<RunRecord, StateError> {
+        let now = self.now();
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO runs (id, owner, session_id, base_model, lora_rank, seed, train_unembed, \
+             train_mlp, train_attn, optimizer_config, user_metadata, created_at, last_request_time) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+            params![
+                run.id,
+                run.owner,
+                run.session_id,
+                run.base_model,
+                run.lora.rank,
+                run.lora.seed,
+                run.lora.train_unembed,
+                run.lora.train_mlp,
+                run.lora.train_attn,
+                json_text(&run.optimizer_config),
+                json_text(&run.user_metadata),
+                now
+            ],
+        )?;
+        if n == 0 {
+            return Err(StateError::AlreadyExists { what: "training run", id: run.id.clone() });
+        }
+        Ok(RunRecord {
+            id: run.id.clone(),
+            owner: run.owner.clone(),
+            session_id: run.session_id.clone(),
+            base_model: run.base_model.clone(),
+            lora: run.lora,
+            optimizer_config: run.optimizer_config.clone(),
+            user_metadata: run.user_metadata.clone(),
+            created_at: now,
+            last_request_time: now,
+            last_checkpoint: None,
+            last_sampler_checkpoint: None,
+            corrupted: false,
+        })
+    }
+
+    /// The run `id` if `owner` owns it (another owner's run is NotFound too).
+    pub fn get_run(&self, owner: &str, id: &str) -> Result<RunRecord, StateError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1 AND owner = ?2"),
+                params![id, owner],
+                read_run,
+            )
+            .optional()?;
+        finish_run(raw.ok_or_else(|| StateError::not_found("training run", id))?)
+    }
+
+    /// Runs of `owner`, newest first, and the total count.
+    pub fn list_runs(
+        &self,
+        owner: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<RunRecord>, u64), StateError> {
+        let conn = self.conn();
+        let total: i64 =
+            conn.query_row("SELECT COUNT(*) FROM runs WHERE owner = ?1", [owner], |r| r.get(0))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
+        ))?;
+        let runs = stmt
+            .query_map(params![owner, to_i64(limit), to_i64(offset)], read_run)?
+            .map(|r| finish_run(r?))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((runs, total as u64))
+    }
+
+    /// Run ids created in a session (for `GET /sessions/{id}`).
+    pub fn list_run_ids_of_session(
+        &self,
+        owner: &str,
+        session_id: &str,
+    ) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM runs WHERE owner = ?1 AND session_id = ?2 ORDER BY created_at, rowid",
+        )?;
+        let ids = stmt
+            .query_map(params![owner, session_id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Sets `last_request_time` to now.
+    pub fn touch_run(&self, owner: &str, id: &str) -> Result<(), StateError> {
+        let now = self.now();
+        let n = self.conn().execute(
+            "UPDATE runs SET last_request_time = ?1 WHERE id = ?2 AND owner = ?3",
+            params![now, id, owner],
+        )?;
+        if n == 0 { Err(StateError::not_found("training run", id)) } else { Ok(()) }
+    }
+
+    /// Flags a run whose in-memory state was lost or damaged.
+    pub fn set_run_corrupted(
+        &self,
+        owner: &str,
+        id: &str,
+        corrupted: bool,
+    ) -> Result<(), StateError> {
+        let n = self.conn().execute(
+            "UPDATE runs SET corrupted = ?1 WHERE id = ?2 AND owner = ?3",
+            params![corrupted, id, owner],
+        )?;
+        if n == 0 { Err(StateError::not_found("training run", id)) } else { Ok(()) }
+    }
+
+    /// Records a checkpoint of a run owned by `owner`. An existing checkpoint id is replaced when
+    /// `overwrite`, else `AlreadyExists`. Updates the run's last (sampler) checkpoint.
+    pub fn insert_checkpoint(
+        &self,
+        owner: &str,
+        c: &NewCheckpoint,
+        overwrite: bool,
+    ) -> Result<CheckpointRecord, StateError> {
+        let now = self.now();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        owns_run(&tx, owner, &c.run_id)?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2)",
+            params![c.run_id, c.checkpoint_id],
+            |r| r.get(0),
+        )?;
+        if exists && !overwrite {
+            return Err(StateError::AlreadyExists {
+                what: "checkpoint",
+                id: format!("{}/{}", c.run_id, c.checkpoint_id),
+            });
+        }
+        tx.execute(
+            "DELETE FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2",
+            params![c.run_id, c.checkpoint_id],
+        )?;
+        tx.execute(
+            &format!("INSERT INTO checkpoints ({CKPT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            params![
+                c.run_id,
+                c.checkpoint_id,
+                owner,
+                c.checkpoint_type.as_str(),
+                c.tinker_path,
+                now,
+                c.size_bytes.map(to_i64),
+                json_text(&c.user_metadata),
+                c.expires_at,
+                c.public
+            ],
+        )?;
+        refresh_last(&tx, &c.run_id, c.checkpoint_type)?;
+        tx.execute("UPDATE runs SET last_request_time = ?1 WHERE id = ?2", params![now, c.run_id])?;
+        tx.commit()?;
+        Ok(CheckpointRecord {
+            run_id: c.run_id.clone(),
+            checkpoint_id: c.checkpoint_id.clone(),
+            owner: owner.to_string(),
+            checkpoint_type: c.checkpoint_type,
+            tinker_path: c.tinker_path.clone(),
+            created_at: now,
+            size_bytes: c.size_bytes,
+            user_metadata: c.user_metadata.clone(),
+            expires_at: c.expires_at,
+            public: c.public,
+        })
+    }
+
+    pub fn get_checkpoint(
+        &self,
+        owner: &str,
+        run_id: &str,
+        checkpoint_id: &str,
+    ) -> Result<CheckpointRecord, StateError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!("SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2 AND owner = ?3"),
+                params![run_id, checkpoint_id, owner],
+                read_ckpt,
+            )
+            .optional()?;
+        finish_ckpt(raw.ok_or_else(|| {
+            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}"))
+        })?)
+    }
+
+    /// Checkpoints of one run, newest first; NotFound when `owner` does not own the run.
+    pub fn list_checkpoints(
+        &self,
+        owner: &str,
+        run_id: &str,
+    ) -> Result<Vec<CheckpointRecord>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        owns_run(&tx, owner, run_id)?;
+        let out = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 ORDER BY created_at DESC, rowid DESC"
+            ))?;
+            collect_ckpts(stmt.query_map([run_id], read_ckpt)?)?
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Every checkpoint of `owner`, newest first, and the total count.
+    pub fn list_user_checkpoints(
+        &self,
+        owner: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<CheckpointRecord>, u64), StateError> {
+        let conn = self.conn();
+        let total: i64 =
+            conn.query_row("SELECT COUNT(*) FROM checkpoints WHERE owner = ?1", [owner], |r| {
+                r.get(0)
+            })?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
+        ))?;
+        let out = collect_ckpts(
+            stmt.query_map(params![owner, to_i64(limit), to_i64(offset)], read_ckpt)?,
+        )?;
+        Ok((out, total as u64))
+    }
+
+    /// Deletes a checkpoint record and returns it (the caller removes its files).
+    pub fn delete_checkpoint(
+        &self,
+        owner: &str,
+        run_id: &str,
+        checkpoint_id: &str,
+    ) -> Result<CheckpointRecord, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let raw = tx
+            .query_row(
+                &format!("SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2 AND owner = ?3"),
+                params![run_id, checkpoint_id, owner],
+                read_ckpt,
+            )
+            .optional()?;
+        let rec = finish_ckpt(raw.ok_or_else(|| {
+            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}"))
+        })?)?;
+        tx.execute(
+            "DELETE FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2",
+            params![run_id, checkpoint_id],
+        )?;
+        refresh_last(&tx, run_id, rec.checkpoint_type)?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    /// Publishes or unpublishes; returns false when it already had that visibility.
+    pub fn set_checkpoint_public(
+        &self,
+        owner: &str,
+        run_id: &str,
+        checkpoint_id: &str,
+        public: bool,
+    ) -> Result<bool, StateError> {
+        self.get_checkpoint(owner, run_id, checkpoint_id)?;
+        let n = self.conn().execute(
+            "UPDATE checkpoints SET public = ?1 WHERE run_id = ?2 AND checkpoint_id = ?3 AND owner = ?4 AND public != ?1",
+            params![public, run_id, checkpoint_id, owner],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Sets or clears (`None`) the expiry time (Unix ms).
+    pub fn set_checkpoint_expiry(
+        &self,
+        owner: &str,
+        run_id: &str,
+        checkpoint_id: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(), StateError> {
+        let n = self.conn().execute(
+            "UPDATE checkpoints SET expires_at = ?1 WHERE run_id = ?2 AND checkpoint_id = ?3 AND owner = ?4",
+            params![expires_at, run_id, checkpoint_id, owner],
+        )?;
+        if n == 0 {
+            Err(StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Checkpoints whose expiry time is at or before `now_ms` (for the sweeper).
+    pub fn expired_checkpoints(&self, now_ms: i64) -> Result<Vec<CheckpointRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at"
+        ))?;
+        collect_ckpts(stmt.query_map([now_ms], read_ckpt)?)
+    }
+
+    /// Creates a sampling session, or returns the existing one for the same (session, seq) — a
+    /// retried `create_sampling_session` — as `(record, false)`. A different id or owner for an
+    /// existing (session, seq), or a reused id, is a `Conflict`.
+    pub fn create_or_get_sampling_session(
+        &self,
+        s: &NewSamplingSession,
+    ) -> Result<(SamplingSessionRecord, bool), StateError> {
+        let now = self.now();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing = tx
+            .query_row(
+                "SELECT id, session_id, owner, seq, base_model, model_path, created_at FROM sampling_sessions \
+                 WHERE (session_id = ?1 AND seq = ?2) OR id = ?3",
+                params![s.session_id, to_i64(s.seq), s.id],
+                read_sampling,
+            )
+            .optional()?;
+        if let Some(rec) = existing {
+            if rec.id != s.id
+                || rec.owner != s.owner
+                || rec.session_id != s.session_id
+                || rec.seq != s.seq
+            {
+                return Err(StateError::Conflict(format!(
+                    "sampling session seq {} of session `{}` is already used by `{}`",
+                    s.seq, s.session_id, rec.id
+                )));
+            }
+            return Ok((rec, false));
+        }
+        tx.execute(
+            "INSERT INTO sampling_sessions (id, session_id, owner, seq, base_model, model_path, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![s.id, s.session_id, s.owner, to_i64(s.seq), s.base_model, s.model_path, now],
+        )?;
+        tx.commit()?;
+        Ok((
+            SamplingSessionRecord {
+                id: s.id.clone(),
+                session_id: s.session_id.clone(),
+                owner: s.owner.clone(),
+                seq: s.seq,
+                base_model: s.base_model.clone(),
+                model_path: s.model_path.clone(),
+                created_at: now,
+            },
+            true,
+        ))
+    }
+
+    pub fn get_sampling_session(
+        &self,
+        owner: &str,
+        id: &str,
+    ) -> Result<SamplingSessionRecord, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT id, session_id, owner, seq, base_model, model_path, created_at FROM sampling_sessions \
+                 WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+                read_sampling,
+            )
+            .optional()?
+            .ok_or_else(|| StateError::not_found("sampling session", id))
+    }
+
+    /// Sampling session ids of a session (for `GET /sessions/{id}`).
+    pub fn list_sampling_session_ids(
+        &self,
+        owner: &str,
+        session_id: &str,
+    ) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM sampling_sessions WHERE owner = ?1 AND session_id = ?2 ORDER BY seq",
+        )?;
+        let ids = stmt
+            .query_map(params![owner, session_id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+}
+
+fn read_sampling(r: &Row<'_>) -> rusqlite::Result<SamplingSessionRecord> {
+    Ok(SamplingSessionRecord {
+        id: r.get(0)?,
+        session_id: r.get(1)?,
+        owner: r.get(2)?,
+        seq: r.get::<_, i64>(3)?.max(0) as u64,
+        base_model: r.get(4)?,
+        model_path: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}

@@ -1,0 +1,182 @@
+//! Sessions (one per SDK `ServiceClient`), their heartbeats, and per-session counters.
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde_json::Value;
+
+use super::{StateError, Store, json_text, parse_json, to_i64};
+
+/// A session to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSession {
+    pub id: String,
+    /// Keyed hash of the API key.
+    pub owner: String,
+    pub tags: Vec<String>,
+    /// A JSON object (or null).
+    pub user_metadata: Value,
+    pub sdk_version: Option<String>,
+    pub project_id: Option<String>,
+    pub display_name: Option<String>,
+}
+
+/// A stored session. Times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub owner: String,
+    pub tags: Vec<String>,
+    pub user_metadata: Value,
+    pub sdk_version: Option<String>,
+    pub project_id: Option<String>,
+    pub display_name: Option<String>,
+    pub created_at: i64,
+    pub last_heartbeat: i64,
+    pub finished_at: Option<i64>,
+    pub finish_reason: Option<String>,
+}
+
+const COLUMNS: &str = "id, owner, tags, user_metadata, sdk_version, project_id, display_name, \
+                       created_at, last_heartbeat, finished_at, finish_reason";
+
+type RawSession = (SessionRecord, String, Option<String>);
+
+fn read_row(r: &Row<'_>) -> rusqlite::Result<RawSession> {
+    Ok((
+        SessionRecord {
+            id: r.get(0)?,
+            owner: r.get(1)?,
+            tags: Vec::new(),
+            user_metadata: Value::Null,
+            sdk_version: r.get(4)?,
+            project_id: r.get(5)?,
+            display_name: r.get(6)?,
+            created_at: r.get(7)?,
+            last_heartbeat: r.get(8)?,
+            finished_at: r.get(9)?,
+            finish_reason: r.get(10)?,
+        },
+        r.get(2)?,
+        r.get(3)?,
+    ))
+}
+
+fn finish((mut rec, tags, meta): RawSession) -> Result<SessionRecord, StateError> {
+    rec.tags = serde_json::from_str(&tags)
+        .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
+    rec.user_metadata = parse_json("session user_metadata", meta)?;
+    Ok(rec)
+}
+
+impl Store {
+    /// Creates a session; a duplicate id is `AlreadyExists`.
+    pub fn create_session(&self, s: &NewSession) -> Result<SessionRecord, StateError> {
+        let now = self.now();
+        let tags = serde_json::to_string(&s.tags)
+            .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
+        let conn = self.conn();
+        let n = conn.execute(
+            "INSERT OR IGNORE INTO sessions (id, owner, tags, user_metadata, sdk_version, project_id, \
+             display_name, created_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            params![s.id, s.owner, tags, json_text(&s.user_metadata), s.sdk_version, s.project_id, s.display_name, now],
+        )?;
+        if n == 0 {
+            return Err(StateError::AlreadyExists { what: "session", id: s.id.clone() });
+        }
+        Ok(SessionRecord {
+            id: s.id.clone(),
+            owner: s.owner.clone(),
+            tags: s.tags.clone(),
+            user_metadata: s.user_metadata.clone(),
+            sdk_version: s.sdk_version.clone(),
+            project_id: s.project_id.clone(),
+            display_name: s.display_name.clone(),
+            created_at: now,
+            last_heartbeat: now,
+            finished_at: None,
+            finish_reason: None,
+        })
+    }
+
+    /// The session `id` if `owner` owns it.
+    pub fn get_session(&self, owner: &str, id: &str) -> Result<SessionRecord, StateError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1 AND owner = ?2"),
+                params![id, owner],
+                read_row,
+            )
+            .optional()?;
+        finish(raw.ok_or_else(|| StateError::not_found("session", id))?)
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, owner: &str, id: &str) -> Result<(), StateError> {
+        let now = self.now();
+        let n = self.conn().execute(
+            "UPDATE sessions SET last_heartbeat = ?1 WHERE id = ?2 AND owner = ?3",
+            params![now, id, owner],
+        )?;
+        if n == 0 {
+            return Err(StateError::not_found("session", id));
+        }
+        Ok(())
+    }
+
+    /// Marks a session finished (`sessions/{id}/finish`); finishing twice keeps the first reason.
+    pub fn finish_session(&self, owner: &str, id: &str, reason: &str) -> Result<(), StateError> {
+        let now = self.now();
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE sessions SET finished_at = ?1, finish_reason = ?2 \
+             WHERE id = ?3 AND owner = ?4 AND finished_at IS NULL",
+            params![now, reason, id, owner],
+        )?;
+        if n == 0 {
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM sessions WHERE id = ?1 AND owner = ?2)",
+                params![id, owner],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(StateError::not_found("session", id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Session ids of `owner`, newest first, and the total count.
+    pub fn list_session_ids(
+        &self,
+        owner: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<String>, u64), StateError> {
+        let conn = self.conn();
+        let total: i64 =
+            conn.query_row("SELECT COUNT(*) FROM sessions WHERE owner = ?1", [owner], |r| {
+                r.get(0)
+            })?;
+        let mut stmt = conn.prepare(
+            "SELECT id FROM sessions WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3",
+        )?;
+        let ids = stmt
+            .query_map(params![owner, to_i64(limit), to_i64(offset)], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok((ids, total as u64))
+    }
+
+    /// Returns the counter `name` of a session and increments it (first call: 0).
+    pub fn next_counter(&self, session_id: &str, name: &str) -> Result<u64, StateError> {
+        let conn = self.conn();
+        let v: Option<i64> = conn
+            .query_row(
+                "INSERT INTO session_counters (session_id, name, value) VALUES (?1, ?2, 1) \
+                 ON CONFLICT (session_id, name) DO UPDATE SET value = value + 1 RETURNING value - 1",
+                params![session_id, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+}
