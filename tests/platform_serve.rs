@@ -301,6 +301,70 @@ fn second_signal_skips_the_grace_period() -> Result<()> {
     Ok(())
 }
 
+/// Twinkle-mode seed layout with the server mounted at `/` and a CPU-only processor.
+fn twinkle_root_config(port: u16) -> String {
+    format!(
+        r#"server_type: twinkle
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: server
+    route_prefix: /
+    import_path: server
+    deployments:
+      - ray_actor_options: {{num_cpus: 0.1}}
+  - name: processor
+    route_prefix: /processors
+    import_path: processor
+    args:
+      ncpu_proc_per_node: 2
+      device_group: {{name: processor, ranks: 0, device_type: CPU}}
+      device_mesh: {{device_type: CPU, dp_size: 2}}
+    deployments:
+      - ray_actor_options: {{num_cpus: 0.1}}
+"#
+    )
+}
+
+#[test]
+fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
+    let port = free_port()?;
+    let mut serve = Serve::start(
+        &twinkle_root_config(port),
+        port,
+        &["--num-gpus", "0", "--num-cpus", "4", "-t", "tinker", "--namespace", "ns1"],
+        &[],
+    )?;
+    let st = serve.wait_all_running(STARTUP)?;
+    assert_eq!(st["server_type"], "tinker");
+    assert_eq!(st["namespace"], "ns1");
+    // Processor: 0.1 CPU for the replica plus one per CPU worker (ncpu_proc_per_node: 2).
+    let processor = app_named(&st, "processor").context("processor")?;
+    assert_eq!(processor["gpu_ids"].as_array().map(Vec::len), Some(0));
+    // `/healthz` is the gateway's own, even with an application at `/`.
+    let r = get(&serve.gateway, "/healthz")?;
+    let h = r.json()?;
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["applications"]["server"], "running");
+    // Every path that no longer prefix claims goes to the root application.
+    let r = http("POST", &serve.gateway, "/echo", &[("Content-Type", "text/plain")], b"hi")?;
+    assert_eq!((r.status, r.body.as_slice()), (200, b"hi".as_slice()));
+    let r = get(&serve.gateway, "/processors/healthz")?;
+    let h = r.json()?;
+    assert_eq!(h["app"], "processor");
+    assert_eq!(h["server_type"], "tinker");
+    assert_eq!(h["cuda_visible_devices"], "");
+    let r = get(&serve.gateway, "/processorsX/healthz")?;
+    // The root application answered (actix's empty 404), not the gateway's JSON 404.
+    assert_eq!(r.status, 404);
+    ensure!(r.body.is_empty(), "{}", String::from_utf8_lossy(&r.body));
+    let serve_pid = serve.pid();
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    let pids = serve.known_pids.clone();
+    assert_tree_gone(serve_pid, &pids)?;
+    Ok(())
+}
+
 #[test]
 fn infeasible_deployment_exits_2_and_starts_nothing() -> Result<()> {
     let port = free_port()?;
