@@ -366,6 +366,40 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
 }
 
 #[test]
+fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
+    let port = free_port()?;
+    let mut serve = Serve::start(
+        &tinker_config(port),
+        port,
+        &["--num-gpus", "3"],
+        &[("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
+    )?;
+    let st = serve.wait_all_running(STARTUP)?;
+    let name = "sampler-Qwen2.5-0.5B-Instruct";
+    let old = app_named(&st, name).and_then(|a| a["pid"].as_u64()).context("pid")? as u32;
+    // A stopped process keeps its socket open but never answers: hung, not dead.
+    kill(Pid::from_raw(old as i32), Signal::SIGSTOP)?;
+    let st = poll(Duration::from_secs(60), || {
+        let st = serve.status_json().ok()?;
+        let a = app_named(&st, name)?;
+        (a["state"] == "running" && a["pid"].as_u64() != Some(u64::from(old))).then_some(st.clone())
+    })
+    .with_context(|| format!("hung child not replaced; log:\n{}", serve.log_text()))?;
+    serve.remember(&st);
+    let a = app_named(&st, name).context("sampler")?;
+    ensure!(a["last_exit"] == "failed 3 health checks in a row", "{a}");
+    ensure!(!pid_exists(old), "hung child {old} still exists");
+    let r = get(&serve.gateway, "/api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct/healthz")?;
+    assert_eq!(r.json()?["pid"], a["pid"]);
+    let serve_pid = serve.pid();
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    let pids = serve.known_pids.clone();
+    assert_tree_gone(serve_pid, &pids)?;
+    Ok(())
+}
+
+#[test]
 fn infeasible_deployment_exits_2_and_starts_nothing() -> Result<()> {
     let port = free_port()?;
     let dir = tempfile::tempdir()?;

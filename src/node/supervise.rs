@@ -14,8 +14,10 @@ use tokio::sync::watch;
 
 use crate::head::registry::{self, AppState, SharedRegistry};
 
-/// Restart and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s to
-/// register, 10 s stop grace (`TWINKLE_STOP_GRACE_S`, `TWINKLE_REGISTER_DEADLINE_S`).
+/// Restart, health and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s
+/// to register, `/healthz` every 10 s with a 10 s timeout (3 misses = hung), 10 s stop grace.
+/// Env overrides: `TWINKLE_STOP_GRACE_S`, `TWINKLE_REGISTER_DEADLINE_S`,
+/// `TWINKLE_HEALTH_PERIOD_S`, `TWINKLE_HEALTH_TIMEOUT_S`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RestartPolicy {
     pub initial_backoff: Duration,
@@ -25,6 +27,11 @@ pub struct RestartPolicy {
     /// A child that has not registered by then is killed and restarted.
     pub register_deadline: Duration,
     pub stop_grace: Duration,
+    /// How often a registered child's `/healthz` is probed, and how long a probe may take.
+    pub health_period: Duration,
+    pub health_timeout: Duration,
+    /// Consecutive failed probes after which a (hung) child is killed and restarted.
+    pub health_failures: u32,
 }
 
 impl Default for RestartPolicy {
@@ -35,6 +42,9 @@ impl Default for RestartPolicy {
             reset_after: Duration::from_secs(30),
             register_deadline: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
+            health_period: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(10),
+            health_failures: 3,
         }
     }
 }
@@ -54,6 +64,12 @@ impl RestartPolicy {
         }
         if let Some(d) = env_secs("TWINKLE_REGISTER_DEADLINE_S") {
             p.register_deadline = d;
+        }
+        if let Some(d) = env_secs("TWINKLE_HEALTH_PERIOD_S").filter(|d| !d.is_zero()) {
+            p.health_period = d;
+        }
+        if let Some(d) = env_secs("TWINKLE_HEALTH_TIMEOUT_S").filter(|d| !d.is_zero()) {
+            p.health_timeout = d;
         }
         p
     }
@@ -167,7 +183,14 @@ async fn stop_child(child: &mut Child, pid: Option<u32>, grace: Duration) -> Str
 enum Outcome {
     Exited(String),
     NotRegistered,
+    Unhealthy(u32),
     Shutdown,
+}
+
+/// One liveness probe: `GET http://{addr}/healthz` answered 2xx within `timeout`.
+async fn probe(client: &awc::Client, addr: &str, timeout: Duration) -> bool {
+    let req = client.get(format!("http://{addr}/healthz")).timeout(timeout).send();
+    matches!(req.await, Ok(r) if r.status().is_success())
 }
 
 /// Resolves when shutdown is requested (or the sender is gone, which means the same).
@@ -187,11 +210,15 @@ async fn watch_child(
     app: &str,
     reg: &SharedRegistry,
     shutdown: &mut watch::Receiver<bool>,
-    deadline: Duration,
+    policy: &RestartPolicy,
 ) -> Outcome {
-    let register_by = tokio::time::Instant::now() + deadline;
+    let register_by = tokio::time::Instant::now() + policy.register_deadline;
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut registered = false;
+    let mut health = tokio::time::interval(policy.health_period);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let client = awc::Client::default();
+    let mut misses = 0u32;
     loop {
         tokio::select! {
             st = child.wait() => {
@@ -205,6 +232,22 @@ async fn watch_child(
                 registered = registry::read(reg).is_registered(app);
                 if !registered && tokio::time::Instant::now() >= register_by {
                     return Outcome::NotRegistered;
+                }
+                if registered {
+                    health.reset();
+                }
+            }
+            _ = health.tick(), if registered => {
+                let addr = registry::read(reg).upstream(app).ok();
+                let Some(addr) = addr else { continue };
+                if probe(&client, &addr, policy.health_timeout).await {
+                    misses = 0;
+                } else {
+                    misses += 1;
+                    tracing::warn!(%app, misses, "health check failed");
+                    if misses >= policy.health_failures {
+                        return Outcome::Unhealthy(misses);
+                    }
                 }
             }
         }
@@ -251,9 +294,7 @@ pub async fn supervise(
         let pid = child.id();
         registry::write(&reg).child_started(&app, pid, token);
         tracing::info!(%app, pid, "child started");
-        let how = match watch_child(&mut child, &app, &reg, &mut shutdown, policy.register_deadline)
-            .await
-        {
+        let how = match watch_child(&mut child, &app, &reg, &mut shutdown, &policy).await {
             Outcome::Shutdown => {
                 registry::write(&reg).set_state(&app, AppState::Stopping);
                 let how = stop_child(&mut child, pid, policy.stop_grace).await;
@@ -264,6 +305,11 @@ pub async fn supervise(
                 // Leftovers of the dead child's group (its own subprocesses) go too.
                 signal_group(pid, Signal::SIGKILL);
                 how
+            }
+            Outcome::Unhealthy(misses) => {
+                signal_group(pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+                format!("failed {misses} health checks in a row")
             }
             Outcome::NotRegistered => {
                 signal_group(pid, Signal::SIGKILL);
