@@ -39,12 +39,116 @@ enum Command {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Run the whole platform on this machine: head, gateway and one child per application.
+    Serve {
+        #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
+        config: PathBuf,
+        /// Overrides the config's `server_type`.
+        #[arg(short = 't', long)]
+        server_type: Option<twinkle::config::ServerType>,
+        /// Namespace shown in status (Ray's `--namespace`; informational on one machine).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Log filter, e.g. `info`, `debug`, `twinkle=debug` (RUST_LOG syntax).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// GPUs this node offers (default: what NVML reports, limited by CUDA_VISIBLE_DEVICES).
+        #[arg(long)]
+        num_gpus: Option<u32>,
+        /// CPUs this node offers (default: the CPUs the OS reports).
+        #[arg(long)]
+        num_cpus: Option<f64>,
+        /// Loopback port of the control plane (default: any free port).
+        #[arg(long, default_value_t = 0)]
+        control_port: u16,
+    },
+    /// Show the running server's nodes and applications (like `ray status`).
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Control address `HOST:PORT` (default: from `$TWINKLE_HOME/serve.json`).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Internal: one application child, started by `twinkle serve`.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        app: String,
+        #[arg(long, value_enum)]
+        import_path: ImportPathArg,
+        #[arg(long, default_value = "/")]
+        route_prefix: String,
+        #[arg(long, default_value = "twinkle")]
+        server_type: twinkle::config::ServerType,
+        /// The head's control address.
+        #[arg(long)]
+        head: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Seconds to keep retrying the registration.
+        #[arg(long, env = "TWINKLE_REGISTER_DEADLINE_S", default_value_t = 60.0)]
+        register_deadline_s: f64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ConfigFormat {
     Yaml,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ImportPathArg {
+    Server,
+    Model,
+    Sampler,
+    Processor,
+}
+
+impl From<ImportPathArg> for twinkle::config::ImportPath {
+    fn from(t: ImportPathArg) -> Self {
+        match t {
+            ImportPathArg::Server => Self::Server,
+            ImportPathArg::Model => Self::Model,
+            ImportPathArg::Sampler => Self::Sampler,
+            ImportPathArg::Processor => Self::Processor,
+        }
+    }
+}
+
+/// Logs to stderr. A bare level (`info`) also quiets actix's per-worker start/stop lines.
+fn init_logging(level: &str) {
+    use std::io::IsTerminal as _;
+    let spec =
+        if level.contains('=') { level.to_string() } else { format!("{level},actix_server=warn") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
+    let addr = match address {
+        Some(a) => a,
+        None => {
+            twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
+                .control_address
+        }
+    };
+    let report = actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", twinkle::head::status_cli::render(&report));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -84,6 +188,73 @@ fn main() -> ExitCode {
             }
         }
         Command::VerifyGolden { dirs } => verify_golden(&dirs),
+        Command::Serve {
+            config,
+            server_type,
+            namespace,
+            log_level,
+            num_gpus,
+            num_cpus,
+            control_port,
+        } => {
+            init_logging(&log_level);
+            let opts = twinkle::node::serve::ServeOptions {
+                config_path: config,
+                server_type,
+                namespace,
+                num_gpus,
+                num_cpus,
+                control_port,
+                log_level,
+            };
+            match twinkle::node::serve::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("twinkle serve: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Status { json, address } => match status(json, address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinkle status: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Worker {
+            app,
+            import_path,
+            route_prefix,
+            server_type,
+            head,
+            config,
+            log_level,
+            register_deadline_s,
+        } => {
+            init_logging(&log_level);
+            let deadline = if register_deadline_s.is_finite() && register_deadline_s > 0.0 {
+                std::time::Duration::from_secs_f64(register_deadline_s)
+            } else {
+                std::time::Duration::from_secs(60)
+            };
+            let opts = twinkle::worker::WorkerOptions {
+                app,
+                import_path: import_path.into(),
+                route_prefix,
+                server_type,
+                head,
+                config,
+                register_deadline: deadline,
+            };
+            match twinkle::worker::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("twinkle worker: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
     }
 }
 

@@ -1,1 +1,40 @@
 //! Node agent: spawns, supervises, restarts and stops this node's application children.
+//!
+//! Each child is this same binary re-executed as `twinkle worker ...` in its own process group
+//! (so a terminal's Ctrl-C reaches only `serve`, and stopping a child reaches everything it
+//! started), with a parent-death signal so no child outlives a killed head.
+
+pub mod serve;
+pub mod supervise;
+
+pub use supervise::{ChildSpec, RestartPolicy, supervise};
+
+/// Errors of the node layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot find the twinkle binary to re-execute: {0}")]
+    CurrentExe(std::io::Error),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot place the applications on this machine:\n{0}")]
+    Infeasible(String),
+    #[error("invalid deployment: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Head(#[from] crate::head::HeadError),
+    #[error("{0}")]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error("cannot start the runtime or install signal handlers: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl NodeError {
+    /// Exit status of `twinkle serve`: 2 for a deployment that can never run as written
+    /// (bad config, does not fit), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            NodeError::Config(_) | NodeError::Infeasible(_) | NodeError::Invalid(_) => 2,
+            _ => 1,
+        }
+    }
+}

@@ -1,1 +1,166 @@
 //! `twinkle worker`: the entry point of one application child process.
+//!
+//! A child binds an HTTP server on `127.0.0.1:0`, registers its port with the head (retrying
+//! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
+//! `import_path` in [`run_app`]; until the real server/model/sampler/processor applications
+//! exist, every kind serves only the identity routes of [`identity`].
+
+pub mod identity;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+
+use crate::config::{Application, ImportPath, ServerType};
+use crate::head::RegisterRequest;
+use crate::node::supervise::TOKEN_ENV;
+
+/// Env var carrying the application's config entry as JSON (set by `twinkle serve`).
+pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
+/// Test hook: milliseconds a worker waits after binding before it registers, so tests can
+/// observe the gateway's 503 for an application that is up but not yet registered.
+pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
+
+/// Errors of the worker layer.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot listen on loopback: {0}")]
+    Bind(std::io::Error),
+    #[error("{TOKEN_ENV} is not set: `twinkle worker` is started by `twinkle serve`, not by hand")]
+    MissingToken,
+    #[error("{APP_SPEC_ENV} is not a valid application spec: {0}")]
+    Spec(serde_json::Error),
+    #[error("could not register with the head at {head} within {deadline:?}: {detail}")]
+    RegisterTimeout { head: String, deadline: Duration, detail: String },
+    #[error("the head at {head} refused the registration: {detail}")]
+    Refused { head: String, detail: String },
+    #[error("HTTP server failed: {0}")]
+    Server(std::io::Error),
+}
+
+/// What `twinkle worker` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub app: String,
+    pub import_path: ImportPath,
+    pub route_prefix: String,
+    pub server_type: ServerType,
+    /// The head's control address (`127.0.0.1:PORT`).
+    pub head: String,
+    /// The whole deployment's config file (applications that dispatch to others read it).
+    pub config: Option<PathBuf>,
+    pub register_deadline: Duration,
+}
+
+/// Everything an application needs to start inside its child.
+#[derive(Debug, Clone)]
+pub struct AppContext {
+    pub opts: WorkerOptions,
+    pub token: String,
+    /// This application's config entry, when serve passed it.
+    pub spec: Option<Application>,
+}
+
+impl AppContext {
+    /// Reads the token and spec that `twinkle serve` put in the environment.
+    pub fn from_env(opts: WorkerOptions) -> Result<Self, WorkerError> {
+        let token = std::env::var(TOKEN_ENV).map_err(|_| WorkerError::MissingToken)?;
+        let spec = match std::env::var(APP_SPEC_ENV) {
+            Ok(text) if !text.is_empty() => {
+                Some(serde_json::from_str(&text).map_err(WorkerError::Spec)?)
+            }
+            _ => None,
+        };
+        Ok(Self { opts, token, spec })
+    }
+}
+
+/// Blocking entry point of `twinkle worker`.
+pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
+    let ctx = AppContext::from_env(opts)?;
+    actix_web::rt::System::new().block_on(run_app(ctx))
+}
+
+/// Runs the application named by `import_path`. The real applications plug in here; for now
+/// every kind is the identity application (health + diagnostics only).
+pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
+    match ctx.opts.import_path {
+        ImportPath::Server | ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
+            let id = identity::Identity::from_context(&ctx);
+            serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
+        }
+    }
+}
+
+/// Binds `127.0.0.1:0`, serves `configure`'s routes, registers with the head, then serves until
+/// SIGTERM/SIGINT (actix's own signal handling stops the server gracefully).
+pub async fn serve_and_register<F>(ctx: &AppContext, configure: F) -> Result<(), WorkerError>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(WorkerError::Bind)?;
+    let port = listener.local_addr().map_err(WorkerError::Bind)?.port();
+    let server = HttpServer::new(move || App::new().configure(configure.clone()))
+        .workers(2)
+        .shutdown_timeout(5)
+        .listen(listener)
+        .map_err(WorkerError::Bind)?
+        .run();
+    let handle = server.handle();
+    let running = actix_web::rt::spawn(server);
+    tracing::info!(app = %ctx.opts.app, port, "worker listening");
+
+    if let Some(ms) = std::env::var(START_DELAY_ENV).ok().and_then(|v| v.trim().parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Err(e) = register(ctx, port).await {
+        handle.stop(false).await;
+        return Err(e);
+    }
+    match running.await {
+        Ok(r) => r.map_err(WorkerError::Server),
+        Err(join) => Err(WorkerError::Server(std::io::Error::other(join.to_string()))),
+    }
+}
+
+/// POSTs the registration until the head accepts it (2xx), refuses it (4xx: permanent), or the
+/// deadline passes.
+async fn register(ctx: &AppContext, port: u16) -> Result<(), WorkerError> {
+    let head = ctx.opts.head.clone();
+    let client = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
+    let url = format!("http://{head}/v1/register");
+    let body = RegisterRequest {
+        app: ctx.opts.app.clone(),
+        pid: std::process::id(),
+        port,
+        token: ctx.token.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + ctx.opts.register_deadline;
+    loop {
+        let last = match client.post(&url).send_json(&body).await {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::info!(app = %ctx.opts.app, %head, "registered with the head");
+                return Ok(());
+            }
+            Ok(mut resp) if resp.status().is_client_error() => {
+                let text = resp.body().limit(64 << 10).await.unwrap_or_default();
+                return Err(WorkerError::Refused {
+                    head,
+                    detail: String::from_utf8_lossy(&text).into_owned(),
+                });
+            }
+            Ok(resp) => format!("answered {}", resp.status()),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(WorkerError::RegisterTimeout {
+                head,
+                deadline: ctx.opts.register_deadline,
+                detail: last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

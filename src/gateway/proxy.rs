@@ -1,0 +1,176 @@
+//! Forwarding one request to an application child, streaming bodies both ways.
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderMap, HeaderName};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::json;
+
+use super::GatewayState;
+use crate::head::registry::{self, AppState};
+
+/// Seconds a client should wait before retrying an application that is not up.
+const RETRY_AFTER_S: &str = "1";
+
+/// The upstream client of one gateway worker thread: no timeout (Tinker futures long-poll), no
+/// redirects followed, no headers added.
+pub fn client() -> awc::Client {
+    awc::Client::builder().disable_timeout().disable_redirects().no_default_headers().finish()
+}
+
+/// RFC 9110 §7.6.1 connection-specific headers, which a proxy must not forward.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether `name` must not be copied: hop-by-hop, listed in `Connection`, or
+/// `Content-Length` (the body we send sets its own length).
+fn skip_header(name: &HeaderName, headers: &HeaderMap) -> bool {
+    if HOP_BY_HOP.contains(name) || name == header::CONTENT_LENGTH {
+        return true;
+    }
+    headers.get_all(header::CONNECTION).any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(name.as_str())))
+            .unwrap_or(false)
+    })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .any(|v| v.to_str().map(|s| s.to_ascii_lowercase().contains("chunked")).unwrap_or(false))
+}
+
+fn error_json(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+    HttpResponse::build(status).json(body)
+}
+
+fn unavailable(app: &str, state: &str, path: &str) -> HttpResponse {
+    HttpResponse::ServiceUnavailable().insert_header((header::RETRY_AFTER, RETRY_AFTER_S)).json(
+        json!({
+            "detail": format!("application {app:?} is {state}; retry shortly"),
+            "app": app,
+            "state": state,
+            "path": path,
+        }),
+    )
+}
+
+/// `GET /healthz` of the gateway itself: 200 `ok` when every application is running, else 503
+/// `degraded` with each application's state.
+pub async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
+    let report = registry::read(&state.registry).snapshot();
+    let apps: serde_json::Map<String, serde_json::Value> =
+        report.applications.iter().map(|a| (a.name.clone(), json!(a.state.as_str()))).collect();
+    let all_up = report.applications.iter().all(|a| a.state == AppState::Running);
+    let status = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    error_json(
+        status,
+        json!({"status": if all_up { "ok" } else { "degraded" }, "applications": apps}),
+    )
+}
+
+/// Every other request: find the application, forward, stream the answer back.
+pub async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<GatewayState>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    let path = req.uri().path().to_string();
+    let Some(route) = state.routes.lookup(&path) else {
+        let prefixes: Vec<&str> = state.routes.routes().iter().map(|r| r.prefix.as_str()).collect();
+        return error_json(
+            StatusCode::NOT_FOUND,
+            json!({"detail": format!("no application serves {path}"), "route_prefixes": prefixes}),
+        );
+    };
+    let app = route.app.clone();
+    let upstream = registry::read(&state.registry).upstream(&app);
+    let addr = match upstream {
+        Ok(a) => a,
+        Err(s) => return unavailable(&app, s.as_str(), &path),
+    };
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(path.as_str());
+    let url = format!("http://{addr}{pq}");
+
+    let mut up = client.request(req.method().clone(), url);
+    for (name, value) in req.headers() {
+        if !skip_header(name, req.headers()) {
+            up = up.append_header((name.clone(), value.clone()));
+        }
+    }
+    if let Some(peer) = req.peer_addr() {
+        up = up.append_header(("x-forwarded-for", peer.ip().to_string()));
+    }
+    let sent = match (content_length(req.headers()), is_chunked(req.headers())) {
+        (_, true) => up.send_stream(payload).await,
+        (Some(n), false) if n > 0 => up.send_body(SizedStream::new(n, payload)).await,
+        _ => up.send().await,
+    };
+    let resp = match sent {
+        Ok(r) => r,
+        // The child went away between the lookup and the connect: same as not running.
+        Err(awc::error::SendRequestError::Connect(e)) => {
+            tracing::debug!(%app, error = %e, "upstream connect failed");
+            return unavailable(&app, "unreachable", &path);
+        }
+        Err(e) => {
+            tracing::warn!(%app, error = %e, "upstream request failed");
+            return error_json(
+                StatusCode::BAD_GATEWAY,
+                json!({"detail": format!("application {app:?} failed the request: {e}"), "app": app}),
+            );
+        }
+    };
+
+    let mut out = HttpResponse::build(resp.status());
+    for (name, value) in resp.headers() {
+        if !skip_header(name, resp.headers()) {
+            out.append_header((name.clone(), value.clone()));
+        }
+    }
+    let no_body = req.method() == Method::HEAD
+        || resp.status().is_informational()
+        || resp.status() == StatusCode::NO_CONTENT
+        || resp.status() == StatusCode::NOT_MODIFIED;
+    if no_body {
+        return out.finish();
+    }
+    match content_length(resp.headers()) {
+        Some(n) => out.body(SizedStream::new(n, resp)),
+        None => out.streaming(resp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(HeaderName::from_static("x-secret"), HeaderValue::from_static("1"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let x_secret = HeaderName::from_static("x-secret");
+        assert!(skip_header(&x_secret, &h));
+        assert!(skip_header(&header::TRANSFER_ENCODING, &h));
+        assert!(skip_header(&header::CONTENT_LENGTH, &h));
+        assert!(!skip_header(&header::CONTENT_TYPE, &h));
+        assert!(!skip_header(&header::AUTHORIZATION, &h));
+    }
+}

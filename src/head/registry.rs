@@ -1,0 +1,352 @@
+//! The head's shared record of nodes and application children: what the supervisor, the
+//! control plane, the gateway and `twinkle status` all read.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::NodeState;
+
+/// Lifecycle of one application child, as `twinkle status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    /// Spawned, not yet registered with the head.
+    Starting,
+    /// Registered: the gateway forwards to it.
+    Running,
+    /// Exited or killed; waiting out the restart backoff.
+    Restarting,
+    /// The last spawn attempt failed (the binary could not be started); retried with backoff.
+    Failed,
+    /// `twinkle serve` is shutting down and has asked the child to stop.
+    Stopping,
+    /// Stopped for good (shutdown finished).
+    Stopped,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Starting => "starting",
+            AppState::Running => "running",
+            AppState::Restarting => "restarting",
+            AppState::Failed => "failed",
+            AppState::Stopping => "stopping",
+            AppState::Stopped => "stopped",
+        }
+    }
+}
+
+/// One application as `GET /v1/status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub import_path: String,
+    pub route_prefix: String,
+    pub node: String,
+    /// Physical GPU ids (the child's `CUDA_VISIBLE_DEVICES`).
+    pub gpu_ids: Vec<u32>,
+    pub cpus: f64,
+    pub pid: Option<u32>,
+    pub state: AppState,
+    /// How many times the child has been restarted since `serve` started.
+    pub restarts: u32,
+    /// The child's loopback HTTP address once registered.
+    pub address: Option<String>,
+    /// How the previous child ended (`exit code 1`, `signal 9`, ...).
+    pub last_exit: Option<String>,
+}
+
+/// One node as `GET /v1/status` reports it. `resources`/`available` use Ray's keys (`CPU`, `GPU`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub address: String,
+    pub resources: BTreeMap<String, f64>,
+    pub available: BTreeMap<String, f64>,
+    pub gpu_ids: Vec<u32>,
+    pub alive: bool,
+}
+
+impl NodeStatus {
+    /// Totals and what is still free after scheduling, from the scheduler's view of a node.
+    pub fn from_state(n: &NodeState) -> Self {
+        let mut resources = BTreeMap::new();
+        let mut available = BTreeMap::new();
+        resources.insert("CPU".to_string(), n.spec.cpus.as_f64());
+        resources.insert("GPU".to_string(), n.spec.gpu_ids.len() as f64);
+        available.insert("CPU".to_string(), n.free_cpus.as_f64());
+        available.insert("GPU".to_string(), n.free_gpu_ids.len() as f64);
+        for (k, v) in &n.spec.custom {
+            resources.insert(k.clone(), v.as_f64());
+        }
+        for (k, v) in &n.free_custom {
+            available.insert(k.clone(), v.as_f64());
+        }
+        Self {
+            id: n.spec.node_id.clone(),
+            address: n.spec.address.clone(),
+            resources,
+            available,
+            gpu_ids: n.spec.gpu_ids.clone(),
+            alive: n.alive,
+        }
+    }
+}
+
+/// The whole `GET /v1/status` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub server_type: String,
+    pub namespace: Option<String>,
+    pub head_pid: u32,
+    pub control_address: String,
+    pub gateway_address: String,
+    pub nodes: Vec<NodeStatus>,
+    pub applications: Vec<AppStatus>,
+}
+
+/// A child's registration (`POST /v1/register`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub app: String,
+    pub pid: u32,
+    pub port: u16,
+    pub token: String,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("no application named {0:?} is deployed")]
+    UnknownApp(String),
+    #[error("registration token of {0:?} does not match the current child")]
+    BadToken(String),
+    #[error("pid {pid} is not the current child of {app:?} (expected {expected:?})")]
+    StalePid { app: String, pid: u32, expected: Option<u32> },
+}
+
+struct AppEntry {
+    status: AppStatus,
+    /// Token handed to the current child; a registration must carry it.
+    token: Option<String>,
+}
+
+/// Shared, lock-protected state. Locks are held only for field updates, never across an await.
+pub struct Registry {
+    server_type: String,
+    namespace: Option<String>,
+    control_address: String,
+    gateway_address: String,
+    nodes: Vec<NodeStatus>,
+    apps: Vec<AppEntry>,
+}
+
+pub type SharedRegistry = Arc<RwLock<Registry>>;
+
+/// Read access that survives a poisoned lock: the data are plain fields, each update is
+/// complete before the guard drops, so a panic elsewhere cannot leave them half-written.
+pub fn read(reg: &SharedRegistry) -> RwLockReadGuard<'_, Registry> {
+    reg.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write access; see [`read`] for why poisoning is ignored.
+pub fn write(reg: &SharedRegistry) -> RwLockWriteGuard<'_, Registry> {
+    reg.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    pub fn new(
+        server_type: String,
+        namespace: Option<String>,
+        nodes: Vec<NodeStatus>,
+        apps: Vec<AppStatus>,
+    ) -> Self {
+        Self {
+            server_type,
+            namespace,
+            control_address: String::new(),
+            gateway_address: String::new(),
+            nodes,
+            apps: apps.into_iter().map(|status| AppEntry { status, token: None }).collect(),
+        }
+    }
+
+    pub fn into_shared(self) -> SharedRegistry {
+        Arc::new(RwLock::new(self))
+    }
+
+    pub fn set_addresses(&mut self, control: String, gateway: String) {
+        self.control_address = control;
+        self.gateway_address = gateway;
+    }
+
+    fn entry_mut(&mut self, app: &str) -> Option<&mut AppEntry> {
+        self.apps.iter_mut().find(|a| a.status.name == app)
+    }
+
+    /// A new child process exists; it is `Starting` until it registers with `token`.
+    pub fn child_started(&mut self, app: &str, pid: Option<u32>, token: String) {
+        if let Some(e) = self.entry_mut(app) {
+            e.status.pid = pid;
+            e.status.state = AppState::Starting;
+            e.status.address = None;
+            e.token = Some(token);
+        }
+    }
+
+    /// Accepts a registration from the current child of `req.app`; returns its address.
+    pub fn register(&mut self, req: &RegisterRequest) -> Result<String, RegisterError> {
+        let e =
+            self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
+        if e.token.as_deref() != Some(req.token.as_str()) {
+            return Err(RegisterError::BadToken(req.app.clone()));
+        }
+        if e.status.pid != Some(req.pid) {
+            return Err(RegisterError::StalePid {
+                app: req.app.clone(),
+                pid: req.pid,
+                expected: e.status.pid,
+            });
+        }
+        let address = format!("127.0.0.1:{}", req.port);
+        e.status.address = Some(address.clone());
+        e.status.state = AppState::Running;
+        Ok(address)
+    }
+
+    /// Whether the current child of `app` has registered.
+    pub fn is_registered(&self, app: &str) -> bool {
+        self.apps.iter().any(|a| a.status.name == app && a.status.state == AppState::Running)
+    }
+
+    /// The child ended; it will be restarted after a backoff (counted now).
+    pub fn child_exited(&mut self, app: &str, how: String) -> u32 {
+        match self.entry_mut(app) {
+            Some(e) => {
+                e.status.pid = None;
+                e.status.address = None;
+                e.token = None;
+                e.status.state = AppState::Restarting;
+                e.status.last_exit = Some(how);
+                e.status.restarts += 1;
+                e.status.restarts
+            }
+            None => 0,
+        }
+    }
+
+    /// The binary could not be spawned at all.
+    pub fn spawn_failed(&mut self, app: &str, why: String) -> u32 {
+        match self.entry_mut(app) {
+            Some(e) => {
+                e.status.pid = None;
+                e.status.address = None;
+                e.token = None;
+                e.status.state = AppState::Failed;
+                e.status.last_exit = Some(why);
+                e.status.restarts += 1;
+                e.status.restarts
+            }
+            None => 0,
+        }
+    }
+
+    pub fn set_state(&mut self, app: &str, state: AppState) {
+        if let Some(e) = self.entry_mut(app) {
+            e.status.state = state;
+            if matches!(state, AppState::Stopping | AppState::Stopped) {
+                e.status.address = None;
+            }
+            if state == AppState::Stopped {
+                e.status.pid = None;
+                e.token = None;
+            }
+        }
+    }
+
+    /// Where to forward a request for `app`: its address when running, else its state.
+    pub fn upstream(&self, app: &str) -> Result<String, AppState> {
+        match self.apps.iter().find(|a| a.status.name == app) {
+            Some(a) => match (&a.status.address, a.status.state) {
+                (Some(addr), AppState::Running) => Ok(addr.clone()),
+                (_, state) => Err(state),
+            },
+            None => Err(AppState::Stopped),
+        }
+    }
+
+    pub fn snapshot(&self) -> StatusReport {
+        StatusReport {
+            server_type: self.server_type.clone(),
+            namespace: self.namespace.clone(),
+            head_pid: std::process::id(),
+            control_address: self.control_address.clone(),
+            gateway_address: self.gateway_address.clone(),
+            nodes: self.nodes.clone(),
+            applications: self.apps.iter().map(|a| a.status.clone()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str) -> AppStatus {
+        AppStatus {
+            name: name.into(),
+            import_path: "model".into(),
+            route_prefix: "/m".into(),
+            node: "node-0".into(),
+            gpu_ids: vec![2, 3],
+            cpus: 0.1,
+            pid: None,
+            state: AppState::Starting,
+            restarts: 0,
+            address: None,
+            last_exit: None,
+        }
+    }
+
+    fn reg() -> Registry {
+        Registry::new("tinker".into(), None, vec![], vec![app("m")])
+    }
+
+    fn req(pid: u32, token: &str) -> RegisterRequest {
+        RegisterRequest { app: "m".into(), pid, port: 4242, token: token.into() }
+    }
+
+    #[test]
+    fn registration_needs_current_token_and_pid() {
+        let mut r = reg();
+        r.child_started("m", Some(10), "tok".into());
+        assert_eq!(r.upstream("m"), Err(AppState::Starting));
+        assert_eq!(r.register(&req(10, "nope")), Err(RegisterError::BadToken("m".into())));
+        assert!(matches!(r.register(&req(11, "tok")), Err(RegisterError::StalePid { .. })));
+        assert_eq!(r.register(&req(10, "tok")), Ok("127.0.0.1:4242".to_string()));
+        assert_eq!(r.upstream("m"), Ok("127.0.0.1:4242".to_string()));
+        let mut unknown = req(10, "tok");
+        unknown.app = "x".into();
+        assert_eq!(r.register(&unknown), Err(RegisterError::UnknownApp("x".into())));
+    }
+
+    #[test]
+    fn exit_counts_restart_and_invalidates_old_token() {
+        let mut r = reg();
+        r.child_started("m", Some(10), "tok".into());
+        assert!(r.register(&req(10, "tok")).is_ok());
+        assert_eq!(r.child_exited("m", "signal 9".into()), 1);
+        assert_eq!(r.upstream("m"), Err(AppState::Restarting));
+        // The dead child's token no longer works, even with the same pid.
+        assert_eq!(r.register(&req(10, "tok")), Err(RegisterError::BadToken("m".into())));
+        r.child_started("m", Some(12), "tok2".into());
+        assert!(r.register(&req(12, "tok2")).is_ok());
+        let s = r.snapshot();
+        assert_eq!(s.applications[0].restarts, 1);
+        assert_eq!(s.applications[0].pid, Some(12));
+        assert_eq!(s.applications[0].last_exit.as_deref(), Some("signal 9"));
+    }
+}

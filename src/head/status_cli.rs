@@ -1,0 +1,148 @@
+//! `twinkle status`: asks the head for its status and prints it like `ray status`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::HeadError;
+use super::registry::StatusReport;
+
+/// GETs `http://{addr}/v1/status` (must run inside an actix/tokio runtime).
+pub async fn fetch(addr: &str) -> Result<StatusReport, HeadError> {
+    let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
+    let url = format!("http://{addr}/v1/status");
+    let unreachable = |detail: String| HeadError::Unreachable { addr: addr.to_string(), detail };
+    let mut resp = client.get(&url).send().await.map_err(|e| unreachable(e.to_string()))?;
+    let body = resp.body().limit(16 << 20).await.map_err(|e| unreachable(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(HeadError::BadAnswer {
+            addr: addr.to_string(),
+            status: resp.status().as_u16(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| unreachable(format!("bad status JSON: {e}")))
+}
+
+/// Resources are fixed-point 1/10000 units: print at most 4 decimals, no float noise.
+fn fmt_num(x: f64) -> String {
+    let s = format!("{x:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn fmt_ids(ids: &[u32]) -> String {
+    if ids.is_empty() {
+        "-".to_string()
+    } else {
+        ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// The human-readable report: nodes with totals and per-application allocations, then one
+/// line per application.
+pub fn render(s: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "======== Twinkle status ({} server) ========", s.server_type);
+    let _ = writeln!(out, "Head pid {}  control {}", s.head_pid, s.control_address);
+    let _ = writeln!(out, "Gateway http://{}", s.gateway_address);
+    if let Some(ns) = &s.namespace {
+        let _ = writeln!(out, "Namespace {ns}");
+    }
+    let _ = writeln!(out, "\nNodes");
+    let _ = writeln!(out, "------");
+    for n in &s.nodes {
+        let get =
+            |m: &std::collections::BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+        let (cpu_t, gpu_t) = (get(&n.resources, "CPU"), get(&n.resources, "GPU"));
+        let (cpu_f, gpu_f) = (get(&n.available, "CPU"), get(&n.available, "GPU"));
+        let _ =
+            writeln!(out, " {} ({}) {}", n.id, n.address, if n.alive { "alive" } else { "DEAD" });
+        let _ = writeln!(
+            out,
+            "   {}/{} CPU   {}/{} GPU used   GPU ids [{}]",
+            fmt_num(cpu_t - cpu_f),
+            fmt_num(cpu_t),
+            fmt_num(gpu_t - gpu_f),
+            fmt_num(gpu_t),
+            fmt_ids(&n.gpu_ids)
+        );
+        for a in s.applications.iter().filter(|a| a.node == n.id) {
+            let _ = writeln!(
+                out,
+                "     {:<40} {} CPU  GPU [{}]",
+                a.name,
+                fmt_num(a.cpus),
+                fmt_ids(&a.gpu_ids)
+            );
+        }
+    }
+    let _ = writeln!(out, "\nApplications");
+    let _ = writeln!(out, "------------");
+    let _ = writeln!(
+        out,
+        " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} ROUTE",
+        "NAME", "STATE", "PID", "RESTARTS", "GPUS", "ADDRESS"
+    );
+    for a in &s.applications {
+        let _ = writeln!(
+            out,
+            " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} {}",
+            a.name,
+            a.state.as_str(),
+            a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            a.restarts,
+            fmt_ids(&a.gpu_ids),
+            a.address.as_deref().unwrap_or("-"),
+            a.route_prefix
+        );
+        if let Some(how) = &a.last_exit {
+            let _ = writeln!(out, "   last exit: {how}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::head::registry::{AppState, AppStatus, NodeStatus};
+
+    #[test]
+    fn render_shows_allocations_and_states() {
+        let res = |c: f64, g: f64| BTreeMap::from([("CPU".to_string(), c), ("GPU".to_string(), g)]);
+        let s = StatusReport {
+            server_type: "tinker".into(),
+            namespace: None,
+            head_pid: 7,
+            control_address: "127.0.0.1:1".into(),
+            gateway_address: "127.0.0.1:8000".into(),
+            nodes: vec![NodeStatus {
+                id: "node-0".into(),
+                address: "127.0.0.1".into(),
+                resources: res(4.0, 8.0),
+                available: res(3.5, 5.0),
+                gpu_ids: (0..8).collect(),
+                alive: true,
+            }],
+            applications: vec![AppStatus {
+                name: "model".into(),
+                import_path: "model".into(),
+                route_prefix: "/m".into(),
+                node: "node-0".into(),
+                gpu_ids: vec![0, 1, 2],
+                cpus: 0.5,
+                pid: Some(99),
+                state: AppState::Restarting,
+                restarts: 2,
+                address: None,
+                last_exit: Some("signal 9".into()),
+            }],
+        };
+        let text = render(&s);
+        assert!(text.contains("0.5/4 CPU   3/8 GPU used   GPU ids [0,1,2,3,4,5,6,7]"), "{text}");
+        assert!(text.contains("model                                    0.5 CPU  GPU [0,1,2]"));
+        assert!(text.contains("restarting"));
+        assert!(text.contains("last exit: signal 9"));
+    }
+}

@@ -1,0 +1,400 @@
+//! `twinkle serve`: one machine's whole platform in one process — head control plane, gateway,
+//! and the node agent that runs one supervised child per application.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use super::NodeError;
+use super::supervise::{ChildSpec, RestartPolicy, supervise};
+use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
+use crate::config::{self, Application, ServerConfig, ServerType};
+use crate::gateway::{self, RouteTable};
+use crate::head::control;
+use crate::head::registry::{self, AppState, AppStatus, NodeStatus, Registry};
+use crate::head::state_file::{self, ServeRecord};
+use crate::worker::APP_SPEC_ENV;
+
+/// Command-line options of `twinkle serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config_path: PathBuf,
+    /// Overrides the file's `server_type`.
+    pub server_type: Option<ServerType>,
+    pub namespace: Option<String>,
+    pub num_gpus: Option<u32>,
+    pub num_cpus: Option<f64>,
+    /// Loopback port of the control plane (0 = any free port).
+    pub control_port: u16,
+    /// Passed to the children's `--log-level`.
+    pub log_level: String,
+}
+
+/// One application and where the scheduler put it.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub app: Application,
+    pub alloc: Allocation,
+}
+
+/// Schedules every application on `node`, all or nothing. Anything that is not placed is an
+/// error naming the application, its demand and what the node has.
+pub fn plan(
+    config: &ServerConfig,
+    node: NodeSpec,
+) -> Result<(Vec<Placement>, Vec<NodeStatus>), NodeError> {
+    if config.applications.is_empty() {
+        return Err(NodeError::Invalid("the config has no applications to run".to_string()));
+    }
+    let demands: Vec<_> = config.applications.iter().map(demand_of).collect();
+    let offered = format!(
+        "this machine offers {} GPU {:?} and {} CPU (change with --num-gpus / --num-cpus or \
+         CUDA_VISIBLE_DEVICES)",
+        node.gpu_ids.len(),
+        node.gpu_ids,
+        node.cpus
+    );
+    let mut cluster = ClusterState::new(vec![node]);
+    let results = cluster.schedule_all(&demands);
+    let mut placements = Vec::new();
+    let mut errors = Vec::new();
+    for (app, r) in config.applications.iter().zip(results) {
+        match r {
+            ScheduleResult::Scheduled(alloc) => {
+                placements.push(Placement { app: app.clone(), alloc })
+            }
+            // With one node nothing will ever be released: Retry is as final as Infeasible.
+            ScheduleResult::Retry(m) | ScheduleResult::Infeasible(m) => errors.push(m),
+        }
+    }
+    if !errors.is_empty() {
+        let gpus: u32 = demands.iter().map(|d| d.gpus).sum();
+        let cpus = demands.iter().fold(Quantity::ZERO, |acc, d| acc + d.cpus);
+        errors.push(format!("all applications together need {gpus} GPU and {cpus} CPU; {offered}"));
+        return Err(NodeError::Infeasible(errors.join("\n")));
+    }
+    let nodes = cluster.nodes().iter().map(NodeStatus::from_state).collect();
+    Ok((placements, nodes))
+}
+
+fn server_type_str(t: ServerType) -> &'static str {
+    match t {
+        ServerType::Twinkle => "twinkle",
+        ServerType::Tinker => "tinker",
+    }
+}
+
+/// Variables that the scheduler owns; an application's `runtime_env` may not override them.
+const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
+
+/// How to start the child of `p`: `twinkle worker ...` with the scheduler's physical GPU ids in
+/// `CUDA_VISIBLE_DEVICES` (empty for CPU-only), the app's `runtime_env.env_vars`, and the
+/// inherited environment (so `TWINKLE_*` variables of serve reach every child).
+pub fn child_spec(
+    exe: &Path,
+    config_path: &Path,
+    p: &Placement,
+    server_type: ServerType,
+    head: &str,
+    log_level: &str,
+) -> ChildSpec {
+    let mut env: Vec<(String, String)> = Vec::new();
+    if let Some(d) = p.app.deployments.first() {
+        for (k, v) in &d.ray_actor_options.runtime_env.env_vars {
+            if RESERVED_ENV.contains(&k.as_str()) {
+                tracing::warn!(app = %p.app.name, var = %k, "ignoring runtime_env variable: the scheduler sets it");
+                continue;
+            }
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env.push(("CUDA_VISIBLE_DEVICES".into(), p.alloc.cuda_visible_devices()));
+    env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
+    env.push(("TWINKLE_SERVER_TYPE".into(), server_type_str(server_type).into()));
+    // Serialising a plain data struct to JSON cannot fail; an empty spec makes the worker fall
+    // back to its command-line identity.
+    env.push((APP_SPEC_ENV.into(), serde_json::to_string(&p.app).unwrap_or_default()));
+    let args: Vec<OsString> = vec![
+        "worker".into(),
+        "--app".into(),
+        p.app.name.clone().into(),
+        "--import-path".into(),
+        p.app.import_path.as_str().into(),
+        "--route-prefix".into(),
+        p.app.route_prefix.clone().into(),
+        "--server-type".into(),
+        server_type_str(server_type).into(),
+        "--head".into(),
+        head.into(),
+        "--config".into(),
+        config_path.as_os_str().to_owned(),
+        "--log-level".into(),
+        log_level.into(),
+    ];
+    ChildSpec { app: p.app.name.clone(), exe: exe.to_path_buf(), args, env }
+}
+
+fn app_status(p: &Placement) -> AppStatus {
+    AppStatus {
+        name: p.app.name.clone(),
+        import_path: p.app.import_path.as_str().to_string(),
+        route_prefix: p.app.route_prefix.clone(),
+        node: p.alloc.node_id.clone(),
+        gpu_ids: p.alloc.gpu_ids.clone(),
+        cpus: p.alloc.cpus.as_f64(),
+        pid: None,
+        state: AppState::Starting,
+        restarts: 0,
+        address: None,
+        last_exit: None,
+    }
+}
+
+/// Runs `twinkle serve` until SIGINT/SIGTERM. Returns after every child is stopped and reaped.
+pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
+    let config = config::load_file(&opts.config_path)?;
+    let server_type = opts.server_type.unwrap_or(config.server_type);
+    // As the Python launcher: tinker mode defaults to the `twinkle_cluster` namespace.
+    let namespace = opts
+        .namespace
+        .clone()
+        .or_else(|| config.ray_namespace.clone())
+        .or_else(|| (server_type == ServerType::Tinker).then(|| "twinkle_cluster".to_string()));
+    let routes = RouteTable::new(
+        config.applications.iter().map(|a| (a.name.as_str(), a.route_prefix.as_str())),
+    )
+    .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    let node = crate::cluster::detect_local_node(opts.num_gpus, opts.num_cpus);
+    let (placements, nodes) = plan(&config, node)?;
+    for p in &placements {
+        tracing::info!(app = %p.app.name, node = %p.alloc.node_id, gpus = ?p.alloc.gpu_ids,
+            cpus = %p.alloc.cpus, "placed");
+    }
+    let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
+    let config_path =
+        std::fs::canonicalize(&opts.config_path).unwrap_or_else(|_| opts.config_path.clone());
+    let home = state_file::twinkle_home();
+    state_file::ensure_free(&home)?;
+    let reg = Registry::new(
+        server_type_str(server_type).to_string(),
+        namespace,
+        nodes,
+        placements.iter().map(app_status).collect(),
+    )
+    .into_shared();
+    let ctx = Running { config, server_type, placements, routes, exe, config_path, home, opts };
+    actix_web::rt::System::new().block_on(ctx.serve(reg))
+}
+
+/// SIGKILL to every child's process group (second signal during shutdown).
+fn kill_all_children(reg: &registry::SharedRegistry) {
+    tracing::warn!("second signal: killing every child now");
+    let pids: Vec<u32> =
+        registry::read(reg).snapshot().applications.iter().filter_map(|a| a.pid).collect();
+    for pid in pids {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+struct Running {
+    config: ServerConfig,
+    server_type: ServerType,
+    placements: Vec<Placement>,
+    routes: RouteTable,
+    exe: PathBuf,
+    config_path: PathBuf,
+    home: PathBuf,
+    opts: ServeOptions,
+}
+
+impl Running {
+    async fn serve(self, reg: registry::SharedRegistry) -> Result<(), NodeError> {
+        // Handlers first: a signal during startup must go through the orderly shutdown.
+        let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Runtime)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Runtime)?;
+
+        let (control_srv, control_addr) = control::start(reg.clone(), self.opts.control_port)?;
+        let http = &self.config.http_options;
+        let (gateway_srv, gateway_addr) =
+            gateway::start(&http.host, http.port, self.routes, reg.clone())?;
+        registry::write(&reg).set_addresses(control_addr.to_string(), gateway_addr.to_string());
+        let control_handle = control_srv.handle();
+        let gateway_handle = gateway_srv.handle();
+        let control_task = actix_web::rt::spawn(control_srv);
+        let gateway_task = actix_web::rt::spawn(gateway_srv);
+
+        let record = ServeRecord {
+            control_address: control_addr.to_string(),
+            gateway_address: gateway_addr.to_string(),
+            pid: std::process::id(),
+            config: self.config_path.display().to_string(),
+        };
+        if let Err(e) = state_file::write(&self.home, &record) {
+            gateway_handle.stop(false).await;
+            control_handle.stop(false).await;
+            return Err(e.into());
+        }
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let policy = RestartPolicy::from_env();
+        let head = control_addr.to_string();
+        // `actix_web::rt::spawn` keeps every supervisor on this (main) thread, which the
+        // children's parent-death signal is tied to.
+        let supervisors: Vec<_> = self
+            .placements
+            .iter()
+            .map(|p| {
+                let spec = child_spec(
+                    &self.exe,
+                    &self.config_path,
+                    p,
+                    self.server_type,
+                    &head,
+                    &self.opts.log_level,
+                );
+                actix_web::rt::spawn(supervise(spec, reg.clone(), stop_rx.clone(), policy))
+            })
+            .collect();
+        tracing::info!(gateway = %gateway_addr, control = %control_addr,
+            state = %state_file::serve_file(&self.home).display(), "twinkle serve is up");
+
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let orderly = async {
+            gateway_handle.stop(true).await;
+            let _ = stop_tx.send(true);
+            for s in supervisors {
+                let _ = s.await;
+            }
+        };
+        tokio::pin!(orderly);
+        loop {
+            tokio::select! {
+                _ = &mut orderly => break,
+                // An impatient second Ctrl-C: skip the grace period, the supervisors reap.
+                _ = sigterm.recv() => kill_all_children(&reg),
+                _ = sigint.recv() => kill_all_children(&reg),
+            }
+        }
+        control_handle.stop(true).await;
+        let _ = gateway_task.await;
+        let _ = control_task.await;
+        state_file::remove_if_ours(&self.home);
+        tracing::info!("all children stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const TINKER: &str = r#"
+server_type: tinker
+http_options: {host: 127.0.0.1, port: 8000}
+applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+    deployments:
+      - ray_actor_options: {num_cpus: 0.1}
+  - name: model
+    route_prefix: /api/v1/model/Qwen/Qwen2.5-0.5B-Instruct
+    import_path: model
+    args:
+      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
+      device_group: {name: model, ranks: 2, device_type: cuda}
+    deployments:
+      - ray_actor_options:
+          num_cpus: 0.1
+          runtime_env:
+            env_vars: {FOO: bar, CUDA_VISIBLE_DEVICES: "9"}
+  - name: sampler
+    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct
+    import_path: sampler
+    args:
+      device_group: {name: sampler, ranks: 1, device_type: cuda}
+    deployments:
+      - ray_actor_options: {num_cpus: 0.1, num_gpus: 1}
+"#;
+
+    fn node(gpus: Vec<u32>) -> NodeSpec {
+        NodeSpec {
+            node_id: "node-0".into(),
+            address: "127.0.0.1".into(),
+            cpus: Quantity::from_units(4),
+            gpu_ids: gpus,
+            custom: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn plan_gives_disjoint_physical_cards() {
+        let cfg = config::load_str(TINKER).expect("config parses");
+        let (placed, nodes) = plan(&cfg, node(vec![4, 5, 6, 7])).expect("fits");
+        let ids: Vec<Vec<u32>> = placed.iter().map(|p| p.alloc.gpu_ids.clone()).collect();
+        assert_eq!(ids[0], Vec::<u32>::new());
+        assert_eq!(ids[1].len(), 2);
+        assert_eq!(ids[2].len(), 1);
+        let mut all: Vec<u32> = ids.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 3, "no card twice: {ids:?}");
+        assert!(all.iter().all(|g| (4..8).contains(g)));
+        assert_eq!(nodes[0].available.get("GPU"), Some(&1.0));
+    }
+
+    #[test]
+    fn plan_rejects_what_cannot_fit_and_names_the_app() {
+        let cfg = config::load_str(TINKER).expect("config parses");
+        let err = plan(&cfg, node(vec![0, 1])).expect_err("3 cards needed");
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(msg.contains("cannot place"), "{msg}");
+        assert!(msg.contains("model") || msg.contains("sampler"), "{msg}");
+        assert!(msg.contains("together need 3 GPU and 0.3 CPU"), "{msg}");
+        assert!(msg.contains("offers 2 GPU [0, 1] and 4 CPU"), "{msg}");
+    }
+
+    #[test]
+    fn child_env_uses_scheduler_ids_and_keeps_runtime_env() {
+        let cfg = config::load_str(TINKER).expect("config parses");
+        let (placed, _) = plan(&cfg, node(vec![4, 5, 6, 7])).expect("fits");
+        let spec = child_spec(
+            Path::new("/bin/twinkle"),
+            Path::new("/c.yaml"),
+            &placed[1],
+            ServerType::Tinker,
+            "127.0.0.1:9",
+            "info",
+        );
+        let get = |k: &str| spec.env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("CUDA_VISIBLE_DEVICES"), Some(placed[1].alloc.cuda_visible_devices()));
+        assert_ne!(get("CUDA_VISIBLE_DEVICES").as_deref(), Some("9"));
+        assert_eq!(spec.env.iter().filter(|(k, _)| k == "CUDA_VISIBLE_DEVICES").count(), 1);
+        assert_eq!(get("FOO").as_deref(), Some("bar"));
+        assert_eq!(get("CUDA_DEVICE_ORDER").as_deref(), Some("PCI_BUS_ID"));
+        let server = child_spec(
+            Path::new("/bin/twinkle"),
+            Path::new("/c.yaml"),
+            &placed[0],
+            ServerType::Tinker,
+            "127.0.0.1:9",
+            "info",
+        );
+        let cvd = server.env.iter().find(|(k, _)| k == "CUDA_VISIBLE_DEVICES").map(|(_, v)| v);
+        assert_eq!(cvd.map(String::as_str), Some(""));
+        assert_eq!(spec.args[0], "worker");
+    }
+}

@@ -1,0 +1,334 @@
+//! Shared helpers of the `platform_*` integration tests: start the real `twinkle serve`, talk
+//! HTTP/1.1 over loopback, poll with deadlines, and kill everything even when a test fails.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_twinkle");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A Tinker-style deployment (seed-server.md's example): server + model (2 cards) + sampler
+/// (`ranks: 1`, `num_gpus: 1`), plus a CPU-only processor-like child.
+pub fn tinker_config(port: u16) -> String {
+    format!(
+        r#"server_type: tinker
+proxy_location: EveryNode
+http_options:
+  host: 127.0.0.1
+  port: {port}
+applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+    args:
+      server_config:
+        per_token_model_limit: 30
+    deployments:
+      - name: TinkerCompatServer
+        ray_actor_options:
+          num_cpus: 0.1
+  - name: models-Qwen2.5-0.5B-Instruct
+    route_prefix: /api/v1/model/Qwen/Qwen2.5-0.5B-Instruct
+    import_path: model
+    args:
+      use_megatron: true
+      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
+      nproc_per_node: 2
+      device_group: {{name: model, ranks: 2, device_type: cuda}}
+      device_mesh: {{device_type: cuda, dp_size: 2}}
+    deployments:
+      - name: ModelManagement
+        ray_actor_options:
+          num_cpus: 0.1
+          runtime_env:
+            env_vars:
+              TWINKLE_TEST_MARKER: model-env
+  - name: sampler-Qwen2.5-0.5B-Instruct
+    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct
+    import_path: sampler
+    args:
+      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
+      nproc_per_node: 1
+      device_group: {{name: sampler, ranks: 1, device_type: cuda}}
+      device_mesh: {{device_type: cuda, dp_size: 1}}
+    deployments:
+      - name: SamplerManagement
+        ray_actor_options:
+          num_cpus: 0.1
+          num_gpus: 1
+"#
+    )
+}
+
+/// A running `twinkle serve`; dropping it SIGKILLs serve and every child pid it learned of.
+pub struct Serve {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub home: PathBuf,
+    pub gateway: String,
+    pub log: PathBuf,
+    pub known_pids: Vec<u32>,
+}
+
+impl Serve {
+    /// Writes `config` into a temp dir and starts `twinkle serve` with its own TWINKLE_HOME.
+    pub fn start(
+        config: &str,
+        gateway_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("server_config.yaml");
+        std::fs::write(&cfg, config)?;
+        let home = dir.path().join("home");
+        let log = dir.path().join("serve.log");
+        let logf = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("-c").arg(&cfg).args(args);
+        cmd.env("TWINKLE_HOME", &home).env_remove("CUDA_VISIBLE_DEVICES");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+        cmd.process_group(0);
+        let child = cmd.spawn().context("spawn twinkle serve")?;
+        Ok(Self {
+            child: Some(child),
+            dir,
+            home,
+            gateway: format!("127.0.0.1:{gateway_port}"),
+            log,
+            known_pids: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `twinkle status --json` against this serve.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json"])
+            .env("TWINKLE_HOME", &self.home)
+            .output()?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Plain `twinkle status` text.
+    pub fn status_text(&self) -> Result<String> {
+        let out = Command::new(BIN).arg("status").env("TWINKLE_HOME", &self.home).output()?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Polls status until every application is `running`; returns that status.
+    pub fn wait_all_running(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let st = poll(timeout, || {
+            let st = self.status_json().ok()?;
+            let apps = st["applications"].as_array()?;
+            apps.iter().all(|a| a["state"] == "running").then_some(st)
+        })
+        .with_context(|| {
+            format!("applications not all running; serve log:\n{}", self.log_text())
+        })?;
+        self.remember(&st);
+        Ok(st)
+    }
+
+    /// Records every child pid of a status answer for cleanup.
+    pub fn remember(&mut self, st: &serde_json::Value) {
+        for a in st["applications"].as_array().into_iter().flatten() {
+            if let Some(p) = a["pid"].as_u64() {
+                self.known_pids.push(p as u32);
+            }
+        }
+    }
+
+    /// Sends `sig` to serve and waits for it to exit.
+    pub fn stop(&mut self, sig: Signal, timeout: Duration) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(self.pid() as i32);
+        kill(pid, sig)?;
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("already stopped"))?;
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if start.elapsed() > timeout {
+                bail!("serve did not exit within {timeout:?} after {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &self.known_pids {
+            let _ = killpg(Pid::from_raw(*p as i32), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Calls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process with this pid exists (a zombie counts: it has not been reaped).
+pub fn pid_exists(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// A process with this pid exists and is not a zombie (for processes we are not the parent of,
+/// whose reaping is up to whoever PID 1 is in this container).
+pub fn pid_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        }
+        Err(_) => false,
+    }
+}
+
+/// The environment of a running process, from /proc.
+pub fn environ(pid: u32) -> Result<Vec<(String, String)>> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect())
+}
+
+pub fn group_exists(pgid: u32) -> bool {
+    killpg(Pid::from_raw(pgid as i32), None).is_ok()
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let pos = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("bad chunk"))?;
+        let size_txt = std::str::from_utf8(&data[..pos])?;
+        let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)?;
+        data = &data[pos + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`, read to the end.
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let chunked_upload = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"));
+    if !chunked_upload && (!body.is_empty() || method == "POST") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let end =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no header end"))?;
+    let head = std::str::from_utf8(&raw[..end])?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line.split(' ').nth(1).unwrap_or("").parse()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { decode_chunked(rest)? } else { rest.to_vec() };
+    Ok(Resp { status, headers, body })
+}
+
+pub fn get(addr: &str, path: &str) -> Result<Resp> {
+    http("GET", addr, path, &[], &[])
+}
+
+pub fn path_of(p: &Path) -> String {
+    p.display().to_string()
+}
