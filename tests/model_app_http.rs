@@ -20,7 +20,9 @@ async fn internal_routes_check_the_token_and_answer_json() {
     let t = tempfile::tempdir().unwrap();
     let svc = Arc::new(service(t.path()));
     let tok = InternalToken(TOKEN.into());
-    let app = test::init_service(App::new().configure(move |cfg| routes(cfg, svc.clone(), tok.clone()))).await;
+    let app =
+        test::init_service(App::new().configure(move |cfg| routes(cfg, svc.clone(), tok.clone())))
+            .await;
 
     for header in [None, Some("wrong")] {
         let mut req = test::TestRequest::get().uri("/_internal/v1/info");
@@ -36,7 +38,8 @@ async fn internal_routes_check_the_token_and_answer_json() {
     let post = |uri: &str, body: Value| {
         test::TestRequest::post().uri(uri).insert_header((TOKEN_HEADER, TOKEN)).set_json(body)
     };
-    let info: Value = test::call_and_read_body_json(&app, get("/_internal/v1/info").to_request()).await;
+    let info: Value =
+        test::call_and_read_body_json(&app, get("/_internal/v1/info").to_request()).await;
     assert_eq!(info["vocab_size"], 151_936);
     assert_eq!(info["arch"], "qwen3");
     assert_eq!(info["model_name"], "qwen3-tiny");
@@ -45,47 +48,69 @@ async fn internal_routes_check_the_token_and_answer_json() {
 
     let create = json!({"model_id": "s:train:0", "rank": 4, "train_attn": true, "train_mlp": true,
         "train_unembed": false, "seed": 3});
-    let resp = test::call_service(&app, post("/_internal/v1/create_adapter", create.clone()).to_request()).await;
+    let resp =
+        test::call_service(&app, post("/_internal/v1/create_adapter", create.clone()).to_request())
+            .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(test::read_body_json::<Value, _>(resp).await, json!({}));
-    let resp = test::call_service(&app, post("/_internal/v1/create_adapter", create).to_request()).await;
+    let resp =
+        test::call_service(&app, post("/_internal/v1/create_adapter", create).to_request()).await;
     assert_eq!(resp.status(), 409);
 
     let fb = json!({"model_id": "s:train:0", "forward_only": false, "loss_fn": "cross_entropy",
         "data": [{"tokens": [1, 2, 3], "target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 0.0]}]});
-    let out: Value = test::call_and_read_body_json(&app, post("/_internal/v1/forward_backward", fb).to_request()).await;
+    let out: Value = test::call_and_read_body_json(
+        &app,
+        post("/_internal/v1/forward_backward", fb).to_request(),
+    )
+    .await;
     assert_eq!(out["outputs"][0]["shape"], json!([3]));
     assert_eq!(out["outputs"][0]["logprobs"].as_array().unwrap().len(), 3);
     // Zero weight: no loss at the last position; loss:sum is the sum of the others.
     assert_eq!(out["outputs"][0]["elementwise_loss"][2], 0.0);
-    let lps: Vec<f64> = out["outputs"][0]["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let lps: Vec<f64> = out["outputs"][0]["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let sum = out["metrics"]["loss:sum"].as_f64().unwrap();
     assert!((sum + lps[0] + lps[1]).abs() < 1e-4, "{sum} {lps:?}");
 
     let step = json!({"model_id": "s:train:0", "adam_params": {"learning_rate": 1e-3}});
-    let m: Value = test::call_and_read_body_json(&app, post("/_internal/v1/optim_step", step).to_request()).await;
+    let m: Value =
+        test::call_and_read_body_json(&app, post("/_internal/v1/optim_step", step).to_request())
+            .await;
     assert_eq!(m["metrics"]["step:max"], 1.0);
 
     let bad = json!({"model_id": "s:train:0", "loss_fn": "cross_entropy",
         "data": [{"tokens": [1, 2], "target_tokens": [2]}]});
-    let resp = test::call_service(&app, post("/_internal/v1/forward_backward", bad).to_request()).await;
+    let resp =
+        test::call_service(&app, post("/_internal/v1/forward_backward", bad).to_request()).await;
     assert_eq!(resp.status(), 400);
     let body: Value = test::read_body_json(resp).await;
     assert_eq!(body["category"], "user");
     assert!(body["detail"].as_str().unwrap().contains("target_tokens"), "{body}");
-    let resp = test::call_service(&app, post("/_internal/v1/optim_step", json!({"nope": 1})).to_request()).await;
+    let resp =
+        test::call_service(&app, post("/_internal/v1/optim_step", json!({"nope": 1})).to_request())
+            .await;
     assert_eq!(resp.status(), 400);
 
     let dir = t.path().join("ckpt/sampler_weights/a");
     let saved: Value = test::call_and_read_body_json(
         &app,
-        post("/_internal/v1/save", json!({"model_id": "s:train:0", "dir": dir, "kind": "sampler"})).to_request(),
+        post("/_internal/v1/save", json!({"model_id": "s:train:0", "dir": dir, "kind": "sampler"}))
+            .to_request(),
     )
     .await;
     assert!(saved["size_bytes"].as_u64().unwrap() > 0);
     let sample = json!({"model_id": "s:train:0", "prompt": [1, 2, 3], "num_samples": 2, "max_tokens": 4,
         "temperature": 0.0, "top_k": -1, "top_p": 1.0, "stop": [], "prompt_logprobs": true});
-    let s: Value = test::call_and_read_body_json(&app, post("/_internal/v1/sample", sample.clone()).to_request()).await;
+    let s: Value = test::call_and_read_body_json(
+        &app,
+        post("/_internal/v1/sample", sample.clone()).to_request(),
+    )
+    .await;
     assert_eq!(s["sequences"].as_array().unwrap().len(), 2);
     assert_eq!(s["sequences"][0]["stop_reason"], "length");
     assert_eq!(s["prompt_logprobs"][0], Value::Null);
@@ -102,12 +127,20 @@ async fn internal_routes_check_the_token_and_answer_json() {
     let mut by_dir = sample.clone();
     by_dir.as_object_mut().unwrap().remove("model_id");
     by_dir["adapter_dir"] = json!(dir);
-    let s2: Value = test::call_and_read_body_json(&sapp, post("/_internal/v1/sample", by_dir).to_request()).await;
+    let s2: Value =
+        test::call_and_read_body_json(&sapp, post("/_internal/v1/sample", by_dir).to_request())
+            .await;
     assert_eq!(s2, s);
-    let resp = test::call_service(&sapp, post("/_internal/v1/create_adapter", json!({})).to_request()).await;
+    let resp =
+        test::call_service(&sapp, post("/_internal/v1/create_adapter", json!({})).to_request())
+            .await;
     assert_eq!(resp.status(), 404, "the sampler serves only info and sample");
 
-    let resp = test::call_service(&app, post("/_internal/v1/unload", json!({"model_id": "s:train:0"})).to_request()).await;
+    let resp = test::call_service(
+        &app,
+        post("/_internal/v1/unload", json!({"model_id": "s:train:0"})).to_request(),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let resp = test::call_service(&app, post("/_internal/v1/sample", sample).to_request()).await;
     assert_eq!(resp.status(), 404);

@@ -61,7 +61,9 @@ fn saved_state_resumes_with_identical_losses() {
         svc.optim_step(&adam("a", 1e-2)).unwrap();
     }
     let dir = t.path().join("ckpt/weights/step3");
-    let size = svc.save(&SaveRequest { model_id: "a".into(), dir: dir.clone(), kind: SaveKind::State }).unwrap();
+    let size = svc
+        .save(&SaveRequest { model_id: "a".into(), dir: dir.clone(), kind: SaveKind::State })
+        .unwrap();
     assert!(size.size_bytes > 0);
     for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors"] {
         assert!(dir.join(f).is_file(), "{f}");
@@ -83,15 +85,28 @@ fn saved_state_resumes_with_identical_losses() {
     .unwrap();
     assert_eq!(next(&svc2, "b"), expected);
     // Without the optimizer, Adam restarts: the first loss is the same, the step is not.
-    svc2.load(&LoadRequest { model_id: "c".into(), dir: dir.clone(), with_optimizer: false, create: Some(create_settings) }).unwrap();
+    svc2.load(&LoadRequest {
+        model_id: "c".into(),
+        dir: dir.clone(),
+        with_optimizer: false,
+        create: Some(create_settings),
+    })
+    .unwrap();
     let fresh = next(&svc2, "c");
     assert_eq!(fresh.0, expected.0);
     assert_ne!(fresh.1, expected.1);
     // Load onto an existing adapter replaces its weights.
-    svc2.load(&LoadRequest { model_id: "c".into(), dir: dir.clone(), with_optimizer: true, create: None }).unwrap();
+    svc2.load(&LoadRequest {
+        model_id: "c".into(),
+        dir: dir.clone(),
+        with_optimizer: true,
+        create: None,
+    })
+    .unwrap();
     assert_eq!(next(&svc2, "c"), expected);
     // Overwriting a checkpoint leaves a complete directory and no temp siblings.
-    svc.save(&SaveRequest { model_id: "a".into(), dir: dir.clone(), kind: SaveKind::Sampler }).unwrap();
+    svc.save(&SaveRequest { model_id: "a".into(), dir: dir.clone(), kind: SaveKind::Sampler })
+        .unwrap();
     assert!(!dir.join("optimizer.safetensors").exists());
     let names: Vec<String> = std::fs::read_dir(dir.parent().unwrap())
         .unwrap()
@@ -100,7 +115,12 @@ fn saved_state_resumes_with_identical_losses() {
     assert_eq!(names, vec!["step3".to_string()]);
     // A sampler checkpoint cannot restore an optimizer.
     let err = svc2
-        .load(&LoadRequest { model_id: "d".into(), dir, with_optimizer: true, create: Some(create("d", 8, 0).lora) })
+        .load(&LoadRequest {
+            model_id: "d".into(),
+            dir,
+            with_optimizer: true,
+            create: Some(create("d", 8, 0).lora),
+        })
         .unwrap_err();
     assert_eq!(err.status_code(), StatusCode::BAD_REQUEST, "{err}");
 }
@@ -122,7 +142,8 @@ fn sampler_app_matches_model_app_and_seeds_reproduce() {
         svc.optim_step(&adam("m", 2e-2)).unwrap();
     }
     let dir = t.path().join("sampler_weights/s1");
-    svc.save(&SaveRequest { model_id: "m".into(), dir: dir.clone(), kind: SaveKind::Sampler }).unwrap();
+    svc.save(&SaveRequest { model_id: "m".into(), dir: dir.clone(), kind: SaveKind::Sampler })
+        .unwrap();
     let prompt = &SEQ[..5];
     let mut from_model = greedy(prompt, 8);
     from_model.model_id = Some("m".into());
@@ -193,8 +214,11 @@ fn stops_and_prompt_logprobs() {
         let upto = tok.decode(&full.tokens[..=j], true).unwrap();
         let added = upto.strip_prefix(before.as_str())?.trim_end_matches('\u{FFFD}');
         let stop: String = added.chars().filter(|c| !c.is_whitespace()).take(2).collect();
-        (!stop.is_empty() && !before.contains(&stop) && upto.contains(&stop) && !before.contains('\u{FFFD}'))
-            .then_some((j, stop))
+        (!stop.is_empty()
+            && !before.contains(&stop)
+            && upto.contains(&stop)
+            && !before.contains('\u{FFFD}'))
+        .then_some((j, stop))
     });
     let (j, stop) = found.expect("no usable stop string in the greedy text");
     let mut r = seeded(10);
@@ -241,8 +265,14 @@ fn bad_requests_are_user_errors_naming_the_field() {
         (vec![], "data"),
         (vec![datum(&[1, 2, 151_936])], "target_tokens"),
         (vec![datum(&[151_936, 2, 3])], "model_input"),
-        (vec![DatumJson { tokens: vec![1, 2], target_tokens: vec![2], ..Default::default() }], "target_tokens"),
-        (vec![DatumJson { tokens: vec![1], target_tokens: vec![-1], ..Default::default() }], "target_tokens"),
+        (
+            vec![DatumJson { tokens: vec![1, 2], target_tokens: vec![2], ..Default::default() }],
+            "target_tokens",
+        ),
+        (
+            vec![DatumJson { tokens: vec![1], target_tokens: vec![-1], ..Default::default() }],
+            "target_tokens",
+        ),
         (vec![datum(&[5; 34])], "max_length"),
     ];
     for (data, field) in cases {
@@ -253,7 +283,8 @@ fn bad_requests_are_user_errors_naming_the_field() {
     req.loss_fn = "hinge".into();
     let (c, m) = code(svc.forward_backward(&req).unwrap_err());
     assert!(c == StatusCode::BAD_REQUEST && m.contains("hinge"), "{m}");
-    let (c, _) = code(svc.forward_backward(&fwdbwd("nobody", false, vec![datum(&[1, 2])])).unwrap_err());
+    let (c, _) =
+        code(svc.forward_backward(&fwdbwd("nobody", false, vec![datum(&[1, 2])])).unwrap_err());
     assert_eq!(c, StatusCode::NOT_FOUND);
     let mut s = SampleRequest::new(vec![1; 32], 4);
     assert_eq!(code(svc.sample(&s).unwrap_err()).0, StatusCode::BAD_REQUEST);
@@ -267,7 +298,10 @@ fn bad_requests_are_user_errors_naming_the_field() {
     s.model_id = Some("a".into());
     assert_eq!(svc.sample(&s).unwrap().sequences[0].tokens.len(), 2);
     svc.unload(&UnloadRequest { model_id: "a".into() }).unwrap();
-    assert_eq!(code(svc.unload(&UnloadRequest { model_id: "a".into() }).unwrap_err()).0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        code(svc.unload(&UnloadRequest { model_id: "a".into() }).unwrap_err()).0,
+        StatusCode::NOT_FOUND
+    );
     assert!(svc.info().adapters.is_empty());
 }
 

@@ -19,7 +19,11 @@ pub fn tiny_model_dir() -> PathBuf {
     resolve_with("generate://qwen3-tiny", &env).unwrap()
 }
 
-pub fn options(spill: &std::path::Path, timeout: Duration, max_length: Option<usize>) -> ServiceOptions {
+pub fn options(
+    spill: &std::path::Path,
+    timeout: Duration,
+    max_length: Option<usize>,
+) -> ServiceOptions {
     ServiceOptions {
         base_model: "generate://qwen3-tiny".into(),
         model_dir: tiny_model_dir(),
@@ -69,8 +73,7 @@ pub fn fwdbwd(id: &str, forward_only: bool, data: Vec<DatumJson>) -> ForwardBack
 }
 
 pub fn adam(id: &str, lr: f64) -> OptimStepRequest {
-    let mut p = twinkle::engine::AdamParams::default();
-    p.learning_rate = lr;
+    let p = twinkle::engine::AdamParams { learning_rate: lr, ..Default::default() };
     OptimStepRequest { model_id: id.into(), adam_params: p }
 }
 
