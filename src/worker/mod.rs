@@ -41,6 +41,8 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
+    #[error("application failed to start: {0}")]
+    App(String),
 }
 
 /// What `twinkle worker` is told on its command line.
@@ -94,7 +96,8 @@ pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
         return serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await;
     }
     match ctx.opts.import_path {
-        ImportPath::Server | ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
+        ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
+        ImportPath::Server | ImportPath::Processor => {
             let id = identity::Identity::from_context(&ctx);
             serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
         }
