@@ -22,6 +22,7 @@ applications:
     args:
       model_id: "generate://qwen3-tiny"
       adapter_config: {{adapter_timeout: 600}}
+      device_group: {{name: model, ranks: 1, device_type: cpu}}
     deployments:
       - ray_actor_options: {{num_cpus: 0.1}}
   - name: sampler
@@ -29,6 +30,7 @@ applications:
     import_path: sampler
     args:
       model_id: "generate://qwen3-tiny"
+      device_group: {{name: sampler, ranks: 1, device_type: cpu}}
     deployments:
       - ray_actor_options: {{num_cpus: 0.1}}
   - name: broken
@@ -36,6 +38,7 @@ applications:
     import_path: model
     args:
       model_id: "ms://Nobody/Missing-Model"
+      device_group: {{name: broken, ranks: 1, device_type: cpu}}
     deployments:
       - ray_actor_options: {{num_cpus: 0.1}}
 "#
@@ -69,7 +72,7 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
             ("HOME", models.to_str().context("utf-8")?),
         ],
     )?;
-    let st = serve.wait_all_running(Duration::from_secs(120))?;
+    let st = serve.wait_all_running(Duration::from_secs(90))?;
     let addr = |name: &str| -> Result<String> {
         let apps = st["applications"].as_array().context("apps")?;
         let a = apps.iter().find(|a| a["name"] == name).context("app")?;
