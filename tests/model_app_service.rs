@@ -161,6 +161,14 @@ fn sampler_app_matches_model_app_and_seeds_reproduce() {
     // The model app also samples from a directory, with the same result.
     assert_eq!(svc.sample(&from_dir).unwrap(), a);
     assert!(sampler.info().adapters.contains(&dir.display().to_string()));
+    // A re-save into the same directory (ephemeral sampler weights) is picked up, not cached.
+    loss(&svc, "m", false);
+    svc.optim_step(&adam("m", 2e-2)).unwrap();
+    svc.save(&SaveRequest { model_id: "m".into(), dir: dir.clone(), kind: SaveKind::Sampler })
+        .unwrap();
+    let a2 = svc.sample(&from_model).unwrap();
+    assert_ne!(a2, a, "another step changes the greedy text");
+    assert_eq!(sampler.sample(&from_dir).unwrap(), a2);
     let mut bad = greedy(prompt, 2);
     bad.model_id = Some("m".into());
     assert_eq!(sampler.sample(&bad).unwrap_err().status_code(), StatusCode::BAD_REQUEST);

@@ -301,7 +301,13 @@ impl ModelService {
         &self,
         req: &ForwardBackwardRequest,
     ) -> Result<ForwardBackwardResponse, AppError> {
-        let loss = LossFn::from_name(&req.loss_fn, &req.loss_config.clone().unwrap_or_default())?;
+        let config: std::collections::BTreeMap<String, f64> = req
+            .loss_config
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+            .collect();
+        let loss = LossFn::from_name(&req.loss_fn, &config)?;
         let data = self.to_datums(&req.data)?;
         let model = &self.base.model;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
