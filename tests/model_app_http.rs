@@ -116,6 +116,21 @@ async fn internal_routes_check_the_token_and_answer_json() {
     assert_eq!(s["prompt_logprobs"][0], Value::Null);
     assert!(s["prompt_logprobs"][1].is_number());
 
+    // Optional fields forwarded as null take their defaults; text loss_config entries are ignored.
+    let nulls = json!({"prompt": [1, 2], "num_samples": null, "max_tokens": null, "temperature": null,
+        "top_k": null, "top_p": null, "seed": 1, "stop": []});
+    let s0: Value =
+        test::call_and_read_body_json(&app, post("/_internal/v1/sample", nulls).to_request()).await;
+    assert_eq!(s0["sequences"].as_array().unwrap().len(), 1);
+    assert_eq!(s0["sequences"][0]["tokens"].as_array().unwrap().len(), 16);
+    assert_eq!(s0["prompt_logprobs"], Value::Null);
+    let fo = json!({"model_id": "s:train:0", "forward_only": true, "loss_fn": "ppo",
+        "loss_config": {"clip_low_threshold": 0.9, "note": "x"},
+        "data": [{"tokens": [1, 2], "target_tokens": [2, 3], "logprobs": [-1.0, -1.0], "advantages": [1.0, 0.5]}]});
+    let resp =
+        test::call_service(&app, post("/_internal/v1/forward_backward", fo).to_request()).await;
+    assert_eq!(resp.status(), 200);
+
     // The sampler application: same greedy answer from the saved directory.
     let base = BaseModel::load("generate://qwen3-tiny", &tiny_model_dir(), None).unwrap();
     let sampler_svc = Arc::new(SamplerService::new(base));

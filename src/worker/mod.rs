@@ -41,8 +41,6 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
-    #[error("application failed to start: {0}")]
-    App(String),
 }
 
 /// What `twinkle worker` is told on its command line.
@@ -88,8 +86,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     actix_web::rt::System::new().block_on(run_app(ctx))
 }
 
-/// Runs the application named by `import_path` (or the identity application for every kind when
-/// [`PLACEHOLDER_ENV`] is `1`).
+/// Runs the application named by `import_path`: model and sampler are [`crate::apps`]; with
+/// [`PLACEHOLDER_ENV`] set to `1` every kind is the identity application instead.
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     if placeholder_apps() {
         let id = identity::Identity::from_context(&ctx);

@@ -111,11 +111,14 @@ pub fn restore(dir: &Path, model: &Model) -> Result<(Adapter, bool), AppError> {
     Ok((adapter, true))
 }
 
-/// One cached adapter: its directory, the weights file's mtime when loaded, the adapter.
-type CacheEntry = (PathBuf, Option<SystemTime>, Arc<Adapter>);
+/// Identity of a weights file version: modification time and inode (every atomic re-save writes
+/// a new file, so the inode changes even within one timestamp tick).
+type FileStamp = Option<(SystemTime, u64)>;
+/// One cached adapter: its directory, its weights file's stamp when loaded, the adapter.
+type CacheEntry = (PathBuf, FileStamp, Arc<Adapter>);
 
 /// Adapters loaded from PEFT directories for sampling, most recently used first. An entry is
-/// reused while its weights file keeps the same modification time (a re-save reloads it).
+/// reused while its weights file is the same file version (a re-save reloads it).
 #[derive(Debug)]
 pub struct AdapterCache {
     capacity: usize,
@@ -147,8 +150,8 @@ impl AdapterCache {
                 dir.display()
             )));
         }
-        let mtime = std::fs::metadata(dir.join("adapter_model.safetensors"))
-            .and_then(|m| m.modified())
+        let mtime: FileStamp = std::fs::metadata(dir.join("adapter_model.safetensors"))
+            .and_then(|m| Ok((m.modified()?, std::os::unix::fs::MetadataExt::ino(&m))))
             .ok();
         {
             let mut e = self.lock();
