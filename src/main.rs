@@ -39,6 +39,11 @@ enum Command {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Engine benchmarks on CPU (tokens/s, GFLOP/s, peak RSS); see `twinkle bench train --help`.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Run the whole platform on this machine: head, gateway and one child per application.
     Serve {
         #[arg(short, long, env = "TWINKLE_SERVER_CONFIG")]
@@ -118,6 +123,95 @@ enum Command {
         #[arg(long, env = "TWINKLE_REGISTER_DEADLINE_S", default_value_t = 60.0)]
         register_deadline_s: f64,
     },
+}
+
+/// Options shared by both benchmarks.
+#[derive(clap::Args, Debug)]
+struct BenchModelArgs {
+    /// HF model directory (default: a random-weight model of --shape).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Named shape with random weights (default qwen2.5-0.5b).
+    #[arg(long)]
+    shape: Option<String>,
+    /// Keep only this many layers of the shape (a 24-layer 0.5B model is ~2 GB in f32).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// LoRA (all linears) cross-entropy forward_backward + optim_step.
+    Train {
+        #[command(flatten)]
+        m: BenchModelArgs,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// Timed steps (after one untimed warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+    /// KV-cached prefill + greedy decode of a batch of random prompts.
+    Sample {
+        #[command(flatten)]
+        m: BenchModelArgs,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
+}
+
+fn bench(what: BenchCommand) -> anyhow::Result<()> {
+    use twinkle::bench;
+    let m = match &what {
+        BenchCommand::Train { m, .. } | BenchCommand::Sample { m, .. } => m,
+    };
+    let threads = bench::set_threads(m.threads)?;
+    let src = bench::source(m.model.as_deref(), m.shape.as_deref(), m.layers)?;
+    let model = bench::load(&src)?;
+    if !m.json {
+        println!("model: {} | threads {threads}", bench::describe(model.config()));
+    }
+    let (text, mut json) = match &what {
+        BenchCommand::Train { seq, batch, rank, steps, .. } => {
+            let opts = bench::TrainOptions {
+                seq: *seq,
+                batch: *batch,
+                rank: *rank,
+                steps: *steps,
+                warmup: 1,
+            };
+            let r = bench::train(&model, &opts)?;
+            (r.text(), r.json())
+        }
+        BenchCommand::Sample { batch, prompt, max_tokens, .. } => {
+            let opts =
+                bench::SampleOptions { batch: *batch, prompt: *prompt, max_tokens: *max_tokens };
+            let r = bench::sample(&model, &opts)?;
+            (r.text(), r.json())
+        }
+    };
+    if m.json {
+        json["threads"] = threads.into();
+        json["layers"] = model.config().num_layers.into();
+        println!("{json}");
+    } else {
+        println!("{text}");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -249,6 +343,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench { what } => match bench(what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinkle bench: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve {
             config,
             server_type,

@@ -29,6 +29,7 @@ pub mod models;
 pub mod optim;
 pub mod rng;
 pub mod sampling;
+pub mod synth;
 pub mod tensor;
 mod train;
 mod transformer;
