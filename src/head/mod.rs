@@ -4,6 +4,9 @@
 //! [`registry::Registry`], answers children's registrations and `twinkle status` on a loopback
 //! control address, and records that address in `$TWINKLE_HOME/serve.json`.
 
+pub mod cluster;
+pub mod cluster_http;
+pub mod cluster_record;
 pub mod control;
 pub mod registry;
 pub mod state_file;

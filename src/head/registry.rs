@@ -24,6 +24,8 @@ pub enum AppState {
     Stopping,
     /// Stopped for good (shutdown finished).
     Stopped,
+    /// Cluster mode: not placed on any node yet (`pending_reason` says why).
+    Pending,
 }
 
 impl AppState {
@@ -35,6 +37,7 @@ impl AppState {
             AppState::Failed => "failed",
             AppState::Stopping => "stopping",
             AppState::Stopped => "stopped",
+            AppState::Pending => "pending",
         }
     }
 }
@@ -57,6 +60,9 @@ pub struct AppStatus {
     pub address: Option<String>,
     /// How the previous child ended (`exit code 1`, `signal 9`, ...).
     pub last_exit: Option<String>,
+    /// Cluster mode: why the application is not placed (state `pending`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
 }
 
 /// One node as `GET /v1/status` reports it. `resources`/`available` use Ray's keys (`CPU`, `GPU`).
@@ -217,6 +223,50 @@ impl Registry {
         Ok(address)
     }
 
+    /// Adds an application entry (cluster node agents learn their applications at run time);
+    /// an existing entry of that name is replaced.
+    pub fn add_app(&mut self, status: AppStatus) {
+        self.apps.retain(|a| a.status.name != status.name);
+        self.apps.push(AppEntry { status, token: None });
+    }
+
+    /// Drops an application entry (its child was stopped for good).
+    pub fn remove_app(&mut self, app: &str) {
+        self.apps.retain(|a| a.status.name != app);
+    }
+
+    /// Replaces the node list (cluster mode: the head's view of every node).
+    pub fn set_nodes(&mut self, nodes: Vec<NodeStatus>) {
+        self.nodes = nodes;
+    }
+
+    /// Gateway routing table of a cluster node: `app` is reachable at `address` (None = down).
+    pub fn set_upstream(&mut self, app: &str, address: Option<String>) {
+        if self.entry_mut(app).is_none() {
+            self.apps.push(AppEntry {
+                status: AppStatus {
+                    name: app.to_string(),
+                    import_path: String::new(),
+                    route_prefix: String::new(),
+                    node: String::new(),
+                    gpu_ids: Vec::new(),
+                    cpus: 0.0,
+                    pid: None,
+                    state: AppState::Pending,
+                    restarts: 0,
+                    address: None,
+                    last_exit: None,
+                    pending_reason: None,
+                },
+                token: None,
+            });
+        }
+        if let Some(e) = self.entry_mut(app) {
+            e.status.state = if address.is_some() { AppState::Running } else { AppState::Pending };
+            e.status.address = address;
+        }
+    }
+
     /// Whether the current child of `app` has registered.
     pub fn is_registered(&self, app: &str) -> bool {
         self.apps.iter().any(|a| a.status.name == app && a.status.state == AppState::Running)
@@ -308,6 +358,7 @@ mod tests {
             restarts: 0,
             address: None,
             last_exit: None,
+            pending_reason: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //! (so a terminal's Ctrl-C reaches only `serve`, and stopping a child reaches everything it
 //! started), with a parent-death signal so no child outlives a killed head.
 
+pub mod agent;
+pub mod cluster_cli;
 pub mod serve;
 pub mod supervise;
 
@@ -26,6 +28,10 @@ pub enum NodeError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("cannot start the runtime or install signal handlers: {0}")]
     Runtime(std::io::Error),
+    #[error("the head refused this node: {0}")]
+    Refused(String),
+    #[error("cannot reach the head at {0}")]
+    Unreachable(String),
 }
 
 impl NodeError {
