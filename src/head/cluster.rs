@@ -48,6 +48,9 @@ pub struct NodeRegistration {
     /// Children already running there (a restarted head learns them back).
     #[serde(default)]
     pub children: Vec<ReportedChild>,
+    /// The head's own node agent (its gateway is the one status shows first).
+    #[serde(default)]
+    pub is_head: bool,
 }
 
 /// `POST /v1/cluster/nodes/{id}/heartbeat`.
@@ -105,6 +108,7 @@ struct NodeEntry {
     alive: bool,
     gateway: Option<String>,
     children: Vec<ReportedChild>,
+    is_head: bool,
 }
 
 struct AppPlan {
@@ -180,6 +184,7 @@ impl ClusterHead {
                 alive: true,
                 gateway: reg.gateway_address.clone(),
                 children: reg.children.clone(),
+                is_head: reg.is_head,
             },
         );
         self.schedule_pending();
@@ -393,12 +398,9 @@ impl ClusterHead {
                 }
             })
             .collect();
-        let gateway = self
-            .nodes
-            .values()
-            .filter(|n| n.alive)
-            .find_map(|n| n.gateway.clone())
-            .unwrap_or_default();
+        let mut alive: Vec<&NodeEntry> = self.nodes.values().filter(|n| n.alive).collect();
+        alive.sort_by_key(|n| !n.is_head);
+        let gateway = alive.iter().find_map(|n| n.gateway.clone()).unwrap_or_default();
         let d = self.deployment.as_ref();
         StatusReport {
             server_type: match d.map(|d| d.server_type) {

@@ -24,6 +24,7 @@ fn reg(id: &str, gpus: Vec<u32>) -> NodeRegistration {
         pid: 1,
         gateway_address: None,
         children: vec![],
+        is_head: false,
     }
 }
 

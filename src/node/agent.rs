@@ -152,6 +152,7 @@ impl Agent {
             pid: std::process::id(),
             gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
             children: self.report(),
+            is_head: self.opts.is_head,
         };
         match self.post::<_, serde_json::Value>("/v1/cluster/nodes", &reg).await? {
             Answer::Ok(_) => Ok(()),

@@ -178,7 +178,24 @@ pub fn daemonize(role: &str, args: Vec<std::ffi::OsString>) -> Result<u32, NodeE
     let log2 = log.try_clone().map_err(NodeError::Runtime)?;
     let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(args).arg("--block");
+    // The token travels in the environment, not argv, where `ps` would show it.
+    let mut rest = args.into_iter();
+    while let Some(a) = rest.next() {
+        match a.to_str() {
+            Some("--token") => {
+                if let Some(t) = rest.next() {
+                    cmd.env(cluster::TOKEN_ENV, t);
+                }
+            }
+            Some(s) if s.starts_with("--token=") => {
+                cmd.env(cluster::TOKEN_ENV, &s["--token=".len()..]);
+            }
+            _ => {
+                cmd.arg(a);
+            }
+        }
+    }
+    cmd.arg("--block");
     cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it runs in the forked child before exec.
     unsafe {
@@ -201,7 +218,7 @@ pub fn daemonize(role: &str, args: Vec<std::ffi::OsString>) -> Result<u32, NodeE
             let _ = std::fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(NodeError::Invalid(format!(
+            return Err(NodeError::Daemon(format!(
                 "the {role} exited ({st}) before it was up; log {}:\n{}",
                 log_path.display(),
                 tail.join("\n")
@@ -209,7 +226,7 @@ pub fn daemonize(role: &str, args: Vec<std::ffi::OsString>) -> Result<u32, NodeE
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(NodeError::Invalid(format!(
+            return Err(NodeError::Daemon(format!(
                 "the {role} did not come up within 60 s; see {}",
                 log_path.display()
             )));

@@ -32,6 +32,8 @@ pub enum NodeError {
     Refused(String),
     #[error("cannot reach the head at {0}")]
     Unreachable(String),
+    #[error("{0}")]
+    Daemon(String),
 }
 
 impl NodeError {
