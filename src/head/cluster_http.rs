@@ -43,12 +43,13 @@ fn refuse(status: StatusCode, detail: String) -> HttpResponse {
 }
 
 /// Checks the version first (an old peer may not even send a token) and then the token.
-fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Result<(), HttpResponse> {
+/// `Some(refusal)` when the request may not proceed.
+fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResponse> {
     let header_version =
         req.headers().get(VERSION_HEADER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
     let version = header_version.unwrap_or(body_version);
     if version != PROTOCOL_VERSION || body_version != PROTOCOL_VERSION {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UPGRADE_REQUIRED,
             format!(
                 "protocol version mismatch: this head speaks twinkle cluster protocol \
@@ -59,14 +60,14 @@ fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Result<(), Http
     }
     let token = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
     if token.is_empty() || !constant_time_eq(token.as_bytes(), ctx.token.as_bytes()) {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UNAUTHORIZED,
             "wrong or missing cluster token: pass the token printed by `twinkle start --head` \
              with --token or TWINKLE_CLUSTER_TOKEN"
                 .to_string(),
         ));
     }
-    Ok(())
+    None
 }
 
 /// Token comparison whose time does not depend on where the first difference is.
@@ -79,7 +80,7 @@ async fn register(
     ctx: web::Data<Ctx>,
     body: web::Json<NodeRegistration>,
 ) -> HttpResponse {
-    if let Err(r) = authorize(&req, &ctx, body.protocol) {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
         tracing::warn!(node = %body.node.node_id, "node registration refused");
         return r;
     }
@@ -97,7 +98,7 @@ async fn heartbeat(
     path: web::Path<String>,
     body: web::Json<Heartbeat>,
 ) -> HttpResponse {
-    if let Err(r) = authorize(&req, &ctx, body.protocol) {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
         return r;
     }
     let result = lock(&ctx.head).heartbeat(&path, &body, Instant::now());
@@ -112,7 +113,7 @@ async fn deploy(
     ctx: web::Data<Ctx>,
     body: web::Json<DeployRequest>,
 ) -> HttpResponse {
-    if let Err(r) = authorize(&req, &ctx, body.protocol) {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
         return r;
     }
     let result = lock(&ctx.head).deploy(&body);
