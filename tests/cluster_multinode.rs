@@ -267,6 +267,43 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     assert_eq!((sampler["node"].as_str(), gpus(sampler)), (Some(ids[1].as_str()), vec![4, 5]));
     ensure!(sampler["pid"].as_u64() != Some(u64::from(sampler_pid)));
 
+    // kill -9 the head (its own node's model dies with it); a restarted head keeps the token,
+    // restores the deployment, adopts the children the nodes still run, and re-places the model.
+    let kept: Vec<(String, u64)> = [SAMPLER, "processor"]
+        .iter()
+        .filter_map(|n| Some((n.to_string(), app(&st, n)?["pid"].as_u64()?)))
+        .collect();
+    assert_eq!(kept.len(), 2);
+    let head_pid = c.machines[0].agent_pids();
+    assert_eq!(head_pid.len(), 1);
+    kill(Pid::from_raw(head_pid[0] as i32), Signal::SIGKILL)?;
+    poll(Duration::from_secs(10), || (!pid_running(head_pid[0])).then_some(()))?;
+    std::thread::sleep(Duration::from_millis(500));
+    c.machines[0].ok(
+        &[
+            "start",
+            "--head",
+            "--port",
+            &port,
+            "--num-gpus",
+            "4",
+            "--num-cpus",
+            "8",
+            "--gateway-port",
+            &gw[0],
+        ],
+        &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
+    )?;
+    assert_eq!(token_of(&c.machines[0])?, token);
+    let st = poll(STARTUP, || c.machines[0].status().ok().filter(all_running))
+        .with_context(|| c.machines[0].logs())?;
+    c.pids.extend(child_pids(&st));
+    for (name, pid) in &kept {
+        assert_eq!(app(&st, name).and_then(|a| a["pid"].as_u64()), Some(*pid), "{name} kept");
+    }
+    let model = app(&st, MODEL).context("model")?;
+    assert_eq!((model["node"].as_str(), gpus(model)), (Some(ids[0].as_str()), vec![0, 1, 2, 3]));
+
     // `twinkle stop` on every machine leaves no agent and no child.
     let mut all: Vec<u32> = child_pids(&st);
     for m in &c.machines {

@@ -35,6 +35,9 @@ pub struct ReportedChild {
     pub address: Option<String>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// The deployment the child was started for.
+    #[serde(default)]
+    pub deployment: u64,
 }
 
 /// `POST /v1/cluster/nodes`: a node agent (re-)registers.
@@ -90,6 +93,14 @@ pub struct DeployRequest {
     pub server_type: Option<ServerType>,
 }
 
+/// The deployment as the head persists it, so a restarted head keeps serving it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub version: u64,
+    pub config_yaml: String,
+    pub server_type: ServerType,
+}
+
 /// Why the head refused something.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterError {
@@ -134,6 +145,9 @@ pub struct ClusterHead {
     deployment: Option<Deployment>,
     apps: Vec<AppPlan>,
     next_version: u64,
+    /// After a restart, nothing is placed anew until this time, so that every node can report
+    /// the children it still runs first (they are adopted, not moved).
+    recover_until: Option<Instant>,
 }
 
 /// The node timeout from `TWINKLE_NODE_TIMEOUT_S` (default 10 s).
@@ -156,6 +170,7 @@ impl ClusterHead {
             deployment: None,
             apps: Vec::new(),
             next_version: 1,
+            recover_until: None,
         }
     }
 
@@ -187,8 +202,72 @@ impl ClusterHead {
                 is_head: reg.is_head,
             },
         );
-        self.schedule_pending();
+        self.adopt(&id, &reg.children);
+        self.schedule_pending(now);
         id
+    }
+
+    /// Takes over children a node reports for unplaced applications of the current deployment
+    /// (what a restarted head learns back), when their cards are still free.
+    fn adopt(&mut self, node_id: &str, children: &[ReportedChild]) {
+        let Some(version) = self.deployment.as_ref().map(|d| d.version) else {
+            return;
+        };
+        for c in children.iter().filter(|c| c.deployment == version) {
+            let Some(p) = self.apps.iter_mut().find(|p| p.app.name == c.app && p.alloc.is_none())
+            else {
+                continue;
+            };
+            if p.demand.gpus as usize != c.gpu_ids.len() {
+                continue;
+            }
+            let alloc = Allocation {
+                app: c.app.clone(),
+                node_id: node_id.to_string(),
+                gpu_ids: c.gpu_ids.clone(),
+                cpus: p.demand.cpus,
+                custom: p.demand.custom.clone(),
+            };
+            if self.sched.reserve(&alloc) {
+                p.alloc = Some(alloc);
+                p.pending = None;
+            }
+        }
+    }
+
+    /// Restores a persisted deployment after a head restart: nothing is placed until the nodes
+    /// had one timeout to register again and report their children.
+    pub fn restore(&mut self, rec: &DeploymentRecord, now: Instant) -> Result<(), ClusterError> {
+        let config = crate::config::load_str(&rec.config_yaml)
+            .map_err(|e| ClusterError::BadConfig(e.to_string()))?;
+        self.apps = config
+            .applications
+            .iter()
+            .map(|app| AppPlan {
+                app: app.clone(),
+                demand: demand_of(app),
+                alloc: None,
+                pending: Some("waiting for the nodes to report back after a head restart".into()),
+            })
+            .collect();
+        self.next_version = rec.version + 1;
+        self.deployment = Some(Deployment {
+            version: rec.version,
+            config_yaml: rec.config_yaml.clone(),
+            server_type: rec.server_type,
+            config,
+        });
+        self.recover_until = Some(now + self.timeout);
+        Ok(())
+    }
+
+    /// The current deployment, for persisting.
+    pub fn deployment_record(&self) -> Option<DeploymentRecord> {
+        self.deployment.as_ref().map(|d| DeploymentRecord {
+            version: d.version,
+            config_yaml: d.config_yaml.clone(),
+            server_type: d.server_type,
+        })
     }
 
     /// A heartbeat: records the node's children and returns what it should run.
@@ -227,8 +306,12 @@ impl ClusterHead {
             self.sched.set_alive(id, false);
             self.evict_node(id, &format!("node {id} missed heartbeats and is dead"));
         }
-        if !dead.is_empty() {
-            self.schedule_pending();
+        let recovered = self.recover_until.is_some_and(|t| now >= t);
+        if recovered {
+            self.recover_until = None;
+        }
+        if !dead.is_empty() || recovered {
+            self.schedule_pending(now);
         }
         dead
     }
@@ -245,7 +328,10 @@ impl ClusterHead {
     }
 
     /// Places every unplaced application, largest GPU demand first.
-    fn schedule_pending(&mut self) {
+    fn schedule_pending(&mut self, now: Instant) {
+        if self.recover_until.is_some_and(|t| now < t) {
+            return;
+        }
         let mut order: Vec<usize> =
             (0..self.apps.len()).filter(|&i| self.apps[i].alloc.is_none()).collect();
         order.sort_by_key(|&i| {
@@ -311,7 +397,8 @@ impl ClusterHead {
             server_type: req.server_type.unwrap_or(config.server_type),
             config,
         });
-        self.schedule_pending();
+        self.recover_until = None;
+        self.schedule_pending(Instant::now());
         Ok(version)
     }
 

@@ -36,6 +36,8 @@ pub fn lock(h: &SharedHead) -> MutexGuard<'_, ClusterHead> {
 struct Ctx {
     head: SharedHead,
     token: String,
+    /// Where the deployment is persisted for a head restart.
+    state_dir: std::path::PathBuf,
 }
 
 fn refuse(status: StatusCode, detail: String) -> HttpResponse {
@@ -116,7 +118,15 @@ async fn deploy(
     if let Some(r) = authorize(&req, &ctx, body.protocol) {
         return r;
     }
-    let result = lock(&ctx.head).deploy(&body);
+    let mut head = lock(&ctx.head);
+    let result = head.deploy(&body);
+    let record = head.deployment_record();
+    drop(head);
+    if let (Ok(_), Some(rec)) = (&result, record)
+        && let Err(e) = super::cluster_record::write_deployment(&ctx.state_dir, &rec)
+    {
+        tracing::warn!(error = %e, "cannot persist the deployment; a restarted head loses it");
+    }
     match result {
         Ok(version) => {
             tracing::info!(deployment = version, "deployment accepted");
@@ -147,6 +157,7 @@ async fn healthz() -> HttpResponse {
 pub fn start(
     head: SharedHead,
     token: String,
+    state_dir: std::path::PathBuf,
     host: &str,
     port: u16,
 ) -> Result<(Server, SocketAddr), HeadError> {
@@ -154,7 +165,7 @@ pub fn start(
     let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
     let listener = TcpListener::bind(&addr).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
-    let data = web::Data::new(Ctx { head, token });
+    let data = web::Data::new(Ctx { head, token, state_dir });
     let json_cfg = web::JsonConfig::default().limit(16 << 20);
     let server = HttpServer::new(move || {
         App::new()

@@ -63,6 +63,27 @@ pub fn remove_cluster(home: &Path) {
     let _ = std::fs::remove_file(cluster_file(home));
 }
 
+fn deployment_file(home: &Path) -> PathBuf {
+    home.join("deployment.json")
+}
+
+/// The head's persisted deployment (kept across head restarts, removed by `twinkle stop`).
+pub fn read_deployment(home: &Path) -> Option<super::cluster::DeploymentRecord> {
+    let text = std::fs::read_to_string(deployment_file(home)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write_deployment(
+    home: &Path,
+    rec: &super::cluster::DeploymentRecord,
+) -> Result<(), HeadError> {
+    write_json(&deployment_file(home), rec)
+}
+
+pub fn remove_deployment(home: &Path) {
+    let _ = std::fs::remove_file(deployment_file(home));
+}
+
 fn agent_file(home: &Path, pid: u32) -> PathBuf {
     agents_dir(home).join(format!("{pid}.json"))
 }

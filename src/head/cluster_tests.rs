@@ -130,3 +130,45 @@ fn alive_node_re_registering_keeps_its_placements() {
     h.register(&reg("gpu", vec![4, 5, 6, 7]), t0 + Duration::from_secs(1));
     assert_eq!(placements(&h), before);
 }
+
+#[test]
+fn restarted_head_adopts_reported_children_then_places_the_rest() {
+    let t0 = Instant::now();
+    let mut h = ClusterHead::new(Duration::from_secs(3), String::new());
+    let rec = DeploymentRecord {
+        version: 7,
+        config_yaml: RANKS.to_string(),
+        server_type: ServerType::Twinkle,
+    };
+    assert!(h.restore(&rec, t0).is_ok());
+    // The head's own node registers first, with nothing running: nothing is placed yet.
+    h.register(&reg("head", vec![0, 1, 2, 3]), t0);
+    assert!(h.status().applications.iter().all(|a| a.state == AppState::Pending));
+    // The GPU node still runs the sampler on cards 6,7 (of deployment 7): adopted as is.
+    let mut r = reg("gpu", vec![4, 5, 6, 7]);
+    r.children = vec![ReportedChild {
+        app: "sampler-Qwen2.5-7B-Instruct".into(),
+        gpu_ids: vec![6, 7],
+        pid: Some(99),
+        state: AppState::Running,
+        address: Some("127.0.0.1:5".into()),
+        restarts: 0,
+        last_exit: None,
+        deployment: 7,
+    }];
+    h.register(&r, t0 + Duration::from_secs(1));
+    h.register(&reg("cpu", vec![]), t0 + Duration::from_secs(1));
+    let p = placements(&h);
+    assert_eq!(p["sampler-Qwen2.5-7B-Instruct"], ("gpu".into(), vec![6, 7]));
+    assert_eq!(p["models-Qwen2.5-7B-Instruct"].0, "");
+    // After the recovery window the rest is placed as usual; the deployment keeps its number.
+    let t1 = t0 + Duration::from_secs(3);
+    assert!(h.heartbeat("head", &hb(), t1).is_ok());
+    assert!(h.heartbeat("gpu", &hb(), t1).is_ok());
+    assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
+    assert!(h.tick(t0 + Duration::from_millis(3500)).is_empty());
+    let p = placements(&h);
+    assert_eq!(p["models-Qwen2.5-7B-Instruct"], ("head".into(), vec![0, 1, 2, 3]));
+    assert_eq!(p["processor"], ("cpu".into(), vec![]));
+    assert_eq!(h.desired("gpu").deployment, 7);
+}

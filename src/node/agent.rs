@@ -140,6 +140,7 @@ impl Agent {
                     address,
                     restarts: a.restarts,
                     last_exit: a.last_exit,
+                    deployment: c.deployment,
                 })
             })
             .collect()

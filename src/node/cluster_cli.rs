@@ -94,10 +94,15 @@ fn on_signal(tx: watch::Sender<bool>) -> Result<(), NodeError> {
 pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
     let home = state_file::twinkle_home();
     let spec = node_spec(&home, &o)?;
+    // A head restarted after a crash keeps its recorded token, so its nodes can re-register.
+    let recorded = cluster_record::read_cluster(&home)
+        .filter(|r| r.address == format!("{}:{}", o.node_ip, h.port))
+        .map(|r| r.token);
     let token = h
         .token
         .filter(|t| !t.is_empty())
         .or_else(|| std::env::var(cluster::TOKEN_ENV).ok().filter(|t| !t.is_empty()))
+        .or(recorded)
         .unwrap_or_else(super::supervise::new_token);
     actix_web::rt::System::new().block_on(async move {
         let (tx, rx) = watch::channel(false);
@@ -106,10 +111,19 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
             cluster::node_timeout_from_env(),
             String::new(),
         )));
-        let (srv, addr) = cluster_http::start(state.clone(), token.clone(), &o.node_ip, h.port)?;
+        let (srv, addr) =
+            cluster_http::start(state.clone(), token.clone(), home.clone(), &o.node_ip, h.port)?;
         let address = format!("{}:{}", o.node_ip, addr.port());
-        *cluster_http::lock(&state) =
-            ClusterHead::new(cluster::node_timeout_from_env(), address.clone());
+        {
+            let mut head = cluster_http::lock(&state);
+            *head = ClusterHead::new(cluster::node_timeout_from_env(), address.clone());
+            if let Some(rec) = cluster_record::read_deployment(&home) {
+                match head.restore(&rec, Instant::now()) {
+                    Ok(()) => tracing::info!(deployment = rec.version, "restored the deployment"),
+                    Err(e) => tracing::warn!(error = %e, "cannot restore the recorded deployment"),
+                }
+            }
+        }
         let handle = srv.handle();
         actix_web::rt::spawn(srv);
         let detector = actix_web::rt::spawn(cluster_http::failure_detector(state));
@@ -265,6 +279,7 @@ pub fn stop(grace: Duration) -> usize {
         cluster_record::remove_agent(&home, a.pid);
     }
     cluster_record::remove_cluster(&home);
+    cluster_record::remove_deployment(&home);
     live.len()
 }
 
