@@ -148,6 +148,8 @@ pub struct Registry {
     gateway_address: String,
     nodes: Vec<NodeStatus>,
     apps: Vec<AppEntry>,
+    /// The host children listen on (their registered address is `child_host:port`).
+    child_host: String,
 }
 
 pub type SharedRegistry = Arc<RwLock<Registry>>;
@@ -177,6 +179,7 @@ impl Registry {
             gateway_address: String::new(),
             nodes,
             apps: apps.into_iter().map(|status| AppEntry { status, token: None }).collect(),
+            child_host: "127.0.0.1".to_string(),
         }
     }
 
@@ -205,6 +208,7 @@ impl Registry {
 
     /// Accepts a registration from the current child of `req.app`; returns its address.
     pub fn register(&mut self, req: &RegisterRequest) -> Result<String, RegisterError> {
+        let host = self.child_host.clone();
         let e =
             self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
         if e.token.as_deref() != Some(req.token.as_str()) {
@@ -217,10 +221,19 @@ impl Registry {
                 expected: e.status.pid,
             });
         }
-        let address = format!("127.0.0.1:{}", req.port);
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", req.port)
+        } else {
+            format!("{host}:{}", req.port)
+        };
         e.status.address = Some(address.clone());
         e.status.state = AppState::Running;
         Ok(address)
+    }
+
+    /// Cluster node agents: children listen on the node's address instead of loopback.
+    pub fn set_child_host(&mut self, host: String) {
+        self.child_host = host;
     }
 
     /// Adds an application entry (cluster node agents learn their applications at run time);

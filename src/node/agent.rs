@@ -128,16 +128,12 @@ impl Agent {
             .into_iter()
             .filter_map(|a| {
                 let c = self.children.get(&a.name)?;
-                let address = a.address.as_ref().map(|addr| {
-                    let port = addr.rsplit(':').next().unwrap_or_default();
-                    format!("{}:{port}", self.opts.node_ip)
-                });
                 Some(ReportedChild {
                     app: a.name,
                     gpu_ids: c.gpu_ids.clone(),
                     pid: a.pid,
                     state: a.state,
-                    address,
+                    address: a.address,
                     restarts: a.restarts,
                     last_exit: a.last_exit,
                     deployment: c.deployment,
@@ -215,7 +211,7 @@ impl Agent {
                 custom: BTreeMap::new(),
             },
         };
-        let spec = child_spec(
+        let mut spec = child_spec(
             &self.exe,
             config,
             &placement,
@@ -223,6 +219,7 @@ impl Agent {
             &self.local_control,
             &self.opts.log_level,
         );
+        spec.env.push((crate::worker::BIND_HOST_ENV.into(), self.opts.node_ip.clone()));
         let (stop, rx) = watch::channel(false);
         // Spawned on this (main) thread: the children's parent-death signal is tied to it.
         let task = actix_web::rt::spawn(supervise(spec, self.local.clone(), rx, self.policy));
@@ -347,7 +344,9 @@ pub async fn run(
     register_within: Duration,
 ) -> Result<(), NodeError> {
     let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
-    let local = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();
+    let mut reg = Registry::new("twinkle".into(), None, vec![], vec![]);
+    reg.set_child_host(opts.node_ip.clone());
+    let local = reg.into_shared();
     let (control_srv, control_addr) = control::start(local.clone(), 0)?;
     let control_handle = control_srv.handle();
     actix_web::rt::spawn(control_srv);
