@@ -222,7 +222,7 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
                 .args(["netns", "exec", &net.namespaces[0], "curl", "-sf", &url])
                 .output()
                 .ok()?;
-            out.status.success().then(|| out.stdout)
+            out.status.success().then_some(out.stdout)
         })
         .with_context(|| format!("{url} in {}", net.namespaces[0]))?;
         let v: serde_json::Value = serde_json::from_slice(&body)?;
