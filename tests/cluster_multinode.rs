@@ -162,6 +162,8 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
             "8",
             "--gateway-port",
             &gw[0],
+            "--resources",
+            r#"{"accel": 2}"#,
         ],
         &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
     )?;
@@ -191,7 +193,23 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
         )
     };
     join(&c.machines[1], "4", &gw[1], "4,5,6,7")?;
-    join(&c.machines[2], "0", &gw[2], "")?;
+    // `start --address` is the same as `join`.
+    c.machines[2].ok(
+        &[
+            "start",
+            "--address",
+            &head_addr,
+            "--token",
+            &token,
+            "--num-gpus",
+            "0",
+            "--num-cpus",
+            "8",
+            "--gateway-port",
+            &gw[2],
+        ],
+        &[],
+    )?;
     // The token is not on any daemon's command line.
     for m in &c.machines {
         for pid in m.agent_pids() {
@@ -217,6 +235,9 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     let nodes = st["nodes"].as_array().context("nodes")?;
     assert_eq!(nodes.len(), 3);
     ensure!(nodes.iter().all(|n| n["alive"] == true), "{st}");
+    let head_node = nodes.iter().find(|n| n["id"] == ids[0].as_str()).context("head node")?;
+    assert_eq!(head_node["resources"]["accel"], 2.0);
+    assert_eq!(head_node["gpu_ids"], serde_json::json!([0, 1, 2, 3]));
     let text = c.machines[0].ok(&["status"], &[])?;
     ensure!(text.contains("GPU ids [4,5,6,7]") && text.contains("GPU [4,5]"), "{text}");
 
@@ -291,6 +312,8 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
             "8",
             "--gateway-port",
             &gw[0],
+            "--resources",
+            r#"{"accel": 2}"#,
         ],
         &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
     )?;

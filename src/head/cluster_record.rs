@@ -46,6 +46,9 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), HeadError> {
     })?;
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    // The cluster token is a credential: owner-only, like an ssh key.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
@@ -119,6 +122,9 @@ mod tests {
         let rec = ClusterRecord { address: "127.0.0.1:6379".into(), token: "t".into() };
         assert!(write_cluster(dir.path(), &rec).is_ok());
         assert_eq!(read_cluster(dir.path()), Some(rec));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(cluster_file(dir.path())).map(|m| m.permissions().mode());
+        assert_eq!(mode.ok().map(|m| m & 0o777), Some(0o600));
         let a =
             AgentRecord { pid: 42, role: "node".into(), node_id: "n".into(), address: "a".into() };
         assert!(write_agent(dir.path(), &a).is_ok());

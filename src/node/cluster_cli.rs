@@ -346,3 +346,41 @@ pub fn deploy(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(resources: Option<&str>) -> NodeOptions {
+        NodeOptions {
+            num_gpus: Some(2),
+            num_cpus: Some(3.0),
+            resources: resources.map(str::to_string),
+            node_ip: "127.0.0.1".into(),
+            node_name: None,
+            gateway_port: None,
+            log_level: "info".into(),
+        }
+    }
+
+    #[test]
+    fn node_id_is_kept_and_resources_parse() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = node_spec(dir.path(), &opts(Some(r#"{"accel": 2.5}"#))).expect("valid");
+        let b = node_spec(dir.path(), &opts(None)).expect("valid");
+        assert_eq!(a.node_id, b.node_id, "the same state directory is the same node");
+        assert!(a.node_id.starts_with("node-") && a.node_id.len() == 13, "{}", a.node_id);
+        assert_eq!(a.custom.get("accel"), Some(&Quantity::from_f64(2.5)));
+        assert_eq!((a.gpu_ids.len(), a.cpus), (2, Quantity::from_units(3)));
+        let bad = node_spec(dir.path(), &opts(Some("[1]"))).expect_err("not an object");
+        assert!(bad.to_string().contains("--resources must be a JSON object"), "{bad}");
+        let neg = node_spec(dir.path(), &opts(Some(r#"{"x": -1}"#))).expect_err("negative");
+        assert!(neg.to_string().contains("must be >= 0"), "{neg}");
+        let mut named = opts(None);
+        named.node_name = Some("gpu-box".into());
+        assert_eq!(
+            node_spec(dir.path(), &named).map(|s| s.node_id).ok().as_deref(),
+            Some("gpu-box")
+        );
+    }
+}
