@@ -239,6 +239,12 @@ impl Agent {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        // Signal every stale child first so their grace periods run in parallel.
+        for name in &stale {
+            if let Some(c) = self.children.get(name) {
+                let _ = c.stop.send(true);
+            }
+        }
         for name in stale {
             self.stop_child(&name).await;
         }

@@ -293,7 +293,11 @@ fn is_zombie(pid: u32) -> bool {
 /// Where `serve` / `status` find a cluster: the flag, `TWINKLE_ADDRESS`, or the recorded one.
 /// The token: the flag, `TWINKLE_CLUSTER_TOKEN`, or the recorded one.
 pub fn resolve(address: Option<String>, token: Option<String>) -> Option<ClusterRecord> {
-    let recorded = cluster_record::read_cluster(&state_file::twinkle_home());
+    let home = state_file::twinkle_home();
+    // A record left behind by a crashed cluster must not hijack plain `serve`: it counts only
+    // while an agent started here is alive.
+    let live = cluster_record::read_agents(&home).iter().any(|a| pid_alive(a.pid));
+    let recorded = cluster_record::read_cluster(&home).filter(|_| live);
     let address = address
         .filter(|a| !a.is_empty())
         .or_else(|| std::env::var("TWINKLE_ADDRESS").ok().filter(|a| !a.is_empty()))

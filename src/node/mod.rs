@@ -3,6 +3,10 @@
 //! Each child is this same binary re-executed as `twinkle worker ...` in its own process group
 //! (so a terminal's Ctrl-C reaches only `serve`, and stopping a child reaches everything it
 //! started), with a parent-death signal so no child outlives a killed head.
+//!
+//! In a cluster, [`agent`] is the node agent of `twinkle start --head` / `twinkle join`: it
+//! heartbeats the head and converges its children and gateway on the head's desired state;
+//! [`cluster_cli`] holds the start/join/stop/deploy commands.
 
 pub mod agent;
 pub mod cluster_cli;
