@@ -327,6 +327,25 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     let model = app(&st, MODEL).context("model")?;
     assert_eq!((model["node"].as_str(), gpus(model)), (Some(ids[0].as_str()), vec![0, 1, 2, 3]));
 
+    // A new deployment with `proxy_location: HeadOnly`: the other nodes' gateways go away, the
+    // head's keeps routing to every node.
+    let base = std::fs::read_to_string(CONFIG)?;
+    let head_only = c.machines[0].home().join("head-only.yaml");
+    std::fs::write(&head_only, format!("proxy_location: HeadOnly\n{base}"))?;
+    let out = c.machines[0].ok(&["serve", "-c", &head_only.display().to_string()], &[])?;
+    ensure!(out.contains("Deployment 2 submitted"), "{out}");
+    poll(Duration::from_secs(20), || {
+        let gone = |g: &str| get(&format!("127.0.0.1:{g}"), "/healthz").is_err();
+        (gone(&gw[1]) && gone(&gw[2])).then_some(())
+    })
+    .context("non-head gateways still up under HeadOnly")?;
+    let st = poll(STARTUP, || c.machines[0].status().ok().filter(all_running))?;
+    c.pids.extend(child_pids(&st));
+    let r = poll(Duration::from_secs(10), || {
+        get(&format!("127.0.0.1:{}", gw[0]), "/processors/healthz").ok().filter(|r| r.status == 200)
+    })?;
+    assert_eq!(r.json()?["app"], "processor");
+
     // `twinkle stop` on every machine leaves no agent and no child.
     let mut all: Vec<u32> = child_pids(&st);
     for m in &c.machines {

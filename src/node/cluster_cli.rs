@@ -52,7 +52,8 @@ fn node_id(home: &Path, name: Option<&str>) -> String {
     {
         return id.trim().to_string();
     }
-    let id = format!("node-{}", &super::supervise::new_token()[..8]);
+    let random: String = super::supervise::new_token().chars().take(8).collect();
+    let id = format!("node-{random}");
     let _ = std::fs::create_dir_all(home);
     let _ = std::fs::write(&path, &id);
     id
