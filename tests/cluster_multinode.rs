@@ -40,6 +40,8 @@ impl Machine {
             .env("TWINKLE_NODE_TIMEOUT_S", "3")
             .env("TWINKLE_HEARTBEAT_S", "0.5")
             .env("TWINKLE_STOP_GRACE_S", "2")
+            // Placement and routing only: every child is the identity application.
+            .env("TWINKLE_PLACEHOLDER_APPS", "1")
             .env_remove("CUDA_VISIBLE_DEVICES")
             .env_remove("TWINKLE_CLUSTER_TOKEN")
             .env_remove("TWINKLE_ADDRESS");
