@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: formatting, lints, unit and integration tests.
+# Sets up (or reuses) the Python venv under ~/.cache/twinkle/venv: NVRTC for the CUDA kernel
+# compile check, the tinker SDK for the protocol tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0
 export RUST_BACKTRACE=1
+
+eval "$(scripts/setup-venv.sh)"
+export TWINKLE_VENV TWINKLE_NVRTC_LIB
+export LD_LIBRARY_PATH="$TWINKLE_NVRTC_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# In this suite a missing NVRTC is a failure, not a skip.
+export TWINKLE_REQUIRE_NVRTC=1
+
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --no-fail-fast

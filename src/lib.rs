@@ -1,10 +1,12 @@
 //! Twinkle in Rust: a training-as-a-service server for LLMs (library half of the `twinkle` binary).
 
+pub mod apps;
 pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod gateway;
 pub mod head;
+pub mod hub;
 pub mod node;
 pub mod protocol;
 pub mod state;

@@ -96,7 +96,7 @@ pub struct ChildSpec {
 pub const TOKEN_ENV: &str = "TWINKLE_WORKER_TOKEN";
 
 /// 128 random bits, hex; from the kernel's random source, with a hash-seeded fallback.
-pub fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     use std::io::Read as _;
     let mut buf = [0u8; 16];
     let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));

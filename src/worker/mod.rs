@@ -21,6 +21,9 @@ use crate::node::supervise::TOKEN_ENV;
 pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
 /// Env var: the address a child listens on (default loopback; set by cluster node agents).
 pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
+/// `1` serves every application as the identity application (health, identity, echo) instead of
+/// its real component: a placement dry run that starts no model. The platform tests use it.
+pub const PLACEHOLDER_ENV: &str = "TWINKLE_PLACEHOLDER_APPS";
 /// Test hook: milliseconds a worker waits after binding before it registers, so tests can
 /// observe the gateway's 503 for an application that is up but not yet registered.
 pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
@@ -40,6 +43,8 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
+    #[error("application failed to start: {0}")]
+    App(String),
 }
 
 /// What `twinkle worker` is told on its command line.
@@ -85,15 +90,24 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     actix_web::rt::System::new().block_on(run_app(ctx))
 }
 
-/// Runs the application named by `import_path`. The real applications plug in here; for now
-/// every kind is the identity application (health + diagnostics only).
+/// Runs the application named by `import_path` (or the identity application for every kind when
+/// [`PLACEHOLDER_ENV`] is `1`).
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
+    if placeholder_apps() {
+        let id = identity::Identity::from_context(&ctx);
+        return serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await;
+    }
     match ctx.opts.import_path {
-        ImportPath::Server | ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
+        ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
+        ImportPath::Server | ImportPath::Processor => {
             let id = identity::Identity::from_context(&ctx);
             serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
         }
     }
+}
+
+fn placeholder_apps() -> bool {
+    std::env::var(PLACEHOLDER_ENV).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Binds `127.0.0.1:0`, serves `configure`'s routes, registers with the head, then serves until

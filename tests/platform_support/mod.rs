@@ -101,7 +101,10 @@ impl Serve {
         let logf = std::fs::File::create(&log)?;
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg("-c").arg(&cfg).args(args);
-        cmd.env("TWINKLE_HOME", &home).env_remove("CUDA_VISIBLE_DEVICES");
+        // Placement tests: every child is the identity app, so no model is loaded.
+        cmd.env("TWINKLE_HOME", &home)
+            .env("TWINKLE_PLACEHOLDER_APPS", "1")
+            .env_remove("CUDA_VISIBLE_DEVICES");
         for (k, v) in env {
             cmd.env(k, v);
         }
