@@ -66,6 +66,40 @@ enum Command {
         /// Loopback port of the control plane (default: any free port).
         #[arg(long, default_value_t = 0)]
         control_port: u16,
+        /// Deploy onto the running cluster whose head is at `HOST:PORT` instead of running an
+        /// embedded one (also TWINKLE_ADDRESS, or the cluster recorded by `start`/`join`).
+        #[arg(long)]
+        address: Option<String>,
+        /// Cluster token (default: TWINKLE_CLUSTER_TOKEN or the recorded cluster's).
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Start a cluster node: `--head` starts the head (control port + this node's agent);
+    /// `--address HOST:PORT` joins an existing head (same as `join`).
+    Start {
+        #[arg(long)]
+        head: bool,
+        /// Head to join (`start --address` = `join`).
+        #[arg(long, conflicts_with = "head")]
+        address: Option<String>,
+        /// Control port of the head.
+        #[arg(long, default_value_t = 6379)]
+        port: u16,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Join a running cluster as a node agent (like `ray start --address`).
+    Join {
+        #[arg(long)]
+        address: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Stop every twinkle node agent started on this machine, with their children.
+    Stop {
+        /// Seconds to wait after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 30.0)]
+        grace_s: f64,
     },
     /// Show the running server's nodes and applications (like `ray status`).
     Status {
@@ -214,6 +248,50 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Options of `start` and `join`.
+#[derive(clap::Args, Debug, Clone)]
+struct NodeArgs {
+    /// GPUs this node offers (the first N of CUDA_VISIBLE_DEVICES when set).
+    #[arg(long)]
+    num_gpus: Option<u32>,
+    #[arg(long)]
+    num_cpus: Option<f64>,
+    /// Custom resources as JSON, e.g. '{"accel": 2}'.
+    #[arg(long)]
+    resources: Option<String>,
+    /// Address other nodes reach this node at (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    node_ip: String,
+    /// Stable node name (default: generated once, kept in $TWINKLE_HOME/node_id).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// This node's gateway port (default: the deployment's http_options.port).
+    #[arg(long)]
+    gateway_port: Option<u16>,
+    /// Cluster token (default: TWINKLE_CLUSTER_TOKEN; the head generates one when unset).
+    #[arg(long, env = "TWINKLE_CLUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Stay in the foreground instead of daemonizing.
+    #[arg(long)]
+    block: bool,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+impl NodeArgs {
+    fn options(&self) -> twinkle::node::cluster_cli::NodeOptions {
+        twinkle::node::cluster_cli::NodeOptions {
+            num_gpus: self.num_gpus,
+            num_cpus: self.num_cpus,
+            resources: self.resources.clone(),
+            node_ip: self.node_ip.clone(),
+            node_name: self.node_name.clone(),
+            gateway_port: self.gateway_port,
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ConfigFormat {
     Yaml,
@@ -254,7 +332,9 @@ fn init_logging(level: &str) {
 }
 
 fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
-    let addr = match address {
+    let cluster =
+        twinkle::head::cluster_record::read_cluster(&twinkle::head::state_file::twinkle_home());
+    let addr = match address.or(cluster.map(|c| c.address)) {
         Some(a) => a,
         None => {
             twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
@@ -358,8 +438,13 @@ fn main() -> ExitCode {
             num_gpus,
             num_cpus,
             control_port,
+            address,
+            token,
         } => {
             init_logging(&log_level);
+            if let Some(cluster) = twinkle::node::cluster_cli::resolve(address, token) {
+                return deploy_to_cluster(&cluster, &config, server_type);
+            }
             let opts = twinkle::node::serve::ServeOptions {
                 config_path: config,
                 server_type,
@@ -376,6 +461,14 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             }
+        }
+        Command::Start { head, address, port, node } => start_node(head, address, port, node),
+        Command::Join { address, node } => start_node(false, Some(address), 0, node),
+        Command::Stop { grace_s } => {
+            let grace = if grace_s.is_finite() && grace_s >= 0.0 { grace_s } else { 30.0 };
+            let n = twinkle::node::cluster_cli::stop(std::time::Duration::from_secs_f64(grace));
+            println!("Stopped {n} twinkle node agent(s) on this machine.");
+            ExitCode::SUCCESS
         }
         Command::Status { json, address } => match status(json, address) {
             Ok(()) => ExitCode::SUCCESS,
@@ -416,6 +509,80 @@ fn main() -> ExitCode {
                     ExitCode::from(3)
                 }
             }
+        }
+    }
+}
+
+/// `serve --address`: submit the deployment to the cluster head.
+fn deploy_to_cluster(
+    cluster: &twinkle::head::cluster_record::ClusterRecord,
+    config: &std::path::Path,
+    server_type: Option<twinkle::config::ServerType>,
+) -> ExitCode {
+    match twinkle::node::cluster_cli::deploy(cluster, &config.to_path_buf(), server_type) {
+        Ok(n) => {
+            println!("Deployment {n} submitted to the cluster at {}.", cluster.address);
+            println!("Check where each application runs with `twinkle status`.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("twinkle serve: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `start --head`, `start --address`, `join`: foreground with `--block`, else a daemon.
+fn start_node(head: bool, address: Option<String>, port: u16, node: NodeArgs) -> ExitCode {
+    use twinkle::node::cluster_cli;
+    if !head && address.is_none() {
+        eprintln!("twinkle start: pass --head to start a head, or --address HOST:PORT to join one");
+        return ExitCode::from(2);
+    }
+    if node.block {
+        init_logging(&node.log_level);
+        let result = if head {
+            cluster_cli::run_head(
+                node.options(),
+                cluster_cli::HeadOptions { port, token: node.token.clone() },
+            )
+        } else {
+            let address = address.unwrap_or_default();
+            let token = cluster_cli::resolve(Some(address.clone()), node.token.clone())
+                .map(|c| c.token)
+                .unwrap_or_default();
+            cluster_cli::run_join(node.options(), address, token)
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinkle {}: {e}", if head { "start" } else { "join" });
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    // Daemon: the same command again in the background with --block.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let role = if head { "head" } else { "node" };
+    match cluster_cli::daemonize(role, args) {
+        Ok(pid) => {
+            let home = twinkle::head::state_file::twinkle_home();
+            let rec = twinkle::head::cluster_record::read_cluster(&home);
+            let addr = rec.as_ref().map(|r| r.address.clone()).unwrap_or_default();
+            if head {
+                println!("Twinkle head started (pid {pid}); control address {addr}.");
+                println!("To add a node to this cluster, run on that node:");
+                let token = rec.map(|r| r.token).unwrap_or_default();
+                println!("  twinkle join --address {addr} --token {token}");
+            } else {
+                println!("Twinkle node agent started (pid {pid}), joined {addr}.");
+            }
+            println!("To stop the agents on this machine: twinkle stop");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("twinkle {}: {e}", if head { "start" } else { "join" });
+            ExitCode::from(1)
         }
     }
 }

@@ -137,6 +137,29 @@ impl ClusterState {
         }
     }
 
+    /// Takes exactly `alloc`'s resources on its node (a child that already runs there, learned
+    /// back by a restarted head). False, and nothing taken, when they are not all free.
+    pub fn reserve(&mut self, alloc: &Allocation) -> bool {
+        let Some(node) = self.nodes.iter_mut().find(|n| n.spec.node_id == alloc.node_id) else {
+            return false;
+        };
+        let gpus_free = alloc.gpu_ids.iter().all(|g| node.free_gpu_ids.contains(g));
+        let custom_free =
+            alloc.custom.iter().all(|(k, v)| node.free_custom.get(k).is_some_and(|f| f >= v));
+        if !node.alive || !gpus_free || node.free_cpus < alloc.cpus || !custom_free {
+            return false;
+        }
+        node.free_gpu_ids.retain(|g| !alloc.gpu_ids.contains(g));
+        node.free_cpus = node.free_cpus.saturating_sub(alloc.cpus);
+        for (k, v) in &alloc.custom {
+            if let Some(free) = node.free_custom.get_mut(k) {
+                *free = free.saturating_sub(*v);
+            }
+        }
+        node.apps.push(alloc.app.clone());
+        true
+    }
+
     /// Marks a node dead or alive; a dead node receives nothing new.
     pub fn set_alive(&mut self, node_id: &str, alive: bool) {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.spec.node_id == node_id) {

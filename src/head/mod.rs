@@ -3,7 +3,15 @@
 //! On a single machine (`twinkle serve`) the head lives in the serve process: it owns the
 //! [`registry::Registry`], answers children's registrations and `twinkle status` on a loopback
 //! control address, and records that address in `$TWINKLE_HOME/serve.json`.
+//!
+//! In a cluster (`twinkle start --head`) the head is its own daemon: [`cluster`] holds the
+//! nodes, their heartbeats and the desired placement of every application, [`cluster_http`]
+//! serves it on the control port (token + protocol version checked), and [`cluster_record`]
+//! keeps `$TWINKLE_HOME/cluster.json`, the deployment and the pid records `twinkle stop` reads.
 
+pub mod cluster;
+pub mod cluster_http;
+pub mod cluster_record;
 pub mod control;
 pub mod registry;
 pub mod state_file;

@@ -24,6 +24,8 @@ pub enum AppState {
     Stopping,
     /// Stopped for good (shutdown finished).
     Stopped,
+    /// Cluster mode: not placed on any node yet (`pending_reason` says why).
+    Pending,
 }
 
 impl AppState {
@@ -35,6 +37,7 @@ impl AppState {
             AppState::Failed => "failed",
             AppState::Stopping => "stopping",
             AppState::Stopped => "stopped",
+            AppState::Pending => "pending",
         }
     }
 }
@@ -57,6 +60,9 @@ pub struct AppStatus {
     pub address: Option<String>,
     /// How the previous child ended (`exit code 1`, `signal 9`, ...).
     pub last_exit: Option<String>,
+    /// Cluster mode: why the application is not placed (state `pending`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
 }
 
 /// One node as `GET /v1/status` reports it. `resources`/`available` use Ray's keys (`CPU`, `GPU`).
@@ -142,6 +148,8 @@ pub struct Registry {
     gateway_address: String,
     nodes: Vec<NodeStatus>,
     apps: Vec<AppEntry>,
+    /// The host children listen on (their registered address is `child_host:port`).
+    child_host: String,
 }
 
 pub type SharedRegistry = Arc<RwLock<Registry>>;
@@ -171,6 +179,7 @@ impl Registry {
             gateway_address: String::new(),
             nodes,
             apps: apps.into_iter().map(|status| AppEntry { status, token: None }).collect(),
+            child_host: "127.0.0.1".to_string(),
         }
     }
 
@@ -199,6 +208,7 @@ impl Registry {
 
     /// Accepts a registration from the current child of `req.app`; returns its address.
     pub fn register(&mut self, req: &RegisterRequest) -> Result<String, RegisterError> {
+        let host = self.child_host.clone();
         let e =
             self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
         if e.token.as_deref() != Some(req.token.as_str()) {
@@ -211,10 +221,63 @@ impl Registry {
                 expected: e.status.pid,
             });
         }
-        let address = format!("127.0.0.1:{}", req.port);
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", req.port)
+        } else {
+            format!("{host}:{}", req.port)
+        };
         e.status.address = Some(address.clone());
         e.status.state = AppState::Running;
         Ok(address)
+    }
+
+    /// Cluster node agents: children listen on the node's address instead of loopback.
+    pub fn set_child_host(&mut self, host: String) {
+        self.child_host = host;
+    }
+
+    /// Adds an application entry (cluster node agents learn their applications at run time);
+    /// an existing entry of that name is replaced.
+    pub fn add_app(&mut self, status: AppStatus) {
+        self.apps.retain(|a| a.status.name != status.name);
+        self.apps.push(AppEntry { status, token: None });
+    }
+
+    /// Drops an application entry (its child was stopped for good).
+    pub fn remove_app(&mut self, app: &str) {
+        self.apps.retain(|a| a.status.name != app);
+    }
+
+    /// Replaces the node list (cluster mode: the head's view of every node).
+    pub fn set_nodes(&mut self, nodes: Vec<NodeStatus>) {
+        self.nodes = nodes;
+    }
+
+    /// Gateway routing table of a cluster node: `app` is reachable at `address` (None = down).
+    pub fn set_upstream(&mut self, app: &str, address: Option<String>) {
+        if self.entry_mut(app).is_none() {
+            self.apps.push(AppEntry {
+                status: AppStatus {
+                    name: app.to_string(),
+                    import_path: String::new(),
+                    route_prefix: String::new(),
+                    node: String::new(),
+                    gpu_ids: Vec::new(),
+                    cpus: 0.0,
+                    pid: None,
+                    state: AppState::Pending,
+                    restarts: 0,
+                    address: None,
+                    last_exit: None,
+                    pending_reason: None,
+                },
+                token: None,
+            });
+        }
+        if let Some(e) = self.entry_mut(app) {
+            e.status.state = if address.is_some() { AppState::Running } else { AppState::Pending };
+            e.status.address = address;
+        }
     }
 
     /// Whether the current child of `app` has registered.
@@ -308,6 +371,7 @@ mod tests {
             restarts: 0,
             address: None,
             last_exit: None,
+            pending_reason: None,
         }
     }
 

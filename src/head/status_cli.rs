@@ -97,6 +97,9 @@ pub fn render(s: &StatusReport) -> String {
         if let Some(how) = &a.last_exit {
             let _ = writeln!(out, "   last exit: {how}");
         }
+        if let Some(why) = &a.pending_reason {
+            let _ = writeln!(out, "   pending: {why}");
+        }
     }
     out
 }
@@ -137,6 +140,7 @@ mod tests {
                 restarts: 2,
                 address: None,
                 last_exit: Some("signal 9".into()),
+                pending_reason: None,
             }],
         };
         let text = render(&s);

@@ -3,7 +3,13 @@
 //! Each child is this same binary re-executed as `twinkle worker ...` in its own process group
 //! (so a terminal's Ctrl-C reaches only `serve`, and stopping a child reaches everything it
 //! started), with a parent-death signal so no child outlives a killed head.
+//!
+//! In a cluster, [`agent`] is the node agent of `twinkle start --head` / `twinkle join`: it
+//! heartbeats the head and converges its children and gateway on the head's desired state;
+//! [`cluster_cli`] holds the start/join/stop/deploy commands.
 
+pub mod agent;
+pub mod cluster_cli;
 pub mod serve;
 pub mod supervise;
 
@@ -26,6 +32,12 @@ pub enum NodeError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("cannot start the runtime or install signal handlers: {0}")]
     Runtime(std::io::Error),
+    #[error("the head refused this node: {0}")]
+    Refused(String),
+    #[error("cannot reach the head at {0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Daemon(String),
 }
 
 impl NodeError {

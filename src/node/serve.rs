@@ -162,6 +162,7 @@ fn app_status(p: &Placement) -> AppStatus {
         restarts: 0,
         address: None,
         last_exit: None,
+        pending_reason: None,
     }
 }
 

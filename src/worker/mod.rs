@@ -19,6 +19,8 @@ use crate::node::supervise::TOKEN_ENV;
 
 /// Env var carrying the application's config entry as JSON (set by `twinkle serve`).
 pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
+/// Env var: the address a child listens on (default loopback; set by cluster node agents).
+pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
 /// `1` serves every application as the identity application (health, identity, echo) instead of
 /// its real component: a placement dry run that starts no model. The platform tests use it.
 pub const PLACEHOLDER_ENV: &str = "TWINKLE_PLACEHOLDER_APPS";
@@ -112,7 +114,10 @@ pub async fn serve_and_register<F>(ctx: &AppContext, configure: F) -> Result<(),
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(WorkerError::Bind)?;
+    // Cluster mode: the node agent sets the node's address so other nodes' gateways reach us.
+    let host = std::env::var(BIND_HOST_ENV).ok().filter(|h| !h.is_empty());
+    let host = host.unwrap_or_else(|| "127.0.0.1".to_string());
+    let listener = TcpListener::bind((host.as_str(), 0)).map_err(WorkerError::Bind)?;
     let port = listener.local_addr().map_err(WorkerError::Bind)?.port();
     let server = HttpServer::new(move || App::new().configure(configure.clone()))
         .workers(2)

@@ -1,0 +1,199 @@
+//! The cluster head's control port: node registration and heartbeats, deployments, status.
+//!
+//! Routes (all but `/healthz` need the cluster token in `x-twinkle-token` and protocol
+//! [`PROTOCOL_VERSION`] in `x-twinkle-protocol`; a wrong token is 401, another version 426,
+//! both with a JSON `detail` that says what to fix):
+//! * `POST /v1/cluster/nodes` — [`NodeRegistration`] → `{"node_id","heartbeat_s","timeout_s"}`
+//! * `POST /v1/cluster/nodes/{id}/heartbeat` — [`Heartbeat`] → [`DesiredState`]; 404 when the
+//!   head does not know the node (it restarted, or declared the node dead): register again.
+//! * `POST /v1/cluster/deploy` — [`DeployRequest`] → `{"deployment"}`; 400/409 with the reason.
+//! * `GET /v1/status` — the same [`super::StatusReport`] as single-machine serve.
+//! * `GET /healthz` — liveness, no token.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use actix_web::dev::Server;
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use serde_json::json;
+
+use super::HeadError;
+use super::cluster::{
+    ClusterError, ClusterHead, DeployRequest, Heartbeat, NodeRegistration, PROTOCOL_VERSION,
+    TOKEN_HEADER, VERSION_HEADER,
+};
+
+/// The head state shared by the control port's worker threads and the failure detector.
+pub type SharedHead = Arc<Mutex<ClusterHead>>;
+
+/// Lock access that survives poisoning: every update completes before its guard drops.
+pub fn lock(h: &SharedHead) -> MutexGuard<'_, ClusterHead> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Ctx {
+    head: SharedHead,
+    token: String,
+    /// Where the deployment is persisted for a head restart.
+    state_dir: std::path::PathBuf,
+}
+
+fn refuse(status: StatusCode, detail: String) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"detail": detail}))
+}
+
+/// Checks the version first (an old peer may not even send a token) and then the token.
+/// `Some(refusal)` when the request may not proceed.
+fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResponse> {
+    let header_version =
+        req.headers().get(VERSION_HEADER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
+    let version = header_version.unwrap_or(body_version);
+    if version != PROTOCOL_VERSION || body_version != PROTOCOL_VERSION {
+        return Some(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            format!(
+                "protocol version mismatch: this head speaks twinkle cluster protocol \
+                 {PROTOCOL_VERSION}, the request uses {version}; run the same twinkle version \
+                 on every node"
+            ),
+        ));
+    }
+    let token = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if token.is_empty() || !constant_time_eq(token.as_bytes(), ctx.token.as_bytes()) {
+        return Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "wrong or missing cluster token: pass the token printed by `twinkle start --head` \
+             with --token or TWINKLE_CLUSTER_TOKEN"
+                .to_string(),
+        ));
+    }
+    None
+}
+
+/// Token comparison whose time does not depend on where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn register(
+    req: HttpRequest,
+    ctx: web::Data<Ctx>,
+    body: web::Json<NodeRegistration>,
+) -> HttpResponse {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
+        tracing::warn!(node = %body.node.node_id, "node registration refused");
+        return r;
+    }
+    let mut head = lock(&ctx.head);
+    let id = head.register(&body, Instant::now());
+    let timeout = head.timeout().as_secs_f64();
+    drop(head);
+    tracing::info!(node = %id, gpus = ?body.node.gpu_ids, cpus = %body.node.cpus, "node registered");
+    HttpResponse::Ok().json(json!({"node_id": id, "heartbeat_s": 1.0, "timeout_s": timeout}))
+}
+
+async fn heartbeat(
+    req: HttpRequest,
+    ctx: web::Data<Ctx>,
+    path: web::Path<String>,
+    body: web::Json<Heartbeat>,
+) -> HttpResponse {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
+        return r;
+    }
+    let result = lock(&ctx.head).heartbeat(&path, &body, Instant::now());
+    match result {
+        Ok(desired) => HttpResponse::Ok().json(desired),
+        Err(e) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+    }
+}
+
+async fn deploy(
+    req: HttpRequest,
+    ctx: web::Data<Ctx>,
+    body: web::Json<DeployRequest>,
+) -> HttpResponse {
+    if let Some(r) = authorize(&req, &ctx, body.protocol) {
+        return r;
+    }
+    let mut head = lock(&ctx.head);
+    let result = head.deploy(&body);
+    let record = head.deployment_record();
+    drop(head);
+    if let (Ok(_), Some(rec)) = (&result, record)
+        && let Err(e) = super::cluster_record::write_deployment(&ctx.state_dir, &rec)
+    {
+        tracing::warn!(error = %e, "cannot persist the deployment; a restarted head loses it");
+    }
+    match result {
+        Ok(version) => {
+            tracing::info!(deployment = version, "deployment accepted");
+            HttpResponse::Ok().json(json!({"deployment": version}))
+        }
+        Err(e @ ClusterError::Infeasible(_)) => refuse(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn status(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
+    // Status is read-only; it still needs the token when one is sent with a wrong value, but a
+    // local `twinkle status` without one is allowed (the port is the cluster's own).
+    if let Some(t) = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok())
+        && !constant_time_eq(t.as_bytes(), ctx.token.as_bytes())
+    {
+        return refuse(StatusCode::UNAUTHORIZED, "wrong cluster token".to_string());
+    }
+    let report = lock(&ctx.head).status();
+    HttpResponse::Ok().json(report)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok", "protocol": PROTOCOL_VERSION}))
+}
+
+/// Binds the control port on `host:port` and builds its server (not yet awaited).
+pub fn start(
+    head: SharedHead,
+    token: String,
+    state_dir: std::path::PathBuf,
+    host: &str,
+    port: u16,
+) -> Result<(Server, SocketAddr), HeadError> {
+    let addr = format!("{host}:{port}");
+    let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
+    let listener = TcpListener::bind(&addr).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let data = web::Data::new(Ctx { head, token, state_dir });
+    let json_cfg = web::JsonConfig::default().limit(16 << 20);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(json_cfg.clone())
+            .route("/v1/cluster/nodes", web::post().to(register))
+            .route("/v1/cluster/nodes/{id}/heartbeat", web::post().to(heartbeat))
+            .route("/v1/cluster/deploy", web::post().to(deploy))
+            .route("/v1/status", web::get().to(status))
+            .route("/healthz", web::get().to(healthz))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)
+    .map_err(bind_err)?
+    .run();
+    Ok((server, local))
+}
+
+/// Marks silent nodes dead every 250 ms, forever (spawned next to the server).
+pub async fn failure_detector(head: SharedHead) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let dead = lock(&head).tick(Instant::now());
+        for id in dead {
+            tracing::warn!(node = %id, "node missed heartbeats: marked dead, rescheduling");
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Table tests of the head's cluster state on a simulated clock.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::cluster::Quantity;
+
+const RANKS: &str = include_str!("../../config/three-node-ranks.yaml");
+
+fn spec(id: &str, gpus: Vec<u32>) -> NodeSpec {
+    NodeSpec {
+        node_id: id.into(),
+        address: "127.0.0.1".into(),
+        cpus: Quantity::from_units(8),
+        gpu_ids: gpus,
+        custom: BTreeMap::new(),
+    }
+}
+
+fn reg(id: &str, gpus: Vec<u32>) -> NodeRegistration {
+    NodeRegistration {
+        protocol: PROTOCOL_VERSION,
+        node: spec(id, gpus),
+        pid: 1,
+        gateway_address: None,
+        children: vec![],
+        is_head: false,
+    }
+}
+
+fn hb() -> Heartbeat {
+    Heartbeat { protocol: PROTOCOL_VERSION, gateway_address: None, children: vec![] }
+}
+
+fn deploy(h: &mut ClusterHead) -> Result<u64, ClusterError> {
+    h.deploy(&DeployRequest {
+        protocol: PROTOCOL_VERSION,
+        config_yaml: RANKS.to_string(),
+        server_type: None,
+    })
+}
+
+/// (node, gpu ids) of each application, by name.
+fn placements(h: &ClusterHead) -> BTreeMap<String, (String, Vec<u32>)> {
+    h.status().applications.into_iter().map(|a| (a.name, (a.node, a.gpu_ids))).collect()
+}
+
+fn three_nodes(t0: Instant) -> ClusterHead {
+    let mut h = ClusterHead::new(Duration::from_secs(3), "127.0.0.1:1".into());
+    h.register(&reg("head", vec![0, 1, 2, 3]), t0);
+    h.register(&reg("gpu", vec![4, 5, 6, 7]), t0);
+    h.register(&reg("cpu", vec![]), t0);
+    h
+}
+
+#[test]
+fn seed_rank_example_spreads_over_three_nodes() {
+    let t0 = Instant::now();
+    let mut h = three_nodes(t0);
+    assert_eq!(deploy(&mut h), Ok(1));
+    let p = placements(&h);
+    assert_eq!(p["models-Qwen2.5-7B-Instruct"], ("head".into(), vec![0, 1, 2, 3]));
+    assert_eq!(p["sampler-Qwen2.5-7B-Instruct"], ("gpu".into(), vec![4, 5]));
+    assert_eq!(p["processor"], ("cpu".into(), vec![]));
+    let d = h.desired("gpu");
+    assert_eq!(d.assignments.len(), 1);
+    assert_eq!(d.assignments[0].gpu_ids, vec![4, 5]);
+    assert_eq!(d.deployment, 1);
+}
+
+#[test]
+fn dead_node_moves_or_goes_pending_and_comes_back() {
+    let t0 = Instant::now();
+    let mut h = three_nodes(t0);
+    assert!(deploy(&mut h).is_ok());
+    let t1 = t0 + Duration::from_secs(2);
+    assert!(h.heartbeat("head", &hb(), t1).is_ok());
+    assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
+    // "gpu" stays silent past the 3 s timeout.
+    let dead = h.tick(t0 + Duration::from_millis(4500));
+    assert_eq!(dead, vec!["gpu".to_string()]);
+    let st = h.status();
+    let sampler = st.applications.iter().find(|a| a.name.starts_with("sampler")).cloned();
+    let sampler = sampler.expect("sampler listed");
+    // The head's 4 cards are all held by the model: nowhere to go, so pending with a reason.
+    assert_eq!(sampler.state, AppState::Pending);
+    let why = sampler.pending_reason.unwrap_or_default();
+    assert!(why.contains("needs 2 GPU"), "{why}");
+    assert!(st.nodes.iter().any(|n| n.id == "gpu" && !n.alive));
+    // A dead node's heartbeat is refused until it registers again.
+    assert!(matches!(
+        h.heartbeat("gpu", &hb(), t0 + Duration::from_secs(5)),
+        Err(ClusterError::UnknownNode(_))
+    ));
+    h.register(&reg("gpu", vec![4, 5, 6, 7]), t0 + Duration::from_secs(5));
+    assert_eq!(placements(&h)["sampler-Qwen2.5-7B-Instruct"], ("gpu".into(), vec![4, 5]));
+}
+
+#[test]
+fn dead_cpu_node_moves_processor_elsewhere() {
+    let t0 = Instant::now();
+    let mut h = three_nodes(t0);
+    assert!(deploy(&mut h).is_ok());
+    let t1 = t0 + Duration::from_secs(2);
+    assert!(h.heartbeat("head", &hb(), t1).is_ok());
+    assert!(h.heartbeat("gpu", &hb(), t1).is_ok());
+    assert_eq!(h.tick(t0 + Duration::from_millis(4500)), vec!["cpu".to_string()]);
+    let (node, gpus) = placements(&h)["processor"].clone();
+    assert!(node == "head" || node == "gpu", "{node}");
+    assert!(gpus.is_empty());
+}
+
+#[test]
+fn infeasible_deploy_is_refused_and_changes_nothing() {
+    let t0 = Instant::now();
+    let mut h = ClusterHead::new(Duration::from_secs(3), String::new());
+    h.register(&reg("small", vec![0, 1]), t0);
+    let err = deploy(&mut h).expect_err("4 cards on a 2-card cluster");
+    let msg = err.to_string();
+    assert!(msg.contains("models-Qwen2.5-7B-Instruct") && msg.contains("4 GPU"), "{msg}");
+    assert!(h.status().applications.is_empty());
+}
+
+#[test]
+fn alive_node_re_registering_keeps_its_placements() {
+    let t0 = Instant::now();
+    let mut h = three_nodes(t0);
+    assert!(deploy(&mut h).is_ok());
+    let before = placements(&h);
+    h.register(&reg("gpu", vec![4, 5, 6, 7]), t0 + Duration::from_secs(1));
+    assert_eq!(placements(&h), before);
+}
+
+#[test]
+fn restarted_head_adopts_reported_children_then_places_the_rest() {
+    let t0 = Instant::now();
+    let mut h = ClusterHead::new(Duration::from_secs(3), String::new());
+    let rec = DeploymentRecord {
+        version: 7,
+        config_yaml: RANKS.to_string(),
+        server_type: ServerType::Twinkle,
+    };
+    assert!(h.restore(&rec, t0).is_ok());
+    // The head's own node registers first, with nothing running: nothing is placed yet.
+    h.register(&reg("head", vec![0, 1, 2, 3]), t0);
+    assert!(h.status().applications.iter().all(|a| a.state == AppState::Pending));
+    // The GPU node still runs the sampler on cards 6,7 (of deployment 7): adopted as is.
+    let mut r = reg("gpu", vec![4, 5, 6, 7]);
+    r.children = vec![ReportedChild {
+        app: "sampler-Qwen2.5-7B-Instruct".into(),
+        gpu_ids: vec![6, 7],
+        pid: Some(99),
+        state: AppState::Running,
+        address: Some("127.0.0.1:5".into()),
+        restarts: 0,
+        last_exit: None,
+        deployment: 7,
+    }];
+    h.register(&r, t0 + Duration::from_secs(1));
+    h.register(&reg("cpu", vec![]), t0 + Duration::from_secs(1));
+    let p = placements(&h);
+    assert_eq!(p["sampler-Qwen2.5-7B-Instruct"], ("gpu".into(), vec![6, 7]));
+    assert_eq!(p["models-Qwen2.5-7B-Instruct"].0, "");
+    // After the recovery window the rest is placed as usual; the deployment keeps its number.
+    let t1 = t0 + Duration::from_secs(3);
+    assert!(h.heartbeat("head", &hb(), t1).is_ok());
+    assert!(h.heartbeat("gpu", &hb(), t1).is_ok());
+    assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
+    assert!(h.tick(t0 + Duration::from_millis(3500)).is_empty());
+    let p = placements(&h);
+    assert_eq!(p["models-Qwen2.5-7B-Instruct"], ("head".into(), vec![0, 1, 2, 3]));
+    assert_eq!(p["processor"], ("cpu".into(), vec![]));
+    assert_eq!(h.desired("gpu").deployment, 7);
+}

@@ -1,0 +1,417 @@
+//! Cluster node agent: registers with the head, heartbeats, and converges this node's children
+//! (and its gateway) on the desired state the head answers with.
+//!
+//! Children register with the agent's own loopback control plane (the same one single-machine
+//! serve uses), so the existing supervisor runs unchanged; the agent reports each child's
+//! `node-ip:port` to the head, which hands every gateway the cluster-wide routes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use awc::http::StatusCode;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::NodeError;
+use super::serve::{Placement, child_spec};
+use super::supervise::{RestartPolicy, supervise};
+use crate::cluster::{Allocation, NodeSpec, Quantity};
+use crate::config::{ProxyLocation, ServerType};
+use crate::gateway::{self, RouteTable};
+use crate::head::cluster::{
+    Assignment, DesiredState, Heartbeat, NodeRegistration, PROTOCOL_VERSION, ReportedChild,
+    TOKEN_HEADER, VERSION_HEADER,
+};
+use crate::head::cluster_record::{self, AgentRecord};
+use crate::head::control;
+use crate::head::registry::{self, AppState, AppStatus, Registry, SharedRegistry};
+
+/// How one node agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The head's control address `HOST:PORT`.
+    pub head: String,
+    pub token: String,
+    pub node: NodeSpec,
+    /// The address other nodes reach this node's children at.
+    pub node_ip: String,
+    /// Overrides the deployment's `http_options.port` for this node's gateway.
+    pub gateway_port: Option<u16>,
+    pub is_head: bool,
+    pub home: PathBuf,
+    pub log_level: String,
+}
+
+/// Env var: seconds between heartbeats (default 1).
+pub const HEARTBEAT_ENV: &str = "TWINKLE_HEARTBEAT_S";
+
+fn heartbeat_period() -> Duration {
+    std::env::var(HEARTBEAT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(1))
+}
+
+struct Child {
+    gpu_ids: Vec<u32>,
+    deployment: u64,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Gateway {
+    deployment: u64,
+    address: String,
+    handle: actix_web::dev::ServerHandle,
+}
+
+enum Answer<T> {
+    Ok(T),
+    /// The head does not know us (it restarted or declared us dead): register again.
+    Unknown,
+}
+
+struct Agent {
+    opts: AgentOptions,
+    client: awc::Client,
+    exe: PathBuf,
+    local: SharedRegistry,
+    local_control: String,
+    routing: SharedRegistry,
+    children: BTreeMap<String, Child>,
+    gateway: Option<Gateway>,
+    policy: RestartPolicy,
+}
+
+impl Agent {
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Answer<T>, NodeError> {
+        let url = format!("http://{}{path}", self.opts.head);
+        let unreachable = |d: String| NodeError::Unreachable(format!("{}: {d}", self.opts.head));
+        let mut resp = self
+            .client
+            .post(&url)
+            .insert_header((TOKEN_HEADER, self.opts.token.as_str()))
+            .insert_header((VERSION_HEADER, PROTOCOL_VERSION.to_string()))
+            .send_json(body)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let bytes = resp.body().limit(64 << 20).await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map(Answer::Ok)
+                .map_err(|e| unreachable(format!("bad answer: {e}")));
+        }
+        if status == StatusCode::NOT_FOUND {
+            return Ok(Answer::Unknown);
+        }
+        let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        if status.is_client_error() {
+            return Err(NodeError::Refused(format!("{} ({status})", detail)));
+        }
+        Err(unreachable(format!("answered {status}: {detail}")))
+    }
+
+    fn report(&self) -> Vec<ReportedChild> {
+        let snap = registry::read(&self.local).snapshot();
+        snap.applications
+            .into_iter()
+            .filter_map(|a| {
+                let c = self.children.get(&a.name)?;
+                Some(ReportedChild {
+                    app: a.name,
+                    gpu_ids: c.gpu_ids.clone(),
+                    pid: a.pid,
+                    state: a.state,
+                    address: a.address,
+                    restarts: a.restarts,
+                    last_exit: a.last_exit,
+                    deployment: c.deployment,
+                })
+            })
+            .collect()
+    }
+
+    async fn register(&self) -> Result<(), NodeError> {
+        let reg = NodeRegistration {
+            protocol: PROTOCOL_VERSION,
+            node: self.opts.node.clone(),
+            pid: std::process::id(),
+            gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
+            children: self.report(),
+            is_head: self.opts.is_head,
+        };
+        match self.post::<_, serde_json::Value>("/v1/cluster/nodes", &reg).await? {
+            Answer::Ok(_) => Ok(()),
+            Answer::Unknown => Err(NodeError::Refused(format!(
+                "{} has no cluster registration route: is it a twinkle head?",
+                self.opts.head
+            ))),
+        }
+    }
+
+    async fn stop_child(&mut self, app: &str) {
+        if let Some(c) = self.children.remove(app) {
+            let _ = c.stop.send(true);
+            let _ = c.task.await;
+            registry::write(&self.local).remove_app(app);
+            tracing::info!(%app, "child stopped (no longer assigned here)");
+        }
+    }
+
+    fn config_path(&self, deployment: u64, yaml: &str) -> Result<PathBuf, NodeError> {
+        let dir = self.opts.home.join("deployments");
+        let path = dir.join(format!("deployment-{deployment}.yaml"));
+        if !path.exists() {
+            std::fs::create_dir_all(&dir).map_err(NodeError::Runtime)?;
+            std::fs::write(&path, yaml).map_err(NodeError::Runtime)?;
+        }
+        Ok(path)
+    }
+
+    fn start_child(
+        &mut self,
+        a: &Assignment,
+        deployment: u64,
+        config: &std::path::Path,
+        server_type: ServerType,
+    ) {
+        let name = a.app.name.clone();
+        registry::write(&self.local).add_app(AppStatus {
+            name: name.clone(),
+            import_path: a.app.import_path.as_str().to_string(),
+            route_prefix: a.app.route_prefix.clone(),
+            node: self.opts.node.node_id.clone(),
+            gpu_ids: a.gpu_ids.clone(),
+            cpus: a.cpus,
+            pid: None,
+            state: AppState::Starting,
+            restarts: 0,
+            address: None,
+            last_exit: None,
+            pending_reason: None,
+        });
+        let placement = Placement {
+            app: a.app.clone(),
+            alloc: Allocation {
+                app: name.clone(),
+                node_id: self.opts.node.node_id.clone(),
+                gpu_ids: a.gpu_ids.clone(),
+                cpus: Quantity::from_f64(a.cpus),
+                custom: BTreeMap::new(),
+            },
+        };
+        let mut spec = child_spec(
+            &self.exe,
+            config,
+            &placement,
+            server_type,
+            &self.local_control,
+            &self.opts.log_level,
+        );
+        spec.env.push((crate::worker::BIND_HOST_ENV.into(), self.opts.node_ip.clone()));
+        let (stop, rx) = watch::channel(false);
+        // Spawned on this (main) thread: the children's parent-death signal is tied to it.
+        let task = actix_web::rt::spawn(supervise(spec, self.local.clone(), rx, self.policy));
+        tracing::info!(app = %name, gpus = ?a.gpu_ids, deployment, "child assigned here");
+        self.children.insert(name, Child { gpu_ids: a.gpu_ids.clone(), deployment, stop, task });
+    }
+
+    async fn converge(&mut self, d: &DesiredState) -> Result<(), NodeError> {
+        let wanted: BTreeMap<&str, &Assignment> =
+            d.assignments.iter().map(|a| (a.app.name.as_str(), a)).collect();
+        let stale: Vec<String> = self
+            .children
+            .iter()
+            .filter(|(name, c)| match wanted.get(name.as_str()) {
+                Some(a) => a.gpu_ids != c.gpu_ids || c.deployment != d.deployment,
+                None => true,
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        // Signal every stale child first so their grace periods run in parallel.
+        for name in &stale {
+            if let Some(c) = self.children.get(name) {
+                let _ = c.stop.send(true);
+            }
+        }
+        for name in stale {
+            self.stop_child(&name).await;
+        }
+        if let Some(yaml) = &d.config_yaml {
+            let missing: Vec<&Assignment> =
+                d.assignments.iter().filter(|a| !self.children.contains_key(&a.app.name)).collect();
+            if !missing.is_empty() {
+                let path = self.config_path(d.deployment, yaml)?;
+                for a in missing {
+                    self.start_child(a, d.deployment, &path, d.server_type);
+                }
+            }
+            self.converge_gateway(d, yaml).await;
+        }
+        let mut routing = registry::write(&self.routing);
+        for (app, addr) in &d.routes {
+            routing.set_upstream(app, addr.clone());
+        }
+        Ok(())
+    }
+
+    async fn converge_gateway(&mut self, d: &DesiredState, yaml: &str) {
+        if self.gateway.as_ref().is_some_and(|g| g.deployment == d.deployment) {
+            return;
+        }
+        if let Some(g) = self.gateway.take() {
+            g.handle.stop(true).await;
+        }
+        let config = match crate::config::load_str(yaml) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "deployment config does not load; no gateway");
+                return;
+            }
+        };
+        let wanted = match config.proxy_location {
+            ProxyLocation::EveryNode => true,
+            ProxyLocation::HeadOnly => self.opts.is_head,
+            ProxyLocation::Disabled => false,
+        };
+        if !wanted {
+            return;
+        }
+        let routes = RouteTable::new(
+            config.applications.iter().map(|a| (a.name.as_str(), a.route_prefix.as_str())),
+        );
+        let port = self.opts.gateway_port.unwrap_or(config.http_options.port);
+        let started = routes.map_err(|e| e.to_string()).and_then(|r| {
+            gateway::start(&config.http_options.host, port, r, self.routing.clone())
+                .map_err(|e| e.to_string())
+        });
+        match started {
+            Ok((srv, addr)) => {
+                let handle = srv.handle();
+                actix_web::rt::spawn(srv);
+                tracing::info!(gateway = %addr, "gateway up");
+                self.gateway =
+                    Some(Gateway { deployment: d.deployment, address: addr.to_string(), handle });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start this node's gateway"),
+        }
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), NodeError> {
+        let hb = Heartbeat {
+            protocol: PROTOCOL_VERSION,
+            gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
+            children: self.report(),
+        };
+        let path = format!("/v1/cluster/nodes/{}/heartbeat", self.opts.node.node_id);
+        match self.post::<_, DesiredState>(&path, &hb).await? {
+            Answer::Ok(d) => self.converge(&d).await,
+            Answer::Unknown => {
+                tracing::warn!(head = %self.opts.head, "the head does not know this node; registering again");
+                self.register().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.handle.stop(true).await;
+        }
+        for c in self.children.values() {
+            let _ = c.stop.send(true);
+        }
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        for name in names {
+            if let Some(c) = self.children.remove(&name) {
+                let _ = c.task.await;
+            }
+        }
+    }
+}
+
+/// Runs a node agent until `shutdown` turns true: registers (retrying for `register_within`
+/// while the head is unreachable), then heartbeats and converges. A refusal (wrong token or
+/// protocol version) ends it with [`NodeError::Refused`]. Must run on the main thread's
+/// actix system (children's parent-death signal).
+pub async fn run(
+    opts: AgentOptions,
+    mut shutdown: watch::Receiver<bool>,
+    register_within: Duration,
+) -> Result<(), NodeError> {
+    let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
+    let mut reg = Registry::new("twinkle".into(), None, vec![], vec![]);
+    reg.set_child_host(opts.node_ip.clone());
+    let local = reg.into_shared();
+    let (control_srv, control_addr) = control::start(local.clone(), 0)?;
+    let control_handle = control_srv.handle();
+    actix_web::rt::spawn(control_srv);
+    let routing = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();
+    let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let mut agent = Agent {
+        opts,
+        client,
+        exe,
+        local,
+        local_control: control_addr.to_string(),
+        routing,
+        children: BTreeMap::new(),
+        gateway: None,
+        policy: RestartPolicy::from_env(),
+    };
+    let deadline = tokio::time::Instant::now() + register_within;
+    loop {
+        match agent.register().await {
+            Ok(()) => break,
+            Err(NodeError::Unreachable(d)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(detail = %d, "head not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                control_handle.stop(false).await;
+                return Err(e);
+            }
+        }
+    }
+    let record = AgentRecord {
+        pid: std::process::id(),
+        role: if agent.opts.is_head { "head".into() } else { "node".into() },
+        node_id: agent.opts.node.node_id.clone(),
+        address: agent.opts.head.clone(),
+    };
+    cluster_record::write_agent(&agent.opts.home, &record)?;
+    tracing::info!(node = %agent.opts.node.node_id, head = %agent.opts.head,
+        gpus = ?agent.opts.node.gpu_ids, "node registered with the head");
+    let mut tick = tokio::time::interval(heartbeat_period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.changed() => break Ok(()),
+            _ = tick.tick() => {
+                match agent.heartbeat().await {
+                    Ok(()) => {}
+                    Err(e @ NodeError::Refused(_)) => break Err(e),
+                    // The head may be restarting: keep the children, keep trying.
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+    };
+    agent.shutdown().await;
+    control_handle.stop(true).await;
+    cluster_record::remove_agent(&agent.opts.home, std::process::id());
+    result
+}
