@@ -1,5 +1,6 @@
 //! Twinkle in Rust: a training-as-a-service server for LLMs (library half of the `twinkle` binary).
 
+pub mod apps;
 pub mod cluster;
 pub mod config;
 pub mod engine;

@@ -87,7 +87,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 /// every kind is the identity application (health + diagnostics only).
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     match ctx.opts.import_path {
-        ImportPath::Server | ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
+        ImportPath::Server => crate::apps::server::run(ctx).await,
+        ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
             let id = identity::Identity::from_context(&ctx);
             serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
         }

@@ -1,0 +1,3 @@
+//! Applications run inside `twinkle worker` children.
+
+pub mod server;
