@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod gateway;
 pub mod head;
+pub mod hub;
 pub mod node;
 pub mod protocol;
 pub mod state;

@@ -87,6 +87,11 @@ fn server_type_str(t: ServerType) -> &'static str {
 }
 
 /// Variables that the scheduler owns; an application's `runtime_env` may not override them.
+/// Env var with the per-serve secret that `/_internal/` routes between applications require.
+pub const INTERNAL_TOKEN_ENV: &str = "TWINKLE_INTERNAL_TOKEN";
+/// One internal token per serve process, shared by every child.
+static INTERNAL_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
 
 /// How to start the child of `p`: `twinkle worker ...` with the scheduler's physical GPU ids in
@@ -113,6 +118,8 @@ pub fn child_spec(
     env.push(("CUDA_VISIBLE_DEVICES".into(), p.alloc.cuda_visible_devices()));
     env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
     env.push(("TWINKLE_SERVER_TYPE".into(), server_type_str(server_type).into()));
+    let internal = INTERNAL_TOKEN.get_or_init(crate::node::supervise::new_token);
+    env.push((INTERNAL_TOKEN_ENV.into(), internal.clone()));
     // Serialising a plain data struct to JSON cannot fail; an empty spec makes the worker fall
     // back to its command-line identity.
     env.push((APP_SPEC_ENV.into(), serde_json::to_string(&p.app).unwrap_or_default()));

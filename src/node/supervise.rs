@@ -95,17 +95,8 @@ pub struct ChildSpec {
 /// Env var that carries the per-start registration token to the child (not argv: `ps` shows it).
 pub const TOKEN_ENV: &str = "TWINKLE_WORKER_TOKEN";
 
-/// Env var with the secret that authenticates loopback calls between applications
-/// (`INTERNAL_API.md`); one value per `twinkle serve`, shared by all its children.
-pub const INTERNAL_TOKEN_ENV: &str = "TWINKLE_INTERNAL_TOKEN";
-
-fn internal_token() -> &'static str {
-    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TOKEN.get_or_init(new_token)
-}
-
 /// 128 random bits, hex; from the kernel's random source, with a hash-seeded fallback.
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     use std::io::Read as _;
     let mut buf = [0u8; 16];
     let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
@@ -128,7 +119,6 @@ impl ChildSpec {
             cmd.env(k, v);
         }
         cmd.env(TOKEN_ENV, token);
-        cmd.env(INTERNAL_TOKEN_ENV, internal_token());
         cmd.stdin(std::process::Stdio::null());
         cmd.process_group(0);
         let parent = std::process::id();

@@ -38,6 +38,8 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
+    #[error("application failed to start: {0}")]
+    App(String),
 }
 
 /// What `twinkle worker` is told on its command line.
@@ -88,7 +90,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     match ctx.opts.import_path {
         ImportPath::Server => crate::apps::server::run(ctx).await,
-        ImportPath::Model | ImportPath::Sampler | ImportPath::Processor => {
+        ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
+        ImportPath::Processor => {
             let id = identity::Identity::from_context(&ctx);
             serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
         }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::error::{ApiError, JobError};
 
 /// Env var with the shared secret every internal request carries.
-pub use crate::node::supervise::INTERNAL_TOKEN_ENV;
+pub use crate::node::serve::INTERNAL_TOKEN_ENV;
 /// Header carrying that secret.
 pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
 /// Longest a compute request may take (a big forward_backward on CPU is slow).

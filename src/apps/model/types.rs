@@ -1,0 +1,235 @@
+//! JSON bodies of the internal routes (`/_internal/v1/...`, see INTERNAL_API.md).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::AdamParams;
+
+/// `GET /_internal/v1/info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InfoResponse {
+    pub base_model: String,
+    pub model_name: String,
+    pub arch: String,
+    pub vocab_size: usize,
+    pub max_length: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub tokenizer_id: String,
+    pub max_rank: usize,
+    pub adapters: Vec<String>,
+}
+
+fn default_alpha() -> f32 {
+    32.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// LoRA settings of `create_adapter` (and `load.create`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    #[serde(default)]
+    pub rank: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f32,
+    #[serde(default = "yes")]
+    pub train_attn: bool,
+    #[serde(default = "yes")]
+    pub train_mlp: bool,
+    #[serde(default = "yes")]
+    pub train_unembed: bool,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// `POST /_internal/v1/create_adapter`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateAdapterRequest {
+    pub model_id: String,
+    #[serde(flatten)]
+    pub lora: LoraSettings,
+}
+
+/// One datum of `forward_backward`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DatumJson {
+    pub tokens: Vec<u32>,
+    pub target_tokens: Vec<i64>,
+    #[serde(default)]
+    pub k: Option<usize>,
+    #[serde(default)]
+    pub weights: Option<Vec<f32>>,
+    #[serde(default)]
+    pub logprobs: Option<Vec<f32>>,
+    #[serde(default)]
+    pub advantages: Option<Vec<f32>>,
+}
+
+/// `POST /_internal/v1/forward_backward`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardBackwardRequest {
+    pub model_id: String,
+    #[serde(default)]
+    pub forward_only: bool,
+    pub loss_fn: String,
+    #[serde(default)]
+    pub loss_config: Option<BTreeMap<String, f64>>,
+    pub data: Vec<DatumJson>,
+}
+
+/// One datum's outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatumOutputJson {
+    pub logprobs: Vec<f32>,
+    pub elementwise_loss: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardBackwardResponse {
+    pub outputs: Vec<DatumOutputJson>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// `POST /_internal/v1/optim_step`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimStepRequest {
+    pub model_id: String,
+    #[serde(default)]
+    pub adam_params: AdamParams,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsResponse {
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What `save` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveKind {
+    /// PEFT adapter + optimizer moments + step.
+    State,
+    /// PEFT adapter only.
+    Sampler,
+}
+
+/// `POST /_internal/v1/save`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveRequest {
+    pub model_id: String,
+    pub dir: PathBuf,
+    pub kind: SaveKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveResponse {
+    pub size_bytes: u64,
+}
+
+/// `POST /_internal/v1/load`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    pub model_id: String,
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub with_optimizer: bool,
+    /// Present: create the adapter from the checkpoint (its own adapter_config.json decides the
+    /// LoRA shape); absent: load onto the existing adapter.
+    #[serde(default)]
+    pub create: Option<LoraSettings>,
+}
+
+/// `POST /_internal/v1/unload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnloadRequest {
+    pub model_id: String,
+}
+
+/// `POST /_internal/v1/sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRequest {
+    #[serde(default)]
+    pub model_id: Option<String>,
+    #[serde(default)]
+    pub adapter_dir: Option<PathBuf>,
+    pub prompt: Vec<u32>,
+    #[serde(default = "one")]
+    pub num_samples: usize,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    #[serde(default = "minus_one")]
+    pub top_k: i64,
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// null = stop at EOS; `[]` = ignore EOS; list of strings or of token ids.
+    #[serde(default)]
+    pub stop: Option<serde_json::Value>,
+    #[serde(default)]
+    pub prompt_logprobs: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_max_tokens() -> usize {
+    16
+}
+fn default_temperature() -> f32 {
+    1.0
+}
+fn minus_one() -> i64 {
+    -1
+}
+fn default_top_p() -> f32 {
+    1.0
+}
+
+impl SampleRequest {
+    /// A request with Tinker's defaults for `prompt`.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        SampleRequest {
+            model_id: None,
+            adapter_dir: None,
+            prompt,
+            num_samples: 1,
+            max_tokens,
+            temperature: 1.0,
+            top_k: -1,
+            top_p: 1.0,
+            seed: None,
+            stop: None,
+            prompt_logprobs: false,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReasonJson {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceJson {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub stop_reason: StopReasonJson,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleResponse {
+    pub sequences: Vec<SequenceJson>,
+    /// One per prompt token, the first `null`; `null` when not requested.
+    pub prompt_logprobs: Option<Vec<Option<f32>>>,
+}
