@@ -49,3 +49,11 @@ def check(cond, msg):
     if not cond:
         print("CHECK FAILED: " + msg, file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def ready(x):
+    """Client-creation methods of SDK 0.38 return a future-like proxy; resolve it to the client."""
+    if "Future" in type(x).__name__ or (hasattr(x, "result") and not hasattr(type(x), "forward_backward")
+                                         and not hasattr(type(x), "sample")):
+        return x.result()
+    return x

@@ -1,11 +1,11 @@
 """(a) The minimal flow of specs/tinker-protocol.md §2 through the unmodified SDK."""
-import math
+import os
 import warnings
 
 import tinker
 from tinker import types
 
-from common import MODEL, check, datum, loss_of, result, service
+from common import ready, BASE_URL, MODEL, check, datum, loss_of, result, service
 
 warnings.simplefilter("ignore", FutureWarning)
 sc = service()
@@ -13,7 +13,7 @@ caps = sc.get_server_capabilities()
 names = [m.model_name for m in caps.supported_models]
 check(MODEL in names, f"{MODEL} not in capabilities {names}")
 
-tc = sc.create_lora_training_client(base_model=MODEL, rank=4)
+tc = ready(sc.create_lora_training_client(base_model=MODEL, rank=4))
 info = tc.get_info()
 check(info.model_data.model_name == MODEL, f"get_info model_name {info.model_data.model_name}")
 
@@ -38,7 +38,7 @@ check(state_path.endswith("/weights/ckpt-1"), state_path)
 sampler_path = tc.save_weights_for_sampler("s-1").result().path
 check(sampler_path.endswith("/sampler_weights/s-1"), sampler_path)
 
-scl = tc.save_weights_and_get_sampling_client()
+scl = ready(tc.save_weights_and_get_sampling_client())
 prompt = types.ModelInput.from_ints([1, 2, 3])
 params = types.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
 s = scl.sample(prompt, 2, params).result()
@@ -50,7 +50,7 @@ lps = scl.compute_logprobs(types.ModelInput.from_ints([1, 2, 3, 4])).result()
 check(lps[0] is None and all(isinstance(x, float) and x <= 0 for x in lps[1:]), f"compute_logprobs {lps}")
 
 # The named sampler checkpoint holds the same weights as the ephemeral snapshot.
-scl2 = sc.create_sampling_client(model_path=sampler_path)
+scl2 = ready(sc.create_sampling_client(model_path=sampler_path))
 s2 = scl2.sample(prompt, 1, params).result()
 check(s2.sequences[0].tokens == s.sequences[0].tokens, "named sampler weights sample like the snapshot")
 
@@ -69,12 +69,12 @@ try:
 except ImportError:
     pass
 
-tc2 = sc.create_training_client_from_state_with_optimizer(state_path)
+tc2 = ready(sc.create_training_client_from_state_with_optimizer(state_path))
 fwd2 = tc2.forward(batch, "cross_entropy").result()
 check(abs(loss_of(fwd2) - after) < 1e-4 * max(1.0, abs(after)), f"restored loss {loss_of(fwd2)} != {after}")
 tc2.load_state(state_path).result()
 
-rc = sc.create_rest_client()
+rc = tinker.RestClient(base_url=BASE_URL, api_key=os.environ['TINKER_API_KEY'])
 runs = rc.list_training_runs().result()
 run_ids = [r.training_run_id for r in runs.training_runs]
 check(tc.model_id in run_ids, f"{tc.model_id} not in {run_ids}")
@@ -90,7 +90,7 @@ check(wi.base_model == MODEL and wi.lora_rank == 4, f"weights_info {wi}")
 rc.delete_checkpoint_from_tinker_path(sampler_path).result()
 ids = sorted(c.checkpoint_id for c in rc.list_checkpoints(tc.model_id).result().checkpoints)
 check(ids == ["weights/ckpt-1"], f"after delete {ids}")
-sc.close("success") if hasattr(sc, "close") else None
+sc.close("success").result() if hasattr(sc, "close") else None
 
 result(first_loss=first, loss_after_step=after, restored_loss=loss_of(fwd2), sample=s.sequences[0].tokens,
        logprobs=lps, checkpoints=ids, custom=custom)

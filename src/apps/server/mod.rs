@@ -207,10 +207,10 @@ pub async fn run(ctx: AppContext) -> Result<(), WorkerError> {
     let prefix = ctx.opts.route_prefix.trim_end_matches('/').to_string();
     let id = crate::worker::identity::Identity::from_context(&ctx);
     serve_and_register(&ctx, move |cfg| {
-        // Ours first: the scope answers everything under the prefix; the identity routes add the
-        // root `/healthz` the supervisor probes.
-        routes(cfg, app.clone(), &prefix);
+        // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok plus who we are),
+        // `{prefix}/echo` and the root `/healthz` the supervisor probes; then the API scope.
         crate::worker::identity::routes(cfg, id.clone());
+        routes(cfg, app.clone(), &prefix);
     })
     .await
 }

@@ -18,8 +18,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/create_session", web::post().to(create_session))
         .route("/session_heartbeat", web::post().to(heartbeat))
         .route("/telemetry", web::post().to(telemetry))
-        .route("/sessions/{id}/finish", web::post().to(finish))
-        .route("/healthz", web::get().to(healthz));
+        .route("/sessions/{id}/finish", web::post().to(finish));
 }
 
 async fn client_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -30,10 +29,6 @@ async fn client_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, Ap
 async fn dynamic_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     app.owner(&req)?;
     Ok(HttpResponse::Ok().json(DynamicConfigResponse::default()))
-}
-
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
 /// The configured `supported_models`, each completed from the model app that serves it; a

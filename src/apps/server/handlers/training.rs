@@ -111,9 +111,10 @@ async fn owned_session(app: &ServerApp, owner: &str, id: &str) -> Result<(), Api
 }
 
 /// Refuses a new model when the key already holds `per_token_model_limit` live models (runs whose
-/// session has not finished).
-async fn check_model_limit(app: &ServerApp, owner: &str) -> Result<(), ApiError> {
-    let Some(limit) = app.per_token_model_limit else { return Ok(()) };
+/// session has not finished): `Some(message)` for the failed future (an HTTP 409 would be retried
+/// by the SDK for minutes).
+async fn model_limit_error(app: &ServerApp, owner: &str) -> Result<Option<String>, ApiError> {
+    let Some(limit) = app.per_token_model_limit else { return Ok(None) };
     let o = owner.to_string();
     let live = app
         .disp
@@ -140,12 +141,11 @@ async fn check_model_limit(app: &ServerApp, owner: &str) -> Result<(), ApiError>
             Ok(live)
         })
         .await?;
-    if live >= limit as u64 {
-        return Err(ApiError::Conflict(format!(
-            "model limit exceeded: this API key already holds {live} live models (per_token_model_limit = {limit}); finish a session first"
-        )));
-    }
-    Ok(())
+    Ok((live >= limit as u64).then(|| {
+        format!(
+            "model limit exceeded: this API key already holds {live} live models (per_token_model_limit = {limit}); finish a session (ServiceClient.close) first"
+        )
+    }))
 }
 
 fn lora_settings(l: &LoraConfig) -> LoraSettings {
@@ -192,9 +192,8 @@ async fn create_model(
     let model_id = format_model_id(&r.session_id, r.model_seq_id);
     crate::protocol::tinker::paths::validate_run_id(&model_id)?;
     let existing = owned_run(&app, &owner, &model_id).await.ok();
-    if existing.is_none() {
-        check_model_limit(&app, &owner).await?;
-    }
+    let over_limit =
+        if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
     let settings = lora_settings(&lora);
     let mut body = adapter_spec(&settings);
     body["model_id"] = json!(model_id);
@@ -216,9 +215,10 @@ async fn create_model(
         queue: Some(model_id.clone()),
         sample_sequence_ids: None,
     };
-    submit(&app, sub, |request_id| match existing {
-        Some(_) => Plan::Done(result),
-        None => Plan::Run(Job {
+    submit(&app, sub, |request_id| match (existing, over_limit) {
+        (Some(_), _) => Plan::Done(result),
+        (None, Some(msg)) => Plan::Fail(msg),
+        (None, None) => Plan::Run(Job {
             request_id,
             app_kind: "model",
             base_model: r.base_model,
@@ -651,9 +651,8 @@ async fn load_weights(
             app.disp.up.model_for(&base_model).await?;
             let model_id = format_model_id(&session_id, model_seq_id);
             let existing = owned_run(&app, &owner, &model_id).await.ok();
-            if existing.is_none() {
-                check_model_limit(&app, &owner).await?;
-            }
+            let over_limit =
+                if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
             let mut job_body =
                 json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
             job_body["create"] = adapter_spec(&src.lora);
@@ -675,9 +674,10 @@ async fn load_weights(
                 queue: Some(model_id.clone()),
                 sample_sequence_ids: None,
             };
-            submit(&app, sub, |request_id| match existing {
-                Some(_) => Plan::Fail(format!("model {model_id} already exists")),
-                None => Plan::Run(Job {
+            submit(&app, sub, |request_id| match (existing, over_limit) {
+                (Some(_), _) => Plan::Fail(format!("model {model_id} already exists")),
+                (None, Some(msg)) => Plan::Fail(msg),
+                (None, None) => Plan::Run(Job {
                     request_id,
                     app_kind: "model",
                     base_model,
