@@ -222,7 +222,12 @@ fn sdk_training_resumes_across_restart() -> Result<()> {
     let p2 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase2", &handoff])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
     assert_eq!(p1["reference"].as_array().map(Vec::len), Some(3));
-    for (a, b) in p2["resumed"].as_array().into_iter().flatten().zip(p1["reference"].as_array().into_iter().flatten()) {
+    for (a, b) in p2["resumed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(p1["reference"].as_array().into_iter().flatten())
+    {
         let (a, b) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{p1} vs {p2}");
     }

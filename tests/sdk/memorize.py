@@ -1,4 +1,5 @@
-"""(b) Memorisation: 4 (prompt, completion) pairs, 30 AdamW steps; the loss must fall below 5% of
+"""(b) Memorisation: 4 (prompt, completion) pairs, 80 AdamW steps at lr 3e-3 (at lr 1e-2 the tiny
+random model oscillates and plateaus near 12·ln 4, so 30 steps do not suffice); the loss must fall below 5% of
 its first value and greedy sampling from the saved sampler weights must reproduce every completion."""
 import os
 
@@ -17,8 +18,8 @@ RANK = int(os.environ.get("MEMO_RANK", "8"))
 tc = ready(sc.create_lora_training_client(base_model=MODEL, rank=RANK))
 batch = [datum(p, c) for p, c in PAIRS]
 losses = []
-STEPS = int(os.environ.get("MEMO_STEPS", "30"))
-LR = float(os.environ.get("MEMO_LR", "1e-2"))
+STEPS = int(os.environ.get("MEMO_STEPS", "80"))
+LR = float(os.environ.get("MEMO_LR", "3e-3"))
 for step in range(STEPS):
     fb = tc.forward_backward(batch, "cross_entropy")
     opt = tc.optim_step(types.AdamParams(learning_rate=LR))

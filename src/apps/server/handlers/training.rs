@@ -192,8 +192,7 @@ async fn create_model(
     let model_id = format_model_id(&r.session_id, r.model_seq_id);
     crate::protocol::tinker::paths::validate_run_id(&model_id)?;
     let existing = owned_run(&app, &owner, &model_id).await.ok();
-    let over_limit =
-        if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
+    let over_limit = if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
     let settings = lora_settings(&lora);
     let mut body = adapter_spec(&settings);
     body["model_id"] = json!(model_id);
