@@ -26,7 +26,8 @@ fn app_spec(ctx: &AppContext) -> Result<Application, AppError> {
     let path = ctx.opts.config.as_ref().ok_or_else(|| {
         AppError::Startup("no application spec and no --config to read it from".into())
     })?;
-    let config = crate::config::load_file(path).map_err(|e| AppError::Startup(format!("{e}")))?;
+    let config =
+        crate::config::load_file(path).map_err(|e| AppError::Startup(format!("{e}")))?;
     config.applications.into_iter().find(|a| a.name == ctx.opts.app).ok_or_else(|| {
         AppError::Startup(format!("{} has no application `{}`", path.display(), ctx.opts.app))
     })

@@ -32,8 +32,10 @@ pub fn write_dir_atomic(
         .ok_or_else(|| AppError::BadRequest(format!("dir {} has no parent", dir.display())))?;
     std::fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp =
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let tmp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
     let cleanup = |p: &Path| {
         let _ = std::fs::remove_dir_all(p);

@@ -102,10 +102,7 @@ impl BaseModel {
 
 /// Where an adapter is.
 enum SlotState {
-    Loaded {
-        adapter: Box<Adapter>,
-        pending_grads: bool,
-    },
+    Loaded { adapter: Box<Adapter>, pending_grads: bool },
     Spilled(PathBuf),
     /// Unloaded while a request waited for it.
     Removed,
@@ -195,10 +192,7 @@ impl ModelService {
             return Err(AppError::Conflict(format!("model_id `{id}` already exists")));
         }
         let slot = Slot {
-            state: Mutex::new(SlotState::Loaded {
-                adapter: Box::new(adapter),
-                pending_grads: false,
-            }),
+            state: Mutex::new(SlotState::Loaded { adapter: Box::new(adapter), pending_grads: false }),
             last_used: Mutex::new(Instant::now()),
         };
         map.insert(id.to_string(), Arc::new(slot));
@@ -442,9 +436,9 @@ impl ModelService {
         let b = &self.base;
         let tok = b.tokenizer.as_deref();
         match (&req.model_id, &req.adapter_dir) {
-            (Some(_), Some(_)) => {
-                Err(AppError::BadRequest("give model_id or adapter_dir, not both".into()))
-            }
+            (Some(_), Some(_)) => Err(AppError::BadRequest(
+                "give model_id or adapter_dir, not both".into(),
+            )),
             (Some(id), None) => self.with_adapter(id, |adapter, _| {
                 sample::generate(&b.model, Some(adapter), tok, b.max_length, req)
             }),
@@ -483,7 +477,9 @@ impl ModelService {
 
     /// Whether adapter `id` is in memory (false when spilled or unknown).
     pub fn is_resident(&self, id: &str) -> bool {
-        self.slot(id).map(|s| matches!(*lock(&s.state), SlotState::Loaded { .. })).unwrap_or(false)
+        self.slot(id)
+            .map(|s| matches!(*lock(&s.state), SlotState::Loaded { .. }))
+            .unwrap_or(false)
     }
 
     /// A background thread that calls [`sweep_idle`](Self::sweep_idle) every `every` until the
