@@ -26,8 +26,7 @@ fn app_spec(ctx: &AppContext) -> Result<Application, AppError> {
     let path = ctx.opts.config.as_ref().ok_or_else(|| {
         AppError::Startup("no application spec and no --config to read it from".into())
     })?;
-    let config =
-        crate::config::load_file(path).map_err(|e| AppError::Startup(format!("{e}")))?;
+    let config = crate::config::load_file(path).map_err(|e| AppError::Startup(format!("{e}")))?;
     config.applications.into_iter().find(|a| a.name == ctx.opts.app).ok_or_else(|| {
         AppError::Startup(format!("{} has no application `{}`", path.display(), ctx.opts.app))
     })
@@ -76,43 +75,79 @@ fn internal_token() -> InternalToken {
     InternalToken(token.into())
 }
 
-fn startup(e: AppError) -> WorkerError {
-    WorkerError::App(e.to_string())
+/// Answers every internal route of an application whose model failed to load: 503 with the
+/// startup error, so callers see why (the identity routes keep working).
+fn unavailable_routes(cfg: &mut actix_web::web::ServiceConfig, reason: Arc<str>) {
+    use actix_web::{HttpResponse, web};
+    cfg.route(
+        "/_internal/v1/{tail:.*}",
+        web::route().to(move || {
+            let reason = reason.clone();
+            async move {
+                HttpResponse::ServiceUnavailable().json(serde_json::json!({
+                    "detail": format!("the model application could not start: {reason}"),
+                    "category": "server",
+                }))
+            }
+        }),
+    );
 }
 
-/// Runs the `model` or `sampler` application of `ctx` (loads the model, then serves).
+enum Loaded {
+    Model(Arc<ModelService>),
+    Sampler(Arc<SamplerService>),
+}
+
+fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
+    let spec = app_spec(ctx)?;
+    if ctx.opts.import_path == ImportPath::Sampler {
+        let base_model = model_id(&spec)?;
+        let dir = crate::hub::resolve(&base_model)?;
+        let max_length = spec
+            .args
+            .engine_args
+            .as_ref()
+            .and_then(|e| e.max_model_len)
+            .or(spec.args.max_length)
+            .map(|m| m as usize);
+        let base = BaseModel::load(&base_model, &dir, max_length)?;
+        tracing::info!(model = %dir.display(), "sampler model loaded");
+        return Ok(Loaded::Sampler(Arc::new(SamplerService::new(base))));
+    }
+    let opts = model_options(&spec)?;
+    let svc = Arc::new(ModelService::new(&opts)?);
+    tracing::info!(model = %opts.model_dir.display(), "model loaded");
+    svc.spawn_sweeper(svc.sweep_interval());
+    Ok(Loaded::Model(svc))
+}
+
+/// Runs the `model` or `sampler` application of `ctx`: loads the model, then serves. When the
+/// model cannot be found or loaded, the error is logged and every internal route answers 503
+/// with it (a restart would fail the same way; `/healthz` keeps answering).
 pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
-    let spec = app_spec(ctx).map_err(startup)?;
     let id = Identity::from_context(ctx);
     let token = internal_token();
-    match ctx.opts.import_path {
-        ImportPath::Sampler => {
-            let base_model = model_id(&spec).map_err(startup)?;
-            let dir = crate::hub::resolve(&base_model).map_err(|e| startup(e.into()))?;
-            let max_length = spec
-                .args
-                .engine_args
-                .as_ref()
-                .and_then(|e| e.max_model_len)
-                .or(spec.args.max_length)
-                .map(|m| m as usize);
-            let base = BaseModel::load(&base_model, &dir, max_length).map_err(startup)?;
-            tracing::info!(model = %dir.display(), "sampler model loaded");
-            let svc = Arc::new(SamplerService::new(base));
+    match load(ctx) {
+        Ok(Loaded::Sampler(svc)) => {
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 sampler::routes(cfg, svc.clone(), token.clone());
             })
             .await
         }
-        _ => {
-            let opts = model_options(&spec).map_err(startup)?;
-            let svc = Arc::new(ModelService::new(&opts).map_err(startup)?);
-            tracing::info!(model = %opts.model_dir.display(), "model loaded");
-            svc.spawn_sweeper(svc.sweep_interval());
+        Ok(Loaded::Model(svc)) => {
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 model::http::routes(cfg, svc.clone(), token.clone());
+            })
+            .await
+        }
+        Err(e) => {
+            tracing::error!(app = %ctx.opts.app, error = %e, "model not loaded; internal routes answer 503");
+            let reason: Arc<str> = e.to_string().into();
+            serve_and_register(ctx, move |cfg| {
+                identity::routes(cfg, id.clone());
+                unavailable_routes(cfg, reason.clone());
             })
             .await
         }

@@ -80,7 +80,10 @@ impl GenOptions {
             return Err("every size must be > 0".into());
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(format!("heads {} must be a multiple of kv_heads {}", self.heads, self.kv_heads));
+            return Err(format!(
+                "heads {} must be a multiple of kv_heads {}",
+                self.heads, self.kv_heads
+            ));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even", self.head_dim));

@@ -118,7 +118,13 @@ pub fn child_spec(
     env.push(("CUDA_VISIBLE_DEVICES".into(), p.alloc.cuda_visible_devices()));
     env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
     env.push(("TWINKLE_SERVER_TYPE".into(), server_type_str(server_type).into()));
-    let internal = INTERNAL_TOKEN.get_or_init(crate::node::supervise::new_token);
+    // An operator (or a test) may pin the token by giving serve the variable itself.
+    let internal = INTERNAL_TOKEN.get_or_init(|| {
+        std::env::var(INTERNAL_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(crate::node::supervise::new_token)
+    });
     env.push((INTERNAL_TOKEN_ENV.into(), internal.clone()));
     // Serialising a plain data struct to JSON cannot fail; an empty spec makes the worker fall
     // back to its command-line identity.

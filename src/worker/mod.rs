@@ -38,8 +38,6 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
-    #[error("application failed to start: {0}")]
-    App(String),
 }
 
 /// What `twinkle worker` is told on its command line.

@@ -32,10 +32,8 @@ pub fn write_dir_atomic(
         .ok_or_else(|| AppError::BadRequest(format!("dir {} has no parent", dir.display())))?;
     std::fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let stamp =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let tmp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
     let cleanup = |p: &Path| {
         let _ = std::fs::remove_dir_all(p);
@@ -113,12 +111,18 @@ pub fn restore(dir: &Path, model: &Model) -> Result<(Adapter, bool), AppError> {
     Ok((adapter, true))
 }
 
+/// Identity of a weights file version: modification time and inode (every atomic re-save writes
+/// a new file, so the inode changes even within one timestamp tick).
+type FileStamp = Option<(SystemTime, u64)>;
+/// One cached adapter: its directory, its weights file's stamp when loaded, the adapter.
+type CacheEntry = (PathBuf, FileStamp, Arc<Adapter>);
+
 /// Adapters loaded from PEFT directories for sampling, most recently used first. An entry is
-/// reused while its weights file keeps the same modification time (a re-save reloads it).
+/// reused while its weights file is the same file version (a re-save reloads it).
 #[derive(Debug)]
 pub struct AdapterCache {
     capacity: usize,
-    entries: Mutex<Vec<(PathBuf, Option<SystemTime>, Arc<Adapter>)>>,
+    entries: Mutex<Vec<CacheEntry>>,
 }
 
 impl AdapterCache {
@@ -126,7 +130,7 @@ impl AdapterCache {
         AdapterCache { capacity: capacity.max(1), entries: Mutex::new(Vec::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, Option<SystemTime>, Arc<Adapter>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CacheEntry>> {
         // A panic while holding this lock cannot leave the list inconsistent (plain pushes and
         // removals), so a poisoned lock is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
@@ -146,8 +150,8 @@ impl AdapterCache {
                 dir.display()
             )));
         }
-        let mtime = std::fs::metadata(dir.join("adapter_model.safetensors"))
-            .and_then(|m| m.modified())
+        let mtime: FileStamp = std::fs::metadata(dir.join("adapter_model.safetensors"))
+            .and_then(|m| Ok((m.modified()?, std::os::unix::fs::MetadataExt::ino(&m))))
             .ok();
         {
             let mut e = self.lock();

@@ -102,7 +102,10 @@ impl BaseModel {
 
 /// Where an adapter is.
 enum SlotState {
-    Loaded { adapter: Box<Adapter>, pending_grads: bool },
+    Loaded {
+        adapter: Box<Adapter>,
+        pending_grads: bool,
+    },
     Spilled(PathBuf),
     /// Unloaded while a request waited for it.
     Removed,
@@ -192,7 +195,10 @@ impl ModelService {
             return Err(AppError::Conflict(format!("model_id `{id}` already exists")));
         }
         let slot = Slot {
-            state: Mutex::new(SlotState::Loaded { adapter: Box::new(adapter), pending_grads: false }),
+            state: Mutex::new(SlotState::Loaded {
+                adapter: Box::new(adapter),
+                pending_grads: false,
+            }),
             last_used: Mutex::new(Instant::now()),
         };
         map.insert(id.to_string(), Arc::new(slot));
@@ -295,7 +301,13 @@ impl ModelService {
         &self,
         req: &ForwardBackwardRequest,
     ) -> Result<ForwardBackwardResponse, AppError> {
-        let loss = LossFn::from_name(&req.loss_fn, &req.loss_config.clone().unwrap_or_default())?;
+        let config: std::collections::BTreeMap<String, f64> = req
+            .loss_config
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+            .collect();
+        let loss = LossFn::from_name(&req.loss_fn, &config)?;
         let data = self.to_datums(&req.data)?;
         let model = &self.base.model;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
@@ -436,9 +448,9 @@ impl ModelService {
         let b = &self.base;
         let tok = b.tokenizer.as_deref();
         match (&req.model_id, &req.adapter_dir) {
-            (Some(_), Some(_)) => Err(AppError::BadRequest(
-                "give model_id or adapter_dir, not both".into(),
-            )),
+            (Some(_), Some(_)) => {
+                Err(AppError::BadRequest("give model_id or adapter_dir, not both".into()))
+            }
             (Some(id), None) => self.with_adapter(id, |adapter, _| {
                 sample::generate(&b.model, Some(adapter), tok, b.max_length, req)
             }),
@@ -477,9 +489,7 @@ impl ModelService {
 
     /// Whether adapter `id` is in memory (false when spilled or unknown).
     pub fn is_resident(&self, id: &str) -> bool {
-        self.slot(id)
-            .map(|s| matches!(*lock(&s.state), SlotState::Loaded { .. }))
-            .unwrap_or(false)
+        self.slot(id).map(|s| matches!(*lock(&s.state), SlotState::Loaded { .. })).unwrap_or(false)
     }
 
     /// A background thread that calls [`sweep_idle`](Self::sweep_idle) every `every` until the

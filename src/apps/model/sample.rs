@@ -86,9 +86,10 @@ pub fn generate(
 
     let mut prefill = vec![KvCache::new(model)];
     let first = model.forward_cached(adapter, &[prompt.as_slice()], &mut prefill)?;
-    let first_logits = first.into_iter().next().ok_or_else(|| {
-        AppError::Internal("prefill returned no logits".into())
-    })?;
+    let first_logits = first
+        .into_iter()
+        .next()
+        .ok_or_else(|| AppError::Internal("prefill returned no logits".into()))?;
     let n = req.num_samples;
     let context = &prompt[prompt.len().saturating_sub(DECODE_CONTEXT)..];
     let mut runs: Vec<Running> = (0..n)

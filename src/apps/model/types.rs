@@ -76,8 +76,9 @@ pub struct ForwardBackwardRequest {
     #[serde(default)]
     pub forward_only: bool,
     pub loss_fn: String,
+    /// Numeric entries configure the loss; others (e.g. text) are ignored.
     #[serde(default)]
-    pub loss_config: Option<BTreeMap<String, f64>>,
+    pub loss_config: Option<BTreeMap<String, serde_json::Value>>,
     pub data: Vec<DatumJson>,
 }
 
@@ -158,15 +159,15 @@ pub struct SampleRequest {
     #[serde(default)]
     pub adapter_dir: Option<PathBuf>,
     pub prompt: Vec<u32>,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "null_one")]
     pub num_samples: usize,
-    #[serde(default = "default_max_tokens")]
+    #[serde(default = "default_max_tokens", deserialize_with = "null_max_tokens")]
     pub max_tokens: usize,
-    #[serde(default = "default_temperature")]
+    #[serde(default = "default_temperature", deserialize_with = "null_temperature")]
     pub temperature: f32,
-    #[serde(default = "minus_one")]
+    #[serde(default = "minus_one", deserialize_with = "null_minus_one")]
     pub top_k: i64,
-    #[serde(default = "default_top_p")]
+    #[serde(default = "default_top_p", deserialize_with = "null_top_p")]
     pub top_p: f32,
     #[serde(default)]
     pub seed: Option<u64>,
@@ -192,6 +193,20 @@ fn minus_one() -> i64 {
 fn default_top_p() -> f32 {
     1.0
 }
+
+/// `null` reads as the field's default (the server forwards optional SDK fields as they came).
+macro_rules! null_as {
+    ($name:ident, $t:ty, $default:ident) => {
+        fn $name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+            Ok(Option::<$t>::deserialize(d)?.unwrap_or_else($default))
+        }
+    };
+}
+null_as!(null_one, usize, one);
+null_as!(null_max_tokens, usize, default_max_tokens);
+null_as!(null_temperature, f32, default_temperature);
+null_as!(null_minus_one, i64, minus_one);
+null_as!(null_top_p, f32, default_top_p);
 
 impl SampleRequest {
     /// A request with Tinker's defaults for `prompt`.

@@ -1,0 +1,133 @@
+//! End to end under `twinkle serve`: model and sampler children on `generate://qwen3-tiny`,
+//! reached directly on loopback with the serve-wide internal token.
+
+#[path = "platform_support/mod.rs"]
+mod platform_support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
+use platform_support::*;
+use serde_json::{Value, json};
+
+fn config(port: u16) -> String {
+    format!(
+        r#"server_type: tinker
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: model
+    route_prefix: /api/v1/model/tiny
+    import_path: model
+    args:
+      model_id: "generate://qwen3-tiny"
+      adapter_config: {{adapter_timeout: 600}}
+      device_group: {{name: model, ranks: 1, device_type: cpu}}
+    deployments:
+      - ray_actor_options: {{num_cpus: 0.1}}
+  - name: sampler
+    route_prefix: /api/v1/sampler/tiny
+    import_path: sampler
+    args:
+      model_id: "generate://qwen3-tiny"
+      device_group: {{name: sampler, ranks: 1, device_type: cpu}}
+    deployments:
+      - ray_actor_options: {{num_cpus: 0.1}}
+  - name: broken
+    route_prefix: /api/v1/model/missing
+    import_path: model
+    args:
+      model_id: "ms://Nobody/Missing-Model"
+      device_group: {{name: broken, ranks: 1, device_type: cpu}}
+    deployments:
+      - ray_actor_options: {{num_cpus: 0.1}}
+"#
+    )
+}
+
+fn post(addr: &str, path: &str, token: &str, body: &Value) -> Result<Resp> {
+    let bytes = serde_json::to_vec(body)?;
+    http(
+        "POST",
+        addr,
+        path,
+        &[("Content-Type", "application/json"), ("X-Twinkle-Internal", token)],
+        &bytes,
+    )
+}
+
+#[test]
+fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
+    let port = free_port()?;
+    let tmp = tempfile::tempdir()?;
+    let models = tmp.path().join("models");
+    let save = tmp.path().join("saves");
+    let mut serve = Serve::start(
+        &config(port),
+        port,
+        &["--num-gpus", "0", "--num-cpus", "4"],
+        &[
+            ("TWINKLE_INTERNAL_TOKEN", "tok-123"),
+            ("TWINKLE_SAVE_DIR", save.to_str().context("utf-8")?),
+            ("HOME", models.to_str().context("utf-8")?),
+        ],
+    )?;
+    let st = serve.wait_all_running(Duration::from_secs(90))?;
+    let addr = |name: &str| -> Result<String> {
+        let apps = st["applications"].as_array().context("apps")?;
+        let a = apps.iter().find(|a| a["name"] == name).context("app")?;
+        Ok(a["address"].as_str().context("address")?.to_string())
+    };
+    let (model, sampler, broken) = (addr("model")?, addr("sampler")?, addr("broken")?);
+
+    let r = get(&model, "/_internal/v1/info")?;
+    assert_eq!(r.status, 403);
+    let r = http("GET", &model, "/_internal/v1/info", &[("X-Twinkle-Internal", "tok-123")], b"")?;
+    assert_eq!(r.status, 200, "{}", serve.log_text());
+    let info = r.json()?;
+    assert_eq!(info["vocab_size"], 151_936);
+    assert_eq!(info["base_model"], "generate://qwen3-tiny");
+    // The prefix's /healthz still answers through the gateway.
+    let h = get(&serve.gateway, "/api/v1/model/tiny/healthz")?.json()?;
+    assert_eq!(h["app"], "model");
+
+    let create = json!({"model_id": "s:train:0", "rank": 8, "train_attn": true, "train_mlp": true,
+        "train_unembed": true, "seed": 1});
+    assert_eq!(post(&model, "/_internal/v1/create_adapter", "tok-123", &create)?.status, 200);
+    let seq: Vec<u32> = vec![9707, 11, 1879, 0, 198, 40, 1079];
+    let fb = json!({"model_id": "s:train:0", "loss_fn": "cross_entropy", "forward_only": false,
+        "data": [{"tokens": &seq[..6], "target_tokens": &seq[1..]}]});
+    let r = post(&model, "/_internal/v1/forward_backward", "tok-123", &fb)?;
+    assert_eq!(r.status, 200);
+    let step = json!({"model_id": "s:train:0", "adam_params": {"learning_rate": 0.01}});
+    assert_eq!(post(&model, "/_internal/v1/optim_step", "tok-123", &step)?.status, 200);
+    let dir = save.join("run/sampler_weights/one");
+    let r = post(
+        &model,
+        "/_internal/v1/save",
+        "tok-123",
+        &json!({"model_id": "s:train:0", "dir": dir, "kind": "sampler"}),
+    )?;
+    assert_eq!(r.status, 200);
+    let sample = json!({"prompt": &seq[..3], "num_samples": 2, "max_tokens": 5, "temperature": 1.0,
+        "top_k": 50, "top_p": 0.9, "seed": 5, "stop": []});
+    let mut a = sample.clone();
+    a["model_id"] = json!("s:train:0");
+    let from_model = post(&model, "/_internal/v1/sample", "tok-123", &a)?.json()?;
+    let mut b = sample;
+    b["adapter_dir"] = json!(dir);
+    let r = post(&sampler, "/_internal/v1/sample", "tok-123", &b)?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()?, from_model);
+    assert_eq!(from_model["sequences"][1]["tokens"].as_array().map(Vec::len), Some(5));
+
+    // A model that cannot be found: the child runs, its internal routes say why.
+    let r = http("GET", &broken, "/_internal/v1/info", &[("X-Twinkle-Internal", "tok-123")], b"")?;
+    assert_eq!(r.status, 503);
+    let detail = r.json()?["detail"].as_str().unwrap_or_default().to_string();
+    assert!(detail.contains("Nobody/Missing-Model") && detail.contains("modelscope"), "{detail}");
+
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Shared setup of the model application tests: the generated tiny Qwen3 and services on it.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use twinkle::apps::model::types::*;
+use twinkle::apps::model::{ModelService, ServiceOptions};
+use twinkle::hub::{HubEnv, resolve_with};
+
+/// The generated tiny model, cached under the system temp dir (generation is atomic, so parallel
+/// tests and runs share it safely).
+pub fn tiny_model_dir() -> PathBuf {
+    let env = HubEnv {
+        twinkle_home: Some(std::env::temp_dir().join("twinkle-test-home")),
+        ..HubEnv::default()
+    };
+    resolve_with("generate://qwen3-tiny", &env).unwrap()
+}
+
+pub fn options(
+    spill: &std::path::Path,
+    timeout: Duration,
+    max_length: Option<usize>,
+) -> ServiceOptions {
+    ServiceOptions {
+        base_model: "generate://qwen3-tiny".into(),
+        model_dir: tiny_model_dir(),
+        max_length,
+        adapter_timeout: timeout,
+        spill_dir: spill.to_path_buf(),
+    }
+}
+
+pub fn service(spill: &std::path::Path) -> ModelService {
+    ModelService::new(&options(spill, Duration::from_secs(1800), None)).unwrap()
+}
+
+pub fn create(id: &str, rank: usize, seed: u64) -> CreateAdapterRequest {
+    CreateAdapterRequest {
+        model_id: id.into(),
+        lora: LoraSettings {
+            rank,
+            alpha: 32.0,
+            train_attn: true,
+            train_mlp: true,
+            train_unembed: true,
+            seed: Some(seed),
+        },
+    }
+}
+
+/// A next-token datum over a fixed token sequence.
+pub fn datum(seq: &[u32]) -> DatumJson {
+    DatumJson {
+        tokens: seq[..seq.len() - 1].to_vec(),
+        target_tokens: seq[1..].iter().map(|&t| t as i64).collect(),
+        ..DatumJson::default()
+    }
+}
+
+pub const SEQ: [u32; 12] = [9707, 11, 1879, 0, 198, 40, 1079, 264, 1273, 13, 151645, 198];
+
+pub fn fwdbwd(id: &str, forward_only: bool, data: Vec<DatumJson>) -> ForwardBackwardRequest {
+    ForwardBackwardRequest {
+        model_id: id.into(),
+        forward_only,
+        loss_fn: "cross_entropy".into(),
+        loss_config: None,
+        data,
+    }
+}
+
+pub fn adam(id: &str, lr: f64) -> OptimStepRequest {
+    let p = twinkle::engine::AdamParams { learning_rate: lr, ..Default::default() };
+    OptimStepRequest { model_id: id.into(), adam_params: p }
+}
+
+pub fn loss(svc: &ModelService, id: &str, forward_only: bool) -> f64 {
+    svc.forward_backward(&fwdbwd(id, forward_only, vec![datum(&SEQ)])).unwrap().metrics["loss:sum"]
+}
