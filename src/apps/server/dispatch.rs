@@ -145,9 +145,12 @@ impl Dispatcher {
 
     async fn execute(&self, job: Job) {
         let id = job.request_id.clone();
+        let route = job.route;
+        let started = std::time::Instant::now();
         let rid = id.clone();
         let _ = self.db(move |s| s.set_running(&rid)).await;
         let outcome = self.run(job).await;
+        tracing::debug!(request_id = %id, route, ms = started.elapsed().as_secs_f64() * 1e3, ok = outcome.is_ok(), "job done");
         let rid = id.clone();
         let stored = match outcome {
             Ok((bytes, ct)) => self.db(move |s| s.complete(&rid, &bytes, ct)).await,

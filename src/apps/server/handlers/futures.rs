@@ -56,6 +56,7 @@ async fn retrieve_future(
             }
         };
         if rec.status.is_terminal() {
+            tracing::debug!(request_id = %r.request_id, "future answered");
             return Ok(answer(rec));
         }
         let now = tokio::time::Instant::now();
