@@ -345,3 +345,27 @@ fn idle_adapters_spill_and_reload_transparently() {
     assert!(!svc.is_resident("s:train:7"));
     assert_eq!(loss(&svc, "s:train:7", true), loss(&twin, "s:train:7", true));
 }
+
+#[test]
+fn max_loras_keeps_only_the_most_recent_adapters_in_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let mut o = options(&t.path().join("spill"), Duration::from_secs(1800), None);
+    o.max_loras = Some(2);
+    let svc = ModelService::new(&o).unwrap();
+    let twin = service(&t.path().join("other"));
+    for id in ["a", "b"] {
+        for s in [&svc, &twin] {
+            s.create_adapter(&create(id, 4, 2)).unwrap();
+            loss(s, id, false);
+        }
+    }
+    svc.create_adapter(&create("c", 4, 2)).unwrap();
+    assert!(!svc.is_resident("a") && svc.is_resident("b") && svc.is_resident("c"));
+    // Using "a" brings it back (with its pending gradients) and pushes out "b", now the oldest.
+    for s in [&svc, &twin] {
+        s.optim_step(&adam("a", 1e-2)).unwrap();
+    }
+    assert!(svc.is_resident("a") && !svc.is_resident("b") && svc.is_resident("c"));
+    assert_eq!(loss(&svc, "a", true), loss(&twin, "a", true));
+    assert_eq!(svc.info().adapters, vec!["a".to_string(), "b".into(), "c".into()]);
+}

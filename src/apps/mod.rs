@@ -64,6 +64,7 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         max_length: spec.args.max_length.map(|m| m as usize),
         adapter_timeout: timeout,
         spill_dir: spill_root.join(&spec.name),
+        max_loras: spec.args.max_loras.map(|m| m as usize),
     })
 }
 

@@ -86,12 +86,12 @@ fn server_type_str(t: ServerType) -> &'static str {
     }
 }
 
-/// Variables that the scheduler owns; an application's `runtime_env` may not override them.
 /// Env var with the per-serve secret that `/_internal/` routes between applications require.
 pub const INTERNAL_TOKEN_ENV: &str = "TWINKLE_INTERNAL_TOKEN";
 /// One internal token per serve process, shared by every child.
 static INTERNAL_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// Variables that the scheduler owns; an application's `runtime_env` may not override them.
 const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
 
 /// How to start the child of `p`: `twinkle worker ...` with the scheduler's physical GPU ids in

@@ -83,8 +83,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     actix_web::rt::System::new().block_on(run_app(ctx))
 }
 
-/// Runs the application named by `import_path`. The real applications plug in here; for now
-/// every kind is the identity application (health + diagnostics only).
+/// Runs the application named by `import_path`: model and sampler are [`crate::apps`]; the
+/// other kinds are still the identity application (health + diagnostics only).
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     match ctx.opts.import_path {
         ImportPath::Server => crate::apps::server::run(ctx).await,

@@ -30,6 +30,7 @@ pub fn options(
         max_length,
         adapter_timeout: timeout,
         spill_dir: spill.to_path_buf(),
+        max_loras: None,
     }
 }
 

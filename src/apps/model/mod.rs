@@ -47,6 +47,9 @@ pub struct ServiceOptions {
     pub adapter_timeout: Duration,
     /// Where idle adapters are spilled.
     pub spill_dir: PathBuf,
+    /// Most adapters kept in memory (config `max_loras`); beyond it the least recently used are
+    /// spilled like idle ones. `None`: no limit.
+    pub max_loras: Option<usize>,
 }
 
 /// A loaded base model and its tokenizer, shared by the model and sampler applications.
@@ -128,6 +131,7 @@ pub struct ModelService {
     by_dir: AdapterCache,
     timeout: Duration,
     spill_dir: PathBuf,
+    max_resident: Option<usize>,
 }
 
 impl ModelService {
@@ -140,6 +144,7 @@ impl ModelService {
             by_dir: AdapterCache::new(4),
             timeout: opts.adapter_timeout,
             spill_dir: opts.spill_dir.clone(),
+            max_resident: opts.max_loras.map(|m| m.max(1)),
         })
     }
 
@@ -179,6 +184,7 @@ impl ModelService {
             let _ = std::fs::remove_dir_all(dir);
             tracing::info!(model_id = id, "reloaded idle adapter");
             *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads };
+            self.evict_over_limit(id);
         }
         *lock(&slot.last_used) = Instant::now();
         let out = match &mut *state {
@@ -202,7 +208,53 @@ impl ModelService {
             last_used: Mutex::new(Instant::now()),
         };
         map.insert(id.to_string(), Arc::new(slot));
+        drop(map);
+        self.evict_over_limit(id);
         Ok(())
+    }
+
+    /// Spills the least recently used resident adapters (never `keep`, never a busy one) while
+    /// more than `max_loras` are in memory.
+    fn evict_over_limit(&self, keep: &str) {
+        let Some(max) = self.max_resident else { return };
+        let mut resident: Vec<(Instant, String, Arc<Slot>)> = lock(&self.adapters)
+            .iter()
+            .filter(|(k, _)| k.as_str() != keep)
+            .map(|(k, v)| (*lock(&v.last_used), k.clone(), v.clone()))
+            .collect();
+        resident.sort_by_key(|(t, _, _)| *t);
+        // `keep` is resident; the others count when loaded (a busy one is assumed loaded).
+        let loaded = |s: &Slot| match s.state.try_lock() {
+            Ok(st) => matches!(*st, SlotState::Loaded { .. }),
+            Err(_) => true,
+        };
+        let mut count = 1 + resident.iter().filter(|(_, _, s)| loaded(s)).count();
+        for (_, id, slot) in resident {
+            if count <= max {
+                break;
+            }
+            if self.spill_slot(&id, &slot) {
+                count -= 1;
+            }
+        }
+    }
+
+    /// Spills one adapter if it is loaded and not busy; true when it was spilled.
+    fn spill_slot(&self, id: &str, slot: &Slot) -> bool {
+        let Ok(mut state) = slot.state.try_lock() else { return false };
+        let SlotState::Loaded { adapter, pending_grads } = &*state else { return false };
+        let dir = self.spill_path(id);
+        match checkpoint::spill(adapter, *pending_grads, &dir) {
+            Ok(()) => {
+                tracing::info!(model_id = %id, dir = %dir.display(), "unloaded adapter to disk");
+                *state = SlotState::Spilled(dir);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(model_id = %id, error = %e, "cannot spill adapter");
+                false
+            }
+        }
     }
 
     fn check_id(id: &str) -> Result<(), AppError> {
@@ -469,19 +521,8 @@ impl ModelService {
             lock(&self.adapters).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut spilled = 0;
         for (id, slot) in slots {
-            if lock(&slot.last_used).elapsed() < self.timeout {
-                continue;
-            }
-            let Ok(mut state) = slot.state.try_lock() else { continue };
-            let SlotState::Loaded { adapter, pending_grads } = &*state else { continue };
-            let dir = self.spill_path(&id);
-            match checkpoint::spill(adapter, *pending_grads, &dir) {
-                Ok(()) => {
-                    tracing::info!(model_id = %id, dir = %dir.display(), "unloaded idle adapter");
-                    *state = SlotState::Spilled(dir);
-                    spilled += 1;
-                }
-                Err(e) => tracing::warn!(model_id = %id, error = %e, "cannot spill idle adapter"),
+            if lock(&slot.last_used).elapsed() >= self.timeout && self.spill_slot(&id, &slot) {
+                spilled += 1;
             }
         }
         spilled
