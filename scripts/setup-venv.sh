@@ -17,6 +17,7 @@ VENV="${TWINKLE_VENV:-$HOME/.cache/twinkle/venv}"
 # 12.8 emits sm_80/sm_90 CUBIN that every driver >= 570 (CUDA 12.8+, incl. 580 / CUDA 13.0) loads.
 REQUIREMENTS=(
   "nvidia-cuda-nvrtc-cu12==12.8.93"
+  "tinker==0.38.0"
 )
 
 stamp="$VENV/.twinkle-requirements"

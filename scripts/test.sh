@@ -10,8 +10,10 @@ export RUST_BACKTRACE=1
 eval "$(scripts/setup-venv.sh)"
 export TWINKLE_VENV TWINKLE_NVRTC_LIB
 export LD_LIBRARY_PATH="$TWINKLE_NVRTC_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# In this suite a missing NVRTC is a failure, not a skip.
+# In this suite a missing NVRTC or SDK is a failure, not a skip.
 export TWINKLE_REQUIRE_NVRTC=1
+# The tinker SDK tests run for real (the venv above installs tinker==0.38.0).
+export TWINKLE_REQUIRE_SDK=1
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings

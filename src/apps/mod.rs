@@ -2,6 +2,7 @@
 
 pub mod model;
 pub mod sampler;
+pub mod server;
 
 use std::path::PathBuf;
 use std::sync::Arc;

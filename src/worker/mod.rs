@@ -96,8 +96,9 @@ pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
         return serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await;
     }
     match ctx.opts.import_path {
+        ImportPath::Server => crate::apps::server::run(ctx).await,
         ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
-        ImportPath::Server | ImportPath::Processor => {
+        ImportPath::Processor => {
             let id = identity::Identity::from_context(&ctx);
             serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
         }

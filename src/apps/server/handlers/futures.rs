@@ -1,0 +1,71 @@
+//! `retrieve_future`: long-polls a future for up to [`LONG_POLL`], then answers 408 `try_again`;
+//! failures are 200 `{"error", "category"}`; protobuf results carry their content type.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use super::super::error::ApiError;
+use super::super::{Shared, parse_json};
+use crate::protocol::tinker::types::{
+    ErrorCategory, FailedFutureResponse, QueueState, RetrieveFutureRequest, TryAgainResponse,
+};
+use crate::state::{FutureRecord, FutureStatus};
+
+/// Longest a poll is held (the SDK's read timeout is 45 s).
+const LONG_POLL: Duration = Duration::from_secs(25);
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/retrieve_future", web::post().to(retrieve_future));
+}
+
+fn answer(rec: FutureRecord) -> HttpResponse {
+    match rec.status {
+        FutureStatus::Complete => HttpResponse::Ok()
+            .content_type(rec.content_type.unwrap_or_else(|| "application/json".into()))
+            .body(rec.result.unwrap_or_default()),
+        _ => HttpResponse::Ok().json(FailedFutureResponse {
+            error: rec.error.unwrap_or_else(|| "the request failed".into()),
+            category: rec.category.map(ErrorCategory::from).unwrap_or(ErrorCategory::Unknown),
+        }),
+    }
+}
+
+async fn retrieve_future(
+    app: Shared,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let owner = app.owner(&req)?;
+    let r: RetrieveFutureRequest = parse_json(&body)?;
+    let deadline = tokio::time::Instant::now() + LONG_POLL;
+    loop {
+        // Register interest before reading the store so a completion in between is not missed.
+        let notify = app.disp.waiter(&r.request_id);
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (o, id) = (owner.clone(), r.request_id.clone());
+        let rec = app.disp.db(move |s| s.get_future_owned(&o, &id)).await;
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err(e) => {
+                app.disp.forget(&r.request_id);
+                return Err(e);
+            }
+        };
+        if rec.status.is_terminal() {
+            tracing::debug!(request_id = %r.request_id, "future answered");
+            return Ok(answer(rec));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(HttpResponse::build(StatusCode::REQUEST_TIMEOUT)
+                .json(TryAgainResponse::new(r.request_id, QueueState::Active)));
+        }
+        // Re-read at least every second in case a wake-up was lost (e.g. a restarted consumer).
+        let wait = (deadline - now).min(Duration::from_secs(1));
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+}

@@ -1,0 +1,166 @@
+//! Sampling endpoints: create_sampling_session, samplers/{id}, asample (a future whose result is
+//! a protobuf `SampleResponse`). Samples run on a sampler application for the base model when
+//! one exists, else on the model application.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::{Value, json};
+
+use super::super::dispatch::{Finish, Job};
+use super::super::error::ApiError;
+use super::super::{Shared, parse_json};
+use super::training::{Plan, Submission, ephemeral_dir, owned_run, submit};
+use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir, format_sampling_session_id};
+use crate::protocol::tinker::types::{
+    CreateSamplingSessionRequest, CreateSamplingSessionResponse, GetSamplerResponse, SampleRequest,
+    StopCondition,
+};
+use crate::state::NewSamplingSession;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/create_sampling_session", web::post().to(create_sampling_session))
+        .route("/samplers/{id}", web::get().to(get_sampler))
+        .route("/asample", web::post().to(asample));
+}
+
+/// Most sequences one `asample` may ask for.
+const MAX_SAMPLES: u32 = 128;
+/// `max_tokens` when the client leaves it out.
+const DEFAULT_MAX_TOKENS: u32 = 256;
+
+async fn create_sampling_session(
+    app: Shared,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let owner = app.owner(&req)?;
+    let r: CreateSamplingSessionRequest = parse_json(&body)?;
+    let (o, sid) = (owner.clone(), r.session_id.clone());
+    app.disp.db(move |s| s.get_session(&o, &sid)).await?;
+    let base_model = match (&r.model_path, &r.base_model) {
+        (Some(p), _) => {
+            let tp = TinkerPath::parse(p)?;
+            let (o, run, cid) = (owner.clone(), tp.run_id.clone(), tp.checkpoint_id());
+            app.disp.db(move |s| s.get_checkpoint(&o, &run, &cid)).await?;
+            owned_run(&app, &owner, &tp.run_id).await?.base_model
+        }
+        (None, Some(b)) => {
+            app.disp.up.model_for(b).await?;
+            b.clone()
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest("give base_model or model_path".into()));
+        }
+    };
+    let id = format_sampling_session_id(&r.session_id, r.sampling_session_seq_id);
+    let rec = NewSamplingSession {
+        id: id.clone(),
+        session_id: r.session_id,
+        owner,
+        seq: r.sampling_session_seq_id,
+        base_model,
+        model_path: r.model_path,
+    };
+    app.disp.db(move |s| s.create_or_get_sampling_session(&rec)).await?;
+    Ok(HttpResponse::Ok().json(CreateSamplingSessionResponse { sampling_session_id: id }))
+}
+
+async fn get_sampler(
+    app: Shared,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = app.owner(&req)?;
+    let id = path.into_inner();
+    let rec = app.disp.db(move |s| s.get_sampling_session(&owner, &id)).await?;
+    Ok(HttpResponse::Ok().json(GetSamplerResponse {
+        sampler_id: rec.id,
+        base_model: rec.base_model,
+        model_path: rec.model_path,
+    }))
+}
+
+async fn asample(
+    app: Shared,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let owner = app.owner(&req)?;
+    let r: SampleRequest = parse_json(&body)?;
+    r.validate(MAX_SAMPLES)?;
+    let sid = r.sampling_session_id.clone().ok_or_else(|| {
+        ApiError::BadRequest(
+            "sampling_session_id is required (create a sampling session first)".into(),
+        )
+    })?;
+    let (o, s2) = (owner.clone(), sid.clone());
+    let session = app.disp.db(move |s| s.get_sampling_session(&o, &s2)).await?;
+    let prompt = r.prompt.text_tokens("prompt")?;
+    if prompt.is_empty() {
+        return Err(ApiError::BadRequest("prompt: no tokens".into()));
+    }
+    let model_app = app.disp.up.model_for(&session.base_model).await?;
+    if let Some(v) = model_app.info.vocab_size
+        && let Some(t) = prompt.iter().find(|&&t| t as u64 >= v)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "prompt: token id {t} is out of range (vocab size {v})"
+        )));
+    }
+    if let Some(max) = model_app.info.max_length
+        && prompt.len() as u64 >= max
+    {
+        return Err(ApiError::BadRequest(format!(
+            "prompt: {} tokens do not fit the model's maximum length {max}",
+            prompt.len()
+        )));
+    }
+    let adapter_dir: Option<String> = match &session.model_path {
+        Some(p) => Some(
+            checkpoint_dir(&app.save_root, &owner, &TinkerPath::parse(p)?)?.display().to_string(),
+        ),
+        None => {
+            let d = ephemeral_dir(&app, &owner, &session.id);
+            d.exists().then(|| d.display().to_string())
+        }
+    };
+    let p = &r.sampling_params;
+    let stop = match &p.stop {
+        None => Value::Null,
+        Some(StopCondition::Strings(s)) => json!(s),
+        Some(StopCondition::Tokens(t)) => json!(t),
+    };
+    let mut job_body = json!({"prompt": prompt, "num_samples": r.num_samples,
+        "max_tokens": p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS), "temperature": p.temperature,
+        "top_k": p.top_k, "top_p": p.top_p, "stop": stop, "prompt_logprobs": r.prompt_logprobs});
+    if let Some(seed) = p.seed {
+        job_body["seed"] = json!(seed);
+    }
+    if let Some(d) = adapter_dir {
+        job_body["adapter_dir"] = json!(d);
+    }
+    let app_kind = if app.disp.up.find("sampler", &session.base_model).await.is_some() {
+        "sampler"
+    } else {
+        "model"
+    };
+    let ids: Vec<String> = (0..r.num_samples).map(|_| crate::state::new_id("seq-")).collect();
+    let sub = Submission {
+        owner,
+        model_id: None,
+        seq_id: None,
+        kind: "sample",
+        queue: None,
+        sample_sequence_ids: Some(ids),
+    };
+    submit(&app, sub, |request_id| {
+        Plan::Run(Job {
+            request_id,
+            app_kind,
+            base_model: session.base_model,
+            route: "sample",
+            body: job_body,
+            finish: Finish::Sample,
+        })
+    })
+    .await
+}

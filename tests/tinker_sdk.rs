@@ -1,0 +1,235 @@
+//! The official `tinker` SDK 0.38 (unmodified, from the project venv) against the real
+//! `twinkle serve`: a generated tiny Qwen3 model on CPU, scripts in `tests/sdk/` that assert and
+//! print `RESULT {json}`. Without the venv the tests print SKIP and pass, unless
+//! `TWINKLE_REQUIRE_SDK=1` (scripts/test.sh sets it).
+
+#[path = "platform_support/mod.rs"]
+mod platform_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
+use platform_support::{Serve, free_port};
+use serde_json::Value;
+
+const MODEL: &str = "qwen3-tiny";
+
+/// The venv python with `tinker` importable, or None (skip).
+fn venv_python() -> Result<Option<PathBuf>> {
+    let venv = std::env::var_os("TWINKLE_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/twinkle/venv")));
+    let py = venv.map(|v| v.join("bin/python"));
+    let ok = py.as_ref().is_some_and(|p| {
+        Command::new(p).args(["-c", "import tinker"]).output().is_ok_and(|o| o.status.success())
+    });
+    if ok {
+        return Ok(py);
+    }
+    if std::env::var("TWINKLE_REQUIRE_SDK").as_deref() == Ok("1") {
+        bail!("the tinker SDK venv is missing (run scripts/setup-venv.sh)");
+    }
+    eprintln!("SKIP: no venv with the tinker SDK (run scripts/setup-venv.sh)");
+    Ok(None)
+}
+
+/// A deployment of server + one CPU model app on `port`, state in `state_db` (file) or memory.
+fn config(port: u16, state_db: Option<&Path>, model_limit: u32) -> String {
+    let persistence = match state_db {
+        Some(p) => format!("persistence:\n  mode: file\n  file_path: {}\n", p.display()),
+        None => "persistence:\n  mode: memory\n".to_string(),
+    };
+    format!(
+        r#"server_type: tinker
+http_options:
+  host: 127.0.0.1
+  port: {port}
+{persistence}applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+    args:
+      supported_models: [{MODEL}]
+      server_config:
+        per_token_model_limit: {model_limit}
+  - name: model
+    route_prefix: /api/v1/model/{MODEL}
+    import_path: model
+    args:
+      model_id: generate://{MODEL}
+      device_group: {{name: model, ranks: 1, device_type: cpu}}
+"#
+    )
+}
+
+struct Env {
+    port: u16,
+    save: tempfile::TempDir,
+    state_db: Option<PathBuf>,
+}
+
+impl Env {
+    fn new(durable: bool) -> Result<Self> {
+        let save = tempfile::tempdir()?;
+        let state_db = durable.then(|| save.path().join("state/twinkle.db"));
+        Ok(Env { port: free_port()?, save, state_db })
+    }
+
+    fn start(&self) -> Result<Serve> {
+        let save_dir = self.save.path().join("checkpoints");
+        let save = save_dir.to_string_lossy().into_owned();
+        let mut serve = Serve::start(
+            &config(self.port, self.state_db.as_deref(), 16),
+            self.port,
+            &["--log-level", "info"],
+            &[("TWINKLE_SAVE_DIR", save.as_str())],
+        )?;
+        serve.wait_all_running(Duration::from_secs(120))?;
+        wait_gateway(self.port, &serve)?;
+        Ok(serve)
+    }
+}
+
+/// Waits until the gateway answers the server's capabilities with the model listed.
+fn wait_gateway(port: u16, serve: &Serve) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let r = platform_support::http(
+            "GET",
+            &format!("127.0.0.1:{port}"),
+            "/api/v1/get_server_capabilities",
+            &[("X-API-Key", "tml-probe")],
+            b"",
+        );
+        if let Ok(r) = r
+            && r.status == 200
+            && String::from_utf8_lossy(&r.body).contains(MODEL)
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("server never listed {MODEL}; log:\n{}", serve.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs `tests/sdk/{script}` and returns its `RESULT` JSON.
+fn run_script(py: &Path, port: u16, key: &str, script: &str, args: &[&str]) -> Result<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
+    let out = Command::new(py)
+        .arg("-W")
+        .arg("ignore")
+        .arg(dir.join(script))
+        .args(args)
+        .current_dir(&dir)
+        .env("TWINKLE_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("TINKER_API_KEY", key)
+        .env("TWINKLE_SECOND_KEY", format!("{key}-other"))
+        .env("TWINKLE_MODEL", MODEL)
+        .env("TINKER_TELEMETRY", "0")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .output()
+        .with_context(|| format!("run {script}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .with_context(|| format!("{script} printed no RESULT:\n{stdout}\n{stderr}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let env = Env::new(false)?;
+    let serve = env.start()?;
+    let run = |key: &str, script: &str| {
+        run_script(&py, env.port, key, script, &[])
+            .with_context(|| format!("serve log:\n{}", serve.log_text()))
+    };
+
+    // (a) the minimal flow.
+    let a = run("tml-flow", "flow_minimal.py")?;
+    assert!(f(&a, "loss_after_step") < f(&a, "first_loss"), "{a}");
+    assert!((f(&a, "restored_loss") - f(&a, "loss_after_step")).abs() < 1e-3, "{a}");
+    assert_eq!(a["checkpoints"], serde_json::json!(["weights/ckpt-1"]));
+    assert_eq!(a["logprobs"][0], Value::Null);
+    assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
+
+    // (c) RL losses change the weights.
+    let c = run("tml-rl", "rl_losses.py")?;
+    for loss in ["importance_sampling", "ppo"] {
+        assert_ne!(f(&c[loss], "probe_before"), f(&c[loss], "probe_after"), "{c}");
+    }
+
+    // (e) two keys and path traversal.
+    let e = run("tml-iso", "isolation.py")?;
+    for op in ["list", "get_run", "load", "delete"] {
+        assert_eq!(e["refused"][op], "NotFoundError", "{e}");
+    }
+    for (path, status) in e["traversal"].as_object().context("traversal")? {
+        assert_eq!(status.as_u64(), Some(400), "{path}");
+    }
+
+    // (f) malformed requests: 4xx with a detail each, and the server still trains.
+    let m = run("tml-bad", "malformed.py")?;
+    let table = m["table"].as_object().context("table")?;
+    assert!(table.len() >= 20, "{m}");
+    for (name, row) in table {
+        let status = row[0].as_u64().unwrap_or(0);
+        assert!((400..500).contains(&status), "{name}: {row}");
+    }
+    assert!(f(&m, "loss_after") > 0.0);
+    drop(serve);
+    Ok(())
+}
+
+#[test]
+fn sdk_memorizes_four_pairs() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let env = Env::new(false)?;
+    let serve = env.start()?;
+    let b = run_script(&py, env.port, "tml-memo", "memorize.py", &[])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    assert!(f(&b, "final_loss") < 0.05 * f(&b, "first_loss"), "{b}");
+    Ok(())
+}
+
+#[test]
+fn sdk_training_resumes_across_restart() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let env = Env::new(true)?;
+    let handoff = env.save.path().join("handoff.json");
+    let handoff = handoff.to_string_lossy().into_owned();
+    let mut serve = env.start()?;
+    let p1 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase1", &handoff])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    drop(serve);
+    let serve = env.start()?;
+    let p2 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase2", &handoff])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    assert_eq!(p1["reference"].as_array().map(Vec::len), Some(3));
+    for (a, b) in p2["resumed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(p1["reference"].as_array().into_iter().flatten())
+    {
+        let (a, b) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{p1} vs {p2}");
+    }
+    Ok(())
+}
