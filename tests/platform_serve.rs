@@ -47,7 +47,7 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "8", "--num-cpus", "4"],
-        &[("TWINKLE_TRUST_REMOTE_CODE", "0")],
+        &[PLACEHOLDER_APPS, ("TWINKLE_TRUST_REMOTE_CODE", "0")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
 
@@ -167,7 +167,11 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "4", "--num-cpus", "4"],
-        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "1000"), ("TWINKLE_STOP_GRACE_S", "1")],
+        &[
+            PLACEHOLDER_APPS,
+            ("TWINKLE_TEST_WORKER_START_DELAY_MS", "1000"),
+            ("TWINKLE_STOP_GRACE_S", "1"),
+        ],
     )?;
     let prefix = "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct";
     let st = serve.wait_all_running(STARTUP)?;
@@ -231,7 +235,8 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
 #[test]
 fn children_die_with_a_killed_serve() -> Result<()> {
     let port = free_port()?;
-    let mut serve = Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[])?;
+    let mut serve =
+        Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[PLACEHOLDER_APPS])?;
     serve.wait_all_running(STARTUP)?;
     let pids = serve.known_pids.clone();
     assert_eq!(pids.len(), 3);
@@ -249,7 +254,11 @@ fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3"],
-        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"), ("TWINKLE_REGISTER_DEADLINE_S", "1")],
+        &[
+            PLACEHOLDER_APPS,
+            ("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"),
+            ("TWINKLE_REGISTER_DEADLINE_S", "1"),
+        ],
     )?;
     let st = poll(STARTUP, || {
         let st = serve.status_json().ok()?;
@@ -279,7 +288,7 @@ fn second_signal_skips_the_grace_period() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3"],
-        &[("TWINKLE_STOP_GRACE_S", "120")],
+        &[PLACEHOLDER_APPS, ("TWINKLE_STOP_GRACE_S", "120")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     // A stopped child cannot act on SIGTERM: only the 120 s grace or a second signal ends it.
@@ -332,7 +341,7 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
         &twinkle_root_config(port),
         port,
         &["--num-gpus", "0", "--num-cpus", "4", "-t", "tinker", "--namespace", "ns1"],
-        &[],
+        &[PLACEHOLDER_APPS],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     assert_eq!(st["server_type"], "tinker");
@@ -373,7 +382,7 @@ fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3"],
-        &[("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
+        &[PLACEHOLDER_APPS, ("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     let name = "sampler-Qwen2.5-0.5B-Instruct";

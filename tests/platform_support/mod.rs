@@ -17,6 +17,10 @@ use nix::unistd::Pid;
 pub const BIN: &str = env!("CARGO_BIN_EXE_twinkle");
 
 /// A port that was free a moment ago.
+/// Env for placement tests: every child is the identity app, so no model is loaded.
+#[allow(dead_code)]
+pub const PLACEHOLDER_APPS: (&str, &str) = ("TWINKLE_PLACEHOLDER_APPS", "1");
+
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -101,10 +105,7 @@ impl Serve {
         let logf = std::fs::File::create(&log)?;
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg("-c").arg(&cfg).args(args);
-        // Placement tests: every child is the identity app, so no model is loaded.
-        cmd.env("TWINKLE_HOME", &home)
-            .env("TWINKLE_PLACEHOLDER_APPS", "1")
-            .env_remove("CUDA_VISIBLE_DEVICES");
+        cmd.env("TWINKLE_HOME", &home).env_remove("CUDA_VISIBLE_DEVICES");
         for (k, v) in env {
             cmd.env(k, v);
         }
