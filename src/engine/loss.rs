@@ -1,6 +1,7 @@
-//! Losses (all SUMMED over tokens and datums) and the vocabulary-chunked output head: target
-//! log-probabilities through an online log-sum-exp, and its backward, without ever holding the
-//! whole `[tokens × vocab]` logits matrix.
+//! Losses (all SUMMED over tokens and datums) and the row-blocked output head: per block of
+//! tokens the full-vocabulary logits, their log-sum-exp, the loss terms and (when training) the
+//! logit gradient and `∂loss/∂h` in the same pass, without ever holding the whole
+//! `[tokens × vocab]` logits matrix.
 
 use std::collections::BTreeMap;
 
@@ -11,10 +12,11 @@ use super::error::{EngineError, Result};
 use super::lora::LoraPair;
 use super::tensor::Tensor;
 
-/// Vocabulary columns per chunk.
-pub(crate) const VOCAB_CHUNK: usize = 8192;
-/// Rows per block of the head (bounds the chunk buffer to ROW_BLOCK × VOCAB_CHUNK floats).
-pub(crate) const ROW_BLOCK: usize = 1024;
+/// Memory budget of one row block of head logits (the full `[tokens × vocab]` matrix is never
+/// held): 128 MB is ~220 rows of a 152k vocabulary, enough rows for an efficient product.
+pub(crate) const HEAD_BLOCK_BYTES: usize = 128 << 20;
+/// Upper bound on rows per head block (small vocabularies).
+const HEAD_MAX_ROWS: usize = 2048;
 
 /// A loss function with its configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -190,179 +192,174 @@ impl Head<'_> {
         out
     }
 
-    /// Per row: log-sum-exp over the vocabulary and the logits of its targets
-    /// (`targets[row_ptr[r]..row_ptr[r+1]]`), computed chunk by chunk.
-    pub fn lse_and_targets(
-        &self,
-        h: &[f32],
-        rows: usize,
-        hidden: usize,
-        row_ptr: &[usize],
-        targets: &[u32],
-    ) -> (Vec<f32>, Vec<f32>) {
-        let v = self.vocab();
-        let mut lse = vec![0.0f32; rows];
-        let mut tlog = vec![0.0f32; targets.len()];
-        for r0 in (0..rows).step_by(ROW_BLOCK) {
-            let nr = ROW_BLOCK.min(rows - r0);
-            let hb = &h[r0 * hidden..(r0 + nr) * hidden];
-            let xa = self.xa(hb, nr, hidden);
-            let mut mx = vec![f32::NEG_INFINITY; nr];
-            let mut sum = vec![0.0f32; nr];
-            let mut buf = vec![0.0f32; nr * VOCAB_CHUNK.min(v)];
-            for v0 in (0..v).step_by(VOCAB_CHUNK) {
-                let v1 = (v0 + VOCAB_CHUNK).min(v);
-                let c = v1 - v0;
-                let chunk = &mut buf[..nr * c];
-                self.chunk(hb, &xa, nr, hidden, v0, v1, chunk);
-                chunk.par_chunks(c).zip(mx.par_iter_mut()).zip(sum.par_iter_mut()).for_each(
-                    |((row, m), s)| {
-                        let cm = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        let nm = m.max(cm);
-                        let acc: f32 = row.iter().map(|x| (x - nm).exp()).sum();
-                        *s = *s * (*m - nm).exp() + acc;
-                        *m = nm;
-                    },
-                );
-                for i in 0..nr {
-                    let r = r0 + i;
-                    for t in row_ptr[r]..row_ptr[r + 1] {
-                        let id = targets[t] as usize;
-                        if (v0..v1).contains(&id) {
-                            tlog[t] = chunk[i * c + id - v0];
-                        }
-                    }
-                }
-            }
-            for i in 0..nr {
-                lse[r0 + i] = mx[i] + sum[i].ln();
-            }
-        }
-        (lse, tlog)
+    /// Rows per block so that one block of logits stays within `HEAD_BLOCK_BYTES`.
+    pub fn block_rows(&self) -> usize {
+        (HEAD_BLOCK_BYTES / (4 * self.vocab().max(1))).clamp(1, HEAD_MAX_ROWS)
     }
 
-    /// Backward: given `coef[t] = ∂loss/∂lp[t]` per target, returns `∂loss/∂h` and accumulates
-    /// the lm_head LoRA gradients into `lora_grad` (when the head has LoRA).
-    /// `∂lp[t]/∂logit_j = δ(j, target_t) − softmax_j`.
+    /// One pass of the head over all rows, `block` rows at a time: logits → log-sum-exp →
+    /// target log-probabilities and loss terms, and with `want_dh` the logit gradient
+    /// `coef·(onehot − softmax)` and `∂loss/∂h` of the block right away (the logits are never
+    /// recomputed). lm_head LoRA gradients are accumulated into `lora_grad` (`(grad_a,
+    /// grad_b)`) when given and the head has LoRA.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn loss_pass(
         &self,
         h: &[f32],
         rows: usize,
         hidden: usize,
-        row_ptr: &[usize],
-        targets: &[u32],
-        coef: &[f32],
-        lse: &[f32],
-        mut lora_grad: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
-    ) -> Vec<f32> {
+        tg: &HeadTargets,
+        loss: &LossFn,
+        want_dh: bool,
+        mut lora_grad: Option<(&mut [f32], &mut [f32])>,
+        block: usize,
+    ) -> HeadOut {
         let be = backend();
         let v = self.vocab();
-        let mut dh = vec![0.0f32; rows * hidden];
-        for r0 in (0..rows).step_by(ROW_BLOCK) {
-            let nr = ROW_BLOCK.min(rows - r0);
+        let nt = tg.targets.len();
+        let block = block.max(1);
+        let mut out = HeadOut {
+            logprobs: vec![0.0; nt],
+            terms: vec![0.0; nt],
+            dh: if want_dh { vec![0.0; rows * hidden] } else { Vec::new() },
+        };
+        let mut coef = vec![0.0f32; nt];
+        let mut buf = vec![0.0f32; block.min(rows) * v];
+        let rank = self.lora.map(|p| p.rank()).unwrap_or(0);
+        for r0 in (0..rows).step_by(block) {
+            let nr = block.min(rows - r0);
             let hb = &h[r0 * hidden..(r0 + nr) * hidden];
             let xa = self.xa(hb, nr, hidden);
-            let rank = self.lora.map(|p| p.rank()).unwrap_or(0);
-            let mut dxa = vec![0.0f32; nr * rank];
-            let csum: Vec<f32> =
-                (0..nr).map(|i| coef[row_ptr[r0 + i]..row_ptr[r0 + i + 1]].iter().sum()).collect();
-            let mut buf = vec![0.0f32; nr * VOCAB_CHUNK.min(v)];
-            let dhb = &mut dh[r0 * hidden..(r0 + nr) * hidden];
-            for v0 in (0..v).step_by(VOCAB_CHUNK) {
-                let v1 = (v0 + VOCAB_CHUNK).min(v);
-                let c = v1 - v0;
-                let chunk = &mut buf[..nr * c];
-                self.chunk(hb, &xa, nr, hidden, v0, v1, chunk);
-                chunk.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
-                    let (l, cs) = (lse[r0 + i], csum[i]);
-                    row.iter_mut().for_each(|x| *x = -cs * (*x - l).exp());
-                });
-                for i in 0..nr {
-                    let r = r0 + i;
-                    for t in row_ptr[r]..row_ptr[r + 1] {
-                        let id = targets[t] as usize;
-                        if (v0..v1).contains(&id) {
-                            chunk[i * c + id - v0] += coef[t];
-                        }
-                    }
-                }
-                let w = &self.w.data()[v0 * hidden..v1 * hidden];
-                be.matmul(
-                    dhb,
-                    chunk,
-                    w,
-                    MatMul {
-                        m: nr,
-                        k: c,
-                        n: hidden,
-                        trans_a: false,
-                        trans_b: false,
-                        accumulate: true,
-                    },
-                );
-                if let (Some(p), Some((_, gb))) = (self.lora, lora_grad.as_mut()) {
-                    let gbc = &mut gb[v0 * rank..v1 * rank];
-                    be.matmul(
-                        gbc,
-                        chunk,
-                        &xa,
-                        MatMul {
-                            m: c,
-                            k: nr,
-                            n: rank,
-                            trans_a: true,
-                            trans_b: false,
-                            accumulate: true,
-                        },
-                    );
-                    be.matmul(
-                        &mut dxa,
-                        chunk,
-                        &p.b.data()[v0 * rank..v1 * rank],
-                        MatMul {
-                            m: nr,
-                            k: c,
-                            n: rank,
-                            trans_a: false,
-                            trans_b: false,
-                            accumulate: true,
-                        },
-                    );
+            let logits = &mut buf[..nr * v];
+            self.chunk(hb, &xa, nr, hidden, 0, v, logits);
+            let ptr = &tg.row_ptr[r0..=r0 + nr];
+            // Target logits are read before the row is overwritten by its exponentials.
+            let mut tlog = vec![0.0f32; ptr[nr] - ptr[0]];
+            for i in 0..nr {
+                for t in ptr[i]..ptr[i + 1] {
+                    tlog[t - ptr[0]] = logits[i * v + tg.targets[t] as usize];
                 }
             }
-            if let (Some(p), Some((ga, _))) = (self.lora, lora_grad.as_mut()) {
+            // Per row (max, Σexp): with a gradient the row keeps exp(x − max) for the softmax.
+            let stats: Vec<(f32, f32)> = logits
+                .par_chunks_mut(v)
+                .map(|row| {
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let s = if want_dh { exp_in_place(row, m) } else { exp_sum(row, m) };
+                    (m, s)
+                })
+                .collect();
+            for (i, &(m, s)) in stats.iter().enumerate() {
+                let r = r0 + i;
+                let lse = m + s.ln();
+                for t in ptr[i]..ptr[i + 1] {
+                    let lp = (tlog[t - ptr[0]] - lse) as f64;
+                    let (l, g) =
+                        loss.term(lp, tg.weights[t] as f64, tg.slp[r] as f64, tg.adv[r] as f64);
+                    out.logprobs[t] = lp as f32;
+                    out.terms[t] = l;
+                    coef[t] = g as f32;
+                }
+            }
+            if !want_dh {
+                continue;
+            }
+            // ∂loss/∂logit_j = Σ_t coef_t·(δ(j, target_t) − softmax_j).
+            let coef = &coef;
+            logits.par_chunks_mut(v).zip(stats.par_iter()).enumerate().for_each(
+                |(i, (row, &(_, s)))| {
+                    let cs: f32 = coef[ptr[i]..ptr[i + 1]].iter().sum();
+                    let f = -cs / s;
+                    row.iter_mut().for_each(|x| *x *= f);
+                    for t in ptr[i]..ptr[i + 1] {
+                        row[tg.targets[t] as usize] += coef[t];
+                    }
+                },
+            );
+            let dl: &[f32] = logits;
+            let dhb = &mut out.dh[r0 * hidden..(r0 + nr) * hidden];
+            let plain =
+                |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
+            be.matmul(dhb, dl, self.w.data(), plain(nr, v, hidden));
+            if let (Some(p), Some((ga, gb))) = (self.lora, lora_grad.as_mut()) {
+                be.matmul(
+                    gb,
+                    dl,
+                    &xa,
+                    MatMul { trans_a: true, accumulate: true, ..plain(v, nr, rank) },
+                );
+                let mut dxa = vec![0.0f32; nr * rank];
+                be.matmul(&mut dxa, dl, p.b.data(), plain(nr, v, rank));
                 dxa.iter_mut().for_each(|x| *x *= self.scale);
                 be.matmul(
                     ga,
                     &dxa,
                     hb,
-                    MatMul {
-                        m: rank,
-                        k: nr,
-                        n: hidden,
-                        trans_a: true,
-                        trans_b: false,
-                        accumulate: true,
-                    },
+                    MatMul { trans_a: true, accumulate: true, ..plain(rank, nr, hidden) },
                 );
-                be.matmul(
-                    dhb,
-                    &dxa,
-                    p.a.data(),
-                    MatMul {
-                        m: nr,
-                        k: rank,
-                        n: hidden,
-                        trans_a: false,
-                        trans_b: false,
-                        accumulate: true,
-                    },
-                );
+                be.matmul(dhb, &dxa, p.a.data(), plain(nr, rank, hidden).acc());
             }
         }
-        dh
+        out
     }
+}
+
+/// `row[j] = exp(row[j] − m)`, returning the sum (eight partial sums: vectorisable, and more
+/// accurate than one running f32 sum over a 100k-wide row).
+fn exp_in_place(row: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = row.chunks_exact_mut(8);
+    for c in &mut it {
+        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
+            *x = (*x - m).exp();
+            *a += *x;
+        }
+    }
+    let mut s: f32 = it
+        .into_remainder()
+        .iter_mut()
+        .map(|x| {
+            *x = (*x - m).exp();
+            *x
+        })
+        .sum();
+    s += acc.iter().sum::<f32>();
+    s
+}
+
+/// `Σ exp(row[j] − m)` without writing the row.
+fn exp_sum(row: &[f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = row.chunks_exact(8);
+    for c in &mut it {
+        for (x, a) in c.iter().zip(acc.iter_mut()) {
+            *a += (*x - m).exp();
+        }
+    }
+    it.remainder().iter().map(|x| (*x - m).exp()).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+/// What the head pass needs per target (CSR over rows: row `r` owns
+/// `targets[row_ptr[r]..row_ptr[r+1]]`).
+pub(crate) struct HeadTargets<'a> {
+    pub row_ptr: &'a [usize],
+    pub targets: &'a [u32],
+    /// Cross-entropy weight per target.
+    pub weights: &'a [f32],
+    /// Sampler logprob per row (RL losses; zeros otherwise).
+    pub slp: &'a [f32],
+    /// Advantage per row (RL losses; zeros otherwise).
+    pub adv: &'a [f32],
+}
+
+/// Result of `Head::loss_pass`.
+pub(crate) struct HeadOut {
+    /// Log-probability per target.
+    pub logprobs: Vec<f32>,
+    /// Loss term per target.
+    pub terms: Vec<f64>,
+    /// `∂loss/∂h` `[rows, hidden]` (empty without a gradient).
+    pub dh: Vec<f32>,
 }
 
 #[cfg(test)]

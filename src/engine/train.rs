@@ -5,7 +5,7 @@ use super::backend::RopeTable;
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
 use super::lora::Adapter;
-use super::loss::{Datum, DatumOutput, Head, LossFn};
+use super::loss::{Datum, DatumOutput, Head, HeadTargets, LossFn};
 use super::models::Model;
 use super::transformer::Packed;
 
@@ -179,71 +179,80 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
     let backward = matches!(adapter, AdapterUse::Train(_));
     let st = model.forward_stack(&tokens, &packed, adapter.get(), None, backward);
 
-    // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]].
+    // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]], with the loss inputs
+    // flattened alongside (weight per target, sampler logprob and advantage per row).
     let mut row_ptr = Vec::with_capacity(rows + 1);
     let mut targets = Vec::new();
+    let mut weights = Vec::new();
+    let (mut slp, mut adv) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
     row_ptr.push(0);
     for d in data {
         let k = d.inputs.k.max(1);
-        for p in 0..d.input_tokens.len() {
-            targets.extend_from_slice(&d.inputs.target_tokens[p * k..(p + 1) * k]);
-            row_ptr.push(targets.len());
+        let n = d.input_tokens.len();
+        targets.extend_from_slice(&d.inputs.target_tokens[..n * k]);
+        match &d.inputs.weights {
+            Some(w) => weights.extend_from_slice(&w[..n * k]),
+            None => weights.resize(weights.len() + n * k, 1.0),
+        }
+        for p in 0..n {
+            row_ptr.push(row_ptr[row_ptr.len() - 1] + k);
+            slp.push(d.inputs.logprobs.as_ref().map_or(0.0, |v| v[p]));
+            adv.push(d.inputs.advantages.as_ref().map_or(0.0, |v| v[p]));
         }
     }
+    let tg = HeadTargets {
+        row_ptr: &row_ptr,
+        targets: &targets,
+        weights: &weights,
+        slp: &slp,
+        adv: &adv,
+    };
     let hidden = c.hidden_size;
-    let (lse, tlog) = {
-        let head = head_of(model, adapter.get());
-        head.lse_and_targets(&st.h_final, rows, hidden, &row_ptr, &targets)
+    let (head_out, ad) = match adapter {
+        AdapterUse::Train(ad) => {
+            // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
+            let mut head_grads = ad
+                .lm_head_mut()
+                .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b)));
+            let out = {
+                let head = head_of(model, Some(ad));
+                let block = head.block_rows();
+                let lg = head_grads.as_mut().map(|(a, b)| (a.as_mut_slice(), b.as_mut_slice()));
+                head.loss_pass(&st.h_final, rows, hidden, &tg, loss, true, lg, block)
+            };
+            if let (Some(p), Some((ga, gb))) = (ad.lm_head_mut(), head_grads) {
+                p.grad_a = ga;
+                p.grad_b = gb;
+            }
+            (out, Some(ad))
+        }
+        other => {
+            let head = head_of(model, other.get());
+            let block = head.block_rows();
+            (head.loss_pass(&st.h_final, rows, hidden, &tg, loss, false, None, block), None)
+        }
     };
 
     let mut per_datum = Vec::with_capacity(data.len());
-    let mut coef = vec![0.0f32; targets.len()];
     let mut loss_sum = 0.0f64;
     for (d, &(start, n)) in data.iter().zip(&seqs) {
         let k = d.inputs.k.max(1);
-        let mut lps = Vec::with_capacity(n * k);
+        let (t0, t1) = (row_ptr[start], row_ptr[start + n]);
         let mut elem = vec![0.0f32; n];
-        for p in 0..n {
-            let r = start + p;
-            for j in 0..k {
-                let t = row_ptr[r] + j;
-                let lp = (tlog[t] - lse[r]) as f64;
-                let w = d.inputs.weights.as_ref().map(|w| w[p * k + j] as f64).unwrap_or(1.0);
-                let slp = d.inputs.logprobs.as_ref().map(|v| v[p] as f64).unwrap_or(0.0);
-                let adv = d.inputs.advantages.as_ref().map(|v| v[p] as f64).unwrap_or(0.0);
-                let (l, g) = loss.term(lp, w, slp, adv);
-                elem[p] += l as f32;
+        for (p, e) in elem.iter_mut().enumerate() {
+            for &l in &head_out.terms[t0 + p * k..t0 + (p + 1) * k] {
+                *e += l as f32;
                 loss_sum += l;
-                coef[t] = g as f32;
-                lps.push(lp as f32);
             }
         }
-        per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
+        per_datum.push(DatumOutput {
+            logprobs: head_out.logprobs[t0..t1].to_vec(),
+            elementwise_loss: elem,
+        });
     }
 
-    if let AdapterUse::Train(ad) = adapter {
-        // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
-        let mut head_grads = ad
-            .lm_head_mut()
-            .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b)));
-        let dh = {
-            let head = head_of(model, Some(ad));
-            head.backward(
-                &st.h_final,
-                rows,
-                hidden,
-                &row_ptr,
-                &targets,
-                &coef,
-                &lse,
-                head_grads.as_mut().map(|(a, b)| (a, b)),
-            )
-        };
-        if let (Some(p), Some((ga, gb))) = (ad.lm_head_mut(), head_grads) {
-            p.grad_a = ga;
-            p.grad_b = gb;
-        }
-        model.backward_stack(&st, &dh, &packed, ad);
+    if let Some(ad) = ad {
+        model.backward_stack(&st, &head_out.dh, &packed, ad);
     }
     Ok(FwdBwdOutput { per_datum, loss_sum })
 }
