@@ -165,39 +165,60 @@ impl Backend for Cpu {
         let group = n_heads / n_kv_heads.max(1);
         let past = n_k - n_q;
         let scale = 1.0 / (hd as f32).sqrt();
-        // One task per query head writes its own [n_q, hd] block; scattered afterwards so the
-        // result does not depend on scheduling.
+        let (q_rs, kv_rs) = (n_heads * hd, n_kv_heads * hd);
+        // One task per query head writes its own [n_q, hd] block (scattered afterwards so the
+        // result does not depend on scheduling); queries in tiles so the score buffer is
+        // [Q_BLOCK, n_k], never [n_q, n_k] per head.
         let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..n_heads)
             .into_par_iter()
             .map(|h| {
                 let kvh = h / group;
+                let (qh, kh, vh) = (&q[h * hd..], &k[kvh * hd..], &v[kvh * hd..]);
                 let mut o = vec![0.0f32; n_q * hd];
                 let mut l = vec![0.0f32; n_q];
-                let mut scores = vec![0.0f32; n_k];
-                for i in 0..n_q {
-                    let qi = &q[(i * n_heads + h) * hd..][..hd];
-                    let last = past + i;
-                    let mut mx = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate().take(last + 1) {
-                        let kj = &k[(j * n_kv_heads + kvh) * hd..][..hd];
-                        let d: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        *sc = d;
-                        mx = mx.max(d);
-                    }
-                    let mut sum = 0.0f32;
-                    let oi = &mut o[i * hd..(i + 1) * hd];
-                    for (j, sc) in scores.iter().enumerate().take(last + 1) {
-                        let p = (sc - mx).exp();
-                        sum += p;
-                        let vj = &v[(j * n_kv_heads + kvh) * hd..][..hd];
-                        for (ov, vv) in oi.iter_mut().zip(vj) {
-                            *ov += p * vv;
+                let mut p = vec![0.0f32; Q_BLOCK.min(n_q) * n_k];
+                for i0 in (0..n_q).step_by(Q_BLOCK) {
+                    let bq = Q_BLOCK.min(n_q - i0);
+                    let nk = past + i0 + bq;
+                    let pt = &mut p[..bq * nk];
+                    // S = scale · Q_tile · K[..nk]ᵀ
+                    gemm_st(
+                        bq,
+                        nk,
+                        hd,
+                        pt,
+                        nk,
+                        false,
+                        mat(&qh[i0 * q_rs..], q_rs, 1),
+                        mat(kh, 1, kv_rs),
+                        scale,
+                    );
+                    for (i, row) in pt.chunks_mut(nk).enumerate() {
+                        let valid = past + i0 + i + 1;
+                        let (live, masked) = row.split_at_mut(valid);
+                        let m = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0f32;
+                        for x in live.iter_mut() {
+                            *x = (*x - m).exp();
+                            sum += *x;
                         }
+                        let inv = 1.0 / sum;
+                        live.iter_mut().for_each(|x| *x *= inv);
+                        masked.fill(0.0);
+                        l[i0 + i] = m + sum.ln();
                     }
-                    for ov in oi.iter_mut() {
-                        *ov /= sum;
-                    }
-                    l[i] = mx + sum.ln();
+                    // O_tile = P · V[..nk]
+                    gemm_st(
+                        bq,
+                        hd,
+                        nk,
+                        &mut o[i0 * hd..],
+                        hd,
+                        false,
+                        mat(pt, nk, 1),
+                        mat(vh, kv_rs, 1),
+                        1.0,
+                    );
                 }
                 (o, l)
             })
@@ -227,6 +248,7 @@ impl Backend for Cpu {
         let group = n_heads / n_kv_heads.max(1);
         let past = n_k - n_q;
         let scale = 1.0 / (hd as f32).sqrt();
+        let (q_rs, kv_rs) = (n_heads * hd, n_kv_heads * hd);
         // One task per query head computes its dq and its partial dk/dv; the partials of the
         // heads sharing a kv head are then summed in head order (deterministic, and parallel
         // even when there are only one or two kv heads).
@@ -235,35 +257,51 @@ impl Backend for Cpu {
             .into_par_iter()
             .map(|h| {
                 let kvh = h / group;
+                let (qh, kh, vh) = (&q[h * hd..], &k[kvh * hd..], &v[kvh * hd..]);
+                let (oh, doh) = (&out[h * hd..], &dout[h * hd..]);
                 let mut dqh = vec![0.0f32; n_q * hd];
                 let mut dkh = vec![0.0f32; n_k * hd];
                 let mut dvh = vec![0.0f32; n_k * hd];
-                for i in 0..n_q {
-                    let qi = &q[(i * n_heads + h) * hd..][..hd];
-                    let oi = &out[(i * n_heads + h) * hd..][..hd];
-                    let doi = &dout[(i * n_heads + h) * hd..][..hd];
-                    let l = lse[h * n_q + i];
-                    let dsum: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                    let dqi = &mut dqh[i * hd..(i + 1) * hd];
-                    for j in 0..=past + i {
-                        let kj = &k[(j * n_kv_heads + kvh) * hd..][..hd];
-                        let vj = &v[(j * n_kv_heads + kvh) * hd..][..hd];
-                        let sc: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        let p = (sc - l).exp();
-                        let dp: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-                        let ds = p * (dp - dsum) * scale;
-                        for (d, kv) in dqi.iter_mut().zip(kj) {
-                            *d += ds * kv;
+                let cap = Q_BLOCK.min(n_q) * n_k;
+                let (mut p, mut dp) = (vec![0.0f32; cap], vec![0.0f32; cap]);
+                for i0 in (0..n_q).step_by(Q_BLOCK) {
+                    let bq = Q_BLOCK.min(n_q - i0);
+                    let nk = past + i0 + bq;
+                    let (pt, dpt) = (&mut p[..bq * nk], &mut dp[..bq * nk]);
+                    let q_t = mat(&qh[i0 * q_rs..], q_rs, 1);
+                    let do_t = mat(&doh[i0 * q_rs..], q_rs, 1);
+                    gemm_st(bq, nk, hd, pt, nk, false, q_t, mat(kh, 1, kv_rs), scale);
+                    // dP = dO_tile · V[..nk]ᵀ
+                    gemm_st(bq, nk, hd, dpt, nk, false, do_t, mat(vh, 1, kv_rs), 1.0);
+                    for (i, (row, drow)) in pt.chunks_mut(nk).zip(dpt.chunks_mut(nk)).enumerate() {
+                        let r = i0 + i;
+                        let valid = past + r + 1;
+                        let l = lse[h * n_q + r];
+                        let o_r = &oh[r * q_rs..][..hd];
+                        let do_r = &doh[r * q_rs..][..hd];
+                        let dsum: f32 = o_r.iter().zip(do_r).map(|(a, b)| a * b).sum();
+                        for (x, d) in row[..valid].iter_mut().zip(drow[..valid].iter_mut()) {
+                            *x = (*x - l).exp();
+                            *d = *x * (*d - dsum) * scale;
                         }
-                        let dkj = &mut dkh[j * hd..(j + 1) * hd];
-                        for (d, qv) in dkj.iter_mut().zip(qi) {
-                            *d += ds * qv;
-                        }
-                        let dvj = &mut dvh[j * hd..(j + 1) * hd];
-                        for (d, g) in dvj.iter_mut().zip(doi) {
-                            *d += p * g;
-                        }
+                        row[valid..].fill(0.0);
+                        drow[valid..].fill(0.0);
                     }
+                    let (pt, dst) = (&*pt, &*dpt);
+                    // dQ_tile = dS · K[..nk]; dK[..nk] += dSᵀ · Q_tile; dV[..nk] += Pᵀ · dO_tile.
+                    gemm_st(
+                        bq,
+                        hd,
+                        nk,
+                        &mut dqh[i0 * hd..],
+                        hd,
+                        false,
+                        mat(dst, nk, 1),
+                        mat(kh, kv_rs, 1),
+                        1.0,
+                    );
+                    gemm_st(nk, hd, bq, &mut dkh, hd, true, mat(dst, 1, nk), q_t, 1.0);
+                    gemm_st(nk, hd, bq, &mut dvh, hd, true, mat(pt, 1, nk), do_t, 1.0);
                 }
                 (dqh, dkh, dvh)
             })
@@ -285,5 +323,83 @@ impl Backend for Cpu {
                 }
             }
         }
+    }
+}
+
+/// Query rows per attention tile.
+pub(crate) const Q_BLOCK: usize = 64;
+
+/// A strided read-only matrix view: element `(i, j)` is `d[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    d: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn mat(d: &[f32], rs: usize, cs: usize) -> Mat<'_> {
+    Mat { d, rs, cs }
+}
+
+/// Whether an `r × c` view with strides `(rs, cs)` stays inside `len` elements.
+fn fits(len: usize, r: usize, c: usize, rs: usize, cs: usize) -> bool {
+    r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < len
+}
+
+/// Single-threaded strided product `dst[m,n] (+)= beta · a[m,k] · b[k,n]` (`dst` row stride
+/// `dst_rs`, unit column stride): the attention tiles, already parallel over heads.
+#[allow(clippy::too_many_arguments)]
+fn gemm_st(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+) {
+    // These bounds make the raw-pointer product below sound; every shape is computed by the
+    // attention code itself, so a failure is an engine bug, never user input.
+    assert!(
+        fits(dst.len(), m, n, dst_rs, 1)
+            && fits(a.d.len(), m, k, a.rs, a.cs)
+            && fits(b.d.len(), k, n, b.rs, b.cs),
+        "attention gemm shape"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            dst.chunks_mut(dst_rs).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: `fits` above bounds every strided access of the three operands inside their
+    // slices; `dst` is borrowed mutably so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            a.d.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.d.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
