@@ -395,3 +395,7 @@ mod tests {
         assert!(close(dro.term(-1.0, 0.0, -2.0, 1.0), (1.05, -0.9)));
     }
 }
+
+#[cfg(test)]
+#[path = "head_tests.rs"]
+mod head_tests;
