@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::backend::profile;
 use crate::engine::synth::{SynthRng, SynthSpec};
 use crate::engine::{
     AdamParams, Adapter, Datum, EngineError, KvCache, LoraConfig, LossFn, LossInputs, Model,
@@ -120,13 +121,23 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
+    let mut phases: Vec<(&'static str, f64)> = Vec::new();
     for step in 0..opts.warmup + opts.steps {
         let timed = step >= opts.warmup;
         let t0 = Instant::now();
         crate::engine::forward(model, Some(&adapter), &data, &loss)?;
         let t1 = Instant::now();
+        profile::take();
         crate::engine::forward_backward(model, Some(&mut adapter), &data, &loss, false)?;
         let t2 = Instant::now();
+        if timed && profile::enabled() {
+            for (i, (name, s)) in profile::take().into_iter().enumerate() {
+                match phases.get_mut(i) {
+                    Some(p) => p.1 += s,
+                    None => phases.push((name, s)),
+                }
+            }
+        }
         adapter.optim_step(&adam)?;
         let t3 = Instant::now();
         if timed {
@@ -136,6 +147,10 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
         }
     }
     let n = opts.steps as f64;
+    // TWINKLE_PROFILE=1: where one forward_backward spends its time (stderr, not the report).
+    for (name, s) in &phases {
+        eprintln!("profile {name:28} {:8.3} s/step", s / n);
+    }
     let lora_params: usize = adapter.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
     Ok(TrainReport {
         tokens_per_step: opts.seq * opts.batch,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::backend::{MatMul, backend};
+use super::backend::{MatMul, backend, exp_shift};
 use super::error::{EngineError, Result};
 use super::lora::LoraPair;
 use super::tensor::Tensor;
@@ -240,12 +240,12 @@ impl Head<'_> {
                     tlog[t - ptr[0]] = logits[i * v + tg.targets[t] as usize];
                 }
             }
-            // Per row (max, Σexp): with a gradient the row keeps exp(x − max) for the softmax.
+            // Per row (max, Σexp); the row keeps exp(x − max) for the softmax of the gradient.
             let stats: Vec<(f32, f32)> = logits
                 .par_chunks_mut(v)
                 .map(|row| {
                     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let s = if want_dh { exp_in_place(row, m) } else { exp_sum(row, m) };
+                    let s = exp_shift(row, m);
                     (m, s)
                 })
                 .collect();
@@ -302,41 +302,6 @@ impl Head<'_> {
         }
         out
     }
-}
-
-/// `row[j] = exp(row[j] − m)`, returning the sum (eight partial sums: vectorisable, and more
-/// accurate than one running f32 sum over a 100k-wide row).
-fn exp_in_place(row: &mut [f32], m: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut it = row.chunks_exact_mut(8);
-    for c in &mut it {
-        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
-            *x = (*x - m).exp();
-            *a += *x;
-        }
-    }
-    let mut s: f32 = it
-        .into_remainder()
-        .iter_mut()
-        .map(|x| {
-            *x = (*x - m).exp();
-            *x
-        })
-        .sum();
-    s += acc.iter().sum::<f32>();
-    s
-}
-
-/// `Σ exp(row[j] − m)` without writing the row.
-fn exp_sum(row: &[f32], m: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut it = row.chunks_exact(8);
-    for c in &mut it {
-        for (x, a) in c.iter().zip(acc.iter_mut()) {
-            *a += (*x - m).exp();
-        }
-    }
-    it.remainder().iter().map(|x| (*x - m).exp()).sum::<f32>() + acc.iter().sum::<f32>()
 }
 
 /// What the head pass needs per target (CSR over rows: row `r` owns

@@ -2,6 +2,7 @@
 //! gradient accumulation), full logits, and cached decoding for the sampler.
 
 use super::backend::RopeTable;
+use super::backend::profile::{Kind, span};
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
 use super::lora::Adapter;
@@ -177,7 +178,10 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
     let packed =
         Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
     let backward = matches!(adapter, AdapterUse::Train(_));
-    let st = model.forward_stack(&tokens, &packed, adapter.get(), None, backward);
+    let st = {
+        let _t = span(Kind::StackForward);
+        model.forward_stack(&tokens, &packed, adapter.get(), None, backward)
+    };
 
     // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]], with the loss inputs
     // flattened alongside (weight per target, sampler logprob and advantage per row).
@@ -208,6 +212,7 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
         adv: &adv,
     };
     let hidden = c.hidden_size;
+    let head_span = span(Kind::Head);
     let (head_out, ad) = match adapter {
         AdapterUse::Train(ad) => {
             // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
@@ -232,6 +237,7 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
             (head.loss_pass(&st.h_final, rows, hidden, &tg, loss, false, None, block), None)
         }
     };
+    drop(head_span);
 
     let mut per_datum = Vec::with_capacity(data.len());
     let mut loss_sum = 0.0f64;
@@ -252,6 +258,7 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
     }
 
     if let Some(ad) = ad {
+        let _t = span(Kind::StackBackward);
         model.backward_stack(&st, &head_out.dh, &packed, ad);
     }
     Ok(FwdBwdOutput { per_datum, loss_sum })

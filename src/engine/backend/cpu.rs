@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::profile::{Kind, span};
 use super::{AttnShape, Backend, MatMul, RopeTable};
 
 /// The CPU backend (stateless).
@@ -21,6 +22,7 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+        let _t = span(Kind::Matmul);
         let MatMul { m, k, n, trans_a, trans_b, accumulate } = mm;
         // These bounds make the raw-pointer product below sound; the engine computes every
         // shape itself, so a failure here is an engine bug, never user input.
@@ -77,6 +79,7 @@ impl Backend for Cpu {
         out: &mut [f32],
         rstd: &mut [f32],
     ) {
+        let _t = span(Kind::Norm);
         out.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter_mut()).for_each(
             |((o, xr), r)| {
                 let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
@@ -98,6 +101,7 @@ impl Backend for Cpu {
         dim: usize,
         dx: &mut [f32],
     ) {
+        let _t = span(Kind::Norm);
         // y = w ⊙ x·r, r = (mean(x²)+eps)^-½ ⇒ dx = r·(w⊙dy) − x·r³·mean(x ⊙ w ⊙ dy).
         dx.par_chunks_mut(dim)
             .zip(dy.par_chunks(dim))
@@ -120,6 +124,7 @@ impl Backend for Cpu {
         table: &RopeTable,
         inverse: bool,
     ) {
+        let _t = span(Kind::Rope);
         let half = table.half;
         let sign = if inverse { -1.0 } else { 1.0 };
         x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(t, row)| {
@@ -138,12 +143,14 @@ impl Backend for Cpu {
     }
 
     fn swiglu_fwd(&self, g: &[f32], u: &[f32], out: &mut [f32]) {
+        let _t = span(Kind::Swiglu);
         out.par_iter_mut().zip(g.par_iter()).zip(u.par_iter()).for_each(|((o, &gv), &uv)| {
             *o = silu(gv) * uv;
         });
     }
 
     fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let _t = span(Kind::Swiglu);
         dg.par_iter_mut().zip(du.par_iter_mut()).enumerate().for_each(|(i, (dgv, duv))| {
             let gv = g[i];
             let sig = 1.0 / (1.0 + (-gv).exp());
@@ -161,6 +168,7 @@ impl Backend for Cpu {
         out: &mut [f32],
         lse: &mut [f32],
     ) {
+        let _t = span(Kind::Attention);
         let AttnShape { n_q, n_k, n_heads, n_kv_heads, head_dim: hd } = s;
         let group = n_heads / n_kv_heads.max(1);
         let past = n_k - n_q;
@@ -197,11 +205,7 @@ impl Backend for Cpu {
                         let valid = past + i0 + i + 1;
                         let (live, masked) = row.split_at_mut(valid);
                         let m = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0f32;
-                        for x in live.iter_mut() {
-                            *x = (*x - m).exp();
-                            sum += *x;
-                        }
+                        let sum = exp_shift(live, m);
                         let inv = 1.0 / sum;
                         live.iter_mut().for_each(|x| *x *= inv);
                         masked.fill(0.0);
@@ -244,6 +248,7 @@ impl Backend for Cpu {
         dk: &mut [f32],
         dv: &mut [f32],
     ) {
+        let _t = span(Kind::Attention);
         let AttnShape { n_q, n_k, n_heads, n_kv_heads, head_dim: hd } = s;
         let group = n_heads / n_kv_heads.max(1);
         let past = n_k - n_q;
@@ -280,8 +285,8 @@ impl Backend for Cpu {
                         let o_r = &oh[r * q_rs..][..hd];
                         let do_r = &doh[r * q_rs..][..hd];
                         let dsum: f32 = o_r.iter().zip(do_r).map(|(a, b)| a * b).sum();
-                        for (x, d) in row[..valid].iter_mut().zip(drow[..valid].iter_mut()) {
-                            *x = (*x - l).exp();
+                        exp_shift(&mut row[..valid], l);
+                        for (x, d) in row[..valid].iter().zip(drow[..valid].iter_mut()) {
                             *d = *x * (*d - dsum) * scale;
                         }
                         row[valid..].fill(0.0);
@@ -402,4 +407,64 @@ fn gemm_st(
             gemm::Parallelism::None,
         );
     }
+}
+
+/// `exp(x)` for `x ≤ 88` to within a few ulp, branch-free so loops over it vectorise: `2ⁿ·eʳ` with
+/// `n = round(x·log₂e)` and a degree-7 Taylor polynomial for `|r| ≤ ln2/2`. Inputs below −87
+/// give ~1e-38 instead of a denormal or zero (harmless in a softmax sum).
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    f32::from_bits(((ni + 127) << 23) as u32) * p
+}
+
+/// `row[j] = exp(row[j] − m)` and their sum (eight partial sums).
+#[inline(always)]
+fn exp_shift_body(row: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = row.chunks_exact_mut(8);
+    for c in &mut it {
+        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
+            *x = fast_exp(*x - m);
+            *a += *x;
+        }
+    }
+    let mut s = 0.0f32;
+    for x in it.into_remainder() {
+        *x = fast_exp(*x - m);
+        s += *x;
+    }
+    s + acc.iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shift_avx2(row: &mut [f32], m: f32) -> f32 {
+    exp_shift_body(row, m)
+}
+
+/// `row[j] = exp(row[j] − m)`, returning `Σ row[j]` (the softmax numerators of a row); uses
+/// AVX2 when the CPU has it (the crate is built for baseline x86-64).
+pub(crate) fn exp_shift(row: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features the function is compiled for were just detected on this CPU.
+        return unsafe { exp_shift_avx2(row, m) };
+    }
+    exp_shift_body(row, m)
 }

@@ -3,10 +3,12 @@
 //! here only; a CUDA backend implements the same trait (a missing op is a compile error).
 
 mod cpu;
+pub mod profile;
 #[cfg(test)]
 mod tests;
 
 pub use cpu::Cpu;
+pub(crate) use cpu::exp_shift;
 
 /// Shape and layout of one matrix product `out[m,n] (+)= op(a)[m,k] · op(b)[k,n]`.
 #[derive(Debug, Clone, Copy)]

@@ -236,3 +236,23 @@ fn tiled_attention_backward_matches_finite_differences_across_tiles() {
     assert_close_rel(&dk, &numeric_grad(&k, &|x| f(&q, x, &v)), 2e-3);
     assert_close_rel(&dv, &numeric_grad(&v, &|x| f(&q, &k, x)), 2e-3);
 }
+
+#[test]
+fn fast_exp_is_accurate_over_the_softmax_range() {
+    let mut worst = 0.0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 + 175.0 * i as f64 / 200_000.0;
+        let got = super::cpu::fast_exp(x as f32) as f64;
+        let want = (x as f32 as f64).exp();
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 5e-7, "relative error {worst}");
+    // The vectorised row version agrees and returns the sum.
+    let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.37 - 9.0).collect();
+    let want: Vec<f64> = row.iter().map(|x| ((*x - 3.0) as f64).exp()).collect();
+    let s = exp_shift(&mut row, 3.0);
+    for (g, w) in row.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() <= 5e-7 * w, "{g} vs {w}");
+    }
+    assert!((s as f64 - want.iter().sum::<f64>()).abs() < 1e-5 * s as f64);
+}
