@@ -12,9 +12,8 @@ pub struct Cpu;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 18;
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
+/// Elements per parallel task of the element-wise kernels (big enough to amortise scheduling).
+const ELEM_CHUNK: usize = 1 << 14;
 
 impl Backend for Cpu {
     fn name(&self) -> &'static str {
@@ -144,19 +143,31 @@ impl Backend for Cpu {
 
     fn swiglu_fwd(&self, g: &[f32], u: &[f32], out: &mut [f32]) {
         let _t = span(Kind::Swiglu);
-        out.par_iter_mut().zip(g.par_iter()).zip(u.par_iter()).for_each(|((o, &gv), &uv)| {
-            *o = silu(gv) * uv;
-        });
+        out.par_chunks_mut(ELEM_CHUNK)
+            .zip(g.par_chunks(ELEM_CHUNK))
+            .zip(u.par_chunks(ELEM_CHUNK))
+            .for_each(|((o, g), u)| {
+                for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+                    *o = gv / (1.0 + fast_exp(-gv)) * uv;
+                }
+            });
     }
 
     fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
         let _t = span(Kind::Swiglu);
-        dg.par_iter_mut().zip(du.par_iter_mut()).enumerate().for_each(|(i, (dgv, duv))| {
-            let gv = g[i];
-            let sig = 1.0 / (1.0 + (-gv).exp());
-            *duv = dout[i] * gv * sig;
-            *dgv = dout[i] * u[i] * sig * (1.0 + gv * (1.0 - sig));
-        });
+        dg.par_chunks_mut(ELEM_CHUNK)
+            .zip(du.par_chunks_mut(ELEM_CHUNK))
+            .zip(dout.par_chunks(ELEM_CHUNK))
+            .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
+            .for_each(|(((dg, du), dout), (g, u))| {
+                for ((dgv, duv), ((&d, &gv), &uv)) in
+                    dg.iter_mut().zip(du.iter_mut()).zip(dout.iter().zip(g).zip(u))
+                {
+                    let sig = 1.0 / (1.0 + fast_exp(-gv));
+                    *duv = d * gv * sig;
+                    *dgv = d * uv * sig * (1.0 + gv * (1.0 - sig));
+                }
+            });
     }
 
     fn attention_fwd(
