@@ -211,7 +211,9 @@ impl DataParallel {
     /// A pool over the given workers (at least one).
     pub fn new(workers: Vec<Box<dyn Worker>>) -> Result<Self> {
         if workers.is_empty() {
-            return Err(EngineError::InvalidInput("data parallel needs at least one worker".into()));
+            return Err(EngineError::InvalidInput(
+                "data parallel needs at least one worker".into(),
+            ));
         }
         Ok(DataParallel { workers })
     }
@@ -257,8 +259,7 @@ impl DataParallel {
             if !ok {
                 return Err(EngineError::Worker {
                     worker: name.clone(),
-                    message: "returned a gradient that does not match the adapter's tensors"
-                        .into(),
+                    message: "returned a gradient that does not match the adapter's tensors".into(),
                 });
             }
             grads.push(g.as_slice());
@@ -293,7 +294,11 @@ impl DataParallel {
 
     /// One AdamW step on the master with the reduced gradients. The new weights reach the
     /// replicas at the start of the next call (every call refreshes them from the master).
-    pub fn optim_step(&mut self, master: &mut Adapter, params: &AdamParams) -> Result<OptimMetrics> {
+    pub fn optim_step(
+        &mut self,
+        master: &mut Adapter,
+        params: &AdamParams,
+    ) -> Result<OptimMetrics> {
         master.optim_step(params)
     }
 
