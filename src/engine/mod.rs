@@ -16,6 +16,9 @@
 //! - Generation: [`KvCache::new`] per sequence and [`Model::forward_cached`] (prefill and
 //!   incremental decode of several sequences, last-position logits); [`Model::logits`] for a
 //!   whole sequence.
+//! - Data parallel: [`parallel::DataParallel`] over N [`parallel::Worker`]s (one per device;
+//!   [`parallel::CpuWorker`] on CPU) splits a batch by tokens and sums the shards' gradients into
+//!   the master adapter on the host.
 //! - [`golden::verify`] checks the engine against a PyTorch fixture case directory.
 
 pub mod backend;

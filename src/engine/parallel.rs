@@ -9,13 +9,16 @@
 //! checkpoint, a step taken elsewhere) are always picked up. That costs one copy of the LoRA
 //! weights per worker per call, small next to a forward/backward over the shard.
 //!
-//! Reduction is a host summation in worker order, so repeated runs are bit-identical. NCCL is not
-//! used: the crate's cudarc build has no `nccl` feature (it would need the NCCL library at run
-//! time on every device machine); a CUDA worker implements [`Worker`] by downloading its shard's
-//! gradient, and the same host reduction applies.
+//! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
+//! only path for now: cudarc's `nccl` feature does build without CUDA (with `dynamic-loading`,
+//! `cudarc::nccl::sys::is_culib_present()` gates every call), but an NCCL all-reduce needs the
+//! gradients resident on the devices, which only a CUDA worker has. A CUDA worker implements
+//! [`Worker`] by downloading its shard's gradient into [`ShardOutput::grads`].
 
 use std::ops::Range;
 use std::sync::Arc;
+
+use rayon::prelude::*;
 
 use super::error::{EngineError, Result};
 use super::lora::Adapter;
@@ -264,21 +267,7 @@ impl DataParallel {
             }
             grads.push(g.as_slice());
         }
-        // Host all-reduce: per element, the shards' values summed in worker order, then added to
-        // what the master accumulated before.
-        let mut t = 0;
-        for (_, p) in master.pairs_mut() {
-            for dst in [&mut p.grad_a, &mut p.grad_b] {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    let mut s = 0.0f32;
-                    for g in &grads {
-                        s += g[t][i];
-                    }
-                    *d += s;
-                }
-                t += 1;
-            }
-        }
+        reduce_into(master, &grads);
         Ok(merge(shards))
     }
 
@@ -360,6 +349,32 @@ impl DataParallel {
         // The first failing shard's error, like the single-engine path reports the first bad
         // datum.
         results.into_iter().collect()
+    }
+}
+
+/// Elements per task of the host reduction.
+const REDUCE_CHUNK: usize = 1 << 14;
+
+/// Host all-reduce: per element, the shards' values summed in worker order, then added to what
+/// the master accumulated before. Elements are independent, so splitting them over threads keeps
+/// the result bit-identical from run to run. `grads` match `gradient_layout(master)`.
+fn reduce_into(master: &mut Adapter, grads: &[&[Vec<f32>]]) {
+    let mut t = 0;
+    for (_, p) in master.pairs_mut() {
+        for dst in [&mut p.grad_a, &mut p.grad_b] {
+            let srcs: Vec<&[f32]> = grads.iter().map(|g| g[t].as_slice()).collect();
+            dst.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(c, out)| {
+                let base = c * REDUCE_CHUNK;
+                for (i, d) in out.iter_mut().enumerate() {
+                    let mut sum = 0.0f32;
+                    for g in &srcs {
+                        sum += g[base + i];
+                    }
+                    *d += sum;
+                }
+            });
+            t += 1;
+        }
     }
 }
 
