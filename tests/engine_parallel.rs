@@ -175,6 +175,35 @@ fn two_and_three_workers_match_the_engine_ppo() {
 }
 
 #[test]
+fn one_pool_serves_several_adapters_in_turn() {
+    let (_tmp, model) = tiny_model();
+    let vocab = model.config().vocab_size;
+    let (a, b) = (batch(8, &LENS_A, vocab), batch(9, &LENS_B, vocab));
+    let loss = LossFn::CrossEntropy;
+    let mut dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
+    // Same shape, different weights: a replica left over from one must not serve the other.
+    let mut first = adapter(&model);
+    let mut rng = SynthRng(3);
+    let mut second = first.clone();
+    for (_, p) in second.pairs_mut() {
+        let n = p.b.len();
+        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
+    }
+    let (mut first_ref, mut second_ref) = (first.clone(), second.clone());
+    for data in [&a, &b] {
+        let got1 = dp.forward_backward(&mut first, data, &loss, false).unwrap();
+        let got2 = dp.forward_backward(&mut second, data, &loss, false).unwrap();
+        let want1 = forward_backward(&model, Some(&mut first_ref), data, &loss, false).unwrap();
+        let want2 = forward_backward(&model, Some(&mut second_ref), data, &loss, false).unwrap();
+        assert_outputs_close(&got1, &want1);
+        assert_outputs_close(&got2, &want2);
+        assert!((got1.loss_sum - got2.loss_sum).abs() > 1e-3);
+    }
+    assert_tensors_close(&first.gradients(), &first_ref.gradients(), "first's gradient");
+    assert_tensors_close(&second.gradients(), &second_ref.gradients(), "second's gradient");
+}
+
+#[test]
 fn repeated_runs_are_bit_identical() {
     let (_tmp, model) = tiny_model();
     let data = batch(3, &LENS_A, model.config().vocab_size);
