@@ -36,6 +36,8 @@ pub enum EngineError {
     UnknownLoss(String),
     #[error("adapter: {0}")]
     Adapter(String),
+    #[error("device worker {worker}: {message}")]
+    Worker { worker: String, message: String },
 }
 
 impl EngineError {

@@ -16,6 +16,9 @@
 //! - Generation: [`KvCache::new`] per sequence and [`Model::forward_cached`] (prefill and
 //!   incremental decode of several sequences, last-position logits); [`Model::logits`] for a
 //!   whole sequence.
+//! - Data parallel: [`parallel::DataParallel`] over N [`parallel::Worker`]s (one per device;
+//!   [`parallel::CpuWorker`] on CPU) splits a batch by tokens and sums the shards' gradients into
+//!   the master adapter on the host.
 //! - [`golden::verify`] checks the engine against a PyTorch fixture case directory.
 
 pub mod backend;
@@ -27,6 +30,7 @@ pub mod lora;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod parallel;
 pub mod rng;
 pub mod sampling;
 pub mod synth;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use crate::engine::parallel::DataParallel;
 use crate::engine::{
     Adapter, Datum, DatumOutput, LoraConfig, LossFn, LossInputs, Model, forward, forward_backward,
 };
@@ -34,6 +35,22 @@ use types::*;
 pub const MAX_RANK: usize = 128;
 /// Default `adapter_config.adapter_timeout`.
 pub const DEFAULT_ADAPTER_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Env var: how many CPU workers run forward/backward in data parallel (default 1). Set it per
+/// application through `deployments[0].ray_actor_options.runtime_env.env_vars`.
+pub const CPU_WORKERS_ENV: &str = "TWINKLE_CPU_WORKERS";
+
+/// The worker count a `TWINKLE_CPU_WORKERS` value asks for (1 when unset or empty).
+pub fn parse_cpu_workers(value: Option<&str>) -> Result<usize, AppError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(1),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(AppError::Startup(format!(
+                "{CPU_WORKERS_ENV}={v:?}: expected a whole number of workers, at least 1"
+            ))),
+        },
+    }
+}
 
 /// How a model service is set up (from the application's config entry).
 #[derive(Debug, Clone)]
@@ -132,13 +149,33 @@ pub struct ModelService {
     timeout: Duration,
     spill_dir: PathBuf,
     max_resident: Option<usize>,
+    /// Data-parallel workers for forward/backward when more than one is configured; callers
+    /// take this lock after an adapter's lock, never the other way round.
+    parallel: Option<Mutex<DataParallel>>,
 }
 
 impl ModelService {
-    /// Loads the base model and starts with no adapters.
+    /// Loads the base model and starts with no adapters; forward/backward runs on
+    /// `TWINKLE_CPU_WORKERS` data-parallel CPU workers (default 1).
     pub fn new(opts: &ServiceOptions) -> Result<Self, AppError> {
+        Self::with_workers(opts, parse_cpu_workers(std::env::var(CPU_WORKERS_ENV).ok().as_deref())?)
+    }
+
+    /// Like [`new`](Self::new) with `workers` data-parallel CPU workers sharing the process's
+    /// threads (1: the engine is called directly).
+    pub fn with_workers(opts: &ServiceOptions, workers: usize) -> Result<Self, AppError> {
         let base = BaseModel::load(&opts.base_model, &opts.model_dir, opts.max_length)?;
+        let parallel = if workers > 1 {
+            let threads = rayon::current_num_threads();
+            let dp = DataParallel::cpu(base.model.clone(), workers, threads)
+                .map_err(|e| AppError::Startup(format!("data-parallel workers: {e}")))?;
+            tracing::info!(workers, threads, "forward/backward runs on data-parallel CPU workers");
+            Some(Mutex::new(dp))
+        } else {
+            None
+        };
         Ok(ModelService {
+            parallel,
             base,
             adapters: Mutex::new(HashMap::new()),
             by_dir: AdapterCache::new(4),
@@ -363,6 +400,11 @@ impl ModelService {
         let data = self.to_datums(&req.data)?;
         let model = &self.base.model;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
+            if let Some(dp) = &self.parallel {
+                let out = lock(dp).forward_backward(adapter, &data, &loss, req.forward_only)?;
+                *pending |= !req.forward_only;
+                return Ok(out);
+            }
             if req.forward_only {
                 Ok(forward(model, Some(adapter), &data, &loss)?)
             } else {

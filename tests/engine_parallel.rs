@@ -1,0 +1,329 @@
+//! Data parallel over CPU workers against the single-engine path: same losses, logprobs,
+//! accumulated gradients and post-step weights for 1, 2, 3 and more workers than datums;
+//! bit-identical repeats; errors from a shard (or a panicking worker) come back as errors.
+
+use std::sync::Arc;
+
+use twinkle::engine::parallel::{DataParallel, ShardOutput, Worker, split_by_tokens};
+use twinkle::engine::synth::{SynthRng, SynthSpec};
+use twinkle::engine::{
+    AdamParams, Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target,
+    forward, forward_backward,
+};
+
+fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
+    let spec = SynthSpec {
+        arch: "Qwen3ForCausalLM".into(),
+        vocab: 61,
+        hidden: 32,
+        inter: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        max_positions: 128,
+        tied: false,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    spec.write(tmp.path(), 11).unwrap();
+    let model = Model::load(tmp.path()).unwrap();
+    (tmp, model)
+}
+
+/// Every target, random non-zero B so every gradient is non-trivial.
+fn adapter(model: &Model) -> Adapter {
+    let mut targets = Target::LAYER.to_vec();
+    targets.push(Target::LmHead);
+    let mut ad =
+        Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed: 5 }).unwrap();
+    let mut rng = SynthRng(99);
+    for (_, p) in ad.pairs_mut() {
+        let n = p.b.len();
+        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
+    }
+    ad
+}
+
+fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
+    let mut rng = SynthRng(seed);
+    lens.iter()
+        .map(|&n| Datum {
+            input_tokens: rng.tokens(n, vocab),
+            inputs: LossInputs {
+                target_tokens: rng.tokens(n, vocab),
+                k: 1,
+                weights: Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect()),
+                logprobs: Some((0..n).map(|_| -2.0 - rng.next_f32().abs()).collect()),
+                advantages: Some(rng.vec(n, 1.0)),
+            },
+        })
+        .collect()
+}
+
+const LENS_A: [usize; 5] = [5, 9, 3, 7, 4];
+const LENS_B: [usize; 3] = [6, 2, 8];
+
+fn close(got: f64, want: f64, scale: f64, what: &str) {
+    let tol = 1e-5 * (want.abs() + scale) + 1e-7;
+    assert!((got - want).abs() <= tol, "{what}: got {got}, want {want} (tol {tol})");
+}
+
+fn assert_outputs_close(got: &twinkle::engine::FwdBwdOutput, want: &twinkle::engine::FwdBwdOutput) {
+    assert_eq!(got.per_datum.len(), want.per_datum.len());
+    close(got.loss_sum, want.loss_sum, 0.0, "loss_sum");
+    close(got.metrics()["loss:sum"], want.metrics()["loss:sum"], 0.0, "metrics loss:sum");
+    for (i, (g, w)) in got.per_datum.iter().zip(&want.per_datum).enumerate() {
+        assert_eq!(g.logprobs.len(), w.logprobs.len(), "datum {i}");
+        for (j, (a, b)) in g.logprobs.iter().zip(&w.logprobs).enumerate() {
+            close(*a as f64, *b as f64, 0.0, &format!("datum {i} logprob {j}"));
+        }
+        for (j, (a, b)) in g.elementwise_loss.iter().zip(&w.elementwise_loss).enumerate() {
+            close(*a as f64, *b as f64, 0.0, &format!("datum {i} loss {j}"));
+        }
+    }
+}
+
+/// Tensor by tensor, each element within 1e-5 of the tensor's largest magnitude.
+fn assert_tensors_close(
+    got: &std::collections::BTreeMap<String, twinkle::engine::Tensor>,
+    want: &std::collections::BTreeMap<String, twinkle::engine::Tensor>,
+    what: &str,
+) {
+    assert_eq!(got.len(), want.len());
+    for (k, w) in want {
+        let g = &got[k];
+        let scale = w.data().iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+        assert!(scale > 0.0, "{what} {k} is all zeros: the test would prove nothing");
+        for (i, (a, b)) in g.data().iter().zip(w.data()).enumerate() {
+            close(*a as f64, *b as f64, scale, &format!("{what} {k}[{i}]"));
+        }
+    }
+}
+
+/// A large `eps` keeps the first Adam step smooth in the gradient (`g / (|g| + eps)`); with a
+/// tiny one it is `sign(g)`, which turns a last-bit difference in a near-zero gradient element
+/// into a full step of difference and would test the sign of rounding noise instead.
+fn adam() -> AdamParams {
+    AdamParams { learning_rate: 1e-1, eps: 1.0, weight_decay: 0.01, ..Default::default() }
+}
+
+/// Two forward_backward calls accumulated, then one step, through `n` workers and through the
+/// plain engine.
+fn compare_with_single(n: usize, loss: LossFn) {
+    let (_tmp, model) = tiny_model();
+    let vocab = model.config().vocab_size;
+    let (a, b) = (batch(1, &LENS_A, vocab), batch(2, &LENS_B, vocab));
+
+    let mut single = adapter(&model);
+    let ra = forward_backward(&model, Some(&mut single), &a, &loss, false).unwrap();
+    let rb = forward_backward(&model, Some(&mut single), &b, &loss, false).unwrap();
+    let grads_single = single.gradients();
+    single.optim_step(&adam()).unwrap();
+
+    let mut master = adapter(&model);
+    let mut dp = DataParallel::cpu(model.clone(), n, 2).unwrap();
+    assert_eq!(dp.num_workers(), n);
+    let da = dp.forward_backward(&mut master, &a, &loss, false).unwrap();
+    let db = dp.forward_backward(&mut master, &b, &loss, false).unwrap();
+    assert_outputs_close(&da, &ra);
+    assert_outputs_close(&db, &rb);
+    assert_tensors_close(&master.gradients(), &grads_single, "accumulated gradient");
+    let before = master.tensors();
+    let m = dp.optim_step(&mut master, &adam()).unwrap();
+    assert_eq!(m.step, 1);
+    let moved = master
+        .tensors()
+        .iter()
+        .any(|(k, t)| t.data().iter().zip(before[k].data()).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert!(moved, "the step did not move the weights: the comparison below would be vacuous");
+    assert_tensors_close(&master.tensors(), &single.tensors(), "weights after the step");
+
+    // The replicas follow the master: a forward after the step matches the stepped engine.
+    let after = dp.forward(Some(&master), &a, &loss).unwrap();
+    let want = forward(&model, Some(&single), &a, &loss).unwrap();
+    assert_outputs_close(&after, &want);
+}
+
+#[test]
+fn one_worker_matches_the_engine_cross_entropy() {
+    compare_with_single(1, LossFn::CrossEntropy);
+}
+
+#[test]
+fn two_workers_match_the_engine_cross_entropy() {
+    compare_with_single(2, LossFn::CrossEntropy);
+}
+
+#[test]
+fn three_workers_match_the_engine_cross_entropy() {
+    compare_with_single(3, LossFn::CrossEntropy);
+}
+
+#[test]
+fn more_workers_than_datums_match_the_engine() {
+    // LENS_B has 3 datums: one worker stays idle on that call.
+    compare_with_single(4, LossFn::CrossEntropy);
+}
+
+#[test]
+fn two_and_three_workers_match_the_engine_ppo() {
+    let ppo = LossFn::from_name("ppo", &Default::default()).unwrap();
+    compare_with_single(2, ppo);
+    compare_with_single(3, LossFn::ImportanceSampling);
+}
+
+#[test]
+fn one_pool_serves_several_adapters_in_turn() {
+    let (_tmp, model) = tiny_model();
+    let vocab = model.config().vocab_size;
+    let (a, b) = (batch(8, &LENS_A, vocab), batch(9, &LENS_B, vocab));
+    let loss = LossFn::CrossEntropy;
+    let mut dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
+    // Same shape, different weights: a replica left over from one must not serve the other.
+    let mut first = adapter(&model);
+    let mut rng = SynthRng(3);
+    let mut second = first.clone();
+    for (_, p) in second.pairs_mut() {
+        let n = p.b.len();
+        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
+    }
+    let (mut first_ref, mut second_ref) = (first.clone(), second.clone());
+    for data in [&a, &b] {
+        let got1 = dp.forward_backward(&mut first, data, &loss, false).unwrap();
+        let got2 = dp.forward_backward(&mut second, data, &loss, false).unwrap();
+        let want1 = forward_backward(&model, Some(&mut first_ref), data, &loss, false).unwrap();
+        let want2 = forward_backward(&model, Some(&mut second_ref), data, &loss, false).unwrap();
+        assert_outputs_close(&got1, &want1);
+        assert_outputs_close(&got2, &want2);
+        assert!((got1.loss_sum - got2.loss_sum).abs() > 1e-3);
+    }
+    assert_tensors_close(&first.gradients(), &first_ref.gradients(), "first's gradient");
+    assert_tensors_close(&second.gradients(), &second_ref.gradients(), "second's gradient");
+}
+
+#[test]
+fn repeated_runs_are_bit_identical() {
+    let (_tmp, model) = tiny_model();
+    let data = batch(3, &LENS_A, model.config().vocab_size);
+    let run = || {
+        let mut master = adapter(&model);
+        let mut dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
+        let out = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap();
+        let grads = master.gradients();
+        dp.optim_step(&mut master, &adam()).unwrap();
+        (out, grads, master.tensors())
+    };
+    let (o1, g1, w1) = run();
+    let (o2, g2, w2) = run();
+    assert_eq!(o1, o2);
+    assert_eq!(g1, g2);
+    assert_eq!(w1, w2);
+}
+
+#[test]
+fn forward_only_leaves_the_gradient_alone_and_serves_the_base_model() {
+    let (_tmp, model) = tiny_model();
+    let data = batch(4, &LENS_A, model.config().vocab_size);
+    let mut master = adapter(&model);
+    let mut dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
+    let got = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, true).unwrap();
+    let want = forward(&model, Some(&master), &data, &LossFn::CrossEntropy).unwrap();
+    assert_outputs_close(&got, &want);
+    assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+
+    let base = dp.forward(None, &data, &LossFn::CrossEntropy).unwrap();
+    let want = forward(&model, None, &data, &LossFn::CrossEntropy).unwrap();
+    assert_outputs_close(&base, &want);
+    // The adapter changes the outputs, so the two comparisons above are not the same check.
+    assert!((base.loss_sum - got.loss_sum).abs() > 1e-4);
+}
+
+#[test]
+fn a_bad_datum_in_one_shard_is_an_error_with_its_batch_index() {
+    let (_tmp, model) = tiny_model();
+    let vocab = model.config().vocab_size;
+    let mut data = batch(5, &LENS_A, vocab);
+    data[3].input_tokens[2] = vocab as u32 + 7;
+    let mut master = adapter(&model);
+    let mut dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
+    let err = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap_err();
+    assert!(matches!(err, EngineError::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("datum 3: model_input[2]"), "{err}");
+    // Good shards ran, but nothing reached the master.
+    assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+
+    // The pool is still usable.
+    let good = batch(6, &LENS_B, vocab);
+    dp.forward_backward(&mut master, &good, &LossFn::CrossEntropy, false).unwrap();
+    assert!(master.gradients().values().any(|t| t.data().iter().any(|g| *g != 0.0)));
+
+    let err = dp.forward_backward(&mut master, &[], &LossFn::CrossEntropy, false).unwrap_err();
+    assert!(err.to_string().contains("no datums"), "{err}");
+}
+
+/// A worker standing in for a broken device.
+struct Broken {
+    panics: bool,
+}
+
+impl Worker for Broken {
+    fn name(&self) -> String {
+        "fake:1".into()
+    }
+    fn set_weights(&mut self, _: Option<&Adapter>) -> twinkle::engine::Result<()> {
+        Ok(())
+    }
+    fn run(
+        &mut self,
+        shard: &[Datum],
+        _: &LossFn,
+        _: bool,
+    ) -> twinkle::engine::Result<ShardOutput> {
+        if self.panics {
+            panic!("device lost");
+        }
+        // Right number of outputs, but a gradient of the wrong shape.
+        let out = twinkle::engine::FwdBwdOutput {
+            per_datum: vec![
+                twinkle::engine::DatumOutput {
+                    logprobs: vec![],
+                    elementwise_loss: vec![]
+                };
+                shard.len()
+            ],
+            loss_sum: 0.0,
+        };
+        Ok(ShardOutput { output: out, grads: Some(vec![vec![0.0; 3]]) })
+    }
+}
+
+#[test]
+fn a_panicking_or_misbehaving_worker_is_an_error_not_a_crash() {
+    let (_tmp, model) = tiny_model();
+    let data = batch(7, &LENS_A, model.config().vocab_size);
+    for panics in [true, false] {
+        let cpu = twinkle::engine::parallel::CpuWorker::new(model.clone(), 0, 1).unwrap();
+        let mut dp = DataParallel::new(vec![Box::new(cpu), Box::new(Broken { panics })]).unwrap();
+        let mut master = adapter(&model);
+        let err =
+            dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Worker { ref worker, .. } if worker == "fake:1"),
+            "{err}"
+        );
+        let want = if panics { "panicked" } else { "does not match" };
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+    }
+    assert!(DataParallel::new(Vec::new()).is_err());
+}
+
+#[test]
+fn split_balances_tokens_over_workers() {
+    let r = split_by_tokens(&LENS_A, 2);
+    assert_eq!(r, vec![0..2, 2..5]); // 14 and 14 tokens
+    // Over 3 workers the best contiguous split of [5,9,3,7,4] is [5] [9,3] [7,4].
+    assert_eq!(split_by_tokens(&LENS_A, 3), vec![0..1, 1..3, 3..5]);
+}
