@@ -356,10 +356,10 @@ fn adamw_matches_cpu() -> Result<()> {
 }
 
 #[test]
-fn sampling_matches_cpu_definition() -> Result<()> {
-    let Some(dev) = device("sampling") else { return Ok(()) };
-    refs::sampling::<f32>(&dev)?;
-    refs::sampling::<bf16>(&dev)
+fn greedy_argmax_matches_cpu_definition() -> Result<()> {
+    let Some(dev) = device("argmax") else { return Ok(()) };
+    refs::argmax::<f32>(&dev)?;
+    refs::argmax::<bf16>(&dev)
 }
 
 fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {

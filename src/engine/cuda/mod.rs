@@ -21,17 +21,26 @@
 //! 580 = CUDA 13.0 loads CUBIN from NVRTC 12.x and 13.0). `TWINKLE_NVRTC_LIB` names an exact
 //! libnvrtc to use.
 
+mod adapter;
+mod decode;
 mod device;
 mod error;
 pub mod launch;
+mod layer;
+mod model;
 mod nvrtc;
+mod train;
 
+pub use adapter::CudaAdapter;
+pub use decode::CudaKvCache;
 pub use device::{CudaDevice, cublas_available, driver_available};
 pub use error::CudaError;
+pub use model::{Act, CudaModel};
 pub use nvrtc::{
     COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
     nvrtc_available, nvrtc_version,
 };
+pub use train::forward_backward;
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;
