@@ -60,7 +60,10 @@ impl Act for bf16 {
 pub(crate) type R<T> = Result<T, CudaError>;
 
 /// A zeroed device buffer of `n` elements.
-pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, n: usize) -> R<CudaSlice<T>> {
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> R<CudaSlice<T>> {
     // cudarc rejects zero-length allocations on some drivers; keep every buffer non-empty.
     dev.stream()
         .alloc_zeros::<T>(n.max(1))
@@ -73,7 +76,10 @@ pub(crate) fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> R<CudaSlice<T>
 }
 
 /// Device -> host copy.
-pub(crate) fn download<T: DeviceRepr + Default + Clone>(dev: &CudaDevice, v: &CudaView<'_, T>) -> R<Vec<T>> {
+pub(crate) fn download<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    v: &CudaView<'_, T>,
+) -> R<Vec<T>> {
     let mut out = vec![T::default(); v.len()];
     dev.stream().memcpy_dtoh(v, &mut out).map_err(CudaError::driver("downloading"))?;
     Ok(out)
