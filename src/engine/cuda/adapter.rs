@@ -8,7 +8,7 @@ use cudarc::driver::CudaSlice;
 use super::launch::{self as k, AdamStep};
 use super::model::{Act, CudaModel, R, download, upload, view, zeros};
 use super::{CudaDevice, CudaError};
-use crate::engine::lora::{Adapter, LoraPair, Target};
+use crate::engine::lora::{Adapter, LoraConfig, LoraPair, Target};
 use crate::engine::models::ModelConfig;
 use crate::engine::optim::{AdamParams, OptimMetrics};
 
@@ -135,6 +135,54 @@ impl CudaAdapter {
             None => None,
         };
         Ok(CudaAdapter { scaling: host.scaling(), step: host.step(), layers, lm_head })
+    }
+
+    /// A fresh adapter made on the device (A ~ U(+-1/sqrt(in)), B = 0, as `Adapter::new`, from
+    /// another random stream): for benchmarks of models that exist only on the GPU.
+    pub fn fresh<T: Act>(model: &CudaModel<T>, cfg: &LoraConfig) -> R<CudaAdapter> {
+        if cfg.rank == 0 || cfg.targets.is_empty() {
+            return Err(CudaError::Engine(crate::engine::EngineError::InvalidInput(
+                "LoRA needs rank > 0 and at least one target".into(),
+            )));
+        }
+        let c = model.config();
+        let dev = &*model.dev;
+        let mut rng = crate::engine::synth::SynthRng(cfg.seed);
+        let r = cfg.rank;
+        let mut make = |t: Target| -> R<GpuPair> {
+            let (inp, out) = dims(t, c);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..r * inp).map(|_| rng.next_f32() * bound).collect();
+            Ok(GpuPair {
+                rank: r,
+                a: upload(dev, &a)?,
+                b: zeros(dev, out * r)?,
+                ga: zeros(dev, r * inp)?,
+                gb: zeros(dev, out * r)?,
+                ma: zeros(dev, r * inp)?,
+                va: zeros(dev, r * inp)?,
+                mb: zeros(dev, out * r)?,
+                vb: zeros(dev, out * r)?,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut slots: [Option<GpuPair>; 7] = Default::default();
+            for (i, t) in Target::LAYER.into_iter().enumerate() {
+                if cfg.targets.contains(&t) {
+                    slots[i] = Some(make(t)?);
+                }
+            }
+            layers.push(slots);
+        }
+        let lm_head =
+            if cfg.targets.contains(&Target::LmHead) { Some(make(Target::LmHead)?) } else { None };
+        Ok(CudaAdapter { scaling: cfg.alpha / r as f32, step: 0, layers, lm_head })
+    }
+
+    /// Number of trainable parameters (all A and B entries).
+    pub fn num_params(&self) -> usize {
+        self.grad_len()
     }
 
     /// Copies weights, gradients, moments and the step back into `host` (the adapter this one

@@ -29,6 +29,7 @@ pub mod launch;
 mod layer;
 mod model;
 mod nvrtc;
+mod synth;
 mod train;
 
 pub use adapter::CudaAdapter;
@@ -40,6 +41,7 @@ pub use nvrtc::{
     COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
     nvrtc_available, nvrtc_version,
 };
+pub use synth::{bench_shape, spec_config};
 pub use train::forward_backward;
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
