@@ -15,8 +15,16 @@ use twinkle::engine::{AdamParams, Adapter, Datum, LossFn, LossInputs, Model, Ten
 
 pub const CASES: [&str; 3] = ["qwen2-tiny", "qwen3-tiny", "qwen2-tiny-bf16"];
 
+/// The fixture directory: under the run-time `CARGO_MANIFEST_DIR` (cargo test), else the
+/// build-time one, else the working directory (a prebuilt test binary run from the repository
+/// root on another machine, as scripts/gpu-check.sh does).
 fn case_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name)
+    let rel = Path::new("tests/fixtures/parity").join(name);
+    let roots = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    roots.into_iter().flatten().map(|r| r.join(&rel)).find(|p| p.is_dir()).unwrap_or(rel)
 }
 
 /// Tolerances of one storage type.

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use super::model::{Act, CudaModel, DLayer, DLinear, R, upload};
 use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
@@ -74,8 +76,16 @@ impl<T: Act> CudaModel<T> {
         }
         let d = &*dev;
         let mut rng = SynthRng(seed);
+        // one seed per tensor, one stream per 1M-element chunk: parallel and reproducible
         let mut gen_t = |n: usize, scale: f32, offset: f32| -> R<cudarc::driver::CudaSlice<T>> {
-            let v: Vec<T> = (0..n).map(|_| T::from_f32(rng.next_f32() * scale + offset)).collect();
+            let seed = (rng.next_f32().to_bits() as u64) << 32 | rng.next_f32().to_bits() as u64;
+            let mut v = vec![T::from_f32(0.0); n];
+            v.par_chunks_mut(1 << 20).enumerate().for_each(|(ci, ch)| {
+                let mut r = SynthRng(seed ^ (ci as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for x in ch {
+                    *x = T::from_f32(r.next_f32() * scale + offset);
+                }
+            });
             upload(d, &v)
         };
         let (h, i, v, hd) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim);
