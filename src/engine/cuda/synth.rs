@@ -142,3 +142,48 @@ impl<T: Act> CudaModel<T> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Model;
+    use crate::engine::cuda::{CudaAdapter, CudaKvCache};
+
+    #[test]
+    fn spec_config_matches_what_the_loader_builds() {
+        for arch in ["Qwen2ForCausalLM", "Qwen3ForCausalLM"] {
+            let spec = SynthSpec {
+                arch: arch.into(),
+                vocab: 48,
+                hidden: 32,
+                inter: 40,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 8,
+                rope_theta: 10_000.0,
+                eps: 1e-6,
+                max_positions: 64,
+                tied: arch == "Qwen3ForCausalLM",
+            };
+            let dir = std::env::temp_dir()
+                .join(format!("twinkle-cuda-spec-{}-{arch}", std::process::id()));
+            spec.write(&dir, 3).unwrap();
+            let model = Model::load(&dir).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            assert_eq!(model.config(), &spec_config(&spec), "{arch}");
+        }
+        assert_eq!(bench_shape("qwen2.5-7b").map(|s| s.hidden), Some(3584));
+        assert_eq!(bench_shape("Qwen2.5-0.5B").map(|s| s.layers), Some(24));
+        assert!(bench_shape("gpt-9").is_none());
+    }
+
+    #[test]
+    fn device_types_can_move_to_worker_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<CudaModel<half::bf16>>();
+        send_sync::<CudaModel<f32>>();
+        send_sync::<CudaAdapter>();
+        send_sync::<CudaKvCache<half::bf16>>();
+    }
+}
