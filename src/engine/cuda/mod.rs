@@ -13,6 +13,20 @@
 //! | `CudaSlice<T>` / `CudaView<T>` (cudarc) | `Vec<T>` / `&[T]` |
 //! | `launch::*` functions | the CPU twin functions (same shapes, same math) |
 //!
+//! Device-resident execution (mirrors the CPU engine's API, so the model app can switch on
+//! "GPU present"):
+//! - [`CudaModel::new`]`(Arc<CudaDevice>, &Model)` uploads the weights once (bf16, or f32 for
+//!   checks); [`CudaModel::synthetic`] builds a random-weight shape on the device (benchmarks).
+//! - [`CudaAdapter::upload`]`(&model, &Adapter)` / [`CudaAdapter::download_into`]: LoRA master
+//!   weights, gradients and Adam moments in f32 on the device; checkpoints stay the host
+//!   `Adapter`'s job. [`CudaAdapter::grads_to_host`] / [`CudaAdapter::grads_from_host`] for a
+//!   data-parallel all-reduce; [`CudaAdapter::optim_step`]`(&dev, &AdamParams)`.
+//! - [`forward_backward`]`(&model, Option<&mut CudaAdapter>, &[Datum], &LossFn, forward_only)`
+//!   -> `FwdBwdOutput`, exactly the CPU engine's output semantics.
+//! - Generation: [`CudaKvCache::new`]`(&model, max_seqs, max_len)`,
+//!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence) and
+//!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`).
+//!
 //! Library versions: cudarc is built with the `cuda-13000` bindings because, with dynamic
 //! loading, the pinned major decides which sonames are searched: 13 searches `libnvrtc.so`,
 //! `.so.13`, `.so.12`, `.so.11`, ... (likewise cuBLAS), so both CUDA 13 hosts and the CUDA 12
