@@ -253,6 +253,17 @@ impl<T: Act> CudaModel<T> {
             Ok(())
         };
         let pre: Vec<usize> = (0..n).filter(|&i| cache.lens[seqs[i]] == 0).collect();
+        // the common cases need no regrouping: all prefill, or one token for every sequence
+        if pre.len() == n {
+            let items: Vec<(usize, &[u32])> =
+                seqs.iter().copied().zip(new_tokens.iter().copied()).collect();
+            return self.prefill(ad, cache, &items);
+        }
+        if pre.is_empty() && new_tokens.iter().all(|t| t.len() == 1) {
+            let items: Vec<(usize, u32)> =
+                seqs.iter().zip(new_tokens).map(|(&s, t)| (s, t[0])).collect();
+            return self.decode_step(ad, cache, &items);
+        }
         if !pre.is_empty() {
             let items: Vec<(usize, &[u32])> =
                 pre.iter().map(|&i| (seqs[i], new_tokens[i])).collect();
