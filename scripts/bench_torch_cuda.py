@@ -196,7 +196,10 @@ def main():
         except subprocess.CalledProcessError as e:
             res["twinkle_error"] = (e.stderr or "")[-2000:]
     if not a.skip_torch:
-        res["torch"] = torch_train(a) if a.what == "train" else torch_sample(a)
+        try:
+            res["torch"] = torch_train(a) if a.what == "train" else torch_sample(a)
+        except Exception as e:  # keep twinkle's numbers when the baseline fails (e.g. OOM)
+            res["torch_error"] = repr(e)[-2000:]
     if "torch" in res and "twinkle" in res:
         key = "fwd_bwd_tokens_per_s" if a.what == "train" else "decode_tokens_per_s"
         res["ratio_twinkle_over_torch"] = res["twinkle"][key] / res["torch"][key]
