@@ -177,6 +177,9 @@ struct BenchModelArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// `cpu`, or `cuda` for the GPU path (bf16, GPU 0; adds MFU / bandwidth share).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,6 +218,33 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
     };
     let threads = bench::set_threads(m.threads)?;
     let src = bench::source(m.model.as_deref(), m.shape.as_deref(), m.layers)?;
+    if m.device == "cuda" {
+        let (train, sample);
+        let which = match &what {
+            BenchCommand::Train { seq, batch, rank, steps, .. } => {
+                train = bench::TrainOptions {
+                    seq: *seq,
+                    batch: *batch,
+                    rank: *rank,
+                    steps: *steps,
+                    warmup: 1,
+                };
+                bench::cuda::Either::Train(&train)
+            }
+            BenchCommand::Sample { batch, prompt, max_tokens, .. } => {
+                sample = bench::SampleOptions {
+                    batch: *batch,
+                    prompt: *prompt,
+                    max_tokens: *max_tokens,
+                };
+                bench::cuda::Either::Sample(&sample)
+            }
+        };
+        println!("{}", bench::cuda::run(&src, which, m.json)?);
+        return Ok(());
+    } else if m.device != "cpu" {
+        anyhow::bail!("--device must be cpu or cuda, got {:?}", m.device);
+    }
     let model = bench::load(&src)?;
     if !m.json {
         println!("model: {} | threads {threads}", bench::describe(model.config()));

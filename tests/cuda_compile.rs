@@ -58,3 +58,51 @@ fn a_broken_kernel_reports_file_and_log() {
     let err = cuda::compile_file("missing.cu", "sm_80").unwrap_err();
     assert!(err.to_string().contains("missing.cu"), "{err}");
 }
+
+/// Every symbol a launcher loads (`src/engine/cuda/launch/*.rs`) is defined by its kernel file:
+/// a renamed kernel would otherwise only fail on a GPU, at `load_function`.
+#[test]
+fn every_launcher_symbol_is_in_its_cubin() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let both: &[(&str, &[&str])] = &[
+        ("elementwise.cu", &["add_fwd", "scale_fwd", "acc_fwd", "bias_add_fwd", "copy_cols_fwd"]),
+        ("embedding.cu", &["embedding_fwd"]),
+        ("rmsnorm.cu", &["rmsnorm_fwd", "rmsnorm_bwd"]),
+        ("rope.cu", &["rope_fwd", "rope_bwd"]),
+        ("swiglu.cu", &["swiglu_fwd", "swiglu_bwd"]),
+        (
+            "attention.cu",
+            &["attention_fwd", "attention_bwd", "attention_delta_bwd", "attention_dq_bwd"],
+        ),
+        ("kv_cache.cu", &["kv_append_fwd", "decode_attention_fwd"]),
+        ("lora.cu", &["lora_shrink_fwd", "lora_expand_fwd", "lora_wgrad_bwd"]),
+        ("loss.cu", &["xent_fwd", "xent_bwd"]),
+        ("sampling.cu", &["argmax_fwd"]),
+    ];
+    let single: &[(&str, &str)] = &[
+        ("elementwise.cu", "to_bf16_fwd_f32"),
+        ("elementwise.cu", "to_f32_fwd_bf16"),
+        ("elementwise.cu", "sumsq_fwd_f32"),
+        ("loss.cu", "xent_finish_fwd_f32"),
+        ("loss.cu", "loss_fwd_f32"),
+        ("adamw.cu", "adamw_fwd_f32"),
+    ];
+    let mut wanted: Vec<(&str, String)> = single.iter().map(|&(f, s)| (f, s.to_string())).collect();
+    for &(f, stems) in both {
+        for s in stems {
+            wanted.push((f, format!("{s}_f32")));
+            wanted.push((f, format!("{s}_bf16")));
+        }
+    }
+    for (file, sym) in wanted {
+        let c = cuda::compile_file(file, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let mut name = sym.clone().into_bytes();
+        name.push(0);
+        assert!(
+            c.cubin.windows(name.len()).any(|w| w == name.as_slice()),
+            "kernels/{file} defines no `{sym}`"
+        );
+    }
+}

@@ -356,10 +356,10 @@ fn adamw_matches_cpu() -> Result<()> {
 }
 
 #[test]
-fn sampling_matches_cpu_definition() -> Result<()> {
-    let Some(dev) = device("sampling") else { return Ok(()) };
-    refs::sampling::<f32>(&dev)?;
-    refs::sampling::<bf16>(&dev)
+fn greedy_argmax_matches_cpu_definition() -> Result<()> {
+    let Some(dev) = device("argmax") else { return Ok(()) };
+    refs::argmax::<f32>(&dev)?;
+    refs::argmax::<bf16>(&dev)
 }
 
 fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {
@@ -415,5 +415,39 @@ fn cublas_gemm_matches_cpu() -> Result<()> {
         0.0,
     );
     assert!(matches!(err, Err(CudaError::Shape { .. })), "f32 -> bf16 must be refused");
+    Ok(())
+}
+
+// ---------- the whole device path: golden fixtures, CPU engine parity ----------
+
+fn arc_device(test: &str) -> Option<Arc<CudaDevice>> {
+    device(test).map(Arc::new)
+}
+
+#[test]
+fn golden_fixtures_through_cuda_f32() -> Result<()> {
+    let Some(dev) = arc_device("golden f32") else { return Ok(()) };
+    for case in refs::model::CASES {
+        refs::model::golden::<f32>(&dev, case, &refs::model::F32)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn golden_fixtures_through_cuda_bf16() -> Result<()> {
+    let Some(dev) = arc_device("golden bf16") else { return Ok(()) };
+    for case in refs::model::CASES {
+        refs::model::golden::<bf16>(&dev, case, &refs::model::BF16)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn one_training_step_cpu_vs_gpu() -> Result<()> {
+    let Some(dev) = arc_device("train step") else { return Ok(()) };
+    for case in refs::model::CASES {
+        refs::model::train_step_vs_cpu::<f32>(&dev, case, &refs::model::F32)?;
+        refs::model::train_step_vs_cpu::<bf16>(&dev, case, &refs::model::BF16)?;
+    }
     Ok(())
 }

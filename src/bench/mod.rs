@@ -2,6 +2,7 @@
 //! directory or a random-weight model of a named shape, printing tokens/s, achieved GFLOP/s and
 //! peak RSS. A benchmark, not a test: numbers depend on the host and its load.
 
+pub mod cuda;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub enum BenchError {
     Option(String),
     #[error("thread pool: {0}")]
     Threads(String),
+    #[error(transparent)]
+    Cuda(#[from] crate::engine::cuda::CudaError),
 }
 
 /// Where the model comes from.

@@ -55,7 +55,7 @@ impl OptimMetrics {
 }
 
 impl AdamParams {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(EngineError::InvalidInput(format!("adam_params: {m}")));
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad("learning_rate must be finite and >= 0");

@@ -1,6 +1,8 @@
 //! Token sampling as a pure function of (logits, params, one uniform draw), plus stop handling.
 //!
-//! Definition (the CUDA path must reproduce exactly this):
+//! Definition (the only one: the CUDA backend computes greedy picks on the device with the rule
+//! of step 2, and for temperature > 0 downloads the f32 logits and calls [`sample_token`], so
+//! both backends choose the same token from the same draw; see `kernels/sampling.cu`):
 //! 1. Canonical order: tokens sorted by raw logit descending, ties broken by lower token id.
 //!    Scaling by a positive temperature is monotone, so this is also descending probability.
 //! 2. `temperature == 0` is greedy: the first token in canonical order (argmax, lowest id on ties).

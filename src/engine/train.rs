@@ -35,8 +35,11 @@ fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> 
     Ok(())
 }
 
-fn validate(model: &Model, data: &[Datum], loss: &LossFn) -> Result<()> {
-    let c = model.config();
+pub(crate) fn validate(
+    c: &super::models::ModelConfig,
+    data: &[Datum],
+    loss: &LossFn,
+) -> Result<()> {
     if data.is_empty() {
         return Err(EngineError::InvalidInput("the batch has no datums".into()));
     }
@@ -168,7 +171,7 @@ pub fn forward(
 }
 
 fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Result<FwdBwdOutput> {
-    validate(model, data, loss)?;
+    validate(model.config(), data, loss)?;
     if let Some(a) = adapter.get() {
         a.check_compatible(model)?;
     }

@@ -46,6 +46,9 @@ pub enum CudaError {
         #[source]
         source: DriverError,
     },
+    /// Bad input or state caught by the engine's checks (same messages as the CPU engine).
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     /// A cuBLAS call failed.
     #[error("cuBLAS error in {context}: {source}")]
     Cublas {

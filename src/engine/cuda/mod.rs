@@ -13,6 +13,20 @@
 //! | `CudaSlice<T>` / `CudaView<T>` (cudarc) | `Vec<T>` / `&[T]` |
 //! | `launch::*` functions | the CPU twin functions (same shapes, same math) |
 //!
+//! Device-resident execution (mirrors the CPU engine's API, so the model app can switch on
+//! "GPU present"):
+//! - [`CudaModel::new`]`(Arc<CudaDevice>, &Model)` uploads the weights once (bf16, or f32 for
+//!   checks); [`CudaModel::synthetic`] builds a random-weight shape on the device (benchmarks).
+//! - [`CudaAdapter::upload`]`(&model, &Adapter)` / [`CudaAdapter::download_into`]: LoRA master
+//!   weights, gradients and Adam moments in f32 on the device; checkpoints stay the host
+//!   `Adapter`'s job. [`CudaAdapter::grads_to_host`] / [`CudaAdapter::grads_from_host`] for a
+//!   data-parallel all-reduce; [`CudaAdapter::optim_step`]`(&dev, &AdamParams)`.
+//! - [`forward_backward`]`(&model, Option<&mut CudaAdapter>, &[Datum], &LossFn, forward_only)`
+//!   -> `FwdBwdOutput`, exactly the CPU engine's output semantics.
+//! - Generation: [`CudaKvCache::new`]`(&model, max_seqs, max_len)`,
+//!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence) and
+//!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`).
+//!
 //! Library versions: cudarc is built with the `cuda-13000` bindings because, with dynamic
 //! loading, the pinned major decides which sonames are searched: 13 searches `libnvrtc.so`,
 //! `.so.13`, `.so.12`, `.so.11`, ... (likewise cuBLAS), so both CUDA 13 hosts and the CUDA 12
@@ -21,17 +35,28 @@
 //! 580 = CUDA 13.0 loads CUBIN from NVRTC 12.x and 13.0). `TWINKLE_NVRTC_LIB` names an exact
 //! libnvrtc to use.
 
+mod adapter;
+mod decode;
 mod device;
 mod error;
 pub mod launch;
+mod layer;
+mod model;
 mod nvrtc;
+mod synth;
+mod train;
 
+pub use adapter::CudaAdapter;
+pub use decode::CudaKvCache;
 pub use device::{CudaDevice, cublas_available, driver_available};
 pub use error::CudaError;
+pub use model::{Act, CudaModel};
 pub use nvrtc::{
     COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
     nvrtc_available, nvrtc_version,
 };
+pub use synth::{bench_shape, spec_config};
+pub use train::forward_backward;
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;

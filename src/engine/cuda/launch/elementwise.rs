@@ -1,10 +1,11 @@
 //! Launchers for `kernels/elementwise.cu`: residual add, in-place scale, dtype casts and the
-//! sum of squares used for the global gradient norm.
+//! sum of squares used for the global gradient norm, in-place accumulate, bias rows and the
+//! column copy that pads / strips attention's head dimension.
 
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
-use super::{Dtype, grid_stride, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, grid_stride, int, launch_err, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const FILE: &str = "elementwise.cu";
@@ -118,5 +119,84 @@ pub fn sumsq_fwd(
     // SAFETY: acc holds 1 float, x holds n; signature (float*, const float*, long long); the
     // kernel's 32-float static shared scratch fits any block of <= 1024 threads.
     unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// y += x in place.
+pub fn acc_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    y: &mut CudaViewMut<'_, T>,
+    x: &CudaView<'_, T>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "acc_fwd");
+    let n = y.len();
+    need_len(k, "x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let nn = long(k, "n", n)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(x).arg(&nn);
+    // SAFETY: y and x hold n elements (checked); signature (T*, const T*, long long).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// y[r, c] += b[c] for y [rows, cols], cols = b.len().
+pub fn bias_add_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    y: &mut CudaViewMut<'_, T>,
+    b: &CudaView<'_, T>,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "bias_add_fwd");
+    let (n, cols) = (y.len(), b.len());
+    if cols == 0 || !n.is_multiple_of(cols) {
+        return Err(shape_err(k, format!("y of {n} elements is not [rows, {cols}]")));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(FILE, k)?;
+    let (nn, ci) = (long(k, "n", n)?, int(k, "cols", cols)?);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(b).arg(&nn).arg(&ci);
+    // SAFETY: y holds n = rows * cols elements, b cols (checked); signature
+    // (T*, const T*, long long, int).
+    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
+    Ok(())
+}
+
+/// dst [rows, dst_cols] from src [rows, src_ld]: the first `min(src_ld, dst_cols)` columns
+/// copied, the rest zero (pads or strips trailing columns).
+pub fn copy_cols_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    dst: &mut CudaViewMut<'_, T>,
+    dst_cols: usize,
+    src: &CudaView<'_, T>,
+    src_ld: usize,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "copy_cols_fwd");
+    if dst_cols == 0 || src_ld == 0 || !src.len().is_multiple_of(src_ld) {
+        return Err(shape_err(k, format!("src of {} elements is not [rows, {src_ld}]", src.len())));
+    }
+    let rows = src.len() / src_ld;
+    need_len(k, "dst", dst.len(), rows * dst_cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let copy = src_ld.min(dst_cols);
+    let f = dev.function(FILE, k)?;
+    let (rl, si, di, ci) = (
+        long(k, "rows", rows)?,
+        int(k, "src_ld", src_ld)?,
+        int(k, "dst_cols", dst_cols)?,
+        int(k, "copy", copy)?,
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(dst).arg(src).arg(&rl).arg(&si).arg(&di).arg(&ci);
+    // SAFETY: dst [rows, dst_cols], src [rows, src_ld] (checked), copy <= both widths;
+    // signature (T*, const T*, long long, int, int, int).
+    unsafe { l.launch(grid_stride(rows * dst_cols)) }.map_err(launch_err(k))?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const XENT_THREADS: u32 = 256;
-const SAMPLE_THREADS: u32 = 1024;
+const ARGMAX_THREADS: u32 = 1024;
 
 fn row_cfg(kernel: &'static str, rows: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
     Ok(LaunchConfig {
@@ -348,54 +348,31 @@ pub fn adamw_fwd(
     Ok(())
 }
 
-/// Per-row sampling parameters on the device, one entry per row.
-pub struct SampleParams<'a, 'b> {
-    /// Temperature; <= 0 means greedy.
-    pub temperature: &'a CudaView<'b, f32>,
-    /// Top-k; <= 0 or >= vocab disables.
-    pub top_k: &'a CudaView<'b, i32>,
-    /// Top-p; outside (0, 1) disables.
-    pub top_p: &'a CudaView<'b, f32>,
-    /// Uniform draws in [0, 1).
-    pub uniform: &'a CudaView<'b, f32>,
-}
-
-/// Samples one token per row of `logits` [B, ld] (first `vocab` columns) into `out` [B].
-pub fn sample_fwd<T: Dtype>(
+/// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax
+/// (lowest index on ties, as the CPU sampler) and `logprob` [B] its log-softmax in the raw
+/// distribution (f64 sum). Stochastic sampling runs on the host (sampling.cu
+/// explains why).
+pub fn argmax_fwd<T: Dtype>(
     dev: &CudaDevice,
     out: &mut CudaViewMut<'_, i32>,
+    logprob: &mut CudaViewMut<'_, f32>,
     logits: &CudaView<'_, T>,
     ld: usize,
     vocab: usize,
-    params: &SampleParams<'_, '_>,
 ) -> Result<(), CudaError> {
-    let kn = sym!(T, "sample_fwd");
+    let kn = sym!(T, "argmax_fwd");
     let b = chunk_rows(kn, logits.len(), ld, vocab)?;
     need_len(kn, "out", out.len(), b)?;
-    for (name, len) in [
-        ("temperature", params.temperature.len()),
-        ("top_k", params.top_k.len()),
-        ("top_p", params.top_p.len()),
-        ("uniform", params.uniform.len()),
-    ] {
-        need_len(kn, name, len, b)?;
-    }
+    need_len(kn, "logprob", logprob.len(), b)?;
     if b == 0 {
         return Ok(());
     }
     let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
     let f = dev.function("sampling.cu", kn)?;
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(out)
-        .arg(logits)
-        .arg(&ldl)
-        .arg(&vi)
-        .arg(params.temperature)
-        .arg(params.top_k)
-        .arg(params.top_p)
-        .arg(params.uniform);
-    // SAFETY: logits [b, ld] with vocab <= ld, out and the four parameter arrays [b] (checked);
-    // the kernel is compiled with __launch_bounds__(1024) and uses only static shared memory.
-    unsafe { l.launch(row_cfg(kn, b, SAMPLE_THREADS)?) }.map_err(launch_err(kn))?;
+    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
+    // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
+    // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
+    unsafe { l.launch(row_cfg(kn, b, ARGMAX_THREADS)?) }.map_err(launch_err(kn))?;
     Ok(())
 }

@@ -15,15 +15,17 @@ mod loss;
 pub use attention::{
     AttentionShape, DecodeShape, attention_bwd, attention_fwd, decode_attention_fwd, kv_append_fwd,
 };
-pub use elementwise::{add_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd};
+pub use elementwise::{
+    acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
+};
 pub use gemm::{BLayout, matmul};
 pub use layers::{
     embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope_bwd, rope_fwd, swiglu_bwd, swiglu_fwd,
 };
 pub use lora::{LoraLayout, lora_expand_fwd, lora_shrink_fwd, lora_wgrad_bwd};
 pub use loss::{
-    AdamStep, LossVariant, SampleParams, adamw_fwd, loss_fwd, sample_fwd, xent_bwd,
-    xent_bwd_inplace, xent_finish_fwd, xent_fwd,
+    AdamStep, LossVariant, adamw_fwd, argmax_fwd, loss_fwd, xent_bwd, xent_bwd_inplace,
+    xent_finish_fwd, xent_fwd,
 };
 
 use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};

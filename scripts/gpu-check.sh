@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (CUDA 13 driver, PyTorch + transformers + PEFT, no Rust, no
+# network): the GPU test suite, then the benchmarks against PyTorch, all within ~8 minutes.
+#
+# Prepare here:  scripts/build-gpu-bundle.sh          (fills gpu-bundle/: twinkle, cuda_gpu)
+# Run there:     bash scripts/gpu-check.sh            (device tool: carry ["gpu-bundle"])
+# Results go to $OUT/gpu-check.txt (or ./gpu-check.txt without $OUT), written as each step
+# ends, so a step that fails or times out still leaves the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES="${OUT:-.}/gpu-check.txt"
+: >"$RES"
+T0=$(date +%s)
+say() { echo "$*" | tee -a "$RES"; }
+# step NAME TIMEOUT_S CMD...: runs with a timeout, appends its output and exit code
+step() {
+    local name=$1 limit=$2
+    shift 2
+    say ""
+    say "=== $name (timeout ${limit}s, t+$(($(date +%s) - T0))s) ==="
+    PYTHONUNBUFFERED=1 timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$RES"
+    local rc=${PIPESTATUS[0]}
+    say "=== $name: exit $rc$([ "$rc" = 124 ] && echo ' (TIMEOUT)') ==="
+}
+
+say "gpu-check $(date -u +%FT%TZ) on $(hostname)"
+step nvidia-smi 20 nvidia-smi
+
+# NVRTC and cuBLAS for the kernels: the toolkit's first (its NVRTC matches the driver; a newer
+# NVRTC's CUBIN would be refused), then the pip wheels next to PyTorch.
+libdirs=$(
+    {
+        find /usr/local/cuda/ /usr/local/cuda-*/ -maxdepth 5 \
+            \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null
+        python3 -c '
+import os, site
+for d in site.getsitepackages():
+    for root, _, files in os.walk(os.path.join(d, "nvidia")):
+        for f in files:
+            if f.startswith(("libnvrtc.so", "libcublas.so")):
+                print(os.path.join(root, f))
+' 2>/dev/null
+    } | xargs -r -n1 dirname | awk '!seen[$0]++' | paste -sd:
+)
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+if [ ! -x gpu-bundle/cuda_gpu ] || [ ! -x gpu-bundle/twinkle ]; then
+    say "gpu-bundle/ is missing: run scripts/build-gpu-bundle.sh and carry gpu-bundle"
+    exit 1
+fi
+
+# 1. GPU tests: every kernel vs its CPU twin, the golden fixtures through the CUDA path
+#    (f32 and bf16), greedy and sampling vs the CPU engine, one training step CPU vs GPU.
+step "cuda_gpu tests" 120 env TWINKLE_REQUIRE_GPU=1 gpu-bundle/cuda_gpu --test-threads 4 --nocapture
+
+# 2. Benchmarks (random weights; one JSON line each, twinkle and PyTorch, with the ratio).
+B="python3 scripts/bench_torch_cuda.py"
+TW="--twinkle gpu-bundle/twinkle"
+step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
+step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW
+step "sample qwen2.5-0.5b batch 1" 40 $B sample --shape qwen2.5-0.5b --batch 1 $TW
+step "sample qwen2.5-0.5b batch 64" 40 $B sample --shape qwen2.5-0.5b --batch 64 $TW
+step "sample qwen2.5-7b batch 1" 50 $B sample --shape qwen2.5-7b --batch 1 $TW
+step "sample qwen2.5-7b batch 64" 50 $B sample --shape qwen2.5-7b --batch 64 $TW
+
+say ""
+say "gpu-check done in $(($(date +%s) - T0))s"

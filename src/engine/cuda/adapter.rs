@@ -1,0 +1,331 @@
+//! `CudaAdapter`: a LoRA adapter resident on the GPU — f32 master weights A [r, in] and
+//! B [out, r], their accumulated gradients and Adam moments — uploaded from and downloaded to
+//! the host [`Adapter`], so checkpoints (PEFT files, optimizer state) stay the CPU code's job.
+//! Also the AdamW step on the device, with the CPU's `AdamParams` semantics.
+
+use cudarc::driver::CudaSlice;
+
+use super::launch::{self as k, AdamStep};
+use super::model::{Act, CudaModel, R, download, upload, view, zeros};
+use super::{CudaDevice, CudaError};
+use crate::engine::lora::{Adapter, LoraConfig, LoraPair, Target};
+use crate::engine::models::ModelConfig;
+use crate::engine::optim::{AdamParams, OptimMetrics};
+
+/// One LoRA module on the device.
+pub(crate) struct GpuPair {
+    pub rank: usize,
+    pub a: CudaSlice<f32>,
+    pub b: CudaSlice<f32>,
+    pub ga: CudaSlice<f32>,
+    pub gb: CudaSlice<f32>,
+    pub ma: CudaSlice<f32>,
+    pub va: CudaSlice<f32>,
+    pub mb: CudaSlice<f32>,
+    pub vb: CudaSlice<f32>,
+}
+
+impl GpuPair {
+    fn up(dev: &CudaDevice, p: &LoraPair) -> R<GpuPair> {
+        Ok(GpuPair {
+            rank: p.rank(),
+            a: upload(dev, p.a.data())?,
+            b: upload(dev, p.b.data())?,
+            ga: upload(dev, &p.grad_a)?,
+            gb: upload(dev, &p.grad_b)?,
+            ma: upload(dev, &p.m_a)?,
+            va: upload(dev, &p.v_a)?,
+            mb: upload(dev, &p.m_b)?,
+            vb: upload(dev, &p.v_b)?,
+        })
+    }
+
+    fn down(&self, dev: &CudaDevice, p: &mut LoraPair) -> R<()> {
+        let get = |s: &CudaSlice<f32>| download(dev, &s.as_view());
+        let (a, b) = (get(&self.a)?, get(&self.b)?);
+        if a.len() != p.a.len() || b.len() != p.b.len() {
+            return Err(mismatch("download"));
+        }
+        p.a.data_mut().copy_from_slice(&a);
+        p.b.data_mut().copy_from_slice(&b);
+        p.grad_a = get(&self.ga)?;
+        p.grad_b = get(&self.gb)?;
+        p.m_a = get(&self.ma)?;
+        p.v_a = get(&self.va)?;
+        p.m_b = get(&self.mb)?;
+        p.v_b = get(&self.vb)?;
+        Ok(())
+    }
+
+    fn grads(&self) -> [&CudaSlice<f32>; 2] {
+        [&self.ga, &self.gb]
+    }
+}
+
+fn mismatch(what: &str) -> CudaError {
+    CudaError::Shape {
+        kernel: "CudaAdapter",
+        msg: format!("{what}: the host adapter's modules differ from the device adapter's"),
+    }
+}
+
+/// (in, out) of a LoRA target for a model config (as `Target::dims`).
+fn dims(t: Target, c: &ModelConfig) -> (usize, usize) {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    match t {
+        Target::Q => (h, qd),
+        Target::K | Target::V => (h, kvd),
+        Target::O => (qd, h),
+        Target::Gate | Target::Up => (h, i),
+        Target::Down => (i, h),
+        Target::LmHead => (h, c.vocab_size),
+    }
+}
+
+/// A LoRA adapter on the GPU.
+pub struct CudaAdapter {
+    pub(crate) scaling: f32,
+    pub(crate) step: u64,
+    /// `layers[l][slot]`, slots in `Target::LAYER` order.
+    pub(crate) layers: Vec<[Option<GpuPair>; 7]>,
+    pub(crate) lm_head: Option<GpuPair>,
+}
+
+impl std::fmt::Debug for CudaAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaAdapter").field("step", &self.step).finish()
+    }
+}
+
+impl CudaAdapter {
+    /// Uploads `host` (weights, accumulated gradients, Adam moments, step) for `model`.
+    pub fn upload<T: Act>(model: &CudaModel<T>, host: &Adapter) -> R<CudaAdapter> {
+        let c = model.config();
+        let dev = &*model.dev;
+        let check = |t: Target, p: &LoraPair| {
+            let (inp, out) = dims(t, c);
+            let r = p.rank();
+            if p.a.len() != r * inp || p.b.len() != out * r {
+                return Err(CudaError::Engine(crate::engine::EngineError::Adapter(format!(
+                    "adapter module {} does not fit this model ({}x{} expected)",
+                    t.name(),
+                    out,
+                    inp
+                ))));
+            }
+            Ok(())
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let mut slots: [Option<GpuPair>; 7] = Default::default();
+            for (i, t) in Target::LAYER.into_iter().enumerate() {
+                if let Some(p) = host.layer(l, t) {
+                    check(t, p)?;
+                    slots[i] = Some(GpuPair::up(dev, p)?);
+                }
+            }
+            layers.push(slots);
+        }
+        let lm_head = match host.lm_head() {
+            Some(p) => {
+                check(Target::LmHead, p)?;
+                Some(GpuPair::up(dev, p)?)
+            }
+            None => None,
+        };
+        Ok(CudaAdapter { scaling: host.scaling(), step: host.step(), layers, lm_head })
+    }
+
+    /// A fresh adapter made on the device (A ~ U(+-1/sqrt(in)), B = 0, as `Adapter::new`, from
+    /// another random stream): for benchmarks of models that exist only on the GPU.
+    pub fn fresh<T: Act>(model: &CudaModel<T>, cfg: &LoraConfig) -> R<CudaAdapter> {
+        if cfg.rank == 0 || cfg.targets.is_empty() {
+            return Err(CudaError::Engine(crate::engine::EngineError::InvalidInput(
+                "LoRA needs rank > 0 and at least one target".into(),
+            )));
+        }
+        let c = model.config();
+        let dev = &*model.dev;
+        let mut rng = crate::engine::synth::SynthRng(cfg.seed);
+        let r = cfg.rank;
+        let mut make = |t: Target| -> R<GpuPair> {
+            let (inp, out) = dims(t, c);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..r * inp).map(|_| rng.next_f32() * bound).collect();
+            Ok(GpuPair {
+                rank: r,
+                a: upload(dev, &a)?,
+                b: zeros(dev, out * r)?,
+                ga: zeros(dev, r * inp)?,
+                gb: zeros(dev, out * r)?,
+                ma: zeros(dev, r * inp)?,
+                va: zeros(dev, r * inp)?,
+                mb: zeros(dev, out * r)?,
+                vb: zeros(dev, out * r)?,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut slots: [Option<GpuPair>; 7] = Default::default();
+            for (i, t) in Target::LAYER.into_iter().enumerate() {
+                if cfg.targets.contains(&t) {
+                    slots[i] = Some(make(t)?);
+                }
+            }
+            layers.push(slots);
+        }
+        let lm_head =
+            if cfg.targets.contains(&Target::LmHead) { Some(make(Target::LmHead)?) } else { None };
+        Ok(CudaAdapter { scaling: cfg.alpha / r as f32, step: 0, layers, lm_head })
+    }
+
+    /// Number of trainable parameters (all A and B entries).
+    pub fn num_params(&self) -> usize {
+        self.grad_len()
+    }
+
+    /// Copies weights, gradients, moments and the step back into `host` (the adapter this one
+    /// was uploaded from, or one of the same configuration).
+    pub fn download_into(&self, dev: &CudaDevice, host: &mut Adapter) -> R<()> {
+        for (l, slots) in self.layers.iter().enumerate() {
+            for (i, t) in Target::LAYER.into_iter().enumerate() {
+                match (&slots[i], host.layer_mut(l, t)) {
+                    (Some(g), Some(p)) => g.down(dev, p)?,
+                    (None, None) => {}
+                    _ => return Err(mismatch("download")),
+                }
+            }
+        }
+        match (&self.lm_head, host.lm_head_mut()) {
+            (Some(g), Some(p)) => g.down(dev, p)?,
+            (None, None) => {}
+            _ => return Err(mismatch("download")),
+        }
+        host.step = self.step;
+        Ok(())
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// `alpha / r`.
+    pub fn scaling(&self) -> f32 {
+        self.scaling
+    }
+
+    pub(crate) fn pair_mut(&mut self, l: usize, t: Target) -> Option<&mut GpuPair> {
+        let i = Target::LAYER.iter().position(|&x| x == t)?;
+        self.layers.get_mut(l).and_then(|s| s[i].as_mut())
+    }
+
+    /// Every module in the host adapter's `pairs()` order (layers, then lm_head).
+    fn pairs(&self) -> impl Iterator<Item = &GpuPair> {
+        self.layers.iter().flat_map(|s| s.iter().flatten()).chain(self.lm_head.as_ref())
+    }
+
+    fn pairs_mut(&mut self) -> impl Iterator<Item = &mut GpuPair> {
+        self.layers.iter_mut().flat_map(|s| s.iter_mut().flatten()).chain(self.lm_head.as_mut())
+    }
+
+    /// Number of gradient values (`sum of |A| + |B|`), the length of [`Self::grads_to_host`].
+    pub fn grad_len(&self) -> usize {
+        self.pairs().map(|p| p.ga.len() + p.gb.len()).sum()
+    }
+
+    /// All accumulated gradients as one host vector (per module A then B, in `pairs()` order):
+    /// what a data-parallel worker all-reduces.
+    pub fn grads_to_host(&self, dev: &CudaDevice) -> R<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.grad_len());
+        for p in self.pairs() {
+            for g in p.grads() {
+                out.extend(download(dev, &g.as_view())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces the accumulated gradients with `grads` (layout of [`Self::grads_to_host`]).
+    pub fn grads_from_host(&mut self, dev: &CudaDevice, grads: &[f32]) -> R<()> {
+        if grads.len() != self.grad_len() {
+            return Err(CudaError::Shape {
+                kernel: "grads_from_host",
+                msg: format!("{} values for {} gradient entries", grads.len(), self.grad_len()),
+            });
+        }
+        let mut off = 0;
+        for p in self.pairs_mut() {
+            for g in [&mut p.ga, &mut p.gb] {
+                let n = g.len();
+                dev.stream()
+                    .memcpy_htod(&grads[off..off + n], g)
+                    .map_err(CudaError::driver("uploading gradients"))?;
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the accumulated gradients.
+    pub fn zero_grad(&mut self, dev: &CudaDevice) -> R<()> {
+        for p in self.pairs_mut() {
+            for g in [&mut p.ga, &mut p.gb] {
+                dev.stream().memset_zeros(g).map_err(CudaError::driver("zeroing gradients"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step with the accumulated gradients (global-norm clip as the CPU's
+    /// `Adapter::optim_step`), then zeroes them.
+    pub fn optim_step(&mut self, dev: &CudaDevice, p: &AdamParams) -> R<OptimMetrics> {
+        p.validate()?;
+        let mut acc = zeros::<f32>(dev, 1)?;
+        for pair in self.pairs() {
+            for g in pair.grads() {
+                k::sumsq_fwd(dev, &mut acc.as_view_mut(), &g.as_view())?;
+            }
+        }
+        let sq = download(dev, &view(&acc, 0, 1)?)?.first().copied().unwrap_or(0.0);
+        let grad_norm = (sq as f64).sqrt();
+        let clip = if p.grad_clip_norm > 0.0 && grad_norm > p.grad_clip_norm {
+            p.grad_clip_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let step = self.step + 1;
+        let h = AdamStep {
+            lr: p.learning_rate as f32,
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            eps: p.eps as f32,
+            weight_decay: p.weight_decay as f32,
+            step: u32::try_from(step).unwrap_or(u32::MAX),
+            grad_scale: clip as f32,
+        };
+        for pair in self.pairs_mut() {
+            let GpuPair { a, b, ga, gb, ma, va, mb, vb, .. } = pair;
+            k::adamw_fwd(
+                dev,
+                &mut a.as_view_mut(),
+                &ga.as_view(),
+                &mut ma.as_view_mut(),
+                &mut va.as_view_mut(),
+                &h,
+            )?;
+            k::adamw_fwd(
+                dev,
+                &mut b.as_view_mut(),
+                &gb.as_view(),
+                &mut mb.as_view_mut(),
+                &mut vb.as_view_mut(),
+                &h,
+            )?;
+        }
+        self.zero_grad(dev)?;
+        self.step = step;
+        Ok(OptimMetrics { grad_norm, step, learning_rate: p.learning_rate })
+    }
+}

@@ -1,0 +1,472 @@
+//! The decoder stack on the GPU: one layer's forward (training with saved activations, prefill
+//! into a KV cache, or single-token decode) and its explicit backward, step for step the same as
+//! `engine::transformer` (same recomputed tensors, same order of accumulation).
+
+use cudarc::driver::CudaSlice;
+
+use super::CudaError;
+use super::adapter::CudaAdapter;
+use super::decode::CudaKvCache;
+use super::launch as k;
+use super::model::{Act, CudaModel, R, lora_of, slot, upload, view, view_mut, zeros};
+use crate::engine::lora::Target;
+
+/// Packed rows of several sequences on the device.
+pub(crate) struct Pack {
+    pub rows: usize,
+    pub ids: CudaSlice<i32>,
+    pub pos: CudaSlice<i32>,
+    /// Prefix sums of the sequence lengths [B + 1].
+    pub cu: CudaSlice<i32>,
+    pub max_len: usize,
+}
+
+impl Pack {
+    /// Uploads already validated tokens (`< vocab`) with their positions.
+    pub fn new<T: Act>(
+        m: &CudaModel<T>,
+        tokens: &[u32],
+        seqs: &[(usize, usize)],
+        positions: &[u32],
+    ) -> R<Pack> {
+        let rows = tokens.len();
+        if rows == 0 || positions.len() != rows {
+            return Err(CudaError::Shape {
+                kernel: "pack",
+                msg: format!("{rows} tokens with {} positions", positions.len()),
+            });
+        }
+        let to_i32 = |v: u32, what: &str| {
+            i32::try_from(v).map_err(|_| CudaError::Shape {
+                kernel: "pack",
+                msg: format!("{what} {v} exceeds i32"),
+            })
+        };
+        let ids = tokens.iter().map(|&t| to_i32(t, "token")).collect::<R<Vec<_>>>()?;
+        let pos = positions.iter().map(|&t| to_i32(t, "position")).collect::<R<Vec<_>>>()?;
+        let mut cu = Vec::with_capacity(seqs.len() + 1);
+        cu.push(0i32);
+        for &(start, len) in seqs {
+            cu.push(to_i32((start + len) as u32, "row")?);
+        }
+        let max_len = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+        let dev = &*m.dev;
+        Ok(Pack {
+            rows,
+            ids: upload(dev, &ids)?,
+            pos: upload(dev, &pos)?,
+            cu: upload(dev, &cu)?,
+            max_len,
+        })
+    }
+}
+
+/// How attention sees keys and values.
+pub(crate) enum KvMode<'a, T: Act> {
+    /// Packed causal attention over the rows themselves (training, forward-only).
+    Train,
+    /// As `Train`, and the keys / values are written to the cache at `slots` [rows].
+    Prefill { slots: &'a CudaSlice<i32>, cache: &'a mut CudaKvCache<T> },
+    /// One row per sequence: append at `slots`, then attend to the cached context
+    /// (`table` [B] = the sequence's cache block, `ctx` [B] = its length after the append).
+    Decode {
+        slots: &'a CudaSlice<i32>,
+        table: &'a CudaSlice<i32>,
+        ctx: &'a CudaSlice<i32>,
+        cache: &'a mut CudaKvCache<T>,
+    },
+}
+
+/// (q before q_norm, its rstd, k before k_norm, its rstd).
+type QkPre<T> = (CudaSlice<T>, CudaSlice<f32>, CudaSlice<T>, CudaSlice<f32>);
+
+/// Activations one layer keeps for its backward (the normed inputs and the SwiGLU output are
+/// recomputed, as on the CPU).
+pub(crate) struct LayerSave<T> {
+    x_in: CudaSlice<T>,
+    rstd1: CudaSlice<f32>,
+    /// LoRA intermediates x A^T per target (`Target::LAYER` order).
+    h: [Option<CudaSlice<f32>>; 7],
+    /// Inputs of Qwen3-style q/k norms.
+    qk_pre: Option<QkPre<T>>,
+    /// Post-rope q, k, v with the head dim padded to `hdp`.
+    qp: CudaSlice<T>,
+    kp: CudaSlice<T>,
+    vp: CudaSlice<T>,
+    /// Attention output, padded [rows, heads, hdp] and unpadded [rows, heads * head_dim].
+    outp: CudaSlice<T>,
+    attn: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<T>,
+    rstd2: CudaSlice<f32>,
+    g: CudaSlice<T>,
+    u: CudaSlice<T>,
+}
+
+/// Result of the stack: final normed hidden states and what the backward needs.
+pub(crate) struct StackOut<T> {
+    pub h_final: CudaSlice<T>,
+    x_final: CudaSlice<T>,
+    rstd_final: CudaSlice<f32>,
+    saves: Vec<LayerSave<T>>,
+}
+
+impl<T: Act> CudaModel<T> {
+    /// Pads the head dim to `hdp` (moves `x` through unchanged when no padding is needed).
+    fn pad_owned(&self, x: CudaSlice<T>, rows_heads: usize) -> R<CudaSlice<T>> {
+        Ok(self.pad(&x, rows_heads)?.unwrap_or(x))
+    }
+
+    fn dup<U: Act>(&self, x: &CudaSlice<U>) -> R<CudaSlice<U>> {
+        self.dev.stream().clone_dtod(x).map_err(CudaError::driver("copying activations"))
+    }
+
+    /// Embedding, every layer, final norm.
+    pub(crate) fn stack_fwd(
+        &self,
+        p: &Pack,
+        ad: Option<&CudaAdapter>,
+        kv: &mut KvMode<'_, T>,
+        save: bool,
+    ) -> R<StackOut<T>> {
+        let h = self.cfg.hidden_size;
+        let mut x = zeros::<T>(&self.dev, p.rows * h)?;
+        k::embedding_fwd(
+            &self.dev,
+            &mut view_mut(&mut x, 0, p.rows * h)?,
+            &self.embed.as_view(),
+            &view(&p.ids, 0, p.rows)?,
+            h,
+        )?;
+        let mut saves = Vec::new();
+        for l in 0..self.layers.len() {
+            if let Some(s) = self.layer_fwd(l, &mut x, p, ad, kv, save)? {
+                saves.push(s);
+            }
+        }
+        let (h_final, rstd_final) = self.rmsnorm(&view(&x, 0, p.rows * h)?, &self.final_norm)?;
+        Ok(StackOut { h_final, x_final: x, rstd_final, saves })
+    }
+
+    /// Backward through the stack from `dh_final`, accumulating LoRA gradients into `ad`.
+    pub(crate) fn stack_bwd(
+        &self,
+        st: &StackOut<T>,
+        dh_final: &CudaSlice<T>,
+        p: &Pack,
+        ad: &mut CudaAdapter,
+    ) -> R<()> {
+        let n = p.rows * self.cfg.hidden_size;
+        if st.saves.len() != self.layers.len() {
+            return Err(CudaError::Shape {
+                kernel: "stack_bwd",
+                msg: "the forward did not save activations".into(),
+            });
+        }
+        let mut dx = self.rmsnorm_bwd(
+            &view(dh_final, 0, n)?,
+            &view(&st.x_final, 0, n)?,
+            &self.final_norm,
+            &st.rstd_final,
+        )?;
+        for (l, s) in st.saves.iter().enumerate().rev() {
+            self.layer_bwd(l, s, &mut dx, p, ad)?;
+        }
+        Ok(())
+    }
+
+    fn layer_fwd(
+        &self,
+        l: usize,
+        x: &mut CudaSlice<T>,
+        p: &Pack,
+        ad: Option<&CudaAdapter>,
+        kv: &mut KvMode<'_, T>,
+        save: bool,
+    ) -> R<Option<LayerSave<T>>> {
+        let dev = &*self.dev;
+        let c = &self.cfg;
+        let lw = &self.layers[l];
+        let rows = p.rows;
+        let (hid, hd, nh, nkv, hdp) =
+            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let scale = ad.map(|a| a.scaling).unwrap_or(0.0);
+        let lora = |t: Target| lora_of(ad, l, t);
+
+        let (h1, rstd1) = self.rmsnorm(&view(x, 0, rows * hid)?, &lw.input_norm)?;
+        let h1v = view(&h1, 0, rows * hid)?;
+        let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, lora(Target::Q), scale)?;
+        let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, lora(Target::K), scale)?;
+        let (v, hv) = self.lin_fwd(&h1v, rows, &lw.v, lora(Target::V), scale)?;
+        let (q, kk, qk_pre) = match &lw.qk_norm {
+            Some((qn, kn)) => {
+                let (qo, q_rstd) = self.rmsnorm(&view(&q, 0, rows * nh * hd)?, qn)?;
+                let (ko, k_rstd) = self.rmsnorm(&view(&kk, 0, rows * nkv * hd)?, kn)?;
+                (qo, ko, Some((q, q_rstd, kk, k_rstd)))
+            }
+            None => (q, kk, None),
+        };
+        let q = self.rope(&q, &p.pos, rows, nh, false)?;
+        let kk = self.rope(&kk, &p.pos, rows, nkv, false)?;
+        let qp = self.pad_owned(q, rows * nh)?;
+        let kp = self.pad_owned(kk, rows * nkv)?;
+        let vp = self.pad_owned(v, rows * nkv)?;
+        let (nq, nk) = (rows * nh * hdp, rows * nkv * hdp);
+        let mut outp = zeros::<T>(dev, nq)?;
+        let mut lse = zeros::<f32>(dev, rows * nh)?;
+        let (qv, kv_, vv) = (view(&qp, 0, nq)?, view(&kp, 0, nk)?, view(&vp, 0, nk)?);
+        match kv {
+            KvMode::Train | KvMode::Prefill { .. } => {
+                k::attention_fwd(
+                    dev,
+                    &mut view_mut(&mut outp, 0, nq)?,
+                    &mut view_mut(&mut lse, 0, rows * nh)?,
+                    &qv,
+                    &kv_,
+                    &vv,
+                    &p.cu.as_view(),
+                    &self.attn_shape(p.max_len),
+                )?;
+                if let KvMode::Prefill { slots, cache } = kv {
+                    let cache = &mut **cache;
+                    let (kc, vc) = cache.layer_mut(l)?;
+                    let sv = view(slots, 0, rows)?;
+                    k::kv_append_fwd(
+                        dev,
+                        &mut kc.as_view_mut(),
+                        &mut vc.as_view_mut(),
+                        &kv_,
+                        &vv,
+                        &sv,
+                        nkv * hdp,
+                    )?;
+                }
+            }
+            KvMode::Decode { slots, table, ctx, cache } => {
+                let cache = &mut **cache;
+                let block = cache.max_len();
+                let (kc, vc) = cache.layer_mut(l)?;
+                let sv = view(slots, 0, rows)?;
+                k::kv_append_fwd(
+                    dev,
+                    &mut kc.as_view_mut(),
+                    &mut vc.as_view_mut(),
+                    &kv_,
+                    &vv,
+                    &sv,
+                    nkv * hdp,
+                )?;
+                k::decode_attention_fwd(
+                    dev,
+                    &mut view_mut(&mut outp, 0, nq)?,
+                    &qv,
+                    &kc.as_view(),
+                    &vc.as_view(),
+                    &view(table, 0, rows)?,
+                    &view(ctx, 0, rows)?,
+                    &self.decode_shape(block),
+                )?;
+            }
+        }
+        let attn = self.unpad(&outp, rows * nh)?;
+        let (o, ho) =
+            self.lin_fwd(&view(&attn, 0, rows * nh * hd)?, rows, &lw.o, lora(Target::O), scale)?;
+        let x_in = if save { Some(self.dup(x)?) } else { None };
+        k::acc_fwd(dev, &mut view_mut(x, 0, rows * hid)?, &view(&o, 0, rows * hid)?)?;
+
+        let (h2, rstd2) = self.rmsnorm(&view(x, 0, rows * hid)?, &lw.post_norm)?;
+        let h2v = view(&h2, 0, rows * hid)?;
+        let inter = lw.gate.out;
+        let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, lora(Target::Gate), scale)?;
+        let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, lora(Target::Up), scale)?;
+        let mut act = zeros::<T>(dev, rows * inter)?;
+        k::swiglu_fwd(
+            dev,
+            &mut view_mut(&mut act, 0, rows * inter)?,
+            &view(&g, 0, rows * inter)?,
+            &view(&u, 0, rows * inter)?,
+        )?;
+        let (d, hdn) =
+            self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, lora(Target::Down), scale)?;
+        let x_mid = if save { Some(self.dup(x)?) } else { None };
+        k::acc_fwd(dev, &mut view_mut(x, 0, rows * hid)?, &view(&d, 0, rows * hid)?)?;
+        let (Some(x_in), Some(x_mid)) = (x_in, x_mid) else { return Ok(None) };
+        Ok(Some(LayerSave {
+            x_in,
+            rstd1,
+            h: [hq, hk, hv, ho, hg, hu, hdn],
+            qk_pre,
+            qp,
+            kp,
+            vp,
+            outp,
+            attn,
+            lse,
+            x_mid,
+            rstd2,
+            g,
+            u,
+        }))
+    }
+
+    fn layer_bwd(
+        &self,
+        l: usize,
+        s: &LayerSave<T>,
+        dx: &mut CudaSlice<T>,
+        p: &Pack,
+        ad: &mut CudaAdapter,
+    ) -> R<()> {
+        let dev = &*self.dev;
+        let c = &self.cfg;
+        let lw = &self.layers[l];
+        let rows = p.rows;
+        let (hid, hd, nh, nkv, hdp) =
+            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let inter = lw.gate.out;
+        let scale = ad.scaling;
+        let hs = |t: Target| s.h[slot(t)].as_ref();
+        let nh_ = rows * hid;
+
+        // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
+        let (gv, uv) = (view(&s.g, 0, rows * inter)?, view(&s.u, 0, rows * inter)?);
+        let mut act = zeros::<T>(dev, rows * inter)?;
+        k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, rows * inter)?, &gv, &uv)?;
+        let (h2, _) = self.rmsnorm(&view(&s.x_mid, 0, nh_)?, &lw.post_norm)?;
+        let h2v = view(&h2, 0, nh_)?;
+        let mut dact = zeros::<T>(dev, rows * inter)?;
+        self.lin_bwd(
+            &view(dx, 0, nh_)?,
+            &view(&act, 0, rows * inter)?,
+            hs(Target::Down),
+            rows,
+            &lw.down,
+            ad.pair_mut(l, Target::Down),
+            scale,
+            &mut view_mut(&mut dact, 0, rows * inter)?,
+            false,
+        )?;
+        let mut dg = zeros::<T>(dev, rows * inter)?;
+        let mut du = zeros::<T>(dev, rows * inter)?;
+        k::swiglu_bwd(
+            dev,
+            &mut view_mut(&mut dg, 0, rows * inter)?,
+            &mut view_mut(&mut du, 0, rows * inter)?,
+            &view(&dact, 0, rows * inter)?,
+            &gv,
+            &uv,
+        )?;
+        let mut dh2 = zeros::<T>(dev, nh_)?;
+        for (dy, lin, t, acc) in
+            [(&dg, &lw.gate, Target::Gate, false), (&du, &lw.up, Target::Up, true)]
+        {
+            self.lin_bwd(
+                &view(dy, 0, rows * inter)?,
+                &h2v,
+                hs(t),
+                rows,
+                lin,
+                ad.pair_mut(l, t),
+                scale,
+                &mut view_mut(&mut dh2, 0, nh_)?,
+                acc,
+            )?;
+        }
+        let t = self.rmsnorm_bwd(
+            &view(&dh2, 0, nh_)?,
+            &view(&s.x_mid, 0, nh_)?,
+            &lw.post_norm,
+            &s.rstd2,
+        )?;
+        k::acc_fwd(dev, &mut view_mut(dx, 0, nh_)?, &view(&t, 0, nh_)?)?;
+
+        // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
+        let mut dattn = zeros::<T>(dev, rows * nh * hd)?;
+        self.lin_bwd(
+            &view(dx, 0, nh_)?,
+            &view(&s.attn, 0, rows * nh * hd)?,
+            hs(Target::O),
+            rows,
+            &lw.o,
+            ad.pair_mut(l, Target::O),
+            scale,
+            &mut view_mut(&mut dattn, 0, rows * nh * hd)?,
+            false,
+        )?;
+        let dattn_p = self.pad_owned(dattn, rows * nh)?;
+        let (nq, nk) = (rows * nh * hdp, rows * nkv * hdp);
+        let mut dqp = zeros::<T>(dev, nq)?;
+        let mut dkp = zeros::<T>(dev, nk)?;
+        let mut dvp = zeros::<T>(dev, nk)?;
+        let mut dq_acc = zeros::<f32>(dev, nq)?;
+        let mut delta = zeros::<f32>(dev, rows * nh)?;
+        k::attention_bwd(
+            dev,
+            &mut view_mut(&mut dqp, 0, nq)?,
+            &mut view_mut(&mut dkp, 0, nk)?,
+            &mut view_mut(&mut dvp, 0, nk)?,
+            &mut view_mut(&mut dq_acc, 0, nq)?,
+            &mut view_mut(&mut delta, 0, rows * nh)?,
+            &view(&dattn_p, 0, nq)?,
+            &view(&s.qp, 0, nq)?,
+            &view(&s.kp, 0, nk)?,
+            &view(&s.vp, 0, nk)?,
+            &view(&s.outp, 0, nq)?,
+            &view(&s.lse, 0, rows * nh)?,
+            &p.cu.as_view(),
+            &self.attn_shape(p.max_len),
+        )?;
+        let dq = self.unpad(&dqp, rows * nh)?;
+        let dk = self.unpad(&dkp, rows * nkv)?;
+        let dv = self.unpad(&dvp, rows * nkv)?;
+        let dq = self.rope(&dq, &p.pos, rows, nh, true)?;
+        let dk = self.rope(&dk, &p.pos, rows, nkv, true)?;
+        let (dq, dk) = match (&lw.qk_norm, &s.qk_pre) {
+            (Some((qn, kn)), Some((q_pre, q_rstd, k_pre, k_rstd))) => (
+                self.rmsnorm_bwd(
+                    &view(&dq, 0, rows * nh * hd)?,
+                    &view(q_pre, 0, rows * nh * hd)?,
+                    qn,
+                    q_rstd,
+                )?,
+                self.rmsnorm_bwd(
+                    &view(&dk, 0, rows * nkv * hd)?,
+                    &view(k_pre, 0, rows * nkv * hd)?,
+                    kn,
+                    k_rstd,
+                )?,
+            ),
+            _ => (dq, dk),
+        };
+        let (h1, _) = self.rmsnorm(&view(&s.x_in, 0, nh_)?, &lw.input_norm)?;
+        let h1v = view(&h1, 0, nh_)?;
+        let mut dh1 = zeros::<T>(dev, nh_)?;
+        for (dy, n, lin, t, acc) in [
+            (&dq, rows * nh * hd, &lw.q, Target::Q, false),
+            (&dk, rows * nkv * hd, &lw.k, Target::K, true),
+            (&dv, rows * nkv * hd, &lw.v, Target::V, true),
+        ] {
+            self.lin_bwd(
+                &view(dy, 0, n)?,
+                &h1v,
+                hs(t),
+                rows,
+                lin,
+                ad.pair_mut(l, t),
+                scale,
+                &mut view_mut(&mut dh1, 0, nh_)?,
+                acc,
+            )?;
+        }
+        if l > 0 {
+            let t = self.rmsnorm_bwd(
+                &view(&dh1, 0, nh_)?,
+                &view(&s.x_in, 0, nh_)?,
+                &lw.input_norm,
+                &s.rstd1,
+            )?;
+            k::acc_fwd(dev, &mut view_mut(dx, 0, nh_)?, &view(&t, 0, nh_)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,473 @@
+//! `CudaModel`: the frozen base model resident on one GPU (weights uploaded once from the host
+//! [`Model`], stored as `T` = bf16 or f32), and the device-side decoder layer: forward with saved
+//! activations and the explicit backward, mirroring `engine::transformer` step for step.
+//!
+//! Attention kernels need a head dimension that is a multiple of 32; other head sizes are
+//! zero-padded to the next multiple around the attention calls (exact: zero columns add nothing
+//! to q·k and produce zero output / gradient columns), with the real `1/sqrt(head_dim)` scale.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use super::adapter::{CudaAdapter, GpuPair};
+use super::launch::{self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraLayout};
+use super::{CudaDevice, CudaError};
+use crate::engine::backend::RopeTable;
+use crate::engine::lora::Target;
+use crate::engine::models::{Linear, Model, ModelConfig};
+
+/// Activation / base-weight storage type of a [`CudaModel`].
+pub trait Act: Dtype + ValidAsZeroBits + std::fmt::Debug {
+    /// Host f32 -> storage (round to nearest even for bf16).
+    fn from_f32(x: f32) -> Self;
+    /// out = T(x) on the device.
+    fn cast_from_f32(
+        dev: &CudaDevice,
+        out: &mut CudaViewMut<'_, Self>,
+        x: &CudaView<'_, f32>,
+    ) -> Result<(), CudaError>;
+}
+
+impl Act for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn cast_from_f32(
+        dev: &CudaDevice,
+        out: &mut CudaViewMut<'_, f32>,
+        x: &CudaView<'_, f32>,
+    ) -> Result<(), CudaError> {
+        k::need_len("memcpy_dtod", "x", x.len(), out.len())?;
+        dev.stream().memcpy_dtod(x, out).map_err(CudaError::driver("copying f32 buffer"))
+    }
+}
+
+impl Act for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn cast_from_f32(
+        dev: &CudaDevice,
+        out: &mut CudaViewMut<'_, bf16>,
+        x: &CudaView<'_, f32>,
+    ) -> Result<(), CudaError> {
+        k::to_bf16_fwd(dev, out, x)
+    }
+}
+
+pub(crate) type R<T> = Result<T, CudaError>;
+
+/// A zeroed device buffer of `n` elements.
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> R<CudaSlice<T>> {
+    // cudarc rejects zero-length allocations on some drivers; keep every buffer non-empty.
+    dev.stream()
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(CudaError::driver(format!("allocating {n} elements")))
+}
+
+/// Host -> device copy.
+pub(crate) fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> R<CudaSlice<T>> {
+    dev.stream().clone_htod(v).map_err(CudaError::driver(format!("uploading {} values", v.len())))
+}
+
+/// Device -> host copy.
+pub(crate) fn download<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    v: &CudaView<'_, T>,
+) -> R<Vec<T>> {
+    let mut out = vec![T::default(); v.len()];
+    dev.stream().memcpy_dtoh(v, &mut out).map_err(CudaError::driver("downloading"))?;
+    Ok(out)
+}
+
+/// `s[a..b]` as a view, with an error instead of cudarc's panic when out of range.
+pub(crate) fn view<T>(s: &CudaSlice<T>, a: usize, b: usize) -> R<CudaView<'_, T>> {
+    s.try_slice(a..b).ok_or_else(|| out_of_range(a, b, s.len()))
+}
+
+/// `s[a..b]` as a mutable view (checked like [`view`]).
+pub(crate) fn view_mut<T>(s: &mut CudaSlice<T>, a: usize, b: usize) -> R<CudaViewMut<'_, T>> {
+    if a > b || b > s.len() {
+        return Err(out_of_range(a, b, s.len()));
+    }
+    Ok(s.slice_mut(a..b))
+}
+
+fn out_of_range(a: usize, b: usize, len: usize) -> CudaError {
+    CudaError::Shape { kernel: "slice", msg: format!("range {a}..{b} outside a buffer of {len}") }
+}
+
+fn up_t<T: Act>(dev: &CudaDevice, v: &[f32]) -> R<CudaSlice<T>> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    upload(dev, &host)
+}
+
+/// A linear layer on the device: weight [out, in] (HF layout), optional bias [out].
+pub(crate) struct DLinear<T> {
+    pub w: CudaSlice<T>,
+    pub b: Option<CudaSlice<T>>,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl<T: Act> DLinear<T> {
+    fn new(dev: &CudaDevice, lin: &Linear) -> R<Self> {
+        Ok(DLinear {
+            w: up_t(dev, lin.w.data())?,
+            b: lin.b.as_deref().map(|b| up_t(dev, b)).transpose()?,
+            inp: lin.in_dim(),
+            out: lin.out_dim(),
+        })
+    }
+}
+
+pub(crate) struct DLayer<T> {
+    pub input_norm: CudaSlice<T>,
+    pub q: DLinear<T>,
+    pub k: DLinear<T>,
+    pub v: DLinear<T>,
+    pub o: DLinear<T>,
+    pub qk_norm: Option<(CudaSlice<T>, CudaSlice<T>)>,
+    pub post_norm: CudaSlice<T>,
+    pub gate: DLinear<T>,
+    pub up: DLinear<T>,
+    pub down: DLinear<T>,
+}
+
+/// The base model on one GPU. `T` is the storage / activation type (bf16 for serving; f32 makes
+/// the same code path checkable against the golden fixtures at f32 tolerances).
+pub struct CudaModel<T: Act = bf16> {
+    pub(crate) dev: Arc<CudaDevice>,
+    pub(crate) cfg: ModelConfig,
+    /// Head dim rounded up to a multiple of 32 (the attention kernels' granularity).
+    pub(crate) hdp: usize,
+    pub(crate) embed: CudaSlice<T>,
+    pub(crate) layers: Vec<DLayer<T>>,
+    pub(crate) final_norm: CudaSlice<T>,
+    /// `None` when tied to `embed`.
+    pub(crate) lm_head: Option<CudaSlice<T>>,
+    /// f32 [max_position_embeddings, head_dim / 2].
+    pub(crate) cos: CudaSlice<f32>,
+    pub(crate) sin: CudaSlice<f32>,
+}
+
+impl<T: Act> std::fmt::Debug for CudaModel<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaModel").field("arch", &self.cfg.arch).field("dev", &self.dev).finish()
+    }
+}
+
+/// Largest head dimension the attention kernels take (after padding).
+const MAX_HEAD_DIM: usize = 256;
+
+impl<T: Act> CudaModel<T> {
+    /// Uploads `model`'s weights to `dev` (converted to `T`) and the RoPE tables.
+    pub fn new(dev: Arc<CudaDevice>, model: &Model) -> R<Self> {
+        let c = model.config().clone();
+        let hdp = c.head_dim.div_ceil(32) * 32;
+        if hdp > MAX_HEAD_DIM {
+            return Err(CudaError::Shape {
+                kernel: "CudaModel",
+                msg: format!(
+                    "head_dim {} exceeds the attention kernels' {MAX_HEAD_DIM}",
+                    c.head_dim
+                ),
+            });
+        }
+        let d = &*dev;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for lw in &model.layers {
+            let qk_norm = match (&lw.q_norm, &lw.k_norm) {
+                (Some(q), Some(k)) => Some((up_t(d, q)?, up_t(d, k)?)),
+                _ => None,
+            };
+            layers.push(DLayer {
+                input_norm: up_t(d, &lw.input_norm)?,
+                q: DLinear::new(d, &lw.q)?,
+                k: DLinear::new(d, &lw.k)?,
+                v: DLinear::new(d, &lw.v)?,
+                o: DLinear::new(d, &lw.o)?,
+                qk_norm,
+                post_norm: up_t(d, &lw.post_norm)?,
+                gate: DLinear::new(d, &lw.gate)?,
+                up: DLinear::new(d, &lw.up)?,
+                down: DLinear::new(d, &lw.down)?,
+            });
+        }
+        let positions: Vec<u32> = (0..c.max_position_embeddings.max(1) as u32).collect();
+        let rope = RopeTable::new(&positions, c.head_dim, &c.inv_freq);
+        Ok(CudaModel {
+            embed: up_t(d, model.embed.data())?,
+            final_norm: up_t(d, &model.final_norm)?,
+            lm_head: model.lm_head.as_ref().map(|t| up_t(d, t.data())).transpose()?,
+            cos: upload(d, &rope.cos)?,
+            sin: upload(d, &rope.sin)?,
+            layers,
+            hdp,
+            cfg: c,
+            dev,
+        })
+    }
+
+    /// The model's configuration (as the host model's).
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device this model lives on.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// The output projection [vocab, hidden].
+    pub(crate) fn head_w(&self) -> &CudaSlice<T> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub(crate) fn attn_shape(&self, max_seqlen: usize) -> AttentionShape {
+        let c = &self.cfg;
+        AttentionShape {
+            q_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: self.hdp,
+            max_seqlen,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        }
+    }
+
+    pub(crate) fn decode_shape(&self, block_size: usize) -> DecodeShape {
+        let c = &self.cfg;
+        DecodeShape {
+            q_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: self.hdp,
+            block_size,
+            max_blocks: 1,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// `x` [rows, heads * head_dim] -> [rows, heads * hdp] (zero-padded), or a copy-free
+    /// pass-through when no padding is needed (`None`).
+    pub(crate) fn pad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<Option<CudaSlice<T>>> {
+        let hd = self.cfg.head_dim;
+        if self.hdp == hd {
+            return Ok(None);
+        }
+        let mut out = zeros::<T>(&self.dev, rows_heads * self.hdp)?;
+        k::copy_cols_fwd(
+            &self.dev,
+            &mut out.as_view_mut(),
+            self.hdp,
+            &view(x, 0, rows_heads * hd)?,
+            hd,
+        )?;
+        Ok(Some(out))
+    }
+
+    /// Inverse of [`Self::pad`]: [rows * heads, hdp] -> [rows * heads, head_dim].
+    pub(crate) fn unpad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<CudaSlice<T>> {
+        let hd = self.cfg.head_dim;
+        let mut out = zeros::<T>(&self.dev, rows_heads * hd)?;
+        if self.hdp == hd {
+            self.dev
+                .stream()
+                .memcpy_dtod(
+                    &view(x, 0, rows_heads * hd)?,
+                    &mut view_mut(&mut out, 0, rows_heads * hd)?,
+                )
+                .map_err(CudaError::driver("copying attention output"))?;
+        } else {
+            k::copy_cols_fwd(
+                &self.dev,
+                &mut out.as_view_mut(),
+                hd,
+                &view(x, 0, rows_heads * self.hdp)?,
+                self.hdp,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// y = x W^T (+ bias) (+ s (x A^T) B^T); returns y and the LoRA intermediate h = x A^T.
+    pub(crate) fn lin_fwd(
+        &self,
+        x: &CudaView<'_, T>,
+        rows: usize,
+        lin: &DLinear<T>,
+        lora: Option<&GpuPair>,
+        scale: f32,
+    ) -> R<(CudaSlice<T>, Option<CudaSlice<f32>>)> {
+        let dev = &*self.dev;
+        k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
+        let mut y = zeros::<T>(dev, rows * lin.out)?;
+        let mut yv = view_mut(&mut y, 0, rows * lin.out)?;
+        k::matmul::<T, T>(
+            dev,
+            &mut yv,
+            x,
+            &lin.w.as_view(),
+            BLayout::Nk,
+            (rows, lin.out, lin.inp),
+            1.0,
+            0.0,
+        )?;
+        if let Some(b) = &lin.b {
+            k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
+        }
+        let h = match lora {
+            Some(p) => {
+                let mut h = zeros::<f32>(dev, rows * p.rank)?;
+                let mut hv = view_mut(&mut h, 0, rows * p.rank)?;
+                k::lora_shrink_fwd(dev, &mut hv, x, &p.a.as_view(), LoraLayout::Rows, p.rank, 1.0)?;
+                k::lora_expand_fwd(
+                    dev,
+                    &mut yv,
+                    &hv.as_view(),
+                    &p.b.as_view(),
+                    LoraLayout::Cols,
+                    p.rank,
+                    scale,
+                )?;
+                Some(h)
+            }
+            None => None,
+        };
+        Ok((y, h))
+    }
+
+    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A`, LoRA grads accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lin_bwd(
+        &self,
+        dy: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        h: Option<&CudaSlice<f32>>,
+        rows: usize,
+        lin: &DLinear<T>,
+        lora: Option<&mut GpuPair>,
+        scale: f32,
+        dx: &mut CudaViewMut<'_, T>,
+        accumulate: bool,
+    ) -> R<()> {
+        let dev = &*self.dev;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        k::matmul::<T, T>(
+            dev,
+            dx,
+            dy,
+            &lin.w.as_view(),
+            BLayout::Kn,
+            (rows, lin.inp, lin.out),
+            1.0,
+            beta,
+        )?;
+        if let (Some(p), Some(h)) = (lora, h) {
+            let r = p.rank;
+            let GpuPair { a, b, ga, gb, .. } = p;
+            let mut dh = zeros::<f32>(dev, rows * r)?;
+            let mut dhv = view_mut(&mut dh, 0, rows * r)?;
+            k::lora_shrink_fwd(dev, &mut dhv, dy, &b.as_view(), LoraLayout::Cols, r, scale)?;
+            k::lora_expand_fwd(dev, dx, &dhv.as_view(), &a.as_view(), LoraLayout::Rows, r, 1.0)?;
+            k::lora_wgrad_bwd(
+                dev,
+                &mut ga.as_view_mut(),
+                &dhv.as_view(),
+                x,
+                LoraLayout::Rows,
+                r,
+                1.0,
+            )?;
+            k::lora_wgrad_bwd(
+                dev,
+                &mut gb.as_view_mut(),
+                &view(h, 0, rows * r)?,
+                dy,
+                LoraLayout::Cols,
+                r,
+                scale,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of `x` [n, d] with weight `w` [d]: (out, rstd).
+    pub(crate) fn rmsnorm(
+        &self,
+        x: &CudaView<'_, T>,
+        w: &CudaSlice<T>,
+    ) -> R<(CudaSlice<T>, CudaSlice<f32>)> {
+        let d = w.len();
+        let n = x.len() / d.max(1);
+        let mut out = zeros::<T>(&self.dev, x.len())?;
+        let mut rstd = zeros::<f32>(&self.dev, n)?;
+        k::rmsnorm_fwd(
+            &self.dev,
+            &mut view_mut(&mut out, 0, x.len())?,
+            &mut view_mut(&mut rstd, 0, n)?,
+            x,
+            &w.as_view(),
+            self.cfg.rms_norm_eps,
+        )?;
+        Ok((out, rstd))
+    }
+
+    /// dx = rmsnorm_bwd(dy) for x [n, d] with the saved rstd [n].
+    pub(crate) fn rmsnorm_bwd(
+        &self,
+        dy: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        w: &CudaSlice<T>,
+        rstd: &CudaSlice<f32>,
+    ) -> R<CudaSlice<T>> {
+        let n = x.len() / w.len().max(1);
+        let mut dx = zeros::<T>(&self.dev, x.len())?;
+        k::rmsnorm_bwd(
+            &self.dev,
+            &mut view_mut(&mut dx, 0, x.len())?,
+            dy,
+            x,
+            &w.as_view(),
+            &view(rstd, 0, n)?,
+        )?;
+        Ok(dx)
+    }
+
+    /// RoPE (or its backward) of `x` [rows, heads, head_dim] at positions `pos` [rows].
+    pub(crate) fn rope(
+        &self,
+        x: &CudaSlice<T>,
+        pos: &CudaSlice<i32>,
+        rows: usize,
+        heads: usize,
+        backward: bool,
+    ) -> R<CudaSlice<T>> {
+        let hd = self.cfg.head_dim;
+        let n = rows * heads * hd;
+        let mut out = zeros::<T>(&self.dev, n)?;
+        let (xv, pv) = (view(x, 0, n)?, view(pos, 0, rows)?);
+        let mut ov = view_mut(&mut out, 0, n)?;
+        let (c, s) = (self.cos.as_view(), self.sin.as_view());
+        if backward {
+            k::rope_bwd(&self.dev, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
+        } else {
+            k::rope_fwd(&self.dev, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Index of a per-layer target in `Target::LAYER` (the adapter's slot order).
+pub(crate) fn slot(t: Target) -> usize {
+    Target::LAYER.iter().position(|&x| x == t).unwrap_or(0)
+}
+
+/// Borrow of a LoRA module of layer `l` for the forward.
+pub(crate) fn lora_of(ad: Option<&CudaAdapter>, l: usize, t: Target) -> Option<&GpuPair> {
+    ad.and_then(|a| a.layers.get(l)).and_then(|s| s[slot(t)].as_ref())
+}

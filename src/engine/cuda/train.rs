@@ -1,0 +1,344 @@
+//! `forward_backward` on the GPU with exactly the CPU engine's semantics (same validation, same
+//! packing, same per-datum outputs and summed loss), and the vocabulary-chunked output head:
+//! logits are produced [rows, chunk] at a time in f32, merged by an online log-sum-exp, and
+//! recomputed in the backward, so [tokens x vocab] never exists.
+//!
+//! The per-token loss terms are computed on the host from the downloaded target logprobs with
+//! the CPU's own `LossFn::term` (a few floats per token), so every loss variant means the same
+//! on both backends.
+
+use cudarc::driver::CudaSlice;
+
+use super::adapter::{CudaAdapter, GpuPair};
+use super::launch::{self as k, BLayout, LoraLayout};
+use super::layer::{KvMode, Pack};
+use super::model::{Act, CudaModel, R, download, upload, view, view_mut, zeros};
+use crate::engine::loss::{Datum, DatumOutput, LossFn};
+use crate::engine::train::{FwdBwdOutput, validate};
+
+/// Vocabulary columns per head chunk.
+const VOCAB_CHUNK: usize = 8192;
+/// Rows per head block (bounds the f32 chunk buffer to ROW_BLOCK x VOCAB_CHUNK).
+const ROW_BLOCK: usize = 4096;
+
+/// Targets of a batch as a dense [rows, kmax] matrix, -1 where a datum has fewer than kmax.
+struct Targets {
+    kmax: usize,
+    dev: CudaSlice<i32>,
+    host: Vec<i32>,
+}
+
+impl<T: Act> CudaModel<T> {
+    /// Per row: lse [rows] and target logprobs [rows, kmax] (0 at padding).
+    pub(crate) fn head_fwd(
+        &self,
+        h: &CudaSlice<T>,
+        rows: usize,
+        tg: &CudaSlice<i32>,
+        kmax: usize,
+        lora: Option<&GpuPair>,
+        scale: f32,
+    ) -> R<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let dev = &*self.dev;
+        let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let w = self.head_w();
+        let mut lse = zeros::<f32>(dev, rows)?;
+        let mut lp = zeros::<f32>(dev, rows * kmax)?;
+        let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
+        let mut buf = zeros::<f32>(dev, cap)?;
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let nr = ROW_BLOCK.min(rows - r0);
+            let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
+            let tb = view(tg, r0 * kmax, (r0 + nr) * kmax)?;
+            let ha = self.head_shrink(&hb, nr, lora)?;
+            let mut m = zeros::<f32>(dev, nr)?;
+            let mut s = zeros::<f32>(dev, nr)?;
+            let mut tgt = zeros::<f32>(dev, nr * kmax)?;
+            for v0 in (0..v).step_by(VOCAB_CHUNK) {
+                let vc = VOCAB_CHUNK.min(v - v0);
+                let mut lv = view_mut(&mut buf, 0, nr * vc)?;
+                self.head_chunk(&mut lv, &hb, nr, v0, vc, w, lora.zip(ha.as_ref()), scale)?;
+                k::xent_fwd::<f32>(
+                    dev,
+                    &mut view_mut(&mut m, 0, nr)?,
+                    &mut view_mut(&mut s, 0, nr)?,
+                    &mut view_mut(&mut tgt, 0, nr * kmax)?,
+                    &lv.as_view(),
+                    vc,
+                    v0,
+                    vc,
+                    &tb,
+                    v0 == 0,
+                )?;
+            }
+            k::xent_finish_fwd(
+                dev,
+                &mut view_mut(&mut lse, r0, r0 + nr)?,
+                &mut view_mut(&mut lp, r0 * kmax, (r0 + nr) * kmax)?,
+                &view(&m, 0, nr)?,
+                &view(&s, 0, nr)?,
+                &view(&tgt, 0, nr * kmax)?,
+                &tb,
+            )?;
+        }
+        Ok((lse, lp))
+    }
+
+    /// h A^T [nr, r] for the lm_head LoRA (None without one).
+    fn head_shrink(
+        &self,
+        hb: &cudarc::driver::CudaView<'_, T>,
+        nr: usize,
+        lora: Option<&GpuPair>,
+    ) -> R<Option<CudaSlice<f32>>> {
+        let Some(p) = lora else { return Ok(None) };
+        let mut ha = zeros::<f32>(&self.dev, nr * p.rank)?;
+        k::lora_shrink_fwd(
+            &self.dev,
+            &mut view_mut(&mut ha, 0, nr * p.rank)?,
+            hb,
+            &p.a.as_view(),
+            LoraLayout::Rows,
+            p.rank,
+            1.0,
+        )?;
+        Ok(Some(ha))
+    }
+
+    /// Logits of vocabulary columns v0 .. v0 + vc for nr rows into `out` [nr, vc] (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn head_chunk(
+        &self,
+        out: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        hb: &cudarc::driver::CudaView<'_, T>,
+        nr: usize,
+        v0: usize,
+        vc: usize,
+        w: &CudaSlice<T>,
+        lora: Option<(&GpuPair, &CudaSlice<f32>)>,
+        scale: f32,
+    ) -> R<()> {
+        let dev = &*self.dev;
+        let hid = self.cfg.hidden_size;
+        let wc = view(w, v0 * hid, (v0 + vc) * hid)?;
+        k::matmul::<T, f32>(dev, out, hb, &wc, BLayout::Nk, (nr, vc, hid), 1.0, 0.0)?;
+        if let Some((p, ha)) = lora {
+            let r = p.rank;
+            k::lora_expand_fwd::<f32>(
+                dev,
+                out,
+                &view(ha, 0, nr * r)?,
+                &view(&p.b, v0 * r, (v0 + vc) * r)?,
+                LoraLayout::Cols,
+                r,
+                scale,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Backward of the head: `coef` [rows, kmax] = -dLoss/dlogprob (the kernels' sign);
+    /// returns dh [rows, hidden] and accumulates the lm_head LoRA gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn head_bwd(
+        &self,
+        h: &CudaSlice<T>,
+        rows: usize,
+        tg: &CudaSlice<i32>,
+        kmax: usize,
+        coef: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        mut lora: Option<&mut GpuPair>,
+        scale: f32,
+    ) -> R<CudaSlice<T>> {
+        let dev = &*self.dev;
+        let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let w = self.head_w();
+        let mut dh = zeros::<T>(dev, rows * hid)?;
+        let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
+        let mut buf = zeros::<f32>(dev, cap)?;
+        let mut dl = zeros::<T>(dev, cap)?;
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let nr = ROW_BLOCK.min(rows - r0);
+            let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
+            let tb = view(tg, r0 * kmax, (r0 + nr) * kmax)?;
+            let cb = view(coef, r0 * kmax, (r0 + nr) * kmax)?;
+            let lb = view(lse, r0, r0 + nr)?;
+            let ha = self.head_shrink(&hb, nr, lora.as_deref())?;
+            let rank = lora.as_ref().map(|p| p.rank).unwrap_or(0);
+            let mut dha = zeros::<f32>(dev, nr * rank.max(1))?;
+            let mut tmp = zeros::<f32>(dev, nr * rank.max(1))?;
+            for v0 in (0..v).step_by(VOCAB_CHUNK) {
+                let vc = VOCAB_CHUNK.min(v - v0);
+                let mut lv = view_mut(&mut buf, 0, nr * vc)?;
+                self.head_chunk(
+                    &mut lv,
+                    &hb,
+                    nr,
+                    v0,
+                    vc,
+                    w,
+                    lora.as_deref().zip(ha.as_ref()),
+                    scale,
+                )?;
+                k::xent_bwd_inplace::<f32>(dev, &mut lv, vc, v0, vc, &tb, &cb, &lb)?;
+                let mut dv = view_mut(&mut dl, 0, nr * vc)?;
+                T::cast_from_f32(dev, &mut dv, &lv.as_view())?;
+                let dlv = dv.as_view();
+                let beta = if v0 == 0 { 0.0 } else { 1.0 };
+                k::matmul::<T, T>(
+                    dev,
+                    &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
+                    &dlv,
+                    &view(w, v0 * hid, (v0 + vc) * hid)?,
+                    BLayout::Kn,
+                    (nr, hid, vc),
+                    1.0,
+                    beta,
+                )?;
+                if let (Some(p), Some(ha)) = (lora.as_deref_mut(), ha.as_ref()) {
+                    let r = p.rank;
+                    let GpuPair { b, gb, .. } = p;
+                    k::lora_wgrad_bwd(
+                        dev,
+                        &mut view_mut(gb, v0 * r, (v0 + vc) * r)?,
+                        &view(ha, 0, nr * r)?,
+                        &dlv,
+                        LoraLayout::Cols,
+                        r,
+                        scale,
+                    )?;
+                    let mut tv = view_mut(&mut tmp, 0, nr * r)?;
+                    k::lora_shrink_fwd(
+                        dev,
+                        &mut tv,
+                        &dlv,
+                        &view(b, v0 * r, (v0 + vc) * r)?,
+                        LoraLayout::Cols,
+                        r,
+                        scale,
+                    )?;
+                    k::acc_fwd::<f32>(dev, &mut view_mut(&mut dha, 0, nr * r)?, &tv.as_view())?;
+                }
+            }
+            if let Some(p) = lora.as_deref_mut() {
+                let r = p.rank;
+                let GpuPair { a, ga, .. } = p;
+                let dhav = view(&dha, 0, nr * r)?;
+                k::lora_wgrad_bwd(
+                    dev,
+                    &mut ga.as_view_mut(),
+                    &dhav,
+                    &hb,
+                    LoraLayout::Rows,
+                    r,
+                    1.0,
+                )?;
+                k::lora_expand_fwd(
+                    dev,
+                    &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
+                    &dhav,
+                    &a.as_view(),
+                    LoraLayout::Rows,
+                    r,
+                    1.0,
+                )?;
+            }
+        }
+        Ok(dh)
+    }
+
+    fn targets(&self, data: &[Datum]) -> R<Targets> {
+        let kmax = data.iter().map(|d| d.inputs.k.max(1)).max().unwrap_or(1);
+        let mut host = Vec::new();
+        for d in data {
+            let kd = d.inputs.k.max(1);
+            for p in 0..d.input_tokens.len() {
+                for j in 0..kmax {
+                    host.push(if j < kd { d.inputs.target_tokens[p * kd + j] as i32 } else { -1 });
+                }
+            }
+        }
+        Ok(Targets { kmax, dev: upload(&self.dev, &host)?, host })
+    }
+}
+
+/// Forward (and unless `forward_only`, backward) over a batch, on the GPU. Same contract as
+/// `engine::forward_backward`: gradients are ADDED to the adapter's accumulated gradients;
+/// without an adapter the base model is evaluated and `forward_only` is implied.
+pub fn forward_backward<T: Act>(
+    model: &CudaModel<T>,
+    adapter: Option<&mut CudaAdapter>,
+    data: &[Datum],
+    loss: &LossFn,
+    forward_only: bool,
+) -> R<FwdBwdOutput> {
+    validate(model.config(), data, loss)?;
+    let (tokens, seqs, positions) = pack(data);
+    let rows = tokens.len();
+    let p = Pack::new(model, &tokens, &seqs, &positions)?;
+    let train = adapter.is_some() && !forward_only;
+    let st = model.stack_fwd(&p, adapter.as_deref(), &mut KvMode::Train, train)?;
+    let tg = model.targets(data)?;
+    let scale = adapter.as_ref().map(|a| a.scaling).unwrap_or(0.0);
+    let head_lora = adapter.as_ref().and_then(|a| a.lm_head.as_ref());
+    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, tg.kmax, head_lora, scale)?;
+    let lp = download(&model.dev, &view(&lp_dev, 0, rows * tg.kmax)?)?;
+
+    let kmax = tg.kmax;
+    let mut per_datum = Vec::with_capacity(data.len());
+    let mut coef = vec![0.0f32; rows * kmax];
+    let mut loss_sum = 0.0f64;
+    for (d, &(start, n)) in data.iter().zip(&seqs) {
+        let kd = d.inputs.k.max(1);
+        let mut lps = Vec::with_capacity(n * kd);
+        let mut elem = vec![0.0f32; n];
+        for pos in 0..n {
+            let r = start + pos;
+            for j in 0..kd {
+                let lpv = lp[r * kmax + j] as f64;
+                let w = d.inputs.weights.as_ref().map(|w| w[pos * kd + j] as f64).unwrap_or(1.0);
+                let slp = d.inputs.logprobs.as_ref().map(|v| v[pos] as f64).unwrap_or(0.0);
+                let adv = d.inputs.advantages.as_ref().map(|v| v[pos] as f64).unwrap_or(0.0);
+                let (l, g) = loss.term(lpv, w, slp, adv);
+                elem[pos] += l as f32;
+                loss_sum += l;
+                // the kernels take -dLoss/dlogprob
+                coef[r * kmax + j] = -(g as f32);
+                lps.push(lpv as f32);
+            }
+        }
+        per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
+    }
+    debug_assert_eq!(tg.host.len(), coef.len());
+
+    if let (Some(ad), true) = (adapter, train) {
+        let coef = upload(&model.dev, &coef)?;
+        let dh = model.head_bwd(
+            &st.h_final,
+            rows,
+            &tg.dev,
+            kmax,
+            &coef,
+            &lse,
+            ad.lm_head.as_mut(),
+            scale,
+        )?;
+        model.stack_bwd(&st, &dh, &p, ad)?;
+    }
+    model.dev.synchronize()?;
+    Ok(FwdBwdOutput { per_datum, loss_sum })
+}
+
+/// Concatenated tokens, `(start, len)` per datum, positions restarting at 0 (as the CPU).
+fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(data.len());
+    let mut positions = Vec::new();
+    for d in data {
+        seqs.push((tokens.len(), d.input_tokens.len()));
+        tokens.extend_from_slice(&d.input_tokens);
+        positions.extend(0..d.input_tokens.len() as u32);
+    }
+    (tokens, seqs, positions)
+}
