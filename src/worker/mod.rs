@@ -58,10 +58,10 @@ pub const STARTUP_ERROR_FILE_ENV: &str = "TWINKLE_STARTUP_ERROR_FILE";
 
 /// Records a permanent startup error for the supervisor (best effort: the log has it too).
 pub fn report_startup_error(message: &str) {
-    if let Some(path) = std::env::var_os(STARTUP_ERROR_FILE_ENV).filter(|p| !p.is_empty()) {
-        if let Err(e) = std::fs::write(&path, message) {
-            tracing::warn!(path = %std::path::Path::new(&path).display(), error = %e, "cannot write the startup error file");
-        }
+    if let Some(path) = std::env::var_os(STARTUP_ERROR_FILE_ENV).filter(|p| !p.is_empty())
+        && let Err(e) = std::fs::write(&path, message)
+    {
+        tracing::warn!(path = %std::path::Path::new(&path).display(), error = %e, "cannot write the startup error file");
     }
 }
 
