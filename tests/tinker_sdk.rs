@@ -180,6 +180,7 @@ fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
     assert_eq!(a["checkpoints"], serde_json::json!(["weights/ckpt-1"]));
     assert_eq!(a["logprobs"][0], Value::Null);
     assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
+    assert_eq!(a["custom"], "ran", "the venv must have torch (scripts/setup-venv.sh)");
 
     // forward_backward_custom: a client-side weighted loss (torch in the SDK's process) reports
     // the loss of the returned logprobs and steps exactly like the equivalent cross_entropy.
