@@ -128,7 +128,7 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
         }
         Err(e) => {
             tracing::error!(app = %ctx.opts.app, error = %e, "the application cannot start");
-            Err(WorkerError::Startup(format!("application `{}` cannot start: {e}", ctx.opts.app)))
+            Err(WorkerError::Startup(format!("application `{}`: {e}", ctx.opts.app)))
         }
     }
 }
