@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's Python venv: NVRTC for the kernel compile test, and later the
-# tinker SDK for protocol tests. Idempotent and fast when the venv already holds every requirement.
+# Creates (or reuses) the project's Python venv: NVRTC for the kernel compile test, the tinker SDK
+# for protocol tests, and CPU-usable torch (the SDK's forward_backward_custom computes the custom
+# loss with torch in the client). Idempotent and fast when the venv already holds every requirement.
+#
+# PyPI's default Linux torch wheel is the CUDA build and links the CUDA runtime libraries at import
+# time even on CPU, so its nvidia-* wheels are required (~2.5 GB, downloaded once; the stamp below
+# reuses a cached venv). torch is installed with --no-deps and its deps listed here because torch
+# pins nvidia-cuda-nvrtc-cu12 12.4 while the kernels want 12.8 (torch loads NVRTC lazily, so the
+# newer one serves both); triton is left out (only torch.compile on a GPU uses it).
 #
 # Usage: scripts/setup-venv.sh            # prints KEY=VALUE lines (eval-able)
 #   TWINKLE_VENV   venv location (default: $HOME/.cache/twinkle/venv)
@@ -18,10 +25,17 @@ VENV="${TWINKLE_VENV:-$HOME/.cache/twinkle/venv}"
 REQUIREMENTS=(
   "nvidia-cuda-nvrtc-cu12==12.8.93"
   "tinker==0.38.0"
+  "filelock" "sympy==1.13.1" "networkx" "jinja2" "fsspec" "typing-extensions" "numpy"
+  "nvidia-cuda-runtime-cu12==12.4.127" "nvidia-cuda-cupti-cu12==12.4.127"
+  "nvidia-cublas-cu12==12.4.5.8" "nvidia-cudnn-cu12==9.1.0.70" "nvidia-cufft-cu12==11.2.1.3"
+  "nvidia-curand-cu12==10.3.5.147" "nvidia-cusolver-cu12==11.6.1.9"
+  "nvidia-cusparse-cu12==12.3.1.170" "nvidia-nccl-cu12==2.21.5" "nvidia-nvjitlink-cu12==12.4.127"
+  "nvidia-nvtx-cu12==12.4.127"
 )
+TORCH="torch==2.5.1"
 
 stamp="$VENV/.twinkle-requirements"
-wanted="$(printf '%s\n' "${REQUIREMENTS[@]}")"
+wanted="$(printf '%s\n' "$TORCH" "${REQUIREMENTS[@]}")"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   mkdir -p "$(dirname "$VENV")"
@@ -31,8 +45,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   fi
 fi
 if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-    "${REQUIREMENTS[@]}" >&2
+  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
+  "${pip[@]}" --no-deps "$TORCH" >&2
+  "${pip[@]}" "${REQUIREMENTS[@]}" >&2
+  "$VENV/bin/python" -c 'import tinker, torch; torch.ones(2) @ torch.ones(2)' >&2
   printf '%s\n' "$wanted" >"$stamp"
 fi
 

@@ -534,6 +534,11 @@ fn main() -> ExitCode {
             };
             match twinkle::worker::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ twinkle::worker::WorkerError::Startup(_)) => {
+                    eprintln!("twinkle worker: {e}");
+                    twinkle::worker::report_startup_error(&e.to_string());
+                    ExitCode::from(twinkle::worker::STARTUP_ERROR_EXIT)
+                }
                 Err(e) => {
                     eprintln!("twinkle worker: {e}");
                     ExitCode::from(3)

@@ -105,7 +105,7 @@ fn generated_model_loads_with_the_real_tokenizer() {
     assert_eq!(c.arch, "Qwen3ForCausalLM");
     assert_eq!((c.vocab_size, c.hidden_size, c.num_layers), (151_936, 64, 2));
     assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (4, 2, 16));
-    assert!(c.tie_word_embeddings && c.qk_norm);
+    assert!(!c.tie_word_embeddings && c.qk_norm);
     assert_eq!(c.eos_token_ids, vec![151_645, 151_643]);
     let tok = Tokenizer::from_dir(&dir).unwrap();
     // Qwen's byte-level BPE: "Hello" is one token (id 9707 in the Qwen2/3 vocabulary).

@@ -33,14 +33,28 @@ applications:
       device_group: {{name: sampler, ranks: 1, device_type: cpu}}
     deployments:
       - ray_actor_options: {{num_cpus: 0.1}}
+"#
+    )
+}
+
+/// A deployment whose model app names a model that is nowhere on disk, beside a working one.
+fn missing_model_config(port: u16) -> String {
+    format!(
+        r#"server_type: tinker
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: model
+    route_prefix: /api/v1/model/tiny
+    import_path: model
+    args:
+      model_id: "generate://qwen3-tiny"
+      device_group: {{name: model, ranks: 1, device_type: cpu}}
   - name: broken
     route_prefix: /api/v1/model/missing
     import_path: model
     args:
       model_id: "ms://Nobody/Missing-Model"
       device_group: {{name: broken, ranks: 1, device_type: cpu}}
-    deployments:
-      - ray_actor_options: {{num_cpus: 0.1}}
 "#
     )
 }
@@ -78,7 +92,7 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
         let a = apps.iter().find(|a| a["name"] == name).context("app")?;
         Ok(a["address"].as_str().context("address")?.to_string())
     };
-    let (model, sampler, broken) = (addr("model")?, addr("sampler")?, addr("broken")?);
+    let (model, sampler) = (addr("model")?, addr("sampler")?);
 
     let r = get(&model, "/_internal/v1/info")?;
     assert_eq!(r.status, 403);
@@ -121,11 +135,58 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
     assert_eq!(r.json()?, from_model);
     assert_eq!(from_model["sequences"][1]["tokens"].as_array().map(Vec::len), Some(5));
 
-    // A model that cannot be found: the child runs, its internal routes say why.
-    let r = http("GET", &broken, "/_internal/v1/info", &[("X-Twinkle-Internal", "tok-123")], b"")?;
-    assert_eq!(r.status, 503);
-    let detail = r.json()?["detail"].as_str().unwrap_or_default().to_string();
-    assert!(detail.contains("Nobody/Missing-Model") && detail.contains("modelscope"), "{detail}");
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    Ok(())
+}
+
+/// A missing model is a startup error: the application is `failed` with a message naming every
+/// directory that was searched, it is not restarted, and the rest of the deployment serves.
+#[test]
+fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
+    let port = free_port()?;
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    let ms_cache = tmp.path().join("ms-cache");
+    let mut serve = Serve::start(
+        &missing_model_config(port),
+        port,
+        &["--num-gpus", "0", "--num-cpus", "4"],
+        &[
+            ("HOME", home.to_str().context("utf-8")?),
+            ("MODELSCOPE_CACHE", ms_cache.to_str().context("utf-8")?),
+        ],
+    )?;
+    let app = |st: &Value, name: &str| -> Value {
+        st["applications"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let st = poll(Duration::from_secs(90), || {
+        let st = serve.status_json().ok()?;
+        (app(&st, "broken")["state"] == "failed" && app(&st, "model")["state"] == "running")
+            .then_some(st)
+    })
+    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    serve.remember(&st);
+    let why = app(&st, "broken")["last_exit"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("application `broken`: cannot start"), "{why}");
+    assert!(why.contains("Nobody/Missing-Model") && why.contains("looked in"), "{why}");
+    // The searched place is named: the ModelScope cache from the env.
+    assert!(why.contains(ms_cache.to_str().context("utf-8")?), "{why}");
+    assert!(serve.status_text()?.contains("Nobody/Missing-Model"));
+
+    // Not restarted in a loop: still failed, no restarts, no pid, a while later.
+    std::thread::sleep(Duration::from_secs(3));
+    let st = serve.status_json()?;
+    let broken = app(&st, "broken");
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert_eq!(broken["restarts"], 0, "{broken}");
+    assert_eq!(broken["pid"], Value::Null, "{broken}");
+    // The broken prefix is not served; the healthy application still is.
+    assert!(get(&serve.gateway, "/api/v1/model/missing/healthz")?.status >= 500);
+    assert_eq!(get(&serve.gateway, "/api/v1/model/tiny/healthz")?.status, 200);
 
     let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
     assert_eq!(code.code(), Some(0));

@@ -36,8 +36,9 @@ fn venv_python() -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A deployment of server + one CPU model app on `port`, state in `state_db` (file) or memory.
-fn config(port: u16, state_db: Option<&Path>, model_limit: u32) -> String {
+/// A deployment of server + one CPU model app (+ a CPU sampler app when `sampler`) on `port`,
+/// state in `state_db` (file) or memory.
+fn config(port: u16, state_db: Option<&Path>, model_limit: u32, sampler: bool) -> String {
     let persistence = match state_db {
         Some(p) => format!("persistence:\n  mode: file\n  file_path: {}\n", p.display()),
         None => "persistence:\n  mode: memory\n".to_string(),
@@ -61,31 +62,44 @@ http_options:
     args:
       model_id: generate://{MODEL}
       device_group: {{name: model, ranks: 1, device_type: cpu}}
-"#
+{sampler}"#,
+        sampler = if sampler { SAMPLER_APP } else { "" },
     )
 }
+
+const SAMPLER_APP: &str = r#"  - name: sampler
+    route_prefix: /api/v1/sampler/qwen3-tiny
+    import_path: sampler
+    args:
+      model_id: generate://qwen3-tiny
+      device_group: {name: sampler, ranks: 1, device_type: cpu}
+"#;
+
+/// The per-serve internal token of the tests that talk to the applications directly.
+const INTERNAL_TOKEN: &str = "tok-sdk-test";
 
 struct Env {
     port: u16,
     save: tempfile::TempDir,
     state_db: Option<PathBuf>,
+    sampler: bool,
 }
 
 impl Env {
     fn new(durable: bool) -> Result<Self> {
         let save = tempfile::tempdir()?;
         let state_db = durable.then(|| save.path().join("state/twinkle.db"));
-        Ok(Env { port: free_port()?, save, state_db })
+        Ok(Env { port: free_port()?, save, state_db, sampler: false })
     }
 
     fn start(&self) -> Result<Serve> {
         let save_dir = self.save.path().join("checkpoints");
         let save = save_dir.to_string_lossy().into_owned();
         let mut serve = Serve::start(
-            &config(self.port, self.state_db.as_deref(), 16),
+            &config(self.port, self.state_db.as_deref(), 16, self.sampler),
             self.port,
             &["--log-level", "info"],
-            &[("TWINKLE_SAVE_DIR", save.as_str())],
+            &[("TWINKLE_SAVE_DIR", save.as_str()), ("TWINKLE_INTERNAL_TOKEN", INTERNAL_TOKEN)],
         )?;
         serve.wait_all_running(Duration::from_secs(120))?;
         wait_gateway(self.port, &serve)?;
@@ -166,6 +180,14 @@ fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
     assert_eq!(a["checkpoints"], serde_json::json!(["weights/ckpt-1"]));
     assert_eq!(a["logprobs"][0], Value::Null);
     assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
+    assert_eq!(a["custom"], "ran", "the venv must have torch (scripts/setup-venv.sh)");
+
+    // forward_backward_custom: a client-side weighted loss (torch in the SDK's process) reports
+    // the loss of the returned logprobs and steps exactly like the equivalent cross_entropy.
+    let cl = run("tml-custom", "custom_loss.py")?;
+    assert!((f(&cl, "loss") - f(&cl, "local")).abs() <= 1e-4 * f(&cl, "local").abs().max(1.0));
+    assert!(f(&cl, "diff") < 1e-4 && f(&cl, "moved") > 1e-3, "{cl}");
+    assert!(cl["metrics"].as_array().is_some_and(|m| m.contains(&"custom_metric:mean".into())));
 
     // (c) RL losses change the weights.
     let c = run("tml-rl", "rl_losses.py")?;
@@ -203,6 +225,69 @@ fn sdk_memorizes_four_pairs() -> Result<()> {
     let b = run_script(&py, env.port, "tml-memo", "memorize.py", &[])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
     assert!(f(&b, "final_loss") < 0.05 * f(&b, "first_loss"), "{b}");
+    // The issue's budget: ~30 steps at lr ~1e-2.
+    assert!(f(&b, "steps") <= 35.0 && f(&b, "lr") >= 1e-2, "{b}");
+    let want = serde_json::json!([
+        [2000, 2001, 2002],
+        [2100, 2101, 2102],
+        [2200, 2201, 2202],
+        [2300, 2301, 2302]
+    ]);
+    assert_eq!(b["samples"], want);
+    Ok(())
+}
+
+/// The `sampler` application of `st` (a `twinkle status --json` answer) and the model app.
+fn app_address(st: &Value, import_path: &str) -> Result<String> {
+    let apps = st["applications"].as_array().context("applications")?;
+    let a = apps.iter().find(|a| a["import_path"] == import_path).context("no such app")?;
+    Ok(a["address"].as_str().context("address")?.to_string())
+}
+
+#[test]
+fn sdk_samples_saved_weights_on_the_sampler_application() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let mut env = Env::new(false)?;
+    env.sampler = true;
+    let mut serve = env.start()?;
+    let st = serve.wait_all_running(Duration::from_secs(60))?;
+    let (sampler, model) = (app_address(&st, "sampler")?, app_address(&st, "model")?);
+    let internal = [("X-Twinkle-Internal", INTERNAL_TOKEN), ("Content-Type", "application/json")];
+    let info = |addr: &str| -> Result<Value> {
+        platform_support::http("GET", addr, "/_internal/v1/info", &internal, b"")?.json()
+    };
+    assert_eq!(info(&sampler)?["adapters"], serde_json::json!([]));
+
+    let r = run_script(&py, env.port, "tml-sampler", "sampler_route.py", &[])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    // The sampler application loaded the saved checkpoint: it served the samples.
+    let path = r["path"].as_str().context("path")?;
+    let tail = path.split_once("://").map(|(_, t)| t).context("tinker path")?;
+    let cached = info(&sampler)?["adapters"].clone();
+    let cached: Vec<&str> =
+        cached.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(cached.len() == 1 && cached[0].ends_with(tail), "{cached:?} vs {path}");
+
+    // The model application's in-memory adapter samples the same greedy tokens.
+    let model_id = r["model_id"].as_str().context("model_id")?;
+    for (prompt, tokens) in r["prompts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(r["tokens"].as_array().into_iter().flatten())
+    {
+        let body = serde_json::json!({"model_id": model_id, "prompt": prompt, "num_samples": 1,
+            "max_tokens": 6, "temperature": 0.0, "stop": []});
+        let resp = platform_support::http(
+            "POST",
+            &model,
+            "/_internal/v1/sample",
+            &internal,
+            &serde_json::to_vec(&body)?,
+        )?;
+        assert_eq!(resp.status, 200);
+        assert_eq!(&resp.json()?["sequences"][0]["tokens"], tokens, "prompt {prompt}");
+    }
     Ok(())
 }
 

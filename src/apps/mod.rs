@@ -76,24 +76,6 @@ fn internal_token() -> InternalToken {
     InternalToken(token.into())
 }
 
-/// Answers every internal route of an application whose model failed to load: 503 with the
-/// startup error, so callers see why (the identity routes keep working).
-fn unavailable_routes(cfg: &mut actix_web::web::ServiceConfig, reason: Arc<str>) {
-    use actix_web::{HttpResponse, web};
-    cfg.route(
-        "/_internal/v1/{tail:.*}",
-        web::route().to(move || {
-            let reason = reason.clone();
-            async move {
-                HttpResponse::ServiceUnavailable().json(serde_json::json!({
-                    "detail": format!("the model application could not start: {reason}"),
-                    "category": "server",
-                }))
-            }
-        }),
-    );
-}
-
 enum Loaded {
     Model(Arc<ModelService>),
     Sampler(Arc<SamplerService>),
@@ -123,8 +105,9 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
 }
 
 /// Runs the `model` or `sampler` application of `ctx`: loads the model, then serves. When the
-/// model cannot be found or loaded, the error is logged and every internal route answers 503
-/// with it (a restart would fail the same way; `/healthz` keeps answering).
+/// model cannot be found or loaded this is a startup error ([`WorkerError::Startup`]): the
+/// worker exits with its message (naming every place it looked) and the supervisor shows the
+/// application `failed` instead of restarting it, since a restart would fail the same way.
 pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
     let id = Identity::from_context(ctx);
     let token = internal_token();
@@ -144,13 +127,8 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             .await
         }
         Err(e) => {
-            tracing::error!(app = %ctx.opts.app, error = %e, "model not loaded; internal routes answer 503");
-            let reason: Arc<str> = e.to_string().into();
-            serve_and_register(ctx, move |cfg| {
-                identity::routes(cfg, id.clone());
-                unavailable_routes(cfg, reason.clone());
-            })
-            .await
+            tracing::error!(app = %ctx.opts.app, error = %e, "the application cannot start");
+            Err(WorkerError::Startup(format!("application `{}`: {e}", ctx.opts.app)))
         }
     }
 }

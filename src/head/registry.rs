@@ -18,7 +18,8 @@ pub enum AppState {
     Running,
     /// Exited or killed; waiting out the restart backoff.
     Restarting,
-    /// The last spawn attempt failed (the binary could not be started); retried with backoff.
+    /// The last spawn attempt failed (the binary could not be started; retried with backoff),
+    /// or the application reported a permanent startup error (not restarted; `last_exit` says why).
     Failed,
     /// `twinkle serve` is shutting down and has asked the child to stop.
     Stopping,
@@ -314,6 +315,17 @@ impl Registry {
                 e.status.restarts
             }
             None => 0,
+        }
+    }
+
+    /// The child exited with a permanent startup error: `failed` with the reason, no restart.
+    pub fn startup_failed(&mut self, app: &str, why: String) {
+        if let Some(e) = self.entry_mut(app) {
+            e.status.pid = None;
+            e.status.address = None;
+            e.token = None;
+            e.status.state = AppState::Failed;
+            e.status.last_exit = Some(why);
         }
     }
 

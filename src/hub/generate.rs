@@ -21,7 +21,7 @@ use crate::engine::weights::save_f32;
 pub const PRESETS: [&str; 1] = ["qwen3-tiny"];
 
 /// Bumped whenever the generator's output changes, so stale caches are not reused.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 
 const TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/tokenizer/qwen3/tokenizer.json");
 const TOKENIZER_CONFIG: &[u8] =
@@ -47,7 +47,7 @@ pub struct GenOptions {
 }
 
 impl GenOptions {
-    /// hidden 64, 2 layers, 4 query heads sharing 2 KV heads of 16, MLP 128, tied embeddings.
+    /// hidden 64, 2 layers, 4 query heads sharing 2 KV heads of 16, MLP 128, untied lm_head.
     pub fn qwen3_tiny() -> Self {
         GenOptions {
             arch: "qwen3".into(),
@@ -115,24 +115,36 @@ impl Rng {
     }
 }
 
-/// Uniform with standard deviation 0.02 (the usual `initializer_range`): bound = 0.02·√3.
-const INIT_BOUND: f32 = 0.034_641_016;
-
-fn random(rng: &mut Rng, shape: Vec<usize>) -> Tensor {
+/// Uniform with standard deviation `std` (bound = std·√3).
+fn random(rng: &mut Rng, shape: Vec<usize>, std: f32) -> Tensor {
     let n = shape.iter().product();
-    Tensor::from_parts(shape, (0..n).map(|_| rng.uniform(INIT_BOUND)).collect())
+    let bound = std * 3f32.sqrt();
+    Tensor::from_parts(shape, (0..n).map(|_| rng.uniform(bound)).collect())
 }
 
 fn ones(n: usize) -> Tensor {
     Tensor::from_parts(vec![n], vec![1.0; n])
 }
 
+/// Scales chosen so that the model trains like a real checkpoint (memorising a few pairs with
+/// LoRA + AdamW at lr 1e-2 in ~30 steps). Version 1 used std 0.02 everywhere with tied
+/// embeddings: the residual stream then had norm ≈ 0.02·√hidden = 0.16, so the adapters' first
+/// updates swamped it (loss spikes back to ln V, plateau near ln 10 per token), and the tied
+/// head capped every base logit near 0. Now embeddings have unit std (residual norm ≈ √hidden,
+/// as after a real model's embedding), each linear 1/√fan_in (keeps that norm through the
+/// layers), and a separate lm_head of std 0.02 keeps the first distribution near uniform.
+const EMBED_STD: f32 = 1.0;
+const LM_HEAD_STD: f32 = 0.02;
+
 fn weights(o: &GenOptions) -> BTreeMap<String, Tensor> {
     let mut rng = Rng(o.seed);
     let (h, i) = (o.hidden, o.intermediate);
     let (qd, kvd) = (o.heads * o.head_dim, o.kv_heads * o.head_dim);
     let mut w = BTreeMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), random(&mut rng, vec![o.vocab, h]));
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        random(&mut rng, vec![o.vocab, h], EMBED_STD),
+    );
     for l in 0..o.layers {
         let p = format!("model.layers.{l}");
         let shapes = [
@@ -145,7 +157,8 @@ fn weights(o: &GenOptions) -> BTreeMap<String, Tensor> {
             ("mlp.down_proj", vec![h, i]),
         ];
         for (name, shape) in shapes {
-            w.insert(format!("{p}.{name}.weight"), random(&mut rng, shape));
+            let std = 1.0 / (shape[1] as f32).sqrt();
+            w.insert(format!("{p}.{name}.weight"), random(&mut rng, shape, std));
         }
         w.insert(format!("{p}.self_attn.q_norm.weight"), ones(o.head_dim));
         w.insert(format!("{p}.self_attn.k_norm.weight"), ones(o.head_dim));
@@ -153,6 +166,7 @@ fn weights(o: &GenOptions) -> BTreeMap<String, Tensor> {
         w.insert(format!("{p}.post_attention_layernorm.weight"), ones(h));
     }
     w.insert("model.norm.weight".to_string(), ones(h));
+    w.insert("lm_head.weight".to_string(), random(&mut rng, vec![o.vocab, h], LM_HEAD_STD));
     w
 }
 
@@ -171,7 +185,7 @@ fn config_json(o: &GenOptions) -> serde_json::Value {
         "max_position_embeddings": o.max_position,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": false,
         "attention_bias": false,
         "use_sliding_window": false,
         "bos_token_id": 151643,

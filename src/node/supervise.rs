@@ -13,6 +13,7 @@ use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::head::registry::{self, AppState, SharedRegistry};
+use crate::worker::{STARTUP_ERROR_EXIT, STARTUP_ERROR_FILE_ENV};
 
 /// Restart, health and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s
 /// to register, `/healthz` every 10 s with a 10 s timeout (3 misses = hung), 10 s stop grace.
@@ -181,7 +182,8 @@ async fn stop_child(child: &mut Child, pid: Option<u32>, grace: Duration) -> Str
 }
 
 enum Outcome {
-    Exited(String),
+    /// How it ended, and whether it was a permanent startup error.
+    Exited(String, bool),
     NotRegistered,
     Unhealthy(u32),
     Shutdown,
@@ -222,10 +224,13 @@ async fn watch_child(
     loop {
         tokio::select! {
             st = child.wait() => {
-                return Outcome::Exited(match st {
-                    Ok(st) => describe(&st),
-                    Err(e) => format!("wait failed: {e}"),
-                });
+                return match st {
+                    Ok(st) => {
+                        let startup = st.code() == Some(i32::from(STARTUP_ERROR_EXIT));
+                        Outcome::Exited(describe(&st), startup)
+                    }
+                    Err(e) => Outcome::Exited(format!("wait failed: {e}"), false),
+                };
             }
             _ = shutdown_requested(shutdown) => return Outcome::Shutdown,
             _ = poll.tick(), if !registered => {
@@ -278,7 +283,14 @@ pub async fn supervise(
         }
         let token = new_token();
         let started = Instant::now();
-        let mut child = match spec.command(&token).spawn() {
+        let error_file = std::env::temp_dir().join(format!(
+            "twinkle-startup-{}-{}",
+            std::process::id(),
+            &token[..16.min(token.len())]
+        ));
+        let mut cmd = spec.command(&token);
+        cmd.env(STARTUP_ERROR_FILE_ENV, &error_file);
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 let n = registry::write(&reg).spawn_failed(&app, format!("spawn failed: {e}"));
@@ -301,9 +313,22 @@ pub async fn supervise(
                 tracing::info!(%app, pid, %how, "child stopped");
                 break;
             }
-            Outcome::Exited(how) => {
+            Outcome::Exited(how, startup) => {
                 // Leftovers of the dead child's group (its own subprocesses) go too.
                 signal_group(pid, Signal::SIGKILL);
+                if startup {
+                    // The config can never work (e.g. the model is missing): restarting would
+                    // fail the same way, so the application stays `failed` with the reason.
+                    let why = std::fs::read_to_string(&error_file)
+                        .ok()
+                        .filter(|m| !m.trim().is_empty())
+                        .unwrap_or_else(|| format!("startup error ({how}); see the log"));
+                    let _ = std::fs::remove_file(&error_file);
+                    registry::write(&reg).startup_failed(&app, why.trim().to_string());
+                    tracing::error!(%app, pid, reason = %why.trim(), "application cannot start; not restarted");
+                    shutdown_requested(&mut shutdown).await;
+                    return;
+                }
                 how
             }
             Outcome::Unhealthy(misses) => {
@@ -317,6 +342,7 @@ pub async fn supervise(
                 format!("did not register within {:?}", policy.register_deadline)
             }
         };
+        let _ = std::fs::remove_file(&error_file);
         let (delay, next) = policy.next_delay(backoff, started.elapsed());
         backoff = next;
         let n = registry::write(&reg).child_exited(&app, how.clone());

@@ -43,6 +43,26 @@ pub enum WorkerError {
     Refused { head: String, detail: String },
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
+    /// The application can never start with this config (e.g. its model is missing): the
+    /// process exits with [`STARTUP_ERROR_EXIT`] and the supervisor does not restart it.
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// Exit code of a worker whose application cannot start with this config (BSD `EX_CONFIG`).
+pub const STARTUP_ERROR_EXIT: u8 = 78;
+
+/// Env var naming the file where a worker writes its startup error before exiting with
+/// [`STARTUP_ERROR_EXIT`] (the supervisor shows it in `twinkle status`).
+pub const STARTUP_ERROR_FILE_ENV: &str = "TWINKLE_STARTUP_ERROR_FILE";
+
+/// Records a permanent startup error for the supervisor (best effort: the log has it too).
+pub fn report_startup_error(message: &str) {
+    if let Some(path) = std::env::var_os(STARTUP_ERROR_FILE_ENV).filter(|p| !p.is_empty())
+        && let Err(e) = std::fs::write(&path, message)
+    {
+        tracing::warn!(path = %std::path::Path::new(&path).display(), error = %e, "cannot write the startup error file");
+    }
 }
 
 /// What `twinkle worker` is told on its command line.

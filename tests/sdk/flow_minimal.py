@@ -54,7 +54,7 @@ scl2 = ready(sc.create_sampling_client(model_path=sampler_path))
 s2 = scl2.sample(prompt, 1, params).result()
 check(s2.sequences[0].tokens == s.sequences[0].tokens, "named sampler weights sample like the snapshot")
 
-# forward_backward_custom needs torch on the client; skipped when it is not installed.
+# forward_backward_custom needs torch on the client (scripts/setup-venv.sh installs it).
 custom = "skipped (no torch)"
 try:
     import torch  # noqa: F401

@@ -1,6 +1,6 @@
-"""(b) Memorisation: 4 (prompt, completion) pairs, 80 AdamW steps at lr 3e-3 (at lr 1e-2 the tiny
-random model oscillates and plateaus near 12·ln 4, so 30 steps do not suffice); the loss must fall below 5% of
-its first value and greedy sampling from the saved sampler weights must reproduce every completion."""
+"""(b) Memorisation: 4 (prompt, completion) pairs, 30 steps of cross_entropy + AdamW at lr 1e-2; the
+loss must fall below 5% of its first value and greedy sampling from the saved sampler weights must
+reproduce every completion."""
 import os
 
 from tinker import types
@@ -15,11 +15,11 @@ PAIRS = [
 ]
 sc = service()
 RANK = int(os.environ.get("MEMO_RANK", "8"))
-tc = ready(sc.create_lora_training_client(base_model=MODEL, rank=RANK))
+tc = ready(sc.create_lora_training_client(base_model=MODEL, rank=RANK, seed=0))
 batch = [datum(p, c) for p, c in PAIRS]
 losses = []
-STEPS = int(os.environ.get("MEMO_STEPS", "80"))
-LR = float(os.environ.get("MEMO_LR", "3e-3"))
+STEPS = int(os.environ.get("MEMO_STEPS", "30"))
+LR = float(os.environ.get("MEMO_LR", "1e-2"))
 for step in range(STEPS):
     fb = tc.forward_backward(batch, "cross_entropy")
     opt = tc.optim_step(types.AdamParams(learning_rate=LR))
@@ -37,4 +37,4 @@ for p, c in PAIRS:
     got = scl.sample(types.ModelInput.from_ints(p), 1, params).result().sequences[0].tokens
     samples.append(got)
     check(got == c, f"prompt {p}: sampled {got}, expected {c}")
-result(first_loss=losses[0], final_loss=final, samples=samples)
+result(first_loss=losses[0], final_loss=final, samples=samples, steps=STEPS, lr=LR)

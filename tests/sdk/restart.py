@@ -30,7 +30,8 @@ if phase == "phase1":
     steps(tc, 3)
     path = tc.save_state("before-restart").result().path
     ref = steps(tc, 3)
-    json.dump({"path": path, "ref": ref, "run": tc.model_id}, open(file, "w"))
+    with open(file, "w") as f:
+        json.dump({"path": path, "ref": ref, "run": tc.model_id}, f)
     result(path=path, reference=ref)
 else:
     saved = json.load(open(file))

@@ -69,7 +69,15 @@ macro_rules! op {
             check_token(&req, &tok)?;
             let svc = svc.get_ref().clone();
             let body = body.into_inner();
-            blocking_json(move || svc.$method(&body).map($wrap)).await
+            blocking_json(move || {
+                // The compute alone (no HTTP, no JSON): scripts/bench_api.py subtracts it.
+                let started = std::time::Instant::now();
+                let out = svc.$method(&body).map($wrap);
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::debug!(route = stringify!($name), ms, "compute done");
+                out
+            })
+            .await
         }
     };
 }

@@ -87,8 +87,15 @@ pub struct Upstreams {
     cache: Arc<Mutex<HashMap<String, Upstream>>>,
 }
 
+thread_local! {
+    /// One client per server worker thread (awc clients are not `Send`): its connection pool
+    /// keeps the loopback connections to the applications alive, so a call does not pay a TCP
+    /// connect and the application's accept hand-off every time.
+    static CLIENT: awc::Client = awc::Client::builder().timeout(CALL_TIMEOUT).finish();
+}
+
 fn client() -> awc::Client {
-    awc::Client::builder().timeout(CALL_TIMEOUT).finish()
+    CLIENT.with(awc::Client::clone)
 }
 
 impl Upstreams {

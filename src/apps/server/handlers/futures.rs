@@ -46,8 +46,7 @@ async fn retrieve_future(
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (o, id) = (owner.clone(), r.request_id.clone());
-        let rec = app.disp.db(move |s| s.get_future_owned(&o, &id)).await;
+        let rec = app.disp.db_now(|s| s.get_future_owned(&owner, &r.request_id));
         let rec = match rec {
             Ok(rec) => rec,
             Err(e) => {

@@ -101,8 +101,7 @@ pub(crate) async fn owned_run(
     owner: &str,
     id: &str,
 ) -> Result<RunRecord, ApiError> {
-    let (o, i) = (owner.to_string(), id.to_string());
-    app.disp.db(move |s| s.get_run(&o, &i)).await
+    app.disp.db_now(|s| s.get_run(owner, id))
 }
 
 async fn owned_session(app: &ServerApp, owner: &str, id: &str) -> Result<(), ApiError> {
