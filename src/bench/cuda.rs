@@ -18,7 +18,7 @@ use crate::engine::cuda::{
 };
 use crate::engine::sampling::SamplingParams;
 use crate::engine::synth::SynthRng;
-use crate::engine::{AdamParams, Datum, LoraConfig, LossFn, LossInputs, Model};
+use crate::engine::{AdamParams, LoraConfig, LossFn, Model};
 
 /// The GPU and the peaks its figures are measured against.
 #[derive(Debug, Clone)]
@@ -116,20 +116,7 @@ pub fn train(
     let dev = model.device().clone();
     let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
     let mut ad = CudaAdapter::fresh(model, &lora)?;
-    let mut rng = SynthRng(42);
-    let data: Vec<Datum> = (0..opts.batch)
-        .map(|_| {
-            let toks = rng.tokens(opts.seq + 1, c.vocab_size);
-            Datum {
-                input_tokens: toks[..opts.seq].to_vec(),
-                inputs: LossInputs {
-                    target_tokens: toks[1..].to_vec(),
-                    k: 1,
-                    ..Default::default()
-                },
-            }
-        })
-        .collect();
+    let data = super::train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);

@@ -100,17 +100,13 @@ pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
     Ok(model)
 }
 
-/// LoRA (all seven linears) cross-entropy forward_backward + AdamW step, `opts.steps` times after
-/// `opts.warmup` untimed steps; a forward-only pass per step gives the forward/backward split.
-pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchError> {
-    let c = model.config();
-    check_positive(&[("--seq", opts.seq), ("--batch", opts.batch), ("--steps", opts.steps)])?;
-    let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
-    let mut adapter = Adapter::new(model, &lora)?;
+/// `opts.batch` random sequences of `opts.seq` tokens with next-token targets (fixed seed, so
+/// every backend and run trains on the same batch).
+pub(crate) fn train_batch(opts: &TrainOptions, vocab: usize) -> Vec<Datum> {
     let mut rng = SynthRng(42);
-    let data: Vec<Datum> = (0..opts.batch)
+    (0..opts.batch)
         .map(|_| {
-            let toks = rng.tokens(opts.seq + 1, c.vocab_size);
+            let toks = rng.tokens(opts.seq + 1, vocab);
             Datum {
                 input_tokens: toks[..opts.seq].to_vec(),
                 inputs: LossInputs {
@@ -120,7 +116,17 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
                 },
             }
         })
-        .collect();
+        .collect()
+}
+
+/// LoRA (all seven linears) cross-entropy forward_backward + AdamW step, `opts.steps` times after
+/// `opts.warmup` untimed steps; a forward-only pass per step gives the forward/backward split.
+pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchError> {
+    let c = model.config();
+    check_positive(&[("--seq", opts.seq), ("--batch", opts.batch), ("--steps", opts.steps)])?;
+    let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
+    let mut adapter = Adapter::new(model, &lora)?;
+    let data = train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);

@@ -66,6 +66,19 @@ pub struct Job {
     pub finish: Finish,
 }
 
+impl Job {
+    /// A job for the model application hosting `base_model`.
+    pub fn on_model(
+        request_id: String,
+        base_model: String,
+        route: &'static str,
+        body: Value,
+        finish: Finish,
+    ) -> Job {
+        Job { request_id, app_kind: "model", base_model, route, body, finish }
+    }
+}
+
 /// Shared by every handler (cheap clone).
 #[derive(Clone)]
 pub struct Dispatcher {

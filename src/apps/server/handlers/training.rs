@@ -50,6 +50,20 @@ pub(crate) struct Submission {
     pub sample_sequence_ids: Option<Vec<String>>,
 }
 
+impl Submission {
+    /// A request queued behind the earlier ones of `model_id` (every training-client call).
+    fn on_model(owner: String, model_id: &str, seq_id: Option<i64>, kind: &'static str) -> Self {
+        Submission {
+            owner,
+            model_id: Some(model_id.to_string()),
+            seq_id,
+            kind,
+            queue: Some(model_id.to_string()),
+            sample_sequence_ids: None,
+        }
+    }
+}
+
 /// Outcome of building a job at submission time.
 pub(crate) enum Plan {
     Run(Job),
@@ -205,25 +219,17 @@ async fn create_model(
         user_metadata: metadata(r.user_metadata),
     };
     let result = json!({"model_id": model_id});
-    let sub = Submission {
-        owner,
-        model_id: Some(model_id.clone()),
-        seq_id: None,
-        kind: "create_model",
-        queue: Some(model_id.clone()),
-        sample_sequence_ids: None,
-    };
+    let sub = Submission::on_model(owner, &model_id, None, "create_model");
     submit(&app, sub, |request_id| match (existing, over_limit) {
         (Some(_), _) => Plan::Done(result),
         (None, Some(msg)) => Plan::Fail(msg),
-        (None, None) => Plan::Run(Job {
+        (None, None) => Plan::Run(Job::on_model(
             request_id,
-            app_kind: "model",
-            base_model: r.base_model,
-            route: "create_adapter",
+            r.base_model,
+            "create_adapter",
             body,
-            finish: Finish::CreateRun { run: Box::new(run), result },
-        }),
+            Finish::CreateRun { run: Box::new(run), result },
+        )),
     })
     .await
 }
@@ -360,23 +366,20 @@ async fn forward_backward(
         .collect();
     let job_body = json!({"model_id": fb.model_id, "forward_only": fb.forward_only,
         "loss_fn": fb.loss_fn, "loss_config": loss_config, "data": data});
-    let sub = Submission {
+    let sub = Submission::on_model(
         owner,
-        model_id: Some(fb.model_id.clone()),
-        seq_id: Some(fb.seq_id as i64),
-        kind: if fb.forward_only { "forward" } else { "forward_backward" },
-        queue: Some(fb.model_id.clone()),
-        sample_sequence_ids: None,
-    };
+        &fb.model_id,
+        Some(fb.seq_id as i64),
+        if fb.forward_only { "forward" } else { "forward_backward" },
+    );
     submit(&app, sub, |request_id| {
-        Plan::Run(Job {
+        Plan::Run(Job::on_model(
             request_id,
-            app_kind: "model",
-            base_model: run.base_model,
-            route: "forward_backward",
-            body: job_body,
-            finish: Finish::ForwardBackward,
-        })
+            run.base_model,
+            "forward_backward",
+            job_body,
+            Finish::ForwardBackward,
+        ))
     })
     .await
 }
@@ -398,23 +401,15 @@ async fn optim_step(
     };
     adam.validate()?;
     let job_body = json!({"model_id": r.model_id, "adam_params": adam});
-    let sub = Submission {
-        owner,
-        model_id: Some(r.model_id.clone()),
-        seq_id: r.seq_id,
-        kind: "optim_step",
-        queue: Some(r.model_id.clone()),
-        sample_sequence_ids: None,
-    };
+    let sub = Submission::on_model(owner, &r.model_id, r.seq_id, "optim_step");
     submit(&app, sub, |request_id| {
-        Plan::Run(Job {
+        Plan::Run(Job::on_model(
             request_id,
-            app_kind: "model",
-            base_model: run.base_model,
-            route: "optim_step",
-            body: job_body,
-            finish: Finish::Passthrough,
-        })
+            run.base_model,
+            "optim_step",
+            job_body,
+            Finish::Passthrough,
+        ))
     })
     .await
 }
@@ -477,28 +472,20 @@ async fn save_named(
         public: false,
     };
     let job_body = json!({"model_id": run.id, "dir": dir, "kind": app_kind_word});
-    let sub = Submission {
-        owner: owner.clone(),
-        model_id: Some(run.id.clone()),
-        seq_id,
-        kind: sub_kind,
-        queue: Some(run.id.clone()),
-        sample_sequence_ids: None,
-    };
+    let sub = Submission::on_model(owner.clone(), &run.id, seq_id, sub_kind);
     submit(app, sub, |request_id| {
         if exists && !overwrite {
             return Plan::Fail(format!(
                 "checkpoint {path} already exists; pass overwrite=True or choose another name"
             ));
         }
-        Plan::Run(Job {
+        Plan::Run(Job::on_model(
             request_id,
-            app_kind: "model",
-            base_model: run.base_model,
-            route: "save",
-            body: job_body,
-            finish: Finish::Checkpoint { owner, ckpt: Box::new(ckpt), overwrite, result },
-        })
+            run.base_model,
+            "save",
+            job_body,
+            Finish::Checkpoint { owner, ckpt: Box::new(ckpt), overwrite, result },
+        ))
     })
     .await
 }
@@ -561,26 +548,13 @@ async fn save_weights_for_sampler(
                 model_path: None,
             };
             let job_body = json!({"model_id": run.id, "dir": dir, "kind": "sampler"});
-            let sub = Submission {
-                owner,
-                model_id: Some(run.id.clone()),
-                seq_id: r.seq_id,
-                kind: "save_weights_for_sampler",
-                queue: Some(run.id.clone()),
-                sample_sequence_ids: None,
-            };
+            let sub = Submission::on_model(owner, &run.id, r.seq_id, "save_weights_for_sampler");
             submit(&app, sub, |request_id| {
-                Plan::Run(Job {
-                    request_id,
-                    app_kind: "model",
-                    base_model: run.base_model,
-                    route: "save",
-                    body: job_body,
-                    finish: Finish::SamplingSession {
-                        session: Box::new(session),
-                        result: json!({"path": null, "sampling_session_id": sid}),
-                    },
-                })
+                let finish = Finish::SamplingSession {
+                    session: Box::new(session),
+                    result: json!({"path": null, "sampling_session_id": sid}),
+                };
+                Plan::Run(Job::on_model(request_id, run.base_model, "save", job_body, finish))
             })
             .await
         }
@@ -611,23 +585,15 @@ async fn load_weights(
             let run = owned_run(&app, &owner, &model_id).await?;
             let job_body = json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
             let result = json!({"path": r.path, "model_id": model_id});
-            let sub = Submission {
-                owner,
-                model_id: Some(model_id.clone()),
-                seq_id: r.seq_id,
-                kind: "load_weights",
-                queue: Some(model_id.clone()),
-                sample_sequence_ids: None,
-            };
+            let sub = Submission::on_model(owner, &model_id, r.seq_id, "load_weights");
             submit(&app, sub, |request_id| {
-                Plan::Run(Job {
+                Plan::Run(Job::on_model(
                     request_id,
-                    app_kind: "model",
-                    base_model: run.base_model,
-                    route: "load",
-                    body: job_body,
-                    finish: Finish::Json(result),
-                })
+                    run.base_model,
+                    "load",
+                    job_body,
+                    Finish::Json(result),
+                ))
             })
             .await
         }
@@ -664,25 +630,17 @@ async fn load_weights(
                 user_metadata: metadata(r.user_metadata.clone()),
             };
             let result = json!({"path": r.path, "model_id": model_id});
-            let sub = Submission {
-                owner,
-                model_id: Some(model_id.clone()),
-                seq_id: None,
-                kind: "load_weights",
-                queue: Some(model_id.clone()),
-                sample_sequence_ids: None,
-            };
+            let sub = Submission::on_model(owner, &model_id, None, "load_weights");
             submit(&app, sub, |request_id| match (existing, over_limit) {
                 (Some(_), _) => Plan::Fail(format!("model {model_id} already exists")),
                 (None, Some(msg)) => Plan::Fail(msg),
-                (None, None) => Plan::Run(Job {
+                (None, None) => Plan::Run(Job::on_model(
                     request_id,
-                    app_kind: "model",
                     base_model,
-                    route: "load",
-                    body: job_body,
-                    finish: Finish::CreateRun { run: Box::new(run), result },
-                }),
+                    "load",
+                    job_body,
+                    Finish::CreateRun { run: Box::new(run), result },
+                )),
             })
             .await
         }
