@@ -8,12 +8,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Application, ImportPath};
+use crate::config::{Application, DeviceType, ImportPath};
+use crate::engine::ModelRuntime;
+use crate::engine::cuda::{CudaDevice, CudaRuntime, bf16};
+use crate::engine::parallel::DataParallel;
 use crate::worker::identity::{self, Identity};
 use crate::worker::{AppContext, WorkerError, serve_and_register};
-use model::http::InternalToken;
-use model::{AppError, BaseModel, DEFAULT_ADAPTER_TIMEOUT, ModelService, ServiceOptions};
-use sampler::SamplerService;
+use model::http::{InternalToken, ModelApp};
+use model::{
+    AppError, BaseModel, CPU_WORKERS_ENV, DEFAULT_ADAPTER_TIMEOUT, ModelService, ServiceOptions,
+    parse_cpu_workers,
+};
+use sampler::{SamplerApp, SamplerService};
+
+/// Env var: storage type of the base weights on a GPU (`bf16` or `f32`); by default bf16
+/// checkpoints stay bf16 and every other dtype is held in f32 (exact).
+pub const CUDA_DTYPE_ENV: &str = "TWINKLE_CUDA_DTYPE";
 
 /// Env var with the per-serve token that `/_internal/` routes require.
 pub const INTERNAL_TOKEN_ENV: &str = crate::node::serve::INTERNAL_TOKEN_ENV;
@@ -77,12 +87,67 @@ fn internal_token() -> InternalToken {
 }
 
 enum Loaded {
-    Model(Arc<ModelService>),
-    Sampler(Arc<SamplerService>),
+    Model(Arc<dyn ModelApp>),
+    Sampler(Arc<dyn SamplerApp>),
+}
+
+/// Where an application computes: its device type and data-parallel size from the config.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    device: DeviceType,
+    dp: usize,
+}
+
+fn placement(spec: &Application) -> Placement {
+    let device = spec.demand_inputs().device_type;
+    let dp = spec.args.device_mesh.as_ref().map_or(1, |m| m.dp_size.max(1) as usize);
+    Placement { device, dp }
+}
+
+/// One CUDA runtime per visible card (the head set `CUDA_VISIBLE_DEVICES` to this
+/// application's physical cards), weights uploaded in `T`. Any failure — no driver, fewer
+/// visible cards than `dp_size`, out of memory — is a start-up error naming the cause: an
+/// application that asked for GPUs never falls back to the CPU.
+fn cuda_engine<T>(model: &crate::engine::Model, dp: usize) -> Result<DataParallel<CudaRuntime<T>>, AppError>
+where
+    T: crate::engine::cuda::Act + Send + Sync + 'static,
+{
+    crate::engine::cuda::driver_available()
+        .map_err(|e| AppError::Startup(format!("device_type is cuda but {e}")))?;
+    let visible = CudaDevice::count();
+    if visible < dp {
+        return Err(AppError::Startup(format!(
+            "device_type is cuda with dp_size {dp}, but the CUDA driver sees {visible} device(s) \
+             (CUDA_VISIBLE_DEVICES={:?})",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+        )));
+    }
+    let mut workers = Vec::with_capacity(dp);
+    for i in 0..dp {
+        let rt = CudaRuntime::<T>::new(i, model).map_err(|e| {
+            AppError::Startup(format!("cannot place the model on cuda:{i}: {e}"))
+        })?;
+        tracing::info!(device = %rt.device_name(), "base model uploaded");
+        workers.push(rt);
+    }
+    DataParallel::new(workers).map_err(|e| AppError::Startup(e.to_string()))
+}
+
+/// Whether GPU weights are kept in bf16 (else f32) for a checkpoint of `dtype`.
+fn cuda_bf16(dtype: &str) -> Result<bool, AppError> {
+    match std::env::var(CUDA_DTYPE_ENV).ok().as_deref().map(str::trim) {
+        None | Some("") => Ok(matches!(dtype, "bfloat16" | "bf16")),
+        Some("bf16") | Some("bfloat16") => Ok(true),
+        Some("f32") | Some("float32") => Ok(false),
+        Some(other) => Err(AppError::Startup(format!(
+            "{CUDA_DTYPE_ENV}={other:?}: expected bf16 or f32"
+        ))),
+    }
 }
 
 fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
     let spec = app_spec(ctx)?;
+    let place = placement(&spec);
     if ctx.opts.import_path == ImportPath::Sampler {
         let base_model = model_id(&spec)?;
         let dir = crate::hub::resolve(&base_model)?;
@@ -94,14 +159,65 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
             .or(spec.args.max_length)
             .map(|m| m as usize);
         let base = BaseModel::load(&base_model, &dir, max_length)?;
-        tracing::info!(model = %dir.display(), "sampler model loaded");
-        return Ok(Loaded::Sampler(Arc::new(SamplerService::new(base))));
+        tracing::info!(model = %dir.display(), ?place, "sampler model loaded");
+        let svc: Arc<dyn SamplerApp> = match place.device {
+            DeviceType::Cpu => {
+                let n = cpu_workers(place)?;
+                let engine = DataParallel::cpu(base.model.clone(), n, rayon::current_num_threads())
+                    .map_err(|e| AppError::Startup(e.to_string()))?;
+                Arc::new(SamplerService::with_engine(base.served, engine))
+            }
+            DeviceType::Cuda if cuda_bf16(&base.served.config.dtype)? => {
+                let engine = cuda_engine::<bf16>(&base.model, place.dp)?;
+                Arc::new(SamplerService::with_engine(base.served, engine))
+            }
+            DeviceType::Cuda => {
+                let engine = cuda_engine::<f32>(&base.model, place.dp)?;
+                Arc::new(SamplerService::with_engine(base.served, engine))
+            }
+        };
+        return Ok(Loaded::Sampler(svc));
     }
     let opts = model_options(&spec)?;
-    let svc = Arc::new(ModelService::new(&opts)?);
-    tracing::info!(model = %opts.model_dir.display(), "model loaded");
-    svc.spawn_sweeper(svc.sweep_interval());
+    let base = BaseModel::load(&opts.base_model, &opts.model_dir, opts.max_length)?;
+    tracing::info!(model = %opts.model_dir.display(), ?place, "model loaded");
+    let svc: Arc<dyn ModelApp> = match place.device {
+        DeviceType::Cpu => {
+            let n = cpu_workers(place)?;
+            let engine = DataParallel::cpu(base.model.clone(), n, rayon::current_num_threads())
+                .map_err(|e| AppError::Startup(e.to_string()))?;
+            start_model(&opts, base, engine)
+        }
+        DeviceType::Cuda if cuda_bf16(&base.served.config.dtype)? => {
+            let engine = cuda_engine::<bf16>(&base.model, place.dp)?;
+            start_model(&opts, base, engine)
+        }
+        DeviceType::Cuda => {
+            let engine = cuda_engine::<f32>(&base.model, place.dp)?;
+            start_model(&opts, base, engine)
+        }
+    };
     Ok(Loaded::Model(svc))
+}
+
+/// CPU data-parallel workers: `TWINKLE_CPU_WORKERS` when set, else `dp_size`.
+fn cpu_workers(p: Placement) -> Result<usize, AppError> {
+    match std::env::var(CPU_WORKERS_ENV).ok().filter(|v| !v.trim().is_empty()) {
+        Some(v) => parse_cpu_workers(Some(&v)),
+        None => Ok(p.dp),
+    }
+}
+
+/// The model service over `engine` (the host weights in `base` are dropped here when the
+/// engine holds its own copy on the devices), with its idle-adapter sweeper.
+fn start_model<R: ModelRuntime>(
+    opts: &ServiceOptions,
+    base: BaseModel,
+    engine: DataParallel<R>,
+) -> Arc<dyn ModelApp> {
+    let svc = Arc::new(ModelService::with_engine(opts, base.served, engine));
+    svc.spawn_sweeper(svc.sweep_interval());
+    svc
 }
 
 /// Runs the `model` or `sampler` application of `ctx`: loads the model, then serves. When the

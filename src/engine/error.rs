@@ -38,6 +38,9 @@ pub enum EngineError {
     Adapter(String),
     #[error("device worker {worker}: {message}")]
     Worker { worker: String, message: String },
+    /// A device (driver, library, memory) failed; `device` is e.g. `cuda:0`.
+    #[error("{device}: {message}")]
+    Device { device: String, message: String },
 }
 
 impl EngineError {

@@ -188,6 +188,30 @@ pub struct Adapter {
     signature: [usize; 6],
 }
 
+/// An adapter's identity without its tensors (LoRA configuration, scaling, base model name):
+/// what an application keeps next to a device-resident adapter to rebuild a host copy when a
+/// checkpoint is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterShape {
+    config: LoraConfig,
+    scaling: f32,
+    base_model: String,
+}
+
+impl AdapterShape {
+    /// A host adapter of this shape for `mc` with zeroed tensors (to download into).
+    pub fn materialize(&self, mc: &ModelConfig) -> Result<Adapter> {
+        let mut a = Adapter::build(mc, &self.config, false)?;
+        a.scaling = self.scaling;
+        a.base_model = self.base_model.clone();
+        Ok(a)
+    }
+
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+}
+
 /// The model dimensions an adapter's tensors depend on.
 fn model_signature(c: &ModelConfig) -> [usize; 6] {
     [
@@ -208,18 +232,31 @@ const OPTIM_META: &str = "optimizer_state.json";
 impl Adapter {
     /// A fresh adapter: A ~ U(±1/√in) (PEFT's kaiming_uniform with a=√5), B = 0.
     pub fn new(model: &Model, cfg: &LoraConfig) -> Result<Adapter> {
+        Self::for_config(model.config(), cfg)
+    }
+
+    /// [`Adapter::new`] from the model's configuration alone (runtimes that keep no host copy
+    /// of the weights).
+    pub fn for_config(mc: &ModelConfig, cfg: &LoraConfig) -> Result<Adapter> {
+        Self::build(mc, cfg, true)
+    }
+
+    fn build(mc: &ModelConfig, cfg: &LoraConfig, init: bool) -> Result<Adapter> {
         if cfg.rank == 0 {
             return Err(EngineError::InvalidInput("LoRA rank must be > 0".into()));
         }
         if cfg.targets.is_empty() {
             return Err(EngineError::InvalidInput("LoRA needs at least one target module".into()));
         }
-        let mc = model.config();
         let mut rng = SplitMix(cfg.seed);
         let mut make = |t: Target| {
             let (inp, out) = t.dims(mc);
             let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.uniform(bound)).collect();
+            let a: Vec<f32> = if init {
+                (0..cfg.rank * inp).map(|_| rng.uniform(bound)).collect()
+            } else {
+                vec![0.0; cfg.rank * inp]
+            };
             LoraPair::new(
                 Tensor::from_parts(vec![cfg.rank, inp], a),
                 Tensor::zeros(vec![out, cfg.rank]),
@@ -247,13 +284,58 @@ impl Adapter {
         })
     }
 
+    /// This adapter's identity without its tensors (see [`AdapterShape`]).
+    pub fn shape(&self) -> AdapterShape {
+        AdapterShape {
+            config: self.config.clone(),
+            scaling: self.scaling,
+            base_model: self.base_model.clone(),
+        }
+    }
+
+    /// All accumulated gradients as one vector (per module of [`Self::pairs`], `lora_A` then
+    /// `lora_B`): the layout data parallelism reduces.
+    pub fn grads_flat(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        for (_, p) in self.pairs() {
+            out.extend_from_slice(&p.grad_a);
+            out.extend_from_slice(&p.grad_b);
+        }
+        out
+    }
+
+    /// Replaces the accumulated gradients with `grads` (layout of [`Self::grads_flat`]).
+    pub fn set_grads_flat(&mut self, grads: &[f32]) -> Result<()> {
+        let total: usize = self.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
+        if grads.len() != total {
+            return Err(EngineError::Adapter(format!(
+                "{} gradient values for an adapter of {total} parameters",
+                grads.len()
+            )));
+        }
+        let mut off = 0;
+        for (_, p) in self.pairs_mut() {
+            for g in [&mut p.grad_a, &mut p.grad_b] {
+                let n = g.len();
+                g.copy_from_slice(&grads[off..off + n]);
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
     /// Errors unless this adapter was built for a model of `model`'s shape.
     pub fn check_compatible(&self, model: &Model) -> Result<()> {
-        if self.signature != model_signature(model.config()) {
+        self.check_fits(model.config())
+    }
+
+    /// [`Self::check_compatible`] against a model configuration.
+    pub fn check_fits(&self, mc: &ModelConfig) -> Result<()> {
+        if self.signature != model_signature(mc) {
             return Err(EngineError::Adapter(format!(
                 "adapter was built for a model of another shape (layers, hidden, intermediate, q, kv, vocab = {:?}; this model {:?})",
                 self.signature,
-                model_signature(model.config())
+                model_signature(mc)
             )));
         }
         Ok(())
@@ -362,6 +444,11 @@ impl Adapter {
 
     /// Loads a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
     pub fn load_peft(dir: &Path, model: &Model) -> Result<Adapter> {
+        Self::load_peft_for(dir, model.config())
+    }
+
+    /// [`Self::load_peft`] for a model configuration.
+    pub fn load_peft_for(dir: &Path, mc: &ModelConfig) -> Result<Adapter> {
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
         let v: Value = serde_json::from_str(&text)
@@ -399,7 +486,7 @@ impl Adapter {
         let rslora = v.get("use_rslora").and_then(Value::as_bool) == Some(true);
         let mut tensors = weights::load_f32(&dir.join(WEIGHTS_FILE))?;
         let config = LoraConfig { rank, alpha, targets: targets.clone(), seed: 0 };
-        let mut adapter = Adapter::new(model, &config)?;
+        let mut adapter = Adapter::for_config(mc, &config)?;
         if rslora {
             adapter.scaling = alpha / (rank as f32).sqrt();
         }
@@ -478,7 +565,12 @@ impl Adapter {
 
     /// Loads weights and, when present, the optimizer state written by `save_state`.
     pub fn load_state(dir: &Path, model: &Model) -> Result<Adapter> {
-        let mut adapter = Adapter::load_peft(dir, model)?;
+        Self::load_state_for(dir, model.config())
+    }
+
+    /// [`Self::load_state`] for a model configuration.
+    pub fn load_state_for(dir: &Path, mc: &ModelConfig) -> Result<Adapter> {
+        let mut adapter = Adapter::load_peft_for(dir, mc)?;
         let meta_path = dir.join(OPTIM_META);
         if !meta_path.is_file() {
             return Ok(adapter);

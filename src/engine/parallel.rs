@@ -1,69 +1,33 @@
-//! Data parallelism over device workers: a batch is split by tokens into contiguous shards, each
-//! worker (one per device) runs forward/backward on its shard against its replica of the adapter,
-//! and the shards' LoRA gradients are summed on the host into the master adapter, whose AdamW
-//! step then produces the weights every replica receives.
+//! Data parallelism over the device seam: one [`ModelRuntime`] per device (card or CPU worker),
+//! each holding a replica of every adapter ([`Replicated`]) with its own weights, gradients and
+//! Adam moments. A batch is split by tokens into contiguous shards that run concurrently, one per
+//! runtime; the shards' gradients are summed on the host; at `optim_step` every replica receives
+//! the summed gradient and takes the same AdamW step, so the replicas stay identical (DDP without
+//! a master copy: weights and optimizer state never leave the devices between checkpoints).
 //!
-//! The master adapter (f32 weights, gradients, Adam moments) stays with the caller; a worker only
-//! ever holds a copy of the weights. Replicas are refreshed from the master at the start of every
-//! call, so one worker pool serves many adapters, and weights changed outside the pool (a loaded
-//! checkpoint, a step taken elsewhere) are always picked up. That costs one copy of the LoRA
-//! weights per worker per call, small next to a forward/backward over the shard.
+//! With one runtime nothing is split or copied: the adapter accumulates on its device. With
+//! several, each replica's gradient buffer holds only the current shard (cleared before the run)
+//! and the reduced sum is kept on the host until the step ([`Replicated::pending`]), so a batch
+//! whose shard fails adds nothing anywhere.
 //!
 //! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
-//! only path for now: cudarc's `nccl` feature does build without CUDA (with `dynamic-loading`,
-//! `cudarc::nccl::sys::is_culib_present()` gates every call), but an NCCL all-reduce needs the
-//! gradients resident on the devices, which only a CUDA worker has. A CUDA worker implements
-//! [`Worker`] by downloading its shard's gradient into [`ShardOutput::grads`].
+//! only path for now; an NCCL all-reduce of device-resident gradients would replace the
+//! download-sum-upload once multi-GPU machines are tested (cudarc's `nccl` feature builds
+//! without CUDA).
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::batch::FwdBwdOutput;
+use super::cpu::CpuRuntime;
 use super::error::{EngineError, Result};
-use super::lora::Adapter;
+use super::lora::{Adapter, AdapterShape};
 use super::loss::{Datum, LossFn};
-use super::models::Model;
+use super::models::{Model, ModelConfig};
 use super::optim::{AdamParams, OptimMetrics};
-use super::train::{FwdBwdOutput, forward, forward_backward};
-
-/// What a worker returns for its shard.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShardOutput {
-    /// Per-datum outputs of the shard (in shard order) and its loss sum.
-    pub output: FwdBwdOutput,
-    /// The shard's LoRA gradient, one host f32 vector per tensor in [`gradient_layout`] order;
-    /// `None` for a forward-only run.
-    pub grads: Option<Vec<Vec<f32>>>,
-}
-
-/// One device's worker: holds a replica of the adapter weights and runs shards on them.
-///
-/// A CUDA implementation keeps the replica on its device, runs its kernels in
-/// [`run`](Worker::run) and downloads the shard's gradient into [`ShardOutput::grads`].
-pub trait Worker: Send {
-    /// A short name for errors and logs (`cpu:0`, `cuda:1`).
-    fn name(&self) -> String;
-
-    /// Replaces the replica's weights with the master's (`None`: the base model, no adapter).
-    fn set_weights(&mut self, master: Option<&Adapter>) -> Result<()>;
-
-    /// Forward (and with `backward`, backward) over `shard` with the current replica. With
-    /// `backward` the returned gradient covers this shard only (not earlier calls).
-    fn run(&mut self, shard: &[Datum], loss: &LossFn, backward: bool) -> Result<ShardOutput>;
-}
-
-/// Names and lengths of an adapter's gradient tensors in the fixed order workers return them:
-/// for each module of [`Adapter::pairs`], `lora_A` then `lora_B`.
-pub fn gradient_layout(adapter: &Adapter) -> Vec<(String, usize)> {
-    adapter
-        .pairs()
-        .into_iter()
-        .flat_map(|(k, p)| {
-            [(format!("{k}.lora_A.weight"), p.a.len()), (format!("{k}.lora_B.weight"), p.b.len())]
-        })
-        .collect()
-}
+use super::runtime::ModelRuntime;
 
 /// Splits datums of token counts `lens` into exactly `n` contiguous ranges (in order, covering
 /// every datum) that minimise the largest shard's token count; trailing ranges may be empty
@@ -104,286 +68,286 @@ pub fn split_by_tokens(lens: &[usize], n: usize) -> Vec<Range<usize>> {
     ranges
 }
 
-/// A CPU worker: its own rayon pool (so workers really run side by side) and an adapter replica.
-pub struct CpuWorker {
-    index: usize,
-    model: Arc<Model>,
-    pool: rayon::ThreadPool,
-    replica: Option<Adapter>,
+/// An adapter replicated on every runtime of a [`DataParallel`] pool.
+pub struct Replicated<R: ModelRuntime> {
+    shape: AdapterShape,
+    replicas: Vec<R::Adapter>,
+    /// With several replicas: the host-reduced gradient accumulated since the last step
+    /// (`None` = zero). Unused with one replica, whose device buffer accumulates directly.
+    pending: Option<Vec<f32>>,
 }
 
-impl CpuWorker {
-    /// Worker `index` over `model` with a pool of `threads` threads (at least one).
-    pub fn new(model: Arc<Model>, index: usize, threads: usize) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(move |t| format!("twinkle-dp{index}-{t}"))
-            .build()
-            .map_err(|e| EngineError::Worker {
-                worker: format!("cpu:{index}"),
-                message: format!("cannot start its thread pool: {e}"),
-            })?;
-        Ok(CpuWorker { index, model, pool, replica: None })
-    }
-}
-
-/// True when `replica` has the same modules, shapes and scaling as `master`, so copying the
-/// weights in place makes it an exact replica (the init seed does not matter: weights are
-/// overwritten), as when one pool alternates between adapters of one shape.
-fn same_layout(replica: &Adapter, master: &Adapter) -> bool {
-    replica.scaling() == master.scaling() && gradient_layout(replica) == gradient_layout(master)
-}
-
-impl Worker for CpuWorker {
-    fn name(&self) -> String {
-        format!("cpu:{}", self.index)
-    }
-
-    fn set_weights(&mut self, master: Option<&Adapter>) -> Result<()> {
-        let Some(master) = master else {
-            self.replica = None;
-            return Ok(());
-        };
-        match &mut self.replica {
-            Some(r) if same_layout(r, master) => {
-                for ((_, dst), (_, src)) in r.pairs_mut().into_iter().zip(master.pairs()) {
-                    dst.a.data_mut().copy_from_slice(src.a.data());
-                    dst.b.data_mut().copy_from_slice(src.b.data());
-                }
-            }
-            _ => {
-                let mut r = master.clone();
-                r.zero_grad();
-                // A replica never steps: its Adam moments would only take memory.
-                for (_, p) in r.pairs_mut() {
-                    for m in [&mut p.m_a, &mut p.v_a, &mut p.m_b, &mut p.v_b] {
-                        *m = Vec::new();
-                    }
-                }
-                self.replica = Some(r);
-            }
-        }
-        Ok(())
-    }
-
-    fn run(&mut self, shard: &[Datum], loss: &LossFn, backward: bool) -> Result<ShardOutput> {
-        let model = &self.model;
-        match (&mut self.replica, backward) {
-            (None, true) => Err(EngineError::InvalidInput(
-                "forward_backward needs an adapter (the base model has nothing to train)".into(),
-            )),
-            (None, false) => {
-                let output = self.pool.install(|| forward(model, None, shard, loss))?;
-                Ok(ShardOutput { output, grads: None })
-            }
-            (Some(r), false) => {
-                let output = self.pool.install(|| forward(model, Some(r), shard, loss))?;
-                Ok(ShardOutput { output, grads: None })
-            }
-            (Some(r), true) => {
-                // Cleared here rather than after the run: a run that failed (or panicked)
-                // half-way must not leak into the next shard's gradient.
-                r.zero_grad();
-                let output =
-                    self.pool.install(|| forward_backward(model, Some(r), shard, loss, false))?;
-                let mut grads = Vec::new();
-                for (_, p) in r.pairs() {
-                    grads.push(p.grad_a.clone());
-                    grads.push(p.grad_b.clone());
-                }
-                Ok(ShardOutput { output, grads: Some(grads) })
-            }
-        }
-    }
-}
-
-/// N workers in data parallel around a caller-held master adapter.
-pub struct DataParallel {
-    workers: Vec<Box<dyn Worker>>,
-}
-
-impl std::fmt::Debug for DataParallel {
+impl<R: ModelRuntime> std::fmt::Debug for Replicated<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.workers.iter().map(|w| w.name()).collect();
+        f.debug_struct("Replicated").field("replicas", &self.replicas.len()).finish()
+    }
+}
+
+impl<R: ModelRuntime> Replicated<R> {
+    /// The LoRA configuration, scaling and base model name of the adapter.
+    pub fn shape(&self) -> &AdapterShape {
+        &self.shape
+    }
+
+    /// The replica on runtime `i`.
+    pub fn replica(&self, i: usize) -> Option<&R::Adapter> {
+        self.replicas.get(i)
+    }
+}
+
+/// N runtimes (one per device) in data parallel.
+pub struct DataParallel<R: ModelRuntime> {
+    workers: Vec<R>,
+}
+
+impl<R: ModelRuntime> std::fmt::Debug for DataParallel<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.workers.iter().map(|w| w.device_name()).collect();
         f.debug_struct("DataParallel").field("workers", &names).finish()
     }
 }
 
-impl DataParallel {
-    /// A pool over the given workers (at least one).
-    pub fn new(workers: Vec<Box<dyn Worker>>) -> Result<Self> {
-        if workers.is_empty() {
+/// Runs `f` on each `(runtime, item)` pair on its own thread and returns the results in order;
+/// a panicking job becomes an error naming its device instead of unwinding.
+fn each<R: ModelRuntime, I: Send, T: Send>(
+    workers: &[R],
+    items: Vec<I>,
+    f: impl Fn(&R, I) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    if workers.len() == 1 || items.len() == 1 {
+        return workers.iter().zip(items).map(|(w, i)| f(w, i)).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            workers.iter().zip(items).map(|(w, i)| (w, s.spawn(move || f(w, i)))).collect();
+        handles
+            .into_iter()
+            .map(|(w, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(EngineError::Worker {
+                        worker: w.device_name(),
+                        message: "panicked while running its shard".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+impl<R: ModelRuntime> DataParallel<R> {
+    /// A pool over the given runtimes (at least one, all of the same model).
+    pub fn new(workers: Vec<R>) -> Result<Self> {
+        let Some(first) = workers.first() else {
             return Err(EngineError::InvalidInput(
                 "data parallel needs at least one worker".into(),
             ));
+        };
+        if let Some(w) = workers.iter().find(|w| w.config() != first.config()) {
+            return Err(EngineError::Worker {
+                worker: w.device_name(),
+                message: "holds another model than the first worker".into(),
+            });
         }
         Ok(DataParallel { workers })
     }
 
-    /// `n` CPU workers over `model`, splitting `threads` threads between them (each gets at
-    /// least one).
-    pub fn cpu(model: Arc<Model>, n: usize, threads: usize) -> Result<Self> {
-        let n = n.max(1);
-        let per = (threads / n).max(1);
-        let workers = (0..n)
-            .map(|i| CpuWorker::new(model.clone(), i, per).map(|w| Box::new(w) as Box<dyn Worker>))
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(workers)
+    /// A pool of one runtime (no splitting, no copies).
+    pub fn single(worker: R) -> Self {
+        DataParallel { workers: vec![worker] }
     }
 
     pub fn num_workers(&self) -> usize {
         self.workers.len()
     }
 
-    /// Like [`forward_backward`](super::forward_backward) with the master adapter: the batch is
-    /// split by tokens over the workers and the shards' gradients are ADDED to the master's
-    /// accumulated gradients (only when every shard succeeded) until
-    /// [`optim_step`](Self::optim_step). Outputs keep the caller's datum order.
-    pub fn forward_backward(
-        &mut self,
-        master: &mut Adapter,
-        data: &[Datum],
-        loss: &LossFn,
-        forward_only: bool,
-    ) -> Result<FwdBwdOutput> {
-        if forward_only {
-            return self.forward(Some(master), data, loss);
-        }
-        let shards = self.run_sharded(Some(master), data, loss, true)?;
-        let layout = gradient_layout(master);
-        let mut grads = Vec::with_capacity(shards.len());
-        for (name, s) in &shards {
-            let g = s.grads.as_ref().ok_or_else(|| EngineError::Worker {
-                worker: name.clone(),
-                message: "returned no gradient for a backward run".into(),
-            })?;
-            let ok = g.len() == layout.len() && g.iter().zip(&layout).all(|(v, l)| v.len() == l.1);
-            if !ok {
-                return Err(EngineError::Worker {
-                    worker: name.clone(),
-                    message: "returned a gradient that does not match the adapter's tensors".into(),
-                });
+    /// Runtime `i` (generation picks one per request).
+    pub fn worker(&self, i: usize) -> &R {
+        &self.workers[i.min(self.workers.len() - 1)]
+    }
+
+    /// The base model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.workers[0].config()
+    }
+
+    /// Places `host` (weights, gradients, moments, step) on every runtime.
+    pub fn upload(&self, host: &Adapter) -> Result<Replicated<R>> {
+        host.check_fits(self.config())?;
+        let items = vec![(); self.workers.len()];
+        let replicas = each(&self.workers, items, |w, ()| w.upload_adapter(host))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let mut rep = Replicated { shape: host.shape(), replicas, pending: None };
+        if rep.replicas.len() > 1 {
+            let g = host.grads_flat();
+            if g.iter().any(|&x| x != 0.0) {
+                rep.pending = Some(g);
             }
-            grads.push(g.as_slice());
         }
-        reduce_into(master, &grads);
-        Ok(merge(shards))
+        Ok(rep)
     }
 
-    /// Forward only (no gradients) with the master adapter, or the base model for `None`.
-    pub fn forward(
-        &mut self,
-        master: Option<&Adapter>,
+    /// A host copy of the adapter: weights, moments and step of the first replica (all are
+    /// equal), and the accumulated gradient.
+    pub fn download(&self, rep: &Replicated<R>) -> Result<Adapter> {
+        let mut host = rep.shape.materialize(self.config())?;
+        self.workers[0].download_adapter(&rep.replicas[0], &mut host)?;
+        if rep.replicas.len() > 1 {
+            match &rep.pending {
+                Some(g) => host.set_grads_flat(g)?,
+                None => host.zero_grad(),
+            }
+        }
+        Ok(host)
+    }
+
+    /// Forward and backward over `data`, split by tokens over the runtimes; the gradients are
+    /// ADDED to the adapter's accumulated gradient (only when every shard succeeded).
+    /// Outputs keep the caller's datum order.
+    pub fn forward_backward(
+        &self,
+        rep: &mut Replicated<R>,
         data: &[Datum],
         loss: &LossFn,
     ) -> Result<FwdBwdOutput> {
-        Ok(merge(self.run_sharded(master, data, loss, false)?))
+        if rep.replicas.len() == 1 {
+            return self.workers[0].forward_backward(&mut rep.replicas[0], data, loss);
+        }
+        let ranges = self.ranges(data)?;
+        let jobs: Vec<(Range<usize>, &mut R::Adapter)> =
+            ranges.into_iter().zip(rep.replicas.iter_mut()).collect();
+        let results = each(&self.workers, jobs, |w, (r, replica)| {
+            if r.is_empty() {
+                return Ok(None);
+            }
+            // Cleared before the run, so a shard that failed earlier leaves nothing behind.
+            w.zero_grad(replica)?;
+            let out = w.forward_backward(replica, &data[r.clone()], loss).map_err(|e| reindex(e, r.start))?;
+            check_len(w, &out, r.len())?;
+            Ok(Some((out, w.grads_to_host(replica)?)))
+        });
+        let shards: Vec<(FwdBwdOutput, Vec<f32>)> =
+            results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+        let n = shards.first().map(|s| s.1.len()).unwrap_or(0);
+        if let Some((i, _)) = shards.iter().enumerate().find(|(_, s)| s.1.len() != n) {
+            return Err(EngineError::Worker {
+                worker: self.workers[i].device_name(),
+                message: "returned a gradient that does not match the adapter's tensors".into(),
+            });
+        }
+        let grads: Vec<&[f32]> = shards.iter().map(|s| s.1.as_slice()).collect();
+        let acc = rep.pending.get_or_insert_with(|| vec![0.0; n]);
+        reduce_into(acc, &grads);
+        Ok(merge(shards.into_iter().map(|s| s.0)))
     }
 
-    /// One AdamW step on the master with the reduced gradients. The new weights reach the
-    /// replicas at the start of the next call (every call refreshes them from the master).
-    pub fn optim_step(
-        &mut self,
-        master: &mut Adapter,
-        params: &AdamParams,
-    ) -> Result<OptimMetrics> {
-        master.optim_step(params)
-    }
-
-    /// Refreshes the busy workers' replicas from the master and runs their shards concurrently.
-    /// Returns `(worker name, output)` per non-empty shard, in datum order.
-    fn run_sharded(
-        &mut self,
-        master: Option<&Adapter>,
+    /// Forward only (no gradients) with the adapter, or the base model for `None`.
+    pub fn forward(
+        &self,
+        rep: Option<&Replicated<R>>,
         data: &[Datum],
         loss: &LossFn,
-        backward: bool,
-    ) -> Result<Vec<(String, ShardOutput)>> {
+    ) -> Result<FwdBwdOutput> {
+        if self.workers.len() == 1 {
+            return self.workers[0].forward(rep.map(|r| &r.replicas[0]), data, loss);
+        }
+        let ranges = self.ranges(data)?;
+        let jobs: Vec<(usize, Range<usize>)> = ranges.into_iter().enumerate().collect();
+        let results = each(&self.workers, jobs, |w, (i, r)| {
+            if r.is_empty() {
+                return Ok(None);
+            }
+            let replica = rep.map(|x| &x.replicas[i]);
+            let out = w.forward(replica, &data[r.clone()], loss).map_err(|e| reindex(e, r.start))?;
+            check_len(w, &out, r.len())?;
+            Ok(Some(out))
+        });
+        let outs = results.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(merge(outs.into_iter().flatten()))
+    }
+
+    /// One AdamW step on every replica with the summed gradient, which is then cleared.
+    pub fn optim_step(&self, rep: &mut Replicated<R>, params: &AdamParams) -> Result<OptimMetrics> {
+        if rep.replicas.len() == 1 {
+            return self.workers[0].optim_step(&mut rep.replicas[0], params);
+        }
+        let pending = rep.pending.as_deref();
+        let jobs: Vec<&mut R::Adapter> = rep.replicas.iter_mut().collect();
+        let results = each(&self.workers, jobs, |w, replica| {
+            match pending {
+                Some(g) => w.grads_from_host(replica, g)?,
+                None => w.zero_grad(replica)?,
+            }
+            w.optim_step(replica, params)
+        });
+        let metrics = results.into_iter().collect::<Result<Vec<_>>>()?;
+        rep.pending = None;
+        metrics.into_iter().next().ok_or_else(|| EngineError::InvalidInput("no replicas".into()))
+    }
+
+    /// Token-balanced contiguous shards, one per runtime (some may be empty).
+    fn ranges(&self, data: &[Datum]) -> Result<Vec<Range<usize>>> {
         if data.is_empty() {
             return Err(EngineError::InvalidInput("the batch has no datums".into()));
         }
         let lens: Vec<usize> = data.iter().map(|d| d.input_tokens.len()).collect();
-        let ranges = split_by_tokens(&lens, self.workers.len());
-        let jobs: Vec<(&mut Box<dyn Worker>, Range<usize>)> =
-            self.workers.iter_mut().zip(ranges).filter(|(_, r)| !r.is_empty()).collect();
-        let job = |w: &mut Box<dyn Worker>, r: Range<usize>| -> Result<(String, ShardOutput)> {
-            let name = w.name();
-            w.set_weights(master)?;
-            let out = w.run(&data[r.clone()], loss, backward).map_err(|e| reindex(e, r.start))?;
-            if out.output.per_datum.len() != r.len() {
-                return Err(EngineError::Worker {
-                    worker: name,
-                    message: format!(
-                        "returned {} outputs for {} datums",
-                        out.output.per_datum.len(),
-                        r.len()
-                    ),
-                });
-            }
-            Ok((name, out))
-        };
-        let job = &job;
-        let results: Vec<Result<(String, ShardOutput)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = jobs
-                .into_iter()
-                .map(|(w, r)| {
-                    let name = w.name();
-                    (name, s.spawn(move || job(w, r)))
-                })
-                .collect();
-            // Every thread is joined here, so a panicking worker becomes an error instead of
-            // unwinding through the scope.
-            handles
-                .into_iter()
-                .map(|(name, h)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(EngineError::Worker {
-                            worker: name,
-                            message: "panicked while running its shard".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        // The first failing shard's error, like the single-engine path reports the first bad
-        // datum.
-        results.into_iter().collect()
+        Ok(split_by_tokens(&lens, self.workers.len()))
     }
+}
+
+impl DataParallel<CpuRuntime> {
+    /// `n` CPU runtimes over `model`, splitting `threads` threads between them (each gets at
+    /// least one); `n == 1` uses the process-wide pool.
+    pub fn cpu(model: Arc<Model>, n: usize, threads: usize) -> Result<Self> {
+        let n = n.max(1);
+        if n == 1 {
+            return Self::new(vec![CpuRuntime::new(model)]);
+        }
+        let per = (threads / n).max(1);
+        let workers = (0..n)
+            .map(|i| CpuRuntime::with_threads(model.clone(), i, per))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(workers)
+    }
+}
+
+fn check_len<R: ModelRuntime>(w: &R, out: &FwdBwdOutput, want: usize) -> Result<()> {
+    if out.per_datum.len() != want {
+        return Err(EngineError::Worker {
+            worker: w.device_name(),
+            message: format!("returned {} outputs for {want} datums", out.per_datum.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Elements per task of the host reduction.
 const REDUCE_CHUNK: usize = 1 << 14;
 
 /// Host all-reduce: per element, the shards' values summed in worker order, then added to what
-/// the master accumulated before. Elements are independent, so splitting them over threads keeps
-/// the result bit-identical from run to run. `grads` match `gradient_layout(master)`.
-fn reduce_into(master: &mut Adapter, grads: &[&[Vec<f32>]]) {
-    let mut t = 0;
-    for (_, p) in master.pairs_mut() {
-        for dst in [&mut p.grad_a, &mut p.grad_b] {
-            let srcs: Vec<&[f32]> = grads.iter().map(|g| g[t].as_slice()).collect();
-            dst.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(c, out)| {
-                let base = c * REDUCE_CHUNK;
-                for (i, d) in out.iter_mut().enumerate() {
-                    let mut sum = 0.0f32;
-                    for g in &srcs {
-                        sum += g[base + i];
-                    }
-                    *d += sum;
-                }
-            });
-            t += 1;
+/// was accumulated before. Elements are independent, so splitting them over threads keeps the
+/// result bit-identical from run to run.
+fn reduce_into(acc: &mut [f32], grads: &[&[f32]]) {
+    acc.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(c, out)| {
+        let base = c * REDUCE_CHUNK;
+        for (i, d) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for g in grads {
+                sum += g[base + i];
+            }
+            *d += sum;
         }
-    }
+    });
 }
 
 /// Concatenates shard outputs (already in datum order) and sums their losses.
-fn merge(shards: Vec<(String, ShardOutput)>) -> FwdBwdOutput {
+fn merge(shards: impl Iterator<Item = FwdBwdOutput>) -> FwdBwdOutput {
     let mut per_datum = Vec::new();
     let mut loss_sum = 0.0;
-    for (_, s) in shards {
-        per_datum.extend(s.output.per_datum);
-        loss_sum += s.output.loss_sum;
+    for s in shards {
+        per_datum.extend(s.per_datum);
+        loss_sum += s.loss_sum;
     }
     FwdBwdOutput { per_datum, loss_sum }
 }

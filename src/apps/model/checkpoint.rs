@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::engine::weights::{load_f32, save_f32};
-use crate::engine::{Adapter, Model, Tensor};
+use crate::engine::{Adapter, ModelConfig, Tensor};
 
 use super::error::AppError;
 
@@ -89,8 +89,8 @@ pub fn spill(adapter: &Adapter, pending_grads: bool, dir: &Path) -> Result<(), A
 }
 
 /// Restores what `spill` wrote; returns the adapter and whether it has pending gradients.
-pub fn restore(dir: &Path, model: &Model) -> Result<(Adapter, bool), AppError> {
-    let mut adapter = Adapter::load_state(dir, model)?;
+pub fn restore(dir: &Path, model: &ModelConfig) -> Result<(Adapter, bool), AppError> {
+    let mut adapter = Adapter::load_state_for(dir, model)?;
     let grads_path = dir.join(GRADS_FILE);
     if !grads_path.is_file() {
         return Ok((adapter, false));
@@ -115,29 +115,41 @@ pub fn restore(dir: &Path, model: &Model) -> Result<(Adapter, bool), AppError> {
 /// a new file, so the inode changes even within one timestamp tick).
 type FileStamp = Option<(SystemTime, u64)>;
 /// One cached adapter: its directory, its weights file's stamp when loaded, the adapter.
-type CacheEntry = (PathBuf, FileStamp, Arc<Adapter>);
+type CacheEntry<A> = (PathBuf, FileStamp, Arc<A>);
 
-/// Adapters loaded from PEFT directories for sampling, most recently used first. An entry is
-/// reused while its weights file is the same file version (a re-save reloads it).
-#[derive(Debug)]
-pub struct AdapterCache {
+/// Adapters loaded from PEFT directories for sampling (as the runtime holds them: `A` is the
+/// device-resident form), most recently used first. An entry is reused while its weights file
+/// is the same file version (a re-save reloads it).
+pub struct AdapterCache<A> {
     capacity: usize,
-    entries: Mutex<Vec<CacheEntry>>,
+    entries: Mutex<Vec<CacheEntry<A>>>,
 }
 
-impl AdapterCache {
+impl<A> std::fmt::Debug for AdapterCache<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterCache").field("dirs", &self.dirs()).finish()
+    }
+}
+
+impl<A> AdapterCache<A> {
     pub fn new(capacity: usize) -> Self {
         AdapterCache { capacity: capacity.max(1), entries: Mutex::new(Vec::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CacheEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CacheEntry<A>>> {
         // A panic while holding this lock cannot leave the list inconsistent (plain pushes and
         // removals), so a poisoned lock is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The adapter in `dir` (a PEFT directory), loading it on a miss.
-    pub fn get(&self, dir: &Path, model: &Model) -> Result<Arc<Adapter>, AppError> {
+    /// The adapter in `dir` (a PEFT directory), loaded for `model` and placed with `place` on a
+    /// miss.
+    pub fn get(
+        &self,
+        dir: &Path,
+        model: &ModelConfig,
+        place: impl FnOnce(&Adapter) -> Result<A, AppError>,
+    ) -> Result<Arc<A>, AppError> {
         if !dir.is_absolute() {
             return Err(AppError::BadRequest(format!(
                 "adapter_dir must be an absolute path, got {}",
@@ -162,11 +174,11 @@ impl AdapterCache {
                 return Ok(a);
             }
         }
-        let adapter = Adapter::load_peft(dir, model).map_err(|e| {
+        let host = Adapter::load_peft_for(dir, model).map_err(|e| {
             AppError::BadRequest(format!("cannot load adapter_dir {}: {e}", dir.display()))
         })?;
-        adapter.check_compatible(model).map_err(|e| AppError::BadRequest(e.to_string()))?;
-        let adapter = Arc::new(adapter);
+        host.check_fits(model).map_err(|e| AppError::BadRequest(e.to_string()))?;
+        let adapter = Arc::new(place(&host)?);
         let mut e = self.lock();
         e.retain(|(p, _, _)| p != dir);
         e.insert(0, (dir.to_path_buf(), mtime, adapter.clone()));

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::ModelService;
 use super::error::AppError;
 use super::types::*;
+use crate::engine::ModelRuntime;
 
 /// Header that carries the internal token.
 pub const TOKEN_HEADER: &str = "X-Twinkle-Internal";
@@ -50,7 +51,53 @@ pub fn json_config() -> web::JsonConfig {
         .error_handler(|err, _| AppError::BadRequest(format!("bad JSON body: {err}")).into())
 }
 
-type Svc = web::Data<Arc<ModelService>>;
+/// What the HTTP layer needs of a model service, whatever its device (the routes hold a
+/// `dyn ModelApp`, so the device type is chosen once, at start-up, not per route).
+pub trait ModelApp: Send + Sync + 'static {
+    fn info(&self) -> InfoResponse;
+    fn create_adapter(&self, req: &CreateAdapterRequest) -> Result<(), AppError>;
+    fn forward_backward(
+        &self,
+        req: &ForwardBackwardRequest,
+    ) -> Result<ForwardBackwardResponse, AppError>;
+    fn optim_step(&self, req: &OptimStepRequest) -> Result<MetricsResponse, AppError>;
+    fn save(&self, req: &SaveRequest) -> Result<SaveResponse, AppError>;
+    fn load(&self, req: &LoadRequest) -> Result<(), AppError>;
+    fn unload(&self, req: &UnloadRequest) -> Result<(), AppError>;
+    fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError>;
+}
+
+impl<R: ModelRuntime> ModelApp for ModelService<R> {
+    fn info(&self) -> InfoResponse {
+        ModelService::info(self)
+    }
+    fn create_adapter(&self, req: &CreateAdapterRequest) -> Result<(), AppError> {
+        ModelService::create_adapter(self, req)
+    }
+    fn forward_backward(
+        &self,
+        req: &ForwardBackwardRequest,
+    ) -> Result<ForwardBackwardResponse, AppError> {
+        ModelService::forward_backward(self, req)
+    }
+    fn optim_step(&self, req: &OptimStepRequest) -> Result<MetricsResponse, AppError> {
+        ModelService::optim_step(self, req)
+    }
+    fn save(&self, req: &SaveRequest) -> Result<SaveResponse, AppError> {
+        ModelService::save(self, req)
+    }
+    fn load(&self, req: &LoadRequest) -> Result<(), AppError> {
+        ModelService::load(self, req)
+    }
+    fn unload(&self, req: &UnloadRequest) -> Result<(), AppError> {
+        ModelService::unload(self, req)
+    }
+    fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError> {
+        ModelService::sample(self, req)
+    }
+}
+
+type Svc = web::Data<Arc<dyn ModelApp>>;
 type Tok = web::Data<InternalToken>;
 
 async fn info(req: HttpRequest, svc: Svc, tok: Tok) -> Result<HttpResponse, AppError> {
@@ -99,7 +146,7 @@ op!(unload, UnloadRequest, unload, empty);
 op!(sample, SampleRequest, sample, same);
 
 /// Registers the model application's internal routes.
-pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<ModelService>, token: InternalToken) {
+pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn ModelApp>, token: InternalToken) {
     cfg.app_data(web::Data::new(svc))
         .app_data(web::Data::new(token))
         .app_data(json_config())

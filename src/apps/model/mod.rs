@@ -2,6 +2,11 @@
 //! server's opaque model ids; forward / forward_backward / optim_step / save / load / unload /
 //! sample over the internal JSON API (INTERNAL_API.md).
 //!
+//! Device: the service is generic over the engine's device seam ([`ModelRuntime`]) and computes
+//! on a [`DataParallel`] pool of runtimes (one per visible GPU for `device_type: cuda`, CPU
+//! workers otherwise), chosen once at start-up (`apps::load`). Adapters live on the devices
+//! (replicated); a host copy is made only to write a checkpoint or to spill.
+//!
 //! Concurrency: every operation runs on a blocking thread (see [`http`]), so the HTTP workers
 //! stay free for `/healthz`. Each adapter has its own lock: operations on one adapter run one at
 //! a time, different adapters run concurrently (the engine parallelises inside a call).
@@ -10,6 +15,7 @@
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
 //! it transparently, with identical numbers.
 
+pub mod base;
 pub mod checkpoint;
 pub mod error;
 pub mod http;
@@ -21,12 +27,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::engine::parallel::DataParallel;
+use crate::engine::cpu::CpuRuntime;
+use crate::engine::parallel::{DataParallel, Replicated};
 use crate::engine::{
-    Adapter, Datum, DatumOutput, LoraConfig, LossFn, LossInputs, Model, forward, forward_backward,
+    Adapter, Datum, DatumOutput, LoraConfig, LossFn, LossInputs, ModelConfig, ModelRuntime,
 };
-use crate::tokenize::Tokenizer;
 
+pub use base::{BaseModel, Served};
 use checkpoint::{AdapterCache, OPTIM_META, write_dir_atomic};
 pub use error::AppError;
 use types::*;
@@ -69,61 +76,10 @@ pub struct ServiceOptions {
     pub max_loras: Option<usize>,
 }
 
-/// A loaded base model and its tokenizer, shared by the model and sampler applications.
-#[derive(Debug)]
-pub struct BaseModel {
-    pub model: Arc<Model>,
-    pub tokenizer: Option<Arc<Tokenizer>>,
-    pub max_length: usize,
-    pub info: InfoResponse,
-}
-
-impl BaseModel {
-    /// Loads the model (and `tokenizer.json` when the directory has one).
-    pub fn load(base_model: &str, dir: &Path, max_length: Option<usize>) -> Result<Self, AppError> {
-        let model = Model::load(dir).map_err(|e| {
-            AppError::Startup(format!("cannot load the model in {}: {e}", dir.display()))
-        })?;
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
-            match Tokenizer::from_dir(dir) {
-                Ok(t) => Some(Arc::new(t)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "tokenizer not loaded; stop strings are unavailable");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let c = model.config();
-        let max_pos = c.max_position_embeddings;
-        let max_length = max_length.map_or(max_pos, |m| m.min(max_pos));
-        let model_name = crate::hub::display_name(base_model);
-        let tokenizer_id = if base_model.trim().starts_with("generate://qwen3") {
-            "Qwen/Qwen3-0.6B".to_string()
-        } else {
-            model_name.clone()
-        };
-        let arch = c.arch.trim_end_matches("ForCausalLM").to_lowercase();
-        let info = InfoResponse {
-            base_model: base_model.to_string(),
-            model_name,
-            arch,
-            vocab_size: c.vocab_size,
-            max_length,
-            eos_token_ids: c.eos_token_ids.clone(),
-            tokenizer_id,
-            max_rank: MAX_RANK,
-            adapters: Vec::new(),
-        };
-        Ok(BaseModel { model, tokenizer, max_length, info })
-    }
-}
-
 /// Where an adapter is.
-enum SlotState {
+enum SlotState<R: ModelRuntime> {
     Loaded {
-        adapter: Box<Adapter>,
+        adapter: Box<Replicated<R>>,
         pending_grads: bool,
     },
     Spilled(PathBuf),
@@ -131,8 +87,8 @@ enum SlotState {
     Removed,
 }
 
-struct Slot {
-    state: Mutex<SlotState>,
+struct Slot<R: ModelRuntime> {
+    state: Mutex<SlotState<R>>,
     last_used: Mutex<Instant>,
 }
 
@@ -141,20 +97,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The model application's state.
-pub struct ModelService {
-    base: BaseModel,
-    adapters: Mutex<HashMap<String, Arc<Slot>>>,
-    by_dir: AdapterCache,
+/// The model application's state, computing on runtimes of type `R`.
+pub struct ModelService<R: ModelRuntime = CpuRuntime> {
+    base: Served,
+    engine: DataParallel<R>,
+    adapters: Mutex<HashMap<String, Arc<Slot<R>>>>,
+    by_dir: AdapterCache<Replicated<R>>,
     timeout: Duration,
     spill_dir: PathBuf,
     max_resident: Option<usize>,
-    /// Data-parallel workers for forward/backward when more than one is configured; callers
-    /// take this lock after an adapter's lock, never the other way round.
-    parallel: Option<Mutex<DataParallel>>,
+    /// Round-robin over the runtimes for generation.
+    next_worker: std::sync::atomic::AtomicUsize,
 }
 
-impl ModelService {
+impl ModelService<CpuRuntime> {
     /// Loads the base model and starts with no adapters; forward/backward runs on
     /// `TWINKLE_CPU_WORKERS` data-parallel CPU workers (default 1).
     pub fn new(opts: &ServiceOptions) -> Result<Self, AppError> {
@@ -162,31 +118,41 @@ impl ModelService {
     }
 
     /// Like [`new`](Self::new) with `workers` data-parallel CPU workers sharing the process's
-    /// threads (1: the engine is called directly).
+    /// threads (1: the engine runs on the process-wide pool).
     pub fn with_workers(opts: &ServiceOptions, workers: usize) -> Result<Self, AppError> {
         let base = BaseModel::load(&opts.base_model, &opts.model_dir, opts.max_length)?;
-        let parallel = if workers > 1 {
-            let threads = rayon::current_num_threads();
-            let dp = DataParallel::cpu(base.model.clone(), workers, threads)
-                .map_err(|e| AppError::Startup(format!("data-parallel workers: {e}")))?;
+        let threads = rayon::current_num_threads();
+        let engine = DataParallel::cpu(base.model.clone(), workers, threads)
+            .map_err(|e| AppError::Startup(format!("data-parallel workers: {e}")))?;
+        if workers > 1 {
             tracing::info!(workers, threads, "forward/backward runs on data-parallel CPU workers");
-            Some(Mutex::new(dp))
-        } else {
-            None
-        };
-        Ok(ModelService {
-            parallel,
+        }
+        Ok(Self::with_engine(opts, base.served, engine))
+    }
+}
+
+impl<R: ModelRuntime> ModelService<R> {
+    /// A service over an engine built by the caller (one runtime per device).
+    pub fn with_engine(opts: &ServiceOptions, mut base: Served, engine: DataParallel<R>) -> Self {
+        base.info.devices = (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
+        ModelService {
             base,
+            engine,
             adapters: Mutex::new(HashMap::new()),
             by_dir: AdapterCache::new(4),
             timeout: opts.adapter_timeout,
             spill_dir: opts.spill_dir.clone(),
             max_resident: opts.max_loras.map(|m| m.max(1)),
-        })
+            next_worker: Default::default(),
+        }
     }
 
-    pub fn base(&self) -> &BaseModel {
+    pub fn base(&self) -> &Served {
         &self.base
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.base.config
     }
 
     /// `GET /_internal/v1/info`.
@@ -196,7 +162,7 @@ impl ModelService {
         InfoResponse { adapters: ids, ..self.base.info.clone() }
     }
 
-    fn slot(&self, id: &str) -> Result<Arc<Slot>, AppError> {
+    fn slot(&self, id: &str) -> Result<Arc<Slot<R>>, AppError> {
         lock(&self.adapters)
             .get(id)
             .cloned()
@@ -212,12 +178,13 @@ impl ModelService {
     fn with_adapter<T>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut Adapter, &mut bool) -> Result<T, AppError>,
+        f: impl FnOnce(&mut Replicated<R>, &mut bool) -> Result<T, AppError>,
     ) -> Result<T, AppError> {
         let slot = self.slot(id)?;
         let mut state = lock(&slot.state);
         if let SlotState::Spilled(dir) = &*state {
-            let (adapter, pending_grads) = checkpoint::restore(dir, &self.base.model)?;
+            let (host, pending_grads) = checkpoint::restore(dir, self.config())?;
+            let adapter = self.engine.upload(&host)?;
             let _ = std::fs::remove_dir_all(dir);
             tracing::info!(model_id = id, "reloaded idle adapter");
             *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads };
@@ -232,7 +199,11 @@ impl ModelService {
         out
     }
 
-    fn insert(&self, id: &str, adapter: Adapter) -> Result<(), AppError> {
+    fn insert(&self, id: &str, host: Adapter) -> Result<(), AppError> {
+        if lock(&self.adapters).contains_key(id) {
+            return Err(AppError::Conflict(format!("model_id `{id}` already exists")));
+        }
+        let adapter = self.engine.upload(&host)?;
         let mut map = lock(&self.adapters);
         if map.contains_key(id) {
             return Err(AppError::Conflict(format!("model_id `{id}` already exists")));
@@ -254,14 +225,14 @@ impl ModelService {
     /// more than `max_loras` are in memory.
     fn evict_over_limit(&self, keep: &str) {
         let Some(max) = self.max_resident else { return };
-        let mut resident: Vec<(Instant, String, Arc<Slot>)> = lock(&self.adapters)
+        let mut resident: Vec<(Instant, String, Arc<Slot<R>>)> = lock(&self.adapters)
             .iter()
             .filter(|(k, _)| k.as_str() != keep)
             .map(|(k, v)| (*lock(&v.last_used), k.clone(), v.clone()))
             .collect();
         resident.sort_by_key(|(t, _, _)| *t);
         // `keep` is resident; the others count when loaded (a busy one is assumed loaded).
-        let loaded = |s: &Slot| match s.state.try_lock() {
+        let loaded = |s: &Slot<R>| match s.state.try_lock() {
             Ok(st) => matches!(*st, SlotState::Loaded { .. }),
             Err(_) => true,
         };
@@ -277,11 +248,16 @@ impl ModelService {
     }
 
     /// Spills one adapter if it is loaded and not busy; true when it was spilled.
-    fn spill_slot(&self, id: &str, slot: &Slot) -> bool {
+    fn spill_slot(&self, id: &str, slot: &Slot<R>) -> bool {
         let Ok(mut state) = slot.state.try_lock() else { return false };
         let SlotState::Loaded { adapter, pending_grads } = &*state else { return false };
         let dir = self.spill_path(id);
-        match checkpoint::spill(adapter, *pending_grads, &dir) {
+        let written = self
+            .engine
+            .download(adapter)
+            .map_err(AppError::from)
+            .and_then(|host| checkpoint::spill(&host, *pending_grads, &dir));
+        match written {
             Ok(()) => {
                 tracing::info!(model_id = %id, dir = %dir.display(), "unloaded adapter to disk");
                 *state = SlotState::Spilled(dir);
@@ -331,7 +307,7 @@ impl ModelService {
             l.train_unembed,
             seed,
         );
-        let mut adapter = Adapter::new(&self.base.model, &cfg)?;
+        let mut adapter = Adapter::for_config(self.config(), &cfg)?;
         adapter.set_base_model(&self.base.info.model_name);
         self.insert(&req.model_id, adapter)
     }
@@ -398,20 +374,14 @@ impl ModelService {
             .collect();
         let loss = LossFn::from_name(&req.loss_fn, &config)?;
         let data = self.to_datums(&req.data)?;
-        let model = &self.base.model;
+        let engine = &self.engine;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
-            if let Some(dp) = &self.parallel {
-                let out = lock(dp).forward_backward(adapter, &data, &loss, req.forward_only)?;
-                *pending |= !req.forward_only;
-                return Ok(out);
-            }
             if req.forward_only {
-                Ok(forward(model, Some(adapter), &data, &loss)?)
-            } else {
-                let out = forward_backward(model, Some(adapter), &data, &loss, false)?;
-                *pending = true;
-                Ok(out)
+                return Ok(engine.forward(Some(adapter), &data, &loss)?);
             }
+            let out = engine.forward_backward(adapter, &data, &loss)?;
+            *pending = true;
+            Ok(out)
         })?;
         let outputs = out
             .per_datum
@@ -439,7 +409,7 @@ impl ModelService {
                     req.model_id
                 )));
             }
-            let m = adapter.optim_step(&req.adam_params)?;
+            let m = self.engine.optim_step(adapter, &req.adam_params)?;
             *pending = false;
             Ok(MetricsResponse { metrics: m.to_map() })
         })
@@ -454,6 +424,7 @@ impl ModelService {
             )));
         }
         let size_bytes = self.with_adapter(&req.model_id, |adapter, _| {
+            let adapter = self.engine.download(adapter)?;
             write_dir_atomic(&req.dir, |tmp| {
                 match req.kind {
                     SaveKind::State => adapter.save_state(tmp)?,
@@ -478,7 +449,7 @@ impl ModelService {
                 dir.display()
             )));
         }
-        let model = &self.base.model;
+        let model = self.config();
         let bad = |e: crate::engine::EngineError| {
             AppError::BadRequest(format!("cannot load checkpoint {}: {e}", dir.display()))
         };
@@ -489,11 +460,11 @@ impl ModelService {
                     dir.display()
                 )));
             }
-            Adapter::load_state(dir, model).map_err(bad)?
+            Adapter::load_state_for(dir, model).map_err(bad)?
         } else {
-            Adapter::load_peft(dir, model).map_err(bad)?
+            Adapter::load_peft_for(dir, model).map_err(bad)?
         };
-        adapter.check_compatible(model).map_err(bad)?;
+        adapter.check_fits(model).map_err(bad)?;
         Ok(adapter)
     }
 
@@ -511,7 +482,8 @@ impl ModelService {
             return self.insert(&req.model_id, adapter);
         }
         let slot = self.slot(&req.model_id)?;
-        let adapter = self.load_checkpoint(&req.dir, req.with_optimizer)?;
+        let host = self.load_checkpoint(&req.dir, req.with_optimizer)?;
+        let adapter = self.engine.upload(&host)?;
         let mut state = lock(&slot.state);
         if matches!(*state, SlotState::Removed) {
             return Err(AppError::NotFound(format!("model_id `{}` was unloaded", req.model_id)));
@@ -538,28 +510,32 @@ impl ModelService {
     }
 
     /// `POST /_internal/v1/sample`: from adapter `model_id`, a PEFT `adapter_dir`, or the base.
+    /// Requests go round-robin over the runtimes (each holds a replica of every adapter).
     pub fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError> {
         let b = &self.base;
         let tok = b.tokenizer.as_deref();
+        let w = self.next_worker.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.engine.num_workers();
+        let rt = self.engine.worker(w);
         match (&req.model_id, &req.adapter_dir) {
             (Some(_), Some(_)) => {
                 Err(AppError::BadRequest("give model_id or adapter_dir, not both".into()))
             }
             (Some(id), None) => self.with_adapter(id, |adapter, _| {
-                sample::generate(&b.model, Some(adapter), tok, b.max_length, req)
+                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }),
             (None, Some(dir)) => {
-                let adapter = self.by_dir.get(dir, &b.model)?;
-                sample::generate(&b.model, Some(&adapter), tok, b.max_length, req)
+                let adapter = self.by_dir.get(dir, self.config(), |h| Ok(self.engine.upload(h)?))?;
+                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
-            (None, None) => sample::generate(&b.model, None, tok, b.max_length, req),
+            (None, None) => sample::generate(rt, None, tok, b.max_length, req),
         }
     }
 
     /// Spills every adapter idle for at least the timeout (busy ones are skipped: they are in
     /// use). Returns how many were spilled.
     pub fn sweep_idle(&self) -> usize {
-        let slots: Vec<(String, Arc<Slot>)> =
+        let slots: Vec<(String, Arc<Slot<R>>)> =
             lock(&self.adapters).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut spilled = 0;
         for (id, slot) in slots {

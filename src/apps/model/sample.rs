@@ -1,13 +1,14 @@
-//! Generation shared by the model and sampler applications: one prefill of the prompt, its KV
-//! cache cloned per sample, then the samples decoded together (one batched `forward_cached` per
-//! step over the sequences still running).
+//! Generation shared by the model and sampler applications, on any runtime of the device seam:
+//! one prefill of the prompt, its KV-cache slot forked per sample, then the samples decoded
+//! together (one batched `forward_cached` per step over the sequences still running, tokens
+//! selected where the logits are).
 //!
 //! Randomness: token `t` of sample `i` uses `uniform_f32(seed, stream = i, draw = t)`, so a
 //! request with a seed gives the same tokens on every run and in every application.
 
 use crate::engine::rng::{resolve_seed, uniform_f32};
-use crate::engine::sampling::{SamplingParams, Stop, StopChecker, StopReason, sample_token};
-use crate::engine::{Adapter, KvCache, Model};
+use crate::engine::sampling::{SamplingParams, Stop, StopChecker, StopReason};
+use crate::engine::{Datum, LossFn, LossInputs, ModelRuntime};
 use crate::tokenize::{IncrementalDecoder, Tokenizer};
 
 use super::error::AppError;
@@ -28,14 +29,14 @@ struct Running {
 
 /// Samples `req.num_samples` continuations of `req.prompt`. `max_length` bounds prompt plus
 /// generation (`max_tokens` is clamped to what is left).
-pub fn generate(
-    model: &Model,
-    adapter: Option<&Adapter>,
+pub fn generate<R: ModelRuntime>(
+    rt: &R,
+    adapter: Option<&R::Adapter>,
     tokenizer: Option<&Tokenizer>,
     max_length: usize,
     req: &SampleRequest,
 ) -> Result<SampleResponse, AppError> {
-    let c = model.config();
+    let c = rt.config();
     let prompt = &req.prompt;
     if prompt.is_empty() {
         return Err(AppError::BadRequest("prompt: must contain at least one token".into()));
@@ -84,13 +85,12 @@ pub fn generate(
         c.eos_token_ids.clone()
     };
 
-    let mut prefill = vec![KvCache::new(model)];
-    let first = model.forward_cached(adapter, &[prompt.as_slice()], &mut prefill)?;
-    let first_logits = first
-        .into_iter()
-        .next()
-        .ok_or_else(|| AppError::Internal("prefill returned no logits".into()))?;
     let n = req.num_samples;
+    let mut cache = rt.new_cache(n, prompt.len() + params.max_tokens)?;
+    let first = rt.forward_cached(adapter, &mut cache, &[0], &[prompt.as_slice()])?;
+    for i in 1..n {
+        rt.fork_slot(&mut cache, 0, i)?;
+    }
     let context = &prompt[prompt.len().saturating_sub(DECODE_CONTEXT)..];
     let mut runs: Vec<Running> = (0..n)
         .map(|_| {
@@ -100,20 +100,28 @@ pub fn generate(
             Running { tokens: Vec::new(), logprobs: Vec::new(), checker, decoder, reason: None }
         })
         .collect();
-    let mut caches: Vec<KvCache> = vec![prefill.swap_remove(0); n];
 
-    let mut logits: Vec<Vec<f32>> = vec![first_logits];
     let mut active: Vec<usize> = (0..n).collect();
     let mut step = 0u64;
+    let mut logits = first;
     while !active.is_empty() {
-        for (slot, &i) in active.iter().enumerate() {
-            // Before the first decode step every sample shares the prefill's logits.
-            let row = if step == 0 { logits.first() } else { logits.get(slot) };
-            let row = row.ok_or_else(|| {
-                AppError::Internal("missing logits for a running sequence".into())
-            })?;
-            let u = uniform_f32(seed, i as u64, step);
-            let (tok, lp) = sample_token(row, &params, u)?;
+        // Before the first decode step every sample shares the prefill's one row.
+        let picks: Vec<(u32, f32)> = if step == 0 {
+            let mut v = Vec::with_capacity(n);
+            for &i in &active {
+                let u = uniform_f32(seed, i as u64, step);
+                v.extend(rt.select_tokens(&logits, std::slice::from_ref(&params), &[u])?);
+            }
+            v
+        } else {
+            let us: Vec<f32> = active.iter().map(|&i| uniform_f32(seed, i as u64, step)).collect();
+            let ps = vec![params.clone(); active.len()];
+            rt.select_tokens(&logits, &ps, &us)?
+        };
+        if picks.len() != active.len() {
+            return Err(AppError::Internal("token selection returned the wrong count".into()));
+        }
+        for (&i, (tok, lp)) in active.iter().zip(picks) {
             let r = &mut runs[i];
             r.tokens.push(tok);
             r.logprobs.push(lp);
@@ -131,21 +139,15 @@ pub fn generate(
         if active.is_empty() {
             break;
         }
-        let mut batch: Vec<KvCache> =
-            active.iter().map(|&i| std::mem::take(&mut caches[i])).collect();
         let last: Vec<[u32; 1]> =
             active.iter().map(|&i| [runs[i].tokens.last().copied().unwrap_or(0)]).collect();
         let inputs: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
-        let out = model.forward_cached(adapter, &inputs, &mut batch);
-        for (&i, cache) in active.iter().zip(batch) {
-            caches[i] = cache;
-        }
-        logits = out?;
+        logits = rt.forward_cached(adapter, &mut cache, &active, &inputs)?;
         step += 1;
     }
 
     let prompt_logprobs = if req.prompt_logprobs {
-        let lps = model.sequence_logprobs(adapter, prompt)?;
+        let lps = sequence_logprobs(rt, adapter, prompt)?;
         Some(std::iter::once(None).chain(lps.into_iter().map(Some)).collect())
     } else {
         None
@@ -162,4 +164,23 @@ pub fn generate(
         })
         .collect();
     Ok(SampleResponse { sequences, prompt_logprobs })
+}
+
+/// `log p(tokens[i+1] | tokens[..=i])` for each position of one sequence (`len − 1` values), by
+/// a forward-only cross-entropy pass.
+fn sequence_logprobs<R: ModelRuntime>(
+    rt: &R,
+    adapter: Option<&R::Adapter>,
+    tokens: &[u32],
+) -> Result<Vec<f32>, AppError> {
+    if tokens.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let n = tokens.len() - 1;
+    let datum = Datum {
+        input_tokens: tokens[..n].to_vec(),
+        inputs: LossInputs { target_tokens: tokens[1..].to_vec(), k: 1, ..Default::default() },
+    };
+    let out = rt.forward(adapter, &[datum], &LossFn::CrossEntropy)?;
+    Ok(out.per_datum.into_iter().next().map(|d| d.logprobs).unwrap_or_default())
 }

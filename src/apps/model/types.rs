@@ -19,6 +19,9 @@ pub struct InfoResponse {
     pub tokenizer_id: String,
     pub max_rank: usize,
     pub adapters: Vec<String>,
+    /// The devices computing for this application (`cpu:0`, `cuda:0`, `cuda:1`, ...).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 fn default_alpha() -> f32 {

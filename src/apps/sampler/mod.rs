@@ -1,8 +1,10 @@
-//! The `sampler` application: its own copy of the base model, serving only
+//! The `sampler` application: its own copy of the base model on its own devices, serving only
 //! `GET /_internal/v1/info` and `POST /_internal/v1/sample`. Adapters come by `adapter_dir`
-//! (PEFT directories the model application saved) and stay cached, least recently used out.
+//! (PEFT directories the model application saved), are placed on every runtime and stay cached,
+//! least recently used out. Requests go round-robin over the runtimes (one per card).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -10,24 +12,55 @@ use super::model::checkpoint::AdapterCache;
 use super::model::error::AppError;
 use super::model::http::{InternalToken, blocking_json, check_token, json_config};
 use super::model::types::{InfoResponse, SampleRequest, SampleResponse};
-use super::model::{BaseModel, sample};
+use super::model::{BaseModel, Served, sample};
+use crate::engine::ModelRuntime;
+use crate::engine::cpu::CpuRuntime;
+use crate::engine::parallel::{DataParallel, Replicated};
 
 /// Adapters a sampler keeps loaded.
 pub const ADAPTER_CACHE: usize = 4;
 
-/// The sampler application's state.
-#[derive(Debug)]
-pub struct SamplerService {
-    base: BaseModel,
-    cache: AdapterCache,
+/// What the HTTP layer needs of a sampler service, whatever its device.
+pub trait SamplerApp: Send + Sync + 'static {
+    fn info(&self) -> InfoResponse;
+    fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError>;
 }
 
-impl SamplerService {
+/// The sampler application's state, computing on runtimes of type `R`.
+pub struct SamplerService<R: ModelRuntime = CpuRuntime> {
+    base: Served,
+    engine: DataParallel<R>,
+    cache: AdapterCache<Replicated<R>>,
+    next_worker: AtomicUsize,
+}
+
+impl<R: ModelRuntime> std::fmt::Debug for SamplerService<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SamplerService").field("engine", &self.engine).finish()
+    }
+}
+
+impl SamplerService<CpuRuntime> {
+    /// A sampler computing on the host CPUs (the process-wide pool).
     pub fn new(base: BaseModel) -> Self {
-        SamplerService { base, cache: AdapterCache::new(ADAPTER_CACHE) }
+        Self::with_engine(base.served, DataParallel::single(CpuRuntime::new(base.model)))
+    }
+}
+
+impl<R: ModelRuntime> SamplerService<R> {
+    /// A sampler over an engine built by the caller (one runtime per device).
+    pub fn with_engine(mut base: Served, engine: DataParallel<R>) -> Self {
+        base.info.devices =
+            (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
+        SamplerService {
+            base,
+            engine,
+            cache: AdapterCache::new(ADAPTER_CACHE),
+            next_worker: AtomicUsize::new(0),
+        }
     }
 
-    pub fn base(&self) -> &BaseModel {
+    pub fn base(&self) -> &Served {
         &self.base
     }
 
@@ -46,17 +79,29 @@ impl SamplerService {
         }
         let b = &self.base;
         let tok = b.tokenizer.as_deref();
+        let w = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.engine.num_workers();
+        let rt = self.engine.worker(w);
         match &req.adapter_dir {
             Some(dir) => {
-                let adapter = self.cache.get(dir, &b.model)?;
-                sample::generate(&b.model, Some(&adapter), tok, b.max_length, req)
+                let adapter =
+                    self.cache.get(dir, &b.config, |h| Ok(self.engine.upload(h)?))?;
+                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
-            None => sample::generate(&b.model, None, tok, b.max_length, req),
+            None => sample::generate(rt, None, tok, b.max_length, req),
         }
     }
 }
 
-type Svc = web::Data<Arc<SamplerService>>;
+impl<R: ModelRuntime> SamplerApp for SamplerService<R> {
+    fn info(&self) -> InfoResponse {
+        SamplerService::info(self)
+    }
+    fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError> {
+        SamplerService::sample(self, req)
+    }
+}
+
+type Svc = web::Data<Arc<dyn SamplerApp>>;
 type Tok = web::Data<InternalToken>;
 
 async fn info(req: HttpRequest, svc: Svc, tok: Tok) -> Result<HttpResponse, AppError> {
@@ -77,7 +122,7 @@ async fn sample_route(
 }
 
 /// Registers the sampler's internal routes.
-pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<SamplerService>, token: InternalToken) {
+pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn SamplerApp>, token: InternalToken) {
     cfg.app_data(web::Data::new(svc))
         .app_data(web::Data::new(token))
         .app_data(json_config())

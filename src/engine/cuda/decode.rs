@@ -86,6 +86,37 @@ impl<T: Act> CudaKvCache<T> {
         self.lens.len()
     }
 
+    /// Copies the cached positions of slot `src` into the empty slot `dst` (every layer's keys
+    /// and values), so several samples continue one prefill.
+    pub fn fork_slot(&mut self, model: &CudaModel<T>, src: usize, dst: usize) -> R<()> {
+        let n = self.lens.len();
+        if src >= n || dst >= n || src == dst || self.lens[dst] != 0 {
+            return Err(invalid(format!(
+                "fork_slot {src} -> {dst}: slots must differ, exist (< {n}) and the target be empty"
+            )));
+        }
+        let row = model.config().num_kv_heads * model.hdp;
+        let (len, max) = (self.lens[src], self.max_len);
+        let (a, b) = (src * max * row, dst * max * row);
+        let stream = model.dev.stream();
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            // The slots are disjoint ranges of one buffer: split it between them to copy on
+            // the device.
+            let mut whole = view_mut(buf, 0, buf.len())?;
+            let (mut lo, mut hi) = whole.split_at_mut(a.max(b));
+            let (from, mut to) = if a < b {
+                (lo.slice(a..a + len * row), hi.slice_mut(0..len * row))
+            } else {
+                (hi.slice(0..len * row), lo.slice_mut(b..b + len * row))
+            };
+            stream
+                .memcpy_dtod(&from, &mut to)
+                .map_err(CudaError::driver("copying a KV-cache slot"))?;
+        }
+        self.lens[dst] = len;
+        Ok(())
+    }
+
     pub(crate) fn layer_mut(&mut self, l: usize) -> R<(&mut CudaSlice<T>, &mut CudaSlice<T>)> {
         match (self.k.get_mut(l), self.v.get_mut(l)) {
             (Some(k), Some(v)) => Ok((k, v)),

@@ -43,6 +43,7 @@ pub mod launch;
 mod layer;
 mod model;
 mod nvrtc;
+mod runtime;
 mod synth;
 mod train;
 
@@ -56,7 +57,8 @@ pub use nvrtc::{
     nvrtc_available, nvrtc_version,
 };
 pub use synth::{bench_shape, spec_config};
-pub use train::forward_backward;
+pub use runtime::{CudaLogits, CudaRuntime};
+pub use train::{forward_backward, forward_only};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;

@@ -14,7 +14,7 @@ use super::launch::{self as k, BLayout, LoraLayout};
 use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, upload, view, view_mut, zeros};
 use crate::engine::loss::{Datum, DatumOutput, LossFn};
-use crate::engine::train::{FwdBwdOutput, validate};
+use crate::engine::batch::{FwdBwdOutput, pack, validate};
 
 /// Vocabulary columns per head chunk.
 const VOCAB_CHUNK: usize = 8192;
@@ -273,15 +273,42 @@ pub fn forward_backward<T: Act>(
     loss: &LossFn,
     forward_only: bool,
 ) -> R<FwdBwdOutput> {
+    match adapter {
+        Some(a) if !forward_only => run(model, None, Some(a), data, loss),
+        Some(a) => run(model, Some(&*a), None, data, loss),
+        None => run(model, None, None, data, loss),
+    }
+}
+
+/// Forward only (logprobs and losses, no gradients) with a shared adapter borrow.
+pub fn forward_only<T: Act>(
+    model: &CudaModel<T>,
+    adapter: Option<&CudaAdapter>,
+    data: &[Datum],
+    loss: &LossFn,
+) -> R<FwdBwdOutput> {
+    run(model, adapter, None, data, loss)
+}
+
+/// `read`: an adapter used without gradients; `train`: one that receives them (at most one of
+/// the two is given).
+fn run<T: Act>(
+    model: &CudaModel<T>,
+    read: Option<&CudaAdapter>,
+    mut train: Option<&mut CudaAdapter>,
+    data: &[Datum],
+    loss: &LossFn,
+) -> R<FwdBwdOutput> {
     validate(model.config(), data, loss)?;
     let (tokens, seqs, positions) = pack(data);
     let rows = tokens.len();
     let p = Pack::new(model, &tokens, &seqs, &positions)?;
-    let train = adapter.is_some() && !forward_only;
-    let st = model.stack_fwd(&p, adapter.as_deref(), &mut KvMode::Train, train)?;
+    let backward = train.is_some();
+    let adapter: Option<&CudaAdapter> = read.or(train.as_deref());
+    let st = model.stack_fwd(&p, adapter, &mut KvMode::Train, backward)?;
     let tg = model.targets(data)?;
-    let scale = adapter.as_ref().map(|a| a.scaling).unwrap_or(0.0);
-    let head_lora = adapter.as_ref().and_then(|a| a.lm_head.as_ref());
+    let scale = adapter.map(|a| a.scaling).unwrap_or(0.0);
+    let head_lora = adapter.and_then(|a| a.lm_head.as_ref());
     let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, tg.kmax, head_lora, scale)?;
     let lp = download(&model.dev, &view(&lp_dev, 0, rows * tg.kmax)?)?;
 
@@ -312,7 +339,7 @@ pub fn forward_backward<T: Act>(
     }
     debug_assert_eq!(tg.host.len(), coef.len());
 
-    if let (Some(ad), true) = (adapter, train) {
+    if let Some(ad) = train.as_deref_mut() {
         let coef = upload(&model.dev, &coef)?;
         let dh = model.head_bwd(
             &st.h_final,
@@ -328,17 +355,4 @@ pub fn forward_backward<T: Act>(
     }
     model.dev.synchronize()?;
     Ok(FwdBwdOutput { per_datum, loss_sum })
-}
-
-/// Concatenated tokens, `(start, len)` per datum, positions restarting at 0 (as the CPU).
-fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
-    let mut tokens = Vec::new();
-    let mut seqs = Vec::with_capacity(data.len());
-    let mut positions = Vec::new();
-    for d in data {
-        seqs.push((tokens.len(), d.input_tokens.len()));
-        tokens.extend_from_slice(&d.input_tokens);
-        positions.extend(0..d.input_tokens.len() as u32);
-    }
-    (tokens, seqs, positions)
 }

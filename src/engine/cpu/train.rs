@@ -1,129 +1,16 @@
-//! Entry points over a model and an optional adapter: `forward_backward` (packed batch, loss,
-//! gradient accumulation), full logits, and cached decoding for the sampler.
+//! The CPU orchestration of a batch over a model and an optional adapter: `forward_backward`
+//! (packed batch, loss, gradient accumulation), full logits, and cached decoding.
 
 use super::backend::RopeTable;
 use super::backend::profile::{Kind, span};
-use super::error::{EngineError, Result};
+use super::head::{Head, HeadTargets};
 use super::kv_cache::KvCache;
-use super::lora::Adapter;
-use super::loss::{Datum, DatumOutput, Head, HeadTargets, LossFn};
-use super::models::Model;
 use super::transformer::Packed;
-
-/// Result of `forward_backward`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FwdBwdOutput {
-    /// One entry per datum, in order.
-    pub per_datum: Vec<DatumOutput>,
-    /// The summed loss (`loss:sum`).
-    pub loss_sum: f64,
-}
-
-impl FwdBwdOutput {
-    /// Tinker-style metrics (`name:reduction` keys): `loss:sum`.
-    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
-        [("loss:sum".to_string(), self.loss_sum)].into()
-    }
-}
-
-fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> {
-    if let Some((p, t)) = toks.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-        return Err(EngineError::InvalidInput(format!(
-            "datum {i}: {what}[{p}] = {t} is not below the vocabulary size {vocab}"
-        )));
-    }
-    Ok(())
-}
-
-pub(crate) fn validate(
-    c: &super::models::ModelConfig,
-    data: &[Datum],
-    loss: &LossFn,
-) -> Result<()> {
-    if data.is_empty() {
-        return Err(EngineError::InvalidInput("the batch has no datums".into()));
-    }
-    for (i, d) in data.iter().enumerate() {
-        let n = d.input_tokens.len();
-        let inp = &d.inputs;
-        if n == 0 {
-            return Err(EngineError::InvalidInput(format!("datum {i}: model_input is empty")));
-        }
-        if n > c.max_position_embeddings {
-            return Err(EngineError::InvalidInput(format!(
-                "datum {i}: {n} tokens exceed max_position_embeddings {}",
-                c.max_position_embeddings
-            )));
-        }
-        let k = inp.k.max(1);
-        if inp.target_tokens.len() != n * k {
-            return Err(EngineError::InvalidInput(format!(
-                "datum {i}: target_tokens has {} values, expected {} ({n} input tokens × {k})",
-                inp.target_tokens.len(),
-                n * k
-            )));
-        }
-        check_tokens("model_input", i, &d.input_tokens, c.vocab_size)?;
-        check_tokens("target_tokens", i, &inp.target_tokens, c.vocab_size)?;
-        if let Some(w) = &inp.weights
-            && w.len() != n * k
-        {
-            return Err(EngineError::InvalidInput(format!(
-                "datum {i}: weights has {} values, target_tokens {}",
-                w.len(),
-                n * k
-            )));
-        }
-        for (name, v) in [
-            ("weights", &inp.weights),
-            ("logprobs", &inp.logprobs),
-            ("advantages", &inp.advantages),
-        ] {
-            if let Some(p) = v.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
-                return Err(EngineError::InvalidInput(format!(
-                    "datum {i}: {name}[{p}] is not a finite number"
-                )));
-            }
-        }
-        for (name, v) in [("logprobs", &inp.logprobs), ("advantages", &inp.advantages)] {
-            match v {
-                None if loss.is_rl() => {
-                    return Err(EngineError::InvalidInput(format!(
-                        "datum {i}: loss {} needs loss_fn_inputs `{name}`",
-                        loss.name()
-                    )));
-                }
-                Some(v) if v.len() != n => {
-                    return Err(EngineError::InvalidInput(format!(
-                        "datum {i}: {name} has {} values, expected {n}",
-                        v.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        if loss.is_rl() && k != 1 {
-            return Err(EngineError::InvalidInput(format!(
-                "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
-                loss.name()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Packs datums: concatenated tokens, `(start, len)` per datum, positions restarting at 0.
-fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
-    let mut tokens = Vec::new();
-    let mut seqs = Vec::with_capacity(data.len());
-    let mut positions = Vec::new();
-    for d in data {
-        seqs.push((tokens.len(), d.input_tokens.len()));
-        tokens.extend_from_slice(&d.input_tokens);
-        positions.extend(0..d.input_tokens.len() as u32);
-    }
-    (tokens, seqs, positions)
-}
+use crate::engine::batch::{FwdBwdOutput, check_tokens, pack, validate};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::lora::Adapter;
+use crate::engine::loss::{Datum, DatumOutput, LossFn};
+use crate::engine::models::Model;
 
 /// How a call uses the adapter.
 enum AdapterUse<'a> {
@@ -306,7 +193,7 @@ impl Model {
         let n = tokens.len() - 1;
         let datum = Datum {
             input_tokens: tokens[..n].to_vec(),
-            inputs: super::loss::LossInputs {
+            inputs: crate::engine::loss::LossInputs {
                 target_tokens: tokens[1..].to_vec(),
                 k: 1,
                 ..Default::default()

@@ -3,8 +3,8 @@
 
 use super::backend::{AttnShape, MatMul, RopeTable, backend};
 use super::kv_cache::KvCache;
-use super::lora::{Adapter, LoraPair, Target};
-use super::models::{Linear, Model};
+use crate::engine::lora::{Adapter, LoraPair, Target};
+use crate::engine::models::{Linear, Model};
 
 /// Packed rows of several sequences: `(start_row, len)` per sequence, plus one position per row.
 pub(crate) struct Packed<'a> {

@@ -1,7 +1,7 @@
 //! Per-sequence key/value cache for incremental decoding: keys and values of every past
 //! position, per layer, laid out `[pos, kv_heads, head_dim]` (post-rope keys).
 
-use super::models::Model;
+use crate::engine::models::Model;
 
 /// The cache of one sequence.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,121 @@
+//! The batch contract shared by every device: input validation (one set of error messages), the
+//! packing of datums into rows, and the result type of `forward_backward`.
+
+use super::error::{EngineError, Result};
+use super::loss::{Datum, DatumOutput, LossFn};
+use super::models::ModelConfig;
+
+/// Result of `forward_backward`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FwdBwdOutput {
+    /// One entry per datum, in order.
+    pub per_datum: Vec<DatumOutput>,
+    /// The summed loss (`loss:sum`).
+    pub loss_sum: f64,
+}
+
+impl FwdBwdOutput {
+    /// Tinker-style metrics (`name:reduction` keys): `loss:sum`.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [("loss:sum".to_string(), self.loss_sum)].into()
+    }
+}
+
+pub(crate) fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> {
+    if let Some((p, t)) = toks.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(EngineError::InvalidInput(format!(
+            "datum {i}: {what}[{p}] = {t} is not below the vocabulary size {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate(
+    c: &ModelConfig,
+    data: &[Datum],
+    loss: &LossFn,
+) -> Result<()> {
+    if data.is_empty() {
+        return Err(EngineError::InvalidInput("the batch has no datums".into()));
+    }
+    for (i, d) in data.iter().enumerate() {
+        let n = d.input_tokens.len();
+        let inp = &d.inputs;
+        if n == 0 {
+            return Err(EngineError::InvalidInput(format!("datum {i}: model_input is empty")));
+        }
+        if n > c.max_position_embeddings {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: {n} tokens exceed max_position_embeddings {}",
+                c.max_position_embeddings
+            )));
+        }
+        let k = inp.k.max(1);
+        if inp.target_tokens.len() != n * k {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: target_tokens has {} values, expected {} ({n} input tokens × {k})",
+                inp.target_tokens.len(),
+                n * k
+            )));
+        }
+        check_tokens("model_input", i, &d.input_tokens, c.vocab_size)?;
+        check_tokens("target_tokens", i, &inp.target_tokens, c.vocab_size)?;
+        if let Some(w) = &inp.weights
+            && w.len() != n * k
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: weights has {} values, target_tokens {}",
+                w.len(),
+                n * k
+            )));
+        }
+        for (name, v) in [
+            ("weights", &inp.weights),
+            ("logprobs", &inp.logprobs),
+            ("advantages", &inp.advantages),
+        ] {
+            if let Some(p) = v.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
+                return Err(EngineError::InvalidInput(format!(
+                    "datum {i}: {name}[{p}] is not a finite number"
+                )));
+            }
+        }
+        for (name, v) in [("logprobs", &inp.logprobs), ("advantages", &inp.advantages)] {
+            match v {
+                None if loss.is_rl() => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: loss {} needs loss_fn_inputs `{name}`",
+                        loss.name()
+                    )));
+                }
+                Some(v) if v.len() != n => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "datum {i}: {name} has {} values, expected {n}",
+                        v.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if loss.is_rl() && k != 1 {
+            return Err(EngineError::InvalidInput(format!(
+                "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
+                loss.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Packs datums: concatenated tokens, `(start, len)` per datum, positions restarting at 0.
+pub(crate) fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
+    let mut tokens = Vec::new();
+    let mut seqs = Vec::with_capacity(data.len());
+    let mut positions = Vec::new();
+    for d in data {
+        seqs.push((tokens.len(), d.input_tokens.len()));
+        tokens.extend_from_slice(&d.input_tokens);
+        positions.extend(0..d.input_tokens.len() as u32);
+    }
+    (tokens, seqs, positions)
+}

@@ -1,0 +1,216 @@
+//! The CPU output head: per row block the full-vocabulary logits, their log-sum-exp, the loss
+//! terms and (when training) the logit gradient and `∂loss/∂h` in the same pass, without ever
+//! holding the whole `[tokens × vocab]` logits matrix.
+
+use rayon::prelude::*;
+
+use super::backend::{MatMul, backend, exp_shift};
+use crate::engine::loss::LossFn;
+use crate::engine::lora::LoraPair;
+use crate::engine::tensor::Tensor;
+
+/// Memory budget of one row block of head logits (the full `[tokens × vocab]` matrix is never
+/// held): 128 MB is ~220 rows of a 152k vocabulary, enough rows for an efficient product.
+pub(crate) const HEAD_BLOCK_BYTES: usize = 128 << 20;
+/// Upper bound on rows per head block (small vocabularies).
+const HEAD_MAX_ROWS: usize = 2048;
+
+/// The vocabulary projection: `logits = h·Wᵀ + s·(h·Aᵀ)·Bᵀ`.
+pub(crate) struct Head<'a> {
+    pub w: &'a Tensor,
+    pub lora: Option<&'a LoraPair>,
+    pub scale: f32,
+}
+
+impl Head<'_> {
+    fn vocab(&self) -> usize {
+        self.w.dim(0)
+    }
+
+    /// `s·h·Aᵀ` for a block of rows (empty without LoRA).
+    fn xa(&self, h: &[f32], rows: usize, hidden: usize) -> Vec<f32> {
+        match self.lora {
+            Some(p) => {
+                let r = p.rank();
+                let mut xa = vec![0.0f32; rows * r];
+                backend().matmul(&mut xa, h, p.a.data(), MatMul::linear(rows, hidden, r));
+                xa.iter_mut().for_each(|v| *v *= self.scale);
+                xa
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Logits of columns `v0..v1` for a block of rows into `out` `[rows, v1−v0]`.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &self,
+        h: &[f32],
+        xa: &[f32],
+        rows: usize,
+        hidden: usize,
+        v0: usize,
+        v1: usize,
+        out: &mut [f32],
+    ) {
+        let be = backend();
+        let c = v1 - v0;
+        be.matmul(
+            out,
+            h,
+            &self.w.data()[v0 * hidden..v1 * hidden],
+            MatMul::linear(rows, hidden, c),
+        );
+        if let Some(p) = self.lora {
+            let r = p.rank();
+            be.matmul(out, xa, &p.b.data()[v0 * r..v1 * r], MatMul::linear(rows, r, c).acc());
+        }
+    }
+
+    /// Full logits `[rows, vocab]` (for sampling the last position and for golden checks).
+    pub fn full_logits(&self, h: &[f32], rows: usize, hidden: usize) -> Vec<f32> {
+        let v = self.vocab();
+        let xa = self.xa(h, rows, hidden);
+        let mut out = vec![0.0f32; rows * v];
+        self.chunk(h, &xa, rows, hidden, 0, v, &mut out);
+        out
+    }
+
+    /// Rows per block so that one block of logits stays within `HEAD_BLOCK_BYTES`.
+    pub fn block_rows(&self) -> usize {
+        (HEAD_BLOCK_BYTES / (4 * self.vocab().max(1))).clamp(1, HEAD_MAX_ROWS)
+    }
+
+    /// One pass of the head over all rows, `block` rows at a time: logits → log-sum-exp →
+    /// target log-probabilities and loss terms, and with `want_dh` the logit gradient
+    /// `coef·(onehot − softmax)` and `∂loss/∂h` of the block right away (the logits are never
+    /// recomputed). lm_head LoRA gradients are accumulated into `lora_grad` (`(grad_a,
+    /// grad_b)`) when given and the head has LoRA.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_pass(
+        &self,
+        h: &[f32],
+        rows: usize,
+        hidden: usize,
+        tg: &HeadTargets,
+        loss: &LossFn,
+        want_dh: bool,
+        mut lora_grad: Option<(&mut [f32], &mut [f32])>,
+        block: usize,
+    ) -> HeadOut {
+        let be = backend();
+        let v = self.vocab();
+        let nt = tg.targets.len();
+        let block = block.max(1);
+        let mut out = HeadOut {
+            logprobs: vec![0.0; nt],
+            terms: vec![0.0; nt],
+            dh: if want_dh { vec![0.0; rows * hidden] } else { Vec::new() },
+        };
+        let mut coef = vec![0.0f32; nt];
+        let mut buf = vec![0.0f32; block.min(rows) * v];
+        let rank = self.lora.map(|p| p.rank()).unwrap_or(0);
+        for r0 in (0..rows).step_by(block) {
+            let nr = block.min(rows - r0);
+            let hb = &h[r0 * hidden..(r0 + nr) * hidden];
+            let xa = self.xa(hb, nr, hidden);
+            let logits = &mut buf[..nr * v];
+            self.chunk(hb, &xa, nr, hidden, 0, v, logits);
+            let ptr = &tg.row_ptr[r0..=r0 + nr];
+            // Target logits are read before the row is overwritten by its exponentials.
+            let mut tlog = vec![0.0f32; ptr[nr] - ptr[0]];
+            for i in 0..nr {
+                for t in ptr[i]..ptr[i + 1] {
+                    tlog[t - ptr[0]] = logits[i * v + tg.targets[t] as usize];
+                }
+            }
+            // Per row (max, Σexp); the row keeps exp(x − max) for the softmax of the gradient.
+            let stats: Vec<(f32, f32)> = logits
+                .par_chunks_mut(v)
+                .map(|row| {
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let s = exp_shift(row, m);
+                    (m, s)
+                })
+                .collect();
+            for (i, &(m, s)) in stats.iter().enumerate() {
+                let r = r0 + i;
+                let lse = m + s.ln();
+                for t in ptr[i]..ptr[i + 1] {
+                    let lp = (tlog[t - ptr[0]] - lse) as f64;
+                    let (l, g) =
+                        loss.term(lp, tg.weights[t] as f64, tg.slp[r] as f64, tg.adv[r] as f64);
+                    out.logprobs[t] = lp as f32;
+                    out.terms[t] = l;
+                    coef[t] = g as f32;
+                }
+            }
+            if !want_dh {
+                continue;
+            }
+            // ∂loss/∂logit_j = Σ_t coef_t·(δ(j, target_t) − softmax_j).
+            let coef = &coef;
+            logits.par_chunks_mut(v).zip(stats.par_iter()).enumerate().for_each(
+                |(i, (row, &(_, s)))| {
+                    let cs: f32 = coef[ptr[i]..ptr[i + 1]].iter().sum();
+                    let f = -cs / s;
+                    row.iter_mut().for_each(|x| *x *= f);
+                    for t in ptr[i]..ptr[i + 1] {
+                        row[tg.targets[t] as usize] += coef[t];
+                    }
+                },
+            );
+            let dl: &[f32] = logits;
+            let dhb = &mut out.dh[r0 * hidden..(r0 + nr) * hidden];
+            let plain =
+                |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
+            be.matmul(dhb, dl, self.w.data(), plain(nr, v, hidden));
+            if let (Some(p), Some((ga, gb))) = (self.lora, lora_grad.as_mut()) {
+                be.matmul(
+                    gb,
+                    dl,
+                    &xa,
+                    MatMul { trans_a: true, accumulate: true, ..plain(v, nr, rank) },
+                );
+                let mut dxa = vec![0.0f32; nr * rank];
+                be.matmul(&mut dxa, dl, p.b.data(), plain(nr, v, rank));
+                dxa.iter_mut().for_each(|x| *x *= self.scale);
+                be.matmul(
+                    ga,
+                    &dxa,
+                    hb,
+                    MatMul { trans_a: true, accumulate: true, ..plain(rank, nr, hidden) },
+                );
+                be.matmul(dhb, &dxa, p.a.data(), plain(nr, rank, hidden).acc());
+            }
+        }
+        out
+    }
+}
+
+/// What the head pass needs per target (CSR over rows: row `r` owns
+/// `targets[row_ptr[r]..row_ptr[r+1]]`).
+pub(crate) struct HeadTargets<'a> {
+    pub row_ptr: &'a [usize],
+    pub targets: &'a [u32],
+    /// Cross-entropy weight per target.
+    pub weights: &'a [f32],
+    /// Sampler logprob per row (RL losses; zeros otherwise).
+    pub slp: &'a [f32],
+    /// Advantage per row (RL losses; zeros otherwise).
+    pub adv: &'a [f32],
+}
+
+/// Result of `Head::loss_pass`.
+pub(crate) struct HeadOut {
+    /// Log-probability per target.
+    pub logprobs: Vec<f32>,
+    /// Loss term per target.
+    pub terms: Vec<f64>,
+    /// `∂loss/∂h` `[rows, hidden]` (empty without a gradient).
+    pub dh: Vec<f32>,
+}
+
+#[cfg(test)]
+#[path = "head_tests.rs"]
+mod head_tests;

@@ -1,0 +1,16 @@
+//! The CPU stack: the numeric kernels ([`backend`], rayon + `gemm`), the decoder stack with its
+//! explicit backward, the row-blocked output head, the per-sequence KV cache, the orchestration of
+//! a batch (`forward_backward`, `forward`, cached decoding) and [`CpuRuntime`], its
+//! implementation of the device seam ([`ModelRuntime`](crate::engine::runtime::ModelRuntime)).
+//! The same layout as `engine/cuda/`.
+
+pub mod backend;
+pub(crate) mod head;
+pub mod kv_cache;
+mod runtime;
+mod train;
+pub(crate) mod transformer;
+
+pub use kv_cache::KvCache;
+pub use runtime::{CpuCache, CpuRuntime};
+pub use train::{forward, forward_backward};

@@ -1,0 +1,223 @@
+//! [`CpuRuntime`]: the device seam on the host. The "device" adapter is the host [`Adapter`]
+//! itself, KV-cache slots are per-sequence [`KvCache`]s, and each runtime may own a rayon pool
+//! (data-parallel CPU workers run side by side on disjoint threads).
+
+use std::sync::Arc;
+
+use super::kv_cache::KvCache;
+use super::train::{forward, forward_backward};
+use crate::engine::batch::FwdBwdOutput;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::lora::Adapter;
+use crate::engine::loss::{Datum, LossFn};
+use crate::engine::models::{Model, ModelConfig};
+use crate::engine::optim::{AdamParams, OptimMetrics};
+use crate::engine::runtime::ModelRuntime;
+use crate::engine::sampling::{SamplingParams, sample_token};
+
+/// The base model on the host CPUs.
+pub struct CpuRuntime {
+    index: usize,
+    model: Arc<Model>,
+    /// `None`: the process-wide rayon pool.
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for CpuRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuRuntime").field("index", &self.index).finish()
+    }
+}
+
+/// KV-cache slots of the CPU runtime.
+#[derive(Debug)]
+pub struct CpuCache {
+    slots: Vec<KvCache>,
+    max_len: usize,
+}
+
+impl CpuRuntime {
+    /// The model on the process-wide thread pool.
+    pub fn new(model: Arc<Model>) -> Self {
+        CpuRuntime { index: 0, model, pool: None }
+    }
+
+    /// Worker `index` with its own pool of `threads` threads (at least one).
+    pub fn with_threads(model: Arc<Model>, index: usize, threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(move |t| format!("twinkle-cpu{index}-{t}"))
+            .build()
+            .map_err(|e| EngineError::Worker {
+                worker: format!("cpu:{index}"),
+                message: format!("cannot start its thread pool: {e}"),
+            })?;
+        Ok(CpuRuntime { index, model, pool: Some(pool) })
+    }
+
+    /// The host model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+impl ModelRuntime for CpuRuntime {
+    type Adapter = Adapter;
+    type Cache = CpuCache;
+    type Logits = Vec<Vec<f32>>;
+
+    fn device_name(&self) -> String {
+        format!("cpu:{}", self.index)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn upload_adapter(&self, host: &Adapter) -> Result<Adapter> {
+        host.check_compatible(&self.model)?;
+        Ok(host.clone())
+    }
+
+    fn download_adapter(&self, adapter: &Adapter, host: &mut Adapter) -> Result<()> {
+        if adapter.shape() != host.shape() {
+            return Err(EngineError::Adapter(
+                "download: the host adapter has another configuration".into(),
+            ));
+        }
+        *host = adapter.clone();
+        Ok(())
+    }
+
+    fn forward_backward(
+        &self,
+        adapter: &mut Adapter,
+        data: &[Datum],
+        loss: &LossFn,
+    ) -> Result<FwdBwdOutput> {
+        let model = &self.model;
+        self.run(|| forward_backward(model, Some(adapter), data, loss, false))
+    }
+
+    fn forward(
+        &self,
+        adapter: Option<&Adapter>,
+        data: &[Datum],
+        loss: &LossFn,
+    ) -> Result<FwdBwdOutput> {
+        let model = &self.model;
+        self.run(|| forward(model, adapter, data, loss))
+    }
+
+    fn optim_step(&self, adapter: &mut Adapter, params: &AdamParams) -> Result<OptimMetrics> {
+        self.run(|| adapter.optim_step(params))
+    }
+
+    fn zero_grad(&self, adapter: &mut Adapter) -> Result<()> {
+        adapter.zero_grad();
+        Ok(())
+    }
+
+    fn grads_to_host(&self, adapter: &Adapter) -> Result<Vec<f32>> {
+        Ok(adapter.grads_flat())
+    }
+
+    fn grads_from_host(&self, adapter: &mut Adapter, grads: &[f32]) -> Result<()> {
+        adapter.set_grads_flat(grads)
+    }
+
+    fn new_cache(&self, max_seqs: usize, max_len: usize) -> Result<CpuCache> {
+        if max_seqs == 0 || max_len == 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "KV cache of {max_seqs} sequences x {max_len} tokens: both must be > 0"
+            )));
+        }
+        Ok(CpuCache { slots: vec![KvCache::new(&self.model); max_seqs], max_len })
+    }
+
+    fn fork_slot(&self, cache: &mut CpuCache, src: usize, dst: usize) -> Result<()> {
+        let n = cache.slots.len();
+        if src >= n || dst >= n || src == dst || !cache.slots[dst].is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "fork_slot {src} -> {dst}: slots must differ, exist (< {n}) and the target be empty"
+            )));
+        }
+        cache.slots[dst] = cache.slots[src].clone();
+        Ok(())
+    }
+
+    fn forward_cached(
+        &self,
+        adapter: Option<&Adapter>,
+        cache: &mut CpuCache,
+        slots: &[usize],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = cache.slots.len();
+        if slots.len() != tokens.len() || slots.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} token lists for {} sequences (need >= 1)",
+                tokens.len(),
+                slots.len()
+            )));
+        }
+        for (i, (&s, t)) in slots.iter().zip(tokens).enumerate() {
+            if s >= n || slots[..i].contains(&s) {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence slot {s} is out of range or repeated"
+                )));
+            }
+            let end = cache.slots[s].len() + t.len();
+            if end > cache.max_len {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {i}: {end} tokens exceed the cache slot ({})",
+                    cache.max_len
+                )));
+            }
+        }
+        // The engine takes the caches as one slice: move the listed slots out and back.
+        let mut batch: Vec<KvCache> =
+            slots.iter().map(|&s| std::mem::take(&mut cache.slots[s])).collect();
+        let model = &self.model;
+        let out = self.run(|| model.forward_cached(adapter, tokens, &mut batch));
+        for (&s, c) in slots.iter().zip(batch) {
+            cache.slots[s] = c;
+        }
+        out
+    }
+
+    fn select_tokens(
+        &self,
+        logits: &Vec<Vec<f32>>,
+        params: &[SamplingParams],
+        uniforms: &[f32],
+    ) -> Result<Vec<(u32, f32)>> {
+        if params.len() != logits.len() || uniforms.len() != logits.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} rows of logits with {} parameter sets and {} draws",
+                logits.len(),
+                params.len(),
+                uniforms.len()
+            )));
+        }
+        logits
+            .iter()
+            .zip(params)
+            .zip(uniforms)
+            .map(|((row, p), &u)| {
+                sample_token(row, p, u).map_err(|e| EngineError::InvalidInput(e.to_string()))
+            })
+            .collect()
+    }
+
+    fn logits_to_host(&self, logits: &Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        Ok(logits.clone())
+    }
+}
