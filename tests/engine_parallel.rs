@@ -1,15 +1,23 @@
-//! Data parallel over CPU workers against the single-engine path: same losses, logprobs,
-//! accumulated gradients and post-step weights for 1, 2, 3 and more workers than datums;
-//! bit-identical repeats; errors from a shard (or a panicking worker) come back as errors.
+//! Data parallel over CPU runtimes (the device seam) against the single-engine path: same
+//! losses, logprobs, accumulated gradients and post-step weights for 1, 2, 3 and more workers
+//! than datums; bit-identical repeats; errors from a shard (or a panicking device) come back as
+//! errors and leave the adapter as it was.
 
 use std::sync::Arc;
 
-use twinkle::engine::parallel::{DataParallel, ShardOutput, Worker, split_by_tokens};
+use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
+use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::synth::{SynthRng, SynthSpec};
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target,
-    forward, forward_backward,
+    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model,
+    ModelConfig, ModelRuntime, OptimMetrics, Target, forward, forward_backward,
 };
+
+/// The host copy of a replicated adapter.
+fn host<R: ModelRuntime>(dp: &DataParallel<R>, rep: &Replicated<R>) -> Adapter {
+    dp.download(rep).unwrap()
+}
 
 fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
     let spec = SynthSpec {
@@ -122,25 +130,27 @@ fn compare_with_single(n: usize, loss: LossFn) {
     let grads_single = single.gradients();
     single.optim_step(&adam()).unwrap();
 
-    let mut master = adapter(&model);
-    let mut dp = DataParallel::cpu(model.clone(), n, 2).unwrap();
+    let dp = DataParallel::cpu(model.clone(), n, 2).unwrap();
+    let mut master = dp.upload(&adapter(&model)).unwrap();
     assert_eq!(dp.num_workers(), n);
-    let da = dp.forward_backward(&mut master, &a, &loss, false).unwrap();
-    let db = dp.forward_backward(&mut master, &b, &loss, false).unwrap();
+    let da = dp.forward_backward(&mut master, &a, &loss).unwrap();
+    let db = dp.forward_backward(&mut master, &b, &loss).unwrap();
     assert_outputs_close(&da, &ra);
     assert_outputs_close(&db, &rb);
-    assert_tensors_close(&master.gradients(), &grads_single, "accumulated gradient");
-    let before = master.tensors();
+    assert_tensors_close(&host(&dp, &master).gradients(), &grads_single, "accumulated gradient");
+    let before = host(&dp, &master).tensors();
     let m = dp.optim_step(&mut master, &adam()).unwrap();
     assert_eq!(m.step, 1);
-    let moved = master
+    let after_step = host(&dp, &master);
+    assert!(after_step.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+    let moved = after_step
         .tensors()
         .iter()
         .any(|(k, t)| t.data().iter().zip(before[k].data()).any(|(a, b)| (a - b).abs() > 1e-4));
     assert!(moved, "the step did not move the weights: the comparison below would be vacuous");
-    assert_tensors_close(&master.tensors(), &single.tensors(), "weights after the step");
+    assert_tensors_close(&after_step.tensors(), &single.tensors(), "weights after the step");
 
-    // The replicas follow the master: a forward after the step matches the stepped engine.
+    // Every replica stepped: a forward after the step matches the stepped engine.
     let after = dp.forward(Some(&master), &a, &loss).unwrap();
     let want = forward(&model, Some(&single), &a, &loss).unwrap();
     assert_outputs_close(&after, &want);
@@ -180,27 +190,30 @@ fn one_pool_serves_several_adapters_in_turn() {
     let vocab = model.config().vocab_size;
     let (a, b) = (batch(8, &LENS_A, vocab), batch(9, &LENS_B, vocab));
     let loss = LossFn::CrossEntropy;
-    let mut dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
-    // Same shape, different weights: a replica left over from one must not serve the other.
-    let mut first = adapter(&model);
+    let dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
+    // Same shape, different weights: one must never be computed with the other's replica.
+    let first_host = adapter(&model);
     let mut rng = SynthRng(3);
-    let mut second = first.clone();
-    for (_, p) in second.pairs_mut() {
+    let mut second_host = first_host.clone();
+    for (_, p) in second_host.pairs_mut() {
         let n = p.b.len();
         p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
     }
-    let (mut first_ref, mut second_ref) = (first.clone(), second.clone());
+    let (mut first_ref, mut second_ref) = (first_host.clone(), second_host.clone());
+    let mut first = dp.upload(&first_host).unwrap();
+    let mut second = dp.upload(&second_host).unwrap();
     for data in [&a, &b] {
-        let got1 = dp.forward_backward(&mut first, data, &loss, false).unwrap();
-        let got2 = dp.forward_backward(&mut second, data, &loss, false).unwrap();
+        let got1 = dp.forward_backward(&mut first, data, &loss).unwrap();
+        let got2 = dp.forward_backward(&mut second, data, &loss).unwrap();
         let want1 = forward_backward(&model, Some(&mut first_ref), data, &loss, false).unwrap();
         let want2 = forward_backward(&model, Some(&mut second_ref), data, &loss, false).unwrap();
         assert_outputs_close(&got1, &want1);
         assert_outputs_close(&got2, &want2);
         assert!((got1.loss_sum - got2.loss_sum).abs() > 1e-3);
     }
-    assert_tensors_close(&first.gradients(), &first_ref.gradients(), "first's gradient");
-    assert_tensors_close(&second.gradients(), &second_ref.gradients(), "second's gradient");
+    let (g1, g2) = (host(&dp, &first).gradients(), host(&dp, &second).gradients());
+    assert_tensors_close(&g1, &first_ref.gradients(), "first's gradient");
+    assert_tensors_close(&g2, &second_ref.gradients(), "second's gradient");
 }
 
 #[test]
@@ -208,12 +221,12 @@ fn repeated_runs_are_bit_identical() {
     let (_tmp, model) = tiny_model();
     let data = batch(3, &LENS_A, model.config().vocab_size);
     let run = || {
-        let mut master = adapter(&model);
-        let mut dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
-        let out = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap();
-        let grads = master.gradients();
+        let dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
+        let mut master = dp.upload(&adapter(&model)).unwrap();
+        let out = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy).unwrap();
+        let grads = host(&dp, &master).gradients();
         dp.optim_step(&mut master, &adam()).unwrap();
-        (out, grads, master.tensors())
+        (out, grads, host(&dp, &master).tensors())
     };
     let (o1, g1, w1) = run();
     let (o2, g2, w2) = run();
@@ -226,12 +239,12 @@ fn repeated_runs_are_bit_identical() {
 fn forward_only_leaves_the_gradient_alone_and_serves_the_base_model() {
     let (_tmp, model) = tiny_model();
     let data = batch(4, &LENS_A, model.config().vocab_size);
-    let mut master = adapter(&model);
-    let mut dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
-    let got = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, true).unwrap();
-    let want = forward(&model, Some(&master), &data, &LossFn::CrossEntropy).unwrap();
+    let dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
+    let master = dp.upload(&adapter(&model)).unwrap();
+    let got = dp.forward(Some(&master), &data, &LossFn::CrossEntropy).unwrap();
+    let want = forward(&model, Some(&adapter(&model)), &data, &LossFn::CrossEntropy).unwrap();
     assert_outputs_close(&got, &want);
-    assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+    assert!(host(&dp, &master).gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
 
     let base = dp.forward(None, &data, &LossFn::CrossEntropy).unwrap();
     let want = forward(&model, None, &data, &LossFn::CrossEntropy).unwrap();
@@ -246,56 +259,114 @@ fn a_bad_datum_in_one_shard_is_an_error_with_its_batch_index() {
     let vocab = model.config().vocab_size;
     let mut data = batch(5, &LENS_A, vocab);
     data[3].input_tokens[2] = vocab as u32 + 7;
-    let mut master = adapter(&model);
-    let mut dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
-    let err = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap_err();
+    let dp = DataParallel::cpu(model.clone(), 3, 3).unwrap();
+    let mut master = dp.upload(&adapter(&model)).unwrap();
+    let err = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy).unwrap_err();
     assert!(matches!(err, EngineError::InvalidInput(_)), "{err}");
     assert!(err.to_string().contains("datum 3: model_input[2]"), "{err}");
-    // Good shards ran, but nothing reached the master.
-    assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+    // Good shards ran, but nothing reached the accumulated gradient.
+    assert!(host(&dp, &master).gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
 
     // The pool is still usable.
     let good = batch(6, &LENS_B, vocab);
-    dp.forward_backward(&mut master, &good, &LossFn::CrossEntropy, false).unwrap();
-    assert!(master.gradients().values().any(|t| t.data().iter().any(|g| *g != 0.0)));
+    dp.forward_backward(&mut master, &good, &LossFn::CrossEntropy).unwrap();
+    assert!(host(&dp, &master).gradients().values().any(|t| t.data().iter().any(|g| *g != 0.0)));
 
-    let err = dp.forward_backward(&mut master, &[], &LossFn::CrossEntropy, false).unwrap_err();
+    let err = dp.forward_backward(&mut master, &[], &LossFn::CrossEntropy).unwrap_err();
     assert!(err.to_string().contains("no datums"), "{err}");
 }
 
-/// A worker standing in for a broken device.
-struct Broken {
-    panics: bool,
+/// A CPU runtime that can stand in for a broken device: it panics, or returns a gradient of
+/// the wrong shape, when its `broken` mode says so.
+struct Flaky {
+    inner: CpuRuntime,
+    broken: Option<bool>,
 }
 
-impl Worker for Broken {
-    fn name(&self) -> String {
-        "fake:1".into()
-    }
-    fn set_weights(&mut self, _: Option<&Adapter>) -> twinkle::engine::Result<()> {
-        Ok(())
-    }
-    fn run(
-        &mut self,
-        shard: &[Datum],
-        _: &LossFn,
-        _: bool,
-    ) -> twinkle::engine::Result<ShardOutput> {
-        if self.panics {
+impl Flaky {
+    fn fail(&self) -> twinkle::engine::Result<()> {
+        if self.broken == Some(true) {
             panic!("device lost");
         }
-        // Right number of outputs, but a gradient of the wrong shape.
-        let out = twinkle::engine::FwdBwdOutput {
-            per_datum: vec![
-                twinkle::engine::DatumOutput {
-                    logprobs: vec![],
-                    elementwise_loss: vec![]
-                };
-                shard.len()
-            ],
-            loss_sum: 0.0,
-        };
-        Ok(ShardOutput { output: out, grads: Some(vec![vec![0.0; 3]]) })
+        Ok(())
+    }
+}
+
+impl ModelRuntime for Flaky {
+    type Adapter = Adapter;
+    type Cache = CpuCache;
+    type Logits = Vec<Vec<f32>>;
+
+    fn device_name(&self) -> String {
+        if self.broken.is_some() { "fake:1".into() } else { self.inner.device_name() }
+    }
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn upload_adapter(&self, host: &Adapter) -> twinkle::engine::Result<Adapter> {
+        self.inner.upload_adapter(host)
+    }
+    fn download_adapter(&self, a: &Adapter, host: &mut Adapter) -> twinkle::engine::Result<()> {
+        self.inner.download_adapter(a, host)
+    }
+    fn forward_backward(
+        &self,
+        a: &mut Adapter,
+        d: &[Datum],
+        l: &LossFn,
+    ) -> twinkle::engine::Result<FwdBwdOutput> {
+        self.fail()?;
+        self.inner.forward_backward(a, d, l)
+    }
+    fn forward(
+        &self,
+        a: Option<&Adapter>,
+        d: &[Datum],
+        l: &LossFn,
+    ) -> twinkle::engine::Result<FwdBwdOutput> {
+        self.fail()?;
+        self.inner.forward(a, d, l)
+    }
+    fn optim_step(&self, a: &mut Adapter, p: &AdamParams) -> twinkle::engine::Result<OptimMetrics> {
+        self.inner.optim_step(a, p)
+    }
+    fn zero_grad(&self, a: &mut Adapter) -> twinkle::engine::Result<()> {
+        self.inner.zero_grad(a)
+    }
+    fn grads_to_host(&self, a: &Adapter) -> twinkle::engine::Result<Vec<f32>> {
+        match self.broken {
+            Some(false) => Ok(vec![0.0; 3]),
+            _ => self.inner.grads_to_host(a),
+        }
+    }
+    fn grads_from_host(&self, a: &mut Adapter, g: &[f32]) -> twinkle::engine::Result<()> {
+        self.inner.grads_from_host(a, g)
+    }
+    fn new_cache(&self, n: usize, len: usize) -> twinkle::engine::Result<CpuCache> {
+        self.inner.new_cache(n, len)
+    }
+    fn fork_slot(&self, c: &mut CpuCache, s: usize, d: usize) -> twinkle::engine::Result<()> {
+        self.inner.fork_slot(c, s, d)
+    }
+    fn forward_cached(
+        &self,
+        a: Option<&Adapter>,
+        c: &mut CpuCache,
+        s: &[usize],
+        t: &[&[u32]],
+    ) -> twinkle::engine::Result<Vec<Vec<f32>>> {
+        self.inner.forward_cached(a, c, s, t)
+    }
+    fn select_tokens(
+        &self,
+        l: &Vec<Vec<f32>>,
+        p: &[SamplingParams],
+        u: &[f32],
+    ) -> twinkle::engine::Result<Vec<(u32, f32)>> {
+        self.inner.select_tokens(l, p, u)
+    }
+    fn logits_to_host(&self, l: &Vec<Vec<f32>>) -> twinkle::engine::Result<Vec<Vec<f32>>> {
+        self.inner.logits_to_host(l)
     }
 }
 
@@ -304,20 +375,26 @@ fn a_panicking_or_misbehaving_worker_is_an_error_not_a_crash() {
     let (_tmp, model) = tiny_model();
     let data = batch(7, &LENS_A, model.config().vocab_size);
     for panics in [true, false] {
-        let cpu = twinkle::engine::parallel::CpuWorker::new(model.clone(), 0, 1).unwrap();
-        let mut dp = DataParallel::new(vec![Box::new(cpu), Box::new(Broken { panics })]).unwrap();
-        let mut master = adapter(&model);
-        let err =
-            dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy, false).unwrap_err();
+        let good =
+            Flaky { inner: CpuRuntime::with_threads(model.clone(), 0, 1).unwrap(), broken: None };
+        let bad = Flaky {
+            inner: CpuRuntime::with_threads(model.clone(), 1, 1).unwrap(),
+            broken: Some(panics),
+        };
+        let dp = DataParallel::new(vec![good, bad]).unwrap();
+        let mut master = dp.upload(&adapter(&model)).unwrap();
+        let err = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy).unwrap_err();
         assert!(
             matches!(err, EngineError::Worker { ref worker, .. } if worker == "fake:1"),
             "{err}"
         );
         let want = if panics { "panicked" } else { "does not match" };
         assert!(err.to_string().contains(want), "{err}");
-        assert!(master.gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
+        assert!(
+            host(&dp, &master).gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0))
+        );
     }
-    assert!(DataParallel::new(Vec::new()).is_err());
+    assert!(DataParallel::<CpuRuntime>::new(Vec::new()).is_err());
 }
 
 #[test]

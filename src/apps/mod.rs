@@ -108,7 +108,10 @@ fn placement(spec: &Application) -> Placement {
 /// application's physical cards), weights uploaded in `T`. Any failure — no driver, fewer
 /// visible cards than `dp_size`, out of memory — is a start-up error naming the cause: an
 /// application that asked for GPUs never falls back to the CPU.
-fn cuda_engine<T>(model: &crate::engine::Model, dp: usize) -> Result<DataParallel<CudaRuntime<T>>, AppError>
+fn cuda_engine<T>(
+    model: &crate::engine::Model,
+    dp: usize,
+) -> Result<DataParallel<CudaRuntime<T>>, AppError>
 where
     T: crate::engine::cuda::Act + Send + Sync + 'static,
 {
@@ -124,9 +127,8 @@ where
     }
     let mut workers = Vec::with_capacity(dp);
     for i in 0..dp {
-        let rt = CudaRuntime::<T>::new(i, model).map_err(|e| {
-            AppError::Startup(format!("cannot place the model on cuda:{i}: {e}"))
-        })?;
+        let rt = CudaRuntime::<T>::new(i, model)
+            .map_err(|e| AppError::Startup(format!("cannot place the model on cuda:{i}: {e}")))?;
         tracing::info!(device = %rt.device_name(), "base model uploaded");
         workers.push(rt);
     }
@@ -139,9 +141,9 @@ fn cuda_bf16(dtype: &str) -> Result<bool, AppError> {
         None | Some("") => Ok(matches!(dtype, "bfloat16" | "bf16")),
         Some("bf16") | Some("bfloat16") => Ok(true),
         Some("f32") | Some("float32") => Ok(false),
-        Some(other) => Err(AppError::Startup(format!(
-            "{CUDA_DTYPE_ENV}={other:?}: expected bf16 or f32"
-        ))),
+        Some(other) => {
+            Err(AppError::Startup(format!("{CUDA_DTYPE_ENV}={other:?}: expected bf16 or f32")))
+        }
     }
 }
 

@@ -30,11 +30,7 @@ pub(crate) fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> 
     Ok(())
 }
 
-pub(crate) fn validate(
-    c: &ModelConfig,
-    data: &[Datum],
-    loss: &LossFn,
-) -> Result<()> {
+pub(crate) fn validate(c: &ModelConfig, data: &[Datum], loss: &LossFn) -> Result<()> {
     if data.is_empty() {
         return Err(EngineError::InvalidInput("the batch has no datums".into()));
     }

@@ -8,14 +8,14 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::error::{EngineError, Result};
 use super::cpu::KvCache;
+use super::cpu::forward_backward;
+use super::error::{EngineError, Result};
 use super::lora::Adapter;
 use super::loss::{Datum, LossFn, LossInputs};
 use super::models::Model;
 use super::optim::AdamParams;
 use super::tensor::Tensor;
-use super::cpu::forward_backward;
 use super::weights;
 
 /// How an error is measured.

@@ -151,4 +151,3 @@ mod tests {
         assert!(close(dro.term(-1.0, 0.0, -2.0, 1.0), (1.05, -0.9)));
     }
 }
-

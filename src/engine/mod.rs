@@ -34,13 +34,13 @@ pub mod synth;
 pub mod tensor;
 pub mod weights;
 
-pub use error::{EngineError, Result};
 pub use batch::FwdBwdOutput;
 pub use cpu::backend;
 pub use cpu::{KvCache, forward, forward_backward};
+pub use error::{EngineError, Result};
 pub use lora::{Adapter, AdapterShape, LoraConfig, Target};
 pub use loss::{Datum, DatumOutput, LossFn, LossInputs};
 pub use models::{Model, ModelConfig};
 pub use optim::{AdamParams, OptimMetrics};
-pub use tensor::Tensor;
 pub use runtime::ModelRuntime;
+pub use tensor::Tensor;

@@ -71,6 +71,8 @@ pub fn split_by_tokens(lens: &[usize], n: usize) -> Vec<Range<usize>> {
 /// An adapter replicated on every runtime of a [`DataParallel`] pool.
 pub struct Replicated<R: ModelRuntime> {
     shape: AdapterShape,
+    /// Number of gradient values (what every shard must return).
+    grad_len: usize,
     replicas: Vec<R::Adapter>,
     /// With several replicas: the host-reduced gradient accumulated since the last step
     /// (`None` = zero). Unused with one replica, whose device buffer accumulates directly.
@@ -178,12 +180,11 @@ impl<R: ModelRuntime> DataParallel<R> {
         let replicas = each(&self.workers, items, |w, ()| w.upload_adapter(host))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        let mut rep = Replicated { shape: host.shape(), replicas, pending: None };
-        if rep.replicas.len() > 1 {
-            let g = host.grads_flat();
-            if g.iter().any(|&x| x != 0.0) {
-                rep.pending = Some(g);
-            }
+        let g = host.grads_flat();
+        let mut rep =
+            Replicated { shape: host.shape(), grad_len: g.len(), replicas, pending: None };
+        if rep.replicas.len() > 1 && g.iter().any(|&x| x != 0.0) {
+            rep.pending = Some(g);
         }
         Ok(rep)
     }
@@ -215,6 +216,7 @@ impl<R: ModelRuntime> DataParallel<R> {
             return self.workers[0].forward_backward(&mut rep.replicas[0], data, loss);
         }
         let ranges = self.ranges(data)?;
+        let n = rep.grad_len;
         let jobs: Vec<(Range<usize>, &mut R::Adapter)> =
             ranges.into_iter().zip(rep.replicas.iter_mut()).collect();
         let results = each(&self.workers, jobs, |w, (r, replica)| {
@@ -223,19 +225,21 @@ impl<R: ModelRuntime> DataParallel<R> {
             }
             // Cleared before the run, so a shard that failed earlier leaves nothing behind.
             w.zero_grad(replica)?;
-            let out = w.forward_backward(replica, &data[r.clone()], loss).map_err(|e| reindex(e, r.start))?;
+            let out = w
+                .forward_backward(replica, &data[r.clone()], loss)
+                .map_err(|e| reindex(e, r.start))?;
             check_len(w, &out, r.len())?;
-            Ok(Some((out, w.grads_to_host(replica)?)))
+            let g = w.grads_to_host(replica)?;
+            if g.len() != n {
+                return Err(EngineError::Worker {
+                    worker: w.device_name(),
+                    message: "returned a gradient that does not match the adapter's tensors".into(),
+                });
+            }
+            Ok(Some((out, g)))
         });
         let shards: Vec<(FwdBwdOutput, Vec<f32>)> =
             results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
-        let n = shards.first().map(|s| s.1.len()).unwrap_or(0);
-        if let Some((i, _)) = shards.iter().enumerate().find(|(_, s)| s.1.len() != n) {
-            return Err(EngineError::Worker {
-                worker: self.workers[i].device_name(),
-                message: "returned a gradient that does not match the adapter's tensors".into(),
-            });
-        }
         let grads: Vec<&[f32]> = shards.iter().map(|s| s.1.as_slice()).collect();
         let acc = rep.pending.get_or_insert_with(|| vec![0.0; n]);
         reduce_into(acc, &grads);
@@ -259,7 +263,8 @@ impl<R: ModelRuntime> DataParallel<R> {
                 return Ok(None);
             }
             let replica = rep.map(|x| &x.replicas[i]);
-            let out = w.forward(replica, &data[r.clone()], loss).map_err(|e| reindex(e, r.start))?;
+            let out =
+                w.forward(replica, &data[r.clone()], loss).map_err(|e| reindex(e, r.start))?;
             check_len(w, &out, r.len())?;
             Ok(Some(out))
         });

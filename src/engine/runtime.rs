@@ -65,8 +65,7 @@ pub trait ModelRuntime: Send + Sync + 'static {
     ) -> Result<FwdBwdOutput>;
 
     /// One AdamW step with the accumulated gradients, which it then clears.
-    fn optim_step(&self, adapter: &mut Self::Adapter, params: &AdamParams)
-    -> Result<OptimMetrics>;
+    fn optim_step(&self, adapter: &mut Self::Adapter, params: &AdamParams) -> Result<OptimMetrics>;
 
     /// Clears the accumulated gradients.
     fn zero_grad(&self, adapter: &mut Self::Adapter) -> Result<()>;

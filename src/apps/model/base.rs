@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use super::MAX_RANK;
 use super::error::AppError;
 use super::types::InfoResponse;
-use super::MAX_RANK;
 use crate::engine::{Model, ModelConfig};
 use crate::tokenize::Tokenizer;
 
@@ -72,4 +72,3 @@ impl BaseModel {
         Ok(BaseModel { model, served })
     }
 }
-

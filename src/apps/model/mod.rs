@@ -134,7 +134,8 @@ impl ModelService<CpuRuntime> {
 impl<R: ModelRuntime> ModelService<R> {
     /// A service over an engine built by the caller (one runtime per device).
     pub fn with_engine(opts: &ServiceOptions, mut base: Served, engine: DataParallel<R>) -> Self {
-        base.info.devices = (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
+        base.info.devices =
+            (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
         ModelService {
             base,
             engine,
@@ -525,7 +526,8 @@ impl<R: ModelRuntime> ModelService<R> {
                 sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }),
             (None, Some(dir)) => {
-                let adapter = self.by_dir.get(dir, self.config(), |h| Ok(self.engine.upload(h)?))?;
+                let adapter =
+                    self.by_dir.get(dir, self.config(), |h| Ok(self.engine.upload(h)?))?;
                 sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
             (None, None) => sample::generate(rt, None, tok, b.max_length, req),

@@ -83,8 +83,7 @@ impl<R: ModelRuntime> SamplerService<R> {
         let rt = self.engine.worker(w);
         match &req.adapter_dir {
             Some(dir) => {
-                let adapter =
-                    self.cache.get(dir, &b.config, |h| Ok(self.engine.upload(h)?))?;
+                let adapter = self.cache.get(dir, &b.config, |h| Ok(self.engine.upload(h)?))?;
                 sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
             None => sample::generate(rt, None, tok, b.max_length, req),

@@ -5,8 +5,8 @@
 use rayon::prelude::*;
 
 use super::backend::{MatMul, backend, exp_shift};
-use crate::engine::loss::LossFn;
 use crate::engine::lora::LoraPair;
+use crate::engine::loss::LossFn;
 use crate::engine::tensor::Tensor;
 
 /// Memory budget of one row block of head logits (the full `[tokens × vocab]` matrix is never

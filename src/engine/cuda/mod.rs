@@ -56,8 +56,8 @@ pub use nvrtc::{
     COMMON_PRELUDE, Compiled, KERNEL_FILES, compile_all, compile_file, kernel_source,
     nvrtc_available, nvrtc_version,
 };
-pub use synth::{bench_shape, spec_config};
 pub use runtime::{CudaLogits, CudaRuntime};
+pub use synth::{bench_shape, spec_config};
 pub use train::{forward_backward, forward_only};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).

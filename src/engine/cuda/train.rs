@@ -13,8 +13,8 @@ use super::adapter::{CudaAdapter, GpuPair};
 use super::launch::{self as k, BLayout, LoraLayout};
 use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, upload, view, view_mut, zeros};
-use crate::engine::loss::{Datum, DatumOutput, LossFn};
 use crate::engine::batch::{FwdBwdOutput, pack, validate};
+use crate::engine::loss::{Datum, DatumOutput, LossFn};
 
 /// Vocabulary columns per head chunk.
 const VOCAB_CHUNK: usize = 8192;
