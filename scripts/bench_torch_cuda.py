@@ -205,6 +205,9 @@ def main():
         res["ratio_twinkle_over_torch"] = res["twinkle"][key] / res["torch"][key]
     print(json.dumps(res))
     sys.stdout.flush()
+    # A failed twinkle side fails the step (gpu-check counts it); a failed baseline does not.
+    if "twinkle_error" in res:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

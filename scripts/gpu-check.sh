@@ -5,12 +5,19 @@
 # Prepare here:  scripts/build-gpu-bundle.sh          (fills gpu-bundle/: twinkle, cuda_gpu)
 # Run there:     bash scripts/gpu-check.sh            (device tool: carry ["gpu-bundle"])
 # Results go to $OUT/gpu-check.txt (or ./gpu-check.txt without $OUT), written as each step
-# ends, so a step that fails or times out still leaves the others' results.
+# ends, so a step that fails or times out still leaves the others' results. Exits 1 when a step
+# failed.
+#
+# GPU_CHECK_EMULATED=1 runs the same steps on a machine without a GPU against the CPU execution
+# layer (tools/cuda-emu, put on LD_LIBRARY_PATH by the caller; scripts/test.sh does this): small
+# benchmark shapes, no PyTorch baselines, timings meaningless.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${OUT:-.}/gpu-check.txt"
 : >"$RES"
 T0=$(date +%s)
+EMU="${GPU_CHECK_EMULATED:-0}"
+FAILED=0
 say() { echo "$*" | tee -a "$RES"; }
 # step NAME TIMEOUT_S CMD...: runs with a timeout, appends its output and exit code
 step() {
@@ -21,10 +28,11 @@ step() {
     PYTHONUNBUFFERED=1 timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$RES"
     local rc=${PIPESTATUS[0]}
     say "=== $name: exit $rc$([ "$rc" = 124 ] && echo ' (TIMEOUT)') ==="
+    [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
 }
 
-say "gpu-check $(date -u +%FT%TZ) on $(hostname)"
-step nvidia-smi 20 nvidia-smi
+say "gpu-check $(date -u +%FT%TZ) on $(hostname)$([ "$EMU" = 1 ] && echo ' (emulated: tools/cuda-emu)')"
+[ "$EMU" = 1 ] || step nvidia-smi 20 nvidia-smi
 
 # NVRTC and cuBLAS for the kernels: the toolkit's first (its NVRTC matches the driver; a newer
 # NVRTC's CUBIN would be refused), then the pip wheels next to PyTorch.
@@ -45,24 +53,56 @@ for d in site.getsitepackages():
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-if [ ! -x gpu-bundle/cuda_gpu ] || [ ! -x gpu-bundle/twinkle ]; then
+if [ ! -x gpu-bundle/cuda_gpu ] || [ ! -x gpu-bundle/twinkle ] || [ ! -x gpu-bundle/tinker_sdk ]; then
     say "gpu-bundle/ is missing: run scripts/build-gpu-bundle.sh and carry gpu-bundle"
     exit 1
 fi
 
 # 1. GPU tests: every kernel vs its CPU twin, the golden fixtures through the CUDA path
 #    (f32 and bf16), greedy and sampling vs the CPU engine, one training step CPU vs GPU.
-step "cuda_gpu tests" 120 env TWINKLE_REQUIRE_GPU=1 gpu-bundle/cuda_gpu --test-threads 4 --nocapture
+if [ "$EMU" = 1 ]; then
+    step "cuda_gpu tests" 900 env TWINKLE_REQUIRE_GPU=1 gpu-bundle/cuda_gpu --test-threads 2
+else
+    step "cuda_gpu tests" 120 env TWINKLE_REQUIRE_GPU=1 gpu-bundle/cuda_gpu --test-threads 4 --nocapture
+fi
 
-# 2. Benchmarks (random weights; one JSON line each, twinkle and PyTorch, with the ratio).
-B="python3 scripts/bench_torch_cuda.py"
+# 2. The unmodified tinker SDK against `twinkle serve` with a `device_type: cuda` model
+#    application (train, save, restore, sample). The SDK comes from gpu-bundle/wheels (no network
+#    on the GPU machine) into a venv that sees the system's torch; an existing TWINKLE_VENV with
+#    tinker is used as it is.
+sdk_venv="${TWINKLE_VENV:-}"
+if [ -z "$sdk_venv" ] || ! "$sdk_venv/bin/python" -c 'import tinker' 2>/dev/null; then
+    sdk_venv="${TMPDIR:-/tmp}/twinkle-gpu-sdk-venv"
+    if [ -d gpu-bundle/wheels ] && python3 -m venv --system-site-packages "$sdk_venv" >/dev/null 2>&1; then
+        # --no-deps: the wheels are tinker plus what a PyTorch + transformers machine lacks.
+        "$sdk_venv/bin/python" -m pip install --quiet --no-index --no-deps \
+            --find-links gpu-bundle/wheels gpu-bundle/wheels/*.whl >/dev/null 2>&1 ||
+            say "could not install tinker from gpu-bundle/wheels ($(python3 --version))"
+    fi
+fi
+step "tinker SDK flow on a cuda model app" 300 env TWINKLE_BIN=gpu-bundle/twinkle \
+    TWINKLE_VENV="$sdk_venv" TWINKLE_REQUIRE_SDK=1 TWINKLE_REQUIRE_GPU=1 \
+    gpu-bundle/tinker_sdk --exact sdk_flow_on_a_cuda_model_app --nocapture
+
+# 3. Benchmarks (random weights; one JSON line each, twinkle and PyTorch, with the ratio).
+B="${PYTHON:-python3} scripts/bench_torch_cuda.py"
 TW="--twinkle gpu-bundle/twinkle"
-step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
-step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW
-step "sample qwen2.5-0.5b batch 1" 40 $B sample --shape qwen2.5-0.5b --batch 1 $TW
-step "sample qwen2.5-0.5b batch 64" 40 $B sample --shape qwen2.5-0.5b --batch 64 $TW
-step "sample qwen2.5-7b batch 1" 50 $B sample --shape qwen2.5-7b --batch 1 $TW
-step "sample qwen2.5-7b batch 64" 50 $B sample --shape qwen2.5-7b --batch 64 $TW
+if [ "$EMU" = 1 ]; then
+    # The code paths of the benchmarks, at a size the emulator runs in seconds.
+    SMALL="--layers 1 --skip-torch"
+    step "train qwen2.5-0.5b 1 layer seq 64 r8 (emulated)" 300 \
+        $B train --shape qwen2.5-0.5b --seq 64 --rank 8 --steps 1 $SMALL $TW
+    step "sample qwen2.5-0.5b 1 layer batch 2 (emulated)" 300 \
+        $B sample --shape qwen2.5-0.5b --batch 2 --prompt 8 --max-tokens 4 $SMALL $TW
+else
+    step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
+    step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW
+    step "sample qwen2.5-0.5b batch 1" 40 $B sample --shape qwen2.5-0.5b --batch 1 $TW
+    step "sample qwen2.5-0.5b batch 64" 40 $B sample --shape qwen2.5-0.5b --batch 64 $TW
+    step "sample qwen2.5-7b batch 1" 50 $B sample --shape qwen2.5-7b --batch 1 $TW
+    step "sample qwen2.5-7b batch 64" 50 $B sample --shape qwen2.5-7b --batch 64 $TW
+fi
 
 say ""
-say "gpu-check done in $(($(date +%s) - T0))s"
+say "gpu-check done in $(($(date +%s) - T0))s, $FAILED step(s) failed"
+[ "$FAILED" = 0 ]

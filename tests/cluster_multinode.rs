@@ -34,7 +34,7 @@ impl Machine {
     }
 
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args)
             .env("TWINKLE_HOME", self.home())
             .env("TWINKLE_NODE_TIMEOUT_S", "3")

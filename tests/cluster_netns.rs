@@ -72,10 +72,10 @@ impl Net {
     /// `twinkle ARGS` on machine `m` (0 = this namespace, i+1 = node namespace i).
     fn twinkle(&self, m: usize, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
         let mut cmd = if m == 0 {
-            Command::new(BIN)
+            Command::new(bin())
         } else {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &self.namespaces[m - 1], BIN]);
+            c.args(["netns", "exec", &self.namespaces[m - 1], &bin()]);
             c
         };
         cmd.args(args)

@@ -451,3 +451,15 @@ fn one_training_step_cpu_vs_gpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// The device seam: `CudaRuntime` against `CpuRuntime` through the calls the applications make,
+/// alone and as two data-parallel replicas.
+#[test]
+fn cuda_runtime_matches_cpu_runtime_through_the_seam() -> Result<()> {
+    if device("seam").is_none() {
+        return Ok(());
+    }
+    refs::runtime::seam_parity::<f32>(2e-3, 1)?;
+    refs::runtime::seam_parity::<f32>(2e-3, 2)?;
+    refs::runtime::seam_parity::<bf16>(0.15, 1)
+}

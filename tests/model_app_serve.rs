@@ -192,3 +192,47 @@ fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
     assert_eq!(code.code(), Some(0));
     Ok(())
 }
+
+/// An application that asks for a GPU computes on one or fails: with no usable CUDA driver the
+/// model application is `failed` at start-up with the cause, not restarted, and never quietly
+/// served from the CPU.
+#[test]
+fn cuda_app_without_a_driver_fails_at_startup() -> Result<()> {
+    if twinkle::engine::cuda::driver_available().is_ok() {
+        eprintln!(
+            "SKIP: this machine has a CUDA driver; the no-driver start-up error is not testable"
+        );
+        return Ok(());
+    }
+    let port = free_port()?;
+    let config = format!(
+        r#"server_type: tinker
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: gpu
+    route_prefix: /api/v1/model/gpu
+    import_path: model
+    args:
+      model_id: "generate://qwen3-tiny"
+      device_group: {{name: gpu, ranks: 1, device_type: cuda}}
+"#
+    );
+    let mut serve = Serve::start(&config, port, &["--num-gpus", "1", "--num-cpus", "4"], &[])?;
+    let st = poll(Duration::from_secs(90), || {
+        let st = serve.status_json().ok()?;
+        let gpu = st["applications"].as_array()?.iter().find(|a| a["name"] == "gpu")?.clone();
+        (gpu["state"] == "failed").then_some(gpu)
+    })
+    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let why = st["last_exit"].as_str().unwrap_or_default();
+    assert!(why.contains("device_type is cuda") && why.contains("driver"), "{why}");
+    std::thread::sleep(Duration::from_secs(2));
+    let st = serve.status_json()?;
+    let gpu = st["applications"].as_array().and_then(|a| a.iter().find(|a| a["name"] == "gpu"));
+    let gpu = gpu.context("gpu app")?;
+    assert_eq!(gpu["state"], "failed", "{gpu}");
+    assert_eq!(gpu["restarts"], 0, "{gpu}");
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    Ok(())
+}

@@ -416,7 +416,7 @@ fn infeasible_deployment_exits_2_and_starts_nothing() -> Result<()> {
     let cfg = dir.path().join("c.yaml");
     std::fs::write(&cfg, tinker_config(port))?;
     let home = dir.path().join("home");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--num-gpus", "2", "--num-cpus", "4"])
         .env("TWINKLE_SERVER_CONFIG", &cfg)
         .env("TWINKLE_HOME", &home)
@@ -429,7 +429,7 @@ fn infeasible_deployment_exits_2_and_starts_nothing() -> Result<()> {
     ensure!(!home.join("serve.json").exists());
     ensure!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "gateway was started");
     // `status` then finds nothing to talk to.
-    let st = Command::new(BIN).arg("status").env("TWINKLE_HOME", &home).output()?;
+    let st = Command::new(bin()).arg("status").env("TWINKLE_HOME", &home).output()?;
     assert_eq!(st.status.code(), Some(1));
     ensure!(String::from_utf8_lossy(&st.stderr).contains("no running `twinkle serve`"));
     Ok(())

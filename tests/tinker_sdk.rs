@@ -36,9 +36,15 @@ fn venv_python() -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A deployment of server + one CPU model app (+ a CPU sampler app when `sampler`) on `port`,
-/// state in `state_db` (file) or memory.
-fn config(port: u16, state_db: Option<&Path>, model_limit: u32, sampler: bool) -> String {
+/// A deployment of server + one model app on `device` (`cpu` or `cuda`) (+ a CPU sampler app
+/// when `sampler`) on `port`, state in `state_db` (file) or memory.
+fn config(
+    port: u16,
+    state_db: Option<&Path>,
+    model_limit: u32,
+    sampler: bool,
+    device: &str,
+) -> String {
     let persistence = match state_db {
         Some(p) => format!("persistence:\n  mode: file\n  file_path: {}\n", p.display()),
         None => "persistence:\n  mode: memory\n".to_string(),
@@ -61,7 +67,7 @@ http_options:
     import_path: model
     args:
       model_id: generate://{MODEL}
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
+      device_group: {{name: model, ranks: 1, device_type: {device}}}
 {sampler}"#,
         sampler = if sampler { SAMPLER_APP } else { "" },
     )
@@ -83,23 +89,38 @@ struct Env {
     save: tempfile::TempDir,
     state_db: Option<PathBuf>,
     sampler: bool,
+    /// The directory of a CUDA driver/cuBLAS stand-in: the model app then runs with
+    /// `device_type: cuda` on one (emulated) card.
+    cuda: Option<PathBuf>,
 }
 
 impl Env {
     fn new(durable: bool) -> Result<Self> {
         let save = tempfile::tempdir()?;
         let state_db = durable.then(|| save.path().join("state/twinkle.db"));
-        Ok(Env { port: free_port()?, save, state_db, sampler: false })
+        Ok(Env { port: free_port()?, save, state_db, sampler: false, cuda: None })
     }
 
     fn start(&self) -> Result<Serve> {
         let save_dir = self.save.path().join("checkpoints");
         let save = save_dir.to_string_lossy().into_owned();
+        let device = if self.cuda.is_some() { "cuda" } else { "cpu" };
+        let mut args = vec!["--log-level", "info"];
+        let mut vars = vec![
+            ("TWINKLE_SAVE_DIR", save.clone()),
+            ("TWINKLE_INTERNAL_TOKEN", INTERNAL_TOKEN.into()),
+        ];
+        if let Some(dir) = &self.cuda {
+            args.extend(["--num-gpus", "1"]);
+            let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+            vars.push(("LD_LIBRARY_PATH", format!("{}:{old}", dir.display())));
+        }
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut serve = Serve::start(
-            &config(self.port, self.state_db.as_deref(), 16, self.sampler),
+            &config(self.port, self.state_db.as_deref(), 16, self.sampler, device),
             self.port,
-            &["--log-level", "info"],
-            &[("TWINKLE_SAVE_DIR", save.as_str()), ("TWINKLE_INTERNAL_TOKEN", INTERNAL_TOKEN)],
+            &args,
+            &vars,
         )?;
         serve.wait_all_running(Duration::from_secs(120))?;
         wait_gateway(self.port, &serve)?;
@@ -157,6 +178,21 @@ fn run_script(py: &Path, port: u16, key: &str, script: &str, args: &[&str]) -> R
         .find_map(|l| l.strip_prefix("RESULT "))
         .with_context(|| format!("{script} printed no RESULT:\n{stdout}\n{stderr}"))?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// The CUDA stand-in library directory (`TWINKLE_CUDA_EMU`, set by scripts/test.sh after it
+/// builds tools/cuda-emu), or None (skip) unless `TWINKLE_REQUIRE_CUDA_EMU=1`.
+fn cuda_emu() -> Result<Option<PathBuf>> {
+    match std::env::var_os("TWINKLE_CUDA_EMU").map(PathBuf::from) {
+        Some(d) if d.join("libcuda.so.1").exists() => Ok(Some(d)),
+        _ if std::env::var("TWINKLE_REQUIRE_CUDA_EMU").as_deref() == Ok("1") => {
+            bail!("TWINKLE_CUDA_EMU does not name a directory with libcuda.so.1 (tools/cuda-emu)")
+        }
+        _ => {
+            eprintln!("SKIP: no CUDA stand-in (TWINKLE_CUDA_EMU); scripts/test.sh builds one");
+            Ok(None)
+        }
+    }
 }
 
 fn f(v: &Value, k: &str) -> f64 {
@@ -316,5 +352,33 @@ fn sdk_training_resumes_across_restart() -> Result<()> {
         let (a, b) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{p1} vs {p2}");
     }
+    Ok(())
+}
+
+/// The minimal SDK flow against a model application with `device_type: cuda`: it computes on
+/// the CUDA stack (here on the CPU execution layer standing in for the driver and cuBLAS), its
+/// info names the card, and the flow trains, saves, restores and samples as on the CPU.
+#[test]
+fn sdk_flow_on_a_cuda_model_app() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let Some(emu) = cuda_emu()? else { return Ok(()) };
+    let mut env = Env::new(false)?;
+    env.cuda = Some(emu);
+    let mut serve = env.start()?;
+    let st = serve.wait_all_running(Duration::from_secs(60))?;
+    let model = app_address(&st, "model")?;
+    let internal = [("X-Twinkle-Internal", INTERNAL_TOKEN)];
+    let info =
+        platform_support::http("GET", &model, "/_internal/v1/info", &internal, b"")?.json()?;
+    assert_eq!(info["devices"], serde_json::json!(["cuda:0"]), "{info}");
+
+    let a = run_script(&py, env.port, "tml-cuda", "flow_minimal.py", &[])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    assert!(f(&a, "loss_after_step") < f(&a, "first_loss"), "{a}");
+    assert!((f(&a, "restored_loss") - f(&a, "loss_after_step")).abs() < 1e-3, "{a}");
+    assert_eq!(a["checkpoints"], serde_json::json!(["weights/ckpt-1"]));
+    assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
 
 pub mod model;
+pub mod runtime;
 
 use anyhow::Result;
 use twinkle::engine::cuda::CudaDevice;

@@ -14,7 +14,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_twinkle");
+/// The `twinkle` binary under test: `TWINKLE_BIN` when set (a prebuilt test executable run on
+/// another machine, as scripts/gpu-check.sh does), else the one cargo built with the tests.
+pub fn bin() -> String {
+    std::env::var("TWINKLE_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_twinkle").to_string())
+}
 
 /// A port that was free a moment ago.
 /// Env for placement tests: every child is the identity app, so no model is loaded.
@@ -103,7 +110,7 @@ impl Serve {
         let home = dir.path().join("home");
         let log = dir.path().join("serve.log");
         let logf = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("serve").arg("-c").arg(&cfg).args(args);
         cmd.env("TWINKLE_HOME", &home).env_remove("CUDA_VISIBLE_DEVICES");
         for (k, v) in env {
@@ -132,7 +139,7 @@ impl Serve {
 
     /// `twinkle status --json` against this serve.
     pub fn status_json(&self) -> Result<serde_json::Value> {
-        let out = Command::new(BIN)
+        let out = Command::new(bin())
             .args(["status", "--json"])
             .env("TWINKLE_HOME", &self.home)
             .output()?;
@@ -144,7 +151,7 @@ impl Serve {
 
     /// Plain `twinkle status` text.
     pub fn status_text(&self) -> Result<String> {
-        let out = Command::new(BIN).arg("status").env("TWINKLE_HOME", &self.home).output()?;
+        let out = Command::new(bin()).arg("status").env("TWINKLE_HOME", &self.home).output()?;
         if !out.status.success() {
             bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
         }

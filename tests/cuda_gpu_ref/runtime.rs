@@ -1,0 +1,154 @@
+//! The device seam end to end: `CudaRuntime` and `CpuRuntime` driven through the same
+//! `ModelRuntime` calls an application makes (upload, forward_backward twice, optim_step,
+//! download, forward, prefill + fork + decode + token selection), and through `DataParallel`,
+//! must agree: the apps cannot tell the devices apart except by speed.
+
+use std::sync::Arc;
+
+use anyhow::{Result, ensure};
+use twinkle::engine::cpu::CpuRuntime;
+use twinkle::engine::cuda::{Act, CudaRuntime};
+use twinkle::engine::parallel::DataParallel;
+use twinkle::engine::sampling::SamplingParams;
+use twinkle::engine::synth::{SynthRng, SynthSpec};
+use twinkle::engine::{
+    AdamParams, Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, ModelRuntime, Target,
+};
+
+fn tiny_model() -> Result<(tempfile::TempDir, Arc<Model>)> {
+    let spec = SynthSpec {
+        arch: "Qwen2ForCausalLM".into(),
+        vocab: 97,
+        hidden: 64,
+        inter: 96,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        max_positions: 128,
+        tied: false,
+    };
+    let tmp = tempfile::tempdir()?;
+    spec.write(tmp.path(), 21)?;
+    let model = Model::load(tmp.path())?;
+    Ok((tmp, model))
+}
+
+fn adapter(model: &Model) -> Result<Adapter> {
+    let mut targets = Target::LAYER.to_vec();
+    targets.push(Target::LmHead);
+    let mut ad = Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed: 3 })?;
+    let mut rng = SynthRng(17);
+    for (_, p) in ad.pairs_mut() {
+        let n = p.b.len();
+        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.2));
+    }
+    Ok(ad)
+}
+
+fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
+    let mut rng = SynthRng(seed);
+    lens.iter()
+        .map(|&n| Datum {
+            input_tokens: rng.tokens(n, vocab),
+            inputs: LossInputs {
+                target_tokens: rng.tokens(n, vocab),
+                k: 1,
+                weights: Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect()),
+                ..Default::default()
+            },
+        })
+        .collect()
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+/// What one runtime produces for the application-level sequence of calls.
+struct Trace {
+    losses: Vec<f64>,
+    grads: Vec<f32>,
+    weights_after: Vec<f32>,
+    forward_after: Vec<f32>,
+    tokens: Vec<Vec<u32>>,
+}
+
+fn trace<R: ModelRuntime>(dp: &DataParallel<R>, model: &Model) -> Result<Trace> {
+    let vocab = model.config().vocab_size;
+    let loss = LossFn::CrossEntropy;
+    let mut rep = dp.upload(&adapter(model)?)?;
+    let a = dp.forward_backward(&mut rep, &batch(1, &[7, 5, 9], vocab), &loss)?;
+    let b = dp.forward_backward(&mut rep, &batch(2, &[4, 6], vocab), &loss)?;
+    let grads = dp.download(&rep)?.grads_flat();
+    let adam = AdamParams { learning_rate: 1e-2, eps: 1e-3, ..Default::default() };
+    dp.optim_step(&mut rep, &adam)?;
+    let host = dp.download(&rep)?;
+    let weights_after: Vec<f32> = host
+        .pairs()
+        .iter()
+        .flat_map(|(_, p)| p.a.data().iter().chain(p.b.data()))
+        .copied()
+        .collect();
+    let fwd = dp.forward(Some(&rep), &batch(3, &[8], vocab), &loss)?;
+
+    // Generation as the apps do it: prefill slot 0, fork it to slot 1, decode both greedily.
+    let rt = dp.worker(0);
+    let replica = rep.replica(0);
+    let mut cache = rt.new_cache(2, 32)?;
+    let prompt: Vec<u32> = batch(4, &[6], vocab)[0].input_tokens.clone();
+    let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::new(8) };
+    let mut logits = rt.forward_cached(replica, &mut cache, &[0], &[prompt.as_slice()])?;
+    rt.fork_slot(&mut cache, 0, 1)?;
+    let first = rt.select_tokens(&logits, std::slice::from_ref(&greedy), &[0.5])?;
+    let mut tokens = vec![vec![first[0].0], vec![first[0].0]];
+    for _ in 0..5 {
+        let last: Vec<[u32; 1]> = tokens.iter().map(|t| [*t.last().unwrap_or(&0)]).collect();
+        let inputs: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
+        logits = rt.forward_cached(replica, &mut cache, &[0, 1], &inputs)?;
+        let picks = rt.select_tokens(&logits, &[greedy.clone(), greedy.clone()], &[0.1, 0.9])?;
+        for (t, (tok, _)) in tokens.iter_mut().zip(picks) {
+            t.push(tok);
+        }
+    }
+    Ok(Trace {
+        losses: vec![a.loss_sum, b.loss_sum, fwd.loss_sum],
+        grads,
+        weights_after,
+        forward_after: fwd.per_datum[0].logprobs.clone(),
+        tokens,
+    })
+}
+
+/// `CudaRuntime<T>` (one card, and `workers` replicas on the same card for the data-parallel
+/// path) against `CpuRuntime` on the same model.
+pub fn seam_parity<T: Act + Send + Sync + 'static>(grad_tol: f64, workers: usize) -> Result<()> {
+    let (_tmp, model) = tiny_model()?;
+    let cpu = trace(&DataParallel::single(CpuRuntime::new(model.clone())), &model)?;
+    let gpus =
+        (0..workers).map(|_| CudaRuntime::<T>::new(0, &model)).collect::<Result<Vec<_>, _>>()?;
+    let gpu = trace(&DataParallel::new(gpus)?, &model)?;
+    for (i, (g, c)) in gpu.losses.iter().zip(&cpu.losses).enumerate() {
+        ensure!((g - c).abs() <= grad_tol * c.abs().max(1.0), "loss {i}: cuda {g} vs cpu {c}");
+    }
+    let e = max_rel(&gpu.grads, &cpu.grads);
+    eprintln!("  seam ({} x{workers}): grads {e:.2e}", std::any::type_name::<T>());
+    ensure!(e <= grad_tol, "accumulated gradients differ by {e:.3e} (tolerance {grad_tol:.1e})");
+    let e = max_rel(&gpu.weights_after, &cpu.weights_after);
+    ensure!(e <= grad_tol, "weights after the step differ by {e:.3e}");
+    let e = max_rel(&gpu.forward_after, &cpu.forward_after);
+    ensure!(e <= grad_tol, "logprobs after the step differ by {e:.3e}");
+    ensure!(gpu.tokens[0] == gpu.tokens[1], "a forked slot decoded differently: {:?}", gpu.tokens);
+    if grad_tol < 1e-2 {
+        ensure!(
+            gpu.tokens == cpu.tokens,
+            "greedy tokens: cuda {:?} vs cpu {:?}",
+            gpu.tokens,
+            cpu.tokens
+        );
+    }
+    Ok(())
+}
