@@ -295,7 +295,7 @@ pub fn forward_only<T: Act>(
 fn run<T: Act>(
     model: &CudaModel<T>,
     read: Option<&CudaAdapter>,
-    mut train: Option<&mut CudaAdapter>,
+    train: Option<&mut CudaAdapter>,
     data: &[Datum],
     loss: &LossFn,
 ) -> R<FwdBwdOutput> {
@@ -339,7 +339,7 @@ fn run<T: Act>(
     }
     debug_assert_eq!(tg.host.len(), coef.len());
 
-    if let Some(ad) = train.as_deref_mut() {
+    if let Some(ad) = train {
         let coef = upload(&model.dev, &coef)?;
         let dh = model.head_bwd(
             &st.h_final,
