@@ -29,7 +29,7 @@ fn reg(id: &str, gpus: Vec<u32>) -> NodeRegistration {
 }
 
 fn hb() -> Heartbeat {
-    Heartbeat { protocol: PROTOCOL_VERSION, gateway_address: None, children: vec![] }
+    Heartbeat { protocol: PROTOCOL_VERSION, gateway_address: None, children: vec![], gpus: vec![] }
 }
 
 fn deploy(h: &mut ClusterHead) -> Result<u64, ClusterError> {
