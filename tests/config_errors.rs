@@ -151,12 +151,12 @@ fn table_of_bad_configs() {
         ("model without device_group",
          &[(19, "      # no group"), (20, ""), (21, ""), (22, "")],
          "applications[1].args: device_group is required for a model application (line 17)"),
-        ("world-size mismatch",
+        ("dp_size differs from the number of cards",
          &[(25, "        dp_size: 4")],
-         "applications[1].args.device_mesh: world size dp_size 4 = 4 does not match device_group.ranks = 2 (each rank is one GPU) (line 23)"),
-        ("world-size mismatch with tp",
+         "applications[1].args.device_mesh.dp_size: dp_size 4 does not match device_group.ranks = 2: the engine runs one data-parallel worker per GPU, so dp_size must equal the number of GPUs (set dp_size: 2, or ranks: 4) (line 25)"),
+        ("tp_size above 1 is one error, not also a world-size one",
          &[(25, "        dp_size: 2\n        tp_size: 2")],
-         "applications[1].args.device_mesh: world size dp_size 2 × tp_size 2 = 4 does not match device_group.ranks = 2 (each rank is one GPU) (line 23)"),
+         "applications[1].args.device_mesh.tp_size: tp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set tp_size to 1 or remove it) (line 26)"),
         ("mesh size zero",
          &[(25, "        dp_size: 0")],
          "applications[1].args.device_mesh.dp_size: must be at least 1 (line 25)"),
@@ -172,9 +172,47 @@ fn table_of_bad_configs() {
         ("wrong type inside a flow mapping",
          &[(19, "      device_group: {name: model, ranks: two, device_type: cuda}"), (20, ""), (21, ""), (22, "")],
          "applications[1].args.device_group.ranks: expected an integer, got \"two\" (line 19)"),
-        ("world-size mismatch in a flow mapping",
+        ("dp_size mismatch in a flow mapping",
          &[(23, ""), (24, "      device_mesh: {device_type: cuda,"), (25, "                    dp_size: 3}")],
-         "applications[1].args.device_mesh: world size dp_size 3 = 3 does not match device_group.ranks = 2 (each rank is one GPU) (line 24)"),
+         "applications[1].args.device_mesh.dp_size: dp_size 3 does not match device_group.ranks = 2: the engine runs one data-parallel worker per GPU, so dp_size must equal the number of GPUs (set dp_size: 2, or ranks: 3) (line 25)"),
+        ("mesh without dp_size on two cards",
+         &[(25, "        # dp_size left out")],
+         "applications[1].args.device_mesh.dp_size: dp_size 1 does not match device_group.ranks = 2: the engine runs one data-parallel worker per GPU, so dp_size must equal the number of GPUs (set dp_size: 2, or ranks: 1) (line 23)"),
+        ("pp_size above 1",
+         &[(25, "        dp_size: 2\n        pp_size: 4")],
+         "applications[1].args.device_mesh.pp_size: pp_size 4 is not supported yet: only data parallel (dp_size) is implemented (set pp_size to 1 or remove it) (line 26)"),
+        ("ep_size above 1 (does not add ranks)",
+         &[(25, "        dp_size: 2\n        ep_size: 2")],
+         "applications[1].args.device_mesh.ep_size: ep_size 2 is not supported yet: only data parallel (dp_size) is implemented (set ep_size to 1 or remove it) (line 26)"),
+        ("cp_size above 1",
+         &[(25, "        dp_size: 2\n        cp_size: 2")],
+         "applications[1].args.device_mesh.cp_size: cp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set cp_size to 1 or remove it) (line 26)"),
+        ("fsdp_size above 1",
+         &[(25, "        dp_size: 2\n        fsdp_size: 2")],
+         "applications[1].args.device_mesh.fsdp_size: fsdp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set fsdp_size to 1 or remove it) (line 26)"),
+        ("ulysses_size above 1",
+         &[(25, "        dp_size: 2\n        ulysses_size: 2")],
+         "applications[1].args.device_mesh.ulysses_size: ulysses_size 2 is not supported yet: only data parallel (dp_size) is implemented (set ulysses_size to 1 or remove it) (line 26)"),
+        ("etp_size above 1",
+         &[(25, "        dp_size: 2\n        etp_size: 2")],
+         "applications[1].args.device_mesh.etp_size: etp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set etp_size to 1 or remove it) (line 26)"),
+        ("ep_fsdp_size above 1",
+         &[(25, "        dp_size: 2\n        ep_fsdp_size: 2")],
+         "applications[1].args.device_mesh.ep_fsdp_size: ep_fsdp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set ep_fsdp_size to 1 or remove it) (line 26)"),
+        ("vpp_size above 1",
+         &[(25, "        dp_size: 2\n        vpp_size: 2")],
+         "applications[1].args.device_mesh.vpp_size: vpp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set vpp_size to 1 or remove it) (line 26)"),
+        ("tp_size above 1 on a CPU model",
+         &[(22, "        device_type: CPU"), (24, "        device_type: CPU"), (25, "        dp_size: 2\n        tp_size: 2")],
+         "applications[1].args.device_mesh.tp_size: tp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set tp_size to 1 or remove it) (line 26)"),
+        ("sampler with tensor_parallel_size 2",
+         &[(15, "    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B"), (16, "    import_path: sampler"),
+           (18, "      model_id: ms://Qwen/Qwen2.5-0.5B\n      engine_args: {max_model_len: 4096, tensor_parallel_size: 2}")],
+         "applications[1].args.engine_args.tensor_parallel_size: tensor_parallel_size 2 is not supported yet: only data parallel (dp_size) is implemented (set tensor_parallel_size to 1 or remove it) (line 19)"),
+        ("sampler with tp_size 2",
+         &[(15, "    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B"), (16, "    import_path: sampler"),
+           (25, "        dp_size: 2\n        tp_size: 2")],
+         "applications[1].args.device_mesh.tp_size: tp_size 2 is not supported yet: only data parallel (dp_size) is implemented (set tp_size to 1 or remove it) (line 26)"),
         ("env var given twice",
          &[(32, "              TWINKLE_FAIL_FAST: \"0\"\n              TWINKLE_FAIL_FAST: \"1\"")],
          "applications[1].deployments[0].ray_actor_options.runtime_env.env_vars: key \"TWINKLE_FAIL_FAST\" is given more than once (line 32)"),
@@ -229,14 +267,51 @@ fn empty_file_is_rejected() {
     assert!(error_of("# nothing\n").contains("the configuration is empty"));
 }
 
+/// Exactly one error per problem: a dp/ranks mismatch next to an unsupported dimension is two
+/// problems, and the generic world-size message is never added on top.
 #[test]
-fn parallel_dimensions_above_one_load() {
-    // tp/pp > 1 are accepted here; the engine rejects them at run time until implemented.
+fn unsupported_mesh_reports_each_problem_once() {
     let text = edit(&[
         (21, "        ranks: 4"),
         (25, "        dp_size: 1\n        tp_size: 2\n        pp_size: 2"),
     ]);
+    let err = config::load_str(&text).unwrap_err();
+    let got: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), 3, "{err}");
+    assert!(got[0].starts_with("applications[1].args.device_mesh.dp_size: dp_size 1 does not match device_group.ranks = 4"), "{err}");
+    assert!(
+        got[1].starts_with(
+            "applications[1].args.device_mesh.tp_size: tp_size 2 is not supported yet"
+        ),
+        "{err}"
+    );
+    assert!(
+        got[2].starts_with(
+            "applications[1].args.device_mesh.pp_size: pp_size 2 is not supported yet"
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("world size"), "{err}");
+}
+
+#[test]
+fn parallel_dimensions_of_one_load() {
+    let text = edit(&[(
+        25,
+        "        dp_size: 2\n        tp_size: 1\n        pp_size: 1\n        ep_size: 1\n        world_size: 2",
+    )]);
     let c = config::load_str(&text).unwrap_or_else(|e| panic!("{e}"));
     let mesh = c.applications[1].args.device_mesh.as_ref().unwrap();
-    assert_eq!((mesh.tp_size, mesh.pp_size), (Some(2), Some(2)));
+    assert_eq!((mesh.dp_size, mesh.tp_size, mesh.pp_size), (2, Some(1), Some(1)));
+}
+
+/// On CPU, ranks counts worker processes and dp_size is free: no card check.
+#[test]
+fn cpu_dp_size_is_not_tied_to_ranks() {
+    let text = edit(&[
+        (22, "        device_type: CPU"),
+        (24, "        device_type: CPU"),
+        (25, "        dp_size: 4"),
+    ]);
+    config::load_str(&text).unwrap_or_else(|e| panic!("{e}"));
 }

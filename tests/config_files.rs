@@ -311,9 +311,26 @@ applications:
       device_mesh: {device_type: CPU, dp_size: 2}
 "#;
 
+/// The study's sampler asks for tensor parallel (`dp_size: 1, tp_size: 2` on two cards), which
+/// the engine does not implement: the example is rejected at exactly those keys.
+#[test]
+fn newer_format_example_rejects_tensor_parallel() {
+    let err = config::load_str(SPEC_EXAMPLE).unwrap_err();
+    let got: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), 2, "{err}");
+    assert!(got.iter().all(|p| p.starts_with("applications[2].args.device_mesh.")), "{err}");
+    assert!(got.iter().any(|p| p.contains("tp_size 2 is not supported yet")), "{err}");
+    assert!(
+        got.iter().any(|p| p.contains("dp_size 1 does not match device_group.ranks = 2")),
+        "{err}"
+    );
+}
+
 #[test]
 fn newer_format_example_loads() {
-    let c = config::load_str(SPEC_EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+    // Data parallel over the sampler's two cards instead of the study's tensor parallel.
+    let text = SPEC_EXAMPLE.replace("dp_size: 1, tp_size: 2", "dp_size: 2");
+    let c = config::load_str(&text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.ray_namespace.as_deref(), Some("demo"));
     assert_eq!(c.persistence.mode, PersistenceMode::Redis);
     assert_eq!(c.persistence.redis_url.as_deref(), Some("redis://localhost:6380"));

@@ -514,8 +514,9 @@ fn d_one() -> u32 {
     1
 }
 
-/// Parallel layout. Only `dp_size` is implemented by the engine; the others are accepted here
-/// and rejected by the engine at run time when greater than 1.
+/// Parallel layout. Only `dp_size` is implemented by the engine: validation rejects any other
+/// dimension above 1 on a model or sampler application, and on a cuda group requires `dp_size`
+/// to equal the number of cards (one data-parallel worker per card).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceMesh {

@@ -166,7 +166,7 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         check_group(kind, group, &args_at.key("device_group"), out);
     }
     if let Some(mesh) = &args.device_mesh {
-        check_mesh(mesh, args.device_group.as_ref(), &args_at, out);
+        check_mesh(kind, mesh, args.device_group.as_ref(), &args_at, out);
     }
     if let Some(q) = &args.queue_config {
         check_queue(q, &args_at.key("queue_config"), out);
@@ -212,6 +212,17 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         positive_u32(e.max_loras, &e_at.key("max_loras"), out);
         positive_u32(e.max_lora_rank, &e_at.key("max_lora_rank"), out);
         positive_u32(e.tensor_parallel_size, &e_at.key("tensor_parallel_size"), out);
+        // engine_args is only allowed on a sampler (reported above otherwise), so checking the
+        // kind here keeps a misplaced engine_args from being reported twice.
+        if kind == ImportPath::Sampler
+            && let Some(t) = e.tensor_parallel_size
+            && t > 1
+        {
+            out.push((
+                e_at.key("tensor_parallel_size"),
+                not_supported_yet("tensor_parallel_size", t),
+            ));
+        }
     }
 }
 
@@ -250,7 +261,13 @@ fn check_group(kind: ImportPath, g: &DeviceGroup, at: &KeyPath, out: &mut Issues
     }
 }
 
-fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, out: &mut Issues) {
+fn check_mesh(
+    kind: ImportPath,
+    m: &DeviceMesh,
+    group: Option<&DeviceGroup>,
+    args_at: &KeyPath,
+    out: &mut Issues,
+) {
     let at = args_at.key("device_mesh");
     let sizes = [
         ("dp_size", Some(m.dp_size)),
@@ -285,6 +302,18 @@ fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, ou
             format!("world_size {w} does not match {formula} = {product}"),
         ));
     }
+    // The engine behind model and sampler applications runs data parallel only (one worker
+    // per card, or per CPU worker process), so any other dimension above 1 cannot be served.
+    let engine_app = matches!(kind, ImportPath::Model | ImportPath::Sampler);
+    if engine_app {
+        for (key, v) in &sizes[1..sizes.len() - 1] {
+            if let Some(v) = *v
+                && v > 1
+            {
+                out.push((at.key(key), not_supported_yet(key, v)));
+            }
+        }
+    }
     let Some(g) = group else { return };
     if let Some(t) = m.device_type
         && t != g.device_type
@@ -299,7 +328,26 @@ fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, ou
         ));
     }
     let ranks = g.ranks.count();
-    if g.device_type == DeviceType::Cuda && ranks > 0 && product != u64::from(ranks) {
+    // On CPU, ranks counts worker processes and dp_size is how many of them run data parallel;
+    // only a cuda group ties the mesh to a number of cards.
+    if g.device_type != DeviceType::Cuda || ranks == 0 {
+        return;
+    }
+    if engine_app {
+        // With every other dimension at 1 (or reported above) the world size is dp_size, so
+        // this one check replaces the generic world-size one and nothing is reported twice.
+        if m.dp_size != ranks {
+            out.push((
+                at.key("dp_size"),
+                format!(
+                    "dp_size {} does not match device_group.ranks = {ranks}: the engine runs one \
+                     data-parallel worker per GPU, so dp_size must equal the number of GPUs \
+                     (set dp_size: {ranks}, or ranks: {})",
+                    m.dp_size, m.dp_size
+                ),
+            ));
+        }
+    } else if product != u64::from(ranks) {
         out.push((
             at,
             format!(
@@ -308,6 +356,14 @@ fn check_mesh(m: &DeviceMesh, group: Option<&DeviceGroup>, args_at: &KeyPath, ou
             ),
         ));
     }
+}
+
+/// The message for a parallel dimension the engine does not implement.
+fn not_supported_yet(key: &str, v: u32) -> String {
+    format!(
+        "{key} {v} is not supported yet: only data parallel (dp_size) is implemented \
+         (set {key} to 1 or remove it)"
+    )
 }
 
 /// "dp_size 2 × tp_size 2" over the dimensions that are set.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::gpu_table::{self, GpuSample};
 use super::registry::{AppState, AppStatus, NodeStatus, StatusReport};
 use crate::cluster::{Allocation, ClusterState, Demand, NodeSpec, ScheduleResult, demand_of};
 use crate::config::{Application, ServerConfig, ServerType};
@@ -62,6 +63,9 @@ pub struct Heartbeat {
     pub protocol: u32,
     pub gateway_address: Option<String>,
     pub children: Vec<ReportedChild>,
+    /// The node's latest NVML samples of its cards (absent from older agents: shown as n/a).
+    #[serde(default)]
+    pub gpus: Vec<GpuSample>,
 }
 
 /// One child a node should run.
@@ -120,6 +124,7 @@ struct NodeEntry {
     gateway: Option<String>,
     children: Vec<ReportedChild>,
     is_head: bool,
+    gpus: Vec<GpuSample>,
 }
 
 struct AppPlan {
@@ -200,6 +205,7 @@ impl ClusterHead {
                 gateway: reg.gateway_address.clone(),
                 children: reg.children.clone(),
                 is_head: reg.is_head,
+                gpus: Vec::new(),
             },
         );
         self.adopt(&id, &reg.children);
@@ -282,6 +288,7 @@ impl ClusterHead {
                 n.last_seen = now;
                 n.gateway = hb.gateway_address.clone();
                 n.children = hb.children.clone();
+                n.gpus = hb.gpus.clone();
             }
             // A node declared dead must register again (its placements were moved away).
             _ => return Err(ClusterError::UnknownNode(node_id.to_string())),
@@ -442,7 +449,7 @@ impl ClusterHead {
 
     /// `GET /v1/status`: every node and where each application runs.
     pub fn status(&self) -> StatusReport {
-        let nodes = self
+        let mut nodes: Vec<NodeStatus> = self
             .sched
             .nodes()
             .iter()
@@ -455,7 +462,7 @@ impl ClusterHead {
                 st
             })
             .collect();
-        let applications = self
+        let applications: Vec<AppStatus> = self
             .apps
             .iter()
             .map(|p| {
@@ -485,6 +492,10 @@ impl ClusterHead {
                 }
             })
             .collect();
+        for st in &mut nodes {
+            let samples = self.nodes.get(&st.id).map_or(&[][..], |n| n.gpus.as_slice());
+            gpu_table::fill_gpu_rows(st, samples, &applications);
+        }
         let mut alive: Vec<&NodeEntry> = self.nodes.values().filter(|n| n.alive).collect();
         alive.sort_by_key(|n| !n.is_head);
         let gateway = alive.iter().find_map(|n| n.gateway.clone()).unwrap_or_default();

@@ -29,7 +29,7 @@ fn reg(id: &str, gpus: Vec<u32>) -> NodeRegistration {
 }
 
 fn hb() -> Heartbeat {
-    Heartbeat { protocol: PROTOCOL_VERSION, gateway_address: None, children: vec![] }
+    Heartbeat { protocol: PROTOCOL_VERSION, gateway_address: None, children: vec![], gpus: vec![] }
 }
 
 fn deploy(h: &mut ClusterHead) -> Result<u64, ClusterError> {
@@ -171,4 +171,45 @@ fn restarted_head_adopts_reported_children_then_places_the_rest() {
     assert_eq!(p["models-Qwen2.5-7B-Instruct"], ("head".into(), vec![0, 1, 2, 3]));
     assert_eq!(p["processor"], ("cpu".into(), vec![]));
     assert_eq!(h.desired("gpu").deployment, 7);
+}
+
+/// A node's heartbeat carries its NVML samples; status joins them with the placements, per
+/// node, and forgets them when the node dies.
+#[test]
+fn heartbeat_gpu_samples_reach_status_with_their_holders() {
+    let t0 = Instant::now();
+    let mut h = three_nodes(t0);
+    assert!(deploy(&mut h).is_ok());
+    let sample = |id: u32, used: u64| GpuSample {
+        id,
+        name: Some("Fake A100".into()),
+        memory_used_mib: Some(used),
+        memory_total_mib: Some(40960),
+        utilization_pct: Some(50),
+    };
+    let t1 = t0 + Duration::from_secs(1);
+    let with_gpus = Heartbeat { gpus: vec![sample(4, 100), sample(6, 300)], ..hb() };
+    assert!(h.heartbeat("gpu", &with_gpus, t1).is_ok());
+    assert!(h.heartbeat("head", &hb(), t1).is_ok());
+    assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
+    let st = h.status();
+    let gpu = st.nodes.iter().find(|n| n.id == "gpu").expect("gpu node");
+    let rows: Vec<(u32, Option<u64>, Option<&str>)> =
+        gpu.gpus.iter().map(|g| (g.id, g.memory_used_mib, g.app.as_deref())).collect();
+    let sampler = Some("sampler-Qwen2.5-7B-Instruct");
+    assert_eq!(
+        rows,
+        [(4, Some(100), sampler), (5, None, sampler), (6, Some(300), None), (7, None, None)]
+    );
+    // The head node sent no samples: its cards are listed, held by the model, figures unknown.
+    let head = st.nodes.iter().find(|n| n.id == "head").expect("head node");
+    assert!(head.gpus.iter().all(|g| g.memory_used_mib.is_none()));
+    assert!(head.gpus.iter().all(|g| g.app.as_deref() == Some("models-Qwen2.5-7B-Instruct")));
+    assert!(st.nodes.iter().find(|n| n.id == "cpu").is_some_and(|n| n.gpus.is_empty()));
+
+    assert!(h.heartbeat("head", &hb(), t0 + Duration::from_secs(4)).is_ok());
+    h.tick(t0 + Duration::from_millis(4500));
+    let st = h.status();
+    let gpu = st.nodes.iter().find(|n| n.id == "gpu").expect("gpu node");
+    assert!(!gpu.alive && gpu.gpus.iter().all(|g| g.memory_used_mib.is_none()));
 }

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod cluster_http;
 pub mod cluster_record;
 pub mod control;
+pub mod gpu_table;
 pub mod registry;
 pub mod state_file;
 pub mod status_cli;

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::gpu_table::{self, GpuSample, GpuStatus};
 use crate::cluster::NodeState;
 
 /// Lifecycle of one application child, as `twinkle status` shows it.
@@ -75,6 +76,9 @@ pub struct NodeStatus {
     pub available: BTreeMap<String, f64>,
     pub gpu_ids: Vec<u32>,
     pub alive: bool,
+    /// One row per card of `gpu_ids`: the last NVML sample and the application holding it.
+    #[serde(default)]
+    pub gpus: Vec<GpuStatus>,
 }
 
 impl NodeStatus {
@@ -99,6 +103,7 @@ impl NodeStatus {
             available,
             gpu_ids: n.spec.gpu_ids.clone(),
             alive: n.alive,
+            gpus: Vec::new(),
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct Registry {
     apps: Vec<AppEntry>,
     /// The host children listen on (their registered address is `child_host:port`).
     child_host: String,
+    /// Latest GPU samples per node id, written by the node's GPU monitor thread.
+    gpu_samples: BTreeMap<String, Vec<GpuSample>>,
 }
 
 pub type SharedRegistry = Arc<RwLock<Registry>>;
@@ -181,6 +188,7 @@ impl Registry {
             nodes,
             apps: apps.into_iter().map(|status| AppEntry { status, token: None }).collect(),
             child_host: "127.0.0.1".to_string(),
+            gpu_samples: BTreeMap::new(),
         }
     }
 
@@ -230,6 +238,11 @@ impl Registry {
         e.status.address = Some(address.clone());
         e.status.state = AppState::Running;
         Ok(address)
+    }
+
+    /// The latest GPU samples of `node` (replacing the previous ones).
+    pub fn set_gpu_samples(&mut self, node: &str, samples: Vec<GpuSample>) {
+        self.gpu_samples.insert(node.to_string(), samples);
     }
 
     /// Cluster node agents: children listen on the node's address instead of loopback.
@@ -354,14 +367,20 @@ impl Registry {
     }
 
     pub fn snapshot(&self) -> StatusReport {
+        let applications: Vec<AppStatus> = self.apps.iter().map(|a| a.status.clone()).collect();
+        let mut nodes = self.nodes.clone();
+        for n in &mut nodes {
+            let samples = self.gpu_samples.get(&n.id).map_or(&[][..], Vec::as_slice);
+            gpu_table::fill_gpu_rows(n, samples, &applications);
+        }
         StatusReport {
             server_type: self.server_type.clone(),
             namespace: self.namespace.clone(),
             head_pid: std::process::id(),
             control_address: self.control_address.clone(),
             gateway_address: self.gateway_address.clone(),
-            nodes: self.nodes.clone(),
-            applications: self.apps.iter().map(|a| a.status.clone()).collect(),
+            nodes,
+            applications,
         }
     }
 }

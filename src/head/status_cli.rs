@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::HeadError;
+use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
 
 /// GETs `http://{addr}/v1/status` (must run inside an actix/tokio runtime).
@@ -34,6 +35,25 @@ fn fmt_ids(ids: &[u32]) -> String {
         "-".to_string()
     } else {
         ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// One line per card: live NVML figures (`n/a` when unknown) and the application holding it.
+fn render_gpus(out: &mut String, gpus: &[GpuStatus]) {
+    if gpus.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "     {:<4} {:<28} {:<20} {:>4}  APP", "GPU", "NAME", "MEMORY", "UTIL");
+    for g in gpus {
+        let _ = writeln!(
+            out,
+            "     {:<4} {:<28} {:<20} {:>4}  {}",
+            g.id,
+            g.name.as_deref().unwrap_or("n/a"),
+            gpu_table::fmt_memory(g),
+            gpu_table::fmt_util(g),
+            g.app.as_deref().unwrap_or("-")
+        );
     }
 }
 
@@ -74,6 +94,7 @@ pub fn render(s: &StatusReport) -> String {
                 fmt_ids(&a.gpu_ids)
             );
         }
+        render_gpus(&mut out, &n.gpus);
     }
     let _ = writeln!(out, "\nApplications");
     let _ = writeln!(out, "------------");
@@ -109,6 +130,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::head::gpu_table::GpuStatus;
     use crate::head::registry::{AppState, AppStatus, NodeStatus};
 
     #[test]
@@ -127,6 +149,24 @@ mod tests {
                 available: res(3.5, 5.0),
                 gpu_ids: (0..8).collect(),
                 alive: true,
+                gpus: vec![
+                    GpuStatus {
+                        id: 0,
+                        name: Some("NVIDIA H100 80GB HBM3".into()),
+                        memory_used_mib: Some(1234),
+                        memory_total_mib: Some(81559),
+                        utilization_pct: Some(37),
+                        app: Some("model".into()),
+                    },
+                    GpuStatus {
+                        id: 7,
+                        name: None,
+                        memory_used_mib: None,
+                        memory_total_mib: None,
+                        utilization_pct: None,
+                        app: None,
+                    },
+                ],
             }],
             applications: vec![AppStatus {
                 name: "model".into(),
@@ -148,5 +188,13 @@ mod tests {
         assert!(text.contains("model                                    0.5 CPU  GPU [0,1,2]"));
         assert!(text.contains("restarting"));
         assert!(text.contains("last exit: signal 9"));
+        let gpu_lines = [
+            "     GPU  NAME                         MEMORY               UTIL  APP\n",
+            "     0    NVIDIA H100 80GB HBM3        1234/81559 MiB        37%  model\n",
+            "     7    n/a                          n/a                   n/a  -\n",
+        ];
+        for line in gpu_lines {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
     }
 }

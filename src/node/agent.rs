@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use awc::http::StatusCode;
@@ -14,6 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::NodeError;
+use super::gpu_monitor::{self, GpuMonitor};
 use super::serve::{Placement, child_spec};
 use super::supervise::{RestartPolicy, supervise};
 use crate::cluster::{Allocation, NodeSpec, Quantity};
@@ -25,6 +27,7 @@ use crate::head::cluster::{
 };
 use crate::head::cluster_record::{self, AgentRecord};
 use crate::head::control;
+use crate::head::gpu_table::GpuSample;
 use crate::head::registry::{self, AppState, AppStatus, Registry, SharedRegistry};
 
 /// How one node agent runs.
@@ -84,6 +87,8 @@ struct Agent {
     children: BTreeMap<String, Child>,
     gateway: Option<Gateway>,
     policy: RestartPolicy,
+    /// Latest NVML samples of this node's cards, written by the GPU monitor thread.
+    gpus: Arc<Mutex<Vec<GpuSample>>>,
 }
 
 impl Agent {
@@ -313,6 +318,8 @@ impl Agent {
             protocol: PROTOCOL_VERSION,
             gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
             children: self.report(),
+            // The monitor thread refreshes this slot; the heartbeat only copies it.
+            gpus: self.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         let path = format!("/v1/cluster/nodes/{}/heartbeat", self.opts.node.node_id);
         match self.post::<_, DesiredState>(&path, &hb).await? {
@@ -368,6 +375,16 @@ pub async fn run(
         children: BTreeMap::new(),
         gateway: None,
         policy: RestartPolicy::from_env(),
+        gpus: Arc::new(Mutex::new(Vec::new())),
+    };
+    // Lives as long as the agent: dropping it ends the sampling thread.
+    let _gpu_monitor = {
+        let slot = agent.gpus.clone();
+        GpuMonitor::start(
+            agent.opts.node.gpu_ids.clone(),
+            gpu_monitor::period_from_env(),
+            move |samples| *slot.lock().unwrap_or_else(|e| e.into_inner()) = samples,
+        )
     };
     let deadline = tokio::time::Instant::now() + register_within;
     loop {

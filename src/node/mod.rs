@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cluster_cli;
+pub mod gpu_monitor;
 pub mod serve;
 pub mod supervise;
 

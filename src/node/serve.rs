@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use super::NodeError;
+use super::gpu_monitor::{self, GpuMonitor};
 use super::supervise::{ChildSpec, RestartPolicy, supervise};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
@@ -181,6 +182,8 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
     )
     .map_err(|e| NodeError::Invalid(e.to_string()))?;
     let node = crate::cluster::detect_local_node(opts.num_gpus, opts.num_cpus);
+    let node_id = node.node_id.clone();
+    let gpu_ids = node.gpu_ids.clone();
     let (placements, nodes) = plan(&config, node)?;
     for p in &placements {
         tracing::info!(app = %p.app.name, node = %p.alloc.node_id, gpus = ?p.alloc.gpu_ids,
@@ -198,6 +201,13 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
         placements.iter().map(app_status).collect(),
     )
     .into_shared();
+    // Lives as long as `run`: dropping it ends the sampling thread.
+    let _gpu_monitor = {
+        let reg = reg.clone();
+        GpuMonitor::start(gpu_ids, gpu_monitor::period_from_env(), move |samples| {
+            registry::write(&reg).set_gpu_samples(&node_id, samples);
+        })
+    };
     let ctx = Running { config, server_type, placements, routes, exe, config_path, home, opts };
     actix_web::rt::System::new().block_on(ctx.serve(reg))
 }
