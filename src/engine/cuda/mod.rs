@@ -45,6 +45,7 @@ mod model;
 mod nvrtc;
 mod synth;
 mod train;
+mod workspace;
 
 pub use adapter::CudaAdapter;
 pub use decode::CudaKvCache;
@@ -56,7 +57,7 @@ pub use nvrtc::{
     nvrtc_available, nvrtc_version,
 };
 pub use synth::{bench_shape, spec_config};
-pub use train::forward_backward;
+pub use train::{forward_backward, loss_term_reference};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;

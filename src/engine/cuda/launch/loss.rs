@@ -5,6 +5,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelA
 
 use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
+use crate::engine::loss::LossFn;
 
 const XENT_THREADS: u32 = 256;
 const ARGMAX_THREADS: u32 = 1024;
@@ -283,6 +284,61 @@ pub fn loss_fwd(
     l.arg(&ni).arg(&code).arg(&a).arg(&b);
     // SAFETY: all buffers hold n floats (checked); a null weights pointer means 1 in the kernel.
     unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// Per-target terms of `loss` on the device, exactly `LossFn::term` in f64: `out` [2, N*K]
+/// receives the loss terms then the logprobs (widened), `coef` [N, K] = -dLoss/dlogprob as f32
+/// (what [`xent_bwd`] takes); all 0 where `targets` < 0. `weights` [N, K] (cross-entropy
+/// weights), `sampler_logprob` and `advantages` [N] (zeros where a loss does not read them).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_term_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, f64>,
+    coef: &mut CudaViewMut<'_, f32>,
+    logprob: &CudaView<'_, f32>,
+    targets: &CudaView<'_, i32>,
+    weights: &CudaView<'_, f32>,
+    sampler_logprob: &CudaView<'_, f32>,
+    advantages: &CudaView<'_, f32>,
+    loss: &LossFn,
+) -> Result<(), CudaError> {
+    let kn = "loss_term_fwd_f32";
+    let n = sampler_logprob.len();
+    let nk = logprob.len();
+    if n == 0 || nk % n != 0 || nk < n {
+        return Err(shape_err(kn, format!("logprob of {nk} elements is not [{n}, K >= 1]")));
+    }
+    need_len(kn, "advantages", advantages.len(), n)?;
+    for (name, len) in
+        [("coef", coef.len()), ("targets", targets.len()), ("weights", weights.len())]
+    {
+        need_len(kn, name, len, nk)?;
+    }
+    need_len(kn, "out", out.len(), 2 * nk)?;
+    let (kti, nki) = (int(kn, "K", nk / n)?, int(kn, "N * K", nk)?);
+    int(kn, "2 * N * K", 2 * nk)?;
+    // an exhaustive match: a new LossFn variant must get a kernel branch
+    let (variant, a, b): (i32, f64, f64) = match *loss {
+        LossFn::CrossEntropy => (0, 0.0, 0.0),
+        LossFn::ImportanceSampling => (1, 0.0, 0.0),
+        LossFn::Ppo { clip_low, clip_high } => (2, clip_low, clip_high),
+        LossFn::Cispo { clip_low, clip_high } => (3, clip_low, clip_high),
+        LossFn::Dro { beta } => (4, beta, 0.0),
+    };
+    let f = dev.function("loss.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(kn, "blocks", nk.div_ceil(256), i32::MAX as u32)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(coef).arg(logprob).arg(targets).arg(weights).arg(sampler_logprob);
+    l.arg(advantages).arg(&kti).arg(&nki).arg(&variant).arg(&a).arg(&b);
+    // SAFETY: out holds 2 N K doubles, coef/logprob/targets/weights N K, sampler_logprob and
+    // advantages N (checked); signature (double*, float*, const float*, const int*, const
+    // float*, const float*, const float*, int, int, int, double, double); one thread per target.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
     Ok(())
 }
 
