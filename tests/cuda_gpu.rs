@@ -434,7 +434,7 @@ fn arc_device(test: &str) -> Option<Arc<CudaDevice>> {
 fn golden_fixtures_through_cuda_f32() -> Result<()> {
     let Some(dev) = arc_device("golden f32") else { return Ok(()) };
     let mut rep = refs::model::Report::default();
-    for case in refs::model::CASES {
+    for case in refs::model::cases() {
         rep.case(case, |r| refs::model::golden::<f32>(&dev, case, &refs::model::F32, r));
     }
     rep.finish()
@@ -444,7 +444,7 @@ fn golden_fixtures_through_cuda_f32() -> Result<()> {
 fn golden_fixtures_through_cuda_bf16() -> Result<()> {
     let Some(dev) = arc_device("golden bf16") else { return Ok(()) };
     let mut rep = refs::model::Report::default();
-    for case in refs::model::CASES {
+    for case in refs::model::cases() {
         rep.case(case, |r| refs::model::golden::<bf16>(&dev, case, &refs::model::BF16, r));
     }
     rep.finish()
@@ -454,7 +454,7 @@ fn golden_fixtures_through_cuda_bf16() -> Result<()> {
 fn one_training_step_cpu_vs_gpu() -> Result<()> {
     let Some(dev) = arc_device("train step") else { return Ok(()) };
     let mut rep = refs::model::Report::default();
-    for case in refs::model::CASES {
+    for case in refs::model::cases() {
         rep.case(&format!("{case} f32"), |r| {
             refs::model::train_step_vs_cpu::<f32>(&dev, case, &refs::model::F32, r)
         });
