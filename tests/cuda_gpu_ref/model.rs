@@ -78,20 +78,26 @@ pub const F32: Tol = Tol {
     greedy_margin: 5e-4,
 };
 
-/// bf16 storage. Measured on the emulator, per tensor max|err| / max|ref| (worst tensor):
-/// against the fixture 9.7e-2 (qwen2-tiny, f32 checkpoint), 3.9e-2 (qwen3-tiny), 2.7e-2
-/// (qwen2-tiny-bf16, a bf16 checkpoint, so no weight rounding); against the CPU engine on the
-/// rounded checkpoint what is left is activation rounding (values in the test output). The
-/// worst case is q/k_proj, whose gradient passes through the softmax backward
-/// dS = P∘(dP − rowsum(dO∘O)), a difference of nearly equal bf16-rounded terms. bf16 has an
-/// 8-bit mantissa (relative step 2^-8 = 3.9e-3), and errors of a few steps compound over two
-/// layers and the softmax, so 0.1 of the tensor's largest gradient against the rounded reference
-/// is ~25 bf16 steps; a wrong sign anywhere gives >= 1 and a missing term typically 0.3-1.
+/// bf16 storage. Gradient error per tensor as max|err| / max|ref|, worst tensor, measured on
+/// the emulator (cross-entropy / importance sampling / PPO off the clip edges):
+/// - against the fixture: 9.7e-2 / 7.6e-2 / - (qwen2-tiny, an f32 checkpoint), 3.9e-2 / 4.3e-2
+///   (qwen3-tiny), 2.7e-2 (qwen2-tiny-bf16, a bf16 checkpoint: no weight rounding);
+/// - against the CPU engine on the rounded checkpoint (activation rounding only): 6.6e-2 /
+///   6.1e-2 / 7.7e-2 (qwen2-tiny), 3.1e-2 / 4.1e-2 (qwen3-tiny).
+///
+/// The worst tensors are k/q/v_proj of layer 0, whose gradient passes through the softmax
+/// backward dS = P∘(dP − rowsum(dO∘O)), a difference of nearly equal bf16-rounded terms, and
+/// then back through both layers. bf16 keeps 8 significant bits (relative step 2^-8 = 3.9e-3),
+/// so 0.15 of the tensor's largest gradient is ~40 rounding steps: room for a GPU's different
+/// summation order and MUFU exp/log (2x the emulator's worst) while a real bug stays far out:
+/// rotating the wrong way in the RoPE backward (a sign error in the q/k gradient only) measured
+/// 1.09 / 1.60 / 1.48 on qwen2-tiny-bf16. The fixture bound (0.2) also admits the weight
+/// rounding of f32 checkpoints. Losses are compared relative to sum |term| (see `loss_err`).
 pub const BF16: Tol = Tol {
     logprob_abs: 0.15,
     loss_rel: 2e-2,
     grad_rel: 0.2,
-    grad_rel_rounded: Some(0.1),
+    grad_rel_rounded: Some(0.15),
     adam_abs: None,
     greedy_margin: 0.25,
 };

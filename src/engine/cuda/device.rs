@@ -4,7 +4,7 @@
 //!
 //! Everything runs on the one stream, which is what makes two driver-level settings here sound
 //! and worthwhile: cudarc's per-buffer event tracking is switched off (it only orders uses across
-//! streams, and cost ~300 event calls per layer per decode token), and the default memory pool
+//! streams, and cost ~330 event calls per layer per decode token), and the default memory pool
 //! keeps freed memory (release threshold u64::MAX) instead of returning it to the OS at every
 //! synchronisation.
 
@@ -74,11 +74,13 @@ impl CudaDevice {
         cublas_available()?;
         let ctx = CudaContext::new(ordinal)
             .map_err(CudaError::driver(format!("opening device {ordinal}")))?;
-        // SAFETY: event tracking only orders a buffer's uses across streams. This device runs
-        // all work (kernels, cuBLAS, copies, allocations and frees) on its single `stream`, and
-        // nothing else gets the context: stream order alone already guarantees that no buffer
-        // is used before its allocation completes, freed before its last use, or written
-        // concurrently. Called before any buffer exists, so no slice is half-tracked.
+        // SAFETY: event tracking only orders a buffer's uses across streams. The engine runs
+        // all work (kernels, cuBLAS, copies, allocations and frees) on this device's single
+        // `stream` and never creates another on the context, so stream order alone guarantees
+        // that no buffer is used before its allocation completes, freed before its last use,
+        // or written concurrently (`context()` documents that a caller adding a stream must
+        // synchronise with this one). Called before any buffer exists, so no slice is
+        // half-tracked.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let (major, minor) =
@@ -113,7 +115,8 @@ impl CudaDevice {
         self.ws.cached_buffers()
     }
 
-    /// The context.
+    /// The context. Its event tracking is off (all engine work is on [`Self::stream`]): work
+    /// on another stream of it must be ordered against that stream explicitly.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
