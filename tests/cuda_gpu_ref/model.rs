@@ -92,10 +92,13 @@ pub const F32: Tol = Tol {
 /// summation order and MUFU exp/log (2x the emulator's worst) while a real bug stays far out:
 /// rotating the wrong way in the RoPE backward (a sign error in the q/k gradient only) measured
 /// 1.09 / 1.60 / 1.48 on qwen2-tiny-bf16. The fixture bound (0.2) also admits the weight
-/// rounding of f32 checkpoints. Losses are compared relative to sum |term| (see `loss_err`).
+/// rounding of f32 checkpoints. Losses are compared relative to sum |term| (see `loss_err`):
+/// a logprob error of d moves a ratio term e^(lp - slp) by ~d, and the measured logprob errors
+/// reach 6e-2, so 4e-2 of sum |term| (measured up to 1.4e-2, PPO on qwen2-tiny-bf16); the loss
+/// kernel itself is checked exactly by `loss_terms_match_lossfn_term_for_every_variant`.
 pub const BF16: Tol = Tol {
     logprob_abs: 0.15,
-    loss_rel: 2e-2,
+    loss_rel: 4e-2,
     grad_rel: 0.2,
     grad_rel_rounded: Some(0.15),
     adam_abs: None,
