@@ -1,11 +1,18 @@
-// AdamW on f32 master weights (PyTorch torch.optim.AdamW semantics, decoupled weight decay),
-// over one flat buffer: an adapter's LoRA tensors are carved from one allocation, so a single
-// launch updates all of them.
+// AdamW on f32 master weights (PyTorch torch.optim.AdamW semantics, decoupled weight decay).
+// adamw_fwd_f32 updates one flat buffer; the *_multi kernels take a device table of an
+// adapter's tensors, so a whole optimizer step is two launches (norm, update) regardless of
+// the number of LoRA modules, and needs no host round trip for the clip factor.
 //
 // defines: adamw_fwd_f32(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2, gscale)
 //   g' = g * gscale (gscale = min(1, clip / global_norm), computed by the caller)
 //   p *= 1 - lr * wd;  m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2
 //   p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)   with bc1 = 1 - b1^t, bc2 = 1 - b2^t
+//          sumsq_multi_fwd_f32(acc, ptrs[T*4], lens[T], T): acc[0] += sum over the tensors' g^2
+//            grid (x, T), block 256 (blockIdx.y = tensor); ptrs rows are (p, g, m, v) addresses
+//          adamw_multi_fwd_f32(ptrs, lens, T, sumsq, clip, lr, b1, b2, eps, wd, bc1, bc2)
+//            AdamW on every tensor with gscale = clip / (||g|| + 1e-6) when clip > 0 and
+//            ||g|| = sqrt(sumsq[0]) > clip, else 1 (the CPU's rule, in f64), then g = 0
+//            (the step's zero_grad).
 
 __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, float lr,
                                           float beta1, float beta2, float eps, float wd,
@@ -45,5 +52,45 @@ extern "C" __global__ void adamw_fwd_f32(float* p, const float* g, float* m, flo
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+    }
+}
+
+extern "C" __global__ void sumsq_multi_fwd_f32(float* acc, const unsigned long long* ptrs,
+                                               const long long* lens, int nt) {
+    __shared__ float scratch[32];
+    const int t = blockIdx.y;
+    if (t >= nt) return;
+    const float* g = reinterpret_cast<const float*>(ptrs[t * 4 + 1]);
+    const long long n = lens[t];
+    float s = 0.0f;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        s = fmaf(g[i], g[i], s);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) atomicAdd(acc, s);
+}
+
+extern "C" __global__ void adamw_multi_fwd_f32(const unsigned long long* ptrs,
+                                               const long long* lens, int nt,
+                                               const float* sumsq, double clip, float lr,
+                                               float beta1, float beta2, float eps, float wd,
+                                               float bc1, float bc2) {
+    const int t = blockIdx.y;
+    if (t >= nt) return;
+    float* p = reinterpret_cast<float*>(ptrs[t * 4]);
+    float* g = reinterpret_cast<float*>(ptrs[t * 4 + 1]);
+    float* m = reinterpret_cast<float*>(ptrs[t * 4 + 2]);
+    float* v = reinterpret_cast<float*>(ptrs[t * 4 + 3]);
+    const long long n = lens[t];
+    const double norm = sqrt((double)sumsq[0]);
+    const float gscale = (clip > 0.0 && norm > clip) ? (float)(clip / (norm + 1e-6)) : 1.0f;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float pi = p[i], mi = m[i], vi = v[i];
+        adamw_one(pi, g[i], mi, vi, lr, beta1, beta2, eps, wd, bc1, bc2, gscale);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+        g[i] = 0.0f;
     }
 }

@@ -17,6 +17,14 @@
 //            per-token loss = -objective * w and coef = d objective / d logprob * w for
 //            variant 1 importance_sampling, 2 ppo (a = clip low, b = clip high), 3 cispo (a, b),
 //            4 dro (a = beta). cross_entropy needs no kernel: coef = weights.
+//          loss_term_fwd_f32(out[2, N*K] f64, coef[N,K], logprob[N,K], targets[N,K],
+//                            weights[N,K], sampler_lp[N], adv[N], K, N*K, variant, a, b)
+//            exactly the engine's LossFn::term, in f64, per target: out[i] = loss term,
+//            out[N*K + i] = logprob (widened; one buffer so the host downloads once),
+//            coef[i] = -dLoss/dlogprob as f32 (xent_bwd's sign); all 0 where target < 0.
+//            variant 0 cross_entropy, 1 importance_sampling, 2 ppo (a = clip low, b = clip
+//            high), 3 cispo (a, b), 4 dro (a = beta). Training uses this one, so the step needs
+//            no host round trip between the forward and the backward.
 
 #define XENT_THREADS 256
 
@@ -113,6 +121,57 @@ extern "C" __global__ void loss_fwd_f32(float* loss, float* coef, const float* l
     }
     loss[i] = -obj * w;
     coef[i] = g * w;
+}
+
+// Rust's f64::clamp: NaN passes through.
+__device__ __forceinline__ double clamp_d(double x, double lo, double hi) {
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+extern "C" __global__ void loss_term_fwd_f32(double* out, float* coef, const float* lp,
+                                             const int* targets, const float* weights,
+                                             const float* slp, const float* adv, int kt, int nk,
+                                             int variant, double a, double b) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nk) return;
+    const bool valid = targets[i] >= 0;
+    const double x = valid ? (double)lp[i] : 0.0;
+    double l = 0.0, g = 0.0;
+    if (valid) {
+        const int row = i / kt;
+        const double w = (double)weights[i], s = (double)slp[row], A = (double)adv[row];
+        // the same expressions, in the same order, as LossFn::term (src/engine/loss.rs)
+        if (variant == 0) {  // cross_entropy
+            l = -w * x;
+            g = -w;
+        } else if (variant == 1) {  // importance_sampling
+            const double r = exp(x - s);
+            l = -r * A;
+            g = -r * A;
+        } else if (variant == 2) {  // ppo
+            const double r = exp(x - s);
+            const double un = r * A;
+            const double cl = clamp_d(r, a, b) * A;
+            if (un <= cl) {
+                l = -un;
+                g = -un;
+            } else {  // the clamped branch is constant in lp where it is the smaller one
+                l = -cl;
+                g = 0.0;
+            }
+        } else if (variant == 3) {  // cispo
+            const double r = clamp_d(exp(x - s), a, b);
+            l = -r * A * x;
+            g = -r * A;
+        } else if (variant == 4) {  // dro
+            const double d = x - s;
+            l = -(x * A - 0.5 * a * d * d);
+            g = -(A - a * d);
+        }
+    }
+    out[i] = l;
+    out[nk + i] = x;
+    coef[i] = -(float)g;
 }
 
 #define XENT_DEF(T, DT)                                                                         \

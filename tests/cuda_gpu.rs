@@ -350,6 +350,12 @@ fn cross_entropy_and_losses_match_cpu() -> Result<()> {
 }
 
 #[test]
+fn loss_terms_match_lossfn_term_for_every_variant() -> Result<()> {
+    let Some(dev) = device("loss terms") else { return Ok(()) };
+    refs::loss_terms::loss_terms(&dev)
+}
+
+#[test]
 fn adamw_matches_cpu() -> Result<()> {
     let Some(dev) = device("adamw") else { return Ok(()) };
     refs::adamw(&dev)
@@ -427,29 +433,36 @@ fn arc_device(test: &str) -> Option<Arc<CudaDevice>> {
 #[test]
 fn golden_fixtures_through_cuda_f32() -> Result<()> {
     let Some(dev) = arc_device("golden f32") else { return Ok(()) };
-    for case in refs::model::CASES {
-        refs::model::golden::<f32>(&dev, case, &refs::model::F32)?;
+    let mut rep = refs::model::Report::default();
+    for case in refs::model::cases() {
+        rep.case(case, |r| refs::model::golden::<f32>(&dev, case, &refs::model::F32, r));
     }
-    Ok(())
+    rep.finish()
 }
 
 #[test]
 fn golden_fixtures_through_cuda_bf16() -> Result<()> {
     let Some(dev) = arc_device("golden bf16") else { return Ok(()) };
-    for case in refs::model::CASES {
-        refs::model::golden::<bf16>(&dev, case, &refs::model::BF16)?;
+    let mut rep = refs::model::Report::default();
+    for case in refs::model::cases() {
+        rep.case(case, |r| refs::model::golden::<bf16>(&dev, case, &refs::model::BF16, r));
     }
-    Ok(())
+    rep.finish()
 }
 
 #[test]
 fn one_training_step_cpu_vs_gpu() -> Result<()> {
     let Some(dev) = arc_device("train step") else { return Ok(()) };
-    for case in refs::model::CASES {
-        refs::model::train_step_vs_cpu::<f32>(&dev, case, &refs::model::F32)?;
-        refs::model::train_step_vs_cpu::<bf16>(&dev, case, &refs::model::BF16)?;
+    let mut rep = refs::model::Report::default();
+    for case in refs::model::cases() {
+        rep.case(&format!("{case} f32"), |r| {
+            refs::model::train_step_vs_cpu::<f32>(&dev, case, &refs::model::F32, r)
+        });
+        rep.case(&format!("{case} bf16"), |r| {
+            refs::model::train_step_vs_cpu::<bf16>(&dev, case, &refs::model::BF16, r)
+        });
     }
-    Ok(())
+    rep.finish()
 }
 
 /// The device seam: `CudaRuntime` against `CpuRuntime` through the calls the applications make,

@@ -1,12 +1,15 @@
 //! `CudaAdapter`: a LoRA adapter resident on the GPU — f32 master weights A [r, in] and
 //! B [out, r], their accumulated gradients and Adam moments — uploaded from and downloaded to
 //! the host [`Adapter`], so checkpoints (PEFT files, optimizer state) stay the CPU code's job.
-//! Also the AdamW step on the device, with the CPU's `AdamParams` semantics.
+//! Also the AdamW step on the device, with the CPU's `AdamParams` semantics: two launches for
+//! the whole adapter (global gradient norm, then AdamW with the clip factor computed on the
+//! device and the gradients zeroed), over a device table of the tensors' addresses, and one
+//! download of the norm at the end.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::launch::{self as k, AdamStep};
-use super::model::{Act, CudaModel, R, download, upload, view, zeros};
+use super::model::{Act, CudaModel, R, download, scratch_zeroed, upload, view, zeros};
 use super::{CudaDevice, CudaError};
 use crate::engine::lora::{Adapter, LoraConfig, LoraPair, Target};
 use crate::engine::models::ModelConfig;
@@ -83,6 +86,14 @@ fn dims(t: Target, c: &ModelConfig) -> (usize, usize) {
     }
 }
 
+/// Device table of every (weight, gradient, first moment, second moment) quadruple of an
+/// adapter for the multi-tensor optimizer kernels: rows of 4 addresses, a length per row.
+struct OptimTable {
+    ptrs: CudaSlice<u64>,
+    lens: CudaSlice<i64>,
+    max_len: usize,
+}
+
 /// A LoRA adapter on the GPU.
 pub struct CudaAdapter {
     pub(crate) scaling: f32,
@@ -90,6 +101,9 @@ pub struct CudaAdapter {
     /// `layers[l][slot]`, slots in `Target::LAYER` order.
     pub(crate) layers: Vec<[Option<GpuPair>; 7]>,
     pub(crate) lm_head: Option<GpuPair>,
+    /// Built on the first optimizer step. The addresses stay valid: a `GpuPair`'s buffers are
+    /// never replaced (uploads and zeroing write into them), and they live as long as `self`.
+    table: Option<OptimTable>,
 }
 
 impl std::fmt::Debug for CudaAdapter {
@@ -134,7 +148,7 @@ impl CudaAdapter {
             }
             None => None,
         };
-        Ok(CudaAdapter { scaling: host.scaling(), step: host.step(), layers, lm_head })
+        Ok(CudaAdapter { scaling: host.scaling(), step: host.step(), layers, lm_head, table: None })
     }
 
     /// A fresh adapter made on the device (A ~ U(+-1/sqrt(in)), B = 0, as `Adapter::new`, from
@@ -177,7 +191,7 @@ impl CudaAdapter {
         }
         let lm_head =
             if cfg.targets.contains(&Target::LmHead) { Some(make(Target::LmHead)?) } else { None };
-        Ok(CudaAdapter { scaling: cfg.alpha / r as f32, step: 0, layers, lm_head })
+        Ok(CudaAdapter { scaling: cfg.alpha / r as f32, step: 0, layers, lm_head, table: None })
     }
 
     /// Number of trainable parameters (all A and B entries).
@@ -278,23 +292,32 @@ impl CudaAdapter {
         Ok(())
     }
 
+    /// The optimizer table (built once; see [`OptimTable`]).
+    fn table(&mut self, dev: &CudaDevice) -> R<&OptimTable> {
+        if self.table.is_none() {
+            let stream = dev.stream();
+            let (mut ptrs, mut lens) = (Vec::new(), Vec::new());
+            for p in self.pairs() {
+                for [w, g, m, v] in [[&p.a, &p.ga, &p.ma, &p.va], [&p.b, &p.gb, &p.mb, &p.vb]] {
+                    for s in [w, g, m, v] {
+                        // event tracking is off (device.rs), so the guard records nothing
+                        let (ptr, _guard) = s.device_ptr(stream);
+                        ptrs.push(ptr);
+                    }
+                    lens.push(i64::try_from(w.len()).map_err(|_| mismatch("optimizer table"))?);
+                }
+            }
+            let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
+            self.table =
+                Some(OptimTable { ptrs: upload(dev, &ptrs)?, lens: upload(dev, &lens)?, max_len });
+        }
+        self.table.as_ref().ok_or_else(|| mismatch("optimizer table"))
+    }
+
     /// One AdamW step with the accumulated gradients (global-norm clip as the CPU's
     /// `Adapter::optim_step`), then zeroes them.
     pub fn optim_step(&mut self, dev: &CudaDevice, p: &AdamParams) -> R<OptimMetrics> {
         p.validate()?;
-        let mut acc = zeros::<f32>(dev, 1)?;
-        for pair in self.pairs() {
-            for g in pair.grads() {
-                k::sumsq_fwd(dev, &mut acc.as_view_mut(), &g.as_view())?;
-            }
-        }
-        let sq = download(dev, &view(&acc, 0, 1)?)?.first().copied().unwrap_or(0.0);
-        let grad_norm = (sq as f64).sqrt();
-        let clip = if p.grad_clip_norm > 0.0 && grad_norm > p.grad_clip_norm {
-            p.grad_clip_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
         let step = self.step + 1;
         let h = AdamStep {
             lr: p.learning_rate as f32,
@@ -303,28 +326,20 @@ impl CudaAdapter {
             eps: p.eps as f32,
             weight_decay: p.weight_decay as f32,
             step: u32::try_from(step).unwrap_or(u32::MAX),
-            grad_scale: clip as f32,
+            grad_scale: 1.0,
         };
-        for pair in self.pairs_mut() {
-            let GpuPair { a, b, ga, gb, ma, va, mb, vb, .. } = pair;
-            k::adamw_fwd(
-                dev,
-                &mut a.as_view_mut(),
-                &ga.as_view(),
-                &mut ma.as_view_mut(),
-                &mut va.as_view_mut(),
-                &h,
-            )?;
-            k::adamw_fwd(
-                dev,
-                &mut b.as_view_mut(),
-                &gb.as_view(),
-                &mut mb.as_view_mut(),
-                &mut vb.as_view_mut(),
-                &h,
-            )?;
+        let mut acc = scratch_zeroed::<f32>(dev, 1)?;
+        let t = self.table(dev)?;
+        let (ptrs, lens) = (t.ptrs.as_view(), t.lens.as_view());
+        // SAFETY: the table addresses this adapter's own tensors (see `OptimTable`), which
+        // `&mut self` keeps alive and unaliased while the stream runs the two kernels.
+        unsafe {
+            k::sumsq_multi_fwd(dev, &mut acc.as_view_mut(), &ptrs, &lens, t.max_len)?;
+            k::adamw_multi_fwd(dev, &ptrs, &lens, t.max_len, &acc.as_view(), p.grad_clip_norm, &h)?;
         }
-        self.zero_grad(dev)?;
+        // the step's one synchronisation, after everything is queued
+        let sq = download(dev, &view(&acc, 0, 1)?)?.first().copied().unwrap_or(0.0);
+        let grad_norm = (sq as f64).sqrt();
         self.step = step;
         Ok(OptimMetrics { grad_norm, step, learning_rate: p.learning_rate })
     }

@@ -14,7 +14,8 @@ use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::launch::{self as k, BLayout, LoraLayout};
 use super::layer::{KvMode, Pack};
-use super::model::{Act, CudaModel, R, download, upload, view, view_mut, zeros};
+use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut, zeros};
+use super::workspace::Buf;
 use crate::engine::EngineError;
 use crate::engine::sampling::{SamplingParams, sample_token};
 
@@ -127,16 +128,12 @@ impl<T: Act> CudaKvCache<T> {
 
 impl<T: Act> CudaModel<T> {
     /// Logits [b, vocab] (f32) of hidden rows `h` [b, hidden].
-    fn logits_rows(
-        &self,
-        h: &CudaSlice<T>,
-        b: usize,
-        ad: Option<&CudaAdapter>,
-    ) -> R<CudaSlice<f32>> {
+    fn logits_rows(&self, h: &CudaSlice<T>, b: usize, ad: Option<&CudaAdapter>) -> R<Buf<f32>> {
         let dev = &*self.dev;
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let hv = view(h, 0, b * hid)?;
-        let mut out = zeros::<f32>(dev, b * v)?;
+        // written by the GEMM (beta = 0); LoRA adds to it
+        let mut out = scratch::<f32>(dev, b * v)?;
         let mut ov = view_mut(&mut out, 0, b * v)?;
         k::matmul::<T, f32>(
             dev,
@@ -149,7 +146,7 @@ impl<T: Act> CudaModel<T> {
             0.0,
         )?;
         if let Some((p, s)) = ad.and_then(|a| a.lm_head.as_ref().map(|p| (p, a.scaling))) {
-            let mut ha = zeros::<f32>(dev, b * p.rank)?;
+            let mut ha = scratch::<f32>(dev, b * p.rank)?;
             let mut hav = view_mut(&mut ha, 0, b * p.rank)?;
             k::lora_shrink_fwd(dev, &mut hav, &hv, &p.a.as_view(), LoraLayout::Rows, p.rank, 1.0)?;
             k::lora_expand_fwd::<f32>(
@@ -171,7 +168,7 @@ impl<T: Act> CudaModel<T> {
         ad: Option<&CudaAdapter>,
         cache: &mut CudaKvCache<T>,
         items: &[(usize, &[u32])],
-    ) -> R<CudaSlice<f32>> {
+    ) -> R<Buf<f32>> {
         let hid = self.cfg.hidden_size;
         let (mut tokens, mut seqs, mut positions, mut slots) = (vec![], vec![], vec![], vec![]);
         for &(s, t) in items {
@@ -181,9 +178,10 @@ impl<T: Act> CudaModel<T> {
             slots.extend((0..t.len()).map(|p| (s * cache.max_len + p) as i32));
         }
         let p = Pack::new(self, &tokens, &seqs, &positions)?;
-        let slots = upload(&self.dev, &slots)?;
+        let slots = upload_ws(&self.dev, &slots)?;
         let st = self.stack_fwd(&p, ad, &mut KvMode::Prefill { slots: &slots, cache }, false)?;
-        let mut last = zeros::<T>(&self.dev, items.len() * hid)?;
+        // every row is copied in below
+        let mut last = scratch::<T>(&self.dev, items.len() * hid)?;
         for (i, &(start, len)) in seqs.iter().enumerate() {
             let r = start + len - 1;
             self.dev
@@ -206,7 +204,7 @@ impl<T: Act> CudaModel<T> {
         ad: Option<&CudaAdapter>,
         cache: &mut CudaKvCache<T>,
         items: &[(usize, u32)],
-    ) -> R<CudaSlice<f32>> {
+    ) -> R<Buf<f32>> {
         let b = items.len();
         let tokens: Vec<u32> = items.iter().map(|x| x.1).collect();
         let positions: Vec<u32> = items.iter().map(|&(s, _)| cache.lens[s] as u32).collect();
@@ -216,8 +214,11 @@ impl<T: Act> CudaModel<T> {
         let table: Vec<i32> = items.iter().map(|&(s, _)| s as i32).collect();
         let ctx: Vec<i32> = items.iter().map(|&(s, _)| cache.lens[s] as i32 + 1).collect();
         let p = Pack::new(self, &tokens, &seqs, &positions)?;
-        let (slots, table, ctx) =
-            (upload(&self.dev, &slots)?, upload(&self.dev, &table)?, upload(&self.dev, &ctx)?);
+        let (slots, table, ctx) = (
+            upload_ws(&self.dev, &slots)?,
+            upload_ws(&self.dev, &table)?,
+            upload_ws(&self.dev, &ctx)?,
+        );
         let mut kv = KvMode::Decode { slots: &slots, table: &table, ctx: &ctx, cache };
         let st = self.stack_fwd(&p, ad, &mut kv, false)?;
         for &(s, _) in items {
@@ -236,6 +237,19 @@ impl<T: Act> CudaModel<T> {
         seqs: &[usize],
         new_tokens: &[&[u32]],
     ) -> R<CudaSlice<f32>> {
+        let out = self.forward_cached_inner(ad, cache, seqs, new_tokens);
+        self.dev.ws().end_pass();
+        // the logits leave the engine: detached from the workspace, freed by the caller's drop
+        out.map(Buf::into_slice)
+    }
+
+    fn forward_cached_inner(
+        &self,
+        ad: Option<&CudaAdapter>,
+        cache: &mut CudaKvCache<T>,
+        seqs: &[usize],
+        new_tokens: &[&[u32]],
+    ) -> R<Buf<f32>> {
         let c = &self.cfg;
         let n = seqs.len();
         if n == 0 || new_tokens.len() != n {
@@ -266,12 +280,10 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let v = c.vocab_size;
-        let mut out = zeros::<f32>(&self.dev, n * v)?;
+        // every sequence's row is put below exactly once
+        let mut out = scratch::<f32>(&self.dev, n * v)?;
         // copies row j of `logits` to row i of `out` for each (j, i)
-        let put = |pairs: &[(usize, usize)],
-                   logits: &CudaSlice<f32>,
-                   out: &mut CudaSlice<f32>|
-         -> R<()> {
+        let put = |pairs: &[(usize, usize)], logits: &Buf<f32>, out: &mut Buf<f32>| -> R<()> {
             for &(j, i) in pairs {
                 self.dev
                     .stream()
@@ -351,8 +363,8 @@ impl<T: Act> CudaModel<T> {
             return Err(invalid(format!("{} draws for {n} rows", uniforms.len())));
         }
         let lv = view(logits, 0, n * v)?;
-        let mut tok = zeros::<i32>(&self.dev, n)?;
-        let mut lp = zeros::<f32>(&self.dev, n)?;
+        let mut tok = scratch::<i32>(&self.dev, n)?;
+        let mut lp = scratch::<f32>(&self.dev, n)?;
         k::argmax_fwd::<f32>(
             &self.dev,
             &mut view_mut(&mut tok, 0, n)?,

@@ -1,6 +1,10 @@
 //! The decoder stack on the GPU: one layer's forward (training with saved activations, prefill
 //! into a KV cache, or single-token decode) and its explicit backward, step for step the same as
 //! `engine::transformer` (same recomputed tensors, same order of accumulation).
+//!
+//! Every tensor here is a workspace [`Buf`] (see `workspace.rs`). The residual stream is never
+//! copied: a block's output `o` gets `x` added in place and becomes the new `x`, so the old `x`
+//! is kept as the saved block input without a copy (the sum is the same, addition commutes).
 
 use cudarc::driver::CudaSlice;
 
@@ -8,16 +12,17 @@ use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::model::{Act, CudaModel, R, lora_of, slot, upload, view, view_mut, zeros};
+use super::model::{Act, CudaModel, R, lora_of, scratch, slot, upload_ws, view, view_mut};
+use super::workspace::Buf;
 use crate::engine::lora::Target;
 
 /// Packed rows of several sequences on the device.
 pub(crate) struct Pack {
     pub rows: usize,
-    pub ids: CudaSlice<i32>,
-    pub pos: CudaSlice<i32>,
+    pub ids: Buf<i32>,
+    pub pos: Buf<i32>,
     /// Prefix sums of the sequence lengths [B + 1].
-    pub cu: CudaSlice<i32>,
+    pub cu: Buf<i32>,
     pub max_len: usize,
 }
 
@@ -53,9 +58,9 @@ impl Pack {
         let dev = &*m.dev;
         Ok(Pack {
             rows,
-            ids: upload(dev, &ids)?,
-            pos: upload(dev, &pos)?,
-            cu: upload(dev, &cu)?,
+            ids: upload_ws(dev, &ids)?,
+            pos: upload_ws(dev, &pos)?,
+            cu: upload_ws(dev, &cu)?,
             max_len,
         })
     }
@@ -78,47 +83,52 @@ pub(crate) enum KvMode<'a, T: Act> {
 }
 
 /// (q before q_norm, its rstd, k before k_norm, its rstd).
-type QkPre<T> = (CudaSlice<T>, CudaSlice<f32>, CudaSlice<T>, CudaSlice<f32>);
+type QkPre<T> = (Buf<T>, Buf<f32>, Buf<T>, Buf<f32>);
 
 /// Activations one layer keeps for its backward (the normed inputs and the SwiGLU output are
 /// recomputed, as on the CPU).
-pub(crate) struct LayerSave<T> {
-    x_in: CudaSlice<T>,
-    rstd1: CudaSlice<f32>,
+pub(crate) struct LayerSave<T: Act> {
+    x_in: Buf<T>,
+    rstd1: Buf<f32>,
     /// LoRA intermediates x A^T per target (`Target::LAYER` order).
-    h: [Option<CudaSlice<f32>>; 7],
+    h: [Option<Buf<f32>>; 7],
     /// Inputs of Qwen3-style q/k norms.
     qk_pre: Option<QkPre<T>>,
     /// Post-rope q, k, v with the head dim padded to `hdp`.
-    qp: CudaSlice<T>,
-    kp: CudaSlice<T>,
-    vp: CudaSlice<T>,
-    /// Attention output, padded [rows, heads, hdp] and unpadded [rows, heads * head_dim].
-    outp: CudaSlice<T>,
-    attn: CudaSlice<T>,
-    lse: CudaSlice<f32>,
-    x_mid: CudaSlice<T>,
-    rstd2: CudaSlice<f32>,
-    g: CudaSlice<T>,
-    u: CudaSlice<T>,
+    qp: Buf<T>,
+    kp: Buf<T>,
+    vp: Buf<T>,
+    /// Attention output, padded [rows, heads, hdp].
+    outp: Buf<T>,
+    /// The same unpadded [rows, heads * head_dim]; `None` when head_dim needs no padding
+    /// (every real model), where `outp` already is that tensor.
+    attn: Option<Buf<T>>,
+    lse: Buf<f32>,
+    x_mid: Buf<T>,
+    rstd2: Buf<f32>,
+    g: Buf<T>,
+    u: Buf<T>,
+}
+
+impl<T: Act> LayerSave<T> {
+    /// The unpadded attention output (the o projection's input).
+    fn attn(&self) -> &CudaSlice<T> {
+        self.attn.as_ref().unwrap_or(&self.outp)
+    }
 }
 
 /// Result of the stack: final normed hidden states and what the backward needs.
-pub(crate) struct StackOut<T> {
-    pub h_final: CudaSlice<T>,
-    x_final: CudaSlice<T>,
-    rstd_final: CudaSlice<f32>,
+pub(crate) struct StackOut<T: Act> {
+    pub h_final: Buf<T>,
+    x_final: Buf<T>,
+    rstd_final: Buf<f32>,
     saves: Vec<LayerSave<T>>,
 }
 
 impl<T: Act> CudaModel<T> {
     /// Pads the head dim to `hdp` (moves `x` through unchanged when no padding is needed).
-    fn pad_owned(&self, x: CudaSlice<T>, rows_heads: usize) -> R<CudaSlice<T>> {
+    fn pad_owned(&self, x: Buf<T>, rows_heads: usize) -> R<Buf<T>> {
         Ok(self.pad(&x, rows_heads)?.unwrap_or(x))
-    }
-
-    fn dup<U: Act>(&self, x: &CudaSlice<U>) -> R<CudaSlice<U>> {
-        self.dev.stream().clone_dtod(x).map_err(CudaError::driver("copying activations"))
     }
 
     /// Embedding, every layer, final norm.
@@ -130,7 +140,7 @@ impl<T: Act> CudaModel<T> {
         save: bool,
     ) -> R<StackOut<T>> {
         let h = self.cfg.hidden_size;
-        let mut x = zeros::<T>(&self.dev, p.rows * h)?;
+        let mut x = scratch::<T>(&self.dev, p.rows * h)?;
         k::embedding_fwd(
             &self.dev,
             &mut view_mut(&mut x, 0, p.rows * h)?,
@@ -140,9 +150,9 @@ impl<T: Act> CudaModel<T> {
         )?;
         let mut saves = Vec::new();
         for l in 0..self.layers.len() {
-            if let Some(s) = self.layer_fwd(l, &mut x, p, ad, kv, save)? {
-                saves.push(s);
-            }
+            let (x_out, s) = self.layer_fwd(l, x, p, ad, kv, save)?;
+            x = x_out;
+            saves.extend(s);
         }
         let (h_final, rstd_final) = self.rmsnorm(&view(&x, 0, p.rows * h)?, &self.final_norm)?;
         Ok(StackOut { h_final, x_final: x, rstd_final, saves })
@@ -152,7 +162,7 @@ impl<T: Act> CudaModel<T> {
     pub(crate) fn stack_bwd(
         &self,
         st: &StackOut<T>,
-        dh_final: &CudaSlice<T>,
+        dh_final: &Buf<T>,
         p: &Pack,
         ad: &mut CudaAdapter,
     ) -> R<()> {
@@ -175,15 +185,17 @@ impl<T: Act> CudaModel<T> {
         Ok(())
     }
 
+    /// One layer on the residual stream `x`; returns the new stream (and the saved activations
+    /// when `save`).
     fn layer_fwd(
         &self,
         l: usize,
-        x: &mut CudaSlice<T>,
+        x: Buf<T>,
         p: &Pack,
         ad: Option<&CudaAdapter>,
         kv: &mut KvMode<'_, T>,
         save: bool,
-    ) -> R<Option<LayerSave<T>>> {
+    ) -> R<(Buf<T>, Option<LayerSave<T>>)> {
         let dev = &*self.dev;
         let c = &self.cfg;
         let lw = &self.layers[l];
@@ -193,7 +205,7 @@ impl<T: Act> CudaModel<T> {
         let scale = ad.map(|a| a.scaling).unwrap_or(0.0);
         let lora = |t: Target| lora_of(ad, l, t);
 
-        let (h1, rstd1) = self.rmsnorm(&view(x, 0, rows * hid)?, &lw.input_norm)?;
+        let (h1, rstd1) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, rows * hid)?;
         let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, lora(Target::Q), scale)?;
         let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, lora(Target::K), scale)?;
@@ -212,8 +224,10 @@ impl<T: Act> CudaModel<T> {
         let kp = self.pad_owned(kk, rows * nkv)?;
         let vp = self.pad_owned(v, rows * nkv)?;
         let (nq, nk) = (rows * nh * hdp, rows * nkv * hdp);
-        let mut outp = zeros::<T>(dev, nq)?;
-        let mut lse = zeros::<f32>(dev, rows * nh)?;
+        // both written completely by the attention kernel (lse only by the training /
+        // prefill kernel; decode never reads it)
+        let mut outp = scratch::<T>(dev, nq)?;
+        let mut lse = scratch::<f32>(dev, rows * nh)?;
         let (qv, kv_, vv) = (view(&qp, 0, nq)?, view(&kp, 0, nk)?, view(&vp, 0, nk)?);
         match kv {
             KvMode::Train | KvMode::Prefill { .. } => {
@@ -269,29 +283,37 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
-        let (o, ho) =
-            self.lin_fwd(&view(&attn, 0, rows * nh * hd)?, rows, &lw.o, lora(Target::O), scale)?;
-        let x_in = if save { Some(self.dup(x)?) } else { None };
-        k::acc_fwd(dev, &mut view_mut(x, 0, rows * hid)?, &view(&o, 0, rows * hid)?)?;
+        let (mut o, ho) = self.lin_fwd(
+            &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
+            rows,
+            &lw.o,
+            lora(Target::O),
+            scale,
+        )?;
+        // x_mid = o + x_in, in o's buffer: x_in stays intact for the backward without a copy
+        k::acc_fwd(dev, &mut view_mut(&mut o, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
+        let (x_in, x) = (x, o);
 
-        let (h2, rstd2) = self.rmsnorm(&view(x, 0, rows * hid)?, &lw.post_norm)?;
+        let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, rows * hid)?;
         let inter = lw.gate.out;
         let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, lora(Target::Gate), scale)?;
         let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, lora(Target::Up), scale)?;
-        let mut act = zeros::<T>(dev, rows * inter)?;
+        let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(
             dev,
             &mut view_mut(&mut act, 0, rows * inter)?,
             &view(&g, 0, rows * inter)?,
             &view(&u, 0, rows * inter)?,
         )?;
-        let (d, hdn) =
+        let (mut d, hdn) =
             self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, lora(Target::Down), scale)?;
-        let x_mid = if save { Some(self.dup(x)?) } else { None };
-        k::acc_fwd(dev, &mut view_mut(x, 0, rows * hid)?, &view(&d, 0, rows * hid)?)?;
-        let (Some(x_in), Some(x_mid)) = (x_in, x_mid) else { return Ok(None) };
-        Ok(Some(LayerSave {
+        k::acc_fwd(dev, &mut view_mut(&mut d, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
+        let (x_mid, x) = (x, d);
+        if !save {
+            return Ok((x, None));
+        }
+        let saved = LayerSave {
             x_in,
             rstd1,
             h: [hq, hk, hv, ho, hg, hu, hdn],
@@ -306,14 +328,15 @@ impl<T: Act> CudaModel<T> {
             rstd2,
             g,
             u,
-        }))
+        };
+        Ok((x, Some(saved)))
     }
 
     fn layer_bwd(
         &self,
         l: usize,
         s: &LayerSave<T>,
-        dx: &mut CudaSlice<T>,
+        dx: &mut Buf<T>,
         p: &Pack,
         ad: &mut CudaAdapter,
     ) -> R<()> {
@@ -330,11 +353,11 @@ impl<T: Act> CudaModel<T> {
 
         // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
         let (gv, uv) = (view(&s.g, 0, rows * inter)?, view(&s.u, 0, rows * inter)?);
-        let mut act = zeros::<T>(dev, rows * inter)?;
+        let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, rows * inter)?, &gv, &uv)?;
         let (h2, _) = self.rmsnorm(&view(&s.x_mid, 0, nh_)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, nh_)?;
-        let mut dact = zeros::<T>(dev, rows * inter)?;
+        let mut dact = scratch::<T>(dev, rows * inter)?;
         self.lin_bwd(
             &view(dx, 0, nh_)?,
             &view(&act, 0, rows * inter)?,
@@ -346,8 +369,8 @@ impl<T: Act> CudaModel<T> {
             &mut view_mut(&mut dact, 0, rows * inter)?,
             false,
         )?;
-        let mut dg = zeros::<T>(dev, rows * inter)?;
-        let mut du = zeros::<T>(dev, rows * inter)?;
+        let mut dg = scratch::<T>(dev, rows * inter)?;
+        let mut du = scratch::<T>(dev, rows * inter)?;
         k::swiglu_bwd(
             dev,
             &mut view_mut(&mut dg, 0, rows * inter)?,
@@ -356,7 +379,8 @@ impl<T: Act> CudaModel<T> {
             &gv,
             &uv,
         )?;
-        let mut dh2 = zeros::<T>(dev, nh_)?;
+        // the first lin_bwd (beta = 0) writes dh2, the second accumulates
+        let mut dh2 = scratch::<T>(dev, nh_)?;
         for (dy, lin, t, acc) in
             [(&dg, &lw.gate, Target::Gate, false), (&du, &lw.up, Target::Up, true)]
         {
@@ -381,10 +405,10 @@ impl<T: Act> CudaModel<T> {
         k::acc_fwd(dev, &mut view_mut(dx, 0, nh_)?, &view(&t, 0, nh_)?)?;
 
         // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
-        let mut dattn = zeros::<T>(dev, rows * nh * hd)?;
+        let mut dattn = scratch::<T>(dev, rows * nh * hd)?;
         self.lin_bwd(
             &view(dx, 0, nh_)?,
-            &view(&s.attn, 0, rows * nh * hd)?,
+            &view(s.attn(), 0, rows * nh * hd)?,
             hs(Target::O),
             rows,
             &lw.o,
@@ -395,11 +419,12 @@ impl<T: Act> CudaModel<T> {
         )?;
         let dattn_p = self.pad_owned(dattn, rows * nh)?;
         let (nq, nk) = (rows * nh * hdp, rows * nkv * hdp);
-        let mut dqp = zeros::<T>(dev, nq)?;
-        let mut dkp = zeros::<T>(dev, nk)?;
-        let mut dvp = zeros::<T>(dev, nk)?;
-        let mut dq_acc = zeros::<f32>(dev, nq)?;
-        let mut delta = zeros::<f32>(dev, rows * nh)?;
+        // dq/dk/dv and delta are written completely; the launcher zeroes dq_acc itself
+        let mut dqp = scratch::<T>(dev, nq)?;
+        let mut dkp = scratch::<T>(dev, nk)?;
+        let mut dvp = scratch::<T>(dev, nk)?;
+        let mut dq_acc = scratch::<f32>(dev, nq)?;
+        let mut delta = scratch::<f32>(dev, rows * nh)?;
         k::attention_bwd(
             dev,
             &mut view_mut(&mut dqp, 0, nq)?,
@@ -416,9 +441,10 @@ impl<T: Act> CudaModel<T> {
             &p.cu.as_view(),
             &self.attn_shape(p.max_len),
         )?;
-        let dq = self.unpad(&dqp, rows * nh)?;
-        let dk = self.unpad(&dkp, rows * nkv)?;
-        let dv = self.unpad(&dvp, rows * nkv)?;
+        drop(dq_acc);
+        let dq = self.unpad_owned(dqp, rows * nh)?;
+        let dk = self.unpad_owned(dkp, rows * nkv)?;
+        let dv = self.unpad_owned(dvp, rows * nkv)?;
         let dq = self.rope(&dq, &p.pos, rows, nh, true)?;
         let dk = self.rope(&dk, &p.pos, rows, nkv, true)?;
         let (dq, dk) = match (&lw.qk_norm, &s.qk_pre) {
@@ -440,7 +466,7 @@ impl<T: Act> CudaModel<T> {
         };
         let (h1, _) = self.rmsnorm(&view(&s.x_in, 0, nh_)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, nh_)?;
-        let mut dh1 = zeros::<T>(dev, nh_)?;
+        let mut dh1 = scratch::<T>(dev, nh_)?;
         for (dy, n, lin, t, acc) in [
             (&dq, rows * nh * hd, &lw.q, Target::Q, false),
             (&dk, rows * nkv * hd, &lw.k, Target::K, true),

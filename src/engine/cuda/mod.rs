@@ -27,6 +27,13 @@
 //!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence) and
 //!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`).
 //!
+//! Execution model: one stream per device, so cudarc's cross-stream event tracking is off and
+//! ordering is the stream's. Per-op intermediates come from the device's buffer pool
+//! (`workspace.rs`: exact-size reuse, no memset unless a kernel accumulates), the default memory
+//! pool keeps freed memory, and a training step (`forward_backward`) or optimizer step
+//! (`CudaAdapter::optim_step`) enqueues all its work and synchronises once, at its final
+//! download.
+//!
 //! Library versions: cudarc is built with the `cuda-13000` bindings because, with dynamic
 //! loading, the pinned major decides which sonames are searched: 13 searches `libnvrtc.so`,
 //! `.so.13`, `.so.12`, `.so.11`, ... (likewise cuBLAS), so both CUDA 13 hosts and the CUDA 12
@@ -46,6 +53,7 @@ mod nvrtc;
 mod runtime;
 mod synth;
 mod train;
+mod workspace;
 
 pub use adapter::CudaAdapter;
 pub use decode::CudaKvCache;
@@ -58,7 +66,7 @@ pub use nvrtc::{
 };
 pub use runtime::{CudaLogits, CudaRuntime};
 pub use synth::{bench_shape, spec_config};
-pub use train::{forward_backward, forward_only};
+pub use train::{forward_backward, forward_only, loss_term_reference};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;

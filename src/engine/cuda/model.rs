@@ -13,6 +13,7 @@ use half::bf16;
 
 use super::adapter::{CudaAdapter, GpuPair};
 use super::launch::{self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraLayout};
+use super::workspace::Buf;
 use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
 use crate::engine::lora::Target;
@@ -59,7 +60,31 @@ impl Act for bf16 {
 
 pub(crate) type R<T> = Result<T, CudaError>;
 
-/// A zeroed device buffer of `n` elements.
+/// A workspace buffer of `n` elements with unspecified contents, for outputs that are
+/// overwritten completely (see `workspace.rs`).
+pub(crate) fn scratch<T: DeviceRepr + Send + 'static>(dev: &CudaDevice, n: usize) -> R<Buf<T>> {
+    dev.ws().take(n)
+}
+
+/// A zeroed workspace buffer of `n` elements, for outputs that are accumulated into.
+pub(crate) fn scratch_zeroed<T: DeviceRepr + ValidAsZeroBits + Send + 'static>(
+    dev: &CudaDevice,
+    n: usize,
+) -> R<Buf<T>> {
+    dev.ws().take_zeroed(n)
+}
+
+/// Host -> workspace buffer copy (small per-call inputs: ids, positions, targets).
+pub(crate) fn upload_ws<T: DeviceRepr + Send + 'static>(dev: &CudaDevice, v: &[T]) -> R<Buf<T>> {
+    let mut b = scratch::<T>(dev, v.len())?;
+    let mut bv = view_mut(&mut b, 0, v.len())?;
+    dev.stream()
+        .memcpy_htod(v, &mut bv)
+        .map_err(CudaError::driver(format!("uploading {} values", v.len())))?;
+    Ok(b)
+}
+
+/// A zeroed device buffer of `n` elements that lives outside the workspace (caches, adapters).
 pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     n: usize,
@@ -254,12 +279,13 @@ impl<T: Act> CudaModel<T> {
 
     /// `x` [rows, heads * head_dim] -> [rows, heads * hdp] (zero-padded), or a copy-free
     /// pass-through when no padding is needed (`None`).
-    pub(crate) fn pad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<Option<CudaSlice<T>>> {
+    pub(crate) fn pad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<Option<Buf<T>>> {
         let hd = self.cfg.head_dim;
         if self.hdp == hd {
             return Ok(None);
         }
-        let mut out = zeros::<T>(&self.dev, rows_heads * self.hdp)?;
+        // copy_cols writes every column (the padding as zeros)
+        let mut out = scratch::<T>(&self.dev, rows_heads * self.hdp)?;
         k::copy_cols_fwd(
             &self.dev,
             &mut out.as_view_mut(),
@@ -270,28 +296,27 @@ impl<T: Act> CudaModel<T> {
         Ok(Some(out))
     }
 
-    /// Inverse of [`Self::pad`]: [rows * heads, hdp] -> [rows * heads, head_dim].
-    pub(crate) fn unpad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<CudaSlice<T>> {
+    /// Inverse of [`Self::pad`]: [rows * heads, hdp] -> [rows * heads, head_dim], or `None`
+    /// when no padding is needed (the padded buffer already is the unpadded tensor: no copy).
+    pub(crate) fn unpad(&self, x: &CudaSlice<T>, rows_heads: usize) -> R<Option<Buf<T>>> {
         let hd = self.cfg.head_dim;
-        let mut out = zeros::<T>(&self.dev, rows_heads * hd)?;
         if self.hdp == hd {
-            self.dev
-                .stream()
-                .memcpy_dtod(
-                    &view(x, 0, rows_heads * hd)?,
-                    &mut view_mut(&mut out, 0, rows_heads * hd)?,
-                )
-                .map_err(CudaError::driver("copying attention output"))?;
-        } else {
-            k::copy_cols_fwd(
-                &self.dev,
-                &mut out.as_view_mut(),
-                hd,
-                &view(x, 0, rows_heads * self.hdp)?,
-                self.hdp,
-            )?;
+            return Ok(None);
         }
-        Ok(out)
+        let mut out = scratch::<T>(&self.dev, rows_heads * hd)?;
+        k::copy_cols_fwd(
+            &self.dev,
+            &mut out.as_view_mut(),
+            hd,
+            &view(x, 0, rows_heads * self.hdp)?,
+            self.hdp,
+        )?;
+        Ok(Some(out))
+    }
+
+    /// [`Self::unpad`] that moves `x` through unchanged when no padding is needed.
+    pub(crate) fn unpad_owned(&self, x: Buf<T>, rows_heads: usize) -> R<Buf<T>> {
+        Ok(self.unpad(&x, rows_heads)?.unwrap_or(x))
     }
 
     /// y = x W^T (+ bias) (+ s (x A^T) B^T); returns y and the LoRA intermediate h = x A^T.
@@ -302,10 +327,11 @@ impl<T: Act> CudaModel<T> {
         lin: &DLinear<T>,
         lora: Option<&GpuPair>,
         scale: f32,
-    ) -> R<(CudaSlice<T>, Option<CudaSlice<f32>>)> {
+    ) -> R<(Buf<T>, Option<Buf<f32>>)> {
         let dev = &*self.dev;
         k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
-        let mut y = zeros::<T>(dev, rows * lin.out)?;
+        // the GEMM (beta = 0) writes all of y; the bias and LoRA then add to it
+        let mut y = scratch::<T>(dev, rows * lin.out)?;
         let mut yv = view_mut(&mut y, 0, rows * lin.out)?;
         k::matmul::<T, T>(
             dev,
@@ -322,7 +348,7 @@ impl<T: Act> CudaModel<T> {
         }
         let h = match lora {
             Some(p) => {
-                let mut h = zeros::<f32>(dev, rows * p.rank)?;
+                let mut h = scratch::<f32>(dev, rows * p.rank)?;
                 let mut hv = view_mut(&mut h, 0, rows * p.rank)?;
                 k::lora_shrink_fwd(dev, &mut hv, x, &p.a.as_view(), LoraLayout::Rows, p.rank, 1.0)?;
                 k::lora_expand_fwd(
@@ -347,7 +373,7 @@ impl<T: Act> CudaModel<T> {
         &self,
         dy: &CudaView<'_, T>,
         x: &CudaView<'_, T>,
-        h: Option<&CudaSlice<f32>>,
+        h: Option<&Buf<f32>>,
         rows: usize,
         lin: &DLinear<T>,
         lora: Option<&mut GpuPair>,
@@ -370,7 +396,7 @@ impl<T: Act> CudaModel<T> {
         if let (Some(p), Some(h)) = (lora, h) {
             let r = p.rank;
             let GpuPair { a, b, ga, gb, .. } = p;
-            let mut dh = zeros::<f32>(dev, rows * r)?;
+            let mut dh = scratch::<f32>(dev, rows * r)?;
             let mut dhv = view_mut(&mut dh, 0, rows * r)?;
             k::lora_shrink_fwd(dev, &mut dhv, dy, &b.as_view(), LoraLayout::Cols, r, scale)?;
             k::lora_expand_fwd(dev, dx, &dhv.as_view(), &a.as_view(), LoraLayout::Rows, r, 1.0)?;
@@ -397,15 +423,11 @@ impl<T: Act> CudaModel<T> {
     }
 
     /// RMSNorm of `x` [n, d] with weight `w` [d]: (out, rstd).
-    pub(crate) fn rmsnorm(
-        &self,
-        x: &CudaView<'_, T>,
-        w: &CudaSlice<T>,
-    ) -> R<(CudaSlice<T>, CudaSlice<f32>)> {
+    pub(crate) fn rmsnorm(&self, x: &CudaView<'_, T>, w: &CudaSlice<T>) -> R<(Buf<T>, Buf<f32>)> {
         let d = w.len();
         let n = x.len() / d.max(1);
-        let mut out = zeros::<T>(&self.dev, x.len())?;
-        let mut rstd = zeros::<f32>(&self.dev, n)?;
+        let mut out = scratch::<T>(&self.dev, x.len())?;
+        let mut rstd = scratch::<f32>(&self.dev, n)?;
         k::rmsnorm_fwd(
             &self.dev,
             &mut view_mut(&mut out, 0, x.len())?,
@@ -424,9 +446,9 @@ impl<T: Act> CudaModel<T> {
         x: &CudaView<'_, T>,
         w: &CudaSlice<T>,
         rstd: &CudaSlice<f32>,
-    ) -> R<CudaSlice<T>> {
+    ) -> R<Buf<T>> {
         let n = x.len() / w.len().max(1);
-        let mut dx = zeros::<T>(&self.dev, x.len())?;
+        let mut dx = scratch::<T>(&self.dev, x.len())?;
         k::rmsnorm_bwd(
             &self.dev,
             &mut view_mut(&mut dx, 0, x.len())?,
@@ -446,10 +468,10 @@ impl<T: Act> CudaModel<T> {
         rows: usize,
         heads: usize,
         backward: bool,
-    ) -> R<CudaSlice<T>> {
+    ) -> R<Buf<T>> {
         let hd = self.cfg.head_dim;
         let n = rows * heads * hd;
-        let mut out = zeros::<T>(&self.dev, n)?;
+        let mut out = scratch::<T>(&self.dev, n)?;
         let (xv, pv) = (view(x, 0, n)?, view(pos, 0, rows)?);
         let mut ov = view_mut(&mut out, 0, n)?;
         let (c, s) = (self.cos.as_view(), self.sin.as_view());

@@ -3,16 +3,22 @@
 //! logits are produced [rows, chunk] at a time in f32, merged by an online log-sum-exp, and
 //! recomputed in the backward, so [tokens x vocab] never exists.
 //!
-//! The per-token loss terms are computed on the host from the downloaded target logprobs with
-//! the CPU's own `LossFn::term` (a few floats per token), so every loss variant means the same
-//! on both backends.
+//! The per-token loss terms and their gradient coefficients are computed on the device by
+//! `loss_term_fwd` (kernels/loss.cu), which implements `LossFn::term` expression for expression
+//! in f64, so every loss variant means the same on both backends; [`loss_term_reference`]
+//! exposes the CPU definition it is tested against. The step enqueues forward, head, loss
+//! terms, head backward and stack backward back to back and synchronises once, when it
+//! downloads the logprobs and loss terms at the end.
 
 use cudarc::driver::CudaSlice;
 
 use super::adapter::{CudaAdapter, GpuPair};
 use super::launch::{self as k, BLayout, LoraLayout};
 use super::layer::{KvMode, Pack};
-use super::model::{Act, CudaModel, R, download, upload, view, view_mut, zeros};
+use super::model::{
+    Act, CudaModel, R, download, scratch, scratch_zeroed, upload_ws, view, view_mut,
+};
+use super::workspace::Buf;
 use crate::engine::batch::{FwdBwdOutput, pack, validate};
 use crate::engine::loss::{Datum, DatumOutput, LossFn};
 
@@ -21,11 +27,23 @@ const VOCAB_CHUNK: usize = 8192;
 /// Rows per head block (bounds the f32 chunk buffer to ROW_BLOCK x VOCAB_CHUNK).
 const ROW_BLOCK: usize = 4096;
 
-/// Targets of a batch as a dense [rows, kmax] matrix, -1 where a datum has fewer than kmax.
+/// Targets of a batch as a dense [rows, kmax] matrix, -1 where a datum has fewer than kmax,
+/// with the loss inputs the CPU engine would use (weight 1, sampler logprob and advantage 0
+/// where a datum has none).
 struct Targets {
     kmax: usize,
-    dev: CudaSlice<i32>,
-    host: Vec<i32>,
+    dev: Buf<i32>,
+    /// [rows, kmax]
+    weights: Buf<f32>,
+    /// [rows]
+    slp: Buf<f32>,
+    adv: Buf<f32>,
+}
+
+/// `LossFn::term` (the engine's CPU definition of one target's loss term and its derivative),
+/// for checking the device kernel `loss_term_fwd` against it.
+pub fn loss_term_reference(loss: &LossFn, lp: f64, w: f64, slp: f64, adv: f64) -> (f64, f64) {
+    loss.term(lp, w, slp, adv)
 }
 
 impl<T: Act> CudaModel<T> {
@@ -38,22 +56,24 @@ impl<T: Act> CudaModel<T> {
         kmax: usize,
         lora: Option<&GpuPair>,
         scale: f32,
-    ) -> R<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> R<(Buf<f32>, Buf<f32>)> {
         let dev = &*self.dev;
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let w = self.head_w();
-        let mut lse = zeros::<f32>(dev, rows)?;
-        let mut lp = zeros::<f32>(dev, rows * kmax)?;
+        // lse / lp: written by xent_finish; buf: by each chunk's GEMM (beta = 0); m, s, tgt:
+        // initialised by the first chunk's xent_fwd
+        let mut lse = scratch::<f32>(dev, rows)?;
+        let mut lp = scratch::<f32>(dev, rows * kmax)?;
         let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
-        let mut buf = zeros::<f32>(dev, cap)?;
+        let mut buf = scratch::<f32>(dev, cap)?;
         for r0 in (0..rows).step_by(ROW_BLOCK) {
             let nr = ROW_BLOCK.min(rows - r0);
             let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
             let tb = view(tg, r0 * kmax, (r0 + nr) * kmax)?;
             let ha = self.head_shrink(&hb, nr, lora)?;
-            let mut m = zeros::<f32>(dev, nr)?;
-            let mut s = zeros::<f32>(dev, nr)?;
-            let mut tgt = zeros::<f32>(dev, nr * kmax)?;
+            let mut m = scratch::<f32>(dev, nr)?;
+            let mut s = scratch::<f32>(dev, nr)?;
+            let mut tgt = scratch::<f32>(dev, nr * kmax)?;
             for v0 in (0..v).step_by(VOCAB_CHUNK) {
                 let vc = VOCAB_CHUNK.min(v - v0);
                 let mut lv = view_mut(&mut buf, 0, nr * vc)?;
@@ -90,9 +110,9 @@ impl<T: Act> CudaModel<T> {
         hb: &cudarc::driver::CudaView<'_, T>,
         nr: usize,
         lora: Option<&GpuPair>,
-    ) -> R<Option<CudaSlice<f32>>> {
+    ) -> R<Option<Buf<f32>>> {
         let Some(p) = lora else { return Ok(None) };
-        let mut ha = zeros::<f32>(&self.dev, nr * p.rank)?;
+        let mut ha = scratch::<f32>(&self.dev, nr * p.rank)?;
         k::lora_shrink_fwd(
             &self.dev,
             &mut view_mut(&mut ha, 0, nr * p.rank)?,
@@ -115,7 +135,7 @@ impl<T: Act> CudaModel<T> {
         v0: usize,
         vc: usize,
         w: &CudaSlice<T>,
-        lora: Option<(&GpuPair, &CudaSlice<f32>)>,
+        lora: Option<(&GpuPair, &Buf<f32>)>,
         scale: f32,
     ) -> R<()> {
         let dev = &*self.dev;
@@ -150,14 +170,15 @@ impl<T: Act> CudaModel<T> {
         lse: &CudaSlice<f32>,
         mut lora: Option<&mut GpuPair>,
         scale: f32,
-    ) -> R<CudaSlice<T>> {
+    ) -> R<Buf<T>> {
         let dev = &*self.dev;
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let w = self.head_w();
-        let mut dh = zeros::<T>(dev, rows * hid)?;
+        // dh: each row block is written by its first chunk's GEMM (beta = 0), then accumulated
+        let mut dh = scratch::<T>(dev, rows * hid)?;
         let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
-        let mut buf = zeros::<f32>(dev, cap)?;
-        let mut dl = zeros::<T>(dev, cap)?;
+        let mut buf = scratch::<f32>(dev, cap)?;
+        let mut dl = scratch::<T>(dev, cap)?;
         for r0 in (0..rows).step_by(ROW_BLOCK) {
             let nr = ROW_BLOCK.min(rows - r0);
             let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
@@ -166,8 +187,9 @@ impl<T: Act> CudaModel<T> {
             let lb = view(lse, r0, r0 + nr)?;
             let ha = self.head_shrink(&hb, nr, lora.as_deref())?;
             let rank = lora.as_ref().map(|p| p.rank).unwrap_or(0);
-            let mut dha = zeros::<f32>(dev, nr * rank.max(1))?;
-            let mut tmp = zeros::<f32>(dev, nr * rank.max(1))?;
+            // dha sums the chunks' contributions (acc_fwd): the one buffer here that needs zeros
+            let mut dha = scratch_zeroed::<f32>(dev, nr * rank.max(1))?;
+            let mut tmp = scratch::<f32>(dev, nr * rank.max(1))?;
             for v0 in (0..v).step_by(VOCAB_CHUNK) {
                 let vc = VOCAB_CHUNK.min(v - v0);
                 let mut lv = view_mut(&mut buf, 0, nr * vc)?;
@@ -250,16 +272,37 @@ impl<T: Act> CudaModel<T> {
 
     fn targets(&self, data: &[Datum]) -> R<Targets> {
         let kmax = data.iter().map(|d| d.inputs.k.max(1)).max().unwrap_or(1);
-        let mut host = Vec::new();
+        let rows: usize = data.iter().map(|d| d.input_tokens.len()).sum();
+        let mut tg = Vec::with_capacity(rows * kmax);
+        let mut weights = Vec::with_capacity(rows * kmax);
+        let (mut slp, mut adv) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for d in data {
             let kd = d.inputs.k.max(1);
+            let per_row = |v: &Option<Vec<f32>>, p: usize| v.as_ref().map(|v| v[p]).unwrap_or(0.0);
             for p in 0..d.input_tokens.len() {
                 for j in 0..kmax {
-                    host.push(if j < kd { d.inputs.target_tokens[p * kd + j] as i32 } else { -1 });
+                    let i = p * kd + j;
+                    let (t, w) = if j < kd {
+                        let w = d.inputs.weights.as_ref().map(|w| w[i]).unwrap_or(1.0);
+                        (d.inputs.target_tokens[i] as i32, w)
+                    } else {
+                        (-1, 0.0)
+                    };
+                    tg.push(t);
+                    weights.push(w);
                 }
+                slp.push(per_row(&d.inputs.logprobs, p));
+                adv.push(per_row(&d.inputs.advantages, p));
             }
         }
-        Ok(Targets { kmax, dev: upload(&self.dev, &host)?, host })
+        let dev = &*self.dev;
+        Ok(Targets {
+            kmax,
+            dev: upload_ws(dev, &tg)?,
+            weights: upload_ws(dev, &weights)?,
+            slp: upload_ws(dev, &slp)?,
+            adv: upload_ws(dev, &adv)?,
+        })
     }
 }
 
@@ -273,11 +316,13 @@ pub fn forward_backward<T: Act>(
     loss: &LossFn,
     forward_only: bool,
 ) -> R<FwdBwdOutput> {
-    match adapter {
-        Some(a) if !forward_only => run(model, None, Some(a), data, loss),
-        Some(a) => run(model, Some(&*a), None, data, loss),
-        None => run(model, None, None, data, loss),
-    }
+    let out = match adapter {
+        Some(a) if !forward_only => fwd_bwd(model, None, Some(a), data, loss),
+        Some(a) => fwd_bwd(model, Some(&*a), None, data, loss),
+        None => fwd_bwd(model, None, None, data, loss),
+    };
+    model.dev.ws().end_pass();
+    out
 }
 
 /// Forward only (logprobs and losses, no gradients) with a shared adapter borrow.
@@ -287,12 +332,14 @@ pub fn forward_only<T: Act>(
     data: &[Datum],
     loss: &LossFn,
 ) -> R<FwdBwdOutput> {
-    run(model, adapter, None, data, loss)
+    let out = fwd_bwd(model, adapter, None, data, loss);
+    model.dev.ws().end_pass();
+    out
 }
 
 /// `read`: an adapter used without gradients; `train`: one that receives them (at most one of
 /// the two is given).
-fn run<T: Act>(
+fn fwd_bwd<T: Act>(
     model: &CudaModel<T>,
     read: Option<&CudaAdapter>,
     train: Option<&mut CudaAdapter>,
@@ -300,47 +347,34 @@ fn run<T: Act>(
     loss: &LossFn,
 ) -> R<FwdBwdOutput> {
     validate(model.config(), data, loss)?;
+    let dev = &*model.dev;
     let (tokens, seqs, positions) = pack(data);
     let rows = tokens.len();
     let p = Pack::new(model, &tokens, &seqs, &positions)?;
+    let tg = model.targets(data)?;
+    let kmax = tg.kmax;
+    let nk = rows * kmax;
     let backward = train.is_some();
     let adapter: Option<&CudaAdapter> = read.or(train.as_deref());
     let st = model.stack_fwd(&p, adapter, &mut KvMode::Train, backward)?;
-    let tg = model.targets(data)?;
     let scale = adapter.map(|a| a.scaling).unwrap_or(0.0);
     let head_lora = adapter.and_then(|a| a.lm_head.as_ref());
-    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, tg.kmax, head_lora, scale)?;
-    let lp = download(&model.dev, &view(&lp_dev, 0, rows * tg.kmax)?)?;
-
-    let kmax = tg.kmax;
-    let mut per_datum = Vec::with_capacity(data.len());
-    let mut coef = vec![0.0f32; rows * kmax];
-    let mut loss_sum = 0.0f64;
-    for (d, &(start, n)) in data.iter().zip(&seqs) {
-        let kd = d.inputs.k.max(1);
-        let mut lps = Vec::with_capacity(n * kd);
-        let mut elem = vec![0.0f32; n];
-        for pos in 0..n {
-            let r = start + pos;
-            for j in 0..kd {
-                let lpv = lp[r * kmax + j] as f64;
-                let w = d.inputs.weights.as_ref().map(|w| w[pos * kd + j] as f64).unwrap_or(1.0);
-                let slp = d.inputs.logprobs.as_ref().map(|v| v[pos] as f64).unwrap_or(0.0);
-                let adv = d.inputs.advantages.as_ref().map(|v| v[pos] as f64).unwrap_or(0.0);
-                let (l, g) = loss.term(lpv, w, slp, adv);
-                elem[pos] += l as f32;
-                loss_sum += l;
-                // the kernels take -dLoss/dlogprob
-                coef[r * kmax + j] = -(g as f32);
-                lps.push(lpv as f32);
-            }
-        }
-        per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
-    }
-    debug_assert_eq!(tg.host.len(), coef.len());
-
+    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, kmax, head_lora, scale)?;
+    // loss terms (then logprobs) in f64, and the head backward's coefficients, on the device
+    let mut terms = scratch::<f64>(dev, 2 * nk)?;
+    let mut coef = scratch::<f32>(dev, nk)?;
+    k::loss_term_fwd(
+        dev,
+        &mut view_mut(&mut terms, 0, 2 * nk)?,
+        &mut view_mut(&mut coef, 0, nk)?,
+        &view(&lp_dev, 0, nk)?,
+        &view(&tg.dev, 0, nk)?,
+        &view(&tg.weights, 0, nk)?,
+        &view(&tg.slp, 0, rows)?,
+        &view(&tg.adv, 0, rows)?,
+        loss,
+    )?;
     if let Some(ad) = train {
-        let coef = upload(&model.dev, &coef)?;
         let dh = model.head_bwd(
             &st.h_final,
             rows,
@@ -353,6 +387,26 @@ fn run<T: Act>(
         )?;
         model.stack_bwd(&st, &dh, &p, ad)?;
     }
-    model.dev.synchronize()?;
+    // the step's one synchronisation: a pageable download waits for all the work queued above
+    let host = download(dev, &view(&terms, 0, 2 * nk)?)?;
+    let (term, lp) = host.split_at(nk);
+
+    let mut per_datum = Vec::with_capacity(data.len());
+    let mut loss_sum = 0.0f64;
+    for (d, &(start, n)) in data.iter().zip(&seqs) {
+        let kd = d.inputs.k.max(1);
+        let mut lps = Vec::with_capacity(n * kd);
+        let mut elem = vec![0.0f32; n];
+        for (pos, e) in elem.iter_mut().enumerate() {
+            let r = start + pos;
+            for j in 0..kd {
+                let l = term[r * kmax + j];
+                *e += l as f32;
+                loss_sum += l;
+                lps.push(lp[r * kmax + j] as f32);
+            }
+        }
+        per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
+    }
     Ok(FwdBwdOutput { per_datum, loss_sum })
 }

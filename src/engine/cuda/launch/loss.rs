@@ -5,6 +5,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelA
 
 use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
+use crate::engine::loss::LossFn;
 
 const XENT_THREADS: u32 = 256;
 const ARGMAX_THREADS: u32 = 1024;
@@ -286,6 +287,61 @@ pub fn loss_fwd(
     Ok(())
 }
 
+/// Per-target terms of `loss` on the device, exactly `LossFn::term` in f64: `out` [2, N*K]
+/// receives the loss terms then the logprobs (widened), `coef` [N, K] = -dLoss/dlogprob as f32
+/// (what [`xent_bwd`] takes); all 0 where `targets` < 0. `weights` [N, K] (cross-entropy
+/// weights), `sampler_logprob` and `advantages` [N] (zeros where a loss does not read them).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_term_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, f64>,
+    coef: &mut CudaViewMut<'_, f32>,
+    logprob: &CudaView<'_, f32>,
+    targets: &CudaView<'_, i32>,
+    weights: &CudaView<'_, f32>,
+    sampler_logprob: &CudaView<'_, f32>,
+    advantages: &CudaView<'_, f32>,
+    loss: &LossFn,
+) -> Result<(), CudaError> {
+    let kn = "loss_term_fwd_f32";
+    let n = sampler_logprob.len();
+    let nk = logprob.len();
+    if n == 0 || nk % n != 0 || nk < n {
+        return Err(shape_err(kn, format!("logprob of {nk} elements is not [{n}, K >= 1]")));
+    }
+    need_len(kn, "advantages", advantages.len(), n)?;
+    for (name, len) in
+        [("coef", coef.len()), ("targets", targets.len()), ("weights", weights.len())]
+    {
+        need_len(kn, name, len, nk)?;
+    }
+    need_len(kn, "out", out.len(), 2 * nk)?;
+    let (kti, nki) = (int(kn, "K", nk / n)?, int(kn, "N * K", nk)?);
+    int(kn, "2 * N * K", 2 * nk)?;
+    // an exhaustive match: a new LossFn variant must get a kernel branch
+    let (variant, a, b): (i32, f64, f64) = match *loss {
+        LossFn::CrossEntropy => (0, 0.0, 0.0),
+        LossFn::ImportanceSampling => (1, 0.0, 0.0),
+        LossFn::Ppo { clip_low, clip_high } => (2, clip_low, clip_high),
+        LossFn::Cispo { clip_low, clip_high } => (3, clip_low, clip_high),
+        LossFn::Dro { beta } => (4, beta, 0.0),
+    };
+    let f = dev.function("loss.cu", kn)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_dim(kn, "blocks", nk.div_ceil(256), i32::MAX as u32)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(coef).arg(logprob).arg(targets).arg(weights).arg(sampler_logprob);
+    l.arg(advantages).arg(&kti).arg(&nki).arg(&variant).arg(&a).arg(&b);
+    // SAFETY: out holds 2 N K doubles, coef/logprob/targets/weights N K, sampler_logprob and
+    // advantages N (checked); signature (double*, float*, const float*, const int*, const
+    // float*, const float*, const float*, int, int, int, double, double); one thread per target.
+    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
 /// One AdamW step's hyper-parameters (Tinker AdamParams plus the step and the clip factor).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamStep {
@@ -319,18 +375,10 @@ pub fn adamw_fwd(
     need_len(kn, "g", g.len(), n)?;
     need_len(kn, "m", m.len(), n)?;
     need_len(kn, "v", v.len(), n)?;
-    if h.step == 0 {
-        return Err(shape_err(kn, "step must be >= 1 (bias correction divides by 1 - beta^step)"));
-    }
+    let (bc1, bc2) = bias_corrections(kn, h)?;
     if n == 0 {
         return Ok(());
     }
-    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step.min(i32::MAX as u32) as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step.min(i32::MAX as u32) as i32);
-    if bc1 <= 0.0 || bc2 <= 0.0 {
-        return Err(shape_err(kn, format!("beta1 {} / beta2 {} must be < 1", h.beta1, h.beta2)));
-    }
-    let (bc1, bc2) = (bc1 as f32, bc2 as f32);
     let nl = long(kn, "n", n)?;
     let f = dev.function("adamw.cu", kn)?;
     let mut l = dev.stream().launch_builder(&f);
@@ -346,6 +394,96 @@ pub fn adamw_fwd(
     // SAFETY: p, g, m, v each hold n floats (checked).
     unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
     Ok(())
+}
+
+/// Grid of the multi-tensor optimizer kernels: x splits the longest tensor, y = tensor.
+fn multi_cfg(kn: &'static str, count: usize, max_len: usize) -> Result<LaunchConfig, CudaError> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            max_len.div_ceil(256).clamp(1, 512) as u32,
+            grid_dim(kn, "tensors", count, 65535)?,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// acc[0] += sum of g^2 over every tensor of a table `ptrs` [count, 4] = (p, g, m, v)
+/// addresses, `lens` [count] (see adamw.cu); `max_len` = the largest of `lens`.
+///
+/// # Safety
+/// Every row of `ptrs` must address live f32 buffers of the row's length on this device,
+/// not written by anything else while the stream runs the kernel.
+pub(crate) unsafe fn sumsq_multi_fwd(
+    dev: &CudaDevice,
+    acc: &mut CudaViewMut<'_, f32>,
+    ptrs: &CudaView<'_, u64>,
+    lens: &CudaView<'_, i64>,
+    max_len: usize,
+) -> Result<(), CudaError> {
+    let kn = "sumsq_multi_fwd_f32";
+    let count = lens.len();
+    need_len(kn, "acc", acc.len(), 1)?;
+    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
+    if count == 0 {
+        return Ok(());
+    }
+    let nt = int(kn, "tensors", count)?;
+    let f = dev.function("adamw.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(acc).arg(ptrs).arg(lens).arg(&nt);
+    // SAFETY: acc holds 1 float, ptrs 4 addresses per tensor and lens one length (checked); the
+    // addressed buffers are live and sized as lens says (this function's contract).
+    unsafe { l.launch(multi_cfg(kn, count, max_len)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// AdamW over every tensor of the table (as [`sumsq_multi_fwd`]), with the global-norm clip
+/// factor computed on the device from `sumsq` [1] and `clip_norm` (0 = off; the CPU's rule),
+/// and the gradients zeroed afterwards. `h.grad_scale` is ignored.
+///
+/// # Safety
+/// As [`sumsq_multi_fwd`]; additionally p, m, v and g of each row are written.
+pub(crate) unsafe fn adamw_multi_fwd(
+    dev: &CudaDevice,
+    ptrs: &CudaView<'_, u64>,
+    lens: &CudaView<'_, i64>,
+    max_len: usize,
+    sumsq: &CudaView<'_, f32>,
+    clip_norm: f64,
+    h: &AdamStep,
+) -> Result<(), CudaError> {
+    let kn = "adamw_multi_fwd_f32";
+    let count = lens.len();
+    need_len(kn, "sumsq", sumsq.len(), 1)?;
+    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
+    let (bc1, bc2) = bias_corrections(kn, h)?;
+    if count == 0 {
+        return Ok(());
+    }
+    let nt = int(kn, "tensors", count)?;
+    let f = dev.function("adamw.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(ptrs).arg(lens).arg(&nt).arg(sumsq).arg(&clip_norm);
+    l.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps).arg(&h.weight_decay).arg(&bc1).arg(&bc2);
+    // SAFETY: table and sumsq sized as checked; the addressed buffers are live, sized as lens
+    // says and not aliased (this function's contract).
+    unsafe { l.launch(multi_cfg(kn, count, max_len)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// (1 - beta1^t, 1 - beta2^t) as f32, refusing step 0 and betas >= 1.
+fn bias_corrections(kn: &'static str, h: &AdamStep) -> Result<(f32, f32), CudaError> {
+    if h.step == 0 {
+        return Err(shape_err(kn, "step must be >= 1 (bias correction divides by 1 - beta^step)"));
+    }
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step.min(i32::MAX as u32) as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step.min(i32::MAX as u32) as i32);
+    if bc1 <= 0.0 || bc2 <= 0.0 {
+        return Err(shape_err(kn, format!("beta1 {} / beta2 {} must be < 1", h.beta1, h.beta2)));
+    }
+    Ok((bc1 as f32, bc2 as f32))
 }
 
 /// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax

@@ -24,9 +24,10 @@ pub use layers::{
 };
 pub use lora::{LoraLayout, lora_expand_fwd, lora_shrink_fwd, lora_wgrad_bwd};
 pub use loss::{
-    AdamStep, LossVariant, adamw_fwd, argmax_fwd, loss_fwd, xent_bwd, xent_bwd_inplace,
-    xent_finish_fwd, xent_fwd,
+    AdamStep, LossVariant, adamw_fwd, argmax_fwd, loss_fwd, loss_term_fwd, xent_bwd,
+    xent_bwd_inplace, xent_finish_fwd, xent_fwd,
 };
+pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
 
 use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
 use half::bf16;
