@@ -20,18 +20,21 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+    fn matmul_ld(&self, out: &mut [f32], ld_out: usize, a: &[f32], b: &[f32], mm: MatMul) {
         let _t = span(Kind::Matmul);
         let MatMul { m, k, n, trans_a, trans_b, accumulate } = mm;
-        // These bounds make the raw-pointer product below sound; the engine computes every
-        // shape itself, so a failure here is an engine bug, never user input.
-        assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shape");
         if m == 0 || n == 0 {
             return;
         }
+        // These bounds make the raw-pointer product below sound; the engine computes every
+        // shape itself, so a failure here is an engine bug, never user input.
+        assert!(
+            ld_out >= n && out.len() >= (m - 1) * ld_out + n && a.len() >= m * k && b.len() >= k * n,
+            "matmul shape"
+        );
         if k == 0 {
             if !accumulate {
-                out[..m * n].fill(0.0);
+                out.chunks_mut(ld_out).take(m).for_each(|r| r[..n].fill(0.0));
             }
             return;
         }
@@ -51,7 +54,7 @@ impl Backend for Cpu {
                 k,
                 out.as_mut_ptr(),
                 1,
-                n as isize,
+                ld_out as isize,
                 accumulate,
                 a.as_ptr(),
                 a_cs,

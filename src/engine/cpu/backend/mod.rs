@@ -78,8 +78,14 @@ pub struct AttnShape {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// `out (+)= op(a) · op(b)`.
-    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul);
+    /// `out (+)= op(a) · op(b)`, `out` contiguous `[m, n]`.
+    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+        self.matmul_ld(out, mm.n, a, b, mm)
+    }
+
+    /// `out (+)= op(a) · op(b)` where row `i` of `out` starts at `i·ld_out` (`ld_out ≥ n`): a
+    /// block of columns of a wider matrix, as the bf16 weight panels write.
+    fn matmul_ld(&self, out: &mut [f32], ld_out: usize, a: &[f32], b: &[f32], mm: MatMul);
 
     /// RMSNorm over rows of width `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` per row.
     fn rmsnorm_fwd(
