@@ -241,7 +241,9 @@ pub fn source(
     let bf16 = match dtype {
         "f32" => false,
         "bf16" => true,
-        other => return Err(BenchError::Option(format!("--dtype must be f32 or bf16, got {other:?}"))),
+        other => {
+            return Err(BenchError::Option(format!("--dtype must be f32 or bf16, got {other:?}")));
+        }
     };
     match (model, shape) {
         (Some(_), Some(_)) => Err(BenchError::Option("give --model or --shape, not both".into())),

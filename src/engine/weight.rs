@@ -106,8 +106,7 @@ impl Weight {
             Weight::F32(t) => Weight::F32(t),
             Weight::Bf16 { shape, .. } => {
                 let data = self.to_f32_cow().into_owned();
-                // The shape matches `data` by construction of `Bf16`.
-                Weight::F32(Tensor::new(shape.to_vec(), data).unwrap_or_else(|_| Tensor::zeros(vec![0, 0])))
+                Weight::F32(Tensor::from_parts(shape.to_vec(), data))
             }
         }
     }

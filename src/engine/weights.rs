@@ -32,7 +32,9 @@ impl Stored {
     fn into_f32(self) -> Result<Tensor> {
         match self {
             Stored::F32(t) => Ok(t),
-            Stored::Bf16 { shape, data } => Tensor::new(shape, data.iter().map(|b| b.to_f32()).collect()),
+            Stored::Bf16 { shape, data } => {
+                Tensor::new(shape, data.iter().map(|b| b.to_f32()).collect())
+            }
         }
     }
 }

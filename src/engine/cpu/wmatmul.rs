@@ -100,7 +100,8 @@ mod tests {
     use crate::engine::tensor::Tensor;
 
     fn pair(n: usize, k: usize, seed: u64) -> (Weight, Weight) {
-        let vals: Vec<bf16> = SynthRng(seed).vec(n * k, 1.0).into_iter().map(bf16::from_f32).collect();
+        let vals: Vec<bf16> =
+            SynthRng(seed).vec(n * k, 1.0).into_iter().map(bf16::from_f32).collect();
         let f = vals.iter().map(|v| v.to_f32()).collect();
         (Weight::bf16(n, k, vals).unwrap(), Weight::F32(Tensor::new(vec![n, k], f).unwrap()))
     }

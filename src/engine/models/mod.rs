@@ -332,8 +332,8 @@ impl Model {
             .map(|l| l.w.bytes())
             .chain([self.embed.bytes(), self.lm_head.as_ref().map_or(0, Weight::bytes)])
             .sum();
-        let small: usize = self.layers.iter().map(LayerWeights::small_f32).sum::<usize>()
-            + self.final_norm.len();
+        let small: usize =
+            self.layers.iter().map(LayerWeights::small_f32).sum::<usize>() + self.final_norm.len();
         mats + 4 * small
     }
 

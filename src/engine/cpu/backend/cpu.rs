@@ -29,7 +29,10 @@ impl Backend for Cpu {
         // These bounds make the raw-pointer product below sound; the engine computes every
         // shape itself, so a failure here is an engine bug, never user input.
         assert!(
-            ld_out >= n && out.len() >= (m - 1) * ld_out + n && a.len() >= m * k && b.len() >= k * n,
+            ld_out >= n
+                && out.len() >= (m - 1) * ld_out + n
+                && a.len() >= m * k
+                && b.len() >= k * n,
             "matmul shape"
         );
         if k == 0 {
