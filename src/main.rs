@@ -171,6 +171,9 @@ struct BenchModelArgs {
     /// Keep only this many layers of the shape (a 24-layer 0.5B model is ~2 GB in f32).
     #[arg(long)]
     layers: Option<usize>,
+    /// Storage dtype of the --shape checkpoint: `f32`, or `bf16` (held in bf16 on the CPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -217,7 +220,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train { m, .. } | BenchCommand::Sample { m, .. } => m,
     };
     let threads = bench::set_threads(m.threads)?;
-    let src = bench::source(m.model.as_deref(), m.shape.as_deref(), m.layers)?;
+    let src = bench::source(m.model.as_deref(), m.shape.as_deref(), m.layers, &m.dtype)?;
     if m.device == "cuda" {
         let (train, sample);
         let which = match &what {
@@ -247,7 +250,11 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
     }
     let model = bench::load(&src)?;
     if !m.json {
-        println!("model: {} | threads {threads}", bench::describe(model.config()));
+        println!(
+            "model: {} | weights {:.1} MB held | threads {threads}",
+            bench::describe(model.config()),
+            model.weight_bytes() as f64 / 1e6
+        );
     }
     let (text, mut json) = match &what {
         BenchCommand::Train { seq, batch, rank, steps, .. } => {
@@ -271,6 +278,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
     if m.json {
         json["threads"] = threads.into();
         json["layers"] = model.config().num_layers.into();
+        json["weight_bytes"] = model.weight_bytes().into();
         println!("{json}");
     } else {
         println!("{text}");

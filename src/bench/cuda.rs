@@ -72,7 +72,8 @@ pub fn load(src: &ModelSource) -> Result<(CudaModel<bf16>, GpuInfo), BenchError>
             let host: Arc<Model> = Model::load(d)?;
             CudaModel::new(dev, &host)?
         }
-        ModelSource::Shape { name, layers, seed } => {
+        // The GPU synthesises bf16 weights itself; the checkpoint dtype does not apply.
+        ModelSource::Shape { name, layers, seed, .. } => {
             let mut spec = bench_shape(name).ok_or_else(|| {
                 BenchError::Option(format!("unknown shape `{name}` (qwen2.5-0.5b, qwen2.5-7b)"))
             })?;

@@ -38,8 +38,9 @@ pub enum BenchError {
 pub enum ModelSource {
     /// An HF model directory.
     Dir(PathBuf),
-    /// A named shape with random weights, optionally with fewer layers.
-    Shape { name: String, layers: Option<usize>, seed: u64 },
+    /// A named shape with random weights, optionally with fewer layers; written as bf16 when
+    /// `bf16` (the CPU model then holds its matrices in bf16).
+    Shape { name: String, layers: Option<usize>, seed: u64, bf16: bool },
 }
 
 /// Options of `twinkle bench train`.
@@ -76,7 +77,7 @@ pub fn set_threads(n: usize) -> Result<usize, BenchError> {
 pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
     let model = match src {
         ModelSource::Dir(dir) => Model::load(dir)?,
-        ModelSource::Shape { name, layers, seed } => {
+        ModelSource::Shape { name, layers, seed, bf16 } => {
             let mut spec =
                 SynthSpec::named(name).ok_or_else(|| BenchError::UnknownShape(name.clone()))?;
             if let Some(l) = layers {
@@ -90,7 +91,7 @@ pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
                 std::process::id(),
                 spec.layers
             ));
-            let written = spec.write(&dir, *seed);
+            let written = spec.write_as(&dir, *seed, *bf16);
             let model = written.and_then(|()| Model::load(&dir));
             let _ = std::fs::remove_dir_all(&dir);
             model?
@@ -229,22 +230,32 @@ pub fn describe(c: &ModelConfig) -> String {
     )
 }
 
-/// Resolves `--model` / `--shape` into a source (exactly one of them, `--layers` only with a shape).
+/// Resolves `--model` / `--shape` into a source (exactly one of them, `--layers` and a `--dtype`
+/// other than f32 only with a shape).
 pub fn source(
     model: Option<&Path>,
     shape: Option<&str>,
     layers: Option<usize>,
+    dtype: &str,
 ) -> Result<ModelSource, BenchError> {
+    let bf16 = match dtype {
+        "f32" => false,
+        "bf16" => true,
+        other => {
+            return Err(BenchError::Option(format!("--dtype must be f32 or bf16, got {other:?}")));
+        }
+    };
     match (model, shape) {
         (Some(_), Some(_)) => Err(BenchError::Option("give --model or --shape, not both".into())),
-        (Some(_), None) if layers.is_some() => {
-            Err(BenchError::Option("--layers only applies to --shape".into()))
+        (Some(_), None) if layers.is_some() || bf16 => {
+            Err(BenchError::Option("--layers and --dtype only apply to --shape".into()))
         }
         (Some(d), None) => Ok(ModelSource::Dir(d.to_path_buf())),
         (None, s) => Ok(ModelSource::Shape {
             name: s.unwrap_or("qwen2.5-0.5b").to_string(),
             layers,
             seed: 1,
+            bf16,
         }),
     }
 }

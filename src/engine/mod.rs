@@ -32,6 +32,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod synth;
 pub mod tensor;
+pub mod weight;
 pub mod weights;
 
 pub use batch::FwdBwdOutput;

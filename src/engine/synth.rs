@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::error::{EngineError, Result};
 use super::tensor::Tensor;
-use super::weights::save_f32;
+use super::weights::{save_bf16, save_f32};
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG; quality is irrelevant for random weights).
 #[derive(Debug, Clone)]
@@ -80,8 +80,13 @@ impl SynthSpec {
         }
     }
 
-    /// The HF `config.json` for this shape.
+    /// The HF `config.json` for this shape (weights stored as f32).
     pub fn config_json(&self) -> serde_json::Value {
+        self.config_json_as("float32")
+    }
+
+    /// The HF `config.json` naming `torch_dtype`.
+    fn config_json_as(&self, torch_dtype: &str) -> serde_json::Value {
         json!({
             "architectures": [self.arch],
             "vocab_size": self.vocab,
@@ -95,7 +100,7 @@ impl SynthSpec {
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_positions,
             "tie_word_embeddings": self.tied,
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype,
             "eos_token_id": 2,
             "bos_token_id": 1,
         })
@@ -147,14 +152,23 @@ impl SynthSpec {
 
     /// Writes `config.json`, `generation_config.json` and `model.safetensors` into `dir`.
     pub fn write(&self, dir: &Path, seed: u64) -> Result<()> {
+        self.write_as(dir, seed, false)
+    }
+
+    /// Like [`SynthSpec::write`], with every tensor rounded to bf16 when `bf16` (a bf16
+    /// checkpoint, as most published models are).
+    pub fn write_as(&self, dir: &Path, seed: u64, bf16: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let write = |name: &str, text: String| {
             let p = dir.join(name);
             std::fs::write(&p, text).map_err(|e| EngineError::io(&p, e))
         };
-        write("config.json", self.config_json().to_string())?;
+        let dtype = if bf16 { "bfloat16" } else { "float32" };
+        write("config.json", self.config_json_as(dtype).to_string())?;
         write("generation_config.json", json!({"eos_token_id": [2]}).to_string())?;
-        save_f32(&dir.join("model.safetensors"), &self.random_weights(seed)?)
+        let weights = self.random_weights(seed)?;
+        let path = dir.join("model.safetensors");
+        if bf16 { save_bf16(&path, &weights) } else { save_f32(&path, &weights) }
     }
 }
 

@@ -1,19 +1,49 @@
-//! Safetensors I/O: memory-mapped loading (single file or sharded index) with bf16/f16 → f32
-//! conversion at load, and f32 saving.
+//! Safetensors I/O: memory-mapped loading (single file or sharded index), and f32 / bf16
+//! saving. bf16 tensors stay bf16 until claimed: [`WeightStore::take_weight`] keeps them so
+//! (the base model's matrices), [`WeightStore::take`] converts to f32 (norms, biases, adapters).
+//! f16 converts to f32 at load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
+use half::bf16;
 use safetensors::{Dtype, SafeTensors};
 
 use super::error::{EngineError, Result};
 use super::tensor::Tensor;
+use super::weight::Weight;
 
-/// Named f32 tensors read from safetensors files; `take` removes them as the model claims them.
+/// One stored tensor: f32, or bf16 as read from the file.
+#[derive(Debug)]
+enum Stored {
+    F32(Tensor),
+    Bf16 { shape: Vec<usize>, data: Vec<bf16> },
+}
+
+impl Stored {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::F32(t) => t.shape(),
+            Stored::Bf16 { shape, .. } => shape,
+        }
+    }
+
+    fn into_f32(self) -> Result<Tensor> {
+        match self {
+            Stored::F32(t) => Ok(t),
+            Stored::Bf16 { shape, data } => {
+                Tensor::new(shape, data.iter().map(|b| b.to_f32()).collect())
+            }
+        }
+    }
+}
+
+/// Named tensors read from safetensors files; `take` / `take_weight` remove them as the model
+/// claims them.
 #[derive(Debug, Default)]
 pub struct WeightStore {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Stored>,
 }
 
 impl WeightStore {
@@ -46,7 +76,7 @@ impl WeightStore {
         Ok(store)
     }
 
-    /// Reads every tensor of one file, converted to f32.
+    /// Reads every tensor of one file (bf16 kept as bf16, everything else converted to f32).
     pub fn load_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         // SAFETY: the file is only read; a concurrent truncation by another process is the one
@@ -57,8 +87,25 @@ impl WeightStore {
             message: e.to_string(),
         })?;
         for (name, view) in st.iter() {
-            let data = to_f32(name, view.dtype(), view.data())?;
-            self.tensors.insert(name.to_string(), Tensor::new(view.shape().to_vec(), data)?);
+            let shape = view.shape().to_vec();
+            let stored = if view.dtype() == Dtype::BF16 {
+                let data: Vec<bf16> = view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect();
+                if data.len() != shape.iter().product::<usize>() {
+                    return Err(EngineError::TensorShape {
+                        name: name.to_string(),
+                        got: vec![data.len()],
+                        expected: shape,
+                    });
+                }
+                Stored::Bf16 { shape, data }
+            } else {
+                Stored::F32(Tensor::new(shape, to_f32(name, view.dtype(), view.data())?)?)
+            };
+            self.tensors.insert(name.to_string(), stored);
         }
         Ok(())
     }
@@ -67,8 +114,8 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
-    /// Removes and returns `name`, checking its shape.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Removes `name`, checking its shape.
+    fn take_stored(&mut self, name: &str, shape: &[usize]) -> Result<Stored> {
         let t = self
             .tensors
             .remove(name)
@@ -81,6 +128,20 @@ impl WeightStore {
             });
         }
         Ok(t)
+    }
+
+    /// Removes and returns `name` as f32, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.take_stored(name, shape)?.into_f32()
+    }
+
+    /// Removes and returns the `[rows, cols]` matrix `name` in its stored dtype (bf16 stays
+    /// bf16), checking its shape.
+    pub fn take_weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        Ok(match self.take_stored(name, &[rows, cols])? {
+            Stored::F32(t) => Weight::F32(t),
+            Stored::Bf16 { data, .. } => Weight::Bf16 { shape: [rows, cols], data },
+        })
     }
 
     /// Like `take` but `None` when absent.
@@ -99,7 +160,7 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
         Dtype::F32 => {
             bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
         }
-        Dtype::BF16 => pairs().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+        Dtype::BF16 => pairs().map(|b| bf16::from_bits(b).to_f32()).collect(),
         Dtype::F16 => pairs().map(|b| half::f16::from_bits(b).to_f32()).collect(),
         other => {
             return Err(EngineError::TensorDtype {
@@ -112,15 +173,27 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 
 /// Writes f32 tensors to a safetensors file (names sorted, so the bytes are reproducible).
 pub fn save_f32(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let bytes: BTreeMap<&String, Vec<u8>> = tensors
-        .iter()
-        .map(|(k, t)| (k, t.data().iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
+    save_as(path, tensors, Dtype::F32)
+}
+
+/// Writes tensors rounded to bf16 (round to nearest even), like a bf16 HF checkpoint.
+pub fn save_bf16(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    save_as(path, tensors, Dtype::BF16)
+}
+
+fn save_as(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: Dtype) -> Result<()> {
+    let encode = |t: &Tensor| -> Vec<u8> {
+        match dtype {
+            Dtype::BF16 => t.data().iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            _ => t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    };
+    let bytes: BTreeMap<&String, Vec<u8>> = tensors.iter().map(|(k, t)| (k, encode(t))).collect();
     let views = tensors
         .iter()
         .map(|(k, t)| {
             let data = bytes.get(k).map(|b| b.as_slice()).unwrap_or(&[]);
-            safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), data)
+            safetensors::tensor::TensorView::new(dtype, t.shape().to_vec(), data)
                 .map(|v| (k.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
@@ -139,7 +212,7 @@ pub fn save_f32(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
 pub fn load_f32(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut store = WeightStore::default();
     store.load_file(path)?;
-    Ok(store.tensors.into_iter().collect())
+    store.tensors.into_iter().map(|(k, t)| Ok((k, t.into_f32()?))).collect()
 }
 
 #[cfg(test)]

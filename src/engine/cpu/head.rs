@@ -5,9 +5,10 @@
 use rayon::prelude::*;
 
 use super::backend::{MatMul, backend, exp_shift};
+use super::wmatmul::{xw, xwt};
 use crate::engine::lora::LoraPair;
 use crate::engine::loss::LossFn;
-use crate::engine::tensor::Tensor;
+use crate::engine::weight::Weight;
 
 /// Memory budget of one row block of head logits (the full `[tokens × vocab]` matrix is never
 /// held): 128 MB is ~220 rows of a 152k vocabulary, enough rows for an efficient product.
@@ -17,7 +18,7 @@ const HEAD_MAX_ROWS: usize = 2048;
 
 /// The vocabulary projection: `logits = h·Wᵀ + s·(h·Aᵀ)·Bᵀ`.
 pub(crate) struct Head<'a> {
-    pub w: &'a Tensor,
+    pub w: &'a Weight,
     pub lora: Option<&'a LoraPair>,
     pub scale: f32,
 }
@@ -41,29 +42,12 @@ impl Head<'_> {
         }
     }
 
-    /// Logits of columns `v0..v1` for a block of rows into `out` `[rows, v1−v0]`.
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &self,
-        h: &[f32],
-        xa: &[f32],
-        rows: usize,
-        hidden: usize,
-        v0: usize,
-        v1: usize,
-        out: &mut [f32],
-    ) {
-        let be = backend();
-        let c = v1 - v0;
-        be.matmul(
-            out,
-            h,
-            &self.w.data()[v0 * hidden..v1 * hidden],
-            MatMul::linear(rows, hidden, c),
-        );
+    /// Logits of a block of rows into `out` `[rows, vocab]`.
+    fn chunk(&self, h: &[f32], xa: &[f32], rows: usize, out: &mut [f32]) {
+        xwt(out, h, rows, self.w, false);
         if let Some(p) = self.lora {
-            let r = p.rank();
-            be.matmul(out, xa, &p.b.data()[v0 * r..v1 * r], MatMul::linear(rows, r, c).acc());
+            let mm = MatMul::linear(rows, p.rank(), self.vocab()).acc();
+            backend().matmul(out, xa, p.b.data(), mm);
         }
     }
 
@@ -72,7 +56,7 @@ impl Head<'_> {
         let v = self.vocab();
         let xa = self.xa(h, rows, hidden);
         let mut out = vec![0.0f32; rows * v];
-        self.chunk(h, &xa, rows, hidden, 0, v, &mut out);
+        self.chunk(h, &xa, rows, &mut out);
         out
     }
 
@@ -115,7 +99,7 @@ impl Head<'_> {
             let hb = &h[r0 * hidden..(r0 + nr) * hidden];
             let xa = self.xa(hb, nr, hidden);
             let logits = &mut buf[..nr * v];
-            self.chunk(hb, &xa, nr, hidden, 0, v, logits);
+            self.chunk(hb, &xa, nr, logits);
             let ptr = &tg.row_ptr[r0..=r0 + nr];
             // Target logits are read before the row is overwritten by its exponentials.
             let mut tlog = vec![0.0f32; ptr[nr] - ptr[0]];
@@ -164,7 +148,7 @@ impl Head<'_> {
             let dhb = &mut out.dh[r0 * hidden..(r0 + nr) * hidden];
             let plain =
                 |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
-            be.matmul(dhb, dl, self.w.data(), plain(nr, v, hidden));
+            xw(dhb, dl, nr, self.w, false);
             if let (Some(p), Some((ga, gb))) = (self.lora, lora_grad.as_mut()) {
                 be.matmul(
                     gb,

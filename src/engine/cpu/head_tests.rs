@@ -3,6 +3,7 @@
 //! targets with negative weights, and block sizes that split the rows unevenly.
 
 use super::*;
+use crate::engine::tensor::Tensor;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -106,7 +107,7 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
 fn check(c: &Case, loss: &LossFn, seed: u64) {
     let (n, hd, v, r) = (c.rows, c.hidden, c.vocab, c.rank);
     let h: Vec<f32> = rand_vec(n * hd, seed).iter().map(|x| 2.0 * x).collect();
-    let w = Tensor::from_parts(vec![v, hd], rand_vec(v * hd, seed + 1));
+    let w = Weight::F32(Tensor::from_parts(vec![v, hd], rand_vec(v * hd, seed + 1)));
     let pair = LoraPair {
         a: Tensor::from_parts(vec![r, hd], rand_vec(r * hd, seed + 2)),
         b: Tensor::from_parts(vec![v, r], rand_vec(v * r, seed + 3)),
@@ -134,7 +135,7 @@ fn check(c: &Case, loss: &LossFn, seed: u64) {
         slp: &slp,
         adv: &adv,
     };
-    let want = reference(c, &h, w.data(), pair.a.data(), pair.b.data(), &tg, loss);
+    let want = reference(c, &h, &w.to_f32_cow(), pair.a.data(), pair.b.data(), &tg, loss);
     let head = Head { w: &w, lora: Some(&pair), scale: c.scale };
     for block in [1, 3, n, n + 5] {
         let (mut ga, mut gb) = (vec![0.0f32; r * hd], vec![0.0f32; v * r]);
@@ -174,10 +175,10 @@ fn fused_head_matches_naive_for_every_loss() {
 
 #[test]
 fn block_rows_bounds_the_logits_buffer() {
-    let w = Tensor::from_parts(vec![151_936, 1], vec![0.0; 151_936]);
+    let w = Weight::F32(Tensor::from_parts(vec![151_936, 1], vec![0.0; 151_936]));
     let head = Head { w: &w, lora: None, scale: 0.0 };
     let rows = head.block_rows();
     assert!(rows * 151_936 * 4 <= HEAD_BLOCK_BYTES && rows >= 64, "{rows}");
-    let tiny = Tensor::from_parts(vec![10, 1], vec![0.0; 10]);
+    let tiny = Weight::F32(Tensor::from_parts(vec![10, 1], vec![0.0; 10]));
     assert_eq!(Head { w: &tiny, lora: None, scale: 0.0 }.block_rows(), HEAD_MAX_ROWS);
 }

@@ -10,6 +10,7 @@ pub mod kv_cache;
 mod runtime;
 mod train;
 pub(crate) mod transformer;
+mod wmatmul;
 
 pub use kv_cache::KvCache;
 pub use runtime::{CpuCache, CpuRuntime};

@@ -3,6 +3,7 @@
 
 use super::backend::{AttnShape, MatMul, RopeTable, backend};
 use super::kv_cache::KvCache;
+use super::wmatmul::{gather_rows, xw, xwt};
 use crate::engine::lora::{Adapter, LoraPair, Target};
 use crate::engine::models::{Linear, Model};
 
@@ -24,7 +25,7 @@ fn lin_fwd(
     let be = backend();
     let (inp, out) = (lin.in_dim(), lin.out_dim());
     let mut y = vec![0.0f32; rows * out];
-    be.matmul(&mut y, x, lin.w.data(), MatMul::linear(rows, inp, out));
+    xwt(&mut y, x, rows, &lin.w, false);
     if let Some(b) = &lin.b {
         for r in y.chunks_mut(out) {
             for (v, bv) in r.iter_mut().zip(b) {
@@ -58,8 +59,7 @@ fn lin_bwd(
 ) {
     let be = backend();
     let (inp, out) = (lin.in_dim(), lin.out_dim());
-    let mm = MatMul { m: rows, k: out, n: inp, trans_a: false, trans_b: false, accumulate };
-    be.matmul(dx, dy, lin.w.data(), mm);
+    xw(dx, dy, rows, &lin.w, accumulate);
     if let (Some(p), Some(xa)) = (lora, xa) {
         let r = p.rank();
         let gb = MatMul { m: out, k: rows, n: r, trans_a: true, trans_b: false, accumulate: true };
@@ -119,12 +119,7 @@ fn idx(t: Target) -> usize {
 impl Model {
     /// Embedding lookup of already-validated token ids.
     fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
-        let h = self.config.hidden_size;
-        let mut x = Vec::with_capacity(tokens.len() * h);
-        for &t in tokens {
-            x.extend_from_slice(self.embed.row(t as usize));
-        }
-        x
+        gather_rows(&self.embed, tokens)
     }
 
     /// Runs the decoder stack on packed rows. With `caches` (one per sequence), keys/values are

@@ -18,9 +18,10 @@ use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
 use crate::engine::lora::Target;
 use crate::engine::models::{Linear, Model, ModelConfig};
+use crate::engine::weight::{Weight, WeightElem};
 
 /// Activation / base-weight storage type of a [`CudaModel`].
-pub trait Act: Dtype + ValidAsZeroBits + std::fmt::Debug {
+pub trait Act: Dtype + ValidAsZeroBits + std::fmt::Debug + WeightElem {
     /// Host f32 -> storage (round to nearest even for bf16).
     fn from_f32(x: f32) -> Self;
     /// out = T(x) on the device.
@@ -132,6 +133,11 @@ fn up_t<T: Act>(dev: &CudaDevice, v: &[f32]) -> R<CudaSlice<T>> {
     upload(dev, &host)
 }
 
+/// A host base weight as `T` (a bf16 weight goes up as bf16 without an f32 round trip).
+fn up_w<T: Act>(dev: &CudaDevice, w: &Weight) -> R<CudaSlice<T>> {
+    upload(dev, &T::from_weight(w))
+}
+
 /// A linear layer on the device: weight [out, in] (HF layout), optional bias [out].
 pub(crate) struct DLinear<T> {
     pub w: CudaSlice<T>,
@@ -143,7 +149,7 @@ pub(crate) struct DLinear<T> {
 impl<T: Act> DLinear<T> {
     fn new(dev: &CudaDevice, lin: &Linear) -> R<Self> {
         Ok(DLinear {
-            w: up_t(dev, lin.w.data())?,
+            w: up_w(dev, &lin.w)?,
             b: lin.b.as_deref().map(|b| up_t(dev, b)).transpose()?,
             inp: lin.in_dim(),
             out: lin.out_dim(),
@@ -227,9 +233,9 @@ impl<T: Act> CudaModel<T> {
         let positions: Vec<u32> = (0..c.max_position_embeddings.max(1) as u32).collect();
         let rope = RopeTable::new(&positions, c.head_dim, &c.inv_freq);
         Ok(CudaModel {
-            embed: up_t(d, model.embed.data())?,
+            embed: up_w(d, &model.embed)?,
             final_norm: up_t(d, &model.final_norm)?,
-            lm_head: model.lm_head.as_ref().map(|t| up_t(d, t.data())).transpose()?,
+            lm_head: model.lm_head.as_ref().map(|w| up_w(d, w)).transpose()?,
             cos: upload(d, &rope.cos)?,
             sin: upload(d, &rope.sin)?,
             layers,

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::error::{EngineError, Result};
 use super::tensor::Tensor;
+use super::weight::Weight;
 use super::weights::WeightStore;
 
 /// What the server needs to know about a loaded model.
@@ -34,7 +35,8 @@ pub struct ModelConfig {
     /// End-of-sequence ids (generation_config.json, else config.json).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
-    /// Storage dtype named by the checkpoint (`float32`, `bfloat16`, ...); compute is f32.
+    /// Storage dtype named by the checkpoint (`float32`, `bfloat16`, ...); compute is f32. The
+    /// base matrices are held in the dtype of each stored tensor ([`Model::weight_bytes`]).
     pub dtype: String,
     /// q/k/v projections carry a bias (Qwen2).
     pub qkv_bias: bool,
@@ -194,7 +196,7 @@ fn rope_inv_freq(theta: f64, head_dim: usize, params: Option<&Value>) -> Result<
 /// A linear layer with an HF `[out, in]` weight and optional bias.
 #[derive(Debug)]
 pub(crate) struct Linear {
-    pub w: Tensor,
+    pub w: Weight,
     pub b: Option<Vec<f32>>,
 }
 
@@ -222,20 +224,47 @@ pub(crate) struct LayerWeights {
     pub down: Linear,
 }
 
-/// A loaded decoder-only model (frozen, f32 in memory).
+impl Linear {
+    fn into_f32(self) -> Linear {
+        Linear { w: self.w.into_f32(), b: self.b }
+    }
+}
+
+impl LayerWeights {
+    fn linears(&self) -> [&Linear; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+
+    /// f32 values held besides the matrices: norms and biases.
+    fn small_f32(&self) -> usize {
+        let opt = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, Vec::len);
+        self.input_norm.len()
+            + self.post_norm.len()
+            + opt(&self.q_norm)
+            + opt(&self.k_norm)
+            + self.linears().iter().map(|l| opt(&l.b)).sum::<usize>()
+    }
+}
+
+/// A loaded decoder-only model (frozen). The matrices keep the checkpoint's dtype (f32 or
+/// bf16, see [`Weight`]); norms and biases are f32; compute is f32.
 #[derive(Debug)]
 pub struct Model {
     pub(crate) config: ModelConfig,
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Weight,
     pub(crate) layers: Vec<LayerWeights>,
     pub(crate) final_norm: Vec<f32>,
     /// `None` when tied to `embed`.
-    pub(crate) lm_head: Option<Tensor>,
+    pub(crate) lm_head: Option<Weight>,
 }
 
 impl Model {
     /// Loads a Hugging Face model directory (config.json, generation_config.json, safetensors).
     pub fn load(dir: &Path) -> Result<Arc<Model>> {
+        Ok(Arc::new(Model::load_owned(dir)?))
+    }
+
+    fn load_owned(dir: &Path) -> Result<Model> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
         let hf: HfConfig = serde_json::from_str(&text)
@@ -259,7 +288,53 @@ impl Model {
             }
         }
         let mut store = WeightStore::load_dir(dir)?;
-        Ok(Arc::new(Model::from_store(config, &mut store)?))
+        Model::from_store(config, &mut store)
+    }
+
+    /// Like [`Model::load`] but with every matrix converted to f32 first: the reference the
+    /// bf16-resident path is checked against (bitwise), and a way to trade memory for speed.
+    pub fn load_f32(dir: &Path) -> Result<Arc<Model>> {
+        Ok(Arc::new(Model::load_owned(dir)?.into_f32()))
+    }
+
+    /// The same model with every matrix held as f32.
+    pub fn into_f32(self) -> Model {
+        let Model { config, embed, layers, final_norm, lm_head } = self;
+        let layers = layers
+            .into_iter()
+            .map(|l| LayerWeights {
+                q: l.q.into_f32(),
+                k: l.k.into_f32(),
+                v: l.v.into_f32(),
+                o: l.o.into_f32(),
+                gate: l.gate.into_f32(),
+                up: l.up.into_f32(),
+                down: l.down.into_f32(),
+                ..l
+            })
+            .collect();
+        Model {
+            config,
+            embed: embed.into_f32(),
+            layers,
+            final_norm,
+            lm_head: lm_head.map(Weight::into_f32),
+        }
+    }
+
+    /// Bytes of host memory the weights occupy (matrices in their held dtype, plus the f32
+    /// norms and biases).
+    pub fn weight_bytes(&self) -> usize {
+        let mats: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .map(|l| l.w.bytes())
+            .chain([self.embed.bytes(), self.lm_head.as_ref().map_or(0, Weight::bytes)])
+            .sum();
+        let small: usize =
+            self.layers.iter().map(LayerWeights::small_f32).sum::<usize>() + self.final_norm.len();
+        mats + 4 * small
     }
 
     /// Builds a model from named tensors (HF names) and a config; used by `load` and by tests
@@ -272,11 +347,11 @@ impl Model {
             |s: &mut WeightStore, n: &str, len: usize| s.take(n, &[len]).map(Tensor::into_data);
         let linear =
             |s: &mut WeightStore, p: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let w = s.take(&format!("{p}.weight"), &[out, inp])?;
+                let w = s.take_weight(&format!("{p}.weight"), out, inp)?;
                 let b = if bias { Some(vec1(s, &format!("{p}.bias"), out)?) } else { None };
                 Ok(Linear { w, b })
             };
-        let embed = store.take("model.embed_tokens.weight", &[v, h])?;
+        let embed = store.take_weight("model.embed_tokens.weight", v, h)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
@@ -305,8 +380,11 @@ impl Model {
         }
         let final_norm = vec1(store, "model.norm.weight", h)?;
         // Some tied checkpoints still store lm_head.weight (a copy); untied ones must.
-        let lm_head =
-            if c.tie_word_embeddings { None } else { Some(store.take("lm_head.weight", &[v, h])?) };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(store.take_weight("lm_head.weight", v, h)?)
+        };
         Ok(Model { config, embed, layers, final_norm, lm_head })
     }
 
@@ -315,7 +393,7 @@ impl Model {
     }
 
     /// The `[vocab, hidden]` output projection (the embedding when tied).
-    pub(crate) fn head_weight(&self) -> &Tensor {
+    pub(crate) fn head_weight(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::profile::{Kind, span};
-use super::{AttnShape, Backend, MatMul, RopeTable};
+use super::{AttnShape, Backend, MatMul, RopeTable, Strides};
 
 /// The CPU backend (stateless).
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,23 +20,32 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+    fn matmul_ld(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul, ld: Strides) {
         let _t = span(Kind::Matmul);
         let MatMul { m, k, n, trans_a, trans_b, accumulate } = mm;
-        // These bounds make the raw-pointer product below sound; the engine computes every
-        // shape itself, so a failure here is an engine bug, never user input.
-        assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shape");
         if m == 0 || n == 0 {
             return;
         }
+        // These bounds make the raw-pointer product below sound; the engine computes every
+        // shape itself, so a failure here is an engine bug, never user input.
+        let (ld_out, ld_b) = (ld.out, ld.b);
+        let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+        assert!(
+            ld_out >= n
+                && out.len() >= (m - 1) * ld_out + n
+                && a.len() >= m * k
+                && ld_b >= b_cols
+                && (b_rows == 0 || b.len() >= (b_rows - 1) * ld_b + b_cols),
+            "matmul shape"
+        );
         if k == 0 {
             if !accumulate {
-                out[..m * n].fill(0.0);
+                out.chunks_mut(ld_out).take(m).for_each(|r| r[..n].fill(0.0));
             }
             return;
         }
         let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, ld_b as isize) } else { (ld_b as isize, 1) };
         let par = if m * n * k >= PAR_THRESHOLD {
             gemm::Parallelism::Rayon(rayon::current_num_threads())
         } else {
@@ -51,7 +60,7 @@ impl Backend for Cpu {
                 k,
                 out.as_mut_ptr(),
                 1,
-                n as isize,
+                ld_out as isize,
                 accumulate,
                 a.as_ptr(),
                 a_cs,

@@ -35,6 +35,13 @@ impl MatMul {
     }
 }
 
+/// Row strides of `out` (`≥ n`) and of `b` as stored (`≥ n`, or `≥ k` when `trans_b`).
+#[derive(Debug, Clone, Copy)]
+pub struct Strides {
+    pub out: usize,
+    pub b: usize,
+}
+
 /// Rotary-embedding cos/sin table for a list of positions: row `t` holds the `head_dim/2`
 /// angles of position `positions[t]`.
 #[derive(Debug, Clone)]
@@ -78,8 +85,15 @@ pub struct AttnShape {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// `out (+)= op(a) · op(b)`.
-    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul);
+    /// `out (+)= op(a) · op(b)`, `out` and `b` contiguous.
+    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+        let ld = Strides { out: mm.n, b: if mm.trans_b { mm.k } else { mm.n } };
+        self.matmul_ld(out, a, b, mm, ld)
+    }
+
+    /// `out (+)= op(a) · op(b)` where `out` and the stored `b` are blocks of wider row-major
+    /// matrices (row strides in `ld`): the weight panels of `cpu::wmatmul`.
+    fn matmul_ld(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul, ld: Strides);
 
     /// RMSNorm over rows of width `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` per row.
     fn rmsnorm_fwd(
