@@ -476,6 +476,7 @@ void fatal(const char* fmt, ...) {
 
 namespace {
 
+#if !EMU_ASAN
 struct sigaction g_old_segv, g_old_bus;
 
 void on_fault(int sig, siginfo_t* info, void* uctx) {
@@ -502,6 +503,7 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
         signal(sig, SIG_DFL);  // returning re-executes the access and dies the default way
     }
 }
+#endif
 
 void ensure_altstack() {
     stack_t cur_ss;
