@@ -18,3 +18,12 @@ export TWINKLE_REQUIRE_SDK=1
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --no-fail-fast
+
+# The GPU suite (tests/cuda_gpu.rs) once more, on the CPU: tools/cuda-emu stands in for libcuda and
+# libcublas, running the unmodified kernels with fiber-per-thread scheduling and its own checks
+# (pointer arguments, barriers, shuffles, shared-memory opt-in, guard pages). The test binary is
+# the one `cargo test` just built; the emulator builds in well under a minute.
+emu_dir="${CARGO_TARGET_DIR:-target}/cuda-emu"
+tools/cuda-emu/build.sh "$emu_dir"
+LD_LIBRARY_PATH="$(cd "$emu_dir" && pwd):$LD_LIBRARY_PATH" TWINKLE_REQUIRE_GPU=1 \
+  cargo test --test cuda_gpu -- --test-threads 2

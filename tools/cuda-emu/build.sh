@@ -77,7 +77,10 @@ done
 
 lib="$out/libcuda-emu.so"
 "$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda-emu.so -o "$lib.tmp" "${objs[@]}" -ldl
+# The self-test of the emulator's checks (links the library; run it as $OUT_DIR/cuda-emu-selftest).
+"$cxx" "${flags[@]}" -o "$out/cuda-emu-selftest.tmp" "$here/selftest.cpp" "$lib.tmp" -Wl,-rpath,'$ORIGIN'
 mv "$lib.tmp" "$lib"
+mv "$out/cuda-emu-selftest.tmp" "$out/cuda-emu-selftest"
 for name in libcuda.so libcuda.so.1 libcublas.so libcublas.so.12 libcublas.so.13; do
   ln -sfn libcuda-emu.so "$out/$name"
 done

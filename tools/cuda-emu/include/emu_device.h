@@ -50,6 +50,8 @@ static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // ---- the runtime side (implemented in sched.cpp) -------------------------------------------
+#define EMU_EXPORT __attribute__((visibility("default")))
+
 namespace emu {
 
 // What a running CUDA thread can see. One per fiber; the scheduler keeps `cur` pointing at the
@@ -61,20 +63,20 @@ struct ThreadView {
     dim3 gdim;
 };
 
-extern thread_local ThreadView* cur __attribute__((tls_model("initial-exec")));
+EMU_EXPORT extern thread_local ThreadView* cur __attribute__((tls_model("initial-exec")));
 
 // Parks the calling fiber at a block barrier (site = file:line of the call).
-void syncthreads(const char* file, int line);
+EMU_EXPORT void syncthreads(const char* file, int line);
 // Parks at a warp barrier, publishing `val`; returns the value published by lane `src`.
 // kind: 0 = __shfl_sync (src absolute), 1 = __shfl_xor_sync (src = lane ^ arg),
 //       2 = __shfl_down_sync, 3 = __shfl_up_sync, 4 = __syncwarp (no data).
-uint64_t warp_exchange(unsigned mask, uint64_t val, int kind, int arg, int width, const char* file,
+EMU_EXPORT uint64_t warp_exchange(unsigned mask, uint64_t val, int kind, int arg, int width, const char* file,
                        int line);
 // Start of this block's dynamic shared memory (poisoned fresh for every block).
-void* dyn_smem();
+EMU_EXPORT void* dyn_smem();
 // This block's instance of one static __shared__ variable (key = address of a per-declaration
 // static), poisoned fresh for every block.
-void* static_smem(const void* key, std::size_t bytes, std::size_t align, const char* name);
+EMU_EXPORT void* static_smem(const void* key, std::size_t bytes, std::size_t align, const char* name);
 
 template <typename T>
 inline T shfl(unsigned mask, T v, int kind, int arg, int width, const char* file, int line) {

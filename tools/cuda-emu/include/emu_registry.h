@@ -24,6 +24,6 @@ struct KernelEntry {
 };
 
 // Called from static initialisers of the generated translation units.
-bool register_kernels(const KernelEntry* entries, std::size_t n);
+__attribute__((visibility("default"))) bool register_kernels(const KernelEntry* entries, std::size_t n);
 
 }  // namespace emu

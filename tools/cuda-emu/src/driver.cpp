@@ -112,17 +112,21 @@ CUresult dev_alloc(CUdeviceptr* out, std::size_t size) {
 
 CUresult dev_free(CUdeviceptr p) {
     if (p == 0) return OK;
-    Alloc a;
+    Alloc a{};
+    bool found = false;
     {
         std::lock_guard<std::mutex> g(g_mem_mutex);
         auto it = g_allocs.find(p);
-        if (it == g_allocs.end())
-            emu::fatal("cuMemFree(0x%llx): not the start of a live device allocation (%s)", p,
-                       emu::describe_addr(p).c_str());
-        a = it->second;
-        g_in_use -= a.size;
-        g_allocs.erase(it);
+        if (it != g_allocs.end()) {
+            found = true;
+            a = it->second;
+            g_in_use -= a.size;
+            g_allocs.erase(it);
+        }
     }
+    if (!found)
+        emu::fatal("cuMemFree(0x%llx): not the start of a live device allocation (%s)", p,
+                   emu::describe_addr(p).c_str());
 #if EMU_ASAN
     free(a.map);
 #else
