@@ -65,10 +65,12 @@ std::mutex g_mem_mutex;
 std::map<uintptr_t, Alloc> g_allocs;
 unsigned long long g_in_use = 0;
 
+#if !EMU_ASAN
 std::size_t page_size() {
     static const std::size_t p = (std::size_t)sysconf(_SC_PAGESIZE);
     return p;
 }
+#endif
 
 CUresult dev_alloc(CUdeviceptr* out, std::size_t size) {
     if (!out) return INVALID_VALUE;
