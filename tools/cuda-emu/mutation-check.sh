@@ -62,12 +62,22 @@ summarise() {
     | grep -v "^failures:" | head -6 | sed 's/^/      /'
 }
 
-# run_test NAME LIBDIR TEST [ENV...]: 0 if the test failed (mutation caught).
+# test_binary: builds tests/cuda_gpu.rs of the crate in the current directory, prints its path.
+test_binary() {
+  cargo test -q --test cuda_gpu --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_gpu":
+        print(m["executable"])'
+}
+
+# run_test NAME BINARY LIBDIR TEST [ENV...]: 0 if the test failed (mutation caught).
 run_test() {
-  local name="$1" lib="$2" t="$3"; shift 3
+  local name="$1" bin="$2" lib="$3" t="$4"; shift 4
   local log="$work/$name.log"
-  env "$@" LD_LIBRARY_PATH="$lib:$TWINKLE_NVRTC_LIBDIR" \
-    cargo test -q --test cuda_gpu -- --exact "$t" --test-threads 1 > "$log" 2>&1
+  (cd "$repo" && env "$@" LD_LIBRARY_PATH="$lib:$TWINKLE_NVRTC_LIBDIR" \
+    "$bin" --exact "$t" --test-threads 1 > "$log" 2>&1)
   local rc=$?
   if (( rc != 0 )); then
     echo "    $t FAILED (exit $rc)${*:+ with $*}:"
@@ -83,7 +93,8 @@ record() {  # record NAME CAUGHT(0/1)
 }
 
 echo "== building the test binary and the reference emulator"
-cargo test -q --test cuda_gpu --no-run > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 2; }
+bin="$(test_binary)"
+[[ -x "$bin" ]] || { cargo test --test cuda_gpu --no-run; echo "cannot build tests/cuda_gpu.rs"; exit 2; }
 
 # ---- (a) kernel mutations: a removed __syncthreads --------------------------------------
 kernel_mutation() {  # NAME FILE NTH TEST
@@ -95,8 +106,8 @@ kernel_mutation() {  # NAME FILE NTH TEST
   KERNELS="$work/kernels" "$here/build.sh" "$work/emu-$name" > "$work/$name.build.log" 2>&1 \
     || { cat "$work/$name.build.log"; record "$name (emulator build failed)" 1; return; }
   local caught=1
-  run_test "$name" "$work/emu-$name" "$t" && caught=0
-  run_test "$name-shuffle" "$work/emu-$name" "$t" CUDA_EMU_SHUFFLE=1 && caught=0
+  run_test "$name" "$bin" "$work/emu-$name" "$t" && caught=0
+  run_test "$name-shuffle" "$bin" "$work/emu-$name" "$t" CUDA_EMU_SHUFFLE=1 && caught=0
   record "$name: kernels/$file barrier #$nth removed ($t)" $caught
 }
 kernel_mutation a1 attention.cu 2 attention_matches_cpu  # fwd: barrier after loading a K/V tile
@@ -115,10 +126,12 @@ if [[ "${1:-}" != "--kernels-only" ]]; then
     rm -rf "$work/repo"
     copy_repo "$work/repo"
     mutate "$work/repo/$file" "$name" "$py" || { record "$name (mutation did not apply)" 1; return; }
-    (cd "$work/repo" && cargo test -q --test cuda_gpu --no-run) > "$work/$name.build.log" 2>&1 \
-      || { tail -20 "$work/$name.build.log"; record "$name (build failed)" 1; return; }
+    local mbin
+    mbin="$(cd "$work/repo" && test_binary)"
+    [[ -x "$mbin" ]] || { (cd "$work/repo" && cargo test --test cuda_gpu --no-run 2>&1 | tail -20)
+                          record "$name (build failed)" 1; return; }
     local caught=1
-    (cd "$work/repo" && run_test "$name" "$work/emu" "$t") && caught=0
+    run_test "$name" "$mbin" "$work/emu" "$t" && caught=0
     record "$name: $file: $desc ($t)" $caught
   }
   launcher_mutation b src/engine/cuda/launch/layers.rs layer_kernels_match_cpu \
