@@ -8,7 +8,7 @@
 # default schedule and under CUDA_EMU_SHUFFLE=1 (reverse warp/lane order); it counts as caught
 # when the test fails in either. Exit status 1 if any mutation survives.
 #
-# usage: tools/cuda-emu/mutation-check.sh [--kernels-only]
+# usage: tools/cuda-emu/mutation-check.sh [--kernels-only | --launchers-only]
 #   needs the project venv (scripts/setup-venv.sh) for NVRTC, g++, python3, cargo.
 set -uo pipefail
 
@@ -58,8 +58,8 @@ s = '\n'.join(lines)"
 
 # summarise LOG: the first lines that say why the test failed.
 summarise() {
-  grep -E "cuda-emu: FATAL|^  in |panicked at|^thread '.*' .*panicked|got .* want|exceeds|Error:|FAILED|signal:" "$1" \
-    | grep -v "^failures:" | head -6 | sed 's/^/      /'
+  { grep -E "cuda-emu: FATAL|^  in kernel|the error above happened" "$1"
+    grep -A1 "panicked at" "$1" | grep -v -- "^--$"; } | head -4 | sed 's/^/      /'
 }
 
 # test_binary: builds tests/cuda_gpu.rs of the crate in the current directory, prints its path.
@@ -96,8 +96,10 @@ echo "== building the test binary and the reference emulator"
 bin="$(test_binary)"
 [[ -x "$bin" ]] || { cargo test --test cuda_gpu --no-run; echo "cannot build tests/cuda_gpu.rs"; exit 2; }
 
+mode="${1:-all}"
 # ---- (a) kernel mutations: a removed __syncthreads --------------------------------------
-kernel_mutation() {  # NAME FILE NTH TEST
+kernel_mutation() {
+  [[ "$mode" != "--launchers-only" ]] || return 0  # NAME FILE NTH TEST
   local name="$1" file="$2" nth="$3" t="$4"
   echo "== ($name) kernels/$file: remove barrier #$nth -> $t"
   rm -rf "$work/kernels"
@@ -118,7 +120,7 @@ kernel_mutation a5 kv_cache.cu 1 decode_attention_matches_cpu  # decode: merge o
 kernel_mutation a6 lora.cu 1 lora_matches_cpu  # lora_expand: h tile staged in shared memory
 
 # ---- (b), (c) launcher mutations: in a copied repo, rebuilt with the shared target dir ----
-if [[ "${1:-}" != "--kernels-only" ]]; then
+if [[ "$mode" != "--kernels-only" ]]; then
   "$here/build.sh" "$work/emu" > "$work/emu.build.log" 2>&1 || { cat "$work/emu.build.log"; exit 2; }
   launcher_mutation() {  # NAME FILE TEST DESCRIPTION PYTHON
     local name="$1" file="$2" t="$3" desc="$4" py="$5"
