@@ -118,6 +118,10 @@ kernel_mutation a3 attention.cu 4 attention_matches_cpu  # bwd: barrier after lo
 kernel_mutation a4 common.cuh 2 layer_kernels_match_cpu  # block_sum: scratch written -> read
 kernel_mutation a5 kv_cache.cu 1 decode_attention_matches_cpu  # decode: merge of warp partials
 kernel_mutation a6 lora.cu 1 lora_matches_cpu  # lora_expand: h tile staged in shared memory
+kernel_mutation a7 common.cuh 1 cross_entropy_and_losses_match_cpu  # block_sum after block_max: scratch reuse
+kernel_mutation a8 attention.cu 3 attention_matches_cpu  # bwd: barrier before overwriting Q/dO rows
+kernel_mutation a9 attention.cu 5 attention_matches_cpu  # bwd: barrier between P/dS and their use
+kernel_mutation a10 sampling.cu 2 greedy_argmax_matches_cpu_definition  # block_max_u64: scratch -> read
 
 # ---- (b), (c) launcher mutations: in a copied repo, rebuilt with the shared target dir ----
 if [[ "$mode" != "--kernels-only" ]]; then
