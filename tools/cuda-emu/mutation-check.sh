@@ -121,7 +121,7 @@ kernel_mutation a6 lora.cu 1 lora_matches_cpu  # lora_expand: h tile staged in s
 kernel_mutation a7 common.cuh 1 cross_entropy_and_losses_match_cpu  # block_sum after block_max: scratch reuse
 kernel_mutation a8 attention.cu 3 attention_matches_cpu  # bwd: barrier before overwriting Q/dO rows
 kernel_mutation a9 attention.cu 5 attention_matches_cpu  # bwd: barrier between P/dS and their use
-kernel_mutation a10 sampling.cu 2 greedy_argmax_matches_cpu_definition  # block_max_u64: scratch -> read
+kernel_mutation a10 sampling.cu 2 greedy_argmax_matches_cpu_definition  # block_sum_d: scratch written -> read
 
 # ---- (b), (c) launcher mutations: in a copied repo, rebuilt with the shared target dir ----
 if [[ "$mode" != "--kernels-only" ]]; then
