@@ -10,6 +10,7 @@
 #
 # usage: tools/cuda-emu/mutation-check.sh [--kernels-only | --launchers-only]
 #   needs the project venv (scripts/setup-venv.sh) for NVRTC, g++, python3, cargo.
+#   CUDA_GPU_TEST_BIN=path reuses an up-to-date tests/cuda_gpu.rs binary for the kernel mutations.
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -93,7 +94,8 @@ record() {  # record NAME CAUGHT(0/1)
 }
 
 echo "== building the test binary and the reference emulator"
-bin="$(test_binary)"
+# CUDA_GPU_TEST_BIN: an already built tests/cuda_gpu.rs binary of this tree (skips the build).
+bin="${CUDA_GPU_TEST_BIN:-$(test_binary)}"
 [[ -x "$bin" ]] || { cargo test --test cuda_gpu --no-run; echo "cannot build tests/cuda_gpu.rs"; exit 2; }
 
 mode="${1:-all}"
