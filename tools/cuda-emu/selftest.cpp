@@ -4,6 +4,7 @@
 // same device shim the project kernels use, and registered like generated ones.
 //
 // usage: cuda-emu-selftest        (built by build.sh next to the library; exit 0 = all pass)
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -209,6 +210,12 @@ int main() {
          "past the end of the 400-byte allocation",
 #endif
          [] {
+             // A small alternate signal stack, as the Rust runtime installs one per thread.
+             static char small[8192];
+             stack_t ss{};
+             ss.ss_sp = small;
+             ss.ss_size = sizeof small;
+             sigaltstack(&ss, nullptr);
              auto d = dalloc(400);
              int n = 100000;
              void* a[] = {&d, &n};

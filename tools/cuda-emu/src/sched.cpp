@@ -505,9 +505,14 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
 }
 #endif
 
+// The fault report (vfprintf, allocation lookup) needs more stack than the small alternate
+// signal stack a runtime may have installed (Rust's is a few KiB), so every thread that runs
+// kernels gets its own 256 KiB one (never freed; a runtime that frees its own on thread exit
+// only disables whatever is current).
 void ensure_altstack() {
-    stack_t cur_ss;
-    if (sigaltstack(nullptr, &cur_ss) == 0 && !(cur_ss.ss_flags & SS_DISABLE)) return;
+    static thread_local bool done = false;
+    if (done) return;
+    done = true;
     stack_t ss{};
     ss.ss_size = 256 * 1024;
     ss.ss_sp = malloc(ss.ss_size);
