@@ -4,7 +4,9 @@
 # Each mutation is applied to a temporary copy (the committed sources are never touched), the
 # affected part is rebuilt (kernels: the emulator library from a mutated kernels dir; launchers:
 # the test binary from a copied repo, sharing CARGO_TARGET_DIR for the dependencies), and the
-# relevant tests/cuda_gpu.rs test runs against the emulator. A kernel mutation runs under the
+# relevant tests/cuda_gpu.rs test runs against the emulator. (The mutated test binary lands in the
+# shared target dir under the tree's own artifact name; the script rebuilds the unmutated one at
+# the end.) A kernel mutation runs under the
 # default schedule and under CUDA_EMU_SHUFFLE=1 (reverse warp/lane order); it counts as caught
 # when the test fails in either. Exit status 1 if any mutation survives.
 #
@@ -148,6 +150,10 @@ if [[ "$mode" != "--kernels-only" ]]; then
   launcher_mutation c src/engine/cuda/launch/layers.rs layer_kernels_match_cpu \
     "row_cfg: half the blocks (one per two rows)" \
     "s = s.replace('grid_dim(kernel, \"rows\", rows, i32::MAX as u32)', 'grid_dim(kernel, \"rows\", rows.div_ceil(2), i32::MAX as u32)', 1)"
+  # The copy builds to the same artifact names in the shared target dir: rebuild this tree's test
+  # binary so that nobody runs a mutated one afterwards.
+  echo "== restoring the unmutated tests/cuda_gpu.rs binary"
+  test_binary > /dev/null
 fi
 
 echo
