@@ -4,9 +4,10 @@
 # Each mutation is applied to a temporary copy (the committed sources are never touched), the
 # affected part is rebuilt (kernels: the emulator library from a mutated kernels dir; launchers:
 # the test binary from a copied repo, sharing CARGO_TARGET_DIR for the dependencies), and the
-# relevant tests/cuda_gpu.rs test runs against the emulator. (The mutated test binary lands in the
-# shared target dir under the tree's own artifact name; the script rebuilds the unmutated one at
-# the end.) A kernel mutation runs under the
+# relevant tests/cuda_gpu.rs test runs against the emulator. (The mutated crate is built with a
+# cargo profile of its own, `mutation` = dev, into $CARGO_TARGET_DIR/mutation: cargo names path
+# packages' artifacts by package, not by directory, so a copy built with the dev profile would
+# replace the tree's own artifacts in the shared target dir and look up to date to cargo.) A kernel mutation runs under the
 # default schedule and under CUDA_EMU_SHUFFLE=1 (reverse warp/lane order); it counts as caught
 # when the test fails in either. Exit status 1 if any mutation survives.
 #
@@ -67,7 +68,7 @@ summarise() {
 
 # test_binary: builds tests/cuda_gpu.rs of the crate in the current directory, prints its path.
 test_binary() {
-  cargo test -q --test cuda_gpu --no-run --message-format=json 2>/dev/null | python3 -c '
+  cargo test -q --test cuda_gpu --no-run --message-format=json "$@" 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -130,15 +131,18 @@ kernel_mutation a10 sampling.cu 2 greedy_argmax_matches_cpu_definition  # block_
 # ---- (b), (c) launcher mutations: in a copied repo, rebuilt with the shared target dir ----
 if [[ "$mode" != "--kernels-only" ]]; then
   "$here/build.sh" "$work/emu" > "$work/emu.build.log" 2>&1 || { cat "$work/emu.build.log"; exit 2; }
+  mut_profile=(--config 'profile.mutation.inherits="dev"' --profile mutation)
   launcher_mutation() {  # NAME FILE TEST DESCRIPTION PYTHON
     local name="$1" file="$2" t="$3" desc="$4" py="$5"
     echo "== ($name) $file: $desc -> $t"
     rm -rf "$work/repo"
     copy_repo "$work/repo"
     mutate "$work/repo/$file" "$name" "$py" || { record "$name (mutation did not apply)" 1; return; }
+    # A profile of its own (target/mutation/): the mutated code never lands where the tree's own
+    # twinkle artifacts are (the first run builds the dependencies once for that profile).
     local mbin
-    mbin="$(cd "$work/repo" && test_binary)"
-    [[ -x "$mbin" ]] || { (cd "$work/repo" && cargo test --test cuda_gpu --no-run 2>&1 | tail -20)
+    mbin="$(cd "$work/repo" && test_binary "${mut_profile[@]}")"
+    [[ -x "$mbin" ]] || { (cd "$work/repo" && cargo test --test cuda_gpu --no-run "${mut_profile[@]}" 2>&1 | tail -20)
                           record "$name (build failed)" 1; return; }
     local caught=1
     run_test "$name" "$mbin" "$work/emu" "$t" && caught=0
@@ -150,10 +154,6 @@ if [[ "$mode" != "--kernels-only" ]]; then
   launcher_mutation c src/engine/cuda/launch/layers.rs layer_kernels_match_cpu \
     "row_cfg: half the blocks (one per two rows)" \
     "s = s.replace('grid_dim(kernel, \"rows\", rows, i32::MAX as u32)', 'grid_dim(kernel, \"rows\", rows.div_ceil(2), i32::MAX as u32)', 1)"
-  # The copy builds to the same artifact names in the shared target dir: rebuild this tree's test
-  # binary so that nobody runs a mutated one afterwards.
-  echo "== restoring the unmutated tests/cuda_gpu.rs binary"
-  test_binary > /dev/null
 fi
 
 echo
