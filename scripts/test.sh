@@ -18,3 +18,19 @@ export TWINKLE_REQUIRE_SDK=1
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --no-fail-fast
+
+# The GPU suite (tests/cuda_gpu.rs) once more, on the CPU: tools/cuda-emu stands in for libcuda and
+# libcublas, running the unmodified kernels with fiber-per-thread scheduling and its own checks
+# (pointer arguments, barriers, shuffles, shared-memory opt-in, guard pages). The test binary is
+# the one `cargo test` just built; the emulator builds in seconds. Two schedules: warps in index
+# order, then reversed (CUDA_EMU_SHUFFLE=1), so a missing __syncthreads shows up whichever warp
+# happens to consume the shared data (see tools/cuda-emu/README.md).
+emu_dir="${CARGO_TARGET_DIR:-target}/cuda-emu"
+tools/cuda-emu/build.sh "$emu_dir"
+emu_status=0
+for schedule in 0 1; do
+  echo "cuda-emu: tests/cuda_gpu.rs with CUDA_EMU_SHUFFLE=$schedule"
+  LD_LIBRARY_PATH="$(cd "$emu_dir" && pwd):$LD_LIBRARY_PATH" TWINKLE_REQUIRE_GPU=1 \
+    CUDA_EMU_SHUFFLE=$schedule cargo test --test cuda_gpu -- --test-threads 2 || emu_status=1
+done
+exit $emu_status

@@ -1,0 +1,280 @@
+// selftest.cpp - checks that the emulator's own checks fire: every case runs in a forked child
+// that calls the driver API directly (linked against libcuda-emu.so) and must either succeed or
+// abort with a report containing an expected phrase. Test-only kernels are defined here with the
+// same device shim the project kernels use, and registered like generated ones.
+//
+// usage: cuda-emu-selftest        (built by build.sh next to the library; exit 0 = all pass)
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "emu_device.h"
+#include "emu_registry.h"
+
+// ---- driver API (the subset used here) ----
+extern "C" {
+int cuInit(unsigned);
+int cuMemAlloc_v2(unsigned long long*, size_t);
+int cuMemFree_v2(unsigned long long);
+int cuMemcpyHtoD_v2(unsigned long long, const void*, size_t);
+int cuMemcpyDtoH_v2(void*, unsigned long long, size_t);
+int cuModuleLoadData(void**, const void*);
+int cuModuleGetFunction(void**, void*, const char*);
+int cuFuncSetAttribute(void*, int, int);
+int cuLaunchKernel(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                   void*, void**, void**);
+}
+
+// ---- test kernels ----
+static void k_divergent_barrier(float* out) {
+    if (threadIdx.x < 32) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1.0f;
+}
+static void k_warp_sum(float* out) {
+    float v = 1.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+static void k_shuffle_vs_barrier(float* out) {
+    float v = 1.0f;
+    if (threadIdx.x & 1) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+// Reads a neighbour's shared slot without a barrier: must see poison (NaN) or a stale value.
+static void k_missing_barrier(float* out) {
+    float* s = static_cast<float*>(::emu::dyn_smem());
+    s[threadIdx.x] = (float)threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 32) % blockDim.x];
+}
+static void k_with_barrier(float* out) {
+    float* s = static_cast<float*>(::emu::dyn_smem());
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 32) % blockDim.x];
+}
+static void k_overrun(float* out, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = 0.0f;
+}
+
+#define THUNK1(k) [](void** a) { k(*static_cast<float**>(a[0])); }
+static const emu::KernelParam p_out[] = {{"out", "float*", sizeof(float*), alignof(float), true}};
+static const emu::KernelParam p_out_n[] = {{"out", "float*", sizeof(float*), alignof(float), true},
+                                           {"n", "int", sizeof(int), alignof(int), false}};
+static const emu::KernelEntry entries[] = {
+    {"t_divergent_barrier", "selftest.cpp", THUNK1(k_divergent_barrier), 1, p_out, 0},
+    {"t_warp_sum", "selftest.cpp", THUNK1(k_warp_sum), 1, p_out, 0},
+    {"t_shuffle_vs_barrier", "selftest.cpp", THUNK1(k_shuffle_vs_barrier), 1, p_out, 0},
+    {"t_missing_barrier", "selftest.cpp", THUNK1(k_missing_barrier), 1, p_out, 0},
+    {"t_with_barrier", "selftest.cpp", THUNK1(k_with_barrier), 1, p_out, 0},
+    {"t_overrun", "selftest.cpp",
+     [](void** a) { k_overrun(*static_cast<float**>(a[0]), *static_cast<int*>(a[1])); }, 2, p_out_n,
+     0},
+    {"t_bounded", "selftest.cpp", THUNK1(k_warp_sum), 1, p_out, 128},
+};
+static const bool registered = emu::register_kernels(entries, sizeof entries / sizeof entries[0]);
+
+// ---- helpers ----
+static void* fn(const char* name) {
+    void* mod = nullptr;
+    void* f = nullptr;
+    static const char image[] = "ignored";
+    if (cuModuleLoadData(&mod, image) || cuModuleGetFunction(&f, mod, name)) {
+        fprintf(stderr, "no kernel %s\n", name);
+        exit(3);
+    }
+    return f;
+}
+static unsigned long long dalloc(size_t n) {
+    unsigned long long p = 0;
+    if (cuMemAlloc_v2(&p, n)) exit(3);
+    return p;
+}
+static int launch(const char* name, unsigned gx, unsigned bx, unsigned smem, void** args,
+                  unsigned gy = 1) {
+    return cuLaunchKernel(fn(name), gx, gy, 1, bx, 1, 1, smem, nullptr, args, nullptr);
+}
+
+struct Case {
+    const char* name;
+    const char* expect;  // phrase in the abort report; nullptr = must exit 0
+    std::function<void()> body;
+};
+
+int main() {
+    (void)registered;
+    cuInit(0);
+    std::vector<Case> cases = {
+        {"valid warp reduction", nullptr,
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 64, 0, a);
+             float h[64];
+             cuMemcpyDtoH_v2(h, d, sizeof h);
+             for (float v : h)
+                 if (v != 32.0f) exit(1);
+         }},
+        {"block dimension 0", "a grid or block dimension is 0",
+         [] {
+             auto d = dalloc(4);
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 0, 0, a);
+         }},
+        {"grid.y over 65535", "grid exceeds",
+         [] {
+             auto d = dalloc(4);
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 32, 0, a, 70000);
+         }},
+        {"2048 threads per block", "block exceeds",
+         [] {
+             auto d = dalloc(4);
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 2048, 0, a);
+         }},
+        {"__launch_bounds__ exceeded", "__launch_bounds__(128)",
+         [] {
+             auto d = dalloc(256 * 4);
+             void* a[] = {&d};
+             launch("t_bounded", 1, 256, 0, a);
+         }},
+        {"host pointer as kernel argument", "is not inside any device allocation",
+         [] {
+             static float host[64];
+             float* p = host;
+             void* a[] = {&p};
+             launch("t_warp_sum", 1, 64, 0, a);
+         }},
+        {"misaligned pointer argument", "is not 4-byte aligned",
+         [] {
+             auto d = dalloc(64 * 4 + 4) + 2;
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 32, 0, a);
+         }},
+        {"60 KiB dynamic smem without opt-in", "need cuFuncSetAttribute",
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             launch("t_with_barrier", 1, 64, 60 * 1024, a);
+         }},
+        {"60 KiB dynamic smem with opt-in; 65 KiB over it", "the opt-in is 65536 B",
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             void* f = fn("t_with_barrier");
+             if (cuFuncSetAttribute(f, 8, 64 * 1024)) exit(1);
+             if (cuLaunchKernel(f, 1, 1, 1, 64, 1, 1, 60 * 1024, nullptr, a, nullptr)) exit(1);
+             // ...but not above the opt-in
+             cuLaunchKernel(f, 1, 1, 1, 64, 1, 1, 65 * 1024, nullptr, a, nullptr);
+             exit(0);
+         }},
+        {"opt-in above the device maximum is refused", nullptr,
+         [] {
+             if (cuFuncSetAttribute(fn("t_with_barrier"), 8, 300 * 1024) == 0) exit(1);
+         }},
+        {"divergent __syncthreads", "divergent __syncthreads",
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             launch("t_divergent_barrier", 1, 64, 0, a);
+         }},
+        {"full-mask shuffle in a partial warp", "only 16 live lane(s) of 32",
+         [] {
+             auto d = dalloc(48 * 4);
+             void* a[] = {&d};
+             launch("t_warp_sum", 1, 48, 0, a);
+         }},
+        {"shuffle while the rest of the warp waits at a barrier", "deadlock",
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             launch("t_shuffle_vs_barrier", 1, 64, 0, a);
+         }},
+        {"global overrun is reported",
+#if defined(__SANITIZE_ADDRESS__)
+         "the error above happened in kernel t_overrun",
+#else
+         "past the end of the 400-byte allocation",
+#endif
+         [] {
+             // A small alternate signal stack, as the Rust runtime installs one per thread.
+             static char small[8192];
+             stack_t ss{};
+             ss.ss_sp = small;
+             ss.ss_size = sizeof small;
+             sigaltstack(&ss, nullptr);
+             auto d = dalloc(400);
+             int n = 100000;
+             void* a[] = {&d, &n};
+             launch("t_overrun", 1, 128, 0, a);
+         }},
+        {"missing __syncthreads reads poisoned shared memory", nullptr,
+         [] {
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             launch("t_missing_barrier", 1, 64, 64 * 4, a);
+             float h[64];
+             cuMemcpyDtoH_v2(h, d, sizeof h);
+             if (!std::isnan(h[0])) exit(1);  // warp 0 ran ahead: warp 1's slots are poison
+             launch("t_with_barrier", 1, 64, 64 * 4, a);
+             cuMemcpyDtoH_v2(h, d, sizeof h);
+             for (int i = 0; i < 64; ++i)
+                 if (h[i] != (float)((i + 32) % 64)) exit(1);
+         }},
+        {"cuMemFree of an interior pointer", "not the start of a live device allocation",
+         [] { cuMemFree_v2(dalloc(1024) + 16); }},
+    };
+    int failed = 0;
+    for (const Case& c : cases) {
+        int fds[2];
+        if (pipe(fds) != 0) return 2;
+        pid_t pid = fork();
+        if (pid == 0) {
+            dup2(fds[1], 2);
+            close(fds[0]);
+            c.body();
+            fflush(stderr);
+            _exit(0);
+        }
+        close(fds[1]);
+        std::string err;
+        char buf[4096];
+        ssize_t r;
+        while ((r = read(fds[0], buf, sizeof buf)) > 0) err.append(buf, (size_t)r);
+        close(fds[0]);
+        int st = 0;
+        waitpid(pid, &st, 0);
+        const bool exited_ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+        bool pass;
+        if (c.expect)
+            pass = !exited_ok && err.find(c.expect) != std::string::npos;
+        else
+            pass = exited_ok;
+        printf("%-4s %s\n", pass ? "ok" : "FAIL", c.name);
+        if (!pass) {
+            ++failed;
+            printf("     expected %s; child %s; stderr:\n%s\n",
+                   c.expect ? c.expect : "success",
+                   exited_ok ? "exited 0" : "failed", err.c_str());
+        } else if (c.expect) {
+            size_t at = err.find("FATAL");
+            if (at != std::string::npos)
+                printf("     %s\n", err.substr(at, err.find('\n', at) - at).c_str());
+        }
+    }
+    printf("%s: %d of %zu cases failed\n", failed ? "FAILED" : "ok", failed, cases.size());
+    return failed ? 1 : 0;
+}

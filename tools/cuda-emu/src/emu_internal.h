@@ -1,0 +1,58 @@
+// emu_internal.h - declarations shared by the emulator's runtime files (sched.cpp, driver.cpp,
+// blas.cpp): fatal reports, the device-allocation table and the kernel launcher.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "emu_device.h"
+#include "emu_registry.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+#define EMU_API extern "C" __attribute__((visibility("default")))
+
+namespace emu {
+
+// Prints "cuda-emu: <message>" (plus the running kernel, block and thread when called from
+// inside a kernel) to stderr and aborts the process.
+[[noreturn]] void fatal(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// One line to stderr when CUDA_EMU_VERBOSE is set.
+void trace(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+bool verbose();
+
+// ---- device memory (driver.cpp) ----
+struct AllocInfo {
+    uintptr_t base = 0;
+    std::size_t size = 0;
+};
+// The allocation containing [p, p + len) (len 0: p may be one past the end). False if none.
+bool find_alloc(uintptr_t p, std::size_t len, AllocInfo* out);
+// "0x... is N bytes past the end of the 4096-byte allocation at 0x..." or similar.
+std::string describe_addr(uintptr_t p);
+// Aborts unless [p, p + len) lies inside one device allocation. `what` names the operand.
+void check_range(const char* api, const char* what, uintptr_t p, std::size_t len);
+
+// ---- kernel execution (sched.cpp) ----
+const KernelEntry* find_kernel(const char* name);
+struct LaunchParams {
+    const KernelEntry* kernel;
+    dim3 grid, block;
+    unsigned dyn_smem;     // sharedMemBytes of the launch
+    int smem_optin;        // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (0 = not set)
+    void** args;
+};
+// Runs the whole grid before returning (streams are synchronous). Aborts on any check failure.
+void launch(const LaunchParams& p);
+// Installs the SIGSEGV reporter (idempotent).
+void install_fault_handler();
+
+constexpr int kSmemDefault = 48 * 1024;
+constexpr int kSmemOptinMax = 227 * 1024;  // sm_90
+
+}  // namespace emu
