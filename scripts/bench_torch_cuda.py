@@ -26,6 +26,9 @@ SHAPES = {
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        tie_word_embeddings=False),
+    # the benchmarks' code paths at a size the CPU execution layer (tools/cuda-emu) runs quickly
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 # dense bf16 FLOP/s and HBM bytes/s by GPU name (as src/bench/cuda.rs)
 PEAKS = [("H200", 989e12, 4.8e12), ("H100 PCIE", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12),

@@ -35,12 +35,14 @@ say "gpu-check $(date -u +%FT%TZ) on $(hostname)$([ "$EMU" = 1 ] && echo ' (emul
 [ "$EMU" = 1 ] || step nvidia-smi 20 nvidia-smi
 
 # NVRTC and cuBLAS for the kernels: the toolkit's first (its NVRTC matches the driver; a newer
-# NVRTC's CUBIN would be refused), then the pip wheels next to PyTorch.
-libdirs=$(
-    {
-        find /usr/local/cuda/ /usr/local/cuda-*/ -maxdepth 5 \
-            \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null
-        python3 -c '
+# NVRTC's CUBIN would be refused), then the pip wheels next to PyTorch. (Emulated: the caller's
+# LD_LIBRARY_PATH already has the stand-in first, and no real cuBLAS may come before it.)
+if [ "$EMU" != 1 ]; then
+    libdirs=$(
+        {
+            find /usr/local/cuda/ /usr/local/cuda-*/ -maxdepth 5 \
+                \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null
+            python3 -c '
 import os, site
 for d in site.getsitepackages():
     for root, _, files in os.walk(os.path.join(d, "nvidia")):
@@ -48,9 +50,10 @@ for d in site.getsitepackages():
             if f.startswith(("libnvrtc.so", "libcublas.so")):
                 print(os.path.join(root, f))
 ' 2>/dev/null
-    } | xargs -r -n1 dirname | awk '!seen[$0]++' | paste -sd:
-)
-export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        } | xargs -r -n1 dirname | awk '!seen[$0]++' | paste -sd:
+    )
+    export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 if [ ! -x gpu-bundle/cuda_gpu ] || [ ! -x gpu-bundle/twinkle ] || [ ! -x gpu-bundle/tinker_sdk ]; then
@@ -89,11 +92,10 @@ B="${PYTHON:-python3} scripts/bench_torch_cuda.py"
 TW="--twinkle gpu-bundle/twinkle"
 if [ "$EMU" = 1 ]; then
     # The code paths of the benchmarks, at a size the emulator runs in seconds.
-    SMALL="--layers 1 --skip-torch"
-    step "train qwen2.5-0.5b 1 layer seq 64 r8 (emulated)" 300 \
-        $B train --shape qwen2.5-0.5b --seq 64 --rank 8 --steps 1 $SMALL $TW
-    step "sample qwen2.5-0.5b 1 layer batch 2 (emulated)" 300 \
-        $B sample --shape qwen2.5-0.5b --batch 2 --prompt 8 --max-tokens 4 $SMALL $TW
+    step "train tiny seq 64 r8 (emulated)" 300 \
+        $B train --shape tiny --seq 64 --rank 8 --steps 1 --skip-torch $TW
+    step "sample tiny batch 2 (emulated)" 300 \
+        $B sample --shape tiny --batch 2 --prompt 8 --max-tokens 4 --skip-torch $TW
 else
     step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
     step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW

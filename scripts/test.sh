@@ -19,18 +19,24 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --no-fail-fast
 
-# The GPU suite (tests/cuda_gpu.rs) once more, on the CPU: tools/cuda-emu stands in for libcuda and
-# libcublas, running the unmodified kernels with fiber-per-thread scheduling and its own checks
-# (pointer arguments, barriers, shuffles, shared-memory opt-in, guard pages). The test binary is
-# the one `cargo test` just built; the emulator builds in seconds. Two schedules: warps in index
-# order, then reversed (CUDA_EMU_SHUFFLE=1), so a missing __syncthreads shows up whichever warp
-# happens to consume the shared data (see tools/cuda-emu/README.md).
+# The CUDA path on the CPU: tools/cuda-emu stands in for libcuda and libcublas, running the
+# unmodified kernels with fiber-per-thread scheduling and its own checks (pointer arguments,
+# barriers, shuffles, shared-memory opt-in, guard pages); it builds in seconds.
+# 1. scripts/gpu-check.sh end to end against it (GPU_CHECK_EMULATED=1): the whole GPU suite
+#    (tests/cuda_gpu.rs), the tinker SDK flow on a `device_type: cuda` model application, and
+#    the benchmarks' code paths at a small size. Its executables are the ones `cargo test` just
+#    built (BUNDLE_PROFILE=dev).
+# 2. The GPU suite again with warps in reverse order (CUDA_EMU_SHUFFLE=1), so a missing
+#    __syncthreads shows up whichever warp happens to consume the shared data
+#    (tools/cuda-emu/README.md).
 emu_dir="${CARGO_TARGET_DIR:-target}/cuda-emu"
 tools/cuda-emu/build.sh "$emu_dir"
+emu_lib="$(cd "$emu_dir" && pwd)"
+BUNDLE_PROFILE=dev BUNDLE_WHEELS=0 scripts/build-gpu-bundle.sh >/dev/null
 emu_status=0
-for schedule in 0 1; do
-  echo "cuda-emu: tests/cuda_gpu.rs with CUDA_EMU_SHUFFLE=$schedule"
-  LD_LIBRARY_PATH="$(cd "$emu_dir" && pwd):$LD_LIBRARY_PATH" TWINKLE_REQUIRE_GPU=1 \
-    CUDA_EMU_SHUFFLE=$schedule cargo test --test cuda_gpu -- --test-threads 2 || emu_status=1
-done
+LD_LIBRARY_PATH="$emu_lib:$LD_LIBRARY_PATH" GPU_CHECK_EMULATED=1 OUT="$emu_dir" \
+  PYTHON="$TWINKLE_VENV/bin/python" bash scripts/gpu-check.sh || emu_status=1
+echo "cuda-emu: tests/cuda_gpu.rs with CUDA_EMU_SHUFFLE=1"
+LD_LIBRARY_PATH="$emu_lib:$LD_LIBRARY_PATH" TWINKLE_REQUIRE_GPU=1 CUDA_EMU_SHUFFLE=1 \
+  gpu-bundle/cuda_gpu --test-threads 2 || emu_status=1
 exit $emu_status

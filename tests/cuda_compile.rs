@@ -88,6 +88,9 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("loss.cu", "xent_finish_fwd_f32"),
         ("loss.cu", "loss_fwd_f32"),
         ("adamw.cu", "adamw_fwd_f32"),
+        ("adamw.cu", "sumsq_multi_fwd_f32"),
+        ("adamw.cu", "adamw_multi_fwd_f32"),
+        ("loss.cu", "loss_term_fwd_f32"),
     ];
     let mut wanted: Vec<(&str, String)> = single.iter().map(|&(f, s)| (f, s.to_string())).collect();
     for &(f, stems) in both {

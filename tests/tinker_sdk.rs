@@ -89,9 +89,9 @@ struct Env {
     save: tempfile::TempDir,
     state_db: Option<PathBuf>,
     sampler: bool,
-    /// The directory of a CUDA driver/cuBLAS stand-in: the model app then runs with
-    /// `device_type: cuda` on one (emulated) card.
-    cuda: Option<PathBuf>,
+    /// `Some`: the model app runs with `device_type: cuda` on one card, with the driver of
+    /// [`cuda_driver`] (`Some(dir)`: the stand-in library in `dir`).
+    cuda: Option<Option<PathBuf>>,
 }
 
 impl Env {
@@ -110,10 +110,12 @@ impl Env {
             ("TWINKLE_SAVE_DIR", save.clone()),
             ("TWINKLE_INTERNAL_TOKEN", INTERNAL_TOKEN.into()),
         ];
-        if let Some(dir) = &self.cuda {
+        if let Some(lib) = &self.cuda {
             args.extend(["--num-gpus", "1"]);
-            let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-            vars.push(("LD_LIBRARY_PATH", format!("{}:{old}", dir.display())));
+            if let Some(dir) = lib {
+                let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+                vars.push(("LD_LIBRARY_PATH", format!("{}:{old}", dir.display())));
+            }
         }
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut serve = Serve::start(
@@ -154,7 +156,10 @@ fn wait_gateway(port: u16, serve: &Serve) -> Result<()> {
 
 /// Runs `tests/sdk/{script}` and returns its `RESULT` JSON.
 fn run_script(py: &Path, port: u16, key: &str, script: &str, args: &[&str]) -> Result<Value> {
+    // The scripts beside this file; from the working directory when the test executable runs
+    // on another machine (scripts/gpu-check.sh runs it from the repository root).
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
+    let dir = if dir.is_dir() { dir } else { std::env::current_dir()?.join("tests/sdk") };
     let out = Command::new(py)
         .arg("-W")
         .arg("ignore")
@@ -180,19 +185,34 @@ fn run_script(py: &Path, port: u16, key: &str, script: &str, args: &[&str]) -> R
     Ok(serde_json::from_str(line)?)
 }
 
-/// The CUDA stand-in library directory (`TWINKLE_CUDA_EMU`, set by scripts/test.sh after it
-/// builds tools/cuda-emu), or None (skip) unless `TWINKLE_REQUIRE_CUDA_EMU=1`.
-fn cuda_emu() -> Result<Option<PathBuf>> {
-    match std::env::var_os("TWINKLE_CUDA_EMU").map(PathBuf::from) {
-        Some(d) if d.join("libcuda.so.1").exists() => Ok(Some(d)),
-        _ if std::env::var("TWINKLE_REQUIRE_CUDA_EMU").as_deref() == Ok("1") => {
-            bail!("TWINKLE_CUDA_EMU does not name a directory with libcuda.so.1 (tools/cuda-emu)")
-        }
-        _ => {
-            eprintln!("SKIP: no CUDA stand-in (TWINKLE_CUDA_EMU); scripts/test.sh builds one");
-            Ok(None)
-        }
+/// Where the `device_type: cuda` model application gets its driver: `Some(Some(dir))` puts the
+/// CPU execution layer in `dir` (tools/cuda-emu, `TWINKLE_CUDA_EMU`) on the children's library
+/// path; `Some(None)` uses the driver this process already loads (a GPU machine, or the
+/// emulator already on `LD_LIBRARY_PATH` as in scripts/gpu-check.sh); `None` skips, unless
+/// `TWINKLE_REQUIRE_CUDA_EMU=1` or `TWINKLE_REQUIRE_GPU=1`.
+fn cuda_driver() -> Result<Option<Option<PathBuf>>> {
+    if let Some(d) = std::env::var_os("TWINKLE_CUDA_EMU").map(PathBuf::from) {
+        ensure!(
+            d.join("libcuda.so.1").exists(),
+            "TWINKLE_CUDA_EMU={} has no libcuda.so.1",
+            d.display()
+        );
+        return Ok(Some(Some(d)));
     }
+    if twinkle::engine::cuda::driver_available().is_ok() {
+        return Ok(Some(None));
+    }
+    let required = ["TWINKLE_REQUIRE_CUDA_EMU", "TWINKLE_REQUIRE_GPU"]
+        .iter()
+        .any(|k| std::env::var(k).as_deref() == Ok("1"));
+    ensure!(
+        !required,
+        "no CUDA driver and no TWINKLE_CUDA_EMU (tools/cuda-emu) to stand in for one"
+    );
+    eprintln!(
+        "SKIP: no CUDA driver (scripts/gpu-check.sh runs this on a GPU or on tools/cuda-emu)"
+    );
+    Ok(None)
 }
 
 fn f(v: &Value, k: &str) -> f64 {
@@ -361,9 +381,9 @@ fn sdk_training_resumes_across_restart() -> Result<()> {
 #[test]
 fn sdk_flow_on_a_cuda_model_app() -> Result<()> {
     let Some(py) = venv_python()? else { return Ok(()) };
-    let Some(emu) = cuda_emu()? else { return Ok(()) };
+    let Some(driver) = cuda_driver()? else { return Ok(()) };
     let mut env = Env::new(false)?;
-    env.cuda = Some(emu);
+    env.cuda = Some(driver);
     let mut serve = env.start()?;
     let st = serve.wait_all_running(Duration::from_secs(60))?;
     let model = app_address(&st, "model")?;

@@ -12,12 +12,27 @@ use crate::engine::backend::RopeTable;
 use crate::engine::models::ModelConfig;
 use crate::engine::synth::{SynthRng, SynthSpec};
 
-/// Shapes known to the GPU benchmark: `engine::synth`'s names plus larger Qwen2.5 shapes.
+/// Shapes known to the GPU benchmark: `engine::synth`'s names plus larger Qwen2.5 shapes, and
+/// `tiny` (the benchmarks' code paths at a size the CPU execution layer runs in seconds).
 pub fn bench_shape(name: &str) -> Option<SynthSpec> {
     if let Some(s) = SynthSpec::named(name) {
         return Some(s);
     }
     match name.to_ascii_lowercase().as_str() {
+        "tiny" => Some(SynthSpec {
+            arch: "Qwen2ForCausalLM".into(),
+            vocab: 1024,
+            hidden: 128,
+            inter: 256,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            rope_theta: 1_000_000.0,
+            eps: 1e-6,
+            max_positions: 4096,
+            tied: false,
+        }),
         "qwen2.5-7b" | "qwen2.5-7b-instruct" => Some(SynthSpec {
             arch: "Qwen2ForCausalLM".into(),
             vocab: 152_064,
