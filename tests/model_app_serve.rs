@@ -236,3 +236,51 @@ applications:
     assert_eq!(code.code(), Some(0));
     Ok(())
 }
+
+/// A `dp_size` larger than the cards the driver shows is a start-up error naming both numbers
+/// (here the CPU execution layer of tools/cuda-emu, which shows one card, stands in for a driver;
+/// `TWINKLE_CUDA_EMU` names it, scripts/test.sh sets it).
+#[test]
+fn cuda_app_with_fewer_visible_cards_than_dp_size_fails_at_startup() -> Result<()> {
+    let Some(emu) = std::env::var_os("TWINKLE_CUDA_EMU").map(std::path::PathBuf::from) else {
+        assert!(
+            std::env::var("TWINKLE_REQUIRE_CUDA_EMU").as_deref() != Ok("1"),
+            "TWINKLE_REQUIRE_CUDA_EMU=1 but TWINKLE_CUDA_EMU is not set"
+        );
+        eprintln!("SKIP: no CUDA stand-in (TWINKLE_CUDA_EMU); scripts/test.sh builds one");
+        return Ok(());
+    };
+    let port = free_port()?;
+    let config = format!(
+        r#"server_type: tinker
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: gpu
+    route_prefix: /api/v1/model/gpu
+    import_path: model
+    args:
+      model_id: "generate://qwen3-tiny"
+      device_group: {{name: gpu, ranks: 2, device_type: cuda}}
+      device_mesh: {{device_type: cuda, dp_size: 2}}
+"#
+    );
+    let lib = format!("{}:{}", emu.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+    let mut serve = Serve::start(
+        &config,
+        port,
+        &["--num-gpus", "2", "--num-cpus", "4"],
+        &[("LD_LIBRARY_PATH", lib.as_str())],
+    )?;
+    let st = poll(Duration::from_secs(90), || {
+        let st = serve.status_json().ok()?;
+        let gpu = st["applications"].as_array()?.iter().find(|a| a["name"] == "gpu")?.clone();
+        (gpu["state"] == "failed").then_some(gpu)
+    })
+    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let why = st["last_exit"].as_str().unwrap_or_default();
+    assert!(why.contains("dp_size 2") && why.contains("sees 1 device(s)"), "{why}");
+    assert_eq!(st["restarts"], 0, "{st}");
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    Ok(())
+}

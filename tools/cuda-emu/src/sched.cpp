@@ -509,7 +509,7 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
 // signal stack a runtime may have installed (Rust's is a few KiB), so every thread that runs
 // kernels gets its own 256 KiB one (never freed; a runtime that frees its own on thread exit
 // only disables whatever is current).
-void ensure_altstack() {
+[[maybe_unused]] void ensure_altstack() {
     static thread_local bool done = false;
     if (done) return;
     done = true;
@@ -590,7 +590,11 @@ void launch(const LaunchParams& L) {
     Worker& w = worker();
     if (w.launch) fatal("%s: nested launch from inside a kernel", shape);
     install_fault_handler();
+#if !EMU_ASAN
+    // Under ASan its own handler reports faults on its own alternate stack, which it unmaps at
+    // thread exit: replacing it would make that unmap fail.
     ensure_altstack();
+#endif
 #if EMU_ASAN
     static std::once_flag once;
     std::call_once(once, [] { __sanitizer_set_death_callback(on_asan_death); });
