@@ -193,6 +193,46 @@ fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
     Ok(())
 }
 
+/// A deployment of one model application `gpu` on `ranks` cuda cards (`dp_size` = `ranks`).
+fn cuda_app_config(port: u16, ranks: u32) -> String {
+    format!(
+        r#"server_type: tinker
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: gpu
+    route_prefix: /api/v1/model/gpu
+    import_path: model
+    args:
+      model_id: "generate://qwen3-tiny"
+      device_group: {{name: gpu, ranks: {ranks}, device_type: cuda}}
+      device_mesh: {{device_type: cuda, dp_size: {ranks}}}
+"#
+    )
+}
+
+/// Serves a deployment of one app on `ranks` cuda cards and waits until the app is `failed`; returns
+/// why it exited, after checking that it stays failed without restarts and that serve stops
+/// cleanly.
+fn start_and_wait_failed(ranks: u32, env: &[(&str, &str)]) -> Result<String> {
+    let port = free_port()?;
+    let gpus = ranks.to_string();
+    let args = ["--num-gpus", gpus.as_str(), "--num-cpus", "4"];
+    let mut serve = Serve::start(&cuda_app_config(port, ranks), port, &args, env)?;
+    let gpu_app = |serve: &Serve| -> Option<Value> {
+        let st = serve.status_json().ok()?;
+        st["applications"].as_array()?.iter().find(|a| a["name"] == "gpu").cloned()
+    };
+    let st = poll(Duration::from_secs(90), || gpu_app(&serve).filter(|g| g["state"] == "failed"))
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let later = gpu_app(&serve).context("gpu app")?;
+    assert_eq!(later["state"], "failed", "{later}");
+    assert_eq!(later["restarts"], 0, "{later}");
+    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+    assert_eq!(code.code(), Some(0));
+    Ok(st["last_exit"].as_str().unwrap_or_default().to_string())
+}
+
 /// An application that asks for a GPU computes on one or fails: with no usable CUDA driver the
 /// model application is `failed` at start-up with the cause, not restarted, and never quietly
 /// served from the CPU.
@@ -204,36 +244,8 @@ fn cuda_app_without_a_driver_fails_at_startup() -> Result<()> {
         );
         return Ok(());
     }
-    let port = free_port()?;
-    let config = format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: gpu
-    route_prefix: /api/v1/model/gpu
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: gpu, ranks: 1, device_type: cuda}}
-"#
-    );
-    let mut serve = Serve::start(&config, port, &["--num-gpus", "1", "--num-cpus", "4"], &[])?;
-    let st = poll(Duration::from_secs(90), || {
-        let st = serve.status_json().ok()?;
-        let gpu = st["applications"].as_array()?.iter().find(|a| a["name"] == "gpu")?.clone();
-        (gpu["state"] == "failed").then_some(gpu)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    let why = st["last_exit"].as_str().unwrap_or_default();
+    let why = start_and_wait_failed(1, &[])?;
     assert!(why.contains("device_type is cuda") && why.contains("driver"), "{why}");
-    std::thread::sleep(Duration::from_secs(2));
-    let st = serve.status_json()?;
-    let gpu = st["applications"].as_array().and_then(|a| a.iter().find(|a| a["name"] == "gpu"));
-    let gpu = gpu.context("gpu app")?;
-    assert_eq!(gpu["state"], "failed", "{gpu}");
-    assert_eq!(gpu["restarts"], 0, "{gpu}");
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
     Ok(())
 }
 
@@ -250,37 +262,8 @@ fn cuda_app_with_fewer_visible_cards_than_dp_size_fails_at_startup() -> Result<(
         eprintln!("SKIP: no CUDA stand-in (TWINKLE_CUDA_EMU); scripts/test.sh builds one");
         return Ok(());
     };
-    let port = free_port()?;
-    let config = format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: gpu
-    route_prefix: /api/v1/model/gpu
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: gpu, ranks: 2, device_type: cuda}}
-      device_mesh: {{device_type: cuda, dp_size: 2}}
-"#
-    );
     let lib = format!("{}:{}", emu.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
-    let mut serve = Serve::start(
-        &config,
-        port,
-        &["--num-gpus", "2", "--num-cpus", "4"],
-        &[("LD_LIBRARY_PATH", lib.as_str())],
-    )?;
-    let st = poll(Duration::from_secs(90), || {
-        let st = serve.status_json().ok()?;
-        let gpu = st["applications"].as_array()?.iter().find(|a| a["name"] == "gpu")?.clone();
-        (gpu["state"] == "failed").then_some(gpu)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    let why = st["last_exit"].as_str().unwrap_or_default();
+    let why = start_and_wait_failed(2, &[("LD_LIBRARY_PATH", lib.as_str())])?;
     assert!(why.contains("dp_size 2") && why.contains("sees 1 device(s)"), "{why}");
-    assert_eq!(st["restarts"], 0, "{st}");
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
     Ok(())
 }
