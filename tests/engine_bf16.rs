@@ -36,7 +36,7 @@ fn adapter(model: &Model) -> Adapter {
 }
 
 #[test]
-fn bf16_checkpoint_is_held_in_bf16_with_identical_results() {
+fn bf16_checkpoint_is_held_in_bf16_with_the_f32_results() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = spec();
     spec.write_as(tmp.path(), 5, true).unwrap();
@@ -52,7 +52,7 @@ fn bf16_checkpoint_is_held_in_bf16_with_identical_results() {
 
     let mut rng = SynthRng(21);
     let toks = rng.tokens(37, spec.vocab);
-    assert_eq!(bf.logits(None, &toks).unwrap(), f32m.logits(None, &toks).unwrap());
+    close("base logits", &bf.logits(None, &toks).unwrap(), &f32m.logits(None, &toks).unwrap());
 
     let data: Vec<Datum> = [29usize, 13]
         .iter()
@@ -68,19 +68,37 @@ fn bf16_checkpoint_is_held_in_bf16_with_identical_results() {
         })
         .collect();
     let (mut ab, mut af) = (adapter(&bf), adapter(&f32m));
-    assert_eq!(adapted_logits(&bf, &ab), adapted_logits(&f32m, &af));
+    close("adapted logits", &adapted_logits(&bf, &ab), &adapted_logits(&f32m, &af));
     let ob = forward_backward(&bf, Some(&mut ab), &data, &LossFn::CrossEntropy, false).unwrap();
     let of = forward_backward(&f32m, Some(&mut af), &data, &LossFn::CrossEntropy, false).unwrap();
-    assert_eq!(ob.loss_sum.to_bits(), of.loss_sum.to_bits());
+    assert!(
+        (ob.loss_sum - of.loss_sum).abs() <= 1e-5 * of.loss_sum.abs(),
+        "loss {} vs {}",
+        ob.loss_sum,
+        of.loss_sum
+    );
     let (gb, gf) = (ab.gradients(), af.gradients());
     assert_eq!(gb.len(), gf.len());
     for (name, g) in &gb {
-        assert_eq!(g.data(), gf[name].data(), "{name}");
+        close(name, g.data(), gf[name].data());
     }
 }
 
-/// Logits with `ad` applied, as bits (so NaNs would compare too).
-fn adapted_logits(model: &Model, ad: &Adapter) -> Vec<u32> {
+/// Logits with `ad` applied.
+fn adapted_logits(model: &Model, ad: &Adapter) -> Vec<f32> {
     let toks: Vec<u32> = (0..9).map(|i| i * 7 % model.config().vocab_size as u32).collect();
-    model.logits(Some(ad), &toks).unwrap().iter().map(|x| x.to_bits()).collect()
+    model.logits(Some(ad), &toks).unwrap()
+}
+
+/// The bf16-held model computes on exactly the f32 values of its weights; only the products'
+/// blocking differs (panels for bf16, whole matrices for f32), so results agree to f32 rounding:
+/// every element within 1e-5 of the tensor's largest magnitude (a wrong conversion or panel
+/// offset is off by O(1)). NaN anywhere fails.
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "{what} is all zeros: the comparison would prove nothing");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}]: {a} vs {b} (scale {scale})");
+    }
 }
