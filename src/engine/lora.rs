@@ -304,9 +304,14 @@ impl Adapter {
         out
     }
 
+    /// Number of trainable values (all A and B entries): the length of [`Self::grads_flat`].
+    pub fn num_params(&self) -> usize {
+        self.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum()
+    }
+
     /// Replaces the accumulated gradients with `grads` (layout of [`Self::grads_flat`]).
     pub fn set_grads_flat(&mut self, grads: &[f32]) -> Result<()> {
-        let total: usize = self.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
+        let total = self.num_params();
         if grads.len() != total {
             return Err(EngineError::Adapter(format!(
                 "{} gradient values for an adapter of {total} parameters",

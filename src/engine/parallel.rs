@@ -180,13 +180,11 @@ impl<R: ModelRuntime> DataParallel<R> {
         let replicas = each(&self.workers, items, |w, ()| w.upload_adapter(host))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        let g = host.grads_flat();
-        let mut rep =
-            Replicated { shape: host.shape(), grad_len: g.len(), replicas, pending: None };
-        if rep.replicas.len() > 1 && g.iter().any(|&x| x != 0.0) {
-            rep.pending = Some(g);
-        }
-        Ok(rep)
+        // Several replicas keep the accumulated gradient on the host; one keeps it on its device
+        // (uploaded above), so only then is a host copy made.
+        let pending =
+            (replicas.len() > 1).then(|| host.grads_flat()).filter(|g| g.iter().any(|&x| x != 0.0));
+        Ok(Replicated { shape: host.shape(), grad_len: host.num_params(), replicas, pending })
     }
 
     /// A host copy of the adapter: weights, moments and step of the first replica (all are
