@@ -191,3 +191,50 @@ fn chat_template_errors_are_typed() {
     let err = t.apply_chat_template(&[], true);
     assert!(matches!(err, Err(TokenizeError::Template(_))), "{err:?}");
 }
+
+/// Assistant-only labels by round-wise rendering: the labelled tokens are exactly the assistant
+/// turns (content and end-of-turn), the tokens equal a whole-text encoding, labels are rolled.
+#[test]
+fn training_encoding_labels_only_assistant_turns() -> anyhow::Result<()> {
+    use twinkle::tokenize::trajectory::{IGNORE, RenderOptions};
+    let tok = qwen3();
+    let messages: Vec<serde_json::Value> = serde_json::from_str(
+        r#"[{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am Twinkle."},
+            {"role": "user", "content": "And who made you?"},
+            {"role": "assistant", "content": "The Twinkle team."}]"#,
+    )?;
+    let enc = tok.encode_for_training(&messages, &RenderOptions::default())?;
+    let full = tok.apply_chat_template_json(&messages, false, &Default::default())?;
+    assert_eq!(enc.input_ids, tok.encode(&full, false)?, "segment-wise tokens differ");
+    assert_eq!(enc.labels.len(), enc.input_ids.len());
+    assert_eq!(*enc.labels.last().unwrap(), IGNORE);
+    // Rolled: labels[i] is input_ids[i + 1] wherever it is set.
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for i in 0..enc.labels.len() - 1 {
+        let on = enc.labels[i] != IGNORE;
+        if on {
+            assert_eq!(enc.labels[i], i64::from(enc.input_ids[i + 1]));
+            if !prev {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(enc.input_ids[i + 1]);
+        }
+        prev = on;
+    }
+    let texts: Vec<String> = runs.iter().map(|r| tok.decode(r, false)).collect::<Result<_, _>>()?;
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[0].contains("I am Twinkle.") && texts[0].ends_with("<|im_end|>\n"), "{texts:?}");
+    assert!(texts[1].contains("The Twinkle team.") && texts[1].ends_with("<|im_end|>\n"));
+    assert!(texts.iter().all(|t| !t.contains("user") && !t.contains("Who are you")));
+    // max_length cuts the tail and leaves the last label unset.
+    let short = tok.encode_for_training(
+        &messages,
+        &RenderOptions { max_length: Some(10), ..Default::default() },
+    )?;
+    assert_eq!(short.input_ids.len(), 10);
+    assert_eq!(short.labels[9], IGNORE);
+    Ok(())
+}

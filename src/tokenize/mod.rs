@@ -4,6 +4,7 @@
 
 mod chat;
 mod stream;
+pub mod trajectory;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
