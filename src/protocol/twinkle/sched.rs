@@ -161,7 +161,6 @@ impl Schedule {
             Schedule::StepLr { step_size, gamma } => base * gamma.powi((step / step_size) as i32),
             Schedule::CosineAnnealing { t_max, eta_min } => {
                 // torch's closed form (its recursive update equals it for constant base lr).
-                let eta_min = eta_min;
                 eta_min
                     + (base - eta_min) * (1.0 + (std::f64::consts::PI * t / t_max as f64).cos())
                         / 2.0
