@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Application, DeviceType, ImportPath};
+use crate::config::{Application, DeviceType, ImportPath, ServerType};
 use crate::engine::ModelRuntime;
 use crate::engine::cuda::{CudaDevice, CudaRuntime, bf16};
 use crate::engine::parallel::DataParallel;
@@ -87,7 +87,8 @@ fn internal_token() -> InternalToken {
 }
 
 enum Loaded {
-    Model(Arc<dyn ModelApp>),
+    /// The model service and its adapter timeout (the Twinkle layer expires idle adapters too).
+    Model(Arc<dyn ModelApp>, Duration),
     Sampler(Arc<dyn SamplerApp>),
 }
 
@@ -199,7 +200,7 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
             start_model(&opts, base, engine)
         }
     };
-    Ok(Loaded::Model(svc))
+    Ok(Loaded::Model(svc, opts.adapter_timeout))
 }
 
 /// CPU data-parallel workers: `TWINKLE_CPU_WORKERS` when set, else `dp_size`.
@@ -222,6 +223,61 @@ fn start_model<R: ModelRuntime>(
     svc
 }
 
+/// Tenants of the Twinkle-native routes: the whole config's `api_keys`, the shared save root.
+fn twinkle_auth(ctx: &AppContext) -> Result<crate::protocol::twinkle::Auth, WorkerError> {
+    let root = server::default_save_root();
+    crate::protocol::twinkle::Auth::load(ctx.opts.config.as_deref(), &root)
+        .map_err(|e| WorkerError::Startup(format!("application `{}`: {e}", ctx.opts.app)))
+}
+
+/// The seed's 3-node example mounts its sampler at `/sampler/…` while the 0.1.x client calls
+/// `/samplers/…`: a sampler under either answers under both.
+fn sampler_prefixes(prefix: &str) -> Vec<String> {
+    let p = prefix.trim_end_matches('/').to_string();
+    let twin = if let Some(rest) = p.strip_prefix("/samplers/") {
+        Some(format!("/sampler/{rest}"))
+    } else {
+        p.strip_prefix("/sampler/").map(|rest| format!("/samplers/{rest}"))
+    };
+    std::iter::once(p).chain(twin).collect()
+}
+
+/// The Twinkle-native layer of a model application: tenants authenticated like the server app's
+/// (the whole config's `api_keys`), runs under the shared save root, idle adapters expired.
+fn twinkle_layer(
+    ctx: &AppContext,
+    svc: Arc<dyn ModelApp>,
+    timeout: Duration,
+) -> Result<Arc<model::twinkle::TwinkleModel>, WorkerError> {
+    let auth = twinkle_auth(ctx)?;
+    let per_owner = ctx
+        .opts
+        .config
+        .as_deref()
+        .and_then(|p| crate::config::load_file(p).ok())
+        .and_then(|c| {
+            c.applications
+                .iter()
+                .find_map(|a| a.args.server_config.as_ref().and_then(|s| s.per_token_model_limit))
+        })
+        .map_or(model::twinkle::DEFAULT_PER_OWNER, |n| n as usize);
+    let tw = Arc::new(model::twinkle::TwinkleModel::new(svc, auth, timeout, per_owner));
+    let weak = Arc::downgrade(&tw);
+    let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(every);
+            match weak.upgrade() {
+                Some(tw) => {
+                    tw.sweep();
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(tw)
+}
+
 /// Runs the `model` or `sampler` application of `ctx`: loads the model, then serves. When the
 /// model cannot be found or loaded this is a startup error ([`WorkerError::Startup`]): the
 /// worker exits with its message (naming every place it looked) and the supervisor shows the
@@ -231,16 +287,27 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
     let token = internal_token();
     match load(ctx) {
         Ok(Loaded::Sampler(svc)) => {
+            let auth = twinkle_auth(ctx)?;
+            let tw = Arc::new(sampler::twinkle::TwinkleSampler::new(svc.clone(), auth));
+            let prefixes = sampler_prefixes(&ctx.opts.route_prefix);
+            let gen1 = ctx.opts.server_type == ServerType::Twinkle;
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 sampler::routes(cfg, svc.clone(), token.clone());
+                for p in &prefixes {
+                    sampler::twinkle::routes(cfg, tw.clone(), p, gen1);
+                }
             })
             .await
         }
-        Ok(Loaded::Model(svc)) => {
+        Ok(Loaded::Model(svc, timeout)) => {
+            let tw = twinkle_layer(ctx, svc.clone(), timeout)?;
+            let prefix = ctx.opts.route_prefix.clone();
+            let gen1 = ctx.opts.server_type == ServerType::Twinkle;
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 model::http::routes(cfg, svc.clone(), token.clone());
+                model::twinkle::routes(cfg, tw.clone(), &prefix, gen1);
             })
             .await
         }

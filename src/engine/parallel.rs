@@ -289,6 +289,25 @@ impl<R: ModelRuntime> DataParallel<R> {
         metrics.into_iter().next().ok_or_else(|| EngineError::InvalidInput("no replicas".into()))
     }
 
+    /// Global L2 norm of the gradient accumulated since the last step (what the next step
+    /// would clip), without changing it.
+    pub fn grad_norm(&self, rep: &Replicated<R>) -> Result<f64> {
+        let sq = |g: &[f32]| g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        if rep.replicas.len() == 1 {
+            return Ok(sq(&self.workers[0].grads_to_host(&rep.replicas[0])?).sqrt());
+        }
+        Ok(rep.pending.as_deref().map_or(0.0, sq).sqrt())
+    }
+
+    /// Drops the gradient accumulated since the last step.
+    pub fn zero_grad(&self, rep: &mut Replicated<R>) -> Result<()> {
+        rep.pending = None;
+        for (w, replica) in self.workers.iter().zip(rep.replicas.iter_mut()) {
+            w.zero_grad(replica)?;
+        }
+        Ok(())
+    }
+
     /// Token-balanced contiguous shards, one per runtime (some may be empty).
     fn ranges(&self, data: &[Datum]) -> Result<Vec<Range<usize>>> {
         if data.is_empty() {

@@ -55,6 +55,25 @@ impl RouteTable {
             }
             routes.push(Route { prefix, app: app.to_string() });
         }
+        // The seed's 3-node example mounts its sampler at `/sampler/…` while the twinkle-kit 0.1.x
+        // client calls `/samplers/…`: each such prefix also answers under its twin, unless another
+        // application owns the twin.
+        let twins: Vec<Route> = routes
+            .iter()
+            .filter_map(|r| {
+                let twin = if let Some(rest) = r.prefix.strip_prefix("/samplers/") {
+                    format!("/sampler/{rest}")
+                } else {
+                    format!("/samplers/{}", r.prefix.strip_prefix("/sampler/")?)
+                };
+                Some(Route { prefix: twin, app: r.app.clone() })
+            })
+            .collect();
+        for twin in twins {
+            if !routes.iter().any(|r| r.prefix == twin.prefix) {
+                routes.push(twin);
+            }
+        }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Self { routes })
     }
@@ -105,6 +124,11 @@ mod tests {
             Some("server")
         );
         assert_eq!(app_of(&t, "/api/v10"), None);
+        let seed = RouteTable::new([("sampler", "/sampler/Qwen/Q"), ("other", "/samplers/X")])
+            .expect("valid table");
+        assert_eq!(app_of(&seed, "/samplers/Qwen/Q/sample").as_deref(), Some("sampler"));
+        assert_eq!(app_of(&seed, "/sampler/Qwen/Q/sample").as_deref(), Some("sampler"));
+        assert_eq!(app_of(&seed, "/sampler/X/sample").as_deref(), Some("other"));
         assert_eq!(app_of(&t, "/other"), None);
         assert_eq!(app_of(&t, "/"), None);
     }

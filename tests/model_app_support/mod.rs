@@ -67,6 +67,7 @@ pub fn fwdbwd(id: &str, forward_only: bool, data: Vec<DatumJson>) -> ForwardBack
     ForwardBackwardRequest {
         model_id: id.into(),
         forward_only,
+        disable_lora: false,
         loss_fn: "cross_entropy".into(),
         loss_config: None,
         data,

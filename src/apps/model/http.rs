@@ -65,6 +65,11 @@ pub trait ModelApp: Send + Sync + 'static {
     fn load(&self, req: &LoadRequest) -> Result<(), AppError>;
     fn unload(&self, req: &UnloadRequest) -> Result<(), AppError>;
     fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError>;
+    /// The base model's configuration, tokenizer and served length.
+    fn served(&self) -> &super::Served;
+    fn grad_norm(&self, id: &str) -> Result<f64, AppError>;
+    fn zero_grad(&self, id: &str) -> Result<(), AppError>;
+    fn download(&self, id: &str) -> Result<crate::engine::Adapter, AppError>;
 }
 
 impl<R: ModelRuntime> ModelApp for ModelService<R> {
@@ -94,6 +99,18 @@ impl<R: ModelRuntime> ModelApp for ModelService<R> {
     }
     fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError> {
         ModelService::sample(self, req)
+    }
+    fn served(&self) -> &super::Served {
+        self.base()
+    }
+    fn grad_norm(&self, id: &str) -> Result<f64, AppError> {
+        ModelService::grad_norm(self, id)
+    }
+    fn zero_grad(&self, id: &str) -> Result<(), AppError> {
+        ModelService::zero_grad(self, id)
+    }
+    fn download(&self, id: &str) -> Result<crate::engine::Adapter, AppError> {
+        ModelService::download(self, id)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod http;
 pub mod sample;
+pub mod twinkle;
 pub mod types;
 
 use std::collections::HashMap;
@@ -378,7 +379,8 @@ impl<R: ModelRuntime> ModelService<R> {
         let engine = &self.engine;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
             if req.forward_only {
-                return Ok(engine.forward(Some(adapter), &data, &loss)?);
+                let with = (!req.disable_lora).then_some(&*adapter);
+                return Ok(engine.forward(with, &data, &loss)?);
             }
             let out = engine.forward_backward(adapter, &data, &loss)?;
             *pending = true;
@@ -414,6 +416,25 @@ impl<R: ModelRuntime> ModelService<R> {
             *pending = false;
             Ok(MetricsResponse { metrics: m.to_map() })
         })
+    }
+
+    /// Global gradient norm of adapter `id` (the accumulated, not yet applied gradient).
+    pub fn grad_norm(&self, id: &str) -> Result<f64, AppError> {
+        self.with_adapter(id, |adapter, _| Ok(self.engine.grad_norm(adapter)?))
+    }
+
+    /// Drops adapter `id`'s accumulated gradient.
+    pub fn zero_grad(&self, id: &str) -> Result<(), AppError> {
+        self.with_adapter(id, |adapter, pending| {
+            self.engine.zero_grad(adapter)?;
+            *pending = false;
+            Ok(())
+        })
+    }
+
+    /// A host copy of adapter `id` (weights, optimizer moments, step).
+    pub fn download(&self, id: &str) -> Result<Adapter, AppError> {
+        self.with_adapter(id, |adapter, _| Ok(self.engine.download(adapter)?))
     }
 
     /// `POST /_internal/v1/save`.

@@ -78,6 +78,9 @@ pub struct ForwardBackwardRequest {
     pub model_id: String,
     #[serde(default)]
     pub forward_only: bool,
+    /// With `forward_only`: compute with the base model alone (a reference model for DPO/KL).
+    #[serde(default)]
+    pub disable_lora: bool,
     pub loss_fn: String,
     /// Numeric entries configure the loss; others (e.g. text) are ignored.
     #[serde(default)]

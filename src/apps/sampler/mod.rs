@@ -3,6 +3,8 @@
 //! (PEFT directories the model application saved), are placed on every runtime and stay cached,
 //! least recently used out. Requests go round-robin over the runtimes (one per card).
 
+pub mod twinkle;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -24,6 +26,8 @@ pub const ADAPTER_CACHE: usize = 4;
 pub trait SamplerApp: Send + Sync + 'static {
     fn info(&self) -> InfoResponse;
     fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError>;
+    /// The base model's configuration, tokenizer and served length.
+    fn served(&self) -> &Served;
 }
 
 /// The sampler application's state, computing on runtimes of type `R`.
@@ -97,6 +101,9 @@ impl<R: ModelRuntime> SamplerApp for SamplerService<R> {
     }
     fn sample(&self, req: &SampleRequest) -> Result<SampleResponse, AppError> {
         SamplerService::sample(self, req)
+    }
+    fn served(&self) -> &Served {
+        self.base()
     }
 }
 

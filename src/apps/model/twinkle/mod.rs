@@ -1,0 +1,271 @@
+//! The model application's Twinkle-native API (both client generations): per-adapter training
+//! state on top of the internal model service — template, loss, optimizer, lr schedule, gradient
+//! accumulation, clip-then-step, metrics, save/load/resume — with run and checkpoint metadata
+//! written next to the PEFT directories (`protocol::twinkle::runs`), so the app works with no
+//! server app. Adapter ids are `{scope}-{adapter_name}` (the training run id), scoped by the
+//! caller's session or request id and owned by the caller's token hash.
+
+mod ckpt;
+mod inputs;
+mod ops;
+
+pub use ops::TEMPLATES;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::{Map, Value};
+
+use super::http::ModelApp;
+use crate::engine::AdamParams;
+use crate::protocol::twinkle::sched::Schedule;
+use crate::protocol::twinkle::wire::LoraRequest;
+use crate::protocol::twinkle::{Auth, Caller, Gen, TwinkleError};
+use inputs::{Encoded, Loss, TemplateCfg};
+
+/// Default number of adapters one token may hold on a model application.
+pub const DEFAULT_PER_OWNER: usize = 8;
+
+/// Training state of one adapter (Python's `OptimizerGroup`).
+#[derive(Debug)]
+struct TrainState {
+    owner: String,
+    run_id: String,
+    lora: LoraRequest,
+    ga_steps: u64,
+    template: Option<TemplateCfg>,
+    loss: Loss,
+    optim: AdamParams,
+    optimizer_cls: String,
+    schedule: Schedule,
+    scheduler_cls: Option<String>,
+    /// Scheduler steps taken (`lr_step`).
+    sched_steps: u64,
+    /// forward_backward calls since the last optimizer step.
+    micro: u64,
+    /// Optimizer steps taken.
+    cur_step: u64,
+    /// Set by `clip_grad_norm`, used by the next `step`.
+    clip: Option<f64>,
+    /// Whether a step happened since the last `lr_step` (the scheduler follows the optimizer).
+    stepped: bool,
+    consumed_train_samples: u64,
+    /// Split-phase `forward` → `calculate_loss` → `backward`.
+    staged: Option<(Vec<Encoded>, Map<String, Value>, f64)>,
+    metrics: Metrics,
+    last_seen: Instant,
+}
+
+/// Running metrics reported (and reset) by `calculate_metric`.
+#[derive(Debug, Default, Clone)]
+struct Metrics {
+    loss_sum: f64,
+    batches: u64,
+    tokens: u64,
+    grad_norm: Option<f64>,
+    lr: Option<f64>,
+}
+
+/// The Twinkle layer of one model application.
+pub struct TwinkleModel {
+    app: Arc<dyn ModelApp>,
+    auth: Auth,
+    adapters: Mutex<HashMap<String, Arc<Mutex<TrainState>>>>,
+    timeout: Duration,
+    per_owner: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TwinkleModel {
+    pub fn new(app: Arc<dyn ModelApp>, auth: Auth, timeout: Duration, per_owner: usize) -> Self {
+        TwinkleModel {
+            app,
+            auth,
+            adapters: Mutex::new(HashMap::new()),
+            timeout,
+            per_owner: per_owner.max(1),
+        }
+    }
+
+    /// The caller's adapter `adapter_name` (404 when it does not exist or is someone else's).
+    fn state(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Arc<Mutex<TrainState>>, TwinkleError> {
+        let name = adapter_name(body)?;
+        let id = caller.adapter_id(&name)?;
+        let st = lock(&self.adapters).get(&id).cloned();
+        match st {
+            Some(s) if lock(&s).owner == caller.owner => {
+                lock(&s).last_seen = Instant::now();
+                Ok(s)
+            }
+            _ => Err(TwinkleError::NotFound(format!(
+                "adapter `{name}` does not exist in this session; call add_adapter_to_model first"
+            ))),
+        }
+    }
+
+    /// Removes adapters without any call or heartbeat for the adapter timeout (their
+    /// checkpoints stay on disk). Returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let expired: Vec<String> = lock(&self.adapters)
+            .iter()
+            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.last_seen.elapsed() >= self.timeout))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in &expired {
+            lock(&self.adapters).remove(id);
+            let req = super::types::UnloadRequest { model_id: id.clone() };
+            if let Err(e) = self.app.unload(&req) {
+                tracing::warn!(adapter = %id, error = %e, "cannot unload an expired adapter");
+            }
+            tracing::info!(adapter = %id, "twinkle adapter expired without heartbeats");
+        }
+        expired.len()
+    }
+
+    /// Runs one op for `caller`.
+    fn dispatch(
+        &self,
+        g: Gen,
+        op: &str,
+        caller: &Caller,
+        body: Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        match op {
+            "create" => Ok(serde_json::json!({"status": "ok"})),
+            "add_adapter_to_model" => self.add_adapter(caller, &body),
+            "heartbeat" => {
+                self.state(caller, &body)?;
+                Ok(serde_json::json!({"status": "ok"}))
+            }
+            "set_template" => self.set_template(g, caller, &body),
+            "set_processor" => self.set_processor(g, caller, &body),
+            "set_loss" => self.set_loss(g, caller, &body),
+            "set_optimizer" => self.set_optimizer(g, caller, &body),
+            "set_lr_scheduler" => self.set_lr_scheduler(g, caller, &body),
+            "forward" | "forward_only" => self.forward(g, caller, &body, op == "forward"),
+            "calculate_loss" => self.calculate_loss(g, caller, &body),
+            "backward" => self.backward(g, caller, &body),
+            "forward_backward" => self.forward_backward(g, caller, &body),
+            "clip_grad_norm" => self.clip_grad_norm(g, caller, &body),
+            "step" => self.step(g, caller, &body),
+            "zero_grad" => self.zero_grad(g, caller, &body),
+            "lr_step" => self.lr_step(g, caller, &body),
+            "clip_grad_and_step" => self.clip_grad_and_step(g, caller, &body),
+            "calculate_metric" => self.calculate_metric(g, caller, &body),
+            "get_train_configs" => self.train_configs(g, caller, &body),
+            "get_state_dict" => self.state_dict(g, caller, &body),
+            "save" => self.save(g, caller, &body),
+            "load" => self.load(g, caller, &body),
+            "resume_from_checkpoint" => self.resume(g, caller, &body),
+            "add_metric" => self.add_metric(g, caller, &body),
+            "apply_patch" => Err(TwinkleError::bad(
+                "apply_patch: patches are Python code and are not executed by this server",
+            )),
+            "upload_to_hub" | "upload_status" => Err(TwinkleError::NotImplemented(
+                "upload_to_hub: this server has no model-hub access; download the checkpoint \
+                 (weights/<name> under your run) and upload it from a machine with network"
+                    .into(),
+            )),
+            other => {
+                Err(TwinkleError::NotFound(format!("the model application has no op `{other}`")))
+            }
+        }
+    }
+}
+
+/// `adapter_name` of a request body (the client always sends it; `''` is the default adapter).
+fn adapter_name(body: &Map<String, Value>) -> Result<String, TwinkleError> {
+    match body.get("adapter_name") {
+        None | Some(Value::Null) => Ok("default".into()),
+        Some(Value::String(s)) if s.is_empty() => Ok("default".into()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => {
+            Err(TwinkleError::bad(format!("adapter_name must be a string, got {other}")))
+        }
+    }
+}
+
+/// Routes: `{prefix}/twinkle/{op}` always (Gen-2), `{prefix}/{op}` with `server_type: twinkle`
+/// (Gen-1).
+pub fn routes(cfg: &mut web::ServiceConfig, tw: Arc<TwinkleModel>, prefix: &str, gen1: bool) {
+    let data = web::Data::new(tw);
+    let p = prefix.trim_end_matches('/');
+    cfg.service(
+        web::resource(format!("{p}/twinkle/{{op}}"))
+            .app_data(data.clone())
+            .app_data(body_config())
+            .route(web::post().to(op_gen2))
+            .route(web::get().to(op_gen2)),
+    );
+    if gen1 {
+        cfg.service(
+            web::resource(format!("{p}/{{op}}"))
+                .app_data(data)
+                .app_data(body_config())
+                .route(web::post().to(op_gen1)),
+        );
+    }
+}
+
+fn body_config() -> web::PayloadConfig {
+    web::PayloadConfig::new(super::http::JSON_LIMIT)
+}
+
+async fn op_gen1(
+    req: HttpRequest,
+    tw: web::Data<Arc<TwinkleModel>>,
+    op: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    run(Gen::One, req, tw, op.into_inner(), body).await
+}
+
+async fn op_gen2(
+    req: HttpRequest,
+    tw: web::Data<Arc<TwinkleModel>>,
+    op: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    run(Gen::Two, req, tw, op.into_inner(), body).await
+}
+
+async fn run(
+    g: Gen,
+    req: HttpRequest,
+    tw: web::Data<Arc<TwinkleModel>>,
+    op: String,
+    body: web::Bytes,
+) -> HttpResponse {
+    use actix_web::ResponseError as _;
+    let out = async {
+        let caller = tw.auth.caller(&req)?;
+        let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
+            Map::new()
+        } else {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(m)) => m,
+                Ok(Value::Null) => Map::new(),
+                Ok(_) => return Err(TwinkleError::bad("the request body must be a JSON object")),
+                Err(e) => return Err(TwinkleError::bad(format!("bad JSON body: {e}"))),
+            }
+        };
+        let tw = tw.get_ref().clone();
+        web::block(move || tw.dispatch(g, &op, &caller, body))
+            .await
+            .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
+    }
+    .await;
+    match out {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => e.error_response(),
+    }
+}

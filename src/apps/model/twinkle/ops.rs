@@ -1,0 +1,658 @@
+//! Training ops of the Twinkle layer: adapter creation, template/processor/loss/optimizer/lr
+//! settings, forward (and split-phase), forward_backward with gradient-accumulation scaling,
+//! clip-then-step on accumulation boundaries, and metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+
+use super::inputs::{self, Loss, TemplateCfg};
+use super::{Metrics, TrainState, TwinkleModel, adapter_name, lock};
+use crate::apps::model::types::{
+    CreateAdapterRequest, ForwardBackwardRequest, LoraSettings, OptimStepRequest,
+};
+use crate::engine::AdamParams;
+use crate::protocol::twinkle::runs::{self, RunMeta};
+use crate::protocol::twinkle::sched::Schedule;
+use crate::protocol::twinkle::{Caller, Gen, TwinkleError, paths, wire};
+
+/// Template class names `set_template` accepts: all mean "the served model's own chat template".
+pub const TEMPLATES: &[&str] = &[
+    "Template",
+    "Qwen3Template",
+    "Qwen3_5Template",
+    "Qwen2_5Template",
+    "QwenTemplate",
+    "Llama3Template",
+    "ChatmlTemplate",
+];
+
+fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
+    body.iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()) && k.as_str() != "adapter_name")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn string<'a>(body: &'a Map<String, Value>, k: &str) -> Result<&'a str, TwinkleError> {
+    body.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| TwinkleError::bad(format!("{k} is missing (a class name)")))
+}
+
+fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, TwinkleError> {
+    match body.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map(Some)
+            .ok_or_else(|| TwinkleError::bad(format!("{k} must be a number, got {v}"))),
+    }
+}
+
+impl TwinkleModel {
+    pub(super) fn add_adapter(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let name = adapter_name(body)?;
+        let id = caller.adapter_id(&name)?;
+        if body.get("save_dir").is_some_and(|v| !v.is_null()) {
+            return Err(TwinkleError::bad(
+                "save_dir is not supported: checkpoints go under your run (save(name=...))",
+            ));
+        }
+        let lora = wire::lora_config(body.get("config").unwrap_or(&Value::Null))?;
+        let ga = match body.get("gradient_accumulation_steps") {
+            None | Some(Value::Null) => 1,
+            Some(v) => v.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
+                TwinkleError::bad(format!(
+                    "gradient_accumulation_steps must be a whole number >= 1, got {v}"
+                ))
+            })?,
+        };
+        {
+            let map = lock(&self.adapters);
+            if map.contains_key(&id) {
+                return Err(TwinkleError::Conflict(format!(
+                    "adapter `{name}` already exists in this session"
+                )));
+            }
+            let owned = map.values().filter(|s| lock(s).owner == caller.owner).count();
+            if owned >= self.per_owner {
+                return Err(TwinkleError::Conflict(format!(
+                    "this token already holds {owned} adapters on this model (limit {}); let idle ones expire or use another session",
+                    self.per_owner
+                )));
+            }
+        }
+        let max_rank = self.app.served().info.max_rank;
+        if lora.rank > max_rank {
+            return Err(TwinkleError::bad(format!(
+                "config.r = {} exceeds the largest rank {max_rank}",
+                lora.rank
+            )));
+        }
+        let run_dir = paths::caller_run_dir(&self.auth, caller, &id)?;
+        self.app.create_adapter(&CreateAdapterRequest {
+            model_id: id.clone(),
+            lora: LoraSettings {
+                rank: lora.rank,
+                alpha: lora.alpha,
+                train_attn: lora.train_attn,
+                train_mlp: lora.train_mlp,
+                train_unembed: false,
+                seed: None,
+            },
+        })?;
+        let run = RunMeta {
+            training_run_id: id.clone(),
+            base_model: self.app.served().info.base_model.clone(),
+            model_owner: caller.owner.clone(),
+            is_lora: true,
+            corrupted: false,
+            lora_rank: Some(lora.rank),
+            last_request_time: Some(runs::now_iso()),
+            last_checkpoint: None,
+            last_sampler_checkpoint: None,
+            user_metadata: None,
+        };
+        if let Err(e) = runs::write_run(&run_dir, &run) {
+            let _ =
+                self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: id.clone() });
+            return Err(e);
+        }
+        let st = TrainState {
+            owner: caller.owner.clone(),
+            run_id: id.clone(),
+            lora,
+            ga_steps: ga,
+            template: None,
+            loss: Loss::default(),
+            optim: AdamParams {
+                learning_rate: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                grad_clip_norm: 0.0,
+            },
+            optimizer_cls: "AdamW".into(),
+            schedule: Schedule::Constant,
+            scheduler_cls: None,
+            sched_steps: 0,
+            micro: 0,
+            cur_step: 0,
+            clip: None,
+            stepped: false,
+            consumed_train_samples: 0,
+            staged: None,
+            metrics: Metrics::default(),
+            last_seen: Instant::now(),
+        };
+        lock(&self.adapters).insert(id.clone(), Arc::new(Mutex::new(st)));
+        Ok(json!({"status": "ok", "adapter_name": id}))
+    }
+
+    pub(super) fn set_template(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let cls = body
+            .get("template_cls")
+            .or_else(|| body.get("template_func"))
+            .and_then(Value::as_str)
+            .unwrap_or("Template");
+        if !TEMPLATES.contains(&cls) {
+            return Err(TwinkleError::bad(format!(
+                "set_template: template_cls `{cls}` is not available (hub plugins and custom classes are not executed); \
+                 use one of {TEMPLATES:?}, all of which apply the served model's own chat template"
+            )));
+        }
+        match self.app.served().tokenizer.as_deref() {
+            Some(t) if t.has_chat_template() => {}
+            _ => {
+                return Err(TwinkleError::bad(
+                    "set_template: the served model has no tokenizer with a chat template",
+                ));
+            }
+        }
+        let max_length = match body.get("max_length") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().filter(|&m| m > 0).ok_or_else(|| {
+                TwinkleError::bad(format!(
+                    "set_template: max_length must be a positive whole number, got {v}"
+                ))
+            })? as usize),
+        };
+        let enable_thinking = body.get("enable_thinking").and_then(Value::as_bool);
+        lock(&s).template = Some(TemplateCfg { max_length, enable_thinking });
+        Ok(g.result(Value::Null))
+    }
+
+    pub(super) fn set_processor(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        self.state(caller, body)?;
+        let cls = body.get("processor_cls").and_then(Value::as_str).unwrap_or("InputProcessor");
+        if cls != "InputProcessor" {
+            return Err(TwinkleError::bad(format!(
+                "set_processor: processor_cls `{cls}` is not available; only InputProcessor"
+            )));
+        }
+        // Sequences are packed without padding, so padding_side / padding_free change nothing.
+        Ok(g.result(Value::Null))
+    }
+
+    pub(super) fn set_loss(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let loss = Loss::from_request(string(body, "loss_cls")?, &kwargs(body, &["loss_cls"]))?;
+        lock(&s).loss = loss;
+        Ok(g.result(Value::Null))
+    }
+
+    pub(super) fn set_optimizer(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let cls = string(body, "optimizer_cls")?;
+        let kw = kwargs(body, &["optimizer_cls"]);
+        if let Some(k) = kw.keys().find(|k| {
+            !["lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused"]
+                .contains(&k.as_str())
+        }) {
+            return Err(TwinkleError::bad(format!(
+                "set_optimizer: {cls} has no supported argument `{k}` (lr, betas, eps, weight_decay)"
+            )));
+        }
+        if kw.get("amsgrad").and_then(Value::as_bool) == Some(true) {
+            return Err(TwinkleError::bad("set_optimizer: amsgrad is not supported"));
+        }
+        // torch defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8; weight decay 0 (Adam), 0.01 (AdamW).
+        let wd_default = match cls {
+            "AdamW" => 0.01,
+            "Adam" => 0.0,
+            other => {
+                return Err(TwinkleError::bad(format!(
+                    "set_optimizer: optimizer_cls `{other}` is not available; supported: Adam, AdamW"
+                )));
+            }
+        };
+        let wd = f64_of(&kw, "weight_decay")?.unwrap_or(wd_default);
+        if cls == "Adam" && wd != 0.0 {
+            return Err(TwinkleError::bad(
+                "set_optimizer: Adam with weight_decay (L2 in the gradient) is not supported; use AdamW (decoupled)",
+            ));
+        }
+        let (b1, b2) = match kw.get("betas") {
+            None | Some(Value::Null) => (0.9, 0.999),
+            Some(Value::Array(b)) if b.len() == 2 && b.iter().all(|x| x.as_f64().is_some()) => {
+                (b[0].as_f64().unwrap_or(0.9), b[1].as_f64().unwrap_or(0.999))
+            }
+            Some(v) => {
+                return Err(TwinkleError::bad(format!(
+                    "set_optimizer: betas must be two numbers, got {v}"
+                )));
+            }
+        };
+        let p = AdamParams {
+            learning_rate: f64_of(&kw, "lr")?.unwrap_or(1e-3),
+            beta1: b1,
+            beta2: b2,
+            eps: f64_of(&kw, "eps")?.unwrap_or(1e-8),
+            weight_decay: wd,
+            grad_clip_norm: 0.0,
+        };
+        if !(p.learning_rate >= 0.0
+            && (0.0..1.0).contains(&p.beta1)
+            && (0.0..1.0).contains(&p.beta2)
+            && p.eps >= 0.0
+            && p.weight_decay >= 0.0)
+        {
+            return Err(TwinkleError::bad(
+                "set_optimizer: lr, eps and weight_decay must be >= 0 and betas in [0, 1)",
+            ));
+        }
+        let mut st = lock(&s);
+        st.optim = p;
+        st.optimizer_cls = cls.to_string();
+        Ok(g.result(Value::Null))
+    }
+
+    pub(super) fn set_lr_scheduler(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let cls = string(body, "scheduler_cls")?;
+        let sched = Schedule::from_request(cls, &kwargs(body, &["scheduler_cls"]))?;
+        let mut st = lock(&s);
+        st.schedule = sched;
+        st.scheduler_cls = Some(cls.to_string());
+        st.sched_steps = 0;
+        Ok(g.result(Value::Null))
+    }
+
+    fn encode(
+        &self,
+        st: &TrainState,
+        body: &Map<String, Value>,
+    ) -> Result<Vec<inputs::Encoded>, TwinkleError> {
+        let served = self.app.served();
+        inputs::encode(
+            body.get("inputs").unwrap_or(&Value::Null),
+            served.tokenizer.as_deref(),
+            st.template.as_ref(),
+            served.config.vocab_size,
+            served.max_length,
+        )
+    }
+
+    /// Runs the engine on `enc`; returns (loss in the user's units, per-input logprobs).
+    fn run(
+        &self,
+        st: &mut TrainState,
+        enc: &[inputs::Encoded],
+        extras: &Map<String, Value>,
+        train: bool,
+        disable_lora: bool,
+    ) -> Result<(f64, Vec<Vec<f32>>, usize), TwinkleError> {
+        let scale = if train { 1.0 / st.ga_steps as f64 } else { 1.0 };
+        let (mut data, tokens) = inputs::datums(enc, &st.loss, extras, scale)?;
+        if matches!(st.loss, Loss::Grpo { .. }) && data.iter().any(|d| d.logprobs.is_none()) {
+            // No old_logps: on-policy, the ratio is 1 at the current weights.
+            let (_, lps, _) = self.run(
+                &mut TrainState { loss: Loss::CrossEntropy { mean: false }, ..clone_state(st) },
+                enc,
+                &Map::new(),
+                false,
+                disable_lora,
+            )?;
+            for (d, lp) in data.iter_mut().zip(lps) {
+                if d.logprobs.is_none() {
+                    d.logprobs = Some(lp);
+                }
+            }
+        }
+        let (loss_fn, loss_config) = st.loss.engine();
+        let out = self.app.forward_backward(&ForwardBackwardRequest {
+            model_id: st.run_id.clone(),
+            forward_only: !train,
+            disable_lora,
+            loss_fn,
+            loss_config,
+            data,
+        })?;
+        let loss = out.metrics.get("loss:sum").copied().unwrap_or(0.0) / scale;
+        let lps: Vec<Vec<f32>> = out.outputs.into_iter().map(|o| o.logprobs).collect();
+        Ok((loss, lps, tokens))
+    }
+
+    fn record(st: &mut TrainState, loss: f64, tokens: usize) {
+        st.metrics.loss_sum += loss;
+        st.metrics.batches += 1;
+        st.metrics.tokens += tokens as u64;
+    }
+
+    pub(super) fn forward(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+        stage: bool,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let enc = self.encode(&st, body)?;
+        let disable = body.get("disable_lora").and_then(Value::as_bool).unwrap_or(false);
+        let extras = kwargs(body, &["inputs"]);
+        let (loss, lps, _) = self.run(&mut st, &enc, &extras, false, disable)?;
+        let logps = inputs::logps(&enc, &lps);
+        if stage {
+            st.staged = Some((enc, extras, loss));
+        }
+        Ok(g.result(json!({"loss": loss, "logps": logps, "logits": null})))
+    }
+
+    pub(super) fn calculate_loss(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let st = lock(&s);
+        let (_, _, loss) = st
+            .staged
+            .as_ref()
+            .ok_or_else(|| TwinkleError::bad("calculate_loss: call forward(inputs) first"))?;
+        Ok(g.result(json!(loss)))
+    }
+
+    pub(super) fn backward(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let (enc, extras, _) = st.staged.take().ok_or_else(|| {
+            TwinkleError::bad("backward: call forward(inputs) and calculate_loss first")
+        })?;
+        let (loss, _, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
+        st.micro += 1;
+        Self::record(&mut st, loss, tokens);
+        Ok(match g {
+            Gen::One => json!({"result": null}),
+            Gen::Two => Value::Null,
+        })
+    }
+
+    pub(super) fn forward_backward(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let _ = g;
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let enc = self.encode(&st, body)?;
+        let extras = kwargs(body, &["inputs"]);
+        let (loss, lps, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
+        st.micro += 1;
+        st.consumed_train_samples += enc.len() as u64;
+        Self::record(&mut st, loss, tokens);
+        Ok(
+            json!({"result": {"loss": loss, "logps": inputs::logps(&enc, &lps), "num_tokens": tokens, "logits": null}}),
+        )
+    }
+
+    fn boundary(st: &TrainState) -> bool {
+        st.micro > 0 && st.micro.is_multiple_of(st.ga_steps)
+    }
+
+    pub(super) fn clip_grad_norm(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let _ = g;
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let (max, norm_type) = Self::clip_args(body)?;
+        let norm = self.app.grad_norm(&st.run_id)?;
+        st.clip = Some(max);
+        st.metrics.grad_norm = Some(norm);
+        let _ = norm_type;
+        Ok(json!({"result": format!("{norm}")}))
+    }
+
+    fn clip_args(body: &Map<String, Value>) -> Result<(f64, f64), TwinkleError> {
+        let max = f64_of(body, "max_grad_norm")?.unwrap_or(1.0);
+        let norm_type = f64_of(body, "norm_type")?.unwrap_or(2.0);
+        if norm_type != 2.0 {
+            return Err(TwinkleError::bad(format!(
+                "norm_type {norm_type} is not supported; only the L2 norm (2)"
+            )));
+        }
+        if max <= 0.0 {
+            return Err(TwinkleError::bad(format!("max_grad_norm must be > 0, got {max}")));
+        }
+        Ok((max, norm_type))
+    }
+
+    /// One optimizer step on an accumulation boundary (else nothing).
+    fn do_step(&self, st: &mut TrainState) -> Result<(), TwinkleError> {
+        if !Self::boundary(st) {
+            return Ok(());
+        }
+        let lr = st.schedule.lr(st.optim.learning_rate, st.sched_steps);
+        let p = AdamParams {
+            learning_rate: lr,
+            grad_clip_norm: st.clip.take().unwrap_or(0.0),
+            ..st.optim
+        };
+        let m = self
+            .app
+            .optim_step(&OptimStepRequest { model_id: st.run_id.clone(), adam_params: p })?;
+        st.metrics.grad_norm = m.metrics.get("grad_norm:mean").copied().or(st.metrics.grad_norm);
+        st.metrics.lr = Some(lr);
+        st.micro = 0;
+        st.cur_step += 1;
+        st.stepped = true;
+        Ok(())
+    }
+
+    fn unit(g: Gen) -> Value {
+        g.result(Value::Null)
+    }
+
+    pub(super) fn step(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        self.do_step(&mut lock(&s))?;
+        Ok(Self::unit(g))
+    }
+
+    pub(super) fn zero_grad(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        // Off a boundary the gradient keeps accumulating; after a step it is already zero.
+        if Self::boundary(&st) {
+            self.app.zero_grad(&st.run_id)?;
+            st.micro = 0;
+        }
+        Ok(Self::unit(g))
+    }
+
+    pub(super) fn lr_step(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        if std::mem::take(&mut st.stepped) {
+            st.sched_steps += 1;
+        }
+        Ok(Self::unit(g))
+    }
+
+    pub(super) fn clip_grad_and_step(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let (max, _) = Self::clip_args(body)?;
+        if Self::boundary(&st) {
+            st.clip = Some(max);
+            self.do_step(&mut st)?;
+            if std::mem::take(&mut st.stepped) {
+                st.sched_steps += 1;
+            }
+        }
+        Ok(Self::unit(g))
+    }
+
+    pub(super) fn calculate_metric(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let _ = g;
+        let s = self.state(caller, body)?;
+        let mut st = lock(&s);
+        let m = std::mem::take(&mut st.metrics);
+        let mut out = Map::new();
+        if m.batches > 0 {
+            out.insert("loss".into(), json!(format!("{:.6}", m.loss_sum / m.batches as f64)));
+        }
+        if let Some(gn) = m.grad_norm {
+            out.insert("grad_norm".into(), json!(format!("{gn:.6}")));
+        }
+        let lr = m.lr.unwrap_or_else(|| st.schedule.lr(st.optim.learning_rate, st.sched_steps));
+        out.insert("learning rate".into(), json!(format!("{lr:.6e}")));
+        out.insert("iters".into(), json!(format!("{}", st.cur_step)));
+        out.insert("num_tokens".into(), json!(format!("{}", m.tokens)));
+        Ok(json!({"result": out}))
+    }
+
+    pub(super) fn train_configs(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        let _ = g;
+        let s = self.state(caller, body)?;
+        let st = lock(&s);
+        let cfg = json!({
+            "adapter_name": st.run_id,
+            "lora": {"r": st.lora.rank, "lora_alpha": st.lora.alpha, "attention": st.lora.train_attn, "mlp": st.lora.train_mlp,
+                     "lora_dropout": st.lora.dropout, "note": "dropout is not applied by this engine"},
+            "gradient_accumulation_steps": st.ga_steps,
+            "loss": st.loss.name(),
+            "optimizer": {"cls": st.optimizer_cls, "lr": st.optim.learning_rate, "betas": [st.optim.beta1, st.optim.beta2], "eps": st.optim.eps, "weight_decay": st.optim.weight_decay},
+            "lr_scheduler": st.scheduler_cls,
+            "cur_step": st.cur_step,
+        });
+        Ok(json!({"result": cfg.to_string()}))
+    }
+
+    pub(super) fn add_metric(
+        &self,
+        g: Gen,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        self.state(caller, body)?;
+        let cls = string(body, "metric_cls")?;
+        match cls {
+            "LossMetric" | "Accuracy" | "GradNormMetric" => Ok(Self::unit(g)),
+            other => Err(TwinkleError::bad(format!(
+                "add_metric: metric_cls `{other}` is not available; loss, grad_norm and learning rate are always reported"
+            ))),
+        }
+    }
+}
+
+/// A detached copy of the settings a nested forward needs (no metrics or staged inputs).
+fn clone_state(st: &TrainState) -> TrainState {
+    TrainState {
+        owner: st.owner.clone(),
+        run_id: st.run_id.clone(),
+        lora: st.lora.clone(),
+        ga_steps: st.ga_steps,
+        template: st.template.clone(),
+        loss: st.loss.clone(),
+        optim: st.optim,
+        optimizer_cls: st.optimizer_cls.clone(),
+        schedule: st.schedule.clone(),
+        scheduler_cls: st.scheduler_cls.clone(),
+        sched_steps: st.sched_steps,
+        micro: st.micro,
+        cur_step: st.cur_step,
+        clip: st.clip,
+        stepped: st.stepped,
+        consumed_train_samples: st.consumed_train_samples,
+        staged: None,
+        metrics: Metrics::default(),
+        last_seen: st.last_seen,
+    }
+}
