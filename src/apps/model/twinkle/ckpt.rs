@@ -63,7 +63,7 @@ impl TwinkleModel {
         let dir = path.dir(&self.auth, caller)?;
         let save_kind = if with_optim && !sampler { SaveKind::State } else { SaveKind::Sampler };
         self.app.save(&SaveRequest {
-            model_id: st.run_id.clone(),
+            model_id: st.engine_id.clone(),
             dir: dir.clone(),
             kind: save_kind,
         })?;
@@ -92,7 +92,10 @@ impl TwinkleModel {
         with_optim: bool,
     ) -> Result<(std::sync::Arc<std::sync::Mutex<super::TrainState>>, Value), TwinkleError> {
         let s = self.state(caller, body)?;
-        let run_id = lock(&s).run_id.clone();
+        let (run_id, eid) = {
+            let st = lock(&s);
+            (st.run_id.clone(), st.engine_id.clone())
+        };
         let path = checkpoint_path(body, &run_id)?;
         let dir = path.dir(&self.auth, caller)?;
         if !dir.join(runs::CHECKPOINT_META).is_file() && !dir.join("adapter_config.json").is_file()
@@ -100,7 +103,7 @@ impl TwinkleModel {
             return Err(TwinkleError::NotFound(format!("checkpoint {path} does not exist")));
         }
         self.app.load(&LoadRequest {
-            model_id: run_id,
+            model_id: eid,
             dir: dir.clone(),
             with_optimizer: with_optim,
             create: None,
@@ -158,7 +161,7 @@ impl TwinkleModel {
     ) -> Result<Value, TwinkleError> {
         let _ = g;
         let s = self.state(caller, body)?;
-        let id = lock(&s).run_id.clone();
+        let id = lock(&s).engine_id.clone();
         let adapter = self.app.download(&id)?;
         let mut out = Map::new();
         for (k, t) in adapter.tensors() {

@@ -32,7 +32,10 @@ pub const DEFAULT_PER_OWNER: usize = 8;
 #[derive(Debug)]
 struct TrainState {
     owner: String,
+    /// The training run id the client sees (`{scope}-{adapter_name}`).
     run_id: String,
+    /// The model service's id: owner and run id, so two tenants reusing a scope never collide.
+    engine_id: String,
     lora: LoraRequest,
     ga_steps: u64,
     template: Option<TemplateCfg>,
@@ -99,7 +102,7 @@ impl TwinkleModel {
         body: &Map<String, Value>,
     ) -> Result<Arc<Mutex<TrainState>>, TwinkleError> {
         let name = adapter_name(body)?;
-        let id = caller.adapter_id(&name)?;
+        let id = engine_id(caller, &caller.adapter_id(&name)?);
         let st = lock(&self.adapters).get(&id).cloned();
         match st {
             Some(s) if lock(&s).owner == caller.owner => {
@@ -180,6 +183,11 @@ impl TwinkleModel {
             }
         }
     }
+}
+
+/// The model service's id of run `run_id` of `caller`.
+fn engine_id(caller: &Caller, run_id: &str) -> String {
+    format!("{}/{run_id}", caller.owner)
 }
 
 /// `adapter_name` of a request body (the client always sends it; `''` is the default adapter).

@@ -60,6 +60,7 @@ impl TwinkleModel {
     ) -> Result<Value, TwinkleError> {
         let name = adapter_name(body)?;
         let id = caller.adapter_id(&name)?;
+        let eid = super::engine_id(caller, &id);
         if body.get("save_dir").is_some_and(|v| !v.is_null()) {
             return Err(TwinkleError::bad(
                 "save_dir is not supported: checkpoints go under your run (save(name=...))",
@@ -76,7 +77,7 @@ impl TwinkleModel {
         };
         {
             let map = lock(&self.adapters);
-            if map.contains_key(&id) {
+            if map.contains_key(&eid) {
                 return Err(TwinkleError::Conflict(format!(
                     "adapter `{name}` already exists in this session"
                 )));
@@ -98,7 +99,7 @@ impl TwinkleModel {
         }
         let run_dir = paths::caller_run_dir(&self.auth, caller, &id)?;
         self.app.create_adapter(&CreateAdapterRequest {
-            model_id: id.clone(),
+            model_id: eid.clone(),
             lora: LoraSettings {
                 rank: lora.rank,
                 alpha: lora.alpha,
@@ -128,6 +129,7 @@ impl TwinkleModel {
         let st = TrainState {
             owner: caller.owner.clone(),
             run_id: id.clone(),
+            engine_id: eid.clone(),
             lora,
             ga_steps: ga,
             template: None,
@@ -153,7 +155,7 @@ impl TwinkleModel {
             metrics: Metrics::default(),
             last_seen: Instant::now(),
         };
-        lock(&self.adapters).insert(id.clone(), Arc::new(Mutex::new(st)));
+        lock(&self.adapters).insert(eid, Arc::new(Mutex::new(st)));
         Ok(json!({"status": "ok", "adapter_name": id}))
     }
 
@@ -355,7 +357,7 @@ impl TwinkleModel {
         }
         let (loss_fn, loss_config) = st.loss.engine();
         let out = self.app.forward_backward(&ForwardBackwardRequest {
-            model_id: st.run_id.clone(),
+            model_id: st.engine_id.clone(),
             forward_only: !train,
             disable_lora,
             loss_fn,
@@ -390,7 +392,8 @@ impl TwinkleModel {
         if stage {
             st.staged = Some((enc, extras, loss));
         }
-        Ok(g.result(json!({"loss": loss, "logps": logps, "logits": null})))
+        let _ = g;
+        Ok(json!({"result": {"loss": loss, "logps": logps, "logits": null}}))
     }
 
     pub(super) fn calculate_loss(
@@ -462,7 +465,7 @@ impl TwinkleModel {
         let s = self.state(caller, body)?;
         let mut st = lock(&s);
         let (max, norm_type) = Self::clip_args(body)?;
-        let norm = self.app.grad_norm(&st.run_id)?;
+        let norm = self.app.grad_norm(&st.engine_id)?;
         st.clip = Some(max);
         st.metrics.grad_norm = Some(norm);
         let _ = norm_type;
@@ -496,7 +499,7 @@ impl TwinkleModel {
         };
         let m = self
             .app
-            .optim_step(&OptimStepRequest { model_id: st.run_id.clone(), adam_params: p })?;
+            .optim_step(&OptimStepRequest { model_id: st.engine_id.clone(), adam_params: p })?;
         st.metrics.grad_norm = m.metrics.get("grad_norm:mean").copied().or(st.metrics.grad_norm);
         st.metrics.lr = Some(lr);
         st.micro = 0;
@@ -530,7 +533,7 @@ impl TwinkleModel {
         let mut st = lock(&s);
         // Off a boundary the gradient keeps accumulating; after a step it is already zero.
         if Self::boundary(&st) {
-            self.app.zero_grad(&st.run_id)?;
+            self.app.zero_grad(&st.engine_id)?;
             st.micro = 0;
         }
         Ok(Self::unit(g))
@@ -637,6 +640,7 @@ fn clone_state(st: &TrainState) -> TrainState {
     TrainState {
         owner: st.owner.clone(),
         run_id: st.run_id.clone(),
+        engine_id: st.engine_id.clone(),
         lora: st.lora.clone(),
         ga_steps: st.ga_steps,
         template: st.template.clone(),

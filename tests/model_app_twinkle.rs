@@ -1,0 +1,264 @@
+//! The model application's Twinkle-native layer in process: gradient accumulation and
+//! clip-then-step boundaries, loss reductions (CE mean/sum, GRPO with scattered old_logps against
+//! hand-derived values), save → resume giving the same loss, tenant isolation, and 4xx for bad
+//! class names, paths and scopes, under both route generations.
+
+mod model_app_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{App, test};
+use model_app_support::*;
+use serde_json::{Value, json};
+use twinkle::apps::model::http::ModelApp;
+use twinkle::apps::model::twinkle::{TwinkleModel, routes};
+use twinkle::protocol::twinkle::Auth;
+
+const LORA: &str = r#"{"r": 4, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0, "_TWINKLE_TYPE_": "LoraConfig"}"#;
+
+struct Client<'a, S> {
+    app: &'a S,
+    token: &'a str,
+    scope: &'a str,
+    base: &'a str,
+}
+
+impl<S> Client<'_, S>
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    async fn call(&self, op: &str, body: Value) -> (u16, Value) {
+        let req = test::TestRequest::post()
+            .uri(&format!("{}/{op}", self.base))
+            .insert_header(("Authorization", format!("Bearer {}", self.token)))
+            .insert_header(("X-Twinkle-Session-Id", self.scope))
+            .set_json(body)
+            .to_request();
+        let resp = test::call_service(self.app, req).await;
+        let status = resp.status().as_u16();
+        let bytes = test::read_body(resp).await;
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn ok(&self, op: &str, body: Value) -> Value {
+        let (s, v) = self.call(op, body).await;
+        assert_eq!(s, 200, "{op}: {v}");
+        v
+    }
+
+    async fn adapter(&self, ga: u64) {
+        self.ok(
+            "add_adapter_to_model",
+            json!({"adapter_name": "a", "config": LORA, "gradient_accumulation_steps": ga}),
+        )
+        .await;
+        self.ok(
+            "set_optimizer",
+            json!({"adapter_name": "a", "optimizer_cls": "AdamW", "lr": 0.02, "weight_decay": 0.0}),
+        )
+        .await;
+    }
+
+    async fn loss(&self, inputs: &Value) -> f64 {
+        let v = self.ok("forward_only", json!({"adapter_name": "a", "inputs": inputs})).await;
+        v["loss"].as_f64().or_else(|| v["result"]["loss"].as_f64()).unwrap()
+    }
+}
+
+fn feature() -> Value {
+    let ids: Vec<u32> = SEQ.to_vec();
+    let mut labels: Vec<i64> = vec![-100; ids.len()];
+    for i in 4..ids.len() - 1 {
+        labels[i] = i64::from(ids[i + 1]);
+    }
+    json!([{"input_ids": ids, "labels": labels}])
+}
+
+fn layer(root: &std::path::Path) -> Arc<TwinkleModel> {
+    let svc: Arc<dyn ModelApp> = Arc::new(service(&root.join("spill")));
+    let auth = Auth { keys: None, salt: b"test-salt".to_vec(), save_root: root.join("save") };
+    Arc::new(TwinkleModel::new(svc, auth, Duration::from_secs(600), 4))
+}
+
+#[actix_web::test]
+async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
+    let t = tempfile::tempdir().unwrap();
+    let tw = layer(t.path());
+    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    c.adapter(2).await;
+    c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 2})).await;
+    let x = feature();
+    let l0 = c.loss(&x).await;
+    c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
+    // One micro-batch of two: clip reports a norm, step/zero_grad/lr_step change nothing.
+    let norm: f64 =
+        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(norm > 0.0);
+    for op in ["step", "zero_grad", "lr_step"] {
+        assert_eq!(c.ok(op, json!({"adapter_name": "a"})).await, Value::Null, "{op}");
+    }
+    assert_eq!(c.loss(&x).await, l0, "a step off the accumulation boundary changed the weights");
+    // The second micro-batch doubles the accumulated gradient (same data, scaled by 1/2 each).
+    c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
+    let norm2: f64 =
+        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!((norm2 - 2.0 * norm).abs() < 1e-3 * norm2, "{norm} then {norm2}");
+    c.ok("step", json!({"adapter_name": "a"})).await;
+    c.ok("lr_step", json!({"adapter_name": "a"})).await;
+    let l1 = c.loss(&x).await;
+    assert!(l1 < l0, "no progress: {l0} -> {l1}");
+    let m = c.ok("calculate_metric", json!({"adapter_name": "a", "is_training": true})).await;
+    // LinearLR(start 0.5, 2 iters) at scheduler step 0: 0.5 * 0.02.
+    assert_eq!(m["result"]["learning rate"], "1.000000e-2", "{m}");
+    assert_eq!(m["result"]["iters"], "1");
+    let gn: f64 = m["result"]["grad_norm"].as_str().unwrap().parse().unwrap();
+    assert!((gn - norm2).abs() < 1e-4 * norm2, "{gn} vs {norm2}");
+    // Gen-1 path: the same ops directly under the prefix, `{result: …}` envelopes.
+    let g1 = Client { base: "/m", ..c };
+    assert_eq!(g1.ok("step", json!({"adapter_name": "a"})).await, json!({"result": null}));
+}
+
+#[actix_web::test]
+async fn losses_match_their_definitions() {
+    let t = tempfile::tempdir().unwrap();
+    let tw = layer(t.path());
+    let app =
+        test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", false))).await;
+    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    c.adapter(1).await;
+    let x = feature();
+    let out = c.ok("forward_only", json!({"adapter_name": "a", "inputs": x})).await;
+    let logps: Vec<f64> =
+        out["result"]["logps"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let labelled: Vec<f64> = logps.iter().copied().filter(|&l| l != 0.0).collect();
+    assert_eq!(labelled.len(), SEQ.len() - 5);
+    let mean = -labelled.iter().sum::<f64>() / labelled.len() as f64;
+    let ce_mean = out["result"]["loss"].as_f64().unwrap();
+    assert!((ce_mean - mean).abs() < 1e-4, "{ce_mean} vs {mean}");
+    c.ok(
+        "set_loss",
+        json!({"adapter_name": "a", "loss_cls": "CrossEntropyLoss", "reduction": "sum"}),
+    )
+    .await;
+    let ce_sum = c.loss(&x).await;
+    assert!((ce_sum - mean * labelled.len() as f64).abs() < 1e-3, "{ce_sum}");
+
+    // GRPO at the sampling policy (old_logps = current logps, ratio 1): the loss is minus the
+    // mean advantage; advantages +1 and -1 cancel.
+    c.ok("set_loss", json!({"adapter_name": "a", "loss_cls": "GRPOLoss", "epsilon": 0.2})).await;
+    let two = json!([x[0], x[0]]);
+    let grpo = |adv: Value| json!({"adapter_name": "a", "inputs": two, "advantages": adv, "old_logps": [labelled, labelled]});
+    let v = c.ok("forward_backward", grpo(json!([1.0, 1.0]))).await;
+    assert!((v["result"]["loss"].as_f64().unwrap() + 1.0).abs() < 1e-4, "{v}");
+    let v = c.ok("forward_backward", grpo(json!([1.0, -1.0]))).await;
+    assert!(v["result"]["loss"].as_f64().unwrap().abs() < 1e-4, "{v}");
+    // Old logps 1 nat below the current ones: ratio e > 1.2, clipped for A > 0: -1.2.
+    let lower: Vec<f64> = labelled.iter().map(|l| l - 1.0).collect();
+    let v = c.ok("forward_backward", json!({"adapter_name": "a", "inputs": [x[0]], "advantages": [1.0], "old_logps": [lower]})).await;
+    assert!((v["result"]["loss"].as_f64().unwrap() + 1.2).abs() < 1e-4, "{v}");
+    let (s, v) = c
+        .call("forward_backward", json!({"adapter_name": "a", "inputs": two, "advantages": [1.0]}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("advantages"), "{v}");
+}
+
+#[actix_web::test]
+async fn save_resume_isolation_and_bad_names() {
+    let t = tempfile::tempdir().unwrap();
+    let tw = layer(t.path());
+    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    c.adapter(1).await;
+    let x = feature();
+    for _ in 0..3 {
+        c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
+        c.ok("clip_grad_and_step", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await;
+    }
+    let saved = c.ok("save", json!({"adapter_name": "a", "name": "ep0", "save_optimizer": true, "consumed_train_samples": 3})).await;
+    assert_eq!(saved["twinkle_path"], "twinkle://s1-a/weights/ep0");
+    let g1 = Client { base: "/m", ..c };
+    let saved1 = g1.ok("save", json!({"adapter_name": "a", "name": "ep0b"})).await;
+    assert_eq!(saved1["result"], "twinkle://s1-a/weights/ep0b", "{saved1}");
+    let l = c.loss(&x).await;
+
+    // A new session resumes: same loss, same step count.
+    let c2 = Client { scope: "s2", ..c };
+    c2.adapter(1).await;
+    assert_ne!(c2.loss(&x).await, l);
+    let r = c2
+        .ok(
+            "resume_from_checkpoint",
+            json!({"adapter_name": "a", "name": "twinkle://s1-a/weights/ep0"}),
+        )
+        .await;
+    assert_eq!(
+        r["result"],
+        json!({"cur_step": 3, "consumed_train_samples": 3, "gradient_accumulation_steps": 1})
+    );
+    assert_eq!(c2.loss(&x).await, l);
+
+    // Another tenant: the adapter and the path do not exist for it.
+    let eve = Client { token: "eve", ..c };
+    let (s, _) = eve.call("forward_only", json!({"adapter_name": "a", "inputs": x})).await;
+    assert_eq!(s, 404);
+    eve.adapter(1).await;
+    let (s, v) =
+        eve.call("load", json!({"adapter_name": "a", "name": "twinkle://s1-a/weights/ep0"})).await;
+    assert_eq!(s, 404, "{v}");
+
+    for (op, body, needle) in [
+        ("set_loss", json!({"loss_cls": "DPOLoss"}), "DPOLoss"),
+        ("set_template", json!({"template_cls": "ms://someone/plugin"}), "template_cls"),
+        ("set_lr_scheduler", json!({"scheduler_cls": "OneCycleLR"}), "OneCycleLR"),
+        ("set_optimizer", json!({"optimizer_cls": "SGD"}), "SGD"),
+        ("load", json!({"name": "ms://Qwen/Qwen3-0.6B"}), "hub ids"),
+        ("load", json!({"name": "twinkle://../weights/x"}), "name"),
+        ("resume_from_checkpoint", json!({"name": "/etc/passwd"}), "name"),
+        (
+            "forward_backward",
+            json!({"inputs": [{"input_ids": [1, 2], "labels": [-100]}]}),
+            "labels",
+        ),
+        (
+            "forward_backward",
+            json!({"inputs": [{"messages": [{"role": "user", "content": "x"}]}]}),
+            "set_template",
+        ),
+        (
+            "add_adapter_to_model",
+            json!({"adapter_name": "b", "config": r#"{"r": 4, "use_dora": true}"#}),
+            "DoRA",
+        ),
+        ("add_adapter_to_model", json!({"adapter_name": "../x", "config": LORA}), "adapter_name"),
+    ] {
+        let mut body = body;
+        if body.get("adapter_name").is_none() {
+            body["adapter_name"] = json!("a");
+        }
+        let (s, v) = c.call(op, body.clone()).await;
+        assert_eq!(s, 400, "{op} {body}: {v}");
+        assert!(v["detail"].as_str().unwrap().contains(needle), "{op}: {v}");
+    }
+    let (s, v) = c.call("upload_to_hub", json!({"adapter_name": "a"})).await;
+    assert_eq!(s, 501, "{v}");
+    // No scope header at all: 400 naming the headers.
+    let req = test::TestRequest::post()
+        .uri("/m/twinkle/forward_only")
+        .insert_header(("Authorization", "Bearer alice"))
+        .set_json(json!({"adapter_name": "a", "inputs": x}))
+        .to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), 400);
+}
