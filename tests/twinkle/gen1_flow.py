@@ -82,6 +82,8 @@ for epoch in range(EPOCHS):
     for batch in dataloader:
         check(isinstance(batch, list) and 1 <= len(batch) <= BATCH and all("input_ids" in b for b in batch),
               f"DataLoader batch should be a list of <= {BATCH} InputFeatures: {batch!r:.300}")
+        check(len(losses) < len(dataloader),
+              f"epoch {epoch}: more than len(dataloader)={len(dataloader)} batches (no 410 at the end?)")
         out = model.forward_backward(inputs=batch)
         losses.append(loss_of(out))
         norms.append(float(model.clip_grad_norm(1.0)))
