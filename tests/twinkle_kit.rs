@@ -239,7 +239,7 @@ fn twinkle_kit_051_sft_grpo_isolation() -> Result<()> {
 
     let grpo = run("gen2_grpo.py", &[("TWINKLE_TOKEN", "tml-kit-grpo")])?;
     assert_eq!(grpo["sequences"], 8, "{grpo}");
-    assert_ne!(f(&grpo, "loss"), f(&grpo, "loss_after_step"), "{grpo}");
+    assert!(f(&grpo, "moved") > 0.0, "{grpo}");
 
     let iso = run(
         "gen2_isolation.py",

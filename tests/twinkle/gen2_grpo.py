@@ -97,8 +97,23 @@ print("metric", metric, flush=True)
 step("second forward_backward after the step")
 out2 = model.forward_backward(inputs=features, advantages=advantages, old_logps=old_logps)
 loss2 = loss_of(out2)
-check(loss2 != loss, f"GRPO loss unchanged after clip_grad_and_step ({loss})")
 model.zero_grad()
+# The step moved the policy in the advantages' direction: the completion logprobs of the
+# advantage +1 sequences rose relative to those of the -1 sequences.
+res2 = out2.result
+logps2 = res2.get("logps") if isinstance(res2, dict) else None
+moved = None
+if logps2 is not None:
+    deltas = {1.0: [], -1.0: []}
+    for row, f, old, adv in zip(logps2, features, old_logps, advantages):
+        if len(row) == len(f["labels"]):
+            row = [v for v, l in zip(row, f["labels"]) if l != -100]
+        deltas[adv].append(sum(float(a) - float(b) for a, b in zip(row, old)) / len(old))
+    moved = sum(deltas[1.0]) / len(deltas[1.0]) - sum(deltas[-1.0]) / len(deltas[-1.0])
+    print(f"mean logprob change: advantage +1 minus advantage -1 = {moved}", flush=True)
+    check(moved > 0, f"after clip_grad_and_step the advantage +1 sequences did not gain on the -1 ones ({moved})")
+else:
+    check(loss2 != loss, f"GRPO loss unchanged after clip_grad_and_step ({loss})")
 
-result(loss=loss, loss_after_step=loss2, max_logp_diff=max_diff, sequences=len(features),
+result(loss=loss, loss_after_step=loss2, moved=moved, max_logp_diff=max_diff, sequences=len(features),
        lengths=lengths, metric=metric)
