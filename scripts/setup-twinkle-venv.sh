@@ -14,6 +14,8 @@
 # sees (or tries to replace) a base package.
 #
 # Idempotent: a stamp file per venv holds the requirement list; a matching stamp skips pip.
+# Cost on a fresh 2-core machine (base venv present): ~1.5-2 min of pip downloads, ~650 MB on
+# disk (kit-deps ~580 MB: pyarrow, transformers, pandas, numpy; each client venv ~35 MB).
 #
 # Usage: scripts/setup-twinkle-venv.sh      # prints KEY=VALUE lines (eval-able)
 #   TWINKLE_VENV        the base venv (default: $HOME/.cache/twinkle/venv; created by setup-venv.sh
@@ -61,12 +63,13 @@ DEPS="$ROOT/kit-deps"
 
 site_packages() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 
-# new_venv <dir>: an empty venv at dir (removed first).
+# new_venv <dir>: an empty venv at dir (removed first), on the base venv's interpreter so the
+# layered torch (a CPython-version-specific wheel) always matches.
 new_venv() {
   rm -rf "$1"
   mkdir -p "$(dirname "$1")"
-  if ! python3 -m venv "$1" >&2; then
-    echo "setup-twinkle-venv: 'python3 -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2
+  if ! "$BASE/bin/python" -m venv "$1" >&2; then
+    echo "setup-twinkle-venv: '$BASE/bin/python -m venv' failed" >&2
     exit 1
   fi
 }

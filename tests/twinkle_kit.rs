@@ -135,7 +135,10 @@ fn start(
         // a data root).
         ("TWINKLE_DATA_DIR", data_dir.as_str()),
     ];
-    let mut serve = Serve::start(config, port, &["--log-level", "info"], &vars)?;
+    // Each CPU application takes one CPU of the placement; the Gen-1 layout has three (model,
+    // sampler, processor), more than a 2-core CI machine reports.
+    let args = ["--log-level", "info", "--num-cpus", "4"];
+    let mut serve = Serve::start(config, port, &args, &vars)?;
     serve.wait_all_running(Duration::from_secs(120))?;
     let headers = [
         ("Authorization", "Bearer tml-kit-probe"),
