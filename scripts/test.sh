@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: formatting, lints, unit and integration tests.
 # Sets up (or reuses) the Python venv under ~/.cache/twinkle/venv: NVRTC for the CUDA kernel
-# compile check, the tinker SDK for the protocol tests.
+# compile check, the tinker SDK for the protocol tests; and the twinkle-kit client venvs beside it
+# (~/.cache/twinkle/kit-*) for the twinkle-native protocol tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0
@@ -14,6 +15,11 @@ export LD_LIBRARY_PATH="$TWINKLE_NVRTC_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PAT
 export TWINKLE_REQUIRE_NVRTC=1
 # The tinker SDK tests run for real (the venv above installs tinker==0.38.0).
 export TWINKLE_REQUIRE_SDK=1
+# The unmodified twinkle-kit clients (0.5.1 and 0.1.3) in two small venvs layered on the one
+# above (scripts/setup-twinkle-venv.sh); tests/twinkle_kit.rs fails rather than skips without them.
+eval "$(scripts/setup-twinkle-venv.sh)"
+export TWINKLE_KIT05_PYTHON TWINKLE_KIT01_PYTHON
+export TWINKLE_REQUIRE_KIT=1
 
 # tools/cuda-emu: a CPU stand-in for libcuda and libcublas (the unmodified kernels compiled as
 # host C++, one fiber per CUDA thread, argument/barrier/shuffle/shared-memory/guard-page checks;
