@@ -16,7 +16,7 @@ pub mod schema;
 mod validate;
 
 pub use locate::{KeyPath, Seg, line_of};
-pub use normalize::{DemandInputs, derive_model_id};
+pub use normalize::{DEFAULT_ADAPTER_TIMEOUT, DEFAULT_MAX_LORAS, DemandInputs, derive_model_id};
 pub use schema::*;
 
 use std::fmt;

@@ -1,21 +1,28 @@
-//! The `server` application: the Tinker API front (`specs/tinker-protocol.md`). It authenticates
+//! The `server` application: the Tinker API front (`specs/tinker-protocol.md`) and the Twinkle
+//! gateway (`specs/twinkle-native-protocol.md`, [`twinkle`]). The Tinker API authenticates
 //! `X-API-Key`, keeps durable state in the [`Store`], answers bootstrap/REST calls directly and
 //! turns work requests into futures executed by the model/sampler applications over loopback.
+//! The Twinkle routes authenticate bearer tokens ([`Auth`]) and list the runs and checkpoints the
+//! model applications record on disk.
 
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod twinkle;
 pub mod upstream;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::de::DeserializeOwned;
 
-use crate::config::{self, ServerConfig};
+use crate::config::{self, ImportPath, ServerConfig, ServerType};
 use crate::protocol::tinker::paths::owner_hash;
+use crate::protocol::twinkle::Auth;
+use crate::protocol::twinkle::caller::shared_salt;
 use crate::state::Store;
 use crate::worker::{AppContext, WorkerError, serve_and_register};
 use dispatch::Dispatcher;
@@ -42,6 +49,8 @@ pub enum ServerError {
     SaveDir { path: String, source: std::io::Error },
     #[error("cannot read api_keys_file {path}: {source}")]
     KeysFile { path: String, source: std::io::Error },
+    #[error("cannot set up Twinkle authentication: {0}")]
+    Auth(String),
 }
 
 /// Everything the handlers share.
@@ -53,12 +62,48 @@ pub struct ServerApp {
     pub save_root: PathBuf,
     pub supported_models: Vec<String>,
     pub per_token_model_limit: Option<u32>,
+    /// Bearer-token authentication of the Twinkle routes (same salt and save root as above).
+    pub auth: Auth,
+    pub twinkle: TwinkleSettings,
+}
+
+/// Settings of the Twinkle gateway routes.
+#[derive(Debug, Clone)]
+pub struct TwinkleSettings {
+    /// A Twinkle session without a heartbeat for this long is gone (`server_config.expiration_timeout`).
+    pub session_timeout: Duration,
+    /// `max_loras` of each model application, by application name (from the config).
+    pub max_loras: HashMap<String, u32>,
+}
+
+impl Default for TwinkleSettings {
+    fn default() -> Self {
+        TwinkleSettings {
+            session_timeout: Duration::from_secs_f64(config::DEFAULT_ADAPTER_TIMEOUT),
+            max_loras: HashMap::new(),
+        }
+    }
 }
 
 /// Shorthand for the handlers' shared state.
 pub type Shared = web::Data<ServerApp>;
 
 impl ServerApp {
+    /// A server over `store` and `up` with Twinkle authentication `auth` (its salt and save root
+    /// are used for the Tinker API too), development-mode Tinker keys and default settings.
+    pub fn new(store: Store, up: Upstreams, auth: Auth) -> Self {
+        ServerApp {
+            disp: Dispatcher::new(Arc::new(store), up),
+            keys: None,
+            salt: auth.salt.clone(),
+            save_root: auth.save_root.clone(),
+            supported_models: Vec::new(),
+            per_token_model_limit: None,
+            auth,
+            twinkle: TwinkleSettings::default(),
+        }
+    }
+
     /// The caller's owner hash, or 401.
     pub fn owner(&self, req: &HttpRequest) -> Result<String, ApiError> {
         let key = req
@@ -101,32 +146,10 @@ pub fn default_save_root() -> PathBuf {
     data.join("twinkle/checkpoints")
 }
 
-fn random_hex(n: usize) -> String {
-    use std::io::Read as _;
-    let mut buf = vec![0u8; n];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).is_err() {
-        let id = crate::state::new_id("");
-        return id;
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn load_salt(root: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    if let Ok(s) = std::env::var(SALT_ENV)
-        && !s.is_empty()
-    {
-        return Ok(s.into_bytes());
-    }
-    let file = root.join(".owner-salt");
-    let io = |source| ServerError::SaveDir { path: file.display().to_string(), source };
-    match std::fs::read_to_string(&file) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
-        _ => {
-            let salt = random_hex(32);
-            std::fs::write(&file, &salt).map_err(io)?;
-            Ok(salt.into_bytes())
-        }
-    }
+    // The same salt the model applications use (`TWINKLE_TOKEN_SALT` or the shared salt file),
+    // so an owner hash computed anywhere names the same directory.
+    shared_salt(root).map_err(|e| ServerError::Auth(e.to_string()))
 }
 
 fn load_keys(ctx: &AppContext) -> Result<Option<HashSet<String>>, ServerError> {
@@ -185,6 +208,27 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         );
     }
     let args = ctx.spec.as_ref().map(|s| s.args.clone()).unwrap_or_default();
+    // Twinkle tokens: every application's keys (model apps accept the same tenants), plus ours.
+    let mut auth = Auth::load(ctx.opts.config.as_deref(), &save_root)
+        .map_err(|e| ServerError::Auth(e.to_string()))?;
+    auth.salt = salt.clone();
+    auth.save_root = save_root.clone();
+    if let Some(k) = &keys {
+        auth.keys.get_or_insert_with(HashSet::new).extend(k.iter().cloned());
+    }
+    let mut twinkle = TwinkleSettings::default();
+    if let Some(t) = args.server_config.as_ref().and_then(|s| s.expiration_timeout)
+        && t.is_finite()
+        && t > 0.0
+    {
+        twinkle.session_timeout = Duration::from_secs_f64(t);
+    }
+    if let Some(c) = &cfg {
+        for a in c.applications.iter().filter(|a| a.import_path == ImportPath::Model) {
+            let max = a.args.max_loras.unwrap_or(config::DEFAULT_MAX_LORAS);
+            twinkle.max_loras.insert(a.name.clone(), max);
+        }
+    }
     Ok(ServerApp {
         disp: Dispatcher::new(Arc::new(store), Upstreams::new(ctx.opts.head.clone())),
         keys,
@@ -192,6 +236,8 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         save_root,
         supported_models: args.supported_models.iter().map(|m| m.name().to_string()).collect(),
         per_token_model_limit: args.server_config.and_then(|s| s.per_token_model_limit),
+        auth,
+        twinkle,
     })
 }
 
@@ -206,25 +252,33 @@ pub async fn run(ctx: AppContext) -> Result<(), WorkerError> {
     };
     let prefix = ctx.opts.route_prefix.trim_end_matches('/').to_string();
     let id = crate::worker::identity::Identity::from_context(&ctx);
+    let server_type = ctx.opts.server_type;
     serve_and_register(&ctx, move |cfg| {
         // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok plus who we are),
         // `{prefix}/echo` and the root `/healthz` the supervisor probes; then the API scope.
         crate::worker::identity::routes(cfg, id.clone());
-        routes(cfg, app.clone(), &prefix);
+        routes(cfg, app.clone(), &prefix, server_type);
     })
     .await
 }
 
 /// Mounts every endpoint under `prefix` (e.g. `/api/v1`); anything else is a JSON 404.
-pub fn routes(cfg: &mut web::ServiceConfig, app: Shared, prefix: &str) {
-    cfg.service(
-        web::scope(prefix)
-            .app_data(app)
-            .app_data(web::PayloadConfig::new(MAX_BODY))
-            .configure(handlers::configure)
-            .default_service(web::to(not_found)),
-    )
-    .default_service(web::to(not_found));
+///
+/// The Twinkle Gen-2 routes are always at `{prefix}/twinkle/…`. With `server_type: tinker` the
+/// Tinker API is at `{prefix}/…`; with `server_type: twinkle` the Twinkle Gen-1 REST routes are
+/// there instead (the two share names such as `/training_runs` and `/weights_info`).
+pub fn routes(cfg: &mut web::ServiceConfig, app: Shared, prefix: &str, server_type: ServerType) {
+    let scope =
+        web::scope(prefix).app_data(app).app_data(web::PayloadConfig::new(MAX_BODY)).service(
+            web::scope("/twinkle")
+                .configure(twinkle::configure_gen2)
+                .default_service(web::to(not_found)),
+        );
+    let scope = match server_type {
+        ServerType::Tinker => scope.configure(handlers::configure),
+        ServerType::Twinkle => scope.configure(twinkle::configure_gen1),
+    };
+    cfg.service(scope.default_service(web::to(not_found))).default_service(web::to(not_found));
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {

@@ -195,6 +195,12 @@ impl Upstreams {
         )))
     }
 
+    /// A fresh `/_internal/v1/info` of the application at `address` (not the cached one: its
+    /// `adapters` list changes with every create and unload).
+    pub async fn info_at(&self, address: &str) -> Result<Value, JobError> {
+        self.call_at(address, "GET", "info", None).await.map_err(Into::into)
+    }
+
     /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`; a
     /// connection failure refreshes the addresses and retries once (the child may have restarted).
     pub async fn call(
