@@ -39,6 +39,8 @@ pub struct LoraRequest {
     pub alpha: f32,
     pub train_attn: bool,
     pub train_mlp: bool,
+    /// `lm_head` listed in `target_modules` (PEFT's "all-linear" leaves it out).
+    pub train_unembed: bool,
     /// `lora_dropout` as sent (the engine trains without dropout; reported in train configs).
     pub dropout: f64,
 }
@@ -81,9 +83,9 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
             )));
         }
     }
-    let (train_attn, train_mlp) = match m.get("target_modules") {
-        None | Some(Value::Null) => (true, true),
-        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => (true, true),
+    let (train_attn, train_mlp, train_unembed) = match m.get("target_modules") {
+        None | Some(Value::Null) => (true, true, false),
+        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => (true, true, false),
         Some(Value::String(s)) => targets(std::slice::from_ref(s))?,
         Some(Value::Array(items)) => {
             let names: Vec<String> =
@@ -107,27 +109,33 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
         alpha,
         train_attn,
         train_mlp,
+        train_unembed,
         dropout: num("lora_dropout").unwrap_or(0.0),
     })
 }
 
 /// Maps module names onto the engine's groups; a group is trained whole (all its projections).
-fn targets(names: &[String]) -> Result<(bool, bool), TwinkleError> {
-    let (mut attn, mut mlp) = (false, false);
+fn targets(names: &[String]) -> Result<(bool, bool, bool), TwinkleError> {
+    let (mut attn, mut mlp, mut head) = (false, false, false);
     for n in names {
         let short = n.rsplit('.').next().unwrap_or(n);
         if ATTN.contains(&short) {
             attn = true;
         } else if MLP.contains(&short) {
             mlp = true;
+        } else if short == "lm_head" {
+            head = true;
         } else {
             return Err(TwinkleError::bad(format!(
                 "config.target_modules: `{n}` is not a LoRA target here (use \"all-linear\" or \
-                 names among {ATTN:?} {MLP:?})"
+                 names among {ATTN:?} {MLP:?} and lm_head)"
             )));
         }
     }
-    Ok((attn, mlp))
+    if !(attn || mlp || head) {
+        return Err(TwinkleError::bad("config.target_modules is empty: nothing to train"));
+    }
+    Ok((attn, mlp, head))
 }
 
 /// A pre-tokenised model input. `labels[i]` is the target of position `i` (already rolled);
@@ -328,7 +336,7 @@ mod tests {
         assert_eq!((l.rank, l.train_attn, l.train_mlp), (4, true, false));
         for bad in [
             json!({"r": 4, "use_dora": true}),
-            json!({"r": 4, "target_modules": ["lm_head"]}),
+            json!({"r": 4, "target_modules": ["embed_tokens"]}),
             json!({"r": 0}),
             json!({"r": 4, "modules_to_save": ["embed_tokens"]}),
             json!("not json"),

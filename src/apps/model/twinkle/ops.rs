@@ -105,7 +105,7 @@ impl TwinkleModel {
                 alpha: lora.alpha,
                 train_attn: lora.train_attn,
                 train_mlp: lora.train_mlp,
-                train_unembed: false,
+                train_unembed: lora.train_unembed,
                 seed: None,
             },
         })?;
