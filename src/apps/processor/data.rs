@@ -32,14 +32,25 @@ const EXTS: [&str; 3] = ["jsonl", "json", "csv"];
 const META_FILES: [&str; 4] =
     ["dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"];
 
-/// Resolves `dataset_id` to a local data file.
+/// Resolves `dataset_id` to a local data file with the process environment.
 pub fn locate(
     dataset_id: &str,
     subset: Option<&str>,
     split: Option<&str>,
 ) -> Result<PathBuf, TwinkleError> {
+    let root = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    locate_with(dataset_id, subset, split, &HubEnv::from_process(), root.as_deref())
+}
+
+/// Resolves `dataset_id` against the hub caches of `env` and the data root `root`.
+pub fn locate_with(
+    dataset_id: &str,
+    subset: Option<&str>,
+    split: Option<&str>,
+    env: &HubEnv,
+    root: Option<&Path>,
+) -> Result<PathBuf, TwinkleError> {
     let id = dataset_id.trim();
-    let env = HubEnv::from_process();
     let split = split.filter(|s| !s.is_empty()).unwrap_or("train");
     let subset = subset.filter(|s| !s.is_empty() && *s != "default");
     let hub = |org: &str, name: &str, ms: bool, hf: bool| -> Result<PathBuf, TwinkleError> {
@@ -102,9 +113,8 @@ pub fn locate(
     if id.is_empty() || id.contains("://") {
         return Err(bad_id(id));
     }
-    let root = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let base = match &root {
-        Some(r) => r.clone(),
+    let base = match root {
+        Some(r) => r.to_path_buf(),
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
     let local = base.join(id);
@@ -112,8 +122,8 @@ pub fn locate(
         let real = local.canonicalize().map_err(|e| {
             TwinkleError::bad(format!("dataset `{id}`: cannot open {}: {e}", local.display()))
         })?;
-        if let Some(r) = &root {
-            let r = r.canonicalize().unwrap_or_else(|_| r.clone());
+        if let Some(r) = root {
+            let r = r.canonicalize().unwrap_or_else(|_| r.to_path_buf());
             if !real.starts_with(&r) {
                 return Err(TwinkleError::bad(format!(
                     "dataset `{id}` is outside {DATA_DIR_ENV} ({})",
