@@ -146,7 +146,10 @@ impl DataLoader {
                     TwinkleError::bad(format!("{function} needs consumed_train_samples"))
                 })?;
                 let len = self.dataset_len()? as u64;
-                self.resume = Some(if len == 0 { (0, 0) } else { (n / len, (n % len) as usize) });
+                self.resume = Some(match n.checked_div(len) {
+                    Some(epoch) => (epoch, (n % len) as usize),
+                    None => (0, 0),
+                });
                 self.consumed = n;
                 self.started = false;
                 Ok(Value::Null)
