@@ -1,7 +1,9 @@
 //! `dataset.Dataset`: rows held in memory, loaded from a local file (see [`super::data`]), with
 //! the methods the clients call: `set_template`, `map`, `filter`, `encode`, `__len__`,
-//! `__getitem__`. Encoded rows are InputFeature objects `{input_ids, labels, length}` (labels
-//! rolled, -100 ignored) that the clients pass straight to `model.forward_backward`.
+//! `__getitem__`. Encoding adds the InputFeature fields `input_ids`, `labels` (rolled, -100
+//! ignored; absent with `add_generation_prompt`), `attention_mask`, `position_ids` and `length` to
+//! each row, as upstream's template does; the clients pass the rows straight to
+//! `model.forward_backward`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -235,14 +237,27 @@ impl Dataset {
             let err = |e: crate::tokenize::TokenizeError| {
                 TwinkleError::bad(format!("encode: row {i}: {e}"))
             };
-            let feature = if generation {
-                let ids = t.tokenizer.encode_prompt(msgs, &t.opts).map_err(err)?;
-                json!({"input_ids": ids, "length": ids.len()})
+            let (ids, labels) = if generation {
+                (t.tokenizer.encode_prompt(msgs, &t.opts).map_err(err)?, None)
             } else {
                 let e = t.tokenizer.encode_for_training(msgs, &t.opts).map_err(err)?;
-                json!({"input_ids": e.input_ids, "labels": e.labels, "length": e.input_ids.len()})
+                (e.input_ids, Some(e.labels))
             };
-            out.push(feature);
+            if ids.is_empty() {
+                continue; // upstream drops rows that encode to nothing
+            }
+            // The other columns stay (as `datasets.map` keeps them upstream); the model routes
+            // read an object with `input_ids` as an InputFeature.
+            let mut feature = row.as_object().cloned().unwrap_or_default();
+            let n = ids.len();
+            feature.insert("input_ids".into(), json!(ids));
+            if let Some(l) = labels {
+                feature.insert("labels".into(), json!(l));
+            }
+            feature.insert("attention_mask".into(), json!(vec![1; n]));
+            feature.insert("position_ids".into(), json!((0..n).collect::<Vec<_>>()));
+            feature.insert("length".into(), json!(n));
+            out.push(Value::Object(feature));
         }
         self.rows = out;
         Ok(())

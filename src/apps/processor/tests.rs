@@ -185,6 +185,9 @@ fn self_cognition_map_then_encode_gives_rolled_assistant_labels() {
     let labels: Vec<i64> = serde_json::from_value(f["labels"].clone()).unwrap();
     assert_eq!(ids.len(), labels.len());
     assert_eq!(f["length"], json!(ids.len()));
+    assert_eq!(f["position_ids"][ids.len() - 1], json!(ids.len() - 1));
+    assert_eq!(f["attention_mask"].as_array().unwrap().len(), ids.len());
+    assert_eq!(f["messages"][2]["content"], "I am Twinkly by Lab #3", "other columns stay");
     // Rolled: a trained label is the next input token; the prompt and last position are ignored.
     let trained: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != -100).collect();
     assert!(!trained.is_empty() && trained[0] > 5);
@@ -206,6 +209,15 @@ fn self_cognition_map_then_encode_gives_rolled_assistant_labels() {
     let n = call(&reg, A, &id, "__len__", json!({})).unwrap().as_u64().unwrap();
     assert!(n < 10, "{n}");
     assert!(call(&reg, A, &id, "filter", json!({"filter_func": "lambda x: True"})).is_err());
+    // Generation prompts: no labels, the prompt ends with the assistant header.
+    let gen_ds = dataset(&reg, A, &jl, None);
+    let tpl = json!({"template_cls": "Qwen3Template", "model_id": model.to_str().unwrap()});
+    call(&reg, A, &gen_ds, "set_template", tpl).unwrap();
+    call(&reg, A, &gen_ds, "map", json!({"preprocess_func": "SelfCognitionProcessor"})).unwrap();
+    call(&reg, A, &gen_ds, "encode", json!({"add_generation_prompt": true})).unwrap();
+    let g = call(&reg, A, &gen_ds, "__getitem__", json!({"idx": 0})).unwrap();
+    assert!(g.get("labels").is_none());
+    assert!(g["length"].as_u64().unwrap() > 5);
     assert!(call(&reg, A, &id, "mix_dataset", json!({"interleave": true})).is_err());
     assert!(
         call(&reg, A, &id, "save_as", json!({})).unwrap_err().to_string().contains("not available")
