@@ -232,8 +232,20 @@ pub fn pick_file(
     Ok(best.first().map(|p| (*p).clone()))
 }
 
+/// Largest data file read (the rows are held in memory).
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+
 /// Reads the rows of `path` (at most `max_rows`; more is a 400).
 pub fn read_rows(path: &Path, max_rows: usize) -> Result<Vec<Value>, TwinkleError> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| TwinkleError::bad(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    if size > MAX_FILE_BYTES {
+        return Err(TwinkleError::bad(format!(
+            "dataset file {} is {size} bytes; this server reads files up to {MAX_FILE_BYTES} bytes",
+            path.display()
+        )));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| TwinkleError::bad(format!("cannot read {}: {e}", path.display())))?;
     let rows = match ext_of(path) {

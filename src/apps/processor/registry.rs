@@ -127,17 +127,8 @@ impl Registry {
         let class = field(body, "class_type")?;
         let kw = kwargs(body, &["processor_type", "class_type"]);
         let now = Instant::now();
-        {
-            let map = self.entries.lock().map_err(|_| poisoned())?;
-            let live = map.values().filter(|e| e.owner == owner && e.deadline > now).count();
-            if live >= self.limits.max_per_owner {
-                return Err(TwinkleError::Conflict(format!(
-                    "this token already holds {live} processors (the limit is {}); let unused \
-                     ones expire or reuse them",
-                    self.limits.max_per_owner
-                )));
-            }
-        }
+        // Checked before the (possibly slow) construction and again when inserting.
+        self.check_room(&*self.entries.lock().map_err(|_| poisoned())?, owner, now)?;
         let obj = match (ty, class) {
             ("dataset", "Dataset") => {
                 Processor::Dataset(Dataset::create(&kw, self.limits.max_rows)?)
@@ -182,8 +173,28 @@ impl Registry {
             deadline: Instant::now() + self.limits.timeout,
             obj: Arc::new(Mutex::new(obj)),
         };
-        self.entries.lock().map_err(|_| poisoned())?.insert(id.clone(), entry);
+        let mut map = self.entries.lock().map_err(|_| poisoned())?;
+        self.check_room(&map, owner, Instant::now())?;
+        map.insert(id.clone(), entry);
         Ok(id)
+    }
+
+    /// 409 when `owner` already holds the most live processors allowed.
+    fn check_room(
+        &self,
+        map: &HashMap<String, Entry>,
+        owner: &str,
+        now: Instant,
+    ) -> Result<(), TwinkleError> {
+        let live = map.values().filter(|e| e.owner == owner && e.deadline > now).count();
+        if live >= self.limits.max_per_owner {
+            return Err(TwinkleError::Conflict(format!(
+                "this token already holds {live} processors (the limit is {}); let unused ones \
+                 expire or reuse them",
+                self.limits.max_per_owner
+            )));
+        }
+        Ok(())
     }
 
     /// `call{processor_id, function, …kwargs}` → the method's result.
