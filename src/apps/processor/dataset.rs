@@ -1,4 +1,5 @@
-//! `dataset.Dataset`: rows held in memory, loaded from a local file (see [`super::data`]), with
+//! `dataset.Dataset`: rows held in memory, loaded from a local file (see [`super::data`]) or
+//! given inline in `DatasetMeta.data` (a list of rows or a dict of columns), with
 //! the methods the clients call: `set_template`, `map`, `filter`, `encode`, `__len__`,
 //! `__getitem__`. Encoding adds the InputFeature fields `input_ids`, `labels` (rolled, -100
 //! ignored; absent with `add_generation_prompt`), `attention_mask`, `position_ids` and `length` to
@@ -14,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::data;
 use super::preprocess::{Filter, Preprocessor, checked_messages};
 use crate::protocol::twinkle::TwinkleError;
-use crate::protocol::twinkle::wire::{DataSlice, dataset_meta};
+use crate::protocol::twinkle::wire::{DataSlice, dataset_meta, decode_typed};
 use crate::tokenize::Tokenizer;
 use crate::tokenize::trajectory::RenderOptions;
 
@@ -103,15 +104,30 @@ impl Dataset {
         let meta = kw.get("dataset_meta").filter(|v| !v.is_null()).ok_or_else(|| {
             TwinkleError::bad("dataset.Dataset needs dataset_meta (a DatasetMeta)")
         })?;
-        let meta = dataset_meta("dataset_meta", meta)?;
-        let path =
-            data::locate(&meta.dataset_id, meta.subset_name.as_deref(), meta.split.as_deref())?;
-        let rows = data::read_rows(&path, max_rows)?;
+        let mut m = decode_typed("dataset_meta", "DatasetMeta", meta)?;
+        let inline = m.remove("data").filter(|d| !d.is_null());
+        if inline.is_some() && m.get("dataset_id").and_then(Value::as_str).is_none_or(str::is_empty)
+        {
+            m.insert("dataset_id".into(), json!("<inline data>"));
+        }
+        let meta = dataset_meta("dataset_meta", &Value::Object(m))?;
+        let rows = match inline {
+            Some(d) => inline_rows(d, max_rows)?,
+            None => {
+                let path = data::locate(
+                    &meta.dataset_id,
+                    meta.subset_name.as_deref(),
+                    meta.split.as_deref(),
+                )?;
+                tracing::info!(dataset = %meta.dataset_id, file = %path.display(), "loading dataset");
+                data::read_rows(&path, max_rows)?
+            }
+        };
         let rows = match &meta.data_slice {
             None => rows,
             Some(s) => select(rows, s)?,
         };
-        tracing::info!(dataset = %meta.dataset_id, file = %path.display(), rows = rows.len(), "dataset loaded");
+        tracing::info!(dataset = %meta.dataset_id, rows = rows.len(), "dataset loaded");
         Ok(Dataset { dataset_id: meta.dataset_id, rows, template: None })
     }
 
@@ -305,6 +321,44 @@ fn messages_of(i: usize, row: &Value) -> Result<&[Value], TwinkleError> {
     })?;
     checked_messages(i, msgs)?;
     Ok(msgs)
+}
+
+/// `DatasetMeta.data`: rows given inline, as a list of objects or a dict of equal-length columns.
+fn inline_rows(data: Value, max_rows: usize) -> Result<Vec<Value>, TwinkleError> {
+    let bad = |m: String| TwinkleError::bad(format!("dataset_meta.data: {m}"));
+    let rows = match data {
+        Value::Array(rows) => rows,
+        Value::Object(cols) => {
+            let mut n = None;
+            for (k, v) in &cols {
+                let len = v.as_array().map(Vec::len).ok_or_else(|| {
+                    bad(format!("column `{k}` is not a list (expected a dict of columns)"))
+                })?;
+                if n.is_some_and(|n| n != len) {
+                    return Err(bad("columns have different lengths".into()));
+                }
+                n = Some(len);
+            }
+            (0..n.unwrap_or(0))
+                .map(|i| {
+                    Value::Object(cols.iter().map(|(k, v)| (k.clone(), v[i].clone())).collect())
+                })
+                .collect()
+        }
+        other => {
+            return Err(bad(format!(
+                "expected a list of rows or a dict of columns, got {}",
+                other.to_string().chars().take(100).collect::<String>()
+            )));
+        }
+    };
+    if rows.len() > max_rows {
+        return Err(bad(format!("{} rows exceed this server's limit of {max_rows}", rows.len())));
+    }
+    if let Some(i) = rows.iter().position(|r| !r.is_object()) {
+        return Err(bad(format!("row {i} is not an object")));
+    }
+    Ok(rows)
 }
 
 fn select(rows: Vec<Value>, s: &DataSlice) -> Result<Vec<Value>, TwinkleError> {

@@ -99,6 +99,26 @@ fn datasets_load_from_json_jsonl_and_csv_with_slices() {
         "q9: who are you?"
     );
 
+    // Inline rows (`DatasetMeta.data`): a list of rows or a dict of columns, sliced too.
+    let inline = |data: Value| {
+        let m = json!({"dataset_id": "", "data": data, "data_slice": [1],
+            "_TWINKLE_TYPE_": "DatasetMeta"});
+        reg.create(
+            A,
+            &obj(json!({"processor_type": "dataset", "class_type": "Dataset",
+            "dataset_meta": m.to_string()})),
+        )
+    };
+    let id = inline(json!([{"x": 1}, {"x": 2}])).unwrap();
+    assert_eq!(call(&reg, A, &id, "__getitem__", json!({"idx": 0})).unwrap(), json!({"x": 2}));
+    let id = inline(json!({"x": [1, 2], "y": ["a", "b"]})).unwrap();
+    assert_eq!(
+        call(&reg, A, &id, "__getitem__", json!({"idx": 0})).unwrap(),
+        json!({"x": 2, "y": "b"})
+    );
+    assert!(inline(json!({"x": [1], "y": []})).is_err());
+    assert!(inline(json!([1, 2])).is_err());
+
     // Row limit and malformed files are 400s.
     let small = Registry::new(Limits { max_rows: 5, ..Limits::default() });
     let body = obj(json!({"processor_type": "dataset", "class_type": "Dataset",
