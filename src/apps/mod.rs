@@ -1,6 +1,7 @@
 //! The applications a `twinkle worker` child runs (chosen by `import_path`).
 
 pub mod model;
+pub mod processor;
 pub mod sampler;
 pub mod server;
 

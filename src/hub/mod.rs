@@ -62,7 +62,8 @@ impl HubEnv {
         }
     }
 
-    fn modelscope_roots(&self) -> Vec<PathBuf> {
+    /// ModelScope cache roots, in lookup order.
+    pub fn modelscope_roots(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
         v.extend(self.modelscope_cache.clone());
         v.extend(self.home.as_ref().map(|h| h.join(".cache/modelscope/hub")));
@@ -70,7 +71,8 @@ impl HubEnv {
         v
     }
 
-    fn hf_roots(&self) -> Vec<PathBuf> {
+    /// Hugging Face hub cache roots, in lookup order.
+    pub fn hf_roots(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
         v.extend(self.hf_hub_cache.clone());
         v.extend(self.hf_home.as_ref().map(|h| h.join("hub")));

@@ -2,8 +2,8 @@
 //!
 //! A child binds an HTTP server on `127.0.0.1:0`, registers its port with the head (retrying
 //! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
-//! `import_path` in [`run_app`]; until the real server/model/sampler/processor applications
-//! exist, every kind serves only the identity routes of [`identity`].
+//! `import_path` in [`run_app`]; every application also serves the identity routes of
+//! [`identity`] (and only those with `TWINKLE_PLACEHOLDER_APPS=1`).
 
 pub mod identity;
 
@@ -108,7 +108,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     actix_web::rt::System::new().block_on(run_app(ctx))
 }
 
-/// Runs the application named by `import_path`: model and sampler are [`crate::apps`]; with
+/// Runs the application named by `import_path`: server, model, sampler and processor are
+/// [`crate::apps`]; with
 /// [`PLACEHOLDER_ENV`] set to `1` every kind is the identity application instead.
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     if placeholder_apps() {
@@ -118,10 +119,7 @@ pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
     match ctx.opts.import_path {
         ImportPath::Server => crate::apps::server::run(ctx).await,
         ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
-        ImportPath::Processor => {
-            let id = identity::Identity::from_context(&ctx);
-            serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await
-        }
+        ImportPath::Processor => crate::apps::processor::run(&ctx).await,
     }
 }
 
