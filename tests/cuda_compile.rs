@@ -79,7 +79,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("kv_cache.cu", &["kv_append_fwd", "decode_attention_fwd"]),
         ("lora.cu", &["lora_shrink_fwd", "lora_expand_fwd", "lora_wgrad_bwd"]),
         ("loss.cu", &["xent_fwd", "xent_bwd"]),
-        ("sampling.cu", &["argmax_fwd"]),
+        ("sampling.cu", &["argmax_fwd", "sample_fwd"]),
     ];
     let single: &[(&str, &str)] = &[
         ("elementwise.cu", "to_bf16_fwd_f32"),
