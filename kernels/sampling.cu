@@ -20,11 +20,13 @@
 //                          inv_t[B] double, params[B, 3] u32 = (top_k or 0, p24, m))
 //   one block of 1024 threads per row; rows with inv_t == 0 (greedy) are left untouched. Writes
 //   the drawn token and its raw logprob. Canonical order = ascending 64-bit keys
-//   (~float_key(logit) << 32 | id, as sampling.rs's canonical_key); every selection is a
-//   bisection over the key space with block-wide counts or weight sums: the top-k threshold (the
-//   k-th key), the top-p threshold (smallest key whose prefix C satisfies C * 2^24 >= p24 * W) and
-//   the draw (smallest key whose prefix C exceeds floor(m * N / 2^24)). Each takes at most 64
-//   passes over the row, recomputing keys and weights instead of storing them.
+//   (~float_key(logit) << 32 | id, as sampling.rs's canonical_key); every selection is a 256-way
+//   search over the key space with exact bucketed counts or weight sums (key_search): the top-k
+//   threshold (the k-th key), the top-p threshold (smallest key whose prefix C satisfies
+//   C * 2^24 >= p24 * W) and the draw (smallest key whose prefix C exceeds floor(m * N / 2^24)).
+//   Each takes at most 8 passes over the row, recomputing keys and weights instead of storing
+//   them. Any block size that is a multiple of 32 up to 1024 works (the launcher gives small
+//   vocabularies fewer threads).
 
 #define ARGMAX_THREADS 1024
 
@@ -194,16 +196,10 @@ __device__ U128 block_sum_u128(U128 v, u64* scratch) {
     return v;
 }
 
-// Number of tokens with key <= t.
-template <typename T>
-__device__ u64 count_le(const T* row, int vocab, u64 t, u64* scratch) {
-    U128 c = {0ull, 0ull};
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) c.lo += sample_key(ld(row + i), i) <= t;
-    return block_sum_u128(c, scratch).lo;
-}
+__device__ __forceinline__ bool u128_ge(U128 a, U128 b) { return !u128_gt(b, a); }
 
-// Sum of the weights of tokens with key <= t (t never above the top-k threshold, so these are
-// candidates): C(n) for the n candidates up to key t.
+// Sum of the weights of tokens with key <= t: C(n) for the n candidates up to key t when t is
+// at most the top-k threshold.
 template <typename T>
 __device__ U128 weight_le(const T* row, int vocab, u64 t, double mx, double inv_t, u64* scratch) {
     U128 s = {0ull, 0ull};
@@ -218,18 +214,88 @@ __device__ U128 weight_le(const T* row, int vocab, u64 t, double mx, double inv_
     return block_sum_u128(s, scratch);
 }
 
+#define SAMPLE_BUCKETS 256
+
+// Shared state of one search: 256 buckets of 128-bit sums and the narrowed range.
+struct SampleSearch {
+    u64 hi[SAMPLE_BUCKETS], lo[SAMPLE_BUCKETS];
+    u64 range_lo, range_hi;
+    U128 base, at;
+};
+
+// The smallest key t in [lo, hi] with S(t) >= limit, where S(t) sums over the tokens with
+// key <= t either 1 (count: the top-k rank) or the weight; the caller guarantees S(hi) >= limit
+// and that no key above hi is a candidate. Returns t and sets *sum = S(t). A 256-way search:
+// each pass spreads the keys of the current range over 256 equal buckets (exact 128-bit sums:
+// a 64-bit shared atomicAdd on the low word, a carry into the high word when it wraps), one
+// thread scans the buckets for the first where S crosses the limit, and the range shrinks to
+// that bucket: 8 bits of key per pass, at most 8 passes, each the same integers whatever the
+// order of the atomics.
+template <typename T>
+__device__ u64 key_search(const T* row, int vocab, u64 lo, u64 hi, U128 limit, bool count,
+                          double mx, double inv_t, SampleSearch* sh, U128* sum) {
+    U128 base = {0ull, 0ull};  // S(lo - 1): the tokens below the range
+    for (;;) {
+        int shift = 0;
+        while (((hi - lo) >> shift) >= SAMPLE_BUCKETS) ++shift;
+        const int nb = (int)((hi - lo) >> shift) + 1;
+        for (int b = threadIdx.x; b < nb; b += blockDim.x) sh->hi[b] = sh->lo[b] = 0ull;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            const float x = ld(row + i);
+            const u64 key = sample_key(x, i);
+            if (key < lo || key > hi) continue;
+            const u64 w = count ? 1ull : sample_weight(x, mx, inv_t);
+            if (w == 0) continue;
+            const int b = (int)((key - lo) >> shift);
+            const u64 old = atomicAdd(&sh->lo[b], w);
+            if (old + w < old) atomicAdd(&sh->hi[b], 1ull);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            U128 cum = base, prev = base;
+            int b = 0;
+            for (; b < nb; ++b) {
+                prev = cum;
+                U128 bucket;
+                bucket.hi = sh->hi[b];
+                bucket.lo = sh->lo[b];
+                cum = u128_add(cum, bucket);
+                // the last bucket when nothing crosses: only rows the host rejects get there
+                if (u128_ge(cum, limit) || b == nb - 1) break;
+            }
+            const u64 start = lo + ((u64)b << shift);
+            sh->range_lo = start;
+            const u64 width = (1ull << shift) - 1;  // the bucket's keys beyond its first
+            sh->range_hi = hi - start > width ? start + width : hi;  // no overflow near 2^64
+            sh->base = prev;
+            sh->at = cum;
+        }
+        __syncthreads();
+        lo = sh->range_lo;
+        hi = sh->range_hi;
+        base = sh->base;
+        if (shift == 0) {
+            *sum = sh->at;
+            return lo;
+        }
+        // thread 0 rewrites sh only after the next pass's two barriers, so these reads are safe
+    }
+}
+
 template <typename T>
 __device__ void sample_impl(int* out, float* logprob, const T* logits, long long ldl, int vocab,
                             const double* inv_ts, const u32* params) {
     __shared__ u64 scu[64];
     __shared__ double scd[32];
+    __shared__ SampleSearch sh;
     const double inv_t = inv_ts[blockIdx.x];
     if (inv_t == 0.0) return;  // greedy row (the whole block leaves, before any barrier)
     const u32 top_k = params[3 * blockIdx.x], p24 = params[3 * blockIdx.x + 1],
               m = params[3 * blockIdx.x + 2];
     const T* row = logits + (long long)blockIdx.x * ldl;
 
-    // the smallest key (the best token) and the largest: the bisections' range
+    // the smallest key (the best token) and the largest: the searches' range
     u64 kmin = ~0ull, kmax = 0ull;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const u64 key = sample_key(ld(row + i), i);
@@ -240,47 +306,29 @@ __device__ void sample_impl(int* out, float* logprob, const T* logits, long long
     kmax = block_max_u64(kmax, scu);
     const double mx = (double)ld(row + (u32)kmin);
 
+    U128 found;
     // top-k: the k-th smallest key (keys are unique, so exactly k keys are <= it)
     u64 kth = kmax;
     if (top_k > 0 && top_k < (u32)vocab) {
-        u64 lo = kmin, hi = kmax;
-        while (lo < hi) {
-            const u64 mid = lo + (hi - lo) / 2;
-            if (count_le(row, vocab, mid, scu) >= top_k) hi = mid;
-            else lo = mid + 1;
-        }
-        kth = lo;
+        const U128 k = {0ull, (u64)top_k};
+        kth = key_search(row, vocab, kmin, kmax, k, true, mx, inv_t, &sh, &found);
     }
     const U128 total = weight_le(row, vocab, kth, mx, inv_t, scu);
 
-    // top-p: the smallest key t with C(t) * 2^24 >= p24 * W; N = C(t)
+    // top-p: the smallest key t with C(t) * 2^24 >= p24 * W, i.e. C(t) >= ceil(p24 * W / 2^24);
+    // N = C(t)
     u64 pth = kth;
     U128 norm = total;
     if (p24 < (1u << 24)) {
-        const U128 bound = u128_mul_small(total, p24);
-        u64 lo = kmin, hi = kth;  // the predicate holds at hi, where C(hi) = norm
-        while (lo < hi) {
-            const u64 mid = lo + (hi - lo) / 2;
-            const U128 c = weight_le(row, vocab, mid, mx, inv_t, scu);
-            if (!u128_gt(bound, u128_shl24(c))) {
-                hi = mid;
-                norm = c;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        pth = lo;
+        const U128 round_up = {0ull, (1ull << 24) - 1};
+        const U128 limit = u128_shr24(u128_add(u128_mul_small(total, p24), round_up));
+        pth = key_search(row, vocab, kmin, kth, limit, false, mx, inv_t, &sh, &norm);
     }
 
-    // the draw: the smallest key t with C(t) > floor(m * N / 2^24)
-    const U128 target = u128_shr24(u128_mul_small(norm, m));
-    u64 lo = kmin, hi = pth;
-    while (lo < hi) {
-        const u64 mid = lo + (hi - lo) / 2;
-        if (u128_gt(weight_le(row, vocab, mid, mx, inv_t, scu), target)) hi = mid;
-        else lo = mid + 1;
-    }
-    const u32 tok = (u32)lo;
+    // the draw: the smallest key t with C(t) > floor(m * N / 2^24), i.e. C(t) >= that + 1
+    const U128 one = {0ull, 1ull};
+    const U128 target = u128_add(u128_shr24(u128_mul_small(norm, m)), one);
+    const u32 tok = (u32)key_search(row, vocab, kmin, pth, target, false, mx, inv_t, &sh, &found);
 
     // the raw logprob of the token, as argmax_fwd computes it for the best one
     double s = 0.0;
@@ -290,7 +338,8 @@ __device__ void sample_impl(int* out, float* logprob, const T* logits, long long
         // a valid row always lands on a token; a NaN row may not (the host rejects it)
         const bool ok = tok < (u32)vocab;
         out[blockIdx.x] = ok ? (int)tok : -1;
-        logprob[blockIdx.x] = ok ? (float)((double)ld(row + tok) - mx - log(s)) : __int_as_float(0x7fc00000);
+        logprob[blockIdx.x] =
+            ok ? (float)((double)ld(row + tok) - mx - log(s)) : __int_as_float(0x7fc00000);
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod loss_terms;
 pub mod model;
 pub mod runtime;
+pub mod sampling;
 
 use anyhow::Result;
 use twinkle::engine::cuda::CudaDevice;

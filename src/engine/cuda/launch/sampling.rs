@@ -65,12 +65,14 @@ pub fn sample_fwd<T: Dtype>(
         return Ok(());
     }
     let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
+    // Small vocabularies need no 1024 threads (whole warps; the kernel takes any such size).
+    let threads = (vocab.div_ceil(32) * 32).min(SAMPLE_THREADS as usize) as u32;
     let f = dev.function("sampling.cu", kn)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi).arg(inv_t).arg(params);
     // SAFETY: logits [b, ld] with vocab <= ld, out, logprob and inv_t [b], params [b, 3]
     // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
-    // __launch_bounds__(1024), static shared memory only.
-    unsafe { l.launch(row_cfg(kn, b, SAMPLE_THREADS)?) }.map_err(launch_err(kn))?;
+    // at most __launch_bounds__(1024) threads, static shared memory only.
+    unsafe { l.launch(row_cfg(kn, b, threads)?) }.map_err(launch_err(kn))?;
     Ok(())
 }
