@@ -2,7 +2,8 @@
 //! runs them) with the host definition `engine::sampling::sample_token`: the token must be EQUAL
 //! for every row, parameter set and draw, including draws exactly on a CDF boundary; the logprob
 //! agrees to f32 rounding. Rows cover vocabularies of 1, 7, 100, 1000 and 50k, ties, `-inf`
-//! masks, -0.0/+0.0, flat and very peaked logits, and the rows both sides reject.
+//! masks, -0.0/+0.0, flat and very peaked logits, weight sums beyond 2^64, and the rows both
+//! sides reject.
 
 use anyhow::{Result, ensure};
 use twinkle::engine::cuda::launch as k;
@@ -143,6 +144,8 @@ fn rows(r: &mut Rng) -> Vec<(&'static str, Vec<f32>, bool)> {
         ("masked", masked, true),
         ("random", (0..1000).map(|_| ((r.uniform() * 2.0 - 1.0) * 8.0) as f32).collect(), false),
         ("large", big, false),
+        // two nearby values, 25k tokens each: a search bucket's weight sum passes 2^64
+        ("two values", (0..50_000).map(|i| if i % 2 == 0 { -1e-7 } else { 0.0 }).collect(), false),
     ]
 }
 
