@@ -27,6 +27,8 @@
 //   Each takes at most 8 passes over the row, recomputing keys and weights instead of storing
 //   them. Any block size that is a multiple of 32 up to 1024 works (the launcher gives small
 //   vocabularies fewer threads).
+// defines: sample_exp_fwd(out[n] double, d[n] double, n): the shared exp alone, for the test
+//   that its bits equal the host's.
 
 #define ARGMAX_THREADS 1024
 
@@ -114,6 +116,13 @@ __device__ double sample_exp(double d) {
 #pragma unroll
     for (int n = 1; n < 14; ++n) p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double(c[n]));
     return __dmul_rn(p, __longlong_as_double((long long)(1023 + (int)k) << 52));
+}
+
+// det_exp element-wise, so a test can check bit for bit that the device computes the host's
+// exp (over [-708, 0]; the draw only needs [-40, 0]).
+extern "C" __global__ void sample_exp_fwd(double* out, const double* d, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = sample_exp(d[i]);
 }
 
 // token_weight of sampling_weight.rs: d = (logit - max) * (1/T); 0 outside [-40, 0] (masked

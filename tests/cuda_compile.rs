@@ -91,6 +91,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("adamw.cu", "sumsq_multi_fwd_f32"),
         ("adamw.cu", "adamw_multi_fwd_f32"),
         ("loss.cu", "loss_term_fwd_f32"),
+        ("sampling.cu", "sample_exp_fwd"),
     ];
     let mut wanted: Vec<(&str, String)> = single.iter().map(|&(f, s)| (f, s.to_string())).collect();
     for &(f, stems) in both {

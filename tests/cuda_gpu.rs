@@ -371,6 +371,7 @@ fn greedy_argmax_matches_cpu_definition() -> Result<()> {
 #[test]
 fn stochastic_draw_equals_cpu_definition() -> Result<()> {
     let Some(dev) = device("sample") else { return Ok(()) };
+    refs::sampling::exp_bits(&dev)?;
     refs::sampling::sample_parity::<f32>(&dev)?;
     refs::sampling::sample_parity_bf16(&dev)
 }

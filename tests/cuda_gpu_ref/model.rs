@@ -442,7 +442,7 @@ fn greedy_vs_cpu<T: Act>(gm: &CudaModel<T>, c: &Case, tol: &Tol, rep: &mut Repor
                 checked += 1;
                 min_margin = min_margin.min(margin);
             }
-            // the sampler: same logits -> same token for the same draw, greedy on the device
+            // the sampler: same logits -> same token for the same draw, both rows on the device
             let mut ps = vec![SamplingParams::new(1), SamplingParams::new(1)];
             ps[0].temperature = 0.0;
             ps[1].temperature = 0.8;

@@ -9,7 +9,7 @@ use anyhow::{Result, ensure};
 use twinkle::engine::cuda::launch as k;
 use twinkle::engine::cuda::{CudaDevice, bf16};
 use twinkle::engine::sampling::{Draw, SamplingParams, sample_token};
-use twinkle::engine::sampling_weight::token_weight;
+use twinkle::engine::sampling_weight::{det_exp, token_weight};
 
 use super::{Rng, TestT};
 
@@ -207,5 +207,36 @@ pub fn sample_parity_bf16(dev: &CudaDevice) -> Result<()> {
         }
     }
     check_batch::<bf16>(dev, "bf16", &logits, &cases)?;
+    Ok(())
+}
+
+/// The device's exp (`sample_exp_fwd`) against the host's `det_exp`, bit for bit, over a dense
+/// sweep of [-708, 0], the reduction's switch points and random arguments. Counts the arguments
+/// where `det_exp` differs from libm's `exp`: there a device using its own `exp` would differ.
+pub fn exp_bits(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(3);
+    let mut d: Vec<f64> = (0..=100_000).map(|i| -40.0 * f64::from(i) / 1e5).collect();
+    d.extend((0..=20_000).map(|i| -708.0 * f64::from(i) / 2e4));
+    d.extend((0..1020).flat_map(|k| {
+        let x = -(f64::from(k) + 0.5) * std::f64::consts::LN_2;
+        [x, f64::from_bits(x.to_bits() - 1), f64::from_bits(x.to_bits() + 1)]
+    }));
+    d.extend((0..100_000).map(|_| -40.0 * r.uniform()));
+    d.extend([0.0, -0.0, -1e-300, -5e-324]);
+    let dd = s.clone_htod(&d)?;
+    let mut out = s.alloc_zeros::<f64>(d.len())?;
+    k::sample_exp_fwd(dev, &mut out.as_view_mut(), &dd.as_view())?;
+    let got = s.clone_dtoh(&out)?;
+    let mut libm_differs = 0;
+    for (&x, &g) in d.iter().zip(&got) {
+        let want = det_exp(x);
+        ensure!(g.to_bits() == want.to_bits(), "exp({x:e}): device {g:e} != host {want:e}");
+        libm_differs += usize::from(want != x.exp());
+    }
+    eprintln!(
+        "  sample_exp_fwd: {} arguments bit-equal ({libm_differs} differ from libm exp)",
+        d.len()
+    );
     Ok(())
 }

@@ -29,7 +29,7 @@ pub use loss::{
     xent_finish_fwd, xent_fwd,
 };
 pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
-pub use sampling::{argmax_fwd, sample_fwd};
+pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
 
 use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
 use half::bf16;

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 use super::loss::{chunk_rows, row_cfg};
-use super::{Dtype, int, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, grid_stride, int, launch_err, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const ARGMAX_THREADS: u32 = 1024;
@@ -74,5 +74,27 @@ pub fn sample_fwd<T: Dtype>(
     // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
     // at most __launch_bounds__(1024) threads, static shared memory only.
     unsafe { l.launch(row_cfg(kn, b, threads)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// `out[i] = det_exp(d[i])` (`engine::sampling_weight`) on the device, element-wise: the check
+/// that the kernel's exp has the host's bits, on which the draw's parity rests.
+pub fn sample_exp_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, f64>,
+    d: &CudaView<'_, f64>,
+) -> Result<(), CudaError> {
+    let kn = "sample_exp_fwd";
+    need_len(kn, "out", out.len(), d.len())?;
+    if d.is_empty() {
+        return Ok(());
+    }
+    let n = int(kn, "n", d.len())?;
+    let f = dev.function("sampling.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(d).arg(&n);
+    // SAFETY: out and d hold n doubles (checked); signature (double*, const double*, int);
+    // grid-stride loop, no shared memory.
+    unsafe { l.launch(grid_stride(d.len())) }.map_err(launch_err(kn))?;
     Ok(())
 }
