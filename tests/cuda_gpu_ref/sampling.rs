@@ -56,7 +56,7 @@ fn boundary_draws(logits: &[f32], sp: &SamplingParams, d: &Draw, out: &mut Vec<f
     let (sums, n) = prefix_sums(logits, d);
     let picks = [0, 1, sums.len() / 2, sums.len().saturating_sub(2)];
     for &i in picks.iter().filter(|&&i| i < sums.len()) {
-        let m = ((sums[i] << 24) + n - 1) / n;
+        let m = (sums[i] << 24).div_ceil(n);
         if m == 0 || m >= 1 << 24 {
             continue;
         }
