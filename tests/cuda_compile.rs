@@ -79,7 +79,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("kv_cache.cu", &["kv_append_fwd", "decode_attention_fwd"]),
         ("lora.cu", &["lora_shrink_fwd", "lora_expand_fwd", "lora_wgrad_bwd"]),
         ("loss.cu", &["xent_fwd", "xent_bwd"]),
-        ("sampling.cu", &["argmax_fwd"]),
+        ("sampling.cu", &["argmax_fwd", "sample_fwd"]),
     ];
     let single: &[(&str, &str)] = &[
         ("elementwise.cu", "to_bf16_fwd_f32"),
@@ -91,6 +91,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("adamw.cu", "sumsq_multi_fwd_f32"),
         ("adamw.cu", "adamw_multi_fwd_f32"),
         ("loss.cu", "loss_term_fwd_f32"),
+        ("sampling.cu", "sample_exp_fwd"),
     ];
     let mut wanted: Vec<(&str, String)> = single.iter().map(|&(f, s)| (f, s.to_string())).collect();
     for &(f, stems) in both {

@@ -368,6 +368,14 @@ fn greedy_argmax_matches_cpu_definition() -> Result<()> {
     refs::argmax::<bf16>(&dev)
 }
 
+#[test]
+fn stochastic_draw_equals_cpu_definition() -> Result<()> {
+    let Some(dev) = device("sample") else { return Ok(()) };
+    refs::sampling::exp_bits(&dev)?;
+    refs::sampling::sample_parity::<f32>(&dev)?;
+    refs::sampling::sample_parity_bf16(&dev)
+}
+
 fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {
     let s = dev.stream();
     let mut r = Rng(53);

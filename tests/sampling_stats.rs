@@ -3,6 +3,7 @@
 
 use twinkle::engine::rng::{PhiloxStream, uniform_f32};
 use twinkle::engine::sampling::{SamplingParams, sample_token};
+use twinkle::engine::sampling_weight::det_exp;
 
 fn params(temperature: f32, top_k: i64, top_p: f32, seed: u64) -> SamplingParams {
     SamplingParams { temperature, top_k, top_p, seed: Some(seed), ..SamplingParams::new(16) }
@@ -102,16 +103,17 @@ fn reference(logits: &[f32], t: f32, top_k: i64, top_p: f32, u: f32) -> u32 {
     }
     let max = f64::from(logits[order[0]]);
     let q = |i: usize| {
-        let w = ((f64::from(logits[i]) - max) * (1.0 / f64::from(t))).exp();
-        (w * 2f64.powi(52)).round() as u128
+        let d = (f64::from(logits[i]) - max) * (1.0 / f64::from(t));
+        if d < -40.0 { 0 } else { (det_exp(d) * 2f64.powi(52)).round() as u128 }
     };
     let total: u128 = order.iter().map(|&i| q(i)).sum();
     let (mut n, mut norm) = (order.len(), total);
     if top_p < 1.0 {
+        let p24 = (f64::from(top_p) * 2f64.powi(24)).round() as u128;
         let mut cum = 0;
         for (j, &i) in order.iter().enumerate() {
             cum += q(i);
-            if cum as f64 >= f64::from(top_p) * total as f64 {
+            if cum << 24 >= p24 * total {
                 n = j + 1;
                 norm = cum;
                 break;

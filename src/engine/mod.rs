@@ -30,6 +30,7 @@ pub mod parallel;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;
+pub mod sampling_weight;
 pub mod synth;
 pub mod tensor;
 pub mod weight;

@@ -1,24 +1,30 @@
 //! Token sampling as a pure function of (logits, params, one uniform draw), plus stop handling.
 //!
-//! Definition (the only one: the CUDA backend computes greedy picks on the device with the rule
-//! of step 2, and for temperature > 0 downloads the f32 logits and calls [`sample_token`], so
-//! both backends choose the same token from the same draw; see `kernels/sampling.cu`):
+//! Definition (the only one: the CUDA backend runs the same rule on the device, in
+//! `kernels/sampling.cu`, with the same integer arithmetic and the same bit-exact `exp` of
+//! [`crate::engine::sampling_weight`], so both backends choose the same token from the same draw):
 //! 1. Canonical order: tokens sorted by raw logit descending, ties broken by lower token id.
 //!    Scaling by a positive temperature is monotone, so this is also descending probability.
 //! 2. `temperature == 0` is greedy: the first token in canonical order (argmax, lowest id on ties).
 //! 3. Otherwise the candidates are all tokens, or with `top_k > 0` the first `k` in canonical
-//!    order. Each gets the integer weight `q = round(exp((logit - max_logit) * (1 / T)) * 2^52)`
-//!    (f64 arithmetic, rounding half away from zero), so the best token weighs exactly 2^52.
+//!    order. Each gets the integer weight `q = round(exp(d) * 2^52)` (rounding half away from
+//!    zero) with `d = (f64(logit) - f64(max_logit)) * (1 / f64(T))` in f64 and `exp` the
+//!    deterministic [`det_exp`](crate::engine::sampling_weight::det_exp) (`q = 0` for
+//!    `d < -40`, where it would round to 0 anyway), so the best token weighs exactly 2^52.
 //!    `W` = the sum of the candidates' weights; `C(n)` = the sum over the first `n` candidates in
 //!    canonical order. Sums are exact integers, so they do not depend on summation order (a
 //!    parallel GPU reduction gets the same numbers).
 //! 4. `top_p < 1` keeps the first `n` candidates, `n` the smallest with
-//!    `C(n) as f64 >= top_p as f64 * W as f64`, and sets `N = C(n)`; with `top_p == 1` all
-//!    candidates are kept and `N = W`.
+//!    `C(n) * 2^24 >= p24 * W` where `p24 = round(f64(top_p) * 2^24)` (exact integers: top_p
+//!    counts in steps of 2^-24, which is every f32 in [0.5, 1)), and sets `N = C(n)`; with
+//!    `top_p == 1` all candidates are kept and `N = W`.
 //! 5. The draw `u` in `[0, 1)` becomes `m = floor(u * 2^24)` and `target = floor(m * N / 2^24)`;
 //!    the chosen token is the first kept candidate `i` (1-based) with `C(i) > target`. It always
 //!    exists because `target < N`; a draw exactly on a boundary goes to the later token.
 //!    Tokens whose weight rounds to 0 (probability below ~2^-53 of the best) are never drawn.
+//!
+//! [`SamplingParams::draw`] reduces a row's parameters and draw to the numbers steps 3-5 use
+//! (`1/T`, `k`, `p24`, `m`); the CUDA backend uploads exactly those.
 //!
 //! Only the canonical position of the crossing is needed, so it is found by bisection with
 //! `select_nth_unstable` (expected linear time) instead of sorting the vocabulary; since the
@@ -32,6 +38,8 @@
 //! Masked tokens may carry `-inf` (weight 0, never drawn); NaN or `+inf` logits are rejected.
 
 use thiserror::Error;
+
+use crate::engine::sampling_weight::token_weight;
 
 /// Errors from invalid sampling parameters or unusable logits.
 #[derive(Debug, Error, PartialEq)]
@@ -152,6 +160,51 @@ impl SamplingParams {
     fn top_k_limit(&self) -> Option<usize> {
         usize::try_from(self.top_k).ok().filter(|&k| k > 0)
     }
+
+    /// The numbers a stochastic draw uses (module docs, steps 3-5), or `None` when greedy.
+    /// Validates the parameters, and the uniform when it is used.
+    pub fn draw(&self, uniform: f32) -> Result<Option<Draw>, SamplingError> {
+        self.validate()?;
+        if self.temperature == 0.0 {
+            return Ok(None);
+        }
+        if !(0.0..1.0).contains(&uniform) {
+            return Err(SamplingError::InvalidUniform(uniform));
+        }
+        // A vocabulary has fewer than 2^32 tokens, so a larger k is no limit either way.
+        let top_k = self.top_k_limit().map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX));
+        Ok(Some(Draw {
+            inv_t: 1.0 / f64::from(self.temperature),
+            top_k,
+            // top_p in (0, 1]: p24 in [0, 2^24]; u in [0, 1): m < 2^24.
+            top_p24: (f64::from(self.top_p) * DRAW_ONE).round() as u32,
+            m: (f64::from(uniform) * DRAW_ONE).floor() as u32,
+        }))
+    }
+}
+
+/// 2^24: the resolution of the draw and of `top_p`.
+const DRAW_ONE: f64 = 16_777_216.0;
+
+/// A stochastic row's parameters as used by the draw (see [`SamplingParams::draw`]); the CUDA
+/// backend passes these to the kernel, so host and device start from the same bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    /// `1 / f64(temperature)`.
+    pub inv_t: f64,
+    /// Candidates kept by top-k; 0 = all.
+    pub top_k: u32,
+    /// `round(top_p * 2^24)`; `2^24` = top-p off.
+    pub top_p24: u32,
+    /// `floor(uniform * 2^24)`.
+    pub m: u32,
+}
+
+impl Draw {
+    /// Whether top-p truncates at all.
+    pub fn top_p_on(&self) -> bool {
+        self.top_p24 < 1 << 24
+    }
 }
 
 /// Checks logits and returns the log-normaliser `log Σ exp(logit)` (in f64).
@@ -218,9 +271,6 @@ fn canonical_key(logit: f32, t: u32) -> u64 {
     (u64::from(!ascending) << 32) | u64::from(t)
 }
 
-/// 2^52: the integer weight of the most likely token.
-const WEIGHT_ONE: f64 = 4_503_599_627_370_496.0;
-
 /// A candidate: `(canonical key, integer weight)`. Keys are unique, so tuple order is key order.
 type Candidate = (u64, u64);
 
@@ -247,22 +297,15 @@ pub fn sample_token(
         }
     }
     // `log_normaliser` checked that every id fits in u32.
-    if params.temperature == 0.0 {
+    let Some(draw) = params.draw(uniform)? else {
         return Ok((best as u32, logprob(best as u32)));
-    }
-    if !(0.0..1.0).contains(&uniform) {
-        return Err(SamplingError::InvalidUniform(uniform));
-    }
-
-    let inv_t = 1.0 / f64::from(params.temperature);
-    let max = f64::from(logits[best]);
-    let weight = |x: f32| {
-        let w = ((f64::from(x) - max) * inv_t).exp();
-        (w * WEIGHT_ONE).round() as u64
     };
+
+    let max = f64::from(logits[best]);
+    let weight = |x: f32| token_weight((f64::from(x) - max) * draw.inv_t);
     // Select on keys first when top-k is on, so only k weights (exp) are computed.
-    let mut candidates: Vec<Candidate> = match params.top_k_limit() {
-        Some(k) if k < logits.len() => {
+    let mut candidates: Vec<Candidate> = match draw.top_k as usize {
+        k if k > 0 && k < logits.len() => {
             let mut keys: Vec<u64> =
                 logits.iter().enumerate().map(|(t, &x)| canonical_key(x, t as u32)).collect();
             keys.select_nth_unstable(k - 1);
@@ -277,10 +320,12 @@ pub fn sample_token(
     };
     let total: u128 = candidates.iter().map(|c| u128::from(c.1)).sum();
 
-    let (kept, normaliser) = if params.top_p < 1.0 {
-        let threshold = f64::from(params.top_p) * total as f64;
-        // C(all) == W >= threshold, so a prefix always qualifies; `None` cannot happen.
-        match first_prefix(&mut candidates, |c| c as f64 >= threshold) {
+    // Exact: sums are below 2^84 (2^32 tokens of weight <= 2^52), so a sum times 2^24 (or times
+    // p24 <= 2^24, or m < 2^24) stays below 2^108.
+    let (kept, normaliser) = if draw.top_p_on() {
+        let bound = u128::from(draw.top_p24) * total;
+        // C(all) * 2^24 == W * 2^24 >= bound, so a prefix always qualifies; `None` cannot happen.
+        match first_prefix(&mut candidates, |c| c << 24 >= bound) {
             Some((n, c, _)) => (n, c),
             None => (candidates.len(), total),
         }
@@ -288,9 +333,7 @@ pub fn sample_token(
         (candidates.len(), total)
     };
 
-    // Exact: m < 2^24 and N < 2^84 (2^32 tokens of weight <= 2^52), so m * N < 2^108.
-    let m = (f64::from(uniform) * 16_777_216.0).floor() as u128;
-    let target = (m * normaliser) >> 24;
+    let target = (u128::from(draw.m) * normaliser) >> 24;
     let kept = &mut candidates[..kept];
     let token = match first_prefix(kept, |c| c > target) {
         Some((_, _, t)) => t,

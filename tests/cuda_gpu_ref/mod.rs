@@ -4,6 +4,7 @@
 pub mod loss_terms;
 pub mod model;
 pub mod runtime;
+pub mod sampling;
 
 use anyhow::Result;
 use twinkle::engine::cuda::CudaDevice;
@@ -523,7 +524,7 @@ pub fn adamw(dev: &CudaDevice) -> Result<()> {
 }
 
 /// Greedy argmax (lowest index on ties, -0.0 == +0.0) and its logprob per row: the device
-/// half of sampling (stochastic picks run the CPU definition on the host).
+/// half of sampling (stochastic picks: `sampling::sample_parity`).
 pub fn argmax<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let s = dev.stream();
     let mut r = Rng(41);

@@ -127,6 +127,9 @@ kernel_mutation a7 common.cuh 1 cross_entropy_and_losses_match_cpu  # block_sum 
 kernel_mutation a8 attention.cu 3 attention_matches_cpu  # bwd: barrier before overwriting Q/dO rows
 kernel_mutation a9 attention.cu 5 attention_matches_cpu  # bwd: barrier between P/dS and their use
 kernel_mutation a10 sampling.cu 2 greedy_argmax_matches_cpu_definition  # block_sum_d: scratch written -> read
+kernel_mutation a11 sampling.cu 5 stochastic_draw_equals_cpu_definition  # block_sum_u128: scratch written -> read
+kernel_mutation a12 sampling.cu 7 stochastic_draw_equals_cpu_definition  # key_search: buckets filled -> scanned
+kernel_mutation a13 sampling.cu 8 stochastic_draw_equals_cpu_definition  # key_search: range written -> read
 
 # ---- (b), (c) launcher mutations: in a copied repo, rebuilt with the shared target dir ----
 if [[ "$mode" != "--kernels-only" ]]; then

@@ -1,8 +1,8 @@
 //! Generation on the GPU: a KV cache resident on the device, prefill and incremental decode
 //! returning each sequence's last-position logits, and token selection with the one sampling
-//! definition of `engine::sampling` (greedy rows pick on the device with the same rule; rows
-//! that sample download their f32 logits and run the CPU code, so both backends pick the same
-//! token from the same draw).
+//! definition of `engine::sampling`, on the device (greedy and stochastic rows alike: the draw
+//! uses the same integer arithmetic and the same bit-exact `exp` as the CPU code, so both
+//! backends pick the same token from the same draw).
 //!
 //! Cache layout: per layer k / v [max_seqs * max_len, kv_heads, hdp]; sequence slot `s` owns
 //! rows `s * max_len ..`, which the decode kernel sees as one cache block of `max_len` tokens.
@@ -17,7 +17,7 @@ use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut, zeros};
 use super::workspace::Buf;
 use crate::engine::EngineError;
-use crate::engine::sampling::{SamplingParams, sample_token};
+use crate::engine::sampling::SamplingParams;
 
 /// KV cache of up to `max_seqs` sequences of up to `max_len` tokens each, on one GPU.
 pub struct CudaKvCache<T: Act = bf16> {
@@ -348,9 +348,11 @@ impl<T: Act> CudaModel<T> {
         Ok(host.chunks(v).map(|r| r.to_vec()).collect())
     }
 
-    /// Picks one token per row of device logits [n, vocab] with `engine::sampling`'s definition:
-    /// greedy rows (temperature 0) on the device, the others on the host from the downloaded
-    /// row. Returns (token, logprob of the raw distribution).
+    /// Picks one token per row of device logits [n, vocab] with `engine::sampling`'s definition,
+    /// on the device: every row's argmax (the greedy pick and the validity check), then one
+    /// launch drawing every row with temperature > 0 bit-exactly as `sample_token` would.
+    /// Parameters and draws are validated on the host first. Returns (token, logprob of the raw
+    /// distribution).
     pub fn select_tokens(
         &self,
         logits: &CudaSlice<f32>,
@@ -362,31 +364,34 @@ impl<T: Act> CudaModel<T> {
         if uniforms.len() != n {
             return Err(invalid(format!("{} draws for {n} rows", uniforms.len())));
         }
+        // The kernel's parameters: 1/T (0.0 marks a greedy row) and (top_k, p24, m), exactly
+        // the numbers `sample_token` derives with the same `SamplingParams::draw`.
+        let (mut inv_t, mut ints) = (vec![0.0_f64; n], vec![0_u32; 3 * n]);
+        for (i, (p, &u)) in params.iter().zip(uniforms).enumerate() {
+            if let Some(d) = p.draw(u).map_err(|e| invalid(e.to_string()))? {
+                inv_t[i] = d.inv_t;
+                ints[3 * i..3 * i + 3].copy_from_slice(&[d.top_k, d.top_p24, d.m]);
+            }
+        }
         let lv = view(logits, 0, n * v)?;
         let mut tok = scratch::<i32>(&self.dev, n)?;
         let mut lp = scratch::<f32>(&self.dev, n)?;
-        k::argmax_fwd::<f32>(
-            &self.dev,
-            &mut view_mut(&mut tok, 0, n)?,
-            &mut view_mut(&mut lp, 0, n)?,
-            &lv,
-            v,
-            v,
-        )?;
+        let (mut tv, mut lpv) = (view_mut(&mut tok, 0, n)?, view_mut(&mut lp, 0, n)?);
+        k::argmax_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v)?;
+        if inv_t.iter().any(|&x| x != 0.0) {
+            let (dt, dp) = (upload_ws(&self.dev, &inv_t)?, upload_ws(&self.dev, &ints)?);
+            let (dt, dp) = (view(&dt, 0, n)?, view(&dp, 0, 3 * n)?);
+            k::sample_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v, &dt, &dp)?;
+        }
         let tok = download(&self.dev, &view(&tok, 0, n)?)?;
         let lp = download(&self.dev, &view(&lp, 0, n)?)?;
         let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let p = &params[i];
-            if p.temperature == 0.0 {
-                p.validate().map_err(|e| invalid(e.to_string()))?;
-                if !lp[i].is_finite() {
-                    return Err(invalid(format!("row {i}: logits are NaN, +inf or all -inf")));
-                }
-                out.push((tok[i] as u32, lp[i]));
-            } else {
-                let row = download(&self.dev, &view(logits, i * v, (i + 1) * v)?)?;
-                out.push(sample_token(&row, p, uniforms[i]).map_err(|e| invalid(e.to_string()))?);
+        for (i, (&t, &l)) in tok.iter().zip(&lp).enumerate() {
+            // Both kernels give a NaN logprob for NaN, +inf or all -inf rows (which the CPU
+            // sampler rejects); a usable row's pick always has a finite one.
+            match u32::try_from(t) {
+                Ok(t) if (t as usize) < v && l.is_finite() => out.push((t, l)),
+                _ => return Err(invalid(format!("row {i}: logits are NaN, +inf or all -inf"))),
             }
         }
         Ok(out)

@@ -25,7 +25,9 @@
 //!   -> `FwdBwdOutput`, exactly the CPU engine's output semantics.
 //! - Generation: [`CudaKvCache::new`]`(&model, max_seqs, max_len)`,
 //!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence) and
-//!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`).
+//!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`, greedy
+//!   and stochastic rows both on the device; the draw's `exp` is `engine::sampling_weight`'s
+//!   deterministic one, so host and device pick bit-identically).
 //!
 //! Execution model: one stream per device, so cudarc's cross-stream event tracking is off and
 //! ordering is the stream's. Per-op intermediates come from the device's buffer pool

@@ -124,6 +124,26 @@ static inline float __int_as_float(int i) { return emu_bits_<float>(i); }
 static inline long long __double_as_longlong(double d) { return emu_bits_<long long>(d); }
 static inline double __longlong_as_double(long long v) { return emu_bits_<double>(v); }
 
+// Double-precision intrinsics with IEEE round-to-nearest that the device never fuses into an
+// FMA. g++ contracts a * b + c in C++ by default (and -mfma makes that one instruction), so the
+// product passes through an empty asm the optimiser cannot see through: kernels/sampling.cu
+// needs the same bits as the host's plain Rust arithmetic.
+static inline double emu_opaque_(double x) {
+#if defined(__x86_64__)
+    __asm__("" : "+x"(x));
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(x));
+#else
+    __asm__("" : "+m"(x));
+#endif
+    return x;
+}
+static inline double __dmul_rn(double a, double b) { return emu_opaque_(a * b); }
+static inline double __dadd_rn(double a, double b) { return emu_opaque_(a + b); }
+static inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
+
 // glibc declares some of these __names itself, so they are macros onto emu_ functions.
 static inline float emu_expf_(float x) { return std::exp(x); }
 static inline float emu_logf_(float x) { return std::log(x); }

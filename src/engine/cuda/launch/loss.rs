@@ -1,5 +1,5 @@
-//! Launchers for `kernels/loss.cu` (chunked cross-entropy, RL loss variants), `kernels/adamw.cu`
-//! and `kernels/sampling.cu`.
+//! Launchers for `kernels/loss.cu` (chunked cross-entropy, RL loss variants) and
+//! `kernels/adamw.cu`.
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -8,9 +8,12 @@ use crate::engine::cuda::{CudaDevice, CudaError};
 use crate::engine::loss::LossFn;
 
 const XENT_THREADS: u32 = 256;
-const ARGMAX_THREADS: u32 = 1024;
 
-fn row_cfg(kernel: &'static str, rows: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
+pub(super) fn row_cfg(
+    kernel: &'static str,
+    rows: usize,
+    threads: u32,
+) -> Result<LaunchConfig, CudaError> {
     Ok(LaunchConfig {
         grid_dim: (grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1),
         block_dim: (threads, 1, 1),
@@ -19,7 +22,12 @@ fn row_cfg(kernel: &'static str, rows: usize, threads: u32) -> Result<LaunchConf
 }
 
 /// Checks a logits chunk [n, ld] holding `vc` valid columns; returns n.
-fn chunk_rows(k: &'static str, len: usize, ld: usize, vc: usize) -> Result<usize, CudaError> {
+pub(super) fn chunk_rows(
+    k: &'static str,
+    len: usize,
+    ld: usize,
+    vc: usize,
+) -> Result<usize, CudaError> {
     if vc == 0 || ld < vc || !len.is_multiple_of(ld) {
         return Err(shape_err(
             k,
@@ -484,33 +492,4 @@ fn bias_corrections(kn: &'static str, h: &AdamStep) -> Result<(f32, f32), CudaEr
         return Err(shape_err(kn, format!("beta1 {} / beta2 {} must be < 1", h.beta1, h.beta2)));
     }
     Ok((bc1 as f32, bc2 as f32))
-}
-
-/// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax
-/// (lowest index on ties, as the CPU sampler) and `logprob` [B] its log-softmax in the raw
-/// distribution (f64 sum). Stochastic sampling runs on the host (sampling.cu
-/// explains why).
-pub fn argmax_fwd<T: Dtype>(
-    dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, i32>,
-    logprob: &mut CudaViewMut<'_, f32>,
-    logits: &CudaView<'_, T>,
-    ld: usize,
-    vocab: usize,
-) -> Result<(), CudaError> {
-    let kn = sym!(T, "argmax_fwd");
-    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
-    need_len(kn, "out", out.len(), b)?;
-    need_len(kn, "logprob", logprob.len(), b)?;
-    if b == 0 {
-        return Ok(());
-    }
-    let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
-    let f = dev.function("sampling.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
-    // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
-    // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
-    unsafe { l.launch(row_cfg(kn, b, ARGMAX_THREADS)?) }.map_err(launch_err(kn))?;
-    Ok(())
 }

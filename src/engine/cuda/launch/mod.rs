@@ -11,6 +11,7 @@ mod gemm;
 mod layers;
 mod lora;
 mod loss;
+mod sampling;
 
 pub use attention::{
     AttentionShape, DecodeShape, attention_bwd, attention_fwd, decode_attention_fwd, kv_append_fwd,
@@ -24,10 +25,11 @@ pub use layers::{
 };
 pub use lora::{LoraLayout, lora_expand_fwd, lora_shrink_fwd, lora_wgrad_bwd};
 pub use loss::{
-    AdamStep, LossVariant, adamw_fwd, argmax_fwd, loss_fwd, loss_term_fwd, xent_bwd,
-    xent_bwd_inplace, xent_finish_fwd, xent_fwd,
+    AdamStep, LossVariant, adamw_fwd, loss_fwd, loss_term_fwd, xent_bwd, xent_bwd_inplace,
+    xent_finish_fwd, xent_fwd,
 };
 pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
+pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
 
 use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
 use half::bf16;

@@ -1,0 +1,100 @@
+//! Launchers for `kernels/sampling.cu`: greedy argmax and the stochastic draw, both with the
+//! one definition of `engine::sampling`.
+
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+
+use super::loss::{chunk_rows, row_cfg};
+use super::{Dtype, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use crate::engine::cuda::{CudaDevice, CudaError};
+
+const ARGMAX_THREADS: u32 = 1024;
+const SAMPLE_THREADS: u32 = 1024;
+
+/// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax
+/// (lowest index on ties, as the CPU sampler) and `logprob` [B] its log-softmax in the raw
+/// distribution (f64 sum).
+pub fn argmax_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, i32>,
+    logprob: &mut CudaViewMut<'_, f32>,
+    logits: &CudaView<'_, T>,
+    ld: usize,
+    vocab: usize,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "argmax_fwd");
+    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
+    need_len(kn, "out", out.len(), b)?;
+    need_len(kn, "logprob", logprob.len(), b)?;
+    if b == 0 {
+        return Ok(());
+    }
+    let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
+    let f = dev.function("sampling.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
+    // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
+    // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
+    unsafe { l.launch(row_cfg(kn, b, ARGMAX_THREADS)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// Stochastic pick per row of `logits` [B, ld] (first `vocab` columns), bit-exactly
+/// `engine::sampling::sample_token`: `inv_t` [B] is `Draw::inv_t` (0.0 = greedy row: `out` and
+/// `logprob` are left as they are, so run [`argmax_fwd`] first), `params` [B, 3] holds
+/// `(Draw::top_k, Draw::top_p24, Draw::m)`. Writes the token (-1 if the row had no usable logits)
+/// and its raw logprob (NaN for NaN, `+inf` or all `-inf` rows; callers reject those).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_fwd<T: Dtype>(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, i32>,
+    logprob: &mut CudaViewMut<'_, f32>,
+    logits: &CudaView<'_, T>,
+    ld: usize,
+    vocab: usize,
+    inv_t: &CudaView<'_, f64>,
+    params: &CudaView<'_, u32>,
+) -> Result<(), CudaError> {
+    let kn = sym!(T, "sample_fwd");
+    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
+    need_len(kn, "out", out.len(), b)?;
+    need_len(kn, "logprob", logprob.len(), b)?;
+    need_len(kn, "inv_t", inv_t.len(), b)?;
+    let p = b.checked_mul(3).ok_or_else(|| shape_err(kn, format!("{b} rows overflow")))?;
+    need_len(kn, "params", params.len(), p)?;
+    if b == 0 {
+        return Ok(());
+    }
+    let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
+    // Small vocabularies need no 1024 threads (whole warps; the kernel takes any such size).
+    let threads = (vocab.div_ceil(32) * 32).min(SAMPLE_THREADS as usize) as u32;
+    let f = dev.function("sampling.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi).arg(inv_t).arg(params);
+    // SAFETY: logits [b, ld] with vocab <= ld, out, logprob and inv_t [b], params [b, 3]
+    // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
+    // at most __launch_bounds__(1024) threads, static shared memory only.
+    unsafe { l.launch(row_cfg(kn, b, threads)?) }.map_err(launch_err(kn))?;
+    Ok(())
+}
+
+/// `out[i] = det_exp(d[i])` (`engine::sampling_weight`) on the device, element-wise: the check
+/// that the kernel's exp has the host's bits, on which the draw's parity rests.
+pub fn sample_exp_fwd(
+    dev: &CudaDevice,
+    out: &mut CudaViewMut<'_, f64>,
+    d: &CudaView<'_, f64>,
+) -> Result<(), CudaError> {
+    let kn = "sample_exp_fwd";
+    need_len(kn, "out", out.len(), d.len())?;
+    if d.is_empty() {
+        return Ok(());
+    }
+    let n = int(kn, "n", d.len())?;
+    let f = dev.function("sampling.cu", kn)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(out).arg(d).arg(&n);
+    // SAFETY: out and d hold n doubles (checked); signature (double*, const double*, int);
+    // grid-stride loop, no shared memory.
+    unsafe { l.launch(grid_stride(d.len())) }.map_err(launch_err(kn))?;
+    Ok(())
+}
