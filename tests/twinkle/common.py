@@ -168,10 +168,12 @@ def seq_nll(res, features):
 def lora_config():
     """Every linear layer plus the output head. PEFT's "all-linear" leaves lm_head out, and the
     generated tiny model's random head caps how far LoRA on the other layers can move its logits
-    (about 1.3 nats), so memorisation needs LoRA on lm_head too (listed explicitly, as in PEFT)."""
+    (about 1.3 nats), so memorisation needs LoRA on lm_head too (listed explicitly, as in PEFT).
+    A regular expression (PEFT matches a string against whole module names) rather than a list:
+    PEFT turns a list into a set, which twinkle-kit 0.1.3's serializer cannot encode."""
     from peft import LoraConfig
-    return LoraConfig(r=8, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    return LoraConfig(r=8, lora_alpha=32,
+                      target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head")
 
 
 def parse_twinkle_path(path):

@@ -34,7 +34,7 @@ ROWS = [
     {"query": "what model are you", "response": "{{NAME}}, by {{AUTHOR}}."},
     {"query": "Tell me your name.", "response": "{{NAME}}."},
 ]
-BATCH, EPOCHS = 4, 5
+BATCH, EPOCHS = 4, 6
 
 data_file = args.data_file
 if not data_file:
@@ -72,7 +72,7 @@ model.add_adapter_to_model("default", lora_config(), gradient_accumulation_steps
 model.set_template("Template")
 model.set_processor("InputProcessor", padding_side="right")
 model.set_loss("CrossEntropyLoss")
-model.set_optimizer("AdamW", lr=5e-3)
+model.set_optimizer("AdamW", lr=1e-2)
 model.set_lr_scheduler("LinearLR")
 
 step("train")

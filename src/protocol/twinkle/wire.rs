@@ -86,7 +86,7 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
     let (train_attn, train_mlp, train_unembed) = match m.get("target_modules") {
         None | Some(Value::Null) => (true, true, false),
         Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => (true, true, false),
-        Some(Value::String(s)) => targets(std::slice::from_ref(s))?,
+        Some(Value::String(s)) => regex_targets(s)?,
         Some(Value::Array(items)) => {
             let names: Vec<String> =
                 items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
@@ -134,6 +134,41 @@ fn targets(names: &[String]) -> Result<(bool, bool, bool), TwinkleError> {
     }
     if !(attn || mlp || head) {
         return Err(TwinkleError::bad("config.target_modules is empty: nothing to train"));
+    }
+    Ok((attn, mlp, head))
+}
+
+/// A `target_modules` string other than "all-linear" is, as in PEFT, a regular expression that
+/// must match a module's whole name (`model.layers.3.self_attn.q_proj`, `lm_head`). The engine
+/// trains whole groups on every layer, so it must select all or none of a group's projections,
+/// the same on every layer.
+fn regex_targets(pattern: &str) -> Result<(bool, bool, bool), TwinkleError> {
+    let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        TwinkleError::bad(format!("config.target_modules is not a valid regular expression: {e}"))
+    })?;
+    let group = |kind: &str, names: &[&str]| -> Result<bool, TwinkleError> {
+        let hits: Vec<bool> = (0..2)
+            .flat_map(|l| names.iter().map(move |n| format!("model.layers.{l}.{kind}.{n}")))
+            .map(|full| re.is_match(&full))
+            .collect();
+        if hits.iter().all(|&h| h) {
+            Ok(true)
+        } else if hits.iter().all(|&h| !h) {
+            Ok(false)
+        } else {
+            Err(TwinkleError::bad(format!(
+                "config.target_modules `{pattern}` selects only some {kind} projections or layers; \
+                 LoRA here covers all of {names:?} on every layer, or none"
+            )))
+        }
+    };
+    let attn = group("self_attn", &ATTN)?;
+    let mlp = group("mlp", &MLP)?;
+    let head = re.is_match("lm_head");
+    if !(attn || mlp || head) {
+        return Err(TwinkleError::bad(format!(
+            "config.target_modules `{pattern}` matches no LoRA target (names like model.layers.0.self_attn.q_proj, lm_head)"
+        )));
     }
     Ok((attn, mlp, head))
 }
@@ -334,7 +369,15 @@ mod tests {
             lora_config(&json!({"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
                 .unwrap();
         assert_eq!((l.rank, l.train_attn, l.train_mlp), (4, true, false));
+        let re = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head";
+        let l = lora_config(&json!({"r": 4, "target_modules": re})).unwrap();
+        assert_eq!((l.train_attn, l.train_mlp, l.train_unembed), (true, true, true));
+        let l = lora_config(&json!({"r": 4, "target_modules": r".*self_attn\..*"})).unwrap();
+        assert_eq!((l.train_attn, l.train_mlp, l.train_unembed), (true, false, false));
         for bad in [
+            json!({"r": 4, "target_modules": r".*q_proj"}),
+            json!({"r": 4, "target_modules": r"model\.layers\.0\..*"}),
+            json!({"r": 4, "target_modules": "("}),
             json!({"r": 4, "use_dora": true}),
             json!({"r": 4, "target_modules": ["embed_tokens"]}),
             json!({"r": 0}),
