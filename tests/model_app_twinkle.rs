@@ -262,3 +262,34 @@ async fn save_resume_isolation_and_bad_names() {
     let resp = test::call_service(&app, req).await;
     assert_eq!(resp.status(), 400);
 }
+
+#[actix_web::test]
+async fn state_dict_heartbeat_and_idle_expiry() {
+    let t = tempfile::tempdir().unwrap();
+    let svc: Arc<dyn ModelApp> = Arc::new(service(&t.path().join("spill")));
+    let auth = Auth { keys: None, salt: b"s".to_vec(), save_root: t.path().join("save") };
+    let tw = Arc::new(TwinkleModel::new(svc.clone(), auth, Duration::from_millis(300), 4));
+    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    c.adapter(1).await;
+    // PEFT tensor names with [out, in] rows: lora_A is [r, in], lora_B [out, r].
+    let sd = c.ok("get_state_dict", json!({"adapter_name": "a"})).await;
+    let sd = sd["result"].as_object().unwrap();
+    let a = &sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    assert_eq!(a.as_array().unwrap().len(), 4, "rank rows");
+    let b = &sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert_eq!(b[0].as_array().unwrap().len(), 4, "rank columns");
+    assert!(!sd.keys().any(|k| k.starts_with("base_model.model.lm_head")));
+    // Heartbeats (Gen-1) keep the adapter; without them it expires and is unloaded.
+    let g1 = Client { base: "/m", ..c };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(g1.ok("heartbeat", json!({"adapter_name": "a"})).await, json!({"status": "ok"}));
+        assert_eq!(tw.sweep(), 0);
+    }
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(tw.sweep(), 1);
+    assert!(svc.info().adapters.is_empty(), "{:?}", svc.info().adapters);
+    let (s, _) = g1.call("heartbeat", json!({"adapter_name": "a"})).await;
+    assert_eq!(s, 404);
+}
