@@ -8,6 +8,7 @@
 mod ckpt;
 mod inputs;
 mod ops;
+mod steps;
 
 pub use ops::TEMPLATES;
 
