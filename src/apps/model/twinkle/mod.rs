@@ -257,16 +257,7 @@ async fn run(
     use actix_web::ResponseError as _;
     let out = async {
         let caller = tw.auth.caller(&req)?;
-        let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
-            Map::new()
-        } else {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(Value::Object(m)) => m,
-                Ok(Value::Null) => Map::new(),
-                Ok(_) => return Err(TwinkleError::bad("the request body must be a JSON object")),
-                Err(e) => return Err(TwinkleError::bad(format!("bad JSON body: {e}"))),
-            }
-        };
+        let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let tw = tw.get_ref().clone();
         web::block(move || tw.dispatch(g, &op, &caller, body))
             .await

@@ -183,14 +183,7 @@ impl TwinkleModel {
                 ));
             }
         }
-        let max_length = match body.get("max_length") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().filter(|&m| m > 0).ok_or_else(|| {
-                TwinkleError::bad(format!(
-                    "set_template: max_length must be a positive whole number, got {v}"
-                ))
-            })? as usize),
-        };
+        let max_length = wire::positive(body, "set_template", "max_length")?;
         let enable_thinking = body.get("enable_thinking").and_then(Value::as_bool);
         lock(&s).template = Some(TemplateCfg { max_length, enable_thinking });
         Ok(g.result(Value::Null))
