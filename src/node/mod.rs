@@ -39,6 +39,9 @@ pub enum NodeError {
     Unreachable(String),
     #[error("{0}")]
     Daemon(String),
+    /// `serve --wait`: an application failed before every application was running.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// `$TWINKLE_HOME` holds this machine's node identity (`node_id`, the agent records): a
     /// second agent from it would register as the same node and replace the running one.
     #[error(
