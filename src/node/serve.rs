@@ -292,7 +292,8 @@ impl Running {
         tracing::info!(gateway = %gateway_addr, control = %control_addr,
             state = %state_file::serve_file(&self.home).display(), "twinkle serve is up");
         let wait = self.opts.wait;
-        let mut ready = actix_web::rt::spawn(watch_ready(reg.clone(), gateway_addr.to_string()));
+        let mut ready =
+            actix_web::rt::spawn(watch_ready(reg.clone(), gateway_addr.to_string(), wait));
 
         let mut failure = None;
         tokio::select! {
@@ -336,9 +337,9 @@ impl Running {
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Watches the registry until every application is running, then logs `twinkle serve is ready`
-/// and prints `twinkle serve: ready ...` on stdout (the line `--wait` scripts look for), and
-/// stays pending. Returns only if an application fails first, with the reasons.
-async fn watch_ready(reg: registry::SharedRegistry, gateway: String) -> String {
+/// (with `announce`, `--wait`, also prints `twinkle serve: ready ...` on stdout, the line
+/// scripts look for) and stays pending. Returns only if an application fails first, with why.
+async fn watch_ready(reg: registry::SharedRegistry, gateway: String, announce: bool) -> String {
     loop {
         let r = registry::read(&reg).readiness();
         if !r.failed.is_empty() {
@@ -354,7 +355,7 @@ async fn watch_ready(reg: registry::SharedRegistry, gateway: String) -> String {
         tokio::time::sleep(READY_POLL).await;
     }
     tracing::info!(gateway = %gateway, "twinkle serve is ready: every application is running");
-    {
+    if announce {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "twinkle serve: ready (gateway http://{gateway})");
