@@ -1,6 +1,11 @@
 //! Loopback client of the model / sampler applications (`INTERNAL_API.md`): finds their addresses
 //! through the head's `/v1/status`, caches each one's `/_internal/v1/info`, and maps their
 //! answers onto [`JobError`] categories (4xx → user, 5xx and connection errors → server).
+//!
+//! It also knows the model/sampler applications the config declares ([`Configured`]), so a
+//! model that is configured but not running yet is told apart from one that is not served at
+//! all: the first is a retryable 503 (or a non-retryable error once its application failed),
+//! only the second is a 404.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +70,50 @@ pub struct Upstream {
     pub info: ModelInfo,
 }
 
+/// A model or sampler application the config declares, known before its child runs.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub app: String,
+    /// `model` or `sampler`.
+    pub kind: String,
+    /// Built from `args.model_id` the way the application reports it once up.
+    pub info: ModelInfo,
+}
+
+impl Configured {
+    /// Every model/sampler application of `cfg` that names its `model_id`.
+    pub fn from_config(cfg: &crate::config::ServerConfig) -> Vec<Configured> {
+        use crate::config::ImportPath;
+        cfg.applications
+            .iter()
+            .filter(|a| matches!(a.import_path, ImportPath::Model | ImportPath::Sampler))
+            .filter_map(|a| {
+                let id = a.args.model_id.clone()?;
+                Some(Configured {
+                    app: a.name.clone(),
+                    kind: a.import_path.as_str().to_string(),
+                    info: ModelInfo {
+                        model_name: Some(crate::hub::display_name(&id)),
+                        base_model: id,
+                        arch: None,
+                        vocab_size: None,
+                        max_length: None,
+                        tokenizer_id: None,
+                        max_rank: None,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// The head's last word on one application: its state and, when failed, why.
+#[derive(Debug, Clone)]
+struct Seen {
+    state: String,
+    last_exit: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct StatusReport {
     applications: Vec<AppEntry>,
@@ -76,6 +125,10 @@ struct AppEntry {
     import_path: String,
     #[serde(default)]
     address: Option<String>,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    last_exit: Option<String>,
 }
 
 /// Discovery and calls. Clone-cheap; the awc client is created per call site because it is not
@@ -85,6 +138,9 @@ pub struct Upstreams {
     head: String,
     token: String,
     cache: Arc<Mutex<HashMap<String, Upstream>>>,
+    configured: Arc<Vec<Configured>>,
+    /// State of every model/sampler application at the last refresh, by name.
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
 }
 
 thread_local! {
@@ -101,7 +157,19 @@ fn client() -> awc::Client {
 impl Upstreams {
     pub fn new(head: String) -> Self {
         let token = std::env::var(INTERNAL_TOKEN_ENV).unwrap_or_default();
-        Upstreams { head, token, cache: Arc::new(Mutex::new(HashMap::new())) }
+        Upstreams {
+            head,
+            token,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+            configured: Arc::new(Vec::new()),
+            seen: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The applications the config declares (see [`Upstreams::not_ready`]).
+    pub fn with_configured(mut self, configured: Vec<Configured>) -> Self {
+        self.configured = Arc::new(configured);
+        self
     }
 
     fn cached(&self) -> Vec<Upstream> {
@@ -125,10 +193,12 @@ impl Upstreams {
         let known: HashMap<String, Upstream> =
             self.cached().into_iter().map(|u| (u.app.clone(), u)).collect();
         let mut fresh = HashMap::new();
+        let mut seen = HashMap::new();
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
             }
+            seen.insert(a.name.clone(), Seen { state: a.state.clone(), last_exit: a.last_exit });
             let Some(address) = a.address else { continue };
             let info = match known.get(&a.name) {
                 Some(u) if u.address == address => u.info.clone(),
@@ -155,6 +225,9 @@ impl Upstreams {
         if let Ok(mut c) = self.cache.lock() {
             *c = fresh;
         }
+        if let Ok(mut s) = self.seen.lock() {
+            *s = seen;
+        }
         Ok(list)
     }
 
@@ -178,10 +251,67 @@ impl Upstreams {
         pick(self.refresh().await.ok()?)
     }
 
-    /// The model app for `base_model`, or a 404 naming the models that are served.
+    /// Why a configured application is not serving, as the error to answer: `NotReady` (503 +
+    /// Retry-After) while it starts, restarts or downloads its model, or is running but not
+    /// yet known here; `AppFailed` once the head reports it failed. Reads the last refresh.
+    fn not_serving(&self, c: &Configured, name: &str) -> ApiError {
+        let seen = self.seen.lock().ok().and_then(|s| s.get(&c.app).cloned());
+        let (state, why) = match seen {
+            Some(s) if !s.state.is_empty() => (s.state, s.last_exit),
+            _ => ("starting".to_string(), None),
+        };
+        if state == "failed" {
+            let why = why.unwrap_or_else(|| "unknown reason".into());
+            return ApiError::AppFailed(format!(
+                "base model `{name}` is configured, but its {} application `{}` failed: {why} \
+                 (see `twinkle status`)",
+                c.kind, c.app
+            ));
+        }
+        ApiError::NotReady(format!(
+            "base model `{name}` is configured, but its {} application `{}` is {state}; retry shortly",
+            c.kind, c.app
+        ))
+    }
+
+    /// For a `base_model` no running application of `kind` answers to: the error of the
+    /// configured application that will serve it, if any (else the caller answers 404).
+    pub fn not_ready(&self, kind: &str, base_model: &str) -> Option<ApiError> {
+        let c = self.configured.iter().find(|c| c.kind == kind && c.info.answers_to(base_model))?;
+        Some(self.not_serving(c, base_model))
+    }
+
+    /// The running model/sampler applications, refreshed when a configured model application is
+    /// missing; `NotReady` while one is still coming up (a failed one is left out, logged).
+    pub async fn ready_models(&self) -> Result<Vec<Upstream>, ApiError> {
+        let missing = |ups: &[Upstream]| -> Vec<Configured> {
+            self.configured
+                .iter()
+                .filter(|c| c.kind == "model" && !ups.iter().any(|u| u.app == c.app))
+                .cloned()
+                .collect()
+        };
+        let mut ups = self.all().await;
+        if !missing(&ups).is_empty() {
+            ups = self.refresh().await.unwrap_or_default();
+        }
+        for c in missing(&ups) {
+            match self.not_serving(&c, c.info.public_name()) {
+                ApiError::AppFailed(why) => tracing::warn!(app = %c.app, %why, "not advertised"),
+                e => return Err(e),
+            }
+        }
+        Ok(ups)
+    }
+
+    /// The model app for `base_model`; for a configured one that is not up, `NotReady` or
+    /// `AppFailed`; else a 404 naming the models that are served.
     pub async fn model_for(&self, base_model: &str) -> Result<Upstream, ApiError> {
         if let Some(u) = self.find("model", base_model).await {
             return Ok(u);
+        }
+        if let Some(e) = self.not_ready("model", base_model) {
+            return Err(e);
         }
         let names: Vec<String> = self
             .all()
@@ -297,5 +427,54 @@ impl From<CallError> for JobError {
             CallError::User(m) => JobError::User(m),
             CallError::Unreachable(m) | CallError::Server(m) => JobError::Server(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+server_type: tinker
+http_options: {host: 127.0.0.1, port: 8000}
+applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+  - name: model
+    route_prefix: /api/v1/model/tiny
+    import_path: model
+    args:
+      model_id: "ms://Qwen/Qwen3-0.6B"
+      device_group: {name: model, ranks: 1, device_type: cpu}
+"#;
+
+    fn ups() -> Upstreams {
+        let cfg = crate::config::load_str(CFG).expect("config parses");
+        Upstreams::new("127.0.0.1:1".into()).with_configured(Configured::from_config(&cfg))
+    }
+
+    fn see(u: &Upstreams, state: &str, last_exit: Option<&str>) {
+        let seen = Seen { state: state.into(), last_exit: last_exit.map(str::to_string) };
+        u.seen.lock().expect("lock").insert("model".into(), seen);
+    }
+
+    #[test]
+    fn configured_models_are_not_ready_or_failed_others_are_not_served() {
+        let u = ups();
+        assert_eq!(u.configured.len(), 1, "only model/sampler applications");
+        // Never seen (the head has not answered yet): starting.
+        for name in ["Qwen/Qwen3-0.6B", "ms://Qwen/Qwen3-0.6B"] {
+            let e = u.not_ready("model", name).expect("configured");
+            assert!(matches!(&e, ApiError::NotReady(m) if m.contains("is starting")), "{e}");
+        }
+        see(&u, "restarting", None);
+        let e = u.not_ready("model", "Qwen/Qwen3-0.6B").expect("configured");
+        assert!(matches!(&e, ApiError::NotReady(m) if m.contains("restarting")), "{e}");
+        see(&u, "failed", Some("cannot download"));
+        let e = u.not_ready("model", "Qwen/Qwen3-0.6B").expect("configured");
+        assert!(matches!(&e, ApiError::AppFailed(m) if m.contains("cannot download")), "{e}");
+        assert!(u.not_ready("model", "Other/Model").is_none());
+        assert!(u.not_ready("sampler", "Qwen/Qwen3-0.6B").is_none());
     }
 }
