@@ -368,12 +368,17 @@ impl<R: ModelRuntime> ModelService<R> {
         &self,
         req: &ForwardBackwardRequest,
     ) -> Result<ForwardBackwardResponse, AppError> {
-        let config: std::collections::BTreeMap<String, f64> = req
+        let config = req
             .loss_config
             .iter()
             .flatten()
-            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-            .collect();
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) => Ok((k.clone(), x)),
+                None => {
+                    Err(AppError::BadRequest(format!("loss_fn_config.{k}: {v} is not a number")))
+                }
+            })
+            .collect::<Result<std::collections::BTreeMap<String, f64>, AppError>>()?;
         let loss = LossFn::from_name(&req.loss_fn, &config)?;
         let data = self.to_datums(&req.data)?;
         let engine = &self.engine;
