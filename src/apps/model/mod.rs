@@ -193,8 +193,13 @@ impl<R: ModelRuntime> ModelService<R> {
             self.evict_over_limit(id);
         }
         *lock(&slot.last_used) = Instant::now();
+        // The engine rolls a failed forward_backward back itself; a panic that gets here comes
+        // from around it and fails this job only (the slot's lock is not poisoned by it).
         let out = match &mut *state {
-            SlotState::Loaded { adapter, pending_grads } => f(adapter, pending_grads),
+            SlotState::Loaded { adapter, pending_grads } => http::unwind_safe(
+                || f(adapter, pending_grads),
+                |m| AppError::Internal(format!("model_id `{id}`: the job panicked: {m}")),
+            ),
             _ => Err(AppError::NotFound(format!("model_id `{id}` was unloaded"))),
         };
         *lock(&slot.last_used) = Instant::now();

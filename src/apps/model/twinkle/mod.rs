@@ -267,9 +267,14 @@ async fn run(
             }
         };
         let tw = tw.get_ref().clone();
-        web::block(move || tw.dispatch(g, &op, &caller, body))
-            .await
-            .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
+        web::block(move || {
+            super::http::unwind_safe(
+                || tw.dispatch(g, &op, &caller, body),
+                |m| TwinkleError::Internal(format!("the job panicked: {m}")),
+            )
+        })
+        .await
+        .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
     }
     .await;
     match out {
