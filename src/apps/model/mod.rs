@@ -98,6 +98,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `try_lock` with the same tolerance: `None` only while another thread holds the lock (a
+/// poisoned slot must still be spillable and counted).
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// The model application's state, computing on runtimes of type `R`.
 pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     base: Served,
@@ -239,9 +249,9 @@ impl<R: ModelRuntime> ModelService<R> {
             .collect();
         resident.sort_by_key(|(t, _, _)| *t);
         // `keep` is resident; the others count when loaded (a busy one is assumed loaded).
-        let loaded = |s: &Slot<R>| match s.state.try_lock() {
-            Ok(st) => matches!(*st, SlotState::Loaded { .. }),
-            Err(_) => true,
+        let loaded = |s: &Slot<R>| match try_lock(&s.state) {
+            Some(st) => matches!(*st, SlotState::Loaded { .. }),
+            None => true,
         };
         let mut count = 1 + resident.iter().filter(|(_, _, s)| loaded(s)).count();
         for (_, id, slot) in resident {
@@ -256,7 +266,7 @@ impl<R: ModelRuntime> ModelService<R> {
 
     /// Spills one adapter if it is loaded and not busy; true when it was spilled.
     fn spill_slot(&self, id: &str, slot: &Slot<R>) -> bool {
-        let Ok(mut state) = slot.state.try_lock() else { return false };
+        let Some(mut state) = try_lock(&slot.state) else { return false };
         let SlotState::Loaded { adapter, pending_grads } = &*state else { return false };
         let dir = self.spill_path(id);
         let written = self

@@ -120,7 +120,9 @@ impl TwinkleModel {
     pub fn sweep(&self) -> usize {
         let expired: Vec<String> = lock(&self.adapters)
             .iter()
-            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.last_seen.elapsed() >= self.timeout))
+            .filter(|(_, s)| {
+                super::try_lock(s).is_some_and(|s| s.last_seen.elapsed() >= self.timeout)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for id in &expired {
