@@ -114,7 +114,19 @@ table["unknown endpoint"] = [status, json.loads(raw)["detail"]]
 
 # Still serving: a real step works after all of the above.
 from common import datum, loss_of  # noqa: E402
+from tinker import types  # noqa: E402
+
+# An overflowing loss (f32 weights near the type's maximum: each −w·lp is inf) is a clear user
+# error on the future, not a null in JSON, and adds nothing to the gradient.
+huge = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3, 4]),
+                   loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [3.0e38] * 4})
+try:
+    tc.forward_backward([huge], "cross_entropy").result()
+    overflow = "accepted"
+except Exception as e:  # the SDK raises the failed future's error
+    overflow = str(e)
+check("overflowed" in overflow, f"overflowing loss: {overflow[:300]}")
 
 loss = loss_of(tc.forward_backward([datum([1, 2, 3], [4, 5])], "cross_entropy").result())
 check(loss > 0, "server still trains")
-result(table=table, loss_after=loss)
+result(table=table, loss_after=loss, overflow=overflow[:300])
