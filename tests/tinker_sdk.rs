@@ -275,6 +275,7 @@ fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
         assert!((400..500).contains(&status), "{name}: {row}");
     }
     assert!(f(&m, "loss_after") > 0.0);
+    assert!(m["overflow"].as_str().is_some_and(|s| s.contains("overflowed")), "{m}");
     drop(serve);
     Ok(())
 }

@@ -403,11 +403,16 @@ async fn run(
         let tw = tw.get_ref().clone();
         let stream = op == "sample_stream";
         web::block(move || {
-            if stream {
-                tw.stream(&caller, &body).map(Err)
-            } else {
-                tw.dispatch(g, &op, &caller, &body).map(Ok)
-            }
+            crate::apps::model::http::unwind_safe(
+                || {
+                    if stream {
+                        tw.stream(&caller, &body).map(Err)
+                    } else {
+                        tw.dispatch(g, &op, &caller, &body).map(Ok)
+                    }
+                },
+                |m| TwinkleError::Internal(format!("the sampling job panicked: {m}")),
+            )
         })
         .await
         .map_err(|e| TwinkleError::Internal(format!("sampling task failed: {e}")))?

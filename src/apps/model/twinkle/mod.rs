@@ -121,7 +121,9 @@ impl TwinkleModel {
     pub fn sweep(&self) -> usize {
         let expired: Vec<String> = lock(&self.adapters)
             .iter()
-            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.last_seen.elapsed() >= self.timeout))
+            .filter(|(_, s)| {
+                super::try_lock(s).is_some_and(|s| s.last_seen.elapsed() >= self.timeout)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for id in &expired {
@@ -259,9 +261,14 @@ async fn run(
         let caller = tw.auth.caller(&req)?;
         let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let tw = tw.get_ref().clone();
-        web::block(move || tw.dispatch(g, &op, &caller, body))
-            .await
-            .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
+        web::block(move || {
+            super::http::unwind_safe(
+                || tw.dispatch(g, &op, &caller, body),
+                |m| TwinkleError::Internal(format!("the job panicked: {m}")),
+            )
+        })
+        .await
+        .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
     }
     .await;
     match out {
