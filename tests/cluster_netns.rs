@@ -84,7 +84,7 @@ impl Net {
             .env("TWINKLE_HEARTBEAT_S", "0.5")
             .env("TWINKLE_STOP_GRACE_S", "2")
             // Placement and routing only: every child is the identity application.
-            .env("TWINKLE_PLACEHOLDER_APPS", "1")
+            .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
             .env_remove("CUDA_VISIBLE_DEVICES")
             .env_remove("TWINKLE_CLUSTER_TOKEN")
             .env_remove("TWINKLE_ADDRESS");
@@ -196,7 +196,11 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
             &env,
         )?;
     }
-    net.ok(0, &["serve", "-c", CONFIG, "--address", &head_addr, "--token", &token], &[])?;
+    // The example config as a placement dry run: every application the identity kind.
+    let dry = net.homes[0].path().join("identity.yaml");
+    std::fs::write(&dry, as_identity(&std::fs::read_to_string(CONFIG)?))?;
+    let dry = dry.display().to_string();
+    net.ok(0, &["serve", "-c", &dry, "--address", &head_addr, "--token", &token], &[])?;
     let st = poll(Duration::from_secs(90), || {
         let out = net.twinkle(0, &["status", "--json"], &[]).ok()?;
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;

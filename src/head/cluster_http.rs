@@ -73,7 +73,7 @@ fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResp
 }
 
 /// Token comparison whose time does not depend on where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

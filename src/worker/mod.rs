@@ -21,9 +21,6 @@ use crate::node::supervise::TOKEN_ENV;
 pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
 /// Env var: the address a child listens on (default loopback; set by cluster node agents).
 pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
-/// `1` serves every application as the identity application (health, identity, echo) instead of
-/// its real component: a placement dry run that starts no model. The platform tests use it.
-pub const PLACEHOLDER_ENV: &str = "TWINKLE_PLACEHOLDER_APPS";
 /// Test hook: milliseconds a worker waits after binding before it registers, so tests can
 /// observe the gateway's 503 for an application that is up but not yet registered.
 pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
@@ -109,22 +106,17 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 }
 
 /// Runs the application named by `import_path`: server, model, sampler and processor are
-/// [`crate::apps`]; with
-/// [`PLACEHOLDER_ENV`] set to `1` every kind is the identity application instead.
+/// [`crate::apps`]; `identity` is [`identity::identity_app`].
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
-    if placeholder_apps() {
-        let id = identity::Identity::from_context(&ctx);
-        return serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await;
-    }
     match ctx.opts.import_path {
+        ImportPath::Identity => {
+            let id = identity::Identity::from_context(&ctx);
+            serve_and_register(&ctx, move |cfg| identity::identity_app(cfg, id.clone())).await
+        }
         ImportPath::Server => crate::apps::server::run(ctx).await,
         ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
         ImportPath::Processor => crate::apps::processor::run(&ctx).await,
     }
-}
-
-fn placeholder_apps() -> bool {
-    std::env::var(PLACEHOLDER_ENV).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Binds `127.0.0.1:0`, serves `configure`'s routes, registers with the head, then serves until

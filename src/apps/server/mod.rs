@@ -254,8 +254,8 @@ pub async fn run(ctx: AppContext) -> Result<(), WorkerError> {
     let id = crate::worker::identity::Identity::from_context(&ctx);
     let server_type = ctx.opts.server_type;
     serve_and_register(&ctx, move |cfg| {
-        // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok plus who we are),
-        // `{prefix}/echo` and the root `/healthz` the supervisor probes; then the API scope.
+        // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok; who we are only with
+        // the internal token) and the root `/healthz` the supervisor probes; then the API.
         crate::worker::identity::routes(cfg, id.clone());
         routes(cfg, app.clone(), &prefix, server_type);
     })
