@@ -80,6 +80,19 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         assert_eq!(h["import_path"], a["import_path"]);
         assert_eq!(h["cuda_visible_devices"].as_str(), Some(gpu_csv(a).as_str()), "{h}");
     }
+    // An outsider gets bare liveness: no pid, no cards.
+    let r = get_bare(&serve.gateway, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct/healthz")?;
+    assert_eq!(r.json()?, serde_json::json!({"status": "ok"}));
+    // The control port's status needs the token that serve.json (owner-only) records.
+    let rec_path = serve.home.join("serve.json");
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rec_path)?)?;
+    let control = rec["control_address"].as_str().context("control_address")?;
+    let r = get_bare(control, "/v1/status")?;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let r = http("GET", control, "/v1/status", &[("x-twinkle-token", TEST_TOKEN)], &[])?;
+    assert_eq!(r.status, 200);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&rec_path)?.permissions().mode() & 0o777, 0o600);
     let server = app_named(&st, "server").context("server app")?;
     assert_eq!(server["gpu_ids"].as_array().map(Vec::len), Some(0));
     let model = app_named(&st, "models-Qwen2.5-0.5B-Instruct").context("model app")?;

@@ -14,6 +14,9 @@ pub struct ServeRecord {
     pub gateway_address: String,
     pub pid: u32,
     pub config: String,
+    /// The serve's internal token, which `GET /v1/status` requires (empty in old records).
+    #[serde(default)]
+    pub token: String,
 }
 
 /// The state directory: `$TWINKLE_HOME`, else `$HOME/.twinkle`, else `./.twinkle`.
@@ -110,6 +113,7 @@ mod tests {
             gateway_address: "127.0.0.1:2".into(),
             pid: std::process::id(),
             config: "c.yaml".into(),
+            token: "t".into(),
         };
         assert!(write(dir.path(), &rec).is_ok());
         assert_eq!(read(dir.path()).ok(), Some(rec.clone()));

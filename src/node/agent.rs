@@ -360,7 +360,8 @@ pub async fn run(
     let mut reg = Registry::new("twinkle".into(), None, vec![], vec![]);
     reg.set_child_host(opts.node_ip.clone());
     let local = reg.into_shared();
-    let (control_srv, control_addr) = control::start(local.clone(), 0)?;
+    let (control_srv, control_addr) =
+        control::start(local.clone(), 0, super::serve::internal_token())?;
     let control_handle = control_srv.handle();
     actix_web::rt::spawn(control_srv);
     let routing = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();
