@@ -80,14 +80,15 @@ pub fn ensure_free(home: &Path) -> Result<(), HeadError> {
 
 /// Writes the record atomically (temp file + rename), creating the directory.
 pub fn write(home: &Path, rec: &ServeRecord) -> Result<(), HeadError> {
-    std::fs::create_dir_all(home).map_err(io_err(home))?;
+    crate::private_fs::create_dir_all(home).map_err(io_err(home))?;
     let path = serve_file(home);
     let tmp = home.join(format!("serve.json.{}.tmp", std::process::id()));
     let text = serde_json::to_string_pretty(rec).map_err(|source| HeadError::StateFileFormat {
         path: path.display().to_string(),
         source,
     })?;
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    // The record carries the token that unlocks `/v1/status`: owner-only.
+    crate::private_fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 

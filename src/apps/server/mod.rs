@@ -197,7 +197,7 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         tracing::warn!(failed, "futures left unfinished by the previous run were marked failed");
     }
     let save_root = default_save_root();
-    std::fs::create_dir_all(&save_root)
+    crate::private_fs::create_dir_all(&save_root)
         .map_err(|source| ServerError::SaveDir { path: save_root.display().to_string(), source })?;
     let save_root = save_root.canonicalize().unwrap_or(save_root);
     let salt = load_salt(&save_root)?;
