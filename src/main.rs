@@ -342,6 +342,7 @@ enum ImportPathArg {
     Model,
     Sampler,
     Processor,
+    Identity,
 }
 
 impl From<ImportPathArg> for twinkle::config::ImportPath {
@@ -351,6 +352,7 @@ impl From<ImportPathArg> for twinkle::config::ImportPath {
             ImportPathArg::Model => Self::Model,
             ImportPathArg::Sampler => Self::Sampler,
             ImportPathArg::Processor => Self::Processor,
+            ImportPathArg::Identity => Self::Identity,
         }
     }
 }
