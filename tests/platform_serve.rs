@@ -142,6 +142,17 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
     assert_eq!(r.status, 200);
     ensure!(r.body == body, "chunked echo differs ({} bytes back)", r.body.len());
 
+    // A malformed chunked body is the client's fault: 400 JSON, not the gateway's 502.
+    let r = http(
+        "POST",
+        &serve.gateway,
+        "/api/v1/echo",
+        &[("Transfer-Encoding", "chunked"), (TOKEN_HEADER, TEST_TOKEN)],
+        b"5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n",
+    )?;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    ensure!(r.json()?["detail"].as_str().is_some_and(|d| d.contains("body")), "{:?}", r.body);
+
     // Children's environment: scheduler's cards, PCI order, runtime_env, serve's TWINKLE_*.
     let model_pid = model["pid"].as_u64().context("pid")? as u32;
     let env = environ(model_pid)?;

@@ -3,9 +3,10 @@
 //! A child binds an HTTP server on `127.0.0.1:0`, registers its port with the head (retrying
 //! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
 //! `import_path` in [`run_app`]; every application also serves the identity routes of
-//! [`identity`] (and only those with `TWINKLE_PLACEHOLDER_APPS=1`).
+//! [`identity`], and `import_path: identity` serves only those (a dry run that loads nothing).
 
 pub mod identity;
+pub mod json_errors;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -130,12 +131,14 @@ where
     let host = host.unwrap_or_else(|| "127.0.0.1".to_string());
     let listener = TcpListener::bind((host.as_str(), 0)).map_err(WorkerError::Bind)?;
     let port = listener.local_addr().map_err(WorkerError::Bind)?.port();
-    let server = HttpServer::new(move || App::new().configure(configure.clone()))
-        .workers(2)
-        .shutdown_timeout(5)
-        .listen(listener)
-        .map_err(WorkerError::Bind)?
-        .run();
+    let server = HttpServer::new(move || {
+        App::new().wrap(json_errors::middleware()).configure(configure.clone())
+    })
+    .workers(2)
+    .shutdown_timeout(5)
+    .listen(listener)
+    .map_err(WorkerError::Bind)?
+    .run();
     let handle = server.handle();
     let running = actix_web::rt::spawn(server);
     tracing::info!(app = %ctx.opts.app, port, "worker listening");

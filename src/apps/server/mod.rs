@@ -126,10 +126,27 @@ impl ServerApp {
     }
 }
 
-/// Parses a JSON body into `T`, answering 400 with serde's message on failure.
+/// Parses a JSON body into `T`, answering 400 that names the offending field (serde's own
+/// message only gives a line and column, which says nothing in a one-line body).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
+    json_with_path(body).map_err(ApiError::BadRequest)
+}
+
+/// `serde_json::from_slice` whose error message names the field path (`a.b[2].c`).
+pub fn json_with_path<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("request body is not valid: {inner}")
+        } else {
+            format!("request body is not valid: field `{path}`: {inner}")
+        }
+    })?;
+    // Trailing garbage after the value is refused, as `serde_json::from_slice` does.
+    de.end().map_err(|e| format!("request body is not valid: {e}"))?;
+    Ok(value)
 }
 
 /// The default save root: `$TWINKLE_SAVE_DIR`, else `$XDG_DATA_HOME/twinkle/checkpoints`, else

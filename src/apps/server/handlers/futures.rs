@@ -1,5 +1,10 @@
 //! `retrieve_future`: long-polls a future for up to [`LONG_POLL`], then answers 408 `try_again`;
 //! failures are 200 `{"error", "category"}`; protobuf results carry their content type.
+//!
+//! An unknown request id answers 410 Gone, never 404: the future was lost with a restarted
+//! in-memory server application, or pruned after its retention period. The SDK fatally raises
+//! on 404 but treats 410 as retryable (a sample is resubmitted; a training call surfaces a
+//! retryable error) — and another key's future is indistinguishable from a missing one.
 
 use std::time::Duration;
 
@@ -32,6 +37,18 @@ fn answer(rec: FutureRecord) -> HttpResponse {
     }
 }
 
+/// 410 for a request id this server does not (or no longer) know.
+pub fn gone(request_id: &str) -> HttpResponse {
+    HttpResponse::build(StatusCode::GONE).json(serde_json::json!({
+        "detail": format!(
+            "future {request_id:?} is unknown here: it was lost when the server application \
+             restarted, or it finished longer ago than the retention period; submit the request \
+             again"
+        ),
+        "request_id": request_id,
+    }))
+}
+
 async fn retrieve_future(
     app: Shared,
     req: HttpRequest,
@@ -49,6 +66,10 @@ async fn retrieve_future(
         let rec = app.disp.db_now(|s| s.get_future_owned(&owner, &r.request_id));
         let rec = match rec {
             Ok(rec) => rec,
+            Err(ApiError::NotFound(_)) => {
+                app.disp.forget(&r.request_id);
+                return Ok(gone(&r.request_id));
+            }
             Err(e) => {
                 app.disp.forget(&r.request_id);
                 return Err(e);

@@ -102,6 +102,7 @@ async fn finish(
     let owner = app.owner(&req)?;
     let r: FinishSessionRequest =
         if body.is_empty() { FinishSessionRequest::default() } else { parse_json(&body)? };
+    r.validate()?;
     let reason = r.reason.map(|r| r.kind).unwrap_or_else(|| "unknown".into());
     let id = path.into_inner();
     app.disp.db(move |s| s.finish_session(&owner, &id, &reason)).await?;
