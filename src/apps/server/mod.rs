@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod sweeper;
 pub mod twinkle;
 pub mod upstream;
 
@@ -65,6 +66,8 @@ pub struct ServerApp {
     /// Bearer-token authentication of the Twinkle routes (same salt and save root as above).
     pub auth: Auth,
     pub twinkle: TwinkleSettings,
+    /// Sweep period, finished-future retention ([`sweeper`]).
+    pub housekeeping: sweeper::Housekeeping,
 }
 
 /// Settings of the Twinkle gateway routes.
@@ -101,6 +104,7 @@ impl ServerApp {
             per_token_model_limit: None,
             auth,
             twinkle: TwinkleSettings::default(),
+            housekeeping: sweeper::Housekeeping::default(),
         }
     }
 
@@ -252,9 +256,13 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         salt,
         save_root,
         supported_models: args.supported_models.iter().map(|m| m.name().to_string()).collect(),
-        per_token_model_limit: args.server_config.and_then(|s| s.per_token_model_limit),
+        per_token_model_limit: args.server_config.as_ref().and_then(|s| s.per_token_model_limit),
         auth,
         twinkle,
+        housekeeping: sweeper::Housekeeping::from_config(
+            args.server_config.as_ref().and_then(|s| s.cleanup_interval),
+            args.server_config.as_ref().and_then(|s| s.expiration_timeout),
+        ),
     })
 }
 
@@ -270,6 +278,7 @@ pub async fn run(ctx: AppContext) -> Result<(), WorkerError> {
     let prefix = ctx.opts.route_prefix.trim_end_matches('/').to_string();
     let id = crate::worker::identity::Identity::from_context(&ctx);
     let server_type = ctx.opts.server_type;
+    actix_web::rt::spawn(sweeper::run(app.clone()));
     serve_and_register(&ctx, move |cfg| {
         // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok; who we are only with
         // the internal token) and the root `/healthz` the supervisor probes; then the API.
