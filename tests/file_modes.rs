@@ -55,6 +55,12 @@ fn private_files_ignore_the_umask() -> Result<()> {
     assert_eq!(mode(&root.join("state/sub")), 0o700);
     drop(store);
 
+    // Twinkle run/checkpoint metadata beside the weights.
+    let meta = root.join("twinkle/owner/run-1/twinkle_run.json");
+    twinkle::protocol::twinkle::runs::write_json(&meta, &serde_json::json!({"a": 1}))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!((mode(&root.join("twinkle/owner/run-1")), mode(&meta)), (0o700, 0o600));
+
     // The serve record in TWINKLE_HOME (it carries the status token).
     let home = root.join("home");
     let rec = twinkle::head::state_file::ServeRecord {

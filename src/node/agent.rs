@@ -178,8 +178,9 @@ impl Agent {
         let dir = self.opts.home.join("deployments");
         let path = dir.join(format!("deployment-{deployment}.yaml"));
         if !path.exists() {
-            std::fs::create_dir_all(&dir).map_err(NodeError::Runtime)?;
-            std::fs::write(&path, yaml).map_err(NodeError::Runtime)?;
+            // A deployment config may carry API keys: owner-only in TWINKLE_HOME.
+            crate::private_fs::create_dir_all(&dir).map_err(NodeError::Runtime)?;
+            crate::private_fs::write(&path, yaml).map_err(NodeError::Runtime)?;
         }
         Ok(path)
     }
