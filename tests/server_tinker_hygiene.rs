@@ -11,7 +11,7 @@ use twinkle::apps::server::upstream::Upstreams;
 use twinkle::apps::server::{ServerApp, routes};
 use twinkle::config::ServerType;
 use twinkle::protocol::twinkle::Auth;
-use twinkle::state::Store;
+use twinkle::state::{NewFuture, Store};
 
 /// Nothing listens there: upstream discovery fails fast.
 const NO_HEAD: &str = "127.0.0.1:9";
@@ -19,7 +19,21 @@ const KEY: &str = "tml-hygiene";
 
 fn app(root: &std::path::Path) -> ServerApp {
     let auth = Auth { keys: None::<HashSet<String>>, salt: b"s".to_vec(), save_root: root.into() };
-    ServerApp::new(Store::open_memory().unwrap(), Upstreams::new(NO_HEAD.into()), auth)
+    let store = Store::open_memory().unwrap();
+    // A future that a restart cut short (file persistence keeps it, failed).
+    let owner = twinkle::protocol::tinker::paths::owner_hash(b"s", KEY);
+    store
+        .create_future(&NewFuture {
+            request_id: "req-cut".into(),
+            owner,
+            model_id: None,
+            seq_id: None,
+            kind: "sample".into(),
+            sample_sequence_ids: None,
+        })
+        .unwrap();
+    assert_eq!(store.fail_unfinished_on_startup().unwrap(), 1);
+    ServerApp::new(store, Upstreams::new(NO_HEAD.into()), auth)
 }
 
 async fn read<B: actix_web::body::MessageBody>(resp: ServiceResponse<B>) -> (u16, String, Value) {
@@ -62,6 +76,10 @@ async fn tinker_errors_are_json_name_the_field_and_unknown_futures_are_gone() {
     let (status, ct, v) = read(test::call_service(&svc, req.to_request()).await).await;
     assert_eq!((status, ct.as_str()), (410, "application/json"), "{v}");
     assert_eq!(v["request_id"], "req-nope");
+    // So is one whose server application restarted before it finished.
+    let req = post("/api/v1/retrieve_future", json!({"request_id": "req-cut"}).to_string());
+    let (status, _, v) = read(test::call_service(&svc, req.to_request()).await).await;
+    assert_eq!(status, 410, "{v}");
 
     // A wrong type names the field, not only serde's line and column.
     let req = post("/api/v1/retrieve_future", json!({"request_id": 5}).to_string());

@@ -4,7 +4,9 @@
 //! An unknown request id answers 410 Gone, never 404: the future was lost with a restarted
 //! in-memory server application, or pruned after its retention period. The SDK fatally raises
 //! on 404 but treats 410 as retryable (a sample is resubmitted; a training call surfaces a
-//! retryable error) — and another key's future is indistinguishable from a missing one.
+//! retryable error) — and another key's future is indistinguishable from a missing one. A
+//! future that a restart cut short (failed with [`UNFINISHED_AT_STARTUP`]) answers 410 too:
+//! its result is lost exactly like an unknown one's, and a failure would not be retried.
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use super::super::{Shared, parse_json};
 use crate::protocol::tinker::types::{
     ErrorCategory, FailedFutureResponse, QueueState, RetrieveFutureRequest, TryAgainResponse,
 };
-use crate::state::{FutureRecord, FutureStatus};
+use crate::state::{FutureRecord, FutureStatus, UNFINISHED_AT_STARTUP};
 
 /// Longest a poll is held (the SDK's read timeout is 45 s).
 const LONG_POLL: Duration = Duration::from_secs(25);
@@ -26,6 +28,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn answer(rec: FutureRecord) -> HttpResponse {
+    if rec.status == FutureStatus::Failed && rec.error.as_deref() == Some(UNFINISHED_AT_STARTUP) {
+        return gone(&rec.request_id);
+    }
     match rec.status {
         FutureStatus::Complete => HttpResponse::Ok()
             .content_type(rec.content_type.unwrap_or_else(|| "application/json".into()))
