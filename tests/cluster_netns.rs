@@ -223,9 +223,11 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
         ("/models/Qwen/Qwen2.5-7B-Instruct/healthz", "models-Qwen2.5-7B-Instruct", "0,1,2,3"),
     ] {
         let url = format!("http://127.0.0.1:{gw}{path}");
+        // The details of a child's /healthz need the (pinned) internal token.
+        let token = format!("{TOKEN_HEADER}: {TEST_TOKEN}");
         let body = poll(Duration::from_secs(10), || {
             let out = Command::new("ip")
-                .args(["netns", "exec", &net.namespaces[0], "curl", "-sf", &url])
+                .args(["netns", "exec", &net.namespaces[0], "curl", "-sf", "-H", &token, &url])
                 .output()
                 .ok()?;
             out.status.success().then_some(out.stdout)
