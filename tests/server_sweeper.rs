@@ -1,6 +1,6 @@
 //! Server housekeeping, in process: finished futures are pruned after the retention period
 //! (a later poll answers 410), expired checkpoints lose their record and files, and a finished
-//! session takes its `save_weights_and_get_sampling_client` snapshots with it.
+//! or silent session takes its `save_weights_and_get_sampling_client` snapshots with it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -57,6 +57,7 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
     let auth = Auth { keys: None, salt: SALT.to_vec(), save_root: root.clone() };
     let mut app = ServerApp::new(store, Upstreams::new(NO_HEAD.into()), auth);
     app.housekeeping.future_retention = Duration::from_secs(10);
+    app.housekeeping.session_timeout = Duration::from_secs(60);
     let app = web::Data::new(app);
 
     let o = owner.clone();
@@ -121,7 +122,7 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
     clock.fetch_add(20_000, Ordering::SeqCst);
     let a = app.clone();
     let swept = app.disp.db(move |s| sweep_once(&a, s)).await.unwrap();
-    assert_eq!(swept, Swept { futures: 1, checkpoints: 1 });
+    assert_eq!(swept, Swept { futures: 1, checkpoints: 1, snapshots: 0 });
     assert!(!ck("old").exists(), "expired checkpoint files remain");
     assert!(ck("keep").join("adapter_model.safetensors").exists());
     let o = owner.clone();
@@ -159,4 +160,45 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
     assert_eq!(test::call_service(&svc, req.to_request()).await.status().as_u16(), 204);
     assert!(!snapshot.exists(), "snapshot outlived its session");
     assert!(ck("keep").exists(), "named checkpoints stay");
+
+    // A session that goes silent (its client crashed) loses its snapshots at the next sweep;
+    // a live one keeps them, and so does a fresh snapshot no sampling session claims yet.
+    let o = owner.clone();
+    app.disp
+        .db(move |s| {
+            for id in ["s2", "s3"] {
+                s.create_session(&NewSession {
+                    id: id.into(),
+                    owner: o.clone(),
+                    tags: vec![],
+                    user_metadata: json!({}),
+                    sdk_version: None,
+                    project_id: None,
+                    display_name: None,
+                })?;
+                s.create_or_get_sampling_session(&NewSamplingSession {
+                    id: format!("{id}:sample:0"),
+                    session_id: id.into(),
+                    owner: o.clone(),
+                    seq: 0,
+                    base_model: "Qwen/Qwen3-0.6B".into(),
+                    model_path: None,
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let snap = |sid: &str| root.join(&owner).join("ephemeral").join(sid);
+    for sid in ["s2:sample:0", "s3:sample:0", "unclaimed"] {
+        std::fs::create_dir_all(snap(sid)).unwrap();
+    }
+    clock.fetch_add(100_000, Ordering::SeqCst);
+    let o = owner.clone();
+    app.disp.db(move |s| s.heartbeat(&o, "s3")).await.unwrap();
+    let a = app.clone();
+    let swept = app.disp.db(move |s| sweep_once(&a, s)).await.unwrap();
+    assert_eq!(swept.snapshots, 1, "{swept:?}");
+    assert!(!snap("s2:sample:0").exists(), "a silent session's snapshot remains");
+    assert!(snap("s3:sample:0").exists() && snap("unclaimed").exists());
 }

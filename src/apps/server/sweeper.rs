@@ -6,7 +6,10 @@
 //! * checkpoints whose `ttl_seconds` has run out are deleted, record and files, exactly as
 //!   `DELETE .../checkpoints/...` would;
 //! * the weight snapshots of `save_weights_and_get_sampling_client` live as long as their
-//!   session: [`remove_snapshots`] runs when the session finishes.
+//!   session: [`remove_snapshots`] runs when the session finishes, and the sweep removes those
+//!   of sessions that finished or went silent (no heartbeat for `expiration_timeout`: a client
+//!   that crashed never finishes), and orphans no sampling session claims (a memory store lost
+//!   them in a restart) once they are older than the retention period.
 //!
 //! The sweep runs every `server_config.cleanup_interval` seconds, capped at
 //! [`MAX_INTERVAL`] so a short TTL is not overrun by an hour.
@@ -30,11 +33,17 @@ pub const DEFAULT_FUTURE_RETENTION: Duration = Duration::from_secs(86_400);
 pub struct Housekeeping {
     pub interval: Duration,
     pub future_retention: Duration,
+    /// A session without a heartbeat for this long is over (its snapshots go).
+    pub session_timeout: Duration,
 }
 
 impl Default for Housekeeping {
     fn default() -> Self {
-        Housekeeping { interval: MAX_INTERVAL, future_retention: DEFAULT_FUTURE_RETENTION }
+        Housekeeping {
+            interval: MAX_INTERVAL,
+            future_retention: DEFAULT_FUTURE_RETENTION,
+            session_timeout: DEFAULT_FUTURE_RETENTION,
+        }
     }
 }
 
@@ -49,6 +58,7 @@ impl Housekeeping {
                 .and_then(secs)
                 .or_else(|| expiration_timeout.and_then(secs))
                 .unwrap_or(DEFAULT_FUTURE_RETENTION),
+            session_timeout: expiration_timeout.and_then(secs).unwrap_or(DEFAULT_FUTURE_RETENTION),
         }
     }
 }
@@ -58,6 +68,7 @@ impl Housekeeping {
 pub struct Swept {
     pub futures: usize,
     pub checkpoints: usize,
+    pub snapshots: usize,
 }
 
 /// One sweep at the store's current time. Files are removed best-effort: the records are the
@@ -83,7 +94,48 @@ pub fn sweep_once(app: &ServerApp, store: &Store) -> Result<Swept, StateError> {
         }
         tracing::info!(path = %rec.tinker_path, "checkpoint expired (ttl_seconds) and was deleted");
     }
-    Ok(Swept { futures, checkpoints })
+    let snapshots = sweep_snapshots(app, store, now);
+    Ok(Swept { futures, checkpoints, snapshots })
+}
+
+/// Removes `{save_root}/{owner}/ephemeral/{sampling id}` snapshots whose session is over. Driven
+/// by the directories, so the cost follows the snapshots that exist, not the history.
+fn sweep_snapshots(app: &ServerApp, store: &Store, now: i64) -> usize {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let silent_before = now.saturating_sub(ms(app.housekeeping.session_timeout));
+    let orphan_grace = app.housekeeping.future_retention;
+    let mut removed = 0;
+    let Ok(owners) = std::fs::read_dir(&app.save_root) else {
+        return 0;
+    };
+    for owner_dir in owners.flatten() {
+        let owner = owner_dir.file_name().to_string_lossy().into_owned();
+        let Ok(snaps) = std::fs::read_dir(owner_dir.path().join("ephemeral")) else {
+            continue;
+        };
+        for snap in snaps.flatten() {
+            let sid = snap.file_name().to_string_lossy().into_owned();
+            let over = match store.get_sampling_session(&owner, &sid) {
+                Ok(s) => match store.get_session(&owner, &s.session_id) {
+                    Ok(sess) => sess.finished_at.is_some() || sess.last_heartbeat < silent_before,
+                    Err(_) => true,
+                },
+                // No sampling session claims it (yet: the row is written after the snapshot),
+                // so only an old one is an orphan.
+                Err(_) => snap
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > orphan_grace),
+            };
+            if over {
+                remove_best_effort(&snap.path());
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Deletes the weight snapshots of `session_id`'s sampling sessions (each in
@@ -117,7 +169,8 @@ pub async fn run(app: Shared) {
         let swept = app.disp.db(move |s| sweep_once(&a, s)).await;
         match swept {
             Ok(s) if s != Swept::default() => {
-                tracing::info!(futures = s.futures, checkpoints = s.checkpoints, "swept");
+                let (f, c, n) = (s.futures, s.checkpoints, s.snapshots);
+                tracing::info!(futures = f, checkpoints = c, snapshots = n, "swept");
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "housekeeping sweep failed"),
