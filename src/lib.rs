@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod head;
 pub mod hub;
 pub mod node;
+pub mod private_fs;
 pub mod protocol;
 pub mod state;
 pub mod tokenize;

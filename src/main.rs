@@ -347,6 +347,7 @@ enum ImportPathArg {
     Model,
     Sampler,
     Processor,
+    Identity,
 }
 
 impl From<ImportPathArg> for twinkle::config::ImportPath {
@@ -356,6 +357,7 @@ impl From<ImportPathArg> for twinkle::config::ImportPath {
             ImportPathArg::Model => Self::Model,
             ImportPathArg::Sampler => Self::Sampler,
             ImportPathArg::Processor => Self::Processor,
+            ImportPathArg::Identity => Self::Identity,
         }
     }
 }
@@ -375,16 +377,27 @@ fn init_logging(level: &str) {
 }
 
 fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
-    let cluster =
-        twinkle::head::cluster_record::read_cluster(&twinkle::head::state_file::twinkle_home());
-    let addr = match address.or(cluster.map(|c| c.address)) {
-        Some(a) => a,
-        None => {
-            twinkle::head::state_file::read(&twinkle::head::state_file::twinkle_home())?
-                .control_address
+    let home = twinkle::head::state_file::twinkle_home();
+    let cluster = twinkle::head::cluster_record::read_cluster(&home);
+    // Status needs a token: the cluster's for a cluster head, else the serve's own.
+    let (addr, token) = match (address, cluster) {
+        (Some(a), Some(c)) if a == c.address => (a, c.token),
+        (Some(a), _) => {
+            let token = std::env::var("TWINKLE_CLUSTER_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .or_else(|| twinkle::head::state_file::read(&home).ok().map(|r| r.token))
+                .unwrap_or_default();
+            (a, token)
+        }
+        (None, Some(c)) => (c.address, c.token),
+        (None, None) => {
+            let rec = twinkle::head::state_file::read(&home)?;
+            (rec.control_address, rec.token)
         }
     };
-    let report = actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr))?;
+    let report =
+        actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr, &token))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -41,7 +41,7 @@ impl Machine {
             .env("TWINKLE_HEARTBEAT_S", "0.5")
             .env("TWINKLE_STOP_GRACE_S", "2")
             // Placement and routing only: every child is the identity application.
-            .env("TWINKLE_PLACEHOLDER_APPS", "1")
+            .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
             .env_remove("CUDA_VISIBLE_DEVICES")
             .env_remove("TWINKLE_CLUSTER_TOKEN")
             .env_remove("TWINKLE_ADDRESS");
@@ -221,7 +221,10 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     }
 
     // Deploy from the head machine (the recorded cluster).
-    let out = c.machines[0].ok(&["serve", "-c", CONFIG], &[])?;
+    // The example config as a placement dry run: every application the identity kind.
+    let dry = c.machines[0].home().join("identity.yaml");
+    std::fs::write(&dry, as_identity(&std::fs::read_to_string(CONFIG)?))?;
+    let out = c.machines[0].ok(&["serve", "-c", &dry.display().to_string()], &[])?;
     ensure!(out.contains("Deployment 1 submitted"), "{out}");
     let st = poll(STARTUP, || c.machines[0].status().ok().filter(all_running))
         .with_context(|| c.machines.iter().map(Machine::logs).collect::<String>())?;
@@ -331,7 +334,7 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
 
     // A new deployment with `proxy_location: HeadOnly`: the other nodes' gateways go away, the
     // head's keeps routing to every node.
-    let base = std::fs::read_to_string(CONFIG)?;
+    let base = as_identity(&std::fs::read_to_string(CONFIG)?);
     let head_only = c.machines[0].home().join("head-only.yaml");
     std::fs::write(&head_only, format!("proxy_location: HeadOnly\n{base}"))?;
     let out = c.machines[0].ok(&["serve", "-c", &head_only.display().to_string()], &[])?;

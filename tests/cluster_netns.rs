@@ -84,7 +84,7 @@ impl Net {
             .env("TWINKLE_HEARTBEAT_S", "0.5")
             .env("TWINKLE_STOP_GRACE_S", "2")
             // Placement and routing only: every child is the identity application.
-            .env("TWINKLE_PLACEHOLDER_APPS", "1")
+            .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
             .env_remove("CUDA_VISIBLE_DEVICES")
             .env_remove("TWINKLE_CLUSTER_TOKEN")
             .env_remove("TWINKLE_ADDRESS");
@@ -196,7 +196,11 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
             &env,
         )?;
     }
-    net.ok(0, &["serve", "-c", CONFIG, "--address", &head_addr, "--token", &token], &[])?;
+    // The example config as a placement dry run: every application the identity kind.
+    let dry = net.homes[0].path().join("identity.yaml");
+    std::fs::write(&dry, as_identity(&std::fs::read_to_string(CONFIG)?))?;
+    let dry = dry.display().to_string();
+    net.ok(0, &["serve", "-c", &dry, "--address", &head_addr, "--token", &token], &[])?;
     let st = poll(Duration::from_secs(90), || {
         let out = net.twinkle(0, &["status", "--json"], &[]).ok()?;
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -219,9 +223,11 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
         ("/models/Qwen/Qwen2.5-7B-Instruct/healthz", "models-Qwen2.5-7B-Instruct", "0,1,2,3"),
     ] {
         let url = format!("http://127.0.0.1:{gw}{path}");
+        // The details of a child's /healthz need the (pinned) internal token.
+        let token = format!("{TOKEN_HEADER}: {TEST_TOKEN}");
         let body = poll(Duration::from_secs(10), || {
             let out = Command::new("ip")
-                .args(["netns", "exec", &net.namespaces[0], "curl", "-sf", &url])
+                .args(["netns", "exec", &net.namespaces[0], "curl", "-sf", "-H", &token, &url])
                 .output()
                 .ok()?;
             out.status.success().then_some(out.stdout)

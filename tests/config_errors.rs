@@ -102,7 +102,7 @@ fn table_of_bad_configs() {
          "applications[1]: missing required key \"import_path\" (line 14)"),
         ("bad import_path",
          &[(16, "    import_path: modle")],
-         "applications[1].import_path: unknown value \"modle\", expected one of: server, model, sampler, processor (line 16)"),
+         "applications[1].import_path: unknown value \"modle\", expected one of: server, model, sampler, processor, identity (line 16)"),
         ("bad device_type",
          &[(22, "        device_type: tpu")],
          "applications[1].args.device_group.device_type: expected one of cuda, gpu, CPU, got \"tpu\" (line 22)"),

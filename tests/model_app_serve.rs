@@ -101,8 +101,12 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
     let info = r.json()?;
     assert_eq!(info["vocab_size"], 151_936);
     assert_eq!(info["base_model"], "generate://qwen3-tiny");
-    // The prefix's /healthz still answers through the gateway.
-    let h = get(&serve.gateway, "/api/v1/model/tiny/healthz")?.json()?;
+    // The prefix's /healthz still answers through the gateway: bare for anyone, who answered
+    // only with the internal token.
+    let h = get_bare(&serve.gateway, "/api/v1/model/tiny/healthz")?.json()?;
+    assert_eq!(h, json!({"status": "ok"}));
+    let hdr = [("X-Twinkle-Internal", "tok-123")];
+    let h = http("GET", &serve.gateway, "/api/v1/model/tiny/healthz", &hdr, b"")?.json()?;
     assert_eq!(h["app"], "model");
 
     let create = json!({"model_id": "s:train:0", "rank": 8, "train_attn": true, "train_mlp": true,

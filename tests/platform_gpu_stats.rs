@@ -64,7 +64,7 @@ fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
         port,
         &["--num-cpus", "4"],
         &[
-            PLACEHOLDER_APPS,
+            PINNED_TOKEN,
             ("LD_LIBRARY_PATH", libpath.as_str()),
             ("FAKE_NVML_GPUS", CARDS),
             ("TWINKLE_GPU_STATS_S", "0.2"),
@@ -127,7 +127,7 @@ fn status_says_n_a_without_a_working_nvml() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3", "--num-cpus", "4"],
-        &[PLACEHOLDER_APPS, ("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")],
+        &[PINNED_TOKEN, ("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     let gpus = node_gpus(&st);

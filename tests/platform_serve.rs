@@ -47,7 +47,7 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "8", "--num-cpus", "4"],
-        &[PLACEHOLDER_APPS, ("TWINKLE_TRUST_REMOTE_CODE", "0")],
+        &[PINNED_TOKEN, ("TWINKLE_TRUST_REMOTE_CODE", "0")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
 
@@ -80,6 +80,19 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         assert_eq!(h["import_path"], a["import_path"]);
         assert_eq!(h["cuda_visible_devices"].as_str(), Some(gpu_csv(a).as_str()), "{h}");
     }
+    // An outsider gets bare liveness: no pid, no cards.
+    let r = get_bare(&serve.gateway, "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct/healthz")?;
+    assert_eq!(r.json()?, serde_json::json!({"status": "ok"}));
+    // The control port's status needs the token that serve.json (owner-only) records.
+    let rec_path = serve.home.join("serve.json");
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rec_path)?)?;
+    let control = rec["control_address"].as_str().context("control_address")?;
+    let r = get_bare(control, "/v1/status")?;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let r = http("GET", control, "/v1/status", &[("x-twinkle-token", TEST_TOKEN)], &[])?;
+    assert_eq!(r.status, 200);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&rec_path)?.permissions().mode() & 0o777, 0o600);
     let server = app_named(&st, "server").context("server app")?;
     assert_eq!(server["gpu_ids"].as_array().map(Vec::len), Some(0));
     let model = app_named(&st, "models-Qwen2.5-0.5B-Instruct").context("model app")?;
@@ -104,7 +117,7 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         "POST",
         &serve.gateway,
         "/api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct/echo",
-        &[("Content-Type", "application/octet-stream")],
+        &[("Content-Type", "application/octet-stream"), (TOKEN_HEADER, TEST_TOKEN)],
         &body,
     )?;
     assert_eq!(r.status, 200);
@@ -123,11 +136,22 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         "POST",
         &serve.gateway,
         "/api/v1/echo",
-        &[("Transfer-Encoding", "chunked")],
+        &[("Transfer-Encoding", "chunked"), (TOKEN_HEADER, TEST_TOKEN)],
         &chunked,
     )?;
     assert_eq!(r.status, 200);
     ensure!(r.body == body, "chunked echo differs ({} bytes back)", r.body.len());
+
+    // A malformed chunked body is the client's fault: 400 JSON, not the gateway's 502.
+    let r = http(
+        "POST",
+        &serve.gateway,
+        "/api/v1/echo",
+        &[("Transfer-Encoding", "chunked"), (TOKEN_HEADER, TEST_TOKEN)],
+        b"5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n",
+    )?;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    ensure!(r.json()?["detail"].as_str().is_some_and(|d| d.contains("body")), "{:?}", r.body);
 
     // Children's environment: scheduler's cards, PCI order, runtime_env, serve's TWINKLE_*.
     let model_pid = model["pid"].as_u64().context("pid")? as u32;
@@ -168,7 +192,7 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
         port,
         &["--num-gpus", "4", "--num-cpus", "4"],
         &[
-            PLACEHOLDER_APPS,
+            PINNED_TOKEN,
             ("TWINKLE_TEST_WORKER_START_DELAY_MS", "1000"),
             ("TWINKLE_STOP_GRACE_S", "1"),
         ],
@@ -239,7 +263,7 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
 fn children_die_with_a_killed_serve() -> Result<()> {
     let port = free_port()?;
     let mut serve =
-        Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[PLACEHOLDER_APPS])?;
+        Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[PINNED_TOKEN])?;
     serve.wait_all_running(STARTUP)?;
     let pids = serve.known_pids.clone();
     assert_eq!(pids.len(), 3);
@@ -258,7 +282,7 @@ fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
         port,
         &["--num-gpus", "3"],
         &[
-            PLACEHOLDER_APPS,
+            PINNED_TOKEN,
             ("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"),
             ("TWINKLE_REGISTER_DEADLINE_S", "1"),
         ],
@@ -291,7 +315,7 @@ fn second_signal_skips_the_grace_period() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3"],
-        &[PLACEHOLDER_APPS, ("TWINKLE_STOP_GRACE_S", "120")],
+        &[PINNED_TOKEN, ("TWINKLE_STOP_GRACE_S", "120")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     // A stopped child cannot act on SIGTERM: only the 120 s grace or a second signal ends it.
@@ -315,7 +339,7 @@ fn second_signal_skips_the_grace_period() -> Result<()> {
 
 /// Twinkle-mode seed layout with the server mounted at `/` and a CPU-only processor.
 fn twinkle_root_config(port: u16) -> String {
-    format!(
+    as_identity(&format!(
         r#"server_type: twinkle
 http_options: {{host: 127.0.0.1, port: {port}}}
 applications:
@@ -334,7 +358,7 @@ applications:
     deployments:
       - ray_actor_options: {{num_cpus: 0.1}}
 "#
-    )
+    ))
 }
 
 #[test]
@@ -344,7 +368,7 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
         &twinkle_root_config(port),
         port,
         &["--num-gpus", "0", "--num-cpus", "4", "-t", "tinker", "--namespace", "ns1"],
-        &[PLACEHOLDER_APPS],
+        &[PINNED_TOKEN],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     assert_eq!(st["server_type"], "tinker");
@@ -361,15 +385,20 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
     assert_eq!(h["status"], "ready");
     assert_eq!(h["applications"]["server"], "running");
     // Every path that no longer prefix claims goes to the root application.
-    let r = http("POST", &serve.gateway, "/echo", &[("Content-Type", "text/plain")], b"hi")?;
+    let hdrs = [("Content-Type", "text/html"), (TOKEN_HEADER, TEST_TOKEN)];
+    let r = http("POST", &serve.gateway, "/echo", &hdrs, b"hi")?;
     assert_eq!((r.status, r.body.as_slice()), (200, b"hi".as_slice()));
+    // Never reflected as the caller's type, and never without the token.
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    let r = http("POST", &serve.gateway, "/echo", &[("Content-Type", "text/html")], b"hi")?;
+    assert_eq!(r.status, 403);
     let r = get(&serve.gateway, "/processors/healthz")?;
     let h = r.json()?;
     assert_eq!(h["app"], "processor");
     assert_eq!(h["server_type"], "tinker");
     assert_eq!(h["cuda_visible_devices"], "");
     let r = get(&serve.gateway, "/processorsX/healthz")?;
-    // The root application (the server app's own JSON 404) answered, not the gateway's 404.
+    // The root application's own 404 answered, not the gateway's 404.
     assert_eq!(r.status, 404);
     let body = String::from_utf8_lossy(&r.body);
     ensure!(!body.contains("no application serves"), "{body}");
@@ -388,7 +417,7 @@ fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
         &tinker_config(port),
         port,
         &["--num-gpus", "3"],
-        &[PLACEHOLDER_APPS, ("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
+        &[PINNED_TOKEN, ("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     let name = "sampler-Qwen2.5-0.5B-Instruct";

@@ -61,7 +61,7 @@ fn normalize_app(app: &mut Application) {
             args.sampler_type.get_or_insert(SamplerType::Vllm);
             args.queue_config.get_or_insert_with(QueueConfig::default);
         }
-        ImportPath::Processor => {}
+        ImportPath::Processor | ImportPath::Identity => {}
     }
     if matches!(kind, ImportPath::Model | ImportPath::Sampler) && args.model_id.is_none() {
         args.model_id = derive_model_id(&app.route_prefix);

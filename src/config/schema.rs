@@ -219,6 +219,10 @@ pub enum ImportPath {
     Model,
     Sampler,
     Processor,
+    /// Loads nothing and serves only `/healthz` (and a token-gated `/echo`): a placement dry
+    /// run of a config, used by the platform tests. It accepts every other kind's `args` and
+    /// ignores them, so any application can be turned into one by changing `import_path`.
+    Identity,
 }
 
 impl ImportPath {
@@ -229,6 +233,7 @@ impl ImportPath {
             ImportPath::Model => "model",
             ImportPath::Sampler => "sampler",
             ImportPath::Processor => "processor",
+            ImportPath::Identity => "identity",
         }
     }
 }
@@ -361,6 +366,25 @@ impl AppArgs {
                 "nproc_per_node",
                 "ncpu_proc_per_node",
                 "queue_config",
+                "device_group",
+                "device_mesh",
+            ],
+            ImportPath::Identity => &[
+                "server_config",
+                "supported_models",
+                "api_keys",
+                "api_keys_file",
+                "backend",
+                "use_megatron",
+                "adapter_config",
+                "max_loras",
+                "max_length",
+                "model_id",
+                "sampler_type",
+                "engine_args",
+                "queue_config",
+                "nproc_per_node",
+                "ncpu_proc_per_node",
                 "device_group",
                 "device_mesh",
             ],

@@ -1,9 +1,12 @@
 //! Forwarding one request to an application child, streaming bodies both ways.
 
+use std::sync::{Arc, Mutex};
+
 use actix_web::body::SizedStream;
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt as _;
 use serde_json::json;
 
 use super::GatewayState;
@@ -116,6 +119,25 @@ pub async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
     }))
 }
 
+/// The first error reading the client's body, if any.
+type BodyFault = Arc<Mutex<Option<String>>>;
+
+/// The client's body as a stream that records its first error (a malformed chunked encoding,
+/// a connection closed before Content-Length bytes), so that failure is answered as the
+/// client's 400 rather than blamed on the application as a 502.
+fn watched(
+    payload: web::Payload,
+    fault: BodyFault,
+) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> {
+    payload.inspect(move |item| {
+        if let Err(e) = item
+            && let Ok(mut f) = fault.lock()
+        {
+            f.get_or_insert_with(|| e.to_string());
+        }
+    })
+}
+
 /// Every other request: find the application, forward, stream the answer back.
 pub async fn forward(
     req: HttpRequest,
@@ -154,11 +176,21 @@ pub async fn forward(
     if let Some(peer) = req.peer_addr() {
         up = up.append_header(("x-forwarded-for", peer.ip().to_string()));
     }
+    let fault = BodyFault::default();
+    let body = watched(payload, fault.clone());
     let sent = match (content_length(req.headers()), is_chunked(req.headers())) {
-        (_, true) => up.send_stream(payload).await,
-        (Some(n), false) if n > 0 => up.send_body(SizedStream::new(n, payload)).await,
+        (_, true) => up.send_stream(body).await,
+        (Some(n), false) if n > 0 => up.send_body(SizedStream::new(n, Box::pin(body))).await,
         _ => up.send().await,
     };
+    let client_fault = fault.lock().ok().and_then(|f| f.clone());
+    if let Some(detail) = client_fault {
+        // Whatever the application answered (if anything), the request it got was truncated.
+        return error_json(
+            StatusCode::BAD_REQUEST,
+            json!({"detail": format!("the request body could not be read: {detail}")}),
+        );
+    }
     let resp = match sent {
         Ok(r) => r,
         // The child went away between the lookup and the connect: same as not running.

@@ -73,7 +73,7 @@ fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResp
 }
 
 /// Token comparison whose time does not depend on where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -138,12 +138,11 @@ async fn deploy(
 }
 
 async fn status(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
-    // Status is read-only; it still needs the token when one is sent with a wrong value, but a
-    // local `twinkle status` without one is allowed (the port is the cluster's own).
-    if let Some(t) = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok())
-        && !constant_time_eq(t.as_bytes(), ctx.token.as_bytes())
-    {
-        return refuse(StatusCode::UNAUTHORIZED, "wrong cluster token".to_string());
+    // Status lists every node's address and every child's pid: the cluster token is required
+    // (`twinkle status` sends the one recorded by `twinkle start`/`join`).
+    let t = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if t.is_empty() || !constant_time_eq(t.as_bytes(), ctx.token.as_bytes()) {
+        return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token".to_string());
     }
     let report = lock(&ctx.head).status();
     HttpResponse::Ok().json(report)

@@ -39,16 +39,14 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> HeadError + '_ {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), HeadError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::private_fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let text = serde_json::to_string_pretty(value).map_err(|source| {
         HeadError::StateFileFormat { path: path.display().to_string(), source }
     })?;
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     // The cluster token is a credential: owner-only, like an ssh key.
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
+    crate::private_fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 

@@ -1,4 +1,9 @@
 //! The head's loopback control plane: children register here, `twinkle status` reads here.
+//!
+//! `GET /v1/status` lists pids, ports and cards, so it needs the serve's internal token in
+//! `x-twinkle-token` (`twinkle status` reads it from `$TWINKLE_HOME/serve.json`, children have
+//! it in their environment); `/healthz` is bare liveness and `/v1/register` checks the child
+//! token in its body.
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -7,6 +12,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::json;
 
 use super::HeadError;
+use super::cluster::TOKEN_HEADER;
 use super::registry::{self, RegisterError, RegisterRequest, SharedRegistry};
 
 /// Routes of the control plane, on top of a shared registry.
@@ -39,7 +45,25 @@ async fn register(
     }
 }
 
-async fn status(reg: web::Data<SharedRegistry>) -> HttpResponse {
+/// The token `/v1/status` requires.
+#[derive(Clone)]
+pub struct StatusToken(pub std::sync::Arc<str>);
+
+async fn status(
+    req: actix_web::HttpRequest,
+    reg: web::Data<SharedRegistry>,
+    token: web::Data<StatusToken>,
+) -> HttpResponse {
+    let got = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // An empty configured token is refused too: status must never be open by accident.
+    if token.0.is_empty()
+        || !super::cluster_http::constant_time_eq(got.as_bytes(), token.0.as_bytes())
+    {
+        return HttpResponse::Unauthorized().json(json!({
+            "detail": format!("wrong or missing {TOKEN_HEADER}: `twinkle status` reads the token \
+                               from $TWINKLE_HOME/serve.json")
+        }));
+    }
     let report = registry::read(&reg).snapshot();
     HttpResponse::Ok().json(report)
 }
@@ -48,20 +72,27 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Binds the control plane on `127.0.0.1:port` (0 = ephemeral) and returns the server (to be
+/// Binds the control plane on `127.0.0.1:port` (0 = ephemeral), `/v1/status` behind `token`, and returns the server (to be
 /// awaited or stopped through its handle) and the bound address. Signals are left to the caller.
-pub fn start(reg: SharedRegistry, port: u16) -> Result<(Server, SocketAddr), HeadError> {
+pub fn start(
+    reg: SharedRegistry,
+    port: u16,
+    token: String,
+) -> Result<(Server, SocketAddr), HeadError> {
     let addr = format!("127.0.0.1:{port}");
     let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
     let listener = TcpListener::bind(&addr).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     let data = web::Data::new(reg);
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
-        .map_err(bind_err)?
-        .run();
+    let token = web::Data::new(StatusToken(token.into()));
+    let server = HttpServer::new(move || {
+        App::new().app_data(data.clone()).app_data(token.clone()).configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)
+    .map_err(bind_err)?
+    .run();
     Ok((server, local))
 }

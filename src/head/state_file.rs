@@ -14,6 +14,9 @@ pub struct ServeRecord {
     pub gateway_address: String,
     pub pid: u32,
     pub config: String,
+    /// The serve's internal token, which `GET /v1/status` requires (empty in old records).
+    #[serde(default)]
+    pub token: String,
 }
 
 /// The state directory: `$TWINKLE_HOME`, else `$HOME/.twinkle`, else `./.twinkle`.
@@ -77,14 +80,15 @@ pub fn ensure_free(home: &Path) -> Result<(), HeadError> {
 
 /// Writes the record atomically (temp file + rename), creating the directory.
 pub fn write(home: &Path, rec: &ServeRecord) -> Result<(), HeadError> {
-    std::fs::create_dir_all(home).map_err(io_err(home))?;
+    crate::private_fs::create_dir_all(home).map_err(io_err(home))?;
     let path = serve_file(home);
     let tmp = home.join(format!("serve.json.{}.tmp", std::process::id()));
     let text = serde_json::to_string_pretty(rec).map_err(|source| HeadError::StateFileFormat {
         path: path.display().to_string(),
         source,
     })?;
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    // The record carries the token that unlocks `/v1/status`: owner-only.
+    crate::private_fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
@@ -110,6 +114,7 @@ mod tests {
             gateway_address: "127.0.0.1:2".into(),
             pid: std::process::id(),
             config: "c.yaml".into(),
+            token: "t".into(),
         };
         assert!(write(dir.path(), &rec).is_ok());
         assert_eq!(read(dir.path()).ok(), Some(rec.clone()));

@@ -7,12 +7,14 @@ use super::HeadError;
 use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
 
-/// GETs `http://{addr}/v1/status` (must run inside an actix/tokio runtime).
-pub async fn fetch(addr: &str) -> Result<StatusReport, HeadError> {
+/// GETs `http://{addr}/v1/status` with `token` (the serve's internal token or the cluster
+/// token; must run inside an actix/tokio runtime).
+pub async fn fetch(addr: &str, token: &str) -> Result<StatusReport, HeadError> {
     let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
     let url = format!("http://{addr}/v1/status");
     let unreachable = |detail: String| HeadError::Unreachable { addr: addr.to_string(), detail };
-    let mut resp = client.get(&url).send().await.map_err(|e| unreachable(e.to_string()))?;
+    let req = client.get(&url).insert_header((super::cluster::TOKEN_HEADER, token));
+    let mut resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
     let body = resp.body().limit(16 << 20).await.map_err(|e| unreachable(e.to_string()))?;
     if !resp.status().is_success() {
         return Err(HeadError::BadAnswer {

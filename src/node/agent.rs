@@ -178,8 +178,9 @@ impl Agent {
         let dir = self.opts.home.join("deployments");
         let path = dir.join(format!("deployment-{deployment}.yaml"));
         if !path.exists() {
-            std::fs::create_dir_all(&dir).map_err(NodeError::Runtime)?;
-            std::fs::write(&path, yaml).map_err(NodeError::Runtime)?;
+            // A deployment config may carry API keys: owner-only in TWINKLE_HOME.
+            crate::private_fs::create_dir_all(&dir).map_err(NodeError::Runtime)?;
+            crate::private_fs::write(&path, yaml).map_err(NodeError::Runtime)?;
         }
         Ok(path)
     }
@@ -360,7 +361,8 @@ pub async fn run(
     let mut reg = Registry::new("twinkle".into(), None, vec![], vec![]);
     reg.set_child_host(opts.node_ip.clone());
     let local = reg.into_shared();
-    let (control_srv, control_addr) = control::start(local.clone(), 0)?;
+    let (control_srv, control_addr) =
+        control::start(local.clone(), 0, super::serve::internal_token())?;
     let control_handle = control_srv.handle();
     actix_web::rt::spawn(control_srv);
     let routing = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();

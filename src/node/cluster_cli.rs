@@ -54,8 +54,8 @@ fn node_id(home: &Path, name: Option<&str>) -> String {
     }
     let random: String = super::supervise::new_token().chars().take(8).collect();
     let id = format!("node-{random}");
-    let _ = std::fs::create_dir_all(home);
-    let _ = std::fs::write(&path, &id);
+    let _ = crate::private_fs::create_dir_all(home);
+    let _ = crate::private_fs::write(&path, &id);
     id
 }
 
@@ -188,13 +188,14 @@ pub fn daemonize(role: &str, args: Vec<std::ffi::OsString>) -> Result<u32, NodeE
     // instead of a log file.
     ensure_home_free(&home)?;
     let logs = home.join("logs");
-    std::fs::create_dir_all(&logs).map_err(NodeError::Runtime)?;
+    // Logs can quote request bodies and paths: owner-only like the rest of TWINKLE_HOME.
+    crate::private_fs::create_dir_all(&logs).map_err(NodeError::Runtime)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
     let log_path = logs.join(format!("{role}-{stamp}.log"));
-    let log = std::fs::File::create(&log_path).map_err(NodeError::Runtime)?;
+    let log = crate::private_fs::open_write(&log_path, false).map_err(NodeError::Runtime)?;
     let log2 = log.try_clone().map_err(NodeError::Runtime)?;
     let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
     let mut cmd = std::process::Command::new(exe);

@@ -95,6 +95,20 @@ pub const INTERNAL_TOKEN_ENV: &str = "TWINKLE_INTERNAL_TOKEN";
 /// One internal token per serve process, shared by every child.
 static INTERNAL_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// This process's internal token: what its children present to each other's `/_internal/`
+/// routes and to the control port's `/v1/status`, and what unlocks the details of a child's
+/// `/healthz`. An operator (or a test) may pin it by giving serve the variable itself.
+pub fn internal_token() -> String {
+    INTERNAL_TOKEN
+        .get_or_init(|| {
+            std::env::var(INTERNAL_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(crate::node::supervise::new_token)
+        })
+        .clone()
+}
+
 /// Variables that the scheduler owns; an application's `runtime_env` may not override them.
 const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
 
@@ -122,14 +136,7 @@ pub fn child_spec(
     env.push(("CUDA_VISIBLE_DEVICES".into(), p.alloc.cuda_visible_devices()));
     env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
     env.push(("TWINKLE_SERVER_TYPE".into(), server_type_str(server_type).into()));
-    // An operator (or a test) may pin the token by giving serve the variable itself.
-    let internal = INTERNAL_TOKEN.get_or_init(|| {
-        std::env::var(INTERNAL_TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(crate::node::supervise::new_token)
-    });
-    env.push((INTERNAL_TOKEN_ENV.into(), internal.clone()));
+    env.push((INTERNAL_TOKEN_ENV.into(), internal_token()));
     // Serialising a plain data struct to JSON cannot fail; an empty spec makes the worker fall
     // back to its command-line identity.
     env.push((APP_SPEC_ENV.into(), serde_json::to_string(&p.app).unwrap_or_default()));
@@ -247,7 +254,8 @@ impl Running {
         let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Runtime)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Runtime)?;
 
-        let (control_srv, control_addr) = control::start(reg.clone(), self.opts.control_port)?;
+        let (control_srv, control_addr) =
+            control::start(reg.clone(), self.opts.control_port, internal_token())?;
         let http = &self.config.http_options;
         let (gateway_srv, gateway_addr) =
             gateway::start(&http.host, http.port, self.routes, reg.clone())?;
@@ -262,6 +270,7 @@ impl Running {
             gateway_address: gateway_addr.to_string(),
             pid: std::process::id(),
             config: self.config_path.display().to_string(),
+            token: internal_token(),
         };
         if let Err(e) = state_file::write(&self.home, &record) {
             gateway_handle.stop(false).await;

@@ -93,10 +93,25 @@ impl Store {
     /// A database file (created with its parent directories when missing), in WAL mode.
     pub fn open_file(path: &Path) -> Result<Self, StateError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StateError::CreateDir {
+            crate::private_fs::create_dir_all(parent).map_err(|source| StateError::CreateDir {
                 path: path.display().to_string(),
                 source,
             })?;
+        }
+        // The database holds every caller's sessions and runs: 0600 whatever the umask. SQLite
+        // creates `-wal`/`-shm` with the database file's mode; older ones are fixed here too.
+        let create = |source| StateError::CreateDir { path: path.display().to_string(), source };
+        if !path.exists() {
+            match crate::private_fs::open_write(path, true) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(create(e)),
+            }
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            crate::private_fs::restrict_file(Path::new(&p)).map_err(create)?;
         }
         let open_err = |source| StateError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(path).map_err(open_err)?;

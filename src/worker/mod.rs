@@ -3,9 +3,10 @@
 //! A child binds an HTTP server on `127.0.0.1:0`, registers its port with the head (retrying
 //! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
 //! `import_path` in [`run_app`]; every application also serves the identity routes of
-//! [`identity`] (and only those with `TWINKLE_PLACEHOLDER_APPS=1`).
+//! [`identity`], and `import_path: identity` serves only those (a dry run that loads nothing).
 
 pub mod identity;
+pub mod json_errors;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -21,9 +22,6 @@ use crate::node::supervise::TOKEN_ENV;
 pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
 /// Env var: the address a child listens on (default loopback; set by cluster node agents).
 pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
-/// `1` serves every application as the identity application (health, identity, echo) instead of
-/// its real component: a placement dry run that starts no model. The platform tests use it.
-pub const PLACEHOLDER_ENV: &str = "TWINKLE_PLACEHOLDER_APPS";
 /// Test hook: milliseconds a worker waits after binding before it registers, so tests can
 /// observe the gateway's 503 for an application that is up but not yet registered.
 pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
@@ -109,22 +107,17 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 }
 
 /// Runs the application named by `import_path`: server, model, sampler and processor are
-/// [`crate::apps`]; with
-/// [`PLACEHOLDER_ENV`] set to `1` every kind is the identity application instead.
+/// [`crate::apps`]; `identity` is [`identity::identity_app`].
 pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
-    if placeholder_apps() {
-        let id = identity::Identity::from_context(&ctx);
-        return serve_and_register(&ctx, move |cfg| identity::routes(cfg, id.clone())).await;
-    }
     match ctx.opts.import_path {
+        ImportPath::Identity => {
+            let id = identity::Identity::from_context(&ctx);
+            serve_and_register(&ctx, move |cfg| identity::identity_app(cfg, id.clone())).await
+        }
         ImportPath::Server => crate::apps::server::run(ctx).await,
         ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
         ImportPath::Processor => crate::apps::processor::run(&ctx).await,
     }
-}
-
-fn placeholder_apps() -> bool {
-    std::env::var(PLACEHOLDER_ENV).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Binds `127.0.0.1:0`, serves `configure`'s routes, registers with the head, then serves until
@@ -138,12 +131,14 @@ where
     let host = host.unwrap_or_else(|| "127.0.0.1".to_string());
     let listener = TcpListener::bind((host.as_str(), 0)).map_err(WorkerError::Bind)?;
     let port = listener.local_addr().map_err(WorkerError::Bind)?.port();
-    let server = HttpServer::new(move || App::new().configure(configure.clone()))
-        .workers(2)
-        .shutdown_timeout(5)
-        .listen(listener)
-        .map_err(WorkerError::Bind)?
-        .run();
+    let server = HttpServer::new(move || {
+        App::new().wrap(json_errors::middleware()).configure(configure.clone())
+    })
+    .workers(2)
+    .shutdown_timeout(5)
+    .listen(listener)
+    .map_err(WorkerError::Bind)?
+    .run();
     let handle = server.handle();
     let running = actix_web::rt::spawn(server);
     tracing::info!(app = %ctx.opts.app, port, "worker listening");

@@ -23,20 +23,40 @@ pub fn bin() -> String {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_twinkle").to_string())
 }
 
-/// A port that was free a moment ago.
-/// Env for placement tests: every child is the identity app, so no model is loaded.
+/// The internal token the platform tests pin on serve: it unlocks the details of a child's
+/// `/healthz` (pid, cards) and the identity application's `/echo`.
+pub const TEST_TOKEN: &str = "platform-test-token";
+/// Env for placement tests: serve uses [`TEST_TOKEN`] as its internal token.
 #[allow(dead_code)]
-pub const PLACEHOLDER_APPS: (&str, &str) = ("TWINKLE_PLACEHOLDER_APPS", "1");
+pub const PINNED_TOKEN: (&str, &str) = ("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN);
+/// The header that carries [`TEST_TOKEN`].
+pub const TOKEN_HEADER: &str = "X-Twinkle-Internal";
 
+/// `config` with every application turned into the identity kind (a placement dry run that
+/// loads no model; it accepts and ignores every other kind's `args`).
+#[allow(dead_code)]
+pub fn as_identity(config: &str) -> String {
+    config
+        .lines()
+        .map(|l| match l.split_once("import_path:") {
+            Some((indent, _)) => format!("{indent}import_path: identity"),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// A port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
 /// A Tinker-style deployment (seed-server.md's example): server + model (2 cards) + sampler
-/// (`ranks: 1`, `num_gpus: 1`), plus a CPU-only processor-like child.
+/// (`ranks: 1`, `num_gpus: 1`), every one as the identity kind (see [`as_identity`]).
 pub fn tinker_config(port: u16) -> String {
-    format!(
+    as_identity(&format!(
         r#"server_type: tinker
 proxy_location: EveryNode
 http_options:
@@ -83,7 +103,7 @@ applications:
           num_cpus: 0.1
           num_gpus: 1
 "#
-    )
+    ))
 }
 
 /// A running `twinkle serve`; dropping it SIGKILLs serve and every child pid it learned of.
@@ -336,7 +356,14 @@ pub fn http(
     Ok(Resp { status, headers, body })
 }
 
+/// GET with the test token, so a child's `/healthz` answers with its details.
 pub fn get(addr: &str, path: &str) -> Result<Resp> {
+    http("GET", addr, path, &[(TOKEN_HEADER, TEST_TOKEN)], &[])
+}
+
+/// GET as an outsider (no token).
+#[allow(dead_code)]
+pub fn get_bare(addr: &str, path: &str) -> Result<Resp> {
     http("GET", addr, path, &[], &[])
 }
 

@@ -30,7 +30,8 @@ pub fn write_dir_atomic(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .ok_or_else(|| AppError::BadRequest(format!("dir {} has no parent", dir.display())))?;
-    std::fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
+    // Checkpoints are a caller's weights: owner-only whatever the umask (see `private_fs`).
+    crate::private_fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let stamp =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -38,10 +39,15 @@ pub fn write_dir_atomic(
     let cleanup = |p: &Path| {
         let _ = std::fs::remove_dir_all(p);
     };
-    std::fs::create_dir_all(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+    crate::private_fs::create_dir_all(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
     if let Err(e) = write(&tmp) {
         cleanup(&tmp);
         return Err(e);
+    }
+    // The writer used plain `fs::write` (umask modes); nobody else could enter `tmp` (0700).
+    if let Err(e) = crate::private_fs::restrict_tree(&tmp) {
+        cleanup(&tmp);
+        return Err(io("cannot restrict", &tmp, e));
     }
     let size = dir_size(&tmp);
     // An existing checkpoint is moved aside first: rename cannot replace a non-empty directory.

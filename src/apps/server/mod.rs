@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod sweeper;
 pub mod twinkle;
 pub mod upstream;
 
@@ -65,6 +66,8 @@ pub struct ServerApp {
     /// Bearer-token authentication of the Twinkle routes (same salt and save root as above).
     pub auth: Auth,
     pub twinkle: TwinkleSettings,
+    /// Sweep period, finished-future retention ([`sweeper`]).
+    pub housekeeping: sweeper::Housekeeping,
 }
 
 /// Settings of the Twinkle gateway routes.
@@ -101,6 +104,7 @@ impl ServerApp {
             per_token_model_limit: None,
             auth,
             twinkle: TwinkleSettings::default(),
+            housekeeping: sweeper::Housekeeping::default(),
         }
     }
 
@@ -126,10 +130,27 @@ impl ServerApp {
     }
 }
 
-/// Parses a JSON body into `T`, answering 400 with serde's message on failure.
+/// Parses a JSON body into `T`, answering 400 that names the offending field (serde's own
+/// message only gives a line and column, which says nothing in a one-line body).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
+    json_with_path(body).map_err(ApiError::BadRequest)
+}
+
+/// `serde_json::from_slice` whose error message names the field path (`a.b[2].c`).
+pub fn json_with_path<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("request body is not valid: {inner}")
+        } else {
+            format!("request body is not valid: field `{path}`: {inner}")
+        }
+    })?;
+    // Trailing garbage after the value is refused, as `serde_json::from_slice` does.
+    de.end().map_err(|e| format!("request body is not valid: {e}"))?;
+    Ok(value)
 }
 
 /// The default save root: `$TWINKLE_SAVE_DIR`, else `$XDG_DATA_HOME/twinkle/checkpoints`, else
@@ -197,7 +218,7 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         tracing::warn!(failed, "futures left unfinished by the previous run were marked failed");
     }
     let save_root = default_save_root();
-    std::fs::create_dir_all(&save_root)
+    crate::private_fs::create_dir_all(&save_root)
         .map_err(|source| ServerError::SaveDir { path: save_root.display().to_string(), source })?;
     let save_root = save_root.canonicalize().unwrap_or(save_root);
     let salt = load_salt(&save_root)?;
@@ -238,9 +259,13 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         salt,
         save_root,
         supported_models: args.supported_models.iter().map(|m| m.name().to_string()).collect(),
-        per_token_model_limit: args.server_config.and_then(|s| s.per_token_model_limit),
+        per_token_model_limit: args.server_config.as_ref().and_then(|s| s.per_token_model_limit),
         auth,
         twinkle,
+        housekeeping: sweeper::Housekeeping::from_config(
+            args.server_config.as_ref().and_then(|s| s.cleanup_interval),
+            args.server_config.as_ref().and_then(|s| s.expiration_timeout),
+        ),
     })
 }
 
@@ -256,9 +281,10 @@ pub async fn run(ctx: AppContext) -> Result<(), WorkerError> {
     let prefix = ctx.opts.route_prefix.trim_end_matches('/').to_string();
     let id = crate::worker::identity::Identity::from_context(&ctx);
     let server_type = ctx.opts.server_type;
+    actix_web::rt::spawn(sweeper::run(app.clone()));
     serve_and_register(&ctx, move |cfg| {
-        // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok plus who we are),
-        // `{prefix}/echo` and the root `/healthz` the supervisor probes; then the API scope.
+        // Identity first: `{prefix}/healthz` (Tinker's healthz: status ok; who we are only with
+        // the internal token) and the root `/healthz` the supervisor probes; then the API.
         crate::worker::identity::routes(cfg, id.clone());
         routes(cfg, app.clone(), &prefix, server_type);
     })

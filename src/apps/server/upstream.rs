@@ -180,7 +180,9 @@ impl Upstreams {
     pub async fn refresh(&self) -> Result<Vec<Upstream>, JobError> {
         let c = client();
         let url = format!("http://{}/v1/status", self.head);
-        let mut resp = c.get(&url).timeout(Duration::from_secs(5)).send().await.map_err(|e| {
+        let req =
+            c.get(&url).insert_header((crate::head::cluster::TOKEN_HEADER, self.token.as_str()));
+        let mut resp = req.timeout(Duration::from_secs(5)).send().await.map_err(|e| {
             JobError::Server(format!("cannot reach the head at {}: {e}", self.head))
         })?;
         let body = resp

@@ -119,6 +119,22 @@ pub struct FinishReason {
     pub kind: String,
 }
 
+/// The `reason.type` values the SDK sends on `sessions/{id}/finish`.
+pub const FINISH_REASONS: [&str; 3] = ["success", "errored", "interrupted"];
+
+impl FinishSessionRequest {
+    /// Refuses a reason the SDK never sends (it would be stored as the session's end reason).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match &self.reason {
+            Some(r) if !FINISH_REASONS.contains(&r.kind.as_str()) => Err(ProtocolError::invalid(
+                "reason.type",
+                format!("{:?} is not one of {}", r.kind, FINISH_REASONS.join(", ")),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `POST /sessions/{id}/finish`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct FinishSessionRequest {
@@ -433,6 +449,17 @@ pub enum SamplerSaveForm {
 
 impl SaveWeightsForSamplerRequest {
     pub fn form(&self) -> Result<SamplerSaveForm, ProtocolError> {
+        // `inflight` is served as a snapshot (allowed by the protocol); anything else is a typo
+        // the caller should hear about rather than get a silent snapshot.
+        if let Some(k) = self.kind.as_deref()
+            && k != "snapshot"
+            && k != "inflight"
+        {
+            return Err(ProtocolError::invalid(
+                "kind",
+                format!("{k:?} is not a save kind (expected \"snapshot\" or \"inflight\")"),
+            ));
+        }
         match (&self.path, self.sampling_session_seq_id) {
             (Some(name), _) => Ok(SamplerSaveForm::Named { name: name.clone() }),
             (None, Some(seq)) => Ok(SamplerSaveForm::Ephemeral { sampling_session_seq_id: seq }),

@@ -135,7 +135,7 @@ impl Auth {
             }
         }
         keys.retain(|k| !k.is_empty());
-        std::fs::create_dir_all(save_root).map_err(|e| {
+        crate::private_fs::create_dir_all(save_root).map_err(|e| {
             TwinkleError::Internal(format!("cannot create {}: {e}", save_root.display()))
         })?;
         let save_root = save_root.canonicalize().unwrap_or_else(|_| save_root.to_path_buf());
@@ -163,7 +163,8 @@ pub fn shared_salt(root: &Path) -> Result<Vec<u8>, TwinkleError> {
             return Ok(s.trim().as_bytes().to_vec());
         }
         let salt = crate::state::new_id("");
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&file) {
+        // The salt keys every owner token: 0600 whatever the umask.
+        match crate::private_fs::open_write(&file, true) {
             Ok(mut f) => {
                 use std::io::Write as _;
                 f.write_all(salt.as_bytes()).map_err(io)?;

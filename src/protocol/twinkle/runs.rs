@@ -82,14 +82,15 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TwinkleError {
 /// Writes `value` as JSON atomically (temp file + rename), so readers never see half a file.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TwinkleError> {
     let dir = path.parent().ok_or_else(|| io(path, "no parent directory"))?;
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    // Run and checkpoint metadata sit beside the weights: owner-only, like them.
+    crate::private_fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let text = serde_json::to_vec_pretty(value).map_err(|e| io(path, e))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("meta"),
         std::process::id()
     ));
-    std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
+    crate::private_fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 

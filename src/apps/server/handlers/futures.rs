@@ -1,5 +1,12 @@
 //! `retrieve_future`: long-polls a future for up to [`LONG_POLL`], then answers 408 `try_again`;
 //! failures are 200 `{"error", "category"}`; protobuf results carry their content type.
+//!
+//! An unknown request id answers 410 Gone, never 404: the future was lost with a restarted
+//! in-memory server application, or pruned after its retention period. The SDK fatally raises
+//! on 404 but treats 410 as retryable (a sample is resubmitted; a training call surfaces a
+//! retryable error) — and another key's future is indistinguishable from a missing one. A
+//! future that a restart cut short (failed with [`UNFINISHED_AT_STARTUP`]) answers 410 too:
+//! its result is lost exactly like an unknown one's, and a failure would not be retried.
 
 use std::time::Duration;
 
@@ -11,7 +18,7 @@ use super::super::{Shared, parse_json};
 use crate::protocol::tinker::types::{
     ErrorCategory, FailedFutureResponse, QueueState, RetrieveFutureRequest, TryAgainResponse,
 };
-use crate::state::{FutureRecord, FutureStatus};
+use crate::state::{FutureRecord, FutureStatus, UNFINISHED_AT_STARTUP};
 
 /// Longest a poll is held (the SDK's read timeout is 45 s).
 const LONG_POLL: Duration = Duration::from_secs(25);
@@ -21,6 +28,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn answer(rec: FutureRecord) -> HttpResponse {
+    if rec.status == FutureStatus::Failed && rec.error.as_deref() == Some(UNFINISHED_AT_STARTUP) {
+        return gone(&rec.request_id);
+    }
     match rec.status {
         FutureStatus::Complete => HttpResponse::Ok()
             .content_type(rec.content_type.unwrap_or_else(|| "application/json".into()))
@@ -30,6 +40,18 @@ fn answer(rec: FutureRecord) -> HttpResponse {
             category: rec.category.map(ErrorCategory::from).unwrap_or(ErrorCategory::Unknown),
         }),
     }
+}
+
+/// 410 for a request id this server does not (or no longer) know.
+pub fn gone(request_id: &str) -> HttpResponse {
+    HttpResponse::build(StatusCode::GONE).json(serde_json::json!({
+        "detail": format!(
+            "future {request_id:?} is unknown here: it was lost when the server application \
+             restarted, or it finished longer ago than the retention period; submit the request \
+             again"
+        ),
+        "request_id": request_id,
+    }))
 }
 
 async fn retrieve_future(
@@ -49,6 +71,10 @@ async fn retrieve_future(
         let rec = app.disp.db_now(|s| s.get_future_owned(&owner, &r.request_id));
         let rec = match rec {
             Ok(rec) => rec,
+            Err(ApiError::NotFound(_)) => {
+                app.disp.forget(&r.request_id);
+                return Ok(gone(&r.request_id));
+            }
             Err(e) => {
                 app.disp.forget(&r.request_id);
                 return Err(e);

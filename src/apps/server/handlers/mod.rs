@@ -6,6 +6,8 @@ mod sampling;
 mod session;
 mod training;
 
+pub(crate) use training::ephemeral_dir;
+
 use actix_web::web;
 
 /// Registers every endpoint (paths relative to the route prefix).

@@ -105,8 +105,17 @@ async fn finish(
     let owner = app.owner(&req)?;
     let r: FinishSessionRequest =
         if body.is_empty() { FinishSessionRequest::default() } else { parse_json(&body)? };
+    r.validate()?;
     let reason = r.reason.map(|r| r.kind).unwrap_or_else(|| "unknown".into());
     let id = path.into_inner();
-    app.disp.db(move |s| s.finish_session(&owner, &id, &reason)).await?;
+    let a = app.clone();
+    app.disp
+        .db(move |s| {
+            s.finish_session(&owner, &id, &reason)?;
+            // The session's `save_weights_and_get_sampling_client` snapshots go with it.
+            crate::apps::server::sweeper::remove_snapshots(&a, s, &owner, &id);
+            Ok(())
+        })
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -531,8 +531,9 @@ async fn save_weights_for_sampler(
 ) -> Result<HttpResponse, ApiError> {
     let owner = app.owner(&req)?;
     let r: SaveWeightsForSamplerRequest = parse_json(&body)?;
+    let form = r.form()?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
-    match r.form()? {
+    match form {
         SamplerSaveForm::Named { name } => {
             save_named(
                 &app,

@@ -43,11 +43,10 @@ fn caller(app: &Shared, req: &HttpRequest) -> Result<Caller, TwinkleError> {
     app.auth.caller(req)
 }
 
-/// Parses a JSON body (an empty body reads as `{}`), answering 400 with serde's message.
+/// Parses a JSON body (an empty body reads as `{}`), answering 400 that names the field.
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, TwinkleError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    serde_json::from_slice(body)
-        .map_err(|e| TwinkleError::bad(format!("request body is not valid: {e}")))
+    super::json_with_path(body).map_err(TwinkleError::bad)
 }
 
 impl From<ApiError> for TwinkleError {
