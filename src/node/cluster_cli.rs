@@ -457,6 +457,7 @@ mod tests {
             gateway_address: "127.0.0.1:2".into(),
             pid: serve.id(),
             config: "c.yaml".into(),
+            token: String::new(),
         };
         state_file::write(dir.path(), &rec).expect("serve record");
         let err = ensure_home_free(dir.path()).expect_err("live serve");
