@@ -1,10 +1,15 @@
 //! Loopback client of the model / sampler applications (`INTERNAL_API.md`): finds their addresses
 //! through the head's `/v1/status`, caches each one's `/_internal/v1/info`, and maps their
 //! answers onto [`JobError`] categories (4xx → user, 5xx and connection errors → server).
+//!
+//! Restarts: a call to an application that is starting or restarting waits for it (up to
+//! [`restart_wait`]) instead of failing at once; a request the application died while running
+//! fails as a server error that says to retry (its adapters come back at their last step).
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -19,6 +24,23 @@ pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest answer read from an application (sample results with many sequences).
 const MAX_ANSWER: usize = 512 << 20;
+/// Env var: seconds a call waits for a (re)starting application (default 60).
+pub const RESTART_WAIT_ENV: &str = "TWINKLE_RESTART_WAIT";
+/// Default of [`RESTART_WAIT_ENV`]: a model child restarts in seconds (backoff + loading a small
+/// model); a big model may take longer, and then the call fails as a retryable server error.
+pub const DEFAULT_RESTART_WAIT: Duration = Duration::from_secs(60);
+/// How often the head's status is re-read while waiting.
+const RESTART_POLL: Duration = Duration::from_millis(250);
+
+/// The wait bound from [`RESTART_WAIT_ENV`] (the default when unset or not a number ≥ 0).
+pub fn restart_wait() -> Duration {
+    std::env::var(RESTART_WAIT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(DEFAULT_RESTART_WAIT)
+}
 
 /// `/_internal/v1/info` of a model or sampler application.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +98,13 @@ struct AppEntry {
     import_path: String,
     #[serde(default)]
     address: Option<String>,
+    #[serde(default)]
+    state: String,
+}
+
+/// Whether an application in `state` is expected to (re)appear (the node agent restarts it).
+fn coming_back(state: &str) -> bool {
+    matches!(state, "starting" | "restarting" | "failed" | "pending")
 }
 
 /// Discovery and calls. Clone-cheap; the awc client is created per call site because it is not
@@ -85,6 +114,9 @@ pub struct Upstreams {
     head: String,
     token: String,
     cache: Arc<Mutex<HashMap<String, Upstream>>>,
+    /// Kinds with an application starting or restarting at the last refresh.
+    pending: Arc<Mutex<HashSet<String>>>,
+    wait: Duration,
 }
 
 thread_local! {
@@ -101,7 +133,23 @@ fn client() -> awc::Client {
 impl Upstreams {
     pub fn new(head: String) -> Self {
         let token = std::env::var(INTERNAL_TOKEN_ENV).unwrap_or_default();
-        Upstreams { head, token, cache: Arc::new(Mutex::new(HashMap::new())) }
+        Upstreams {
+            head,
+            token,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(HashSet::new())),
+            wait: restart_wait(),
+        }
+    }
+
+    /// The same, waiting at most `wait` for a (re)starting application.
+    pub fn with_restart_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    fn is_pending(&self, kind: &str) -> bool {
+        self.pending.lock().map(|p| p.contains(kind)).unwrap_or(false)
     }
 
     fn cached(&self) -> Vec<Upstream> {
@@ -125,8 +173,13 @@ impl Upstreams {
         let known: HashMap<String, Upstream> =
             self.cached().into_iter().map(|u| (u.app.clone(), u)).collect();
         let mut fresh = HashMap::new();
+        let mut pending = HashSet::new();
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
+                continue;
+            }
+            if coming_back(&a.state) {
+                pending.insert(a.import_path.clone());
                 continue;
             }
             let Some(address) = a.address else { continue };
@@ -142,6 +195,7 @@ impl Upstreams {
                     },
                     Err(e) => {
                         tracing::warn!(app = %a.name, error = %e, "info request failed");
+                        pending.insert(a.import_path.clone());
                         continue;
                     }
                 },
@@ -154,6 +208,9 @@ impl Upstreams {
         let list: Vec<Upstream> = fresh.values().cloned().collect();
         if let Ok(mut c) = self.cache.lock() {
             *c = fresh;
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            *p = pending;
         }
         Ok(list)
     }
@@ -201,8 +258,10 @@ impl Upstreams {
         self.call_at(address, "GET", "info", None).await.map_err(Into::into)
     }
 
-    /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`; a
-    /// connection failure refreshes the addresses and retries once (the child may have restarted).
+    /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`. While that
+    /// application is (re)starting — it is missing from the head's status or cannot be connected
+    /// to — the call waits for it, up to the restart wait; a request that never reached it is
+    /// safe to send again.
     pub async fn call(
         &self,
         kind: &str,
@@ -210,18 +269,33 @@ impl Upstreams {
         route: &str,
         body: &Value,
     ) -> Result<Value, JobError> {
-        let first = self.find(kind, base_model).await.ok_or_else(|| {
-            JobError::Server(format!("no running {kind} application serves `{base_model}`"))
-        })?;
-        match self.call_at(&first.address, "POST", route, Some(body)).await {
-            Err(Unreachable(msg)) => {
-                let _ = self.refresh().await;
-                let again = self.find(kind, base_model).await.ok_or_else(|| {
-                    JobError::Server(format!("{kind} application for `{base_model}`: {msg}"))
-                })?;
-                self.call_at(&again.address, "POST", route, Some(body)).await.map_err(Into::into)
+        let deadline = Instant::now() + self.wait;
+        let mut target = self.find(kind, base_model).await;
+        loop {
+            let last = match &target {
+                Some(u) => match self.call_at(&u.address, "POST", route, Some(body)).await {
+                    Err(Unreachable(msg)) => msg,
+                    other => return other.map_err(Into::into),
+                },
+                None if self.is_pending(kind) => {
+                    format!("the {kind} application serving `{base_model}` is restarting")
+                }
+                None => {
+                    return Err(JobError::Server(format!(
+                        "no running {kind} application serves `{base_model}`"
+                    )));
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(JobError::Server(format!(
+                    "{last}; still unavailable after {:.0} s, retry later",
+                    self.wait.as_secs_f64()
+                )));
             }
-            other => other.map_err(Into::into),
+            actix_web::rt::time::sleep(RESTART_POLL).await;
+            let _ = self.refresh().await;
+            target =
+                self.cached().into_iter().find(|u| u.kind == kind && u.info.answers_to(base_model));
         }
     }
 
@@ -245,14 +319,20 @@ impl Upstreams {
             Err(awc::error::SendRequestError::Connect(e)) => {
                 return Err(Unreachable(format!("cannot connect to {address}: {e}")));
             }
-            Err(e) => return Err(CallError::Server(format!("{route} request failed: {e}"))),
+            Err(e @ awc::error::SendRequestError::Timeout) => {
+                return Err(CallError::Server(format!("{route} request failed: {e}")));
+            }
+            Err(e) if never_read(&e) => {
+                return Err(Unreachable(format!("{address} reset the connection: {e}")));
+            }
+            Err(e) => return Err(CallError::Server(lost(route, address, e))),
         };
         let status = resp.status();
         let bytes = resp
             .body()
             .limit(MAX_ANSWER)
             .await
-            .map_err(|e| CallError::Server(format!("{route} answer unreadable: {e}")))?;
+            .map_err(|e| CallError::Server(lost(route, address, e)))?;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::json!({"detail": String::from_utf8_lossy(&bytes[..bytes.len().min(2000)])})
         });
@@ -272,6 +352,31 @@ impl Upstreams {
             Err(CallError::Server(format!("{route} failed ({status}): {detail}")))
         }
     }
+}
+
+/// Whether a send failed because the peer reset the connection. A killed application's kernel
+/// resets a connection that still holds unread data — a request sent on a pooled keep-alive
+/// connection after the process died, or one it never read — so the request never ran and may be
+/// sent again. A request the application read before dying ends with end-of-stream instead.
+fn never_read(e: &awc::error::SendRequestError) -> bool {
+    use actix_web::error::ParseError;
+    use awc::error::SendRequestError;
+    let reset = |io: &std::io::Error| io.kind() == std::io::ErrorKind::ConnectionReset;
+    match e {
+        SendRequestError::Send(io) => reset(io),
+        SendRequestError::Response(ParseError::Io(io)) => reset(io),
+        _ => false,
+    }
+}
+
+/// The failure of a request whose application went away while running it (it crashed or was
+/// killed; the node agent restarts it and its adapters come back at their last optim_step).
+fn lost(route: &str, address: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "{route} was interrupted: the application at {address} stopped while running it ({e}); \
+         it restarts with every adapter at its last completed optim_step, so repeat the \
+         forward_backward calls made since that step, then retry"
+    )
 }
 
 /// Outcome of one call; `Unreachable` is retried after a refresh.
