@@ -62,6 +62,7 @@ http_options:
       supported_models: [{MODEL}]
       server_config:
         per_token_model_limit: {model_limit}
+        max_tokens_per_request: 4096
   - name: model
     route_prefix: /api/v1/model/{MODEL}
     import_path: model
