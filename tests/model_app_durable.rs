@@ -73,3 +73,26 @@ fn a_restarted_service_resumes_every_adapter_at_its_last_step() {
     assert_eq!(third.restore_live(), 1);
     assert_eq!(third.info().adapters, ["r:train:0"]);
 }
+
+#[test]
+fn an_adapter_lost_without_a_snapshot_is_an_unknown_adapter_until_a_load_reattaches_it() {
+    let t = tempfile::tempdir().unwrap();
+    let first = service(&t.path().join("spill"));
+    first.create_adapter(&create("lost", 4, 5)).unwrap();
+    loss(&first, "lost", false);
+    first.optim_step(&adam("lost", 5e-3)).unwrap();
+    let ckpt = t.path().join("ckpt");
+    let save = SaveRequest { model_id: "lost".into(), dir: ckpt.clone(), kind: SaveKind::State };
+    first.save(&save).unwrap();
+    let want = loss(&first, "lost", true);
+    drop(first); // snapshots were never enabled: nothing to restore
+
+    let second = service(&t.path().join("spill"));
+    assert_eq!(second.restore_live(), 0);
+    let err = second.optim_step(&adam("lost", 5e-3)).unwrap_err();
+    assert!(matches!(err, AppError::UnknownAdapter(_)), "{err}");
+    let load =
+        LoadRequest { model_id: "lost".into(), dir: ckpt, with_optimizer: true, create: None };
+    second.load(&load).unwrap();
+    assert_eq!(loss(&second, "lost", true), want);
+}

@@ -417,14 +417,19 @@ fn sdk_training_client_survives_a_model_app_crash() -> Result<()> {
     let apps = st["applications"].as_array().context("applications")?;
     let model = apps.iter().find(|a| a["import_path"] == "model").context("model app")?;
     let pid = model["pid"].as_u64().context("model pid")?.to_string();
-    let r = run_script(&py, env.port, "tml-crash", "crash.py", &[&pid])
+    let live = env.save.path().join("checkpoints/.spill/model/live");
+    let (bin, home) = (platform_support::bin(), serve.home.to_string_lossy().into_owned());
+    let args = [pid.as_str(), &bin, &home, &live.to_string_lossy()];
+    let r = run_script(&py, env.port, "tml-crash", "crash.py", &args)
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
     assert!((f(&r, "after") - f(&r, "before")).abs() <= 1e-5 * f(&r, "before").abs().max(1.0));
     assert_eq!(r["continued"].as_array().map(Vec::len), Some(2), "{r}");
-    // A new model child runs: the crash was real.
+    assert!(f(&r, "recovered").is_finite(), "{r}");
+    // Both crashes were real: the agent restarted the model child twice.
     let st = serve.wait_all_running(Duration::from_secs(60))?;
     let apps = st["applications"].as_array().context("applications")?;
     let now = apps.iter().find(|a| a["import_path"] == "model").context("model app")?;
+    assert!(now["restarts"].as_u64().unwrap_or(2) >= 2, "{st}");
     assert_ne!(now["pid"].as_u64().map(|p| p.to_string()), Some(pid), "{st}");
     Ok(())
 }

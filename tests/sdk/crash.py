@@ -1,9 +1,14 @@
-"""Crash during training (issue #12, item 2). `crash.py PID`: train 3 steps, save_state, then
-kill -9 the model application (PID) and keep using the SAME TrainingClient: it answers again once
-the application is back, at the state of the last completed step, and 2 more steps give the same
-losses as a control client loaded from the save_state taken before the kill."""
+"""Crash during training (issue #12, item 2). `crash.py PID BIN HOME LIVE`: train 3 steps,
+save_state, then kill -9 the model application (PID) and keep using the SAME TrainingClient: it
+answers again once the application is back, at the state of the last completed step, and 2 more
+steps give the same losses as a control client loaded from the save_state taken before the kill.
+Then a crash that loses the adapter (its snapshots in LIVE deleted first): the next call fails as a
+server error, the run is marked corrupted, and load_state on the same client recovers it."""
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -12,7 +17,7 @@ from tinker import types
 
 from common import ready, MODEL, check, datum, loss_of, result, service
 
-pid = int(sys.argv[1])
+pid, twinkle_bin, home, live = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 batch = [datum([30, 31, 32], [40, 41]), datum([50, 51], [60, 61, 62])]
 
 
@@ -48,4 +53,25 @@ control = ready(sc.create_training_client_from_state_with_optimizer(path))
 ref = steps(control, 2)
 for a, b in zip(got, ref):
     check(abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"continued losses {got} != control {ref}")
-result(first=first, before=before, after=after, continued=got, control=ref, waited=waited)
+
+# A crash with no snapshot left: the adapter is lost.
+st = json.loads(subprocess.run([twinkle_bin, "status", "--json"], env=dict(os.environ, TWINKLE_HOME=home),
+                               capture_output=True, check=True).stdout)
+pid2 = next(a["pid"] for a in st["applications"] if a["import_path"] == "model")
+check(pid2 and pid2 != pid, f"model app pid after the restart: {pid2}")
+shutil.rmtree(live)
+os.kill(pid2, signal.SIGKILL)
+try:
+    forward(tc)
+    check(False, "a lost adapter must fail the call")
+except tinker.RequestFailedError as e:
+    check(e.category.value == "server" if hasattr(e.category, "value") else str(e.category).lower().endswith("server"),
+          f"lost adapter category: {e.category}")
+    check("corrupted" in str(e), f"lost adapter message: {e}")
+rc = tinker.RestClient(base_url=os.environ["TWINKLE_BASE_URL"], api_key=os.environ["TINKER_API_KEY"])
+check(rc.get_training_run(tc.model_id).result().corrupted, "the run is marked corrupted")
+tc.load_state(path).result()
+recovered = forward(tc)
+check(abs(recovered - before) <= 1e-5 * max(1.0, abs(before)), f"recovered loss {recovered} != {before}")
+check(not rc.get_training_run(tc.model_id).result().corrupted, "load_state clears corrupted")
+result(recovered=recovered, first=first, before=before, after=after, continued=got, control=ref, waited=waited)

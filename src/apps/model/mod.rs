@@ -175,7 +175,7 @@ impl<R: ModelRuntime> ModelService<R> {
         lock(&self.adapters)
             .get(id)
             .cloned()
-            .ok_or_else(|| AppError::NotFound(format!("model_id `{id}` is not loaded here")))
+            .ok_or_else(|| AppError::UnknownAdapter(format!("model_id `{id}` is not loaded here")))
     }
 
     fn spill_path(&self, id: &str) -> PathBuf {
@@ -520,7 +520,12 @@ impl<R: ModelRuntime> ModelService<R> {
             let adapter = self.load_checkpoint(&req.dir, req.with_optimizer)?;
             return self.insert(&req.model_id, adapter);
         }
-        let slot = self.slot(&req.model_id)?;
+        let Ok(slot) = self.slot(&req.model_id) else {
+            // Unknown here (lost by a restart without a snapshot): loading re-attaches it, so
+            // `load_state` recovers the run.
+            let adapter = self.load_checkpoint(&req.dir, req.with_optimizer)?;
+            return self.insert(&req.model_id, adapter);
+        };
         let host = self.load_checkpoint(&req.dir, req.with_optimizer)?;
         let adapter = self.engine.upload(&host)?;
         let mut state = lock(&slot.state);

@@ -93,6 +93,10 @@ pub enum JobError {
     /// Our fault or an unreachable application.
     #[error("{0}")]
     Server(String),
+    /// The model application does not hold the run's adapter (it restarted without a snapshot
+    /// of it): a server error, and the run is marked corrupted.
+    #[error("{0}")]
+    LostAdapter(String),
 }
 
 impl From<StateError> for JobError {

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ApiError, JobError};
+use crate::apps::model::error::UNKNOWN_ADAPTER;
 
 /// Env var with the shared secret every internal request carries.
 pub use crate::node::serve::INTERNAL_TOKEN_ENV;
@@ -344,6 +345,9 @@ impl Upstreams {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
+        if value.get("reason").and_then(Value::as_str) == Some(UNKNOWN_ADAPTER) {
+            return Err(CallError::LostAdapter(detail));
+        }
         let user = status.is_client_error()
             || value.get("category").and_then(Value::as_str) == Some("user");
         if user && status.as_u16() != 403 {
@@ -385,13 +389,17 @@ enum CallError {
     Unreachable(String),
     User(String),
     Server(String),
+    LostAdapter(String),
 }
 use CallError::Unreachable;
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Unreachable(m) | CallError::User(m) | CallError::Server(m) => f.write_str(m),
+            CallError::Unreachable(m)
+            | CallError::User(m)
+            | CallError::Server(m)
+            | CallError::LostAdapter(m) => f.write_str(m),
         }
     }
 }
@@ -400,6 +408,7 @@ impl From<CallError> for JobError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::User(m) => JobError::User(m),
+            CallError::LostAdapter(m) => JobError::LostAdapter(m),
             CallError::Unreachable(m) | CallError::Server(m) => JobError::Server(m),
         }
     }

@@ -68,7 +68,7 @@ impl From<JobError> for TwinkleError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::User(m) => TwinkleError::BadRequest(m),
-            JobError::Server(m) => TwinkleError::Internal(m),
+            JobError::Server(m) | JobError::LostAdapter(m) => TwinkleError::Internal(m),
         }
     }
 }
