@@ -317,6 +317,13 @@ impl Upstreams {
         };
         let mut resp = match sent {
             Ok(r) => r,
+            // The pool hands out a connection that then closes before any answer: the
+            // application read the request and died (a refused connect is `Connect(Io)`).
+            Err(
+                e @ awc::error::SendRequestError::Connect(awc::error::ConnectError::Disconnected),
+            ) => {
+                return Err(CallError::Server(lost(route, address, e)));
+            }
             Err(awc::error::SendRequestError::Connect(e)) => {
                 return Err(Unreachable(format!("cannot connect to {address}: {e}")));
             }
