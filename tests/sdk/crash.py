@@ -45,6 +45,22 @@ def after_crash(fn):
         return fn()
 
 
+def wait_snapshot(client, step):
+    """Waits until the snapshot of `client`'s adapter at `step` is on disk: it is written in the
+    background (milliseconds; longer on a loaded machine), and the test checks restoring, not
+    that race."""
+    snap = os.path.join(live, client.model_id.encode().hex(), "optimizer_state.json")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if json.load(open(snap))["step"] == step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    check(False, f"no snapshot at step {step} in {snap}")
+
+
 sc = service()
 tc = ready(sc.create_lora_training_client(base_model=MODEL, rank=4))
 first = steps(tc, 3)
@@ -52,7 +68,7 @@ path = tc.save_state("before-kill").result().path
 before = forward(tc)
 # Work since the last step is what a crash may lose: an accumulated gradient here.
 tc.forward_backward(batch, "cross_entropy").result()
-time.sleep(0.5)  # the snapshot of the last step is written in the background
+wait_snapshot(tc, 3)
 os.kill(pid, signal.SIGKILL)
 t0 = time.time()
 # The same client: the submission waits for the restarted application.
@@ -70,7 +86,8 @@ st = json.loads(subprocess.run([twinkle_bin, "status", "--json"], env=dict(os.en
                                capture_output=True, check=True).stdout)
 pid2 = next(a["pid"] for a in st["applications"] if a["import_path"] == "model")
 check(pid2 and pid2 != pid, f"model app pid after the restart: {pid2}")
-shutil.rmtree(live)
+wait_snapshot(tc, 5)
+shutil.rmtree(os.path.join(live, tc.model_id.encode().hex()))
 os.kill(pid2, signal.SIGKILL)
 try:
     after_crash(lambda: forward(tc))
