@@ -73,6 +73,11 @@ enum Command {
         /// Cluster token (default: TWINKLE_CLUSTER_TOKEN or the recorded cluster's).
         #[arg(long)]
         token: Option<String>,
+        /// For scripts: print `twinkle serve: ready (gateway http://HOST:PORT)` on stdout once
+        /// every application is running (serve keeps serving), and if an application fails
+        /// before that, stop everything and exit 1 with the reason.
+        #[arg(long)]
+        wait: bool,
     },
     /// Start a cluster node: `--head` starts the head (control port + this node's agent);
     /// `--address HOST:PORT` joins an existing head (same as `join`).
@@ -478,6 +483,7 @@ fn main() -> ExitCode {
             control_port,
             address,
             token,
+            wait,
         } => {
             init_logging(&log_level);
             if let Some(cluster) = twinkle::node::cluster_cli::resolve(address, token) {
@@ -491,6 +497,7 @@ fn main() -> ExitCode {
                 num_cpus,
                 control_port,
                 log_level,
+                wait,
             };
             match twinkle::node::serve::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -422,3 +422,37 @@ fn wrong_token_or_protocol_version_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// A `TWINKLE_HOME` is one node's identity: `join` or a second `start --head` from the home of a
+/// running head is refused (it would re-register as the same node and replace it), with a message
+/// that says what to do; the running head is untouched.
+#[test]
+fn second_agent_from_a_running_home_is_refused() -> Result<()> {
+    let c = Cleanup { machines: vec![Machine::new()?], pids: vec![] };
+    let m = &c.machines[0];
+    let port = free_port()?.to_string();
+    let addr = format!("127.0.0.1:{port}");
+    m.ok(&["start", "--head", "--port", &port, "--num-gpus", "2", "--num-cpus", "2"], &[])?;
+    let head_pids = m.agent_pids();
+    ensure!(head_pids.len() == 1, "{head_pids:?}");
+    let token = token_of(m)?;
+
+    let refusals = [
+        vec!["join", "--address", &addr, "--token", &token, "--num-gpus", "0"],
+        vec!["join", "--address", &addr, "--token", &token, "--block"],
+        vec!["start", "--head", "--port", "0", "--num-gpus", "0"],
+    ];
+    for args in &refusals {
+        let out = m.run(args, &[])?;
+        ensure!(!out.status.success(), "twinkle {args:?} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(err.contains("already belongs to a running twinkle head"), "{args:?}: {err}");
+        ensure!(err.contains("TWINKLE_HOME") && err.contains("twinkle stop"), "{args:?}: {err}");
+    }
+    // Still one agent, the head, with its two cards.
+    assert_eq!(m.agent_pids(), head_pids);
+    let st = m.status()?;
+    let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+    ensure!(nodes.len() == 1 && nodes[0]["resources"]["GPU"] == 2.0, "{st}");
+    Ok(())
+}

@@ -116,7 +116,8 @@ async fn internal_routes_check_the_token_and_answer_json() {
     assert_eq!(s["prompt_logprobs"][0], Value::Null);
     assert!(s["prompt_logprobs"][1].is_number());
 
-    // Optional fields forwarded as null take their defaults; text loss_config entries are ignored.
+    // Optional fields forwarded as null take their defaults; a loss_config key the loss does not
+    // take (text or number) is refused by name rather than silently ignored.
     let nulls = json!({"prompt": [1, 2], "num_samples": null, "max_tokens": null, "temperature": null,
         "top_k": null, "top_p": null, "seed": 1, "stop": []});
     let s0: Value =
@@ -127,6 +128,14 @@ async fn internal_routes_check_the_token_and_answer_json() {
     let fo = json!({"model_id": "s:train:0", "forward_only": true, "loss_fn": "ppo",
         "loss_config": {"clip_low_threshold": 0.9, "note": "x"},
         "data": [{"tokens": [1, 2], "target_tokens": [2, 3], "logprobs": [-1.0, -1.0], "advantages": [1.0, 0.5]}]});
+    let resp =
+        test::call_service(&app, post("/_internal/v1/forward_backward", fo.clone()).to_request())
+            .await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = test::read_body_json(resp).await;
+    assert!(body["detail"].as_str().unwrap().contains("loss_fn_config.note"), "{body}");
+    let mut fo = fo;
+    fo["loss_config"] = json!({"clip_low_threshold": 0.9});
     let resp =
         test::call_service(&app, post("/_internal/v1/forward_backward", fo).to_request()).await;
     assert_eq!(resp.status(), 200);

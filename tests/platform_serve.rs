@@ -193,9 +193,12 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
     let j = down.json()?;
     assert_eq!(j["app"], "models-Qwen2.5-0.5B-Instruct");
     ensure!(j["detail"].as_str().is_some_and(|d| d.contains("retry")), "{j}");
-    let r = get(&serve.gateway, "/healthz")?;
+    // Liveness stays 200; readiness is 503 while the child is down.
+    assert_eq!(get(&serve.gateway, "/healthz")?.status, 200);
+    let r = get(&serve.gateway, "/readyz")?;
     assert_eq!(r.status, 503);
-    assert_eq!(r.json()?["status"], "degraded");
+    ensure!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert_eq!(r.json()?["status"], "not ready");
 
     // Back, healthy through the gateway, with a new pid; the old one is reaped (no zombie).
     let new_pid = poll(Duration::from_secs(30), || {
@@ -349,10 +352,13 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
     // Processor: 0.1 CPU for the replica plus one per CPU worker (ncpu_proc_per_node: 2).
     let processor = app_named(&st, "processor").context("processor")?;
     assert_eq!(processor["gpu_ids"].as_array().map(Vec::len), Some(0));
-    // `/healthz` is the gateway's own, even with an application at `/`.
+    // `/healthz` and `/readyz` are the gateway's own, even with an application at `/`.
     let r = get(&serve.gateway, "/healthz")?;
+    assert_eq!(r.json()?["status"], "ok");
+    let r = get(&serve.gateway, "/readyz")?;
+    assert_eq!(r.status, 200);
     let h = r.json()?;
-    assert_eq!(h["status"], "ok");
+    assert_eq!(h["status"], "ready");
     assert_eq!(h["applications"]["server"], "running");
     // Every path that no longer prefix claims goes to the root application.
     let r = http("POST", &serve.gateway, "/echo", &[("Content-Type", "text/plain")], b"hi")?;

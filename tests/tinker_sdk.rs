@@ -103,6 +103,14 @@ impl Env {
     }
 
     fn start(&self) -> Result<Serve> {
+        let mut serve = self.spawn(&[])?;
+        serve.wait_all_running(Duration::from_secs(120))?;
+        wait_gateway(self.port, &serve)?;
+        Ok(serve)
+    }
+
+    /// Starts serve (with `extra` env) without waiting for anything.
+    fn spawn(&self, extra: &[(&str, &str)]) -> Result<Serve> {
         let save_dir = self.save.path().join("checkpoints");
         let save = save_dir.to_string_lossy().into_owned();
         let device = if self.cuda.is_some() { "cuda" } else { "cpu" };
@@ -118,16 +126,14 @@ impl Env {
                 vars.push(("LD_LIBRARY_PATH", format!("{}:{old}", dir.display())));
             }
         }
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut serve = Serve::start(
+        let mut vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        vars.extend_from_slice(extra);
+        Serve::start(
             &config(self.port, self.state_db.as_deref(), 16, self.sampler, device),
             self.port,
             &args,
             &vars,
-        )?;
-        serve.wait_all_running(Duration::from_secs(120))?;
-        wait_gateway(self.port, &serve)?;
-        Ok(serve)
+        )
     }
 }
 
@@ -270,7 +276,26 @@ fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
         assert!((400..500).contains(&status), "{name}: {row}");
     }
     assert!(f(&m, "loss_after") > 0.0);
+    assert!(m["overflow"].as_str().is_some_and(|s| s.contains("overflowed")), "{m}");
     drop(serve);
+    Ok(())
+}
+
+/// Ready means ready (issue 12, item 3): a script run right after `twinkle serve` starts, while
+/// the applications are still coming up (every worker waits 3 s before registering), succeeds:
+/// the SDK retries the gateway's and the server's 503 + Retry-After instead of failing with 404.
+#[test]
+fn sdk_script_run_right_after_serve_waits_for_the_model() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let env = Env::new(false)?;
+    let mut serve = env.spawn(&[("TWINKLE_TEST_WORKER_START_DELAY_MS", "3000")])?;
+    let r = run_script(&py, env.port, "tml-early", "early_start.py", &[])
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    assert!(r["models"].as_array().is_some_and(|m| m.contains(&MODEL.into())), "{r}");
+    assert!(f(&r, "loss") > 0.0, "{r}");
+    assert!(f(&r, "waited_s") >= 2.0, "the script started before the deployment was ready: {r}");
+    let st = serve.status_json()?;
+    serve.remember(&st);
     Ok(())
 }
 

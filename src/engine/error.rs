@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-/// Errors of the compute engine. `InvalidInput` and `UnknownLoss` are the caller's fault (a `user`
-/// error in the API); the others are server-side (bad model directory, I/O).
+/// Errors of the compute engine. `InvalidInput`, `UnknownLoss`, `LossConfig` and `NonFinite` are
+/// the caller's fault (a `user` error in the API); the others are server-side (bad model
+/// directory, I/O, a device failure).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("i/o error on {path}: {source}")]
@@ -34,6 +35,12 @@ pub enum EngineError {
         "unknown loss function `{0}` (known: cross_entropy, importance_sampling, ppo, cispo, dro)"
     )]
     UnknownLoss(String),
+    /// A `loss_fn_config` entry that is unknown for the loss or out of range.
+    #[error("loss_fn_config.{field}: {message}")]
+    LossConfig { field: String, message: String },
+    /// The computation overflowed (inf/NaN loss or logprobs); nothing was accumulated.
+    #[error("{0}")]
+    NonFinite(String),
     #[error("adapter: {0}")]
     Adapter(String),
     #[error("device worker {worker}: {message}")]
@@ -46,7 +53,13 @@ pub enum EngineError {
 impl EngineError {
     /// True when the caller sent something wrong (maps to a 4xx / `user` error).
     pub fn is_user_error(&self) -> bool {
-        matches!(self, EngineError::InvalidInput(_) | EngineError::UnknownLoss(_))
+        matches!(
+            self,
+            EngineError::InvalidInput(_)
+                | EngineError::UnknownLoss(_)
+                | EngineError::LossConfig { .. }
+                | EngineError::NonFinite(_)
+        )
     }
 
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {

@@ -318,11 +318,14 @@ impl Adapter {
                 grads.len()
             )));
         }
+        // Lengths come from the parameters, not the gradient buffers: restoring a snapshot
+        // also repairs buffers a failed job left in any state.
         let mut off = 0;
         for (_, p) in self.pairs_mut() {
-            for g in [&mut p.grad_a, &mut p.grad_b] {
-                let n = g.len();
-                g.copy_from_slice(&grads[off..off + n]);
+            let (na, nb) = (p.a.len(), p.b.len());
+            for (g, n) in [(&mut p.grad_a, na), (&mut p.grad_b, nb)] {
+                g.clear();
+                g.extend_from_slice(&grads[off..off + n]);
                 off += n;
             }
         }
@@ -416,8 +419,12 @@ impl Adapter {
     /// Clears accumulated gradients.
     pub fn zero_grad(&mut self) {
         for (_, p) in self.pairs_mut() {
-            p.grad_a.fill(0.0);
-            p.grad_b.fill(0.0);
+            // Resized to the parameters' lengths (a no-op unless a failed job broke them).
+            let (na, nb) = (p.a.len(), p.b.len());
+            p.grad_a.clear();
+            p.grad_a.resize(na, 0.0);
+            p.grad_b.clear();
+            p.grad_b.resize(nb, 0.0);
         }
     }
 

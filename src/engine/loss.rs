@@ -21,22 +21,56 @@ pub enum LossFn {
 }
 
 impl LossFn {
-    /// Parses a Tinker loss name and its numeric `loss_fn_config`.
+    /// Parses a Tinker loss name and its numeric `loss_fn_config`, refusing unknown keys and
+    /// out-of-range values (a user error naming the field): the per-token term assumes them,
+    /// e.g. `f64::clamp` panics when the low clip bound exceeds the high one.
     pub fn from_name(name: &str, config: &BTreeMap<String, f64>) -> Result<LossFn> {
-        let get = |k: &str, d: f64| config.get(k).copied().unwrap_or(d);
+        let known: &[&str] = match name {
+            "cross_entropy" | "importance_sampling" => &[],
+            "ppo" | "cispo" => &["clip_low_threshold", "clip_high_threshold"],
+            "dro" => &["beta"],
+            other => return Err(EngineError::UnknownLoss(other.to_string())),
+        };
+        if let Some(key) = config.keys().find(|k| !known.contains(&k.as_str())) {
+            let accepted = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            return Err(EngineError::LossConfig {
+                field: key.clone(),
+                message: format!("unknown key for loss `{name}` (accepted: {accepted})"),
+            });
+        }
+        let get = |k: &str, d: f64| -> Result<f64> {
+            let v = config.get(k).copied().unwrap_or(d);
+            if !v.is_finite() {
+                return Err(EngineError::LossConfig {
+                    field: k.into(),
+                    message: format!("{v} is not a finite number"),
+                });
+            }
+            Ok(v)
+        };
         Ok(match name {
             "cross_entropy" => LossFn::CrossEntropy,
             "importance_sampling" => LossFn::ImportanceSampling,
-            "ppo" => LossFn::Ppo {
-                clip_low: get("clip_low_threshold", 0.8),
-                clip_high: get("clip_high_threshold", 1.2),
-            },
-            "cispo" => LossFn::Cispo {
-                clip_low: get("clip_low_threshold", 0.0),
-                clip_high: get("clip_high_threshold", 4.0),
-            },
-            "dro" => LossFn::Dro { beta: get("beta", 0.1) },
-            other => return Err(EngineError::UnknownLoss(other.to_string())),
+            "ppo" | "cispo" => {
+                let (dl, dh) = if name == "ppo" { (0.8, 1.2) } else { (0.0, 4.0) };
+                let (clip_low, clip_high) =
+                    clip_bounds(get("clip_low_threshold", dl)?, get("clip_high_threshold", dh)?)?;
+                if name == "ppo" {
+                    LossFn::Ppo { clip_low, clip_high }
+                } else {
+                    LossFn::Cispo { clip_low, clip_high }
+                }
+            }
+            _ => {
+                let beta = get("beta", 0.1)?;
+                if beta < 0.0 {
+                    return Err(EngineError::LossConfig {
+                        field: "beta".into(),
+                        message: format!("{beta} is negative; the penalty weight must be >= 0"),
+                    });
+                }
+                LossFn::Dro { beta }
+            }
         })
     }
 
@@ -87,6 +121,25 @@ impl LossFn {
     }
 }
 
+/// Importance-ratio clip bounds: ratios are positive, so `0 <= low <= high` (and `high > 0`).
+fn clip_bounds(low: f64, high: f64) -> Result<(f64, f64)> {
+    if low < 0.0 {
+        return Err(EngineError::LossConfig {
+            field: "clip_low_threshold".into(),
+            message: format!("{low} is negative; ratio bounds must be >= 0"),
+        });
+    }
+    if high <= 0.0 || low > high {
+        return Err(EngineError::LossConfig {
+            field: "clip_high_threshold".into(),
+            message: format!(
+                "{high} must be > 0 and >= clip_low_threshold ({low}): the bounds are [low, high]"
+            ),
+        });
+    }
+    Ok((low, high))
+}
+
 /// Per-datum inputs of a loss, aligned with the datum's `N` input positions.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LossInputs {
@@ -124,6 +177,31 @@ mod tests {
 
     fn close(a: (f64, f64), b: (f64, f64)) -> bool {
         (a.0 - b.0).abs() < 1e-12 && (a.1 - b.1).abs() < 1e-12
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cfg = |kv: &[(&str, f64)]| kv.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let msg = |name: &str, kv: &[(&str, f64)]| {
+            LossFn::from_name(name, &cfg(kv)).unwrap_err().to_string()
+        };
+        let swapped = [("clip_low_threshold", 5.0), ("clip_high_threshold", 0.1)];
+        for name in ["ppo", "cispo"] {
+            let m = msg(name, &swapped);
+            assert!(m.contains("clip_high_threshold") && m.contains("clip_low_threshold"), "{m}");
+            let m = msg(name, &[("clip_low_threshold", -0.5)]);
+            assert!(m.contains("loss_fn_config.clip_low_threshold"), "{m}");
+            let m = msg(name, &[("clip_high_threshold", f64::INFINITY)]);
+            assert!(m.contains("clip_high_threshold") && m.contains("finite"), "{m}");
+        }
+        assert!(msg("dro", &[("beta", -1.0)]).contains("loss_fn_config.beta"));
+        assert!(msg("dro", &[("beta", f64::NAN)]).contains("loss_fn_config.beta"));
+        let m = msg("ppo", &[("clip_ratio", 0.2)]);
+        assert!(m.contains("loss_fn_config.clip_ratio") && m.contains("clip_low_threshold"), "{m}");
+        assert!(msg("cross_entropy", &[("beta", 0.1)]).contains("loss_fn_config.beta"));
+        // Equal bounds are a valid (degenerate) clip range.
+        let eq = [("clip_low_threshold", 1.0), ("clip_high_threshold", 1.0)];
+        assert!(LossFn::from_name("ppo", &cfg(&eq)).is_ok());
     }
 
     #[test]

@@ -54,21 +54,43 @@ impl OptimMetrics {
     }
 }
 
+/// Largest accepted `learning_rate`. Adam moves each weight by about `lr` per step whatever the
+/// gradient's scale, so a rate above 10 destroys any model in one step, and 1e308 overflows the
+/// weights to inf; such a value is a typo or an attack, refused up front rather than
+/// discovered as NaN losses on the next forward.
+pub const MAX_LEARNING_RATE: f64 = 10.0;
+/// Largest accepted `eps` (it only has to dominate a zero second moment).
+pub const MAX_EPS: f64 = 1e6;
+
 impl AdamParams {
+    /// Every field finite and in range; the message names the field.
     pub(crate) fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(EngineError::InvalidInput(format!("adam_params: {m}")));
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad("learning_rate must be finite and >= 0");
+        let bad = |field: &str, v: f64, want: &str| {
+            Err(EngineError::InvalidInput(format!("adam_params.{field} = {v}: {want}")))
+        };
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && (0.0..=MAX_LEARNING_RATE).contains(&lr)) {
+            return bad("learning_rate", lr, &format!("must be in [0, {MAX_LEARNING_RATE}]"));
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad("beta1 and beta2 must be in [0, 1)");
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(field, b, "must be in [0, 1)");
+            }
         }
-        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
-        if !non_negative(self.eps) || !non_negative(self.weight_decay) {
-            return bad("eps and weight_decay must be finite and >= 0");
+        if !(self.eps.is_finite() && (0.0..=MAX_EPS).contains(&self.eps)) {
+            return bad("eps", self.eps, &format!("must be in [0, {MAX_EPS:e}]"));
+        }
+        // Decoupled decay multiplies the weights by (1 − lr·wd): above 1 it flips their sign.
+        let wd = self.weight_decay;
+        if !(wd.is_finite() && wd >= 0.0 && lr * wd <= 1.0) {
+            return bad(
+                "weight_decay",
+                wd,
+                &format!("must be >= 0 with learning_rate × weight_decay <= 1 (lr = {lr})"),
+            );
         }
         if !(self.grad_clip_norm.is_finite() && self.grad_clip_norm >= 0.0) {
-            return bad("grad_clip_norm must be finite and >= 0");
+            return bad("grad_clip_norm", self.grad_clip_norm, "must be finite and >= 0 (0: off)");
         }
         Ok(())
     }
@@ -86,6 +108,13 @@ impl Adapter {
             })
             .sum();
         let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            // Checked before anything moves: a step through it would make every weight NaN.
+            return Err(EngineError::NonFinite(format!(
+                "optim_step: the accumulated gradient overflowed (norm {grad_norm}); \
+                 call zero_grad or lower the loss scale; the weights were not changed"
+            )));
+        }
         let clip = if p.grad_clip_norm > 0.0 && grad_norm > p.grad_clip_norm {
             p.grad_clip_norm / (grad_norm + 1e-6)
         } else {

@@ -5,10 +5,12 @@
 //! the summed gradient and takes the same AdamW step, so the replicas stay identical (DDP without
 //! a master copy: weights and optimizer state never leave the devices between checkpoints).
 //!
-//! With one runtime nothing is split or copied: the adapter accumulates on its device. With
-//! several, each replica's gradient buffer holds only the current shard (cleared before the run)
-//! and the reduced sum is kept on the host until the step ([`Replicated::pending`]), so a batch
-//! whose shard fails adds nothing anywhere.
+//! With one runtime nothing is split: the adapter accumulates on its device, and a batch that
+//! fails (an error, a panic, non-finite outputs) is rolled back to a snapshot of the gradient
+//! taken before it. With several, each replica's gradient buffer holds only the current shard
+//! (cleared before the run) and the reduced sum is kept on the host until the step
+//! ([`Replicated::pending`]), so a batch whose shard fails adds nothing anywhere. Either way a
+//! panic in a runtime becomes an error naming the device instead of unwinding into the caller.
 //!
 //! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
 //! only path for now; an NCCL all-reduce of device-resident gradients would replace the
@@ -77,6 +79,9 @@ pub struct Replicated<R: ModelRuntime> {
     /// With several replicas: the host-reduced gradient accumulated since the last step
     /// (`None` = zero). Unused with one replica, whose device buffer accumulates directly.
     pending: Option<Vec<f32>>,
+    /// With one replica: whether its device buffer may hold a non-zero gradient, so a batch
+    /// that fails must restore a snapshot rather than just zero the buffer.
+    accumulated: bool,
 }
 
 impl<R: ModelRuntime> std::fmt::Debug for Replicated<R> {
@@ -109,6 +114,26 @@ impl<R: ModelRuntime> std::fmt::Debug for DataParallel<R> {
     }
 }
 
+/// The text of a panic payload (`panic!` carries a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Runs `f` for runtime `w`, turning a panic into an error naming the device (the caller
+/// restores whatever state the job may have touched).
+fn guarded<R: ModelRuntime, T>(w: &R, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(EngineError::Worker {
+            worker: w.device_name(),
+            message: format!("panicked: {}", panic_message(&*p)),
+        })
+    })
+}
+
 /// Runs `f` on each `(runtime, item)` pair on its own thread and returns the results in order;
 /// a panicking job becomes an error naming its device instead of unwinding.
 fn each<R: ModelRuntime, I: Send, T: Send>(
@@ -117,7 +142,7 @@ fn each<R: ModelRuntime, I: Send, T: Send>(
     f: impl Fn(&R, I) -> Result<T> + Sync,
 ) -> Vec<Result<T>> {
     if workers.len() == 1 || items.len() == 1 {
-        return workers.iter().zip(items).map(|(w, i)| f(w, i)).collect();
+        return workers.iter().zip(items).map(|(w, i)| guarded(w, || f(w, i))).collect();
     }
     let f = &f;
     std::thread::scope(|s| {
@@ -182,9 +207,15 @@ impl<R: ModelRuntime> DataParallel<R> {
             .collect::<Result<Vec<_>>>()?;
         // Several replicas keep the accumulated gradient on the host; one keeps it on its device
         // (uploaded above), so only then is a host copy made.
-        let pending =
-            (replicas.len() > 1).then(|| host.grads_flat()).filter(|g| g.iter().any(|&x| x != 0.0));
-        Ok(Replicated { shape: host.shape(), grad_len: host.num_params(), replicas, pending })
+        let accumulated = host.grads_flat().iter().any(|&x| x != 0.0);
+        let pending = (replicas.len() > 1 && accumulated).then(|| host.grads_flat());
+        Ok(Replicated {
+            shape: host.shape(),
+            grad_len: host.num_params(),
+            replicas,
+            pending,
+            accumulated,
+        })
     }
 
     /// A host copy of the adapter: weights, moments and step of the first replica (all are
@@ -202,8 +233,9 @@ impl<R: ModelRuntime> DataParallel<R> {
     }
 
     /// Forward and backward over `data`, split by tokens over the runtimes; the gradients are
-    /// ADDED to the adapter's accumulated gradient (only when every shard succeeded).
-    /// Outputs keep the caller's datum order.
+    /// ADDED to the adapter's accumulated gradient. The call is all or nothing: when a shard
+    /// fails, panics or the outputs are not finite ([`EngineError::NonFinite`]), the
+    /// accumulated gradient is exactly what it was before. Outputs keep the caller's datum order.
     pub fn forward_backward(
         &self,
         rep: &mut Replicated<R>,
@@ -211,7 +243,7 @@ impl<R: ModelRuntime> DataParallel<R> {
         loss: &LossFn,
     ) -> Result<FwdBwdOutput> {
         if rep.replicas.len() == 1 {
-            return self.workers[0].forward_backward(&mut rep.replicas[0], data, loss);
+            return self.forward_backward_one(rep, data, loss);
         }
         let ranges = self.ranges(data)?;
         let n = rep.grad_len;
@@ -238,10 +270,47 @@ impl<R: ModelRuntime> DataParallel<R> {
         });
         let shards: Vec<(FwdBwdOutput, Vec<f32>)> =
             results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+        // Checked before the reduction, so an overflowing batch adds nothing.
+        shards.iter().try_for_each(|s| check_finite(&s.0))?;
         let grads: Vec<&[f32]> = shards.iter().map(|s| s.1.as_slice()).collect();
         let acc = rep.pending.get_or_insert_with(|| vec![0.0; n]);
         reduce_into(acc, &grads);
         Ok(merge(shards.into_iter().map(|s| s.0)))
+    }
+
+    /// One runtime: the device buffer accumulates in place, so a failed batch (error, panic,
+    /// non-finite outputs) is rolled back to a snapshot taken before it (a zeroed buffer when
+    /// nothing was accumulated, so the common one-batch-per-step loop copies nothing).
+    fn forward_backward_one(
+        &self,
+        rep: &mut Replicated<R>,
+        data: &[Datum],
+        loss: &LossFn,
+    ) -> Result<FwdBwdOutput> {
+        let w = &self.workers[0];
+        let replica = &mut rep.replicas[0];
+        let snapshot = if rep.accumulated { Some(w.grads_to_host(replica)?) } else { None };
+        let out = guarded(w, || w.forward_backward(replica, data, loss))
+            .and_then(|o| check_finite(&o).map(|()| o));
+        match out {
+            Ok(out) => {
+                rep.accumulated = true;
+                Ok(out)
+            }
+            Err(e) => {
+                let restored = match &snapshot {
+                    Some(g) => guarded(w, || w.grads_from_host(replica, g)),
+                    None => guarded(w, || w.zero_grad(replica)),
+                };
+                match restored {
+                    Ok(()) => Err(e),
+                    Err(r) => Err(EngineError::Worker {
+                        worker: w.device_name(),
+                        message: format!("cannot restore the gradient ({r}) after: {e}"),
+                    }),
+                }
+            }
+        }
     }
 
     /// Forward only (no gradients) with the adapter, or the base model for `None`.
@@ -252,7 +321,10 @@ impl<R: ModelRuntime> DataParallel<R> {
         loss: &LossFn,
     ) -> Result<FwdBwdOutput> {
         if self.workers.len() == 1 {
-            return self.workers[0].forward(rep.map(|r| &r.replicas[0]), data, loss);
+            let w = &self.workers[0];
+            let out = guarded(w, || w.forward(rep.map(|r| &r.replicas[0]), data, loss))?;
+            check_finite(&out)?;
+            return Ok(out);
         }
         let ranges = self.ranges(data)?;
         let jobs: Vec<(usize, Range<usize>)> = ranges.into_iter().enumerate().collect();
@@ -267,13 +339,17 @@ impl<R: ModelRuntime> DataParallel<R> {
             Ok(Some(out))
         });
         let outs = results.into_iter().collect::<Result<Vec<_>>>()?;
+        outs.iter().flatten().try_for_each(check_finite)?;
         Ok(merge(outs.into_iter().flatten()))
     }
 
     /// One AdamW step on every replica with the summed gradient, which is then cleared.
     pub fn optim_step(&self, rep: &mut Replicated<R>, params: &AdamParams) -> Result<OptimMetrics> {
         if rep.replicas.len() == 1 {
-            return self.workers[0].optim_step(&mut rep.replicas[0], params);
+            let w = &self.workers[0];
+            let m = guarded(w, || w.optim_step(&mut rep.replicas[0], params))?;
+            rep.accumulated = false;
+            return Ok(m);
         }
         let pending = rep.pending.as_deref();
         let jobs: Vec<&mut R::Adapter> = rep.replicas.iter_mut().collect();
@@ -302,6 +378,7 @@ impl<R: ModelRuntime> DataParallel<R> {
     /// Drops the gradient accumulated since the last step.
     pub fn zero_grad(&self, rep: &mut Replicated<R>) -> Result<()> {
         rep.pending = None;
+        rep.accumulated = false;
         for (w, replica) in self.workers.iter().zip(rep.replicas.iter_mut()) {
             w.zero_grad(replica)?;
         }
@@ -340,6 +417,33 @@ fn check_len<R: ModelRuntime>(w: &R, out: &FwdBwdOutput, want: usize) -> Result<
             worker: w.device_name(),
             message: format!("returned {} outputs for {want} datums", out.per_datum.len()),
         });
+    }
+    Ok(())
+}
+
+/// Refuses outputs with an infinite or NaN loss or logprob: JSON cannot carry them (they would
+/// become `null`) and a gradient taken through them is garbage. A user error: the weights have
+/// diverged or the inputs (weights, advantages) are too large.
+fn check_finite(out: &FwdBwdOutput) -> Result<()> {
+    let bad = |v: &[f32]| v.iter().position(|x| !x.is_finite());
+    let found = out.per_datum.iter().enumerate().find_map(|(i, d)| {
+        bad(&d.logprobs).map(|p| (i, "logprobs", p, d.logprobs[p])).or_else(|| {
+            bad(&d.elementwise_loss).map(|p| (i, "elementwise_loss", p, d.elementwise_loss[p]))
+        })
+    });
+    if let Some((i, what, p, v)) = found {
+        return Err(EngineError::NonFinite(format!(
+            "the computation overflowed: datum {i} {what}[{p}] is {v}; the weights have diverged \
+             (lower the learning rate, or load an earlier checkpoint) or the loss inputs \
+             (weights, advantages) are too large; nothing was accumulated"
+        )));
+    }
+    if !out.loss_sum.is_finite() {
+        return Err(EngineError::NonFinite(format!(
+            "the computation overflowed: the summed loss is {}; the loss inputs (weights, \
+             advantages) are too large or the weights have diverged; nothing was accumulated",
+            out.loss_sum
+        )));
     }
     Ok(())
 }

@@ -2,9 +2,10 @@
 //!
 //! The request is forwarded unchanged (method, full path and query, headers minus hop-by-hop
 //! ones, body streamed both ways): applications see the same path the client sent and know
-//! their own prefix. `GET /healthz` is answered by the gateway itself, even when an application
-//! is mounted at `/` (that application never sees `/healthz`; it can serve `{prefix}/healthz`
-//! style routes under any other prefix).
+//! their own prefix. `GET /healthz` (liveness: the gateway answers) and `GET /readyz`
+//! (readiness: every application is running) are answered by the gateway itself, even when an
+//! application is mounted at `/` (that application never sees them; it can serve
+//! `{prefix}/healthz` style routes under any other prefix).
 
 pub mod proxy;
 pub mod routes;
@@ -54,6 +55,7 @@ pub fn start(
             .app_data(state.clone())
             .app_data(web::Data::new(proxy::client()))
             .route("/healthz", web::get().to(proxy::healthz))
+            .route("/readyz", web::get().to(proxy::readyz))
             .default_service(web::to(proxy::forward))
     })
     .disable_signals()

@@ -68,18 +68,52 @@ fn unavailable(app: &str, state: &str, path: &str) -> HttpResponse {
     )
 }
 
-/// `GET /healthz` of the gateway itself: 200 `ok` when every application is running, else 503
-/// `degraded` with each application's state.
-pub async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
-    let report = registry::read(&state.registry).snapshot();
+/// A failed application: not retried by the Tinker SDK (`x-should-retry: false`; 5xx are
+/// otherwise retried for minutes) and the reason is named, since waiting will not fix it.
+fn failed(app: &str, why: &str, path: &str) -> HttpResponse {
+    HttpResponse::InternalServerError().insert_header(("x-should-retry", "false")).json(json!({
+        "detail": format!("application {app:?} failed and is not serving: {why} (see `twinkle status`)"),
+        "app": app,
+        "state": "failed",
+        "path": path,
+    }))
+}
+
+/// `GET /healthz` of the gateway itself: liveness only (the gateway answers), always 200.
+/// Whether the applications are up is `/readyz`.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 `ready` once every application is running; else 503 `not ready` with each
+/// application's state and, for failed ones, why. Retry-After only while something is still
+/// coming up: a failed application does not recover by waiting.
+pub async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
+    let (report, ready) = {
+        let reg = registry::read(&state.registry);
+        (reg.snapshot(), reg.readiness())
+    };
     let apps: serde_json::Map<String, serde_json::Value> =
         report.applications.iter().map(|a| (a.name.clone(), json!(a.state.as_str()))).collect();
-    let all_up = report.applications.iter().all(|a| a.state == AppState::Running);
-    let status = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    error_json(
-        status,
-        json!({"status": if all_up { "ok" } else { "degraded" }, "applications": apps}),
-    )
+    if ready.is_ready() {
+        return HttpResponse::Ok().json(json!({"status": "ready", "applications": apps}));
+    }
+    let failed: serde_json::Map<String, serde_json::Value> =
+        ready.failed.iter().map(|(n, why)| (n.clone(), json!(why))).collect();
+    let mut detail: Vec<String> =
+        ready.failed.iter().map(|(n, why)| format!("application {n:?} failed: {why}")).collect();
+    detail
+        .extend(ready.waiting.iter().map(|(n, s)| format!("application {n:?} is {}", s.as_str())));
+    let mut out = HttpResponse::ServiceUnavailable();
+    if ready.failed.is_empty() {
+        out.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
+    }
+    out.json(json!({
+        "status": "not ready",
+        "detail": detail.join("; "),
+        "applications": apps,
+        "failed": failed,
+    }))
 }
 
 /// Every other request: find the application, forward, stream the answer back.
@@ -101,6 +135,11 @@ pub async fn forward(
     let upstream = registry::read(&state.registry).upstream(&app);
     let addr = match upstream {
         Ok(a) => a,
+        Err(AppState::Failed) => {
+            let why = registry::read(&state.registry).failure(&app).unwrap_or_default();
+            return failed(&app, &why, &path);
+        }
+        // Starting (never registered yet), restarting, pending: it is coming.
         Err(s) => return unavailable(&app, s.as_str(), &path),
     };
     let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(path.as_str());

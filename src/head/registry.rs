@@ -129,6 +129,22 @@ pub struct RegisterRequest {
     pub token: String,
 }
 
+/// Whether the deployment is ready: every application running (what `/readyz` and
+/// `twinkle serve --wait` report).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Readiness {
+    /// Applications not running yet (or any more), with their state.
+    pub waiting: Vec<(String, AppState)>,
+    /// Applications in state `failed`, with the reason (`last_exit`).
+    pub failed: Vec<(String, String)>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.waiting.is_empty() && self.failed.is_empty()
+    }
+}
+
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
@@ -366,6 +382,29 @@ impl Registry {
         }
     }
 
+    /// Which applications keep the deployment from being ready, and why.
+    pub fn readiness(&self) -> Readiness {
+        let mut r = Readiness::default();
+        for a in &self.apps {
+            match a.status.state {
+                AppState::Running => {}
+                AppState::Failed => {
+                    let why = a.status.last_exit.clone().unwrap_or_else(|| "unknown".into());
+                    r.failed.push((a.status.name.clone(), why));
+                }
+                other => r.waiting.push((a.status.name.clone(), other)),
+            }
+        }
+        r
+    }
+
+    /// The reason `app` is failed (`last_exit`), when it is.
+    pub fn failure(&self, app: &str) -> Option<String> {
+        let a = self.apps.iter().find(|a| a.status.name == app)?;
+        (a.status.state == AppState::Failed)
+            .then(|| a.status.last_exit.clone().unwrap_or_else(|| "unknown".into()))
+    }
+
     pub fn snapshot(&self) -> StatusReport {
         let applications: Vec<AppStatus> = self.apps.iter().map(|a| a.status.clone()).collect();
         let mut nodes = self.nodes.clone();
@@ -443,5 +482,26 @@ mod tests {
         assert_eq!(s.applications[0].restarts, 1);
         assert_eq!(s.applications[0].pid, Some(12));
         assert_eq!(s.applications[0].last_exit.as_deref(), Some("signal 9"));
+    }
+
+    #[test]
+    fn readiness_names_waiting_and_failed_applications() {
+        let mut r = Registry::new("tinker".into(), None, vec![], vec![app("m"), app("s")]);
+        r.child_started("m", Some(10), "tok".into());
+        let ready = r.readiness();
+        assert!(!ready.is_ready());
+        assert_eq!(ready.waiting.len(), 2);
+        assert!(r.register(&req(10, "tok")).is_ok());
+        r.startup_failed("s", "model missing".into());
+        let ready = r.readiness();
+        assert_eq!(ready.waiting, vec![]);
+        assert_eq!(ready.failed, vec![("s".to_string(), "model missing".to_string())]);
+        assert_eq!(r.failure("s").as_deref(), Some("model missing"));
+        assert_eq!(r.failure("m"), None);
+        r.child_started("s", Some(11), "t2".into());
+        let mut again = req(11, "t2");
+        again.app = "s".into();
+        assert!(r.register(&again).is_ok());
+        assert!(r.readiness().is_ready());
     }
 }

@@ -94,6 +94,7 @@ fn on_signal(tx: watch::Sender<bool>) -> Result<(), NodeError> {
 /// `twinkle start --head --block`: the control port plus this machine's own node agent.
 pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
     let home = state_file::twinkle_home();
+    ensure_home_free(&home)?;
     let spec = node_spec(&home, &o)?;
     // A head restarted after a crash keeps its recorded token, so its nodes can re-register.
     let recorded = cluster_record::read_cluster(&home)
@@ -154,6 +155,7 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
 /// `twinkle join --block`: a node agent registered with the head at `address`.
 pub fn run_join(o: NodeOptions, address: String, token: String) -> Result<(), NodeError> {
     let home = state_file::twinkle_home();
+    ensure_home_free(&home)?;
     let spec = node_spec(&home, &o)?;
     actix_web::rt::System::new().block_on(async move {
         let (tx, rx) = watch::channel(false);
@@ -182,6 +184,9 @@ pub fn run_join(o: NodeOptions, address: String, token: String) -> Result<(), No
 /// and waits until the agent has registered (its record appears) or the daemon exits.
 pub fn daemonize(role: &str, args: Vec<std::ffi::OsString>) -> Result<u32, NodeError> {
     let home = state_file::twinkle_home();
+    // Checked here too (the daemon checks again), so the refusal reaches the user's terminal
+    // instead of a log file.
+    ensure_home_free(&home)?;
     let logs = home.join("logs");
     std::fs::create_dir_all(&logs).map_err(NodeError::Runtime)?;
     let stamp = std::time::SystemTime::now()
@@ -282,6 +287,30 @@ pub fn stop(grace: Duration) -> usize {
     cluster_record::remove_cluster(&home);
     cluster_record::remove_deployment(&home);
     live.len()
+}
+
+/// Refuses to start an agent from `home` while another live process owns it: an agent recorded
+/// under `agents/` or a `twinkle serve` recorded in `serve.json`. Records of dead processes (and
+/// zombies, which are dead but not yet reaped) are stale and do not block; our own pid never does.
+pub fn ensure_home_free(home: &Path) -> Result<(), NodeError> {
+    let me = std::process::id();
+    let live = |pid: u32| pid != me && pid_alive(pid) && !is_zombie(pid);
+    let in_use = |role: &str, pid: u32, node: String| NodeError::HomeInUse {
+        home: home.display().to_string(),
+        role: role.to_string(),
+        pid,
+        node,
+    };
+    if let Some(a) = cluster_record::read_agents(home).into_iter().find(|a| live(a.pid)) {
+        let role = if a.role == "head" { "head" } else { "node agent" };
+        return Err(in_use(role, a.pid, format!(", node {}", a.node_id)));
+    }
+    if let Ok(rec) = state_file::read(home)
+        && live(rec.pid)
+    {
+        return Err(in_use("serve", rec.pid, String::new()));
+    }
+    Ok(())
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -387,5 +416,52 @@ mod tests {
             node_spec(dir.path(), &named).map(|s| s.node_id).ok().as_deref(),
             Some("gpu-box")
         );
+    }
+
+    fn agent(pid: u32) -> cluster_record::AgentRecord {
+        cluster_record::AgentRecord {
+            pid,
+            role: "head".into(),
+            node_id: "node-abc".into(),
+            address: "127.0.0.1".into(),
+        }
+    }
+
+    #[test]
+    fn a_live_agent_or_serve_owns_the_home_and_stale_records_do_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(ensure_home_free(dir.path()).is_ok());
+        // A live process that is not us: a child `sleep`.
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = other.id();
+        cluster_record::write_agent(dir.path(), &agent(pid)).expect("record");
+        let err = ensure_home_free(dir.path()).expect_err("live agent");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("running twinkle head (pid {pid}, node node-abc)")),
+            "{text}"
+        );
+        assert!(text.contains("another directory") && text.contains("`twinkle stop`"), "{text}");
+        // Dead (and reaped) agent: stale, ignored.
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(ensure_home_free(dir.path()).is_ok());
+        // Our own record never blocks (the daemon re-checks after registering itself).
+        cluster_record::write_agent(dir.path(), &agent(std::process::id())).expect("record");
+        assert!(ensure_home_free(dir.path()).is_ok());
+        // A live `twinkle serve` recorded in serve.json owns it too.
+        let mut serve = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let rec = state_file::ServeRecord {
+            control_address: "127.0.0.1:1".into(),
+            gateway_address: "127.0.0.1:2".into(),
+            pid: serve.id(),
+            config: "c.yaml".into(),
+        };
+        state_file::write(dir.path(), &rec).expect("serve record");
+        let err = ensure_home_free(dir.path()).expect_err("live serve");
+        assert!(err.to_string().contains("running twinkle serve"), "{err}");
+        let _ = serve.kill();
+        let _ = serve.wait();
+        assert!(ensure_home_free(dir.path()).is_ok());
     }
 }

@@ -39,6 +39,17 @@ pub enum NodeError {
     Unreachable(String),
     #[error("{0}")]
     Daemon(String),
+    /// `serve --wait`: an application failed before every application was running.
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// `$TWINKLE_HOME` holds this machine's node identity (`node_id`, the agent records): a
+    /// second agent from it would register as the same node and replace the running one.
+    #[error(
+        "{home} already belongs to a running twinkle {role} (pid {pid}{node}); a second agent \
+         from the same TWINKLE_HOME would replace it. Set TWINKLE_HOME to another directory to \
+         run another agent on this machine, or run `twinkle stop` first"
+    )]
+    HomeInUse { home: String, role: String, pid: u32, node: String },
 }
 
 impl NodeError {

@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub control_port: u16,
     /// Passed to the children's `--log-level`.
     pub log_level: String,
+    /// `--wait`: print a `ready` line on stdout once every application is running, and stop
+    /// everything and fail if an application fails before that.
+    pub wait: bool,
 }
 
 /// One application and where the scheduler put it.
@@ -288,10 +291,18 @@ impl Running {
             .collect();
         tracing::info!(gateway = %gateway_addr, control = %control_addr,
             state = %state_file::serve_file(&self.home).display(), "twinkle serve is up");
+        let wait = self.opts.wait;
+        let mut ready =
+            actix_web::rt::spawn(watch_ready(reg.clone(), gateway_addr.to_string(), wait));
 
+        let mut failure = None;
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+            r = &mut ready, if wait => {
+                failure = r.ok();
+                tracing::error!("an application failed before the deployment was ready (--wait): shutting down");
+            }
         }
         let orderly = async {
             gateway_handle.stop(true).await;
@@ -314,8 +325,43 @@ impl Running {
         let _ = control_task.await;
         state_file::remove_if_ours(&self.home);
         tracing::info!("all children stopped");
-        Ok(())
+        ready.abort();
+        match failure {
+            Some(why) => Err(NodeError::NotReady(why)),
+            None => Ok(()),
+        }
     }
+}
+
+/// How often readiness is checked (a registry read: cheap).
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches the registry until every application is running, then logs `twinkle serve is ready`
+/// (with `announce`, `--wait`, also prints `twinkle serve: ready ...` on stdout, the line
+/// scripts look for) and stays pending. Returns only if an application fails first, with why.
+async fn watch_ready(reg: registry::SharedRegistry, gateway: String, announce: bool) -> String {
+    loop {
+        let r = registry::read(&reg).readiness();
+        if !r.failed.is_empty() {
+            let why: Vec<String> =
+                r.failed.iter().map(|(n, w)| format!("application `{n}` failed: {w}")).collect();
+            let why = why.join("; ");
+            tracing::error!(%why, "not ready: /readyz answers 503");
+            return why;
+        }
+        if r.is_ready() {
+            break;
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+    tracing::info!(gateway = %gateway, "twinkle serve is ready: every application is running");
+    if announce {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "twinkle serve: ready (gateway http://{gateway})");
+        let _ = out.flush();
+    }
+    std::future::pending::<String>().await
 }
 
 #[cfg(test)]

@@ -36,8 +36,11 @@ scl = ready(tc.save_weights_and_get_sampling_client())
 sampling_id = scl._sampling_session_id if hasattr(scl, "_sampling_session_id") else None
 
 
-def fb_body(tokens=(1, 2, 3), targets=(2, 3, 4), target_dtype=pb.DTYPE_INT64, data=True, loss="cross_entropy"):
+def fb_body(tokens=(1, 2, 3), targets=(2, 3, 4), target_dtype=pb.DTYPE_INT64, data=True, loss="cross_entropy",
+            config=None):
     req = pb.ForwardBackwardRequest(model_id=model_id, seq_id=1000, loss_fn=loss)
+    for k, v in (config or {}).items():
+        req.loss_fn_config[k] = v
     if data:
         d = req.data.add()
         d.model_input.add().encoded_text.tokens = struct.pack(f"<{len(tokens)}i", *tokens)
@@ -78,6 +81,13 @@ cases = [
     ("too many tags", "create_session", {"tags": [f"t{i}" for i in range(101)]}, "application/json"),
     ("huge session metadata", "create_session", {"user_metadata": {"blob": "x" * 70_000}},
      "application/json"),
+    ("ppo clip bounds swapped", "forward_backward",
+     fb_body(loss="ppo", config={"clip_low_threshold": 5.0, "clip_high_threshold": 0.1}),
+     "application/x-protobuf"),
+    ("unknown loss_fn_config key", "forward_backward", fb_body(config={"beta": 0.1}),
+     "application/x-protobuf"),
+    ("lr 1e308", "optim_step", {"model_id": model_id, "seq_id": 1004, "adam_params": {"learning_rate": 1e308}},
+     "application/json"),
     ("unknown model", "optim_step", {"model_id": "nobody:train:0", "seq_id": 1}, "application/json"),
     ("negative lr", "optim_step", {"model_id": model_id, "seq_id": 1001, "adam_params": {"learning_rate": -1}},
      "application/json"),
@@ -113,7 +123,19 @@ table["unknown endpoint"] = [status, json.loads(raw)["detail"]]
 
 # Still serving: a real step works after all of the above.
 from common import datum, loss_of  # noqa: E402
+from tinker import types  # noqa: E402
+
+# An overflowing loss (f32 weights near the type's maximum: each −w·lp is inf) is a clear user
+# error on the future, not a null in JSON, and adds nothing to the gradient.
+huge = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3, 4]),
+                   loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [3.0e38] * 4})
+try:
+    tc.forward_backward([huge], "cross_entropy").result()
+    overflow = "accepted"
+except Exception as e:  # the SDK raises the failed future's error
+    overflow = str(e)
+check("overflowed" in overflow, f"overflowing loss: {overflow[:300]}")
 
 loss = loss_of(tc.forward_backward([datum([1, 2, 3], [4, 5])], "cross_entropy").result())
 check(loss > 0, "server still trains")
-result(table=table, loss_after=loss)
+result(table=table, loss_after=loss, overflow=overflow[:300])

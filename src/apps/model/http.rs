@@ -32,13 +32,29 @@ pub fn check_token(req: &HttpRequest, token: &InternalToken) -> Result<(), AppEr
     }
 }
 
+/// Runs `f`, turning a panic into `Err(panic)` built from its message: a job that panics fails
+/// as a server error instead of unwinding through (and killing) a blocking-pool thread. The
+/// state a job touches is made safe where it is changed (the engine rolls back a failed
+/// forward_backward; the service's locks tolerate poisoning).
+pub fn unwind_safe<T, E>(
+    f: impl FnOnce() -> Result<T, E>,
+    panic: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = crate::engine::parallel::panic_message(&*p);
+        tracing::error!(panic = %msg, "a compute job panicked");
+        Err(panic(msg))
+    })
+}
+
 /// Runs `f` on the blocking pool and answers its value as JSON.
 pub async fn blocking_json<T, F>(f: F) -> Result<HttpResponse, AppError>
 where
     T: Serialize + Send + 'static,
     F: FnOnce() -> Result<T, AppError> + Send + 'static,
 {
-    let value = web::block(f)
+    let job = move || unwind_safe(f, |m| AppError::Internal(format!("the job panicked: {m}")));
+    let value = web::block(job)
         .await
         .map_err(|e| AppError::Internal(format!("compute task failed: {e}")))??;
     Ok(HttpResponse::Ok().json(value))

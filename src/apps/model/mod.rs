@@ -102,6 +102,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `try_lock` with the same tolerance: `None` only while another thread holds the lock (a
+/// poisoned slot must still be spillable and counted).
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// The model application's state, computing on runtimes of type `R`.
 pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     base: Served,
@@ -206,8 +216,13 @@ impl<R: ModelRuntime> ModelService<R> {
             self.evict_over_limit(id);
         }
         *lock(&slot.last_used) = Instant::now();
+        // The engine rolls a failed forward_backward back itself; a panic that gets here comes
+        // from around it and fails this job only (the slot's lock is not poisoned by it).
         let out = match &mut *state {
-            SlotState::Loaded { adapter, pending_grads } => f(adapter, pending_grads),
+            SlotState::Loaded { adapter, pending_grads } => http::unwind_safe(
+                || f(adapter, pending_grads),
+                |m| AppError::Internal(format!("model_id `{id}`: the job panicked: {m}")),
+            ),
             _ => Err(AppError::NotFound(format!("model_id `{id}` was unloaded"))),
         };
         *lock(&slot.last_used) = Instant::now();
@@ -248,9 +263,9 @@ impl<R: ModelRuntime> ModelService<R> {
             .collect();
         resident.sort_by_key(|(t, _, _)| *t);
         // `keep` is resident; the others count when loaded (a busy one is assumed loaded).
-        let loaded = |s: &Slot<R>| match s.state.try_lock() {
-            Ok(st) => matches!(*st, SlotState::Loaded { .. }),
-            Err(_) => true,
+        let loaded = |s: &Slot<R>| match try_lock(&s.state) {
+            Some(st) => matches!(*st, SlotState::Loaded { .. }),
+            None => true,
         };
         let mut count = 1 + resident.iter().filter(|(_, _, s)| loaded(s)).count();
         for (_, id, slot) in resident {
@@ -265,7 +280,7 @@ impl<R: ModelRuntime> ModelService<R> {
 
     /// Spills one adapter if it is loaded and not busy; true when it was spilled.
     fn spill_slot(&self, id: &str, slot: &Slot<R>) -> bool {
-        let Ok(mut state) = slot.state.try_lock() else { return false };
+        let Some(mut state) = try_lock(&slot.state) else { return false };
         let SlotState::Loaded { adapter, pending_grads } = &*state else { return false };
         let dir = self.spill_path(id);
         let written = self
@@ -382,12 +397,17 @@ impl<R: ModelRuntime> ModelService<R> {
         &self,
         req: &ForwardBackwardRequest,
     ) -> Result<ForwardBackwardResponse, AppError> {
-        let config: std::collections::BTreeMap<String, f64> = req
+        let config = req
             .loss_config
             .iter()
             .flatten()
-            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-            .collect();
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) => Ok((k.clone(), x)),
+                None => {
+                    Err(AppError::BadRequest(format!("loss_fn_config.{k}: {v} is not a number")))
+                }
+            })
+            .collect::<Result<std::collections::BTreeMap<String, f64>, AppError>>()?;
         let loss = LossFn::from_name(&req.loss_fn, &config)?;
         let data = self.to_datums(&req.data)?;
         let engine = &self.engine;

@@ -82,7 +82,8 @@ pub struct ForwardBackwardRequest {
     #[serde(default)]
     pub disable_lora: bool,
     pub loss_fn: String,
-    /// Numeric entries configure the loss; others (e.g. text) are ignored.
+    /// The loss's numeric parameters (`clip_low_threshold`, `beta` …); a key the loss does not
+    /// take, or a non-numeric value, is a 400 naming the key.
     #[serde(default)]
     pub loss_config: Option<BTreeMap<String, serde_json::Value>>,
     pub data: Vec<DatumJson>,

@@ -73,14 +73,7 @@ impl TwinkleSampler {
                 "set_template: template_cls `{cls}` is not available; use one of {TEMPLATES:?} (the served model's own chat template)"
             )));
         }
-        let max_length = match body.get("max_length") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().filter(|&m| m > 0).ok_or_else(|| {
-                TwinkleError::bad(format!(
-                    "set_template: max_length must be a positive whole number, got {v}"
-                ))
-            })? as usize),
-        };
+        let max_length = wire::positive(body, "set_template", "max_length")?;
         let t = Template {
             max_length,
             enable_thinking: body.get("enable_thinking").and_then(Value::as_bool),
@@ -406,21 +399,20 @@ async fn run(
 ) -> HttpResponse {
     let out = async {
         let caller = tw.auth.caller(&req)?;
-        let body: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-            _ if body.iter().all(u8::is_ascii_whitespace) => Map::new(),
-            Ok(Value::Object(m)) => m,
-            Ok(Value::Null) => Map::new(),
-            Ok(_) => return Err(TwinkleError::bad("the request body must be a JSON object")),
-            Err(e) => return Err(TwinkleError::bad(format!("bad JSON body: {e}"))),
-        };
+        let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let tw = tw.get_ref().clone();
         let stream = op == "sample_stream";
         web::block(move || {
-            if stream {
-                tw.stream(&caller, &body).map(Err)
-            } else {
-                tw.dispatch(g, &op, &caller, &body).map(Ok)
-            }
+            crate::apps::model::http::unwind_safe(
+                || {
+                    if stream {
+                        tw.stream(&caller, &body).map(Err)
+                    } else {
+                        tw.dispatch(g, &op, &caller, &body).map(Ok)
+                    }
+                },
+                |m| TwinkleError::Internal(format!("the sampling job panicked: {m}")),
+            )
         })
         .await
         .map_err(|e| TwinkleError::Internal(format!("sampling task failed: {e}")))?

@@ -269,10 +269,27 @@ impl Dispatcher {
     }
 }
 
+/// JSON has no inf/NaN: serde_json writes them as `null`. The model application refuses
+/// non-finite outputs itself (a user error), so a `null` here is a number that overflowed on
+/// the way; it is decoded as NaN (protobuf floats carry it) rather than failing the answer.
+fn floats_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    let v: Vec<Option<f32>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
+}
+
+/// Metrics with `null` values decoded as NaN (see [`floats_or_nan`]).
+fn metrics_or_nan<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, f64>, D::Error> {
+    let m: BTreeMap<String, Option<f64>> = Deserialize::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
+}
+
 #[derive(Deserialize)]
 struct FbOutput {
+    #[serde(deserialize_with = "floats_or_nan")]
     logprobs: Vec<f32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "floats_or_nan")]
     elementwise_loss: Vec<f32>,
     #[serde(default)]
     shape: Vec<usize>,
@@ -281,7 +298,7 @@ struct FbOutput {
 #[derive(Deserialize)]
 struct FbAnswer {
     outputs: Vec<FbOutput>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "metrics_or_nan")]
     metrics: BTreeMap<String, f64>,
 }
 
@@ -353,4 +370,20 @@ fn sample_result(answer: Value) -> Result<Vec<u8>, JobError> {
         })
         .collect();
     encode_sample_response(&seqs, a.prompt_logprobs.as_deref()).map_err(|e| bad_answer("sample", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_floats_in_an_answer_are_decoded_as_nan() {
+        let answer = serde_json::json!({
+            "outputs": [{"logprobs": [-1.0, null], "elementwise_loss": [null, 0.5], "shape": [2]}],
+            "metrics": {"loss:sum": null}
+        });
+        assert!(forward_backward_result(answer).is_ok());
+        let bad = serde_json::json!({"outputs": [{"logprobs": ["x"]}]});
+        assert!(matches!(forward_backward_result(bad), Err(JobError::Server(_))));
+    }
 }

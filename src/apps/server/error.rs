@@ -1,12 +1,16 @@
 //! Errors of the server application and their HTTP answers: every error is JSON
 //! `{"detail": ...}` (never an empty body), bad input is 4xx, only our own faults are 5xx.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::protocol::tinker::ProtocolError;
 use crate::protocol::tinker::paths::PathError;
 use crate::state::StateError;
+
+/// Retry-After of [`ApiError::NotReady`]: the SDK makes up to 10 attempts honouring it (≤ 60 s),
+/// so 5 s gives an application about 50 s to come up before the caller sees the 503.
+pub const NOT_READY_RETRY_AFTER_S: &str = "5";
 
 /// An error answered directly on a request path.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,13 @@ pub enum ApiError {
     /// A per-key bound on queued work (429: the SDK backs off and retries).
     #[error("{0}")]
     TooManyRequests(String),
+    /// A configured application is starting, restarting or downloading its model: 503 with
+    /// Retry-After, which the Tinker SDK retries.
+    #[error("{0}")]
+    NotReady(String),
+    /// A configured application failed: waiting will not help, so the SDK is told not to retry.
+    #[error("{0}")]
+    AppFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,15 +50,25 @@ impl ResponseError for ApiError {
             // Not 409: the SDK retries 409 for minutes; a conflict here is a permanent refusal.
             ApiError::Conflict(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) | ApiError::AppFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .json(serde_json::json!({"detail": self.to_string()}))
+        let mut out = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::NotReady(_) => {
+                out.insert_header((header::RETRY_AFTER, NOT_READY_RETRY_AFTER_S));
+            }
+            // Stainless clients retry every 5xx unless told otherwise.
+            ApiError::AppFailed(_) => {
+                out.insert_header(("x-should-retry", "false"));
+            }
+            _ => {}
+        }
+        out.json(serde_json::json!({"detail": self.to_string()}))
     }
 }
 

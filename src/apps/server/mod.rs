@@ -233,8 +233,11 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
             twinkle.max_loras.insert(a.name.clone(), max);
         }
     }
+    // Known before the applications run, so "configured but starting" is not "not served".
+    let configured = cfg.as_ref().map(upstream::Configured::from_config).unwrap_or_default();
+    let up = Upstreams::new(ctx.opts.head.clone()).with_configured(configured);
     Ok(ServerApp {
-        disp: Dispatcher::new(Arc::new(store), Upstreams::new(ctx.opts.head.clone())),
+        disp: Dispatcher::new(Arc::new(store), up),
         keys,
         salt,
         save_root,

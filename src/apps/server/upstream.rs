@@ -2,12 +2,16 @@
 //! through the head's `/v1/status`, caches each one's `/_internal/v1/info`, and maps their
 //! answers onto [`JobError`] categories (4xx → user, 5xx and connection errors → server).
 //!
+//! It also knows the model/sampler applications the config declares ([`Configured`]), so a
+//! model that is configured but not running yet is told apart from one that is not served at
+//! all: the first is a retryable 503 (or a non-retryable error once its application failed),
+//! only the second is a 404.
+//!
 //! Restarts: a call to an application that is starting or restarting waits for it (up to
 //! [`restart_wait`]) instead of failing at once; a request the application died while running
 //! fails as a server error that says to retry (its adapters come back at their last step).
 
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +29,7 @@ pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest answer read from an application (sample results with many sequences).
 const MAX_ANSWER: usize = 512 << 20;
+
 /// Env var: seconds a call waits for a (re)starting application (default 60).
 pub const RESTART_WAIT_ENV: &str = "TWINKLE_RESTART_WAIT";
 /// Default of [`RESTART_WAIT_ENV`]: a model child restarts in seconds (backoff + loading a small
@@ -88,6 +93,50 @@ pub struct Upstream {
     pub info: ModelInfo,
 }
 
+/// A model or sampler application the config declares, known before its child runs.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub app: String,
+    /// `model` or `sampler`.
+    pub kind: String,
+    /// Built from `args.model_id` the way the application reports it once up.
+    pub info: ModelInfo,
+}
+
+impl Configured {
+    /// Every model/sampler application of `cfg` that names its `model_id`.
+    pub fn from_config(cfg: &crate::config::ServerConfig) -> Vec<Configured> {
+        use crate::config::ImportPath;
+        cfg.applications
+            .iter()
+            .filter(|a| matches!(a.import_path, ImportPath::Model | ImportPath::Sampler))
+            .filter_map(|a| {
+                let id = a.args.model_id.clone()?;
+                Some(Configured {
+                    app: a.name.clone(),
+                    kind: a.import_path.as_str().to_string(),
+                    info: ModelInfo {
+                        model_name: Some(crate::hub::display_name(&id)),
+                        base_model: id,
+                        arch: None,
+                        vocab_size: None,
+                        max_length: None,
+                        tokenizer_id: None,
+                        max_rank: None,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// The head's last word on one application: its state and, when failed, why.
+#[derive(Debug, Clone)]
+struct Seen {
+    state: String,
+    last_exit: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct StatusReport {
     applications: Vec<AppEntry>,
@@ -101,11 +150,13 @@ struct AppEntry {
     address: Option<String>,
     #[serde(default)]
     state: String,
+    #[serde(default)]
+    last_exit: Option<String>,
 }
 
 /// Whether an application in `state` is expected to (re)appear (the node agent restarts it).
 fn coming_back(state: &str) -> bool {
-    matches!(state, "starting" | "restarting" | "failed" | "pending")
+    matches!(state, "starting" | "restarting" | "pending")
 }
 
 /// Discovery and calls. Clone-cheap; the awc client is created per call site because it is not
@@ -115,6 +166,9 @@ pub struct Upstreams {
     head: String,
     token: String,
     cache: Arc<Mutex<HashMap<String, Upstream>>>,
+    configured: Arc<Vec<Configured>>,
+    /// State of every model/sampler application at the last refresh, by name.
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
     /// Kinds with an application starting or restarting at the last refresh.
     pending: Arc<Mutex<HashSet<String>>>,
     wait: Duration,
@@ -138,6 +192,8 @@ impl Upstreams {
             head,
             token,
             cache: Arc::new(Mutex::new(HashMap::new())),
+            configured: Arc::new(Vec::new()),
+            seen: Arc::new(Mutex::new(HashMap::new())),
             pending: Arc::new(Mutex::new(HashSet::new())),
             wait: restart_wait(),
         }
@@ -151,6 +207,12 @@ impl Upstreams {
 
     fn is_pending(&self, kind: &str) -> bool {
         self.pending.lock().map(|p| p.contains(kind)).unwrap_or(false)
+    }
+
+    /// The applications the config declares (see [`Upstreams::not_ready`]).
+    pub fn with_configured(mut self, configured: Vec<Configured>) -> Self {
+        self.configured = Arc::new(configured);
+        self
     }
 
     fn cached(&self) -> Vec<Upstream> {
@@ -174,11 +236,13 @@ impl Upstreams {
         let known: HashMap<String, Upstream> =
             self.cached().into_iter().map(|u| (u.app.clone(), u)).collect();
         let mut fresh = HashMap::new();
+        let mut seen = HashMap::new();
         let mut pending = HashSet::new();
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
             }
+            seen.insert(a.name.clone(), Seen { state: a.state.clone(), last_exit: a.last_exit });
             if coming_back(&a.state) {
                 pending.insert(a.import_path.clone());
                 continue;
@@ -210,6 +274,9 @@ impl Upstreams {
         if let Ok(mut c) = self.cache.lock() {
             *c = fresh;
         }
+        if let Ok(mut s) = self.seen.lock() {
+            *s = seen;
+        }
         if let Ok(mut p) = self.pending.lock() {
             *p = pending;
         }
@@ -236,10 +303,67 @@ impl Upstreams {
         pick(self.refresh().await.ok()?)
     }
 
-    /// The model app for `base_model`, or a 404 naming the models that are served.
+    /// Why a configured application is not serving, as the error to answer: `NotReady` (503 +
+    /// Retry-After) while it starts, restarts or downloads its model, or is running but not
+    /// yet known here; `AppFailed` once the head reports it failed. Reads the last refresh.
+    fn not_serving(&self, c: &Configured, name: &str) -> ApiError {
+        let seen = self.seen.lock().ok().and_then(|s| s.get(&c.app).cloned());
+        let (state, why) = match seen {
+            Some(s) if !s.state.is_empty() => (s.state, s.last_exit),
+            _ => ("starting".to_string(), None),
+        };
+        if state == "failed" {
+            let why = why.unwrap_or_else(|| "unknown reason".into());
+            return ApiError::AppFailed(format!(
+                "base model `{name}` is configured, but its {} application `{}` failed: {why} \
+                 (see `twinkle status`)",
+                c.kind, c.app
+            ));
+        }
+        ApiError::NotReady(format!(
+            "base model `{name}` is configured, but its {} application `{}` is {state}; retry shortly",
+            c.kind, c.app
+        ))
+    }
+
+    /// For a `base_model` no running application of `kind` answers to: the error of the
+    /// configured application that will serve it, if any (else the caller answers 404).
+    pub fn not_ready(&self, kind: &str, base_model: &str) -> Option<ApiError> {
+        let c = self.configured.iter().find(|c| c.kind == kind && c.info.answers_to(base_model))?;
+        Some(self.not_serving(c, base_model))
+    }
+
+    /// The running model/sampler applications, refreshed when a configured model application is
+    /// missing; `NotReady` while one is still coming up (a failed one is left out, logged).
+    pub async fn ready_models(&self) -> Result<Vec<Upstream>, ApiError> {
+        let missing = |ups: &[Upstream]| -> Vec<Configured> {
+            self.configured
+                .iter()
+                .filter(|c| c.kind == "model" && !ups.iter().any(|u| u.app == c.app))
+                .cloned()
+                .collect()
+        };
+        let mut ups = self.all().await;
+        if !missing(&ups).is_empty() {
+            ups = self.refresh().await.unwrap_or_default();
+        }
+        for c in missing(&ups) {
+            match self.not_serving(&c, c.info.public_name()) {
+                ApiError::AppFailed(why) => tracing::warn!(app = %c.app, %why, "not advertised"),
+                e => return Err(e),
+            }
+        }
+        Ok(ups)
+    }
+
+    /// The model app for `base_model`; for a configured one that is not up, `NotReady` or
+    /// `AppFailed`; else a 404 naming the models that are served.
     pub async fn model_for(&self, base_model: &str) -> Result<Upstream, ApiError> {
         if let Some(u) = self.find("model", base_model).await {
             return Ok(u);
+        }
+        if let Some(e) = self.not_ready("model", base_model) {
+            return Err(e);
         }
         let names: Vec<String> = self
             .all()

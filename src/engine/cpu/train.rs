@@ -109,16 +109,19 @@ fn run(model: &Model, adapter: AdapterUse, data: &[Datum], loss: &LossFn) -> Res
             let mut head_grads = ad
                 .lm_head_mut()
                 .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b)));
-            let out = {
+            // They go back even when the pass unwinds: an adapter left with empty gradient
+            // buffers fails every later batch (a shape mismatch in the head's matmul).
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let head = head_of(model, Some(ad));
                 let block = head.block_rows();
                 let lg = head_grads.as_mut().map(|(a, b)| (a.as_mut_slice(), b.as_mut_slice()));
                 head.loss_pass(&st.h_final, rows, hidden, &tg, loss, true, lg, block)
-            };
+            }));
             if let (Some(p), Some((ga, gb))) = (ad.lm_head_mut(), head_grads) {
                 p.grad_a = ga;
                 p.grad_b = gb;
             }
+            let out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (out, Some(ad))
         }
         other => {

@@ -5,6 +5,12 @@
 //!
 //! All work of one runtime is enqueued on its device's single stream; a mutex serialises the
 //! calls so two requests never interleave their kernels or share scratch buffers.
+//!
+//! Panics: the mutex guards no data (it only orders the calls), so its poisoning is ignored and
+//! a call that panicked leaves nothing half-written under it; workspace buffers go back to the
+//! pool as the unwinding drops them. [`DataParallel`](crate::engine::parallel::DataParallel)
+//! turns the panic into an error and restores the adapter's gradient, enqueued on the same
+//! stream after whatever the failed call had queued.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -349,11 +349,17 @@ impl AdamParams {
                 ))
             }
         };
-        check("learning_rate", self.learning_rate, self.learning_rate >= 0.0, ">= 0")?;
+        // The engine's bounds (see `engine::optim`), checked before the step is queued.
+        use crate::engine::optim::{MAX_EPS, MAX_LEARNING_RATE};
+        let lr = self.learning_rate;
+        let lr_ok = (0.0..=MAX_LEARNING_RATE).contains(&lr);
+        check("learning_rate", lr, lr_ok, &format!("in [0, {MAX_LEARNING_RATE}]"))?;
         check("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)")?;
         check("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)")?;
-        check("eps", self.eps, self.eps > 0.0, "> 0")?;
-        check("weight_decay", self.weight_decay, self.weight_decay >= 0.0, ">= 0")?;
+        check("eps", self.eps, self.eps > 0.0 && self.eps <= MAX_EPS, "in (0, 1e6]")?;
+        let wd = self.weight_decay;
+        let wd_ok = wd >= 0.0 && lr * wd <= 1.0;
+        check("weight_decay", wd, wd_ok, ">= 0 with learning_rate × weight_decay <= 1")?;
         check("grad_clip_norm", self.grad_clip_norm, self.grad_clip_norm >= 0.0, ">= 0 (0 = off)")
     }
 }

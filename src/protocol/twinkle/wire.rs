@@ -295,6 +295,34 @@ impl DataSlice {
     }
 }
 
+/// A request body as the keyword arguments of an op: a JSON object (an empty body or `null`
+/// reads as no arguments).
+pub fn body_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, TwinkleError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(Value::Null) => Ok(serde_json::Map::new()),
+        Ok(_) => Err(TwinkleError::bad("the request body must be a JSON object")),
+        Err(e) => Err(TwinkleError::bad(format!("bad JSON body: {e}"))),
+    }
+}
+
+/// An optional positive whole number `key` of `op`'s arguments (`null` = absent).
+pub fn positive(
+    body: &serde_json::Map<String, Value>,
+    op: &str,
+    key: &str,
+) -> Result<Option<usize>, TwinkleError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().filter(|&m| m > 0).map(|m| Some(m as usize)).ok_or_else(|| {
+            TwinkleError::bad(format!("{op}: {key} must be a positive whole number, got {v}"))
+        }),
+    }
+}
+
 /// A decoded `DatasetMeta`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetMeta {

@@ -8,6 +8,7 @@
 mod ckpt;
 mod inputs;
 mod ops;
+mod steps;
 
 pub use ops::TEMPLATES;
 
@@ -120,7 +121,9 @@ impl TwinkleModel {
     pub fn sweep(&self) -> usize {
         let expired: Vec<String> = lock(&self.adapters)
             .iter()
-            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.last_seen.elapsed() >= self.timeout))
+            .filter(|(_, s)| {
+                super::try_lock(s).is_some_and(|s| s.last_seen.elapsed() >= self.timeout)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for id in &expired {
@@ -256,20 +259,16 @@ async fn run(
     use actix_web::ResponseError as _;
     let out = async {
         let caller = tw.auth.caller(&req)?;
-        let body: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
-            Map::new()
-        } else {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(Value::Object(m)) => m,
-                Ok(Value::Null) => Map::new(),
-                Ok(_) => return Err(TwinkleError::bad("the request body must be a JSON object")),
-                Err(e) => return Err(TwinkleError::bad(format!("bad JSON body: {e}"))),
-            }
-        };
+        let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let tw = tw.get_ref().clone();
-        web::block(move || tw.dispatch(g, &op, &caller, body))
-            .await
-            .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
+        web::block(move || {
+            super::http::unwind_safe(
+                || tw.dispatch(g, &op, &caller, body),
+                |m| TwinkleError::Internal(format!("the job panicked: {m}")),
+            )
+        })
+        .await
+        .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
     }
     .await;
     match out {

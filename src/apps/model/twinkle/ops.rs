@@ -1,17 +1,15 @@
-//! Training ops of the Twinkle layer: adapter creation, template/processor/loss/optimizer/lr
-//! settings, forward (and split-phase), forward_backward with gradient-accumulation scaling,
-//! clip-then-step on accumulation boundaries, and metrics.
+//! Settings ops of the Twinkle layer: adapter creation, template/processor/loss/optimizer/lr
+//! settings (unknown class names and arguments are 400 naming what is supported), metrics and
+//! the train-config report. The compute ops live in `steps`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
 
-use super::inputs::{self, Loss, TemplateCfg};
+use super::inputs::{Loss, TemplateCfg};
 use super::{Metrics, TrainState, TwinkleModel, adapter_name, lock};
-use crate::apps::model::types::{
-    CreateAdapterRequest, ForwardBackwardRequest, LoraSettings, OptimStepRequest,
-};
+use crate::apps::model::types::{CreateAdapterRequest, LoraSettings};
 use crate::engine::AdamParams;
 use crate::protocol::twinkle::runs::{self, RunMeta};
 use crate::protocol::twinkle::sched::Schedule;
@@ -28,7 +26,7 @@ pub const TEMPLATES: &[&str] = &[
     "ChatmlTemplate",
 ];
 
-fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
+pub(super) fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
     body.iter()
         .filter(|(k, _)| !skip.contains(&k.as_str()) && k.as_str() != "adapter_name")
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -41,7 +39,7 @@ fn string<'a>(body: &'a Map<String, Value>, k: &str) -> Result<&'a str, TwinkleE
         .ok_or_else(|| TwinkleError::bad(format!("{k} is missing (a class name)")))
 }
 
-fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, TwinkleError> {
+pub(super) fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, TwinkleError> {
     match body.get(k) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -185,14 +183,7 @@ impl TwinkleModel {
                 ));
             }
         }
-        let max_length = match body.get("max_length") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().filter(|&m| m > 0).ok_or_else(|| {
-                TwinkleError::bad(format!(
-                    "set_template: max_length must be a positive whole number, got {v}"
-                ))
-            })? as usize),
-        };
+        let max_length = wire::positive(body, "set_template", "max_length")?;
         let enable_thinking = body.get("enable_thinking").and_then(Value::as_bool);
         lock(&s).template = Some(TemplateCfg { max_length, enable_thinking });
         Ok(g.result(Value::Null))
@@ -314,264 +305,6 @@ impl TwinkleModel {
         Ok(g.result(Value::Null))
     }
 
-    fn encode(
-        &self,
-        st: &TrainState,
-        body: &Map<String, Value>,
-    ) -> Result<Vec<inputs::Encoded>, TwinkleError> {
-        let served = self.app.served();
-        inputs::encode(
-            body.get("inputs").unwrap_or(&Value::Null),
-            served.tokenizer.as_deref(),
-            st.template.as_ref(),
-            served.config.vocab_size,
-            served.max_length,
-        )
-    }
-
-    /// Runs the engine on `enc`; returns (loss in the user's units, per-input logprobs).
-    fn run(
-        &self,
-        st: &mut TrainState,
-        enc: &[inputs::Encoded],
-        extras: &Map<String, Value>,
-        train: bool,
-        disable_lora: bool,
-    ) -> Result<(f64, Vec<Vec<f32>>, usize), TwinkleError> {
-        let scale = if train { 1.0 / st.ga_steps as f64 } else { 1.0 };
-        let (mut data, tokens) = inputs::datums(enc, &st.loss, extras, scale)?;
-        if matches!(st.loss, Loss::Grpo { .. }) && data.iter().any(|d| d.logprobs.is_none()) {
-            // No old_logps: on-policy, the ratio is 1 at the current weights.
-            let (_, lps, _) = self.run(
-                &mut TrainState { loss: Loss::CrossEntropy { mean: false }, ..clone_state(st) },
-                enc,
-                &Map::new(),
-                false,
-                disable_lora,
-            )?;
-            for (d, lp) in data.iter_mut().zip(lps) {
-                if d.logprobs.is_none() {
-                    d.logprobs = Some(lp);
-                }
-            }
-        }
-        let (loss_fn, loss_config) = st.loss.engine();
-        let out = self.app.forward_backward(&ForwardBackwardRequest {
-            model_id: st.engine_id.clone(),
-            forward_only: !train,
-            disable_lora,
-            loss_fn,
-            loss_config,
-            data,
-        })?;
-        let loss = out.metrics.get("loss:sum").copied().unwrap_or(0.0) / scale;
-        let lps: Vec<Vec<f32>> = out.outputs.into_iter().map(|o| o.logprobs).collect();
-        Ok((loss, lps, tokens))
-    }
-
-    fn record(st: &mut TrainState, loss: f64, tokens: usize) {
-        st.metrics.loss_sum += loss;
-        st.metrics.batches += 1;
-        st.metrics.tokens += tokens as u64;
-    }
-
-    pub(super) fn forward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-        stage: bool,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let enc = self.encode(&st, body)?;
-        let disable = body.get("disable_lora").and_then(Value::as_bool).unwrap_or(false);
-        let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, _) = self.run(&mut st, &enc, &extras, false, disable)?;
-        let logps = inputs::logps(&enc, &lps);
-        if stage {
-            st.staged = Some((enc, extras, loss));
-        }
-        let _ = g;
-        Ok(json!({"result": {"loss": loss, "logps": logps, "logits": null}}))
-    }
-
-    pub(super) fn calculate_loss(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let st = lock(&s);
-        let (_, _, loss) = st
-            .staged
-            .as_ref()
-            .ok_or_else(|| TwinkleError::bad("calculate_loss: call forward(inputs) first"))?;
-        Ok(g.result(json!(loss)))
-    }
-
-    pub(super) fn backward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let (enc, extras, _) = st.staged.take().ok_or_else(|| {
-            TwinkleError::bad("backward: call forward(inputs) and calculate_loss first")
-        })?;
-        let (loss, _, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
-        st.micro += 1;
-        Self::record(&mut st, loss, tokens);
-        Ok(match g {
-            Gen::One => json!({"result": null}),
-            Gen::Two => Value::Null,
-        })
-    }
-
-    pub(super) fn forward_backward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let enc = self.encode(&st, body)?;
-        let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
-        st.micro += 1;
-        st.consumed_train_samples += enc.len() as u64;
-        Self::record(&mut st, loss, tokens);
-        Ok(
-            json!({"result": {"loss": loss, "logps": inputs::logps(&enc, &lps), "num_tokens": tokens, "logits": null}}),
-        )
-    }
-
-    fn boundary(st: &TrainState) -> bool {
-        st.micro > 0 && st.micro.is_multiple_of(st.ga_steps)
-    }
-
-    pub(super) fn clip_grad_norm(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let (max, norm_type) = Self::clip_args(body)?;
-        let norm = self.app.grad_norm(&st.engine_id)?;
-        st.clip = Some(max);
-        st.metrics.grad_norm = Some(norm);
-        let _ = norm_type;
-        Ok(json!({"result": format!("{norm}")}))
-    }
-
-    fn clip_args(body: &Map<String, Value>) -> Result<(f64, f64), TwinkleError> {
-        let max = f64_of(body, "max_grad_norm")?.unwrap_or(1.0);
-        let norm_type = f64_of(body, "norm_type")?.unwrap_or(2.0);
-        if norm_type != 2.0 {
-            return Err(TwinkleError::bad(format!(
-                "norm_type {norm_type} is not supported; only the L2 norm (2)"
-            )));
-        }
-        if max <= 0.0 {
-            return Err(TwinkleError::bad(format!("max_grad_norm must be > 0, got {max}")));
-        }
-        Ok((max, norm_type))
-    }
-
-    /// One optimizer step on an accumulation boundary (else nothing).
-    fn do_step(&self, st: &mut TrainState) -> Result<(), TwinkleError> {
-        if !Self::boundary(st) {
-            return Ok(());
-        }
-        let lr = st.schedule.lr(st.optim.learning_rate, st.sched_steps);
-        let p = AdamParams {
-            learning_rate: lr,
-            grad_clip_norm: st.clip.take().unwrap_or(0.0),
-            ..st.optim
-        };
-        let m = self
-            .app
-            .optim_step(&OptimStepRequest { model_id: st.engine_id.clone(), adam_params: p })?;
-        st.metrics.grad_norm = m.metrics.get("grad_norm:mean").copied().or(st.metrics.grad_norm);
-        st.metrics.lr = Some(lr);
-        st.micro = 0;
-        st.cur_step += 1;
-        st.stepped = true;
-        Ok(())
-    }
-
-    fn unit(g: Gen) -> Value {
-        g.result(Value::Null)
-    }
-
-    pub(super) fn step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        self.do_step(&mut lock(&s))?;
-        Ok(Self::unit(g))
-    }
-
-    pub(super) fn zero_grad(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        // Off a boundary the gradient keeps accumulating; after a step it is already zero.
-        if Self::boundary(&st) {
-            self.app.zero_grad(&st.engine_id)?;
-            st.micro = 0;
-        }
-        Ok(Self::unit(g))
-    }
-
-    pub(super) fn lr_step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        if std::mem::take(&mut st.stepped) {
-            st.sched_steps += 1;
-        }
-        Ok(Self::unit(g))
-    }
-
-    pub(super) fn clip_grad_and_step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let (max, _) = Self::clip_args(body)?;
-        if Self::boundary(&st) {
-            st.clip = Some(max);
-            self.do_step(&mut st)?;
-            if std::mem::take(&mut st.stepped) {
-                st.sched_steps += 1;
-            }
-        }
-        Ok(Self::unit(g))
-    }
-
     pub(super) fn calculate_metric(
         &self,
         g: Gen,
@@ -632,31 +365,5 @@ impl TwinkleModel {
                 "add_metric: metric_cls `{other}` is not available; loss, grad_norm and learning rate are always reported"
             ))),
         }
-    }
-}
-
-/// A detached copy of the settings a nested forward needs (no metrics or staged inputs).
-fn clone_state(st: &TrainState) -> TrainState {
-    TrainState {
-        owner: st.owner.clone(),
-        run_id: st.run_id.clone(),
-        engine_id: st.engine_id.clone(),
-        lora: st.lora.clone(),
-        ga_steps: st.ga_steps,
-        template: st.template.clone(),
-        loss: st.loss.clone(),
-        optim: st.optim,
-        optimizer_cls: st.optimizer_cls.clone(),
-        schedule: st.schedule.clone(),
-        scheduler_cls: st.scheduler_cls.clone(),
-        sched_steps: st.sched_steps,
-        micro: st.micro,
-        cur_step: st.cur_step,
-        clip: st.clip,
-        stepped: st.stepped,
-        consumed_train_samples: st.consumed_train_samples,
-        staged: None,
-        metrics: Metrics::default(),
-        last_seen: st.last_seen,
     }
 }

@@ -32,10 +32,13 @@ async fn dynamic_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, A
 }
 
 /// The configured `supported_models`, each completed from the model app that serves it; a
-/// served model that is not listed is advertised too.
+/// served model that is not listed is advertised too. 503 while a configured model application
+/// is starting (see [`Upstreams::ready_models`](crate::apps::server::upstream::Upstreams)).
 async fn capabilities(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     app.owner(&req)?;
-    let ups = app.disp.up.all().await;
+    // While a configured model application is still coming up the list would be incomplete:
+    // 503 + Retry-After, so a script started right after `twinkle serve` waits for it.
+    let ups = app.disp.up.ready_models().await?;
     let mut out: Vec<SupportedModel> = Vec::new();
     let entry = |name: &str, ctx: Option<u64>, sampleable: bool| SupportedModel {
         model_name: Some(name.to_string()),

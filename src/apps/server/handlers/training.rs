@@ -283,6 +283,17 @@ async fn forward_backward(
             fb.loss_fn
         )));
     }
+    // The same check as the model application's, up front: the SDK gets the 400 on its
+    // request instead of a failed future (the engine's message names the field).
+    let numeric = fb
+        .loss_config
+        .iter()
+        .map(|(k, v)| match v {
+            ConfigValue::Number(x) => Ok((k.clone(), *x)),
+            ConfigValue::Text(t) => Err(bad(format!("loss_fn_config.{k}: {t:?} is not a number"))),
+        })
+        .collect::<Result<std::collections::BTreeMap<String, f64>, ApiError>>()?;
+    crate::engine::LossFn::from_name(&fb.loss_fn, &numeric).map_err(|e| bad(e.to_string()))?;
     if fb.data.is_empty() {
         return Err(bad("data: the batch is empty (send at least one datum)".into()));
     }

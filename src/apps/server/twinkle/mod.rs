@@ -59,7 +59,10 @@ impl From<ApiError> for TwinkleError {
             ApiError::Unauthorized(m) => TwinkleError::Unauthorized(m),
             ApiError::NotFound(m) => TwinkleError::NotFound(m),
             ApiError::Conflict(m) => TwinkleError::Conflict(m),
-            ApiError::Unavailable(m) | ApiError::Internal(m) => TwinkleError::Internal(m),
+            ApiError::Unavailable(m)
+            | ApiError::NotReady(m)
+            | ApiError::AppFailed(m)
+            | ApiError::Internal(m) => TwinkleError::Internal(m),
         }
     }
 }
