@@ -62,6 +62,7 @@ http_options:
       supported_models: [{MODEL}]
       server_config:
         per_token_model_limit: {model_limit}
+        max_tokens_per_request: 4096
   - name: model
     route_prefix: /api/v1/model/{MODEL}
     import_path: model
@@ -425,5 +426,35 @@ fn sdk_flow_on_a_cuda_model_app() -> Result<()> {
     assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
     let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
     assert_eq!(code.code(), Some(0));
+    Ok(())
+}
+
+/// Crash during training (issue #12, item 2): `crash.py` kills the model application with
+/// SIGKILL mid-run; the node agent restarts it, it restores the adapter from its last snapshot,
+/// and the same TrainingClient continues at the last completed step (equal to a control client
+/// loaded from a save_state taken before the kill).
+#[test]
+fn sdk_training_client_survives_a_model_app_crash() -> Result<()> {
+    let Some(py) = venv_python()? else { return Ok(()) };
+    let env = Env::new(false)?;
+    let mut serve = env.start()?;
+    let st = serve.wait_all_running(Duration::from_secs(60))?;
+    let apps = st["applications"].as_array().context("applications")?;
+    let model = apps.iter().find(|a| a["import_path"] == "model").context("model app")?;
+    let pid = model["pid"].as_u64().context("model pid")?.to_string();
+    let live = env.save.path().join("checkpoints/.spill/model/live");
+    let (bin, home) = (platform_support::bin(), serve.home.to_string_lossy().into_owned());
+    let args = [pid.as_str(), &bin, &home, &live.to_string_lossy()];
+    let r = run_script(&py, env.port, "tml-crash", "crash.py", &args)
+        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    assert!((f(&r, "after") - f(&r, "before")).abs() <= 1e-5 * f(&r, "before").abs().max(1.0));
+    assert_eq!(r["continued"].as_array().map(Vec::len), Some(2), "{r}");
+    assert!(f(&r, "recovered").is_finite(), "{r}");
+    // Both crashes were real: the agent restarted the model child twice.
+    let st = serve.wait_all_running(Duration::from_secs(60))?;
+    let apps = st["applications"].as_array().context("applications")?;
+    let now = apps.iter().find(|a| a["import_path"] == "model").context("model app")?;
+    assert!(now["restarts"].as_u64().unwrap_or(2) >= 2, "{st}");
+    assert_ne!(now["pid"].as_u64().map(|p| p.to_string()), Some(pid), "{st}");
     Ok(())
 }

@@ -213,13 +213,17 @@ fn cpu_workers(p: Placement) -> Result<usize, AppError> {
 }
 
 /// The model service over `engine` (the host weights in `base` are dropped here when the
-/// engine holds its own copy on the devices), with its idle-adapter sweeper.
+/// engine holds its own copy on the devices), with its idle-adapter sweeper and its snapshot
+/// writer, and the adapters snapshotted by its previous run registered.
 fn start_model<R: ModelRuntime>(
     opts: &ServiceOptions,
     base: BaseModel,
     engine: DataParallel<R>,
 ) -> Arc<dyn ModelApp> {
     let svc = Arc::new(ModelService::with_engine(opts, base.served, engine));
+    // Runs of a previous life of this application come back before the first request.
+    svc.restore_live();
+    svc.spawn_snapshotter();
     svc.spawn_sweeper(svc.sweep_interval());
     svc
 }

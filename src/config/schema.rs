@@ -404,6 +404,9 @@ pub struct ServerStateArgs {
     /// Most models (adapters) one API key may hold at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_token_model_limit: Option<u32>,
+    /// Most input tokens in one forward / forward_backward (default: 32 × the model's context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_per_request: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_update_interval: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

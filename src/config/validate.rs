@@ -182,6 +182,9 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         positive(s.cleanup_interval, &s_at.key("cleanup_interval"), out);
         positive(s.metrics_update_interval, &s_at.key("metrics_update_interval"), out);
         positive_u32(s.per_token_model_limit, &s_at.key("per_token_model_limit"), out);
+        if s.max_tokens_per_request == Some(0) {
+            out.push((s_at.key("max_tokens_per_request"), "must be at least 1".into()));
+        }
     }
     for (j, m) in args.supported_models.iter().enumerate() {
         if m.name().trim().is_empty() {

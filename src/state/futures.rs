@@ -178,6 +178,16 @@ impl Store {
         })
     }
 
+    /// How many futures of `owner` are pending or running (the per-key bound on queued work).
+    pub fn count_unfinished(&self, owner: &str) -> Result<usize, StateError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT count(*) FROM futures WHERE owner = ?1 AND status IN ('pending', 'running')",
+            params![owner],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     /// Dedupe for retried submissions: when `f` has both `model_id` and `seq_id` and a future with
     /// that pair exists, returns it as `(existing, false)` (its own request id, status and result);
     /// otherwise creates `f` and returns `(new, true)`. A pair already used by another owner or by a

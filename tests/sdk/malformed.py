@@ -75,6 +75,12 @@ cases = [
     ("length mismatch", "forward_backward", fb_body(targets=(2, 3)), "application/x-protobuf"),
     ("empty batch", "forward_backward", fb_body(data=False), "application/x-protobuf"),
     ("unknown loss", "forward_backward", fb_body(loss="nope"), "application/x-protobuf"),
+    # server_config.max_tokens_per_request is 4096 in tests/tinker_sdk.rs.
+    ("too many tokens", "forward_backward", fb_body(tokens=[1] * 5000, targets=[2] * 5000),
+     "application/x-protobuf"),
+    ("too many tags", "create_session", {"tags": [f"t{i}" for i in range(101)]}, "application/json"),
+    ("huge session metadata", "create_session", {"user_metadata": {"blob": "x" * 70_000}},
+     "application/json"),
     ("ppo clip bounds swapped", "forward_backward",
      fb_body(loss="ppo", config={"clip_low_threshold": 5.0, "clip_high_threshold": 0.1}),
      "application/x-protobuf"),
@@ -102,6 +108,9 @@ for name, path, body, ctype in cases:
     detail = json.loads(raw).get("detail", "")
     check(isinstance(detail, str) and detail, f"{name}: no detail in {raw[:300]!r}")
     table[name] = [status, detail[:160]]
+
+for name, limit in [("too many tokens", "4096"), ("too many tags", "100"), ("huge session metadata", "65536")]:
+    check(table[name][0] == 400 and limit in table[name][1], f"{name}: {table[name]}")
 
 status, raw = call("get_server_capabilities", b"", key=None, method="GET")
 check(status == 401, f"no key: {status}")

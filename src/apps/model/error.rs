@@ -10,6 +10,9 @@ use crate::engine::sampling::SamplingError;
 use crate::hub::HubError;
 use crate::tokenize::TokenizeError;
 
+/// The `reason` of an [`AppError::UnknownAdapter`] answer.
+pub const UNKNOWN_ADAPTER: &str = "unknown_adapter";
+
 /// What went wrong in a model/sampler operation.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -19,6 +22,10 @@ pub enum AppError {
     /// An unknown adapter id (HTTP 404).
     #[error("{0}")]
     NotFound(String),
+    /// The adapter id is not held here (HTTP 404, `"reason": "unknown_adapter"`): unknown, or
+    /// lost by a restart that had no snapshot of it; the server marks its run corrupted.
+    #[error("{0}")]
+    UnknownAdapter(String),
     /// The adapter id is taken (HTTP 409).
     #[error("{0}")]
     Conflict(String),
@@ -80,7 +87,7 @@ impl ResponseError for AppError {
     fn status_code(&self) -> StatusCode {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::NotFound(_) | AppError::UnknownAdapter(_) => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Internal(_) | AppError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,7 +95,10 @@ impl ResponseError for AppError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .json(json!({"detail": self.to_string(), "category": self.category()}))
+        let mut body = json!({"detail": self.to_string(), "category": self.category()});
+        if matches!(self, AppError::UnknownAdapter(_)) {
+            body["reason"] = json!(UNKNOWN_ADAPTER);
+        }
+        HttpResponse::build(self.status_code()).json(body)
     }
 }

@@ -14,9 +14,13 @@
 //! Idle unload: an adapter unused for `adapter_timeout` seconds is spilled (weights, Adam
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
 //! it transparently, with identical numbers.
+//!
+//! Durability: every live adapter is snapshotted after each completed step ([`durable`]), so a
+//! restarted application serves the same model ids at their last step.
 
 pub mod base;
 pub mod checkpoint;
+pub mod durable;
 pub mod error;
 pub mod http;
 pub mod sample;
@@ -25,7 +29,7 @@ pub mod types;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::engine::cpu::CpuRuntime;
@@ -117,6 +121,8 @@ pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     timeout: Duration,
     spill_dir: PathBuf,
     max_resident: Option<usize>,
+    /// Durable snapshots of the live adapters.
+    snaps: durable::Snapshots,
     /// Round-robin over the runtimes for generation.
     next_worker: std::sync::atomic::AtomicUsize,
 }
@@ -155,6 +161,7 @@ impl<R: ModelRuntime> ModelService<R> {
             timeout: opts.adapter_timeout,
             spill_dir: opts.spill_dir.clone(),
             max_resident: opts.max_loras.map(|m| m.max(1)),
+            snaps: durable::Snapshots::new(&opts.spill_dir),
             next_worker: Default::default(),
         }
     }
@@ -178,12 +185,18 @@ impl<R: ModelRuntime> ModelService<R> {
         lock(&self.adapters)
             .get(id)
             .cloned()
-            .ok_or_else(|| AppError::NotFound(format!("model_id `{id}` is not loaded here")))
+            .ok_or_else(|| AppError::UnknownAdapter(format!("model_id `{id}` is not loaded here")))
     }
 
     fn spill_path(&self, id: &str) -> PathBuf {
-        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
-        self.spill_dir.join(hex)
+        self.spill_dir.join(durable::hex(id))
+    }
+
+    /// Deletes a spilled copy once it is back in memory (a durable snapshot stays).
+    fn drop_spill(&self, dir: &Path) {
+        if !self.snaps.owns(dir) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// Runs `f` on adapter `id` (reloading it if spilled), holding its lock.
@@ -197,7 +210,7 @@ impl<R: ModelRuntime> ModelService<R> {
         if let SlotState::Spilled(dir) = &*state {
             let (host, pending_grads) = checkpoint::restore(dir, self.config())?;
             let adapter = self.engine.upload(&host)?;
-            let _ = std::fs::remove_dir_all(dir);
+            self.drop_spill(dir);
             tracing::info!(model_id = id, "reloaded idle adapter");
             *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads };
             self.evict_over_limit(id);
@@ -234,6 +247,7 @@ impl<R: ModelRuntime> ModelService<R> {
         };
         map.insert(id.to_string(), Arc::new(slot));
         drop(map);
+        self.snaps.schedule(id);
         self.evict_over_limit(id);
         Ok(())
     }
@@ -425,7 +439,7 @@ impl<R: ModelRuntime> ModelService<R> {
     /// `POST /_internal/v1/optim_step`. Without gradients accumulated since the last step it is
     /// a user error (nothing to apply; Adam's moments would otherwise decay for nothing).
     pub fn optim_step(&self, req: &OptimStepRequest) -> Result<MetricsResponse, AppError> {
-        self.with_adapter(&req.model_id, |adapter, pending| {
+        let out = self.with_adapter(&req.model_id, |adapter, pending| {
             if !*pending {
                 return Err(AppError::BadRequest(format!(
                     "optim_step: model_id `{}` has no gradients; call forward_backward first",
@@ -435,7 +449,10 @@ impl<R: ModelRuntime> ModelService<R> {
             let m = self.engine.optim_step(adapter, &req.adam_params)?;
             *pending = false;
             Ok(MetricsResponse { metrics: m.to_map() })
-        })
+        })?;
+        // Written by the snapshot thread, after this answer: off the request's latency.
+        self.snaps.schedule(&req.model_id);
+        Ok(out)
     }
 
     /// Global gradient norm of adapter `id` (the accumulated, not yet applied gradient).
@@ -523,7 +540,12 @@ impl<R: ModelRuntime> ModelService<R> {
             let adapter = self.load_checkpoint(&req.dir, req.with_optimizer)?;
             return self.insert(&req.model_id, adapter);
         }
-        let slot = self.slot(&req.model_id)?;
+        let Ok(slot) = self.slot(&req.model_id) else {
+            // Unknown here (lost by a restart without a snapshot): loading re-attaches it, so
+            // `load_state` recovers the run.
+            let adapter = self.load_checkpoint(&req.dir, req.with_optimizer)?;
+            return self.insert(&req.model_id, adapter);
+        };
         let host = self.load_checkpoint(&req.dir, req.with_optimizer)?;
         let adapter = self.engine.upload(&host)?;
         let mut state = lock(&slot.state);
@@ -531,10 +553,12 @@ impl<R: ModelRuntime> ModelService<R> {
             return Err(AppError::NotFound(format!("model_id `{}` was unloaded", req.model_id)));
         }
         if let SlotState::Spilled(dir) = &*state {
-            let _ = std::fs::remove_dir_all(dir);
+            self.drop_spill(dir);
         }
         *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads: false };
         *lock(&slot.last_used) = Instant::now();
+        drop(state);
+        self.snaps.schedule(&req.model_id);
         Ok(())
     }
 
@@ -548,6 +572,7 @@ impl<R: ModelRuntime> ModelService<R> {
             let _ = std::fs::remove_dir_all(dir);
         }
         *state = SlotState::Removed;
+        self.snaps.discard(&req.model_id);
         Ok(())
     }
 
@@ -592,27 +617,5 @@ impl<R: ModelRuntime> ModelService<R> {
     /// Whether adapter `id` is in memory (false when spilled or unknown).
     pub fn is_resident(&self, id: &str) -> bool {
         self.slot(id).map(|s| matches!(*lock(&s.state), SlotState::Loaded { .. })).unwrap_or(false)
-    }
-
-    /// A background thread that calls [`sweep_idle`](Self::sweep_idle) every `every` until the
-    /// service is dropped.
-    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> std::thread::JoinHandle<()> {
-        let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                match weak.upgrade() {
-                    Some(svc) => {
-                        svc.sweep_idle();
-                    }
-                    None => return,
-                }
-            }
-        })
-    }
-
-    /// How often the sweeper should look: a fraction of the timeout, between 0.1 s and 5 s.
-    pub fn sweep_interval(&self) -> Duration {
-        (self.timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }
 }

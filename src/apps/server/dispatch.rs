@@ -173,6 +173,10 @@ impl Dispatcher {
         let started = std::time::Instant::now();
         let _ = self.db_now(|s| s.set_running(&id));
         let outcome = self.run(job).await;
+        if route == "load" && outcome.is_ok() {
+            // A checkpoint loaded onto the run re-attaches a lost adapter.
+            self.set_corrupted(&id, false);
+        }
         tracing::debug!(request_id = %id, route, ms = started.elapsed().as_secs_f64() * 1e3, ok = outcome.is_ok(), "job done");
         let stored = match outcome {
             Ok((bytes, ct)) => self.db_now(|s| s.complete(&id, &bytes, ct)),
@@ -180,6 +184,13 @@ impl Dispatcher {
                 let (msg, cat) = match e {
                     JobError::User(m) => (m, FailureCategory::User),
                     JobError::Server(m) => (m, FailureCategory::Server),
+                    JobError::LostAdapter(m) => {
+                        self.set_corrupted(&id, true);
+                        let hint = "the model application lost this run's adapter (it restarted \
+                            before the adapter's first snapshot); the run is marked corrupted: \
+                            load a checkpoint onto it (load_state) to continue";
+                        (format!("{m}: {hint}"), FailureCategory::Server)
+                    }
                 };
                 self.db_now(|s| s.fail(&id, &msg, cat))
             }
@@ -188,6 +199,20 @@ impl Dispatcher {
             tracing::error!(request_id = %id, error = %e, "cannot record a future's outcome");
         }
         self.wake(&id);
+    }
+
+    /// Sets the `corrupted` flag of the run that future `request_id` was submitted for.
+    fn set_corrupted(&self, request_id: &str, corrupted: bool) {
+        let r = self.db_now(|s| {
+            let f = s.get_future(request_id)?;
+            match &f.model_id {
+                Some(run) => s.set_run_corrupted(&f.owner, run, corrupted),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = r {
+            tracing::debug!(request_id, error = %e, "cannot update the run's corrupted flag");
+        }
     }
 
     async fn run(&self, job: Job) -> Result<(Vec<u8>, &'static str), JobError> {

@@ -27,6 +27,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A per-key bound on queued work (429: the SDK backs off and retries).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A configured application is starting, restarting or downloading its model: 503 with
     /// Retry-After, which the Tinker SDK retries.
     #[error("{0}")]
@@ -49,6 +52,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) | ApiError::AppFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -110,6 +114,10 @@ pub enum JobError {
     /// Our fault or an unreachable application.
     #[error("{0}")]
     Server(String),
+    /// The model application does not hold the run's adapter (it restarted without a snapshot
+    /// of it): a server error, and the run is marked corrupted.
+    #[error("{0}")]
+    LostAdapter(String),
 }
 
 impl From<StateError> for JobError {

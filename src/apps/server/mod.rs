@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod sweeper;
 pub mod twinkle;
 pub mod upstream;
@@ -63,6 +64,8 @@ pub struct ServerApp {
     pub save_root: PathBuf,
     pub supported_models: Vec<String>,
     pub per_token_model_limit: Option<u32>,
+    /// `server_config.max_tokens_per_request` (else a default from the model's context).
+    pub max_tokens_per_request: Option<u64>,
     /// Bearer-token authentication of the Twinkle routes (same salt and save root as above).
     pub auth: Auth,
     pub twinkle: TwinkleSettings,
@@ -102,6 +105,7 @@ impl ServerApp {
             save_root: auth.save_root.clone(),
             supported_models: Vec::new(),
             per_token_model_limit: None,
+            max_tokens_per_request: None,
             auth,
             twinkle: TwinkleSettings::default(),
             housekeeping: sweeper::Housekeeping::default(),
@@ -260,6 +264,7 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         save_root,
         supported_models: args.supported_models.iter().map(|m| m.name().to_string()).collect(),
         per_token_model_limit: args.server_config.as_ref().and_then(|s| s.per_token_model_limit),
+        max_tokens_per_request: args.server_config.as_ref().and_then(|s| s.max_tokens_per_request),
         auth,
         twinkle,
         housekeeping: sweeper::Housekeeping::from_config(

@@ -6,15 +6,20 @@
 //! model that is configured but not running yet is told apart from one that is not served at
 //! all: the first is a retryable 503 (or a non-retryable error once its application failed),
 //! only the second is a 404.
+//!
+//! Restarts: a call to an application that is starting or restarting waits for it (up to
+//! [`restart_wait`]) instead of failing at once; a request the application died while running
+//! fails as a server error that says to retry (its adapters come back at their last step).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ApiError, JobError};
+use crate::apps::model::error::UNKNOWN_ADAPTER;
 
 /// Env var with the shared secret every internal request carries.
 pub use crate::node::serve::INTERNAL_TOKEN_ENV;
@@ -24,6 +29,24 @@ pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest answer read from an application (sample results with many sequences).
 const MAX_ANSWER: usize = 512 << 20;
+
+/// Env var: seconds a call waits for a (re)starting application (default 60).
+pub const RESTART_WAIT_ENV: &str = "TWINKLE_RESTART_WAIT";
+/// Default of [`RESTART_WAIT_ENV`]: a model child restarts in seconds (backoff + loading a small
+/// model); a big model may take longer, and then the call fails as a retryable server error.
+pub const DEFAULT_RESTART_WAIT: Duration = Duration::from_secs(60);
+/// How often the head's status is re-read while waiting.
+const RESTART_POLL: Duration = Duration::from_millis(250);
+
+/// The wait bound from [`RESTART_WAIT_ENV`] (the default when unset or not a number ≥ 0).
+pub fn restart_wait() -> Duration {
+    std::env::var(RESTART_WAIT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(DEFAULT_RESTART_WAIT)
+}
 
 /// `/_internal/v1/info` of a model or sampler application.
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +154,11 @@ struct AppEntry {
     last_exit: Option<String>,
 }
 
+/// Whether an application in `state` is expected to (re)appear (the node agent restarts it).
+fn coming_back(state: &str) -> bool {
+    matches!(state, "starting" | "restarting" | "pending")
+}
+
 /// Discovery and calls. Clone-cheap; the awc client is created per call site because it is not
 /// `Send` (one per actix worker thread is fine).
 #[derive(Clone)]
@@ -141,6 +169,9 @@ pub struct Upstreams {
     configured: Arc<Vec<Configured>>,
     /// State of every model/sampler application at the last refresh, by name.
     seen: Arc<Mutex<HashMap<String, Seen>>>,
+    /// Kinds with an application starting or restarting at the last refresh.
+    pending: Arc<Mutex<HashSet<String>>>,
+    wait: Duration,
 }
 
 thread_local! {
@@ -163,7 +194,19 @@ impl Upstreams {
             cache: Arc::new(Mutex::new(HashMap::new())),
             configured: Arc::new(Vec::new()),
             seen: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(HashSet::new())),
+            wait: restart_wait(),
         }
+    }
+
+    /// The same, waiting at most `wait` for a (re)starting application.
+    pub fn with_restart_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    fn is_pending(&self, kind: &str) -> bool {
+        self.pending.lock().map(|p| p.contains(kind)).unwrap_or(false)
     }
 
     /// The applications the config declares (see [`Upstreams::not_ready`]).
@@ -196,11 +239,16 @@ impl Upstreams {
             self.cached().into_iter().map(|u| (u.app.clone(), u)).collect();
         let mut fresh = HashMap::new();
         let mut seen = HashMap::new();
+        let mut pending = HashSet::new();
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
             }
             seen.insert(a.name.clone(), Seen { state: a.state.clone(), last_exit: a.last_exit });
+            if coming_back(&a.state) {
+                pending.insert(a.import_path.clone());
+                continue;
+            }
             let Some(address) = a.address else { continue };
             let info = match known.get(&a.name) {
                 Some(u) if u.address == address => u.info.clone(),
@@ -214,6 +262,7 @@ impl Upstreams {
                     },
                     Err(e) => {
                         tracing::warn!(app = %a.name, error = %e, "info request failed");
+                        pending.insert(a.import_path.clone());
                         continue;
                     }
                 },
@@ -229,6 +278,9 @@ impl Upstreams {
         }
         if let Ok(mut s) = self.seen.lock() {
             *s = seen;
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            *p = pending;
         }
         Ok(list)
     }
@@ -333,8 +385,10 @@ impl Upstreams {
         self.call_at(address, "GET", "info", None).await.map_err(Into::into)
     }
 
-    /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`; a
-    /// connection failure refreshes the addresses and retries once (the child may have restarted).
+    /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`. While that
+    /// application is (re)starting — it is missing from the head's status or cannot be connected
+    /// to — the call waits for it, up to the restart wait; a request that never reached it is
+    /// safe to send again.
     pub async fn call(
         &self,
         kind: &str,
@@ -342,18 +396,33 @@ impl Upstreams {
         route: &str,
         body: &Value,
     ) -> Result<Value, JobError> {
-        let first = self.find(kind, base_model).await.ok_or_else(|| {
-            JobError::Server(format!("no running {kind} application serves `{base_model}`"))
-        })?;
-        match self.call_at(&first.address, "POST", route, Some(body)).await {
-            Err(Unreachable(msg)) => {
-                let _ = self.refresh().await;
-                let again = self.find(kind, base_model).await.ok_or_else(|| {
-                    JobError::Server(format!("{kind} application for `{base_model}`: {msg}"))
-                })?;
-                self.call_at(&again.address, "POST", route, Some(body)).await.map_err(Into::into)
+        let deadline = Instant::now() + self.wait;
+        let mut target = self.find(kind, base_model).await;
+        loop {
+            let last = match &target {
+                Some(u) => match self.call_at(&u.address, "POST", route, Some(body)).await {
+                    Err(Unreachable(msg)) => msg,
+                    other => return other.map_err(Into::into),
+                },
+                None if self.is_pending(kind) => {
+                    format!("the {kind} application serving `{base_model}` is restarting")
+                }
+                None => {
+                    return Err(JobError::Server(format!(
+                        "no running {kind} application serves `{base_model}`"
+                    )));
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(JobError::Server(format!(
+                    "{last}; still unavailable after {:.0} s, retry later",
+                    self.wait.as_secs_f64()
+                )));
             }
-            other => other.map_err(Into::into),
+            actix_web::rt::time::sleep(RESTART_POLL).await;
+            let _ = self.refresh().await;
+            target =
+                self.cached().into_iter().find(|u| u.kind == kind && u.info.answers_to(base_model));
         }
     }
 
@@ -374,17 +443,30 @@ impl Upstreams {
         };
         let mut resp = match sent {
             Ok(r) => r,
+            // The pool hands out a connection that then closes before any answer: the
+            // application read the request and died (a refused connect is `Connect(Io)`).
+            Err(
+                e @ awc::error::SendRequestError::Connect(awc::error::ConnectError::Disconnected),
+            ) => {
+                return Err(CallError::Server(lost(route, address, e)));
+            }
             Err(awc::error::SendRequestError::Connect(e)) => {
                 return Err(Unreachable(format!("cannot connect to {address}: {e}")));
             }
-            Err(e) => return Err(CallError::Server(format!("{route} request failed: {e}"))),
+            Err(e @ awc::error::SendRequestError::Timeout) => {
+                return Err(CallError::Server(format!("{route} request failed: {e}")));
+            }
+            Err(e) if never_read(&e) => {
+                return Err(Unreachable(format!("{address} reset the connection: {e}")));
+            }
+            Err(e) => return Err(CallError::Server(lost(route, address, e))),
         };
         let status = resp.status();
         let bytes = resp
             .body()
             .limit(MAX_ANSWER)
             .await
-            .map_err(|e| CallError::Server(format!("{route} answer unreadable: {e}")))?;
+            .map_err(|e| CallError::Server(lost(route, address, e)))?;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::json!({"detail": String::from_utf8_lossy(&bytes[..bytes.len().min(2000)])})
         });
@@ -396,6 +478,9 @@ impl Upstreams {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
+        if value.get("reason").and_then(Value::as_str) == Some(UNKNOWN_ADAPTER) {
+            return Err(CallError::LostAdapter(detail));
+        }
         let user = status.is_client_error()
             || value.get("category").and_then(Value::as_str) == Some("user");
         if user && status.as_u16() != 403 {
@@ -406,19 +491,48 @@ impl Upstreams {
     }
 }
 
+/// Whether a send failed because the peer reset the connection. A killed application's kernel
+/// resets a connection that still holds unread data — a request sent on a pooled keep-alive
+/// connection after the process died, or one it never read — so the request never ran and may be
+/// sent again. A request the application read before dying ends with end-of-stream instead.
+fn never_read(e: &awc::error::SendRequestError) -> bool {
+    use actix_web::error::ParseError;
+    use awc::error::SendRequestError;
+    let reset = |io: &std::io::Error| io.kind() == std::io::ErrorKind::ConnectionReset;
+    match e {
+        SendRequestError::Send(io) => reset(io),
+        SendRequestError::Response(ParseError::Io(io)) => reset(io),
+        _ => false,
+    }
+}
+
+/// The failure of a request whose application went away while running it (it crashed or was
+/// killed; the node agent restarts it and its adapters come back at their last optim_step).
+fn lost(route: &str, address: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "{route} was interrupted: the application at {address} stopped while running it ({e}); \
+         it restarts with every adapter at its last completed optim_step, so repeat the \
+         forward_backward calls made since that step, then retry"
+    )
+}
+
 /// Outcome of one call; `Unreachable` is retried after a refresh.
 #[derive(Debug)]
 enum CallError {
     Unreachable(String),
     User(String),
     Server(String),
+    LostAdapter(String),
 }
 use CallError::Unreachable;
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Unreachable(m) | CallError::User(m) | CallError::Server(m) => f.write_str(m),
+            CallError::Unreachable(m)
+            | CallError::User(m)
+            | CallError::Server(m)
+            | CallError::LostAdapter(m) => f.write_str(m),
         }
     }
 }
@@ -427,56 +541,8 @@ impl From<CallError> for JobError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::User(m) => JobError::User(m),
+            CallError::LostAdapter(m) => JobError::LostAdapter(m),
             CallError::Unreachable(m) | CallError::Server(m) => JobError::Server(m),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CFG: &str = r#"
-server_type: tinker
-http_options: {host: 127.0.0.1, port: 8000}
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-  - name: model
-    route_prefix: /api/v1/model/tiny
-    import_path: model
-    args:
-      model_id: "ms://Qwen/Qwen3-0.6B"
-      device_group: {name: model, ranks: 1, device_type: cpu}
-"#;
-
-    fn ups() -> Upstreams {
-        let cfg = crate::config::load_str(CFG).expect("config parses");
-        Upstreams::new("127.0.0.1:1".into()).with_configured(Configured::from_config(&cfg))
-    }
-
-    fn see(u: &Upstreams, state: &str, last_exit: Option<&str>) {
-        let seen = Seen { state: state.into(), last_exit: last_exit.map(str::to_string) };
-        u.seen.lock().expect("lock").insert("model".into(), seen);
-    }
-
-    #[test]
-    fn configured_models_are_not_ready_or_failed_others_are_not_served() {
-        let u = ups();
-        assert_eq!(u.configured.len(), 1, "only model/sampler applications");
-        // Never seen (the head has not answered yet): starting.
-        for name in ["Qwen/Qwen3-0.6B", "ms://Qwen/Qwen3-0.6B"] {
-            let e = u.not_ready("model", name).expect("configured");
-            assert!(matches!(&e, ApiError::NotReady(m) if m.contains("is starting")), "{e}");
-        }
-        see(&u, "restarting", None);
-        let e = u.not_ready("model", "Qwen/Qwen3-0.6B").expect("configured");
-        assert!(matches!(&e, ApiError::NotReady(m) if m.contains("restarting")), "{e}");
-        see(&u, "failed", Some("cannot download"));
-        let e = u.not_ready("model", "Qwen/Qwen3-0.6B").expect("configured");
-        assert!(matches!(&e, ApiError::AppFailed(m) if m.contains("cannot download")), "{e}");
-        assert!(u.not_ready("model", "Other/Model").is_none());
-        assert!(u.not_ready("sampler", "Qwen/Qwen3-0.6B").is_none());
     }
 }

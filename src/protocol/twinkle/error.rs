@@ -50,7 +50,7 @@ impl From<crate::apps::model::AppError> for TwinkleError {
         use crate::apps::model::AppError as A;
         match e {
             A::BadRequest(m) => TwinkleError::BadRequest(m),
-            A::NotFound(m) => TwinkleError::NotFound(m),
+            A::NotFound(m) | A::UnknownAdapter(m) => TwinkleError::NotFound(m),
             A::Conflict(m) => TwinkleError::Conflict(m),
             A::Forbidden(m) => TwinkleError::Unauthorized(m),
             A::Internal(m) => TwinkleError::Internal(m),

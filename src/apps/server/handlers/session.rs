@@ -65,13 +65,15 @@ async fn create_session(
 ) -> Result<HttpResponse, ApiError> {
     let owner = app.owner(&req)?;
     let r: CreateSessionRequest = parse_json(&body)?;
+    let metadata = serde_json::Value::Object(r.user_metadata);
+    crate::apps::server::limits::check_session(&r.tags, &metadata)?;
     // No `:` or `/` in the id: model ids and tinker paths embed it.
     let id = crate::state::new_id("sess-");
     let rec = NewSession {
         id: id.clone(),
         owner,
         tags: r.tags,
-        user_metadata: serde_json::Value::Object(r.user_metadata),
+        user_metadata: metadata,
         sdk_version: r.sdk_version,
         project_id: r.project_id,
         display_name: r.display_name,

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, JSON, Job};
 use super::super::error::ApiError;
-use super::super::{ServerApp, Shared, parse_json};
+use super::super::{ServerApp, Shared, limits, parse_json};
 use crate::protocol::tinker::codec::{ConfigValue, decode_forward_backward};
 use crate::protocol::tinker::paths::{
     CheckpointKind, TinkerPath, checkpoint_dir, format_model_id, format_sampling_session_id,
@@ -80,6 +80,8 @@ pub(crate) async fn submit(
     s: Submission,
     build: impl FnOnce(String) -> Plan,
 ) -> Result<HttpResponse, ApiError> {
+    let owner = s.owner.clone();
+    limits::check_pending(app.disp.db_now(move |st| st.count_unfinished(&owner))?)?;
     let request_id = crate::state::new_id("req-");
     let (rec, is_new) = app
         .disp
@@ -295,7 +297,11 @@ async fn forward_backward(
     if fb.data.is_empty() {
         return Err(bad("data: the batch is empty (send at least one datum)".into()));
     }
-    let vocab = app.disp.up.find("model", &run.base_model).await.and_then(|u| u.info.vocab_size);
+    let info = app.disp.up.find("model", &run.base_model).await.map(|u| u.info);
+    let vocab = info.as_ref().and_then(|i| i.vocab_size);
+    let tokens: u64 = fb.data.iter().map(|d| d.tokens.len() as u64).sum();
+    let cap = limits::token_cap(app.max_tokens_per_request, info.and_then(|i| i.max_length));
+    limits::check_tokens(tokens, cap)?;
     let rl = fb.loss_fn != "cross_entropy";
     let mut data = Vec::with_capacity(fb.data.len());
     for (i, d) in fb.data.iter().enumerate() {

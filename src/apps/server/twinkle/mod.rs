@@ -52,7 +52,9 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, TwinkleError> {
 impl From<ApiError> for TwinkleError {
     fn from(e: ApiError) -> Self {
         match e {
-            ApiError::BadRequest(m) | ApiError::PayloadTooLarge(m) => TwinkleError::BadRequest(m),
+            ApiError::BadRequest(m)
+            | ApiError::PayloadTooLarge(m)
+            | ApiError::TooManyRequests(m) => TwinkleError::BadRequest(m),
             ApiError::Unauthorized(m) => TwinkleError::Unauthorized(m),
             ApiError::NotFound(m) => TwinkleError::NotFound(m),
             ApiError::Conflict(m) => TwinkleError::Conflict(m),
@@ -68,7 +70,7 @@ impl From<JobError> for TwinkleError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::User(m) => TwinkleError::BadRequest(m),
-            JobError::Server(m) => TwinkleError::Internal(m),
+            JobError::Server(m) | JobError::LostAdapter(m) => TwinkleError::Internal(m),
         }
     }
 }

@@ -1,0 +1,268 @@
+//! Durable snapshots of live adapters, so a restarted model application serves every run it
+//! served before (issue #12, item 2).
+//!
+//! After each completed `optim_step` (and on create / load) the adapter's id is queued; a
+//! background thread takes the adapter lock only to copy it to the host (`engine.download`),
+//! then writes weights + Adam moments + step outside the lock into `{spill_dir}/live/<hex id>`
+//! (temp dir + rename: never half written). The queue is a set, so a burst of steps costs one
+//! write of the latest state. Pending gradients are not written: a snapshot is the state right
+//! after a completed step, and a crash loses at most the `forward_backward` work since then.
+//!
+//! On start-up [`ModelService::restore_live`] registers every snapshot found as a spilled
+//! adapter (nothing is read until its first request, so start-up stays fast). `unload` deletes
+//! the snapshot.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::{ModelService, Slot, SlotState, checkpoint, lock};
+use crate::engine::ModelRuntime;
+
+/// Subdirectory of the spill directory holding the snapshots.
+pub const LIVE_DIR: &str = "live";
+
+/// The snapshot queue and directory of one model service.
+pub struct Snapshots {
+    root: PathBuf,
+    /// Whether a writer runs: without one (in-process tests), nothing is queued.
+    active: AtomicBool,
+    queue: Mutex<BTreeSet<String>>,
+    wake: Condvar,
+}
+
+/// Hex of an id (ids are opaque strings; hex keeps any of them a safe file name).
+pub fn hex(id: &str) -> String {
+    id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(name: &str) -> Option<String> {
+    if name.is_empty() || !name.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..name.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(name.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+impl Snapshots {
+    pub fn new(spill_dir: &Path) -> Self {
+        Snapshots {
+            root: spill_dir.join(LIVE_DIR),
+            active: AtomicBool::new(false),
+            queue: Mutex::new(BTreeSet::new()),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Where adapter `id`'s snapshot lives.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(hex(id))
+    }
+
+    /// Whether `dir` is a snapshot (kept when the adapter is reloaded from it, unlike a spill).
+    pub fn owns(&self, dir: &Path) -> bool {
+        dir.starts_with(&self.root)
+    }
+
+    /// Queues a snapshot of adapter `id` (coalesced with one already queued).
+    pub fn schedule(&self, id: &str) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        lock(&self.queue).insert(id.to_string());
+        self.wake.notify_one();
+    }
+
+    /// Forgets adapter `id`: drops a queued snapshot and deletes the written one.
+    pub fn discard(&self, id: &str) {
+        lock(&self.queue).remove(id);
+        let _ = std::fs::remove_dir_all(self.dir(id));
+    }
+
+    /// The next queued id, waiting up to `wait`.
+    fn next(&self, wait: Duration) -> Option<String> {
+        let mut q = lock(&self.queue);
+        if q.is_empty() {
+            q = self
+                .wake
+                .wait_timeout(q, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        q.pop_first()
+    }
+
+    /// Snapshots on disk: (id, dir). Leftover temp directories of an interrupted write are
+    /// removed (the previous complete snapshot, if any, is still in place).
+    fn found(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let entries: Vec<_> = rd.flatten().collect();
+        // A crash between "move the old snapshot aside" and "rename the new one in" (see
+        // `write_dir_atomic`) leaves only `.<hex>.old-…`: that one is the last complete state.
+        for e in &entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((hex, _)) = name.strip_prefix('.').and_then(|n| n.split_once(".old-")) {
+                let _ = std::fs::rename(e.path(), self.root.join(hex));
+            }
+        }
+        let Ok(rd) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            match unhex(&name) {
+                Some(id) if e.path().join("adapter_config.json").is_file() => {
+                    out.push((id, e.path()))
+                }
+                _ => tracing::warn!(dir = %e.path().display(), "ignoring a stray snapshot entry"),
+            }
+        }
+        out
+    }
+}
+
+impl<R: ModelRuntime> ModelService<R> {
+    /// Registers every adapter snapshotted by a previous run of this application, as spilled
+    /// (loaded on first use). A newer idle spill of the same adapter (it was idle at the crash:
+    /// it holds the same step plus pending gradients) wins over the snapshot. Returns how many.
+    pub fn restore_live(&self) -> usize {
+        let mut map = lock(&self.adapters);
+        let mut n = 0;
+        for (id, snap) in self.snaps.found() {
+            if map.contains_key(&id) {
+                continue;
+            }
+            let spill = self.spill_path(&id);
+            let dir = if spill.join("adapter_config.json").is_file() { spill } else { snap };
+            let slot = Slot {
+                state: Mutex::new(SlotState::Spilled(dir)),
+                last_used: Mutex::new(Instant::now()),
+            };
+            map.insert(id, Arc::new(slot));
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(adapters = n, "restored live adapters from their last snapshots");
+        }
+        n
+    }
+
+    /// Writes adapter `id`'s snapshot now (the writer thread's job; tests call it directly).
+    /// The adapter lock is held only for the host copy.
+    pub fn snapshot_now(&self, id: &str) -> Result<(), super::AppError> {
+        let Ok(slot) = self.slot(id) else { return Ok(()) };
+        let host = {
+            let state = lock(&slot.state);
+            match &*state {
+                SlotState::Loaded { adapter, .. } => self.engine.download(adapter)?,
+                // Spilled: unchanged since its last snapshot; removed: nothing to keep.
+                _ => return Ok(()),
+            }
+        };
+        let dir = self.snaps.dir(id);
+        checkpoint::spill(&host, false, &dir)?;
+        // Unloaded while we wrote: the snapshot must not resurrect it after a restart.
+        let still = lock(&self.adapters).get(id).is_some_and(|s| Arc::ptr_eq(s, &slot));
+        if !still {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(())
+    }
+
+    /// Writes every queued snapshot now; returns how many were written.
+    pub fn flush_snapshots(&self) -> usize {
+        let mut n = 0;
+        while let Some(id) = self.snaps.next(Duration::ZERO) {
+            match self.snapshot_now(&id) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(model_id = %id, error = %e, "cannot snapshot adapter"),
+            }
+        }
+        n
+    }
+
+    /// Starts the snapshot writer (a background thread that ends with the service).
+    pub fn spawn_snapshotter(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        self.snaps.active.store(true, Ordering::Relaxed);
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            loop {
+                let Some(svc) = weak.upgrade() else { return };
+                let Some(id) = svc.snaps.next(Duration::from_millis(500)) else { continue };
+                if let Err(e) = svc.snapshot_now(&id) {
+                    tracing::warn!(model_id = %id, error = %e, "cannot snapshot adapter");
+                }
+            }
+        })
+    }
+
+    /// Enables snapshots without a writer thread (tests drive [`Self::flush_snapshots`]).
+    pub fn enable_snapshots(&self) {
+        self.snaps.active.store(true, Ordering::Relaxed);
+    }
+
+    /// A background thread that calls [`sweep_idle`](Self::sweep_idle) every `every` until the
+    /// service is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> std::thread::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                match weak.upgrade() {
+                    Some(svc) => {
+                        svc.sweep_idle();
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+
+    /// How often the sweeper should look: a fraction of the timeout, between 0.1 s and 5 s.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_any_id() {
+        for id in ["a", "run-1:train:0", "ü/..", "x y"] {
+            assert_eq!(unhex(&hex(id)).as_deref(), Some(id));
+        }
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex(LIVE_DIR), None);
+    }
+
+    #[test]
+    fn an_interrupted_replace_keeps_the_previous_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let snaps = Snapshots::new(t.path());
+        let put = |name: &str| {
+            let d = t.path().join(LIVE_DIR).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("adapter_config.json"), "{}").unwrap();
+        };
+        // "ab": only the moved-aside old snapshot and a half-written temp; "cd": complete.
+        put(&format!(".{}.old-1-2", hex("ab")));
+        put(&format!(".{}.tmp-1-2", hex("ab")));
+        put(&hex("cd"));
+        let mut ids: Vec<String> = snaps.found().into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        assert_eq!(ids, ["ab", "cd"]);
+        let left = std::fs::read_dir(t.path().join(LIVE_DIR)).unwrap().count();
+        assert_eq!(left, 2, "temp directories are removed");
+    }
+}
