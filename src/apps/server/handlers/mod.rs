@@ -1,12 +1,13 @@
 //! Route table of the Tinker API, one file per resource group.
 
+mod checkpoints;
 mod futures;
 mod rest;
 mod sampling;
 mod session;
 mod training;
 
-pub(crate) use training::ephemeral_dir;
+pub(crate) use checkpoints::ephemeral_dir;
 
 use actix_web::web;
 

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use super::super::dispatch::{Finish, Job};
 use super::super::error::ApiError;
 use super::super::{Shared, parse_json};
-use super::training::{Plan, Submission, ephemeral_dir, owned_run, submit};
+use super::checkpoints::ephemeral_dir;
+use super::training::{Plan, Submission, owned_run, submit};
 use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir, format_sampling_session_id};
 use crate::protocol::tinker::types::{
     CreateSamplingSessionRequest, CreateSamplingSessionResponse, GetSamplerResponse, SampleRequest,

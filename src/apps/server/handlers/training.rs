@@ -1,8 +1,6 @@
-//! Training endpoints: create_model, get_info, forward_backward (protobuf), optim_step,
-//! save_weights, save_weights_for_sampler, load_weights. Each work request becomes a future run
-//! on its model's FIFO.
-
-use std::path::PathBuf;
+//! Training endpoints: create_model, get_info, forward_backward (protobuf), optim_step (the
+//! checkpoint endpoints are in `checkpoints`). Each work request becomes a future run on its
+//! model's FIFO.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
@@ -11,28 +9,25 @@ use super::super::dispatch::{Finish, JSON, Job};
 use super::super::error::ApiError;
 use super::super::{ServerApp, Shared, limits, parse_json};
 use crate::protocol::tinker::codec::{ConfigValue, decode_forward_backward};
-use crate::protocol::tinker::paths::{
-    CheckpointKind, TinkerPath, checkpoint_dir, format_model_id, format_sampling_session_id,
-};
+use crate::protocol::tinker::paths::format_model_id;
 use crate::protocol::tinker::tensor::{DecodeLimits, TensorValues};
 use crate::protocol::tinker::types::{
-    CreateModelRequest, GetInfoRequest, GetInfoResponse, LoadForm, LoadWeightsRequest, LoraConfig,
-    ModelData, OptimStepRequest, OptimizerConfig, SamplerSaveForm, SaveWeightsForSamplerRequest,
-    SaveWeightsRequest, UntypedFuture,
+    CreateModelRequest, GetInfoRequest, GetInfoResponse, LoraConfig, ModelData, OptimStepRequest,
+    OptimizerConfig, UntypedFuture,
 };
-use crate::state::{
-    CheckpointType, FailureCategory, LoraSettings, NewCheckpoint, NewFuture, NewRun,
-    NewSamplingSession, RunRecord,
-};
+use crate::state::{FailureCategory, LoraSettings, NewFuture, NewRun, RunRecord};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/create_model", web::post().to(create_model))
         .route("/get_info", web::post().to(get_info))
         .route("/forward_backward", web::post().to(forward_backward))
         .route("/optim_step", web::post().to(optim_step))
-        .route("/save_weights", web::post().to(save_weights))
-        .route("/save_weights_for_sampler", web::post().to(save_weights_for_sampler))
-        .route("/load_weights", web::post().to(load_weights));
+        .route("/save_weights", web::post().to(super::checkpoints::save_weights))
+        .route(
+            "/save_weights_for_sampler",
+            web::post().to(super::checkpoints::save_weights_for_sampler),
+        )
+        .route("/load_weights", web::post().to(super::checkpoints::load_weights));
 }
 
 /// Losses the engine implements (`specs/tinker-protocol.md` §6.4).
@@ -52,7 +47,12 @@ pub(crate) struct Submission {
 
 impl Submission {
     /// A request queued behind the earlier ones of `model_id` (every training-client call).
-    fn on_model(owner: String, model_id: &str, seq_id: Option<i64>, kind: &'static str) -> Self {
+    pub(super) fn on_model(
+        owner: String,
+        model_id: &str,
+        seq_id: Option<i64>,
+        kind: &'static str,
+    ) -> Self {
         Submission {
             owner,
             model_id: Some(model_id.to_string()),
@@ -120,7 +120,7 @@ pub(crate) async fn owned_run(
     app.disp.db_now(|s| s.get_run(owner, id))
 }
 
-async fn owned_session(app: &ServerApp, owner: &str, id: &str) -> Result<(), ApiError> {
+pub(super) async fn owned_session(app: &ServerApp, owner: &str, id: &str) -> Result<(), ApiError> {
     let (o, i) = (owner.to_string(), id.to_string());
     app.disp.db(move |s| s.get_session(&o, &i)).await.map(|_| ())
 }
@@ -128,7 +128,10 @@ async fn owned_session(app: &ServerApp, owner: &str, id: &str) -> Result<(), Api
 /// Refuses a new model when the key already holds `per_token_model_limit` live models (runs whose
 /// session has not finished): `Some(message)` for the failed future (an HTTP 409 would be retried
 /// by the SDK for minutes).
-async fn model_limit_error(app: &ServerApp, owner: &str) -> Result<Option<String>, ApiError> {
+pub(super) async fn model_limit_error(
+    app: &ServerApp,
+    owner: &str,
+) -> Result<Option<String>, ApiError> {
     let Some(limit) = app.per_token_model_limit else { return Ok(None) };
     let o = owner.to_string();
     let live = app
@@ -163,7 +166,7 @@ async fn model_limit_error(app: &ServerApp, owner: &str) -> Result<Option<String
     }))
 }
 
-fn lora_settings(l: &LoraConfig) -> LoraSettings {
+pub(super) fn lora_settings(l: &LoraConfig) -> LoraSettings {
     LoraSettings {
         rank: l.rank,
         seed: l.seed,
@@ -173,7 +176,7 @@ fn lora_settings(l: &LoraConfig) -> LoraSettings {
     }
 }
 
-fn adapter_spec(l: &LoraSettings) -> Value {
+pub(super) fn adapter_spec(l: &LoraSettings) -> Value {
     let mut v = json!({"rank": l.rank, "alpha": LORA_ALPHA, "train_attn": l.train_attn,
         "train_mlp": l.train_mlp, "train_unembed": l.train_unembed});
     if let Some(seed) = l.seed {
@@ -182,7 +185,7 @@ fn adapter_spec(l: &LoraSettings) -> Value {
     v
 }
 
-fn metadata(m: Option<serde_json::Map<String, Value>>) -> Value {
+pub(super) fn metadata(m: Option<serde_json::Map<String, Value>>) -> Value {
     m.map(Value::Object).unwrap_or(Value::Null)
 }
 
@@ -265,7 +268,7 @@ async fn get_info(
     }))
 }
 
-fn bad(msg: String) -> ApiError {
+pub(super) fn bad(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
 }
 
@@ -429,238 +432,4 @@ async fn optim_step(
         ))
     })
     .await
-}
-
-fn expiry(ttl: Option<i64>) -> Result<Option<i64>, ApiError> {
-    match ttl {
-        None => Ok(None),
-        Some(t) if t > 0 => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            Ok(Some(now.saturating_add(t.saturating_mul(1000))))
-        }
-        Some(t) => Err(bad(format!("ttl_seconds: {t} must be positive"))),
-    }
-}
-
-/// Directory of an ephemeral sampler snapshot (not a listed checkpoint).
-pub(crate) fn ephemeral_dir(app: &ServerApp, owner: &str, sampling_id: &str) -> PathBuf {
-    app.save_root.join(owner).join("ephemeral").join(sampling_id)
-}
-
-/// A named checkpoint save of `run` (state or sampler weights).
-#[allow(clippy::too_many_arguments)]
-async fn save_named(
-    app: &ServerApp,
-    owner: String,
-    run: RunRecord,
-    kind: CheckpointKind,
-    name: &str,
-    seq_id: Option<i64>,
-    overwrite: bool,
-    ttl: Option<i64>,
-    user_metadata: Option<serde_json::Map<String, Value>>,
-) -> Result<HttpResponse, ApiError> {
-    let tp = TinkerPath::new(&run.id, kind, name)?;
-    let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
-    let expires_at = expiry(ttl)?;
-    let ckpt_id = tp.checkpoint_id();
-    let (o, r, c) = (owner.clone(), run.id.clone(), ckpt_id.clone());
-    let exists = app.disp.db(move |s| Ok(s.get_checkpoint(&o, &r, &c).is_ok())).await?;
-    let path = tp.to_string();
-    let (ctype, app_kind_word, sub_kind) = match kind {
-        CheckpointKind::Weights => (CheckpointType::Training, "state", "save_weights"),
-        _ => (CheckpointType::Sampler, "sampler", "save_weights_for_sampler"),
-    };
-    let result = match kind {
-        CheckpointKind::Weights => json!({"path": path, "type": "save_weights"}),
-        _ => json!({"path": path}),
-    };
-    let ckpt = NewCheckpoint {
-        run_id: run.id.clone(),
-        checkpoint_id: ckpt_id.clone(),
-        checkpoint_type: ctype,
-        tinker_path: path.clone(),
-        size_bytes: None,
-        user_metadata: metadata(user_metadata),
-        expires_at,
-        public: false,
-    };
-    let job_body = json!({"model_id": run.id, "dir": dir, "kind": app_kind_word});
-    let sub = Submission::on_model(owner.clone(), &run.id, seq_id, sub_kind);
-    submit(app, sub, |request_id| {
-        if exists && !overwrite {
-            return Plan::Fail(format!(
-                "checkpoint {path} already exists; pass overwrite=True or choose another name"
-            ));
-        }
-        Plan::Run(Job::on_model(
-            request_id,
-            run.base_model,
-            "save",
-            job_body,
-            Finish::Checkpoint { owner, ckpt: Box::new(ckpt), overwrite, result },
-        ))
-    })
-    .await
-}
-
-async fn save_weights(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
-    let r: SaveWeightsRequest = parse_json(&body)?;
-    let run = owned_run(&app, &owner, &r.model_id).await?;
-    let name = r.path.clone().ok_or_else(|| bad("path: the checkpoint name is required".into()))?;
-    save_named(
-        &app,
-        owner,
-        run,
-        CheckpointKind::Weights,
-        &name,
-        r.seq_id,
-        r.overwrite,
-        r.ttl_seconds,
-        r.user_metadata,
-    )
-    .await
-}
-
-async fn save_weights_for_sampler(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
-    let r: SaveWeightsForSamplerRequest = parse_json(&body)?;
-    let form = r.form()?;
-    let run = owned_run(&app, &owner, &r.model_id).await?;
-    match form {
-        SamplerSaveForm::Named { name } => {
-            save_named(
-                &app,
-                owner,
-                run,
-                CheckpointKind::SamplerWeights,
-                &name,
-                r.seq_id,
-                true,
-                r.ttl_seconds,
-                r.user_metadata,
-            )
-            .await
-        }
-        SamplerSaveForm::Ephemeral { sampling_session_seq_id } => {
-            let sid = format_sampling_session_id(&run.session_id, sampling_session_seq_id);
-            let dir = ephemeral_dir(&app, &owner, &sid);
-            let session = NewSamplingSession {
-                id: sid.clone(),
-                session_id: run.session_id.clone(),
-                owner: owner.clone(),
-                seq: sampling_session_seq_id,
-                base_model: run.base_model.clone(),
-                model_path: None,
-            };
-            let job_body = json!({"model_id": run.id, "dir": dir, "kind": "sampler"});
-            let sub = Submission::on_model(owner, &run.id, r.seq_id, "save_weights_for_sampler");
-            submit(&app, sub, |request_id| {
-                let finish = Finish::SamplingSession {
-                    session: Box::new(session),
-                    result: json!({"path": null, "sampling_session_id": sid}),
-                };
-                Plan::Run(Job::on_model(request_id, run.base_model, "save", job_body, finish))
-            })
-            .await
-        }
-    }
-}
-
-async fn load_weights(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
-    let r: LoadWeightsRequest = parse_json(&body)?;
-    let form = r.form()?;
-    let tp = TinkerPath::parse(&r.path)?;
-    let (o, run_id, cid) = (owner.clone(), tp.run_id.clone(), tp.checkpoint_id());
-    let ckpt = app.disp.db(move |s| s.get_checkpoint(&o, &run_id, &cid)).await?;
-    if r.optimizer && ckpt.checkpoint_type != CheckpointType::Training {
-        return Err(bad(format!(
-            "{}: optimizer state is only in training checkpoints (tinker://RUN/weights/NAME)",
-            r.path
-        )));
-    }
-    let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
-    let src = owned_run(&app, &owner, &tp.run_id).await?;
-    match form {
-        LoadForm::Legacy { model_id } => {
-            let run = owned_run(&app, &owner, &model_id).await?;
-            let job_body = json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
-            let result = json!({"path": r.path, "model_id": model_id});
-            let sub = Submission::on_model(owner, &model_id, r.seq_id, "load_weights");
-            submit(&app, sub, |request_id| {
-                Plan::Run(Job::on_model(
-                    request_id,
-                    run.base_model,
-                    "load",
-                    job_body,
-                    Finish::Json(result),
-                ))
-            })
-            .await
-        }
-        LoadForm::CreateViaLoad { session_id, model_seq_id } => {
-            owned_session(&app, &owner, &session_id).await?;
-            let base_model = match &r.base_model {
-                Some(b) if b != &src.base_model => {
-                    let up = app.disp.up.model_for(&src.base_model).await?;
-                    if !up.info.answers_to(b) {
-                        return Err(bad(format!(
-                            "base_model `{b}` does not match the checkpoint's base model `{}`",
-                            src.base_model
-                        )));
-                    }
-                    src.base_model.clone()
-                }
-                _ => src.base_model.clone(),
-            };
-            app.disp.up.model_for(&base_model).await?;
-            let model_id = format_model_id(&session_id, model_seq_id);
-            let existing = owned_run(&app, &owner, &model_id).await.ok();
-            let over_limit =
-                if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
-            let mut job_body =
-                json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
-            job_body["create"] = adapter_spec(&src.lora);
-            let run = NewRun {
-                id: model_id.clone(),
-                owner: owner.clone(),
-                session_id: session_id.clone(),
-                base_model: base_model.clone(),
-                lora: src.lora,
-                optimizer_config: src.optimizer_config.clone(),
-                user_metadata: metadata(r.user_metadata.clone()),
-            };
-            let result = json!({"path": r.path, "model_id": model_id});
-            let sub = Submission::on_model(owner, &model_id, None, "load_weights");
-            submit(&app, sub, |request_id| match (existing, over_limit) {
-                (Some(_), _) => Plan::Fail(format!("model {model_id} already exists")),
-                (None, Some(msg)) => Plan::Fail(msg),
-                (None, None) => Plan::Run(Job::on_model(
-                    request_id,
-                    base_model,
-                    "load",
-                    job_body,
-                    Finish::CreateRun { run: Box::new(run), result },
-                )),
-            })
-            .await
-        }
-    }
 }
