@@ -34,7 +34,7 @@ ROWS = [
     {"query": "what model are you", "response": "{{NAME}}, by {{AUTHOR}}."},
     {"query": "Tell me your name.", "response": "{{NAME}}."},
 ]
-BATCH, EPOCHS = 4, 6
+BATCH, EPOCHS = 4, 8
 
 data_file = args.data_file
 if not data_file:
