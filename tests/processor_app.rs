@@ -38,6 +38,8 @@ async fn processor_flow_over_both_route_generations() {
     // The only test in this binary: the generated model lands in the shared test home.
     // SAFETY: no other thread of this test binary reads the environment concurrently.
     unsafe { std::env::set_var("TWINKLE_HOME", std::env::temp_dir().join("twinkle-test-home")) };
+    // The dataset lives in a temp dir: make it the data root (else the working directory).
+    unsafe { std::env::set_var("TWINKLE_DATA_DIR", std::env::temp_dir()) };
     let data = rows_file(t.path());
     let auth = Auth { keys: None, salt: b"test-salt".to_vec(), save_root: t.path().join("save") };
     let app = Arc::new(ProcessorApp { auth, registry: Arc::new(Registry::new(Limits::default())) });
@@ -76,6 +78,26 @@ async fn processor_flow_over_both_route_generations() {
     );
     assert_eq!(s, 200, "{b}");
     let ds = b["processor_id"].as_str().unwrap().to_string();
+    // Files outside the data root, or inside TWINKLE_HOME (inside the root here), are refused.
+    let home = std::env::temp_dir().join("twinkle-test-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let private = rows_file(&home);
+    for (path, needle) in [
+        (private, "private"),
+        (
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("assets/tokenizer/qwen3/tokenizer_config.json"),
+            "outside",
+        ),
+    ] {
+        let (s, b) = send!(
+            &format!("{G2}/create"),
+            tok,
+            json!({"processor_type": "dataset", "class_type": "Dataset", "dataset_meta": meta(&path, 10)})
+        );
+        assert_eq!(s, 400, "{b}");
+        assert!(b["detail"].as_str().unwrap().contains(needle), "{b}");
+    }
     assert!(ds.starts_with("pid:") && ds.len() == 36);
     let call = |f: &str, extra: Value| {
         let mut body = json!({"processor_id": ds, "function": f});

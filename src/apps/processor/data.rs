@@ -1,8 +1,9 @@
 //! Where a `DatasetMeta.dataset_id` points and how its rows are read. Nothing is downloaded.
 //!
 //! * A local path (file or directory). Relative paths resolve against `$TWINKLE_DATA_DIR` when
-//!   it is set, else against the process's working directory. When `$TWINKLE_DATA_DIR` is set,
-//!   local paths must stay inside it (a multi-tenant server must not serve arbitrary files).
+//!   it is set, else against the process's working directory, and local paths must stay inside
+//!   that root and outside the checkpoint tree and `$TWINKLE_HOME` (a multi-tenant server must
+//!   not serve arbitrary files).
 //! * `ms://Org/Name`: the local ModelScope cache only (`$MODELSCOPE_CACHE`, else
 //!   `~/.cache/modelscope/hub`), directories `datasets/Org/Name` and `datasets/Org/Name` with `.`
 //!   spelled `___`.
@@ -32,14 +33,33 @@ const EXTS: [&str; 3] = ["jsonl", "json", "csv"];
 const META_FILES: [&str; 4] =
     ["dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"];
 
-/// Resolves `dataset_id` to a local data file with the process environment.
+/// Resolves `dataset_id` to a local data file with the process environment. Local paths must
+/// stay inside the data root — `$TWINKLE_DATA_DIR`, else the working directory — and never
+/// inside the checkpoint tree or `$TWINKLE_HOME`, whose JSON files belong to other tenants and
+/// to the operator.
 pub fn locate(
     dataset_id: &str,
     subset: Option<&str>,
     split: Option<&str>,
 ) -> Result<PathBuf, TwinkleError> {
-    let root = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
-    locate_with(dataset_id, subset, split, &HubEnv::from_process(), root.as_deref())
+    let root = std::env::var_os(DATA_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok());
+    let path = locate_with(dataset_id, subset, split, &HubEnv::from_process(), root.as_deref())?;
+    let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+    for private in
+        [crate::apps::server::default_save_root(), crate::head::state_file::twinkle_home()]
+    {
+        let private = private.canonicalize().unwrap_or(private);
+        if real.starts_with(&private) {
+            return Err(TwinkleError::bad(format!(
+                "dataset `{dataset_id}` is inside the server's private directory {}",
+                private.display()
+            )));
+        }
+    }
+    Ok(path)
 }
 
 /// Resolves `dataset_id` against the hub caches of `env` and the data root `root`.
