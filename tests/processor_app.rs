@@ -38,11 +38,16 @@ async fn processor_flow_over_both_route_generations() {
     // The only test in this binary: the generated model lands in the shared test home.
     // SAFETY: no other thread of this test binary reads the environment concurrently.
     unsafe { std::env::set_var("TWINKLE_HOME", std::env::temp_dir().join("twinkle-test-home")) };
-    // The dataset lives in a temp dir: make it the data root (else the working directory).
-    unsafe { std::env::set_var("TWINKLE_DATA_DIR", std::env::temp_dir()) };
     let data = rows_file(t.path());
     let auth = Auth { keys: None, salt: b"test-salt".to_vec(), save_root: t.path().join("save") };
-    let app = Arc::new(ProcessorApp { auth, registry: Arc::new(Registry::new(Limits::default())) });
+    let app = Arc::new(ProcessorApp {
+        auth,
+        registry: Arc::new(Registry::new(Limits {
+            // The dataset lives in a temp dir: the data root (TWINKLE_DATA_DIR in the application).
+            data_root: Some(std::env::temp_dir()),
+            ..Limits::default()
+        })),
+    });
     let (a2, a1) = (app.clone(), app.clone());
     let svc = test::init_service(App::new().configure(move |cfg| {
         routes(cfg, a2.clone(), "/api/v1/processor");

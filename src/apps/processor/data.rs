@@ -33,20 +33,24 @@ const EXTS: [&str; 3] = ["jsonl", "json", "csv"];
 const META_FILES: [&str; 4] =
     ["dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"];
 
-/// Resolves `dataset_id` to a local data file with the process environment. Local paths must
-/// stay inside the data root — `$TWINKLE_DATA_DIR`, else the working directory — and never
-/// inside the checkpoint tree or `$TWINKLE_HOME`, whose JSON files belong to other tenants and
-/// to the operator.
+/// The application's data root: `$TWINKLE_DATA_DIR`, else the working directory.
+pub fn data_root() -> Option<PathBuf> {
+    std::env::var_os(DATA_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+}
+
+/// Resolves `dataset_id` to a local data file with the process's hub caches. Local paths must
+/// stay inside `root` ([`data_root`] in the application) and never inside the checkpoint tree or
+/// `$TWINKLE_HOME`, whose JSON files belong to other tenants and to the operator.
 pub fn locate(
     dataset_id: &str,
     subset: Option<&str>,
     split: Option<&str>,
+    root: Option<&Path>,
 ) -> Result<PathBuf, TwinkleError> {
-    let root = std::env::var_os(DATA_DIR_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::current_dir().ok());
-    let path = locate_with(dataset_id, subset, split, &HubEnv::from_process(), root.as_deref())?;
+    let path = locate_with(dataset_id, subset, split, &HubEnv::from_process(), root)?;
     let real = path.canonicalize().unwrap_or_else(|_| path.clone());
     for private in
         [crate::apps::server::default_save_root(), crate::head::state_file::twinkle_home()]

@@ -100,7 +100,11 @@ fn opt_str<'a>(kw: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>,
 
 impl Dataset {
     /// `Dataset(dataset_meta=…)`: loads the rows (at most `max_rows` before slicing).
-    pub fn create(kw: &Map<String, Value>, max_rows: usize) -> Result<Self, TwinkleError> {
+    pub fn create(
+        kw: &Map<String, Value>,
+        max_rows: usize,
+        data_root: Option<&std::path::Path>,
+    ) -> Result<Self, TwinkleError> {
         let meta = kw.get("dataset_meta").filter(|v| !v.is_null()).ok_or_else(|| {
             TwinkleError::bad("dataset.Dataset needs dataset_meta (a DatasetMeta)")
         })?;
@@ -118,6 +122,7 @@ impl Dataset {
                     &meta.dataset_id,
                     meta.subset_name.as_deref(),
                     meta.split.as_deref(),
+                    data_root,
                 )?;
                 tracing::info!(dataset = %meta.dataset_id, file = %path.display(), "loading dataset");
                 data::read_rows(&path, max_rows)?

@@ -34,11 +34,19 @@ pub struct Limits {
     pub timeout: Duration,
     pub max_per_owner: usize,
     pub max_rows: usize,
+    /// Local dataset files must lie inside it (`None`: anywhere but the private directories;
+    /// in-process tests only — the application always sets it).
+    pub data_root: Option<std::path::PathBuf>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { timeout: Duration::from_secs(1800), max_per_owner: 64, max_rows: 1_000_000 }
+        Limits {
+            timeout: Duration::from_secs(1800),
+            max_per_owner: 64,
+            max_rows: 1_000_000,
+            data_root: None,
+        }
     }
 }
 
@@ -56,6 +64,7 @@ impl Limits {
                 .filter(|n| *n >= 1.0)
                 .map_or(d.max_per_owner, |n| n as usize),
             max_rows: num(MAX_ROWS_ENV).filter(|n| *n >= 1.0).map_or(d.max_rows, |n| n as usize),
+            data_root: super::data::data_root(),
         }
     }
 }
@@ -130,9 +139,11 @@ impl Registry {
         // Checked before the (possibly slow) construction and again when inserting.
         self.check_room(&*self.entries.lock().map_err(|_| poisoned())?, owner, now)?;
         let obj = match (ty, class) {
-            ("dataset", "Dataset") => {
-                Processor::Dataset(Dataset::create(&kw, self.limits.max_rows)?)
-            }
+            ("dataset", "Dataset") => Processor::Dataset(Dataset::create(
+                &kw,
+                self.limits.max_rows,
+                self.limits.data_root.as_deref(),
+            )?),
             ("dataloader", "DataLoader") => {
                 let raw = kw.get("dataset").and_then(Value::as_str).ok_or_else(|| {
                     TwinkleError::bad(
