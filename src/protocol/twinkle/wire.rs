@@ -186,14 +186,6 @@ pub struct InputFeature {
     pub position_ids: Option<Vec<i64>>,
 }
 
-/// One chat message of a trajectory (extra fields such as tool calls pass through the template).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    #[serde(default)]
-    pub content: Value,
-}
-
 /// A conversation encoded server-side with the chat template.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trajectory {

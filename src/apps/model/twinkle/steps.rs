@@ -6,7 +6,7 @@ use serde_json::{Map, Value, json};
 
 use super::inputs::{self, Loss};
 use super::ops::{f64_of, kwargs};
-use super::{Metrics, TrainState, TwinkleModel, lock};
+use super::{TrainState, TwinkleModel, lock};
 use crate::apps::model::types::{ForwardBackwardRequest, OptimStepRequest};
 use crate::engine::AdamParams;
 use crate::protocol::twinkle::{Caller, Gen, TwinkleError};
@@ -30,18 +30,20 @@ impl TwinkleModel {
     /// Runs the engine on `enc`; returns (loss in the user's units, per-input logprobs).
     fn run(
         &self,
-        st: &mut TrainState,
+        st: &TrainState,
+        loss: &Loss,
         enc: &[inputs::Encoded],
         extras: &Map<String, Value>,
         train: bool,
         disable_lora: bool,
     ) -> Result<(f64, Vec<Vec<f32>>, usize), TwinkleError> {
         let scale = if train { 1.0 / st.ga_steps as f64 } else { 1.0 };
-        let (mut data, tokens) = inputs::datums(enc, &st.loss, extras, scale)?;
-        if matches!(st.loss, Loss::Grpo { .. }) && data.iter().any(|d| d.logprobs.is_none()) {
+        let (mut data, tokens) = inputs::datums(enc, loss, extras, scale)?;
+        if matches!(loss, Loss::Grpo { .. }) && data.iter().any(|d| d.logprobs.is_none()) {
             // No old_logps: on-policy, the ratio is 1 at the current weights.
             let (_, lps, _) = self.run(
-                &mut TrainState { loss: Loss::CrossEntropy { mean: false }, ..clone_state(st) },
+                st,
+                &Loss::CrossEntropy { mean: false },
                 enc,
                 &Map::new(),
                 false,
@@ -53,7 +55,7 @@ impl TwinkleModel {
                 }
             }
         }
-        let (loss_fn, loss_config) = st.loss.engine();
+        let (loss_fn, loss_config) = loss.engine();
         let out = self.app.forward_backward(&ForwardBackwardRequest {
             model_id: st.engine_id.clone(),
             forward_only: !train,
@@ -85,7 +87,7 @@ impl TwinkleModel {
         let enc = self.encode(&st, body)?;
         let disable = body.get("disable_lora").and_then(Value::as_bool).unwrap_or(false);
         let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, _) = self.run(&mut st, &enc, &extras, false, disable)?;
+        let (loss, lps, _) = self.run(&st, &st.loss, &enc, &extras, false, disable)?;
         let logps = inputs::logps(&enc, &lps);
         if stage {
             st.staged = Some((enc, extras, loss));
@@ -120,7 +122,7 @@ impl TwinkleModel {
         let (enc, extras, _) = st.staged.take().ok_or_else(|| {
             TwinkleError::bad("backward: call forward(inputs) and calculate_loss first")
         })?;
-        let (loss, _, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
+        let (loss, _, tokens) = self.run(&st, &st.loss, &enc, &extras, true, false)?;
         st.micro += 1;
         Self::record(&mut st, loss, tokens);
         Ok(match g {
@@ -140,7 +142,7 @@ impl TwinkleModel {
         let mut st = lock(&s);
         let enc = self.encode(&st, body)?;
         let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, tokens) = self.run(&mut st, &enc, &extras, true, false)?;
+        let (loss, lps, tokens) = self.run(&st, &st.loss, &enc, &extras, true, false)?;
         st.micro += 1;
         st.consumed_train_samples += enc.len() as u64;
         Self::record(&mut st, loss, tokens);
@@ -162,15 +164,15 @@ impl TwinkleModel {
         let _ = g;
         let s = self.state(caller, body)?;
         let mut st = lock(&s);
-        let (max, norm_type) = Self::clip_args(body)?;
+        let max = Self::clip_args(body)?;
         let norm = self.app.grad_norm(&st.engine_id)?;
         st.clip = Some(max);
         st.metrics.grad_norm = Some(norm);
-        let _ = norm_type;
         Ok(json!({"result": format!("{norm}")}))
     }
 
-    fn clip_args(body: &Map<String, Value>) -> Result<(f64, f64), TwinkleError> {
+    /// `max_grad_norm` of a clip request (only the L2 norm is supported).
+    fn clip_args(body: &Map<String, Value>) -> Result<f64, TwinkleError> {
         let max = f64_of(body, "max_grad_norm")?.unwrap_or(1.0);
         let norm_type = f64_of(body, "norm_type")?.unwrap_or(2.0);
         if norm_type != 2.0 {
@@ -181,7 +183,7 @@ impl TwinkleModel {
         if max <= 0.0 {
             return Err(TwinkleError::bad(format!("max_grad_norm must be > 0, got {max}")));
         }
-        Ok((max, norm_type))
+        Ok(max)
     }
 
     /// One optimizer step on an accumulation boundary (else nothing).
@@ -259,7 +261,7 @@ impl TwinkleModel {
     ) -> Result<Value, TwinkleError> {
         let s = self.state(caller, body)?;
         let mut st = lock(&s);
-        let (max, _) = Self::clip_args(body)?;
+        let max = Self::clip_args(body)?;
         if Self::boundary(&st) {
             st.clip = Some(max);
             self.do_step(&mut st)?;
@@ -268,31 +270,5 @@ impl TwinkleModel {
             }
         }
         Ok(Self::unit(g))
-    }
-}
-
-/// A detached copy of the settings a nested forward needs (no metrics or staged inputs).
-fn clone_state(st: &TrainState) -> TrainState {
-    TrainState {
-        owner: st.owner.clone(),
-        run_id: st.run_id.clone(),
-        engine_id: st.engine_id.clone(),
-        lora: st.lora.clone(),
-        ga_steps: st.ga_steps,
-        template: st.template.clone(),
-        loss: st.loss.clone(),
-        optim: st.optim,
-        optimizer_cls: st.optimizer_cls.clone(),
-        schedule: st.schedule.clone(),
-        scheduler_cls: st.scheduler_cls.clone(),
-        sched_steps: st.sched_steps,
-        micro: st.micro,
-        cur_step: st.cur_step,
-        clip: st.clip,
-        stepped: st.stepped,
-        consumed_train_samples: st.consumed_train_samples,
-        staged: None,
-        metrics: Metrics::default(),
-        last_seen: st.last_seen,
     }
 }
