@@ -204,6 +204,9 @@ fn run_script(py: &Path, port: u16, script: &str, env: &[(&str, &str)]) -> Resul
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     eprintln!("{script}: {:.1}s", t0.elapsed().as_secs_f64());
+    for l in stdout.lines().filter(|l| !l.starts_with("RESULT ")) {
+        eprintln!("  {l}");
+    }
     let Some(status) = status else {
         bail!("{script} timed out after {SCRIPT_TIMEOUT:?}:\n{stdout}\n{stderr}");
     };
@@ -213,6 +216,32 @@ fn run_script(py: &Path, port: u16, script: &str, env: &[(&str, &str)]) -> Resul
         .find_map(|l| l.strip_prefix("RESULT "))
         .with_context(|| format!("{script} printed no RESULT:\n{stdout}\n{stderr}"))?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// The script's failure first, then the tail of the server log with repeated lines folded: CI
+/// shows the first and last lines of a long failure, so the cause must not sit in the middle.
+fn with_log(e: anyhow::Error, serve: &Serve) -> anyhow::Error {
+    let log = serve.log_text();
+    let mut lines: Vec<String> = Vec::new();
+    let mut repeats = 0usize;
+    for l in log.lines() {
+        // Timestamps differ; fold lines equal after the first 28 characters.
+        let key = |s: &str| s.get(28..).unwrap_or(s).to_string();
+        if lines.last().is_some_and(|p| key(p) == key(l)) {
+            repeats += 1;
+            continue;
+        }
+        if repeats > 0 {
+            lines.push(format!("  (... the line above {repeats} more times)"));
+            repeats = 0;
+        }
+        lines.push(l.to_string());
+    }
+    if repeats > 0 {
+        lines.push(format!("  (... the line above {repeats} more times)"));
+    }
+    let tail = lines.len().saturating_sub(40);
+    anyhow::anyhow!("{e:#}\n--- serve log, last 40 lines ---\n{}", lines[tail..].join("\n"))
 }
 
 fn f(v: &Value, k: &str) -> f64 {
@@ -232,8 +261,7 @@ fn twinkle_kit_051_sft_grpo_isolation() -> Result<()> {
         MODEL,
     )?;
     let run = |script: &str, env: &[(&str, &str)]| {
-        run_script(&py, port, script, env)
-            .with_context(|| format!("serve log:\n{}", serve.log_text()))
+        run_script(&py, port, script, env).map_err(|e| with_log(e, &serve))
     };
 
     let sft = run("gen2_sft.py", &[("TWINKLE_TOKEN", "tml-kit-sft")])?;
@@ -306,7 +334,7 @@ fn twinkle_kit_013_seed_layout_flow() -> Result<()> {
             ("TWINKLE_DATA_FILE", &data),
         ],
     )
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    .map_err(|e| with_log(e, &serve))?;
     let losses = r["epoch_losses"].as_array().context("epoch_losses")?;
     let (first, last) =
         (losses[0].as_f64().unwrap_or(f64::NAN), losses.last().and_then(Value::as_f64));

@@ -83,9 +83,11 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Spills an adapter (weights, moments, step, and pending gradients) to `dir`.
-pub fn spill(adapter: &Adapter, pending_grads: bool, dir: &Path) -> Result<(), AppError> {
+pub fn spill(adapter: &Adapter, id: &str, pending_grads: bool, dir: &Path) -> Result<(), AppError> {
     write_dir_atomic(dir, |tmp| {
         adapter.save_state(tmp)?;
+        let id_file = tmp.join(super::durable::ID_FILE);
+        std::fs::write(&id_file, id).map_err(|e| io("cannot write", &id_file, e))?;
         if pending_grads {
             save_f32(&tmp.join(GRADS_FILE), &adapter.gradients())?;
         }

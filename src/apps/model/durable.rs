@@ -3,8 +3,10 @@
 //!
 //! After each completed `optim_step` (and on create / load) the adapter's id is queued; a
 //! background thread takes the adapter lock only to copy it to the host (`engine.download`),
-//! then writes weights + Adam moments + step outside the lock into `{spill_dir}/live/<hex id>`
-//! (temp dir + rename: never half written). The queue is a set, so a burst of steps costs one
+//! then writes weights + Adam moments + step outside the lock into `{spill_dir}/live/<key>`
+//! (temp dir + rename: never half written). `<key>` is the SHA-256 of the id and the id itself is
+//! a file inside: ids are long (a Twinkle id is an owner digest plus a session and adapter name),
+//! and a name derived from the id byte for byte overflows the 255-byte file-name limit. The queue is a set, so a burst of steps costs one
 //! write of the latest state. Pending gradients are not written: a snapshot is the state right
 //! after a completed step, and a crash loses at most the `forward_backward` work since then.
 //!
@@ -33,20 +35,23 @@ pub struct Snapshots {
     wake: Condvar,
 }
 
-/// Hex of an id (ids are opaque strings; hex keeps any of them a safe file name).
-pub fn hex(id: &str) -> String {
-    id.bytes().map(|b| format!("{b:02x}")).collect()
+/// File inside a snapshot or spill directory holding the adapter id it belongs to.
+pub const ID_FILE: &str = "adapter_id";
+
+/// The directory name of adapter `id`'s snapshot or spill: 64 hex digits of its SHA-256, a safe
+/// and short file name whatever the id (plus the temp suffix of `write_dir_atomic`).
+pub fn key(id: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(name: &str) -> Option<String> {
-    if name.is_empty() || !name.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..name.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(name.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+/// The id a snapshot directory was written for (its [`ID_FILE`]).
+fn id_of(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(ID_FILE)).ok().filter(|id| key(id) == dir_name(dir))
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 impl Snapshots {
@@ -61,7 +66,7 @@ impl Snapshots {
 
     /// Where adapter `id`'s snapshot lives.
     pub fn dir(&self, id: &str) -> PathBuf {
-        self.root.join(hex(id))
+        self.root.join(key(id))
     }
 
     /// Whether `dir` is a snapshot (kept when the adapter is reloaded from it, unlike a spill).
@@ -103,11 +108,11 @@ impl Snapshots {
         let Ok(rd) = std::fs::read_dir(&self.root) else { return Vec::new() };
         let entries: Vec<_> = rd.flatten().collect();
         // A crash between "move the old snapshot aside" and "rename the new one in" (see
-        // `write_dir_atomic`) leaves only `.<hex>.old-…`: that one is the last complete state.
+        // `write_dir_atomic`) leaves only `.<key>.old-…`: that one is the last complete state.
         for e in &entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some((hex, _)) = name.strip_prefix('.').and_then(|n| n.split_once(".old-")) {
-                let _ = std::fs::rename(e.path(), self.root.join(hex));
+            if let Some((key, _)) = name.strip_prefix('.').and_then(|n| n.split_once(".old-")) {
+                let _ = std::fs::rename(e.path(), self.root.join(key));
             }
         }
         let Ok(rd) = std::fs::read_dir(&self.root) else { return Vec::new() };
@@ -118,7 +123,7 @@ impl Snapshots {
                 let _ = std::fs::remove_dir_all(e.path());
                 continue;
             }
-            match unhex(&name) {
+            match id_of(&e.path()) {
                 Some(id) if e.path().join("adapter_config.json").is_file() => {
                     out.push((id, e.path()))
                 }
@@ -168,7 +173,7 @@ impl<R: ModelRuntime> ModelService<R> {
             }
         };
         let dir = self.snaps.dir(id);
-        checkpoint::spill(&host, false, &dir)?;
+        checkpoint::spill(&host, id, false, &dir)?;
         // Unloaded while we wrote: the snapshot must not resurrect it after a restart.
         let still = lock(&self.adapters).get(id).is_some_and(|s| Arc::ptr_eq(s, &slot));
         if !still {
@@ -237,32 +242,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_round_trips_any_id() {
-        for id in ["a", "run-1:train:0", "ü/..", "x y"] {
-            assert_eq!(unhex(&hex(id)).as_deref(), Some(id));
+    fn keys_are_short_file_names_for_any_id() {
+        let long = format!("{}/session_{}-default", "a".repeat(64), "b".repeat(32));
+        for id in ["a", "run-1:train:0", "ü/..", "x y", "", long.as_str()] {
+            let k = key(id);
+            assert_eq!(k.len(), 64);
+            assert!(k.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
         }
-        assert_eq!(unhex("zz"), None);
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex(LIVE_DIR), None);
+        assert_ne!(key("a"), key("b"));
+    }
+
+    #[test]
+    fn a_long_id_snapshots_and_is_found_again() {
+        // 113 bytes, like a Twinkle id: hex of it plus the temp suffix was over 255 bytes.
+        let id = format!("{}/session_{}-default", "a".repeat(64), "b".repeat(32));
+        let t = tempfile::tempdir().unwrap();
+        let snaps = Snapshots::new(t.path());
+        let spec = crate::engine::cuda::bench_shape("tiny").unwrap();
+        let cfg = crate::engine::cuda::spec_config(&spec);
+        let lora = crate::engine::LoraConfig::from_tinker(2, 4.0, true, false, false, 1);
+        let adapter = crate::engine::Adapter::for_config(&cfg, &lora).unwrap();
+        checkpoint::spill(&adapter, &id, false, &snaps.dir(&id)).unwrap();
+        let found = snaps.found();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, id);
     }
 
     #[test]
     fn an_interrupted_replace_keeps_the_previous_snapshot() {
         let t = tempfile::tempdir().unwrap();
         let snaps = Snapshots::new(t.path());
-        let put = |name: &str| {
+        let put = |name: &str, id: &str| {
             let d = t.path().join(LIVE_DIR).join(name);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("adapter_config.json"), "{}").unwrap();
+            std::fs::write(d.join(ID_FILE), id).unwrap();
         };
         // "ab": only the moved-aside old snapshot and a half-written temp; "cd": complete.
-        put(&format!(".{}.old-1-2", hex("ab")));
-        put(&format!(".{}.tmp-1-2", hex("ab")));
-        put(&hex("cd"));
+        put(&format!(".{}.old-1-2", key("ab")), "ab");
+        put(&format!(".{}.tmp-1-2", key("ab")), "ab");
+        put(&key("cd"), "cd");
+        // A directory whose id file does not match its name is not anyone's snapshot.
+        put(&key("ef"), "xx");
         let mut ids: Vec<String> = snaps.found().into_iter().map(|(id, _)| id).collect();
         ids.sort();
         assert_eq!(ids, ["ab", "cd"]);
         let left = std::fs::read_dir(t.path().join(LIVE_DIR)).unwrap().count();
-        assert_eq!(left, 2, "temp directories are removed");
+        assert_eq!(left, 3, "temp directories are removed, the stray entry is left alone");
     }
 }

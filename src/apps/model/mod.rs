@@ -190,7 +190,7 @@ impl<R: ModelRuntime> ModelService<R> {
     }
 
     fn spill_path(&self, id: &str) -> PathBuf {
-        self.spill_dir.join(durable::hex(id))
+        self.spill_dir.join(durable::key(id))
     }
 
     /// Deletes a spilled copy once it is back in memory (a durable snapshot stays).
@@ -288,7 +288,7 @@ impl<R: ModelRuntime> ModelService<R> {
             .engine
             .download(adapter)
             .map_err(AppError::from)
-            .and_then(|host| checkpoint::spill(&host, *pending_grads, &dir));
+            .and_then(|host| checkpoint::spill(&host, id, *pending_grads, &dir));
         match written {
             Ok(()) => {
                 tracing::info!(model_id = %id, dir = %dir.display(), "unloaded adapter to disk");
