@@ -4,6 +4,7 @@ answers again once the application is back, at the state of the last completed s
 steps give the same losses as a control client loaded from the save_state taken before the kill.
 Then a crash that loses the adapter (its snapshots in LIVE deleted first): the next call fails as a
 server error, the run is marked corrupted, and load_state on the same client recovers it."""
+import hashlib
 import json
 import os
 import shutil
@@ -45,11 +46,16 @@ def after_crash(fn):
         return fn()
 
 
+def snapshot_dir(client):
+    """A snapshot directory is named by the SHA-256 of the model id (src/apps/model/durable.rs)."""
+    return hashlib.sha256(client.model_id.encode()).hexdigest()
+
+
 def wait_snapshot(client, step):
     """Waits until the snapshot of `client`'s adapter at `step` is on disk: it is written in the
     background (milliseconds; longer on a loaded machine), and the test checks restoring, not
     that race."""
-    snap = os.path.join(live, client.model_id.encode().hex(), "optimizer_state.json")
+    snap = os.path.join(live, snapshot_dir(client), "optimizer_state.json")
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -87,7 +93,7 @@ st = json.loads(subprocess.run([twinkle_bin, "status", "--json"], env=dict(os.en
 pid2 = next(a["pid"] for a in st["applications"] if a["import_path"] == "model")
 check(pid2 and pid2 != pid, f"model app pid after the restart: {pid2}")
 wait_snapshot(tc, 5)
-shutil.rmtree(os.path.join(live, tc.model_id.encode().hex()))
+shutil.rmtree(os.path.join(live, snapshot_dir(tc)))
 os.kill(pid2, signal.SIGKILL)
 try:
     after_crash(lambda: forward(tc))
