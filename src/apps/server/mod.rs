@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod orphans;
 pub mod sweeper;
 pub mod twinkle;
 pub mod upstream;

@@ -172,6 +172,8 @@ pub struct Upstreams {
     /// Kinds with an application starting or restarting at the last refresh.
     pending: Arc<Mutex<HashSet<String>>>,
     wait: Duration,
+    /// How many server applications the head listed at the last refresh.
+    servers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 thread_local! {
@@ -196,6 +198,7 @@ impl Upstreams {
             seen: Arc::new(Mutex::new(HashMap::new())),
             pending: Arc::new(Mutex::new(HashSet::new())),
             wait: restart_wait(),
+            servers: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -205,7 +208,8 @@ impl Upstreams {
         self
     }
 
-    fn is_pending(&self, kind: &str) -> bool {
+    /// Whether an application of `kind` was starting or restarting at the last refresh.
+    pub fn is_pending(&self, kind: &str) -> bool {
         self.pending.lock().map(|p| p.contains(kind)).unwrap_or(false)
     }
 
@@ -240,6 +244,8 @@ impl Upstreams {
         let mut fresh = HashMap::new();
         let mut seen = HashMap::new();
         let mut pending = HashSet::new();
+        let servers = report.applications.iter().filter(|a| a.import_path == "server").count();
+        self.servers.store(servers, std::sync::atomic::Ordering::Relaxed);
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
@@ -424,6 +430,17 @@ impl Upstreams {
             target =
                 self.cached().into_iter().find(|u| u.kind == kind && u.info.answers_to(base_model));
         }
+    }
+
+    /// How many server applications the head listed at the last refresh.
+    pub fn server_count(&self) -> usize {
+        self.servers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Unloads adapter `model_id` on the application at `address` (housekeeping).
+    pub async fn unload_at(&self, address: &str, model_id: &str) -> Result<(), JobError> {
+        let body = serde_json::json!({ "model_id": model_id });
+        self.call_at(address, "POST", "unload", Some(&body)).await.map(|_| ()).map_err(Into::into)
     }
 
     async fn call_at(
