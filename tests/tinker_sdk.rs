@@ -267,14 +267,18 @@ fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
         assert_eq!(status.as_u64(), Some(400), "{path}");
     }
 
-    // (f) malformed requests: 4xx with a detail each, and the server still trains.
+    // (f) the hostile-input table of issue #12 (rows: [item, status, detail]): a 4xx with a
+    // detail each, a row for every item with an HTTP input, and the server still trains.
     let m = run("tml-bad", "malformed.py")?;
     let table = m["table"].as_object().context("table")?;
-    assert!(table.len() >= 20, "{m}");
+    assert!(table.len() >= 30, "{m}");
+    let mut items = std::collections::BTreeSet::new();
     for (name, row) in table {
-        let status = row[0].as_u64().unwrap_or(0);
+        items.insert(row[0].as_u64().unwrap_or(0));
+        let status = row[1].as_u64().unwrap_or(0);
         assert!((400..500).contains(&status), "{name}: {row}");
     }
+    assert_eq!(items.into_iter().collect::<Vec<_>>(), [1, 2, 4, 5, 6, 8], "{m}");
     assert!(f(&m, "loss_after") > 0.0);
     assert!(m["overflow"].as_str().is_some_and(|s| s.contains("overflowed")), "{m}");
     drop(serve);
