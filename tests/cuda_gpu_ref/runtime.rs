@@ -152,3 +152,81 @@ pub fn seam_parity<T: Act + Send + Sync + 'static>(grad_tol: f64, workers: usize
     }
     Ok(())
 }
+
+/// Every value a step could change, bit for bit (NaN gradients compare by their bits).
+fn state_bits(a: &Adapter) -> (Vec<u32>, u64) {
+    let bits = a
+        .pairs()
+        .iter()
+        .flat_map(|(_, p)| {
+            let w = p.a.data().iter().chain(p.b.data());
+            let moments = p.m_a.iter().chain(&p.v_a).chain(&p.m_b).chain(&p.v_b);
+            w.chain(&p.grad_a).chain(&p.grad_b).chain(moments).copied()
+        })
+        .map(f32::to_bits)
+        .collect();
+    (bits, a.step())
+}
+
+/// Refused by `runtime` (through `DataParallel`, as the model application calls it): the error
+/// message, and the adapter downloaded afterwards.
+fn refused_step<R: ModelRuntime>(
+    dp: &DataParallel<R>,
+    host: &Adapter,
+) -> Result<(String, Adapter)> {
+    let mut rep = dp.upload(host)?;
+    let adam = AdamParams { learning_rate: 1e-2, ..Default::default() };
+    let err = match dp.optim_step(&mut rep, &adam) {
+        Ok(m) => anyhow::bail!("a non-finite gradient was applied (step {})", m.step),
+        Err(e) => e,
+    };
+    ensure!(
+        matches!(err, twinkle::engine::EngineError::NonFinite(_)) && err.is_user_error(),
+        "expected the NonFinite user error, got {err:?}"
+    );
+    Ok((err.to_string(), dp.download(&rep)?))
+}
+
+/// A gradient with an inf or a NaN (after one good step, so the moments are non-zero) is
+/// refused by the CUDA step before anything moves, with the CPU's error: weights, moments,
+/// gradients and step stay bit for bit, on one card and as two data-parallel replicas; the
+/// adapter then steps normally once the gradient is cleared.
+pub fn non_finite_gradient_is_refused<T: Act + Send + Sync + 'static>() -> Result<()> {
+    let (_tmp, model) = tiny_model()?;
+    let vocab = model.config().vocab_size;
+    let cpu = DataParallel::single(CpuRuntime::new(model.clone()));
+    let mut rep = cpu.upload(&adapter(&model)?)?;
+    cpu.forward_backward(&mut rep, &batch(1, &[7, 5], vocab), &LossFn::CrossEntropy)?;
+    cpu.optim_step(&mut rep, &AdamParams { learning_rate: 1e-2, ..Default::default() })?;
+    cpu.forward_backward(&mut rep, &batch(2, &[6], vocab), &LossFn::CrossEntropy)?;
+    let good = cpu.download(&rep)?;
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut host = good.clone();
+        let mut g = host.grads_flat();
+        let mid = g.len() / 2;
+        g[mid] = bad;
+        host.set_grads_flat(&g)?;
+        let (cpu_msg, cpu_after) = refused_step(&cpu, &host)?;
+        ensure!(state_bits(&cpu_after) == state_bits(&host), "cpu changed the adapter ({bad})");
+        for workers in [1, 2] {
+            let gpus = (0..workers)
+                .map(|_| CudaRuntime::<T>::new(0, &model))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dp = DataParallel::new(gpus)?;
+            let (msg, after) = refused_step(&dp, &host)?;
+            ensure!(msg == cpu_msg, "cuda x{workers} ({bad}): {msg:?} vs cpu {cpu_msg:?}");
+            ensure!(
+                state_bits(&after) == state_bits(&host),
+                "cuda x{workers} changed the adapter on a refused step ({bad})"
+            );
+            // Cleared, the same adapter steps on.
+            let mut rep = dp.upload(&host)?;
+            dp.zero_grad(&mut rep)?;
+            dp.forward_backward(&mut rep, &batch(3, &[5], vocab), &LossFn::CrossEntropy)?;
+            let m =
+                dp.optim_step(&mut rep, &AdamParams { learning_rate: 1e-2, ..Default::default() })?;
+            ensure!(m.step == 2 && m.grad_norm.is_finite(), "step after clearing: {m:?}");
+        }
+    }
+    Ok(())
+}
