@@ -168,23 +168,28 @@ fn state_bits(a: &Adapter) -> (Vec<u32>, u64) {
     (bits, a.step())
 }
 
-/// Refused by `runtime` (through `DataParallel`, as the model application calls it): the error
-/// message, and the adapter downloaded afterwards.
+/// Refused by the runtime alone and through `DataParallel` (as the model application calls
+/// it, which also restores a copy on failure): the error message, and the adapter downloaded
+/// afterwards from each path.
 fn refused_step<R: ModelRuntime>(
     dp: &DataParallel<R>,
     host: &Adapter,
-) -> Result<(String, Adapter)> {
-    let mut rep = dp.upload(host)?;
+) -> Result<(String, [Adapter; 2])> {
     let adam = AdamParams { learning_rate: 1e-2, ..Default::default() };
-    let err = match dp.optim_step(&mut rep, &adam) {
+    let check = |r: twinkle::engine::Result<twinkle::engine::OptimMetrics>| match r {
         Ok(m) => anyhow::bail!("a non-finite gradient was applied (step {})", m.step),
-        Err(e) => e,
+        Err(e) if matches!(e, twinkle::engine::EngineError::NonFinite(_)) => Ok(e.to_string()),
+        Err(e) => anyhow::bail!("expected the NonFinite user error, got {e:?}"),
     };
-    ensure!(
-        matches!(err, twinkle::engine::EngineError::NonFinite(_)) && err.is_user_error(),
-        "expected the NonFinite user error, got {err:?}"
-    );
-    Ok((err.to_string(), dp.download(&rep)?))
+    // The runtime itself must not move anything (no copy to fall back on here).
+    let w = dp.worker(0);
+    let mut alone = w.upload_adapter(host)?;
+    let msg = check(w.optim_step(&mut alone, &adam))?;
+    let mut after_alone = host.clone();
+    w.download_adapter(&alone, &mut after_alone)?;
+    let mut rep = dp.upload(host)?;
+    ensure!(check(dp.optim_step(&mut rep, &adam))? == msg, "the two paths disagree");
+    Ok((msg, [after_alone, dp.download(&rep)?]))
 }
 
 /// A gradient with an inf or a NaN (after one good step, so the moments are non-zero) is
@@ -207,7 +212,9 @@ pub fn non_finite_gradient_is_refused<T: Act + Send + Sync + 'static>() -> Resul
         g[mid] = bad;
         host.set_grads_flat(&g)?;
         let (cpu_msg, cpu_after) = refused_step(&cpu, &host)?;
-        ensure!(state_bits(&cpu_after) == state_bits(&host), "cpu changed the adapter ({bad})");
+        for a in &cpu_after {
+            ensure!(state_bits(a) == state_bits(&host), "cpu changed the adapter ({bad})");
+        }
         for workers in [1, 2] {
             let gpus = (0..workers)
                 .map(|_| CudaRuntime::<T>::new(0, &model))
@@ -215,10 +222,12 @@ pub fn non_finite_gradient_is_refused<T: Act + Send + Sync + 'static>() -> Resul
             let dp = DataParallel::new(gpus)?;
             let (msg, after) = refused_step(&dp, &host)?;
             ensure!(msg == cpu_msg, "cuda x{workers} ({bad}): {msg:?} vs cpu {cpu_msg:?}");
-            ensure!(
-                state_bits(&after) == state_bits(&host),
-                "cuda x{workers} changed the adapter on a refused step ({bad})"
-            );
+            for (a, path) in after.iter().zip(["the runtime", "DataParallel"]) {
+                ensure!(
+                    state_bits(a) == state_bits(&host),
+                    "cuda x{workers} through {path} changed the adapter on a refused step ({bad})"
+                );
+            }
             // Cleared, the same adapter steps on.
             let mut rep = dp.upload(&host)?;
             dp.zero_grad(&mut rep)?;
