@@ -1,6 +1,6 @@
 //! The `model` application: one base model (loaded once) and many LoRA adapters keyed by the
 //! server's opaque model ids; forward / forward_backward / optim_step / save / load / unload /
-//! sample over the internal JSON API (INTERNAL_API.md).
+//! sample over the internal JSON API (`http.rs`, bodies in `types.rs`).
 //!
 //! Device: the service is generic over the engine's device seam ([`ModelRuntime`]) and computes
 //! on a [`DataParallel`] pool of runtimes (one per visible GPU for `device_type: cuda`, CPU

@@ -1,4 +1,4 @@
-//! JSON bodies of the internal routes (`/_internal/v1/...`, see INTERNAL_API.md).
+//! JSON bodies of the internal routes (`/_internal/v1/...`; the routes are in `http.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

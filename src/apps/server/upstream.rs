@@ -1,4 +1,4 @@
-//! Loopback client of the model / sampler applications (`INTERNAL_API.md`): finds their addresses
+//! Loopback client of the model / sampler applications (`apps::model::http`): finds their addresses
 //! through the head's `/v1/status`, caches each one's `/_internal/v1/info`, and maps their
 //! answers onto [`JobError`] categories (4xx → user, 5xx and connection errors → server).
 //!
