@@ -138,6 +138,24 @@ impl ServerApp {
     }
 }
 
+/// The caller's owner id (the salted hash of its `X-API-Key`), as an extractor: a handler that
+/// takes an `Owner` cannot run for a request without an accepted key (401 before the body is
+/// read, when it comes before the body in the parameters).
+pub struct Owner(pub String);
+
+impl actix_web::FromRequest for Owner {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let owner = match req.app_data::<Shared>() {
+            Some(app) => app.owner(req).map(Owner),
+            None => Err(ApiError::Internal("the server application state is missing".into())),
+        };
+        std::future::ready(owner)
+    }
+}
+
 /// Parses a JSON body into `T`, answering 400 that names the offending field (serde's own
 /// message only gives a line and column, which says nothing in a one-line body).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

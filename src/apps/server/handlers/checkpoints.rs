@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, Job};
 use super::super::error::ApiError;
-use super::super::{ServerApp, Shared, parse_json};
+use super::super::{Owner, ServerApp, Shared, parse_json};
 use super::training::{
     Plan, Submission, adapter_spec, bad, metadata, model_limit_error, owned_run, owned_session,
     submit,
@@ -99,10 +99,9 @@ async fn save_named(
 
 pub(super) async fn save_weights(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: SaveWeightsRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let name = r.path.clone().ok_or_else(|| bad("path: the checkpoint name is required".into()))?;
@@ -122,10 +121,9 @@ pub(super) async fn save_weights(
 
 pub(super) async fn save_weights_for_sampler(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: SaveWeightsForSamplerRequest = parse_json(&body)?;
     let form = r.form()?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
@@ -171,10 +169,9 @@ pub(super) async fn save_weights_for_sampler(
 
 pub(super) async fn load_weights(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: LoadWeightsRequest = parse_json(&body)?;
     let form = r.form()?;
     let tp = TinkerPath::parse(&r.path)?;

@@ -11,10 +11,10 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 
 use super::super::error::ApiError;
-use super::super::{Shared, parse_json};
+use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::types::{
     ErrorCategory, FailedFutureResponse, QueueState, RetrieveFutureRequest, TryAgainResponse,
 };
@@ -56,10 +56,9 @@ pub fn gone(request_id: &str) -> HttpResponse {
 
 async fn retrieve_future(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: RetrieveFutureRequest = parse_json(&body)?;
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {

@@ -1,10 +1,10 @@
 //! RestClient endpoints: training runs, their checkpoints (list, delete), the user's checkpoints,
 //! weights_info. A key sees only its own runs and checkpoints; another key's read as 404.
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 
 use super::super::error::ApiError;
-use super::super::{Shared, parse_json};
+use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir};
 use crate::protocol::tinker::rest::{
     CheckpointsListResponse, Cursor, ListQuery, TrainingRunsResponse, WeightsInfoRequest,
@@ -35,10 +35,9 @@ fn run_view(s: &Store, owner: &str, run: &RunRecord) -> crate::protocol::tinker:
 
 async fn list_runs(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let (offset, limit) = q.page(20, 1000);
     let out = app
         .disp
@@ -56,10 +55,9 @@ async fn list_runs(
 
 async fn get_run(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let id = path.into_inner();
     let view = app
         .disp
@@ -73,10 +71,9 @@ async fn get_run(
 
 async fn list_checkpoints(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let id = path.into_inner();
     let list = app.disp.db(move |s| s.list_checkpoints(&owner, &id)).await?;
     let n = list.len() as u64;
@@ -88,10 +85,9 @@ async fn list_checkpoints(
 
 async fn user_checkpoints(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let (offset, limit) = q.page(100, 1000);
     let (list, total) =
         app.disp.db(move |s| s.list_user_checkpoints(&owner, offset, limit)).await?;
@@ -103,10 +99,9 @@ async fn user_checkpoints(
 
 async fn delete_checkpoint(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let (run, kind, name) = path.into_inner();
     let tp = TinkerPath::from_checkpoint_id(&run, &format!("{kind}/{name}"))?;
     let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
@@ -126,10 +121,9 @@ async fn delete_checkpoint(
 
 async fn weights_info(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: WeightsInfoRequest = parse_json(&body)?;
     let tp = TinkerPath::parse(&r.tinker_path)?;
     let (run_id, cid) = (tp.run_id.clone(), tp.checkpoint_id());

@@ -3,12 +3,12 @@
 //! one exists, else on the model application. Each key has a bounded number of sample requests
 //! in flight (`server_config.max_sampling_requests_per_key`, 429 beyond it).
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, Job};
 use super::super::error::ApiError;
-use super::super::{Shared, parse_json};
+use super::super::{Owner, Shared, parse_json};
 use super::checkpoints::ephemeral_dir;
 use super::training::{Plan, Submission, owned_run, submit};
 use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir, format_sampling_session_id};
@@ -31,10 +31,9 @@ const DEFAULT_MAX_TOKENS: u32 = 256;
 
 async fn create_sampling_session(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: CreateSamplingSessionRequest = parse_json(&body)?;
     let (o, sid) = (owner.clone(), r.session_id.clone());
     app.disp.db(move |s| s.get_session(&o, &sid)).await?;
@@ -68,10 +67,9 @@ async fn create_sampling_session(
 
 async fn get_sampler(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let id = path.into_inner();
     let rec = app.disp.db(move |s| s.get_sampling_session(&owner, &id)).await?;
     Ok(HttpResponse::Ok().json(GetSamplerResponse {
@@ -83,10 +81,9 @@ async fn get_sampler(
 
 async fn asample(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: SampleRequest = parse_json(&body)?;
     r.validate(MAX_SAMPLES)?;
     // Taken before any lookup, so a key over its bound is refused cheaply; given back when this

@@ -1,9 +1,9 @@
 //! Bootstrap and session endpoints: client config, capabilities, sessions, heartbeat, telemetry.
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 
 use super::super::error::ApiError;
-use super::super::{Shared, parse_json};
+use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::types::{
     ClientConfigResponse, CreateSessionRequest, CreateSessionResponse, DynamicConfigResponse,
     FinishSessionRequest, ServerCapabilitiesResponse, SessionHeartbeatRequest, SupportedModel,
@@ -21,21 +21,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/sessions/{id}/finish", web::post().to(finish));
 }
 
-async fn client_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    app.owner(&req)?;
+async fn client_config(_owner: Owner) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(ClientConfigResponse::default()))
 }
 
-async fn dynamic_config(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    app.owner(&req)?;
+async fn dynamic_config(_owner: Owner) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(DynamicConfigResponse::default()))
 }
 
 /// The configured `supported_models`, each completed from the model app that serves it; a
 /// served model that is not listed is advertised too. 503 while a configured model application
 /// is starting (see [`Upstreams::ready_models`](crate::apps::server::upstream::Upstreams)).
-async fn capabilities(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    app.owner(&req)?;
+async fn capabilities(app: Shared, _owner: Owner) -> Result<HttpResponse, ApiError> {
     // While a configured model application is still coming up the list would be incomplete:
     // 503 + Retry-After, so a script started right after `twinkle serve` waits for it.
     let ups = app.disp.up.ready_models().await?;
@@ -60,10 +57,9 @@ async fn capabilities(app: Shared, req: HttpRequest) -> Result<HttpResponse, Api
 
 async fn create_session(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: CreateSessionRequest = parse_json(&body)?;
     let metadata = serde_json::Value::Object(r.user_metadata);
     crate::apps::server::limits::check_session(&r.tags, &metadata)?;
@@ -84,27 +80,24 @@ async fn create_session(
 
 async fn heartbeat(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: SessionHeartbeatRequest = parse_json(&body)?;
     app.disp.db(move |s| s.heartbeat(&owner, &r.session_id)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
-async fn telemetry(app: Shared, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    app.owner(&req)?;
+async fn telemetry(_owner: Owner) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(TelemetryResponse::default()))
 }
 
 async fn finish(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     path: web::Path<String>,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: FinishSessionRequest =
         if body.is_empty() { FinishSessionRequest::default() } else { parse_json(&body)? };
     r.validate()?;

@@ -2,12 +2,12 @@
 //! checkpoint endpoints are in `checkpoints`). Each work request becomes a future run on its
 //! model's FIFO.
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, JSON, Job};
 use super::super::error::ApiError;
-use super::super::{ServerApp, Shared, limits, parse_json};
+use super::super::{Owner, ServerApp, Shared, limits, parse_json};
 use crate::protocol::tinker::codec::{ConfigValue, decode_forward_backward};
 use crate::protocol::tinker::paths::format_model_id;
 use crate::protocol::tinker::tensor::{DecodeLimits, TensorValues};
@@ -194,10 +194,9 @@ pub(super) fn metadata(m: Option<serde_json::Map<String, Value>>) -> Value {
 
 async fn create_model(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: CreateModelRequest = parse_json(&body)?;
     owned_session(&app, &owner, &r.session_id).await?;
     let up = app.disp.up.model_for(&r.base_model).await?;
@@ -244,10 +243,9 @@ async fn create_model(
 
 async fn get_info(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: GetInfoRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let info = app.disp.up.find("model", &run.base_model).await.map(|u| u.info);
@@ -277,10 +275,9 @@ pub(super) fn bad(msg: String) -> ApiError {
 
 async fn forward_backward(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let fb = decode_forward_backward(&body, &DecodeLimits::default())?;
     let run = owned_run(&app, &owner, &fb.model_id).await?;
     if !LOSSES.contains(&fb.loss_fn.as_str()) {
@@ -409,10 +406,9 @@ async fn forward_backward(
 
 async fn optim_step(
     app: Shared,
-    req: HttpRequest,
+    Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = app.owner(&req)?;
     let r: OptimStepRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let adam = match (r.adam_params, &r.optimizer_params) {
