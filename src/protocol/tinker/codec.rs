@@ -263,7 +263,7 @@ fn batch_field(arrays: &[&FloatArray], name: &str) -> Result<proto::BatchedTenso
     Ok(proto::BatchedTensor {
         data,
         offsets,
-        dtype: DType::Float32 as i32,
+        dtype: DType::DtypeFloat32 as i32,
         trailing_shape: trailing.iter().map(|&d| d as i64).collect(),
     })
 }

@@ -80,11 +80,11 @@ pub(crate) enum WireDtype {
 impl WireDtype {
     pub(crate) fn from_i32(raw: i32, field: &str) -> Result<Self, ProtocolError> {
         match DType::try_from(raw) {
-            Ok(DType::Float32) => Ok(WireDtype::F32),
-            Ok(DType::Int64) => Ok(WireDtype::I64),
-            Ok(DType::Int32) => Ok(WireDtype::I32),
-            Ok(DType::Bfloat16) => Ok(WireDtype::Bf16),
-            Ok(DType::Unspecified) => Err(ProtocolError::BadDtype {
+            Ok(DType::DtypeFloat32) => Ok(WireDtype::F32),
+            Ok(DType::DtypeInt64) => Ok(WireDtype::I64),
+            Ok(DType::DtypeInt32) => Ok(WireDtype::I32),
+            Ok(DType::DtypeBfloat16) => Ok(WireDtype::Bf16),
+            Ok(DType::DtypeUnspecified) => Err(ProtocolError::BadDtype {
                 field: format!("{field}.dtype"),
                 dtype: "DTYPE_UNSPECIFIED".into(),
                 expected: "FLOAT32, INT64, INT32 or BFLOAT16",
