@@ -173,11 +173,6 @@ pub struct TelemetryResponse {
     pub status: Accepted,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HealthzResponse {
-    pub status: String,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SupportedModel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,12 +268,6 @@ pub struct CreateModelRequest {
     pub user_metadata: Option<Metadata>,
     #[serde(default)]
     pub optimizer_config: Option<OptimizerConfig>,
-}
-
-/// Result of `create_model` (future payload).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CreateModelResponse {
-    pub model_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -414,12 +403,6 @@ pub struct SaveWeightsRequest {
     pub user_metadata: Option<Metadata>,
 }
 
-/// Result of `save_weights`: `{"path": "tinker://RUN/weights/NAME"}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SaveWeightsResponse {
-    pub path: String,
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SaveWeightsForSamplerRequest {
     pub model_id: String,
@@ -489,23 +472,6 @@ impl SaveWeightsForSamplerResponse {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct SaveWeightsExternalRequest {
-    pub model_id: String,
-    pub path: String,
-    #[serde(default)]
-    pub seq_id: Option<i64>,
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SaveWeightsExternalResponse {
-    pub path: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size_bytes: Option<u64>,
-}
-
 /// `load_weights` in either form; see [`LoadWeightsRequest::form`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LoadWeightsRequest {
@@ -549,14 +515,6 @@ impl LoadWeightsRequest {
             (None, None, _) => Err(ProtocolError::missing("model_id or session_id")),
         }
     }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct LoadWeightsResponse {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_id: Option<String>,
 }
 
 // ---------------------------------------------------------------- sampling
@@ -644,22 +602,6 @@ impl TryAgainResponse {
     }
 }
 
-/// Literal `"complete_metadata"`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CompleteMetadataTag {
-    #[default]
-    #[serde(rename = "complete_metadata")]
-    CompleteMetadata,
-}
-
-/// Optional first answer for a large finished result when the poll allowed metadata only; the
-/// client re-polls once with `allow_metadata_only: false`. Send it at most once per future.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompleteMetadataResponse {
-    pub status: CompleteMetadataTag,
-    pub response_payload_size: u64,
-}
-
 /// Failure category of a failed future.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -674,19 +616,6 @@ pub enum ErrorCategory {
 pub struct FailedFutureResponse {
     pub error: String,
     pub category: ErrorCategory,
-}
-
-/// Body of an HTTP error (never send an empty 400).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub detail: String,
-}
-
-/// `{"ttl_seconds": int | null}` of `PUT .../ttl`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct SetTtlRequest {
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
 }
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
