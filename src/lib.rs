@@ -8,6 +8,7 @@ pub mod engine;
 pub mod gateway;
 pub mod head;
 pub mod hub;
+pub mod ids;
 pub mod node;
 pub mod private_fs;
 pub mod protocol;

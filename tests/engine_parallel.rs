@@ -8,7 +8,7 @@ use std::sync::Arc;
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
 use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{SynthRng, SynthSpec};
+use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
 use twinkle::engine::{
     AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model,
     ModelConfig, ModelRuntime, OptimMetrics, Target, forward, forward_backward,
@@ -33,6 +33,7 @@ fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
         eps: 1e-6,
         max_positions: 128,
         tied: false,
+        init: Init::Spread,
     };
     let tmp = tempfile::tempdir().unwrap();
     spec.write(tmp.path(), 11).unwrap();

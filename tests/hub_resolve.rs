@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use twinkle::engine::Model;
+use twinkle::engine::cuda::{bench_shape, bf16, host_tensor};
+use twinkle::engine::synth::SynthSpec;
+use twinkle::engine::weights::load_f32;
 use twinkle::hub::generate::{GenOptions, generate_model};
 use twinkle::hub::{HubEnv, HubError, resolve_with};
 use twinkle::tokenize::Tokenizer;
@@ -137,4 +140,51 @@ fn generation_is_deterministic() {
     assert_ne!(read("a"), read("c"));
     o.kv_heads = 3;
     assert!(generate_model(&t.path().join("d"), &o).is_err());
+}
+
+/// Every tensor of `files` (safetensors written by one path) is bit-identical to the GPU
+/// benchmark's host values and the in-memory generator for `spec` and `seed`.
+fn same_weights_everywhere(spec: &SynthSpec, seed: u64, files: &[&Path]) {
+    let cpu = spec.random_weights(seed).unwrap();
+    assert_eq!(cpu.len(), spec.tensors().len());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for plan in spec.tensors() {
+        let want = bits(cpu[&plan.name].data());
+        let gpu_f32: Vec<f32> = host_tensor::<f32>(&plan, seed);
+        assert_eq!(bits(&gpu_f32), want, "GPU host f32 {}", plan.name);
+        let gpu_bf16: Vec<bf16> = host_tensor::<bf16>(&plan, seed);
+        let rounded: Vec<bf16> =
+            cpu[&plan.name].data().iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(gpu_bf16, rounded, "GPU host bf16 {}", plan.name);
+    }
+    for path in files {
+        let loaded = load_f32(path).unwrap();
+        assert_eq!(loaded.keys().collect::<Vec<_>>(), cpu.keys().collect::<Vec<_>>(), "{path:?}");
+        for (name, t) in &loaded {
+            assert_eq!(t.shape(), cpu[name].shape(), "{path:?} {name}");
+            assert_eq!(bits(t.data()), bits(cpu[name].data()), "{path:?} {name}");
+        }
+    }
+}
+
+#[test]
+fn bench_gpu_bench_and_generated_models_share_weights() {
+    let t = tempfile::tempdir().unwrap();
+    // The generate:// path: its options name the generator's shape; the CPU benchmark writes the
+    // same shape with `SynthSpec::write`.
+    let mut o = GenOptions::qwen3_tiny();
+    (o.hidden, o.intermediate, o.heads, o.kv_heads, o.head_dim, o.layers) = (16, 32, 2, 1, 8, 2);
+    o.seed = 77;
+    generate_model(&t.path().join("gen"), &o).unwrap();
+    let spec = o.synth_spec();
+    spec.write(&t.path().join("bench"), o.seed).unwrap();
+    same_weights_everywhere(
+        &spec,
+        o.seed,
+        &[&t.path().join("gen/model.safetensors"), &t.path().join("bench/model.safetensors")],
+    );
+    // The benchmarks' own shape (random norms and biases).
+    let tiny = bench_shape("tiny").unwrap();
+    tiny.write(&t.path().join("tiny"), 5).unwrap();
+    same_weights_everywhere(&tiny, 5, &[&t.path().join("tiny/model.safetensors")]);
 }

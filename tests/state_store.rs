@@ -450,7 +450,7 @@ fn concurrent_inserts_from_many_threads() {
                 let (rec, new) = s.create_or_get_by_seq(&f).expect("dedupe");
                 created += usize::from(new);
                 s.set_running(&rec.request_id).expect("running");
-                s.create_future(&fut(&new_id("req-"), ALICE, None, None, "sample"))
+                s.create_future(&fut(&twinkle::ids::hex_id("req-"), ALICE, None, None, "sample"))
                     .expect("unique");
             }
             created
@@ -494,8 +494,8 @@ fn schema_version_is_checked() {
 
 #[test]
 fn ids_are_unique_and_well_formed() {
-    let a = new_id("req-");
-    let b = new_id("req-");
+    let a = twinkle::ids::hex_id("req-");
+    let b = twinkle::ids::hex_id("req-");
     assert_ne!(a, b);
     assert_eq!(a.len(), 4 + 32);
     assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()));

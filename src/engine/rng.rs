@@ -11,10 +11,6 @@
 //! within its request), so `num_samples > 1` with a fixed seed gives different but reproducible
 //! sequences.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// Philox4x32 multipliers and Weyl key increments (Salmon et al., SC'11; Random123).
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;
@@ -80,21 +76,10 @@ impl PhiloxStream {
     }
 }
 
-/// A seed for a request that did not send one. `RandomState` is keyed from the OS's random
-/// source once per process and perturbed per instance, so mixing in the wall clock and a fresh
-/// `RandomState` gives distinct, unpredictable seeds without another dependency. Such requests
-/// are not reproducible, which is what omitting the seed means.
-pub fn fresh_seed() -> u64 {
-    let nanos =
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(nanos);
-    hasher.finish()
-}
-
-/// The request's seed, or a fresh one when it sent none.
+/// The request's seed, or a fresh one from [`crate::ids::seed`] when it sent none (such a
+/// request is not reproducible, which is what omitting the seed means).
 pub fn resolve_seed(seed: Option<u64>) -> u64 {
-    seed.unwrap_or_else(fresh_seed)
+    seed.unwrap_or_else(crate::ids::seed)
 }
 
 #[cfg(test)]
@@ -155,8 +140,8 @@ mod tests {
     }
 
     #[test]
-    fn fresh_seeds_differ() {
-        assert_ne!(fresh_seed(), fresh_seed());
+    fn missing_seeds_are_fresh() {
+        assert_ne!(resolve_seed(None), resolve_seed(None));
         assert_eq!(resolve_seed(Some(7)), 7);
     }
 }

@@ -123,7 +123,7 @@ pub struct SamplingParams {
     pub top_k: i64,
     /// 1.0 = off.
     pub top_p: f32,
-    /// `None`: the caller draws one with [`crate::engine::rng::fresh_seed`].
+    /// `None`: the caller draws one with [`crate::ids::seed`].
     pub seed: Option<u64>,
     pub max_tokens: usize,
     pub stop: Stop,

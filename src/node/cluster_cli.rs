@@ -52,8 +52,7 @@ fn node_id(home: &Path, name: Option<&str>) -> String {
     {
         return id.trim().to_string();
     }
-    let random: String = super::supervise::new_token().chars().take(8).collect();
-    let id = format!("node-{random}");
+    let id = format!("node-{}", crate::ids::hex(4));
     let _ = crate::private_fs::create_dir_all(home);
     let _ = crate::private_fs::write(&path, &id);
     id
@@ -105,7 +104,7 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
         .filter(|t| !t.is_empty())
         .or_else(|| std::env::var(cluster::TOKEN_ENV).ok().filter(|t| !t.is_empty()))
         .or(recorded)
-        .unwrap_or_else(super::supervise::new_token);
+        .unwrap_or_else(crate::ids::token);
     actix_web::rt::System::new().block_on(async move {
         let (tx, rx) = watch::channel(false);
         on_signal(tx)?;

@@ -104,7 +104,7 @@ pub fn internal_token() -> String {
             std::env::var(INTERNAL_TOKEN_ENV)
                 .ok()
                 .filter(|t| !t.is_empty())
-                .unwrap_or_else(crate::node::supervise::new_token)
+                .unwrap_or_else(crate::ids::token)
         })
         .clone()
 }

@@ -96,22 +96,6 @@ pub struct ChildSpec {
 /// Env var that carries the per-start registration token to the child (not argv: `ps` shows it).
 pub const TOKEN_ENV: &str = "TWINKLE_WORKER_TOKEN";
 
-/// 128 random bits, hex; from the kernel's random source, with a hash-seeded fallback.
-pub(crate) fn new_token() -> String {
-    use std::io::Read as _;
-    let mut buf = [0u8; 16];
-    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
-    if from_os.is_err() {
-        use std::hash::{BuildHasher as _, Hasher as _};
-        for chunk in buf.chunks_mut(8) {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(Instant::now().elapsed().as_nanos());
-            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
-        }
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl ChildSpec {
     fn command(&self, token: &str) -> tokio::process::Command {
         let mut cmd = std::process::Command::new(&self.exe);
@@ -281,7 +265,7 @@ pub async fn supervise(
         if *shutdown.borrow() {
             break;
         }
-        let token = new_token();
+        let token = crate::ids::token();
         let started = Instant::now();
         let error_file = std::env::temp_dir().join(format!(
             "twinkle-startup-{}-{}",
@@ -373,13 +357,5 @@ mod tests {
         // Up for 30 s: back to the first step.
         let (d, b) = p.next_delay(b, Duration::from_secs(30));
         assert_eq!((d, b), (ms(500), ms(1000)));
-    }
-
-    #[test]
-    fn tokens_are_128_bit_hex_and_differ() {
-        let (a, b) = (new_token(), new_token());
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
     }
 }

@@ -67,7 +67,7 @@ impl FailureCategory {
 /// A future to create.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewFuture {
-    /// Opaque id returned to the client (see `state::new_id`).
+    /// Opaque id returned to the client (see `ids::hex_id`).
     pub request_id: String,
     pub owner: String,
     /// Dedupe scope: the model id (training) or sampling session id (sampling).

@@ -12,12 +12,10 @@ mod runs;
 mod sessions;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
-use sha2::Digest;
 
 use crate::config::schema::{Persistence, PersistenceMode};
 
@@ -172,25 +170,6 @@ impl Store {
         // rolled back when dropped), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// A fresh opaque id `{prefix}{32 hex digits}` (128 bits from the clock, a process-wide counter,
-/// the process id and the standard library's per-process random hasher keys).
-pub fn new_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(n);
-    let mut sha = sha2::Sha256::new();
-    sha.update(nanos.to_le_bytes());
-    sha.update(n.to_le_bytes());
-    sha.update(std::process::id().to_le_bytes());
-    sha.update(h.finish().to_le_bytes());
-    let digest = sha.finalize();
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
 }
 
 pub(crate) fn to_i64(v: u64) -> i64 {

@@ -10,7 +10,7 @@ use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::cuda::{Act, CudaRuntime};
 use twinkle::engine::parallel::DataParallel;
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{SynthRng, SynthSpec};
+use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
 use twinkle::engine::{
     AdamParams, Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, ModelRuntime, Target,
 };
@@ -29,6 +29,7 @@ fn tiny_model() -> Result<(tempfile::TempDir, Arc<Model>)> {
         eps: 1e-6,
         max_positions: 128,
         tied: false,
+        init: Init::Spread,
     };
     let tmp = tempfile::tempdir()?;
     spec.write(tmp.path(), 21)?;

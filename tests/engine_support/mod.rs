@@ -8,23 +8,14 @@ use std::path::Path;
 
 use serde_json::json;
 use twinkle::engine::Tensor;
+use twinkle::engine::synth::{Init, SynthSpec};
 use twinkle::engine::weights::save_f32;
 
-/// Deterministic values in [-1, 1).
-pub struct Rng(pub u64);
+/// Deterministic values in [-1, 1) for test inputs (the engine's input stream).
+pub use twinkle::engine::synth::SynthRng as Rng;
 
-impl Rng {
-    pub fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-    pub fn below(&mut self, n: u32) -> u32 {
-        ((self.next() + 1.0) * 0.5 * n as f32) as u32 % n
-    }
-}
+/// `max_position_embeddings` of every test model.
+const MAX_POSITIONS: usize = 512;
 
 /// Shape of a random test model.
 #[derive(Clone, Debug)]
@@ -63,7 +54,7 @@ pub fn write_model(dir: &Path, spec: &Spec, seed: u64) {
         "num_attention_heads": spec.heads,
         "num_key_value_heads": spec.kv_heads,
         "rms_norm_eps": spec.eps,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": MAX_POSITIONS,
         "tie_word_embeddings": spec.tied,
         "eos_token_id": 2,
         "bos_token_id": 1,
@@ -84,49 +75,32 @@ pub fn write_model(dir: &Path, spec: &Spec, seed: u64) {
     save_f32(&dir.join("model.safetensors"), &random_weights(spec, seed)).unwrap();
 }
 
+/// The weights of `spec` under `seed`, from the engine's one random-model generator (so a test
+/// model and a benchmark model of one shape and seed are the same model).
 pub fn random_weights(spec: &Spec, seed: u64) -> BTreeMap<String, Tensor> {
-    let mut rng = Rng(seed);
-    let hd = spec.head_dim();
-    let (h, i, v) = (spec.hidden, spec.inter, spec.vocab);
-    let (qd, kvd) = (spec.heads * hd, spec.kv_heads * hd);
-    let mut w = BTreeMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32, rng: &mut Rng| {
-        let n = shape.iter().product();
-        let data = rng.vec(n, scale).into_iter().map(|x| x + offset).collect();
-        w.insert(name, Tensor::new(shape, data).unwrap());
-    };
-    put("model.embed_tokens.weight".into(), vec![v, h], 1.0, 0.0, &mut rng);
-    let lin_scale = |inp: usize| 1.5 / (inp as f32).sqrt();
-    for l in 0..spec.layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![h], 0.2, 1.0, &mut rng);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0, &mut rng);
-        for (n, out, inp) in
-            [("q_proj", qd, h), ("k_proj", kvd, h), ("v_proj", kvd, h), ("o_proj", h, qd)]
-        {
-            put(format!("{p}.self_attn.{n}.weight"), vec![out, inp], lin_scale(inp), 0.0, &mut rng);
-        }
-        if spec.arch == "Qwen2ForCausalLM" {
-            for (n, out) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
-                put(format!("{p}.self_attn.{n}.bias"), vec![out], 0.3, 0.0, &mut rng);
-            }
-        }
-        if spec.arch == "Qwen3ForCausalLM" {
-            put(format!("{p}.self_attn.q_norm.weight"), vec![hd], 0.2, 1.0, &mut rng);
-            put(format!("{p}.self_attn.k_norm.weight"), vec![hd], 0.2, 1.0, &mut rng);
-        }
-        for (n, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
-            put(format!("{p}.mlp.{n}.weight"), vec![out, inp], lin_scale(inp), 0.0, &mut rng);
-        }
+    synth_spec(spec).random_weights(seed).unwrap()
+}
+
+/// `spec` as the generator's shape ([`Init::Spread`]: every tensor random, norms included).
+pub fn synth_spec(spec: &Spec) -> SynthSpec {
+    SynthSpec {
+        arch: spec.arch.into(),
+        vocab: spec.vocab,
+        hidden: spec.hidden,
+        inter: spec.inter,
+        layers: spec.layers,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim(),
+        rope_theta: spec.rope_theta,
+        eps: spec.eps,
+        max_positions: MAX_POSITIONS,
+        tied: spec.tied,
+        init: Init::Spread,
     }
-    put("model.norm.weight".into(), vec![h], 0.2, 1.0, &mut rng);
-    if !spec.tied {
-        put("lm_head.weight".into(), vec![v, h], lin_scale(h), 0.0, &mut rng);
-    }
-    w
 }
 
 /// Random token ids.
 pub fn tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|_| rng.below(vocab as u32)).collect()
+    rng.tokens(n, vocab)
 }

@@ -33,8 +33,8 @@ pub fn write_dir_atomic(
     // Checkpoints are a caller's weights: owner-only whatever the umask (see `private_fs`).
     crate::private_fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp =
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    // Random, not the clock: two writers of one directory in one process must not share a name.
+    let stamp = crate::ids::hex(8);
     let tmp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
     let cleanup = |p: &Path| {
         let _ = std::fs::remove_dir_all(p);

@@ -330,7 +330,7 @@ impl<R: ModelRuntime> ModelService<R> {
         if lock(&self.adapters).contains_key(&req.model_id) {
             return Err(AppError::Conflict(format!("model_id `{}` already exists", req.model_id)));
         }
-        let seed = l.seed.unwrap_or_else(crate::engine::rng::fresh_seed);
+        let seed = l.seed.unwrap_or_else(crate::ids::seed);
         let cfg = LoraConfig::from_tinker(
             l.rank,
             l.alpha,

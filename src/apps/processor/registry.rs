@@ -178,7 +178,7 @@ impl Registry {
                 )));
             }
         };
-        let id = normalize_id(&crate::state::new_id(""));
+        let id = normalize_id(&crate::ids::hex_id(""));
         let entry = Entry {
             owner: owner.to_string(),
             deadline: Instant::now() + self.limits.timeout,

@@ -67,7 +67,7 @@ pub use nvrtc::{
     nvrtc_available, nvrtc_version,
 };
 pub use runtime::{CudaLogits, CudaRuntime};
-pub use synth::{bench_shape, spec_config};
+pub use synth::{bench_shape, host_tensor, spec_config};
 pub use train::{forward_backward, forward_only, loss_term_reference};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).

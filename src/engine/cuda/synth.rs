@@ -1,16 +1,16 @@
 //! Random-weight models built straight on the GPU for benchmarks: weights are generated tensor by
-//! tensor on the host (the distributions of `engine::synth`) and uploaded as `T`, so a 7B shape
-//! never exists as an f32 file or an f32 host copy.
+//! tensor on the host by `engine::synth` (the same per-tensor streams as the CPU benchmark and
+//! the `generate://` models, so one seed gives one model on both) and uploaded as `T`, so a 7B
+//! shape never exists as an f32 file or an f32 host copy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-
-use rayon::prelude::*;
 
 use super::model::{Act, CudaModel, DLayer, DLinear, R, upload};
 use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
 use crate::engine::models::ModelConfig;
-use crate::engine::synth::{SynthRng, SynthSpec};
+use crate::engine::synth::{Init, SynthSpec, TensorPlan, fill_tensor};
 
 /// Shapes known to the GPU benchmark: `engine::synth`'s names plus larger Qwen2.5 shapes, and
 /// `tiny` (the benchmarks' code paths at a size the CPU execution layer runs in seconds).
@@ -32,6 +32,7 @@ pub fn bench_shape(name: &str) -> Option<SynthSpec> {
             eps: 1e-6,
             max_positions: 4096,
             tied: false,
+            init: Init::Spread,
         }),
         "qwen2.5-7b" | "qwen2.5-7b-instruct" => Some(SynthSpec {
             arch: "Qwen2ForCausalLM".into(),
@@ -46,6 +47,7 @@ pub fn bench_shape(name: &str) -> Option<SynthSpec> {
             eps: 1e-6,
             max_positions: 32_768,
             tied: false,
+            init: Init::Spread,
         }),
         _ => None,
     }
@@ -78,6 +80,15 @@ pub fn spec_config(s: &SynthSpec) -> ModelConfig {
     }
 }
 
+/// The host values of one tensor of a synthetic model as `T`: exactly what
+/// [`CudaModel::synthetic`] uploads, and for `f32` exactly the CPU benchmark's tensor of that
+/// name (`SynthSpec::random_weights`).
+pub fn host_tensor<T: Act>(plan: &TensorPlan, seed: u64) -> Vec<T> {
+    let mut v = vec![T::from_f32(0.0); plan.numel()];
+    fill_tensor(seed, plan, &mut v, T::from_f32);
+    v
+}
+
 impl<T: Act> CudaModel<T> {
     /// A random-weight model of shape `spec` on `dev` (for benchmarks; not a trained model).
     pub fn synthetic(dev: Arc<CudaDevice>, spec: &SynthSpec, seed: u64) -> R<Self> {
@@ -90,58 +101,64 @@ impl<T: Act> CudaModel<T> {
             });
         }
         let d = &*dev;
-        let mut rng = SynthRng(seed);
-        // one seed per tensor, one stream per 1M-element chunk: parallel and reproducible
-        let mut gen_t = |n: usize, scale: f32, offset: f32| -> R<cudarc::driver::CudaSlice<T>> {
-            let seed = (rng.next_f32().to_bits() as u64) << 32 | rng.next_f32().to_bits() as u64;
-            let mut v = vec![T::from_f32(0.0); n];
-            v.par_chunks_mut(1 << 20).enumerate().for_each(|(ci, ch)| {
-                let mut r = SynthRng(seed ^ (ci as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                for x in ch {
-                    *x = T::from_f32(r.next_f32() * scale + offset);
-                }
-            });
-            upload(d, &v)
+        let plans: BTreeMap<String, TensorPlan> =
+            spec.tensors().into_iter().map(|p| (p.name.clone(), p)).collect();
+        let gen_t = |name: String| -> R<cudarc::driver::CudaSlice<T>> {
+            let plan = plans.get(&name).ok_or_else(|| CudaError::Shape {
+                kernel: "CudaModel::synthetic",
+                msg: format!("the synthetic shape has no tensor {name}"),
+            })?;
+            upload(d, &host_tensor::<T>(plan, seed))
         };
-        let (h, i, v, hd) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim);
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let lin_scale = |inp: usize| 1.5 / (inp as f32).sqrt();
-        let embed = gen_t(v * h, 0.1, 0.0)?;
+        let embed = gen_t("model.embed_tokens.weight".into())?;
         let mut layers = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
-            let mut lin = |inp: usize, out: usize, bias: bool| -> R<DLinear<T>> {
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |name: &str, inp: usize, out: usize, bias: bool| -> R<DLinear<T>> {
                 Ok(DLinear {
-                    w: gen_t(out * inp, lin_scale(inp), 0.0)?,
-                    b: if bias { Some(gen_t(out, 0.3, 0.0)?) } else { None },
+                    w: gen_t(format!("{p}.{name}.weight"))?,
+                    b: if bias { Some(gen_t(format!("{p}.{name}.bias"))?) } else { None },
                     inp,
                     out,
                 })
             };
             let (q, k, vv, o) = (
-                lin(h, qd, c.qkv_bias)?,
-                lin(h, kvd, c.qkv_bias)?,
-                lin(h, kvd, c.qkv_bias)?,
-                lin(qd, h, false)?,
+                lin("self_attn.q_proj", h, qd, c.qkv_bias)?,
+                lin("self_attn.k_proj", h, kvd, c.qkv_bias)?,
+                lin("self_attn.v_proj", h, kvd, c.qkv_bias)?,
+                lin("self_attn.o_proj", qd, h, false)?,
             );
-            let (gate, up, down) = (lin(h, i, false)?, lin(h, i, false)?, lin(i, h, false)?);
-            let qk_norm =
-                if c.qk_norm { Some((gen_t(hd, 0.2, 1.0)?, gen_t(hd, 0.2, 1.0)?)) } else { None };
+            let (gate, up, down) = (
+                lin("mlp.gate_proj", h, i, false)?,
+                lin("mlp.up_proj", h, i, false)?,
+                lin("mlp.down_proj", i, h, false)?,
+            );
+            let qk_norm = if c.qk_norm {
+                Some((
+                    gen_t(format!("{p}.self_attn.q_norm.weight"))?,
+                    gen_t(format!("{p}.self_attn.k_norm.weight"))?,
+                ))
+            } else {
+                None
+            };
             layers.push(DLayer {
-                input_norm: gen_t(h, 0.2, 1.0)?,
+                input_norm: gen_t(format!("{p}.input_layernorm.weight"))?,
                 q,
                 k,
                 v: vv,
                 o,
                 qk_norm,
-                post_norm: gen_t(h, 0.2, 1.0)?,
+                post_norm: gen_t(format!("{p}.post_attention_layernorm.weight"))?,
                 gate,
                 up,
                 down,
             });
         }
-        let final_norm = gen_t(h, 0.2, 1.0)?;
+        let final_norm = gen_t("model.norm.weight".into())?;
         let lm_head =
-            if c.tie_word_embeddings { None } else { Some(gen_t(v * h, lin_scale(h), 0.0)?) };
+            if c.tie_word_embeddings { None } else { Some(gen_t("lm_head.weight".into())?) };
         let positions: Vec<u32> = (0..c.max_position_embeddings.max(1) as u32).collect();
         let rope = RopeTable::new(&positions, hd, &c.inv_freq);
         Ok(CudaModel {
@@ -180,6 +197,7 @@ mod tests {
                 eps: 1e-6,
                 max_positions: 64,
                 tied: arch == "Qwen3ForCausalLM",
+                init: Init::Spread,
             };
             let dir = std::env::temp_dir()
                 .join(format!("twinkle-cuda-spec-{}-{arch}", std::process::id()));

@@ -162,7 +162,7 @@ pub fn shared_salt(root: &Path) -> Result<Vec<u8>, TwinkleError> {
         {
             return Ok(s.trim().as_bytes().to_vec());
         }
-        let salt = crate::state::new_id("");
+        let salt = crate::ids::salt();
         // The salt keys every owner token: 0600 whatever the umask.
         match crate::private_fs::open_write(&file, true) {
             Ok(mut f) => {

@@ -145,7 +145,7 @@ async fn asample(
     } else {
         "model"
     };
-    let ids: Vec<String> = (0..r.num_samples).map(|_| crate::state::new_id("seq-")).collect();
+    let ids: Vec<String> = (0..r.num_samples).map(|_| crate::ids::hex_id("seq-")).collect();
     let sub = Submission {
         owner,
         model_id: None,

@@ -64,7 +64,7 @@ async fn create_session(
     let metadata = serde_json::Value::Object(r.user_metadata);
     crate::apps::server::limits::check_session(&r.tags, &metadata)?;
     // No `:` or `/` in the id: model ids and tinker paths embed it.
-    let id = crate::state::new_id("sess-");
+    let id = crate::ids::hex_id("sess-");
     let rec = NewSession {
         id: id.clone(),
         owner,

@@ -85,7 +85,7 @@ pub(crate) async fn submit(
 ) -> Result<HttpResponse, ApiError> {
     let owner = s.owner.clone();
     limits::check_pending(app.disp.db_now(move |st| st.count_unfinished(&owner))?)?;
-    let request_id = crate::state::new_id("req-");
+    let request_id = crate::ids::hex_id("req-");
     let (rec, is_new) = app
         .disp
         .create_future(NewFuture {

@@ -76,7 +76,7 @@ async fn create_session(
         Value::Object(m) => Value::Object(m),
         other => json!({ "metadata": other }),
     };
-    let id = crate::state::new_id(SESSION_PREFIX);
+    let id = crate::ids::hex_id(SESSION_PREFIX);
     let rec = NewSession {
         id: id.clone(),
         owner: who.owner,
