@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cli_bench;
+use cli_bench::{BenchCommand, bench};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "twinkle",
@@ -162,133 +165,6 @@ enum Command {
         #[arg(long, env = "TWINKLE_REGISTER_DEADLINE_S", default_value_t = 60.0)]
         register_deadline_s: f64,
     },
-}
-
-/// Options shared by both benchmarks.
-#[derive(clap::Args, Debug)]
-struct BenchModelArgs {
-    /// HF model directory (default: a random-weight model of --shape).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Named shape with random weights (default qwen2.5-0.5b).
-    #[arg(long)]
-    shape: Option<String>,
-    /// Keep only this many layers of the shape (a 24-layer 0.5B model is ~2 GB in f32).
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Storage dtype of the --shape checkpoint: `f32`, or `bf16` (held in bf16 on the CPU).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-    /// `cpu`, or `cuda` for the GPU path (bf16, GPU 0; adds MFU / bandwidth share).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-#[derive(Subcommand, Debug)]
-enum BenchCommand {
-    /// LoRA (all linears) cross-entropy forward_backward + optim_step.
-    Train {
-        #[command(flatten)]
-        m: BenchModelArgs,
-        #[arg(long, default_value_t = 2048)]
-        seq: usize,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 32)]
-        rank: usize,
-        /// Timed steps (after one untimed warm-up step).
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-    },
-    /// KV-cached prefill + greedy decode of a batch of random prompts.
-    Sample {
-        #[command(flatten)]
-        m: BenchModelArgs,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        prompt: usize,
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
-    },
-}
-
-fn bench(what: BenchCommand) -> anyhow::Result<()> {
-    use twinkle::bench;
-    let m = match &what {
-        BenchCommand::Train { m, .. } | BenchCommand::Sample { m, .. } => m,
-    };
-    let threads = bench::set_threads(m.threads)?;
-    let src = bench::source(m.model.as_deref(), m.shape.as_deref(), m.layers, &m.dtype)?;
-    if m.device == "cuda" {
-        let (train, sample);
-        let which = match &what {
-            BenchCommand::Train { seq, batch, rank, steps, .. } => {
-                train = bench::TrainOptions {
-                    seq: *seq,
-                    batch: *batch,
-                    rank: *rank,
-                    steps: *steps,
-                    warmup: 1,
-                };
-                bench::cuda::Either::Train(&train)
-            }
-            BenchCommand::Sample { batch, prompt, max_tokens, .. } => {
-                sample = bench::SampleOptions {
-                    batch: *batch,
-                    prompt: *prompt,
-                    max_tokens: *max_tokens,
-                };
-                bench::cuda::Either::Sample(&sample)
-            }
-        };
-        println!("{}", bench::cuda::run(&src, which, m.json)?);
-        return Ok(());
-    } else if m.device != "cpu" {
-        anyhow::bail!("--device must be cpu or cuda, got {:?}", m.device);
-    }
-    let model = bench::load(&src)?;
-    if !m.json {
-        println!(
-            "model: {} | weights {:.1} MB held | threads {threads}",
-            bench::describe(model.config()),
-            model.weight_bytes() as f64 / 1e6
-        );
-    }
-    let (text, mut json) = match &what {
-        BenchCommand::Train { seq, batch, rank, steps, .. } => {
-            let opts = bench::TrainOptions {
-                seq: *seq,
-                batch: *batch,
-                rank: *rank,
-                steps: *steps,
-                warmup: 1,
-            };
-            let r = bench::train(&model, &opts)?;
-            (r.text(), r.json())
-        }
-        BenchCommand::Sample { batch, prompt, max_tokens, .. } => {
-            let opts =
-                bench::SampleOptions { batch: *batch, prompt: *prompt, max_tokens: *max_tokens };
-            let r = bench::sample(&model, &opts)?;
-            (r.text(), r.json())
-        }
-    };
-    if m.json {
-        json["threads"] = threads.into();
-        json["layers"] = model.config().num_layers.into();
-        json["weight_bytes"] = model.weight_bytes().into();
-        println!("{json}");
-    } else {
-        println!("{text}");
-    }
-    Ok(())
 }
 
 /// Options of `start` and `join`.
