@@ -94,6 +94,7 @@ async fn sessions_and_pending_work_are_bounded_per_key() {
     let step = |key: &str| post(key, "optim_step", json!({"model_id": format!("{key}:train:0")}));
     let r = test::call_service(&svc, step("tml-a")).await;
     assert_eq!(r.status(), 429);
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body: Value = test::read_body_json(r).await;
     assert!(body["detail"].as_str().unwrap().contains(&MAX_PENDING_PER_KEY.to_string()), "{body}");
     let r = test::call_service(&svc, step("tml-b")).await;
