@@ -16,9 +16,17 @@ use crate::head::registry::{self, AppState};
 const RETRY_AFTER_S: &str = "1";
 
 /// The upstream client of one gateway worker thread: no timeout (Tinker futures long-poll), no
-/// redirects followed, no headers added.
+/// redirects followed, no headers added, and no cap on pooled connections: awc's default of 100
+/// per worker made the 101st concurrent request (a burst of long-polling futures) wait for a
+/// free connection and then fail as "unreachable" (503). The gateway opens at most one upstream
+/// connection per downstream request in flight, so the server's own connection bound holds.
 pub fn client() -> awc::Client {
-    awc::Client::builder().disable_timeout().disable_redirects().no_default_headers().finish()
+    awc::Client::builder()
+        .connector(awc::Connector::new().limit(0))
+        .disable_timeout()
+        .disable_redirects()
+        .no_default_headers()
+        .finish()
 }
 
 /// RFC 9110 §7.6.1 connection-specific headers, which a proxy must not forward.

@@ -15,8 +15,9 @@
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
 //! it transparently, with identical numbers.
 //!
-//! Durability: every live adapter is snapshotted after each completed step ([`durable`]), so a
-//! restarted application serves the same model ids at their last step.
+//! Durability: an `optim_step` answers once a snapshot of its adapter at that step is written
+//! ([`durable`]), so a restarted application serves the same model ids at their last
+//! acknowledged step.
 
 pub mod base;
 pub mod checkpoint;
