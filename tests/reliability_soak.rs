@@ -317,9 +317,11 @@ fn soak_with_model_app_kills_and_bounded_load() -> Result<()> {
         samples += c["samples"].as_u64().unwrap_or(0);
         saves += c["saves"].as_u64().unwrap_or(0);
     }
-    // Each kill can interrupt at most the one request each client had running.
+    // A kill fails the one request each client had running (and may cost it its gradients, or
+    // catch a request sent before the server noticed the death): a few per client per kill, not
+    // a storm of failures.
     let crash_outcomes: u64 = outcomes.values().sum();
-    ensure!(crash_outcomes <= (KILLS * CLIENTS) as u64 * 2, "outcomes {outcomes:?}");
+    ensure!(crash_outcomes <= (KILLS * CLIENTS) as u64 * 4, "outcomes {outcomes:?}");
 
     // Statuses: no error but the retryable 503 and 429 with Retry-After (`bad` lists the rest).
     ensure!(r["bad"].as_array().is_some_and(Vec::is_empty), "bad responses: {}", r["bad"]);
