@@ -231,6 +231,14 @@ fn soak_with_model_app_kills_and_bounded_load() -> Result<()> {
             out_lines.push(line);
         }
         if let Some(code) = driver.try_wait()? {
+            // Its last lines (RESULT) may still be on their way through the reader thread,
+            // which ends at end-of-file.
+            while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+                if let Some(json) = line.strip_prefix("RESULT ") {
+                    result = Some(serde_json::from_str(json)?);
+                }
+                out_lines.push(line);
+            }
             break code;
         }
         if started.elapsed() > DRIVER_LIMIT {
