@@ -12,7 +12,8 @@
 //          adamw_multi_fwd_f32(ptrs, lens, T, sumsq, clip, lr, b1, b2, eps, wd, bc1, bc2)
 //            AdamW on every tensor with gscale = clip / (||g|| + 1e-6) when clip > 0 and
 //            ||g|| = sqrt(sumsq[0]) > clip, else 1 (the CPU's rule, in f64), then g = 0
-//            (the step's zero_grad).
+//            (the step's zero_grad). A non-finite sumsq[0] writes nothing (the host refuses
+//            the step).
 
 __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, float lr,
                                           float beta1, float beta2, float eps, float wd,
@@ -82,6 +83,10 @@ extern "C" __global__ void adamw_multi_fwd_f32(const unsigned long long* ptrs,
     float* m = reinterpret_cast<float*>(ptrs[t * 4 + 2]);
     float* v = reinterpret_cast<float*>(ptrs[t * 4 + 3]);
     const long long n = lens[t];
+    // A non-finite gradient (inf/NaN anywhere makes the sum of squares inf or NaN) is refused
+    // before anything is written, so the host can report it with the adapter unchanged. The
+    // comparison is false for NaN as well as for +inf.
+    if (!(sumsq[0] <= 3.402823466e+38f)) return;
     const double norm = sqrt((double)sumsq[0]);
     const float gscale = (clip > 0.0 && norm > clip) ? (float)(clip / (norm + 1e-6)) : 1.0f;
     const long long stride = (long long)gridDim.x * blockDim.x;

@@ -409,16 +409,21 @@ fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match twinkle::config::load_file(&config) {
-            Ok(_) => {
-                println!("ok");
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            match twinkle::config::load_file_with_warnings(&config) {
+                Ok((_, warnings)) => {
+                    for w in warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::PrintConfig { config, format, server_type } => {
             let loaded = twinkle::config::load_file(&config).map(|c| match server_type {
                 Some(t) => c.with_server_type(t),

@@ -223,6 +223,58 @@ fn cli_check_config_exit_codes() {
     assert_eq!(via_env.status.code(), Some(0));
 }
 
+/// Keys accepted for compatibility but not acted on are named (path and line) with what applies
+/// instead; the file still checks out (exit 0). Keys this server does use are not named.
+#[test]
+fn cli_check_config_warns_about_ignored_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ignored.yaml");
+    std::fs::write(
+        &cfg,
+        r#"telemetry:
+  enabled: true
+applications:
+  - name: model
+    route_prefix: /api/v1/model/m
+    import_path: model
+    args:
+      model_id: generate://qwen3-tiny
+      nproc_per_node: 4
+      device_group: {name: model, ranks: 2, device_type: cuda}
+      queue_config:
+        rps_limit: 5
+  - name: sampler
+    route_prefix: /api/v1/sampler/m
+    import_path: sampler
+    args:
+      model_id: generate://qwen3-tiny
+      nproc_per_node: 1
+      device_group: {name: sampler, ranks: 1, device_type: cuda}
+      engine_args:
+        max_model_len: 4096
+        enforce_eager: true
+        enable_lora: true
+"#,
+    )
+    .unwrap();
+    let out = twinkle().args(["check-config", "-c"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (path, line) in [
+        ("telemetry", 1),
+        ("applications[0].args.nproc_per_node", 9),
+        ("applications[0].args.queue_config", 11),
+        ("applications[1].args.engine_args.enforce_eager", 22),
+    ] {
+        let want = format!("warning: {path}: ");
+        let hit = err.lines().find(|l| l.starts_with(&want));
+        assert!(hit.is_some_and(|l| l.ends_with(&format!("(line {line})"))), "{path}:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 4, "only the ignored keys:\n{err}");
+    let shipped = twinkle().args(["check-config", "-c"]).arg(shipped("quickstart.yaml")).output();
+    assert!(shipped.unwrap().stderr.is_empty());
+}
+
 #[test]
 fn cli_print_config_output_loads_again() {
     let dir = tempfile::tempdir().unwrap();

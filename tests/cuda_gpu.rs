@@ -484,3 +484,13 @@ fn cuda_runtime_matches_cpu_runtime_through_the_seam() -> Result<()> {
     refs::runtime::seam_parity::<f32>(2e-3, 2)?;
     refs::runtime::seam_parity::<bf16>(0.15, 1)
 }
+
+/// A non-finite gradient: the CUDA step refuses it like the CPU's, with nothing changed.
+#[test]
+fn cuda_optim_step_refuses_a_non_finite_gradient() -> Result<()> {
+    if device("non-finite step").is_none() {
+        return Ok(());
+    }
+    refs::runtime::non_finite_gradient_is_refused::<f32>()?;
+    refs::runtime::non_finite_gradient_is_refused::<bf16>()
+}

@@ -309,6 +309,9 @@ impl ModelRuntime for Flaky {
     fn download_adapter(&self, a: &Adapter, host: &mut Adapter) -> twinkle::engine::Result<()> {
         self.inner.download_adapter(a, host)
     }
+    fn copy_adapter(&self, a: &Adapter) -> twinkle::engine::Result<Adapter> {
+        self.inner.copy_adapter(a)
+    }
     fn forward_backward(
         &self,
         a: &mut Adapter,

@@ -24,10 +24,12 @@ use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::{Adapter, Datum, LossFn, LossInputs, ModelConfig, ModelRuntime};
 
 /// A CPU runtime that, when armed, panics in `forward_backward` AFTER the real computation has
-/// added its gradient: the worst case, a half-done job.
+/// added its gradient, or (`armed_step`) in `optim_step` AFTER the real update has moved the
+/// weights, moments and step: the worst case, a half-done job.
 struct Flaky {
     inner: CpuRuntime,
     armed: Arc<AtomicBool>,
+    armed_step: Arc<AtomicBool>,
 }
 
 impl ModelRuntime for Flaky {
@@ -49,6 +51,9 @@ impl ModelRuntime for Flaky {
         host: &mut Adapter,
     ) -> twinkle::engine::error::Result<()> {
         self.inner.download_adapter(a, host)
+    }
+    fn copy_adapter(&self, a: &Adapter) -> twinkle::engine::error::Result<Adapter> {
+        self.inner.copy_adapter(a)
     }
     fn forward_backward(
         &self,
@@ -75,7 +80,11 @@ impl ModelRuntime for Flaky {
         a: &mut Adapter,
         p: &AdamParams,
     ) -> twinkle::engine::error::Result<OptimMetrics> {
-        self.inner.optim_step(a, p)
+        let out = self.inner.optim_step(a, p)?;
+        if self.armed_step.swap(false, Ordering::SeqCst) {
+            panic!("injected fault after the update was applied");
+        }
+        Ok(out)
     }
     fn zero_grad(&self, a: &mut Adapter) -> twinkle::engine::error::Result<()> {
         self.inner.zero_grad(a)
@@ -119,21 +128,23 @@ impl ModelRuntime for Flaky {
     }
 }
 
-fn flaky_service(
-    spill: &std::path::Path,
-    workers: usize,
-) -> (ModelService<Flaky>, Arc<AtomicBool>) {
+/// A service over `workers` flaky runtimes and its two triggers (forward_backward, optim_step).
+type Armed = (Arc<AtomicBool>, Arc<AtomicBool>);
+
+fn flaky_service(spill: &std::path::Path, workers: usize) -> (ModelService<Flaky>, Armed) {
     let opts = options(spill, Duration::from_secs(1800), None);
     let base = BaseModel::load(&opts.base_model, &opts.model_dir, None).unwrap();
     let armed = Arc::new(AtomicBool::new(false));
+    let armed_step = Arc::new(AtomicBool::new(false));
     let runtimes = (0..workers)
         .map(|i| Flaky {
             inner: CpuRuntime::with_threads(base.model.clone(), i, 1).unwrap(),
             armed: armed.clone(),
+            armed_step: armed_step.clone(),
         })
         .collect();
     let engine = DataParallel::new(runtimes).unwrap();
-    (ModelService::with_engine(&opts, base.served, engine), armed)
+    (ModelService::with_engine(&opts, base.served, engine), (armed, armed_step))
 }
 
 fn batch() -> Vec<DatumJson> {
@@ -149,11 +160,18 @@ fn weights<R: ModelRuntime>(svc: &ModelService<R>, id: &str) -> Vec<f32> {
     a.pairs().iter().flat_map(|(_, p)| p.a.data().iter().chain(p.b.data()).copied()).collect()
 }
 
+fn moments(a: &Adapter) -> Vec<f32> {
+    a.pairs()
+        .iter()
+        .flat_map(|(_, p)| p.m_a.iter().chain(&p.v_a).chain(&p.m_b).chain(&p.v_b).copied())
+        .collect()
+}
+
 #[test]
 fn a_panicking_job_fails_alone_and_the_adapter_trains_on() {
     for workers in [1, 2] {
         let t = tempfile::tempdir().unwrap();
-        let (svc, armed) = flaky_service(t.path(), workers);
+        let (svc, (armed, _)) = flaky_service(t.path(), workers);
         for id in ["hit", "control"] {
             svc.create_adapter(&create(id, 4, 5)).unwrap();
         }
@@ -186,6 +204,57 @@ fn a_panicking_job_fails_alone_and_the_adapter_trains_on() {
         assert_eq!(weights(&svc, "hit"), weights(&svc, "control"), "{workers} workers");
         let fwd = |id: &str| svc.forward_backward(&fwdbwd(id, true, batch())).unwrap();
         assert_eq!(fwd("hit").metrics, fwd("control").metrics);
+    }
+}
+
+/// A panic in `optim_step` after the update was applied (with 1 and 2 workers: with 2, one
+/// replica panics and the other completes) fails the job alone as a server error; the adapter's
+/// weights, moments, step and pending gradient are rolled back, so the retry applies the step
+/// once and the adapter then trains exactly like a control that never saw the panic.
+#[test]
+fn a_panicking_optim_step_is_rolled_back() {
+    for workers in [1, 2] {
+        let t = tempfile::tempdir().unwrap();
+        let (svc, (_, armed_step)) = flaky_service(t.path(), workers);
+        for id in ["hit", "control", "bystander"] {
+            svc.create_adapter(&create(id, 4, 5)).unwrap();
+            fb(&svc, id).unwrap();
+        }
+        svc.optim_step(&adam("bystander", 1e-2)).unwrap();
+        let bystander = (weights(&svc, "bystander"), svc.download("bystander").unwrap().step());
+        // A first step for both, so the panicking one has non-zero moments to lose.
+        for id in ["hit", "control"] {
+            svc.optim_step(&adam(id, 1e-2)).unwrap();
+            fb(&svc, id).unwrap();
+        }
+        let before = weights(&svc, "hit");
+        armed_step.store(true, Ordering::SeqCst);
+        let err = svc.optim_step(&adam("hit", 1e-2)).unwrap_err();
+        assert_eq!(err.status_code(), StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+        assert_eq!(err.category(), "server");
+        assert!(err.to_string().contains("panicked"), "{workers} workers: {err}");
+        assert!(weights(&svc, "hit") == before, "{workers} workers: the weights moved");
+        let (hit, control) = (svc.download("hit").unwrap(), svc.download("control").unwrap());
+        assert_eq!(hit.step(), 1, "{workers} workers");
+        assert!(hit.grads_flat() == control.grads_flat(), "{workers} workers: the gradient");
+        assert_eq!(svc.grad_norm("hit").unwrap(), svc.grad_norm("control").unwrap());
+
+        // The retry applies the step once; then both train identically.
+        for _ in 0..2 {
+            let hit = svc.optim_step(&adam("hit", 1e-2)).unwrap().metrics;
+            let control = svc.optim_step(&adam("control", 1e-2)).unwrap().metrics;
+            assert_eq!(hit, control, "{workers} workers: step and grad norm");
+            let (a, b) = (fb(&svc, "hit").unwrap(), fb(&svc, "control").unwrap());
+            assert_eq!(a, b, "{workers} workers");
+        }
+        let (hit, control) = (svc.download("hit").unwrap(), svc.download("control").unwrap());
+        assert_eq!(hit.step(), 3, "{workers} workers");
+        assert_eq!(hit.step(), control.step());
+        assert!(weights(&svc, "hit") == weights(&svc, "control"), "{workers} workers: weights");
+        assert!(moments(&hit) == moments(&control), "{workers} workers: moments");
+        // Other adapters were never touched.
+        let now = (weights(&svc, "bystander"), svc.download("bystander").unwrap().step());
+        assert_eq!(now, bystander, "{workers} workers");
     }
 }
 

@@ -293,3 +293,62 @@ async fn state_dict_heartbeat_and_idle_expiry() {
     let (s, _) = g1.call("heartbeat", json!({"adapter_name": "a"})).await;
     assert_eq!(s, 404);
 }
+
+/// A restarted model application (same spill directory: snapshots + journals) serves the same
+/// Twinkle adapter to the same caller: same weights, same step count, same optimizer and
+/// schedule settings; an engine adapter of Twinkle shape with no journal is unloaded.
+#[actix_web::test]
+async fn a_restarted_application_keeps_twinkle_adapters() {
+    let t = tempfile::tempdir().unwrap();
+    let spill = t.path().join("spill");
+    let auth =
+        || Auth { keys: None, salt: b"test-salt".to_vec(), save_root: t.path().join("save") };
+    let start = || {
+        let svc = Arc::new(service(&spill));
+        svc.restore_live();
+        svc.enable_snapshots();
+        let app: Arc<dyn ModelApp> = svc.clone();
+        let tw = TwinkleModel::new(app, auth(), Duration::from_secs(600), 4)
+            .with_journal(spill.join(twinkle::apps::model::twinkle::JOURNAL_DIR));
+        let restored = tw.restore();
+        (svc, Arc::new(tw), restored)
+    };
+    let x = feature();
+    let orphan = format!("{}/gone-a", "cd".repeat(32));
+    let (before, metric) = {
+        let (svc, tw, restored) = start();
+        assert_eq!(restored, 0);
+        let app =
+            test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+        let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+        c.adapter(1).await;
+        c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 4})).await;
+        for _ in 0..2 {
+            c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
+            c.ok("clip_grad_and_step", json!({"adapter_name": "a"})).await;
+        }
+        svc.create_adapter(&create(&orphan, 4, 7)).unwrap();
+        assert_eq!(svc.flush_snapshots(), 2);
+        let m = c.ok("calculate_metric", json!({"adapter_name": "a", "is_training": true})).await;
+        (c.loss(&x).await, m)
+    };
+    assert_eq!(metric["result"]["iters"], "2", "{metric}");
+
+    let (svc, tw, restored) = start();
+    assert_eq!(restored, 1);
+    assert!(!svc.info().adapters.contains(&orphan), "the orphan was not unloaded");
+    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    assert_eq!(c.loss(&x).await, before, "the restored adapter differs");
+    // Another tenant still cannot see it.
+    let bob = Client { token: "bob", ..c };
+    assert_eq!(bob.call("forward_only", json!({"adapter_name": "a", "inputs": x})).await.0, 404);
+    c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
+    c.ok("clip_grad_and_step", json!({"adapter_name": "a"})).await;
+    let m = c.ok("calculate_metric", json!({"adapter_name": "a", "is_training": true})).await;
+    assert_eq!(m["result"]["iters"], "3", "{m}");
+    // The third step ran at LinearLR(0.5 → 1 over 4 steps) scheduler step 2:
+    // 0.02 * (0.5 + 0.5 * 2/4); a schedule restarted from 0 would have used 0.02 * 0.5.
+    assert_eq!(m["result"]["learning rate"], "1.500000e-2", "{m}");
+    assert!(c.loss(&x).await < before);
+}

@@ -1,27 +1,37 @@
 //! Bounded resources of the Tinker API (issue #12, item 4), in process: session tags and
-//! metadata caps, the per-key bound on pending futures (429, the SDK backs off), each refusal
-//! naming its limit.
+//! metadata caps, the per-key bound on pending futures and the per-key bound on sample requests
+//! in flight (429 with Retry-After, the SDK backs off), each refusal naming its limit.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use actix_web::{App, test, web};
 use serde_json::{Value, json};
-use twinkle::apps::server::limits::{MAX_PENDING_PER_KEY, MAX_SESSION_METADATA_BYTES, MAX_TAGS};
+use twinkle::apps::server::limits::{
+    MAX_PENDING_PER_KEY, MAX_SESSION_METADATA_BYTES, MAX_TAGS, SamplingSlots,
+};
 use twinkle::apps::server::upstream::Upstreams;
 use twinkle::apps::server::{ServerApp, routes};
 use twinkle::config::ServerType;
 use twinkle::protocol::tinker::paths::owner_hash;
 use twinkle::protocol::twinkle::Auth;
-use twinkle::state::{LoraSettings, NewFuture, NewRun, Store};
+use twinkle::state::{LoraSettings, NewFuture, NewRun, NewSamplingSession, Store};
 
 const SALT: &[u8] = b"test-salt";
 /// Nothing listens there: no model application is ever found (calls fail at once).
 const NO_HEAD: &str = "127.0.0.1:9";
 
 fn server(root: &std::path::Path) -> web::Data<ServerApp> {
+    web::Data::new(server_at(root, NO_HEAD))
+}
+
+fn server_at(root: &std::path::Path, head: &str) -> ServerApp {
     let auth = Auth { keys: None, salt: SALT.to_vec(), save_root: root.to_path_buf() };
-    let up = Upstreams::new(NO_HEAD.into()).with_restart_wait(std::time::Duration::ZERO);
-    web::Data::new(ServerApp::new(Store::open_memory().unwrap(), up, auth))
+    let up = Upstreams::new(head.into()).with_restart_wait(Duration::ZERO);
+    ServerApp::new(Store::open_memory().unwrap(), up, auth)
 }
 
 fn run_of(key: &str, id: &str) -> NewRun {
@@ -94,9 +104,136 @@ async fn sessions_and_pending_work_are_bounded_per_key() {
     let step = |key: &str| post(key, "optim_step", json!({"model_id": format!("{key}:train:0")}));
     let r = test::call_service(&svc, step("tml-a")).await;
     assert_eq!(r.status(), 429);
-    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(r.headers().contains_key("retry-after"), "a 429 says when to retry");
     let body: Value = test::read_body_json(r).await;
     assert!(body["detail"].as_str().unwrap().contains(&MAX_PENDING_PER_KEY.to_string()), "{body}");
     let r = test::call_service(&svc, step("tml-b")).await;
     assert_eq!(r.status(), 200, "another key is not held back");
+}
+
+/// Answers one HTTP/1.1 request on `s` with `f(request line)`.
+fn handle(mut s: TcpStream, f: &(dyn Fn(&str) -> Value + Sync)) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_string))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let _ = s.read_exact(&mut vec![0u8; len]);
+    let b = f(head.lines().next().unwrap_or_default()).to_string();
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    );
+}
+
+/// A loopback server answering every request with `f(request line)`, one thread per request.
+fn serve(f: impl Fn(&str) -> Value + Send + Sync + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let f = Arc::new(f);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let f = f.clone();
+            std::thread::spawn(move || handle(s, &*f));
+        }
+    });
+    addr
+}
+
+/// A fake model application for base model `m` whose `sample` calls are held (counted in
+/// `arrived`) until `release` is set; and a fake head pointing at it.
+fn held_model_app(arrived: Arc<AtomicUsize>, release: Arc<AtomicBool>) -> String {
+    let app = serve(move |line| {
+        if line.contains("/_internal/v1/info") {
+            return json!({"base_model": "m", "vocab_size": 100, "max_length": 64});
+        }
+        if line.contains("/_internal/v1/sample") {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        json!({"sequences": []})
+    });
+    serve(move |_| {
+        json!({"applications": [{"name": "model", "import_path": "model", "state": "running",
+            "address": app}]})
+    })
+}
+
+/// Sample requests are bounded per key while in flight: with a cap of 2 and the application
+/// holding every sample, a key's third `asample` is a 429 with Retry-After naming the limit,
+/// another key still samples, and once the held ones finish the key samples again.
+#[actix_web::test]
+async fn sample_requests_in_flight_are_bounded_per_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (arrived, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let head = held_model_app(arrived.clone(), release.clone());
+    let mut app = server_at(tmp.path(), &head);
+    app.sampling = SamplingSlots::new(2);
+    let app = web::Data::new(app);
+    for key in ["tml-a", "tml-b"] {
+        let s = NewSamplingSession {
+            id: format!("{key}:sample:0"),
+            session_id: format!("{key}-sess"),
+            owner: owner_hash(SALT, key),
+            seq: 0,
+            base_model: "m".into(),
+            model_path: None,
+        };
+        app.disp.store.create_or_get_sampling_session(&s).unwrap();
+    }
+    let svc = test::init_service(
+        App::new().configure(|c| routes(c, app.clone(), "/api/v1", ServerType::Tinker)),
+    )
+    .await;
+    let sample = |key: &str| {
+        let body = json!({"num_samples": 1, "sampling_session_id": format!("{key}:sample:0"),
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+            "sampling_params": {"max_tokens": 2}});
+        test::TestRequest::post()
+            .uri("/api/v1/asample")
+            .insert_header(("X-API-Key", key.to_string()))
+            .set_json(body)
+            .to_request()
+    };
+    for _ in 0..2 {
+        let r = test::call_service(&svc, sample("tml-a")).await;
+        assert_eq!(r.status(), 200);
+    }
+    // Both reach the application and stay there.
+    let t0 = Instant::now();
+    while arrived.load(Ordering::SeqCst) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the samples never reached the app");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = test::call_service(&svc, sample("tml-a")).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"), "a 429 says when to retry");
+    let body: Value = test::read_body_json(r).await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("max_sampling_requests_per_key") && detail.contains('2'), "{body}");
+    let r = test::call_service(&svc, sample("tml-b")).await;
+    assert_eq!(r.status(), 200, "another key is not held back");
+
+    // Released, the held requests finish and give their slots back.
+    release.store(true, Ordering::SeqCst);
+    let owner = owner_hash(SALT, "tml-a");
+    let t0 = Instant::now();
+    while app.sampling.in_flight(&owner) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the held samples never finished");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = test::call_service(&svc, sample("tml-a")).await;
+    assert_eq!(r.status(), 200);
 }

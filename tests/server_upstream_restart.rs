@@ -1,7 +1,8 @@
 //! The server's calls to a model application that restarts (issue #12, item 2), against a fake
 //! head and a fake application on loopback: a call waits (bounded) while the head reports the
 //! application restarting, a request the application dies while running fails as a server error
-//! that says to retry, and a kind nobody serves fails at once.
+//! that says to retry, and a kind nobody serves fails at once; the bound on the wait comes from
+//! the server application's `server_config.restart_wait_s`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use twinkle::apps::server::error::JobError;
-use twinkle::apps::server::upstream::Upstreams;
+use twinkle::apps::server::upstream::{DEFAULT_RESTART_WAIT, RESTART_WAIT_ENV, Upstreams};
 
 /// Reads one HTTP/1.1 request; returns its request line.
 fn read_request(s: &mut TcpStream) -> String {
@@ -122,4 +123,33 @@ async fn the_wait_is_bounded() {
     }
     let waited = t0.elapsed();
     assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(10), "{waited:?}");
+}
+
+/// The server application's `server_config.restart_wait_s` is the bound the server's upstream
+/// client waits for (the same construction `apps::server::build` uses), and the default is 60 s.
+#[actix_web::test]
+async fn the_wait_bound_comes_from_the_config() {
+    // The override would make this test meaningless; nothing in this suite sets it.
+    assert!(std::env::var_os(RESTART_WAIT_ENV).is_none(), "unset {RESTART_WAIT_ENV} to run this");
+    let cfg = |wait: &str| {
+        let text = format!(
+            "applications:\n  - name: server\n    route_prefix: /api/v1\n    import_path: server\n    args:\n      server_config:\n{wait}"
+        );
+        twinkle::config::load_str(&text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let head = head(model_app(), Duration::from_secs(3600));
+    let c = cfg("        restart_wait_s: 0.7\n");
+    let up = twinkle::apps::server::upstreams(head.clone(), &c.applications[0].args, Some(&c));
+    assert_eq!(up.restart_wait(), Duration::from_millis(700));
+    let t0 = Instant::now();
+    match up.call("model", "m", "forward", &json!({})).await {
+        Err(JobError::Server(m)) => assert!(m.contains("restarting") && m.contains("retry"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(600) && waited < Duration::from_secs(10), "{waited:?}");
+
+    let c = cfg("        per_token_model_limit: 3\n");
+    let up = twinkle::apps::server::upstreams(head, &c.applications[0].args, Some(&c));
+    assert_eq!(up.restart_wait(), DEFAULT_RESTART_WAIT);
 }

@@ -266,7 +266,8 @@ fn twinkle_kit_051_sft_grpo_isolation() -> Result<()> {
 
     let sft = run("gen2_sft.py", &[("TWINKLE_TOKEN", "tml-kit-sft")])?;
     assert!(f(&sft, "nll") < 0.1 * f(&sft, "first_loss"), "{sft}");
-    assert!(f(&sft, "steps") <= 40.0, "{sft}");
+    // Converged (every target the greedy argmax) before the script's cap of 80 steps.
+    assert!(f(&sft, "steps") < 80.0, "{sft}");
     assert!((f(&sft, "nll_resumed") - f(&sft, "nll")).abs() < 1e-2, "{sft}");
     let want = serde_json::json!([
         [2000, 2001, 2002],

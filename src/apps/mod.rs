@@ -88,8 +88,9 @@ fn internal_token() -> InternalToken {
 }
 
 enum Loaded {
-    /// The model service and its adapter timeout (the Twinkle layer expires idle adapters too).
-    Model(Arc<dyn ModelApp>, Duration),
+    /// The model service, its adapter timeout (the Twinkle layer expires idle adapters too) and
+    /// its spill directory (the Twinkle layer keeps its journals beside the snapshots).
+    Model(Arc<dyn ModelApp>, Duration, PathBuf),
     Sampler(Arc<dyn SamplerApp>),
 }
 
@@ -201,7 +202,7 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
             start_model(&opts, base, engine)
         }
     };
-    Ok(Loaded::Model(svc, opts.adapter_timeout))
+    Ok(Loaded::Model(svc, opts.adapter_timeout, opts.spill_dir.clone()))
 }
 
 /// CPU data-parallel workers: `TWINKLE_CPU_WORKERS` when set, else `dp_size`.
@@ -253,6 +254,7 @@ fn twinkle_layer(
     ctx: &AppContext,
     svc: Arc<dyn ModelApp>,
     timeout: Duration,
+    spill_dir: PathBuf,
 ) -> Result<Arc<model::twinkle::TwinkleModel>, WorkerError> {
     let auth = twinkle_auth(ctx)?;
     let per_owner = ctx
@@ -266,7 +268,11 @@ fn twinkle_layer(
                 .find_map(|a| a.args.server_config.as_ref().and_then(|s| s.per_token_model_limit))
         })
         .map_or(model::twinkle::DEFAULT_PER_OWNER, |n| n as usize);
-    let tw = Arc::new(model::twinkle::TwinkleModel::new(svc, auth, timeout, per_owner));
+    let tw = model::twinkle::TwinkleModel::new(svc, auth, timeout, per_owner)
+        .with_journal(spill_dir.join(model::twinkle::JOURNAL_DIR));
+    // Adapters of a previous life of this application come back before the first request.
+    tw.restore();
+    let tw = Arc::new(tw);
     let weak = Arc::downgrade(&tw);
     let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     std::thread::spawn(move || {
@@ -305,8 +311,8 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             })
             .await
         }
-        Ok(Loaded::Model(svc, timeout)) => {
-            let tw = twinkle_layer(ctx, svc.clone(), timeout)?;
+        Ok(Loaded::Model(svc, timeout, spill_dir)) => {
+            let tw = twinkle_layer(ctx, svc.clone(), timeout, spill_dir)?;
             let prefix = ctx.opts.route_prefix.clone();
             let gen1 = ctx.opts.server_type == ServerType::Twinkle;
             serve_and_register(ctx, move |cfg| {

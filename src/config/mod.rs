@@ -10,6 +10,7 @@
 //! Every problem reads `key.path: what is wrong (line N)`.
 
 mod de;
+mod ignored;
 mod locate;
 mod normalize;
 pub mod schema;
@@ -18,6 +19,7 @@ mod validate;
 pub use locate::{KeyPath, Seg, line_of};
 pub use normalize::{DEFAULT_ADAPTER_TIMEOUT, DEFAULT_MAX_LORAS, DemandInputs, derive_model_id};
 pub use schema::*;
+pub use validate::MAX_RESTART_WAIT_S;
 
 use std::fmt;
 use std::path::Path;
@@ -80,6 +82,22 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
     load_str(&text)
+}
+
+/// [`load_file`], plus the keys it accepted but does not act on (`ignored.rs`), each with its
+/// path, line and what applies instead: `check-config` and `serve` show them as warnings.
+pub fn load_file_with_warnings(path: &Path) -> Result<(ServerConfig, Vec<Problem>), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+    let warnings = ignored::ignored(&parse(&text)?)
+        .into_iter()
+        .map(|(path, message)| Problem {
+            line: line_of(&text, &path),
+            path: path.to_string(),
+            message,
+        })
+        .collect();
+    Ok((load_str(&text)?, warnings))
 }
 
 /// Parses, validates and normalises configuration text (YAML, or JSON, which YAML contains).

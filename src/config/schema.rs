@@ -407,6 +407,14 @@ pub struct ServerStateArgs {
     /// Most input tokens in one forward / forward_backward (default: 32 × the model's context).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens_per_request: Option<u64>,
+    /// Most unfinished sample requests (`asample` futures pending or running) one API key may
+    /// have (default `apps::server::limits::DEFAULT_SAMPLING_PER_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sampling_requests_per_key: Option<u32>,
+    /// Seconds a call to a model / sampler application waits for it while it (re)starts
+    /// (default 60; `TWINKLE_RESTART_WAIT` overrides it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_wait_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_update_interval: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

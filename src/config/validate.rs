@@ -7,6 +7,10 @@ use super::locate::KeyPath;
 use super::normalize::derive_model_id;
 use super::schema::*;
 
+/// Largest `server_config.restart_wait_s`: a call waiting for a restarting application holds
+/// its future (and the key's pending-work quota) that long.
+pub const MAX_RESTART_WAIT_S: f64 = 3600.0;
+
 type Issues = Vec<(KeyPath, String)>;
 
 /// Every semantic problem of a parsed configuration.
@@ -184,6 +188,21 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         positive_u32(s.per_token_model_limit, &s_at.key("per_token_model_limit"), out);
         if s.max_tokens_per_request == Some(0) {
             out.push((s_at.key("max_tokens_per_request"), "must be at least 1".into()));
+        }
+        positive_u32(
+            s.max_sampling_requests_per_key,
+            &s_at.key("max_sampling_requests_per_key"),
+            out,
+        );
+        positive(s.restart_wait_s, &s_at.key("restart_wait_s"), out);
+        // Bounded: a request waits this long holding its client's connection and a queue slot.
+        if let Some(w) = s.restart_wait_s
+            && w > MAX_RESTART_WAIT_S
+        {
+            out.push((
+                s_at.key("restart_wait_s"),
+                format!("must be at most {MAX_RESTART_WAIT_S} seconds, got {w}"),
+            ));
         }
     }
     for (j, m) in args.supported_models.iter().enumerate() {

@@ -96,6 +96,15 @@ impl AdamParams {
     }
 }
 
+/// The error of an optimizer step refused for a non-finite accumulated gradient (the same on
+/// every device; nothing was changed).
+pub(crate) fn non_finite_gradient(grad_norm: f64) -> EngineError {
+    EngineError::NonFinite(format!(
+        "optim_step: the accumulated gradient overflowed (norm {grad_norm}); \
+         call zero_grad or lower the loss scale; the weights were not changed"
+    ))
+}
+
 impl Adapter {
     /// Applies one AdamW step with the accumulated gradients, then zeroes them.
     pub fn optim_step(&mut self, p: &AdamParams) -> Result<OptimMetrics> {
@@ -110,10 +119,7 @@ impl Adapter {
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             // Checked before anything moves: a step through it would make every weight NaN.
-            return Err(EngineError::NonFinite(format!(
-                "optim_step: the accumulated gradient overflowed (norm {grad_norm}); \
-                 call zero_grad or lower the loss scale; the weights were not changed"
-            )));
+            return Err(non_finite_gradient(grad_norm));
         }
         let clip = if p.grad_clip_norm > 0.0 && grad_norm > p.grad_clip_norm {
             p.grad_clip_norm / (grad_norm + 1e-6)

@@ -11,6 +11,8 @@
 //! (cleared before the run) and the reduced sum is kept on the host until the step
 //! ([`Replicated::pending`]), so a batch whose shard fails adds nothing anywhere. Either way a
 //! panic in a runtime becomes an error naming the device instead of unwinding into the caller.
+//! `optim_step` is all or nothing too: every replica is copied on its device before the step
+//! and put back when any replica's step fails or panics.
 //!
 //! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
 //! only path for now; an NCCL all-reduce of device-resident gradients would replace the
@@ -343,26 +345,46 @@ impl<R: ModelRuntime> DataParallel<R> {
         Ok(merge(outs.into_iter().flatten()))
     }
 
-    /// One AdamW step on every replica with the summed gradient, which is then cleared.
+    /// One AdamW step on every replica with the summed gradient, which is then cleared. All or
+    /// nothing: each replica is copied on its device first, and when any replica's step fails
+    /// or panics (possibly half-way through the update) every replica is put back to its copy,
+    /// so weights, moments, step and the pending gradient are exactly as before and a retry
+    /// applies the step once.
     pub fn optim_step(&self, rep: &mut Replicated<R>, params: &AdamParams) -> Result<OptimMetrics> {
-        if rep.replicas.len() == 1 {
+        let saved = each(&self.workers, rep.replicas.iter().collect(), |w, r| w.copy_adapter(r))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let out = if rep.replicas.len() == 1 {
             let w = &self.workers[0];
-            let m = guarded(w, || w.optim_step(&mut rep.replicas[0], params))?;
-            rep.accumulated = false;
-            return Ok(m);
-        }
-        let pending = rep.pending.as_deref();
-        let jobs: Vec<&mut R::Adapter> = rep.replicas.iter_mut().collect();
-        let results = each(&self.workers, jobs, |w, replica| {
-            match pending {
-                Some(g) => w.grads_from_host(replica, g)?,
-                None => w.zero_grad(replica)?,
+            guarded(w, || w.optim_step(&mut rep.replicas[0], params))
+        } else {
+            let pending = rep.pending.as_deref();
+            let jobs: Vec<&mut R::Adapter> = rep.replicas.iter_mut().collect();
+            let results = each(&self.workers, jobs, |w, replica| {
+                match pending {
+                    Some(g) => w.grads_from_host(replica, g)?,
+                    None => w.zero_grad(replica)?,
+                }
+                w.optim_step(replica, params)
+            });
+            results.into_iter().collect::<Result<Vec<_>>>().and_then(|m| {
+                m.into_iter().next().ok_or_else(|| EngineError::InvalidInput("no replicas".into()))
+            })
+        };
+        match out {
+            Ok(m) => {
+                rep.pending = None;
+                rep.accumulated = false;
+                Ok(m)
             }
-            w.optim_step(replica, params)
-        });
-        let metrics = results.into_iter().collect::<Result<Vec<_>>>()?;
-        rep.pending = None;
-        metrics.into_iter().next().ok_or_else(|| EngineError::InvalidInput("no replicas".into()))
+            Err(e) => {
+                // The copies are whole adapters: swapping them in restores everything the step
+                // may have touched (with several replicas the shard buffers are scratch anyway;
+                // the pending host gradient was never cleared).
+                rep.replicas = saved;
+                Err(e)
+            }
+        }
     }
 
     /// Global L2 norm of the gradient accumulated since the last step (what the next step

@@ -47,6 +47,11 @@ pub trait ModelRuntime: Send + Sync + 'static {
     /// of the same configuration, usually the one it was uploaded from).
     fn download_adapter(&self, adapter: &Self::Adapter, host: &mut Adapter) -> Result<()>;
 
+    /// A second copy of a device adapter on the same device (weights, gradients, moments,
+    /// step): taken before an optimizer step so that a step which fails or panics half-way
+    /// can be undone by putting the copy back.
+    fn copy_adapter(&self, adapter: &Self::Adapter) -> Result<Self::Adapter>;
+
     /// Forward and backward over a batch; the gradients are ADDED to the adapter's accumulated
     /// gradients.
     fn forward_backward(

@@ -179,7 +179,10 @@ fn app_status(p: &Placement) -> AppStatus {
 
 /// Runs `twinkle serve` until SIGINT/SIGTERM. Returns after every child is stopped and reaped.
 pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
-    let config = config::load_file(&opts.config_path)?;
+    let (config, ignored) = config::load_file_with_warnings(&opts.config_path)?;
+    for w in ignored {
+        tracing::warn!("config: {w}");
+    }
     let server_type = opts.server_type.unwrap_or(config.server_type);
     // As the Python launcher: tinker mode defaults to the `twinkle_cluster` namespace.
     let namespace = opts

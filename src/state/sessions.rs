@@ -110,6 +110,16 @@ impl Store {
         finish(raw.ok_or_else(|| StateError::not_found("session", id))?)
     }
 
+    /// Whether session `id` exists, whoever owns it (the housekeeping of adapters no run refers
+    /// to: a session is recorded before any of its models is created).
+    pub fn session_exists(&self, id: &str) -> Result<bool, StateError> {
+        let row: Option<i64> = self
+            .conn()
+            .query_row("SELECT 1 FROM sessions WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?;
+        Ok(row.is_some())
+    }
+
     /// Records a heartbeat.
     pub fn heartbeat(&self, owner: &str, id: &str) -> Result<(), StateError> {
         let now = self.now();

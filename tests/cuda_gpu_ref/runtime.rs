@@ -152,3 +152,90 @@ pub fn seam_parity<T: Act + Send + Sync + 'static>(grad_tol: f64, workers: usize
     }
     Ok(())
 }
+
+/// Every value a step could change, bit for bit (NaN gradients compare by their bits).
+fn state_bits(a: &Adapter) -> (Vec<u32>, u64) {
+    let bits = a
+        .pairs()
+        .iter()
+        .flat_map(|(_, p)| {
+            let w = p.a.data().iter().chain(p.b.data());
+            let moments = p.m_a.iter().chain(&p.v_a).chain(&p.m_b).chain(&p.v_b);
+            w.chain(&p.grad_a).chain(&p.grad_b).chain(moments).copied()
+        })
+        .map(f32::to_bits)
+        .collect();
+    (bits, a.step())
+}
+
+/// Refused by the runtime alone and through `DataParallel` (as the model application calls
+/// it, which also restores a copy on failure): the error message, and the adapter downloaded
+/// afterwards from each path.
+fn refused_step<R: ModelRuntime>(
+    dp: &DataParallel<R>,
+    host: &Adapter,
+) -> Result<(String, [Adapter; 2])> {
+    let adam = AdamParams { learning_rate: 1e-2, ..Default::default() };
+    let check = |r: twinkle::engine::Result<twinkle::engine::OptimMetrics>| match r {
+        Ok(m) => anyhow::bail!("a non-finite gradient was applied (step {})", m.step),
+        Err(e) if matches!(e, twinkle::engine::EngineError::NonFinite(_)) => Ok(e.to_string()),
+        Err(e) => anyhow::bail!("expected the NonFinite user error, got {e:?}"),
+    };
+    // The runtime itself must not move anything (no copy to fall back on here).
+    let w = dp.worker(0);
+    let mut alone = w.upload_adapter(host)?;
+    let msg = check(w.optim_step(&mut alone, &adam))?;
+    let mut after_alone = host.clone();
+    w.download_adapter(&alone, &mut after_alone)?;
+    let mut rep = dp.upload(host)?;
+    ensure!(check(dp.optim_step(&mut rep, &adam))? == msg, "the two paths disagree");
+    Ok((msg, [after_alone, dp.download(&rep)?]))
+}
+
+/// A gradient with an inf or a NaN (after one good step, so the moments are non-zero) is
+/// refused by the CUDA step before anything moves, with the CPU's error: weights, moments,
+/// gradients and step stay bit for bit, on one card and as two data-parallel replicas; the
+/// adapter then steps normally once the gradient is cleared.
+pub fn non_finite_gradient_is_refused<T: Act + Send + Sync + 'static>() -> Result<()> {
+    let (_tmp, model) = tiny_model()?;
+    let vocab = model.config().vocab_size;
+    let cpu = DataParallel::single(CpuRuntime::new(model.clone()));
+    let mut rep = cpu.upload(&adapter(&model)?)?;
+    cpu.forward_backward(&mut rep, &batch(1, &[7, 5], vocab), &LossFn::CrossEntropy)?;
+    cpu.optim_step(&mut rep, &AdamParams { learning_rate: 1e-2, ..Default::default() })?;
+    cpu.forward_backward(&mut rep, &batch(2, &[6], vocab), &LossFn::CrossEntropy)?;
+    let good = cpu.download(&rep)?;
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut host = good.clone();
+        let mut g = host.grads_flat();
+        let mid = g.len() / 2;
+        g[mid] = bad;
+        host.set_grads_flat(&g)?;
+        let (cpu_msg, cpu_after) = refused_step(&cpu, &host)?;
+        for a in &cpu_after {
+            ensure!(state_bits(a) == state_bits(&host), "cpu changed the adapter ({bad})");
+        }
+        for workers in [1, 2] {
+            let gpus = (0..workers)
+                .map(|_| CudaRuntime::<T>::new(0, &model))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dp = DataParallel::new(gpus)?;
+            let (msg, after) = refused_step(&dp, &host)?;
+            ensure!(msg == cpu_msg, "cuda x{workers} ({bad}): {msg:?} vs cpu {cpu_msg:?}");
+            for (a, path) in after.iter().zip(["the runtime", "DataParallel"]) {
+                ensure!(
+                    state_bits(a) == state_bits(&host),
+                    "cuda x{workers} through {path} changed the adapter on a refused step ({bad})"
+                );
+            }
+            // Cleared, the same adapter steps on.
+            let mut rep = dp.upload(&host)?;
+            dp.zero_grad(&mut rep)?;
+            dp.forward_backward(&mut rep, &batch(3, &[5], vocab), &LossFn::CrossEntropy)?;
+            let m =
+                dp.optim_step(&mut rep, &AdamParams { learning_rate: 1e-2, ..Default::default() })?;
+            ensure!(m.step == 2 && m.grad_norm.is_finite(), "step after clearing: {m:?}");
+        }
+    }
+    Ok(())
+}

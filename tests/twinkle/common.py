@@ -165,6 +165,20 @@ def seq_nll(res, features):
     return total / max(n, 1)
 
 
+def min_token_logp(res, features):
+    """The smallest log-probability of a labelled target token in a forward_only result: above
+    log(0.5) every target is its position's greedy argmax (no other token can be likelier)."""
+    if hasattr(res, "result"):
+        res = res.result
+    logps = res["logps"]
+    worst = 0.0
+    for row, f in zip(logps, features):
+        mask = [l != -100 for l in f["labels"]]
+        vals = [v for v, m in zip(row, mask) if m] if len(row) == len(mask) else row
+        worst = min([worst] + [float(v) for v in vals])
+    return worst
+
+
 def lora_config():
     """Every linear layer plus the output head. PEFT's "all-linear" leaves lm_head out, and the
     generated tiny model's random head caps how far LoRA on the other layers can move its logits

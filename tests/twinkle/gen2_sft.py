@@ -7,8 +7,10 @@ init_twinkle_client -> MultiLoraTransformersModel -> add_adapter_to_model(LoraCo
 set_template / set_processor / set_loss / set_optimizer -> forward_backward -> clip_grad_and_step
 -> calculate_metric -> save(consumed_train_samples) -> resume_from_checkpoint; vLLMSampler.
 """
-from common import (check, feature, loss_of, lora_config, parse_twinkle_path, result, seq_nll,
-                    setup, step)
+import math
+
+from common import (check, feature, loss_of, lora_config, min_token_logp, parse_twinkle_path, result,
+                    seq_nll, setup, step)
 
 args = setup(__doc__)
 
@@ -23,8 +25,10 @@ PAIRS = [
     ([1300, 1301, 1302], [2300, 2301, 2302]),
 ]
 FEATURES = [feature(p, c) for p, c in PAIRS]
-# The loss must fall below 10 % of its start within 40 steps; training then goes on (to 1 %, at
-# most 80 steps) so that every memorised token is also the greedy argmax.
+# The loss must fall below 10 % of its start within 40 steps; training then goes on (at most 80
+# steps) until, measured after the last step, every memorised token has probability > 0.6 and so
+# is the greedy argmax. (The adapter's initialisation is random, as in PEFT, so the trajectory
+# differs from run to run: a loss threshold measured before the last step was not enough.)
 MAX_STEPS, LR = 80, 1e-2
 
 step(f"init_twinkle_client({args.base_url!r})")
@@ -48,7 +52,8 @@ for i in range(MAX_STEPS):
     out = model.forward_backward(inputs=FEATURES)
     losses.append(loss_of(out))
     model.clip_grad_and_step()
-    if losses[-1] < 0.01 * losses[0]:
+    if losses[-1] < 0.01 * losses[0] and \
+            min_token_logp(model.forward_only(inputs=FEATURES), FEATURES) > math.log(0.6):
         break
 steps = len(losses)
 print("losses", [round(x, 3) for x in losses], flush=True)

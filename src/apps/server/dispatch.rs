@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 
 use super::error::{ApiError, JobError};
+use super::limits::SamplingPermit;
 use super::upstream::Upstreams;
 use crate::protocol::tinker::codec::{
     DatumOutput, FloatArray, SampledSequenceOut, encode_forward_backward_output,
@@ -79,12 +80,15 @@ impl Job {
     }
 }
 
+/// A job on a model's FIFO, with the slot it holds until it is done.
+type Queued = (Job, Option<SamplingPermit>);
+
 /// Shared by every handler (cheap clone).
 #[derive(Clone)]
 pub struct Dispatcher {
     pub store: Arc<Store>,
     pub up: Upstreams,
-    queues: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>>,
+    queues: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>>,
     waiters: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
 
@@ -126,33 +130,38 @@ impl Dispatcher {
     }
 
     /// Queues `job` on the FIFO of `queue` (a model id), or runs it right away when `queue` is
-    /// `None` (sampling, which has no ordering constraint).
-    pub fn enqueue(&self, queue: Option<&str>, job: Job) {
+    /// `None` (sampling, which has no ordering constraint). `permit` (a sample request's slot,
+    /// see `limits::SamplingSlots`) is held until the job is done.
+    pub fn enqueue(&self, queue: Option<&str>, job: Job, permit: Option<SamplingPermit>) {
         let Some(key) = queue else {
             let me = self.clone();
-            actix_web::rt::spawn(async move { me.execute(job).await });
+            actix_web::rt::spawn(async move {
+                me.execute(job).await;
+                drop(permit);
+            });
             return;
         };
         let mut queues = match self.queues.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),
         };
-        let job = match queues.get(key) {
-            Some(tx) => match tx.send(job) {
+        let item = match queues.get(key) {
+            Some(tx) => match tx.send((job, permit)) {
                 Ok(()) => return,
                 // The consumer is gone (its worker thread stopped): start a new one.
-                Err(mpsc::error::SendError(job)) => job,
+                Err(mpsc::error::SendError(item)) => item,
             },
-            None => job,
+            None => (job, permit),
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         // A fresh channel with its receiver alive accepts the send.
-        let _ = tx.send(job);
+        let _ = tx.send(item);
         queues.insert(key.to_string(), tx);
         let me = self.clone();
         actix_web::rt::spawn(async move {
-            while let Some(job) = rx.recv().await {
+            while let Some((job, permit)) = rx.recv().await {
                 me.execute(job).await;
+                drop(permit);
             }
         });
     }

@@ -11,9 +11,8 @@ use crate::state::StateError;
 /// Retry-After of [`ApiError::NotReady`]: the SDK makes up to 10 attempts honouring it (≤ 60 s),
 /// so 5 s gives an application about 50 s to come up before the caller sees the 503.
 pub const NOT_READY_RETRY_AFTER_S: &str = "5";
-/// Retry-After of [`ApiError::TooManyRequests`]: queued work of a key finishes in about this
-/// long, and the SDK's own backoff without the header starts at half a second and grows.
-pub const TOO_MANY_RETRY_AFTER_S: &str = "1";
+/// `Retry-After` of a 429 (a per-key bound on queued work).
+pub const TOO_MANY_RETRY_AFTER_S: &str = "2";
 
 /// An error answered directly on a request path.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +64,7 @@ impl ResponseError for ApiError {
             ApiError::NotReady(_) => {
                 out.insert_header((header::RETRY_AFTER, NOT_READY_RETRY_AFTER_S));
             }
+            // Backpressure: tells the client's backoff when queued work has likely drained.
             ApiError::TooManyRequests(_) => {
                 out.insert_header((header::RETRY_AFTER, TOO_MANY_RETRY_AFTER_S));
             }

@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod orphans;
 pub mod sweeper;
 pub mod twinkle;
 pub mod upstream;
@@ -66,6 +67,8 @@ pub struct ServerApp {
     pub per_token_model_limit: Option<u32>,
     /// `server_config.max_tokens_per_request` (else a default from the model's context).
     pub max_tokens_per_request: Option<u64>,
+    /// In-flight sample requests per key (`server_config.max_sampling_requests_per_key`).
+    pub sampling: limits::SamplingSlots,
     /// Bearer-token authentication of the Twinkle routes (same salt and save root as above).
     pub auth: Auth,
     pub twinkle: TwinkleSettings,
@@ -106,6 +109,7 @@ impl ServerApp {
             supported_models: Vec::new(),
             per_token_model_limit: None,
             max_tokens_per_request: None,
+            sampling: limits::SamplingSlots::default(),
             auth,
             twinkle: TwinkleSettings::default(),
             housekeeping: sweeper::Housekeeping::default(),
@@ -209,6 +213,16 @@ fn load_keys(ctx: &AppContext) -> Result<Option<HashSet<String>>, ServerError> {
     Ok(configured.then_some(keys))
 }
 
+/// The client of the model / sampler applications through the head at `head`, for the server
+/// application's `args` (its `server_config.restart_wait_s`) and the whole config (the
+/// applications it declares).
+pub fn upstreams(head: String, args: &config::AppArgs, cfg: Option<&ServerConfig>) -> Upstreams {
+    // Known before the applications run, so "configured but starting" is not "not served".
+    let configured = cfg.map(upstream::Configured::from_config).unwrap_or_default();
+    let wait = upstream::restart_wait(args.server_config.as_ref().and_then(|s| s.restart_wait_s));
+    Upstreams::new(head).with_configured(configured).with_restart_wait(wait)
+}
+
 /// Builds the shared state from the worker context.
 pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
     let cfg: Option<ServerConfig> = match &ctx.opts.config {
@@ -254,9 +268,8 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
             twinkle.max_loras.insert(a.name.clone(), max);
         }
     }
-    // Known before the applications run, so "configured but starting" is not "not served".
-    let configured = cfg.as_ref().map(upstream::Configured::from_config).unwrap_or_default();
-    let up = Upstreams::new(ctx.opts.head.clone()).with_configured(configured);
+    let up = upstreams(ctx.opts.head.clone(), &args, cfg.as_ref());
+    let sampling = args.server_config.as_ref().and_then(|s| s.max_sampling_requests_per_key);
     Ok(ServerApp {
         disp: Dispatcher::new(Arc::new(store), up),
         keys,
@@ -265,6 +278,9 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
         supported_models: args.supported_models.iter().map(|m| m.name().to_string()).collect(),
         per_token_model_limit: args.server_config.as_ref().and_then(|s| s.per_token_model_limit),
         max_tokens_per_request: args.server_config.as_ref().and_then(|s| s.max_tokens_per_request),
+        sampling: limits::SamplingSlots::new(
+            sampling.map_or(limits::DEFAULT_SAMPLING_PER_KEY, |n| n as usize),
+        ),
         auth,
         twinkle,
         housekeeping: sweeper::Housekeeping::from_config(

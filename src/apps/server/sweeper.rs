@@ -161,6 +161,7 @@ fn remove_best_effort(dir: &Path) {
 
 /// Sweeps forever every `housekeeping.interval` (spawned beside the HTTP server).
 pub async fn run(app: Shared) {
+    actix_web::rt::spawn(super::orphans::at_start(app.clone()));
     let mut tick = tokio::time::interval(app.housekeeping.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,5 +176,6 @@ pub async fn run(app: Shared) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "housekeeping sweep failed"),
         }
+        super::orphans::sweep(&app).await;
     }
 }

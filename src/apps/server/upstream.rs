@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::error::{ApiError, JobError};
 use crate::apps::model::error::UNKNOWN_ADAPTER;
+use crate::config::MAX_RESTART_WAIT_S;
 
 /// Env var with the shared secret every internal request carries.
 pub use crate::node::serve::INTERNAL_TOKEN_ENV;
@@ -30,20 +31,34 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest answer read from an application (sample results with many sequences).
 const MAX_ANSWER: usize = 512 << 20;
 
-/// Env var: seconds a call waits for a (re)starting application (default 60).
+/// Env var overriding `server_config.restart_wait_s` (seconds a call waits for a (re)starting
+/// application). Kept so that deployments which set it before the config key existed, and an
+/// operator debugging a slow restart, need no config edit; a value that is not a number in
+/// `0..=MAX_RESTART_WAIT_S` is ignored (with a warning).
 pub const RESTART_WAIT_ENV: &str = "TWINKLE_RESTART_WAIT";
-/// Default of [`RESTART_WAIT_ENV`]: a model child restarts in seconds (backoff + loading a small
-/// model); a big model may take longer, and then the call fails as a retryable server error.
+/// Default of `server_config.restart_wait_s`: a model child restarts in seconds (backoff +
+/// loading a small model); a big model may take longer, and then the call fails as a retryable
+/// server error.
 pub const DEFAULT_RESTART_WAIT: Duration = Duration::from_secs(60);
 /// How often the head's status is re-read while waiting.
 const RESTART_POLL: Duration = Duration::from_millis(250);
 
-/// The wait bound from [`RESTART_WAIT_ENV`] (the default when unset or not a number ≥ 0).
-pub fn restart_wait() -> Duration {
-    std::env::var(RESTART_WAIT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
+/// The wait bound: [`RESTART_WAIT_ENV`] when set to a valid number, else `configured`
+/// (`server_config.restart_wait_s`, validated with the config), else the default.
+pub fn restart_wait(configured: Option<f64>) -> Duration {
+    let env = std::env::var(RESTART_WAIT_ENV).ok().filter(|v| !v.trim().is_empty());
+    let from_env = env.as_deref().and_then(|v| {
+        let s = v.trim().parse::<f64>().ok().filter(|s| (0.0..=MAX_RESTART_WAIT_S).contains(s));
+        if s.is_none() {
+            tracing::warn!(
+                value = v,
+                "{RESTART_WAIT_ENV} is not a number of seconds in 0..={MAX_RESTART_WAIT_S}; ignored"
+            );
+        }
+        s
+    });
+    from_env
+        .or(configured.filter(|s| s.is_finite() && (0.0..=MAX_RESTART_WAIT_S).contains(s)))
         .map(Duration::from_secs_f64)
         .unwrap_or(DEFAULT_RESTART_WAIT)
 }
@@ -172,6 +187,8 @@ pub struct Upstreams {
     /// Kinds with an application starting or restarting at the last refresh.
     pending: Arc<Mutex<HashSet<String>>>,
     wait: Duration,
+    /// How many server applications the head listed at the last refresh.
+    servers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 thread_local! {
@@ -200,7 +217,8 @@ impl Upstreams {
             configured: Arc::new(Vec::new()),
             seen: Arc::new(Mutex::new(HashMap::new())),
             pending: Arc::new(Mutex::new(HashSet::new())),
-            wait: restart_wait(),
+            wait: restart_wait(None),
+            servers: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -210,7 +228,13 @@ impl Upstreams {
         self
     }
 
-    fn is_pending(&self, kind: &str) -> bool {
+    /// How long a call waits for a (re)starting application.
+    pub fn restart_wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// Whether an application of `kind` was starting or restarting at the last refresh.
+    pub fn is_pending(&self, kind: &str) -> bool {
         self.pending.lock().map(|p| p.contains(kind)).unwrap_or(false)
     }
 
@@ -245,6 +269,8 @@ impl Upstreams {
         let mut fresh = HashMap::new();
         let mut seen = HashMap::new();
         let mut pending = HashSet::new();
+        let servers = report.applications.iter().filter(|a| a.import_path == "server").count();
+        self.servers.store(servers, std::sync::atomic::Ordering::Relaxed);
         for a in report.applications {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
@@ -429,6 +455,17 @@ impl Upstreams {
             target =
                 self.cached().into_iter().find(|u| u.kind == kind && u.info.answers_to(base_model));
         }
+    }
+
+    /// How many server applications the head listed at the last refresh.
+    pub fn server_count(&self) -> usize {
+        self.servers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Unloads adapter `model_id` on the application at `address` (housekeeping).
+    pub async fn unload_at(&self, address: &str, model_id: &str) -> Result<(), JobError> {
+        let body = serde_json::json!({ "model_id": model_id });
+        self.call_at(address, "POST", "unload", Some(&body)).await.map(|_| ()).map_err(Into::into)
     }
 
     async fn call_at(

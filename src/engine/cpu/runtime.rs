@@ -96,6 +96,10 @@ impl ModelRuntime for CpuRuntime {
         Ok(())
     }
 
+    fn copy_adapter(&self, adapter: &Adapter) -> Result<Adapter> {
+        Ok(adapter.clone())
+    }
+
     fn forward_backward(
         &self,
         adapter: &mut Adapter,

@@ -4,7 +4,8 @@
 //! Also the AdamW step on the device, with the CPU's `AdamParams` semantics: two launches for
 //! the whole adapter (global gradient norm, then AdamW with the clip factor computed on the
 //! device and the gradients zeroed), over a device table of the tensors' addresses, and one
-//! download of the norm at the end.
+//! download of the norm at the end (which also tells whether the update kernel refused a
+//! non-finite gradient).
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -58,6 +59,24 @@ impl GpuPair {
         p.m_b = get(&self.mb)?;
         p.v_b = get(&self.vb)?;
         Ok(())
+    }
+
+    /// A device-to-device copy of every buffer (no host round trip).
+    fn copy(&self, dev: &CudaDevice) -> R<GpuPair> {
+        let cp = |s: &CudaSlice<f32>| {
+            dev.stream().clone_dtod(s).map_err(CudaError::driver("copying an adapter tensor"))
+        };
+        Ok(GpuPair {
+            rank: self.rank,
+            a: cp(&self.a)?,
+            b: cp(&self.b)?,
+            ga: cp(&self.ga)?,
+            gb: cp(&self.gb)?,
+            ma: cp(&self.ma)?,
+            va: cp(&self.va)?,
+            mb: cp(&self.mb)?,
+            vb: cp(&self.vb)?,
+        })
     }
 
     fn grads(&self) -> [&CudaSlice<f32>; 2] {
@@ -220,6 +239,24 @@ impl CudaAdapter {
         Ok(())
     }
 
+    /// A copy of this adapter on the same device (weights, gradients, moments, step). Its
+    /// optimizer table is rebuilt on its first step: the addresses are its own.
+    pub fn copy_on_device(&self, dev: &CudaDevice) -> R<CudaAdapter> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slots| {
+                let mut out: [Option<GpuPair>; 7] = Default::default();
+                for (o, p) in out.iter_mut().zip(slots) {
+                    *o = p.as_ref().map(|p| p.copy(dev)).transpose()?;
+                }
+                Ok(out)
+            })
+            .collect::<R<Vec<_>>>()?;
+        let lm_head = self.lm_head.as_ref().map(|p| p.copy(dev)).transpose()?;
+        Ok(CudaAdapter { scaling: self.scaling, step: self.step, layers, lm_head, table: None })
+    }
+
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.step
@@ -315,7 +352,10 @@ impl CudaAdapter {
     }
 
     /// One AdamW step with the accumulated gradients (global-norm clip as the CPU's
-    /// `Adapter::optim_step`), then zeroes them.
+    /// `Adapter::optim_step`), then zeroes them. A non-finite gradient (inf/NaN anywhere, or a
+    /// sum of squares that overflows f32) is refused like the CPU path refuses it: the update
+    /// kernel sees the non-finite norm on the device and writes nothing, so weights, moments,
+    /// gradients and step are unchanged, and the error is the CPU's `NonFinite` user error.
     pub fn optim_step(&mut self, dev: &CudaDevice, p: &AdamParams) -> R<OptimMetrics> {
         p.validate()?;
         let step = self.step + 1;
@@ -340,6 +380,9 @@ impl CudaAdapter {
         // the step's one synchronisation, after everything is queued
         let sq = download(dev, &view(&acc, 0, 1)?)?.first().copied().unwrap_or(0.0);
         let grad_norm = (sq as f64).sqrt();
+        if !grad_norm.is_finite() {
+            return Err(CudaError::Engine(crate::engine::optim::non_finite_gradient(grad_norm)));
+        }
         self.step = step;
         Ok(OptimMetrics { grad_norm, step, learning_rate: p.learning_rate })
     }

@@ -98,6 +98,11 @@ impl<T: Act + Send + Sync + 'static> ModelRuntime for CudaRuntime<T> {
         adapter.download_into(self.model.device(), host).map_err(self.err())
     }
 
+    fn copy_adapter(&self, adapter: &CudaAdapter) -> Result<CudaAdapter> {
+        let _g = self.lock();
+        adapter.copy_on_device(self.model.device()).map_err(self.err())
+    }
+
     fn forward_backward(
         &self,
         adapter: &mut CudaAdapter,

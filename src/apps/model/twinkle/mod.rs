@@ -7,9 +7,11 @@
 
 mod ckpt;
 mod inputs;
+mod journal;
 mod ops;
 mod steps;
 
+pub use journal::JOURNAL_DIR;
 pub use ops::TEMPLATES;
 
 use std::collections::HashMap;
@@ -60,6 +62,8 @@ struct TrainState {
     staged: Option<(Vec<Encoded>, Map<String, Value>, f64)>,
     metrics: Metrics,
     last_seen: Instant,
+    /// The configuring calls' bodies (`journal::CONFIG_OPS`), for a restart.
+    config_ops: Vec<(String, Map<String, Value>)>,
 }
 
 /// Running metrics reported (and reset) by `calculate_metric`.
@@ -79,6 +83,8 @@ pub struct TwinkleModel {
     adapters: Mutex<HashMap<String, Arc<Mutex<TrainState>>>>,
     timeout: Duration,
     per_owner: usize,
+    /// Directory of the adapters' journals (`journal.rs`); none in some in-process tests.
+    journal: Option<std::path::PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +99,7 @@ impl TwinkleModel {
             adapters: Mutex::new(HashMap::new()),
             timeout,
             per_owner: per_owner.max(1),
+            journal: None,
         }
     }
 
@@ -128,6 +135,7 @@ impl TwinkleModel {
             .collect();
         for id in &expired {
             lock(&self.adapters).remove(id);
+            self.journal_forget(id);
             let req = super::types::UnloadRequest { model_id: id.clone() };
             if let Err(e) = self.app.unload(&req) {
                 tracing::warn!(adapter = %id, error = %e, "cannot unload an expired adapter");
@@ -137,8 +145,25 @@ impl TwinkleModel {
         expired.len()
     }
 
-    /// Runs one op for `caller`.
+    /// Runs one op for `caller`, then journals what it changed (`journal.rs`).
     fn dispatch(
+        &self,
+        g: Gen,
+        op: &str,
+        caller: &Caller,
+        body: Map<String, Value>,
+    ) -> Result<Value, TwinkleError> {
+        // Only the few configuring calls keep their body (a forward_backward's is large).
+        let keep = self.journaled(op).then(|| body.clone());
+        let out = self.apply(g, op, caller, body)?;
+        if let Some(body) = keep {
+            self.journal_after(g, op, caller, &body);
+        }
+        Ok(out)
+    }
+
+    /// Runs one op for `caller`.
+    fn apply(
         &self,
         g: Gen,
         op: &str,

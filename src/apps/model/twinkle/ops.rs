@@ -2,7 +2,6 @@
 //! settings (unknown class names and arguments are 400 naming what is supported), metrics and
 //! the train-config report. The compute ops live in `steps`.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
@@ -51,11 +50,65 @@ pub(super) fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, 
 }
 
 impl TwinkleModel {
+    /// `add_adapter_to_model`: a new engine adapter, its run metadata, and its training state.
     pub(super) fn add_adapter(
         &self,
         caller: &Caller,
         body: &Map<String, Value>,
     ) -> Result<Value, TwinkleError> {
+        let st = self.new_state(caller, body)?;
+        let (id, eid, lora) = (st.run_id.clone(), st.engine_id.clone(), st.lora.clone());
+        let run_dir = paths::caller_run_dir(&self.auth, caller, &id)?;
+        self.app.create_adapter(&CreateAdapterRequest {
+            model_id: eid.clone(),
+            lora: LoraSettings {
+                rank: lora.rank,
+                alpha: lora.alpha,
+                train_attn: lora.train_attn,
+                train_mlp: lora.train_mlp,
+                train_unembed: lora.train_unembed,
+                seed: None,
+            },
+        })?;
+        let run = RunMeta {
+            training_run_id: id.clone(),
+            base_model: self.app.served().info.base_model.clone(),
+            model_owner: caller.owner.clone(),
+            is_lora: true,
+            corrupted: false,
+            lora_rank: Some(lora.rank),
+            last_request_time: Some(runs::now_iso()),
+            last_checkpoint: None,
+            last_sampler_checkpoint: None,
+            user_metadata: None,
+        };
+        if let Err(e) = runs::write_run(&run_dir, &run) {
+            let _ = self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: eid });
+            return Err(e);
+        }
+        self.insert_state(st);
+        Ok(json!({"status": "ok", "adapter_name": id}))
+    }
+
+    /// The training state `add_adapter_to_model` with `body` starts from, for an engine adapter
+    /// that exists already (restored after a restart).
+    pub(super) fn add_adapter_state(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<(), TwinkleError> {
+        let st = self.new_state(caller, body)?;
+        self.insert_state(st);
+        Ok(())
+    }
+
+    /// Checks an `add_adapter_to_model` body against the caller's adapters and the served model
+    /// and builds the fresh training state.
+    fn new_state(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<TrainState, TwinkleError> {
         let name = adapter_name(body)?;
         let id = caller.adapter_id(&name)?;
         let eid = super::engine_id(caller, &id);
@@ -95,36 +148,7 @@ impl TwinkleModel {
                 lora.rank
             )));
         }
-        let run_dir = paths::caller_run_dir(&self.auth, caller, &id)?;
-        self.app.create_adapter(&CreateAdapterRequest {
-            model_id: eid.clone(),
-            lora: LoraSettings {
-                rank: lora.rank,
-                alpha: lora.alpha,
-                train_attn: lora.train_attn,
-                train_mlp: lora.train_mlp,
-                train_unembed: lora.train_unembed,
-                seed: None,
-            },
-        })?;
-        let run = RunMeta {
-            training_run_id: id.clone(),
-            base_model: self.app.served().info.base_model.clone(),
-            model_owner: caller.owner.clone(),
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(lora.rank),
-            last_request_time: Some(runs::now_iso()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
-        if let Err(e) = runs::write_run(&run_dir, &run) {
-            let _ =
-                self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: id.clone() });
-            return Err(e);
-        }
-        let st = TrainState {
+        Ok(TrainState {
             owner: caller.owner.clone(),
             run_id: id.clone(),
             engine_id: eid.clone(),
@@ -152,9 +176,8 @@ impl TwinkleModel {
             staged: None,
             metrics: Metrics::default(),
             last_seen: Instant::now(),
-        };
-        lock(&self.adapters).insert(eid, Arc::new(Mutex::new(st)));
-        Ok(json!({"status": "ok", "adapter_name": id}))
+            config_ops: Vec::new(),
+        })
     }
 
     pub(super) fn set_template(

@@ -1,6 +1,7 @@
 //! Sampling endpoints: create_sampling_session, samplers/{id}, asample (a future whose result is
 //! a protobuf `SampleResponse`). Samples run on a sampler application for the base model when
-//! one exists, else on the model application.
+//! one exists, else on the model application. Each key has a bounded number of sample requests
+//! in flight (`server_config.max_sampling_requests_per_key`, 429 beyond it).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
@@ -88,6 +89,9 @@ async fn asample(
     let owner = app.owner(&req)?;
     let r: SampleRequest = parse_json(&body)?;
     r.validate(MAX_SAMPLES)?;
+    // Taken before any lookup, so a key over its bound is refused cheaply; given back when this
+    // request ends without a job, else when its job is done.
+    let permit = app.sampling.acquire(&owner)?;
     let sid = r.sampling_session_id.clone().ok_or_else(|| {
         ApiError::BadRequest(
             "sampling_session_id is required (create a sampling session first)".into(),
@@ -152,6 +156,7 @@ async fn asample(
         kind: "sample",
         queue: None,
         sample_sequence_ids: Some(ids),
+        permit: Some(permit),
     };
     submit(&app, sub, |request_id| {
         Plan::Run(Job {

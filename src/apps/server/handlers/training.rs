@@ -43,6 +43,8 @@ pub(crate) struct Submission {
     pub kind: &'static str,
     pub queue: Option<String>,
     pub sample_sequence_ids: Option<Vec<String>>,
+    /// A sample request's in-flight slot: held by the job, or given back when none runs.
+    pub permit: Option<limits::SamplingPermit>,
 }
 
 impl Submission {
@@ -60,6 +62,7 @@ impl Submission {
             kind,
             queue: Some(model_id.to_string()),
             sample_sequence_ids: None,
+            permit: None,
         }
     }
 }
@@ -96,7 +99,7 @@ pub(crate) async fn submit(
         .await?;
     if is_new {
         match build(rec.request_id.clone()) {
-            Plan::Run(job) => app.disp.enqueue(s.queue.as_deref(), job),
+            Plan::Run(job) => app.disp.enqueue(s.queue.as_deref(), job, s.permit),
             Plan::Fail(msg) => app.disp.fail_now(&rec.request_id, msg, FailureCategory::User).await,
             Plan::Done(v) => {
                 let id = rec.request_id.clone();
