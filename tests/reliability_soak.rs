@@ -8,8 +8,9 @@
 //! know), no error status but the retried 503 and 429 (and the long-poll's 408), no client error
 //! beyond the documented crash outcomes, no restart the test did not cause, no panic in the log,
 //! and a bounded peak RSS of serve and its children (sampled from /proc).
-//! Load: [`LOAD_CLIENTS`] clients fire [`LOAD_EACH`] samples each at once, past the per-key bound
-//! of pending requests: every answer is 2xx or 429 with Retry-After, every request completes.
+//! Load: [`LOAD_CLIENTS`] clients fire [`LOAD_EACH`] samples each at once, past the per-key bounds
+//! on pending futures and on sample requests in flight (src/apps/server/limits.rs): every answer
+//! is 2xx or 429 with Retry-After, every request completes.
 //!
 //! Without the SDK venv it prints SKIP and passes, unless `TWINKLE_REQUIRE_SDK=1`.
 

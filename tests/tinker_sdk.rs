@@ -8,9 +8,9 @@ mod platform_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use platform_support::{Serve, free_port, venv_python};
 use serde_json::Value;

@@ -3,8 +3,8 @@
 `soak.py SECONDS CLIENTS LOAD_CLIENTS LOAD_EACH`: CLIENTS threads each train their own LoRA adapter
 (forward_backward + optim_step, a sample and a save_state now and then) for SECONDS while the Rust
 test SIGKILLs the model application at random moments; then LOAD_CLIENTS threads each fire
-LOAD_EACH samples at once, past the per-key bound on pending requests (429 + Retry-After, which the
-SDK backs off on). Prints `READY` once every adapter has completed a step (from then on a snapshot
+LOAD_EACH samples at once, past the per-key bounds on pending requests and on samples in flight
+(429 + Retry-After, which the SDK backs off on). Prints `READY` once every adapter has completed a step (from then on a snapshot
 of it is on disk, so a kill may land anywhere), `SOAK_DONE` after the soak, then `RESULT {json}`:
 per client its model id, acknowledged steps and the documented crash outcomes it met, and the HTTP
 status of every response the SDK received, per phase.
