@@ -12,29 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use platform_support::{Serve, free_port};
+use platform_support::{Serve, free_port, venv_python};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
-
-/// The venv python with `tinker` importable, or None (skip).
-fn venv_python() -> Result<Option<PathBuf>> {
-    let venv = std::env::var_os("TWINKLE_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/twinkle/venv")));
-    let py = venv.map(|v| v.join("bin/python"));
-    let ok = py.as_ref().is_some_and(|p| {
-        Command::new(p).args(["-c", "import tinker"]).output().is_ok_and(|o| o.status.success())
-    });
-    if ok {
-        return Ok(py);
-    }
-    if std::env::var("TWINKLE_REQUIRE_SDK").as_deref() == Ok("1") {
-        bail!("the tinker SDK venv is missing (run scripts/setup-venv.sh)");
-    }
-    eprintln!("SKIP: no venv with the tinker SDK (run scripts/setup-venv.sh)");
-    Ok(None)
-}
 
 /// A deployment of server + one model app on `device` (`cpu` or `cuda`) (+ a CPU sampler app
 /// when `sampler`) on `port`, state in `state_db` (file) or memory.
@@ -105,7 +86,7 @@ impl Env {
     fn start(&self) -> Result<Serve> {
         let mut serve = self.spawn(&[])?;
         serve.wait_all_running(Duration::from_secs(120))?;
-        wait_gateway(self.port, &serve)?;
+        platform_support::wait_gateway(self.port, MODEL, &serve)?;
         Ok(serve)
     }
 
@@ -134,30 +115,6 @@ impl Env {
             &args,
             &vars,
         )
-    }
-}
-
-/// Waits until the gateway answers the server's capabilities with the model listed.
-fn wait_gateway(port: u16, serve: &Serve) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let r = platform_support::http(
-            "GET",
-            &format!("127.0.0.1:{port}"),
-            "/api/v1/get_server_capabilities",
-            &[("X-API-Key", "tml-probe")],
-            b"",
-        );
-        if let Ok(r) = r
-            && r.status == 200
-            && String::from_utf8_lossy(&r.body).contains(MODEL)
-        {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("server never listed {MODEL}; log:\n{}", serve.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -26,6 +26,14 @@ pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
 /// observe the gateway's 503 for an application that is up but not yet registered.
 pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
 
+/// How long an application worker keeps an idle connection open.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long the gateway and the server application keep an idle pooled connection to a worker:
+/// well under [`KEEP_ALIVE`], so they never reuse one the worker is closing at that moment (the
+/// request would be written, then meet end-of-stream, and read like an application that died
+/// while running it: an "interrupted" failure, or a 503, for a request that never ran).
+pub const POOL_IDLE: Duration = Duration::from_secs(4);
+
 /// Errors of the worker layer.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -135,6 +143,7 @@ where
         App::new().wrap(json_errors::middleware()).configure(configure.clone())
     })
     .workers(2)
+    .keep_alive(KEEP_ALIVE)
     .shutdown_timeout(5)
     .listen(listener)
     .map_err(WorkerError::Bind)?

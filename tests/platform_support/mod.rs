@@ -370,3 +370,47 @@ pub fn get_bare(addr: &str, path: &str) -> Result<Resp> {
 pub fn path_of(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// The venv python with `tinker` importable (`TWINKLE_VENV`, else `~/.cache/twinkle/venv`), or
+/// None (the SDK tests print SKIP and pass) unless `TWINKLE_REQUIRE_SDK=1`.
+pub fn venv_python() -> Result<Option<PathBuf>> {
+    let venv = std::env::var_os("TWINKLE_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/twinkle/venv")));
+    let py = venv.map(|v| v.join("bin/python"));
+    let ok = py.as_ref().is_some_and(|p| {
+        Command::new(p).args(["-c", "import tinker"]).output().is_ok_and(|o| o.status.success())
+    });
+    if ok {
+        return Ok(py);
+    }
+    if std::env::var("TWINKLE_REQUIRE_SDK").as_deref() == Ok("1") {
+        bail!("the tinker SDK venv is missing (run scripts/setup-venv.sh)");
+    }
+    eprintln!("SKIP: no venv with the tinker SDK (run scripts/setup-venv.sh)");
+    Ok(None)
+}
+
+/// Waits until the gateway on `port` answers the server's capabilities with `model` listed.
+pub fn wait_gateway(port: u16, model: &str, serve: &Serve) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let r = http(
+            "GET",
+            &format!("127.0.0.1:{port}"),
+            "/api/v1/get_server_capabilities",
+            &[("X-API-Key", "tml-probe")],
+            b"",
+        );
+        if let Ok(r) = r
+            && r.status == 200
+            && String::from_utf8_lossy(&r.body).contains(model)
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("server never listed {model}; log:\n{}", serve.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

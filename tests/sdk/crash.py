@@ -2,7 +2,8 @@
 save_state, then kill -9 the model application (PID) and keep using the SAME TrainingClient: it
 answers again once the application is back, at the state of the last completed step, and 2 more
 steps give the same losses as a control client loaded from the save_state taken before the kill.
-Then a crash that loses the adapter (its snapshots in LIVE deleted first): the next call fails as a
+Each answered optim_step has its snapshot on disk already (issue #12, item 9). Then a crash that
+loses the adapter (its snapshots in LIVE deleted first): the next call fails as a
 server error, the run is marked corrupted, and load_state on the same client recovers it."""
 import hashlib
 import json
@@ -51,19 +52,20 @@ def snapshot_dir(client):
     return hashlib.sha256(client.model_id.encode()).hexdigest()
 
 
-def wait_snapshot(client, step):
-    """Waits until the snapshot of `client`'s adapter at `step` is on disk: it is written in the
-    background (milliseconds; longer on a loaded machine), and the test checks restoring, not
-    that race."""
+def check_snapshot(client, step):
+    """The snapshot of `client`'s adapter is at `step` as soon as optim_step has answered (the
+    answer waits for it, src/apps/model/durable.rs): read it at once, no waiting for a writer.
+    Only a missing file is read again briefly: a background write of the same state (queued at
+    create) swaps the directory by two renames."""
     snap = os.path.join(live, snapshot_dir(client), "optimizer_state.json")
-    deadline = time.time() + 30
-    while time.time() < deadline:
+    for _ in range(20):
         try:
-            if json.load(open(snap))["step"] == step:
-                return
+            got = json.load(open(snap))["step"]
         except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
+            time.sleep(0.05)
+            continue
+        check(got == step, f"snapshot at step {got}, expected {step}, right after optim_step answered")
+        return
     check(False, f"no snapshot at step {step} in {snap}")
 
 
@@ -74,7 +76,7 @@ path = tc.save_state("before-kill").result().path
 before = forward(tc)
 # Work since the last step is what a crash may lose: an accumulated gradient here.
 tc.forward_backward(batch, "cross_entropy").result()
-wait_snapshot(tc, 3)
+check_snapshot(tc, 3)
 os.kill(pid, signal.SIGKILL)
 t0 = time.time()
 # The same client: the submission waits for the restarted application.
@@ -92,7 +94,7 @@ st = json.loads(subprocess.run([twinkle_bin, "status", "--json"], env=dict(os.en
                                capture_output=True, check=True).stdout)
 pid2 = next(a["pid"] for a in st["applications"] if a["import_path"] == "model")
 check(pid2 and pid2 != pid, f"model app pid after the restart: {pid2}")
-wait_snapshot(tc, 5)
+check_snapshot(tc, 5)
 shutil.rmtree(os.path.join(live, snapshot_dir(tc)))
 os.kill(pid2, signal.SIGKILL)
 try:

@@ -1,27 +1,37 @@
 //! Durable snapshots of live adapters, so a restarted model application serves every run it
-//! served before (issue #12, item 2).
+//! served before (issue #12, items 2 and 9).
 //!
-//! After each completed `optim_step` (and on create / load) the adapter's id is queued; a
-//! background thread takes the adapter lock only to copy it to the host (`engine.download`),
-//! then writes weights + Adam moments + step outside the lock into `{spill_dir}/live/<key>`
-//! (temp dir + rename: never half written). `<key>` is the SHA-256 of the id and the id itself is
-//! a file inside: ids are long (a Twinkle id is an owner digest plus a session and adapter name),
-//! and a name derived from the id byte for byte overflows the 255-byte file-name limit. The queue is a set, so a burst of steps costs one
-//! write of the latest state. Pending gradients are not written: a snapshot is the state right
-//! after a completed step, and a crash loses at most the `forward_backward` work since then.
+//! `optim_step` answers only once a snapshot of that step (or of a later state) is written to
+//! `{spill_dir}/live/<key>`: an acknowledged step survives a `kill -9` of the application (the
+//! page cache is enough; the threat is the process dying, not the machine). The adapter lock is
+//! held only for the host copy (`engine.download`); weights + Adam moments + step are written
+//! outside it (temp dir + rename: never half written), so other requests do not wait for the disk.
+//! Create and load queue a snapshot for a background thread instead (the queue is a set: a burst
+//! costs one write of the latest state).
+//!
+//! Writers of one adapter's directory are serialized by the slot's `snap_written` lock, which
+//! also holds the generation of the copy on disk: copies are numbered under the adapter lock, so
+//! a copy older than the one written is dropped (a later state on disk is just as durable).
+//!
+//! `<key>` is the SHA-256 of the id and the id itself is a file inside: ids are long (a Twinkle id
+//! is an owner digest plus a session and adapter name), and a name derived from the id byte for
+//! byte overflows the 255-byte file-name limit. Pending gradients are not written: a snapshot is
+//! the state right after a completed step, and a crash loses at most the `forward_backward` work
+//! since then.
 //!
 //! On start-up [`ModelService::restore_live`] registers every snapshot found as a spilled
 //! adapter (nothing is read until its first request, so start-up stays fast). `unload` deletes
-//! the snapshot.
+//! the snapshot. Without an active writer (in-process tests) none of this costs anything.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{ModelService, Slot, SlotState, checkpoint, lock};
-use crate::engine::ModelRuntime;
+use crate::engine::parallel::Replicated;
+use crate::engine::{Adapter, ModelRuntime};
 
 /// Subdirectory of the spill directory holding the snapshots.
 pub const LIVE_DIR: &str = "live";
@@ -33,6 +43,15 @@ pub struct Snapshots {
     active: AtomicBool,
     queue: Mutex<BTreeSet<String>>,
     wake: Condvar,
+    /// Numbers host copies (taken under the adapter lock, so per adapter it follows the order
+    /// of its states).
+    generation: AtomicU64,
+}
+
+/// A host copy of an adapter to be written as its snapshot.
+pub(super) struct SnapCopy {
+    host: Adapter,
+    generation: u64,
 }
 
 /// File inside a snapshot or spill directory holding the adapter id it belongs to.
@@ -61,7 +80,12 @@ impl Snapshots {
             active: AtomicBool::new(false),
             queue: Mutex::new(BTreeSet::new()),
             wake: Condvar::new(),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Where adapter `id`'s snapshot lives.
@@ -76,7 +100,7 @@ impl Snapshots {
 
     /// Queues a snapshot of adapter `id` (coalesced with one already queued).
     pub fn schedule(&self, id: &str) {
-        if !self.active.load(Ordering::Relaxed) {
+        if !self.active() {
             return;
         }
         lock(&self.queue).insert(id.to_string());
@@ -147,11 +171,7 @@ impl<R: ModelRuntime> ModelService<R> {
             }
             let spill = self.spill_path(&id);
             let dir = if spill.join("adapter_config.json").is_file() { spill } else { snap };
-            let slot = Slot {
-                state: Mutex::new(SlotState::Spilled(dir)),
-                last_used: Mutex::new(Instant::now()),
-            };
-            map.insert(id, Arc::new(slot));
+            map.insert(id, Arc::new(Slot::new(SlotState::Spilled(dir))));
             n += 1;
         }
         if n > 0 {
@@ -160,26 +180,67 @@ impl<R: ModelRuntime> ModelService<R> {
         n
     }
 
+    /// A host copy of `adapter` for its snapshot, taken while its lock is held; `None` when
+    /// snapshots are off (nothing copied) or the copy failed (logged; the background writer
+    /// tries again).
+    pub(super) fn snapshot_copy(&self, id: &str, adapter: &Replicated<R>) -> Option<SnapCopy> {
+        if !self.snaps.active() {
+            return None;
+        }
+        match self.engine.download(adapter) {
+            Ok(host) => {
+                let generation = self.snaps.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                Some(SnapCopy { host, generation })
+            }
+            Err(e) => {
+                tracing::warn!(model_id = %id, error = %e, "cannot copy adapter for its snapshot");
+                self.snaps.schedule(id);
+                None
+            }
+        }
+    }
+
+    /// Writes `copy` as the snapshot of adapter `id` (whose slot is `slot`), without the
+    /// adapter lock. Returns once this copy or a later one is on disk; writes nothing for a
+    /// slot that was unloaded (its snapshot must not resurrect it after a restart).
+    pub(super) fn write_snapshot(
+        &self,
+        id: &str,
+        slot: &Arc<Slot<R>>,
+        copy: SnapCopy,
+    ) -> Result<(), super::AppError> {
+        let mut written = lock(&slot.snap_written);
+        if copy.generation <= *written {
+            return Ok(());
+        }
+        // `unload` takes `snap_written` before removing the slot, so this answer holds until
+        // the write below is done.
+        let still = lock(&self.adapters).get(id).is_some_and(|s| Arc::ptr_eq(s, slot));
+        if !still {
+            return Ok(());
+        }
+        checkpoint::spill(&copy.host, id, false, &self.snaps.dir(id))?;
+        *written = copy.generation;
+        Ok(())
+    }
+
     /// Writes adapter `id`'s snapshot now (the writer thread's job; tests call it directly).
     /// The adapter lock is held only for the host copy.
     pub fn snapshot_now(&self, id: &str) -> Result<(), super::AppError> {
         let Ok(slot) = self.slot(id) else { return Ok(()) };
-        let host = {
+        let copy = {
             let state = lock(&slot.state);
             match &*state {
-                SlotState::Loaded { adapter, .. } => self.engine.download(adapter)?,
+                SlotState::Loaded { adapter, .. } => {
+                    let host = self.engine.download(adapter)?;
+                    let generation = self.snaps.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    SnapCopy { host, generation }
+                }
                 // Spilled: unchanged since its last snapshot; removed: nothing to keep.
                 _ => return Ok(()),
             }
         };
-        let dir = self.snaps.dir(id);
-        checkpoint::spill(&host, id, false, &dir)?;
-        // Unloaded while we wrote: the snapshot must not resurrect it after a restart.
-        let still = lock(&self.adapters).get(id).is_some_and(|s| Arc::ptr_eq(s, &slot));
-        if !still {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        Ok(())
+        self.write_snapshot(id, &slot, copy)
     }
 
     /// Writes every queued snapshot now; returns how many were written.
@@ -196,7 +257,7 @@ impl<R: ModelRuntime> ModelService<R> {
 
     /// Starts the snapshot writer (a background thread that ends with the service).
     pub fn spawn_snapshotter(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
-        self.snaps.active.store(true, Ordering::Relaxed);
+        self.enable_snapshots();
         let weak: Weak<Self> = Arc::downgrade(self);
         std::thread::spawn(move || {
             loop {

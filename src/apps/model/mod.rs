@@ -15,8 +15,9 @@
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
 //! it transparently, with identical numbers.
 //!
-//! Durability: every live adapter is snapshotted after each completed step ([`durable`]), so a
-//! restarted application serves the same model ids at their last step.
+//! Durability: an `optim_step` answers once a snapshot of its adapter at that step is written
+//! ([`durable`]), so a restarted application serves the same model ids at their last
+//! acknowledged step.
 
 pub mod base;
 pub mod checkpoint;
@@ -96,6 +97,20 @@ enum SlotState<R: ModelRuntime> {
 struct Slot<R: ModelRuntime> {
     state: Mutex<SlotState<R>>,
     last_used: Mutex<Instant>,
+    /// Held while this adapter's snapshot directory is written or removed, so two writers (the
+    /// background writer and a request thread) never race on it; holds the generation of the
+    /// state on disk, so an older copy never replaces a newer one (see [`durable`]).
+    snap_written: Mutex<u64>,
+}
+
+impl<R: ModelRuntime> Slot<R> {
+    fn new(state: SlotState<R>) -> Self {
+        Slot {
+            state: Mutex::new(state),
+            last_used: Mutex::new(Instant::now()),
+            snap_written: Mutex::new(0),
+        }
+    }
 }
 
 /// Locks that survive a panicked holder: the guarded data is replaced whole by each writer.
@@ -206,6 +221,16 @@ impl<R: ModelRuntime> ModelService<R> {
         id: &str,
         f: impl FnOnce(&mut Replicated<R>, &mut bool) -> Result<T, AppError>,
     ) -> Result<T, AppError> {
+        self.with_slot(id, f).map(|(out, _)| out)
+    }
+
+    /// [`with_adapter`](Self::with_adapter), also returning the slot `f` ran on (a snapshot
+    /// written after the lock is released must go to that slot, not to one created since).
+    fn with_slot<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Replicated<R>, &mut bool) -> Result<T, AppError>,
+    ) -> Result<(T, Arc<Slot<R>>), AppError> {
         let slot = self.slot(id)?;
         let mut state = lock(&slot.state);
         if let SlotState::Spilled(dir) = &*state {
@@ -227,7 +252,8 @@ impl<R: ModelRuntime> ModelService<R> {
             _ => Err(AppError::NotFound(format!("model_id `{id}` was unloaded"))),
         };
         *lock(&slot.last_used) = Instant::now();
-        out
+        drop(state);
+        out.map(|o| (o, slot))
     }
 
     fn insert(&self, id: &str, host: Adapter) -> Result<(), AppError> {
@@ -239,13 +265,8 @@ impl<R: ModelRuntime> ModelService<R> {
         if map.contains_key(id) {
             return Err(AppError::Conflict(format!("model_id `{id}` already exists")));
         }
-        let slot = Slot {
-            state: Mutex::new(SlotState::Loaded {
-                adapter: Box::new(adapter),
-                pending_grads: false,
-            }),
-            last_used: Mutex::new(Instant::now()),
-        };
+        let slot =
+            Slot::new(SlotState::Loaded { adapter: Box::new(adapter), pending_grads: false });
         map.insert(id.to_string(), Arc::new(slot));
         drop(map);
         self.snaps.schedule(id);
@@ -439,20 +460,30 @@ impl<R: ModelRuntime> ModelService<R> {
 
     /// `POST /_internal/v1/optim_step`. Without gradients accumulated since the last step it is
     /// a user error (nothing to apply; Adam's moments would otherwise decay for nothing).
+    ///
+    /// With snapshots active the answer waits until a snapshot of this step (or of a later
+    /// state) is written: an acknowledged step survives a crash of the application. Only the
+    /// host copy holds the adapter lock; the file write does not.
     pub fn optim_step(&self, req: &OptimStepRequest) -> Result<MetricsResponse, AppError> {
-        let out = self.with_adapter(&req.model_id, |adapter, pending| {
+        let id = &req.model_id;
+        let ((out, copy), slot) = self.with_slot(id, |adapter, pending| {
             if !*pending {
                 return Err(AppError::BadRequest(format!(
-                    "optim_step: model_id `{}` has no gradients; call forward_backward first",
-                    req.model_id
+                    "optim_step: model_id `{id}` has no gradients; call forward_backward first"
                 )));
             }
             let m = self.engine.optim_step(adapter, &req.adam_params)?;
             *pending = false;
-            Ok(MetricsResponse { metrics: m.to_map() })
+            Ok((MetricsResponse { metrics: m.to_map() }, self.snapshot_copy(id, adapter)))
         })?;
-        // Written by the snapshot thread, after this answer: off the request's latency.
-        self.snaps.schedule(&req.model_id);
+        // The step is applied: failing the request now would make the caller repeat it. A
+        // snapshot that cannot be written is logged and left to the background writer.
+        if let Some(copy) = copy
+            && let Err(e) = self.write_snapshot(id, &slot, copy)
+        {
+            tracing::warn!(model_id = %id, error = %e, "cannot snapshot adapter after its step");
+            self.snaps.schedule(id);
+        }
         Ok(out)
     }
 

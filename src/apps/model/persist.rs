@@ -3,6 +3,7 @@
 //! `unload`, over the internal API.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::checkpoint::{OPTIM_META, write_dir_atomic};
@@ -101,9 +102,19 @@ impl<R: ModelRuntime> ModelService<R> {
 
     /// `POST /_internal/v1/unload`: frees the adapter (and any spilled copy).
     pub fn unload(&self, req: &UnloadRequest) -> Result<(), AppError> {
-        let slot = lock(&self.adapters).remove(&req.model_id).ok_or_else(|| {
-            AppError::NotFound(format!("model_id `{}` is not loaded here", req.model_id))
-        })?;
+        let gone = || AppError::NotFound(format!("model_id `{}` is not loaded here", req.model_id));
+        let slot = self.slot(&req.model_id).map_err(|_| gone())?;
+        // Taken before the slot leaves the map: a snapshot writer of this slot either finished
+        // (its directory is deleted below) or sees the slot gone and writes nothing, so it never
+        // races a new adapter created under the same id.
+        let _writing = lock(&slot.snap_written);
+        {
+            let mut map = lock(&self.adapters);
+            match map.get(&req.model_id) {
+                Some(s) if Arc::ptr_eq(s, &slot) => map.remove(&req.model_id),
+                _ => return Err(gone()),
+            };
+        }
         let mut state = lock(&slot.state);
         if let SlotState::Spilled(dir) = &*state {
             let _ = std::fs::remove_dir_all(dir);

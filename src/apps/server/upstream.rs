@@ -194,8 +194,13 @@ pub struct Upstreams {
 thread_local! {
     /// One client per server worker thread (awc clients are not `Send`): its connection pool
     /// keeps the loopback connections to the applications alive, so a call does not pay a TCP
-    /// connect and the application's accept hand-off every time.
-    static CLIENT: awc::Client = awc::Client::builder().timeout(CALL_TIMEOUT).finish();
+    /// connect and the application's accept hand-off every time. Idle connections go before the
+    /// application closes them ([`POOL_IDLE`](crate::worker::POOL_IDLE)): reusing one it is
+    /// closing would fail a request that never ran as "interrupted".
+    static CLIENT: awc::Client = awc::Client::builder()
+        .connector(awc::Connector::new().conn_keep_alive(crate::worker::POOL_IDLE))
+        .timeout(CALL_TIMEOUT)
+        .finish();
 }
 
 fn client() -> awc::Client {
