@@ -162,3 +162,26 @@ fn an_answered_optim_step_is_on_disk_even_while_the_background_writer_races_it()
     svc.snapshot_now(ids[0]).unwrap();
     assert_eq!(snapshot_step(t.path(), ids[0]), None);
 }
+
+/// `adapter_config.durable_steps: false`: optim_step answers without writing; the background
+/// writer (here driven by `flush_snapshots`) writes the latest state once for a burst of steps.
+#[test]
+fn without_durable_steps_the_background_writer_snapshots_the_latest_step() {
+    let t = tempfile::tempdir().unwrap();
+    let opts = twinkle::apps::model::ServiceOptions {
+        durable_steps: false,
+        ..options(t.path(), std::time::Duration::from_secs(1800), None)
+    };
+    let svc = twinkle::apps::model::ModelService::new(&opts).unwrap();
+    svc.enable_snapshots();
+    let id = "r:train:0";
+    svc.create_adapter(&create(id, 4, 1)).unwrap();
+    assert_eq!(svc.flush_snapshots(), 1);
+    for _ in 0..3 {
+        loss(&svc, id, false);
+        svc.optim_step(&adam(id, 5e-3)).unwrap();
+    }
+    assert_eq!(snapshot_step(t.path(), id), Some(0), "a step was written before its answer");
+    assert_eq!(svc.flush_snapshots(), 1, "three steps, one write");
+    assert_eq!(snapshot_step(t.path(), id), Some(3));
+}

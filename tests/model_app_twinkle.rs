@@ -352,3 +352,34 @@ async fn a_restarted_application_keeps_twinkle_adapters() {
     assert_eq!(m["result"]["learning rate"], "1.500000e-2", "{m}");
     assert!(c.loss(&x).await < before);
 }
+
+/// `adapter_max_lifetime`: an adapter that old expires even while its client keeps calling (as
+/// the Python server's countdown does); a younger one stays.
+#[actix_web::test]
+async fn adapters_past_their_maximum_lifetime_expire_while_active() {
+    let life = Duration::from_secs(2);
+    let t = tempfile::tempdir().unwrap();
+    let svc: Arc<dyn ModelApp> = Arc::new(service(&t.path().join("spill")));
+    let auth = Auth { keys: None, salt: b"s".to_vec(), save_root: t.path().join("save") };
+    let tw = TwinkleModel::new(svc.clone(), auth, Duration::from_secs(600), 4)
+        .with_max_lifetime(Some(life));
+    let tw = Arc::new(tw);
+    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
+    let old = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let t_old = std::time::Instant::now();
+    old.adapter(1).await;
+    std::thread::sleep(Duration::from_millis(1200));
+    let young = Client { scope: "s2", ..old };
+    let t_young = std::time::Instant::now();
+    young.adapter(1).await;
+    // Active and younger than the lifetime: both stay.
+    assert_eq!(old.ok("heartbeat", json!({"adapter_name": "a"})).await["status"], "ok");
+    assert_eq!(tw.sweep(), 0);
+    std::thread::sleep((t_old + life + Duration::from_millis(100)).saturating_duration_since(std::time::Instant::now()));
+    assert_eq!(old.ok("heartbeat", json!({"adapter_name": "a"})).await["status"], "ok");
+    assert!(t_young.elapsed() < life, "the machine stalled; the test cannot tell the two apart");
+    assert_eq!(tw.sweep(), 1);
+    assert_eq!(old.call("heartbeat", json!({"adapter_name": "a"})).await.0, 404);
+    assert_eq!(young.ok("heartbeat", json!({"adapter_name": "a"})).await["status"], "ok");
+    assert_eq!(svc.info().adapters.len(), 1);
+}

@@ -65,6 +65,11 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(Duration::from_secs_f64)
         .unwrap_or(DEFAULT_ADAPTER_TIMEOUT);
+    let adapter = spec.args.adapter_config.as_ref();
+    let max_lifetime = adapter
+        .and_then(|a| a.adapter_max_lifetime)
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .map(Duration::from_secs_f64);
     let spill_root = std::env::var_os("TWINKLE_SAVE_DIR")
         .filter(|v| !v.is_empty())
         .map(|d| PathBuf::from(d).join(".spill"))
@@ -76,6 +81,8 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         adapter_timeout: timeout,
         spill_dir: spill_root.join(&spec.name),
         max_loras: spec.args.max_loras.map(|m| m as usize),
+        adapter_max_lifetime: max_lifetime,
+        durable_steps: adapter.and_then(|a| a.durable_steps).unwrap_or(true),
     })
 }
 
@@ -88,9 +95,9 @@ fn internal_token() -> InternalToken {
 }
 
 enum Loaded {
-    /// The model service, its adapter timeout (the Twinkle layer expires idle adapters too) and
-    /// its spill directory (the Twinkle layer keeps its journals beside the snapshots).
-    Model(Arc<dyn ModelApp>, Duration, PathBuf),
+    /// The model service and its options (the Twinkle layer expires idle and too old adapters
+    /// and keeps its journals beside the snapshots in the spill directory).
+    Model(Arc<dyn ModelApp>, Box<ServiceOptions>),
     Sampler(Arc<dyn SamplerApp>),
 }
 
@@ -202,7 +209,7 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
             start_model(&opts, base, engine)
         }
     };
-    Ok(Loaded::Model(svc, opts.adapter_timeout, opts.spill_dir.clone()))
+    Ok(Loaded::Model(svc, Box::new(opts)))
 }
 
 /// CPU data-parallel workers: `TWINKLE_CPU_WORKERS` when set, else `dp_size`.
@@ -253,9 +260,9 @@ fn sampler_prefixes(prefix: &str) -> Vec<String> {
 fn twinkle_layer(
     ctx: &AppContext,
     svc: Arc<dyn ModelApp>,
-    timeout: Duration,
-    spill_dir: PathBuf,
+    opts: &ServiceOptions,
 ) -> Result<Arc<model::twinkle::TwinkleModel>, WorkerError> {
+    let timeout = opts.adapter_timeout;
     let auth = twinkle_auth(ctx)?;
     let per_owner = ctx
         .opts
@@ -269,7 +276,8 @@ fn twinkle_layer(
         })
         .map_or(model::twinkle::DEFAULT_PER_OWNER, |n| n as usize);
     let tw = model::twinkle::TwinkleModel::new(svc, auth, timeout, per_owner)
-        .with_journal(spill_dir.join(model::twinkle::JOURNAL_DIR));
+        .with_journal(opts.spill_dir.join(model::twinkle::JOURNAL_DIR))
+        .with_max_lifetime(opts.adapter_max_lifetime);
     // Adapters of a previous life of this application come back before the first request.
     tw.restore();
     let tw = Arc::new(tw);
@@ -311,8 +319,8 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             })
             .await
         }
-        Ok(Loaded::Model(svc, timeout, spill_dir)) => {
-            let tw = twinkle_layer(ctx, svc.clone(), timeout, spill_dir)?;
+        Ok(Loaded::Model(svc, opts)) => {
+            let tw = twinkle_layer(ctx, svc.clone(), &opts)?;
             let prefix = ctx.opts.route_prefix.clone();
             let gen1 = ctx.opts.server_type == ServerType::Twinkle;
             serve_and_register(ctx, move |cfg| {

@@ -466,6 +466,9 @@ pub struct AdapterConfig {
     /// Seconds an adapter may live at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_max_lifetime: Option<f64>,
+    /// Whether `optim_step` answers only once the adapter's snapshot is written (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_steps: Option<bool>,
 }
 
 /// vLLM-style engine arguments of a sampler; the ones our engine understands.

@@ -31,6 +31,8 @@ pub fn options(
         adapter_timeout: timeout,
         spill_dir: spill.to_path_buf(),
         max_loras: None,
+        adapter_max_lifetime: None,
+        durable_steps: true,
     }
 }
 

@@ -81,6 +81,13 @@ pub struct ServiceOptions {
     /// Most adapters kept in memory (config `max_loras`); beyond it the least recently used are
     /// spilled like idle ones. `None`: no limit.
     pub max_loras: Option<usize>,
+    /// Config `adapter_config.adapter_max_lifetime`: the Twinkle-native layer expires an adapter
+    /// this old whatever its activity (Tinker runs are durable and only spill when idle).
+    pub adapter_max_lifetime: Option<Duration>,
+    /// Config `adapter_config.durable_steps` (default true): `optim_step` answers once the
+    /// adapter's snapshot is written; false leaves the write to the background writer (faster
+    /// steps for large adapters; a crash may then lose the last answered step).
+    pub durable_steps: bool,
 }
 
 /// Where an adapter is.
@@ -139,6 +146,8 @@ pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     max_resident: Option<usize>,
     /// Durable snapshots of the live adapters.
     snaps: durable::Snapshots,
+    /// `optim_step` answers after its snapshot is written (else the background writer does it).
+    durable_steps: bool,
     /// Round-robin over the runtimes for generation.
     next_worker: std::sync::atomic::AtomicUsize,
 }
@@ -175,6 +184,7 @@ impl<R: ModelRuntime> ModelService<R> {
             adapters: Mutex::new(HashMap::new()),
             by_dir: AdapterCache::new(4),
             timeout: opts.adapter_timeout,
+            durable_steps: opts.durable_steps,
             spill_dir: opts.spill_dir.clone(),
             max_resident: opts.max_loras.map(|m| m.max(1)),
             snaps: durable::Snapshots::new(&opts.spill_dir),
@@ -474,8 +484,13 @@ impl<R: ModelRuntime> ModelService<R> {
             }
             let m = self.engine.optim_step(adapter, &req.adam_params)?;
             *pending = false;
-            Ok((MetricsResponse { metrics: m.to_map() }, self.snapshot_copy(id, adapter)))
+            let copy = if self.durable_steps { self.snapshot_copy(id, adapter) } else { None };
+            Ok((MetricsResponse { metrics: m.to_map() }, copy))
         })?;
+        if !self.durable_steps {
+            // `durable_steps: false`: a burst of steps costs one background write of the latest.
+            self.snaps.schedule(id);
+        }
         // The step is applied: failing the request now would make the caller repeat it. A
         // snapshot that cannot be written is logged and left to the background writer.
         if let Some(copy) = copy

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -50,6 +50,9 @@ struct Entry {
     cur_step: u64,
     sched_steps: u64,
     consumed_train_samples: u64,
+    /// Creation time, seconds since the Unix epoch (the maximum lifetime spans restarts).
+    #[serde(default)]
+    created_unix: u64,
 }
 
 /// Whether a model-service id has the Twinkle layer's shape `{owner hash}/{run id}` (a Tinker
@@ -109,6 +112,10 @@ impl TwinkleModel {
             cur_step: st.cur_step,
             sched_steps: st.sched_steps,
             consumed_train_samples: st.consumed_train_samples,
+            created_unix: st
+                .created
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let Some(path) = self.journal_path(&st.engine_id) else { return };
         // Written under the adapter's lock: two calls of one adapter never interleave writes.
@@ -193,6 +200,9 @@ impl TwinkleModel {
         st.cur_step = e.cur_step;
         st.sched_steps = e.sched_steps;
         st.consumed_train_samples = e.consumed_train_samples;
+        if e.created_unix > 0 {
+            st.created = std::time::UNIX_EPOCH + Duration::from_secs(e.created_unix);
+        }
         st.last_seen = Instant::now();
         Ok(eid)
     }

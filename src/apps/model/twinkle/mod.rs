@@ -62,6 +62,8 @@ struct TrainState {
     staged: Option<(Vec<Encoded>, Map<String, Value>, f64)>,
     metrics: Metrics,
     last_seen: Instant,
+    /// When the adapter was created (`adapter_max_lifetime` counts from here, across restarts).
+    created: std::time::SystemTime,
     /// The configuring calls' bodies (`journal::CONFIG_OPS`), for a restart.
     config_ops: Vec<(String, Map<String, Value>)>,
 }
@@ -85,6 +87,8 @@ pub struct TwinkleModel {
     per_owner: usize,
     /// Directory of the adapters' journals (`journal.rs`); none in some in-process tests.
     journal: Option<std::path::PathBuf>,
+    /// `adapter_max_lifetime`: an adapter this old expires whatever its activity.
+    max_lifetime: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,6 +104,7 @@ impl TwinkleModel {
             timeout,
             per_owner: per_owner.max(1),
             journal: None,
+            max_lifetime: None,
         }
     }
 
@@ -123,13 +128,25 @@ impl TwinkleModel {
         }
     }
 
-    /// Removes adapters without any call or heartbeat for the adapter timeout (their
-    /// checkpoints stay on disk). Returns how many were removed.
+    /// Expires adapters older than `max_lifetime` (as the Python server's
+    /// `adapter_max_lifetime`, whatever their activity).
+    pub fn with_max_lifetime(mut self, max_lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = max_lifetime;
+        self
+    }
+
+    /// Removes adapters without any call or heartbeat for the adapter timeout, or older than
+    /// the maximum lifetime (their checkpoints stay on disk). Returns how many were removed.
     pub fn sweep(&self) -> usize {
+        let too_old = |s: &TrainState| {
+            self.max_lifetime
+                .is_some_and(|m| s.created.elapsed().is_ok_and(|age| age >= m))
+        };
         let expired: Vec<String> = lock(&self.adapters)
             .iter()
             .filter(|(_, s)| {
-                super::try_lock(s).is_some_and(|s| s.last_seen.elapsed() >= self.timeout)
+                super::try_lock(s)
+                    .is_some_and(|s| s.last_seen.elapsed() >= self.timeout || too_old(&s))
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -140,7 +157,7 @@ impl TwinkleModel {
             if let Err(e) = self.app.unload(&req) {
                 tracing::warn!(adapter = %id, error = %e, "cannot unload an expired adapter");
             }
-            tracing::info!(adapter = %id, "twinkle adapter expired without heartbeats");
+            tracing::info!(adapter = %id, "twinkle adapter expired (no call or heartbeat for adapter_timeout, or past adapter_max_lifetime)");
         }
         expired.len()
     }

@@ -176,6 +176,7 @@ impl TwinkleModel {
             staged: None,
             metrics: Metrics::default(),
             last_seen: Instant::now(),
+            created: std::time::SystemTime::now(),
             config_ops: Vec::new(),
         })
     }
