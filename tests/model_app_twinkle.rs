@@ -375,7 +375,10 @@ async fn adapters_past_their_maximum_lifetime_expire_while_active() {
     // Active and younger than the lifetime: both stay.
     assert_eq!(old.ok("heartbeat", json!({"adapter_name": "a"})).await["status"], "ok");
     assert_eq!(tw.sweep(), 0);
-    std::thread::sleep((t_old + life + Duration::from_millis(100)).saturating_duration_since(std::time::Instant::now()));
+    std::thread::sleep(
+        (t_old + life + Duration::from_millis(100))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
     assert_eq!(old.ok("heartbeat", json!({"adapter_name": "a"})).await["status"], "ok");
     assert!(t_young.elapsed() < life, "the machine stalled; the test cannot tell the two apart");
     assert_eq!(tw.sweep(), 1);

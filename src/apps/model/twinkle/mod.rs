@@ -139,8 +139,7 @@ impl TwinkleModel {
     /// the maximum lifetime (their checkpoints stay on disk). Returns how many were removed.
     pub fn sweep(&self) -> usize {
         let too_old = |s: &TrainState| {
-            self.max_lifetime
-                .is_some_and(|m| s.created.elapsed().is_ok_and(|age| age >= m))
+            self.max_lifetime.is_some_and(|m| s.created.elapsed().is_ok_and(|age| age >= m))
         };
         let expired: Vec<String> = lock(&self.adapters)
             .iter()
