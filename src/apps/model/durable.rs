@@ -7,7 +7,8 @@
 //! held only for the host copy (`engine.download`); weights + Adam moments + step are written
 //! outside it (temp dir + rename: never half written), so other requests do not wait for the disk.
 //! Create and load queue a snapshot for a background thread instead (the queue is a set: a burst
-//! costs one write of the latest state).
+//! costs one write of the latest state), and so does every step with `adapter_config.
+//! durable_steps: false` (faster steps for large adapters; a crash may lose the last answered one).
 //!
 //! Writers of one adapter's directory are serialized by the slot's `snap_written` lock, which
 //! also holds the generation of the copy on disk: copies are numbered under the adapter lock, so
