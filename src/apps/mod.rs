@@ -4,6 +4,7 @@ pub mod model;
 pub mod processor;
 pub mod sampler;
 pub mod server;
+pub mod twinkle_http;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -351,76 +351,29 @@ impl Params {
     }
 }
 
-/// Routes: `{prefix}/twinkle/{op}` (Gen-2) always, `{prefix}/{op}` with `server_type: twinkle`.
+/// Routes: `{prefix}/twinkle/{op}` (Gen-2) always, `{prefix}/{op}` with `server_type: twinkle`;
+/// see `apps::twinkle_http`.
 pub fn routes(cfg: &mut web::ServiceConfig, tw: Arc<TwinkleSampler>, prefix: &str, gen1: bool) {
-    let data = web::Data::new(tw);
-    let p = prefix.trim_end_matches('/');
-    let limit = web::PayloadConfig::new(crate::apps::model::http::JSON_LIMIT);
-    cfg.service(
-        web::resource(format!("{p}/twinkle/{{op}}"))
-            .app_data(data.clone())
-            .app_data(limit.clone())
-            .route(web::post().to(op_gen2)),
-    );
-    if gen1 {
-        cfg.service(
-            web::resource(format!("{p}/{{op}}"))
-                .app_data(data)
-                .app_data(limit)
-                .route(web::post().to(op_gen1)),
-        );
+    crate::apps::twinkle_http::routes(cfg, tw, prefix, gen1, false);
+}
+
+impl crate::apps::twinkle_http::Ops for TwinkleSampler {
+    fn auth(&self) -> &Auth {
+        &self.auth
     }
-}
 
-async fn op_gen1(
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleSampler>>,
-    op: web::Path<String>,
-    body: web::Bytes,
-) -> HttpResponse {
-    run(Gen::One, req, tw, op.into_inner(), body).await
-}
-
-async fn op_gen2(
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleSampler>>,
-    op: web::Path<String>,
-    body: web::Bytes,
-) -> HttpResponse {
-    run(Gen::Two, req, tw, op.into_inner(), body).await
-}
-
-async fn run(
-    g: Gen,
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleSampler>>,
-    op: String,
-    body: web::Bytes,
-) -> HttpResponse {
-    let out = async {
-        let caller = tw.auth.caller(&req)?;
-        let body = crate::protocol::twinkle::wire::body_object(&body)?;
-        let tw = tw.get_ref().clone();
-        let stream = op == "sample_stream";
-        web::block(move || {
-            crate::apps::model::http::unwind_safe(
-                || {
-                    if stream {
-                        tw.stream(&caller, &body).map(Err)
-                    } else {
-                        tw.dispatch(g, &op, &caller, &body).map(Ok)
-                    }
-                },
-                |m| TwinkleError::Internal(format!("the sampling job panicked: {m}")),
-            )
-        })
-        .await
-        .map_err(|e| TwinkleError::Internal(format!("sampling task failed: {e}")))?
-    }
-    .await;
-    match out {
-        Ok(Ok(v)) => HttpResponse::Ok().json(v),
-        Ok(Err(ndjson)) => HttpResponse::Ok().content_type("application/x-ndjson").body(ndjson),
-        Err(e) => e.error_response(),
+    fn call(
+        &self,
+        g: Gen,
+        op: &str,
+        caller: &Caller,
+        body: Map<String, Value>,
+    ) -> Result<crate::apps::twinkle_http::Reply, TwinkleError> {
+        use crate::apps::twinkle_http::Reply;
+        if op == "sample_stream" {
+            self.stream(caller, &body).map(Reply::NdJson)
+        } else {
+            self.dispatch(g, op, caller, &body).map(Reply::Json)
+        }
     }
 }

@@ -246,74 +246,24 @@ fn adapter_name(body: &Map<String, Value>) -> Result<String, TwinkleError> {
     }
 }
 
-/// Routes: `{prefix}/twinkle/{op}` always (Gen-2), `{prefix}/{op}` with `server_type: twinkle`
-/// (Gen-1).
+/// Routes: `{prefix}/twinkle/{op}` always (Gen-2, POST and GET), `{prefix}/{op}` with
+/// `server_type: twinkle` (Gen-1); see `apps::twinkle_http`.
 pub fn routes(cfg: &mut web::ServiceConfig, tw: Arc<TwinkleModel>, prefix: &str, gen1: bool) {
-    let data = web::Data::new(tw);
-    let p = prefix.trim_end_matches('/');
-    cfg.service(
-        web::resource(format!("{p}/twinkle/{{op}}"))
-            .app_data(data.clone())
-            .app_data(body_config())
-            .route(web::post().to(op_gen2))
-            .route(web::get().to(op_gen2)),
-    );
-    if gen1 {
-        cfg.service(
-            web::resource(format!("{p}/{{op}}"))
-                .app_data(data)
-                .app_data(body_config())
-                .route(web::post().to(op_gen1)),
-        );
+    crate::apps::twinkle_http::routes(cfg, tw, prefix, gen1, true);
+}
+
+impl crate::apps::twinkle_http::Ops for TwinkleModel {
+    fn auth(&self) -> &Auth {
+        &self.auth
     }
-}
 
-fn body_config() -> web::PayloadConfig {
-    web::PayloadConfig::new(super::http::JSON_LIMIT)
-}
-
-async fn op_gen1(
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleModel>>,
-    op: web::Path<String>,
-    body: web::Bytes,
-) -> HttpResponse {
-    run(Gen::One, req, tw, op.into_inner(), body).await
-}
-
-async fn op_gen2(
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleModel>>,
-    op: web::Path<String>,
-    body: web::Bytes,
-) -> HttpResponse {
-    run(Gen::Two, req, tw, op.into_inner(), body).await
-}
-
-async fn run(
-    g: Gen,
-    req: HttpRequest,
-    tw: web::Data<Arc<TwinkleModel>>,
-    op: String,
-    body: web::Bytes,
-) -> HttpResponse {
-    use actix_web::ResponseError as _;
-    let out = async {
-        let caller = tw.auth.caller(&req)?;
-        let body = crate::protocol::twinkle::wire::body_object(&body)?;
-        let tw = tw.get_ref().clone();
-        web::block(move || {
-            super::http::unwind_safe(
-                || tw.dispatch(g, &op, &caller, body),
-                |m| TwinkleError::Internal(format!("the job panicked: {m}")),
-            )
-        })
-        .await
-        .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?
-    }
-    .await;
-    match out {
-        Ok(v) => HttpResponse::Ok().json(v),
-        Err(e) => e.error_response(),
+    fn call(
+        &self,
+        g: Gen,
+        op: &str,
+        caller: &Caller,
+        body: Map<String, Value>,
+    ) -> Result<crate::apps::twinkle_http::Reply, TwinkleError> {
+        self.dispatch(g, op, caller, body).map(crate::apps::twinkle_http::Reply::Json)
     }
 }
