@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use actix_web::{HttpRequest, HttpResponse, ResponseError as _, web};
+use actix_web::web;
 use serde_json::{Map, Value, json};
 
 use super::SamplerApp;
