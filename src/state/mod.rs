@@ -9,6 +9,7 @@
 
 mod futures;
 mod runs;
+mod sampling;
 mod sessions;
 
 use std::path::{Path, PathBuf};
@@ -20,10 +21,8 @@ use rusqlite::Connection;
 use crate::config::schema::{Persistence, PersistenceMode};
 
 pub use futures::{FailureCategory, FutureRecord, FutureStatus, NewFuture, UNFINISHED_AT_STARTUP};
-pub use runs::{
-    CheckpointRecord, CheckpointType, LoraSettings, NewCheckpoint, NewRun, NewSamplingSession,
-    RunRecord, SamplingSessionRecord,
-};
+pub use runs::{CheckpointRecord, CheckpointType, LoraSettings, NewCheckpoint, NewRun, RunRecord};
+pub use sampling::{NewSamplingSession, SamplingSessionRecord};
 pub use sessions::{NewSession, SessionRecord};
 
 /// Schema version stored in `PRAGMA user_version`.
