@@ -4,6 +4,7 @@ pub mod apps;
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod contract;
 pub mod engine;
 pub mod gateway;
 pub mod head;

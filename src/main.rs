@@ -446,7 +446,7 @@ fn main() -> ExitCode {
                 Err(e @ twinkle::worker::WorkerError::Startup(_)) => {
                     eprintln!("twinkle worker: {e}");
                     twinkle::worker::report_startup_error(&e.to_string());
-                    ExitCode::from(twinkle::worker::STARTUP_ERROR_EXIT)
+                    ExitCode::from(twinkle::contract::STARTUP_ERROR_EXIT)
                 }
                 Err(e) => {
                     eprintln!("twinkle worker: {e}");

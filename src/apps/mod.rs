@@ -28,7 +28,7 @@ use sampler::{SamplerApp, SamplerService};
 pub const CUDA_DTYPE_ENV: &str = "TWINKLE_CUDA_DTYPE";
 
 /// Env var with the per-serve token that `/_internal/` routes require.
-pub const INTERNAL_TOKEN_ENV: &str = crate::node::serve::INTERNAL_TOKEN_ENV;
+pub use crate::contract::INTERNAL_TOKEN_ENV;
 
 /// This application's config entry: the spec serve passed, else its entry in the config file.
 fn app_spec(ctx: &AppContext) -> Result<Application, AppError> {

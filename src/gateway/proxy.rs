@@ -17,12 +17,12 @@ const RETRY_AFTER_S: &str = "1";
 
 /// The upstream client of one gateway worker thread: no timeout (Tinker futures long-poll), no
 /// redirects followed, no headers added, idle connections dropped before the worker drops them
-/// ([`POOL_IDLE`](crate::worker::POOL_IDLE)), and no cap on pooled connections: awc's default
+/// ([`POOL_IDLE`](crate::contract::POOL_IDLE)), and no cap on pooled connections: awc's default
 /// of 100 per worker made the 101st concurrent request (a burst of long-polling futures) wait
 /// for a free connection and then fail as "unreachable" (503). The gateway opens at most one
 /// upstream connection per downstream request in flight, so its own connection bound holds.
 pub fn client() -> awc::Client {
-    let pool = awc::Connector::new().limit(0).conn_keep_alive(crate::worker::POOL_IDLE);
+    let pool = awc::Connector::new().limit(0).conn_keep_alive(crate::contract::POOL_IDLE);
     awc::Client::builder()
         .connector(pool)
         .disable_timeout()

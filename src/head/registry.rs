@@ -120,14 +120,9 @@ pub struct StatusReport {
     pub applications: Vec<AppStatus>,
 }
 
-/// A child's registration (`POST /v1/register`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegisterRequest {
-    pub app: String,
-    pub pid: u32,
-    pub port: u16,
-    pub token: String,
-}
+/// A child's registration (`POST /v1/register`), defined with the rest of the parent/child
+/// contract.
+pub use crate::contract::RegisterRequest;
 
 /// Whether the deployment is ready: every application running (what `/readyz` and
 /// `twinkle serve --wait` report).

@@ -225,7 +225,7 @@ impl Agent {
             &self.local_control,
             &self.opts.log_level,
         );
-        spec.env.push((crate::worker::BIND_HOST_ENV.into(), self.opts.node_ip.clone()));
+        spec.env.push((crate::contract::BIND_HOST_ENV.into(), self.opts.node_ip.clone()));
         let (stop, rx) = watch::channel(false);
         // Spawned on this (main) thread: the children's parent-death signal is tied to it.
         let task = actix_web::rt::spawn(supervise(spec, self.local.clone(), rx, self.policy));

@@ -12,11 +12,11 @@ use super::gpu_monitor::{self, GpuMonitor};
 use super::supervise::{ChildSpec, RestartPolicy, supervise};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
+use crate::contract::APP_SPEC_ENV;
 use crate::gateway::{self, RouteTable};
 use crate::head::control;
 use crate::head::registry::{self, AppState, AppStatus, NodeStatus, Registry};
 use crate::head::state_file::{self, ServeRecord};
-use crate::worker::APP_SPEC_ENV;
 
 /// Command-line options of `twinkle serve`.
 #[derive(Debug, Clone)]
@@ -90,8 +90,7 @@ fn server_type_str(t: ServerType) -> &'static str {
     }
 }
 
-/// Env var with the per-serve secret that `/_internal/` routes between applications require.
-pub const INTERNAL_TOKEN_ENV: &str = "TWINKLE_INTERNAL_TOKEN";
+use crate::contract::INTERNAL_TOKEN_ENV;
 /// One internal token per serve process, shared by every child.
 static INTERNAL_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 

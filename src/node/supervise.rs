@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::sync::watch;
 
+use crate::contract::{STARTUP_ERROR_EXIT, STARTUP_ERROR_FILE_ENV};
 use crate::head::registry::{self, AppState, SharedRegistry};
-use crate::worker::{STARTUP_ERROR_EXIT, STARTUP_ERROR_FILE_ENV};
 
 /// Restart, health and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s
 /// to register, `/healthz` every 10 s with a 10 s timeout (3 misses = hung), 10 s stop grace.
@@ -93,9 +93,6 @@ pub struct ChildSpec {
     pub env: Vec<(String, String)>,
 }
 
-/// Env var that carries the per-start registration token to the child (not argv: `ps` shows it).
-pub const TOKEN_ENV: &str = "TWINKLE_WORKER_TOKEN";
-
 impl ChildSpec {
     fn command(&self, token: &str) -> tokio::process::Command {
         let mut cmd = std::process::Command::new(&self.exe);
@@ -103,7 +100,7 @@ impl ChildSpec {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd.env(TOKEN_ENV, token);
+        cmd.env(crate::contract::WORKER_TOKEN_ENV, token);
         cmd.stdin(std::process::Stdio::null());
         cmd.process_group(0);
         let parent = std::process::id();

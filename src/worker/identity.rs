@@ -42,7 +42,7 @@ impl Identity {
     pub fn from_context(ctx: &AppContext) -> Self {
         let prefix = normalize_prefix(&ctx.opts.app, &ctx.opts.route_prefix)
             .unwrap_or_else(|_| "/".to_string());
-        let token = std::env::var(crate::node::serve::INTERNAL_TOKEN_ENV).unwrap_or_default();
+        let token = std::env::var(crate::contract::INTERNAL_TOKEN_ENV).unwrap_or_default();
         Self {
             app: ctx.opts.app.clone(),
             import_path: ctx.opts.import_path.as_str().to_string(),

@@ -15,24 +15,10 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, web};
 
 use crate::config::{Application, ImportPath, ServerType};
-use crate::head::RegisterRequest;
-use crate::node::supervise::TOKEN_ENV;
-
-/// Env var carrying the application's config entry as JSON (set by `twinkle serve`).
-pub const APP_SPEC_ENV: &str = "TWINKLE_APP_SPEC";
-/// Env var: the address a child listens on (default loopback; set by cluster node agents).
-pub const BIND_HOST_ENV: &str = "TWINKLE_BIND_HOST";
-/// Test hook: milliseconds a worker waits after binding before it registers, so tests can
-/// observe the gateway's 503 for an application that is up but not yet registered.
-pub const START_DELAY_ENV: &str = "TWINKLE_TEST_WORKER_START_DELAY_MS";
-
-/// How long an application worker keeps an idle connection open.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
-/// How long the gateway and the server application keep an idle pooled connection to a worker:
-/// well under [`KEEP_ALIVE`], so they never reuse one the worker is closing at that moment (the
-/// request would be written, then meet end-of-stream, and read like an application that died
-/// while running it: an "interrupted" failure, or a 503, for a request that never ran).
-pub const POOL_IDLE: Duration = Duration::from_secs(4);
+use crate::contract::{
+    APP_SPEC_ENV, BIND_HOST_ENV, KEEP_ALIVE, START_DELAY_ENV, STARTUP_ERROR_FILE_ENV,
+};
+use crate::contract::{RegisterRequest, WORKER_TOKEN_ENV as TOKEN_ENV};
 
 /// Errors of the worker layer.
 #[derive(Debug, thiserror::Error)]
@@ -50,17 +36,10 @@ pub enum WorkerError {
     #[error("HTTP server failed: {0}")]
     Server(std::io::Error),
     /// The application can never start with this config (e.g. its model is missing): the
-    /// process exits with [`STARTUP_ERROR_EXIT`] and the supervisor does not restart it.
+    /// process exits with [`STARTUP_ERROR_EXIT`](crate::contract::STARTUP_ERROR_EXIT) and the supervisor does not restart it.
     #[error("{0}")]
     Startup(String),
 }
-
-/// Exit code of a worker whose application cannot start with this config (BSD `EX_CONFIG`).
-pub const STARTUP_ERROR_EXIT: u8 = 78;
-
-/// Env var naming the file where a worker writes its startup error before exiting with
-/// [`STARTUP_ERROR_EXIT`] (the supervisor shows it in `twinkle status`).
-pub const STARTUP_ERROR_FILE_ENV: &str = "TWINKLE_STARTUP_ERROR_FILE";
 
 /// Records a permanent startup error for the supervisor (best effort: the log has it too).
 pub fn report_startup_error(message: &str) {

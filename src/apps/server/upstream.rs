@@ -23,7 +23,7 @@ use crate::apps::model::error::UNKNOWN_ADAPTER;
 use crate::config::MAX_RESTART_WAIT_S;
 
 /// Env var with the shared secret every internal request carries.
-pub use crate::node::serve::INTERNAL_TOKEN_ENV;
+pub use crate::contract::INTERNAL_TOKEN_ENV;
 /// Header carrying that secret.
 pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
 /// Longest a compute request may take (a big forward_backward on CPU is slow).
@@ -195,10 +195,10 @@ thread_local! {
     /// One client per server worker thread (awc clients are not `Send`): its connection pool
     /// keeps the loopback connections to the applications alive, so a call does not pay a TCP
     /// connect and the application's accept hand-off every time. Idle connections go before the
-    /// application closes them ([`POOL_IDLE`](crate::worker::POOL_IDLE)): reusing one it is
+    /// application closes them ([`POOL_IDLE`](crate::contract::POOL_IDLE)): reusing one it is
     /// closing would fail a request that never ran as "interrupted".
     static CLIENT: awc::Client = awc::Client::builder()
-        .connector(awc::Connector::new().conn_keep_alive(crate::worker::POOL_IDLE))
+        .connector(awc::Connector::new().conn_keep_alive(crate::contract::POOL_IDLE))
         .timeout(CALL_TIMEOUT)
         .finish();
 }
