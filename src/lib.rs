@@ -14,5 +14,6 @@ pub mod node;
 pub mod private_fs;
 pub mod protocol;
 pub mod state;
+pub mod timings;
 pub mod tokenize;
 pub mod worker;

@@ -29,6 +29,25 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
     if let Some(q) = &cfg.task_queue {
         check_queue(q, &root.key("task_queue"), &mut out);
     }
+    if let Some(t) = &cfg.timings {
+        let at = root.key("timings");
+        for (k, v) in [
+            ("health_period_s", t.health_period_s),
+            ("health_timeout_s", t.health_timeout_s),
+            ("heartbeat_s", t.heartbeat_s),
+            ("node_timeout_s", t.node_timeout_s),
+            ("gpu_stats_s", t.gpu_stats_s),
+        ] {
+            positive(v, &at.key(k), &mut out);
+        }
+        for (k, v) in
+            [("stop_grace_s", t.stop_grace_s), ("register_deadline_s", t.register_deadline_s)]
+        {
+            if v.is_some_and(|s| !s.is_finite() || s < 0.0) {
+                out.push((at.key(k), "must be a number of seconds >= 0".into()));
+            }
+        }
+    }
 
     let apps = root.key("applications");
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();

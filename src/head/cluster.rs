@@ -22,8 +22,6 @@ pub const TOKEN_HEADER: &str = "x-twinkle-token";
 pub const VERSION_HEADER: &str = "x-twinkle-protocol";
 /// Env var with the cluster token for `join` / `serve --address` (also `--token`).
 pub const TOKEN_ENV: &str = "TWINKLE_CLUSTER_TOKEN";
-/// Env var: seconds without a heartbeat after which a node is dead (default 10).
-pub const NODE_TIMEOUT_ENV: &str = "TWINKLE_NODE_TIMEOUT_S";
 
 /// A child as its node agent reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,16 +151,6 @@ pub struct ClusterHead {
     /// After a restart, nothing is placed anew until this time, so that every node can report
     /// the children it still runs first (they are adopted, not moved).
     recover_until: Option<Instant>,
-}
-
-/// The node timeout from `TWINKLE_NODE_TIMEOUT_S` (default 10 s).
-pub fn node_timeout_from_env() -> Duration {
-    std::env::var(NODE_TIMEOUT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(10))
 }
 
 impl ClusterHead {

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::NodeError;
-use super::gpu_monitor::{self, GpuMonitor};
+use super::gpu_monitor::GpuMonitor;
 use super::serve::{Placement, child_spec};
 use super::supervise::{RestartPolicy, supervise};
 use crate::cluster::{Allocation, NodeSpec, Quantity};
@@ -44,18 +44,6 @@ pub struct AgentOptions {
     pub is_head: bool,
     pub home: PathBuf,
     pub log_level: String,
-}
-
-/// Env var: seconds between heartbeats (default 1).
-pub const HEARTBEAT_ENV: &str = "TWINKLE_HEARTBEAT_S";
-
-fn heartbeat_period() -> Duration {
-    std::env::var(HEARTBEAT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(1))
 }
 
 struct Child {
@@ -376,7 +364,7 @@ pub async fn run(
         routing,
         children: BTreeMap::new(),
         gateway: None,
-        policy: RestartPolicy::from_env(),
+        policy: RestartPolicy::from_timings(&crate::timings::Timings::resolve(None)),
         gpus: Arc::new(Mutex::new(Vec::new())),
     };
     // Lives as long as the agent: dropping it ends the sampling thread.
@@ -384,7 +372,7 @@ pub async fn run(
         let slot = agent.gpus.clone();
         GpuMonitor::start(
             agent.opts.node.gpu_ids.clone(),
-            gpu_monitor::period_from_env(),
+            crate::timings::Timings::resolve(None).gpu_stats,
             move |samples| *slot.lock().unwrap_or_else(|e| e.into_inner()) = samples,
         )
     };
@@ -411,7 +399,7 @@ pub async fn run(
     cluster_record::write_agent(&agent.opts.home, &record)?;
     tracing::info!(node = %agent.opts.node.node_id, head = %agent.opts.head,
         gpus = ?agent.opts.node.gpu_ids, "node registered with the head");
-    let mut tick = tokio::time::interval(heartbeat_period());
+    let mut tick = tokio::time::interval(crate::timings::Timings::resolve(None).heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {

@@ -109,7 +109,7 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
         let (tx, rx) = watch::channel(false);
         on_signal(tx)?;
         let state = std::sync::Arc::new(std::sync::Mutex::new(ClusterHead::new(
-            cluster::node_timeout_from_env(),
+            crate::timings::Timings::resolve(None).node_timeout,
             String::new(),
         )));
         let (srv, addr) =
@@ -117,7 +117,10 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
         let address = format!("{}:{}", o.node_ip, addr.port());
         {
             let mut head = cluster_http::lock(&state);
-            *head = ClusterHead::new(cluster::node_timeout_from_env(), address.clone());
+            *head = ClusterHead::new(
+                crate::timings::Timings::resolve(None).node_timeout,
+                address.clone(),
+            );
             if let Some(rec) = cluster_record::read_deployment(&home) {
                 match head.restore(&rec, Instant::now()) {
                     Ok(()) => tracing::info!(deployment = rec.version, "restored the deployment"),

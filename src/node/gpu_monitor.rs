@@ -14,20 +14,7 @@ use nvml_wrapper::Nvml;
 
 use crate::head::gpu_table::GpuSample;
 
-/// Env var: seconds between two samples (default 5).
-pub const GPU_STATS_PERIOD_ENV: &str = "TWINKLE_GPU_STATS_S";
-
 const BYTES_PER_MIB: u64 = 1024 * 1024;
-
-/// The sampling period from [`GPU_STATS_PERIOD_ENV`], 5 s when unset or invalid.
-pub fn period_from_env() -> Duration {
-    std::env::var(GPU_STATS_PERIOD_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(5))
-}
 
 /// The running sampler; dropping it stops the thread at its next wake-up (it is not joined, so
 /// a driver call that hangs cannot hang shutdown).

@@ -8,7 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use super::NodeError;
-use super::gpu_monitor::{self, GpuMonitor};
+use super::gpu_monitor::GpuMonitor;
 use super::supervise::{ChildSpec, RestartPolicy, supervise};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
@@ -17,6 +17,7 @@ use crate::gateway::{self, RouteTable};
 use crate::head::control;
 use crate::head::registry::{self, AppState, AppStatus, NodeStatus, Registry};
 use crate::head::state_file::{self, ServeRecord};
+use crate::timings::Timings;
 
 /// Command-line options of `twinkle serve`.
 #[derive(Debug, Clone)]
@@ -216,9 +217,13 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
     // Lives as long as `run`: dropping it ends the sampling thread.
     let _gpu_monitor = {
         let reg = reg.clone();
-        GpuMonitor::start(gpu_ids, gpu_monitor::period_from_env(), move |samples| {
-            registry::write(&reg).set_gpu_samples(&node_id, samples);
-        })
+        GpuMonitor::start(
+            gpu_ids,
+            Timings::resolve(config.timings.as_ref()).gpu_stats,
+            move |samples| {
+                registry::write(&reg).set_gpu_samples(&node_id, samples);
+            },
+        )
     };
     let ctx = Running { config, server_type, placements, routes, exe, config_path, home, opts };
     actix_web::rt::System::new().block_on(ctx.serve(reg))
@@ -281,7 +286,7 @@ impl Running {
         }
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let policy = RestartPolicy::from_env();
+        let policy = RestartPolicy::from_timings(&Timings::resolve(self.config.timings.as_ref()));
         let head = control_addr.to_string();
         // `actix_web::rt::spawn` keeps every supervisor on this (main) thread, which the
         // children's parent-death signal is tied to.

@@ -17,8 +17,7 @@ use crate::head::registry::{self, AppState, SharedRegistry};
 
 /// Restart, health and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s
 /// to register, `/healthz` every 10 s with a 10 s timeout (3 misses = hung), 10 s stop grace.
-/// Env overrides: `TWINKLE_STOP_GRACE_S`, `TWINKLE_REGISTER_DEADLINE_S`,
-/// `TWINKLE_HEALTH_PERIOD_S`, `TWINKLE_HEALTH_TIMEOUT_S`.
+/// The stop grace, register deadline and health probing come from [`crate::timings`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RestartPolicy {
     pub initial_backoff: Duration,
@@ -50,29 +49,16 @@ impl Default for RestartPolicy {
     }
 }
 
-fn env_secs(name: &str) -> Option<Duration> {
-    let v = std::env::var(name).ok()?;
-    let s: f64 = v.trim().parse().ok()?;
-    (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s))
-}
-
 impl RestartPolicy {
-    /// Defaults overridden by `TWINKLE_STOP_GRACE_S` and `TWINKLE_REGISTER_DEADLINE_S`.
-    pub fn from_env() -> Self {
-        let mut p = Self::default();
-        if let Some(d) = env_secs("TWINKLE_STOP_GRACE_S") {
-            p.stop_grace = d;
+    /// The defaults with the stop grace, register deadline and health probing of `t`.
+    pub fn from_timings(t: &crate::timings::Timings) -> Self {
+        Self {
+            stop_grace: t.stop_grace,
+            register_deadline: t.register_deadline,
+            health_period: t.health_period,
+            health_timeout: t.health_timeout,
+            ..Self::default()
         }
-        if let Some(d) = env_secs("TWINKLE_REGISTER_DEADLINE_S") {
-            p.register_deadline = d;
-        }
-        if let Some(d) = env_secs("TWINKLE_HEALTH_PERIOD_S").filter(|d| !d.is_zero()) {
-            p.health_period = d;
-        }
-        if let Some(d) = env_secs("TWINKLE_HEALTH_TIMEOUT_S").filter(|d| !d.is_zero()) {
-            p.health_timeout = d;
-        }
-        p
     }
 
     /// Delay before the next start, given the current backoff and how long the child was up;

@@ -52,6 +52,30 @@ pub struct ServerConfig {
     pub task_queue: Option<QueueConfig>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub applications: Vec<Application>,
+    /// Timing knobs of the node agent and the head (`crate::timings` lists them and their
+    /// defaults); the matching environment variables override them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<TimingsConfig>,
+}
+
+/// The config's `timings:` section, seconds each.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingsConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_deadline_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_period_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_timeout_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_stats_s: Option<f64>,
 }
 
 /// Address of the HTTP gateway.
