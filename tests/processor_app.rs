@@ -35,16 +35,20 @@ fn meta(path: &std::path::Path, stop: usize) -> String {
 #[actix_web::test]
 async fn processor_flow_over_both_route_generations() {
     let t = tempfile::tempdir().unwrap();
-    // The only test in this binary: the generated model lands in the shared test home.
-    // SAFETY: no other thread of this test binary reads the environment concurrently.
-    unsafe { std::env::set_var("TWINKLE_HOME", std::env::temp_dir().join("twinkle-test-home")) };
+    // The data root is this test's own temp dir, with TWINKLE_HOME inside it (so the private
+    // directory check is reached) and the repository certainly outside it (a checkout may
+    // itself live under /tmp, so the system temp dir cannot be the root).
+    let home = t.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // SAFETY: the only test in this binary; no other thread reads the environment concurrently.
+    unsafe { std::env::set_var("TWINKLE_HOME", &home) };
     let data = rows_file(t.path());
     let auth = Auth { keys: None, salt: b"test-salt".to_vec(), save_root: t.path().join("save") };
     let app = Arc::new(ProcessorApp {
         auth,
         registry: Arc::new(Registry::new(Limits {
-            // The dataset lives in a temp dir: the data root (TWINKLE_DATA_DIR in the application).
-            data_root: Some(std::env::temp_dir()),
+            // The dataset lives in the temp dir: the data root (TWINKLE_DATA_DIR in the application).
+            data_root: Some(t.path().to_path_buf()),
             ..Limits::default()
         })),
     });
@@ -84,8 +88,6 @@ async fn processor_flow_over_both_route_generations() {
     assert_eq!(s, 200, "{b}");
     let ds = b["processor_id"].as_str().unwrap().to_string();
     // Files outside the data root, or inside TWINKLE_HOME (inside the root here), are refused.
-    let home = std::env::temp_dir().join("twinkle-test-home");
-    std::fs::create_dir_all(&home).unwrap();
     let private = rows_file(&home);
     for (path, needle) in [
         (private, "private"),
