@@ -355,6 +355,8 @@ pub async fn run(
     actix_web::rt::spawn(control_srv);
     let routing = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();
     let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    // No config file here: defaults and the environment only.
+    let timings = crate::timings::Timings::resolve(None);
     let mut agent = Agent {
         opts,
         client,
@@ -364,17 +366,15 @@ pub async fn run(
         routing,
         children: BTreeMap::new(),
         gateway: None,
-        policy: RestartPolicy::from_timings(&crate::timings::Timings::resolve(None)),
+        policy: RestartPolicy::from_timings(&timings),
         gpus: Arc::new(Mutex::new(Vec::new())),
     };
     // Lives as long as the agent: dropping it ends the sampling thread.
     let _gpu_monitor = {
         let slot = agent.gpus.clone();
-        GpuMonitor::start(
-            agent.opts.node.gpu_ids.clone(),
-            crate::timings::Timings::resolve(None).gpu_stats,
-            move |samples| *slot.lock().unwrap_or_else(|e| e.into_inner()) = samples,
-        )
+        GpuMonitor::start(agent.opts.node.gpu_ids.clone(), timings.gpu_stats, move |samples| {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = samples
+        })
     };
     let deadline = tokio::time::Instant::now() + register_within;
     loop {
@@ -399,7 +399,7 @@ pub async fn run(
     cluster_record::write_agent(&agent.opts.home, &record)?;
     tracing::info!(node = %agent.opts.node.node_id, head = %agent.opts.head,
         gpus = ?agent.opts.node.gpu_ids, "node registered with the head");
-    let mut tick = tokio::time::interval(crate::timings::Timings::resolve(None).heartbeat);
+    let mut tick = tokio::time::interval(timings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {

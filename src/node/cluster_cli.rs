@@ -108,8 +108,9 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
     actix_web::rt::System::new().block_on(async move {
         let (tx, rx) = watch::channel(false);
         on_signal(tx)?;
+        let node_timeout = crate::timings::Timings::resolve(None).node_timeout;
         let state = std::sync::Arc::new(std::sync::Mutex::new(ClusterHead::new(
-            crate::timings::Timings::resolve(None).node_timeout,
+            node_timeout,
             String::new(),
         )));
         let (srv, addr) =
@@ -117,10 +118,7 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
         let address = format!("{}:{}", o.node_ip, addr.port());
         {
             let mut head = cluster_http::lock(&state);
-            *head = ClusterHead::new(
-                crate::timings::Timings::resolve(None).node_timeout,
-                address.clone(),
-            );
+            *head = ClusterHead::new(node_timeout, address.clone());
             if let Some(rec) = cluster_record::read_deployment(&home) {
                 match head.restore(&rec, Instant::now()) {
                     Ok(()) => tracing::info!(deployment = rec.version, "restored the deployment"),

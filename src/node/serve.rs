@@ -215,17 +215,15 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
     )
     .into_shared();
     // Lives as long as `run`: dropping it ends the sampling thread.
+    let timings = Timings::resolve(config.timings.as_ref());
     let _gpu_monitor = {
         let reg = reg.clone();
-        GpuMonitor::start(
-            gpu_ids,
-            Timings::resolve(config.timings.as_ref()).gpu_stats,
-            move |samples| {
-                registry::write(&reg).set_gpu_samples(&node_id, samples);
-            },
-        )
+        GpuMonitor::start(gpu_ids, timings.gpu_stats, move |samples| {
+            registry::write(&reg).set_gpu_samples(&node_id, samples);
+        })
     };
-    let ctx = Running { config, server_type, placements, routes, exe, config_path, home, opts };
+    let ctx =
+        Running { config, server_type, placements, routes, exe, config_path, home, opts, timings };
     actix_web::rt::System::new().block_on(ctx.serve(reg))
 }
 
@@ -253,6 +251,7 @@ struct Running {
     config_path: PathBuf,
     home: PathBuf,
     opts: ServeOptions,
+    timings: Timings,
 }
 
 impl Running {
@@ -286,7 +285,7 @@ impl Running {
         }
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let policy = RestartPolicy::from_timings(&Timings::resolve(self.config.timings.as_ref()));
+        let policy = RestartPolicy::from_timings(&self.timings);
         let head = control_addr.to_string();
         // `actix_web::rt::spawn` keeps every supervisor on this (main) thread, which the
         // children's parent-death signal is tied to.

@@ -7,7 +7,7 @@
 //! The file holds the request bodies of the configuring calls (the latest of each) rather than a
 //! second serialised form of the parsed state: on start-up they are replayed through the same
 //! parsing code, so the restored state cannot drift from what a live call would have built.
-//! Written atomically (temp + rename) after every call that changes it; removed when the
+//! Written atomically (`runs::write_json`: temp + rename) after every call that changes it; removed when the
 //! adapter expires. Engine adapters of Twinkle shape left without a journal (a crash between
 //! the two writes, or a journal removed by hand) are unloaded on start-up instead of being kept
 //! forever with no client able to reach them.
@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use super::{TrainState, TwinkleModel, lock};
 use crate::apps::model::durable;
 use crate::apps::model::types::UnloadRequest;
+use crate::protocol::twinkle::runs;
 use crate::protocol::twinkle::{Caller, Gen, TwinkleError};
 
 /// Subdirectory of the model application's spill directory holding the journals.
@@ -119,7 +120,7 @@ impl TwinkleModel {
         };
         let Some(path) = self.journal_path(&st.engine_id) else { return };
         // Written under the adapter's lock: two calls of one adapter never interleave writes.
-        if let Err(e) = write_atomic(&path, &entry) {
+        if let Err(e) = runs::write_json(&path, &entry) {
             tracing::warn!(adapter = %st.engine_id, error = %e, "cannot write the twinkle journal");
         }
     }
@@ -140,8 +141,10 @@ impl TwinkleModel {
         let live: Vec<String> = self.app.info().adapters;
         let mut restored = 0;
         for path in journal_files(&dir) {
-            let entry = match read_entry(&path) {
-                Ok(e) => e,
+            let entry = match runs::read_json::<Entry>(&path) {
+                Ok(Some(e)) => e,
+                // Removed since the directory was listed.
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "dropping an unreadable twinkle journal");
                     let _ = std::fs::remove_file(&path);
@@ -227,21 +230,6 @@ fn journal_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-fn read_entry(path: &Path) -> Result<Entry, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    serde_json::from_str(&text).map_err(|e| e.to_string())
-}
-
-fn write_atomic(path: &Path, entry: &Entry) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    crate::private_fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let text = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
-    crate::private_fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
