@@ -117,7 +117,7 @@ async fn internal_routes_check_the_token_and_answer_json() {
     assert!(s["prompt_logprobs"][1].is_number());
 
     // Optional fields forwarded as null take their defaults; a loss_config key the loss does not
-    // take (text or number) is refused by name rather than silently ignored.
+    // take, or a text value, is refused by name rather than silently ignored.
     let nulls = json!({"prompt": [1, 2], "num_samples": null, "max_tokens": null, "temperature": null,
         "top_k": null, "top_p": null, "seed": 1, "stop": []});
     let s0: Value =
@@ -133,7 +133,7 @@ async fn internal_routes_check_the_token_and_answer_json() {
             .await;
     assert_eq!(resp.status(), 400);
     let body: Value = test::read_body_json(resp).await;
-    assert!(body["detail"].as_str().unwrap().contains("loss_fn_config.note"), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("loss_config.note"), "{body}");
     let mut fo = fo;
     fo["loss_config"] = json!({"clip_low_threshold": 0.9});
     let resp =

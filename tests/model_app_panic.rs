@@ -14,7 +14,6 @@ use actix_web::{App, ResponseError, test as atest};
 use model_app_support::*;
 use serde_json::{Value, json};
 use twinkle::apps::model::http::{InternalToken, TOKEN_HEADER, routes};
-use twinkle::apps::model::types::*;
 use twinkle::apps::model::{AppError, BaseModel, ModelService};
 use twinkle::engine::batch::FwdBwdOutput;
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
@@ -147,7 +146,7 @@ fn flaky_service(spill: &std::path::Path, workers: usize) -> (ModelService<Flaky
     (ModelService::with_engine(&opts, base.served, engine), (armed, armed_step))
 }
 
-fn batch() -> Vec<DatumJson> {
+fn batch() -> Vec<twinkle::engine::Datum> {
     vec![datum(&SEQ), datum(&SEQ[..5]), datum(&SEQ[3..])]
 }
 

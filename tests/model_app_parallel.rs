@@ -10,7 +10,7 @@ use model_app_support::*;
 use twinkle::apps::model::types::*;
 use twinkle::apps::model::{CPU_WORKERS_ENV, ModelService, parse_cpu_workers};
 
-fn batch() -> Vec<DatumJson> {
+fn batch() -> Vec<twinkle::engine::Datum> {
     // Uneven lengths so the token split is not just "half the datums each".
     vec![datum(&SEQ), datum(&SEQ[..5]), datum(&SEQ[3..]), datum(&SEQ[..8]), datum(&SEQ[2..9])]
 }

@@ -11,6 +11,7 @@ use model_app_support::*;
 use twinkle::apps::model::types::*;
 use twinkle::apps::model::{AppError, BaseModel, ModelService};
 use twinkle::apps::sampler::SamplerService;
+use twinkle::engine::{Datum, LossInputs};
 
 #[test]
 fn training_lowers_the_loss_and_forward_only_keeps_no_gradients() {
@@ -269,18 +270,16 @@ fn bad_requests_are_user_errors_naming_the_field() {
         let (c, m) = code(svc.create_adapter(&create("r", rank, 1)).unwrap_err());
         assert!(c == StatusCode::BAD_REQUEST && m.contains("rank"), "{m}");
     }
-    let cases: Vec<(Vec<DatumJson>, &str)> = vec![
+    let short = |tokens: Vec<u32>, target_tokens: Vec<u32>| Datum {
+        input_tokens: tokens,
+        inputs: LossInputs { target_tokens, k: 1, ..Default::default() },
+    };
+    let cases: Vec<(Vec<Datum>, &str)> = vec![
         (vec![], "data"),
         (vec![datum(&[1, 2, 151_936])], "target_tokens"),
         (vec![datum(&[151_936, 2, 3])], "model_input"),
-        (
-            vec![DatumJson { tokens: vec![1, 2], target_tokens: vec![2], ..Default::default() }],
-            "target_tokens",
-        ),
-        (
-            vec![DatumJson { tokens: vec![1], target_tokens: vec![-1], ..Default::default() }],
-            "target_tokens",
-        ),
+        (vec![short(vec![1, 2], vec![2])], "target_tokens"),
+        (vec![short(vec![1], vec![u32::MAX])], "target_tokens"),
         (vec![datum(&[5; 34])], "max_length"),
     ];
     for (data, field) in cases {

@@ -155,7 +155,13 @@ fn serve(f: impl Fn(&str) -> Value + Send + Sync + 'static) -> String {
 fn held_model_app(arrived: Arc<AtomicUsize>, release: Arc<AtomicBool>) -> String {
     let app = serve(move |line| {
         if line.contains("/_internal/v1/info") {
-            return json!({"base_model": "m", "vocab_size": 100, "max_length": 64});
+            let info = twinkle::protocol::internal::InfoResponse {
+                base_model: "m".into(),
+                vocab_size: 100,
+                max_length: 64,
+                ..Default::default()
+            };
+            return serde_json::to_value(info).unwrap();
         }
         if line.contains("/_internal/v1/sample") {
             arrived.fetch_add(1, Ordering::SeqCst);

@@ -8,9 +8,11 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use twinkle::apps::server::error::JobError;
 use twinkle::apps::server::upstream::{DEFAULT_RESTART_WAIT, RESTART_WAIT_ENV, Upstreams};
+use twinkle::protocol::internal::{Call, InfoResponse};
 
 /// Reads one HTTP/1.1 request; returns its request line.
 fn read_request(s: &mut TcpStream) -> String {
@@ -68,7 +70,8 @@ fn model_app() -> String {
         if line.contains("/_internal/v1/die") {
             None
         } else if line.contains("/_internal/v1/info") {
-            Some(json!({"base_model": "m"}))
+            let info = InfoResponse { base_model: "m".into(), ..InfoResponse::default() };
+            Some(serde_json::to_value(info).unwrap())
         } else {
             Some(json!({"ok": true}))
         }
@@ -88,16 +91,31 @@ fn head(app: String, back_after: Duration) -> String {
     })
 }
 
+/// Calls of routes only the fake application has (it answers JSON, which the client reads by
+/// the answer's content type).
+#[derive(Serialize, Deserialize)]
+struct Forward {}
+impl Call for Forward {
+    const ROUTE: &'static str = "forward";
+    type Answer = serde_json::Value;
+}
+#[derive(Serialize, Deserialize)]
+struct Die {}
+impl Call for Die {
+    const ROUTE: &'static str = "die";
+    type Answer = serde_json::Value;
+}
+
 #[actix_web::test]
 async fn calls_wait_for_a_restarting_application_and_report_lost_requests() {
     let up = Upstreams::new(head(model_app(), Duration::from_millis(800)))
         .with_restart_wait(Duration::from_secs(20));
     let t0 = Instant::now();
-    let v = up.call("model", "m", "forward", &json!({})).await.unwrap();
+    let v = up.call("model", "m", &Forward {}).await.unwrap();
     assert_eq!(v, json!({"ok": true}));
     assert!(t0.elapsed() >= Duration::from_millis(700), "it waited for the application");
 
-    match up.call("model", "m", "die", &json!({})).await {
+    match up.call("model", "m", &Die {}).await {
         Err(JobError::Server(m)) => {
             assert!(m.contains("interrupted") && m.contains("retry"), "{m}")
         }
@@ -105,7 +123,7 @@ async fn calls_wait_for_a_restarting_application_and_report_lost_requests() {
     }
 
     let t0 = Instant::now();
-    match up.call("sampler", "m", "sample", &json!({})).await {
+    match up.call("sampler", "m", &Forward {}).await {
         Err(JobError::Server(m)) => assert!(m.contains("no running sampler"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -117,7 +135,7 @@ async fn the_wait_is_bounded() {
     let up = Upstreams::new(head(model_app(), Duration::from_secs(3600)))
         .with_restart_wait(Duration::from_millis(600));
     let t0 = Instant::now();
-    match up.call("model", "m", "forward", &json!({})).await {
+    match up.call("model", "m", &Forward {}).await {
         Err(JobError::Server(m)) => assert!(m.contains("restarting") && m.contains("retry"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -142,7 +160,7 @@ async fn the_wait_bound_comes_from_the_config() {
     let up = twinkle::apps::server::upstreams(head.clone(), &c.applications[0].args, Some(&c));
     assert_eq!(up.restart_wait(), Duration::from_millis(700));
     let t0 = Instant::now();
-    match up.call("model", "m", "forward", &json!({})).await {
+    match up.call("model", "m", &Forward {}).await {
         Err(JobError::Server(m)) => assert!(m.contains("restarting") && m.contains("retry"), "{m}"),
         other => panic!("{other:?}"),
     }

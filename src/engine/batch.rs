@@ -30,9 +30,32 @@ pub(crate) fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> 
     Ok(())
 }
 
+/// What a batch is checked against: the vocabulary and the longest sequence accepted (the
+/// model's `max_position_embeddings` in the engine; the served `max_length` in the model
+/// application and in the server, which check before queueing so a bad batch is a 400 on the
+/// request instead of a failed future).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub vocab_size: usize,
+    pub max_tokens: usize,
+}
+
+impl BatchLimits {
+    pub fn of(c: &ModelConfig) -> Self {
+        BatchLimits { vocab_size: c.vocab_size, max_tokens: c.max_position_embeddings }
+    }
+}
+
 pub(crate) fn validate(c: &ModelConfig, data: &[Datum], loss: &LossFn) -> Result<()> {
+    check_batch(&BatchLimits::of(c), data, loss)
+}
+
+/// The one validation of a `forward_backward` batch (every caller maps its error onto its own
+/// protocol): non-empty, lengths consistent with the targets' `[N]`/`[N, k]` shape, ids inside
+/// the vocabulary, finite loss inputs, and the inputs the loss needs.
+pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Result<()> {
     if data.is_empty() {
-        return Err(EngineError::InvalidInput("the batch has no datums".into()));
+        return Err(EngineError::InvalidInput("data: the batch has no datums".into()));
     }
     for (i, d) in data.iter().enumerate() {
         let n = d.input_tokens.len();
@@ -40,10 +63,10 @@ pub(crate) fn validate(c: &ModelConfig, data: &[Datum], loss: &LossFn) -> Result
         if n == 0 {
             return Err(EngineError::InvalidInput(format!("datum {i}: model_input is empty")));
         }
-        if n > c.max_position_embeddings {
+        if n > limits.max_tokens {
             return Err(EngineError::InvalidInput(format!(
-                "datum {i}: {n} tokens exceed max_position_embeddings {}",
-                c.max_position_embeddings
+                "datum {i}: {n} tokens exceed max_length {}",
+                limits.max_tokens
             )));
         }
         let k = inp.k.max(1);
@@ -54,8 +77,8 @@ pub(crate) fn validate(c: &ModelConfig, data: &[Datum], loss: &LossFn) -> Result
                 n * k
             )));
         }
-        check_tokens("model_input", i, &d.input_tokens, c.vocab_size)?;
-        check_tokens("target_tokens", i, &inp.target_tokens, c.vocab_size)?;
+        check_tokens("model_input", i, &d.input_tokens, limits.vocab_size)?;
+        check_tokens("target_tokens", i, &inp.target_tokens, limits.vocab_size)?;
         if let Some(w) = &inp.weights
             && w.len() != n * k
         {

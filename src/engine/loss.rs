@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::error::{EngineError, Result};
 
 /// A loss function with its configuration.
@@ -141,24 +143,38 @@ fn clip_bounds(low: f64, high: f64) -> Result<(f64, f64)> {
 }
 
 /// Per-datum inputs of a loss, aligned with the datum's `N` input positions.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// The serde form is the internal hop's datum (`crate::protocol::internal`): the engine's type
+/// travels as is, so the one validation ([`super::batch::check_batch`]) serves every caller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossInputs {
     /// `N·k` target ids (row-major `[N, k]`).
     pub target_tokens: Vec<u32>,
-    /// Targets per position (1 for the usual `[N]` shape).
+    /// Targets per position (1 for the usual `[N]` shape; 0 reads as 1).
+    #[serde(default = "one")]
     pub k: usize,
     /// Cross-entropy weights, `N·k` (all ones when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<f32>>,
     /// Sampler logprobs `[N]` (RL losses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<f32>>,
     /// Advantages `[N]` (RL losses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advantages: Option<Vec<f32>>,
 }
 
-/// One training example: `input_tokens[i]` predicts `inputs.target_tokens[i]`.
-#[derive(Debug, Clone, Default, PartialEq)]
+fn one() -> usize {
+    1
+}
+
+/// One training example: `input_tokens[i]` predicts `inputs.target_tokens[i]`. On the wire:
+/// `{"tokens": [...], "target_tokens": [...], "k": 1, "weights": [...], ...}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Datum {
+    #[serde(rename = "tokens")]
     pub input_tokens: Vec<u32>,
+    #[serde(flatten)]
     pub inputs: LossInputs,
 }
 

@@ -36,7 +36,7 @@ pub mod tensor;
 pub mod weight;
 pub mod weights;
 
-pub use batch::FwdBwdOutput;
+pub use batch::{BatchLimits, FwdBwdOutput, check_batch};
 pub use cpu::backend;
 pub use cpu::{KvCache, forward, forward_backward};
 pub use error::{EngineError, Result};

@@ -64,7 +64,7 @@ pub const MAX_EPS: f64 = 1e6;
 
 impl AdamParams {
     /// Every field finite and in range; the message names the field.
-    pub(crate) fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, v: f64, want: &str| {
             Err(EngineError::InvalidInput(format!("adam_params.{field} = {v}: {want}")))
         };
@@ -77,8 +77,9 @@ impl AdamParams {
                 return bad(field, b, "must be in [0, 1)");
             }
         }
-        if !(self.eps.is_finite() && (0.0..=MAX_EPS).contains(&self.eps)) {
-            return bad("eps", self.eps, &format!("must be in [0, {MAX_EPS:e}]"));
+        // eps = 0 divides a zero first moment by a zero second moment: NaN weights.
+        if !(self.eps.is_finite() && self.eps > 0.0 && self.eps <= MAX_EPS) {
+            return bad("eps", self.eps, &format!("must be in (0, {MAX_EPS:e}]"));
         }
         // Decoupled decay multiplies the weights by (1 − lr·wd): above 1 it flips their sign.
         let wd = self.weight_decay;

@@ -1,4 +1,5 @@
 //! Wire protocols served by the `server` application.
 
+pub mod internal;
 pub mod tinker;
 pub mod twinkle;

@@ -20,8 +20,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::AppContext;
-use crate::apps::model::http::TOKEN_HEADER;
 use crate::gateway::normalize_prefix;
+use crate::protocol::internal::TOKEN_HEADER;
 
 /// Largest body `/echo` accepts.
 const ECHO_LIMIT: usize = 64 << 20;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use twinkle::apps::model::types::*;
 use twinkle::apps::model::{ModelService, ServiceOptions};
+use twinkle::engine::{Datum, LossInputs};
 use twinkle::hub::{HubEnv, resolve_with};
 
 /// The generated tiny model, cached under the system temp dir (generation is atomic, so parallel
@@ -55,23 +56,22 @@ pub fn create(id: &str, rank: usize, seed: u64) -> CreateAdapterRequest {
 }
 
 /// A next-token datum over a fixed token sequence.
-pub fn datum(seq: &[u32]) -> DatumJson {
-    DatumJson {
-        tokens: seq[..seq.len() - 1].to_vec(),
-        target_tokens: seq[1..].iter().map(|&t| t as i64).collect(),
-        ..DatumJson::default()
+pub fn datum(seq: &[u32]) -> Datum {
+    Datum {
+        input_tokens: seq[..seq.len() - 1].to_vec(),
+        inputs: LossInputs { target_tokens: seq[1..].to_vec(), k: 1, ..Default::default() },
     }
 }
 
 pub const SEQ: [u32; 12] = [9707, 11, 1879, 0, 198, 40, 1079, 264, 1273, 13, 151645, 198];
 
-pub fn fwdbwd(id: &str, forward_only: bool, data: Vec<DatumJson>) -> ForwardBackwardRequest {
+pub fn fwdbwd(id: &str, forward_only: bool, data: Vec<Datum>) -> ForwardBackwardRequest {
     ForwardBackwardRequest {
         model_id: id.into(),
         forward_only,
         disable_lora: false,
         loss_fn: "cross_entropy".into(),
-        loss_config: None,
+        loss_config: Default::default(),
         data,
     }
 }

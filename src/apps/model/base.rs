@@ -29,6 +29,16 @@ pub struct Served {
     pub info: InfoResponse,
 }
 
+impl Served {
+    /// What a batch is checked against here: the vocabulary and the served length.
+    pub fn limits(&self) -> crate::engine::BatchLimits {
+        crate::engine::BatchLimits {
+            vocab_size: self.config.vocab_size,
+            max_tokens: self.max_length,
+        }
+    }
+}
+
 impl BaseModel {
     /// Loads the model (and `tokenizer.json` when the directory has one).
     pub fn load(base_model: &str, dir: &Path, max_length: Option<usize>) -> Result<Self, AppError> {

@@ -1,9 +1,11 @@
 //! HTTP routes of the model application under `/_internal/v1/` (no route prefix), each checking
 //! the `X-Twinkle-Internal` token, and each running its compute on actix's blocking pool so the
-//! HTTP workers keep answering `/healthz` during a long step.
+//! HTTP workers keep answering `/healthz` during a long step. Bodies are the shared types of
+//! [`crate::protocol::internal`], in MessagePack or JSON (the answer in the request's encoding).
 
 use std::sync::Arc;
 
+use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 
@@ -11,10 +13,10 @@ use super::ModelService;
 use super::error::AppError;
 use super::types::*;
 use crate::engine::ModelRuntime;
+pub use crate::protocol::internal::TOKEN_HEADER;
+use crate::protocol::internal::{Call, Encoding};
 
-/// Header that carries the internal token.
-pub const TOKEN_HEADER: &str = "X-Twinkle-Internal";
-/// Largest JSON body accepted (a forward_backward batch can be large).
+/// Largest body accepted (a forward_backward batch can be large).
 pub const JSON_LIMIT: usize = 256 << 20;
 
 /// The internal token every request must present.
@@ -53,18 +55,58 @@ where
     T: Serialize + Send + 'static,
     F: FnOnce() -> Result<T, AppError> + Send + 'static,
 {
+    blocking_encoded(Encoding::Json, f).await
+}
+
+/// Runs `f` on the blocking pool and answers its value in `encoding`.
+async fn blocking_encoded<T, F>(encoding: Encoding, f: F) -> Result<HttpResponse, AppError>
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, AppError> + Send + 'static,
+{
     let job = move || unwind_safe(f, |m| AppError::Internal(format!("the job panicked: {m}")));
     let value = web::block(job)
         .await
         .map_err(|e| AppError::Internal(format!("compute task failed: {e}")))??;
-    Ok(HttpResponse::Ok().json(value))
+    let body = encoding.encode(&value).map_err(|e| AppError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().content_type(encoding.content_type()).body(body))
 }
 
-/// JSON extractor settings: a large limit, and malformed bodies as 400 `user` errors.
-pub fn json_config() -> web::JsonConfig {
-    web::JsonConfig::default()
-        .limit(JSON_LIMIT)
-        .error_handler(|err, _| AppError::BadRequest(format!("bad JSON body: {err}")).into())
+/// Serves one internal call: checks the token, decodes the body as the request's
+/// `Content-Type` says (a malformed one is a 400 naming the field), runs `f` on the blocking
+/// pool and answers in the encoding `Accept` asks for (else the request's own).
+pub async fn serve_call<C, F>(
+    req: &HttpRequest,
+    token: &InternalToken,
+    body: &[u8],
+    f: F,
+) -> Result<HttpResponse, AppError>
+where
+    C: Call + Send + 'static,
+    C::Answer: Send + 'static,
+    F: FnOnce(C) -> Result<C::Answer, AppError> + Send + 'static,
+{
+    check_token(req, token)?;
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let sent = Encoding::of(header(header::CONTENT_TYPE));
+    let answer = header(header::ACCEPT).map_or(sent, |a| Encoding::of(Some(a)));
+    let call: C =
+        sent.decode(body).map_err(|e| AppError::BadRequest(format!("{}: {e}", C::ROUTE)))?;
+    let route = C::ROUTE;
+    blocking_encoded(answer, move || {
+        // The compute alone (no HTTP, no decoding): scripts/bench_api.py subtracts it.
+        let started = std::time::Instant::now();
+        let out = f(call);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(route, ms, "compute done");
+        out
+    })
+    .await
+}
+
+/// Body size limit of the internal routes.
+pub fn payload_config() -> web::PayloadConfig {
+    web::PayloadConfig::new(JSON_LIMIT)
 }
 
 /// What the HTTP layer needs of a model service, whatever its device (the routes hold a
@@ -139,56 +181,61 @@ async fn info(req: HttpRequest, svc: Svc, tok: Tok) -> Result<HttpResponse, AppE
 }
 
 macro_rules! op {
-    ($name:ident, $body:ty, $method:ident, $wrap:expr) => {
+    ($name:ident, $body:ty, $method:ident) => {
         async fn $name(
             req: HttpRequest,
             svc: Svc,
             tok: Tok,
-            body: web::Json<$body>,
+            body: web::Bytes,
         ) -> Result<HttpResponse, AppError> {
-            check_token(&req, &tok)?;
             let svc = svc.get_ref().clone();
-            let body = body.into_inner();
-            blocking_json(move || {
-                // The compute alone (no HTTP, no JSON): scripts/bench_api.py subtracts it.
-                let started = std::time::Instant::now();
-                let out = svc.$method(&body).map($wrap);
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                tracing::debug!(route = stringify!($name), ms, "compute done");
-                out
-            })
-            .await
+            serve_call(&req, &tok, &body, move |r: $body| svc.$method(&r)).await
         }
     };
 }
 
-fn empty(_: ()) -> serde_json::Value {
-    serde_json::json!({})
+fn done(r: Result<(), AppError>) -> Result<Done, AppError> {
+    r.map(|()| Done {})
 }
 
-fn same<T>(t: T) -> T {
-    t
+op!(forward_backward, ForwardBackwardRequest, forward_backward);
+op!(optim_step, OptimStepRequest, optim_step);
+op!(save, SaveRequest, save);
+op!(sample, SampleRequest, sample);
+
+async fn create_adapter(req: HttpRequest, svc: Svc, tok: Tok, body: web::Bytes) -> Answer {
+    let svc = svc.get_ref().clone();
+    serve_call(&req, &tok, &body, move |r: CreateAdapterRequest| done(svc.create_adapter(&r))).await
 }
 
-op!(create_adapter, CreateAdapterRequest, create_adapter, empty);
-op!(forward_backward, ForwardBackwardRequest, forward_backward, same);
-op!(optim_step, OptimStepRequest, optim_step, same);
-op!(save, SaveRequest, save, same);
-op!(load, LoadRequest, load, empty);
-op!(unload, UnloadRequest, unload, empty);
-op!(sample, SampleRequest, sample, same);
+async fn load(req: HttpRequest, svc: Svc, tok: Tok, body: web::Bytes) -> Answer {
+    let svc = svc.get_ref().clone();
+    serve_call(&req, &tok, &body, move |r: LoadRequest| done(svc.load(&r))).await
+}
+
+async fn unload(req: HttpRequest, svc: Svc, tok: Tok, body: web::Bytes) -> Answer {
+    let svc = svc.get_ref().clone();
+    serve_call(&req, &tok, &body, move |r: UnloadRequest| done(svc.unload(&r))).await
+}
+
+type Answer = Result<HttpResponse, AppError>;
+
+/// The route of call `C`.
+pub fn path<C: Call>() -> String {
+    format!("/_internal/v1/{}", C::ROUTE)
+}
 
 /// Registers the model application's internal routes.
 pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn ModelApp>, token: InternalToken) {
     cfg.app_data(web::Data::new(svc))
         .app_data(web::Data::new(token))
-        .app_data(json_config())
+        .app_data(payload_config())
         .route("/_internal/v1/info", web::get().to(info))
-        .route("/_internal/v1/create_adapter", web::post().to(create_adapter))
-        .route("/_internal/v1/forward_backward", web::post().to(forward_backward))
-        .route("/_internal/v1/optim_step", web::post().to(optim_step))
-        .route("/_internal/v1/save", web::post().to(save))
-        .route("/_internal/v1/load", web::post().to(load))
-        .route("/_internal/v1/unload", web::post().to(unload))
-        .route("/_internal/v1/sample", web::post().to(sample));
+        .route(&path::<CreateAdapterRequest>(), web::post().to(create_adapter))
+        .route(&path::<ForwardBackwardRequest>(), web::post().to(forward_backward))
+        .route(&path::<OptimStepRequest>(), web::post().to(optim_step))
+        .route(&path::<SaveRequest>(), web::post().to(save))
+        .route(&path::<LoadRequest>(), web::post().to(load))
+        .route(&path::<UnloadRequest>(), web::post().to(unload))
+        .route(&path::<SampleRequest>(), web::post().to(sample));
 }

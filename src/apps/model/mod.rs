@@ -36,9 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::cpu::CpuRuntime;
 use crate::engine::parallel::{DataParallel, Replicated};
-use crate::engine::{
-    Adapter, Datum, DatumOutput, LoraConfig, LossFn, LossInputs, ModelConfig, ModelRuntime,
-};
+use crate::engine::{Adapter, Datum, DatumOutput, LoraConfig, LossFn, ModelConfig, ModelRuntime};
 
 pub use base::{BaseModel, Served};
 use checkpoint::AdapterCache;
@@ -375,87 +373,29 @@ impl<R: ModelRuntime> ModelService<R> {
         self.insert(&req.model_id, adapter)
     }
 
-    fn to_datums(&self, data: &[DatumJson]) -> Result<Vec<Datum>, AppError> {
-        if data.is_empty() {
-            return Err(AppError::BadRequest("data: the batch has no datums".into()));
-        }
-        let max = self.base.max_length;
-        data.iter()
-            .enumerate()
-            .map(|(i, d)| {
-                if d.tokens.len() > max {
-                    return Err(AppError::BadRequest(format!(
-                        "data[{i}].tokens: {} tokens exceed max_length {max}",
-                        d.tokens.len()
-                    )));
-                }
-                let k = d.k.unwrap_or(1).max(1);
-                if d.target_tokens.len() != d.tokens.len() * k {
-                    return Err(AppError::BadRequest(format!(
-                        "data[{i}].target_tokens has {} values, expected {} (tokens × k = {} × {k})",
-                        d.target_tokens.len(),
-                        d.tokens.len() * k,
-                        d.tokens.len()
-                    )));
-                }
-                let targets = d
-                    .target_tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(p, &t)| {
-                        u32::try_from(t).map_err(|_| {
-                            AppError::BadRequest(format!(
-                                "data[{i}].target_tokens[{p}] = {t} is not a token id"
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<u32>, _>>()?;
-                Ok(Datum {
-                    input_tokens: d.tokens.clone(),
-                    inputs: LossInputs {
-                        target_tokens: targets,
-                        k,
-                        weights: d.weights.clone(),
-                        logprobs: d.logprobs.clone(),
-                        advantages: d.advantages.clone(),
-                    },
-                })
-            })
-            .collect()
-    }
-
     /// `POST /_internal/v1/forward_backward` (and forward with `forward_only`).
     pub fn forward_backward(
         &self,
         req: &ForwardBackwardRequest,
     ) -> Result<ForwardBackwardResponse, AppError> {
-        let config = req
-            .loss_config
-            .iter()
-            .flatten()
-            .map(|(k, v)| match v.as_f64() {
-                Some(x) => Ok((k.clone(), x)),
-                None => {
-                    Err(AppError::BadRequest(format!("loss_fn_config.{k}: {v} is not a number")))
-                }
-            })
-            .collect::<Result<std::collections::BTreeMap<String, f64>, AppError>>()?;
-        let loss = LossFn::from_name(&req.loss_fn, &config)?;
-        let data = self.to_datums(&req.data)?;
+        let loss = LossFn::from_name(&req.loss_fn, &req.loss_config)?;
+        let data = &req.data;
+        // The served length may be below the model's positions (`max_length` in the config).
+        crate::engine::check_batch(&self.base.limits(), data, &loss)?;
         let engine = &self.engine;
         let out = self.with_adapter(&req.model_id, |adapter, pending| {
             if req.forward_only {
                 let with = (!req.disable_lora).then_some(&*adapter);
-                return Ok(engine.forward(with, &data, &loss)?);
+                return Ok(engine.forward(with, data, &loss)?);
             }
-            let out = engine.forward_backward(adapter, &data, &loss)?;
+            let out = engine.forward_backward(adapter, data, &loss)?;
             *pending = true;
             Ok(out)
         })?;
         let outputs = out
             .per_datum
             .iter()
-            .zip(&data)
+            .zip(data)
             .map(|(o, d): (&DatumOutput, &Datum)| {
                 let (n, k) = (d.input_tokens.len(), d.inputs.k.max(1));
                 DatumOutputJson {

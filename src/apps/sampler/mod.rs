@@ -12,7 +12,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::model::checkpoint::AdapterCache;
 use super::model::error::AppError;
-use super::model::http::{InternalToken, blocking_json, check_token, json_config};
+use super::model::http::{InternalToken, check_token, path, payload_config, serve_call};
 use super::model::types::{InfoResponse, SampleRequest, SampleResponse};
 use super::model::{BaseModel, Served, sample};
 use crate::engine::ModelRuntime;
@@ -119,19 +119,17 @@ async fn sample_route(
     req: HttpRequest,
     svc: Svc,
     tok: Tok,
-    body: web::Json<SampleRequest>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, AppError> {
-    check_token(&req, &tok)?;
     let svc = svc.get_ref().clone();
-    let body = body.into_inner();
-    blocking_json(move || svc.sample(&body)).await
+    serve_call(&req, &tok, &body, move |r: SampleRequest| svc.sample(&r)).await
 }
 
 /// Registers the sampler's internal routes.
 pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn SamplerApp>, token: InternalToken) {
     cfg.app_data(web::Data::new(svc))
         .app_data(web::Data::new(token))
-        .app_data(json_config())
+        .app_data(payload_config())
         .route("/_internal/v1/info", web::get().to(info))
-        .route("/_internal/v1/sample", web::post().to(sample_route));
+        .route(&path::<SampleRequest>(), web::post().to(sample_route));
 }

@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use actix_web::web;
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 
 use super::error::{ApiError, JobError};
 use super::limits::SamplingPermit;
 use super::upstream::Upstreams;
+use crate::protocol::internal::{
+    Call, CreateAdapterRequest, ForwardBackwardRequest, ForwardBackwardResponse, LoadRequest,
+    OptimStepRequest, SampleRequest, SampleResponse, SaveRequest, StopReasonJson,
+};
 use crate::protocol::tinker::codec::{
     DatumOutput, FloatArray, SampledSequenceOut, encode_forward_backward_output,
     encode_sample_response,
@@ -26,32 +29,45 @@ use crate::state::{
 pub const JSON: &str = "application/json";
 pub const PROTOBUF: &str = "application/x-protobuf";
 
-/// What to do with the application's answer once the call succeeded.
+/// The call a job makes to its application (the typed requests of the internal API).
+#[derive(Debug)]
+pub enum Request {
+    CreateAdapter(CreateAdapterRequest),
+    ForwardBackward(ForwardBackwardRequest),
+    OptimStep(OptimStepRequest),
+    Save(SaveRequest),
+    Load(LoadRequest),
+    Sample(SampleRequest),
+}
+
+impl Request {
+    /// The internal route, for logs.
+    pub fn route(&self) -> &'static str {
+        match self {
+            Request::CreateAdapter(_) => CreateAdapterRequest::ROUTE,
+            Request::ForwardBackward(_) => ForwardBackwardRequest::ROUTE,
+            Request::OptimStep(_) => OptimStepRequest::ROUTE,
+            Request::Save(_) => SaveRequest::ROUTE,
+            Request::Load(_) => LoadRequest::ROUTE,
+            Request::Sample(_) => SampleRequest::ROUTE,
+        }
+    }
+}
+
+/// What to do once the call succeeded.
 #[derive(Debug)]
 pub enum Finish {
+    /// The answer is the result: forward_backward and sample as the SDK's protobuf messages,
+    /// optim_step's metrics as JSON.
+    Answer,
     /// A fixed result.
     Json(Value),
-    /// The application's answer is the result (optim_step metrics).
-    Passthrough,
-    ForwardBackward,
-    Sample,
     /// Record the run (create_model / create-via-load), then answer `result`.
-    CreateRun {
-        run: Box<NewRun>,
-        result: Value,
-    },
+    CreateRun { run: Box<NewRun>, result: Value },
     /// Record the checkpoint with the size the application reports, then answer `result`.
-    Checkpoint {
-        owner: String,
-        ckpt: Box<NewCheckpoint>,
-        overwrite: bool,
-        result: Value,
-    },
+    Checkpoint { owner: String, ckpt: Box<NewCheckpoint>, overwrite: bool, result: Value },
     /// Record the sampling session (ephemeral sampler save), then answer `result`.
-    SamplingSession {
-        session: Box<NewSamplingSession>,
-        result: Value,
-    },
+    SamplingSession { session: Box<NewSamplingSession>, result: Value },
 }
 
 /// One unit of work for an application.
@@ -61,22 +77,14 @@ pub struct Job {
     /// `model` or `sampler`.
     pub app_kind: &'static str,
     pub base_model: String,
-    /// Internal route, e.g. `forward_backward`.
-    pub route: &'static str,
-    pub body: Value,
+    pub call: Request,
     pub finish: Finish,
 }
 
 impl Job {
     /// A job for the model application hosting `base_model`.
-    pub fn on_model(
-        request_id: String,
-        base_model: String,
-        route: &'static str,
-        body: Value,
-        finish: Finish,
-    ) -> Job {
-        Job { request_id, app_kind: "model", base_model, route, body, finish }
+    pub fn on_model(request_id: String, base_model: String, call: Request, finish: Finish) -> Job {
+        Job { request_id, app_kind: "model", base_model, call, finish }
     }
 }
 
@@ -178,11 +186,12 @@ impl Dispatcher {
 
     async fn execute(&self, job: Job) {
         let id = job.request_id.clone();
-        let route = job.route;
+        let route = job.call.route();
+        let is_load = matches!(job.call, Request::Load(_));
         let started = std::time::Instant::now();
         let _ = self.db_now(|s| s.set_running(&id));
         let outcome = self.run(job).await;
-        if route == "load" && outcome.is_ok() {
+        if is_load && outcome.is_ok() {
             // A checkpoint loaded onto the run re-attaches a lost adapter.
             self.set_corrupted(&id, false);
         }
@@ -225,21 +234,40 @@ impl Dispatcher {
     }
 
     async fn run(&self, job: Job) -> Result<(Vec<u8>, &'static str), JobError> {
-        let answer = self.up.call(job.app_kind, &job.base_model, job.route, &job.body).await?;
+        let (kind, base, up) = (job.app_kind, job.base_model.as_str(), &self.up);
         let json = |v: &Value| (v.to_string().into_bytes(), JSON);
+        // The answer when it is the result itself, and the size a save reports.
+        let (answer, size) = match job.call {
+            Request::CreateAdapter(r) => (up.call(kind, base, &r).await.map(|_| None)?, None),
+            Request::Load(r) => (up.call(kind, base, &r).await.map(|_| None)?, None),
+            Request::Save(r) => (None, Some(up.call(kind, base, &r).await?.size_bytes)),
+            Request::ForwardBackward(r) => {
+                let a = up.call(kind, base, &r).await?;
+                (Some((forward_backward_result(a)?, PROTOBUF)), None)
+            }
+            Request::Sample(r) => {
+                (Some((sample_result(up.call(kind, base, &r).await?)?, PROTOBUF)), None)
+            }
+            Request::OptimStep(r) => {
+                let metrics = up.call(kind, base, &r).await?;
+                let v = serde_json::to_value(metrics).map_err(|e| bad_answer("optim_step", e))?;
+                (Some(json(&v)), None)
+            }
+        };
         let store = self.store.clone();
         let blocking = |e: actix_web::error::BlockingError| JobError::Server(e.to_string());
         match job.finish {
             Finish::Json(v) => Ok(json(&v)),
-            Finish::Passthrough => Ok(json(&answer)),
-            Finish::ForwardBackward => Ok((forward_backward_result(answer)?, PROTOBUF)),
-            Finish::Sample => Ok((sample_result(answer)?, PROTOBUF)),
+            // Only forward_backward, sample and optim_step are queued with `Answer`.
+            Finish::Answer => answer.ok_or_else(|| {
+                JobError::Server("internal: this call's answer is no result".into())
+            }),
             Finish::CreateRun { run, result } => {
                 web::block(move || store.insert_run(&run)).await.map_err(blocking)??;
                 Ok(json(&result))
             }
             Finish::Checkpoint { owner, mut ckpt, overwrite, result } => {
-                ckpt.size_bytes = answer.get("size_bytes").and_then(Value::as_u64);
+                ckpt.size_bytes = size;
                 web::block(move || store.insert_checkpoint(&owner, &ckpt, overwrite))
                     .await
                     .map_err(blocking)??;
@@ -278,47 +306,12 @@ impl Dispatcher {
     }
 }
 
-/// JSON has no inf/NaN: serde_json writes them as `null`. The model application refuses
-/// non-finite outputs itself (a user error), so a `null` here is a number that overflowed on
-/// the way; it is decoded as NaN (protobuf floats carry it) rather than failing the answer.
-fn floats_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-    let v: Vec<Option<f32>> = Deserialize::deserialize(d)?;
-    Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
-}
-
-/// Metrics with `null` values decoded as NaN (see [`floats_or_nan`]).
-fn metrics_or_nan<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, f64>, D::Error> {
-    let m: BTreeMap<String, Option<f64>> = Deserialize::deserialize(d)?;
-    Ok(m.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
-}
-
-#[derive(Deserialize)]
-struct FbOutput {
-    #[serde(deserialize_with = "floats_or_nan")]
-    logprobs: Vec<f32>,
-    #[serde(default, deserialize_with = "floats_or_nan")]
-    elementwise_loss: Vec<f32>,
-    #[serde(default)]
-    shape: Vec<usize>,
-}
-
-#[derive(Deserialize)]
-struct FbAnswer {
-    outputs: Vec<FbOutput>,
-    #[serde(default, deserialize_with = "metrics_or_nan")]
-    metrics: BTreeMap<String, f64>,
-}
-
 fn bad_answer(what: &str, e: impl std::fmt::Display) -> JobError {
     JobError::Server(format!("the model application sent an invalid {what} answer: {e}"))
 }
 
 /// Encodes the model app's forward_backward answer as the SDK's `ForwardBackwardOutput`.
-fn forward_backward_result(answer: Value) -> Result<Vec<u8>, JobError> {
-    let a: FbAnswer =
-        serde_json::from_value(answer).map_err(|e| bad_answer("forward_backward", e))?;
+fn forward_backward_result(a: ForwardBackwardResponse) -> Result<Vec<u8>, JobError> {
     let outputs: Vec<DatumOutput> = a
         .outputs
         .into_iter()
@@ -346,35 +339,18 @@ fn forward_backward_result(answer: Value) -> Result<Vec<u8>, JobError> {
         .map_err(|e| bad_answer("forward_backward", e))
 }
 
-#[derive(Deserialize)]
-struct SeqAnswer {
-    tokens: Vec<i32>,
-    #[serde(default)]
-    logprobs: Vec<f32>,
-    #[serde(default)]
-    stop_reason: String,
-}
-
-#[derive(Deserialize)]
-struct SampleAnswer {
-    sequences: Vec<SeqAnswer>,
-    #[serde(default)]
-    prompt_logprobs: Option<Vec<Option<f32>>>,
-}
-
 /// Encodes the sample answer as the SDK's `SampleResponse`.
-fn sample_result(answer: Value) -> Result<Vec<u8>, JobError> {
-    let a: SampleAnswer = serde_json::from_value(answer).map_err(|e| bad_answer("sample", e))?;
+fn sample_result(a: SampleResponse) -> Result<Vec<u8>, JobError> {
     let seqs: Vec<SampledSequenceOut> = a
         .sequences
         .into_iter()
         .map(|s| SampledSequenceOut {
-            stop_reason: if s.stop_reason == "length" {
-                StopReason::Length
-            } else {
-                StopReason::Stop
+            stop_reason: match s.stop_reason {
+                StopReasonJson::Length => StopReason::Length,
+                StopReasonJson::Stop => StopReason::Stop,
             },
-            tokens: s.tokens,
+            // Token ids are below the vocabulary size, far under i32::MAX.
+            tokens: s.tokens.into_iter().map(|t| t as i32).collect(),
             logprobs: s.logprobs,
         })
         .collect();
@@ -384,15 +360,31 @@ fn sample_result(answer: Value) -> Result<Vec<u8>, JobError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::internal::DatumOutputJson;
+    use crate::protocol::tinker::proto;
+    use prost::Message;
 
+    /// A NaN loss (which the binary hop now carries as is) reaches the SDK as NaN, not as an
+    /// error; an answer without `loss:sum` gets it summed from the per-token losses.
     #[test]
-    fn null_floats_in_an_answer_are_decoded_as_nan() {
-        let answer = serde_json::json!({
-            "outputs": [{"logprobs": [-1.0, null], "elementwise_loss": [null, 0.5], "shape": [2]}],
-            "metrics": {"loss:sum": null}
-        });
-        assert!(forward_backward_result(answer).is_ok());
-        let bad = serde_json::json!({"outputs": [{"logprobs": ["x"]}]});
-        assert!(matches!(forward_backward_result(bad), Err(JobError::Server(_))));
+    fn forward_backward_answers_become_the_sdk_message() {
+        let out = |loss: Vec<f32>| DatumOutputJson {
+            logprobs: vec![-1.0, -2.0],
+            elementwise_loss: loss,
+            shape: vec![2],
+        };
+        let a = ForwardBackwardResponse {
+            outputs: vec![out(vec![1.0, 2.0])],
+            metrics: [("loss:sum".to_string(), f64::NAN), ("bad".to_string(), 1.0)].into(),
+        };
+        let bytes = forward_backward_result(a).unwrap();
+        let m = proto::ForwardBackwardOutput::decode(bytes.as_slice()).unwrap();
+        assert!(m.metrics["loss:sum"].is_nan());
+        assert!(!m.metrics.contains_key("bad"), "keys without `name:reduction` are dropped");
+        let a = ForwardBackwardResponse { outputs: vec![out(vec![0.5, 0.25])], metrics: [].into() };
+        let m =
+            proto::ForwardBackwardOutput::decode(forward_backward_result(a).unwrap().as_slice())
+                .unwrap();
+        assert_eq!(m.metrics["loss:sum"], 0.75);
     }
 }

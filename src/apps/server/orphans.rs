@@ -31,11 +31,7 @@ pub async fn sweep(app: &Shared) -> usize {
     let mut unloaded = 0;
     for up in ups.iter().filter(|u| u.kind == "model") {
         let Ok(info) = app.disp.up.info_at(&up.address).await else { continue };
-        let ids: Vec<String> = info["adapters"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        for id in ids {
+        for id in info.adapters {
             let Ok(scoped) = parse_model_id(&id) else { continue };
             let session = scoped.session_id.clone();
             match app.disp.db(move |s| s.session_exists(&session)).await {

@@ -21,11 +21,12 @@ use serde_json::Value;
 use super::error::{ApiError, JobError};
 use crate::apps::model::error::UNKNOWN_ADAPTER;
 use crate::config::MAX_RESTART_WAIT_S;
+use crate::protocol::internal::{Call, Encoding, UnloadRequest};
 
 /// Env var with the shared secret every internal request carries.
 pub use crate::contract::INTERNAL_TOKEN_ENV;
 /// Header carrying that secret.
-pub const INTERNAL_HEADER: &str = "X-Twinkle-Internal";
+pub use crate::protocol::internal::TOKEN_HEADER as INTERNAL_HEADER;
 /// Longest a compute request may take (a big forward_backward on CPU is slow).
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest answer read from an application (sample results with many sequences).
@@ -63,41 +64,8 @@ pub fn restart_wait(configured: Option<f64>) -> Duration {
         .unwrap_or(DEFAULT_RESTART_WAIT)
 }
 
-/// `/_internal/v1/info` of a model or sampler application.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ModelInfo {
-    pub base_model: String,
-    #[serde(default)]
-    pub model_name: Option<String>,
-    #[serde(default)]
-    pub arch: Option<String>,
-    #[serde(default)]
-    pub vocab_size: Option<u64>,
-    #[serde(default)]
-    pub max_length: Option<u64>,
-    #[serde(default)]
-    pub tokenizer_id: Option<String>,
-    #[serde(default)]
-    pub max_rank: Option<u32>,
-}
-
-impl ModelInfo {
-    /// The name clients use: `model_name` when the app reports one, else its `base_model`.
-    pub fn public_name(&self) -> &str {
-        self.model_name.as_deref().unwrap_or(&self.base_model)
-    }
-
-    /// Whether `name` designates this model (its public name, its configured id, or that id
-    /// without an `ms://` / `hf://` scheme).
-    pub fn answers_to(&self, name: &str) -> bool {
-        let strip = |s: &str| {
-            s.strip_prefix("ms://").or_else(|| s.strip_prefix("hf://")).unwrap_or(s).to_string()
-        };
-        name == self.public_name()
-            || name == self.base_model
-            || strip(name) == strip(&self.base_model)
-    }
-}
+/// `/_internal/v1/info` of a model or sampler application: the applications' own type.
+pub use crate::protocol::internal::InfoResponse as ModelInfo;
 
 /// One running application of kind model or sampler.
 #[derive(Debug, Clone)]
@@ -130,14 +98,11 @@ impl Configured {
                 Some(Configured {
                     app: a.name.clone(),
                     kind: a.import_path.as_str().to_string(),
+                    // Only the names are known before the application reports its info.
                     info: ModelInfo {
-                        model_name: Some(crate::hub::display_name(&id)),
+                        model_name: crate::hub::display_name(&id),
                         base_model: id,
-                        arch: None,
-                        vocab_size: None,
-                        max_length: None,
-                        tokenizer_id: None,
-                        max_rank: None,
+                        ..ModelInfo::default()
                     },
                 })
             })
@@ -283,14 +248,12 @@ impl Upstreams {
             let Some(address) = a.address else { continue };
             let info = match known.get(&a.name) {
                 Some(u) if u.address == address => u.info.clone(),
-                _ => match self.call_at(&address, "GET", "info", None).await {
-                    Ok(v) => match serde_json::from_value::<ModelInfo>(v) {
-                        Ok(i) => i,
-                        Err(e) => {
-                            tracing::warn!(app = %a.name, error = %e, "bad info answer");
-                            continue;
-                        }
-                    },
+                _ => match self.info_at(&address).await {
+                    Ok(i) => i,
+                    Err(JobError::User(e)) => {
+                        tracing::warn!(app = %a.name, error = %e, "bad info answer");
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(app = %a.name, error = %e, "info request failed");
                         pending.insert(a.import_path.clone());
@@ -412,28 +375,38 @@ impl Upstreams {
 
     /// A fresh `/_internal/v1/info` of the application at `address` (not the cached one: its
     /// `adapters` list changes with every create and unload).
-    pub async fn info_at(&self, address: &str) -> Result<Value, JobError> {
-        self.call_at(address, "GET", "info", None).await.map_err(Into::into)
+    /// An answer that is not an info (a stand-in, another program on the port) is a `User`
+    /// error, so discovery can skip that application instead of waiting for it.
+    pub async fn info_at(&self, address: &str) -> Result<ModelInfo, JobError> {
+        let (encoding, bytes) = self.call_at(address, None::<&UnloadRequest>, "info").await?;
+        encoding.decode(&bytes).map_err(|e| JobError::User(format!("{address} info: {e}")))
     }
 
-    /// POSTs `body` to `/_internal/v1/{route}` of the app serving `kind`/`base_model`. While that
-    /// application is (re)starting — it is missing from the head's status or cannot be connected
-    /// to — the call waits for it, up to the restart wait; a request that never reached it is
-    /// safe to send again.
-    pub async fn call(
+    /// Sends call `body` to the app serving `kind`/`base_model` (MessagePack both ways) and
+    /// decodes its answer. While that application is (re)starting — it is missing from the
+    /// head's status or cannot be connected to — the call waits for it, up to the restart wait;
+    /// a request that never reached it is safe to send again.
+    pub async fn call<C: Call>(
         &self,
         kind: &str,
         base_model: &str,
-        route: &str,
-        body: &Value,
-    ) -> Result<Value, JobError> {
+        body: &C,
+    ) -> Result<C::Answer, JobError> {
         let deadline = Instant::now() + self.wait;
         let mut target = self.find(kind, base_model).await;
         loop {
             let last = match &target {
-                Some(u) => match self.call_at(&u.address, "POST", route, Some(body)).await {
+                Some(u) => match self.call_at(&u.address, Some(body), C::ROUTE).await {
                     Err(Unreachable(msg)) => msg,
-                    other => return other.map_err(Into::into),
+                    Err(e) => return Err(e.into()),
+                    Ok((encoding, bytes)) => {
+                        return encoding.decode(&bytes).map_err(|e| {
+                            JobError::Server(format!(
+                                "the {kind} application sent an invalid {} answer: {e}",
+                                C::ROUTE
+                            ))
+                        });
+                    }
                 },
                 None if self.is_pending(kind) => {
                     format!("the {kind} application serving `{base_model}` is restarting")
@@ -464,23 +437,33 @@ impl Upstreams {
 
     /// Unloads adapter `model_id` on the application at `address` (housekeeping).
     pub async fn unload_at(&self, address: &str, model_id: &str) -> Result<(), JobError> {
-        let body = serde_json::json!({ "model_id": model_id });
-        self.call_at(address, "POST", "unload", Some(&body)).await.map(|_| ()).map_err(Into::into)
+        let body = UnloadRequest { model_id: model_id.to_string() };
+        self.call_at(address, Some(&body), UnloadRequest::ROUTE)
+            .await
+            .map(|_| ())
+            .map_err(Into::into)
     }
 
-    async fn call_at(
+    /// POSTs `body` (GETs when `None`) to `/_internal/v1/{route}` at `address`; a success is the
+    /// answer's bytes with the encoding its `Content-Type` names.
+    async fn call_at<C: Call>(
         &self,
         address: &str,
-        method: &str,
+        body: Option<&C>,
         route: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, CallError> {
+    ) -> Result<(Encoding, actix_web::web::Bytes), CallError> {
         let url = format!("http://{address}/_internal/v1/{route}");
         let c = client();
-        let req = if method == "GET" { c.get(&url) } else { c.post(&url) };
-        let req = req.insert_header((INTERNAL_HEADER, self.token.as_str()));
+        let req = if body.is_none() { c.get(&url) } else { c.post(&url) };
+        let req = req
+            .insert_header((INTERNAL_HEADER, self.token.as_str()))
+            .insert_header(("Accept", Encoding::MsgPack.content_type()));
         let sent = match body {
-            Some(b) => req.send_json(b).await,
+            Some(b) => {
+                let bytes =
+                    Encoding::MsgPack.encode(b).map_err(|e| CallError::Server(e.to_string()))?;
+                req.content_type(Encoding::MsgPack.content_type()).send_body(bytes).await
+            }
             None => req.send().await,
         };
         let mut resp = match sent {
@@ -504,17 +487,20 @@ impl Upstreams {
             Err(e) => return Err(CallError::Server(lost(route, address, e))),
         };
         let status = resp.status();
+        let encoding =
+            Encoding::of(resp.headers().get("content-type").and_then(|v| v.to_str().ok()));
         let bytes = resp
             .body()
             .limit(MAX_ANSWER)
             .await
             .map_err(|e| CallError::Server(lost(route, address, e)))?;
+        if status.is_success() {
+            return Ok((encoding, bytes));
+        }
+        // Errors are JSON (`AppError`'s body), whatever the request's encoding.
         let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::json!({"detail": String::from_utf8_lossy(&bytes[..bytes.len().min(2000)])})
         });
-        if status.is_success() {
-            return Ok(value);
-        }
         let detail = value
             .get("detail")
             .and_then(Value::as_str)

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::apps::model::types::DatumJson;
+use crate::engine::{Datum, LossInputs};
 use crate::protocol::twinkle::TwinkleError;
 use crate::protocol::twinkle::wire::{self, IGNORE, Input};
 use crate::tokenize::Tokenizer;
@@ -101,18 +101,16 @@ impl Loss {
     }
 
     /// The engine loss name and config of the internal API.
-    pub fn engine(&self) -> (String, Option<std::collections::BTreeMap<String, Value>>) {
+    pub fn engine(&self) -> (String, std::collections::BTreeMap<String, f64>) {
         match *self {
-            Loss::CrossEntropy { .. } => ("cross_entropy".into(), None),
+            Loss::CrossEntropy { .. } => ("cross_entropy".into(), Default::default()),
             Loss::Grpo { epsilon, epsilon_high } => (
                 "ppo".into(),
-                Some(
-                    [
-                        ("clip_low_threshold".to_string(), Value::from(1.0 - epsilon)),
-                        ("clip_high_threshold".to_string(), Value::from(1.0 + epsilon_high)),
-                    ]
-                    .into(),
-                ),
+                [
+                    ("clip_low_threshold".to_string(), 1.0 - epsilon),
+                    ("clip_high_threshold".to_string(), 1.0 + epsilon_high),
+                ]
+                .into(),
             ),
         }
     }
@@ -238,25 +236,31 @@ pub fn datums(
     loss: &Loss,
     extras: &Map<String, Value>,
     scale: f64,
-) -> Result<(Vec<DatumJson>, usize), TwinkleError> {
+) -> Result<(Vec<Datum>, usize), TwinkleError> {
     let labelled: Vec<usize> =
         enc.iter().map(|e| e.labels.iter().filter(|&&l| l != IGNORE).count()).collect();
     let total: usize = labelled.iter().sum();
+    // A label that is no token id (negative, or past u32) becomes u32::MAX, which the batch
+    // check refuses as outside the vocabulary, naming the position.
     let target = |e: &Encoded| {
-        e.labels.iter().map(|&l| if l == IGNORE { 0 } else { l }).collect::<Vec<i64>>()
+        let id = |l: i64| if l == IGNORE { 0 } else { u32::try_from(l).unwrap_or(u32::MAX) };
+        e.labels.iter().map(|&l| id(l)).collect::<Vec<u32>>()
     };
     match *loss {
         Loss::CrossEntropy { mean } => {
             let w = if mean { scale / total.max(1) as f64 } else { scale } as f32;
             let data = enc
                 .iter()
-                .map(|e| DatumJson {
-                    tokens: e.tokens.clone(),
-                    target_tokens: target(e),
-                    weights: Some(
-                        e.labels.iter().map(|&l| if l == IGNORE { 0.0 } else { w }).collect(),
-                    ),
-                    ..Default::default()
+                .map(|e| Datum {
+                    input_tokens: e.tokens.clone(),
+                    inputs: LossInputs {
+                        target_tokens: target(e),
+                        k: 1,
+                        weights: Some(
+                            e.labels.iter().map(|&l| if l == IGNORE { 0.0 } else { w }).collect(),
+                        ),
+                        ..Default::default()
+                    },
                 })
                 .collect();
             Ok((data, total))
@@ -310,13 +314,15 @@ pub fn datums(
                     };
                     j += 1;
                 }
-                data.push(DatumJson {
-                    tokens: e.tokens.clone(),
-                    target_tokens: target(e),
-                    weights: None,
-                    logprobs: (!o.is_empty()).then_some(lp),
-                    advantages: Some(adv_tok),
-                    ..Default::default()
+                data.push(Datum {
+                    input_tokens: e.tokens.clone(),
+                    inputs: LossInputs {
+                        target_tokens: target(e),
+                        k: 1,
+                        weights: None,
+                        logprobs: (!o.is_empty()).then_some(lp),
+                        advantages: Some(adv_tok),
+                    },
                 });
             }
             // On-policy when no old_logps were sent: the ratio is 1 (filled in by the caller

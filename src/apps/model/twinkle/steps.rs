@@ -39,7 +39,7 @@ impl TwinkleModel {
     ) -> Result<(f64, Vec<Vec<f32>>, usize), TwinkleError> {
         let scale = if train { 1.0 / st.ga_steps as f64 } else { 1.0 };
         let (mut data, tokens) = inputs::datums(enc, loss, extras, scale)?;
-        if matches!(loss, Loss::Grpo { .. }) && data.iter().any(|d| d.logprobs.is_none()) {
+        if matches!(loss, Loss::Grpo { .. }) && data.iter().any(|d| d.inputs.logprobs.is_none()) {
             // No old_logps: on-policy, the ratio is 1 at the current weights.
             let (_, lps, _) = self.run(
                 st,
@@ -50,8 +50,8 @@ impl TwinkleModel {
                 disable_lora,
             )?;
             for (d, lp) in data.iter_mut().zip(lps) {
-                if d.logprobs.is_none() {
-                    d.logprobs = Some(lp);
+                if d.inputs.logprobs.is_none() {
+                    d.inputs.logprobs = Some(lp);
                 }
             }
         }

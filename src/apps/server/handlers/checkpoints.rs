@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
-use super::super::dispatch::{Finish, Job};
+use super::super::dispatch::{Finish, Job, Request};
 use super::super::error::ApiError;
 use super::super::{Owner, ServerApp, Shared, parse_json};
 use super::training::{
     Plan, Submission, adapter_spec, bad, metadata, model_limit_error, owned_run, owned_session,
     submit,
 };
+use crate::protocol::internal::{LoadRequest, SaveKind, SaveRequest};
 use crate::protocol::tinker::paths::{
     CheckpointKind, TinkerPath, checkpoint_dir, format_model_id, format_sampling_session_id,
 };
@@ -60,9 +61,9 @@ async fn save_named(
     let (o, r, c) = (owner.clone(), run.id.clone(), ckpt_id.clone());
     let exists = app.disp.db(move |s| Ok(s.get_checkpoint(&o, &r, &c).is_ok())).await?;
     let path = tp.to_string();
-    let (ctype, app_kind_word, sub_kind) = match kind {
-        CheckpointKind::Weights => (CheckpointType::Training, "state", "save_weights"),
-        _ => (CheckpointType::Sampler, "sampler", "save_weights_for_sampler"),
+    let (ctype, save_kind, sub_kind) = match kind {
+        CheckpointKind::Weights => (CheckpointType::Training, SaveKind::State, "save_weights"),
+        _ => (CheckpointType::Sampler, SaveKind::Sampler, "save_weights_for_sampler"),
     };
     let result = match kind {
         CheckpointKind::Weights => json!({"path": path, "type": "save_weights"}),
@@ -78,7 +79,7 @@ async fn save_named(
         expires_at,
         public: false,
     };
-    let job_body = json!({"model_id": run.id, "dir": dir, "kind": app_kind_word});
+    let call = SaveRequest { model_id: run.id.clone(), dir, kind: save_kind };
     let sub = Submission::on_model(owner.clone(), &run.id, seq_id, sub_kind);
     submit(app, sub, |request_id| {
         if exists && !overwrite {
@@ -86,11 +87,10 @@ async fn save_named(
                 "checkpoint {path} already exists; pass overwrite=True or choose another name"
             ));
         }
-        Plan::Run(Job::on_model(
+        Plan::run(Job::on_model(
             request_id,
             run.base_model,
-            "save",
-            job_body,
+            Request::Save(call),
             Finish::Checkpoint { owner, ckpt: Box::new(ckpt), overwrite, result },
         ))
     })
@@ -153,14 +153,14 @@ pub(super) async fn save_weights_for_sampler(
                 base_model: run.base_model.clone(),
                 model_path: None,
             };
-            let job_body = json!({"model_id": run.id, "dir": dir, "kind": "sampler"});
+            let call = SaveRequest { model_id: run.id.clone(), dir, kind: SaveKind::Sampler };
             let sub = Submission::on_model(owner, &run.id, r.seq_id, "save_weights_for_sampler");
             submit(&app, sub, |request_id| {
                 let finish = Finish::SamplingSession {
                     session: Box::new(session),
                     result: json!({"path": null, "sampling_session_id": sid}),
                 };
-                Plan::Run(Job::on_model(request_id, run.base_model, "save", job_body, finish))
+                Plan::run(Job::on_model(request_id, run.base_model, Request::Save(call), finish))
             })
             .await
         }
@@ -188,15 +188,19 @@ pub(super) async fn load_weights(
     match form {
         LoadForm::Legacy { model_id } => {
             let run = owned_run(&app, &owner, &model_id).await?;
-            let job_body = json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
+            let call = LoadRequest {
+                model_id: model_id.clone(),
+                dir,
+                with_optimizer: r.optimizer,
+                create: None,
+            };
             let result = json!({"path": r.path, "model_id": model_id});
             let sub = Submission::on_model(owner, &model_id, r.seq_id, "load_weights");
             submit(&app, sub, |request_id| {
-                Plan::Run(Job::on_model(
+                Plan::run(Job::on_model(
                     request_id,
                     run.base_model,
-                    "load",
-                    job_body,
+                    Request::Load(call),
                     Finish::Json(result),
                 ))
             })
@@ -222,9 +226,12 @@ pub(super) async fn load_weights(
             let existing = owned_run(&app, &owner, &model_id).await.ok();
             let over_limit =
                 if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
-            let mut job_body =
-                json!({"model_id": model_id, "dir": dir, "with_optimizer": r.optimizer});
-            job_body["create"] = adapter_spec(&src.lora);
+            let call = LoadRequest {
+                model_id: model_id.clone(),
+                dir,
+                with_optimizer: r.optimizer,
+                create: Some(adapter_spec(&src.lora)),
+            };
             let run = NewRun {
                 id: model_id.clone(),
                 owner: owner.clone(),
@@ -239,11 +246,10 @@ pub(super) async fn load_weights(
             submit(&app, sub, |request_id| match (existing, over_limit) {
                 (Some(_), _) => Plan::Fail(format!("model {model_id} already exists")),
                 (None, Some(msg)) => Plan::Fail(msg),
-                (None, None) => Plan::Run(Job::on_model(
+                (None, None) => Plan::run(Job::on_model(
                     request_id,
                     base_model,
-                    "load",
-                    job_body,
+                    Request::Load(call),
                     Finish::CreateRun { run: Box::new(run), result },
                 )),
             })

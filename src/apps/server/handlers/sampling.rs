@@ -4,13 +4,14 @@
 //! in flight (`server_config.max_sampling_requests_per_key`, 429 beyond it).
 
 use actix_web::{HttpResponse, web};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::super::dispatch::{Finish, Job};
+use super::super::dispatch::{Finish, Job, Request};
 use super::super::error::ApiError;
 use super::super::{Owner, Shared, parse_json};
 use super::checkpoints::ephemeral_dir;
 use super::training::{Plan, Submission, owned_run, submit};
+use crate::protocol::internal;
 use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir, format_sampling_session_id};
 use crate::protocol::tinker::types::{
     CreateSamplingSessionRequest, CreateSamplingSessionResponse, GetSamplerResponse, SampleRequest,
@@ -101,16 +102,13 @@ async fn asample(
         return Err(ApiError::BadRequest("prompt: no tokens".into()));
     }
     let model_app = app.disp.up.model_for(&session.base_model).await?;
-    if let Some(v) = model_app.info.vocab_size
-        && let Some(t) = prompt.iter().find(|&&t| t as u64 >= v)
-    {
+    let (v, max) = (model_app.info.vocab_size, model_app.info.max_length);
+    if let Some(t) = prompt.iter().find(|&&t| t as u64 >= v as u64) {
         return Err(ApiError::BadRequest(format!(
             "prompt: token id {t} is out of range (vocab size {v})"
         )));
     }
-    if let Some(max) = model_app.info.max_length
-        && prompt.len() as u64 >= max
-    {
+    if prompt.len() >= max {
         return Err(ApiError::BadRequest(format!(
             "prompt: {} tokens do not fit the model's maximum length {max}",
             prompt.len()
@@ -127,19 +125,24 @@ async fn asample(
     };
     let p = &r.sampling_params;
     let stop = match &p.stop {
-        None => Value::Null,
-        Some(StopCondition::Strings(s)) => json!(s),
-        Some(StopCondition::Tokens(t)) => json!(t),
+        None => None,
+        Some(StopCondition::Strings(s)) => Some(json!(s)),
+        Some(StopCondition::Tokens(t)) => Some(json!(t)),
     };
-    let mut job_body = json!({"prompt": prompt, "num_samples": r.num_samples,
-        "max_tokens": p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS), "temperature": p.temperature,
-        "top_k": p.top_k, "top_p": p.top_p, "stop": stop, "prompt_logprobs": r.prompt_logprobs});
-    if let Some(seed) = p.seed {
-        job_body["seed"] = json!(seed);
-    }
-    if let Some(d) = adapter_dir {
-        job_body["adapter_dir"] = json!(d);
-    }
+    let call = internal::SampleRequest {
+        model_id: None,
+        adapter_dir: adapter_dir.map(Into::into),
+        // `text_tokens` refused negative ids.
+        prompt: prompt.iter().map(|&t| t as u32).collect(),
+        num_samples: r.num_samples as usize,
+        max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize,
+        temperature: p.temperature as f32,
+        top_k: p.top_k,
+        top_p: p.top_p as f32,
+        seed: p.seed,
+        stop,
+        prompt_logprobs: r.prompt_logprobs,
+    };
     let app_kind = if app.disp.up.find("sampler", &session.base_model).await.is_some() {
         "sampler"
     } else {
@@ -156,13 +159,12 @@ async fn asample(
         permit: Some(permit),
     };
     submit(&app, sub, |request_id| {
-        Plan::Run(Job {
+        Plan::run(Job {
             request_id,
             app_kind,
             base_model: session.base_model,
-            route: "sample",
-            body: job_body,
-            finish: Finish::Sample,
+            call: Request::Sample(call),
+            finish: Finish::Answer,
         })
     })
     .await

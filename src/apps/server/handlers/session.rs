@@ -45,11 +45,11 @@ async fn capabilities(app: Shared, _owner: Owner) -> Result<HttpResponse, ApiErr
     };
     for name in &app.supported_models {
         let up = ups.iter().find(|u| u.kind == "model" && u.info.answers_to(name));
-        out.push(entry(name, up.and_then(|u| u.info.max_length), true));
+        out.push(entry(name, up.map(|u| u.info.max_length as u64), true));
     }
     for u in ups.iter().filter(|u| u.kind == "model") {
         if !app.supported_models.iter().any(|n| u.info.answers_to(n)) {
-            out.push(entry(u.info.public_name(), u.info.max_length, true));
+            out.push(entry(u.info.public_name(), Some(u.info.max_length as u64), true));
         }
     }
     Ok(HttpResponse::Ok().json(ServerCapabilitiesResponse { supported_models: out }))

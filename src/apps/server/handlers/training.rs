@@ -5,9 +5,11 @@
 use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
-use super::super::dispatch::{Finish, JSON, Job};
+use super::super::dispatch::{Finish, JSON, Job, Request};
 use super::super::error::ApiError;
 use super::super::{Owner, ServerApp, Shared, limits, parse_json};
+use crate::engine::{BatchLimits, Datum, LossInputs, check_batch};
+use crate::protocol::internal;
 use crate::protocol::tinker::codec::{ConfigValue, decode_forward_backward};
 use crate::protocol::tinker::paths::format_model_id;
 use crate::protocol::tinker::tensor::{DecodeLimits, TensorValues};
@@ -33,7 +35,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Losses the engine implements (`specs/tinker-protocol.md` §6.4).
 const LOSSES: &[&str] = &["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"];
 /// Tinker's default `lora_alpha`.
-const LORA_ALPHA: f64 = 32.0;
+const LORA_ALPHA: f32 = 32.0;
 
 /// What a submission needs besides its job.
 pub(crate) struct Submission {
@@ -69,11 +71,17 @@ impl Submission {
 
 /// Outcome of building a job at submission time.
 pub(crate) enum Plan {
-    Run(Job),
+    Run(Box<Job>),
     /// Known failure reported through the future (category user).
     Fail(String),
     /// Already done (an idempotent retry): the fixed JSON result.
     Done(Value),
+}
+
+impl Plan {
+    pub(crate) fn run(job: Job) -> Plan {
+        Plan::Run(Box::new(job))
+    }
 }
 
 /// Records the future (deduplicated on model id + seq id), starts the job when it is new, and
@@ -99,7 +107,7 @@ pub(crate) async fn submit(
         .await?;
     if is_new {
         match build(rec.request_id.clone()) {
-            Plan::Run(job) => app.disp.enqueue(s.queue.as_deref(), job, s.permit),
+            Plan::Run(job) => app.disp.enqueue(s.queue.as_deref(), *job, s.permit),
             Plan::Fail(msg) => app.disp.fail_now(&rec.request_id, msg, FailureCategory::User).await,
             Plan::Done(v) => {
                 let id = rec.request_id.clone();
@@ -179,13 +187,17 @@ pub(super) fn lora_settings(l: &LoraConfig) -> LoraSettings {
     }
 }
 
-pub(super) fn adapter_spec(l: &LoraSettings) -> Value {
-    let mut v = json!({"rank": l.rank, "alpha": LORA_ALPHA, "train_attn": l.train_attn,
-        "train_mlp": l.train_mlp, "train_unembed": l.train_unembed});
-    if let Some(seed) = l.seed {
-        v["seed"] = json!(seed);
+/// The adapter a run's LoRA settings ask the model application for.
+pub(super) fn adapter_spec(l: &LoraSettings) -> internal::LoraSettings {
+    internal::LoraSettings {
+        rank: l.rank as usize,
+        alpha: LORA_ALPHA,
+        train_attn: l.train_attn,
+        train_mlp: l.train_mlp,
+        train_unembed: l.train_unembed,
+        // Any 64-bit seed is a seed: a negative one keeps its bits.
+        seed: l.seed.map(|s| s as u64),
     }
-    v
 }
 
 pub(super) fn metadata(m: Option<serde_json::Map<String, Value>>) -> Value {
@@ -201,7 +213,7 @@ async fn create_model(
     owned_session(&app, &owner, &r.session_id).await?;
     let up = app.disp.up.model_for(&r.base_model).await?;
     let lora = r.lora_config.clone().unwrap_or_default();
-    lora.validate(up.info.max_rank.unwrap_or(128))?;
+    lora.validate(up.info.max_rank as u32)?;
     let opt = r.optimizer_config.clone().unwrap_or_default();
     if opt.kind != "adamw" {
         return Err(ApiError::BadRequest(format!(
@@ -214,8 +226,10 @@ async fn create_model(
     let existing = owned_run(&app, &owner, &model_id).await.ok();
     let over_limit = if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
     let settings = lora_settings(&lora);
-    let mut body = adapter_spec(&settings);
-    body["model_id"] = json!(model_id);
+    let call = internal::CreateAdapterRequest {
+        model_id: model_id.clone(),
+        lora: adapter_spec(&settings),
+    };
     let run = NewRun {
         id: model_id.clone(),
         owner: owner.clone(),
@@ -230,11 +244,10 @@ async fn create_model(
     submit(&app, sub, |request_id| match (existing, over_limit) {
         (Some(_), _) => Plan::Done(result),
         (None, Some(msg)) => Plan::Fail(msg),
-        (None, None) => Plan::Run(Job::on_model(
+        (None, None) => Plan::run(Job::on_model(
             request_id,
             r.base_model,
-            "create_adapter",
-            body,
+            Request::CreateAdapter(call),
             Finish::CreateRun { run: Box::new(run), result },
         )),
     })
@@ -251,14 +264,15 @@ async fn get_info(
     let info = app.disp.up.find("model", &run.base_model).await.map(|u| u.info);
     let tokenizer = info
         .as_ref()
-        .and_then(|i| i.tokenizer_id.clone())
+        .map(|i| i.tokenizer_id.clone())
+        .filter(|t| !t.is_empty())
         .unwrap_or_else(|| run.base_model.clone());
     let optimizer: Option<OptimizerConfig> =
         serde_json::from_value(run.optimizer_config.clone()).ok();
     Ok(HttpResponse::Ok().json(GetInfoResponse {
         model_id: run.id.clone(),
         model_data: ModelData {
-            arch: info.as_ref().and_then(|i| i.arch.clone()),
+            arch: info.as_ref().map(|i| i.arch.clone()).filter(|a| !a.is_empty()),
             model_name: Some(run.base_model.clone()),
             tokenizer_id: Some(tokenizer),
         },
@@ -286,9 +300,10 @@ async fn forward_backward(
             fb.loss_fn
         )));
     }
-    // The same check as the model application's, up front: the SDK gets the 400 on its
-    // request instead of a failed future (the engine's message names the field).
-    let numeric = fb
+    // The loss and the batch are checked here with the engine's own checks (the model
+    // application runs the same ones), so the SDK gets the 400 on its request instead of a
+    // failed future; what is left here is the protocol's part: dtypes and shapes of tensors.
+    let loss_config = fb
         .loss_config
         .iter()
         .map(|(k, v)| match v {
@@ -296,96 +311,33 @@ async fn forward_backward(
             ConfigValue::Text(t) => Err(bad(format!("loss_fn_config.{k}: {t:?} is not a number"))),
         })
         .collect::<Result<std::collections::BTreeMap<String, f64>, ApiError>>()?;
-    crate::engine::LossFn::from_name(&fb.loss_fn, &numeric).map_err(|e| bad(e.to_string()))?;
-    if fb.data.is_empty() {
-        return Err(bad("data: the batch is empty (send at least one datum)".into()));
-    }
+    let loss = crate::engine::LossFn::from_name(&fb.loss_fn, &loss_config)
+        .map_err(|e| bad(e.to_string()))?;
     let info = app.disp.up.find("model", &run.base_model).await.map(|u| u.info);
-    let vocab = info.as_ref().and_then(|i| i.vocab_size);
     let tokens: u64 = fb.data.iter().map(|d| d.tokens.len() as u64).sum();
-    let cap = limits::token_cap(app.max_tokens_per_request, info.and_then(|i| i.max_length));
+    let cap =
+        limits::token_cap(app.max_tokens_per_request, info.as_ref().map(|i| i.max_length as u64));
     limits::check_tokens(tokens, cap)?;
-    let rl = fb.loss_fn != "cross_entropy";
-    let mut data = Vec::with_capacity(fb.data.len());
-    for (i, d) in fb.data.iter().enumerate() {
-        let n = d.tokens.len();
-        if n == 0 {
-            return Err(bad(format!("data[{i}].model_input: no tokens")));
-        }
-        if let Some(v) = vocab
-            && let Some(t) = d.tokens.iter().find(|&&t| t as u64 >= v)
-        {
-            return Err(bad(format!(
-                "data[{i}].model_input: token id {t} is out of range (vocab size {v})"
-            )));
-        }
-        let tt = d
-            .loss_fn_inputs
-            .get("target_tokens")
-            .ok_or_else(|| bad(format!("data[{i}].loss_fn_inputs.target_tokens: required")))?;
-        let TensorValues::I64(targets) = &tt.values else {
-            return Err(bad(format!("data[{i}].loss_fn_inputs.target_tokens: must be int64")));
-        };
-        let k = match tt.shape.as_slice() {
-            [rows] if *rows == n => 1,
-            [rows, k] if *rows == n && *k >= 1 => *k,
-            other => {
-                return Err(bad(format!(
-                    "data[{i}].loss_fn_inputs.target_tokens: shape {other:?} does not match the {n} input tokens (expected [{n}] or [{n}, K])"
-                )));
-            }
-        };
-        if let Some(t) = targets.iter().find(|&&t| t < 0 || vocab.is_some_and(|v| t as u64 >= v)) {
-            return Err(bad(format!(
-                "data[{i}].loss_fn_inputs.target_tokens: token id {t} is out of range"
-            )));
-        }
-        let mut datum = json!({"tokens": d.tokens, "target_tokens": targets, "k": k});
-        for (key, per_token) in [("weights", targets.len()), ("logprobs", n), ("advantages", n)] {
-            match d.loss_fn_inputs.get(key) {
-                Some(t) => {
-                    let TensorValues::F32(v) = &t.values else {
-                        return Err(bad(format!(
-                            "data[{i}].loss_fn_inputs.{key}: must be float32"
-                        )));
-                    };
-                    if v.len() != per_token {
-                        return Err(bad(format!(
-                            "data[{i}].loss_fn_inputs.{key}: has {} values, expected {per_token}",
-                            v.len()
-                        )));
-                    }
-                    if v.iter().any(|x| !x.is_finite()) {
-                        return Err(bad(format!(
-                            "data[{i}].loss_fn_inputs.{key}: contains NaN or infinity"
-                        )));
-                    }
-                    datum[key] = json!(v);
-                }
-                None if rl && key != "weights" => {
-                    return Err(bad(format!(
-                        "data[{i}].loss_fn_inputs.{key}: required by loss `{}`",
-                        fb.loss_fn
-                    )));
-                }
-                None => {}
-            }
-        }
-        data.push(datum);
-    }
-    let loss_config: serde_json::Map<String, Value> = fb
-        .loss_config
+    let data = fb
+        .data
         .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                ConfigValue::Number(x) => json!(x),
-                ConfigValue::Text(s) => json!(s),
-            };
-            (k.clone(), v)
-        })
-        .collect();
-    let job_body = json!({"model_id": fb.model_id, "forward_only": fb.forward_only,
-        "loss_fn": fb.loss_fn, "loss_config": loss_config, "data": data});
+        .enumerate()
+        .map(|(i, d)| tinker_datum(i, d))
+        .collect::<Result<Vec<Datum>, ApiError>>()?;
+    let limits = match &info {
+        Some(i) => BatchLimits { vocab_size: i.vocab_size, max_tokens: i.max_length },
+        // Not known yet (the application is restarting): the model application checks them.
+        None => BatchLimits { vocab_size: usize::MAX, max_tokens: usize::MAX },
+    };
+    check_batch(&limits, &data, &loss).map_err(|e| bad(e.to_string()))?;
+    let call = internal::ForwardBackwardRequest {
+        model_id: fb.model_id.clone(),
+        forward_only: fb.forward_only,
+        disable_lora: false,
+        loss_fn: fb.loss_fn.clone(),
+        loss_config,
+        data,
+    };
     let sub = Submission::on_model(
         owner,
         &fb.model_id,
@@ -393,12 +345,11 @@ async fn forward_backward(
         if fb.forward_only { "forward" } else { "forward_backward" },
     );
     submit(&app, sub, |request_id| {
-        Plan::Run(Job::on_model(
+        Plan::run(Job::on_model(
             request_id,
             run.base_model,
-            "forward_backward",
-            job_body,
-            Finish::ForwardBackward,
+            Request::ForwardBackward(call),
+            Finish::Answer,
         ))
     })
     .await
@@ -418,17 +369,75 @@ async fn optim_step(
         }
         (None, None) => Default::default(),
     };
-    adam.validate()?;
-    let job_body = json!({"model_id": r.model_id, "adam_params": adam});
+    adam.validate().map_err(|e| bad(e.to_string()))?;
+    let call = internal::OptimStepRequest { model_id: r.model_id.clone(), adam_params: adam };
     let sub = Submission::on_model(owner, &r.model_id, r.seq_id, "optim_step");
     submit(&app, sub, |request_id| {
-        Plan::Run(Job::on_model(
+        Plan::run(Job::on_model(
             request_id,
             run.base_model,
-            "optim_step",
-            job_body,
-            Finish::Passthrough,
+            Request::OptimStep(call),
+            Finish::Answer,
         ))
     })
     .await
+}
+
+/// The engine datum of the SDK's datum `i`: `target_tokens` int64 of shape `[N]` or `[N, K]`,
+/// the float inputs float32. Lengths, ranges and finiteness are the batch check's.
+fn tinker_datum(
+    i: usize,
+    d: &crate::protocol::tinker::codec::DatumInput,
+) -> Result<Datum, ApiError> {
+    let n = d.tokens.len();
+    let field = |key: &str| format!("data[{i}].loss_fn_inputs.{key}");
+    let tt = d
+        .loss_fn_inputs
+        .get("target_tokens")
+        .ok_or_else(|| bad(format!("{}: required", field("target_tokens"))))?;
+    let TensorValues::I64(targets) = &tt.values else {
+        return Err(bad(format!("{}: must be int64", field("target_tokens"))));
+    };
+    let k = match tt.shape.as_slice() {
+        [rows] if *rows == n => 1,
+        [rows, k] if *rows == n && *k >= 1 => *k,
+        other => {
+            return Err(bad(format!(
+                "{}: shape {other:?} does not match the {n} input tokens (expected [{n}] or [{n}, K])",
+                field("target_tokens")
+            )));
+        }
+    };
+    let target_tokens = token_ids(targets, || field("target_tokens"))?;
+    let float = |key: &str| -> Result<Option<Vec<f32>>, ApiError> {
+        match d.loss_fn_inputs.get(key) {
+            None => Ok(None),
+            Some(t) => match &t.values {
+                TensorValues::F32(v) => Ok(Some(v.clone())),
+                _ => Err(bad(format!("{}: must be float32", field(key)))),
+            },
+        }
+    };
+    Ok(Datum {
+        input_tokens: token_ids(&d.tokens, || format!("data[{i}].model_input"))?,
+        inputs: LossInputs {
+            target_tokens,
+            k,
+            weights: float("weights")?,
+            logprobs: float("logprobs")?,
+            advantages: float("advantages")?,
+        },
+    })
+}
+
+/// Ids as u32: a negative (or too large) one is a 400 naming `field`.
+fn token_ids<T>(ids: &[T], field: impl Fn() -> String) -> Result<Vec<u32>, ApiError>
+where
+    T: Copy + std::fmt::Display + TryInto<u32>,
+{
+    ids.iter()
+        .map(|&t| {
+            t.try_into().map_err(|_| bad(format!("{}: token id {t} is out of range", field())))
+        })
+        .collect()
 }

@@ -161,7 +161,7 @@ async fn capacity_info(app: Shared, req: HttpRequest) -> Result<HttpResponse, Tw
         let max =
             app.twinkle.max_loras.get(&u.app).copied().unwrap_or(crate::config::DEFAULT_MAX_LORAS);
         let used = match app.disp.up.info_at(&u.address).await {
-            Ok(info) => info.get("adapters").and_then(Value::as_array).map_or(0, Vec::len),
+            Ok(info) => info.adapters.len(),
             Err(e) => {
                 tracing::warn!(app = %u.app, error = %e, "capacity: info request failed");
                 0

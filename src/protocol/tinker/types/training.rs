@@ -116,75 +116,9 @@ pub struct GetInfoResponse {
     pub optimizer_config: Option<OptimizerConfig>,
 }
 
-fn d_lr() -> f64 {
-    1e-4
-}
-fn d_beta1() -> f64 {
-    0.9
-}
-fn d_beta2() -> f64 {
-    0.95
-}
-fn d_eps() -> f64 {
-    1e-12
-}
-
-/// AdamW hyper-parameters with the SDK defaults (§6.5).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct AdamParams {
-    #[serde(default = "d_lr")]
-    pub learning_rate: f64,
-    #[serde(default = "d_beta1")]
-    pub beta1: f64,
-    #[serde(default = "d_beta2")]
-    pub beta2: f64,
-    #[serde(default = "d_eps")]
-    pub eps: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default)]
-    pub grad_clip_norm: f64,
-}
-
-impl Default for AdamParams {
-    fn default() -> Self {
-        AdamParams {
-            learning_rate: 1e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-12,
-            weight_decay: 0.0,
-            grad_clip_norm: 0.0,
-        }
-    }
-}
-
-impl AdamParams {
-    pub fn validate(&self) -> Result<(), ProtocolError> {
-        let check = |name: &str, v: f64, ok: bool, rule: &str| {
-            if v.is_finite() && ok {
-                Ok(())
-            } else {
-                Err(ProtocolError::invalid(
-                    format!("adam_params.{name}"),
-                    format!("{v} must be {rule}"),
-                ))
-            }
-        };
-        // The engine's bounds (see `engine::optim`), checked before the step is queued.
-        use crate::engine::optim::{MAX_EPS, MAX_LEARNING_RATE};
-        let lr = self.learning_rate;
-        let lr_ok = (0.0..=MAX_LEARNING_RATE).contains(&lr);
-        check("learning_rate", lr, lr_ok, &format!("in [0, {MAX_LEARNING_RATE}]"))?;
-        check("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)")?;
-        check("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)")?;
-        check("eps", self.eps, self.eps > 0.0 && self.eps <= MAX_EPS, "in (0, 1e6]")?;
-        let wd = self.weight_decay;
-        let wd_ok = wd >= 0.0 && lr * wd <= 1.0;
-        check("weight_decay", wd, wd_ok, ">= 0 with learning_rate × weight_decay <= 1")?;
-        check("grad_clip_norm", self.grad_clip_norm, self.grad_clip_norm >= 0.0, ">= 0 (0 = off)")
-    }
-}
+/// AdamW hyper-parameters with the SDK defaults (§6.5): the engine's own type, so its one
+/// validation ([`AdamParams::validate`]) is what the server checks before queueing a step.
+pub use crate::engine::AdamParams;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct OptimStepRequest {
