@@ -264,7 +264,7 @@ fn a_bad_datum_in_one_shard_is_an_error_with_its_batch_index() {
     let mut master = dp.upload(&adapter(&model)).unwrap();
     let err = dp.forward_backward(&mut master, &data, &LossFn::CrossEntropy).unwrap_err();
     assert!(matches!(err, EngineError::InvalidInput(_)), "{err}");
-    assert!(err.to_string().contains("datum 3: model_input[2]"), "{err}");
+    assert!(err.to_string().contains("data[3].model_input[2]"), "{err}");
     // Good shards ran, but nothing reached the accumulated gradient.
     assert!(host(&dp, &master).gradients().values().all(|t| t.data().iter().all(|g| *g == 0.0)));
 

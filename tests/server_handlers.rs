@@ -110,7 +110,7 @@ async fn bootstrap_and_session_routes() -> Result<()> {
     let m = &models[0];
     ensure!(m["model_name"] == MODEL && m["trainable"] == true && m["sampleable"] == true, "{m}");
     let info = st.app.disp.up.find("model", MODEL).await;
-    let ctx = info.and_then(|u| u.info.max_length);
+    let ctx = info.map(|u| u.info.max_length as u64);
     ensure!(ctx.is_some() && m["max_context_length"] == json!(ctx), "{m} vs {ctx:?}");
 
     // Sessions: ids embed in model ids and tinker paths, so no `:` or `/`.

@@ -24,7 +24,7 @@ impl FwdBwdOutput {
 pub(crate) fn check_tokens(what: &str, i: usize, toks: &[u32], vocab: usize) -> Result<()> {
     if let Some((p, t)) = toks.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
         return Err(EngineError::InvalidInput(format!(
-            "datum {i}: {what}[{p}] = {t} is not below the vocabulary size {vocab}"
+            "data[{i}].{what}[{p}] = {t} is not below the vocabulary size {vocab} (out of range)"
         )));
     }
     Ok(())
@@ -61,29 +61,29 @@ pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Resul
         let n = d.input_tokens.len();
         let inp = &d.inputs;
         if n == 0 {
-            return Err(EngineError::InvalidInput(format!("datum {i}: model_input is empty")));
+            return Err(EngineError::InvalidInput(format!("data[{i}].model_input is empty")));
         }
         if n > limits.max_tokens {
             return Err(EngineError::InvalidInput(format!(
-                "datum {i}: {n} tokens exceed max_length {}",
+                "data[{i}].model_input: {n} tokens exceed max_length {}",
                 limits.max_tokens
             )));
         }
         let k = inp.k.max(1);
         if inp.target_tokens.len() != n * k {
             return Err(EngineError::InvalidInput(format!(
-                "datum {i}: target_tokens has {} values, expected {} ({n} input tokens × {k})",
+                "data[{i}].loss_fn_inputs.target_tokens has {} values, expected {} ({n} input tokens × {k})",
                 inp.target_tokens.len(),
                 n * k
             )));
         }
         check_tokens("model_input", i, &d.input_tokens, limits.vocab_size)?;
-        check_tokens("target_tokens", i, &inp.target_tokens, limits.vocab_size)?;
+        check_tokens("loss_fn_inputs.target_tokens", i, &inp.target_tokens, limits.vocab_size)?;
         if let Some(w) = &inp.weights
             && w.len() != n * k
         {
             return Err(EngineError::InvalidInput(format!(
-                "datum {i}: weights has {} values, target_tokens {}",
+                "data[{i}].loss_fn_inputs.weights has {} values, target_tokens {}",
                 w.len(),
                 n * k
             )));
@@ -95,7 +95,7 @@ pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Resul
         ] {
             if let Some(p) = v.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
                 return Err(EngineError::InvalidInput(format!(
-                    "datum {i}: {name}[{p}] is not a finite number"
+                    "data[{i}].loss_fn_inputs.{name}[{p}] is not a finite number (NaN or infinity)"
                 )));
             }
         }
@@ -103,13 +103,13 @@ pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Resul
             match v {
                 None if loss.is_rl() => {
                     return Err(EngineError::InvalidInput(format!(
-                        "datum {i}: loss {} needs loss_fn_inputs `{name}`",
+                        "data[{i}].loss_fn_inputs.{name}: required by loss {} (it needs loss_fn_inputs `{name}`)",
                         loss.name()
                     )));
                 }
                 Some(v) if v.len() != n => {
                     return Err(EngineError::InvalidInput(format!(
-                        "datum {i}: {name} has {} values, expected {n}",
+                        "data[{i}].loss_fn_inputs.{name} has {} values, expected {n}",
                         v.len()
                     )));
                 }
@@ -118,7 +118,7 @@ pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Resul
         }
         if loss.is_rl() && k != 1 {
             return Err(EngineError::InvalidInput(format!(
-                "datum {i}: {} needs target_tokens of shape [N], got [N,{k}]",
+                "data[{i}].loss_fn_inputs.target_tokens: {} needs target_tokens of shape [N], got [N,{k}]",
                 loss.name()
             )));
         }

@@ -410,7 +410,7 @@ impl<R: ModelRuntime> DataParallel<R> {
     /// Token-balanced contiguous shards, one per runtime (some may be empty).
     fn ranges(&self, data: &[Datum]) -> Result<Vec<Range<usize>>> {
         if data.is_empty() {
-            return Err(EngineError::InvalidInput("the batch has no datums".into()));
+            return Err(EngineError::InvalidInput("data: the batch has no datums".into()));
         }
         let lens: Vec<usize> = data.iter().map(|d| d.input_tokens.len()).collect();
         Ok(split_by_tokens(&lens, self.workers.len()))
@@ -503,11 +503,11 @@ fn merge(shards: impl Iterator<Item = FwdBwdOutput>) -> FwdBwdOutput {
 /// Shard-local datum indices in input errors (`datum 2: ...`) become batch indices.
 fn reindex(e: EngineError, offset: usize) -> EngineError {
     let EngineError::InvalidInput(msg) = &e else { return e };
-    let Some(rest) = msg.strip_prefix("datum ") else { return e };
+    let Some(rest) = msg.strip_prefix("data[") else { return e };
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     match rest[..digits].parse::<usize>() {
-        Ok(i) if rest[digits..].starts_with(':') => {
-            EngineError::InvalidInput(format!("datum {}{}", i + offset, &rest[digits..]))
+        Ok(i) if rest[digits..].starts_with(']') => {
+            EngineError::InvalidInput(format!("data[{}{}", i + offset, &rest[digits..]))
         }
         _ => e,
     }
@@ -544,8 +544,8 @@ mod tests {
 
     #[test]
     fn input_errors_name_the_batch_index() {
-        let e = reindex(EngineError::InvalidInput("datum 1: model_input is empty".into()), 3);
-        assert_eq!(e.to_string(), "invalid input: datum 4: model_input is empty");
+        let e = reindex(EngineError::InvalidInput("data[1].model_input is empty".into()), 3);
+        assert_eq!(e.to_string(), "invalid input: data[4].model_input is empty");
         let e = reindex(EngineError::InvalidInput("no tokens".into()), 3);
         assert_eq!(e.to_string(), "invalid input: no tokens");
     }
