@@ -441,7 +441,7 @@ fn main() -> ExitCode {
                 config,
                 register_deadline: deadline,
             };
-            match twinkle::worker::run(opts) {
+            match twinkle::apps::run_worker(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ twinkle::worker::WorkerError::Startup(_)) => {
                     eprintln!("twinkle worker: {e}");

@@ -30,6 +30,28 @@ pub const CUDA_DTYPE_ENV: &str = "TWINKLE_CUDA_DTYPE";
 /// Env var with the per-serve token that `/_internal/` routes require.
 pub use crate::contract::INTERNAL_TOKEN_ENV;
 
+/// Blocking entry point of `twinkle worker`: the child's runtime ([`crate::worker`]) around the
+/// application its `import_path` names. The choice lives here, above the runtime, so the
+/// runtime does not depend on the applications it hosts.
+pub fn run_worker(opts: crate::worker::WorkerOptions) -> Result<(), WorkerError> {
+    let ctx = AppContext::from_env(opts)?;
+    actix_web::rt::System::new().block_on(run_app(ctx))
+}
+
+/// Runs the application named by `import_path`; `identity` (for tests) is
+/// [`identity::identity_app`].
+pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
+    match ctx.opts.import_path {
+        ImportPath::Identity => {
+            let id = Identity::from_context(&ctx);
+            serve_and_register(&ctx, move |cfg| identity::identity_app(cfg, id.clone())).await
+        }
+        ImportPath::Server => server::run(ctx).await,
+        ImportPath::Model | ImportPath::Sampler => run(&ctx).await,
+        ImportPath::Processor => processor::run(&ctx).await,
+    }
+}
+
 /// This application's config entry: the spec serve passed, else its entry in the config file.
 fn app_spec(ctx: &AppContext) -> Result<Application, AppError> {
     if let Some(s) = &ctx.spec {

@@ -2,8 +2,9 @@
 //!
 //! A child binds an HTTP server on `127.0.0.1:0`, registers its port with the head (retrying
 //! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
-//! `import_path` in [`run_app`]; every application also serves the identity routes of
-//! [`identity`], and `import_path: identity` serves only those (a dry run that loads nothing).
+//! `import_path` in [`crate::apps::run_app`] (this runtime knows no application); every
+//! application also serves the identity routes of [`identity`], and `import_path: identity`
+//! serves only those (a dry run that loads nothing).
 
 pub mod identity;
 pub mod json_errors;
@@ -84,26 +85,6 @@ impl AppContext {
             _ => None,
         };
         Ok(Self { opts, token, spec })
-    }
-}
-
-/// Blocking entry point of `twinkle worker`.
-pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
-    let ctx = AppContext::from_env(opts)?;
-    actix_web::rt::System::new().block_on(run_app(ctx))
-}
-
-/// Runs the application named by `import_path`: server, model, sampler and processor are
-/// [`crate::apps`]; `identity` is [`identity::identity_app`].
-pub async fn run_app(ctx: AppContext) -> Result<(), WorkerError> {
-    match ctx.opts.import_path {
-        ImportPath::Identity => {
-            let id = identity::Identity::from_context(&ctx);
-            serve_and_register(&ctx, move |cfg| identity::identity_app(cfg, id.clone())).await
-        }
-        ImportPath::Server => crate::apps::server::run(ctx).await,
-        ImportPath::Model | ImportPath::Sampler => crate::apps::run(&ctx).await,
-        ImportPath::Processor => crate::apps::processor::run(&ctx).await,
     }
 }
 

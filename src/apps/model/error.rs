@@ -102,3 +102,20 @@ impl ResponseError for AppError {
         HttpResponse::build(self.status_code()).json(body)
     }
 }
+
+/// The Twinkle protocol's view of an application error (here, beside the error, so the protocol
+/// layer does not depend on the applications).
+impl From<AppError> for crate::protocol::twinkle::TwinkleError {
+    fn from(e: AppError) -> Self {
+        use crate::protocol::twinkle::TwinkleError;
+        use AppError as A;
+        match e {
+            A::BadRequest(m) => TwinkleError::BadRequest(m),
+            A::NotFound(m) | A::UnknownAdapter(m) => TwinkleError::NotFound(m),
+            A::Conflict(m) => TwinkleError::Conflict(m),
+            A::Forbidden(m) => TwinkleError::Unauthorized(m),
+            A::Internal(m) => TwinkleError::Internal(m),
+            A::Startup(m) => TwinkleError::Internal(m),
+        }
+    }
+}

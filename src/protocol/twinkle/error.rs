@@ -45,20 +45,6 @@ impl From<PathError> for TwinkleError {
     }
 }
 
-impl From<crate::apps::model::AppError> for TwinkleError {
-    fn from(e: crate::apps::model::AppError) -> Self {
-        use crate::apps::model::AppError as A;
-        match e {
-            A::BadRequest(m) => TwinkleError::BadRequest(m),
-            A::NotFound(m) | A::UnknownAdapter(m) => TwinkleError::NotFound(m),
-            A::Conflict(m) => TwinkleError::Conflict(m),
-            A::Forbidden(m) => TwinkleError::Unauthorized(m),
-            A::Internal(m) => TwinkleError::Internal(m),
-            A::Startup(m) => TwinkleError::Internal(m),
-        }
-    }
-}
-
 impl ResponseError for TwinkleError {
     fn status_code(&self) -> StatusCode {
         match self {
