@@ -315,7 +315,7 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
                 identity::routes(cfg, id.clone());
                 sampler::routes(cfg, svc.clone(), token.clone());
                 for p in &prefixes {
-                    sampler::twinkle::routes(cfg, tw.clone(), p, gen1);
+                    twinkle_http::routes(cfg, tw.clone(), p, gen1);
                 }
             })
             .await
@@ -327,7 +327,7 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 model::http::routes(cfg, svc.clone(), token.clone());
-                model::twinkle::routes(cfg, tw.clone(), &prefix, gen1);
+                twinkle_http::routes(cfg, tw.clone(), &prefix, gen1);
             })
             .await
         }
