@@ -38,13 +38,20 @@ names = [m.get("model_name") if isinstance(m, dict) else getattr(m, "model_name"
          for m in caps.supported_models]
 check(any(args.model_id in str(n) for n in names), f"{args.model_id} not in capabilities {names}")
 
+
+def sft_model(adapter):
+    """A model client with adapter `adapter` set up for SFT: chat template, cross-entropy, AdamW."""
+    m = MultiLoraTransformersModel(model_id=args.model_id)
+    m.add_adapter_to_model(adapter, lora_config(), gradient_accumulation_steps=1)
+    m.set_template("Template", model_id=args.model_id)
+    m.set_processor("InputProcessor")
+    m.set_loss("CrossEntropyLoss")
+    m.set_optimizer("AdamW", lr=LR)
+    return m
+
+
 step("model setup")
-model = MultiLoraTransformersModel(model_id=args.model_id)
-model.add_adapter_to_model("default", lora_config(), gradient_accumulation_steps=1)
-model.set_template("Template", model_id=args.model_id)
-model.set_processor("InputProcessor")
-model.set_loss("CrossEntropyLoss")
-model.set_optimizer("AdamW", lr=LR)
+model = sft_model("default")
 
 step("train")
 losses = []
@@ -89,12 +96,7 @@ info = client.get_weights_info(path)
 check(info.training_run_id == run_id and info.is_lora, f"get_weights_info: {info}")
 
 step("resume_from_checkpoint on a new adapter")
-model2 = MultiLoraTransformersModel(model_id=args.model_id)
-model2.add_adapter_to_model("resumed", lora_config(), gradient_accumulation_steps=1)
-model2.set_template("Template", model_id=args.model_id)
-model2.set_processor("InputProcessor")
-model2.set_loss("CrossEntropyLoss")
-model2.set_optimizer("AdamW", lr=LR)
+model2 = sft_model("resumed")
 fresh = seq_nll(model2.forward_only(inputs=FEATURES), FEATURES)
 progress = model2.resume_from_checkpoint(path)
 print("resume ->", progress, flush=True)

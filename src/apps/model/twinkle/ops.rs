@@ -26,14 +26,6 @@ pub const TEMPLATES: &[&str] = &[
     "ChatmlTemplate",
 ];
 
-/// The keyword arguments of a call that configure a class: all but `skip` and `adapter_name`.
-pub(super) fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
-    body.iter()
-        .filter(|(k, _)| !skip.contains(&k.as_str()) && k.as_str() != "adapter_name")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 /// The class name `k` of a `set_*` / `add_*` call (required).
 fn class<'a>(body: &'a Map<String, Value>, k: &str) -> Result<&'a str, TwinkleError> {
     body.get(k)
@@ -47,7 +39,7 @@ fn class_args<'a>(
     body: &'a Map<String, Value>,
     k: &str,
 ) -> Result<(&'a str, Map<String, Value>), TwinkleError> {
-    Ok((class(body, k)?, kwargs(body, &[k])))
+    Ok((class(body, k)?, wire::kwargs(body, &[k, "adapter_name"])))
 }
 
 /// An optional finite number `k` (`null` = absent).
@@ -80,18 +72,8 @@ impl TwinkleModel {
                 seed: None,
             },
         })?;
-        let run = RunMeta {
-            training_run_id: id.clone(),
-            base_model: self.app.served().info.base_model.clone(),
-            model_owner: caller.owner.clone(),
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(lora.rank),
-            last_request_time: Some(runs::now_iso()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
+        let base_model = &self.app.served().info.base_model;
+        let run = RunMeta::new_lora(&id, base_model, &caller.owner, lora.rank);
         if let Err(e) = runs::write_run(&run_dir, &run) {
             let _ = self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: eid });
             return Err(e);

@@ -5,27 +5,29 @@
 use serde_json::{Map, Value, json};
 
 use super::inputs::{self, Loss};
-use super::ops::{f64_of, kwargs};
+use super::ops::f64_of;
 use super::{TrainState, TwinkleModel};
 use crate::apps::model::types::{ForwardBackwardRequest, OptimStepRequest};
 use crate::apps::twinkle_http::Call;
 use crate::engine::AdamParams;
-use crate::protocol::twinkle::{Gen, TwinkleError};
+use crate::protocol::twinkle::{Gen, TwinkleError, wire};
 
 impl TwinkleModel {
+    /// The call's `inputs`, encoded, and its other keyword arguments (the loss's extras).
     fn encode(
         &self,
         st: &TrainState,
         body: &Map<String, Value>,
-    ) -> Result<Vec<inputs::Encoded>, TwinkleError> {
+    ) -> Result<(Vec<inputs::Encoded>, Map<String, Value>), TwinkleError> {
         let served = self.app.served();
-        inputs::encode(
+        let enc = inputs::encode(
             body.get("inputs").unwrap_or(&Value::Null),
             served.tokenizer.as_deref(),
             st.template.as_ref(),
             served.config.vocab_size,
             served.max_length,
-        )
+        )?;
+        Ok((enc, wire::kwargs(body, &["inputs", "adapter_name"])))
     }
 
     /// Runs the engine on `enc`; returns (loss in the user's units, per-input logprobs).
@@ -81,8 +83,7 @@ impl TwinkleModel {
     /// `forward` (keeps what `calculate_loss` and `backward` need) and `forward_only`.
     pub(super) fn forward(&self, c: Call) -> Result<Value, TwinkleError> {
         self.with_state(c, |st| {
-            let enc = self.encode(st, c.body)?;
-            let extras = kwargs(c.body, &["inputs"]);
+            let (enc, extras) = self.encode(st, c.body)?;
             let (loss, lps, _) =
                 self.run(st, &st.loss, &enc, &extras, false, c.flag("disable_lora"))?;
             let logps = inputs::logps(&enc, &lps);
@@ -116,8 +117,7 @@ impl TwinkleModel {
 
     pub(super) fn forward_backward(&self, c: Call) -> Result<Value, TwinkleError> {
         self.with_state(c, |st| {
-            let enc = self.encode(st, c.body)?;
-            let extras = kwargs(c.body, &["inputs"]);
+            let (enc, extras) = self.encode(st, c.body)?;
             let (loss, lps, tokens) = self.run(st, &st.loss, &enc, &extras, true, false)?;
             st.consumed_train_samples += enc.len() as u64;
             Self::record(st, loss, tokens);
