@@ -9,13 +9,12 @@ set_template / set_processor / set_loss / set_optimizer -> forward_backward -> c
 """
 import math
 
-from common import (check, feature, loss_of, lora_config, min_token_logp, parse_twinkle_path, result,
-                    seq_nll, setup, step)
+from common import (check, feature, loss_of, min_token_logp, parse_twinkle_path, result, seq_nll,
+                    setup, sft_model, step)
 
 args = setup(__doc__)
 
 from twinkle_client import init_twinkle_client  # noqa: E402
-from twinkle_client.model import MultiLoraTransformersModel  # noqa: E402
 from twinkle_client.sampler import vLLMSampler  # noqa: E402
 
 PAIRS = [
@@ -38,20 +37,8 @@ names = [m.get("model_name") if isinstance(m, dict) else getattr(m, "model_name"
          for m in caps.supported_models]
 check(any(args.model_id in str(n) for n in names), f"{args.model_id} not in capabilities {names}")
 
-
-def sft_model(adapter):
-    """A model client with adapter `adapter` set up for SFT: chat template, cross-entropy, AdamW."""
-    m = MultiLoraTransformersModel(model_id=args.model_id)
-    m.add_adapter_to_model(adapter, lora_config(), gradient_accumulation_steps=1)
-    m.set_template("Template", model_id=args.model_id)
-    m.set_processor("InputProcessor")
-    m.set_loss("CrossEntropyLoss")
-    m.set_optimizer("AdamW", lr=LR)
-    return m
-
-
 step("model setup")
-model = sft_model("default")
+model = sft_model(args.model_id, "default", LR)
 
 step("train")
 losses = []
@@ -96,7 +83,7 @@ info = client.get_weights_info(path)
 check(info.training_run_id == run_id and info.is_lora, f"get_weights_info: {info}")
 
 step("resume_from_checkpoint on a new adapter")
-model2 = sft_model("resumed")
+model2 = sft_model(args.model_id, "resumed", LR)
 fresh = seq_nll(model2.forward_only(inputs=FEATURES), FEATURES)
 progress = model2.resume_from_checkpoint(path)
 print("resume ->", progress, flush=True)
