@@ -35,32 +35,12 @@ impl Machine {
 
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
         let mut cmd = Command::new(bin());
-        cmd.args(args)
-            .env("TWINKLE_HOME", self.home())
-            .env("TWINKLE_NODE_TIMEOUT_S", "3")
-            .env("TWINKLE_HEARTBEAT_S", "0.5")
-            .env("TWINKLE_STOP_GRACE_S", "2")
-            // Placement and routing only: every child is the identity application.
-            .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
-            .env_remove("CUDA_VISIBLE_DEVICES")
-            .env_remove("TWINKLE_CLUSTER_TOKEN")
-            .env_remove("TWINKLE_ADDRESS");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Ok(cmd.output()?)
+        cmd.args(args);
+        run_cluster(cmd, self.home(), env)
     }
 
     fn ok(&self, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
-        let out = self.run(args, env)?;
-        ensure!(
-            out.status.success(),
-            "twinkle {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_ok(&format!("twinkle {args:?}"), self.run(args, env)?)
     }
 
     fn status(&self) -> Result<serde_json::Value> {
@@ -152,23 +132,27 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
         (0..3).map(|_| free_port().map(|p| p.to_string())).collect::<Result<_>>()?;
     let head_addr = format!("127.0.0.1:{port}");
 
-    let out = c.machines[0].ok(
-        &[
-            "start",
-            "--head",
-            "--port",
-            &port,
-            "--num-gpus",
-            "4",
-            "--num-cpus",
-            "8",
-            "--gateway-port",
-            &gw[0],
-            "--resources",
-            r#"{"accel": 2}"#,
-        ],
-        &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
-    )?;
+    // The head machine: 4 cards, 8 CPUs, an extra resource; started again after its kill below.
+    let start_head = |m: &Machine| {
+        m.ok(
+            &[
+                "start",
+                "--head",
+                "--port",
+                &port,
+                "--num-gpus",
+                "4",
+                "--num-cpus",
+                "8",
+                "--gateway-port",
+                &gw[0],
+                "--resources",
+                r#"{"accel": 2}"#,
+            ],
+            &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
+        )
+    };
+    let out = start_head(&c.machines[0])?;
     ensure!(out.contains(&format!("twinkle join --address {head_addr} --token ")), "{out}");
     let token = token_of(&c.machines[0])?;
     ensure!(out.contains(&token), "the join command carries the token: {out}");
@@ -305,23 +289,7 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     kill(Pid::from_raw(head_pid[0] as i32), Signal::SIGKILL)?;
     poll(Duration::from_secs(10), || (!pid_running(head_pid[0])).then_some(()))?;
     std::thread::sleep(Duration::from_millis(500));
-    c.machines[0].ok(
-        &[
-            "start",
-            "--head",
-            "--port",
-            &port,
-            "--num-gpus",
-            "4",
-            "--num-cpus",
-            "8",
-            "--gateway-port",
-            &gw[0],
-            "--resources",
-            r#"{"accel": 2}"#,
-        ],
-        &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
-    )?;
+    start_head(&c.machines[0])?;
     assert_eq!(token_of(&c.machines[0])?, token);
     let st = poll(STARTUP, || c.machines[0].status().ok().filter(all_running))
         .with_context(|| c.machines[0].logs())?;

@@ -78,31 +78,12 @@ impl Net {
             c.args(["netns", "exec", &self.namespaces[m - 1], &bin()]);
             c
         };
-        cmd.args(args)
-            .env("TWINKLE_HOME", self.homes[m].path())
-            .env("TWINKLE_NODE_TIMEOUT_S", "3")
-            .env("TWINKLE_HEARTBEAT_S", "0.5")
-            .env("TWINKLE_STOP_GRACE_S", "2")
-            // Placement and routing only: every child is the identity application.
-            .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
-            .env_remove("CUDA_VISIBLE_DEVICES")
-            .env_remove("TWINKLE_CLUSTER_TOKEN")
-            .env_remove("TWINKLE_ADDRESS");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Ok(cmd.output()?)
+        cmd.args(args);
+        run_cluster(cmd, self.homes[m].path(), env)
     }
 
     fn ok(&self, m: usize, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
-        let out = self.twinkle(m, args, env)?;
-        ensure!(
-            out.status.success(),
-            "twinkle {args:?} on machine {m}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_ok(&format!("twinkle {args:?} on machine {m}"), self.twinkle(m, args, env)?)
     }
 
     fn agent_pids(&self, m: usize) -> Vec<u32> {

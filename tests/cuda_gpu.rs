@@ -315,6 +315,7 @@ fn layer_kernels_match_cpu() -> Result<()> {
     layers::<bf16>(&dev)
 }
 
+mod engine_support;
 #[path = "cuda_gpu_ref/mod.rs"]
 mod refs;
 
@@ -438,39 +439,44 @@ fn arc_device(test: &str) -> Option<Arc<CudaDevice>> {
     device(test).map(Arc::new)
 }
 
-#[test]
-fn golden_fixtures_through_cuda_f32() -> Result<()> {
-    let Some(dev) = arc_device("golden f32") else { return Ok(()) };
+/// Runs `check` on every golden case, failures of all cases reported together (a pass without
+/// a GPU).
+fn every_case(
+    test: &str,
+    check: impl Fn(&Arc<CudaDevice>, &str, &mut refs::model::Report),
+) -> Result<()> {
+    let Some(dev) = arc_device(test) else { return Ok(()) };
     let mut rep = refs::model::Report::default();
     for case in refs::model::cases() {
-        rep.case(case, |r| refs::model::golden::<f32>(&dev, case, &refs::model::F32, r));
+        check(&dev, case, &mut rep);
     }
     rep.finish()
+}
+
+#[test]
+fn golden_fixtures_through_cuda_f32() -> Result<()> {
+    every_case("golden f32", |dev, case, rep| {
+        rep.case(case, |r| refs::model::golden::<f32>(dev, case, &refs::model::F32, r));
+    })
 }
 
 #[test]
 fn golden_fixtures_through_cuda_bf16() -> Result<()> {
-    let Some(dev) = arc_device("golden bf16") else { return Ok(()) };
-    let mut rep = refs::model::Report::default();
-    for case in refs::model::cases() {
-        rep.case(case, |r| refs::model::golden::<bf16>(&dev, case, &refs::model::BF16, r));
-    }
-    rep.finish()
+    every_case("golden bf16", |dev, case, rep| {
+        rep.case(case, |r| refs::model::golden::<bf16>(dev, case, &refs::model::BF16, r));
+    })
 }
 
 #[test]
 fn one_training_step_cpu_vs_gpu() -> Result<()> {
-    let Some(dev) = arc_device("train step") else { return Ok(()) };
-    let mut rep = refs::model::Report::default();
-    for case in refs::model::cases() {
+    every_case("train step", |dev, case, rep| {
         rep.case(&format!("{case} f32"), |r| {
-            refs::model::train_step_vs_cpu::<f32>(&dev, case, &refs::model::F32, r)
+            refs::model::train_step_vs_cpu::<f32>(dev, case, &refs::model::F32, r)
         });
         rep.case(&format!("{case} bf16"), |r| {
-            refs::model::train_step_vs_cpu::<bf16>(&dev, case, &refs::model::BF16, r)
+            refs::model::train_step_vs_cpu::<bf16>(dev, case, &refs::model::BF16, r)
         });
-    }
-    rep.finish()
+    })
 }
 
 /// The device seam: `CudaRuntime` against `CpuRuntime` through the calls the applications make,

@@ -3,10 +3,11 @@
 //! with all matrices converted to f32 first. The shape is large enough that the weights are
 //! split into several conversion panels.
 
+mod engine_support;
+
+use engine_support::full_lora;
 use twinkle::engine::synth::{SynthRng, SynthSpec};
-use twinkle::engine::{
-    Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, Target, forward_backward,
-};
+use twinkle::engine::{Adapter, Datum, LossFn, LossInputs, Model, forward_backward};
 
 fn spec() -> SynthSpec {
     SynthSpec {
@@ -23,16 +24,7 @@ fn spec() -> SynthSpec {
 }
 
 fn adapter(model: &Model) -> Adapter {
-    let mut targets = Target::LAYER.to_vec();
-    targets.push(Target::LmHead);
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, targets, seed: 3 };
-    let mut ad = Adapter::new(model, &cfg).unwrap();
-    let mut rng = SynthRng(11);
-    for (_, p) in ad.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
-    }
-    ad
+    full_lora(model, 3, 11, 0.3)
 }
 
 #[test]

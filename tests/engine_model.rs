@@ -7,9 +7,10 @@ mod engine_support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine_support::{Rng, Spec, tokens, write_model};
+use engine_support::{Rng, Spec, randomize_b, tokens, write_model};
 use twinkle::engine::{
-    Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target, forward_backward,
+    Adapter, Datum, EngineError, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model, Target,
+    forward_backward,
 };
 
 fn llama_gqa() -> Spec {
@@ -77,11 +78,7 @@ fn random_adapter(
     seed: u64,
 ) -> Adapter {
     let mut ad = Adapter::new(model, &LoraConfig { rank, alpha, targets, seed }).unwrap();
-    let mut rng = Rng(seed ^ 0xabc);
-    for (_, p) in ad.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
-    }
+    randomize_b(&mut ad, seed ^ 0xabc, 0.3);
     ad
 }
 
@@ -239,6 +236,39 @@ fn lora_gradients_match_finite_differences_qwen2_tied_topk_targets() {
     check_gradients(&model, &ad, &data, &LossFn::CrossEntropy, 12);
 }
 
+/// `data` through one packed cross-entropy `forward_backward` and through one call per datum,
+/// each on its own copy of `ad`: (packed output, its adapter), (per-datum outputs, their adapter).
+fn packed_and_apart(
+    model: &Model,
+    ad: &Adapter,
+    data: &[Datum],
+) -> ((FwdBwdOutput, Adapter), (Vec<FwdBwdOutput>, Adapter)) {
+    let ce = LossFn::CrossEntropy;
+    let mut packed = ad.clone();
+    let out = forward_backward(model, Some(&mut packed), data, &ce, false).unwrap();
+    let mut apart = ad.clone();
+    let each = data
+        .iter()
+        .map(|d| {
+            forward_backward(model, Some(&mut apart), std::slice::from_ref(d), &ce, false).unwrap()
+        })
+        .collect();
+    ((out, packed), (each, apart))
+}
+
+/// Per gradient of `a`: its name, the largest difference from `b`'s, and its largest magnitude.
+fn gradient_gaps(a: &Adapter, b: &Adapter) -> Vec<(String, f32, f32)> {
+    let (g1, g2) = (a.gradients(), b.gradients());
+    g1.iter()
+        .map(|(k, t)| {
+            let scale = t.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err =
+                t.data().iter().zip(g2[k].data()).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            (k.clone(), err, scale)
+        })
+        .collect()
+}
+
 #[test]
 fn packed_batch_equals_separate_calls() {
     let tmp = tempfile::tempdir().unwrap();
@@ -247,20 +277,9 @@ fn packed_batch_equals_separate_calls() {
     let ad = random_adapter(&model, 2, 2.0, vec![Target::Q, Target::Down], 14);
     let mut rng = Rng(15);
     let data = batch(&mut rng, &[7, 3, 11], spec.vocab);
-    let mut together = ad.clone();
-    let out =
-        forward_backward(&model, Some(&mut together), &data, &LossFn::CrossEntropy, false).unwrap();
-    let mut apart = ad.clone();
+    let ((out, together), (each, apart)) = packed_and_apart(&model, &ad, &data);
     let mut sum = 0.0;
-    for (i, d) in data.iter().enumerate() {
-        let o = forward_backward(
-            &model,
-            Some(&mut apart),
-            std::slice::from_ref(d),
-            &LossFn::CrossEntropy,
-            false,
-        )
-        .unwrap();
+    for (i, o) in each.iter().enumerate() {
         sum += o.loss_sum;
         for (a, b) in o.per_datum[0].logprobs.iter().zip(&out.per_datum[i].logprobs) {
             assert!((a - b).abs() < 1e-5, "datum {i}: {a} vs {b}");
@@ -268,11 +287,7 @@ fn packed_batch_equals_separate_calls() {
     }
     assert!((sum - out.loss_sum).abs() < 1e-4 * sum.abs().max(1.0));
     // Gradients accumulated over three calls equal those of one packed call.
-    let (g1, g2) = (together.gradients(), apart.gradients());
-    for (k, t) in &g1 {
-        let u = &g2[k];
-        let scale = t.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = t.data().iter().zip(u.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    for (k, err, scale) in gradient_gaps(&together, &apart) {
         assert!(err <= 1e-4 * scale.max(1e-3), "{k}: {err} vs scale {scale}");
     }
 }
@@ -458,29 +473,15 @@ fn head_row_blocks_match_single_block_results() {
     let ad = random_adapter(&model, 2, 2.0, vec![Target::LmHead, Target::Q], 25);
     let mut rng = Rng(26);
     let data = batch(&mut rng, &[400, 400, 400], spec.vocab);
-    let mut packed = ad.clone();
-    let out =
-        forward_backward(&model, Some(&mut packed), &data, &LossFn::CrossEntropy, false).unwrap();
-    let mut apart = ad.clone();
-    for (i, d) in data.iter().enumerate() {
-        let o = forward_backward(
-            &model,
-            Some(&mut apart),
-            std::slice::from_ref(d),
-            &LossFn::CrossEntropy,
-            false,
-        )
-        .unwrap();
+    let ((out, packed), (each, apart)) = packed_and_apart(&model, &ad, &data);
+    for ((i, o), d) in each.iter().enumerate().zip(&data) {
         let want = reference_logprobs(&model, Some(&ad), &d.input_tokens, &d.inputs.target_tokens);
         for ((a, b), c) in o.per_datum[0].logprobs.iter().zip(&out.per_datum[i].logprobs).zip(&want)
         {
             assert!((a - b).abs() < 1e-5 && (*b as f64 - c).abs() < 1e-4, "datum {i}: {a} {b} {c}");
         }
     }
-    let (g1, g2) = (packed.gradients(), apart.gradients());
-    for (k, t) in &g1 {
-        let scale = t.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = t.data().iter().zip(g2[k].data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    for (k, err, scale) in gradient_gaps(&packed, &apart) {
         assert!(scale > 0.0 && err <= 1e-4 * scale, "{k}: {err} vs scale {scale}");
     }
 }

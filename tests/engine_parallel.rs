@@ -3,15 +3,18 @@
 //! than datums; bit-identical repeats; errors from a shard (or a panicking device) come back as
 //! errors and leave the adapter as it was.
 
+mod engine_support;
+
 use std::sync::Arc;
 
+use engine_support::{full_lora, randomize_b};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
 use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
 use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model,
-    ModelConfig, ModelRuntime, OptimMetrics, Target, forward, forward_backward,
+    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, LossInputs, Model, ModelConfig,
+    ModelRuntime, OptimMetrics, forward, forward_backward,
 };
 
 /// The host copy of a replicated adapter.
@@ -43,16 +46,7 @@ fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
 
 /// Every target, random non-zero B so every gradient is non-trivial.
 fn adapter(model: &Model) -> Adapter {
-    let mut targets = Target::LAYER.to_vec();
-    targets.push(Target::LmHead);
-    let mut ad =
-        Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed: 5 }).unwrap();
-    let mut rng = SynthRng(99);
-    for (_, p) in ad.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
-    }
-    ad
+    full_lora(model, 5, 99, 0.3)
 }
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
@@ -194,12 +188,8 @@ fn one_pool_serves_several_adapters_in_turn() {
     let dp = DataParallel::cpu(model.clone(), 2, 2).unwrap();
     // Same shape, different weights: one must never be computed with the other's replica.
     let first_host = adapter(&model);
-    let mut rng = SynthRng(3);
     let mut second_host = first_host.clone();
-    for (_, p) in second_host.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
-    }
+    randomize_b(&mut second_host, 3, 0.3);
     let (mut first_ref, mut second_ref) = (first_host.clone(), second_host.clone());
     let mut first = dp.upload(&first_host).unwrap();
     let mut second = dp.upload(&second_host).unwrap();

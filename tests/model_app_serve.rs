@@ -139,8 +139,7 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
     assert_eq!(r.json()?, from_model);
     assert_eq!(from_model["sequences"][1]["tokens"].as_array().map(Vec::len), Some(5));
 
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -192,8 +191,7 @@ fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
     assert!(get(&serve.gateway, "/api/v1/model/missing/healthz")?.status >= 500);
     assert_eq!(get(&serve.gateway, "/api/v1/model/tiny/healthz")?.status, 200);
 
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -232,8 +230,7 @@ fn start_and_wait_failed(ranks: u32, env: &[(&str, &str)]) -> Result<String> {
     let later = gpu_app(&serve).context("gpu app")?;
     assert_eq!(later["state"], "failed", "{later}");
     assert_eq!(later["restarts"], 0, "{later}");
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(st["last_exit"].as_str().unwrap_or_default().to_string())
 }
 

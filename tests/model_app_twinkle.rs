@@ -13,7 +13,8 @@ use actix_web::{App, test};
 use model_app_support::*;
 use serde_json::{Value, json};
 use twinkle::apps::model::http::ModelApp;
-use twinkle::apps::model::twinkle::{TwinkleModel, routes};
+use twinkle::apps::model::twinkle::TwinkleModel;
+use twinkle::apps::twinkle_http::routes;
 use twinkle::protocol::twinkle::Auth;
 
 const LORA: &str = r#"{"r": 4, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0, "_TWINKLE_TYPE_": "LoraConfig"}"#;

@@ -56,15 +56,11 @@ fn holder(st: &Value, id: u64) -> Value {
 fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
     let libdir = tempfile::tempdir()?;
     build_fake_nvml(libdir.path())?;
-    let port = free_port()?;
     let libpath = path_of(libdir.path());
     // No --num-gpus: the cards come from (fake) NVML, as on a real GPU machine.
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-cpus", "4"],
         &[
-            PINNED_TOKEN,
             ("LD_LIBRARY_PATH", libpath.as_str()),
             ("FAKE_NVML_GPUS", CARDS),
             ("TWINKLE_GPU_STATS_S", "0.2"),
@@ -121,13 +117,10 @@ fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
 fn status_says_n_a_without_a_working_nvml() -> Result<()> {
     let libdir = tempfile::tempdir()?;
     build_fake_nvml(libdir.path())?;
-    let port = free_port()?;
     let libpath = path_of(libdir.path());
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-gpus", "3", "--num-cpus", "4"],
-        &[PINNED_TOKEN, ("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")],
+        &[("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     let gpus = node_gpus(&st);

@@ -147,8 +147,7 @@ fn starting_model_is_503_with_retry_after_until_ready() -> Result<()> {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let st = serve.status_json()?;
     serve.remember(&st);
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -192,8 +191,7 @@ fn failed_model_app_makes_readyz_503_and_serve_wait_exit_1() -> Result<()> {
     let caps = http("GET", &gw, "/api/v1/get_server_capabilities", &[KEY], b"")?;
     assert_eq!(caps.status, 200, "{}", String::from_utf8_lossy(&caps.body));
     assert_eq!(create_model(&gw, &sid, "qwen3-tiny")?.status, 200);
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
 
     // `--wait`: the same failure stops everything and exits 1 with the reason.
     let port = free_port()?;

@@ -30,24 +30,11 @@ fn gpu_csv(a: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
-/// After serve exits, neither a recorded pid nor its process group may exist.
-fn assert_tree_gone(serve_pid: u32, pids: &[u32]) -> Result<()> {
-    ensure!(!pid_exists(serve_pid), "serve pid {serve_pid} still exists");
-    // Children die with serve; a reparented zombie is reaped by init shortly after, so poll.
-    poll(Duration::from_secs(10), || {
-        pids.iter().all(|p| !pid_exists(*p) && !group_exists(*p)).then_some(())
-    })
-    .with_context(|| format!("some of {pids:?} outlived serve"))
-}
-
 #[test]
 fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
-    let port = free_port()?;
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-gpus", "8", "--num-cpus", "4"],
-        &[PINNED_TOKEN, ("TWINKLE_TRUST_REMOTE_CODE", "0")],
+        &[("TWINKLE_TRUST_REMOTE_CODE", "0")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
 
@@ -174,28 +161,17 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
     }
 
     // (c) SIGTERM: exit 0, every child and its process group gone.
-    let serve_pid = serve.pid();
-    let pids = serve.known_pids.clone();
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
-    assert_tree_gone(serve_pid, &pids)?;
+    serve.stop_all_gone(Signal::SIGTERM, Duration::from_secs(60))?;
     ensure!(!serve.home.join("serve.json").exists(), "serve.json left behind");
     Ok(())
 }
 
 #[test]
 fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
-    let port = free_port()?;
     // Test hook: every worker waits 1 s before registering, so "down" lasts long enough to probe.
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-gpus", "4", "--num-cpus", "4"],
-        &[
-            PINNED_TOKEN,
-            ("TWINKLE_TEST_WORKER_START_DELAY_MS", "1000"),
-            ("TWINKLE_STOP_GRACE_S", "1"),
-        ],
+        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "1000"), ("TWINKLE_STOP_GRACE_S", "1")],
     )?;
     let prefix = "/api/v1/model/Qwen/Qwen2.5-0.5B-Instruct";
     let st = serve.wait_all_running(STARTUP)?;
@@ -250,20 +226,14 @@ fn killed_child_restarts_and_gateway_answers_503_meanwhile() -> Result<()> {
     let sampler = app_named(&st, "sampler-Qwen2.5-0.5B-Instruct").context("sampler")?;
     let sampler_pid = sampler["pid"].as_u64().context("pid")? as u32;
     kill(Pid::from_raw(sampler_pid as i32), Signal::SIGSTOP)?;
-    let serve_pid = serve.pid();
-    let pids = serve.known_pids.clone();
-    let code = serve.stop(Signal::SIGINT, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
-    assert_tree_gone(serve_pid, &pids)?;
+    serve.stop_all_gone(Signal::SIGINT, Duration::from_secs(60))?;
     ensure!(serve.log_text().contains("killed after"), "log:\n{}", serve.log_text());
     Ok(())
 }
 
 #[test]
 fn children_die_with_a_killed_serve() -> Result<()> {
-    let port = free_port()?;
-    let mut serve =
-        Serve::start(&tinker_config(port), port, &["--num-gpus", "3"], &[PINNED_TOKEN])?;
+    let mut serve = Serve::tinker(&["--num-gpus", "3"], &[])?;
     serve.wait_all_running(STARTUP)?;
     let pids = serve.known_pids.clone();
     assert_eq!(pids.len(), 3);
@@ -276,16 +246,9 @@ fn children_die_with_a_killed_serve() -> Result<()> {
 
 #[test]
 fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
-    let port = free_port()?;
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-gpus", "3"],
-        &[
-            PINNED_TOKEN,
-            ("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"),
-            ("TWINKLE_REGISTER_DEADLINE_S", "1"),
-        ],
+        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"), ("TWINKLE_REGISTER_DEADLINE_S", "1")],
     )?;
     let st = poll(STARTUP, || {
         let st = serve.status_json().ok()?;
@@ -300,23 +263,13 @@ fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
     }
     let r = get(&serve.gateway, "/api/v1/healthz")?;
     assert_eq!(r.status, 503);
-    let serve_pid = serve.pid();
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
-    let pids = serve.known_pids.clone();
-    assert_tree_gone(serve_pid, &pids)?;
+    serve.stop_all_gone(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
 #[test]
 fn second_signal_skips_the_grace_period() -> Result<()> {
-    let port = free_port()?;
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
-        &["--num-gpus", "3"],
-        &[PINNED_TOKEN, ("TWINKLE_STOP_GRACE_S", "120")],
-    )?;
+    let mut serve = Serve::tinker(&["--num-gpus", "3"], &[("TWINKLE_STOP_GRACE_S", "120")])?;
     let st = serve.wait_all_running(STARTUP)?;
     // A stopped child cannot act on SIGTERM: only the 120 s grace or a second signal ends it.
     let server_pid = app_named(&st, "server").and_then(|a| a["pid"].as_u64()).context("pid")?;
@@ -328,13 +281,10 @@ fn second_signal_skips_the_grace_period() -> Result<()> {
         let st = serve.status_json().ok()?;
         apps(&st).iter().filter(|a| a["state"] == "stopped").count().eq(&2).then_some(())
     })?;
-    let start = Instant::now();
-    let code = serve.stop(Signal::SIGINT, Duration::from_secs(30))?;
-    ensure!(start.elapsed() < Duration::from_secs(30), "second signal did not cut the grace");
-    assert_eq!(code.code(), Some(0), "log:\n{}", serve.log_text());
-    let pids = serve.known_pids.clone();
-    assert_tree_gone(serve_pid.as_raw() as u32, &pids)?;
-    Ok(())
+    // Within 30 s, where the grace alone would take 120 s.
+    serve
+        .stop_all_gone(Signal::SIGINT, Duration::from_secs(30))
+        .context("second signal did not cut the grace")
 }
 
 /// Twinkle-mode seed layout with the server mounted at `/` and a CPU-only processor.
@@ -402,22 +352,15 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
     assert_eq!(r.status, 404);
     let body = String::from_utf8_lossy(&r.body);
     ensure!(!body.contains("no application serves"), "{body}");
-    let serve_pid = serve.pid();
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
-    let pids = serve.known_pids.clone();
-    assert_tree_gone(serve_pid, &pids)?;
+    serve.stop_all_gone(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
 #[test]
 fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
-    let port = free_port()?;
-    let mut serve = Serve::start(
-        &tinker_config(port),
-        port,
+    let mut serve = Serve::tinker(
         &["--num-gpus", "3"],
-        &[PINNED_TOKEN, ("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
+        &[("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
     )?;
     let st = serve.wait_all_running(STARTUP)?;
     let name = "sampler-Qwen2.5-0.5B-Instruct";
@@ -436,11 +379,7 @@ fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
     ensure!(!pid_exists(old), "hung child {old} still exists");
     let r = get(&serve.gateway, "/api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct/healthz")?;
     assert_eq!(r.json()?["pid"], a["pid"]);
-    let serve_pid = serve.pid();
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
-    let pids = serve.known_pids.clone();
-    assert_tree_gone(serve_pid, &pids)?;
+    serve.stop_all_gone(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 

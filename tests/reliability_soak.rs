@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use platform_support::{Serve, free_port, venv_python};
+use platform_support::{Serve, deployment_head, free_port, generated_app, server_app, venv_python};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
@@ -79,30 +79,10 @@ fn kill_schedule(seed: u64) -> Vec<Duration> {
 }
 
 fn config(port: u16) -> String {
-    format!(
-        r#"server_type: tinker
-http_options:
-  host: 127.0.0.1
-  port: {port}
-persistence:
-  mode: memory
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    args:
-      supported_models: [{MODEL}]
-      server_config:
-        per_token_model_limit: 64
-        max_tokens_per_request: 4096
-  - name: model
-    route_prefix: /api/v1/model/{MODEL}
-    import_path: model
-    args:
-      model_id: generate://{MODEL}
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
-"#
-    )
+    let limits = [("per_token_model_limit", "64"), ("max_tokens_per_request", "4096")];
+    deployment_head("tinker", port, None)
+        + &server_app("/api/v1", MODEL, &limits)
+        + &generated_app("model", &format!("/api/v1/model/{MODEL}"), "model", MODEL, "cpu")
 }
 
 /// VmRSS of `pid` in KiB (None once it is gone).

@@ -11,8 +11,9 @@ use actix_web::{App, test};
 use model_app_support::*;
 use serde_json::{Value, json};
 use twinkle::apps::model::BaseModel;
-use twinkle::apps::sampler::twinkle::{TwinkleSampler, routes};
+use twinkle::apps::sampler::twinkle::TwinkleSampler;
 use twinkle::apps::sampler::{SamplerApp, SamplerService};
+use twinkle::apps::twinkle_http::routes;
 use twinkle::protocol::twinkle::Auth;
 
 fn post(uri: &str, token: &str, body: Value) -> actix_http::Request {

@@ -63,15 +63,7 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
     let o = owner.clone();
     app.disp
         .db(move |s| {
-            s.create_session(&NewSession {
-                id: "s1".into(),
-                owner: o.clone(),
-                tags: vec![],
-                user_metadata: json!({}),
-                sdk_version: None,
-                project_id: None,
-                display_name: None,
-            })?;
+            s.create_session(&NewSession::new("s1", &o))?;
             s.insert_run(&NewRun {
                 id: RUN.into(),
                 owner: o.clone(),
@@ -167,15 +159,7 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
     app.disp
         .db(move |s| {
             for id in ["s2", "s3"] {
-                s.create_session(&NewSession {
-                    id: id.into(),
-                    owner: o.clone(),
-                    tags: vec![],
-                    user_metadata: json!({}),
-                    sdk_version: None,
-                    project_id: None,
-                    display_name: None,
-                })?;
+                s.create_session(&NewSession::new(id, &o))?;
                 s.create_or_get_sampling_session(&NewSamplingSession {
                     id: format!("{id}:sample:0"),
                     session_id: id.into(),

@@ -56,18 +56,8 @@ impl Setup {
     fn run(&self, token: &str, id: &str, when: &str, ckpts: &[&str]) {
         let owner = owner_hash(SALT, token);
         let dir = self.root.join(&owner).join(id);
-        let mut meta = RunMeta {
-            training_run_id: id.into(),
-            base_model: "Qwen/Qwen3-0.6B".into(),
-            model_owner: owner,
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(8),
-            last_request_time: Some(when.into()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
+        let mut meta = RunMeta::new_lora(id, "Qwen/Qwen3-0.6B", &owner, 8);
+        meta.last_request_time = Some(when.into());
         write_run(&dir, &meta).unwrap();
         for name in ckpts {
             let p = TwinklePath::new(id, CheckpointKind::Weights, name).unwrap();

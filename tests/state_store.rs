@@ -49,6 +49,13 @@ fn ckpt(run: &str, kind: &str, name: &str, t: CheckpointType) -> NewCheckpoint {
     }
 }
 
+/// Records checkpoint `kind/name` of ALICE's run `run`: a training one under `weights`, a
+/// sampler one under `sampler_weights`.
+fn add_ckpt(s: &Store, run: &str, kind: &str, name: &str) {
+    let t = if kind == "weights" { CheckpointType::Training } else { CheckpointType::Sampler };
+    s.insert_checkpoint(ALICE, &ckpt(run, kind, name, t), false).expect("ckpt");
+}
+
 fn fut(id: &str, owner: &str, model: Option<&str>, seq: Option<i64>, kind: &str) -> NewFuture {
     NewFuture {
         request_id: id.into(),
@@ -78,18 +85,8 @@ fn restart_loses_nothing() {
         .expect("session");
         s.heartbeat(ALICE, "s1").expect("heartbeat");
         s.insert_run(&new_run("s1:train:0", ALICE)).expect("run");
-        s.insert_checkpoint(
-            ALICE,
-            &ckpt("s1:train:0", "weights", "c1", CheckpointType::Training),
-            false,
-        )
-        .expect("ckpt");
-        s.insert_checkpoint(
-            ALICE,
-            &ckpt("s1:train:0", "sampler_weights", "w1", CheckpointType::Sampler),
-            false,
-        )
-        .expect("ckpt");
+        add_ckpt(&s, "s1:train:0", "weights", "c1");
+        add_ckpt(&s, "s1:train:0", "sampler_weights", "w1");
         s.create_or_get_sampling_session(&NewSamplingSession {
             id: "s1:sample:0".into(),
             session_id: "s1".into(),
@@ -257,23 +254,9 @@ fn dedupe_on_model_and_seq() {
 #[test]
 fn owners_are_isolated() {
     let s = Store::open_memory().expect("memory");
-    s.create_session(&NewSession {
-        id: "s1".into(),
-        owner: ALICE.into(),
-        tags: vec![],
-        user_metadata: json!({}),
-        sdk_version: None,
-        project_id: None,
-        display_name: None,
-    })
-    .expect("session");
+    s.create_session(&NewSession::new("s1", ALICE)).expect("session");
     s.insert_run(&new_run("s1:train:0", ALICE)).expect("run");
-    s.insert_checkpoint(
-        ALICE,
-        &ckpt("s1:train:0", "weights", "c1", CheckpointType::Training),
-        false,
-    )
-    .expect("ckpt");
+    add_ckpt(&s, "s1:train:0", "weights", "c1");
     s.create_future(&fut("req-1", ALICE, None, None, "sample")).expect("f");
 
     let nf = |r: Result<_, StateError>| matches!(r, Err(StateError::NotFound { .. }));
@@ -323,19 +306,9 @@ fn cursors_page_newest_first() {
     assert_eq!(page.len(), 5);
 
     for i in 0..3 {
-        s.insert_checkpoint(
-            ALICE,
-            &ckpt("s:train:0", "weights", &format!("c{i}"), CheckpointType::Training),
-            false,
-        )
-        .expect("c");
+        add_ckpt(&s, "s:train:0", "weights", &format!("c{i}"));
     }
-    s.insert_checkpoint(
-        ALICE,
-        &ckpt("s:train:1", "sampler_weights", "w", CheckpointType::Sampler),
-        false,
-    )
-    .expect("c");
+    add_ckpt(&s, "s:train:1", "sampler_weights", "w");
     let (page, total) = s.list_user_checkpoints(ALICE, 1, 2).expect("list");
     assert_eq!(total, 4);
     assert_eq!(
@@ -350,12 +323,7 @@ fn checkpoint_overwrite_delete_and_last_pointers() {
     s.insert_run(&new_run("s:train:0", ALICE)).expect("run");
     let c1 = ckpt("s:train:0", "weights", "c1", CheckpointType::Training);
     s.insert_checkpoint(ALICE, &c1, false).expect("c1");
-    s.insert_checkpoint(
-        ALICE,
-        &ckpt("s:train:0", "weights", "c2", CheckpointType::Training),
-        false,
-    )
-    .expect("c2");
+    add_ckpt(&s, "s:train:0", "weights", "c2");
     assert_eq!(
         s.get_run(ALICE, "s:train:0").expect("run").last_checkpoint.as_deref(),
         Some("weights/c2")
@@ -418,16 +386,7 @@ fn sampling_sessions_dedupe_and_sessions_finish() {
         vec!["s:sample:0".to_string()]
     );
 
-    s.create_session(&NewSession {
-        id: "s".into(),
-        owner: ALICE.into(),
-        tags: vec![],
-        user_metadata: json!(null),
-        sdk_version: None,
-        project_id: None,
-        display_name: None,
-    })
-    .expect("session");
+    s.create_session(&NewSession::new("s", ALICE)).expect("session");
     s.finish_session(ALICE, "s", "success").expect("finish");
     s.finish_session(ALICE, "s", "errored").expect("finish twice is fine");
     assert_eq!(s.get_session(ALICE, "s").expect("s").finish_reason.as_deref(), Some("success"));

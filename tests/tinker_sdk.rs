@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use platform_support::{Serve, free_port, venv_python};
+use platform_support::{Serve, deployment_head, free_port, generated_app, server_app, venv_python};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
@@ -26,42 +26,17 @@ fn config(
     sampler: bool,
     device: &str,
 ) -> String {
-    let persistence = match state_db {
-        Some(p) => format!("persistence:\n  mode: file\n  file_path: {}\n", p.display()),
-        None => "persistence:\n  mode: memory\n".to_string(),
-    };
-    format!(
-        r#"server_type: tinker
-http_options:
-  host: 127.0.0.1
-  port: {port}
-{persistence}applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    args:
-      supported_models: [{MODEL}]
-      server_config:
-        per_token_model_limit: {model_limit}
-        max_tokens_per_request: 4096
-  - name: model
-    route_prefix: /api/v1/model/{MODEL}
-    import_path: model
-    args:
-      model_id: generate://{MODEL}
-      device_group: {{name: model, ranks: 1, device_type: {device}}}
-{sampler}"#,
-        sampler = if sampler { SAMPLER_APP } else { "" },
-    )
+    let limit = model_limit.to_string();
+    let limits = [("per_token_model_limit", limit.as_str()), ("max_tokens_per_request", "4096")];
+    let mut out = deployment_head("tinker", port, state_db)
+        + &server_app("/api/v1", MODEL, &limits)
+        + &generated_app("model", &format!("/api/v1/model/{MODEL}"), "model", MODEL, device);
+    if sampler {
+        out +=
+            &generated_app("sampler", &format!("/api/v1/sampler/{MODEL}"), "sampler", MODEL, "cpu");
+    }
+    out
 }
-
-const SAMPLER_APP: &str = r#"  - name: sampler
-    route_prefix: /api/v1/sampler/qwen3-tiny
-    import_path: sampler
-    args:
-      model_id: generate://qwen3-tiny
-      device_group: {name: sampler, ranks: 1, device_type: cpu}
-"#;
 
 /// The per-serve internal token of the tests that talk to the applications directly.
 const INTERNAL_TOKEN: &str = "tok-sdk-test";
@@ -343,8 +318,7 @@ fn sdk_training_resumes_across_restart() -> Result<()> {
     let mut serve = env.start()?;
     let p1 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase1", &handoff])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     drop(serve);
     let serve = env.start()?;
     let p2 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase2", &handoff])
@@ -389,8 +363,7 @@ fn sdk_flow_on_a_cuda_model_app() -> Result<()> {
     assert!((f(&a, "restored_loss") - f(&a, "loss_after_step")).abs() < 1e-3, "{a}");
     assert_eq!(a["checkpoints"], serde_json::json!(["weights/ckpt-1"]));
     assert_eq!(a["sample"].as_array().map(Vec::len), Some(4));
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -451,8 +424,7 @@ fn sdk_orphaned_adapters_go_after_a_memory_restart() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(live_snapshots(&env), 1, "the run's snapshot is on disk");
-    let code = serve.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-    assert_eq!(code.code(), Some(0));
+    serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     drop(serve);
     let serve = env.start()?;
     let t0 = Instant::now();

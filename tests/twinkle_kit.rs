@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use platform_support::{Serve, free_port};
+use platform_support::{Serve, deployment_head, free_port, generated_app, server_app};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
@@ -57,65 +57,30 @@ fn kit_python(var: &str, dir: &str) -> Result<Option<PathBuf>> {
 }
 
 fn cpu_app(name: &str, prefix: &str, import_path: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    route_prefix: {prefix}
-    import_path: {import_path}
-    args:
-      model_id: generate://{MODEL}
-      device_group: {{name: {import_path}, ranks: 1, device_type: cpu}}
-"#
-    )
+    generated_app(name, prefix, import_path, MODEL, "cpu")
 }
 
 /// Gen-2: the quickstart layout plus a sampler app.
 fn gen2_config(port: u16) -> String {
-    format!(
-        r#"server_type: tinker
-http_options:
-  host: 127.0.0.1
-  port: {port}
-persistence:
-  mode: memory
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    args:
-      supported_models: [{MODEL}]
-      server_config:
-        per_token_model_limit: 16
-{model}{sampler}"#,
-        model = cpu_app("model", &format!("/api/v1/model/{MODEL}"), "model"),
-        sampler = cpu_app("sampler", &format!("/api/v1/sampler/{MODEL}"), "sampler"),
-    )
+    deployment_head("tinker", port, None)
+        + &server_app("/api/v1", MODEL, &[("per_token_model_limit", "16")])
+        + &cpu_app("model", &format!("/api/v1/model/{MODEL}"), "model")
+        + &cpu_app("sampler", &format!("/api/v1/sampler/{MODEL}"), "sampler")
 }
 
 /// Gen-1: config/twinkle-transformers.yaml on CPU with the generated model, plus the sampler
 /// app at the path the 0.1.3 client calls (`/samplers/<model>`).
 fn gen1_config(port: u16) -> String {
-    format!(
-        r#"server_type: twinkle
-http_options:
-  host: 127.0.0.1
-  port: {port}
-persistence:
-  mode: memory
-applications:
-  - name: server
-    route_prefix: /server
-    import_path: server
-    args:
-      supported_models: [{MODEL}]
-{model}{sampler}  - name: processor
+    deployment_head("twinkle", port, None)
+        + &server_app("/server", MODEL, &[])
+        + &cpu_app(&format!("models-{MODEL}"), &format!("/models/{MODEL}"), "model")
+        + &cpu_app(&format!("samplers-{MODEL}"), &format!("/samplers/{MODEL}"), "sampler")
+        + r#"  - name: processor
     route_prefix: /processors
     import_path: processor
     args:
-      device_group: {{name: processor, ranks: 1, device_type: CPU}}
-"#,
-        model = cpu_app(&format!("models-{MODEL}"), &format!("/models/{MODEL}"), "model"),
-        sampler = cpu_app(&format!("samplers-{MODEL}"), &format!("/samplers/{MODEL}"), "sampler"),
-    )
+      device_group: {name: processor, ranks: 1, device_type: CPU}
+"#
 }
 
 /// Starts `twinkle serve` with `config`, checkpoints under `save`, and waits until every

@@ -304,18 +304,9 @@ fn twinkle_layer(
     // Adapters of a previous life of this application come back before the first request.
     tw.restore();
     let tw = Arc::new(tw);
-    let weak = Arc::downgrade(&tw);
     let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    std::thread::spawn(move || {
-        loop {
-            std::thread::sleep(every);
-            match weak.upgrade() {
-                Some(tw) => {
-                    tw.sweep();
-                }
-                None => return,
-            }
-        }
+    every_while_alive(&tw, every, |tw| {
+        tw.sweep();
     });
     Ok(tw)
 }
@@ -337,7 +328,7 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
                 identity::routes(cfg, id.clone());
                 sampler::routes(cfg, svc.clone(), token.clone());
                 for p in &prefixes {
-                    sampler::twinkle::routes(cfg, tw.clone(), p, gen1);
+                    twinkle_http::routes(cfg, tw.clone(), p, gen1);
                 }
             })
             .await
@@ -349,7 +340,7 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             serve_and_register(ctx, move |cfg| {
                 identity::routes(cfg, id.clone());
                 model::http::routes(cfg, svc.clone(), token.clone());
-                model::twinkle::routes(cfg, tw.clone(), &prefix, gen1);
+                twinkle_http::routes(cfg, tw.clone(), &prefix, gen1);
             })
             .await
         }
@@ -358,4 +349,23 @@ pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
             Err(WorkerError::Startup(format!("application `{}`: {e}", ctx.opts.app)))
         }
     }
+}
+
+/// Calls `tick` on `target` every `every` on a thread of its own until `target` is dropped (the
+/// thread holds only a weak reference, so it never keeps the value alive): the idle sweepers.
+pub fn every_while_alive<T: Send + Sync + 'static>(
+    target: &Arc<T>,
+    every: Duration,
+    tick: impl Fn(&T) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let weak = Arc::downgrade(target);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(every);
+            match weak.upgrade() {
+                Some(t) => tick(&t),
+                None => return,
+            }
+        }
+    })
 }

@@ -19,37 +19,45 @@ pub enum Reply {
     NdJson(String),
 }
 
-/// A Twinkle-native layer: its tenants and how it runs one op.
-pub trait Ops: Send + Sync + 'static {
-    fn auth(&self) -> &Auth;
-    /// Runs `op` for `caller` (called on the blocking pool).
-    fn call(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: Map<String, Value>,
-    ) -> Result<Reply, TwinkleError>;
+/// One op call as a layer runs it: the client generation, the op, the caller and the body (its
+/// keyword arguments). Borrowed, so a replayed call (the model's journal) needs no copies.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub g: Gen,
+    pub op: &'a str,
+    pub caller: &'a Caller,
+    pub body: &'a Map<String, Value>,
 }
 
-/// Mounts `ops` under `prefix`; `get_too`: the Gen-2 route answers GET as well (the model's
-/// client reads some results with GET).
-pub fn routes<T: Ops>(
-    cfg: &mut web::ServiceConfig,
-    ops: Arc<T>,
-    prefix: &str,
-    gen1: bool,
-    get_too: bool,
-) {
+impl Call<'_> {
+    /// Boolean keyword argument `k`; absent, `null` or not a boolean reads as `false` (the
+    /// clients' defaults for every flag they send).
+    pub fn flag(&self, k: &str) -> bool {
+        self.body.get(k).and_then(Value::as_bool).unwrap_or(false)
+    }
+}
+
+/// A Twinkle-native layer: its tenants and how it runs one op.
+pub trait Ops: Send + Sync + 'static {
+    /// Whether the Gen-2 route answers GET as well (the model's client reads some results with
+    /// GET).
+    const GET_TOO: bool;
+    fn auth(&self) -> &Auth;
+    /// Runs one op (called on the blocking pool).
+    fn call(&self, c: Call<'_>) -> Result<Reply, TwinkleError>;
+}
+
+/// Mounts `ops` under `prefix`: `{prefix}/twinkle/{op}` always, `{prefix}/{op}` with `gen1`.
+pub fn routes<T: Ops>(cfg: &mut web::ServiceConfig, ops: Arc<T>, prefix: &str, gen1: bool) {
     let data = web::Data::new(ops);
     let p = prefix.trim_end_matches('/');
     let limit = web::PayloadConfig::new(JSON_LIMIT);
     let mut gen2 = web::resource(format!("{p}/twinkle/{{op}}"))
         .app_data(data.clone())
         .app_data(limit.clone())
-        .route(web::post().to(op_gen2::<T>));
-    if get_too {
-        gen2 = gen2.route(web::get().to(op_gen2::<T>));
+        .route(web::post().to(run::<T, false>));
+    if T::GET_TOO {
+        gen2 = gen2.route(web::get().to(run::<T, false>));
     }
     cfg.service(gen2);
     if gen1 {
@@ -57,43 +65,27 @@ pub fn routes<T: Ops>(
             web::resource(format!("{p}/{{op}}"))
                 .app_data(data)
                 .app_data(limit)
-                .route(web::post().to(op_gen1::<T>)),
+                .route(web::post().to(run::<T, true>)),
         );
     }
 }
 
-async fn op_gen1<T: Ops>(
+/// The handler of both routes; `GEN1`: the Gen-1 route (`{prefix}/{op}`).
+async fn run<T: Ops, const GEN1: bool>(
     req: HttpRequest,
     ops: web::Data<Arc<T>>,
     op: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    run(Gen::One, req, ops, op.into_inner(), body).await
-}
-
-async fn op_gen2<T: Ops>(
-    req: HttpRequest,
-    ops: web::Data<Arc<T>>,
-    op: web::Path<String>,
-    body: web::Bytes,
-) -> HttpResponse {
-    run(Gen::Two, req, ops, op.into_inner(), body).await
-}
-
-async fn run<T: Ops>(
-    g: Gen,
-    req: HttpRequest,
-    ops: web::Data<Arc<T>>,
-    op: String,
-    body: web::Bytes,
-) -> HttpResponse {
+    let g = if GEN1 { Gen::One } else { Gen::Two };
+    let op = op.into_inner();
     let out = async {
         let caller = ops.auth().caller(&req)?;
         let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let ops = ops.get_ref().clone();
         web::block(move || {
             unwind_safe(
-                || ops.call(g, &op, &caller, body),
+                || ops.call(Call { g, op: &op, caller: &caller, body: &body }),
                 |m| TwinkleError::Internal(format!("the `{op}` job panicked: {m}")),
             )
         })

@@ -1,6 +1,7 @@
 //! Semantic checks that the typed schema cannot express: per-kind `args` keys, cross-field
 //! rules, value ranges, uniqueness. Every problem is collected with its key path.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
 
 use super::locate::KeyPath;
@@ -56,28 +57,12 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
         let at = apps.index(i);
         if app.name.trim().is_empty() {
             out.push((at.key("name"), "must not be empty".into()));
-        } else if let Some(&first) = names.get(app.name.as_str()) {
-            out.push((
-                at.key("name"),
-                format!(
-                    "duplicate application name \"{}\" (also used by applications[{first}])",
-                    app.name
-                ),
-            ));
-        } else {
-            names.insert(&app.name, i);
+        } else if let Some(m) = first_use(&mut names, "application name", &app.name, i) {
+            out.push((at.key("name"), m));
         }
         check_route(app, &at, &mut out);
-        if let Some(&first) = routes.get(app.route_prefix.as_str()) {
-            out.push((
-                at.key("route_prefix"),
-                format!(
-                    "duplicate route_prefix \"{}\" (also used by applications[{first}])",
-                    app.route_prefix
-                ),
-            ));
-        } else {
-            routes.insert(&app.route_prefix, i);
+        if let Some(m) = first_use(&mut routes, "route_prefix", &app.route_prefix, i) {
+            out.push((at.key("route_prefix"), m));
         }
         check_args(app, &at, &mut out);
         for (j, d) in app.deployments.iter().enumerate() {
@@ -85,6 +70,26 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
         }
     }
     out
+}
+
+/// Records that applications[`i`] uses `value`; when an earlier one did, the message that says
+/// so (and `seen` keeps the first).
+fn first_use<'a>(
+    seen: &mut BTreeMap<&'a str, usize>,
+    what: &str,
+    value: &'a str,
+    i: usize,
+) -> Option<String> {
+    match seen.entry(value) {
+        Entry::Occupied(first) => Some(format!(
+            "duplicate {what} \"{value}\" (also used by applications[{}])",
+            first.get()
+        )),
+        Entry::Vacant(slot) => {
+            slot.insert(i);
+            None
+        }
+    }
 }
 
 fn check_persistence(p: &Persistence, at: &KeyPath, out: &mut Issues) {

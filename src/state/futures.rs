@@ -152,15 +152,13 @@ impl Store {
     /// `AlreadyExists`.
     pub fn create_future(&self, f: &NewFuture) -> Result<FutureRecord, StateError> {
         let now = self.now();
-        let n = self.conn().execute(
+        self.execute_one(
             &format!(
                 "INSERT OR IGNORE INTO futures ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, NULL, NULL, NULL, NULL, ?7, ?7)"
             ),
             params![f.request_id, f.owner, f.model_id, f.seq_id, f.kind, ids_text(&f.sample_sequence_ids)?, now],
+            StateError::AlreadyExists { what: "future", id: f.request_id.clone() },
         )?;
-        if n == 0 {
-            return Err(StateError::AlreadyExists { what: "future", id: f.request_id.clone() });
-        }
         Ok(FutureRecord {
             request_id: f.request_id.clone(),
             owner: f.owner.clone(),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Params};
 
 use crate::config::schema::{Persistence, PersistenceMode};
 
@@ -168,6 +168,33 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite half-written (an open transaction is
         // rolled back when dropped), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a statement that must change a row; when none changed, `unchanged`: an
+    /// `INSERT OR IGNORE` whose key exists (`AlreadyExists`), an `UPDATE … AND owner = ?` of a
+    /// row that is absent or someone else's (`NotFound`: the two read the same).
+    pub(crate) fn execute_one(
+        &self,
+        sql: &str,
+        params: impl Params,
+        unchanged: StateError,
+    ) -> Result<(), StateError> {
+        match self.conn().execute(sql, params)? {
+            0 => Err(unchanged),
+            _ => Ok(()),
+        }
+    }
+
+    /// The one text column of every row `sql` selects, in its order.
+    pub(crate) fn strings(
+        &self,
+        sql: &str,
+        params: impl Params,
+    ) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map(params, |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
     }
 }
 

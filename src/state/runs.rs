@@ -210,7 +210,7 @@ impl Store {
     /// Creates a training run; a duplicate id is `AlreadyExists`.
     pub fn insert_run(&self, run: &NewRun) -> Result<RunRecord, StateError> {
         let now = self.now();
-        let n = self.conn().execute(
+        self.execute_one(
             "INSERT OR IGNORE INTO runs (id, owner, session_id, base_model, lora_rank, seed, train_unembed, \
              train_mlp, train_attn, optimizer_config, user_metadata, created_at, last_request_time) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
@@ -228,10 +228,8 @@ impl Store {
                 json_text(&run.user_metadata),
                 now
             ],
+            StateError::AlreadyExists { what: "training run", id: run.id.clone() },
         )?;
-        if n == 0 {
-            return Err(StateError::AlreadyExists { what: "training run", id: run.id.clone() });
-        }
         Ok(RunRecord {
             id: run.id.clone(),
             owner: run.owner.clone(),
@@ -287,24 +285,19 @@ impl Store {
         owner: &str,
         session_id: &str,
     ) -> Result<Vec<String>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        self.strings(
             "SELECT id FROM runs WHERE owner = ?1 AND session_id = ?2 ORDER BY created_at, rowid",
-        )?;
-        let ids = stmt
-            .query_map(params![owner, session_id], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
-        Ok(ids)
+            params![owner, session_id],
+        )
     }
 
     /// Sets `last_request_time` to now.
     pub fn touch_run(&self, owner: &str, id: &str) -> Result<(), StateError> {
-        let now = self.now();
-        let n = self.conn().execute(
+        self.execute_one(
             "UPDATE runs SET last_request_time = ?1 WHERE id = ?2 AND owner = ?3",
-            params![now, id, owner],
-        )?;
-        if n == 0 { Err(StateError::not_found("training run", id)) } else { Ok(()) }
+            params![self.now(), id, owner],
+            StateError::not_found("training run", id),
+        )
     }
 
     /// Flags a run whose in-memory state was lost or damaged.
@@ -314,11 +307,11 @@ impl Store {
         id: &str,
         corrupted: bool,
     ) -> Result<(), StateError> {
-        let n = self.conn().execute(
+        self.execute_one(
             "UPDATE runs SET corrupted = ?1 WHERE id = ?2 AND owner = ?3",
             params![corrupted, id, owner],
-        )?;
-        if n == 0 { Err(StateError::not_found("training run", id)) } else { Ok(()) }
+            StateError::not_found("training run", id),
+        )
     }
 
     /// Records a checkpoint of a run owned by `owner`. An existing checkpoint id is replaced when
@@ -491,15 +484,11 @@ impl Store {
         checkpoint_id: &str,
         expires_at: Option<i64>,
     ) -> Result<(), StateError> {
-        let n = self.conn().execute(
+        self.execute_one(
             "UPDATE checkpoints SET expires_at = ?1 WHERE run_id = ?2 AND checkpoint_id = ?3 AND owner = ?4",
             params![expires_at, run_id, checkpoint_id, owner],
-        )?;
-        if n == 0 {
-            Err(StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}")))
-        } else {
-            Ok(())
-        }
+            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}")),
+        )
     }
 
     /// Checkpoints whose expiry time is at or before `now_ms` (for the sweeper).

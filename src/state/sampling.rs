@@ -103,14 +103,10 @@ impl Store {
         owner: &str,
         session_id: &str,
     ) -> Result<Vec<String>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        self.strings(
             "SELECT id FROM sampling_sessions WHERE owner = ?1 AND session_id = ?2 ORDER BY seq",
-        )?;
-        let ids = stmt
-            .query_map(params![owner, session_id], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
-        Ok(ids)
+            params![owner, session_id],
+        )
     }
 }
 

@@ -19,6 +19,21 @@ pub struct NewSession {
     pub display_name: Option<String>,
 }
 
+impl NewSession {
+    /// Session `id` of `owner` with no tags, metadata or client details.
+    pub fn new(id: &str, owner: &str) -> Self {
+        NewSession {
+            id: id.to_string(),
+            owner: owner.to_string(),
+            tags: Vec::new(),
+            user_metadata: Value::Null,
+            sdk_version: None,
+            project_id: None,
+            display_name: None,
+        }
+    }
+}
+
 /// A stored session. Times are Unix milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
@@ -73,15 +88,12 @@ impl Store {
         let now = self.now();
         let tags = serde_json::to_string(&s.tags)
             .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
-        let conn = self.conn();
-        let n = conn.execute(
+        self.execute_one(
             "INSERT OR IGNORE INTO sessions (id, owner, tags, user_metadata, sdk_version, project_id, \
              display_name, created_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
             params![s.id, s.owner, tags, json_text(&s.user_metadata), s.sdk_version, s.project_id, s.display_name, now],
+            StateError::AlreadyExists { what: "session", id: s.id.clone() },
         )?;
-        if n == 0 {
-            return Err(StateError::AlreadyExists { what: "session", id: s.id.clone() });
-        }
         Ok(SessionRecord {
             id: s.id.clone(),
             owner: s.owner.clone(),
@@ -122,15 +134,11 @@ impl Store {
 
     /// Records a heartbeat.
     pub fn heartbeat(&self, owner: &str, id: &str) -> Result<(), StateError> {
-        let now = self.now();
-        let n = self.conn().execute(
+        self.execute_one(
             "UPDATE sessions SET last_heartbeat = ?1 WHERE id = ?2 AND owner = ?3",
-            params![now, id, owner],
-        )?;
-        if n == 0 {
-            return Err(StateError::not_found("session", id));
-        }
-        Ok(())
+            params![self.now(), id, owner],
+            StateError::not_found("session", id),
+        )
     }
 
     /// Marks a session finished (`sessions/{id}/finish`); finishing twice keeps the first reason.

@@ -7,6 +7,7 @@ pub mod runtime;
 pub mod sampling;
 
 use anyhow::Result;
+use cudarc::driver::CudaSlice;
 use twinkle::engine::cuda::CudaDevice;
 use twinkle::engine::cuda::launch::{
     self as k, AdamStep, AttentionShape, DecodeShape, LoraLayout, LossVariant,
@@ -250,70 +251,34 @@ pub fn lora<T: TestT>(dev: &CudaDevice) -> Result<()> {
 
     let (da_, db_, dx_, dy0_, ddy_) =
         (up32(s, &a)?, up32(s, &b)?, up::<T>(s, &x)?, up::<T>(s, &y0)?, up::<T>(s, &dy)?);
+    // The three kernels at this rank; the last argument is the (layout, scale) of A's side (rows,
+    // unscaled) or of B's (columns, scaled).
+    let (a_side, b_side) = ((LoraLayout::Rows, 1.0f32), (LoraLayout::Cols, sc as f32));
+    let shrink = |h: &mut CudaSlice<f32>, x: &CudaSlice<T>, w: &CudaSlice<f32>, (l, f)| {
+        k::lora_shrink_fwd(dev, &mut h.as_view_mut(), &x.as_view(), &w.as_view(), l, rank, f)
+    };
+    let expand = |y: &mut CudaSlice<T>, h: &CudaSlice<f32>, w: &CudaSlice<f32>, (l, f)| {
+        k::lora_expand_fwd(dev, &mut y.as_view_mut(), &h.as_view(), &w.as_view(), l, rank, f)
+    };
+    let wgrad = |dw: &mut CudaSlice<f32>, u: &CudaSlice<f32>, v: &CudaSlice<T>, (l, f)| {
+        k::lora_wgrad_bwd(dev, &mut dw.as_view_mut(), &u.as_view(), &v.as_view(), l, rank, f)
+    };
     let mut gh = s.alloc_zeros::<f32>(n * rank)?;
-    k::lora_shrink_fwd(
-        dev,
-        &mut gh.as_view_mut(),
-        &dx_.as_view(),
-        &da_.as_view(),
-        LoraLayout::Rows,
-        rank,
-        1.0,
-    )?;
+    shrink(&mut gh, &dx_, &da_, a_side)?;
     close_scaled("lora h", &down(s, &gh)?, &h, T::TOL);
     let mut gy = dy0_.clone();
-    k::lora_expand_fwd(
-        dev,
-        &mut gy.as_view_mut(),
-        &gh.as_view(),
-        &db_.as_view(),
-        LoraLayout::Cols,
-        rank,
-        sc as f32,
-    )?;
+    expand(&mut gy, &gh, &db_, b_side)?;
     close_scaled("lora y", &down(s, &gy)?, &y, T::TOL);
     let mut gdh = s.alloc_zeros::<f32>(n * rank)?;
-    k::lora_shrink_fwd(
-        dev,
-        &mut gdh.as_view_mut(),
-        &ddy_.as_view(),
-        &db_.as_view(),
-        LoraLayout::Cols,
-        rank,
-        sc as f32,
-    )?;
+    shrink(&mut gdh, &ddy_, &db_, b_side)?;
     close_scaled("lora dh", &down(s, &gdh)?, &dh, T::TOL);
     let mut gdx = s.alloc_zeros::<T>(n * kin)?;
-    k::lora_expand_fwd(
-        dev,
-        &mut gdx.as_view_mut(),
-        &gdh.as_view(),
-        &da_.as_view(),
-        LoraLayout::Rows,
-        rank,
-        1.0,
-    )?;
+    expand(&mut gdx, &gdh, &da_, a_side)?;
     close_scaled("lora dx", &down(s, &gdx)?, &dx, T::TOL);
     let (mut gda, mut gdb) =
         (s.alloc_zeros::<f32>(rank * kin)?, s.alloc_zeros::<f32>(jout * rank)?);
-    k::lora_wgrad_bwd(
-        dev,
-        &mut gda.as_view_mut(),
-        &gdh.as_view(),
-        &dx_.as_view(),
-        LoraLayout::Rows,
-        rank,
-        1.0,
-    )?;
-    k::lora_wgrad_bwd(
-        dev,
-        &mut gdb.as_view_mut(),
-        &gh.as_view(),
-        &ddy_.as_view(),
-        LoraLayout::Cols,
-        rank,
-        sc as f32,
-    )?;
+    wgrad(&mut gda, &gdh, &dx_, a_side)?;
+    wgrad(&mut gdb, &gh, &ddy_, b_side)?;
     close_scaled("lora dA", &down(s, &gda)?, &da, T::TOL);
     close_scaled("lora dB", &down(s, &gdb)?, &db, T::TOL);
     Ok(())

@@ -11,9 +11,7 @@ use twinkle::engine::cuda::{Act, CudaRuntime};
 use twinkle::engine::parallel::DataParallel;
 use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
-use twinkle::engine::{
-    AdamParams, Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, ModelRuntime, Target,
-};
+use twinkle::engine::{AdamParams, Adapter, Datum, LossFn, LossInputs, Model, ModelRuntime};
 
 fn tiny_model() -> Result<(tempfile::TempDir, Arc<Model>)> {
     let spec = SynthSpec {
@@ -38,15 +36,7 @@ fn tiny_model() -> Result<(tempfile::TempDir, Arc<Model>)> {
 }
 
 fn adapter(model: &Model) -> Result<Adapter> {
-    let mut targets = Target::LAYER.to_vec();
-    targets.push(Target::LmHead);
-    let mut ad = Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed: 3 })?;
-    let mut rng = SynthRng(17);
-    for (_, p) in ad.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.2));
-    }
-    Ok(ad)
+    Ok(crate::engine_support::full_lora(model, 3, 17, 0.2))
 }
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
-use twinkle::engine::Tensor;
 use twinkle::engine::synth::{Init, SynthSpec};
 use twinkle::engine::weights::save_f32;
+use twinkle::engine::{Adapter, LoraConfig, Model, Target, Tensor};
 
 /// Deterministic values in [-1, 1) for test inputs (the engine's input stream).
 pub use twinkle::engine::synth::SynthRng as Rng;
@@ -98,6 +98,26 @@ pub fn synth_spec(spec: &Spec) -> SynthSpec {
         tied: spec.tied,
         init: Init::Spread,
     }
+}
+
+/// Fills every B matrix of `ad` with values in ±`scale` from `seed` (a fresh adapter's B is zero,
+/// so it would not change the output and its A would get no gradient).
+pub fn randomize_b(ad: &mut Adapter, seed: u64, scale: f32) {
+    let mut rng = Rng(seed);
+    for (_, p) in ad.pairs_mut() {
+        let n = p.b.len();
+        p.b.data_mut().copy_from_slice(&rng.vec(n, scale));
+    }
+}
+
+/// A rank-4, alpha-8 LoRA on every layer target and the LM head (init `seed`), with B random
+/// (see [`randomize_b`]).
+pub fn full_lora(model: &Model, seed: u64, b_seed: u64, b_scale: f32) -> Adapter {
+    let mut targets = Target::LAYER.to_vec();
+    targets.push(Target::LmHead);
+    let mut ad = Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed }).unwrap();
+    randomize_b(&mut ad, b_seed, b_scale);
+    ad
 }
 
 /// Random token ids.

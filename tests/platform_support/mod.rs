@@ -7,10 +7,10 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -51,6 +51,54 @@ pub fn as_identity(config: &str) -> String {
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// The top of a test deployment up to `applications:`: `server_type`, the gateway on loopback
+/// `port`, and the state in the SQLite file `state_db` (in memory when `None`).
+pub fn deployment_head(server_type: &str, port: u16, state_db: Option<&Path>) -> String {
+    let persistence = match state_db {
+        Some(p) => format!("persistence:\n  mode: file\n  file_path: {}\n", p.display()),
+        None => "persistence:\n  mode: memory\n".to_string(),
+    };
+    format!(
+        "server_type: {server_type}\nhttp_options:\n  host: 127.0.0.1\n  port: {port}\n\
+         {persistence}applications:\n"
+    )
+}
+
+/// The server application at `prefix` offering `model`, with the `server_config` entries.
+pub fn server_app(prefix: &str, model: &str, server_config: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        "  - name: server\n    route_prefix: {prefix}\n    import_path: server\n    args:\n      \
+         supported_models: [{model}]\n"
+    );
+    if !server_config.is_empty() {
+        out.push_str("      server_config:\n");
+        for (k, v) in server_config {
+            out.push_str(&format!("        {k}: {v}\n"));
+        }
+    }
+    out
+}
+
+/// Application `name` at `prefix` of kind `import_path` on the generated model `model`, one rank
+/// on `device` (`cpu` or `cuda`).
+pub fn generated_app(
+    name: &str,
+    prefix: &str,
+    import_path: &str,
+    model: &str,
+    device: &str,
+) -> String {
+    format!(
+        r#"  - name: {name}
+    route_prefix: {prefix}
+    import_path: {import_path}
+    args:
+      model_id: generate://{model}
+      device_group: {{name: {import_path}, ranks: 1, device_type: {device}}}
+"#
+    )
 }
 
 /// A Tinker-style deployment (seed-server.md's example): server + model (2 cards) + sampler
@@ -149,6 +197,13 @@ impl Serve {
         })
     }
 
+    /// [`tinker_config`] on a free port with [`PINNED_TOKEN`] and `env` set.
+    pub fn tinker(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port()?;
+        let env: Vec<_> = std::iter::once(PINNED_TOKEN).chain(env.iter().copied()).collect();
+        Self::start(&tinker_config(port), port, args, &env)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -218,6 +273,26 @@ impl Serve {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// [`stop`](Self::stop) that must end in exit code 0 (the serve log in the failure).
+    pub fn stop_ok(&mut self, sig: Signal, timeout: Duration) -> Result<()> {
+        let code = self.stop(sig, timeout)?;
+        ensure!(code.code() == Some(0), "serve exited with {code}; log:\n{}", self.log_text());
+        Ok(())
+    }
+
+    /// [`stop_ok`](Self::stop_ok), then neither serve nor a child pid it was seen with (see
+    /// [`remember`](Self::remember)) may exist, nor their process groups.
+    pub fn stop_all_gone(&mut self, sig: Signal, timeout: Duration) -> Result<()> {
+        let (serve_pid, pids) = (self.pid(), self.known_pids.clone());
+        self.stop_ok(sig, timeout)?;
+        ensure!(!pid_exists(serve_pid), "serve pid {serve_pid} still exists");
+        // Children die with serve; a reparented zombie is reaped by init shortly after, so poll.
+        poll(Duration::from_secs(10), || {
+            pids.iter().all(|p| !pid_exists(*p) && !group_exists(*p)).then_some(())
+        })
+        .with_context(|| format!("some of {pids:?} outlived serve"))
+    }
 }
 
 impl Drop for Serve {
@@ -232,6 +307,37 @@ impl Drop for Serve {
             let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
         }
     }
+}
+
+/// Runs `cmd` (a `twinkle` command of the cluster tests) with its state in `home`, short node
+/// timeouts, the pinned internal token (placement and routing only: every child is the identity
+/// application), no inherited cards or cluster settings, then `env`.
+pub fn run_cluster(mut cmd: Command, home: &Path, env: &[(&str, &str)]) -> Result<Output> {
+    cmd.env("TWINKLE_HOME", home)
+        .env("TWINKLE_NODE_TIMEOUT_S", "3")
+        .env("TWINKLE_HEARTBEAT_S", "0.5")
+        .env("TWINKLE_STOP_GRACE_S", "2")
+        .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("TWINKLE_CLUSTER_TOKEN")
+        .env_remove("TWINKLE_ADDRESS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.output()?)
+}
+
+/// The stdout of a command that must have succeeded; else an error naming `what` with its exit
+/// status and output.
+pub fn stdout_ok(what: &str, out: Output) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Calls `f` every 50 ms until it returns Some or `timeout` passes.

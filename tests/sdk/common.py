@@ -41,6 +41,16 @@ def loss_of(out):
     return float(out.metrics["loss:sum"])
 
 
+def train_steps(tc, batch, n):
+    """`n` cross-entropy steps (forward_backward, then AdamW at lr 5e-3) on `batch`; their losses."""
+    out = []
+    for _ in range(n):
+        fb = tc.forward_backward(batch, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+        out.append(loss_of(fb.result()))
+    return out
+
+
 def result(**kw):
     """Prints the result line and ends the process at once: every check has passed by then, and
     interpreter teardown with the SDK's background threads and torch loaded occasionally aborts

@@ -15,21 +15,15 @@ import sys
 import time
 
 import tinker
-from tinker import types
 
-from common import ready, MODEL, check, datum, loss_of, result, service
+from common import ready, MODEL, check, datum, loss_of, result, service, train_steps
 
 pid, twinkle_bin, home, live = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 batch = [datum([30, 31, 32], [40, 41]), datum([50, 51], [60, 61, 62])]
 
 
 def steps(tc, n):
-    out = []
-    for _ in range(n):
-        fb = tc.forward_backward(batch, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
-        out.append(loss_of(fb.result()))
-    return out
+    return train_steps(tc, batch, n)
 
 
 def forward(tc):

@@ -7,21 +7,14 @@ import sys
 
 import tinker
 
-from tinker import types
-
-from common import ready, BASE_URL, MODEL, check, datum, loss_of, result, service
+from common import ready, BASE_URL, MODEL, check, datum, result, service, train_steps
 
 phase, file = sys.argv[1], sys.argv[2]
 batch = [datum([30, 31, 32], [40, 41]), datum([50, 51], [60, 61, 62])]
 
 
 def steps(tc, n):
-    out = []
-    for _ in range(n):
-        fb = tc.forward_backward(batch, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
-        out.append(loss_of(fb.result()))
-    return out
+    return train_steps(tc, batch, n)
 
 
 sc = service()

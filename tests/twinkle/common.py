@@ -190,6 +190,19 @@ def lora_config():
                       target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head")
 
 
+def sft_model(model_id, adapter, lr):
+    """A Gen-2 model client with adapter `adapter` set up for SFT as the Gen-2 cookbooks do: the
+    served chat template, the default processor, cross-entropy and AdamW at `lr`."""
+    from twinkle_client.model import MultiLoraTransformersModel  # the client, after setup()
+    m = MultiLoraTransformersModel(model_id=model_id)
+    m.add_adapter_to_model(adapter, lora_config(), gradient_accumulation_steps=1)
+    m.set_template("Template", model_id=model_id)
+    m.set_processor("InputProcessor")
+    m.set_loss("CrossEntropyLoss")
+    m.set_optimizer("AdamW", lr=lr)
+    return m
+
+
 def parse_twinkle_path(path):
     """twinkle://<run_id>/<weights|sampler_weights>/<name> -> (run_id, kind, name)."""
     check(isinstance(path, str) and path.startswith("twinkle://"), f"not a twinkle:// path: {path!r}")

@@ -7,13 +7,12 @@ names the problem: an unknown loss class, an unknown template class, `twinkle://
 The 0.5.1 client keeps base URL, token and session in module globals, so switching tokens is
 `set_api_key` + `set_session_id` (what init_twinkle_client does for a new client).
 """
-from common import check, expect_4xx, feature, loss_of, lora_config, parse_twinkle_path, result, setup, step
+from common import check, expect_4xx, feature, loss_of, parse_twinkle_path, result, setup, sft_model, step
 
 args = setup(__doc__)
 
 from twinkle_client import init_twinkle_client  # noqa: E402
 from twinkle_client.http import set_api_key, set_session_id  # noqa: E402
-from twinkle_client.model import MultiLoraTransformersModel  # noqa: E402
 from twinkle_client.sampler import vLLMSampler  # noqa: E402
 
 FEATURES = [feature([1000, 1001, 1002], [2000, 2001]), feature([1100, 1101], [2100, 2101, 2102])]
@@ -21,13 +20,7 @@ refused = {}
 
 
 def model_for(name):
-    m = MultiLoraTransformersModel(model_id=args.model_id)
-    m.add_adapter_to_model(name, lora_config(), gradient_accumulation_steps=1)
-    m.set_template("Template", model_id=args.model_id)
-    m.set_processor("InputProcessor")
-    m.set_loss("CrossEntropyLoss")
-    m.set_optimizer("AdamW", lr=1e-3)
-    return m
+    return sft_model(args.model_id, name, 1e-3)
 
 
 step("token A: train + save")

@@ -9,13 +9,12 @@ set_template / set_processor / set_loss / set_optimizer -> forward_backward -> c
 """
 import math
 
-from common import (check, feature, loss_of, lora_config, min_token_logp, parse_twinkle_path, result,
-                    seq_nll, setup, step)
+from common import (check, feature, loss_of, min_token_logp, parse_twinkle_path, result, seq_nll,
+                    setup, sft_model, step)
 
 args = setup(__doc__)
 
 from twinkle_client import init_twinkle_client  # noqa: E402
-from twinkle_client.model import MultiLoraTransformersModel  # noqa: E402
 from twinkle_client.sampler import vLLMSampler  # noqa: E402
 
 PAIRS = [
@@ -39,12 +38,7 @@ names = [m.get("model_name") if isinstance(m, dict) else getattr(m, "model_name"
 check(any(args.model_id in str(n) for n in names), f"{args.model_id} not in capabilities {names}")
 
 step("model setup")
-model = MultiLoraTransformersModel(model_id=args.model_id)
-model.add_adapter_to_model("default", lora_config(), gradient_accumulation_steps=1)
-model.set_template("Template", model_id=args.model_id)
-model.set_processor("InputProcessor")
-model.set_loss("CrossEntropyLoss")
-model.set_optimizer("AdamW", lr=LR)
+model = sft_model(args.model_id, "default", LR)
 
 step("train")
 losses = []
@@ -89,12 +83,7 @@ info = client.get_weights_info(path)
 check(info.training_run_id == run_id and info.is_lora, f"get_weights_info: {info}")
 
 step("resume_from_checkpoint on a new adapter")
-model2 = MultiLoraTransformersModel(model_id=args.model_id)
-model2.add_adapter_to_model("resumed", lora_config(), gradient_accumulation_steps=1)
-model2.set_template("Template", model_id=args.model_id)
-model2.set_processor("InputProcessor")
-model2.set_loss("CrossEntropyLoss")
-model2.set_optimizer("AdamW", lr=LR)
+model2 = sft_model(args.model_id, "resumed", LR)
 fresh = seq_nll(model2.forward_only(inputs=FEATURES), FEATURES)
 progress = model2.resume_from_checkpoint(path)
 print("resume ->", progress, flush=True)

@@ -20,6 +20,24 @@ fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> AppError {
     AppError::Internal(format!("{what} {}: {e}", path.display()))
 }
 
+/// Checks a request's PEFT directory `dir` (the request's field `field`): absolute (else 400), and
+/// holding `adapter_config.json` (else 404, calling it `what`).
+pub fn check_peft_dir(dir: &Path, field: &str, what: &str) -> Result<(), AppError> {
+    if !dir.is_absolute() {
+        return Err(AppError::BadRequest(format!(
+            "{field} must be an absolute path, got {}",
+            dir.display()
+        )));
+    }
+    if !dir.join("adapter_config.json").is_file() {
+        return Err(AppError::NotFound(format!(
+            "{what} {} holds no adapter_config.json",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes a directory with `write` into a temp sibling, then renames it to `dir` (replacing an
 /// older `dir`), so `dir` is never half written. Returns the total size of its files.
 pub fn write_dir_atomic(
@@ -158,18 +176,7 @@ impl<A> AdapterCache<A> {
         model: &ModelConfig,
         place: impl FnOnce(&Adapter) -> Result<A, AppError>,
     ) -> Result<Arc<A>, AppError> {
-        if !dir.is_absolute() {
-            return Err(AppError::BadRequest(format!(
-                "adapter_dir must be an absolute path, got {}",
-                dir.display()
-            )));
-        }
-        if !dir.join("adapter_config.json").is_file() {
-            return Err(AppError::NotFound(format!(
-                "adapter_dir {} holds no adapter_config.json",
-                dir.display()
-            )));
-        }
+        check_peft_dir(dir, "adapter_dir", "adapter_dir")?;
         let mtime: FileStamp = std::fs::metadata(dir.join("adapter_model.safetensors"))
             .and_then(|m| Ok((m.modified()?, std::os::unix::fs::MetadataExt::ino(&m))))
             .ok();

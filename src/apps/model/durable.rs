@@ -279,17 +279,8 @@ impl<R: ModelRuntime> ModelService<R> {
     /// A background thread that calls [`sweep_idle`](Self::sweep_idle) every `every` until the
     /// service is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> std::thread::JoinHandle<()> {
-        let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                match weak.upgrade() {
-                    Some(svc) => {
-                        svc.sweep_idle();
-                    }
-                    None => return,
-                }
-            }
+        crate::apps::every_while_alive(self, every, |svc| {
+            svc.sweep_idle();
         })
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::checkpoint::{OPTIM_META, write_dir_atomic};
+use super::checkpoint::{OPTIM_META, check_peft_dir, write_dir_atomic};
 use super::types::*;
 use super::{AppError, ModelService, SlotState, lock};
 use crate::engine::{Adapter, ModelRuntime};
@@ -34,18 +34,7 @@ impl<R: ModelRuntime> ModelService<R> {
     }
 
     fn load_checkpoint(&self, dir: &Path, with_optimizer: bool) -> Result<Adapter, AppError> {
-        if !dir.is_absolute() {
-            return Err(AppError::BadRequest(format!(
-                "dir must be an absolute path, got {}",
-                dir.display()
-            )));
-        }
-        if !dir.join("adapter_config.json").is_file() {
-            return Err(AppError::NotFound(format!(
-                "checkpoint {} holds no adapter_config.json",
-                dir.display()
-            )));
-        }
+        check_peft_dir(dir, "dir", "checkpoint")?;
         let model = self.config();
         let bad = |e: crate::engine::EngineError| {
             AppError::BadRequest(format!("cannot load checkpoint {}: {e}", dir.display()))

@@ -32,45 +32,24 @@ pub struct ProcessorApp {
 
 type Body = web::Json<Map<String, Value>>;
 
-async fn blocking<T, F>(f: F) -> Result<T, TwinkleError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, TwinkleError> + Send + 'static,
-{
-    web::block(f)
-        .await
-        .map_err(|e| TwinkleError::Internal(format!("processor task failed: {e}")))?
-}
-
-async fn create(
+/// The handler of the three ops (`create`, `call`, `heartbeat`): the caller's owner hash, then
+/// the op on the blocking pool (a `call` may tokenize whole batches).
+async fn op(
     app: web::Data<ProcessorApp>,
     req: HttpRequest,
+    op: web::Path<String>,
     body: Body,
 ) -> Result<HttpResponse, TwinkleError> {
     let owner = app.auth.caller(&req)?.owner;
     let reg = app.registry.clone();
-    let id = blocking(move || reg.create(&owner, &body)).await?;
-    Ok(HttpResponse::Ok().json(json!({ "processor_id": id })))
-}
-
-async fn call(
-    app: web::Data<ProcessorApp>,
-    req: HttpRequest,
-    body: Body,
-) -> Result<HttpResponse, TwinkleError> {
-    let owner = app.auth.caller(&req)?.owner;
-    let reg = app.registry.clone();
-    let result = blocking(move || reg.call(&owner, &body)).await?;
-    Ok(HttpResponse::Ok().json(json!({ "result": result })))
-}
-
-async fn heartbeat(
-    app: web::Data<ProcessorApp>,
-    req: HttpRequest,
-    body: Body,
-) -> Result<HttpResponse, TwinkleError> {
-    let owner = app.auth.caller(&req)?.owner;
-    Ok(HttpResponse::Ok().json(app.registry.heartbeat(&owner, &body)?))
+    let reply = web::block(move || match op.as_str() {
+        "create" => Ok(json!({ "processor_id": reg.create(&owner, &body)? })),
+        "call" => Ok(json!({ "result": reg.call(&owner, &body)? })),
+        _ => reg.heartbeat(&owner, &body),
+    })
+    .await
+    .map_err(|e| TwinkleError::Internal(format!("processor task failed: {e}")))??;
+    Ok(HttpResponse::Ok().json(reply))
 }
 
 fn json_config() -> web::JsonConfig {
@@ -85,16 +64,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, app: Arc<ProcessorApp>, prefix: &str
     let p = prefix.trim_end_matches('/');
     let data = web::Data::from(app);
     for base in [p.to_string(), format!("{p}/twinkle")] {
-        for (op, handler) in [("create", 0), ("call", 1), ("heartbeat", 2)] {
-            let r = web::resource(format!("{base}/{op}"))
+        cfg.service(
+            web::resource(format!("{base}/{{op:create|call|heartbeat}}"))
                 .app_data(json_config())
-                .app_data(data.clone());
-            cfg.service(match handler {
-                0 => r.route(web::post().to(create)),
-                1 => r.route(web::post().to(call)),
-                _ => r.route(web::post().to(heartbeat)),
-            });
-        }
+                .app_data(data.clone())
+                .route(web::post().to(op)),
+        );
     }
 }
 

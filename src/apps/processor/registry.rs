@@ -16,6 +16,7 @@ use super::Processor;
 use super::dataloader::DataLoader;
 use super::dataset::{Dataset, Tokenizers, poisoned};
 use crate::protocol::twinkle::TwinkleError;
+use crate::protocol::twinkle::wire::kwargs;
 
 /// Env var: seconds a processor lives without a call or heartbeat (default 1800).
 pub const TIMEOUT_ENV: &str = "TWINKLE_PROCESSOR_TIMEOUT";
@@ -87,13 +88,6 @@ pub fn normalize_id(raw: &str) -> String {
     let raw = raw.trim();
     let bare = raw.strip_prefix("pid:").unwrap_or(raw);
     format!("pid:{bare}")
-}
-
-fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
-    body.iter()
-        .filter(|(k, _)| !skip.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
 }
 
 fn field<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a str, TwinkleError> {

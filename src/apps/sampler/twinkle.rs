@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use actix_web::web;
 use serde_json::{Map, Value, json};
 
 use super::SamplerApp;
 use crate::apps::model::types::{SampleRequest, SampleResponse, StopReasonJson};
+use crate::apps::twinkle_http::{Call, Ops, Reply};
 use crate::protocol::twinkle::wire::{self, IGNORE, Input};
 use crate::protocol::twinkle::{Auth, Caller, Gen, TwinkleError, TwinklePath};
 use crate::tokenize::IncrementalDecoder;
@@ -39,17 +39,11 @@ impl TwinkleSampler {
         TwinkleSampler { app, auth, templates: Mutex::new(HashMap::new()) }
     }
 
-    fn dispatch(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        match op {
+    fn dispatch(&self, c: Call) -> Result<Value, TwinkleError> {
+        match c.op {
             "create" | "heartbeat" => Ok(json!({"status": "ok"})),
-            "set_template" => self.set_template(caller, body),
-            "sample" => self.sample(g, caller, body),
+            "set_template" => self.set_template(c.caller, c.body),
+            "sample" => self.sample(c.g, c.caller, c.body),
             "add_adapter_to_sampler" => Err(TwinkleError::bad(
                 "add_adapter_to_sampler is not supported: save the adapter with save(is_sampler=True) and pass its twinkle:// path as adapter_uri",
             )),
@@ -351,29 +345,20 @@ impl Params {
     }
 }
 
-/// Routes: `{prefix}/twinkle/{op}` (Gen-2) always, `{prefix}/{op}` with `server_type: twinkle`;
-/// see `apps::twinkle_http`.
-pub fn routes(cfg: &mut web::ServiceConfig, tw: Arc<TwinkleSampler>, prefix: &str, gen1: bool) {
-    crate::apps::twinkle_http::routes(cfg, tw, prefix, gen1, false);
-}
+/// Mounted by `apps::twinkle_http::routes`: `{prefix}/twinkle/{op}` (Gen-2) always,
+/// `{prefix}/{op}` with `server_type: twinkle`.
+impl Ops for TwinkleSampler {
+    const GET_TOO: bool = false;
 
-impl crate::apps::twinkle_http::Ops for TwinkleSampler {
     fn auth(&self) -> &Auth {
         &self.auth
     }
 
-    fn call(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: Map<String, Value>,
-    ) -> Result<crate::apps::twinkle_http::Reply, TwinkleError> {
-        use crate::apps::twinkle_http::Reply;
-        if op == "sample_stream" {
-            self.stream(caller, &body).map(Reply::NdJson)
+    fn call(&self, c: Call<'_>) -> Result<Reply, TwinkleError> {
+        if c.op == "sample_stream" {
+            self.stream(c.caller, c.body).map(Reply::NdJson)
         } else {
-            self.dispatch(g, op, caller, &body).map(Reply::Json)
+            self.dispatch(c).map(Reply::Json)
         }
     }
 }

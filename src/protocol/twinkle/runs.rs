@@ -39,6 +39,24 @@ pub struct RunMeta {
     pub user_metadata: Option<serde_json::Value>,
 }
 
+impl RunMeta {
+    /// A new LoRA run of `owner`: not corrupted, no checkpoints yet, last requested now.
+    pub fn new_lora(training_run_id: &str, base_model: &str, owner: &str, rank: usize) -> Self {
+        RunMeta {
+            training_run_id: training_run_id.to_string(),
+            base_model: base_model.to_string(),
+            model_owner: owner.to_string(),
+            is_lora: true,
+            corrupted: false,
+            lora_rank: Some(rank),
+            last_request_time: Some(now_iso()),
+            last_checkpoint: None,
+            last_sampler_checkpoint: None,
+            user_metadata: None,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -230,18 +248,7 @@ mod tests {
     fn runs_and_checkpoints_round_trip_on_disk() {
         let tmp = tempfile::tempdir().unwrap();
         let run_dir = tmp.path().join("owner").join("s-default");
-        let mut run = RunMeta {
-            training_run_id: "s-default".into(),
-            base_model: "qwen3-tiny".into(),
-            model_owner: "owner".into(),
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(8),
-            last_request_time: Some(now_iso()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
+        let mut run = RunMeta::new_lora("s-default", "qwen3-tiny", "owner", 8);
         write_run(&run_dir, &run).unwrap();
         let p = TwinklePath::new("s-default", CheckpointKind::Weights, "ep0").unwrap();
         let ck = run_dir.join("weights/ep0");

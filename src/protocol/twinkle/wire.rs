@@ -301,6 +301,17 @@ pub fn body_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Twinkl
     }
 }
 
+/// The keyword arguments of a call that go on to a class or function: all of `body` but `skip`.
+pub fn kwargs(
+    body: &serde_json::Map<String, Value>,
+    skip: &[&str],
+) -> serde_json::Map<String, Value> {
+    body.iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// An optional positive whole number `key` of `op`'s arguments (`null` = absent).
 pub fn positive(
     body: &serde_json::Map<String, Value>,

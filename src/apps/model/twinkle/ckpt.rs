@@ -6,9 +6,10 @@ use serde_json::{Map, Value, json};
 
 use super::{TwinkleModel, lock};
 use crate::apps::model::types::{LoadRequest, SaveKind, SaveRequest};
+use crate::apps::twinkle_http::Call;
 use crate::protocol::tinker::paths::CheckpointKind;
 use crate::protocol::twinkle::runs::{self, RunMeta, TRAINER_STATE};
-use crate::protocol::twinkle::{Caller, Gen, TwinkleError, TwinklePath, paths};
+use crate::protocol::twinkle::{Gen, TwinkleError, TwinklePath, paths};
 
 /// `name` of save/load: a full `twinkle://` path, or a bare checkpoint name of the adapter's own
 /// run (`weights/NAME`).
@@ -36,16 +37,11 @@ fn timestamp_name() -> String {
 }
 
 impl TwinkleModel {
-    pub(super) fn save(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let sampler = body.get("is_sampler").and_then(Value::as_bool).unwrap_or(false);
-        let with_optim = body.get("save_optimizer").and_then(Value::as_bool).unwrap_or(false);
+    pub(super) fn save(&self, c: Call) -> Result<Value, TwinkleError> {
+        let (caller, body) = (c.caller, c.body);
+        self.with_state(c, |st| {
+        let sampler = c.flag("is_sampler");
+        let with_optim = c.flag("save_optimizer");
         let name = match body.get("name") {
             None | Some(Value::Null) => timestamp_name(),
             Some(Value::String(n)) if !n.is_empty() => n.clone(),
@@ -78,26 +74,26 @@ impl TwinkleModel {
         })?;
         runs::record_checkpoint(&run_dir, &path, &dir, &mut run)?;
         let dir_s = dir.display().to_string();
-        Ok(match g {
+        Ok(match c.g {
             Gen::One => json!({"result": path.to_string(), "checkpoint_dir": dir_s}),
             Gen::Two => json!({"twinkle_path": path.to_string(), "checkpoint_dir": dir_s}),
+        })
         })
     }
 
     /// Loads a checkpoint of the caller's onto the adapter; returns its trainer state.
     fn load_into(
         &self,
-        caller: &Caller,
-        body: &Map<String, Value>,
+        c: Call,
         with_optim: bool,
     ) -> Result<(std::sync::Arc<std::sync::Mutex<super::TrainState>>, Value), TwinkleError> {
-        let s = self.state(caller, body)?;
+        let s = self.state(c)?;
         let (run_id, eid) = {
             let st = lock(&s);
             (st.run_id.clone(), st.engine_id.clone())
         };
-        let path = checkpoint_path(body, &run_id)?;
-        let dir = path.dir(&self.auth, caller)?;
+        let path = checkpoint_path(c.body, &run_id)?;
+        let dir = path.dir(&self.auth, c.caller)?;
         if !dir.join(runs::CHECKPOINT_META).is_file() && !dir.join("adapter_config.json").is_file()
         {
             return Err(TwinkleError::NotFound(format!("checkpoint {path} does not exist")));
@@ -117,25 +113,14 @@ impl TwinkleModel {
         Ok((s, state))
     }
 
-    pub(super) fn load(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let with_optim = body.get("load_optimizer").and_then(Value::as_bool).unwrap_or(false);
-        self.load_into(caller, body, with_optim)?;
-        Ok(g.result(Value::Null))
+    pub(super) fn load(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.load_into(c, c.flag("load_optimizer"))?;
+        Ok(Self::unit(c.g))
     }
 
-    pub(super) fn resume(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let only_model = body.get("resume_only_model").and_then(Value::as_bool).unwrap_or(false);
-        let (s, state) = self.load_into(caller, body, !only_model)?;
+    pub(super) fn resume(&self, c: Call) -> Result<Value, TwinkleError> {
+        let only_model = c.flag("resume_only_model");
+        let (s, state) = self.load_into(c, !only_model)?;
         let mut st = lock(&s);
         let num = |k: &str| state.get(k).and_then(Value::as_u64);
         if !only_model {
@@ -146,22 +131,14 @@ impl TwinkleModel {
         if let Some(ga) = num("gradient_accumulation_steps").filter(|&g| g >= 1) {
             st.ga_steps = ga;
         }
-        let _ = g;
         Ok(
             json!({"result": {"cur_step": st.cur_step, "consumed_train_samples": st.consumed_train_samples,
                              "gradient_accumulation_steps": st.ga_steps}}),
         )
     }
 
-    pub(super) fn state_dict(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let id = lock(&s).engine_id.clone();
+    pub(super) fn state_dict(&self, c: Call) -> Result<Value, TwinkleError> {
+        let id = self.with_state(c, |st| Ok(st.engine_id.clone()))?;
         let adapter = self.app.download(&id)?;
         let mut out = Map::new();
         for (k, t) in adapter.tensors() {

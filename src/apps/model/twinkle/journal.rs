@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use super::{TrainState, TwinkleModel, lock};
 use crate::apps::model::durable;
 use crate::apps::model::types::UnloadRequest;
+use crate::apps::twinkle_http::Call;
 use crate::protocol::twinkle::runs;
 use crate::protocol::twinkle::{Caller, Gen, TwinkleError};
 
@@ -92,23 +93,16 @@ impl TwinkleModel {
     /// After a successful [`journaled`](Self::journaled) `op`: records a configuring body and
     /// writes the journal. A failed write is logged: the call itself succeeded, and only a
     /// later restart would miss it.
-    pub(super) fn journal_after(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) {
-        let config = CONFIG_OPS.contains(&op);
-        let Ok(s) = self.state(caller, body) else { return };
+    pub(super) fn journal_after(&self, c: Call) {
+        let Ok(s) = self.state(c) else { return };
         let mut st = lock(&s);
-        if config {
-            remember(&mut st, op, body);
+        if CONFIG_OPS.contains(&c.op) {
+            remember(&mut st, c.op, c.body);
         }
         let entry = Entry {
-            owner: caller.owner.clone(),
-            scope: caller.scope.clone(),
-            gen1: g == Gen::One,
+            owner: c.caller.owner.clone(),
+            scope: c.caller.scope.clone(),
+            gen1: c.g == Gen::One,
             ops: st.config_ops.clone(),
             cur_step: st.cur_step,
             sched_steps: st.sched_steps,
@@ -191,11 +185,12 @@ impl TwinkleModel {
                 "adapter `{eid}` did not come back (no snapshot)"
             )));
         }
-        self.add_adapter_state(caller, add)?;
+        let first = Call { g, op: "add_adapter_to_model", caller, body: add };
+        self.add_adapter_state(first)?;
         for (op, body) in &e.ops[1..] {
-            self.apply(g, op, caller, body.clone())?;
+            self.apply(Call { g, op, caller, body })?;
         }
-        let s = self.state(caller, add)?;
+        let s = self.state(first)?;
         let mut st = lock(&s);
         for (op, body) in &e.ops {
             remember(&mut st, op, body);

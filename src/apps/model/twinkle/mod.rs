@@ -18,14 +18,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use actix_web::web;
 use serde_json::{Map, Value};
 
 use super::http::ModelApp;
+use crate::apps::twinkle_http::{Call, Ops, Reply};
 use crate::engine::AdamParams;
 use crate::protocol::twinkle::sched::Schedule;
 use crate::protocol::twinkle::wire::LoraRequest;
-use crate::protocol::twinkle::{Auth, Caller, Gen, TwinkleError};
+use crate::protocol::twinkle::{Auth, Caller, TwinkleError};
 use inputs::{Encoded, Loss, TemplateCfg};
 
 /// Default number of adapters one token may hold on a model application.
@@ -108,17 +108,14 @@ impl TwinkleModel {
         }
     }
 
-    /// The caller's adapter `adapter_name` (404 when it does not exist or is someone else's).
-    fn state(
-        &self,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Arc<Mutex<TrainState>>, TwinkleError> {
-        let name = adapter_name(body)?;
-        let id = engine_id(caller, &caller.adapter_id(&name)?);
+    /// The caller's adapter `adapter_name` of the call's body (404 when it does not exist or is
+    /// someone else's); the call counts as activity.
+    fn state(&self, c: Call) -> Result<Arc<Mutex<TrainState>>, TwinkleError> {
+        let name = adapter_name(c.body)?;
+        let id = engine_id(c.caller, &c.caller.adapter_id(&name)?);
         let st = lock(&self.adapters).get(&id).cloned();
         match st {
-            Some(s) if lock(&s).owner == caller.owner => {
+            Some(s) if lock(&s).owner == c.caller.owner => {
                 lock(&s).last_seen = Instant::now();
                 Ok(s)
             }
@@ -126,6 +123,18 @@ impl TwinkleModel {
                 "adapter `{name}` does not exist in this session; call add_adapter_to_model first"
             ))),
         }
+    }
+
+    /// Runs `f` on the call's adapter's training state ([`state`](Self::state)), locked for
+    /// the whole op so two calls of one adapter never interleave.
+    fn with_state<T>(
+        &self,
+        c: Call,
+        f: impl FnOnce(&mut TrainState) -> Result<T, TwinkleError>,
+    ) -> Result<T, TwinkleError> {
+        let s = self.state(c)?;
+        let mut st = lock(&s);
+        f(&mut st)
     }
 
     /// Expires adapters older than `max_lifetime` (as the Python server's
@@ -161,59 +170,45 @@ impl TwinkleModel {
         expired.len()
     }
 
-    /// Runs one op for `caller`, then journals what it changed (`journal.rs`).
-    fn dispatch(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        // Only the few configuring calls keep their body (a forward_backward's is large).
-        let keep = self.journaled(op).then(|| body.clone());
-        let out = self.apply(g, op, caller, body)?;
-        if let Some(body) = keep {
-            self.journal_after(g, op, caller, &body);
+    /// Runs one op, then journals what it changed (`journal.rs`).
+    fn dispatch(&self, c: Call) -> Result<Value, TwinkleError> {
+        let out = self.apply(c)?;
+        if self.journaled(c.op) {
+            self.journal_after(c);
         }
         Ok(out)
     }
 
-    /// Runs one op for `caller`.
-    fn apply(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        match op {
+    /// Runs one op.
+    fn apply(&self, c: Call) -> Result<Value, TwinkleError> {
+        match c.op {
             "create" => Ok(serde_json::json!({"status": "ok"})),
-            "add_adapter_to_model" => self.add_adapter(caller, &body),
+            "add_adapter_to_model" => self.add_adapter(c),
             "heartbeat" => {
-                self.state(caller, &body)?;
+                self.state(c)?;
                 Ok(serde_json::json!({"status": "ok"}))
             }
-            "set_template" => self.set_template(g, caller, &body),
-            "set_processor" => self.set_processor(g, caller, &body),
-            "set_loss" => self.set_loss(g, caller, &body),
-            "set_optimizer" => self.set_optimizer(g, caller, &body),
-            "set_lr_scheduler" => self.set_lr_scheduler(g, caller, &body),
-            "forward" | "forward_only" => self.forward(g, caller, &body, op == "forward"),
-            "calculate_loss" => self.calculate_loss(g, caller, &body),
-            "backward" => self.backward(g, caller, &body),
-            "forward_backward" => self.forward_backward(g, caller, &body),
-            "clip_grad_norm" => self.clip_grad_norm(g, caller, &body),
-            "step" => self.step(g, caller, &body),
-            "zero_grad" => self.zero_grad(g, caller, &body),
-            "lr_step" => self.lr_step(g, caller, &body),
-            "clip_grad_and_step" => self.clip_grad_and_step(g, caller, &body),
-            "calculate_metric" => self.calculate_metric(g, caller, &body),
-            "get_train_configs" => self.train_configs(g, caller, &body),
-            "get_state_dict" => self.state_dict(g, caller, &body),
-            "save" => self.save(g, caller, &body),
-            "load" => self.load(g, caller, &body),
-            "resume_from_checkpoint" => self.resume(g, caller, &body),
-            "add_metric" => self.add_metric(g, caller, &body),
+            "set_template" => self.set_template(c),
+            "set_processor" => self.set_processor(c),
+            "set_loss" => self.set_loss(c),
+            "set_optimizer" => self.set_optimizer(c),
+            "set_lr_scheduler" => self.set_lr_scheduler(c),
+            "forward" | "forward_only" => self.forward(c),
+            "calculate_loss" => self.calculate_loss(c),
+            "backward" => self.backward(c),
+            "forward_backward" => self.forward_backward(c),
+            "clip_grad_norm" => self.clip_grad_norm(c),
+            "step" => self.step(c),
+            "zero_grad" => self.zero_grad(c),
+            "lr_step" => self.lr_step(c),
+            "clip_grad_and_step" => self.clip_grad_and_step(c),
+            "calculate_metric" => self.calculate_metric(c),
+            "get_train_configs" => self.train_configs(c),
+            "get_state_dict" => self.state_dict(c),
+            "save" => self.save(c),
+            "load" => self.load(c),
+            "resume_from_checkpoint" => self.resume(c),
+            "add_metric" => self.add_metric(c),
             "apply_patch" => Err(TwinkleError::bad(
                 "apply_patch: patches are Python code and are not executed by this server",
             )),
@@ -246,24 +241,16 @@ fn adapter_name(body: &Map<String, Value>) -> Result<String, TwinkleError> {
     }
 }
 
-/// Routes: `{prefix}/twinkle/{op}` always (Gen-2, POST and GET), `{prefix}/{op}` with
-/// `server_type: twinkle` (Gen-1); see `apps::twinkle_http`.
-pub fn routes(cfg: &mut web::ServiceConfig, tw: Arc<TwinkleModel>, prefix: &str, gen1: bool) {
-    crate::apps::twinkle_http::routes(cfg, tw, prefix, gen1, true);
-}
+/// Mounted by `apps::twinkle_http::routes`: `{prefix}/twinkle/{op}` always (Gen-2, POST and
+/// GET), `{prefix}/{op}` with `server_type: twinkle` (Gen-1).
+impl Ops for TwinkleModel {
+    const GET_TOO: bool = true;
 
-impl crate::apps::twinkle_http::Ops for TwinkleModel {
     fn auth(&self) -> &Auth {
         &self.auth
     }
 
-    fn call(
-        &self,
-        g: Gen,
-        op: &str,
-        caller: &Caller,
-        body: Map<String, Value>,
-    ) -> Result<crate::apps::twinkle_http::Reply, TwinkleError> {
-        self.dispatch(g, op, caller, body).map(crate::apps::twinkle_http::Reply::Json)
+    fn call(&self, c: Call<'_>) -> Result<Reply, TwinkleError> {
+        self.dispatch(c).map(Reply::Json)
     }
 }

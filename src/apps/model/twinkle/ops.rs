@@ -9,10 +9,11 @@ use serde_json::{Map, Value, json};
 use super::inputs::{Loss, TemplateCfg};
 use super::{Metrics, TrainState, TwinkleModel, adapter_name, lock};
 use crate::apps::model::types::{CreateAdapterRequest, LoraSettings};
+use crate::apps::twinkle_http::Call;
 use crate::engine::AdamParams;
 use crate::protocol::twinkle::runs::{self, RunMeta};
 use crate::protocol::twinkle::sched::Schedule;
-use crate::protocol::twinkle::{Caller, Gen, TwinkleError, paths, wire};
+use crate::protocol::twinkle::{TwinkleError, paths, wire};
 
 /// Template class names `set_template` accepts: all mean "the served model's own chat template".
 pub const TEMPLATES: &[&str] = &[
@@ -25,19 +26,23 @@ pub const TEMPLATES: &[&str] = &[
     "ChatmlTemplate",
 ];
 
-pub(super) fn kwargs(body: &Map<String, Value>, skip: &[&str]) -> Map<String, Value> {
-    body.iter()
-        .filter(|(k, _)| !skip.contains(&k.as_str()) && k.as_str() != "adapter_name")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-fn string<'a>(body: &'a Map<String, Value>, k: &str) -> Result<&'a str, TwinkleError> {
+/// The class name `k` of a `set_*` / `add_*` call (required).
+fn class<'a>(body: &'a Map<String, Value>, k: &str) -> Result<&'a str, TwinkleError> {
     body.get(k)
         .and_then(Value::as_str)
         .ok_or_else(|| TwinkleError::bad(format!("{k} is missing (a class name)")))
 }
 
+/// A `set_*` call that names a class: its name `k` and the rest of the body as the class's
+/// keyword arguments.
+fn class_args<'a>(
+    body: &'a Map<String, Value>,
+    k: &str,
+) -> Result<(&'a str, Map<String, Value>), TwinkleError> {
+    Ok((class(body, k)?, wire::kwargs(body, &[k, "adapter_name"])))
+}
+
+/// An optional finite number `k` (`null` = absent).
 pub(super) fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, TwinkleError> {
     match body.get(k) {
         None | Some(Value::Null) => Ok(None),
@@ -51,12 +56,9 @@ pub(super) fn f64_of(body: &Map<String, Value>, k: &str) -> Result<Option<f64>, 
 
 impl TwinkleModel {
     /// `add_adapter_to_model`: a new engine adapter, its run metadata, and its training state.
-    pub(super) fn add_adapter(
-        &self,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let st = self.new_state(caller, body)?;
+    pub(super) fn add_adapter(&self, c: Call) -> Result<Value, TwinkleError> {
+        let caller = c.caller;
+        let st = self.new_state(c)?;
         let (id, eid, lora) = (st.run_id.clone(), st.engine_id.clone(), st.lora.clone());
         let run_dir = paths::caller_run_dir(&self.auth, caller, &id)?;
         self.app.create_adapter(&CreateAdapterRequest {
@@ -70,18 +72,8 @@ impl TwinkleModel {
                 seed: None,
             },
         })?;
-        let run = RunMeta {
-            training_run_id: id.clone(),
-            base_model: self.app.served().info.base_model.clone(),
-            model_owner: caller.owner.clone(),
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(lora.rank),
-            last_request_time: Some(runs::now_iso()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
+        let base_model = &self.app.served().info.base_model;
+        let run = RunMeta::new_lora(&id, base_model, &caller.owner, lora.rank);
         if let Err(e) = runs::write_run(&run_dir, &run) {
             let _ = self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: eid });
             return Err(e);
@@ -92,23 +84,16 @@ impl TwinkleModel {
 
     /// The training state `add_adapter_to_model` with `body` starts from, for an engine adapter
     /// that exists already (restored after a restart).
-    pub(super) fn add_adapter_state(
-        &self,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<(), TwinkleError> {
-        let st = self.new_state(caller, body)?;
+    pub(super) fn add_adapter_state(&self, c: Call) -> Result<(), TwinkleError> {
+        let st = self.new_state(c)?;
         self.insert_state(st);
         Ok(())
     }
 
     /// Checks an `add_adapter_to_model` body against the caller's adapters and the served model
     /// and builds the fresh training state.
-    fn new_state(
-        &self,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<TrainState, TwinkleError> {
+    fn new_state(&self, c: Call) -> Result<TrainState, TwinkleError> {
+        let (caller, body) = (c.caller, c.body);
         let name = adapter_name(body)?;
         let id = caller.adapter_id(&name)?;
         let eid = super::engine_id(caller, &id);
@@ -181,13 +166,9 @@ impl TwinkleModel {
         })
     }
 
-    pub(super) fn set_template(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
+    pub(super) fn set_template(&self, c: Call) -> Result<Value, TwinkleError> {
+        let body = c.body;
+        self.with_state(c, |st| {
         let cls = body
             .get("template_cls")
             .or_else(|| body.get("template_func"))
@@ -209,48 +190,34 @@ impl TwinkleModel {
         }
         let max_length = wire::positive(body, "set_template", "max_length")?;
         let enable_thinking = body.get("enable_thinking").and_then(Value::as_bool);
-        lock(&s).template = Some(TemplateCfg { max_length, enable_thinking });
-        Ok(g.result(Value::Null))
+        st.template = Some(TemplateCfg { max_length, enable_thinking });
+        Ok(Self::unit(c.g))
+        })
     }
 
-    pub(super) fn set_processor(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        self.state(caller, body)?;
-        let cls = body.get("processor_cls").and_then(Value::as_str).unwrap_or("InputProcessor");
+    pub(super) fn set_processor(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.state(c)?;
+        let cls = c.body.get("processor_cls").and_then(Value::as_str).unwrap_or("InputProcessor");
         if cls != "InputProcessor" {
             return Err(TwinkleError::bad(format!(
                 "set_processor: processor_cls `{cls}` is not available; only InputProcessor"
             )));
         }
         // Sequences are packed without padding, so padding_side / padding_free change nothing.
-        Ok(g.result(Value::Null))
+        Ok(Self::unit(c.g))
     }
 
-    pub(super) fn set_loss(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let loss = Loss::from_request(string(body, "loss_cls")?, &kwargs(body, &["loss_cls"]))?;
-        lock(&s).loss = loss;
-        Ok(g.result(Value::Null))
+    pub(super) fn set_loss(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (cls, kw) = class_args(c.body, "loss_cls")?;
+            st.loss = Loss::from_request(cls, &kw)?;
+            Ok(Self::unit(c.g))
+        })
     }
 
-    pub(super) fn set_optimizer(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let cls = string(body, "optimizer_cls")?;
-        let kw = kwargs(body, &["optimizer_cls"]);
+    pub(super) fn set_optimizer(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+        let (cls, kw) = class_args(c.body, "optimizer_cls")?;
         if let Some(k) = kw.keys().find(|k| {
             !["lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused"]
                 .contains(&k.as_str())
@@ -307,61 +274,42 @@ impl TwinkleModel {
                 "set_optimizer: lr, eps and weight_decay must be >= 0 and betas in [0, 1)",
             ));
         }
-        let mut st = lock(&s);
         st.optim = p;
         st.optimizer_cls = cls.to_string();
-        Ok(g.result(Value::Null))
+        Ok(Self::unit(c.g))
+        })
     }
 
-    pub(super) fn set_lr_scheduler(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let cls = string(body, "scheduler_cls")?;
-        let sched = Schedule::from_request(cls, &kwargs(body, &["scheduler_cls"]))?;
-        let mut st = lock(&s);
-        st.schedule = sched;
-        st.scheduler_cls = Some(cls.to_string());
-        st.sched_steps = 0;
-        Ok(g.result(Value::Null))
+    pub(super) fn set_lr_scheduler(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (cls, kw) = class_args(c.body, "scheduler_cls")?;
+            st.schedule = Schedule::from_request(cls, &kw)?;
+            st.scheduler_cls = Some(cls.to_string());
+            st.sched_steps = 0;
+            Ok(Self::unit(c.g))
+        })
     }
 
-    pub(super) fn calculate_metric(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let m = std::mem::take(&mut st.metrics);
-        let mut out = Map::new();
-        if m.batches > 0 {
-            out.insert("loss".into(), json!(format!("{:.6}", m.loss_sum / m.batches as f64)));
-        }
-        if let Some(gn) = m.grad_norm {
-            out.insert("grad_norm".into(), json!(format!("{gn:.6}")));
-        }
-        let lr = m.lr.unwrap_or_else(|| st.schedule.lr(st.optim.learning_rate, st.sched_steps));
-        out.insert("learning rate".into(), json!(format!("{lr:.6e}")));
-        out.insert("iters".into(), json!(format!("{}", st.cur_step)));
-        out.insert("num_tokens".into(), json!(format!("{}", m.tokens)));
-        Ok(json!({"result": out}))
+    pub(super) fn calculate_metric(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let m = std::mem::take(&mut st.metrics);
+            let mut out = Map::new();
+            if m.batches > 0 {
+                out.insert("loss".into(), json!(format!("{:.6}", m.loss_sum / m.batches as f64)));
+            }
+            if let Some(gn) = m.grad_norm {
+                out.insert("grad_norm".into(), json!(format!("{gn:.6}")));
+            }
+            let lr = m.lr.unwrap_or_else(|| st.schedule.lr(st.optim.learning_rate, st.sched_steps));
+            out.insert("learning rate".into(), json!(format!("{lr:.6e}")));
+            out.insert("iters".into(), json!(format!("{}", st.cur_step)));
+            out.insert("num_tokens".into(), json!(format!("{}", m.tokens)));
+            Ok(json!({"result": out}))
+        })
     }
 
-    pub(super) fn train_configs(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let st = lock(&s);
+    pub(super) fn train_configs(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
         let cfg = json!({
             "adapter_name": st.run_id,
             "lora": {"r": st.lora.rank, "lora_alpha": st.lora.alpha, "attention": st.lora.train_attn, "mlp": st.lora.train_mlp,
@@ -373,18 +321,13 @@ impl TwinkleModel {
             "cur_step": st.cur_step,
         });
         Ok(json!({"result": cfg.to_string()}))
+        })
     }
 
-    pub(super) fn add_metric(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        self.state(caller, body)?;
-        let cls = string(body, "metric_cls")?;
-        match cls {
-            "LossMetric" | "Accuracy" | "GradNormMetric" => Ok(Self::unit(g)),
+    pub(super) fn add_metric(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.state(c)?;
+        match class(c.body, "metric_cls")? {
+            "LossMetric" | "Accuracy" | "GradNormMetric" => Ok(Self::unit(c.g)),
             other => Err(TwinkleError::bad(format!(
                 "add_metric: metric_cls `{other}` is not available; loss, grad_norm and learning rate are always reported"
             ))),

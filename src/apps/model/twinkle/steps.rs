@@ -5,26 +5,29 @@
 use serde_json::{Map, Value, json};
 
 use super::inputs::{self, Loss};
-use super::ops::{f64_of, kwargs};
-use super::{TrainState, TwinkleModel, lock};
+use super::ops::f64_of;
+use super::{TrainState, TwinkleModel};
 use crate::apps::model::types::{ForwardBackwardRequest, OptimStepRequest};
+use crate::apps::twinkle_http::Call;
 use crate::engine::AdamParams;
-use crate::protocol::twinkle::{Caller, Gen, TwinkleError};
+use crate::protocol::twinkle::{Gen, TwinkleError, wire};
 
 impl TwinkleModel {
+    /// The call's `inputs`, encoded, and its other keyword arguments (the loss's extras).
     fn encode(
         &self,
         st: &TrainState,
         body: &Map<String, Value>,
-    ) -> Result<Vec<inputs::Encoded>, TwinkleError> {
+    ) -> Result<(Vec<inputs::Encoded>, Map<String, Value>), TwinkleError> {
         let served = self.app.served();
-        inputs::encode(
+        let enc = inputs::encode(
             body.get("inputs").unwrap_or(&Value::Null),
             served.tokenizer.as_deref(),
             st.template.as_ref(),
             served.config.vocab_size,
             served.max_length,
-        )
+        )?;
+        Ok((enc, wire::kwargs(body, &["inputs", "adapter_name"])))
     }
 
     /// Runs the engine on `enc`; returns (loss in the user's units, per-input logprobs).
@@ -69,106 +72,72 @@ impl TwinkleModel {
         Ok((loss, lps, tokens))
     }
 
+    /// After a training micro-batch: counts it and adds it to the metrics.
     fn record(st: &mut TrainState, loss: f64, tokens: usize) {
+        st.micro += 1;
         st.metrics.loss_sum += loss;
         st.metrics.batches += 1;
         st.metrics.tokens += tokens as u64;
     }
 
-    pub(super) fn forward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-        stage: bool,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let enc = self.encode(&st, body)?;
-        let disable = body.get("disable_lora").and_then(Value::as_bool).unwrap_or(false);
-        let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, _) = self.run(&st, &st.loss, &enc, &extras, false, disable)?;
-        let logps = inputs::logps(&enc, &lps);
-        if stage {
-            st.staged = Some((enc, extras, loss));
-        }
-        let _ = g;
-        Ok(json!({"result": {"loss": loss, "logps": logps, "logits": null}}))
-    }
-
-    pub(super) fn calculate_loss(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let st = lock(&s);
-        let (_, _, loss) = st
-            .staged
-            .as_ref()
-            .ok_or_else(|| TwinkleError::bad("calculate_loss: call forward(inputs) first"))?;
-        Ok(g.result(json!(loss)))
-    }
-
-    pub(super) fn backward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let (enc, extras, _) = st.staged.take().ok_or_else(|| {
-            TwinkleError::bad("backward: call forward(inputs) and calculate_loss first")
-        })?;
-        let (loss, _, tokens) = self.run(&st, &st.loss, &enc, &extras, true, false)?;
-        st.micro += 1;
-        Self::record(&mut st, loss, tokens);
-        Ok(match g {
-            Gen::One => json!({"result": null}),
-            Gen::Two => Value::Null,
+    /// `forward` (keeps what `calculate_loss` and `backward` need) and `forward_only`.
+    pub(super) fn forward(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (enc, extras) = self.encode(st, c.body)?;
+            let (loss, lps, _) =
+                self.run(st, &st.loss, &enc, &extras, false, c.flag("disable_lora"))?;
+            let logps = inputs::logps(&enc, &lps);
+            if c.op == "forward" {
+                st.staged = Some((enc, extras, loss));
+            }
+            Ok(json!({"result": {"loss": loss, "logps": logps, "logits": null}}))
         })
     }
 
-    pub(super) fn forward_backward(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let enc = self.encode(&st, body)?;
-        let extras = kwargs(body, &["inputs"]);
-        let (loss, lps, tokens) = self.run(&st, &st.loss, &enc, &extras, true, false)?;
-        st.micro += 1;
-        st.consumed_train_samples += enc.len() as u64;
-        Self::record(&mut st, loss, tokens);
-        Ok(
-            json!({"result": {"loss": loss, "logps": inputs::logps(&enc, &lps), "num_tokens": tokens, "logits": null}}),
-        )
+    pub(super) fn calculate_loss(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (_, _, loss) = st
+                .staged
+                .as_ref()
+                .ok_or_else(|| TwinkleError::bad("calculate_loss: call forward(inputs) first"))?;
+            Ok(c.g.result(json!(loss)))
+        })
+    }
+
+    pub(super) fn backward(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (enc, extras, _) = st.staged.take().ok_or_else(|| {
+                TwinkleError::bad("backward: call forward(inputs) and calculate_loss first")
+            })?;
+            let (loss, _, tokens) = self.run(st, &st.loss, &enc, &extras, true, false)?;
+            Self::record(st, loss, tokens);
+            Ok(Self::unit(c.g))
+        })
+    }
+
+    pub(super) fn forward_backward(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let (enc, extras) = self.encode(st, c.body)?;
+            let (loss, lps, tokens) = self.run(st, &st.loss, &enc, &extras, true, false)?;
+            st.consumed_train_samples += enc.len() as u64;
+            Self::record(st, loss, tokens);
+            Ok(json!({"result": {"loss": loss, "logps": inputs::logps(&enc, &lps),
+                                 "num_tokens": tokens, "logits": null}}))
+        })
     }
 
     fn boundary(st: &TrainState) -> bool {
         st.micro > 0 && st.micro.is_multiple_of(st.ga_steps)
     }
 
-    pub(super) fn clip_grad_norm(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let _ = g;
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let max = Self::clip_args(body)?;
-        let norm = self.app.grad_norm(&st.engine_id)?;
-        st.clip = Some(max);
-        st.metrics.grad_norm = Some(norm);
-        Ok(json!({"result": format!("{norm}")}))
+    pub(super) fn clip_grad_norm(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let max = Self::clip_args(c.body)?;
+            let norm = self.app.grad_norm(&st.engine_id)?;
+            st.clip = Some(max);
+            st.metrics.grad_norm = Some(norm);
+            Ok(json!({"result": format!("{norm}")}))
+        })
     }
 
     /// `max_grad_norm` of a clip request (only the L2 norm is supported).
@@ -208,67 +177,51 @@ impl TwinkleModel {
         Ok(())
     }
 
+    /// One scheduler step when the optimizer stepped since the last one (the scheduler
+    /// follows the optimizer).
+    fn sched_step(st: &mut TrainState) {
+        if std::mem::take(&mut st.stepped) {
+            st.sched_steps += 1;
+        }
+    }
+
+    /// The answer of an op with no result.
     pub(super) fn unit(g: Gen) -> Value {
         g.result(Value::Null)
     }
 
-    pub(super) fn step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        self.do_step(&mut lock(&s))?;
-        Ok(Self::unit(g))
+    pub(super) fn step(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| self.do_step(st))?;
+        Ok(Self::unit(c.g))
     }
 
-    pub(super) fn zero_grad(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        // Off a boundary the gradient keeps accumulating; after a step it is already zero.
-        if Self::boundary(&st) {
-            self.app.zero_grad(&st.engine_id)?;
-            st.micro = 0;
-        }
-        Ok(Self::unit(g))
-    }
-
-    pub(super) fn lr_step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        if std::mem::take(&mut st.stepped) {
-            st.sched_steps += 1;
-        }
-        Ok(Self::unit(g))
-    }
-
-    pub(super) fn clip_grad_and_step(
-        &self,
-        g: Gen,
-        caller: &Caller,
-        body: &Map<String, Value>,
-    ) -> Result<Value, TwinkleError> {
-        let s = self.state(caller, body)?;
-        let mut st = lock(&s);
-        let max = Self::clip_args(body)?;
-        if Self::boundary(&st) {
-            st.clip = Some(max);
-            self.do_step(&mut st)?;
-            if std::mem::take(&mut st.stepped) {
-                st.sched_steps += 1;
+    pub(super) fn zero_grad(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            // Off a boundary the gradient keeps accumulating; after a step it is already zero.
+            if Self::boundary(st) {
+                self.app.zero_grad(&st.engine_id)?;
+                st.micro = 0;
             }
-        }
-        Ok(Self::unit(g))
+            Ok(Self::unit(c.g))
+        })
+    }
+
+    pub(super) fn lr_step(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            Self::sched_step(st);
+            Ok(Self::unit(c.g))
+        })
+    }
+
+    pub(super) fn clip_grad_and_step(&self, c: Call) -> Result<Value, TwinkleError> {
+        self.with_state(c, |st| {
+            let max = Self::clip_args(c.body)?;
+            if Self::boundary(st) {
+                st.clip = Some(max);
+                self.do_step(st)?;
+                Self::sched_step(st);
+            }
+            Ok(Self::unit(c.g))
+        })
     }
 }

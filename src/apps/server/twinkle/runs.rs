@@ -71,11 +71,18 @@ pub fn paginate<T>(items: Vec<T>, q: &PageQuery) -> (Vec<T>, Cursor) {
     (page, Cursor { limit, offset, total_count })
 }
 
-/// Runs blocking file work off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TwinkleError> + Send + 'static,
+/// Authenticates `req` (401 first, before anything else is looked at), then runs `f` with the
+/// tenants and the caller off the async workers (it reads and writes files).
+async fn as_caller<T: Send + 'static>(
+    app: &Shared,
+    req: &HttpRequest,
+    f: impl FnOnce(&Auth, &Caller) -> Result<T, TwinkleError> + Send + 'static,
 ) -> Result<T, TwinkleError> {
-    web::block(f).await.map_err(|e| TwinkleError::Internal(format!("file task failed: {e}")))?
+    let who = caller(app, req)?;
+    let auth = app.auth.clone();
+    web::block(move || f(&auth, &who))
+        .await
+        .map_err(|e| TwinkleError::Internal(format!("file task failed: {e}")))?
 }
 
 /// The caller's run `run_id` and its directory; 404 when the caller has no such run.
@@ -112,13 +119,14 @@ pub fn own_checkpoint(
 }
 
 async fn training_runs(app: Shared, req: HttpRequest) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
-    let q = web::Query::<PageQuery>::from_query(req.query_string())
-        .map_err(|e| TwinkleError::bad(format!("query: {e}")))?
-        .into_inner();
-    let owner_dir = app.auth.owner_dir(&who);
-    let runs = blocking(move || list_runs(&owner_dir)).await?;
-    let (page, cursor) = paginate(runs, &q);
+    let query = req.query_string().to_owned();
+    let (page, cursor) = as_caller(&app, &req, move |auth, who| {
+        let q = web::Query::<PageQuery>::from_query(&query)
+            .map_err(|e| TwinkleError::bad(format!("query: {e}")))?
+            .into_inner();
+        Ok(paginate(list_runs(&auth.owner_dir(who))?, &q))
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(json!({ "training_runs": page, "cursor": cursor })))
 }
 
@@ -127,10 +135,8 @@ async fn training_run(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
     let run_id = path.into_inner();
-    let auth = app.auth.clone();
-    let (run, _) = blocking(move || own_run(&auth, &who, &run_id)).await?;
+    let (run, _) = as_caller(&app, &req, move |auth, who| own_run(auth, who, &run_id)).await?;
     Ok(HttpResponse::Ok().json(run))
 }
 
@@ -139,14 +145,10 @@ async fn checkpoints(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
     let run_id = path.into_inner();
-    let auth = app.auth.clone();
-    let list = blocking(move || {
-        let (_, dir) = own_run(&auth, &who, &run_id)?;
-        list_checkpoints(&dir)
-    })
-    .await?;
+    let list =
+        as_caller(&app, &req, move |auth, who| list_checkpoints(&own_run(auth, who, &run_id)?.1))
+            .await?;
     Ok(HttpResponse::Ok().json(json!({ "checkpoints": list, "cursor": null })))
 }
 
@@ -155,14 +157,11 @@ async fn delete(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
     let (run_id, ckpt_id) = path.into_inner();
-    let auth = app.auth.clone();
     let shown = ckpt_id.clone();
-    blocking(move || {
-        let (path, dir, _) = own_checkpoint(&auth, &who, &run_id, &ckpt_id)?;
-        let run_dir = caller_run_dir(&auth, &who, &run_id)?;
-        delete_checkpoint(&run_dir, &path, &dir)
+    as_caller(&app, &req, move |auth, who| {
+        let (path, dir, _) = own_checkpoint(auth, who, &run_id, &ckpt_id)?;
+        delete_checkpoint(&caller_run_dir(auth, who, &run_id)?, &path, &dir)
     })
     .await?;
     Ok(HttpResponse::Ok().json(json!({
@@ -210,10 +209,11 @@ async fn weights_info(
     req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
-    let r: WeightsInfoRequest = parse_body(&body)?;
-    let auth = app.auth.clone();
-    let info = blocking(move || weights_info_of(&auth, &who, &r.twinkle_path)).await?;
+    let info = as_caller(&app, &req, move |auth, who| {
+        let r: WeightsInfoRequest = parse_body(&body)?;
+        weights_info_of(auth, who, &r.twinkle_path)
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(info))
 }
 
@@ -222,10 +222,10 @@ async fn checkpoint_path(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, TwinkleError> {
-    let who = caller(&app, &req)?;
     let (run_id, ckpt_id) = path.into_inner();
-    let auth = app.auth.clone();
-    let (path, _, _) = blocking(move || own_checkpoint(&auth, &who, &run_id, &ckpt_id)).await?;
+    let (path, _, _) =
+        as_caller(&app, &req, move |auth, who| own_checkpoint(auth, who, &run_id, &ckpt_id))
+            .await?;
     let twinkle_path = path.to_string();
     Ok(HttpResponse::Ok().json(json!({ "path": twinkle_path, "twinkle_path": twinkle_path })))
 }
@@ -234,7 +234,7 @@ async fn checkpoint_path(
 mod tests {
     use super::*;
     use crate::protocol::tinker::paths::{CheckpointKind, owner_hash};
-    use crate::protocol::twinkle::runs::{now_iso, record_checkpoint, write_run};
+    use crate::protocol::twinkle::runs::{record_checkpoint, write_run};
 
     fn auth(root: &std::path::Path) -> Auth {
         Auth { keys: None, salt: b"salt".to_vec(), save_root: root.to_path_buf() }
@@ -248,18 +248,7 @@ mod tests {
     fn run(root: &std::path::Path, token: &str, id: &str, ckpt: Option<&str>) {
         let owner = who(token).owner;
         let dir = root.join(&owner).join(id);
-        let mut meta = RunMeta {
-            training_run_id: id.into(),
-            base_model: "qwen3-tiny".into(),
-            model_owner: owner.clone(),
-            is_lora: true,
-            corrupted: false,
-            lora_rank: Some(8),
-            last_request_time: Some(now_iso()),
-            last_checkpoint: None,
-            last_sampler_checkpoint: None,
-            user_metadata: None,
-        };
+        let mut meta = RunMeta::new_lora(id, "qwen3-tiny", &owner, 8);
         write_run(&dir, &meta).unwrap();
         if let Some(name) = ckpt {
             let p = TwinklePath::new(id, CheckpointKind::Weights, name).unwrap();

@@ -78,13 +78,9 @@ async fn create_session(
     };
     let id = crate::ids::hex_id(SESSION_PREFIX);
     let rec = NewSession {
-        id: id.clone(),
-        owner: who.owner,
         tags: vec![SESSION_TAG.to_string()],
         user_metadata,
-        sdk_version: None,
-        project_id: None,
-        display_name: None,
+        ..NewSession::new(&id, &who.owner)
     };
     app.disp.db(move |s| s.create_session(&rec)).await?;
     Ok(HttpResponse::Ok().json(json!({ "session_id": id })))
