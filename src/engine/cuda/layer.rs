@@ -242,34 +242,13 @@ impl<T: Act> CudaModel<T> {
                     &self.attn_shape(p.max_len),
                 )?;
                 if let KvMode::Prefill { slots, cache } = kv {
-                    let cache = &mut **cache;
-                    let (kc, vc) = cache.layer_mut(l)?;
-                    let sv = view(slots, 0, rows)?;
-                    k::kv_append_fwd(
-                        dev,
-                        &mut kc.as_view_mut(),
-                        &mut vc.as_view_mut(),
-                        &kv_,
-                        &vv,
-                        &sv,
-                        nkv * hdp,
-                    )?;
+                    cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
                 }
             }
             KvMode::Decode { slots, table, ctx, cache } => {
-                let cache = &mut **cache;
                 let block = cache.max_len();
-                let (kc, vc) = cache.layer_mut(l)?;
-                let sv = view(slots, 0, rows)?;
-                k::kv_append_fwd(
-                    dev,
-                    &mut kc.as_view_mut(),
-                    &mut vc.as_view_mut(),
-                    &kv_,
-                    &vv,
-                    &sv,
-                    nkv * hdp,
-                )?;
+                let (kc, vc) =
+                    cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
                 k::decode_attention_fwd(
                     dev,
                     &mut view_mut(&mut outp, 0, nq)?,
