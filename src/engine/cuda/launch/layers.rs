@@ -47,6 +47,30 @@ pub fn embedding_fwd<T: Dtype>(
     }
 }
 
+/// The shape both RMSNorm kernels share: `x` [n, d] with d = `w_len`, every buffer of `rows`
+/// ([n, d]) and rstd [n] checked; returns the launch and the kernel's (n, d), or None for n = 0.
+fn rmsnorm_setup(
+    k: &'static str,
+    x_len: usize,
+    w_len: usize,
+    rows: &[(&str, usize)],
+    rstd_len: usize,
+) -> Result<Option<(LaunchConfig, i32, i32)>, CudaError> {
+    let d = w_len;
+    if d == 0 || !x_len.is_multiple_of(d) {
+        return Err(shape_err(k, format!("x of {x_len} elements is not [n, {d}]")));
+    }
+    let n = x_len / d;
+    for &(name, len) in rows {
+        need_len(k, name, len, n * d)?;
+    }
+    need_len(k, "rstd", rstd_len, n)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some((hidden_row_cfg(k, n, d)?, int(k, "n", n)?, int(k, "d", d)?)))
+}
+
 /// y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) per row of `x` [n, d]; writes rstd [n]
 /// for the backward.
 pub fn rmsnorm_fwd<T: Dtype>(
@@ -58,18 +82,11 @@ pub fn rmsnorm_fwd<T: Dtype>(
     eps: f32,
 ) -> Result<(), CudaError> {
     let k = sym!(T, "rmsnorm_fwd");
-    let d = w.len();
-    if d == 0 || x.len() % d != 0 {
-        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
-    }
-    let n = x.len() / d;
-    need_len(k, "out", out.len(), n * d)?;
-    need_len(k, "rstd", rstd.len(), n)?;
-    if n == 0 {
+    let Some((cfg, ni, di)) =
+        rmsnorm_setup(k, x.len(), w.len(), &[("out", out.len())], rstd.len())?
+    else {
         return Ok(());
-    }
-    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
-    let cfg = hidden_row_cfg(k, n, d)?;
+    };
     let f = Kernel::load(dev, "rmsnorm.cu", k)?;
     // SAFETY: out/x are [n, d], w [d], rstd [n] (checked); one block per row, block <= 512.
     unsafe {
@@ -89,19 +106,10 @@ pub fn rmsnorm_bwd<T: Dtype>(
     rstd: &CudaView<'_, f32>,
 ) -> Result<(), CudaError> {
     let k = sym!(T, "rmsnorm_bwd");
-    let d = w.len();
-    if d == 0 || x.len() % d != 0 {
-        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
-    }
-    let n = x.len() / d;
-    need_len(k, "dx", dx.len(), n * d)?;
-    need_len(k, "dout", dout.len(), n * d)?;
-    need_len(k, "rstd", rstd.len(), n)?;
-    if n == 0 {
+    let rows = [("dx", dx.len()), ("dout", dout.len())];
+    let Some((cfg, ni, di)) = rmsnorm_setup(k, x.len(), w.len(), &rows, rstd.len())? else {
         return Ok(());
-    }
-    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
-    let cfg = hidden_row_cfg(k, n, d)?;
+    };
     let f = Kernel::load(dev, "rmsnorm.cu", k)?;
     // SAFETY: dx/dout/x are [n, d], w [d], rstd [n] (checked).
     unsafe {

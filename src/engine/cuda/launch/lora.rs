@@ -6,7 +6,7 @@
 //!
 //! (`Rows`/`Cols` are [`LoraLayout`] variants.)
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
@@ -33,6 +33,36 @@ impl LoraLayout {
             LoraLayout::Rows => (dim, 1),
             LoraLayout::Cols => (1, r),
         }
+    }
+}
+
+/// Enqueues one of lora.cu's kernels, which all take (out*, const a*, const b*, long long
+/// stride, long long stride, int n, int dim, int rank, float scale); `strides` in the kernel's
+/// order, `dims` = (n, dim, rank).
+///
+/// # Safety
+/// `kn` must be a lora.cu kernel and `out`, `a`, `b` sized for `dims` as that kernel reads them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_lora<O: DeviceRepr, A: DeviceRepr, B: DeviceRepr>(
+    dev: &CudaDevice,
+    kn: &'static str,
+    cfg: LaunchConfig,
+    out: &mut CudaViewMut<'_, O>,
+    a: &CudaView<'_, A>,
+    b: &CudaView<'_, B>,
+    strides: (usize, usize),
+    (n, dim, rank): (usize, usize, usize),
+    scale: f32,
+) -> Result<(), CudaError> {
+    let (s0, s1) = (long(kn, "stride", strides.0)?, long(kn, "stride", strides.1)?);
+    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let f = Kernel::load(dev, "lora.cu", kn)?;
+    // SAFETY: the buffer sizes are this function's contract; the argument list is the shared
+    // signature above.
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(a).arg(b).arg(&s0).arg(&s1).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+        })
     }
 }
 
@@ -92,17 +122,11 @@ pub fn lora_shrink_fwd<T: Dtype>(
         return Ok(());
     }
     let (wk, wj) = layout.strides(dim, rank);
-    let (wk, wj) = (long(kn, "stride", wk)?, long(kn, "stride", wj)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
     let groups = grid_dim(kn, "row groups", n.div_ceil(SHRINK_ROWS), i32::MAX as u32)?;
-    let f = Kernel::load(dev, "lora.cu", kn)?;
+    let cfg = blocks((groups, 1, 1), 256);
     // SAFETY: x [n, dim], w [rank * dim], h [n, rank] (checked); strides address w within
     // rank * dim for both layouts.
-    unsafe {
-        f.launch(blocks((groups, 1, 1), 256), |l| {
-            l.arg(h).arg(x).arg(w).arg(&wk).arg(&wj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
-        })
-    }
+    unsafe { launch_lora(dev, kn, cfg, h, x, w, (wk, wj), (n, dim, rank), scale) }
 }
 
 /// y[n, j] += s * sum_k h[n, k] W(j, k) for y [N, dim], h [N, r] f32.
@@ -123,20 +147,13 @@ pub fn lora_expand_fwd<T: Dtype>(
     }
     // the weight is read as W(j, k): j strides like the "dim" index of `strides`
     let (wk, wj) = layout.strides(dim, rank);
-    let (wj, wk) = (long(kn, "stride", wj)?, long(kn, "stride", wk)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
     let cfg = blocks(
         (column_tiles(kn, dim)?, grid_dim(kn, "row groups", n.div_ceil(EXPAND_ROWS), 65_535)?, 1),
         256,
     );
-    let f = Kernel::load(dev, "lora.cu", kn)?;
     // SAFETY: y [n, dim], h [n, rank], w [rank * dim] (checked); rank <= 256 fits the kernel's
     // static [8][256] shared tile.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(y).arg(h).arg(w).arg(&wj).arg(&wk).arg(&ni).arg(&di).arg(&ri).arg(&scale);
-        })
-    }
+    unsafe { launch_lora(dev, kn, cfg, y, h, w, (wj, wk), (n, dim, rank), scale) }
 }
 
 /// dW(k, j) += s * sum_n u[n, k] v[n, j] for u [N, r] f32, v [N, dim]; dW f32 in `layout`.
@@ -155,9 +172,6 @@ pub fn lora_wgrad_bwd<T: Dtype>(
     if n == 0 || dim == 0 {
         return Ok(());
     }
-    let (ok, oj) = layout.strides(dim, rank);
-    let (ok, oj) = (long(kn, "stride", ok)?, long(kn, "stride", oj)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
     let cfg = blocks(
         (
             column_tiles(kn, dim)?,
@@ -166,11 +180,6 @@ pub fn lora_wgrad_bwd<T: Dtype>(
         ),
         256,
     );
-    let f = Kernel::load(dev, "lora.cu", kn)?;
     // SAFETY: dW [rank * dim], u [n, rank], v [n, dim] (checked).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(dw).arg(u).arg(v).arg(&ok).arg(&oj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
-        })
-    }
+    unsafe { launch_lora(dev, kn, cfg, dw, u, v, layout.strides(dim, rank), (n, dim, rank), scale) }
 }

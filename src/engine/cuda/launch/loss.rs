@@ -367,10 +367,22 @@ pub fn adamw_fwd(
     }
 }
 
-/// Grid of the multi-tensor optimizer kernels: x splits the longest tensor, y = tensor.
-fn multi_cfg(kn: &'static str, count: usize, max_len: usize) -> Result<LaunchConfig, CudaError> {
+/// Checks a tensor table of the multi-tensor optimizer kernels (`ptrs` [count, 4], `lens`
+/// [count]) and returns its grid (x splits the longest tensor, y = tensor) and the kernel's
+/// count, or None for an empty table.
+fn multi_setup(
+    kn: &'static str,
+    ptrs: usize,
+    count: usize,
+    max_len: usize,
+) -> Result<Option<(LaunchConfig, i32)>, CudaError> {
+    need_len(kn, "ptrs", ptrs, 4 * count)?;
+    if count == 0 {
+        return Ok(None);
+    }
     let x = max_len.div_ceil(256).clamp(1, 512) as u32;
-    Ok(blocks((x, grid_dim(kn, "tensors", count, 65535)?, 1), 256))
+    let cfg = blocks((x, grid_dim(kn, "tensors", count, 65535)?, 1), 256);
+    Ok(Some((cfg, int(kn, "tensors", count)?)))
 }
 
 /// acc[0] += sum of g^2 over every tensor of a table `ptrs` [count, 4] = (p, g, m, v)
@@ -387,14 +399,10 @@ pub(crate) unsafe fn sumsq_multi_fwd(
     max_len: usize,
 ) -> Result<(), CudaError> {
     let kn = "sumsq_multi_fwd_f32";
-    let count = lens.len();
     need_len(kn, "acc", acc.len(), 1)?;
-    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
-    if count == 0 {
+    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
         return Ok(());
-    }
-    let nt = int(kn, "tensors", count)?;
-    let cfg = multi_cfg(kn, count, max_len)?;
+    };
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: acc holds 1 float, ptrs 4 addresses per tensor and lens one length (checked); the
     // addressed buffers are live and sized as lens says (this function's contract).
@@ -421,15 +429,11 @@ pub(crate) unsafe fn adamw_multi_fwd(
     h: &AdamStep,
 ) -> Result<(), CudaError> {
     let kn = "adamw_multi_fwd_f32";
-    let count = lens.len();
     need_len(kn, "sumsq", sumsq.len(), 1)?;
-    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
     let (bc1, bc2) = bias_corrections(kn, h)?;
-    if count == 0 {
+    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
         return Ok(());
-    }
-    let nt = int(kn, "tensors", count)?;
-    let cfg = multi_cfg(kn, count, max_len)?;
+    };
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: table and sumsq sized as checked; the addressed buffers are live, sized as lens
     // says and not aliased (this function's contract).

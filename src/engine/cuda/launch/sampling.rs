@@ -10,6 +10,22 @@ use crate::engine::cuda::{CudaDevice, CudaError};
 const ARGMAX_THREADS: u32 = 1024;
 const SAMPLE_THREADS: u32 = 1024;
 
+/// The shape both picks share: logits [b, ld] with `vocab` <= ld valid columns, `out` and
+/// `logprob` [b]; returns b.
+fn pick_rows(
+    kn: &'static str,
+    logits: usize,
+    ld: usize,
+    vocab: usize,
+    out: usize,
+    logprob: usize,
+) -> Result<usize, CudaError> {
+    let b = chunk_rows(kn, logits, ld, vocab)?;
+    need_len(kn, "out", out, b)?;
+    need_len(kn, "logprob", logprob, b)?;
+    Ok(b)
+}
+
 /// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax
 /// (lowest index on ties, as the CPU sampler) and `logprob` [B] its log-softmax in the raw
 /// distribution (f64 sum).
@@ -22,9 +38,7 @@ pub fn argmax_fwd<T: Dtype>(
     vocab: usize,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "argmax_fwd");
-    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
-    need_len(kn, "out", out.len(), b)?;
-    need_len(kn, "logprob", logprob.len(), b)?;
+    let b = pick_rows(kn, logits.len(), ld, vocab, out.len(), logprob.len())?;
     if b == 0 {
         return Ok(());
     }
@@ -57,9 +71,7 @@ pub fn sample_fwd<T: Dtype>(
     params: &CudaView<'_, u32>,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "sample_fwd");
-    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
-    need_len(kn, "out", out.len(), b)?;
-    need_len(kn, "logprob", logprob.len(), b)?;
+    let b = pick_rows(kn, logits.len(), ld, vocab, out.len(), logprob.len())?;
     need_len(kn, "inv_t", inv_t.len(), b)?;
     let p = b.checked_mul(3).ok_or_else(|| shape_err(kn, format!("{b} rows overflow")))?;
     need_len(kn, "params", params.len(), p)?;
