@@ -197,11 +197,9 @@ impl<T: Act> CudaModel<T> {
         save: bool,
     ) -> R<(Buf<T>, Option<LayerSave<T>>)> {
         let dev = &*self.dev;
-        let c = &self.cfg;
         let lw = &self.layers[l];
         let rows = p.rows;
-        let (hid, hd, nh, nkv, hdp) =
-            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let (hid, hd, nh, nkv, hdp) = self.layer_dims();
         let scale = ad.map(|a| a.scaling).unwrap_or(0.0);
         let lora = |t: Target| lora_of(ad, l, t);
 
@@ -311,6 +309,12 @@ impl<T: Act> CudaModel<T> {
         Ok((x, Some(saved)))
     }
 
+    /// (hidden, head_dim, heads, kv_heads, padded head_dim): the sizes both layer passes use.
+    fn layer_dims(&self) -> (usize, usize, usize, usize, usize) {
+        let c = &self.cfg;
+        (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp)
+    }
+
     /// Input gradient of layer `l`'s linears that all read `x` [rows, hidden] (q/k/v, or
     /// gate/up), from their output gradients `outs` (dy, its length, linear, target): the first
     /// writes the returned gradient (beta = 0), the others add to it; LoRA gradients are
@@ -366,11 +370,9 @@ impl<T: Act> CudaModel<T> {
         ad: &mut CudaAdapter,
     ) -> R<()> {
         let dev = &*self.dev;
-        let c = &self.cfg;
         let lw = &self.layers[l];
         let rows = p.rows;
-        let (hid, hd, nh, nkv, hdp) =
-            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let (hid, hd, nh, nkv, hdp) = self.layer_dims();
         let inter = lw.gate.out;
         let scale = ad.scaling;
         let hs = |t: Target| s.h[slot(t)].as_ref();

@@ -81,7 +81,7 @@ fn rank_split(
     rank: usize,
 ) -> Result<(usize, usize), CudaError> {
     check_rank(k, rank)?;
-    if w % rank != 0 || u % rank != 0 {
+    if !w.is_multiple_of(rank) || !u.is_multiple_of(rank) {
         return Err(shape_err(
             k,
             format!("{} ({w}) and {} ({u}) must be multiples of rank {rank}", what.0, what.1),
