@@ -63,7 +63,7 @@ impl TrainReport {
 
     pub fn json(&self) -> Value {
         let t = self.tokens_per_step as f64;
-        json!({
+        let j = json!({
             "kind": "train",
             "tokens_per_step": self.tokens_per_step,
             "seq": self.seq,
@@ -79,9 +79,8 @@ impl TrainReport {
             "forward_tokens_per_s": t / self.forward_s,
             "train_gflops": self.flops.train * t / self.fwd_bwd_s / 1e9,
             "forward_gflops": self.flops.forward * t / self.forward_s / 1e9,
-            "peak_rss_mib": self.peak_rss_bytes.map(|b| b as f64 / 1048576.0),
-            "loadavg": loadavg(),
-        })
+        });
+        with_machine(j, self.peak_rss_bytes)
     }
 
     pub fn text(&self) -> String {
@@ -92,8 +91,7 @@ impl TrainReport {
              fwd+bwd      {:8.1} tokens/s  {:7.1} GFLOP/s  ({:.3} s/step, {:.2} GFLOP/token = 4N+3attn+6P_lora)\n\
              full step    {:8.1} tokens/s  (fwd+bwd+optim {:.3} s)\n\
              split        forward {:.3} s (separate forward-only pass: {:.1} tokens/s, {:.1} GFLOP/s), backward ≈ {:.3} s, optim {:.4} s\n\
-             peak RSS     {}\n\
-             loadavg      {}",
+             {}",
             self.tokens_per_step,
             self.seq,
             self.lora_params,
@@ -108,8 +106,7 @@ impl TrainReport {
             f("forward_gflops"),
             f("backward_s_est"),
             self.optim_s,
-            mib(self.peak_rss_bytes),
-            loadavg(),
+            machine_text(self.peak_rss_bytes),
         )
     }
 }
@@ -132,7 +129,7 @@ impl SampleReport {
         let mut sorted = self.step_s.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
-        json!({
+        let j = json!({
             "kind": "sample",
             "batch": self.batch,
             "prompt": self.prompt,
@@ -143,9 +140,8 @@ impl SampleReport {
             "decode_tokens_per_s": self.batch as f64 * steps / decode_s,
             "step_ms_mean": decode_s / steps * 1e3,
             "step_ms_median": median * 1e3,
-            "peak_rss_mib": self.peak_rss_bytes.map(|b| b as f64 / 1048576.0),
-            "loadavg": loadavg(),
-        })
+        });
+        with_machine(j, self.peak_rss_bytes)
     }
 
     pub fn text(&self) -> String {
@@ -155,8 +151,7 @@ impl SampleReport {
             "sample: batch {}, prompt {}, {} decode steps (greedy, no adapter)\n\
              prefill      {:8.1} tokens/s  ({:.3} s)\n\
              decode       {:8.1} tokens/s  (per step: mean {:.2} ms, median {:.2} ms; one token per sequence)\n\
-             peak RSS     {}\n\
-             loadavg      {}",
+             {}",
             self.batch,
             self.prompt,
             self.step_s.len(),
@@ -165,10 +160,22 @@ impl SampleReport {
             f("decode_tokens_per_s"),
             f("step_ms_mean"),
             f("step_ms_median"),
-            mib(self.peak_rss_bytes),
-            loadavg(),
+            machine_text(self.peak_rss_bytes),
         )
     }
+}
+
+/// `j` (a report's JSON object) with the machine fields every report ends with: peak RSS in
+/// MiB and the load averages.
+fn with_machine(mut j: Value, peak_rss_bytes: Option<u64>) -> Value {
+    j["peak_rss_mib"] = json!(peak_rss_bytes.map(|b| b as f64 / 1048576.0));
+    j["loadavg"] = json!(loadavg());
+    j
+}
+
+/// The lines every report's text ends with (the text form of [`with_machine`]).
+fn machine_text(peak_rss_bytes: Option<u64>) -> String {
+    format!("peak RSS     {}\nloadavg      {}", mib(peak_rss_bytes), loadavg())
 }
 
 fn mib(b: Option<u64>) -> String {
@@ -204,27 +211,7 @@ mod tests {
     fn qwen05b_counts_match_the_perf_anchor_table() {
         // perf-anchors §1.3/§1.4: N = 0.494B; LoRA (without adapter terms) 2.04 GF/token at seq
         // 512 and 2.24 at 2048.
-        let s = SynthSpec::qwen2_5_0_5b();
-        let c = ModelConfig {
-            arch: s.arch.clone(),
-            vocab_size: s.vocab,
-            hidden_size: s.hidden,
-            intermediate_size: s.inter,
-            num_layers: s.layers,
-            num_heads: s.heads,
-            num_kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-            rms_norm_eps: 1e-6,
-            rope_theta: s.rope_theta,
-            max_position_embeddings: s.max_positions,
-            tie_word_embeddings: true,
-            eos_token_ids: vec![],
-            bos_token_id: None,
-            dtype: "float32".into(),
-            qkv_bias: true,
-            qk_norm: false,
-            inv_freq: vec![],
-        };
+        let c = crate::engine::cuda::spec_config(&SynthSpec::qwen2_5_0_5b());
         let f512 = flops(&c, 512, 0);
         let f2048 = flops(&c, 2048, 0);
         assert!((f512.matmul_params / 1e9 - 0.494).abs() < 0.001, "{}", f512.matmul_params);

@@ -78,20 +78,26 @@ fn bad(m: impl Into<String>) -> EngineError {
     EngineError::InvalidInput(format!("golden case: {}", m.into()))
 }
 
-fn u32s(v: &Value) -> Result<Vec<u32>> {
+/// `v` as a list of `what`, each element read by `elem` (`not_elem` names a failure).
+fn list_of<T>(
+    v: &Value,
+    what: &str,
+    not_elem: &str,
+    elem: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
     v.as_array()
-        .ok_or_else(|| bad("expected a list of token ids"))?
+        .ok_or_else(|| bad(format!("expected a list of {what}")))?
         .iter()
-        .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| bad("token id is not an integer")))
+        .map(|x| elem(x).ok_or_else(|| bad(not_elem)))
         .collect()
 }
 
+fn u32s(v: &Value) -> Result<Vec<u32>> {
+    list_of(v, "token ids", "token id is not an integer", |x| x.as_u64().map(|x| x as u32))
+}
+
 fn f32s(v: &Value) -> Result<Vec<f32>> {
-    v.as_array()
-        .ok_or_else(|| bad("expected a list of numbers"))?
-        .iter()
-        .map(|x| x.as_f64().map(|x| x as f32).ok_or_else(|| bad("not a number")))
-        .collect()
+    list_of(v, "numbers", "not a number", |x| x.as_f64().map(|x| x as f32))
 }
 
 fn list<'a>(case: &'a Value, key: &str) -> Result<&'a Vec<Value>> {

@@ -8,6 +8,8 @@ pub mod backend;
 pub(crate) mod head;
 pub mod kv_cache;
 mod runtime;
+#[cfg(test)]
+mod test_util;
 mod train;
 pub(crate) mod transformer;
 mod wmatmul;

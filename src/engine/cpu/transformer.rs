@@ -83,6 +83,25 @@ fn lin_bwd(
     }
 }
 
+/// Input gradient `dx` of layer `l`'s linears that all read `x` (q/k/v, or gate/up), from their
+/// output gradients `outs` (dy, linear, target): the first writes dx, the others add to it; LoRA
+/// gradients accumulate into `adapter` as in [`lin_bwd`].
+fn shared_input_bwd(
+    outs: &[(&[f32], &Linear, Target)],
+    x: &[f32],
+    s: &LayerSave,
+    rows: usize,
+    adapter: &mut Adapter,
+    l: usize,
+    dx: &mut [f32],
+) {
+    let scale = adapter.scaling();
+    for (i, &(dy, lin, t)) in outs.iter().enumerate() {
+        let lora = adapter.layer_mut(l, t);
+        lin_bwd(dy, x, s.xa[idx(t)].as_deref(), rows, lin, lora, scale, dx, i > 0);
+    }
+}
+
 /// Activations one layer keeps for its backward. The normed inputs `h1`/`h2` and the SwiGLU
 /// output are cheap to recompute, so they are not kept.
 pub(crate) struct LayerSave {
@@ -272,28 +291,8 @@ impl Model {
             let (mut dg, mut du) = (vec![0.0f32; s.g.len()], vec![0.0f32; s.u.len()]);
             be.swiglu_bwd(&dact, &s.g, &s.u, &mut dg, &mut du);
             let mut dh2 = vec![0.0f32; rows * h];
-            lin_bwd(
-                &dg,
-                &h2,
-                xa(Target::Gate),
-                rows,
-                &lw.gate,
-                adapter.layer_mut(l, Target::Gate),
-                scale,
-                &mut dh2,
-                false,
-            );
-            lin_bwd(
-                &du,
-                &h2,
-                xa(Target::Up),
-                rows,
-                &lw.up,
-                adapter.layer_mut(l, Target::Up),
-                scale,
-                &mut dh2,
-                true,
-            );
+            let outs = [(&dg[..], &lw.gate, Target::Gate), (&du[..], &lw.up, Target::Up)];
+            shared_input_bwd(&outs, &h2, s, rows, adapter, l, &mut dh2);
             let mut tmp = vec![0.0f32; rows * h];
             be.rmsnorm_bwd(&dh2, &s.x_mid, &lw.post_norm, &s.rstd2, h, &mut tmp);
             dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
@@ -346,39 +345,12 @@ impl Model {
             let mut h1 = vec![0.0f32; rows * h];
             be.rmsnorm_fwd(&s.x_in, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd_scratch);
             let mut dh1 = vec![0.0f32; rows * h];
-            lin_bwd(
-                &dq,
-                &h1,
-                xa(Target::Q),
-                rows,
-                &lw.q,
-                adapter.layer_mut(l, Target::Q),
-                scale,
-                &mut dh1,
-                false,
-            );
-            lin_bwd(
-                &dk,
-                &h1,
-                xa(Target::K),
-                rows,
-                &lw.k,
-                adapter.layer_mut(l, Target::K),
-                scale,
-                &mut dh1,
-                true,
-            );
-            lin_bwd(
-                &dv,
-                &h1,
-                xa(Target::V),
-                rows,
-                &lw.v,
-                adapter.layer_mut(l, Target::V),
-                scale,
-                &mut dh1,
-                true,
-            );
+            let outs = [
+                (&dq[..], &lw.q, Target::Q),
+                (&dk[..], &lw.k, Target::K),
+                (&dv[..], &lw.v, Target::V),
+            ];
+            shared_input_bwd(&outs, &h1, s, rows, adapter, l, &mut dh1);
             if l > 0 {
                 be.rmsnorm_bwd(&dh1, &s.x_in, &lw.input_norm, &s.rstd1, h, &mut tmp);
                 dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);

@@ -7,15 +7,15 @@
 //! Cache layout: per layer k / v [max_seqs * max_len, kv_heads, hdp]; sequence slot `s` owns
 //! rows `s * max_len ..`, which the decode kernel sees as one cache block of `max_len` tokens.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 
-use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::launch::{self as k, BLayout, LoraLayout};
 use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut, zeros};
 use super::workspace::Buf;
+use super::{CudaDevice, CudaError};
 use crate::engine::EngineError;
 use crate::engine::sampling::SamplingParams;
 
@@ -118,11 +118,22 @@ impl<T: Act> CudaKvCache<T> {
         Ok(())
     }
 
-    pub(crate) fn layer_mut(&mut self, l: usize) -> R<(&mut CudaSlice<T>, &mut CudaSlice<T>)> {
-        match (self.k.get_mut(l), self.v.get_mut(l)) {
-            (Some(k), Some(v)) => Ok((k, v)),
-            _ => Err(invalid(format!("KV cache has no layer {l}"))),
-        }
+    /// Writes `k` and `v` ([slots.len(), row] each) into layer `l` at `slots`, as prefill and
+    /// decode both do before attending; returns that layer's (k, v) caches.
+    pub(crate) fn append(
+        &mut self,
+        dev: &CudaDevice,
+        l: usize,
+        slots: &CudaView<'_, i32>,
+        k: &CudaView<'_, T>,
+        v: &CudaView<'_, T>,
+        row: usize,
+    ) -> R<(&CudaSlice<T>, &CudaSlice<T>)> {
+        let (Some(kc), Some(vc)) = (self.k.get_mut(l), self.v.get_mut(l)) else {
+            return Err(invalid(format!("KV cache has no layer {l}")));
+        };
+        k::kv_append_fwd(dev, &mut kc.as_view_mut(), &mut vc.as_view_mut(), k, v, slots, row)?;
+        Ok((kc, vc))
     }
 }
 

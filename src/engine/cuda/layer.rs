@@ -6,13 +6,13 @@
 //! copied: a block's output `o` gets `x` added in place and becomes the new `x`, so the old `x`
 //! is kept as the saved block input without a copy (the sum is the same, addition commutes).
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView};
 
 use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::model::{Act, CudaModel, R, lora_of, scratch, slot, upload_ws, view, view_mut};
+use super::model::{Act, CudaModel, DLinear, R, lora_of, scratch, slot, upload_ws, view, view_mut};
 use super::workspace::Buf;
 use crate::engine::lora::Target;
 
@@ -197,11 +197,9 @@ impl<T: Act> CudaModel<T> {
         save: bool,
     ) -> R<(Buf<T>, Option<LayerSave<T>>)> {
         let dev = &*self.dev;
-        let c = &self.cfg;
         let lw = &self.layers[l];
         let rows = p.rows;
-        let (hid, hd, nh, nkv, hdp) =
-            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let (hid, hd, nh, nkv, hdp) = self.layer_dims();
         let scale = ad.map(|a| a.scaling).unwrap_or(0.0);
         let lora = |t: Target| lora_of(ad, l, t);
 
@@ -242,34 +240,13 @@ impl<T: Act> CudaModel<T> {
                     &self.attn_shape(p.max_len),
                 )?;
                 if let KvMode::Prefill { slots, cache } = kv {
-                    let cache = &mut **cache;
-                    let (kc, vc) = cache.layer_mut(l)?;
-                    let sv = view(slots, 0, rows)?;
-                    k::kv_append_fwd(
-                        dev,
-                        &mut kc.as_view_mut(),
-                        &mut vc.as_view_mut(),
-                        &kv_,
-                        &vv,
-                        &sv,
-                        nkv * hdp,
-                    )?;
+                    cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
                 }
             }
             KvMode::Decode { slots, table, ctx, cache } => {
-                let cache = &mut **cache;
                 let block = cache.max_len();
-                let (kc, vc) = cache.layer_mut(l)?;
-                let sv = view(slots, 0, rows)?;
-                k::kv_append_fwd(
-                    dev,
-                    &mut kc.as_view_mut(),
-                    &mut vc.as_view_mut(),
-                    &kv_,
-                    &vv,
-                    &sv,
-                    nkv * hdp,
-                )?;
+                let (kc, vc) =
+                    cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
                 k::decode_attention_fwd(
                     dev,
                     &mut view_mut(&mut outp, 0, nq)?,
@@ -332,6 +309,58 @@ impl<T: Act> CudaModel<T> {
         Ok((x, Some(saved)))
     }
 
+    /// (hidden, head_dim, heads, kv_heads, padded head_dim): the sizes both layer passes use.
+    fn layer_dims(&self) -> (usize, usize, usize, usize, usize) {
+        let c = &self.cfg;
+        (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp)
+    }
+
+    /// Input gradient of layer `l`'s linears that all read `x` [rows, hidden] (q/k/v, or
+    /// gate/up), from their output gradients `outs` (dy, its length, linear, target): the first
+    /// writes the returned gradient (beta = 0), the others add to it; LoRA gradients are
+    /// accumulated as in [`Self::lin_bwd`].
+    fn shared_input_bwd(
+        &self,
+        l: usize,
+        s: &LayerSave<T>,
+        x: &CudaView<'_, T>,
+        rows: usize,
+        outs: &[(&Buf<T>, usize, &DLinear<T>, Target)],
+        ad: &mut CudaAdapter,
+    ) -> R<Buf<T>> {
+        let nx = rows * self.cfg.hidden_size;
+        let mut dx = scratch::<T>(&self.dev, nx)?;
+        let scale = ad.scaling;
+        for (i, &(dy, n, lin, t)) in outs.iter().enumerate() {
+            self.lin_bwd(
+                &view(dy, 0, n)?,
+                x,
+                s.h[slot(t)].as_ref(),
+                rows,
+                lin,
+                ad.pair_mut(l, t),
+                scale,
+                &mut view_mut(&mut dx, 0, nx)?,
+                i > 0,
+            )?;
+        }
+        Ok(dx)
+    }
+
+    /// dx += the input gradient, from `dh`, of a block's RMSNorm `norm` = (its saved input,
+    /// weight, rstd); `n` = rows * hidden. The residual path's gradient is already in dx.
+    fn add_norm_bwd(
+        &self,
+        dx: &mut Buf<T>,
+        dh: &Buf<T>,
+        norm: (&Buf<T>, &CudaSlice<T>, &Buf<f32>),
+        n: usize,
+    ) -> R<()> {
+        let (x, w, rstd) = norm;
+        let t = self.rmsnorm_bwd(&view(dh, 0, n)?, &view(x, 0, n)?, w, rstd)?;
+        k::acc_fwd(&self.dev, &mut view_mut(dx, 0, n)?, &view(&t, 0, n)?)
+    }
+
     fn layer_bwd(
         &self,
         l: usize,
@@ -341,11 +370,9 @@ impl<T: Act> CudaModel<T> {
         ad: &mut CudaAdapter,
     ) -> R<()> {
         let dev = &*self.dev;
-        let c = &self.cfg;
         let lw = &self.layers[l];
         let rows = p.rows;
-        let (hid, hd, nh, nkv, hdp) =
-            (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp);
+        let (hid, hd, nh, nkv, hdp) = self.layer_dims();
         let inter = lw.gate.out;
         let scale = ad.scaling;
         let hs = |t: Target| s.h[slot(t)].as_ref();
@@ -379,30 +406,10 @@ impl<T: Act> CudaModel<T> {
             &gv,
             &uv,
         )?;
-        // the first lin_bwd (beta = 0) writes dh2, the second accumulates
-        let mut dh2 = scratch::<T>(dev, nh_)?;
-        for (dy, lin, t, acc) in
-            [(&dg, &lw.gate, Target::Gate, false), (&du, &lw.up, Target::Up, true)]
-        {
-            self.lin_bwd(
-                &view(dy, 0, rows * inter)?,
-                &h2v,
-                hs(t),
-                rows,
-                lin,
-                ad.pair_mut(l, t),
-                scale,
-                &mut view_mut(&mut dh2, 0, nh_)?,
-                acc,
-            )?;
-        }
-        let t = self.rmsnorm_bwd(
-            &view(&dh2, 0, nh_)?,
-            &view(&s.x_mid, 0, nh_)?,
-            &lw.post_norm,
-            &s.rstd2,
-        )?;
-        k::acc_fwd(dev, &mut view_mut(dx, 0, nh_)?, &view(&t, 0, nh_)?)?;
+        let ni = rows * inter;
+        let outs = [(&dg, ni, &lw.gate, Target::Gate), (&du, ni, &lw.up, Target::Up)];
+        let dh2 = self.shared_input_bwd(l, s, &h2v, rows, &outs, ad)?;
+        self.add_norm_bwd(dx, &dh2, (&s.x_mid, &lw.post_norm, &s.rstd2), nh_)?;
 
         // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
         let mut dattn = scratch::<T>(dev, rows * nh * hd)?;
@@ -466,32 +473,14 @@ impl<T: Act> CudaModel<T> {
         };
         let (h1, _) = self.rmsnorm(&view(&s.x_in, 0, nh_)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, nh_)?;
-        let mut dh1 = scratch::<T>(dev, nh_)?;
-        for (dy, n, lin, t, acc) in [
-            (&dq, rows * nh * hd, &lw.q, Target::Q, false),
-            (&dk, rows * nkv * hd, &lw.k, Target::K, true),
-            (&dv, rows * nkv * hd, &lw.v, Target::V, true),
-        ] {
-            self.lin_bwd(
-                &view(dy, 0, n)?,
-                &h1v,
-                hs(t),
-                rows,
-                lin,
-                ad.pair_mut(l, t),
-                scale,
-                &mut view_mut(&mut dh1, 0, nh_)?,
-                acc,
-            )?;
-        }
+        let outs = [
+            (&dq, rows * nh * hd, &lw.q, Target::Q),
+            (&dk, rows * nkv * hd, &lw.k, Target::K),
+            (&dv, rows * nkv * hd, &lw.v, Target::V),
+        ];
+        let dh1 = self.shared_input_bwd(l, s, &h1v, rows, &outs, ad)?;
         if l > 0 {
-            let t = self.rmsnorm_bwd(
-                &view(&dh1, 0, nh_)?,
-                &view(&s.x_in, 0, nh_)?,
-                &lw.input_norm,
-                &s.rstd1,
-            )?;
-            k::acc_fwd(dev, &mut view_mut(dx, 0, nh_)?, &view(&t, 0, nh_)?)?;
+            self.add_norm_bwd(dx, &dh1, (&s.x_in, &lw.input_norm, &s.rstd1), nh_)?;
         }
         Ok(())
     }

@@ -230,19 +230,27 @@ impl<T: Act> CudaModel<T> {
                 down: DLinear::new(d, &lw.down)?,
             });
         }
-        let positions: Vec<u32> = (0..c.max_position_embeddings.max(1) as u32).collect();
-        let rope = RopeTable::new(&positions, c.head_dim, &c.inv_freq);
-        Ok(CudaModel {
-            embed: up_w(d, &model.embed)?,
-            final_norm: up_t(d, &model.final_norm)?,
-            lm_head: model.lm_head.as_ref().map(|w| up_w(d, w)).transpose()?,
-            cos: upload(d, &rope.cos)?,
-            sin: upload(d, &rope.sin)?,
-            layers,
-            hdp,
-            cfg: c,
-            dev,
-        })
+        let embed = up_w(d, &model.embed)?;
+        let final_norm = up_t(d, &model.final_norm)?;
+        let lm_head = model.lm_head.as_ref().map(|w| up_w(d, w)).transpose()?;
+        Self::assemble(dev, c, hdp, embed, layers, final_norm, lm_head)
+    }
+
+    /// A model from its uploaded tensors (loaded or synthetic), with the RoPE tables of every
+    /// position computed and uploaded here.
+    pub(crate) fn assemble(
+        dev: Arc<CudaDevice>,
+        cfg: ModelConfig,
+        hdp: usize,
+        embed: CudaSlice<T>,
+        layers: Vec<DLayer<T>>,
+        final_norm: CudaSlice<T>,
+        lm_head: Option<CudaSlice<T>>,
+    ) -> R<Self> {
+        let positions: Vec<u32> = (0..cfg.max_position_embeddings.max(1) as u32).collect();
+        let rope = RopeTable::new(&positions, cfg.head_dim, &cfg.inv_freq);
+        let (cos, sin) = (upload(&dev, &rope.cos)?, upload(&dev, &rope.sin)?);
+        Ok(CudaModel { dev, cfg, hdp, embed, layers, final_norm, lm_head, cos, sin })
     }
 
     /// The model's configuration (as the host model's).

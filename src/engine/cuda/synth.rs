@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use super::model::{Act, CudaModel, DLayer, DLinear, R, upload};
 use super::{CudaDevice, CudaError};
-use crate::engine::backend::RopeTable;
 use crate::engine::models::ModelConfig;
 use crate::engine::synth::{Init, SynthSpec, TensorPlan, fill_tensor};
 
@@ -159,19 +158,7 @@ impl<T: Act> CudaModel<T> {
         let final_norm = gen_t("model.norm.weight".into())?;
         let lm_head =
             if c.tie_word_embeddings { None } else { Some(gen_t("lm_head.weight".into())?) };
-        let positions: Vec<u32> = (0..c.max_position_embeddings.max(1) as u32).collect();
-        let rope = RopeTable::new(&positions, hd, &c.inv_freq);
-        Ok(CudaModel {
-            embed,
-            final_norm,
-            lm_head,
-            cos: upload(d, &rope.cos)?,
-            sin: upload(d, &rope.sin)?,
-            layers,
-            hdp,
-            cfg: c,
-            dev,
-        })
+        CudaModel::assemble(dev, c, hdp, embed, layers, final_norm, lm_head)
     }
 }
 

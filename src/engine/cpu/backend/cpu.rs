@@ -15,6 +15,32 @@ const PAR_THRESHOLD: usize = 1 << 18;
 /// Elements per parallel task of the element-wise kernels (big enough to amortise scheduling).
 const ELEM_CHUNK: usize = 1 << 14;
 
+/// What both attention passes derive from the shape.
+struct AttnGeom {
+    /// Query heads per kv head.
+    group: usize,
+    /// Cached positions before the queries.
+    past: usize,
+    /// Softmax scale, 1/sqrt(head_dim).
+    scale: f32,
+    /// Row strides of q (and out, dout) and of k / v.
+    q_rs: usize,
+    kv_rs: usize,
+}
+
+impl AttnGeom {
+    fn of(s: AttnShape) -> Self {
+        let hd = s.head_dim;
+        AttnGeom {
+            group: s.n_heads / s.n_kv_heads.max(1),
+            past: s.n_k - s.n_q,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_rs: s.n_heads * hd,
+            kv_rs: s.n_kv_heads * hd,
+        }
+    }
+}
+
 impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
@@ -189,11 +215,8 @@ impl Backend for Cpu {
         lse: &mut [f32],
     ) {
         let _t = span(Kind::Attention);
-        let AttnShape { n_q, n_k, n_heads, n_kv_heads, head_dim: hd } = s;
-        let group = n_heads / n_kv_heads.max(1);
-        let past = n_k - n_q;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (q_rs, kv_rs) = (n_heads * hd, n_kv_heads * hd);
+        let AttnShape { n_q, n_k, n_heads, head_dim: hd, .. } = s;
+        let AttnGeom { group, past, scale, q_rs, kv_rs } = AttnGeom::of(s);
         // One task per query head writes its own [n_q, hd] block (scattered afterwards so the
         // result does not depend on scheduling); queries in tiles so the score buffer is
         // [Q_BLOCK, n_k], never [n_q, n_k] per head.
@@ -270,10 +293,7 @@ impl Backend for Cpu {
     ) {
         let _t = span(Kind::Attention);
         let AttnShape { n_q, n_k, n_heads, n_kv_heads, head_dim: hd } = s;
-        let group = n_heads / n_kv_heads.max(1);
-        let past = n_k - n_q;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (q_rs, kv_rs) = (n_heads * hd, n_kv_heads * hd);
+        let AttnGeom { group, past, scale, q_rs, kv_rs } = AttnGeom::of(s);
         // One task per query head computes its dq and its partial dk/dv; the partials of the
         // heads sharing a kv head are then summed in head order (deterministic, and parallel
         // even when there are only one or two kv heads).

@@ -2,17 +2,7 @@
 //! finite differences.
 
 use super::*;
-
-/// Deterministic pseudo-random values in [-1, 1) (a tiny LCG: tests need spread, not quality).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::engine::cpu::test_util::rand_vec;
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -176,24 +166,52 @@ fn attention_slow(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
     out
 }
 
+/// One fused attention forward of `s` on random q, k, v (seeds `seed`, +1, +2).
+struct AttnRun {
+    s: AttnShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl AttnRun {
+    fn new(s: AttnShape, seed: u64) -> Self {
+        let q = rand_vec(s.n_q * s.n_heads * s.head_dim, seed);
+        let k = rand_vec(s.n_k * s.n_kv_heads * s.head_dim, seed + 1);
+        let v = rand_vec(s.n_k * s.n_kv_heads * s.head_dim, seed + 2);
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; s.n_heads * s.n_q];
+        backend().attention_fwd(&q, &k, &v, s, &mut out, &mut lse);
+        AttnRun { s, q, k, v, out, lse }
+    }
+
+    /// Largest difference between the fused output and the slow reference.
+    fn fwd_error(&self) -> f32 {
+        max_abs_diff(&self.out, &attention_slow(&self.q, &self.k, &self.v, self.s))
+    }
+
+    /// The fused backward of `dot(out, dout)` (dout from `seed`) against central finite
+    /// differences of the slow reference.
+    fn check_bwd(&self, seed: u64) {
+        let AttnRun { s, q, k, v, out, lse } = self;
+        let dout = rand_vec(q.len(), seed);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        backend().attention_bwd(q, k, v, out, lse, &dout, *s, &mut dq, &mut dk, &mut dv);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| dot(&attention_slow(q, k, v, *s), &dout);
+        assert_close_rel(&dq, &numeric_grad(q, &|x| f(x, k, v)), 2e-3);
+        assert_close_rel(&dk, &numeric_grad(k, &|x| f(q, x, v)), 2e-3);
+        assert_close_rel(&dv, &numeric_grad(v, &|x| f(q, k, x)), 2e-3);
+    }
+}
+
 #[test]
 fn attention_matches_slow_and_finite_differences() {
     for (n_q, n_k) in [(5, 5), (2, 6)] {
-        let s = AttnShape { n_q, n_k, n_heads: 4, n_kv_heads: 2, head_dim: 4 };
-        let q = rand_vec(n_q * 4 * 4, 10);
-        let k = rand_vec(n_k * 2 * 4, 11);
-        let v = rand_vec(n_k * 2 * 4, 12);
-        let mut out = vec![0.0; q.len()];
-        let mut lse = vec![0.0; 4 * n_q];
-        backend().attention_fwd(&q, &k, &v, s, &mut out, &mut lse);
-        assert!(max_abs_diff(&out, &attention_slow(&q, &k, &v, s)) < 1e-5);
-        let dout = rand_vec(q.len(), 13);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        backend().attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv);
-        let f = |q: &[f32], k: &[f32], v: &[f32]| dot(&attention_slow(q, k, v, s), &dout);
-        assert_close_rel(&dq, &numeric_grad(&q, &|x| f(x, &k, &v)), 2e-3);
-        assert_close_rel(&dk, &numeric_grad(&k, &|x| f(&q, x, &v)), 2e-3);
-        assert_close_rel(&dv, &numeric_grad(&v, &|x| f(&q, &k, x)), 2e-3);
+        let run = AttnRun::new(AttnShape { n_q, n_k, n_heads: 4, n_kv_heads: 2, head_dim: 4 }, 10);
+        assert!(run.fwd_error() < 1e-5);
+        run.check_bwd(13);
     }
 }
 
@@ -205,36 +223,16 @@ fn tiled_attention_matches_slow_across_query_tiles() {
     for (n_q, n_k, nh, nkv) in
         [(2 * qb + 3, 2 * qb + 3, 4, 2), (qb + 5, 3 * qb, 3, 3), (1, qb + 9, 4, 1)]
     {
-        let hd = 8;
-        let s = AttnShape { n_q, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-        let q = rand_vec(n_q * nh * hd, 20);
-        let k = rand_vec(n_k * nkv * hd, 21);
-        let v = rand_vec(n_k * nkv * hd, 22);
-        let mut out = vec![0.0; q.len()];
-        let mut lse = vec![0.0; nh * n_q];
-        backend().attention_fwd(&q, &k, &v, s, &mut out, &mut lse);
-        assert!(max_abs_diff(&out, &attention_slow(&q, &k, &v, s)) < 1e-5, "{n_q} {n_k}");
+        let s = AttnShape { n_q, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: 8 };
+        assert!(AttnRun::new(s, 20).fwd_error() < 1e-5, "{n_q} {n_k}");
     }
 }
 
 #[test]
 fn tiled_attention_backward_matches_finite_differences_across_tiles() {
     let n = super::cpu::Q_BLOCK + 3;
-    let (nh, nkv, hd) = (2, 1, 2);
-    let s = AttnShape { n_q: n, n_k: n, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-    let q = rand_vec(n * nh * hd, 30);
-    let k = rand_vec(n * nkv * hd, 31);
-    let v = rand_vec(n * nkv * hd, 32);
-    let mut out = vec![0.0; q.len()];
-    let mut lse = vec![0.0; nh * n];
-    backend().attention_fwd(&q, &k, &v, s, &mut out, &mut lse);
-    let dout = rand_vec(q.len(), 33);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-    backend().attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv);
-    let f = |q: &[f32], k: &[f32], v: &[f32]| dot(&attention_slow(q, k, v, s), &dout);
-    assert_close_rel(&dq, &numeric_grad(&q, &|x| f(x, &k, &v)), 2e-3);
-    assert_close_rel(&dk, &numeric_grad(&k, &|x| f(&q, x, &v)), 2e-3);
-    assert_close_rel(&dv, &numeric_grad(&v, &|x| f(&q, &k, x)), 2e-3);
+    let s = AttnShape { n_q: n, n_k: n, n_heads: 2, n_kv_heads: 1, head_dim: 2 };
+    AttnRun::new(s, 30).check_bwd(33);
 }
 
 #[test]

@@ -1,10 +1,9 @@
 //! Launchers for `kernels/attention.cu` (packed causal GQA attention, forward and backward) and
 //! `kernels/kv_cache.cu` (paged KV-cache append and decode attention).
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 // Tile constants of attention.cu / kv_cache.cu (keep in sync with the #defines there).
@@ -14,8 +13,6 @@ const ATT_FWD_THREADS: u32 = 128;
 const ATT_BWD_RB: usize = 8;
 const ATT_BWD_THREADS: u32 = 256;
 const DEC_THREADS: u32 = 128;
-/// Dynamic shared memory available without opting in.
-const SMEM_DEFAULT: usize = 48 * 1024;
 const MAX_GRID_YZ: u32 = 65_535;
 
 /// Shape of a packed attention call.
@@ -47,17 +44,25 @@ fn bwd_smem<T>(hd: usize) -> usize {
         + 2 * ATT_BWD_RB * ATT_BK * 4
 }
 
-/// Opts the kernel into more than 48 KiB of dynamic shared memory when it needs it.
-fn allow_smem(kernel: &'static str, f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
-    if bytes > SMEM_DEFAULT {
-        let v = int(kernel, "shared memory bytes", bytes)?;
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            v,
-        )
-        .map_err(CudaError::driver(format!("{kernel}: requesting {bytes} B of shared memory")))?;
+/// Checks that `q_heads` is a positive multiple of `kv_heads` (grouped-query attention).
+fn check_gqa(k: &'static str, q_heads: usize, kv_heads: usize) -> Result<(), CudaError> {
+    if q_heads == 0 || kv_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
+        return Err(shape_err(
+            k,
+            format!("q_heads {q_heads} must be a positive multiple of kv_heads {kv_heads}"),
+        ));
     }
     Ok(())
+}
+
+/// The kernels' (q_heads, kv_heads, head_dim) parameters as `int`s.
+fn head_ints(
+    k: &'static str,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(i32, i32, i32), CudaError> {
+    Ok((int(k, "q_heads", q_heads)?, int(k, "kv_heads", kv_heads)?, int(k, "head_dim", head_dim)?))
 }
 
 /// Checks the head layout and returns (total tokens, batch).
@@ -68,12 +73,7 @@ fn check_shape(
     kv_len: usize,
     cu_len: usize,
 ) -> Result<(usize, usize), CudaError> {
-    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
-        return Err(shape_err(
-            k,
-            format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
-        ));
-    }
+    check_gqa(k, s.q_heads, s.kv_heads)?;
     if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 {
         return Err(shape_err(
             k,
@@ -95,23 +95,25 @@ fn check_shape(
     Ok((t, cu_len - 1))
 }
 
-fn grid(
-    k: &'static str,
-    rows_per_block: usize,
-    heads: usize,
+/// Grid of the tiled attention kernels: `tile.0` rows of the longest sequence per block along
+/// x, `tile.1` heads along y, the batch along z; `smem` bytes of dynamic shared memory, opted
+/// into on `f` where it exceeds the default.
+fn tile_cfg(
+    f: &Kernel<'_>,
+    smem: usize,
+    threads: u32,
+    tile: (usize, usize),
     s: &AttentionShape,
     batch: usize,
-) -> Result<(u32, u32, u32), CudaError> {
-    Ok((
-        grid_dim(
-            k,
-            "max_seqlen tiles",
-            s.max_seqlen.div_ceil(rows_per_block).max(1),
-            i32::MAX as u32,
-        )?,
-        grid_dim(k, "heads", heads, MAX_GRID_YZ)?,
+) -> Result<LaunchConfig, CudaError> {
+    f.allow_smem(smem)?;
+    let k = f.name();
+    let grid = (
+        grid_dim(k, "max_seqlen tiles", s.max_seqlen.div_ceil(tile.0).max(1), i32::MAX as u32)?,
+        grid_dim(k, "heads", tile.1, MAX_GRID_YZ)?,
         grid_dim(k, "batch", batch, MAX_GRID_YZ)?,
-    ))
+    );
+    Ok(LaunchConfig { shared_mem_bytes: smem as u32, ..blocks(grid, threads) })
 }
 
 /// Causal attention forward over packed sequences. q/out: [T, Hq, hd]; k/v: [T, Hkv, hd];
@@ -135,36 +137,19 @@ pub fn attention_fwd<T: Dtype>(
     if t == 0 {
         return Ok(());
     }
-    let f = dev.function("attention.cu", kn)?;
-    let smem = fwd_smem::<T>(s.head_dim);
-    allow_smem(kn, &f, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(kn, ATT_BQ, s.q_heads, s, batch)?,
-        block_dim: (ATT_FWD_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let (ti, hq, hkv, hd) = (
-        int(kn, "tokens", t)?,
-        int(kn, "q_heads", s.q_heads)?,
-        int(kn, "kv_heads", s.kv_heads)?,
-        int(kn, "head_dim", s.head_dim)?,
-    );
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out)
-        .arg(lse)
-        .arg(q)
-        .arg(k)
-        .arg(v)
-        .arg(cu_seqlens)
-        .arg(&ti)
-        .arg(&hq)
-        .arg(&hkv)
-        .arg(&hd)
-        .arg(&s.scale);
+    let f = Kernel::load(dev, "attention.cu", kn)?;
+    let cfg =
+        tile_cfg(&f, fwd_smem::<T>(s.head_dim), ATT_FWD_THREADS, (ATT_BQ, s.q_heads), s, batch)?;
+    let ti = int(kn, "tokens", t)?;
+    let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
     // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked); the kernel clamps
     // every cu_seqlens entry into [0, t]; smem matches attention.cu's carve-up (fwd_smem).
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
+            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
+        })
+    }
 }
 
 /// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
@@ -201,64 +186,39 @@ pub fn attention_bwd<T: Dtype>(
     if t == 0 {
         return Ok(());
     }
-    let (ti, hq, hkv, hd) = (
-        int(kn, "tokens", t)?,
-        int(kn, "q_heads", s.q_heads)?,
-        int(kn, "kv_heads", s.kv_heads)?,
-        int(kn, "head_dim", s.head_dim)?,
-    );
-    let stream = dev.stream();
-    stream.memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
+    let ti = int(kn, "tokens", t)?;
+    let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
+    dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
 
     let kd = sym!(T, "attention_delta_bwd");
-    let fd = dev.function("attention.cu", kd)?;
     let rows = t * s.q_heads;
     let rows_l = long(kd, "rows", rows)?;
-    let cfg_d = LaunchConfig {
-        grid_dim: (grid_dim(kd, "rows/8", rows.div_ceil(8), i32::MAX as u32)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = stream.launch_builder(&fd);
-    l.arg(&mut *delta).arg(dout).arg(out).arg(&rows_l).arg(&hd);
+    let cfg_d = blocks((grid_dim(kd, "rows/8", rows.div_ceil(8), i32::MAX as u32)?, 1, 1), 256);
+    let fd = Kernel::load(dev, "attention.cu", kd)?;
     // SAFETY: delta is [rows], dout/out are [rows, hd] (checked); 8 warps per block, one row each.
-    unsafe { l.launch(cfg_d) }.map_err(launch_err(kd))?;
+    unsafe {
+        fd.launch(cfg_d, |l| {
+            l.arg(&mut *delta).arg(dout).arg(out).arg(&rows_l).arg(&hd);
+        })?;
+    }
 
-    let f = dev.function("attention.cu", kn)?;
-    let smem = bwd_smem::<T>(s.head_dim);
-    allow_smem(kn, &f, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(kn, ATT_BK, s.kv_heads, s, batch)?,
-        block_dim: (ATT_BWD_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let f = Kernel::load(dev, "attention.cu", kn)?;
+    let cfg =
+        tile_cfg(&f, bwd_smem::<T>(s.head_dim), ATT_BWD_THREADS, (ATT_BK, s.kv_heads), s, batch)?;
     let delta_v = delta.as_view();
-    let mut l = stream.launch_builder(&f);
-    l.arg(&mut *dq_accum)
-        .arg(dk)
-        .arg(dv)
-        .arg(dout)
-        .arg(q)
-        .arg(k)
-        .arg(v)
-        .arg(lse)
-        .arg(&delta_v)
-        .arg(cu_seqlens);
-    l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
     // SAFETY: all buffers sized as checked above; cu_seqlens entries are clamped in the kernel;
     // smem matches attention.cu's carve-up (bwd_smem); dq_accum was zeroed on this stream.
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(&mut *dq_accum).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(lse);
+            l.arg(&delta_v).arg(cu_seqlens);
+            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
+        })?;
+    }
 
-    let kq = sym!(T, "attention_dq_bwd");
-    let fq = dev.function("attention.cu", kq)?;
-    let n = q.len();
-    let nl = long(kq, "n", n)?;
     let acc_v = dq_accum.as_view();
-    let mut l = stream.launch_builder(&fq);
-    l.arg(dq).arg(&acc_v).arg(&nl);
-    // SAFETY: dq and dq_accum both hold n elements (checked).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kq))?;
-    Ok(())
+    // SAFETY: attention_dq_bwd is (T*, const float*, long long) over indices < n.
+    unsafe { map_n(dev, "attention.cu", sym!(T, "attention_dq_bwd"), dq, &[("dq_accum", &acc_v)]) }
 }
 
 /// Writes k/v [N, Hkv, hd] into the paged caches [num_slots, Hkv, hd] at `slots` [N]; slots
@@ -288,18 +248,15 @@ pub fn kv_append_fwd<T: Dtype>(
     }
     let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
     let (ni, ri) = (int(kn, "n", n)?, int(kn, "row", row)?);
-    let f = dev.function("kv_cache.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_dim(kn, "n", n, i32::MAX as u32)?, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(k_cache).arg(v_cache).arg(k).arg(v).arg(slots).arg(&ni).arg(&ri).arg(&num_slots);
+    let cfg = blocks((grid_dim(kn, "n", n, i32::MAX as u32)?, 1, 1), 128);
+    let f = Kernel::load(dev, "kv_cache.cu", kn)?;
     // SAFETY: caches are [num_slots, row], k/v [n, row], slots [n] (checked); the kernel skips
     // slots outside [0, num_slots).
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(k_cache).arg(v_cache).arg(k).arg(v).arg(slots).arg(&ni).arg(&ri).arg(&num_slots);
+        })
+    }
 }
 
 /// Shape of a decode-attention call.
@@ -334,12 +291,7 @@ pub fn decode_attention_fwd<T: Dtype>(
     s: &DecodeShape,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "decode_attention_fwd");
-    if s.q_heads == 0 || s.kv_heads == 0 || !s.q_heads.is_multiple_of(s.kv_heads) {
-        return Err(shape_err(
-            kn,
-            format!("q_heads {} must be a positive multiple of kv_heads {}", s.q_heads, s.kv_heads),
-        ));
-    }
+    check_gqa(kn, s.q_heads, s.kv_heads)?;
     if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 || s.block_size == 0 {
         return Err(shape_err(
             kn,
@@ -367,29 +319,22 @@ pub fn decode_attention_fwd<T: Dtype>(
         return Ok(());
     }
     let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
-    let (hq, hkv, hd) = (
-        int(kn, "q_heads", s.q_heads)?,
-        int(kn, "kv_heads", s.kv_heads)?,
-        int(kn, "head_dim", s.head_dim)?,
-    );
+    let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
     let (bs, mb) = (int(kn, "block_size", s.block_size)?, int(kn, "max_blocks", s.max_blocks)?);
-    let f = dev.function("kv_cache.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            grid_dim(kn, "q_heads", s.q_heads, i32::MAX as u32)?,
-            grid_dim(kn, "batch", b, MAX_GRID_YZ)?,
-            1,
-        ),
-        block_dim: (DEC_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(q).arg(k_cache).arg(v_cache).arg(block_table).arg(ctx_lens);
-    l.arg(&hq).arg(&hkv).arg(&hd).arg(&bs).arg(&mb).arg(&num_slots).arg(&s.scale);
+    let grid = (
+        grid_dim(kn, "q_heads", s.q_heads, i32::MAX as u32)?,
+        grid_dim(kn, "batch", b, MAX_GRID_YZ)?,
+        1,
+    );
+    let f = Kernel::load(dev, "kv_cache.cu", kn)?;
     // SAFETY: q/out [b, hq, hd], block_table [b, max_blocks], caches [num_slots, hkv, hd]
     // (checked); the kernel clamps ctx_lens to the table and skips slots outside the cache.
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(blocks(grid, DEC_THREADS), |l| {
+            l.arg(out).arg(q).arg(k_cache).arg(v_cache).arg(block_table).arg(ctx_lens);
+            l.arg(&hq).arg(&hkv).arg(&hd).arg(&bs).arg(&mb).arg(&num_slots).arg(&s.scale);
+        })
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
-use super::{Dtype, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, Kernel, grid_stride, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const FILE: &str = "elementwise.cu";
@@ -17,21 +17,9 @@ pub fn add_fwd<T: Dtype>(
     a: &CudaView<'_, T>,
     b: &CudaView<'_, T>,
 ) -> Result<(), CudaError> {
-    let k = sym!(T, "add_fwd");
-    let n = out.len();
-    need_len(k, "a", a.len(), n)?;
-    need_len(k, "b", b.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = dev.function(FILE, k)?;
-    let nn = long(k, "n", n)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(a).arg(b).arg(&nn);
-    // SAFETY: out, a, b each hold exactly n elements of T (checked above); the kernel's
-    // signature is (T*, const T*, const T*, long long) and touches indices < n only.
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    // SAFETY: the kernel's signature is (T*, const T*, const T*, long long) and it touches
+    // indices < n only.
+    unsafe { map_n(dev, FILE, sym!(T, "add_fwd"), out, &[("a", a), ("b", b)]) }
 }
 
 /// x *= s in place.
@@ -45,13 +33,14 @@ pub fn scale_fwd<T: Dtype>(
     if n == 0 {
         return Ok(());
     }
-    let f = dev.function(FILE, k)?;
     let nn = long(k, "n", n)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(x).arg(&s).arg(&nn);
+    let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: x holds n elements; signature (T*, float, long long).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(x).arg(&s).arg(&nn);
+        })
+    }
 }
 
 /// out = bf16(x), round to nearest even.
@@ -60,19 +49,8 @@ pub fn to_bf16_fwd(
     out: &mut CudaViewMut<'_, bf16>,
     x: &CudaView<'_, f32>,
 ) -> Result<(), CudaError> {
-    let k = "to_bf16_fwd_f32";
-    let n = out.len();
-    need_len(k, "x", x.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = dev.function(FILE, k)?;
-    let nn = long(k, "n", n)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(x).arg(&nn);
-    // SAFETY: out and x hold n elements; signature (bf16*, const float*, long long).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    // SAFETY: signature (bf16*, const float*, long long), indices < n only.
+    unsafe { map_n(dev, FILE, "to_bf16_fwd_f32", out, &[("x", x)]) }
 }
 
 /// out = f32(x).
@@ -81,19 +59,8 @@ pub fn to_f32_fwd(
     out: &mut CudaViewMut<'_, f32>,
     x: &CudaView<'_, bf16>,
 ) -> Result<(), CudaError> {
-    let k = "to_f32_fwd_bf16";
-    let n = out.len();
-    need_len(k, "x", x.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = dev.function(FILE, k)?;
-    let nn = long(k, "n", n)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(x).arg(&nn);
-    // SAFETY: out and x hold n elements; signature (float*, const bf16*, long long).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    // SAFETY: signature (float*, const bf16*, long long), indices < n only.
+    unsafe { map_n(dev, FILE, "to_f32_fwd_bf16", out, &[("x", x)]) }
 }
 
 /// acc[0] += sum(x^2). `acc` is not cleared, so several tensors can add into one norm.
@@ -110,16 +77,17 @@ pub fn sumsq_fwd(
     if n == 0 {
         return Ok(());
     }
-    let f = dev.function(FILE, k)?;
     let nn = long(k, "n", n)?;
     let mut cfg = grid_stride(n);
     cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(acc).arg(x).arg(&nn);
+    let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: acc holds 1 float, x holds n; signature (float*, const float*, long long); the
     // kernel's 32-float static shared scratch fits any block of <= 1024 threads.
-    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(acc).arg(x).arg(&nn);
+        })
+    }
 }
 
 /// y += x in place.
@@ -128,19 +96,8 @@ pub fn acc_fwd<T: Dtype>(
     y: &mut CudaViewMut<'_, T>,
     x: &CudaView<'_, T>,
 ) -> Result<(), CudaError> {
-    let k = sym!(T, "acc_fwd");
-    let n = y.len();
-    need_len(k, "x", x.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = dev.function(FILE, k)?;
-    let nn = long(k, "n", n)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(y).arg(x).arg(&nn);
-    // SAFETY: y and x hold n elements (checked); signature (T*, const T*, long long).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    // SAFETY: signature (T*, const T*, long long), indices < n only.
+    unsafe { map_n(dev, FILE, sym!(T, "acc_fwd"), y, &[("x", x)]) }
 }
 
 /// y[r, c] += b[c] for y [rows, cols], cols = b.len().
@@ -157,14 +114,15 @@ pub fn bias_add_fwd<T: Dtype>(
     if n == 0 {
         return Ok(());
     }
-    let f = dev.function(FILE, k)?;
     let (nn, ci) = (long(k, "n", n)?, int(k, "cols", cols)?);
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(y).arg(b).arg(&nn).arg(&ci);
+    let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: y holds n = rows * cols elements, b cols (checked); signature
     // (T*, const T*, long long, int).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(y).arg(b).arg(&nn).arg(&ci);
+        })
+    }
 }
 
 /// dst [rows, dst_cols] from src [rows, src_ld]: the first `min(src_ld, dst_cols)` columns
@@ -186,17 +144,18 @@ pub fn copy_cols_fwd<T: Dtype>(
         return Ok(());
     }
     let copy = src_ld.min(dst_cols);
-    let f = dev.function(FILE, k)?;
     let (rl, si, di, ci) = (
         long(k, "rows", rows)?,
         int(k, "src_ld", src_ld)?,
         int(k, "dst_cols", dst_cols)?,
         int(k, "copy", copy)?,
     );
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(dst).arg(src).arg(&rl).arg(&si).arg(&di).arg(&ci);
+    let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: dst [rows, dst_cols], src [rows, src_ld] (checked), copy <= both widths;
     // signature (T*, const T*, long long, int, int, int).
-    unsafe { l.launch(grid_stride(rows * dst_cols)) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(rows * dst_cols), |l| {
+            l.arg(dst).arg(src).arg(&rl).arg(&si).arg(&di).arg(&ci);
+        })
+    }
 }

@@ -3,11 +3,11 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, Kernel, grid_stride, int, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 /// One block per row: enough threads to stream a hidden row (up to 8192) in a few steps.
-fn row_cfg(kernel: &'static str, rows: usize, d: usize) -> Result<LaunchConfig, CudaError> {
+fn hidden_row_cfg(kernel: &'static str, rows: usize, d: usize) -> Result<LaunchConfig, CudaError> {
     let threads = if d >= 2048 {
         512
     } else if d >= 512 {
@@ -15,11 +15,7 @@ fn row_cfg(kernel: &'static str, rows: usize, d: usize) -> Result<LaunchConfig, 
     } else {
         128
     };
-    Ok(LaunchConfig {
-        grid_dim: (grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    super::row_cfg(kernel, rows, threads)
 }
 
 /// out[n, :] = table[ids[n], :]; ids outside [0, V) give a zero row (validate them on the host).
@@ -41,13 +37,38 @@ pub fn embedding_fwd<T: Dtype>(
         return Ok(());
     }
     let (ni, di, vi) = (int(k, "n", n)?, int(k, "d", d)?, int(k, "vocab", v)?);
-    let f = dev.function("embedding.cu", k)?;
-    let cfg = row_cfg(k, n, d)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(table).arg(ids).arg(&ni).arg(&di).arg(&vi);
+    let cfg = hidden_row_cfg(k, n, d)?;
+    let f = Kernel::load(dev, "embedding.cu", k)?;
     // SAFETY: out is [n, d], table [v, d], ids [n] (checked); the kernel bounds-checks ids.
-    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(table).arg(ids).arg(&ni).arg(&di).arg(&vi);
+        })
+    }
+}
+
+/// The shape both RMSNorm kernels share: `x` [n, d] with d = `w_len`, every buffer of `rows`
+/// ([n, d]) and rstd [n] checked; returns the launch and the kernel's (n, d), or None for n = 0.
+fn rmsnorm_setup(
+    k: &'static str,
+    x_len: usize,
+    w_len: usize,
+    rows: &[(&str, usize)],
+    rstd_len: usize,
+) -> Result<Option<(LaunchConfig, i32, i32)>, CudaError> {
+    let d = w_len;
+    if d == 0 || !x_len.is_multiple_of(d) {
+        return Err(shape_err(k, format!("x of {x_len} elements is not [n, {d}]")));
+    }
+    let n = x_len / d;
+    for &(name, len) in rows {
+        need_len(k, name, len, n * d)?;
+    }
+    need_len(k, "rstd", rstd_len, n)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some((hidden_row_cfg(k, n, d)?, int(k, "n", n)?, int(k, "d", d)?)))
 }
 
 /// y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) per row of `x` [n, d]; writes rstd [n]
@@ -61,24 +82,18 @@ pub fn rmsnorm_fwd<T: Dtype>(
     eps: f32,
 ) -> Result<(), CudaError> {
     let k = sym!(T, "rmsnorm_fwd");
-    let d = w.len();
-    if d == 0 || x.len() % d != 0 {
-        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
-    }
-    let n = x.len() / d;
-    need_len(k, "out", out.len(), n * d)?;
-    need_len(k, "rstd", rstd.len(), n)?;
-    if n == 0 {
+    let Some((cfg, ni, di)) =
+        rmsnorm_setup(k, x.len(), w.len(), &[("out", out.len())], rstd.len())?
+    else {
         return Ok(());
-    }
-    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
-    let f = dev.function("rmsnorm.cu", k)?;
-    let cfg = row_cfg(k, n, d)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(rstd).arg(x).arg(w).arg(&eps).arg(&ni).arg(&di);
+    };
+    let f = Kernel::load(dev, "rmsnorm.cu", k)?;
     // SAFETY: out/x are [n, d], w [d], rstd [n] (checked); one block per row, block <= 512.
-    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(rstd).arg(x).arg(w).arg(&eps).arg(&ni).arg(&di);
+        })
+    }
 }
 
 /// dx for y = rmsnorm(x) * w (w frozen), from the saved rstd.
@@ -91,25 +106,17 @@ pub fn rmsnorm_bwd<T: Dtype>(
     rstd: &CudaView<'_, f32>,
 ) -> Result<(), CudaError> {
     let k = sym!(T, "rmsnorm_bwd");
-    let d = w.len();
-    if d == 0 || x.len() % d != 0 {
-        return Err(shape_err(k, format!("x of {} elements is not [n, {d}]", x.len())));
-    }
-    let n = x.len() / d;
-    need_len(k, "dx", dx.len(), n * d)?;
-    need_len(k, "dout", dout.len(), n * d)?;
-    need_len(k, "rstd", rstd.len(), n)?;
-    if n == 0 {
+    let rows = [("dx", dx.len()), ("dout", dout.len())];
+    let Some((cfg, ni, di)) = rmsnorm_setup(k, x.len(), w.len(), &rows, rstd.len())? else {
         return Ok(());
-    }
-    let (ni, di) = (int(k, "n", n)?, int(k, "d", d)?);
-    let f = dev.function("rmsnorm.cu", k)?;
-    let cfg = row_cfg(k, n, d)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(dx).arg(dout).arg(x).arg(w).arg(rstd).arg(&ni).arg(&di);
+    };
+    let f = Kernel::load(dev, "rmsnorm.cu", k)?;
     // SAFETY: dx/dout/x are [n, d], w [d], rstd [n] (checked).
-    unsafe { l.launch(cfg) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(dx).arg(dout).arg(x).arg(w).arg(rstd).arg(&ni).arg(&di);
+        })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -147,13 +154,14 @@ fn rope<T: Dtype>(
         int(k, "head_dim", hd)?,
         int(k, "positions", p)?,
     );
-    let f = dev.function("rope.cu", k)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(x).arg(cos).arg(sin).arg(pos).arg(&ni).arg(&hi).arg(&hdi).arg(&pi);
+    let f = Kernel::load(dev, "rope.cu", k)?;
     // SAFETY: x/out are [n, heads, hd], cos/sin [p, hd/2], pos [n] (checked); the kernel clamps
     // positions into [0, p).
-    unsafe { l.launch(grid_stride(n * heads * half)) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n * heads * half), |l| {
+            l.arg(out).arg(x).arg(cos).arg(sin).arg(pos).arg(&ni).arg(&hi).arg(&hdi).arg(&pi);
+        })
+    }
 }
 
 /// Rotates `x` [n, heads, hd] by the angles at `pos` [n] (HF rotate_half); cos/sin are
@@ -194,20 +202,8 @@ pub fn swiglu_fwd<T: Dtype>(
     gate: &CudaView<'_, T>,
     up: &CudaView<'_, T>,
 ) -> Result<(), CudaError> {
-    let k = sym!(T, "swiglu_fwd");
-    let n = out.len();
-    need_len(k, "gate", gate.len(), n)?;
-    need_len(k, "up", up.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let nn = long(k, "n", n)?;
-    let f = dev.function("swiglu.cu", k)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(gate).arg(up).arg(&nn);
-    // SAFETY: out, gate, up each hold n elements (checked).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    // SAFETY: signature (T*, const T*, const T*, long long), indices < n only.
+    unsafe { map_n(dev, "swiglu.cu", sym!(T, "swiglu_fwd"), out, &[("gate", gate), ("up", up)]) }
 }
 
 /// dgate, dup of out = silu(gate) * up.
@@ -228,11 +224,12 @@ pub fn swiglu_bwd<T: Dtype>(
     if n == 0 {
         return Ok(());
     }
-    let nn = long(k, "n", n)?;
-    let f = dev.function("swiglu.cu", k)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&nn);
+    let nn = super::long(k, "n", n)?;
+    let f = Kernel::load(dev, "swiglu.cu", k)?;
     // SAFETY: all five buffers hold n elements (checked).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(k))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&nn);
+        })
+    }
 }

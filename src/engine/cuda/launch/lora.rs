@@ -6,9 +6,9 @@
 //!
 //! (`Rows`/`Cols` are [`LoraLayout`] variants.)
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{Dtype, grid_dim, int, launch_err, long, need_len, shape_err, sym};
+use super::{Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const SHRINK_ROWS: usize = 4;
@@ -34,6 +34,60 @@ impl LoraLayout {
             LoraLayout::Cols => (1, r),
         }
     }
+}
+
+/// Enqueues one of lora.cu's kernels, which all take (out*, const a*, const b*, long long
+/// stride, long long stride, int n, int dim, int rank, float scale); `strides` in the kernel's
+/// order, `dims` = (n, dim, rank).
+///
+/// # Safety
+/// `kn` must be a lora.cu kernel and `out`, `a`, `b` sized for `dims` as that kernel reads them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_lora<O: DeviceRepr, A: DeviceRepr, B: DeviceRepr>(
+    dev: &CudaDevice,
+    kn: &'static str,
+    cfg: LaunchConfig,
+    out: &mut CudaViewMut<'_, O>,
+    a: &CudaView<'_, A>,
+    b: &CudaView<'_, B>,
+    strides: (usize, usize),
+    (n, dim, rank): (usize, usize, usize),
+    scale: f32,
+) -> Result<(), CudaError> {
+    let (s0, s1) = (long(kn, "stride", strides.0)?, long(kn, "stride", strides.1)?);
+    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let f = Kernel::load(dev, "lora.cu", kn)?;
+    // SAFETY: the buffer sizes are this function's contract; the argument list is the shared
+    // signature above.
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(a).arg(b).arg(&s0).arg(&s1).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+        })
+    }
+}
+
+/// 256-column tiles of a `dim`-wide row along the grid's x (expand and wgrad).
+fn column_tiles(k: &'static str, dim: usize) -> Result<u32, CudaError> {
+    grid_dim(k, "column tiles", dim.div_ceil(256), i32::MAX as u32)
+}
+
+/// (n, dim) of a LoRA product whose rank-side operand `u` is [n, rank] and whose weight-side
+/// buffer `w` holds rank * dim elements; `what` names them in the error.
+fn rank_split(
+    k: &'static str,
+    what: (&str, &str),
+    w: usize,
+    u: usize,
+    rank: usize,
+) -> Result<(usize, usize), CudaError> {
+    check_rank(k, rank)?;
+    if !w.is_multiple_of(rank) || !u.is_multiple_of(rank) {
+        return Err(shape_err(
+            k,
+            format!("{} ({w}) and {} ({u}) must be multiples of rank {rank}", what.0, what.1),
+        ));
+    }
+    Ok((u / rank, w / rank))
 }
 
 fn check_rank(k: &'static str, r: usize) -> Result<(), CudaError> {
@@ -68,20 +122,11 @@ pub fn lora_shrink_fwd<T: Dtype>(
         return Ok(());
     }
     let (wk, wj) = layout.strides(dim, rank);
-    let (wk, wj) = (long(kn, "stride", wk)?, long(kn, "stride", wj)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
-    let f = dev.function("lora.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_dim(kn, "row groups", n.div_ceil(SHRINK_ROWS), i32::MAX as u32)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(h).arg(x).arg(w).arg(&wk).arg(&wj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+    let groups = grid_dim(kn, "row groups", n.div_ceil(SHRINK_ROWS), i32::MAX as u32)?;
+    let cfg = blocks((groups, 1, 1), 256);
     // SAFETY: x [n, dim], w [rank * dim], h [n, rank] (checked); strides address w within
     // rank * dim for both layouts.
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe { launch_lora(dev, kn, cfg, h, x, w, (wk, wj), (n, dim, rank), scale) }
 }
 
 /// y[n, j] += s * sum_k h[n, k] W(j, k) for y [N, dim], h [N, r] f32.
@@ -95,39 +140,20 @@ pub fn lora_expand_fwd<T: Dtype>(
     scale: f32,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "lora_expand_fwd");
-    check_rank(kn, rank)?;
-    if w.len() % rank != 0 || h.len() % rank != 0 {
-        return Err(shape_err(
-            kn,
-            format!("weight ({}) and h ({}) must be multiples of rank {rank}", w.len(), h.len()),
-        ));
-    }
-    let dim = w.len() / rank;
-    let n = h.len() / rank;
+    let (n, dim) = rank_split(kn, ("weight", "h"), w.len(), h.len(), rank)?;
     need_len(kn, "y", y.len(), n * dim)?;
     if n == 0 || dim == 0 {
         return Ok(());
     }
     // the weight is read as W(j, k): j strides like the "dim" index of `strides`
     let (wk, wj) = layout.strides(dim, rank);
-    let (wj, wk) = (long(kn, "stride", wj)?, long(kn, "stride", wk)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
-    let f = dev.function("lora.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            grid_dim(kn, "column tiles", dim.div_ceil(256), i32::MAX as u32)?,
-            grid_dim(kn, "row groups", n.div_ceil(EXPAND_ROWS), 65_535)?,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(y).arg(h).arg(w).arg(&wj).arg(&wk).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+    let cfg = blocks(
+        (column_tiles(kn, dim)?, grid_dim(kn, "row groups", n.div_ceil(EXPAND_ROWS), 65_535)?, 1),
+        256,
+    );
     // SAFETY: y [n, dim], h [n, rank], w [rank * dim] (checked); rank <= 256 fits the kernel's
     // static [8][256] shared tile.
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe { launch_lora(dev, kn, cfg, y, h, w, (wj, wk), (n, dim, rank), scale) }
 }
 
 /// dW(k, j) += s * sum_n u[n, k] v[n, j] for u [N, r] f32, v [N, dim]; dW f32 in `layout`.
@@ -141,35 +167,19 @@ pub fn lora_wgrad_bwd<T: Dtype>(
     scale: f32,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "lora_wgrad_bwd");
-    check_rank(kn, rank)?;
-    if dw.len() % rank != 0 || u.len() % rank != 0 {
-        return Err(shape_err(
-            kn,
-            format!("dW ({}) and u ({}) must be multiples of rank {rank}", dw.len(), u.len()),
-        ));
-    }
-    let dim = dw.len() / rank;
-    let n = u.len() / rank;
+    let (n, dim) = rank_split(kn, ("dW", "u"), dw.len(), u.len(), rank)?;
     need_len(kn, "v", v.len(), n * dim)?;
     if n == 0 || dim == 0 {
         return Ok(());
     }
-    let (ok, oj) = layout.strides(dim, rank);
-    let (ok, oj) = (long(kn, "stride", ok)?, long(kn, "stride", oj)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
-    let f = dev.function("lora.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            grid_dim(kn, "column tiles", dim.div_ceil(256), i32::MAX as u32)?,
+    let cfg = blocks(
+        (
+            column_tiles(kn, dim)?,
             grid_dim(kn, "rank groups", rank.div_ceil(WGRAD_K), 65_535)?,
             grid_dim(kn, "token chunks", n.div_ceil(WGRAD_NCHUNK), 65_535)?,
         ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(dw).arg(u).arg(v).arg(&ok).arg(&oj).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+        256,
+    );
     // SAFETY: dW [rank * dim], u [n, rank], v [n, dim] (checked).
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe { launch_lora(dev, kn, cfg, dw, u, v, layout.strides(dim, rank), (n, dim, rank), scale) }
 }

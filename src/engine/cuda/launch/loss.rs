@@ -1,25 +1,16 @@
 //! Launchers for `kernels/loss.cu` (chunked cross-entropy, RL loss variants) and
 //! `kernels/adamw.cu`.
 
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{Dtype, grid_dim, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use super::{
+    Dtype, Kernel, blocks, grid_dim, grid_stride, int, long, need_len, per_item_cfg, row_cfg,
+    shape_err, sym,
+};
 use crate::engine::cuda::{CudaDevice, CudaError};
 use crate::engine::loss::LossFn;
 
 const XENT_THREADS: u32 = 256;
-
-pub(super) fn row_cfg(
-    kernel: &'static str,
-    rows: usize,
-    threads: u32,
-) -> Result<LaunchConfig, CudaError> {
-    Ok(LaunchConfig {
-        grid_dim: (grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
 
 /// Checks a logits chunk [n, ld] holding `vc` valid columns; returns n.
 pub(super) fn chunk_rows(
@@ -35,6 +26,14 @@ pub(super) fn chunk_rows(
         ));
     }
     Ok(len / ld)
+}
+
+/// Checks `targets` [n, K] with n >= 1 rows and K >= 1; returns K.
+fn targets_per_row(k: &'static str, targets: usize, n: usize) -> Result<usize, CudaError> {
+    if n == 0 || !targets.is_multiple_of(n) || targets == 0 {
+        return Err(shape_err(k, format!("targets of {targets} elements is not [{n}, K >= 1]")));
+    }
+    Ok(targets / n)
 }
 
 /// Merges one vocabulary chunk of logits ([n, ld], columns `v0 .. v0 + vc` of the vocabulary)
@@ -57,13 +56,7 @@ pub fn xent_fwd<T: Dtype>(
     let n = chunk_rows(kn, logits.len(), ld, vc)?;
     need_len(kn, "m", m.len(), n)?;
     need_len(kn, "s", s.len(), n)?;
-    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
-        return Err(shape_err(
-            kn,
-            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
-        ));
-    }
-    let kt = targets.len() / n;
+    let kt = targets_per_row(kn, targets.len(), n)?;
     need_len(kn, "tgt", tgt.len(), n * kt)?;
     let (ldl, v0i, vci, kti, ni) = (
         long(kn, "ld", ld)?,
@@ -74,22 +67,15 @@ pub fn xent_fwd<T: Dtype>(
     );
     int(kn, "v0 + vc", v0 + vc)?;
     let first = i32::from(first);
-    let f = dev.function("loss.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(m)
-        .arg(s)
-        .arg(tgt)
-        .arg(logits)
-        .arg(&ldl)
-        .arg(&v0i)
-        .arg(&vci)
-        .arg(targets)
-        .arg(&kti)
-        .arg(&ni)
-        .arg(&first);
+    let cfg = row_cfg(kn, n, XENT_THREADS)?;
+    let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: logits [n, ld] with vc <= ld, m/s [n], tgt/targets [n, K] (checked).
-    unsafe { l.launch(row_cfg(kn, n, XENT_THREADS)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(m).arg(s).arg(tgt).arg(logits).arg(&ldl).arg(&v0i).arg(&vci);
+            l.arg(targets).arg(&kti).arg(&ni).arg(&first);
+        })
+    }
 }
 
 /// After the last chunk: lse = m + ln(s) [n]; logprob = tgt - lse [n, K] (0 where target < 0).
@@ -106,28 +92,19 @@ pub fn xent_finish_fwd(
     let n = m.len();
     need_len(kn, "s", s.len(), n)?;
     need_len(kn, "lse", lse.len(), n)?;
-    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
-        return Err(shape_err(
-            kn,
-            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
-        ));
-    }
-    let kt = targets.len() / n;
+    let kt = targets_per_row(kn, targets.len(), n)?;
     need_len(kn, "tgt", tgt.len(), n * kt)?;
     need_len(kn, "logprob", logprob.len(), n * kt)?;
     let (kti, ni) = (int(kn, "K", kt)?, int(kn, "n", n)?);
     int(kn, "n * K", n * kt)?;
-    let f = dev.function("loss.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_dim(kn, "blocks", (n * kt).div_ceil(256), i32::MAX as u32)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(lse).arg(logprob).arg(m).arg(s).arg(tgt).arg(targets).arg(&kti).arg(&ni);
+    let cfg = per_item_cfg(kn, "blocks", n * kt, 256)?;
+    let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: m/s/lse [n], tgt/targets/logprob [n, K] (checked); one thread per (row, k).
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(lse).arg(logprob).arg(m).arg(s).arg(tgt).arg(targets).arg(&kti).arg(&ni);
+        })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -153,13 +130,7 @@ fn xent_bwd_raw<T: Dtype>(
         ));
     }
     need_len(kn, "lse", lse.len(), n)?;
-    if n == 0 || targets.len() % n != 0 || targets.is_empty() {
-        return Err(shape_err(
-            kn,
-            format!("targets of {} elements is not [{n}, K >= 1]", targets.len()),
-        ));
-    }
-    let kt = targets.len() / n;
+    let kt = targets_per_row(kn, targets.len(), n)?;
     need_len(kn, "coef", coef.len(), n * kt)?;
     let (lddl, ldl, v0i, vci, kti, ni) = (
         long(kn, "ldd", ldd)?,
@@ -169,26 +140,25 @@ fn xent_bwd_raw<T: Dtype>(
         int(kn, "K", kt)?,
         int(kn, "n", n)?,
     );
-    let f = dev.function("loss.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    let in_place;
-    l.arg(&mut *dst).arg(&lddl);
-    match (src, src_ptr) {
-        (Some(s), _) => {
-            l.arg(s);
-        }
-        (None, Some(p)) => {
-            in_place = p;
-            l.arg(&in_place);
-        }
-        (None, None) => return Err(shape_err(kn, "no logits given")),
+    if src.is_none() && src_ptr.is_none() {
+        return Err(shape_err(kn, "no logits given"));
     }
-    l.arg(&ldl).arg(&v0i).arg(&vci).arg(targets).arg(coef).arg(lse).arg(&kti).arg(&ni);
+    let cfg = row_cfg(kn, n, XENT_THREADS)?;
+    let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: logits [n, ld] (or dst itself, same shape, for the in-place form: the kernel reads
     // each element before writing it, in the same thread), dst [n, ldd], targets/coef [n, K],
     // lse [n] (checked).
-    unsafe { l.launch(row_cfg(kn, n, XENT_THREADS)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(dst).arg(&lddl);
+            match (src, &src_ptr) {
+                (Some(s), _) => l.arg(s),
+                (None, Some(p)) => l.arg(p),
+                (None, None) => unreachable!("refused above"),
+            };
+            l.arg(&ldl).arg(&v0i).arg(&vci).arg(targets).arg(coef).arg(lse).arg(&kti).arg(&ni);
+        })
+    }
 }
 
 /// dlogits[n, v] = sum_k coef[n, k] (softmax[n, v] - [v == targets[n, k]]) for one chunk
@@ -281,18 +251,19 @@ pub fn loss_fwd(
     }
     let ni = int(kn, "n", n)?;
     let (code, a, b) = variant.code();
-    let f = dev.function("loss.cu", kn)?;
     let null: u64 = 0;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(loss).arg(coef).arg(logprob).arg(sampler_logprob).arg(advantages);
-    match weights {
-        Some(w) => l.arg(w),
-        None => l.arg(&null),
-    };
-    l.arg(&ni).arg(&code).arg(&a).arg(&b);
+    let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: all buffers hold n floats (checked); a null weights pointer means 1 in the kernel.
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(loss).arg(coef).arg(logprob).arg(sampler_logprob).arg(advantages);
+            match weights {
+                Some(w) => l.arg(w),
+                None => l.arg(&null),
+            };
+            l.arg(&ni).arg(&code).arg(&a).arg(&b);
+        })
+    }
 }
 
 /// Per-target terms of `loss` on the device, exactly `LossFn::term` in f64: `out` [2, N*K]
@@ -334,20 +305,17 @@ pub fn loss_term_fwd(
         LossFn::Cispo { clip_low, clip_high } => (3, clip_low, clip_high),
         LossFn::Dro { beta } => (4, beta, 0.0),
     };
-    let f = dev.function("loss.cu", kn)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid_dim(kn, "blocks", nk.div_ceil(256), i32::MAX as u32)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(coef).arg(logprob).arg(targets).arg(weights).arg(sampler_logprob);
-    l.arg(advantages).arg(&kti).arg(&nki).arg(&variant).arg(&a).arg(&b);
+    let cfg = per_item_cfg(kn, "blocks", nk, 256)?;
+    let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: out holds 2 N K doubles, coef/logprob/targets/weights N K, sampler_logprob and
     // advantages N (checked); signature (double*, float*, const float*, const int*, const
     // float*, const float*, const float*, int, int, int, double, double); one thread per target.
-    unsafe { l.launch(cfg) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(coef).arg(logprob).arg(targets).arg(weights).arg(sampler_logprob);
+            l.arg(advantages).arg(&kti).arg(&nki).arg(&variant).arg(&a).arg(&b);
+        })
+    }
 }
 
 /// One AdamW step's hyper-parameters (Tinker AdamParams plus the step and the clip factor).
@@ -388,33 +356,33 @@ pub fn adamw_fwd(
         return Ok(());
     }
     let nl = long(kn, "n", n)?;
-    let f = dev.function("adamw.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(p).arg(g).arg(m).arg(v).arg(&nl);
-    l.arg(&h.lr)
-        .arg(&h.beta1)
-        .arg(&h.beta2)
-        .arg(&h.eps)
-        .arg(&h.weight_decay)
-        .arg(&bc1)
-        .arg(&bc2)
-        .arg(&h.grad_scale);
+    let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: p, g, m, v each hold n floats (checked).
-    unsafe { l.launch(grid_stride(n)) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(p).arg(g).arg(m).arg(v).arg(&nl);
+            push_adam(l, h, &bc1, &bc2);
+            l.arg(&h.grad_scale);
+        })
+    }
 }
 
-/// Grid of the multi-tensor optimizer kernels: x splits the longest tensor, y = tensor.
-fn multi_cfg(kn: &'static str, count: usize, max_len: usize) -> Result<LaunchConfig, CudaError> {
-    Ok(LaunchConfig {
-        grid_dim: (
-            max_len.div_ceil(256).clamp(1, 512) as u32,
-            grid_dim(kn, "tensors", count, 65535)?,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    })
+/// Checks a tensor table of the multi-tensor optimizer kernels (`ptrs` [count, 4], `lens`
+/// [count]) and returns its grid (x splits the longest tensor, y = tensor) and the kernel's
+/// count, or None for an empty table.
+fn multi_setup(
+    kn: &'static str,
+    ptrs: usize,
+    count: usize,
+    max_len: usize,
+) -> Result<Option<(LaunchConfig, i32)>, CudaError> {
+    need_len(kn, "ptrs", ptrs, 4 * count)?;
+    if count == 0 {
+        return Ok(None);
+    }
+    let x = max_len.div_ceil(256).clamp(1, 512) as u32;
+    let cfg = blocks((x, grid_dim(kn, "tensors", count, 65535)?, 1), 256);
+    Ok(Some((cfg, int(kn, "tensors", count)?)))
 }
 
 /// acc[0] += sum of g^2 over every tensor of a table `ptrs` [count, 4] = (p, g, m, v)
@@ -431,20 +399,18 @@ pub(crate) unsafe fn sumsq_multi_fwd(
     max_len: usize,
 ) -> Result<(), CudaError> {
     let kn = "sumsq_multi_fwd_f32";
-    let count = lens.len();
     need_len(kn, "acc", acc.len(), 1)?;
-    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
-    if count == 0 {
+    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
         return Ok(());
-    }
-    let nt = int(kn, "tensors", count)?;
-    let f = dev.function("adamw.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(acc).arg(ptrs).arg(lens).arg(&nt);
+    };
+    let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: acc holds 1 float, ptrs 4 addresses per tensor and lens one length (checked); the
     // addressed buffers are live and sized as lens says (this function's contract).
-    unsafe { l.launch(multi_cfg(kn, count, max_len)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(acc).arg(ptrs).arg(lens).arg(&nt);
+        })
+    }
 }
 
 /// AdamW over every tensor of the table (as [`sumsq_multi_fwd`]), with the global-norm clip
@@ -463,22 +429,27 @@ pub(crate) unsafe fn adamw_multi_fwd(
     h: &AdamStep,
 ) -> Result<(), CudaError> {
     let kn = "adamw_multi_fwd_f32";
-    let count = lens.len();
     need_len(kn, "sumsq", sumsq.len(), 1)?;
-    need_len(kn, "ptrs", ptrs.len(), 4 * count)?;
     let (bc1, bc2) = bias_corrections(kn, h)?;
-    if count == 0 {
+    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
         return Ok(());
-    }
-    let nt = int(kn, "tensors", count)?;
-    let f = dev.function("adamw.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(ptrs).arg(lens).arg(&nt).arg(sumsq).arg(&clip_norm);
-    l.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps).arg(&h.weight_decay).arg(&bc1).arg(&bc2);
+    };
+    let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: table and sumsq sized as checked; the addressed buffers are live, sized as lens
     // says and not aliased (this function's contract).
-    unsafe { l.launch(multi_cfg(kn, count, max_len)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(ptrs).arg(lens).arg(&nt).arg(sumsq).arg(&clip_norm);
+            push_adam(l, h, &bc1, &bc2);
+        })
+    }
+}
+
+/// Pushes the hyper-parameters both AdamW kernels take in the same order: lr, beta1, beta2,
+/// eps, weight_decay and the two bias corrections.
+fn push_adam<'a>(l: &mut LaunchArgs<'a>, h: &'a AdamStep, bc1: &'a f32, bc2: &'a f32) {
+    l.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps).arg(&h.weight_decay);
+    l.arg(bc1).arg(bc2);
 }
 
 /// (1 - beta1^t, 1 - beta2^t) as f32, refusing step 0 and betas >= 1.

@@ -31,10 +31,14 @@ pub use loss::{
 pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
 pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
 
-use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaFunction, CudaView, CudaViewMut, DeviceRepr, DriverError, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
 use half::bf16;
 
-use super::CudaError;
+use super::{CudaDevice, CudaError};
 
 /// Storage dtypes the kernels are instantiated for.
 pub trait Dtype: DeviceRepr + Copy + Send + Sync + 'static {
@@ -114,6 +118,127 @@ pub(crate) fn grid_dim(
         .ok_or_else(|| shape_err(kernel, format!("{name} = {n} exceeds the grid limit {max}")))
 }
 
-pub(crate) fn launch_err(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+fn launch_err(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
     move |source| CudaError::Driver { context: format!("launching {kernel}"), source }
+}
+
+/// Dynamic shared memory a kernel may use without opting in.
+const SMEM_DEFAULT: usize = 48 * 1024;
+
+/// `grid` blocks of `threads` threads each, no dynamic shared memory.
+pub(crate) fn blocks(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of `threads` per row (`rows` along x).
+pub(crate) fn row_cfg(
+    kernel: &'static str,
+    rows: usize,
+    threads: u32,
+) -> Result<LaunchConfig, CudaError> {
+    Ok(blocks((grid_dim(kernel, "rows", rows, i32::MAX as u32)?, 1, 1), threads))
+}
+
+/// One thread per item, `threads` to a block; `what` names the block count in errors.
+pub(crate) fn per_item_cfg(
+    kernel: &'static str,
+    what: &str,
+    items: usize,
+    threads: u32,
+) -> Result<LaunchConfig, CudaError> {
+    let n = items.div_ceil(threads as usize);
+    Ok(blocks((grid_dim(kernel, what, n, i32::MAX as u32)?, 1, 1), threads))
+}
+
+/// One kernel of a `kernels/*.cu` file, loaded on a device: the one place that builds the
+/// argument list, enqueues on the device stream and names the kernel in a launch error.
+pub(crate) struct Kernel<'d> {
+    dev: &'d CudaDevice,
+    func: CudaFunction,
+    name: &'static str,
+}
+
+impl<'d> Kernel<'d> {
+    /// Kernel `name` from `kernels/<file>` (compiled and loaded on first use).
+    pub(crate) fn load(
+        dev: &'d CudaDevice,
+        file: &'static str,
+        name: &'static str,
+    ) -> Result<Self, CudaError> {
+        Ok(Kernel { dev, func: dev.function(file, name)?, name })
+    }
+
+    /// The kernel's symbol, for error messages.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Opts the kernel into `bytes` of dynamic shared memory where that is more than the
+    /// default allows without asking.
+    pub(crate) fn allow_smem(&self, bytes: usize) -> Result<(), CudaError> {
+        if bytes > SMEM_DEFAULT {
+            let v = int(self.name, "shared memory bytes", bytes)?;
+            self.func
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    v,
+                )
+                .map_err(CudaError::driver(format!(
+                    "{}: requesting {bytes} B of shared memory",
+                    self.name
+                )))?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues the kernel with `cfg`; `args` pushes its parameters in signature order.
+    ///
+    /// # Safety
+    /// `args` must push exactly the kernel's parameters, each of the type its signature names,
+    /// and every index the kernel touches under `cfg` must lie inside the buffers pushed.
+    pub(crate) unsafe fn launch<'a>(
+        &'a self,
+        cfg: LaunchConfig,
+        args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<(), CudaError> {
+        let mut l = self.dev.stream().launch_builder(&self.func);
+        args(&mut l);
+        // SAFETY: the argument list and the bounds are this function's contract.
+        unsafe { l.launch(cfg) }.map_err(launch_err(self.name))?;
+        Ok(())
+    }
+}
+
+/// Grid-stride launch of an elementwise kernel over the `n = out.len()` elements of `out`,
+/// after checking that every named input holds `n` too; nothing is enqueued for `n = 0`.
+///
+/// # Safety
+/// `kernel` must have the signature `(O* out, const I* in..., long long n)`, one input pointer
+/// per entry of `ins` in that order, and touch indices `< n` only.
+pub(crate) unsafe fn map_n<O: DeviceRepr, I: DeviceRepr>(
+    dev: &CudaDevice,
+    file: &'static str,
+    kernel: &'static str,
+    out: &mut CudaViewMut<'_, O>,
+    ins: &[(&str, &CudaView<'_, I>)],
+) -> Result<(), CudaError> {
+    let n = out.len();
+    for (name, x) in ins {
+        need_len(kernel, name, x.len(), n)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let nn = long(kernel, "n", n)?;
+    let f = Kernel::load(dev, file, kernel)?;
+    // SAFETY: out and every input hold n elements (checked); the signature is the contract.
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(out);
+            for (_, x) in ins {
+                l.arg(*x);
+            }
+            l.arg(&nn);
+        })
+    }
 }

@@ -3,12 +3,28 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
-use super::loss::{chunk_rows, row_cfg};
-use super::{Dtype, grid_stride, int, launch_err, long, need_len, shape_err, sym};
+use super::loss::chunk_rows;
+use super::{Dtype, Kernel, grid_stride, int, long, need_len, row_cfg, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const ARGMAX_THREADS: u32 = 1024;
 const SAMPLE_THREADS: u32 = 1024;
+
+/// The shape both picks share: logits [b, ld] with `vocab` <= ld valid columns, `out` and
+/// `logprob` [b]; returns b.
+fn pick_rows(
+    kn: &'static str,
+    logits: usize,
+    ld: usize,
+    vocab: usize,
+    out: usize,
+    logprob: usize,
+) -> Result<usize, CudaError> {
+    let b = chunk_rows(kn, logits, ld, vocab)?;
+    need_len(kn, "out", out, b)?;
+    need_len(kn, "logprob", logprob, b)?;
+    Ok(b)
+}
 
 /// Greedy pick per row of `logits` [B, ld] (first `vocab` columns): `out` [B] is the argmax
 /// (lowest index on ties, as the CPU sampler) and `logprob` [B] its log-softmax in the raw
@@ -22,20 +38,20 @@ pub fn argmax_fwd<T: Dtype>(
     vocab: usize,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "argmax_fwd");
-    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
-    need_len(kn, "out", out.len(), b)?;
-    need_len(kn, "logprob", logprob.len(), b)?;
+    let b = pick_rows(kn, logits.len(), ld, vocab, out.len(), logprob.len())?;
     if b == 0 {
         return Ok(());
     }
     let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
-    let f = dev.function("sampling.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
+    let cfg = row_cfg(kn, b, ARGMAX_THREADS)?;
+    let f = Kernel::load(dev, "sampling.cu", kn)?;
     // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
     // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
-    unsafe { l.launch(row_cfg(kn, b, ARGMAX_THREADS)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
+        })
+    }
 }
 
 /// Stochastic pick per row of `logits` [B, ld] (first `vocab` columns), bit-exactly
@@ -55,9 +71,7 @@ pub fn sample_fwd<T: Dtype>(
     params: &CudaView<'_, u32>,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "sample_fwd");
-    let b = chunk_rows(kn, logits.len(), ld, vocab)?;
-    need_len(kn, "out", out.len(), b)?;
-    need_len(kn, "logprob", logprob.len(), b)?;
+    let b = pick_rows(kn, logits.len(), ld, vocab, out.len(), logprob.len())?;
     need_len(kn, "inv_t", inv_t.len(), b)?;
     let p = b.checked_mul(3).ok_or_else(|| shape_err(kn, format!("{b} rows overflow")))?;
     need_len(kn, "params", params.len(), p)?;
@@ -67,14 +81,16 @@ pub fn sample_fwd<T: Dtype>(
     let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
     // Small vocabularies need no 1024 threads (whole warps; the kernel takes any such size).
     let threads = (vocab.div_ceil(32) * 32).min(SAMPLE_THREADS as usize) as u32;
-    let f = dev.function("sampling.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi).arg(inv_t).arg(params);
+    let cfg = row_cfg(kn, b, threads)?;
+    let f = Kernel::load(dev, "sampling.cu", kn)?;
     // SAFETY: logits [b, ld] with vocab <= ld, out, logprob and inv_t [b], params [b, 3]
     // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
     // at most __launch_bounds__(1024) threads, static shared memory only.
-    unsafe { l.launch(row_cfg(kn, b, threads)?) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(cfg, |l| {
+            l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi).arg(inv_t).arg(params);
+        })
+    }
 }
 
 /// `out[i] = det_exp(d[i])` (`engine::sampling_weight`) on the device, element-wise: the check
@@ -90,11 +106,12 @@ pub fn sample_exp_fwd(
         return Ok(());
     }
     let n = int(kn, "n", d.len())?;
-    let f = dev.function("sampling.cu", kn)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(out).arg(d).arg(&n);
+    let f = Kernel::load(dev, "sampling.cu", kn)?;
     // SAFETY: out and d hold n doubles (checked); signature (double*, const double*, int);
     // grid-stride loop, no shared memory.
-    unsafe { l.launch(grid_stride(d.len())) }.map_err(launch_err(kn))?;
-    Ok(())
+    unsafe {
+        f.launch(grid_stride(d.len()), |l| {
+            l.arg(out).arg(d).arg(&n);
+        })
+    }
 }
