@@ -7,7 +7,7 @@ mod model_app_support;
 
 use model_app_support::*;
 use twinkle::apps::model::AppError;
-use twinkle::apps::model::types::*;
+use twinkle::protocol::internal::*;
 
 /// Weights and Adam moments of every module, in a fixed order.
 fn state_of(a: &twinkle::engine::Adapter) -> Vec<(String, Vec<f32>)> {

@@ -7,8 +7,8 @@ mod model_app_support;
 use std::time::Duration;
 
 use model_app_support::*;
-use twinkle::apps::model::types::*;
 use twinkle::apps::model::{CPU_WORKERS_ENV, ModelService, parse_cpu_workers};
+use twinkle::protocol::internal::*;
 
 fn batch() -> Vec<twinkle::engine::Datum> {
     // Uneven lengths so the token split is not just "half the datums each".

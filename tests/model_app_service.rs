@@ -8,10 +8,10 @@ use std::time::Duration;
 use actix_web::ResponseError;
 use actix_web::http::StatusCode;
 use model_app_support::*;
-use twinkle::apps::model::types::*;
 use twinkle::apps::model::{AppError, BaseModel, ModelService};
 use twinkle::apps::sampler::SamplerService;
 use twinkle::engine::{Datum, LossInputs};
+use twinkle::protocol::internal::*;
 
 #[test]
 fn training_lowers_the_loss_and_forward_only_keeps_no_gradients() {

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use twinkle::apps::model::types::*;
 use twinkle::apps::model::{ModelService, ServiceOptions};
 use twinkle::engine::{Datum, LossInputs};
 use twinkle::hub::{HubEnv, resolve_with};
+use twinkle::protocol::internal::*;
 
 /// The generated tiny model, cached under the system temp dir (generation is atomic, so parallel
 /// tests and runs share it safely).

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::MAX_RANK;
 use super::error::AppError;
-use super::types::InfoResponse;
 use crate::engine::{Model, ModelConfig};
+use crate::protocol::internal::InfoResponse;
 use crate::tokenize::Tokenizer;
 
 /// A loaded base model and its tokenizer, shared by the model and sampler applications.

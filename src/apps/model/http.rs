@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use super::ModelService;
 use super::error::AppError;
-use super::types::*;
 use crate::engine::ModelRuntime;
 pub use crate::protocol::internal::TOKEN_HEADER;
+use crate::protocol::internal::*;
 use crate::protocol::internal::{Call, Encoding};
 
 /// Largest body accepted (a forward_backward batch can be large).

@@ -27,7 +27,6 @@ pub mod http;
 mod persist;
 pub mod sample;
 pub mod twinkle;
-pub mod types;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,10 +37,10 @@ use crate::engine::cpu::CpuRuntime;
 use crate::engine::parallel::{DataParallel, Replicated};
 use crate::engine::{Adapter, Datum, DatumOutput, LoraConfig, LossFn, ModelConfig, ModelRuntime};
 
+use crate::protocol::internal::*;
 pub use base::{BaseModel, Served};
 use checkpoint::AdapterCache;
 pub use error::AppError;
-use types::*;
 
 /// Largest LoRA rank accepted.
 pub const MAX_RANK: usize = 128;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::checkpoint::{OPTIM_META, check_peft_dir, write_dir_atomic};
-use super::types::*;
 use super::{AppError, ModelService, SlotState, lock};
 use crate::engine::{Adapter, ModelRuntime};
+use crate::protocol::internal::*;
 
 impl<R: ModelRuntime> ModelService<R> {
     /// `POST /_internal/v1/save`.

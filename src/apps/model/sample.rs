@@ -12,7 +12,7 @@ use crate::engine::{Datum, LossFn, LossInputs, ModelRuntime};
 use crate::tokenize::{IncrementalDecoder, Tokenizer};
 
 use super::error::AppError;
-use super::types::{SampleRequest, SampleResponse, SequenceJson, StopReasonJson};
+use crate::protocol::internal::{SampleRequest, SampleResponse, SequenceJson, StopReasonJson};
 
 /// Most samples one request may ask for.
 pub const MAX_NUM_SAMPLES: usize = 256;

@@ -13,11 +13,11 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use super::model::checkpoint::AdapterCache;
 use super::model::error::AppError;
 use super::model::http::{InternalToken, check_token, path, payload_config, serve_call};
-use super::model::types::{InfoResponse, SampleRequest, SampleResponse};
 use super::model::{BaseModel, Served, sample};
 use crate::engine::ModelRuntime;
 use crate::engine::cpu::CpuRuntime;
 use crate::engine::parallel::{DataParallel, Replicated};
+use crate::protocol::internal::{InfoResponse, SampleRequest, SampleResponse};
 
 /// Adapters a sampler keeps loaded.
 pub const ADAPTER_CACHE: usize = 4;

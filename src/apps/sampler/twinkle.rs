@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value, json};
 
 use super::SamplerApp;
-use crate::apps::model::types::{SampleRequest, SampleResponse, StopReasonJson};
 use crate::apps::twinkle_http::{Call, Ops, Reply};
+use crate::protocol::internal::{SampleRequest, SampleResponse, StopReasonJson};
 use crate::protocol::twinkle::wire::{self, IGNORE, Input};
 use crate::protocol::twinkle::{Auth, Caller, Gen, TwinkleError, TwinklePath};
 use crate::tokenize::IncrementalDecoder;

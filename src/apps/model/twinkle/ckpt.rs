@@ -5,8 +5,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{TwinkleModel, lock};
-use crate::apps::model::types::{LoadRequest, SaveKind, SaveRequest};
 use crate::apps::twinkle_http::Call;
+use crate::protocol::internal::{LoadRequest, SaveKind, SaveRequest};
 use crate::protocol::tinker::paths::CheckpointKind;
 use crate::protocol::twinkle::runs::{self, RunMeta, TRAINER_STATE};
 use crate::protocol::twinkle::{Gen, TwinkleError, TwinklePath, paths};

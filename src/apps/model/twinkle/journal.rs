@@ -21,8 +21,8 @@ use serde_json::{Map, Value};
 
 use super::{TrainState, TwinkleModel, lock};
 use crate::apps::model::durable;
-use crate::apps::model::types::UnloadRequest;
 use crate::apps::twinkle_http::Call;
+use crate::protocol::internal::UnloadRequest;
 use crate::protocol::twinkle::runs;
 use crate::protocol::twinkle::{Caller, Gen, TwinkleError};
 

@@ -161,7 +161,7 @@ impl TwinkleModel {
         for id in &expired {
             lock(&self.adapters).remove(id);
             self.journal_forget(id);
-            let req = super::types::UnloadRequest { model_id: id.clone() };
+            let req = crate::protocol::internal::UnloadRequest { model_id: id.clone() };
             if let Err(e) = self.app.unload(&req) {
                 tracing::warn!(adapter = %id, error = %e, "cannot unload an expired adapter");
             }

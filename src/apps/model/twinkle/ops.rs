@@ -8,9 +8,9 @@ use serde_json::{Map, Value, json};
 
 use super::inputs::{Loss, TemplateCfg};
 use super::{Metrics, TrainState, TwinkleModel, adapter_name, lock};
-use crate::apps::model::types::{CreateAdapterRequest, LoraSettings};
 use crate::apps::twinkle_http::Call;
 use crate::engine::AdamParams;
+use crate::protocol::internal::{CreateAdapterRequest, LoraSettings};
 use crate::protocol::twinkle::runs::{self, RunMeta};
 use crate::protocol::twinkle::sched::Schedule;
 use crate::protocol::twinkle::{TwinkleError, paths, wire};
@@ -75,7 +75,7 @@ impl TwinkleModel {
         let base_model = &self.app.served().info.base_model;
         let run = RunMeta::new_lora(&id, base_model, &caller.owner, lora.rank);
         if let Err(e) = runs::write_run(&run_dir, &run) {
-            let _ = self.app.unload(&crate::apps::model::types::UnloadRequest { model_id: eid });
+            let _ = self.app.unload(&crate::protocol::internal::UnloadRequest { model_id: eid });
             return Err(e);
         }
         self.insert_state(st);

@@ -7,9 +7,9 @@ use serde_json::{Map, Value, json};
 use super::inputs::{self, Loss};
 use super::ops::f64_of;
 use super::{TrainState, TwinkleModel};
-use crate::apps::model::types::{ForwardBackwardRequest, OptimStepRequest};
 use crate::apps::twinkle_http::Call;
 use crate::engine::AdamParams;
+use crate::protocol::internal::{ForwardBackwardRequest, OptimStepRequest};
 use crate::protocol::twinkle::{Gen, TwinkleError, wire};
 
 impl TwinkleModel {
