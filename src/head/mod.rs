@@ -15,13 +15,14 @@ pub mod cluster_record;
 pub mod control;
 pub mod gpu_table;
 pub mod registry;
+pub mod registry_actor;
 pub mod state_file;
 pub mod status_cli;
 
 pub use registry::{
-    AppState, AppStatus, NodeStatus, RegisterError, RegisterRequest, Registry, SharedRegistry,
-    StatusReport,
+    AppState, AppStatus, NodeStatus, RegisterError, RegisterRequest, Registry, StatusReport,
 };
+pub use registry_actor::RegistryActor;
 
 /// Errors of the head layer (control plane, state file, status client).
 #[derive(Debug, thiserror::Error)]
