@@ -10,6 +10,7 @@
 //! keeps `$TWINKLE_HOME/cluster.json`, the deployment and the pid records `twinkle stop` reads.
 
 pub mod cluster;
+pub mod cluster_actor;
 pub mod cluster_http;
 pub mod cluster_record;
 pub mod control;
