@@ -8,6 +8,25 @@
 //! nodes, their heartbeats and the desired placement of every application, [`cluster_http`]
 //! serves it on the control port (token + protocol version checked), and [`cluster_record`]
 //! keeps `$TWINKLE_HOME/cluster.json`, the deployment and the pid records `twinkle stop` reads.
+//!
+//! ## Actors
+//!
+//! Every piece of the head's mutable state has exactly one owning actor; HTTP handlers,
+//! supervisors and the gateway send it typed messages and hold only its address:
+//! * [`registry_actor::RegistryActor`] owns a [`registry::Registry`] (application entries with
+//!   pid, registration token, state, address, restarts, last exit; nodes; GPU samples; the
+//!   control and gateway addresses). Messages: `Register`, `Snapshot`, `IsRegistered`,
+//!   `ChildStarted`, `ChildExited`, `SpawnFailed`, `StartupFailed`, `SetState`, `SetAddresses`,
+//!   `SetGpuSamples`, `GpuSamples`, `AddApp`, `RemoveApp`, `SetUpstream`, `SetNodes`, and the
+//!   gateway's own [`crate::gateway::Lookup`] / [`crate::gateway::ReadyQuery`] (defined in the
+//!   gateway, so the gateway never imports the head).
+//! * [`cluster_actor::ClusterActor`] owns the [`cluster::ClusterHead`] (nodes, heartbeats, the
+//!   deployment, placements: the cluster's desired state) and runs the failure detector.
+//!   Messages: `Reset`, `RegisterNode`, `NodeHeartbeat`, `Deploy`, `ClusterStatus`.
+//!
+//! The node side adds one [`crate::node::SupervisorActor`] per child (owns the process; `Stop`)
+//! and a [`crate::node::reconcile::Reconciler`] (owns which children run; `Converge`,
+//! `StopAll`, `Report`).
 
 pub mod cluster;
 pub mod cluster_actor;
