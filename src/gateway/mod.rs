@@ -12,7 +12,10 @@ pub mod routes;
 pub mod upstreams;
 
 pub use routes::{RouteTable, normalize_prefix};
-pub use upstreams::{Lookup, ReadyQuery, ReadyReport, Upstream, Upstreams};
+pub use upstreams::{
+    Lookup, ReadyQuery, ReadyReport, Upstream, UpstreamPublisher, UpstreamView, Upstreams,
+    upstream_channel,
+};
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -33,8 +36,8 @@ pub enum GatewayError {
 /// Everything a gateway worker thread needs.
 pub struct GatewayState {
     pub routes: RouteTable,
-    /// Where applications are: asked per request, never cached, so a restarted child's new
-    /// address is used at once.
+    /// Where applications are: the owner's latest published view, read per request, so a
+    /// restarted child's new address is used at once.
     pub upstreams: Upstreams,
 }
 

@@ -101,7 +101,7 @@ pub async fn healthz() -> HttpResponse {
 /// application's state and, for failed ones, why. Retry-After only while something is still
 /// coming up: a failed application does not recover by waiting.
 pub async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
-    let ready = state.upstreams.readiness().await;
+    let ready = state.upstreams.readiness();
     let apps: serde_json::Map<String, serde_json::Value> =
         ready.apps.iter().map(|(name, s)| (name.clone(), json!(s))).collect();
     if ready.is_ready() {
@@ -159,7 +159,8 @@ pub async fn forward(
         );
     };
     let app = route.app.clone();
-    let addr = match state.upstreams.lookup(&app).await {
+    // Read without an await: see `upstreams` on why.
+    let addr = match state.upstreams.lookup(&app) {
         Upstream::At(a) => a,
         Upstream::Failed(why) => return failed(&app, &why, &path),
         // Starting (never registered yet), restarting, pending: it is coming.

@@ -1,11 +1,19 @@
-//! What the gateway asks about applications, as typed actix messages.
+//! What the gateway needs to know about applications, defined by the gateway itself.
 //!
-//! The gateway owns no application state: it sends [`Lookup`] ("where is `app` now?") and
-//! [`ReadyQuery`] ("is every application running?") to whichever actor answers them (the head's
-//! registry actor). Defining the messages here, not in the head, keeps the dependency one way:
-//! the head implements the gateway's questions, the gateway never names the head.
+//! The gateway owns no application state. Whoever does (the head's registry actor) publishes an
+//! [`UpstreamView`] (every application's [`Upstream`] and the [`ReadyReport`]) after each change
+//! through an [`UpstreamPublisher`]; the gateway reads the latest view from its [`Upstreams`]
+//! without waiting. Reading without an await matters: a request whose body turns out malformed
+//! must be answered (400) in the same poll that finds the body broken, or actix drops the
+//! connection unanswered. The same questions exist as actix messages ([`Lookup`],
+//! [`ReadyQuery`]) for actors that ask them. Defining all of it here, not in the head, keeps
+//! the dependency one way: the head implements the gateway's questions, the gateway never
+//! names the head.
 
-use actix::{Message, Recipient};
+use std::collections::BTreeMap;
+
+use actix::Message;
+use tokio::sync::watch;
 
 /// Where a request for `app` should go (answered with [`Upstream`]).
 #[derive(Debug, Clone, Message)]
@@ -45,24 +53,49 @@ impl ReadyReport {
     }
 }
 
-/// The gateway's two mailboxes: where lookups and readiness questions go.
-#[derive(Clone)]
-pub struct Upstreams {
-    pub lookup: Recipient<Lookup>,
-    pub ready: Recipient<ReadyQuery>,
+/// A snapshot of every application's upstream and the readiness, as the owner last published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamView {
+    pub upstreams: BTreeMap<String, Upstream>,
+    pub ready: ReadyReport,
 }
 
-impl Upstreams {
-    /// Where `app` is; an answerer that is gone (shutdown) reads as "stopped", never a panic.
-    pub async fn lookup(&self, app: &str) -> Upstream {
-        self.lookup.send(Lookup(app.to_string())).await.unwrap_or(Upstream::Down("stopped"))
+/// The owner's side: publishes a new [`UpstreamView`].
+pub struct UpstreamPublisher(watch::Sender<UpstreamView>);
+
+impl UpstreamPublisher {
+    /// Replaces the view (readers see it on their next request); unchanged views wake no one.
+    pub fn publish(&self, view: UpstreamView) {
+        self.0.send_if_modified(|old| {
+            let changed = *old != view;
+            *old = view;
+            changed
+        });
     }
 
-    /// The readiness report; an answerer that is gone reads as nothing ready.
-    pub async fn readiness(&self) -> ReadyReport {
-        self.ready.send(ReadyQuery).await.unwrap_or_else(|_| ReadyReport {
-            waiting: vec![("gateway".to_string(), "stopping")],
-            ..ReadyReport::default()
-        })
+    /// Another reader of this publisher's views (one per gateway).
+    pub fn subscribe(&self) -> Upstreams {
+        Upstreams(self.0.subscribe())
+    }
+}
+
+/// A publisher and nothing published yet: every application reads as `stopped`.
+pub fn upstream_channel() -> UpstreamPublisher {
+    UpstreamPublisher(watch::channel(UpstreamView::default()).0)
+}
+
+/// The gateway's side: the latest published view, read without waiting.
+#[derive(Clone)]
+pub struct Upstreams(watch::Receiver<UpstreamView>);
+
+impl Upstreams {
+    /// Where `app` is; an application the view does not know reads as `stopped`.
+    pub fn lookup(&self, app: &str) -> Upstream {
+        self.0.borrow().upstreams.get(app).cloned().unwrap_or(Upstream::Down("stopped"))
+    }
+
+    /// The latest readiness report.
+    pub fn readiness(&self) -> ReadyReport {
+        self.0.borrow().ready.clone()
     }
 }

@@ -17,9 +17,10 @@
 //!   pid, registration token, state, address, restarts, last exit; nodes; GPU samples; the
 //!   control and gateway addresses). Messages: `Register`, `Snapshot`, `IsRegistered`,
 //!   `ChildStarted`, `ChildExited`, `SpawnFailed`, `StartupFailed`, `SetState`, `SetAddresses`,
-//!   `SetGpuSamples`, `GpuSamples`, `AddApp`, `RemoveApp`, `SetUpstream`, `SetNodes`, and the
-//!   gateway's own [`crate::gateway::Lookup`] / [`crate::gateway::ReadyQuery`] (defined in the
-//!   gateway, so the gateway never imports the head).
+//!   `SetGpuSamples`, `GpuSamples`, `AddApp`, `RemoveApp`, `SetUpstream`, `SetNodes`,
+//!   [`crate::gateway::Lookup`], [`crate::gateway::ReadyQuery`]. After every change it publishes
+//!   a [`crate::gateway::UpstreamView`] that the gateway reads without waiting (the view type is
+//!   the gateway's, so the gateway never imports the head).
 //! * [`cluster_actor::ClusterActor`] owns the [`cluster::ClusterHead`] (nodes, heartbeats, the
 //!   deployment, placements: the cluster's desired state) and runs the failure detector.
 //!   Messages: `Reset`, `RegisterNode`, `NodeHeartbeat`, `Deploy`, `ClusterStatus`.

@@ -3,15 +3,16 @@
 //!
 //! Supervisors report lifecycle events to it ([`ChildStarted`], [`ChildExited`], ...), the
 //! control plane forwards registrations ([`Register`]) and status reads ([`Snapshot`]), and the
-//! gateway asks it [`Lookup`] / [`ReadyQuery`]. Every message is handled to completion before
-//! the next, which is what the old lock guaranteed, without a lock.
+//! gateway reads the [`UpstreamView`] it publishes after every change (actors may also ask
+//! [`Lookup`] / [`ReadyQuery`]). Every message is handled to completion before the next, which
+//! is what the old lock guaranteed, without a lock.
 
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 
 use super::gpu_table::GpuSample;
 use super::registry::{AppState, AppStatus, NodeStatus, RegisterError, Registry, StatusReport};
 use crate::contract::RegisterRequest;
-use crate::gateway::{Lookup, ReadyQuery, Upstreams};
+use crate::gateway::{Lookup, ReadyQuery, UpstreamPublisher, UpstreamView, Upstreams};
 
 /// Messages the mailbox holds before senders wait for room.
 const MAILBOX: usize = 1 << 16;
@@ -19,12 +20,31 @@ const MAILBOX: usize = 1 << 16;
 /// Owns one [`Registry`]; see the module docs.
 pub struct RegistryActor {
     reg: Registry,
+    /// Where the gateway's view of the applications goes after every change.
+    view: UpstreamPublisher,
 }
 
 impl RegistryActor {
     /// Starts the actor on the current arbiter (an actix `System` must be running).
     pub fn spawn(reg: Registry) -> Addr<Self> {
-        Self { reg }.start()
+        Self::spawn_with_view(reg).0
+    }
+
+    /// Starts the actor and returns, with its address, the gateway's reader of its views.
+    pub fn spawn_with_view(reg: Registry) -> (Addr<Self>, Upstreams) {
+        let view = crate::gateway::upstream_channel();
+        let reader = view.subscribe();
+        let actor = Self { reg, view };
+        actor.publish();
+        (actor.start(), reader)
+    }
+
+    /// Publishes the gateway's view of the current registry.
+    fn publish(&self) {
+        let ready = self.reg.readiness();
+        let upstreams =
+            ready.apps.iter().map(|(name, _)| (name.clone(), self.reg.lookup(name))).collect();
+        self.view.publish(UpstreamView { upstreams, ready });
     }
 }
 
@@ -37,11 +57,6 @@ impl Actor for RegistryActor {
         // limit, which also counts senders.
         ctx.set_mailbox_capacity(MAILBOX);
     }
-}
-
-/// The gateway's mailboxes for this registry.
-pub fn upstreams(addr: &Addr<RegistryActor>) -> Upstreams {
-    Upstreams { lookup: addr.clone().recipient(), ready: addr.clone().recipient() }
 }
 
 /// A child's registration (`POST /v1/register`); answers its address.
@@ -147,7 +162,9 @@ pub struct SetNodes(pub Vec<NodeStatus>);
 impl Handler<Register> for RegistryActor {
     type Result = Result<String, RegisterError>;
     fn handle(&mut self, m: Register, _: &mut Context<Self>) -> Self::Result {
-        self.reg.register(&m.0)
+        let out = self.reg.register(&m.0);
+        self.publish();
+        out
     }
 }
 
@@ -169,20 +186,25 @@ impl Handler<ChildStarted> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: ChildStarted, _: &mut Context<Self>) {
         self.reg.child_started(&m.app, m.pid, m.token);
+        self.publish();
     }
 }
 
 impl Handler<ChildExited> for RegistryActor {
     type Result = u32;
     fn handle(&mut self, m: ChildExited, _: &mut Context<Self>) -> u32 {
-        self.reg.child_exited(&m.app, m.how)
+        let out = self.reg.child_exited(&m.app, m.how);
+        self.publish();
+        out
     }
 }
 
 impl Handler<SpawnFailed> for RegistryActor {
     type Result = u32;
     fn handle(&mut self, m: SpawnFailed, _: &mut Context<Self>) -> u32 {
-        self.reg.spawn_failed(&m.app, m.why)
+        let out = self.reg.spawn_failed(&m.app, m.why);
+        self.publish();
+        out
     }
 }
 
@@ -190,6 +212,7 @@ impl Handler<StartupFailed> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: StartupFailed, _: &mut Context<Self>) {
         self.reg.startup_failed(&m.app, m.why);
+        self.publish();
     }
 }
 
@@ -197,6 +220,7 @@ impl Handler<SetState> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: SetState, _: &mut Context<Self>) {
         self.reg.set_state(&m.app, m.state);
+        self.publish();
     }
 }
 
@@ -225,6 +249,7 @@ impl Handler<AddApp> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: AddApp, _: &mut Context<Self>) {
         self.reg.add_app(m.0);
+        self.publish();
     }
 }
 
@@ -232,6 +257,7 @@ impl Handler<RemoveApp> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: RemoveApp, _: &mut Context<Self>) {
         self.reg.remove_app(&m.0);
+        self.publish();
     }
 }
 
@@ -239,6 +265,7 @@ impl Handler<SetUpstream> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: SetUpstream, _: &mut Context<Self>) {
         self.reg.set_upstream(&m.app, m.address);
+        self.publish();
     }
 }
 
@@ -289,9 +316,8 @@ mod tests {
     fn register_then_status_lookup_and_readiness_show_it() {
         actix::System::new().block_on(async {
             let reg = Registry::new("twinkle".into(), None, vec![], vec![app("m")]);
-            let addr = RegistryActor::spawn(reg);
-            let up = upstreams(&addr);
-            assert_eq!(up.lookup("m").await, Upstream::Down("starting"));
+            let (addr, up) = RegistryActor::spawn_with_view(reg);
+            assert_eq!(up.lookup("m"), Upstream::Down("starting"));
             addr.send(ChildStarted { app: "m".into(), pid: Some(7), token: "t".into() })
                 .await
                 .expect("registry alive");
@@ -306,15 +332,15 @@ mod tests {
             let snap = addr.send(Snapshot).await.expect("registry alive");
             assert_eq!(snap.applications[0].state, AppState::Running);
             assert_eq!(snap.applications[0].address.as_deref(), Some("127.0.0.1:9"));
-            assert_eq!(up.lookup("m").await, Upstream::At("127.0.0.1:9".into()));
-            assert!(up.readiness().await.is_ready());
+            assert_eq!(up.lookup("m"), Upstream::At("127.0.0.1:9".into()));
+            assert!(up.readiness().is_ready());
             let n = addr
                 .send(ChildExited { app: "m".into(), how: "signal 9".into() })
                 .await
                 .expect("registry alive");
             assert_eq!(n, 1);
-            assert_eq!(up.lookup("m").await, Upstream::Down("restarting"));
-            let ready = up.readiness().await;
+            assert_eq!(up.lookup("m"), Upstream::Down("restarting"));
+            let ready = up.readiness();
             assert_eq!(ready.waiting, vec![("m".to_string(), "restarting")]);
         });
     }

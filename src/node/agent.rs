@@ -27,6 +27,7 @@ use super::serve::{Placement, child_spec};
 use super::supervise::RestartPolicy;
 use crate::cluster::{Allocation, NodeSpec, Quantity};
 use crate::config::{ProxyLocation, ServerType};
+use crate::gateway::Upstreams;
 use crate::gateway::{self, RouteTable};
 use crate::head::cluster::{
     Assignment, DesiredState, Heartbeat, NodeRegistration, PROTOCOL_VERSION, ReportedChild,
@@ -35,7 +36,7 @@ use crate::head::cluster::{
 use crate::head::cluster_record::{self, AgentRecord};
 use crate::head::control;
 use crate::head::registry::{AppState, AppStatus, Registry};
-use crate::head::registry_actor::{self, GpuSamples, RegistryActor, SetGpuSamples, SetUpstream};
+use crate::head::registry_actor::{GpuSamples, RegistryActor, SetGpuSamples, SetUpstream};
 
 /// How one node agent runs.
 #[derive(Debug, Clone)]
@@ -72,8 +73,9 @@ struct Agent {
     /// This node's children's record (also holds the GPU monitor's samples).
     local: Addr<RegistryActor>,
     local_control: String,
-    /// The cluster-wide routes this node's gateway forwards by.
+    /// The cluster-wide routes this node's gateway forwards by, and the gateway's view of them.
     routing: Addr<RegistryActor>,
+    routes_view: Upstreams,
     /// Owns the children.
     reconciler: Addr<Reconciler>,
     gateway: Option<Gateway>,
@@ -245,7 +247,7 @@ impl Agent {
         );
         let port = self.opts.gateway_port.unwrap_or(config.http_options.port);
         let started = routes.map_err(|e| e.to_string()).and_then(|r| {
-            let up = registry_actor::upstreams(&self.routing);
+            let up = self.routes_view.clone();
             gateway::start(&config.http_options.host, port, r, up).map_err(|e| e.to_string())
         });
         match started {
@@ -308,7 +310,8 @@ pub async fn run(
         control::start(local.clone(), 0, super::serve::internal_token())?;
     let control_handle = control_srv.handle();
     actix_web::rt::spawn(control_srv);
-    let routing = RegistryActor::spawn(Registry::new("twinkle".into(), None, vec![], vec![]));
+    let (routing, routes_view) =
+        RegistryActor::spawn_with_view(Registry::new("twinkle".into(), None, vec![], vec![]));
     let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
     // No config file here: defaults and the environment only.
     let timings = crate::timings::Timings::resolve(None);
@@ -328,6 +331,7 @@ pub async fn run(
         local,
         local_control: control_addr.to_string(),
         routing,
+        routes_view,
         reconciler,
         gateway: None,
     };

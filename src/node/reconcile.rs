@@ -8,8 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use actix::{Actor, ActorFutureExt as _, Addr, AtomicResponse, Context, Handler, Message};
-use actix::{ResponseFuture, WrapFuture as _};
+use actix::{
+    Actor, ActorFutureExt as _, Addr, AtomicResponse, Context, Handler, Message, ResponseFuture,
+    WrapFuture as _,
+};
 use futures_util::future::join_all;
 
 use super::supervise::{ChildSpec, RestartPolicy, Stop, SupervisorActor};
@@ -75,7 +77,7 @@ impl Reconciler {
             // Queued before the supervisor's first report, so the entry exists when it arrives.
             self.registry.do_send(AddApp(w.status));
             let supervisor = SupervisorActor::spawn(w.spec, self.registry.clone(), self.policy);
-            tracing::debug!(app = %name, gpus = ?gpu_ids, deployment = w.deployment, "supervising");
+            tracing::info!(app = %name, gpus = ?gpu_ids, deployment = w.deployment, "child assigned here");
             self.children.insert(name, Running { supervisor, gpu_ids, deployment: w.deployment });
         }
     }

@@ -22,7 +22,7 @@ use crate::contract::APP_SPEC_ENV;
 use crate::gateway::{self, RouteTable};
 use crate::head::control;
 use crate::head::registry::{AppState, AppStatus, NodeStatus, Registry};
-use crate::head::registry_actor::{self, RegistryActor, SetAddresses, SetGpuSamples, Snapshot};
+use crate::head::registry_actor::{RegistryActor, SetAddresses, SetGpuSamples, Snapshot};
 use crate::head::state_file::{self, ServeRecord};
 use crate::timings::Timings;
 
@@ -228,7 +228,7 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
         Running { config, server_type, placements, routes, exe, config_path, home, opts, timings };
     actix_web::rt::System::new().block_on(async move {
         // Actors need the running system: started here, on the main thread.
-        let reg = RegistryActor::spawn(reg);
+        let (reg, upstreams) = RegistryActor::spawn_with_view(reg);
         // Lives as long as serve: dropping it ends the sampling thread.
         let _gpu_monitor = {
             let reg = reg.clone();
@@ -236,7 +236,7 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
                 reg.do_send(SetGpuSamples { node: node_id.clone(), samples });
             })
         };
-        ctx.serve(reg).await
+        ctx.serve(reg, upstreams).await
     })
 }
 
@@ -270,7 +270,11 @@ struct Running {
 }
 
 impl Running {
-    async fn serve(self, reg: Addr<RegistryActor>) -> Result<(), NodeError> {
+    async fn serve(
+        self,
+        reg: Addr<RegistryActor>,
+        upstreams: gateway::Upstreams,
+    ) -> Result<(), NodeError> {
         // Handlers first: a signal during startup must go through the orderly shutdown.
         let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Runtime)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Runtime)?;
@@ -279,7 +283,7 @@ impl Running {
             control::start(reg.clone(), self.opts.control_port, internal_token())?;
         let http = &self.config.http_options;
         let (gateway_srv, gateway_addr) =
-            gateway::start(&http.host, http.port, self.routes, registry_actor::upstreams(&reg))?;
+            gateway::start(&http.host, http.port, self.routes, upstreams)?;
         reg.do_send(SetAddresses {
             control: control_addr.to_string(),
             gateway: gateway_addr.to_string(),

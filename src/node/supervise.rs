@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _, Context};
-use actix::{Handler, Message};
-use actix::{ResponseFuture, WrapFuture as _};
+use actix::{
+    Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _, Context, Handler,
+    Message, ResponseFuture, WrapFuture as _,
+};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Child;
