@@ -9,15 +9,18 @@
 
 pub mod proxy;
 pub mod routes;
+pub mod upstreams;
 
 pub use routes::{RouteTable, normalize_prefix};
+pub use upstreams::{
+    Lookup, ReadyQuery, ReadyReport, Upstream, UpstreamPublisher, UpstreamView, Upstreams,
+    upstream_channel,
+};
 
 use std::net::{SocketAddr, TcpListener};
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
-
-use crate::head::SharedRegistry;
 
 /// Errors of the gateway layer.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +36,9 @@ pub enum GatewayError {
 /// Everything a gateway worker thread needs.
 pub struct GatewayState {
     pub routes: RouteTable,
-    pub registry: SharedRegistry,
+    /// Where applications are: the owner's latest published view, read per request, so a
+    /// restarted child's new address is used at once.
+    pub upstreams: Upstreams,
 }
 
 /// Binds `host:port` and builds the gateway server (not yet awaited). Signals are left to the
@@ -42,14 +47,14 @@ pub fn start(
     host: &str,
     port: u16,
     routes: RouteTable,
-    registry: SharedRegistry,
+    upstreams: Upstreams,
 ) -> Result<(Server, SocketAddr), GatewayError> {
     let addr =
         if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     let bind_err = |source| GatewayError::Bind { addr: addr.clone(), source };
     let listener = TcpListener::bind(&addr).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
-    let state = web::Data::new(GatewayState { routes, registry });
+    let state = web::Data::new(GatewayState { routes, upstreams });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())

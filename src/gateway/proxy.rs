@@ -9,8 +9,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt as _;
 use serde_json::json;
 
-use super::GatewayState;
-use crate::head::registry::{self, AppState};
+use super::{GatewayState, Upstream};
 
 /// Seconds a client should wait before retrying an application that is not up.
 const RETRY_AFTER_S: &str = "1";
@@ -102,12 +101,9 @@ pub async fn healthz() -> HttpResponse {
 /// application's state and, for failed ones, why. Retry-After only while something is still
 /// coming up: a failed application does not recover by waiting.
 pub async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
-    let (report, ready) = {
-        let reg = registry::read(&state.registry);
-        (reg.snapshot(), reg.readiness())
-    };
+    let ready = state.upstreams.readiness();
     let apps: serde_json::Map<String, serde_json::Value> =
-        report.applications.iter().map(|a| (a.name.clone(), json!(a.state.as_str()))).collect();
+        ready.apps.iter().map(|(name, s)| (name.clone(), json!(s))).collect();
     if ready.is_ready() {
         return HttpResponse::Ok().json(json!({"status": "ready", "applications": apps}));
     }
@@ -115,8 +111,7 @@ pub async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
         ready.failed.iter().map(|(n, why)| (n.clone(), json!(why))).collect();
     let mut detail: Vec<String> =
         ready.failed.iter().map(|(n, why)| format!("application {n:?} failed: {why}")).collect();
-    detail
-        .extend(ready.waiting.iter().map(|(n, s)| format!("application {n:?} is {}", s.as_str())));
+    detail.extend(ready.waiting.iter().map(|(n, s)| format!("application {n:?} is {s}")));
     let mut out = HttpResponse::ServiceUnavailable();
     if ready.failed.is_empty() {
         out.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
@@ -164,15 +159,12 @@ pub async fn forward(
         );
     };
     let app = route.app.clone();
-    let upstream = registry::read(&state.registry).upstream(&app);
-    let addr = match upstream {
-        Ok(a) => a,
-        Err(AppState::Failed) => {
-            let why = registry::read(&state.registry).failure(&app).unwrap_or_default();
-            return failed(&app, &why, &path);
-        }
+    // Read without an await: see `upstreams` on why.
+    let addr = match state.upstreams.lookup(&app) {
+        Upstream::At(a) => a,
+        Upstream::Failed(why) => return failed(&app, &why, &path),
         // Starting (never registered yet), restarting, pending: it is coming.
-        Err(s) => return unavailable(&app, s.as_str(), &path),
+        Upstream::Down(s) => return unavailable(&app, s, &path),
     };
     let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(path.as_str());
     let url = format!("http://{addr}{pq}");

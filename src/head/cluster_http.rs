@@ -11,8 +11,6 @@
 //! * `GET /healthz` — liveness, no token.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use actix_web::dev::Server;
 use actix_web::http::StatusCode;
@@ -21,20 +19,16 @@ use serde_json::json;
 
 use super::HeadError;
 use super::cluster::{
-    ClusterError, ClusterHead, DeployRequest, Heartbeat, NodeRegistration, PROTOCOL_VERSION,
-    TOKEN_HEADER, VERSION_HEADER,
+    ClusterError, DeployRequest, Heartbeat, NodeRegistration, PROTOCOL_VERSION, TOKEN_HEADER,
+    VERSION_HEADER,
 };
+use super::cluster_actor::{ClusterActor, ClusterStatus, Deploy, NodeHeartbeat, RegisterNode};
 
-/// The head state shared by the control port's worker threads and the failure detector.
-pub type SharedHead = Arc<Mutex<ClusterHead>>;
-
-/// Lock access that survives poisoning: every update completes before its guard drops.
-pub fn lock(h: &SharedHead) -> MutexGuard<'_, ClusterHead> {
-    h.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Where the control port's handlers send their questions.
+pub type HeadAddr = actix::Addr<ClusterActor>;
 
 struct Ctx {
-    head: SharedHead,
+    head: HeadAddr,
     token: String,
     /// Where the deployment is persisted for a head restart.
     state_dir: std::path::PathBuf,
@@ -86,11 +80,12 @@ async fn register(
         tracing::warn!(node = %body.node.node_id, "node registration refused");
         return r;
     }
-    let mut head = lock(&ctx.head);
-    let id = head.register(&body, Instant::now());
-    let timeout = head.timeout().as_secs_f64();
-    drop(head);
-    tracing::info!(node = %id, gpus = ?body.node.gpu_ids, cpus = %body.node.cpus, "node registered");
+    let node = body.node.clone();
+    let Ok((id, timeout)) = ctx.head.send(RegisterNode(body.into_inner())).await else {
+        return shutting_down();
+    };
+    let timeout = timeout.as_secs_f64();
+    tracing::info!(node = %id, gpus = ?node.gpu_ids, cpus = %node.cpus, "node registered");
     HttpResponse::Ok().json(json!({"node_id": id, "heartbeat_s": 1.0, "timeout_s": timeout}))
 }
 
@@ -103,10 +98,11 @@ async fn heartbeat(
     if let Some(r) = authorize(&req, &ctx, body.protocol) {
         return r;
     }
-    let result = lock(&ctx.head).heartbeat(&path, &body, Instant::now());
-    match result {
-        Ok(desired) => HttpResponse::Ok().json(desired),
-        Err(e) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+    let hb = NodeHeartbeat { node: path.into_inner(), heartbeat: body.into_inner() };
+    match ctx.head.send(hb).await {
+        Ok(Ok(desired)) => HttpResponse::Ok().json(desired),
+        Ok(Err(e)) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+        Err(_) => shutting_down(),
     }
 }
 
@@ -118,17 +114,16 @@ async fn deploy(
     if let Some(r) = authorize(&req, &ctx, body.protocol) {
         return r;
     }
-    let mut head = lock(&ctx.head);
-    let result = head.deploy(&body);
-    let record = head.deployment_record();
-    drop(head);
-    if let (Ok(_), Some(rec)) = (&result, record)
-        && let Err(e) = super::cluster_record::write_deployment(&ctx.state_dir, &rec)
+    let Ok(result) = ctx.head.send(Deploy(body.into_inner())).await else {
+        return shutting_down();
+    };
+    if let Ok((_, Some(rec))) = &result
+        && let Err(e) = super::cluster_record::write_deployment(&ctx.state_dir, rec)
     {
         tracing::warn!(error = %e, "cannot persist the deployment; a restarted head loses it");
     }
     match result {
-        Ok(version) => {
+        Ok((version, _)) => {
             tracing::info!(deployment = version, "deployment accepted");
             HttpResponse::Ok().json(json!({"deployment": version}))
         }
@@ -144,8 +139,15 @@ async fn status(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
     if t.is_empty() || !constant_time_eq(t.as_bytes(), ctx.token.as_bytes()) {
         return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token".to_string());
     }
-    let report = lock(&ctx.head).status();
-    HttpResponse::Ok().json(report)
+    match ctx.head.send(ClusterStatus).await {
+        Ok(report) => HttpResponse::Ok().json(report),
+        Err(_) => shutting_down(),
+    }
+}
+
+/// The cluster actor is gone: only while the head shuts down.
+fn shutting_down() -> HttpResponse {
+    refuse(StatusCode::SERVICE_UNAVAILABLE, "the head is shutting down".to_string())
 }
 
 async fn healthz() -> HttpResponse {
@@ -154,7 +156,7 @@ async fn healthz() -> HttpResponse {
 
 /// Binds the control port on `host:port` and builds its server (not yet awaited).
 pub fn start(
-    head: SharedHead,
+    head: HeadAddr,
     token: String,
     state_dir: std::path::PathBuf,
     host: &str,
@@ -183,16 +185,4 @@ pub fn start(
     .map_err(bind_err)?
     .run();
     Ok((server, local))
-}
-
-/// Marks silent nodes dead every 250 ms, forever (spawned next to the server).
-pub async fn failure_detector(head: SharedHead) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-    loop {
-        tick.tick().await;
-        let dead = lock(&head).tick(Instant::now());
-        for id in dead {
-            tracing::warn!(node = %id, "node missed heartbeats: marked dead, rescheduling");
-        }
-    }
 }

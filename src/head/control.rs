@@ -13,20 +13,23 @@ use serde_json::json;
 
 use super::HeadError;
 use super::cluster::TOKEN_HEADER;
-use super::registry::{self, RegisterError, RegisterRequest, SharedRegistry};
+use super::registry::{RegisterError, RegisterRequest};
+use super::registry_actor::{Register, RegistryActor, Snapshot};
 
-/// Routes of the control plane, on top of a shared registry.
+type Registry = actix::Addr<RegistryActor>;
+
+/// Routes of the control plane, answered by the registry actor.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/register", web::post().to(register))
         .route("/v1/status", web::get().to(status))
         .route("/healthz", web::get().to(healthz));
 }
 
-async fn register(
-    reg: web::Data<SharedRegistry>,
-    body: web::Json<RegisterRequest>,
-) -> HttpResponse {
-    let result = registry::write(&reg).register(&body);
+async fn register(reg: web::Data<Registry>, body: web::Json<RegisterRequest>) -> HttpResponse {
+    let body = body.into_inner();
+    let Ok(result) = reg.send(Register(body.clone())).await else {
+        return shutting_down();
+    };
     match result {
         Ok(address) => {
             tracing::info!(app = %body.app, pid = body.pid, %address, "child registered");
@@ -51,7 +54,7 @@ pub struct StatusToken(pub std::sync::Arc<str>);
 
 async fn status(
     req: actix_web::HttpRequest,
-    reg: web::Data<SharedRegistry>,
+    reg: web::Data<Registry>,
     token: web::Data<StatusToken>,
 ) -> HttpResponse {
     let got = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -64,8 +67,15 @@ async fn status(
                                from $TWINKLE_HOME/serve.json")
         }));
     }
-    let report = registry::read(&reg).snapshot();
-    HttpResponse::Ok().json(report)
+    match reg.send(Snapshot).await {
+        Ok(report) => HttpResponse::Ok().json(report),
+        Err(_) => shutting_down(),
+    }
+}
+
+/// The registry actor is gone: only while the process shuts down.
+fn shutting_down() -> HttpResponse {
+    HttpResponse::ServiceUnavailable().json(json!({"detail": "the head is shutting down"}))
 }
 
 async fn healthz() -> HttpResponse {
@@ -74,11 +84,7 @@ async fn healthz() -> HttpResponse {
 
 /// Binds the control plane on `127.0.0.1:port` (0 = ephemeral), `/v1/status` behind `token`, and returns the server (to be
 /// awaited or stopped through its handle) and the bound address. Signals are left to the caller.
-pub fn start(
-    reg: SharedRegistry,
-    port: u16,
-    token: String,
-) -> Result<(Server, SocketAddr), HeadError> {
+pub fn start(reg: Registry, port: u16, token: String) -> Result<(Server, SocketAddr), HeadError> {
     let addr = format!("127.0.0.1:{port}");
     let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
     let listener = TcpListener::bind(&addr).map_err(bind_err)?;

@@ -1,13 +1,17 @@
-//! The head's shared record of nodes and application children: what the supervisor, the
-//! control plane, the gateway and `twinkle status` all read.
+//! The head's record of nodes and application children: what the supervisors write and the
+//! control plane, the gateway and `twinkle status` read.
+//!
+//! [`Registry`] is plain data with its rules (tokens, pids, states); it is owned by exactly one
+//! [`super::registry_actor::RegistryActor`], and everyone else reaches it through that actor's
+//! messages, so there is no lock and no shared mutable copy.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
 use super::gpu_table::{self, GpuSample, GpuStatus};
 use crate::cluster::NodeState;
+use crate::gateway::{ReadyReport, Upstream};
 
 /// Lifecycle of one application child, as `twinkle status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,22 +128,6 @@ pub struct StatusReport {
 /// contract.
 pub use crate::contract::RegisterRequest;
 
-/// Whether the deployment is ready: every application running (what `/readyz` and
-/// `twinkle serve --wait` report).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Readiness {
-    /// Applications not running yet (or any more), with their state.
-    pub waiting: Vec<(String, AppState)>,
-    /// Applications in state `failed`, with the reason (`last_exit`).
-    pub failed: Vec<(String, String)>,
-}
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.waiting.is_empty() && self.failed.is_empty()
-    }
-}
-
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
@@ -157,7 +145,7 @@ struct AppEntry {
     token: Option<String>,
 }
 
-/// Shared, lock-protected state. Locks are held only for field updates, never across an await.
+/// Nodes and application children of one head (or one cluster node agent).
 pub struct Registry {
     server_type: String,
     namespace: Option<String>,
@@ -169,19 +157,6 @@ pub struct Registry {
     child_host: String,
     /// Latest GPU samples per node id, written by the node's GPU monitor thread.
     gpu_samples: BTreeMap<String, Vec<GpuSample>>,
-}
-
-pub type SharedRegistry = Arc<RwLock<Registry>>;
-
-/// Read access that survives a poisoned lock: the data are plain fields, each update is
-/// complete before the guard drops, so a panic elsewhere cannot leave them half-written.
-pub fn read(reg: &SharedRegistry) -> RwLockReadGuard<'_, Registry> {
-    reg.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Write access; see [`read`] for why poisoning is ignored.
-pub fn write(reg: &SharedRegistry) -> RwLockWriteGuard<'_, Registry> {
-    reg.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Registry {
@@ -201,10 +176,6 @@ impl Registry {
             child_host: "127.0.0.1".to_string(),
             gpu_samples: BTreeMap::new(),
         }
-    }
-
-    pub fn into_shared(self) -> SharedRegistry {
-        Arc::new(RwLock::new(self))
     }
 
     pub fn set_addresses(&mut self, control: String, gateway: String) {
@@ -377,20 +348,36 @@ impl Registry {
         }
     }
 
-    /// Which applications keep the deployment from being ready, and why.
-    pub fn readiness(&self) -> Readiness {
-        let mut r = Readiness::default();
+    /// Every application's state, and which keep the deployment from being ready (what
+    /// `/readyz` and `twinkle serve --wait` report).
+    pub fn readiness(&self) -> ReadyReport {
+        let mut r = ReadyReport::default();
         for a in &self.apps {
+            r.apps.push((a.status.name.clone(), a.status.state.as_str()));
             match a.status.state {
                 AppState::Running => {}
                 AppState::Failed => {
                     let why = a.status.last_exit.clone().unwrap_or_else(|| "unknown".into());
                     r.failed.push((a.status.name.clone(), why));
                 }
-                other => r.waiting.push((a.status.name.clone(), other)),
+                other => r.waiting.push((a.status.name.clone(), other.as_str())),
             }
         }
         r
+    }
+
+    /// The gateway's question: where to forward a request for `app`.
+    pub fn lookup(&self, app: &str) -> Upstream {
+        match self.upstream(app) {
+            Ok(addr) => Upstream::At(addr),
+            Err(AppState::Failed) => Upstream::Failed(self.failure(app).unwrap_or_default()),
+            Err(state) => Upstream::Down(state.as_str()),
+        }
+    }
+
+    /// The latest GPU samples of `node` (what a cluster agent's heartbeat carries).
+    pub fn gpu_samples(&self, node: &str) -> Vec<GpuSample> {
+        self.gpu_samples.get(node).cloned().unwrap_or_default()
     }
 
     /// The reason `app` is failed (`last_exit`), when it is.
@@ -498,5 +485,9 @@ mod tests {
         again.app = "s".into();
         assert!(r.register(&again).is_ok());
         assert!(r.readiness().is_ready());
+        assert_eq!(r.lookup("s"), Upstream::At("127.0.0.1:4242".to_string()));
+        assert_eq!(r.lookup("x"), Upstream::Down("stopped"));
+        r.startup_failed("m", "gone".into());
+        assert_eq!(r.lookup("m"), Upstream::Failed("gone".to_string()));
     }
 }

@@ -4,22 +4,30 @@
 //! Children register with the agent's own loopback control plane (the same one single-machine
 //! serve uses), so the existing supervisor runs unchanged; the agent reports each child's
 //! `node-ip:port` to the head, which hands every gateway the cluster-wide routes.
+//!
+//! Actors: a local [`RegistryActor`] (this node's children, what the control plane and the
+//! heartbeat read; the GPU monitor sends it its samples), a routing [`RegistryActor`] (the
+//! cluster-wide routes this node's gateway asks), and a [`Reconciler`] that owns the children
+//! and converges them on each heartbeat's answer. The heartbeat loop itself owns only the head
+//! connection and this node's gateway server.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::Addr;
 use awc::http::StatusCode;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::NodeError;
 use super::gpu_monitor::GpuMonitor;
+use super::reconcile::{Converge, Reconciler, Report, StopAll, Wanted};
 use super::serve::{Placement, child_spec};
-use super::supervise::{RestartPolicy, supervise};
+use super::supervise::RestartPolicy;
 use crate::cluster::{Allocation, NodeSpec, Quantity};
 use crate::config::{ProxyLocation, ServerType};
+use crate::gateway::Upstreams;
 use crate::gateway::{self, RouteTable};
 use crate::head::cluster::{
     Assignment, DesiredState, Heartbeat, NodeRegistration, PROTOCOL_VERSION, ReportedChild,
@@ -27,8 +35,8 @@ use crate::head::cluster::{
 };
 use crate::head::cluster_record::{self, AgentRecord};
 use crate::head::control;
-use crate::head::gpu_table::GpuSample;
-use crate::head::registry::{self, AppState, AppStatus, Registry, SharedRegistry};
+use crate::head::registry::{AppState, AppStatus, Registry};
+use crate::head::registry_actor::{GpuSamples, RegistryActor, SetGpuSamples, SetUpstream};
 
 /// How one node agent runs.
 #[derive(Debug, Clone)]
@@ -44,13 +52,6 @@ pub struct AgentOptions {
     pub is_head: bool,
     pub home: PathBuf,
     pub log_level: String,
-}
-
-struct Child {
-    gpu_ids: Vec<u32>,
-    deployment: u64,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 struct Gateway {
@@ -69,14 +70,15 @@ struct Agent {
     opts: AgentOptions,
     client: awc::Client,
     exe: PathBuf,
-    local: SharedRegistry,
+    /// This node's children's record (also holds the GPU monitor's samples).
+    local: Addr<RegistryActor>,
     local_control: String,
-    routing: SharedRegistry,
-    children: BTreeMap<String, Child>,
+    /// The cluster-wide routes this node's gateway forwards by, and the gateway's view of them.
+    routing: Addr<RegistryActor>,
+    routes_view: Upstreams,
+    /// Owns the children.
+    reconciler: Addr<Reconciler>,
     gateway: Option<Gateway>,
-    policy: RestartPolicy,
-    /// Latest NVML samples of this node's cards, written by the GPU monitor thread.
-    gpus: Arc<Mutex<Vec<GpuSample>>>,
 }
 
 impl Agent {
@@ -115,24 +117,9 @@ impl Agent {
         Err(unreachable(format!("answered {status}: {detail}")))
     }
 
-    fn report(&self) -> Vec<ReportedChild> {
-        let snap = registry::read(&self.local).snapshot();
-        snap.applications
-            .into_iter()
-            .filter_map(|a| {
-                let c = self.children.get(&a.name)?;
-                Some(ReportedChild {
-                    app: a.name,
-                    gpu_ids: c.gpu_ids.clone(),
-                    pid: a.pid,
-                    state: a.state,
-                    address: a.address,
-                    restarts: a.restarts,
-                    last_exit: a.last_exit,
-                    deployment: c.deployment,
-                })
-            })
-            .collect()
+    /// The children as the head wants them reported; none while the reconciler is gone.
+    async fn report(&self) -> Vec<ReportedChild> {
+        self.reconciler.send(Report).await.unwrap_or_default()
     }
 
     async fn register(&self) -> Result<(), NodeError> {
@@ -141,7 +128,7 @@ impl Agent {
             node: self.opts.node.clone(),
             pid: std::process::id(),
             gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
-            children: self.report(),
+            children: self.report().await,
             is_head: self.opts.is_head,
         };
         match self.post::<_, serde_json::Value>("/v1/cluster/nodes", &reg).await? {
@@ -150,15 +137,6 @@ impl Agent {
                 "{} has no cluster registration route: is it a twinkle head?",
                 self.opts.head
             ))),
-        }
-    }
-
-    async fn stop_child(&mut self, app: &str) {
-        if let Some(c) = self.children.remove(app) {
-            let _ = c.stop.send(true);
-            let _ = c.task.await;
-            registry::write(&self.local).remove_app(app);
-            tracing::info!(%app, "child stopped (no longer assigned here)");
         }
     }
 
@@ -173,15 +151,16 @@ impl Agent {
         Ok(path)
     }
 
-    fn start_child(
-        &mut self,
+    /// What to run for assignment `a` of deployment `deployment`.
+    fn wanted(
+        &self,
         a: &Assignment,
         deployment: u64,
         config: &std::path::Path,
         server_type: ServerType,
-    ) {
+    ) -> Wanted {
         let name = a.app.name.clone();
-        registry::write(&self.local).add_app(AppStatus {
+        let status = AppStatus {
             name: name.clone(),
             import_path: a.app.import_path.as_str().to_string(),
             route_prefix: a.app.route_prefix.clone(),
@@ -194,11 +173,11 @@ impl Agent {
             address: None,
             last_exit: None,
             pending_reason: None,
-        });
+        };
         let placement = Placement {
             app: a.app.clone(),
             alloc: Allocation {
-                app: name.clone(),
+                app: name,
                 node_id: self.opts.node.node_id.clone(),
                 gpu_ids: a.gpu_ids.clone(),
                 cpus: Quantity::from_f64(a.cpus),
@@ -214,48 +193,29 @@ impl Agent {
             &self.opts.log_level,
         );
         spec.env.push((crate::contract::BIND_HOST_ENV.into(), self.opts.node_ip.clone()));
-        let (stop, rx) = watch::channel(false);
-        // Spawned on this (main) thread: the children's parent-death signal is tied to it.
-        let task = actix_web::rt::spawn(supervise(spec, self.local.clone(), rx, self.policy));
-        tracing::info!(app = %name, gpus = ?a.gpu_ids, deployment, "child assigned here");
-        self.children.insert(name, Child { gpu_ids: a.gpu_ids.clone(), deployment, stop, task });
+        Wanted { spec, status, deployment }
     }
 
     async fn converge(&mut self, d: &DesiredState) -> Result<(), NodeError> {
-        let wanted: BTreeMap<&str, &Assignment> =
-            d.assignments.iter().map(|a| (a.app.name.as_str(), a)).collect();
-        let stale: Vec<String> = self
-            .children
-            .iter()
-            .filter(|(name, c)| match wanted.get(name.as_str()) {
-                Some(a) => a.gpu_ids != c.gpu_ids || c.deployment != d.deployment,
-                None => true,
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        // Signal every stale child first so their grace periods run in parallel.
-        for name in &stale {
-            if let Some(c) = self.children.get(name) {
-                let _ = c.stop.send(true);
-            }
-        }
-        for name in stale {
-            self.stop_child(&name).await;
-        }
-        if let Some(yaml) = &d.config_yaml {
-            let missing: Vec<&Assignment> =
-                d.assignments.iter().filter(|a| !self.children.contains_key(&a.app.name)).collect();
-            if !missing.is_empty() {
+        // Without a deployment nothing is assigned: every child stops.
+        let wanted = match &d.config_yaml {
+            Some(yaml) if !d.assignments.is_empty() => {
                 let path = self.config_path(d.deployment, yaml)?;
-                for a in missing {
-                    self.start_child(a, d.deployment, &path, d.server_type);
-                }
+                d.assignments
+                    .iter()
+                    .map(|a| self.wanted(a, d.deployment, &path, d.server_type))
+                    .collect()
             }
+            _ => Vec::new(),
+        };
+        // Answered once stale children are reaped and missing ones started; an error means
+        // the reconciler is gone (shutdown).
+        let _ = self.reconciler.send(Converge(wanted)).await;
+        if let Some(yaml) = &d.config_yaml {
             self.converge_gateway(d, yaml).await;
         }
-        let mut routing = registry::write(&self.routing);
         for (app, addr) in &d.routes {
-            routing.set_upstream(app, addr.clone());
+            self.routing.do_send(SetUpstream { app: app.clone(), address: addr.clone() });
         }
         Ok(())
     }
@@ -287,8 +247,8 @@ impl Agent {
         );
         let port = self.opts.gateway_port.unwrap_or(config.http_options.port);
         let started = routes.map_err(|e| e.to_string()).and_then(|r| {
-            gateway::start(&config.http_options.host, port, r, self.routing.clone())
-                .map_err(|e| e.to_string())
+            let up = self.routes_view.clone();
+            gateway::start(&config.http_options.host, port, r, up).map_err(|e| e.to_string())
         });
         match started {
             Ok((srv, addr)) => {
@@ -306,9 +266,13 @@ impl Agent {
         let hb = Heartbeat {
             protocol: PROTOCOL_VERSION,
             gateway_address: self.gateway.as_ref().map(|g| g.address.clone()),
-            children: self.report(),
-            // The monitor thread refreshes this slot; the heartbeat only copies it.
-            gpus: self.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            children: self.report().await,
+            // The monitor thread sends its samples to the local registry; the heartbeat reads them.
+            gpus: self
+                .local
+                .send(GpuSamples(self.opts.node.node_id.clone()))
+                .await
+                .unwrap_or_default(),
         };
         let path = format!("/v1/cluster/nodes/{}/heartbeat", self.opts.node.node_id);
         match self.post::<_, DesiredState>(&path, &hb).await? {
@@ -324,15 +288,7 @@ impl Agent {
         if let Some(g) = self.gateway.take() {
             g.handle.stop(true).await;
         }
-        for c in self.children.values() {
-            let _ = c.stop.send(true);
-        }
-        let names: Vec<String> = self.children.keys().cloned().collect();
-        for name in names {
-            if let Some(c) = self.children.remove(&name) {
-                let _ = c.task.await;
-            }
-        }
+        let _ = self.reconciler.send(StopAll).await;
     }
 }
 
@@ -348,15 +304,26 @@ pub async fn run(
     let exe = std::env::current_exe().map_err(NodeError::CurrentExe)?;
     let mut reg = Registry::new("twinkle".into(), None, vec![], vec![]);
     reg.set_child_host(opts.node_ip.clone());
-    let local = reg.into_shared();
+    // Started here, on the main thread's system, like the supervisors the reconciler starts.
+    let local = RegistryActor::spawn(reg);
     let (control_srv, control_addr) =
         control::start(local.clone(), 0, super::serve::internal_token())?;
     let control_handle = control_srv.handle();
     actix_web::rt::spawn(control_srv);
-    let routing = Registry::new("twinkle".into(), None, vec![], vec![]).into_shared();
+    let (routing, routes_view) =
+        RegistryActor::spawn_with_view(Registry::new("twinkle".into(), None, vec![], vec![]));
     let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
     // No config file here: defaults and the environment only.
     let timings = crate::timings::Timings::resolve(None);
+    let reconciler = Reconciler::spawn(local.clone(), RestartPolicy::from_timings(&timings));
+    // Lives as long as the agent: dropping it ends the sampling thread.
+    let _gpu_monitor = {
+        let local = local.clone();
+        let node = opts.node.node_id.clone();
+        GpuMonitor::start(opts.node.gpu_ids.clone(), timings.gpu_stats, move |samples| {
+            local.do_send(SetGpuSamples { node: node.clone(), samples })
+        })
+    };
     let mut agent = Agent {
         opts,
         client,
@@ -364,17 +331,9 @@ pub async fn run(
         local,
         local_control: control_addr.to_string(),
         routing,
-        children: BTreeMap::new(),
+        routes_view,
+        reconciler,
         gateway: None,
-        policy: RestartPolicy::from_timings(&timings),
-        gpus: Arc::new(Mutex::new(Vec::new())),
-    };
-    // Lives as long as the agent: dropping it ends the sampling thread.
-    let _gpu_monitor = {
-        let slot = agent.gpus.clone();
-        GpuMonitor::start(agent.opts.node.gpu_ids.clone(), timings.gpu_stats, move |samples| {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = samples
-        })
     };
     let deadline = tokio::time::Instant::now() + register_within;
     loop {

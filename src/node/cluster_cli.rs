@@ -17,6 +17,7 @@ use crate::config::ServerType;
 use crate::head::cluster::{
     self, ClusterHead, DeployRequest, PROTOCOL_VERSION, TOKEN_HEADER, VERSION_HEADER,
 };
+use crate::head::cluster_actor::{ClusterActor, Reset};
 use crate::head::cluster_http;
 use crate::head::cluster_record::{self, ClusterRecord};
 use crate::head::state_file::{self, pid_alive};
@@ -109,26 +110,26 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
         let (tx, rx) = watch::channel(false);
         on_signal(tx)?;
         let node_timeout = crate::timings::Timings::resolve(None).node_timeout;
-        let state = std::sync::Arc::new(std::sync::Mutex::new(ClusterHead::new(
-            node_timeout,
-            String::new(),
-        )));
+        // The actor owns the cluster's state and runs the failure detector; its control
+        // address is known only once the port is bound, hence the Reset below.
+        let state = ClusterActor::spawn(ClusterHead::new(node_timeout, String::new()));
         let (srv, addr) =
             cluster_http::start(state.clone(), token.clone(), home.clone(), &o.node_ip, h.port)?;
         let address = format!("{}:{}", o.node_ip, addr.port());
-        {
-            let mut head = cluster_http::lock(&state);
-            *head = ClusterHead::new(node_timeout, address.clone());
-            if let Some(rec) = cluster_record::read_deployment(&home) {
-                match head.restore(&rec, Instant::now()) {
-                    Ok(()) => tracing::info!(deployment = rec.version, "restored the deployment"),
-                    Err(e) => tracing::warn!(error = %e, "cannot restore the recorded deployment"),
+        let restore = cluster_record::read_deployment(&home);
+        let version = restore.as_ref().map(|r| r.version);
+        let reset = Reset { timeout: node_timeout, control_address: address.clone(), restore };
+        match state.send(reset).await {
+            Ok(Ok(())) => {
+                if let Some(v) = version {
+                    tracing::info!(deployment = v, "restored the deployment");
                 }
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot restore the recorded deployment"),
+            Err(e) => return Err(NodeError::Daemon(format!("the cluster actor stopped: {e}"))),
         }
         let handle = srv.handle();
         actix_web::rt::spawn(srv);
-        let detector = actix_web::rt::spawn(cluster_http::failure_detector(state));
         cluster_record::write_cluster(
             &home,
             &ClusterRecord { address: address.clone(), token: token.clone() },
@@ -145,7 +146,6 @@ pub fn run_head(o: NodeOptions, h: HeadOptions) -> Result<(), NodeError> {
             log_level: o.log_level.clone(),
         };
         let result = agent::run(opts, rx, Duration::from_secs(30)).await;
-        detector.abort();
         handle.stop(true).await;
         cluster_record::remove_cluster(&home);
         result

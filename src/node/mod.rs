@@ -11,10 +11,11 @@
 pub mod agent;
 pub mod cluster_cli;
 pub mod gpu_monitor;
+pub mod reconcile;
 pub mod serve;
 pub mod supervise;
 
-pub use supervise::{ChildSpec, RestartPolicy, supervise};
+pub use supervise::{ChildSpec, RestartPolicy, SupervisorActor, supervise};
 
 /// Errors of the node layer.
 #[derive(Debug, thiserror::Error)]

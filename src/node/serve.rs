@@ -1,21 +1,28 @@
 //! `twinkle serve`: one machine's whole platform in one process — head control plane, gateway,
 //! and the node agent that runs one supervised child per application.
+//!
+//! Actors (all on the main thread's actix system): a [`RegistryActor`] owns the children's
+//! record (the control plane and the gateway ask it), a [`Reconciler`] owns the children (one
+//! [`super::supervise::SupervisorActor`] each) and is sent every placement once. This function
+//! owns only the servers' handles and the signal handling.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use actix::Addr;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
 
 use super::NodeError;
 use super::gpu_monitor::GpuMonitor;
-use super::supervise::{ChildSpec, RestartPolicy, supervise};
+use super::reconcile::{Converge, Reconciler, StopAll, Wanted};
+use super::supervise::{ChildSpec, RestartPolicy};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
 use crate::contract::APP_SPEC_ENV;
 use crate::gateway::{self, RouteTable};
 use crate::head::control;
-use crate::head::registry::{self, AppState, AppStatus, NodeStatus, Registry};
+use crate::head::registry::{AppState, AppStatus, NodeStatus, Registry};
+use crate::head::registry_actor::{RegistryActor, SetAddresses, SetGpuSamples, Snapshot};
 use crate::head::state_file::{self, ServeRecord};
 use crate::timings::Timings;
 
@@ -160,7 +167,8 @@ pub fn child_spec(
     ChildSpec { app: p.app.name.clone(), exe: exe.to_path_buf(), args, env }
 }
 
-fn app_status(p: &Placement) -> AppStatus {
+/// The registry entry of a placed application before its child starts.
+pub fn app_status(p: &Placement) -> AppStatus {
     AppStatus {
         name: p.app.name.clone(),
         import_path: p.app.import_path.as_str().to_string(),
@@ -207,31 +215,38 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
         std::fs::canonicalize(&opts.config_path).unwrap_or_else(|_| opts.config_path.clone());
     let home = state_file::twinkle_home();
     state_file::ensure_free(&home)?;
+    // Entries exist before any child starts, so `/readyz` and status show every application.
     let reg = Registry::new(
         server_type_str(server_type).to_string(),
         namespace,
         nodes,
         placements.iter().map(app_status).collect(),
-    )
-    .into_shared();
-    // Lives as long as `run`: dropping it ends the sampling thread.
+    );
     let timings = Timings::resolve(config.timings.as_ref());
-    let _gpu_monitor = {
-        let reg = reg.clone();
-        GpuMonitor::start(gpu_ids, timings.gpu_stats, move |samples| {
-            registry::write(&reg).set_gpu_samples(&node_id, samples);
-        })
-    };
+    let gpu_period = timings.gpu_stats;
     let ctx =
         Running { config, server_type, placements, routes, exe, config_path, home, opts, timings };
-    actix_web::rt::System::new().block_on(ctx.serve(reg))
+    actix_web::rt::System::new().block_on(async move {
+        // Actors need the running system: started here, on the main thread.
+        let (reg, upstreams) = RegistryActor::spawn_with_view(reg);
+        // Lives as long as serve: dropping it ends the sampling thread.
+        let _gpu_monitor = {
+            let reg = reg.clone();
+            GpuMonitor::start(gpu_ids, gpu_period, move |samples| {
+                reg.do_send(SetGpuSamples { node: node_id.clone(), samples });
+            })
+        };
+        ctx.serve(reg, upstreams).await
+    })
 }
 
 /// SIGKILL to every child's process group (second signal during shutdown).
-fn kill_all_children(reg: &registry::SharedRegistry) {
+async fn kill_all_children(reg: &Addr<RegistryActor>) {
     tracing::warn!("second signal: killing every child now");
-    let pids: Vec<u32> =
-        registry::read(reg).snapshot().applications.iter().filter_map(|a| a.pid).collect();
+    let pids: Vec<u32> = match reg.send(Snapshot).await {
+        Ok(s) => s.applications.iter().filter_map(|a| a.pid).collect(),
+        Err(_) => Vec::new(),
+    };
     for pid in pids {
         if let Ok(raw) = i32::try_from(pid) {
             let _ = nix::sys::signal::killpg(
@@ -255,7 +270,11 @@ struct Running {
 }
 
 impl Running {
-    async fn serve(self, reg: registry::SharedRegistry) -> Result<(), NodeError> {
+    async fn serve(
+        self,
+        reg: Addr<RegistryActor>,
+        upstreams: gateway::Upstreams,
+    ) -> Result<(), NodeError> {
         // Handlers first: a signal during startup must go through the orderly shutdown.
         let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Runtime)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Runtime)?;
@@ -264,8 +283,11 @@ impl Running {
             control::start(reg.clone(), self.opts.control_port, internal_token())?;
         let http = &self.config.http_options;
         let (gateway_srv, gateway_addr) =
-            gateway::start(&http.host, http.port, self.routes, reg.clone())?;
-        registry::write(&reg).set_addresses(control_addr.to_string(), gateway_addr.to_string());
+            gateway::start(&http.host, http.port, self.routes, upstreams)?;
+        reg.do_send(SetAddresses {
+            control: control_addr.to_string(),
+            gateway: gateway_addr.to_string(),
+        });
         let control_handle = control_srv.handle();
         let gateway_handle = gateway_srv.handle();
         let control_task = actix_web::rt::spawn(control_srv);
@@ -284,26 +306,28 @@ impl Running {
             return Err(e.into());
         }
 
-        let (stop_tx, stop_rx) = watch::channel(false);
         let policy = RestartPolicy::from_timings(&self.timings);
         let head = control_addr.to_string();
-        // `actix_web::rt::spawn` keeps every supervisor on this (main) thread, which the
-        // children's parent-death signal is tied to.
-        let supervisors: Vec<_> = self
+        // Started here, on the main thread, like every supervisor it starts: the children's
+        // parent-death signal is tied to this thread.
+        let reconciler = Reconciler::spawn(reg.clone(), policy);
+        let wanted: Vec<Wanted> = self
             .placements
             .iter()
-            .map(|p| {
-                let spec = child_spec(
+            .map(|p| Wanted {
+                spec: child_spec(
                     &self.exe,
                     &self.config_path,
                     p,
                     self.server_type,
                     &head,
                     &self.opts.log_level,
-                );
-                actix_web::rt::spawn(supervise(spec, reg.clone(), stop_rx.clone(), policy))
+                ),
+                status: app_status(p),
+                deployment: 0,
             })
             .collect();
+        reconciler.do_send(Converge(wanted));
         tracing::info!(gateway = %gateway_addr, control = %control_addr,
             state = %state_file::serve_file(&self.home).display(), "twinkle serve is up");
         let wait = self.opts.wait;
@@ -321,18 +345,16 @@ impl Running {
         }
         let orderly = async {
             gateway_handle.stop(true).await;
-            let _ = stop_tx.send(true);
-            for s in supervisors {
-                let _ = s.await;
-            }
+            // An error means the reconciler is gone, and its supervisors with it.
+            let _ = reconciler.send(StopAll).await;
         };
         tokio::pin!(orderly);
         loop {
             tokio::select! {
                 _ = &mut orderly => break,
                 // An impatient second Ctrl-C: skip the grace period, the supervisors reap.
-                _ = sigterm.recv() => kill_all_children(&reg),
-                _ = sigint.recv() => kill_all_children(&reg),
+                _ = sigterm.recv() => kill_all_children(&reg).await,
+                _ = sigint.recv() => kill_all_children(&reg).await,
             }
         }
         control_handle.stop(true).await;
@@ -348,15 +370,18 @@ impl Running {
     }
 }
 
-/// How often readiness is checked (a registry read: cheap).
+/// How often readiness is checked (one registry message: cheap).
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Watches the registry until every application is running, then logs `twinkle serve is ready`
 /// (with `announce`, `--wait`, also prints `twinkle serve: ready ...` on stdout, the line
 /// scripts look for) and stays pending. Returns only if an application fails first, with why.
-async fn watch_ready(reg: registry::SharedRegistry, gateway: String, announce: bool) -> String {
+async fn watch_ready(reg: Addr<RegistryActor>, gateway: String, announce: bool) -> String {
     loop {
-        let r = registry::read(&reg).readiness();
+        let Ok(r) = reg.send(crate::gateway::ReadyQuery).await else {
+            // The registry is gone: serve is shutting down anyway.
+            return std::future::pending::<String>().await;
+        };
         if !r.failed.is_empty() {
             let why: Vec<String> =
                 r.failed.iter().map(|(n, w)| format!("application `{n}` failed: {w}")).collect();

@@ -1,5 +1,11 @@
-//! One supervisor task per application child: spawn, wait for registration, restart with
-//! exponential backoff, and stop (SIGTERM to the process group, grace period, SIGKILL).
+//! One supervisor actor per application child: spawn, wait for registration, probe health,
+//! restart with exponential backoff, and stop (SIGTERM to the process group, grace period,
+//! SIGKILL).
+//!
+//! [`SupervisorActor`] owns its child's lifecycle: the child process itself lives inside the
+//! actor's one running future ([`supervise`]); its state (pid, token, `starting` /
+//! `running` / ...) is reported to the registry actor, which owns it. Others talk to the
+//! supervisor only through [`Stop`].
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt as _;
@@ -7,13 +13,23 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use actix::{
+    Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _, Context, Handler,
+    Message, ResponseFuture, WrapFuture as _,
+};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::contract::{STARTUP_ERROR_EXIT, STARTUP_ERROR_FILE_ENV};
-use crate::head::registry::{self, AppState, SharedRegistry};
+use crate::gateway::{Lookup, Upstream};
+use crate::head::registry::AppState;
+use crate::head::registry_actor::{
+    ChildExited, ChildStarted, IsRegistered, RegistryActor, SetState, SpawnFailed, StartupFailed,
+};
+
+type Registry = Addr<RegistryActor>;
 
 /// Restart, health and stop timing. Defaults: 0.5 s doubling to 10 s, reset after 30 s up, 60 s
 /// to register, `/healthz` every 10 s with a 10 s timeout (3 misses = hung), 10 s stop grace.
@@ -177,7 +193,7 @@ async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
 async fn watch_child(
     child: &mut Child,
     app: &str,
-    reg: &SharedRegistry,
+    reg: &Registry,
     shutdown: &mut watch::Receiver<bool>,
     policy: &RestartPolicy,
 ) -> Outcome {
@@ -201,7 +217,8 @@ async fn watch_child(
             }
             _ = shutdown_requested(shutdown) => return Outcome::Shutdown,
             _ = poll.tick(), if !registered => {
-                registered = registry::read(reg).is_registered(app);
+                // A registry that is gone means shutdown is under way: keep waiting for it.
+                registered = reg.send(IsRegistered(app.to_string())).await.unwrap_or(false);
                 if !registered && tokio::time::Instant::now() >= register_by {
                     return Outcome::NotRegistered;
                 }
@@ -210,8 +227,8 @@ async fn watch_child(
                 }
             }
             _ = health.tick(), if registered => {
-                let addr = registry::read(reg).upstream(app).ok();
-                let Some(addr) = addr else { continue };
+                let up = reg.send(Lookup(app.to_string())).await;
+                let Ok(Upstream::At(addr)) = up else { continue };
                 if probe(&client, &addr, policy.health_timeout).await {
                     misses = 0;
                 } else {
@@ -235,10 +252,11 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
 }
 
 /// Runs one application's child until shutdown: start, watch, restart with backoff, stop.
-/// Must be spawned on the serve process's main runtime thread (see the PDEATHSIG note above).
+/// Must run on the serve process's main runtime thread (see the PDEATHSIG note above): the
+/// [`SupervisorActor`] started there runs it.
 pub async fn supervise(
     spec: ChildSpec,
-    reg: SharedRegistry,
+    reg: Registry,
     mut shutdown: watch::Receiver<bool>,
     policy: RestartPolicy,
 ) {
@@ -260,7 +278,8 @@ pub async fn supervise(
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let n = registry::write(&reg).spawn_failed(&app, format!("spawn failed: {e}"));
+                let why = format!("spawn failed: {e}");
+                let n = reg.send(SpawnFailed { app: app.clone(), why }).await.unwrap_or(0);
                 let (delay, next) = policy.next_delay(backoff, Duration::ZERO);
                 backoff = next;
                 tracing::error!(%app, error = %e, restarts = n, ?delay, "cannot start child");
@@ -271,11 +290,12 @@ pub async fn supervise(
             }
         };
         let pid = child.id();
-        registry::write(&reg).child_started(&app, pid, token);
+        // Awaited: the registry must know the token before the child can register with it.
+        let _ = reg.send(ChildStarted { app: app.clone(), pid, token }).await;
         tracing::info!(%app, pid, "child started");
         let how = match watch_child(&mut child, &app, &reg, &mut shutdown, &policy).await {
             Outcome::Shutdown => {
-                registry::write(&reg).set_state(&app, AppState::Stopping);
+                reg.do_send(SetState { app: app.clone(), state: AppState::Stopping });
                 let how = stop_child(&mut child, pid, policy.stop_grace).await;
                 tracing::info!(%app, pid, %how, "child stopped");
                 break;
@@ -291,8 +311,9 @@ pub async fn supervise(
                         .filter(|m| !m.trim().is_empty())
                         .unwrap_or_else(|| format!("startup error ({how}); see the log"));
                     let _ = std::fs::remove_file(&error_file);
-                    registry::write(&reg).startup_failed(&app, why.trim().to_string());
-                    tracing::error!(%app, pid, reason = %why.trim(), "application cannot start; not restarted");
+                    let why = why.trim().to_string();
+                    reg.do_send(StartupFailed { app: app.clone(), why: why.clone() });
+                    tracing::error!(%app, pid, reason = %why, "application cannot start; not restarted");
                     shutdown_requested(&mut shutdown).await;
                     return;
                 }
@@ -312,18 +333,160 @@ pub async fn supervise(
         let _ = std::fs::remove_file(&error_file);
         let (delay, next) = policy.next_delay(backoff, started.elapsed());
         backoff = next;
-        let n = registry::write(&reg).child_exited(&app, how.clone());
+        let n = reg.send(ChildExited { app: app.clone(), how: how.clone() }).await.unwrap_or(0);
         tracing::warn!(%app, pid, %how, restarts = n, ?delay, "child ended; restarting");
         if sleep_or_shutdown(delay, &mut shutdown).await {
             break;
         }
     }
-    registry::write(&reg).set_state(&app, AppState::Stopped);
+    reg.do_send(SetState { app, state: AppState::Stopped });
+}
+
+/// Supervises one application child; see the module docs. Stops itself once the child is
+/// stopped for good.
+pub struct SupervisorActor {
+    /// Taken when the supervising future starts.
+    start: Option<(ChildSpec, Registry, RestartPolicy)>,
+    /// Turned true by [`Stop`]; the supervising future watches it.
+    stop: watch::Sender<bool>,
+    /// Turns true once the child is stopped and reaped.
+    done: watch::Sender<bool>,
+}
+
+impl SupervisorActor {
+    /// Starts supervising `spec` on the current arbiter, which must be the main thread's (the
+    /// children's parent-death signal is tied to the thread that forks them).
+    pub fn spawn(spec: ChildSpec, reg: Registry, policy: RestartPolicy) -> Addr<Self> {
+        Self {
+            start: Some((spec, reg, policy)),
+            stop: watch::channel(false).0,
+            done: watch::channel(false).0,
+        }
+        .start()
+    }
+}
+
+impl Actor for SupervisorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some((spec, reg, policy)) = self.start.take() else { return };
+        let run = supervise(spec, reg, self.stop.subscribe(), policy);
+        ctx.spawn(run.into_actor(self).map(|(), act, ctx| {
+            act.done.send_replace(true);
+            ctx.stop();
+        }));
+    }
+}
+
+/// Stop the child (SIGTERM, grace, SIGKILL) and do not restart it; answered once it is reaped.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for SupervisorActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Stop, _: &mut Context<Self>) -> Self::Result {
+        self.stop.send_replace(true);
+        let mut done = self.done.subscribe();
+        Box::pin(async move {
+            // An error means the actor is gone, which happens only after the child is reaped.
+            let _ = done.wait_for(|d| *d).await;
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::head::registry::{AppStatus, Registry};
+    use crate::head::registry_actor::Snapshot;
+
+    fn sh(script: &str) -> ChildSpec {
+        ChildSpec {
+            app: "m".into(),
+            exe: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![],
+        }
+    }
+
+    fn registry() -> Registry {
+        let status = AppStatus {
+            name: "m".into(),
+            import_path: "model".into(),
+            route_prefix: "/m".into(),
+            node: "node-0".into(),
+            gpu_ids: vec![],
+            cpus: 0.1,
+            pid: None,
+            state: AppState::Starting,
+            restarts: 0,
+            address: None,
+            last_exit: None,
+            pending_reason: None,
+        };
+        Registry::new("twinkle".into(), None, vec![], vec![status])
+    }
+
+    fn quick() -> RestartPolicy {
+        RestartPolicy {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            stop_grace: Duration::from_secs(2),
+            ..RestartPolicy::default()
+        }
+    }
+
+    /// Polls the registry until `done` holds for application `m` (at most 10 s).
+    async fn wait_until(reg: &Addr<RegistryActor>, done: impl Fn(&AppStatus) -> bool) -> AppStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let snap = reg.send(Snapshot).await.expect("registry alive");
+            let app = snap.applications[0].clone();
+            if done(&app) || Instant::now() > deadline {
+                return app;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn exiting_child_is_restarted_with_backoff_and_stop_ends_it() {
+        actix::System::new().block_on(async {
+            let reg = RegistryActor::spawn(registry());
+            let started = Instant::now();
+            let sup = SupervisorActor::spawn(sh("exit 3"), reg.clone(), quick());
+            let app = wait_until(&reg, |a| a.restarts >= 4).await;
+            assert!(app.restarts >= 4, "{app:?}");
+            assert_eq!(app.last_exit.as_deref(), Some("exit code 3"));
+            // The fourth exit comes after waiting 50, 100 and 200 ms (doubling, capped).
+            assert!(started.elapsed() >= Duration::from_millis(350), "{:?}", started.elapsed());
+            sup.send(Stop).await.expect("supervisor alive");
+            let app = wait_until(&reg, |a| a.state == AppState::Stopped).await;
+            assert_eq!(app.state, AppState::Stopped);
+            assert_eq!(app.pid, None);
+        });
+    }
+
+    #[test]
+    fn stop_terminates_a_running_child_and_reaps_it() {
+        actix::System::new().block_on(async {
+            let reg = RegistryActor::spawn(registry());
+            let sup = SupervisorActor::spawn(sh("sleep 30"), reg.clone(), quick());
+            let app = wait_until(&reg, |a| a.pid.is_some()).await;
+            let pid = app.pid.expect("child started");
+            assert_eq!(app.state, AppState::Starting);
+            let t = Instant::now();
+            sup.send(Stop).await.expect("supervisor alive");
+            assert!(t.elapsed() < Duration::from_secs(2), "SIGTERM ends sleep at once");
+            let gone = nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_err();
+            assert!(gone, "child {pid} still exists");
+            let app = wait_until(&reg, |a| a.state == AppState::Stopped).await;
+            assert_eq!((app.state, app.restarts), (AppState::Stopped, 0));
+        });
+    }
 
     #[test]
     fn backoff_doubles_caps_and_resets() {

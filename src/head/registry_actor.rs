@@ -1,0 +1,347 @@
+//! The registry actor: the only owner of a [`Registry`] (children, their tokens, pids, states
+//! and addresses, the node list, GPU samples, the control and gateway addresses).
+//!
+//! Supervisors report lifecycle events to it ([`ChildStarted`], [`ChildExited`], ...), the
+//! control plane forwards registrations ([`Register`]) and status reads ([`Snapshot`]), and the
+//! gateway reads the [`UpstreamView`] it publishes after every change (actors may also ask
+//! [`Lookup`] / [`ReadyQuery`]). Every message is handled to completion before the next, which
+//! is what the old lock guaranteed, without a lock.
+
+use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
+
+use super::gpu_table::GpuSample;
+use super::registry::{AppState, AppStatus, NodeStatus, RegisterError, Registry, StatusReport};
+use crate::contract::RegisterRequest;
+use crate::gateway::{Lookup, ReadyQuery, UpstreamPublisher, UpstreamView, Upstreams};
+
+/// Messages the mailbox holds before senders wait for room.
+const MAILBOX: usize = 1 << 16;
+
+/// Owns one [`Registry`]; see the module docs.
+pub struct RegistryActor {
+    reg: Registry,
+    /// Where the gateway's view of the applications goes after every change.
+    view: UpstreamPublisher,
+}
+
+impl RegistryActor {
+    /// Starts the actor on the current arbiter (an actix `System` must be running).
+    pub fn spawn(reg: Registry) -> Addr<Self> {
+        Self::spawn_with_view(reg).0
+    }
+
+    /// Starts the actor and returns, with its address, the gateway's reader of its views.
+    pub fn spawn_with_view(reg: Registry) -> (Addr<Self>, Upstreams) {
+        let view = crate::gateway::upstream_channel();
+        let reader = view.subscribe();
+        let actor = Self { reg, view };
+        actor.publish();
+        (actor.start(), reader)
+    }
+
+    /// Publishes the gateway's view of the current registry.
+    fn publish(&self) {
+        let ready = self.reg.readiness();
+        let upstreams =
+            ready.apps.iter().map(|(name, _)| (name.clone(), self.reg.lookup(name))).collect();
+        self.view.publish(UpstreamView { upstreams, ready });
+    }
+}
+
+impl Actor for RegistryActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Every gateway request asks once: a burst of requests should queue in the mailbox
+        // rather than park each sender (the default capacity is 16). Well below actix's own
+        // limit, which also counts senders.
+        ctx.set_mailbox_capacity(MAILBOX);
+    }
+}
+
+/// A child's registration (`POST /v1/register`); answers its address.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<String, RegisterError>")]
+pub struct Register(pub RegisterRequest);
+
+/// The whole `GET /v1/status` answer.
+#[derive(Debug, Message)]
+#[rtype(result = "StatusReport")]
+pub struct Snapshot;
+
+/// Whether the current child of the application has registered.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct IsRegistered(pub String);
+
+/// A new child exists; it is `starting` until it registers with `token`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ChildStarted {
+    pub app: String,
+    pub pid: Option<u32>,
+    pub token: String,
+}
+
+/// The child ended and will be restarted; answers the restart count.
+#[derive(Debug, Message)]
+#[rtype(result = "u32")]
+pub struct ChildExited {
+    pub app: String,
+    pub how: String,
+}
+
+/// The binary could not be spawned; answers the restart count.
+#[derive(Debug, Message)]
+#[rtype(result = "u32")]
+pub struct SpawnFailed {
+    pub app: String,
+    pub why: String,
+}
+
+/// The child reported a permanent startup error: `failed`, not restarted.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StartupFailed {
+    pub app: String,
+    pub why: String,
+}
+
+/// The application's lifecycle state changed (`stopping`, `stopped`).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetState {
+    pub app: String,
+    pub state: AppState,
+}
+
+/// The bound control-plane and gateway addresses, for status.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetAddresses {
+    pub control: String,
+    pub gateway: String,
+}
+
+/// The latest NVML samples of a node (sent by the GPU monitor thread).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetGpuSamples {
+    pub node: String,
+    pub samples: Vec<GpuSample>,
+}
+
+/// The latest NVML samples of a node.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<GpuSample>")]
+pub struct GpuSamples(pub String);
+
+/// A cluster node agent was assigned an application.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct AddApp(pub AppStatus);
+
+/// An application's child was stopped for good.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RemoveApp(pub String);
+
+/// A cluster gateway's route: `app` is reachable at `address` (`None`: down).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetUpstream {
+    pub app: String,
+    pub address: Option<String>,
+}
+
+/// The node list changed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetNodes(pub Vec<NodeStatus>);
+
+impl Handler<Register> for RegistryActor {
+    type Result = Result<String, RegisterError>;
+    fn handle(&mut self, m: Register, _: &mut Context<Self>) -> Self::Result {
+        let out = self.reg.register(&m.0);
+        self.publish();
+        out
+    }
+}
+
+impl Handler<Snapshot> for RegistryActor {
+    type Result = MessageResult<Snapshot>;
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.snapshot())
+    }
+}
+
+impl Handler<IsRegistered> for RegistryActor {
+    type Result = bool;
+    fn handle(&mut self, m: IsRegistered, _: &mut Context<Self>) -> bool {
+        self.reg.is_registered(&m.0)
+    }
+}
+
+impl Handler<ChildStarted> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: ChildStarted, _: &mut Context<Self>) {
+        self.reg.child_started(&m.app, m.pid, m.token);
+        self.publish();
+    }
+}
+
+impl Handler<ChildExited> for RegistryActor {
+    type Result = u32;
+    fn handle(&mut self, m: ChildExited, _: &mut Context<Self>) -> u32 {
+        let out = self.reg.child_exited(&m.app, m.how);
+        self.publish();
+        out
+    }
+}
+
+impl Handler<SpawnFailed> for RegistryActor {
+    type Result = u32;
+    fn handle(&mut self, m: SpawnFailed, _: &mut Context<Self>) -> u32 {
+        let out = self.reg.spawn_failed(&m.app, m.why);
+        self.publish();
+        out
+    }
+}
+
+impl Handler<StartupFailed> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: StartupFailed, _: &mut Context<Self>) {
+        self.reg.startup_failed(&m.app, m.why);
+        self.publish();
+    }
+}
+
+impl Handler<SetState> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetState, _: &mut Context<Self>) {
+        self.reg.set_state(&m.app, m.state);
+        self.publish();
+    }
+}
+
+impl Handler<SetAddresses> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetAddresses, _: &mut Context<Self>) {
+        self.reg.set_addresses(m.control, m.gateway);
+    }
+}
+
+impl Handler<SetGpuSamples> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetGpuSamples, _: &mut Context<Self>) {
+        self.reg.set_gpu_samples(&m.node, m.samples);
+    }
+}
+
+impl Handler<GpuSamples> for RegistryActor {
+    type Result = MessageResult<GpuSamples>;
+    fn handle(&mut self, m: GpuSamples, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.gpu_samples(&m.0))
+    }
+}
+
+impl Handler<AddApp> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: AddApp, _: &mut Context<Self>) {
+        self.reg.add_app(m.0);
+        self.publish();
+    }
+}
+
+impl Handler<RemoveApp> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: RemoveApp, _: &mut Context<Self>) {
+        self.reg.remove_app(&m.0);
+        self.publish();
+    }
+}
+
+impl Handler<SetUpstream> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetUpstream, _: &mut Context<Self>) {
+        self.reg.set_upstream(&m.app, m.address);
+        self.publish();
+    }
+}
+
+impl Handler<SetNodes> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetNodes, _: &mut Context<Self>) {
+        self.reg.set_nodes(m.0);
+    }
+}
+
+impl Handler<Lookup> for RegistryActor {
+    type Result = MessageResult<Lookup>;
+    fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.lookup(&m.0))
+    }
+}
+
+impl Handler<ReadyQuery> for RegistryActor {
+    type Result = MessageResult<ReadyQuery>;
+    fn handle(&mut self, _: ReadyQuery, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.readiness())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::Upstream;
+
+    fn app(name: &str) -> AppStatus {
+        AppStatus {
+            name: name.into(),
+            import_path: "model".into(),
+            route_prefix: "/m".into(),
+            node: "node-0".into(),
+            gpu_ids: vec![],
+            cpus: 0.1,
+            pid: None,
+            state: AppState::Starting,
+            restarts: 0,
+            address: None,
+            last_exit: None,
+            pending_reason: None,
+        }
+    }
+
+    #[test]
+    fn register_then_status_lookup_and_readiness_show_it() {
+        actix::System::new().block_on(async {
+            let reg = Registry::new("twinkle".into(), None, vec![], vec![app("m")]);
+            let (addr, up) = RegistryActor::spawn_with_view(reg);
+            assert_eq!(up.lookup("m"), Upstream::Down("starting"));
+            addr.send(ChildStarted { app: "m".into(), pid: Some(7), token: "t".into() })
+                .await
+                .expect("registry alive");
+            let bad = RegisterRequest { app: "m".into(), pid: 7, port: 9, token: "no".into() };
+            let refused = addr.send(Register(bad)).await.expect("registry alive");
+            assert_eq!(refused, Err(RegisterError::BadToken("m".into())));
+            assert!(!addr.send(IsRegistered("m".into())).await.expect("registry alive"));
+            let ok = RegisterRequest { app: "m".into(), pid: 7, port: 9, token: "t".into() };
+            let got = addr.send(Register(ok)).await.expect("registry alive");
+            assert_eq!(got.as_deref(), Ok("127.0.0.1:9"));
+            assert!(addr.send(IsRegistered("m".into())).await.expect("registry alive"));
+            let snap = addr.send(Snapshot).await.expect("registry alive");
+            assert_eq!(snap.applications[0].state, AppState::Running);
+            assert_eq!(snap.applications[0].address.as_deref(), Some("127.0.0.1:9"));
+            assert_eq!(up.lookup("m"), Upstream::At("127.0.0.1:9".into()));
+            assert!(up.readiness().is_ready());
+            let n = addr
+                .send(ChildExited { app: "m".into(), how: "signal 9".into() })
+                .await
+                .expect("registry alive");
+            assert_eq!(n, 1);
+            assert_eq!(up.lookup("m"), Upstream::Down("restarting"));
+            let ready = up.readiness();
+            assert_eq!(ready.waiting, vec![("m".to_string(), "restarting")]);
+        });
+    }
+}
