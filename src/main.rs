@@ -123,25 +123,8 @@ enum Command {
         /// Output directory (left unchanged when it already holds a model).
         #[arg(long)]
         out: PathBuf,
-        /// Architecture (only qwen3).
-        #[arg(long, default_value = "qwen3")]
-        arch: String,
-        #[arg(long, default_value_t = 64)]
-        hidden: usize,
-        #[arg(long, default_value_t = 2)]
-        layers: usize,
-        #[arg(long, default_value_t = 4)]
-        heads: usize,
-        #[arg(long, default_value_t = 2)]
-        kv_heads: usize,
-        #[arg(long, default_value_t = 16)]
-        head_dim: usize,
-        #[arg(long, default_value_t = 128)]
-        intermediate: usize,
-        #[arg(long, default_value_t = 4096)]
-        max_position: usize,
-        #[arg(long, default_value_t = 0x7769_6e6b_6c65)]
-        seed: u64,
+        #[command(flatten)]
+        model: twinkle::hub::generate::GenOptions,
     },
     /// Internal: one application child, started by `twinkle serve`.
     #[command(hide = true)]
@@ -324,32 +307,9 @@ fn main() -> ExitCode {
             }
         }
         Command::VerifyGolden { dirs } => verify_golden(&dirs),
-        Command::GenerateModel {
-            out,
-            arch,
-            hidden,
-            layers,
-            heads,
-            kv_heads,
-            head_dim,
-            intermediate,
-            max_position,
-            seed,
-        } => {
-            use twinkle::hub::generate::{GenOptions, QWEN3_VOCAB, generate_model};
-            let o = GenOptions {
-                arch,
-                hidden,
-                layers,
-                heads,
-                kv_heads,
-                head_dim,
-                intermediate,
-                vocab: QWEN3_VOCAB,
-                max_position,
-                seed,
-            };
-            match generate_model(&out, &o) {
+        Command::GenerateModel { out, model } => {
+            use twinkle::hub::generate::generate_model;
+            match generate_model(&out, &model) {
                 Ok(()) => {
                     println!("{}", out.display());
                     ExitCode::SUCCESS

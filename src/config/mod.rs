@@ -11,6 +11,7 @@
 
 mod de;
 mod ignored;
+pub mod keys;
 mod locate;
 mod normalize;
 pub mod schema;

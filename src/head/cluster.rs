@@ -464,19 +464,17 @@ impl ClusterHead {
                     (Some(_), None) => AppState::Starting,
                     (Some(_), Some(c)) => c.state,
                 };
+                let node = p.alloc.as_ref().map(|a| a.node_id.as_str()).unwrap_or_default();
+                let gpus = p.alloc.as_ref().map(|a| a.gpu_ids.clone()).unwrap_or_default();
+                let (kind, prefix) = (p.app.import_path.as_str(), &p.app.route_prefix);
                 AppStatus {
-                    name: p.app.name.clone(),
-                    import_path: p.app.import_path.as_str().to_string(),
-                    route_prefix: p.app.route_prefix.clone(),
-                    node: p.alloc.as_ref().map(|a| a.node_id.clone()).unwrap_or_default(),
-                    gpu_ids: p.alloc.as_ref().map(|a| a.gpu_ids.clone()).unwrap_or_default(),
-                    cpus: p.demand.cpus.as_f64(),
                     pid: child.and_then(|c| c.pid),
                     state,
                     restarts: child.map(|c| c.restarts).unwrap_or(0),
                     address: self.route_of(p),
                     last_exit: child.and_then(|c| c.last_exit.clone()),
                     pending_reason: if p.alloc.is_none() { p.pending.clone() } else { None },
+                    ..AppStatus::new(&p.app.name, kind, prefix, node, gpus, p.demand.cpus.as_f64())
                 }
             })
             .collect();

@@ -111,18 +111,8 @@ mod tests {
 
     fn app(name: &str, node: &str, gpus: Vec<u32>) -> AppStatus {
         AppStatus {
-            name: name.into(),
-            import_path: "model".into(),
-            route_prefix: "/m".into(),
-            node: node.into(),
-            gpu_ids: gpus,
-            cpus: 0.1,
-            pid: None,
             state: AppState::Running,
-            restarts: 0,
-            address: None,
-            last_exit: None,
-            pending_reason: None,
+            ..AppStatus::new(name, "model", "/m", node, gpus, 0.1)
         }
     }
 

@@ -71,6 +71,33 @@ pub struct AppStatus {
     pub pending_reason: Option<String>,
 }
 
+impl AppStatus {
+    /// An application placed on `node` whose child has not started yet.
+    pub fn new(
+        name: &str,
+        import_path: &str,
+        route_prefix: &str,
+        node: &str,
+        gpu_ids: Vec<u32>,
+        cpus: f64,
+    ) -> Self {
+        AppStatus {
+            name: name.to_string(),
+            import_path: import_path.to_string(),
+            route_prefix: route_prefix.to_string(),
+            node: node.to_string(),
+            gpu_ids,
+            cpus,
+            pid: None,
+            state: AppState::Starting,
+            restarts: 0,
+            address: None,
+            last_exit: None,
+            pending_reason: None,
+        }
+    }
+}
+
 /// One node as `GET /v1/status` reports it. `resources`/`available` use Ray's keys (`CPU`, `GPU`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -254,18 +281,8 @@ impl Registry {
         if self.entry_mut(app).is_none() {
             self.apps.push(AppEntry {
                 status: AppStatus {
-                    name: app.to_string(),
-                    import_path: String::new(),
-                    route_prefix: String::new(),
-                    node: String::new(),
-                    gpu_ids: Vec::new(),
-                    cpus: 0.0,
-                    pid: None,
                     state: AppState::Pending,
-                    restarts: 0,
-                    address: None,
-                    last_exit: None,
-                    pending_reason: None,
+                    ..AppStatus::new(app, "", "", "", Vec::new(), 0.0)
                 },
                 token: None,
             });
@@ -411,20 +428,7 @@ mod tests {
     use super::*;
 
     fn app(name: &str) -> AppStatus {
-        AppStatus {
-            name: name.into(),
-            import_path: "model".into(),
-            route_prefix: "/m".into(),
-            node: "node-0".into(),
-            gpu_ids: vec![2, 3],
-            cpus: 0.1,
-            pid: None,
-            state: AppState::Starting,
-            restarts: 0,
-            address: None,
-            last_exit: None,
-            pending_reason: None,
-        }
+        AppStatus::new(name, "model", "/m", "node-0", vec![2, 3], 0.1)
     }
 
     fn reg() -> Registry {

@@ -296,20 +296,7 @@ mod tests {
     use crate::gateway::Upstream;
 
     fn app(name: &str) -> AppStatus {
-        AppStatus {
-            name: name.into(),
-            import_path: "model".into(),
-            route_prefix: "/m".into(),
-            node: "node-0".into(),
-            gpu_ids: vec![],
-            cpus: 0.1,
-            pid: None,
-            state: AppState::Starting,
-            restarts: 0,
-            address: None,
-            last_exit: None,
-            pending_reason: None,
-        }
+        AppStatus::new(name, "model", "/m", "node-0", vec![], 0.1)
     }
 
     #[test]

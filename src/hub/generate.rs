@@ -35,19 +35,31 @@ const RMS_NORM_EPS: f64 = 1e-6;
 /// Qwen's padded embedding size (the tokenizer has 151,669 entries).
 pub const QWEN3_VOCAB: usize = 151_936;
 
-/// Shape and seed of a generated model.
-#[derive(Debug, Clone, PartialEq)]
+/// Shape and seed of a generated model; also the options of `twinkle generate-model`, whose
+/// defaults are [`GenOptions::qwen3_tiny`].
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct GenOptions {
-    /// Only `qwen3` today.
+    /// Architecture (only qwen3).
+    #[arg(long, default_value = "qwen3")]
     pub arch: String,
+    #[arg(long, default_value_t = 64)]
     pub hidden: usize,
+    #[arg(long, default_value_t = 2)]
     pub layers: usize,
+    #[arg(long, default_value_t = 4)]
     pub heads: usize,
+    #[arg(long, default_value_t = 2)]
     pub kv_heads: usize,
+    #[arg(long, default_value_t = 16)]
     pub head_dim: usize,
+    #[arg(long, default_value_t = 128)]
     pub intermediate: usize,
+    /// Qwen's tokenizer fixes it.
+    #[arg(skip = QWEN3_VOCAB)]
     pub vocab: usize,
+    #[arg(long, default_value_t = 4096)]
     pub max_position: usize,
+    #[arg(long, default_value_t = 0x7769_6e6b_6c65)]
     pub seed: u64,
 }
 
@@ -197,4 +209,23 @@ pub fn ensure_preset(name: &str, root: &Path) -> Result<PathBuf, HubError> {
     let dir = root.join(format!("{name}-v{GENERATOR_VERSION}"));
     generate_model(&dir, &opts)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `twinkle generate-model` with no options writes the tiny model `generate://` serves.
+    #[test]
+    fn command_line_defaults_are_the_tiny_model() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            o: GenOptions,
+        }
+        assert_eq!(Cli::parse_from(["generate-model"]).o, GenOptions::qwen3_tiny());
+        let c = Cli::parse_from(["generate-model", "--layers", "3"]);
+        assert_eq!(c.o, GenOptions { layers: 3, ..GenOptions::qwen3_tiny() });
+    }
 }

@@ -35,7 +35,7 @@ use crate::head::cluster::{
 };
 use crate::head::cluster_record::{self, AgentRecord};
 use crate::head::control;
-use crate::head::registry::{AppState, AppStatus, Registry};
+use crate::head::registry::{AppStatus, Registry};
 use crate::head::registry_actor::{GpuSamples, RegistryActor, SetGpuSamples, SetUpstream};
 
 /// How one node agent runs.
@@ -160,20 +160,14 @@ impl Agent {
         server_type: ServerType,
     ) -> Wanted {
         let name = a.app.name.clone();
-        let status = AppStatus {
-            name: name.clone(),
-            import_path: a.app.import_path.as_str().to_string(),
-            route_prefix: a.app.route_prefix.clone(),
-            node: self.opts.node.node_id.clone(),
-            gpu_ids: a.gpu_ids.clone(),
-            cpus: a.cpus,
-            pid: None,
-            state: AppState::Starting,
-            restarts: 0,
-            address: None,
-            last_exit: None,
-            pending_reason: None,
-        };
+        let status = AppStatus::new(
+            &name,
+            a.app.import_path.as_str(),
+            &a.app.route_prefix,
+            &self.opts.node.node_id,
+            a.gpu_ids.clone(),
+            a.cpus,
+        );
         let placement = Placement {
             app: a.app.clone(),
             alloc: Allocation {

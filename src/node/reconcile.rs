@@ -189,20 +189,7 @@ mod tests {
                 args: vec!["-c".into(), "sleep 30".into()],
                 env: vec![],
             },
-            status: AppStatus {
-                name: app.into(),
-                import_path: "model".into(),
-                route_prefix: format!("/{app}"),
-                node: "node-0".into(),
-                gpu_ids: vec![],
-                cpus: 0.1,
-                pid: None,
-                state: AppState::Starting,
-                restarts: 0,
-                address: None,
-                last_exit: None,
-                pending_reason: None,
-            },
+            status: AppStatus::new(app, "model", &format!("/{app}"), "node-0", vec![], 0.1),
             deployment,
         }
     }

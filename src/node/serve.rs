@@ -21,7 +21,7 @@ use crate::config::{self, Application, ServerConfig, ServerType};
 use crate::contract::APP_SPEC_ENV;
 use crate::gateway::{self, RouteTable};
 use crate::head::control;
-use crate::head::registry::{AppState, AppStatus, NodeStatus, Registry};
+use crate::head::registry::{AppStatus, NodeStatus, Registry};
 use crate::head::registry_actor::{RegistryActor, SetAddresses, SetGpuSamples, Snapshot};
 use crate::head::state_file::{self, ServeRecord};
 use crate::timings::Timings;
@@ -169,20 +169,14 @@ pub fn child_spec(
 
 /// The registry entry of a placed application before its child starts.
 pub fn app_status(p: &Placement) -> AppStatus {
-    AppStatus {
-        name: p.app.name.clone(),
-        import_path: p.app.import_path.as_str().to_string(),
-        route_prefix: p.app.route_prefix.clone(),
-        node: p.alloc.node_id.clone(),
-        gpu_ids: p.alloc.gpu_ids.clone(),
-        cpus: p.alloc.cpus.as_f64(),
-        pid: None,
-        state: AppState::Starting,
-        restarts: 0,
-        address: None,
-        last_exit: None,
-        pending_reason: None,
-    }
+    AppStatus::new(
+        &p.app.name,
+        p.app.import_path.as_str(),
+        &p.app.route_prefix,
+        &p.alloc.node_id,
+        p.alloc.gpu_ids.clone(),
+        p.alloc.cpus.as_f64(),
+    )
 }
 
 /// Runs `twinkle serve` until SIGINT/SIGTERM. Returns after every child is stopped and reaped.

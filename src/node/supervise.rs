@@ -413,20 +413,7 @@ mod tests {
     }
 
     fn registry() -> Registry {
-        let status = AppStatus {
-            name: "m".into(),
-            import_path: "model".into(),
-            route_prefix: "/m".into(),
-            node: "node-0".into(),
-            gpu_ids: vec![],
-            cpus: 0.1,
-            pid: None,
-            state: AppState::Starting,
-            restarts: 0,
-            address: None,
-            last_exit: None,
-            pending_reason: None,
-        };
+        let status = AppStatus::new("m", "model", "/m", "node-0", vec![], 0.1);
         Registry::new("twinkle".into(), None, vec![], vec![status])
     }
 

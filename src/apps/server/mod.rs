@@ -33,7 +33,8 @@ use error::ApiError;
 use upstream::Upstreams;
 
 /// Env var: comma-separated accepted API keys (added to `args.api_keys`).
-pub const API_KEYS_ENV: &str = "TWINKLE_API_KEYS";
+pub use crate::config::keys::API_KEYS_ENV;
+use crate::config::keys::{AcceptedKeys, KeysFileError};
 /// Env var: the salt of owner hashes (else a random salt file in the save root).
 pub const SALT_ENV: &str = "TWINKLE_TOKEN_SALT";
 /// Env var: where checkpoints are written.
@@ -50,8 +51,8 @@ pub enum ServerError {
     State(#[from] crate::state::StateError),
     #[error("cannot prepare the save directory {path}: {source}")]
     SaveDir { path: String, source: std::io::Error },
-    #[error("cannot read api_keys_file {path}: {source}")]
-    KeysFile { path: String, source: std::io::Error },
+    #[error("{0}")]
+    KeysFile(#[from] KeysFileError),
     #[error("cannot set up Twinkle authentication: {0}")]
     Auth(String),
 }
@@ -200,35 +201,12 @@ fn load_salt(root: &std::path::Path) -> Result<Vec<u8>, ServerError> {
 }
 
 fn load_keys(ctx: &AppContext) -> Result<Option<HashSet<String>>, ServerError> {
-    let mut keys = HashSet::new();
-    let mut configured = false;
+    let mut keys = AcceptedKeys::default();
     if let Some(spec) = &ctx.spec {
-        if let Some(list) = &spec.args.api_keys {
-            configured = true;
-            keys.extend(list.iter().map(|k| k.trim().to_string()));
-        }
-        if let Some(path) = &spec.args.api_keys_file {
-            configured = true;
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ServerError::KeysFile { path: path.clone(), source })?;
-            keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
-        }
+        keys.add_args(&spec.args)?;
     }
-    if let Ok(list) = std::env::var(API_KEYS_ENV) {
-        let extra: Vec<String> =
-            list.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from).collect();
-        if !extra.is_empty() {
-            configured = true;
-            keys.extend(extra);
-        }
-    }
-    keys.retain(|k| !k.is_empty());
-    Ok(configured.then_some(keys))
+    keys.add_env();
+    Ok(keys.finish())
 }
 
 /// The client of the model / sampler applications through the head at `head`, for the server

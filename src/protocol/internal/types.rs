@@ -50,33 +50,24 @@ impl InfoResponse {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {}
 
-impl Call for CreateAdapterRequest {
-    const ROUTE: &'static str = "create_adapter";
-    type Answer = Done;
+/// Each request's route and answer.
+macro_rules! calls {
+    ($($req:ty => $route:literal, $answer:ty;)*) => {
+        $(impl Call for $req {
+            const ROUTE: &'static str = $route;
+            type Answer = $answer;
+        })*
+    };
 }
-impl Call for ForwardBackwardRequest {
-    const ROUTE: &'static str = "forward_backward";
-    type Answer = ForwardBackwardResponse;
-}
-impl Call for OptimStepRequest {
-    const ROUTE: &'static str = "optim_step";
-    type Answer = MetricsResponse;
-}
-impl Call for SaveRequest {
-    const ROUTE: &'static str = "save";
-    type Answer = SaveResponse;
-}
-impl Call for LoadRequest {
-    const ROUTE: &'static str = "load";
-    type Answer = Done;
-}
-impl Call for UnloadRequest {
-    const ROUTE: &'static str = "unload";
-    type Answer = Done;
-}
-impl Call for SampleRequest {
-    const ROUTE: &'static str = "sample";
-    type Answer = SampleResponse;
+
+calls! {
+    CreateAdapterRequest => "create_adapter", Done;
+    ForwardBackwardRequest => "forward_backward", ForwardBackwardResponse;
+    OptimStepRequest => "optim_step", MetricsResponse;
+    SaveRequest => "save", SaveResponse;
+    LoadRequest => "load", Done;
+    UnloadRequest => "unload", Done;
+    SampleRequest => "sample", SampleResponse;
 }
 
 fn default_alpha() -> f32 {

@@ -12,7 +12,8 @@ use super::error::TwinkleError;
 use crate::protocol::tinker::paths::owner_hash;
 
 /// Env var: comma-separated accepted tokens (shared with the Tinker API's keys).
-pub const API_KEYS_ENV: &str = "TWINKLE_API_KEYS";
+pub use crate::config::keys::API_KEYS_ENV;
+use crate::config::keys::AcceptedKeys;
 /// Env var: the owner-hash salt (else the `.owner-salt` file in the save root).
 pub const SALT_ENV: &str = "TWINKLE_TOKEN_SALT";
 /// Longest scope or adapter name accepted (they become directory names).
@@ -104,43 +105,21 @@ impl Auth {
     /// `api_keys_file`: the model and sampler apps authenticate the same tenants as the server
     /// app) plus `TWINKLE_API_KEYS`; the salt from `TWINKLE_TOKEN_SALT` or the shared salt file.
     pub fn load(config: Option<&Path>, save_root: &Path) -> Result<Self, TwinkleError> {
-        let mut keys = HashSet::new();
-        let mut configured = false;
+        let mut keys = AcceptedKeys::default();
         if let Some(path) = config {
             let cfg = crate::config::load_file(path)
                 .map_err(|e| TwinkleError::Internal(format!("cannot read the config: {e}")))?;
             for app in &cfg.applications {
-                if let Some(list) = &app.args.api_keys {
-                    configured = true;
-                    keys.extend(list.iter().map(|k| k.trim().to_string()));
-                }
-                if let Some(file) = &app.args.api_keys_file {
-                    configured = true;
-                    let text = std::fs::read_to_string(file).map_err(|e| {
-                        TwinkleError::Internal(format!("cannot read api_keys_file {file}: {e}"))
-                    })?;
-                    keys.extend(
-                        text.lines()
-                            .map(str::trim)
-                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                            .map(String::from),
-                    );
-                }
+                keys.add_args(&app.args).map_err(|e| TwinkleError::Internal(e.to_string()))?;
             }
         }
-        if let Ok(list) = std::env::var(API_KEYS_ENV) {
-            for k in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-                configured = true;
-                keys.insert(k.to_string());
-            }
-        }
-        keys.retain(|k| !k.is_empty());
+        keys.add_env();
         crate::private_fs::create_dir_all(save_root).map_err(|e| {
             TwinkleError::Internal(format!("cannot create {}: {e}", save_root.display()))
         })?;
         let save_root = save_root.canonicalize().unwrap_or_else(|_| save_root.to_path_buf());
         let salt = shared_salt(&save_root)?;
-        Ok(Auth { keys: configured.then_some(keys), salt, save_root })
+        Ok(Auth { keys: keys.finish(), salt, save_root })
     }
 }
 
