@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ProtocolError;
+use crate::engine::sampling::{SamplingError, Stop};
 
 /// Raw shape of a JSON chunk before dispatch on `type`.
 #[derive(Deserialize)]
@@ -218,25 +219,32 @@ impl SampleRequest {
                 format!("{} is not in 1..={max_samples}", self.num_samples),
             ));
         }
+        // The sampler's own check of its parameters, run here so a bad value is a 400 on the
+        // request rather than a failed future.
         let p = &self.sampling_params;
-        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-            return Err(ProtocolError::invalid(
-                "sampling_params.temperature",
-                format!("{} must be >= 0", p.temperature),
-            ));
-        }
-        if !(p.top_p.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(ProtocolError::invalid(
-                "sampling_params.top_p",
-                format!("{} must be in (0, 1]", p.top_p),
-            ));
-        }
-        if p.top_k < -1 {
-            return Err(ProtocolError::invalid(
-                "sampling_params.top_k",
-                format!("{} must be -1 (no limit), 0 or positive", p.top_k),
-            ));
-        }
+        let stop = match &p.stop {
+            Some(StopCondition::Strings(s)) => Stop::Strings(s.clone()),
+            // Token ids are checked against the vocabulary by the model application.
+            _ => Stop::Eos,
+        };
+        let params = crate::engine::sampling::SamplingParams {
+            temperature: p.temperature as f32,
+            top_k: p.top_k,
+            top_p: p.top_p as f32,
+            seed: None,
+            max_tokens: p.max_tokens.map_or(1, |m| m as usize),
+            stop,
+        };
+        params.validate().map_err(|e| {
+            let field = match e {
+                SamplingError::InvalidTemperature(_) => "temperature",
+                SamplingError::InvalidTopK(_) => "top_k",
+                SamplingError::InvalidTopP(_) => "top_p",
+                SamplingError::InvalidMaxTokens => "max_tokens",
+                _ => "stop",
+            };
+            ProtocolError::invalid(format!("sampling_params.{field}"), e.to_string())
+        })?;
         let unsupported = [
             (self.topk_prompt_logprobs > 0, "topk_prompt_logprobs"),
             (self.topk_sample_logprobs > 0, "topk_sample_logprobs"),
