@@ -43,7 +43,7 @@ use checkpoint::AdapterCache;
 pub use error::AppError;
 
 /// Largest LoRA rank accepted.
-pub const MAX_RANK: usize = 128;
+pub use crate::engine::lora::MAX_RANK;
 /// Default `adapter_config.adapter_timeout`.
 pub const DEFAULT_ADAPTER_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Env var: how many CPU workers run forward/backward in data parallel (default 1). Set it per
@@ -341,23 +341,6 @@ impl<R: ModelRuntime> ModelService<R> {
     pub fn create_adapter(&self, req: &CreateAdapterRequest) -> Result<(), AppError> {
         Self::check_id(&req.model_id)?;
         let l = &req.lora;
-        if l.rank == 0 || l.rank > MAX_RANK {
-            return Err(AppError::BadRequest(format!(
-                "rank must be in 1..={MAX_RANK}, got {}",
-                l.rank
-            )));
-        }
-        if !(l.alpha.is_finite() && l.alpha > 0.0) {
-            return Err(AppError::BadRequest(format!("alpha must be > 0, got {}", l.alpha)));
-        }
-        if !(l.train_attn || l.train_mlp || l.train_unembed) {
-            return Err(AppError::BadRequest(
-                "train_attn, train_mlp and train_unembed are all false: nothing to train".into(),
-            ));
-        }
-        if lock(&self.adapters).contains_key(&req.model_id) {
-            return Err(AppError::Conflict(format!("model_id `{}` already exists", req.model_id)));
-        }
         let seed = l.seed.unwrap_or_else(crate::ids::seed);
         let cfg = LoraConfig::from_tinker(
             l.rank,
@@ -367,6 +350,10 @@ impl<R: ModelRuntime> ModelService<R> {
             l.train_unembed,
             seed,
         );
+        cfg.check(MAX_RANK)?;
+        if lock(&self.adapters).contains_key(&req.model_id) {
+            return Err(AppError::Conflict(format!("model_id `{}` already exists", req.model_id)));
+        }
         let mut adapter = Adapter::for_config(self.config(), &cfg)?;
         adapter.set_base_model(&self.base.info.model_name);
         self.insert(&req.model_id, adapter)

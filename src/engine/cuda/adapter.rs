@@ -173,11 +173,7 @@ impl CudaAdapter {
     /// A fresh adapter made on the device (A ~ U(+-1/sqrt(in)), B = 0, as `Adapter::new`, from
     /// another random stream): for benchmarks of models that exist only on the GPU.
     pub fn fresh<T: Act>(model: &CudaModel<T>, cfg: &LoraConfig) -> R<CudaAdapter> {
-        if cfg.rank == 0 || cfg.targets.is_empty() {
-            return Err(CudaError::Engine(crate::engine::EngineError::InvalidInput(
-                "LoRA needs rank > 0 and at least one target".into(),
-            )));
-        }
+        cfg.check(usize::MAX).map_err(CudaError::Engine)?;
         let c = model.config();
         let dev = &*model.dev;
         let mut rng = crate::engine::synth::SynthRng(cfg.seed);

@@ -97,7 +97,34 @@ pub struct LoraConfig {
     pub seed: u64,
 }
 
+/// Largest LoRA rank a model application accepts.
+pub const MAX_RANK: usize = 128;
+
 impl LoraConfig {
+    /// The one check of an adapter's settings, run by the server before it queues a
+    /// create_model, by the model application and by the engine (`max_rank` = the served
+    /// bound; the engine alone passes none): rank in `1..=max_rank`, a finite alpha > 0 and at
+    /// least one target module. Messages name Tinker's `lora_config` fields.
+    pub fn check(&self, max_rank: usize) -> Result<()> {
+        let bad = |m: String| Err(EngineError::InvalidInput(m));
+        if self.rank == 0 || self.rank > max_rank {
+            let range =
+                if max_rank == usize::MAX { "> 0".into() } else { format!("in 1..={max_rank}") };
+            return bad(format!("lora_config.rank: {} must be {range}", self.rank));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("lora_config.alpha: must be > 0, got {}", self.alpha));
+        }
+        if self.targets.is_empty() {
+            return bad(
+                "lora_config: train_attn, train_mlp and train_unembed are all false: nothing to \
+                 train (at least one must be true)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Tinker's switches: attention = q,k,v,o; mlp = gate,up,down; unembed = lm_head.
     pub fn from_tinker(
         rank: usize,
@@ -236,12 +263,7 @@ impl Adapter {
     }
 
     fn build(mc: &ModelConfig, cfg: &LoraConfig, init: bool) -> Result<Adapter> {
-        if cfg.rank == 0 {
-            return Err(EngineError::InvalidInput("LoRA rank must be > 0".into()));
-        }
-        if cfg.targets.is_empty() {
-            return Err(EngineError::InvalidInput("LoRA needs at least one target module".into()));
-        }
+        cfg.check(usize::MAX)?;
         let mut rng = SplitMix(cfg.seed);
         let mut make = |t: Target| {
             let (inp, out) = t.dims(mc);

@@ -26,6 +26,9 @@ pub enum ProtocolError {
     TooLarge { field: String, what: &'static str, actual: u64, limit: u64 },
     #[error("{field}: {what} is not supported by this server")]
     Unsupported { field: String, what: String },
+    /// A check the engine owns (its message names the field).
+    #[error("{0}")]
+    Engine(String),
 }
 
 impl ProtocolError {

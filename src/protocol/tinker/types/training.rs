@@ -38,20 +38,22 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// The engine's check of these settings ([`crate::engine::LoraConfig::check`], the one
+    /// the model application runs too), at Tinker's alpha.
     pub fn validate(&self, max_rank: u32) -> Result<(), ProtocolError> {
-        if self.rank == 0 || self.rank > max_rank {
-            return Err(ProtocolError::invalid(
-                "lora_config.rank",
-                format!("{} is not in 1..={max_rank}", self.rank),
-            ));
-        }
-        if !(self.train_unembed || self.train_mlp || self.train_attn) {
-            return Err(ProtocolError::invalid(
-                "lora_config",
-                "at least one of train_unembed/train_mlp/train_attn must be true",
-            ));
-        }
-        Ok(())
+        let alpha = 32.0;
+        let cfg = crate::engine::LoraConfig::from_tinker(
+            self.rank as usize,
+            alpha,
+            self.train_attn,
+            self.train_mlp,
+            self.train_unembed,
+            0,
+        );
+        cfg.check(max_rank as usize).map_err(|e| match e {
+            crate::engine::EngineError::InvalidInput(m) => ProtocolError::Engine(m),
+            other => ProtocolError::Engine(other.to_string()),
+        })
     }
 }
 
