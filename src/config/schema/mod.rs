@@ -32,12 +32,12 @@ pub enum ProxyLocation {
 }
 
 /// The whole configuration file.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     #[serde(default, deserialize_with = "null_as_default")]
     pub server_type: ServerType,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ray_namespace: Option<String>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub proxy_location: ProxyLocation,
@@ -48,33 +48,25 @@ pub struct ServerConfig {
     #[serde(default, deserialize_with = "null_as_default")]
     pub persistence: Persistence,
     /// Accepted for compatibility; queue settings take effect per application (`queue_config`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_queue: Option<QueueConfig>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub applications: Vec<Application>,
     /// Timing knobs of the node agent and the head (`crate::timings` lists them and their
     /// defaults); the matching environment variables override them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<TimingsConfig>,
 }
 
 /// The config's `timings:` section, seconds each.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimingsConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub register_deadline_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_period_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_timeout_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_timeout_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_stats_s: Option<f64>,
 }
 
@@ -288,52 +280,37 @@ fn default_route() -> String {
 
 /// `args` of any application kind. Which keys are allowed depends on `import_path` and is
 /// checked by validation ([`AppArgs::keys_allowed_for`]).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AppArgs {
     // server
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_config: Option<ServerStateArgs>,
     /// Base models the server advertises (Tinker `get_server_capabilities`).
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
     pub supported_models: Vec<SupportedModel>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_file: Option<String>,
     // model and sampler
     /// `ms://Org/Name`, `hf://Org/Name`, a bare `Org/Name` or a local path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_id: Option<String>,
     // model
     /// Canonical engine selector of a model app; after loading it is always set for models.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
     /// The seed's selector; folded into `backend` when the config is loaded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_megatron: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_config: Option<AdapterConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_loras: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<u64>,
     // sampler
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler_type: Option<SamplerType>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_args: Option<EngineArgs>,
     // model, sampler (and processor, where it is ignored)
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_config: Option<QueueConfig>,
     // placement
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nproc_per_node: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ncpu_proc_per_node: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_group: Option<DeviceGroup>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_mesh: Option<DeviceMesh>,
 }
 
@@ -420,31 +397,24 @@ impl AppArgs {
 }
 
 /// Settings of the server application's state (`args.server_config`); they apply server-wide.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ServerStateArgs {
     /// Seconds after which an idle session expires.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiration_timeout: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleanup_interval: Option<f64>,
     /// Most models (adapters) one API key may hold at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_token_model_limit: Option<u32>,
     /// Most input tokens in one forward / forward_backward (default: 32 × the model's context).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens_per_request: Option<u64>,
     /// Most unfinished sample requests (`asample` futures pending or running) one API key may
     /// have (default `apps::server::limits::DEFAULT_SAMPLING_PER_KEY`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sampling_requests_per_key: Option<u32>,
     /// Seconds a call to a model / sampler application waits for it while it (re)starts
     /// (default 60; `TWINKLE_RESTART_WAIT` overrides it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_wait_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_update_interval: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor_name: Option<String>,
 }
 
@@ -484,50 +454,35 @@ pub enum SamplerType {
 }
 
 /// LoRA adapter lifecycle of a model application.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
     /// Seconds an idle adapter stays loaded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_timeout: Option<f64>,
     /// Seconds an adapter may live at most.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_max_lifetime: Option<f64>,
     /// Whether `optim_step` answers only once the adapter's snapshot is written (default true).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable_steps: Option<bool>,
 }
 
 /// vLLM-style engine arguments of a sampler; the ones our engine understands.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EngineArgs {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_utilization: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_lora: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_num_seqs: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_loras: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lora_rank: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_prefix_caching: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforce_eager: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_sleep_mode: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_remote_code: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensor_parallel_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs_mode: Option<String>,
 }

@@ -57,34 +57,23 @@ fn d_one() -> u32 {
 /// Parallel layout. Only `dp_size` is implemented by the engine: validation rejects any other
 /// dimension above 1 on a model or sampler application, and on a cuda group requires `dp_size`
 /// to equal the number of cards (one data-parallel worker per card).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceMesh {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_type: Option<DeviceType>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<u32>,
     #[serde(default = "d_one")]
     pub dp_size: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsdp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ulysses_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence_parallel: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ep_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ep_fsdp_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vpp_size: Option<u32>,
 }
 
@@ -119,30 +108,25 @@ impl DeviceMesh {
 }
 
 /// A Ray Serve deployment entry; only `deployments[0]` is used.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_replicas: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling_config: Option<AutoscalingConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ongoing_requests: Option<u32>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub ray_actor_options: RayActorOptions,
 }
 
 /// Replica bounds of a deployment.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AutoscalingConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_replicas: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replicas: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ongoing_requests: Option<f64>,
 }
 

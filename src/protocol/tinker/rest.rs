@@ -97,19 +97,15 @@ pub struct WeightsInfoRequest {
     pub tinker_path: String,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WeightsInfoResponse {
     pub base_model: String,
     pub is_lora: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_unembed: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_mlp: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_attn: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_config: Option<OptimizerConfig>,
 }
 

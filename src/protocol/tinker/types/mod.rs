@@ -30,16 +30,13 @@ pub struct SdkVersionRequest {
 }
 
 /// `POST /client/config` answer; every field is optional for the SDK.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientConfigResponse {
     pub pjwt_auth_enabled: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_fwdbwd_chunks: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fwdbwd_max_chunk_len: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fwdbwd_max_chunk_bytes_count: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto_compress_fwdbwd: Option<bool>,
 }
 
@@ -87,14 +84,12 @@ pub struct CreateSessionRequest {
     pub display_name: Option<String>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateSessionResponse {
     pub session_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning_message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
 }
 
@@ -178,15 +173,12 @@ pub struct TelemetryResponse {
     pub status: Accepted,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SupportedModel {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_context_length: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampleable: Option<bool>,
 }
 

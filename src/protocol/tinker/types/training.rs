@@ -94,27 +94,22 @@ pub struct GetInfoRequest {
     pub model_id: String,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelData {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_id: Option<String>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GetInfoResponse {
     pub model_id: String,
     pub model_data: ModelData,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_lora: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_config: Option<OptimizerConfig>,
 }
 
