@@ -440,10 +440,9 @@ applications:
     let model = c.application("models-llama-tiny").expect("model");
     assert_eq!(model.served_name().as_deref(), Some("acme/llama-tiny"));
     assert!(model.serves("/data/ckpt/llama-tiny/model"), "its model_id still designates it");
-    let unserved = text.replace("[acme/llama-tiny]", "[acme/llama-tiny, model]").replace(
-        "/data/ckpt/llama-tiny/model",
-        "ms://acme/llama-tiny",
-    );
+    let unserved = text
+        .replace("[acme/llama-tiny]", "[acme/llama-tiny, model]")
+        .replace("/data/ckpt/llama-tiny/model", "ms://acme/llama-tiny");
     let err = config::load_str(&unserved).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.starts_with("applications[0].args.supported_models[1]: \"model\""), "{err}");
     assert!(err.ends_with("(line 6)"), "{err}");

@@ -86,7 +86,8 @@ impl Application {
 /// identity application serves: the server would advertise a model every request for which
 /// fails.
 pub(crate) fn check_supported(cfg: &ServerConfig, out: &mut Vec<(KeyPath, String)>) {
-    let served: Vec<String> = cfg.applications.iter().filter_map(Application::served_name).collect();
+    let served: Vec<String> =
+        cfg.applications.iter().filter_map(Application::served_name).collect();
     for (i, app) in cfg.applications.iter().enumerate() {
         let at = KeyPath::root().key("applications").index(i).key("args").key("supported_models");
         for (j, m) in app.args.supported_models.iter().enumerate() {
@@ -118,10 +119,19 @@ mod tests {
     fn route_names_by_kind() {
         let m = ImportPath::Model;
         let s = ImportPath::Sampler;
-        assert_eq!(route_name(m, "/api/v1/model/acme/llama-tiny").as_deref(), Some("acme/llama-tiny"));
-        assert_eq!(route_name(m, "/models/Qwen/Qwen2.5-7B-Instruct").as_deref(), Some("Qwen/Qwen2.5-7B-Instruct"));
+        assert_eq!(
+            route_name(m, "/api/v1/model/acme/llama-tiny").as_deref(),
+            Some("acme/llama-tiny")
+        );
+        assert_eq!(
+            route_name(m, "/models/Qwen/Qwen2.5-7B-Instruct").as_deref(),
+            Some("Qwen/Qwen2.5-7B-Instruct")
+        );
         assert_eq!(route_name(m, "/api/v1/model/qwen3-tiny").as_deref(), Some("qwen3-tiny"));
-        assert_eq!(route_name(s, "/api/v1/sampler/acme/llama-tiny").as_deref(), Some("acme/llama-tiny"));
+        assert_eq!(
+            route_name(s, "/api/v1/sampler/acme/llama-tiny").as_deref(),
+            Some("acme/llama-tiny")
+        );
         assert_eq!(route_name(s, "/samplers/qwen3-tiny").as_deref(), Some("qwen3-tiny"));
         // A model's marker does not name a sampler, nor the other way round.
         assert_eq!(route_name(s, "/api/v1/model/acme/x"), None);
@@ -143,14 +153,20 @@ mod tests {
     #[test]
     fn trailing_slash_and_empty_segments_are_ignored() {
         let m = ImportPath::Model;
-        assert_eq!(route_name(m, "/api/v1/model/acme/llama-tiny/").as_deref(), Some("acme/llama-tiny"));
+        assert_eq!(
+            route_name(m, "/api/v1/model/acme/llama-tiny/").as_deref(),
+            Some("acme/llama-tiny")
+        );
         assert_eq!(route_name(m, "//models//acme/x").as_deref(), Some("acme/x"));
     }
 
     #[test]
     fn served_name_falls_back_to_the_model_id() {
         let m = ImportPath::Model;
-        assert_eq!(served_name(m, "/api/v1/model/acme/llama-tiny", "/data/ckpt/model"), "acme/llama-tiny");
+        assert_eq!(
+            served_name(m, "/api/v1/model/acme/llama-tiny", "/data/ckpt/model"),
+            "acme/llama-tiny"
+        );
         assert_eq!(served_name(m, "/api/v1", "ms://Qwen/Qwen3-0.6B"), "Qwen/Qwen3-0.6B");
         assert_eq!(served_name(m, "/x", "generate://qwen3-tiny"), "qwen3-tiny");
         assert_eq!(served_name(m, "/x", "/no/such/dir/llama"), "llama");
