@@ -86,8 +86,13 @@ impl Application {
 /// identity application serves: the server would advertise a model every request for which
 /// fails.
 pub(crate) fn check_supported(cfg: &ServerConfig, out: &mut Vec<(KeyPath, String)>) {
-    let served: Vec<String> =
-        cfg.applications.iter().filter_map(Application::served_name).collect();
+    // A model and its sampler usually share a name: list it once.
+    let mut served: Vec<String> = Vec::new();
+    for name in cfg.applications.iter().filter_map(Application::served_name) {
+        if !served.contains(&name) {
+            served.push(name);
+        }
+    }
     for (i, app) in cfg.applications.iter().enumerate() {
         let at = KeyPath::root().key("applications").index(i).key("args").key("supported_models");
         for (j, m) in app.args.supported_models.iter().enumerate() {
@@ -170,6 +175,21 @@ mod tests {
         assert_eq!(served_name(m, "/api/v1", "ms://Qwen/Qwen3-0.6B"), "Qwen/Qwen3-0.6B");
         assert_eq!(served_name(m, "/x", "generate://qwen3-tiny"), "qwen3-tiny");
         assert_eq!(served_name(m, "/x", "/no/such/dir/llama"), "llama");
+    }
+
+    #[test]
+    fn unserved_entry_lists_each_served_name_once() {
+        let text = "applications:
+  - {name: server, route_prefix: /api/v1, import_path: server, args: {supported_models: [acme/x]}}
+  - {name: m, route_prefix: /api/v1/model/acme/y, import_path: model, args: {model_id: /d/model}}
+  - {name: s, route_prefix: /api/v1/sampler/acme/y, import_path: sampler, args: {model_id: /d/model}}
+";
+        let cfg: ServerConfig = serde_norway::from_str(text).expect("parses");
+        let mut out = Vec::new();
+        check_supported(&cfg, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].0.to_string(), "applications[0].args.supported_models[0]");
+        assert!(out[0].1.contains("(served: acme/y);"), "{}", out[0].1);
     }
 
     #[test]
