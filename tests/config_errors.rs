@@ -257,6 +257,17 @@ fn table_of_bad_configs() {
         ("cuda processor",
          &[(16, "    import_path: processor"), (15, "    route_prefix: /api/v1/processor"), (18, "      ncpu_proc_per_node: 2")],
          "applications[1].args.device_group.device_type: the processor runs on CPU: device_type must be CPU (line 22)"),
+        ("supported_models entry no application serves",
+         &[(13, "        per_token_model_limit: 30\n      supported_models: [acme/llama-tiny]")],
+         "applications[0].args.supported_models[0]: \"acme/llama-tiny\" is not served by any model or sampler application (served: Qwen/Qwen2.5-0.5B); a model is named by its route_prefix after /model/ (or its model_id) (line 14)"),
+        ("second supported_models entry unserved",
+         &[(13, "        per_token_model_limit: 30\n      supported_models:\n        - Qwen/Qwen2.5-0.5B\n        - {model_name: acme/other}")],
+         "applications[0].args.supported_models[1]: \"acme/other\" is not served by any model or sampler application (served: Qwen/Qwen2.5-0.5B); a model is named by its route_prefix after /model/ (or its model_id) (line 16)"),
+        ("supported_models named after a model's directory, not its route",
+         &[(13, "        per_token_model_limit: 30\n      supported_models: [llama-tiny]"),
+           (15, "    route_prefix: /api/v1/model/acme/llama-tiny"),
+           (18, "      model_id: /data/ckpt/llama-tiny/model")],
+         "applications[0].args.supported_models[0]: \"llama-tiny\" is not served by any model or sampler application (served: acme/llama-tiny); a model is named by its route_prefix after /model/ (or its model_id) (line 14)"),
     ];
     assert!(table.len() >= 12);
     let mut failures = Vec::new();
@@ -341,4 +352,25 @@ fn cpu_dp_size_is_not_tied_to_ranks() {
         (25, "        dp_size: 4"),
     ]);
     config::load_str(&text).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A `supported_models` entry is served when it is a model's route name (whatever `model_id`
+/// points at) or its `model_id`, with or without the hub scheme.
+#[test]
+fn supported_models_served_by_route_name_or_model_id() {
+    for (name, route, model_id) in [
+        ("acme/llama-tiny", "/api/v1/model/acme/llama-tiny", "/data/ckpt/llama-tiny/model"),
+        ("Qwen/Qwen2.5-0.5B", "/api/v1/model/Qwen/Qwen2.5-0.5B", "ms://Qwen/Qwen2.5-0.5B"),
+        ("ms://Qwen/Qwen2.5-0.5B", "/api/v1/model/Qwen/Qwen2.5-0.5B", "ms://Qwen/Qwen2.5-0.5B"),
+        ("Qwen/Qwen2.5-0.5B", "/api/v1/llm", "ms://Qwen/Qwen2.5-0.5B"),
+    ] {
+        let text = edit(&[
+            (13, &format!("        per_token_model_limit: 30\n      supported_models: [{name}]")),
+            (15, &format!("    route_prefix: {route}")),
+            (18, &format!("      model_id: {model_id}")),
+        ]);
+        let c = config::load_str(&text).unwrap_or_else(|e| panic!("{name} at {route}: {e}"));
+        let model = &c.applications[1];
+        assert!(model.serves(name), "{name} at {route}");
+    }
 }

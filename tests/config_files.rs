@@ -133,6 +133,10 @@ applications:
     args:
       server_config: {per_token_model_limit: 3}
       supported_models: [Acme/Foo-7B, {model_name: Acme/Bar-1B}]
+  - name: model-bar
+    route_prefix: /api/v1/model/Acme/Bar-1B
+    import_path: model
+    args: {model_id: /models/bar, device_group: {name: bar, ranks: 1, device_type: CPU}}
   - name: model-foo
     route_prefix: /api/v1/model/Acme/Foo-7B
     import_path: model
@@ -394,4 +398,52 @@ fn newer_format_example_loads() {
     assert_eq!((group.ranks.count(), group.gpus_per_worker), (2, 2));
     let gw = c.application("server").expect("server");
     assert_eq!(gw.first_deployment().and_then(|d| d.max_ongoing_requests), Some(50));
+}
+
+/// Model and sampler applications are served under the name their route gives (what the seed's
+/// routes and `supported_models` say), whatever `model_id` points at.
+#[test]
+fn shipped_configs_serve_under_their_route_names() {
+    for (file, app, name) in [
+        ("tinker.yaml", "models-Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("tinker.yaml", "sampler-Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("twinkle-transformers.yaml", "models-Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("three-node-ranks.yaml", "sampler-Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("quickstart.yaml", "model-qwen3-tiny", "qwen3-tiny"),
+        ("quickstart-sampler.yaml", "sampler-qwen3-tiny", "qwen3-tiny"),
+        ("quickstart-twinkle.yaml", "samplers-qwen3-tiny", "qwen3-tiny"),
+    ] {
+        let c = load(file);
+        let a = c.application(app).unwrap_or_else(|| panic!("{file}: no {app}"));
+        assert_eq!(a.served_name().as_deref(), Some(name), "{file} {app}");
+        assert!(a.serves(name) && a.serves(a.model_id().unwrap_or_default()), "{file} {app}");
+    }
+    assert_eq!(load("tinker.yaml").application("server").and_then(|a| a.served_name()), None);
+}
+
+/// The motivating case: a checkpoint in a local directory called `model`, served (and listed)
+/// as `acme/llama-tiny`.
+#[test]
+fn local_directory_model_is_named_by_its_route() {
+    let text = r#"
+applications:
+  - name: server
+    route_prefix: /api/v1
+    import_path: server
+    args: {supported_models: [acme/llama-tiny]}
+  - name: models-llama-tiny
+    route_prefix: /api/v1/model/acme/llama-tiny
+    import_path: model
+    args: {model_id: /data/ckpt/llama-tiny/model, device_group: {name: m, ranks: 1, device_type: CPU}}
+"#;
+    let c = config::load_str(text).unwrap_or_else(|e| panic!("{e}"));
+    let model = c.application("models-llama-tiny").expect("model");
+    assert_eq!(model.served_name().as_deref(), Some("acme/llama-tiny"));
+    assert!(model.serves("/data/ckpt/llama-tiny/model"), "its model_id still designates it");
+    let unserved = text
+        .replace("[acme/llama-tiny]", "[acme/llama-tiny, model]")
+        .replace("/data/ckpt/llama-tiny/model", "ms://acme/llama-tiny");
+    let err = config::load_str(&unserved).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.starts_with("applications[0].args.supported_models[1]: \"model\""), "{err}");
+    assert!(err.ends_with("(line 6)"), "{err}");
 }

@@ -193,7 +193,8 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
             .and_then(|e| e.max_model_len)
             .or(spec.args.max_length)
             .map(|m| m as usize);
-        let base = BaseModel::load(&base_model, &dir, max_length)?;
+        let mut base = BaseModel::load(&base_model, &dir, max_length)?;
+        name_as_configured(&mut base, &spec);
         tracing::info!(model = %dir.display(), ?place, "sampler model loaded");
         let svc: Arc<dyn SamplerApp> = match place.device {
             DeviceType::Cpu => {
@@ -214,7 +215,8 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
         return Ok(Loaded::Sampler(svc));
     }
     let opts = model_options(&spec)?;
-    let base = BaseModel::load(&opts.base_model, &opts.model_dir, opts.max_length)?;
+    let mut base = BaseModel::load(&opts.base_model, &opts.model_dir, opts.max_length)?;
+    name_as_configured(&mut base, &spec);
     tracing::info!(model = %opts.model_dir.display(), ?place, "model loaded");
     let svc: Arc<dyn ModelApp> = match place.device {
         DeviceType::Cpu => {
@@ -233,6 +235,15 @@ fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
         }
     };
     Ok(Loaded::Model(svc, Box::new(opts)))
+}
+
+/// Reports the model under the name its route gives it (`/api/v1/model/acme/llama-tiny` serves
+/// `acme/llama-tiny`, see [`crate::config::naming`]), not the one its weights' location implies:
+/// that is the name `supported_models` and clients use.
+fn name_as_configured(base: &mut BaseModel, spec: &Application) {
+    if let Some(name) = spec.served_name() {
+        base.served.info.model_name = name;
+    }
 }
 
 /// CPU data-parallel workers: `TWINKLE_CPU_WORKERS` when set, else `dp_size`.

@@ -13,6 +13,7 @@ mod de;
 mod ignored;
 pub mod keys;
 mod locate;
+pub mod naming;
 mod normalize;
 pub mod schema;
 mod validate;

@@ -69,6 +69,7 @@ pub(crate) fn check(cfg: &ServerConfig) -> Issues {
             check_deployment(d, &at.key("deployments").index(j), &mut out);
         }
     }
+    super::naming::check_supported(cfg, &mut out);
     out
 }
 

@@ -98,9 +98,10 @@ impl Configured {
                 Some(Configured {
                     app: a.name.clone(),
                     kind: a.import_path.as_str().to_string(),
-                    // Only the names are known before the application reports its info.
+                    // Only the names are known before the application reports its info; the
+                    // public one is what its route says (`config::naming`), as the app reports.
                     info: ModelInfo {
-                        model_name: crate::hub::display_name(&id),
+                        model_name: a.served_name()?,
                         base_model: id,
                         ..ModelInfo::default()
                     },

@@ -34,15 +34,11 @@ impl InfoResponse {
         if self.model_name.is_empty() { &self.base_model } else { &self.model_name }
     }
 
-    /// Whether `name` designates this model (its public name, its configured id, or that id
-    /// without an `ms://` / `hf://` scheme).
+    /// Whether `name` designates this model: its public name, its configured id with or
+    /// without an `ms://` / `hf://` scheme, or the name derived from that id (see
+    /// [`crate::config::naming::designates`]).
     pub fn answers_to(&self, name: &str) -> bool {
-        let strip = |s: &str| {
-            s.strip_prefix("ms://").or_else(|| s.strip_prefix("hf://")).unwrap_or(s).to_string()
-        };
-        name == self.public_name()
-            || name == self.base_model
-            || strip(name) == strip(&self.base_model)
+        crate::config::naming::designates(name, self.public_name(), &self.base_model)
     }
 }
 
