@@ -52,9 +52,9 @@ impl Actor for RegistryActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Every gateway request asks once: a burst of requests should queue in the mailbox
-        // rather than park each sender (the default capacity is 16). Well below actix's own
-        // limit, which also counts senders.
+        // A burst (registrations, status polls, supervisors' events, `Lookup` / `ReadyQuery`
+        // from actors) should queue in the mailbox rather than park each sender (the default
+        // capacity is 16). Well below actix's own limit, which also counts senders.
         ctx.set_mailbox_capacity(MAILBOX);
     }
 }
