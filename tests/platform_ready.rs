@@ -142,7 +142,9 @@ fn starting_model_is_503_with_retry_after_until_ready() -> Result<()> {
     .with_context(|| format!("no ready line; serve log:\n{}", serve.log_text()))?;
     let caps = http("GET", &gw, "/api/v1/get_server_capabilities", &[KEY], b"")?;
     assert_eq!(caps.status, 200, "{}", String::from_utf8_lossy(&caps.body));
-    ensure!(String::from_utf8_lossy(&caps.body).contains("qwen3-tiny"));
+    // Listed under the name its route gives it (`/model/tiny`); its model id's name still works.
+    let listed = caps.json()?["supported_models"].clone();
+    ensure!(listed.to_string().contains(r#""model_name":"tiny""#), "{listed}");
     let r = create_model(&gw, &sid, "qwen3-tiny")?;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let st = serve.status_json()?;
