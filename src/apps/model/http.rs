@@ -49,15 +49,6 @@ pub fn unwind_safe<T, E>(
     })
 }
 
-/// Runs `f` on the blocking pool and answers its value as JSON.
-pub async fn blocking_json<T, F>(f: F) -> Result<HttpResponse, AppError>
-where
-    T: Serialize + Send + 'static,
-    F: FnOnce() -> Result<T, AppError> + Send + 'static,
-{
-    blocking_encoded(Encoding::Json, f).await
-}
-
 /// Runs `f` on the blocking pool and answers its value in `encoding`.
 async fn blocking_encoded<T, F>(encoding: Encoding, f: F) -> Result<HttpResponse, AppError>
 where

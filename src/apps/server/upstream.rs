@@ -379,7 +379,7 @@ impl Upstreams {
     /// An answer that is not an info (a stand-in, another program on the port) is a `User`
     /// error, so discovery can skip that application instead of waiting for it.
     pub async fn info_at(&self, address: &str) -> Result<ModelInfo, JobError> {
-        let (encoding, bytes) = self.call_at(address, None::<&UnloadRequest>, "info").await?;
+        let (encoding, bytes) = self.call_at(address, "info", None).await?;
         encoding.decode(&bytes).map_err(|e| JobError::User(format!("{address} info: {e}")))
     }
 
@@ -393,11 +393,14 @@ impl Upstreams {
         base_model: &str,
         body: &C,
     ) -> Result<C::Answer, JobError> {
+        // Encoded once: a call that waits for a restarting application is sent again as is.
+        let bytes = Encoding::MsgPack.encode(body).map_err(|e| JobError::Server(e.to_string()))?;
+        let bytes = actix_web::web::Bytes::from(bytes);
         let deadline = Instant::now() + self.wait;
         let mut target = self.find(kind, base_model).await;
         loop {
             let last = match &target {
-                Some(u) => match self.call_at(&u.address, Some(body), C::ROUTE).await {
+                Some(u) => match self.call_at(&u.address, C::ROUTE, Some(bytes.clone())).await {
                     Err(Unreachable(msg)) => msg,
                     Err(e) => return Err(e.into()),
                     Ok((encoding, bytes)) => {
@@ -439,19 +442,20 @@ impl Upstreams {
     /// Unloads adapter `model_id` on the application at `address` (housekeeping).
     pub async fn unload_at(&self, address: &str, model_id: &str) -> Result<(), JobError> {
         let body = UnloadRequest { model_id: model_id.to_string() };
-        self.call_at(address, Some(&body), UnloadRequest::ROUTE)
+        let bytes = Encoding::MsgPack.encode(&body).map_err(|e| JobError::Server(e.to_string()))?;
+        self.call_at(address, UnloadRequest::ROUTE, Some(bytes.into()))
             .await
             .map(|_| ())
             .map_err(Into::into)
     }
 
-    /// POSTs `body` (GETs when `None`) to `/_internal/v1/{route}` at `address`; a success is the
-    /// answer's bytes with the encoding its `Content-Type` names.
-    async fn call_at<C: Call>(
+    /// POSTs the MessagePack `body` (GETs when `None`) to `/_internal/v1/{route}` at `address`;
+    /// a success is the answer's bytes with the encoding its `Content-Type` names.
+    async fn call_at(
         &self,
         address: &str,
-        body: Option<&C>,
         route: &str,
+        body: Option<actix_web::web::Bytes>,
     ) -> Result<(Encoding, actix_web::web::Bytes), CallError> {
         let url = format!("http://{address}/_internal/v1/{route}");
         let c = client();
@@ -460,11 +464,7 @@ impl Upstreams {
             .insert_header((INTERNAL_HEADER, self.token.as_str()))
             .insert_header(("Accept", Encoding::MsgPack.content_type()));
         let sent = match body {
-            Some(b) => {
-                let bytes =
-                    Encoding::MsgPack.encode(b).map_err(|e| CallError::Server(e.to_string()))?;
-                req.content_type(Encoding::MsgPack.content_type()).send_body(bytes).await
-            }
+            Some(b) => req.content_type(Encoding::MsgPack.content_type()).send_body(b).await,
             None => req.send().await,
         };
         let mut resp = match sent {

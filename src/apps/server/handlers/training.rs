@@ -34,8 +34,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// Losses the engine implements (`specs/tinker-protocol.md` §6.4).
 const LOSSES: &[&str] = &["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"];
-/// Tinker's default `lora_alpha`.
-const LORA_ALPHA: f32 = 32.0;
 
 /// What a submission needs besides its job.
 pub(crate) struct Submission {
@@ -191,7 +189,7 @@ pub(super) fn lora_settings(l: &LoraConfig) -> LoraSettings {
 pub(super) fn adapter_spec(l: &LoraSettings) -> internal::LoraSettings {
     internal::LoraSettings {
         rank: l.rank as usize,
-        alpha: LORA_ALPHA,
+        alpha: crate::protocol::tinker::types::LORA_ALPHA,
         train_attn: l.train_attn,
         train_mlp: l.train_mlp,
         train_unembed: l.train_unembed,
@@ -292,7 +290,7 @@ async fn forward_backward(
     Owner(owner): Owner,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let fb = decode_forward_backward(&body, &DecodeLimits::default())?;
+    let mut fb = decode_forward_backward(&body, &DecodeLimits::default())?;
     let run = owned_run(&app, &owner, &fb.model_id).await?;
     if !LOSSES.contains(&fb.loss_fn.as_str()) {
         return Err(bad(format!(
@@ -318,9 +316,8 @@ async fn forward_backward(
     let cap =
         limits::token_cap(app.max_tokens_per_request, info.as_ref().map(|i| i.max_length as u64));
     limits::check_tokens(tokens, cap)?;
-    let data = fb
-        .data
-        .iter()
+    let data = std::mem::take(&mut fb.data)
+        .into_iter()
         .enumerate()
         .map(|(i, d)| tinker_datum(i, d))
         .collect::<Result<Vec<Datum>, ApiError>>()?;
@@ -385,9 +382,10 @@ async fn optim_step(
 
 /// The engine datum of the SDK's datum `i`: `target_tokens` int64 of shape `[N]` or `[N, K]`,
 /// the float inputs float32. Lengths, ranges and finiteness are the batch check's.
+/// Takes the datum by value so the float tensors move into the engine datum uncopied.
 fn tinker_datum(
     i: usize,
-    d: &crate::protocol::tinker::codec::DatumInput,
+    mut d: crate::protocol::tinker::codec::DatumInput,
 ) -> Result<Datum, ApiError> {
     let n = d.tokens.len();
     let field = |key: &str| format!("data[{i}].loss_fn_inputs.{key}");
@@ -409,17 +407,18 @@ fn tinker_datum(
         }
     };
     let target_tokens = token_ids(targets, || field("target_tokens"))?;
-    let float = |key: &str| -> Result<Option<Vec<f32>>, ApiError> {
-        match d.loss_fn_inputs.get(key) {
+    let input_tokens = token_ids(&d.tokens, || format!("data[{i}].model_input"))?;
+    let mut float = |key: &str| -> Result<Option<Vec<f32>>, ApiError> {
+        match d.loss_fn_inputs.remove(key) {
             None => Ok(None),
-            Some(t) => match &t.values {
-                TensorValues::F32(v) => Ok(Some(v.clone())),
+            Some(t) => match t.values {
+                TensorValues::F32(v) => Ok(Some(v)),
                 _ => Err(bad(format!("{}: must be float32", field(key)))),
             },
         }
     };
     Ok(Datum {
-        input_tokens: token_ids(&d.tokens, || format!("data[{i}].model_input"))?,
+        input_tokens,
         inputs: LossInputs {
             target_tokens,
             k,

@@ -37,14 +37,16 @@ impl Default for LoraConfig {
     }
 }
 
+/// Tinker's `lora_alpha` (the SDK does not send one).
+pub const LORA_ALPHA: f32 = 32.0;
+
 impl LoraConfig {
     /// The engine's check of these settings ([`crate::engine::LoraConfig::check`], the one
     /// the model application runs too), at Tinker's alpha.
     pub fn validate(&self, max_rank: u32) -> Result<(), ProtocolError> {
-        let alpha = 32.0;
         let cfg = crate::engine::LoraConfig::from_tinker(
             self.rank as usize,
-            alpha,
+            LORA_ALPHA,
             self.train_attn,
             self.train_mlp,
             self.train_unembed,
