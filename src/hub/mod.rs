@@ -15,6 +15,7 @@
 //! Nothing is downloaded: a model that is not in any cache is an error listing every place looked.
 
 pub mod generate;
+pub mod progress;
 
 use std::path::{Path, PathBuf};
 
