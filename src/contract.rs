@@ -42,3 +42,18 @@ pub struct RegisterRequest {
     pub port: u16,
     pub token: String,
 }
+
+/// `POST /v1/progress` from a child that is still downloading its model, before it listens:
+/// the head shows it as `downloading` and waits for it as long as reports keep coming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRequest {
+    pub app: String,
+    pub pid: u32,
+    pub token: String,
+    pub bytes_done: u64,
+    /// 0 while the file list is not known yet.
+    pub bytes_total: u64,
+}
+
+/// How often a downloading child reports its progress.
+pub const PROGRESS_PERIOD: Duration = Duration::from_secs(1);

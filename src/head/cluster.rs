@@ -37,6 +37,9 @@ pub struct ReportedChild {
     /// The deployment the child was started for.
     #[serde(default)]
     pub deployment: u64,
+    /// While `downloading`: how far its model download is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<super::registry::DownloadStatus>,
 }
 
 /// `POST /v1/cluster/nodes`: a node agent (re-)registers.
@@ -474,6 +477,7 @@ impl ClusterHead {
                     address: self.route_of(p),
                     last_exit: child.and_then(|c| c.last_exit.clone()),
                     pending_reason: if p.alloc.is_none() { p.pending.clone() } else { None },
+                    download: child.and_then(|c| c.download),
                     ..AppStatus::new(&p.app.name, kind, prefix, node, gpus, p.demand.cpus.as_f64())
                 }
             })

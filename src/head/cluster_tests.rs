@@ -155,6 +155,7 @@ fn restarted_head_adopts_reported_children_then_places_the_rest() {
         restarts: 0,
         last_exit: None,
         deployment: 7,
+        download: None,
     }];
     h.register(&r, t0 + Duration::from_secs(1));
     h.register(&reg("cpu", vec![]), t0 + Duration::from_secs(1));

@@ -2,8 +2,8 @@
 //!
 //! `GET /v1/status` lists pids, ports and cards, so it needs the serve's internal token in
 //! `x-twinkle-token` (`twinkle status` reads it from `$TWINKLE_HOME/serve.json`, children have
-//! it in their environment); `/healthz` is bare liveness and `/v1/register` checks the child
-//! token in its body.
+//! it in their environment); `/healthz` is bare liveness, and `/v1/register` and `/v1/progress`
+//! (a child downloading its model) check the child token in their body.
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -13,14 +13,15 @@ use serde_json::json;
 
 use super::HeadError;
 use super::cluster::TOKEN_HEADER;
-use super::registry::{RegisterError, RegisterRequest};
-use super::registry_actor::{Register, RegistryActor, Snapshot};
+use super::registry::{ProgressRequest, RegisterError, RegisterRequest};
+use super::registry_actor::{Progress, Register, RegistryActor, Snapshot};
 
 type Registry = actix::Addr<RegistryActor>;
 
 /// Routes of the control plane, answered by the registry actor.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/register", web::post().to(register))
+        .route("/v1/progress", web::post().to(progress))
         .route("/v1/status", web::get().to(status))
         .route("/healthz", web::get().to(healthz));
 }
@@ -37,15 +38,30 @@ async fn register(reg: web::Data<Registry>, body: web::Json<RegisterRequest>) ->
         }
         Err(e) => {
             tracing::warn!(app = %body.app, pid = body.pid, error = %e, "registration refused");
-            let detail = e.to_string();
-            match e {
-                RegisterError::UnknownApp(_) => HttpResponse::NotFound(),
-                RegisterError::BadToken(_) => HttpResponse::Forbidden(),
-                RegisterError::StalePid { .. } => HttpResponse::Conflict(),
-            }
-            .json(json!({"detail": detail}))
+            refused(e)
         }
     }
+}
+
+/// A child that downloads its model before it can listen reports how far it is.
+async fn progress(reg: web::Data<Registry>, body: web::Json<ProgressRequest>) -> HttpResponse {
+    let body = body.into_inner();
+    match reg.send(Progress(body)).await {
+        Ok(Ok(())) => HttpResponse::Ok().json(json!({"ok": true})),
+        Ok(Err(e)) => refused(e),
+        Err(_) => shutting_down(),
+    }
+}
+
+/// A report from something that is not the application's current child.
+fn refused(e: RegisterError) -> HttpResponse {
+    let detail = e.to_string();
+    match e {
+        RegisterError::UnknownApp(_) => HttpResponse::NotFound(),
+        RegisterError::BadToken(_) => HttpResponse::Forbidden(),
+        RegisterError::StalePid { .. } => HttpResponse::Conflict(),
+    }
+    .json(json!({"detail": detail}))
 }
 
 /// The token `/v1/status` requires.

@@ -19,6 +19,8 @@ use crate::gateway::{ReadyReport, Upstream};
 pub enum AppState {
     /// Spawned, not yet registered with the head.
     Starting,
+    /// Spawned and fetching its model from a hub (`download` says how far); registers after.
+    Downloading,
     /// Registered: the gateway forwards to it.
     Running,
     /// Exited or killed; waiting out the restart backoff.
@@ -38,6 +40,7 @@ impl AppState {
     pub fn as_str(self) -> &'static str {
         match self {
             AppState::Starting => "starting",
+            AppState::Downloading => "downloading",
             AppState::Running => "running",
             AppState::Restarting => "restarting",
             AppState::Failed => "failed",
@@ -69,6 +72,30 @@ pub struct AppStatus {
     /// Cluster mode: why the application is not placed (state `pending`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_reason: Option<String>,
+    /// While `downloading`: how far the model download is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStatus>,
+}
+
+/// A model download in progress, as the child last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DownloadStatus {
+    pub bytes_done: u64,
+    /// 0 while the child has not listed the files yet.
+    pub bytes_total: u64,
+    /// 0–100 (0 while the total is unknown).
+    pub percent: f64,
+}
+
+impl DownloadStatus {
+    pub fn new(bytes_done: u64, bytes_total: u64) -> Self {
+        let percent = if bytes_total == 0 {
+            0.0
+        } else {
+            (bytes_done as f64 * 100.0 / bytes_total as f64).min(100.0)
+        };
+        DownloadStatus { bytes_done, bytes_total, percent }
+    }
 }
 
 impl AppStatus {
@@ -94,6 +121,7 @@ impl AppStatus {
             address: None,
             last_exit: None,
             pending_reason: None,
+            download: None,
         }
     }
 }
@@ -153,7 +181,7 @@ pub struct StatusReport {
 
 /// A child's registration (`POST /v1/register`), defined with the rest of the parent/child
 /// contract.
-pub use crate::contract::RegisterRequest;
+pub use crate::contract::{ProgressRequest, RegisterRequest};
 
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,6 +198,17 @@ struct AppEntry {
     status: AppStatus,
     /// Token handed to the current child; a registration must carry it.
     token: Option<String>,
+    /// Progress reports from the current child (the supervisor waits while they grow).
+    reports: u64,
+}
+
+/// Where the current child of an application is on its way to serving (the supervisor's
+/// question while it waits for the registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Registration {
+    pub registered: bool,
+    /// Progress reports received from this child so far.
+    pub reports: u64,
 }
 
 /// Nodes and application children of one head (or one cluster node agent).
@@ -199,7 +238,10 @@ impl Registry {
             control_address: String::new(),
             gateway_address: String::new(),
             nodes,
-            apps: apps.into_iter().map(|status| AppEntry { status, token: None }).collect(),
+            apps: apps
+                .into_iter()
+                .map(|status| AppEntry { status, token: None, reports: 0 })
+                .collect(),
             child_host: "127.0.0.1".to_string(),
             gpu_samples: BTreeMap::new(),
         }
@@ -220,25 +262,49 @@ impl Registry {
             e.status.pid = pid;
             e.status.state = AppState::Starting;
             e.status.address = None;
+            e.status.download = None;
             e.token = Some(token);
+            e.reports = 0;
         }
+    }
+
+    /// The entry of `app` when `token` and `pid` are its current child's.
+    fn current_child(
+        &mut self,
+        app: &str,
+        token: &str,
+        pid: u32,
+    ) -> Result<&mut AppEntry, RegisterError> {
+        let e = self.entry_mut(app).ok_or_else(|| RegisterError::UnknownApp(app.to_string()))?;
+        if e.token.as_deref() != Some(token) {
+            return Err(RegisterError::BadToken(app.to_string()));
+        }
+        if e.status.pid != Some(pid) {
+            return Err(RegisterError::StalePid {
+                app: app.to_string(),
+                pid,
+                expected: e.status.pid,
+            });
+        }
+        Ok(e)
+    }
+
+    /// A download report from the current child of `req.app`: it is `downloading` until it
+    /// registers (a report after the registration changes nothing).
+    pub fn progress(&mut self, req: &ProgressRequest) -> Result<(), RegisterError> {
+        let e = self.current_child(&req.app, &req.token, req.pid)?;
+        if matches!(e.status.state, AppState::Starting | AppState::Downloading) {
+            e.status.state = AppState::Downloading;
+            e.status.download = Some(DownloadStatus::new(req.bytes_done, req.bytes_total));
+            e.reports += 1;
+        }
+        Ok(())
     }
 
     /// Accepts a registration from the current child of `req.app`; returns its address.
     pub fn register(&mut self, req: &RegisterRequest) -> Result<String, RegisterError> {
         let host = self.child_host.clone();
-        let e =
-            self.entry_mut(&req.app).ok_or_else(|| RegisterError::UnknownApp(req.app.clone()))?;
-        if e.token.as_deref() != Some(req.token.as_str()) {
-            return Err(RegisterError::BadToken(req.app.clone()));
-        }
-        if e.status.pid != Some(req.pid) {
-            return Err(RegisterError::StalePid {
-                app: req.app.clone(),
-                pid: req.pid,
-                expected: e.status.pid,
-            });
-        }
+        let e = self.current_child(&req.app, &req.token, req.pid)?;
         let address = if host.contains(':') {
             format!("[{host}]:{}", req.port)
         } else {
@@ -246,6 +312,7 @@ impl Registry {
         };
         e.status.address = Some(address.clone());
         e.status.state = AppState::Running;
+        e.status.download = None;
         Ok(address)
     }
 
@@ -263,7 +330,7 @@ impl Registry {
     /// an existing entry of that name is replaced.
     pub fn add_app(&mut self, status: AppStatus) {
         self.apps.retain(|a| a.status.name != status.name);
-        self.apps.push(AppEntry { status, token: None });
+        self.apps.push(AppEntry { status, token: None, reports: 0 });
     }
 
     /// Drops an application entry (its child was stopped for good).
@@ -285,6 +352,7 @@ impl Registry {
                     ..AppStatus::new(app, "", "", "", Vec::new(), 0.0)
                 },
                 token: None,
+                reports: 0,
             });
         }
         if let Some(e) = self.entry_mut(app) {
@@ -293,9 +361,17 @@ impl Registry {
         }
     }
 
-    /// Whether the current child of `app` has registered.
-    pub fn is_registered(&self, app: &str) -> bool {
-        self.apps.iter().any(|a| a.status.name == app && a.status.state == AppState::Running)
+    /// Whether the current child of `app` has registered, and how many progress reports it
+    /// sent before.
+    pub fn registration(&self, app: &str) -> Registration {
+        self.apps
+            .iter()
+            .find(|a| a.status.name == app)
+            .map(|a| Registration {
+                registered: a.status.state == AppState::Running,
+                reports: a.reports,
+            })
+            .unwrap_or_default()
     }
 
     /// The child ended; it will be restarted after a backoff (counted now).
@@ -305,6 +381,7 @@ impl Registry {
                 e.status.pid = None;
                 e.status.address = None;
                 e.token = None;
+                e.status.download = None;
                 e.status.state = AppState::Restarting;
                 e.status.last_exit = Some(how);
                 e.status.restarts += 1;
@@ -321,6 +398,7 @@ impl Registry {
                 e.status.pid = None;
                 e.status.address = None;
                 e.token = None;
+                e.status.download = None;
                 e.status.state = AppState::Failed;
                 e.status.last_exit = Some(why);
                 e.status.restarts += 1;
@@ -336,6 +414,7 @@ impl Registry {
             e.status.pid = None;
             e.status.address = None;
             e.token = None;
+            e.status.download = None;
             e.status.state = AppState::Failed;
             e.status.last_exit = Some(why);
         }
@@ -350,6 +429,7 @@ impl Registry {
             if state == AppState::Stopped {
                 e.status.pid = None;
                 e.token = None;
+                e.status.download = None;
             }
         }
     }
@@ -451,6 +531,35 @@ mod tests {
         let mut unknown = req(10, "tok");
         unknown.app = "x".into();
         assert_eq!(r.register(&unknown), Err(RegisterError::UnknownApp("x".into())));
+    }
+
+    #[test]
+    fn progress_reports_show_downloading_until_registration() {
+        let mut r = reg();
+        r.child_started("m", Some(10), "tok".into());
+        let report = |done, token: &str| ProgressRequest {
+            app: "m".into(),
+            pid: 10,
+            token: token.into(),
+            bytes_done: done,
+            bytes_total: 400,
+        };
+        assert_eq!(r.progress(&report(1, "nope")), Err(RegisterError::BadToken("m".into())));
+        assert_eq!(r.registration("m").reports, 0);
+        r.progress(&report(100, "tok")).unwrap();
+        r.progress(&report(300, "tok")).unwrap();
+        assert_eq!(r.registration("m"), Registration { registered: false, reports: 2 });
+        assert_eq!(r.lookup("m"), Upstream::Down("downloading"));
+        assert_eq!(r.readiness().waiting, vec![("m".to_string(), "downloading")]);
+        let d = r.snapshot().applications[0].download.expect("download shown");
+        assert_eq!((d.bytes_done, d.bytes_total, d.percent), (300, 400, 75.0));
+        r.register(&req(10, "tok")).unwrap();
+        assert!(r.snapshot().applications[0].download.is_none());
+        // A late report does not turn a serving application back into a downloading one.
+        r.progress(&report(400, "tok")).unwrap();
+        assert_eq!(r.registration("m"), Registration { registered: true, reports: 2 });
+        r.child_exited("m", "signal 9".into());
+        assert_eq!(r.progress(&report(1, "tok")), Err(RegisterError::BadToken("m".into())));
     }
 
     #[test]

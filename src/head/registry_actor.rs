@@ -10,8 +10,10 @@
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 
 use super::gpu_table::GpuSample;
-use super::registry::{AppState, AppStatus, NodeStatus, RegisterError, Registry, StatusReport};
-use crate::contract::RegisterRequest;
+use super::registry::{
+    AppState, AppStatus, NodeStatus, RegisterError, Registration, Registry, StatusReport,
+};
+use crate::contract::{ProgressRequest, RegisterRequest};
 use crate::gateway::{Lookup, ReadyQuery, UpstreamPublisher, UpstreamView, Upstreams};
 
 /// Messages the mailbox holds before senders wait for room.
@@ -71,7 +73,7 @@ pub struct Snapshot;
 
 /// Whether the current child of the application has registered.
 #[derive(Debug, Message)]
-#[rtype(result = "bool")]
+#[rtype(result = "Registration")]
 pub struct IsRegistered(pub String);
 
 /// A new child exists; it is `starting` until it registers with `token`.
@@ -176,9 +178,25 @@ impl Handler<Snapshot> for RegistryActor {
 }
 
 impl Handler<IsRegistered> for RegistryActor {
-    type Result = bool;
-    fn handle(&mut self, m: IsRegistered, _: &mut Context<Self>) -> bool {
-        self.reg.is_registered(&m.0)
+    type Result = MessageResult<IsRegistered>;
+    fn handle(&mut self, m: IsRegistered, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.registration(&m.0))
+    }
+}
+
+/// A downloading child's progress report (`POST /v1/progress`).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), RegisterError>")]
+pub struct Progress(pub ProgressRequest);
+
+impl Handler<Progress> for RegistryActor {
+    type Result = Result<(), RegisterError>;
+    fn handle(&mut self, m: Progress, _: &mut Context<Self>) -> Self::Result {
+        let r = self.reg.progress(&m.0);
+        if r.is_ok() {
+            self.publish();
+        }
+        r
     }
 }
 
@@ -311,11 +329,11 @@ mod tests {
             let bad = RegisterRequest { app: "m".into(), pid: 7, port: 9, token: "no".into() };
             let refused = addr.send(Register(bad)).await.expect("registry alive");
             assert_eq!(refused, Err(RegisterError::BadToken("m".into())));
-            assert!(!addr.send(IsRegistered("m".into())).await.expect("registry alive"));
+            assert!(!addr.send(IsRegistered("m".into())).await.expect("registry alive").registered);
             let ok = RegisterRequest { app: "m".into(), pid: 7, port: 9, token: "t".into() };
             let got = addr.send(Register(ok)).await.expect("registry alive");
             assert_eq!(got.as_deref(), Ok("127.0.0.1:9"));
-            assert!(addr.send(IsRegistered("m".into())).await.expect("registry alive"));
+            assert!(addr.send(IsRegistered("m".into())).await.expect("registry alive").registered);
             let snap = addr.send(Snapshot).await.expect("registry alive");
             assert_eq!(snap.applications[0].state, AppState::Running);
             assert_eq!(snap.applications[0].address.as_deref(), Some("127.0.0.1:9"));

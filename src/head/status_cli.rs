@@ -32,6 +32,18 @@ fn fmt_num(x: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// Bytes in binary units, one decimal (`1.5 GiB`).
+fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit + 1 < UNITS.len() {
+        x /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{x:.1} {}", UNITS[unit]) }
+}
+
 fn fmt_ids(ids: &[u32]) -> String {
     if ids.is_empty() {
         "-".to_string()
@@ -123,6 +135,15 @@ pub fn render(s: &StatusReport) -> String {
         if let Some(why) = &a.pending_reason {
             let _ = writeln!(out, "   pending: {why}");
         }
+        if let Some(d) = &a.download {
+            let _ = writeln!(
+                out,
+                "   downloading: {:.1}% ({} of {})",
+                d.percent,
+                fmt_bytes(d.bytes_done),
+                if d.bytes_total == 0 { "?".to_string() } else { fmt_bytes(d.bytes_total) }
+            );
+        }
     }
     out
 }
@@ -170,26 +191,36 @@ mod tests {
                     },
                 ],
             }],
-            applications: vec![AppStatus {
-                name: "model".into(),
-                import_path: "model".into(),
-                route_prefix: "/m".into(),
-                node: "node-0".into(),
-                gpu_ids: vec![0, 1, 2],
-                cpus: 0.5,
-                pid: Some(99),
-                state: AppState::Restarting,
-                restarts: 2,
-                address: None,
-                last_exit: Some("signal 9".into()),
-                pending_reason: None,
-            }],
+            applications: vec![
+                AppStatus {
+                    name: "model".into(),
+                    import_path: "model".into(),
+                    route_prefix: "/m".into(),
+                    node: "node-0".into(),
+                    gpu_ids: vec![0, 1, 2],
+                    cpus: 0.5,
+                    pid: Some(99),
+                    state: AppState::Restarting,
+                    restarts: 2,
+                    address: None,
+                    last_exit: Some("signal 9".into()),
+                    pending_reason: None,
+                    download: None,
+                },
+                AppStatus {
+                    state: AppState::Downloading,
+                    download: Some(crate::head::registry::DownloadStatus::new(3 << 29, 2 << 30)),
+                    ..AppStatus::new("sampler", "sampler", "/s", "node-0", vec![3], 1.0)
+                },
+            ],
         };
         let text = render(&s);
         assert!(text.contains("0.5/4 CPU   3/8 GPU used   GPU ids [0,1,2,3,4,5,6,7]"), "{text}");
         assert!(text.contains("model                                    0.5 CPU  GPU [0,1,2]"));
         assert!(text.contains("restarting"));
         assert!(text.contains("last exit: signal 9"));
+        assert!(text.contains("downloading: 75.0% (1.5 GiB of 2.0 GiB)"), "{text}");
+        assert!(text.contains(" sampler                          downloading"), "{text}");
         let gpu_lines = [
             "     GPU  NAME                         MEMORY               UTIL  APP\n",
             "     0    NVIDIA H100 80GB HBM3        1234/81559 MiB        37%  model\n",

@@ -167,6 +167,7 @@ impl Handler<Report> for Reconciler {
                         restarts: a.restarts,
                         last_exit: a.last_exit,
                         deployment,
+                        download: a.download,
                     })
                 })
                 .collect()

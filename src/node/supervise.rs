@@ -197,7 +197,10 @@ async fn watch_child(
     shutdown: &mut watch::Receiver<bool>,
     policy: &RestartPolicy,
 ) -> Outcome {
-    let register_by = tokio::time::Instant::now() + policy.register_deadline;
+    // A child that downloads its model reports progress; each report moves the deadline, so
+    // a large download is waited for while a silent child is still restarted.
+    let mut register_by = tokio::time::Instant::now() + policy.register_deadline;
+    let mut reports = 0u64;
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut registered = false;
     let mut health = tokio::time::interval(policy.health_period);
@@ -218,7 +221,12 @@ async fn watch_child(
             _ = shutdown_requested(shutdown) => return Outcome::Shutdown,
             _ = poll.tick(), if !registered => {
                 // A registry that is gone means shutdown is under way: keep waiting for it.
-                registered = reg.send(IsRegistered(app.to_string())).await.unwrap_or(false);
+                let now = reg.send(IsRegistered(app.to_string())).await.unwrap_or_default();
+                registered = now.registered;
+                if now.reports > reports {
+                    reports = now.reports;
+                    register_by = tokio::time::Instant::now() + policy.register_deadline;
+                }
                 if !registered && tokio::time::Instant::now() >= register_by {
                     return Outcome::NotRegistered;
                 }

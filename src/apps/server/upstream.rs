@@ -116,6 +116,8 @@ impl Configured {
 struct Seen {
     state: String,
     last_exit: Option<String>,
+    /// While `downloading`: percent of the model fetched.
+    percent: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -133,11 +135,13 @@ struct AppEntry {
     state: String,
     #[serde(default)]
     last_exit: Option<String>,
+    #[serde(default)]
+    download: Option<crate::head::registry::DownloadStatus>,
 }
 
 /// Whether an application in `state` is expected to (re)appear (the node agent restarts it).
 fn coming_back(state: &str) -> bool {
-    matches!(state, "starting" | "restarting" | "pending")
+    matches!(state, "starting" | "downloading" | "restarting" | "pending")
 }
 
 /// Discovery and calls. Clone-cheap; the awc client is created per call site because it is not
@@ -241,7 +245,9 @@ impl Upstreams {
             if a.import_path != "model" && a.import_path != "sampler" {
                 continue;
             }
-            seen.insert(a.name.clone(), Seen { state: a.state.clone(), last_exit: a.last_exit });
+            let percent = a.download.map(|d| d.percent);
+            let entry = Seen { state: a.state.clone(), last_exit: a.last_exit, percent };
+            seen.insert(a.name.clone(), entry);
             if coming_back(&a.state) {
                 pending.insert(a.import_path.clone());
                 continue;
@@ -306,6 +312,10 @@ impl Upstreams {
     fn not_serving(&self, c: &Configured, name: &str) -> ApiError {
         let seen = self.seen.lock().ok().and_then(|s| s.get(&c.app).cloned());
         let (state, why) = match seen {
+            Some(s) if s.state == "downloading" => {
+                let pct = s.percent.map(|p| format!(" ({p:.0}% done)")).unwrap_or_default();
+                (format!("downloading its model{pct}"), None)
+            }
             Some(s) if !s.state.is_empty() => (s.state, s.last_exit),
             _ => ("starting".to_string(), None),
         };
