@@ -218,9 +218,10 @@ pub(crate) fn ms_escape(name: &str) -> String {
 }
 
 fn modelscope_candidates(env: &HubEnv, org: &str, name: &str) -> Vec<PathBuf> {
-    let mut names = vec![name.to_string()];
+    // The escaped directory is the real one; the plain name is (at most) a symlink to it.
+    let mut names = vec![ms_escape(name)];
     if name.contains('.') {
-        names.push(ms_escape(name));
+        names.push(name.to_string());
     }
     let mut v = Vec::new();
     for root in env.modelscope_roots() {
