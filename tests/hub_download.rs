@@ -378,9 +378,17 @@ fn concurrent_downloads_of_one_model_share_one_transfer() {
     let t = tempfile::tempdir().unwrap();
     let hub = Arc::new(mock());
     hub.set(|s| s.slow = true);
-    for id in ["hf://Org/Tiny", "ms://Org/Tiny"] {
+    for (id, lock) in [
+        ("hf://Org/Tiny", "hf/.locks/models--Org--Tiny/twinkle.lock"),
+        ("ms://Org/Tiny", "ms/.lock/Org___Tiny"),
+    ] {
         hub.clear();
         let e = env(t.path(), &hub);
+        // Another process holds the model's lock: both downloads wait for it.
+        let lock = t.path().join(lock);
+        std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(&lock).unwrap();
+        let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap();
         let barrier = Arc::new(Barrier::new(2));
         let threads: Vec<_> = (0..2)
             .map(|_| {
@@ -391,6 +399,9 @@ fn concurrent_downloads_of_one_model_share_one_transfer() {
                 })
             })
             .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(hub.requests().is_empty(), "{id}: a download ran while the lock was held");
+        drop(held);
         let dirs: Vec<PathBuf> = threads.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
         assert_eq!(dirs[0], dirs[1]);
         for f in
