@@ -33,6 +33,14 @@ fn mock() -> MockHub {
     MockHub::start(vec![tiny_repo("Org/Tiny"), tiny_repo("Org/Tiny.Model-0.5B")])
 }
 
+/// A temp dir, a mock hub and an environment pointing at both.
+fn setup() -> (tempfile::TempDir, MockHub, HubEnv) {
+    let t = tempfile::tempdir().unwrap();
+    let hub = mock();
+    let e = env(t.path(), &hub);
+    (t, hub, e)
+}
+
 fn err_text(r: Result<PathBuf, HubError>) -> String {
     match r {
         Ok(p) => panic!("expected an error, got {}", p.display()),
@@ -58,9 +66,7 @@ fn hf_repo_dir(t: &Path) -> PathBuf {
 
 #[test]
 fn hf_download_lays_out_the_cache_and_a_second_start_makes_no_request() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, hub, e) = setup();
     assert!(needs_download("hf://Org/Tiny", &e));
     let progress = Arc::new(DownloadProgress::new());
     let opts = FetchOptions { progress: Some(progress.clone()), ..quiet() };
@@ -93,9 +99,7 @@ fn hf_download_lays_out_the_cache_and_a_second_start_makes_no_request() {
 
 #[test]
 fn modelscope_download_uses_the_layout_both_sdks_read() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, hub, e) = setup();
     let id = "ms://Org/Tiny.Model-0.5B";
     let dir = resolve_or_download(id, &e, &quiet()).unwrap();
     let models = t.path().join("ms/models/Org");
@@ -146,9 +150,7 @@ fn resumed_from(hub: &MockHub, range_seen: impl Fn(&hub_support::Logged) -> bool
 
 #[test]
 fn a_dropped_connection_resumes_from_the_bytes_written() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (_t, hub, e) = setup();
     let shard = "model-00001-of-00002.safetensors";
     let sha = hub.repo("Org/Tiny").files[4].sha256();
     for id in ["hf://Org/Tiny", "ms://Org/Tiny"] {
@@ -180,9 +182,7 @@ fn a_dropped_connection_resumes_from_the_bytes_written() {
 
 #[test]
 fn a_corrupted_file_is_refused_and_nothing_looks_complete() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, hub, e) = setup();
     let shard = "model-00002-of-00002.safetensors";
     hub.set(|s| s.corrupt = Some(shard.into()));
     for id in ["hf://Org/Tiny", "ms://Org/Tiny"] {
@@ -237,9 +237,7 @@ fn private_repos_name_the_token_variable_and_the_token_stays_with_the_hub() {
 
 #[test]
 fn missing_repos_and_revisions_say_which_hub_id_and_revision() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, _hub, e) = setup();
     let cases = [
         ("hf://Org/Nope", &["Hugging Face Hub", "Org/Nope", "`main`"][..]),
         ("hf://Org/Tiny@v9", &["Hugging Face Hub", "Org/Tiny", "no revision `v9`"]),
@@ -301,9 +299,7 @@ fn offline_modes_use_the_cache_only() {
 
 #[test]
 fn huggingface_hub_reads_our_cache() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, _hub, e) = setup();
     let dir = resolve_or_download("hf://Org/Tiny", &e, &quiet()).unwrap();
     let Some(py) = hub_support::hf_python() else { return };
     let code = "from huggingface_hub import snapshot_download; print(snapshot_download('Org/Tiny', local_files_only=True))";
@@ -322,9 +318,7 @@ fn huggingface_hub_reads_our_cache() {
 
 #[test]
 fn caches_written_by_the_python_clients_are_found_without_network() {
-    let t = tempfile::tempdir().unwrap();
-    let hub = mock();
-    let e = env(t.path(), &hub);
+    let (t, hub, e) = setup();
     // huggingface_hub: blobs + relative symlinks + refs without a newline, two revisions.
     let repo = t.path().join("hf/models--Org--Hand");
     let (c1, c2) = ("1".repeat(40), "2".repeat(40));

@@ -10,12 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::bar::Reporter;
 use super::fetch::{Checksum, Expected, fetch_file, write_atomic};
 use super::http::{Client, header, is_redirect, quote};
-use super::{DownloadError, Selection, Target, config_last, io_err};
+use super::{DownloadError, Job, Target, config_last, io_err};
 use crate::hub::HubEnv;
-use crate::hub::id::{Hub, RepoRef};
+use crate::hub::id::RepoRef;
 
 /// Where HF downloads go: the first cache root (`HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/…`).
 fn root(env: &HubEnv) -> PathBuf {
@@ -121,16 +120,9 @@ fn link(snapshot: &Path, path: &str, etag: &str) -> Result<(), DownloadError> {
 }
 
 /// Downloads the selected files of `repo` into the HF cache; returns the snapshot directory.
-pub(super) fn download(
-    env: &HubEnv,
-    repo: &RepoRef,
-    selection: &Selection,
-    rep: &Reporter,
-) -> Result<PathBuf, DownloadError> {
-    let revision =
-        repo.revision.clone().unwrap_or_else(|| Hub::HuggingFace.default_revision().into());
-    let t = Target { hub: Hub::HuggingFace, endpoint: env.hf_endpoint_url(), repo, revision };
-    let client = Client::new(&t.endpoint, env.hf_token.clone(), false);
+pub(super) fn download(job: &Job) -> Result<PathBuf, DownloadError> {
+    let Job { t, client, env, selection, rep } = job;
+    let repo = t.repo;
     let url = format!(
         "{}/api/models/{}/{}/revision/{}",
         t.endpoint,
@@ -140,7 +132,7 @@ pub(super) fn download(
     );
     let (status, h, info) = client.get_json(&url)?;
     if !status.is_success() {
-        return Err(error_for(&t, &client, &url, status.as_u16(), &h));
+        return Err(error_for(t, client, &url, status.as_u16(), &h));
     }
     let commit = info["sha"]
         .as_str()
@@ -160,7 +152,7 @@ pub(super) fn download(
     }
     // Every file by commit hash, so all come from one commit even if the branch moves meanwhile.
     let mut metas =
-        wanted.iter().map(|p| head(&t, &client, &commit, p)).collect::<Result<Vec<_>, _>>()?;
+        wanted.iter().map(|p| head(t, client, &commit, p)).collect::<Result<Vec<_>, _>>()?;
     config_last(&mut metas, |m| &m.path);
     rep.plan(metas.iter().filter_map(|m| m.size).sum(), metas.len() as u64);
     let dir = root(env).join(folder(repo));
@@ -176,7 +168,7 @@ pub(super) fn download(
                 size: m.size,
                 checksum: Checksum::from_etag(&m.etag),
             };
-            fetch_file(&client, &m.url, &part, &blob, &exp, rep)?;
+            fetch_file(client, &m.url, &part, &blob, &exp, rep)?;
         }
         link(&snapshot, &m.path, &m.etag)?;
     }

@@ -236,12 +236,23 @@ pub fn resolve_or_download(
         return Ok(p);
     }
     let rep = bar::Reporter::new(&label, opts.progress.clone(), opts.bar);
+    let (t, client) = Target::new(target, env, &repo);
+    let job = Job { t, client, env, selection: &selection, rep: &rep };
     let dir = match target {
-        Hub::HuggingFace => hf::download(env, &repo, &selection, &rep)?,
-        Hub::ModelScope => ms::download(env, &repo, &selection, &rep)?,
+        Hub::HuggingFace => hf::download(&job)?,
+        Hub::ModelScope => ms::download(&job)?,
     };
     rep.finish();
     Ok(dir)
+}
+
+/// One download: what the hub-specific modules get.
+pub(crate) struct Job<'a> {
+    pub t: Target<'a>,
+    pub client: http::Client,
+    pub env: &'a HubEnv,
+    pub selection: &'a Selection,
+    pub rep: &'a bar::Reporter,
 }
 
 /// What the hub-specific modules share about the repo being fetched.
@@ -252,7 +263,19 @@ pub(crate) struct Target<'a> {
     pub revision: String,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    /// The target for `repo` on `hub` (default revision filled in) and a client for that hub.
+    pub(crate) fn new(hub: Hub, env: &HubEnv, repo: &'a RepoRef) -> (Self, http::Client) {
+        let revision = repo.revision.clone().unwrap_or_else(|| hub.default_revision().into());
+        let (endpoint, token) = match hub {
+            Hub::HuggingFace => (env.hf_endpoint_url(), env.hf_token.clone()),
+            Hub::ModelScope => (env.ms_endpoint_url(), env.ms_token.clone()),
+        };
+        // ModelScope also takes the token as its session cookie.
+        let client = http::Client::new(&endpoint, token, hub == Hub::ModelScope);
+        (Target { hub, endpoint, repo, revision }, client)
+    }
+
     /// `ModelScope (https://modelscope.cn)`: which hub, at which address.
     pub(crate) fn hub_label(&self) -> String {
         format!("{} ({})", self.hub.label(), self.endpoint)

@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::bar::Reporter;
 use super::fetch::{Checksum, Expected, fetch_file, verify, write_atomic};
 use super::http::{Client, quote};
-use super::{DownloadError, Selection, Target, config_last, io_err};
-use crate::hub::id::{Hub, RepoRef};
+use super::{DownloadError, Job, Target, config_last, io_err};
+use crate::hub::id::RepoRef;
 use crate::hub::{HubEnv, ms_escape};
 
 /// Where ModelScope downloads go: `$MODELSCOPE_CACHE`, else `~/.cache/modelscope/hub`.
@@ -131,17 +130,10 @@ fn write_index(
 }
 
 /// Downloads the selected files of `repo` into the ModelScope cache; returns the model directory.
-pub(super) fn download(
-    env: &HubEnv,
-    repo: &RepoRef,
-    selection: &Selection,
-    rep: &Reporter,
-) -> Result<PathBuf, DownloadError> {
-    let revision =
-        repo.revision.clone().unwrap_or_else(|| Hub::ModelScope.default_revision().into());
-    let t = Target { hub: Hub::ModelScope, endpoint: env.ms_endpoint_url(), repo, revision };
-    let client = Client::new(&t.endpoint, env.ms_token.clone(), true);
-    let listed = list_files(&t, &client)?;
+pub(super) fn download(job: &Job) -> Result<PathBuf, DownloadError> {
+    let Job { t, client, env, selection, rep } = job;
+    let repo = t.repo;
+    let listed = list_files(t, client)?;
     let all: Vec<&str> = listed.iter().map(|f| f.path.as_str()).collect();
     let keep: Vec<bool> = listed.iter().map(|f| selection.wants(&f.path, &all)).collect();
     let mut files: Vec<MsFile> =
@@ -170,12 +162,12 @@ pub(super) fn download(
         }
         let url = format!(
             "{}/repo?Revision={}&FilePath={}",
-            api(&t),
+            api(t),
             quote(&t.revision, ""),
             quote(&f.path, "")
         );
         let part = temp.join(format!("{}.incomplete", f.path));
-        fetch_file(&client, &url, &part, &dest, &exp, rep)?;
+        fetch_file(client, &url, &part, &dest, &exp, rep)?;
     }
     write_index(&dir, repo, &t.revision, &files)?;
     if escaped != repo.name {
