@@ -94,7 +94,9 @@ impl HubEnv {
     /// offline variables (see the field docs).
     pub fn from_process() -> Self {
         let home = env_path("HOME");
-        let hf_home = env_path("HF_HOME");
+        // huggingface_hub: HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface.
+        let hf_home = env_path("HF_HOME")
+            .or_else(|| env_path("XDG_CACHE_HOME").map(|x| x.join("huggingface")));
         let token_file = env_path("HF_TOKEN_PATH").or_else(|| {
             let base =
                 hf_home.clone().or_else(|| home.as_ref().map(|h| h.join(".cache/huggingface")));
@@ -371,4 +373,33 @@ pub fn display_name(model_id: &str) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_follow_the_sdks_precedence() {
+        let e = HubEnv::default();
+        assert_eq!(e.hf_endpoint_url(), "https://huggingface.co");
+        assert_eq!(e.ms_endpoint_url(), "https://modelscope.cn");
+        let e = HubEnv {
+            hf_endpoint: Some("http://m:1/".into()),
+            ms_domain: Some("www.x.cn".into()),
+            ..e
+        };
+        assert_eq!(e.hf_endpoint_url(), "http://m:1");
+        assert_eq!(e.ms_endpoint_url(), "https://www.x.cn");
+        let e = HubEnv { ms_domain: Some("http://d".into()), ..e };
+        assert_eq!(e.ms_endpoint_url(), "http://d");
+        let e = HubEnv { ms_endpoint: Some("http://ep/".into()), ..e };
+        assert_eq!(e.ms_endpoint_url(), "http://ep");
+        assert!(!e.offline(Hub::HuggingFace));
+        let e = HubEnv { hf_offline: true, ..e };
+        assert!(e.offline(Hub::HuggingFace) && !e.offline(Hub::ModelScope));
+        let e = HubEnv { twinkle_offline: true, ..e };
+        assert!(e.offline(Hub::ModelScope));
+        assert_eq!(display_name("ms://Org/Name@v1"), "Org/Name");
+    }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::fetch::{Checksum, Expected, fetch_file, write_atomic};
 use super::http::{Client, header, is_redirect, quote};
-use super::{DownloadError, Job, Target, config_last, io_err};
+use super::{DownloadError, Job, Target, check_repo_path, config_last, io_err};
 use crate::hub::HubEnv;
 use crate::hub::id::RepoRef;
 
@@ -147,6 +147,9 @@ pub(super) fn download(job: &Job) -> Result<PathBuf, DownloadError> {
         .map(|s| s.iter().filter_map(|f| f["rfilename"].as_str()).collect())
         .unwrap_or_default();
     let wanted: Vec<&str> = all.iter().copied().filter(|p| selection.wants(p, &all)).collect();
+    for p in &wanted {
+        check_repo_path(p, &url)?;
+    }
     if wanted.is_empty() {
         return Err(t.no_files(selection));
     }

@@ -160,6 +160,18 @@ fn engine_file(path: &str, all: &[&str]) -> bool {
     matches!(ext, Some("json" | "txt" | "jinja" | "model" | "tiktoken"))
 }
 
+/// Refuses a repo path that could leave the model directory once joined to it (`..`, absolute,
+/// empty components): the listing is remote data.
+pub(crate) fn check_repo_path(path: &str, url: &str) -> Result<(), DownloadError> {
+    if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") || path.contains('\\') {
+        return Err(DownloadError::Protocol {
+            url: url.into(),
+            detail: format!("unsafe file path `{path}` in the listing"),
+        });
+    }
+    Ok(())
+}
+
 /// Puts `config.json` last: its presence is what marks a model directory complete.
 pub(crate) fn config_last<T>(files: &mut [T], path: impl Fn(&T) -> &str) {
     files.sort_by_key(|f| path(f) == "config.json");
@@ -360,6 +372,10 @@ mod tests {
         let s = Selection::new(&["*.md".into()]).unwrap();
         assert!(s.wants("README.md", &[]) && !s.wants("config.json", &[]));
         assert!(matches!(Selection::new(&["a[".into()]), Err(DownloadError::BadGlob { .. })));
+        assert!(check_repo_path("a/b.json", "u").is_ok());
+        for bad in ["../x", "/etc/passwd", "a//b", "a/./b"] {
+            assert!(check_repo_path(bad, "u").is_err(), "{bad}");
+        }
         let mut v = vec!["config.json", "a", "b"];
         config_last(&mut v, |s| s);
         assert_eq!(v, ["a", "b", "config.json"]);

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::fetch::{Checksum, Expected, fetch_file, verify, write_atomic};
 use super::http::{Client, quote};
-use super::{DownloadError, Job, Target, config_last, io_err};
+use super::{DownloadError, Job, Target, check_repo_path, config_last, io_err};
 use crate::hub::id::RepoRef;
 use crate::hub::{HubEnv, ms_escape};
 
@@ -83,12 +83,7 @@ fn list_files(t: &Target, client: &Client) -> Result<Vec<MsFile>, DownloadError>
                 detail: format!("file entry without Path/Size/Sha256: {f}"),
             });
         };
-        if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            return Err(DownloadError::Protocol {
-                url,
-                detail: format!("unsafe file path `{path}`"),
-            });
-        }
+        check_repo_path(path, &url)?;
         let revision = f["Revision"].as_str().unwrap_or(&t.revision).to_string();
         out.push(MsFile { path: path.into(), size, sha256: sha.to_ascii_lowercase(), revision });
     }
