@@ -317,6 +317,31 @@ fn huggingface_hub_reads_our_cache() {
 }
 
 #[test]
+fn a_cache_huggingface_hub_downloaded_is_used_without_network() {
+    let (t, hub, e) = setup();
+    let Some(py) = hub_support::hf_python() else { return };
+    let code =
+        "from huggingface_hub import snapshot_download; print(snapshot_download('Org/Tiny'))";
+    let out = std::process::Command::new(py)
+        .args(["-c", code])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HUB_CACHE", t.path().join("hf"))
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env_remove("HF_HOME")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    hub.clear();
+    assert!(!needs_download("hf://Org/Tiny", &e));
+    assert_eq!(resolve_or_download("hf://Org/Tiny", &e, &quiet()).unwrap(), theirs);
+    assert!(hub.requests().is_empty());
+}
+
+#[test]
 fn caches_written_by_the_python_clients_are_found_without_network() {
     let (t, hub, e) = setup();
     // huggingface_hub: blobs + relative symlinks + refs without a newline, two revisions.

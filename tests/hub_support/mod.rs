@@ -271,6 +271,9 @@ impl State {
             ["api", "models", org, name, "revision", rev] => {
                 self.hf_info(req, org, name, &pct_decode(rev))
             }
+            ["api", "models", org, name, "tree", rev] => {
+                self.hf_tree(req, org, name, &pct_decode(rev))
+            }
             [org, name, "resolve", rev, path @ ..] => {
                 let path = pct_decode(&path.join("/"));
                 self.hf_resolve(req, org, name, &pct_decode(rev), &path)
@@ -321,6 +324,26 @@ impl State {
             serde_json::json!({"id": repo.id, "sha": repo.commit, "siblings": siblings, "private": false}),
             vec![],
         )
+    }
+
+    /// `/api/models/{id}/tree/{rev}?recursive=true` (huggingface_hub ≥ 1.0 lists files with it).
+    fn hf_tree(&self, req: &Req, org: &str, name: &str, rev: &str) -> Resp {
+        let repo = match self.hf_err(req, org, name, rev) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let entries: Vec<_> = repo
+            .files
+            .iter()
+            .map(|f| {
+                let mut e = serde_json::json!({"type": "file", "path": f.path, "size": f.data.len(), "oid": f.git_sha1()});
+                if f.lfs {
+                    e["lfs"] = serde_json::json!({"oid": f.sha256(), "size": f.data.len(), "pointerSize": 134});
+                }
+                e
+            })
+            .collect();
+        json(200, serde_json::Value::Array(entries), vec![])
     }
 
     fn hf_resolve(&self, req: &Req, org: &str, name: &str, rev: &str, path: &str) -> Resp {
