@@ -475,7 +475,17 @@ fn twinkle_download_runs_as_a_process() {
     let out = twinkle(
         t.path(),
         &hub,
-        &["hf://Org/Tiny", "--revision", "v1.0", "--include", "*.md", "--include", "config.json"],
+        &[
+            "hf://Org/Tiny",
+            "--revision",
+            "v1.0",
+            "--include",
+            "*.md",
+            "--include",
+            "config.json",
+            "--progress",
+            "bars",
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());

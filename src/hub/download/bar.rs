@@ -281,5 +281,15 @@ mod tests {
         r.rewind(768);
         assert_eq!(r.shared.total.snapshot().bytes_done, 0);
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        // The bar sink keeps the same counters.
+        let p = Arc::new(DownloadProgress::new());
+        let b = Reporter::new("Org/Name", Some(p.clone()), BarMode::Bars);
+        b.plan(100, 1);
+        b.start_file("config.json", Some(100), 0);
+        b.add(100);
+        b.file_done();
+        b.finish();
+        let s = p.snapshot();
+        assert_eq!((s.bytes_done, s.files_done), (100, 1));
     }
 }
