@@ -181,6 +181,18 @@ fn a_dropped_connection_resumes_from_the_bytes_written() {
 }
 
 #[test]
+fn transient_server_errors_are_retried() {
+    let (_t, hub, e) = setup();
+    for id in ["hf://Org/Tiny", "ms://Org/Tiny"] {
+        // The first two requests (the listing or model info) answer 503.
+        hub.set(|s| s.fail_next = 2);
+        let n = hub.requests().len();
+        resolve_or_download(id, &e, &quiet()).unwrap();
+        assert!(hub.requests().len() > n + 2);
+    }
+}
+
+#[test]
 fn a_corrupted_file_is_refused_and_nothing_looks_complete() {
     let (t, hub, e) = setup();
     let shard = "model-00002-of-00002.safetensors";

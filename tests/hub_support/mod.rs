@@ -55,6 +55,8 @@ pub struct Switches {
     pub corrupt: Option<String>,
     /// Sleep between body chunks (makes downloads overlap in the concurrency test).
     pub slow: bool,
+    /// The next N requests (hub or storage) answer 503.
+    pub fail_next: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -459,6 +461,7 @@ fn reason(s: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         416 => "Range Not Satisfiable",
+        503 => "Service Unavailable",
         _ => "Other",
     }
 }
@@ -474,7 +477,19 @@ fn serve_conn(state: &State, mut stream: TcpStream, cdn: bool) {
         auth: req.headers.get("authorization").cloned(),
         cookie: req.headers.get("cookie").cloned(),
     });
-    let r = if cdn { state.route_cdn(&req) } else { state.route_hub(&req) };
+    let fail = {
+        let mut sw = state.switches.lock().unwrap();
+        let f = sw.fail_next > 0;
+        sw.fail_next = sw.fail_next.saturating_sub(1);
+        f
+    };
+    let r = if fail {
+        resp(503, vec![], b"try again".to_vec())
+    } else if cdn {
+        state.route_cdn(&req)
+    } else {
+        state.route_hub(&req)
+    };
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         r.status,

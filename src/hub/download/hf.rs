@@ -74,7 +74,7 @@ fn head(t: &Target, client: &Client, commit: &str, path: &str) -> Result<FileMet
         quote(path, "/")
     );
     for _ in 0..5 {
-        let resp = client.send("HEAD", &url, 0)?;
+        let resp = client.send_retrying("HEAD", &url)?;
         let (status, h) = (resp.status(), resp.headers());
         let redirect = is_redirect(status);
         // A redirect without Hub metadata is a rename on the Hub itself: follow it.

@@ -13,6 +13,8 @@ pub(crate) type Resp = Response<ureq::Body>;
 
 /// JSON answers larger than this are refused (listings of huge repos stay far below it).
 const JSON_LIMIT: u64 = 64 << 20;
+/// Tries of a metadata request (transport errors, 429 and 5xx are retried).
+const METADATA_TRIES: u32 = 3;
 /// How many redirects one request may follow (renames plus the storage hop).
 const MAX_REDIRECTS: usize = 5;
 
@@ -106,6 +108,25 @@ impl Client {
             .map_err(|e| DownloadError::Transport { url: url.into(), detail: e.to_string() })
     }
 
+    /// [`Self::send`] for metadata requests (listings, `HEAD`): a transport error, 429 or 5xx is
+    /// retried a few times with backoff, as the official clients do.
+    pub(crate) fn send_retrying(&self, method: &str, url: &str) -> Result<Resp, DownloadError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = self.send(method, url, 0);
+            let retry = match &r {
+                Err(DownloadError::Transport { .. }) => true,
+                Ok(resp) => matches!(resp.status().as_u16(), 429 | 500..=599),
+                Err(_) => false,
+            };
+            if !retry || tries >= METADATA_TRIES {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(200 << (tries - 1)));
+        }
+    }
+
     /// Sends a request and follows redirects by hand (the token stays with the hub's origin);
     /// returns the final answer and its URL.
     pub(crate) fn send_following(
@@ -114,9 +135,18 @@ impl Client {
         url: &str,
         range_from: u64,
     ) -> Result<(Resp, String), DownloadError> {
+        self.follow(url, |u| self.send(method, u, range_from))
+    }
+
+    /// Follows redirects from `url`, sending each hop with `send`.
+    fn follow(
+        &self,
+        url: &str,
+        send: impl Fn(&str) -> Result<Resp, DownloadError>,
+    ) -> Result<(Resp, String), DownloadError> {
         let mut url = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            let resp = self.send(method, &url, range_from)?;
+            let resp = send(&url)?;
             if !is_redirect(resp.status()) {
                 return Ok((resp, url));
             }
@@ -147,14 +177,12 @@ impl Client {
         &self,
         url: &str,
     ) -> Result<(StatusCode, HeaderMap, serde_json::Value), DownloadError> {
-        let (mut resp, _) = self.send_following("GET", url, 0)?;
+        let (mut resp, url) = self.follow(url, |u| self.send_retrying("GET", u))?;
         let status = resp.status();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(JSON_LIMIT)
-            .read_to_string()
-            .map_err(|e| DownloadError::Transport { url: url.into(), detail: e.to_string() })?;
+        let text =
+            resp.body_mut().with_config().limit(JSON_LIMIT).read_to_string().map_err(|e| {
+                DownloadError::Transport { url: url.clone(), detail: e.to_string() }
+            })?;
         let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         Ok((status, resp.headers().clone(), value))
     }
