@@ -126,6 +126,25 @@ enum Command {
         #[command(flatten)]
         model: twinkle::hub::generate::GenOptions,
     },
+    /// Download a model from ModelScope (`ms://Org/Name`, bare `Org/Name`) or the Hugging Face
+    /// Hub (`hf://Org/Name`) into the official cache, and print its directory. A cached model is
+    /// not downloaded again. Honours HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE,
+    /// MODELSCOPE_ENDPOINT, MODELSCOPE_DOMAIN, MODELSCOPE_API_TOKEN, MODELSCOPE_CACHE and
+    /// TWINKLE_OFFLINE.
+    Download {
+        /// `ms://Org/Name[@revision]`, `hf://Org/Name[@revision]` or `Org/Name`.
+        model_id: String,
+        /// Branch, tag or commit (default: `master` on ModelScope, `main` on the HF Hub).
+        #[arg(long)]
+        revision: Option<String>,
+        /// Fetch exactly the repo files matching this glob (repeatable), instead of what the
+        /// engine loads (config, tokenizer, chat template, safetensors).
+        #[arg(long)]
+        include: Vec<String>,
+        /// Progress display: bars on a terminal, log lines otherwise (`auto`), or forced.
+        #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+        progress: ProgressArg,
+    },
     /// Internal: one application child, started by `twinkle serve`.
     #[command(hide = true)]
     Worker {
@@ -190,6 +209,25 @@ impl NodeArgs {
             node_name: self.node_name.clone(),
             gateway_port: self.gateway_port,
             log_level: self.log_level.clone(),
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ProgressArg {
+    Auto,
+    Bars,
+    Lines,
+    Off,
+}
+
+impl From<ProgressArg> for twinkle::hub::BarMode {
+    fn from(p: ProgressArg) -> Self {
+        match p {
+            ProgressArg::Auto => Self::Auto,
+            ProgressArg::Bars => Self::Bars,
+            ProgressArg::Lines => Self::Lines,
+            ProgressArg::Off => Self::Off,
         }
     }
 }
@@ -316,6 +354,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("twinkle generate-model: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Download { model_id, revision, include, progress } => {
+            init_logging("info");
+            let opts = twinkle::hub::FetchOptions {
+                revision,
+                include,
+                progress: None,
+                bar: progress.into(),
+            };
+            match twinkle::hub::resolve_or_download(
+                &model_id,
+                &twinkle::hub::HubEnv::from_process(),
+                &opts,
+            ) {
+                Ok(dir) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("twinkle download: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -65,6 +65,13 @@ impl DownloadProgress {
         self.bytes_done.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Takes back bytes counted before (a partial file that had to be restarted from zero).
+    pub fn remove_bytes(&self, n: u64) {
+        let _ = self
+            .bytes_done
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+    }
+
     pub fn file_done(&self) {
         self.files_done.fetch_add(1, Ordering::Relaxed);
     }
