@@ -174,7 +174,7 @@ fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
     .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
     serve.remember(&st);
     let why = app(&st, "broken")["last_exit"].as_str().unwrap_or_default().to_string();
-    assert!(why.contains("application `broken`: cannot start"), "{why}");
+    assert!(why.contains("application `broken`: cannot download"), "{why}");
     assert!(why.contains("Nobody/Missing-Model") && why.contains("looked in"), "{why}");
     // The searched place is named: the ModelScope cache from the env.
     assert!(why.contains(ms_cache.to_str().context("utf-8")?), "{why}");

@@ -1,5 +1,6 @@
 //! The applications a `twinkle worker` child runs (chosen by `import_path`).
 
+mod fetch;
 pub mod model;
 pub mod processor;
 pub mod sampler;
@@ -322,13 +323,18 @@ fn twinkle_layer(
     Ok(tw)
 }
 
-/// Runs the `model` or `sampler` application of `ctx`: loads the model, then serves. When the
+/// Runs the `model` or `sampler` application of `ctx`: fetches the model when no cache has it
+/// ([`fetch`]), loads it, then serves. When the
 /// model cannot be found or loaded this is a startup error ([`WorkerError::Startup`]): the
 /// worker exits with its message (naming every place it looked) and the supervisor shows the
 /// application `failed` instead of restarting it, since a restart would fail the same way.
 pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
     let id = Identity::from_context(ctx);
     let token = internal_token();
+    let model = app_spec(ctx).and_then(|spec| model_id(&spec));
+    if let Ok(model) = &model {
+        fetch::ensure_model(ctx, model).await?;
+    }
     match load(ctx) {
         Ok(Loaded::Sampler(svc)) => {
             let auth = twinkle_auth(ctx)?;

@@ -51,6 +51,20 @@ pub enum HubError {
     Download(#[from] DownloadError),
 }
 
+impl HubError {
+    /// Whether trying again later may succeed: the network or the hub failed, not the id,
+    /// the token or the bytes the hub serves.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HubError::Download(DownloadError::Transport { .. }) => true,
+            HubError::Download(DownloadError::Http { status, .. }) => {
+                *status == 429 || *status >= 500
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The environment resolution and downloading read, captured once so tests can pass their own.
 #[derive(Debug, Clone, Default)]
 pub struct HubEnv {

@@ -40,6 +40,10 @@ pub enum WorkerError {
     /// process exits with [`STARTUP_ERROR_EXIT`](crate::contract::STARTUP_ERROR_EXIT) and the supervisor does not restart it.
     #[error("{0}")]
     Startup(String),
+    /// Something the application needs is out of reach for now (a model hub's network error):
+    /// the process exits non-zero and the supervisor restarts it with backoff.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Records a permanent startup error for the supervisor (best effort: the log has it too).

@@ -55,6 +55,8 @@ pub struct Switches {
     pub corrupt: Option<String>,
     /// Sleep between body chunks (makes downloads overlap in the concurrency test).
     pub slow: bool,
+    /// With `slow`: the sleep between 16 KiB chunks (default 5 ms).
+    pub chunk_delay: Option<Duration>,
     /// The next N requests (hub or storage) answer 503.
     pub fail_next: u32,
 }
@@ -504,10 +506,10 @@ fn serve_conn(state: &State, mut stream: TcpStream, cdn: bool) {
         return;
     }
     let mut limit = r.body.len();
-    let mut slow = false;
+    let mut slow = None;
     if let Some(f) = &r.file {
         let mut sw = state.switches.lock().unwrap();
-        slow = sw.slow;
+        slow = sw.slow.then(|| sw.chunk_delay.unwrap_or(Duration::from_millis(5)));
         if let Some((p, n)) = sw.drop_after.clone()
             && &p == f
             && !r.body.is_empty()
@@ -524,8 +526,8 @@ fn serve_conn(state: &State, mut stream: TcpStream, cdn: bool) {
         if stream.write_all(chunk).is_err() {
             break;
         }
-        if slow {
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(d) = slow {
+            std::thread::sleep(d);
         }
     }
     let _ = stream.flush();

@@ -181,6 +181,9 @@ impl Serve {
         let mut cmd = Command::new(bin());
         cmd.arg("serve").arg("-c").arg(&cfg).args(args);
         cmd.env("TWINKLE_HOME", &home).env_remove("CUDA_VISIBLE_DEVICES");
+        // Tests talk to loopback only: a hub id that no cache holds fails instead of reaching
+        // for the internet (a test with a mock hub overrides this in `env`).
+        cmd.env("TWINKLE_OFFLINE", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -318,6 +321,7 @@ pub fn run_cluster(mut cmd: Command, home: &Path, env: &[(&str, &str)]) -> Resul
         .env("TWINKLE_HEARTBEAT_S", "0.5")
         .env("TWINKLE_STOP_GRACE_S", "2")
         .env("TWINKLE_INTERNAL_TOKEN", TEST_TOKEN)
+        .env("TWINKLE_OFFLINE", "1")
         .env_remove("CUDA_VISIBLE_DEVICES")
         .env_remove("TWINKLE_CLUSTER_TOKEN")
         .env_remove("TWINKLE_ADDRESS");
