@@ -15,7 +15,8 @@ use super::bar::Reporter;
 use super::http::{Client, header};
 use super::{DownloadError, io_err};
 
-/// Transport failures tolerated per file (each resumes from the bytes on disk).
+/// Transport failures in a row without progress tolerated per file (each resumes from the
+/// bytes on disk).
 const TRANSPORT_TRIES: u32 = 5;
 /// Whole-file attempts when the checksum does not match (the second starts from zero).
 const INTEGRITY_TRIES: u32 = 2;
@@ -205,9 +206,15 @@ pub(crate) fn fetch_file(
     loop {
         let mut drops = 0;
         loop {
+            let before = part_len(part);
             match attempt(client, url, part, exp, rep)? {
                 Attempt::Complete => break,
                 Attempt::Dropped(why) => {
+                    // Only drops without progress count: a long download over a flaky link
+                    // that keeps moving forward is never given up on.
+                    if part_len(part) > before {
+                        drops = 0;
+                    }
                     drops += 1;
                     if drops >= TRANSPORT_TRIES {
                         return Err(DownloadError::Transport { url: url.into(), detail: why });
