@@ -4,7 +4,8 @@
 //! (the mock slows the transfer) both are `downloading` with a percentage in `twinkle status`,
 //! the gateway answers 503 + Retry-After for their routes and the Tinker server says how far the
 //! download is; then both serve, the model under its route name, and the mock served every
-//! file exactly once (one download shared through the lock file).
+//! file exactly once (one download shared through the lock file). A second start sends the hub
+//! no request.
 
 mod hub_support;
 mod platform_support;
@@ -92,18 +93,15 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
     let port = free_port()?;
     let hf_cache = tmp.path().join("hf-cache");
     let home = tmp.path().join("home");
-    let mut serve = Serve::start(
-        &config(port),
-        port,
-        &["--num-gpus", "0", "--num-cpus", "4"],
-        &[
-            ("TWINKLE_OFFLINE", "0"),
-            ("HF_ENDPOINT", &hub.url),
-            ("HF_HUB_CACHE", hf_cache.to_str().context("utf-8")?),
-            ("HOME", home.to_str().context("utf-8")?),
-            ("TWINKLE_API_KEYS", KEY.1),
-        ],
-    )?;
+    let env = [
+        ("TWINKLE_OFFLINE", "0"),
+        ("HF_ENDPOINT", hub.url.as_str()),
+        ("HF_HUB_CACHE", hf_cache.to_str().context("utf-8")?),
+        ("HOME", home.to_str().context("utf-8")?),
+        ("TWINKLE_API_KEYS", KEY.1),
+    ];
+    let mut serve =
+        Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
     let gw = serve.gateway.clone();
 
     // Both applications report the download (the second waits on the first one's lock).
@@ -158,5 +156,17 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
     ensure!(caps.to_string().contains("acme/tiny"), "{caps}");
     let r = post(&gw, "/api/v1/create_model", &body)?;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    serve.stop_ok(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(20))
+    serve.stop_ok(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(20))?;
+
+    // A second start finds the model in the cache: no request reaches the hub at all.
+    hub.clear();
+    let port = free_port()?;
+    let mut again =
+        Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
+    let st = again.wait_all_running(STARTUP)?;
+    for app in ["models-tiny", "sampler-tiny"] {
+        ensure!(app_entry(&st, app).is_some_and(|a| a["restarts"] == 0), "{st}");
+    }
+    ensure!(hub.requests().is_empty(), "second start asked the hub: {:?}", hub.requests());
+    again.stop_ok(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(20))
 }

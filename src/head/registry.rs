@@ -374,50 +374,38 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The child ended; it will be restarted after a backoff (counted now).
-    pub fn child_exited(&mut self, app: &str, how: String) -> u32 {
-        match self.entry_mut(app) {
-            Some(e) => {
-                e.status.pid = None;
-                e.status.address = None;
-                e.token = None;
-                e.status.download = None;
-                e.status.state = AppState::Restarting;
-                e.status.last_exit = Some(how);
-                e.status.restarts += 1;
-                e.status.restarts
-            }
-            None => 0,
-        }
+    /// The current child of `app` is gone: forget it and record `state` and why. Returns the
+    /// entry, or None for an unknown application.
+    fn child_gone(&mut self, app: &str, state: AppState, why: String) -> Option<&mut AppEntry> {
+        let e = self.entry_mut(app)?;
+        e.status.pid = None;
+        e.status.address = None;
+        e.token = None;
+        e.status.download = None;
+        e.status.state = state;
+        e.status.last_exit = Some(why);
+        Some(e)
     }
 
-    /// The binary could not be spawned at all.
+    /// The child ended; it will be restarted after a backoff (counted now).
+    pub fn child_exited(&mut self, app: &str, how: String) -> u32 {
+        self.child_gone(app, AppState::Restarting, how).map_or(0, |e| {
+            e.status.restarts += 1;
+            e.status.restarts
+        })
+    }
+
+    /// The binary could not be spawned at all (retried with backoff, counted now).
     pub fn spawn_failed(&mut self, app: &str, why: String) -> u32 {
-        match self.entry_mut(app) {
-            Some(e) => {
-                e.status.pid = None;
-                e.status.address = None;
-                e.token = None;
-                e.status.download = None;
-                e.status.state = AppState::Failed;
-                e.status.last_exit = Some(why);
-                e.status.restarts += 1;
-                e.status.restarts
-            }
-            None => 0,
-        }
+        self.child_gone(app, AppState::Failed, why).map_or(0, |e| {
+            e.status.restarts += 1;
+            e.status.restarts
+        })
     }
 
     /// The child exited with a permanent startup error: `failed` with the reason, no restart.
     pub fn startup_failed(&mut self, app: &str, why: String) {
-        if let Some(e) = self.entry_mut(app) {
-            e.status.pid = None;
-            e.status.address = None;
-            e.token = None;
-            e.status.download = None;
-            e.status.state = AppState::Failed;
-            e.status.last_exit = Some(why);
-        }
+        self.child_gone(app, AppState::Failed, why);
     }
 
     pub fn set_state(&mut self, app: &str, state: AppState) {
