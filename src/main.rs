@@ -17,7 +17,16 @@ use cli_bench::{BenchCommand, bench};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as one JSON object per line (children inherit it).
+    #[arg(long, global = true, value_enum, env = twinkle::metrics::logging::LOG_FORMAT_ENV,
+          default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
+
+use twinkle::metrics::logging::LogFormat;
+
+/// The `--log-format` of this invocation (set once, first thing in `main`).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -117,6 +126,9 @@ enum Command {
         /// Control address `HOST:PORT` (default: from `$TWINKLE_HOME/serve.json`).
         #[arg(long)]
         address: Option<String>,
+        /// Refresh every N seconds (default 2), in place on a terminal; Ctrl-C to stop.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Write a small deterministic random model (real Qwen3 tokenizer) into a directory.
     GenerateModel {
@@ -221,21 +233,13 @@ impl From<ImportPathArg> for twinkle::config::ImportPath {
     }
 }
 
-/// Logs to stderr. A bare level (`info`) also quiets actix's per-worker start/stop lines.
+/// Logs to stderr at `level` in this invocation's `--log-format`.
 fn init_logging(level: &str) {
-    use std::io::IsTerminal as _;
-    let spec =
-        if level.contains('=') { level.to_string() } else { format!("{level},actix_server=warn") };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let format = LOG_FORMAT.get().copied().unwrap_or_default();
+    twinkle::metrics::logging::init(level, format);
 }
 
-fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
+fn status(json: bool, address: Option<String>, watch: Option<f64>) -> anyhow::Result<()> {
     let home = twinkle::head::state_file::twinkle_home();
     let cluster = twinkle::head::cluster_record::read_cluster(&home);
     // Status needs a token: the cluster's for a cluster head, else the serve's own.
@@ -255,18 +259,48 @@ fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
             (rec.control_address, rec.token)
         }
     };
-    let report =
-        actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr, &token))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", twinkle::head::status_cli::render(&report));
+    let system = actix_web::rt::System::new();
+    let show = |view: &twinkle::head::status_cli::StatusView| -> anyhow::Result<String> {
+        Ok(if json {
+            format!("{}\n", serde_json::to_string_pretty(view)?)
+        } else {
+            twinkle::head::status_cli::render_view(view)
+        })
+    };
+    let Some(every) = watch else {
+        let view = system.block_on(twinkle::head::status_cli::fetch_view(&addr, &token))?;
+        print!("{}", show(&view)?);
+        return Ok(());
+    };
+    use std::io::{IsTerminal as _, Write as _};
+    let terminal = std::io::stdout().is_terminal();
+    let every =
+        std::time::Duration::from_secs_f64(if every.is_finite() { every.max(0.2) } else { 2.0 });
+    loop {
+        // A head that stops answering is shown as such, and watched until it answers again.
+        let text = match system.block_on(twinkle::head::status_cli::fetch_view(&addr, &token)) {
+            Ok(view) => show(&view)?,
+            Err(e) => format!("twinkle status: {e}\n"),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        let frame =
+            twinkle::head::status_cli::watch_frame(&text, terminal, now.map_or(0, |d| d.as_secs()));
+        print!("{frame}");
+        std::io::stdout().flush()?;
+        std::thread::sleep(every);
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.log_format != LogFormat::Text {
+        // SAFETY: nothing else runs yet (no thread has started), so no one reads the
+        // environment concurrently; the children `serve` forks inherit the format from it.
+        unsafe {
+            std::env::set_var(twinkle::metrics::logging::LOG_FORMAT_ENV, cli.log_format.as_str())
+        };
+    }
+    let _ = LOG_FORMAT.set(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => {
             match twinkle::config::load_file_with_warnings(&config) {
@@ -369,7 +403,7 @@ fn main() -> ExitCode {
             println!("Stopped {n} twinkle node agent(s) on this machine.");
             ExitCode::SUCCESS
         }
-        Command::Status { json, address } => match status(json, address) {
+        Command::Status { json, address, watch } => match status(json, address, watch) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("twinkle status: {e}");
@@ -493,6 +527,7 @@ fn start_node(head: bool, address: Option<String>, port: u16, node: NodeArgs) ->
 
 fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
     let mut ok = true;
+    let progress = twinkle::progress::Progress::new("verify-golden", dirs.len() as u64);
     for dir in dirs {
         match twinkle::engine::golden::verify(dir) {
             Ok(report) => {
@@ -504,6 +539,8 @@ fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
                 ok = false;
             }
         }
+        progress.advance(1, &dir.display().to_string());
     }
+    progress.finish();
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -1,15 +1,34 @@
-//! `twinkle status`: asks the head for its status and prints it like `ray status`.
+//! `twinkle status`: asks the head for its status and prints it like `ray status`
+//! (`--watch`: again every few seconds, redrawn in place on a terminal).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::HeadError;
 use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
 
+/// The status with each running application's queue depth (jobs waiting or computing), which
+/// the serve's head adds from the children's scrapes (a cluster head has none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub report: StatusReport,
+    #[serde(default)]
+    pub queues: BTreeMap<String, u64>,
+}
+
 /// GETs `http://{addr}/v1/status` with `token` (the serve's internal token or the cluster
 /// token; must run inside an actix/tokio runtime).
 pub async fn fetch(addr: &str, token: &str) -> Result<StatusReport, HeadError> {
+    fetch_view(addr, token).await.map(|v| v.report)
+}
+
+/// [`fetch`] with the queue depths.
+pub async fn fetch_view(addr: &str, token: &str) -> Result<StatusView, HeadError> {
     let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
     let url = format!("http://{addr}/v1/status");
     let unreachable = |detail: String| HeadError::Unreachable { addr: addr.to_string(), detail };
@@ -74,6 +93,22 @@ fn render_gpus(out: &mut String, gpus: &[GpuStatus]) {
 /// The human-readable report: nodes with totals and per-application allocations, then one
 /// line per application.
 pub fn render(s: &StatusReport) -> String {
+    render_view(&StatusView { report: s.clone(), queues: BTreeMap::new() })
+}
+
+/// One `--watch` frame: on a terminal the screen is cleared and redrawn in place; otherwise
+/// frames follow each other, each headed by the time it was taken.
+pub fn watch_frame(text: &str, terminal: bool, unix_s: u64) -> String {
+    if terminal {
+        format!("\x1b[H\x1b[2J{text}")
+    } else {
+        format!("--- {unix_s} (unix time)\n{text}\n")
+    }
+}
+
+/// [`render`] with a QUEUE column (`-` when the application did not say).
+pub fn render_view(v: &StatusView) -> String {
+    let s = &v.report;
     let mut out = String::new();
     let _ = writeln!(out, "======== Twinkle status ({} server) ========", s.server_type);
     let _ = writeln!(out, "Head pid {}  control {}", s.head_pid, s.control_address);
@@ -114,17 +149,18 @@ pub fn render(s: &StatusReport) -> String {
     let _ = writeln!(out, "------------");
     let _ = writeln!(
         out,
-        " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} ROUTE",
-        "NAME", "STATE", "PID", "RESTARTS", "GPUS", "ADDRESS"
+        " {:<32} {:<10} {:>8} {:>8} {:>6}  {:<9} {:<21} ROUTE",
+        "NAME", "STATE", "PID", "RESTARTS", "QUEUE", "GPUS", "ADDRESS"
     );
     for a in &s.applications {
         let _ = writeln!(
             out,
-            " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} {}",
+            " {:<32} {:<10} {:>8} {:>8} {:>6}  {:<9} {:<21} {}",
             a.name,
             a.state.as_str(),
             a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             a.restarts,
+            v.queues.get(&a.name).map_or_else(|| "-".to_string(), u64::to_string),
             fmt_ids(&a.gpu_ids),
             a.address.as_deref().unwrap_or("-"),
             a.route_prefix
@@ -229,5 +265,36 @@ mod tests {
         for line in gpu_lines {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
+    }
+
+    #[test]
+    fn queues_show_per_application_and_watch_frames_redraw_or_follow() {
+        let report = StatusReport {
+            server_type: "tinker".into(),
+            namespace: None,
+            head_pid: 1,
+            control_address: "127.0.0.1:1".into(),
+            gateway_address: "127.0.0.1:2".into(),
+            nodes: vec![],
+            applications: vec![
+                AppStatus::new("model", "model", "/m", "n", vec![], 1.0),
+                AppStatus::new("server", "server", "/", "n", vec![], 1.0),
+            ],
+        };
+        let view = StatusView { report, queues: BTreeMap::from([("model".to_string(), 3)]) };
+        let text = render_view(&view);
+        assert!(
+            text.contains(" model                            starting          -        0      3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" server                           starting          -        0      -"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&view).expect("serialises");
+        assert_eq!(json["queues"]["model"], 3);
+        assert_eq!(json["applications"][0]["name"], "model");
+        assert!(watch_frame("x", true, 5).starts_with("\x1b[H\x1b[2J"));
+        assert_eq!(watch_frame("x", false, 5), "--- 5 (unix time)\nx\n");
     }
 }
