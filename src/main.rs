@@ -285,8 +285,12 @@ fn status(json: bool, address: Option<String>, watch: Option<f64>) -> anyhow::Re
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         let frame =
             twinkle::head::status_cli::watch_frame(&text, terminal, now.map_or(0, |d| d.as_secs()));
-        print!("{frame}");
-        std::io::stdout().flush()?;
+        // A closed stdout (`| head`) ends the watch quietly.
+        let mut out = std::io::stdout().lock();
+        if out.write_all(frame.as_bytes()).and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+        drop(out);
         std::thread::sleep(every);
     }
 }
