@@ -109,83 +109,100 @@ pub struct Metrics {
     pub server_jobs_queued: Gauge,
 }
 
+/// A family of latency histograms with the same buckets.
+fn histograms<L: Clone + std::hash::Hash + Eq>() -> Histograms<L> {
+    Family::new_with_constructor(seconds_histogram)
+}
+
+/// Registers `metric` under `name` and hands it back (the registry keeps a clone; both count
+/// the same values).
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::default();
-        let m = Metrics {
-            http_requests: Family::default(),
-            http_duration: Family::new_with_constructor(seconds_histogram),
-            gateway_requests: Family::default(),
-            gateway_duration: Family::new_with_constructor(seconds_histogram),
-            model_queue_depth: Gauge::default(),
-            model_jobs_running: Gauge::default(),
-            model_jobs: Family::default(),
-            model_job_duration: Family::new_with_constructor(seconds_histogram),
-            engine_step: Family::new_with_constructor(seconds_histogram),
-            tokens: Family::default(),
-            tokens_per_second: Family::default(),
-            adapters: Family::default(),
-            futures_pending: Gauge::default(),
-            server_jobs_queued: Gauge::default(),
-            registry: Registry::default(),
-        };
         let r = &mut registry;
         // Names carry their unit; the crate adds `_total` to counters.
-        r.register("twinkle_http_requests", "HTTP requests answered", m.http_requests.clone());
-        r.register(
-            "twinkle_http_request_duration_seconds",
-            "HTTP request latency (to the response head)",
-            m.http_duration.clone(),
-        );
-        r.register(
-            "twinkle_gateway_requests",
-            "Requests the gateway forwarded, by upstream application",
-            m.gateway_requests.clone(),
-        );
-        r.register(
-            "twinkle_gateway_request_duration_seconds",
-            "Gateway latency to the upstream's response head",
-            m.gateway_duration.clone(),
-        );
-        r.register(
-            "twinkle_model_queue_depth",
-            "Model jobs accepted and waiting for a compute thread",
-            m.model_queue_depth.clone(),
-        );
-        r.register(
-            "twinkle_model_jobs_running",
-            "Model jobs computing now",
-            m.model_jobs_running.clone(),
-        );
-        r.register("twinkle_model_jobs", "Model jobs finished", m.model_jobs.clone());
-        r.register(
-            "twinkle_model_job_duration_seconds",
-            "Model job latency from acceptance to answer",
-            m.model_job_duration.clone(),
-        );
-        r.register(
-            "twinkle_engine_step_seconds",
-            "Engine compute time of one job",
-            m.engine_step.clone(),
-        );
-        r.register("twinkle_model_tokens", "Tokens processed", m.tokens.clone());
-        r.register(
-            "twinkle_engine_tokens_per_second",
-            "Tokens per second of the last job of each operation",
-            m.tokens_per_second.clone(),
-        );
-        r.register("twinkle_model_adapters", "LoRA adapters by place", m.adapters.clone());
-        r.register(
-            "twinkle_server_futures_pending",
-            "Futures pending or running",
-            m.futures_pending.clone(),
-        );
-        r.register(
-            "twinkle_server_jobs_queued",
-            "Jobs waiting in the server's per-run queues",
-            m.server_jobs_queued.clone(),
-        );
-        Metrics { registry, ..m }
+        Metrics {
+            http_requests: reg(
+                r,
+                "twinkle_http_requests",
+                "HTTP requests answered",
+                Family::default(),
+            ),
+            http_duration: reg(
+                r,
+                "twinkle_http_request_duration_seconds",
+                "HTTP request latency (to the response head)",
+                histograms(),
+            ),
+            gateway_requests: reg(
+                r,
+                "twinkle_gateway_requests",
+                "Requests the gateway forwarded, by upstream application",
+                Family::default(),
+            ),
+            gateway_duration: reg(
+                r,
+                "twinkle_gateway_request_duration_seconds",
+                "Gateway latency to the upstream's response head",
+                histograms(),
+            ),
+            model_queue_depth: reg(
+                r,
+                "twinkle_model_queue_depth",
+                "Model jobs accepted and waiting for a compute thread",
+                Gauge::default(),
+            ),
+            model_jobs_running: reg(
+                r,
+                "twinkle_model_jobs_running",
+                "Model jobs computing now",
+                Gauge::default(),
+            ),
+            model_jobs: reg(r, "twinkle_model_jobs", "Model jobs finished", Family::default()),
+            model_job_duration: reg(
+                r,
+                "twinkle_model_job_duration_seconds",
+                "Model job latency from acceptance to answer",
+                histograms(),
+            ),
+            engine_step: reg(
+                r,
+                "twinkle_engine_step_seconds",
+                "Engine compute time of one job",
+                histograms(),
+            ),
+            tokens: reg(r, "twinkle_model_tokens", "Tokens processed", Family::default()),
+            tokens_per_second: reg(
+                r,
+                "twinkle_engine_tokens_per_second",
+                "Tokens per second of the last job of each operation",
+                Family::default(),
+            ),
+            adapters: reg(r, "twinkle_model_adapters", "LoRA adapters by place", Family::default()),
+            futures_pending: reg(
+                r,
+                "twinkle_server_futures_pending",
+                "Futures pending or running",
+                Gauge::default(),
+            ),
+            server_jobs_queued: reg(
+                r,
+                "twinkle_server_jobs_queued",
+                "Jobs waiting in the server's per-run queues",
+                Gauge::default(),
+            ),
+            registry,
+        }
     }
 
     /// Records one finished model job: its latency, compute time and tokens.
