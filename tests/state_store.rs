@@ -295,7 +295,7 @@ fn cursors_page_newest_first() {
         s.insert_run(&new_run(&format!("s:train:{i}"), ALICE)).expect("run");
     }
     s.insert_run(&new_run("t:train:0", BOB)).expect("run");
-    let ids = |v: Vec<RunRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let ids = |v: Vec<RunRecord>| v.into_iter().map(|r| r.spec.id).collect::<Vec<_>>();
     let (page, total) = s.list_runs(ALICE, 0, 2).expect("list");
     assert_eq!((ids(page), total), (vec!["s:train:4".to_string(), "s:train:3".into()], 5));
     let (page, total) = s.list_runs(ALICE, 4, 2).expect("list");

@@ -29,16 +29,11 @@ pub struct NewRun {
     pub user_metadata: Value,
 }
 
-/// A stored training run. Times are Unix milliseconds; checkpoint fields hold checkpoint ids.
+/// A stored training run: what was created (read through `Deref`: `rec.id`) and what the
+/// store keeps. Times are Unix milliseconds; checkpoint fields hold checkpoint ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
-    pub id: String,
-    pub owner: String,
-    pub session_id: String,
-    pub base_model: String,
-    pub lora: LoraSettings,
-    pub optimizer_config: Value,
-    pub user_metadata: Value,
+    pub spec: NewRun,
     pub created_at: i64,
     pub last_request_time: i64,
     pub last_checkpoint: Option<String>,
@@ -84,18 +79,26 @@ pub struct NewCheckpoint {
     pub public: bool,
 }
 
+/// A stored checkpoint: what was recorded (read through `Deref`), its owner and time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointRecord {
-    pub run_id: String,
-    pub checkpoint_id: String,
+    pub spec: NewCheckpoint,
     pub owner: String,
-    pub checkpoint_type: CheckpointType,
-    pub tinker_path: String,
     pub created_at: i64,
-    pub size_bytes: Option<u64>,
-    pub user_metadata: Value,
-    pub expires_at: Option<i64>,
-    pub public: bool,
+}
+
+impl std::ops::Deref for RunRecord {
+    type Target = NewRun;
+    fn deref(&self) -> &NewRun {
+        &self.spec
+    }
+}
+
+impl std::ops::Deref for CheckpointRecord {
+    type Target = NewCheckpoint;
+    fn deref(&self) -> &NewCheckpoint {
+        &self.spec
+    }
 }
 
 const RUN_COLUMNS: &str = "id, owner, session_id, base_model, lora_rank, seed, train_unembed, train_mlp, \
@@ -107,19 +110,21 @@ type RawRun = (RunRecord, Option<String>, Option<String>);
 fn read_run(r: &Row<'_>) -> rusqlite::Result<RawRun> {
     Ok((
         RunRecord {
-            id: r.get(0)?,
-            owner: r.get(1)?,
-            session_id: r.get(2)?,
-            base_model: r.get(3)?,
-            lora: LoraSettings {
-                rank: r.get(4)?,
-                seed: r.get(5)?,
-                train_unembed: r.get(6)?,
-                train_mlp: r.get(7)?,
-                train_attn: r.get(8)?,
+            spec: NewRun {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                session_id: r.get(2)?,
+                base_model: r.get(3)?,
+                lora: LoraSettings {
+                    rank: r.get(4)?,
+                    seed: r.get(5)?,
+                    train_unembed: r.get(6)?,
+                    train_mlp: r.get(7)?,
+                    train_attn: r.get(8)?,
+                },
+                optimizer_config: Value::Null,
+                user_metadata: Value::Null,
             },
-            optimizer_config: Value::Null,
-            user_metadata: Value::Null,
             created_at: r.get(11)?,
             last_request_time: r.get(12)?,
             last_checkpoint: r.get(13)?,
@@ -132,8 +137,8 @@ fn read_run(r: &Row<'_>) -> rusqlite::Result<RawRun> {
 }
 
 fn finish_run((mut rec, opt, meta): RawRun) -> Result<RunRecord, StateError> {
-    rec.optimizer_config = parse_json("run optimizer_config", opt)?;
-    rec.user_metadata = parse_json("run user_metadata", meta)?;
+    rec.spec.optimizer_config = parse_json("run optimizer_config", opt)?;
+    rec.spec.user_metadata = parse_json("run user_metadata", meta)?;
     Ok(rec)
 }
 
@@ -145,16 +150,18 @@ type RawCheckpoint = (CheckpointRecord, String, Option<String>);
 fn read_ckpt(r: &Row<'_>) -> rusqlite::Result<RawCheckpoint> {
     Ok((
         CheckpointRecord {
-            run_id: r.get(0)?,
-            checkpoint_id: r.get(1)?,
+            spec: NewCheckpoint {
+                run_id: r.get(0)?,
+                checkpoint_id: r.get(1)?,
+                checkpoint_type: CheckpointType::Training,
+                tinker_path: r.get(4)?,
+                size_bytes: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+                user_metadata: Value::Null,
+                expires_at: r.get(8)?,
+                public: r.get(9)?,
+            },
             owner: r.get(2)?,
-            checkpoint_type: CheckpointType::Training,
-            tinker_path: r.get(4)?,
             created_at: r.get(5)?,
-            size_bytes: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
-            user_metadata: Value::Null,
-            expires_at: r.get(8)?,
-            public: r.get(9)?,
         },
         r.get(3)?,
         r.get(7)?,
@@ -162,11 +169,11 @@ fn read_ckpt(r: &Row<'_>) -> rusqlite::Result<RawCheckpoint> {
 }
 
 fn finish_ckpt((mut rec, kind, meta): RawCheckpoint) -> Result<CheckpointRecord, StateError> {
-    rec.checkpoint_type = CheckpointType::parse(&kind).ok_or_else(|| StateError::Corrupt {
+    rec.spec.checkpoint_type = CheckpointType::parse(&kind).ok_or_else(|| StateError::Corrupt {
         what: "checkpoint type",
         reason: format!("unknown type `{kind}`"),
     })?;
-    rec.user_metadata = parse_json("checkpoint user_metadata", meta)?;
+    rec.spec.user_metadata = parse_json("checkpoint user_metadata", meta)?;
     Ok(rec)
 }
 
@@ -231,13 +238,7 @@ impl Store {
             StateError::AlreadyExists { what: "training run", id: run.id.clone() },
         )?;
         Ok(RunRecord {
-            id: run.id.clone(),
-            owner: run.owner.clone(),
-            session_id: run.session_id.clone(),
-            base_model: run.base_model.clone(),
-            lora: run.lora,
-            optimizer_config: run.optimizer_config.clone(),
-            user_metadata: run.user_metadata.clone(),
+            spec: run.clone(),
             created_at: now,
             last_request_time: now,
             last_checkpoint: None,
@@ -359,18 +360,7 @@ impl Store {
         refresh_last(&tx, &c.run_id, c.checkpoint_type)?;
         tx.execute("UPDATE runs SET last_request_time = ?1 WHERE id = ?2", params![now, c.run_id])?;
         tx.commit()?;
-        Ok(CheckpointRecord {
-            run_id: c.run_id.clone(),
-            checkpoint_id: c.checkpoint_id.clone(),
-            owner: owner.to_string(),
-            checkpoint_type: c.checkpoint_type,
-            tinker_path: c.tinker_path.clone(),
-            created_at: now,
-            size_bytes: c.size_bytes,
-            user_metadata: c.user_metadata.clone(),
-            expires_at: c.expires_at,
-            public: c.public,
-        })
+        Ok(CheckpointRecord { spec: c.clone(), owner: owner.to_string(), created_at: now })
     }
 
     pub fn get_checkpoint(

@@ -18,15 +18,18 @@ pub struct NewSamplingSession {
     pub model_path: Option<String>,
 }
 
+/// A stored sampling session: what was created (read through `Deref`) and when.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingSessionRecord {
-    pub id: String,
-    pub session_id: String,
-    pub owner: String,
-    pub seq: u64,
-    pub base_model: String,
-    pub model_path: Option<String>,
+    pub spec: NewSamplingSession,
     pub created_at: i64,
+}
+
+impl std::ops::Deref for SamplingSessionRecord {
+    type Target = NewSamplingSession;
+    fn deref(&self) -> &NewSamplingSession {
+        &self.spec
+    }
 }
 
 impl Store {
@@ -67,18 +70,7 @@ impl Store {
             params![s.id, s.session_id, s.owner, to_i64(s.seq), s.base_model, s.model_path, now],
         )?;
         tx.commit()?;
-        Ok((
-            SamplingSessionRecord {
-                id: s.id.clone(),
-                session_id: s.session_id.clone(),
-                owner: s.owner.clone(),
-                seq: s.seq,
-                base_model: s.base_model.clone(),
-                model_path: s.model_path.clone(),
-                created_at: now,
-            },
-            true,
-        ))
+        Ok((SamplingSessionRecord { spec: s.clone(), created_at: now }, true))
     }
 
     pub fn get_sampling_session(
@@ -112,12 +104,14 @@ impl Store {
 
 fn read_sampling(r: &Row<'_>) -> rusqlite::Result<SamplingSessionRecord> {
     Ok(SamplingSessionRecord {
-        id: r.get(0)?,
-        session_id: r.get(1)?,
-        owner: r.get(2)?,
-        seq: r.get::<_, i64>(3)?.max(0) as u64,
-        base_model: r.get(4)?,
-        model_path: r.get(5)?,
+        spec: NewSamplingSession {
+            id: r.get(0)?,
+            session_id: r.get(1)?,
+            owner: r.get(2)?,
+            seq: r.get::<_, i64>(3)?.max(0) as u64,
+            base_model: r.get(4)?,
+            model_path: r.get(5)?,
+        },
         created_at: r.get(6)?,
     })
 }

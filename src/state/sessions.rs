@@ -34,20 +34,22 @@ impl NewSession {
     }
 }
 
-/// A stored session. Times are Unix milliseconds.
+/// A stored session: what was created (read through `Deref`) and what the store keeps. Times
+/// are Unix milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
-    pub id: String,
-    pub owner: String,
-    pub tags: Vec<String>,
-    pub user_metadata: Value,
-    pub sdk_version: Option<String>,
-    pub project_id: Option<String>,
-    pub display_name: Option<String>,
+    pub spec: NewSession,
     pub created_at: i64,
     pub last_heartbeat: i64,
     pub finished_at: Option<i64>,
     pub finish_reason: Option<String>,
+}
+
+impl std::ops::Deref for SessionRecord {
+    type Target = NewSession;
+    fn deref(&self) -> &NewSession {
+        &self.spec
+    }
 }
 
 const COLUMNS: &str = "id, owner, tags, user_metadata, sdk_version, project_id, display_name, \
@@ -58,13 +60,15 @@ type RawSession = (SessionRecord, String, Option<String>);
 fn read_row(r: &Row<'_>) -> rusqlite::Result<RawSession> {
     Ok((
         SessionRecord {
-            id: r.get(0)?,
-            owner: r.get(1)?,
-            tags: Vec::new(),
-            user_metadata: Value::Null,
-            sdk_version: r.get(4)?,
-            project_id: r.get(5)?,
-            display_name: r.get(6)?,
+            spec: NewSession {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                tags: Vec::new(),
+                user_metadata: Value::Null,
+                sdk_version: r.get(4)?,
+                project_id: r.get(5)?,
+                display_name: r.get(6)?,
+            },
             created_at: r.get(7)?,
             last_heartbeat: r.get(8)?,
             finished_at: r.get(9)?,
@@ -76,9 +80,9 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<RawSession> {
 }
 
 fn finish((mut rec, tags, meta): RawSession) -> Result<SessionRecord, StateError> {
-    rec.tags = serde_json::from_str(&tags)
+    rec.spec.tags = serde_json::from_str(&tags)
         .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
-    rec.user_metadata = parse_json("session user_metadata", meta)?;
+    rec.spec.user_metadata = parse_json("session user_metadata", meta)?;
     Ok(rec)
 }
 
@@ -95,13 +99,7 @@ impl Store {
             StateError::AlreadyExists { what: "session", id: s.id.clone() },
         )?;
         Ok(SessionRecord {
-            id: s.id.clone(),
-            owner: s.owner.clone(),
-            tags: s.tags.clone(),
-            user_metadata: s.user_metadata.clone(),
-            sdk_version: s.sdk_version.clone(),
-            project_id: s.project_id.clone(),
-            display_name: s.display_name.clone(),
+            spec: s.clone(),
             created_at: now,
             last_heartbeat: now,
             finished_at: None,

@@ -89,7 +89,7 @@ async fn save_named(
         }
         Plan::run(Job::on_model(
             request_id,
-            run.base_model,
+            run.spec.base_model,
             Request::Save(call),
             Finish::Checkpoint { owner, ckpt: Box::new(ckpt), overwrite, result },
         ))
@@ -160,7 +160,12 @@ pub(super) async fn save_weights_for_sampler(
                     session: Box::new(session),
                     result: json!({"path": null, "sampling_session_id": sid}),
                 };
-                Plan::run(Job::on_model(request_id, run.base_model, Request::Save(call), finish))
+                Plan::run(Job::on_model(
+                    request_id,
+                    run.spec.base_model,
+                    Request::Save(call),
+                    finish,
+                ))
             })
             .await
         }
@@ -199,7 +204,7 @@ pub(super) async fn load_weights(
             submit(&app, sub, |request_id| {
                 Plan::run(Job::on_model(
                     request_id,
-                    run.base_model,
+                    run.spec.base_model,
                     Request::Load(call),
                     Finish::Json(result),
                 ))

@@ -142,5 +142,5 @@ async fn weights_info(
         train_attn: run.lora.train_attn,
     };
     let opt: Option<OptimizerConfig> = serde_json::from_value(run.optimizer_config.clone()).ok();
-    Ok(HttpResponse::Ok().json(WeightsInfoResponse::lora(run.base_model, &lora, opt)))
+    Ok(HttpResponse::Ok().json(WeightsInfoResponse::lora(run.spec.base_model, &lora, opt)))
 }

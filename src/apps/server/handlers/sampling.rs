@@ -43,7 +43,7 @@ async fn create_sampling_session(
             let tp = TinkerPath::parse(p)?;
             let (o, run, cid) = (owner.clone(), tp.run_id.clone(), tp.checkpoint_id());
             app.disp.db(move |s| s.get_checkpoint(&o, &run, &cid)).await?;
-            owned_run(&app, &owner, &tp.run_id).await?.base_model
+            owned_run(&app, &owner, &tp.run_id).await?.spec.base_model
         }
         (None, Some(b)) => {
             app.disp.up.model_for(b).await?;
@@ -74,9 +74,9 @@ async fn get_sampler(
     let id = path.into_inner();
     let rec = app.disp.db(move |s| s.get_sampling_session(&owner, &id)).await?;
     Ok(HttpResponse::Ok().json(GetSamplerResponse {
-        sampler_id: rec.id,
-        base_model: rec.base_model,
-        model_path: rec.model_path,
+        sampler_id: rec.spec.id,
+        base_model: rec.spec.base_model,
+        model_path: rec.spec.model_path,
     }))
 }
 
@@ -162,7 +162,7 @@ async fn asample(
         Plan::run(Job {
             request_id,
             app_kind,
-            base_model: session.base_model,
+            base_model: session.spec.base_model,
             call: Request::Sample(call),
             finish: Finish::Answer,
         })

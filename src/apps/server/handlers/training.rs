@@ -344,7 +344,7 @@ async fn forward_backward(
     submit(&app, sub, |request_id| {
         Plan::run(Job::on_model(
             request_id,
-            run.base_model,
+            run.spec.base_model,
             Request::ForwardBackward(call),
             Finish::Answer,
         ))
@@ -372,7 +372,7 @@ async fn optim_step(
     submit(&app, sub, |request_id| {
         Plan::run(Job::on_model(
             request_id,
-            run.base_model,
+            run.spec.base_model,
             Request::OptimStep(call),
             Finish::Answer,
         ))
