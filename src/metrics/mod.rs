@@ -18,6 +18,7 @@ pub mod request;
 pub mod scrape;
 pub mod status;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -85,7 +86,14 @@ fn seconds_histogram() -> Histogram {
 
 /// Every live instrument of this process.
 pub struct Metrics {
+    /// HTTP and gateway families: every process serves HTTP.
     registry: Registry,
+    /// Model families, exported once this process serves model jobs ([`Role::Model`]).
+    model_registry: Registry,
+    /// Server application families ([`Role::Server`]).
+    server_registry: Registry,
+    model_role: AtomicBool,
+    server_role: AtomicBool,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Histograms<RouteLabels>,
     pub gateway_requests: Family<UpstreamLabels, Counter>,
@@ -109,6 +117,14 @@ pub struct Metrics {
     pub server_jobs_queued: Gauge,
 }
 
+/// What a process serves, beyond HTTP: which families its scrape exports (a gateway has no
+/// model queue, so it shows none rather than a constant 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Model,
+    Server,
+}
+
 /// A family of latency histograms with the same buckets.
 fn histograms<L: Clone + std::hash::Hash + Eq>() -> Histograms<L> {
     Family::new_with_constructor(seconds_histogram)
@@ -129,7 +145,9 @@ fn reg<M: prometheus_client::registry::Metric + Clone>(
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::default();
-        let r = &mut registry;
+        let mut model_registry = Registry::default();
+        let mut server_registry = Registry::default();
+        let (r, m, s) = (&mut registry, &mut model_registry, &mut server_registry);
         // Names carry their unit; the crate adds `_total` to counters.
         Metrics {
             http_requests: reg(
@@ -157,52 +175,65 @@ impl Metrics {
                 histograms(),
             ),
             model_queue_depth: reg(
-                r,
+                m,
                 "twinkle_model_queue_depth",
                 "Model jobs accepted and waiting for a compute thread",
                 Gauge::default(),
             ),
             model_jobs_running: reg(
-                r,
+                m,
                 "twinkle_model_jobs_running",
                 "Model jobs computing now",
                 Gauge::default(),
             ),
-            model_jobs: reg(r, "twinkle_model_jobs", "Model jobs finished", Family::default()),
+            model_jobs: reg(m, "twinkle_model_jobs", "Model jobs finished", Family::default()),
             model_job_duration: reg(
-                r,
+                m,
                 "twinkle_model_job_duration_seconds",
                 "Model job latency from acceptance to answer",
                 histograms(),
             ),
             engine_step: reg(
-                r,
+                m,
                 "twinkle_engine_step_seconds",
                 "Engine compute time of one job",
                 histograms(),
             ),
-            tokens: reg(r, "twinkle_model_tokens", "Tokens processed", Family::default()),
+            tokens: reg(m, "twinkle_model_tokens", "Tokens processed", Family::default()),
             tokens_per_second: reg(
-                r,
+                m,
                 "twinkle_engine_tokens_per_second",
                 "Tokens per second of the last job of each operation",
                 Family::default(),
             ),
-            adapters: reg(r, "twinkle_model_adapters", "LoRA adapters by place", Family::default()),
+            adapters: reg(m, "twinkle_model_adapters", "LoRA adapters by place", Family::default()),
             futures_pending: reg(
-                r,
+                s,
                 "twinkle_server_futures_pending",
                 "Futures pending or running",
                 Gauge::default(),
             ),
             server_jobs_queued: reg(
-                r,
+                s,
                 "twinkle_server_jobs_queued",
                 "Jobs waiting in the server's per-run queues",
                 Gauge::default(),
             ),
             registry,
+            model_registry,
+            server_registry,
+            model_role: AtomicBool::new(false),
+            server_role: AtomicBool::new(false),
         }
+    }
+
+    /// This process serves `role`: its families are exported from now on.
+    pub fn serves(&self, role: Role) {
+        let flag = match role {
+            Role::Model => &self.model_role,
+            Role::Server => &self.server_role,
+        };
+        flag.store(true, Ordering::Relaxed);
     }
 
     /// Records one finished model job: its latency, compute time and tokens.
@@ -232,6 +263,12 @@ impl Metrics {
         drop(hooks);
         let mut out = String::new();
         prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
+        if self.model_role.load(Ordering::Relaxed) {
+            prometheus_client::encoding::text::encode_registry(&mut out, &self.model_registry)?;
+        }
+        if self.server_role.load(Ordering::Relaxed) {
+            prometheus_client::encoding::text::encode_registry(&mut out, &self.server_registry)?;
+        }
         out.push_str(&process::render());
         prometheus_client::encoding::text::encode_eof(&mut out)?;
         Ok(out)
@@ -275,6 +312,8 @@ mod tests {
     #[test]
     fn jobs_feed_counters_histograms_and_rates() {
         let m = Metrics::new();
+        assert!(!m.encode().expect("encodes").contains("twinkle_model_jobs"));
+        m.serves(Role::Model);
         m.record_job(
             "forward_backward",
             true,

@@ -85,6 +85,7 @@ where
         sent.decode(body).map_err(|e| AppError::BadRequest(format!("{}: {e}", C::ROUTE)))?;
     let route = C::ROUTE;
     let metrics = crate::metrics::global();
+    metrics.serves(crate::metrics::Role::Model);
     let accepted = std::time::Instant::now();
     // The blocking pool does not inherit the request's span: carry it, so the job's log lines
     // name the request id too.
@@ -263,6 +264,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn ModelApp>, token: Inter
     // weak handle: the metrics never keep the service alive).
     static ADAPTER_GAUGES: std::sync::Once = std::sync::Once::new();
     let counted = Arc::downgrade(&svc);
+    crate::metrics::global().serves(crate::metrics::Role::Model);
     ADAPTER_GAUGES.call_once(move || {
         crate::metrics::on_scrape(Box::new(move |m| {
             let Some(svc) = counted.upgrade() else { return };

@@ -269,6 +269,7 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
     let store = Arc::new(store);
     // Read on each scrape (a weak handle: the metrics never keep the store alive).
     let counted = Arc::downgrade(&store);
+    crate::metrics::global().serves(crate::metrics::Role::Server);
     crate::metrics::on_scrape(Box::new(move |m| {
         if let Some(n) = counted.upgrade().and_then(|s| s.count_all_unfinished().ok()) {
             m.futures_pending.set(i64::try_from(n).unwrap_or(i64::MAX));
