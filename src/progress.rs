@@ -77,10 +77,10 @@ impl Progress {
         }
     }
 
-    /// Ends the bar (it stays on screen with its final count).
+    /// Ends the bar (cleared, so the result printed after it starts on a clean line).
     pub fn finish(&self) {
         if let Out::Bar(bar) = &*self.out.lock().unwrap_or_else(|p| p.into_inner()) {
-            bar.finish();
+            bar.finish_and_clear();
         }
     }
 }
