@@ -259,40 +259,9 @@ fn status(json: bool, address: Option<String>, watch: Option<f64>) -> anyhow::Re
             (rec.control_address, rec.token)
         }
     };
-    let system = actix_web::rt::System::new();
-    let show = |view: &twinkle::head::status_cli::StatusView| -> anyhow::Result<String> {
-        Ok(if json {
-            format!("{}\n", serde_json::to_string_pretty(view)?)
-        } else {
-            twinkle::head::status_cli::render_view(view)
-        })
-    };
-    let Some(every) = watch else {
-        let view = system.block_on(twinkle::head::status_cli::fetch_view(&addr, &token))?;
-        print!("{}", show(&view)?);
-        return Ok(());
-    };
-    use std::io::{IsTerminal as _, Write as _};
-    let terminal = std::io::stdout().is_terminal();
-    let every =
-        std::time::Duration::from_secs_f64(if every.is_finite() { every.max(0.2) } else { 2.0 });
-    loop {
-        // A head that stops answering is shown as such, and watched until it answers again.
-        let text = match system.block_on(twinkle::head::status_cli::fetch_view(&addr, &token)) {
-            Ok(view) => show(&view)?,
-            Err(e) => format!("twinkle status: {e}\n"),
-        };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        let frame =
-            twinkle::head::status_cli::watch_frame(&text, terminal, now.map_or(0, |d| d.as_secs()));
-        // A closed stdout (`| head`) ends the watch quietly.
-        let mut out = std::io::stdout().lock();
-        if out.write_all(frame.as_bytes()).and_then(|()| out.flush()).is_err() {
-            return Ok(());
-        }
-        drop(out);
-        std::thread::sleep(every);
-    }
+    let every = watch
+        .map(|s| std::time::Duration::from_secs_f64(if s.is_finite() { s.max(0.2) } else { 2.0 }));
+    Ok(twinkle::head::status_cli::show(&addr, &token, json, every)?)
 }
 
 fn main() -> ExitCode {

@@ -96,6 +96,44 @@ pub fn render(s: &StatusReport) -> String {
     render_view(&StatusView { report: s.clone(), queues: BTreeMap::new() })
 }
 
+/// The status as text (or pretty JSON).
+fn text_of(view: &StatusView, json: bool) -> String {
+    if json {
+        // A plain data struct serialises whatever its values.
+        format!("{}\n", serde_json::to_string_pretty(view).unwrap_or_default())
+    } else {
+        render_view(view)
+    }
+}
+
+/// `twinkle status`: prints the status once, or with `every` again and again (`--watch`) until
+/// stdout closes. A head that stops answering is shown as such while watched.
+pub fn show(addr: &str, token: &str, json: bool, every: Option<Duration>) -> Result<(), HeadError> {
+    use std::io::{IsTerminal as _, Write as _};
+    let system = actix_web::rt::System::new();
+    let Some(every) = every else {
+        let view = system.block_on(fetch_view(addr, token))?;
+        print!("{}", text_of(&view, json));
+        return Ok(());
+    };
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let text = match system.block_on(fetch_view(addr, token)) {
+            Ok(view) => text_of(&view, json),
+            Err(e) => format!("twinkle status: {e}\n"),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        let frame = watch_frame(&text, terminal, now.map_or(0, |d| d.as_secs()));
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (`| head`) ends the watch quietly.
+        if out.write_all(frame.as_bytes()).and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+        drop(out);
+        std::thread::sleep(every);
+    }
+}
+
 /// One `--watch` frame: on a terminal the screen is cleared and redrawn in place; otherwise
 /// frames follow each other, each headed by the time it was taken.
 pub fn watch_frame(text: &str, terminal: bool, unix_s: u64) -> String {

@@ -275,6 +275,29 @@ impl Metrics {
     }
 }
 
+/// A job counted in a gauge until it leaves (or is dropped: a job the blocking pool refused,
+/// or one whose compute panicked), so the gauge never drifts.
+pub struct GaugeSlot(Option<&'static Gauge>);
+
+impl GaugeSlot {
+    pub fn enter(g: &'static Gauge) -> Self {
+        g.inc();
+        GaugeSlot(Some(g))
+    }
+
+    pub fn leave(&mut self) {
+        if let Some(g) = self.0.take() {
+            g.dec();
+        }
+    }
+}
+
+impl Drop for GaugeSlot {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// A gauge refreshed when this process is scraped.
 pub type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 

@@ -90,11 +90,11 @@ where
     // The blocking pool does not inherit the request's span: carry it, so the job's log lines
     // name the request id too.
     let span = tracing::Span::current();
-    let mut queued = GaugeSlot::enter(&metrics.model_queue_depth);
+    let mut queued = crate::metrics::GaugeSlot::enter(&metrics.model_queue_depth);
     blocking_encoded(answer, move || {
         let _in_request = span.enter();
         queued.leave();
-        let running = GaugeSlot::enter(&metrics.model_jobs_running);
+        let running = crate::metrics::GaugeSlot::enter(&metrics.model_jobs_running);
         // The compute alone (no HTTP, no decoding): scripts/bench_api.py subtracts it.
         let started = std::time::Instant::now();
         let out = f(call);
@@ -107,29 +107,6 @@ where
         out
     })
     .await
-}
-
-/// A job counted in a gauge until it leaves (or is dropped: a job the blocking pool refused,
-/// or one whose compute panicked), so the gauge never drifts.
-struct GaugeSlot(Option<&'static prometheus_client::metrics::gauge::Gauge>);
-
-impl GaugeSlot {
-    fn enter(g: &'static prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        GaugeSlot(Some(g))
-    }
-
-    fn leave(&mut self) {
-        if let Some(g) = self.0.take() {
-            g.dec();
-        }
-    }
-}
-
-impl Drop for GaugeSlot {
-    fn drop(&mut self) {
-        self.leave();
-    }
 }
 
 /// Body size limit of the internal routes.
