@@ -121,7 +121,8 @@ fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
         let total = format!("twinkle_gpu_memory_total_bytes{labels} {}\n", mib("memory_total_mib"));
         ensure!(scrape.contains(&used) && scrape.contains(&total), "card {id}:\n{scrape}");
         let util = format!("twinkle_gpu_utilization_ratio{labels} ");
-        ensure!(scrape.contains(&util) == !g["utilization_pct"].is_null(), "card {id}:\n{scrape}");
+        let reported = g["utilization_pct"].is_u64();
+        ensure!(scrape.contains(&util) == reported, "card {id}:\n{scrape}");
     }
     ensure!(
         scrape.contains("twinkle_gpu_utilization_ratio{node=\"") && scrape.contains("} 0.37\n")
