@@ -203,6 +203,19 @@ pub fn render_view(v: &StatusView) -> String {
             a.address.as_deref().unwrap_or("-"),
             a.route_prefix
         );
+        // Its cards' live figures, next to it (the node section lists every card).
+        let cards: Vec<String> = s
+            .nodes
+            .iter()
+            .flat_map(|n| &n.gpus)
+            .filter(|g| g.app.as_deref() == Some(a.name.as_str()))
+            .map(|g| {
+                format!("{} {} {}", g.id, gpu_table::fmt_memory(g), gpu_table::fmt_util(g).trim())
+            })
+            .collect();
+        if !cards.is_empty() {
+            let _ = writeln!(out, "   cards: {}", cards.join(", "));
+        }
         if let Some(how) = &a.last_exit {
             let _ = writeln!(out, "   last exit: {how}");
         }
@@ -303,6 +316,7 @@ mod tests {
         for line in gpu_lines {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
+        assert!(text.contains("   cards: 0 1234/81559 MiB 37%\n"), "{text}");
     }
 
     #[test]
