@@ -203,12 +203,13 @@ pub fn render_view(v: &StatusView) -> String {
             a.address.as_deref().unwrap_or("-"),
             a.route_prefix
         );
-        // Its cards' live figures, next to it (the node section lists every card).
+        // Its cards' live figures, next to it, where NVML has them (the node section lists
+        // every card, `n/a` included).
         let cards: Vec<String> = s
             .nodes
             .iter()
             .flat_map(|n| &n.gpus)
-            .filter(|g| g.app.as_deref() == Some(a.name.as_str()))
+            .filter(|g| g.app.as_deref() == Some(a.name.as_str()) && g.memory_total_mib.is_some())
             .map(|g| {
                 format!("{} {} {}", g.id, gpu_table::fmt_memory(g), gpu_table::fmt_util(g).trim())
             })
