@@ -46,18 +46,9 @@ pub struct GatewayState {
 }
 
 /// Binds `host:port` and builds the gateway server (not yet awaited). Signals are left to the
-/// caller, which stops it through its handle.
+/// caller, which stops it through its handle. `status_metrics`: the head's families for
+/// `GET /metrics`, where a head runs beside this gateway.
 pub fn start(
-    host: &str,
-    port: u16,
-    routes: RouteTable,
-    upstreams: Upstreams,
-) -> Result<(Server, SocketAddr), GatewayError> {
-    start_with_metrics(host, port, routes, upstreams, None)
-}
-
-/// [`start`], with the source of the head's families for `GET /metrics`.
-pub fn start_with_metrics(
     host: &str,
     port: u16,
     routes: RouteTable,

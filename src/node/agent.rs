@@ -244,8 +244,7 @@ impl Agent {
             let up = self.routes_view.clone();
             // `/metrics` adds this node's own registry: its children's states, restarts, cards.
             let head = Some(crate::metrics::status::source(self.local.clone()));
-            gateway::start_with_metrics(&config.http_options.host, port, r, up, head)
-                .map_err(|e| e.to_string())
+            gateway::start(&config.http_options.host, port, r, up, head).map_err(|e| e.to_string())
         });
         match started {
             Ok((srv, addr)) => {

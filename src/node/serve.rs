@@ -277,13 +277,8 @@ impl Running {
             control::start(reg.clone(), self.opts.control_port, internal_token())?;
         let http = &self.config.http_options;
         let head_metrics = Some(crate::metrics::status::source(reg.clone()));
-        let (gateway_srv, gateway_addr) = gateway::start_with_metrics(
-            &http.host,
-            http.port,
-            self.routes,
-            upstreams,
-            head_metrics,
-        )?;
+        let (gateway_srv, gateway_addr) =
+            gateway::start(&http.host, http.port, self.routes, upstreams, head_metrics)?;
         reg.do_send(SetAddresses {
             control: control_addr.to_string(),
             gateway: gateway_addr.to_string(),
