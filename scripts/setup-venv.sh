@@ -25,6 +25,7 @@ VENV="${TWINKLE_VENV:-$HOME/.cache/twinkle/venv}"
 REQUIREMENTS=(
   "nvidia-cuda-nvrtc-cu12==12.8.93"
   "tinker==0.38.0"
+  "prometheus-client==0.26.0"
   "filelock" "sympy==1.13.1" "networkx" "jinja2" "fsspec" "typing-extensions" "numpy"
   "nvidia-cuda-runtime-cu12==12.4.127" "nvidia-cuda-cupti-cu12==12.4.127"
   "nvidia-cublas-cu12==12.4.5.8" "nvidia-cudnn-cu12==9.1.0.70" "nvidia-cufft-cu12==11.2.1.3"
@@ -48,7 +49,7 @@ if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
   pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
   "${pip[@]}" --no-deps "$TORCH" >&2
   "${pip[@]}" "${REQUIREMENTS[@]}" >&2
-  "$VENV/bin/python" -c 'import tinker, torch; torch.ones(2) @ torch.ones(2)' >&2
+  "$VENV/bin/python" -c 'import tinker, torch, prometheus_client; torch.ones(2) @ torch.ones(2)' >&2
   printf '%s\n' "$wanted" >"$stamp"
 fi
 

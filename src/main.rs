@@ -17,7 +17,16 @@ use cli_bench::{BenchCommand, bench};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as one JSON object per line (children inherit it).
+    #[arg(long, global = true, value_enum, env = twinkle::metrics::logging::LOG_FORMAT_ENV,
+          default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
+
+use twinkle::metrics::logging::LogFormat;
+
+/// The `--log-format` of this invocation (set once, first thing in `main`).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -117,6 +126,9 @@ enum Command {
         /// Control address `HOST:PORT` (default: from `$TWINKLE_HOME/serve.json`).
         #[arg(long)]
         address: Option<String>,
+        /// Refresh every N seconds (default 2), in place on a terminal; Ctrl-C to stop.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Write a small deterministic random model (real Qwen3 tokenizer) into a directory.
     GenerateModel {
@@ -259,21 +271,13 @@ impl From<ImportPathArg> for twinkle::config::ImportPath {
     }
 }
 
-/// Logs to stderr. A bare level (`info`) also quiets actix's per-worker start/stop lines.
+/// Logs to stderr at `level` in this invocation's `--log-format`.
 fn init_logging(level: &str) {
-    use std::io::IsTerminal as _;
-    let spec =
-        if level.contains('=') { level.to_string() } else { format!("{level},actix_server=warn") };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let format = LOG_FORMAT.get().copied().unwrap_or_default();
+    twinkle::metrics::logging::init(level, format);
 }
 
-fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
+fn status(json: bool, address: Option<String>, watch: Option<f64>) -> anyhow::Result<()> {
     let home = twinkle::head::state_file::twinkle_home();
     let cluster = twinkle::head::cluster_record::read_cluster(&home);
     // Status needs a token: the cluster's for a cluster head, else the serve's own.
@@ -293,18 +297,21 @@ fn status(json: bool, address: Option<String>) -> anyhow::Result<()> {
             (rec.control_address, rec.token)
         }
     };
-    let report =
-        actix_web::rt::System::new().block_on(twinkle::head::status_cli::fetch(&addr, &token))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", twinkle::head::status_cli::render(&report));
-    }
-    Ok(())
+    let every = watch
+        .map(|s| std::time::Duration::from_secs_f64(if s.is_finite() { s.max(0.2) } else { 2.0 }));
+    Ok(twinkle::head::status_cli::show(&addr, &token, json, every)?)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.log_format != LogFormat::Text {
+        // SAFETY: nothing else runs yet (no thread has started), so no one reads the
+        // environment concurrently; the children `serve` forks inherit the format from it.
+        unsafe {
+            std::env::set_var(twinkle::metrics::logging::LOG_FORMAT_ENV, cli.log_format.as_str())
+        };
+    }
+    let _ = LOG_FORMAT.set(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => {
             match twinkle::config::load_file_with_warnings(&config) {
@@ -430,7 +437,7 @@ fn main() -> ExitCode {
             println!("Stopped {n} twinkle node agent(s) on this machine.");
             ExitCode::SUCCESS
         }
-        Command::Status { json, address } => match status(json, address) {
+        Command::Status { json, address, watch } => match status(json, address, watch) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("twinkle status: {e}");
@@ -554,6 +561,7 @@ fn start_node(head: bool, address: Option<String>, port: u16, node: NodeArgs) ->
 
 fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
     let mut ok = true;
+    let progress = twinkle::progress::Progress::new("verify-golden", dirs.len() as u64);
     for dir in dirs {
         match twinkle::engine::golden::verify(dir) {
             Ok(report) => {
@@ -565,6 +573,8 @@ fn verify_golden(dirs: &[PathBuf]) -> ExitCode {
                 ok = false;
             }
         }
+        progress.advance(1, &dir.display().to_string());
     }
+    progress.finish();
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -108,6 +108,25 @@ fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
         ensure!(line.contains(&util), "{line}");
         ensure!(line.ends_with(g["app"].as_str().unwrap_or("-")), "{line}");
     }
+
+    // The gateway's Prometheus scrape has the same figures, per card, in bytes and ratios; a
+    // card whose utilisation NVML does not report has no utilisation sample.
+    let scrape = String::from_utf8(get(&serve.gateway, "/metrics")?.body)?;
+    let node = st["nodes"][0]["id"].as_str().unwrap_or_default();
+    for (id, g) in gpus.iter().enumerate() {
+        let labels =
+            format!("{{node=\"{node}\",gpu=\"{id}\",app=\"{}\"}}", g["app"].as_str().unwrap_or(""));
+        let mib = |k: &str| g[k].as_u64().unwrap_or_default() * 1024 * 1024;
+        let used = format!("twinkle_gpu_memory_used_bytes{labels} {}\n", mib("memory_used_mib"));
+        let total = format!("twinkle_gpu_memory_total_bytes{labels} {}\n", mib("memory_total_mib"));
+        ensure!(scrape.contains(&used) && scrape.contains(&total), "card {id}:\n{scrape}");
+        let util = format!("twinkle_gpu_utilization_ratio{labels} ");
+        let reported = g["utilization_pct"].is_u64();
+        ensure!(scrape.contains(&util) == reported, "card {id}:\n{scrape}");
+    }
+    ensure!(
+        scrape.contains("twinkle_gpu_utilization_ratio{node=\"") && scrape.contains("} 0.37\n")
+    );
     Ok(())
 }
 

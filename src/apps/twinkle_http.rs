@@ -83,11 +83,27 @@ async fn run<T: Ops, const GEN1: bool>(
         let caller = ops.auth().caller(&req)?;
         let body = crate::protocol::twinkle::wire::body_object(&body)?;
         let ops = ops.get_ref().clone();
+        // The job's log lines keep the request's span (and id) on the blocking pool; it is
+        // counted like the internal API's jobs, a failed one under `twinkle` (the op a client
+        // named may not exist, and labels stay bounded).
+        let span = tracing::Span::current();
+        let metrics = crate::metrics::global();
+        metrics.serves(crate::metrics::Role::Model);
+        let accepted = std::time::Instant::now();
+        let mut queued = crate::metrics::GaugeSlot::enter(&metrics.model_queue_depth);
         web::block(move || {
-            unwind_safe(
+            let _in_request = span.enter();
+            queued.leave();
+            let running = crate::metrics::GaugeSlot::enter(&metrics.model_jobs_running);
+            let started = std::time::Instant::now();
+            let out = unwind_safe(
                 || ops.call(Call { g, op: &op, caller: &caller, body: &body }),
                 |m| TwinkleError::Internal(format!("the `{op}` job panicked: {m}")),
-            )
+            );
+            drop(running);
+            let label = if out.is_ok() { op.as_str() } else { "twinkle" };
+            metrics.record_job(label, out.is_ok(), accepted.elapsed(), started.elapsed(), 0);
+            out
         })
         .await
         .map_err(|e| TwinkleError::Internal(format!("compute task failed: {e}")))?

@@ -121,6 +121,8 @@ pub fn train(
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
+    let progress =
+        crate::progress::Progress::new("bench train (cuda)", (opts.warmup + opts.steps) as u64);
     for step in 0..opts.warmup + opts.steps {
         let timed = step >= opts.warmup;
         let t0 = Instant::now();
@@ -136,7 +138,9 @@ pub fn train(
             t_fb += (t2 - t1).as_secs_f64();
             t_opt += (t3 - t2).as_secs_f64();
         }
+        progress.advance(1, if timed { "step" } else { "warm-up" });
     }
+    progress.finish();
     let n = opts.steps.max(1) as f64;
     let lora_params = ad.num_params();
     let r = TrainReport {
@@ -200,6 +204,7 @@ pub fn sample(
     let mut picks = model.select_tokens(&logits, &params, &draws)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut step_s = Vec::with_capacity(opts.max_tokens);
+    let progress = crate::progress::Progress::new("bench sample (cuda)", opts.max_tokens as u64);
     for _ in 0..opts.max_tokens {
         let next: Vec<[u32; 1]> = picks.iter().map(|p| [p.0]).collect();
         let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
@@ -208,7 +213,9 @@ pub fn sample(
         picks = model.select_tokens(&logits, &params, &draws)?;
         dev.synchronize()?;
         step_s.push(t.elapsed().as_secs_f64());
+        progress.advance(1, "decode step");
     }
+    progress.finish();
     let r = SampleReport {
         batch: opts.batch,
         prompt: opts.prompt,

@@ -132,6 +132,7 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
     let adam = AdamParams::default();
     let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
     let mut phases: Vec<(&'static str, f64)> = Vec::new();
+    let progress = crate::progress::Progress::new("bench train", (opts.warmup + opts.steps) as u64);
     for step in 0..opts.warmup + opts.steps {
         let timed = step >= opts.warmup;
         let t0 = Instant::now();
@@ -155,7 +156,9 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
             t_fb += (t2 - t1).as_secs_f64();
             t_opt += (t3 - t2).as_secs_f64();
         }
+        progress.advance(1, if timed { "step" } else { "warm-up" });
     }
+    progress.finish();
     let n = opts.steps as f64;
     // TWINKLE_PROFILE=1: where one forward_backward spends its time (stderr, not the report).
     for (name, s) in &phases {
@@ -198,13 +201,16 @@ pub fn sample(model: &Model, opts: &SampleOptions) -> Result<SampleReport, Bench
     let mut logits = model.forward_cached(None, &refs, &mut caches)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut step_s = Vec::with_capacity(opts.max_tokens);
+    let progress = crate::progress::Progress::new("bench sample", opts.max_tokens as u64);
     for _ in 0..opts.max_tokens {
         let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
         let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
         let t = Instant::now();
         logits = model.forward_cached(None, &refs, &mut caches)?;
         step_s.push(t.elapsed().as_secs_f64());
+        progress.advance(1, "decode step");
     }
+    progress.finish();
     Ok(SampleReport {
         batch: opts.batch,
         prompt: opts.prompt,

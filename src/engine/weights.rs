@@ -52,8 +52,9 @@ impl WeightStore {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let mut store = WeightStore::default();
+        // Start-up loading reports its progress (a bar on a terminal, else periodic lines).
         if single.is_file() {
-            store.load_file(&single)?;
+            store.load_file_reporting(&single, true)?;
         } else if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
@@ -65,7 +66,7 @@ impl WeightStore {
             files.sort_unstable();
             files.dedup();
             for f in files {
-                store.load_file(&dir.join(f))?;
+                store.load_file_reporting(&dir.join(f), true)?;
             }
         } else {
             return Err(EngineError::Config(format!(
@@ -78,6 +79,11 @@ impl WeightStore {
 
     /// Reads every tensor of one file (bf16 kept as bf16, everything else converted to f32).
     pub fn load_file(&mut self, path: &Path) -> Result<()> {
+        self.load_file_reporting(path, false)
+    }
+
+    /// [`Self::load_file`], showing a progress per tensor when `report`.
+    fn load_file_reporting(&mut self, path: &Path, report: bool) -> Result<()> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         // SAFETY: the file is only read; a concurrent truncation by another process is the one
         // hazard of any mmap and is outside what a model directory is expected to suffer.
@@ -86,7 +92,14 @@ impl WeightStore {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        let progress = if report {
+            let file = path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+            crate::progress::Progress::new(&format!("loading {file}"), st.len() as u64)
+        } else {
+            crate::progress::Progress::quiet()
+        };
         for (name, view) in st.iter() {
+            progress.advance(1, name);
             let shape = view.shape().to_vec();
             let stored = if view.dtype() == Dtype::BF16 {
                 let data: Vec<bf16> = view
@@ -107,6 +120,7 @@ impl WeightStore {
             };
             self.tensors.insert(name.to_string(), stored);
         }
+        progress.finish();
         Ok(())
     }
 

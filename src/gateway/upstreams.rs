@@ -98,4 +98,16 @@ impl Upstreams {
     pub fn readiness(&self) -> ReadyReport {
         self.0.borrow().ready.clone()
     }
+
+    /// Every running application with its address (what the gateway's `/metrics` scrapes).
+    pub fn running(&self) -> Vec<(String, String)> {
+        let view = self.0.borrow();
+        view.upstreams
+            .iter()
+            .filter_map(|(app, u)| match u {
+                Upstream::At(addr) => Some((app.clone(), addr.clone())),
+                _ => None,
+            })
+            .collect()
+    }
 }

@@ -3,7 +3,8 @@
 //! `GET /v1/status` lists pids, ports and cards, so it needs the serve's internal token in
 //! `x-twinkle-token` (`twinkle status` reads it from `$TWINKLE_HOME/serve.json`, children have
 //! it in their environment); `/healthz` is bare liveness, and `/v1/register` and `/v1/progress`
-//! (a child downloading its model) check the child token in their body.
+//! (a child downloading its model) check the child token in their body. The status adds
+//! `queues`: each running child's queue depth, read from its `/metrics`.
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -83,9 +84,18 @@ async fn status(
                                from $TWINKLE_HOME/serve.json")
         }));
     }
-    match reg.send(Snapshot).await {
-        Ok(report) => HttpResponse::Ok().json(report),
-        Err(_) => shutting_down(),
+    let report = match reg.send(Snapshot).await {
+        Ok(report) => report,
+        Err(_) => return shutting_down(),
+    };
+    // Each running child's queue depth, from its own scrape (left out when it does not answer).
+    let queues = crate::metrics::scrape::queue_depths(&report).await;
+    match serde_json::to_value(&report) {
+        Ok(mut v) => {
+            v["queues"] = json!(queues);
+            HttpResponse::Ok().json(v)
+        }
+        Err(e) => HttpResponse::InternalServerError().json(json!({"detail": e.to_string()})),
     }
 }
 

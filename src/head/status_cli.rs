@@ -1,15 +1,34 @@
-//! `twinkle status`: asks the head for its status and prints it like `ray status`.
+//! `twinkle status`: asks the head for its status and prints it like `ray status`
+//! (`--watch`: again every few seconds, redrawn in place on a terminal).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::HeadError;
 use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
 
+/// The status with each running application's queue depth (jobs waiting or computing), which
+/// the serve's head adds from the children's scrapes (a cluster head has none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub report: StatusReport,
+    #[serde(default)]
+    pub queues: BTreeMap<String, u64>,
+}
+
 /// GETs `http://{addr}/v1/status` with `token` (the serve's internal token or the cluster
 /// token; must run inside an actix/tokio runtime).
 pub async fn fetch(addr: &str, token: &str) -> Result<StatusReport, HeadError> {
+    fetch_view(addr, token).await.map(|v| v.report)
+}
+
+/// [`fetch`] with the queue depths.
+pub async fn fetch_view(addr: &str, token: &str) -> Result<StatusView, HeadError> {
     let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
     let url = format!("http://{addr}/v1/status");
     let unreachable = |detail: String| HeadError::Unreachable { addr: addr.to_string(), detail };
@@ -74,6 +93,60 @@ fn render_gpus(out: &mut String, gpus: &[GpuStatus]) {
 /// The human-readable report: nodes with totals and per-application allocations, then one
 /// line per application.
 pub fn render(s: &StatusReport) -> String {
+    render_view(&StatusView { report: s.clone(), queues: BTreeMap::new() })
+}
+
+/// The status as text (or pretty JSON).
+fn text_of(view: &StatusView, json: bool) -> String {
+    if json {
+        // A plain data struct serialises whatever its values.
+        format!("{}\n", serde_json::to_string_pretty(view).unwrap_or_default())
+    } else {
+        render_view(view)
+    }
+}
+
+/// `twinkle status`: prints the status once, or with `every` again and again (`--watch`) until
+/// stdout closes. A head that stops answering is shown as such while watched.
+pub fn show(addr: &str, token: &str, json: bool, every: Option<Duration>) -> Result<(), HeadError> {
+    use std::io::{IsTerminal as _, Write as _};
+    let system = actix_web::rt::System::new();
+    let Some(every) = every else {
+        let view = system.block_on(fetch_view(addr, token))?;
+        print!("{}", text_of(&view, json));
+        return Ok(());
+    };
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let text = match system.block_on(fetch_view(addr, token)) {
+            Ok(view) => text_of(&view, json),
+            Err(e) => format!("twinkle status: {e}\n"),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        let frame = watch_frame(&text, terminal, now.map_or(0, |d| d.as_secs()));
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (`| head`) ends the watch quietly.
+        if out.write_all(frame.as_bytes()).and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+        drop(out);
+        std::thread::sleep(every);
+    }
+}
+
+/// One `--watch` frame: on a terminal the screen is cleared and redrawn in place; otherwise
+/// frames follow each other, each headed by the time it was taken.
+pub fn watch_frame(text: &str, terminal: bool, unix_s: u64) -> String {
+    if terminal {
+        format!("\x1b[H\x1b[2J{text}")
+    } else {
+        format!("--- {unix_s} (unix time)\n{text}\n")
+    }
+}
+
+/// [`render`] with a QUEUE column (`-` when the application did not say).
+pub fn render_view(v: &StatusView) -> String {
+    let s = &v.report;
     let mut out = String::new();
     let _ = writeln!(out, "======== Twinkle status ({} server) ========", s.server_type);
     let _ = writeln!(out, "Head pid {}  control {}", s.head_pid, s.control_address);
@@ -114,21 +187,36 @@ pub fn render(s: &StatusReport) -> String {
     let _ = writeln!(out, "------------");
     let _ = writeln!(
         out,
-        " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} ROUTE",
-        "NAME", "STATE", "PID", "RESTARTS", "GPUS", "ADDRESS"
+        " {:<32} {:<10} {:>8} {:>8} {:>6}  {:<9} {:<21} ROUTE",
+        "NAME", "STATE", "PID", "RESTARTS", "QUEUE", "GPUS", "ADDRESS"
     );
     for a in &s.applications {
         let _ = writeln!(
             out,
-            " {:<32} {:<10} {:>8} {:>8}  {:<9} {:<21} {}",
+            " {:<32} {:<10} {:>8} {:>8} {:>6}  {:<9} {:<21} {}",
             a.name,
             a.state.as_str(),
             a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             a.restarts,
+            v.queues.get(&a.name).map_or_else(|| "-".to_string(), u64::to_string),
             fmt_ids(&a.gpu_ids),
             a.address.as_deref().unwrap_or("-"),
             a.route_prefix
         );
+        // Its cards' live figures, next to it, where NVML has them (the node section lists
+        // every card, `n/a` included).
+        let cards: Vec<String> = s
+            .nodes
+            .iter()
+            .flat_map(|n| &n.gpus)
+            .filter(|g| g.app.as_deref() == Some(a.name.as_str()) && g.memory_total_mib.is_some())
+            .map(|g| {
+                format!("{} {} {}", g.id, gpu_table::fmt_memory(g), gpu_table::fmt_util(g).trim())
+            })
+            .collect();
+        if !cards.is_empty() {
+            let _ = writeln!(out, "   cards: {}", cards.join(", "));
+        }
         if let Some(how) = &a.last_exit {
             let _ = writeln!(out, "   last exit: {how}");
         }
@@ -229,5 +317,37 @@ mod tests {
         for line in gpu_lines {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
+        assert!(text.contains("   cards: 0 1234/81559 MiB 37%\n"), "{text}");
+    }
+
+    #[test]
+    fn queues_show_per_application_and_watch_frames_redraw_or_follow() {
+        let report = StatusReport {
+            server_type: "tinker".into(),
+            namespace: None,
+            head_pid: 1,
+            control_address: "127.0.0.1:1".into(),
+            gateway_address: "127.0.0.1:2".into(),
+            nodes: vec![],
+            applications: vec![
+                AppStatus::new("model", "model", "/m", "n", vec![], 1.0),
+                AppStatus::new("server", "server", "/", "n", vec![], 1.0),
+            ],
+        };
+        let view = StatusView { report, queues: BTreeMap::from([("model".to_string(), 3)]) };
+        let text = render_view(&view);
+        assert!(
+            text.contains(" model                            starting          -        0      3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" server                           starting          -        0      -"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&view).expect("serialises");
+        assert_eq!(json["queues"]["model"], 3);
+        assert_eq!(json["applications"][0]["name"], "model");
+        assert!(watch_frame("x", true, 5).starts_with("\x1b[H\x1b[2J"));
+        assert_eq!(watch_frame("x", false, 5), "--- 5 (unix time)\nx\n");
     }
 }

@@ -242,7 +242,9 @@ impl Agent {
         let port = self.opts.gateway_port.unwrap_or(config.http_options.port);
         let started = routes.map_err(|e| e.to_string()).and_then(|r| {
             let up = self.routes_view.clone();
-            gateway::start(&config.http_options.host, port, r, up).map_err(|e| e.to_string())
+            // `/metrics` adds this node's own registry: its children's states, restarts, cards.
+            let head = Some(crate::metrics::status::source(self.local.clone()));
+            gateway::start(&config.http_options.host, port, r, up, head).map_err(|e| e.to_string())
         });
         match started {
             Ok((srv, addr)) => {

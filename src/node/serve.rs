@@ -276,8 +276,9 @@ impl Running {
         let (control_srv, control_addr) =
             control::start(reg.clone(), self.opts.control_port, internal_token())?;
         let http = &self.config.http_options;
+        let head_metrics = Some(crate::metrics::status::source(reg.clone()));
         let (gateway_srv, gateway_addr) =
-            gateway::start(&http.host, http.port, self.routes, upstreams)?;
+            gateway::start(&http.host, http.port, self.routes, upstreams, head_metrics)?;
         reg.do_send(SetAddresses {
             control: control_addr.to_string(),
             gateway: gateway_addr.to_string(),

@@ -186,6 +186,16 @@ impl Store {
         Ok(n as usize)
     }
 
+    /// How many futures of every owner are pending or running (the pending-futures gauge).
+    pub fn count_all_unfinished(&self) -> Result<usize, StateError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT count(*) FROM futures WHERE status IN ('pending', 'running')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     /// Dedupe for retried submissions: when `f` has both `model_id` and `seq_id` and a future with
     /// that pair exists, returns it as `(existing, false)` (its own request id, status and result);
     /// otherwise creates `f` and returns `(new, true)`. A pair already used by another owner or by a

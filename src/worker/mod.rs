@@ -4,7 +4,9 @@
 //! until a deadline), then serves until SIGTERM. Which application it runs is chosen by
 //! `import_path` in [`crate::apps::run_app`] (this runtime knows no application); every
 //! application also serves the identity routes of [`identity`], and `import_path: identity`
-//! serves only those (a dry run that loads nothing).
+//! serves only those (a dry run that loads nothing). Every child also answers `GET /metrics`
+//! (its own Prometheus families, see [`crate::metrics`]) and runs each request in a span with
+//! its request id.
 
 pub mod identity;
 pub mod json_errors;
@@ -104,7 +106,12 @@ where
     let listener = TcpListener::bind((host.as_str(), 0)).map_err(WorkerError::Bind)?;
     let port = listener.local_addr().map_err(WorkerError::Bind)?.port();
     let server = HttpServer::new(move || {
-        App::new().wrap(json_errors::middleware()).configure(configure.clone())
+        // The request-id middleware wraps outermost, so it sees the final JSON error bodies.
+        App::new()
+            .wrap(json_errors::middleware())
+            .wrap(actix_web::middleware::from_fn(crate::metrics::request::middleware))
+            .route("/metrics", web::get().to(crate::metrics::child_metrics))
+            .configure(configure.clone())
     })
     .workers(2)
     .keep_alive(KEEP_ALIVE)

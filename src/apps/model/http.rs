@@ -74,7 +74,7 @@ pub async fn serve_call<C, F>(
 ) -> Result<HttpResponse, AppError>
 where
     C: Call + Send + 'static,
-    C::Answer: Send + 'static,
+    C::Answer: Tokens + Send + 'static,
     F: FnOnce(C) -> Result<C::Answer, AppError> + Send + 'static,
 {
     check_token(req, token)?;
@@ -84,12 +84,26 @@ where
     let call: C =
         sent.decode(body).map_err(|e| AppError::BadRequest(format!("{}: {e}", C::ROUTE)))?;
     let route = C::ROUTE;
+    let metrics = crate::metrics::global();
+    metrics.serves(crate::metrics::Role::Model);
+    let accepted = std::time::Instant::now();
+    // The blocking pool does not inherit the request's span: carry it, so the job's log lines
+    // name the request id too.
+    let span = tracing::Span::current();
+    let mut queued = crate::metrics::GaugeSlot::enter(&metrics.model_queue_depth);
     blocking_encoded(answer, move || {
+        let _in_request = span.enter();
+        queued.leave();
+        let running = crate::metrics::GaugeSlot::enter(&metrics.model_jobs_running);
         // The compute alone (no HTTP, no decoding): scripts/bench_api.py subtracts it.
         let started = std::time::Instant::now();
         let out = f(call);
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(route, ms, "compute done");
+        let compute = started.elapsed();
+        drop(running);
+        let tokens = out.as_ref().map_or(0, Tokens::tokens);
+        metrics.record_job(route, out.is_ok(), accepted.elapsed(), compute, tokens);
+        let ms = compute.as_secs_f64() * 1e3;
+        tracing::debug!(route, ms, tokens, "compute done");
         out
     })
     .await
@@ -119,6 +133,8 @@ pub trait ModelApp: Send + Sync + 'static {
     fn grad_norm(&self, id: &str) -> Result<f64, AppError>;
     fn zero_grad(&self, id: &str) -> Result<(), AppError>;
     fn download(&self, id: &str) -> Result<crate::engine::Adapter, AppError>;
+    /// Adapters (in memory, spilled to disk), for the metrics.
+    fn adapter_places(&self) -> (usize, usize);
 }
 
 impl<R: ModelRuntime> ModelApp for ModelService<R> {
@@ -160,6 +176,9 @@ impl<R: ModelRuntime> ModelApp for ModelService<R> {
     }
     fn download(&self, id: &str) -> Result<crate::engine::Adapter, AppError> {
         ModelService::download(self, id)
+    }
+    fn adapter_places(&self) -> (usize, usize) {
+        ModelService::adapter_places(self)
     }
 }
 
@@ -218,6 +237,21 @@ pub fn path<C: Call>() -> String {
 
 /// Registers the model application's internal routes.
 pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn ModelApp>, token: InternalToken) {
+    // Each HTTP worker configures the routes; the process's one service is counted once (a
+    // weak handle: the metrics never keep the service alive).
+    static ADAPTER_GAUGES: std::sync::Once = std::sync::Once::new();
+    let counted = Arc::downgrade(&svc);
+    crate::metrics::global().serves(crate::metrics::Role::Model);
+    ADAPTER_GAUGES.call_once(move || {
+        crate::metrics::on_scrape(Box::new(move |m| {
+            let Some(svc) = counted.upgrade() else { return };
+            let (resident, spilled) = svc.adapter_places();
+            for (place, n) in [("resident", resident), ("spilled", spilled)] {
+                let place = crate::metrics::PlaceLabels { place: place.into() };
+                m.adapters.get_or_create(&place).set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }));
+    });
     cfg.app_data(web::Data::new(svc))
         .app_data(web::Data::new(token))
         .app_data(payload_config())

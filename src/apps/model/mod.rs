@@ -197,6 +197,17 @@ impl<R: ModelRuntime> ModelService<R> {
         &self.base.config
     }
 
+    /// How many adapters are in memory and how many are spilled to disk (a slot busy with a
+    /// request is in memory: only an idle one can be spilled).
+    pub fn adapter_places(&self) -> (usize, usize) {
+        let slots: Vec<Arc<Slot<R>>> = lock(&self.adapters).values().cloned().collect();
+        let spilled = slots
+            .iter()
+            .filter(|s| try_lock(&s.state).is_some_and(|st| matches!(*st, SlotState::Spilled(_))))
+            .count();
+        (slots.len() - spilled, spilled)
+    }
+
     /// `GET /_internal/v1/info`.
     pub fn info(&self) -> InfoResponse {
         let mut ids: Vec<String> = lock(&self.adapters).keys().cloned().collect();

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, mpsc};
 use super::error::{ApiError, JobError};
 use super::limits::SamplingPermit;
 use super::upstream::Upstreams;
+use crate::metrics::request::Carried;
 use crate::protocol::internal::{
     Call, CreateAdapterRequest, ForwardBackwardRequest, ForwardBackwardResponse, LoadRequest,
     OptimStepRequest, SampleRequest, SampleResponse, SaveRequest, StopReasonJson,
@@ -88,8 +89,9 @@ impl Job {
     }
 }
 
-/// A job on a model's FIFO, with the slot it holds until it is done.
-type Queued = (Job, Option<SamplingPermit>);
+/// A job on a model's FIFO, with the slot it holds until it is done and its request's span
+/// and id (so its log lines and its internal call name the request that queued it).
+type Queued = (Job, Option<SamplingPermit>, Carried);
 
 /// Shared by every handler (cheap clone).
 #[derive(Clone)]
@@ -141,25 +143,28 @@ impl Dispatcher {
     /// `None` (sampling, which has no ordering constraint). `permit` (a sample request's slot,
     /// see `limits::SamplingSlots`) is held until the job is done.
     pub fn enqueue(&self, queue: Option<&str>, job: Job, permit: Option<SamplingPermit>) {
+        let carried = Carried::here();
         let Some(key) = queue else {
             let me = self.clone();
-            actix_web::rt::spawn(async move {
+            actix_web::rt::spawn(carried.run(async move {
                 me.execute(job).await;
                 drop(permit);
-            });
+            }));
             return;
         };
+        let queued = &crate::metrics::global().server_jobs_queued;
+        queued.inc();
         let mut queues = match self.queues.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),
         };
         let item = match queues.get(key) {
-            Some(tx) => match tx.send((job, permit)) {
+            Some(tx) => match tx.send((job, permit, carried)) {
                 Ok(()) => return,
                 // The consumer is gone (its worker thread stopped): start a new one.
                 Err(mpsc::error::SendError(item)) => item,
             },
-            None => (job, permit),
+            None => (job, permit, carried),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         // A fresh channel with its receiver alive accepts the send.
@@ -167,8 +172,9 @@ impl Dispatcher {
         queues.insert(key.to_string(), tx);
         let me = self.clone();
         actix_web::rt::spawn(async move {
-            while let Some((job, permit)) = rx.recv().await {
-                me.execute(job).await;
+            while let Some((job, permit, carried)) = rx.recv().await {
+                queued.dec();
+                carried.run(me.execute(job)).await;
                 drop(permit);
             }
         });

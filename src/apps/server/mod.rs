@@ -266,8 +266,17 @@ pub fn build(ctx: &AppContext) -> Result<ServerApp, ServerError> {
     }
     let up = upstreams(ctx.opts.head.clone(), &args, cfg.as_ref());
     let sampling = args.server_config.as_ref().and_then(|s| s.max_sampling_requests_per_key);
+    let store = Arc::new(store);
+    // Read on each scrape (a weak handle: the metrics never keep the store alive).
+    let counted = Arc::downgrade(&store);
+    crate::metrics::global().serves(crate::metrics::Role::Server);
+    crate::metrics::on_scrape(Box::new(move |m| {
+        if let Some(n) = counted.upgrade().and_then(|s| s.count_all_unfinished().ok()) {
+            m.futures_pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }));
     Ok(ServerApp {
-        disp: Dispatcher::new(Arc::new(store), up),
+        disp: Dispatcher::new(store, up),
         keys,
         salt,
         save_root,

@@ -470,9 +470,13 @@ impl Upstreams {
         let url = format!("http://{address}/_internal/v1/{route}");
         let c = client();
         let req = if body.is_none() { c.get(&url) } else { c.post(&url) };
-        let req = req
+        let mut req = req
             .insert_header((INTERNAL_HEADER, self.token.as_str()))
             .insert_header(("Accept", Encoding::MsgPack.content_type()));
+        // The model application logs the job under the request that caused it.
+        if let Some(id) = crate::metrics::request::current() {
+            req = req.insert_header((crate::metrics::request::HEADER, id));
+        }
         let sent = match body {
             Some(b) => req.content_type(Encoding::MsgPack.content_type()).send_body(b).await,
             None => req.send().await,

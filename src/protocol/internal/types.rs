@@ -66,6 +66,31 @@ calls! {
     SampleRequest => "sample", SampleResponse;
 }
 
+/// Tokens an answer reports processing, for the tokens metrics (0: not a token workload).
+pub trait Tokens {
+    fn tokens(&self) -> u64 {
+        0
+    }
+}
+
+impl Tokens for Done {}
+impl Tokens for MetricsResponse {}
+impl Tokens for SaveResponse {}
+
+impl Tokens for ForwardBackwardResponse {
+    /// One logprob per target token of every datum.
+    fn tokens(&self) -> u64 {
+        self.outputs.iter().map(|o| o.logprobs.len() as u64).sum()
+    }
+}
+
+impl Tokens for SampleResponse {
+    /// Generated tokens of every sequence.
+    fn tokens(&self) -> u64 {
+        self.sequences.iter().map(|s| s.tokens.len() as u64).sum()
+    }
+}
+
 fn default_alpha() -> f32 {
     32.0
 }
