@@ -104,16 +104,24 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
         Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
     let gw = serve.gateway.clone();
 
-    // Both applications report the download (the second waits on the first one's lock).
-    let st = poll(STARTUP, || {
+    // Both applications are `downloading`: whichever took the lock first transfers and shows
+    // how far it is, the other waits for it.
+    let apps = ["models-tiny", "sampler-tiny"];
+    let (st, fetcher) = poll(STARTUP, || {
         let st = serve.status_json().ok()?;
-        let m = app_entry(&st, "models-tiny")?;
-        let pct = m["download"]["percent"].as_f64()?;
-        (m["state"] == "downloading" && pct > 0.0 && pct < 100.0).then_some(st)
+        let fetcher = apps.into_iter().find(|app| {
+            app_entry(&st, app).is_some_and(|a| {
+                let pct = a["download"]["percent"].as_f64().unwrap_or(0.0);
+                a["state"] == "downloading" && pct > 0.0 && pct < 100.0
+            })
+        })?;
+        let both =
+            apps.iter().all(|a| app_entry(&st, a).is_some_and(|a| a["state"] == "downloading"));
+        both.then_some((st, fetcher))
     })
     .with_context(|| format!("never seen downloading; serve log:\n{}", serve.log_text()))?;
     serve.remember(&st);
-    let d = &app_entry(&st, "models-tiny").context("model app")?["download"];
+    let d = &app_entry(&st, fetcher).context("downloading app")?["download"];
     assert_eq!(d["bytes_total"].as_u64(), Some(total as u64), "{st}");
     let text = serve.status_text()?;
     ensure!(text.contains("downloading: ") && text.contains('%'), "{text}");
@@ -138,7 +146,7 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
 
     // Then both serve, and every file crossed the network once.
     let st = serve.wait_all_running(STARTUP)?;
-    for app in ["models-tiny", "sampler-tiny"] {
+    for app in apps {
         let a = app_entry(&st, app).context("app")?;
         ensure!(a["download"].is_null() && a["restarts"] == 0, "{st}");
     }
@@ -164,7 +172,7 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
     let mut again =
         Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
     let st = again.wait_all_running(STARTUP)?;
-    for app in ["models-tiny", "sampler-tiny"] {
+    for app in apps {
         ensure!(app_entry(&st, app).is_some_and(|a| a["restarts"] == 0), "{st}");
     }
     ensure!(hub.requests().is_empty(), "second start asked the hub: {:?}", hub.requests());

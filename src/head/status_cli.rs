@@ -223,14 +223,16 @@ pub fn render_view(v: &StatusView) -> String {
         if let Some(why) = &a.pending_reason {
             let _ = writeln!(out, "   pending: {why}");
         }
-        if let Some(d) = &a.download {
-            let _ = writeln!(
-                out,
-                "   downloading: {:.1}% ({} of {})",
-                d.percent,
-                fmt_bytes(d.bytes_done),
-                if d.bytes_total == 0 { "?".to_string() } else { fmt_bytes(d.bytes_total) }
-            );
+        match &a.download {
+            // No size yet: listing the files, or waiting for another download of the model.
+            Some(d) if d.bytes_total == 0 => {
+                let _ = writeln!(out, "   downloading: size not known yet");
+            }
+            Some(d) => {
+                let (done, total) = (fmt_bytes(d.bytes_done), fmt_bytes(d.bytes_total));
+                let _ = writeln!(out, "   downloading: {:.1}% ({done} of {total})", d.percent);
+            }
+            None => {}
         }
     }
     out
