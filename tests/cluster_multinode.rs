@@ -221,6 +221,10 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
     assert_eq!((model["node"].as_str(), gpus(model)), (Some(ids[0].as_str()), vec![0, 1, 2, 3]));
     assert_eq!((sampler["node"].as_str(), gpus(sampler)), (Some(ids[1].as_str()), vec![4, 5]));
     assert_eq!((processor["node"].as_str(), gpus(processor)), (Some(ids[2].as_str()), vec![]));
+    // The head scrapes each child on its node for its queue depth (idle identity children: 0).
+    for a in [MODEL, SAMPLER, "processor"] {
+        assert_eq!(st["queues"][a], 0, "queue of {a}: {st}");
+    }
     let nodes = st["nodes"].as_array().context("nodes")?;
     assert_eq!(nodes.len(), 3);
     ensure!(nodes.iter().all(|n| n["alive"] == true), "{st}");

@@ -140,7 +140,9 @@ async fn status(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
         return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token".to_string());
     }
     match ctx.head.send(ClusterStatus).await {
-        Ok(report) => HttpResponse::Ok().json(report),
+        Ok(report) => {
+            HttpResponse::Ok().json(super::status_cli::StatusView::with_queues(report).await)
+        }
         Err(_) => shutting_down(),
     }
 }

@@ -88,15 +88,7 @@ async fn status(
         Ok(report) => report,
         Err(_) => return shutting_down(),
     };
-    // Each running child's queue depth, from its own scrape (left out when it does not answer).
-    let queues = crate::metrics::scrape::queue_depths(&report).await;
-    match serde_json::to_value(&report) {
-        Ok(mut v) => {
-            v["queues"] = json!(queues);
-            HttpResponse::Ok().json(v)
-        }
-        Err(e) => HttpResponse::InternalServerError().json(json!({"detail": e.to_string()})),
-    }
+    HttpResponse::Ok().json(super::status_cli::StatusView::with_queues(report).await)
 }
 
 /// The registry actor is gone: only while the process shuts down.

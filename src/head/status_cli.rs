@@ -12,13 +12,22 @@ use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
 
 /// The status with each running application's queue depth (jobs waiting or computing), which
-/// the serve's head adds from the children's scrapes (a cluster head has none).
+/// the head adds from the children's scrapes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
     #[serde(flatten)]
     pub report: StatusReport,
     #[serde(default)]
     pub queues: BTreeMap<String, u64>,
+}
+
+impl StatusView {
+    /// `report` with each running child's queue depth, from its own scrape (left out when it
+    /// does not answer); children in cluster mode are scraped at their node's address.
+    pub async fn with_queues(report: StatusReport) -> Self {
+        let queues = crate::metrics::scrape::queue_depths(&report).await;
+        StatusView { report, queues }
+    }
 }
 
 /// GETs `http://{addr}/v1/status` with `token` (the serve's internal token or the cluster
