@@ -58,6 +58,9 @@ impl ReadyReport {
 pub struct UpstreamView {
     pub upstreams: BTreeMap<String, Upstream>,
     pub ready: ReadyReport,
+    /// Applications whose child runs on this node (a cluster node's gateway also routes to
+    /// other nodes' children, which their own gateways report).
+    pub local: std::collections::BTreeSet<String>,
 }
 
 /// The owner's side: publishes a new [`UpstreamView`].
@@ -99,11 +102,13 @@ impl Upstreams {
         self.0.borrow().ready.clone()
     }
 
-    /// Every running application with its address (what the gateway's `/metrics` scrapes).
+    /// Every running application of this node with its address (what the gateway's `/metrics`
+    /// scrapes: each node's scrape covers its own children, so a cluster is counted once).
     pub fn running(&self) -> Vec<(String, String)> {
         let view = self.0.borrow();
         view.upstreams
             .iter()
+            .filter(|(app, _)| view.local.contains(*app))
             .filter_map(|(app, u)| match u {
                 Upstream::At(addr) => Some((app.clone(), addr.clone())),
                 _ => None,

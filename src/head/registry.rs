@@ -361,6 +361,12 @@ impl Registry {
         }
     }
 
+    /// Applications with a child started on this node (remote ones, known only as routes
+    /// through [`Self::set_upstream`], never get a token).
+    pub fn local_apps(&self) -> std::collections::BTreeSet<String> {
+        self.apps.iter().filter(|a| a.token.is_some()).map(|a| a.status.name.clone()).collect()
+    }
+
     /// Whether the current child of `app` has registered, and how many progress reports it
     /// sent before.
     pub fn registration(&self, app: &str) -> Registration {

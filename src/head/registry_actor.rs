@@ -46,7 +46,8 @@ impl RegistryActor {
         let ready = self.reg.readiness();
         let upstreams =
             ready.apps.iter().map(|(name, _)| (name.clone(), self.reg.lookup(name))).collect();
-        self.view.publish(UpstreamView { upstreams, ready });
+        let local = self.reg.local_apps();
+        self.view.publish(UpstreamView { upstreams, ready, local });
     }
 }
 
@@ -338,6 +339,12 @@ mod tests {
             assert_eq!(snap.applications[0].state, AppState::Running);
             assert_eq!(snap.applications[0].address.as_deref(), Some("127.0.0.1:9"));
             assert_eq!(up.lookup("m"), Upstream::At("127.0.0.1:9".into()));
+            // A route to another node's child is forwarded to but not scraped here.
+            addr.send(SetUpstream { app: "remote".into(), address: Some("10.0.0.2:7".into()) })
+                .await
+                .expect("registry alive");
+            assert_eq!(up.lookup("remote"), Upstream::At("10.0.0.2:7".into()));
+            assert_eq!(up.running(), vec![("m".to_string(), "127.0.0.1:9".to_string())]);
             assert!(up.readiness().is_ready());
             let n = addr
                 .send(ChildExited { app: "m".into(), how: "signal 9".into() })
