@@ -7,7 +7,7 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, tokens, write_model};
+use engine_support::{Rng, Spec, randomize_b, tokens, write_model};
 use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::{
     Adapter, Datum, EvalGroup, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model, ModelRuntime,
@@ -16,7 +16,10 @@ use twinkle::engine::{
 
 const VOCAB: usize = 48;
 
+/// Qwen2 with tied embeddings (lm_head LoRA on the embedding matrix), Qwen3 untied with q/k
+/// norms and an explicit head_dim.
 fn spec(arch: &'static str) -> Spec {
+    let qwen3 = arch.starts_with("Qwen3");
     Spec {
         arch,
         vocab: VOCAB,
@@ -24,12 +27,12 @@ fn spec(arch: &'static str) -> Spec {
         inter: 40,
         layers: 2,
         heads: 4,
-        kv_heads: 2,
-        head_dim: None,
+        kv_heads: if qwen3 { 1 } else { 2 },
+        head_dim: qwen3.then_some(12),
         rope_theta: 10000.0,
         eps: 1e-6,
-        tied: false,
-        new_style: false,
+        tied: !qwen3,
+        new_style: qwen3,
     }
 }
 
@@ -42,11 +45,7 @@ fn model(dir: &std::path::Path, arch: &'static str) -> Arc<Model> {
 fn adapter(m: &Model, rank: usize, targets: Vec<Target>, seed: u64) -> Adapter {
     let cfg = LoraConfig { rank, alpha: 2.0 * rank as f32, targets, seed };
     let mut a = Adapter::new(m, &cfg).unwrap();
-    let mut rng = Rng(seed + 100);
-    for (_, p) in a.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, 0.3));
-    }
+    randomize_b(&mut a, seed + 100, 0.3);
     a
 }
 

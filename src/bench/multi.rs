@@ -20,7 +20,7 @@ pub struct MultiTenantOptions {
     /// Tokens of each tenant's step (one sequence).
     pub seq: usize,
     pub rank: usize,
-    /// Timed repetitions of each measurement (after one untimed warm-up).
+    /// Timed rounds (after one untimed warm-up round); a round runs each measurement once.
     pub steps: usize,
 }
 
@@ -106,14 +106,11 @@ fn sequence(rng: &mut SynthRng, n: usize, vocab: usize) -> Datum {
     }
 }
 
-/// Average seconds of `f` over `steps` runs after one warm-up run.
-fn timed(steps: usize, mut f: impl FnMut() -> Result<(), BenchError>) -> Result<f64, BenchError> {
-    f()?;
+/// Seconds of one run of `f`.
+fn seconds(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError> {
     let t0 = Instant::now();
-    for _ in 0..steps {
-        f()?;
-    }
-    Ok(t0.elapsed().as_secs_f64() / steps as f64)
+    f()?;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Runs the three measurements on the CPU engine (gradients accumulate across repetitions;
@@ -146,29 +143,40 @@ pub fn multi_tenant(
         (0..opts.tenants).map(|_| vec![sequence(&mut rng, opts.seq, c.vocab_size)]).collect();
     let loss = LossFn::CrossEntropy;
 
-    let batched_s = timed(opts.steps, || {
-        let mut groups: Vec<TrainGroup<Adapter>> = adapters
-            .iter_mut()
-            .zip(&data)
-            .map(|(a, d)| TrainGroup { adapter: a, data: d, loss: &loss })
-            .collect();
-        for r in forward_backward_many(model, &mut groups) {
-            r?;
-        }
-        Ok(())
-    })?;
-    let sequential_s = timed(opts.steps, || {
-        for (a, d) in adapters.iter_mut().zip(&data) {
-            forward_backward(model, Some(a), d, &loss, false)?;
-        }
-        Ok(())
-    })?;
     let long = [sequence(&mut rng, total, c.vocab_size)];
-    let single = &mut adapters[0];
-    let single_s = timed(opts.steps, || {
-        forward_backward(model, Some(single), &long, &loss, false)?;
-        Ok(())
-    })?;
+    // The three measurements take turns, one round each after a warm-up round, so that a
+    // shared host's load falls on all of them alike.
+    let mut sums = [0.0f64; 3];
+    for round in 0..=opts.steps {
+        let t = [
+            seconds(|| {
+                let mut groups: Vec<TrainGroup<Adapter>> = adapters
+                    .iter_mut()
+                    .zip(&data)
+                    .map(|(a, d)| TrainGroup { adapter: a, data: d, loss: &loss })
+                    .collect();
+                forward_backward_many(model, &mut groups).into_iter().try_for_each(|r| {
+                    r?;
+                    Ok(())
+                })
+            })?,
+            seconds(|| {
+                for (a, d) in adapters.iter_mut().zip(&data) {
+                    forward_backward(model, Some(a), d, &loss, false)?;
+                }
+                Ok(())
+            })?,
+            seconds(|| {
+                forward_backward(model, Some(&mut adapters[0]), &long, &loss, false)?;
+                Ok(())
+            })?,
+        ];
+        if round > 0 {
+            sums.iter_mut().zip(t).for_each(|(s, t)| *s += t);
+        }
+    }
+    let n = opts.steps as f64;
+    let [batched_s, sequential_s, single_s] = sums.map(|s| s / n);
     Ok(MultiTenantReport {
         tenants: opts.tenants,
         seq: opts.seq,
