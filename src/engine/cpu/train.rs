@@ -3,9 +3,11 @@
 //! pass over the base weights (`forward_backward_many`, `forward_many`) — full logits, and
 //! cached decoding.
 
+use std::ops::Range;
+
 use super::backend::RopeTable;
 use super::backend::profile::{Kind, span};
-use super::head::{Head, HeadTargets};
+use super::head::{Head, HeadSegment, HeadTargets};
 use super::kv_cache::KvCache;
 use super::segment::{Segment, SegmentMut};
 use super::transformer::Packed;
@@ -76,9 +78,10 @@ pub fn forward(
 /// What is shared and what is not: the base matmuls (and their input-gradient products) run
 /// over all groups' rows at once; `gemm` picks its blocking from the product's shape, so a
 /// row's result agrees with its alone value to f32 rounding, not bitwise (measured ≤ 2e-6
-/// relative on the tests' models). Everything else runs per group with exactly the shapes of
-/// an alone run: the LoRA products (per segment), attention (per sequence), norms, RoPE (per
-/// row) and the output head with its loss (per group, its own row blocks).
+/// relative on the tests' models), and so does the output head, whose row blocks span groups
+/// (each block's rows take their own group's lm_head LoRA and loss). Attention (per sequence),
+/// norms and RoPE (per row) and the layers' LoRA products (per group) have exactly the shapes
+/// of an alone run.
 pub fn forward_backward_many(
     model: &Model,
     groups: &mut [TrainGroup<'_, Adapter>],
@@ -139,8 +142,8 @@ fn run_many(model: &Model, jobs: Vec<Job>) -> Vec<Result<FwdBwdOutput>> {
 
 /// The shared pass over validated groups: their datums packed one group after another (group
 /// `g` owns one contiguous row range), the decoder stack once over all rows with segmented
-/// LoRA, the output head per group (its own adapter, loss and blocking, exactly as alone), then
-/// one backward over all rows when any group trains.
+/// LoRA, one blocked pass of the output head over all rows (per-group lm_head LoRA and loss),
+/// then one backward over all rows when any group trains.
 fn run_valid(model: &Model, mut jobs: Vec<Job>) -> Vec<FwdBwdOutput> {
     if jobs.is_empty() {
         return Vec::new();
@@ -170,17 +173,9 @@ fn run_valid(model: &Model, mut jobs: Vec<Job>) -> Vec<FwdBwdOutput> {
         model.forward_stack(&tokens, &packed, &segs, None, backward)
     };
 
-    let hidden = c.hidden_size;
-    let mut dh = if backward { vec![0.0f32; rows * hidden] } else { Vec::new() };
-    let mut outs = Vec::with_capacity(jobs.len());
-    for (job, (r, local)) in jobs.iter_mut().zip(&groups) {
-        let span_rows = r.start * hidden..r.end * hidden;
-        let (out, dh_group) = group_head(model, job, &st.h_final[span_rows.clone()], local);
-        if dh_group.len() == span_rows.len() {
-            dh[span_rows].copy_from_slice(&dh_group);
-        }
-        outs.push(out);
-    }
+    let head_span = span(Kind::Head);
+    let (outs, dh) = head_pass(model, &mut jobs, &groups, &st.h_final, backward);
+    drop(head_span);
 
     if backward {
         let _t = span(Kind::StackBackward);
@@ -200,15 +195,15 @@ fn run_valid(model: &Model, mut jobs: Vec<Job>) -> Vec<FwdBwdOutput> {
     outs
 }
 
-/// One group's output head over its final hidden states `h` (`seqs`: its datums' rows, from
-/// 0): per-datum logprobs and losses, and `∂loss/∂h` when it trains (else empty).
-fn group_head(
+/// The output head over all groups' rows in one blocked pass (each group's rows with its own
+/// lm_head LoRA and loss): per-group outputs and, when `want_dh`, `∂loss/∂h` of every row.
+fn head_pass(
     model: &Model,
-    job: &mut Job,
+    jobs: &mut [Job],
+    groups: &[(Range<usize>, Vec<(usize, usize)>)],
     h: &[f32],
-    seqs: &[(usize, usize)],
-) -> (FwdBwdOutput, Vec<f32>) {
-    let (data, loss) = (job.data, job.loss);
+    want_dh: bool,
+) -> (Vec<FwdBwdOutput>, Vec<f32>) {
     let hidden = model.config().hidden_size;
     let rows = h.len() / hidden.max(1);
     // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]], with the loss inputs
@@ -218,7 +213,7 @@ fn group_head(
     let mut weights = Vec::new();
     let (mut slp, mut adv) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
     row_ptr.push(0);
-    for d in data {
+    for d in jobs.iter().flat_map(|j| j.data) {
         let k = d.inputs.k.max(1);
         let n = d.input_tokens.len();
         targets.extend_from_slice(&d.inputs.target_tokens[..n * k]);
@@ -239,53 +234,70 @@ fn group_head(
         slp: &slp,
         adv: &adv,
     };
-    let head_span = span(Kind::Head);
-    let head_out = match &mut job.adapter {
-        AdapterUse::Train(ad) => {
-            // Gradients of lm_head's LoRA are taken out while the head borrows the adapter.
-            let mut head_grads = ad
+    // Gradients of lm_head's LoRA are taken out while the head borrows the adapters.
+    let mut taken: Vec<Option<(Vec<f32>, Vec<f32>)>> = jobs
+        .iter_mut()
+        .map(|j| match &mut j.adapter {
+            AdapterUse::Train(ad) => ad
                 .lm_head_mut()
-                .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b)));
-            // They go back even when the pass unwinds: an adapter left with empty gradient
-            // buffers fails every later batch (a shape mismatch in the head's matmul).
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let head = head_of(model, Some(ad));
-                let block = head.block_rows();
-                let lg = head_grads.as_mut().map(|(a, b)| (a.as_mut_slice(), b.as_mut_slice()));
-                head.loss_pass(h, rows, hidden, &tg, loss, true, lg, block)
-            }));
-            if let (Some(p), Some((ga, gb))) = (ad.lm_head_mut(), head_grads) {
-                p.grad_a = ga;
-                p.grad_b = gb;
-            }
-            out.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b))),
+            _ => None,
+        })
+        .collect();
+    // They go back even when the pass unwinds: an adapter left with empty gradient buffers
+    // fails every later batch (a shape mismatch in the head's matmul).
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut segs: Vec<HeadSegment> = jobs
+            .iter()
+            .zip(groups)
+            .zip(taken.iter_mut())
+            .map(|((j, (r, _)), g)| {
+                let ad = j.adapter.get();
+                HeadSegment {
+                    rows: r.clone(),
+                    lora: ad.and_then(|a| a.lm_head()),
+                    scale: ad.map_or(0.0, |a| a.scaling()),
+                    loss: j.loss,
+                    lora_grad: g.as_mut().map(|(a, b)| (a.as_mut_slice(), b.as_mut_slice())),
+                }
+            })
+            .collect();
+        let head = head_of(model, None);
+        let block = head.block_rows();
+        head.segmented_pass(h, rows, hidden, &tg, &mut segs, want_dh, block)
+    }));
+    for (j, g) in jobs.iter_mut().zip(taken) {
+        if let (AdapterUse::Train(ad), Some((ga, gb))) = (&mut j.adapter, g)
+            && let Some(p) = ad.lm_head_mut()
+        {
+            p.grad_a = ga;
+            p.grad_b = gb;
         }
-        other => {
-            let head = head_of(model, other.get());
-            let block = head.block_rows();
-            head.loss_pass(h, rows, hidden, &tg, loss, false, None, block)
-        }
-    };
-    drop(head_span);
-
-    let mut per_datum = Vec::with_capacity(data.len());
-    let mut loss_sum = 0.0f64;
-    for (d, &(start, n)) in data.iter().zip(seqs) {
-        let k = d.inputs.k.max(1);
-        let (t0, t1) = (row_ptr[start], row_ptr[start + n]);
-        let mut elem = vec![0.0f32; n];
-        for (p, e) in elem.iter_mut().enumerate() {
-            for &l in &head_out.terms[t0 + p * k..t0 + (p + 1) * k] {
-                *e += l as f32;
-                loss_sum += l;
-            }
-        }
-        per_datum.push(DatumOutput {
-            logprobs: head_out.logprobs[t0..t1].to_vec(),
-            elementwise_loss: elem,
-        });
     }
-    (FwdBwdOutput { per_datum, loss_sum }, head_out.dh)
+    let head_out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+
+    let mut outs = Vec::with_capacity(jobs.len());
+    for (j, (r, local)) in jobs.iter().zip(groups) {
+        let mut per_datum = Vec::with_capacity(j.data.len());
+        let mut loss_sum = 0.0f64;
+        for (d, &(start, n)) in j.data.iter().zip(local) {
+            let k = d.inputs.k.max(1);
+            let (t0, t1) = (row_ptr[r.start + start], row_ptr[r.start + start + n]);
+            let mut elem = vec![0.0f32; n];
+            for (p, e) in elem.iter_mut().enumerate() {
+                for &l in &head_out.terms[t0 + p * k..t0 + (p + 1) * k] {
+                    *e += l as f32;
+                    loss_sum += l;
+                }
+            }
+            per_datum.push(DatumOutput {
+                logprobs: head_out.logprobs[t0..t1].to_vec(),
+                elementwise_loss: elem,
+            });
+        }
+        outs.push(FwdBwdOutput { per_datum, loss_sum });
+    }
+    (outs, head_out.dh)
 }
 
 fn head_of<'a>(model: &'a Model, adapter: Option<&'a Adapter>) -> Head<'a> {
