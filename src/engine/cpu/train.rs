@@ -195,12 +195,16 @@ fn run_valid(model: &Model, mut jobs: Vec<Job>) -> Vec<FwdBwdOutput> {
     outs
 }
 
+/// A group's row range in the packed batch, and its datums' `(start, len)` counted from the
+/// group's first row.
+type GroupRows = (Range<usize>, Vec<(usize, usize)>);
+
 /// The output head over all groups' rows in one blocked pass (each group's rows with its own
 /// lm_head LoRA and loss): per-group outputs and, when `want_dh`, `∂loss/∂h` of every row.
 fn head_pass(
     model: &Model,
     jobs: &mut [Job],
-    groups: &[(Range<usize>, Vec<(usize, usize)>)],
+    groups: &[GroupRows],
     h: &[f32],
     want_dh: bool,
 ) -> (Vec<FwdBwdOutput>, Vec<f32>) {
