@@ -187,3 +187,18 @@ fn a_bad_group_fails_alone() {
     }
     assert!(got[0].is_ok() && got[1].is_err() && got[2].is_ok() && got[3].is_err());
 }
+
+#[test]
+fn the_bench_ends_with_the_ratios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path(), "Qwen2ForCausalLM");
+    let opts = twinkle::bench::MultiTenantOptions { tenants: 3, seq: 6, rank: 2, steps: 1 };
+    let r = twinkle::bench::multi_tenant(&m, &opts).unwrap();
+    let ratios = r.ratios_json();
+    assert!(ratios["train_aggregate_ratio"].as_f64().is_some_and(|v| v > 0.0), "{ratios}");
+    assert!(ratios["decode_aggregate_ratio"].is_null());
+    assert_eq!(r.json()["tenants"], 3);
+    assert!(r.text().contains("train_aggregate_ratio"));
+    let too_long = twinkle::bench::MultiTenantOptions { tenants: 100, seq: 6, ..opts };
+    assert!(twinkle::bench::multi_tenant(&m, &too_long).is_err());
+}

@@ -80,7 +80,7 @@ impl MultiTenantReport {
             "{n} tenants x {s} tokens forward_backward (LoRA, cross-entropy)\n\
              batched      {:8.3} s  {:9.1} tokens/s\n\
              sequential   {:8.3} s  {:9.1} tokens/s  (batched is {:.2}x faster)\n\
-             single {t:.0}   {:8.3} s  {:9.1} tokens/s  (one tenant, one sequence)\n\
+             single       {:8.3} s  {:9.1} tokens/s  (one tenant, one sequence of {t:.0})\n\
              train_aggregate_ratio {:.3}\n{}",
             self.batched_s,
             t / self.batched_s,
