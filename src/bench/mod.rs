@@ -3,6 +3,7 @@
 //! peak RSS. A benchmark, not a test: numbers depend on the host and its load.
 
 pub mod cuda;
+mod multi;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use crate::engine::{
     ModelConfig,
 };
 
+pub use multi::{MultiTenantOptions, MultiTenantReport, multi_tenant};
 pub use report::{SampleReport, TrainReport, flops};
 
 /// Errors of the benchmark driver.

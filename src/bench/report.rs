@@ -167,14 +167,14 @@ impl SampleReport {
 
 /// `j` (a report's JSON object) with the machine fields every report ends with: peak RSS in
 /// MiB and the load averages.
-fn with_machine(mut j: Value, peak_rss_bytes: Option<u64>) -> Value {
+pub(super) fn with_machine(mut j: Value, peak_rss_bytes: Option<u64>) -> Value {
     j["peak_rss_mib"] = json!(peak_rss_bytes.map(|b| b as f64 / 1048576.0));
     j["loadavg"] = json!(loadavg());
     j
 }
 
 /// The lines every report's text ends with (the text form of [`with_machine`]).
-fn machine_text(peak_rss_bytes: Option<u64>) -> String {
+pub(super) fn machine_text(peak_rss_bytes: Option<u64>) -> String {
     format!("peak RSS     {}\nloadavg      {}", mib(peak_rss_bytes), loadavg())
 }
 

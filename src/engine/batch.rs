@@ -138,3 +138,21 @@ pub(crate) fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) 
     }
     (tokens, seqs, positions)
 }
+
+/// One tenant's share of a batched `forward_backward_many`: its adapter (gradients are ADDED to
+/// it), its datums and its own loss (kind and parameters may differ between groups).
+#[derive(Debug)]
+pub struct TrainGroup<'a, A> {
+    pub adapter: &'a mut A,
+    pub data: &'a [Datum],
+    pub loss: &'a LossFn,
+}
+
+/// One tenant's share of a batched `forward_many`: its adapter (`None`: the base model), its
+/// datums and its own loss.
+#[derive(Debug)]
+pub struct EvalGroup<'a, A> {
+    pub adapter: Option<&'a A>,
+    pub data: &'a [Datum],
+    pub loss: &'a LossFn,
+}

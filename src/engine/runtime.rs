@@ -15,7 +15,7 @@
 //! the batch validation and packing of `engine::batch`, summed losses, gradients ADDED until
 //! `optim_step`, and one sampling definition (`engine::sampling`).
 
-use super::batch::FwdBwdOutput;
+use super::batch::{EvalGroup, FwdBwdOutput, TrainGroup};
 use super::error::Result;
 use super::lora::Adapter;
 use super::loss::{Datum, LossFn};
@@ -68,6 +68,24 @@ pub trait ModelRuntime: Send + Sync + 'static {
         data: &[Datum],
         loss: &LossFn,
     ) -> Result<FwdBwdOutput>;
+
+    /// [`forward_backward`](Self::forward_backward) of several tenants' groups (distinct
+    /// adapters, each its own datums and loss), one result per group in order, each as if the
+    /// group ran alone; a group with invalid input fails alone. A runtime that can share one
+    /// pass over the base weights among the groups overrides this; the default runs them one
+    /// after another.
+    fn forward_backward_many(
+        &self,
+        groups: &mut [TrainGroup<'_, Self::Adapter>],
+    ) -> Vec<Result<FwdBwdOutput>> {
+        groups.iter_mut().map(|g| self.forward_backward(g.adapter, g.data, g.loss)).collect()
+    }
+
+    /// [`forward`](Self::forward) of several groups (see
+    /// [`forward_backward_many`](Self::forward_backward_many)).
+    fn forward_many(&self, groups: &[EvalGroup<'_, Self::Adapter>]) -> Vec<Result<FwdBwdOutput>> {
+        groups.iter().map(|g| self.forward(g.adapter, g.data, g.loss)).collect()
+    }
 
     /// One AdamW step with the accumulated gradients, which it then clears.
     fn optim_step(&self, adapter: &mut Self::Adapter, params: &AdamParams) -> Result<OptimMetrics>;

@@ -45,6 +45,11 @@ impl Head<'_> {
     /// Logits of a block of rows into `out` `[rows, vocab]`.
     fn chunk(&self, h: &[f32], xa: &[f32], rows: usize, out: &mut [f32]) {
         xwt(out, h, rows, self.w, false);
+        self.add_lora(xa, rows, out);
+    }
+
+    /// `out += xa·Bᵀ` (nothing without LoRA).
+    fn add_lora(&self, xa: &[f32], rows: usize, out: &mut [f32]) {
         if let Some(p) = self.lora {
             let mm = MatMul::linear(rows, p.rank(), self.vocab()).acc();
             backend().matmul(out, xa, p.b.data(), mm);
@@ -69,7 +74,9 @@ impl Head<'_> {
     /// target log-probabilities and loss terms, and with `want_dh` the logit gradient
     /// `coef·(onehot − softmax)` and `∂loss/∂h` of the block right away (the logits are never
     /// recomputed). lm_head LoRA gradients are accumulated into `lora_grad` (`(grad_a,
-    /// grad_b)`) when given and the head has LoRA.
+    /// grad_b)`) when given and the head has LoRA. The one-tenant case of
+    /// [`Self::segmented_pass`], which the engine calls; kept for the head's unit tests.
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub fn loss_pass(
         &self,
@@ -79,7 +86,26 @@ impl Head<'_> {
         tg: &HeadTargets,
         loss: &LossFn,
         want_dh: bool,
-        mut lora_grad: Option<(&mut [f32], &mut [f32])>,
+        lora_grad: Option<(&mut [f32], &mut [f32])>,
+        block: usize,
+    ) -> HeadOut {
+        let seg =
+            HeadSegment { rows: 0..rows, lora: self.lora, scale: self.scale, loss, lora_grad };
+        self.segmented_pass(h, rows, hidden, tg, &mut [seg], want_dh, block)
+    }
+
+    /// [`Self::loss_pass`] over rows that belong to several tenants: the base product runs on
+    /// whole blocks whatever their owners, while each segment's rows get its own lm_head LoRA,
+    /// loss and LoRA gradients (`self.lora` is not used; `segs` cover `0..rows` in order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn segmented_pass(
+        &self,
+        h: &[f32],
+        rows: usize,
+        hidden: usize,
+        tg: &HeadTargets,
+        segs: &mut [HeadSegment],
+        want_dh: bool,
         block: usize,
     ) -> HeadOut {
         let be = backend();
@@ -93,13 +119,30 @@ impl Head<'_> {
         };
         let mut coef = vec![0.0f32; nt];
         let mut buf = vec![0.0f32; block.min(rows) * v];
-        let rank = self.lora.map(|p| p.rank()).unwrap_or(0);
         for r0 in (0..rows).step_by(block) {
             let nr = block.min(rows - r0);
             let hb = &h[r0 * hidden..(r0 + nr) * hidden];
-            let xa = self.xa(hb, nr, hidden);
+            // The block's pieces: (segment, its rows inside the block, relative to r0).
+            let parts: Vec<(usize, std::ops::Range<usize>)> = segs
+                .iter()
+                .enumerate()
+                .filter_map(|(si, s)| {
+                    let (a, b) = (s.rows.start.max(r0), s.rows.end.min(r0 + nr));
+                    (a < b).then(|| (si, a - r0..b - r0))
+                })
+                .collect();
             let logits = &mut buf[..nr * v];
-            self.chunk(hb, &xa, nr, logits);
+            xwt(logits, hb, nr, self.w, false);
+            let xas: Vec<Vec<f32>> = parts
+                .iter()
+                .map(|(si, pr)| {
+                    let one = Head { w: self.w, lora: segs[*si].lora, scale: segs[*si].scale };
+                    let hp = &hb[pr.start * hidden..pr.end * hidden];
+                    let xa = one.xa(hp, pr.len(), hidden);
+                    one.add_lora(&xa, pr.len(), &mut logits[pr.start * v..pr.end * v]);
+                    xa
+                })
+                .collect();
             let ptr = &tg.row_ptr[r0..=r0 + nr];
             // Target logits are read before the row is overwritten by its exponentials.
             let mut tlog = vec![0.0f32; ptr[nr] - ptr[0]];
@@ -117,16 +160,20 @@ impl Head<'_> {
                     (m, s)
                 })
                 .collect();
-            for (i, &(m, s)) in stats.iter().enumerate() {
-                let r = r0 + i;
-                let lse = m + s.ln();
-                for t in ptr[i]..ptr[i + 1] {
-                    let lp = (tlog[t - ptr[0]] - lse) as f64;
-                    let (l, g) =
-                        loss.term(lp, tg.weights[t] as f64, tg.slp[r] as f64, tg.adv[r] as f64);
-                    out.logprobs[t] = lp as f32;
-                    out.terms[t] = l;
-                    coef[t] = g as f32;
+            for (si, pr) in &parts {
+                let loss = segs[*si].loss;
+                for i in pr.clone() {
+                    let (m, s) = stats[i];
+                    let r = r0 + i;
+                    let lse = m + s.ln();
+                    for t in ptr[i]..ptr[i + 1] {
+                        let lp = (tlog[t - ptr[0]] - lse) as f64;
+                        let (l, g) =
+                            loss.term(lp, tg.weights[t] as f64, tg.slp[r] as f64, tg.adv[r] as f64);
+                        out.logprobs[t] = lp as f32;
+                        out.terms[t] = l;
+                        coef[t] = g as f32;
+                    }
                 }
             }
             if !want_dh {
@@ -146,30 +193,44 @@ impl Head<'_> {
             );
             let dl: &[f32] = logits;
             let dhb = &mut out.dh[r0 * hidden..(r0 + nr) * hidden];
-            let plain =
-                |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
             xw(dhb, dl, nr, self.w, false);
-            if let (Some(p), Some((ga, gb))) = (self.lora, lora_grad.as_mut()) {
+            for ((si, pr), xa) in parts.iter().zip(&xas) {
+                let seg = &mut segs[*si];
+                let (Some(p), Some((ga, gb))) = (seg.lora, seg.lora_grad.as_mut()) else {
+                    continue;
+                };
+                let (n, rank) = (pr.len(), p.rank());
+                let dlp = &dl[pr.start * v..pr.end * v];
+                let hp = &hb[pr.start * hidden..pr.end * hidden];
+                let plain =
+                    |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
                 be.matmul(
                     gb,
-                    dl,
-                    &xa,
-                    MatMul { trans_a: true, accumulate: true, ..plain(v, nr, rank) },
+                    dlp,
+                    xa,
+                    MatMul { trans_a: true, accumulate: true, ..plain(v, n, rank) },
                 );
-                let mut dxa = vec![0.0f32; nr * rank];
-                be.matmul(&mut dxa, dl, p.b.data(), plain(nr, v, rank));
-                dxa.iter_mut().for_each(|x| *x *= self.scale);
-                be.matmul(
-                    ga,
-                    &dxa,
-                    hb,
-                    MatMul { trans_a: true, accumulate: true, ..plain(rank, nr, hidden) },
-                );
-                be.matmul(dhb, &dxa, p.a.data(), plain(nr, rank, hidden).acc());
+                let mut dxa = vec![0.0f32; n * rank];
+                be.matmul(&mut dxa, dlp, p.b.data(), plain(n, v, rank));
+                dxa.iter_mut().for_each(|x| *x *= seg.scale);
+                let ga_mm = MatMul { trans_a: true, accumulate: true, ..plain(rank, n, hidden) };
+                be.matmul(ga, &dxa, hp, ga_mm);
+                let dhp = &mut dhb[pr.start * hidden..pr.end * hidden];
+                be.matmul(dhp, &dxa, p.a.data(), plain(n, rank, hidden).acc());
             }
         }
         out
     }
+}
+
+/// One tenant's rows of a [`Head::segmented_pass`]: its lm_head LoRA and scale, its loss, and
+/// where its lm_head LoRA gradients accumulate (`(grad_a, grad_b)`, when it trains).
+pub(crate) struct HeadSegment<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub lora: Option<&'a LoraPair>,
+    pub scale: f32,
+    pub loss: &'a LossFn,
+    pub lora_grad: Option<(&'a mut [f32], &'a mut [f32])>,
 }
 
 /// What the head pass needs per target (CSR over rows: row `r` owns

@@ -1,6 +1,7 @@
 //! The row-blocked fused head against a naive f64 composition: full logits, log-softmax, loss
 //! terms, then `dlogits = Σ coef·(onehot − softmax)` and its products, for every loss, `[N,K]`
-//! targets with negative weights, and block sizes that split the rows unevenly.
+//! targets with negative weights, and block sizes that split the rows unevenly; and the
+//! segmented (several tenants') pass against each tenant's pass alone.
 
 use super::*;
 use crate::engine::cpu::test_util::rand_vec;
@@ -95,20 +96,25 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
-fn check(c: &Case, loss: &LossFn, seed: u64) {
-    let (n, hd, v, r) = (c.rows, c.hidden, c.vocab, c.rank);
-    let h: Vec<f32> = rand_vec(n * hd, seed).iter().map(|x| 2.0 * x).collect();
-    let w = Weight::F32(Tensor::from_parts(vec![v, hd], rand_vec(v * hd, seed + 1)));
-    let pair = LoraPair {
-        a: Tensor::from_parts(vec![r, hd], rand_vec(r * hd, seed + 2)),
-        b: Tensor::from_parts(vec![v, r], rand_vec(v * r, seed + 3)),
+/// A random `[rank, hidden]` A and `[vocab, rank]` B (no optimizer state).
+fn lora_pair(r: usize, hd: usize, v: usize, seed: u64) -> LoraPair {
+    LoraPair {
+        a: Tensor::from_parts(vec![r, hd], rand_vec(r * hd, seed)),
+        b: Tensor::from_parts(vec![v, r], rand_vec(v * r, seed + 1)),
         grad_a: vec![],
         grad_b: vec![],
         m_a: vec![],
         v_a: vec![],
         m_b: vec![],
         v_b: vec![],
-    };
+    }
+}
+
+fn check(c: &Case, loss: &LossFn, seed: u64) {
+    let (n, hd, v, r) = (c.rows, c.hidden, c.vocab, c.rank);
+    let h: Vec<f32> = rand_vec(n * hd, seed).iter().map(|x| 2.0 * x).collect();
+    let w = Weight::F32(Tensor::from_parts(vec![v, hd], rand_vec(v * hd, seed + 1)));
+    let pair = lora_pair(r, hd, v, seed + 2);
     let targets: Vec<u32> = rand_vec(n * c.k, seed + 4)
         .iter()
         .map(|x| ((x + 1.0) * 0.5 * v as f32) as u32 % v as u32)
@@ -172,4 +178,77 @@ fn block_rows_bounds_the_logits_buffer() {
     assert!(rows * 151_936 * 4 <= HEAD_BLOCK_BYTES && rows >= 64, "{rows}");
     let tiny = Weight::F32(Tensor::from_parts(vec![10, 1], vec![0.0; 10]));
     assert_eq!(Head { w: &tiny, lora: None, scale: 0.0 }.block_rows(), HEAD_MAX_ROWS);
+}
+
+/// Several tenants' rows in one segmented pass, with blocks that cut segments apart, give each
+/// segment what the one-tenant pass gives it alone: logprobs, loss terms, `∂loss/∂h` and its
+/// own lm_head LoRA gradients.
+#[test]
+fn segmented_pass_matches_each_segment_alone() {
+    let (n, hd, v) = (11, 5, 37);
+    let h: Vec<f32> = rand_vec(n * hd, 1).iter().map(|x| 2.0 * x).collect();
+    let w = Weight::F32(Tensor::from_parts(vec![v, hd], rand_vec(v * hd, 2)));
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % v as u32).collect();
+    let weights = rand_vec(n, 3);
+    let slp: Vec<f32> = rand_vec(n, 4).iter().map(|x| x - 4.0).collect();
+    let adv = rand_vec(n, 5);
+    let row_ptr: Vec<usize> = (0..=n).collect();
+    let (p1, p2) = (lora_pair(2, hd, v, 10), lora_pair(3, hd, v, 20));
+    let ppo = LossFn::Ppo { clip_low: 0.8, clip_high: 1.2 };
+    // (rows, LoRA, scale, loss): a LoRA tenant, a base-model tenant, another LoRA tenant.
+    let tenants = [
+        (0..4, Some(&p1), 1.5, LossFn::CrossEntropy),
+        (4..5, None, 0.0, ppo),
+        (5..n, Some(&p2), 0.5, LossFn::Dro { beta: 0.1 }),
+    ];
+    let head = Head { w: &w, lora: None, scale: 0.0 };
+    for block in [1, 3, 4, n, n + 5] {
+        let mut grads: Vec<(Vec<f32>, Vec<f32>)> = tenants
+            .iter()
+            .map(|t| t.1.map_or((vec![], vec![]), |p| (vec![0.0; p.a.len()], vec![0.0; p.b.len()])))
+            .collect();
+        let mut segs: Vec<HeadSegment> = tenants
+            .iter()
+            .zip(grads.iter_mut())
+            .map(|((rows, lora, scale, loss), (ga, gb))| HeadSegment {
+                rows: rows.clone(),
+                lora: *lora,
+                scale: *scale,
+                loss,
+                lora_grad: lora.map(|_| (ga.as_mut_slice(), gb.as_mut_slice())),
+            })
+            .collect();
+        let tg = HeadTargets {
+            row_ptr: &row_ptr,
+            targets: &targets,
+            weights: &weights,
+            slp: &slp,
+            adv: &adv,
+        };
+        let out = head.segmented_pass(&h, n, hd, &tg, &mut segs, true, block);
+        drop(segs);
+        for ((rows, lora, scale, loss), (ga, gb)) in tenants.iter().zip(&grads) {
+            let (a, b) = (rows.start, rows.end);
+            let local: Vec<usize> = (0..=b - a).collect();
+            let tg = HeadTargets {
+                row_ptr: &local,
+                targets: &targets[a..b],
+                weights: &weights[a..b],
+                slp: &slp[a..b],
+                adv: &adv[a..b],
+            };
+            let one = Head { w: &w, lora: *lora, scale: *scale };
+            let (mut wa, mut wb) = (vec![0.0f32; ga.len()], vec![0.0f32; gb.len()]);
+            let lg = lora.map(|_| (wa.as_mut_slice(), wb.as_mut_slice()));
+            let want = one.loss_pass(&h[a * hd..b * hd], b - a, hd, &tg, loss, true, lg, b - a);
+            let f64s = |x: &[f32]| x.iter().map(|v| *v as f64).collect::<Vec<_>>();
+            let what = |q: &str| format!("block {block} rows {a}..{b} {q}");
+            assert_close(&out.logprobs[a..b], &f64s(&want.logprobs), 1e-6, &what("logprobs"));
+            let terms: Vec<f32> = out.terms[a..b].iter().map(|x| *x as f32).collect();
+            assert_close(&terms, &want.terms, 1e-6, &what("terms"));
+            assert_close(&out.dh[a * hd..b * hd], &f64s(&want.dh), 1e-5, &what("dh"));
+            assert_close(ga, &f64s(&wa), 1e-5, &what("grad_a"));
+            assert_close(gb, &f64s(&wb), 1e-5, &what("grad_b"));
+        }
+    }
 }

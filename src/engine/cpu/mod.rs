@@ -8,6 +8,7 @@ pub mod backend;
 pub(crate) mod head;
 pub mod kv_cache;
 mod runtime;
+mod segment;
 #[cfg(test)]
 mod test_util;
 mod train;
@@ -16,4 +17,4 @@ mod wmatmul;
 
 pub use kv_cache::KvCache;
 pub use runtime::{CpuCache, CpuRuntime};
-pub use train::{forward, forward_backward};
+pub use train::{forward, forward_backward, forward_backward_many, forward_many};

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::kv_cache::KvCache;
-use super::train::{forward, forward_backward};
-use crate::engine::batch::FwdBwdOutput;
+use super::train::{forward, forward_backward, forward_backward_many, forward_many};
+use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::lora::Adapter;
 use crate::engine::loss::{Datum, LossFn};
@@ -118,6 +118,19 @@ impl ModelRuntime for CpuRuntime {
     ) -> Result<FwdBwdOutput> {
         let model = &self.model;
         self.run(|| forward(model, adapter, data, loss))
+    }
+
+    fn forward_backward_many(
+        &self,
+        groups: &mut [TrainGroup<'_, Adapter>],
+    ) -> Vec<Result<FwdBwdOutput>> {
+        let model = &self.model;
+        self.run(|| forward_backward_many(model, groups))
+    }
+
+    fn forward_many(&self, groups: &[EvalGroup<'_, Adapter>]) -> Vec<Result<FwdBwdOutput>> {
+        let model = &self.model;
+        self.run(|| forward_many(model, groups))
     }
 
     fn optim_step(&self, adapter: &mut Adapter, params: &AdamParams) -> Result<OptimMetrics> {

@@ -1,10 +1,11 @@
 //! The decoder stack shared by all architectures: forward (training, forward-only, or cached
 //! decoding) and the explicit layer-local backward that accumulates LoRA gradients.
 
-use super::backend::{AttnShape, MatMul, RopeTable, backend};
+use super::backend::{AttnShape, RopeTable, backend};
 use super::kv_cache::KvCache;
-use super::wmatmul::{gather_rows, xw, xwt};
-use crate::engine::lora::{Adapter, LoraPair, Target};
+use super::segment::{SegXa, Segment, SegmentMut, lin_bwd, lin_fwd};
+use super::wmatmul::gather_rows;
+use crate::engine::lora::Target;
 use crate::engine::models::{Linear, Model};
 
 /// Packed rows of several sequences: `(start_row, len)` per sequence, plus one position per row.
@@ -14,91 +15,20 @@ pub(crate) struct Packed<'a> {
     pub rows: usize,
 }
 
-/// Output of a LoRA-augmented linear layer: `y`, and `s·x·Aᵀ` when a LoRA module is attached.
-fn lin_fwd(
-    x: &[f32],
-    rows: usize,
-    lin: &Linear,
-    lora: Option<&LoraPair>,
-    scale: f32,
-) -> (Vec<f32>, Option<Vec<f32>>) {
-    let be = backend();
-    let (inp, out) = (lin.in_dim(), lin.out_dim());
-    let mut y = vec![0.0f32; rows * out];
-    xwt(&mut y, x, rows, &lin.w, false);
-    if let Some(b) = &lin.b {
-        for r in y.chunks_mut(out) {
-            for (v, bv) in r.iter_mut().zip(b) {
-                *v += bv;
-            }
-        }
-    }
-    let xa = lora.map(|p| {
-        let r = p.rank();
-        let mut xa = vec![0.0f32; rows * r];
-        be.matmul(&mut xa, x, p.a.data(), MatMul::linear(rows, inp, r));
-        xa.iter_mut().for_each(|v| *v *= scale);
-        be.matmul(&mut y, &xa, p.b.data(), MatMul::linear(rows, r, out).acc());
-        xa
-    });
-    (y, xa)
-}
-
-/// Backward of `lin_fwd`: accumulates LoRA grads and `dx (+)= dy·W + s·(dy·B)·A`.
-#[allow(clippy::too_many_arguments)]
-fn lin_bwd(
-    dy: &[f32],
-    x: &[f32],
-    xa: Option<&[f32]>,
-    rows: usize,
-    lin: &Linear,
-    lora: Option<&mut LoraPair>,
-    scale: f32,
-    dx: &mut [f32],
-    accumulate: bool,
-) {
-    let be = backend();
-    let (inp, out) = (lin.in_dim(), lin.out_dim());
-    xw(dx, dy, rows, &lin.w, accumulate);
-    if let (Some(p), Some(xa)) = (lora, xa) {
-        let r = p.rank();
-        let gb = MatMul { m: out, k: rows, n: r, trans_a: true, trans_b: false, accumulate: true };
-        be.matmul(&mut p.grad_b, dy, xa, gb);
-        let mut dyb = vec![0.0f32; rows * r];
-        be.matmul(
-            &mut dyb,
-            dy,
-            p.b.data(),
-            MatMul { m: rows, k: out, n: r, trans_a: false, trans_b: false, accumulate: false },
-        );
-        dyb.iter_mut().for_each(|v| *v *= scale);
-        let ga = MatMul { m: r, k: rows, n: inp, trans_a: true, trans_b: false, accumulate: true };
-        be.matmul(&mut p.grad_a, &dyb, x, ga);
-        be.matmul(
-            dx,
-            &dyb,
-            p.a.data(),
-            MatMul { m: rows, k: r, n: inp, trans_a: false, trans_b: false, accumulate: true },
-        );
-    }
-}
-
 /// Input gradient `dx` of layer `l`'s linears that all read `x` (q/k/v, or gate/up), from their
 /// output gradients `outs` (dy, linear, target): the first writes dx, the others add to it; LoRA
-/// gradients accumulate into `adapter` as in [`lin_bwd`].
+/// gradients accumulate into each segment's adapter as in [`lin_bwd`].
 fn shared_input_bwd(
     outs: &[(&[f32], &Linear, Target)],
     x: &[f32],
     s: &LayerSave,
     rows: usize,
-    adapter: &mut Adapter,
+    segs: &mut [SegmentMut],
     l: usize,
     dx: &mut [f32],
 ) {
-    let scale = adapter.scaling();
     for (i, &(dy, lin, t)) in outs.iter().enumerate() {
-        let lora = adapter.layer_mut(l, t);
-        lin_bwd(dy, x, s.xa[idx(t)].as_deref(), rows, lin, lora, scale, dx, i > 0);
+        lin_bwd(dy, x, &s.xa[idx(t)], rows, lin, segs, l, t, dx, i > 0);
     }
 }
 
@@ -107,7 +37,8 @@ fn shared_input_bwd(
 pub(crate) struct LayerSave {
     x_in: Vec<f32>,
     rstd1: Vec<f32>,
-    xa: [Option<Vec<f32>>; 7],
+    /// Per target, per segment (see [`SegXa`]).
+    xa: [SegXa; 7],
     q_pre: Vec<f32>,
     q_rstd: Vec<f32>,
     k_pre: Vec<f32>,
@@ -141,13 +72,14 @@ impl Model {
         gather_rows(&self.embed, tokens)
     }
 
-    /// Runs the decoder stack on packed rows. With `caches` (one per sequence), keys/values are
-    /// appended and attention covers the cached past; with `save`, activations are kept.
+    /// Runs the decoder stack on packed rows, each segment's rows with its own adapter. With
+    /// `caches` (one per sequence), keys/values are appended and attention covers the cached
+    /// past; with `save`, activations are kept.
     pub(crate) fn forward_stack(
         &self,
         tokens: &[u32],
         packed: &Packed,
-        adapter: Option<&Adapter>,
+        segs: &[Segment],
         mut caches: Option<&mut [KvCache]>,
         save: bool,
     ) -> StackOut {
@@ -155,17 +87,15 @@ impl Model {
         let c = &self.config;
         let rows = packed.rows;
         let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-        let scale = adapter.map(|a| a.scaling()).unwrap_or(0.0);
         let mut x = self.embed_rows(tokens);
         let mut saves = Vec::new();
         for (l, lw) in self.layers.iter().enumerate() {
-            let lora = |t: Target| adapter.and_then(|a| a.layer(l, t));
             let mut h1 = vec![0.0f32; rows * h];
             let mut rstd1 = vec![0.0f32; rows];
             be.rmsnorm_fwd(&x, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd1);
-            let (mut q, xa_q) = lin_fwd(&h1, rows, &lw.q, lora(Target::Q), scale);
-            let (mut k, xa_k) = lin_fwd(&h1, rows, &lw.k, lora(Target::K), scale);
-            let (v, xa_v) = lin_fwd(&h1, rows, &lw.v, lora(Target::V), scale);
+            let (mut q, xa_q) = lin_fwd(&h1, rows, &lw.q, segs, l, Target::Q);
+            let (mut k, xa_k) = lin_fwd(&h1, rows, &lw.k, segs, l, Target::K);
+            let (v, xa_v) = lin_fwd(&h1, rows, &lw.v, segs, l, Target::V);
             let (mut q_pre, mut q_rstd, mut k_pre, mut k_rstd) = (vec![], vec![], vec![], vec![]);
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 q_rstd = vec![0.0; rows * nh];
@@ -207,17 +137,17 @@ impl Model {
                 }
                 lses.push(lse);
             }
-            let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, lora(Target::O), scale);
+            let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, segs, l, Target::O);
             let x_in = if save { x.clone() } else { Vec::new() };
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let mut h2 = vec![0.0f32; rows * h];
             let mut rstd2 = vec![0.0f32; rows];
             be.rmsnorm_fwd(&x, &lw.post_norm, h, c.rms_norm_eps, &mut h2, &mut rstd2);
-            let (g, xa_g) = lin_fwd(&h2, rows, &lw.gate, lora(Target::Gate), scale);
-            let (u, xa_u) = lin_fwd(&h2, rows, &lw.up, lora(Target::Up), scale);
+            let (g, xa_g) = lin_fwd(&h2, rows, &lw.gate, segs, l, Target::Gate);
+            let (u, xa_u) = lin_fwd(&h2, rows, &lw.up, segs, l, Target::Up);
             let mut act = vec![0.0f32; g.len()];
             be.swiglu_fwd(&g, &u, &mut act);
-            let (d, xa_d) = lin_fwd(&act, rows, &lw.down, lora(Target::Down), scale);
+            let (d, xa_d) = lin_fwd(&act, rows, &lw.down, segs, l, Target::Down);
             let x_mid = if save { x.clone() } else { Vec::new() };
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
             if save {
@@ -253,23 +183,23 @@ impl Model {
     }
 
     /// Backward through the stack from `dh_final` (gradient w.r.t. the final normed hidden
-    /// states), accumulating LoRA gradients into `adapter`.
+    /// states), accumulating each segment's LoRA gradients into its adapter (`segs`: the
+    /// forward's segments, in order).
     pub(crate) fn backward_stack(
         &self,
         st: &StackOut,
         dh_final: &[f32],
         packed: &Packed,
-        adapter: &mut Adapter,
+        segs: &mut [SegmentMut],
     ) {
         let be = backend();
         let c = &self.config;
         let rows = packed.rows;
         let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-        let scale = adapter.scaling();
         let mut dx = vec![0.0f32; rows * h];
         be.rmsnorm_bwd(dh_final, &st.x_final, &self.final_norm, &st.rstd_final, h, &mut dx);
         for (l, (lw, s)) in self.layers.iter().zip(&st.saves).enumerate().rev() {
-            let xa = |t: Target| s.xa[idx(t)].as_deref();
+            let xa = |t: Target| &s.xa[idx(t)][..];
             let mut rstd_scratch = vec![0.0f32; rows];
             let mut act = vec![0.0f32; s.g.len()];
             be.swiglu_fwd(&s.g, &s.u, &mut act);
@@ -283,8 +213,9 @@ impl Model {
                 xa(Target::Down),
                 rows,
                 &lw.down,
-                adapter.layer_mut(l, Target::Down),
-                scale,
+                segs,
+                l,
+                Target::Down,
                 &mut dact,
                 false,
             );
@@ -292,7 +223,7 @@ impl Model {
             be.swiglu_bwd(&dact, &s.g, &s.u, &mut dg, &mut du);
             let mut dh2 = vec![0.0f32; rows * h];
             let outs = [(&dg[..], &lw.gate, Target::Gate), (&du[..], &lw.up, Target::Up)];
-            shared_input_bwd(&outs, &h2, s, rows, adapter, l, &mut dh2);
+            shared_input_bwd(&outs, &h2, s, rows, segs, l, &mut dh2);
             let mut tmp = vec![0.0f32; rows * h];
             be.rmsnorm_bwd(&dh2, &s.x_mid, &lw.post_norm, &s.rstd2, h, &mut tmp);
             dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
@@ -304,8 +235,9 @@ impl Model {
                 xa(Target::O),
                 rows,
                 &lw.o,
-                adapter.layer_mut(l, Target::O),
-                scale,
+                segs,
+                l,
+                Target::O,
                 &mut dattn,
                 false,
             );
@@ -350,7 +282,7 @@ impl Model {
                 (&dk[..], &lw.k, Target::K),
                 (&dv[..], &lw.v, Target::V),
             ];
-            shared_input_bwd(&outs, &h1, s, rows, adapter, l, &mut dh1);
+            shared_input_bwd(&outs, &h1, s, rows, segs, l, &mut dh1);
             if l > 0 {
                 be.rmsnorm_bwd(&dh1, &s.x_in, &lw.input_norm, &s.rstd1, h, &mut tmp);
                 dx.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
