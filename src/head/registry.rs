@@ -200,6 +200,8 @@ struct AppEntry {
     token: Option<String>,
     /// Progress reports from the current child (the supervisor waits while they grow).
     reports: u64,
+    /// Supervised on this node (false: a cluster route to another node's child).
+    local: bool,
 }
 
 /// Where the current child of an application is on its way to serving (the supervisor's
@@ -240,7 +242,7 @@ impl Registry {
             nodes,
             apps: apps
                 .into_iter()
-                .map(|status| AppEntry { status, token: None, reports: 0 })
+                .map(|status| AppEntry { status, token: None, reports: 0, local: true })
                 .collect(),
             child_host: "127.0.0.1".to_string(),
             gpu_samples: BTreeMap::new(),
@@ -330,7 +332,7 @@ impl Registry {
     /// an existing entry of that name is replaced.
     pub fn add_app(&mut self, status: AppStatus) {
         self.apps.retain(|a| a.status.name != status.name);
-        self.apps.push(AppEntry { status, token: None, reports: 0 });
+        self.apps.push(AppEntry { status, token: None, reports: 0, local: true });
     }
 
     /// Drops an application entry (its child was stopped for good).
@@ -353,6 +355,7 @@ impl Registry {
                 },
                 token: None,
                 reports: 0,
+                local: false,
             });
         }
         if let Some(e) = self.entry_mut(app) {
@@ -361,10 +364,18 @@ impl Registry {
         }
     }
 
-    /// Applications with a child started on this node (remote ones, known only as routes
-    /// through [`Self::set_upstream`], never get a token).
+    /// Applications supervised on this node (not the cluster routes to other nodes' children
+    /// that [`Self::set_upstream`] adds).
     pub fn local_apps(&self) -> std::collections::BTreeSet<String> {
-        self.apps.iter().filter(|a| a.token.is_some()).map(|a| a.status.name.clone()).collect()
+        self.apps.iter().filter(|a| a.local).map(|a| a.status.name.clone()).collect()
+    }
+
+    /// [`Self::snapshot`] with only this node's applications (what its metrics report).
+    pub fn local_snapshot(&self) -> StatusReport {
+        let mut report = self.snapshot();
+        let local = self.local_apps();
+        report.applications.retain(|a| local.contains(&a.name));
+        report
     }
 
     /// Whether the current child of `app` has registered, and how many progress reports it

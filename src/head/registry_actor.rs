@@ -178,6 +178,18 @@ impl Handler<Snapshot> for RegistryActor {
     }
 }
 
+/// [`Snapshot`] of this node's own applications only (its gateway's metrics).
+#[derive(Debug, Message)]
+#[rtype(result = "StatusReport")]
+pub struct LocalSnapshot;
+
+impl Handler<LocalSnapshot> for RegistryActor {
+    type Result = MessageResult<LocalSnapshot>;
+    fn handle(&mut self, _: LocalSnapshot, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.reg.local_snapshot())
+    }
+}
+
 impl Handler<IsRegistered> for RegistryActor {
     type Result = MessageResult<IsRegistered>;
     fn handle(&mut self, m: IsRegistered, _: &mut Context<Self>) -> Self::Result {
@@ -345,6 +357,9 @@ mod tests {
                 .expect("registry alive");
             assert_eq!(up.lookup("remote"), Upstream::At("10.0.0.2:7".into()));
             assert_eq!(up.running(), vec![("m".to_string(), "127.0.0.1:9".to_string())]);
+            let local = addr.send(LocalSnapshot).await.expect("registry alive");
+            let names: Vec<&str> = local.applications.iter().map(|a| a.name.as_str()).collect();
+            assert_eq!(names, ["m"]);
             assert!(up.readiness().is_ready());
             let n = addr
                 .send(ChildExited { app: "m".into(), how: "signal 9".into() })

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::expo::Writer;
 use crate::gateway::metrics::StatusSource;
-use crate::head::registry_actor::Snapshot;
+use crate::head::registry_actor::LocalSnapshot;
 use crate::head::{AppState, RegistryActor, StatusReport};
 
 /// Every state an application can be in, so each has a series (0 or 1) for dashboards.
@@ -25,11 +25,12 @@ const STATES: [AppState; 8] = [
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// The gateway's source of the head's families: a snapshot of `reg` rendered on each scrape.
+/// The gateway's source of the head's families: a snapshot of this node's applications in
+/// `reg`, rendered on each scrape (a cluster node leaves the others to their own gateways).
 pub fn source(reg: actix::Addr<RegistryActor>) -> StatusSource {
     Arc::new(move || {
         let reg = reg.clone();
-        Box::pin(async move { reg.send(Snapshot).await.ok().map(|r| render(&r)) })
+        Box::pin(async move { reg.send(LocalSnapshot).await.ok().map(|r| render(&r)) })
     })
 }
 
