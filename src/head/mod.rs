@@ -14,8 +14,9 @@
 //! Every piece of the head's mutable state has exactly one owning actor; HTTP handlers,
 //! supervisors and the gateway send it typed messages and hold only its address:
 //! * [`registry_actor::RegistryActor`] owns a [`registry::Registry`] (application entries with
-//!   pid, registration token, state, address, restarts, last exit; nodes; GPU samples; the
-//!   control and gateway addresses). Messages: `Register`, `Snapshot`, `IsRegistered`,
+//!   pid, registration token, state, address, restarts, last exit, download progress; nodes;
+//!   GPU samples; the control and gateway addresses). Messages: `Register`, `Progress`,
+//!   `Snapshot`, `LocalSnapshot`, `IsRegistered`,
 //!   `ChildStarted`, `ChildExited`, `SpawnFailed`, `StartupFailed`, `SetState`, `SetAddresses`,
 //!   `SetGpuSamples`, `GpuSamples`, `AddApp`, `RemoveApp`, `SetUpstream`, `SetNodes`,
 //!   [`crate::gateway::Lookup`], [`crate::gateway::ReadyQuery`]. After every change it publishes
