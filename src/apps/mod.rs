@@ -181,8 +181,7 @@ fn cuda_bf16(dtype: &str) -> Result<bool, AppError> {
     }
 }
 
-fn load(ctx: &AppContext) -> Result<Loaded, AppError> {
-    let spec = app_spec(ctx)?;
+fn load(ctx: &AppContext, spec: Application) -> Result<Loaded, AppError> {
     let place = placement(&spec);
     if ctx.opts.import_path == ImportPath::Sampler {
         let base_model = model_id(&spec)?;
@@ -331,11 +330,17 @@ fn twinkle_layer(
 pub async fn run(ctx: &AppContext) -> Result<(), WorkerError> {
     let id = Identity::from_context(ctx);
     let token = internal_token();
-    let model = app_spec(ctx).and_then(|spec| model_id(&spec));
-    if let Ok(model) = &model {
-        fetch::ensure_model(ctx, model).await?;
-    }
-    match load(ctx) {
+    // The spec is read once (it may come from the config file); its model is made local first.
+    let loaded = match app_spec(ctx) {
+        Ok(spec) => {
+            if let Ok(model) = model_id(&spec) {
+                fetch::ensure_model(ctx, &model).await?;
+            }
+            load(ctx, spec)
+        }
+        Err(e) => Err(e),
+    };
+    match loaded {
         Ok(Loaded::Sampler(svc)) => {
             let auth = twinkle_auth(ctx)?;
             let tw = Arc::new(sampler::twinkle::TwinkleSampler::new(svc.clone(), auth));

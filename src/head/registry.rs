@@ -89,11 +89,7 @@ pub struct DownloadStatus {
 
 impl DownloadStatus {
     pub fn new(bytes_done: u64, bytes_total: u64) -> Self {
-        let percent = if bytes_total == 0 {
-            0.0
-        } else {
-            (bytes_done as f64 * 100.0 / bytes_total as f64).min(100.0)
-        };
+        let percent = crate::hub::progress::percent(bytes_done, bytes_total);
         DownloadStatus { bytes_done, bytes_total, percent }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::HeadError;
 use super::gpu_table::{self, GpuStatus};
 use super::registry::StatusReport;
+use crate::hub::progress::human_bytes;
 
 /// The status with each running application's queue depth (jobs waiting or computing), which
 /// the head adds from the children's scrapes.
@@ -58,18 +59,6 @@ pub async fn fetch_view(addr: &str, token: &str) -> Result<StatusView, HeadError
 fn fmt_num(x: f64) -> String {
     let s = format!("{x:.4}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
-/// Bytes in binary units, one decimal (`1.5 GiB`).
-fn fmt_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut unit = 0;
-    while x >= 1024.0 && unit + 1 < UNITS.len() {
-        x /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{n} B") } else { format!("{x:.1} {}", UNITS[unit]) }
 }
 
 fn fmt_ids(ids: &[u32]) -> String {
@@ -238,7 +227,7 @@ pub fn render_view(v: &StatusView) -> String {
                 let _ = writeln!(out, "   downloading: size not known yet");
             }
             Some(d) => {
-                let (done, total) = (fmt_bytes(d.bytes_done), fmt_bytes(d.bytes_total));
+                let (done, total) = (human_bytes(d.bytes_done), human_bytes(d.bytes_total));
                 let _ = writeln!(out, "   downloading: {:.1}% ({done} of {total})", d.percent);
             }
             None => {}

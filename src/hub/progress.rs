@@ -30,11 +30,28 @@ pub struct ProgressSnapshot {
 impl ProgressSnapshot {
     /// Percent done (0–100); 0 while the total is not known yet.
     pub fn percent(&self) -> f64 {
-        if self.bytes_total == 0 {
-            return 0.0;
-        }
-        (self.bytes_done as f64 * 100.0 / self.bytes_total as f64).min(100.0)
+        percent(self.bytes_done, self.bytes_total)
     }
+}
+
+/// `done` of `total` in percent (0–100); 0 while the total is not known.
+pub fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    (done as f64 * 100.0 / total as f64).min(100.0)
+}
+
+/// Bytes in binary units with one decimal: `12.3 MiB` (`512 B` below a KiB).
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
 impl Default for DownloadProgress {

@@ -44,17 +44,7 @@ pub(crate) struct Reporter {
     sink: Sink,
 }
 
-/// `12.3 MiB`.
-pub(crate) fn human_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
-}
+pub(crate) use crate::hub::progress::human_bytes;
 
 fn eta_text(left: u64, rate: f64) -> String {
     if rate <= 0.0 {
