@@ -17,6 +17,7 @@ use crate::engine::cuda::{CudaDevice, CudaRuntime, bf16};
 use crate::engine::parallel::DataParallel;
 use crate::worker::identity::{self, Identity};
 use crate::worker::{AppContext, WorkerError, serve_and_register};
+use model::decode::DEFAULT_MAX_SEQS;
 use model::http::{InternalToken, ModelApp};
 use model::{
     AppError, BaseModel, CPU_WORKERS_ENV, DEFAULT_ADAPTER_TIMEOUT, ModelService, ServiceOptions,
@@ -196,20 +197,22 @@ fn load(ctx: &AppContext, spec: Application) -> Result<Loaded, AppError> {
         let mut base = BaseModel::load(&base_model, &dir, max_length)?;
         name_as_configured(&mut base, &spec);
         tracing::info!(model = %dir.display(), ?place, "sampler model loaded");
+        let max_seqs = spec.args.engine_args.as_ref().and_then(|e| e.max_num_seqs);
+        let max_seqs = max_seqs.map_or(DEFAULT_MAX_SEQS, |n| n as usize);
         let svc: Arc<dyn SamplerApp> = match place.device {
             DeviceType::Cpu => {
                 let n = cpu_workers(place)?;
                 let engine = DataParallel::cpu(base.model.clone(), n, rayon::current_num_threads())
                     .map_err(|e| AppError::Startup(e.to_string()))?;
-                Arc::new(SamplerService::with_engine(base.served, engine))
+                Arc::new(SamplerService::with_engine(base.served, engine).with_max_seqs(max_seqs))
             }
             DeviceType::Cuda if cuda_bf16(&base.served.config.dtype)? => {
                 let engine = cuda_engine::<bf16>(&base.model, place.dp)?;
-                Arc::new(SamplerService::with_engine(base.served, engine))
+                Arc::new(SamplerService::with_engine(base.served, engine).with_max_seqs(max_seqs))
             }
             DeviceType::Cuda => {
                 let engine = cuda_engine::<f32>(&base.model, place.dp)?;
-                Arc::new(SamplerService::with_engine(base.served, engine))
+                Arc::new(SamplerService::with_engine(base.served, engine).with_max_seqs(max_seqs))
             }
         };
         return Ok(Loaded::Sampler(svc));

@@ -45,7 +45,6 @@ pub(crate) fn ignored(cfg: &ServerConfig) -> Vec<(KeyPath, String)> {
                 ("gpu_memory_utilization", e.gpu_memory_utilization.is_some()),
                 // LoRA sampling is always on: only `false` asks for something else.
                 ("enable_lora", e.enable_lora == Some(false)),
-                ("max_num_seqs", e.max_num_seqs.is_some()),
                 ("max_loras", e.max_loras.is_some()),
                 ("max_lora_rank", e.max_lora_rank.is_some()),
                 ("enable_prefix_caching", e.enable_prefix_caching.is_some()),

@@ -156,3 +156,15 @@ pub struct EvalGroup<'a, A> {
     pub data: &'a [Datum],
     pub loss: &'a LossFn,
 }
+
+/// One request's share of a batched decode pass
+/// ([`forward_cached_many`](crate::engine::ModelRuntime::forward_cached_many)): its adapter
+/// (`None`: the base model), its own KV cache, and the new tokens of some of the cache's slots
+/// (`tokens[i]` for slot `slots[i]`).
+#[derive(Debug)]
+pub struct CachedGroup<'a, A, C> {
+    pub adapter: Option<&'a A>,
+    pub cache: &'a mut C,
+    pub slots: &'a [usize],
+    pub tokens: &'a [&'a [u32]],
+}

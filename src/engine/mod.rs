@@ -36,7 +36,7 @@ pub mod tensor;
 pub mod weight;
 pub mod weights;
 
-pub use batch::{BatchLimits, EvalGroup, FwdBwdOutput, TrainGroup, check_batch};
+pub use batch::{BatchLimits, CachedGroup, EvalGroup, FwdBwdOutput, TrainGroup, check_batch};
 pub use cpu::backend;
 pub use cpu::{KvCache, forward, forward_backward, forward_backward_many, forward_many};
 pub use error::{EngineError, Result};

@@ -15,7 +15,7 @@
 //! the batch validation and packing of `engine::batch`, summed losses, gradients ADDED until
 //! `optim_step`, and one sampling definition (`engine::sampling`).
 
-use super::batch::{EvalGroup, FwdBwdOutput, TrainGroup};
+use super::batch::{CachedGroup, EvalGroup, FwdBwdOutput, TrainGroup};
 use super::error::Result;
 use super::lora::Adapter;
 use super::loss::{Datum, LossFn};
@@ -116,6 +116,21 @@ pub trait ModelRuntime: Send + Sync + 'static {
         slots: &[usize],
         tokens: &[&[u32]],
     ) -> Result<Self::Logits>;
+
+    /// [`forward_cached`](Self::forward_cached) of several requests' groups (each its own
+    /// adapter and cache): one logits result per group, in order, each as if the group ran
+    /// alone; a group with invalid input fails alone and its cache is left as it was. A runtime
+    /// that can feed all groups through one pass over the base weights overrides this; the
+    /// default runs them one after another.
+    fn forward_cached_many(
+        &self,
+        groups: &mut [CachedGroup<'_, Self::Adapter, Self::Cache>],
+    ) -> Vec<Result<Self::Logits>> {
+        groups
+            .iter_mut()
+            .map(|g| self.forward_cached(g.adapter, g.cache, g.slots, g.tokens))
+            .collect()
+    }
 
     /// Picks one token per logits row with `engine::sampling`'s definition (row `i` with
     /// `params[i]` and the uniform draw `uniforms[i]`): (token, logprob of the raw

@@ -21,6 +21,7 @@
 
 pub mod base;
 pub mod checkpoint;
+pub mod decode;
 pub mod durable;
 pub mod error;
 pub mod http;
@@ -147,6 +148,8 @@ pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     durable_steps: bool,
     /// Round-robin over the runtimes for generation.
     next_worker: std::sync::atomic::AtomicUsize,
+    /// Per runtime: the passes that decode every request's sequences together.
+    decoders: Vec<decode::DecodeBatcher<R>>,
 }
 
 impl ModelService<CpuRuntime> {
@@ -175,6 +178,9 @@ impl<R: ModelRuntime> ModelService<R> {
     pub fn with_engine(opts: &ServiceOptions, mut base: Served, engine: DataParallel<R>) -> Self {
         base.info.devices =
             (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
+        let decoders = (0..engine.num_workers())
+            .map(|_| decode::DecodeBatcher::new(decode::DEFAULT_MAX_SEQS))
+            .collect();
         ModelService {
             base,
             engine,
@@ -186,6 +192,7 @@ impl<R: ModelRuntime> ModelService<R> {
             max_resident: opts.max_loras.map(|m| m.max(1)),
             snaps: durable::Snapshots::new(&opts.spill_dir),
             next_worker: Default::default(),
+            decoders,
         }
     }
 
@@ -465,21 +472,26 @@ impl<R: ModelRuntime> ModelService<R> {
         let tok = b.tokenizer.as_deref();
         let w = self.next_worker.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % self.engine.num_workers();
-        let rt = self.engine.worker(w);
+        let (rt, decoder) = (self.engine.worker(w), &self.decoders[w]);
         match (&req.model_id, &req.adapter_dir) {
             (Some(_), Some(_)) => {
                 Err(AppError::BadRequest("give model_id or adapter_dir, not both".into()))
             }
             (Some(id), None) => self.with_adapter(id, |adapter, _| {
-                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
+                decoder.generate(rt, adapter.replica(w), tok, b.max_length, req)
             }),
             (None, Some(dir)) => {
                 let adapter =
                     self.by_dir.get(dir, self.config(), |h| Ok(self.engine.upload(h)?))?;
-                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
+                decoder.generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
-            (None, None) => sample::generate(rt, None, tok, b.max_length, req),
+            (None, None) => decoder.generate(rt, None, tok, b.max_length, req),
         }
+    }
+
+    /// What the decode passes have done so far, summed over the runtimes.
+    pub fn decode_stats(&self) -> decode::DecodeStats {
+        self.decoders.iter().map(|d| d.stats()).sum()
     }
 
     /// Spills every adapter idle for at least the timeout (busy ones are skipped: they are in

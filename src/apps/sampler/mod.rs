@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::model::checkpoint::AdapterCache;
+use super::model::decode::{DEFAULT_MAX_SEQS, DecodeBatcher, DecodeStats};
 use super::model::error::AppError;
 use super::model::http::{InternalToken, check_token, path, payload_config, serve_call};
-use super::model::{BaseModel, Served, sample};
+use super::model::{BaseModel, Served};
 use crate::engine::ModelRuntime;
 use crate::engine::cpu::CpuRuntime;
 use crate::engine::parallel::{DataParallel, Replicated};
@@ -36,6 +37,8 @@ pub struct SamplerService<R: ModelRuntime = CpuRuntime> {
     engine: DataParallel<R>,
     cache: AdapterCache<Replicated<R>>,
     next_worker: AtomicUsize,
+    /// Per runtime: the passes that decode every request's sequences together.
+    decoders: Vec<DecodeBatcher<R>>,
 }
 
 impl<R: ModelRuntime> std::fmt::Debug for SamplerService<R> {
@@ -56,12 +59,27 @@ impl<R: ModelRuntime> SamplerService<R> {
     pub fn with_engine(mut base: Served, engine: DataParallel<R>) -> Self {
         base.info.devices =
             (0..engine.num_workers()).map(|i| engine.worker(i).device_name()).collect();
+        let decoders =
+            (0..engine.num_workers()).map(|_| DecodeBatcher::new(DEFAULT_MAX_SEQS)).collect();
         SamplerService {
             base,
             engine,
             cache: AdapterCache::new(ADAPTER_CACHE),
             next_worker: AtomicUsize::new(0),
+            decoders,
         }
+    }
+
+    /// Admits at most `max_seqs` running sequences to one decode pass (config
+    /// `engine_args.max_num_seqs`; default [`DEFAULT_MAX_SEQS`](super::model::decode::DEFAULT_MAX_SEQS)).
+    pub fn with_max_seqs(mut self, max_seqs: usize) -> Self {
+        self.decoders = self.decoders.iter().map(|_| DecodeBatcher::new(max_seqs)).collect();
+        self
+    }
+
+    /// What the decode passes have done so far, summed over the runtimes.
+    pub fn decode_stats(&self) -> DecodeStats {
+        self.decoders.iter().map(|d| d.stats()).sum()
     }
 
     pub fn base(&self) -> &Served {
@@ -84,13 +102,13 @@ impl<R: ModelRuntime> SamplerService<R> {
         let b = &self.base;
         let tok = b.tokenizer.as_deref();
         let w = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.engine.num_workers();
-        let rt = self.engine.worker(w);
+        let (rt, decoder) = (self.engine.worker(w), &self.decoders[w]);
         match &req.adapter_dir {
             Some(dir) => {
                 let adapter = self.cache.get(dir, &b.config, |h| Ok(self.engine.upload(h)?))?;
-                sample::generate(rt, adapter.replica(w), tok, b.max_length, req)
+                decoder.generate(rt, adapter.replica(w), tok, b.max_length, req)
             }
-            None => sample::generate(rt, None, tok, b.max_length, req),
+            None => decoder.generate(rt, None, tok, b.max_length, req),
         }
     }
 }

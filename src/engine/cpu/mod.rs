@@ -5,8 +5,10 @@
 //! The same layout as `engine/cuda/`.
 
 pub mod backend;
+mod decode;
 pub(crate) mod head;
 pub mod kv_cache;
+mod rowdot;
 mod runtime;
 mod segment;
 #[cfg(test)]
@@ -15,6 +17,7 @@ mod train;
 pub(crate) mod transformer;
 mod wmatmul;
 
+pub use decode::DecodeSegment;
 pub use kv_cache::KvCache;
 pub use runtime::{CpuCache, CpuRuntime};
 pub use train::{forward, forward_backward, forward_backward_many, forward_many};

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use super::decode::DecodeSegment;
 use super::kv_cache::KvCache;
 use super::train::{forward, forward_backward, forward_backward_many, forward_many};
-use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup};
+use crate::engine::batch::{CachedGroup, EvalGroup, FwdBwdOutput, TrainGroup, check_tokens};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::lora::Adapter;
 use crate::engine::loss::{Datum, LossFn};
@@ -58,6 +59,43 @@ impl CpuRuntime {
     /// The host model.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// Everything the pass would refuse about one group, checked before any group runs so
+    /// that a bad group fails alone.
+    fn check_group(&self, g: &CachedGroup<'_, Adapter, CpuCache>) -> Result<()> {
+        let (cache, slots, tokens) = (&*g.cache, g.slots, g.tokens);
+        let c = self.model.config();
+        let n = cache.slots.len();
+        if slots.len() != tokens.len() || slots.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} token lists for {} sequences (need >= 1)",
+                tokens.len(),
+                slots.len()
+            )));
+        }
+        if let Some(a) = g.adapter {
+            a.check_compatible(&self.model)?;
+        }
+        for (i, (&s, t)) in slots.iter().zip(tokens).enumerate() {
+            if s >= n || slots[..i].contains(&s) {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence slot {s} is out of range or repeated"
+                )));
+            }
+            if t.is_empty() {
+                return Err(EngineError::InvalidInput(format!("sequence {i}: no new tokens")));
+            }
+            check_tokens("tokens", i, t, c.vocab_size)?;
+            let end = cache.slots[s].len() + t.len();
+            if end > cache.max_len || end > c.max_position_embeddings {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {i}: {end} tokens exceed the cache slot ({}) or max_position_embeddings ({})",
+                    cache.max_len, c.max_position_embeddings
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
@@ -177,35 +215,51 @@ impl ModelRuntime for CpuRuntime {
         slots: &[usize],
         tokens: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
-        let n = cache.slots.len();
-        if slots.len() != tokens.len() || slots.is_empty() {
-            return Err(EngineError::InvalidInput(format!(
-                "{} token lists for {} sequences (need >= 1)",
-                tokens.len(),
-                slots.len()
-            )));
-        }
-        for (i, (&s, t)) in slots.iter().zip(tokens).enumerate() {
-            if s >= n || slots[..i].contains(&s) {
-                return Err(EngineError::InvalidInput(format!(
-                    "sequence slot {s} is out of range or repeated"
-                )));
+        let mut group = [CachedGroup { adapter, cache, slots, tokens }];
+        self.forward_cached_many(&mut group).pop().unwrap_or_else(|| {
+            Err(EngineError::InvalidInput("forward_cached: no result for the group".into()))
+        })
+    }
+
+    fn forward_cached_many(
+        &self,
+        groups: &mut [CachedGroup<'_, Adapter, CpuCache>],
+    ) -> Vec<Result<Vec<Vec<f32>>>> {
+        let mut out: Vec<Result<Vec<Vec<f32>>>> =
+            groups.iter().map(|g| self.check_group(g).map(|()| Vec::new())).collect();
+        // The valid groups' caches are moved out into one slice for the engine, and back.
+        let mut segs = Vec::new();
+        let mut caches: Vec<KvCache> = Vec::new();
+        let mut tokens: Vec<&[u32]> = Vec::new();
+        for (g, r) in groups.iter_mut().zip(&out) {
+            if r.is_ok() {
+                segs.push(DecodeSegment { adapter: g.adapter, seqs: g.slots.len() });
+                caches.extend(g.slots.iter().map(|&s| std::mem::take(&mut g.cache.slots[s])));
+                tokens.extend_from_slice(g.tokens);
             }
-            let end = cache.slots[s].len() + t.len();
-            if end > cache.max_len {
-                return Err(EngineError::InvalidInput(format!(
-                    "sequence {i}: {end} tokens exceed the cache slot ({})",
-                    cache.max_len
-                )));
-            }
         }
-        // The engine takes the caches as one slice: move the listed slots out and back.
-        let mut batch: Vec<KvCache> =
-            slots.iter().map(|&s| std::mem::take(&mut cache.slots[s])).collect();
+        if segs.is_empty() {
+            return out;
+        }
         let model = &self.model;
-        let out = self.run(|| model.forward_cached(adapter, tokens, &mut batch));
-        for (&s, c) in slots.iter().zip(batch) {
-            cache.slots[s] = c;
+        let result = self.run(|| model.forward_cached_segments(&segs, &tokens, &mut caches));
+        let mut caches = caches.into_iter();
+        let mut rows = result.as_ref().map(|l| l.iter());
+        for (g, r) in groups.iter_mut().zip(out.iter_mut()) {
+            if r.is_err() {
+                continue;
+            }
+            for (&s, c) in g.slots.iter().zip(caches.by_ref()) {
+                g.cache.slots[s] = c;
+            }
+            *r = match &mut rows {
+                Ok(rows) => Ok(rows.by_ref().take(g.slots.len()).cloned().collect()),
+                // Every group was checked, so this is the engine's fault, not the caller's.
+                Err(e) => Err(EngineError::Worker {
+                    worker: self.device_name(),
+                    message: format!("the batched decode pass failed: {e}"),
+                }),
+            };
         }
         out
     }

@@ -6,7 +6,8 @@
 use std::ops::Range;
 
 use super::backend::{MatMul, backend};
-use super::wmatmul::{xw, xwt};
+use super::rowdot::{BaseRows, base_xwt};
+use super::wmatmul::xw;
 use crate::engine::lora::{Adapter, LoraPair, Target};
 use crate::engine::models::Linear;
 
@@ -35,13 +36,13 @@ pub(crate) fn lin_fwd(
     rows: usize,
     lin: &Linear,
     segs: &[Segment],
-    layer: usize,
-    t: Target,
+    (layer, t): (usize, Target),
+    base: &BaseRows,
 ) -> (Vec<f32>, SegXa) {
     let be = backend();
     let (inp, out) = (lin.in_dim(), lin.out_dim());
     let mut y = vec![0.0f32; rows * out];
-    xwt(&mut y, x, rows, &lin.w, false);
+    base_xwt(&mut y, x, rows, &lin.w, base);
     if let Some(b) = &lin.b {
         for r in y.chunks_mut(out) {
             for (v, bv) in r.iter_mut().zip(b) {

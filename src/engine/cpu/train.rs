@@ -8,7 +8,6 @@ use std::ops::Range;
 use super::backend::RopeTable;
 use super::backend::profile::{Kind, span};
 use super::head::{Head, HeadSegment, HeadTargets};
-use super::kv_cache::KvCache;
 use super::segment::{Segment, SegmentMut};
 use super::transformer::Packed;
 use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup, check_tokens, pack, validate};
@@ -160,8 +159,12 @@ fn run_valid(model: &Model, mut jobs: Vec<Job>) -> Vec<FwdBwdOutput> {
         groups.push((r0..tokens.len(), s));
     }
     let rows = tokens.len();
-    let packed =
-        Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
+    let packed = Packed {
+        seqs: &seqs,
+        rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq),
+        rows,
+        base: Default::default(),
+    };
     let backward = jobs.iter().any(|j| matches!(j.adapter, AdapterUse::Train(_)));
     let st = {
         let _t = span(Kind::StackForward);
@@ -304,7 +307,7 @@ fn head_pass(
     (outs, head_out.dh)
 }
 
-fn head_of<'a>(model: &'a Model, adapter: Option<&'a Adapter>) -> Head<'a> {
+pub(super) fn head_of<'a>(model: &'a Model, adapter: Option<&'a Adapter>) -> Head<'a> {
     Head {
         w: model.head_weight(),
         lora: adapter.and_then(|a| a.lm_head()),
@@ -329,6 +332,7 @@ impl Model {
             seqs: &seqs,
             rope: RopeTable::new(&positions, self.config.head_dim, &self.config.inv_freq),
             rows: tokens.len(),
+            base: Default::default(),
         };
         let segs = [Segment { rows: 0..tokens.len(), adapter }];
         let st = self.forward_stack(tokens, &packed, &segs, None, false);
@@ -352,62 +356,5 @@ impl Model {
         };
         let out = forward(self, adapter, &[datum], &LossFn::CrossEntropy)?;
         Ok(out.per_datum.into_iter().next().map(|d| d.logprobs).unwrap_or_default())
-    }
-
-    /// Incremental decoding: feeds `new_tokens[i]` to sequence `i` (prefill when its cache is
-    /// empty, one or more tokens later), appends to `caches[i]`, and returns the logits of each
-    /// sequence's last new position (`[vocab]` per sequence).
-    pub fn forward_cached(
-        &self,
-        adapter: Option<&Adapter>,
-        new_tokens: &[&[u32]],
-        caches: &mut [KvCache],
-    ) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
-        if let Some(a) = adapter {
-            a.check_compatible(self)?;
-        }
-        if new_tokens.len() != caches.len() {
-            return Err(EngineError::InvalidInput(format!(
-                "{} token lists for {} caches",
-                new_tokens.len(),
-                caches.len()
-            )));
-        }
-        let mut tokens = Vec::new();
-        let mut seqs = Vec::new();
-        let mut positions = Vec::new();
-        for (i, (t, cache)) in new_tokens.iter().zip(caches.iter()).enumerate() {
-            if t.is_empty() {
-                return Err(EngineError::InvalidInput(format!("sequence {i}: no new tokens")));
-            }
-            if cache.k.len() != c.num_layers || cache.width != c.num_kv_heads * c.head_dim {
-                return Err(EngineError::InvalidInput(format!(
-                    "sequence {i}: cache built for another model"
-                )));
-            }
-            check_tokens("tokens", i, t, c.vocab_size)?;
-            if cache.len + t.len() > c.max_position_embeddings {
-                return Err(EngineError::InvalidInput(format!(
-                    "sequence {i}: exceeds max_position_embeddings {}",
-                    c.max_position_embeddings
-                )));
-            }
-            seqs.push((tokens.len(), t.len()));
-            tokens.extend_from_slice(t);
-            positions.extend(cache.len as u32..(cache.len + t.len()) as u32);
-        }
-        let rows = tokens.len();
-        let packed =
-            Packed { seqs: &seqs, rope: RopeTable::new(&positions, c.head_dim, &c.inv_freq), rows };
-        let segs = [Segment { rows: 0..rows, adapter }];
-        let st = self.forward_stack(&tokens, &packed, &segs, Some(caches), false);
-        let h = c.hidden_size;
-        let mut last = Vec::with_capacity(seqs.len() * h);
-        for &(start, len) in &seqs {
-            last.extend_from_slice(&st.h_final[(start + len - 1) * h..(start + len) * h]);
-        }
-        let logits = head_of(self, adapter).full_logits(&last, seqs.len(), h);
-        Ok(logits.chunks(c.vocab_size).map(|r| r.to_vec()).collect())
     }
 }

@@ -3,6 +3,7 @@
 
 use super::backend::{AttnShape, RopeTable, backend};
 use super::kv_cache::KvCache;
+use super::rowdot::BaseRows;
 use super::segment::{SegXa, Segment, SegmentMut, lin_bwd, lin_fwd};
 use super::wmatmul::gather_rows;
 use crate::engine::lora::Target;
@@ -13,6 +14,8 @@ pub(crate) struct Packed<'a> {
     pub seqs: &'a [(usize, usize)],
     pub rope: RopeTable,
     pub rows: usize,
+    /// How the base-weight products group the rows.
+    pub base: BaseRows,
 }
 
 /// Input gradient `dx` of layer `l`'s linears that all read `x` (q/k/v, or gate/up), from their
@@ -93,9 +96,9 @@ impl Model {
             let mut h1 = vec![0.0f32; rows * h];
             let mut rstd1 = vec![0.0f32; rows];
             be.rmsnorm_fwd(&x, &lw.input_norm, h, c.rms_norm_eps, &mut h1, &mut rstd1);
-            let (mut q, xa_q) = lin_fwd(&h1, rows, &lw.q, segs, l, Target::Q);
-            let (mut k, xa_k) = lin_fwd(&h1, rows, &lw.k, segs, l, Target::K);
-            let (v, xa_v) = lin_fwd(&h1, rows, &lw.v, segs, l, Target::V);
+            let (mut q, xa_q) = lin_fwd(&h1, rows, &lw.q, segs, (l, Target::Q), &packed.base);
+            let (mut k, xa_k) = lin_fwd(&h1, rows, &lw.k, segs, (l, Target::K), &packed.base);
+            let (v, xa_v) = lin_fwd(&h1, rows, &lw.v, segs, (l, Target::V), &packed.base);
             let (mut q_pre, mut q_rstd, mut k_pre, mut k_rstd) = (vec![], vec![], vec![], vec![]);
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 q_rstd = vec![0.0; rows * nh];
@@ -137,17 +140,17 @@ impl Model {
                 }
                 lses.push(lse);
             }
-            let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, segs, l, Target::O);
+            let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, segs, (l, Target::O), &packed.base);
             let x_in = if save { x.clone() } else { Vec::new() };
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let mut h2 = vec![0.0f32; rows * h];
             let mut rstd2 = vec![0.0f32; rows];
             be.rmsnorm_fwd(&x, &lw.post_norm, h, c.rms_norm_eps, &mut h2, &mut rstd2);
-            let (g, xa_g) = lin_fwd(&h2, rows, &lw.gate, segs, l, Target::Gate);
-            let (u, xa_u) = lin_fwd(&h2, rows, &lw.up, segs, l, Target::Up);
+            let (g, xa_g) = lin_fwd(&h2, rows, &lw.gate, segs, (l, Target::Gate), &packed.base);
+            let (u, xa_u) = lin_fwd(&h2, rows, &lw.up, segs, (l, Target::Up), &packed.base);
             let mut act = vec![0.0f32; g.len()];
             be.swiglu_fwd(&g, &u, &mut act);
-            let (d, xa_d) = lin_fwd(&act, rows, &lw.down, segs, l, Target::Down);
+            let (d, xa_d) = lin_fwd(&act, rows, &lw.down, segs, (l, Target::Down), &packed.base);
             let x_mid = if save { x.clone() } else { Vec::new() };
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
             if save {
