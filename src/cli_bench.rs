@@ -74,6 +74,9 @@ pub enum BenchCommand {
         /// Timed repetitions of each measurement (after one untimed warm-up).
         #[arg(long, default_value_t = 2)]
         steps: usize,
+        /// Tokens each tenant samples in the decode measurement (0 skips it).
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
     },
 }
 
@@ -142,12 +145,13 @@ pub fn bench(what: BenchCommand) -> anyhow::Result<()> {
             let r = bench::sample(&model, &opts)?;
             (r.text(), r.json())
         }
-        BenchCommand::MultiTenant { tenants, seq, rank, steps, .. } => {
+        BenchCommand::MultiTenant { tenants, seq, rank, steps, decode_tokens, .. } => {
             let opts = bench::MultiTenantOptions {
                 tenants: *tenants,
                 seq: *seq,
                 rank: *rank,
                 steps: *steps,
+                decode_tokens: *decode_tokens,
             };
             let r = bench::multi_tenant(&model, &opts)?;
             let ratios = r.ratios_json();

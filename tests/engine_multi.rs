@@ -192,13 +192,28 @@ fn a_bad_group_fails_alone() {
 fn the_bench_ends_with_the_ratios() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path(), "Qwen2ForCausalLM");
-    let opts = twinkle::bench::MultiTenantOptions { tenants: 3, seq: 6, rank: 2, steps: 1 };
+    let opts = twinkle::bench::MultiTenantOptions {
+        tenants: 3,
+        seq: 6,
+        rank: 2,
+        steps: 1,
+        decode_tokens: 5,
+    };
     let r = twinkle::bench::multi_tenant(&m, &opts).unwrap();
     let ratios = r.ratios_json();
     assert!(ratios["train_aggregate_ratio"].as_f64().is_some_and(|v| v > 0.0), "{ratios}");
-    assert!(ratios["decode_aggregate_ratio"].is_null());
+    assert!(ratios["decode_aggregate_ratio"].as_f64().is_some_and(|v| v > 0.0), "{ratios}");
     assert_eq!(r.json()["tenants"], 3);
+    assert_eq!(r.json()["decode"]["tokens_per_tenant"], 5);
     assert!(r.text().contains("train_aggregate_ratio"));
-    let too_long = twinkle::bench::MultiTenantOptions { tenants: 100, seq: 6, ..opts };
+    assert!(r.text().contains("decode_aggregate_ratio"));
+    let skipped = twinkle::bench::MultiTenantOptions { decode_tokens: 0, ..opts.clone() };
+    assert!(
+        twinkle::bench::multi_tenant(&m, &skipped).unwrap().ratios_json()["decode_aggregate_ratio"]
+            .is_null()
+    );
+    let too_long = twinkle::bench::MultiTenantOptions { tenants: 100, seq: 6, ..opts.clone() };
+    assert!(twinkle::bench::multi_tenant(&m, &too_long).is_err());
+    let too_long = twinkle::bench::MultiTenantOptions { decode_tokens: 100_000, ..opts };
     assert!(twinkle::bench::multi_tenant(&m, &too_long).is_err());
 }

@@ -2,16 +2,20 @@
 //! over the base weights, against the same steps one after another and against one tenant's
 //! step of all their tokens (the aggregate throughput batching should approach).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
 use super::{BenchError, check_positive, report};
+use crate::apps::model::decode::{DEFAULT_MAX_SEQS, DecodeBatcher};
+use crate::engine::cpu::CpuRuntime;
 use crate::engine::synth::SynthRng;
 use crate::engine::{
     Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, TrainGroup, forward_backward,
     forward_backward_many,
 };
+use crate::protocol::internal::SampleRequest;
 
 /// Options of `twinkle bench multi-tenant`.
 #[derive(Debug, Clone)]
@@ -22,6 +26,8 @@ pub struct MultiTenantOptions {
     pub rank: usize,
     /// Timed rounds (after one untimed warm-up round); a round runs each measurement once.
     pub steps: usize,
+    /// Tokens each tenant samples in the decode measurement (0: no decode measurement).
+    pub decode_tokens: usize,
 }
 
 /// Seconds per step of each way of running the tenants' work (averaged).
@@ -35,7 +41,28 @@ pub struct MultiTenantReport {
     pub sequential_s: f64,
     /// One tenant's step of `tenants × seq` tokens.
     pub single_s: f64,
+    /// Decoding, when measured.
+    pub decode: Option<DecodeTimes>,
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// Seconds to sample `tokens` tokens for every tenant (averaged), three ways.
+#[derive(Debug, Clone)]
+pub struct DecodeTimes {
+    pub tokens: usize,
+    /// All tenants' requests at once, through the continuous-batching decoder.
+    pub batched_s: f64,
+    /// The same requests one after another.
+    pub sequential_s: f64,
+    /// One tenant's request alone.
+    pub single_s: f64,
+}
+
+impl DecodeTimes {
+    /// Aggregate decode tokens/s of the tenants together over one tenant's alone.
+    fn ratio(&self, tenants: usize) -> f64 {
+        tenants as f64 * self.single_s / self.batched_s
+    }
 }
 
 impl MultiTenantReport {
@@ -48,8 +75,26 @@ impl MultiTenantReport {
         self.single_s / self.batched_s
     }
 
+    /// Aggregate decode tokens/s of all tenants sampling together over one tenant's alone.
+    pub fn decode_aggregate_ratio(&self) -> Option<f64> {
+        self.decode.as_ref().map(|d| d.ratio(self.tenants))
+    }
+
     pub fn json(&self) -> Value {
         let t = self.tokens();
+        let decode = self.decode.as_ref().map(|d| {
+            let all = (self.tenants * d.tokens) as f64;
+            json!({
+                "tokens_per_tenant": d.tokens,
+                "batched_s": d.batched_s,
+                "sequential_s": d.sequential_s,
+                "single_s": d.single_s,
+                "batched_tokens_per_s": all / d.batched_s,
+                "sequential_tokens_per_s": all / d.sequential_s,
+                "single_tokens_per_s": d.tokens as f64 / d.single_s,
+                "decode_aggregate_ratio": d.ratio(self.tenants),
+            })
+        });
         let j = json!({
             "kind": "multi-tenant",
             "tenants": self.tenants,
@@ -61,27 +106,55 @@ impl MultiTenantReport {
             "sequential_tokens_per_s": t / self.sequential_s,
             "single_tokens_per_s": t / self.single_s,
             "batched_over_sequential": self.sequential_s / self.batched_s,
+            "train_aggregate_ratio": self.train_aggregate_ratio(),
+            "decode": decode,
         });
         report::with_machine(j, self.peak_rss_bytes)
     }
 
-    /// The closing line of `--json`: the two ratios the issue's acceptance reads (decoding is
-    /// not batched across tenants yet, so its ratio is null).
+    /// The closing line of `--json`: the two ratios the acceptance reads (the decode ratio is
+    /// null when `--decode-tokens 0` skipped it).
     pub fn ratios_json(&self) -> Value {
         json!({
             "train_aggregate_ratio": self.train_aggregate_ratio(),
-            "decode_aggregate_ratio": Value::Null,
+            "decode_aggregate_ratio": self.decode_aggregate_ratio(),
         })
     }
 
     pub fn text(&self) -> String {
+        let decode = match &self.decode {
+            None => String::new(),
+            Some(d) => {
+                let all = (self.tenants * d.tokens) as f64;
+                format!(
+                    "{n} tenants sampling {k} tokens each (continuous batching across adapters)\n\
+                     batched      {:8.3} s  {:9.1} tokens/s\n\
+                     sequential   {:8.3} s  {:9.1} tokens/s\n\
+                     single       {:8.3} s  {:9.1} tokens/s  (one tenant alone)\n\
+                     decode_aggregate_ratio {:.3}\n",
+                    d.batched_s,
+                    all / d.batched_s,
+                    d.sequential_s,
+                    all / d.sequential_s,
+                    d.single_s,
+                    d.tokens as f64 / d.single_s,
+                    d.ratio(self.tenants),
+                    n = self.tenants,
+                    k = d.tokens,
+                )
+            }
+        };
+        self.train_text() + &decode + &report::machine_text(self.peak_rss_bytes)
+    }
+
+    fn train_text(&self) -> String {
         let t = self.tokens();
         format!(
             "{n} tenants x {s} tokens forward_backward (LoRA, cross-entropy)\n\
              batched      {:8.3} s  {:9.1} tokens/s\n\
              sequential   {:8.3} s  {:9.1} tokens/s  (batched is {:.2}x faster)\n\
              single       {:8.3} s  {:9.1} tokens/s  (one tenant, one sequence of {t:.0})\n\
-             train_aggregate_ratio {:.3}\n{}",
+             train_aggregate_ratio {:.3}\n",
             self.batched_s,
             t / self.batched_s,
             self.sequential_s,
@@ -90,7 +163,6 @@ impl MultiTenantReport {
             self.single_s,
             t / self.single_s,
             self.train_aggregate_ratio(),
-            report::machine_text(self.peak_rss_bytes),
             n = self.tenants,
             s = self.seq,
         )
@@ -113,10 +185,10 @@ fn seconds(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Runs the three measurements on the CPU engine (gradients accumulate across repetitions;
-/// no optimizer step, which is per tenant and not batched).
+/// Runs the three training measurements on the CPU engine (gradients accumulate across
+/// repetitions; no optimizer step, which is per tenant and not batched), then the decode ones.
 pub fn multi_tenant(
-    model: &Model,
+    model: &Arc<Model>,
     opts: &MultiTenantOptions,
 ) -> Result<MultiTenantReport, BenchError> {
     let c = model.config();
@@ -131,6 +203,14 @@ pub fn multi_tenant(
         return Err(BenchError::Option(format!(
             "--tenants x --seq = {total} exceeds the model's {} positions (the single-tenant step \
              is one sequence of all the tokens)",
+            c.max_position_embeddings
+        )));
+    }
+    let tokens = opts.decode_tokens;
+    if DECODE_PROMPT + tokens > c.max_position_embeddings {
+        return Err(BenchError::Option(format!(
+            "--decode-tokens {tokens} plus a {DECODE_PROMPT}-token prompt exceed the model's {} \
+             positions",
             c.max_position_embeddings
         )));
     }
@@ -177,12 +257,77 @@ pub fn multi_tenant(
     }
     let n = opts.steps as f64;
     let [batched_s, sequential_s, single_s] = sums.map(|s| s / n);
+    let decode = match opts.decode_tokens {
+        0 => None,
+        k => Some(decode_times(model, &adapters, k, opts.steps)?),
+    };
     Ok(MultiTenantReport {
         tenants: opts.tenants,
         seq: opts.seq,
         batched_s,
         sequential_s,
         single_s,
+        decode,
         peak_rss_bytes: report::peak_rss(),
     })
+}
+
+/// Prompt tokens of each tenant's sampling request.
+const DECODE_PROMPT: usize = 16;
+
+/// Every tenant samples `tokens` tokens (EOS ignored, temperature 1, its own seed and
+/// adapter) through the model app's decoder: all at once from one thread each, one after
+/// another, and the first tenant alone. Rounds as in [`multi_tenant`].
+fn decode_times(
+    model: &Arc<Model>,
+    adapters: &[Adapter],
+    tokens: usize,
+    steps: usize,
+) -> Result<DecodeTimes, BenchError> {
+    let c = model.config();
+    let rt = CpuRuntime::new(model.clone());
+    let batcher = DecodeBatcher::new(DEFAULT_MAX_SEQS);
+    let mut rng = SynthRng(7);
+    let reqs: Vec<SampleRequest> = (0..adapters.len())
+        .map(|i| {
+            let mut r = SampleRequest::new(rng.tokens(DECODE_PROMPT, c.vocab_size), 1);
+            r.max_tokens = tokens;
+            r.temperature = 1.0;
+            r.seed = Some(i as u64);
+            r.stop = Some(json!([]));
+            r
+        })
+        .collect();
+    let max_length = c.max_position_embeddings;
+    let sample = |i: usize| -> Result<(), BenchError> {
+        let out = batcher
+            .generate(&rt, Some(&adapters[i]), None, max_length, &reqs[i])
+            .map_err(|e| BenchError::Option(format!("sampling failed: {e}")))?;
+        match out.sequences.first().map(|s| s.tokens.len()) {
+            Some(n) if n == tokens => Ok(()),
+            n => Err(BenchError::Option(format!("sampled {n:?} tokens, not {tokens}"))),
+        }
+    };
+    let mut sums = [0.0f64; 3];
+    for round in 0..=steps {
+        let t = [
+            seconds(|| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> =
+                        (0..adapters.len()).map(|i| s.spawn(move || sample(i))).collect();
+                    handles.into_iter().try_for_each(|h| {
+                        h.join()
+                            .map_err(|_| BenchError::Option("a sampler thread panicked".into()))?
+                    })
+                })
+            })?,
+            seconds(|| (0..adapters.len()).try_for_each(sample))?,
+            seconds(|| sample(0))?,
+        ];
+        if round > 0 {
+            sums.iter_mut().zip(t).for_each(|(s, t)| *s += t);
+        }
+    }
+    let [batched_s, sequential_s, single_s] = sums.map(|s| s / steps as f64);
+    Ok(DecodeTimes { tokens, batched_s, sequential_s, single_s })
 }

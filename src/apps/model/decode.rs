@@ -19,6 +19,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use rayon::prelude::*;
+
 use super::error::AppError;
 use super::sample::Generation;
 use crate::engine::parallel::panic_message;
@@ -263,8 +265,10 @@ impl<R: ModelRuntime> DecodeBatcher<R> {
             }
             rt.forward_cached_many(&mut groups)
         };
+        // Token picks (a softmax over the vocabulary per row) and stop checks are per job:
+        // they run side by side.
         running
-            .iter_mut()
+            .par_iter_mut()
             .zip(logits)
             .map(|(job, logits)| match logits {
                 Ok(l) => job.generation.advance(rt, tokenizer, &l).err(),

@@ -6,7 +6,7 @@
 
 use super::backend::RopeTable;
 use super::kv_cache::KvCache;
-use super::rowdot::BaseRows;
+use super::rowdot::{BaseRows, base_xwt};
 use super::segment::Segment;
 use super::train::head_of;
 use super::transformer::Packed;
@@ -98,18 +98,28 @@ impl Model {
             first += s.seqs;
         }
         let st = self.forward_stack(&tokens, &packed, &row_segs, Some(caches), false);
-        let h = c.hidden_size;
-        let mut out = Vec::with_capacity(seqs.len());
+        // The head: one base product over every sequence's last row (fixed-order, so a row's
+        // logits do not depend on the others), then each segment's lm_head LoRA on its rows.
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let mut last = Vec::with_capacity(seqs.len() * h);
+        for &(start, len) in &seqs {
+            last.extend_from_slice(&st.h_final[(start + len - 1) * h..(start + len) * h]);
+        }
+        let n = seqs.len();
+        let mut logits = vec![0.0f32; n * v];
+        let every = BaseRows::Split { single: (0..n).collect(), blocks: Vec::new() };
+        base_xwt(&mut logits, &last, n, self.head_weight(), &every);
         let mut first = 0;
-        for s in segs.iter().filter(|s| s.seqs > 0) {
-            let mut last = Vec::with_capacity(s.seqs * h);
-            for &(start, len) in &seqs[first..first + s.seqs] {
-                last.extend_from_slice(&st.h_final[(start + len - 1) * h..(start + len) * h]);
+        for s in segs {
+            let head = head_of(self, s.adapter);
+            let rows = first..first + s.seqs;
+            if head.lora.is_some() && !rows.is_empty() {
+                let xa = head.xa(&last[rows.start * h..rows.end * h], s.seqs, h);
+                head.add_lora(&xa, s.seqs, &mut logits[rows.start * v..rows.end * v]);
             }
-            let logits = head_of(self, s.adapter).full_logits(&last, s.seqs, h);
-            out.extend(logits.chunks(c.vocab_size).map(<[f32]>::to_vec));
             first += s.seqs;
         }
+        let out = logits.chunks(v).map(<[f32]>::to_vec).collect();
         Ok(out)
     }
 }

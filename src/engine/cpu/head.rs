@@ -29,7 +29,7 @@ impl Head<'_> {
     }
 
     /// `s·h·Aᵀ` for a block of rows (empty without LoRA).
-    fn xa(&self, h: &[f32], rows: usize, hidden: usize) -> Vec<f32> {
+    pub(super) fn xa(&self, h: &[f32], rows: usize, hidden: usize) -> Vec<f32> {
         match self.lora {
             Some(p) => {
                 let r = p.rank();
@@ -49,7 +49,7 @@ impl Head<'_> {
     }
 
     /// `out += xa·Bᵀ` (nothing without LoRA).
-    fn add_lora(&self, xa: &[f32], rows: usize, out: &mut [f32]) {
+    pub(super) fn add_lora(&self, xa: &[f32], rows: usize, out: &mut [f32]) {
         if let Some(p) = self.lora {
             let mm = MatMul::linear(rows, p.rank(), self.vocab()).acc();
             backend().matmul(out, xa, p.b.data(), mm);

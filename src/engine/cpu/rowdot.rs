@@ -90,82 +90,128 @@ fn xwt_fixed(y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
     }
 }
 
-/// `out[i, j] = xs[i] · wp[j, :]` (`wp` row-major `[m, k]`, `out` `[xs.len(), m]`).
+/// `out[i, j] = xs[i] · wp[j, :]` (`wp` row-major `[m, k]`, `out` `[xs.len(), m]`). Every
+/// element is the same sequence of operations whatever tile it falls in: eight running sums
+/// over `k` in steps of eight, added in a fixed tree, then the tail in order.
 fn dot_rows(xs: &[&[f32]], wp: &[f32], k: usize, out: &mut [f32]) {
+    let m = wp.len().checked_div(k).unwrap_or_else(|| out.len() / xs.len().max(1));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above); the function is otherwise safe.
-        unsafe { dot_rows_avx2(xs, wp, k, out) };
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); `avx2::dot_rows` reads only
+        // inside the slices it is given (its loads are bounded by `k` on every row).
+        unsafe { avx2::dot_rows(xs, wp, k, m, out) };
         return;
     }
-    dot_rows_generic(xs, wp, k, out);
+    for (i, x) in xs.iter().enumerate() {
+        for j in 0..m {
+            out[i * m + j] = dot_portable(x, &wp[j * k..(j + 1) * k]);
+        }
+    }
+}
+
+/// The fixed-order dot product without SIMD (the same order as the AVX2 lanes, unfused).
+fn dot_portable(x: &[f32], w: &[f32]) -> f32 {
+    let k = x.len().min(w.len());
+    let full = k / LANES * LANES;
+    let mut l = [0.0f32; LANES];
+    for (xc, wc) in x[..full].chunks_exact(LANES).zip(w[..full].chunks_exact(LANES)) {
+        for q in 0..LANES {
+            l[q] += xc[q] * wc[q];
+        }
+    }
+    let mut s = lane_tree(&l);
+    for q in full..k {
+        s += x[q] * w[q];
+    }
+    s
+}
+
+/// The fixed tree over the eight lane sums.
+#[inline(always)]
+fn lane_tree(l: &[f32; LANES]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_rows_avx2(xs: &[&[f32]], wp: &[f32], k: usize, out: &mut [f32]) {
-    dot_rows_generic(xs, wp, k, out)
-}
+mod avx2 {
+    use std::arch::x86_64::*;
 
-/// Rows in tiles of 4 (then one at a time), weight rows two at a time (then one): every
-/// element goes through [`Acc`] the same way in every tile shape.
-#[inline(always)]
-fn dot_rows_generic(xs: &[&[f32]], wp: &[f32], k: usize, out: &mut [f32]) {
-    let m = wp.len().checked_div(k).unwrap_or_else(|| out.len() / xs.len().max(1));
-    let mut i = 0;
-    while i < xs.len() {
-        let take = if xs.len() - i >= 4 { 4 } else { 1 };
-        let mut j = 0;
-        while j < m {
-            let cols = if m - j >= 2 { 2 } else { 1 };
-            match (take, cols) {
-                (4, 2) => tile::<4, 2>(&xs[i..i + 4], wp, j, k, m, i, out),
-                (4, _) => tile::<4, 1>(&xs[i..i + 4], wp, j, k, m, i, out),
-                (_, 2) => tile::<1, 2>(&xs[i..i + 1], wp, j, k, m, i, out),
-                _ => tile::<1, 1>(&xs[i..i + 1], wp, j, k, m, i, out),
+    use super::{LANES, lane_tree};
+
+    /// Rows four at a time against two weight rows, then single rows against four weight
+    /// rows (a one-row decode streams the weight with four loads in flight).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows(xs: &[&[f32]], wp: &[f32], k: usize, m: usize, out: &mut [f32]) {
+        let mut i = 0;
+        while i + 4 <= xs.len() {
+            let mut j = 0;
+            while j + 2 <= m {
+                tile::<4, 2>(&xs[i..i + 4], wp, j, k, m, i, out);
+                j += 2;
             }
-            j += cols;
+            if j < m {
+                tile::<4, 1>(&xs[i..i + 4], wp, j, k, m, i, out);
+            }
+            i += 4;
         }
-        i += take;
+        while i < xs.len() {
+            let mut j = 0;
+            while j + 4 <= m {
+                tile::<1, 4>(&xs[i..i + 1], wp, j, k, m, i, out);
+                j += 4;
+            }
+            while j < m {
+                tile::<1, 1>(&xs[i..i + 1], wp, j, k, m, i, out);
+                j += 1;
+            }
+            i += 1;
+        }
     }
-}
 
-/// `R` rows by `C` weight rows starting at weight row `j` and output row `i`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile<const R: usize, const C: usize>(
-    xs: &[&[f32]],
-    wp: &[f32],
-    j: usize,
-    k: usize,
-    m: usize,
-    i: usize,
-    out: &mut [f32],
-) {
-    let mut acc = [[[0.0f32; LANES]; C]; R];
-    let full = k / LANES * LANES;
-    let mut p = 0;
-    while p < full {
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xv = &xs[r][p..p + LANES];
-            for (c, lanes) in a.iter_mut().enumerate() {
-                let wv = &wp[(j + c) * k + p..(j + c) * k + p + LANES];
-                for l in 0..LANES {
-                    lanes[l] += xv[l] * wv[l];
+    /// `R` rows (from output row `i`) by `C` weight rows (from `j`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn tile<const R: usize, const C: usize>(
+        xs: &[&[f32]],
+        wp: &[f32],
+        j: usize,
+        k: usize,
+        m: usize,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let full = k / LANES * LANES;
+        let ws: [&[f32]; C] = std::array::from_fn(|c| &wp[(j + c) * k..(j + c + 1) * k]);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut p = 0;
+        while p < full {
+            let wv: [__m256; C] = std::array::from_fn(|c| {
+                let lanes: &[f32; LANES] = ws[c][p..p + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                // SAFETY: `lanes` is eight readable floats.
+                unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let lanes: &[f32; LANES] = xs[r][p..p + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                // SAFETY: `lanes` is eight readable floats.
+                let xv = unsafe { _mm256_loadu_ps(lanes.as_ptr()) };
+                for (a, w) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *w, *a);
                 }
             }
+            p += LANES;
         }
-        p += LANES;
-    }
-    for (r, a) in acc.iter().enumerate() {
-        for (c, lanes) in a.iter().enumerate() {
-            // A fixed tree over the lanes, then the tail in order.
-            let l = lanes;
-            let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-            for q in full..k {
-                s += xs[r][q] * wp[(j + c) * k + q];
+        for (r, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                let mut l = [0.0f32; LANES];
+                // SAFETY: `l` is eight writable floats.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *a) };
+                let mut s = lane_tree(&l);
+                for q in full..k {
+                    s = xs[r][q].mul_add(ws[c][q], s);
+                }
+                out[(i + r) * m + j + c] = s;
             }
-            out[(i + r) * m + j + c] = s;
         }
     }
 }
