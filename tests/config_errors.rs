@@ -138,7 +138,7 @@ fn table_of_bad_configs() {
          "persistence.file_path: only used with mode: file (set mode: file or remove it) (line 7)"),
         ("sampler_type on a model app",
          &[(18, "      sampler_type: vllm")],
-         "applications[1].args.sampler_type: not allowed for a model application (allowed keys: backend, use_megatron, model_id, adapter_config, max_loras, max_length, queue_config, nproc_per_node, device_group, device_mesh) (line 18)"),
+         "applications[1].args.sampler_type: not allowed for a model application (allowed keys: backend, use_megatron, model_id, adapter_config, max_loras, max_length, batch_window_ms, queue_config, nproc_per_node, device_group, device_mesh) (line 18)"),
         ("max_tokens_per_request zero",
          &[(13, "        max_tokens_per_request: 0")],
          "applications[0].args.server_config.max_tokens_per_request: must be at least 1 (line 13)"),

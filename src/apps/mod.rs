@@ -108,6 +108,13 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         max_loras: spec.args.max_loras.map(|m| m as usize),
         adapter_max_lifetime: max_lifetime,
         durable_steps: adapter.and_then(|a| a.durable_steps).unwrap_or(true),
+        batch_window: spec
+            .args
+            .batch_window_ms
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .map_or(crate::apps::model::DEFAULT_BATCH_WINDOW, |w| {
+                Duration::from_secs_f64(w.min(crate::config::MAX_BATCH_WINDOW_MS) / 1e3)
+            }),
     })
 }
 

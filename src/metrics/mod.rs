@@ -107,6 +107,8 @@ pub struct Metrics {
     pub model_job_duration: Histograms<OpLabels>,
     /// The engine's compute alone.
     pub engine_step: Histograms<OpLabels>,
+    /// Jobs per forward / forward_backward run of the model's combining queue (1: alone).
+    pub model_batch_jobs: Histogram,
     pub tokens: Family<OpLabels, Counter>,
     /// Tokens per second of the last job of each operation.
     pub tokens_per_second: Family<OpLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -198,6 +200,12 @@ impl Metrics {
                 "twinkle_engine_step_seconds",
                 "Engine compute time of one job",
                 histograms(),
+            ),
+            model_batch_jobs: reg(
+                m,
+                "twinkle_model_batch_jobs",
+                "Jobs per forward/forward_backward batch (1: a job that ran alone)",
+                Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             ),
             tokens: reg(m, "twinkle_model_tokens", "Tokens processed", Family::default()),
             tokens_per_second: reg(
