@@ -297,3 +297,13 @@ fn batching_off_runs_every_job_directly() {
     assert_eq!(svc.batch_stats(), Default::default());
     assert_eq!(svc.queued_jobs(), 0);
 }
+
+#[test]
+fn the_window_setting_maps_to_a_duration() {
+    use twinkle::apps::batch_window;
+    assert_eq!(batch_window(None), twinkle::apps::model::DEFAULT_BATCH_WINDOW);
+    assert_eq!(batch_window(Some(0.0)), Duration::ZERO);
+    assert_eq!(batch_window(Some(2.5)), Duration::from_micros(2500));
+    assert_eq!(batch_window(Some(-1.0)), twinkle::apps::model::DEFAULT_BATCH_WINDOW);
+    assert_eq!(batch_window(Some(1e9)), Duration::from_secs(1));
+}
