@@ -98,7 +98,8 @@ pub struct Metrics {
     pub http_duration: Histograms<RouteLabels>,
     pub gateway_requests: Family<UpstreamLabels, Counter>,
     pub gateway_duration: Histograms<UpstreamLabels>,
-    /// Model jobs accepted and waiting for a compute thread.
+    /// Model jobs accepted and waiting for a compute thread, or in the forward/forward_backward
+    /// combining queue for their batch.
     pub model_queue_depth: Gauge,
     /// Model jobs computing now.
     pub model_jobs_running: Gauge,
@@ -179,7 +180,7 @@ impl Metrics {
             model_queue_depth: reg(
                 m,
                 "twinkle_model_queue_depth",
-                "Model jobs accepted and waiting for a compute thread",
+                "Model jobs accepted and waiting (for a compute thread or their batch)",
                 Gauge::default(),
             ),
             model_jobs_running: reg(

@@ -14,6 +14,10 @@
 //! `optim_step` is all or nothing too: every replica is copied on its device before the step
 //! and put back when any replica's step fails or panics.
 //!
+//! Several tenants' adapters can share one call ([`DataParallel::forward_backward_many`],
+//! [`DataParallel::forward_many`], in `many`): each runtime then runs one pass over the base
+//! weights for its shards of every group, with the guarantees above kept per group.
+//!
 //! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
 //! only path for now; an NCCL all-reduce of device-resident gradients would replace the
 //! download-sum-upload once multi-GPU machines are tested (cudarc's `nccl` feature builds
