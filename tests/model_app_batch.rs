@@ -19,11 +19,16 @@ use twinkle::protocol::internal::*;
 const TENANTS: usize = 4;
 
 fn service_with(spill: &std::path::Path, window: Duration) -> Arc<ModelService> {
+    service_on(spill, window, 1)
+}
+
+/// A service on `workers` data-parallel CPU workers.
+fn service_on(spill: &std::path::Path, window: Duration, workers: usize) -> Arc<ModelService> {
     let opts = twinkle::apps::model::ServiceOptions {
         batch_window: window,
         ..options(spill, Duration::from_secs(1800), None)
     };
-    Arc::new(ModelService::new(&opts).unwrap())
+    Arc::new(ModelService::with_workers(&opts, workers).unwrap())
 }
 
 /// Tenant `t`'s data: its own tokens, lengths and per-token weights (its loss parameters);
@@ -169,6 +174,29 @@ fn concurrent_training_of_tenants_is_one_batch_equal_to_each_alone() {
         assert!((a - b).abs() <= 1e-4 * b.abs(), "{id}: after the step {a} vs {b}");
     }
     assert_eq!(svc.queued_jobs(), 0);
+}
+
+#[test]
+fn batches_on_two_data_parallel_workers_equal_each_job_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = service_on(&tmp.path().join("a"), Duration::from_millis(5), 2);
+    let reference = service_on(&tmp.path().join("b"), Duration::ZERO, 2);
+    prepare(&[&svc, &reference]);
+    for forward_only in [false, true] {
+        let jobs: Vec<_> =
+            (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, forward_only, true)).collect();
+        let before = svc.batch_stats().combined_jobs;
+        let got = run_queued(&svc, jobs.clone(), TENANTS);
+        assert_eq!(svc.batch_stats().combined_jobs - before, TENANTS as u64);
+        reference.forward_backward(&holder_job()).unwrap();
+        for (t, (g, req)) in got.iter().zip(&jobs).enumerate() {
+            let want = reference.forward_backward(req).unwrap();
+            assert_same(g.as_ref().unwrap(), &want, &format!("forward_only {forward_only}, {t}"));
+        }
+    }
+    for t in 0..TENANTS {
+        assert_same_grads(&svc, &reference, &format!("tenant{t}"));
+    }
 }
 
 #[test]
