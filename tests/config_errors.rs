@@ -138,7 +138,16 @@ fn table_of_bad_configs() {
          "persistence.file_path: only used with mode: file (set mode: file or remove it) (line 7)"),
         ("sampler_type on a model app",
          &[(18, "      sampler_type: vllm")],
-         "applications[1].args.sampler_type: not allowed for a model application (allowed keys: backend, use_megatron, model_id, adapter_config, max_loras, max_length, queue_config, nproc_per_node, device_group, device_mesh) (line 18)"),
+         "applications[1].args.sampler_type: not allowed for a model application (allowed keys: backend, use_megatron, model_id, adapter_config, max_loras, max_length, batch_window_ms, queue_config, nproc_per_node, device_group, device_mesh) (line 18)"),
+        ("batch_window_ms negative",
+         &[(18, "      model_id: ms://Qwen/Qwen2.5-0.5B\n      batch_window_ms: -1")],
+         "applications[1].args.batch_window_ms: must be a number of milliseconds from 0 (batching off) to 1000, got -1 (line 19)"),
+        ("batch_window_ms too large",
+         &[(18, "      model_id: ms://Qwen/Qwen2.5-0.5B\n      batch_window_ms: 5000")],
+         "applications[1].args.batch_window_ms: must be a number of milliseconds from 0 (batching off) to 1000, got 5000 (line 19)"),
+        ("batch_window_ms on a server app",
+         &[(13, "        per_token_model_limit: 30\n      batch_window_ms: 2")],
+         "applications[0].args.batch_window_ms: not allowed for a server application"),
         ("max_tokens_per_request zero",
          &[(13, "        max_tokens_per_request: 0")],
          "applications[0].args.server_config.max_tokens_per_request: must be at least 1 (line 13)"),
@@ -278,6 +287,18 @@ fn table_of_bad_configs() {
         }
     }
     assert!(failures.is_empty(), "{} rows failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn batch_window_ms_from_zero_to_the_bound_loads() {
+    for w in ["0", "2", "0.5", "1000"] {
+        let text = edit(&[(
+            18,
+            &format!("      model_id: ms://Qwen/Qwen2.5-0.5B\n      batch_window_ms: {w}"),
+        )]);
+        let cfg = config::load_str(&text).unwrap_or_else(|e| panic!("{w}: {e}"));
+        assert_eq!(cfg.applications[1].args.batch_window_ms, Some(w.parse().unwrap()));
+    }
 }
 
 #[test]

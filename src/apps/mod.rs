@@ -108,7 +108,17 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         max_loras: spec.args.max_loras.map(|m| m as usize),
         adapter_max_lifetime: max_lifetime,
         durable_steps: adapter.and_then(|a| a.durable_steps).unwrap_or(true),
+        batch_window: batch_window(spec.args.batch_window_ms),
     })
+}
+
+/// The combining queue's window from `batch_window_ms` (validated at load; clamped here too so
+/// a config that skipped validation cannot make jobs wait for ever).
+pub fn batch_window(ms: Option<f64>) -> Duration {
+    ms.filter(|w| w.is_finite() && *w >= 0.0)
+        .map_or(crate::apps::model::DEFAULT_BATCH_WINDOW, |w| {
+            Duration::from_secs_f64(w.min(crate::config::MAX_BATCH_WINDOW_MS) / 1e3)
+        })
 }
 
 fn internal_token() -> InternalToken {

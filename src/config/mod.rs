@@ -21,7 +21,7 @@ mod validate;
 pub use locate::{KeyPath, Seg, line_of};
 pub use normalize::{DEFAULT_ADAPTER_TIMEOUT, DEFAULT_MAX_LORAS, DemandInputs, derive_model_id};
 pub use schema::*;
-pub use validate::MAX_RESTART_WAIT_S;
+pub use validate::{MAX_BATCH_WINDOW_MS, MAX_RESTART_WAIT_S};
 
 use std::fmt;
 use std::path::Path;

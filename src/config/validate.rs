@@ -11,6 +11,9 @@ use super::schema::*;
 /// Largest `server_config.restart_wait_s`: a call waiting for a restarting application holds
 /// its future (and the key's pending-work quota) that long.
 pub const MAX_RESTART_WAIT_S: f64 = 3600.0;
+/// Largest model `batch_window_ms`: queued jobs wait up to this long for companions, so a
+/// larger value would only add latency.
+pub const MAX_BATCH_WINDOW_MS: f64 = 1000.0;
 
 type Issues = Vec<(KeyPath, String)>;
 
@@ -190,6 +193,16 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
     positive_u32(args.max_loras, &args_at.key("max_loras"), out);
     if args.max_length == Some(0) {
         out.push((args_at.key("max_length"), "must be at least 1".into()));
+    }
+    if let Some(w) = args.batch_window_ms
+        && !(w.is_finite() && (0.0..=MAX_BATCH_WINDOW_MS).contains(&w))
+    {
+        out.push((
+            args_at.key("batch_window_ms"),
+            format!(
+                "must be a number of milliseconds from 0 (batching off) to {MAX_BATCH_WINDOW_MS}, got {w}"
+            ),
+        ));
     }
     if let Some(group) = &args.device_group {
         check_group(kind, group, &args_at.key("device_group"), out);

@@ -98,7 +98,8 @@ pub struct Metrics {
     pub http_duration: Histograms<RouteLabels>,
     pub gateway_requests: Family<UpstreamLabels, Counter>,
     pub gateway_duration: Histograms<UpstreamLabels>,
-    /// Model jobs accepted and waiting for a compute thread.
+    /// Model jobs accepted and waiting for a compute thread, or in the forward/forward_backward
+    /// combining queue for their batch.
     pub model_queue_depth: Gauge,
     /// Model jobs computing now.
     pub model_jobs_running: Gauge,
@@ -107,6 +108,8 @@ pub struct Metrics {
     pub model_job_duration: Histograms<OpLabels>,
     /// The engine's compute alone.
     pub engine_step: Histograms<OpLabels>,
+    /// Jobs per forward / forward_backward run of the model's combining queue (1: alone).
+    pub model_batch_jobs: Histogram,
     pub tokens: Family<OpLabels, Counter>,
     /// Tokens per second of the last job of each operation.
     pub tokens_per_second: Family<OpLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -177,7 +180,7 @@ impl Metrics {
             model_queue_depth: reg(
                 m,
                 "twinkle_model_queue_depth",
-                "Model jobs accepted and waiting for a compute thread",
+                "Model jobs accepted and waiting (for a compute thread or their batch)",
                 Gauge::default(),
             ),
             model_jobs_running: reg(
@@ -198,6 +201,12 @@ impl Metrics {
                 "twinkle_engine_step_seconds",
                 "Engine compute time of one job",
                 histograms(),
+            ),
+            model_batch_jobs: reg(
+                m,
+                "twinkle_model_batch_jobs",
+                "Jobs per forward/forward_backward batch (1: a job that ran alone)",
+                Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             ),
             tokens: reg(m, "twinkle_model_tokens", "Tokens processed", Family::default()),
             tokens_per_second: reg(

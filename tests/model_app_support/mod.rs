@@ -34,6 +34,7 @@ pub fn options(
         max_loras: None,
         adapter_max_lifetime: None,
         durable_steps: true,
+        batch_window: twinkle::apps::model::DEFAULT_BATCH_WINDOW,
     }
 }
 

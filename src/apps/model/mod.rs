@@ -10,6 +10,8 @@
 //! Concurrency: every operation runs on a blocking thread (see [`http`]), so the HTTP workers
 //! stay free for `/healthz`. Each adapter has its own lock: operations on one adapter run one at
 //! a time, different adapters run concurrently (the engine parallelises inside a call).
+//! forward / forward_backward go through a combining queue ([`queue`], [`batched`]): jobs of
+//! different adapters arriving within `batch_window_ms` share one pass over the base weights.
 //!
 //! Idle unload: an adapter unused for `adapter_timeout` seconds is spilled (weights, Adam
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
@@ -20,12 +22,14 @@
 //! acknowledged step.
 
 pub mod base;
+mod batched;
 pub mod checkpoint;
 pub mod decode;
 pub mod durable;
 pub mod error;
 pub mod http;
 mod persist;
+pub mod queue;
 pub mod sample;
 pub mod twinkle;
 
@@ -36,10 +40,11 @@ use std::time::{Duration, Instant};
 
 use crate::engine::cpu::CpuRuntime;
 use crate::engine::parallel::{DataParallel, Replicated};
-use crate::engine::{Adapter, Datum, DatumOutput, LoraConfig, LossFn, ModelConfig, ModelRuntime};
+use crate::engine::{Adapter, LoraConfig, ModelConfig, ModelRuntime};
 
 use crate::protocol::internal::*;
 pub use base::{BaseModel, Served};
+pub use batched::BatchStats;
 use checkpoint::AdapterCache;
 pub use error::AppError;
 
@@ -47,6 +52,9 @@ pub use error::AppError;
 pub use crate::engine::lora::MAX_RANK;
 /// Default `adapter_config.adapter_timeout`.
 pub const DEFAULT_ADAPTER_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Default `batch_window_ms`: how long queued forward / forward_backward jobs wait for
+/// companions of other adapters before they run as one batch (a lone job never waits).
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Env var: how many CPU workers run forward/backward in data parallel (default 1). Set it per
 /// application through `deployments[0].ray_actor_options.runtime_env.env_vars`.
 pub const CPU_WORKERS_ENV: &str = "TWINKLE_CPU_WORKERS";
@@ -86,6 +94,10 @@ pub struct ServiceOptions {
     /// adapter's snapshot is written; false leaves the write to the background writer (faster
     /// steps for large adapters; a crash may then lose the last answered step).
     pub durable_steps: bool,
+    /// Config `batch_window_ms` (default [`DEFAULT_BATCH_WINDOW`]): forward / forward_backward
+    /// jobs of different adapters queued within it run as one batch; zero turns batching off
+    /// (every job runs on its own thread, different adapters concurrently).
+    pub batch_window: Duration,
 }
 
 /// Where an adapter is.
@@ -150,6 +162,8 @@ pub struct ModelService<R: ModelRuntime = CpuRuntime> {
     next_worker: std::sync::atomic::AtomicUsize,
     /// Per runtime: the passes that decode every request's sequences together.
     decoders: Vec<decode::DecodeBatcher<R>>,
+    /// The combining queue of forward / forward_backward (`None`: batching off).
+    queue: Option<batched::Queue>,
 }
 
 impl ModelService<CpuRuntime> {
@@ -193,6 +207,7 @@ impl<R: ModelRuntime> ModelService<R> {
             snaps: durable::Snapshots::new(&opts.spill_dir),
             next_worker: Default::default(),
             decoders,
+            queue: (!opts.batch_window.is_zero()).then(|| queue::Combiner::new(opts.batch_window)),
         }
     }
 
@@ -258,14 +273,7 @@ impl<R: ModelRuntime> ModelService<R> {
     ) -> Result<(T, Arc<Slot<R>>), AppError> {
         let slot = self.slot(id)?;
         let mut state = lock(&slot.state);
-        if let SlotState::Spilled(dir) = &*state {
-            let (host, pending_grads) = checkpoint::restore(dir, self.config())?;
-            let adapter = self.engine.upload(&host)?;
-            self.drop_spill(dir);
-            tracing::info!(model_id = id, "reloaded idle adapter");
-            *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads };
-            self.evict_over_limit(id);
-        }
+        self.ensure_loaded(id, &mut state)?;
         *lock(&slot.last_used) = Instant::now();
         // The engine rolls a failed forward_backward back itself; a panic that gets here comes
         // from around it and fails this job only (the slot's lock is not poisoned by it).
@@ -279,6 +287,19 @@ impl<R: ModelRuntime> ModelService<R> {
         *lock(&slot.last_used) = Instant::now();
         drop(state);
         out.map(|o| (o, slot))
+    }
+
+    /// Reloads a spilled adapter into its (locked) slot; a loaded or removed one is left as is.
+    fn ensure_loaded(&self, id: &str, state: &mut SlotState<R>) -> Result<(), AppError> {
+        if let SlotState::Spilled(dir) = &*state {
+            let (host, pending_grads) = checkpoint::restore(dir, self.config())?;
+            let adapter = self.engine.upload(&host)?;
+            self.drop_spill(dir);
+            tracing::info!(model_id = id, "reloaded idle adapter");
+            *state = SlotState::Loaded { adapter: Box::new(adapter), pending_grads };
+            self.evict_over_limit(id);
+        }
+        Ok(())
     }
 
     fn insert(&self, id: &str, host: Adapter) -> Result<(), AppError> {
@@ -375,41 +396,6 @@ impl<R: ModelRuntime> ModelService<R> {
         let mut adapter = Adapter::for_config(self.config(), &cfg)?;
         adapter.set_base_model(&self.base.info.model_name);
         self.insert(&req.model_id, adapter)
-    }
-
-    /// `POST /_internal/v1/forward_backward` (and forward with `forward_only`).
-    pub fn forward_backward(
-        &self,
-        req: &ForwardBackwardRequest,
-    ) -> Result<ForwardBackwardResponse, AppError> {
-        let loss = LossFn::from_name(&req.loss_fn, &req.loss_config)?;
-        let data = &req.data;
-        // The served length may be below the model's positions (`max_length` in the config).
-        crate::engine::check_batch(&self.base.limits(), data, &loss)?;
-        let engine = &self.engine;
-        let out = self.with_adapter(&req.model_id, |adapter, pending| {
-            if req.forward_only {
-                let with = (!req.disable_lora).then_some(&*adapter);
-                return Ok(engine.forward(with, data, &loss)?);
-            }
-            let out = engine.forward_backward(adapter, data, &loss)?;
-            *pending = true;
-            Ok(out)
-        })?;
-        let outputs = out
-            .per_datum
-            .iter()
-            .zip(data)
-            .map(|(o, d): (&DatumOutput, &Datum)| {
-                let (n, k) = (d.input_tokens.len(), d.inputs.k.max(1));
-                DatumOutputJson {
-                    logprobs: o.logprobs.clone(),
-                    elementwise_loss: o.elementwise_loss.clone(),
-                    shape: if k == 1 { vec![n] } else { vec![n, k] },
-                }
-            })
-            .collect();
-        Ok(ForwardBackwardResponse { outputs, metrics: out.metrics() })
     }
 
     /// `POST /_internal/v1/optim_step`. Without gradients accumulated since the last step it is

@@ -302,6 +302,9 @@ pub struct AppArgs {
     pub adapter_config: Option<AdapterConfig>,
     pub max_loras: Option<u32>,
     pub max_length: Option<u64>,
+    /// Milliseconds queued forward / forward_backward jobs of different adapters wait for each
+    /// other to run as one batch (default `apps::model::DEFAULT_BATCH_WINDOW`; 0: off).
+    pub batch_window_ms: Option<f64>,
     // sampler
     pub sampler_type: Option<SamplerType>,
     pub engine_args: Option<EngineArgs>,
@@ -327,6 +330,7 @@ impl AppArgs {
             ("adapter_config", self.adapter_config.is_some()),
             ("max_loras", self.max_loras.is_some()),
             ("max_length", self.max_length.is_some()),
+            ("batch_window_ms", self.batch_window_ms.is_some()),
             ("model_id", self.model_id.is_some()),
             ("sampler_type", self.sampler_type.is_some()),
             ("engine_args", self.engine_args.is_some()),
@@ -352,6 +356,7 @@ impl AppArgs {
                 "adapter_config",
                 "max_loras",
                 "max_length",
+                "batch_window_ms",
                 "queue_config",
                 "nproc_per_node",
                 "device_group",
@@ -383,6 +388,7 @@ impl AppArgs {
                 "adapter_config",
                 "max_loras",
                 "max_length",
+                "batch_window_ms",
                 "model_id",
                 "sampler_type",
                 "engine_args",

@@ -14,10 +14,16 @@
 //! `optim_step` is all or nothing too: every replica is copied on its device before the step
 //! and put back when any replica's step fails or panics.
 //!
+//! Several tenants' adapters can share one call ([`DataParallel::forward_backward_many`],
+//! [`DataParallel::forward_many`], in `many`): each runtime then runs one pass over the base
+//! weights for its shards of every group, with the guarantees above kept per group.
+//!
 //! Reduction is a host summation in worker order, so repeated runs are bit-identical. It is the
 //! only path for now; an NCCL all-reduce of device-resident gradients would replace the
 //! download-sum-upload once multi-GPU machines are tested (cudarc's `nccl` feature builds
 //! without CUDA).
+
+mod many;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -299,19 +305,7 @@ impl<R: ModelRuntime> DataParallel<R> {
                 rep.accumulated = true;
                 Ok(out)
             }
-            Err(e) => {
-                let restored = match &snapshot {
-                    Some(g) => guarded(w, || w.grads_from_host(replica, g)),
-                    None => guarded(w, || w.zero_grad(replica)),
-                };
-                match restored {
-                    Ok(()) => Err(e),
-                    Err(r) => Err(EngineError::Worker {
-                        worker: w.device_name(),
-                        message: format!("cannot restore the gradient ({r}) after: {e}"),
-                    }),
-                }
-            }
+            Err(e) => roll_back(w, replica, snapshot.as_deref(), e),
         }
     }
 
@@ -430,6 +424,27 @@ impl DataParallel<CpuRuntime> {
             .map(|i| CpuRuntime::with_threads(model.clone(), i, per))
             .collect::<Result<Vec<_>>>()?;
         Self::new(workers)
+    }
+}
+
+/// Puts a replica's gradient back to `snapshot` (zero when `None`) after the batch that failed
+/// with `e`, and returns `e` (or an error naming both when the restore fails too).
+fn roll_back<R: ModelRuntime, T>(
+    w: &R,
+    replica: &mut R::Adapter,
+    snapshot: Option<&[f32]>,
+    e: EngineError,
+) -> Result<T> {
+    let restored = match snapshot {
+        Some(g) => guarded(w, || w.grads_from_host(replica, g)),
+        None => guarded(w, || w.zero_grad(replica)),
+    };
+    match restored {
+        Ok(()) => Err(e),
+        Err(r) => Err(EngineError::Worker {
+            worker: w.device_name(),
+            message: format!("cannot restore the gradient ({r}) after: {e}"),
+        }),
     }
 }
 

@@ -1,0 +1,311 @@
+//! Batched multi-tenant calls over data parallelism (`DataParallel::forward_backward_many`,
+//! `forward_many`) against each group run alone through `forward_backward` / `forward`, for 1, 2
+//! and 3 CPU workers: the same outputs and accumulated gradients (1e-5 relative), a bad group
+//! failing alone with its gradient exactly as before, and a shared pass that panics as a whole
+//! falling back to each group alone.
+
+mod engine_support;
+
+use std::sync::Arc;
+
+use engine_support::full_lora;
+use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use twinkle::engine::parallel::{DataParallel, Replicated};
+use twinkle::engine::sampling::SamplingParams;
+use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
+use twinkle::engine::{
+    AdamParams, Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelConfig,
+    ModelRuntime, OptimMetrics, Result, TrainGroup,
+};
+
+fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
+    let spec = SynthSpec {
+        arch: "Qwen3ForCausalLM".into(),
+        vocab: 61,
+        hidden: 32,
+        inter: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        max_positions: 128,
+        tied: false,
+        init: Init::Spread,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    spec.write(tmp.path(), 11).unwrap();
+    let model = Model::load(tmp.path()).unwrap();
+    (tmp, model)
+}
+
+fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
+    let mut rng = SynthRng(seed);
+    lens.iter()
+        .map(|&n| Datum {
+            input_tokens: rng.tokens(n, vocab),
+            inputs: LossInputs {
+                target_tokens: rng.tokens(n, vocab),
+                k: 1,
+                weights: Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect()),
+                logprobs: Some((0..n).map(|_| -2.0 - rng.next_f32().abs()).collect()),
+                advantages: Some(rng.vec(n, 1.0)),
+            },
+        })
+        .collect()
+}
+
+/// Three tenants: own adapters, batch shapes and losses (two PPO with their own clips).
+fn tenants(model: &Model) -> Vec<(Adapter, Vec<Datum>, LossFn)> {
+    let v = model.config().vocab_size;
+    vec![
+        (full_lora(model, 1, 11, 0.3), batch(1, &[5, 9, 3], v), LossFn::CrossEntropy),
+        (
+            full_lora(model, 2, 12, 0.3),
+            batch(2, &[7], v),
+            LossFn::Ppo { clip_low: 0.8, clip_high: 1.2 },
+        ),
+        (
+            full_lora(model, 3, 13, 0.3),
+            batch(3, &[4, 6], v),
+            LossFn::Ppo { clip_low: 0.9, clip_high: 1.1 },
+        ),
+    ]
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+fn assert_close(got: &FwdBwdOutput, want: &FwdBwdOutput, what: &str) {
+    assert_eq!(got.per_datum.len(), want.per_datum.len(), "{what}");
+    for (g, w) in got.per_datum.iter().zip(&want.per_datum) {
+        assert!(rel(&g.logprobs, &w.logprobs) <= 1e-5, "{what}: logprobs");
+        assert!(rel(&g.elementwise_loss, &w.elementwise_loss) <= 1e-5, "{what}: losses");
+    }
+    let e = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs().max(1e-30);
+    assert!(e <= 1e-5, "{what}: loss_sum {} vs {}", got.loss_sum, want.loss_sum);
+}
+
+fn grads<R: ModelRuntime>(dp: &DataParallel<R>, rep: &Replicated<R>) -> Vec<f32> {
+    dp.download(rep).unwrap().grads_flat()
+}
+
+fn pool(model: &Arc<Model>, workers: usize) -> DataParallel<CpuRuntime> {
+    DataParallel::cpu(model.clone(), workers, workers).unwrap()
+}
+
+/// Uploads every tenant's adapter and accumulates one earlier batch on tenant 0 (so a group
+/// that fails must be rolled back to a non-zero gradient, not just zeroed).
+fn upload<R: ModelRuntime>(
+    dp: &DataParallel<R>,
+    ts: &[(Adapter, Vec<Datum>, LossFn)],
+) -> Vec<Replicated<R>> {
+    let mut reps: Vec<Replicated<R>> = ts.iter().map(|t| dp.upload(&t.0).unwrap()).collect();
+    let earlier = batch(9, &[4, 4], dp.config().vocab_size);
+    dp.forward_backward(&mut reps[0], &earlier, &LossFn::CrossEntropy).unwrap();
+    reps
+}
+
+#[test]
+fn batched_training_matches_each_group_alone_on_1_2_and_3_workers() {
+    let (_tmp, model) = tiny_model();
+    let ts = tenants(&model);
+    for workers in [1, 2, 3] {
+        let dp = pool(&model, workers);
+        let mut alone = upload(&dp, &ts);
+        let want: Vec<FwdBwdOutput> = alone
+            .iter_mut()
+            .zip(&ts)
+            .map(|(r, t)| dp.forward_backward(r, &t.1, &t.2).unwrap())
+            .collect();
+        let mut shared = upload(&dp, &ts);
+        let mut groups: Vec<TrainGroup<Replicated<CpuRuntime>>> = shared
+            .iter_mut()
+            .zip(&ts)
+            .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
+            .collect();
+        let got = dp.forward_backward_many(&mut groups);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("{workers} workers, group {i}");
+            assert_close(g.as_ref().unwrap(), w, &what);
+            let (gg, wg) = (grads(&dp, &shared[i]), grads(&dp, &alone[i]));
+            assert!(wg.iter().any(|v| *v != 0.0), "{what}: no gradient");
+            assert!(rel(&gg, &wg) <= 1e-5, "{what}: grads {}", rel(&gg, &wg));
+        }
+    }
+}
+
+#[test]
+fn a_bad_group_fails_alone_and_keeps_its_gradient() {
+    let (_tmp, model) = tiny_model();
+    let mut ts = tenants(&model);
+    // Group 0 (with an earlier gradient) names a token outside the vocabulary.
+    ts[0].1[1].input_tokens[2] = model.config().vocab_size as u32;
+    for workers in [1, 2] {
+        let dp = pool(&model, workers);
+        let mut alone = upload(&dp, &ts);
+        let before = grads(&dp, &alone[0]);
+        let want: Vec<Result<FwdBwdOutput>> =
+            alone.iter_mut().zip(&ts).map(|(r, t)| dp.forward_backward(r, &t.1, &t.2)).collect();
+        let mut shared = upload(&dp, &ts);
+        let mut groups: Vec<TrainGroup<Replicated<CpuRuntime>>> = shared
+            .iter_mut()
+            .zip(&ts)
+            .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
+            .collect();
+        let got = dp.forward_backward_many(&mut groups);
+        let (Err(g), Err(w)) = (&got[0], &want[0]) else { panic!("group 0 must fail: {got:?}") };
+        assert_eq!(g.to_string(), w.to_string());
+        assert!(g.to_string().contains("data[1].model_input[2]"), "{g}");
+        assert_eq!(
+            grads(&dp, &shared[0]),
+            before,
+            "{workers} workers: the failed group's gradient"
+        );
+        for i in 1..3 {
+            assert_close(got[i].as_ref().unwrap(), want[i].as_ref().unwrap(), "good group");
+            assert!(rel(&grads(&dp, &shared[i]), &grads(&dp, &alone[i])) <= 1e-5);
+        }
+    }
+}
+
+#[test]
+fn batched_forward_matches_alone_including_the_base_model() {
+    let (_tmp, model) = tiny_model();
+    let ts = tenants(&model);
+    for workers in [1, 2] {
+        let dp = pool(&model, workers);
+        let reps: Vec<Replicated<CpuRuntime>> =
+            ts.iter().map(|t| dp.upload(&t.0).unwrap()).collect();
+        let mut groups: Vec<EvalGroup<Replicated<CpuRuntime>>> = reps
+            .iter()
+            .zip(&ts)
+            .map(|(r, t)| EvalGroup { adapter: Some(r), data: &t.1, loss: &t.2 })
+            .collect();
+        groups.push(EvalGroup { adapter: None, data: &ts[0].1, loss: &LossFn::CrossEntropy });
+        let got = dp.forward_many(&groups);
+        for (i, (g, grp)) in got.iter().zip(&groups).enumerate() {
+            let want = dp.forward(grp.adapter, grp.data, grp.loss).unwrap();
+            assert_close(g.as_ref().unwrap(), &want, &format!("{workers} workers, group {i}"));
+        }
+    }
+}
+
+/// A CPU runtime whose shared passes panic (a device failing on the large batch) while its
+/// one-group calls work.
+struct SharedPanics(CpuRuntime);
+
+impl ModelRuntime for SharedPanics {
+    type Adapter = Adapter;
+    type Cache = CpuCache;
+    type Logits = Vec<Vec<f32>>;
+
+    fn device_name(&self) -> String {
+        "fake:0".into()
+    }
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn upload_adapter(&self, host: &Adapter) -> Result<Adapter> {
+        self.0.upload_adapter(host)
+    }
+    fn download_adapter(&self, a: &Adapter, host: &mut Adapter) -> Result<()> {
+        self.0.download_adapter(a, host)
+    }
+    fn copy_adapter(&self, a: &Adapter) -> Result<Adapter> {
+        self.0.copy_adapter(a)
+    }
+    fn forward_backward(&self, a: &mut Adapter, d: &[Datum], l: &LossFn) -> Result<FwdBwdOutput> {
+        self.0.forward_backward(a, d, l)
+    }
+    fn forward(&self, a: Option<&Adapter>, d: &[Datum], l: &LossFn) -> Result<FwdBwdOutput> {
+        self.0.forward(a, d, l)
+    }
+    fn forward_backward_many(
+        &self,
+        groups: &mut [TrainGroup<'_, Adapter>],
+    ) -> Vec<Result<FwdBwdOutput>> {
+        // Half-way through: the first group's gradient is already touched.
+        if let Some(g) = groups.first_mut() {
+            let _ = self.0.forward_backward(g.adapter, g.data, g.loss);
+        }
+        panic!("out of device memory")
+    }
+    fn forward_many(&self, _: &[EvalGroup<'_, Adapter>]) -> Vec<Result<FwdBwdOutput>> {
+        panic!("out of device memory")
+    }
+    fn optim_step(&self, a: &mut Adapter, p: &AdamParams) -> Result<OptimMetrics> {
+        self.0.optim_step(a, p)
+    }
+    fn zero_grad(&self, a: &mut Adapter) -> Result<()> {
+        self.0.zero_grad(a)
+    }
+    fn grads_to_host(&self, a: &Adapter) -> Result<Vec<f32>> {
+        self.0.grads_to_host(a)
+    }
+    fn grads_from_host(&self, a: &mut Adapter, g: &[f32]) -> Result<()> {
+        self.0.grads_from_host(a, g)
+    }
+    fn new_cache(&self, n: usize, len: usize) -> Result<CpuCache> {
+        self.0.new_cache(n, len)
+    }
+    fn fork_slot(&self, c: &mut CpuCache, s: usize, d: usize) -> Result<()> {
+        self.0.fork_slot(c, s, d)
+    }
+    fn forward_cached(
+        &self,
+        a: Option<&Adapter>,
+        c: &mut CpuCache,
+        s: &[usize],
+        t: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.0.forward_cached(a, c, s, t)
+    }
+    fn select_tokens(
+        &self,
+        l: &Vec<Vec<f32>>,
+        p: &[SamplingParams],
+        u: &[f32],
+    ) -> Result<Vec<(u32, f32)>> {
+        self.0.select_tokens(l, p, u)
+    }
+    fn logits_to_host(&self, l: &Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        self.0.logits_to_host(l)
+    }
+}
+
+#[test]
+fn a_shared_pass_that_panics_falls_back_to_each_group_alone() {
+    let (_tmp, model) = tiny_model();
+    let ts = tenants(&model);
+    let reference = pool(&model, 1);
+    let mut alone = upload(&reference, &ts);
+    let want: Vec<FwdBwdOutput> = alone
+        .iter_mut()
+        .zip(&ts)
+        .map(|(r, t)| reference.forward_backward(r, &t.1, &t.2).unwrap())
+        .collect();
+    let dp = DataParallel::single(SharedPanics(CpuRuntime::new(model.clone())));
+    let mut shared = upload(&dp, &ts);
+    let mut groups: Vec<TrainGroup<Replicated<SharedPanics>>> = shared
+        .iter_mut()
+        .zip(&ts)
+        .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
+        .collect();
+    let got = dp.forward_backward_many(&mut groups);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        // Rolled back, then run alone: exactly the alone result, not twice the gradient.
+        assert_eq!(g.as_ref().unwrap(), w, "group {i}");
+        assert_eq!(grads(&dp, &shared[i]), grads(&reference, &alone[i]), "group {i}");
+    }
+    let evals: Vec<EvalGroup<Replicated<SharedPanics>>> = shared
+        .iter()
+        .zip(&ts)
+        .map(|(r, t)| EvalGroup { adapter: Some(r), data: &t.1, loss: &t.2 })
+        .collect();
+    assert!(dp.forward_many(&evals).iter().all(|r| r.is_ok()));
+}
