@@ -13,11 +13,12 @@ twinkle is faster).
   python3 scripts/bench_torch_cuda.py train --shape qwen2.5-7b --seq 2048 --twinkle gpu-bundle/twinkle
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+
+import bench_common
 
 SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -167,29 +168,13 @@ def run_twinkle(a):
     cmd = [a.twinkle, "bench", a.what, "--device", "cuda", "--shape", a.shape, "--json"]
     if a.layers:
         cmd += ["--layers", str(a.layers)]
-    if a.what == "train":
-        cmd += ["--seq", str(a.seq), "--batch", str(a.batch), "--rank", str(a.rank),
-                "--steps", str(a.steps)]
-    else:
-        cmd += ["--batch", str(a.batch), "--prompt", str(a.prompt),
-                "--max-tokens", str(a.max_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_common.run_twinkle(a, cmd)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["train", "sample"])
+    p = bench_common.parser(__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     p.add_argument("--layers", type=int, default=0, help="0 = the shape's own")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--twinkle", help="path of the twinkle binary to compare against")
-    p.add_argument("--skip-torch", action="store_true")
     a = p.parse_args()
     res = {"what": a.what, "shape": a.shape}
     # twinkle first, before torch holds GPU memory in this process

@@ -14,13 +14,13 @@ Set up the venv with scripts/setup-bench-venv.sh, then e.g.
       --threads 2 --twinkle target/release/twinkle
 """
 
-import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+import bench_common
 
 
 def qwen05b_config(layers):
@@ -134,29 +134,13 @@ def torch_sample(a):
 def run_twinkle(a):
     cmd = [a.twinkle, "bench", a.what, "--layers", str(a.layers), "--threads", str(a.threads),
            "--json"]
-    if a.what == "train":
-        cmd += ["--seq", str(a.seq), "--batch", str(a.batch), "--rank", str(a.rank),
-                "--steps", str(a.steps)]
-    else:
-        cmd += ["--batch", str(a.batch), "--prompt", str(a.prompt),
-                "--max-tokens", str(a.max_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_common.run_twinkle(a, cmd)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["train", "sample"])
+    p = bench_common.parser(__doc__)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--twinkle", help="path of the twinkle binary to compare against")
-    p.add_argument("--skip-torch", action="store_true")
     a = p.parse_args()
 
     rows = {}
