@@ -41,6 +41,27 @@ __device__ __forceinline__ void ld2(const bf16* p, float& a, float& b) {
     b = __uint_as_float(w & 0xffff0000u);
 }
 
+// Stages keys k0 .. k0 + ATT_BK - 1 of one sequence (kv head kvh) into the shared K/V tiles,
+// zero past the sequence's end so that padding keys contribute nothing; the whole block takes
+// part (the forward and the backward load their tiles the same way).
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(T* Ks, T* Vs, const T* k, const T* v, int k0,
+                                             int seq0, int seqlen, int hkv, int kvh, int hd,
+                                             int ks) {
+    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
+        int j = idx / hd, d = idx - j * hd;
+        int kj = k0 + j;
+        if (kj < seqlen) {
+            long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
+            Ks[j * ks + d] = k[g];
+            Vs[j * ks + d] = v[g];
+        } else {
+            st(Ks + j * ks + d, 0.0f);
+            st(Vs + j * ks + d, 0.0f);
+        }
+    }
+}
+
 template <typename T>
 __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v,
                               const int* cu, int ntok, int hq, int hkv, int hd, float scale) {
@@ -79,18 +100,7 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const 
     const int kend = min(seqlen, q0 + ATT_BQ);  // causal: no query here sees a later key
     for (int k0 = 0; k0 < kend; k0 += ATT_BK) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
-            int j = idx / hd, d = idx - j * hd;
-            int kj = k0 + j;
-            if (kj < seqlen) {
-                long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
-                Ks[j * ks + d] = k[g];
-                Vs[j * ks + d] = v[g];
-            } else {
-                st(Ks + j * ks + d, 0.0f);
-                st(Vs + j * ks + d, 0.0f);
-            }
-        }
+        load_kv_tile(Ks, Vs, k, v, k0, seq0, seqlen, hkv, kvh, hd, ks);
         __syncthreads();
 #pragma unroll
         for (int rr = 0; rr < ATT_FWD_ROWS; ++rr) {
@@ -174,18 +184,7 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nthreads = blockDim.x;
 
-    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += nthreads) {
-        int j = idx / hd, d = idx - j * hd;
-        int kj = k0 + j;
-        if (kj < seqlen) {
-            long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
-            Ks[j * ks + d] = k[g];
-            Vs[j * ks + d] = v[g];
-        } else {
-            st(Ks + j * ks + d, 0.0f);
-            st(Vs + j * ks + d, 0.0f);
-        }
-    }
+    load_kv_tile(Ks, Vs, k, v, k0, seq0, seqlen, hkv, kvh, hd, ks);
 
     // This thread accumulates dK/dV for key `lane`, columns warp + 8 * e.
     const int ept = hd / ATT_BWD_WARPS;  // <= 32

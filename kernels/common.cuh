@@ -3,7 +3,8 @@
 //
 // defines: bf16 (storage type, bit-level conversions), ld/st (load any dtype as f32, store f32 as
 // any dtype), warp_sum/warp_max, block_sum/block_max, ordered keys for float comparisons, and the
-// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes.
+// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes, and map2_vec
+// (the vectorised binary elementwise loop).
 //
 // Conventions: activations and base weights are T (bf16 or f32), all accumulation is f32,
 // indices are int (packed token counts fit in 2^31), shapes arrive as int.
@@ -132,4 +133,27 @@ __device__ __forceinline__ void st16(bf16* p, const float* in) {
         w[i] = (u32)f32_to_bf16(in[2 * i]).bits | ((u32)f32_to_bf16(in[2 * i + 1]).bits << 16);
     }
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// out[i] = f(a[i], b[i]) (f32 math) over a grid-stride loop, 16-byte vectors where all three
+// pointers are aligned and scalars for the rest: the one copy of the binary elementwise loop
+// (residual add, SwiGLU forward). out may alias a or b: each element is read before it is written.
+template <typename T, typename F>
+__device__ __forceinline__ void map2_vec(T* out, const T* a, const T* b, long long n, F f) {
+    constexpr int V = Pack<T>::N;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long head = 0;
+    if (aligned16(out) && aligned16(a) && aligned16(b)) {
+        head = n / V * V;
+        for (long long i = tid * V; i < head; i += stride * V) {
+            float x[V], y[V];
+            ld16(a + i, x);
+            ld16(b + i, y);
+#pragma unroll
+            for (int j = 0; j < V; ++j) x[j] = f(x[j], y[j]);
+            st16(out + i, x);
+        }
+    }
+    for (long long i = head + tid; i < n; i += stride) st(out + i, f(ld(a + i), ld(b + i)));
 }
