@@ -243,28 +243,13 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let pos = [0, 1, 2, 39, 17, 5, 6];
     let q = rt::<T>(&r.vec(n * heads * hd, 1.0));
     let (dq, dc, dsn, dp) = (up::<T>(s, &q)?, up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
-    let mut out = s.alloc_zeros::<T>(q.len())?;
-    k::rope_fwd(
-        dev,
-        &mut out.as_view_mut(),
-        &dq.as_view(),
-        &dc.as_view(),
-        &dsn.as_view(),
-        &dp.as_view(),
-        heads,
-        hd,
-    )?;
-    let mut back = s.alloc_zeros::<T>(q.len())?;
-    k::rope_bwd(
-        dev,
-        &mut back.as_view_mut(),
-        &dq.as_view(),
-        &dc.as_view(),
-        &dsn.as_view(),
-        &dp.as_view(),
-        heads,
-        hd,
-    )?;
+    let run = |dir| -> Result<CudaSlice<T>> {
+        let mut out = s.alloc_zeros::<T>(q.len())?;
+        let (x, c, sn, p) = (dq.as_view(), dc.as_view(), dsn.as_view(), dp.as_view());
+        k::rope(dev, dir, &mut out.as_view_mut(), &x, &c, &sn, &p, heads, hd)?;
+        Ok(out)
+    };
+    let (out, back) = (run(k::RopeDir::Forward)?, run(k::RopeDir::Backward)?);
     let (mut wf, mut wb) = (vec![0.0; q.len()], vec![0.0; q.len()]);
     for t in 0..n {
         for h in 0..heads {
