@@ -2,7 +2,7 @@
 // include path, so the kernels build with nothing but libnvrtc).
 //
 // defines: bf16 (storage type, bit-level conversions), ld/st (load any dtype as f32, store f32 as
-// any dtype), warp_sum/warp_max, block_sum/block_max, ordered keys for float comparisons, and the
+// any dtype), warp_sum/warp_max, block_reduce and block_sum/block_max, ordered keys for float comparisons, and the
 // TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes, and map2_vec
 // (the vectorised binary elementwise loop).
 //
@@ -54,30 +54,29 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats.
-// Safe to call repeatedly with the same scratch (leading barrier protects the reuse).
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduction over the whole block with the warp reduction `warp_op`; lanes past the last warp
+// read `identity`. Every thread gets the result. `scratch` holds >= 32 values. Safe to call
+// repeatedly with the same scratch (the leading barrier protects the reuse).
+template <typename T, typename F>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, F warp_op) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int nwarps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = warp_op(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = (lane < nwarps) ? scratch[lane] : identity;
+    return warp_op(v);
+}
+
+// Sum over the whole block; every thread gets the result (see block_reduce).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce(v, scratch, 0.0f, [](float x) { return warp_sum(x); });
 }
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int nwarps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : NEG_INF_F;
-    return warp_max(v);
+    return block_reduce(v, scratch, NEG_INF_F, [](float x) { return warp_max(x); });
 }
 
 // Monotone map float -> u32: a < b (as floats, -0 == +0 aside) iff key(a) < key(b).

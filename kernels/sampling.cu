@@ -33,35 +33,22 @@
 #define ARGMAX_THREADS 1024
 
 __device__ double block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    return block_reduce(v, scratch, 0.0, [](double x) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        return x;
+    });
 }
 
 __device__ u64 block_max_u64(u64 v, u64* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    return block_reduce(v, scratch, 0ull, [](u64 x) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u64 y = __shfl_xor_sync(0xffffffffu, v, o);
-        v = y > v ? y : v;
-    }
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : 0ull;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u64 y = __shfl_xor_sync(0xffffffffu, v, o);
-        v = y > v ? y : v;
-    }
-    return v;
+        for (int o = 16; o > 0; o >>= 1) {
+            u64 y = __shfl_xor_sync(0xffffffffu, x, o);
+            x = y > x ? y : x;
+        }
+        return x;
+    });
 }
 
 template <typename T>
