@@ -21,36 +21,19 @@ const KEY: (&str, &str) = ("X-API-Key", "tml-ready-test");
 /// test hook, set through the application's own env so the server app is not delayed); and,
 /// with `broken`, a model application whose model exists nowhere.
 fn config(port: u16, delay_ms: u64, broken: bool) -> String {
-    let mut text = format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-  - name: model
-    route_prefix: /api/v1/model/tiny
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
-    deployments:
+    let mut text = deployment_head("tinker", port, None)
+        + "  - name: server\n    route_prefix: /api/v1\n    import_path: server\n"
+        + &generated_app("model", "/api/v1/model/tiny", "model", "qwen3-tiny", "cpu")
+        + &format!(
+            r#"    deployments:
       - ray_actor_options:
           num_cpus: 0.1
           runtime_env:
             env_vars: {{TWINKLE_TEST_WORKER_START_DELAY_MS: "{delay_ms}"}}
 "#
-    );
-    if broken {
-        text.push_str(
-            r#"  - name: broken
-    route_prefix: /api/v1/model/missing
-    import_path: model
-    args:
-      model_id: "ms://Nobody/Missing-Model"
-      device_group: {name: broken, ranks: 1, device_type: cpu}
-"#,
         );
+    if broken {
+        text.push_str(&broken_app());
     }
     text
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+
 /// The `twinkle` binary under test: `TWINKLE_BIN` when set (a prebuilt test executable run on
 /// another machine, as scripts/gpu-check.sh does), else the one cargo built with the tests.
 pub fn bin() -> String {
@@ -90,13 +91,44 @@ pub fn generated_app(
     model: &str,
     device: &str,
 ) -> String {
+    app_entry(name, prefix, import_path, &format!("generate://{model}"), import_path, device)
+}
+
+/// Application `name` at `prefix` of kind `import_path` on `model_id` (any source: `hf://`,
+/// `ms://`, one that exists nowhere), one rank on `device`.
+pub fn model_app(
+    name: &str,
+    prefix: &str,
+    import_path: &str,
+    model_id: &str,
+    device: &str,
+) -> String {
+    app_entry(name, prefix, import_path, model_id, name, device)
+}
+
+/// A model application whose model exists nowhere (`ms://Nobody/Missing-Model`), at
+/// `/api/v1/model/missing`: it fails to start and must not take the others down.
+pub fn broken_app() -> String {
+    model_app("broken", "/api/v1/model/missing", "model", "ms://Nobody/Missing-Model", "cpu")
+}
+
+/// One `applications:` entry with its `args` open: callers may append more `args` lines
+/// (6 spaces) or a `deployments:` block (4 spaces).
+fn app_entry(
+    name: &str,
+    prefix: &str,
+    import_path: &str,
+    model_id: &str,
+    group: &str,
+    device: &str,
+) -> String {
     format!(
         r#"  - name: {name}
     route_prefix: {prefix}
     import_path: {import_path}
     args:
-      model_id: generate://{model}
-      device_group: {{name: {import_path}, ranks: 1, device_type: {device}}}
+      model_id: {model_id}
+      device_group: {{name: {group}, ranks: 1, device_type: {device}}}
 "#
     )
 }
