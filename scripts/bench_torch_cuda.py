@@ -94,44 +94,18 @@ def torch_train(a):
     g = torch.Generator().manual_seed(42)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=g).cuda()
     inp, tgt = ids[:, :-1], ids[:, 1:]
-    t_fwd = t_fb = t_opt = 0.0
-    for step in range(1 + a.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(input_ids=inp, use_cache=False)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=inp, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 tgt.reshape(-1), reduction="sum")
-        loss.backward()
-        del logits, loss
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        if step >= 1:
-            t_fwd += t1 - t0
-            t_fb += t2 - t1
-            t_opt += t3 - t2
-    n = a.steps
-    toks = a.batch * a.seq
+    r = bench_common.time_train(a, model, opt, inp, tgt, sync=torch.cuda.synchronize,
+                                autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     lora_params = sum(p.numel() for p in params)
     fpt, _ = train_flops_per_token(cfg, a.seq, lora_params)
     peak, _ = peaks(torch.cuda.get_device_name(0))
-    achieved = fpt * toks * n / t_fb
-    return {
-        "kind": "train", "device": "cuda", "gpu": torch.cuda.get_device_name(0),
-        "forward_s": t_fwd / n, "fwd_bwd_s": t_fb / n, "optim_s": t_opt / n,
-        "fwd_bwd_tokens_per_s": toks * n / t_fb, "forward_tokens_per_s": toks * n / t_fwd,
-        "step_tokens_per_s": toks * n / (t_fb + t_opt), "train_tflops": achieved / 1e12,
+    achieved = fpt * a.batch * a.seq / r["fwd_bwd_s"]
+    r.update({
+        "device": "cuda", "gpu": torch.cuda.get_device_name(0), "train_tflops": achieved / 1e12,
         "mfu_fwd_bwd": achieved / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    })
+    return r
 
 
 def torch_sample(a):

@@ -69,33 +69,9 @@ def torch_train(a):
     g = torch.Generator().manual_seed(42)
     ids = torch.randint(0, 151936, (a.batch, a.seq + 1), generator=g)
     inp, tgt = ids[:, :-1], ids[:, 1:]
-    t_fwd = t_fb = t_opt = 0.0
-    for step in range(1 + a.steps):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=inp, use_cache=False)
-        t1 = time.perf_counter()
-        logits = model(input_ids=inp, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 tgt.reshape(-1), reduction="sum")
-        loss.backward()
-        del logits, loss
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if step >= 1:
-            t_fwd += t1 - t0
-            t_fb += t2 - t1
-            t_opt += t3 - t2
-    n = a.steps
-    toks = a.batch * a.seq
-    return {
-        "kind": "train", "forward_s": t_fwd / n, "fwd_bwd_s": t_fb / n, "optim_s": t_opt / n,
-        "fwd_bwd_tokens_per_s": toks * n / t_fb, "forward_tokens_per_s": toks * n / t_fwd,
-        "step_tokens_per_s": toks * n / (t_fb + t_opt), "peak_rss_mib": peak_rss_mib(),
-        "loadavg": loadavg(),
-    }
+    r = bench_common.time_train(a, model, opt, inp, tgt)
+    r.update({"peak_rss_mib": peak_rss_mib(), "loadavg": loadavg()})
+    return r
 
 
 def torch_sample(a):
