@@ -41,6 +41,15 @@ __device__ __forceinline__ void ld2(const bf16* p, float& a, float& b) {
     b = __uint_as_float(w & 0xffff0000u);
 }
 
+// Start and length of sequence b, clamped so that a malformed cu_seqlens can never index
+// outside [0, ntok).
+__device__ __forceinline__ void seq_bounds(const int* cu, int b, int ntok, int& seq0,
+                                           int& seqlen) {
+    const int seq_end = max(0, min(cu[b + 1], ntok));
+    seq0 = max(0, min(cu[b], seq_end));
+    seqlen = seq_end - seq0;
+}
+
 // Stages keys k0 .. k0 + ATT_BK - 1 of one sequence (kv head kvh) into the shared K/V tiles,
 // zero past the sequence's end so that padding keys contribute nothing; the whole block takes
 // part (the forward and the backward load their tiles the same way).
@@ -67,10 +76,8 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const 
                               const int* cu, int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, h = blockIdx.y;
-    // clamped so that a malformed cu_seqlens can never index outside [0, ntok)
-    const int seq_end = max(0, min(cu[b + 1], ntok));
-    const int seq0 = max(0, min(cu[b], seq_end));
-    const int seqlen = seq_end - seq0;
+    int seq0, seqlen;
+    seq_bounds(cu, b, ntok, seq0, seqlen);
     const int q0 = blockIdx.x * ATT_BQ;
     if (q0 >= seqlen) return;
     const int kvh = h / (hq / hkv);
@@ -168,9 +175,8 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
                               int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, kvh = blockIdx.y;
-    const int seq_end = max(0, min(cu[b + 1], ntok));
-    const int seq0 = max(0, min(cu[b], seq_end));
-    const int seqlen = seq_end - seq0;
+    int seq0, seqlen;
+    seq_bounds(cu, b, ntok, seq0, seqlen);
     const int k0 = blockIdx.x * ATT_BK;
     if (k0 >= seqlen) return;
     const int group = hq / hkv;
