@@ -62,6 +62,12 @@ where
         .await;
     }
 
+    /// `clip_grad_norm` at 1.0: the norm it reports (a string in `result`).
+    async fn clip_norm(&self) -> f64 {
+        let v = self.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await;
+        v["result"].as_str().unwrap().parse().unwrap()
+    }
+
     async fn loss(&self, inputs: &Value) -> f64 {
         let v = self.ok("forward_only", json!({"adapter_name": "a", "inputs": inputs})).await;
         v["loss"].as_f64().or_else(|| v["result"]["loss"].as_f64()).unwrap()
@@ -95,12 +101,7 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
     let l0 = c.loss(&x).await;
     c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
     // One micro-batch of two: clip reports a norm, step/zero_grad/lr_step change nothing.
-    let norm: f64 =
-        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let norm = c.clip_norm().await;
     assert!(norm > 0.0);
     for op in ["step", "zero_grad", "lr_step"] {
         assert_eq!(c.ok(op, json!({"adapter_name": "a"})).await, Value::Null, "{op}");
@@ -108,12 +109,7 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
     assert_eq!(c.loss(&x).await, l0, "a step off the accumulation boundary changed the weights");
     // The second micro-batch doubles the accumulated gradient (same data, scaled by 1/2 each).
     c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
-    let norm2: f64 =
-        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let norm2 = c.clip_norm().await;
     assert!((norm2 - 2.0 * norm).abs() < 1e-3 * norm2, "{norm} then {norm2}");
     c.ok("step", json!({"adapter_name": "a"})).await;
     c.ok("lr_step", json!({"adapter_name": "a"})).await;

@@ -62,6 +62,18 @@ fn post(gw: &str, path: &str, body: &Value) -> Result<Resp> {
     http("POST", gw, path, &[KEY, ("Content-Type", "application/json")], text.as_bytes())
 }
 
+/// Waits until status shows each `(application, state)` of `want` at once, and remembers the
+/// pids that status names (so that they are killed with the test).
+fn wait_states(serve: &mut Serve, want: &[(&str, &str)]) -> Result<()> {
+    let st = poll(STARTUP, || {
+        let st = serve.status_json().ok()?;
+        want.iter().all(|(app, s)| state(&st, app) == *s).then_some(st)
+    })
+    .with_context(|| format!("never {want:?}; serve log:\n{}", serve.log_text()))?;
+    serve.remember(&st);
+    Ok(())
+}
+
 fn state(st: &Value, app: &str) -> String {
     st["applications"]
         .as_array()
@@ -84,12 +96,7 @@ fn starting_model_is_503_with_retry_after_until_ready() -> Result<()> {
     let mut serve = start(port, &config(port, 8000, false), &["--wait"], &tmp)?;
     let gw = serve.gateway.clone();
     // The server is up, the model still sleeping before its registration.
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "server") == "running" && state(&st, "model") == "starting").then_some(st)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    serve.remember(&st);
+    wait_states(&mut serve, &[("server", "running"), ("model", "starting")])?;
 
     let live = get(&gw, "/healthz")?;
     assert_eq!(live.status, 200, "liveness: {}", String::from_utf8_lossy(&live.body));
@@ -142,17 +149,8 @@ fn failed_model_app_makes_readyz_503_and_serve_wait_exit_1() -> Result<()> {
     let port = free_port()?;
     let mut serve = start(port, &config(port, 0, true), &[], &tmp)?;
     let gw = serve.gateway.clone();
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "broken") == "failed" && state(&st, "model") == "running").then_some(st)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    serve.remember(&st);
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "server") == "running").then_some(st)
-    })?;
-    serve.remember(&st);
+    wait_states(&mut serve, &[("broken", "failed"), ("model", "running")])?;
+    wait_states(&mut serve, &[("server", "running")])?;
 
     let ready = get(&gw, "/readyz")?;
     assert_eq!(ready.status, 503);
