@@ -14,6 +14,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+mod sdk;
+#[allow(unused_imports)] // each test binary uses what it needs
+pub use sdk::{sdk_command, sdk_result};
 
 /// The `twinkle` binary under test: `TWINKLE_BIN` when set (a prebuilt test executable run on
 /// another machine, as scripts/gpu-check.sh does), else the one cargo built with the tests.
