@@ -350,6 +350,23 @@ impl Drop for Serve {
 /// Runs `cmd` (a `twinkle` command of the cluster tests) with its state in `home`, short node
 /// timeouts, the pinned internal token (placement and routing only: every child is the identity
 /// application), no inherited cards or cluster settings, then `env`.
+/// `twinkle start --head` arguments of the cluster tests' head machine: 4 cards, 8 CPUs, the
+/// control port `port` and the gateway on `gateway`; callers append what is particular to them.
+pub fn head_start_args<'a>(port: &'a str, gateway: &'a str) -> Vec<&'a str> {
+    vec![
+        "start",
+        "--head",
+        "--port",
+        port,
+        "--num-gpus",
+        "4",
+        "--num-cpus",
+        "8",
+        "--gateway-port",
+        gateway,
+    ]
+}
+
 pub fn run_cluster(mut cmd: Command, home: &Path, env: &[(&str, &str)]) -> Result<Output> {
     cmd.env("TWINKLE_HOME", home)
         .env("TWINKLE_NODE_TIMEOUT_S", "3")
