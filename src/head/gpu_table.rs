@@ -35,6 +35,20 @@ impl GpuSample {
     }
 }
 
+#[cfg(test)]
+impl GpuSample {
+    /// A card whose every figure is known (the status tests' samples).
+    pub(crate) fn known(id: u32, name: &str, used_mib: u64, total_mib: u64, util_pct: u32) -> Self {
+        Self {
+            id,
+            name: Some(name.into()),
+            memory_used_mib: Some(used_mib),
+            memory_total_mib: Some(total_mib),
+            utilization_pct: Some(util_pct),
+        }
+    }
+}
+
 /// One card of a node in `GET /v1/status`: the last sample plus the application holding it.
 /// `None` figures serialise as `null` (unknown), never as a made-up 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,13 +122,7 @@ mod tests {
     }
 
     fn sample(id: u32) -> GpuSample {
-        GpuSample {
-            id,
-            name: Some("Fake A100".into()),
-            memory_used_mib: Some(1024),
-            memory_total_mib: Some(40960),
-            utilization_pct: Some(37),
-        }
+        GpuSample::known(id, "Fake A100", 1024, 40960, 37)
     }
 
     #[test]

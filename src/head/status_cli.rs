@@ -269,13 +269,7 @@ mod tests {
                 alive: true,
                 gpus: vec![
                     GpuStatus {
-                        sample: GpuSample {
-                            id: 0,
-                            name: Some("NVIDIA H100 80GB HBM3".into()),
-                            memory_used_mib: Some(1234),
-                            memory_total_mib: Some(81559),
-                            utilization_pct: Some(37),
-                        },
+                        sample: GpuSample::known(0, "NVIDIA H100 80GB HBM3", 1234, 81559, 37),
                         app: Some("model".into()),
                     },
                     GpuStatus { sample: GpuSample::unknown(7), app: None },

@@ -106,13 +106,7 @@ mod tests {
             gpu_ids: vec![0],
             alive: true,
             gpus: vec![GpuStatus {
-                sample: GpuSample {
-                    id: 0,
-                    name: Some("H100".into()),
-                    memory_used_mib: Some(1024),
-                    memory_total_mib: Some(2048),
-                    utilization_pct: Some(50),
-                },
+                sample: GpuSample::known(0, "H100", 1024, 2048, 50),
                 app: Some("m".into()),
             }],
         };
