@@ -108,11 +108,7 @@ pub fn train(
     info: &GpuInfo,
     opts: &TrainOptions,
 ) -> Result<(TrainReport, Value, String), BenchError> {
-    super::check_positive(&[
-        ("--seq", opts.seq),
-        ("--batch", opts.batch),
-        ("--steps", opts.steps),
-    ])?;
+    opts.check()?;
     let c = model.config().clone();
     let dev = model.device().clone();
     let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
@@ -160,11 +156,7 @@ pub fn sample(
     info: &GpuInfo,
     opts: &SampleOptions,
 ) -> Result<(SampleReport, Value, String), BenchError> {
-    super::check_positive(&[
-        ("--batch", opts.batch),
-        ("--prompt", opts.prompt),
-        ("--max-tokens", opts.max_tokens),
-    ])?;
+    opts.check()?;
     let c = model.config().clone();
     let dev = model.device().clone();
     let ctx = opts.prompt + opts.max_tokens;

@@ -63,6 +63,24 @@ pub struct SampleOptions {
     pub max_tokens: usize,
 }
 
+impl TrainOptions {
+    /// Refuses a zero `--seq`, `--batch` or `--steps` (every backend's train bench).
+    pub(crate) fn check(&self) -> Result<(), BenchError> {
+        check_positive(&[("--seq", self.seq), ("--batch", self.batch), ("--steps", self.steps)])
+    }
+}
+
+impl SampleOptions {
+    /// Refuses a zero `--batch`, `--prompt` or `--max-tokens` (every backend's sample bench).
+    pub(crate) fn check(&self) -> Result<(), BenchError> {
+        check_positive(&[
+            ("--batch", self.batch),
+            ("--prompt", self.prompt),
+            ("--max-tokens", self.max_tokens),
+        ])
+    }
+}
+
 /// Sets the global rayon pool size (0 = rayon's default: one per core).
 pub fn set_threads(n: usize) -> Result<usize, BenchError> {
     if n > 0 {
@@ -166,7 +184,7 @@ pub(crate) fn timed_train<E>(
 /// `opts.warmup` untimed steps; a forward-only pass per step gives the forward/backward split.
 pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchError> {
     let c = model.config();
-    check_positive(&[("--seq", opts.seq), ("--batch", opts.batch), ("--steps", opts.steps)])?;
+    opts.check()?;
     let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
     let mut adapter = Adapter::new(model, &lora)?;
     let data = train_batch(opts, c.vocab_size);
@@ -204,11 +222,7 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
 /// whole batch (no adapter).
 pub fn sample(model: &Model, opts: &SampleOptions) -> Result<SampleReport, BenchError> {
     let c = model.config();
-    check_positive(&[
-        ("--batch", opts.batch),
-        ("--prompt", opts.prompt),
-        ("--max-tokens", opts.max_tokens),
-    ])?;
+    opts.check()?;
     if opts.prompt + opts.max_tokens > c.max_position_embeddings {
         return Err(BenchError::Option(format!(
             "--prompt + --max-tokens exceeds the model's {} positions",
