@@ -51,20 +51,8 @@ impl TestT for bf16 {
     const TOL: (f64, f64) = (2e-2, 2e-2);
 }
 
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| (self.uniform() * 2.0 - 1.0) * scale).collect()
-    }
-}
+mod xorshift_support;
+use xorshift_support::Rng;
 
 /// Rounds through T, so the reference sees exactly what the GPU sees.
 fn rt<T: TestT>(v: &[f64]) -> Vec<f64> {
