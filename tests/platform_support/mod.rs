@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 
 mod sdk;
 #[allow(unused_imports)] // each test binary uses what it needs
-pub use sdk::{sdk_command, sdk_result};
+pub use sdk::{memorized_answers, sdk_command, sdk_result};
 
 /// The `twinkle` binary under test: `TWINKLE_BIN` when set (a prebuilt test executable run on
 /// another machine, as scripts/gpu-check.sh does), else the one cargo built with the tests.

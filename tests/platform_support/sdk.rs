@@ -44,3 +44,14 @@ pub fn sdk_result(script: &str, cmd: &mut Command, more: impl FnOnce() -> String
         .with_context(|| format!("{script} printed no RESULT:\n{stdout}\n{stderr}"))?;
     Ok(serde_json::from_str(line)?)
 }
+
+/// The answers of the four prompt/answer pairs the SDK training scripts teach (tests/sdk/
+/// memorize.py, tests/twinkle/gen2_sft.py): what a converged run samples greedily.
+pub fn memorized_answers() -> Value {
+    serde_json::json!([
+        [2000, 2001, 2002],
+        [2100, 2101, 2102],
+        [2200, 2201, 2202],
+        [2300, 2301, 2302]
+    ])
+}
