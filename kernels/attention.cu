@@ -41,15 +41,43 @@ __device__ __forceinline__ void ld2(const bf16* p, float& a, float& b) {
     b = __uint_as_float(w & 0xffff0000u);
 }
 
+// Start and length of sequence b, clamped so that a malformed cu_seqlens can never index
+// outside [0, ntok).
+__device__ __forceinline__ void seq_bounds(const int* cu, int b, int ntok, int& seq0,
+                                           int& seqlen) {
+    const int seq_end = max(0, min(cu[b + 1], ntok));
+    seq0 = max(0, min(cu[b], seq_end));
+    seqlen = seq_end - seq0;
+}
+
+// Stages keys k0 .. k0 + ATT_BK - 1 of one sequence (kv head kvh) into the shared K/V tiles,
+// zero past the sequence's end so that padding keys contribute nothing; the whole block takes
+// part (the forward and the backward load their tiles the same way).
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(T* Ks, T* Vs, const T* k, const T* v, int k0,
+                                             int seq0, int seqlen, int hkv, int kvh, int hd,
+                                             int ks) {
+    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
+        int j = idx / hd, d = idx - j * hd;
+        int kj = k0 + j;
+        if (kj < seqlen) {
+            long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
+            Ks[j * ks + d] = k[g];
+            Vs[j * ks + d] = v[g];
+        } else {
+            st(Ks + j * ks + d, 0.0f);
+            st(Vs + j * ks + d, 0.0f);
+        }
+    }
+}
+
 template <typename T>
 __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v,
                               const int* cu, int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, h = blockIdx.y;
-    // clamped so that a malformed cu_seqlens can never index outside [0, ntok)
-    const int seq_end = max(0, min(cu[b + 1], ntok));
-    const int seq0 = max(0, min(cu[b], seq_end));
-    const int seqlen = seq_end - seq0;
+    int seq0, seqlen;
+    seq_bounds(cu, b, ntok, seq0, seqlen);
     const int q0 = blockIdx.x * ATT_BQ;
     if (q0 >= seqlen) return;
     const int kvh = h / (hq / hkv);
@@ -79,18 +107,7 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const 
     const int kend = min(seqlen, q0 + ATT_BQ);  // causal: no query here sees a later key
     for (int k0 = 0; k0 < kend; k0 += ATT_BK) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += blockDim.x) {
-            int j = idx / hd, d = idx - j * hd;
-            int kj = k0 + j;
-            if (kj < seqlen) {
-                long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
-                Ks[j * ks + d] = k[g];
-                Vs[j * ks + d] = v[g];
-            } else {
-                st(Ks + j * ks + d, 0.0f);
-                st(Vs + j * ks + d, 0.0f);
-            }
-        }
+        load_kv_tile(Ks, Vs, k, v, k0, seq0, seqlen, hkv, kvh, hd, ks);
         __syncthreads();
 #pragma unroll
         for (int rr = 0; rr < ATT_FWD_ROWS; ++rr) {
@@ -158,9 +175,8 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
                               int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int b = blockIdx.z, kvh = blockIdx.y;
-    const int seq_end = max(0, min(cu[b + 1], ntok));
-    const int seq0 = max(0, min(cu[b], seq_end));
-    const int seqlen = seq_end - seq0;
+    int seq0, seqlen;
+    seq_bounds(cu, b, ntok, seq0, seqlen);
     const int k0 = blockIdx.x * ATT_BK;
     if (k0 >= seqlen) return;
     const int group = hq / hkv;
@@ -174,18 +190,7 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nthreads = blockDim.x;
 
-    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += nthreads) {
-        int j = idx / hd, d = idx - j * hd;
-        int kj = k0 + j;
-        if (kj < seqlen) {
-            long long g = ((long long)(seq0 + kj) * hkv + kvh) * hd + d;
-            Ks[j * ks + d] = k[g];
-            Vs[j * ks + d] = v[g];
-        } else {
-            st(Ks + j * ks + d, 0.0f);
-            st(Vs + j * ks + d, 0.0f);
-        }
-    }
+    load_kv_tile(Ks, Vs, k, v, k0, seq0, seqlen, hkv, kvh, hd, ks);
 
     // This thread accumulates dK/dV for key `lane`, columns warp + 8 * e.
     const int ept = hd / ATT_BWD_WARPS;  // <= 32

@@ -2,8 +2,9 @@
 // include path, so the kernels build with nothing but libnvrtc).
 //
 // defines: bf16 (storage type, bit-level conversions), ld/st (load any dtype as f32, store f32 as
-// any dtype), warp_sum/warp_max, block_sum/block_max, ordered keys for float comparisons, and the
-// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes.
+// any dtype), warp_sum/warp_max, block_reduce and block_sum/block_max, ordered keys for float comparisons, and the
+// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes, and map2_vec
+// (the vectorised binary elementwise loop).
 //
 // Conventions: activations and base weights are T (bf16 or f32), all accumulation is f32,
 // indices are int (packed token counts fit in 2^31), shapes arrive as int.
@@ -53,30 +54,29 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats.
-// Safe to call repeatedly with the same scratch (leading barrier protects the reuse).
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduction over the whole block with the warp reduction `warp_op`; lanes past the last warp
+// read `identity`. Every thread gets the result. `scratch` holds >= 32 values. Safe to call
+// repeatedly with the same scratch (the leading barrier protects the reuse).
+template <typename T, typename F>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, F warp_op) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int nwarps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = warp_op(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = (lane < nwarps) ? scratch[lane] : identity;
+    return warp_op(v);
+}
+
+// Sum over the whole block; every thread gets the result (see block_reduce).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce(v, scratch, 0.0f, [](float x) { return warp_sum(x); });
 }
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int nwarps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : NEG_INF_F;
-    return warp_max(v);
+    return block_reduce(v, scratch, NEG_INF_F, [](float x) { return warp_max(x); });
 }
 
 // Monotone map float -> u32: a < b (as floats, -0 == +0 aside) iff key(a) < key(b).
@@ -132,4 +132,27 @@ __device__ __forceinline__ void st16(bf16* p, const float* in) {
         w[i] = (u32)f32_to_bf16(in[2 * i]).bits | ((u32)f32_to_bf16(in[2 * i + 1]).bits << 16);
     }
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// out[i] = f(a[i], b[i]) (f32 math) over a grid-stride loop, 16-byte vectors where all three
+// pointers are aligned and scalars for the rest: the one copy of the binary elementwise loop
+// (residual add, SwiGLU forward). out may alias a or b: each element is read before it is written.
+template <typename T, typename F>
+__device__ __forceinline__ void map2_vec(T* out, const T* a, const T* b, long long n, F f) {
+    constexpr int V = Pack<T>::N;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long head = 0;
+    if (aligned16(out) && aligned16(a) && aligned16(b)) {
+        head = n / V * V;
+        for (long long i = tid * V; i < head; i += stride * V) {
+            float x[V], y[V];
+            ld16(a + i, x);
+            ld16(b + i, y);
+#pragma unroll
+            for (int j = 0; j < V; ++j) x[j] = f(x[j], y[j]);
+            st16(out + i, x);
+        }
+    }
+    for (long long i = head + tid; i < n; i += stride) st(out + i, f(ld(a + i), ld(b + i)));
 }

@@ -10,22 +10,7 @@
 
 template <typename T>
 __device__ void add_impl(T* out, const T* a, const T* b, long long n) {
-    constexpr int V = Pack<T>::N;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    long long head = 0;
-    if (aligned16(out) && aligned16(a) && aligned16(b)) {
-        head = n / V * V;
-        for (long long i = tid * V; i < head; i += stride * V) {
-            float x[V], y[V];
-            ld16(a + i, x);
-            ld16(b + i, y);
-#pragma unroll
-            for (int j = 0; j < V; ++j) x[j] += y[j];
-            st16(out + i, x);
-        }
-    }
-    for (long long i = head + tid; i < n; i += stride) st(out + i, ld(a + i) + ld(b + i));
+    map2_vec(out, a, b, n, [](float x, float y) { return x + y; });
 }
 
 template <typename T>

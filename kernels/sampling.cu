@@ -33,35 +33,22 @@
 #define ARGMAX_THREADS 1024
 
 __device__ double block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    return block_reduce(v, scratch, 0.0, [](double x) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        return x;
+    });
 }
 
 __device__ u64 block_max_u64(u64 v, u64* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    return block_reduce(v, scratch, 0ull, [](u64 x) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u64 y = __shfl_xor_sync(0xffffffffu, v, o);
-        v = y > v ? y : v;
-    }
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : 0ull;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u64 y = __shfl_xor_sync(0xffffffffu, v, o);
-        v = y > v ? y : v;
-    }
-    return v;
+        for (int o = 16; o > 0; o >>= 1) {
+            u64 y = __shfl_xor_sync(0xffffffffu, x, o);
+            x = y > x ? y : x;
+        }
+        return x;
+    });
 }
 
 template <typename T>
@@ -177,24 +164,8 @@ __device__ __forceinline__ bool u128_gt(U128 a, U128 b) {
     return a.hi != b.hi ? a.hi > b.hi : a.lo > b.lo;
 }
 
-// Block-wide exact sum; every thread gets the total. scratch holds 64 words.
-__device__ U128 block_sum_u128(U128 v, u64* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        U128 y;
-        y.hi = __shfl_xor_sync(0xffffffffu, v.hi, o);
-        y.lo = __shfl_xor_sync(0xffffffffu, v.lo, o);
-        v = u128_add(v, y);
-    }
-    __syncthreads();  // the previous call's readers are done with scratch
-    if (lane == 0) {
-        scratch[2 * warp] = v.hi;
-        scratch[2 * warp + 1] = v.lo;
-    }
-    __syncthreads();
-    v.hi = lane < nw ? scratch[2 * lane] : 0ull;
-    v.lo = lane < nw ? scratch[2 * lane + 1] : 0ull;
+// Exact sum over the warp; every lane gets the total (two shuffles per step: U128 is two words).
+__device__ __forceinline__ U128 warp_sum_u128(U128 v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         U128 y;
@@ -203,6 +174,21 @@ __device__ U128 block_sum_u128(U128 v, u64* scratch) {
         v = u128_add(v, y);
     }
     return v;
+}
+
+// Block-wide exact sum; every thread gets the total. scratch holds 64 words.
+__device__ U128 block_sum_u128(U128 v, u64* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum_u128(v);
+    __syncthreads();  // the previous call's readers are done with scratch
+    if (lane == 0) {
+        scratch[2 * warp] = v.hi;
+        scratch[2 * warp + 1] = v.lo;
+    }
+    __syncthreads();
+    v.hi = lane < nw ? scratch[2 * lane] : 0ull;
+    v.lo = lane < nw ? scratch[2 * lane + 1] : 0ull;
+    return warp_sum_u128(v);
 }
 
 __device__ __forceinline__ bool u128_ge(U128 a, U128 b) { return !u128_gt(b, a); }

@@ -9,25 +9,7 @@ __device__ __forceinline__ float sigmoidf_(float g) { return 1.0f / (1.0f + __ex
 
 template <typename T>
 __device__ void swiglu_fwd_impl(T* out, const T* gate, const T* up, long long n) {
-    constexpr int V = Pack<T>::N;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    long long head = 0;
-    if (aligned16(out) && aligned16(gate) && aligned16(up)) {
-        head = n / V * V;
-        for (long long i = tid * V; i < head; i += stride * V) {
-            float g[V], u[V];
-            ld16(gate + i, g);
-            ld16(up + i, u);
-#pragma unroll
-            for (int j = 0; j < V; ++j) g[j] = g[j] * sigmoidf_(g[j]) * u[j];
-            st16(out + i, g);
-        }
-    }
-    for (long long i = head + tid; i < n; i += stride) {
-        float g = ld(gate + i);
-        st(out + i, g * sigmoidf_(g) * ld(up + i));
-    }
+    map2_vec(out, gate, up, n, [](float g, float u) { return g * sigmoidf_(g) * u; });
 }
 
 template <typename T>

@@ -13,11 +13,12 @@ twinkle is faster).
   python3 scripts/bench_torch_cuda.py train --shape qwen2.5-7b --seq 2048 --twinkle gpu-bundle/twinkle
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+
+import bench_common
 
 SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -93,44 +94,18 @@ def torch_train(a):
     g = torch.Generator().manual_seed(42)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=g).cuda()
     inp, tgt = ids[:, :-1], ids[:, 1:]
-    t_fwd = t_fb = t_opt = 0.0
-    for step in range(1 + a.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(input_ids=inp, use_cache=False)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=inp, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 tgt.reshape(-1), reduction="sum")
-        loss.backward()
-        del logits, loss
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        if step >= 1:
-            t_fwd += t1 - t0
-            t_fb += t2 - t1
-            t_opt += t3 - t2
-    n = a.steps
-    toks = a.batch * a.seq
+    r = bench_common.time_train(a, model, opt, inp, tgt, sync=torch.cuda.synchronize,
+                                autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     lora_params = sum(p.numel() for p in params)
     fpt, _ = train_flops_per_token(cfg, a.seq, lora_params)
     peak, _ = peaks(torch.cuda.get_device_name(0))
-    achieved = fpt * toks * n / t_fb
-    return {
-        "kind": "train", "device": "cuda", "gpu": torch.cuda.get_device_name(0),
-        "forward_s": t_fwd / n, "fwd_bwd_s": t_fb / n, "optim_s": t_opt / n,
-        "fwd_bwd_tokens_per_s": toks * n / t_fb, "forward_tokens_per_s": toks * n / t_fwd,
-        "step_tokens_per_s": toks * n / (t_fb + t_opt), "train_tflops": achieved / 1e12,
+    achieved = fpt * a.batch * a.seq / r["fwd_bwd_s"]
+    r.update({
+        "device": "cuda", "gpu": torch.cuda.get_device_name(0), "train_tflops": achieved / 1e12,
         "mfu_fwd_bwd": achieved / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    })
+    return r
 
 
 def torch_sample(a):
@@ -167,29 +142,13 @@ def run_twinkle(a):
     cmd = [a.twinkle, "bench", a.what, "--device", "cuda", "--shape", a.shape, "--json"]
     if a.layers:
         cmd += ["--layers", str(a.layers)]
-    if a.what == "train":
-        cmd += ["--seq", str(a.seq), "--batch", str(a.batch), "--rank", str(a.rank),
-                "--steps", str(a.steps)]
-    else:
-        cmd += ["--batch", str(a.batch), "--prompt", str(a.prompt),
-                "--max-tokens", str(a.max_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_common.run_twinkle(a, cmd)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["train", "sample"])
+    p = bench_common.parser(__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     p.add_argument("--layers", type=int, default=0, help="0 = the shape's own")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--twinkle", help="path of the twinkle binary to compare against")
-    p.add_argument("--skip-torch", action="store_true")
     a = p.parse_args()
     res = {"what": a.what, "shape": a.shape}
     # twinkle first, before torch holds GPU memory in this process

@@ -14,13 +14,13 @@ Set up the venv with scripts/setup-bench-venv.sh, then e.g.
       --threads 2 --twinkle target/release/twinkle
 """
 
-import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+import bench_common
 
 
 def qwen05b_config(layers):
@@ -69,33 +69,9 @@ def torch_train(a):
     g = torch.Generator().manual_seed(42)
     ids = torch.randint(0, 151936, (a.batch, a.seq + 1), generator=g)
     inp, tgt = ids[:, :-1], ids[:, 1:]
-    t_fwd = t_fb = t_opt = 0.0
-    for step in range(1 + a.steps):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=inp, use_cache=False)
-        t1 = time.perf_counter()
-        logits = model(input_ids=inp, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 tgt.reshape(-1), reduction="sum")
-        loss.backward()
-        del logits, loss
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if step >= 1:
-            t_fwd += t1 - t0
-            t_fb += t2 - t1
-            t_opt += t3 - t2
-    n = a.steps
-    toks = a.batch * a.seq
-    return {
-        "kind": "train", "forward_s": t_fwd / n, "fwd_bwd_s": t_fb / n, "optim_s": t_opt / n,
-        "fwd_bwd_tokens_per_s": toks * n / t_fb, "forward_tokens_per_s": toks * n / t_fwd,
-        "step_tokens_per_s": toks * n / (t_fb + t_opt), "peak_rss_mib": peak_rss_mib(),
-        "loadavg": loadavg(),
-    }
+    r = bench_common.time_train(a, model, opt, inp, tgt)
+    r.update({"peak_rss_mib": peak_rss_mib(), "loadavg": loadavg()})
+    return r
 
 
 def torch_sample(a):
@@ -134,29 +110,13 @@ def torch_sample(a):
 def run_twinkle(a):
     cmd = [a.twinkle, "bench", a.what, "--layers", str(a.layers), "--threads", str(a.threads),
            "--json"]
-    if a.what == "train":
-        cmd += ["--seq", str(a.seq), "--batch", str(a.batch), "--rank", str(a.rank),
-                "--steps", str(a.steps)]
-    else:
-        cmd += ["--batch", str(a.batch), "--prompt", str(a.prompt),
-                "--max-tokens", str(a.max_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_common.run_twinkle(a, cmd)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["train", "sample"])
+    p = bench_common.parser(__doc__)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--twinkle", help="path of the twinkle binary to compare against")
-    p.add_argument("--skip-torch", action="store_true")
     a = p.parse_args()
 
     rows = {}

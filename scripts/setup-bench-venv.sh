@@ -17,18 +17,8 @@ REQUIREMENTS=(
   "numpy" "transformers==4.46.3" "peft==0.13.2"
 )
 
-stamp="$VENV/.twinkle-bench-requirements"
-wanted="$(printf '%s\n' "$TORCH" "${REQUIREMENTS[@]}")"
-
-if [[ ! -x "$VENV/bin/python" ]]; then
-  mkdir -p "$(dirname "$VENV")"
-  python3 -m venv "$VENV" >&2
-fi
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
-  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
-  "${pip[@]}" --no-deps "$TORCH" >&2
-  "${pip[@]}" "${REQUIREMENTS[@]}" >&2
-  "$VENV/bin/python" -c 'import torch, transformers, peft; torch.ones(2) @ torch.ones(2)' >&2
-  printf '%s\n' "$wanted" >"$stamp"
-fi
+# shellcheck source=scripts/venv-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/venv-lib.sh"
+ensure_venv "$VENV" .twinkle-bench-requirements \
+  'import torch, transformers, peft; torch.ones(2) @ torch.ones(2)' "$TORCH" "${REQUIREMENTS[@]}"
 echo "TWINKLE_BENCH_VENV=$VENV"

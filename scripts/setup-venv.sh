@@ -35,23 +35,11 @@ REQUIREMENTS=(
 )
 TORCH="torch==2.5.1"
 
-stamp="$VENV/.twinkle-requirements"
-wanted="$(printf '%s\n' "$TORCH" "${REQUIREMENTS[@]}")"
-
-if [[ ! -x "$VENV/bin/python" ]]; then
-  mkdir -p "$(dirname "$VENV")"
-  if ! python3 -m venv "$VENV" >&2; then
-    echo "setup-venv: 'python3 -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2
-    exit 1
-  fi
-fi
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$wanted" ]]; then
-  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
-  "${pip[@]}" --no-deps "$TORCH" >&2
-  "${pip[@]}" "${REQUIREMENTS[@]}" >&2
-  "$VENV/bin/python" -c 'import tinker, torch, prometheus_client; torch.ones(2) @ torch.ones(2)' >&2
-  printf '%s\n' "$wanted" >"$stamp"
-fi
+# shellcheck source=scripts/venv-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/venv-lib.sh"
+ensure_venv "$VENV" .twinkle-requirements \
+  'import tinker, torch, prometheus_client; torch.ones(2) @ torch.ones(2)' "$TORCH" \
+  "${REQUIREMENTS[@]}"
 
 # Locate libnvrtc.so.<major> inside the venv (site-packages/nvidia/cuda_nvrtc/lib).
 nvrtc_lib="$(find "$VENV/lib" -path '*nvidia/cuda_nvrtc/lib/*' -name 'libnvrtc.so.[0-9]*' \

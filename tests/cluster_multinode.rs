@@ -134,23 +134,9 @@ fn rank_example_spreads_routes_fails_over_rejoins_and_stops() -> Result<()> {
 
     // The head machine: 4 cards, 8 CPUs, an extra resource; started again after its kill below.
     let start_head = |m: &Machine| {
-        m.ok(
-            &[
-                "start",
-                "--head",
-                "--port",
-                &port,
-                "--num-gpus",
-                "4",
-                "--num-cpus",
-                "8",
-                "--gateway-port",
-                &gw[0],
-                "--resources",
-                r#"{"accel": 2}"#,
-            ],
-            &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
-        )
+        let mut args = head_start_args(&port, &gw[0]);
+        args.extend(["--resources", r#"{"accel": 2}"#]);
+        m.ok(&args, &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")])
     };
     let out = start_head(&c.machines[0])?;
     ensure!(out.contains(&format!("twinkle join --address {head_addr} --token ")), "{out}");
@@ -360,32 +346,19 @@ fn wrong_token_or_protocol_version_is_refused() -> Result<()> {
     })
     .to_string();
     let json = ("Content-Type", "application/json");
-    let r = http(
-        "POST",
-        &addr,
-        "/v1/cluster/nodes",
-        &[json, ("x-twinkle-token", "nope")],
-        body.as_bytes(),
-    )?;
+    let register = |headers: &[(&str, &str)]| {
+        let headers: Vec<(&str, &str)> =
+            std::iter::once(json).chain(headers.iter().copied()).collect();
+        http("POST", &addr, "/v1/cluster/nodes", &headers, body.as_bytes())
+    };
+    let r = register(&[("x-twinkle-token", "nope")])?;
     assert_eq!(r.status, 401);
-    let r = http(
-        "POST",
-        &addr,
-        "/v1/cluster/nodes",
-        &[json, ("x-twinkle-token", &token), ("x-twinkle-protocol", "99")],
-        body.as_bytes(),
-    )?;
+    let r = register(&[("x-twinkle-token", &token), ("x-twinkle-protocol", "99")])?;
     assert_eq!(r.status, 426);
     let detail = r.json()?["detail"].as_str().unwrap_or_default().to_string();
     ensure!(detail.contains("protocol version mismatch") && detail.contains("99"), "{detail}");
     // The right token and version are accepted.
-    let r = http(
-        "POST",
-        &addr,
-        "/v1/cluster/nodes",
-        &[json, ("x-twinkle-token", &token), ("x-twinkle-protocol", "1")],
-        body.as_bytes(),
-    )?;
+    let r = register(&[("x-twinkle-token", &token), ("x-twinkle-protocol", "1")])?;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     // Deploying without the token is refused as well.
     let out =

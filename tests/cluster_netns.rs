@@ -132,24 +132,9 @@ fn nodes_in_separate_network_namespaces() -> Result<()> {
     let gw = free_port()?.to_string();
     let head = net.addr(1);
     let head_addr = format!("{head}:{port}");
-    net.ok(
-        0,
-        &[
-            "start",
-            "--head",
-            "--node-ip",
-            &head,
-            "--port",
-            &port,
-            "--num-gpus",
-            "4",
-            "--num-cpus",
-            "8",
-            "--gateway-port",
-            &gw,
-        ],
-        &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")],
-    )?;
+    let mut args = head_start_args(&port, &gw);
+    args.extend(["--node-ip", &head]);
+    net.ok(0, &args, &[("CUDA_VISIBLE_DEVICES", "0,1,2,3")])?;
     let rec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(net.homes[0].path().join("cluster.json"))?)?;
     let token = rec["token"].as_str().context("token")?.to_string();

@@ -51,20 +51,8 @@ impl TestT for bf16 {
     const TOL: (f64, f64) = (2e-2, 2e-2);
 }
 
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| (self.uniform() * 2.0 - 1.0) * scale).collect()
-    }
-}
+mod xorshift_support;
+use xorshift_support::Rng;
 
 /// Rounds through T, so the reference sees exactly what the GPU sees.
 fn rt<T: TestT>(v: &[f64]) -> Vec<f64> {
@@ -243,28 +231,13 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let pos = [0, 1, 2, 39, 17, 5, 6];
     let q = rt::<T>(&r.vec(n * heads * hd, 1.0));
     let (dq, dc, dsn, dp) = (up::<T>(s, &q)?, up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
-    let mut out = s.alloc_zeros::<T>(q.len())?;
-    k::rope_fwd(
-        dev,
-        &mut out.as_view_mut(),
-        &dq.as_view(),
-        &dc.as_view(),
-        &dsn.as_view(),
-        &dp.as_view(),
-        heads,
-        hd,
-    )?;
-    let mut back = s.alloc_zeros::<T>(q.len())?;
-    k::rope_bwd(
-        dev,
-        &mut back.as_view_mut(),
-        &dq.as_view(),
-        &dc.as_view(),
-        &dsn.as_view(),
-        &dp.as_view(),
-        heads,
-        hd,
-    )?;
+    let run = |dir| -> Result<CudaSlice<T>> {
+        let mut out = s.alloc_zeros::<T>(q.len())?;
+        let (x, c, sn, p) = (dq.as_view(), dc.as_view(), dsn.as_view(), dp.as_view());
+        k::rope(dev, dir, &mut out.as_view_mut(), &x, &c, &sn, &p, heads, hd)?;
+        Ok(out)
+    };
+    let (out, back) = (run(k::RopeDir::Forward)?, run(k::RopeDir::Backward)?);
     let (mut wf, mut wb) = (vec![0.0; q.len()], vec![0.0; q.len()]);
     for t in 0..n {
         for h in 0..heads {

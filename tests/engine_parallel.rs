@@ -11,9 +11,9 @@ use engine_support::{full_lora, randomize_b};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
 use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
+use twinkle::engine::synth::{Init, SynthSpec};
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, LossInputs, Model, ModelConfig,
+    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, Model, ModelConfig,
     ModelRuntime, OptimMetrics, forward, forward_backward,
 };
 
@@ -50,19 +50,7 @@ fn adapter(model: &Model) -> Adapter {
 }
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
-    let mut rng = SynthRng(seed);
-    lens.iter()
-        .map(|&n| Datum {
-            input_tokens: rng.tokens(n, vocab),
-            inputs: LossInputs {
-                target_tokens: rng.tokens(n, vocab),
-                k: 1,
-                weights: Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect()),
-                logprobs: Some((0..n).map(|_| -2.0 - rng.next_f32().abs()).collect()),
-                advantages: Some(rng.vec(n, 1.0)),
-            },
-        })
-        .collect()
+    crate::engine_support::random_batch(seed, lens, vocab, true)
 }
 
 const LENS_A: [usize; 5] = [5, 9, 3, 7, 4];

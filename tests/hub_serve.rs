@@ -22,29 +22,12 @@ const KEY: (&str, &str) = ("X-API-Key", "tml-hub-serve-test");
 
 fn config(port: u16) -> String {
     let app = |name: &str, kind: &str, prefix: &str| {
-        format!(
-            r#"  - name: {name}
-    route_prefix: {prefix}
-    import_path: {kind}
-    args:
-      model_id: "hf://acme/tiny"
-      device_group: {{name: {name}, ranks: 1, device_type: cpu}}
-"#
-        )
+        model_app(name, prefix, kind, "hf://acme/tiny", "cpu")
     };
-    format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    args:
-      supported_models: [acme/tiny]
-{}{}"#,
-        app("models-tiny", "model", "/api/v1/model/acme/tiny"),
-        app("sampler-tiny", "sampler", "/api/v1/sampler/acme/tiny")
-    )
+    deployment_head("tinker", port, None)
+        + &server_app("/api/v1", "acme/tiny", &[])
+        + &app("models-tiny", "model", "/api/v1/model/acme/tiny")
+        + &app("sampler-tiny", "sampler", "/api/v1/sampler/acme/tiny")
 }
 
 /// The generated tiny model as a hub repository (safetensors as LFS files).

@@ -33,10 +33,7 @@ fn a_restarted_service_resumes_every_adapter_at_its_last_step() {
     first.enable_snapshots();
     for (id, seed) in [("r:train:0", 1), ("r:train:1", 2)] {
         first.create_adapter(&create(id, 4, seed)).unwrap();
-        for _ in 0..2 {
-            loss(&first, id, false);
-            first.optim_step(&adam(id, 5e-3)).unwrap();
-        }
+        train(&first, id, 2, 5e-3);
     }
     // No flush: every step was written before it was answered.
     // Work since the last step that a crash loses: an accumulated gradient.
@@ -49,10 +46,7 @@ fn a_restarted_service_resumes_every_adapter_at_its_last_step() {
     let control_dir = tempfile::tempdir().unwrap();
     let control = service(control_dir.path());
     control.create_adapter(&create("r:train:0", 4, 1)).unwrap();
-    for _ in 0..3 {
-        loss(&control, "r:train:0", false);
-        control.optim_step(&adam("r:train:0", 5e-3)).unwrap();
-    }
+    train(&control, "r:train:0", 3, 5e-3);
     let next_loss = loss(&control, "r:train:0", true);
 
     let second = service(t.path());
@@ -177,10 +171,7 @@ fn without_durable_steps_the_background_writer_snapshots_the_latest_step() {
     let id = "r:train:0";
     svc.create_adapter(&create(id, 4, 1)).unwrap();
     assert_eq!(svc.flush_snapshots(), 1);
-    for _ in 0..3 {
-        loss(&svc, id, false);
-        svc.optim_step(&adam(id, 5e-3)).unwrap();
-    }
+    train(&svc, id, 3, 5e-3);
     assert_eq!(snapshot_step(t.path(), id), Some(0), "a step was written before its answer");
     assert_eq!(svc.flush_snapshots(), 1, "three steps, one write");
     assert_eq!(snapshot_step(t.path(), id), Some(3));

@@ -352,11 +352,10 @@ async fn bad_numbers_are_refused_with_the_field_named() {
     // f32 weights near the type's maximum: each term −w·lp overflows f32 to inf.
     let mut huge = d.clone();
     huge["weights"] = json!(vec![3.0e38f32; 11]);
-    let resp = atest::call_service(
-        &app,
-        post("/_internal/v1/forward_backward", fb("cross_entropy", Value::Null, huge)).to_request(),
-    )
-    .await;
+    let fwd_bwd = |d: Value| {
+        post("/_internal/v1/forward_backward", fb("cross_entropy", Value::Null, d)).to_request()
+    };
+    let resp = atest::call_service(&app, fwd_bwd(huge)).await;
     assert_eq!(resp.status(), 400);
     let body: Value = atest::read_body_json(resp).await;
     assert_eq!(body["category"], "user");
@@ -375,11 +374,7 @@ async fn bad_numbers_are_refused_with_the_field_named() {
     assert!(body["detail"].as_str().unwrap().contains("no gradients"), "{body}");
 
     // A normal batch then trains; an absurd learning rate is refused before anything moves.
-    let resp = atest::call_service(
-        &app,
-        post("/_internal/v1/forward_backward", fb("cross_entropy", Value::Null, d)).to_request(),
-    )
-    .await;
+    let resp = atest::call_service(&app, fwd_bwd(d)).await;
     assert_eq!(resp.status(), 200);
     let body: Value = atest::read_body_json(resp).await;
     assert!(body["metrics"]["loss:sum"].as_f64().unwrap().is_finite());

@@ -12,51 +12,20 @@ use platform_support::*;
 use serde_json::{Value, json};
 
 fn config(port: u16) -> String {
-    format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: model
-    route_prefix: /api/v1/model/tiny
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      adapter_config: {{adapter_timeout: 600}}
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
-    deployments:
-      - ray_actor_options: {{num_cpus: 0.1}}
-  - name: sampler
-    route_prefix: /api/v1/sampler/tiny
-    import_path: sampler
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: sampler, ranks: 1, device_type: cpu}}
-    deployments:
-      - ray_actor_options: {{num_cpus: 0.1}}
-"#
-    )
+    let deployments = "    deployments:\n      - ray_actor_options: {num_cpus: 0.1}\n";
+    deployment_head("tinker", port, None)
+        + &generated_app("model", "/api/v1/model/tiny", "model", "qwen3-tiny", "cpu")
+        + "      adapter_config: {adapter_timeout: 600}\n"
+        + deployments
+        + &generated_app("sampler", "/api/v1/sampler/tiny", "sampler", "qwen3-tiny", "cpu")
+        + deployments
 }
 
 /// A deployment whose model app names a model that is nowhere on disk, beside a working one.
 fn missing_model_config(port: u16) -> String {
-    format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: model
-    route_prefix: /api/v1/model/tiny
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
-  - name: broken
-    route_prefix: /api/v1/model/missing
-    import_path: model
-    args:
-      model_id: "ms://Nobody/Missing-Model"
-      device_group: {{name: broken, ranks: 1, device_type: cpu}}
-"#
-    )
+    deployment_head("tinker", port, None)
+        + &generated_app("model", "/api/v1/model/tiny", "model", "qwen3-tiny", "cpu")
+        + &broken_app()
 }
 
 fn post(addr: &str, path: &str, token: &str, body: &Value) -> Result<Resp> {

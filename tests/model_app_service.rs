@@ -57,10 +57,7 @@ fn saved_state_resumes_with_identical_losses() {
     let t = tempfile::tempdir().unwrap();
     let svc = service(&t.path().join("spill1"));
     svc.create_adapter(&create("a", 8, 3)).unwrap();
-    for _ in 0..3 {
-        loss(&svc, "a", false);
-        svc.optim_step(&adam("a", 1e-2)).unwrap();
-    }
+    train(&svc, "a", 3, 1e-2);
     let dir = t.path().join("ckpt/weights/step3");
     let size = svc
         .save(&SaveRequest { model_id: "a".into(), dir: dir.clone(), kind: SaveKind::State })
@@ -138,10 +135,7 @@ fn sampler_app_matches_model_app_and_seeds_reproduce() {
     let t = tempfile::tempdir().unwrap();
     let svc = service(t.path());
     svc.create_adapter(&create("m", 8, 5)).unwrap();
-    for _ in 0..3 {
-        loss(&svc, "m", false);
-        svc.optim_step(&adam("m", 2e-2)).unwrap();
-    }
+    train(&svc, "m", 3, 2e-2);
     let dir = t.path().join("sampler_weights/s1");
     svc.save(&SaveRequest { model_id: "m".into(), dir: dir.clone(), kind: SaveKind::Sampler })
         .unwrap();

@@ -62,10 +62,29 @@ where
         .await;
     }
 
+    /// `clip_grad_norm` at 1.0: the norm it reports (a string in `result`).
+    async fn clip_norm(&self) -> f64 {
+        let v = self.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await;
+        v["result"].as_str().unwrap().parse().unwrap()
+    }
+
     async fn loss(&self, inputs: &Value) -> f64 {
         let v = self.ok("forward_only", json!({"adapter_name": "a", "inputs": inputs})).await;
         v["loss"].as_f64().or_else(|| v["result"]["loss"].as_f64()).unwrap()
     }
+}
+
+/// The Twinkle routes of `tw` under `/m` (with the Gen-1 routes too when `gen1`).
+async fn serve(
+    tw: &Arc<TwinkleModel>,
+    gen1: bool,
+) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
+    test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", gen1))).await
+}
+
+/// Alice's client in scope `s1` of the application `app` (see [`serve`]).
+fn alice<S>(app: &S) -> Client<'_, S> {
+    Client { app, token: "alice", scope: "s1", base: "/m/twinkle" }
 }
 
 fn feature() -> Value {
@@ -87,20 +106,15 @@ fn layer(root: &std::path::Path) -> Arc<TwinkleModel> {
 async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
     let t = tempfile::tempdir().unwrap();
     let tw = layer(t.path());
-    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, true).await;
+    let c = alice(&app);
     c.adapter(2).await;
     c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 2})).await;
     let x = feature();
     let l0 = c.loss(&x).await;
     c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
     // One micro-batch of two: clip reports a norm, step/zero_grad/lr_step change nothing.
-    let norm: f64 =
-        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let norm = c.clip_norm().await;
     assert!(norm > 0.0);
     for op in ["step", "zero_grad", "lr_step"] {
         assert_eq!(c.ok(op, json!({"adapter_name": "a"})).await, Value::Null, "{op}");
@@ -108,12 +122,7 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
     assert_eq!(c.loss(&x).await, l0, "a step off the accumulation boundary changed the weights");
     // The second micro-batch doubles the accumulated gradient (same data, scaled by 1/2 each).
     c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
-    let norm2: f64 =
-        c.ok("clip_grad_norm", json!({"adapter_name": "a", "max_grad_norm": 1.0})).await["result"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let norm2 = c.clip_norm().await;
     assert!((norm2 - 2.0 * norm).abs() < 1e-3 * norm2, "{norm} then {norm2}");
     c.ok("step", json!({"adapter_name": "a"})).await;
     c.ok("lr_step", json!({"adapter_name": "a"})).await;
@@ -134,9 +143,8 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
 async fn losses_match_their_definitions() {
     let t = tempfile::tempdir().unwrap();
     let tw = layer(t.path());
-    let app =
-        test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", false))).await;
-    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, false).await;
+    let c = alice(&app);
     c.adapter(1).await;
     let x = feature();
     let out = c.ok("forward_only", json!({"adapter_name": "a", "inputs": x})).await;
@@ -179,8 +187,8 @@ async fn losses_match_their_definitions() {
 async fn save_resume_isolation_and_bad_names() {
     let t = tempfile::tempdir().unwrap();
     let tw = layer(t.path());
-    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, true).await;
+    let c = alice(&app);
     c.adapter(1).await;
     let x = feature();
     for _ in 0..3 {
@@ -270,8 +278,8 @@ async fn state_dict_heartbeat_and_idle_expiry() {
     let svc: Arc<dyn ModelApp> = Arc::new(service(&t.path().join("spill")));
     let auth = Auth { keys: None, salt: b"s".to_vec(), save_root: t.path().join("save") };
     let tw = Arc::new(TwinkleModel::new(svc.clone(), auth, Duration::from_millis(300), 4));
-    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, true).await;
+    let c = alice(&app);
     c.adapter(1).await;
     // PEFT tensor names with [out, in] rows: lora_A is [r, in], lora_B [out, r].
     let sd = c.ok("get_state_dict", json!({"adapter_name": "a"})).await;
@@ -319,9 +327,8 @@ async fn a_restarted_application_keeps_twinkle_adapters() {
     let (before, metric) = {
         let (svc, tw, restored) = start();
         assert_eq!(restored, 0);
-        let app =
-            test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-        let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+        let app = serve(&tw, true).await;
+        let c = alice(&app);
         c.adapter(1).await;
         c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 4})).await;
         for _ in 0..2 {
@@ -338,8 +345,8 @@ async fn a_restarted_application_keeps_twinkle_adapters() {
     let (svc, tw, restored) = start();
     assert_eq!(restored, 1);
     assert!(!svc.info().adapters.contains(&orphan), "the orphan was not unloaded");
-    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-    let c = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, true).await;
+    let c = alice(&app);
     assert_eq!(c.loss(&x).await, before, "the restored adapter differs");
     // Another tenant still cannot see it.
     let bob = Client { token: "bob", ..c };
@@ -365,8 +372,8 @@ async fn adapters_past_their_maximum_lifetime_expire_while_active() {
     let tw = TwinkleModel::new(svc.clone(), auth, Duration::from_secs(600), 4)
         .with_max_lifetime(Some(life));
     let tw = Arc::new(tw);
-    let app = test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", true))).await;
-    let old = Client { app: &app, token: "alice", scope: "s1", base: "/m/twinkle" };
+    let app = serve(&tw, true).await;
+    let old = alice(&app);
     let t_old = std::time::Instant::now();
     old.adapter(1).await;
     std::thread::sleep(Duration::from_millis(1200));

@@ -14,9 +14,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use platform_support::{
-    Serve, deployment_head, free_port, generated_app, http, server_app, venv_python, wait_gateway,
+    Serve, deployment_head, free_port, generated_app, http, sdk_command, sdk_result, server_app,
+    venv_python, wait_gateway,
 };
 use serde_json::Value;
 
@@ -69,27 +70,10 @@ fn metrics_request_ids_status_and_dashboard() -> Result<()> {
     serve.wait_all_running(Duration::from_secs(120))?;
     wait_gateway(port, MODEL, &serve)?;
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
-    let out = Command::new(&py)
-        .args(["-W", "ignore"])
-        .arg(dir.join("metrics.py"))
-        .current_dir(&dir)
-        .env("TWINKLE_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("TINKER_API_KEY", "tml-metrics")
-        .env("TWINKLE_MODEL", MODEL)
-        .env("TWINKLE_REQUEST_ID", REQUEST_ID)
-        .env("TINKER_TELEMETRY", "0")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "metrics.py failed:\n{stdout}\n{stderr}\nserve log:\n{}",
-        serve.log_text()
-    );
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).context("no RESULT")?;
-    let result: Value = serde_json::from_str(line)?;
+    let mut cmd = sdk_command(&py, "metrics.py", port, "tml-metrics", MODEL)?;
+    cmd.env("TWINKLE_REQUEST_ID", REQUEST_ID);
+    let result =
+        sdk_result("metrics.py", &mut cmd, || format!("serve log:\n{}", serve.log_text()))?;
     let scraped: BTreeSet<String> = result["names"]
         .as_array()
         .context("names")?

@@ -52,20 +52,23 @@ fn holder(st: &Value, id: u64) -> Value {
         .map_or(Value::Null, |a| a["name"].clone())
 }
 
-#[test]
-fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
+/// The Tinker deployment with `args`, the fake NVML first on the library path and GPU samples
+/// every 0.2 s, plus `env`; the library's directory lives as long as the returned guard.
+fn serve_with_fake_nvml(args: &[&str], env: &[(&str, &str)]) -> Result<(tempfile::TempDir, Serve)> {
     let libdir = tempfile::tempdir()?;
     build_fake_nvml(libdir.path())?;
     let libpath = path_of(libdir.path());
+    let mut all = vec![("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")];
+    all.extend_from_slice(env);
+    let serve = Serve::tinker(args, &all)?;
+    Ok((libdir, serve))
+}
+
+#[test]
+fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
     // No --num-gpus: the cards come from (fake) NVML, as on a real GPU machine.
-    let mut serve = Serve::tinker(
-        &["--num-cpus", "4"],
-        &[
-            ("LD_LIBRARY_PATH", libpath.as_str()),
-            ("FAKE_NVML_GPUS", CARDS),
-            ("TWINKLE_GPU_STATS_S", "0.2"),
-        ],
-    )?;
+    let (_lib, mut serve) =
+        serve_with_fake_nvml(&["--num-cpus", "4"], &[("FAKE_NVML_GPUS", CARDS)])?;
     serve.wait_all_running(STARTUP)?;
     let st = poll(Duration::from_secs(30), || {
         let st = serve.status_json().ok()?;
@@ -134,13 +137,7 @@ fn status_shows_fake_nvml_cards_and_their_holders() -> Result<()> {
 /// every figure is null / n/a, the holders are still shown, and serve runs normally.
 #[test]
 fn status_says_n_a_without_a_working_nvml() -> Result<()> {
-    let libdir = tempfile::tempdir()?;
-    build_fake_nvml(libdir.path())?;
-    let libpath = path_of(libdir.path());
-    let mut serve = Serve::tinker(
-        &["--num-gpus", "3", "--num-cpus", "4"],
-        &[("LD_LIBRARY_PATH", libpath.as_str()), ("TWINKLE_GPU_STATS_S", "0.2")],
-    )?;
+    let (_lib, mut serve) = serve_with_fake_nvml(&["--num-gpus", "3", "--num-cpus", "4"], &[])?;
     let st = serve.wait_all_running(STARTUP)?;
     let gpus = node_gpus(&st);
     assert_eq!(gpus.len(), 3, "{st}");

@@ -21,36 +21,19 @@ const KEY: (&str, &str) = ("X-API-Key", "tml-ready-test");
 /// test hook, set through the application's own env so the server app is not delayed); and,
 /// with `broken`, a model application whose model exists nowhere.
 fn config(port: u16, delay_ms: u64, broken: bool) -> String {
-    let mut text = format!(
-        r#"server_type: tinker
-http_options: {{host: 127.0.0.1, port: {port}}}
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-  - name: model
-    route_prefix: /api/v1/model/tiny
-    import_path: model
-    args:
-      model_id: "generate://qwen3-tiny"
-      device_group: {{name: model, ranks: 1, device_type: cpu}}
-    deployments:
+    let mut text = deployment_head("tinker", port, None)
+        + "  - name: server\n    route_prefix: /api/v1\n    import_path: server\n"
+        + &generated_app("model", "/api/v1/model/tiny", "model", "qwen3-tiny", "cpu")
+        + &format!(
+            r#"    deployments:
       - ray_actor_options:
           num_cpus: 0.1
           runtime_env:
             env_vars: {{TWINKLE_TEST_WORKER_START_DELAY_MS: "{delay_ms}"}}
 "#
-    );
-    if broken {
-        text.push_str(
-            r#"  - name: broken
-    route_prefix: /api/v1/model/missing
-    import_path: model
-    args:
-      model_id: "ms://Nobody/Missing-Model"
-      device_group: {name: broken, ranks: 1, device_type: cpu}
-"#,
         );
+    if broken {
+        text.push_str(&broken_app());
     }
     text
 }
@@ -79,6 +62,18 @@ fn post(gw: &str, path: &str, body: &Value) -> Result<Resp> {
     http("POST", gw, path, &[KEY, ("Content-Type", "application/json")], text.as_bytes())
 }
 
+/// Waits until status shows each `(application, state)` of `want` at once, and remembers the
+/// pids that status names (so that they are killed with the test).
+fn wait_states(serve: &mut Serve, want: &[(&str, &str)]) -> Result<()> {
+    let st = poll(STARTUP, || {
+        let st = serve.status_json().ok()?;
+        want.iter().all(|(app, s)| state(&st, app) == *s).then_some(st)
+    })
+    .with_context(|| format!("never {want:?}; serve log:\n{}", serve.log_text()))?;
+    serve.remember(&st);
+    Ok(())
+}
+
 fn state(st: &Value, app: &str) -> String {
     st["applications"]
         .as_array()
@@ -101,12 +96,7 @@ fn starting_model_is_503_with_retry_after_until_ready() -> Result<()> {
     let mut serve = start(port, &config(port, 8000, false), &["--wait"], &tmp)?;
     let gw = serve.gateway.clone();
     // The server is up, the model still sleeping before its registration.
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "server") == "running" && state(&st, "model") == "starting").then_some(st)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    serve.remember(&st);
+    wait_states(&mut serve, &[("server", "running"), ("model", "starting")])?;
 
     let live = get(&gw, "/healthz")?;
     assert_eq!(live.status, 200, "liveness: {}", String::from_utf8_lossy(&live.body));
@@ -159,17 +149,8 @@ fn failed_model_app_makes_readyz_503_and_serve_wait_exit_1() -> Result<()> {
     let port = free_port()?;
     let mut serve = start(port, &config(port, 0, true), &[], &tmp)?;
     let gw = serve.gateway.clone();
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "broken") == "failed" && state(&st, "model") == "running").then_some(st)
-    })
-    .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
-    serve.remember(&st);
-    let st = poll(STARTUP, || {
-        let st = serve.status_json().ok()?;
-        (state(&st, "server") == "running").then_some(st)
-    })?;
-    serve.remember(&st);
+    wait_states(&mut serve, &[("broken", "failed"), ("model", "running")])?;
+    wait_states(&mut serve, &[("server", "running")])?;
 
     let ready = get(&gw, "/readyz")?;
     assert_eq!(ready.status, 503);

@@ -446,16 +446,9 @@ fn sample_response_bytes_are_exact() {
     assert!(encode_sample_response(&[mismatch], None).is_err());
 }
 
-/// xorshift64* — deterministic bytes for the no-panic test.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
+mod xorshift_support;
+// xorshift64*: deterministic bytes for the no-panic test.
+use xorshift_support::Rng;
 
 #[test]
 fn random_truncated_and_mutated_bytes_never_panic() {
@@ -478,13 +471,13 @@ fn random_truncated_and_mutated_bytes_never_panic() {
     }
     for _ in 0..20_000 {
         let mut m = valid.clone();
-        for _ in 0..(1 + rng.next() % 4) {
-            let i = (rng.next() as usize) % m.len();
-            m[i] = rng.next() as u8;
+        for _ in 0..(1 + rng.next_u64() % 4) {
+            let i = (rng.next_u64() as usize) % m.len();
+            m[i] = rng.next_u64() as u8;
         }
         ok += usize::from(decode_forward_backward(&m, &limits).is_ok());
-        let len = (rng.next() % 96) as usize;
-        let junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let len = (rng.next_u64() % 96) as usize;
+        let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         let _ = decode_forward_backward(&junk, &limits);
         let _ = decode_forward_backward_output(&junk);
         let _ = decode_sample_response(&junk);

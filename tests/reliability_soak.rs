@@ -20,14 +20,16 @@ mod platform_support;
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use platform_support::{Serve, deployment_head, free_port, generated_app, server_app, venv_python};
+use platform_support::{
+    Serve, deployment_head, free_port, generated_app, sdk_command, server_app, venv_python,
+};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
@@ -155,21 +157,11 @@ fn soak_with_model_app_kills_and_bounded_load() -> Result<()> {
     platform_support::wait_gateway(port, MODEL, &serve)?;
     let live = save_dir.join(".spill/model/live");
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
     let stderr_path = save.path().join("soak-stderr.txt");
-    let mut driver = Command::new(&py)
-        .args(["-W", "ignore"])
-        .arg(dir.join("soak.py"))
+    let mut driver = sdk_command(&py, "soak.py", port, "tml-soak", MODEL)?
         .args(
             [SOAK_S, CLIENTS as u64, LOAD_CLIENTS as u64, LOAD_EACH as u64].map(|n| n.to_string()),
         )
-        .current_dir(&dir)
-        .env("TWINKLE_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("TINKER_API_KEY", "tml-soak")
-        .env("TWINKLE_MODEL", MODEL)
-        .env("TINKER_TELEMETRY", "0")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path)?)
         .spawn()

@@ -2,8 +2,8 @@
 //! metadata caps, the per-key bound on pending futures and the per-key bound on sample requests
 //! in flight (429 with Retry-After, the SDK backs off), each refusal naming its limit.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod fake_http_support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -111,43 +111,9 @@ async fn sessions_and_pending_work_are_bounded_per_key() {
     assert_eq!(r.status(), 200, "another key is not held back");
 }
 
-/// Answers one HTTP/1.1 request on `s` with `f(request line)`.
-fn handle(mut s: TcpStream, f: &(dyn Fn(&str) -> Value + Sync)) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).unwrap_or(0) == 0 {
-            return;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_string))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    let _ = s.read_exact(&mut vec![0u8; len]);
-    let b = f(head.lines().next().unwrap_or_default()).to_string();
-    let _ = write!(
-        s,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-        b.len()
-    );
-}
-
-/// A loopback server answering every request with `f(request line)`, one thread per request.
+/// A loopback server answering every request with `f(request line)`.
 fn serve(f: impl Fn(&str) -> Value + Send + Sync + 'static) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let f = Arc::new(f);
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let f = f.clone();
-            std::thread::spawn(move || handle(s, &*f));
-        }
-    });
-    addr
+    fake_http_support::serve(move |line| Some(f(line)))
 }
 
 /// A fake model application for base model `m` whose `sample` calls are held (counted in

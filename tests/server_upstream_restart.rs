@@ -4,8 +4,8 @@
 //! that says to retry, and a kind nobody serves fails at once; the bound on the wait comes from
 //! the server application's `server_config.restart_wait_s`.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod fake_http_support;
+
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -14,55 +14,7 @@ use twinkle::apps::server::error::JobError;
 use twinkle::apps::server::upstream::{DEFAULT_RESTART_WAIT, RESTART_WAIT_ENV, Upstreams};
 use twinkle::protocol::internal::{Call, InfoResponse};
 
-/// Reads one HTTP/1.1 request; returns its request line.
-fn read_request(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).unwrap_or(0) == 0 {
-            break;
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_string))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    let _ = s.read_exact(&mut body);
-    head.lines().next().unwrap_or_default().to_string()
-}
-
-fn answer(s: &mut TcpStream, body: &serde_json::Value) {
-    let b = body.to_string();
-    let _ = write!(
-        s,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-        b.len()
-    );
-}
-
-/// A fake server answering each request with `f(request line)` (`None`: close without answer).
-fn serve(f: impl Fn(&str) -> Option<serde_json::Value> + Send + Sync + 'static) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let f = std::sync::Arc::new(f);
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let f = f.clone();
-            std::thread::spawn(move || {
-                let line = read_request(&mut s);
-                if let Some(v) = f(&line) {
-                    answer(&mut s, &v);
-                }
-            });
-        }
-    });
-    addr
-}
+use fake_http_support::serve;
 
 /// A model application that dies (closes without answering) while running `die`.
 fn model_app() -> String {
@@ -130,17 +82,23 @@ async fn calls_wait_for_a_restarting_application_and_report_lost_requests() {
     assert!(t0.elapsed() < Duration::from_secs(5), "nothing to wait for");
 }
 
-#[actix_web::test]
-async fn the_wait_is_bounded() {
-    let up = Upstreams::new(head(model_app(), Duration::from_secs(3600)))
-        .with_restart_wait(Duration::from_millis(600));
+/// A call to the restarting model fails as a server error saying to retry, after waiting at
+/// least `min` (and well under 10 s).
+async fn fails_after_waiting(up: &Upstreams, min: Duration) {
     let t0 = Instant::now();
     match up.call("model", "m", &Forward {}).await {
         Err(JobError::Server(m)) => assert!(m.contains("restarting") && m.contains("retry"), "{m}"),
         other => panic!("{other:?}"),
     }
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(10), "{waited:?}");
+    assert!(waited >= min && waited < Duration::from_secs(10), "{waited:?}");
+}
+
+#[actix_web::test]
+async fn the_wait_is_bounded() {
+    let up = Upstreams::new(head(model_app(), Duration::from_secs(3600)))
+        .with_restart_wait(Duration::from_millis(600));
+    fails_after_waiting(&up, Duration::from_millis(500)).await;
 }
 
 /// The server application's `server_config.restart_wait_s` is the bound the server's upstream
@@ -159,13 +117,7 @@ async fn the_wait_bound_comes_from_the_config() {
     let c = cfg("        restart_wait_s: 0.7\n");
     let up = twinkle::apps::server::upstreams(head.clone(), &c.applications[0].args, Some(&c));
     assert_eq!(up.restart_wait(), Duration::from_millis(700));
-    let t0 = Instant::now();
-    match up.call("model", "m", &Forward {}).await {
-        Err(JobError::Server(m)) => assert!(m.contains("restarting") && m.contains("retry"), "{m}"),
-        other => panic!("{other:?}"),
-    }
-    let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(600) && waited < Duration::from_secs(10), "{waited:?}");
+    fails_after_waiting(&up, Duration::from_millis(600)).await;
 
     let c = cfg("        per_token_model_limit: 3\n");
     let up = twinkle::apps::server::upstreams(head, &c.applications[0].args, Some(&c));

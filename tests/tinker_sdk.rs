@@ -7,12 +7,14 @@
 mod platform_support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use platform_support::{Serve, deployment_head, free_port, generated_app, server_app, venv_python};
+use platform_support::{
+    Serve, deployment_head, free_port, generated_app, memorized_answers, sdk_command, sdk_result,
+    server_app, venv_python,
+};
 use serde_json::Value;
 
 const MODEL: &str = "qwen3-tiny";
@@ -58,6 +60,11 @@ impl Env {
         Ok(Env { port: free_port()?, save, state_db, sampler: false, cuda: None })
     }
 
+    /// Where restart.py hands its state from one phase to the next.
+    fn handoff(&self) -> String {
+        self.save.path().join("handoff.json").to_string_lossy().into_owned()
+    }
+
     fn start(&self) -> Result<Serve> {
         let mut serve = self.spawn(&[])?;
         serve.wait_all_running(Duration::from_secs(120))?;
@@ -95,33 +102,9 @@ impl Env {
 
 /// Runs `tests/sdk/{script}` and returns its `RESULT` JSON.
 fn run_script(py: &Path, port: u16, key: &str, script: &str, args: &[&str]) -> Result<Value> {
-    // The scripts beside this file; from the working directory when the test executable runs
-    // on another machine (scripts/gpu-check.sh runs it from the repository root).
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
-    let dir = if dir.is_dir() { dir } else { std::env::current_dir()?.join("tests/sdk") };
-    let out = Command::new(py)
-        .arg("-W")
-        .arg("ignore")
-        .arg(dir.join(script))
-        .args(args)
-        .current_dir(&dir)
-        .env("TWINKLE_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("TINKER_API_KEY", key)
-        .env("TWINKLE_SECOND_KEY", format!("{key}-other"))
-        .env("TWINKLE_MODEL", MODEL)
-        .env("TINKER_TELEMETRY", "0")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .output()
-        .with_context(|| format!("run {script}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .with_context(|| format!("{script} printed no RESULT:\n{stdout}\n{stderr}"))?;
-    Ok(serde_json::from_str(line)?)
+    let mut cmd = sdk_command(py, script, port, key, MODEL)?;
+    cmd.args(args).env("TWINKLE_SECOND_KEY", format!("{key}-other"));
+    sdk_result(script, &mut cmd, String::new)
 }
 
 /// Where the `device_type: cuda` model application gets its driver: `Some(Some(dir))` puts the
@@ -245,13 +228,7 @@ fn sdk_memorizes_four_pairs() -> Result<()> {
     assert!(f(&b, "final_loss") < 0.05 * f(&b, "first_loss"), "{b}");
     // The budget: ~30 steps at lr ~1e-2.
     assert!(f(&b, "steps") <= 35.0 && f(&b, "lr") >= 1e-2, "{b}");
-    let want = serde_json::json!([
-        [2000, 2001, 2002],
-        [2100, 2101, 2102],
-        [2200, 2201, 2202],
-        [2300, 2301, 2302]
-    ]);
-    assert_eq!(b["samples"], want);
+    assert_eq!(b["samples"], memorized_answers());
     Ok(())
 }
 
@@ -313,8 +290,7 @@ fn sdk_samples_saved_weights_on_the_sampler_application() -> Result<()> {
 fn sdk_training_resumes_across_restart() -> Result<()> {
     let Some(py) = venv_python()? else { return Ok(()) };
     let env = Env::new(true)?;
-    let handoff = env.save.path().join("handoff.json");
-    let handoff = handoff.to_string_lossy().into_owned();
+    let handoff = env.handoff();
     let mut serve = env.start()?;
     let p1 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase1", &handoff])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
@@ -413,8 +389,7 @@ fn live_snapshots(env: &Env) -> usize {
 fn sdk_orphaned_adapters_go_after_a_memory_restart() -> Result<()> {
     let Some(py) = venv_python()? else { return Ok(()) };
     let env = Env::new(false)?;
-    let handoff = env.save.path().join("handoff.json");
-    let handoff = handoff.to_string_lossy().into_owned();
+    let handoff = env.handoff();
     let mut serve = env.start()?;
     run_script(&py, env.port, "tml-orphan", "restart.py", &["phase1", &handoff])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;

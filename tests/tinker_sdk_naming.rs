@@ -8,12 +8,12 @@
 mod platform_support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use platform_support::{Serve, deployment_head, free_port, server_app, venv_python};
-use serde_json::Value;
+use anyhow::Result;
+use platform_support::{
+    Serve, deployment_head, free_port, sdk_command, sdk_result, server_app, venv_python,
+};
 use twinkle::hub::{HubEnv, resolve_with};
 
 /// The name the routes give the model (and `supported_models` lists).
@@ -61,29 +61,9 @@ fn sdk_uses_the_configured_name_of_a_local_model() -> Result<()> {
     serve.wait_all_running(Duration::from_secs(120))?;
     platform_support::wait_gateway(port, NAME, &serve)?;
 
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
-    let out = Command::new(&py)
-        .args(["-W", "ignore"])
-        .arg(sdk.join("naming.py"))
-        .current_dir(&sdk)
-        .env("TWINKLE_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("TINKER_API_KEY", "tml-naming")
-        .env("TWINKLE_MODEL", NAME)
-        .env("TWINKLE_MODEL_DIR", &dir)
-        .env("TINKER_TELEMETRY", "0")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "naming.py failed ({}):\n{stdout}\n{stderr}\nserve log:\n{}",
-        out.status,
-        serve.log_text()
-    );
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).context("no RESULT")?;
-    let r: Value = serde_json::from_str(line)?;
+    let mut cmd = sdk_command(&py, "naming.py", port, "tml-naming", NAME)?;
+    cmd.env("TWINKLE_MODEL_DIR", &dir);
+    let r = sdk_result("naming.py", &mut cmd, || format!("serve log:\n{}", serve.log_text()))?;
     eprintln!("naming.py: {r}");
     assert_eq!(r["names"], serde_json::json!([NAME]), "{r}");
     assert_eq!(r["model_name"], NAME, "{r}");

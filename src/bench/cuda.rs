@@ -108,11 +108,7 @@ pub fn train(
     info: &GpuInfo,
     opts: &TrainOptions,
 ) -> Result<(TrainReport, Value, String), BenchError> {
-    super::check_positive(&[
-        ("--seq", opts.seq),
-        ("--batch", opts.batch),
-        ("--steps", opts.steps),
-    ])?;
+    opts.check()?;
     let c = model.config().clone();
     let dev = model.device().clone();
     let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
@@ -120,11 +116,9 @@ pub fn train(
     let data = super::train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
-    let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
-    let progress =
-        crate::progress::Progress::new("bench train (cuda)", (opts.warmup + opts.steps) as u64);
-    for step in 0..opts.warmup + opts.steps {
-        let timed = step >= opts.warmup;
+    let lora_params = ad.num_params();
+    let flops_per = flops(&c, opts.seq, lora_params);
+    let r = super::timed_train("bench train (cuda)", opts, flops_per, lora_params, |_| {
         let t0 = Instant::now();
         cu::forward_backward(model, Some(&mut ad), &data, &loss, true)?;
         let t1 = Instant::now();
@@ -132,27 +126,8 @@ pub fn train(
         let t2 = Instant::now();
         ad.optim_step(&dev, &adam)?;
         dev.synchronize()?;
-        let t3 = Instant::now();
-        if timed {
-            t_fwd += (t1 - t0).as_secs_f64();
-            t_fb += (t2 - t1).as_secs_f64();
-            t_opt += (t3 - t2).as_secs_f64();
-        }
-        progress.advance(1, if timed { "step" } else { "warm-up" });
-    }
-    progress.finish();
-    let n = opts.steps.max(1) as f64;
-    let lora_params = ad.num_params();
-    let r = TrainReport {
-        tokens_per_step: opts.seq * opts.batch,
-        seq: opts.seq,
-        forward_s: t_fwd / n,
-        fwd_bwd_s: t_fb / n,
-        optim_s: t_opt / n,
-        flops: flops(&c, opts.seq, lora_params),
-        lora_params,
-        peak_rss_bytes: report::peak_rss(),
-    };
+        Ok::<_, BenchError>([t0, t1, t2, Instant::now()])
+    })?;
     let tokens = r.tokens_per_step as f64;
     let achieved = r.flops.train * tokens / r.fwd_bwd_s;
     let mfu = info.peak_flops.map(|p| achieved / p);
@@ -181,11 +156,7 @@ pub fn sample(
     info: &GpuInfo,
     opts: &SampleOptions,
 ) -> Result<(SampleReport, Value, String), BenchError> {
-    super::check_positive(&[
-        ("--batch", opts.batch),
-        ("--prompt", opts.prompt),
-        ("--max-tokens", opts.max_tokens),
-    ])?;
+    opts.check()?;
     let c = model.config().clone();
     let dev = model.device().clone();
     let ctx = opts.prompt + opts.max_tokens;

@@ -63,6 +63,24 @@ pub struct SampleOptions {
     pub max_tokens: usize,
 }
 
+impl TrainOptions {
+    /// Refuses a zero `--seq`, `--batch` or `--steps` (every backend's train bench).
+    pub(crate) fn check(&self) -> Result<(), BenchError> {
+        check_positive(&[("--seq", self.seq), ("--batch", self.batch), ("--steps", self.steps)])
+    }
+}
+
+impl SampleOptions {
+    /// Refuses a zero `--batch`, `--prompt` or `--max-tokens` (every backend's sample bench).
+    pub(crate) fn check(&self) -> Result<(), BenchError> {
+        check_positive(&[
+            ("--batch", self.batch),
+            ("--prompt", self.prompt),
+            ("--max-tokens", self.max_tokens),
+        ])
+    }
+}
+
 /// Sets the global rayon pool size (0 = rayon's default: one per core).
 pub fn set_threads(n: usize) -> Result<usize, BenchError> {
     if n > 0 {
@@ -122,21 +140,60 @@ pub(crate) fn train_batch(opts: &TrainOptions, vocab: usize) -> Vec<Datum> {
         .collect()
 }
 
+/// The instants one training step passes: start, forward done, forward+backward done, optimizer
+/// step done.
+pub(crate) type StepInstants = [Instant; 4];
+
+/// Runs `opts.warmup` untimed then `opts.steps` timed training steps under a progress bar named
+/// `label`, and reports the per-step averages; `step(timed)` runs one step. The one place both
+/// backends time a step, so CPU and GPU reports mean the same thing.
+pub(crate) fn timed_train<E>(
+    label: &str,
+    opts: &TrainOptions,
+    flops_per: report::Flops,
+    lora_params: usize,
+    mut step: impl FnMut(bool) -> Result<StepInstants, E>,
+) -> Result<TrainReport, E> {
+    let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
+    let progress = crate::progress::Progress::new(label, (opts.warmup + opts.steps) as u64);
+    for i in 0..opts.warmup + opts.steps {
+        let timed = i >= opts.warmup;
+        let [t0, t1, t2, t3] = step(timed)?;
+        if timed {
+            t_fwd += (t1 - t0).as_secs_f64();
+            t_fb += (t2 - t1).as_secs_f64();
+            t_opt += (t3 - t2).as_secs_f64();
+        }
+        progress.advance(1, if timed { "step" } else { "warm-up" });
+    }
+    progress.finish();
+    let n = opts.steps.max(1) as f64;
+    Ok(TrainReport {
+        tokens_per_step: opts.seq * opts.batch,
+        seq: opts.seq,
+        forward_s: t_fwd / n,
+        fwd_bwd_s: t_fb / n,
+        optim_s: t_opt / n,
+        flops: flops_per,
+        lora_params,
+        peak_rss_bytes: report::peak_rss(),
+    })
+}
+
 /// LoRA (all seven linears) cross-entropy forward_backward + AdamW step, `opts.steps` times after
 /// `opts.warmup` untimed steps; a forward-only pass per step gives the forward/backward split.
 pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchError> {
     let c = model.config();
-    check_positive(&[("--seq", opts.seq), ("--batch", opts.batch), ("--steps", opts.steps)])?;
+    opts.check()?;
     let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
     let mut adapter = Adapter::new(model, &lora)?;
     let data = train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
-    let (mut t_fwd, mut t_fb, mut t_opt) = (0.0, 0.0, 0.0);
     let mut phases: Vec<(&'static str, f64)> = Vec::new();
-    let progress = crate::progress::Progress::new("bench train", (opts.warmup + opts.steps) as u64);
-    for step in 0..opts.warmup + opts.steps {
-        let timed = step >= opts.warmup;
+    let lora_params: usize = adapter.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
+    let flops_per = flops(c, opts.seq, lora_params);
+    let r = timed_train("bench train", opts, flops_per, lora_params, |timed| {
         let t0 = Instant::now();
         crate::engine::forward(model, Some(&adapter), &data, &loss)?;
         let t1 = Instant::now();
@@ -152,42 +209,20 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
             }
         }
         adapter.optim_step(&adam)?;
-        let t3 = Instant::now();
-        if timed {
-            t_fwd += (t1 - t0).as_secs_f64();
-            t_fb += (t2 - t1).as_secs_f64();
-            t_opt += (t3 - t2).as_secs_f64();
-        }
-        progress.advance(1, if timed { "step" } else { "warm-up" });
-    }
-    progress.finish();
-    let n = opts.steps as f64;
+        Ok::<_, BenchError>([t0, t1, t2, Instant::now()])
+    })?;
     // TWINKLE_PROFILE=1: where one forward_backward spends its time (stderr, not the report).
     for (name, s) in &phases {
-        eprintln!("profile {name:28} {:8.3} s/step", s / n);
+        eprintln!("profile {name:28} {:8.3} s/step", s / opts.steps as f64);
     }
-    let lora_params: usize = adapter.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
-    Ok(TrainReport {
-        tokens_per_step: opts.seq * opts.batch,
-        seq: opts.seq,
-        forward_s: t_fwd / n,
-        fwd_bwd_s: t_fb / n,
-        optim_s: t_opt / n,
-        flops: flops(c, opts.seq, lora_params),
-        lora_params,
-        peak_rss_bytes: report::peak_rss(),
-    })
+    Ok(r)
 }
 
 /// Prefill of `batch` random prompts in one call, then `max_tokens` greedy decode steps of the
 /// whole batch (no adapter).
 pub fn sample(model: &Model, opts: &SampleOptions) -> Result<SampleReport, BenchError> {
     let c = model.config();
-    check_positive(&[
-        ("--batch", opts.batch),
-        ("--prompt", opts.prompt),
-        ("--max-tokens", opts.max_tokens),
-    ])?;
+    opts.check()?;
     if opts.prompt + opts.max_tokens > c.max_position_embeddings {
         return Err(BenchError::Option(format!(
             "--prompt + --max-tokens exceeds the model's {} positions",

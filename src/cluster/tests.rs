@@ -26,78 +26,10 @@ fn placed(r: &ScheduleResult) -> (&str, &[u32]) {
 }
 
 /// The seed's "Node Rank in YAML Configuration" example, verbatim.
-const SEED_RANKS: &str = r#"
-  - name: models-Qwen2.5-7B-Instruct
-    route_prefix: /models/Qwen/Qwen2.5-7B-Instruct
-    import_path: model
-    args:
-      nproc_per_node: 4
-      device_group:
-        name: model
-        ranks: 4
-        device_type: cuda
-      device_mesh:
-        device_type: cuda
-        dp_size: 4
-  - name: sampler-Qwen2.5-7B-Instruct
-    route_prefix: /sampler/Qwen/Qwen2.5-7B-Instruct
-    import_path: sampler
-    args:
-      nproc_per_node: 2
-      device_group:
-        name: sampler
-        ranks: 2
-        device_type: cuda
-      device_mesh:
-        device_type: cuda
-        dp_size: 2
-  - name: processor
-    route_prefix: /processors
-    import_path: processor
-    args:
-      ncpu_proc_per_node: 4
-      device_group:
-        name: processor
-        ranks: 0
-        device_type: CPU
-      device_mesh:
-        device_type: CPU
-        dp_size: 4
-"#;
+const SEED_RANKS: &str = include_str!("testdata/seed_ranks.yaml");
 
 /// The seed's Tinker-compatible applications (server, model ranks 2, sampler ranks 1 + num_gpus 1).
-const SEED_TINKER: &str = r#"
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    deployments:
-      - name: TinkerCompatServer
-        ray_actor_options:
-          num_cpus: 0.1
-  - name: models-Qwen2.5-0.5B-Instruct
-    route_prefix: /api/v1/model/Qwen/Qwen2.5-0.5B-Instruct
-    import_path: model
-    args:
-      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
-      device_group: {name: model, ranks: 2, device_type: cuda}
-      device_mesh: {device_type: cuda, dp_size: 2}
-    deployments:
-      - name: ModelManagement
-        ray_actor_options:
-          num_cpus: 0.1
-  - name: sampler-Qwen2.5-0.5B-Instruct
-    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct
-    import_path: sampler
-    args:
-      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
-      device_group: {name: sampler, ranks: 1, device_type: cuda}
-      device_mesh: {device_type: cuda, dp_size: 1}
-    deployments:
-      - name: SamplerManagement
-        ray_actor_options:
-          num_cpus: 0.1
-          num_gpus: 1
-"#;
+const SEED_TINKER: &str = include_str!("testdata/seed_tinker.yaml");
 
 #[test]
 fn demands_follow_ranks_and_actor_options() {

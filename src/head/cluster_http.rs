@@ -10,11 +10,11 @@
 //! * `GET /v1/status` — the same [`super::StatusReport`] as single-machine serve.
 //! * `GET /healthz` — liveness, no token.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
 use actix_web::dev::Server;
 use actix_web::http::StatusCode;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::HeadError;
@@ -164,27 +164,15 @@ pub fn start(
     host: &str,
     port: u16,
 ) -> Result<(Server, SocketAddr), HeadError> {
-    let addr = format!("{host}:{port}");
-    let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
-    let listener = TcpListener::bind(&addr).map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
     let data = web::Data::new(Ctx { head, token, state_dir });
     let json_cfg = web::JsonConfig::default().limit(16 << 20);
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
+    super::control::serve_http(&format!("{host}:{port}"), 2, move |cfg| {
+        cfg.app_data(data.clone())
             .app_data(json_cfg.clone())
             .route("/v1/cluster/nodes", web::post().to(register))
             .route("/v1/cluster/nodes/{id}/heartbeat", web::post().to(heartbeat))
             .route("/v1/cluster/deploy", web::post().to(deploy))
             .route("/v1/status", web::get().to(status))
-            .route("/healthz", web::get().to(healthz))
+            .route("/healthz", web::get().to(healthz));
     })
-    .workers(2)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)
-    .map_err(bind_err)?
-    .run();
-    Ok((server, local))
 }

@@ -195,8 +195,11 @@ fn heartbeat_gpu_samples_reach_status_with_their_holders() {
     assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
     let st = h.status();
     let gpu = st.nodes.iter().find(|n| n.id == "gpu").expect("gpu node");
-    let rows: Vec<(u32, Option<u64>, Option<&str>)> =
-        gpu.gpus.iter().map(|g| (g.id, g.memory_used_mib, g.app.as_deref())).collect();
+    let rows: Vec<(u32, Option<u64>, Option<&str>)> = gpu
+        .gpus
+        .iter()
+        .map(|g| (g.sample.id, g.sample.memory_used_mib, g.app.as_deref()))
+        .collect();
     let sampler = Some("sampler-Qwen2.5-7B-Instruct");
     assert_eq!(
         rows,
@@ -204,7 +207,7 @@ fn heartbeat_gpu_samples_reach_status_with_their_holders() {
     );
     // The head node sent no samples: its cards are listed, held by the model, figures unknown.
     let head = st.nodes.iter().find(|n| n.id == "head").expect("head node");
-    assert!(head.gpus.iter().all(|g| g.memory_used_mib.is_none()));
+    assert!(head.gpus.iter().all(|g| g.sample.memory_used_mib.is_none()));
     assert!(head.gpus.iter().all(|g| g.app.as_deref() == Some("models-Qwen2.5-7B-Instruct")));
     assert!(st.nodes.iter().find(|n| n.id == "cpu").is_some_and(|n| n.gpus.is_empty()));
 
@@ -212,5 +215,5 @@ fn heartbeat_gpu_samples_reach_status_with_their_holders() {
     h.tick(t0 + Duration::from_millis(4500));
     let st = h.status();
     let gpu = st.nodes.iter().find(|n| n.id == "gpu").expect("gpu node");
-    assert!(!gpu.alive && gpu.gpus.iter().all(|g| g.memory_used_mib.is_none()));
+    assert!(!gpu.alive && gpu.gpus.iter().all(|g| g.sample.memory_used_mib.is_none()));
 }

@@ -103,20 +103,31 @@ async fn healthz() -> HttpResponse {
 /// Binds the control plane on `127.0.0.1:port` (0 = ephemeral), `/v1/status` behind `token`, and returns the server (to be
 /// awaited or stopped through its handle) and the bound address. Signals are left to the caller.
 pub fn start(reg: Registry, port: u16, token: String) -> Result<(Server, SocketAddr), HeadError> {
-    let addr = format!("127.0.0.1:{port}");
-    let bind_err = |source| HeadError::Bind { addr: addr.clone(), source };
-    let listener = TcpListener::bind(&addr).map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
     let data = web::Data::new(reg);
     let token = web::Data::new(StatusToken(token.into()));
-    let server = HttpServer::new(move || {
-        App::new().app_data(data.clone()).app_data(token.clone()).configure(routes)
+    serve_http(&format!("127.0.0.1:{port}"), 1, move |cfg| {
+        cfg.app_data(data.clone()).app_data(token.clone());
+        routes(cfg);
     })
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)
-    .map_err(bind_err)?
-    .run();
+}
+
+/// Binds `addr` and serves the app that `configure` builds on `workers` threads: the head's
+/// servers share this so each binds, names a bind failure and leaves signals and slow
+/// shutdowns to its caller the same way.
+pub(crate) fn serve_http(
+    addr: &str,
+    workers: usize,
+    configure: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+) -> Result<(Server, SocketAddr), HeadError> {
+    let bind_err = |source| HeadError::Bind { addr: addr.to_string(), source };
+    let listener = TcpListener::bind(addr).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let server = HttpServer::new(move || App::new().configure(configure.clone()))
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen(listener)
+        .map_err(bind_err)?
+        .run();
     Ok((server, local))
 }

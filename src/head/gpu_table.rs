@@ -35,15 +35,27 @@ impl GpuSample {
     }
 }
 
+#[cfg(test)]
+impl GpuSample {
+    /// A card whose every figure is known (the status tests' samples).
+    pub(crate) fn known(id: u32, name: &str, used_mib: u64, total_mib: u64, util_pct: u32) -> Self {
+        Self {
+            id,
+            name: Some(name.into()),
+            memory_used_mib: Some(used_mib),
+            memory_total_mib: Some(total_mib),
+            utilization_pct: Some(util_pct),
+        }
+    }
+}
+
 /// One card of a node in `GET /v1/status`: the last sample plus the application holding it.
 /// `None` figures serialise as `null` (unknown), never as a made-up 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuStatus {
-    pub id: u32,
-    pub name: Option<String>,
-    pub memory_used_mib: Option<u64>,
-    pub memory_total_mib: Option<u64>,
-    pub utilization_pct: Option<u32>,
+    /// The card's last sample; flattened, so the JSON row keeps the sample's field names.
+    #[serde(flatten)]
+    pub sample: GpuSample,
     /// The application the scheduler gave this card to.
     pub app: Option<String>,
 }
@@ -56,7 +68,7 @@ pub fn fill_gpu_rows(node: &mut NodeStatus, samples: &[GpuSample], apps: &[AppSt
         .gpu_ids
         .iter()
         .map(|&id| {
-            let s = samples
+            let sample = samples
                 .iter()
                 .find(|s| s.id == id && node.alive)
                 .cloned()
@@ -65,20 +77,13 @@ pub fn fill_gpu_rows(node: &mut NodeStatus, samples: &[GpuSample], apps: &[AppSt
                 .iter()
                 .find(|a| a.node == node.id && a.gpu_ids.contains(&id))
                 .map(|a| a.name.clone());
-            GpuStatus {
-                id,
-                name: s.name,
-                memory_used_mib: s.memory_used_mib,
-                memory_total_mib: s.memory_total_mib,
-                utilization_pct: s.utilization_pct,
-                app,
-            }
+            GpuStatus { sample, app }
         })
         .collect();
 }
 
 /// `used/total MiB`, or `n/a` unless both are known.
-pub fn fmt_memory(g: &GpuStatus) -> String {
+pub fn fmt_memory(g: &GpuSample) -> String {
     match (g.memory_used_mib, g.memory_total_mib) {
         (Some(used), Some(total)) => format!("{used}/{total} MiB"),
         _ => "n/a".to_string(),
@@ -86,7 +91,7 @@ pub fn fmt_memory(g: &GpuStatus) -> String {
 }
 
 /// `37%`, or `n/a`.
-pub fn fmt_util(g: &GpuStatus) -> String {
+pub fn fmt_util(g: &GpuSample) -> String {
     g.utilization_pct.map_or_else(|| "n/a".to_string(), |u| format!("{u}%"))
 }
 
@@ -117,13 +122,7 @@ mod tests {
     }
 
     fn sample(id: u32) -> GpuSample {
-        GpuSample {
-            id,
-            name: Some("Fake A100".into()),
-            memory_used_mib: Some(1024),
-            memory_total_mib: Some(40960),
-            utilization_pct: Some(37),
-        }
+        GpuSample::known(id, "Fake A100", 1024, 40960, 37)
     }
 
     #[test]
@@ -132,12 +131,15 @@ mod tests {
         // Another node's app holding the same physical id must not be credited here.
         let apps = [app("model", "node-0", vec![5, 6]), app("other", "node-1", vec![4])];
         fill_gpu_rows(&mut n, &[sample(6), sample(4)], &apps);
-        let ids: Vec<u32> = n.gpus.iter().map(|g| g.id).collect();
+        let ids: Vec<u32> = n.gpus.iter().map(|g| g.sample.id).collect();
         assert_eq!(ids, [4, 5, 6]);
-        assert_eq!((n.gpus[0].app.as_deref(), n.gpus[0].memory_used_mib), (None, Some(1024)));
+        assert_eq!(
+            (n.gpus[0].app.as_deref(), n.gpus[0].sample.memory_used_mib),
+            (None, Some(1024))
+        );
         assert_eq!(n.gpus[1], GpuStatus { app: Some("model".into()), ..unknown_row(5) });
         assert_eq!(n.gpus[2].app.as_deref(), Some("model"));
-        assert_eq!(n.gpus[2].utilization_pct, Some(37));
+        assert_eq!(n.gpus[2].sample.utilization_pct, Some(37));
     }
 
     #[test]
@@ -148,27 +150,24 @@ mod tests {
     }
 
     fn unknown_row(id: u32) -> GpuStatus {
-        GpuStatus {
-            id,
-            name: None,
-            memory_used_mib: None,
-            memory_total_mib: None,
-            utilization_pct: None,
-            app: None,
-        }
+        GpuStatus { sample: GpuSample::unknown(id), app: None }
     }
 
     #[test]
     fn unknown_figures_read_n_a_and_serialise_as_null() {
         let mut g = unknown_row(0);
-        assert_eq!((fmt_memory(&g), fmt_util(&g)), ("n/a".to_string(), "n/a".to_string()));
+        assert_eq!(
+            (fmt_memory(&g.sample), fmt_util(&g.sample)),
+            ("n/a".to_string(), "n/a".to_string())
+        );
         let json = serde_json::to_value(&g).unwrap_or_default();
         assert!(json["memory_used_mib"].is_null() && json["app"].is_null(), "{json}");
-        g.memory_total_mib = Some(81559);
-        g.memory_used_mib = Some(0);
-        g.utilization_pct = Some(100);
-        assert_eq!((fmt_memory(&g), fmt_util(&g)), ("0/81559 MiB".into(), "100%".into()));
-        g.memory_used_mib = None;
-        assert_eq!(fmt_memory(&g), "n/a");
+        g.sample.memory_total_mib = Some(81559);
+        g.sample.memory_used_mib = Some(0);
+        g.sample.utilization_pct = Some(100);
+        let shown = (fmt_memory(&g.sample), fmt_util(&g.sample));
+        assert_eq!(shown, ("0/81559 MiB".into(), "100%".into()));
+        g.sample.memory_used_mib = None;
+        assert_eq!(fmt_memory(&g.sample), "n/a");
     }
 }

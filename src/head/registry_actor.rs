@@ -162,40 +162,51 @@ pub struct SetUpstream {
 #[rtype(result = "()")]
 pub struct SetNodes(pub Vec<NodeStatus>);
 
-impl Handler<Register> for RegistryActor {
-    type Result = Result<String, RegisterError>;
-    fn handle(&mut self, m: Register, _: &mut Context<Self>) -> Self::Result {
-        let out = self.reg.register(&m.0);
-        self.publish();
-        out
-    }
+/// One `Handler` per message, each a call on the registry: `change` re-publishes the gateway's
+/// view after the call (so no change can forget it), `set` changes what the view does not show,
+/// `read` answers without changing anything.
+macro_rules! on {
+    (change $msg:ty, $m:pat_param => $res:ty: |$reg:ident| $body:expr) => {
+        impl Handler<$msg> for RegistryActor {
+            type Result = $res;
+            fn handle(&mut self, $m: $msg, _: &mut Context<Self>) -> Self::Result {
+                let $reg = &mut self.reg;
+                let out = $body;
+                self.publish();
+                out
+            }
+        }
+    };
+    (set $msg:ty, $m:pat_param => |$reg:ident| $body:expr) => {
+        impl Handler<$msg> for RegistryActor {
+            type Result = ();
+            fn handle(&mut self, $m: $msg, _: &mut Context<Self>) -> Self::Result {
+                let $reg = &mut self.reg;
+                $body
+            }
+        }
+    };
+    (read $msg:ty, $m:pat_param => |$reg:ident| $body:expr) => {
+        impl Handler<$msg> for RegistryActor {
+            type Result = MessageResult<$msg>;
+            fn handle(&mut self, $m: $msg, _: &mut Context<Self>) -> Self::Result {
+                let $reg = &self.reg;
+                MessageResult($body)
+            }
+        }
+    };
 }
 
-impl Handler<Snapshot> for RegistryActor {
-    type Result = MessageResult<Snapshot>;
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.snapshot())
-    }
-}
+on!(change Register, m => Result<String, RegisterError>: |reg| reg.register(&m.0));
+on!(read Snapshot, _ => |reg| reg.snapshot());
 
 /// [`Snapshot`] of this node's own applications only (its gateway's metrics).
 #[derive(Debug, Message)]
 #[rtype(result = "StatusReport")]
 pub struct LocalSnapshot;
 
-impl Handler<LocalSnapshot> for RegistryActor {
-    type Result = MessageResult<LocalSnapshot>;
-    fn handle(&mut self, _: LocalSnapshot, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.local_snapshot())
-    }
-}
-
-impl Handler<IsRegistered> for RegistryActor {
-    type Result = MessageResult<IsRegistered>;
-    fn handle(&mut self, m: IsRegistered, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.registration(&m.0))
-    }
-}
+on!(read LocalSnapshot, _ => |reg| reg.local_snapshot());
+on!(read IsRegistered, m => |reg| reg.registration(&m.0));
 
 /// A downloading child's progress report (`POST /v1/progress`).
 #[derive(Debug, Message)]
@@ -213,113 +224,20 @@ impl Handler<Progress> for RegistryActor {
     }
 }
 
-impl Handler<ChildStarted> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: ChildStarted, _: &mut Context<Self>) {
-        self.reg.child_started(&m.app, m.pid, m.token);
-        self.publish();
-    }
-}
-
-impl Handler<ChildExited> for RegistryActor {
-    type Result = u32;
-    fn handle(&mut self, m: ChildExited, _: &mut Context<Self>) -> u32 {
-        let out = self.reg.child_exited(&m.app, m.how);
-        self.publish();
-        out
-    }
-}
-
-impl Handler<SpawnFailed> for RegistryActor {
-    type Result = u32;
-    fn handle(&mut self, m: SpawnFailed, _: &mut Context<Self>) -> u32 {
-        let out = self.reg.spawn_failed(&m.app, m.why);
-        self.publish();
-        out
-    }
-}
-
-impl Handler<StartupFailed> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: StartupFailed, _: &mut Context<Self>) {
-        self.reg.startup_failed(&m.app, m.why);
-        self.publish();
-    }
-}
-
-impl Handler<SetState> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: SetState, _: &mut Context<Self>) {
-        self.reg.set_state(&m.app, m.state);
-        self.publish();
-    }
-}
-
-impl Handler<SetAddresses> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: SetAddresses, _: &mut Context<Self>) {
-        self.reg.set_addresses(m.control, m.gateway);
-    }
-}
-
-impl Handler<SetGpuSamples> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: SetGpuSamples, _: &mut Context<Self>) {
-        self.reg.set_gpu_samples(&m.node, m.samples);
-    }
-}
-
-impl Handler<GpuSamples> for RegistryActor {
-    type Result = MessageResult<GpuSamples>;
-    fn handle(&mut self, m: GpuSamples, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.gpu_samples(&m.0))
-    }
-}
-
-impl Handler<AddApp> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: AddApp, _: &mut Context<Self>) {
-        self.reg.add_app(m.0);
-        self.publish();
-    }
-}
-
-impl Handler<RemoveApp> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: RemoveApp, _: &mut Context<Self>) {
-        self.reg.remove_app(&m.0);
-        self.publish();
-    }
-}
-
-impl Handler<SetUpstream> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: SetUpstream, _: &mut Context<Self>) {
-        self.reg.set_upstream(&m.app, m.address);
-        self.publish();
-    }
-}
-
-impl Handler<SetNodes> for RegistryActor {
-    type Result = ();
-    fn handle(&mut self, m: SetNodes, _: &mut Context<Self>) {
-        self.reg.set_nodes(m.0);
-    }
-}
-
-impl Handler<Lookup> for RegistryActor {
-    type Result = MessageResult<Lookup>;
-    fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.lookup(&m.0))
-    }
-}
-
-impl Handler<ReadyQuery> for RegistryActor {
-    type Result = MessageResult<ReadyQuery>;
-    fn handle(&mut self, _: ReadyQuery, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.reg.readiness())
-    }
-}
+on!(change ChildStarted, m => (): |reg| reg.child_started(&m.app, m.pid, m.token));
+on!(change ChildExited, m => u32: |reg| reg.child_exited(&m.app, m.how));
+on!(change SpawnFailed, m => u32: |reg| reg.spawn_failed(&m.app, m.why));
+on!(change StartupFailed, m => (): |reg| reg.startup_failed(&m.app, m.why));
+on!(change SetState, m => (): |reg| reg.set_state(&m.app, m.state));
+on!(set SetAddresses, m => |reg| reg.set_addresses(m.control, m.gateway));
+on!(set SetGpuSamples, m => |reg| reg.set_gpu_samples(&m.node, m.samples));
+on!(read GpuSamples, m => |reg| reg.gpu_samples(&m.0));
+on!(change AddApp, m => (): |reg| reg.add_app(m.0));
+on!(change RemoveApp, m => (): |reg| reg.remove_app(&m.0));
+on!(change SetUpstream, m => (): |reg| reg.set_upstream(&m.app, m.address));
+on!(set SetNodes, m => |reg| reg.set_nodes(m.0));
+on!(read Lookup, m => |reg| reg.lookup(&m.0));
+on!(read ReadyQuery, _ => |reg| reg.readiness());
 
 #[cfg(test)]
 mod tests {

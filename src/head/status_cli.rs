@@ -79,10 +79,10 @@ fn render_gpus(out: &mut String, gpus: &[GpuStatus]) {
         let _ = writeln!(
             out,
             "     {:<4} {:<28} {:<20} {:>4}  {}",
-            g.id,
-            g.name.as_deref().unwrap_or("n/a"),
-            gpu_table::fmt_memory(g),
-            gpu_table::fmt_util(g),
+            g.sample.id,
+            g.sample.name.as_deref().unwrap_or("n/a"),
+            gpu_table::fmt_memory(&g.sample),
+            gpu_table::fmt_util(&g.sample),
             g.app.as_deref().unwrap_or("-")
         );
     }
@@ -207,9 +207,16 @@ pub fn render_view(v: &StatusView) -> String {
             .nodes
             .iter()
             .flat_map(|n| &n.gpus)
-            .filter(|g| g.app.as_deref() == Some(a.name.as_str()) && g.memory_total_mib.is_some())
+            .filter(|g| {
+                g.app.as_deref() == Some(a.name.as_str()) && g.sample.memory_total_mib.is_some()
+            })
             .map(|g| {
-                format!("{} {} {}", g.id, gpu_table::fmt_memory(g), gpu_table::fmt_util(g).trim())
+                format!(
+                    "{} {} {}",
+                    g.sample.id,
+                    gpu_table::fmt_memory(&g.sample),
+                    gpu_table::fmt_util(&g.sample).trim()
+                )
             })
             .collect();
         if !cards.is_empty() {
@@ -241,7 +248,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::head::gpu_table::GpuStatus;
+    use crate::head::gpu_table::{GpuSample, GpuStatus};
     use crate::head::registry::{AppState, AppStatus, NodeStatus};
 
     #[test]
@@ -262,21 +269,10 @@ mod tests {
                 alive: true,
                 gpus: vec![
                     GpuStatus {
-                        id: 0,
-                        name: Some("NVIDIA H100 80GB HBM3".into()),
-                        memory_used_mib: Some(1234),
-                        memory_total_mib: Some(81559),
-                        utilization_pct: Some(37),
+                        sample: GpuSample::known(0, "NVIDIA H100 80GB HBM3", 1234, 81559, 37),
                         app: Some("model".into()),
                     },
-                    GpuStatus {
-                        id: 7,
-                        name: None,
-                        memory_used_mib: None,
-                        memory_total_mib: None,
-                        utilization_pct: None,
-                        app: None,
-                    },
+                    GpuStatus { sample: GpuSample::unknown(7), app: None },
                 ],
             }],
             applications: vec![

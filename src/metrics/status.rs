@@ -62,13 +62,13 @@ pub fn render(report: &StatusReport) -> String {
     type Pick = fn(&crate::head::gpu_table::GpuStatus) -> Option<f64>;
     let gpu_families: [(&str, &str, Pick); 3] = [
         ("twinkle_gpu_memory_used_bytes", "GPU memory in use (NVML).", |g| {
-            g.memory_used_mib.map(|m| m as f64 * MIB)
+            g.sample.memory_used_mib.map(|m| m as f64 * MIB)
         }),
         ("twinkle_gpu_memory_total_bytes", "GPU memory of the card (NVML).", |g| {
-            g.memory_total_mib.map(|m| m as f64 * MIB)
+            g.sample.memory_total_mib.map(|m| m as f64 * MIB)
         }),
         ("twinkle_gpu_utilization_ratio", "GPU utilisation, 0 to 1 (NVML).", |g| {
-            g.utilization_pct.map(|u| f64::from(u) / 100.0)
+            g.sample.utilization_pct.map(|u| f64::from(u) / 100.0)
         }),
     ];
     for (name, help, pick) in gpu_families {
@@ -76,7 +76,7 @@ pub fn render(report: &StatusReport) -> String {
         for n in &report.nodes {
             for g in &n.gpus {
                 let Some(v) = pick(g) else { continue };
-                let id = g.id.to_string();
+                let id = g.sample.id.to_string();
                 let app = g.app.as_deref().unwrap_or("");
                 w.sample(name, &[("node", &n.id), ("gpu", &id), ("app", app)], v);
             }
@@ -88,7 +88,7 @@ pub fn render(report: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::head::gpu_table::GpuStatus;
+    use crate::head::gpu_table::{GpuSample, GpuStatus};
     use crate::head::registry::DownloadStatus;
     use crate::head::{AppStatus, NodeStatus};
 
@@ -106,11 +106,7 @@ mod tests {
             gpu_ids: vec![0],
             alive: true,
             gpus: vec![GpuStatus {
-                id: 0,
-                name: Some("H100".into()),
-                memory_used_mib: Some(1024),
-                memory_total_mib: Some(2048),
-                utilization_pct: Some(50),
+                sample: GpuSample::known(0, "H100", 1024, 2048, 50),
                 app: Some("m".into()),
             }],
         };

@@ -476,28 +476,24 @@ applications:
     fn child_env_uses_scheduler_ids_and_keeps_runtime_env() {
         let cfg = config::load_str(TINKER).expect("config parses");
         let (placed, _) = plan(&cfg, node(vec![4, 5, 6, 7])).expect("fits");
-        let spec = child_spec(
-            Path::new("/bin/twinkle"),
-            Path::new("/c.yaml"),
-            &placed[1],
-            ServerType::Tinker,
-            "127.0.0.1:9",
-            "info",
-        );
+        let spec_of = |p| {
+            child_spec(
+                Path::new("/bin/twinkle"),
+                Path::new("/c.yaml"),
+                p,
+                ServerType::Tinker,
+                "127.0.0.1:9",
+                "info",
+            )
+        };
+        let spec = spec_of(&placed[1]);
         let get = |k: &str| spec.env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         assert_eq!(get("CUDA_VISIBLE_DEVICES"), Some(placed[1].alloc.cuda_visible_devices()));
         assert_ne!(get("CUDA_VISIBLE_DEVICES").as_deref(), Some("9"));
         assert_eq!(spec.env.iter().filter(|(k, _)| k == "CUDA_VISIBLE_DEVICES").count(), 1);
         assert_eq!(get("FOO").as_deref(), Some("bar"));
         assert_eq!(get("CUDA_DEVICE_ORDER").as_deref(), Some("PCI_BUS_ID"));
-        let server = child_spec(
-            Path::new("/bin/twinkle"),
-            Path::new("/c.yaml"),
-            &placed[0],
-            ServerType::Tinker,
-            "127.0.0.1:9",
-            "info",
-        );
+        let server = spec_of(&placed[0]);
         let cvd = server.env.iter().find(|(k, _)| k == "CUDA_VISIBLE_DEVICES").map(|(_, v)| v);
         assert_eq!(cvd.map(String::as_str), Some(""));
         assert_eq!(spec.args[0], "worker");

@@ -10,8 +10,8 @@ use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::cuda::{Act, CudaRuntime};
 use twinkle::engine::parallel::DataParallel;
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
-use twinkle::engine::{AdamParams, Adapter, Datum, LossFn, LossInputs, Model, ModelRuntime};
+use twinkle::engine::synth::{Init, SynthSpec};
+use twinkle::engine::{AdamParams, Adapter, Datum, LossFn, Model, ModelRuntime};
 
 fn tiny_model() -> Result<(tempfile::TempDir, Arc<Model>)> {
     let spec = SynthSpec {
@@ -40,18 +40,7 @@ fn adapter(model: &Model) -> Result<Adapter> {
 }
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
-    let mut rng = SynthRng(seed);
-    lens.iter()
-        .map(|&n| Datum {
-            input_tokens: rng.tokens(n, vocab),
-            inputs: LossInputs {
-                target_tokens: rng.tokens(n, vocab),
-                k: 1,
-                weights: Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect()),
-                ..Default::default()
-            },
-        })
-        .collect()
+    crate::engine_support::random_batch(seed, lens, vocab, false)
 }
 
 fn max_rel(got: &[f32], want: &[f32]) -> f64 {

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::json;
 use twinkle::engine::synth::{Init, SynthSpec};
 use twinkle::engine::weights::save_f32;
-use twinkle::engine::{Adapter, LoraConfig, Model, Target, Tensor};
+use twinkle::engine::{Adapter, Datum, LoraConfig, LossInputs, Model, Target, Tensor};
 
 /// Deterministic values in [-1, 1) for test inputs (the engine's input stream).
 pub use twinkle::engine::synth::SynthRng as Rng;
@@ -123,4 +123,25 @@ pub fn full_lora(model: &Model, seed: u64, b_seed: u64, b_scale: f32) -> Adapter
 /// Random token ids.
 pub fn tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
     rng.tokens(n, vocab)
+}
+
+/// Random datums of `lens` tokens: random targets, weights in [0.5, 1.5) and, with `rl`, sampler
+/// logprobs and advantages too (what the policy losses read), all drawn from one seeded stream.
+pub fn random_batch(seed: u64, lens: &[usize], vocab: usize, rl: bool) -> Vec<Datum> {
+    let mut rng = Rng(seed);
+    lens.iter()
+        .map(|&n| {
+            let input_tokens = rng.tokens(n, vocab);
+            let target_tokens = rng.tokens(n, vocab);
+            let weights = Some((0..n).map(|_| 0.5 + rng.next_f32().abs()).collect());
+            let (logprobs, advantages) = if rl {
+                let lp = (0..n).map(|_| -2.0 - rng.next_f32().abs()).collect();
+                (Some(lp), Some(rng.vec(n, 1.0)))
+            } else {
+                (None, None)
+            };
+            let inputs = LossInputs { target_tokens, k: 1, weights, logprobs, advantages };
+            Datum { input_tokens, inputs }
+        })
+        .collect()
 }

@@ -82,6 +82,14 @@ pub fn adam(id: &str, lr: f64) -> OptimStepRequest {
     OptimStepRequest { model_id: id.into(), adam_params: p }
 }
 
+/// `steps` training steps of adapter `id`: forward_backward on [`SEQ`], then Adam at `lr`.
+pub fn train(svc: &ModelService, id: &str, steps: usize, lr: f64) {
+    for _ in 0..steps {
+        loss(svc, id, false);
+        svc.optim_step(&adam(id, lr)).unwrap();
+    }
+}
+
 pub fn loss(svc: &ModelService, id: &str, forward_only: bool) -> f64 {
     svc.forward_backward(&fwdbwd(id, forward_only, vec![datum(&SEQ)])).unwrap().metrics["loss:sum"]
 }

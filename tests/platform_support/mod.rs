@@ -14,6 +14,10 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+mod sdk;
+#[allow(unused_imports)] // each test binary uses what it needs
+pub use sdk::{memorized_answers, sdk_command, sdk_result};
+
 /// The `twinkle` binary under test: `TWINKLE_BIN` when set (a prebuilt test executable run on
 /// another machine, as scripts/gpu-check.sh does), else the one cargo built with the tests.
 pub fn bin() -> String {
@@ -90,13 +94,44 @@ pub fn generated_app(
     model: &str,
     device: &str,
 ) -> String {
+    app_entry(name, prefix, import_path, &format!("generate://{model}"), import_path, device)
+}
+
+/// Application `name` at `prefix` of kind `import_path` on `model_id` (any source: `hf://`,
+/// `ms://`, one that exists nowhere), one rank on `device`.
+pub fn model_app(
+    name: &str,
+    prefix: &str,
+    import_path: &str,
+    model_id: &str,
+    device: &str,
+) -> String {
+    app_entry(name, prefix, import_path, model_id, name, device)
+}
+
+/// A model application whose model exists nowhere (`ms://Nobody/Missing-Model`), at
+/// `/api/v1/model/missing`: it fails to start and must not take the others down.
+pub fn broken_app() -> String {
+    model_app("broken", "/api/v1/model/missing", "model", "ms://Nobody/Missing-Model", "cpu")
+}
+
+/// One `applications:` entry with its `args` open: callers may append more `args` lines
+/// (6 spaces) or a `deployments:` block (4 spaces).
+fn app_entry(
+    name: &str,
+    prefix: &str,
+    import_path: &str,
+    model_id: &str,
+    group: &str,
+    device: &str,
+) -> String {
     format!(
         r#"  - name: {name}
     route_prefix: {prefix}
     import_path: {import_path}
     args:
-      model_id: generate://{model}
-      device_group: {{name: {import_path}, ranks: 1, device_type: {device}}}
+      model_id: {model_id}
+      device_group: {{name: {group}, ranks: 1, device_type: {device}}}
 "#
     )
 }
@@ -315,6 +350,23 @@ impl Drop for Serve {
 /// Runs `cmd` (a `twinkle` command of the cluster tests) with its state in `home`, short node
 /// timeouts, the pinned internal token (placement and routing only: every child is the identity
 /// application), no inherited cards or cluster settings, then `env`.
+/// `twinkle start --head` arguments of the cluster tests' head machine: 4 cards, 8 CPUs, the
+/// control port `port` and the gateway on `gateway`; callers append what is particular to them.
+pub fn head_start_args<'a>(port: &'a str, gateway: &'a str) -> Vec<&'a str> {
+    vec![
+        "start",
+        "--head",
+        "--port",
+        port,
+        "--num-gpus",
+        "4",
+        "--num-cpus",
+        "8",
+        "--gateway-port",
+        gateway,
+    ]
+}
+
 pub fn run_cluster(mut cmd: Command, home: &Path, env: &[(&str, &str)]) -> Result<Output> {
     cmd.env("TWINKLE_HOME", home)
         .env("TWINKLE_NODE_TIMEOUT_S", "3")

@@ -63,44 +63,42 @@ async fn sampling_routes_and_their_refusals() -> Result<()> {
     ensure!(o1.sequences.len() == 1 && o1.sequences[0].tokens.len() == 3, "{o1:?}");
 
     // Refusals of create_sampling_session and samplers/{id}.
-    let css = |body: Value| post("create_sampling_session", body);
-    let r = call(
-        &svc,
-        css(json!({"session_id": "sess-nope", "sampling_session_seq_id": 2,
-        "base_model": MODEL})),
-    )
-    .await;
-    r.refused(404, &["not found"])?;
-    let r = call(&svc, css(json!({"session_id": s, "sampling_session_seq_id": 2}))).await;
-    r.refused(400, &["base_model", "model_path"])?;
-    let r = call(
-        &svc,
-        css(json!({"session_id": s, "sampling_session_seq_id": 2,
-        "base_model": "no/such-model"})),
-    )
-    .await;
-    r.refused(404, &["no/such-model"])?;
-    let r = call(
-        &svc,
-        css(json!({"session_id": s, "sampling_session_seq_id": 2,
-        "model_path": "file:///etc"})),
-    )
-    .await;
-    r.refused(400, &["tinker://"])?;
-    let r = call(
-        &svc,
-        css(json!({"session_id": s, "sampling_session_seq_id": 2,
-        "model_path": format!("tinker://{m}/sampler_weights/none")})),
-    )
-    .await;
-    r.refused(404, &["not found"])?;
-    let r = call(
-        &svc,
-        css(json!({"session_id": s, "sampling_session_seq_id": "x",
-        "base_model": MODEL})),
-    )
-    .await;
-    r.refused(400, &["sampling_session_seq_id"])?;
+    let refusals: [(Value, u16, &[&str]); 6] = [
+        (
+            json!({"session_id": "sess-nope", "sampling_session_seq_id": 2, "base_model": MODEL}),
+            404,
+            &["not found"],
+        ),
+        (
+            json!({"session_id": s, "sampling_session_seq_id": 2}),
+            400,
+            &["base_model", "model_path"],
+        ),
+        (
+            json!({"session_id": s, "sampling_session_seq_id": 2, "base_model": "no/such-model"}),
+            404,
+            &["no/such-model"],
+        ),
+        (
+            json!({"session_id": s, "sampling_session_seq_id": 2, "model_path": "file:///etc"}),
+            400,
+            &["tinker://"],
+        ),
+        (
+            json!({"session_id": s, "sampling_session_seq_id": 2,
+                "model_path": format!("tinker://{m}/sampler_weights/none")}),
+            404,
+            &["not found"],
+        ),
+        (
+            json!({"session_id": s, "sampling_session_seq_id": "x", "base_model": MODEL}),
+            400,
+            &["sampling_session_seq_id"],
+        ),
+    ];
+    for (body, status, words) in refusals {
+        call(&svc, post("create_sampling_session", body)).await.refused(status, words)?;
+    }
     call(&svc, get("samplers/sess-nope:sample:0")).await.refused(404, &["not found"])?;
     call(&svc, get_as("tml-other", &format!("samplers/{sid}")))
         .await

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::Processor;
 use super::dataset::poisoned;
+use super::kwargs::{opt_bool, opt_u64};
 use crate::protocol::twinkle::TwinkleError;
 
 /// Default shuffle seed (upstream's `DataLoader` seeds torch's sampler with 42 too).
@@ -56,23 +57,6 @@ pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     v
 }
 
-fn kw_u64(kw: &Map<String, Value>, key: &str) -> Result<Option<u64>, TwinkleError> {
-    match kw.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            TwinkleError::bad(format!("{key} must be a non-negative integer, got {v}"))
-        }),
-    }
-}
-
-fn kw_bool(kw: &Map<String, Value>, key: &str) -> Result<bool, TwinkleError> {
-    match kw.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(TwinkleError::bad(format!("{key} must be a boolean, got {v}"))),
-    }
-}
-
 impl DataLoader {
     /// `DataLoader(dataset=<pid>, batch_size, shuffle?, seed?, drop_last?)`; `dataset` is
     /// already resolved to the dataset processor.
@@ -81,7 +65,7 @@ impl DataLoader {
         dataset_id: String,
         kw: &Map<String, Value>,
     ) -> Result<Self, TwinkleError> {
-        let batch_size = kw_u64(kw, "batch_size")?.unwrap_or(1);
+        let batch_size = opt_u64(kw, "batch_size")?.unwrap_or(1);
         if batch_size == 0 || batch_size > 1 << 20 {
             return Err(TwinkleError::bad(format!(
                 "batch_size must be in 1..=1048576, got {batch_size}"
@@ -98,9 +82,9 @@ impl DataLoader {
             dataset,
             dataset_id,
             batch_size: batch_size as usize,
-            shuffle: kw_bool(kw, "shuffle")?,
-            seed: kw_u64(kw, "seed")?.unwrap_or(DEFAULT_SEED),
-            drop_last: kw_bool(kw, "drop_last")?,
+            shuffle: opt_bool(kw, "shuffle")?,
+            seed: opt_u64(kw, "seed")?.unwrap_or(DEFAULT_SEED),
+            drop_last: opt_bool(kw, "drop_last")?,
             epoch: 0,
             cursor: 0,
             order: Vec::new(),
@@ -142,7 +126,7 @@ impl DataLoader {
                 "seed": self.seed,
             })),
             "skip_consumed_samples" | "resume_from_checkpoint" => {
-                let n = kw_u64(kw, "consumed_train_samples")?.ok_or_else(|| {
+                let n = opt_u64(kw, "consumed_train_samples")?.ok_or_else(|| {
                     TwinkleError::bad(format!("{function} needs consumed_train_samples"))
                 })?;
                 let len = self.dataset_len()? as u64;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value, json};
 
 use super::data;
+use super::kwargs::{opt_bool, opt_str, opt_u64};
 use super::preprocess::{Filter, Preprocessor, checked_messages};
 use crate::protocol::twinkle::TwinkleError;
 use crate::protocol::twinkle::wire::{DataSlice, dataset_meta, decode_typed};
@@ -71,31 +72,6 @@ fn template_name_ok(name: &str) -> bool {
         || ((name.starts_with("Qwen") || name.starts_with("Llama"))
             && name.ends_with("Template")
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-}
-
-fn opt_usize(kw: &Map<String, Value>, key: &str) -> Result<Option<usize>, TwinkleError> {
-    match kw.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            TwinkleError::bad(format!("{key} must be a non-negative integer, got {v}"))
-        }),
-    }
-}
-
-fn opt_bool(kw: &Map<String, Value>, key: &str) -> Result<bool, TwinkleError> {
-    match kw.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(TwinkleError::bad(format!("{key} must be a boolean, got {v}"))),
-    }
-}
-
-fn opt_str<'a>(kw: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, TwinkleError> {
-    match kw.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(TwinkleError::bad(format!("{key} must be a string, got {v}"))),
-    }
 }
 
 impl Dataset {
@@ -186,7 +162,7 @@ impl Dataset {
             })?;
             extra.insert("enable_thinking".into(), Value::Bool(b));
         }
-        let max_length = opt_usize(kw, "max_length")?.filter(|&m| m > 0);
+        let max_length = opt_u64(kw, "max_length")?.map(|n| n as usize).filter(|&m| m > 0);
         self.template = Some(Template { tokenizer, opts: RenderOptions { extra, max_length } });
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod data;
 pub mod dataloader;
 pub mod dataset;
 pub mod http;
+mod kwargs;
 pub mod preprocess;
 pub mod registry;
 

@@ -454,20 +454,20 @@ impl<T: Act> CudaModel<T> {
         let dv = self.unpad_owned(dvp, rows * nkv)?;
         let dq = self.rope(&dq, &p.pos, rows, nh, true)?;
         let dk = self.rope(&dk, &p.pos, rows, nkv, true)?;
+        // The QK-norm backward of q or k, [rows, heads, hd].
+        let qk_norm_bwd = |d: &CudaSlice<T>,
+                           pre: &CudaSlice<T>,
+                           w: &CudaSlice<T>,
+                           rstd: &CudaSlice<f32>,
+                           heads: usize|
+         -> R<Buf<T>> {
+            let n = rows * heads * hd;
+            self.rmsnorm_bwd(&view(d, 0, n)?, &view(pre, 0, n)?, w, rstd)
+        };
         let (dq, dk) = match (&lw.qk_norm, &s.qk_pre) {
             (Some((qn, kn)), Some((q_pre, q_rstd, k_pre, k_rstd))) => (
-                self.rmsnorm_bwd(
-                    &view(&dq, 0, rows * nh * hd)?,
-                    &view(q_pre, 0, rows * nh * hd)?,
-                    qn,
-                    q_rstd,
-                )?,
-                self.rmsnorm_bwd(
-                    &view(&dk, 0, rows * nkv * hd)?,
-                    &view(k_pre, 0, rows * nkv * hd)?,
-                    kn,
-                    k_rstd,
-                )?,
+                qk_norm_bwd(&dq, q_pre, qn, q_rstd, nh)?,
+                qk_norm_bwd(&dk, k_pre, kn, k_rstd, nkv)?,
             ),
             _ => (dq, dk),
         };

@@ -489,11 +489,8 @@ impl<T: Act> CudaModel<T> {
         let (xv, pv) = (view(x, 0, n)?, view(pos, 0, rows)?);
         let mut ov = view_mut(&mut out, 0, n)?;
         let (c, s) = (self.cos.as_view(), self.sin.as_view());
-        if backward {
-            k::rope_bwd(&self.dev, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
-        } else {
-            k::rope_fwd(&self.dev, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
-        }
+        let dir = if backward { k::RopeDir::Backward } else { k::RopeDir::Forward };
+        k::rope(&self.dev, dir, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
         Ok(out)
     }
 }

@@ -135,36 +135,23 @@ EMU_API Status cublasGetVersion_v2(void*, int* v) {
     *v = 130000;
     return SUCCESS;
 }
-EMU_API Status cublasSetStream_v2(void* h, void* s) {
-    if (!h) return NOT_INITIALIZED;
-    static_cast<Handle*>(h)->stream = s;
-    return SUCCESS;
-}
-EMU_API Status cublasGetStream_v2(void* h, void** s) {
-    if (!h) return NOT_INITIALIZED;
-    if (s) *s = static_cast<Handle*>(h)->stream;
-    return SUCCESS;
-}
-EMU_API Status cublasSetPointerMode_v2(void* h, int mode) {
-    if (!h) return NOT_INITIALIZED;
-    static_cast<Handle*>(h)->pointer_mode = mode;
-    return SUCCESS;
-}
-EMU_API Status cublasGetPointerMode_v2(void* h, int* mode) {
-    if (!h) return NOT_INITIALIZED;
-    if (mode) *mode = static_cast<Handle*>(h)->pointer_mode;
-    return SUCCESS;
-}
-EMU_API Status cublasSetMathMode(void* h, int mode) {
-    if (!h) return NOT_INITIALIZED;
-    static_cast<Handle*>(h)->math_mode = mode;
-    return SUCCESS;
-}
-EMU_API Status cublasGetMathMode(void* h, int* mode) {
-    if (!h) return NOT_INITIALIZED;
-    if (mode) *mode = static_cast<Handle*>(h)->math_mode;
-    return SUCCESS;
-}
+// A handle attribute's setter and getter (stream, pointer mode, math mode): a null handle is
+// NOT_INITIALIZED like cuBLAS, a null out-pointer of a getter is ignored.
+#define HANDLE_ATTR(SET, GET, TYPE, FIELD)                       \
+    EMU_API Status SET(void* h, TYPE v) {                        \
+        if (!h) return NOT_INITIALIZED;                          \
+        static_cast<Handle*>(h)->FIELD = v;                      \
+        return SUCCESS;                                          \
+    }                                                            \
+    EMU_API Status GET(void* h, TYPE* v) {                       \
+        if (!h) return NOT_INITIALIZED;                          \
+        if (v) *v = static_cast<Handle*>(h)->FIELD;              \
+        return SUCCESS;                                          \
+    }
+HANDLE_ATTR(cublasSetStream_v2, cublasGetStream_v2, void*, stream)
+HANDLE_ATTR(cublasSetPointerMode_v2, cublasGetPointerMode_v2, int, pointer_mode)
+HANDLE_ATTR(cublasSetMathMode, cublasGetMathMode, int, math_mode)
+#undef HANDLE_ATTR
 EMU_API Status cublasSetWorkspace_v2(void*, void*, std::size_t) { return SUCCESS; }
 EMU_API const char* cublasGetStatusName(Status s) {
     switch (s) {

@@ -119,10 +119,20 @@ pub fn rmsnorm_bwd<T: Dtype>(
     }
 }
 
+/// Which way [`rope`] rotates: the forward, or its gradient (rotation by the negative angle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeDir {
+    Forward,
+    Backward,
+}
+
+/// Rotates `x` [n, heads, hd] by the angles at `pos` [n] (HF rotate_half), or back for
+/// [`RopeDir::Backward`] (then `x` is the output gradient and `out` the input's); cos/sin are
+/// f32 tables [P, hd/2].
 #[allow(clippy::too_many_arguments)]
-fn rope<T: Dtype>(
+pub fn rope<T: Dtype>(
     dev: &CudaDevice,
-    k: &'static str,
+    dir: RopeDir,
     out: &mut CudaViewMut<'_, T>,
     x: &CudaView<'_, T>,
     cos: &CudaView<'_, f32>,
@@ -131,6 +141,10 @@ fn rope<T: Dtype>(
     heads: usize,
     hd: usize,
 ) -> Result<(), CudaError> {
+    let k = match dir {
+        RopeDir::Forward => sym!(T, "rope_fwd"),
+        RopeDir::Backward => sym!(T, "rope_bwd"),
+    };
     if hd == 0 || !hd.is_multiple_of(2) {
         return Err(shape_err(k, format!("head_dim {hd} must be even and > 0")));
     }
@@ -162,37 +176,6 @@ fn rope<T: Dtype>(
             l.arg(out).arg(x).arg(cos).arg(sin).arg(pos).arg(&ni).arg(&hi).arg(&hdi).arg(&pi);
         })
     }
-}
-
-/// Rotates `x` [n, heads, hd] by the angles at `pos` [n] (HF rotate_half); cos/sin are
-/// f32 tables [P, hd/2].
-#[allow(clippy::too_many_arguments)]
-pub fn rope_fwd<T: Dtype>(
-    dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, T>,
-    x: &CudaView<'_, T>,
-    cos: &CudaView<'_, f32>,
-    sin: &CudaView<'_, f32>,
-    pos: &CudaView<'_, i32>,
-    heads: usize,
-    hd: usize,
-) -> Result<(), CudaError> {
-    rope(dev, sym!(T, "rope_fwd"), out, x, cos, sin, pos, heads, hd)
-}
-
-/// Gradient of [`rope_fwd`]: rotation by the negative angle.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_bwd<T: Dtype>(
-    dev: &CudaDevice,
-    dx: &mut CudaViewMut<'_, T>,
-    dout: &CudaView<'_, T>,
-    cos: &CudaView<'_, f32>,
-    sin: &CudaView<'_, f32>,
-    pos: &CudaView<'_, i32>,
-    heads: usize,
-    hd: usize,
-) -> Result<(), CudaError> {
-    rope(dev, sym!(T, "rope_bwd"), dx, dout, cos, sin, pos, heads, hd)
 }
 
 /// out = silu(gate) * up.

@@ -20,9 +20,7 @@ pub use elementwise::{
     acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
 };
 pub use gemm::{BLayout, matmul};
-pub use layers::{
-    embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope_bwd, rope_fwd, swiglu_bwd, swiglu_fwd,
-};
+pub use layers::{RopeDir, embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope, swiglu_bwd, swiglu_fwd};
 pub use lora::{LoraLayout, lora_expand_fwd, lora_shrink_fwd, lora_wgrad_bwd};
 pub use loss::{
     AdamStep, LossVariant, adamw_fwd, loss_fwd, loss_term_fwd, xent_bwd, xent_bwd_inplace,
