@@ -54,8 +54,12 @@ pub(crate) fn base_xwt(y: &mut [f32], x: &[f32], rows: usize, w: &Weight, how: &
     }
 }
 
-/// Rows `rows` of `y = x · Wᵀ`, each element summed in the fixed order of [`dot_rows`].
+/// Rows `rows` of `y = x · Wᵀ`, each element summed in the fixed order of [`dot_rows_on`].
 fn xwt_fixed(y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
+    xwt_fixed_on(Path::detect(), y, x, rows, w)
+}
+
+fn xwt_fixed_on(path: Path, y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
     let (n, k) = (w.rows(), w.cols());
     if rows.is_empty() || n == 0 {
         return;
@@ -78,7 +82,7 @@ fn xwt_fixed(y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
                 }
             };
             let mut out = vec![0.0f32; xs.len() * (j1 - j0)];
-            dot_rows(&xs, wp, k, &mut out);
+            dot_rows_on(path, &xs, wp, k, &mut out);
             (j0, out)
         })
         .collect();
@@ -91,20 +95,68 @@ fn xwt_fixed(y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
 }
 
 /// `out[i, j] = xs[i] · wp[j, :]` (`wp` row-major `[m, k]`, `out` `[xs.len(), m]`). Every
-/// element is the same sequence of operations whatever tile it falls in: eight running sums
-/// over `k` in steps of eight, added in a fixed tree, then the tail in order.
-fn dot_rows(xs: &[&[f32]], wp: &[f32], k: usize, out: &mut [f32]) {
-    let m = wp.len().checked_div(k).unwrap_or_else(|| out.len() / xs.len().max(1));
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); `avx2::dot_rows` reads only
-        // inside the slices it is given (its loads are bounded by `k` on every row).
-        unsafe { avx2::dot_rows(xs, wp, k, m, out) };
-        return;
+/// element is the same sequence of operations whatever tile it falls in: one running sum per
+/// SIMD lane over `k`, the lanes added in a fixed tree, then the tail in order. The widest
+/// path the CPU has is used throughout the process (paths differ in the last bits from each
+/// other, never from themselves).
+/// The instruction sets the kernel has a path for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Path {
+    /// The widest path this CPU runs.
+    fn detect() -> Path {
+        Path::available()[0]
     }
-    for (i, x) in xs.iter().enumerate() {
-        for j in 0..m {
-            out[i * m + j] = dot_portable(x, &wp[j * k..(j + 1) * k]);
+
+    /// Every path this CPU runs, widest first (detected once).
+    fn available() -> &'static [Path] {
+        static PATHS: std::sync::OnceLock<Vec<Path>> = std::sync::OnceLock::new();
+        PATHS.get_or_init(Path::probe)
+    }
+
+    fn probe() -> Vec<Path> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Path::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                out.push(Path::Avx2);
+            }
+        }
+        out.push(Path::Portable);
+        out
+    }
+}
+
+fn dot_rows_on(path: Path, xs: &[&[f32]], wp: &[f32], k: usize, out: &mut [f32]) {
+    let m = wp.len().checked_div(k).unwrap_or_else(|| out.len() / xs.len().max(1));
+    match path {
+        // SAFETY: `Path::available` lists a SIMD path only when the CPU has its instructions;
+        // the kernels read only inside the slices they are given (loads bounded by `k`).
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 if Path::available().contains(&Path::Avx512) => unsafe {
+            x86::dot_rows_avx512(xs, wp, k, m, out)
+        },
+        // SAFETY: as above, for AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 if Path::available().contains(&Path::Avx2) => unsafe {
+            x86::dot_rows_avx2(xs, wp, k, m, out)
+        },
+        _ => {
+            for (i, x) in xs.iter().enumerate() {
+                for j in 0..m {
+                    out[i * m + j] = dot_portable(x, &wp[j * k..(j + 1) * k]);
+                }
+            }
         }
     }
 }
@@ -132,86 +184,193 @@ fn lane_tree(l: &[f32; LANES]) -> f32 {
     ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
+/// One SIMD register of f32 lanes, as the fixed-order kernel uses it.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+trait Lanes {
+    type V: Copy;
+    /// Lanes per register (a multiple of [`LANES`]).
+    const W: usize;
+    /// Tile shapes (rows, weight rows): for groups of four rows, and for single rows.
+    const COLS4: usize;
+    /// # Safety
+    /// The CPU has the instruction set of the implementation.
+    unsafe fn zero() -> Self::V;
+    /// # Safety
+    /// As [`Lanes::zero`]; `p` points at `W` readable floats.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn fma(x: Self::V, w: Self::V, acc: Self::V) -> Self::V;
+    /// # Safety
+    /// As [`Lanes::zero`]; `p` points at `W` writable floats.
+    unsafe fn store(p: *mut f32, v: Self::V);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, lane_tree};
+    use super::{Lanes, dot_rows_simd};
 
-    /// Rows four at a time against two weight rows, then single rows against four weight
-    /// rows (a one-row decode streams the weight with four loads in flight).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_rows(xs: &[&[f32]], wp: &[f32], k: usize, m: usize, out: &mut [f32]) {
-        let mut i = 0;
-        while i + 4 <= xs.len() {
-            let mut j = 0;
-            while j + 2 <= m {
-                tile::<4, 2>(&xs[i..i + 4], wp, j, k, m, i, out);
-                j += 2;
+    pub(super) struct Avx2;
+    pub(super) struct Avx512;
+
+    /// `Lanes` for one register type from its four intrinsics.
+    macro_rules! lanes {
+        ($isa:ident, $feat:literal, $entry:ident, $v:ty, $w:expr, $cols4:expr,
+         $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+            /// [`dot_rows_simd`] compiled for this instruction set.
+            ///
+            /// # Safety
+            /// The CPU has the instruction set.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $entry(
+                xs: &[&[f32]],
+                wp: &[f32],
+                k: usize,
+                m: usize,
+                out: &mut [f32],
+            ) {
+                // SAFETY: this function's contract.
+                unsafe { dot_rows_simd::<$isa>(xs, wp, k, m, out) }
             }
-            if j < m {
-                tile::<4, 1>(&xs[i..i + 4], wp, j, k, m, i, out);
+
+            impl Lanes for $isa {
+                type V = $v;
+                const W: usize = $w;
+                const COLS4: usize = $cols4;
+                #[inline(always)]
+                unsafe fn zero() -> $v {
+                    // SAFETY: the caller runs on a CPU with this instruction set.
+                    unsafe { $zero() }
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> $v {
+                    // SAFETY: the caller's contract (`W` readable floats, the instruction set).
+                    unsafe { $load(p) }
+                }
+                #[inline(always)]
+                unsafe fn fma(x: $v, w: $v, acc: $v) -> $v {
+                    // SAFETY: the caller runs on a CPU with this instruction set.
+                    unsafe { $fma(x, w, acc) }
+                }
+                #[inline(always)]
+                unsafe fn store(p: *mut f32, v: $v) {
+                    // SAFETY: the caller's contract (`W` writable floats, the instruction set).
+                    unsafe { $store(p, v) }
+                }
             }
-            i += 4;
-        }
-        while i < xs.len() {
-            let mut j = 0;
-            while j + 4 <= m {
-                tile::<1, 4>(&xs[i..i + 1], wp, j, k, m, i, out);
-                j += 4;
-            }
-            while j < m {
-                tile::<1, 1>(&xs[i..i + 1], wp, j, k, m, i, out);
-                j += 1;
-            }
-            i += 1;
-        }
+        };
     }
+    lanes!(
+        Avx2,
+        "avx2,fma",
+        dot_rows_avx2,
+        __m256,
+        8,
+        2,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+    // Four weight rows for groups of four rows: 16 accumulators of the 32 registers.
+    lanes!(
+        Avx512,
+        "avx512f",
+        dot_rows_avx512,
+        __m512,
+        16,
+        4,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
+}
 
-    /// `R` rows (from output row `i`) by `C` weight rows (from `j`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn tile<const R: usize, const C: usize>(
-        xs: &[&[f32]],
-        wp: &[f32],
-        j: usize,
-        k: usize,
-        m: usize,
-        i: usize,
-        out: &mut [f32],
-    ) {
-        let full = k / LANES * LANES;
-        let ws: [&[f32]; C] = std::array::from_fn(|c| &wp[(j + c) * k..(j + c + 1) * k]);
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut p = 0;
-        while p < full {
-            let wv: [__m256; C] = std::array::from_fn(|c| {
-                let lanes: &[f32; LANES] = ws[c][p..p + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                // SAFETY: `lanes` is eight readable floats.
-                unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
-            });
-            for (r, row) in acc.iter_mut().enumerate() {
-                let lanes: &[f32; LANES] = xs[r][p..p + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                // SAFETY: `lanes` is eight readable floats.
-                let xv = unsafe { _mm256_loadu_ps(lanes.as_ptr()) };
-                for (a, w) in row.iter_mut().zip(&wv) {
-                    *a = _mm256_fmadd_ps(xv, *w, *a);
+/// Rows four at a time against `S::COLS4` weight rows, then single rows against four weight
+/// rows (a one-row decode streams the weight with four loads in flight), edges one by one.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_rows_simd<S: Lanes>(xs: &[&[f32]], wp: &[f32], k: usize, m: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < xs.len() {
+        let four = xs.len() - i >= 4;
+        let rows = if four { 4 } else { 1 };
+        let mut j = 0;
+        while j < m {
+            let cols = if four { S::COLS4 } else { 4 };
+            let at = Tile { i, j, k, m };
+            // SAFETY: this function's contract.
+            unsafe {
+                match (four, m - j >= cols) {
+                    (true, true) if cols == 4 => tile::<S, 4, 4>(&xs[i..i + rows], wp, at, out),
+                    (true, true) => tile::<S, 4, 2>(&xs[i..i + rows], wp, at, out),
+                    (true, false) => tile::<S, 4, 1>(&xs[i..i + rows], wp, at, out),
+                    (false, true) => tile::<S, 1, 4>(&xs[i..i + rows], wp, at, out),
+                    (false, false) => tile::<S, 1, 1>(&xs[i..i + rows], wp, at, out),
                 }
             }
-            p += LANES;
+            j += if m - j >= cols { cols } else { 1 };
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (c, a) in row.iter().enumerate() {
-                let mut l = [0.0f32; LANES];
-                // SAFETY: `l` is eight writable floats.
-                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *a) };
-                let mut s = lane_tree(&l);
-                for q in full..k {
-                    s = xs[r][q].mul_add(ws[c][q], s);
-                }
-                out[(i + r) * m + j + c] = s;
+        i += rows;
+    }
+}
+
+/// Where a tile sits: output row `i`, weight row `j`, reduction length `k`, `m` weight rows.
+#[derive(Clone, Copy)]
+struct Tile {
+    i: usize,
+    j: usize,
+    k: usize,
+    m: usize,
+}
+
+/// `R` rows by `C` weight rows: per element one register of running sums over `k`, its lanes
+/// folded to [`LANES`] and added by [`lane_tree`], then the tail with fused multiply-adds.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<S: Lanes, const R: usize, const C: usize>(
+    xs: &[&[f32]],
+    wp: &[f32],
+    Tile { i, j, k, m }: Tile,
+    out: &mut [f32],
+) {
+    let w = S::W;
+    let full = k / w * w;
+    let ws: [&[f32]; C] = std::array::from_fn(|c| &wp[(j + c) * k..(j + c + 1) * k]);
+    // SAFETY (all blocks below): the CPU has `S`'s instructions (this function's contract), and
+    // every pointer is to `w` floats inside a slice (`p + w <= full <= k`).
+    let mut acc = [[unsafe { S::zero() }; C]; R];
+    let mut p = 0;
+    while p < full {
+        let wv: [S::V; C] = std::array::from_fn(|c| unsafe { S::load(ws[c][p..p + w].as_ptr()) });
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xv = unsafe { S::load(xs[r][p..p + w].as_ptr()) };
+            for (a, wc) in row.iter_mut().zip(&wv) {
+                *a = unsafe { S::fma(xv, *wc, *a) };
             }
+        }
+        p += w;
+    }
+    let mut l = [0.0f32; 16];
+    for (r, row) in acc.iter().enumerate() {
+        for (c, a) in row.iter().enumerate() {
+            unsafe { S::store(l[..w].as_mut_ptr(), *a) };
+            let folded: [f32; LANES] =
+                std::array::from_fn(|q| if w > LANES { l[q] + l[q + LANES] } else { l[q] });
+            let mut s = lane_tree(&folded);
+            for q in full..k {
+                s = xs[r][q].mul_add(ws[c][q], s);
+            }
+            out[(i + r) * m + j + c] = s;
         }
     }
 }
@@ -225,7 +384,7 @@ mod tests {
     use crate::engine::tensor::Tensor;
 
     /// A row's result is the same bits whatever rows come with it, in any position, for f32
-    /// and bf16 weights; and it is the product to f32 rounding.
+    /// and bf16 weights, on every path this CPU runs; and it is the product to f32 rounding.
     #[test]
     fn a_row_does_not_depend_on_its_company() {
         for &(n, k) in &[(64usize, 64usize), (130, 77), (5, 3), (300, 1000)] {
@@ -233,14 +392,16 @@ mod tests {
             let wf = Weight::F32(Tensor::new(vec![n, k], vals.clone()).unwrap());
             let wb = Weight::bf16(n, k, vals.iter().map(|v| bf16::from_f32(*v)).collect()).unwrap();
             let x = SynthRng(k as u64).vec(9 * k, 1.0);
-            for w in [&wf, &wb] {
+            for (w, &path) in
+                [&wf, &wb].into_iter().flat_map(|w| Path::available().iter().map(move |p| (w, p)))
+            {
                 let mut alone = vec![0.0f32; 9 * n];
                 for r in 0..9 {
-                    xwt_fixed(&mut alone, &x, &[r], w);
+                    xwt_fixed_on(path, &mut alone, &x, &[r], w);
                 }
                 for rows in [vec![0, 1, 2, 3, 4, 5, 6, 7, 8], vec![8, 3, 5, 0, 1], vec![2, 7]] {
                     let mut together = vec![0.0f32; 9 * n];
-                    xwt_fixed(&mut together, &x, &rows, w);
+                    xwt_fixed_on(path, &mut together, &x, &rows, w);
                     for &r in &rows {
                         assert_eq!(together[r * n..(r + 1) * n], alone[r * n..(r + 1) * n]);
                     }
