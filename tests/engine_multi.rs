@@ -205,6 +205,8 @@ fn the_bench_ends_with_the_ratios() {
     assert!(ratios["decode_aggregate_ratio"].as_f64().is_some_and(|v| v > 0.0), "{ratios}");
     assert_eq!(r.json()["tenants"], 3);
     assert_eq!(r.json()["decode"]["tokens_per_tenant"], 5);
+    assert_eq!(r.json()["decode"]["aggregate_ratio"], ratios["decode_aggregate_ratio"]);
+    assert_eq!(r.json()["train"]["aggregate_ratio"], ratios["train_aggregate_ratio"]);
     assert!(r.text().contains("train_aggregate_ratio"));
     assert!(r.text().contains("decode_aggregate_ratio"));
     let skipped = twinkle::bench::MultiTenantOptions { decode_tokens: 0, ..opts.clone() };

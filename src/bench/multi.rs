@@ -30,39 +30,69 @@ pub struct MultiTenantOptions {
     pub decode_tokens: usize,
 }
 
-/// Seconds per step of each way of running the tenants' work (averaged).
+/// Seconds of each way of running the tenants' work (averaged over the rounds).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreeWays {
+    /// All tenants' work together (one shared pass / continuous batching).
+    pub batched_s: f64,
+    /// The same work, one tenant after another.
+    pub sequential_s: f64,
+    /// One tenant alone (training: one step of all the tenants' tokens).
+    pub single_s: f64,
+}
+
+impl ThreeWays {
+    fn from_sums(sums: [f64; 3], rounds: usize) -> Self {
+        let [batched_s, sequential_s, single_s] = sums.map(|s| s / rounds as f64);
+        ThreeWays { batched_s, sequential_s, single_s }
+    }
+
+    /// The figures, with `all` tokens in the batched and sequential runs and `one` in the
+    /// single run; `ratio` is the aggregate ratio the report reads.
+    fn json(&self, all: f64, one: f64, ratio: f64) -> Value {
+        json!({
+            "batched_s": self.batched_s,
+            "sequential_s": self.sequential_s,
+            "single_s": self.single_s,
+            "batched_tokens_per_s": all / self.batched_s,
+            "sequential_tokens_per_s": all / self.sequential_s,
+            "single_tokens_per_s": one / self.single_s,
+            "batched_over_sequential": self.sequential_s / self.batched_s,
+            "aggregate_ratio": ratio,
+        })
+    }
+
+    fn text(&self, title: &str, all: f64, one: f64, single: &str, ratio: (&str, f64)) -> String {
+        format!(
+            "{title}\n\
+             batched      {:8.3} s  {:9.1} tokens/s\n\
+             sequential   {:8.3} s  {:9.1} tokens/s  (batched is {:.2}x faster)\n\
+             single       {:8.3} s  {:9.1} tokens/s  ({single})\n\
+             {} {:.3}\n",
+            self.batched_s,
+            all / self.batched_s,
+            self.sequential_s,
+            all / self.sequential_s,
+            self.sequential_s / self.batched_s,
+            self.single_s,
+            one / self.single_s,
+            ratio.0,
+            ratio.1,
+        )
+    }
+}
+
+/// What `twinkle bench multi-tenant` measured.
 #[derive(Debug, Clone)]
 pub struct MultiTenantReport {
     pub tenants: usize,
     pub seq: usize,
-    /// All tenants' steps in one `forward_backward_many`.
-    pub batched_s: f64,
-    /// The same steps, one `forward_backward` after another.
-    pub sequential_s: f64,
-    /// One tenant's step of `tenants × seq` tokens.
-    pub single_s: f64,
-    /// Decoding, when measured.
-    pub decode: Option<DecodeTimes>,
+    /// forward_backward: all steps in one `forward_backward_many`, one after another, and one
+    /// tenant's step of `tenants × seq` tokens.
+    pub train: ThreeWays,
+    /// Decoding (tokens per tenant and times), when measured.
+    pub decode: Option<(usize, ThreeWays)>,
     pub peak_rss_bytes: Option<u64>,
-}
-
-/// Seconds to sample `tokens` tokens for every tenant (averaged), three ways.
-#[derive(Debug, Clone)]
-pub struct DecodeTimes {
-    pub tokens: usize,
-    /// All tenants' requests at once, through the continuous-batching decoder.
-    pub batched_s: f64,
-    /// The same requests one after another.
-    pub sequential_s: f64,
-    /// One tenant's request alone.
-    pub single_s: f64,
-}
-
-impl DecodeTimes {
-    /// Aggregate decode tokens/s of the tenants together over one tenant's alone.
-    fn ratio(&self, tenants: usize) -> f64 {
-        tenants as f64 * self.single_s / self.batched_s
-    }
 }
 
 impl MultiTenantReport {
@@ -72,41 +102,27 @@ impl MultiTenantReport {
 
     /// Batched aggregate tokens/s over the single tenant's tokens/s on as many tokens.
     pub fn train_aggregate_ratio(&self) -> f64 {
-        self.single_s / self.batched_s
+        self.train.single_s / self.train.batched_s
     }
 
     /// Aggregate decode tokens/s of all tenants sampling together over one tenant's alone.
     pub fn decode_aggregate_ratio(&self) -> Option<f64> {
-        self.decode.as_ref().map(|d| d.ratio(self.tenants))
+        self.decode.map(|(_, d)| self.tenants as f64 * d.single_s / d.batched_s)
     }
 
     pub fn json(&self) -> Value {
         let t = self.tokens();
-        let decode = self.decode.as_ref().map(|d| {
-            let all = (self.tenants * d.tokens) as f64;
-            json!({
-                "tokens_per_tenant": d.tokens,
-                "batched_s": d.batched_s,
-                "sequential_s": d.sequential_s,
-                "single_s": d.single_s,
-                "batched_tokens_per_s": all / d.batched_s,
-                "sequential_tokens_per_s": all / d.sequential_s,
-                "single_tokens_per_s": d.tokens as f64 / d.single_s,
-                "decode_aggregate_ratio": d.ratio(self.tenants),
-            })
+        let decode = self.decode.map(|(k, d)| {
+            let all = (self.tenants * k) as f64;
+            let mut j = d.json(all, k as f64, self.decode_aggregate_ratio().unwrap_or(0.0));
+            j["tokens_per_tenant"] = k.into();
+            j
         });
         let j = json!({
             "kind": "multi-tenant",
             "tenants": self.tenants,
             "seq": self.seq,
-            "batched_s": self.batched_s,
-            "sequential_s": self.sequential_s,
-            "single_s": self.single_s,
-            "batched_tokens_per_s": t / self.batched_s,
-            "sequential_tokens_per_s": t / self.sequential_s,
-            "single_tokens_per_s": t / self.single_s,
-            "batched_over_sequential": self.sequential_s / self.batched_s,
-            "train_aggregate_ratio": self.train_aggregate_ratio(),
+            "train": self.train.json(t, t, self.train_aggregate_ratio()),
             "decode": decode,
         });
         report::with_machine(j, self.peak_rss_bytes)
@@ -122,50 +138,27 @@ impl MultiTenantReport {
     }
 
     pub fn text(&self) -> String {
-        let decode = match &self.decode {
-            None => String::new(),
-            Some(d) => {
-                let all = (self.tenants * d.tokens) as f64;
-                format!(
-                    "{n} tenants sampling {k} tokens each (continuous batching across adapters)\n\
-                     batched      {:8.3} s  {:9.1} tokens/s\n\
-                     sequential   {:8.3} s  {:9.1} tokens/s\n\
-                     single       {:8.3} s  {:9.1} tokens/s  (one tenant alone)\n\
-                     decode_aggregate_ratio {:.3}\n",
-                    d.batched_s,
-                    all / d.batched_s,
-                    d.sequential_s,
-                    all / d.sequential_s,
-                    d.single_s,
-                    d.tokens as f64 / d.single_s,
-                    d.ratio(self.tenants),
-                    n = self.tenants,
-                    k = d.tokens,
-                )
-            }
-        };
-        self.train_text() + &decode + &report::machine_text(self.peak_rss_bytes)
-    }
-
-    fn train_text(&self) -> String {
         let t = self.tokens();
-        format!(
-            "{n} tenants x {s} tokens forward_backward (LoRA, cross-entropy)\n\
-             batched      {:8.3} s  {:9.1} tokens/s\n\
-             sequential   {:8.3} s  {:9.1} tokens/s  (batched is {:.2}x faster)\n\
-             single       {:8.3} s  {:9.1} tokens/s  (one tenant, one sequence of {t:.0})\n\
-             train_aggregate_ratio {:.3}\n",
-            self.batched_s,
-            t / self.batched_s,
-            self.sequential_s,
-            t / self.sequential_s,
-            self.sequential_s / self.batched_s,
-            self.single_s,
-            t / self.single_s,
-            self.train_aggregate_ratio(),
-            n = self.tenants,
-            s = self.seq,
-        )
+        let (n, s) = (self.tenants, self.seq);
+        let mut out = self.train.text(
+            &format!("{n} tenants x {s} tokens forward_backward (LoRA, cross-entropy)"),
+            t,
+            t,
+            &format!("one tenant, one sequence of {t:.0}"),
+            ("train_aggregate_ratio", self.train_aggregate_ratio()),
+        );
+        if let (Some((k, d)), Some(r)) = (self.decode, self.decode_aggregate_ratio()) {
+            out += &d.text(
+                &format!(
+                    "{n} tenants sampling {k} tokens each (continuous batching across adapters)"
+                ),
+                (n * k) as f64,
+                k as f64,
+                "one tenant alone",
+                ("decode_aggregate_ratio", r),
+            );
+        }
+        out + &report::machine_text(self.peak_rss_bytes)
     }
 }
 
@@ -255,18 +248,14 @@ pub fn multi_tenant(
             sums.iter_mut().zip(t).for_each(|(s, t)| *s += t);
         }
     }
-    let n = opts.steps as f64;
-    let [batched_s, sequential_s, single_s] = sums.map(|s| s / n);
     let decode = match opts.decode_tokens {
         0 => None,
-        k => Some(decode_times(model, &adapters, k, opts.steps)?),
+        k => Some((k, decode_times(model, &adapters, k, opts.steps)?)),
     };
     Ok(MultiTenantReport {
         tenants: opts.tenants,
         seq: opts.seq,
-        batched_s,
-        sequential_s,
-        single_s,
+        train: ThreeWays::from_sums(sums, opts.steps),
         decode,
         peak_rss_bytes: report::peak_rss(),
     })
@@ -283,7 +272,7 @@ fn decode_times(
     adapters: &[Adapter],
     tokens: usize,
     steps: usize,
-) -> Result<DecodeTimes, BenchError> {
+) -> Result<ThreeWays, BenchError> {
     let c = model.config();
     let rt = CpuRuntime::new(model.clone());
     let batcher = DecodeBatcher::new(DEFAULT_MAX_SEQS);
@@ -328,6 +317,5 @@ fn decode_times(
             sums.iter_mut().zip(t).for_each(|(s, t)| *s += t);
         }
     }
-    let [batched_s, sequential_s, single_s] = sums.map(|s| s / steps as f64);
-    Ok(DecodeTimes { tokens, batched_s, sequential_s, single_s })
+    Ok(ThreeWays::from_sums(sums, steps))
 }

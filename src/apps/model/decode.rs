@@ -128,8 +128,8 @@ impl<R: ModelRuntime> DecodeBatcher<R> {
         }
     }
 
-    /// Samples `req` (see [`super::sample::generate`], which it equals token for token) with
-    /// its sequences in the shared passes.
+    /// Samples `req.num_samples` continuations of `req.prompt` (`max_length` bounds prompt plus
+    /// generation) with its sequences in the shared passes.
     pub fn generate(
         &self,
         rt: &R,

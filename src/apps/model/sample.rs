@@ -29,8 +29,8 @@ struct Running {
 }
 
 /// One request's generation in progress: its own KV cache (one slot per sample) and the
-/// samples still running. It is advanced one pass at a time, alone ([`generate`]) or together
-/// with other requests' generations ([`super::decode::DecodeBatcher`]); the tokens it picks do
+/// samples still running. It is advanced one pass at a time by [`super::decode::DecodeBatcher`],
+/// alone or together with other requests' generations; the tokens it picks do
 /// not depend on which, because its draws are keyed by (seed, sample, step).
 pub struct Generation<R: ModelRuntime> {
     prompt: Vec<u32>,
@@ -224,24 +224,6 @@ impl<R: ModelRuntime> Generation<R> {
             .collect();
         Ok(SampleResponse { sequences, prompt_logprobs })
     }
-}
-
-/// Samples `req.num_samples` continuations of `req.prompt` on its own (no other request in its
-/// passes). `max_length` bounds prompt plus generation.
-pub fn generate<R: ModelRuntime>(
-    rt: &R,
-    adapter: Option<&R::Adapter>,
-    tokenizer: Option<&Tokenizer>,
-    max_length: usize,
-    req: &SampleRequest,
-) -> Result<SampleResponse, AppError> {
-    let mut g = Generation::new(rt, tokenizer, max_length, req)?;
-    while !g.finished() {
-        let (cache, slots, tokens) = g.inputs();
-        let logits = rt.forward_cached(adapter, cache, slots, &tokens)?;
-        g.advance(rt, tokenizer, &logits)?;
-    }
-    g.finish(rt, adapter)
 }
 
 /// `log p(tokens[i+1] | tokens[..=i])` for each position of one sequence (`len − 1` values), by

@@ -105,6 +105,25 @@ fn gather<T>(
     out
 }
 
+/// Group `i`'s result of a shared pass, or when the pass failed it for a reason that is not
+/// the group's own input, the result of `alone(i)`.
+fn retry_alone(
+    first: Vec<Result<FwdBwdOutput>>,
+    mut alone: impl FnMut(usize) -> Result<FwdBwdOutput>,
+) -> Vec<Result<FwdBwdOutput>> {
+    first
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Err(e) if !e.is_user_error() => {
+                tracing::warn!(error = %e, "the shared pass failed a group; running it alone");
+                alone(i)
+            }
+            r => r,
+        })
+        .collect()
+}
+
 impl<R: ModelRuntime> DataParallel<R> {
     /// [`forward_backward`](Self::forward_backward) of several groups (distinct adapters, each
     /// its own datums and loss), sharing each runtime's pass over the base weights: one result
@@ -123,17 +142,10 @@ impl<R: ModelRuntime> DataParallel<R> {
         };
         // Whatever the shared pass failed that is not the group's own fault is retried alone
         // (its gradient is already back to what it was before the pass).
-        first
-            .into_iter()
-            .zip(groups.iter_mut())
-            .map(|(r, g)| match r {
-                Err(e) if !e.is_user_error() => {
-                    tracing::warn!(error = %e, "the shared pass failed a group; running it alone");
-                    self.forward_backward(g.adapter, g.data, g.loss)
-                }
-                r => r,
-            })
-            .collect()
+        retry_alone(first, |i| {
+            let g = &mut groups[i];
+            self.forward_backward(g.adapter, g.data, g.loss)
+        })
     }
 
     /// One runtime: its buffers accumulate in place, so each group's gradient is snapshotted
@@ -293,17 +305,10 @@ impl<R: ModelRuntime> DataParallel<R> {
         } else {
             self.eval_shared_split(groups)
         };
-        first
-            .into_iter()
-            .zip(groups)
-            .map(|(r, g)| match r {
-                Err(e) if !e.is_user_error() => {
-                    tracing::warn!(error = %e, "the shared pass failed a group; running it alone");
-                    self.forward(g.adapter, g.data, g.loss)
-                }
-                r => r,
-            })
-            .collect()
+        retry_alone(first, |i| {
+            let g = &groups[i];
+            self.forward(g.adapter, g.data, g.loss)
+        })
     }
 
     /// Several runtimes: the shards of every group, one shared forward pass per runtime.
