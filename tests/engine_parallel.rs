@@ -5,13 +5,10 @@
 
 mod engine_support;
 
-use std::sync::Arc;
-
-use engine_support::{full_lora, randomize_b};
+use engine_support::{full_lora, randomize_b, tiny_model};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
 use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{Init, SynthSpec};
 use twinkle::engine::{
     AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, Model, ModelConfig,
     ModelRuntime, OptimMetrics, forward, forward_backward,
@@ -20,28 +17,6 @@ use twinkle::engine::{
 /// The host copy of a replicated adapter.
 fn host<R: ModelRuntime>(dp: &DataParallel<R>, rep: &Replicated<R>) -> Adapter {
     dp.download(rep).unwrap()
-}
-
-fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
-    let spec = SynthSpec {
-        arch: "Qwen3ForCausalLM".into(),
-        vocab: 61,
-        hidden: 32,
-        inter: 48,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        eps: 1e-6,
-        max_positions: 128,
-        tied: false,
-        init: Init::Spread,
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    spec.write(tmp.path(), 11).unwrap();
-    let model = Model::load(tmp.path()).unwrap();
-    (tmp, model)
 }
 
 /// Every target, random non-zero B so every gradient is non-trivial.

@@ -8,37 +8,15 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::full_lora;
+use engine_support::{full_lora, tiny_model};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
 use twinkle::engine::parallel::{DataParallel, Replicated};
 use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::synth::{Init, SynthRng, SynthSpec};
+use twinkle::engine::synth::SynthRng;
 use twinkle::engine::{
     AdamParams, Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelConfig,
     ModelRuntime, OptimMetrics, Result, TrainGroup,
 };
-
-fn tiny_model() -> (tempfile::TempDir, Arc<Model>) {
-    let spec = SynthSpec {
-        arch: "Qwen3ForCausalLM".into(),
-        vocab: 61,
-        hidden: 32,
-        inter: 48,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        eps: 1e-6,
-        max_positions: 128,
-        tied: false,
-        init: Init::Spread,
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    spec.write(tmp.path(), 11).unwrap();
-    let model = Model::load(tmp.path()).unwrap();
-    (tmp, model)
-}
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
     let mut rng = SynthRng(seed);

@@ -145,3 +145,27 @@ pub fn random_batch(seed: u64, lens: &[usize], vocab: usize, rl: bool) -> Vec<Da
         })
         .collect()
 }
+
+/// A tiny generated Qwen3 (2 layers, vocab 61, GQA) in a temporary directory, for the data
+/// parallel tests.
+pub fn tiny_model() -> (tempfile::TempDir, std::sync::Arc<Model>) {
+    let spec = SynthSpec {
+        arch: "Qwen3ForCausalLM".into(),
+        vocab: 61,
+        hidden: 32,
+        inter: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        max_positions: 128,
+        tied: false,
+        init: Init::Spread,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    spec.write(tmp.path(), 11).unwrap();
+    let model = Model::load(tmp.path()).unwrap();
+    (tmp, model)
+}

@@ -190,19 +190,26 @@ async fn info(req: HttpRequest, svc: Svc, tok: Tok) -> Result<HttpResponse, AppE
     Ok(HttpResponse::Ok().json(svc.info()))
 }
 
+/// A route handler `$name` that decodes a `$body` and runs `svc.$method` on a blocking thread;
+/// `Svc` and `Tok` are the calling module's service and token extractors (the sampler
+/// application uses it too).
 macro_rules! op {
     ($name:ident, $body:ty, $method:ident) => {
         async fn $name(
-            req: HttpRequest,
+            req: actix_web::HttpRequest,
             svc: Svc,
             tok: Tok,
-            body: web::Bytes,
-        ) -> Result<HttpResponse, AppError> {
+            body: actix_web::web::Bytes,
+        ) -> Result<actix_web::HttpResponse, $crate::apps::model::error::AppError> {
             let svc = svc.get_ref().clone();
-            serve_call(&req, &tok, &body, move |r: $body| svc.$method(&r)).await
+            $crate::apps::model::http::serve_call(&req, &tok, &body, move |r: $body| {
+                svc.$method(&r)
+            })
+            .await
         }
     };
 }
+pub(crate) use op;
 
 fn done(r: Result<(), AppError>) -> Result<Done, AppError> {
     r.map(|()| Done {})

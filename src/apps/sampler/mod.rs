@@ -13,7 +13,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use super::model::checkpoint::AdapterCache;
 use super::model::decode::{DEFAULT_MAX_SEQS, DecodeBatcher, DecodeStats};
 use super::model::error::AppError;
-use super::model::http::{InternalToken, check_token, path, payload_config, serve_call};
+use super::model::http::{InternalToken, check_token, op, path, payload_config};
 use super::model::{BaseModel, Served};
 use crate::engine::ModelRuntime;
 use crate::engine::cpu::CpuRuntime;
@@ -133,15 +133,7 @@ async fn info(req: HttpRequest, svc: Svc, tok: Tok) -> Result<HttpResponse, AppE
     Ok(HttpResponse::Ok().json(svc.info()))
 }
 
-async fn sample_route(
-    req: HttpRequest,
-    svc: Svc,
-    tok: Tok,
-    body: web::Bytes,
-) -> Result<HttpResponse, AppError> {
-    let svc = svc.get_ref().clone();
-    serve_call(&req, &tok, &body, move |r: SampleRequest| svc.sample(&r)).await
-}
+op!(sample_route, SampleRequest, sample);
 
 /// Registers the sampler's internal routes.
 pub fn routes(cfg: &mut web::ServiceConfig, svc: Arc<dyn SamplerApp>, token: InternalToken) {
