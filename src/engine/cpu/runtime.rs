@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use super::decode::DecodeSegment;
 use super::kv_cache::KvCache;
 use super::train::{forward, forward_backward, forward_backward_many, forward_many};
@@ -278,14 +280,17 @@ impl ModelRuntime for CpuRuntime {
                 uniforms.len()
             )));
         }
-        logits
-            .iter()
-            .zip(params)
-            .zip(uniforms)
-            .map(|((row, p), &u)| {
-                sample_token(row, p, u).map_err(|e| EngineError::InvalidInput(e.to_string()))
-            })
-            .collect()
+        // Each row's pick is a pass over the vocabulary: rows run side by side.
+        self.run(|| {
+            logits
+                .par_iter()
+                .zip(params)
+                .zip(uniforms)
+                .map(|((row, p), &u)| {
+                    sample_token(row, p, u).map_err(|e| EngineError::InvalidInput(e.to_string()))
+                })
+                .collect()
+        })
     }
 
     fn logits_to_host(&self, logits: &Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
