@@ -105,6 +105,27 @@ fn gather<T>(
     out
 }
 
+/// The bookkeeping of a shared pass split over the runtimes: their names, a result slot per
+/// group, each runtime's shards and the group of each of them.
+struct Split<S> {
+    names: Vec<String>,
+    results: Vec<Option<Result<FwdBwdOutput>>>,
+    jobs: Vec<Vec<S>>,
+    on_worker: Vec<Vec<usize>>,
+}
+
+impl<S> Split<S> {
+    fn new<R: ModelRuntime>(workers: &[R], groups: usize) -> Self {
+        let nw = workers.len();
+        Split {
+            names: workers.iter().map(|w| w.device_name()).collect(),
+            results: (0..groups).map(|_| None).collect(),
+            jobs: (0..nw).map(|_| Vec::new()).collect(),
+            on_worker: vec![Vec::new(); nw],
+        }
+    }
+}
+
 /// Group `i`'s result of a shared pass, or when the pass failed it for a reason that is not
 /// the group's own input, the result of `alone(i)`.
 fn retry_alone(
@@ -200,11 +221,8 @@ impl<R: ModelRuntime> DataParallel<R> {
         &self,
         groups: &mut [TrainGroup<'_, Replicated<R>>],
     ) -> Vec<Result<FwdBwdOutput>> {
-        let nw = self.workers.len();
-        let names: Vec<String> = self.workers.iter().map(|w| w.device_name()).collect();
-        let mut results: Vec<Option<Result<FwdBwdOutput>>> = groups.iter().map(|_| None).collect();
-        let mut jobs: Vec<Vec<TrainShard<R::Adapter>>> = (0..nw).map(|_| Vec::new()).collect();
-        let mut on_worker: Vec<Vec<usize>> = vec![Vec::new(); nw];
+        let Split { names, mut results, mut jobs, mut on_worker } =
+            Split::<TrainShard<R::Adapter>>::new(&self.workers, groups.len());
         for (i, g) in groups.iter_mut().enumerate() {
             let ranges = match self.ranges(g.data) {
                 Ok(r) => r,
@@ -316,11 +334,8 @@ impl<R: ModelRuntime> DataParallel<R> {
         &self,
         groups: &[EvalGroup<'_, Replicated<R>>],
     ) -> Vec<Result<FwdBwdOutput>> {
-        let nw = self.workers.len();
-        let names: Vec<String> = self.workers.iter().map(|w| w.device_name()).collect();
-        let mut results: Vec<Option<Result<FwdBwdOutput>>> = groups.iter().map(|_| None).collect();
-        let mut jobs: Vec<Vec<EvalShard<R::Adapter>>> = (0..nw).map(|_| Vec::new()).collect();
-        let mut on_worker: Vec<Vec<usize>> = vec![Vec::new(); nw];
+        let Split { names, mut results, mut jobs, mut on_worker } =
+            Split::<EvalShard<R::Adapter>>::new(&self.workers, groups.len());
         for (i, g) in groups.iter().enumerate() {
             match self.ranges(g.data) {
                 Ok(ranges) => {
