@@ -10,7 +10,8 @@
 //!   [`Adapter::load_state`] (with Adam moments): host adapters are the unit of checkpoints.
 //! - [`Datum`], [`LossFn::from_name`], [`FwdBwdOutput`].
 //! - The seam: [`runtime::ModelRuntime`] (upload/download adapters, forward_backward, forward,
-//!   optim_step, KV-cache prefill/decode and token selection), implemented by
+//!   optim_step, their multi-tenant `_many` forms, KV-cache prefill/decode and token
+//!   selection), implemented by
 //!   [`cpu::CpuRuntime`] and [`cuda::CudaRuntime`]; [`parallel::DataParallel`] runs N runtimes
 //!   (one per card) with replicated adapters.
 //! - Direct CPU entry points for tests and tools: [`forward_backward`], [`forward`],

@@ -12,7 +12,7 @@
 //!
 //! A request's adapter is borrowed by its thread (the model app holds the adapter's lock for
 //! the whole generation, as it did when requests decoded alone) and lent to the leader; see
-//! [`Lent`] for why that is sound.
+//! `Lent` for why that is sound.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};

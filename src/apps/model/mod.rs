@@ -12,6 +12,8 @@
 //! a time, different adapters run concurrently (the engine parallelises inside a call).
 //! forward / forward_backward go through a combining queue ([`queue`], [`batched`]): jobs of
 //! different adapters arriving within `batch_window_ms` share one pass over the base weights.
+//! Sampling goes through a continuous-batching decoder per runtime ([`decode`]): every running
+//! request's sequences, whatever their adapter, share one pass per token.
 //!
 //! Idle unload: an adapter unused for `adapter_timeout` seconds is spilled (weights, Adam
 //! moments, step and pending gradients) to `spill_dir` and freed; the next request for it reloads
