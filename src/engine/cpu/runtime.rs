@@ -246,7 +246,8 @@ impl ModelRuntime for CpuRuntime {
         let model = &self.model;
         let result = self.run(|| model.forward_cached_segments(&segs, &tokens, &mut caches));
         let mut caches = caches.into_iter();
-        let mut rows = result.as_ref().map(|l| l.iter());
+        // The rows are moved out to their groups (a pass's logits are `rows × vocab` floats).
+        let mut rows = result.map(Vec::into_iter);
         for (g, r) in groups.iter_mut().zip(out.iter_mut()) {
             if r.is_err() {
                 continue;
@@ -255,7 +256,7 @@ impl ModelRuntime for CpuRuntime {
                 g.cache.slots[s] = c;
             }
             *r = match &mut rows {
-                Ok(rows) => Ok(rows.by_ref().take(g.slots.len()).cloned().collect()),
+                Ok(rows) => Ok(rows.by_ref().take(g.slots.len()).collect()),
                 // Every group was checked, so this is the engine's fault, not the caller's.
                 Err(e) => Err(EngineError::Worker {
                     worker: self.device_name(),
