@@ -1,61 +1,121 @@
-// Fused LoRA pieces around the rank-r intermediate (LoRA is memory bound on the activations,
-// so each activation tensor is read once per kernel and the tiny f32 adapter weights stay in
-// L1/L2). With A [r, K] and B [J, r] (PEFT layout, f32 master weights) and s = alpha / r:
-//   forward   h = x A^T              (lora_shrink_fwd, scale 1, W = A: wk = K, wj = 1)
-//             y += s h B^T           (lora_expand_fwd, W = B: wj = r, wk = 1)
-//   backward  dh = s dy B            (lora_shrink_fwd on dy, W = B: wk = 1, wj = r)
-//             dx += dh A             (lora_expand_fwd, W = A: wj = 1, wk = K)
-//             dA += dh^T x           (lora_wgrad_bwd, u = dh, v = x, out stride (K, 1))
-//             dB += s dy^T h         (lora_wgrad_bwd, u = h, v = dy, out stride (1, r))
+// Segmented LoRA (S-LoRA / Punica's SGMV idea): the rows of one call are split into contiguous
+// segments, each with its own adapter (or none), so several tenants' rows share one pass over
+// the base weights and each row gets only its own tenant's LoRA. A single tenant is one segment.
+// LoRA is memory bound on the activations: each activation tensor is read once per kernel and
+// the tiny f32 adapter weights stay in L1/L2.
 //
-// defines: lora_shrink_fwd_<dt>(h[N,r] f32, x[N,K] T, W f32, wk, wj, N, K, r, s)
-//            h[n,k] = s * sum_j x[n,j] W[k*wk + j*wj]; grid ceil(N/4), block 256
-//          lora_expand_fwd_<dt>(y[N,J] T, h[N,r] f32, W f32, wj, wk, N, J, r, s)
-//            y[n,j] += s * sum_k h[n,k] W[j*wj + k*wk]; grid (ceil(J/256), ceil(N/8)), block 256,
-//            r <= 256
-//          lora_wgrad_bwd_<dt>(dW f32, u[N,r] f32, v[N,J] T, ok, oj, N, J, r, s)
-//            dW[k*ok + j*oj] += s * sum_n u[n,k] v[n,j]; grid (ceil(J/256), ceil(r/8),
-//            ceil(N/512)), block 256, atomics across the N splits
+// With A [r, K] and B [J, r] (PEFT layout, f32 master weights) and s = alpha / r per segment:
+//   forward   h = x A^T              (lora_seg_shrink, W = A)
+//             y += s h B^T           (lora_seg_expand, W = B, scaled)
+//   backward  dh = s dy B            (lora_seg_shrink on dy, W = B, scaled)
+//             dx += dh A             (lora_seg_expand, W = A)
+//             dA += dh^T x           (lora_seg_wgrad, out = dA)
+//             dB += s dy^T h         (lora_seg_wgrad, out = dB, scaled)
+//
+// The adapters arrive as a table: per segment LORA_TAB u64 = (A, B, dA, dB addresses, rank,
+// scale as f32 bits). `which` picks the tensor (0 A, 1 B, 2 dA, 3 dB); A-side tensors are
+// [r, dim] (rank rows contiguous), B-side ones [dim, r]. A segment whose address is 0 or whose
+// rank is 0 has no LoRA here: its blocks return at once. `seg` [nseg + 1] holds the segments'
+// global row starts; a call covers global rows row_off .. row_off + n (its pointers start at
+// row_off), and `col0` offsets the dim index of a B-side tensor (the output head's vocabulary
+// chunks). The rank-space tensors (h, dh) are [n, hs]: a row uses its segment's first r columns.
+//
+// Each block works inside one segment: the grid's tile axis enumerates every segment's tiles in
+// order (seg_tile), so a row's arithmetic is the same whichever other segments share the call.
+//
+// defines: lora_seg_shrink_<dt>(h f32, x T, tab, which, scaled, seg, nseg, row_off, n, dim, hs)
+//            h[n,k] = s * sum_j x[n,j] W(k,j); grid (tiles of 4 rows), block 256
+//          lora_seg_expand_<dt>(y T, h f32, tab, which, scaled, seg, nseg, row_off, n, dim, hs,
+//                               col0)
+//            y[n,j] += s * sum_k h[n,k] W(k,j); grid (ceil(dim/256), tiles of 8 rows),
+//            block 256, r <= 256
+//          lora_seg_wgrad_<dt>(u f32, v T, tab, which, scaled, seg, nseg, row_off, n, dim, hs,
+//                              col0)
+//            dW(k,j) += s * sum_n u[n,k] v[n,j]; grid (ceil(dim/256), ceil(rmax/8),
+//            tiles of 512 rows), block 256, atomics across the row tiles
 
 #define LORA_SHRINK_ROWS 4
 #define LORA_EXPAND_ROWS 8
 #define LORA_MAX_R 256
 #define LORA_WGRAD_K 8
 #define LORA_WGRAD_NCHUNK 512
+#define LORA_TAB 6
+
+// One segment's adapter tensor as a kernel sees it: W(k, j) = w[k * wk + j * wj].
+struct SegW {
+    float* w;
+    long long wk, wj;
+    int r;
+    float s;
+};
+
+// Finds tile `t` of `tile` rows among the segments' parts inside [row_off, row_off + n) and
+// the segment's tensor `which`; false when the tile does not exist or its segment has no LoRA.
+// Rows come back local to the call: [*r0, *r1).
+__device__ __forceinline__ bool seg_tile(const u64* tab, int which, int scaled, const int* seg,
+                                         int nseg, int row_off, int n, int dim, long long col0,
+                                         int tile, int t, SegW* out, int* r0, int* r1) {
+    for (int sg = 0; sg < nseg; ++sg) {
+        const int lo = max(seg[sg], row_off), hi = min(seg[sg + 1], row_off + n);
+        if (hi <= lo) continue;
+        const int nt = (hi - lo + tile - 1) / tile;
+        if (t >= nt) {
+            t -= nt;
+            continue;
+        }
+        const u64* e = tab + (long long)sg * LORA_TAB;
+        const int r = (int)e[4];
+        if (e[which] == 0ull || r <= 0) return false;
+        *r0 = lo + t * tile - row_off;
+        *r1 = min(hi, lo + (t + 1) * tile) - row_off;
+        float* w = reinterpret_cast<float*>(e[which]);
+        out->r = r;
+        out->s = scaled ? __uint_as_float((u32)e[5]) : 1.0f;
+        if (which == 0 || which == 2) {  // [r, dim]
+            out->w = w;
+            out->wk = dim;
+            out->wj = 1;
+        } else {  // [dim, r], from column col0 on
+            out->w = w + col0 * r;
+            out->wk = 1;
+            out->wj = r;
+        }
+        return true;
+    }
+    return false;
+}
 
 template <typename T>
-__device__ void lora_shrink_impl(float* h, const T* x, const float* w, long long wk, long long wj,
-                                 int n, int kdim, int r, float s) {
+__device__ void lora_shrink_impl(float* h, const T* x, const SegW& w, int n0, int n1, int kdim,
+                                 int hs) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nwarps = blockDim.x >> 5;
-    const int n0 = blockIdx.x * LORA_SHRINK_ROWS;
-    for (int k = warp; k < r; k += nwarps) {
+    for (int k = warp; k < w.r; k += nwarps) {
         float acc[LORA_SHRINK_ROWS];
 #pragma unroll
         for (int i = 0; i < LORA_SHRINK_ROWS; ++i) acc[i] = 0.0f;
-        const float* wrow = w + (long long)k * wk;
+        const float* wrow = w.w + (long long)k * w.wk;
         for (int j = lane; j < kdim; j += 32) {
-            const float wv = wrow[(long long)j * wj];
+            const float wv = wrow[(long long)j * w.wj];
 #pragma unroll
             for (int i = 0; i < LORA_SHRINK_ROWS; ++i)
-                if (n0 + i < n) acc[i] = fmaf(ld(x + (long long)(n0 + i) * kdim + j), wv, acc[i]);
+                if (n0 + i < n1) acc[i] = fmaf(ld(x + (long long)(n0 + i) * kdim + j), wv, acc[i]);
         }
 #pragma unroll
         for (int i = 0; i < LORA_SHRINK_ROWS; ++i) {
             const float v = warp_sum(acc[i]);
-            if (lane == 0 && n0 + i < n) h[(long long)(n0 + i) * r + k] = v * s;
+            if (lane == 0 && n0 + i < n1) h[(long long)(n0 + i) * hs + k] = v * w.s;
         }
     }
 }
 
 template <typename T>
-__device__ void lora_expand_impl(T* y, const float* h, const float* w, long long wj, long long wk,
-                                 int n, int jdim, int r, float s) {
-    __shared__ float hs[LORA_EXPAND_ROWS][LORA_MAX_R];
-    const int n0 = blockIdx.y * LORA_EXPAND_ROWS;
-    for (int idx = threadIdx.x; idx < LORA_EXPAND_ROWS * r; idx += blockDim.x) {
-        const int i = idx / r, k = idx - i * r;
-        hs[i][k] = (n0 + i < n) ? h[(long long)(n0 + i) * r + k] : 0.0f;
+__device__ void lora_expand_impl(T* y, const float* h, const SegW& w, int n0, int n1, int jdim,
+                                 int hs) {
+    __shared__ float hsm[LORA_EXPAND_ROWS][LORA_MAX_R];
+    for (int idx = threadIdx.x; idx < LORA_EXPAND_ROWS * w.r; idx += blockDim.x) {
+        const int i = idx / w.r, k = idx - i * w.r;
+        hsm[i][k] = (n0 + i < n1) ? h[(long long)(n0 + i) * hs + k] : 0.0f;
     }
     __syncthreads();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -63,58 +123,75 @@ __device__ void lora_expand_impl(T* y, const float* h, const float* w, long long
     float acc[LORA_EXPAND_ROWS];
 #pragma unroll
     for (int i = 0; i < LORA_EXPAND_ROWS; ++i) acc[i] = 0.0f;
-    const float* wrow = w + (long long)j * wj;
-    for (int k = 0; k < r; ++k) {
-        const float wv = wrow[(long long)k * wk];
+    const float* wcol = w.w + (long long)j * w.wj;
+    for (int k = 0; k < w.r; ++k) {
+        const float wv = wcol[(long long)k * w.wk];
 #pragma unroll
-        for (int i = 0; i < LORA_EXPAND_ROWS; ++i) acc[i] = fmaf(hs[i][k], wv, acc[i]);
+        for (int i = 0; i < LORA_EXPAND_ROWS; ++i) acc[i] = fmaf(hsm[i][k], wv, acc[i]);
     }
 #pragma unroll
     for (int i = 0; i < LORA_EXPAND_ROWS; ++i) {
-        if (n0 + i < n) {
+        if (n0 + i < n1) {
             T* p = y + (long long)(n0 + i) * jdim + j;
-            st(p, ld(p) + s * acc[i]);
+            st(p, ld(p) + w.s * acc[i]);
         }
     }
 }
 
 template <typename T>
-__device__ void lora_wgrad_impl(float* dw, const float* u, const T* v, long long ok, long long oj,
-                                int n, int jdim, int r, float s) {
+__device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n0, int n1,
+                                int jdim, int hs) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int k0 = blockIdx.y * LORA_WGRAD_K;
-    const int nbeg = blockIdx.z * LORA_WGRAD_NCHUNK;
-    const int nend = min(n, nbeg + LORA_WGRAD_NCHUNK);
-    if (j >= jdim) return;
+    if (j >= jdim || k0 >= w.r) return;
     float acc[LORA_WGRAD_K];
 #pragma unroll
     for (int i = 0; i < LORA_WGRAD_K; ++i) acc[i] = 0.0f;
-    for (int t = nbeg; t < nend; ++t) {
+    for (int t = n0; t < n1; ++t) {
         const float vv = ld(v + (long long)t * jdim + j);
-        const float* urow = u + (long long)t * r + k0;
+        const float* urow = u + (long long)t * hs + k0;
 #pragma unroll
         for (int i = 0; i < LORA_WGRAD_K; ++i)
-            if (k0 + i < r) acc[i] = fmaf(urow[i], vv, acc[i]);
+            if (k0 + i < w.r) acc[i] = fmaf(urow[i], vv, acc[i]);
     }
 #pragma unroll
     for (int i = 0; i < LORA_WGRAD_K; ++i)
-        if (k0 + i < r) atomicAdd(dw + (long long)(k0 + i) * ok + (long long)j * oj, s * acc[i]);
+        if (k0 + i < w.r)
+            atomicAdd(w.w + (long long)(k0 + i) * w.wk + (long long)j * w.wj, w.s * acc[i]);
 }
 
 #define LORA_DEF(T, DT)                                                                          \
-    extern "C" __global__ void lora_shrink_fwd_##DT(float* h, const T* x, const float* w,       \
-                                                    long long wk, long long wj, int n, int k,   \
-                                                    int r, float s) {                            \
-        lora_shrink_impl<T>(h, x, w, wk, wj, n, k, r, s);                                        \
+    extern "C" __global__ void lora_seg_shrink_##DT(float* h, const T* x, const u64* tab,       \
+                                                    int which, int scaled, const int* seg,      \
+                                                    int nseg, int row_off, int n, int dim,      \
+                                                    int hs) {                                    \
+        SegW w;                                                                                  \
+        int n0, n1;                                                                              \
+        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, 0, LORA_SHRINK_ROWS,      \
+                      blockIdx.x, &w, &n0, &n1))                                                 \
+            return;                                                                              \
+        lora_shrink_impl<T>(h, x, w, n0, n1, dim, hs);                                           \
     }                                                                                            \
-    extern "C" __global__ void lora_expand_fwd_##DT(T* y, const float* h, const float* w,       \
-                                                    long long wj, long long wk, int n, int j,   \
-                                                    int r, float s) {                            \
-        lora_expand_impl<T>(y, h, w, wj, wk, n, j, r, s);                                        \
+    extern "C" __global__ void lora_seg_expand_##DT(T* y, const float* h, const u64* tab,       \
+                                                    int which, int scaled, const int* seg,      \
+                                                    int nseg, int row_off, int n, int dim,      \
+                                                    int hs, long long col0) {                    \
+        SegW w;                                                                                  \
+        int n0, n1;                                                                              \
+        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, LORA_EXPAND_ROWS,   \
+                      blockIdx.y, &w, &n0, &n1))                                                 \
+            return;                                                                              \
+        lora_expand_impl<T>(y, h, w, n0, n1, dim, hs);                                           \
     }                                                                                            \
-    extern "C" __global__ void lora_wgrad_bwd_##DT(float* dw, const float* u, const T* v,       \
-                                                   long long ok, long long oj, int n, int j,    \
-                                                   int r, float s) {                             \
-        lora_wgrad_impl<T>(dw, u, v, ok, oj, n, j, r, s);                                        \
+    extern "C" __global__ void lora_seg_wgrad_##DT(const float* u, const T* v, const u64* tab,  \
+                                                   int which, int scaled, const int* seg,       \
+                                                   int nseg, int row_off, int n, int dim,       \
+                                                   int hs, long long col0) {                     \
+        SegW w;                                                                                  \
+        int n0, n1;                                                                              \
+        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, LORA_WGRAD_NCHUNK,  \
+                      blockIdx.z, &w, &n0, &n1))                                                 \
+            return;                                                                              \
+        lora_wgrad_impl<T>(u, v, w, n0, n1, dim, hs);                                            \
     }
 FOR_F32_BF16(LORA_DEF)

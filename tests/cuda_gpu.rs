@@ -311,8 +311,8 @@ fn decode_attention_matches_cpu() -> Result<()> {
 #[test]
 fn lora_matches_cpu() -> Result<()> {
     let Some(dev) = device("lora") else { return Ok(()) };
-    refs::lora::<f32>(&dev)?;
-    refs::lora::<bf16>(&dev)
+    refs::lora::segmented::<f32>(&dev)?;
+    refs::lora::segmented::<bf16>(&dev)
 }
 
 #[test]

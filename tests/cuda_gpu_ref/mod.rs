@@ -1,16 +1,16 @@
 //! Parity checks (GPU vs naive f64 CPU references) for attention, decode, LoRA, losses, AdamW
 //! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
 
+pub mod lora;
 pub mod loss_terms;
 pub mod model;
 pub mod runtime;
 pub mod sampling;
 
 use anyhow::Result;
-use cudarc::driver::CudaSlice;
 use twinkle::engine::cuda::CudaDevice;
 use twinkle::engine::cuda::launch::{
-    self as k, AdamStep, AttentionShape, DecodeShape, LoraLayout, LossVariant,
+    self as k, AdamStep, AttentionShape, DecodeShape, LossVariant,
 };
 
 use super::{Rng, TestT, close, close_scaled, down, rt, up, up32, upi};
@@ -211,76 +211,6 @@ pub fn decode<T: TestT>(dev: &CudaDevice) -> Result<()> {
         &shape,
     )?;
     close_scaled("decode attention", &down(s, &out)?, &want, T::TOL);
-    Ok(())
-}
-
-pub fn lora<T: TestT>(dev: &CudaDevice) -> Result<()> {
-    let s = dev.stream();
-    let mut r = Rng(17);
-    let (n, kin, jout, rank, sc) = (37, 96, 80, 8, 2.0);
-    let a = r.vec(rank * kin, 0.5);
-    let b = r.vec(jout * rank, 0.5);
-    let x = rt::<T>(&r.vec(n * kin, 1.0));
-    let y0 = rt::<T>(&r.vec(n * jout, 1.0));
-    let dy = rt::<T>(&r.vec(n * jout, 1.0));
-    let h: Vec<f64> = (0..n * rank)
-        .map(|i| (0..kin).map(|j| x[i / rank * kin + j] * a[i % rank * kin + j]).sum())
-        .collect();
-    let y: Vec<f64> = (0..n * jout)
-        .map(|i| {
-            y0[i]
-                + sc * (0..rank)
-                    .map(|kk| h[i / jout * rank + kk] * b[i % jout * rank + kk])
-                    .sum::<f64>()
-        })
-        .collect();
-    let dh: Vec<f64> = (0..n * rank)
-        .map(|i| {
-            sc * (0..jout).map(|o| dy[i / rank * jout + o] * b[o * rank + i % rank]).sum::<f64>()
-        })
-        .collect();
-    let dx: Vec<f64> = (0..n * kin)
-        .map(|i| (0..rank).map(|kk| dh[i / kin * rank + kk] * a[kk * kin + i % kin]).sum())
-        .collect();
-    let da: Vec<f64> = (0..rank * kin)
-        .map(|i| (0..n).map(|t| dh[t * rank + i / kin] * x[t * kin + i % kin]).sum())
-        .collect();
-    let db: Vec<f64> = (0..jout * rank)
-        .map(|i| sc * (0..n).map(|t| dy[t * jout + i / rank] * h[t * rank + i % rank]).sum::<f64>())
-        .collect();
-
-    let (da_, db_, dx_, dy0_, ddy_) =
-        (up32(s, &a)?, up32(s, &b)?, up::<T>(s, &x)?, up::<T>(s, &y0)?, up::<T>(s, &dy)?);
-    // The three kernels at this rank; the last argument is the (layout, scale) of A's side (rows,
-    // unscaled) or of B's (columns, scaled).
-    let (a_side, b_side) = ((LoraLayout::Rows, 1.0f32), (LoraLayout::Cols, sc as f32));
-    let shrink = |h: &mut CudaSlice<f32>, x: &CudaSlice<T>, w: &CudaSlice<f32>, (l, f)| {
-        k::lora_shrink_fwd(dev, &mut h.as_view_mut(), &x.as_view(), &w.as_view(), l, rank, f)
-    };
-    let expand = |y: &mut CudaSlice<T>, h: &CudaSlice<f32>, w: &CudaSlice<f32>, (l, f)| {
-        k::lora_expand_fwd(dev, &mut y.as_view_mut(), &h.as_view(), &w.as_view(), l, rank, f)
-    };
-    let wgrad = |dw: &mut CudaSlice<f32>, u: &CudaSlice<f32>, v: &CudaSlice<T>, (l, f)| {
-        k::lora_wgrad_bwd(dev, &mut dw.as_view_mut(), &u.as_view(), &v.as_view(), l, rank, f)
-    };
-    let mut gh = s.alloc_zeros::<f32>(n * rank)?;
-    shrink(&mut gh, &dx_, &da_, a_side)?;
-    close_scaled("lora h", &down(s, &gh)?, &h, T::TOL);
-    let mut gy = dy0_.clone();
-    expand(&mut gy, &gh, &db_, b_side)?;
-    close_scaled("lora y", &down(s, &gy)?, &y, T::TOL);
-    let mut gdh = s.alloc_zeros::<f32>(n * rank)?;
-    shrink(&mut gdh, &ddy_, &db_, b_side)?;
-    close_scaled("lora dh", &down(s, &gdh)?, &dh, T::TOL);
-    let mut gdx = s.alloc_zeros::<T>(n * kin)?;
-    expand(&mut gdx, &gdh, &da_, a_side)?;
-    close_scaled("lora dx", &down(s, &gdx)?, &dx, T::TOL);
-    let (mut gda, mut gdb) =
-        (s.alloc_zeros::<f32>(rank * kin)?, s.alloc_zeros::<f32>(jout * rank)?);
-    wgrad(&mut gda, &gdh, &dx_, a_side)?;
-    wgrad(&mut gdb, &gh, &ddy_, b_side)?;
-    close_scaled("lora dA", &down(s, &gda)?, &da, T::TOL);
-    close_scaled("lora dB", &down(s, &gdb)?, &db, T::TOL);
     Ok(())
 }
 

@@ -13,7 +13,6 @@ use super::launch::{self as k, AdamStep};
 use super::model::{Act, CudaModel, R, download, scratch_zeroed, upload, view, zeros};
 use super::{CudaDevice, CudaError};
 use crate::engine::lora::{Adapter, LoraConfig, LoraPair, Target};
-use crate::engine::models::ModelConfig;
 use crate::engine::optim::{AdamParams, OptimMetrics};
 
 /// One LoRA module on the device.
@@ -91,20 +90,6 @@ fn mismatch(what: &str) -> CudaError {
     }
 }
 
-/// (in, out) of a LoRA target for a model config (as `Target::dims`).
-fn dims(t: Target, c: &ModelConfig) -> (usize, usize) {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    match t {
-        Target::Q => (h, qd),
-        Target::K | Target::V => (h, kvd),
-        Target::O => (qd, h),
-        Target::Gate | Target::Up => (h, i),
-        Target::Down => (i, h),
-        Target::LmHead => (h, c.vocab_size),
-    }
-}
-
 /// Device table of every (weight, gradient, first moment, second moment) quadruple of an
 /// adapter for the multi-tensor optimizer kernels: rows of 4 addresses, a length per row.
 struct OptimTable {
@@ -137,7 +122,7 @@ impl CudaAdapter {
         let c = model.config();
         let dev = &*model.dev;
         let check = |t: Target, p: &LoraPair| {
-            let (inp, out) = dims(t, c);
+            let (inp, out) = t.dims(c);
             let r = p.rank();
             if p.a.len() != r * inp || p.b.len() != out * r {
                 return Err(CudaError::Engine(crate::engine::EngineError::Adapter(format!(
@@ -179,7 +164,7 @@ impl CudaAdapter {
         let mut rng = crate::engine::synth::SynthRng(cfg.seed);
         let r = cfg.rank;
         let mut make = |t: Target| -> R<GpuPair> {
-            let (inp, out) = dims(t, c);
+            let (inp, out) = t.dims(c);
             let bound = 1.0 / (inp as f32).sqrt();
             let a: Vec<f32> = (0..r * inp).map(|_| rng.next_f32() * bound).collect();
             Ok(GpuPair {
@@ -261,11 +246,6 @@ impl CudaAdapter {
     /// `alpha / r`.
     pub fn scaling(&self) -> f32 {
         self.scaling
-    }
-
-    pub(crate) fn pair_mut(&mut self, l: usize, t: Target) -> Option<&mut GpuPair> {
-        let i = Target::LAYER.iter().position(|&x| x == t)?;
-        self.layers.get_mut(l).and_then(|s| s[i].as_mut())
     }
 
     /// Every module in the host adapter's `pairs()` order (layers, then lm_head).

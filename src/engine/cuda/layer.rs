@@ -9,10 +9,10 @@
 use cudarc::driver::{CudaSlice, CudaView};
 
 use super::CudaError;
-use super::adapter::CudaAdapter;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::model::{Act, CudaModel, DLinear, R, lora_of, scratch, slot, upload_ws, view, view_mut};
+use super::model::{Act, CudaModel, DLinear, R, scratch, slot, upload_ws, view, view_mut};
+use super::segment::SegLora;
 use super::workspace::Buf;
 use crate::engine::lora::Target;
 
@@ -72,14 +72,20 @@ pub(crate) enum KvMode<'a, T: Act> {
     Train,
     /// As `Train`, and the keys / values are written to the cache at `slots` [rows].
     Prefill { slots: &'a CudaSlice<i32>, cache: &'a mut CudaKvCache<T> },
-    /// One row per sequence: append at `slots`, then attend to the cached context
-    /// (`table` [B] = the sequence's cache block, `ctx` [B] = its length after the append).
-    Decode {
-        slots: &'a CudaSlice<i32>,
-        table: &'a CudaSlice<i32>,
-        ctx: &'a CudaSlice<i32>,
-        cache: &'a mut CudaKvCache<T>,
-    },
+    /// One row per sequence, in groups of consecutive rows that each have their own cache
+    /// (several requests decoding in one pass).
+    Decode(Vec<DecodeGroup<'a, T>>),
+}
+
+/// One cache's rows of a decode pass: each row is appended to `cache` at `slots`, then attends
+/// to its cached context (`table` [rows] = the sequence's cache block, `ctx` [rows] = its
+/// length after the append).
+pub(crate) struct DecodeGroup<'a, T: Act> {
+    pub rows: std::ops::Range<usize>,
+    pub slots: Buf<i32>,
+    pub table: Buf<i32>,
+    pub ctx: Buf<i32>,
+    pub cache: &'a mut CudaKvCache<T>,
 }
 
 /// (q before q_norm, its rstd, k before k_norm, its rstd).
@@ -135,7 +141,7 @@ impl<T: Act> CudaModel<T> {
     pub(crate) fn stack_fwd(
         &self,
         p: &Pack,
-        ad: Option<&CudaAdapter>,
+        lora: &SegLora,
         kv: &mut KvMode<'_, T>,
         save: bool,
     ) -> R<StackOut<T>> {
@@ -150,7 +156,7 @@ impl<T: Act> CudaModel<T> {
         )?;
         let mut saves = Vec::new();
         for l in 0..self.layers.len() {
-            let (x_out, s) = self.layer_fwd(l, x, p, ad, kv, save)?;
+            let (x_out, s) = self.layer_fwd(l, x, p, lora, kv, save)?;
             x = x_out;
             saves.extend(s);
         }
@@ -158,13 +164,14 @@ impl<T: Act> CudaModel<T> {
         Ok(StackOut { h_final, x_final: x, rstd_final, saves })
     }
 
-    /// Backward through the stack from `dh_final`, accumulating LoRA gradients into `ad`.
+    /// Backward through the stack from `dh_final`, accumulating the LoRA gradients of the
+    /// training segments of `lora`.
     pub(crate) fn stack_bwd(
         &self,
         st: &StackOut<T>,
         dh_final: &Buf<T>,
         p: &Pack,
-        ad: &mut CudaAdapter,
+        lora: &SegLora,
     ) -> R<()> {
         let n = p.rows * self.cfg.hidden_size;
         if st.saves.len() != self.layers.len() {
@@ -180,7 +187,7 @@ impl<T: Act> CudaModel<T> {
             &st.rstd_final,
         )?;
         for (l, s) in st.saves.iter().enumerate().rev() {
-            self.layer_bwd(l, s, &mut dx, p, ad)?;
+            self.layer_bwd(l, s, &mut dx, p, lora)?;
         }
         Ok(())
     }
@@ -192,7 +199,7 @@ impl<T: Act> CudaModel<T> {
         l: usize,
         x: Buf<T>,
         p: &Pack,
-        ad: Option<&CudaAdapter>,
+        lora: &SegLora,
         kv: &mut KvMode<'_, T>,
         save: bool,
     ) -> R<(Buf<T>, Option<LayerSave<T>>)> {
@@ -200,14 +207,13 @@ impl<T: Act> CudaModel<T> {
         let lw = &self.layers[l];
         let rows = p.rows;
         let (hid, hd, nh, nkv, hdp) = self.layer_dims();
-        let scale = ad.map(|a| a.scaling).unwrap_or(0.0);
-        let lora = |t: Target| lora_of(ad, l, t);
+        let m = |t: Target| lora.module(Some(l), t);
 
         let (h1, rstd1) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, rows * hid)?;
-        let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, lora(Target::Q), scale)?;
-        let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, lora(Target::K), scale)?;
-        let (v, hv) = self.lin_fwd(&h1v, rows, &lw.v, lora(Target::V), scale)?;
+        let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, m(Target::Q)?.as_ref())?;
+        let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, m(Target::K)?.as_ref())?;
+        let (v, hv) = self.lin_fwd(&h1v, rows, &lw.v, m(Target::V)?.as_ref())?;
         let (q, kk, qk_pre) = match &lw.qk_norm {
             Some((qn, kn)) => {
                 let (qo, q_rstd) = self.rmsnorm(&view(&q, 0, rows * nh * hd)?, qn)?;
@@ -243,20 +249,31 @@ impl<T: Act> CudaModel<T> {
                     cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
                 }
             }
-            KvMode::Decode { slots, table, ctx, cache } => {
-                let block = cache.max_len();
-                let (kc, vc) =
-                    cache.append(dev, l, &view(slots, 0, rows)?, &kv_, &vv, nkv * hdp)?;
-                k::decode_attention_fwd(
-                    dev,
-                    &mut view_mut(&mut outp, 0, nq)?,
-                    &qv,
-                    &kc.as_view(),
-                    &vc.as_view(),
-                    &view(table, 0, rows)?,
-                    &view(ctx, 0, rows)?,
-                    &self.decode_shape(block),
-                )?;
+            KvMode::Decode(groups) => {
+                for g in groups.iter_mut() {
+                    let (r, nr) = (g.rows.clone(), g.rows.len());
+                    let (q0, q1) = (r.start * nh * hdp, r.end * nh * hdp);
+                    let (k0, k1) = (r.start * nkv * hdp, r.end * nkv * hdp);
+                    let block = g.cache.max_len();
+                    let (kc, vc) = g.cache.append(
+                        dev,
+                        l,
+                        &view(&g.slots, 0, nr)?,
+                        &view(&kp, k0, k1)?,
+                        &view(&vp, k0, k1)?,
+                        nkv * hdp,
+                    )?;
+                    k::decode_attention_fwd(
+                        dev,
+                        &mut view_mut(&mut outp, q0, q1)?,
+                        &view(&qp, q0, q1)?,
+                        &kc.as_view(),
+                        &vc.as_view(),
+                        &view(&g.table, 0, nr)?,
+                        &view(&g.ctx, 0, nr)?,
+                        &self.decode_shape(block),
+                    )?;
+                }
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
@@ -264,8 +281,7 @@ impl<T: Act> CudaModel<T> {
             &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
             rows,
             &lw.o,
-            lora(Target::O),
-            scale,
+            m(Target::O)?.as_ref(),
         )?;
         // x_mid = o + x_in, in o's buffer: x_in stays intact for the backward without a copy
         k::acc_fwd(dev, &mut view_mut(&mut o, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
@@ -274,8 +290,8 @@ impl<T: Act> CudaModel<T> {
         let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, rows * hid)?;
         let inter = lw.gate.out;
-        let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, lora(Target::Gate), scale)?;
-        let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, lora(Target::Up), scale)?;
+        let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, m(Target::Gate)?.as_ref())?;
+        let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, m(Target::Up)?.as_ref())?;
         let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(
             dev,
@@ -284,7 +300,7 @@ impl<T: Act> CudaModel<T> {
             &view(&u, 0, rows * inter)?,
         )?;
         let (mut d, hdn) =
-            self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, lora(Target::Down), scale)?;
+            self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, m(Target::Down)?.as_ref())?;
         k::acc_fwd(dev, &mut view_mut(&mut d, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
         let (x_mid, x) = (x, d);
         if !save {
@@ -326,11 +342,10 @@ impl<T: Act> CudaModel<T> {
         x: &CudaView<'_, T>,
         rows: usize,
         outs: &[(&Buf<T>, usize, &DLinear<T>, Target)],
-        ad: &mut CudaAdapter,
+        lora: &SegLora,
     ) -> R<Buf<T>> {
         let nx = rows * self.cfg.hidden_size;
         let mut dx = scratch::<T>(&self.dev, nx)?;
-        let scale = ad.scaling;
         for (i, &(dy, n, lin, t)) in outs.iter().enumerate() {
             self.lin_bwd(
                 &view(dy, 0, n)?,
@@ -338,8 +353,7 @@ impl<T: Act> CudaModel<T> {
                 s.h[slot(t)].as_ref(),
                 rows,
                 lin,
-                ad.pair_mut(l, t),
-                scale,
+                lora.module(Some(l), t)?.as_ref(),
                 &mut view_mut(&mut dx, 0, nx)?,
                 i > 0,
             )?;
@@ -367,14 +381,13 @@ impl<T: Act> CudaModel<T> {
         s: &LayerSave<T>,
         dx: &mut Buf<T>,
         p: &Pack,
-        ad: &mut CudaAdapter,
+        lora: &SegLora,
     ) -> R<()> {
         let dev = &*self.dev;
         let lw = &self.layers[l];
         let rows = p.rows;
         let (hid, hd, nh, nkv, hdp) = self.layer_dims();
         let inter = lw.gate.out;
-        let scale = ad.scaling;
         let hs = |t: Target| s.h[slot(t)].as_ref();
         let nh_ = rows * hid;
 
@@ -391,8 +404,7 @@ impl<T: Act> CudaModel<T> {
             hs(Target::Down),
             rows,
             &lw.down,
-            ad.pair_mut(l, Target::Down),
-            scale,
+            lora.module(Some(l), Target::Down)?.as_ref(),
             &mut view_mut(&mut dact, 0, rows * inter)?,
             false,
         )?;
@@ -408,7 +420,7 @@ impl<T: Act> CudaModel<T> {
         )?;
         let ni = rows * inter;
         let outs = [(&dg, ni, &lw.gate, Target::Gate), (&du, ni, &lw.up, Target::Up)];
-        let dh2 = self.shared_input_bwd(l, s, &h2v, rows, &outs, ad)?;
+        let dh2 = self.shared_input_bwd(l, s, &h2v, rows, &outs, lora)?;
         self.add_norm_bwd(dx, &dh2, (&s.x_mid, &lw.post_norm, &s.rstd2), nh_)?;
 
         // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
@@ -419,8 +431,7 @@ impl<T: Act> CudaModel<T> {
             hs(Target::O),
             rows,
             &lw.o,
-            ad.pair_mut(l, Target::O),
-            scale,
+            lora.module(Some(l), Target::O)?.as_ref(),
             &mut view_mut(&mut dattn, 0, rows * nh * hd)?,
             false,
         )?;
@@ -478,7 +489,7 @@ impl<T: Act> CudaModel<T> {
             (&dk, rows * nkv * hd, &lw.k, Target::K),
             (&dv, rows * nkv * hd, &lw.v, Target::V),
         ];
-        let dh1 = self.shared_input_bwd(l, s, &h1v, rows, &outs, ad)?;
+        let dh1 = self.shared_input_bwd(l, s, &h1v, rows, &outs, lora)?;
         if l > 0 {
             self.add_norm_bwd(dx, &dh1, (&s.x_in, &lw.input_norm, &s.rstd1), nh_)?;
         }

@@ -48,11 +48,14 @@ mod adapter;
 mod decode;
 mod device;
 mod error;
+mod generate;
+mod head;
 pub mod launch;
 mod layer;
 mod model;
 mod nvrtc;
 mod runtime;
+mod segment;
 mod synth;
 mod train;
 mod workspace;
@@ -68,7 +71,9 @@ pub use nvrtc::{
 };
 pub use runtime::{CudaLogits, CudaRuntime};
 pub use synth::{bench_shape, host_tensor, spec_config};
-pub use train::{forward_backward, forward_only, loss_term_reference};
+pub use train::{
+    forward_backward, forward_backward_many, forward_many, forward_only, loss_term_reference,
+};
 
 /// bf16 as used by the kernels and cudarc (`half::bf16`, bit-compatible with the kernels' `bf16`).
 pub use half::bf16;

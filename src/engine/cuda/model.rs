@@ -11,8 +11,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
-use super::adapter::{CudaAdapter, GpuPair};
-use super::launch::{self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraLayout};
+use super::launch::{
+    self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraSegs, LoraTensor, SegCall,
+};
 use super::workspace::Buf;
 use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
@@ -333,14 +334,14 @@ impl<T: Act> CudaModel<T> {
         Ok(self.unpad(&x, rows_heads)?.unwrap_or(x))
     }
 
-    /// y = x W^T (+ bias) (+ s (x A^T) B^T); returns y and the LoRA intermediate h = x A^T.
+    /// y = x W^T (+ bias) (+ s (x A^T) B^T, each row with its segment's adapter); returns y and
+    /// the LoRA intermediate h = x A^T [rows, max rank].
     pub(crate) fn lin_fwd(
         &self,
         x: &CudaView<'_, T>,
         rows: usize,
         lin: &DLinear<T>,
-        lora: Option<&GpuPair>,
-        scale: f32,
+        lora: Option<&LoraSegs<'_>>,
     ) -> R<(Buf<T>, Option<Buf<f32>>)> {
         let dev = &*self.dev;
         k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
@@ -360,28 +361,29 @@ impl<T: Act> CudaModel<T> {
         if let Some(b) = &lin.b {
             k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
         }
-        let h = match lora {
-            Some(p) => {
-                let mut h = scratch::<f32>(dev, rows * p.rank)?;
-                let mut hv = view_mut(&mut h, 0, rows * p.rank)?;
-                k::lora_shrink_fwd(dev, &mut hv, x, &p.a.as_view(), LoraLayout::Rows, p.rank, 1.0)?;
-                k::lora_expand_fwd(
-                    dev,
-                    &mut yv,
-                    &hv.as_view(),
-                    &p.b.as_view(),
-                    LoraLayout::Cols,
-                    p.rank,
-                    scale,
-                )?;
-                Some(h)
-            }
-            None => None,
-        };
-        Ok((y, h))
+        let Some(ls) = lora else { return Ok((y, None)) };
+        let hs = ls.max_rank();
+        // rows of segments without a LoRA here are neither written nor read
+        let mut h = scratch::<f32>(dev, rows * hs)?;
+        let mut hv = view_mut(&mut h, 0, rows * hs)?;
+        let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
+        // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
+        unsafe {
+            k::lora_seg_shrink(dev, &mut hv, x, ls, (LoraTensor::A, false), &call(lin.inp))?;
+            k::lora_seg_expand(
+                dev,
+                &mut yv,
+                &hv.as_view(),
+                ls,
+                (LoraTensor::B, true),
+                &call(lin.out),
+            )?;
+        }
+        Ok((y, Some(h)))
     }
 
-    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A`, LoRA grads accumulated.
+    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A`, the LoRA gradients of the
+    /// training segments accumulated.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lin_bwd(
         &self,
@@ -390,8 +392,7 @@ impl<T: Act> CudaModel<T> {
         h: Option<&Buf<f32>>,
         rows: usize,
         lin: &DLinear<T>,
-        lora: Option<&mut GpuPair>,
-        scale: f32,
+        lora: Option<&LoraSegs<'_>>,
         dx: &mut CudaViewMut<'_, T>,
         accumulate: bool,
     ) -> R<()> {
@@ -407,31 +408,21 @@ impl<T: Act> CudaModel<T> {
             1.0,
             beta,
         )?;
-        if let (Some(p), Some(h)) = (lora, h) {
-            let r = p.rank;
-            let GpuPair { a, b, ga, gb, .. } = p;
-            let mut dh = scratch::<f32>(dev, rows * r)?;
-            let mut dhv = view_mut(&mut dh, 0, rows * r)?;
-            k::lora_shrink_fwd(dev, &mut dhv, dy, &b.as_view(), LoraLayout::Cols, r, scale)?;
-            k::lora_expand_fwd(dev, dx, &dhv.as_view(), &a.as_view(), LoraLayout::Rows, r, 1.0)?;
-            k::lora_wgrad_bwd(
-                dev,
-                &mut ga.as_view_mut(),
-                &dhv.as_view(),
-                x,
-                LoraLayout::Rows,
-                r,
-                1.0,
-            )?;
-            k::lora_wgrad_bwd(
-                dev,
-                &mut gb.as_view_mut(),
-                &view(h, 0, rows * r)?,
-                dy,
-                LoraLayout::Cols,
-                r,
-                scale,
-            )?;
+        if let (Some(ls), Some(h)) = (lora, h) {
+            let hs = ls.max_rank();
+            let mut dh = scratch::<f32>(dev, rows * hs)?;
+            let mut dhv = view_mut(&mut dh, 0, rows * hs)?;
+            let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
+            let (c_in, c_out) = (call(lin.inp), call(lin.out));
+            // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
+            unsafe {
+                k::lora_seg_shrink(dev, &mut dhv, dy, ls, (LoraTensor::B, true), &c_out)?;
+                let dhv = dhv.as_view();
+                k::lora_seg_expand(dev, dx, &dhv, ls, (LoraTensor::A, false), &c_in)?;
+                k::lora_seg_wgrad(dev, &dhv, x, ls, (LoraTensor::GradA, false), &c_in)?;
+                let hv = view(h, 0, rows * hs)?;
+                k::lora_seg_wgrad(dev, &hv, dy, ls, (LoraTensor::GradB, true), &c_out)?;
+            }
         }
         Ok(())
     }
@@ -498,9 +489,4 @@ impl<T: Act> CudaModel<T> {
 /// Index of a per-layer target in `Target::LAYER` (the adapter's slot order).
 pub(crate) fn slot(t: Target) -> usize {
     Target::LAYER.iter().position(|&x| x == t).unwrap_or(0)
-}
-
-/// Borrow of a LoRA module of layer `l` for the forward.
-pub(crate) fn lora_of(ad: Option<&CudaAdapter>, l: usize, t: Target) -> Option<&GpuPair> {
-    ad.and_then(|a| a.layers.get(l)).and_then(|s| s[slot(t)].as_ref())
 }

@@ -19,7 +19,7 @@ use cudarc::driver::CudaSlice;
 use super::decode::CudaKvCache;
 use super::model::{Act, CudaModel, download, view};
 use super::{CudaAdapter, CudaDevice, CudaError};
-use crate::engine::batch::FwdBwdOutput;
+use crate::engine::batch::{CachedGroup, EvalGroup, FwdBwdOutput, TrainGroup};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::lora::Adapter;
 use crate::engine::loss::{Datum, LossFn};
@@ -123,6 +123,21 @@ impl<T: Act + Send + Sync + 'static> ModelRuntime for CudaRuntime<T> {
         super::train::forward_only(&self.model, adapter, data, loss).map_err(self.err())
     }
 
+    fn forward_backward_many(
+        &self,
+        groups: &mut [TrainGroup<'_, CudaAdapter>],
+    ) -> Vec<Result<FwdBwdOutput>> {
+        let _g = self.lock();
+        let out = super::forward_backward_many(&self.model, groups);
+        out.into_iter().map(|r| r.map_err(self.err())).collect()
+    }
+
+    fn forward_many(&self, groups: &[EvalGroup<'_, CudaAdapter>]) -> Vec<Result<FwdBwdOutput>> {
+        let _g = self.lock();
+        let out = super::forward_many(&self.model, groups);
+        out.into_iter().map(|r| r.map_err(self.err())).collect()
+    }
+
     fn optim_step(&self, adapter: &mut CudaAdapter, params: &AdamParams) -> Result<OptimMetrics> {
         let _g = self.lock();
         adapter.optim_step(self.model.device(), params).map_err(self.err())
@@ -164,6 +179,19 @@ impl<T: Act + Send + Sync + 'static> ModelRuntime for CudaRuntime<T> {
         let data =
             self.model.forward_cached_device(adapter, cache, slots, tokens).map_err(self.err())?;
         Ok(CudaLogits { data, rows: slots.len() })
+    }
+
+    fn forward_cached_many(
+        &self,
+        groups: &mut [CachedGroup<'_, CudaAdapter, CudaKvCache<T>>],
+    ) -> Vec<Result<CudaLogits>> {
+        let _g = self.lock();
+        let rows: Vec<usize> = groups.iter().map(|g| g.slots.len()).collect();
+        let out = self.model.forward_cached_many_device(groups);
+        out.into_iter()
+            .zip(rows)
+            .map(|(r, rows)| r.map(|data| CudaLogits { data, rows }).map_err(self.err()))
+            .collect()
     }
 
     fn select_tokens(

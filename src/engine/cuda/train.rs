@@ -1,31 +1,28 @@
 //! `forward_backward` on the GPU with exactly the CPU engine's semantics (same validation, same
-//! packing, same per-datum outputs and summed loss), and the vocabulary-chunked output head:
-//! logits are produced [rows, chunk] at a time in f32, merged by an online log-sum-exp, and
-//! recomputed in the backward, so [tokens x vocab] never exists.
+//! packing, same per-datum outputs and summed loss) — also for several tenants' groups in one
+//! pass over the base weights (`forward_backward_many`, `forward_many`): the groups' datums are
+//! packed one group after another, every base GEMM and the output head run once over all rows,
+//! and each row gets its own group's LoRA through the segmented kernels (`SegLora`), its own
+//! loss and, when training, its own adapter's gradients.
 //!
 //! The per-token loss terms and their gradient coefficients are computed on the device by
 //! `loss_term_fwd` (kernels/loss.cu), which implements `LossFn::term` expression for expression
 //! in f64, so every loss variant means the same on both backends; [`loss_term_reference`]
-//! exposes the CPU definition it is tested against. The step enqueues forward, head, loss
-//! terms, head backward and stack backward back to back and synchronises once, when it
-//! downloads the logprobs and loss terms at the end.
+//! exposes the CPU definition it is tested against. A pass enqueues forward, head, loss terms,
+//! head backward and stack backward back to back and synchronises once, when it downloads the
+//! logprobs and loss terms at the end.
 
-use cudarc::driver::CudaSlice;
+use std::ops::Range;
 
-use super::adapter::{CudaAdapter, GpuPair};
-use super::launch::{self as k, BLayout, LoraLayout};
+use super::CudaError;
+use super::adapter::CudaAdapter;
+use super::launch as k;
 use super::layer::{KvMode, Pack};
-use super::model::{
-    Act, CudaModel, R, download, scratch, scratch_zeroed, upload_ws, view, view_mut,
-};
+use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut};
+use super::segment::{SegLora, SegSpec};
 use super::workspace::Buf;
-use crate::engine::batch::{FwdBwdOutput, pack, validate};
+use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup, pack, validate};
 use crate::engine::loss::{Datum, DatumOutput, LossFn};
-
-/// Vocabulary columns per head chunk.
-const VOCAB_CHUNK: usize = 8192;
-/// Rows per head block (bounds the f32 chunk buffer to ROW_BLOCK x VOCAB_CHUNK).
-const ROW_BLOCK: usize = 4096;
 
 /// Targets of a batch as a dense [rows, kmax] matrix, -1 where a datum has fewer than kmax,
 /// with the loss inputs the CPU engine would use (weight 1, sampler logprob and advantage 0
@@ -47,236 +44,15 @@ pub fn loss_term_reference(loss: &LossFn, lp: f64, w: f64, slp: f64, adv: f64) -
 }
 
 impl<T: Act> CudaModel<T> {
-    /// Per row: lse [rows] and target logprobs [rows, kmax] (0 at padding).
-    pub(crate) fn head_fwd(
-        &self,
-        h: &CudaSlice<T>,
-        rows: usize,
-        tg: &CudaSlice<i32>,
-        kmax: usize,
-        lora: Option<&GpuPair>,
-        scale: f32,
-    ) -> R<(Buf<f32>, Buf<f32>)> {
-        let dev = &*self.dev;
-        let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let w = self.head_w();
-        // lse / lp: written by xent_finish; buf: by each chunk's GEMM (beta = 0); m, s, tgt:
-        // initialised by the first chunk's xent_fwd
-        let mut lse = scratch::<f32>(dev, rows)?;
-        let mut lp = scratch::<f32>(dev, rows * kmax)?;
-        let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
-        let mut buf = scratch::<f32>(dev, cap)?;
-        for r0 in (0..rows).step_by(ROW_BLOCK) {
-            let nr = ROW_BLOCK.min(rows - r0);
-            let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
-            let tb = view(tg, r0 * kmax, (r0 + nr) * kmax)?;
-            let ha = self.head_shrink(&hb, nr, lora)?;
-            let mut m = scratch::<f32>(dev, nr)?;
-            let mut s = scratch::<f32>(dev, nr)?;
-            let mut tgt = scratch::<f32>(dev, nr * kmax)?;
-            for v0 in (0..v).step_by(VOCAB_CHUNK) {
-                let vc = VOCAB_CHUNK.min(v - v0);
-                let mut lv = view_mut(&mut buf, 0, nr * vc)?;
-                self.head_chunk(&mut lv, &hb, nr, v0, vc, w, lora.zip(ha.as_ref()), scale)?;
-                k::xent_fwd::<f32>(
-                    dev,
-                    &mut view_mut(&mut m, 0, nr)?,
-                    &mut view_mut(&mut s, 0, nr)?,
-                    &mut view_mut(&mut tgt, 0, nr * kmax)?,
-                    &lv.as_view(),
-                    vc,
-                    v0,
-                    vc,
-                    &tb,
-                    v0 == 0,
-                )?;
-            }
-            k::xent_finish_fwd(
-                dev,
-                &mut view_mut(&mut lse, r0, r0 + nr)?,
-                &mut view_mut(&mut lp, r0 * kmax, (r0 + nr) * kmax)?,
-                &view(&m, 0, nr)?,
-                &view(&s, 0, nr)?,
-                &view(&tgt, 0, nr * kmax)?,
-                &tb,
-            )?;
-        }
-        Ok((lse, lp))
-    }
-
-    /// h A^T [nr, r] for the lm_head LoRA (None without one).
-    fn head_shrink(
-        &self,
-        hb: &cudarc::driver::CudaView<'_, T>,
-        nr: usize,
-        lora: Option<&GpuPair>,
-    ) -> R<Option<Buf<f32>>> {
-        let Some(p) = lora else { return Ok(None) };
-        let mut ha = scratch::<f32>(&self.dev, nr * p.rank)?;
-        k::lora_shrink_fwd(
-            &self.dev,
-            &mut view_mut(&mut ha, 0, nr * p.rank)?,
-            hb,
-            &p.a.as_view(),
-            LoraLayout::Rows,
-            p.rank,
-            1.0,
-        )?;
-        Ok(Some(ha))
-    }
-
-    /// Logits of vocabulary columns v0 .. v0 + vc for nr rows into `out` [nr, vc] (f32).
-    #[allow(clippy::too_many_arguments)]
-    fn head_chunk(
-        &self,
-        out: &mut cudarc::driver::CudaViewMut<'_, f32>,
-        hb: &cudarc::driver::CudaView<'_, T>,
-        nr: usize,
-        v0: usize,
-        vc: usize,
-        w: &CudaSlice<T>,
-        lora: Option<(&GpuPair, &Buf<f32>)>,
-        scale: f32,
-    ) -> R<()> {
-        let dev = &*self.dev;
-        let hid = self.cfg.hidden_size;
-        let wc = view(w, v0 * hid, (v0 + vc) * hid)?;
-        k::matmul::<T, f32>(dev, out, hb, &wc, BLayout::Nk, (nr, vc, hid), 1.0, 0.0)?;
-        if let Some((p, ha)) = lora {
-            let r = p.rank;
-            k::lora_expand_fwd::<f32>(
-                dev,
-                out,
-                &view(ha, 0, nr * r)?,
-                &view(&p.b, v0 * r, (v0 + vc) * r)?,
-                LoraLayout::Cols,
-                r,
-                scale,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Backward of the head: `coef` [rows, kmax] = -dLoss/dlogprob (the kernels' sign);
-    /// returns dh [rows, hidden] and accumulates the lm_head LoRA gradients.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn head_bwd(
-        &self,
-        h: &CudaSlice<T>,
-        rows: usize,
-        tg: &CudaSlice<i32>,
-        kmax: usize,
-        coef: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
-        mut lora: Option<&mut GpuPair>,
-        scale: f32,
-    ) -> R<Buf<T>> {
-        let dev = &*self.dev;
-        let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let w = self.head_w();
-        // dh: each row block is written by its first chunk's GEMM (beta = 0), then accumulated
-        let mut dh = scratch::<T>(dev, rows * hid)?;
-        let cap = ROW_BLOCK.min(rows) * VOCAB_CHUNK.min(v);
-        let mut buf = scratch::<f32>(dev, cap)?;
-        let mut dl = scratch::<T>(dev, cap)?;
-        for r0 in (0..rows).step_by(ROW_BLOCK) {
-            let nr = ROW_BLOCK.min(rows - r0);
-            let hb = view(h, r0 * hid, (r0 + nr) * hid)?;
-            let tb = view(tg, r0 * kmax, (r0 + nr) * kmax)?;
-            let cb = view(coef, r0 * kmax, (r0 + nr) * kmax)?;
-            let lb = view(lse, r0, r0 + nr)?;
-            let ha = self.head_shrink(&hb, nr, lora.as_deref())?;
-            let rank = lora.as_ref().map(|p| p.rank).unwrap_or(0);
-            // dha sums the chunks' contributions (acc_fwd): the one buffer here that needs zeros
-            let mut dha = scratch_zeroed::<f32>(dev, nr * rank.max(1))?;
-            let mut tmp = scratch::<f32>(dev, nr * rank.max(1))?;
-            for v0 in (0..v).step_by(VOCAB_CHUNK) {
-                let vc = VOCAB_CHUNK.min(v - v0);
-                let mut lv = view_mut(&mut buf, 0, nr * vc)?;
-                self.head_chunk(
-                    &mut lv,
-                    &hb,
-                    nr,
-                    v0,
-                    vc,
-                    w,
-                    lora.as_deref().zip(ha.as_ref()),
-                    scale,
-                )?;
-                k::xent_bwd_inplace::<f32>(dev, &mut lv, vc, v0, vc, &tb, &cb, &lb)?;
-                let mut dv = view_mut(&mut dl, 0, nr * vc)?;
-                T::cast_from_f32(dev, &mut dv, &lv.as_view())?;
-                let dlv = dv.as_view();
-                let beta = if v0 == 0 { 0.0 } else { 1.0 };
-                k::matmul::<T, T>(
-                    dev,
-                    &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
-                    &dlv,
-                    &view(w, v0 * hid, (v0 + vc) * hid)?,
-                    BLayout::Kn,
-                    (nr, hid, vc),
-                    1.0,
-                    beta,
-                )?;
-                if let (Some(p), Some(ha)) = (lora.as_deref_mut(), ha.as_ref()) {
-                    let r = p.rank;
-                    let GpuPair { b, gb, .. } = p;
-                    k::lora_wgrad_bwd(
-                        dev,
-                        &mut view_mut(gb, v0 * r, (v0 + vc) * r)?,
-                        &view(ha, 0, nr * r)?,
-                        &dlv,
-                        LoraLayout::Cols,
-                        r,
-                        scale,
-                    )?;
-                    let mut tv = view_mut(&mut tmp, 0, nr * r)?;
-                    k::lora_shrink_fwd(
-                        dev,
-                        &mut tv,
-                        &dlv,
-                        &view(b, v0 * r, (v0 + vc) * r)?,
-                        LoraLayout::Cols,
-                        r,
-                        scale,
-                    )?;
-                    k::acc_fwd::<f32>(dev, &mut view_mut(&mut dha, 0, nr * r)?, &tv.as_view())?;
-                }
-            }
-            if let Some(p) = lora.as_deref_mut() {
-                let r = p.rank;
-                let GpuPair { a, ga, .. } = p;
-                let dhav = view(&dha, 0, nr * r)?;
-                k::lora_wgrad_bwd(
-                    dev,
-                    &mut ga.as_view_mut(),
-                    &dhav,
-                    &hb,
-                    LoraLayout::Rows,
-                    r,
-                    1.0,
-                )?;
-                k::lora_expand_fwd(
-                    dev,
-                    &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
-                    &dhav,
-                    &a.as_view(),
-                    LoraLayout::Rows,
-                    r,
-                    1.0,
-                )?;
-            }
-        }
-        Ok(dh)
-    }
-
-    fn targets(&self, data: &[Datum]) -> R<Targets> {
-        let kmax = data.iter().map(|d| d.inputs.k.max(1)).max().unwrap_or(1);
-        let rows: usize = data.iter().map(|d| d.input_tokens.len()).sum();
+    /// The targets of the groups' datums, packed in order.
+    fn targets(&self, groups: &[Job<'_>]) -> R<Targets> {
+        let data = || groups.iter().flat_map(|g| g.data);
+        let kmax = data().map(|d| d.inputs.k.max(1)).max().unwrap_or(1);
+        let rows: usize = data().map(|d| d.input_tokens.len()).sum();
         let mut tg = Vec::with_capacity(rows * kmax);
         let mut weights = Vec::with_capacity(rows * kmax);
         let (mut slp, mut adv) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-        for d in data {
+        for d in data() {
             let kd = d.inputs.k.max(1);
             let per_row = |v: &Option<Vec<f32>>, p: usize| v.as_ref().map(|v| v[p]).unwrap_or(0.0);
             for p in 0..d.input_tokens.len() {
@@ -306,6 +82,15 @@ impl<T: Act> CudaModel<T> {
     }
 }
 
+/// One group of a pass: its datums and loss, the adapter it reads (None: the base model), and
+/// whether that adapter takes the gradients.
+struct Job<'a> {
+    data: &'a [Datum],
+    loss: &'a LossFn,
+    adapter: Option<&'a CudaAdapter>,
+    train: bool,
+}
+
 /// Forward (and unless `forward_only`, backward) over a batch, on the GPU. Same contract as
 /// `engine::forward_backward`: gradients are ADDED to the adapter's accumulated gradients;
 /// without an adapter the base model is evaluated and `forward_only` is implied.
@@ -316,13 +101,9 @@ pub fn forward_backward<T: Act>(
     loss: &LossFn,
     forward_only: bool,
 ) -> R<FwdBwdOutput> {
-    let out = match adapter {
-        Some(a) if !forward_only => fwd_bwd(model, None, Some(a), data, loss),
-        Some(a) => fwd_bwd(model, Some(&*a), None, data, loss),
-        None => fwd_bwd(model, None, None, data, loss),
-    };
-    model.dev.ws().end_pass();
-    out
+    let train = adapter.is_some() && !forward_only;
+    let job = Job { data, loss, adapter: adapter.map(|a| &*a), train };
+    one(run_many(model, vec![job]))
 }
 
 /// Forward only (logprobs and losses, no gradients) with a shared adapter borrow.
@@ -332,73 +113,165 @@ pub fn forward_only<T: Act>(
     data: &[Datum],
     loss: &LossFn,
 ) -> R<FwdBwdOutput> {
-    let out = fwd_bwd(model, adapter, None, data, loss);
-    model.dev.ws().end_pass();
-    out
+    one(run_many(model, vec![Job { data, loss, adapter, train: false }]))
 }
 
-/// `read`: an adapter used without gradients; `train`: one that receives them (at most one of
-/// the two is given).
-fn fwd_bwd<T: Act>(
+/// [`forward_backward`] of several tenants' groups (distinct adapters) in one pass over the base
+/// weights: one result per group, in order, each as if it ran alone (to f32 rounding: the
+/// shared GEMMs see more rows); a group with invalid input fails alone. The gradients of a
+/// group are accumulated only by the shared pass; when that pass fails, every group gets the
+/// error (a device error, which `DataParallel` answers by re-running each group alone after
+/// putting its gradients back).
+pub fn forward_backward_many<T: Act>(
     model: &CudaModel<T>,
-    read: Option<&CudaAdapter>,
-    train: Option<&mut CudaAdapter>,
-    data: &[Datum],
-    loss: &LossFn,
-) -> R<FwdBwdOutput> {
-    validate(model.config(), data, loss)?;
+    groups: &mut [TrainGroup<'_, CudaAdapter>],
+) -> Vec<R<FwdBwdOutput>> {
+    // the `&mut` borrows of the groups outlive the pass: the gradients written through the
+    // table's addresses belong to adapters nobody else holds meanwhile
+    let jobs = groups
+        .iter()
+        .map(|g| Job { data: g.data, loss: g.loss, adapter: Some(&*g.adapter), train: true })
+        .collect();
+    run_many(model, jobs)
+}
+
+/// [`forward_only`] of several groups in one pass (see [`forward_backward_many`]).
+pub fn forward_many<T: Act>(
+    model: &CudaModel<T>,
+    groups: &[EvalGroup<'_, CudaAdapter>],
+) -> Vec<R<FwdBwdOutput>> {
+    let jobs =
+        groups.iter().map(|g| Job { data: g.data, loss: g.loss, adapter: g.adapter, train: false });
+    run_many(model, jobs.collect())
+}
+
+fn one(mut results: Vec<R<FwdBwdOutput>>) -> R<FwdBwdOutput> {
+    results.pop().unwrap_or_else(|| Err(shape("the pass produced no result")))
+}
+
+fn shape(msg: &str) -> CudaError {
+    CudaError::Shape { kernel: "forward_backward", msg: msg.into() }
+}
+
+/// Validates each group on its own (a bad one gets its error), runs the valid ones in one pass,
+/// and hands the pass's error to each of them if it fails.
+fn run_many<T: Act>(model: &CudaModel<T>, jobs: Vec<Job<'_>>) -> Vec<R<FwdBwdOutput>> {
+    let mut checks = Vec::with_capacity(jobs.len());
+    let mut valid = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match validate(model.config(), job.data, job.loss) {
+            Ok(()) => {
+                valid.push(job);
+                checks.push(None);
+            }
+            Err(e) => checks.push(Some(e)),
+        }
+    }
+    let n = valid.len();
+    let shared = if valid.is_empty() { Ok(Vec::new()) } else { run_valid(model, &valid) };
+    model.dev.ws().end_pass();
+    let mut outs = match shared {
+        Ok(o) => o.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+        Err(e) => {
+            let msg = e.to_string();
+            let each =
+                (0..n).map(|_| Err(CudaError::Shape { kernel: "shared pass", msg: msg.clone() }));
+            let mut v: Vec<R<FwdBwdOutput>> = each.collect();
+            if let Some(first) = v.first_mut() {
+                *first = Err(e);
+            }
+            v.into_iter()
+        }
+    };
+    checks
+        .into_iter()
+        .map(|c| match c {
+            Some(e) => Err(CudaError::Engine(e)),
+            None => outs.next().unwrap_or_else(|| Err(shape("the pass produced too few results"))),
+        })
+        .collect()
+}
+
+/// The shared pass over validated groups (group `g` owns one contiguous row range).
+fn run_valid<T: Act>(model: &CudaModel<T>, jobs: &[Job<'_>]) -> R<Vec<FwdBwdOutput>> {
     let dev = &*model.dev;
-    let (tokens, seqs, positions) = pack(data);
+    let (mut tokens, mut seqs, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ranges: Vec<Range<usize>> = Vec::with_capacity(jobs.len());
+    let mut group_seqs = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let (t, s, p) = pack(job.data);
+        let r0 = tokens.len();
+        let s: Vec<(usize, usize)> = s.iter().map(|&(start, n)| (start + r0, n)).collect();
+        seqs.extend_from_slice(&s);
+        tokens.extend(t);
+        positions.extend(p);
+        ranges.push(r0..tokens.len());
+        group_seqs.push(s);
+    }
     let rows = tokens.len();
     let p = Pack::new(model, &tokens, &seqs, &positions)?;
-    let tg = model.targets(data)?;
+    let specs: Vec<SegSpec> = jobs
+        .iter()
+        .zip(&ranges)
+        .map(|(j, r)| SegSpec { rows: r.clone(), adapter: j.adapter, train: j.train })
+        .collect();
+    let lora = SegLora::new(model, &specs)?;
+    let tg = model.targets(jobs)?;
     let kmax = tg.kmax;
     let nk = rows * kmax;
-    let backward = train.is_some();
-    let adapter: Option<&CudaAdapter> = read.or(train.as_deref());
-    let st = model.stack_fwd(&p, adapter, &mut KvMode::Train, backward)?;
-    let scale = adapter.map(|a| a.scaling).unwrap_or(0.0);
-    let head_lora = adapter.and_then(|a| a.lm_head.as_ref());
-    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, kmax, head_lora, scale)?;
-    // loss terms (then logprobs) in f64, and the head backward's coefficients, on the device
+    let backward = jobs.iter().any(|j| j.train);
+    let st = model.stack_fwd(&p, &lora, &mut KvMode::Train, backward)?;
+    let head = lora.head()?;
+    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, kmax, head.as_ref())?;
+    // loss terms (then logprobs) in f64, and the head backward's coefficients, on the device;
+    // each group's rows with its own loss
     let mut terms = scratch::<f64>(dev, 2 * nk)?;
     let mut coef = scratch::<f32>(dev, nk)?;
-    k::loss_term_fwd(
-        dev,
-        &mut view_mut(&mut terms, 0, 2 * nk)?,
-        &mut view_mut(&mut coef, 0, nk)?,
-        &view(&lp_dev, 0, nk)?,
-        &view(&tg.dev, 0, nk)?,
-        &view(&tg.weights, 0, nk)?,
-        &view(&tg.slp, 0, rows)?,
-        &view(&tg.adv, 0, rows)?,
-        loss,
-    )?;
-    if let Some(ad) = train {
-        let dh = model.head_bwd(
-            &st.h_final,
-            rows,
-            &tg.dev,
-            kmax,
-            &coef,
-            &lse,
-            ad.lm_head.as_mut(),
-            scale,
+    for (job, r) in jobs.iter().zip(&ranges) {
+        let (a, b) = (r.start * kmax, r.end * kmax);
+        // group g's part of `terms` is [its loss terms | its logprobs], at 2a .. 2b
+        k::loss_term_fwd(
+            dev,
+            &mut view_mut(&mut terms, 2 * a, 2 * b)?,
+            &mut view_mut(&mut coef, a, b)?,
+            &view(&lp_dev, a, b)?,
+            &view(&tg.dev, a, b)?,
+            &view(&tg.weights, a, b)?,
+            &view(&tg.slp, r.start, r.end)?,
+            &view(&tg.adv, r.start, r.end)?,
+            job.loss,
         )?;
-        model.stack_bwd(&st, &dh, &p, ad)?;
     }
-    // the step's one synchronisation: a pageable download waits for all the work queued above
+    if backward {
+        let dh = model.head_bwd(&st.h_final, rows, &tg.dev, kmax, &coef, &lse, head.as_ref())?;
+        model.stack_bwd(&st, &dh, &p, &lora)?;
+    }
+    // the pass's one synchronisation: a pageable download waits for all the work queued above
     let host = download(dev, &view(&terms, 0, 2 * nk)?)?;
-    let (term, lp) = host.split_at(nk);
+    let outs = jobs.iter().zip(&ranges).zip(&group_seqs).map(|((job, r), s)| {
+        let (term, lp) = host[2 * r.start * kmax..2 * r.end * kmax].split_at(r.len() * kmax);
+        outputs(job.data, s, r.start, kmax, (term, lp))
+    });
+    Ok(outs.collect())
+}
 
+/// One group's per-datum outputs and summed loss from its loss terms and logprobs [rows, kmax]
+/// (its sequences start at pass row `r0` and on).
+fn outputs(
+    data: &[Datum],
+    seqs: &[(usize, usize)],
+    r0: usize,
+    kmax: usize,
+    (term, lp): (&[f64], &[f64]),
+) -> FwdBwdOutput {
     let mut per_datum = Vec::with_capacity(data.len());
     let mut loss_sum = 0.0f64;
-    for (d, &(start, n)) in data.iter().zip(&seqs) {
+    for (d, &(start, n)) in data.iter().zip(seqs) {
         let kd = d.inputs.k.max(1);
         let mut lps = Vec::with_capacity(n * kd);
         let mut elem = vec![0.0f32; n];
         for (pos, e) in elem.iter_mut().enumerate() {
-            let r = start + pos;
+            let r = start - r0 + pos;
             for j in 0..kd {
                 let l = term[r * kmax + j];
                 *e += l as f32;
@@ -408,5 +281,5 @@ fn fwd_bwd<T: Act>(
         }
         per_datum.push(DatumOutput { logprobs: lps, elementwise_loss: elem });
     }
-    Ok(FwdBwdOutput { per_datum, loss_sum })
+    FwdBwdOutput { per_datum, loss_sum }
 }

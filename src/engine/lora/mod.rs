@@ -60,7 +60,7 @@ impl Target {
     }
 
     /// `(in, out)` feature sizes of this module.
-    fn dims(self, c: &ModelConfig) -> (usize, usize) {
+    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         match self {

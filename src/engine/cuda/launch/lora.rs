@@ -1,10 +1,13 @@
-//! Launchers for `kernels/lora.cu`: the rank-r shrink, the expand-and-add, and the weight
-//! gradient. With A [r, K], B [J, r] (PEFT layout) and s = alpha / r, a LoRA linear is
-//! - forward: `lora_shrink_fwd(h, x, A, Rows, 1)`, then `lora_expand_fwd(y, h, B, Cols, s)`;
-//! - backward: `lora_shrink_fwd(dh, dy, B, Cols, s)`, `lora_expand_fwd(dx, dh, A, Rows, 1)`,
-//!   `lora_wgrad_bwd(dA, dh, x, Rows, 1)`, `lora_wgrad_bwd(dB, h, dy, Cols, s)`
-//!
-//! (`Rows`/`Cols` are [`LoraLayout`] variants.)
+//! Launchers for `kernels/lora.cu`: the segmented (multi-tenant) LoRA shrink, expand-and-add
+//! and weight gradient. A call covers rows `row_off .. row_off + n` of a pass whose rows are
+//! split into segments, each with its own adapter or none ([`LoraSegs`], built per pass by
+//! `cuda::segment`); one tenant is one segment. With A [r, K], B [J, r] (PEFT layout) and
+//! s = alpha / r per segment, a LoRA linear is
+//! - forward: `shrink(h, x, A)`, then `expand(y, h, B, scaled)`;
+//! - backward: `shrink(dh, dy, B, scaled)`, `expand(dx, dh, A)`, `wgrad(dA, dh, x)`,
+//!   `wgrad(dB, h, dy, scaled)`.
+
+use std::ops::Range;
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -13,55 +16,152 @@ use crate::engine::cuda::{CudaDevice, CudaError};
 
 const SHRINK_ROWS: usize = 4;
 const EXPAND_ROWS: usize = 8;
-const MAX_RANK: usize = 256;
+/// Largest rank the expand kernel's shared tile holds.
+pub const MAX_RANK: usize = 256;
 const WGRAD_K: usize = 8;
 const WGRAD_NCHUNK: usize = 512;
+/// u64 entries per segment in a table: (A, B, dA, dB addresses, rank, scale bits).
+pub const TAB_STRIDE: usize = 6;
 
-/// Storage of a LoRA weight relative to the rank axis.
+/// Which tensor of each segment's LoRA module a kernel reads or accumulates into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraLayout {
-    /// [r, dim]: row k is contiguous (lora_A).
-    Rows,
-    /// [dim, r]: column k is strided by r (lora_B).
-    Cols,
+pub enum LoraTensor {
+    /// lora_A [r, in].
+    A = 0,
+    /// lora_B [out, r].
+    B = 1,
+    /// The gradient of lora_A.
+    GradA = 2,
+    /// The gradient of lora_B.
+    GradB = 3,
 }
 
-impl LoraLayout {
-    /// (stride between rank index k, stride between dim index j) for a weight of `dim` x `r`.
-    fn strides(self, dim: usize, r: usize) -> (usize, usize) {
-        match self {
-            LoraLayout::Rows => (dim, 1),
-            LoraLayout::Cols => (1, r),
-        }
+/// One (layer, target)'s segmented adapter table, as the kernels read it.
+///
+/// `tab` holds [`TAB_STRIDE`] u64 per segment: the device addresses of the segment's A, B and
+/// their gradients (0 where the segment has no LoRA here or does not train), its rank and its
+/// scale's f32 bits; `seg` [nseg + 1] the segments' first rows (and the end); `bounds` and
+/// `ranks` are the same numbers on the host, for sizing grids and checking buffers.
+pub struct LoraSegs<'a> {
+    pub tab: CudaView<'a, u64>,
+    pub seg: CudaView<'a, i32>,
+    pub bounds: &'a [usize],
+    pub ranks: &'a [usize],
+    /// (in, out) of the module: A is [r, in], B is [out, r].
+    pub dims: (usize, usize),
+}
+
+impl LoraSegs<'_> {
+    /// The largest rank among the segments: the row stride of rank-space buffers.
+    pub fn max_rank(&self) -> usize {
+        self.ranks.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Tiles of `tile` rows over every segment's part of `rows` that has a LoRA (the kernels'
+    /// `seg_tile` enumerates the same tiles, skipping none; a segment without one returns).
+    fn tiles(&self, rows: &Range<usize>, tile: usize) -> usize {
+        self.bounds
+            .windows(2)
+            .map(|w| {
+                let (lo, hi) = (w[0].max(rows.start), w[1].min(rows.end));
+                if hi > lo { (hi - lo).div_ceil(tile) } else { 0 }
+            })
+            .sum()
     }
 }
 
-/// Enqueues one of lora.cu's kernels, which all take (out*, const a*, const b*, long long
-/// stride, long long stride, int n, int dim, int rank, float scale); `strides` in the kernel's
-/// order, `dims` = (n, dim, rank).
+/// The geometry of one call: its rows, the width `dim` of its row-space operand, the row
+/// stride `hs` of its rank-space operand and the first column `col0` of a B-side tensor.
+#[derive(Debug, Clone)]
+pub struct SegCall {
+    pub rows: Range<usize>,
+    pub dim: usize,
+    pub hs: usize,
+    pub col0: usize,
+}
+
+/// Checks `call` against the table and the two operands' lengths (rank-space `rank_len`,
+/// row-space `row_len`); returns (n, tiles of `tile` rows).
+fn check(
+    kn: &'static str,
+    ls: &LoraSegs<'_>,
+    which: LoraTensor,
+    call: &SegCall,
+    (rank_len, row_len): (usize, usize),
+    tile: usize,
+) -> Result<(usize, usize), CudaError> {
+    let nseg = ls.ranks.len();
+    need_len(kn, "table", ls.tab.len(), nseg * TAB_STRIDE)?;
+    need_len(kn, "segment starts", ls.seg.len(), nseg + 1)?;
+    need_len(kn, "host segment starts", ls.bounds.len(), nseg + 1)?;
+    if !ls.bounds.is_sorted() || call.rows.end > ls.bounds[nseg] || call.rows.start > call.rows.end
+    {
+        return Err(shape_err(kn, format!("rows {:?} outside the segments", call.rows)));
+    }
+    let rmax = ls.max_rank();
+    if rmax > MAX_RANK || call.hs < rmax {
+        return Err(shape_err(kn, format!("rank {rmax} with stride {} (max {MAX_RANK})", call.hs)));
+    }
+    let (a_side, full) = match which {
+        LoraTensor::A | LoraTensor::GradA => (true, ls.dims.0),
+        LoraTensor::B | LoraTensor::GradB => (false, ls.dims.1),
+    };
+    // A-side tensors are addressed whole ([r, in] rows); B-side ones from column col0
+    let fits =
+        if a_side { call.col0 == 0 && call.dim == full } else { call.col0 + call.dim <= full };
+    if !fits {
+        return Err(shape_err(
+            kn,
+            format!("columns {}+{} of a {full}-wide tensor", call.col0, call.dim),
+        ));
+    }
+    let n = call.rows.len();
+    need_len(kn, "rank-space operand", rank_len, n * call.hs)?;
+    need_len(kn, "row-space operand", row_len, n * call.dim)?;
+    Ok((n, ls.tiles(&call.rows, tile)))
+}
+
+/// The kernels' first parameter: written (shrink, expand) or read (wgrad, whose output is
+/// reached through the table).
+enum First<'b, 'a, O> {
+    Out(&'b mut CudaViewMut<'a, O>),
+    In(&'b CudaView<'a, O>),
+}
+
+/// Enqueues one of lora.cu's kernels, which all take (first*, const in*, const u64* tab, int
+/// which, int scaled, const int* seg, int nseg, int row_off, int n, int dim, int hs, long long
+/// col0).
 ///
 /// # Safety
-/// `kn` must be a lora.cu kernel and `out`, `a`, `b` sized for `dims` as that kernel reads them.
+/// The table's addresses must point at live tensors of the shapes `ls.ranks` / `ls.dims`
+/// give, written by nothing else while the stream runs the kernel; `out` and `inp` are checked.
 #[allow(clippy::too_many_arguments)]
-unsafe fn launch_lora<O: DeviceRepr, A: DeviceRepr, B: DeviceRepr>(
+unsafe fn launch_seg<O: DeviceRepr, I: DeviceRepr>(
     dev: &CudaDevice,
     kn: &'static str,
     cfg: LaunchConfig,
-    out: &mut CudaViewMut<'_, O>,
-    a: &CudaView<'_, A>,
-    b: &CudaView<'_, B>,
-    strides: (usize, usize),
-    (n, dim, rank): (usize, usize, usize),
-    scale: f32,
+    first: First<'_, '_, O>,
+    inp: &CudaView<'_, I>,
+    ls: &LoraSegs<'_>,
+    (which, scaled): (LoraTensor, bool),
+    call: &SegCall,
 ) -> Result<(), CudaError> {
-    let (s0, s1) = (long(kn, "stride", strides.0)?, long(kn, "stride", strides.1)?);
-    let (ni, di, ri) = (int(kn, "n", n)?, int(kn, "dim", dim)?, int(kn, "rank", rank)?);
+    let (which, scaled) = (which as i32, i32::from(scaled));
+    let nseg = int(kn, "segments", ls.ranks.len())?;
+    let (off, n) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", call.rows.len())?);
+    let (dim, hs, col0) =
+        (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?, long(kn, "col0", call.col0)?);
     let f = Kernel::load(dev, "lora.cu", kn)?;
-    // SAFETY: the buffer sizes are this function's contract; the argument list is the shared
-    // signature above.
+    // SAFETY: the buffers are checked by the callers, the table is this function's contract,
+    // and the argument list is the shared signature above.
     unsafe {
         f.launch(cfg, |l| {
-            l.arg(out).arg(a).arg(b).arg(&s0).arg(&s1).arg(&ni).arg(&di).arg(&ri).arg(&scale);
+            match first {
+                First::Out(o) => l.arg(o),
+                First::In(u) => l.arg(u),
+            };
+            l.arg(inp).arg(&ls.tab).arg(&which).arg(&scaled).arg(&ls.seg).arg(&nseg);
+            l.arg(&off).arg(&n).arg(&dim).arg(&hs).arg(&col0);
         })
     }
 }
@@ -71,115 +171,82 @@ fn column_tiles(k: &'static str, dim: usize) -> Result<u32, CudaError> {
     grid_dim(k, "column tiles", dim.div_ceil(256), i32::MAX as u32)
 }
 
-/// (n, dim) of a LoRA product whose rank-side operand `u` is [n, rank] and whose weight-side
-/// buffer `w` holds rank * dim elements; `what` names them in the error.
-fn rank_split(
-    k: &'static str,
-    what: (&str, &str),
-    w: usize,
-    u: usize,
-    rank: usize,
-) -> Result<(usize, usize), CudaError> {
-    check_rank(k, rank)?;
-    if !w.is_multiple_of(rank) || !u.is_multiple_of(rank) {
-        return Err(shape_err(
-            k,
-            format!("{} ({w}) and {} ({u}) must be multiples of rank {rank}", what.0, what.1),
-        ));
-    }
-    Ok((u / rank, w / rank))
-}
-
-fn check_rank(k: &'static str, r: usize) -> Result<(), CudaError> {
-    if r == 0 || r > MAX_RANK {
-        return Err(shape_err(k, format!("rank {r} must be in 1..={MAX_RANK}")));
-    }
-    Ok(())
-}
-
-/// h[n, k] = s * sum_j x[n, j] W(k, j) for x [N, dim] and an f32 weight W of rank r.
-pub fn lora_shrink_fwd<T: Dtype>(
+/// h[n, k] = s * sum_j x[n, j] W(k, j) over each segment's rows, W = its `which` tensor
+/// (s = its scale when `scaled`, else 1); h is [n, hs], x [n, dim].
+///
+/// # Safety
+/// See [`LoraSegs`]: the table must address live tensors of its stated shapes.
+pub unsafe fn lora_seg_shrink<T: Dtype>(
     dev: &CudaDevice,
     h: &mut CudaViewMut<'_, f32>,
     x: &CudaView<'_, T>,
-    w: &CudaView<'_, f32>,
-    layout: LoraLayout,
-    rank: usize,
-    scale: f32,
+    ls: &LoraSegs<'_>,
+    w: (LoraTensor, bool),
+    call: &SegCall,
 ) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_shrink_fwd");
-    check_rank(kn, rank)?;
-    if w.len() % rank != 0 {
-        return Err(shape_err(kn, format!("weight of {} elements is not rank {rank}", w.len())));
-    }
-    let dim = w.len() / rank;
-    if dim == 0 || x.len() % dim != 0 {
-        return Err(shape_err(kn, format!("x of {} elements is not [N, {dim}]", x.len())));
-    }
-    let n = x.len() / dim;
-    need_len(kn, "h", h.len(), n * rank)?;
-    if n == 0 {
+    let kn = sym!(T, "lora_seg_shrink");
+    let (n, tiles) = check(kn, ls, w.0, call, (h.len(), x.len()), SHRINK_ROWS)?;
+    if n == 0 || tiles == 0 {
         return Ok(());
     }
-    let (wk, wj) = layout.strides(dim, rank);
-    let groups = grid_dim(kn, "row groups", n.div_ceil(SHRINK_ROWS), i32::MAX as u32)?;
-    let cfg = blocks((groups, 1, 1), 256);
-    // SAFETY: x [n, dim], w [rank * dim], h [n, rank] (checked); strides address w within
-    // rank * dim for both layouts.
-    unsafe { launch_lora(dev, kn, cfg, h, x, w, (wk, wj), (n, dim, rank), scale) }
+    let cfg = blocks((grid_dim(kn, "row tiles", tiles, i32::MAX as u32)?, 1, 1), 256);
+    // SAFETY: h [n, hs] and x [n, dim] (checked); the table is the caller's contract.
+    unsafe { launch_seg(dev, kn, cfg, First::Out(h), x, ls, w, call) }
 }
 
-/// y[n, j] += s * sum_k h[n, k] W(j, k) for y [N, dim], h [N, r] f32.
-pub fn lora_expand_fwd<T: Dtype>(
+/// y[n, j] += s * sum_k h[n, k] W(k, j) over each segment's rows; y is [n, dim], h [n, hs].
+///
+/// # Safety
+/// See [`lora_seg_shrink`].
+pub unsafe fn lora_seg_expand<T: Dtype>(
     dev: &CudaDevice,
     y: &mut CudaViewMut<'_, T>,
     h: &CudaView<'_, f32>,
-    w: &CudaView<'_, f32>,
-    layout: LoraLayout,
-    rank: usize,
-    scale: f32,
+    ls: &LoraSegs<'_>,
+    w: (LoraTensor, bool),
+    call: &SegCall,
 ) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_expand_fwd");
-    let (n, dim) = rank_split(kn, ("weight", "h"), w.len(), h.len(), rank)?;
-    need_len(kn, "y", y.len(), n * dim)?;
-    if n == 0 || dim == 0 {
+    let kn = sym!(T, "lora_seg_expand");
+    let (n, tiles) = check(kn, ls, w.0, call, (h.len(), y.len()), EXPAND_ROWS)?;
+    if n == 0 || tiles == 0 || call.dim == 0 {
         return Ok(());
     }
-    // the weight is read as W(j, k): j strides like the "dim" index of `strides`
-    let (wk, wj) = layout.strides(dim, rank);
-    let cfg = blocks(
-        (column_tiles(kn, dim)?, grid_dim(kn, "row groups", n.div_ceil(EXPAND_ROWS), 65_535)?, 1),
-        256,
-    );
-    // SAFETY: y [n, dim], h [n, rank], w [rank * dim] (checked); rank <= 256 fits the kernel's
-    // static [8][256] shared tile.
-    unsafe { launch_lora(dev, kn, cfg, y, h, w, (wj, wk), (n, dim, rank), scale) }
+    let cfg =
+        blocks((column_tiles(kn, call.dim)?, grid_dim(kn, "row tiles", tiles, 65_535)?, 1), 256);
+    // SAFETY: y [n, dim], h [n, hs] (checked); ranks <= 256 fit the kernel's static tile.
+    unsafe { launch_seg(dev, kn, cfg, First::Out(y), h, ls, w, call) }
 }
 
-/// dW(k, j) += s * sum_n u[n, k] v[n, j] for u [N, r] f32, v [N, dim]; dW f32 in `layout`.
-pub fn lora_wgrad_bwd<T: Dtype>(
+/// dW(k, j) += s * sum_n u[n, k] v[n, j] over each segment's rows, into its `which` gradient;
+/// u is [n, hs], v [n, dim].
+///
+/// # Safety
+/// See [`lora_seg_shrink`].
+pub unsafe fn lora_seg_wgrad<T: Dtype>(
     dev: &CudaDevice,
-    dw: &mut CudaViewMut<'_, f32>,
     u: &CudaView<'_, f32>,
     v: &CudaView<'_, T>,
-    layout: LoraLayout,
-    rank: usize,
-    scale: f32,
+    ls: &LoraSegs<'_>,
+    dw: (LoraTensor, bool),
+    call: &SegCall,
 ) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_wgrad_bwd");
-    let (n, dim) = rank_split(kn, ("dW", "u"), dw.len(), u.len(), rank)?;
-    need_len(kn, "v", v.len(), n * dim)?;
-    if n == 0 || dim == 0 {
+    let kn = sym!(T, "lora_seg_wgrad");
+    if !matches!(dw.0, LoraTensor::GradA | LoraTensor::GradB) {
+        return Err(shape_err(kn, "the weight gradient goes into a gradient tensor"));
+    }
+    let (n, tiles) = check(kn, ls, dw.0, call, (u.len(), v.len()), WGRAD_NCHUNK)?;
+    let rmax = ls.max_rank();
+    if n == 0 || tiles == 0 || call.dim == 0 || rmax == 0 {
         return Ok(());
     }
     let cfg = blocks(
         (
-            column_tiles(kn, dim)?,
-            grid_dim(kn, "rank groups", rank.div_ceil(WGRAD_K), 65_535)?,
-            grid_dim(kn, "token chunks", n.div_ceil(WGRAD_NCHUNK), 65_535)?,
+            column_tiles(kn, call.dim)?,
+            grid_dim(kn, "rank groups", rmax.div_ceil(WGRAD_K), 65_535)?,
+            grid_dim(kn, "row tiles", tiles, 65_535)?,
         ),
         256,
     );
-    // SAFETY: dW [rank * dim], u [n, rank], v [n, dim] (checked).
-    unsafe { launch_lora(dev, kn, cfg, dw, u, v, layout.strides(dim, rank), (n, dim, rank), scale) }
+    // SAFETY: u [n, hs], v [n, dim] (checked); the table is the caller's contract.
+    unsafe { launch_seg(dev, kn, cfg, First::In(u), v, ls, dw, call) }
 }

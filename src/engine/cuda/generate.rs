@@ -1,0 +1,336 @@
+//! Feeding tokens to KV caches on the GPU: prefill of empty slots and incremental decode, each
+//! returning the last-position logits of every sequence, and several requests' decode steps
+//! (each its own adapter and cache) in one pass over the base weights
+//! ([`CudaModel::forward_cached_many_device`]): the rows of all requests go through every GEMM
+//! and the output head together, each row with its own request's LoRA (segmented kernels) and
+//! its own cache in attention.
+
+use cudarc::driver::CudaSlice;
+
+use super::CudaError;
+use super::adapter::CudaAdapter;
+use super::decode::{CudaKvCache, invalid};
+use super::layer::{DecodeGroup, KvMode, Pack};
+use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut};
+use super::segment::{SegLora, SegSpec};
+use super::workspace::Buf;
+use crate::engine::batch::CachedGroup;
+
+/// One cache's share of a decode step: its adapter, its cache and (slot, token) per sequence.
+struct StepGroup<'a, T: Act> {
+    adapter: Option<&'a CudaAdapter>,
+    cache: &'a mut CudaKvCache<T>,
+    items: Vec<(usize, u32)>,
+}
+
+impl<T: Act> CudaModel<T> {
+    /// Logits [b, vocab] (f32) of hidden rows `h` [b, hidden], each row with its segment's
+    /// lm_head LoRA from `lora` (whose segments cover these b rows).
+    fn logits_rows(&self, h: &CudaSlice<T>, b: usize, lora: &SegLora) -> R<Buf<f32>> {
+        let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let hv = view(h, 0, b * hid)?;
+        // written by the GEMM (beta = 0); LoRA adds to it
+        let mut out = scratch::<f32>(&self.dev, b * v)?;
+        let head = lora.head()?;
+        let ha = self.head_shrink(&hv, 0..b, head.as_ref())?;
+        let lo = head.as_ref().zip(ha.as_ref());
+        self.head_chunk(&mut view_mut(&mut out, 0, b * v)?, &hv, 0..b, 0, v, self.head_w(), lo)?;
+        Ok(out)
+    }
+
+    /// Prefill of empty slots: `items` = (slot, tokens). Returns last-position logits [B, V].
+    fn prefill(
+        &self,
+        ad: Option<&CudaAdapter>,
+        cache: &mut CudaKvCache<T>,
+        items: &[(usize, &[u32])],
+    ) -> R<Buf<f32>> {
+        let hid = self.cfg.hidden_size;
+        let (mut tokens, mut seqs, mut positions, mut slots) = (vec![], vec![], vec![], vec![]);
+        for &(s, t) in items {
+            seqs.push((tokens.len(), t.len()));
+            tokens.extend_from_slice(t);
+            positions.extend(0..t.len() as u32);
+            slots.extend((0..t.len()).map(|p| (s * cache.max_len + p) as i32));
+        }
+        let p = Pack::new(self, &tokens, &seqs, &positions)?;
+        let slots = upload_ws(&self.dev, &slots)?;
+        let one = |rows| SegLora::new(self, &[SegSpec { rows, adapter: ad, train: false }]);
+        let lora = one(0..tokens.len())?;
+        let st = self.stack_fwd(&p, &lora, &mut KvMode::Prefill { slots: &slots, cache }, false)?;
+        // every row is copied in below
+        let mut last = scratch::<T>(&self.dev, items.len() * hid)?;
+        for (i, &(start, len)) in seqs.iter().enumerate() {
+            let r = start + len - 1;
+            self.dev
+                .stream()
+                .memcpy_dtod(
+                    &view(&st.h_final, r * hid, (r + 1) * hid)?,
+                    &mut view_mut(&mut last, i * hid, (i + 1) * hid)?,
+                )
+                .map_err(CudaError::driver("gathering last rows"))?;
+        }
+        for &(s, t) in items {
+            cache.lens[s] += t.len();
+        }
+        self.logits_rows(&last, items.len(), &one(0..items.len())?)
+    }
+
+    /// One new token per listed slot of each group's cache, all groups in one pass. Returns
+    /// logits [B, V], the groups' rows in order.
+    fn decode_step(&self, groups: Vec<StepGroup<'_, T>>) -> R<Buf<f32>> {
+        let dev = &*self.dev;
+        let (mut tokens, mut positions, mut specs) = (vec![], vec![], vec![]);
+        let mut decode = Vec::with_capacity(groups.len());
+        let mut fed: Vec<Vec<usize>> = Vec::with_capacity(groups.len());
+        for g in groups {
+            let (c, r0) = (&*g.cache, tokens.len());
+            let slot_of = |&(s, _): &(usize, u32)| (s * c.max_len + c.lens[s]) as i32;
+            let slots: Vec<i32> = g.items.iter().map(slot_of).collect();
+            let table: Vec<i32> = g.items.iter().map(|&(s, _)| s as i32).collect();
+            let ctx: Vec<i32> = g.items.iter().map(|&(s, _)| c.lens[s] as i32 + 1).collect();
+            positions.extend(g.items.iter().map(|&(s, _)| c.lens[s] as u32));
+            tokens.extend(g.items.iter().map(|x| x.1));
+            let rows = r0..tokens.len();
+            specs.push(SegSpec { rows: rows.clone(), adapter: g.adapter, train: false });
+            fed.push(g.items.iter().map(|x| x.0).collect());
+            decode.push(DecodeGroup {
+                rows,
+                slots: upload_ws(dev, &slots)?,
+                table: upload_ws(dev, &table)?,
+                ctx: upload_ws(dev, &ctx)?,
+                cache: g.cache,
+            });
+        }
+        let b = tokens.len();
+        let seqs: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
+        let p = Pack::new(self, &tokens, &seqs, &positions)?;
+        let lora = SegLora::new(self, &specs)?;
+        let mut kv = KvMode::Decode(decode);
+        let st = self.stack_fwd(&p, &lora, &mut kv, false)?;
+        if let KvMode::Decode(groups) = kv {
+            for (g, slots) in groups.into_iter().zip(fed) {
+                for s in slots {
+                    g.cache.lens[s] += 1;
+                }
+            }
+        }
+        self.logits_rows(&st.h_final, b, &lora)
+    }
+
+    /// Feeds `new_tokens[i]` to cache slot `seqs[i]` (prefill when the slot is empty, one or
+    /// more tokens later) and returns the logits of each sequence's last new position, on the
+    /// device, [n, vocab] f32 in the order given.
+    pub fn forward_cached_device(
+        &self,
+        ad: Option<&CudaAdapter>,
+        cache: &mut CudaKvCache<T>,
+        seqs: &[usize],
+        new_tokens: &[&[u32]],
+    ) -> R<CudaSlice<f32>> {
+        let out = self.forward_cached_inner(ad, cache, seqs, new_tokens);
+        self.dev.ws().end_pass();
+        // the logits leave the engine: detached from the workspace, freed by the caller's drop
+        out.map(Buf::into_slice)
+    }
+
+    /// [`Self::forward_cached_device`] of several requests' groups, one result per group in
+    /// order. The groups that only decode (one token for each of their sequences, none empty)
+    /// share one pass over the base weights; the others (prefills) run one after another. A
+    /// group with invalid input fails alone with its cache untouched; when the shared pass
+    /// fails, each of its groups gets the error and its caches keep their lengths (what the
+    /// pass wrote past them is overwritten by the next token).
+    pub fn forward_cached_many_device(
+        &self,
+        groups: &mut [CachedGroup<'_, CudaAdapter, CudaKvCache<T>>],
+    ) -> Vec<R<CudaSlice<f32>>> {
+        let mut results: Vec<Option<R<CudaSlice<f32>>>> = groups.iter().map(|_| None).collect();
+        let mut shared = Vec::new();
+        for (i, g) in groups.iter_mut().enumerate() {
+            if let Err(e) = self.check_feed(g.cache, g.slots, g.tokens) {
+                results[i] = Some(Err(e));
+            } else if g.tokens.iter().all(|t| t.len() == 1)
+                && g.slots.iter().all(|&s| g.cache.lens[s] > 0)
+            {
+                shared.push(i);
+            } else {
+                results[i] =
+                    Some(self.forward_cached_device(g.adapter, g.cache, g.slots, g.tokens));
+            }
+        }
+        if shared.len() == 1 {
+            let g = &mut groups[shared[0]];
+            results[shared[0]] =
+                Some(self.forward_cached_device(g.adapter, g.cache, g.slots, g.tokens));
+        } else if !shared.is_empty() {
+            let mut step = Vec::with_capacity(shared.len());
+            for (i, g) in groups.iter_mut().enumerate().filter(|(i, _)| shared.contains(i)) {
+                let items = g.slots.iter().zip(g.tokens).map(|(&s, t)| (s, t[0])).collect();
+                step.push((i, StepGroup { adapter: g.adapter, cache: &mut *g.cache, items }));
+            }
+            let sizes: Vec<(usize, usize)> =
+                step.iter().map(|(i, g)| (*i, g.items.len())).collect();
+            let out = self
+                .decode_step(step.into_iter().map(|(_, g)| g).collect())
+                .and_then(|logits| self.split_rows(&logits, &sizes));
+            self.dev.ws().end_pass();
+            match out {
+                Ok(parts) => {
+                    for (i, part) in parts {
+                        results[i] = Some(Ok(part));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for &(i, _) in &sizes {
+                        let err =
+                            CudaError::Shape { kernel: "shared decode pass", msg: msg.clone() };
+                        results[i] = Some(Err(err));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(invalid("a group was not run".into()))))
+            .collect()
+    }
+
+    /// Copies consecutive row blocks of `logits` [rows, vocab] out into one slice per group:
+    /// `sizes` = (group index, rows).
+    fn split_rows(
+        &self,
+        logits: &Buf<f32>,
+        sizes: &[(usize, usize)],
+    ) -> R<Vec<(usize, CudaSlice<f32>)>> {
+        let v = self.cfg.vocab_size;
+        let mut r0 = 0;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &(i, n) in sizes {
+            let mut part = scratch::<f32>(&self.dev, n * v)?;
+            self.dev
+                .stream()
+                .memcpy_dtod(
+                    &view(logits, r0 * v, (r0 + n) * v)?,
+                    &mut view_mut(&mut part, 0, n * v)?,
+                )
+                .map_err(CudaError::driver("splitting logits by request"))?;
+            parts.push((i, part.into_slice()));
+            r0 += n;
+        }
+        Ok(parts)
+    }
+
+    /// The checks of a feed: slots in range and distinct, tokens present and in the
+    /// vocabulary, and room in the slot and the position table.
+    fn check_feed(&self, cache: &CudaKvCache<T>, seqs: &[usize], new_tokens: &[&[u32]]) -> R<()> {
+        let c = &self.cfg;
+        let n = seqs.len();
+        if n == 0 || new_tokens.len() != n {
+            return Err(invalid(format!(
+                "{} token lists for {n} sequences (need >= 1)",
+                new_tokens.len()
+            )));
+        }
+        for (i, (&s, t)) in seqs.iter().zip(new_tokens).enumerate() {
+            if s >= cache.max_seqs() || seqs[..i].contains(&s) {
+                return Err(invalid(format!("sequence slot {s} is out of range or repeated")));
+            }
+            if t.is_empty() {
+                return Err(invalid(format!("sequence {i}: no new tokens")));
+            }
+            if let Some(bad) = t.iter().find(|&&x| x as usize >= c.vocab_size) {
+                return Err(invalid(format!(
+                    "sequence {i}: token {bad} is not below the vocabulary size {}",
+                    c.vocab_size
+                )));
+            }
+            let end = cache.lens[s] + t.len();
+            if end > cache.max_len || end > c.max_position_embeddings {
+                return Err(invalid(format!(
+                    "sequence {i}: {end} tokens exceed the cache slot ({}) or max_position_embeddings ({})",
+                    cache.max_len, c.max_position_embeddings
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_cached_inner(
+        &self,
+        ad: Option<&CudaAdapter>,
+        cache: &mut CudaKvCache<T>,
+        seqs: &[usize],
+        new_tokens: &[&[u32]],
+    ) -> R<Buf<f32>> {
+        self.check_feed(cache, seqs, new_tokens)?;
+        let n = seqs.len();
+        let v = self.cfg.vocab_size;
+        // every sequence's row is put below exactly once
+        let mut out = scratch::<f32>(&self.dev, n * v)?;
+        // copies row j of `logits` to row i of `out` for each (j, i)
+        let put = |pairs: &[(usize, usize)], logits: &Buf<f32>, out: &mut Buf<f32>| -> R<()> {
+            for &(j, i) in pairs {
+                self.dev
+                    .stream()
+                    .memcpy_dtod(
+                        &view(logits, j * v, (j + 1) * v)?,
+                        &mut view_mut(out, i * v, (i + 1) * v)?,
+                    )
+                    .map_err(CudaError::driver("collecting logits"))?;
+            }
+            Ok(())
+        };
+        let step = |cache: &mut CudaKvCache<T>, items| {
+            self.decode_step(vec![StepGroup { adapter: ad, cache, items }])
+        };
+        let pre: Vec<usize> = (0..n).filter(|&i| cache.lens[seqs[i]] == 0).collect();
+        // the common cases need no regrouping: all prefill, or one token for every sequence
+        if pre.len() == n {
+            let items: Vec<(usize, &[u32])> =
+                seqs.iter().copied().zip(new_tokens.iter().copied()).collect();
+            return self.prefill(ad, cache, &items);
+        }
+        if pre.is_empty() && new_tokens.iter().all(|t| t.len() == 1) {
+            return step(cache, seqs.iter().zip(new_tokens).map(|(&s, t)| (s, t[0])).collect());
+        }
+        if !pre.is_empty() {
+            let items: Vec<(usize, &[u32])> =
+                pre.iter().map(|&i| (seqs[i], new_tokens[i])).collect();
+            let logits = self.prefill(ad, cache, &items)?;
+            let pairs: Vec<(usize, usize)> = pre.iter().copied().enumerate().collect();
+            put(&pairs, &logits, &mut out)?;
+        }
+        let rest: Vec<usize> = (0..n).filter(|i| !pre.contains(i)).collect();
+        let steps = rest.iter().map(|&i| new_tokens[i].len()).max().unwrap_or(0);
+        for k in 0..steps {
+            let active: Vec<usize> =
+                rest.iter().copied().filter(|&i| new_tokens[i].len() > k).collect();
+            let logits =
+                step(cache, active.iter().map(|&i| (seqs[i], new_tokens[i][k])).collect())?;
+            let done: Vec<(usize, usize)> = active
+                .iter()
+                .enumerate()
+                .filter(|&(_, &i)| new_tokens[i].len() == k + 1)
+                .map(|(j, &i)| (j, i))
+                .collect();
+            put(&done, &logits, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// [`Self::forward_cached_device`] with the logits downloaded: `[vocab]` per sequence (the
+    /// CPU engine's `Model::forward_cached` contract).
+    pub fn forward_cached(
+        &self,
+        ad: Option<&CudaAdapter>,
+        cache: &mut CudaKvCache<T>,
+        seqs: &[usize],
+        new_tokens: &[&[u32]],
+    ) -> R<Vec<Vec<f32>>> {
+        let logits = self.forward_cached_device(ad, cache, seqs, new_tokens)?;
+        let v = self.cfg.vocab_size;
+        let host = download(&self.dev, &view(&logits, 0, seqs.len() * v)?)?;
+        Ok(host.chunks(v).map(|r| r.to_vec()).collect())
+    }
+}

@@ -1,0 +1,199 @@
+//! The segmented LoRA kernels against a naive f64 reference: three segments of one call with
+//! different ranks and scales, one of them without a LoRA (its rows must come out untouched),
+//! the forward (shrink, expand), the backward (shrink on dy, expand into dx, both weight
+//! gradients), a call on a row window (`row_off`) and one on a column window (`col0`, as the
+//! output head's vocabulary chunks use it).
+
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, DevicePtr};
+use twinkle::engine::cuda::CudaDevice;
+use twinkle::engine::cuda::launch::{self as k, LoraSegs, LoraTensor, SegCall};
+
+use super::super::{Rng, TestT, close_scaled, down, rt, up, up32};
+
+/// One segment of the test call: rows, and (rank, scale) when it has a LoRA.
+struct Seg {
+    rows: std::ops::Range<usize>,
+    lora: Option<(usize, f64)>,
+}
+
+/// A segment's host tensors.
+struct Host {
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(17);
+    let (n, kin, jout, hs) = (37, 96, 80, 8);
+    let segs = [
+        Seg { rows: 0..13, lora: Some((8, 2.0)) },
+        Seg { rows: 13..20, lora: None },
+        Seg { rows: 20..37, lora: Some((4, 0.5)) },
+    ];
+    let host: Vec<Option<Host>> = segs
+        .iter()
+        .map(|g| g.lora.map(|(rk, _)| Host { a: r.vec(rk * kin, 0.5), b: r.vec(jout * rk, 0.5) }))
+        .collect();
+    let x = rt::<T>(&r.vec(n * kin, 1.0));
+    let y0 = rt::<T>(&r.vec(n * jout, 1.0));
+    let dy = rt::<T>(&r.vec(n * jout, 1.0));
+    let seg_of = |row: usize| segs.iter().position(|g| g.rows.contains(&row)).unwrap_or(0);
+
+    // naive references; h / dh only where the row's segment has rank > k
+    let (mut h, mut dh) = (vec![0.0; n * hs], vec![0.0; n * hs]);
+    let (mut y, mut dx) = (y0.clone(), vec![0.0; n * kin]);
+    let mut grads: Vec<(Vec<f64>, Vec<f64>)> = host
+        .iter()
+        .map(|hst| {
+            hst.as_ref().map_or((vec![], vec![]), |t| (vec![0.0; t.a.len()], vec![0.0; t.b.len()]))
+        })
+        .collect();
+    let mut valid = vec![false; n * hs];
+    for row in 0..n {
+        let si = seg_of(row);
+        let (Some((rk, sc)), Some(t)) = (segs[si].lora, host[si].as_ref()) else { continue };
+        for kk in 0..rk {
+            valid[row * hs + kk] = true;
+            h[row * hs + kk] = (0..kin).map(|j| x[row * kin + j] * t.a[kk * kin + j]).sum();
+            dh[row * hs + kk] =
+                sc * (0..jout).map(|o| dy[row * jout + o] * t.b[o * rk + kk]).sum::<f64>();
+        }
+        for o in 0..jout {
+            y[row * jout + o] +=
+                sc * (0..rk).map(|kk| h[row * hs + kk] * t.b[o * rk + kk]).sum::<f64>();
+        }
+        for i in 0..kin {
+            dx[row * kin + i] = (0..rk).map(|kk| dh[row * hs + kk] * t.a[kk * kin + i]).sum();
+        }
+        let (ga, gb) = &mut grads[si];
+        for kk in 0..rk {
+            for i in 0..kin {
+                ga[kk * kin + i] += dh[row * hs + kk] * x[row * kin + i];
+            }
+            for o in 0..jout {
+                gb[o * rk + kk] += sc * dy[row * jout + o] * h[row * hs + kk];
+            }
+        }
+    }
+
+    // device tensors and the table (A, B, dA, dB, rank, scale bits per segment)
+    let mut dev_t: Vec<Option<[CudaSlice<f32>; 4]>> = Vec::new();
+    for t in &host {
+        dev_t.push(match t {
+            Some(t) => Some([
+                up32(s, &t.a)?,
+                up32(s, &t.b)?,
+                s.alloc_zeros::<f32>(t.a.len())?,
+                s.alloc_zeros::<f32>(t.b.len())?,
+            ]),
+            None => None,
+        });
+    }
+    let mut tab = Vec::new();
+    for (g, d) in segs.iter().zip(&dev_t) {
+        match (g.lora, d) {
+            (Some((rk, sc)), Some(d)) => {
+                tab.extend(d.iter().map(|b| b.device_ptr(s).0));
+                tab.extend([rk as u64, u64::from((sc as f32).to_bits())]);
+            }
+            _ => tab.extend([0u64; 6]),
+        }
+    }
+    let bounds = [0usize, 13, 20, 37];
+    let ranks: Vec<usize> = segs.iter().map(|g| g.lora.map_or(0, |l| l.0)).collect();
+    let tab_d = s.clone_htod(&tab)?;
+    let seg_d = s.clone_htod(&bounds.iter().map(|&b| b as i32).collect::<Vec<_>>())?;
+    let ls = LoraSegs {
+        tab: tab_d.as_view(),
+        seg: seg_d.as_view(),
+        bounds: &bounds,
+        ranks: &ranks,
+        dims: (kin, jout),
+    };
+    let call = |dim| SegCall { rows: 0..n, dim, hs, col0: 0 };
+    let pick = |v: &[f64]| v.iter().zip(&valid).filter(|p| *p.1).map(|p| *p.0).collect::<Vec<_>>();
+
+    let (dx_in, dy_in) = (up::<T>(s, &x)?, up::<T>(s, &dy)?);
+    let mut gh = s.alloc_zeros::<f32>(n * hs)?;
+    let mut gy = up::<T>(s, &y0)?;
+    let mut gdh = s.alloc_zeros::<f32>(n * hs)?;
+    let mut gdx = s.alloc_zeros::<T>(n * kin)?;
+    // SAFETY: the table addresses the live tensors of `dev_t`, with the ranks and dims of `ls`.
+    unsafe {
+        let (a, b) = ((LoraTensor::A, false), (LoraTensor::B, true));
+        k::lora_seg_shrink(dev, &mut gh.as_view_mut(), &dx_in.as_view(), &ls, a, &call(kin))?;
+        k::lora_seg_expand(dev, &mut gy.as_view_mut(), &gh.as_view(), &ls, b, &call(jout))?;
+        k::lora_seg_shrink(dev, &mut gdh.as_view_mut(), &dy_in.as_view(), &ls, b, &call(jout))?;
+        k::lora_seg_expand(dev, &mut gdx.as_view_mut(), &gdh.as_view(), &ls, a, &call(kin))?;
+        let ga = (LoraTensor::GradA, false);
+        k::lora_seg_wgrad(dev, &gdh.as_view(), &dx_in.as_view(), &ls, ga, &call(kin))?;
+        let gb = (LoraTensor::GradB, true);
+        k::lora_seg_wgrad(dev, &gh.as_view(), &dy_in.as_view(), &ls, gb, &call(jout))?;
+    }
+    close_scaled("seg lora h", &pick(&down(s, &gh)?), &pick(&h), T::TOL);
+    // rows 13..20 have no LoRA: y keeps y0 there, dx stays 0, exactly
+    close_scaled("seg lora y", &down(s, &gy)?, &y, T::TOL);
+    let gy_h = down(s, &gy)?;
+    assert_eq!(
+        &gy_h[13 * jout..20 * jout],
+        &y0[13 * jout..20 * jout],
+        "a row without LoRA changed"
+    );
+    close_scaled("seg lora dh", &pick(&down(s, &gdh)?), &pick(&dh), T::TOL);
+    close_scaled("seg lora dx", &down(s, &gdx)?, &dx, T::TOL);
+    for (si, d) in dev_t.iter().enumerate() {
+        let Some(d) = d else { continue };
+        close_scaled("seg lora dA", &down(s, &d[2])?, &grads[si].0, T::TOL);
+        close_scaled("seg lora dB", &down(s, &d[3])?, &grads[si].1, T::TOL);
+    }
+
+    // a window of rows 9..30 (spans all three segments) and of columns 16..48 of B
+    let (w0, w1, c0, c1) = (9usize, 30usize, 16usize, 48usize);
+    let nw = w1 - w0;
+    let hwin: Vec<f64> =
+        (0..nw * hs).map(|i| if valid[w0 * hs + i] { h[w0 * hs + i] } else { 0.0 }).collect();
+    let mut yw = s.alloc_zeros::<f32>(nw * (c1 - c0))?;
+    let hw = up32(s, &hwin)?;
+    let wcall = SegCall { rows: w0..w1, dim: c1 - c0, hs, col0: c0 };
+    // SAFETY: as above.
+    unsafe {
+        k::lora_seg_expand::<f32>(
+            dev,
+            &mut yw.as_view_mut(),
+            &hw.as_view(),
+            &ls,
+            (LoraTensor::B, true),
+            &wcall,
+        )?;
+    }
+    let mut want = vec![0.0; nw * (c1 - c0)];
+    for (i, row) in (w0..w1).enumerate() {
+        let si = seg_of(row);
+        let (Some((rk, sc)), Some(t)) = (segs[si].lora, host[si].as_ref()) else { continue };
+        for (j, o) in (c0..c1).enumerate() {
+            want[i * (c1 - c0) + j] =
+                sc * (0..rk).map(|kk| hwin[i * hs + kk] * t.b[o * rk + kk]).sum::<f64>();
+        }
+    }
+    close_scaled("seg lora window", &down(s, &yw)?, &want, (1e-5, 1e-6));
+
+    // a bad call is an error, not a launch: rows past the segments
+    let bad = SegCall { rows: 0..n + 1, dim: kin, hs, col0: 0 };
+    let mut big = s.alloc_zeros::<f32>((n + 1) * hs)?;
+    let xb = s.alloc_zeros::<T>((n + 1) * kin)?;
+    // SAFETY: refused before any launch.
+    let refused = unsafe {
+        k::lora_seg_shrink(
+            dev,
+            &mut big.as_view_mut(),
+            &xb.as_view(),
+            &ls,
+            (LoraTensor::A, false),
+            &bad,
+        )
+    };
+    anyhow::ensure!(refused.is_err(), "rows past the segments were accepted");
+    Ok(())
+}
