@@ -473,3 +473,12 @@ fn cuda_optim_step_refuses_a_non_finite_gradient() -> Result<()> {
     refs::runtime::non_finite_gradient_is_refused::<f32>()?;
     refs::runtime::non_finite_gradient_is_refused::<bf16>()
 }
+
+#[test]
+fn several_tenants_in_one_pass_equal_each_alone() -> Result<()> {
+    if device("many").is_none() {
+        return Ok(());
+    }
+    let (_tmp, model) = engine_support::tiny_model();
+    refs::many::many_equals_alone(&model)
+}

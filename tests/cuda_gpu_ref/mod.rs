@@ -3,6 +3,7 @@
 
 pub mod lora;
 pub mod loss_terms;
+pub mod many;
 pub mod model;
 pub mod runtime;
 pub mod sampling;
