@@ -96,6 +96,8 @@ if [ "$EMU" = 1 ]; then
         $B train --shape tiny --seq 64 --rank 8 --steps 1 --skip-torch $TW
     step "sample tiny batch 2 (emulated)" 300 \
         $B sample --shape tiny --batch 2 --prompt 8 --max-tokens 4 --skip-torch $TW
+    step "multi-tenant tiny (emulated)" 300 gpu-bundle/twinkle bench multi-tenant --device cuda \
+        --shape tiny --tenants 3 --seq 16 --rank 4 --steps 1 --decode-tokens 4 --json
 else
     step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
     step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW
@@ -103,6 +105,9 @@ else
     step "sample qwen2.5-0.5b batch 64" 40 $B sample --shape qwen2.5-0.5b --batch 64 $TW
     step "sample qwen2.5-7b batch 1" 50 $B sample --shape qwen2.5-7b --batch 1 $TW
     step "sample qwen2.5-7b batch 64" 50 $B sample --shape qwen2.5-7b --batch 64 $TW
+    # 8 tenants x 128 tokens batched vs serial vs one 1024-token step; 8 x 64 sampled tokens
+    step "multi-tenant qwen2.5-0.5b" 120 gpu-bundle/twinkle bench multi-tenant --device cuda \
+        --shape qwen2.5-0.5b --steps 3 --json
 fi
 
 say ""

@@ -191,7 +191,7 @@ fn a_bad_group_fails_alone() {
 #[test]
 fn the_bench_ends_with_the_ratios() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path(), "Qwen2ForCausalLM");
+    let m = twinkle::engine::cpu::CpuRuntime::new(model(tmp.path(), "Qwen2ForCausalLM"));
     let opts = twinkle::bench::MultiTenantOptions {
         tenants: 3,
         seq: 6,

@@ -1,20 +1,17 @@
 //! `twinkle bench multi-tenant`: many tenants' LoRA forward_backward steps batched into one pass
 //! over the base weights, against the same steps one after another and against one tenant's
-//! step of all their tokens (the aggregate throughput batching should approach).
+//! step of all their tokens (the aggregate throughput batching should approach); then the same
+//! tenants sampling together, one after another and alone. Generic over the device runtime, so
+//! the CPU and the CUDA stacks are measured by the same code.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
 use super::{BenchError, check_positive, report};
 use crate::apps::model::decode::{DEFAULT_MAX_SEQS, DecodeBatcher};
-use crate::engine::cpu::CpuRuntime;
 use crate::engine::synth::SynthRng;
-use crate::engine::{
-    Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, TrainGroup, forward_backward,
-    forward_backward_many,
-};
+use crate::engine::{Adapter, Datum, LoraConfig, LossFn, LossInputs, ModelRuntime, TrainGroup};
 use crate::protocol::internal::SampleRequest;
 
 /// Options of `twinkle bench multi-tenant`.
@@ -178,13 +175,13 @@ fn seconds(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Runs the three training measurements on the CPU engine (gradients accumulate across
-/// repetitions; no optimizer step, which is per tenant and not batched), then the decode ones.
-pub fn multi_tenant(
-    model: &Arc<Model>,
+/// Runs the three training measurements on `rt` (gradients accumulate across repetitions; no
+/// optimizer step, which is per tenant and not batched), then the decode ones.
+pub fn multi_tenant<R: ModelRuntime>(
+    rt: &R,
     opts: &MultiTenantOptions,
 ) -> Result<MultiTenantReport, BenchError> {
-    let c = model.config();
+    let c = rt.config();
     check_positive(&[
         ("--tenants", opts.tenants),
         ("--seq", opts.seq),
@@ -209,7 +206,7 @@ pub fn multi_tenant(
     }
     let lora = |seed| LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, seed);
     let mut adapters = (0..opts.tenants as u64)
-        .map(|i| Adapter::new(model, &lora(i)))
+        .map(|i| rt.upload_adapter(&Adapter::for_config(c, &lora(i))?))
         .collect::<Result<Vec<_>, _>>()?;
     let mut rng = SynthRng(42);
     let data: Vec<Vec<Datum>> =
@@ -223,24 +220,24 @@ pub fn multi_tenant(
     for round in 0..=opts.steps {
         let t = [
             seconds(|| {
-                let mut groups: Vec<TrainGroup<Adapter>> = adapters
+                let mut groups: Vec<TrainGroup<R::Adapter>> = adapters
                     .iter_mut()
                     .zip(&data)
                     .map(|(a, d)| TrainGroup { adapter: a, data: d, loss: &loss })
                     .collect();
-                forward_backward_many(model, &mut groups).into_iter().try_for_each(|r| {
+                rt.forward_backward_many(&mut groups).into_iter().try_for_each(|r| {
                     r?;
                     Ok(())
                 })
             })?,
             seconds(|| {
                 for (a, d) in adapters.iter_mut().zip(&data) {
-                    forward_backward(model, Some(a), d, &loss, false)?;
+                    rt.forward_backward(a, d, &loss)?;
                 }
                 Ok(())
             })?,
             seconds(|| {
-                forward_backward(model, Some(&mut adapters[0]), &long, &loss, false)?;
+                rt.forward_backward(&mut adapters[0], &long, &loss)?;
                 Ok(())
             })?,
         ];
@@ -250,7 +247,7 @@ pub fn multi_tenant(
     }
     let decode = match opts.decode_tokens {
         0 => None,
-        k => Some((k, decode_times(model, &adapters, k, opts.steps)?)),
+        k => Some((k, decode_times(rt, &adapters, k, opts.steps)?)),
     };
     Ok(MultiTenantReport {
         tenants: opts.tenants,
@@ -267,14 +264,13 @@ const DECODE_PROMPT: usize = 16;
 /// Every tenant samples `tokens` tokens (EOS ignored, temperature 1, its own seed and
 /// adapter) through the model app's decoder: all at once from one thread each, one after
 /// another, and the first tenant alone. Rounds as in [`multi_tenant`].
-fn decode_times(
-    model: &Arc<Model>,
-    adapters: &[Adapter],
+fn decode_times<R: ModelRuntime>(
+    rt: &R,
+    adapters: &[R::Adapter],
     tokens: usize,
     steps: usize,
 ) -> Result<ThreeWays, BenchError> {
-    let c = model.config();
-    let rt = CpuRuntime::new(model.clone());
+    let c = rt.config();
     let batcher = DecodeBatcher::new(DEFAULT_MAX_SEQS);
     let mut rng = SynthRng(7);
     let reqs: Vec<SampleRequest> = (0..adapters.len())
@@ -290,7 +286,7 @@ fn decode_times(
     let max_length = c.max_position_embeddings;
     let sample = |i: usize| -> Result<(), BenchError> {
         let out = batcher
-            .generate(&rt, Some(&adapters[i]), None, max_length, &reqs[i])
+            .generate(rt, Some(&adapters[i]), None, max_length, &reqs[i])
             .map_err(|e| BenchError::Option(format!("sampling failed: {e}")))?;
         match out.sequences.first().map(|s| s.tokens.len()) {
             Some(n) if n == tokens => Ok(()),

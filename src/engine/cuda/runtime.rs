@@ -55,6 +55,12 @@ impl<T: Act> CudaRuntime<T> {
         Ok(CudaRuntime { name: format!("cuda:{ordinal}"), model, serial: Mutex::new(()) })
     }
 
+    /// Wraps a model already on its device (e.g. [`CudaModel::synthetic`] for benchmarks).
+    pub fn from_model(model: CudaModel<T>) -> Self {
+        let name = format!("cuda:{}", model.device().context().ordinal());
+        CudaRuntime { name, model, serial: Mutex::new(()) }
+    }
+
     /// The device-resident model.
     pub fn model(&self) -> &CudaModel<T> {
         &self.model
