@@ -22,9 +22,16 @@
 //!   `Adapter`'s job. [`CudaAdapter::grads_to_host`] / [`CudaAdapter::grads_from_host`] for a
 //!   data-parallel all-reduce; [`CudaAdapter::optim_step`]`(&dev, &AdamParams)`.
 //! - [`forward_backward`]`(&model, Option<&mut CudaAdapter>, &[Datum], &LossFn, forward_only)`
-//!   -> `FwdBwdOutput`, exactly the CPU engine's output semantics.
+//!   -> `FwdBwdOutput`, exactly the CPU engine's output semantics; [`forward_backward_many`] /
+//!   [`forward_many`] run several tenants' groups in one pass over the base weights. Every
+//!   LoRA product goes through the segmented kernels (`kernels/lora.cu`, S-LoRA/Punica style):
+//!   a pass's rows are split into one segment per tenant and a per-pass table (`segment.rs`)
+//!   gives each segment its adapter's addresses, rank and scale, so one launch serves all
+//!   tenants and a single tenant is simply one segment.
 //! - Generation: [`CudaKvCache::new`]`(&model, max_seqs, max_len)`,
-//!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence) and
+//!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence;
+//!   [`CudaModel::forward_cached_many_device`] decodes several requests, each with its own
+//!   adapter and cache, in one pass) and
 //!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`, greedy
 //!   and stochastic rows both on the device; the draw's `exp` is `engine::sampling_weight`'s
 //!   deterministic one, so host and device pick bit-identically).
