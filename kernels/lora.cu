@@ -23,15 +23,11 @@
 // Each block works inside one segment: the grid's tile axis enumerates every segment's tiles in
 // order (seg_tile), so a row's arithmetic is the same whichever other segments share the call.
 //
-// defines: lora_seg_shrink_<dt>(h f32, x T, tab, which, scaled, seg, nseg, row_off, n, dim, hs)
-//            h[n,k] = s * sum_j x[n,j] W(k,j); grid (tiles of 4 rows), block 256
-//          lora_seg_expand_<dt>(y T, h f32, tab, which, scaled, seg, nseg, row_off, n, dim, hs,
-//                               col0)
-//            y[n,j] += s * sum_k h[n,k] W(k,j); grid (ceil(dim/256), tiles of 8 rows),
+// defines: lora_seg_<dt>(op, f f32, t T, tab, which, scaled, seg, nseg, row_off, n, dim, hs, col0)
+//   op 0, shrink: f[n,k] = s * sum_j t[n,j] W(k,j); grid (tiles of 4 rows), block 256
+//   op 1, expand: t[n,j] += s * sum_k f[n,k] W(k,j); grid (ceil(dim/256), tiles of 8 rows),
 //            block 256, r <= 256
-//          lora_seg_wgrad_<dt>(u f32, v T, tab, which, scaled, seg, nseg, row_off, n, dim, hs,
-//                              col0)
-//            dW(k,j) += s * sum_n u[n,k] v[n,j]; grid (ceil(dim/256), ceil(rmax/8),
+//   op 2, wgrad: dW(k,j) += s * sum_n f[n,k] t[n,j]; grid (ceil(dim/256), ceil(rmax/8),
 //            tiles of 512 rows), block 256, atomics across the row tiles
 
 #define LORA_SHRINK_ROWS 4
@@ -160,38 +156,34 @@ __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n
             atomicAdd(w.w + (long long)(k0 + i) * w.wk + (long long)j * w.wj, w.s * acc[i]);
 }
 
+// One entry point for the three products (op 0 shrink, 1 expand, 2 wgrad), so the segment
+// lookup and the argument list exist once. `f` is the f32 rank-space operand (h / dh: written
+// by shrink, read by expand; u: read by wgrad) and `t` the T row-space one (x / dy: read by
+// shrink and wgrad; y / dx: accumulated by expand). The tile axis is x for shrink, y for expand
+// and z for wgrad (their grids in the header).
+template <typename T>
+__device__ void lora_seg_impl(int op, float* f, T* t, const u64* tab, int which, int scaled,
+                              const int* seg, int nseg, int row_off, int n, int dim, int hs,
+                              long long col0) {
+    const int tile = op == 0 ? LORA_SHRINK_ROWS : (op == 1 ? LORA_EXPAND_ROWS : LORA_WGRAD_NCHUNK);
+    const int t_idx = op == 0 ? blockIdx.x : (op == 1 ? blockIdx.y : blockIdx.z);
+    SegW w;
+    int n0, n1;
+    if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, tile, t_idx, &w, &n0, &n1))
+        return;
+    if (op == 0) {
+        lora_shrink_impl<T>(f, t, w, n0, n1, dim, hs);
+    } else if (op == 1) {
+        lora_expand_impl<T>(t, f, w, n0, n1, dim, hs);
+    } else {
+        lora_wgrad_impl<T>(f, t, w, n0, n1, dim, hs);
+    }
+}
+
 #define LORA_DEF(T, DT)                                                                          \
-    extern "C" __global__ void lora_seg_shrink_##DT(float* h, const T* x, const u64* tab,       \
-                                                    int which, int scaled, const int* seg,      \
-                                                    int nseg, int row_off, int n, int dim,      \
-                                                    int hs) {                                    \
-        SegW w;                                                                                  \
-        int n0, n1;                                                                              \
-        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, 0, LORA_SHRINK_ROWS,      \
-                      blockIdx.x, &w, &n0, &n1))                                                 \
-            return;                                                                              \
-        lora_shrink_impl<T>(h, x, w, n0, n1, dim, hs);                                           \
-    }                                                                                            \
-    extern "C" __global__ void lora_seg_expand_##DT(T* y, const float* h, const u64* tab,       \
-                                                    int which, int scaled, const int* seg,      \
-                                                    int nseg, int row_off, int n, int dim,      \
-                                                    int hs, long long col0) {                    \
-        SegW w;                                                                                  \
-        int n0, n1;                                                                              \
-        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, LORA_EXPAND_ROWS,   \
-                      blockIdx.y, &w, &n0, &n1))                                                 \
-            return;                                                                              \
-        lora_expand_impl<T>(y, h, w, n0, n1, dim, hs);                                           \
-    }                                                                                            \
-    extern "C" __global__ void lora_seg_wgrad_##DT(const float* u, const T* v, const u64* tab,  \
-                                                   int which, int scaled, const int* seg,       \
-                                                   int nseg, int row_off, int n, int dim,       \
-                                                   int hs, long long col0) {                     \
-        SegW w;                                                                                  \
-        int n0, n1;                                                                              \
-        if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, LORA_WGRAD_NCHUNK,  \
-                      blockIdx.z, &w, &n0, &n1))                                                 \
-            return;                                                                              \
-        lora_wgrad_impl<T>(u, v, w, n0, n1, dim, hs);                                            \
+    extern "C" __global__ void lora_seg_##DT(int op, float* f, T* t, const u64* tab, int which, \
+                                             int scaled, const int* seg, int nseg, int row_off, \
+                                             int n, int dim, int hs, long long col0) {          \
+        lora_seg_impl<T>(op, f, t, tab, which, scaled, seg, nseg, row_off, n, dim, hs, col0);   \
     }
 FOR_F32_BF16(LORA_DEF)

@@ -77,7 +77,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
             &["attention_fwd", "attention_bwd", "attention_delta_bwd", "attention_dq_bwd"],
         ),
         ("kv_cache.cu", &["kv_append_fwd", "decode_attention_fwd"]),
-        ("lora.cu", &["lora_seg_shrink", "lora_seg_expand", "lora_seg_wgrad"]),
+        ("lora.cu", &["lora_seg"]),
         ("loss.cu", &["xent_fwd", "xent_bwd"]),
         ("sampling.cu", &["argmax_fwd", "sample_fwd"]),
     ];

@@ -123,14 +123,50 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     // SAFETY: the table addresses the live tensors of `dev_t`, with the ranks and dims of `ls`.
     unsafe {
         let (a, b) = ((LoraTensor::A, false), (LoraTensor::B, true));
-        k::lora_seg_shrink(dev, &mut gh.as_view_mut(), &dx_in.as_view(), &ls, a, &call(kin))?;
-        k::lora_seg_expand(dev, &mut gy.as_view_mut(), &gh.as_view(), &ls, b, &call(jout))?;
-        k::lora_seg_shrink(dev, &mut gdh.as_view_mut(), &dy_in.as_view(), &ls, b, &call(jout))?;
-        k::lora_seg_expand(dev, &mut gdx.as_view_mut(), &gdh.as_view(), &ls, a, &call(kin))?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Shrink { h: &mut gh.as_view_mut(), x: &dx_in.as_view() },
+            &ls,
+            a,
+            &call(kin),
+        )?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Expand { y: &mut gy.as_view_mut(), h: &gh.as_view() },
+            &ls,
+            b,
+            &call(jout),
+        )?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Shrink { h: &mut gdh.as_view_mut(), x: &dy_in.as_view() },
+            &ls,
+            b,
+            &call(jout),
+        )?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Expand { y: &mut gdx.as_view_mut(), h: &gdh.as_view() },
+            &ls,
+            a,
+            &call(kin),
+        )?;
         let ga = (LoraTensor::GradA, false);
-        k::lora_seg_wgrad(dev, &gdh.as_view(), &dx_in.as_view(), &ls, ga, &call(kin))?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Wgrad { u: &gdh.as_view(), v: &dx_in.as_view() },
+            &ls,
+            ga,
+            &call(kin),
+        )?;
         let gb = (LoraTensor::GradB, true);
-        k::lora_seg_wgrad(dev, &gh.as_view(), &dy_in.as_view(), &ls, gb, &call(jout))?;
+        k::lora_seg(
+            dev,
+            k::SegOp::Wgrad { u: &gh.as_view(), v: &dy_in.as_view() },
+            &ls,
+            gb,
+            &call(jout),
+        )?;
     }
     close_scaled("seg lora h", &pick(&down(s, &gh)?), &pick(&h), T::TOL);
     // rows 13..20 have no LoRA: y keeps y0 there, dx stays 0, exactly
@@ -159,10 +195,9 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let wcall = SegCall { rows: w0..w1, dim: c1 - c0, hs, col0: c0 };
     // SAFETY: as above.
     unsafe {
-        k::lora_seg_expand::<f32>(
+        k::lora_seg::<f32>(
             dev,
-            &mut yw.as_view_mut(),
-            &hw.as_view(),
+            k::SegOp::Expand { y: &mut yw.as_view_mut(), h: &hw.as_view() },
             &ls,
             (LoraTensor::B, true),
             &wcall,
@@ -185,10 +220,9 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let xb = s.alloc_zeros::<T>((n + 1) * kin)?;
     // SAFETY: refused before any launch.
     let refused = unsafe {
-        k::lora_seg_shrink(
+        k::lora_seg(
             dev,
-            &mut big.as_view_mut(),
-            &xb.as_view(),
+            k::SegOp::Shrink { h: &mut big.as_view_mut(), x: &xb.as_view() },
             &ls,
             (LoraTensor::A, false),
             &bad,

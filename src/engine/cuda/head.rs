@@ -86,10 +86,9 @@ impl<T: Act> CudaModel<T> {
         let call = SegCall { rows, dim: self.cfg.hidden_size, hs, col0: 0 };
         // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
         unsafe {
-            k::lora_seg_shrink(
+            k::lora_seg(
                 &self.dev,
-                &mut view_mut(&mut ha, 0, nr * hs)?,
-                hb,
+                k::SegOp::Shrink { h: &mut view_mut(&mut ha, 0, nr * hs)?, x: hb },
                 ls,
                 (LoraTensor::A, false),
                 &call,
@@ -120,10 +119,9 @@ impl<T: Act> CudaModel<T> {
             let call = SegCall { rows, dim: vc, hs, col0: v0 };
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
-                k::lora_seg_expand::<f32>(
+                k::lora_seg::<f32>(
                     dev,
-                    out,
-                    &view(ha, 0, nr * hs)?,
+                    k::SegOp::Expand { y: out, h: &view(ha, 0, nr * hs)? },
                     ls,
                     (LoraTensor::B, true),
                     &call,
@@ -192,8 +190,20 @@ impl<T: Act> CudaModel<T> {
                     // SAFETY: the pass's table addresses its adapters' live tensors.
                     unsafe {
                         let hav = view(ha, 0, nr * hs)?;
-                        k::lora_seg_wgrad(dev, &hav, &dlv, ls, (LoraTensor::GradB, true), &call)?;
-                        k::lora_seg_shrink(dev, &mut tv, &dlv, ls, (LoraTensor::B, true), &call)?;
+                        k::lora_seg(
+                            dev,
+                            k::SegOp::Wgrad { u: &hav, v: &dlv },
+                            ls,
+                            (LoraTensor::GradB, true),
+                            &call,
+                        )?;
+                        k::lora_seg(
+                            dev,
+                            k::SegOp::Shrink { h: &mut tv, x: &dlv },
+                            ls,
+                            (LoraTensor::B, true),
+                            &call,
+                        )?;
                     }
                     k::acc_fwd::<f32>(dev, &mut view_mut(&mut dha, 0, nr * hs)?, &tv.as_view())?;
                 }
@@ -203,11 +213,19 @@ impl<T: Act> CudaModel<T> {
                 let dhav = view(&dha, 0, nr * hs)?;
                 // SAFETY: the pass's table addresses its adapters' live tensors.
                 unsafe {
-                    k::lora_seg_wgrad(dev, &dhav, &hb, ls, (LoraTensor::GradA, false), &call)?;
-                    k::lora_seg_expand(
+                    k::lora_seg(
                         dev,
-                        &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
-                        &dhav,
+                        k::SegOp::Wgrad { u: &dhav, v: &hb },
+                        ls,
+                        (LoraTensor::GradA, false),
+                        &call,
+                    )?;
+                    k::lora_seg(
+                        dev,
+                        k::SegOp::Expand {
+                            y: &mut view_mut(&mut dh, r0 * hid, (r0 + nr) * hid)?,
+                            h: &dhav,
+                        },
                         ls,
                         (LoraTensor::A, false),
                         &call,

@@ -369,11 +369,16 @@ impl<T: Act> CudaModel<T> {
         let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
         // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
         unsafe {
-            k::lora_seg_shrink(dev, &mut hv, x, ls, (LoraTensor::A, false), &call(lin.inp))?;
-            k::lora_seg_expand(
+            k::lora_seg(
                 dev,
-                &mut yv,
-                &hv.as_view(),
+                k::SegOp::Shrink { h: &mut hv, x },
+                ls,
+                (LoraTensor::A, false),
+                &call(lin.inp),
+            )?;
+            k::lora_seg(
+                dev,
+                k::SegOp::Expand { y: &mut yv, h: &hv.as_view() },
                 ls,
                 (LoraTensor::B, true),
                 &call(lin.out),
@@ -416,12 +421,36 @@ impl<T: Act> CudaModel<T> {
             let (c_in, c_out) = (call(lin.inp), call(lin.out));
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
-                k::lora_seg_shrink(dev, &mut dhv, dy, ls, (LoraTensor::B, true), &c_out)?;
+                k::lora_seg(
+                    dev,
+                    k::SegOp::Shrink { h: &mut dhv, x: dy },
+                    ls,
+                    (LoraTensor::B, true),
+                    &c_out,
+                )?;
                 let dhv = dhv.as_view();
-                k::lora_seg_expand(dev, dx, &dhv, ls, (LoraTensor::A, false), &c_in)?;
-                k::lora_seg_wgrad(dev, &dhv, x, ls, (LoraTensor::GradA, false), &c_in)?;
+                k::lora_seg(
+                    dev,
+                    k::SegOp::Expand { y: dx, h: &dhv },
+                    ls,
+                    (LoraTensor::A, false),
+                    &c_in,
+                )?;
+                k::lora_seg(
+                    dev,
+                    k::SegOp::Wgrad { u: &dhv, v: x },
+                    ls,
+                    (LoraTensor::GradA, false),
+                    &c_in,
+                )?;
                 let hv = view(h, 0, rows * hs)?;
-                k::lora_seg_wgrad(dev, &hv, dy, ls, (LoraTensor::GradB, true), &c_out)?;
+                k::lora_seg(
+                    dev,
+                    k::SegOp::Wgrad { u: &hv, v: dy },
+                    ls,
+                    (LoraTensor::GradB, true),
+                    &c_out,
+                )?;
             }
         }
         Ok(())

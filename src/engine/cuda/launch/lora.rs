@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 use super::{Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
@@ -121,49 +121,16 @@ fn check(
     Ok((n, ls.tiles(&call.rows, tile)))
 }
 
-/// The kernels' first parameter: written (shrink, expand) or read (wgrad, whose output is
-/// reached through the table).
-enum First<'b, 'a, O> {
-    Out(&'b mut CudaViewMut<'a, O>),
-    In(&'b CudaView<'a, O>),
-}
-
-/// Enqueues one of lora.cu's kernels, which all take (first*, const in*, const u64* tab, int
-/// which, int scaled, const int* seg, int nseg, int row_off, int n, int dim, int hs, long long
-/// col0).
-///
-/// # Safety
-/// The table's addresses must point at live tensors of the shapes `ls.ranks` / `ls.dims`
-/// give, written by nothing else while the stream runs the kernel; `out` and `inp` are checked.
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch_seg<O: DeviceRepr, I: DeviceRepr>(
-    dev: &CudaDevice,
-    kn: &'static str,
-    cfg: LaunchConfig,
-    first: First<'_, '_, O>,
-    inp: &CudaView<'_, I>,
-    ls: &LoraSegs<'_>,
-    (which, scaled): (LoraTensor, bool),
-    call: &SegCall,
-) -> Result<(), CudaError> {
-    let (which, scaled) = (which as i32, i32::from(scaled));
-    let nseg = int(kn, "segments", ls.ranks.len())?;
-    let (off, n) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", call.rows.len())?);
-    let (dim, hs, col0) =
-        (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?, long(kn, "col0", call.col0)?);
-    let f = Kernel::load(dev, "lora.cu", kn)?;
-    // SAFETY: the buffers are checked by the callers, the table is this function's contract,
-    // and the argument list is the shared signature above.
-    unsafe {
-        f.launch(cfg, |l| {
-            match first {
-                First::Out(o) => l.arg(o),
-                First::In(u) => l.arg(u),
-            };
-            l.arg(inp).arg(&ls.tab).arg(&which).arg(&scaled).arg(&ls.seg).arg(&nseg);
-            l.arg(&off).arg(&n).arg(&dim).arg(&hs).arg(&col0);
-        })
-    }
+/// One segmented LoRA product and its operands (`f` f32 rank-space [n, hs], `t` row-space
+/// [n, dim]); the kernel's `op`.
+/// (`'o` and `'i` are the two operands' buffer lifetimes, `'b` their borrows'.)
+pub enum SegOp<'b, 'o, 'i, T> {
+    /// h[n, k] = s * sum_j x[n, j] W(k, j).
+    Shrink { h: &'b mut CudaViewMut<'o, f32>, x: &'b CudaView<'i, T> },
+    /// y[n, j] += s * sum_k h[n, k] W(k, j).
+    Expand { y: &'b mut CudaViewMut<'o, T>, h: &'b CudaView<'i, f32> },
+    /// dW(k, j) += s * sum_n u[n, k] v[n, j] (W is then a gradient tensor).
+    Wgrad { u: &'b CudaView<'o, f32>, v: &'b CudaView<'i, T> },
 }
 
 /// 256-column tiles of a `dim`-wide row along the grid's x (expand and wgrad).
@@ -171,82 +138,60 @@ fn column_tiles(k: &'static str, dim: usize) -> Result<u32, CudaError> {
     grid_dim(k, "column tiles", dim.div_ceil(256), i32::MAX as u32)
 }
 
-/// h[n, k] = s * sum_j x[n, j] W(k, j) over each segment's rows, W = its `which` tensor
-/// (s = its scale when `scaled`, else 1); h is [n, hs], x [n, dim].
+/// Enqueues `op` over each segment's rows of `call`, W = each segment's tensor `w.0` (scaled
+/// by its scale when `w.1`, else by 1): y, dx += ..., h, dh = ..., dA, dB += ....
 ///
 /// # Safety
-/// See [`LoraSegs`]: the table must address live tensors of its stated shapes.
-pub unsafe fn lora_seg_shrink<T: Dtype>(
+/// See [`LoraSegs`]: the table must address live tensors of the shapes its ranks and dims
+/// give, written by nothing else while the stream runs the kernel (the operands are checked).
+pub unsafe fn lora_seg<T: Dtype>(
     dev: &CudaDevice,
-    h: &mut CudaViewMut<'_, f32>,
-    x: &CudaView<'_, T>,
+    op: SegOp<'_, '_, '_, T>,
     ls: &LoraSegs<'_>,
     w: (LoraTensor, bool),
     call: &SegCall,
 ) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_seg_shrink");
-    let (n, tiles) = check(kn, ls, w.0, call, (h.len(), x.len()), SHRINK_ROWS)?;
-    if n == 0 || tiles == 0 {
-        return Ok(());
+    let kn = sym!(T, "lora_seg");
+    let grad = matches!(w.0, LoraTensor::GradA | LoraTensor::GradB);
+    let (code, tile, lens) = match &op {
+        SegOp::Shrink { h, x } => (0i32, SHRINK_ROWS, (h.len(), x.len())),
+        SegOp::Expand { y, h } => (1, EXPAND_ROWS, (h.len(), y.len())),
+        SegOp::Wgrad { u, v } => (2, WGRAD_NCHUNK, (u.len(), v.len())),
+    };
+    if grad != (code == 2) {
+        return Err(shape_err(kn, "weight gradients, and only they, go into gradient tensors"));
     }
-    let cfg = blocks((grid_dim(kn, "row tiles", tiles, i32::MAX as u32)?, 1, 1), 256);
-    // SAFETY: h [n, hs] and x [n, dim] (checked); the table is the caller's contract.
-    unsafe { launch_seg(dev, kn, cfg, First::Out(h), x, ls, w, call) }
-}
-
-/// y[n, j] += s * sum_k h[n, k] W(k, j) over each segment's rows; y is [n, dim], h [n, hs].
-///
-/// # Safety
-/// See [`lora_seg_shrink`].
-pub unsafe fn lora_seg_expand<T: Dtype>(
-    dev: &CudaDevice,
-    y: &mut CudaViewMut<'_, T>,
-    h: &CudaView<'_, f32>,
-    ls: &LoraSegs<'_>,
-    w: (LoraTensor, bool),
-    call: &SegCall,
-) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_seg_expand");
-    let (n, tiles) = check(kn, ls, w.0, call, (h.len(), y.len()), EXPAND_ROWS)?;
+    let (n, tiles) = check(kn, ls, w.0, call, lens, tile)?;
     if n == 0 || tiles == 0 || call.dim == 0 {
         return Ok(());
     }
-    let cfg =
-        blocks((column_tiles(kn, call.dim)?, grid_dim(kn, "row tiles", tiles, 65_535)?, 1), 256);
-    // SAFETY: y [n, dim], h [n, hs] (checked); ranks <= 256 fit the kernel's static tile.
-    unsafe { launch_seg(dev, kn, cfg, First::Out(y), h, ls, w, call) }
-}
-
-/// dW(k, j) += s * sum_n u[n, k] v[n, j] over each segment's rows, into its `which` gradient;
-/// u is [n, hs], v [n, dim].
-///
-/// # Safety
-/// See [`lora_seg_shrink`].
-pub unsafe fn lora_seg_wgrad<T: Dtype>(
-    dev: &CudaDevice,
-    u: &CudaView<'_, f32>,
-    v: &CudaView<'_, T>,
-    ls: &LoraSegs<'_>,
-    dw: (LoraTensor, bool),
-    call: &SegCall,
-) -> Result<(), CudaError> {
-    let kn = sym!(T, "lora_seg_wgrad");
-    if !matches!(dw.0, LoraTensor::GradA | LoraTensor::GradB) {
-        return Err(shape_err(kn, "the weight gradient goes into a gradient tensor"));
+    let tiles = |max| grid_dim(kn, "row tiles", tiles, max);
+    let grid = match code {
+        0 => (tiles(i32::MAX as u32)?, 1, 1),
+        1 => (column_tiles(kn, call.dim)?, tiles(65_535)?, 1),
+        _ => {
+            let ranks = grid_dim(kn, "rank groups", ls.max_rank().div_ceil(WGRAD_K), 65_535)?;
+            (column_tiles(kn, call.dim)?, ranks, tiles(65_535)?)
+        }
+    };
+    let (which, scaled) = (w.0 as i32, i32::from(w.1));
+    let nseg = int(kn, "segments", ls.ranks.len())?;
+    let (off, rows) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", n)?);
+    let (dim, hs) = (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?);
+    let col0 = long(kn, "col0", call.col0)?;
+    let f = Kernel::load(dev, "lora.cu", kn)?;
+    // SAFETY: both operands are checked against the call (`check`); the table is this
+    // function's contract; the argument list is the kernel's signature.
+    unsafe {
+        f.launch(blocks(grid, 256), |l| {
+            l.arg(&code);
+            match op {
+                SegOp::Shrink { h, x } => l.arg(h).arg(x),
+                SegOp::Expand { y, h } => l.arg(h).arg(y),
+                SegOp::Wgrad { u, v } => l.arg(u).arg(v),
+            };
+            l.arg(&ls.tab).arg(&which).arg(&scaled).arg(&ls.seg).arg(&nseg).arg(&off);
+            l.arg(&rows).arg(&dim).arg(&hs).arg(&col0);
+        })
     }
-    let (n, tiles) = check(kn, ls, dw.0, call, (u.len(), v.len()), WGRAD_NCHUNK)?;
-    let rmax = ls.max_rank();
-    if n == 0 || tiles == 0 || call.dim == 0 || rmax == 0 {
-        return Ok(());
-    }
-    let cfg = blocks(
-        (
-            column_tiles(kn, call.dim)?,
-            grid_dim(kn, "rank groups", rmax.div_ceil(WGRAD_K), 65_535)?,
-            grid_dim(kn, "row tiles", tiles, 65_535)?,
-        ),
-        256,
-    );
-    // SAFETY: u [n, hs], v [n, dim] (checked); the table is the caller's contract.
-    unsafe { launch_seg(dev, kn, cfg, First::In(u), v, ls, dw, call) }
 }

@@ -22,8 +22,8 @@ pub use elementwise::{
 pub use gemm::{BLayout, matmul};
 pub use layers::{RopeDir, embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope, swiglu_bwd, swiglu_fwd};
 pub use lora::{
-    LoraSegs, LoraTensor, MAX_RANK as LORA_MAX_RANK, SegCall, TAB_STRIDE as LORA_TAB_STRIDE,
-    lora_seg_expand, lora_seg_shrink, lora_seg_wgrad,
+    LoraSegs, LoraTensor, MAX_RANK as LORA_MAX_RANK, SegCall, SegOp, TAB_STRIDE as LORA_TAB_STRIDE,
+    lora_seg,
 };
 pub use loss::{
     AdamStep, LossVariant, adamw_fwd, loss_fwd, loss_term_fwd, xent_bwd, xent_bwd_inplace,
