@@ -7,7 +7,7 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, randomize_b, tokens, write_model};
+use engine_support::{Rng, Spec, randomize_b, rel, tokens, write_model};
 use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::{
     Adapter, Datum, EvalGroup, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model, ModelRuntime,
@@ -81,13 +81,6 @@ fn tenants(m: &Model) -> Vec<(Adapter, Vec<Datum>, LossFn)> {
         ),
         (adapter(m, 3, all, 4), batch(&[7]), LossFn::Dro { beta: 0.05 }),
     ]
-}
-
-/// Largest |a − b| relative to the largest |b| of the quantity (0 when equal).
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 /// Worst relative error between batched and alone outputs: (logprobs, losses, loss_sum).

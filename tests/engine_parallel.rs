@@ -4,14 +4,15 @@
 //! errors and leave the adapter as it was.
 
 mod engine_support;
+#[macro_use]
+mod runtime_support;
 
 use engine_support::{full_lora, randomize_b, tiny_model};
-use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::parallel::{DataParallel, Replicated, split_by_tokens};
-use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, Model, ModelConfig,
-    ModelRuntime, OptimMetrics, forward, forward_backward,
+    AdamParams, Adapter, Datum, EngineError, FwdBwdOutput, LossFn, Model, ModelRuntime, forward,
+    forward_backward,
 };
 
 /// The host copy of a replicated adapter.
@@ -115,24 +116,11 @@ fn compare_with_single(n: usize, loss: LossFn) {
 }
 
 #[test]
-fn one_worker_matches_the_engine_cross_entropy() {
-    compare_with_single(1, LossFn::CrossEntropy);
-}
-
-#[test]
-fn two_workers_match_the_engine_cross_entropy() {
-    compare_with_single(2, LossFn::CrossEntropy);
-}
-
-#[test]
-fn three_workers_match_the_engine_cross_entropy() {
-    compare_with_single(3, LossFn::CrossEntropy);
-}
-
-#[test]
-fn more_workers_than_datums_match_the_engine() {
-    // LENS_B has 3 datums: one worker stays idle on that call.
-    compare_with_single(4, LossFn::CrossEntropy);
+fn one_to_more_workers_than_datums_match_the_engine_cross_entropy() {
+    // With 4, more workers than LENS_B's 3 datums: one worker stays idle on that call.
+    for n in [1, 2, 3, 4] {
+        compare_with_single(n, LossFn::CrossEntropy);
+    }
 }
 
 #[test]
@@ -247,24 +235,12 @@ impl Flaky {
 }
 
 impl ModelRuntime for Flaky {
-    type Adapter = Adapter;
-    type Cache = CpuCache;
-    type Logits = Vec<Vec<f32>>;
+    delegate_cpu_runtime!(inner => types, config, upload_adapter, download_adapter,
+        copy_adapter, optim_step, zero_grad, grads_from_host, new_cache, fork_slot, forward_cached,
+        select_tokens, logits_to_host);
 
     fn device_name(&self) -> String {
         if self.broken.is_some() { "fake:1".into() } else { self.inner.device_name() }
-    }
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn upload_adapter(&self, host: &Adapter) -> twinkle::engine::Result<Adapter> {
-        self.inner.upload_adapter(host)
-    }
-    fn download_adapter(&self, a: &Adapter, host: &mut Adapter) -> twinkle::engine::Result<()> {
-        self.inner.download_adapter(a, host)
-    }
-    fn copy_adapter(&self, a: &Adapter) -> twinkle::engine::Result<Adapter> {
-        self.inner.copy_adapter(a)
     }
     fn forward_backward(
         &self,
@@ -284,46 +260,11 @@ impl ModelRuntime for Flaky {
         self.fail()?;
         self.inner.forward(a, d, l)
     }
-    fn optim_step(&self, a: &mut Adapter, p: &AdamParams) -> twinkle::engine::Result<OptimMetrics> {
-        self.inner.optim_step(a, p)
-    }
-    fn zero_grad(&self, a: &mut Adapter) -> twinkle::engine::Result<()> {
-        self.inner.zero_grad(a)
-    }
     fn grads_to_host(&self, a: &Adapter) -> twinkle::engine::Result<Vec<f32>> {
         match self.broken {
             Some(false) => Ok(vec![0.0; 3]),
             _ => self.inner.grads_to_host(a),
         }
-    }
-    fn grads_from_host(&self, a: &mut Adapter, g: &[f32]) -> twinkle::engine::Result<()> {
-        self.inner.grads_from_host(a, g)
-    }
-    fn new_cache(&self, n: usize, len: usize) -> twinkle::engine::Result<CpuCache> {
-        self.inner.new_cache(n, len)
-    }
-    fn fork_slot(&self, c: &mut CpuCache, s: usize, d: usize) -> twinkle::engine::Result<()> {
-        self.inner.fork_slot(c, s, d)
-    }
-    fn forward_cached(
-        &self,
-        a: Option<&Adapter>,
-        c: &mut CpuCache,
-        s: &[usize],
-        t: &[&[u32]],
-    ) -> twinkle::engine::Result<Vec<Vec<f32>>> {
-        self.inner.forward_cached(a, c, s, t)
-    }
-    fn select_tokens(
-        &self,
-        l: &Vec<Vec<f32>>,
-        p: &[SamplingParams],
-        u: &[f32],
-    ) -> twinkle::engine::Result<Vec<(u32, f32)>> {
-        self.inner.select_tokens(l, p, u)
-    }
-    fn logits_to_host(&self, l: &Vec<Vec<f32>>) -> twinkle::engine::Result<Vec<Vec<f32>>> {
-        self.inner.logits_to_host(l)
     }
 }
 

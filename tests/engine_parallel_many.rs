@@ -5,17 +5,18 @@
 //! falling back to each group alone.
 
 mod engine_support;
+#[macro_use]
+mod runtime_support;
 
 use std::sync::Arc;
 
-use engine_support::{full_lora, tiny_model};
-use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use engine_support::{full_lora, rel, tiny_model};
+use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::parallel::{DataParallel, Replicated};
-use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::synth::SynthRng;
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelConfig,
-    ModelRuntime, OptimMetrics, Result, TrainGroup,
+    Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelRuntime, Result,
+    TrainGroup,
 };
 
 fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
@@ -34,8 +35,11 @@ fn batch(seed: u64, lens: &[usize], vocab: usize) -> Vec<Datum> {
         .collect()
 }
 
+/// A tenant: its adapter, its batch and its loss.
+type Tenant = (Adapter, Vec<Datum>, LossFn);
+
 /// Three tenants: own adapters, batch shapes and losses (two PPO with their own clips).
-fn tenants(model: &Model) -> Vec<(Adapter, Vec<Datum>, LossFn)> {
+fn tenants(model: &Model) -> Vec<Tenant> {
     let v = model.config().vocab_size;
     vec![
         (full_lora(model, 1, 11, 0.3), batch(1, &[5, 9, 3], v), LossFn::CrossEntropy),
@@ -50,12 +54,6 @@ fn tenants(model: &Model) -> Vec<(Adapter, Vec<Datum>, LossFn)> {
             LossFn::Ppo { clip_low: 0.9, clip_high: 1.1 },
         ),
     ]
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 fn assert_close(got: &FwdBwdOutput, want: &FwdBwdOutput, what: &str) {
@@ -78,14 +76,36 @@ fn pool(model: &Arc<Model>, workers: usize) -> DataParallel<CpuRuntime> {
 
 /// Uploads every tenant's adapter and accumulates one earlier batch on tenant 0 (so a group
 /// that fails must be rolled back to a non-zero gradient, not just zeroed).
-fn upload<R: ModelRuntime>(
-    dp: &DataParallel<R>,
-    ts: &[(Adapter, Vec<Datum>, LossFn)],
-) -> Vec<Replicated<R>> {
+fn upload<R: ModelRuntime>(dp: &DataParallel<R>, ts: &[Tenant]) -> Vec<Replicated<R>> {
     let mut reps: Vec<Replicated<R>> = ts.iter().map(|t| dp.upload(&t.0).unwrap()).collect();
     let earlier = batch(9, &[4, 4], dp.config().vocab_size);
     dp.forward_backward(&mut reps[0], &earlier, &LossFn::CrossEntropy).unwrap();
     reps
+}
+
+/// Each tenant's group trained alone on fresh [`upload`]s: the replicas and the results.
+fn train_alone<R: ModelRuntime>(
+    dp: &DataParallel<R>,
+    ts: &[Tenant],
+) -> (Vec<Replicated<R>>, Vec<Result<FwdBwdOutput>>) {
+    let mut reps = upload(dp, ts);
+    let out = reps.iter_mut().zip(ts).map(|(r, t)| dp.forward_backward(r, &t.1, &t.2)).collect();
+    (reps, out)
+}
+
+/// All tenants' groups trained in one `forward_backward_many` on fresh [`upload`]s.
+fn train_shared<R: ModelRuntime>(
+    dp: &DataParallel<R>,
+    ts: &[Tenant],
+) -> (Vec<Replicated<R>>, Vec<Result<FwdBwdOutput>>) {
+    let mut reps = upload(dp, ts);
+    let mut groups: Vec<TrainGroup<Replicated<R>>> = reps
+        .iter_mut()
+        .zip(ts)
+        .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
+        .collect();
+    let out = dp.forward_backward_many(&mut groups);
+    (reps, out)
 }
 
 #[test]
@@ -94,22 +114,11 @@ fn batched_training_matches_each_group_alone_on_1_2_and_3_workers() {
     let ts = tenants(&model);
     for workers in [1, 2, 3] {
         let dp = pool(&model, workers);
-        let mut alone = upload(&dp, &ts);
-        let want: Vec<FwdBwdOutput> = alone
-            .iter_mut()
-            .zip(&ts)
-            .map(|(r, t)| dp.forward_backward(r, &t.1, &t.2).unwrap())
-            .collect();
-        let mut shared = upload(&dp, &ts);
-        let mut groups: Vec<TrainGroup<Replicated<CpuRuntime>>> = shared
-            .iter_mut()
-            .zip(&ts)
-            .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
-            .collect();
-        let got = dp.forward_backward_many(&mut groups);
+        let (alone, want) = train_alone(&dp, &ts);
+        let (shared, got) = train_shared(&dp, &ts);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let what = format!("{workers} workers, group {i}");
-            assert_close(g.as_ref().unwrap(), w, &what);
+            assert_close(g.as_ref().unwrap(), w.as_ref().unwrap(), &what);
             let (gg, wg) = (grads(&dp, &shared[i]), grads(&dp, &alone[i]));
             assert!(wg.iter().any(|v| *v != 0.0), "{what}: no gradient");
             assert!(rel(&gg, &wg) <= 1e-5, "{what}: grads {}", rel(&gg, &wg));
@@ -125,17 +134,10 @@ fn a_bad_group_fails_alone_and_keeps_its_gradient() {
     ts[0].1[1].input_tokens[2] = model.config().vocab_size as u32;
     for workers in [1, 2] {
         let dp = pool(&model, workers);
-        let mut alone = upload(&dp, &ts);
-        let before = grads(&dp, &alone[0]);
-        let want: Vec<Result<FwdBwdOutput>> =
-            alone.iter_mut().zip(&ts).map(|(r, t)| dp.forward_backward(r, &t.1, &t.2)).collect();
-        let mut shared = upload(&dp, &ts);
-        let mut groups: Vec<TrainGroup<Replicated<CpuRuntime>>> = shared
-            .iter_mut()
-            .zip(&ts)
-            .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
-            .collect();
-        let got = dp.forward_backward_many(&mut groups);
+        // What the earlier batch left on group 0: every fresh upload starts from it.
+        let before = grads(&dp, &upload(&dp, &ts)[0]);
+        let (alone, want) = train_alone(&dp, &ts);
+        let (shared, got) = train_shared(&dp, &ts);
         let (Err(g), Err(w)) = (&got[0], &want[0]) else { panic!("group 0 must fail: {got:?}") };
         assert_eq!(g.to_string(), w.to_string());
         assert!(g.to_string().contains("data[1].model_input[2]"), "{g}");
@@ -178,30 +180,12 @@ fn batched_forward_matches_alone_including_the_base_model() {
 struct SharedPanics(CpuRuntime);
 
 impl ModelRuntime for SharedPanics {
-    type Adapter = Adapter;
-    type Cache = CpuCache;
-    type Logits = Vec<Vec<f32>>;
+    delegate_cpu_runtime!(0 => types, config, upload_adapter, download_adapter,
+        copy_adapter, forward_backward, forward, optim_step, zero_grad, grads_to_host,
+        grads_from_host, new_cache, fork_slot, forward_cached, select_tokens, logits_to_host);
 
     fn device_name(&self) -> String {
         "fake:0".into()
-    }
-    fn config(&self) -> &ModelConfig {
-        self.0.config()
-    }
-    fn upload_adapter(&self, host: &Adapter) -> Result<Adapter> {
-        self.0.upload_adapter(host)
-    }
-    fn download_adapter(&self, a: &Adapter, host: &mut Adapter) -> Result<()> {
-        self.0.download_adapter(a, host)
-    }
-    fn copy_adapter(&self, a: &Adapter) -> Result<Adapter> {
-        self.0.copy_adapter(a)
-    }
-    fn forward_backward(&self, a: &mut Adapter, d: &[Datum], l: &LossFn) -> Result<FwdBwdOutput> {
-        self.0.forward_backward(a, d, l)
-    }
-    fn forward(&self, a: Option<&Adapter>, d: &[Datum], l: &LossFn) -> Result<FwdBwdOutput> {
-        self.0.forward(a, d, l)
     }
     fn forward_backward_many(
         &self,
@@ -216,44 +200,6 @@ impl ModelRuntime for SharedPanics {
     fn forward_many(&self, _: &[EvalGroup<'_, Adapter>]) -> Vec<Result<FwdBwdOutput>> {
         panic!("out of device memory")
     }
-    fn optim_step(&self, a: &mut Adapter, p: &AdamParams) -> Result<OptimMetrics> {
-        self.0.optim_step(a, p)
-    }
-    fn zero_grad(&self, a: &mut Adapter) -> Result<()> {
-        self.0.zero_grad(a)
-    }
-    fn grads_to_host(&self, a: &Adapter) -> Result<Vec<f32>> {
-        self.0.grads_to_host(a)
-    }
-    fn grads_from_host(&self, a: &mut Adapter, g: &[f32]) -> Result<()> {
-        self.0.grads_from_host(a, g)
-    }
-    fn new_cache(&self, n: usize, len: usize) -> Result<CpuCache> {
-        self.0.new_cache(n, len)
-    }
-    fn fork_slot(&self, c: &mut CpuCache, s: usize, d: usize) -> Result<()> {
-        self.0.fork_slot(c, s, d)
-    }
-    fn forward_cached(
-        &self,
-        a: Option<&Adapter>,
-        c: &mut CpuCache,
-        s: &[usize],
-        t: &[&[u32]],
-    ) -> Result<Vec<Vec<f32>>> {
-        self.0.forward_cached(a, c, s, t)
-    }
-    fn select_tokens(
-        &self,
-        l: &Vec<Vec<f32>>,
-        p: &[SamplingParams],
-        u: &[f32],
-    ) -> Result<Vec<(u32, f32)>> {
-        self.0.select_tokens(l, p, u)
-    }
-    fn logits_to_host(&self, l: &Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
-        self.0.logits_to_host(l)
-    }
 }
 
 #[test]
@@ -261,23 +207,12 @@ fn a_shared_pass_that_panics_falls_back_to_each_group_alone() {
     let (_tmp, model) = tiny_model();
     let ts = tenants(&model);
     let reference = pool(&model, 1);
-    let mut alone = upload(&reference, &ts);
-    let want: Vec<FwdBwdOutput> = alone
-        .iter_mut()
-        .zip(&ts)
-        .map(|(r, t)| reference.forward_backward(r, &t.1, &t.2).unwrap())
-        .collect();
+    let (alone, want) = train_alone(&reference, &ts);
     let dp = DataParallel::single(SharedPanics(CpuRuntime::new(model.clone())));
-    let mut shared = upload(&dp, &ts);
-    let mut groups: Vec<TrainGroup<Replicated<SharedPanics>>> = shared
-        .iter_mut()
-        .zip(&ts)
-        .map(|(r, t)| TrainGroup { adapter: r, data: &t.1, loss: &t.2 })
-        .collect();
-    let got = dp.forward_backward_many(&mut groups);
+    let (shared, got) = train_shared(&dp, &ts);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         // Rolled back, then run alone: exactly the alone result, not twice the gradient.
-        assert_eq!(g.as_ref().unwrap(), w, "group {i}");
+        assert_eq!(g.as_ref().unwrap(), w.as_ref().unwrap(), "group {i}");
         assert_eq!(grads(&dp, &shared[i]), grads(&reference, &alone[i]), "group {i}");
     }
     let evals: Vec<EvalGroup<Replicated<SharedPanics>>> = shared

@@ -5,12 +5,14 @@
 //! bad job fails alone with its 4xx; one tenant's jobs keep their order and never share a
 //! batch; a lone job does not wait for the window.
 
+mod engine_support;
 mod model_app_support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::ResponseError;
+use engine_support::rel;
 use model_app_support::*;
 use twinkle::apps::model::{AppError, ModelService};
 use twinkle::engine::{Datum, LossInputs};
@@ -83,12 +85,6 @@ fn prepare(svcs: &[&ModelService]) {
     }
 }
 
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
-}
-
 fn assert_same(got: &ForwardBackwardResponse, want: &ForwardBackwardResponse, what: &str) {
     assert_eq!(got.outputs.len(), want.outputs.len(), "{what}");
     for (g, w) in got.outputs.iter().zip(&want.outputs) {
@@ -108,13 +104,25 @@ fn assert_same_grads(svc: &ModelService, reference: &ModelService, id: &str) {
     assert!(e <= 1e-5, "{id}: gradients differ by {e:.2e} relative");
 }
 
-/// Runs `jobs` concurrently while the holder job keeps the engine busy, so they queue and are
-/// taken together; returns each job's result in order.
-fn run_queued(
+/// A batching service on `workers` workers and its batching-off reference, both [`prepare`]d,
+/// spilling under the returned temporary directory.
+fn prepared_pair(workers: usize) -> (tempfile::TempDir, Arc<ModelService>, Arc<ModelService>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = service_on(&tmp.path().join("a"), Duration::from_millis(5), workers);
+    let reference = service_on(&tmp.path().join("b"), Duration::ZERO, workers);
+    prepare(&[&svc, &reference]);
+    (tmp, svc, reference)
+}
+
+/// Every tenant's [`job`].
+fn tenant_jobs(forward_only: bool, ppo: bool) -> Vec<ForwardBackwardRequest> {
+    (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, forward_only, ppo)).collect()
+}
+
+/// Starts the holder job and returns once the engine runs it, so what follows queues.
+fn start_holder(
     svc: &Arc<ModelService>,
-    jobs: Vec<ForwardBackwardRequest>,
-    queued: usize,
-) -> Vec<Result<ForwardBackwardResponse, AppError>> {
+) -> std::thread::JoinHandle<Result<ForwardBackwardResponse, AppError>> {
     let runs = svc.batch_stats().runs;
     let holder = {
         let svc = svc.clone();
@@ -123,6 +131,30 @@ fn run_queued(
     while svc.batch_stats().runs == runs {
         std::thread::yield_now();
     }
+    holder
+}
+
+/// Each result equals what the reference service answers for its job alone.
+fn assert_each_alone(
+    reference: &ModelService,
+    got: &[Result<ForwardBackwardResponse, AppError>],
+    jobs: &[ForwardBackwardRequest],
+    what: &str,
+) {
+    for (t, (g, req)) in got.iter().zip(jobs).enumerate() {
+        let want = reference.forward_backward(req).unwrap();
+        assert_same(g.as_ref().unwrap(), &want, &format!("{what}, tenant {t}"));
+    }
+}
+
+/// Runs `jobs` concurrently while the holder job keeps the engine busy, so they queue and are
+/// taken together; returns each job's result in order.
+fn run_queued(
+    svc: &Arc<ModelService>,
+    jobs: Vec<ForwardBackwardRequest>,
+    queued: usize,
+) -> Vec<Result<ForwardBackwardResponse, AppError>> {
+    let holder = start_holder(svc);
     let threads: Vec<_> = jobs
         .into_iter()
         .map(|req| {
@@ -142,23 +174,16 @@ fn run_queued(
 
 #[test]
 fn concurrent_training_of_tenants_is_one_batch_equal_to_each_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = service_with(&tmp.path().join("a"), Duration::from_millis(5));
-    let reference = service_with(&tmp.path().join("b"), Duration::ZERO);
-    prepare(&[&svc, &reference]);
+    let (_tmp, svc, reference) = prepared_pair(1);
     for ppo in [false, true] {
-        let jobs: Vec<_> =
-            (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, false, ppo)).collect();
+        let jobs = tenant_jobs(false, ppo);
         let before = svc.batch_stats();
         let got = run_queued(&svc, jobs.clone(), TENANTS);
         let after = svc.batch_stats();
         assert_eq!(after.combined_jobs - before.combined_jobs, TENANTS as u64, "{after:?}");
         assert_eq!(after.runs - before.runs, 2, "the holder, then one batch: {after:?}");
         reference.forward_backward(&holder_job()).unwrap();
-        for (t, (g, req)) in got.iter().zip(&jobs).enumerate() {
-            let want = reference.forward_backward(req).unwrap();
-            assert_same(g.as_ref().unwrap(), &want, &format!("ppo {ppo}, tenant {t}"));
-        }
+        assert_each_alone(&reference, &got, &jobs, &format!("ppo {ppo}"));
         for t in 0..TENANTS {
             assert_same_grads(&svc, &reference, &format!("tenant{t}"));
         }
@@ -178,21 +203,14 @@ fn concurrent_training_of_tenants_is_one_batch_equal_to_each_alone() {
 
 #[test]
 fn batches_on_two_data_parallel_workers_equal_each_job_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = service_on(&tmp.path().join("a"), Duration::from_millis(5), 2);
-    let reference = service_on(&tmp.path().join("b"), Duration::ZERO, 2);
-    prepare(&[&svc, &reference]);
+    let (_tmp, svc, reference) = prepared_pair(2);
     for forward_only in [false, true] {
-        let jobs: Vec<_> =
-            (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, forward_only, true)).collect();
+        let jobs = tenant_jobs(forward_only, true);
         let before = svc.batch_stats().combined_jobs;
         let got = run_queued(&svc, jobs.clone(), TENANTS);
         assert_eq!(svc.batch_stats().combined_jobs - before, TENANTS as u64);
         reference.forward_backward(&holder_job()).unwrap();
-        for (t, (g, req)) in got.iter().zip(&jobs).enumerate() {
-            let want = reference.forward_backward(req).unwrap();
-            assert_same(g.as_ref().unwrap(), &want, &format!("forward_only {forward_only}, {t}"));
-        }
+        assert_each_alone(&reference, &got, &jobs, &format!("forward_only {forward_only}"));
     }
     for t in 0..TENANTS {
         assert_same_grads(&svc, &reference, &format!("tenant{t}"));
@@ -201,21 +219,14 @@ fn batches_on_two_data_parallel_workers_equal_each_job_alone() {
 
 #[test]
 fn concurrent_forwards_are_one_batch_equal_to_each_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = service_with(&tmp.path().join("a"), Duration::from_millis(5));
-    let reference = service_with(&tmp.path().join("b"), Duration::ZERO);
-    prepare(&[&svc, &reference]);
-    let mut jobs: Vec<_> =
-        (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, true, false)).collect();
+    let (_tmp, svc, reference) = prepared_pair(1);
+    let mut jobs = tenant_jobs(true, false);
     // One tenant asks for the base model (disable_lora): its rows must not get its LoRA.
     jobs[2].disable_lora = true;
     let got = run_queued(&svc, jobs.clone(), TENANTS);
     let stats = svc.batch_stats();
     assert_eq!(stats.combined_jobs, TENANTS as u64, "{stats:?}");
-    for (t, (g, req)) in got.iter().zip(&jobs).enumerate() {
-        let want = reference.forward_backward(req).unwrap();
-        assert_same(g.as_ref().unwrap(), &want, &format!("tenant {t}"));
-    }
+    assert_each_alone(&reference, &got, &jobs, "forward");
     let lora = reference.forward_backward(&job("tenant2", 2, true, false)).unwrap();
     let base = got[2].as_ref().unwrap();
     assert!(rel(&base.outputs[0].logprobs, &lora.outputs[0].logprobs) > 1e-4, "LoRA not off");
@@ -223,12 +234,8 @@ fn concurrent_forwards_are_one_batch_equal_to_each_alone() {
 
 #[test]
 fn a_bad_job_fails_alone_while_the_others_batch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = service_with(&tmp.path().join("a"), Duration::from_millis(5));
-    let reference = service_with(&tmp.path().join("b"), Duration::ZERO);
-    prepare(&[&svc, &reference]);
-    let mut jobs: Vec<_> =
-        (0..TENANTS).map(|t| job(&format!("tenant{t}"), t, false, false)).collect();
+    let (_tmp, svc, reference) = prepared_pair(1);
+    let mut jobs = tenant_jobs(false, false);
     // Tenant 1: a token outside the vocabulary; tenant 3: weights of the wrong length.
     jobs[1].data[0].input_tokens[1] = 151_936 + 5;
     jobs[3].data[1].inputs.weights = Some(vec![1.0; 3]);
@@ -257,22 +264,13 @@ fn a_bad_job_fails_alone_while_the_others_batch() {
 
 #[test]
 fn one_tenants_jobs_never_share_a_batch_and_keep_their_order() {
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = service_with(&tmp.path().join("a"), Duration::from_millis(5));
-    let reference = service_with(&tmp.path().join("b"), Duration::ZERO);
-    prepare(&[&svc, &reference]);
+    let (_tmp, svc, reference) = prepared_pair(1);
     // Tenant 0 twice (different data), back to back, then tenant 1.
     let first = job("tenant0", 0, false, false);
     let second = job("tenant0", 3, false, false);
     let other = job("tenant1", 1, false, false);
     let runs = svc.batch_stats().runs;
-    let holder = {
-        let svc = svc.clone();
-        std::thread::spawn(move || svc.forward_backward(&holder_job()))
-    };
-    while svc.batch_stats().runs == runs {
-        std::thread::yield_now();
-    }
+    let holder = start_holder(&svc);
     let mut threads = Vec::new();
     for (k, req) in [first.clone(), second.clone(), other.clone()].into_iter().enumerate() {
         let svc2 = svc.clone();

@@ -4,6 +4,8 @@
 //! the field); overflowing results are a clear user error, never `null` in JSON.
 
 mod model_app_support;
+#[macro_use]
+mod runtime_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,11 +18,10 @@ use serde_json::{Value, json};
 use twinkle::apps::model::http::{InternalToken, TOKEN_HEADER, routes};
 use twinkle::apps::model::{AppError, BaseModel, ModelService};
 use twinkle::engine::batch::FwdBwdOutput;
-use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::optim::{AdamParams, OptimMetrics};
 use twinkle::engine::parallel::DataParallel;
-use twinkle::engine::sampling::SamplingParams;
-use twinkle::engine::{Adapter, Datum, LossFn, LossInputs, ModelConfig, ModelRuntime};
+use twinkle::engine::{Adapter, Datum, LossFn, LossInputs, ModelRuntime};
 
 /// A CPU runtime that, when armed, panics in `forward_backward` AFTER the real computation has
 /// added its gradient, or (`armed_step`) in `optim_step` AFTER the real update has moved the
@@ -32,28 +33,10 @@ struct Flaky {
 }
 
 impl ModelRuntime for Flaky {
-    type Adapter = Adapter;
-    type Cache = CpuCache;
-    type Logits = Vec<Vec<f32>>;
-    fn device_name(&self) -> String {
-        self.inner.device_name()
-    }
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn upload_adapter(&self, host: &Adapter) -> twinkle::engine::error::Result<Adapter> {
-        self.inner.upload_adapter(host)
-    }
-    fn download_adapter(
-        &self,
-        a: &Adapter,
-        host: &mut Adapter,
-    ) -> twinkle::engine::error::Result<()> {
-        self.inner.download_adapter(a, host)
-    }
-    fn copy_adapter(&self, a: &Adapter) -> twinkle::engine::error::Result<Adapter> {
-        self.inner.copy_adapter(a)
-    }
+    delegate_cpu_runtime!(inner => types, device_name, config, upload_adapter,
+        download_adapter, copy_adapter, forward, zero_grad, grads_to_host, grads_from_host,
+        new_cache, fork_slot, forward_cached, select_tokens, logits_to_host);
+
     fn forward_backward(
         &self,
         a: &mut Adapter,
@@ -66,14 +49,6 @@ impl ModelRuntime for Flaky {
         }
         Ok(out)
     }
-    fn forward(
-        &self,
-        a: Option<&Adapter>,
-        data: &[Datum],
-        loss: &LossFn,
-    ) -> twinkle::engine::error::Result<FwdBwdOutput> {
-        self.inner.forward(a, data, loss)
-    }
     fn optim_step(
         &self,
         a: &mut Adapter,
@@ -84,46 +59,6 @@ impl ModelRuntime for Flaky {
             panic!("injected fault after the update was applied");
         }
         Ok(out)
-    }
-    fn zero_grad(&self, a: &mut Adapter) -> twinkle::engine::error::Result<()> {
-        self.inner.zero_grad(a)
-    }
-    fn grads_to_host(&self, a: &Adapter) -> twinkle::engine::error::Result<Vec<f32>> {
-        self.inner.grads_to_host(a)
-    }
-    fn grads_from_host(&self, a: &mut Adapter, g: &[f32]) -> twinkle::engine::error::Result<()> {
-        self.inner.grads_from_host(a, g)
-    }
-    fn new_cache(&self, s: usize, l: usize) -> twinkle::engine::error::Result<CpuCache> {
-        self.inner.new_cache(s, l)
-    }
-    fn fork_slot(
-        &self,
-        c: &mut CpuCache,
-        src: usize,
-        dst: usize,
-    ) -> twinkle::engine::error::Result<()> {
-        self.inner.fork_slot(c, src, dst)
-    }
-    fn forward_cached(
-        &self,
-        a: Option<&Adapter>,
-        c: &mut CpuCache,
-        slots: &[usize],
-        tokens: &[&[u32]],
-    ) -> twinkle::engine::error::Result<Vec<Vec<f32>>> {
-        self.inner.forward_cached(a, c, slots, tokens)
-    }
-    fn select_tokens(
-        &self,
-        l: &Vec<Vec<f32>>,
-        p: &[SamplingParams],
-        u: &[f32],
-    ) -> twinkle::engine::error::Result<Vec<(u32, f32)>> {
-        self.inner.select_tokens(l, p, u)
-    }
-    fn logits_to_host(&self, l: &Vec<Vec<f32>>) -> twinkle::engine::error::Result<Vec<Vec<f32>>> {
-        self.inner.logits_to_host(l)
     }
 }
 

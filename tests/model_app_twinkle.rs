@@ -78,8 +78,21 @@ where
 async fn serve(
     tw: &Arc<TwinkleModel>,
     gen1: bool,
-) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
+) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> + use<>
+{
     test::init_service(App::new().configure(|c| routes(c, tw.clone(), "/m", gen1))).await
+}
+
+/// A fresh [`layer`] in its own temporary directory (kept alive by the caller), [`serve`]d.
+async fn served_layer(
+    gen1: bool,
+) -> (
+    tempfile::TempDir,
+    impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+) {
+    let t = tempfile::tempdir().unwrap();
+    let app = serve(&layer(t.path()), gen1).await;
+    (t, app)
 }
 
 /// Alice's client in scope `s1` of the application `app` (see [`serve`]).
@@ -104,9 +117,7 @@ fn layer(root: &std::path::Path) -> Arc<TwinkleModel> {
 
 #[actix_web::test]
 async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
-    let t = tempfile::tempdir().unwrap();
-    let tw = layer(t.path());
-    let app = serve(&tw, true).await;
+    let (_t, app) = served_layer(true).await;
     let c = alice(&app);
     c.adapter(2).await;
     c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 2})).await;
@@ -141,9 +152,7 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
 
 #[actix_web::test]
 async fn losses_match_their_definitions() {
-    let t = tempfile::tempdir().unwrap();
-    let tw = layer(t.path());
-    let app = serve(&tw, false).await;
+    let (_t, app) = served_layer(false).await;
     let c = alice(&app);
     c.adapter(1).await;
     let x = feature();
@@ -185,9 +194,7 @@ async fn losses_match_their_definitions() {
 
 #[actix_web::test]
 async fn save_resume_isolation_and_bad_names() {
-    let t = tempfile::tempdir().unwrap();
-    let tw = layer(t.path());
-    let app = serve(&tw, true).await;
+    let (_t, app) = served_layer(true).await;
     let c = alice(&app);
     c.adapter(1).await;
     let x = feature();

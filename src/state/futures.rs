@@ -1,7 +1,7 @@
 //! Futures: the status and result of every submitted request, deduplicated on (model_id, seq_id).
 //! Status moves pending → running → complete | failed and never leaves a terminal state.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{OptionalExtension, Row, ToSql, params};
 
 use super::{StateError, Store};
 
@@ -79,15 +79,12 @@ pub struct NewFuture {
     pub sample_sequence_ids: Option<Vec<String>>,
 }
 
+/// A stored future: what was submitted (read through `Deref`: `rec.request_id`) and how it
+/// stands. Times are Unix milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FutureRecord {
-    pub request_id: String,
-    pub owner: String,
-    pub model_id: Option<String>,
-    pub seq_id: Option<i64>,
-    pub kind: String,
+    pub spec: NewFuture,
     pub status: FutureStatus,
-    pub sample_sequence_ids: Option<Vec<String>>,
     pub result: Option<Vec<u8>>,
     pub content_type: Option<String>,
     pub error: Option<String>,
@@ -95,6 +92,8 @@ pub struct FutureRecord {
     pub created_at: i64,
     pub updated_at: i64,
 }
+
+super::record_deref!(FutureRecord => NewFuture);
 
 const COLUMNS: &str = "request_id, owner, model_id, seq_id, kind, status, sample_sequence_ids, result, \
                        content_type, error, category, created_at, updated_at";
@@ -104,13 +103,15 @@ type RawFuture = (FutureRecord, String, Option<String>, Option<String>);
 fn read_row(r: &Row<'_>) -> rusqlite::Result<RawFuture> {
     Ok((
         FutureRecord {
-            request_id: r.get(0)?,
-            owner: r.get(1)?,
-            model_id: r.get(2)?,
-            seq_id: r.get(3)?,
-            kind: r.get(4)?,
+            spec: NewFuture {
+                request_id: r.get(0)?,
+                owner: r.get(1)?,
+                model_id: r.get(2)?,
+                seq_id: r.get(3)?,
+                kind: r.get(4)?,
+                sample_sequence_ids: None,
+            },
             status: FutureStatus::Pending,
-            sample_sequence_ids: None,
             result: r.get(7)?,
             content_type: r.get(8)?,
             error: r.get(9)?,
@@ -129,7 +130,7 @@ fn finish((mut rec, status, ids, category): RawFuture) -> Result<FutureRecord, S
         what: "future status",
         reason: format!("unknown status `{status}`"),
     })?;
-    rec.sample_sequence_ids = match ids {
+    rec.spec.sample_sequence_ids = match ids {
         None => None,
         Some(s) => Some(serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
             what: "future sample_sequence_ids",
@@ -160,13 +161,8 @@ impl Store {
             StateError::AlreadyExists { what: "future", id: f.request_id.clone() },
         )?;
         Ok(FutureRecord {
-            request_id: f.request_id.clone(),
-            owner: f.owner.clone(),
-            model_id: f.model_id.clone(),
-            seq_id: f.seq_id,
-            kind: f.kind.clone(),
+            spec: f.clone(),
             status: FutureStatus::Pending,
-            sample_sequence_ids: f.sample_sequence_ids.clone(),
             result: None,
             content_type: None,
             error: None,
@@ -320,13 +316,8 @@ impl Store {
         result: &[u8],
         content_type: &str,
     ) -> Result<bool, StateError> {
-        let now = self.now();
-        self.transition(
-            request_id,
-            "UPDATE futures SET status = 'complete', result = ?1, content_type = ?2, updated_at = ?3 \
-             WHERE request_id = ?4 AND status IN ('pending', 'running')",
-            &[&result, &content_type, &now, &request_id],
-        )
+        let set = [("result", &result as &dyn ToSql), ("content_type", &content_type)];
+        self.finish_future(request_id, FutureStatus::Complete, set)
     }
 
     /// pending | running → failed.
@@ -336,13 +327,23 @@ impl Store {
         message: &str,
         category: FailureCategory,
     ) -> Result<bool, StateError> {
-        let now = self.now();
-        self.transition(
-            request_id,
-            "UPDATE futures SET status = 'failed', error = ?1, category = ?2, updated_at = ?3 \
+        let set = [("error", &message as &dyn ToSql), ("category", &category.as_str())];
+        self.finish_future(request_id, FutureStatus::Failed, set)
+    }
+
+    /// pending | running → the terminal `status`, setting the two `(column, value)`s with it.
+    fn finish_future(
+        &self,
+        request_id: &str,
+        status: FutureStatus,
+        [(a, va), (b, vb)]: [(&str, &dyn ToSql); 2],
+    ) -> Result<bool, StateError> {
+        let sql = format!(
+            "UPDATE futures SET status = '{}', {a} = ?1, {b} = ?2, updated_at = ?3 \
              WHERE request_id = ?4 AND status IN ('pending', 'running')",
-            &[&message, &category.as_str(), &now, &request_id],
-        )
+            status.as_str()
+        );
+        self.transition(request_id, &sql, &[va, vb, &self.now(), &request_id])
     }
 
     /// Fails (category `server`, [`UNFINISHED_AT_STARTUP`]) every future a previous process left

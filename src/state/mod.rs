@@ -7,6 +7,20 @@
 //! (or `web::block`), at least those that write or read result blobs. The store records futures
 //! durably but does not wake long-polls; the dispatcher signals waiters in memory.
 
+/// A stored record reads what it was created from through `Deref` (`rec.id` for
+/// `rec.spec.id`), so callers see one flat record while the store keeps the two parts apart.
+macro_rules! record_deref {
+    ($record:ty => $spec:ty) => {
+        impl std::ops::Deref for $record {
+            type Target = $spec;
+            fn deref(&self) -> &$spec {
+                &self.spec
+            }
+        }
+    };
+}
+use record_deref;
+
 mod futures;
 mod runs;
 mod sampling;

@@ -87,19 +87,9 @@ pub struct CheckpointRecord {
     pub created_at: i64,
 }
 
-impl std::ops::Deref for RunRecord {
-    type Target = NewRun;
-    fn deref(&self) -> &NewRun {
-        &self.spec
-    }
-}
+super::record_deref!(RunRecord => NewRun);
 
-impl std::ops::Deref for CheckpointRecord {
-    type Target = NewCheckpoint;
-    fn deref(&self) -> &NewCheckpoint {
-        &self.spec
-    }
-}
+super::record_deref!(CheckpointRecord => NewCheckpoint);
 
 const RUN_COLUMNS: &str = "id, owner, session_id, base_model, lora_rank, seed, train_unembed, train_mlp, \
     train_attn, optimizer_config, user_metadata, created_at, last_request_time, last_checkpoint, \

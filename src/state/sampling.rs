@@ -25,12 +25,7 @@ pub struct SamplingSessionRecord {
     pub created_at: i64,
 }
 
-impl std::ops::Deref for SamplingSessionRecord {
-    type Target = NewSamplingSession;
-    fn deref(&self) -> &NewSamplingSession {
-        &self.spec
-    }
-}
+super::record_deref!(SamplingSessionRecord => NewSamplingSession);
 
 impl Store {
     /// Creates a sampling session, or returns the existing one for the same (session, seq) — a

@@ -45,12 +45,7 @@ pub struct SessionRecord {
     pub finish_reason: Option<String>,
 }
 
-impl std::ops::Deref for SessionRecord {
-    type Target = NewSession;
-    fn deref(&self) -> &NewSession {
-        &self.spec
-    }
-}
+super::record_deref!(SessionRecord => NewSession);
 
 const COLUMNS: &str = "id, owner, tags, user_metadata, sdk_version, project_id, display_name, \
                        created_at, last_heartbeat, finished_at, finish_reason";

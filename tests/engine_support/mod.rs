@@ -169,3 +169,10 @@ pub fn tiny_model() -> (tempfile::TempDir, std::sync::Arc<Model>) {
     let model = Model::load(tmp.path()).unwrap();
     (tmp, model)
 }
+
+/// Largest |a − b| relative to the largest |b| of the quantity (0 when equal).
+pub fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+}

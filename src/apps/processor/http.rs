@@ -17,7 +17,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Map, Value, json};
 
 use super::registry::{Limits, Registry};
-use crate::protocol::twinkle::{Auth, TwinkleError};
+use crate::protocol::twinkle::{Auth, TwinkleError, TwinkleReply};
 use crate::worker::identity::{self, Identity};
 use crate::worker::{AppContext, WorkerError, serve_and_register};
 
@@ -39,7 +39,7 @@ async fn op(
     req: HttpRequest,
     op: web::Path<String>,
     body: Body,
-) -> Result<HttpResponse, TwinkleError> {
+) -> TwinkleReply {
     let owner = app.auth.caller(&req)?.owner;
     let reg = app.registry.clone();
     let reply = web::block(move || match op.as_str() {

@@ -14,6 +14,9 @@ pub const NOT_READY_RETRY_AFTER_S: &str = "5";
 /// `Retry-After` of a 429 (a per-key bound on queued work).
 pub const TOO_MANY_RETRY_AFTER_S: &str = "2";
 
+/// What a Tinker route handler answers: its JSON, or an [`ApiError`].
+pub type Reply = Result<HttpResponse, ApiError>;
+
 /// An error answered directly on a request path.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -7,6 +7,9 @@ use actix_web::{HttpResponse, ResponseError};
 
 use crate::protocol::tinker::paths::PathError;
 
+/// What a Twinkle-native route handler answers: its JSON, or a [`TwinkleError`].
+pub type TwinkleReply = Result<HttpResponse, TwinkleError>;
+
 /// What went wrong in a Twinkle-native call.
 #[derive(Debug, thiserror::Error)]
 pub enum TwinkleError {

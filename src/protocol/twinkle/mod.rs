@@ -15,7 +15,7 @@ pub mod sched;
 pub mod wire;
 
 pub use caller::{Auth, Caller};
-pub use error::TwinkleError;
+pub use error::{TwinkleError, TwinkleReply};
 pub use paths::TwinklePath;
 
 /// Which client generation a route serves (they differ in a few reply envelopes).

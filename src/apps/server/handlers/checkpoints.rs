@@ -3,15 +3,15 @@
 
 use std::path::PathBuf;
 
-use actix_web::{HttpResponse, web};
+use actix_web::web;
 use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, Job, Request};
-use super::super::error::ApiError;
+use super::super::error::{ApiError, Reply};
 use super::super::{Owner, ServerApp, Shared, parse_json};
 use super::training::{
     Plan, Submission, adapter_spec, bad, metadata, model_limit_error, owned_run, owned_session,
-    submit,
+    submit, submit_to_model,
 };
 use crate::protocol::internal::{LoadRequest, SaveKind, SaveRequest};
 use crate::protocol::tinker::paths::{
@@ -53,7 +53,7 @@ async fn save_named(
     overwrite: bool,
     ttl: Option<i64>,
     user_metadata: Option<serde_json::Map<String, Value>>,
-) -> Result<HttpResponse, ApiError> {
+) -> Reply {
     let tp = TinkerPath::new(&run.id, kind, name)?;
     let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
     let expires_at = expiry(ttl)?;
@@ -97,11 +97,7 @@ async fn save_named(
     .await
 }
 
-pub(super) async fn save_weights(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+pub(super) async fn save_weights(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: SaveWeightsRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let name = r.path.clone().ok_or_else(|| bad("path: the checkpoint name is required".into()))?;
@@ -123,7 +119,7 @@ pub(super) async fn save_weights_for_sampler(
     app: Shared,
     Owner(owner): Owner,
     body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+) -> Reply {
     let r: SaveWeightsForSamplerRequest = parse_json(&body)?;
     let form = r.form()?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
@@ -155,28 +151,16 @@ pub(super) async fn save_weights_for_sampler(
             };
             let call = SaveRequest { model_id: run.id.clone(), dir, kind: SaveKind::Sampler };
             let sub = Submission::on_model(owner, &run.id, r.seq_id, "save_weights_for_sampler");
-            submit(&app, sub, |request_id| {
-                let finish = Finish::SamplingSession {
-                    session: Box::new(session),
-                    result: json!({"path": null, "sampling_session_id": sid}),
-                };
-                Plan::run(Job::on_model(
-                    request_id,
-                    run.spec.base_model,
-                    Request::Save(call),
-                    finish,
-                ))
-            })
-            .await
+            let finish = Finish::SamplingSession {
+                session: Box::new(session),
+                result: json!({"path": null, "sampling_session_id": sid}),
+            };
+            submit_to_model(&app, sub, run.spec.base_model, Request::Save(call), finish).await
         }
     }
 }
 
-pub(super) async fn load_weights(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+pub(super) async fn load_weights(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: LoadWeightsRequest = parse_json(&body)?;
     let form = r.form()?;
     let tp = TinkerPath::parse(&r.path)?;
@@ -201,15 +185,8 @@ pub(super) async fn load_weights(
             };
             let result = json!({"path": r.path, "model_id": model_id});
             let sub = Submission::on_model(owner, &model_id, r.seq_id, "load_weights");
-            submit(&app, sub, |request_id| {
-                Plan::run(Job::on_model(
-                    request_id,
-                    run.spec.base_model,
-                    Request::Load(call),
-                    Finish::Json(result),
-                ))
-            })
-            .await
+            let finish = Finish::Json(result);
+            submit_to_model(&app, sub, run.spec.base_model, Request::Load(call), finish).await
         }
         LoadForm::CreateViaLoad { session_id, model_seq_id } => {
             owned_session(&app, &owner, &session_id).await?;

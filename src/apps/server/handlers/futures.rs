@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 
-use super::super::error::ApiError;
+use super::super::error::{ApiError, Reply};
 use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::types::{
     ErrorCategory, FailedFutureResponse, QueueState, RetrieveFutureRequest, TryAgainResponse,
@@ -54,11 +54,7 @@ pub fn gone(request_id: &str) -> HttpResponse {
     }))
 }
 
-async fn retrieve_future(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn retrieve_future(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: RetrieveFutureRequest = parse_json(&body)?;
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {

@@ -3,7 +3,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use super::super::error::ApiError;
+use super::super::error::Reply;
 use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::paths::{TinkerPath, checkpoint_dir};
 use crate::protocol::tinker::rest::{
@@ -33,11 +33,7 @@ fn run_view(s: &Store, owner: &str, run: &RunRecord) -> crate::protocol::tinker:
     training_run_view(run, last.as_ref(), last_s.as_ref())
 }
 
-async fn list_runs(
-    app: Shared,
-    Owner(owner): Owner,
-    q: web::Query<ListQuery>,
-) -> Result<HttpResponse, ApiError> {
+async fn list_runs(app: Shared, Owner(owner): Owner, q: web::Query<ListQuery>) -> Reply {
     let (offset, limit) = q.page(20, 1000);
     let out = app
         .disp
@@ -53,11 +49,7 @@ async fn list_runs(
     Ok(HttpResponse::Ok().json(out))
 }
 
-async fn get_run(
-    app: Shared,
-    Owner(owner): Owner,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn get_run(app: Shared, Owner(owner): Owner, path: web::Path<String>) -> Reply {
     let id = path.into_inner();
     let view = app
         .disp
@@ -69,11 +61,7 @@ async fn get_run(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn list_checkpoints(
-    app: Shared,
-    Owner(owner): Owner,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn list_checkpoints(app: Shared, Owner(owner): Owner, path: web::Path<String>) -> Reply {
     let id = path.into_inner();
     let list = app.disp.db(move |s| s.list_checkpoints(&owner, &id)).await?;
     let n = list.len() as u64;
@@ -83,11 +71,7 @@ async fn list_checkpoints(
     }))
 }
 
-async fn user_checkpoints(
-    app: Shared,
-    Owner(owner): Owner,
-    q: web::Query<ListQuery>,
-) -> Result<HttpResponse, ApiError> {
+async fn user_checkpoints(app: Shared, Owner(owner): Owner, q: web::Query<ListQuery>) -> Reply {
     let (offset, limit) = q.page(100, 1000);
     let (list, total) =
         app.disp.db(move |s| s.list_user_checkpoints(&owner, offset, limit)).await?;
@@ -101,7 +85,7 @@ async fn delete_checkpoint(
     app: Shared,
     Owner(owner): Owner,
     path: web::Path<(String, String, String)>,
-) -> Result<HttpResponse, ApiError> {
+) -> Reply {
     let (run, kind, name) = path.into_inner();
     let tp = TinkerPath::from_checkpoint_id(&run, &format!("{kind}/{name}"))?;
     let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
@@ -119,11 +103,7 @@ async fn delete_checkpoint(
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
-async fn weights_info(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn weights_info(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: WeightsInfoRequest = parse_json(&body)?;
     let tp = TinkerPath::parse(&r.tinker_path)?;
     let (run_id, cid) = (tp.run_id.clone(), tp.checkpoint_id());

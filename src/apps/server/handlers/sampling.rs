@@ -7,7 +7,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use super::super::dispatch::{Finish, Job, Request};
-use super::super::error::ApiError;
+use super::super::error::{ApiError, Reply};
 use super::super::{Owner, Shared, parse_json};
 use super::checkpoints::ephemeral_dir;
 use super::training::{Plan, Submission, owned_run, submit};
@@ -30,11 +30,7 @@ const MAX_SAMPLES: u32 = 128;
 /// `max_tokens` when the client leaves it out.
 const DEFAULT_MAX_TOKENS: u32 = 256;
 
-async fn create_sampling_session(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn create_sampling_session(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: CreateSamplingSessionRequest = parse_json(&body)?;
     let (o, sid) = (owner.clone(), r.session_id.clone());
     app.disp.db(move |s| s.get_session(&o, &sid)).await?;
@@ -66,11 +62,7 @@ async fn create_sampling_session(
     Ok(HttpResponse::Ok().json(CreateSamplingSessionResponse { sampling_session_id: id }))
 }
 
-async fn get_sampler(
-    app: Shared,
-    Owner(owner): Owner,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn get_sampler(app: Shared, Owner(owner): Owner, path: web::Path<String>) -> Reply {
     let id = path.into_inner();
     let rec = app.disp.db(move |s| s.get_sampling_session(&owner, &id)).await?;
     Ok(HttpResponse::Ok().json(GetSamplerResponse {
@@ -80,11 +72,7 @@ async fn get_sampler(
     }))
 }
 
-async fn asample(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn asample(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: SampleRequest = parse_json(&body)?;
     r.validate(MAX_SAMPLES)?;
     // Taken before any lookup, so a key over its bound is refused cheaply; given back when this

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use super::super::error::ApiError;
+use super::super::error::Reply;
 use super::super::{Owner, Shared, parse_json};
 use crate::protocol::tinker::types::{
     ClientConfigResponse, CreateSessionRequest, CreateSessionResponse, DynamicConfigResponse,
@@ -21,18 +21,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/sessions/{id}/finish", web::post().to(finish));
 }
 
-async fn client_config(_owner: Owner) -> Result<HttpResponse, ApiError> {
+async fn client_config(_owner: Owner) -> Reply {
     Ok(HttpResponse::Ok().json(ClientConfigResponse::default()))
 }
 
-async fn dynamic_config(_owner: Owner) -> Result<HttpResponse, ApiError> {
+async fn dynamic_config(_owner: Owner) -> Reply {
     Ok(HttpResponse::Ok().json(DynamicConfigResponse::default()))
 }
 
 /// The configured `supported_models`, each completed from the model app that serves it; a
 /// served model that is not listed is advertised too. 503 while a configured model application
 /// is starting (see [`Upstreams::ready_models`](crate::apps::server::upstream::Upstreams)).
-async fn capabilities(app: Shared, _owner: Owner) -> Result<HttpResponse, ApiError> {
+async fn capabilities(app: Shared, _owner: Owner) -> Reply {
     // While a configured model application is still coming up the list would be incomplete:
     // 503 + Retry-After, so a script started right after `twinkle serve` waits for it.
     let ups = app.disp.up.ready_models().await?;
@@ -55,11 +55,7 @@ async fn capabilities(app: Shared, _owner: Owner) -> Result<HttpResponse, ApiErr
     Ok(HttpResponse::Ok().json(ServerCapabilitiesResponse { supported_models: out }))
 }
 
-async fn create_session(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn create_session(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: CreateSessionRequest = parse_json(&body)?;
     let metadata = serde_json::Value::Object(r.user_metadata);
     crate::apps::server::limits::check_session(&r.tags, &metadata)?;
@@ -78,17 +74,13 @@ async fn create_session(
     Ok(HttpResponse::Ok().json(CreateSessionResponse::new(id)))
 }
 
-async fn heartbeat(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn heartbeat(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: SessionHeartbeatRequest = parse_json(&body)?;
     app.disp.db(move |s| s.heartbeat(&owner, &r.session_id)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({})))
 }
 
-async fn telemetry(_owner: Owner) -> Result<HttpResponse, ApiError> {
+async fn telemetry(_owner: Owner) -> Reply {
     Ok(HttpResponse::Ok().json(TelemetryResponse::default()))
 }
 
@@ -97,7 +89,7 @@ async fn finish(
     Owner(owner): Owner,
     path: web::Path<String>,
     body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+) -> Reply {
     let r: FinishSessionRequest =
         if body.is_empty() { FinishSessionRequest::default() } else { parse_json(&body)? };
     r.validate()?;

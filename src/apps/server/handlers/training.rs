@@ -6,7 +6,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::super::dispatch::{Finish, JSON, Job, Request};
-use super::super::error::ApiError;
+use super::super::error::{ApiError, Reply};
 use super::super::{Owner, ServerApp, Shared, limits, parse_json};
 use crate::engine::{BatchLimits, Datum, LossInputs, check_batch};
 use crate::protocol::internal;
@@ -82,13 +82,25 @@ impl Plan {
     }
 }
 
+/// [`submit`] of one call to the model application of `base_model`, which always runs.
+pub(crate) async fn submit_to_model(
+    app: &ServerApp,
+    s: Submission,
+    base_model: String,
+    call: Request,
+    finish: Finish,
+) -> Reply {
+    submit(app, s, |request_id| Plan::run(Job::on_model(request_id, base_model, call, finish)))
+        .await
+}
+
 /// Records the future (deduplicated on model id + seq id), starts the job when it is new, and
 /// answers the untyped future.
 pub(crate) async fn submit(
     app: &ServerApp,
     s: Submission,
     build: impl FnOnce(String) -> Plan,
-) -> Result<HttpResponse, ApiError> {
+) -> Reply {
     let owner = s.owner.clone();
     limits::check_pending(app.disp.db_now(move |st| st.count_unfinished(&owner))?)?;
     let request_id = crate::ids::hex_id("req-");
@@ -115,9 +127,9 @@ pub(crate) async fn submit(
         }
     }
     Ok(HttpResponse::Ok().json(UntypedFuture {
-        request_id: rec.request_id,
+        request_id: rec.spec.request_id,
         model_id: s.model_id,
-        sample_sequence_ids: rec.sample_sequence_ids,
+        sample_sequence_ids: rec.spec.sample_sequence_ids,
     }))
 }
 
@@ -202,11 +214,7 @@ pub(super) fn metadata(m: Option<serde_json::Map<String, Value>>) -> Value {
     m.map(Value::Object).unwrap_or(Value::Null)
 }
 
-async fn create_model(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn create_model(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: CreateModelRequest = parse_json(&body)?;
     owned_session(&app, &owner, &r.session_id).await?;
     let up = app.disp.up.model_for(&r.base_model).await?;
@@ -252,11 +260,7 @@ async fn create_model(
     .await
 }
 
-async fn get_info(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn get_info(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: GetInfoRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let info = app.disp.up.find("model", &run.base_model).await.map(|u| u.info);
@@ -285,11 +289,7 @@ pub(super) fn bad(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
 }
 
-async fn forward_backward(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn forward_backward(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let mut fb = decode_forward_backward(&body, &DecodeLimits::default())?;
     let run = owned_run(&app, &owner, &fb.model_id).await?;
     if !LOSSES.contains(&fb.loss_fn.as_str()) {
@@ -341,22 +341,11 @@ async fn forward_backward(
         Some(fb.seq_id as i64),
         if fb.forward_only { "forward" } else { "forward_backward" },
     );
-    submit(&app, sub, |request_id| {
-        Plan::run(Job::on_model(
-            request_id,
-            run.spec.base_model,
-            Request::ForwardBackward(call),
-            Finish::Answer,
-        ))
-    })
-    .await
+    submit_to_model(&app, sub, run.spec.base_model, Request::ForwardBackward(call), Finish::Answer)
+        .await
 }
 
-async fn optim_step(
-    app: Shared,
-    Owner(owner): Owner,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn optim_step(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Reply {
     let r: OptimStepRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let adam = match (r.adam_params, &r.optimizer_params) {
@@ -369,15 +358,7 @@ async fn optim_step(
     adam.validate().map_err(|e| bad(e.to_string()))?;
     let call = internal::OptimStepRequest { model_id: r.model_id.clone(), adam_params: adam };
     let sub = Submission::on_model(owner, &r.model_id, r.seq_id, "optim_step");
-    submit(&app, sub, |request_id| {
-        Plan::run(Job::on_model(
-            request_id,
-            run.spec.base_model,
-            Request::OptimStep(call),
-            Finish::Answer,
-        ))
-    })
-    .await
+    submit_to_model(&app, sub, run.spec.base_model, Request::OptimStep(call), Finish::Answer).await
 }
 
 /// The engine datum of the SDK's datum `i`: `target_tokens` int64 of shape `[N]` or `[N, K]`,

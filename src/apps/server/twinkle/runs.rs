@@ -27,7 +27,7 @@ use crate::protocol::twinkle::runs::{
     CHECKPOINT_META, CheckpointMeta, RunMeta, delete_checkpoint, list_checkpoints, list_runs,
     read_json, read_run,
 };
-use crate::protocol::twinkle::{Auth, Caller, TwinkleError};
+use crate::protocol::twinkle::{Auth, Caller, TwinkleError, TwinkleReply};
 
 /// `limit` when the query has none (the clients' default too).
 pub const DEFAULT_LIMIT: u64 = 20;
@@ -118,7 +118,7 @@ pub fn own_checkpoint(
     }
 }
 
-async fn training_runs(app: Shared, req: HttpRequest) -> Result<HttpResponse, TwinkleError> {
+async fn training_runs(app: Shared, req: HttpRequest) -> TwinkleReply {
     let query = req.query_string().to_owned();
     let (page, cursor) = as_caller(&app, &req, move |auth, who| {
         let q = web::Query::<PageQuery>::from_query(&query)
@@ -130,21 +130,13 @@ async fn training_runs(app: Shared, req: HttpRequest) -> Result<HttpResponse, Tw
     Ok(HttpResponse::Ok().json(json!({ "training_runs": page, "cursor": cursor })))
 }
 
-async fn training_run(
-    app: Shared,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, TwinkleError> {
+async fn training_run(app: Shared, req: HttpRequest, path: web::Path<String>) -> TwinkleReply {
     let run_id = path.into_inner();
     let (run, _) = as_caller(&app, &req, move |auth, who| own_run(auth, who, &run_id)).await?;
     Ok(HttpResponse::Ok().json(run))
 }
 
-async fn checkpoints(
-    app: Shared,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, TwinkleError> {
+async fn checkpoints(app: Shared, req: HttpRequest, path: web::Path<String>) -> TwinkleReply {
     let run_id = path.into_inner();
     let list =
         as_caller(&app, &req, move |auth, who| list_checkpoints(&own_run(auth, who, &run_id)?.1))
@@ -152,11 +144,7 @@ async fn checkpoints(
     Ok(HttpResponse::Ok().json(json!({ "checkpoints": list, "cursor": null })))
 }
 
-async fn delete(
-    app: Shared,
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-) -> Result<HttpResponse, TwinkleError> {
+async fn delete(app: Shared, req: HttpRequest, path: web::Path<(String, String)>) -> TwinkleReply {
     let (run_id, ckpt_id) = path.into_inner();
     let shown = ckpt_id.clone();
     as_caller(&app, &req, move |auth, who| {
@@ -204,11 +192,7 @@ pub fn weights_info_of(
     })
 }
 
-async fn weights_info(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, TwinkleError> {
+async fn weights_info(app: Shared, req: HttpRequest, body: web::Bytes) -> TwinkleReply {
     let info = as_caller(&app, &req, move |auth, who| {
         let r: WeightsInfoRequest = parse_body(&body)?;
         weights_info_of(auth, who, &r.twinkle_path)
@@ -221,7 +205,7 @@ async fn checkpoint_path(
     app: Shared,
     req: HttpRequest,
     path: web::Path<(String, String)>,
-) -> Result<HttpResponse, TwinkleError> {
+) -> TwinkleReply {
     let (run_id, ckpt_id) = path.into_inner();
     let (path, _, _) =
         as_caller(&app, &req, move |auth, who| own_checkpoint(auth, who, &run_id, &ckpt_id))

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::super::Shared;
 use super::{caller, parse_body};
-use crate::protocol::twinkle::TwinkleError;
+use crate::protocol::twinkle::{TwinkleError, TwinkleReply};
 use crate::state::{NewSession, StateError};
 
 /// Tag of the sessions created through the Twinkle gateway.
@@ -64,11 +64,7 @@ impl Capacity {
 }
 
 /// `{metadata}` → `{session_id: "session_<32hex>"}`.
-async fn create_session(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, TwinkleError> {
+async fn create_session(app: Shared, req: HttpRequest, body: web::Bytes) -> TwinkleReply {
     let who = caller(&app, &req)?;
     let r: CreateSession = parse_body(&body)?;
     let user_metadata = match r.metadata {
@@ -87,11 +83,7 @@ async fn create_session(
 }
 
 /// `{session_id}` → `{}`; 404 for an unknown, another owner's, finished or expired session.
-async fn session_heartbeat(
-    app: Shared,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, TwinkleError> {
+async fn session_heartbeat(app: Shared, req: HttpRequest, body: web::Bytes) -> TwinkleReply {
     let who = caller(&app, &req)?;
     let r: Heartbeat = parse_body(&body)?;
     let timeout_ms = i64::try_from(app.twinkle.session_timeout.as_millis()).unwrap_or(i64::MAX);
@@ -132,7 +124,7 @@ pub(super) async fn healthz() -> HttpResponse {
 
 /// The configured `supported_models` plus any served model that is not listed, as
 /// `{supported_models: [{model_name}]}`.
-async fn capabilities(app: Shared, req: HttpRequest) -> Result<HttpResponse, TwinkleError> {
+async fn capabilities(app: Shared, req: HttpRequest) -> TwinkleReply {
     caller(&app, &req)?;
     let ups = app.disp.up.all().await;
     let mut names: Vec<String> = app.supported_models.clone();
@@ -146,7 +138,7 @@ async fn capabilities(app: Shared, req: HttpRequest) -> Result<HttpResponse, Twi
 }
 
 /// `{max_loras, used_loras, free_loras}` over the running model applications (module docs).
-async fn capacity_info(app: Shared, req: HttpRequest) -> Result<HttpResponse, TwinkleError> {
+async fn capacity_info(app: Shared, req: HttpRequest) -> TwinkleReply {
     caller(&app, &req)?;
     let ups = match app.disp.up.refresh().await {
         Ok(list) => list,
@@ -169,7 +161,7 @@ async fn capacity_info(app: Shared, req: HttpRequest) -> Result<HttpResponse, Tw
 }
 
 /// `{resources, cleanup}`: the caller's own counts (never other tenants') and the session expiry.
-async fn status(app: Shared, req: HttpRequest) -> Result<HttpResponse, TwinkleError> {
+async fn status(app: Shared, req: HttpRequest) -> TwinkleReply {
     let who = caller(&app, &req)?;
     let owner_dir = app.auth.owner_dir(&who);
     let runs = web::block(move || crate::protocol::twinkle::runs::list_runs(&owner_dir))
