@@ -5,12 +5,13 @@
 // the tiny f32 adapter weights stay in L1/L2.
 //
 // With A [r, K] and B [J, r] (PEFT layout, f32 master weights) and s = alpha / r per segment:
-//   forward   h = x A^T              (lora_seg_shrink, W = A)
-//             y += s h B^T           (lora_seg_expand, W = B, scaled)
-//   backward  dh = s dy B            (lora_seg_shrink on dy, W = B, scaled)
-//             dx += dh A             (lora_seg_expand, W = A)
-//             dA += dh^T x           (lora_seg_wgrad, out = dA)
-//             dB += s dy^T h         (lora_seg_wgrad, out = dB, scaled)
+//   forward   h = x A^T              (shrink, W = A)
+//             y += s h B^T           (expand, W = B)
+//   backward  dh = s dy B            (shrink on dy, W = B)
+//             dx += dh A             (expand, W = A)
+//             dA += dh^T x           (wgrad into dA)
+//             dB += s dy^T h         (wgrad into dB)
+// so the B side always carries s and the A side 1.
 //
 // The adapters arrive as a table: per segment LORA_TAB u64 = (A, B, dA, dB addresses, rank,
 // scale as f32 bits). `which` picks the tensor (0 A, 1 B, 2 dA, 3 dB); A-side tensors are
@@ -23,7 +24,7 @@
 // Each block works inside one segment: the grid's tile axis enumerates every segment's tiles in
 // order (seg_tile), so a row's arithmetic is the same whichever other segments share the call.
 //
-// defines: lora_seg_<dt>(op, f f32, t T, tab, which, scaled, seg, nseg, row_off, n, dim, hs, col0)
+// defines: lora_seg_<dt>(op, f f32, t T, tab, which, seg, nseg, row_off, n, dim, hs, col0)
 //   op 0, shrink: f[n,k] = s * sum_j t[n,j] W(k,j); grid (tiles of 4 rows), block 256
 //   op 1, expand: t[n,j] += s * sum_k f[n,k] W(k,j); grid (ceil(dim/256), tiles of 8 rows),
 //            block 256, r <= 256
@@ -48,7 +49,7 @@ struct SegW {
 // Finds tile `t` of `tile` rows among the segments' parts inside [row_off, row_off + n) and
 // the segment's tensor `which`; false when the tile does not exist or its segment has no LoRA.
 // Rows come back local to the call: [*r0, *r1).
-__device__ __forceinline__ bool seg_tile(const u64* tab, int which, int scaled, const int* seg,
+__device__ __forceinline__ bool seg_tile(const u64* tab, int which, const int* seg,
                                          int nseg, int row_off, int n, int dim, long long col0,
                                          int tile, int t, SegW* out, int* r0, int* r1) {
     for (int sg = 0; sg < nseg; ++sg) {
@@ -66,7 +67,8 @@ __device__ __forceinline__ bool seg_tile(const u64* tab, int which, int scaled, 
         *r1 = min(hi, lo + (t + 1) * tile) - row_off;
         float* w = reinterpret_cast<float*>(e[which]);
         out->r = r;
-        out->s = scaled ? __uint_as_float((u32)e[5]) : 1.0f;
+        // the B side carries the scale (y += s h B^T, dh = s dy B, dB += s dy^T h)
+        out->s = (which == 1 || which == 3) ? __uint_as_float((u32)e[5]) : 1.0f;
         if (which == 0 || which == 2) {  // [r, dim]
             out->w = w;
             out->wk = dim;
@@ -162,14 +164,14 @@ __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n
 // shrink and wgrad; y / dx: accumulated by expand). The tile axis is x for shrink, y for expand
 // and z for wgrad (their grids in the header).
 template <typename T>
-__device__ void lora_seg_impl(int op, float* f, T* t, const u64* tab, int which, int scaled,
+__device__ void lora_seg_impl(int op, float* f, T* t, const u64* tab, int which,
                               const int* seg, int nseg, int row_off, int n, int dim, int hs,
                               long long col0) {
     const int tile = op == 0 ? LORA_SHRINK_ROWS : (op == 1 ? LORA_EXPAND_ROWS : LORA_WGRAD_NCHUNK);
     const int t_idx = op == 0 ? blockIdx.x : (op == 1 ? blockIdx.y : blockIdx.z);
     SegW w;
     int n0, n1;
-    if (!seg_tile(tab, which, scaled, seg, nseg, row_off, n, dim, col0, tile, t_idx, &w, &n0, &n1))
+    if (!seg_tile(tab, which, seg, nseg, row_off, n, dim, col0, tile, t_idx, &w, &n0, &n1))
         return;
     if (op == 0) {
         lora_shrink_impl<T>(f, t, w, n0, n1, dim, hs);
@@ -182,8 +184,8 @@ __device__ void lora_seg_impl(int op, float* f, T* t, const u64* tab, int which,
 
 #define LORA_DEF(T, DT)                                                                          \
     extern "C" __global__ void lora_seg_##DT(int op, float* f, T* t, const u64* tab, int which, \
-                                             int scaled, const int* seg, int nseg, int row_off, \
-                                             int n, int dim, int hs, long long col0) {          \
-        lora_seg_impl<T>(op, f, t, tab, which, scaled, seg, nseg, row_off, n, dim, hs, col0);   \
+                                             const int* seg, int nseg, int row_off, int n,      \
+                                             int dim, int hs, long long col0) {                 \
+        lora_seg_impl<T>(op, f, t, tab, which, seg, nseg, row_off, n, dim, hs, col0);           \
     }
 FOR_F32_BF16(LORA_DEF)

@@ -110,14 +110,8 @@ pub fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 };
                 bench::cuda::Either::Sample(&sample)
             }
-            BenchCommand::MultiTenant { tenants, seq, rank, steps, decode_tokens, .. } => {
-                let opts = bench::MultiTenantOptions {
-                    tenants: *tenants,
-                    seq: *seq,
-                    rank: *rank,
-                    steps: *steps,
-                    decode_tokens: *decode_tokens,
-                };
+            BenchCommand::MultiTenant { .. } => {
+                let opts = multi_options(&what).unwrap_or_default();
                 // the weights are made on the device (no host copy of a 7B model)
                 let (model, _) = bench::cuda::load(&src)?;
                 let rt = twinkle::engine::cuda::CudaRuntime::from_model(model);
@@ -161,14 +155,8 @@ pub fn bench(what: BenchCommand) -> anyhow::Result<()> {
             let r = bench::sample(&model, &opts)?;
             (r.text(), r.json())
         }
-        BenchCommand::MultiTenant { tenants, seq, rank, steps, decode_tokens, .. } => {
-            let opts = bench::MultiTenantOptions {
-                tenants: *tenants,
-                seq: *seq,
-                rank: *rank,
-                steps: *steps,
-                decode_tokens: *decode_tokens,
-            };
+        BenchCommand::MultiTenant { .. } => {
+            let opts = multi_options(&what).unwrap_or_default();
             let rt = twinkle::engine::cpu::CpuRuntime::new(model.clone());
             let r = bench::multi_tenant(&rt, &opts)?;
             return print_multi(&r, m.json, threads, model.config().num_layers);
@@ -203,4 +191,20 @@ fn print_multi(
         println!("{}", r.text());
     }
     Ok(())
+}
+
+/// The options of a `multi-tenant` command (None for the other benchmarks).
+fn multi_options(what: &BenchCommand) -> Option<twinkle::bench::MultiTenantOptions> {
+    match what {
+        BenchCommand::MultiTenant { tenants, seq, rank, steps, decode_tokens, .. } => {
+            Some(twinkle::bench::MultiTenantOptions {
+                tenants: *tenants,
+                seq: *seq,
+                rank: *rank,
+                steps: *steps,
+                decode_tokens: *decode_tokens,
+            })
+        }
+        _ => None,
+    }
 }

@@ -18,7 +18,7 @@ use crate::engine::cuda::{
 };
 use crate::engine::sampling::SamplingParams;
 use crate::engine::synth::SynthRng;
-use crate::engine::{AdamParams, LoraConfig, LossFn, Model};
+use crate::engine::{AdamParams, CachedGroup, LoraConfig, LossFn, Model};
 
 /// The GPU and the peaks its figures are measured against.
 #[derive(Debug, Clone)]
@@ -171,7 +171,11 @@ pub fn sample(
     let draws = vec![0.0f32; opts.batch];
     let t0 = Instant::now();
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let mut logits = model.forward_cached_device(None, &mut cache, &seqs, &refs)?;
+    let feed = |cache: &mut CudaKvCache<bf16>, tokens: &[&[u32]]| {
+        let mut g = CachedGroup { adapter: None, cache, slots: &seqs, tokens };
+        model.forward_cached_device(&mut g)
+    };
+    let mut logits = feed(&mut cache, &refs)?;
     let mut picks = model.select_tokens(&logits, &params, &draws)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut step_s = Vec::with_capacity(opts.max_tokens);
@@ -180,7 +184,7 @@ pub fn sample(
         let next: Vec<[u32; 1]> = picks.iter().map(|p| [p.0]).collect();
         let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
         let t = Instant::now();
-        logits = model.forward_cached_device(None, &mut cache, &seqs, &refs)?;
+        logits = feed(&mut cache, &refs)?;
         picks = model.select_tokens(&logits, &params, &draws)?;
         dev.synchronize()?;
         step_s.push(t.elapsed().as_secs_f64());

@@ -27,6 +27,13 @@ pub struct MultiTenantOptions {
     pub decode_tokens: usize,
 }
 
+impl Default for MultiTenantOptions {
+    /// The measurement: 8 tenants x 128 tokens, rank 16, 64 sampled tokens each.
+    fn default() -> Self {
+        MultiTenantOptions { tenants: 8, seq: 128, rank: 16, steps: 2, decode_tokens: 64 }
+    }
+}
+
 /// Seconds of each way of running the tenants' work (averaged over the rounds).
 #[derive(Debug, Clone, Copy)]
 pub struct ThreeWays {

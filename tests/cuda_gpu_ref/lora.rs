@@ -122,7 +122,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let mut gdx = s.alloc_zeros::<T>(n * kin)?;
     // SAFETY: the table addresses the live tensors of `dev_t`, with the ranks and dims of `ls`.
     unsafe {
-        let (a, b) = ((LoraTensor::A, false), (LoraTensor::B, true));
+        let (a, b) = (LoraTensor::A, LoraTensor::B);
         k::lora_seg(
             dev,
             k::SegOp::Shrink { h: &mut gh.as_view_mut(), x: &dx_in.as_view() },
@@ -151,7 +151,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
             a,
             &call(kin),
         )?;
-        let ga = (LoraTensor::GradA, false);
+        let ga = LoraTensor::GradA;
         k::lora_seg(
             dev,
             k::SegOp::Wgrad { u: &gdh.as_view(), v: &dx_in.as_view() },
@@ -159,7 +159,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
             ga,
             &call(kin),
         )?;
-        let gb = (LoraTensor::GradB, true);
+        let gb = LoraTensor::GradB;
         k::lora_seg(
             dev,
             k::SegOp::Wgrad { u: &gh.as_view(), v: &dy_in.as_view() },
@@ -199,7 +199,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
             dev,
             k::SegOp::Expand { y: &mut yw.as_view_mut(), h: &hw.as_view() },
             &ls,
-            (LoraTensor::B, true),
+            LoraTensor::B,
             &wcall,
         )?;
     }
@@ -224,7 +224,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
             dev,
             k::SegOp::Shrink { h: &mut big.as_view_mut(), x: &xb.as_view() },
             &ls,
-            (LoraTensor::A, false),
+            LoraTensor::A,
             &bad,
         )
     };

@@ -21,7 +21,9 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 use twinkle::engine::cuda::{self as cu, Act, CudaAdapter, CudaDevice, CudaKvCache, CudaModel};
 use twinkle::engine::sampling::{SamplingParams, sample_token};
-use twinkle::engine::{AdamParams, Adapter, Datum, LossFn, LossInputs, Model, Tensor, weights};
+use twinkle::engine::{
+    AdamParams, Adapter, CachedGroup, Datum, LossFn, LossInputs, Model, Tensor, weights,
+};
 
 pub const CASES: [&str; 3] = ["qwen2-tiny", "qwen3-tiny", "qwen2-tiny-bf16"];
 
@@ -258,6 +260,16 @@ fn load(name: &str) -> Result<Case> {
     Ok(Case { dir, model, adapter, data, exp, case })
 }
 
+/// Device logits [n, v] as host rows.
+fn host_rows(
+    dev: &CudaDevice,
+    logits: &cudarc::driver::CudaSlice<f32>,
+    v: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let host = dev.stream().clone_dtoh(logits)?;
+    Ok(host.chunks(v).map(<[f32]>::to_vec).collect())
+}
+
 fn max_abs(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length");
     got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max)
@@ -330,7 +342,8 @@ pub fn golden<T: Act>(
     let mut cache = CudaKvCache::new(&gm, c.data.len(), 64)?;
     let seqs: Vec<usize> = (0..c.data.len()).collect();
     let toks: Vec<&[u32]> = c.data.iter().map(|d| d.input_tokens.as_slice()).collect();
-    let last = gm.forward_cached(Some(&ga), &mut cache, &seqs, &toks)?;
+    let mut g = CachedGroup { adapter: Some(&ga), cache: &mut cache, slots: &seqs, tokens: &toks };
+    let last = host_rows(gm.device(), &gm.forward_cached_device(&mut g)?, v)?;
     for (i, (row, d)) in last.iter().zip(&c.data).enumerate() {
         let want = c.exp[&format!("logits.{i}")].data();
         let n = d.input_tokens.len();
@@ -423,7 +436,15 @@ fn greedy_vs_cpu<T: Act>(gm: &CudaModel<T>, c: &Case, tol: &Tol, rep: &mut Repor
         let (mut checked, mut min_margin) = (0, f32::INFINITY);
         for (step, &tok) in want.iter().enumerate() {
             let cpu = c.model.forward_cached(ad, &[&next], &mut caches)?.remove(0);
-            let gpu = gm.forward_cached(ga.as_ref(), &mut cache, &[1], &[&next])?.remove(0);
+            let toks: [&[u32]; 1] = [&next];
+            let mut g =
+                CachedGroup { adapter: ga.as_ref(), cache: &mut cache, slots: &[1], tokens: &toks };
+            let gpu = host_rows(
+                gm.device(),
+                &gm.forward_cached_device(&mut g)?,
+                c.model.config().vocab_size,
+            )?
+            .remove(0);
             let mut sorted = cpu.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
             let margin = sorted[0] - sorted[1];

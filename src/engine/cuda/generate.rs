@@ -11,7 +11,7 @@ use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::decode::{CudaKvCache, invalid};
 use super::layer::{DecodeGroup, KvMode, Pack};
-use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut};
+use super::model::{Act, CudaModel, R, scratch, upload_ws, view, view_mut};
 use super::segment::{SegLora, SegSpec};
 use super::workspace::Buf;
 use crate::engine::batch::CachedGroup;
@@ -118,20 +118,71 @@ impl<T: Act> CudaModel<T> {
         self.logits_rows(&st.h_final, b, &lora)
     }
 
-    /// Feeds `new_tokens[i]` to cache slot `seqs[i]` (prefill when the slot is empty, one or
-    /// more tokens later) and returns the logits of each sequence's last new position, on the
-    /// device, [n, vocab] f32 in the order given.
+    /// Feeds `g.tokens[i]` to cache slot `g.slots[i]` of `g.cache` (prefill when the slot is
+    /// empty, one or more tokens later) with `g.adapter`, and returns the logits of each
+    /// sequence's last new position, on the device, [n, vocab] f32 in the order given.
     pub fn forward_cached_device(
         &self,
-        ad: Option<&CudaAdapter>,
-        cache: &mut CudaKvCache<T>,
-        seqs: &[usize],
-        new_tokens: &[&[u32]],
+        g: &mut CachedGroup<'_, CudaAdapter, CudaKvCache<T>>,
     ) -> R<CudaSlice<f32>> {
-        let out = self.forward_cached_inner(ad, cache, seqs, new_tokens);
-        self.dev.ws().end_pass();
+        let _pass = self.dev.ws().pass();
+        self.check_feed(g.cache, g.slots, g.tokens)?;
+        let (ad, cache, seqs, new_tokens) = (g.adapter, &mut *g.cache, g.slots, g.tokens);
+        let n = seqs.len();
+        let v = self.cfg.vocab_size;
+        // every sequence's row is put below exactly once
+        let mut out = scratch::<f32>(&self.dev, n * v)?;
+        // copies row j of `logits` to row i of `out` for each (j, i)
+        let put = |pairs: &[(usize, usize)], logits: &Buf<f32>, out: &mut Buf<f32>| -> R<()> {
+            for &(j, i) in pairs {
+                self.dev
+                    .stream()
+                    .memcpy_dtod(
+                        &view(logits, j * v, (j + 1) * v)?,
+                        &mut view_mut(out, i * v, (i + 1) * v)?,
+                    )
+                    .map_err(CudaError::driver("collecting logits"))?;
+            }
+            Ok(())
+        };
+        let step = |cache: &mut CudaKvCache<T>, items| {
+            self.decode_step(vec![StepGroup { adapter: ad, cache, items }])
+        };
+        let pre: Vec<usize> = (0..n).filter(|&i| cache.lens[seqs[i]] == 0).collect();
+        // the common cases need no regrouping: all prefill, or one token for every sequence
+        if pre.len() == n {
+            let items: Vec<(usize, &[u32])> =
+                seqs.iter().copied().zip(new_tokens.iter().copied()).collect();
+            return self.prefill(ad, cache, &items).map(Buf::into_slice);
+        }
+        if pre.is_empty() && new_tokens.iter().all(|t| t.len() == 1) {
+            let items = seqs.iter().zip(new_tokens).map(|(&s, t)| (s, t[0])).collect();
+            return step(cache, items).map(Buf::into_slice);
+        }
+        if !pre.is_empty() {
+            let items: Vec<(usize, &[u32])> =
+                pre.iter().map(|&i| (seqs[i], new_tokens[i])).collect();
+            let logits = self.prefill(ad, cache, &items)?;
+            let pairs: Vec<(usize, usize)> = pre.iter().copied().enumerate().collect();
+            put(&pairs, &logits, &mut out)?;
+        }
+        let rest: Vec<usize> = (0..n).filter(|i| !pre.contains(i)).collect();
+        let steps = rest.iter().map(|&i| new_tokens[i].len()).max().unwrap_or(0);
+        for k in 0..steps {
+            let active: Vec<usize> =
+                rest.iter().copied().filter(|&i| new_tokens[i].len() > k).collect();
+            let logits =
+                step(cache, active.iter().map(|&i| (seqs[i], new_tokens[i][k])).collect())?;
+            let done: Vec<(usize, usize)> = active
+                .iter()
+                .enumerate()
+                .filter(|&(_, &i)| new_tokens[i].len() == k + 1)
+                .map(|(j, &i)| (j, i))
+                .collect();
+            put(&done, &logits, &mut out)?;
+        }
         // the logits leave the engine: detached from the workspace, freed by the caller's drop
-        out.map(Buf::into_slice)
+        Ok(out.into_slice())
     }
 
     /// [`Self::forward_cached_device`] of several requests' groups, one result per group in
@@ -154,15 +205,13 @@ impl<T: Act> CudaModel<T> {
             {
                 shared.push(i);
             } else {
-                results[i] =
-                    Some(self.forward_cached_device(g.adapter, g.cache, g.slots, g.tokens));
+                results[i] = Some(self.forward_cached_device(g));
             }
         }
-        if shared.len() == 1 {
-            let g = &mut groups[shared[0]];
-            results[shared[0]] =
-                Some(self.forward_cached_device(g.adapter, g.cache, g.slots, g.tokens));
+        if let [i] = shared[..] {
+            results[i] = Some(self.forward_cached_device(&mut groups[i]));
         } else if !shared.is_empty() {
+            let _pass = self.dev.ws().pass();
             let mut step = Vec::with_capacity(shared.len());
             for (i, g) in groups.iter_mut().enumerate().filter(|(i, _)| shared.contains(i)) {
                 let items = g.slots.iter().zip(g.tokens).map(|(&s, t)| (s, t[0])).collect();
@@ -173,7 +222,6 @@ impl<T: Act> CudaModel<T> {
             let out = self
                 .decode_step(step.into_iter().map(|(_, g)| g).collect())
                 .and_then(|logits| self.split_rows(&logits, &sizes));
-            self.dev.ws().end_pass();
             match out {
                 Ok(parts) => {
                     for (i, part) in parts {
@@ -254,83 +302,5 @@ impl<T: Act> CudaModel<T> {
             }
         }
         Ok(())
-    }
-
-    fn forward_cached_inner(
-        &self,
-        ad: Option<&CudaAdapter>,
-        cache: &mut CudaKvCache<T>,
-        seqs: &[usize],
-        new_tokens: &[&[u32]],
-    ) -> R<Buf<f32>> {
-        self.check_feed(cache, seqs, new_tokens)?;
-        let n = seqs.len();
-        let v = self.cfg.vocab_size;
-        // every sequence's row is put below exactly once
-        let mut out = scratch::<f32>(&self.dev, n * v)?;
-        // copies row j of `logits` to row i of `out` for each (j, i)
-        let put = |pairs: &[(usize, usize)], logits: &Buf<f32>, out: &mut Buf<f32>| -> R<()> {
-            for &(j, i) in pairs {
-                self.dev
-                    .stream()
-                    .memcpy_dtod(
-                        &view(logits, j * v, (j + 1) * v)?,
-                        &mut view_mut(out, i * v, (i + 1) * v)?,
-                    )
-                    .map_err(CudaError::driver("collecting logits"))?;
-            }
-            Ok(())
-        };
-        let step = |cache: &mut CudaKvCache<T>, items| {
-            self.decode_step(vec![StepGroup { adapter: ad, cache, items }])
-        };
-        let pre: Vec<usize> = (0..n).filter(|&i| cache.lens[seqs[i]] == 0).collect();
-        // the common cases need no regrouping: all prefill, or one token for every sequence
-        if pre.len() == n {
-            let items: Vec<(usize, &[u32])> =
-                seqs.iter().copied().zip(new_tokens.iter().copied()).collect();
-            return self.prefill(ad, cache, &items);
-        }
-        if pre.is_empty() && new_tokens.iter().all(|t| t.len() == 1) {
-            return step(cache, seqs.iter().zip(new_tokens).map(|(&s, t)| (s, t[0])).collect());
-        }
-        if !pre.is_empty() {
-            let items: Vec<(usize, &[u32])> =
-                pre.iter().map(|&i| (seqs[i], new_tokens[i])).collect();
-            let logits = self.prefill(ad, cache, &items)?;
-            let pairs: Vec<(usize, usize)> = pre.iter().copied().enumerate().collect();
-            put(&pairs, &logits, &mut out)?;
-        }
-        let rest: Vec<usize> = (0..n).filter(|i| !pre.contains(i)).collect();
-        let steps = rest.iter().map(|&i| new_tokens[i].len()).max().unwrap_or(0);
-        for k in 0..steps {
-            let active: Vec<usize> =
-                rest.iter().copied().filter(|&i| new_tokens[i].len() > k).collect();
-            let logits =
-                step(cache, active.iter().map(|&i| (seqs[i], new_tokens[i][k])).collect())?;
-            let done: Vec<(usize, usize)> = active
-                .iter()
-                .enumerate()
-                .filter(|&(_, &i)| new_tokens[i].len() == k + 1)
-                .map(|(j, &i)| (j, i))
-                .collect();
-            put(&done, &logits, &mut out)?;
-        }
-        Ok(out)
-    }
-
-    /// [`Self::forward_cached_device`] with the logits downloaded: `[vocab]` per sequence (the
-    /// CPU engine's `Model::forward_cached` contract).
-    pub fn forward_cached(
-        &self,
-        ad: Option<&CudaAdapter>,
-        cache: &mut CudaKvCache<T>,
-        seqs: &[usize],
-        new_tokens: &[&[u32]],
-    ) -> R<Vec<Vec<f32>>> {
-        let logits = self.forward_cached_device(ad, cache, seqs, new_tokens)?;
-        let v = self.cfg.vocab_size;
-        let host = download(&self.dev, &view(&logits, 0, seqs.len() * v)?)?;
-        Ok(host.chunks(v).map(|r| r.to_vec()).collect())
     }
 }

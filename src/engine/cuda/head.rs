@@ -90,7 +90,7 @@ impl<T: Act> CudaModel<T> {
                 &self.dev,
                 k::SegOp::Shrink { h: &mut view_mut(&mut ha, 0, nr * hs)?, x: hb },
                 ls,
-                (LoraTensor::A, false),
+                LoraTensor::A,
                 &call,
             )?;
         }
@@ -123,7 +123,7 @@ impl<T: Act> CudaModel<T> {
                     dev,
                     k::SegOp::Expand { y: out, h: &view(ha, 0, nr * hs)? },
                     ls,
-                    (LoraTensor::B, true),
+                    LoraTensor::B,
                     &call,
                 )?;
             }
@@ -194,14 +194,14 @@ impl<T: Act> CudaModel<T> {
                             dev,
                             k::SegOp::Wgrad { u: &hav, v: &dlv },
                             ls,
-                            (LoraTensor::GradB, true),
+                            LoraTensor::GradB,
                             &call,
                         )?;
                         k::lora_seg(
                             dev,
                             k::SegOp::Shrink { h: &mut tv, x: &dlv },
                             ls,
-                            (LoraTensor::B, true),
+                            LoraTensor::B,
                             &call,
                         )?;
                     }
@@ -217,7 +217,7 @@ impl<T: Act> CudaModel<T> {
                         dev,
                         k::SegOp::Wgrad { u: &dhav, v: &hb },
                         ls,
-                        (LoraTensor::GradA, false),
+                        LoraTensor::GradA,
                         &call,
                     )?;
                     k::lora_seg(
@@ -227,7 +227,7 @@ impl<T: Act> CudaModel<T> {
                             h: &dhav,
                         },
                         ls,
-                        (LoraTensor::A, false),
+                        LoraTensor::A,
                         &call,
                     )?;
                 }

@@ -373,14 +373,14 @@ impl<T: Act> CudaModel<T> {
                 dev,
                 k::SegOp::Shrink { h: &mut hv, x },
                 ls,
-                (LoraTensor::A, false),
+                LoraTensor::A,
                 &call(lin.inp),
             )?;
             k::lora_seg(
                 dev,
                 k::SegOp::Expand { y: &mut yv, h: &hv.as_view() },
                 ls,
-                (LoraTensor::B, true),
+                LoraTensor::B,
                 &call(lin.out),
             )?;
         }
@@ -425,32 +425,14 @@ impl<T: Act> CudaModel<T> {
                     dev,
                     k::SegOp::Shrink { h: &mut dhv, x: dy },
                     ls,
-                    (LoraTensor::B, true),
+                    LoraTensor::B,
                     &c_out,
                 )?;
                 let dhv = dhv.as_view();
-                k::lora_seg(
-                    dev,
-                    k::SegOp::Expand { y: dx, h: &dhv },
-                    ls,
-                    (LoraTensor::A, false),
-                    &c_in,
-                )?;
-                k::lora_seg(
-                    dev,
-                    k::SegOp::Wgrad { u: &dhv, v: x },
-                    ls,
-                    (LoraTensor::GradA, false),
-                    &c_in,
-                )?;
+                k::lora_seg(dev, k::SegOp::Expand { y: dx, h: &dhv }, ls, LoraTensor::A, &c_in)?;
+                k::lora_seg(dev, k::SegOp::Wgrad { u: &dhv, v: x }, ls, LoraTensor::GradA, &c_in)?;
                 let hv = view(h, 0, rows * hs)?;
-                k::lora_seg(
-                    dev,
-                    k::SegOp::Wgrad { u: &hv, v: dy },
-                    ls,
-                    (LoraTensor::GradB, true),
-                    &c_out,
-                )?;
+                k::lora_seg(dev, k::SegOp::Wgrad { u: &hv, v: dy }, ls, LoraTensor::GradB, &c_out)?;
             }
         }
         Ok(())

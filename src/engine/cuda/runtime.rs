@@ -182,8 +182,8 @@ impl<T: Act + Send + Sync + 'static> ModelRuntime for CudaRuntime<T> {
         tokens: &[&[u32]],
     ) -> Result<CudaLogits> {
         let _g = self.lock();
-        let data =
-            self.model.forward_cached_device(adapter, cache, slots, tokens).map_err(self.err())?;
+        let mut g = CachedGroup { adapter, cache, slots, tokens };
+        let data = self.model.forward_cached_device(&mut g).map_err(self.err())?;
         Ok(CudaLogits { data, rows: slots.len() })
     }
 

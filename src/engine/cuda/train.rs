@@ -168,8 +168,12 @@ fn run_many<T: Act>(model: &CudaModel<T>, jobs: Vec<Job<'_>>) -> Vec<R<FwdBwdOut
         }
     }
     let n = valid.len();
-    let shared = if valid.is_empty() { Ok(Vec::new()) } else { run_valid(model, &valid) };
-    model.dev.ws().end_pass();
+    let shared = if valid.is_empty() {
+        Ok(Vec::new())
+    } else {
+        let _pass = model.dev.ws().pass();
+        run_valid(model, &valid)
+    };
     let mut outs = match shared {
         Ok(o) => o.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
         Err(e) => {

@@ -126,6 +126,11 @@ impl Workspace {
         drop(dropped);
     }
 
+    /// A guard that ends the pass when dropped (on every return path of a pass).
+    pub(crate) fn pass(&self) -> PassEnd<'_> {
+        PassEnd(self)
+    }
+
     /// Frees every cached buffer (e.g. before loading another model).
     pub(crate) fn clear(&self) {
         let all = std::mem::take(&mut self.lock().free);
@@ -135,6 +140,15 @@ impl Workspace {
     /// Number of free cached buffers (diagnostics).
     pub(crate) fn cached_buffers(&self) -> usize {
         self.lock().free.values().map(Vec::len).sum()
+    }
+}
+
+/// Ends its workspace's pass on drop (see [`Workspace::pass`]).
+pub(crate) struct PassEnd<'a>(&'a Workspace);
+
+impl Drop for PassEnd<'_> {
+    fn drop(&mut self) {
+        self.0.end_pass();
     }
 }
 

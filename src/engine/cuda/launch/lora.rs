@@ -3,9 +3,10 @@
 //! split into segments, each with its own adapter or none ([`LoraSegs`], built per pass by
 //! `cuda::segment`); one tenant is one segment. With A [r, K], B [J, r] (PEFT layout) and
 //! s = alpha / r per segment, a LoRA linear is
-//! - forward: `shrink(h, x, A)`, then `expand(y, h, B, scaled)`;
-//! - backward: `shrink(dh, dy, B, scaled)`, `expand(dx, dh, A)`, `wgrad(dA, dh, x)`,
-//!   `wgrad(dB, h, dy, scaled)`.
+//! - forward: `shrink(h, x, A)`, then `expand(y, h, B)`;
+//! - backward: `shrink(dh, dy, B)`, `expand(dx, dh, A)`, `wgrad(dA, dh, x)`, `wgrad(dB, h, dy)`,
+//!
+//! the B side scaled by s (see [`lora_seg`]).
 
 use std::ops::Range;
 
@@ -138,8 +139,8 @@ fn column_tiles(k: &'static str, dim: usize) -> Result<u32, CudaError> {
     grid_dim(k, "column tiles", dim.div_ceil(256), i32::MAX as u32)
 }
 
-/// Enqueues `op` over each segment's rows of `call`, W = each segment's tensor `w.0` (scaled
-/// by its scale when `w.1`, else by 1): y, dx += ..., h, dh = ..., dA, dB += ....
+/// Enqueues `op` over each segment's rows of `call`, W = each segment's tensor `w`, scaled by
+/// the segment's s on the B side (B, dB) and by 1 on the A side.
 ///
 /// # Safety
 /// See [`LoraSegs`]: the table must address live tensors of the shapes its ranks and dims
@@ -148,11 +149,11 @@ pub unsafe fn lora_seg<T: Dtype>(
     dev: &CudaDevice,
     op: SegOp<'_, '_, '_, T>,
     ls: &LoraSegs<'_>,
-    w: (LoraTensor, bool),
+    w: LoraTensor,
     call: &SegCall,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "lora_seg");
-    let grad = matches!(w.0, LoraTensor::GradA | LoraTensor::GradB);
+    let grad = matches!(w, LoraTensor::GradA | LoraTensor::GradB);
     let (code, tile, lens) = match &op {
         SegOp::Shrink { h, x } => (0i32, SHRINK_ROWS, (h.len(), x.len())),
         SegOp::Expand { y, h } => (1, EXPAND_ROWS, (h.len(), y.len())),
@@ -161,7 +162,7 @@ pub unsafe fn lora_seg<T: Dtype>(
     if grad != (code == 2) {
         return Err(shape_err(kn, "weight gradients, and only they, go into gradient tensors"));
     }
-    let (n, tiles) = check(kn, ls, w.0, call, lens, tile)?;
+    let (n, tiles) = check(kn, ls, w, call, lens, tile)?;
     if n == 0 || tiles == 0 || call.dim == 0 {
         return Ok(());
     }
@@ -174,7 +175,7 @@ pub unsafe fn lora_seg<T: Dtype>(
             (column_tiles(kn, call.dim)?, ranks, tiles(65_535)?)
         }
     };
-    let (which, scaled) = (w.0 as i32, i32::from(w.1));
+    let which = w as i32;
     let nseg = int(kn, "segments", ls.ranks.len())?;
     let (off, rows) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", n)?);
     let (dim, hs) = (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?);
@@ -190,7 +191,7 @@ pub unsafe fn lora_seg<T: Dtype>(
                 SegOp::Expand { y, h } => l.arg(h).arg(y),
                 SegOp::Wgrad { u, v } => l.arg(u).arg(v),
             };
-            l.arg(&ls.tab).arg(&which).arg(&scaled).arg(&ls.seg).arg(&nseg).arg(&off);
+            l.arg(&ls.tab).arg(&which).arg(&ls.seg).arg(&nseg).arg(&off);
             l.arg(&rows).arg(&dim).arg(&hs).arg(&col0);
         })
     }
