@@ -120,54 +120,29 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let mut gy = up::<T>(s, &y0)?;
     let mut gdh = s.alloc_zeros::<f32>(n * hs)?;
     let mut gdx = s.alloc_zeros::<T>(n * kin)?;
-    // SAFETY: the table addresses the live tensors of `dev_t`, with the ranks and dims of `ls`.
-    unsafe {
-        let (a, b) = (LoraTensor::A, LoraTensor::B);
-        k::lora_seg(
-            dev,
-            k::SegOp::Shrink { h: &mut gh.as_view_mut(), x: &dx_in.as_view() },
-            &ls,
-            a,
-            &call(kin),
-        )?;
-        k::lora_seg(
-            dev,
-            k::SegOp::Expand { y: &mut gy.as_view_mut(), h: &gh.as_view() },
-            &ls,
-            b,
-            &call(jout),
-        )?;
-        k::lora_seg(
-            dev,
-            k::SegOp::Shrink { h: &mut gdh.as_view_mut(), x: &dy_in.as_view() },
-            &ls,
-            b,
-            &call(jout),
-        )?;
-        k::lora_seg(
-            dev,
-            k::SegOp::Expand { y: &mut gdx.as_view_mut(), h: &gdh.as_view() },
-            &ls,
-            a,
-            &call(kin),
-        )?;
-        let ga = LoraTensor::GradA;
-        k::lora_seg(
-            dev,
-            k::SegOp::Wgrad { u: &gdh.as_view(), v: &dx_in.as_view() },
-            &ls,
-            ga,
-            &call(kin),
-        )?;
-        let gb = LoraTensor::GradB;
-        k::lora_seg(
-            dev,
-            k::SegOp::Wgrad { u: &gh.as_view(), v: &dy_in.as_view() },
-            &ls,
-            gb,
-            &call(jout),
-        )?;
+    let (ci, co) = (call(kin), call(jout));
+    // SAFETY (every `run` below): the table addresses the live tensors of `dev_t`, with the
+    // ranks and dims of `ls`.
+    fn run<T: TestT>(
+        dev: &CudaDevice,
+        ls: &LoraSegs<'_>,
+        op: k::SegOp<'_, '_, '_, T>,
+        w: LoraTensor,
+        c: &SegCall,
+    ) -> Result<()> {
+        unsafe { k::lora_seg(dev, op, ls, w, c) }?;
+        Ok(())
     }
+    use k::SegOp::{Expand, Shrink, Wgrad};
+    let (xv, dyv) = (dx_in.as_view(), dy_in.as_view());
+    // forward: h = x A^T, y += s h B^T
+    run(dev, &ls, Shrink { h: &mut gh.as_view_mut(), x: &xv }, LoraTensor::A, &ci)?;
+    run(dev, &ls, Expand { y: &mut gy.as_view_mut(), h: &gh.as_view() }, LoraTensor::B, &co)?;
+    // backward: dh = s dy B, dx += dh A, dA += dh^T x, dB += s dy^T h
+    run(dev, &ls, Shrink { h: &mut gdh.as_view_mut(), x: &dyv }, LoraTensor::B, &co)?;
+    run(dev, &ls, Expand { y: &mut gdx.as_view_mut(), h: &gdh.as_view() }, LoraTensor::A, &ci)?;
+    run(dev, &ls, Wgrad { u: &gdh.as_view(), v: &xv }, LoraTensor::GradA, &ci)?;
+    run(dev, &ls, Wgrad { u: &gh.as_view(), v: &dyv }, LoraTensor::GradB, &co)?;
     close_scaled("seg lora h", &pick(&down(s, &gh)?), &pick(&h), T::TOL);
     // rows 13..20 have no LoRA: y keeps y0 there, dx stays 0, exactly
     close_scaled("seg lora y", &down(s, &gy)?, &y, T::TOL);

@@ -15,16 +15,20 @@ pub(crate) const VOCAB_CHUNK: usize = 8192;
 /// Rows per head block (bounds the f32 chunk buffer to ROW_BLOCK x VOCAB_CHUNK).
 const ROW_BLOCK: usize = 4096;
 
+/// What the head reads in both directions: the final hidden rows `h` [rows, hidden], their
+/// targets `tg` [rows, kmax] (-1 at padding) and the lm_head LoRA table (None without one).
+pub(crate) struct HeadIn<'a, T: Act> {
+    pub h: &'a CudaSlice<T>,
+    pub rows: usize,
+    pub tg: &'a CudaSlice<i32>,
+    pub kmax: usize,
+    pub lora: Option<&'a LoraSegs<'a>>,
+}
+
 impl<T: Act> CudaModel<T> {
     /// Per row: lse [rows] and target logprobs [rows, kmax] (0 at padding).
-    pub(crate) fn head_fwd(
-        &self,
-        h: &CudaSlice<T>,
-        rows: usize,
-        tg: &CudaSlice<i32>,
-        kmax: usize,
-        lora: Option<&LoraSegs<'_>>,
-    ) -> R<(Buf<f32>, Buf<f32>)> {
+    pub(crate) fn head_fwd(&self, x: &HeadIn<'_, T>) -> R<(Buf<f32>, Buf<f32>)> {
+        let HeadIn { h, rows, tg, kmax, lora } = *x;
         let dev = &*self.dev;
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let w = self.head_w();
@@ -134,17 +138,13 @@ impl<T: Act> CudaModel<T> {
     /// Backward of the head: `coef` [rows, kmax] = -dLoss/dlogprob (the kernels' sign);
     /// returns dh [rows, hidden] and accumulates the lm_head LoRA gradients of the training
     /// segments.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn head_bwd(
         &self,
-        h: &CudaSlice<T>,
-        rows: usize,
-        tg: &CudaSlice<i32>,
-        kmax: usize,
+        x: &HeadIn<'_, T>,
         coef: &CudaSlice<f32>,
         lse: &CudaSlice<f32>,
-        lora: Option<&LoraSegs<'_>>,
     ) -> R<Buf<T>> {
+        let HeadIn { h, rows, tg, kmax, lora } = *x;
         let dev = &*self.dev;
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let w = self.head_w();

@@ -16,6 +16,7 @@ use std::ops::Range;
 
 use super::CudaError;
 use super::adapter::CudaAdapter;
+use super::head::HeadIn;
 use super::launch as k;
 use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut};
@@ -226,7 +227,8 @@ fn run_valid<T: Act>(model: &CudaModel<T>, jobs: &[Job<'_>]) -> R<Vec<FwdBwdOutp
     let backward = jobs.iter().any(|j| j.train);
     let st = model.stack_fwd(&p, &lora, &mut KvMode::Train, backward)?;
     let head = lora.head()?;
-    let (lse, lp_dev) = model.head_fwd(&st.h_final, rows, &tg.dev, kmax, head.as_ref())?;
+    let hx = HeadIn { h: &st.h_final, rows, tg: &tg.dev, kmax, lora: head.as_ref() };
+    let (lse, lp_dev) = model.head_fwd(&hx)?;
     // loss terms (then logprobs) in f64, and the head backward's coefficients, on the device;
     // each group's rows with its own loss
     let mut terms = scratch::<f64>(dev, 2 * nk)?;
@@ -247,7 +249,7 @@ fn run_valid<T: Act>(model: &CudaModel<T>, jobs: &[Job<'_>]) -> R<Vec<FwdBwdOutp
         )?;
     }
     if backward {
-        let dh = model.head_bwd(&st.h_final, rows, &tg.dev, kmax, &coef, &lse, head.as_ref())?;
+        let dh = model.head_bwd(&hx, &coef, &lse)?;
         model.stack_bwd(&st, &dh, &p, &lora)?;
     }
     // the pass's one synchronisation: a pageable download waits for all the work queued above
