@@ -98,6 +98,8 @@ if [ "$EMU" = 1 ]; then
         $B sample --shape tiny --batch 2 --prompt 8 --max-tokens 4 --skip-torch $TW
     step "multi-tenant tiny (emulated)" 300 gpu-bundle/twinkle bench multi-tenant --device cuda \
         --shape tiny --tenants 3 --seq 16 --rank 4 --steps 1 --decode-tokens 4 --json
+    step "explain train tiny (emulated)" 300 gpu-bundle/twinkle bench train --device cuda \
+        --shape tiny --seq 64 --rank 8 --steps 1 --explain
 else
     step "train qwen2.5-0.5b seq 2048 r32" 75 $B train --shape qwen2.5-0.5b --seq 2048 --steps 2 $TW
     step "train qwen2.5-7b seq 2048 r32" 130 $B train --shape qwen2.5-7b --seq 2048 --steps 2 $TW
@@ -108,6 +110,11 @@ else
     # 8 tenants x 128 tokens batched vs serial vs one 1024-token step; 8 x 64 sampled tokens
     step "multi-tenant qwen2.5-0.5b" 120 gpu-bundle/twinkle bench multi-tenant --device cuda \
         --shape qwen2.5-0.5b --steps 3 --json
+    # the per-kernel roofline (FLOPs, bytes, time at the card's peak, measured) of one step each
+    step "explain train qwen2.5-7b seq 2048" 120 gpu-bundle/twinkle bench train --device cuda \
+        --shape qwen2.5-7b --seq 2048 --rank 32 --steps 1 --explain
+    step "explain sample qwen2.5-7b batch 1" 60 gpu-bundle/twinkle bench sample --device cuda \
+        --shape qwen2.5-7b --batch 1 --max-tokens 8 --explain
 fi
 
 say ""

@@ -30,6 +30,10 @@ pub struct BenchModelArgs {
     /// `cpu`, or `cuda` for the GPU path (bf16, GPU 0; adds MFU / bandwidth share).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With `--device cuda` (train and sample): one more step profiled per kernel, printed as
+    /// a roofline (FLOPs, bytes, time at the card's peak, measured time).
+    #[arg(long)]
+    explain: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +115,9 @@ pub fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 bench::cuda::Either::Sample(&sample)
             }
             BenchCommand::MultiTenant { .. } => {
+                if m.explain {
+                    anyhow::bail!("--explain applies to bench train and bench sample");
+                }
                 let opts = multi_options(&what).unwrap_or_default();
                 // the weights are made on the device (no host copy of a 7B model)
                 let (model, _) = bench::cuda::load(&src)?;
@@ -124,10 +131,12 @@ pub fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 );
             }
         };
-        println!("{}", bench::cuda::run(&src, which, m.json)?);
+        println!("{}", bench::cuda::run(&src, which, m.json, m.explain)?);
         return Ok(());
     } else if m.device != "cpu" {
         anyhow::bail!("--device must be cpu or cuda, got {:?}", m.device);
+    } else if m.explain {
+        anyhow::bail!("--explain profiles the GPU kernels: add --device cuda");
     }
     let model = bench::load(&src)?;
     if !m.json {

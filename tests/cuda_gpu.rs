@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use twinkle::engine::cuda::launch::{self as k, Dtype};
 use twinkle::engine::cuda::{CudaDevice, CudaError, bf16};
@@ -481,4 +481,43 @@ fn several_tenants_in_one_pass_equal_each_alone() -> Result<()> {
     }
     let (_tmp, model) = engine_support::tiny_model();
     refs::many::many_equals_alone(&model)
+}
+
+/// `--explain`'s accounting of one training step: every cuBLAS GEMM is recorded with its
+/// 2mnk FLOPs, which must sum to the analytic count of a LoRA step (per row, forward and input
+/// gradient of every base linear, and the output head's forward, recomputation and input
+/// gradient); the attention, LoRA and elementwise kernels state costs too, and each recorded
+/// kernel has a measured time.
+#[test]
+fn explain_accounts_every_gemm_of_a_step() -> Result<()> {
+    let Some(dev) = arc_device("explain") else { return Ok(()) };
+    let spec = twinkle::engine::cuda::bench_shape("tiny").context("tiny shape")?;
+    let model = twinkle::engine::cuda::CudaModel::<bf16>::synthetic(dev, &spec, 3)?;
+    let opts = twinkle::bench::TrainOptions { seq: 48, batch: 2, rank: 8, steps: 1, warmup: 0 };
+    let stats = twinkle::bench::explain::train_step(&model, &opts)?;
+    let c = model.config();
+    let (h, i, v) = (c.hidden_size as f64, c.intermediate_size as f64, c.vocab_size as f64);
+    let (qd, kvd) = ((c.num_heads * c.head_dim) as f64, (c.num_kv_heads * c.head_dim) as f64);
+    let per_layer = h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * i;
+    let rows = (opts.seq * opts.batch) as f64;
+    let want = rows * (4.0 * c.num_layers as f64 * per_layer + 6.0 * v * h);
+    let by = |name: &str| stats.iter().find(|s| s.name.starts_with(name));
+    let gemm = by("cublasGemmEx").context("no GEMM recorded")?;
+    let got = gemm.cost.map(|c| c.flops).unwrap_or(0.0);
+    anyhow::ensure!(got == want, "GEMM FLOPs {got} vs the analytic {want}");
+    for k in ["attention_fwd", "attention_bwd", "lora_seg", "rmsnorm_fwd"] {
+        let s = by(k).with_context(|| format!("{k} not recorded: {stats:?}"))?;
+        anyhow::ensure!(s.launches > 0 && s.measured_ms >= 0.0, "{k}: {s:?}");
+    }
+    for k in ["attention_fwd", "attention_bwd", "lora_seg"] {
+        let s = by(k).context(k)?;
+        anyhow::ensure!(s.cost.is_some_and(|c| c.flops > 0.0 && c.bytes > 0.0), "{k}: {s:?}");
+    }
+    // the profiler is off again: a second step records nothing new
+    anyhow::ensure!(dev_profile_is_off(&model)?, "the profiler stayed on");
+    Ok(())
+}
+
+fn dev_profile_is_off(model: &twinkle::engine::cuda::CudaModel<bf16>) -> Result<bool> {
+    Ok(model.device().profile_take()?.is_empty())
 }

@@ -228,8 +228,14 @@ pub fn sample(
     Ok((r, extra, text))
 }
 
-/// Runs one benchmark on the GPU and returns what to print (text or one JSON object).
-pub fn run(src: &ModelSource, what: Either<'_>, as_json: bool) -> Result<String, BenchError> {
+/// Runs one benchmark on the GPU and returns what to print (text or one JSON object); with
+/// `explain`, then one more step profiled per kernel (`bench::explain`).
+pub fn run(
+    src: &ModelSource,
+    what: Either<'_>,
+    as_json: bool,
+    explain: bool,
+) -> Result<String, BenchError> {
     let (model, info) = load(src)?;
     let describe = super::describe(model.config());
     let (text, json, extra, extra_text) = match what {
@@ -242,12 +248,22 @@ pub fn run(src: &ModelSource, what: Either<'_>, as_json: bool) -> Result<String,
             (r.text(), r.json(), e, t)
         }
     };
+    let roofline = match (explain, what) {
+        (false, _) => None,
+        (true, Either::Train(o)) => Some(super::explain::train_step(&model, o)?),
+        (true, Either::Sample(o)) => Some(super::explain::decode_step(&model, o)?),
+    };
     if as_json {
         let mut j = merge(json, extra);
         j["layers"] = model.config().num_layers.into();
+        if let Some(stats) = &roofline {
+            j["explain"] = super::explain::json(stats, &info);
+        }
         Ok(j.to_string())
     } else {
-        Ok(format!("model: {describe} | device cuda (bf16)\n{text}\n{extra_text}"))
+        let explained =
+            roofline.map_or(String::new(), |s| format!("\n{}", super::explain::text(&s, &info)));
+        Ok(format!("model: {describe} | device cuda (bf16)\n{text}\n{extra_text}{explained}"))
     }
 }
 

@@ -3,6 +3,7 @@
 //! peak RSS. A benchmark, not a test: numbers depend on the host and its load.
 
 pub mod cuda;
+pub mod explain;
 mod multi;
 mod report;
 

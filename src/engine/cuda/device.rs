@@ -17,6 +17,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::profile::{KernelStat, Profiler};
 use super::workspace::Workspace;
 use super::{CudaError, nvrtc};
 
@@ -46,6 +47,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     ws: Arc<Workspace>,
+    profiler: Profiler,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -96,7 +98,23 @@ impl CudaDevice {
             modules: Mutex::default(),
             functions: Mutex::default(),
             ws,
+            profiler: Profiler::default(),
         })
+    }
+
+    /// Turns on per-kernel timing and cost accounting (see `profile.rs`) until
+    /// [`Self::profile_take`].
+    pub fn profile_start(&self) {
+        self.profiler.start();
+    }
+
+    /// The per-kernel totals since [`Self::profile_start`] (waits for the recorded work).
+    pub fn profile_take(&self) -> Result<Vec<KernelStat>, CudaError> {
+        self.profiler.take()
+    }
+
+    pub(crate) fn profiler(&self) -> &Profiler {
+        &self.profiler
     }
 
     /// The buffer pool every per-op intermediate comes from.

@@ -61,6 +61,7 @@ pub mod launch;
 mod layer;
 mod model;
 mod nvrtc;
+pub mod profile;
 mod runtime;
 mod segment;
 mod synth;

@@ -95,6 +95,18 @@ fn check_shape(
     Ok((t, cu_len - 1))
 }
 
+/// (FLOPs, bytes) of causal attention over `t` packed rows in `batch` sequences, counted as if
+/// the sequences were of equal length: `mults.0` FLOPs per (query, key, head, dim) pair (4 for
+/// the forward's two products, 10 for the backward's five) and `mults.1` passes over q, k, v
+/// and the output (2 forward: read q, k, v, write out; 4 backward: those and their gradients).
+fn attention_cost<T>(s: &AttentionShape, t: usize, batch: usize, mults: (f64, f64)) -> (f64, f64) {
+    let len = t as f64 / batch.max(1) as f64;
+    let pairs = t as f64 * (len + 1.0) / 2.0;
+    let flops = mults.0 * pairs * (s.q_heads * s.head_dim) as f64;
+    let elems = (t * (s.q_heads + s.kv_heads) * s.head_dim) as f64;
+    (flops, mults.1 * elems * std::mem::size_of::<T>() as f64)
+}
+
 /// Grid of the tiled attention kernels: `tile.0` rows of the longest sequence per block along
 /// x, `tile.1` heads along y, the batch along z; `smem` bytes of dynamic shared memory, opted
 /// into on `f` where it exceeds the default.
@@ -137,7 +149,8 @@ pub fn attention_fwd<T: Dtype>(
     if t == 0 {
         return Ok(());
     }
-    let f = Kernel::load(dev, "attention.cu", kn)?;
+    let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
+    let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
     let cfg =
         tile_cfg(&f, fwd_smem::<T>(s.head_dim), ATT_FWD_THREADS, (ATT_BQ, s.q_heads), s, batch)?;
     let ti = int(kn, "tokens", t)?;
@@ -202,7 +215,8 @@ pub fn attention_bwd<T: Dtype>(
         })?;
     }
 
-    let f = Kernel::load(dev, "attention.cu", kn)?;
+    let (fl, by) = attention_cost::<T>(s, t, batch, (10.0, 4.0));
+    let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
     let cfg =
         tile_cfg(&f, bwd_smem::<T>(s.head_dim), ATT_BWD_THREADS, (ATT_BK, s.kv_heads), s, batch)?;
     let delta_v = delta.as_view();
@@ -249,7 +263,9 @@ pub fn kv_append_fwd<T: Dtype>(
     let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
     let (ni, ri) = (int(kn, "n", n)?, int(kn, "row", row)?);
     let cfg = blocks((grid_dim(kn, "n", n, i32::MAX as u32)?, 1, 1), 128);
-    let f = Kernel::load(dev, "kv_cache.cu", kn)?;
+    // k and v read, then written into the cache: a copy
+    let bytes = 4.0 * (n * row) as f64 * std::mem::size_of::<T>() as f64;
+    let f = Kernel::load(dev, "kv_cache.cu", kn)?.cost(0.0, bytes);
     // SAFETY: caches are [num_slots, row], k/v [n, row], slots [n] (checked); the kernel skips
     // slots outside [0, num_slots).
     unsafe {

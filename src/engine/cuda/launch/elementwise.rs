@@ -115,7 +115,8 @@ pub fn bias_add_fwd<T: Dtype>(
         return Ok(());
     }
     let (nn, ci) = (long(k, "n", n)?, int(k, "cols", cols)?);
-    let f = Kernel::load(dev, FILE, k)?;
+    let f = Kernel::load(dev, FILE, k)?
+        .cost(n as f64, 2.0 * n as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: y holds n = rows * cols elements, b cols (checked); signature
     // (T*, const T*, long long, int).
     unsafe {

@@ -11,6 +11,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::{Dtype, int, need_len, shape_err};
+use crate::engine::cuda::profile::Cost;
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 /// How B is stored.
@@ -59,6 +60,11 @@ pub fn matmul<T: Dtype, O: Dtype>(
         BLayout::Kn => (cublasOperation_t::CUBLAS_OP_N, ni),
     };
     let stream = dev.stream();
+    let flops = 2.0 * (m * n * k) as f64;
+    let out_passes = if beta == 0.0 { 1 } else { 2 };
+    let bytes =
+        (m * k + k * n) * std::mem::size_of::<T>() + m * n * std::mem::size_of::<O>() * out_passes;
+    let cost = Some(Cost::new(flops, bytes as f64));
     let (b_ptr, _rb) = b.device_ptr(stream);
     let (a_ptr, _ra) = a.device_ptr(stream);
     let (c_ptr, _rc) = c.device_ptr_mut(stream);
@@ -66,7 +72,7 @@ pub fn matmul<T: Dtype, O: Dtype>(
     // column-major reading (C^T = op(B)^T A^T; lda = k or n, ldb = k, ldc = n) every access is in
     // bounds; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires; the handle is bound to `stream`
     // and the SyncOnDrop guards keep the buffers' events ordered around the call.
-    unsafe {
+    dev.profiler().around(stream, kn, cost, || unsafe {
         gemm_ex(
             *dev.blas().handle(),
             transa,
@@ -88,6 +94,6 @@ pub fn matmul<T: Dtype, O: Dtype>(
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
-    }
-    .map_err(CudaError::cublas(format!("gemm {m}x{n}x{k} ({b_layout:?})")))
+        .map_err(CudaError::cublas(format!("gemm {m}x{n}x{k} ({b_layout:?})")))
+    })
 }

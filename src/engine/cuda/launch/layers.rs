@@ -38,7 +38,9 @@ pub fn embedding_fwd<T: Dtype>(
     }
     let (ni, di, vi) = (int(k, "n", n)?, int(k, "d", d)?, int(k, "vocab", v)?);
     let cfg = hidden_row_cfg(k, n, d)?;
-    let f = Kernel::load(dev, "embedding.cu", k)?;
+    // a gather: one row read and written per id
+    let f = Kernel::load(dev, "embedding.cu", k)?
+        .cost(0.0, 2.0 * (n * d) as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: out is [n, d], table [v, d], ids [n] (checked); the kernel bounds-checks ids.
     unsafe {
         f.launch(cfg, |l| {
@@ -87,7 +89,10 @@ pub fn rmsnorm_fwd<T: Dtype>(
     else {
         return Ok(());
     };
-    let f = Kernel::load(dev, "rmsnorm.cu", k)?;
+    // x read, out written; 4 FLOPs an element (square, sum, two multiplies)
+    let nd = x.len() as f64;
+    let f = Kernel::load(dev, "rmsnorm.cu", k)?
+        .cost(4.0 * nd, 2.0 * nd * std::mem::size_of::<T>() as f64);
     // SAFETY: out/x are [n, d], w [d], rstd [n] (checked); one block per row, block <= 512.
     unsafe {
         f.launch(cfg, |l| {
@@ -110,7 +115,10 @@ pub fn rmsnorm_bwd<T: Dtype>(
     let Some((cfg, ni, di)) = rmsnorm_setup(k, x.len(), w.len(), &rows, rstd.len())? else {
         return Ok(());
     };
-    let f = Kernel::load(dev, "rmsnorm.cu", k)?;
+    // dout and x read, dx written; ~6 FLOPs an element (the row dot product and the update)
+    let nd = x.len() as f64;
+    let f = Kernel::load(dev, "rmsnorm.cu", k)?
+        .cost(6.0 * nd, 3.0 * nd * std::mem::size_of::<T>() as f64);
     // SAFETY: dx/dout/x are [n, d], w [d], rstd [n] (checked).
     unsafe {
         f.launch(cfg, |l| {
@@ -168,7 +176,10 @@ pub fn rope<T: Dtype>(
         int(k, "head_dim", hd)?,
         int(k, "positions", p)?,
     );
-    let f = Kernel::load(dev, "rope.cu", k)?;
+    // x read, out written; a rotation is 6 FLOPs per pair
+    let e = (n * heads * hd) as f64;
+    let f =
+        Kernel::load(dev, "rope.cu", k)?.cost(3.0 * e, 2.0 * e * std::mem::size_of::<T>() as f64);
     // SAFETY: x/out are [n, heads, hd], cos/sin [p, hd/2], pos [n] (checked); the kernel clamps
     // positions into [0, p).
     unsafe {
@@ -208,7 +219,9 @@ pub fn swiglu_bwd<T: Dtype>(
         return Ok(());
     }
     let nn = super::long(k, "n", n)?;
-    let f = Kernel::load(dev, "swiglu.cu", k)?;
+    // three read, two written; ~10 FLOPs an element with the sigmoid
+    let f = Kernel::load(dev, "swiglu.cu", k)?
+        .cost(10.0 * n as f64, 5.0 * n as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: all five buffers hold n elements (checked).
     unsafe {
         f.launch(grid_stride(n), |l| {

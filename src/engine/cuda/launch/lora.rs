@@ -180,7 +180,12 @@ pub unsafe fn lora_seg<T: Dtype>(
     let (off, rows) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", n)?);
     let (dim, hs) = (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?);
     let col0 = long(kn, "col0", call.col0)?;
-    let f = Kernel::load(dev, "lora.cu", kn)?;
+    let r = ls.max_rank();
+    let flops = 2.0 * (n * call.dim * r) as f64;
+    let bytes = n * call.dim * std::mem::size_of::<T>() * if code == 1 { 2 } else { 1 }
+        + n * call.hs * 4
+        + r * call.dim * 4 * if code == 2 { 2 } else { 1 };
+    let f = Kernel::load(dev, "lora.cu", kn)?.cost(flops, bytes as f64);
     // SAFETY: both operands are checked against the call (`check`); the table is this
     // function's contract; the argument list is the kernel's signature.
     unsafe {

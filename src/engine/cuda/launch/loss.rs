@@ -68,7 +68,9 @@ pub fn xent_fwd<T: Dtype>(
     int(kn, "v0 + vc", v0 + vc)?;
     let first = i32::from(first);
     let cfg = row_cfg(kn, n, XENT_THREADS)?;
-    let f = Kernel::load(dev, "loss.cu", kn)?;
+    // the chunk read once: max, exp and sum (~20 FLOPs an element with the exp)
+    let e = (n * vc) as f64;
+    let f = Kernel::load(dev, "loss.cu", kn)?.cost(20.0 * e, e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [n, ld] with vc <= ld, m/s [n], tgt/targets [n, K] (checked).
     unsafe {
         f.launch(cfg, |l| {
@@ -144,7 +146,10 @@ fn xent_bwd_raw<T: Dtype>(
         return Err(shape_err(kn, "no logits given"));
     }
     let cfg = row_cfg(kn, n, XENT_THREADS)?;
-    let f = Kernel::load(dev, "loss.cu", kn)?;
+    // the chunk read and its gradient written (an exp and a few FLOPs an element)
+    let e = (n * vc) as f64;
+    let f =
+        Kernel::load(dev, "loss.cu", kn)?.cost(20.0 * e, 2.0 * e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [n, ld] (or dst itself, same shape, for the in-place form: the kernel reads
     // each element before writing it, in the same thread), dst [n, ldd], targets/coef [n, K],
     // lse [n] (checked).

@@ -39,6 +39,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 
+use super::profile::Cost;
 use super::{CudaDevice, CudaError};
 
 /// Storage dtypes the kernels are instantiated for.
@@ -157,6 +158,7 @@ pub(crate) struct Kernel<'d> {
     dev: &'d CudaDevice,
     func: CudaFunction,
     name: &'static str,
+    cost: Option<Cost>,
 }
 
 impl<'d> Kernel<'d> {
@@ -166,7 +168,13 @@ impl<'d> Kernel<'d> {
         file: &'static str,
         name: &'static str,
     ) -> Result<Self, CudaError> {
-        Ok(Kernel { dev, func: dev.function(file, name)?, name })
+        Ok(Kernel { dev, func: dev.function(file, name)?, name, cost: None })
+    }
+
+    /// States what the launch costs (FLOPs, bytes), for `--explain`'s roofline.
+    pub(crate) fn cost(mut self, flops: f64, bytes: f64) -> Self {
+        self.cost = Some(Cost::new(flops, bytes));
+        self
     }
 
     /// The kernel's symbol, for error messages.
@@ -202,11 +210,14 @@ impl<'d> Kernel<'d> {
         cfg: LaunchConfig,
         args: impl FnOnce(&mut LaunchArgs<'a>),
     ) -> Result<(), CudaError> {
-        let mut l = self.dev.stream().launch_builder(&self.func);
+        let stream = self.dev.stream();
+        let mut l = stream.launch_builder(&self.func);
         args(&mut l);
-        // SAFETY: the argument list and the bounds are this function's contract.
-        unsafe { l.launch(cfg) }.map_err(launch_err(self.name))?;
-        Ok(())
+        self.dev.profiler().around(stream, self.name, self.cost, || {
+            // SAFETY: the argument list and the bounds are this function's contract.
+            unsafe { l.launch(cfg) }.map_err(launch_err(self.name))?;
+            Ok(())
+        })
     }
 }
 
@@ -231,7 +242,8 @@ pub(crate) unsafe fn map_n<O: DeviceRepr, I: DeviceRepr>(
         return Ok(());
     }
     let nn = long(kernel, "n", n)?;
-    let f = Kernel::load(dev, file, kernel)?;
+    let bytes = n * (ins.len() * std::mem::size_of::<I>() + std::mem::size_of::<O>());
+    let f = Kernel::load(dev, file, kernel)?.cost(n as f64, bytes as f64);
     // SAFETY: out and every input hold n elements (checked); the signature is the contract.
     unsafe {
         f.launch(grid_stride(n), |l| {

@@ -44,7 +44,9 @@ pub fn argmax_fwd<T: Dtype>(
     }
     let (ldl, vi) = (long(kn, "ld", ld)?, int(kn, "vocab", vocab)?);
     let cfg = row_cfg(kn, b, ARGMAX_THREADS)?;
-    let f = Kernel::load(dev, "sampling.cu", kn)?;
+    // one pass over each row's logits (a compare an element)
+    let e = (b * vocab) as f64;
+    let f = Kernel::load(dev, "sampling.cu", kn)?.cost(e, e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
     // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
     unsafe {
@@ -82,7 +84,10 @@ pub fn sample_fwd<T: Dtype>(
     // Small vocabularies need no 1024 threads (whole warps; the kernel takes any such size).
     let threads = (vocab.div_ceil(32) * 32).min(SAMPLE_THREADS as usize) as u32;
     let cfg = row_cfg(kn, b, threads)?;
-    let f = Kernel::load(dev, "sampling.cu", kn)?;
+    // the row read for the maximum, then again for the weights (an exp ~ 20 FLOPs)
+    let e = (b * vocab) as f64;
+    let f = Kernel::load(dev, "sampling.cu", kn)?
+        .cost(20.0 * e, 2.0 * e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [b, ld] with vocab <= ld, out, logprob and inv_t [b], params [b, 3]
     // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
     // at most __launch_bounds__(1024) threads, static shared memory only.
