@@ -164,7 +164,9 @@ impl<T: Act> CudaModel<T> {
             let ha = self.head_shrink(&hb, rr.clone(), lora)?;
             // dha sums the chunks' contributions (acc_fwd): the one buffer here that needs zeros
             let mut dha = scratch_zeroed::<f32>(dev, nr * hs.max(1))?;
-            let mut tmp = scratch_zeroed::<f32>(dev, nr * hs.max(1))?;
+            // written by the shrink; rows of segments without a lm_head LoRA are not, and reach
+            // only dha rows that nothing reads
+            let mut tmp = scratch::<f32>(dev, nr * hs.max(1))?;
             for v0 in (0..v).step_by(VOCAB_CHUNK) {
                 let vc = VOCAB_CHUNK.min(v - v0);
                 let mut lv = view_mut(&mut buf, 0, nr * vc)?;
