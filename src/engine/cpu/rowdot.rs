@@ -78,7 +78,17 @@ fn xwt_fixed_on(path: Path, y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight
     }
     let last = rows[rows.len() - 1];
     assert!(y.len() >= (last + 1) * n && x.len() >= (last + 1) * k, "rows out of range");
-    let xs: Vec<&[f32]> = rows.iter().map(|&r| &x[r * k..(r + 1) * k]).collect();
+    // The rows are copied to cache-line-aligned places: a tile loads every activation vector
+    // once per weight vector pair, and unaligned 64-byte loads would each cost two.
+    let stride = k.next_multiple_of(16);
+    let mut aligned = vec![0.0f32; rows.len() * stride + 16];
+    let off = aligned.as_ptr().align_offset(64).min(16);
+    for (i, &r) in rows.iter().enumerate() {
+        let at = off + i * stride;
+        aligned[at..at + k].copy_from_slice(&x[r * k..(r + 1) * k]);
+    }
+    let xs: Vec<&[f32]> =
+        (0..rows.len()).map(|i| &aligned[off + i * stride..off + i * stride + k]).collect();
     let out = OutPtr(y.as_mut_ptr());
     // Each task computes a block of columns for every row, straight into `y`.
     (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each_init(Vec::new, |panel, b| {
@@ -156,6 +166,54 @@ mod tests {
         xwt(&mut want, &x, 7, &w, false);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    /// Timing of the output head's shape (Qwen2.5-0.5B: 151,936 × 896, f32) for 1 and 8 rows.
+    /// Ignored by default (noisy on a shared machine); run with
+    /// `cargo test --release --lib head_shape_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run explicitly"]
+    fn head_shape_timing() {
+        let (n, k) = (151_936, 896);
+        let w = Weight::F32(Tensor::new(vec![n, k], SynthRng(1).vec(n * k, 0.05)).unwrap());
+        let x = SynthRng(2).vec(8 * k + 4, 1.0);
+        let x = &x[4..];
+        let mut y = vec![0.0f32; 8 * n];
+        for rows in [1usize, 8, 1, 8] {
+            let idx: Vec<usize> = (0..rows).collect();
+            let mut ms = f64::INFINITY;
+            for _ in 0..10 {
+                let start = std::time::Instant::now();
+                xwt_fixed(&mut y, &x, &idx, &w);
+                ms = ms.min(start.elapsed().as_secs_f64() * 1e3);
+            }
+            eprintln!("{rows} rows: {ms:.2} ms");
+        }
+        // One thread on one cached panel: the kernel's arithmetic rate.
+        let wp = SynthRng(3).vec(64 * k, 0.05);
+        let mut xa = vec![0.0f32; 8 * k + 16];
+        let off = xa.as_ptr().align_offset(64).min(16);
+        xa[off..off + 8 * k].copy_from_slice(x);
+        let x = &xa[off..];
+        for rows in [1usize, 2, 4, 8] {
+            let xs: Vec<&[f32]> = (0..rows).map(|r| &x[r * k..(r + 1) * k]).collect();
+            let mut bufs = vec![vec![0.0f32; 64]; rows];
+            let reps = 200;
+            let mut s = f64::INFINITY;
+            for _ in 0..10 {
+                let start = std::time::Instant::now();
+                for _ in 0..reps {
+                    let mut outs: Vec<&mut [f32]> =
+                        bufs.iter_mut().map(Vec::as_mut_slice).collect();
+                    dot_rows_on(Path::detect(), &xs, &wp, k, &mut outs);
+                }
+                s = s.min(start.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "cached panel, {rows} rows: {:.1} GMAC/s",
+                (reps * rows * 64 * k) as f64 / s / 1e9
+            );
         }
     }
 }
