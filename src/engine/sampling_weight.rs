@@ -90,7 +90,7 @@ pub const NO_BUCKET: u16 = u16::MAX;
 /// The weights of a whole row for the sampler's pass without top-k: for each token `t`,
 /// `q = token_weight((f64(logits[t]) - max) * inv_t)`, its bucket (a monotone function of `d`,
 /// so buckets in ascending order are runs of the canonical order) into `buckets[t]`
-/// ([`NO_BUCKET`] when `q == 0`), and `q` added to `sums[bucket]`. Eight tokens at a time with
+/// ([`NO_BUCKET`] when `q == 0`), and `q` added to `sums[bucket]`. 32 tokens at a time with
 /// the same IEEE operations per token as [`token_weight`] (the SIMD versions only run them side
 /// by side), so the weights are bit for bit those of the definition.
 pub fn weigh_row(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
@@ -132,22 +132,22 @@ unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut
 
 #[inline(always)]
 fn weigh_row_body(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
-    const N: usize = 8;
+    // Four registers of eight: independent Horner chains side by side hide their latency.
+    const N: usize = 32;
     let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
     for (xs, bs) in logits.chunks(N).zip(buckets.chunks_mut(N)) {
         let mut d = [0.0f64; N];
         for (dv, &x) in d.iter_mut().zip(xs) {
             *dv = (f64::from(x) - max) * inv_t;
         }
-        let q = token_weights8(&d);
-        for ((bv, &qv), &dv) in bs.iter_mut().zip(&q).zip(&d) {
-            *bv = if qv == 0 {
-                NO_BUCKET
-            } else {
-                let b = ((-dv * per) as usize).min(BUCKETS - 1);
-                sums[b] += u128::from(qv);
-                b as u16
-            };
+        let q = token_weights(&d);
+        let mut b = [0usize; N];
+        for (bv, &dv) in b.iter_mut().zip(&d) {
+            *bv = ((-dv * per) as i64).clamp(0, BUCKETS as i64 - 1) as usize;
+        }
+        for ((out, &qv), &bv) in bs.iter_mut().zip(&q).zip(&b) {
+            *out = if qv == 0 { NO_BUCKET } else { bv as u16 };
+            sums[bv] += u128::from(qv);
         }
     }
 }
@@ -161,32 +161,39 @@ fn round_half_away(x: f64) -> f64 {
     if (x - t).abs() >= 0.5 { t + 1.0f64.copysign(x) } else { t }
 }
 
-/// [`token_weight`] of eight values side by side, without branches: out-of-range values (NaN,
+/// [`token_weight`] of `N` values side by side, without branches: out-of-range values (NaN,
 /// `d > 0`, `d < WEIGHT_CUTOFF`) go through the arithmetic as 0 and get the weight 0 at the end;
 /// in-range values see exactly the operations of [`det_exp`] (whose NaN, `-708` and `min(0)`
 /// steps are no-ops on `[WEIGHT_CUTOFF, 0]`; a `-0.0` gives the same 1.0 as `+0.0`) and of
 /// [`token_weight`].
+// Plain loops over arrays, not `array::from_fn`: its closures are not always inlined into the
+// `target_feature` callers, and compiled outside them `trunc` becomes a library call.
 #[inline(always)]
-fn token_weights8(d: &[f64; 8]) -> [u64; 8] {
-    let inside: [bool; 8] = std::array::from_fn(|i| (WEIGHT_CUTOFF..=0.0).contains(&d[i]));
-    let d: [f64; 8] = std::array::from_fn(|i| if inside[i] { d[i] } else { 0.0 });
-    let k: [f64; 8] = std::array::from_fn(|i| round_half_away(d[i] * f64::from_bits(LOG2E)));
-    let mut r = [0.0f64; 8];
-    let mut p = [f64::from_bits(INV_FACTORIAL[13]); 8];
-    for i in 0..8 {
+fn token_weights<const N: usize>(d_in: &[f64; N]) -> [u64; N] {
+    let mut inside = [false; N];
+    let mut d = [0.0f64; N];
+    let mut k = [0.0f64; N];
+    let mut r = [0.0f64; N];
+    let mut p = [f64::from_bits(INV_FACTORIAL[13]); N];
+    for i in 0..N {
+        inside[i] = (WEIGHT_CUTOFF..=0.0).contains(&d_in[i]);
+        d[i] = if inside[i] { d_in[i] } else { 0.0 };
+        k[i] = round_half_away(d[i] * f64::from_bits(LOG2E));
         r[i] = d[i] - k[i] * f64::from_bits(LN2_HI);
         r[i] -= k[i] * f64::from_bits(LN2_LO);
     }
     for &c in INV_FACTORIAL[..13].iter().rev() {
-        for i in 0..8 {
+        for i in 0..N {
             p[i] = p[i] * r[i] + f64::from_bits(c);
         }
     }
-    std::array::from_fn(|i| {
+    let mut q = [0u64; N];
+    for i in 0..N {
         let scale = f64::from_bits(((1023 + k[i] as i64) as u64) << 52);
-        let q = round_half_away(p[i] * scale * WEIGHT_ONE) as u64;
-        if inside[i] { q } else { 0 }
-    })
+        let v = round_half_away(p[i] * scale * WEIGHT_ONE) as u64;
+        q[i] = if inside[i] { v } else { 0 };
+    }
+    q
 }
 
 #[cfg(test)]
@@ -264,7 +271,7 @@ mod tests {
         }
         for chunk in ds.chunks(8) {
             let d: [f64; 8] = std::array::from_fn(|i| chunk[i]);
-            let got = token_weights8(&d);
+            let got = token_weights(&d);
             for (g, &dv) in got.iter().zip(&d) {
                 assert_eq!(*g, token_weight(dv), "d = {dv:e}");
             }
