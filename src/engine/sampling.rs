@@ -226,21 +226,21 @@ fn scan(logits: &[f32]) -> Result<(usize, f64), SamplingError> {
     }
     const W: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; W];
-    // `!(x < inf)` holds exactly for NaN and `+inf`.
+    // NaN and `+inf` are flagged with `|` (no branch), so the loop vectorises.
     let mut bad = false;
     let chunks = logits.chunks_exact(W);
     let rest = chunks.remainder();
     for c in chunks {
         for (m, &x) in lanes.iter_mut().zip(c) {
-            bad |= !(x < f32::INFINITY);
+            bad |= x.is_nan() | (x == f32::INFINITY);
             *m = if x > *m { x } else { *m };
         }
     }
     for (m, &x) in lanes.iter_mut().zip(rest) {
-        bad |= !(x < f32::INFINITY);
+        bad |= x.is_nan() | (x == f32::INFINITY);
         *m = if x > *m { x } else { *m };
     }
-    if bad && let Some(index) = logits.iter().position(|&x| !(x < f32::INFINITY)) {
+    if bad && let Some(index) = logits.iter().position(|&x| x.is_nan() || x == f32::INFINITY) {
         return Err(SamplingError::BadLogit { index, value: logits[index] });
     }
     let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });

@@ -266,7 +266,7 @@ mod tests {
         ds.extend(edge);
         ds.extend([f64::NEG_INFINITY, WEIGHT_CUTOFF.next_down(), WEIGHT_CUTOFF.next_up()]);
         ds.extend([-36.7368005696771, -36.73680056967711, -1e-17, -5e-324]);
-        while ds.len() % 8 != 0 {
+        while !ds.len().is_multiple_of(8) {
             ds.push(-1.5);
         }
         for chunk in ds.chunks(8) {

@@ -61,6 +61,12 @@ fn xwt_fixed(y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight) {
 /// The output's base pointer, shared by the column-block tasks (each writes its own columns).
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+impl OutPtr {
+    /// The address of element `i` (a method, so that closures capture the whole `OutPtr`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 // SAFETY: the tasks that share the pointer write pairwise disjoint elements (see its use).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
@@ -101,13 +107,12 @@ fn xwt_fixed_on(path: Path, y: &mut [f32], x: &[f32], rows: &[usize], w: &Weight
                 panel
             }
         };
-        let out = out;
         let mut outs: Vec<&mut [f32]> = rows
             .iter()
             // SAFETY: `y` holds rows `..=last` of `n` (asserted above) and outlives the tasks;
             // rows are distinct and tasks' column ranges `j0..j1` are disjoint, so no element is
             // reachable from two of these slices, and nothing else touches `y` meanwhile.
-            .map(|&r| unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + j0), j1 - j0) })
+            .map(|&r| unsafe { std::slice::from_raw_parts_mut(out.at(r * n + j0), j1 - j0) })
             .collect();
         dot_rows_on(path, &xs, wp, k, &mut outs);
     });
@@ -185,7 +190,7 @@ mod tests {
             let mut ms = f64::INFINITY;
             for _ in 0..10 {
                 let start = std::time::Instant::now();
-                xwt_fixed(&mut y, &x, &idx, &w);
+                xwt_fixed(&mut y, x, &idx, &w);
                 ms = ms.min(start.elapsed().as_secs_f64() * 1e3);
             }
             eprintln!("{rows} rows: {ms:.2} ms");
