@@ -39,7 +39,7 @@
 
 use thiserror::Error;
 
-use crate::engine::sampling_weight::token_weight;
+use crate::engine::sampling_weight::{BUCKETS as BUCKETS_N, NO_BUCKET, token_weight, weigh_row};
 
 /// Errors from invalid sampling parameters or unusable logits.
 #[derive(Debug, Error, PartialEq)]
@@ -209,25 +209,49 @@ impl Draw {
 
 /// Checks logits and returns the log-normaliser `log Σ exp(logit)` (in f64).
 fn log_normaliser(logits: &[f32]) -> Result<f64, SamplingError> {
+    scan(logits).map(|(_, lse)| lse)
+}
+
+/// Checks logits; returns the first index of the maximum and the log-normaliser. The maximum is
+/// found by sixteen running maxima side by side (so the pass vectorises; only its value is
+/// used, and the first index holding it is looked up after), NaN and `+inf` only flagged in that
+/// pass and located after. Which zero a maximum of `±0` is makes no difference below:
+/// `x - max` and `max + ln(sum)` come out the same for both.
+fn scan(logits: &[f32]) -> Result<(usize, f64), SamplingError> {
     if logits.is_empty() {
         return Err(SamplingError::EmptyLogits);
     }
     if u32::try_from(logits.len()).is_err() {
         return Err(SamplingError::VocabTooLarge(logits.len()));
     }
-    let mut max = f32::NEG_INFINITY;
-    for (index, &value) in logits.iter().enumerate() {
-        if value.is_nan() || value == f32::INFINITY {
-            return Err(SamplingError::BadLogit { index, value });
+    const W: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; W];
+    // NaN and `+inf` are flagged with `|` (no branch), so the loop vectorises.
+    let mut bad = false;
+    let chunks = logits.chunks_exact(W);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            bad |= x.is_nan() | (x == f32::INFINITY);
+            *m = if x > *m { x } else { *m };
         }
-        max = max.max(value);
     }
+    for (m, &x) in lanes.iter_mut().zip(rest) {
+        bad |= x.is_nan() | (x == f32::INFINITY);
+        *m = if x > *m { x } else { *m };
+    }
+    if bad && let Some(index) = logits.iter().position(|&x| x.is_nan() || x == f32::INFINITY) {
+        return Err(SamplingError::BadLogit { index, value: logits[index] });
+    }
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     if max == f32::NEG_INFINITY {
         return Err(SamplingError::AllMasked);
     }
+    // The first index of the maximum: the head of the canonical order (`==` has -0.0 == +0.0).
+    let best = logits.iter().position(|&x| x == max).unwrap_or(0);
     let max = f64::from(max);
     let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
-    Ok(max + sum.ln())
+    Ok((best, max + sum.ln()))
 }
 
 /// `log_softmax(logits)[token]` in the raw (temperature 1) model distribution.
@@ -286,40 +310,32 @@ pub fn sample_token(
     uniform: f32,
 ) -> Result<(u32, f32), SamplingError> {
     params.validate()?;
-    let lse = log_normaliser(logits)?;
+    // `scan` checked that every id fits in u32.
+    let (best, lse) = scan(logits)?;
     let logprob = |t: u32| (f64::from(logits[t as usize]) - lse) as f32;
-
-    // First index of the maximum: the head of the canonical order. `>` treats -0.0 == +0.0.
-    let mut best = 0_usize;
-    for (t, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = t;
-        }
-    }
-    // `log_normaliser` checked that every id fits in u32.
     let Some(draw) = params.draw(uniform)? else {
         return Ok((best as u32, logprob(best as u32)));
     };
-
     let max = f64::from(logits[best]);
-    let weight = |x: f32| token_weight((f64::from(x) - max) * draw.inv_t);
-    // Select on keys first when top-k is on, so only k weights (exp) are computed.
-    let mut candidates: Vec<Candidate> = match draw.top_k as usize {
-        k if k > 0 && k < logits.len() => {
-            let mut keys: Vec<u64> =
-                logits.iter().enumerate().map(|(t, &x)| canonical_key(x, t as u32)).collect();
-            keys.select_nth_unstable(k - 1);
-            keys.truncate(k);
-            keys.iter().map(|&key| (key, weight(logits[(key as u32) as usize]))).collect()
-        }
-        _ => logits
-            .iter()
-            .enumerate()
-            .map(|(t, &x)| (canonical_key(x, t as u32), weight(x)))
-            .collect(),
-    };
-    let total: u128 = candidates.iter().map(|c| u128::from(c.1)).sum();
+    let token = match draw.top_k as usize {
+        k if k > 0 && k < logits.len() => pick_top_k(logits, max, &draw, k),
+        _ => pick_all(logits, max, &draw),
+    }
+    // Unreachable: `pick_*` find a token whenever the best one weighs 2^52 (always).
+    .unwrap_or(best as u32);
+    Ok((token, logprob(token)))
+}
 
+/// Steps 3-5 with top-k: the `k` first keys selected, only their weights computed.
+fn pick_top_k(logits: &[f32], max: f64, draw: &Draw, k: usize) -> Option<u32> {
+    let weight = |x: f32| token_weight((f64::from(x) - max) * draw.inv_t);
+    let mut keys: Vec<u64> =
+        logits.iter().enumerate().map(|(t, &x)| canonical_key(x, t as u32)).collect();
+    keys.select_nth_unstable(k - 1);
+    keys.truncate(k);
+    let mut candidates: Vec<Candidate> =
+        keys.iter().map(|&key| (key, weight(logits[(key as u32) as usize]))).collect();
+    let total: u128 = candidates.iter().map(|c| u128::from(c.1)).sum();
     // Exact: sums are below 2^84 (2^32 tokens of weight <= 2^52), so a sum times 2^24 (or times
     // p24 <= 2^24, or m < 2^24) stays below 2^108.
     let (kept, normaliser) = if draw.top_p_on() {
@@ -332,15 +348,62 @@ pub fn sample_token(
     } else {
         (candidates.len(), total)
     };
-
     let target = (u128::from(draw.m) * normaliser) >> 24;
-    let kept = &mut candidates[..kept];
-    let token = match first_prefix(kept, |c| c > target) {
-        Some((_, _, t)) => t,
-        // Unreachable: target < N = C(kept). Falling back to the best token keeps it total.
-        None => best as u32,
-    };
-    Ok((token, logprob(token)))
+    first_prefix(&mut candidates[..kept], |c| c > target).map(|(_, _, t)| t)
+}
+
+thread_local! {
+    /// [`pick_all`]'s per-token buckets and per-bucket sums, kept between rows of a thread.
+    static BUCKETS: std::cell::RefCell<(Vec<u16>, Vec<u128>)> = Default::default();
+}
+
+/// Steps 3-5 over the whole vocabulary without sorting or materialising candidates: one pass
+/// weighs every token and sums the weights per bucket of `d` ([`weigh_row`]; buckets are runs
+/// of the canonical order), a crossing is located to its bucket by the bucket sums and inside
+/// it by [`first_prefix`] over that bucket's tokens only. Tokens of weight 0 are left out: they
+/// never end the shortest prefix of a predicate that holds from some sum on (the best token
+/// weighs 2^52, and a zero weight repeats the previous sum), so every `C(n)` found is the one
+/// over all candidates. Top-p's prefix ends at `n` with `C(n) > target` (`target < N = C(n)`),
+/// so the draw's crossing lies among the kept tokens without restricting the search to them.
+fn pick_all(logits: &[f32], max: f64, draw: &Draw) -> Option<u32> {
+    BUCKETS.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (buckets, sums) = &mut *scratch;
+        buckets.resize(logits.len(), NO_BUCKET);
+        sums.clear();
+        sums.resize(BUCKETS_N, 0);
+        weigh_row(logits, max, draw.inv_t, buckets, sums);
+        let total: u128 = sums.iter().sum();
+        let crossing = |pred: &dyn Fn(u128) -> bool| -> Option<(u128, u32)> {
+            let mut base = 0u128;
+            // The shortest prefix has at least one token: empty buckets never end it.
+            let b = sums.iter().position(|&s| {
+                let hit = s > 0 && pred(base + s);
+                if !hit {
+                    base += s;
+                }
+                hit
+            })? as u16;
+            let mut members: Vec<Candidate> = buckets
+                .iter()
+                .enumerate()
+                .filter(|&(_, &bt)| bt == b)
+                .map(|(t, _)| {
+                    let x = logits[t];
+                    (canonical_key(x, t as u32), token_weight((f64::from(x) - max) * draw.inv_t))
+                })
+                .collect();
+            first_prefix(&mut members, |c| pred(base + c)).map(|(_, c, t)| (base + c, t))
+        };
+        let normaliser = if draw.top_p_on() {
+            let bound = u128::from(draw.top_p24) * total;
+            crossing(&|c| c << 24 >= bound).map_or(total, |(c, _)| c)
+        } else {
+            total
+        };
+        let target = (u128::from(draw.m) * normaliser) >> 24;
+        crossing(&|c| c > target).map(|(_, t)| t)
+    })
 }
 
 /// Finds the smallest `n >= 1` with `pred(C(n))`, `C(n)` the weight of the `n` canonically first
@@ -498,5 +561,64 @@ impl StopChecker {
             self.tail.drain(..cut);
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synth::SynthRng;
+
+    /// Steps 3-5 as the module docs state them, by a full sort of every candidate.
+    fn by_definition(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
+        let Ok(Some(draw)) = p.draw(u) else { return u32::MAX };
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut c: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .map(|(t, &x)| {
+                let q = token_weight((f64::from(x) - f64::from(max)) * draw.inv_t);
+                (canonical_key(x, t as u32), q)
+            })
+            .collect();
+        c.sort_unstable();
+        let k = if draw.top_k > 0 { (draw.top_k as usize).min(c.len()) } else { c.len() };
+        let sums: Vec<u128> = c[..k]
+            .iter()
+            .scan(0u128, |s, x| {
+                *s += u128::from(x.1);
+                Some(*s)
+            })
+            .collect();
+        let w = sums[k - 1];
+        let n = sums.iter().position(|&s| s << 24 >= u128::from(draw.top_p24) * w).unwrap_or(0);
+        let target = (u128::from(draw.m) * sums[n]) >> 24;
+        candidate_token(c[sums.iter().position(|&s| s > target).unwrap_or(0)])
+    }
+
+    /// The bucketed pass picks the token of the definition: flat and peaked rows, ties, masked
+    /// tokens, one huge bucket, several temperatures, top-p and top-k, draws across `[0, 1)`.
+    #[test]
+    fn picks_follow_the_definition() {
+        let mut rng = SynthRng(21);
+        let flat = rng.vec(3001, 8.0);
+        let peaked: Vec<f32> = rng.vec(3001, 1.0).iter().map(|x| x.powi(8) * 30.0).collect();
+        let mut ties: Vec<f32> = rng.vec(3001, 1.0).iter().map(|x| (x * 4.0).round()).collect();
+        ties[7] = f32::NEG_INFINITY;
+        ties[8] = -0.0;
+        let same = vec![1.5f32; 2500];
+        for logits in [&flat, &peaked, &ties, &same] {
+            for (t, k, p) in
+                [(1.0, -1, 1.0), (0.7, -1, 0.9), (2.5, -1, 0.5), (1.0, 50, 0.95), (1.0, -1, 1e-9)]
+            {
+                let sp =
+                    SamplingParams { temperature: t, top_k: k, top_p: p, ..SamplingParams::new(1) };
+                for d in 0..40 {
+                    let u = (d as f32 + rng.next_f32().abs()) / 40.0;
+                    let (got, _) = sample_token(logits, &sp, u.min(0.999_999)).unwrap();
+                    assert_eq!(got, by_definition(logits, &sp, u.min(0.999_999)), "T={t} p={p}");
+                }
+            }
+        }
     }
 }

@@ -81,6 +81,121 @@ pub fn token_weight(d: f64) -> u64 {
     (det_exp(d) * WEIGHT_ONE).round() as u64
 }
 
+/// Buckets of [`weigh_row`]: the nonzero-weight range `d` in `[WEIGHT_CUTOFF, 0]` cut into
+/// this many equal slices (`bucket = floor(-d * BUCKETS / 40)`, the last one closed).
+pub const BUCKETS: usize = 4096;
+/// [`weigh_row`]'s bucket of a token whose weight is 0 (never drawn, so never looked at).
+pub const NO_BUCKET: u16 = u16::MAX;
+
+/// The weights of a whole row for the sampler's pass without top-k: for each token `t`,
+/// `q = token_weight((f64(logits[t]) - max) * inv_t)`, its bucket (a monotone function of `d`,
+/// so buckets in ascending order are runs of the canonical order) into `buckets[t]`
+/// ([`NO_BUCKET`] when `q == 0`), and `q` added to `sums[bucket]`. 32 tokens at a time with
+/// the same IEEE operations per token as [`token_weight`] (the SIMD versions only run them side
+/// by side), so the weights are bit for bit those of the definition.
+pub fn weigh_row(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
+    assert!(buckets.len() == logits.len() && sums.len() == BUCKETS, "bucket buffers");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512dq") {
+            // SAFETY: the CPU has the instructions the function is compiled for.
+            return unsafe { weigh_row_avx512(logits, max, inv_t, buckets, sums) };
+        }
+        if has!("avx2") {
+            // SAFETY: as above.
+            return unsafe { weigh_row_avx2(logits, max, inv_t, buckets, sums) };
+        }
+    }
+    weigh_row_body(logits, max, inv_t, buckets, sums)
+}
+
+/// [`weigh_row_body`] with AVX-512 (F and DQ: the float-integer conversions) enabled.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn weigh_row_avx512(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) {
+    weigh_row_body(l, max, inv_t, b, s)
+}
+
+/// [`weigh_row_body`] with AVX2 enabled.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) {
+    weigh_row_body(l, max, inv_t, b, s)
+}
+
+#[inline(always)]
+fn weigh_row_body(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
+    // Four registers of eight: independent Horner chains side by side hide their latency.
+    const N: usize = 32;
+    let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
+    for (xs, bs) in logits.chunks(N).zip(buckets.chunks_mut(N)) {
+        let mut d = [0.0f64; N];
+        for (dv, &x) in d.iter_mut().zip(xs) {
+            *dv = (f64::from(x) - max) * inv_t;
+        }
+        let q = token_weights(&d);
+        let mut b = [0usize; N];
+        for (bv, &dv) in b.iter_mut().zip(&d) {
+            *bv = ((-dv * per) as i64).clamp(0, BUCKETS as i64 - 1) as usize;
+        }
+        for ((out, &qv), &bv) in bs.iter_mut().zip(&q).zip(&b) {
+            *out = if qv == 0 { NO_BUCKET } else { bv as u16 };
+            sums[bv] += u128::from(qv);
+        }
+    }
+}
+
+/// `round(x)`, half away from zero, from `trunc` (a single instruction with SSE4.1 and later,
+/// where `f64::round` is a library call): `x - trunc(x)` is exact, so the comparison with one
+/// half decides the rounding exactly.
+#[inline(always)]
+fn round_half_away(x: f64) -> f64 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 { t + 1.0f64.copysign(x) } else { t }
+}
+
+/// [`token_weight`] of `N` values side by side, without branches: out-of-range values (NaN,
+/// `d > 0`, `d < WEIGHT_CUTOFF`) go through the arithmetic as 0 and get the weight 0 at the end;
+/// in-range values see exactly the operations of [`det_exp`] (whose NaN, `-708` and `min(0)`
+/// steps are no-ops on `[WEIGHT_CUTOFF, 0]`; a `-0.0` gives the same 1.0 as `+0.0`) and of
+/// [`token_weight`].
+// Plain loops over arrays, not `array::from_fn`: its closures are not always inlined into the
+// `target_feature` callers, and compiled outside them `trunc` becomes a library call.
+#[inline(always)]
+fn token_weights<const N: usize>(d_in: &[f64; N]) -> [u64; N] {
+    let mut inside = [false; N];
+    let mut d = [0.0f64; N];
+    let mut k = [0.0f64; N];
+    let mut r = [0.0f64; N];
+    let mut p = [f64::from_bits(INV_FACTORIAL[13]); N];
+    for i in 0..N {
+        inside[i] = (WEIGHT_CUTOFF..=0.0).contains(&d_in[i]);
+        d[i] = if inside[i] { d_in[i] } else { 0.0 };
+        k[i] = round_half_away(d[i] * f64::from_bits(LOG2E));
+        r[i] = d[i] - k[i] * f64::from_bits(LN2_HI);
+        r[i] -= k[i] * f64::from_bits(LN2_LO);
+    }
+    for &c in INV_FACTORIAL[..13].iter().rev() {
+        for i in 0..N {
+            p[i] = p[i] * r[i] + f64::from_bits(c);
+        }
+    }
+    let mut q = [0u64; N];
+    for i in 0..N {
+        let scale = f64::from_bits(((1023 + k[i] as i64) as u64) << 52);
+        let v = round_half_away(p[i] * scale * WEIGHT_ONE) as u64;
+        q[i] = if inside[i] { v } else { 0 };
+    }
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +252,60 @@ mod tests {
             let got = token_weight(d) as i64;
             // off by at most one unit only where f64::exp and det_exp straddle a half
             assert!((got - want).abs() <= 1, "d = {d}: {got} vs {want}");
+        }
+    }
+
+    /// The eight-wide weights equal [`token_weight`] bit for bit, on a dense sweep, at the
+    /// rounding points of `k`, at the edges of the range and outside it.
+    #[test]
+    fn eight_wide_weights_equal_the_scalar_ones() {
+        let mut ds: Vec<f64> = (0..=400_000).map(|i| -41.0 * f64::from(i) / 4e5).collect();
+        ds.extend((0..60).map(|k| -(f64::from(k) + 0.5) * std::f64::consts::LN_2));
+        ds.extend((0..60).map(|k| -(f64::from(k) + 0.5) / f64::from_bits(LOG2E)));
+        let edge = [0.0, -0.0, 1e-300, -1e-300, 1.0, WEIGHT_CUTOFF, f64::NAN, f64::INFINITY];
+        ds.extend(edge);
+        ds.extend([f64::NEG_INFINITY, WEIGHT_CUTOFF.next_down(), WEIGHT_CUTOFF.next_up()]);
+        ds.extend([-36.7368005696771, -36.73680056967711, -1e-17, -5e-324]);
+        while !ds.len().is_multiple_of(8) {
+            ds.push(-1.5);
+        }
+        for chunk in ds.chunks(8) {
+            let d: [f64; 8] = std::array::from_fn(|i| chunk[i]);
+            let got = token_weights(&d);
+            for (g, &dv) in got.iter().zip(&d) {
+                assert_eq!(*g, token_weight(dv), "d = {dv:e}");
+            }
+        }
+    }
+
+    /// `weigh_row` (every path this CPU runs picks one) gives each token its scalar weight,
+    /// buckets that never decrease along descending logits, and per-bucket sums of the weights.
+    #[test]
+    fn row_weights_and_buckets() {
+        let mut rng = crate::engine::synth::SynthRng(11);
+        let mut logits = rng.vec(1003, 12.0);
+        logits[5] = f32::NEG_INFINITY;
+        logits[17] = -0.0;
+        logits[18] = 0.0;
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        for inv_t in [1.0, 1.0 / 0.7, 4.0] {
+            let mut b = vec![0u16; logits.len()];
+            let mut sums = vec![0u128; BUCKETS];
+            weigh_row(&logits, f64::from(max), inv_t, &mut b, &mut sums);
+            let mut want = vec![0u128; BUCKETS];
+            for (t, &x) in logits.iter().enumerate() {
+                let q = token_weight((f64::from(x) - f64::from(max)) * inv_t);
+                assert_eq!(q == 0, b[t] == NO_BUCKET, "token {t}");
+                if q > 0 {
+                    want[b[t] as usize] += u128::from(q);
+                }
+                for (u, &y) in logits.iter().enumerate() {
+                    if y < x && b[u] != NO_BUCKET {
+                        assert!(b[u] >= b[t], "{u} below {t}");
+                    }
+                }
+            }
+            assert_eq!(sums, want);
         }
     }
 }

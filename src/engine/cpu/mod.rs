@@ -9,6 +9,7 @@ mod decode;
 pub(crate) mod head;
 pub mod kv_cache;
 mod rowdot;
+mod rowkernel;
 mod runtime;
 mod segment;
 #[cfg(test)]
