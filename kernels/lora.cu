@@ -159,7 +159,8 @@ __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n
 }
 
 // One entry point for the three products (op 0 shrink, 1 expand, 2 wgrad), so the segment
-// lookup and the argument list exist once. `f` is the f32 rank-space operand (h / dh: written
+// lookup and the argument list exist once. (Every op's blocks reserve the expand's 8 KB static
+// tile; at 256 threads a block that does not need it loses no occupancy to it on sm_80+.) `f` is the f32 rank-space operand (h / dh: written
 // by shrink, read by expand; u: read by wgrad) and `t` the T row-space one (x / dy: read by
 // shrink and wgrad; y / dx: accumulated by expand). The tile axis is x for shrink, y for expand
 // and z for wgrad (their grids in the header).

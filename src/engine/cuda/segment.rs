@@ -65,8 +65,13 @@ impl SegLora {
         let addr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
         for (si, s) in specs.iter().enumerate() {
             let Some(a) = s.adapter else { continue };
-            let pairs = a.layers.iter().flat_map(|l| l.iter()).chain(std::iter::once(&a.lm_head));
-            for (mi, p) in pairs.enumerate().take(nmod) {
+            if a.layers.len() != layers {
+                return Err(shape_err("an adapter's layer count differs from the model's"));
+            }
+            // module index: layer l's slot j at l * 7 + j, the head last
+            let layer_pairs = a.layers.iter().flat_map(|l| l.iter());
+            let pairs = layer_pairs.chain(std::iter::once(&a.lm_head)).enumerate();
+            for (mi, p) in pairs {
                 let Some(p) = p else { continue };
                 check_pair(p, dims[mi])?;
                 let e = &mut tab[(mi * specs.len() + si) * LORA_TAB_STRIDE..][..LORA_TAB_STRIDE];
