@@ -29,9 +29,9 @@
 //!   gives each segment its adapter's addresses, rank and scale, so one launch serves all
 //!   tenants and a single tenant is simply one segment.
 //! - Generation: [`CudaKvCache::new`]`(&model, max_seqs, max_len)`,
-//!   [`CudaModel::forward_cached`] (prefill / decode, last-position logits per sequence;
-//!   [`CudaModel::forward_cached_many_device`] decodes several requests, each with its own
-//!   adapter and cache, in one pass) and
+//!   [`CudaModel::forward_cached_device`] (one request's prefill / decode, last-position logits
+//!   per sequence, left on the device; [`CudaModel::forward_cached_many_device`] decodes several
+//!   requests, each with its own adapter and cache, in one pass) and
 //!   [`CudaModel::select_tokens`] (the one sampling definition of `engine::sampling`, greedy
 //!   and stochastic rows both on the device; the draw's `exp` is `engine::sampling_weight`'s
 //!   deterministic one, so host and device pick bit-identically).
