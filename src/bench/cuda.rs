@@ -18,7 +18,7 @@ use crate::engine::cuda::{
 };
 use crate::engine::sampling::SamplingParams;
 use crate::engine::synth::SynthRng;
-use crate::engine::{AdamParams, CachedGroup, LoraConfig, LossFn, Model};
+use crate::engine::{AdamParams, CachedGroup, LossFn, Model};
 
 /// The GPU and the peaks its figures are measured against.
 #[derive(Debug, Clone)]
@@ -111,8 +111,7 @@ pub fn train(
     opts.check()?;
     let c = model.config().clone();
     let dev = model.device().clone();
-    let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
-    let mut ad = CudaAdapter::fresh(model, &lora)?;
+    let mut ad = CudaAdapter::fresh(model, &super::bench_lora(opts.rank, 0))?;
     let data = super::train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();

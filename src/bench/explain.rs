@@ -11,7 +11,7 @@ use crate::engine::cuda::profile::{KernelStat, at_peak, roofline};
 use crate::engine::cuda::{self as cu, CudaAdapter, CudaKvCache, CudaModel, bf16};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::synth::SynthRng;
-use crate::engine::{AdamParams, CachedGroup, LoraConfig, LossFn};
+use crate::engine::{AdamParams, CachedGroup, LossFn};
 
 /// One training step (forward_backward + AdamW) of the benchmark's batch, profiled.
 pub fn train_step(
@@ -19,8 +19,7 @@ pub fn train_step(
     opts: &TrainOptions,
 ) -> Result<Vec<KernelStat>, BenchError> {
     let dev = model.device();
-    let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
-    let mut ad = CudaAdapter::fresh(model, &lora)?;
+    let mut ad = CudaAdapter::fresh(model, &super::bench_lora(opts.rank, 0))?;
     let data = super::train_batch(opts, model.config().vocab_size);
     dev.profile_start();
     let step = cu::forward_backward(model, Some(&mut ad), &data, &LossFn::CrossEntropy, false)

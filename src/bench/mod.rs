@@ -122,6 +122,12 @@ pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
     Ok(model)
 }
 
+/// The benchmarks' LoRA: rank `rank`, alpha = rank, every linear of every layer (Tinker's
+/// defaults with the MLP and attention on, the head off).
+pub(crate) fn bench_lora(rank: usize, seed: u64) -> LoraConfig {
+    LoraConfig::from_tinker(rank, rank as f32, true, true, false, seed)
+}
+
 /// `opts.batch` random sequences of `opts.seq` tokens with next-token targets (fixed seed, so
 /// every backend and run trains on the same batch).
 pub(crate) fn train_batch(opts: &TrainOptions, vocab: usize) -> Vec<Datum> {
@@ -186,8 +192,7 @@ pub(crate) fn timed_train<E>(
 pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchError> {
     let c = model.config();
     opts.check()?;
-    let lora = LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, 0);
-    let mut adapter = Adapter::new(model, &lora)?;
+    let mut adapter = Adapter::new(model, &bench_lora(opts.rank, 0))?;
     let data = train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::{BenchError, check_positive, report};
 use crate::apps::model::decode::{DEFAULT_MAX_SEQS, DecodeBatcher};
 use crate::engine::synth::SynthRng;
-use crate::engine::{Adapter, Datum, LoraConfig, LossFn, LossInputs, ModelRuntime, TrainGroup};
+use crate::engine::{Adapter, Datum, LossFn, LossInputs, ModelRuntime, TrainGroup};
 use crate::protocol::internal::SampleRequest;
 
 /// Options of `twinkle bench multi-tenant`.
@@ -211,9 +211,8 @@ pub fn multi_tenant<R: ModelRuntime>(
             c.max_position_embeddings
         )));
     }
-    let lora = |seed| LoraConfig::from_tinker(opts.rank, opts.rank as f32, true, true, false, seed);
     let mut adapters = (0..opts.tenants as u64)
-        .map(|i| rt.upload_adapter(&Adapter::for_config(c, &lora(i))?))
+        .map(|i| rt.upload_adapter(&Adapter::for_config(c, &super::bench_lora(opts.rank, i))?))
         .collect::<Result<Vec<_>, _>>()?;
     let mut rng = SynthRng(42);
     let data: Vec<Vec<Datum>> =

@@ -126,6 +126,37 @@ pub fn check_batch(limits: &BatchLimits, data: &[Datum], loss: &LossFn) -> Resul
     Ok(())
 }
 
+/// The frame of every batched call: each group is checked on its own, the groups that pass go
+/// to `run` together (which returns one result per group it was given, in order), and each
+/// group gets its check's error or its result, in the original order.
+pub(crate) fn run_checked<J, O, E: From<EngineError>>(
+    groups: Vec<J>,
+    check: impl Fn(&J) -> Result<()>,
+    run: impl FnOnce(Vec<J>) -> Vec<std::result::Result<O, E>>,
+) -> Vec<std::result::Result<O, E>> {
+    let mut failed = Vec::with_capacity(groups.len());
+    let mut valid = Vec::with_capacity(groups.len());
+    for g in groups {
+        match check(&g) {
+            Ok(()) => {
+                valid.push(g);
+                failed.push(None);
+            }
+            Err(e) => failed.push(Some(e)),
+        }
+    }
+    let mut outs = if valid.is_empty() { Vec::new() } else { run(valid) }.into_iter();
+    failed
+        .into_iter()
+        .map(|f| match f {
+            Some(e) => Err(e.into()),
+            None => outs.next().unwrap_or_else(|| {
+                Err(EngineError::InvalidInput("the batch produced too few results".into()).into())
+            }),
+        })
+        .collect()
+}
+
 /// Packs datums: concatenated tokens, `(start, len)` per datum, positions restarting at 0.
 pub(crate) fn pack(data: &[Datum]) -> (Vec<u32>, Vec<(usize, usize)>, Vec<u32>) {
     let mut tokens = Vec::new();

@@ -39,7 +39,7 @@
 
 use thiserror::Error;
 
-use crate::engine::sampling_weight::{BUCKETS as BUCKETS_N, NO_BUCKET, token_weight, weigh_row};
+use crate::engine::sampling_weight::{token_weight, weigh_row};
 
 /// Errors from invalid sampling parameters or unusable logits.
 #[derive(Debug, Error, PartialEq)]
@@ -369,9 +369,6 @@ fn pick_all(logits: &[f32], max: f64, draw: &Draw) -> Option<u32> {
     BUCKETS.with(|cell| {
         let mut scratch = cell.borrow_mut();
         let (buckets, sums) = &mut *scratch;
-        buckets.resize(logits.len(), NO_BUCKET);
-        sums.clear();
-        sums.resize(BUCKETS_N, 0);
         weigh_row(logits, max, draw.inv_t, buckets, sums);
         let total: u128 = sums.iter().sum();
         let crossing = |pred: &dyn Fn(u128) -> bool| -> Option<(u128, u32)> {

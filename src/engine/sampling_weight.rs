@@ -90,11 +90,21 @@ pub const NO_BUCKET: u16 = u16::MAX;
 /// The weights of a whole row for the sampler's pass without top-k: for each token `t`,
 /// `q = token_weight((f64(logits[t]) - max) * inv_t)`, its bucket (a monotone function of `d`,
 /// so buckets in ascending order are runs of the canonical order) into `buckets[t]`
-/// ([`NO_BUCKET`] when `q == 0`), and `q` added to `sums[bucket]`. 32 tokens at a time with
-/// the same IEEE operations per token as [`token_weight`] (the SIMD versions only run them side
-/// by side), so the weights are bit for bit those of the definition.
-pub fn weigh_row(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
-    assert!(buckets.len() == logits.len() && sums.len() == BUCKETS, "bucket buffers");
+/// ([`NO_BUCKET`] when `q == 0`), and `q` added to `sums[bucket]` (both buffers are sized and
+/// cleared here, so a caller may keep them between rows). 32 tokens at a time with the same
+/// IEEE operations per token as [`token_weight`] (the SIMD versions only run them side by
+/// side), so the weights are bit for bit those of the definition.
+pub fn weigh_row(
+    logits: &[f32],
+    max: f64,
+    inv_t: f64,
+    buckets: &mut Vec<u16>,
+    sums: &mut Vec<u128>,
+) {
+    buckets.resize(logits.len(), NO_BUCKET);
+    sums.clear();
+    sums.resize(BUCKETS, 0);
+    let (buckets, sums) = (buckets.as_mut_slice(), sums.as_mut_slice());
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
@@ -289,8 +299,7 @@ mod tests {
         logits[18] = 0.0;
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         for inv_t in [1.0, 1.0 / 0.7, 4.0] {
-            let mut b = vec![0u16; logits.len()];
-            let mut sums = vec![0u128; BUCKETS];
+            let (mut b, mut sums) = (Vec::new(), Vec::new());
             weigh_row(&logits, f64::from(max), inv_t, &mut b, &mut sums);
             let mut want = vec![0u128; BUCKETS];
             for (t, &x) in logits.iter().enumerate() {

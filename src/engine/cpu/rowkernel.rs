@@ -145,12 +145,11 @@ trait Lanes {
     /// As [`Lanes::zero`].
     #[inline(always)]
     unsafe fn prefetch(p: *const f32) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch reads nothing and faults on no address; SSE is baseline x86-64.
+        // SAFETY: a prefetch reads nothing and faults on no address; SSE is baseline x86-64
+        // (the trait exists on x86-64 only).
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
         };
-        let _ = p;
     }
 
     /// The sums of sixteen registers of lane sums: per register the lanes folded to

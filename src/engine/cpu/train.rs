@@ -10,7 +10,9 @@ use super::backend::profile::{Kind, span};
 use super::head::{Head, HeadSegment, HeadTargets};
 use super::segment::{Segment, SegmentMut};
 use super::transformer::Packed;
-use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup, check_tokens, pack, validate};
+use crate::engine::batch::{
+    EvalGroup, FwdBwdOutput, TrainGroup, check_tokens, pack, run_checked, validate,
+};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::lora::Adapter;
 use crate::engine::loss::{Datum, DatumOutput, LossFn};
@@ -114,29 +116,11 @@ fn run_one(model: &Model, job: Job) -> Result<FwdBwdOutput> {
 /// Validates each group on its own (a bad one gets its error), then runs the valid ones
 /// together.
 fn run_many(model: &Model, jobs: Vec<Job>) -> Vec<Result<FwdBwdOutput>> {
-    let mut failed = Vec::with_capacity(jobs.len());
-    let mut valid = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let check = validate(model.config(), job.data, job.loss)
-            .and_then(|()| job.adapter.get().map_or(Ok(()), |a| a.check_compatible(model)));
-        match check {
-            Ok(()) => {
-                valid.push(job);
-                failed.push(None);
-            }
-            Err(e) => failed.push(Some(e)),
-        }
-    }
-    let mut outs = run_valid(model, valid).into_iter();
-    failed
-        .into_iter()
-        .map(|f| match f {
-            Some(e) => Err(e),
-            None => outs.next().ok_or_else(|| {
-                EngineError::InvalidInput("the batch produced too few results".into())
-            }),
-        })
-        .collect()
+    let check = |job: &Job| {
+        validate(model.config(), job.data, job.loss)
+            .and_then(|()| job.adapter.get().map_or(Ok(()), |a| a.check_compatible(model)))
+    };
+    run_checked(jobs, check, |valid| run_valid(model, valid).into_iter().map(Ok).collect())
 }
 
 /// The shared pass over validated groups: their datums packed one group after another (group

@@ -70,4 +70,13 @@ impl CudaError {
         let context = context.into();
         move |source| CudaError::Cublas { context, source }
     }
+
+    /// The failure of a pass shared by `n` groups, one error per group: the first keeps this
+    /// error, the others carry its message (errors are not `Clone`; none of these is the
+    /// caller's fault, so `DataParallel` re-runs each group alone).
+    pub(crate) fn for_each_group(self, n: usize) -> Vec<CudaError> {
+        let msg = self.to_string();
+        let others = (1..n).map(|_| CudaError::Shape { kernel: "shared pass", msg: msg.clone() });
+        std::iter::once(self).chain(others).take(n).collect()
+    }
 }

@@ -222,20 +222,15 @@ impl<T: Act> CudaModel<T> {
             let out = self
                 .decode_step(step.into_iter().map(|(_, g)| g).collect())
                 .and_then(|logits| self.split_rows(&logits, &sizes));
-            match out {
-                Ok(parts) => {
-                    for (i, part) in parts {
-                        results[i] = Some(Ok(part));
-                    }
-                }
+            let parts: Vec<(usize, R<CudaSlice<f32>>)> = match out {
+                Ok(parts) => parts.into_iter().map(|(i, p)| (i, Ok(p))).collect(),
                 Err(e) => {
-                    let msg = e.to_string();
-                    for &(i, _) in &sizes {
-                        let err =
-                            CudaError::Shape { kernel: "shared decode pass", msg: msg.clone() };
-                        results[i] = Some(Err(err));
-                    }
+                    let errs = e.for_each_group(sizes.len()).into_iter().map(Err);
+                    sizes.iter().map(|s| s.0).zip(errs).collect()
                 }
+            };
+            for (i, r) in parts {
+                results[i] = Some(r);
             }
         }
         results

@@ -22,7 +22,7 @@ use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, download, scratch, upload_ws, view, view_mut};
 use super::segment::{SegLora, SegSpec};
 use super::workspace::Buf;
-use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup, pack, validate};
+use crate::engine::batch::{EvalGroup, FwdBwdOutput, TrainGroup, pack, run_checked, validate};
 use crate::engine::loss::{Datum, DatumOutput, LossFn};
 
 /// Targets of a batch as a dense [rows, kmax] matrix, -1 where a datum has fewer than kmax,
@@ -157,44 +157,14 @@ fn shape(msg: &str) -> CudaError {
 /// Validates each group on its own (a bad one gets its error), runs the valid ones in one pass,
 /// and hands the pass's error to each of them if it fails.
 fn run_many<T: Act>(model: &CudaModel<T>, jobs: Vec<Job<'_>>) -> Vec<R<FwdBwdOutput>> {
-    let mut checks = Vec::with_capacity(jobs.len());
-    let mut valid = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match validate(model.config(), job.data, job.loss) {
-            Ok(()) => {
-                valid.push(job);
-                checks.push(None);
-            }
-            Err(e) => checks.push(Some(e)),
-        }
-    }
-    let n = valid.len();
-    let shared = if valid.is_empty() {
-        Ok(Vec::new())
-    } else {
+    let check = |job: &Job<'_>| validate(model.config(), job.data, job.loss);
+    run_checked(jobs, check, |valid| {
         let _pass = model.dev.ws().pass();
-        run_valid(model, &valid)
-    };
-    let mut outs = match shared {
-        Ok(o) => o.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
-        Err(e) => {
-            let msg = e.to_string();
-            let each =
-                (0..n).map(|_| Err(CudaError::Shape { kernel: "shared pass", msg: msg.clone() }));
-            let mut v: Vec<R<FwdBwdOutput>> = each.collect();
-            if let Some(first) = v.first_mut() {
-                *first = Err(e);
-            }
-            v.into_iter()
+        match run_valid(model, &valid) {
+            Ok(outs) => outs.into_iter().map(Ok).collect(),
+            Err(e) => e.for_each_group(valid.len()).into_iter().map(Err).collect(),
         }
-    };
-    checks
-        .into_iter()
-        .map(|c| match c {
-            Some(e) => Err(CudaError::Engine(e)),
-            None => outs.next().unwrap_or_else(|| Err(shape("the pass produced too few results"))),
-        })
-        .collect()
+    })
 }
 
 /// The shared pass over validated groups (group `g` owns one contiguous row range).
