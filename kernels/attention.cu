@@ -41,15 +41,6 @@ __device__ __forceinline__ void ld2(const bf16* p, float& a, float& b) {
     b = __uint_as_float(w & 0xffff0000u);
 }
 
-// Start and length of sequence b, clamped so that a malformed cu_seqlens can never index
-// outside [0, ntok).
-__device__ __forceinline__ void seq_bounds(const int* cu, int b, int ntok, int& seq0,
-                                           int& seqlen) {
-    const int seq_end = max(0, min(cu[b + 1], ntok));
-    seq0 = max(0, min(cu[b], seq_end));
-    seqlen = seq_end - seq0;
-}
-
 // Stages keys k0 .. k0 + ATT_BK - 1 of one sequence (kv head kvh) into the shared K/V tiles,
 // zero past the sequence's end so that padding keys contribute nothing; the whole block takes
 // part (the forward and the backward load their tiles the same way).

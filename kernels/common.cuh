@@ -2,9 +2,11 @@
 // include path, so the kernels build with nothing but libnvrtc).
 //
 // defines: bf16 (storage type, bit-level conversions), ld/st (load any dtype as f32, store f32 as
-// any dtype), warp_sum/warp_max, block_reduce and block_sum/block_max, ordered keys for float comparisons, and the
-// TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both dtypes, and map2_vec
-// (the vectorised binary elementwise loop).
+// any dtype), warp_sum/warp_max, block_reduce and block_sum/block_max, ordered keys for float
+// comparisons, the TWINKLE_F32_BF16 macro that instantiates extern "C" entry points for both
+// dtypes, map2_vec (the vectorised binary elementwise loop), seq_bounds (one packed sequence's
+// clamped extent) and the tensor-core layer: mma_bf16_16816 (inline PTX on a GPU, warp shuffles
+// under the CPU emulator) and pack_bf16x2.
 //
 // Conventions: activations and base weights are T (bf16 or f32), all accumulation is f32,
 // indices are int (packed token counts fit in 2^31), shapes arrive as int.
@@ -155,4 +157,64 @@ __device__ __forceinline__ void map2_vec(T* out, const T* a, const T* b, long lo
         }
     }
     for (long long i = head + tid; i < n; i += stride) st(out + i, f(ld(a + i), ld(b + i)));
+}
+
+// Start and length of packed sequence b (cu = cu_seqlens), clamped so that a malformed
+// cu_seqlens can never index outside [0, ntok).
+__device__ __forceinline__ void seq_bounds(const int* cu, int b, int ntok, int& seq0,
+                                           int& seqlen) {
+    const int seq_end = max(0, min(cu[b + 1], ntok));
+    seq0 = max(0, min(cu[b], seq_end));
+    seqlen = seq_end - seq0;
+}
+
+// ---- tensor cores ------------------------------------------------------------------------------
+// The one tensor-core instruction the kernels use: a warp-wide bf16 MMA with f32 accumulation,
+// D[16x8] += A[16x16] * B[16x8] (PTX mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, sm_80+).
+// Fragments follow the PTX ISA layout; with g = lane / 4 and t = lane % 4 each lane holds
+//   a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+//   d[0..1] = D[g][2t, 2t+1] d[2..3] = D[g+8][2t, 2t+1]
+// (a pair is two bf16 in one u32, the lower column / row in the low half). All 32 lanes of the
+// warp must execute it together. Under the CPU emulator (TWINKLE_CUDA_EMU) the same contract is
+// met with warp shuffles, so a kernel's fragment bookkeeping is tested exactly as the GPU runs it.
+#ifdef TWINKLE_CUDA_EMU
+__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+
+__device__ inline void mma_bf16_16816(float* d, const u32* a, const u32* b) {
+    const int lane = ((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x) & 31;
+    const int g = lane >> 2, t = lane & 3;
+    for (int kq = 0; kq < 4; ++kq) {
+        // row g's pairs live in lane 4g + kq; column n's pairs in lane 4n + kq
+        const int sa = 4 * g + kq, sb0 = 8 * t + kq, sb1 = 8 * t + 4 + kq;
+        const u32 a0 = __shfl_sync(0xffffffffu, a[0], sa), a1 = __shfl_sync(0xffffffffu, a[1], sa);
+        const u32 a2 = __shfl_sync(0xffffffffu, a[2], sa), a3 = __shfl_sync(0xffffffffu, a[3], sa);
+        const u32 c0 = __shfl_sync(0xffffffffu, b[0], sb0), c1 = __shfl_sync(0xffffffffu, b[1], sb0);
+        const u32 e0 = __shfl_sync(0xffffffffu, b[0], sb1), e1 = __shfl_sync(0xffffffffu, b[1], sb1);
+        // products of two bf16 are exact in f32, so only the summation order can differ from
+        // the tensor core's (which the PTX ISA leaves unspecified)
+        d[0] += bf16_lo(a0) * bf16_lo(c0) + bf16_hi(a0) * bf16_hi(c0) + bf16_lo(a2) * bf16_lo(c1) +
+                bf16_hi(a2) * bf16_hi(c1);
+        d[1] += bf16_lo(a0) * bf16_lo(e0) + bf16_hi(a0) * bf16_hi(e0) + bf16_lo(a2) * bf16_lo(e1) +
+                bf16_hi(a2) * bf16_hi(e1);
+        d[2] += bf16_lo(a1) * bf16_lo(c0) + bf16_hi(a1) * bf16_hi(c0) + bf16_lo(a3) * bf16_lo(c1) +
+                bf16_hi(a3) * bf16_hi(c1);
+        d[3] += bf16_lo(a1) * bf16_lo(e0) + bf16_hi(a1) * bf16_hi(e0) + bf16_lo(a3) * bf16_lo(e1) +
+                bf16_hi(a3) * bf16_hi(e1);
+    }
+}
+#else
+__device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Two f32 as one bf16 pair (x in the low half), the A-fragment form of an accumulator pair.
+__device__ __forceinline__ u32 pack_bf16x2(float x, float y) {
+    return (u32)f32_to_bf16(x).bits | ((u32)f32_to_bf16(y).bits << 16);
 }

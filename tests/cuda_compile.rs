@@ -94,6 +94,12 @@ fn every_launcher_symbol_is_in_its_cubin() {
         ("sampling.cu", "sample_exp_fwd"),
     ];
     let mut wanted: Vec<(&str, String)> = single.iter().map(|&(f, s)| (f, s.to_string())).collect();
+    // launch/flash.rs: bf16 only, one family per head dim
+    for hd in [32, 64, 128] {
+        for k in ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"] {
+            wanted.push(("flash.cu", format!("{k}_hd{hd}_bf16")));
+        }
+    }
     for &(f, stems) in both {
         for s in stems {
             wanted.push((f, format!("{s}_f32")));

@@ -70,23 +70,40 @@ fn attention_ref(
 }
 
 pub fn attention<T: TestT>(dev: &CudaDevice, hd: usize) -> Result<()> {
+    // lengths 5, 33 (crosses a 32-key tile), 17, 0
+    attention_packed::<T>(dev, hd, &[0, 5, 38, 55, 55], (4, 2))
+}
+
+/// Sequences long enough for several tiles of every flash kernel (64-row query and key blocks,
+/// 32-key / 32-query inner tiles): lengths 150, 5, 64 (exactly one block), 0 and 81, with a GQA
+/// group of 4.
+pub fn attention_long<T: TestT>(dev: &CudaDevice, hd: usize) -> Result<()> {
+    attention_packed::<T>(dev, hd, &[0, 150, 155, 219, 219, 300], (8, 2))
+}
+
+fn attention_packed<T: TestT>(
+    dev: &CudaDevice,
+    hd: usize,
+    cu: &[i32],
+    (hq, hkv): (usize, usize),
+) -> Result<()> {
     let s = dev.stream();
-    let mut r = Rng(hd as u64 + 3);
-    let cu = [0, 5, 38, 55, 55]; // lengths 5, 33 (crosses a 32-key tile), 17, 0
-    let (hq, hkv, t) = (4, 2, 55);
+    let mut r = Rng(hd as u64 + 3 + cu.len() as u64);
+    let t = *cu.last().unwrap_or(&0) as usize;
+    let max_seqlen = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
     let scale = 1.0 / (hd as f64).sqrt();
     let q = rt::<T>(&r.vec(t * hq * hd, 1.0));
     let kk = rt::<T>(&r.vec(t * hkv * hd, 1.0));
     let v = rt::<T>(&r.vec(t * hkv * hd, 1.0));
     let dout = rt::<T>(&r.vec(t * hq * hd, 1.0));
-    let (wo, wl, wdq, wdk, wdv) = attention_ref(&q, &kk, &v, &dout, &cu, hq, hkv, hd, scale);
+    let (wo, wl, wdq, wdk, wdv) = attention_ref(&q, &kk, &v, &dout, cu, hq, hkv, hd, scale);
     let (dq_, dk_, dv_, dd_, dcu) =
-        (up::<T>(s, &q)?, up::<T>(s, &kk)?, up::<T>(s, &v)?, up::<T>(s, &dout)?, upi(s, &cu)?);
+        (up::<T>(s, &q)?, up::<T>(s, &kk)?, up::<T>(s, &v)?, up::<T>(s, &dout)?, upi(s, cu)?);
     let shape = AttentionShape {
         q_heads: hq,
         kv_heads: hkv,
         head_dim: hd,
-        max_seqlen: 33,
+        max_seqlen,
         scale: scale as f32,
     };
     let mut out = s.alloc_zeros::<T>(q.len())?;

@@ -24,6 +24,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("rope.cu", include_str!("../../../kernels/rope.cu")),
     ("swiglu.cu", include_str!("../../../kernels/swiglu.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    ("flash.cu", include_str!("../../../kernels/flash.cu")),
     ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
     ("lora.cu", include_str!("../../../kernels/lora.cu")),
     ("loss.cu", include_str!("../../../kernels/loss.cu")),

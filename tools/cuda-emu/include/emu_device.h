@@ -23,6 +23,9 @@
 #define __restrict__ __restrict
 // __shared__ declarations are rewritten by the generator; one that slips through must not compile.
 #define __shared__ __shared___is_rewritten_by_gen_kernels_py
+// Lets kernels/common.cuh pick the host form of the few intrinsics that are inline PTX on a GPU
+// (the tensor-core MMA), which must then behave exactly as the PTX ISA specifies.
+#define TWINKLE_CUDA_EMU 1
 
 struct uint3 {
     unsigned x, y, z;

@@ -1,8 +1,10 @@
-//! Launchers for `kernels/attention.cu` (packed causal GQA attention, forward and backward) and
+//! Launchers for `kernels/attention.cu` (packed causal GQA attention, forward and backward; bf16
+//! at head dims 32/64/128 goes to the tensor-core kernels of [`super::flash`]) and
 //! `kernels/kv_cache.cu` (paged KV-cache append and decode attention).
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
+use super::flash;
 use super::{Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
@@ -99,7 +101,12 @@ fn check_shape(
 /// the sequences were of equal length: `mults.0` FLOPs per (query, key, head, dim) pair (4 for
 /// the forward's two products, 10 for the backward's five) and `mults.1` passes over q, k, v
 /// and the output (2 forward: read q, k, v, write out; 4 backward: those and their gradients).
-fn attention_cost<T>(s: &AttentionShape, t: usize, batch: usize, mults: (f64, f64)) -> (f64, f64) {
+pub(super) fn attention_cost<T>(
+    s: &AttentionShape,
+    t: usize,
+    batch: usize,
+    mults: (f64, f64),
+) -> (f64, f64) {
     let len = t as f64 / batch.max(1) as f64;
     let pairs = t as f64 * (len + 1.0) / 2.0;
     let flops = mults.0 * pairs * (s.q_heads * s.head_dim) as f64;
@@ -110,7 +117,7 @@ fn attention_cost<T>(s: &AttentionShape, t: usize, batch: usize, mults: (f64, f6
 /// Grid of the tiled attention kernels: `tile.0` rows of the longest sequence per block along
 /// x, `tile.1` heads along y, the batch along z; `smem` bytes of dynamic shared memory, opted
 /// into on `f` where it exceeds the default.
-fn tile_cfg(
+pub(super) fn tile_cfg(
     f: &Kernel<'_>,
     smem: usize,
     threads: u32,
@@ -149,6 +156,10 @@ pub fn attention_fwd<T: Dtype>(
     if t == 0 {
         return Ok(());
     }
+    let ptrs = [flash::addrs(dev, &[q, k, v]), vec![flash::addr_mut(dev, out)]].concat();
+    if flash::serves::<T>(s.head_dim, &ptrs) {
+        return flash::fwd(dev, out, lse, q, k, v, cu_seqlens, s, (t, batch));
+    }
     let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
     let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
     let cfg =
@@ -166,7 +177,8 @@ pub fn attention_fwd<T: Dtype>(
 }
 
 /// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
-/// workspaces (overwritten); `out` and `lse` are the forward's outputs.
+/// workspaces (overwritten; the tensor-core path leaves `dq_accum` untouched: its dQ kernel owns
+/// whole rows); `out` and `lse` are the forward's outputs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Dtype>(
     dev: &CudaDevice,
@@ -201,13 +213,14 @@ pub fn attention_bwd<T: Dtype>(
     }
     let ti = int(kn, "tokens", t)?;
     let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
-    dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
 
     let kd = sym!(T, "attention_delta_bwd");
     let rows = t * s.q_heads;
     let rows_l = long(kd, "rows", rows)?;
     let cfg_d = blocks((grid_dim(kd, "rows/8", rows.div_ceil(8), i32::MAX as u32)?, 1, 1), 256);
-    let fd = Kernel::load(dev, "attention.cu", kd)?;
+    let elems = (rows * s.head_dim) as f64;
+    let bytes = 2.0 * elems * std::mem::size_of::<T>() as f64 + 4.0 * rows as f64;
+    let fd = Kernel::load(dev, "attention.cu", kd)?.cost(2.0 * elems, bytes);
     // SAFETY: delta is [rows], dout/out are [rows, hd] (checked); 8 warps per block, one row each.
     unsafe {
         fd.launch(cfg_d, |l| {
@@ -215,6 +228,17 @@ pub fn attention_bwd<T: Dtype>(
         })?;
     }
 
+    let ptrs = [
+        flash::addrs(dev, &[dout, q, k, v]),
+        [&*dq, &*dk, &*dv].iter().map(|x| flash::addr_mut(dev, x)).collect(),
+    ]
+    .concat();
+    if flash::serves::<T>(s.head_dim, &ptrs) {
+        let delta_v = delta.as_view();
+        let io = (t, batch);
+        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), cu_seqlens, s, io);
+    }
+    dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
     let (fl, by) = attention_cost::<T>(s, t, batch, (10.0, 4.0));
     let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
     let cfg =

@@ -7,6 +7,7 @@
 
 mod attention;
 mod elementwise;
+mod flash;
 mod gemm;
 mod layers;
 mod lora;
