@@ -485,6 +485,17 @@ fn cuda_optim_step_refuses_a_non_finite_gradient() -> Result<()> {
     refs::runtime::non_finite_gradient_is_refused::<bf16>()
 }
 
+/// Decode steps replayed from captured CUDA graphs equal the plain runs bit for bit, with a
+/// capture per step shape and replays otherwise.
+#[test]
+fn decode_graph_replays_equal_plain_steps() -> Result<()> {
+    if device("graphs").is_none() {
+        return Ok(());
+    }
+    let (_tmp, model) = engine_support::tiny_model();
+    refs::graphs::graphs_equal_plain(&model)
+}
+
 #[test]
 fn several_tenants_in_one_pass_equal_each_alone() -> Result<()> {
     if device("many").is_none() {

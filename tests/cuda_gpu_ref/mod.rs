@@ -1,6 +1,7 @@
 //! Parity checks (GPU vs naive f64 CPU references) for attention, decode, LoRA, losses, AdamW
 //! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
 
+pub mod graphs;
 pub mod lora;
 pub mod loss_terms;
 pub mod many;

@@ -22,6 +22,9 @@ pub struct CudaKvCache<T: Act = bf16> {
     v: Vec<CudaSlice<T>>,
     pub(crate) lens: Vec<usize>,
     pub(crate) max_len: usize,
+    /// Unique per cache for the process's life: a captured decode graph (`graph.rs`) bakes in
+    /// the addresses of exactly this cache's buffers.
+    pub(crate) id: u64,
 }
 
 impl<T: Act> std::fmt::Debug for CudaKvCache<T> {
@@ -54,7 +57,9 @@ impl<T: Act> CudaKvCache<T> {
             k.push(zeros::<T>(&model.dev, slots * row)?);
             v.push(zeros::<T>(&model.dev, slots * row)?);
         }
-        Ok(CudaKvCache { k, v, lens: vec![0; max_seqs], max_len })
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(CudaKvCache { k, v, lens: vec![0; max_seqs], max_len, id })
     }
 
     /// Tokens cached for sequence slot `seq` (0 for an unknown slot).
@@ -161,17 +166,24 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let lv = view(logits, 0, n * v)?;
-        let mut tok = scratch::<i32>(&self.dev, n)?;
-        let mut lp = scratch::<f32>(&self.dev, n)?;
-        let (mut tv, mut lpv) = (view_mut(&mut tok, 0, n)?, view_mut(&mut lp, 0, n)?);
-        k::argmax_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v)?;
-        if inv_t.iter().any(|&x| x != 0.0) {
-            let (dt, dp) = (upload_ws(&self.dev, &inv_t)?, upload_ws(&self.dev, &ints)?);
-            let (dt, dp) = (view(&dt, 0, n)?, view(&dp, 0, 3 * n)?);
-            k::sample_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v, &dt, &dp)?;
+        // tokens then logprobs (as f32 bits) in one buffer: one download, the step's one sync
+        let mut picks = scratch::<i32>(&self.dev, 2 * n)?;
+        {
+            let mut whole = view_mut(&mut picks, 0, 2 * n)?;
+            let (mut tv, mut rest) = whole.split_at_mut(n);
+            // SAFETY: i32 and f32 have the same size and every bit pattern is a valid f32.
+            let mut lpv = unsafe { rest.transmute_mut::<f32>(n) }
+                .ok_or_else(|| invalid("logprob view".into()))?;
+            k::argmax_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v)?;
+            if inv_t.iter().any(|&x| x != 0.0) {
+                let (dt, dp) = (upload_ws(&self.dev, &inv_t)?, upload_ws(&self.dev, &ints)?);
+                let (dt, dp) = (view(&dt, 0, n)?, view(&dp, 0, 3 * n)?);
+                k::sample_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v, &dt, &dp)?;
+            }
         }
-        let tok = download(&self.dev, &view(&tok, 0, n)?)?;
-        let lp = download(&self.dev, &view(&lp, 0, n)?)?;
+        let host = download(&self.dev, &view(&picks, 0, 2 * n)?)?;
+        let (tok, lp) = host.split_at(n);
+        let lp: Vec<f32> = lp.iter().map(|&b| f32::from_bits(b as u32)).collect();
         let mut out = Vec::with_capacity(n);
         for (i, (&t, &l)) in tok.iter().zip(&lp).enumerate() {
             // Both kernels give a NaN logprob for NaN, +inf or all -inf rows (which the CPU

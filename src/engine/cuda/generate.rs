@@ -16,6 +16,36 @@ use super::segment::{SegLora, SegSpec};
 use super::workspace::Buf;
 use crate::engine::batch::CachedGroup;
 
+/// The host side of one decode step: what is uploaded before it runs.
+pub(crate) struct StepHost<'a, T: Act> {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub specs: Vec<SegSpec<'a>>,
+    pub groups: Vec<GroupHost<'a, T>>,
+}
+
+/// One cache's rows of a [`StepHost`]: slots, cache rows and context lengths per sequence, the
+/// sequence slots fed (whose lengths grow by one when the step succeeds) and the cache.
+pub(crate) struct GroupHost<'a, T: Act> {
+    pub rows: std::ops::Range<usize>,
+    pub slots: Vec<i32>,
+    pub table: Vec<i32>,
+    pub ctx: Vec<i32>,
+    pub fed: Vec<usize>,
+    pub cache: &'a mut CudaKvCache<T>,
+}
+
+/// After a successful step: each fed sequence holds one more token.
+pub(crate) fn finish_step<T: Act>(kv: KvMode<'_, T>, fed: Vec<Vec<usize>>) {
+    if let KvMode::Decode(groups) = kv {
+        for (g, slots) in groups.into_iter().zip(fed) {
+            for s in slots {
+                g.cache.lens[s] += 1;
+            }
+        }
+    }
+}
+
 /// One cache's share of a decode step: its adapter, its cache and (slot, token) per sequence.
 struct StepGroup<'a, T: Act> {
     adapter: Option<&'a CudaAdapter>,
@@ -26,7 +56,7 @@ struct StepGroup<'a, T: Act> {
 impl<T: Act> CudaModel<T> {
     /// Logits [b, vocab] (f32) of hidden rows `h` [b, hidden], each row with its segment's
     /// lm_head LoRA from `lora` (whose segments cover these b rows).
-    fn logits_rows(&self, h: &CudaSlice<T>, b: usize, lora: &SegLora) -> R<Buf<f32>> {
+    pub(crate) fn logits_rows(&self, h: &CudaSlice<T>, b: usize, lora: &SegLora) -> R<Buf<f32>> {
         let (hid, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let hv = view(h, 0, b * hid)?;
         // written by the GEMM (beta = 0); LoRA adds to it
@@ -77,12 +107,11 @@ impl<T: Act> CudaModel<T> {
     }
 
     /// One new token per listed slot of each group's cache, all groups in one pass. Returns
-    /// logits [B, V], the groups' rows in order.
+    /// logits [B, V], the groups' rows in order. Runs as a replay of a captured CUDA graph when
+    /// one fits (`graph.rs`), else kernel by kernel.
     fn decode_step(&self, groups: Vec<StepGroup<'_, T>>) -> R<Buf<f32>> {
-        let dev = &*self.dev;
         let (mut tokens, mut positions, mut specs) = (vec![], vec![], vec![]);
-        let mut decode = Vec::with_capacity(groups.len());
-        let mut fed: Vec<Vec<usize>> = Vec::with_capacity(groups.len());
+        let mut hosts = Vec::with_capacity(groups.len());
         for g in groups {
             let (c, r0) = (&*g.cache, tokens.len());
             let slot_of = |&(s, _): &(usize, u32)| (s * c.max_len + c.lens[s]) as i32;
@@ -93,29 +122,43 @@ impl<T: Act> CudaModel<T> {
             tokens.extend(g.items.iter().map(|x| x.1));
             let rows = r0..tokens.len();
             specs.push(SegSpec { rows: rows.clone(), adapter: g.adapter, train: false });
-            fed.push(g.items.iter().map(|x| x.0).collect());
+            let fed = g.items.iter().map(|x| x.0).collect();
+            hosts.push(GroupHost { rows, slots, table, ctx, fed, cache: g.cache });
+        }
+        let step = StepHost { tokens, positions, specs, groups: hosts };
+        if self.graphs_usable() {
+            return self.decode_step_graphed(step);
+        }
+        let (p, lora, mut kv, fed) = self.stage_step(step)?;
+        let st = self.stack_fwd(&p, &lora, &mut kv, false)?;
+        finish_step(kv, fed);
+        self.logits_rows(&st.h_final, p.rows, &lora)
+    }
+
+    /// Uploads a decode step's inputs: the packed tokens, the LoRA tables and each group's
+    /// slots, cache rows and context lengths. Returns them with the sequences fed per group.
+    pub(crate) fn stage_step<'a>(
+        &self,
+        step: StepHost<'a, T>,
+    ) -> R<(Pack, SegLora, KvMode<'a, T>, Vec<Vec<usize>>)> {
+        let dev = &*self.dev;
+        let b = step.tokens.len();
+        let seqs: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
+        let p = Pack::new(self, &step.tokens, &seqs, &step.positions)?;
+        let lora = SegLora::new(self, &step.specs)?;
+        let mut decode = Vec::with_capacity(step.groups.len());
+        let mut fed = Vec::with_capacity(step.groups.len());
+        for g in step.groups {
             decode.push(DecodeGroup {
-                rows,
-                slots: upload_ws(dev, &slots)?,
-                table: upload_ws(dev, &table)?,
-                ctx: upload_ws(dev, &ctx)?,
+                rows: g.rows,
+                slots: upload_ws(dev, &g.slots)?,
+                table: upload_ws(dev, &g.table)?,
+                ctx: upload_ws(dev, &g.ctx)?,
                 cache: g.cache,
             });
+            fed.push(g.fed);
         }
-        let b = tokens.len();
-        let seqs: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
-        let p = Pack::new(self, &tokens, &seqs, &positions)?;
-        let lora = SegLora::new(self, &specs)?;
-        let mut kv = KvMode::Decode(decode);
-        let st = self.stack_fwd(&p, &lora, &mut kv, false)?;
-        if let KvMode::Decode(groups) = kv {
-            for (g, slots) in groups.into_iter().zip(fed) {
-                for s in slots {
-                    g.cache.lens[s] += 1;
-                }
-            }
-        }
-        self.logits_rows(&st.h_final, b, &lora)
+        Ok((p, lora, KvMode::Decode(decode), fed))
     }
 
     /// Feeds `g.tokens[i]` to cache slot `g.slots[i]` of `g.cache` (prefill when the slot is

@@ -56,6 +56,7 @@ mod decode;
 mod device;
 mod error;
 mod generate;
+mod graph;
 mod head;
 pub mod launch;
 mod layer;

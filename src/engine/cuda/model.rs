@@ -186,6 +186,8 @@ pub struct CudaModel<T: Act = bf16> {
     /// f32 [max_position_embeddings, head_dim / 2].
     pub(crate) cos: CudaSlice<f32>,
     pub(crate) sin: CudaSlice<f32>,
+    /// Captured decode steps (`graph.rs`).
+    pub(crate) graphs: super::graph::DecodeGraphs,
 }
 
 impl<T: Act> std::fmt::Debug for CudaModel<T> {
@@ -251,7 +253,8 @@ impl<T: Act> CudaModel<T> {
         let positions: Vec<u32> = (0..cfg.max_position_embeddings.max(1) as u32).collect();
         let rope = RopeTable::new(&positions, cfg.head_dim, &cfg.inv_freq);
         let (cos, sin) = (upload(&dev, &rope.cos)?, upload(&dev, &rope.sin)?);
-        Ok(CudaModel { dev, cfg, hdp, embed, layers, final_norm, lm_head, cos, sin })
+        let graphs = super::graph::DecodeGraphs::from_env();
+        Ok(CudaModel { dev, cfg, hdp, embed, layers, final_norm, lm_head, cos, sin, graphs })
     }
 
     /// The model's configuration (as the host model's).

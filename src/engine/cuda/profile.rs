@@ -61,6 +61,11 @@ impl Profiler {
 
     /// Runs `launch` (which enqueues one kernel on `stream`), bracketed by timing events when
     /// profiling is on.
+    /// True between `start` and `take`.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
     pub fn around<T>(
         &self,
         stream: &CudaStream,

@@ -20,6 +20,9 @@
 //!   each cached forward) frees the cached buffers of every (type, length) that the pass did not
 //!   take, so batches of varying shapes do not accumulate dead buffers; the freed memory stays in
 //!   the driver's memory pool (its release threshold is raised at device creation).
+//! - A pool can be redirected to another ([`Workspace::redirect`]): a captured decode step
+//!   (`graph.rs`) takes every intermediate from its own pool, whose buffers the CUDA graph
+//!   keeps using at fixed addresses for as long as it lives.
 //! - `TWINKLE_CUDA_POISON=1` fills every buffer handed out by [`Workspace::take`] with 0xFF
 //!   bytes (NaN in f32 and bf16, -1 in i32), so a read of an element that should have been
 //!   written first shows up in the tests instead of silently reusing stale values.
@@ -50,12 +53,14 @@ pub(crate) struct Workspace {
     stream: Arc<CudaStream>,
     pool: Mutex<Pool>,
     poison: bool,
+    /// While set, `take` serves from this pool instead.
+    redirect: Mutex<Option<Arc<Workspace>>>,
 }
 
 impl Workspace {
     pub(crate) fn new(stream: Arc<CudaStream>) -> Arc<Self> {
         let poison = std::env::var("TWINKLE_CUDA_POISON").is_ok_and(|v| v == "1");
-        Arc::new(Workspace { stream, pool: Mutex::default(), poison })
+        Arc::new(Workspace { stream, pool: Mutex::default(), poison, redirect: Mutex::default() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -68,6 +73,10 @@ impl Workspace {
         self: &Arc<Self>,
         n: usize,
     ) -> Result<Buf<T>, CudaError> {
+        let target = self.redirect.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(w) = target {
+            return w.take(n);
+        }
         // cudarc rejects zero-length allocations on some drivers; keep every buffer non-empty.
         let n = n.max(1);
         let key = (TypeId::of::<T>(), n);
@@ -126,6 +135,12 @@ impl Workspace {
         drop(dropped);
     }
 
+    /// Serves every `take` from `to` until the guard drops.
+    pub(crate) fn redirect(&self, to: &Arc<Workspace>) -> Redirect<'_> {
+        *self.redirect.lock().unwrap_or_else(|p| p.into_inner()) = Some(to.clone());
+        Redirect(self)
+    }
+
     /// A guard that ends the pass when dropped (on every return path of a pass).
     pub(crate) fn pass(&self) -> PassEnd<'_> {
         PassEnd(self)
@@ -149,6 +164,15 @@ pub(crate) struct PassEnd<'a>(&'a Workspace);
 impl Drop for PassEnd<'_> {
     fn drop(&mut self) {
         self.0.end_pass();
+    }
+}
+
+/// Ends a [`Workspace::redirect`] on drop.
+pub(crate) struct Redirect<'a>(&'a Workspace);
+
+impl Drop for Redirect<'_> {
+    fn drop(&mut self) {
+        *self.0.redirect.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

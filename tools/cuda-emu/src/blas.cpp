@@ -167,8 +167,20 @@ EMU_API const char* cublasGetStatusString(Status s) { return cublasGetStatusName
 EMU_API Status cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha,
                             const void* a, int atype, int lda, const void* b, int btype, int ldb,
                             const void* beta, void* c, int ctype, int ldc, int compute, int) {
-    return gemm(static_cast<Handle*>(h), ta, tb, m, n, k, alpha, a, atype, lda, b, btype, ldb,
-                beta, c, ctype, ldc, compute, "cublasGemmEx");
+    Handle* hd = static_cast<Handle*>(h);
+    if (hd && hd->pointer_mode == 0 && emu::capturing(hd->stream)) {
+        // host-pointer alpha / beta are read at the call, as cuBLAS does when captured
+        const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+        Handle copy = *hd;
+        emu::record(hd->stream, [=]() mutable {
+            Status st = gemm(&copy, ta, tb, m, n, k, &al, a, atype, lda, b, btype, ldb, &be, c,
+                             ctype, ldc, compute, "cublasGemmEx (graph replay)");
+            if (st != SUCCESS) emu::fatal("cublasGemmEx failed in a graph replay (status %d)", st);
+        });
+        return SUCCESS;
+    }
+    return gemm(hd, ta, tb, m, n, k, alpha, a, atype, lda, b, btype, ldb, beta, c, ctype, ldc,
+                compute, "cublasGemmEx");
 }
 EMU_API Status cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* a, int lda, const float* b, int ldb, const float* beta,

@@ -26,7 +26,8 @@ using CUdeviceptr = unsigned long long;
 namespace {
 
 constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101,
-                   INVALID_HANDLE = 400, NOT_FOUND = 500, NOT_READY = 600, NOT_SUPPORTED = 801;
+                   INVALID_HANDLE = 400, ILLEGAL_STATE = 401, NOT_FOUND = 500, NOT_READY = 600,
+                   NOT_SUPPORTED = 801, CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901;
 
 constexpr unsigned long long kTotalMem = 80ull << 30;
 const char* const kDeviceName = "twinkle cuda-emu (CPU emulation of an sm_90 GPU)";
@@ -217,6 +218,9 @@ EMU_API CUresult cuGetErrorName(CUresult e, const char** s) {
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case NOT_READY: *s = "CUDA_ERROR_NOT_READY"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        case ILLEGAL_STATE: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
+        case CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
         default: *s = "CUDA_ERROR_UNKNOWN"; break;
     }
     return OK;
@@ -386,13 +390,32 @@ EMU_API CUresult cuCtxCreate_v4(void**, void*, unsigned, CUdevice) { return NOT_
 EMU_API CUresult cuCtxDestroy_v2(void* ctx) { return ctx == &g_ctx ? OK : INVALID_HANDLE; }
 
 // ---- memory ----
-EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t n) { return dev_alloc(p, n); }
-EMU_API CUresult cuMemAllocAsync(CUdeviceptr* p, std::size_t n, void*) { return dev_alloc(p, n); }
+// Refuses `api` while a capture is active (on `stream`, or on any stream for null): the capture
+// is invalidated and the caller gets CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED.
+bool refuse_in_capture(void* stream, const char* api) {
+    if (stream ? !emu::capturing(stream) : !emu::any_capture()) return false;
+    emu::invalidate(stream, api);
+    return true;
+}
+EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t n) {
+    if (refuse_in_capture(nullptr, "cuMemAlloc")) return CAPTURE_UNSUPPORTED;
+    return dev_alloc(p, n);
+}
+EMU_API CUresult cuMemAllocAsync(CUdeviceptr* p, std::size_t n, void* s) {
+    if (refuse_in_capture(s, "cuMemAllocAsync")) return CAPTURE_UNSUPPORTED;
+    return dev_alloc(p, n);
+}
 EMU_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, std::size_t n, void*, void*) {
     return dev_alloc(p, n);
 }
-EMU_API CUresult cuMemFree_v2(CUdeviceptr p) { return dev_free(p); }
-EMU_API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return dev_free(p); }
+EMU_API CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (refuse_in_capture(nullptr, "cuMemFree")) return CAPTURE_UNSUPPORTED;
+    return dev_free(p);
+}
+EMU_API CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
+    if (refuse_in_capture(s, "cuMemFreeAsync")) return CAPTURE_UNSUPPORTED;
+    return dev_free(p);
+}
 EMU_API CUresult cuMemGetInfo_v2(std::size_t* free_b, std::size_t* total) {
     std::lock_guard<std::mutex> g(g_mem_mutex);
     if (free_b) *free_b = kTotalMem - g_in_use;
@@ -422,7 +445,12 @@ EMU_API CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, std::size_t n) {
     memset(reinterpret_cast<void*>(p), v, n);
     return OK;
 }
-EMU_API CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, std::size_t n, void*) {
+EMU_API CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, std::size_t n, void* s) {
+    if (emu::capturing(s)) {
+        emu::check_range("cuMemsetD8Async", "destination", p, n);
+        emu::record(s, [=] { cuMemsetD8_v2(p, v, n); });
+        return OK;
+    }
     return cuMemsetD8_v2(p, v, n);
 }
 EMU_API CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, std::size_t n) {
@@ -432,7 +460,12 @@ EMU_API CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) d[i] = v;
     return OK;
 }
-EMU_API CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, std::size_t n, void*) {
+EMU_API CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, std::size_t n, void* s) {
+    if (emu::capturing(s)) {
+        emu::check_range("cuMemsetD32Async", "destination", p, n * 4);
+        emu::record(s, [=] { cuMemsetD32_v2(p, v, n); });
+        return OK;
+    }
     return cuMemsetD32_v2(p, v, n);
 }
 EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, std::size_t n) {
@@ -441,7 +474,9 @@ EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, std::size_t n
     memcpy(reinterpret_cast<void*>(dst), src, n);
     return OK;
 }
-EMU_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, std::size_t n, void*) {
+EMU_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, std::size_t n, void* s) {
+    // pageable host memory cannot be captured (the engine stages inputs before a replay)
+    if (refuse_in_capture(s, "cuMemcpyHtoDAsync")) return CAPTURE_UNSUPPORTED;
     return cuMemcpyHtoD_v2(dst, src, n);
 }
 EMU_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, std::size_t n) {
@@ -450,7 +485,8 @@ EMU_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, std::size_t n) {
     memcpy(dst, reinterpret_cast<const void*>(src), n);
     return OK;
 }
-EMU_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, std::size_t n, void*) {
+EMU_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, std::size_t n, void* s) {
+    if (refuse_in_capture(s, "cuMemcpyDtoHAsync")) return CAPTURE_UNSUPPORTED;
     return cuMemcpyDtoH_v2(dst, src, n);
 }
 EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n) {
@@ -460,7 +496,13 @@ EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n
     memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return OK;
 }
-EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n, void*) {
+EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n, void* s) {
+    if (emu::capturing(s)) {
+        emu::check_range("cuMemcpyDtoDAsync", "source", src, n);
+        emu::check_range("cuMemcpyDtoDAsync", "destination", dst, n);
+        emu::record(s, [=] { cuMemcpyDtoD_v2(dst, src, n); });
+        return OK;
+    }
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 EMU_API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, std::size_t n) {
@@ -469,7 +511,8 @@ EMU_API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, std::size_t n) {
     memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return OK;
 }
-EMU_API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, std::size_t n, void*) {
+EMU_API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, std::size_t n, void* s) {
+    if (refuse_in_capture(s, "cuMemcpyAsync")) return CAPTURE_UNSUPPORTED;
     return cuMemcpy(dst, src, n);
 }
 EMU_API CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, std::size_t n, void*) {
@@ -495,21 +538,59 @@ EMU_API CUresult cuStreamDestroy_v2(void* s) {
     delete static_cast<Stream*>(s);
     return OK;
 }
-EMU_API CUresult cuStreamSynchronize(void*) { return OK; }
-EMU_API CUresult cuStreamQuery(void*) { return OK; }
-EMU_API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
-EMU_API CUresult cuStreamIsCapturing(void*, int* status) {
-    if (!status) return INVALID_VALUE;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+EMU_API CUresult cuStreamSynchronize(void* s) {
+    if (refuse_in_capture(s, "cuStreamSynchronize")) return CAPTURE_UNSUPPORTED;
     return OK;
 }
-EMU_API CUresult cuStreamBeginCapture_v2(void*, int) { return NOT_SUPPORTED; }
-EMU_API CUresult cuStreamEndCapture(void*, void**) { return NOT_SUPPORTED; }
-EMU_API CUresult cuGraphInstantiateWithFlags(void**, void*, unsigned long long) { return NOT_SUPPORTED; }
-EMU_API CUresult cuGraphLaunch(void*, void*) { return NOT_SUPPORTED; }
-EMU_API CUresult cuGraphUpload(void*, void*) { return NOT_SUPPORTED; }
-EMU_API CUresult cuGraphDestroy(void*) { return NOT_SUPPORTED; }
-EMU_API CUresult cuGraphExecDestroy(void*) { return NOT_SUPPORTED; }
+EMU_API CUresult cuStreamQuery(void*) { return OK; }
+EMU_API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+EMU_API CUresult cuStreamIsCapturing(void* s, int* status) {
+    if (!status) return INVALID_VALUE;
+    *status = emu::capturing(s) ? 1 : 0;  // CU_STREAM_CAPTURE_STATUS_ACTIVE / _NONE
+    return OK;
+}
+// ---- graphs (graph.cpp holds the capture state) ----
+struct Graph {
+    std::vector<emu::Node> nodes;
+};
+EMU_API CUresult cuStreamBeginCapture_v2(void* s, int) {
+    // the legacy default stream cannot capture; neither can a stream that already does
+    if (!s) return CAPTURE_UNSUPPORTED;
+    return emu::begin_capture(s) ? OK : ILLEGAL_STATE;
+}
+EMU_API CUresult cuStreamEndCapture(void* s, void** g) {
+    if (!g) return INVALID_VALUE;
+    *g = nullptr;
+    std::vector<emu::Node> nodes;
+    switch (emu::end_capture(s, &nodes)) {
+        case 0: break;
+        case 1: return ILLEGAL_STATE;
+        default: return CAPTURE_INVALIDATED;
+    }
+    emu::trace("stream capture ended: %zu nodes", nodes.size());
+    *g = new Graph{std::move(nodes)};
+    return OK;
+}
+EMU_API CUresult cuGraphInstantiateWithFlags(void** exec, void* g, unsigned long long) {
+    if (!exec || !g) return INVALID_VALUE;
+    *exec = new Graph{static_cast<Graph*>(g)->nodes};
+    return OK;
+}
+EMU_API CUresult cuGraphLaunch(void* exec, void* s) {
+    if (!exec) return INVALID_HANDLE;
+    if (emu::capturing(s)) return NOT_SUPPORTED;  // child graphs are not emulated
+    for (const auto& n : static_cast<Graph*>(exec)->nodes) n();
+    return OK;
+}
+EMU_API CUresult cuGraphUpload(void* exec, void*) { return exec ? OK : INVALID_HANDLE; }
+EMU_API CUresult cuGraphDestroy(void* g) {
+    delete static_cast<Graph*>(g);
+    return OK;
+}
+EMU_API CUresult cuGraphExecDestroy(void* exec) {
+    delete static_cast<Graph*>(exec);
+    return OK;
+}
 EMU_API CUresult cuLaunchHostFunc(void*, void (*fn)(void*), void* data) {
     if (!fn) return INVALID_VALUE;
     fn(data);
@@ -602,11 +683,28 @@ EMU_API CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
 }
 EMU_API CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 EMU_API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                                unsigned by, unsigned bz, unsigned smem, void*, void** params,
+                                unsigned by, unsigned bz, unsigned smem, void* s, void** params,
                                 void** extra) {
     Function* fn = static_cast<Function*>(f);
     if (!fn) return INVALID_HANDLE;
     if (extra && *extra) emu::fatal("cuLaunchKernel(%s): the 'extra' argument form is not emulated", fn->kernel->name);
+    if (emu::capturing(s)) {
+        // the argument values are copied now, as a GPU graph's kernel node does
+        const emu::KernelEntry* k = fn->kernel;
+        std::vector<std::vector<char>> vals(k->nparams);
+        for (int i = 0; i < k->nparams; ++i) {
+            const char* src = static_cast<const char*>(params[i]);
+            vals[i].assign(src, src + k->params[i].size);
+        }
+        const int optin = fn->smem_optin;
+        emu::record(s, [=]() mutable {
+            std::vector<void*> args(vals.size());
+            for (std::size_t i = 0; i < vals.size(); ++i) args[i] = vals[i].data();
+            emu::LaunchParams p{k, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, optin, args.data()};
+            emu::launch(p);
+        });
+        return OK;
+    }
     emu::LaunchParams p{fn->kernel, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, fn->smem_optin, params};
     emu::launch(p);
     return OK;

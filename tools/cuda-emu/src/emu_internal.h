@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <vector>
 #include <string>
 
 #include "emu_device.h"
@@ -51,6 +53,20 @@ struct LaunchParams {
 void launch(const LaunchParams& p);
 // Installs the SIGSEGV reporter (idempotent).
 void install_fault_handler();
+
+// ---- stream capture (graph.cpp) ----
+// One recorded operation of a captured stream, replayed by cuGraphLaunch.
+using Node = std::function<void()>;
+bool capturing(void* stream);
+bool any_capture();
+// Appends to the capture of `stream` (which must be capturing).
+void record(void* stream, Node n);
+// Marks the capture of `stream` (every capture for a null stream) invalid: `api` cannot be
+// captured. cuStreamEndCapture then fails.
+void invalidate(void* stream, const char* api);
+bool begin_capture(void* stream);
+// 0 = ok (`out` gets the nodes), 1 = the stream was not capturing, 2 = the capture was invalid.
+int end_capture(void* stream, std::vector<Node>* out);
 
 constexpr int kSmemDefault = 48 * 1024;
 constexpr int kSmemOptinMax = 227 * 1024;  // sm_90
