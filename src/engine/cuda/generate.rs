@@ -99,6 +99,7 @@ impl<T: Act> CudaModel<T> {
                 slots: upload_ws(dev, &slots)?,
                 table: upload_ws(dev, &table)?,
                 ctx: upload_ws(dev, &ctx)?,
+                max_ctx: ctx.iter().map(|&c| c as usize).max().unwrap_or(0),
                 cache: g.cache,
             });
         }
