@@ -76,7 +76,7 @@ fn every_launcher_symbol_is_in_its_cubin() {
             "attention.cu",
             &["attention_fwd", "attention_bwd", "attention_delta_bwd", "attention_dq_bwd"],
         ),
-        ("kv_cache.cu", &["kv_append_fwd", "decode_attention_fwd"]),
+        ("kv_cache.cu", &["kv_append_fwd", "decode_split_fwd", "decode_combine_fwd"]),
         ("lora.cu", &["lora_seg"]),
         ("loss.cu", &["xent_fwd", "xent_bwd"]),
         ("sampling.cu", &["argmax_fwd", "sample_fwd"]),

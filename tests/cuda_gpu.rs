@@ -315,8 +315,8 @@ fn flash_attention_matches_cpu() -> Result<()> {
 #[test]
 fn decode_attention_matches_cpu() -> Result<()> {
     let Some(dev) = device("decode") else { return Ok(()) };
-    refs::decode::<f32>(&dev)?;
-    refs::decode::<bf16>(&dev)
+    refs::decode::paged::<f32>(&dev)?;
+    refs::decode::paged::<bf16>(&dev)
 }
 
 #[test]

@@ -8,13 +8,16 @@ use twinkle::engine::cuda::CudaRuntime;
 use twinkle::engine::lora::{LoraConfig, Target};
 use twinkle::engine::{Adapter, CachedGroup, Model, ModelRuntime};
 
+/// Every logits row in feeding order, and each cache's final lengths.
+type Outcome = (Vec<Vec<f32>>, Vec<Vec<usize>>);
+
 /// Runs the schedule: request 0 (two sequences) alone, then with request 1, then alone again,
 /// then with request 2 (another rank); greedy picks fed back. Returns every logits row in order
 /// and each cache's final lengths.
 fn schedule(
     rt: &CudaRuntime<f32>,
     ads: &[<CudaRuntime<f32> as ModelRuntime>::Adapter],
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<usize>>)> {
+) -> Result<Outcome> {
     let v = rt.config().vocab_size;
     let seqs = [vec![0usize, 1], vec![0], vec![1]];
     let mut caches = (0..3).map(|_| rt.new_cache(2, 40)).collect::<Result<Vec<_>, _>>()?;

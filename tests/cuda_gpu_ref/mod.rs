@@ -1,6 +1,7 @@
 //! Parity checks (GPU vs naive f64 CPU references) for attention, decode, LoRA, losses, AdamW
 //! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
 
+pub mod decode;
 pub mod graphs;
 pub mod lora;
 pub mod loss_terms;
@@ -11,9 +12,7 @@ pub mod sampling;
 
 use anyhow::Result;
 use twinkle::engine::cuda::CudaDevice;
-use twinkle::engine::cuda::launch::{
-    self as k, AdamStep, AttentionShape, DecodeShape, LossVariant,
-};
+use twinkle::engine::cuda::launch::{self as k, AdamStep, AttentionShape, LossVariant};
 
 use super::{Rng, TestT, close, close_scaled, down, rt, up, up32, upi};
 
@@ -143,93 +142,6 @@ fn attention_packed<T: TestT>(
     close_scaled(&format!("attention dq hd{hd}"), &down(s, &gq)?, &wdq, T::TOL);
     close_scaled(&format!("attention dk hd{hd}"), &down(s, &gk)?, &wdk, T::TOL);
     close_scaled(&format!("attention dv hd{hd}"), &down(s, &gv)?, &wdv, T::TOL);
-    Ok(())
-}
-
-pub fn decode<T: TestT>(dev: &CudaDevice) -> Result<()> {
-    let s = dev.stream();
-    let mut r = Rng(5);
-    let (hq, hkv, hd, bs, max_blocks, num_blocks) = (8, 2, 64, 16, 5, 16);
-    let lens = [1usize, 37, 70];
-    let tables: [[i32; 5]; 3] = [[9, 0, 0, 0, 0], [3, 14, 1, 0, 0], [2, 7, 11, 5, 12]];
-    let row = hkv * hd;
-    let ntok: usize = lens.iter().sum::<usize>() + 1;
-    let kv_k = rt::<T>(&r.vec(ntok * row, 1.0));
-    let kv_v = rt::<T>(&r.vec(ntok * row, 1.0));
-    let mut slots = Vec::new();
-    for (b, &len) in lens.iter().enumerate() {
-        for tpos in 0..len {
-            slots.push(tables[b][tpos / bs] * bs as i32 + (tpos % bs) as i32);
-        }
-    }
-    slots.push(-1); // padding token: must be skipped
-    let (dkk, dvv, dsl) = (up::<T>(s, &kv_k)?, up::<T>(s, &kv_v)?, upi(s, &slots)?);
-    let (mut kc, mut vc) =
-        (s.alloc_zeros::<T>(num_blocks * bs * row)?, s.alloc_zeros::<T>(num_blocks * bs * row)?);
-    k::kv_append_fwd(
-        dev,
-        &mut kc.as_view_mut(),
-        &mut vc.as_view_mut(),
-        &dkk.as_view(),
-        &dvv.as_view(),
-        &dsl.as_view(),
-        row,
-    )?;
-    let kc_host = down(s, &kc)?;
-    for (t, &slot) in slots.iter().enumerate().filter(|(_, sl)| **sl >= 0) {
-        assert_eq!(
-            &kc_host[slot as usize * row..(slot as usize + 1) * row],
-            &kv_k[t * row..(t + 1) * row],
-            "kv_append token {t}"
-        );
-    }
-    let q = rt::<T>(&r.vec(lens.len() * hq * hd, 1.0));
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut want = vec![0.0; q.len()];
-    let mut tok0 = 0;
-    for (b, &len) in lens.iter().enumerate() {
-        for h in 0..hq {
-            let g = h / (hq / hkv);
-            let qv = &q[(b * hq + h) * hd..(b * hq + h + 1) * hd];
-            let sc: Vec<f64> = (0..len)
-                .map(|j| {
-                    scale
-                        * (0..hd).map(|d| qv[d] * kv_k[(tok0 + j) * row + g * hd + d]).sum::<f64>()
-                })
-                .collect();
-            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
-            for d in 0..hd {
-                want[(b * hq + h) * hd + d] = (0..len)
-                    .map(|j| (sc[j] - m).exp() / z * kv_v[(tok0 + j) * row + g * hd + d])
-                    .sum();
-            }
-        }
-        tok0 += len;
-    }
-    let flat: Vec<i32> = tables.iter().flatten().copied().collect();
-    let ctx: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    let (dq, dt, dc) = (up::<T>(s, &q)?, upi(s, &flat)?, upi(s, &ctx)?);
-    let mut out = s.alloc_zeros::<T>(q.len())?;
-    let shape = DecodeShape {
-        q_heads: hq,
-        kv_heads: hkv,
-        head_dim: hd,
-        block_size: bs,
-        max_blocks,
-        scale: scale as f32,
-    };
-    k::decode_attention_fwd(
-        dev,
-        &mut out.as_view_mut(),
-        &dq.as_view(),
-        &kc.as_view(),
-        &vc.as_view(),
-        &dt.as_view(),
-        &dc.as_view(),
-        &shape,
-    )?;
-    close_scaled("decode attention", &down(s, &out)?, &want, T::TOL);
     Ok(())
 }
 

@@ -121,7 +121,7 @@ kernel_mutation a1 attention.cu 2 attention_matches_cpu  # fwd: barrier after lo
 kernel_mutation a2 attention.cu 1 attention_matches_cpu  # fwd: barrier before overwriting the tile
 kernel_mutation a3 attention.cu 4 attention_matches_cpu  # bwd: barrier after loading Q/dO rows
 kernel_mutation a4 common.cuh 2 layer_kernels_match_cpu  # block_sum: scratch written -> read
-kernel_mutation a5 kv_cache.cu 1 decode_attention_matches_cpu  # decode: merge of warp partials
+kernel_mutation a5 kv_cache.cu 1 decode_attention_matches_cpu  # decode: K/V tile staged -> read
 kernel_mutation a6 lora.cu 1 lora_matches_cpu  # lora_expand: h tile staged in shared memory
 kernel_mutation a7 common.cuh 1 cross_entropy_and_losses_match_cpu  # block_sum after block_max: scratch reuse
 kernel_mutation a8 attention.cu 3 attention_matches_cpu  # bwd: barrier before overwriting Q/dO rows

@@ -31,9 +31,16 @@ pub(crate) struct GroupHost<'a, T: Act> {
     pub slots: Vec<i32>,
     pub table: Vec<i32>,
     pub ctx: Vec<i32>,
+    /// The split-KV decode's context hint: the longest context rounded up to a power of two
+    /// (at least 64), so that it changes rarely and a captured graph (which bakes in the split
+    /// count) serves many tokens; correctness never depends on it.
+    pub max_ctx: usize,
     pub fed: Vec<usize>,
     pub cache: &'a mut CudaKvCache<T>,
 }
+
+/// A staged decode step: packed tokens, LoRA tables, attention groups, sequences fed per group.
+pub(crate) type Staged<'a, T> = (Pack, SegLora, KvMode<'a, T>, Vec<Vec<usize>>);
 
 /// After a successful step: each fed sequence holds one more token.
 pub(crate) fn finish_step<T: Act>(kv: KvMode<'_, T>, fed: Vec<Vec<usize>>) {
@@ -123,7 +130,9 @@ impl<T: Act> CudaModel<T> {
             let rows = r0..tokens.len();
             specs.push(SegSpec { rows: rows.clone(), adapter: g.adapter, train: false });
             let fed = g.items.iter().map(|x| x.0).collect();
-            hosts.push(GroupHost { rows, slots, table, ctx, fed, cache: g.cache });
+            let longest = ctx.iter().map(|&c| c as usize).max().unwrap_or(0);
+            let max_ctx = longest.next_power_of_two().max(64);
+            hosts.push(GroupHost { rows, slots, table, ctx, max_ctx, fed, cache: g.cache });
         }
         let step = StepHost { tokens, positions, specs, groups: hosts };
         if self.graphs_usable() {
@@ -137,10 +146,7 @@ impl<T: Act> CudaModel<T> {
 
     /// Uploads a decode step's inputs: the packed tokens, the LoRA tables and each group's
     /// slots, cache rows and context lengths. Returns them with the sequences fed per group.
-    pub(crate) fn stage_step<'a>(
-        &self,
-        step: StepHost<'a, T>,
-    ) -> R<(Pack, SegLora, KvMode<'a, T>, Vec<Vec<usize>>)> {
+    pub(crate) fn stage_step<'a>(&self, step: StepHost<'a, T>) -> R<Staged<'a, T>> {
         let dev = &*self.dev;
         let b = step.tokens.len();
         let seqs: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
@@ -154,6 +160,7 @@ impl<T: Act> CudaModel<T> {
                 slots: upload_ws(dev, &g.slots)?,
                 table: upload_ws(dev, &g.table)?,
                 ctx: upload_ws(dev, &g.ctx)?,
+                max_ctx: g.max_ctx,
                 cache: g.cache,
             });
             fed.push(g.fed);

@@ -4,7 +4,8 @@
 //! batch-1 decode (`../shared/tools/cuda-emu/FINDINGS.md`).
 //!
 //! What a graph bakes in, and so what keys it ([`GraphKey`]): the number of rows, each group's
-//! rows and KV cache (by id, standing for the cache buffers' addresses), and the LoRA segments
+//! rows, KV cache (by id, standing for the cache buffers' addresses) and split-KV context hint
+//! (a power of two, so a long generation is captured once per doubling), and the LoRA segments
 //! with every module's rank per segment (the launch shapes). Everything that changes per token is
 //! data in buffers the graph owns, rewritten before each replay: token ids, positions, the LoRA
 //! tables (adapter addresses and scales), cache slots, cache rows and context lengths.
@@ -38,8 +39,8 @@ pub const MAX_GRAPHS: usize = 8;
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct GraphKey {
     rows: usize,
-    /// (cache id, first row, rows) per group.
-    groups: Vec<(u64, usize, usize)>,
+    /// (cache id, first row, rows, context hint) per group.
+    groups: Vec<(u64, usize, usize, usize)>,
     bounds: Vec<usize>,
     ranks: Vec<Vec<usize>>,
 }
@@ -142,7 +143,11 @@ impl<T: Act> CudaModel<T> {
 
     fn graph_key(&self, step: &StepHost<'_, T>) -> R<GraphKey> {
         let (bounds, ranks) = SegLora::layout(self, &step.specs)?;
-        let groups = step.groups.iter().map(|g| (g.cache.id, g.rows.start, g.rows.len())).collect();
+        let groups = step
+            .groups
+            .iter()
+            .map(|g| (g.cache.id, g.rows.start, g.rows.len(), g.max_ctx))
+            .collect();
         Ok(GraphKey { rows: step.tokens.len(), groups, bounds, ranks })
     }
 

@@ -79,12 +79,14 @@ pub(crate) enum KvMode<'a, T: Act> {
 
 /// One cache's rows of a decode pass: each row is appended to `cache` at `slots`, then attends
 /// to its cached context (`table` [rows] = the sequence's cache block, `ctx` [rows] = its
-/// length after the append).
+/// length after the append, `max_ctx` the longest of those: it sizes the decode kernel's
+/// split count).
 pub(crate) struct DecodeGroup<'a, T: Act> {
     pub rows: std::ops::Range<usize>,
     pub slots: Buf<i32>,
     pub table: Buf<i32>,
     pub ctx: Buf<i32>,
+    pub max_ctx: usize,
     pub cache: &'a mut CudaKvCache<T>,
 }
 
@@ -263,15 +265,20 @@ impl<T: Act> CudaModel<T> {
                         &view(&vp, k0, k1)?,
                         nkv * hdp,
                     )?;
+                    let shape = self.decode_shape(block, g.max_ctx);
+                    // the splits' partial softmax states (phase 1 writes each one the combine reads)
+                    let nws = k::decode_workspace_len(nr, &shape);
+                    let mut ws = scratch::<f32>(dev, nws)?;
                     k::decode_attention_fwd(
                         dev,
                         &mut view_mut(&mut outp, q0, q1)?,
+                        &mut view_mut(&mut ws, 0, nws)?,
                         &view(&qp, q0, q1)?,
                         &kc.as_view(),
                         &vc.as_view(),
                         &view(&g.table, 0, nr)?,
                         &view(&g.ctx, 0, nr)?,
-                        &self.decode_shape(block),
+                        &shape,
                     )?;
                 }
             }

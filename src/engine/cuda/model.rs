@@ -283,7 +283,7 @@ impl<T: Act> CudaModel<T> {
         }
     }
 
-    pub(crate) fn decode_shape(&self, block_size: usize) -> DecodeShape {
+    pub(crate) fn decode_shape(&self, block_size: usize, max_context: usize) -> DecodeShape {
         let c = &self.cfg;
         DecodeShape {
             q_heads: c.num_heads,
@@ -291,6 +291,7 @@ impl<T: Act> CudaModel<T> {
             head_dim: self.hdp,
             block_size,
             max_blocks: 1,
+            max_context,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         }
     }

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/attention.cu` (packed causal GQA attention, forward and backward; bf16
-//! at head dims 32/64/128 goes to the tensor-core kernels of [`super::flash`]) and
-//! `kernels/kv_cache.cu` (paged KV-cache append and decode attention).
+//! at head dims 32/64/128 goes to the tensor-core kernels of [`super::flash`]); the paged KV
+//! cache's kernels are launched from `decode.rs`.
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -8,14 +8,13 @@ use super::flash;
 use super::{Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
-// Tile constants of attention.cu / kv_cache.cu (keep in sync with the #defines there).
+// Tile constants of attention.cu (keep in sync with the #defines there).
 const ATT_BK: usize = 32;
 const ATT_BQ: usize = 16;
 const ATT_FWD_THREADS: u32 = 128;
 const ATT_BWD_RB: usize = 8;
 const ATT_BWD_THREADS: u32 = 256;
-const DEC_THREADS: u32 = 128;
-const MAX_GRID_YZ: u32 = 65_535;
+pub(super) const MAX_GRID_YZ: u32 = 65_535;
 
 /// Shape of a packed attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,7 +46,7 @@ fn bwd_smem<T>(hd: usize) -> usize {
 }
 
 /// Checks that `q_heads` is a positive multiple of `kv_heads` (grouped-query attention).
-fn check_gqa(k: &'static str, q_heads: usize, kv_heads: usize) -> Result<(), CudaError> {
+pub(super) fn check_gqa(k: &'static str, q_heads: usize, kv_heads: usize) -> Result<(), CudaError> {
     if q_heads == 0 || kv_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
         return Err(shape_err(
             k,
@@ -58,7 +57,7 @@ fn check_gqa(k: &'static str, q_heads: usize, kv_heads: usize) -> Result<(), Cud
 }
 
 /// The kernels' (q_heads, kv_heads, head_dim) parameters as `int`s.
-fn head_ints(
+pub(super) fn head_ints(
     k: &'static str,
     q_heads: usize,
     kv_heads: usize,
@@ -257,124 +256,6 @@ pub fn attention_bwd<T: Dtype>(
     let acc_v = dq_accum.as_view();
     // SAFETY: attention_dq_bwd is (T*, const float*, long long) over indices < n.
     unsafe { map_n(dev, "attention.cu", sym!(T, "attention_dq_bwd"), dq, &[("dq_accum", &acc_v)]) }
-}
-
-/// Writes k/v [N, Hkv, hd] into the paged caches [num_slots, Hkv, hd] at `slots` [N]; slots
-/// outside [0, num_slots) (e.g. -1 for padding) are skipped.
-pub fn kv_append_fwd<T: Dtype>(
-    dev: &CudaDevice,
-    k_cache: &mut CudaViewMut<'_, T>,
-    v_cache: &mut CudaViewMut<'_, T>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
-    slots: &CudaView<'_, i32>,
-    row: usize,
-) -> Result<(), CudaError> {
-    let kn = sym!(T, "kv_append_fwd");
-    let n = slots.len();
-    if row == 0 || k_cache.len() % row != 0 {
-        return Err(shape_err(
-            kn,
-            format!("cache of {} elements is not [slots, {row}]", k_cache.len()),
-        ));
-    }
-    need_len(kn, "v_cache", v_cache.len(), k_cache.len())?;
-    need_len(kn, "k", k.len(), n * row)?;
-    need_len(kn, "v", v.len(), n * row)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
-    let (ni, ri) = (int(kn, "n", n)?, int(kn, "row", row)?);
-    let cfg = blocks((grid_dim(kn, "n", n, i32::MAX as u32)?, 1, 1), 128);
-    // k and v read, then written into the cache: a copy
-    let bytes = 4.0 * (n * row) as f64 * std::mem::size_of::<T>() as f64;
-    let f = Kernel::load(dev, "kv_cache.cu", kn)?.cost(0.0, bytes);
-    // SAFETY: caches are [num_slots, row], k/v [n, row], slots [n] (checked); the kernel skips
-    // slots outside [0, num_slots).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(k_cache).arg(v_cache).arg(k).arg(v).arg(slots).arg(&ni).arg(&ri).arg(&num_slots);
-        })
-    }
-}
-
-/// Shape of a decode-attention call.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DecodeShape {
-    /// Query heads.
-    pub q_heads: usize,
-    /// Key/value heads (divides `q_heads`).
-    pub kv_heads: usize,
-    /// Head dimension (multiple of 32, at most 256).
-    pub head_dim: usize,
-    /// Tokens per cache block.
-    pub block_size: usize,
-    /// Columns of the block table.
-    pub max_blocks: usize,
-    /// Softmax scale.
-    pub scale: f32,
-}
-
-/// One new token per sequence attending to its cached context. q/out: [B, Hq, hd];
-/// caches [num_slots, Hkv, hd]; block_table [B, max_blocks]; ctx_lens [B] (tokens in cache,
-/// including the one just appended).
-#[allow(clippy::too_many_arguments)]
-pub fn decode_attention_fwd<T: Dtype>(
-    dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, T>,
-    q: &CudaView<'_, T>,
-    k_cache: &CudaView<'_, T>,
-    v_cache: &CudaView<'_, T>,
-    block_table: &CudaView<'_, i32>,
-    ctx_lens: &CudaView<'_, i32>,
-    s: &DecodeShape,
-) -> Result<(), CudaError> {
-    let kn = sym!(T, "decode_attention_fwd");
-    check_gqa(kn, s.q_heads, s.kv_heads)?;
-    if s.head_dim == 0 || !s.head_dim.is_multiple_of(32) || s.head_dim > 256 || s.block_size == 0 {
-        return Err(shape_err(
-            kn,
-            format!("head_dim {} must be a multiple of 32 <= 256, block_size > 0", s.head_dim),
-        ));
-    }
-    let b = ctx_lens.len();
-    let row = s.kv_heads * s.head_dim;
-    need_len(kn, "q", q.len(), b * s.q_heads * s.head_dim)?;
-    need_len(kn, "out", out.len(), q.len())?;
-    need_len(kn, "block_table", block_table.len(), b * s.max_blocks)?;
-    if k_cache.len() % row != 0 {
-        return Err(shape_err(
-            kn,
-            format!(
-                "cache of {} elements is not [slots, {}, {}]",
-                k_cache.len(),
-                s.kv_heads,
-                s.head_dim
-            ),
-        ));
-    }
-    need_len(kn, "v_cache", v_cache.len(), k_cache.len())?;
-    if b == 0 {
-        return Ok(());
-    }
-    let num_slots = long(kn, "num_slots", k_cache.len() / row)?;
-    let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
-    let (bs, mb) = (int(kn, "block_size", s.block_size)?, int(kn, "max_blocks", s.max_blocks)?);
-    let grid = (
-        grid_dim(kn, "q_heads", s.q_heads, i32::MAX as u32)?,
-        grid_dim(kn, "batch", b, MAX_GRID_YZ)?,
-        1,
-    );
-    let f = Kernel::load(dev, "kv_cache.cu", kn)?;
-    // SAFETY: q/out [b, hq, hd], block_table [b, max_blocks], caches [num_slots, hkv, hd]
-    // (checked); the kernel clamps ctx_lens to the table and skips slots outside the cache.
-    unsafe {
-        f.launch(blocks(grid, DEC_THREADS), |l| {
-            l.arg(out).arg(q).arg(k_cache).arg(v_cache).arg(block_table).arg(ctx_lens);
-            l.arg(&hq).arg(&hkv).arg(&hd).arg(&bs).arg(&mb).arg(&num_slots).arg(&s.scale);
-        })
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! Kernel symbols are `<op>_<fwd|bwd>_<dtype>`; [`Dtype`] picks the suffix.
 
 mod attention;
+mod decode;
 mod elementwise;
 mod flash;
 mod gemm;
@@ -14,9 +15,8 @@ mod lora;
 mod loss;
 mod sampling;
 
-pub use attention::{
-    AttentionShape, DecodeShape, attention_bwd, attention_fwd, decode_attention_fwd, kv_append_fwd,
-};
+pub use attention::{AttentionShape, attention_bwd, attention_fwd};
+pub use decode::{DecodeShape, decode_attention_fwd, decode_workspace_len, kv_append_fwd};
 pub use elementwise::{
     acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
 };
