@@ -107,6 +107,9 @@ else
     step "sample qwen2.5-0.5b batch 64" 40 $B sample --shape qwen2.5-0.5b --batch 64 $TW
     step "sample qwen2.5-7b batch 1" 50 $B sample --shape qwen2.5-7b --batch 1 $TW
     step "sample qwen2.5-7b batch 64" 50 $B sample --shape qwen2.5-7b --batch 64 $TW
+    # the same batch-1 decode launched kernel by kernel: what the captured graphs save
+    step "sample qwen2.5-7b batch 1, CUDA graphs off" 40 env TWINKLE_CUDA_GRAPHS=0 \
+        $B sample --shape qwen2.5-7b --batch 1 --skip-torch $TW
     # 8 tenants x 128 tokens batched vs serial vs one 1024-token step; 8 x 64 sampled tokens
     step "multi-tenant qwen2.5-0.5b" 120 gpu-bundle/twinkle bench multi-tenant --device cuda \
         --shape qwen2.5-0.5b --steps 3 --json

@@ -36,6 +36,10 @@
 //!   and stochastic rows both on the device; the draw's `exp` is `engine::sampling_weight`'s
 //!   deterministic one, so host and device pick bit-identically).
 //!
+//! Decode steps are captured as CUDA graphs once per step shape and replayed per token
+//! (`graph.rs`); token selection downloads each step's picks in one copy, the step's one host
+//! synchronisation.
+//!
 //! Execution model: one stream per device, so cudarc's cross-stream event tracking is off and
 //! ordering is the stream's. Per-op intermediates come from the device's buffer pool
 //! (`workspace.rs`: exact-size reuse, no memset unless a kernel accumulates), the default memory
