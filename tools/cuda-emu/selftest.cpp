@@ -31,6 +31,14 @@ int cuModuleGetFunction(void**, void*, const char*);
 int cuFuncSetAttribute(void*, int, int);
 int cuLaunchKernel(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                    void*, void**, void**);
+int cuMemsetD8_v2(unsigned long long, unsigned char, size_t);
+int cuMemsetD8Async(unsigned long long, unsigned char, size_t, void*);
+int cuMemAllocAsync(unsigned long long*, size_t, void*);
+int cuStreamCreate(void**, unsigned);
+int cuStreamBeginCapture_v2(void*, int);
+int cuStreamEndCapture(void*, void**);
+int cuGraphInstantiateWithFlags(void**, void*, unsigned long long);
+int cuGraphLaunch(void*, void*);
 }
 
 // ---- test kernels ----
@@ -236,6 +244,38 @@ int main() {
          }},
         {"cuMemFree of an interior pointer", "not the start of a live device allocation",
          [] { cuMemFree_v2(dalloc(1024) + 16); }},
+        {"a captured memset + launch runs only when the graph is launched, every time", nullptr,
+         [] {
+             void* s = nullptr;
+             auto d = dalloc(64 * 4);
+             void* a[] = {&d};
+             if (cuStreamCreate(&s, 0) || cuStreamBeginCapture_v2(s, 0)) exit(1);
+             cuMemsetD8_v2(d, 0xff, 64 * 4);  // not on the stream: runs now
+             if (cuMemsetD8Async(d, 0, 64 * 4, s)) exit(1);
+             if (cuLaunchKernel(fn("t_warp_sum"), 1, 1, 1, 64, 1, 1, 0, s, a, nullptr)) exit(1);
+             float h[64];
+             cuMemcpyDtoH_v2(h, d, sizeof h);
+             if (!std::isnan(h[0])) exit(1);  // recorded, not run
+             void *g = nullptr, *exec = nullptr;
+             if (cuStreamEndCapture(s, &g) || cuGraphInstantiateWithFlags(&exec, g, 0)) exit(1);
+             for (int rep = 0; rep < 2; ++rep) {
+                 cuMemsetD8_v2(d, 0xff, 64 * 4);
+                 if (cuGraphLaunch(exec, s)) exit(1);
+                 cuMemcpyDtoH_v2(h, d, sizeof h);
+                 for (float v : h)
+                     if (v != 32.0f) exit(1);
+             }
+         }},
+        {"an allocation during a capture invalidates it", nullptr,
+         [] {
+             void* s = nullptr;
+             unsigned long long p = 0;
+             if (cuStreamCreate(&s, 0) || cuStreamBeginCapture_v2(s, 0)) exit(1);
+             if (cuMemAllocAsync(&p, 256, s) != 900) exit(1);  // STREAM_CAPTURE_UNSUPPORTED
+             void* g = nullptr;
+             if (cuStreamEndCapture(s, &g) != 901 || g) exit(1);  // STREAM_CAPTURE_INVALIDATED
+             if (cuStreamBeginCapture_v2(nullptr, 0) == 0) exit(1);  // legacy stream: refused
+         }},
     };
     int failed = 0;
     for (const Case& c : cases) {
