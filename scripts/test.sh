@@ -28,6 +28,8 @@ export TWINKLE_REQUIRE_KIT=1
 # processes themselves keep seeing no driver.
 emu_dir="${CARGO_TARGET_DIR:-target}/cuda-emu"
 tools/cuda-emu/build.sh "$emu_dir"
+# the emulator's own checks (each fires on the mistake it exists for; graph capture and replay)
+"$emu_dir/cuda-emu-selftest"
 emu_lib="$(cd "$emu_dir" && pwd)"
 export TWINKLE_CUDA_EMU="$emu_lib" TWINKLE_REQUIRE_CUDA_EMU=1
 
