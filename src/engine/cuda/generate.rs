@@ -138,6 +138,11 @@ impl<T: Act> CudaModel<T> {
         if self.graphs_usable() {
             return self.decode_step_graphed(step);
         }
+        self.decode_plain(step)
+    }
+
+    /// A decode step launched kernel by kernel.
+    pub(crate) fn decode_plain(&self, step: StepHost<'_, T>) -> R<Buf<f32>> {
         let (p, lora, mut kv, fed) = self.stage_step(step)?;
         let st = self.stack_fwd(&p, &lora, &mut kv, false)?;
         finish_step(kv, fed);

@@ -10,14 +10,16 @@
 //! data in buffers the graph owns, rewritten before each replay: token ids, positions, the LoRA
 //! tables (adapter addresses and scales), cache slots, cache rows and context lengths.
 //!
-//! A new shape runs once kernel by kernel, with every intermediate taken from a private
-//! workspace pool; that run's logits are the step's result. The same step is then captured
-//! (nothing executes): it takes the same buffers from the pool in the same order, so the capture
-//! allocates nothing and the graph's addresses stay valid for as long as the entry keeps the
-//! pool. A capture that fails (an allocation or a host copy inside the captured region) marks
-//! the shape plain for good. Up to [`MAX_GRAPHS`] shapes are kept, the least recently used
-//! dropped first. `TWINKLE_CUDA_GRAPHS=0` (or [`CudaModel::set_cuda_graphs`]) turns graphs off;
-//! they are also off while the profiler runs, which times each kernel on its own.
+//! A shape seen for the first time runs kernel by kernel as usual (a shape that never comes back,
+//! as under heavy request churn, costs nothing extra). The second time it runs kernel by kernel
+//! with every intermediate taken from a private workspace pool; that run's logits are the step's
+//! result. The same step is then captured (nothing executes): it takes the same buffers from the
+//! pool in the same order, so the capture allocates nothing and the graph's addresses stay valid
+//! for as long as the entry keeps the pool. A capture that fails (an allocation or a host copy
+//! inside the captured region) marks the shape plain for good. Up to [`MAX_GRAPHS`] shapes are
+//! kept, the least recently used dropped first. `TWINKLE_CUDA_GRAPHS=0` (or
+//! [`CudaModel::set_cuda_graphs`]) turns graphs off; they are also off while the profiler runs,
+//! which times each kernel on its own.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,7 +74,12 @@ struct Inner {
     entries: Vec<Entry>,
     /// Shapes whose capture failed: always run kernel by kernel.
     plain: Vec<GraphKey>,
+    /// Shapes seen once (most recent last, at most [`MAX_SEEN`]).
+    seen: Vec<GraphKey>,
 }
+
+/// Shapes remembered as seen once.
+const MAX_SEEN: usize = 32;
 
 /// The captured decode steps of one model (module docs).
 pub(crate) struct DecodeGraphs {
@@ -119,6 +126,20 @@ impl DecodeGraphs {
     fn is_plain(&self, key: &GraphKey) -> bool {
         self.lock().plain.contains(key)
     }
+
+    /// True when `key` was seen before (and forgets it: it is about to be captured); else
+    /// remembers it.
+    fn seen_before(&self, key: &GraphKey) -> bool {
+        let mut g = self.lock();
+        if let Some(i) = g.seen.iter().position(|k| k == key) {
+            g.seen.remove(i);
+            return true;
+        }
+        g.seen.push(key.clone());
+        let over = g.seen.len().saturating_sub(MAX_SEEN);
+        g.seen.drain(..over);
+        false
+    }
 }
 
 impl<T: Act> CudaModel<T> {
@@ -161,7 +182,9 @@ impl<T: Act> CudaModel<T> {
             self.graphs.put(e);
             return Ok(out);
         }
-        let capture = !self.graphs.is_plain(&key);
+        if self.graphs.is_plain(&key) || !self.graphs.seen_before(&key) {
+            return self.decode_plain(step);
+        }
         let pool = Workspace::new(self.dev.stream().clone());
         let redirect = self.dev.ws().redirect(&pool);
         let (p, lora, mut kv, fed) = self.stage_step(step)?;
@@ -174,11 +197,9 @@ impl<T: Act> CudaModel<T> {
         // the result leaves in a buffer of the device's own pool; `first` returns to `pool`
         let out = self.copy_logits(&first, b)?;
         drop(first);
-        let captured = if capture {
+        let captured = {
             let _redirect = self.dev.ws().redirect(&pool);
             self.capture(&p, &lora, &mut kv, b)
-        } else {
-            Err(CudaError::Shape { kernel: "graph", msg: "shape marked plain".into() })
         };
         let KvMode::Decode(groups) = kv else {
             return Err(CudaError::Shape { kernel: "graph", msg: "not a decode step".into() });
@@ -197,10 +218,8 @@ impl<T: Act> CudaModel<T> {
                 self.graphs.put(Entry { key, graph, pack: p, lora, inputs, logits, _pool: pool });
             }
             Err(e) => {
-                if capture {
-                    tracing::warn!("decode step not captured as a CUDA graph: {e}");
-                    self.graphs.lock().plain.push(key);
-                }
+                tracing::warn!("decode step not captured as a CUDA graph: {e}");
+                self.graphs.lock().plain.push(key);
             }
         }
         Ok(out)
