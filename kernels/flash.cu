@@ -92,6 +92,80 @@ __device__ __forceinline__ void fl_load_t(bf16* dst, int ld, const bf16* src, lo
     }
 }
 
+// Warp-tile products (all loops unroll: the sizes are template constants, so the accumulator
+// arrays stay in registers).
+
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&c)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+}
+
+// c[16 x 8N] += A[16 x K] * B[K x 8N], A as K/16 fragments in registers, B[k][n] =
+// bs[n * ld + k] (B's columns stored as rows).
+template <int K, int N>
+__device__ __forceinline__ void mma_a_regs(float (&c)[N][4], const u32 (&a)[K / 16][4],
+                                           const bf16* bs, int ld, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            u32 bb[2];
+            frag_b(bb, bs, ld, n * 8, kk * 16, g, t);
+            mma_bf16_16816(c[n], a[kk], bb);
+        }
+    }
+}
+
+// Two products of the same shape in one pass over k (c1 += A1 B1, c2 += A2 B2), interleaved so
+// that both accumulators advance together as the backward kernels need them.
+template <int K, int N>
+__device__ __forceinline__ void mma_a_regs2(float (&c1)[N][4], const u32 (&a1)[K / 16][4],
+                                            const bf16* b1, float (&c2)[N][4],
+                                            const u32 (&a2)[K / 16][4], const bf16* b2, int ld,
+                                            int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            u32 bb[2];
+            frag_b(bb, b1, ld, n * 8, kk * 16, g, t);
+            mma_bf16_16816(c1[n], a1[kk], bb);
+            frag_b(bb, b2, ld, n * 8, kk * 16, g, t);
+            mma_bf16_16816(c2[n], a2[kk], bb);
+        }
+    }
+}
+
+// c[16 x 8N] += P[16 x K] * B[K x 8N], P given as the accumulator tiles p[K / 8] of an earlier
+// product (rounded to bf16 on the way: the FlashAttention-2 register reuse), B as above.
+template <int K, int N>
+__device__ __forceinline__ void mma_a_acc(float (&c)[N][4], const float (&p)[K / 8][4],
+                                          const bf16* bs, int ld, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        u32 pa[4];
+        frag_from_acc(pa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            u32 bb[2];
+            frag_b(bb, bs, ld, n * 8, kk * 16, g, t);
+            mma_bf16_16816(c[n], pa, bb);
+        }
+    }
+}
+
+// Row `i` (0: g, 1: g + 8) of accumulator c [16 x HD] times `mul`, stored at dst (one bf16 pair
+// per lane and tile).
+template <int HD>
+__device__ __forceinline__ void store_row(bf16* dst, const float (&c)[HD / 8][4], int i, float mul,
+                                          int t) {
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+        *reinterpret_cast<u32*>(dst + n * 8 + 2 * t) =
+            pack_bf16x2(c[n][2 * i] * mul, c[n][2 * i + 1] * mul);
+}
+
 // Max / sum over the four lanes that hold one accumulator row.
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -129,8 +203,7 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
     for (int kk = 0; kk < HD / 16; ++kk) frag_a(qf[kk], Qs, LD, warp * 16, kk * 16, g, t);
 
     float o[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    zero_acc(o);
     float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.0f, 0.0f};
     const float sl2 = scale * LOG2E_F;  // scores in log2 units: exp2f is one instruction
     const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
@@ -144,17 +217,8 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
         __syncthreads();
         if (!warp_live) continue;
         float s[FL_BN / 8][4];
-#pragma unroll
-        for (int n = 0; n < FL_BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-#pragma unroll
-            for (int n = 0; n < FL_BN / 8; ++n) {
-                u32 bb[2];
-                frag_b(bb, Ks, LD, n * 8, kk * 16, g, t);
-                mma_bf16_16816(s[n], qf[kk], bb);
-            }
-        }
+        zero_acc(s);
+        mma_a_regs<HD>(s, qf, Ks, LD, g, t);
         float mx[2] = {NEG_INF_F, NEG_INF_F};
 #pragma unroll
         for (int n = 0; n < FL_BN / 8; ++n) {
@@ -194,17 +258,7 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
             o[n][2] *= corr[1];
             o[n][3] *= corr[1];
         }
-#pragma unroll
-        for (int kk = 0; kk < FL_BN / 16; ++kk) {
-            u32 pa[4];
-            frag_from_acc(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                u32 bb[2];
-                frag_b(bb, Vt, LDT, n * 8, kk * 16, g, t);
-                mma_bf16_16816(o[n], pa, bb);
-            }
-        }
+        mma_a_acc<FL_BN>(o, s, Vt, LDT, g, t);
     }
 
 #pragma unroll
@@ -212,11 +266,7 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
         if (row[i] >= seqlen) continue;
         const float inv = 1.0f / l[i];
         const long long tok = seq0 + row[i];
-        bf16* orow = out + tok * qs + (long long)h * HD;
-#pragma unroll
-        for (int n = 0; n < HD / 8; ++n)
-            *reinterpret_cast<u32*>(orow + n * 8 + 2 * t) =
-                pack_bf16x2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        store_row<HD>(out + tok * qs + (long long)h * HD, o, i, inv, t);
         if (t == 0) lse[tok * hq + h] = (m[i] + __log2f(l[i])) * LN2_F;
     }
 }
@@ -262,8 +312,7 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
         drow[i] = ok ? delta[li] : 0.0f;
     }
     float acc[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    zero_acc(acc);
     const float sl2 = scale * LOG2E_F;
     const int wrow0 = q0 + warp * 16;
 
@@ -277,22 +326,9 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
         // warp-uniform: the warp's rows are past the sequence, or all precede the tile's keys
         if (wrow0 >= seqlen || k0 > wrow0 + 15) continue;
         float s[FL_BN_DQ / 8][4], dp[FL_BN_DQ / 8][4];
-#pragma unroll
-        for (int n = 0; n < FL_BN_DQ / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-        }
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-#pragma unroll
-            for (int n = 0; n < FL_BN_DQ / 8; ++n) {
-                u32 bb[2];
-                frag_b(bb, Ks, LD, n * 8, kk * 16, g, t);
-                mma_bf16_16816(s[n], qf[kk], bb);
-                frag_b(bb, Vs, LD, n * 8, kk * 16, g, t);
-                mma_bf16_16816(dp[n], df[kk], bb);
-            }
-        }
+        zero_acc(s);
+        zero_acc(dp);
+        mma_a_regs2<HD>(s, qf, Ks, dp, df, Vs, LD, g, t);
         // dS = P * (dP - delta), P recomputed from the forward's lse; kept in s
 #pragma unroll
         for (int n = 0; n < FL_BN_DQ / 8; ++n) {
@@ -304,27 +340,13 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
                 s[n][e] = p * (dp[n][e] - drow[i]);
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < FL_BN_DQ / 16; ++kk) {
-            u32 da[4];
-            frag_from_acc(da, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                u32 bb[2];
-                frag_b(bb, Kt, LDT, n * 8, kk * 16, g, t);
-                mma_bf16_16816(acc[n], da, bb);
-            }
-        }
+        mma_a_acc<FL_BN_DQ>(acc, s, Kt, LDT, g, t);
     }
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (row[i] >= seqlen) continue;
-        bf16* drow_p = dq + (long long)(seq0 + row[i]) * qs + (long long)h * HD;
-#pragma unroll
-        for (int n = 0; n < HD / 8; ++n)
-            *reinterpret_cast<u32*>(drow_p + n * 8 + 2 * t) =
-                pack_bf16x2(acc[n][2 * i] * scale, acc[n][2 * i + 1] * scale);
+        store_row<HD>(dq + (long long)(seq0 + row[i]) * qs + (long long)h * HD, acc, i, scale, t);
     }
 }
 
@@ -358,11 +380,8 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
     const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     const int wkey0 = k0 + warp * 16;
     float dka[HD / 8][4], dva[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
-    }
+    zero_acc(dka);
+    zero_acc(dva);
     const float sl2 = scale * LOG2E_F;
 
     for (int hh = 0; hh < group; ++hh) {
@@ -385,24 +404,18 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
             // past the sequence
             if (q0 + FL_BQ_KV - 1 < wkey0 || wkey0 >= seqlen) continue;
             float st[FL_BQ_KV / 8][4], dpt[FL_BQ_KV / 8][4];  // [key][query] tiles
+            zero_acc(st);
+            zero_acc(dpt);
+            {
+                // the warp's K and V rows as A fragments, read from smem per query tile (kept
+                // in registers they would not leave room for the dK / dV accumulators)
+                u32 ka[HD / 16][4], va[HD / 16][4];
 #pragma unroll
-            for (int n = 0; n < FL_BQ_KV / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                u32 ka[4], va[4];
-                frag_a(ka, Ks, LD, warp * 16, kk * 16, g, t);
-                frag_a(va, Vs, LD, warp * 16, kk * 16, g, t);
-#pragma unroll
-                for (int n = 0; n < FL_BQ_KV / 8; ++n) {
-                    u32 bb[2];
-                    frag_b(bb, Qs, LD, n * 8, kk * 16, g, t);
-                    mma_bf16_16816(st[n], ka, bb);
-                    frag_b(bb, dOs, LD, n * 8, kk * 16, g, t);
-                    mma_bf16_16816(dpt[n], va, bb);
+                for (int kk = 0; kk < HD / 16; ++kk) {
+                    frag_a(ka[kk], Ks, LD, warp * 16, kk * 16, g, t);
+                    frag_a(va[kk], Vs, LD, warp * 16, kk * 16, g, t);
                 }
+                mma_a_regs2<HD>(st, ka, Qs, dpt, va, dOs, LD, g, t);
             }
             // P^T into st, dS^T into dpt
 #pragma unroll
@@ -416,20 +429,8 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
                     dpt[n][e] = p * (dpt[n][e] - Ds[c]);
                 }
             }
-#pragma unroll
-            for (int kk = 0; kk < FL_BQ_KV / 16; ++kk) {
-                u32 pa[4], da[4];
-                frag_from_acc(pa, st[2 * kk], st[2 * kk + 1]);
-                frag_from_acc(da, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-                for (int n = 0; n < HD / 8; ++n) {
-                    u32 bb[2];
-                    frag_b(bb, dOt, LDT, n * 8, kk * 16, g, t);
-                    mma_bf16_16816(dva[n], pa, bb);
-                    frag_b(bb, Qt, LDT, n * 8, kk * 16, g, t);
-                    mma_bf16_16816(dka[n], da, bb);
-                }
-            }
+            mma_a_acc<FL_BQ_KV>(dva, st, dOt, LDT, g, t);
+            mma_a_acc<FL_BQ_KV>(dka, dpt, Qt, LDT, g, t);
         }
     }
 
@@ -437,13 +438,8 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
     for (int i = 0; i < 2; ++i) {
         if (key[i] >= seqlen) continue;
         const long long base = (long long)(seq0 + key[i]) * ks + (long long)kvh * HD;
-#pragma unroll
-        for (int n = 0; n < HD / 8; ++n) {
-            *reinterpret_cast<u32*>(dk + base + n * 8 + 2 * t) =
-                pack_bf16x2(dka[n][2 * i] * scale, dka[n][2 * i + 1] * scale);
-            *reinterpret_cast<u32*>(dv + base + n * 8 + 2 * t) =
-                pack_bf16x2(dva[n][2 * i], dva[n][2 * i + 1]);
-        }
+        store_row<HD>(dk + base, dka, i, scale, t);
+        store_row<HD>(dv + base, dva, i, 1.0f, t);
     }
 }
 

@@ -19,7 +19,9 @@
 //! inside the captured region) marks the shape plain for good. Up to [`MAX_GRAPHS`] shapes are
 //! kept, the least recently used dropped first. `TWINKLE_CUDA_GRAPHS=0` (or
 //! [`CudaModel::set_cuda_graphs`]) turns graphs off; they are also off while the profiler runs,
-//! which times each kernel on its own.
+//! which times each kernel on its own. A capture records everything enqueued on the device's one
+//! stream, so, like every other use of a device, it relies on the caller serialising access
+//! (`CudaRuntime` holds its lock around each call).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
