@@ -556,6 +556,47 @@ fn explain_accounts_every_gemm_of_a_step() -> Result<()> {
     Ok(())
 }
 
+/// A decode step under the profiler after the same step shape has been captured as a CUDA
+/// graph and replayed: the profiled step runs kernel by kernel (graphs are off while profiling),
+/// so its split-KV attention kernels and GEMMs are recorded with their costs, and no replay
+/// happens meanwhile.
+#[test]
+fn profiled_decode_step_runs_kernel_by_kernel() -> Result<()> {
+    use twinkle::engine::CachedGroup;
+    use twinkle::engine::cuda::CudaKvCache;
+    let Some(dev) = arc_device("explain decode") else { return Ok(()) };
+    let spec = twinkle::engine::cuda::bench_shape("tiny").context("tiny shape")?;
+    let model = twinkle::engine::cuda::CudaModel::<bf16>::synthetic(dev, &spec, 3)?;
+    let mut cache = CudaKvCache::new(&model, 2, 16)?;
+    let slots = [0usize, 1];
+    let prompt = [3u32, 5, 7];
+    let mut feed = |toks: [&[u32]; 2]| -> Result<()> {
+        let mut g = CachedGroup { adapter: None, cache: &mut cache, slots: &slots, tokens: &toks };
+        model.forward_cached_device(&mut g)?;
+        Ok(())
+    };
+    feed([&prompt, &prompt])?;
+    for t in 0..3u32 {
+        feed([&[t], &[t + 1]])?;
+    }
+    let (captures, replays) = model.cuda_graph_stats();
+    anyhow::ensure!(
+        captures == 1 && replays == 1,
+        "graphs {captures} / {replays} before profiling"
+    );
+    model.device().profile_start();
+    let step = feed([&[9], &[10]]);
+    let stats = model.device().profile_take()?;
+    step?;
+    anyhow::ensure!(model.cuda_graph_stats() == (1, 1), "a graph ran under the profiler");
+    for k in ["decode_split_fwd", "decode_combine_fwd", "cublasGemmEx", "kv_append_fwd"] {
+        let s = stats.iter().find(|s| s.name.starts_with(k));
+        let s = s.with_context(|| format!("{k} not recorded: {stats:?}"))?;
+        anyhow::ensure!(s.cost.is_some_and(|c| c.bytes > 0.0), "{k}: {s:?}");
+    }
+    Ok(())
+}
+
 fn dev_profile_is_off(model: &twinkle::engine::cuda::CudaModel<bf16>) -> Result<bool> {
     Ok(model.device().profile_take()?.is_empty())
 }
