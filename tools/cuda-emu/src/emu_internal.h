@@ -58,10 +58,11 @@ void install_fault_handler();
 // One recorded operation of a captured stream, replayed by cuGraphLaunch.
 using Node = std::function<void()>;
 bool capturing(void* stream);
+// True when the calling thread has a capture open (for calls that name no stream).
 bool any_capture();
 // Appends to the capture of `stream` (which must be capturing).
 void record(void* stream, Node n);
-// Marks the capture of `stream` (every capture for a null stream) invalid: `api` cannot be
+// Marks the capture of `stream` (for a null stream: every capture of the calling thread) invalid: `api` cannot be
 // captured. cuStreamEndCapture then fails.
 void invalidate(void* stream, const char* api);
 bool begin_capture(void* stream);

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -18,6 +19,9 @@ namespace emu {
 namespace {
 
 struct Capture {
+    // the thread that began it: a stream-less call (cuMemAlloc, ...) concerns only the captures
+    // of its own thread, as in CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+    std::thread::id owner;
     std::vector<Node> nodes;
     const char* broken = nullptr;  // the first API that invalidated the capture
 };
@@ -35,7 +39,9 @@ bool capturing(void* stream) {
 
 bool any_capture() {
     std::lock_guard<std::mutex> l(g_mu);
-    return !g_captures.empty();
+    for (const auto& kv : g_captures)
+        if (kv.second.owner == std::this_thread::get_id()) return true;
+    return false;
 }
 
 void record(void* stream, Node n) {
@@ -48,7 +54,7 @@ void record(void* stream, Node n) {
 void invalidate(void* stream, const char* api) {
     std::lock_guard<std::mutex> l(g_mu);
     for (auto& kv : g_captures) {
-        if (stream && kv.first != stream) continue;
+        if (stream ? kv.first != stream : kv.second.owner != std::this_thread::get_id()) continue;
         if (!kv.second.broken) kv.second.broken = api;
     }
     trace("%s during stream capture: the capture is invalidated", api);
@@ -57,7 +63,9 @@ void invalidate(void* stream, const char* api) {
 bool begin_capture(void* stream) {
     std::lock_guard<std::mutex> l(g_mu);
     if (!stream || g_captures.count(stream)) return false;
-    g_captures.emplace(stream, Capture{});
+    Capture c;
+    c.owner = std::this_thread::get_id();
+    g_captures.emplace(stream, std::move(c));
     return true;
 }
 
