@@ -72,6 +72,15 @@ impl<T: Act> CudaKvCache<T> {
         self.lens.iter().all(|&l| l == 0)
     }
 
+    /// After a decode step that fed one token to each of `seqs`: each holds one more.
+    pub(crate) fn advance(&mut self, seqs: &[usize]) {
+        for &s in seqs {
+            if let Some(l) = self.lens.get_mut(s) {
+                *l += 1;
+            }
+        }
+    }
+
     /// Empties slot `seq` for a new sequence.
     pub fn reset(&mut self, seq: usize) {
         if let Some(l) = self.lens.get_mut(seq) {

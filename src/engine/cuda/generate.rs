@@ -45,10 +45,8 @@ pub(crate) type Staged<'a, T> = (Pack, SegLora, KvMode<'a, T>, Vec<Vec<usize>>);
 /// After a successful step: each fed sequence holds one more token.
 pub(crate) fn finish_step<T: Act>(kv: KvMode<'_, T>, fed: Vec<Vec<usize>>) {
     if let KvMode::Decode(groups) = kv {
-        for (g, slots) in groups.into_iter().zip(fed) {
-            for s in slots {
-                g.cache.lens[s] += 1;
-            }
+        for (g, seqs) in groups.into_iter().zip(fed) {
+            g.cache.advance(&seqs);
         }
     }
 }

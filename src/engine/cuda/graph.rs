@@ -33,7 +33,7 @@ use super::CudaError;
 use super::generate::StepHost;
 use super::layer::{KvMode, Pack};
 use super::model::{Act, CudaModel, R, scratch, view, view_mut};
-use super::segment::SegLora;
+use super::segment::{SegHost, SegLora};
 use super::workspace::{Buf, Workspace};
 
 /// Step shapes kept captured per model.
@@ -164,22 +164,25 @@ impl<T: Act> CudaModel<T> {
         self.graphs.enabled.load(Ordering::Relaxed) && !self.dev.profiler().is_on()
     }
 
-    fn graph_key(&self, step: &StepHost<'_, T>) -> R<GraphKey> {
-        let (bounds, ranks) = SegLora::layout(self, &step.specs)?;
+    fn graph_key(&self, step: &StepHost<'_, T>, tables: &SegHost) -> GraphKey {
+        let (bounds, ranks) = (tables.bounds.clone(), tables.ranks.clone());
         let groups = step
             .groups
             .iter()
             .map(|g| (g.cache.id, g.rows.start, g.rows.len(), g.max_ctx))
             .collect();
-        Ok(GraphKey { rows: step.tokens.len(), groups, bounds, ranks })
+        GraphKey { rows: step.tokens.len(), groups, bounds, ranks }
     }
 
     /// [`Self::decode_step`]'s graph path: a replay when this shape is captured, else a plain
     /// run that also captures it.
     pub(crate) fn decode_step_graphed(&self, step: StepHost<'_, T>) -> R<Buf<f32>> {
-        let key = self.graph_key(&step)?;
+        // the LoRA tables' host side, computed once: their shapes key the graph, their
+        // contents refill it
+        let tables = SegLora::host(self, &step.specs)?;
+        let key = self.graph_key(&step, &tables);
         if let Some(mut e) = self.graphs.take(&key) {
-            let out = self.replay(&mut e, step)?;
+            let out = self.replay(&mut e, step, &tables)?;
             // an entry whose replay failed is dropped (its buffers' state is unknown)
             self.graphs.put(e);
             return Ok(out);
@@ -207,10 +210,8 @@ impl<T: Act> CudaModel<T> {
             return Err(CudaError::Shape { kernel: "graph", msg: "not a decode step".into() });
         };
         let mut inputs = Vec::with_capacity(groups.len());
-        for (g, slots) in groups.into_iter().zip(fed) {
-            for s in slots {
-                g.cache.lens[s] += 1;
-            }
+        for (g, seqs) in groups.into_iter().zip(fed) {
+            g.cache.advance(&seqs);
             inputs.push([g.slots, g.table, g.ctx]);
         }
         match captured {
@@ -255,7 +256,7 @@ impl<T: Act> CudaModel<T> {
     }
 
     /// Rewrites the entry's inputs for `step` and launches its graph.
-    fn replay(&self, e: &mut Entry, step: StepHost<'_, T>) -> R<Buf<f32>> {
+    fn replay(&self, e: &mut Entry, step: StepHost<'_, T>, tables: &SegHost) -> R<Buf<f32>> {
         let stream = self.dev.stream();
         let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
         let e_in = || CudaError::driver("staging a graph replay's inputs");
@@ -263,7 +264,7 @@ impl<T: Act> CudaModel<T> {
         // (check_feed), so both fit an i32
         stream.memcpy_htod(&to_i32(&step.tokens), &mut *e.pack.ids).map_err(e_in())?;
         stream.memcpy_htod(&to_i32(&step.positions), &mut *e.pack.pos).map_err(e_in())?;
-        e.lora.refill(self, &step.specs)?;
+        e.lora.refill(self, tables)?;
         for (g, [slots, table, ctx]) in step.groups.iter().zip(e.inputs.iter_mut()) {
             stream.memcpy_htod(&g.slots, &mut **slots).map_err(e_in())?;
             stream.memcpy_htod(&g.table, &mut **table).map_err(e_in())?;
@@ -273,9 +274,7 @@ impl<T: Act> CudaModel<T> {
         self.graphs.replays.fetch_add(1, Ordering::Relaxed);
         let out = self.copy_logits(&e.logits, step.tokens.len())?;
         for g in step.groups {
-            for s in g.fed {
-                g.cache.lens[s] += 1;
-            }
+            g.cache.advance(&g.fed);
         }
         Ok(out)
     }

@@ -37,12 +37,15 @@ pub(crate) struct SegLora {
     layers: usize,
 }
 
-/// The host half of [`SegLora`], computed from the specs.
-struct SegHost {
-    bounds: Vec<usize>,
-    ranks: Vec<Vec<usize>>,
+/// The host half of [`SegLora`], computed from the specs: the launch shapes (bounds, ranks)
+/// and the contents of the two device tables.
+pub(crate) struct SegHost {
+    pub bounds: Vec<usize>,
+    pub ranks: Vec<Vec<usize>>,
     dims: Vec<(usize, usize)>,
     layers: usize,
+    seg: Vec<i32>,
+    tab: Vec<u64>,
 }
 
 impl SegLora {
@@ -50,7 +53,7 @@ impl SegLora {
     /// gradient addresses are written by the backward kernels: the caller must hold that
     /// adapter mutably for the whole pass (and nothing else may touch it on another stream).
     pub fn new<T: Act>(m: &CudaModel<T>, specs: &[SegSpec<'_>]) -> R<SegLora> {
-        let (SegHost { bounds, ranks, dims, layers }, seg, tab) = Self::host(m, specs)?;
+        let SegHost { bounds, ranks, dims, layers, seg, tab } = Self::host(m, specs)?;
         let dev = &*m.dev;
         Ok(SegLora {
             seg: upload(dev, &seg)?,
@@ -62,34 +65,21 @@ impl SegLora {
         })
     }
 
-    /// Rewrites the device tables for `specs` in place (no allocation, so a captured graph that
-    /// reads them stays valid). The segments and every module's ranks must be those the tables
-    /// were built with: only addresses and scales may change.
-    pub fn refill<T: Act>(&mut self, m: &CudaModel<T>, specs: &[SegSpec<'_>]) -> R<()> {
-        let (h, seg, tab) = Self::host(m, specs)?;
+    /// Rewrites the device tables with `h`'s contents in place (no allocation, so a captured
+    /// graph that reads them stays valid). The segments and every module's ranks must be those
+    /// the tables were built with: only addresses and scales may change.
+    pub fn refill<T: Act>(&mut self, m: &CudaModel<T>, h: &SegHost) -> R<()> {
         if h.bounds != self.bounds || h.ranks != self.ranks {
             return Err(shape_err("refill: the segments or ranks differ from the tables'"));
         }
         let stream = m.dev.stream();
         let e = || CudaError::driver("refilling the LoRA segment tables");
-        stream.memcpy_htod(&seg, &mut self.seg).map_err(e())?;
-        stream.memcpy_htod(&tab, &mut self.tab).map_err(e())
+        stream.memcpy_htod(&h.seg, &mut self.seg).map_err(e())?;
+        stream.memcpy_htod(&h.tab, &mut self.tab).map_err(e())
     }
 
-    /// What a graph bakes in for `specs`: the segment bounds and every module's ranks per
-    /// segment (the launch shapes), without building device tables.
-    #[allow(clippy::type_complexity)]
-    pub fn layout<T: Act>(
-        m: &CudaModel<T>,
-        specs: &[SegSpec<'_>],
-    ) -> R<(Vec<usize>, Vec<Vec<usize>>)> {
-        let (h, _, _) = Self::host(m, specs)?;
-        Ok((h.bounds, h.ranks))
-    }
-
-    /// The host tables: (tables without device buffers, seg, tab).
-    #[allow(clippy::type_complexity)]
-    fn host<T: Act>(m: &CudaModel<T>, specs: &[SegSpec<'_>]) -> R<(SegHost, Vec<i32>, Vec<u64>)> {
+    /// The host tables for `specs` (what [`Self::new`] uploads; a graph keys on their shapes).
+    pub fn host<T: Act>(m: &CudaModel<T>, specs: &[SegSpec<'_>]) -> R<SegHost> {
         let dev = &*m.dev;
         let c = m.config();
         let layers = c.num_layers;
@@ -138,7 +128,7 @@ impl SegLora {
             .iter()
             .map(|&b| i32::try_from(b).map_err(|_| shape_err("more rows than i32 holds")))
             .collect::<R<_>>()?;
-        Ok((SegHost { bounds, ranks, dims, layers }, seg, tab))
+        Ok(SegHost { bounds, ranks, dims, layers, seg, tab })
     }
 
     /// The table of layer `l`'s target `t` (None for the output head), or None when no

@@ -155,7 +155,8 @@ pub fn attention_fwd<T: Dtype>(
     if t == 0 {
         return Ok(());
     }
-    let ptrs = [flash::addrs(dev, &[q, k, v]), vec![flash::addr_mut(dev, out)]].concat();
+    let a = |p: &CudaView<'_, T>| flash::addr(dev, p);
+    let ptrs = [a(q), a(k), a(v), flash::addr(dev, &*out)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
         return flash::fwd(dev, out, lse, q, k, v, cu_seqlens, s, (t, batch));
     }
@@ -227,11 +228,9 @@ pub fn attention_bwd<T: Dtype>(
         })?;
     }
 
-    let ptrs = [
-        flash::addrs(dev, &[dout, q, k, v]),
-        [&*dq, &*dk, &*dv].iter().map(|x| flash::addr_mut(dev, x)).collect(),
-    ]
-    .concat();
+    let (a, am) =
+        (|p: &CudaView<'_, T>| flash::addr(dev, p), |p: &CudaViewMut<'_, T>| flash::addr(dev, p));
+    let ptrs = [a(dout), a(q), a(k), a(v), am(dq), am(dk), am(dv)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
         let delta_v = delta.as_view();
         let io = (t, batch);

@@ -43,8 +43,9 @@ fn dkdv_smem(hd: usize) -> usize {
         + 2 * FL_BQ_KV * 4
 }
 
-/// Device address of a buffer (the guard's stream ordering is not needed for reading it).
-fn addr<P: DevicePtr<T>, T>(dev: &CudaDevice, p: &P) -> u64 {
+/// Device address of a view, for [`serves`] (event tracking is off, so the guard records
+/// nothing).
+pub(super) fn addr<P: DevicePtr<T>, T>(dev: &CudaDevice, p: &P) -> u64 {
     p.device_ptr(dev.stream()).0
 }
 
@@ -52,16 +53,6 @@ fn addr<P: DevicePtr<T>, T>(dev: &CudaDevice, p: &P) -> u64 {
 /// aligned (the kernels move rows as `uint4`; a view at an odd offset takes attention.cu instead).
 pub(super) fn serves<T: Dtype>(hd: usize, ptrs: &[u64]) -> bool {
     T::IS_BF16 && kernels(hd).is_some() && ptrs.iter().all(|p| p % 16 == 0)
-}
-
-/// Addresses of the views a flash call reads and writes, for [`serves`].
-pub(super) fn addrs<T>(dev: &CudaDevice, views: &[&CudaView<'_, T>]) -> Vec<u64> {
-    views.iter().map(|v| addr(dev, *v)).collect()
-}
-
-/// Address of an output view, for [`serves`].
-pub(super) fn addr_mut<T>(dev: &CudaDevice, v: &CudaViewMut<'_, T>) -> u64 {
-    addr(dev, v)
 }
 
 fn cfg(
