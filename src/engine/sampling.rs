@@ -39,7 +39,7 @@
 
 use thiserror::Error;
 
-use crate::engine::sampling_weight::{token_weight, weigh_row};
+use crate::engine::sampling_weight::{exp_sum, token_weight, weigh_row};
 
 /// Errors from invalid sampling parameters or unusable logits.
 #[derive(Debug, Error, PartialEq)]
@@ -209,10 +209,18 @@ impl Draw {
 
 /// Checks logits and returns the log-normaliser `log Σ exp(logit)` (in f64).
 fn log_normaliser(logits: &[f32]) -> Result<f64, SamplingError> {
-    scan(logits).map(|(_, lse)| lse)
+    let (_, max) = scan(logits)?;
+    Ok(normaliser_from(max, exp_sum(logits, max, 1.0)))
 }
 
-/// Checks logits; returns the first index of the maximum and the log-normaliser. The maximum is
+/// The log-normaliser from the row maximum and the sum `S` of `exp(logit - max)` of
+/// [`exp_sum`] (whose deterministic `exp`, vectorised, replaced a libm `exp` per token: the
+/// single largest cost of a pick, and the results differ by a few ulp of f64 at most).
+fn normaliser_from(max: f64, sum: f64) -> f64 {
+    max + sum.ln()
+}
+
+/// Checks logits; returns the first index of the maximum and the maximum. The maximum is
 /// found by sixteen running maxima side by side (so the pass vectorises; only its value is
 /// used, and the first index holding it is looked up after), NaN and `+inf` only flagged in that
 /// pass and located after. Which zero a maximum of `±0` is makes no difference below:
@@ -249,9 +257,7 @@ fn scan(logits: &[f32]) -> Result<(usize, f64), SamplingError> {
     }
     // The first index of the maximum: the head of the canonical order (`==` has -0.0 == +0.0).
     let best = logits.iter().position(|&x| x == max).unwrap_or(0);
-    let max = f64::from(max);
-    let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
-    Ok((best, max + sum.ln()))
+    Ok((best, f64::from(max)))
 }
 
 /// `log_softmax(logits)[token]` in the raw (temperature 1) model distribution.
@@ -311,19 +317,24 @@ pub fn sample_token(
 ) -> Result<(u32, f32), SamplingError> {
     params.validate()?;
     // `scan` checked that every id fits in u32.
-    let (best, lse) = scan(logits)?;
-    let logprob = |t: u32| (f64::from(logits[t as usize]) - lse) as f32;
+    let (best, max) = scan(logits)?;
+    let logprob =
+        |t: u32, sum: f64| (f64::from(logits[t as usize]) - normaliser_from(max, sum)) as f32;
     let Some(draw) = params.draw(uniform)? else {
-        return Ok((best as u32, logprob(best as u32)));
+        return Ok((best as u32, logprob(best as u32, exp_sum(logits, max, 1.0))));
     };
-    let max = f64::from(logits[best]);
-    let token = match draw.top_k as usize {
-        k if k > 0 && k < logits.len() => pick_top_k(logits, max, &draw, k),
+    let (token, sum) = match draw.top_k as usize {
+        k if k > 0 && k < logits.len() => (pick_top_k(logits, max, &draw, k), None),
         _ => pick_all(logits, max, &draw),
-    }
+    };
     // Unreachable: `pick_*` find a token whenever the best one weighs 2^52 (always).
-    .unwrap_or(best as u32);
-    Ok((token, logprob(token)))
+    let token = token.unwrap_or(best as u32);
+    // At temperature 1 the weighing summed the raw exps already (`weigh_row`).
+    let sum = match sum {
+        Some(s) if draw.inv_t == 1.0 => s,
+        _ => exp_sum(logits, max, 1.0),
+    };
+    Ok((token, logprob(token, sum)))
 }
 
 /// Steps 3-5 with top-k: the `k` first keys selected, only their weights computed.
@@ -365,11 +376,12 @@ thread_local! {
 /// weighs 2^52, and a zero weight repeats the previous sum), so every `C(n)` found is the one
 /// over all candidates. Top-p's prefix ends at `n` with `C(n) > target` (`target < N = C(n)`),
 /// so the draw's crossing lies among the kept tokens without restricting the search to them.
-fn pick_all(logits: &[f32], max: f64, draw: &Draw) -> Option<u32> {
+/// Also returns [`weigh_row`]'s sum of the (tempered) exps.
+fn pick_all(logits: &[f32], max: f64, draw: &Draw) -> (Option<u32>, Option<f64>) {
     BUCKETS.with(|cell| {
         let mut scratch = cell.borrow_mut();
         let (buckets, sums) = &mut *scratch;
-        weigh_row(logits, max, draw.inv_t, buckets, sums);
+        let exps = weigh_row(logits, max, draw.inv_t, buckets, sums);
         let total: u128 = sums.iter().sum();
         let crossing = |pred: &dyn Fn(u128) -> bool| -> Option<(u128, u32)> {
             let mut base = 0u128;
@@ -399,7 +411,7 @@ fn pick_all(logits: &[f32], max: f64, draw: &Draw) -> Option<u32> {
             total
         };
         let target = (u128::from(draw.m) * normaliser) >> 24;
-        crossing(&|c| c > target).map(|(_, t)| t)
+        (crossing(&|c| c > target).map(|(_, t)| t), Some(exps))
     })
 }
 

@@ -94,13 +94,16 @@ pub const NO_BUCKET: u16 = u16::MAX;
 /// cleared here, so a caller may keep them between rows). 32 tokens at a time with the same
 /// IEEE operations per token as [`token_weight`] (the SIMD versions only run them side by
 /// side), so the weights are bit for bit those of the definition.
+///
+/// Returns [`exp_sum`]'s sum for the same `d`: with `inv_t == 1` that of the raw logits, so
+/// the returned logprob's normaliser comes with the weights instead of from a second pass.
 pub fn weigh_row(
     logits: &[f32],
     max: f64,
     inv_t: f64,
     buckets: &mut Vec<u16>,
     sums: &mut Vec<u128>,
-) {
+) -> f64 {
     buckets.resize(logits.len(), NO_BUCKET);
     sums.clear();
     sums.resize(BUCKETS, 0);
@@ -126,7 +129,7 @@ pub fn weigh_row(
 /// The CPU has AVX-512F and AVX-512DQ.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn weigh_row_avx512(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) {
+unsafe fn weigh_row_avx512(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) -> f64 {
     weigh_row_body(l, max, inv_t, b, s)
 }
 
@@ -136,21 +139,28 @@ unsafe fn weigh_row_avx512(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &m
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) {
+unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut [u128]) -> f64 {
     weigh_row_body(l, max, inv_t, b, s)
 }
 
+/// Tokens weighed side by side: four registers of eight, so that independent Horner chains hide
+/// their latency; also the lanes of [`exp_sum`]'s running sums.
+const N: usize = 32;
+
 #[inline(always)]
-fn weigh_row_body(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sums: &mut [u128]) {
-    // Four registers of eight: independent Horner chains side by side hide their latency.
-    const N: usize = 32;
+fn weigh_row_body(
+    logits: &[f32],
+    max: f64,
+    inv_t: f64,
+    buckets: &mut [u16],
+    sums: &mut [u128],
+) -> f64 {
     let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
+    let mut lanes = [0.0f64; N];
     for (xs, bs) in logits.chunks(N).zip(buckets.chunks_mut(N)) {
-        let mut d = [0.0f64; N];
-        for (dv, &x) in d.iter_mut().zip(xs) {
-            *dv = (f64::from(x) - max) * inv_t;
-        }
-        let q = token_weights(&d);
+        let d = scaled_diffs(xs, max, inv_t);
+        let (q, e) = token_weights(&d);
+        add_lanes(&mut lanes, &e, xs.len());
         let mut b = [0usize; N];
         for (bv, &dv) in b.iter_mut().zip(&d) {
             *bv = ((-dv * per) as i64).clamp(0, BUCKETS as i64 - 1) as usize;
@@ -160,6 +170,99 @@ fn weigh_row_body(logits: &[f32], max: f64, inv_t: f64, buckets: &mut [u16], sum
             sums[bv] += u128::from(qv);
         }
     }
+    lane_total(&lanes)
+}
+
+/// `(f64(x) - max) * inv_t` of a chunk of up to `N` logits (the rest of the array is 0.0, whose
+/// results the callers leave out).
+#[inline(always)]
+fn scaled_diffs(xs: &[f32], max: f64, inv_t: f64) -> [f64; N] {
+    let mut d = [0.0f64; N];
+    for (dv, &x) in d.iter_mut().zip(xs) {
+        *dv = (f64::from(x) - max) * inv_t;
+    }
+    d
+}
+
+/// Adds the first `n` of a chunk's `e` to the running sums, lane `i` taking element `i`.
+#[inline(always)]
+fn add_lanes(lanes: &mut [f64; N], e: &[f64; N], n: usize) {
+    if n == N {
+        for (l, &v) in lanes.iter_mut().zip(e) {
+            *l += v;
+        }
+    } else {
+        for (l, &v) in lanes.iter_mut().zip(&e[..n]) {
+            *l += v;
+        }
+    }
+}
+
+/// The lanes' total in one fixed order: halves added pairwise (lane `i` + lane `i + n/2`) down
+/// to one.
+#[inline(always)]
+fn lane_total(lanes: &[f64; N]) -> f64 {
+    let mut v = *lanes;
+    let mut n = N;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
+}
+
+/// `S = sum of det_exp((f64(x) - max) * inv_t)` over the logits whose scaled difference lies in
+/// `[WEIGHT_CUTOFF, 0]`, summed in f64 in one fixed order (token `t` into lane `t % 32`, the
+/// lanes then by [`lane_total`]), the same order and operations as [`weigh_row`]'s return
+/// value. With `inv_t == 1` and `max` the row maximum, `max + ln S` is the row's
+/// log-normaliser: the terms left out are each below `e^-40` of the largest (which is 1), so
+/// together below `vocab * 4.3e-18`, far under the f32 resolution of a logprob.
+pub fn exp_sum(logits: &[f32], max: f64, inv_t: f64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512dq") {
+            // SAFETY: the CPU has the instructions the function is compiled for.
+            return unsafe { exp_sum_avx512(logits, max, inv_t) };
+        }
+        if has!("avx2") {
+            // SAFETY: as above.
+            return unsafe { exp_sum_avx2(logits, max, inv_t) };
+        }
+    }
+    exp_sum_body(logits, max, inv_t)
+}
+
+/// [`exp_sum_body`] with AVX-512 (F and DQ) enabled.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn exp_sum_avx512(logits: &[f32], max: f64, inv_t: f64) -> f64 {
+    exp_sum_body(logits, max, inv_t)
+}
+
+/// [`exp_sum_body`] with AVX2 enabled.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_sum_avx2(logits: &[f32], max: f64, inv_t: f64) -> f64 {
+    exp_sum_body(logits, max, inv_t)
+}
+
+#[inline(always)]
+fn exp_sum_body(logits: &[f32], max: f64, inv_t: f64) -> f64 {
+    let mut lanes = [0.0f64; N];
+    for xs in logits.chunks(N) {
+        let (_, e) = token_weights(&scaled_diffs(xs, max, inv_t));
+        add_lanes(&mut lanes, &e, xs.len());
+    }
+    lane_total(&lanes)
 }
 
 /// `round(x)`, half away from zero, from `trunc` (a single instruction with SSE4.1 and later,
@@ -171,7 +274,8 @@ fn round_half_away(x: f64) -> f64 {
     if (x - t).abs() >= 0.5 { t + 1.0f64.copysign(x) } else { t }
 }
 
-/// [`token_weight`] of `N` values side by side, without branches: out-of-range values (NaN,
+/// [`token_weight`] of `N` values side by side, and each one's `det_exp(d)` (0 out of range),
+/// without branches: out-of-range values (NaN,
 /// `d > 0`, `d < WEIGHT_CUTOFF`) go through the arithmetic as 0 and get the weight 0 at the end;
 /// in-range values see exactly the operations of [`det_exp`] (whose NaN, `-708` and `min(0)`
 /// steps are no-ops on `[WEIGHT_CUTOFF, 0]`; a `-0.0` gives the same 1.0 as `+0.0`) and of
@@ -179,13 +283,13 @@ fn round_half_away(x: f64) -> f64 {
 // Plain loops over arrays, not `array::from_fn`: its closures are not always inlined into the
 // `target_feature` callers, and compiled outside them `trunc` becomes a library call.
 #[inline(always)]
-fn token_weights<const N: usize>(d_in: &[f64; N]) -> [u64; N] {
-    let mut inside = [false; N];
-    let mut d = [0.0f64; N];
-    let mut k = [0.0f64; N];
-    let mut r = [0.0f64; N];
-    let mut p = [f64::from_bits(INV_FACTORIAL[13]); N];
-    for i in 0..N {
+fn token_weights<const M: usize>(d_in: &[f64; M]) -> ([u64; M], [f64; M]) {
+    let mut inside = [false; M];
+    let mut d = [0.0f64; M];
+    let mut k = [0.0f64; M];
+    let mut r = [0.0f64; M];
+    let mut p = [f64::from_bits(INV_FACTORIAL[13]); M];
+    for i in 0..M {
         inside[i] = (WEIGHT_CUTOFF..=0.0).contains(&d_in[i]);
         d[i] = if inside[i] { d_in[i] } else { 0.0 };
         k[i] = round_half_away(d[i] * f64::from_bits(LOG2E));
@@ -193,17 +297,20 @@ fn token_weights<const N: usize>(d_in: &[f64; N]) -> [u64; N] {
         r[i] -= k[i] * f64::from_bits(LN2_LO);
     }
     for &c in INV_FACTORIAL[..13].iter().rev() {
-        for i in 0..N {
+        for i in 0..M {
             p[i] = p[i] * r[i] + f64::from_bits(c);
         }
     }
-    let mut q = [0u64; N];
-    for i in 0..N {
+    let mut q = [0u64; M];
+    let mut e = [0.0f64; M];
+    for i in 0..M {
         let scale = f64::from_bits(((1023 + k[i] as i64) as u64) << 52);
-        let v = round_half_away(p[i] * scale * WEIGHT_ONE) as u64;
+        let ev = p[i] * scale;
+        let v = round_half_away(ev * WEIGHT_ONE) as u64;
         q[i] = if inside[i] { v } else { 0 };
+        e[i] = if inside[i] { ev } else { 0.0 };
     }
-    q
+    (q, e)
 }
 
 #[cfg(test)]
@@ -281,9 +388,11 @@ mod tests {
         }
         for chunk in ds.chunks(8) {
             let d: [f64; 8] = std::array::from_fn(|i| chunk[i]);
-            let got = token_weights(&d);
-            for (g, &dv) in got.iter().zip(&d) {
+            let (got, e) = token_weights(&d);
+            for ((g, &ev), &dv) in got.iter().zip(&e).zip(&d) {
                 assert_eq!(*g, token_weight(dv), "d = {dv:e}");
+                let want = if (WEIGHT_CUTOFF..=0.0).contains(&dv) { det_exp(dv) } else { 0.0 };
+                assert_eq!(ev.to_bits(), want.to_bits(), "d = {dv:e}");
             }
         }
     }
@@ -300,7 +409,18 @@ mod tests {
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         for inv_t in [1.0, 1.0 / 0.7, 4.0] {
             let (mut b, mut sums) = (Vec::new(), Vec::new());
-            weigh_row(&logits, f64::from(max), inv_t, &mut b, &mut sums);
+            let total = weigh_row(&logits, f64::from(max), inv_t, &mut b, &mut sums);
+            // the sum of the exps comes out of the weighing bit for bit as from its own pass
+            // (and, the order aside, it is the f64 sum of the in-range exps)
+            let alone = exp_sum(&logits, f64::from(max), inv_t);
+            assert_eq!(total.to_bits(), alone.to_bits(), "inv_t {inv_t}");
+            let libm: f64 = logits
+                .iter()
+                .map(|&x| (f64::from(x) - f64::from(max)) * inv_t)
+                .filter(|d| (WEIGHT_CUTOFF..=0.0).contains(d))
+                .map(f64::exp)
+                .sum();
+            assert!((total - libm).abs() <= 1e-13 * libm, "{total} vs {libm}");
             let mut want = vec![0u128; BUCKETS];
             for (t, &x) in logits.iter().enumerate() {
                 let q = token_weight((f64::from(x) - f64::from(max)) * inv_t);

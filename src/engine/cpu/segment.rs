@@ -5,8 +5,11 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::backend::{MatMul, backend};
 use super::rowdot::{BaseRows, base_xwt};
+use super::rowkernel::{Path, dot_rows_on};
 use super::wmatmul::xw;
 use crate::engine::lora::{Adapter, LoraPair, Target};
 use crate::engine::models::Linear;
@@ -39,7 +42,6 @@ pub(crate) fn lin_fwd(
     (layer, t): (usize, Target),
     base: &BaseRows,
 ) -> (Vec<f32>, SegXa) {
-    let be = backend();
     let (inp, out) = (lin.in_dim(), lin.out_dim());
     let mut y = vec![0.0f32; rows * out];
     base_xwt(&mut y, x, rows, &lin.w, base);
@@ -50,23 +52,88 @@ pub(crate) fn lin_fwd(
             }
         }
     }
-    let xa = segs
-        .iter()
-        .map(|s| {
-            let a = s.adapter?;
-            let p = a.layer(layer, t)?;
-            let (r0, r1) = (s.rows.start, s.rows.end);
-            let (n, r) = (r1 - r0, p.rank());
-            let mut xa = vec![0.0f32; n * r];
-            be.matmul(&mut xa, &x[r0 * inp..r1 * inp], p.a.data(), MatMul::linear(n, inp, r));
-            let scale = a.scaling();
-            xa.iter_mut().for_each(|v| *v *= scale);
-            let mm = MatMul::linear(n, r, out).acc();
-            be.matmul(&mut y[r0 * out..r1 * out], &xa, p.b.data(), mm);
-            Some(xa)
-        })
-        .collect();
+    // each segment's LoRA on its own rows of y (segments are disjoint row ranges in order)
+    let mut parts = Vec::with_capacity(segs.len());
+    let mut rest = y.as_mut_slice();
+    let mut at = 0;
+    for s in segs {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((s.rows.start - at) * out);
+        let (mine, tail) = tail.split_at_mut(s.rows.len() * out);
+        parts.push((s, mine));
+        (rest, at) = (tail, s.rows.end);
+    }
+    let one = |(s, ys): (&Segment, &mut [f32])| {
+        let a = s.adapter?;
+        let p = a.layer(layer, t)?;
+        Some(seg_lora_fwd(x, ys, p, a.scaling(), &s.rows, (inp, out), base))
+    };
+    // a decode pass's segments are a tenant's few rows each: they run side by side
+    let xa = match base {
+        BaseRows::Split { .. } => parts.into_par_iter().map(one).collect(),
+        BaseRows::Whole => parts.into_iter().map(one).collect(),
+    };
     (y, xa)
+}
+
+/// One segment's `xa = s·x·Aᵀ` on its rows `seg` and `y += xa·Bᵀ` (`y` holding the segment's
+/// rows only); returns xa [rows, r].
+/// Rows go the way the base product takes them (`base`): a training pass as one `gemm`
+/// product; in a decode pass each prefill block as its own product and the one-token rows
+/// through the fixed-order row kernel, so that a decoded row's LoRA, like its base product,
+/// does not depend on the rows alongside it, and a pass of many one-row segments costs a few
+/// small loops rather than two `gemm` dispatches per tenant and linear.
+fn seg_lora_fwd(
+    x: &[f32],
+    y: &mut [f32],
+    p: &LoraPair,
+    scale: f32,
+    seg: &Range<usize>,
+    (inp, out): (usize, usize),
+    base: &BaseRows,
+) -> Vec<f32> {
+    let r = p.rank();
+    let mut xa = vec![0.0f32; seg.len() * r];
+    // The `gemm` product of rows `rows` (inside `seg`).
+    let mut product = |rows: Range<usize>, xa: &mut [f32]| {
+        let be = backend();
+        let (n, i0) = (rows.len(), rows.start - seg.start);
+        let xa = &mut xa[i0 * r..(i0 + n) * r];
+        be.matmul(xa, &x[rows.start * inp..rows.end * inp], p.a.data(), MatMul::linear(n, inp, r));
+        xa.iter_mut().for_each(|v| *v *= scale);
+        let mm = MatMul::linear(n, r, out).acc();
+        be.matmul(&mut y[i0 * out..(i0 + n) * out], xa, p.b.data(), mm);
+    };
+    let BaseRows::Split { single, blocks } = base else {
+        product(seg.clone(), &mut xa);
+        return xa;
+    };
+    // both lists ascend (they come from the packed sequences in order)
+    let inside = |first: usize| first >= seg.start && first < seg.end;
+    let from = blocks.partition_point(|b| b.start < seg.start);
+    for b in blocks[from..].iter().take_while(|b| inside(b.start)) {
+        product(b.clone(), &mut xa);
+    }
+    let from = single.partition_point(|&i| i < seg.start);
+    let mine: Vec<usize> = single[from..].iter().copied().take_while(|&i| inside(i)).collect();
+    if mine.is_empty() {
+        return xa;
+    }
+    let path = Path::detect();
+    let xs: Vec<&[f32]> = mine.iter().map(|&i| &x[i * inp..(i + 1) * inp]).collect();
+    let mut h = vec![0.0f32; mine.len() * r];
+    let mut outs: Vec<&mut [f32]> = h.chunks_mut(r).collect();
+    dot_rows_on(path, &xs, p.a.data(), inp, &mut outs);
+    h.iter_mut().for_each(|v| *v *= scale);
+    let hs: Vec<&[f32]> = h.chunks(r).collect();
+    let mut d = vec![0.0f32; mine.len() * out];
+    let mut outs: Vec<&mut [f32]> = d.chunks_mut(out).collect();
+    dot_rows_on(path, &hs, p.b.data(), r, &mut outs);
+    for ((&i, hi), di) in mine.iter().zip(h.chunks(r)).zip(d.chunks(out)) {
+        let i0 = i - seg.start;
+        xa[i0 * r..(i0 + 1) * r].copy_from_slice(hi);
+        y[i0 * out..(i0 + 1) * out].iter_mut().zip(di).for_each(|(v, dv)| *v += dv);
+    }
+    xa
 }
 
 /// Backward of [`lin_fwd`]: `dx (+)= dy·W` over all rows, then per segment its LoRA gradients

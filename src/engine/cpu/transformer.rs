@@ -1,6 +1,8 @@
 //! The decoder stack shared by all architectures: forward (training, forward-only, or cached
 //! decoding) and the explicit layer-local backward that accumulates LoRA gradients.
 
+use rayon::prelude::*;
+
 use super::backend::{AttnShape, RopeTable, backend};
 use super::kv_cache::KvCache;
 use super::rowdot::BaseRows;
@@ -70,6 +72,52 @@ fn idx(t: Target) -> usize {
 }
 
 impl Model {
+    /// Causal attention of every packed sequence (`seqs` = (first row, rows)) over its own
+    /// rows, or with `cache` = (caches, layer) over its cache (the new rows already appended):
+    /// the attention output [rows, heads · head_dim] and each sequence's log-sum-exps. The
+    /// sequences run side by side (each one's heads in parallel inside): a decode pass of many
+    /// one-row sequences is then one parallel region, not one per sequence.
+    fn attend(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        seqs: &[(usize, usize)],
+        cache: Option<(&[KvCache], usize)>,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let c = &self.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let total: usize = seqs.iter().map(|s| s.1).sum();
+        let mut attn = vec![0.0f32; total * nh * hd];
+        // each sequence's own rows of the output (sequences are packed in order)
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut rest = attn.as_mut_slice();
+        for &(_, len) in seqs {
+            let (mine, tail) = rest.split_at_mut(len * nh * hd);
+            outs.push(mine);
+            rest = tail;
+        }
+        let lses = outs
+            .into_par_iter()
+            .zip(seqs.par_iter().enumerate())
+            .map(|(out, (si, &(start, len)))| {
+                let be = backend();
+                let qs = &q[start * nh * hd..(start + len) * nh * hd];
+                let mut lse = vec![0.0f32; nh * len];
+                let kv = start * nkv * hd..(start + len) * nkv * hd;
+                // (a sequence without a cache, which the callers never pass, attends to its rows)
+                let (ks, vs, n_k) = match cache.and_then(|(cs, l)| Some((cs.get(si)?, l))) {
+                    Some((c, l)) => (&c.k[l][..], &c.v[l][..], c.k[l].len() / (nkv * hd)),
+                    None => (&k[kv.clone()], &v[kv], len),
+                };
+                let s = AttnShape { n_q: len, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+                be.attention_fwd(qs, ks, vs, s, out, &mut lse);
+                lse
+            })
+            .collect();
+        (attn, lses)
+    }
+
     /// Embedding lookup of already-validated token ids.
     fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
         gather_rows(&self.embed, tokens)
@@ -110,36 +158,16 @@ impl Model {
             }
             be.rope(&mut q, nh, hd, &packed.rope, false);
             be.rope(&mut k, nkv, hd, &packed.rope, false);
-            let mut attn = vec![0.0f32; rows * nh * hd];
-            let mut lses = Vec::with_capacity(packed.seqs.len());
-            for (si, &(start, len)) in packed.seqs.iter().enumerate() {
-                let qs = &q[start * nh * hd..(start + len) * nh * hd];
-                let ks = &k[start * nkv * hd..(start + len) * nkv * hd];
-                let vs = &v[start * nkv * hd..(start + len) * nkv * hd];
-                let out = &mut attn[start * nh * hd..(start + len) * nh * hd];
-                let mut lse = vec![0.0f32; nh * len];
-                match caches.as_deref_mut().and_then(|cs| cs.get_mut(si)) {
-                    Some(cache) => {
-                        cache.k[l].extend_from_slice(ks);
-                        cache.v[l].extend_from_slice(vs);
-                        let n_k = cache.k[l].len() / (nkv * hd);
-                        let s =
-                            AttnShape { n_q: len, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-                        be.attention_fwd(qs, &cache.k[l], &cache.v[l], s, out, &mut lse);
-                    }
-                    None => {
-                        let s = AttnShape {
-                            n_q: len,
-                            n_k: len,
-                            n_heads: nh,
-                            n_kv_heads: nkv,
-                            head_dim: hd,
-                        };
-                        be.attention_fwd(qs, ks, vs, s, out, &mut lse);
-                    }
+            if let Some(cs) = caches.as_deref_mut() {
+                // the new keys and values join each sequence's cache first: its attention
+                // covers the cached past and these rows
+                for (cache, &(start, len)) in cs.iter_mut().zip(packed.seqs) {
+                    cache.k[l].extend_from_slice(&k[start * nkv * hd..(start + len) * nkv * hd]);
+                    cache.v[l].extend_from_slice(&v[start * nkv * hd..(start + len) * nkv * hd]);
                 }
-                lses.push(lse);
             }
+            let (attn, lses) =
+                self.attend(&q, &k, &v, packed.seqs, caches.as_deref().map(|cs| (cs, l)));
             let (o, xa_o) = lin_fwd(&attn, rows, &lw.o, segs, (l, Target::O), &packed.base);
             let x_in = if save { x.clone() } else { Vec::new() };
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
