@@ -269,29 +269,40 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     close("rope fwd", &down(s, &out)?, &wf, T::TOL);
     close("rope bwd", &down(s, &back)?, &wb, T::TOL);
 
-    // swiglu
-    let m = 3001;
-    let (ga, u, go) = (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
-    let (dga, du, dgo) = (up::<T>(s, &ga)?, up::<T>(s, &u)?, up::<T>(s, &go)?);
-    let mut o = s.alloc_zeros::<T>(m)?;
-    k::swiglu_fwd(dev, &mut o.as_view_mut(), &dga.as_view(), &du.as_view())?;
-    let (mut dgate, mut dup) = (s.alloc_zeros::<T>(m)?, s.alloc_zeros::<T>(m)?);
-    k::swiglu_bwd(
-        dev,
-        &mut dgate.as_view_mut(),
-        &mut dup.as_view_mut(),
-        &dgo.as_view(),
-        &dga.as_view(),
-        &du.as_view(),
-    )?;
-    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
-    let wdu: Vec<f64> = (0..m).map(|i| go[i] * ga[i] * sig(ga[i])).collect();
-    let wdg: Vec<f64> =
-        (0..m).map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i])))).collect();
-    close("swiglu", &down(s, &o)?, &wo, T::TOL);
-    close("swiglu dup", &down(s, &dup)?, &wdu, T::TOL);
-    close("swiglu dgate", &down(s, &dgate)?, &wdg, T::TOL);
+    // swiglu on the fused gate|up layout: row r holds gate at r*2I + j, up at r*2I + I + j
+    // (I = 432: the vector path; I = 37: scalars)
+    for (rows, inter) in [(7, 432), (5, 37)] {
+        let m = rows * inter;
+        let (ga, u, go) = (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
+        let gu: Vec<f64> = (0..rows)
+            .flat_map(|i| {
+                let row = i * inter..(i + 1) * inter;
+                ga[row.clone()].iter().chain(&u[row]).copied().collect::<Vec<_>>()
+            })
+            .collect();
+        let (dgu_in, dgo) = (up::<T>(s, &gu)?, up::<T>(s, &go)?);
+        let mut o = s.alloc_zeros::<T>(m)?;
+        k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgu_in.as_view(), inter)?;
+        let mut dgu = s.alloc_zeros::<T>(2 * m)?;
+        k::swiglu_bwd(dev, &mut dgu.as_view_mut(), &dgo.as_view(), &dgu_in.as_view(), inter)?;
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
+        let wdgu: Vec<f64> = (0..rows)
+            .flat_map(|r0| {
+                let row = r0 * inter..(r0 + 1) * inter;
+                let dg = row.clone().map(|i| {
+                    go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i])))
+                });
+                let du = row.map(|i| go[i] * ga[i] * sig(ga[i]));
+                dg.chain(du).collect::<Vec<_>>()
+            })
+            .collect();
+        close("swiglu", &down(s, &o)?, &wo, T::TOL);
+        close("swiglu dgate|dup", &down(s, &dgu)?, &wdgu, T::TOL);
+        // a buffer that is not [rows, 2 * inter] is refused
+        let bad = k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgo.as_view(), inter);
+        assert!(matches!(bad, Err(CudaError::Shape { .. })), "{bad:?}");
+    }
     Ok(())
 }
 

@@ -87,7 +87,7 @@ impl<T: Act> CudaModel<T> {
         let Some(ls) = lora else { return Ok(None) };
         let (nr, hs) = (rows.len(), ls.max_rank());
         let mut ha = scratch::<f32>(&self.dev, nr * hs)?;
-        let call = SegCall { rows, dim: self.cfg.hidden_size, hs, col0: 0 };
+        let call = SegCall::compact(rows, self.cfg.hidden_size, hs, 0);
         // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
         unsafe {
             k::lora_seg(
@@ -120,7 +120,7 @@ impl<T: Act> CudaModel<T> {
         k::matmul::<T, f32>(dev, out, hb, &wc, BLayout::Nk, (nr, vc, hid), 1.0, 0.0)?;
         if let Some((ls, ha)) = lora {
             let hs = ls.max_rank();
-            let call = SegCall { rows, dim: vc, hs, col0: v0 };
+            let call = SegCall::compact(rows, vc, hs, v0);
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
                 k::lora_seg::<f32>(
@@ -187,7 +187,7 @@ impl<T: Act> CudaModel<T> {
                     beta,
                 )?;
                 if let (Some(ls), Some(ha)) = (lora, ha.as_ref()) {
-                    let call = SegCall { rows: rr.clone(), dim: vc, hs, col0: v0 };
+                    let call = SegCall::compact(rr.clone(), vc, hs, v0);
                     let mut tv = view_mut(&mut tmp, 0, nr * hs)?;
                     // SAFETY: the pass's table addresses its adapters' live tensors.
                     unsafe {
@@ -211,7 +211,7 @@ impl<T: Act> CudaModel<T> {
                 }
             }
             if let Some(ls) = lora {
-                let call = SegCall { rows: rr, dim: hid, hs, col0: 0 };
+                let call = SegCall::compact(rr, hid, hs, 0);
                 let dhav = view(&dha, 0, nr * hs)?;
                 // SAFETY: the pass's table addresses its adapters' live tensors.
                 unsafe {

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, CudaView};
 use super::CudaError;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::model::{Act, CudaModel, DLinear, R, scratch, slot, upload_ws, view, view_mut};
+use super::model::{Act, CudaModel, DLinear, Part, R, scratch, slot, upload_ws, view, view_mut};
 use super::segment::SegLora;
 use super::workspace::Buf;
 use crate::engine::lora::Target;
@@ -114,8 +114,8 @@ pub(crate) struct LayerSave<T: Act> {
     lse: Buf<f32>,
     x_mid: Buf<T>,
     rstd2: Buf<f32>,
-    g: Buf<T>,
-    u: Buf<T>,
+    /// The fused gate|up projection [rows, 2 * inter].
+    gu: Buf<T>,
 }
 
 impl<T: Act> LayerSave<T> {
@@ -213,9 +213,9 @@ impl<T: Act> CudaModel<T> {
 
         let (h1, rstd1) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, rows * hid)?;
-        let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, m(Target::Q)?.as_ref())?;
-        let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, m(Target::K)?.as_ref())?;
-        let (v, hv) = self.lin_fwd(&h1v, rows, &lw.v, m(Target::V)?.as_ref())?;
+        let (q, [hq]) = self.lin_fwd(&h1v, rows, &lw.q, [Part::new(m(Target::Q)?.as_ref(), 0)])?;
+        let (kk, [hk]) = self.lin_fwd(&h1v, rows, &lw.k, [Part::new(m(Target::K)?.as_ref(), 0)])?;
+        let (v, [hv]) = self.lin_fwd(&h1v, rows, &lw.v, [Part::new(m(Target::V)?.as_ref(), 0)])?;
         let (q, kk, qk_pre) = match &lw.qk_norm {
             Some((qn, kn)) => {
                 let (qo, q_rstd) = self.rmsnorm(&view(&q, 0, rows * nh * hd)?, qn)?;
@@ -284,11 +284,11 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
-        let (mut o, ho) = self.lin_fwd(
+        let (mut o, [ho]) = self.lin_fwd(
             &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
             rows,
             &lw.o,
-            m(Target::O)?.as_ref(),
+            [Part::new(m(Target::O)?.as_ref(), 0)],
         )?;
         // x_mid = o + x_in, in o's buffer: x_in stays intact for the backward without a copy
         k::acc_fwd(dev, &mut view_mut(&mut o, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
@@ -296,18 +296,24 @@ impl<T: Act> CudaModel<T> {
 
         let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, rows * hid)?;
-        let inter = lw.gate.out;
-        let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, m(Target::Gate)?.as_ref())?;
-        let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, m(Target::Up)?.as_ref())?;
+        let inter = lw.inter();
+        // one GEMM for gate and up; each LoRA adds into its half of the row
+        let (mg, mu) = (m(Target::Gate)?, m(Target::Up)?);
+        let parts = [Part::new(mg.as_ref(), 0), Part::new(mu.as_ref(), inter)];
+        let (gu, [hg, hu]) = self.lin_fwd(&h2v, rows, &lw.gate_up, parts)?;
         let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(
             dev,
             &mut view_mut(&mut act, 0, rows * inter)?,
-            &view(&g, 0, rows * inter)?,
-            &view(&u, 0, rows * inter)?,
+            &view(&gu, 0, 2 * rows * inter)?,
+            inter,
         )?;
-        let (mut d, hdn) =
-            self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, m(Target::Down)?.as_ref())?;
+        let (mut d, [hdn]) = self.lin_fwd(
+            &view(&act, 0, rows * inter)?,
+            rows,
+            &lw.down,
+            [Part::new(m(Target::Down)?.as_ref(), 0)],
+        )?;
         k::acc_fwd(dev, &mut view_mut(&mut d, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
         let (x_mid, x) = (x, d);
         if !save {
@@ -326,8 +332,7 @@ impl<T: Act> CudaModel<T> {
             lse,
             x_mid,
             rstd2,
-            g,
-            u,
+            gu,
         };
         Ok((x, Some(saved)))
     }
@@ -357,10 +362,9 @@ impl<T: Act> CudaModel<T> {
             self.lin_bwd(
                 &view(dy, 0, n)?,
                 x,
-                s.h[slot(t)].as_ref(),
                 rows,
                 lin,
-                lora.module(Some(l), t)?.as_ref(),
+                [(Part::new(lora.module(Some(l), t)?.as_ref(), 0), s.h[slot(t)].as_ref())],
                 &mut view_mut(&mut dx, 0, nx)?,
                 i > 0,
             )?;
@@ -394,40 +398,45 @@ impl<T: Act> CudaModel<T> {
         let lw = &self.layers[l];
         let rows = p.rows;
         let (hid, hd, nh, nkv, hdp) = self.layer_dims();
-        let inter = lw.gate.out;
+        let inter = lw.inter();
         let hs = |t: Target| s.h[slot(t)].as_ref();
         let nh_ = rows * hid;
 
-        // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
-        let (gv, uv) = (view(&s.g, 0, rows * inter)?, view(&s.u, 0, rows * inter)?);
-        let mut act = scratch::<T>(dev, rows * inter)?;
-        k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, rows * inter)?, &gv, &uv)?;
+        // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))), gate|up one fused linear.
+        let ni = rows * inter;
+        let guv = view(&s.gu, 0, 2 * ni)?;
+        let mut act = scratch::<T>(dev, ni)?;
+        k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, ni)?, &guv, inter)?;
         let (h2, _) = self.rmsnorm(&view(&s.x_mid, 0, nh_)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, nh_)?;
-        let mut dact = scratch::<T>(dev, rows * inter)?;
+        let mut dact = scratch::<T>(dev, ni)?;
         self.lin_bwd(
             &view(dx, 0, nh_)?,
-            &view(&act, 0, rows * inter)?,
-            hs(Target::Down),
+            &view(&act, 0, ni)?,
             rows,
             &lw.down,
-            lora.module(Some(l), Target::Down)?.as_ref(),
-            &mut view_mut(&mut dact, 0, rows * inter)?,
+            [(Part::new(lora.module(Some(l), Target::Down)?.as_ref(), 0), hs(Target::Down))],
+            &mut view_mut(&mut dact, 0, ni)?,
             false,
         )?;
-        let mut dg = scratch::<T>(dev, rows * inter)?;
-        let mut du = scratch::<T>(dev, rows * inter)?;
-        k::swiglu_bwd(
-            dev,
-            &mut view_mut(&mut dg, 0, rows * inter)?,
-            &mut view_mut(&mut du, 0, rows * inter)?,
-            &view(&dact, 0, rows * inter)?,
-            &gv,
-            &uv,
+        // dgate and dup side by side, as gate and up were: one GEMM against [W_gate; W_up]
+        let mut dgu = scratch::<T>(dev, 2 * ni)?;
+        k::swiglu_bwd(dev, &mut view_mut(&mut dgu, 0, 2 * ni)?, &view(&dact, 0, ni)?, &guv, inter)?;
+        let (mg, mu) = (lora.module(Some(l), Target::Gate)?, lora.module(Some(l), Target::Up)?);
+        let parts = [
+            (Part::new(mg.as_ref(), 0), hs(Target::Gate)),
+            (Part::new(mu.as_ref(), inter), hs(Target::Up)),
+        ];
+        let mut dh2 = scratch::<T>(dev, nh_)?;
+        self.lin_bwd(
+            &view(&dgu, 0, 2 * ni)?,
+            &h2v,
+            rows,
+            &lw.gate_up,
+            parts,
+            &mut view_mut(&mut dh2, 0, nh_)?,
+            false,
         )?;
-        let ni = rows * inter;
-        let outs = [(&dg, ni, &lw.gate, Target::Gate), (&du, ni, &lw.up, Target::Up)];
-        let dh2 = self.shared_input_bwd(l, s, &h2v, rows, &outs, lora)?;
         self.add_norm_bwd(dx, &dh2, (&s.x_mid, &lw.post_norm, &s.rstd2), nh_)?;
 
         // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
@@ -435,10 +444,9 @@ impl<T: Act> CudaModel<T> {
         self.lin_bwd(
             &view(dx, 0, nh_)?,
             &view(s.attn(), 0, rows * nh * hd)?,
-            hs(Target::O),
             rows,
             &lw.o,
-            lora.module(Some(l), Target::O)?.as_ref(),
+            [(Part::new(lora.module(Some(l), Target::O)?.as_ref(), 0), hs(Target::O))],
             &mut view_mut(&mut dattn, 0, rows * nh * hd)?,
             false,
         )?;

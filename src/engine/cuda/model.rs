@@ -156,6 +156,73 @@ impl<T: Act> DLinear<T> {
             out: lin.out_dim(),
         })
     }
+
+    /// Host linears that read the same input as one: weights stacked along the output
+    /// ([W_0; W_1; ..]), so one GEMM computes every output side by side (`[rows, out_0 | out_1
+    /// | ..]`); see [`Self::stacked`].
+    fn fused(dev: &CudaDevice, lins: &[&Linear]) -> R<Self> {
+        let inp = lins.first().map_or(0, |l| l.in_dim());
+        let parts = lins
+            .iter()
+            .map(|l| {
+                let b = l.b.as_deref().map(|b| b.iter().map(|&x| T::from_f32(x)).collect());
+                (T::from_weight(&l.w), b)
+            })
+            .collect::<Vec<_>>();
+        Self::stacked(dev, inp, &parts)
+    }
+
+    /// Uploads host parts (weight [out_i, inp] and optional bias [out_i] each) stacked along
+    /// the output: the fused linear is exactly as large as its parts together. A part without a
+    /// bias gets zeros when another has one (adding zero is exact).
+    pub(crate) fn stacked(
+        dev: &CudaDevice,
+        inp: usize,
+        parts: &[(impl AsRef<[T]>, Option<Vec<T>>)],
+    ) -> R<Self> {
+        let shape = |msg: String| CudaError::Shape { kernel: "DLinear::stacked", msg };
+        let mut w = Vec::with_capacity(parts.iter().map(|p| p.0.as_ref().len()).sum());
+        let mut outs = Vec::with_capacity(parts.len());
+        for (pw, _) in parts {
+            let pw = pw.as_ref();
+            if inp == 0 || !pw.len().is_multiple_of(inp) {
+                return Err(shape(format!("a part of {} elements is not [out, {inp}]", pw.len())));
+            }
+            outs.push(pw.len() / inp);
+            w.extend_from_slice(pw);
+        }
+        let out = outs.iter().sum();
+        let b = if parts.iter().any(|p| p.1.is_some()) {
+            let mut b = Vec::with_capacity(out);
+            for ((_, pb), &o) in parts.iter().zip(&outs) {
+                match pb {
+                    Some(pb) if pb.len() == o => b.extend_from_slice(pb),
+                    Some(pb) => return Err(shape(format!("a bias of {} for {o} outputs", pb.len()))),
+                    None => b.extend(std::iter::repeat_n(T::from_f32(0.0), o)),
+                }
+            }
+            Some(upload(dev, &b)?)
+        } else {
+            None
+        };
+        Ok(DLinear { w: upload(dev, &w)?, b, inp, out })
+    }
+}
+
+/// One target's LoRA on its column window of a linear's output: the pass's segments for it
+/// (`None`: no adapter there) and the window's first column; the window is as wide as the
+/// module's output. A plain linear has one part at column 0, a fused one (gate|up) one part
+/// per target.
+#[derive(Clone, Copy)]
+pub(crate) struct Part<'s, 'a> {
+    pub lora: Option<&'s LoraSegs<'a>>,
+    pub off: usize,
+}
+
+impl<'s, 'a> Part<'s, 'a> {
+    pub fn new(lora: Option<&'s LoraSegs<'a>>, off: usize) -> Self {
+        Part { lora, off }
+    }
 }
 
 pub(crate) struct DLayer<T> {
@@ -166,9 +233,16 @@ pub(crate) struct DLayer<T> {
     pub o: DLinear<T>,
     pub qk_norm: Option<(CudaSlice<T>, CudaSlice<T>)>,
     pub post_norm: CudaSlice<T>,
-    pub gate: DLinear<T>,
-    pub up: DLinear<T>,
+    /// [W_gate; W_up]: [2 * inter, hidden]; one GEMM gives each row's gate, then its up.
+    pub gate_up: DLinear<T>,
     pub down: DLinear<T>,
+}
+
+impl<T> DLayer<T> {
+    /// The MLP's intermediate size (half the fused gate|up output).
+    pub fn inter(&self) -> usize {
+        self.gate_up.out / 2
+    }
 }
 
 /// The base model on one GPU. `T` is the storage / activation type (bf16 for serving; f32 makes
@@ -228,8 +302,7 @@ impl<T: Act> CudaModel<T> {
                 o: DLinear::new(d, &lw.o)?,
                 qk_norm,
                 post_norm: up_t(d, &lw.post_norm)?,
-                gate: DLinear::new(d, &lw.gate)?,
-                up: DLinear::new(d, &lw.up)?,
+                gate_up: DLinear::fused(d, &[&lw.gate, &lw.up])?,
                 down: DLinear::new(d, &lw.down)?,
             });
         }
@@ -338,15 +411,16 @@ impl<T: Act> CudaModel<T> {
         Ok(self.unpad(&x, rows_heads)?.unwrap_or(x))
     }
 
-    /// y = x W^T (+ bias) (+ s (x A^T) B^T, each row with its segment's adapter); returns y and
-    /// the LoRA intermediate h = x A^T [rows, max rank].
-    pub(crate) fn lin_fwd(
+    /// y = x W^T (+ bias), then each part's LoRA added into its column window of y
+    /// (+ s (x A^T) B^T, each row with its segment's adapter); returns y and each part's LoRA
+    /// intermediate h = x A^T [rows, max rank] (None without a LoRA).
+    pub(crate) fn lin_fwd<const N: usize>(
         &self,
         x: &CudaView<'_, T>,
         rows: usize,
         lin: &DLinear<T>,
-        lora: Option<&LoraSegs<'_>>,
-    ) -> R<(Buf<T>, Option<Buf<f32>>)> {
+        parts: [Part<'_, '_>; N],
+    ) -> R<(Buf<T>, [Option<Buf<f32>>; N])> {
         let dev = &*self.dev;
         k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
         // the GEMM (beta = 0) writes all of y; the bias and LoRA then add to it
@@ -365,43 +439,37 @@ impl<T: Act> CudaModel<T> {
         if let Some(b) = &lin.b {
             k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
         }
-        let Some(ls) = lora else { return Ok((y, None)) };
-        let hs = ls.max_rank();
-        // rows of segments without a LoRA here are neither written nor read
-        let mut h = scratch::<f32>(dev, rows * hs)?;
-        let mut hv = view_mut(&mut h, 0, rows * hs)?;
-        let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
-        // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
-        unsafe {
-            k::lora_seg(
-                dev,
-                k::SegOp::Shrink { h: &mut hv, x },
-                ls,
-                LoraTensor::A,
-                &call(lin.inp),
-            )?;
-            k::lora_seg(
-                dev,
-                k::SegOp::Expand { y: &mut yv, h: &hv.as_view() },
-                ls,
-                LoraTensor::B,
-                &call(lin.out),
-            )?;
+        let mut hs: [Option<Buf<f32>>; N] = std::array::from_fn(|_| None);
+        for (part, h_out) in parts.iter().zip(hs.iter_mut()) {
+            let Some(ls) = part.lora else { continue };
+            let hs = ls.max_rank();
+            // rows of segments without a LoRA here are neither written nor read
+            let mut h = scratch::<f32>(dev, rows * hs)?;
+            let mut hv = view_mut(&mut h, 0, rows * hs)?;
+            let shrink = SegCall::compact(0..rows, lin.inp, hs, 0);
+            let expand = SegCall::compact(0..rows, ls.dims.1, hs, 0).window(lin.out, part.off);
+            // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
+            unsafe {
+                k::lora_seg(dev, k::SegOp::Shrink { h: &mut hv, x }, ls, LoraTensor::A, &shrink)?;
+                let hv = hv.as_view();
+                k::lora_seg(dev, k::SegOp::Expand { y: &mut yv, h: &hv }, ls, LoraTensor::B, &expand)?;
+            }
+            *h_out = Some(h);
         }
-        Ok((y, Some(h)))
+        Ok((y, hs))
     }
 
-    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A`, the LoRA gradients of the
+    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A` summed over the parts (each
+    /// reading its window of `dy`, with its saved intermediate), the LoRA gradients of the
     /// training segments accumulated.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lin_bwd(
+    pub(crate) fn lin_bwd<const N: usize>(
         &self,
         dy: &CudaView<'_, T>,
         x: &CudaView<'_, T>,
-        h: Option<&Buf<f32>>,
         rows: usize,
         lin: &DLinear<T>,
-        lora: Option<&LoraSegs<'_>>,
+        parts: [(Part<'_, '_>, Option<&Buf<f32>>); N],
         dx: &mut CudaViewMut<'_, T>,
         accumulate: bool,
     ) -> R<()> {
@@ -417,12 +485,13 @@ impl<T: Act> CudaModel<T> {
             1.0,
             beta,
         )?;
-        if let (Some(ls), Some(h)) = (lora, h) {
+        for (part, h) in parts {
+            let (Some(ls), Some(h)) = (part.lora, h) else { continue };
             let hs = ls.max_rank();
             let mut dh = scratch::<f32>(dev, rows * hs)?;
             let mut dhv = view_mut(&mut dh, 0, rows * hs)?;
-            let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
-            let (c_in, c_out) = (call(lin.inp), call(lin.out));
+            let c_in = SegCall::compact(0..rows, lin.inp, hs, 0);
+            let c_out = SegCall::compact(0..rows, ls.dims.1, hs, 0).window(lin.out, part.off);
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
                 k::lora_seg(

@@ -102,13 +102,14 @@ impl<T: Act> CudaModel<T> {
         let d = &*dev;
         let plans: BTreeMap<String, TensorPlan> =
             spec.tensors().into_iter().map(|p| (p.name.clone(), p)).collect();
-        let gen_t = |name: String| -> R<cudarc::driver::CudaSlice<T>> {
+        let gen_host = |name: String| -> R<Vec<T>> {
             let plan = plans.get(&name).ok_or_else(|| CudaError::Shape {
                 kernel: "CudaModel::synthetic",
                 msg: format!("the synthetic shape has no tensor {name}"),
             })?;
-            upload(d, &host_tensor::<T>(plan, seed))
+            Ok(host_tensor::<T>(plan, seed))
         };
+        let gen_t = |name: String| upload(d, &gen_host(name)?);
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let embed = gen_t("model.embed_tokens.weight".into())?;
@@ -129,11 +130,13 @@ impl<T: Act> CudaModel<T> {
                 lin("self_attn.v_proj", h, kvd, c.qkv_bias)?,
                 lin("self_attn.o_proj", qd, h, false)?,
             );
-            let (gate, up, down) = (
-                lin("mlp.gate_proj", h, i, false)?,
-                lin("mlp.up_proj", h, i, false)?,
-                lin("mlp.down_proj", i, h, false)?,
-            );
+            // gate and up stacked into one linear, as `CudaModel::new` uploads them
+            let host = |name: &str| -> R<(Vec<T>, Option<Vec<T>>)> {
+                Ok((gen_host(format!("{p}.{name}.weight"))?, None))
+            };
+            let gate_up =
+                DLinear::stacked(d, h, &[host("mlp.gate_proj")?, host("mlp.up_proj")?])?;
+            let down = lin("mlp.down_proj", i, h, false)?;
             let qk_norm = if c.qk_norm {
                 Some((
                     gen_t(format!("{p}.self_attn.q_norm.weight"))?,
@@ -150,8 +153,7 @@ impl<T: Act> CudaModel<T> {
                 o,
                 qk_norm,
                 post_norm: gen_t(format!("{p}.post_attention_layernorm.weight"))?,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }

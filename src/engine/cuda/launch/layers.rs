@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{Dtype, Kernel, grid_stride, int, map_n, need_len, shape_err, sym};
+use super::{Dtype, Kernel, grid_stride, int, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 /// One block per row: enough threads to stream a hidden row (up to 8192) in a few steps.
@@ -189,43 +189,70 @@ pub fn rope<T: Dtype>(
     }
 }
 
-/// out = silu(gate) * up.
+/// Checks a SwiGLU call: `n` output elements [rows, inter] against the fused gate|up buffers
+/// `gu` of [rows, 2 * inter] each; returns the kernel's (n, inter).
+fn swiglu_shape(
+    k: &'static str,
+    n: usize,
+    inter: usize,
+    gu: &[(&str, usize)],
+) -> Result<(i64, i32), CudaError> {
+    if inter == 0 || !n.is_multiple_of(inter) {
+        return Err(shape_err(k, format!("{n} elements are not [rows, {inter}]")));
+    }
+    for &(name, len) in gu {
+        need_len(k, name, len, 2 * n)?;
+    }
+    Ok((super::long(k, "n", n)?, int(k, "inter", inter)?))
+}
+
+/// out [rows, inter] = silu(gate) * up, with `gu` the fused projection [rows, 2 * inter]
+/// (each row's gate, then its up).
 pub fn swiglu_fwd<T: Dtype>(
     dev: &CudaDevice,
     out: &mut CudaViewMut<'_, T>,
-    gate: &CudaView<'_, T>,
-    up: &CudaView<'_, T>,
+    gu: &CudaView<'_, T>,
+    inter: usize,
 ) -> Result<(), CudaError> {
-    // SAFETY: signature (T*, const T*, const T*, long long), indices < n only.
-    unsafe { map_n(dev, "swiglu.cu", sym!(T, "swiglu_fwd"), out, &[("gate", gate), ("up", up)]) }
-}
-
-/// dgate, dup of out = silu(gate) * up.
-pub fn swiglu_bwd<T: Dtype>(
-    dev: &CudaDevice,
-    dgate: &mut CudaViewMut<'_, T>,
-    dup: &mut CudaViewMut<'_, T>,
-    dout: &CudaView<'_, T>,
-    gate: &CudaView<'_, T>,
-    up: &CudaView<'_, T>,
-) -> Result<(), CudaError> {
-    let k = sym!(T, "swiglu_bwd");
-    let n = dout.len();
-    need_len(k, "dgate", dgate.len(), n)?;
-    need_len(k, "dup", dup.len(), n)?;
-    need_len(k, "gate", gate.len(), n)?;
-    need_len(k, "up", up.len(), n)?;
+    let k = sym!(T, "swiglu_fwd");
+    let n = out.len();
+    let (nn, ni) = swiglu_shape(k, n, inter, &[("gu", gu.len())])?;
     if n == 0 {
         return Ok(());
     }
-    let nn = super::long(k, "n", n)?;
-    // three read, two written; ~10 FLOPs an element with the sigmoid
+    // gate and up read, out written; ~5 FLOPs an element with the sigmoid
     let f = Kernel::load(dev, "swiglu.cu", k)?
-        .cost(10.0 * n as f64, 5.0 * n as f64 * std::mem::size_of::<T>() as f64);
-    // SAFETY: all five buffers hold n elements (checked).
+        .cost(5.0 * n as f64, 3.0 * n as f64 * std::mem::size_of::<T>() as f64);
+    // SAFETY: out holds n = rows * inter elements and gu 2n (checked).
     unsafe {
         f.launch(grid_stride(n), |l| {
-            l.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&nn);
+            l.arg(out).arg(gu).arg(&nn).arg(&ni);
+        })
+    }
+}
+
+/// The gradient `dgu` [rows, 2 * inter] (dgate, then dup, per row: the layout of `gu`) of
+/// out = silu(gate) * up, from `dout` [rows, inter].
+pub fn swiglu_bwd<T: Dtype>(
+    dev: &CudaDevice,
+    dgu: &mut CudaViewMut<'_, T>,
+    dout: &CudaView<'_, T>,
+    gu: &CudaView<'_, T>,
+    inter: usize,
+) -> Result<(), CudaError> {
+    let k = sym!(T, "swiglu_bwd");
+    let n = dout.len();
+    let (nn, ni) = swiglu_shape(k, n, inter, &[("dgu", dgu.len()), ("gu", gu.len())])?;
+    if n == 0 {
+        return Ok(());
+    }
+    // gate, up and dout read, dgate and dup written; ~10 FLOPs an element with the sigmoid
+    let f = Kernel::load(dev, "swiglu.cu", k)?
+        .cost(10.0 * n as f64, 5.0 * n as f64 * std::mem::size_of::<T>() as f64);
+    // SAFETY: dout holds n = rows * inter elements, dgu and gu 2n (checked).
+    unsafe {
+        f.launch(grid_stride(n), |l| {
+            l.arg(dgu).arg(dout).arg(gu).arg(&nn).arg(&ni);
         })
     }
 }
