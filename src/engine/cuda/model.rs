@@ -12,7 +12,8 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBi
 use half::bf16;
 
 use super::launch::{
-    self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraSegs, LoraTensor, SegCall,
+    self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraSegs, LoraTensor, RopeDst, RopeIn,
+    RopeShape, SegCall,
 };
 use super::workspace::Buf;
 use super::{CudaDevice, CudaError};
@@ -211,8 +212,8 @@ impl<T: Act> DLinear<T> {
 
 /// One target's LoRA on its column window of a linear's output: the pass's segments for it
 /// (`None`: no adapter there) and the window's first column; the window is as wide as the
-/// module's output. A plain linear has one part at column 0, a fused one (gate|up) one part
-/// per target.
+/// module's output. A plain linear has one part at column 0, a fused one (q|k|v, gate|up) one
+/// part per target.
 #[derive(Clone, Copy)]
 pub(crate) struct Part<'s, 'a> {
     pub lora: Option<&'s LoraSegs<'a>>,
@@ -227,9 +228,8 @@ impl<'s, 'a> Part<'s, 'a> {
 
 pub(crate) struct DLayer<T> {
     pub input_norm: CudaSlice<T>,
-    pub q: DLinear<T>,
-    pub k: DLinear<T>,
-    pub v: DLinear<T>,
+    /// [W_q; W_k; W_v] (and the biases likewise): one GEMM gives each row's q, k, then v.
+    pub qkv: DLinear<T>,
     pub o: DLinear<T>,
     pub qk_norm: Option<(CudaSlice<T>, CudaSlice<T>)>,
     pub post_norm: CudaSlice<T>,
@@ -296,9 +296,7 @@ impl<T: Act> CudaModel<T> {
             };
             layers.push(DLayer {
                 input_norm: up_t(d, &lw.input_norm)?,
-                q: DLinear::new(d, &lw.q)?,
-                k: DLinear::new(d, &lw.k)?,
-                v: DLinear::new(d, &lw.v)?,
+                qkv: DLinear::fused(d, &[&lw.q, &lw.k, &lw.v])?,
                 o: DLinear::new(d, &lw.o)?,
                 qk_norm,
                 post_norm: up_t(d, &lw.post_norm)?,
@@ -404,11 +402,6 @@ impl<T: Act> CudaModel<T> {
             self.hdp,
         )?;
         Ok(Some(out))
-    }
-
-    /// [`Self::unpad`] that moves `x` through unchanged when no padding is needed.
-    pub(crate) fn unpad_owned(&self, x: Buf<T>, rows_heads: usize) -> R<Buf<T>> {
-        Ok(self.unpad(&x, rows_heads)?.unwrap_or(x))
     }
 
     /// y = x W^T (+ bias), then each part's LoRA added into its column window of y
@@ -522,6 +515,7 @@ impl<T: Act> CudaModel<T> {
             &mut view_mut(&mut out, 0, x.len())?,
             &mut view_mut(&mut rstd, 0, n)?,
             x,
+            None,
             &w.as_view(),
             self.cfg.rms_norm_eps,
         )?;
@@ -543,30 +537,72 @@ impl<T: Act> CudaModel<T> {
             &mut view_mut(&mut dx, 0, x.len())?,
             dy,
             x,
+            None,
             &w.as_view(),
             &view(rstd, 0, n)?,
         )?;
         Ok(dx)
     }
 
-    /// RoPE (or its backward) of `x` [rows, heads, head_dim] at positions `pos` [rows].
-    pub(crate) fn rope(
+    /// RMSNorm over the `heads` heads of each of `rows` rows `ld` apart (`x` starting at the
+    /// first head: one tensor's window of the fused q|k|v projection), with weight `w` [hd]:
+    /// (compact out [rows, heads, hd], rstd [rows * heads]).
+    pub(crate) fn rmsnorm_heads(
         &self,
-        x: &CudaSlice<T>,
-        pos: &CudaSlice<i32>,
+        x: &CudaView<'_, T>,
+        ld: usize,
         rows: usize,
         heads: usize,
-        backward: bool,
-    ) -> R<Buf<T>> {
-        let hd = self.cfg.head_dim;
-        let n = rows * heads * hd;
-        let mut out = scratch::<T>(&self.dev, n)?;
-        let (xv, pv) = (view(x, 0, n)?, view(pos, 0, rows)?);
-        let mut ov = view_mut(&mut out, 0, n)?;
-        let (c, s) = (self.cos.as_view(), self.sin.as_view());
-        let dir = if backward { k::RopeDir::Backward } else { k::RopeDir::Forward };
-        k::rope(&self.dev, dir, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
-        Ok(out)
+        w: &CudaSlice<T>,
+    ) -> R<(Buf<T>, Buf<f32>)> {
+        let n = rows * heads;
+        let ne = n * w.len();
+        let mut out = scratch::<T>(&self.dev, ne)?;
+        let mut rstd = scratch::<f32>(&self.dev, n)?;
+        k::rmsnorm_fwd(
+            &self.dev,
+            &mut view_mut(&mut out, 0, ne)?,
+            &mut view_mut(&mut rstd, 0, n)?,
+            x,
+            Some(k::RowMap { per: heads, ld }),
+            &w.as_view(),
+            self.cfg.rms_norm_eps,
+        )?;
+        Ok((out, rstd))
+    }
+
+    /// Backward of [`Self::rmsnorm_heads`]: writes `dx`, laid out as `x` (`(ld, rows, heads)`),
+    /// from the compact `dy` and the saved rstd.
+    pub(crate) fn rmsnorm_heads_bwd(
+        &self,
+        dx: &mut CudaViewMut<'_, T>,
+        dy: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        (ld, rows, heads): (usize, usize, usize),
+        w: &CudaSlice<T>,
+        rstd: &CudaSlice<f32>,
+    ) -> R<()> {
+        let map = Some(k::RowMap { per: heads, ld });
+        let rstd = view(rstd, 0, rows * heads)?;
+        k::rmsnorm_bwd(&self.dev, dx, dy, x, map, &w.as_view(), &rstd)
+    }
+
+    /// RoPE over a layer's q, k and v in one launch (see [`k::rope`]) at positions `pos`
+    /// [rows]; heads sit `hs` = (input, output) apart inside a row.
+    pub(crate) fn rope(
+        &self,
+        dir: k::RopeDir,
+        out: &mut [RopeDst<'_, '_, T>],
+        inp: &RopeIn<'_, '_, T>,
+        pos: &CudaSlice<i32>,
+        rows: usize,
+        hs: (usize, usize),
+    ) -> R<()> {
+        let c = &self.cfg;
+        let shape =
+            RopeShape { n: rows, heads: (c.num_heads, c.num_kv_heads), hd: c.head_dim, hs };
+        let tables = (&self.cos.as_view(), &self.sin.as_view(), &view(pos, 0, rows)?);
+        k::rope(&self.dev, dir, out, inp, tables, &shape)
     }
 }
 

@@ -111,7 +111,7 @@ impl<T: Act> CudaModel<T> {
         };
         let gen_t = |name: String| upload(d, &gen_host(name)?);
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let qd = c.num_heads * hd;
         let embed = gen_t("model.embed_tokens.weight".into())?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
@@ -124,18 +124,26 @@ impl<T: Act> CudaModel<T> {
                     out,
                 })
             };
-            let (q, k, vv, o) = (
-                lin("self_attn.q_proj", h, qd, c.qkv_bias)?,
-                lin("self_attn.k_proj", h, kvd, c.qkv_bias)?,
-                lin("self_attn.v_proj", h, kvd, c.qkv_bias)?,
-                lin("self_attn.o_proj", qd, h, false)?,
-            );
-            // gate and up stacked into one linear, as `CudaModel::new` uploads them
-            let host = |name: &str| -> R<(Vec<T>, Option<Vec<T>>)> {
-                Ok((gen_host(format!("{p}.{name}.weight"))?, None))
+            // q, k, v and gate, up stacked into one linear each, as `CudaModel::new` does
+            let host = |name: &str, bias: bool| -> R<(Vec<T>, Option<Vec<T>>)> {
+                let b = if bias { Some(gen_host(format!("{p}.{name}.bias"))?) } else { None };
+                Ok((gen_host(format!("{p}.{name}.weight"))?, b))
             };
-            let gate_up =
-                DLinear::stacked(d, h, &[host("mlp.gate_proj")?, host("mlp.up_proj")?])?;
+            let qkv = DLinear::stacked(
+                d,
+                h,
+                &[
+                    host("self_attn.q_proj", c.qkv_bias)?,
+                    host("self_attn.k_proj", c.qkv_bias)?,
+                    host("self_attn.v_proj", c.qkv_bias)?,
+                ],
+            )?;
+            let o = lin("self_attn.o_proj", qd, h, false)?;
+            let gate_up = DLinear::stacked(
+                d,
+                h,
+                &[host("mlp.gate_proj", false)?, host("mlp.up_proj", false)?],
+            )?;
             let down = lin("mlp.down_proj", i, h, false)?;
             let qk_norm = if c.qk_norm {
                 Some((
@@ -147,9 +155,7 @@ impl<T: Act> CudaModel<T> {
             };
             layers.push(DLayer {
                 input_norm: gen_t(format!("{p}.input_layernorm.weight"))?,
-                q,
-                k,
-                v: vv,
+                qkv,
                 o,
                 qk_norm,
                 post_norm: gen_t(format!("{p}.post_attention_layernorm.weight"))?,
