@@ -246,13 +246,16 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
         }
     }
     let pos = [0, 1, 2, 39, 17, 5, 6];
-    let src: Vec<Vec<f64>> = [hq, hkv, hkv].iter().map(|&h| rt::<T>(&r.vec(n * h * hd, 1.0))).collect();
+    let src: Vec<Vec<f64>> =
+        [hq, hkv, hkv].iter().map(|&h| rt::<T>(&r.vec(n * h * hd, 1.0))).collect();
     let dsrc = src.iter().map(|v| up::<T>(s, v)).collect::<Result<Vec<_>>>()?;
     let (dc, dsn, dp) = (up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
     let run = |dir| -> Result<Vec<Vec<f64>>> {
-        let mut outs = src.iter().map(|v| Ok(s.alloc_zeros::<T>(v.len())?)).collect::<Result<Vec<_>>>()?;
+        let mut outs =
+            src.iter().map(|v| Ok(s.alloc_zeros::<T>(v.len())?)).collect::<Result<Vec<_>>>()?;
         let views: Vec<_> = dsrc.iter().map(|d| d.as_view()).collect();
-        let inp = k::RopeIn { t: [&views[0], &views[1], &views[2]], ld: [hq * hd, hkv * hd, hkv * hd] };
+        let inp =
+            k::RopeIn { t: [&views[0], &views[1], &views[2]], ld: [hq * hd, hkv * hd, hkv * hd] };
         let [o0, o1, o2] = &mut outs[..] else { unreachable!() };
         let (mut a, mut b, mut c) = (o0.as_view_mut(), o1.as_view_mut(), o2.as_view_mut());
         let holds = [[(0, hq * hd, 0)], [(1, hkv * hd, 0)], [(2, hkv * hd, 0)]];
@@ -270,14 +273,12 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     for (t, x) in src.iter().enumerate() {
         let heads = x.len() / (n * hd);
         let (mut wf, mut wb) = (x.clone(), x.clone());
-        for tok in 0..n {
+        for (tok, &pt) in pos.iter().enumerate().filter(|_| t < 2) {
+            // (v is copied)
             for h in 0..heads {
                 let base = (tok * heads + h) * hd;
                 for i in 0..half {
-                    if t == 2 {
-                        continue; // v is copied
-                    }
-                    let ti = pos[tok] as usize * half + i;
+                    let ti = pt as usize * half + i;
                     let (c, sn) = (cos[ti], sin[ti]);
                     let (x1, x2) = (x[base + i], x[base + i + half]);
                     wf[base + i] = x1 * c - x2 * sn;
@@ -296,7 +297,8 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     // (I = 432: the vector path; I = 37: scalars)
     for (rows, inter) in [(7, 432), (5, 37)] {
         let m = rows * inter;
-        let (ga, u, go) = (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
+        let (ga, u, go) =
+            (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
         let gu: Vec<f64> = (0..rows)
             .flat_map(|i| {
                 let row = i * inter..(i + 1) * inter;
@@ -313,9 +315,9 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
         let wdgu: Vec<f64> = (0..rows)
             .flat_map(|r0| {
                 let row = r0 * inter..(r0 + 1) * inter;
-                let dg = row.clone().map(|i| {
-                    go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i])))
-                });
+                let dg = row
+                    .clone()
+                    .map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i]))));
                 let du = row.map(|i| go[i] * ga[i] * sig(ga[i]));
                 dg.chain(du).collect::<Vec<_>>()
             })

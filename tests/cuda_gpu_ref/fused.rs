@@ -106,10 +106,11 @@ pub fn layouts<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let inp_c = RopeIn { t: [&gcv[0], &gcv[1], &gcv[2]], ld: HEADS.map(|h| h * HD) };
     let plain = split(k::RopeDir::Backward, &inp_c, (HD, HD))?;
     let got = down(s, &d_out)?;
-    for t in 0..3 {
-        assert_eq!(extract(&got, t), plain[t], "rope bwd: padded in, fused window out ({t})");
+    for (t, want) in plain.iter().enumerate() {
+        assert_eq!(&extract(&got, t), want, "rope bwd: padded in, fused window out ({t})");
     }
-    let spare: Vec<usize> = (0..N).flat_map(|r| (OFF[2] + HKV * HD..LD).map(move |c| r * LD + c)).collect();
+    let spare: Vec<usize> =
+        (0..N).flat_map(|r| (OFF[2] + HKV * HD..LD).map(move |c| r * LD + c)).collect();
     assert!(spare.iter().all(|&i| got[i] == junk[i]), "rope bwd wrote outside its windows");
 
     // overlapping windows in one output buffer are refused before any launch

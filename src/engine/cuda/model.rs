@@ -198,7 +198,9 @@ impl<T: Act> DLinear<T> {
             for ((_, pb), &o) in parts.iter().zip(&outs) {
                 match pb {
                     Some(pb) if pb.len() == o => b.extend_from_slice(pb),
-                    Some(pb) => return Err(shape(format!("a bias of {} for {o} outputs", pb.len()))),
+                    Some(pb) => {
+                        return Err(shape(format!("a bias of {} for {o} outputs", pb.len())));
+                    }
                     None => b.extend(std::iter::repeat_n(T::from_f32(0.0), o)),
                 }
             }
@@ -209,6 +211,9 @@ impl<T: Act> DLinear<T> {
         Ok(DLinear { w: upload(dev, &w)?, b, inp, out })
     }
 }
+
+/// Each part's LoRA intermediate x A^T [rows, max rank] (None without a LoRA).
+pub(crate) type LoraH<const N: usize> = [Option<Buf<f32>>; N];
 
 /// One target's LoRA on its column window of a linear's output: the pass's segments for it
 /// (`None`: no adapter there) and the window's first column; the window is as wide as the
@@ -413,7 +418,7 @@ impl<T: Act> CudaModel<T> {
         rows: usize,
         lin: &DLinear<T>,
         parts: [Part<'_, '_>; N],
-    ) -> R<(Buf<T>, [Option<Buf<f32>>; N])> {
+    ) -> R<(Buf<T>, LoraH<N>)> {
         let dev = &*self.dev;
         k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
         // the GEMM (beta = 0) writes all of y; the bias and LoRA then add to it
@@ -432,7 +437,7 @@ impl<T: Act> CudaModel<T> {
         if let Some(b) = &lin.b {
             k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
         }
-        let mut hs: [Option<Buf<f32>>; N] = std::array::from_fn(|_| None);
+        let mut hs: LoraH<N> = std::array::from_fn(|_| None);
         for (part, h_out) in parts.iter().zip(hs.iter_mut()) {
             let Some(ls) = part.lora else { continue };
             let hs = ls.max_rank();
@@ -445,7 +450,13 @@ impl<T: Act> CudaModel<T> {
             unsafe {
                 k::lora_seg(dev, k::SegOp::Shrink { h: &mut hv, x }, ls, LoraTensor::A, &shrink)?;
                 let hv = hv.as_view();
-                k::lora_seg(dev, k::SegOp::Expand { y: &mut yv, h: &hv }, ls, LoraTensor::B, &expand)?;
+                k::lora_seg(
+                    dev,
+                    k::SegOp::Expand { y: &mut yv, h: &hv },
+                    ls,
+                    LoraTensor::B,
+                    &expand,
+                )?;
             }
             *h_out = Some(h);
         }
@@ -599,8 +610,7 @@ impl<T: Act> CudaModel<T> {
         hs: (usize, usize),
     ) -> R<()> {
         let c = &self.cfg;
-        let shape =
-            RopeShape { n: rows, heads: (c.num_heads, c.num_kv_heads), hd: c.head_dim, hs };
+        let shape = RopeShape { n: rows, heads: (c.num_heads, c.num_kv_heads), hd: c.head_dim, hs };
         let tables = (&self.cos.as_view(), &self.sin.as_view(), &view(pos, 0, rows)?);
         k::rope(&self.dev, dir, out, inp, tables, &shape)
     }
