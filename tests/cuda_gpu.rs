@@ -293,41 +293,6 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     }
     assert_eq!(fwd[2], src[2], "rope copies v exactly");
 
-    // swiglu on the fused gate|up layout: row r holds gate at r*2I + j, up at r*2I + I + j
-    // (I = 432: the vector path; I = 37: scalars)
-    for (rows, inter) in [(7, 432), (5, 37)] {
-        let m = rows * inter;
-        let (ga, u, go) =
-            (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
-        let gu: Vec<f64> = (0..rows)
-            .flat_map(|i| {
-                let row = i * inter..(i + 1) * inter;
-                ga[row.clone()].iter().chain(&u[row]).copied().collect::<Vec<_>>()
-            })
-            .collect();
-        let (dgu_in, dgo) = (up::<T>(s, &gu)?, up::<T>(s, &go)?);
-        let mut o = s.alloc_zeros::<T>(m)?;
-        k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgu_in.as_view(), inter)?;
-        let mut dgu = s.alloc_zeros::<T>(2 * m)?;
-        k::swiglu_bwd(dev, &mut dgu.as_view_mut(), &dgo.as_view(), &dgu_in.as_view(), inter)?;
-        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
-        let wdgu: Vec<f64> = (0..rows)
-            .flat_map(|r0| {
-                let row = r0 * inter..(r0 + 1) * inter;
-                let dg = row
-                    .clone()
-                    .map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i]))));
-                let du = row.map(|i| go[i] * ga[i] * sig(ga[i]));
-                dg.chain(du).collect::<Vec<_>>()
-            })
-            .collect();
-        close("swiglu", &down(s, &o)?, &wo, T::TOL);
-        close("swiglu dgate|dup", &down(s, &dgu)?, &wdgu, T::TOL);
-        // a buffer that is not [rows, 2 * inter] is refused
-        let bad = k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgo.as_view(), inter);
-        assert!(matches!(bad, Err(CudaError::Shape { .. })), "{bad:?}");
-    }
     Ok(())
 }
 
@@ -373,7 +338,9 @@ fn decode_attention_matches_cpu() -> Result<()> {
 fn fused_projection_layouts_match_compact() -> Result<()> {
     let Some(dev) = device("fused layouts") else { return Ok(()) };
     refs::fused::layouts::<f32>(&dev)?;
-    refs::fused::layouts::<bf16>(&dev)
+    refs::fused::layouts::<bf16>(&dev)?;
+    refs::fused::swiglu::<f32>(&dev)?;
+    refs::fused::swiglu::<bf16>(&dev)
 }
 
 #[test]

@@ -2,14 +2,14 @@
 //! [rows, q|k|v] projection (column windows of wider rows) and writing into the fused gradient
 //! give bit-identical results to the same kernels on compact tensors, never touch the columns
 //! outside their windows, pad and unpad the head dim on the way (padding written as zeros,
-//! never read), and refuse overlapping outputs.
+//! never read), and refuse overlapping outputs; SwiGLU on the fused gate|up projection.
 
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
-use twinkle::engine::cuda::CudaDevice;
 use twinkle::engine::cuda::launch::{self as k, RopeDst, RopeIn, RopeShape, RowMap};
+use twinkle::engine::cuda::{CudaDevice, CudaError};
 
-use super::super::{Rng, TestT, down, rt, up, up32, upi};
+use super::super::{Rng, TestT, close, down, rt, up, up32, upi};
 
 /// Rows `n`; q, k, v heads; head dim (padded to `hdp`); the fused row: q | k | v | 8 spare.
 const N: usize = 5;
@@ -157,6 +157,47 @@ pub fn layouts<T: TestT>(dev: &CudaDevice) -> Result<()> {
             want[cols].fill(0.0);
         }
         assert_eq!(outside, want, "rmsnorm bwd wrote outside its window ({t})");
+    }
+    Ok(())
+}
+
+/// SwiGLU on the fused gate|up projection: row r holds gate at r*2I + j and up at r*2I + I + j;
+/// the backward writes dgate|dup in the same layout (I = 432: the vector path; I = 37: scalars).
+pub fn swiglu<T: TestT>(dev: &CudaDevice) -> Result<()> {
+    let s = dev.stream();
+    let mut r = Rng(31);
+    for (rows, inter) in [(7, 432), (5, 37)] {
+        let m = rows * inter;
+        let (ga, u, go) =
+            (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
+        let gu: Vec<f64> = (0..rows)
+            .flat_map(|i| {
+                let row = i * inter..(i + 1) * inter;
+                ga[row.clone()].iter().chain(&u[row]).copied().collect::<Vec<_>>()
+            })
+            .collect();
+        let (dgu_in, dgo) = (up::<T>(s, &gu)?, up::<T>(s, &go)?);
+        let mut o = s.alloc_zeros::<T>(m)?;
+        k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgu_in.as_view(), inter)?;
+        let mut dgu = s.alloc_zeros::<T>(2 * m)?;
+        k::swiglu_bwd(dev, &mut dgu.as_view_mut(), &dgo.as_view(), &dgu_in.as_view(), inter)?;
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
+        let wdgu: Vec<f64> = (0..rows)
+            .flat_map(|r0| {
+                let row = r0 * inter..(r0 + 1) * inter;
+                let dg = row
+                    .clone()
+                    .map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i]))));
+                let du = row.map(|i| go[i] * ga[i] * sig(ga[i]));
+                dg.chain(du).collect::<Vec<_>>()
+            })
+            .collect();
+        close("swiglu", &down(s, &o)?, &wo, T::TOL);
+        close("swiglu dgate|dup", &down(s, &dgu)?, &wdgu, T::TOL);
+        // a buffer that is not [rows, 2 * inter] is refused
+        let bad = k::swiglu_fwd(dev, &mut o.as_view_mut(), &dgo.as_view(), inter);
+        assert!(matches!(bad, Err(CudaError::Shape { .. })), "{bad:?}");
     }
     Ok(())
 }

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::model::{Act, CudaModel, DLayer, DLinear, R, upload};
+use super::linear::DLinear;
+use super::model::{Act, CudaModel, DLayer, R, upload};
 use super::{CudaDevice, CudaError};
 use crate::engine::models::ModelConfig;
 use crate::engine::synth::{Init, SynthSpec, TensorPlan, fill_tensor};
