@@ -5,8 +5,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use super::launch::LoraSegs;
-use super::launch::{self as k, BLayout, LoraTensor, SegCall};
+use super::launch::{self as k, BLayout, LoraSegs, LoraTensor, SegCall};
 use super::model::{Act, CudaModel, R, scratch, up_t, up_w, upload, view, view_mut};
 use super::workspace::Buf;
 use super::{CudaDevice, CudaError};
