@@ -138,7 +138,7 @@ __device__ __forceinline__ void st16(bf16* p, const float* in) {
 
 // out[i] = f(a[i], b[i]) (f32 math) over a grid-stride loop, 16-byte vectors where all three
 // pointers are aligned and scalars for the rest: the one copy of the binary elementwise loop
-// (residual add, SwiGLU forward). out may alias a or b: each element is read before it is written.
+// (residual add). out may alias a or b: each element is read before it is written.
 template <typename T, typename F>
 __device__ __forceinline__ void map2_vec(T* out, const T* a, const T* b, long long n, F f) {
     constexpr int V = Pack<T>::N;

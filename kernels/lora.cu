@@ -20,11 +20,15 @@
 // global row starts; a call covers global rows row_off .. row_off + n (its pointers start at
 // row_off), and `col0` offsets the dim index of a B-side tensor (the output head's vocabulary
 // chunks). The rank-space tensors (h, dh) are [n, hs]: a row uses its segment's first r columns.
+// The row-space tensor (x, y, dy, dx) is a column window of a wider buffer: element (n, j) is at
+// n * tld + toff + j, so a fused projection's output ([rows, q|k|v] or [rows, gate|up]) serves
+// each target's LoRA in place (a compact tensor has tld = dim, toff = 0).
 //
 // Each block works inside one segment: the grid's tile axis enumerates every segment's tiles in
 // order (seg_tile), so a row's arithmetic is the same whichever other segments share the call.
 //
-// defines: lora_seg_<dt>(op, f f32, t T, tab, which, seg, nseg, row_off, n, dim, hs, col0)
+// defines: lora_seg_<dt>(op, f f32, t T, tab, which, seg, nseg, row_off, n, dim, hs, col0,
+//                        tld, toff)
 //   op 0, shrink: f[n,k] = s * sum_j t[n,j] W(k,j); grid (tiles of 4 rows), block 256
 //   op 1, expand: t[n,j] += s * sum_k f[n,k] W(k,j); grid (ceil(dim/256), tiles of 8 rows),
 //            block 256, r <= 256
@@ -85,7 +89,7 @@ __device__ __forceinline__ bool seg_tile(const u64* tab, int which, const int* s
 
 template <typename T>
 __device__ void lora_shrink_impl(float* h, const T* x, const SegW& w, int n0, int n1, int kdim,
-                                 int hs) {
+                                 int hs, long long tld) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nwarps = blockDim.x >> 5;
     for (int k = warp; k < w.r; k += nwarps) {
@@ -97,7 +101,7 @@ __device__ void lora_shrink_impl(float* h, const T* x, const SegW& w, int n0, in
             const float wv = wrow[(long long)j * w.wj];
 #pragma unroll
             for (int i = 0; i < LORA_SHRINK_ROWS; ++i)
-                if (n0 + i < n1) acc[i] = fmaf(ld(x + (long long)(n0 + i) * kdim + j), wv, acc[i]);
+                if (n0 + i < n1) acc[i] = fmaf(ld(x + (long long)(n0 + i) * tld + j), wv, acc[i]);
         }
 #pragma unroll
         for (int i = 0; i < LORA_SHRINK_ROWS; ++i) {
@@ -109,7 +113,7 @@ __device__ void lora_shrink_impl(float* h, const T* x, const SegW& w, int n0, in
 
 template <typename T>
 __device__ void lora_expand_impl(T* y, const float* h, const SegW& w, int n0, int n1, int jdim,
-                                 int hs) {
+                                 int hs, long long tld) {
     __shared__ float hsm[LORA_EXPAND_ROWS][LORA_MAX_R];
     for (int idx = threadIdx.x; idx < LORA_EXPAND_ROWS * w.r; idx += blockDim.x) {
         const int i = idx / w.r, k = idx - i * w.r;
@@ -130,7 +134,7 @@ __device__ void lora_expand_impl(T* y, const float* h, const SegW& w, int n0, in
 #pragma unroll
     for (int i = 0; i < LORA_EXPAND_ROWS; ++i) {
         if (n0 + i < n1) {
-            T* p = y + (long long)(n0 + i) * jdim + j;
+            T* p = y + (long long)(n0 + i) * tld + j;
             st(p, ld(p) + w.s * acc[i]);
         }
     }
@@ -138,7 +142,7 @@ __device__ void lora_expand_impl(T* y, const float* h, const SegW& w, int n0, in
 
 template <typename T>
 __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n0, int n1,
-                                int jdim, int hs) {
+                                int jdim, int hs, long long tld) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int k0 = blockIdx.y * LORA_WGRAD_K;
     if (j >= jdim || k0 >= w.r) return;
@@ -146,7 +150,7 @@ __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n
 #pragma unroll
     for (int i = 0; i < LORA_WGRAD_K; ++i) acc[i] = 0.0f;
     for (int t = n0; t < n1; ++t) {
-        const float vv = ld(v + (long long)t * jdim + j);
+        const float vv = ld(v + (long long)t * tld + j);
         const float* urow = u + (long long)t * hs + k0;
 #pragma unroll
         for (int i = 0; i < LORA_WGRAD_K; ++i)
@@ -167,26 +171,28 @@ __device__ void lora_wgrad_impl(const float* u, const T* v, const SegW& w, int n
 template <typename T>
 __device__ void lora_seg_impl(int op, float* f, T* t, const u64* tab, int which,
                               const int* seg, int nseg, int row_off, int n, int dim, int hs,
-                              long long col0) {
+                              long long col0, long long tld, long long toff) {
     const int tile = op == 0 ? LORA_SHRINK_ROWS : (op == 1 ? LORA_EXPAND_ROWS : LORA_WGRAD_NCHUNK);
     const int t_idx = op == 0 ? blockIdx.x : (op == 1 ? blockIdx.y : blockIdx.z);
     SegW w;
     int n0, n1;
     if (!seg_tile(tab, which, seg, nseg, row_off, n, dim, col0, tile, t_idx, &w, &n0, &n1))
         return;
+    t += toff;
     if (op == 0) {
-        lora_shrink_impl<T>(f, t, w, n0, n1, dim, hs);
+        lora_shrink_impl<T>(f, t, w, n0, n1, dim, hs, tld);
     } else if (op == 1) {
-        lora_expand_impl<T>(t, f, w, n0, n1, dim, hs);
+        lora_expand_impl<T>(t, f, w, n0, n1, dim, hs, tld);
     } else {
-        lora_wgrad_impl<T>(f, t, w, n0, n1, dim, hs);
+        lora_wgrad_impl<T>(f, t, w, n0, n1, dim, hs, tld);
     }
 }
 
 #define LORA_DEF(T, DT)                                                                          \
     extern "C" __global__ void lora_seg_##DT(int op, float* f, T* t, const u64* tab, int which, \
                                              const int* seg, int nseg, int row_off, int n,      \
-                                             int dim, int hs, long long col0) {                 \
-        lora_seg_impl<T>(op, f, t, tab, which, seg, nseg, row_off, n, dim, hs, col0);           \
+                                             int dim, int hs, long long col0, long long tld,    \
+                                             long long toff) {                                  \
+        lora_seg_impl<T>(op, f, t, tab, which, seg, nseg, row_off, n, dim, hs, col0, tld, toff); \
     }
 FOR_F32_BF16(LORA_DEF)

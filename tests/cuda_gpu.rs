@@ -204,6 +204,7 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
         &mut y.as_view_mut(),
         &mut rstd.as_view_mut(),
         &dx_.as_view(),
+        None,
         &dw_.as_view(),
         eps as f32,
     )?;
@@ -213,6 +214,7 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
         &mut dx.as_view_mut(),
         &dg_.as_view(),
         &dx_.as_view(),
+        None,
         &dw_.as_view(),
         &rstd.as_view(),
     )?;
@@ -231,8 +233,9 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     close("rmsnorm y", &down(s, &y)?, &wy, T::TOL);
     close("rmsnorm dx", &down(s, &dx)?, &wdx, T::TOL);
 
-    // rope: [n, heads, hd], positions into a table of 40
-    let (heads, hd, p) = (3, 32, 40);
+    // rope on compact q, k and v (q, k rotated, v copied); the strided and padded layouts
+    // are checked in cuda_gpu_ref/fused.rs
+    let (hq, hkv, hd, p) = (3, 2, 32, 40);
     let half = hd / 2;
     let (mut cos, mut sin) = (vec![0.0; p * half], vec![0.0; p * half]);
     for pos in 0..p {
@@ -243,55 +246,53 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
         }
     }
     let pos = [0, 1, 2, 39, 17, 5, 6];
-    let q = rt::<T>(&r.vec(n * heads * hd, 1.0));
-    let (dq, dc, dsn, dp) = (up::<T>(s, &q)?, up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
-    let run = |dir| -> Result<CudaSlice<T>> {
-        let mut out = s.alloc_zeros::<T>(q.len())?;
-        let (x, c, sn, p) = (dq.as_view(), dc.as_view(), dsn.as_view(), dp.as_view());
-        k::rope(dev, dir, &mut out.as_view_mut(), &x, &c, &sn, &p, heads, hd)?;
-        Ok(out)
+    let src: Vec<Vec<f64>> =
+        [hq, hkv, hkv].iter().map(|&h| rt::<T>(&r.vec(n * h * hd, 1.0))).collect();
+    let dsrc = src.iter().map(|v| up::<T>(s, v)).collect::<Result<Vec<_>>>()?;
+    let (dc, dsn, dp) = (up32(s, &cos)?, up32(s, &sin)?, upi(s, &pos)?);
+    let run = |dir| -> Result<Vec<Vec<f64>>> {
+        let mut outs =
+            src.iter().map(|v| Ok(s.alloc_zeros::<T>(v.len())?)).collect::<Result<Vec<_>>>()?;
+        let views: Vec<_> = dsrc.iter().map(|d| d.as_view()).collect();
+        let inp =
+            k::RopeIn { t: [&views[0], &views[1], &views[2]], ld: [hq * hd, hkv * hd, hkv * hd] };
+        let [o0, o1, o2] = &mut outs[..] else { unreachable!() };
+        let (mut a, mut b, mut c) = (o0.as_view_mut(), o1.as_view_mut(), o2.as_view_mut());
+        let holds = [[(0, hq * hd, 0)], [(1, hkv * hd, 0)], [(2, hkv * hd, 0)]];
+        let mut out = [
+            k::RopeDst { buf: &mut a, holds: &holds[0] },
+            k::RopeDst { buf: &mut b, holds: &holds[1] },
+            k::RopeDst { buf: &mut c, holds: &holds[2] },
+        ];
+        let shape = k::RopeShape { n, heads: (hq, hkv), hd, hs: (hd, hd) };
+        let tables = (&dc.as_view(), &dsn.as_view(), &dp.as_view());
+        k::rope(dev, dir, &mut out, &inp, tables, &shape)?;
+        outs.iter().map(|o| down(s, o)).collect()
     };
-    let (out, back) = (run(k::RopeDir::Forward)?, run(k::RopeDir::Backward)?);
-    let (mut wf, mut wb) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-    for t in 0..n {
-        for h in 0..heads {
-            let base = (t * heads + h) * hd;
-            for i in 0..half {
-                let (c, sn) = (cos[pos[t] as usize * half + i], sin[pos[t] as usize * half + i]);
-                let (x1, x2) = (q[base + i], q[base + i + half]);
-                wf[base + i] = x1 * c - x2 * sn;
-                wf[base + i + half] = x2 * c + x1 * sn;
-                wb[base + i] = x1 * c + x2 * sn;
-                wb[base + i + half] = x2 * c - x1 * sn;
+    let (fwd, bwd) = (run(k::RopeDir::Forward)?, run(k::RopeDir::Backward)?);
+    for (t, x) in src.iter().enumerate() {
+        let heads = x.len() / (n * hd);
+        let (mut wf, mut wb) = (x.clone(), x.clone());
+        for (tok, &pt) in pos.iter().enumerate().filter(|_| t < 2) {
+            // (v is copied)
+            for h in 0..heads {
+                let base = (tok * heads + h) * hd;
+                for i in 0..half {
+                    let ti = pt as usize * half + i;
+                    let (c, sn) = (cos[ti], sin[ti]);
+                    let (x1, x2) = (x[base + i], x[base + i + half]);
+                    wf[base + i] = x1 * c - x2 * sn;
+                    wf[base + i + half] = x2 * c + x1 * sn;
+                    wb[base + i] = x1 * c + x2 * sn;
+                    wb[base + i + half] = x2 * c - x1 * sn;
+                }
             }
         }
+        close("rope fwd", &fwd[t], &wf, T::TOL);
+        close("rope bwd", &bwd[t], &wb, T::TOL);
     }
-    close("rope fwd", &down(s, &out)?, &wf, T::TOL);
-    close("rope bwd", &down(s, &back)?, &wb, T::TOL);
+    assert_eq!(fwd[2], src[2], "rope copies v exactly");
 
-    // swiglu
-    let m = 3001;
-    let (ga, u, go) = (rt::<T>(&r.vec(m, 4.0)), rt::<T>(&r.vec(m, 2.0)), rt::<T>(&r.vec(m, 1.0)));
-    let (dga, du, dgo) = (up::<T>(s, &ga)?, up::<T>(s, &u)?, up::<T>(s, &go)?);
-    let mut o = s.alloc_zeros::<T>(m)?;
-    k::swiglu_fwd(dev, &mut o.as_view_mut(), &dga.as_view(), &du.as_view())?;
-    let (mut dgate, mut dup) = (s.alloc_zeros::<T>(m)?, s.alloc_zeros::<T>(m)?);
-    k::swiglu_bwd(
-        dev,
-        &mut dgate.as_view_mut(),
-        &mut dup.as_view_mut(),
-        &dgo.as_view(),
-        &dga.as_view(),
-        &du.as_view(),
-    )?;
-    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let wo: Vec<f64> = (0..m).map(|i| ga[i] * sig(ga[i]) * u[i]).collect();
-    let wdu: Vec<f64> = (0..m).map(|i| go[i] * ga[i] * sig(ga[i])).collect();
-    let wdg: Vec<f64> =
-        (0..m).map(|i| go[i] * u[i] * sig(ga[i]) * (1.0 + ga[i] * (1.0 - sig(ga[i])))).collect();
-    close("swiglu", &down(s, &o)?, &wo, T::TOL);
-    close("swiglu dup", &down(s, &dup)?, &wdu, T::TOL);
-    close("swiglu dgate", &down(s, &dgate)?, &wdg, T::TOL);
     Ok(())
 }
 
@@ -331,6 +332,15 @@ fn decode_attention_matches_cpu() -> Result<()> {
     let Some(dev) = device("decode") else { return Ok(()) };
     refs::decode::paged::<f32>(&dev)?;
     refs::decode::paged::<bf16>(&dev)
+}
+
+#[test]
+fn fused_projection_layouts_match_compact() -> Result<()> {
+    let Some(dev) = device("fused layouts") else { return Ok(()) };
+    refs::fused::layouts::<f32>(&dev)?;
+    refs::fused::layouts::<bf16>(&dev)?;
+    refs::fused::swiglu::<f32>(&dev)?;
+    refs::fused::swiglu::<bf16>(&dev)
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The segmented LoRA kernels against a naive f64 reference: three segments of one call with
 //! different ranks and scales, one of them without a LoRA (its rows must come out untouched),
 //! the forward (shrink, expand), the backward (shrink on dy, expand into dx, both weight
-//! gradients), a call on a row window (`row_off`) and one on a column window (`col0`, as the
-//! output head's vocabulary chunks use it).
+//! gradients), the same on column windows of wider rows (a fused projection's layout), a call
+//! on a row window (`row_off`) and one on a column window of B (`col0`, as the output head's
+//! vocabulary chunks use it).
 
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtr};
@@ -112,7 +113,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
         ranks: &ranks,
         dims: (kin, jout),
     };
-    let call = |dim| SegCall { rows: 0..n, dim, hs, col0: 0 };
+    let call = |dim| SegCall::compact(0..n, dim, hs, 0);
     let pick = |v: &[f64]| v.iter().zip(&valid).filter(|p| *p.1).map(|p| *p.0).collect::<Vec<_>>();
 
     let (dx_in, dy_in) = (up::<T>(s, &x)?, up::<T>(s, &dy)?);
@@ -160,6 +161,60 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
         close_scaled("seg lora dB", &down(s, &d[3])?, &grads[si].1, T::TOL);
     }
 
+    // the same calls on column windows of wider rows (a fused projection's layout: x and dx
+    // at columns 3.. of rows kin + 7 wide, y and dy at columns 4.. of rows jout + 9 wide) give
+    // bit-identical results and leave the other columns alone
+    let grads1: Vec<Option<[Vec<f64>; 2]>> = dev_t
+        .iter()
+        .map(|d| d.as_ref().map(|d| Ok::<_, anyhow::Error>([down(s, &d[2])?, down(s, &d[3])?])))
+        .map(Option::transpose)
+        .collect::<Result<_>>()?;
+    let (kw, ko, jw, jo) = (kin + 7, 3, jout + 9, 4);
+    let embed = |src: &[f64], dim: usize, ld: usize, off: usize, junk: &[f64]| -> Vec<f64> {
+        let mut out = junk.to_vec();
+        for i in 0..n {
+            out[i * ld + off..i * ld + off + dim].copy_from_slice(&src[i * dim..(i + 1) * dim]);
+        }
+        out
+    };
+    let (junk_k, junk_j) = (rt::<T>(&r.vec(n * kw, 3.0)), rt::<T>(&r.vec(n * jw, 3.0)));
+    let xw_h = embed(&x, kin, kw, ko, &junk_k);
+    let dxw_h = embed(&vec![0.0; n * kin], kin, kw, ko, &junk_k);
+    let (yw_h, dyw_h) = (embed(&y0, jout, jw, jo, &junk_j), embed(&dy, jout, jw, jo, &junk_j));
+    let (xw, dyw) = (up::<T>(s, &xw_h)?, up::<T>(s, &dyw_h)?);
+    let (mut yw_d, mut dxw) = (up::<T>(s, &yw_h)?, up::<T>(s, &dxw_h)?);
+    let (mut gh2, mut gdh2) = (s.alloc_zeros::<f32>(n * hs)?, s.alloc_zeros::<f32>(n * hs)?);
+    let (wi, wo) = (call(kin).window(kw, ko), call(jout).window(jw, jo));
+    let (xv, dyv) = (xw.as_view(), dyw.as_view());
+    run(dev, &ls, Shrink { h: &mut gh2.as_view_mut(), x: &xv }, LoraTensor::A, &wi)?;
+    run(dev, &ls, Expand { y: &mut yw_d.as_view_mut(), h: &gh2.as_view() }, LoraTensor::B, &wo)?;
+    run(dev, &ls, Shrink { h: &mut gdh2.as_view_mut(), x: &dyv }, LoraTensor::B, &wo)?;
+    run(dev, &ls, Expand { y: &mut dxw.as_view_mut(), h: &gdh2.as_view() }, LoraTensor::A, &wi)?;
+    run(dev, &ls, Wgrad { u: &gdh2.as_view(), v: &xv }, LoraTensor::GradA, &wi)?;
+    run(dev, &ls, Wgrad { u: &gh2.as_view(), v: &dyv }, LoraTensor::GradB, &wo)?;
+    let pick_bits = |v: Vec<f64>| pick(&v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(pick_bits(down(s, &gh2)?), pick_bits(down(s, &gh)?), "windowed shrink (h)");
+    assert_eq!(pick_bits(down(s, &gdh2)?), pick_bits(down(s, &gdh)?), "windowed shrink (dh)");
+    let (yw_out, dxw_out) = (down(s, &yw_d)?, down(s, &dxw)?);
+    assert_eq!(yw_out, embed(&down(s, &gy)?, jout, jw, jo, &junk_j), "windowed expand (y)");
+    assert_eq!(dxw_out, embed(&down(s, &gdx)?, kin, kw, ko, &junk_k), "windowed expand (dx)");
+    // one row tile per segment: each gradient element got one atomic add per pass, so the
+    // windowed pass doubled the compact pass's gradients exactly
+    for (d, g1) in dev_t.iter().zip(&grads1) {
+        let (Some(d), Some(g1)) = (d, g1) else { continue };
+        for (t, g) in [(&d[2], &g1[0]), (&d[3], &g1[1])] {
+            let twice: Vec<f64> = g.iter().map(|v| 2.0 * v).collect();
+            assert_eq!(down(s, t)?, twice, "windowed weight gradient");
+        }
+    }
+    // a window past its row is refused
+    let past = call(jout).window(jw, jw - jout + 1);
+    // SAFETY: refused before any launch.
+    let refused = unsafe {
+        k::lora_seg(dev, Shrink { h: &mut gh2.as_view_mut(), x: &dyv }, &ls, LoraTensor::B, &past)
+    };
+    anyhow::ensure!(refused.is_err(), "a window past its row was accepted");
+
     // a window of rows 9..30 (spans all three segments) and of columns 16..48 of B
     let (w0, w1, c0, c1) = (9usize, 30usize, 16usize, 48usize);
     let nw = w1 - w0;
@@ -167,7 +222,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
         (0..nw * hs).map(|i| if valid[w0 * hs + i] { h[w0 * hs + i] } else { 0.0 }).collect();
     let mut yw = s.alloc_zeros::<f32>(nw * (c1 - c0))?;
     let hw = up32(s, &hwin)?;
-    let wcall = SegCall { rows: w0..w1, dim: c1 - c0, hs, col0: c0 };
+    let wcall = SegCall::compact(w0..w1, c1 - c0, hs, c0);
     // SAFETY: as above.
     unsafe {
         k::lora_seg::<f32>(
@@ -190,7 +245,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     close_scaled("seg lora window", &down(s, &yw)?, &want, (1e-5, 1e-6));
 
     // a bad call is an error, not a launch: rows past the segments
-    let bad = SegCall { rows: 0..n + 1, dim: kin, hs, col0: 0 };
+    let bad = SegCall::compact(0..n + 1, kin, hs, 0);
     let mut big = s.alloc_zeros::<f32>((n + 1) * hs)?;
     let xb = s.alloc_zeros::<T>((n + 1) * kin)?;
     // SAFETY: refused before any launch.

@@ -7,7 +7,7 @@ use std::ops::Range;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::launch::{self as k, BLayout, LoraSegs, LoraTensor, SegCall};
-use super::model::{Act, CudaModel, R, scratch, scratch_zeroed, view, view_mut};
+use super::model::{Act, CudaModel, R, scratch, view, view_mut};
 use super::workspace::Buf;
 
 /// Vocabulary columns per head chunk.
@@ -87,7 +87,7 @@ impl<T: Act> CudaModel<T> {
         let Some(ls) = lora else { return Ok(None) };
         let (nr, hs) = (rows.len(), ls.max_rank());
         let mut ha = scratch::<f32>(&self.dev, nr * hs)?;
-        let call = SegCall { rows, dim: self.cfg.hidden_size, hs, col0: 0 };
+        let call = SegCall::compact(rows, self.cfg.hidden_size, hs, 0);
         // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
         unsafe {
             k::lora_seg(
@@ -120,7 +120,7 @@ impl<T: Act> CudaModel<T> {
         k::matmul::<T, f32>(dev, out, hb, &wc, BLayout::Nk, (nr, vc, hid), 1.0, 0.0)?;
         if let Some((ls, ha)) = lora {
             let hs = ls.max_rank();
-            let call = SegCall { rows, dim: vc, hs, col0: v0 };
+            let call = SegCall::compact(rows, vc, hs, v0);
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
                 k::lora_seg::<f32>(
@@ -162,10 +162,10 @@ impl<T: Act> CudaModel<T> {
             let cb = view(coef, r0 * kmax, (r0 + nr) * kmax)?;
             let lb = view(lse, r0, r0 + nr)?;
             let ha = self.head_shrink(&hb, rr.clone(), lora)?;
-            // dha sums the chunks' contributions (acc_fwd): the one buffer here that needs zeros
-            let mut dha = scratch_zeroed::<f32>(dev, nr * hs.max(1))?;
-            // written by the shrink; rows of segments without a lm_head LoRA are not, and reach
-            // only dha rows that nothing reads
+            // dha sums the chunks' contributions: the first chunk's shrink writes it, the
+            // others shrink into tmp and add (acc_fwd), so it needs no zero-fill. Rows of
+            // segments without a lm_head LoRA are written by neither and read by nothing.
+            let mut dha = scratch::<f32>(dev, nr * hs.max(1))?;
             let mut tmp = scratch::<f32>(dev, nr * hs.max(1))?;
             for v0 in (0..v).step_by(VOCAB_CHUNK) {
                 let vc = VOCAB_CHUNK.min(v - v0);
@@ -187,8 +187,9 @@ impl<T: Act> CudaModel<T> {
                     beta,
                 )?;
                 if let (Some(ls), Some(ha)) = (lora, ha.as_ref()) {
-                    let call = SegCall { rows: rr.clone(), dim: vc, hs, col0: v0 };
-                    let mut tv = view_mut(&mut tmp, 0, nr * hs)?;
+                    let call = SegCall::compact(rr.clone(), vc, hs, v0);
+                    let first = v0 == 0;
+                    let mut tv = view_mut(if first { &mut dha } else { &mut tmp }, 0, nr * hs)?;
                     // SAFETY: the pass's table addresses its adapters' live tensors.
                     unsafe {
                         let hav = view(ha, 0, nr * hs)?;
@@ -207,11 +208,14 @@ impl<T: Act> CudaModel<T> {
                             &call,
                         )?;
                     }
-                    k::acc_fwd::<f32>(dev, &mut view_mut(&mut dha, 0, nr * hs)?, &tv.as_view())?;
+                    if !first {
+                        let tv = view(&tmp, 0, nr * hs)?;
+                        k::acc_fwd::<f32>(dev, &mut view_mut(&mut dha, 0, nr * hs)?, &tv)?;
+                    }
                 }
             }
             if let Some(ls) = lora {
-                let call = SegCall { rows: rr, dim: hid, hs, col0: 0 };
+                let call = SegCall::compact(rr, hid, hs, 0);
                 let dhav = view(&dha, 0, nr * hs)?;
                 // SAFETY: the pass's table addresses its adapters' live tensors.
                 unsafe {

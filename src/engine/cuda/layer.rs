@@ -6,12 +6,14 @@
 //! copied: a block's output `o` gets `x` added in place and becomes the new `x`, so the old `x`
 //! is kept as the saved block input without a copy (the sum is the same, addition commutes).
 
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::CudaSlice;
 
 use super::CudaError;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::model::{Act, CudaModel, DLinear, R, scratch, slot, upload_ws, view, view_mut};
+use super::launch::{RopeDst, RopeIn};
+use super::linear::Part;
+use super::model::{Act, CudaModel, R, scratch, slot, upload_ws, view, view_mut};
 use super::segment::SegLora;
 use super::workspace::Buf;
 use crate::engine::lora::Target;
@@ -90,8 +92,8 @@ pub(crate) struct DecodeGroup<'a, T: Act> {
     pub cache: &'a mut CudaKvCache<T>,
 }
 
-/// (q before q_norm, its rstd, k before k_norm, its rstd).
-type QkPre<T> = (Buf<T>, Buf<f32>, Buf<T>, Buf<f32>);
+/// (the q|k|v projection: the q/k norms' input, q's rstd, k's rstd).
+type QkPre<T> = (Buf<T>, Buf<f32>, Buf<f32>);
 
 /// Activations one layer keeps for its backward (the normed inputs and the SwiGLU output are
 /// recomputed, as on the CPU).
@@ -100,7 +102,7 @@ pub(crate) struct LayerSave<T: Act> {
     rstd1: Buf<f32>,
     /// LoRA intermediates x A^T per target (`Target::LAYER` order).
     h: [Option<Buf<f32>>; 7],
-    /// Inputs of Qwen3-style q/k norms.
+    /// Input and statistics of Qwen3-style q/k norms.
     qk_pre: Option<QkPre<T>>,
     /// Post-rope q, k, v with the head dim padded to `hdp`.
     qp: Buf<T>,
@@ -114,8 +116,8 @@ pub(crate) struct LayerSave<T: Act> {
     lse: Buf<f32>,
     x_mid: Buf<T>,
     rstd2: Buf<f32>,
-    g: Buf<T>,
-    u: Buf<T>,
+    /// The fused gate|up projection [rows, 2 * inter].
+    gu: Buf<T>,
 }
 
 impl<T: Act> LayerSave<T> {
@@ -213,23 +215,50 @@ impl<T: Act> CudaModel<T> {
 
         let (h1, rstd1) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, rows * hid)?;
-        let (q, hq) = self.lin_fwd(&h1v, rows, &lw.q, m(Target::Q)?.as_ref())?;
-        let (kk, hk) = self.lin_fwd(&h1v, rows, &lw.k, m(Target::K)?.as_ref())?;
-        let (v, hv) = self.lin_fwd(&h1v, rows, &lw.v, m(Target::V)?.as_ref())?;
-        let (q, kk, qk_pre) = match &lw.qk_norm {
-            Some((qn, kn)) => {
-                let (qo, q_rstd) = self.rmsnorm(&view(&q, 0, rows * nh * hd)?, qn)?;
-                let (ko, k_rstd) = self.rmsnorm(&view(&kk, 0, rows * nkv * hd)?, kn)?;
-                (qo, ko, Some((q, q_rstd, kk, k_rstd)))
-            }
-            None => (q, kk, None),
+        // one GEMM (and one bias add) for q, k and v; each LoRA adds into its column window
+        let (wq, wkv, wqkv) = (nh * hd, nkv * hd, lw.qkv.out);
+        let nqkv = rows * wqkv;
+        let (mq, mk, mv) = (m(Target::Q)?, m(Target::K)?, m(Target::V)?);
+        let parts = [
+            Part::new(mq.as_ref(), 0),
+            Part::new(mk.as_ref(), wq),
+            Part::new(mv.as_ref(), wq + wkv),
+        ];
+        let (qkv, [hq, hk, hv]) = self.lin_fwd(&h1v, rows, &lw.qkv, parts)?;
+        // Qwen3's q/k norms read their heads of the projection in place
+        let normed = match &lw.qk_norm {
+            Some((qn, kn)) => Some((
+                self.rmsnorm_heads(&view(&qkv, 0, nqkv)?, wqkv, rows, nh, qn)?,
+                self.rmsnorm_heads(&view(&qkv, wq, nqkv)?, wqkv, rows, nkv, kn)?,
+            )),
+            None => None,
         };
-        let q = self.rope(&q, &p.pos, rows, nh, false)?;
-        let kk = self.rope(&kk, &p.pos, rows, nkv, false)?;
-        let qp = self.pad_owned(q, rows * nh)?;
-        let kp = self.pad_owned(kk, rows * nkv)?;
-        let vp = self.pad_owned(v, rows * nkv)?;
+        // RoPE on q and k, v copied, in one launch: the attention inputs, head-padded
         let (nq, nk) = (rows * nh * hdp, rows * nkv * hdp);
+        let mut qp = scratch::<T>(dev, nq)?;
+        let mut kp = scratch::<T>(dev, nk)?;
+        let mut vp = scratch::<T>(dev, nk)?;
+        {
+            let vi = view(&qkv, wq + wkv, nqkv)?;
+            let (qi, ki, ld) = match &normed {
+                Some(((qo, _), (ko, _))) => {
+                    (view(qo, 0, rows * wq)?, view(ko, 0, rows * wkv)?, [wq, wkv, wqkv])
+                }
+                None => (view(&qkv, 0, nqkv)?, view(&qkv, wq, nqkv)?, [wqkv; 3]),
+            };
+            let inp = RopeIn { t: [&qi, &ki, &vi], ld };
+            let (mut qo, mut ko) = (view_mut(&mut qp, 0, nq)?, view_mut(&mut kp, 0, nk)?);
+            let mut vo = view_mut(&mut vp, 0, nk)?;
+            let holds = [[(0, nh * hdp, 0)], [(1, nkv * hdp, 0)], [(2, nkv * hdp, 0)]];
+            let mut out = [
+                RopeDst { buf: &mut qo, holds: &holds[0] },
+                RopeDst { buf: &mut ko, holds: &holds[1] },
+                RopeDst { buf: &mut vo, holds: &holds[2] },
+            ];
+            self.rope(k::RopeDir::Forward, &mut out, &inp, &p.pos, rows, (hd, hdp))?;
+        }
+        // the norms' backward needs their input: the projection itself
+        let qk_pre = normed.map(|((_, q_rstd), (_, k_rstd))| (qkv, q_rstd, k_rstd));
         // both written completely by the attention kernel (lse only by the training /
         // prefill kernel; decode never reads it)
         let mut outp = scratch::<T>(dev, nq)?;
@@ -284,11 +313,11 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
-        let (mut o, ho) = self.lin_fwd(
+        let (mut o, [ho]) = self.lin_fwd(
             &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
             rows,
             &lw.o,
-            m(Target::O)?.as_ref(),
+            [Part::new(m(Target::O)?.as_ref(), 0)],
         )?;
         // x_mid = o + x_in, in o's buffer: x_in stays intact for the backward without a copy
         k::acc_fwd(dev, &mut view_mut(&mut o, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
@@ -296,18 +325,24 @@ impl<T: Act> CudaModel<T> {
 
         let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, rows * hid)?;
-        let inter = lw.gate.out;
-        let (g, hg) = self.lin_fwd(&h2v, rows, &lw.gate, m(Target::Gate)?.as_ref())?;
-        let (u, hu) = self.lin_fwd(&h2v, rows, &lw.up, m(Target::Up)?.as_ref())?;
+        let inter = lw.inter();
+        // one GEMM for gate and up; each LoRA adds into its half of the row
+        let (mg, mu) = (m(Target::Gate)?, m(Target::Up)?);
+        let parts = [Part::new(mg.as_ref(), 0), Part::new(mu.as_ref(), inter)];
+        let (gu, [hg, hu]) = self.lin_fwd(&h2v, rows, &lw.gate_up, parts)?;
         let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(
             dev,
             &mut view_mut(&mut act, 0, rows * inter)?,
-            &view(&g, 0, rows * inter)?,
-            &view(&u, 0, rows * inter)?,
+            &view(&gu, 0, 2 * rows * inter)?,
+            inter,
         )?;
-        let (mut d, hdn) =
-            self.lin_fwd(&view(&act, 0, rows * inter)?, rows, &lw.down, m(Target::Down)?.as_ref())?;
+        let (mut d, [hdn]) = self.lin_fwd(
+            &view(&act, 0, rows * inter)?,
+            rows,
+            &lw.down,
+            [Part::new(m(Target::Down)?.as_ref(), 0)],
+        )?;
         k::acc_fwd(dev, &mut view_mut(&mut d, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
         let (x_mid, x) = (x, d);
         if !save {
@@ -326,8 +361,7 @@ impl<T: Act> CudaModel<T> {
             lse,
             x_mid,
             rstd2,
-            g,
-            u,
+            gu,
         };
         Ok((x, Some(saved)))
     }
@@ -336,36 +370,6 @@ impl<T: Act> CudaModel<T> {
     fn layer_dims(&self) -> (usize, usize, usize, usize, usize) {
         let c = &self.cfg;
         (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, self.hdp)
-    }
-
-    /// Input gradient of layer `l`'s linears that all read `x` [rows, hidden] (q/k/v, or
-    /// gate/up), from their output gradients `outs` (dy, its length, linear, target): the first
-    /// writes the returned gradient (beta = 0), the others add to it; LoRA gradients are
-    /// accumulated as in [`Self::lin_bwd`].
-    fn shared_input_bwd(
-        &self,
-        l: usize,
-        s: &LayerSave<T>,
-        x: &CudaView<'_, T>,
-        rows: usize,
-        outs: &[(&Buf<T>, usize, &DLinear<T>, Target)],
-        lora: &SegLora,
-    ) -> R<Buf<T>> {
-        let nx = rows * self.cfg.hidden_size;
-        let mut dx = scratch::<T>(&self.dev, nx)?;
-        for (i, &(dy, n, lin, t)) in outs.iter().enumerate() {
-            self.lin_bwd(
-                &view(dy, 0, n)?,
-                x,
-                s.h[slot(t)].as_ref(),
-                rows,
-                lin,
-                lora.module(Some(l), t)?.as_ref(),
-                &mut view_mut(&mut dx, 0, nx)?,
-                i > 0,
-            )?;
-        }
-        Ok(dx)
     }
 
     /// dx += the input gradient, from `dh`, of a block's RMSNorm `norm` = (its saved input,
@@ -394,40 +398,45 @@ impl<T: Act> CudaModel<T> {
         let lw = &self.layers[l];
         let rows = p.rows;
         let (hid, hd, nh, nkv, hdp) = self.layer_dims();
-        let inter = lw.gate.out;
+        let inter = lw.inter();
         let hs = |t: Target| s.h[slot(t)].as_ref();
         let nh_ = rows * hid;
 
-        // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))).
-        let (gv, uv) = (view(&s.g, 0, rows * inter)?, view(&s.u, 0, rows * inter)?);
-        let mut act = scratch::<T>(dev, rows * inter)?;
-        k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, rows * inter)?, &gv, &uv)?;
+        // MLP block: x_out = x_mid + down(swiglu(gate(h2), up(h2))), gate|up one fused linear.
+        let ni = rows * inter;
+        let guv = view(&s.gu, 0, 2 * ni)?;
+        let mut act = scratch::<T>(dev, ni)?;
+        k::swiglu_fwd(dev, &mut view_mut(&mut act, 0, ni)?, &guv, inter)?;
         let (h2, _) = self.rmsnorm(&view(&s.x_mid, 0, nh_)?, &lw.post_norm)?;
         let h2v = view(&h2, 0, nh_)?;
-        let mut dact = scratch::<T>(dev, rows * inter)?;
+        let mut dact = scratch::<T>(dev, ni)?;
         self.lin_bwd(
             &view(dx, 0, nh_)?,
-            &view(&act, 0, rows * inter)?,
-            hs(Target::Down),
+            &view(&act, 0, ni)?,
             rows,
             &lw.down,
-            lora.module(Some(l), Target::Down)?.as_ref(),
-            &mut view_mut(&mut dact, 0, rows * inter)?,
+            [(Part::new(lora.module(Some(l), Target::Down)?.as_ref(), 0), hs(Target::Down))],
+            &mut view_mut(&mut dact, 0, ni)?,
             false,
         )?;
-        let mut dg = scratch::<T>(dev, rows * inter)?;
-        let mut du = scratch::<T>(dev, rows * inter)?;
-        k::swiglu_bwd(
-            dev,
-            &mut view_mut(&mut dg, 0, rows * inter)?,
-            &mut view_mut(&mut du, 0, rows * inter)?,
-            &view(&dact, 0, rows * inter)?,
-            &gv,
-            &uv,
+        // dgate and dup side by side, as gate and up were: one GEMM against [W_gate; W_up]
+        let mut dgu = scratch::<T>(dev, 2 * ni)?;
+        k::swiglu_bwd(dev, &mut view_mut(&mut dgu, 0, 2 * ni)?, &view(&dact, 0, ni)?, &guv, inter)?;
+        let (mg, mu) = (lora.module(Some(l), Target::Gate)?, lora.module(Some(l), Target::Up)?);
+        let parts = [
+            (Part::new(mg.as_ref(), 0), hs(Target::Gate)),
+            (Part::new(mu.as_ref(), inter), hs(Target::Up)),
+        ];
+        let mut dh2 = scratch::<T>(dev, nh_)?;
+        self.lin_bwd(
+            &view(&dgu, 0, 2 * ni)?,
+            &h2v,
+            rows,
+            &lw.gate_up,
+            parts,
+            &mut view_mut(&mut dh2, 0, nh_)?,
+            false,
         )?;
-        let ni = rows * inter;
-        let outs = [(&dg, ni, &lw.gate, Target::Gate), (&du, ni, &lw.up, Target::Up)];
-        let dh2 = self.shared_input_bwd(l, s, &h2v, rows, &outs, lora)?;
         self.add_norm_bwd(dx, &dh2, (&s.x_mid, &lw.post_norm, &s.rstd2), nh_)?;
 
         // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
@@ -435,10 +444,9 @@ impl<T: Act> CudaModel<T> {
         self.lin_bwd(
             &view(dx, 0, nh_)?,
             &view(s.attn(), 0, rows * nh * hd)?,
-            hs(Target::O),
             rows,
             &lw.o,
-            lora.module(Some(l), Target::O)?.as_ref(),
+            [(Part::new(lora.module(Some(l), Target::O)?.as_ref(), 0), hs(Target::O))],
             &mut view_mut(&mut dattn, 0, rows * nh * hd)?,
             false,
         )?;
@@ -467,36 +475,72 @@ impl<T: Act> CudaModel<T> {
             &self.attn_shape(p.max_len),
         )?;
         drop(dq_acc);
-        let dq = self.unpad_owned(dqp, rows * nh)?;
-        let dk = self.unpad_owned(dkp, rows * nkv)?;
-        let dv = self.unpad_owned(dvp, rows * nkv)?;
-        let dq = self.rope(&dq, &p.pos, rows, nh, true)?;
-        let dk = self.rope(&dk, &p.pos, rows, nkv, true)?;
-        // The QK-norm backward of q or k, [rows, heads, hd].
-        let qk_norm_bwd = |d: &CudaSlice<T>,
-                           pre: &CudaSlice<T>,
-                           w: &CudaSlice<T>,
-                           rstd: &CudaSlice<f32>,
-                           heads: usize|
-         -> R<Buf<T>> {
-            let n = rows * heads * hd;
-            self.rmsnorm_bwd(&view(d, 0, n)?, &view(pre, 0, n)?, w, rstd)
-        };
-        let (dq, dk) = match (&lw.qk_norm, &s.qk_pre) {
-            (Some((qn, kn)), Some((q_pre, q_rstd, k_pre, k_rstd))) => (
-                qk_norm_bwd(&dq, q_pre, qn, q_rstd, nh)?,
-                qk_norm_bwd(&dk, k_pre, kn, k_rstd, nkv)?,
-            ),
-            _ => (dq, dk),
-        };
+        // The gradients land in one [rows, q|k|v] buffer for one GEMM: RoPE's backward
+        // (unpadding on the way) writes v, and q and k, in their windows; for Qwen3 q and k go
+        // through the q/k norms' backward first, which then writes their windows.
+        let (wq, wkv, wqkv) = (nh * hd, nkv * hd, lw.qkv.out);
+        let nqkv = rows * wqkv;
+        let mut dqkv = scratch::<T>(dev, nqkv)?;
+        {
+            let (dqv, dkv, dvv) = (view(&dqp, 0, nq)?, view(&dkp, 0, nk)?, view(&dvp, 0, nk)?);
+            let inp = RopeIn { t: [&dqv, &dkv, &dvv], ld: [nh * hdp, nkv * hdp, nkv * hdp] };
+            let dir = k::RopeDir::Backward;
+            match (&lw.qk_norm, &s.qk_pre) {
+                (Some((qn, kn)), Some((qkv, q_rstd, k_rstd))) => {
+                    let mut dq = scratch::<T>(dev, rows * wq)?;
+                    let mut dk = scratch::<T>(dev, rows * wkv)?;
+                    {
+                        let mut a = view_mut(&mut dq, 0, rows * wq)?;
+                        let mut b = view_mut(&mut dk, 0, rows * wkv)?;
+                        let mut c = view_mut(&mut dqkv, 0, nqkv)?;
+                        let holds = [[(0, wq, 0)], [(1, wkv, 0)], [(2, wqkv, wq + wkv)]];
+                        let mut out = [
+                            RopeDst { buf: &mut a, holds: &holds[0] },
+                            RopeDst { buf: &mut b, holds: &holds[1] },
+                            RopeDst { buf: &mut c, holds: &holds[2] },
+                        ];
+                        self.rope(dir, &mut out, &inp, &p.pos, rows, (hdp, hd))?;
+                    }
+                    let norms = [(0, wq, &dq, nh, qn, q_rstd), (wq, wkv, &dk, nkv, kn, k_rstd)];
+                    for (off, w, d, heads, nw, rstd) in norms {
+                        self.rmsnorm_heads_bwd(
+                            &mut view_mut(&mut dqkv, off, nqkv)?,
+                            &view(d, 0, rows * w)?,
+                            &view(qkv, off, nqkv)?,
+                            (wqkv, rows, heads),
+                            nw,
+                            rstd,
+                        )?;
+                    }
+                }
+                _ => {
+                    let mut c = view_mut(&mut dqkv, 0, nqkv)?;
+                    let holds = [(0, wqkv, 0), (1, wqkv, wq), (2, wqkv, wq + wkv)];
+                    let mut out = [RopeDst { buf: &mut c, holds: &holds }];
+                    self.rope(dir, &mut out, &inp, &p.pos, rows, (hdp, hd))?;
+                }
+            }
+        }
+        drop((dqp, dkp, dvp));
         let (h1, _) = self.rmsnorm(&view(&s.x_in, 0, nh_)?, &lw.input_norm)?;
         let h1v = view(&h1, 0, nh_)?;
-        let outs = [
-            (&dq, rows * nh * hd, &lw.q, Target::Q),
-            (&dk, rows * nkv * hd, &lw.k, Target::K),
-            (&dv, rows * nkv * hd, &lw.v, Target::V),
+        let md = |t: Target| lora.module(Some(l), t);
+        let (mq, mk, mv) = (md(Target::Q)?, md(Target::K)?, md(Target::V)?);
+        let parts = [
+            (Part::new(mq.as_ref(), 0), hs(Target::Q)),
+            (Part::new(mk.as_ref(), wq), hs(Target::K)),
+            (Part::new(mv.as_ref(), wq + wkv), hs(Target::V)),
         ];
-        let dh1 = self.shared_input_bwd(l, s, &h1v, rows, &outs, lora)?;
+        let mut dh1 = scratch::<T>(dev, nh_)?;
+        self.lin_bwd(
+            &view(&dqkv, 0, nqkv)?,
+            &h1v,
+            rows,
+            &lw.qkv,
+            parts,
+            &mut view_mut(&mut dh1, 0, nh_)?,
+            false,
+        )?;
         if l > 0 {
             self.add_norm_bwd(dx, &dh1, (&s.x_in, &lw.input_norm, &s.rstd1), nh_)?;
         }

@@ -64,6 +64,7 @@ mod graph;
 mod head;
 pub mod launch;
 mod layer;
+mod linear;
 mod model;
 mod nvrtc;
 pub mod profile;

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
-use super::launch::{
-    self as k, AttentionShape, BLayout, DecodeShape, Dtype, LoraSegs, LoraTensor, SegCall,
-};
+use super::launch::{self as k, AttentionShape, DecodeShape, Dtype, RopeDst, RopeIn, RopeShape};
+use super::linear::DLinear;
 use super::workspace::Buf;
 use super::{CudaDevice, CudaError};
 use crate::engine::backend::RopeTable;
 use crate::engine::lora::Target;
-use crate::engine::models::{Linear, Model, ModelConfig};
+use crate::engine::models::{Model, ModelConfig};
 use crate::engine::weight::{Weight, WeightElem};
 
 /// Activation / base-weight storage type of a [`CudaModel`].
@@ -129,46 +128,33 @@ fn out_of_range(a: usize, b: usize, len: usize) -> CudaError {
     CudaError::Shape { kernel: "slice", msg: format!("range {a}..{b} outside a buffer of {len}") }
 }
 
-fn up_t<T: Act>(dev: &CudaDevice, v: &[f32]) -> R<CudaSlice<T>> {
+pub(super) fn up_t<T: Act>(dev: &CudaDevice, v: &[f32]) -> R<CudaSlice<T>> {
     let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
     upload(dev, &host)
 }
 
 /// A host base weight as `T` (a bf16 weight goes up as bf16 without an f32 round trip).
-fn up_w<T: Act>(dev: &CudaDevice, w: &Weight) -> R<CudaSlice<T>> {
+pub(super) fn up_w<T: Act>(dev: &CudaDevice, w: &Weight) -> R<CudaSlice<T>> {
     upload(dev, &T::from_weight(w))
-}
-
-/// A linear layer on the device: weight [out, in] (HF layout), optional bias [out].
-pub(crate) struct DLinear<T> {
-    pub w: CudaSlice<T>,
-    pub b: Option<CudaSlice<T>>,
-    pub inp: usize,
-    pub out: usize,
-}
-
-impl<T: Act> DLinear<T> {
-    fn new(dev: &CudaDevice, lin: &Linear) -> R<Self> {
-        Ok(DLinear {
-            w: up_w(dev, &lin.w)?,
-            b: lin.b.as_deref().map(|b| up_t(dev, b)).transpose()?,
-            inp: lin.in_dim(),
-            out: lin.out_dim(),
-        })
-    }
 }
 
 pub(crate) struct DLayer<T> {
     pub input_norm: CudaSlice<T>,
-    pub q: DLinear<T>,
-    pub k: DLinear<T>,
-    pub v: DLinear<T>,
+    /// [W_q; W_k; W_v] (and the biases likewise): one GEMM gives each row's q, k, then v.
+    pub qkv: DLinear<T>,
     pub o: DLinear<T>,
     pub qk_norm: Option<(CudaSlice<T>, CudaSlice<T>)>,
     pub post_norm: CudaSlice<T>,
-    pub gate: DLinear<T>,
-    pub up: DLinear<T>,
+    /// [W_gate; W_up]: [2 * inter, hidden]; one GEMM gives each row's gate, then its up.
+    pub gate_up: DLinear<T>,
     pub down: DLinear<T>,
+}
+
+impl<T> DLayer<T> {
+    /// The MLP's intermediate size (half the fused gate|up output).
+    pub fn inter(&self) -> usize {
+        self.gate_up.out / 2
+    }
 }
 
 /// The base model on one GPU. `T` is the storage / activation type (bf16 for serving; f32 makes
@@ -222,14 +208,11 @@ impl<T: Act> CudaModel<T> {
             };
             layers.push(DLayer {
                 input_norm: up_t(d, &lw.input_norm)?,
-                q: DLinear::new(d, &lw.q)?,
-                k: DLinear::new(d, &lw.k)?,
-                v: DLinear::new(d, &lw.v)?,
+                qkv: DLinear::fused(d, &[&lw.q, &lw.k, &lw.v])?,
                 o: DLinear::new(d, &lw.o)?,
                 qk_norm,
                 post_norm: up_t(d, &lw.post_norm)?,
-                gate: DLinear::new(d, &lw.gate)?,
-                up: DLinear::new(d, &lw.up)?,
+                gate_up: DLinear::fused(d, &[&lw.gate, &lw.up])?,
                 down: DLinear::new(d, &lw.down)?,
             });
         }
@@ -333,115 +316,6 @@ impl<T: Act> CudaModel<T> {
         Ok(Some(out))
     }
 
-    /// [`Self::unpad`] that moves `x` through unchanged when no padding is needed.
-    pub(crate) fn unpad_owned(&self, x: Buf<T>, rows_heads: usize) -> R<Buf<T>> {
-        Ok(self.unpad(&x, rows_heads)?.unwrap_or(x))
-    }
-
-    /// y = x W^T (+ bias) (+ s (x A^T) B^T, each row with its segment's adapter); returns y and
-    /// the LoRA intermediate h = x A^T [rows, max rank].
-    pub(crate) fn lin_fwd(
-        &self,
-        x: &CudaView<'_, T>,
-        rows: usize,
-        lin: &DLinear<T>,
-        lora: Option<&LoraSegs<'_>>,
-    ) -> R<(Buf<T>, Option<Buf<f32>>)> {
-        let dev = &*self.dev;
-        k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
-        // the GEMM (beta = 0) writes all of y; the bias and LoRA then add to it
-        let mut y = scratch::<T>(dev, rows * lin.out)?;
-        let mut yv = view_mut(&mut y, 0, rows * lin.out)?;
-        k::matmul::<T, T>(
-            dev,
-            &mut yv,
-            x,
-            &lin.w.as_view(),
-            BLayout::Nk,
-            (rows, lin.out, lin.inp),
-            1.0,
-            0.0,
-        )?;
-        if let Some(b) = &lin.b {
-            k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
-        }
-        let Some(ls) = lora else { return Ok((y, None)) };
-        let hs = ls.max_rank();
-        // rows of segments without a LoRA here are neither written nor read
-        let mut h = scratch::<f32>(dev, rows * hs)?;
-        let mut hv = view_mut(&mut h, 0, rows * hs)?;
-        let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
-        // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
-        unsafe {
-            k::lora_seg(
-                dev,
-                k::SegOp::Shrink { h: &mut hv, x },
-                ls,
-                LoraTensor::A,
-                &call(lin.inp),
-            )?;
-            k::lora_seg(
-                dev,
-                k::SegOp::Expand { y: &mut yv, h: &hv.as_view() },
-                ls,
-                LoraTensor::B,
-                &call(lin.out),
-            )?;
-        }
-        Ok((y, Some(h)))
-    }
-
-    /// Backward of [`Self::lin_fwd`]: `dx (+)= dy W + s (dy B) A`, the LoRA gradients of the
-    /// training segments accumulated.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lin_bwd(
-        &self,
-        dy: &CudaView<'_, T>,
-        x: &CudaView<'_, T>,
-        h: Option<&Buf<f32>>,
-        rows: usize,
-        lin: &DLinear<T>,
-        lora: Option<&LoraSegs<'_>>,
-        dx: &mut CudaViewMut<'_, T>,
-        accumulate: bool,
-    ) -> R<()> {
-        let dev = &*self.dev;
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        k::matmul::<T, T>(
-            dev,
-            dx,
-            dy,
-            &lin.w.as_view(),
-            BLayout::Kn,
-            (rows, lin.inp, lin.out),
-            1.0,
-            beta,
-        )?;
-        if let (Some(ls), Some(h)) = (lora, h) {
-            let hs = ls.max_rank();
-            let mut dh = scratch::<f32>(dev, rows * hs)?;
-            let mut dhv = view_mut(&mut dh, 0, rows * hs)?;
-            let call = |dim| SegCall { rows: 0..rows, dim, hs, col0: 0 };
-            let (c_in, c_out) = (call(lin.inp), call(lin.out));
-            // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
-            unsafe {
-                k::lora_seg(
-                    dev,
-                    k::SegOp::Shrink { h: &mut dhv, x: dy },
-                    ls,
-                    LoraTensor::B,
-                    &c_out,
-                )?;
-                let dhv = dhv.as_view();
-                k::lora_seg(dev, k::SegOp::Expand { y: dx, h: &dhv }, ls, LoraTensor::A, &c_in)?;
-                k::lora_seg(dev, k::SegOp::Wgrad { u: &dhv, v: x }, ls, LoraTensor::GradA, &c_in)?;
-                let hv = view(h, 0, rows * hs)?;
-                k::lora_seg(dev, k::SegOp::Wgrad { u: &hv, v: dy }, ls, LoraTensor::GradB, &c_out)?;
-            }
-        }
-        Ok(())
-    }
-
     /// RMSNorm of `x` [n, d] with weight `w` [d]: (out, rstd).
     pub(crate) fn rmsnorm(&self, x: &CudaView<'_, T>, w: &CudaSlice<T>) -> R<(Buf<T>, Buf<f32>)> {
         let d = w.len();
@@ -453,6 +327,7 @@ impl<T: Act> CudaModel<T> {
             &mut view_mut(&mut out, 0, x.len())?,
             &mut view_mut(&mut rstd, 0, n)?,
             x,
+            None,
             &w.as_view(),
             self.cfg.rms_norm_eps,
         )?;
@@ -474,30 +349,71 @@ impl<T: Act> CudaModel<T> {
             &mut view_mut(&mut dx, 0, x.len())?,
             dy,
             x,
+            None,
             &w.as_view(),
             &view(rstd, 0, n)?,
         )?;
         Ok(dx)
     }
 
-    /// RoPE (or its backward) of `x` [rows, heads, head_dim] at positions `pos` [rows].
-    pub(crate) fn rope(
+    /// RMSNorm over the `heads` heads of each of `rows` rows `ld` apart (`x` starting at the
+    /// first head: one tensor's window of the fused q|k|v projection), with weight `w` [hd]:
+    /// (compact out [rows, heads, hd], rstd [rows * heads]).
+    pub(crate) fn rmsnorm_heads(
         &self,
-        x: &CudaSlice<T>,
-        pos: &CudaSlice<i32>,
+        x: &CudaView<'_, T>,
+        ld: usize,
         rows: usize,
         heads: usize,
-        backward: bool,
-    ) -> R<Buf<T>> {
-        let hd = self.cfg.head_dim;
-        let n = rows * heads * hd;
-        let mut out = scratch::<T>(&self.dev, n)?;
-        let (xv, pv) = (view(x, 0, n)?, view(pos, 0, rows)?);
-        let mut ov = view_mut(&mut out, 0, n)?;
-        let (c, s) = (self.cos.as_view(), self.sin.as_view());
-        let dir = if backward { k::RopeDir::Backward } else { k::RopeDir::Forward };
-        k::rope(&self.dev, dir, &mut ov, &xv, &c, &s, &pv, heads, hd)?;
-        Ok(out)
+        w: &CudaSlice<T>,
+    ) -> R<(Buf<T>, Buf<f32>)> {
+        let n = rows * heads;
+        let ne = n * w.len();
+        let mut out = scratch::<T>(&self.dev, ne)?;
+        let mut rstd = scratch::<f32>(&self.dev, n)?;
+        k::rmsnorm_fwd(
+            &self.dev,
+            &mut view_mut(&mut out, 0, ne)?,
+            &mut view_mut(&mut rstd, 0, n)?,
+            x,
+            Some(k::RowMap { per: heads, ld }),
+            &w.as_view(),
+            self.cfg.rms_norm_eps,
+        )?;
+        Ok((out, rstd))
+    }
+
+    /// Backward of [`Self::rmsnorm_heads`]: writes `dx`, laid out as `x` (`(ld, rows, heads)`),
+    /// from the compact `dy` and the saved rstd.
+    pub(crate) fn rmsnorm_heads_bwd(
+        &self,
+        dx: &mut CudaViewMut<'_, T>,
+        dy: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        (ld, rows, heads): (usize, usize, usize),
+        w: &CudaSlice<T>,
+        rstd: &CudaSlice<f32>,
+    ) -> R<()> {
+        let map = Some(k::RowMap { per: heads, ld });
+        let rstd = view(rstd, 0, rows * heads)?;
+        k::rmsnorm_bwd(&self.dev, dx, dy, x, map, &w.as_view(), &rstd)
+    }
+
+    /// RoPE over a layer's q, k and v in one launch (see [`k::rope`]) at positions `pos`
+    /// [rows]; heads sit `hs` = (input, output) apart inside a row.
+    pub(crate) fn rope(
+        &self,
+        dir: k::RopeDir,
+        out: &mut [RopeDst<'_, '_, T>],
+        inp: &RopeIn<'_, '_, T>,
+        pos: &CudaSlice<i32>,
+        rows: usize,
+        hs: (usize, usize),
+    ) -> R<()> {
+        let c = &self.cfg;
+        let shape = RopeShape { n: rows, heads: (c.num_heads, c.num_kv_heads), hd: c.head_dim, hs };
+        let tables = (&self.cos.as_view(), &self.sin.as_view(), &view(pos, 0, rows)?);
+        k::rope(&self.dev, dir, out, inp, tables, &shape)
     }
 }
 

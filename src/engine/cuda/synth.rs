@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::model::{Act, CudaModel, DLayer, DLinear, R, upload};
+use super::linear::DLinear;
+use super::model::{Act, CudaModel, DLayer, R, upload};
 use super::{CudaDevice, CudaError};
 use crate::engine::models::ModelConfig;
 use crate::engine::synth::{Init, SynthSpec, TensorPlan, fill_tensor};
@@ -102,15 +103,16 @@ impl<T: Act> CudaModel<T> {
         let d = &*dev;
         let plans: BTreeMap<String, TensorPlan> =
             spec.tensors().into_iter().map(|p| (p.name.clone(), p)).collect();
-        let gen_t = |name: String| -> R<cudarc::driver::CudaSlice<T>> {
+        let gen_host = |name: String| -> R<Vec<T>> {
             let plan = plans.get(&name).ok_or_else(|| CudaError::Shape {
                 kernel: "CudaModel::synthetic",
                 msg: format!("the synthetic shape has no tensor {name}"),
             })?;
-            upload(d, &host_tensor::<T>(plan, seed))
+            Ok(host_tensor::<T>(plan, seed))
         };
+        let gen_t = |name: String| upload(d, &gen_host(name)?);
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let qd = c.num_heads * hd;
         let embed = gen_t("model.embed_tokens.weight".into())?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
@@ -123,17 +125,27 @@ impl<T: Act> CudaModel<T> {
                     out,
                 })
             };
-            let (q, k, vv, o) = (
-                lin("self_attn.q_proj", h, qd, c.qkv_bias)?,
-                lin("self_attn.k_proj", h, kvd, c.qkv_bias)?,
-                lin("self_attn.v_proj", h, kvd, c.qkv_bias)?,
-                lin("self_attn.o_proj", qd, h, false)?,
-            );
-            let (gate, up, down) = (
-                lin("mlp.gate_proj", h, i, false)?,
-                lin("mlp.up_proj", h, i, false)?,
-                lin("mlp.down_proj", i, h, false)?,
-            );
+            // q, k, v and gate, up stacked into one linear each, as `CudaModel::new` does
+            let host = |name: &str, bias: bool| -> R<(Vec<T>, Option<Vec<T>>)> {
+                let b = if bias { Some(gen_host(format!("{p}.{name}.bias"))?) } else { None };
+                Ok((gen_host(format!("{p}.{name}.weight"))?, b))
+            };
+            let qkv = DLinear::stacked(
+                d,
+                h,
+                &[
+                    host("self_attn.q_proj", c.qkv_bias)?,
+                    host("self_attn.k_proj", c.qkv_bias)?,
+                    host("self_attn.v_proj", c.qkv_bias)?,
+                ],
+            )?;
+            let o = lin("self_attn.o_proj", qd, h, false)?;
+            let gate_up = DLinear::stacked(
+                d,
+                h,
+                &[host("mlp.gate_proj", false)?, host("mlp.up_proj", false)?],
+            )?;
+            let down = lin("mlp.down_proj", i, h, false)?;
             let qk_norm = if c.qk_norm {
                 Some((
                     gen_t(format!("{p}.self_attn.q_norm.weight"))?,
@@ -144,14 +156,11 @@ impl<T: Act> CudaModel<T> {
             };
             layers.push(DLayer {
                 input_norm: gen_t(format!("{p}.input_layernorm.weight"))?,
-                q,
-                k,
-                v: vv,
+                qkv,
                 o,
                 qk_norm,
                 post_norm: gen_t(format!("{p}.post_attention_layernorm.weight"))?,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }

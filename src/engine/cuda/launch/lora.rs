@@ -73,12 +73,29 @@ impl LoraSegs<'_> {
 
 /// The geometry of one call: its rows, the width `dim` of its row-space operand, the row
 /// stride `hs` of its rank-space operand and the first column `col0` of a B-side tensor.
+/// The row-space operand is the column window `off .. off + dim` of rows `ld` apart (element
+/// (n, j) at `n * ld + off + j`), so one target's LoRA works in place on its part of a fused
+/// projection's output; a compact operand has `ld = dim`, `off = 0` ([`SegCall::compact`]).
 #[derive(Debug, Clone)]
 pub struct SegCall {
     pub rows: Range<usize>,
     pub dim: usize,
     pub hs: usize,
     pub col0: usize,
+    pub ld: usize,
+    pub off: usize,
+}
+
+impl SegCall {
+    /// A call whose row-space operand is a compact [n, dim] tensor.
+    pub fn compact(rows: Range<usize>, dim: usize, hs: usize, col0: usize) -> Self {
+        SegCall { rows, dim, hs, col0, ld: dim, off: 0 }
+    }
+
+    /// The same call on columns `off .. off + dim` of rows `ld` wide.
+    pub fn window(self, ld: usize, off: usize) -> Self {
+        SegCall { ld, off, ..self }
+    }
 }
 
 /// Checks `call` against the table and the two operands' lengths (rank-space `rank_len`,
@@ -116,9 +133,16 @@ fn check(
             format!("columns {}+{} of a {full}-wide tensor", call.col0, call.dim),
         ));
     }
+    if call.off + call.dim > call.ld {
+        return Err(shape_err(
+            kn,
+            format!("columns {}+{} of rows {} wide", call.off, call.dim, call.ld),
+        ));
+    }
     let n = call.rows.len();
     need_len(kn, "rank-space operand", rank_len, n * call.hs)?;
-    need_len(kn, "row-space operand", row_len, n * call.dim)?;
+    // the row-space operand holds its rows whole (all `ld` columns), the window inside them
+    need_len(kn, "row-space operand", row_len, n * call.ld)?;
     Ok((n, ls.tiles(&call.rows, tile)))
 }
 
@@ -180,8 +204,10 @@ pub unsafe fn lora_seg<T: Dtype>(
     let (off, rows) = (int(kn, "row offset", call.rows.start)?, int(kn, "rows", n)?);
     let (dim, hs) = (int(kn, "dim", call.dim)?, int(kn, "hs", call.hs)?);
     let col0 = long(kn, "col0", call.col0)?;
+    let (tld, toff) = (long(kn, "ld", call.ld)?, long(kn, "off", call.off)?);
     let r = ls.max_rank();
     let flops = 2.0 * (n * call.dim * r) as f64;
+    // a window moves only its own columns (whole 32-byte sectors for rows >= 16 wide)
     let bytes = n * call.dim * std::mem::size_of::<T>() * if code == 1 { 2 } else { 1 }
         + n * call.hs * 4
         + r * call.dim * 4 * if code == 2 { 2 } else { 1 };
@@ -197,7 +223,7 @@ pub unsafe fn lora_seg<T: Dtype>(
                 SegOp::Wgrad { u, v } => l.arg(u).arg(v),
             };
             l.arg(&ls.tab).arg(&which).arg(&ls.seg).arg(&nseg).arg(&off);
-            l.arg(&rows).arg(&dim).arg(&hs).arg(&col0);
+            l.arg(&rows).arg(&dim).arg(&hs).arg(&col0).arg(&tld).arg(&toff);
         })
     }
 }

@@ -13,6 +13,7 @@ mod gemm;
 mod layers;
 mod lora;
 mod loss;
+mod rope;
 mod sampling;
 
 pub use attention::{AttentionShape, attention_bwd, attention_fwd};
@@ -21,7 +22,7 @@ pub use elementwise::{
     acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
 };
 pub use gemm::{BLayout, matmul};
-pub use layers::{RopeDir, embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, rope, swiglu_bwd, swiglu_fwd};
+pub use layers::{RowMap, embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, swiglu_bwd, swiglu_fwd};
 pub use lora::{
     LoraSegs, LoraTensor, MAX_RANK as LORA_MAX_RANK, SegCall, SegOp, TAB_STRIDE as LORA_TAB_STRIDE,
     lora_seg,
@@ -31,6 +32,7 @@ pub use loss::{
     xent_finish_fwd, xent_fwd,
 };
 pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
+pub use rope::{RopeDir, RopeDst, RopeIn, RopeShape, rope};
 pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
