@@ -441,6 +441,13 @@ fn cublas_gemm_matches_cpu() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn cublaslt_epilogues_match_unfused() -> Result<()> {
+    let Some(dev) = device("gemm lt") else { return Ok(()) };
+    refs::epilogue::against_unfused::<f32>(&dev)?;
+    refs::epilogue::against_unfused::<bf16>(&dev)
+}
+
 // ---------- the whole device path: golden fixtures, CPU engine parity ----------
 
 fn arc_device(test: &str) -> Option<Arc<CudaDevice>> {
@@ -529,7 +536,7 @@ fn several_tenants_in_one_pass_equal_each_alone() -> Result<()> {
     refs::many::many_equals_alone(&model)
 }
 
-/// `--explain`'s accounting of one training step: every cuBLAS GEMM is recorded with its
+/// `--explain`'s accounting of one training step: every cuBLAS(Lt) GEMM is recorded with its
 /// 2mnk FLOPs, which must sum to the analytic count of a LoRA step (per row, forward and input
 /// gradient of every base linear, and the output head's forward, recomputation and input
 /// gradient); the attention, LoRA and elementwise kernels state costs too, and each recorded
@@ -549,7 +556,8 @@ fn explain_accounts_every_gemm_of_a_step() -> Result<()> {
     let want = rows * (4.0 * c.num_layers as f64 * per_layer + 6.0 * v * h);
     let by = |name: &str| stats.iter().find(|s| s.name.starts_with(name));
     let gemm = by("cublasGemmEx").context("no GEMM recorded")?;
-    let got = gemm.cost.map(|c| c.flops).unwrap_or(0.0);
+    let lt = by("cublasLtMatmul").context("no cuBLASLt GEMM recorded")?;
+    let got = [gemm, lt].iter().map(|g| g.cost.map_or(0.0, |c| c.flops)).sum::<f64>();
     anyhow::ensure!(got == want, "GEMM FLOPs {got} vs the analytic {want}");
     // bf16 attention at head dim 32 runs on the tensor-core kernels of flash.cu
     let attn = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv", "attention_delta_bwd"];

@@ -2,6 +2,7 @@
 //! and sampling; included by tests/cuda_gpu.rs, which owns the harness.
 
 pub mod decode;
+pub mod epilogue;
 pub mod fused;
 pub mod graphs;
 pub mod lora;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # build.sh - builds the CUDA CPU emulator: libcuda-emu.so plus the sonames cudarc searches
-# (libcuda.so, libcuda.so.1, libcublas.so, libcublas.so.12, libcublas.so.13) as symlinks to it.
+# (libcuda.so, libcuda.so.1, libcublas.so, libcublas.so.12, libcublas.so.13 and the same three of
+# libcublasLt) as symlinks to it.
 # Needs only g++ and python3. Rebuilds only what changed.
 #
 # usage: tools/cuda-emu/build.sh OUT_DIR
@@ -81,7 +82,8 @@ lib="$out/libcuda-emu.so"
 "$cxx" "${flags[@]}" -o "$out/cuda-emu-selftest.tmp" "$here/selftest.cpp" "$lib.tmp" -Wl,-rpath,'$ORIGIN'
 mv "$lib.tmp" "$lib"
 mv "$out/cuda-emu-selftest.tmp" "$out/cuda-emu-selftest"
-for name in libcuda.so libcuda.so.1 libcublas.so libcublas.so.12 libcublas.so.13; do
+for name in libcuda.so libcuda.so.1 libcublas.so libcublas.so.12 libcublas.so.13 \
+  libcublasLt.so libcublasLt.so.12 libcublasLt.so.13; do
   ln -sfn libcuda-emu.so "$out/$name"
 done
 echo "cuda-emu: built $lib ($(tail -1 "$out/gen/summary.txt")${SAN:+, SAN=$SAN})"

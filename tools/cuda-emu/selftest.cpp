@@ -39,6 +39,20 @@ int cuStreamBeginCapture_v2(void*, int);
 int cuStreamEndCapture(void*, void**);
 int cuGraphInstantiateWithFlags(void**, void*, unsigned long long);
 int cuGraphLaunch(void*, void*);
+// cuBLAS / cuBLASLt (the subset used here)
+int cublasCreate_v2(void**);
+int cublasGemmEx(void*, int, int, int, int, int, const void*, const void*, int, int, const void*,
+                 int, int, const void*, void*, int, int, int, int);
+int cublasLtCreate(void**);
+int cublasLtMatmulDescCreate(void**, int, int);
+int cublasLtMatmulDescSetAttribute(void*, int, const void*, size_t);
+int cublasLtMatrixLayoutCreate(void**, int, unsigned long long, unsigned long long, long long);
+int cublasLtMatmulPreferenceCreate(void**);
+int cublasLtMatmulPreferenceSetAttribute(void*, int, const void*, size_t);
+int cublasLtMatmulAlgoGetHeuristic(void*, void*, void*, void*, void*, void*, void*, int, void*,
+                                   int*);
+int cublasLtMatmul(void*, void*, const void*, const void*, void*, const void*, void*, const void*,
+                   const void*, void*, void*, void*, const void*, void*, size_t, void*);
 }
 
 // ---- test kernels ----
@@ -113,6 +127,88 @@ static unsigned long long dalloc(size_t n) {
 static int launch(const char* name, unsigned gx, unsigned bx, unsigned smem, void** args,
                   unsigned gy = 1) {
     return cuLaunchKernel(fn(name), gx, gy, 1, bx, 1, 1, smem, nullptr, args, nullptr);
+}
+
+// D[n x m] = W^T X (+ bias[n]) (+ C) column-major through cuBLASLt, as the engine issues its
+// row-major x W^T: W stored [k x n] (transposed), X [k x m], f32. Returns the matmul's status.
+struct LtCall {
+    int m = 3, n = 5, k = 7;
+    unsigned long long w = 0, x = 0, c = 0, d = 0, bias = 0;
+    int epilogue = 1;     // DEFAULT; 4 = BIAS
+    unsigned align = 4;   // promised to the heuristic for every operand
+    void* stream = nullptr;
+};
+static int lt_matmul(const LtCall& q) {
+    static void* h = nullptr;
+    if (!h && cublasLtCreate(&h)) exit(3);
+    void *desc, *wl, *xl, *cl, *dl, *pref;
+    if (cublasLtMatmulDescCreate(&desc, 68, 0)) exit(3);
+    const int t = 1, nop = 0;
+    if (cublasLtMatmulDescSetAttribute(desc, 3, &t, 4) ||
+        cublasLtMatmulDescSetAttribute(desc, 4, &nop, 4))
+        exit(3);
+    int st = cublasLtMatmulDescSetAttribute(desc, 7, &q.epilogue, 4);
+    if (st) return st;
+    if (q.bias && cublasLtMatmulDescSetAttribute(desc, 8, &q.bias, 8)) exit(3);
+    if (cublasLtMatrixLayoutCreate(&wl, 0, q.k, q.n, q.k) ||
+        cublasLtMatrixLayoutCreate(&xl, 0, q.k, q.m, q.k) ||
+        cublasLtMatrixLayoutCreate(&cl, 0, q.n, q.m, q.n) ||
+        cublasLtMatrixLayoutCreate(&dl, 0, q.n, q.m, q.n) || cublasLtMatmulPreferenceCreate(&pref))
+        exit(3);
+    for (int a = 5; a <= 8; ++a)
+        if (cublasLtMatmulPreferenceSetAttribute(pref, a, &q.align, 4)) exit(3);
+    unsigned char res[96];
+    int count = 0;
+    if (cublasLtMatmulAlgoGetHeuristic(h, desc, wl, xl, cl, dl, pref, 1, res, &count) || count != 1)
+        exit(3);
+    const float alpha = 1.0f, beta = q.c ? 1.0f : 0.0f;
+    const unsigned long long c = q.c ? q.c : q.d;
+    return cublasLtMatmul(h, desc, &alpha, (void*)q.w, wl, (void*)q.x, xl, &beta, (void*)c, cl,
+                          (void*)q.d, dl, res, nullptr, 0, q.stream);
+}
+// Uploads n floats i * scale + offset (mod 7 for variety).
+static unsigned long long upload(int n, float scale, float offset) {
+    std::vector<float> h(n);
+    for (int i = 0; i < n; ++i) h[i] = (float)((i * 5) % 7) * scale + offset;
+    auto d = dalloc(n * 4);
+    cuMemcpyHtoD_v2(d, h.data(), n * 4);
+    return d;
+}
+static std::vector<float> download(unsigned long long d, int n) {
+    std::vector<float> h(n);
+    cuMemcpyDtoH_v2(h.data(), d, n * 4);
+    return h;
+}
+// The reference: cublasGemmEx into a fresh buffer, then C and the bias added on the host in
+// cuBLASLt's order (f32, so bitwise).
+static std::vector<float> lt_reference(const LtCall& q) {
+    static void* bh = nullptr;
+    if (!bh && cublasCreate_v2(&bh)) exit(3);
+    auto r = dalloc(q.m * q.n * 4);
+    const float one = 1.0f, zero = 0.0f;
+    if (cublasGemmEx(bh, 1, 0, q.n, q.m, q.k, &one, (void*)q.w, 0, q.k, (void*)q.x, 0, q.k, &zero,
+                     (void*)r, 0, q.n, 68, -1))
+        exit(3);
+    auto v = download(r, q.m * q.n);
+    auto c = q.c ? download(q.c, q.m * q.n) : std::vector<float>(q.m * q.n, 0.0f);
+    auto b = q.bias ? download(q.bias, q.n) : std::vector<float>(q.n, 0.0f);
+    for (int j = 0; j < q.m; ++j)
+        for (int i = 0; i < q.n; ++i) {
+            float& e = v[j * q.n + i];
+            if (q.c) e += c[j * q.n + i];
+            if (q.bias) e += b[i];
+        }
+    return v;
+}
+static LtCall lt_operands() {
+    LtCall q;
+    q.w = upload(q.k * q.n, 0.25f, -0.5f);
+    q.x = upload(q.k * q.m, 0.5f, -1.0f);
+    q.c = upload(q.n * q.m, 0.125f, 0.3f);
+    q.bias = upload(q.n, 1.5f, 0.1f);
+    q.d = dalloc(q.n * q.m * 4);
+    q.epilogue = 4;
+    return q;
 }
 
 struct Case {
@@ -265,6 +361,50 @@ int main() {
                  for (float v : h)
                      if (v != 32.0f) exit(1);
              }
+         }},
+        {"cuBLASLt: bias epilogue with C != D equals cublasGemmEx + adds; C intact", nullptr,
+         [] {
+             LtCall q = lt_operands();
+             auto c0 = download(q.c, q.m * q.n);
+             if (lt_matmul(q)) exit(1);
+             if (download(q.d, q.m * q.n) != lt_reference(q)) exit(1);
+             if (download(q.c, q.m * q.n) != c0) exit(1);
+             q.c = 0;  // beta = 0, C = D: the bias alone
+             q.epilogue = 1;
+             if (lt_matmul(q)) exit(1);
+             q.bias = 0;
+             if (download(q.d, q.m * q.n) != lt_reference(q)) exit(1);
+         }},
+        {"cuBLASLt: a captured matmul runs only when the graph is launched", nullptr,
+         [] {
+             LtCall q = lt_operands();
+             if (cuStreamCreate(&q.stream, 0) || cuStreamBeginCapture_v2(q.stream, 0)) exit(1);
+             cuMemsetD8_v2(q.d, 0, q.m * q.n * 4);
+             if (lt_matmul(q)) exit(1);
+             if (download(q.d, q.m * q.n) != std::vector<float>(q.m * q.n, 0.0f)) exit(1);
+             void *g = nullptr, *exec = nullptr;
+             if (cuStreamEndCapture(q.stream, &g) || cuGraphInstantiateWithFlags(&exec, g, 0))
+                 exit(1);
+             for (int rep = 0; rep < 2; ++rep) {
+                 cuMemsetD8_v2(q.d, 0, q.m * q.n * 4);
+                 if (cuGraphLaunch(exec, q.stream)) exit(1);
+                 if (download(q.d, q.m * q.n) != lt_reference(q)) exit(1);
+             }
+         }},
+        {"cuBLASLt: an unimplemented epilogue is refused", nullptr,
+         [] {
+             LtCall q = lt_operands();
+             q.epilogue = 2;  // RELU
+             if (lt_matmul(q) != 15) exit(1);  // CUBLAS_STATUS_NOT_SUPPORTED
+         }},
+        {"cuBLASLt: a pointer less aligned than the heuristic's promise is refused",
+         "less aligned than the 16 bytes",
+         [] {
+             LtCall q = lt_operands();
+             q.align = 16;
+             q.d = dalloc(q.m * q.n * 4 + 4) + 4;
+             if (lt_matmul(q) != 15) exit(1);
+             exit(2);  // refused as expected: fail the child so that the report is checked
          }},
         {"an allocation during a capture invalidates it", nullptr,
          [] {

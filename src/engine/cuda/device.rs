@@ -1,4 +1,4 @@
-//! `CudaDevice`: one CUDA context + stream + cuBLAS handle, the per-device cache of loaded
+//! `CudaDevice`: one CUDA context + stream + cuBLAS and cuBLASLt handles, the per-device cache of loaded
 //! kernel functions, and the buffer [`Workspace`]. Created only in child processes (never in the
 //! head: CUDA does not survive `fork`).
 //!
@@ -17,6 +17,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::launch::BlasLt;
 use super::profile::{KernelStat, Profiler};
 use super::workspace::Workspace;
 use super::{CudaError, nvrtc};
@@ -27,14 +28,17 @@ pub fn driver_available() -> Result<(), CudaError> {
     if unsafe { dsys::is_culib_present() } { Ok(()) } else { Err(CudaError::DriverNotFound) }
 }
 
-/// Ok when libcublas can be loaded.
+/// Ok when libcublas and libcublasLt can be loaded.
 pub fn cublas_available() -> Result<(), CudaError> {
     // SAFETY: only tries dlopen on cudarc's list of library names.
-    if unsafe { cudarc::cublas::sys::is_culib_present() } {
-        Ok(())
-    } else {
-        Err(CudaError::CublasNotFound)
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(CudaError::CublasNotFound);
     }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        return Err(CudaError::CublasLtNotFound);
+    }
+    Ok(())
 }
 
 /// A GPU as the engine sees it: context, the stream every launcher enqueues on, cuBLAS bound to
@@ -43,6 +47,7 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    blas_lt: BlasLt,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -89,11 +94,13 @@ impl CudaDevice {
             ctx.compute_capability().map_err(CudaError::driver("compute capability"))?;
         let stream = ctx.new_stream().map_err(CudaError::driver("creating stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(CudaError::cublas("creating handle"))?;
+        let blas_lt = BlasLt::new(&stream, major)?;
         let ws = Workspace::new(stream.clone());
         Ok(Self {
             ctx,
             stream,
             blas,
+            blas_lt,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::default(),
             functions: Mutex::default(),
@@ -147,6 +154,11 @@ impl CudaDevice {
     /// cuBLAS bound to [`Self::stream`].
     pub fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+
+    /// cuBLASLt (epilogue-fused GEMMs, `launch::matmul_lt`) with its workspace.
+    pub(crate) fn blas_lt(&self) -> &BlasLt {
+        &self.blas_lt
     }
 
     /// `sm_XY` of this device (the NVRTC target).

@@ -2,6 +2,7 @@
 //! mismatches caught by the launchers, and driver / cuBLAS errors.
 
 use cudarc::cublas::result::CublasError;
+use cudarc::cublaslt::result::CublasError as CublasLtError;
 use cudarc::driver::DriverError;
 
 /// Everything that can go wrong in `engine::cuda`. No variant is a panic in disguise: a missing
@@ -24,6 +25,11 @@ pub enum CudaError {
         "cuBLAS not found: install CUDA 12/13 cuBLAS (libcublas.so.12 or .13) on LD_LIBRARY_PATH"
     )]
     CublasNotFound,
+    /// libcublasLt could not be loaded (it ships beside libcublas in every CUDA 12/13 install).
+    #[error(
+        "cuBLASLt not found: install CUDA 12/13 cuBLAS (libcublasLt.so.12 or .13) on LD_LIBRARY_PATH"
+    )]
+    CublasLtNotFound,
     /// The kernel file name is not one of `KERNEL_FILES`.
     #[error("unknown kernel file {0:?}")]
     UnknownKernelFile(String),
@@ -56,6 +62,13 @@ pub enum CudaError {
         #[source]
         source: CublasError,
     },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt error in {context}: {source}")]
+    CublasLt {
+        context: String,
+        #[source]
+        source: CublasLtError,
+    },
 }
 
 impl CudaError {
@@ -69,6 +82,12 @@ impl CudaError {
     pub fn cublas(context: impl Into<String>) -> impl FnOnce(CublasError) -> CudaError {
         let context = context.into();
         move |source| CudaError::Cublas { context, source }
+    }
+
+    /// Wraps a cuBLASLt error with what we were doing.
+    pub fn cublas_lt(context: impl Into<String>) -> impl FnOnce(CublasLtError) -> CudaError {
+        let context = context.into();
+        move |source| CudaError::CublasLt { context, source }
     }
 
     /// The failure of a pass shared by `n` groups, one error per group: the first keeps this

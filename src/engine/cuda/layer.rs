@@ -224,7 +224,7 @@ impl<T: Act> CudaModel<T> {
             Part::new(mk.as_ref(), wq),
             Part::new(mv.as_ref(), wq + wkv),
         ];
-        let (qkv, [hq, hk, hv]) = self.lin_fwd(&h1v, rows, &lw.qkv, parts)?;
+        let (qkv, [hq, hk, hv]) = self.lin_fwd(&h1v, rows, &lw.qkv, parts, None)?;
         // Qwen3's q/k norms read their heads of the projection in place
         let normed = match &lw.qk_norm {
             Some((qn, kn)) => Some((
@@ -313,14 +313,15 @@ impl<T: Act> CudaModel<T> {
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
-        let (mut o, [ho]) = self.lin_fwd(
+        // x_mid = x_in + o in a fresh buffer (C != D in the GEMM): x_in stays intact for the
+        // backward without a copy or a separate residual pass
+        let (o, [ho]) = self.lin_fwd(
             &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
             rows,
             &lw.o,
             [Part::new(m(Target::O)?.as_ref(), 0)],
+            Some(&view(&x, 0, rows * hid)?),
         )?;
-        // x_mid = o + x_in, in o's buffer: x_in stays intact for the backward without a copy
-        k::acc_fwd(dev, &mut view_mut(&mut o, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
         let (x_in, x) = (x, o);
 
         let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
@@ -329,7 +330,7 @@ impl<T: Act> CudaModel<T> {
         // one GEMM for gate and up; each LoRA adds into its half of the row
         let (mg, mu) = (m(Target::Gate)?, m(Target::Up)?);
         let parts = [Part::new(mg.as_ref(), 0), Part::new(mu.as_ref(), inter)];
-        let (gu, [hg, hu]) = self.lin_fwd(&h2v, rows, &lw.gate_up, parts)?;
+        let (gu, [hg, hu]) = self.lin_fwd(&h2v, rows, &lw.gate_up, parts, None)?;
         let mut act = scratch::<T>(dev, rows * inter)?;
         k::swiglu_fwd(
             dev,
@@ -337,13 +338,13 @@ impl<T: Act> CudaModel<T> {
             &view(&gu, 0, 2 * rows * inter)?,
             inter,
         )?;
-        let (mut d, [hdn]) = self.lin_fwd(
+        let (d, [hdn]) = self.lin_fwd(
             &view(&act, 0, rows * inter)?,
             rows,
             &lw.down,
             [Part::new(m(Target::Down)?.as_ref(), 0)],
+            Some(&view(&x, 0, rows * hid)?),
         )?;
-        k::acc_fwd(dev, &mut view_mut(&mut d, 0, rows * hid)?, &view(&x, 0, rows * hid)?)?;
         let (x_mid, x) = (x, d);
         if !save {
             return Ok((x, None));

@@ -103,34 +103,27 @@ impl<'s, 'a> Part<'s, 'a> {
 }
 
 impl<T: Act> CudaModel<T> {
-    /// y = x W^T (+ bias), then each part's LoRA added into its column window of y
-    /// (+ s (x A^T) B^T, each row with its segment's adapter); returns y and each part's LoRA
-    /// intermediate h = x A^T [rows, max rank] (None without a LoRA).
+    /// y = x W^T (+ bias) (+ residual), then each part's LoRA added into its column window of
+    /// y (+ s (x A^T) B^T, each row with its segment's adapter); returns y and each part's LoRA
+    /// intermediate h = x A^T [rows, max rank] (None without a LoRA). The bias and the residual
+    /// [rows, out] are cuBLASLt epilogue inputs of the one GEMM, not passes of their own; the
+    /// residual is only read (the layer keeps it for the backward).
     pub(crate) fn lin_fwd<const N: usize>(
         &self,
         x: &CudaView<'_, T>,
         rows: usize,
         lin: &DLinear<T>,
         parts: [Part<'_, '_>; N],
+        residual: Option<&CudaView<'_, T>>,
     ) -> R<(Buf<T>, LoraH<N>)> {
         let dev = &*self.dev;
         k::need_len("lin_fwd", "x", x.len(), rows * lin.inp)?;
-        // the GEMM (beta = 0) writes all of y; the bias and LoRA then add to it
+        // the GEMM writes all of y; the LoRA then adds to it
         let mut y = scratch::<T>(dev, rows * lin.out)?;
         let mut yv = view_mut(&mut y, 0, rows * lin.out)?;
-        k::matmul::<T, T>(
-            dev,
-            &mut yv,
-            x,
-            &lin.w.as_view(),
-            BLayout::Nk,
-            (rows, lin.out, lin.inp),
-            1.0,
-            0.0,
-        )?;
-        if let Some(b) = &lin.b {
-            k::bias_add_fwd(dev, &mut yv, &b.as_view())?;
-        }
+        let bias = lin.b.as_ref().map(|b| b.as_view());
+        let shape = (rows, lin.out, lin.inp);
+        k::matmul_lt(dev, &mut yv, x, &lin.w.as_view(), bias.as_ref(), residual, shape)?;
         let mut hs: LoraH<N> = std::array::from_fn(|_| None);
         for (part, h_out) in parts.iter().zip(hs.iter_mut()) {
             let Some(ls) = part.lora else { continue };

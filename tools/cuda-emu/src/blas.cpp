@@ -1,5 +1,6 @@
 // blas.cpp - the cuBLAS subset cudarc 0.19 resolves: handles, streams, pointer/math modes and
-// column-major GEMM (cublasGemmEx, cublasSgemm and their strided-batched forms).
+// column-major GEMM (cublasGemmEx, cublasSgemm and their strided-batched forms), and the GEMM
+// core (emu::gemm_run) that cublasLtMatmul (blaslt.cpp) shares.
 //
 // GEMM semantics follow cuBLAS: C = alpha op(A) op(B) + beta C, column-major, f32 accumulation
 // (each C element summed over k in order), bf16 outputs rounded to nearest even, C not read when
@@ -50,13 +51,17 @@ std::size_t extent(long rows, long cols, long ld, int type) {
     return ((std::size_t)(cols - 1) * (std::size_t)ld + (std::size_t)rows) * elem(type);
 }
 
-Status gemm(Handle* h, int ta, int tb, int m, int n, int k, const void* alpha_p, const void* a,
-            int atype, int lda, const void* b, int btype, int ldb, const void* beta_p, void* c,
-            int ctype, int ldc, int compute, const char* api) {
-    if (!h) return NOT_INITIALIZED;
+}  // namespace
+
+namespace emu {
+
+int gemm_run(const GemmArgs& g, const char* api) {
+    const int ta = g.ta, tb = g.tb, m = g.m, n = g.n, k = g.k;
+    const int lda = g.lda, ldb = g.ldb, ldc = g.ldc, ldd = g.ldd;
     auto bad = [&](const char* why) {
         fprintf(stderr, "cuda-emu: %s: CUBLAS_STATUS_INVALID_VALUE: %s (m=%d n=%d k=%d lda=%d "
-                "ldb=%d ldc=%d transa=%d transb=%d)\n", api, why, m, n, k, lda, ldb, ldc, ta, tb);
+                "ldb=%d ldc=%d ldd=%d transa=%d transb=%d)\n", api, why, m, n, k, lda, ldb, ldc,
+                ldd, ta, tb);
         return INVALID_VALUE;
     };
     if (ta < 0 || ta > 2 || tb < 0 || tb > 2) return bad("bad operation");
@@ -66,38 +71,42 @@ Status gemm(Handle* h, int ta, int tb, int m, int n, int k, const void* alpha_p,
     if (lda < (arows > 1 ? arows : 1)) return bad("lda < rows of A as stored");
     if (ldb < (brows > 1 ? brows : 1)) return bad("ldb < rows of B as stored");
     if (ldc < (m > 1 ? m : 1)) return bad("ldc < m");
+    if (ldd < (m > 1 ? m : 1)) return bad("ldd < m");
+    const int atype = g.atype, btype = g.btype, ctype = g.ctype, dtype = g.dtype;
     const bool types_ok = atype == btype && (atype == R_32F || atype == R_16BF) &&
-                          (ctype == R_32F || (ctype == R_16BF && atype == R_16BF));
+                          (ctype == R_32F || (ctype == R_16BF && atype == R_16BF)) &&
+                          dtype == ctype && (!g.bias || g.biastype == dtype);
+    const int compute = g.compute;
     if (!types_ok || (compute != 68 && compute != 74 && compute != 75 && compute != 76 &&
                       compute != 77 && compute != 0)) {
         fprintf(stderr, "cuda-emu: %s: CUBLAS_STATUS_NOT_SUPPORTED: A type %d, B type %d, C type "
-                "%d, compute type %d\n", api, atype, btype, ctype, compute);
+                "%d, D type %d, bias type %d, compute type %d\n", api, atype, btype, ctype, dtype,
+                g.bias ? g.biastype : -1, compute);
         return NOT_SUPPORTED;
     }
     if (m == 0 || n == 0) return SUCCESS;
-    if (h->pointer_mode != 0) {
-        emu::check_range(api, "alpha", reinterpret_cast<uintptr_t>(alpha_p), 4);
-        emu::check_range(api, "beta", reinterpret_cast<uintptr_t>(beta_p), 4);
-    }
-    const float alpha = *static_cast<const float*>(alpha_p);
-    const float beta = *static_cast<const float*>(beta_p);
+    const float alpha = g.alpha, beta = g.beta;
     if (k > 0) {
-        emu::check_range(api, "A", reinterpret_cast<uintptr_t>(a), extent(arows, acols, lda, atype));
-        emu::check_range(api, "B", reinterpret_cast<uintptr_t>(b), extent(brows, bcols, ldb, btype));
+        check_range(api, "A", reinterpret_cast<uintptr_t>(g.a), extent(arows, acols, lda, atype));
+        check_range(api, "B", reinterpret_cast<uintptr_t>(g.b), extent(brows, bcols, ldb, btype));
     }
-    emu::check_range(api, "C", reinterpret_cast<uintptr_t>(c), extent(m, n, ldc, ctype));
+    if (beta != 0.0f)
+        check_range(api, "C", reinterpret_cast<uintptr_t>(g.c), extent(m, n, ldc, ctype));
+    check_range(api, g.c == g.d ? "C" : "D", reinterpret_cast<uintptr_t>(g.d),
+                extent(m, n, ldd, dtype));
+    if (g.bias) check_range(api, "bias", reinterpret_cast<uintptr_t>(g.bias), extent(m, 1, m, dtype));
 
     // Pack op(A) row-major [m][k] and op(B) as [k][n] so that the inner loop runs over
-    // contiguous j; each C(i, j) is still summed over p = 0..k-1 in order.
+    // contiguous j; each D(i, j) is still summed over p = 0..k-1 in order.
     std::vector<float> ap((std::size_t)m * k), bp((std::size_t)k * n), acc((std::size_t)n);
     for (int i = 0; i < m; ++i)
         for (int p = 0; p < k; ++p)
-            ap[(std::size_t)i * k + p] =
-                load(a, atype, ta == OP_N ? (std::size_t)p * lda + i : (std::size_t)i * lda + p);
+            ap[(std::size_t)i * k + p] = load(
+                g.a, atype, ta == OP_N ? (std::size_t)p * lda + i : (std::size_t)i * lda + p);
     for (int p = 0; p < k; ++p)
         for (int j = 0; j < n; ++j)
-            bp[(std::size_t)p * n + j] =
-                load(b, btype, tb == OP_N ? (std::size_t)j * ldb + p : (std::size_t)p * ldb + j);
+            bp[(std::size_t)p * n + j] = load(
+                g.b, btype, tb == OP_N ? (std::size_t)j * ldb + p : (std::size_t)p * ldb + j);
     for (int i = 0; i < m; ++i) {
         float* accp = acc.data();
         for (int j = 0; j < n; ++j) accp[j] = 0.0f;
@@ -106,17 +115,43 @@ Status gemm(Handle* h, int ta, int tb, int m, int n, int k, const void* alpha_p,
             const float* brow = bp.data() + (std::size_t)p * n;
             for (int j = 0; j < n; ++j) accp[j] += av * brow[j];
         }
+        // the epilogue in cuBLASLt's order: alpha AB + beta C, then the bias (over rows i),
+        // rounded once into D
+        const float bi = g.bias ? load(g.bias, dtype, (std::size_t)i) : 0.0f;
         for (int j = 0; j < n; ++j) {
-            const std::size_t ci = (std::size_t)j * ldc + i;
             float v = alpha * accp[j];
-            if (beta != 0.0f) v += beta * load(c, ctype, ci);
-            if (ctype == R_32F)
-                static_cast<float*>(c)[ci] = v;
+            if (beta != 0.0f) v += beta * load(g.c, ctype, (std::size_t)j * ldc + i);
+            if (g.bias) v += bi;
+            const std::size_t di = (std::size_t)j * ldd + i;
+            if (dtype == R_32F)
+                static_cast<float*>(g.d)[di] = v;
             else
-                static_cast<uint16_t*>(c)[ci] = to_bf16(v);
+                static_cast<uint16_t*>(g.d)[di] = to_bf16(v);
         }
     }
     return SUCCESS;
+}
+
+}  // namespace emu
+
+namespace {
+
+Status gemm(Handle* h, int ta, int tb, int m, int n, int k, const void* alpha_p, const void* a,
+            int atype, int lda, const void* b, int btype, int ldb, const void* beta_p, void* c,
+            int ctype, int ldc, int compute, const char* api) {
+    if (!h) return NOT_INITIALIZED;
+    if (h->pointer_mode != 0 && m > 0 && n > 0) {
+        emu::check_range(api, "alpha", reinterpret_cast<uintptr_t>(alpha_p), 4);
+        emu::check_range(api, "beta", reinterpret_cast<uintptr_t>(beta_p), 4);
+    }
+    emu::GemmArgs g{};
+    g.ta = ta, g.tb = tb, g.m = m, g.n = n, g.k = k;
+    g.alpha = *static_cast<const float*>(alpha_p);
+    g.beta = *static_cast<const float*>(beta_p);
+    g.a = a, g.atype = atype, g.lda = lda, g.b = b, g.btype = btype, g.ldb = ldb;
+    g.c = c, g.ctype = ctype, g.ldc = ldc, g.d = c, g.dtype = ctype, g.ldd = ldc;
+    g.compute = compute;
+    return emu::gemm_run(g, api);
 }
 
 }  // namespace

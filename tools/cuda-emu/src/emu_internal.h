@@ -72,4 +72,19 @@ int end_capture(void* stream, std::vector<Node>* out);
 constexpr int kSmemDefault = 48 * 1024;
 constexpr int kSmemOptinMax = 227 * 1024;  // sm_90
 
+// One column-major GEMM with cuBLASLt's epilogue: D = alpha op(A) op(B) + beta C (+ bias over
+// rows), C not read when beta == 0, D may alias C; f32 accumulation over k in order, D rounded
+// once. Validates like cuBLAS (returns a cublasStatus_t) and bounds-checks every operand.
+struct GemmArgs {
+    int ta, tb, m, n, k;
+    float alpha, beta;
+    const void* a; int atype, lda;
+    const void* b; int btype, ldb;
+    const void* c; int ctype, ldc;
+    void* d; int dtype, ldd;
+    const void* bias; int biastype;  // bias[m] (nullptr: none)
+    int compute;
+};
+int gemm_run(const GemmArgs& g, const char* api);
+
 }  // namespace emu

@@ -1,5 +1,5 @@
 // graph.cpp - stream capture and CUDA graphs. While a stream captures, the work enqueued on it
-// (kernel launches, device memsets and device-to-device copies, cuBLAS GEMMs) is recorded with
+// (kernel launches, device memsets and device-to-device copies, cuBLAS/cuBLASLt GEMMs) is recorded with
 // its arguments copied by value instead of run; cuStreamEndCapture hands the recording out as a
 // graph, and cuGraphLaunch replays it in order through the same checked paths as a direct call,
 // so a replay that touches freed or resized memory is reported like any other launch. Work that

@@ -10,6 +10,7 @@ mod decode;
 mod elementwise;
 mod flash;
 mod gemm;
+mod gemm_lt;
 mod layers;
 mod lora;
 mod loss;
@@ -22,6 +23,7 @@ pub use elementwise::{
     acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
 };
 pub use gemm::{BLayout, matmul};
+pub use gemm_lt::{BlasLt, matmul_lt};
 pub use layers::{RowMap, embedding_fwd, rmsnorm_bwd, rmsnorm_fwd, swiglu_bwd, swiglu_fwd};
 pub use lora::{
     LoraSegs, LoraTensor, MAX_RANK as LORA_MAX_RANK, SegCall, SegOp, TAB_STRIDE as LORA_TAB_STRIDE,
