@@ -34,20 +34,21 @@ step() {
 say "gpu-check $(date -u +%FT%TZ) on $(hostname)$([ "$EMU" = 1 ] && echo ' (emulated: tools/cuda-emu)')"
 [ "$EMU" = 1 ] || step nvidia-smi 20 nvidia-smi
 
-# NVRTC and cuBLAS for the kernels: the toolkit's first (its NVRTC matches the driver; a newer
+# NVRTC, cuBLAS and cuBLASLt for the kernels: the toolkit's first (its NVRTC matches the driver; a newer
 # NVRTC's CUBIN would be refused), then the pip wheels next to PyTorch. (Emulated: the caller's
 # LD_LIBRARY_PATH already has the stand-in first, and no real cuBLAS may come before it.)
 if [ "$EMU" != 1 ]; then
     libdirs=$(
         {
             find /usr/local/cuda/ /usr/local/cuda-*/ -maxdepth 5 \
-                \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null
+                \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcublasLt.so*' \) \
+                2>/dev/null
             python3 -c '
 import os, site
 for d in site.getsitepackages():
     for root, _, files in os.walk(os.path.join(d, "nvidia")):
         for f in files:
-            if f.startswith(("libnvrtc.so", "libcublas.so")):
+            if f.startswith(("libnvrtc.so", "libcublas.so", "libcublasLt.so")):
                 print(os.path.join(root, f))
 ' 2>/dev/null
         } | xargs -r -n1 dirname | awk '!seen[$0]++' | paste -sd:
