@@ -31,6 +31,8 @@ use crate::engine::cuda::profile::Cost;
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const KN: &str = "cublasLtMatmul";
+/// Algorithms kept per device before the cache starts over.
+const MAX_CACHED_ALGOS: usize = 4096;
 
 /// A cuBLASLt handle with its fixed workspace and the algorithm cache; owned by the device.
 pub struct BlasLt {
@@ -239,6 +241,11 @@ pub fn matmul_lt<T: Dtype>(
             }
             .map_err(CudaError::cublas_lt(format!("no algorithm for {m}x{n}x{k}")))?;
             if let Ok(mut g) = lt.algos.lock() {
+                // m follows the pass's row count, so a long-lived server meets many shapes:
+                // bound the cache (a miss only costs one heuristic query)
+                if g.len() >= MAX_CACHED_ALGOS {
+                    g.clear();
+                }
                 g.insert(key, h.algo);
             }
             h.algo
