@@ -57,12 +57,18 @@ pub(crate) fn lin_fwd(
     let mut rest = y.as_mut_slice();
     let mut at = 0;
     for s in segs {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut((s.rows.start - at) * out);
-        let (mine, tail) = tail.split_at_mut(s.rows.len() * out);
+        // (the engine builds segments in row order inside the pass; the clamps only keep a
+        // broken layout from panicking)
+        let skip = (s.rows.start.saturating_sub(at) * out).min(rest.len());
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+        let (mine, tail) = tail.split_at_mut((s.rows.len() * out).min(tail.len()));
         parts.push((s, mine));
-        (rest, at) = (tail, s.rows.end);
+        (rest, at) = (tail, at.max(s.rows.end));
     }
     let one = |(s, ys): (&Segment, &mut [f32])| {
+        if ys.len() != s.rows.len() * out || s.rows.end > rows {
+            return None;
+        }
         let a = s.adapter?;
         let p = a.layer(layer, t)?;
         Some(seg_lora_fwd(x, ys, p, a.scaling(), &s.rows, (inp, out), base))
