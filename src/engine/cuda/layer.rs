@@ -3,8 +3,9 @@
 //! `engine::transformer` (same recomputed tensors, same order of accumulation).
 //!
 //! Every tensor here is a workspace [`Buf`] (see `workspace.rs`). The residual stream is never
-//! copied: a block's output `o` gets `x` added in place and becomes the new `x`, so the old `x`
-//! is kept as the saved block input without a copy (the sum is the same, addition commutes).
+//! copied: a block's output projection writes `a W^T + x` (a its input) into a fresh buffer,
+//! x being the GEMM's separate C input (`linear.rs`); that buffer becomes the new `x`, so the
+//! old `x` is kept as the saved block input without a copy or an extra pass.
 
 use cudarc::driver::CudaSlice;
 
