@@ -51,7 +51,9 @@ fn requests() -> Vec<Req> {
     vec![
         Req { adapter: Some(0), prompts: vec![p(5), p(9)] },
         Req { adapter: None, prompts: vec![p(3)] },
-        Req { adapter: Some(1), prompts: vec![p(12), p(1), p(4)] },
+        // 70 tokens: a prompt longer than the engine's row-by-row limit (64) takes the
+        // `gemm` block path in the same pass as the others.
+        Req { adapter: Some(1), prompts: vec![p(12), p(1), p(70), p(4)] },
         Req { adapter: Some(2), prompts: vec![p(7)] },
     ]
 }
@@ -73,7 +75,7 @@ fn max_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 /// of its logits so that both runs feed the same tokens as long as the logits agree.
 fn run(rt: &CpuRuntime, adapters: &[Adapter], reqs: &[Req], together: bool) -> Vec<Vec<Vec<f32>>> {
     let mut caches: Vec<CpuCache> =
-        reqs.iter().map(|r| rt.new_cache(r.prompts.len(), 64).unwrap()).collect();
+        reqs.iter().map(|r| rt.new_cache(r.prompts.len(), 96).unwrap()).collect();
     let mut inputs: Vec<Vec<Vec<u32>>> = reqs.iter().map(|r| r.prompts.clone()).collect();
     let mut all = Vec::new();
     for _step in 0..6 {

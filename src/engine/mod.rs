@@ -27,6 +27,7 @@ pub mod lora;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod pages;
 pub mod parallel;
 pub mod rng;
 pub mod runtime;

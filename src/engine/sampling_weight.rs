@@ -143,9 +143,13 @@ unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut
     weigh_row_body(l, max, inv_t, b, s)
 }
 
-/// Tokens weighed side by side: four registers of eight, so that independent Horner chains hide
-/// their latency; also the lanes of [`exp_sum`]'s running sums.
+/// The lanes of [`exp_sum`]'s running sums: token `t` is added into lane `t % N`.
 const N: usize = 32;
+
+/// Tokens weighed side by side: eight registers of eight. Each Horner step is a multiply then a
+/// dependent add (no FMA, see the module doc), so a register's chain issues one operation per
+/// latency; eight chains keep both floating-point ports busy where four left them half idle.
+const STEP: usize = 2 * N;
 
 #[inline(always)]
 fn weigh_row_body(
@@ -157,13 +161,13 @@ fn weigh_row_body(
 ) -> f64 {
     let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
     let mut lanes = [0.0f64; N];
-    for (xs, bs) in logits.chunks(N).zip(buckets.chunks_mut(N)) {
+    for (xs, bs) in logits.chunks(STEP).zip(buckets.chunks_mut(STEP)) {
         let d = scaled_diffs(xs, max, inv_t);
         let (q, e) = token_weights(&d);
         add_lanes(&mut lanes, &e, xs.len());
-        let mut b = [0usize; N];
+        let mut b = [0usize; STEP];
         for (bv, &dv) in b.iter_mut().zip(&d) {
-            *bv = ((-dv * per) as i64).clamp(0, BUCKETS as i64 - 1) as usize;
+            *bv = bucket_of(dv, per);
         }
         for ((out, &qv), &bv) in bs.iter_mut().zip(&q).zip(&b) {
             *out = if qv == 0 { NO_BUCKET } else { bv as u16 };
@@ -173,27 +177,37 @@ fn weigh_row_body(
     lane_total(&lanes)
 }
 
-/// `(f64(x) - max) * inv_t` of a chunk of up to `N` logits (the rest of the array is 0.0, whose
-/// results the callers leave out).
+/// `((-d * per) as i64).clamp(0, BUCKETS - 1)`, clamped as a float instead (NaN to 0, as `as`
+/// does) so that the conversion is [`small_int`]'s and vectorises.
 #[inline(always)]
-fn scaled_diffs(xs: &[f32], max: f64, inv_t: f64) -> [f64; N] {
-    let mut d = [0.0f64; N];
+fn bucket_of(d: f64, per: f64) -> usize {
+    small_int((-d * per).max(0.0).min((BUCKETS - 1) as f64).trunc()) as usize
+}
+
+/// `(f64(x) - max) * inv_t` of a chunk of up to `STEP` logits (the rest of the array is 0.0,
+/// whose results the callers leave out).
+#[inline(always)]
+fn scaled_diffs(xs: &[f32], max: f64, inv_t: f64) -> [f64; STEP] {
+    let mut d = [0.0f64; STEP];
     for (dv, &x) in d.iter_mut().zip(xs) {
         *dv = (f64::from(x) - max) * inv_t;
     }
     d
 }
 
-/// Adds the first `n` of a chunk's `e` to the running sums, lane `i` taking element `i`.
+/// Adds the first `n` of a chunk's `e` to the running sums, element `i` into lane `i % N`: the
+/// first `N` elements, then the next (the order of one `N`-token chunk at a time).
 #[inline(always)]
-fn add_lanes(lanes: &mut [f64; N], e: &[f64; N], n: usize) {
-    if n == N {
-        for (l, &v) in lanes.iter_mut().zip(e) {
-            *l += v;
+fn add_lanes(lanes: &mut [f64; N], e: &[f64; STEP], n: usize) {
+    if n == STEP {
+        for half in e.chunks_exact(N) {
+            for (l, &v) in lanes.iter_mut().zip(half) {
+                *l += v;
+            }
         }
     } else {
-        for (l, &v) in lanes.iter_mut().zip(&e[..n]) {
-            *l += v;
+        for (i, &v) in e[..n].iter().enumerate() {
+            lanes[i % N] += v;
         }
     }
 }
@@ -258,7 +272,7 @@ unsafe fn exp_sum_avx2(logits: &[f32], max: f64, inv_t: f64) -> f64 {
 #[inline(always)]
 fn exp_sum_body(logits: &[f32], max: f64, inv_t: f64) -> f64 {
     let mut lanes = [0.0f64; N];
-    for xs in logits.chunks(N) {
+    for xs in logits.chunks(STEP) {
         let (_, e) = token_weights(&scaled_diffs(xs, max, inv_t));
         add_lanes(&mut lanes, &e, xs.len());
     }
@@ -274,7 +288,16 @@ fn round_half_away(x: f64) -> f64 {
     if (x - t).abs() >= 0.5 { t + 1.0f64.copysign(x) } else { t }
 }
 
-/// [`token_weight`] of `N` values side by side, and each one's `det_exp(d)` (0 out of range),
+/// The integer `v` of an integer-valued double in `[0, 2^52]`, without a conversion
+/// instruction: `v + 2^52` is exact (doubles in `[2^52, 2^53]` are the integers) and its bits are
+/// those of `2^52` plus `v`. Rust's `as` conversions saturate, and LLVM turns them into scalar
+/// code with compare-and-move fix-ups per element, which made them the weighing's bottleneck.
+#[inline(always)]
+fn small_int(v: f64) -> u64 {
+    (v + WEIGHT_ONE).to_bits().wrapping_sub(WEIGHT_ONE.to_bits())
+}
+
+/// [`token_weight`] of `M` values side by side, and each one's `det_exp(d)` (0 out of range),
 /// without branches: out-of-range values (NaN,
 /// `d > 0`, `d < WEIGHT_CUTOFF`) go through the arithmetic as 0 and get the weight 0 at the end;
 /// in-range values see exactly the operations of [`det_exp`] (whose NaN, `-708` and `min(0)`
@@ -304,9 +327,9 @@ fn token_weights<const M: usize>(d_in: &[f64; M]) -> ([u64; M], [f64; M]) {
     let mut q = [0u64; M];
     let mut e = [0.0f64; M];
     for i in 0..M {
-        let scale = f64::from_bits(((1023 + k[i] as i64) as u64) << 52);
+        let scale = f64::from_bits(small_int(k[i] + 1023.0) << 52);
         let ev = p[i] * scale;
-        let v = round_half_away(ev * WEIGHT_ONE) as u64;
+        let v = small_int(round_half_away(ev * WEIGHT_ONE));
         q[i] = if inside[i] { v } else { 0 };
         e[i] = if inside[i] { ev } else { 0.0 };
     }
@@ -369,6 +392,26 @@ mod tests {
             let got = token_weight(d) as i64;
             // off by at most one unit only where f64::exp and det_exp straddle a half
             assert!((got - want).abs() <= 1, "d = {d}: {got} vs {want}");
+        }
+    }
+
+    /// The conversions without `as` equal the saturating ones they replace.
+    #[test]
+    fn exact_conversions_match_as() {
+        let mut ints: Vec<f64> = vec![0.0, -0.0, 1.0, 2.0, 1023.0, 4095.0, WEIGHT_ONE - 1.0];
+        ints.push(WEIGHT_ONE);
+        let mut rng = crate::engine::synth::SynthRng(5);
+        ints.extend(rng.vec(1000, 1.0).iter().map(|&x| (f64::from(x).abs() * WEIGHT_ONE).floor()));
+        for v in ints {
+            assert_eq!(small_int(v), v as u64, "{v}");
+        }
+        let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
+        let mut ds = vec![0.0, -0.0, 1.0, -1e-300, WEIGHT_CUTOFF, -40.1, -1e300, 5e-324];
+        ds.extend([f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -39.99, -0.00976, -0.00977]);
+        ds.extend((0..=50_000).map(|i| -41.0 * f64::from(i) / 5e4));
+        for d in ds {
+            let want = ((-d * per) as i64).clamp(0, BUCKETS as i64 - 1) as usize;
+            assert_eq!(bucket_of(d, per), want, "d = {d:e}");
         }
     }
 

@@ -11,6 +11,7 @@ use half::bf16;
 use safetensors::{Dtype, SafeTensors};
 
 use super::error::{EngineError, Result};
+use super::pages::collect_huge;
 use super::tensor::Tensor;
 use super::weight::Weight;
 
@@ -102,11 +103,13 @@ impl WeightStore {
             progress.advance(1, name);
             let shape = view.shape().to_vec();
             let stored = if view.dtype() == Dtype::BF16 {
-                let data: Vec<bf16> = view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                    .collect();
+                let bytes = view.data();
+                let data: Vec<bf16> = collect_huge(
+                    bytes.len() / 2,
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
+                );
                 if data.len() != shape.iter().product::<usize>() {
                     return Err(EngineError::TensorShape {
                         name: name.to_string(),
@@ -170,12 +173,16 @@ impl WeightStore {
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     let pairs = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    // Huge pages: the base matrices are streamed from memory on every decode step.
     Ok(match dtype {
-        Dtype::F32 => {
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        Dtype::F32 => collect_huge(
+            bytes.len() / 4,
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        Dtype::BF16 => collect_huge(bytes.len() / 2, pairs().map(|b| bf16::from_bits(b).to_f32())),
+        Dtype::F16 => {
+            collect_huge(bytes.len() / 2, pairs().map(|b| half::f16::from_bits(b).to_f32()))
         }
-        Dtype::BF16 => pairs().map(|b| bf16::from_bits(b).to_f32()).collect(),
-        Dtype::F16 => pairs().map(|b| half::f16::from_bits(b).to_f32()).collect(),
         other => {
             return Err(EngineError::TensorDtype {
                 name: name.to_string(),

@@ -6,7 +6,7 @@
 
 use super::backend::RopeTable;
 use super::kv_cache::KvCache;
-use super::rowdot::{BaseRows, base_xwt};
+use super::rowdot::{BaseRows, xwt_fixed_rows};
 use super::segment::Segment;
 use super::train::head_of;
 use super::transformer::Packed;
@@ -105,21 +105,29 @@ impl Model {
         for &(start, len) in &seqs {
             last.extend_from_slice(&st.h_final[(start + len - 1) * h..(start + len) * h]);
         }
-        let n = seqs.len();
-        let mut logits = vec![0.0f32; n * v];
-        let every = BaseRows::Split { single: (0..n).collect(), blocks: Vec::new() };
-        base_xwt(&mut logits, &last, n, self.head_weight(), &every);
+        // Each sequence's logits are written in place into the vector it is returned in
+        // (`vocab` floats a row: a pass of 8 used to fill one buffer and copy it out, ~1 ms).
+        let mut out: Vec<Vec<f32>> = (0..seqs.len()).map(|_| vec![0.0f32; v]).collect();
+        {
+            let xs: Vec<&[f32]> = last.chunks(h).collect();
+            let mut ys: Vec<&mut [f32]> = out.iter_mut().map(Vec::as_mut_slice).collect();
+            xwt_fixed_rows(&mut ys, &xs, self.head_weight());
+        }
         let mut first = 0;
         for s in segs {
             let head = head_of(self, s.adapter);
             let rows = first..first + s.seqs;
             if head.lora.is_some() && !rows.is_empty() {
+                // The segment's rows as one product, as in a contiguous pass.
                 let xa = head.xa(&last[rows.start * h..rows.end * h], s.seqs, h);
-                head.add_lora(&xa, s.seqs, &mut logits[rows.start * v..rows.end * v]);
+                let mut block: Vec<f32> = out[rows.clone()].concat();
+                head.add_lora(&xa, s.seqs, &mut block);
+                for (o, b) in out[rows].iter_mut().zip(block.chunks(v)) {
+                    o.copy_from_slice(b);
+                }
             }
             first += s.seqs;
         }
-        let out = logits.chunks(v).map(<[f32]>::to_vec).collect();
         Ok(out)
     }
 }

@@ -84,7 +84,7 @@ pub(crate) fn lin_fwd(
 /// One segment's `xa = s·x·Aᵀ` on its rows `seg` and `y += xa·Bᵀ` (`y` holding the segment's
 /// rows only); returns xa [rows, r].
 /// Rows go the way the base product takes them (`base`): a training pass as one `gemm`
-/// product; in a decode pass each prefill block as its own product and the one-token rows
+/// product; in a decode pass each long prompt's block as its own product and the other rows
 /// through the fixed-order row kernel, so that a decoded row's LoRA, like its base product,
 /// does not depend on the rows alongside it, and a pass of many one-row segments costs a few
 /// small loops rather than two `gemm` dispatches per tenant and linear.
