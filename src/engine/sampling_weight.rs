@@ -143,13 +143,9 @@ unsafe fn weigh_row_avx2(l: &[f32], max: f64, inv_t: f64, b: &mut [u16], s: &mut
     weigh_row_body(l, max, inv_t, b, s)
 }
 
-/// The lanes of [`exp_sum`]'s running sums: token `t` is added into lane `t % N`.
+/// Tokens weighed side by side: four registers of eight, so that independent Horner chains hide
+/// their latency; also the lanes of [`exp_sum`]'s running sums.
 const N: usize = 32;
-
-/// Tokens weighed side by side: eight registers of eight. Each Horner step is a multiply then a
-/// dependent add (no FMA, see the module doc), so a register's chain issues one operation per
-/// latency; eight chains keep both floating-point ports busy where four left them half idle.
-const STEP: usize = 2 * N;
 
 #[inline(always)]
 fn weigh_row_body(
@@ -161,11 +157,11 @@ fn weigh_row_body(
 ) -> f64 {
     let per = BUCKETS as f64 / -WEIGHT_CUTOFF;
     let mut lanes = [0.0f64; N];
-    for (xs, bs) in logits.chunks(STEP).zip(buckets.chunks_mut(STEP)) {
+    for (xs, bs) in logits.chunks(N).zip(buckets.chunks_mut(N)) {
         let d = scaled_diffs(xs, max, inv_t);
         let (q, e) = token_weights(&d);
         add_lanes(&mut lanes, &e, xs.len());
-        let mut b = [0usize; STEP];
+        let mut b = [0usize; N];
         for (bv, &dv) in b.iter_mut().zip(&d) {
             *bv = bucket_of(dv, per);
         }
@@ -184,30 +180,27 @@ fn bucket_of(d: f64, per: f64) -> usize {
     small_int((-d * per).max(0.0).min((BUCKETS - 1) as f64).trunc()) as usize
 }
 
-/// `(f64(x) - max) * inv_t` of a chunk of up to `STEP` logits (the rest of the array is 0.0,
-/// whose results the callers leave out).
+/// `(f64(x) - max) * inv_t` of a chunk of up to `N` logits (the rest of the array is 0.0, whose
+/// results the callers leave out).
 #[inline(always)]
-fn scaled_diffs(xs: &[f32], max: f64, inv_t: f64) -> [f64; STEP] {
-    let mut d = [0.0f64; STEP];
+fn scaled_diffs(xs: &[f32], max: f64, inv_t: f64) -> [f64; N] {
+    let mut d = [0.0f64; N];
     for (dv, &x) in d.iter_mut().zip(xs) {
         *dv = (f64::from(x) - max) * inv_t;
     }
     d
 }
 
-/// Adds the first `n` of a chunk's `e` to the running sums, element `i` into lane `i % N`: the
-/// first `N` elements, then the next (the order of one `N`-token chunk at a time).
+/// Adds the first `n` of a chunk's `e` to the running sums, lane `i` taking element `i`.
 #[inline(always)]
-fn add_lanes(lanes: &mut [f64; N], e: &[f64; STEP], n: usize) {
-    if n == STEP {
-        for half in e.chunks_exact(N) {
-            for (l, &v) in lanes.iter_mut().zip(half) {
-                *l += v;
-            }
+fn add_lanes(lanes: &mut [f64; N], e: &[f64; N], n: usize) {
+    if n == N {
+        for (l, &v) in lanes.iter_mut().zip(e) {
+            *l += v;
         }
     } else {
-        for (i, &v) in e[..n].iter().enumerate() {
-            lanes[i % N] += v;
+        for (l, &v) in lanes.iter_mut().zip(&e[..n]) {
+            *l += v;
         }
     }
 }
@@ -272,7 +265,7 @@ unsafe fn exp_sum_avx2(logits: &[f32], max: f64, inv_t: f64) -> f64 {
 #[inline(always)]
 fn exp_sum_body(logits: &[f32], max: f64, inv_t: f64) -> f64 {
     let mut lanes = [0.0f64; N];
-    for xs in logits.chunks(STEP) {
+    for xs in logits.chunks(N) {
         let (_, e) = token_weights(&scaled_diffs(xs, max, inv_t));
         add_lanes(&mut lanes, &e, xs.len());
     }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::profile::{Kind, span};
-use super::{AttnShape, Backend, MatMul, RopeTable, Strides};
+use super::{AttnShape, MatMul, RopeTable, Strides};
 
 /// The CPU backend (stateless).
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,12 +41,18 @@ impl AttnGeom {
     }
 }
 
-impl Backend for Cpu {
-    fn name(&self) -> &'static str {
-        "cpu"
+/// The kernels. All tensors are row-major f32 slices; shapes are given explicitly and checked by
+/// the implementation (a mismatch is a programming error inside the engine, not user input).
+impl Cpu {
+    /// `out (+)= op(a) · op(b)`, `out` and `b` contiguous.
+    pub fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
+        let ld = Strides { out: mm.n, b: if mm.trans_b { mm.k } else { mm.n } };
+        self.matmul_ld(out, a, b, mm, ld)
     }
 
-    fn matmul_ld(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul, ld: Strides) {
+    /// `out (+)= op(a) · op(b)` where `out` and the stored `b` are blocks of wider row-major
+    /// matrices (row strides in `ld`): the weight panels of `cpu::wmatmul`.
+    pub fn matmul_ld(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul, ld: Strides) {
         let _t = span(Kind::Matmul);
         let MatMul { m, k, n, trans_a, trans_b, accumulate } = mm;
         if m == 0 || n == 0 {
@@ -104,7 +110,8 @@ impl Backend for Cpu {
         }
     }
 
-    fn rmsnorm_fwd(
+    /// RMSNorm over rows of width `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` per row.
+    pub fn rmsnorm_fwd(
         &self,
         x: &[f32],
         w: &[f32],
@@ -126,7 +133,8 @@ impl Backend for Cpu {
         );
     }
 
-    fn rmsnorm_bwd(
+    /// Gradient of `rmsnorm_fwd` w.r.t. `x` (the weight is frozen).
+    pub fn rmsnorm_bwd(
         &self,
         dy: &[f32],
         x: &[f32],
@@ -150,7 +158,9 @@ impl Backend for Cpu {
             });
     }
 
-    fn rope(
+    /// Rotary embedding in place on `x` `[rows, n_heads, head_dim]` (rotate-half layout), row
+    /// `t` using table row `t`. `inverse` rotates by the negative angle (the backward pass).
+    pub fn rope(
         &self,
         x: &mut [f32],
         n_heads: usize,
@@ -176,7 +186,8 @@ impl Backend for Cpu {
         });
     }
 
-    fn swiglu_fwd(&self, g: &[f32], u: &[f32], out: &mut [f32]) {
+    /// `out = silu(g) * u`.
+    pub fn swiglu_fwd(&self, g: &[f32], u: &[f32], out: &mut [f32]) {
         let _t = span(Kind::Swiglu);
         out.par_chunks_mut(ELEM_CHUNK)
             .zip(g.par_chunks(ELEM_CHUNK))
@@ -188,7 +199,8 @@ impl Backend for Cpu {
             });
     }
 
-    fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    /// Gradients of `swiglu_fwd` w.r.t. `g` and `u`.
+    pub fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
         let _t = span(Kind::Swiglu);
         dg.par_chunks_mut(ELEM_CHUNK)
             .zip(du.par_chunks_mut(ELEM_CHUNK))
@@ -205,7 +217,9 @@ impl Backend for Cpu {
             });
     }
 
-    fn attention_fwd(
+    /// Causal softmax attention of one sequence, scale `1/sqrt(head_dim)`, grouped-query heads.
+    /// Writes `out` `[n_q, n_heads, head_dim]` and the per-row log-sum-exp `lse` `[n_heads, n_q]`.
+    pub fn attention_fwd(
         &self,
         q: &[f32],
         k: &[f32],
@@ -278,7 +292,9 @@ impl Backend for Cpu {
         }
     }
 
-    fn attention_bwd(
+    /// Backward of `attention_fwd` (probabilities recomputed from `lse`); overwrites dq, dk, dv.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(
         &self,
         q: &[f32],
         k: &[f32],

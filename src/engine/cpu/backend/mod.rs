@@ -1,6 +1,8 @@
-//! The backend boundary: every numeric kernel the engine needs, as one trait over row-major f32
-//! slices. Layers call `backend()` and never a concrete implementation, so device dispatch lives
-//! here only; a CUDA backend implements the same trait (a missing op is a compile error).
+//! The host kernels every CPU layer needs (matrix products, RMSNorm, RoPE, SwiGLU, attention)
+//! over row-major f32 slices, and the shapes they take. Layers reach them through `backend()`.
+//! The GPU engine is not a second implementation of these kernels: it sits behind the runtime
+//! seam (`engine::runtime::ModelRuntime`), whole layers at a time, so these are plain methods of
+//! [`Cpu`] rather than a trait with a single implementation.
 
 mod cpu;
 pub mod profile;
@@ -80,90 +82,9 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// The kernels. All tensors are row-major f32 slices; shapes are given explicitly and checked by
-/// the implementation (a mismatch is a programming error inside the engine, not user input).
-pub trait Backend: Send + Sync {
-    fn name(&self) -> &'static str;
-
-    /// `out (+)= op(a) · op(b)`, `out` and `b` contiguous.
-    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul) {
-        let ld = Strides { out: mm.n, b: if mm.trans_b { mm.k } else { mm.n } };
-        self.matmul_ld(out, a, b, mm, ld)
-    }
-
-    /// `out (+)= op(a) · op(b)` where `out` and the stored `b` are blocks of wider row-major
-    /// matrices (row strides in `ld`): the weight panels of `cpu::wmatmul`.
-    fn matmul_ld(&self, out: &mut [f32], a: &[f32], b: &[f32], mm: MatMul, ld: Strides);
-
-    /// RMSNorm over rows of width `dim`: `out = x / sqrt(mean(x²) + eps) * w`; saves `rstd` per row.
-    fn rmsnorm_fwd(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        dim: usize,
-        eps: f32,
-        out: &mut [f32],
-        rstd: &mut [f32],
-    );
-    /// Gradient of `rmsnorm_fwd` w.r.t. `x` (the weight is frozen).
-    fn rmsnorm_bwd(
-        &self,
-        dy: &[f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-        dim: usize,
-        dx: &mut [f32],
-    );
-
-    /// Rotary embedding in place on `x` `[rows, n_heads, head_dim]` (rotate-half layout), row
-    /// `t` using table row `t`. `inverse` rotates by the negative angle (the backward pass).
-    fn rope(
-        &self,
-        x: &mut [f32],
-        n_heads: usize,
-        head_dim: usize,
-        table: &RopeTable,
-        inverse: bool,
-    );
-
-    /// `out = silu(g) * u`.
-    fn swiglu_fwd(&self, g: &[f32], u: &[f32], out: &mut [f32]);
-    /// Gradients of `swiglu_fwd` w.r.t. `g` and `u`.
-    fn swiglu_bwd(&self, dout: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]);
-
-    /// Causal softmax attention of one sequence, scale `1/sqrt(head_dim)`, grouped-query heads.
-    /// Writes `out` `[n_q, n_heads, head_dim]` and the per-row log-sum-exp `lse` `[n_heads, n_q]`.
-    fn attention_fwd(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        s: AttnShape,
-        out: &mut [f32],
-        lse: &mut [f32],
-    );
-    /// Backward of `attention_fwd` (probabilities recomputed from `lse`); overwrites dq, dk, dv.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &[f32],
-        lse: &[f32],
-        dout: &[f32],
-        s: AttnShape,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-    );
-}
-
 static CPU: Cpu = Cpu;
 
-/// The backend in use. Only the CPU backend exists today; this is the one place a device would
-/// be chosen.
-pub fn backend() -> &'static dyn Backend {
+/// The host kernels.
+pub fn backend() -> &'static Cpu {
     &CPU
 }
