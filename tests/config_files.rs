@@ -131,7 +131,6 @@ applications:
     route_prefix: /api/v1
     import_path: server
     args:
-      server_config: {per_token_model_limit: 3}
       supported_models: [Acme/Foo-7B, {model_name: Acme/Bar-1B}]
   - name: model-bar
     route_prefix: /api/v1/model/Acme/Bar-1B
@@ -233,37 +232,28 @@ fn cli_check_config_exit_codes() {
 fn cli_check_config_warns_about_ignored_keys() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("ignored.yaml");
-    std::fs::write(
-        &cfg,
-        r#"telemetry:
-  enabled: true
-applications:
-  - name: model
-    route_prefix: /api/v1/model/m
-    import_path: model
-    args:
-      model_id: generate://qwen3-tiny
-      nproc_per_node: 4
-      device_group: {name: model, ranks: 2, device_type: cuda}
-      queue_config:
-        rps_limit: 5
-  - name: sampler
-    route_prefix: /api/v1/sampler/m
-    import_path: sampler
-    args:
-      model_id: generate://qwen3-tiny
-      nproc_per_node: 1
-      device_group: {name: sampler, ranks: 1, device_type: cuda}
-      engine_args:
-        max_model_len: 4096
-        enforce_eager: true
-        enable_lora: true
-"#,
-    )
-    .unwrap();
+    // Both applications on the generated tiny model, `extra` closing their `args`.
+    let app = |kind: &str, nproc: u32, ranks: u32, extra: &str| {
+        format!(
+            "  - name: {kind}\n    route_prefix: /api/v1/{kind}/m\n    import_path: {kind}\n    \
+             args:\n      model_id: generate://qwen3-tiny\n      nproc_per_node: {nproc}\n      \
+             device_group: {{name: {kind}, ranks: {ranks}, device_type: cuda}}\n{extra}"
+        )
+    };
+    let text = "telemetry:\n  enabled: true\napplications:\n".to_string()
+        + &app("model", 4, 2, "      queue_config:\n        rps_limit: 5\n")
+        + &app(
+            "sampler",
+            1,
+            1,
+            "      engine_args:\n        max_model_len: 4096\n        enforce_eager: true\n        \
+             enable_lora: true\n",
+        );
+    std::fs::write(&cfg, text).unwrap();
     let out = twinkle().args(["check-config", "-c"]).arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
+    // Lines of `text`: an entry's first 7 lines end with its device_group, then come its extras.
     for (path, line) in [
         ("telemetry", 1),
         ("applications[0].args.nproc_per_node", 9),

@@ -6,7 +6,7 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, tokens, write_model};
 use twinkle::engine::{
     AdamParams, Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target,
     forward_backward,
@@ -29,9 +29,13 @@ fn spec() -> Spec {
     }
 }
 
-fn model(dir: &std::path::Path) -> Arc<Model> {
-    write_model(dir, &spec(), 42);
-    Model::load(dir).unwrap()
+/// The test model, loaded from `model/` of a fresh temp dir (which tests may use for more).
+fn model() -> (tempfile::TempDir, Arc<Model>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    write_model(&dir, &spec(), 42);
+    let m = Model::load(&dir).unwrap();
+    (tmp, m)
 }
 
 fn sft(rng: &mut Rng, n: usize) -> Datum {
@@ -53,8 +57,7 @@ fn all_targets() -> Vec<Target> {
 
 #[test]
 fn invalid_inputs_are_typed_user_errors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
+    let (tmp, m) = model();
     let mut rng = Rng(1);
     let good = sft(&mut rng, 5);
     let ce = LossFn::CrossEntropy;
@@ -126,9 +129,7 @@ fn invalid_inputs_are_typed_user_errors() {
     let other_dir = tmp.path().join("other");
     write_model(&other_dir, &Spec { inter: 20, ..spec() }, 1);
     let other = Model::load(&other_dir).unwrap();
-    let mut foreign =
-        Adapter::new(&other, &LoraConfig { rank: 2, alpha: 2.0, targets: all_targets(), seed: 1 })
-            .unwrap();
+    let mut foreign = fresh_adapter(&other, 2, 2.0, all_targets(), 1);
     let err = forward_backward(&m, Some(&mut foreign), std::slice::from_ref(&good), &ce, false)
         .unwrap_err();
     assert!(matches!(err, EngineError::Adapter(_)), "{err}");
@@ -159,12 +160,10 @@ fn loss_config_defaults_and_overrides() {
 
 #[test]
 fn outputs_follow_the_loss_formulas() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
+    let (_tmp, m) = model();
     let mut rng = Rng(2);
     let data = vec![sft(&mut rng, 6), sft(&mut rng, 3)];
-    let ad = Adapter::new(&m, &LoraConfig { rank: 2, alpha: 4.0, targets: all_targets(), seed: 1 })
-        .unwrap();
+    let ad = fresh_adapter(&m, 2, 4.0, all_targets(), 1);
     let ce =
         forward_backward(&m, Some(&mut ad.clone()), &data, &LossFn::CrossEntropy, true).unwrap();
     let mut sum = 0.0f64;
@@ -198,17 +197,10 @@ fn outputs_follow_the_loss_formulas() {
 
 #[test]
 fn gradients_accumulate_until_the_optimizer_step() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
+    let (_tmp, m) = model();
     let mut rng = Rng(3);
     let data = vec![sft(&mut rng, 5), sft(&mut rng, 4)];
-    let cfg = LoraConfig {
-        rank: 2,
-        alpha: 2.0,
-        targets: vec![Target::Q, Target::V, Target::LmHead],
-        seed: 5,
-    };
-    let mut ad = Adapter::new(&m, &cfg).unwrap();
+    let mut ad = fresh_adapter(&m, 2, 2.0, vec![Target::Q, Target::V, Target::LmHead], 5);
     forward_backward(&m, Some(&mut ad), &data, &LossFn::CrossEntropy, true).unwrap();
     assert!(
         ad.gradients().values().all(|g| g.data().iter().all(|v| *v == 0.0)),
@@ -242,10 +234,9 @@ fn set_grads(ad: &mut Adapter, f: &dyn Fn(usize) -> f32) {
 
 #[test]
 fn adamw_matches_hand_derived_steps() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
-    let cfg = LoraConfig { rank: 1, alpha: 1.0, targets: vec![Target::O], seed: 3 };
-    let mut ad = Adapter::new(&m, &cfg).unwrap();
+    let (_tmp, m) = model();
+    let fresh = || fresh_adapter(&m, 1, 1.0, vec![Target::O], 3);
+    let mut ad = fresh();
     let w0 = ad.tensors();
     // Step 1: m̂ = g, v̂ = g², so the update is lr·g/(|g|+eps) after decay p·(1 − lr·wd).
     let (lr, wd, eps) = (0.1, 0.5, 1.0);
@@ -269,7 +260,7 @@ fn adamw_matches_hand_derived_steps() {
         }
     }
     // Global-norm clipping: all grads 2.0 over n entries → norm 2√n, clipped to 1.
-    let mut ad = Adapter::new(&m, &cfg).unwrap();
+    let mut ad = fresh();
     let n: usize = ad.tensors().values().map(|t| t.len()).sum();
     set_grads(&mut ad, &|_| 2.0);
     let clip = AdamParams { weight_decay: 0.0, grad_clip_norm: 1.0, ..p };
@@ -287,8 +278,7 @@ fn adamw_matches_hand_derived_steps() {
 
 #[test]
 fn lora_init_is_seeded_and_peft_shaped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
+    let (_tmp, m) = model();
     let cfg = LoraConfig::from_tinker(4, 8.0, true, false, true, 7);
     assert_eq!(cfg.targets, vec![Target::Q, Target::K, Target::V, Target::O, Target::LmHead]);
     let a = Adapter::new(&m, &cfg).unwrap();
@@ -312,17 +302,10 @@ fn lora_init_is_seeded_and_peft_shaped() {
 
 #[test]
 fn peft_and_training_state_round_trip() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(&tmp.path().join("model"));
+    let (tmp, m) = model();
     let mut rng = Rng(9);
     let data = vec![sft(&mut rng, 6)];
-    let cfg = LoraConfig {
-        rank: 3,
-        alpha: 6.0,
-        targets: vec![Target::K, Target::Up, Target::Down],
-        seed: 2,
-    };
-    let mut ad = Adapter::new(&m, &cfg).unwrap();
+    let mut ad = fresh_adapter(&m, 3, 6.0, vec![Target::K, Target::Up, Target::Down], 2);
     ad.set_base_model("Qwen/Qwen2.5-0.5B");
     let p = AdamParams { learning_rate: 1e-2, ..Default::default() };
     forward_backward(&m, Some(&mut ad), &data, &LossFn::CrossEntropy, false).unwrap();
@@ -361,8 +344,7 @@ fn peft_and_training_state_round_trip() {
 
 #[test]
 fn repeated_runs_are_bitwise_identical() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
+    let (_tmp, m) = model();
     let mut rng = Rng(4);
     let data = vec![sft(&mut rng, 7), sft(&mut rng, 12), sft(&mut rng, 2)];
     let cfg = LoraConfig { rank: 2, alpha: 2.0, targets: all_targets(), seed: 9 };

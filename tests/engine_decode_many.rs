@@ -7,9 +7,9 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, randomize_b, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, tokens, write_model};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
-use twinkle::engine::{Adapter, CachedGroup, LoraConfig, Model, ModelRuntime, Target};
+use twinkle::engine::{Adapter, CachedGroup, Model, ModelRuntime, Target};
 
 const VOCAB: usize = 48;
 
@@ -33,8 +33,7 @@ fn model(dir: &std::path::Path) -> Arc<Model> {
 }
 
 fn adapter(m: &Model, rank: usize, targets: Vec<Target>, seed: u64) -> Adapter {
-    let cfg = LoraConfig { rank, alpha: 2.0 * rank as f32, targets, seed };
-    let mut a = Adapter::new(m, &cfg).unwrap();
+    let mut a = fresh_adapter(m, rank, 2.0 * rank as f32, targets, seed);
     randomize_b(&mut a, seed + 100, 0.3);
     a
 }

@@ -7,10 +7,10 @@ mod engine_support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine_support::{Rng, Spec, randomize_b, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, tokens, write_model};
+use std::sync::Arc;
 use twinkle::engine::{
-    Adapter, Datum, EngineError, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model, Target,
-    forward_backward,
+    Adapter, Datum, EngineError, FwdBwdOutput, LossFn, LossInputs, Model, Target, forward_backward,
 };
 
 fn llama_gqa() -> Spec {
@@ -69,17 +69,20 @@ fn load(dir: &Path, spec: &Spec, seed: u64) -> std::sync::Arc<Model> {
     Model::load(dir).unwrap()
 }
 
-/// An adapter with random (non-zero) B so every A gradient is non-trivial.
-fn random_adapter(
-    model: &Model,
+/// A random `spec` model (weights from `seed`) in a temp dir, with a LoRA of `rank` and `alpha`
+/// on `targets` (init from `seed + 1`) whose B is random too, so every A gradient is non-trivial.
+fn model_with_adapter(
+    spec: &Spec,
+    seed: u64,
     rank: usize,
     alpha: f32,
     targets: Vec<Target>,
-    seed: u64,
-) -> Adapter {
-    let mut ad = Adapter::new(model, &LoraConfig { rank, alpha, targets, seed }).unwrap();
-    randomize_b(&mut ad, seed ^ 0xabc, 0.3);
-    ad
+) -> (tempfile::TempDir, Arc<Model>, Adapter) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = load(tmp.path(), spec, seed);
+    let mut ad = fresh_adapter(&model, rank, alpha, targets, seed + 1);
+    randomize_b(&mut ad, (seed + 1) ^ 0xabc, 0.3);
+    (tmp, model, ad)
 }
 
 fn batch(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Datum> {
@@ -180,11 +183,9 @@ fn check_gradients(model: &Model, ad: &Adapter, data: &[Datum], loss: &LossFn, s
 
 #[test]
 fn lora_gradients_match_finite_differences_llama_gqa_subset() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = llama_gqa();
-    let model = load(tmp.path(), &spec, 1);
-    let ad =
-        random_adapter(&model, 3, 5.0, vec![Target::K, Target::O, Target::Up, Target::LmHead], 2);
+    let targets = vec![Target::K, Target::O, Target::Up, Target::LmHead];
+    let (_tmp, model, ad) = model_with_adapter(&spec, 1, 3, 5.0, targets);
     let mut rng = Rng(3);
     let data = batch(&mut rng, &[5, 9, 3], spec.vocab);
     let data = with_sampler_logprobs(&model, &ad, data, &mut rng);
@@ -201,11 +202,9 @@ fn lora_gradients_match_finite_differences_llama_gqa_subset() {
 
 #[test]
 fn lora_gradients_match_finite_differences_qwen3_all_targets() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = qwen3_untied();
-    let model = load(tmp.path(), &spec, 5);
     let all = Target::LAYER.into_iter().chain([Target::LmHead]).collect();
-    let ad = random_adapter(&model, 2, 4.0, all, 6);
+    let (_tmp, model, ad) = model_with_adapter(&spec, 5, 2, 4.0, all);
     let mut rng = Rng(7);
     let data = batch(&mut rng, &[6, 4], spec.vocab);
     let worst = check_gradients(&model, &ad, &data, &LossFn::CrossEntropy, 8);
@@ -214,11 +213,9 @@ fn lora_gradients_match_finite_differences_qwen3_all_targets() {
 
 #[test]
 fn lora_gradients_match_finite_differences_qwen2_tied_topk_targets() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = qwen2_mha_tied();
-    let model = load(tmp.path(), &spec, 9);
-    let ad =
-        random_adapter(&model, 4, 8.0, vec![Target::Q, Target::V, Target::Gate, Target::Down], 10);
+    let targets = vec![Target::Q, Target::V, Target::Gate, Target::Down];
+    let (_tmp, model, ad) = model_with_adapter(&spec, 9, 4, 8.0, targets);
     let mut rng = Rng(11);
     // [N, K] targets: K = 3 weighted targets per position (distillation-style).
     let data: Vec<Datum> = [4usize, 7]
@@ -271,10 +268,8 @@ fn gradient_gaps(a: &Adapter, b: &Adapter) -> Vec<(String, f32, f32)> {
 
 #[test]
 fn packed_batch_equals_separate_calls() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = llama_gqa();
-    let model = load(tmp.path(), &spec, 13);
-    let ad = random_adapter(&model, 2, 2.0, vec![Target::Q, Target::Down], 14);
+    let (_tmp, model, ad) = model_with_adapter(&spec, 13, 2, 2.0, vec![Target::Q, Target::Down]);
     let mut rng = Rng(15);
     let data = batch(&mut rng, &[7, 3, 11], spec.vocab);
     let ((out, together), (each, apart)) = packed_and_apart(&model, &ad, &data);
@@ -314,7 +309,6 @@ fn reference_logprobs(
 
 #[test]
 fn vocabulary_chunking_matches_full_logits_and_gradients() {
-    let tmp = tempfile::tempdir().unwrap();
     // More than one 8192-column chunk, with targets on both sides of the boundary.
     let spec = Spec {
         vocab: 8192 + 77,
@@ -326,8 +320,7 @@ fn vocabulary_chunking_matches_full_logits_and_gradients() {
         head_dim: None,
         ..qwen2_mha_tied()
     };
-    let model = load(tmp.path(), &spec, 16);
-    let ad = random_adapter(&model, 2, 2.0, vec![Target::LmHead, Target::V], 17);
+    let (_tmp, model, ad) = model_with_adapter(&spec, 16, 2, 2.0, vec![Target::LmHead, Target::V]);
     let input = vec![5u32, 8191, 8192, 9, 8200];
     let targets = vec![8191u32, 8192, 3, 8268, 8190];
     let d = Datum {
@@ -356,11 +349,9 @@ fn vocabulary_chunking_matches_full_logits_and_gradients() {
 
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = qwen3_untied();
-    let model = load(tmp.path(), &spec, 19);
-    let ad =
-        random_adapter(&model, 2, 2.0, vec![Target::Q, Target::K, Target::V, Target::LmHead], 20);
+    let targets = vec![Target::Q, Target::K, Target::V, Target::LmHead];
+    let (_tmp, model, ad) = model_with_adapter(&spec, 19, 2, 2.0, targets);
     let v = spec.vocab;
     let mut rng = Rng(21);
     let seqs = [tokens(&mut rng, 9, v), tokens(&mut rng, 6, v)];
@@ -467,10 +458,8 @@ fn loader_errors_name_the_problem() {
 fn head_row_blocks_match_single_block_results() {
     // 1200 packed rows span two 1024-row blocks of the output head; three 400-row calls fit in
     // one block each. Logprobs and accumulated gradients must agree.
-    let tmp = tempfile::tempdir().unwrap();
     let spec = Spec { hidden: 8, inter: 12, layers: 1, heads: 2, kv_heads: 1, ..qwen2_mha_tied() };
-    let model = load(tmp.path(), &spec, 24);
-    let ad = random_adapter(&model, 2, 2.0, vec![Target::LmHead, Target::Q], 25);
+    let (_tmp, model, ad) = model_with_adapter(&spec, 24, 2, 2.0, vec![Target::LmHead, Target::Q]);
     let mut rng = Rng(26);
     let data = batch(&mut rng, &[400, 400, 400], spec.vocab);
     let ((out, packed), (each, apart)) = packed_and_apart(&model, &ad, &data);
@@ -488,10 +477,8 @@ fn head_row_blocks_match_single_block_results() {
 
 #[test]
 fn sequence_logprobs_and_shared_forward_match_the_reference() {
-    let tmp = tempfile::tempdir().unwrap();
     let spec = llama_gqa();
-    let model = load(tmp.path(), &spec, 27);
-    let ad = random_adapter(&model, 2, 2.0, vec![Target::V, Target::LmHead], 28);
+    let (_tmp, model, ad) = model_with_adapter(&spec, 27, 2, 2.0, vec![Target::V, Target::LmHead]);
     let mut rng = Rng(29);
     let seq = tokens(&mut rng, 10, spec.vocab);
     for adapter in [None, Some(&ad)] {

@@ -7,11 +7,11 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, randomize_b, rel, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, rel, tokens, write_model};
 use twinkle::engine::cpu::CpuRuntime;
 use twinkle::engine::{
-    Adapter, Datum, EvalGroup, FwdBwdOutput, LoraConfig, LossFn, LossInputs, Model, ModelRuntime,
-    Result, Target, TrainGroup, forward, forward_backward, forward_backward_many, forward_many,
+    Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelRuntime, Result,
+    Target, TrainGroup, forward, forward_backward, forward_backward_many, forward_many,
 };
 
 const VOCAB: usize = 48;
@@ -43,8 +43,7 @@ fn model(dir: &std::path::Path, arch: &'static str) -> Arc<Model> {
 
 /// An adapter with random A and B (a fresh one has B = 0, which would hide the LoRA path).
 fn adapter(m: &Model, rank: usize, targets: Vec<Target>, seed: u64) -> Adapter {
-    let cfg = LoraConfig { rank, alpha: 2.0 * rank as f32, targets, seed };
-    let mut a = Adapter::new(m, &cfg).unwrap();
+    let mut a = fresh_adapter(m, rank, 2.0 * rank as f32, targets, seed);
     randomize_b(&mut a, seed + 100, 0.3);
     a
 }

@@ -6,10 +6,8 @@ mod engine_support;
 
 use std::time::Instant;
 
-use engine_support::{Rng, Spec, tokens, write_model};
-use twinkle::engine::{
-    Adapter, Datum, LoraConfig, LossFn, LossInputs, Model, Target, forward_backward,
-};
+use engine_support::{Rng, Spec, fresh_adapter, tokens, write_model};
+use twinkle::engine::{Datum, LossFn, LossInputs, Model, Target, forward_backward};
 
 #[test]
 #[ignore]
@@ -32,8 +30,7 @@ fn forward_backward_throughput() {
     write_model(tmp.path(), &spec, 1);
     let model = Model::load(tmp.path()).unwrap();
     let targets = Target::LAYER.to_vec();
-    let mut ad =
-        Adapter::new(&model, &LoraConfig { rank: 16, alpha: 32.0, targets, seed: 1 }).unwrap();
+    let mut ad = fresh_adapter(&model, 16, 32.0, targets, 1);
     let mut rng = Rng(2);
     let data: Vec<Datum> = (0..4)
         .map(|_| Datum {

@@ -140,10 +140,13 @@ fn modelscope_download_uses_the_layout_both_sdks_read() {
 
 /// The request for `path`'s bytes after the first one, and its Range start.
 fn resumed_from(hub: &MockHub, range_seen: impl Fn(&hub_support::Logged) -> bool) -> u64 {
-    let ranged: Vec<_> =
-        hub.requests().into_iter().filter(|r| range_seen(r) && r.range.is_some()).collect();
+    let ranged: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| range_seen(r) && r.header("range").is_some())
+        .collect();
     assert!(!ranged.is_empty(), "no ranged retry in {:?}", hub.requests());
-    let range = ranged[0].range.clone().unwrap();
+    let range = ranged[0].header("range").unwrap();
     let n = range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap();
     n.parse().unwrap()
 }
@@ -236,15 +239,21 @@ fn private_repos_name_the_token_variable_and_the_token_stays_with_the_hub() {
     resolve_or_download("hf://Org/Tiny", &e, &quiet()).unwrap();
     resolve_or_download("ms://Org/Tiny", &e, &quiet()).unwrap();
     let reqs = hub.requests();
-    assert!(reqs.iter().filter(|r| !r.cdn).all(|r| r.auth.as_deref() == Some("Bearer secret")));
+    assert!(
+        reqs.iter().filter(|r| !r.cdn).all(|r| r.header("authorization") == Some("Bearer secret"))
+    );
     assert!(
         reqs.iter()
             .filter(|r| !r.cdn && r.target.contains("/api/v1/"))
-            .all(|r| r.cookie.as_deref() == Some("m_session_id=secret"))
+            .all(|r| r.header("cookie") == Some("m_session_id=secret"))
     );
     // The storage host (another origin) never sees the token.
     assert!(reqs.iter().any(|r| r.cdn));
-    assert!(reqs.iter().filter(|r| r.cdn).all(|r| r.auth.is_none() && r.cookie.is_none()));
+    assert!(
+        reqs.iter()
+            .filter(|r| r.cdn)
+            .all(|r| r.header("authorization").is_none() && r.header("cookie").is_none())
+    );
 }
 
 #[test]

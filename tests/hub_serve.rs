@@ -73,7 +73,6 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
         s.chunk_delay = Some(Duration::from_micros(4_000_000 / chunks));
     });
 
-    let port = free_port()?;
     let hf_cache = tmp.path().join("hf-cache");
     let home = tmp.path().join("home");
     let env = [
@@ -83,8 +82,7 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
         ("HOME", home.to_str().context("utf-8")?),
         ("TWINKLE_API_KEYS", KEY.1),
     ];
-    let mut serve =
-        Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
+    let mut serve = Serve::start_cpu(config, &env)?;
     let gw = serve.gateway.clone();
 
     // Both applications are `downloading`: whichever took the lock first transfers and shows
@@ -151,9 +149,7 @@ fn applications_download_their_model_once_and_show_progress() -> Result<()> {
 
     // A second start finds the model in the cache: no request reaches the hub at all.
     hub.clear();
-    let port = free_port()?;
-    let mut again =
-        Serve::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], &env)?;
+    let mut again = Serve::start_cpu(config, &env)?;
     let st = again.wait_all_running(STARTUP)?;
     for app in apps {
         ensure!(app_entry(&st, app).is_some_and(|a| a["restarts"] == 0), "{st}");

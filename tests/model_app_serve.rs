@@ -41,20 +41,15 @@ fn post(addr: &str, path: &str, token: &str, body: &Value) -> Result<Resp> {
 
 #[test]
 fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
-    let port = free_port()?;
+    // A scratch HOME, so no model cache of the machine's user is read.
     let tmp = tempfile::tempdir()?;
-    let models = tmp.path().join("models");
     let save = tmp.path().join("saves");
-    let mut serve = Serve::start(
-        &config(port),
-        port,
-        &["--num-gpus", "0", "--num-cpus", "4"],
-        &[
-            ("TWINKLE_INTERNAL_TOKEN", "tok-123"),
-            ("TWINKLE_SAVE_DIR", save.to_str().context("utf-8")?),
-            ("HOME", models.to_str().context("utf-8")?),
-        ],
-    )?;
+    let env = [
+        ("TWINKLE_INTERNAL_TOKEN", "tok-123"),
+        ("TWINKLE_SAVE_DIR", save.to_str().context("utf-8")?),
+        ("HOME", tmp.path().to_str().context("utf-8")?),
+    ];
+    let mut serve = Serve::start_cpu(config, &env)?;
     let st = serve.wait_all_running(Duration::from_secs(90))?;
     let addr = |name: &str| -> Result<String> {
         let apps = st["applications"].as_array().context("apps")?;
@@ -116,19 +111,14 @@ fn model_and_sampler_children_train_save_and_sample() -> Result<()> {
 /// directory that was searched, it is not restarted, and the rest of the deployment serves.
 #[test]
 fn missing_model_fails_at_startup_and_is_not_restarted() -> Result<()> {
-    let port = free_port()?;
     let tmp = tempfile::tempdir()?;
     let home = tmp.path().join("home");
     let ms_cache = tmp.path().join("ms-cache");
-    let mut serve = Serve::start(
-        &missing_model_config(port),
-        port,
-        &["--num-gpus", "0", "--num-cpus", "4"],
-        &[
-            ("HOME", home.to_str().context("utf-8")?),
-            ("MODELSCOPE_CACHE", ms_cache.to_str().context("utf-8")?),
-        ],
-    )?;
+    let env = [
+        ("HOME", home.to_str().context("utf-8")?),
+        ("MODELSCOPE_CACHE", ms_cache.to_str().context("utf-8")?),
+    ];
+    let mut serve = Serve::start_cpu(missing_model_config, &env)?;
     let app = |st: &Value, name: &str| -> Value {
         st["applications"]
             .as_array()

@@ -16,6 +16,7 @@
 
 #[path = "platform_support/mod.rs"]
 mod platform_support;
+mod xorshift_support;
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -31,6 +32,7 @@ use platform_support::{
     Serve, deployment_head, free_port, generated_app, sdk_command, server_app, venv_python,
 };
 use serde_json::Value;
+use xorshift_support::Rng;
 
 const MODEL: &str = "qwen3-tiny";
 /// How long the clients train under kills (the whole test stays within ~3 minutes on 2 cores).
@@ -47,22 +49,9 @@ const RSS_BOUND_MIB: u64 = 1536;
 /// Hard stop of the driver: the soak, the load phase and generous start-up time.
 const DRIVER_LIMIT: Duration = Duration::from_secs(SOAK_S + 150);
 
-/// A small deterministic generator (splitmix64) for the kill schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[lo, hi)` milliseconds.
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo).max(1))
-    }
+/// Uniform in `[lo, hi)` milliseconds.
+fn millis(rng: &mut Rng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(lo + rng.next_u64() % (hi - lo).max(1))
 }
 
 /// When to kill, after the driver's READY: one moment in each of [`KILLS`] equal windows of the
@@ -75,7 +64,7 @@ fn kill_schedule(seed: u64) -> Vec<Duration> {
         .map(|k| {
             let lo = start + k * window;
             // The last third of each window is left for the restart before the next kill.
-            rng.millis(lo, lo + window * 2 / 3)
+            millis(&mut rng, lo, lo + window * 2 / 3)
         })
         .collect()
 }

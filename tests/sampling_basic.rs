@@ -13,6 +13,13 @@ fn pick(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     sample_token(logits, p, u).map(|(t, _)| t).unwrap_or(u32::MAX)
 }
 
+/// Asserts that each `(draw, token)` of `draws` picks `token` from `logits` under `p`.
+fn assert_draws(logits: &[f32], p: &SamplingParams, draws: &[(f32, u32)]) {
+    for &(u, want) in draws {
+        assert_eq!(pick(logits, p, u), want, "u={u} under {p:?}");
+    }
+}
+
 /// ln of probabilities, so the softmax of these logits is the given distribution.
 fn ln(probs: &[f64]) -> Vec<f32> {
     probs.iter().map(|p| p.ln() as f32).collect()
@@ -61,13 +68,11 @@ fn uniform_draws_at_cdf_boundaries() {
     assert_eq!(pick(&two, &p, 0.0), 0);
     assert_eq!(pick(&two, &p, 0.5 - 1.0 / 16_777_216.0), 0);
     assert_eq!(pick(&two, &p, 0.5), 1, "a draw on the boundary goes to the later token");
+    let below = |u: f32| u - 1.0 / 16_777_216.0;
     let four = [3.0, 3.0, 3.0, 3.0];
-    assert_eq!(pick(&four, &p, 0.25 - 1.0 / 16_777_216.0), 0);
-    assert_eq!(pick(&four, &p, 0.25), 1);
-    assert_eq!(pick(&four, &p, 0.5), 2);
-    assert_eq!(pick(&four, &p, 0.75 - 1.0 / 16_777_216.0), 2);
-    assert_eq!(pick(&four, &p, 0.75), 3);
-    assert_eq!(pick(&four, &p, 1.0 - 1.0 / 16_777_216.0), 3);
+    let draws =
+        [(below(0.25), 0), (0.25, 1), (0.5, 2), (below(0.75), 2), (0.75, 3), (below(1.0), 3)];
+    assert_draws(&four, &p, &draws);
     // -0.0 and +0.0 are the same logit: ordered by id, whatever the sign bit.
     let zeros = [0.0, -0.0, f32::NEG_INFINITY, -1.0];
     assert_eq!(pick(&zeros, &params(0.0, -1, 1.0), 0.0), 0);
@@ -81,12 +86,11 @@ fn uniform_draws_at_cdf_boundaries() {
 fn canonical_order_is_by_probability_not_index() {
     // p = [0.2, 0.5, 0.3]: canonical order is token 1 (0.5), token 2 (0.3), token 0 (0.2).
     let logits = ln(&[0.2, 0.5, 0.3]);
-    let p = params(1.0, -1, 1.0);
-    assert_eq!(pick(&logits, &p, 0.0), 1);
-    assert_eq!(pick(&logits, &p, 0.49), 1);
-    assert_eq!(pick(&logits, &p, 0.51), 2);
-    assert_eq!(pick(&logits, &p, 0.79), 2);
-    assert_eq!(pick(&logits, &p, 0.81), 0);
+    assert_draws(
+        &logits,
+        &params(1.0, -1, 1.0),
+        &[(0.0, 1), (0.49, 1), (0.51, 2), (0.79, 2), (0.81, 0)],
+    );
 }
 
 #[test]
@@ -94,14 +98,11 @@ fn temperature_reshapes_the_distribution() {
     // p = [0.25, 0.75]. Order: token 1 then token 0.
     let logits = [0.0, 3.0_f32.ln()];
     // T = 1: token 1 covers u < 0.75.
-    assert_eq!(pick(&logits, &params(1.0, -1, 1.0), 0.74), 1);
-    assert_eq!(pick(&logits, &params(1.0, -1, 1.0), 0.76), 0);
+    assert_draws(&logits, &params(1.0, -1, 1.0), &[(0.74, 1), (0.76, 0)]);
     // T = 0.5 squares the odds: p ∝ [1, 9], token 1 covers u < 0.9.
-    assert_eq!(pick(&logits, &params(0.5, -1, 1.0), 0.85), 1);
-    assert_eq!(pick(&logits, &params(0.5, -1, 1.0), 0.91), 0);
+    assert_draws(&logits, &params(0.5, -1, 1.0), &[(0.85, 1), (0.91, 0)]);
     // T = 2 takes the square root: p1 = √3/(1+√3) ≈ 0.634.
-    assert_eq!(pick(&logits, &params(2.0, -1, 1.0), 0.62), 1);
-    assert_eq!(pick(&logits, &params(2.0, -1, 1.0), 0.65), 0);
+    assert_draws(&logits, &params(2.0, -1, 1.0), &[(0.62, 1), (0.65, 0)]);
 }
 
 #[test]
@@ -124,16 +125,11 @@ fn top_p_keeps_the_smallest_sufficient_prefix() {
     // Canonical order: token 0 (0.5), token 1 (0.3), token 2 (0.2).
     let logits = ln(&[0.5, 0.3, 0.2]);
     // top_p 0.4: only token 0 survives, whatever the draw.
-    for u in [0.0, 0.5, 0.999] {
-        assert_eq!(pick(&logits, &params(1.0, -1, 0.4), u), 0);
-    }
+    assert_draws(&logits, &params(1.0, -1, 0.4), &[(0.0, 0), (0.5, 0), (0.999, 0)]);
     // top_p 0.6: tokens 0 and 1, renormalised to 0.625 / 0.375.
-    assert_eq!(pick(&logits, &params(1.0, -1, 0.6), 0.62), 0);
-    assert_eq!(pick(&logits, &params(1.0, -1, 0.6), 0.63), 1);
-    assert_eq!(pick(&logits, &params(1.0, -1, 0.6), 0.999), 1);
+    assert_draws(&logits, &params(1.0, -1, 0.6), &[(0.62, 0), (0.63, 1), (0.999, 1)]);
     // top_p 0.85: all three, unchanged.
-    assert_eq!(pick(&logits, &params(1.0, -1, 0.85), 0.79), 1);
-    assert_eq!(pick(&logits, &params(1.0, -1, 0.85), 0.81), 2);
+    assert_draws(&logits, &params(1.0, -1, 0.85), &[(0.79, 1), (0.81, 2)]);
     // Applied after temperature: at T = 0.5, p ∝ [25, 9, 4]/38, the head is 0.658 ≥ 0.6.
     assert_eq!(pick(&logits, &params(0.5, -1, 0.6), 0.999), 0);
 }
@@ -142,16 +138,12 @@ fn top_p_keeps_the_smallest_sufficient_prefix() {
 fn top_k_keeps_the_k_most_likely_with_index_tie_break() {
     // p = [0.2, 0.5, 0.3], top_k 2 keeps tokens 1 and 2 renormalised to 0.625 / 0.375.
     let logits = ln(&[0.2, 0.5, 0.3]);
-    assert_eq!(pick(&logits, &params(1.0, 2, 1.0), 0.62), 1);
-    assert_eq!(pick(&logits, &params(1.0, 2, 1.0), 0.63), 2);
-    assert_eq!(pick(&logits, &params(1.0, 2, 1.0), 0.999), 2);
+    assert_draws(&logits, &params(1.0, 2, 1.0), &[(0.62, 1), (0.63, 2), (0.999, 2)]);
     // top_k larger than the vocabulary is no limit.
     assert_eq!(pick(&logits, &params(1.0, 10, 1.0), 0.81), 0);
     // Ties: tokens 1, 2, 3 share the top logit; top_k 2 keeps 1 and 2 at 1/2 each.
     let tied = [1.0, 2.0, 2.0, 2.0, 0.0];
-    assert_eq!(pick(&tied, &params(1.0, 2, 1.0), 0.49), 1);
-    assert_eq!(pick(&tied, &params(1.0, 2, 1.0), 0.5), 2);
-    assert_eq!(pick(&tied, &params(1.0, 2, 1.0), 0.999), 2);
+    assert_draws(&tied, &params(1.0, 2, 1.0), &[(0.49, 1), (0.5, 2), (0.999, 2)]);
     // top_k then top_p: top_k 3 of the tied case keeps 1, 2, 3 at 1/3; top_p 0.5 keeps two.
     assert_eq!(pick(&tied, &params(1.0, 3, 0.5), 0.999), 2);
 }

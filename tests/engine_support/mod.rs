@@ -100,6 +100,18 @@ pub fn synth_spec(spec: &Spec) -> SynthSpec {
     }
 }
 
+/// A LoRA of `rank` and `alpha` on `targets`, A initialised from `seed` and B zero (as every fresh
+/// adapter's).
+pub fn fresh_adapter(
+    model: &Model,
+    rank: usize,
+    alpha: f32,
+    targets: Vec<Target>,
+    seed: u64,
+) -> Adapter {
+    Adapter::new(model, &LoraConfig { rank, alpha, targets, seed }).unwrap()
+}
+
 /// Fills every B matrix of `ad` with values in ±`scale` from `seed` (a fresh adapter's B is zero,
 /// so it would not change the output and its A would get no gradient).
 pub fn randomize_b(ad: &mut Adapter, seed: u64, scale: f32) {
@@ -115,7 +127,7 @@ pub fn randomize_b(ad: &mut Adapter, seed: u64, scale: f32) {
 pub fn full_lora(model: &Model, seed: u64, b_seed: u64, b_scale: f32) -> Adapter {
     let mut targets = Target::LAYER.to_vec();
     targets.push(Target::LmHead);
-    let mut ad = Adapter::new(model, &LoraConfig { rank: 4, alpha: 8.0, targets, seed }).unwrap();
+    let mut ad = fresh_adapter(model, 4, 8.0, targets, seed);
     randomize_b(&mut ad, b_seed, b_scale);
     ad
 }

@@ -61,14 +61,23 @@ pub struct Switches {
     pub fail_next: u32,
 }
 
+/// One request as the mock saw it.
 #[derive(Debug, Clone)]
 pub struct Logged {
+    /// Taken by the storage (CDN) listener rather than the hub API.
     pub cdn: bool,
     pub method: String,
+    /// Path and query.
     pub target: String,
-    pub range: Option<String>,
-    pub auth: Option<String>,
-    pub cookie: Option<String>,
+    /// Every request header, by lowercase name.
+    pub headers: HashMap<String, String>,
+}
+
+impl Logged {
+    /// The value of header `name` (lowercase), if the request sent it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
 }
 
 struct State {
@@ -475,9 +484,7 @@ fn serve_conn(state: &State, mut stream: TcpStream, cdn: bool) {
         method: req.method.clone(),
         target: req.path.clone()
             + &req.query.iter().map(|(k, v)| format!("&{k}={v}")).collect::<String>(),
-        range: req.headers.get("range").cloned(),
-        auth: req.headers.get("authorization").cloned(),
-        cookie: req.headers.get("cookie").cloned(),
+        headers: req.headers.clone(),
     });
     let fail = {
         let mut sw = state.switches.lock().unwrap();

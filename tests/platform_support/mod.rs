@@ -136,57 +136,22 @@ fn app_entry(
     )
 }
 
-/// A Tinker-style deployment (seed-server.md's example): server + model (2 cards) + sampler
-/// (`ranks: 1`, `num_gpus: 1`), every one as the identity kind (see [`as_identity`]).
+/// The shipped Tinker deployment (`config/tinker.yaml`, seed-server.md's example): server +
+/// model (2 cards) + sampler (`ranks: 1`, `num_gpus: 1`), every one as the identity kind (see
+/// [`as_identity`]), served on loopback `port`, with `TWINKLE_TEST_MARKER=model-env` in the model
+/// application's `runtime_env` (the first `env_vars:` of the file).
 pub fn tinker_config(port: u16) -> String {
-    as_identity(&format!(
-        r#"server_type: tinker
-proxy_location: EveryNode
-http_options:
-  host: 127.0.0.1
-  port: {port}
-applications:
-  - name: server
-    route_prefix: /api/v1
-    import_path: server
-    args:
-      server_config:
-        per_token_model_limit: 30
-    deployments:
-      - name: TinkerCompatServer
-        ray_actor_options:
-          num_cpus: 0.1
-  - name: models-Qwen2.5-0.5B-Instruct
-    route_prefix: /api/v1/model/Qwen/Qwen2.5-0.5B-Instruct
-    import_path: model
-    args:
-      use_megatron: true
-      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
-      nproc_per_node: 2
-      device_group: {{name: model, ranks: 2, device_type: cuda}}
-      device_mesh: {{device_type: cuda, dp_size: 2}}
-    deployments:
-      - name: ModelManagement
-        ray_actor_options:
-          num_cpus: 0.1
-          runtime_env:
-            env_vars:
-              TWINKLE_TEST_MARKER: model-env
-  - name: sampler-Qwen2.5-0.5B-Instruct
-    route_prefix: /api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct
-    import_path: sampler
-    args:
-      model_id: "ms://Qwen/Qwen2.5-0.5B-Instruct"
-      nproc_per_node: 1
-      device_group: {{name: sampler, ranks: 1, device_type: cuda}}
-      device_mesh: {{device_type: cuda, dp_size: 1}}
-    deployments:
-      - name: SamplerManagement
-        ray_actor_options:
-          num_cpus: 0.1
-          num_gpus: 1
-"#
-    ))
+    let shipped = include_str!("../../config/tinker.yaml");
+    let edits = [
+        ("host: 0.0.0.0", "host: 127.0.0.1".to_string()),
+        ("port: 8000", format!("port: {port}")),
+        ("env_vars:\n", "env_vars:\n              TWINKLE_TEST_MARKER: model-env\n".to_string()),
+    ];
+    let text = edits.iter().fold(shipped.to_string(), |text, (from, to)| {
+        assert!(text.contains(from), "config/tinker.yaml no longer has `{from}`");
+        text.replacen(from, to, 1)
+    });
+    as_identity(&text)
 }
 
 /// A running `twinkle serve`; dropping it SIGKILLs serve and every child pid it learned of.
@@ -233,6 +198,12 @@ impl Serve {
             log,
             known_pids: Vec::new(),
         })
+    }
+
+    /// A CPU-only serve (no cards, four CPU slots) of `config` for a free port, with `env` set.
+    pub fn start_cpu(config: impl FnOnce(u16) -> String, env: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port()?;
+        Self::start(&config(port), port, &["--num-gpus", "0", "--num-cpus", "4"], env)
     }
 
     /// [`tinker_config`] on a free port with [`PINNED_TOKEN`] and `env` set.
