@@ -6,27 +6,15 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, fresh_adapter, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, test_shape, tokens, write_model};
+use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{
     AdamParams, Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target,
     forward_backward,
 };
 
 fn spec() -> Spec {
-    Spec {
-        arch: "Qwen2ForCausalLM",
-        vocab: 40,
-        hidden: 16,
-        inter: 24,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: None,
-        rope_theta: 10000.0,
-        eps: 1e-6,
-        tied: false,
-        new_style: false,
-    }
+    Spec { shape: test_shape(), implied_head_dim: true, new_style: false }
 }
 
 /// The test model, loaded from `model/` of a fresh temp dir (which tests may use for more).
@@ -127,7 +115,7 @@ fn invalid_inputs_are_typed_user_errors() {
     }
     // An adapter made for a model of another shape is refused, not run.
     let other_dir = tmp.path().join("other");
-    write_model(&other_dir, &Spec { inter: 20, ..spec() }, 1);
+    write_model(&other_dir, &Spec { shape: SynthSpec { inter: 20, ..test_shape() }, ..spec() }, 1);
     let other = Model::load(&other_dir).unwrap();
     let mut foreign = fresh_adapter(&other, 2, 2.0, all_targets(), 1);
     let err = forward_backward(&m, Some(&mut foreign), std::slice::from_ref(&good), &ce, false)

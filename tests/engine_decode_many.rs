@@ -7,27 +7,23 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, fresh_adapter, randomize_b, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, test_shape, tokens, write_model};
 use twinkle::engine::cpu::{CpuCache, CpuRuntime};
+use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{Adapter, CachedGroup, Model, ModelRuntime, Target};
 
 const VOCAB: usize = 48;
 
 fn model(dir: &std::path::Path) -> Arc<Model> {
-    let spec = Spec {
-        arch: "Qwen3ForCausalLM",
+    let shape = SynthSpec {
+        arch: "Qwen3ForCausalLM".into(),
         vocab: VOCAB,
         hidden: 32,
         inter: 40,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: Some(8),
-        rope_theta: 10000.0,
-        eps: 1e-6,
-        tied: false,
-        new_style: true,
+        head_dim: 8,
+        ..test_shape()
     };
+    let spec = Spec { shape, implied_head_dim: false, new_style: true };
     write_model(dir, &spec, 5);
     Model::load(dir).unwrap()
 }

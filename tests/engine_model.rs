@@ -7,61 +7,70 @@ mod engine_support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine_support::{Rng, Spec, fresh_adapter, randomize_b, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, test_shape, tokens, write_model};
 use std::sync::Arc;
+use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{
     Adapter, Datum, EngineError, FwdBwdOutput, LossFn, LossInputs, Model, Target, forward_backward,
 };
 
 fn llama_gqa() -> Spec {
-    Spec {
-        arch: "LlamaForCausalLM",
+    let shape = SynthSpec {
+        arch: "LlamaForCausalLM".into(),
         vocab: 97,
         hidden: 40,
         inter: 56,
         layers: 3,
         heads: 6,
-        kv_heads: 2,
-        head_dim: Some(8),
+        head_dim: 8,
         rope_theta: 500000.0,
         eps: 1e-5,
-        tied: false,
-        new_style: true,
-    }
+        ..test_shape()
+    };
+    Spec { shape, implied_head_dim: false, new_style: true }
 }
 
 fn qwen3_untied() -> Spec {
-    Spec {
-        arch: "Qwen3ForCausalLM",
+    let shape = SynthSpec {
+        arch: "Qwen3ForCausalLM".into(),
         vocab: 64,
         hidden: 24,
         inter: 40,
-        layers: 2,
         heads: 3,
         kv_heads: 1,
-        head_dim: Some(12),
+        head_dim: 12,
         rope_theta: 1000.0,
-        eps: 1e-6,
-        tied: false,
-        new_style: false,
-    }
+        ..test_shape()
+    };
+    Spec { shape, implied_head_dim: false, new_style: false }
 }
 
 fn qwen2_mha_tied() -> Spec {
-    Spec {
-        arch: "Qwen2ForCausalLM",
+    let shape = SynthSpec {
         vocab: 50,
         hidden: 32,
         inter: 48,
-        layers: 2,
-        heads: 4,
         kv_heads: 4,
-        head_dim: None,
-        rope_theta: 10000.0,
-        eps: 1e-6,
+        head_dim: 8,
         tied: true,
-        new_style: false,
-    }
+        ..test_shape()
+    };
+    Spec { shape, implied_head_dim: true, new_style: false }
+}
+
+/// [`qwen2_mha_tied`] cut to one narrow layer, for the tests that need many rows or columns.
+fn qwen2_tied_one_layer() -> Spec {
+    let tied = qwen2_mha_tied();
+    let shape = SynthSpec {
+        hidden: 8,
+        inter: 12,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        ..tied.shape
+    };
+    Spec { shape, ..tied }
 }
 
 fn load(dir: &Path, spec: &Spec, seed: u64) -> std::sync::Arc<Model> {
@@ -69,20 +78,22 @@ fn load(dir: &Path, spec: &Spec, seed: u64) -> std::sync::Arc<Model> {
     Model::load(dir).unwrap()
 }
 
-/// A random `spec` model (weights from `seed`) in a temp dir, with a LoRA of `rank` and `alpha`
-/// on `targets` (init from `seed + 1`) whose B is random too, so every A gradient is non-trivial.
+/// What a whole-model test starts from, all drawn from `seed`: a random `spec` model (weights
+/// from `seed`) in a temp dir, a LoRA of `rank` and `alpha` on `targets` (init from `seed + 1`)
+/// whose B is random too, so every A gradient is non-trivial, and the test's input stream
+/// (`seed + 2`).
 fn model_with_adapter(
     spec: &Spec,
     seed: u64,
     rank: usize,
     alpha: f32,
     targets: Vec<Target>,
-) -> (tempfile::TempDir, Arc<Model>, Adapter) {
+) -> (tempfile::TempDir, Arc<Model>, Adapter, Rng) {
     let tmp = tempfile::tempdir().unwrap();
     let model = load(tmp.path(), spec, seed);
     let mut ad = fresh_adapter(&model, rank, alpha, targets, seed + 1);
     randomize_b(&mut ad, (seed + 1) ^ 0xabc, 0.3);
-    (tmp, model, ad)
+    (tmp, model, ad, Rng(seed + 2))
 }
 
 fn batch(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Datum> {
@@ -185,8 +196,7 @@ fn check_gradients(model: &Model, ad: &Adapter, data: &[Datum], loss: &LossFn, s
 fn lora_gradients_match_finite_differences_llama_gqa_subset() {
     let spec = llama_gqa();
     let targets = vec![Target::K, Target::O, Target::Up, Target::LmHead];
-    let (_tmp, model, ad) = model_with_adapter(&spec, 1, 3, 5.0, targets);
-    let mut rng = Rng(3);
+    let (_tmp, model, ad, mut rng) = model_with_adapter(&spec, 1, 3, 5.0, targets);
     let data = batch(&mut rng, &[5, 9, 3], spec.vocab);
     let data = with_sampler_logprobs(&model, &ad, data, &mut rng);
     for loss in [
@@ -204,8 +214,7 @@ fn lora_gradients_match_finite_differences_llama_gqa_subset() {
 fn lora_gradients_match_finite_differences_qwen3_all_targets() {
     let spec = qwen3_untied();
     let all = Target::LAYER.into_iter().chain([Target::LmHead]).collect();
-    let (_tmp, model, ad) = model_with_adapter(&spec, 5, 2, 4.0, all);
-    let mut rng = Rng(7);
+    let (_tmp, model, ad, mut rng) = model_with_adapter(&spec, 5, 2, 4.0, all);
     let data = batch(&mut rng, &[6, 4], spec.vocab);
     let worst = check_gradients(&model, &ad, &data, &LossFn::CrossEntropy, 8);
     println!("worst relative error {worst:.2e}");
@@ -215,8 +224,7 @@ fn lora_gradients_match_finite_differences_qwen3_all_targets() {
 fn lora_gradients_match_finite_differences_qwen2_tied_topk_targets() {
     let spec = qwen2_mha_tied();
     let targets = vec![Target::Q, Target::V, Target::Gate, Target::Down];
-    let (_tmp, model, ad) = model_with_adapter(&spec, 9, 4, 8.0, targets);
-    let mut rng = Rng(11);
+    let (_tmp, model, ad, mut rng) = model_with_adapter(&spec, 9, 4, 8.0, targets);
     // [N, K] targets: K = 3 weighted targets per position (distillation-style).
     let data: Vec<Datum> = [4usize, 7]
         .iter()
@@ -269,8 +277,8 @@ fn gradient_gaps(a: &Adapter, b: &Adapter) -> Vec<(String, f32, f32)> {
 #[test]
 fn packed_batch_equals_separate_calls() {
     let spec = llama_gqa();
-    let (_tmp, model, ad) = model_with_adapter(&spec, 13, 2, 2.0, vec![Target::Q, Target::Down]);
-    let mut rng = Rng(15);
+    let (_tmp, model, ad, mut rng) =
+        model_with_adapter(&spec, 13, 2, 2.0, vec![Target::Q, Target::Down]);
     let data = batch(&mut rng, &[7, 3, 11], spec.vocab);
     let ((out, together), (each, apart)) = packed_and_apart(&model, &ad, &data);
     let mut sum = 0.0;
@@ -310,17 +318,10 @@ fn reference_logprobs(
 #[test]
 fn vocabulary_chunking_matches_full_logits_and_gradients() {
     // More than one 8192-column chunk, with targets on both sides of the boundary.
-    let spec = Spec {
-        vocab: 8192 + 77,
-        hidden: 8,
-        inter: 12,
-        layers: 1,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: None,
-        ..qwen2_mha_tied()
-    };
-    let (_tmp, model, ad) = model_with_adapter(&spec, 16, 2, 2.0, vec![Target::LmHead, Target::V]);
+    let narrow = qwen2_tied_one_layer();
+    let spec = Spec { shape: SynthSpec { vocab: 8192 + 77, ..narrow.shape }, ..narrow };
+    let (_tmp, model, ad, _) =
+        model_with_adapter(&spec, 16, 2, 2.0, vec![Target::LmHead, Target::V]);
     let input = vec![5u32, 8191, 8192, 9, 8200];
     let targets = vec![8191u32, 8192, 3, 8268, 8190];
     let d = Datum {
@@ -351,9 +352,8 @@ fn vocabulary_chunking_matches_full_logits_and_gradients() {
 fn kv_cache_decoding_matches_full_forward() {
     let spec = qwen3_untied();
     let targets = vec![Target::Q, Target::K, Target::V, Target::LmHead];
-    let (_tmp, model, ad) = model_with_adapter(&spec, 19, 2, 2.0, targets);
+    let (_tmp, model, ad, mut rng) = model_with_adapter(&spec, 19, 2, 2.0, targets);
     let v = spec.vocab;
-    let mut rng = Rng(21);
     let seqs = [tokens(&mut rng, 9, v), tokens(&mut rng, 6, v)];
     for adapter in [None, Some(&ad)] {
         let full: Vec<Vec<f32>> = seqs.iter().map(|s| model.logits(adapter, s).unwrap()).collect();
@@ -458,9 +458,9 @@ fn loader_errors_name_the_problem() {
 fn head_row_blocks_match_single_block_results() {
     // 1200 packed rows span two 1024-row blocks of the output head; three 400-row calls fit in
     // one block each. Logprobs and accumulated gradients must agree.
-    let spec = Spec { hidden: 8, inter: 12, layers: 1, heads: 2, kv_heads: 1, ..qwen2_mha_tied() };
-    let (_tmp, model, ad) = model_with_adapter(&spec, 24, 2, 2.0, vec![Target::LmHead, Target::Q]);
-    let mut rng = Rng(26);
+    let spec = qwen2_tied_one_layer();
+    let (_tmp, model, ad, mut rng) =
+        model_with_adapter(&spec, 24, 2, 2.0, vec![Target::LmHead, Target::Q]);
     let data = batch(&mut rng, &[400, 400, 400], spec.vocab);
     let ((out, packed), (each, apart)) = packed_and_apart(&model, &ad, &data);
     for ((i, o), d) in each.iter().enumerate().zip(&data) {
@@ -478,8 +478,8 @@ fn head_row_blocks_match_single_block_results() {
 #[test]
 fn sequence_logprobs_and_shared_forward_match_the_reference() {
     let spec = llama_gqa();
-    let (_tmp, model, ad) = model_with_adapter(&spec, 27, 2, 2.0, vec![Target::V, Target::LmHead]);
-    let mut rng = Rng(29);
+    let (_tmp, model, ad, mut rng) =
+        model_with_adapter(&spec, 27, 2, 2.0, vec![Target::V, Target::LmHead]);
     let seq = tokens(&mut rng, 10, spec.vocab);
     for adapter in [None, Some(&ad)] {
         let got = model.sequence_logprobs(adapter, &seq).unwrap();

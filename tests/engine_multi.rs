@@ -7,8 +7,9 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use engine_support::{Rng, Spec, fresh_adapter, randomize_b, rel, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, randomize_b, rel, test_shape, tokens, write_model};
 use twinkle::engine::cpu::CpuRuntime;
+use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{
     Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, LossInputs, Model, ModelRuntime, Result,
     Target, TrainGroup, forward, forward_backward, forward_backward_many, forward_many,
@@ -20,20 +21,17 @@ const VOCAB: usize = 48;
 /// norms and an explicit head_dim.
 fn spec(arch: &'static str) -> Spec {
     let qwen3 = arch.starts_with("Qwen3");
-    Spec {
-        arch,
+    let shape = SynthSpec {
+        arch: arch.into(),
         vocab: VOCAB,
         hidden: 32,
         inter: 40,
-        layers: 2,
-        heads: 4,
         kv_heads: if qwen3 { 1 } else { 2 },
-        head_dim: qwen3.then_some(12),
-        rope_theta: 10000.0,
-        eps: 1e-6,
+        head_dim: if qwen3 { 12 } else { 8 },
         tied: !qwen3,
-        new_style: qwen3,
-    }
+        ..test_shape()
+    };
+    Spec { shape, implied_head_dim: !qwen3, new_style: qwen3 }
 }
 
 fn model(dir: &std::path::Path, arch: &'static str) -> Arc<Model> {

@@ -6,27 +6,25 @@ mod engine_support;
 
 use std::time::Instant;
 
-use engine_support::{Rng, Spec, fresh_adapter, tokens, write_model};
+use engine_support::{Rng, Spec, fresh_adapter, test_shape, tokens, write_model};
+use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{Datum, LossFn, LossInputs, Model, Target, forward_backward};
 
 #[test]
 #[ignore]
 fn forward_backward_throughput() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = Spec {
-        arch: "Qwen2ForCausalLM",
+    let shape = SynthSpec {
         vocab: 32768,
         hidden: 896,
         inter: 4864,
-        layers: 2,
         heads: 14,
-        kv_heads: 2,
-        head_dim: None,
+        head_dim: 64,
         rope_theta: 1e6,
-        eps: 1e-6,
         tied: true,
-        new_style: false,
+        ..test_shape()
     };
+    let spec = Spec { shape, implied_head_dim: true, new_style: false };
     write_model(tmp.path(), &spec, 1);
     let model = Model::load(tmp.path()).unwrap();
     let targets = Target::LAYER.to_vec();

@@ -97,16 +97,15 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()?["status"], "ok");
 
-    // (e) a 1 MB binary body passes through unchanged, both ways.
+    // (e) a 1 MB binary body passes through unchanged, both ways. Every echo below is a POST
+    // through the gateway with the internal token and one more header.
+    let echo = |path: &str, header: (&str, &str), body: &[u8]| {
+        http("POST", &serve.gateway, path, &[header, (TOKEN_HEADER, TEST_TOKEN)], body)
+    };
     let body: Vec<u8> =
         (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let r = http(
-        "POST",
-        &serve.gateway,
-        "/api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct/echo",
-        &[("Content-Type", "application/octet-stream"), (TOKEN_HEADER, TEST_TOKEN)],
-        &body,
-    )?;
+    let octets = ("Content-Type", "application/octet-stream");
+    let r = echo("/api/v1/sampler/Qwen/Qwen2.5-0.5B-Instruct/echo", octets, &body)?;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/octet-stream"));
     ensure!(r.body == body, "echoed body differs ({} bytes back)", r.body.len());
@@ -119,24 +118,13 @@ fn tinker_deployment_placement_routing_bodies_and_clean_stop() -> Result<()> {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let r = http(
-        "POST",
-        &serve.gateway,
-        "/api/v1/echo",
-        &[("Transfer-Encoding", "chunked"), (TOKEN_HEADER, TEST_TOKEN)],
-        &chunked,
-    )?;
+    let r = echo("/api/v1/echo", ("Transfer-Encoding", "chunked"), &chunked)?;
     assert_eq!(r.status, 200);
     ensure!(r.body == body, "chunked echo differs ({} bytes back)", r.body.len());
 
     // A malformed chunked body is the client's fault: 400 JSON, not the gateway's 502.
-    let r = http(
-        "POST",
-        &serve.gateway,
-        "/api/v1/echo",
-        &[("Transfer-Encoding", "chunked"), (TOKEN_HEADER, TEST_TOKEN)],
-        b"5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n",
-    )?;
+    let bad = b"5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n";
+    let r = echo("/api/v1/echo", ("Transfer-Encoding", "chunked"), bad)?;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     ensure!(r.json()?["detail"].as_str().is_some_and(|d| d.contains("body")), "{:?}", r.body);
 
@@ -247,10 +235,10 @@ fn children_die_with_a_killed_serve() -> Result<()> {
 
 #[test]
 fn child_that_never_registers_is_killed_and_restarted() -> Result<()> {
-    let mut serve = Serve::tinker(
-        &["--num-gpus", "3"],
-        &[("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"), ("TWINKLE_REGISTER_DEADLINE_S", "1")],
-    )?;
+    // Test hook: workers wait a minute before registering, past a 1 s deadline.
+    let env =
+        [("TWINKLE_TEST_WORKER_START_DELAY_MS", "60000"), ("TWINKLE_REGISTER_DEADLINE_S", "1")];
+    let mut serve = Serve::tinker(&["--num-gpus", "3"], &env)?;
     let st = poll(STARTUP, || {
         let st = serve.status_json().ok()?;
         apps(&st).iter().all(|a| a["restarts"].as_u64() >= Some(1)).then_some(st)
@@ -359,10 +347,8 @@ fn root_prefix_app_and_gateway_healthz_and_type_override() -> Result<()> {
 
 #[test]
 fn hung_child_fails_health_checks_and_is_replaced() -> Result<()> {
-    let mut serve = Serve::tinker(
-        &["--num-gpus", "3"],
-        &[("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")],
-    )?;
+    let env = [("TWINKLE_HEALTH_PERIOD_S", "0.5"), ("TWINKLE_HEALTH_TIMEOUT_S", "1")];
+    let mut serve = Serve::tinker(&["--num-gpus", "3"], &env)?;
     let st = serve.wait_all_running(STARTUP)?;
     let name = "sampler-Qwen2.5-0.5B-Instruct";
     let old = app_named(&st, name).and_then(|a| a["pid"].as_u64()).context("pid")? as u32;

@@ -14,60 +14,62 @@ use twinkle::engine::{Adapter, Datum, LoraConfig, LossInputs, Model, Target, Ten
 /// Deterministic values in [-1, 1) for test inputs (the engine's input stream).
 pub use twinkle::engine::synth::SynthRng as Rng;
 
-/// `max_position_embeddings` of every test model.
-const MAX_POSITIONS: usize = 512;
-
-/// Shape of a random test model.
+/// A random test model: the generator's shape (so a test model and a benchmark model of one
+/// shape and seed are the same model) and how its config.json spells it, since the loader must
+/// read every spelling real checkpoints use. Reads as its shape (`spec.vocab`).
 #[derive(Clone, Debug)]
 pub struct Spec {
-    pub arch: &'static str,
-    pub vocab: usize,
-    pub hidden: usize,
-    pub inter: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    /// Written as explicit `head_dim` when Some.
-    pub head_dim: Option<usize>,
-    pub rope_theta: f64,
-    pub eps: f64,
-    pub tied: bool,
+    pub shape: SynthSpec,
+    /// Leave `head_dim` out of config.json, for the loader to derive as hidden / heads (which
+    /// `shape.head_dim` must then equal).
+    pub implied_head_dim: bool,
     /// Put rope_theta under `rope_parameters` and the dtype under `dtype` (newer configs).
     pub new_style: bool,
 }
 
-impl Spec {
-    pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden / self.heads)
+impl std::ops::Deref for Spec {
+    type Target = SynthSpec;
+
+    fn deref(&self) -> &SynthSpec {
+        &self.shape
     }
 }
 
-/// Writes `config.json`, `generation_config.json` and `model.safetensors` for `spec`.
+/// What the test shapes share unless they say otherwise (`..test_shape()`): 512 positions,
+/// rope θ 10⁴, eps 1e-6, untied, every tensor random ([`Init::Spread`]); the dimensions are
+/// a 2-layer Qwen2 of vocab 40 with a head_dim of hidden / heads.
+pub fn test_shape() -> SynthSpec {
+    SynthSpec {
+        arch: "Qwen2ForCausalLM".into(),
+        vocab: 40,
+        hidden: 16,
+        inter: 24,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 4,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        max_positions: 512,
+        tied: false,
+        init: Init::Spread,
+    }
+}
+
+/// Writes `config.json`, `generation_config.json` and `model.safetensors` for `spec`: the
+/// generator's files, with config.json respelled as `spec` asks and two EOS ids.
 pub fn write_model(dir: &Path, spec: &Spec, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let mut cfg = json!({
-        "architectures": [spec.arch],
-        "vocab_size": spec.vocab,
-        "hidden_size": spec.hidden,
-        "intermediate_size": spec.inter,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "rms_norm_eps": spec.eps,
-        "max_position_embeddings": MAX_POSITIONS,
-        "tie_word_embeddings": spec.tied,
-        "eos_token_id": 2,
-        "bos_token_id": 1,
-    });
-    if let Some(hd) = spec.head_dim {
-        cfg["head_dim"] = json!(hd);
+    let mut cfg = spec.shape.config_json();
+    let keys = cfg.as_object_mut().unwrap();
+    if spec.implied_head_dim {
+        keys.remove("head_dim");
     }
     if spec.new_style {
-        cfg["rope_parameters"] = json!({"rope_type": "default", "rope_theta": spec.rope_theta});
-        cfg["dtype"] = json!("float32");
-    } else {
-        cfg["rope_theta"] = json!(spec.rope_theta);
-        cfg["torch_dtype"] = json!("float32");
+        let theta = keys.remove("rope_theta").unwrap();
+        keys.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": theta}));
+        let dtype = keys.remove("torch_dtype").unwrap();
+        keys.insert("dtype".into(), dtype);
     }
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": [2, 3]}).to_string())
@@ -75,29 +77,9 @@ pub fn write_model(dir: &Path, spec: &Spec, seed: u64) {
     save_f32(&dir.join("model.safetensors"), &random_weights(spec, seed)).unwrap();
 }
 
-/// The weights of `spec` under `seed`, from the engine's one random-model generator (so a test
-/// model and a benchmark model of one shape and seed are the same model).
+/// The weights of `spec` under `seed`, from the engine's one random-model generator.
 pub fn random_weights(spec: &Spec, seed: u64) -> BTreeMap<String, Tensor> {
-    synth_spec(spec).random_weights(seed).unwrap()
-}
-
-/// `spec` as the generator's shape ([`Init::Spread`]: every tensor random, norms included).
-pub fn synth_spec(spec: &Spec) -> SynthSpec {
-    SynthSpec {
-        arch: spec.arch.into(),
-        vocab: spec.vocab,
-        hidden: spec.hidden,
-        inter: spec.inter,
-        layers: spec.layers,
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        head_dim: spec.head_dim(),
-        rope_theta: spec.rope_theta,
-        eps: spec.eps,
-        max_positions: MAX_POSITIONS,
-        tied: spec.tied,
-        init: Init::Spread,
-    }
+    spec.shape.random_weights(seed).unwrap()
 }
 
 /// A LoRA of `rank` and `alpha` on `targets`, A initialised from `seed` and B zero (as every fresh
