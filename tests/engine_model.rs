@@ -241,24 +241,34 @@ fn lora_gradients_match_finite_differences_qwen2_tied_topk_targets() {
     check_gradients(&model, &ad, &data, &LossFn::CrossEntropy, 12);
 }
 
-/// `data` through one packed cross-entropy `forward_backward` and through one call per datum,
-/// each on its own copy of `ad`: (packed output, its adapter), (per-datum outputs, their adapter).
-fn packed_and_apart(
-    model: &Model,
-    ad: &Adapter,
-    data: &[Datum],
-) -> ((FwdBwdOutput, Adapter), (Vec<FwdBwdOutput>, Adapter)) {
+/// A packing check's run: a rank-2, alpha-2 LoRA model of `spec` on `targets` (see
+/// [`model_with_adapter`]) and a random batch of `lens` through one packed cross-entropy
+/// `forward_backward` and through one call per datum, each on its own copy of the adapter.
+struct PackedRun {
+    _tmp: tempfile::TempDir,
+    model: Arc<Model>,
+    ad: Adapter,
+    data: Vec<Datum>,
+    /// The packed call's output and its adapter.
+    packed: (FwdBwdOutput, Adapter),
+    /// The per-datum outputs and their adapter.
+    apart: (Vec<FwdBwdOutput>, Adapter),
+}
+
+fn packed_run(spec: &Spec, seed: u64, targets: Vec<Target>, lens: &[usize]) -> PackedRun {
+    let (_tmp, model, ad, mut rng) = model_with_adapter(spec, seed, 2, 2.0, targets);
+    let data = batch(&mut rng, lens, spec.vocab);
     let ce = LossFn::CrossEntropy;
     let mut packed = ad.clone();
-    let out = forward_backward(model, Some(&mut packed), data, &ce, false).unwrap();
+    let out = forward_backward(&model, Some(&mut packed), &data, &ce, false).unwrap();
     let mut apart = ad.clone();
     let each = data
         .iter()
         .map(|d| {
-            forward_backward(model, Some(&mut apart), std::slice::from_ref(d), &ce, false).unwrap()
+            forward_backward(&model, Some(&mut apart), std::slice::from_ref(d), &ce, false).unwrap()
         })
         .collect();
-    ((out, packed), (each, apart))
+    PackedRun { _tmp, model, ad, data, packed: (out, packed), apart: (each, apart) }
 }
 
 /// Per gradient of `a`: its name, the largest difference from `b`'s, and its largest magnitude.
@@ -276,11 +286,8 @@ fn gradient_gaps(a: &Adapter, b: &Adapter) -> Vec<(String, f32, f32)> {
 
 #[test]
 fn packed_batch_equals_separate_calls() {
-    let spec = llama_gqa();
-    let (_tmp, model, ad, mut rng) =
-        model_with_adapter(&spec, 13, 2, 2.0, vec![Target::Q, Target::Down]);
-    let data = batch(&mut rng, &[7, 3, 11], spec.vocab);
-    let ((out, together), (each, apart)) = packed_and_apart(&model, &ad, &data);
+    let run = packed_run(&llama_gqa(), 13, vec![Target::Q, Target::Down], &[7, 3, 11]);
+    let ((out, together), (each, apart)) = (&run.packed, &run.apart);
     let mut sum = 0.0;
     for (i, o) in each.iter().enumerate() {
         sum += o.loss_sum;
@@ -290,7 +297,7 @@ fn packed_batch_equals_separate_calls() {
     }
     assert!((sum - out.loss_sum).abs() < 1e-4 * sum.abs().max(1.0));
     // Gradients accumulated over three calls equal those of one packed call.
-    for (k, err, scale) in gradient_gaps(&together, &apart) {
+    for (k, err, scale) in gradient_gaps(together, apart) {
         assert!(err <= 1e-4 * scale.max(1e-3), "{k}: {err} vs scale {scale}");
     }
 }
@@ -458,19 +465,18 @@ fn loader_errors_name_the_problem() {
 fn head_row_blocks_match_single_block_results() {
     // 1200 packed rows span two 1024-row blocks of the output head; three 400-row calls fit in
     // one block each. Logprobs and accumulated gradients must agree.
-    let spec = qwen2_tied_one_layer();
-    let (_tmp, model, ad, mut rng) =
-        model_with_adapter(&spec, 24, 2, 2.0, vec![Target::LmHead, Target::Q]);
-    let data = batch(&mut rng, &[400, 400, 400], spec.vocab);
-    let ((out, packed), (each, apart)) = packed_and_apart(&model, &ad, &data);
-    for ((i, o), d) in each.iter().enumerate().zip(&data) {
-        let want = reference_logprobs(&model, Some(&ad), &d.input_tokens, &d.inputs.target_tokens);
+    let targets = vec![Target::LmHead, Target::Q];
+    let run = packed_run(&qwen2_tied_one_layer(), 24, targets, &[400, 400, 400]);
+    let ((out, packed), (each, apart)) = (&run.packed, &run.apart);
+    for ((i, o), d) in each.iter().enumerate().zip(&run.data) {
+        let want =
+            reference_logprobs(&run.model, Some(&run.ad), &d.input_tokens, &d.inputs.target_tokens);
         for ((a, b), c) in o.per_datum[0].logprobs.iter().zip(&out.per_datum[i].logprobs).zip(&want)
         {
             assert!((a - b).abs() < 1e-5 && (*b as f64 - c).abs() < 1e-4, "datum {i}: {a} {b} {c}");
         }
     }
-    for (k, err, scale) in gradient_gaps(&packed, &apart) {
+    for (k, err, scale) in gradient_gaps(packed, apart) {
         assert!(scale > 0.0 && err <= 1e-4 * scale, "{k}: {err} vs scale {scale}");
     }
 }
