@@ -77,11 +77,18 @@ fn model_id(spec: &Application) -> Result<String, AppError> {
     })
 }
 
+/// The application's `args.model_id` and the local directory it resolves to (downloaded or
+/// generated on first use).
+fn resolve_model(spec: &Application) -> Result<(String, PathBuf), AppError> {
+    let id = model_id(spec)?;
+    let dir = crate::hub::resolve(&id)?;
+    Ok((id, dir))
+}
+
 /// Options of a model service from its config entry; idle adapters spill under
 /// `$TWINKLE_SAVE_DIR/.spill/<app>` (else `$TWINKLE_HOME/spill/<app>`).
 pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
-    let base_model = model_id(spec)?;
-    let model_dir = crate::hub::resolve(&base_model)?;
+    let (base_model, model_dir) = resolve_model(spec)?;
     let timeout = spec
         .args
         .adapter_config
@@ -195,8 +202,7 @@ fn cuda_bf16(dtype: &str) -> Result<bool, AppError> {
 fn load(ctx: &AppContext, spec: Application) -> Result<Loaded, AppError> {
     let place = placement(&spec);
     if ctx.opts.import_path == ImportPath::Sampler {
-        let base_model = model_id(&spec)?;
-        let dir = crate::hub::resolve(&base_model)?;
+        let (base_model, dir) = resolve_model(&spec)?;
         let max_length = spec
             .args
             .engine_args

@@ -10,6 +10,8 @@
 //! `stream` separates independent sequences under one seed (the sampler uses the sample's index
 //! within its request), so `num_samples > 1` with a fixed seed gives different but reproducible
 //! sequences.
+//!
+//! Host-only choices use the smaller [`SplitMix64`] stream instead.
 
 /// Philox4x32 multipliers and Weyl key increments (Salmon et al., SC'11; Random123).
 const PHILOX_M0: u32 = 0xD251_1F53;
@@ -73,6 +75,27 @@ impl PhiloxStream {
         let u = uniform_f32(self.seed, self.stream, self.draw);
         self.draw = self.draw.wrapping_add(1);
         u
+    }
+}
+
+/// splitmix64: a tiny seeded stream for reproducible host-side choices that no GPU kernel has to
+/// repeat (the LoRA A initialisation, the data loader's shuffles).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-bound, bound)`, from the top 24 bits of the next word.
+    pub fn uniform(&mut self, bound: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (2.0 * u - 1.0) * bound
     }
 }
 

@@ -113,12 +113,13 @@ impl serde_json::ser::Formatter for PythonCompact {
         if first { Ok(()) } else { w.write_all(b", ") }
     }
 
+    /// Members are separated as elements are.
     fn begin_object_key<W: ?Sized + io::Write>(
         &mut self,
         w: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+        self.begin_array_value(w, first)
     }
 
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {

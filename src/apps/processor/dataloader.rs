@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use super::Processor;
 use super::dataset::poisoned;
 use super::kwargs::{opt_bool, opt_u64};
+use crate::engine::rng::SplitMix64;
 use crate::protocol::twinkle::TwinkleError;
 
 /// Default shuffle seed (upstream's `DataLoader` seeds torch's sampler with 42 too).
@@ -38,20 +39,12 @@ pub struct DataLoader {
     resume: Option<(u64, usize)>,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The deterministic permutation of `0..n` for `(seed, epoch)`.
 pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
-    let mut state = seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     for i in (1..n).rev() {
-        let j = (splitmix(&mut state) % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         v.swap(i, j);
     }
     v

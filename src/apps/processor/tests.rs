@@ -56,6 +56,15 @@ fn dataset(reg: &Registry, owner: &str, path: &Path, slice: Option<Value>) -> St
     .unwrap()
 }
 
+/// A registry holding [`cognition_file`] as a dataset of owner `A`: the temporary directory
+/// (kept alive for the test), the registry and the dataset id.
+fn cognition_dataset() -> (tempfile::TempDir, Registry, String) {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::new(Limits::default());
+    let id = dataset(&reg, A, &cognition_file(t.path()), None);
+    (t, reg, id)
+}
+
 fn call(reg: &Registry, owner: &str, id: &str, f: &str, kw: Value) -> Result<Value, TwinkleError> {
     let mut body = obj(kw);
     body.insert("processor_id".into(), json!(id));
@@ -179,10 +188,7 @@ fn hub_ids_resolve_only_against_local_caches() {
 
 #[test]
 fn self_cognition_map_then_encode_gives_rolled_assistant_labels() {
-    let t = tempfile::tempdir().unwrap();
-    let reg = Registry::new(Limits::default());
-    let jl = cognition_file(t.path());
-    let id = dataset(&reg, A, &jl, None);
+    let (t, reg, id) = cognition_dataset();
     let model = tiny_model();
     let e = call(&reg, A, &id, "encode", json!({})).unwrap_err().to_string();
     assert!(e.contains("set_template"), "{e}");
@@ -230,7 +236,7 @@ fn self_cognition_map_then_encode_gives_rolled_assistant_labels() {
     assert!(n < 10, "{n}");
     assert!(call(&reg, A, &id, "filter", json!({"filter_func": "lambda x: True"})).is_err());
     // Generation prompts: no labels, the prompt ends with the assistant header.
-    let gen_ds = dataset(&reg, A, &jl, None);
+    let gen_ds = dataset(&reg, A, &cognition_file(t.path()), None);
     let tpl = json!({"template_cls": "Qwen3Template", "model_id": model.to_str().unwrap()});
     call(&reg, A, &gen_ds, "set_template", tpl).unwrap();
     call(&reg, A, &gen_ds, "map", json!({"preprocess_func": "SelfCognitionProcessor"})).unwrap();
@@ -266,10 +272,7 @@ fn drain(reg: &Registry, dl: &str) -> Vec<Vec<Value>> {
 
 #[test]
 fn dataloader_batches_shuffles_deterministically_and_resumes() {
-    let t = tempfile::tempdir().unwrap();
-    let reg = Registry::new(Limits::default());
-    let jl = cognition_file(t.path());
-    let ds = dataset(&reg, A, &jl, None);
+    let (_t, reg, ds) = cognition_dataset();
     let bare = ds.strip_prefix("pid:").unwrap().to_string();
 
     let dl = loader(&reg, &bare, json!({"batch_size": 4}));

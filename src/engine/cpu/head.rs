@@ -246,6 +246,53 @@ pub(crate) struct HeadTargets<'a> {
     pub adv: &'a [f32],
 }
 
+/// The owned buffers a [`HeadTargets`] borrows, built a row at a time.
+pub(crate) struct TargetRows {
+    row_ptr: Vec<usize>,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    slp: Vec<f32>,
+    adv: Vec<f32>,
+}
+
+impl TargetRows {
+    /// Empty, with room for `rows` rows.
+    pub fn with_rows(rows: usize) -> Self {
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        row_ptr.push(0);
+        TargetRows {
+            row_ptr,
+            targets: Vec::new(),
+            weights: Vec::new(),
+            slp: Vec::with_capacity(rows),
+            adv: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Appends one row: its targets, their cross-entropy weights (all 1 when `None`), and the
+    /// row's sampler logprob and advantage.
+    pub fn push_row(&mut self, targets: &[u32], weights: Option<&[f32]>, slp: f32, adv: f32) {
+        self.targets.extend_from_slice(targets);
+        match weights {
+            Some(w) => self.weights.extend_from_slice(&w[..targets.len()]),
+            None => self.weights.resize(self.weights.len() + targets.len(), 1.0),
+        }
+        self.row_ptr.push(self.targets.len());
+        self.slp.push(slp);
+        self.adv.push(adv);
+    }
+
+    pub fn view(&self) -> HeadTargets<'_> {
+        HeadTargets {
+            row_ptr: &self.row_ptr,
+            targets: &self.targets,
+            weights: &self.weights,
+            slp: &self.slp,
+            adv: &self.adv,
+        }
+    }
+}
+
 /// Result of `Head::loss_pass`.
 pub(crate) struct HeadOut {
     /// Log-probability per target.

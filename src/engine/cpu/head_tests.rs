@@ -110,6 +110,16 @@ fn lora_pair(r: usize, hd: usize, v: usize, seed: u64) -> LoraPair {
     }
 }
 
+/// `k` targets a row, each with its weight, and a sampler logprob and advantage per row.
+fn rows_of(k: usize, targets: &[u32], weights: &[f32], slp: &[f32], adv: &[f32]) -> TargetRows {
+    let mut csr = TargetRows::with_rows(slp.len());
+    for (r, (s, a)) in slp.iter().zip(adv).enumerate() {
+        let span = r * k..(r + 1) * k;
+        csr.push_row(&targets[span.clone()], Some(&weights[span]), *s, *a);
+    }
+    csr
+}
+
 fn check(c: &Case, loss: &LossFn, seed: u64) {
     let (n, hd, v, r) = (c.rows, c.hidden, c.vocab, c.rank);
     let h: Vec<f32> = rand_vec(n * hd, seed).iter().map(|x| 2.0 * x).collect();
@@ -124,14 +134,8 @@ fn check(c: &Case, loss: &LossFn, seed: u64) {
         rand_vec(n * c.k, seed + 5).iter().map(|x| (x * 4.0).round() / 2.0).collect();
     let slp: Vec<f32> = rand_vec(n, seed + 6).iter().map(|x| x - 4.0).collect();
     let adv = rand_vec(n, seed + 7);
-    let row_ptr: Vec<usize> = (0..=n).map(|i| i * c.k).collect();
-    let tg = HeadTargets {
-        row_ptr: &row_ptr,
-        targets: &targets,
-        weights: &weights,
-        slp: &slp,
-        adv: &adv,
-    };
+    let csr = rows_of(c.k, &targets, &weights, &slp, &adv);
+    let tg = csr.view();
     let want = reference(c, &h, &w.to_f32_cow(), pair.a.data(), pair.b.data(), &tg, loss);
     let head = Head { w: &w, lora: Some(&pair), scale: c.scale };
     for block in [1, 3, n, n + 5] {
@@ -192,7 +196,6 @@ fn segmented_pass_matches_each_segment_alone() {
     let weights = rand_vec(n, 3);
     let slp: Vec<f32> = rand_vec(n, 4).iter().map(|x| x - 4.0).collect();
     let adv = rand_vec(n, 5);
-    let row_ptr: Vec<usize> = (0..=n).collect();
     let (p1, p2) = (lora_pair(2, hd, v, 10), lora_pair(3, hd, v, 20));
     let ppo = LossFn::Ppo { clip_low: 0.8, clip_high: 1.2 };
     // (rows, LoRA, scale, loss): a LoRA tenant, a base-model tenant, another LoRA tenant.
@@ -218,25 +221,13 @@ fn segmented_pass_matches_each_segment_alone() {
                 lora_grad: lora.map(|_| (ga.as_mut_slice(), gb.as_mut_slice())),
             })
             .collect();
-        let tg = HeadTargets {
-            row_ptr: &row_ptr,
-            targets: &targets,
-            weights: &weights,
-            slp: &slp,
-            adv: &adv,
-        };
-        let out = head.segmented_pass(&h, n, hd, &tg, &mut segs, true, block);
+        let csr = rows_of(1, &targets, &weights, &slp, &adv);
+        let out = head.segmented_pass(&h, n, hd, &csr.view(), &mut segs, true, block);
         drop(segs);
         for ((rows, lora, scale, loss), (ga, gb)) in tenants.iter().zip(&grads) {
             let (a, b) = (rows.start, rows.end);
-            let local: Vec<usize> = (0..=b - a).collect();
-            let tg = HeadTargets {
-                row_ptr: &local,
-                targets: &targets[a..b],
-                weights: &weights[a..b],
-                slp: &slp[a..b],
-                adv: &adv[a..b],
-            };
+            let alone = rows_of(1, &targets[a..b], &weights[a..b], &slp[a..b], &adv[a..b]);
+            let tg = alone.view();
             let one = Head { w: &w, lora: *lora, scale: *scale };
             let (mut wa, mut wb) = (vec![0.0f32; ga.len()], vec![0.0f32; gb.len()]);
             let lg = lora.map(|_| (wa.as_mut_slice(), wb.as_mut_slice()));

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use super::backend::RopeTable;
 use super::backend::profile::{Kind, span};
-use super::head::{Head, HeadSegment, HeadTargets};
+use super::head::{Head, HeadSegment, TargetRows};
 use super::segment::{Segment, SegmentMut};
 use super::transformer::Packed;
 use crate::engine::batch::{
@@ -197,34 +197,22 @@ fn head_pass(
 ) -> (Vec<FwdBwdOutput>, Vec<f32>) {
     let hidden = model.config().hidden_size;
     let rows = h.len() / hidden.max(1);
-    // Targets in CSR form: row r owns targets[row_ptr[r]..row_ptr[r+1]], with the loss inputs
-    // flattened alongside (weight per target, sampler logprob and advantage per row).
-    let mut row_ptr = Vec::with_capacity(rows + 1);
-    let mut targets = Vec::new();
-    let mut weights = Vec::new();
-    let (mut slp, mut adv) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-    row_ptr.push(0);
+    // Targets in CSR form, with the loss inputs alongside (weight per target, sampler logprob
+    // and advantage per row).
+    let mut csr = TargetRows::with_rows(rows);
     for d in jobs.iter().flat_map(|j| j.data) {
         let k = d.inputs.k.max(1);
-        let n = d.input_tokens.len();
-        targets.extend_from_slice(&d.inputs.target_tokens[..n * k]);
-        match &d.inputs.weights {
-            Some(w) => weights.extend_from_slice(&w[..n * k]),
-            None => weights.resize(weights.len() + n * k, 1.0),
-        }
-        for p in 0..n {
-            row_ptr.push(row_ptr[row_ptr.len() - 1] + k);
-            slp.push(d.inputs.logprobs.as_ref().map_or(0.0, |v| v[p]));
-            adv.push(d.inputs.advantages.as_ref().map_or(0.0, |v| v[p]));
+        for p in 0..d.input_tokens.len() {
+            let span = p * k..(p + 1) * k;
+            csr.push_row(
+                &d.inputs.target_tokens[span.clone()],
+                d.inputs.weights.as_ref().map(|w| &w[span]),
+                d.inputs.logprobs.as_ref().map_or(0.0, |v| v[p]),
+                d.inputs.advantages.as_ref().map_or(0.0, |v| v[p]),
+            );
         }
     }
-    let tg = HeadTargets {
-        row_ptr: &row_ptr,
-        targets: &targets,
-        weights: &weights,
-        slp: &slp,
-        adv: &adv,
-    };
+    let tg = csr.view();
     // Gradients of lm_head's LoRA are taken out while the head borrows the adapters.
     let mut taken: Vec<Option<(Vec<f32>, Vec<f32>)>> = jobs
         .iter_mut()
@@ -273,7 +261,7 @@ fn head_pass(
         let mut loss_sum = 0.0f64;
         for (d, &(start, n)) in j.data.iter().zip(local) {
             let k = d.inputs.k.max(1);
-            let (t0, t1) = (row_ptr[r.start + start], row_ptr[r.start + start + n]);
+            let (t0, t1) = (tg.row_ptr[r.start + start], tg.row_ptr[r.start + start + n]);
             let mut elem = vec![0.0f32; n];
             for (p, e) in elem.iter_mut().enumerate() {
                 for &l in &head_out.terms[t0 + p * k..t0 + (p + 1) * k] {

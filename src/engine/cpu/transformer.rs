@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::backend::{AttnShape, RopeTable, backend};
+use super::backend::{AttnShape, Qkv, RopeTable, backend};
 use super::kv_cache::KvCache;
 use super::rowdot::BaseRows;
 use super::segment::{SegXa, Segment, SegmentMut, lin_bwd, lin_fwd};
@@ -111,7 +111,7 @@ impl Model {
                     None => (&k[kv.clone()], &v[kv], len),
                 };
                 let s = AttnShape { n_q: len, n_k, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-                be.attention_fwd(qs, ks, vs, s, out, &mut lse);
+                be.attention_fwd(Qkv { q: qs, k: ks, v: vs }, s, out, &mut lse);
                 lse
             })
             .collect();
@@ -282,10 +282,9 @@ impl Model {
                 );
                 let shape =
                     AttnShape { n_q: len, n_k: len, n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+                let x = Qkv { q: &s.q[qr.clone()], k: &s.k[kr.clone()], v: &s.v[kr.clone()] };
                 be.attention_bwd(
-                    &s.q[qr.clone()],
-                    &s.k[kr.clone()],
-                    &s.v[kr.clone()],
+                    x,
                     &s.attn[qr.clone()],
                     &s.lse[si],
                     &dattn[qr.clone()],

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use super::error::{EngineError, Result};
 use super::models::{Model, ModelConfig};
+use super::rng::SplitMix64;
 use super::tensor::Tensor;
 
 mod io;
@@ -181,24 +182,6 @@ impl LoraPair {
     }
 }
 
-/// splitmix64: a tiny seeded generator for the A initialisation (reproducible across runs).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-bound, bound).
-    fn uniform(&mut self, bound: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (2.0 * u - 1.0) * bound
-    }
-}
-
 /// A per-client adapter.
 #[derive(Debug, Clone)]
 pub struct Adapter {
@@ -264,7 +247,7 @@ impl Adapter {
 
     fn build(mc: &ModelConfig, cfg: &LoraConfig, init: bool) -> Result<Adapter> {
         cfg.check(usize::MAX)?;
-        let mut rng = SplitMix(cfg.seed);
+        let mut rng = SplitMix64(cfg.seed);
         let mut make = |t: Target| {
             let (inp, out) = t.dims(mc);
             let bound = 1.0 / (inp as f32).sqrt();

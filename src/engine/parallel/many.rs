@@ -64,6 +64,18 @@ fn copies(e: &EngineError, worker: &str, n: usize) -> Vec<Result<FwdBwdOutput>> 
     (0..n).map(|_| Err(copy_err(e, worker))).collect()
 }
 
+/// One shard's output as its group's: a datum error renumbered from the shard's datums to the
+/// group's, and one output per datum of the shard checked.
+fn shard_out<R: ModelRuntime>(
+    w: &R,
+    range: &Range<usize>,
+    out: Result<FwdBwdOutput>,
+) -> Result<FwdBwdOutput> {
+    let out = out.map_err(|e| reindex(e, range.start))?;
+    check_len(w, &out, range.len())?;
+    Ok(out)
+}
+
 /// A pass's results, checked to be one per group (else every group fails with a worker error).
 fn one_per_group(
     worker: &str,
@@ -259,8 +271,7 @@ impl<R: ModelRuntime> DataParallel<R> {
                 .iter()
                 .zip(outs)
                 .map(|(s, o)| {
-                    let r = o.map_err(|e| reindex(e, s.range.start)).and_then(|out| {
-                        check_len(w, &out, s.range.len())?;
+                    let r = shard_out(w, &s.range, o).and_then(|out| {
                         let g = w.grads_to_host(&*s.replica)?;
                         if g.len() != s.grad_len {
                             return Err(EngineError::Worker {
@@ -364,13 +375,7 @@ impl<R: ModelRuntime> DataParallel<R> {
             Ok(shards
                 .iter()
                 .zip(outs)
-                .map(|(s, o)| {
-                    let r = o.map_err(|e| reindex(e, s.range.start)).and_then(|out| {
-                        check_len(w, &out, s.range.len())?;
-                        Ok(out)
-                    });
-                    (s.group, r)
-                })
+                .map(|(s, o)| (s.group, shard_out(w, &s.range, o)))
                 .collect::<Vec<_>>())
         });
         let gathered = gather(per_worker, &on_worker, groups.len(), &names);

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::profile::{Kind, span};
-use super::{AttnShape, MatMul, RopeTable, Strides};
+use super::{AttnShape, MatMul, Qkv, RopeTable, Strides};
 
 /// The CPU backend (stateless).
 #[derive(Debug, Clone, Copy, Default)]
@@ -219,16 +219,9 @@ impl Cpu {
 
     /// Causal softmax attention of one sequence, scale `1/sqrt(head_dim)`, grouped-query heads.
     /// Writes `out` `[n_q, n_heads, head_dim]` and the per-row log-sum-exp `lse` `[n_heads, n_q]`.
-    pub fn attention_fwd(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        s: AttnShape,
-        out: &mut [f32],
-        lse: &mut [f32],
-    ) {
+    pub fn attention_fwd(&self, x: Qkv, s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
         let _t = span(Kind::Attention);
+        let Qkv { q, k, v } = x;
         let AttnShape { n_q, n_k, n_heads, head_dim: hd, .. } = s;
         let AttnGeom { group, past, scale, q_rs, kv_rs } = AttnGeom::of(s);
         // One task per query head writes its own [n_q, hd] block (scattered afterwards so the
@@ -246,18 +239,9 @@ impl Cpu {
                     let bq = Q_BLOCK.min(n_q - i0);
                     let nk = past + i0 + bq;
                     let pt = &mut p[..bq * nk];
+                    let t = Tile { bq, nk, hd, kv_rs };
                     // S = scale · Q_tile · K[..nk]ᵀ
-                    gemm_st(
-                        bq,
-                        nk,
-                        hd,
-                        pt,
-                        nk,
-                        false,
-                        mat(&qh[i0 * q_rs..], q_rs, 1),
-                        mat(kh, 1, kv_rs),
-                        scale,
-                    );
+                    t.against_kv(pt, mat(&qh[i0 * q_rs..], q_rs, 1), kh, scale);
                     for (i, row) in pt.chunks_mut(nk).enumerate() {
                         let valid = past + i0 + i + 1;
                         let (live, masked) = row.split_at_mut(valid);
@@ -269,17 +253,7 @@ impl Cpu {
                         l[i0 + i] = m + sum.ln();
                     }
                     // O_tile = P · V[..nk]
-                    gemm_st(
-                        bq,
-                        hd,
-                        nk,
-                        &mut o[i0 * hd..],
-                        hd,
-                        false,
-                        mat(pt, nk, 1),
-                        mat(vh, kv_rs, 1),
-                        1.0,
-                    );
+                    t.mix_kv(&mut o[i0 * hd..], pt, vh);
                 }
                 (o, l)
             })
@@ -296,9 +270,7 @@ impl Cpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        x: Qkv,
         out: &[f32],
         lse: &[f32],
         dout: &[f32],
@@ -308,6 +280,7 @@ impl Cpu {
         dv: &mut [f32],
     ) {
         let _t = span(Kind::Attention);
+        let Qkv { q, k, v } = x;
         let AttnShape { n_q, n_k, n_heads, n_kv_heads, head_dim: hd } = s;
         let AttnGeom { group, past, scale, q_rs, kv_rs } = AttnGeom::of(s);
         // One task per query head computes its dq and its partial dk/dv; the partials of the
@@ -331,9 +304,10 @@ impl Cpu {
                     let (pt, dpt) = (&mut p[..bq * nk], &mut dp[..bq * nk]);
                     let q_t = mat(&qh[i0 * q_rs..], q_rs, 1);
                     let do_t = mat(&doh[i0 * q_rs..], q_rs, 1);
-                    gemm_st(bq, nk, hd, pt, nk, false, q_t, mat(kh, 1, kv_rs), scale);
+                    let t = Tile { bq, nk, hd, kv_rs };
+                    t.against_kv(pt, q_t, kh, scale);
                     // dP = dO_tile · V[..nk]ᵀ
-                    gemm_st(bq, nk, hd, dpt, nk, false, do_t, mat(vh, 1, kv_rs), 1.0);
+                    t.against_kv(dpt, do_t, vh, 1.0);
                     for (i, (row, drow)) in pt.chunks_mut(nk).zip(dpt.chunks_mut(nk)).enumerate() {
                         let r = i0 + i;
                         let valid = past + r + 1;
@@ -350,17 +324,7 @@ impl Cpu {
                     }
                     let (pt, dst) = (&*pt, &*dpt);
                     // dQ_tile = dS · K[..nk]; dK[..nk] += dSᵀ · Q_tile; dV[..nk] += Pᵀ · dO_tile.
-                    gemm_st(
-                        bq,
-                        hd,
-                        nk,
-                        &mut dqh[i0 * hd..],
-                        hd,
-                        false,
-                        mat(dst, nk, 1),
-                        mat(kh, kv_rs, 1),
-                        1.0,
-                    );
+                    t.mix_kv(&mut dqh[i0 * hd..], dst, kh);
                     gemm_st(nk, hd, bq, &mut dkh, hd, true, mat(dst, 1, nk), q_t, 1.0);
                     gemm_st(nk, hd, bq, &mut dvh, hd, true, mat(pt, 1, nk), do_t, 1.0);
                 }
@@ -400,6 +364,31 @@ struct Mat<'a> {
 
 fn mat(d: &[f32], rs: usize, cs: usize) -> Mat<'_> {
     Mat { d, rs, cs }
+}
+
+/// One query tile of one head: `bq` query rows against the first `nk` keys, rows `hd` wide,
+/// the kv head's rows `kv_rs` apart in the packed K/V.
+#[derive(Clone, Copy)]
+struct Tile {
+    bq: usize,
+    nk: usize,
+    hd: usize,
+    kv_rs: usize,
+}
+
+impl Tile {
+    /// `dst[bq, nk] = beta · x[bq, hd] · KV[..nk]ᵀ`: the scores from Q and K, or dP from dO
+    /// and V.
+    fn against_kv(self, dst: &mut [f32], x: Mat, kv: &[f32], beta: f32) {
+        let Tile { bq, nk, hd, kv_rs } = self;
+        gemm_st(bq, nk, hd, dst, nk, false, x, mat(kv, 1, kv_rs), beta);
+    }
+
+    /// `dst[bq, hd] = p[bq, nk] · KV[..nk]`: the output from P and V, or dQ from dS and K.
+    fn mix_kv(self, dst: &mut [f32], p: &[f32], kv: &[f32]) {
+        let Tile { bq, nk, hd, kv_rs } = self;
+        gemm_st(bq, hd, nk, dst, hd, false, mat(p, nk, 1), mat(kv, kv_rs, 1), 1.0);
+    }
 }
 
 /// Whether an `r × c` view with strides `(rs, cs)` stays inside `len` elements.

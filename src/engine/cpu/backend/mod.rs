@@ -82,6 +82,14 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// One sequence's attention inputs, laid out as [`AttnShape`] says.
+#[derive(Debug, Clone, Copy)]
+pub struct Qkv<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
 static CPU: Cpu = Cpu;
 
 /// The host kernels.

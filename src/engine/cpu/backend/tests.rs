@@ -183,7 +183,7 @@ impl AttnRun {
         let v = rand_vec(s.n_k * s.n_kv_heads * s.head_dim, seed + 2);
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; s.n_heads * s.n_q];
-        backend().attention_fwd(&q, &k, &v, s, &mut out, &mut lse);
+        backend().attention_fwd(Qkv { q: &q, k: &k, v: &v }, s, &mut out, &mut lse);
         AttnRun { s, q, k, v, out, lse }
     }
 
@@ -198,7 +198,8 @@ impl AttnRun {
         let AttnRun { s, q, k, v, out, lse } = self;
         let dout = rand_vec(q.len(), seed);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        backend().attention_bwd(q, k, v, out, lse, &dout, *s, &mut dq, &mut dk, &mut dv);
+        let x = Qkv { q, k, v };
+        backend().attention_bwd(x, out, lse, &dout, *s, &mut dq, &mut dk, &mut dv);
         let f = |q: &[f32], k: &[f32], v: &[f32]| dot(&attention_slow(q, k, v, *s), &dout);
         assert_close_rel(&dq, &numeric_grad(q, &|x| f(x, k, v)), 2e-3);
         assert_close_rel(&dk, &numeric_grad(k, &|x| f(q, x, v)), 2e-3);
