@@ -2,10 +2,10 @@
 //! at head dims 32/64/128 goes to the tensor-core kernels of [`super::flash`]); the paged KV
 //! cache's kernels are launched from `decode.rs`.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 use super::flash;
-use super::{Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
+use super::{Args, Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 // Tile constants of attention.cu (keep in sync with the #defines there).
@@ -168,12 +168,7 @@ pub fn attention_fwd<T: Dtype>(
     let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
     // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked); the kernel clamps
     // every cu_seqlens entry into [0, t]; smem matches attention.cu's carve-up (fwd_smem).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
-        })
-    }
+    unsafe { f.launch(cfg, (out, lse, q, k, v, cu_seqlens, &ti, &hq, &hkv, &hd, &s.scale)) }
 }
 
 /// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
@@ -223,9 +218,7 @@ pub fn attention_bwd<T: Dtype>(
     let fd = Kernel::load(dev, "attention.cu", kd)?.cost(2.0 * elems, bytes);
     // SAFETY: delta is [rows], dout/out are [rows, hd] (checked); 8 warps per block, one row each.
     unsafe {
-        fd.launch(cfg_d, |l| {
-            l.arg(&mut *delta).arg(dout).arg(out).arg(&rows_l).arg(&hd);
-        })?;
+        fd.launch(cfg_d, (&mut *delta, dout, out, &rows_l, &hd))?;
     }
 
     let (a, am) =
@@ -245,10 +238,9 @@ pub fn attention_bwd<T: Dtype>(
     // SAFETY: all buffers sized as checked above; cu_seqlens entries are clamped in the kernel;
     // smem matches attention.cu's carve-up (bwd_smem); dq_accum was zeroed on this stream.
     unsafe {
-        f.launch(cfg, |l| {
-            l.arg(&mut *dq_accum).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(lse);
-            l.arg(&delta_v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
+        f.launch_with(cfg, |l| {
+            (&mut *dq_accum, dk, dv, dout, q, k, v, lse, &delta_v, cu_seqlens).push(l);
+            (&ti, &hq, &hkv, &hd, &s.scale).push(l);
         })?;
     }
 

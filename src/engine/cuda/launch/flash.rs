@@ -2,7 +2,7 @@
 //! and [`super::attention_bwd`] take for bf16 at head dims 32, 64 and 128 (attention.cu's CUDA-core
 //! kernels keep f32 and the other head dims). Callers have checked every shape already.
 
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 
 use super::attention::{AttentionShape, attention_cost, tile_cfg};
 use super::{Dtype, Kernel, int};
@@ -89,12 +89,7 @@ pub(super) fn fwd<T: Dtype>(
     // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked by the caller), every
     // pointer 16-byte aligned (serves); cu_seqlens entries are clamped in the kernel; smem
     // matches flash.cu's carve-up (fwd_smem).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })
-    }
+    unsafe { f.launch(cfg, (out, lse, q, k, v, cu_seqlens, &ti, &hq, &hkv, &s.scale)) }
 }
 
 /// Backward: dq, dk, dv from dout and the forward's inputs, lse and `delta` (= rowsum(dO * O),
@@ -123,10 +118,7 @@ pub(super) fn bwd<T: Dtype>(
     // SAFETY: dq/dout/q are [t, hq, hd], k/v [t, hkv, hd], lse/delta [t, hq] (checked by the
     // caller), pointers 16-byte aligned (serves); smem matches flash.cu (dq_smem).
     unsafe {
-        f.launch(c, |l| {
-            l.arg(dq).arg(dout).arg(q).arg(k).arg(v).arg(lse).arg(delta).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })?;
+        f.launch(c, (dq, dout, q, k, v, lse, delta, cu_seqlens, &ti, &hq, &hkv, &s.scale))?;
     }
 
     // dK/dV: K Q^T, V dO^T, P^T dO and dS^T Q per pair (8 FLOPs per dim)
@@ -135,10 +127,7 @@ pub(super) fn bwd<T: Dtype>(
     let c = cfg(&f, dkdv_smem(s.head_dim), s.kv_heads, s, batch)?;
     // SAFETY: as above, dk/dv [t, hkv, hd]; smem matches flash.cu (dkdv_smem).
     unsafe {
-        f.launch(c, |l| {
-            l.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(lse).arg(delta).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })
+        f.launch(c, (dk, dv, dout, q, k, v, lse, delta, cu_seqlens, &ti, &hq, &hkv, &s.scale))
     }
 }
 
