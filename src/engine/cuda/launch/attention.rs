@@ -158,7 +158,8 @@ pub fn attention_fwd<T: Dtype>(
     let a = |p: &CudaView<'_, T>| flash::addr(dev, p);
     let ptrs = [a(q), a(k), a(v), flash::addr(dev, &*out)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
-        return flash::fwd(dev, out, lse, q, k, v, cu_seqlens, s, (t, batch));
+        let p = flash::Packed { cu_seqlens, s, t, batch };
+        return flash::fwd(dev, (out, lse), (q, k, v), &p);
     }
     let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
     let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
@@ -226,8 +227,8 @@ pub fn attention_bwd<T: Dtype>(
     let ptrs = [a(dout), a(q), a(k), a(v), am(dq), am(dk), am(dv)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
         let delta_v = delta.as_view();
-        let io = (t, batch);
-        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), cu_seqlens, s, io);
+        let p = flash::Packed { cu_seqlens, s, t, batch };
+        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), &p);
     }
     dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
     let (fl, by) = attention_cost::<T>(s, t, batch, (10.0, 4.0));

@@ -122,7 +122,6 @@ pub fn rmsnorm_fwd<T: Dtype>(
 
 /// dx for y = rmsnorm(x) * w (w frozen), from the saved rstd and the compact `dout` [n, d];
 /// `x` and `dx` laid out alike, as `map` says.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<T: Dtype>(
     dev: &CudaDevice,
     dx: &mut CudaViewMut<'_, T>,
