@@ -66,11 +66,9 @@ template <typename T>
 __device__ void attn_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v,
                               const int* cu, int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int b = blockIdx.z, h = blockIdx.y;
-    int seq0, seqlen;
-    seq_bounds(cu, b, ntok, seq0, seqlen);
-    const int q0 = blockIdx.x * ATT_BQ;
-    if (q0 >= seqlen) return;
+    const int h = blockIdx.y;
+    int seq0, seqlen, q0;
+    if (!tile_start(cu, ntok, ATT_BQ, seq0, seqlen, q0)) return;
     const int kvh = h / (hq / hkv);
     const int ks = kv_stride<T>(hd);
     T* Ks = reinterpret_cast<T*>(smem);
@@ -165,11 +163,9 @@ __device__ void attn_bwd_impl(float* dq_acc, T* dk, T* dv, const T* dout, const 
                               const T* v, const float* lse, const float* delta, const int* cu,
                               int ntok, int hq, int hkv, int hd, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int b = blockIdx.z, kvh = blockIdx.y;
-    int seq0, seqlen;
-    seq_bounds(cu, b, ntok, seq0, seqlen);
-    const int k0 = blockIdx.x * ATT_BK;
-    if (k0 >= seqlen) return;
+    const int kvh = blockIdx.y;
+    int seq0, seqlen, k0;
+    if (!tile_start(cu, ntok, ATT_BK, seq0, seqlen, k0)) return;
     const int group = hq / hkv;
     const int ks = kv_stride<T>(hd);
     T* Ks = reinterpret_cast<T*>(smem);

@@ -168,6 +168,17 @@ __device__ __forceinline__ void seq_bounds(const int* cu, int b, int ntok, int& 
     seqlen = seq_end - seq0;
 }
 
+// Where a block of the tiled attention kernels starts (grid x = tile of `tile` rows, z =
+// sequence): the sequence's clamped extent (seq_bounds) and the tile's first row `r0`. False when
+// the tile starts past the sequence's end (the grid is sized for the longest one): the whole
+// block then has nothing to do.
+__device__ __forceinline__ bool tile_start(const int* cu, int ntok, int tile, int& seq0,
+                                           int& seqlen, int& r0) {
+    seq_bounds(cu, blockIdx.z, ntok, seq0, seqlen);
+    r0 = blockIdx.x * tile;
+    return r0 < seqlen;
+}
+
 // ---- tensor cores ------------------------------------------------------------------------------
 // The one tensor-core instruction the kernels use: a warp-wide bf16 MMA with f32 accumulation,
 // D[16x8] += A[16x16] * B[16x8] (PTX mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, sm_80+).

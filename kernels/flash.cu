@@ -60,9 +60,10 @@ __device__ __forceinline__ void frag_from_acc(u32* a, const float* c0, const flo
     a[3] = pack_bf16x2(c1[2], c1[3]);
 }
 
-// Rows r0 .. r0 + nrows - 1 of one head (row r at src + r * stride) into a [nrows][ld] tile,
-// zero from row `valid` on; the whole block takes part.
-template <int HD>
+// Rows r0 .. r0 + nrows - 1 of one head (row r at src + r * stride) into a [nrows][ld] tile, or
+// with TRANS into a [HD][ld] tile (dst[d * ld + r]); zero from row `valid` on; the whole block
+// takes part.
+template <int HD, bool TRANS = false>
 __device__ __forceinline__ void fl_load(bf16* dst, int ld, const bf16* src, long long stride,
                                         int r0, int nrows, int valid) {
     constexpr int C = HD / 8;
@@ -70,19 +71,10 @@ __device__ __forceinline__ void fl_load(bf16* dst, int ld, const bf16* src, long
         const int r = i / C, c = i - r * C;
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
         if (r0 + r < valid) w = *reinterpret_cast<const uint4*>(src + (r0 + r) * stride + c * 8);
-        *reinterpret_cast<uint4*>(dst + r * ld + c * 8) = w;
-    }
-}
-
-// The same rows transposed into a [HD][ld] tile (dst[d * ld + r]).
-template <int HD>
-__device__ __forceinline__ void fl_load_t(bf16* dst, int ld, const bf16* src, long long stride,
-                                          int r0, int nrows, int valid) {
-    constexpr int C = HD / 8;
-    for (int i = threadIdx.x; i < nrows * C; i += blockDim.x) {
-        const int r = i / C, c = i - r * C;
-        uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (r0 + r < valid) w = *reinterpret_cast<const uint4*>(src + (r0 + r) * stride + c * 8);
+        if constexpr (!TRANS) {
+            *reinterpret_cast<uint4*>(dst + r * ld + c * 8) = w;
+            continue;
+        }
         const u32 words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -101,20 +93,25 @@ __device__ __forceinline__ void zero_acc(float (&c)[N][4]) {
     for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
 }
 
-// c[16 x 8N] += A[16 x K] * B[K x 8N], A as K/16 fragments in registers, B[k][n] =
+// c[16 x 8N] += a * B[kk-th 16 rows][8N]: one k step of the products below, with B[k][n] =
 // bs[n * ld + k] (B's columns stored as rows).
+template <int N>
+__device__ __forceinline__ void mma_k_step(float (&c)[N][4], const u32 (&a)[4], const bf16* bs,
+                                           int ld, int kk, int g, int t) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+        u32 bb[2];
+        frag_b(bb, bs, ld, n * 8, kk * 16, g, t);
+        mma_bf16_16816(c[n], a, bb);
+    }
+}
+
+// c[16 x 8N] += A[16 x K] * B[K x 8N], A as K/16 fragments in registers, B as in mma_k_step.
 template <int K, int N>
 __device__ __forceinline__ void mma_a_regs(float (&c)[N][4], const u32 (&a)[K / 16][4],
                                            const bf16* bs, int ld, int g, int t) {
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-        for (int n = 0; n < N; ++n) {
-            u32 bb[2];
-            frag_b(bb, bs, ld, n * 8, kk * 16, g, t);
-            mma_bf16_16816(c[n], a[kk], bb);
-        }
-    }
+    for (int kk = 0; kk < K / 16; ++kk) mma_k_step(c, a[kk], bs, ld, kk, g, t);
 }
 
 // Two products of the same shape in one pass over k (c1 += A1 B1, c2 += A2 B2), interleaved so
@@ -126,14 +123,8 @@ __device__ __forceinline__ void mma_a_regs2(float (&c1)[N][4], const u32 (&a1)[K
                                             int g, int t) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-        for (int n = 0; n < N; ++n) {
-            u32 bb[2];
-            frag_b(bb, b1, ld, n * 8, kk * 16, g, t);
-            mma_bf16_16816(c1[n], a1[kk], bb);
-            frag_b(bb, b2, ld, n * 8, kk * 16, g, t);
-            mma_bf16_16816(c2[n], a2[kk], bb);
-        }
+        mma_k_step(c1, a1[kk], b1, ld, kk, g, t);
+        mma_k_step(c2, a2[kk], b2, ld, kk, g, t);
     }
 }
 
@@ -146,12 +137,7 @@ __device__ __forceinline__ void mma_a_acc(float (&c)[N][4], const float (&p)[K /
     for (int kk = 0; kk < K / 16; ++kk) {
         u32 pa[4];
         frag_from_acc(pa, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-        for (int n = 0; n < N; ++n) {
-            u32 bb[2];
-            frag_b(bb, bs, ld, n * 8, kk * 16, g, t);
-            mma_bf16_16816(c[n], pa, bb);
-        }
+        mma_k_step(c, pa, bs, ld, kk, g, t);
     }
 }
 
@@ -181,11 +167,9 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
                                const int* cu, int ntok, int hq, int hkv, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int LD = HD + FL_PAD, LDT = FL_BN + FL_PAD;
-    const int b = blockIdx.z, h = blockIdx.y;
-    int seq0, seqlen;
-    seq_bounds(cu, b, ntok, seq0, seqlen);
-    const int q0 = blockIdx.x * FL_BM;
-    if (q0 >= seqlen) return;
+    const int h = blockIdx.y;
+    int seq0, seqlen, q0;
+    if (!tile_start(cu, ntok, FL_BM, seq0, seqlen, q0)) return;
     const int kvh = h / (hq / hkv);
     bf16* Qs = reinterpret_cast<bf16*>(smem);  // [BM][LD]
     bf16* Ks = Qs + FL_BM * LD;                // [BN][LD]
@@ -213,7 +197,7 @@ __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16*
     for (int k0 = 0; k0 < kend; k0 += FL_BN) {
         __syncthreads();  // every warp is done with the previous tile
         fl_load<HD>(Ks, LD, kh, ks, k0, FL_BN, seqlen);
-        fl_load_t<HD>(Vt, LDT, vh, ks, k0, FL_BN, seqlen);
+        fl_load<HD, true>(Vt, LDT, vh, ks, k0, FL_BN, seqlen);
         __syncthreads();
         if (!warp_live) continue;
         float s[FL_BN / 8][4];
@@ -277,11 +261,9 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
                               int ntok, int hq, int hkv, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int LD = HD + FL_PAD, LDT = FL_BN_DQ + FL_PAD;
-    const int b = blockIdx.z, h = blockIdx.y;
-    int seq0, seqlen;
-    seq_bounds(cu, b, ntok, seq0, seqlen);
-    const int q0 = blockIdx.x * FL_BM;
-    if (q0 >= seqlen) return;
+    const int h = blockIdx.y;
+    int seq0, seqlen, q0;
+    if (!tile_start(cu, ntok, FL_BM, seq0, seqlen, q0)) return;
     const int kvh = h / (hq / hkv);
     bf16* Qs = reinterpret_cast<bf16*>(smem);  // [BM][LD]
     bf16* dOs = Qs + FL_BM * LD;               // [BM][LD]
@@ -321,7 +303,7 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
         __syncthreads();
         fl_load<HD>(Ks, LD, k + koff, ks, k0, FL_BN_DQ, seqlen);
         fl_load<HD>(Vs, LD, v + koff, ks, k0, FL_BN_DQ, seqlen);
-        fl_load_t<HD>(Kt, LDT, k + koff, ks, k0, FL_BN_DQ, seqlen);
+        fl_load<HD, true>(Kt, LDT, k + koff, ks, k0, FL_BN_DQ, seqlen);
         __syncthreads();
         // warp-uniform: the warp's rows are past the sequence, or all precede the tile's keys
         if (wrow0 >= seqlen || k0 > wrow0 + 15) continue;
@@ -357,11 +339,9 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
                                 float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int LD = HD + FL_PAD, LDT = FL_BQ_KV + FL_PAD;
-    const int b = blockIdx.z, kvh = blockIdx.y;
-    int seq0, seqlen;
-    seq_bounds(cu, b, ntok, seq0, seqlen);
-    const int k0 = blockIdx.x * FL_BM;
-    if (k0 >= seqlen) return;
+    const int kvh = blockIdx.y;
+    int seq0, seqlen, k0;
+    if (!tile_start(cu, ntok, FL_BM, seq0, seqlen, k0)) return;
     const int group = hq / hkv;
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // [BM][LD]: A of K Q^T
     bf16* Vs = Ks + FL_BM * LD;                // [BM][LD]: A of V dO^T
@@ -391,8 +371,8 @@ __device__ void flash_dkdv_impl(bf16* dk, bf16* dv, const bf16* dout, const bf16
             __syncthreads();
             fl_load<HD>(Qs, LD, q + qoff, qs, q0, FL_BQ_KV, seqlen);
             fl_load<HD>(dOs, LD, dout + qoff, qs, q0, FL_BQ_KV, seqlen);
-            fl_load_t<HD>(Qt, LDT, q + qoff, qs, q0, FL_BQ_KV, seqlen);
-            fl_load_t<HD>(dOt, LDT, dout + qoff, qs, q0, FL_BQ_KV, seqlen);
+            fl_load<HD, true>(Qt, LDT, q + qoff, qs, q0, FL_BQ_KV, seqlen);
+            fl_load<HD, true>(dOt, LDT, dout + qoff, qs, q0, FL_BQ_KV, seqlen);
             for (int i = threadIdx.x; i < FL_BQ_KV; i += blockDim.x) {
                 const bool ok = q0 + i < seqlen;
                 const long long li = (long long)(seq0 + q0 + i) * hq + h;

@@ -2,10 +2,10 @@
 //! at head dims 32/64/128 goes to the tensor-core kernels of [`super::flash`]); the paged KV
 //! cache's kernels are launched from `decode.rs`.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 use super::flash;
-use super::{Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
+use super::{Args, Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 // Tile constants of attention.cu (keep in sync with the #defines there).
@@ -158,7 +158,8 @@ pub fn attention_fwd<T: Dtype>(
     let a = |p: &CudaView<'_, T>| flash::addr(dev, p);
     let ptrs = [a(q), a(k), a(v), flash::addr(dev, &*out)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
-        return flash::fwd(dev, out, lse, q, k, v, cu_seqlens, s, (t, batch));
+        let p = flash::Packed { cu_seqlens, s, t, batch };
+        return flash::fwd(dev, (out, lse), (q, k, v), &p);
     }
     let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
     let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
@@ -168,12 +169,7 @@ pub fn attention_fwd<T: Dtype>(
     let (hq, hkv, hd) = head_ints(kn, s.q_heads, s.kv_heads, s.head_dim)?;
     // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked); the kernel clamps
     // every cu_seqlens entry into [0, t]; smem matches attention.cu's carve-up (fwd_smem).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
-        })
-    }
+    unsafe { f.launch(cfg, (out, lse, q, k, v, cu_seqlens, &ti, &hq, &hkv, &hd, &s.scale)) }
 }
 
 /// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
@@ -223,9 +219,7 @@ pub fn attention_bwd<T: Dtype>(
     let fd = Kernel::load(dev, "attention.cu", kd)?.cost(2.0 * elems, bytes);
     // SAFETY: delta is [rows], dout/out are [rows, hd] (checked); 8 warps per block, one row each.
     unsafe {
-        fd.launch(cfg_d, |l| {
-            l.arg(&mut *delta).arg(dout).arg(out).arg(&rows_l).arg(&hd);
-        })?;
+        fd.launch(cfg_d, (&mut *delta, dout, out, &rows_l, &hd))?;
     }
 
     let (a, am) =
@@ -233,8 +227,8 @@ pub fn attention_bwd<T: Dtype>(
     let ptrs = [a(dout), a(q), a(k), a(v), am(dq), am(dk), am(dv)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
         let delta_v = delta.as_view();
-        let io = (t, batch);
-        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), cu_seqlens, s, io);
+        let p = flash::Packed { cu_seqlens, s, t, batch };
+        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), &p);
     }
     dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
     let (fl, by) = attention_cost::<T>(s, t, batch, (10.0, 4.0));
@@ -245,10 +239,9 @@ pub fn attention_bwd<T: Dtype>(
     // SAFETY: all buffers sized as checked above; cu_seqlens entries are clamped in the kernel;
     // smem matches attention.cu's carve-up (bwd_smem); dq_accum was zeroed on this stream.
     unsafe {
-        f.launch(cfg, |l| {
-            l.arg(&mut *dq_accum).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(lse);
-            l.arg(&delta_v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&hd).arg(&s.scale);
+        f.launch_with(cfg, |l| {
+            (&mut *dq_accum, dk, dv, dout, q, k, v, lse, &delta_v, cu_seqlens).push(l);
+            (&ti, &hq, &hkv, &hd, &s.scale).push(l);
         })?;
     }
 

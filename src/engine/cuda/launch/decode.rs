@@ -2,10 +2,10 @@
 //! decode attention — phase 1 streams each split of every sequence's context once per kv head,
 //! phase 2 merges the splits' partial softmax states.
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut};
 
 use super::attention::{MAX_GRID_YZ, check_gqa, head_ints};
-use super::{Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
+use super::{Args, Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 // Constants of kv_cache.cu (keep in sync with the #defines there).
@@ -108,11 +108,7 @@ pub fn kv_append_fwd<T: Dtype>(
     let f = Kernel::load(dev, "kv_cache.cu", kn)?.cost(0.0, bytes);
     // SAFETY: caches are [num_slots, row], k/v [n, row], slots [n] (checked); the kernel skips
     // slots outside [0, num_slots).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(k_cache).arg(v_cache).arg(k).arg(v).arg(slots).arg(&ni).arg(&ri).arg(&num_slots);
-        })
-    }
+    unsafe { f.launch(cfg, (k_cache, v_cache, k, v, slots, &ni, &ri, &num_slots)) }
 }
 
 /// Checks a decode call's shapes; returns the batch.
@@ -190,10 +186,9 @@ pub fn decode_attention_fwd<T: Dtype>(
     // ctx_lens to the table, skips slots outside the cache, and indexes q and the workspace
     // only for the heads of its group below hq (hq % hkv == 0).
     unsafe {
-        f.launch(blocks(grid, (warps * 32) as u32), |l| {
-            l.arg(&mut *workspace).arg(q).arg(k_cache).arg(v_cache).arg(block_table);
-            l.arg(ctx_lens).arg(&hq).arg(&hkv).arg(&hd).arg(&bs).arg(&mb).arg(&num_slots);
-            l.arg(&s.scale);
+        f.launch_with(blocks(grid, (warps * 32) as u32), |l| {
+            (&mut *workspace, q, k_cache, v_cache, block_table, ctx_lens).push(l);
+            (&hq, &hkv, &hd, &bs, &mb, &num_slots, &s.scale).push(l);
         })?;
     }
 
@@ -210,11 +205,7 @@ pub fn decode_attention_fwd<T: Dtype>(
     let ws = workspace.as_view();
     // SAFETY: out [b, hq, hd] and the workspace as above (checked); one thread per head-dim
     // element (block = hd), the kernel reads exactly the states phase 1 wrote or flagged empty.
-    unsafe {
-        g.launch(blocks(grid, s.head_dim as u32), |l| {
-            l.arg(out).arg(&ws).arg(&hq).arg(&hd).arg(&si);
-        })
-    }
+    unsafe { g.launch(blocks(grid, s.head_dim as u32), (out, &ws, &hq, &hd, &si)) }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! sum of squares used for the global gradient norm, in-place accumulate, bias rows and the
 //! column copy that pads / strips attention's head dimension.
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut};
 use half::bf16;
 
 use super::{Dtype, Kernel, grid_stride, int, long, map_n, need_len, shape_err, sym};
@@ -36,11 +36,7 @@ pub fn scale_fwd<T: Dtype>(
     let nn = long(k, "n", n)?;
     let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: x holds n elements; signature (T*, float, long long).
-    unsafe {
-        f.launch(grid_stride(n), |l| {
-            l.arg(x).arg(&s).arg(&nn);
-        })
-    }
+    unsafe { f.launch(grid_stride(n), (x, &s, &nn)) }
 }
 
 /// out = bf16(x), round to nearest even.
@@ -83,11 +79,7 @@ pub fn sumsq_fwd(
     let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: acc holds 1 float, x holds n; signature (float*, const float*, long long); the
     // kernel's 32-float static shared scratch fits any block of <= 1024 threads.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(acc).arg(x).arg(&nn);
-        })
-    }
+    unsafe { f.launch(cfg, (acc, x, &nn)) }
 }
 
 /// y += x in place.
@@ -119,11 +111,7 @@ pub fn bias_add_fwd<T: Dtype>(
         .cost(n as f64, 2.0 * n as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: y holds n = rows * cols elements, b cols (checked); signature
     // (T*, const T*, long long, int).
-    unsafe {
-        f.launch(grid_stride(n), |l| {
-            l.arg(y).arg(b).arg(&nn).arg(&ci);
-        })
-    }
+    unsafe { f.launch(grid_stride(n), (y, b, &nn, &ci)) }
 }
 
 /// dst [rows, dst_cols] from src [rows, src_ld]: the first `min(src_ld, dst_cols)` columns
@@ -154,9 +142,5 @@ pub fn copy_cols_fwd<T: Dtype>(
     let f = Kernel::load(dev, FILE, k)?;
     // SAFETY: dst [rows, dst_cols], src [rows, src_ld] (checked), copy <= both widths;
     // signature (T*, const T*, long long, int, int, int).
-    unsafe {
-        f.launch(grid_stride(rows * dst_cols), |l| {
-            l.arg(dst).arg(src).arg(&rl).arg(&si).arg(&di).arg(&ci);
-        })
-    }
+    unsafe { f.launch(grid_stride(rows * dst_cols), (dst, src, &rl, &si, &di, &ci)) }
 }

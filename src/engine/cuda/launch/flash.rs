@@ -2,7 +2,7 @@
 //! and [`super::attention_bwd`] take for bf16 at head dims 32, 64 and 128 (attention.cu's CUDA-core
 //! kernels keep f32 and the other head dims). Callers have checked every shape already.
 
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 
 use super::attention::{AttentionShape, attention_cost, tile_cfg};
 use super::{Dtype, Kernel, int};
@@ -55,91 +55,86 @@ pub(super) fn serves<T: Dtype>(hd: usize, ptrs: &[u64]) -> bool {
     T::IS_BF16 && kernels(hd).is_some() && ptrs.iter().all(|p| p % 16 == 0)
 }
 
-fn cfg(
-    f: &Kernel<'_>,
-    smem: usize,
-    heads: usize,
-    s: &AttentionShape,
-    batch: usize,
-) -> Result<LaunchConfig, CudaError> {
-    tile_cfg(f, smem, FL_THREADS, (FL_BM, heads), s, batch)
+/// The packed batch a call runs over: `batch` sequences of `t` rows in all, delimited by
+/// `cu_seqlens` [batch + 1], in the head layout `s`.
+pub(super) struct Packed<'a, 'c> {
+    pub cu_seqlens: &'a CudaView<'c, i32>,
+    pub s: &'a AttentionShape,
+    pub t: usize,
+    pub batch: usize,
 }
 
-/// Forward: out [t, Hq, hd] and lse [t, Hq] from q, k, v over `batch` packed sequences.
-#[allow(clippy::too_many_arguments)]
+/// Which of [`kernels`]' three a launch runs.
+#[derive(Clone, Copy)]
+enum Pass {
+    Fwd = 0,
+    Dq = 1,
+    Dkdv = 2,
+}
+
+/// Loads `pass`'s kernel for `p`'s head dim, costed at `mults` (see [`attention_cost`]), with
+/// its grid (`heads` along y, `smem` bytes of shared memory) and the (tokens, q_heads,
+/// kv_heads) parameters every flash kernel takes.
+fn setup<'d, T>(
+    dev: &'d CudaDevice,
+    p: &Packed<'_, '_>,
+    pass: Pass,
+    mults: (f64, f64),
+    (smem, heads): (usize, usize),
+) -> Result<(Kernel<'d>, LaunchConfig, [i32; 3]), CudaError> {
+    let s = p.s;
+    let Some(names) = kernels(s.head_dim) else {
+        return Err(super::shape_err("flash", format!("head_dim {}", s.head_dim)));
+    };
+    let kn = names[pass as usize];
+    let (fl, by) = attention_cost::<T>(s, p.t, p.batch, mults);
+    let f = Kernel::load(dev, "flash.cu", kn)?.cost(fl, by);
+    let cfg = tile_cfg(&f, smem, FL_THREADS, (FL_BM, heads), s, p.batch)?;
+    let ints =
+        [int(kn, "tokens", p.t)?, int(kn, "q_heads", s.q_heads)?, int(kn, "kv_heads", s.kv_heads)?];
+    Ok((f, cfg, ints))
+}
+
+/// Forward: out [t, Hq, hd] and lse [t, Hq] from q, k, v over the packed sequences.
 pub(super) fn fwd<T: Dtype>(
     dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, T>,
-    lse: &mut CudaViewMut<'_, f32>,
-    q: &CudaView<'_, T>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
-    cu_seqlens: &CudaView<'_, i32>,
-    s: &AttentionShape,
-    (t, batch): (usize, usize),
+    (out, lse): (&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, f32>),
+    (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+    p: &Packed<'_, '_>,
 ) -> Result<(), CudaError> {
-    let Some([kn, _, _]) = kernels(s.head_dim) else {
-        return Err(super::shape_err("flash_fwd", format!("head_dim {}", s.head_dim)));
-    };
-    let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
-    let f = Kernel::load(dev, "flash.cu", kn)?.cost(fl, by);
-    let cfg = cfg(&f, fwd_smem(s.head_dim), s.q_heads, s, batch)?;
-    let ti = int(kn, "tokens", t)?;
-    let (hq, hkv) = (int(kn, "q_heads", s.q_heads)?, int(kn, "kv_heads", s.kv_heads)?);
+    let (hd, hq) = (p.s.head_dim, p.s.q_heads);
+    let (f, cfg, [ti, hq, hkv]) = setup::<T>(dev, p, Pass::Fwd, (4.0, 2.0), (fwd_smem(hd), hq))?;
     // SAFETY: out/q are [t, hq, hd], k/v [t, hkv, hd], lse [t, hq] (checked by the caller), every
     // pointer 16-byte aligned (serves); cu_seqlens entries are clamped in the kernel; smem
     // matches flash.cu's carve-up (fwd_smem).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })
-    }
+    unsafe { f.launch(cfg, (out, lse, q, k, v, p.cu_seqlens, &ti, &hq, &hkv, &p.s.scale)) }
 }
 
 /// Backward: dq, dk, dv from dout and the forward's inputs, lse and `delta` (= rowsum(dO * O),
 /// computed by the caller). Two kernels, so nothing is accumulated with atomics.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn bwd<T: Dtype>(
     dev: &CudaDevice,
     (dq, dk, dv): (&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, T>),
     dout: &CudaView<'_, T>,
     (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
     (lse, delta): (&CudaView<'_, f32>, &CudaView<'_, f32>),
-    cu_seqlens: &CudaView<'_, i32>,
-    s: &AttentionShape,
-    (t, batch): (usize, usize),
+    p: &Packed<'_, '_>,
 ) -> Result<(), CudaError> {
-    let Some([_, kq, kkv]) = kernels(s.head_dim) else {
-        return Err(super::shape_err("flash_bwd", format!("head_dim {}", s.head_dim)));
-    };
-    let ti = int(kq, "tokens", t)?;
-    let (hq, hkv) = (int(kq, "q_heads", s.q_heads)?, int(kq, "kv_heads", s.kv_heads)?);
-
+    let (hd, cu, scale) = (p.s.head_dim, p.cu_seqlens, &p.s.scale);
     // dQ: Q K^T, dO V^T and dS K per pair (6 FLOPs per dim); reads q, dout, k, v, writes dq
-    let (fl, by) = attention_cost::<T>(s, t, batch, (6.0, 3.0));
-    let f = Kernel::load(dev, "flash.cu", kq)?.cost(fl, by);
-    let c = cfg(&f, dq_smem(s.head_dim), s.q_heads, s, batch)?;
+    let (f, c, [ti, hq, hkv]) =
+        setup::<T>(dev, p, Pass::Dq, (6.0, 3.0), (dq_smem(hd), p.s.q_heads))?;
     // SAFETY: dq/dout/q are [t, hq, hd], k/v [t, hkv, hd], lse/delta [t, hq] (checked by the
     // caller), pointers 16-byte aligned (serves); smem matches flash.cu (dq_smem).
     unsafe {
-        f.launch(c, |l| {
-            l.arg(dq).arg(dout).arg(q).arg(k).arg(v).arg(lse).arg(delta).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })?;
+        f.launch(c, (dq, dout, q, k, v, lse, delta, cu, &ti, &hq, &hkv, scale))?;
     }
 
     // dK/dV: K Q^T, V dO^T, P^T dO and dS^T Q per pair (8 FLOPs per dim)
-    let (fl, by) = attention_cost::<T>(s, t, batch, (8.0, 4.0));
-    let f = Kernel::load(dev, "flash.cu", kkv)?.cost(fl, by);
-    let c = cfg(&f, dkdv_smem(s.head_dim), s.kv_heads, s, batch)?;
+    let (f, c, [ti, hq, hkv]) =
+        setup::<T>(dev, p, Pass::Dkdv, (8.0, 4.0), (dkdv_smem(hd), p.s.kv_heads))?;
     // SAFETY: as above, dk/dv [t, hkv, hd]; smem matches flash.cu (dkdv_smem).
-    unsafe {
-        f.launch(c, |l| {
-            l.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(lse).arg(delta).arg(cu_seqlens);
-            l.arg(&ti).arg(&hq).arg(&hkv).arg(&s.scale);
-        })
-    }
+    unsafe { f.launch(c, (dk, dv, dout, q, k, v, lse, delta, cu, &ti, &hq, &hkv, scale)) }
 }
 
 #[cfg(test)]

@@ -132,7 +132,6 @@ fn alignment(ptr: u64) -> u32 {
 
 /// `D[m, n] = A[m, k] W[n, k]^T (+ bias[n]) (+ C[m, n])`, all row-major with one dtype `T`;
 /// f32 accumulation, D rounded once at the end. C, when given, is read and left intact.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_lt<T: Dtype>(
     dev: &CudaDevice,
     d: &mut CudaViewMut<'_, T>,
@@ -214,26 +213,16 @@ pub fn matmul_lt<T: Dtype>(
             // SAFETY: `pref` is live; the workspace size is a u64, the alignments u32s.
             unsafe {
                 set_pref(pref.0, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws)?;
-                set_pref(
-                    pref.0,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    &key.align[1],
-                )?;
-                set_pref(
-                    pref.0,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    &key.align[0],
-                )?;
-                set_pref(
-                    pref.0,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    &key.align[2],
-                )?;
-                set_pref(
-                    pref.0,
-                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                    &key.align[3],
-                )?;
+                // cuBLASLt's A is our W and its B our A (the layouts above)
+                let aligns = [
+                    (PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[1]),
+                    (PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[0]),
+                    (PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
+                    (PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[3]),
+                ];
+                for (attr, align) in &aligns {
+                    set_pref(pref.0, *attr, align)?;
+                }
             }
             // SAFETY: every descriptor is live and describes the operands checked above.
             let h = unsafe {

@@ -1,7 +1,7 @@
 //! Launchers for the per-layer kernels: embedding (`embedding.cu`), RMSNorm (`rmsnorm.cu`)
 //! and SwiGLU (`swiglu.cu`); RoPE is in `rope.rs`.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 use super::{Dtype, Kernel, grid_stride, int, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
@@ -42,11 +42,7 @@ pub fn embedding_fwd<T: Dtype>(
     let f = Kernel::load(dev, "embedding.cu", k)?
         .cost(0.0, 2.0 * (n * d) as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: out is [n, d], table [v, d], ids [n] (checked); the kernel bounds-checks ids.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(table).arg(ids).arg(&ni).arg(&di).arg(&vi);
-        })
-    }
+    unsafe { f.launch(cfg, (out, table, ids, &ni, &di, &vi)) }
 }
 
 /// Where the rows of an RMSNorm's `x` (and `dx`) lie: `per` rows side by side in lines `ld`
@@ -121,16 +117,11 @@ pub fn rmsnorm_fwd<T: Dtype>(
         .cost(4.0 * nd, 2.0 * nd * std::mem::size_of::<T>() as f64);
     // SAFETY: out is [n, d], x holds n rows of d as `map` says, w [d], rstd [n] (checked); one
     // block per row, block <= 512.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(rstd).arg(x).arg(w).arg(&eps).arg(&ni).arg(&di).arg(&pi).arg(&ld);
-        })
-    }
+    unsafe { f.launch(cfg, (out, rstd, x, w, &eps, &ni, &di, &pi, &ld)) }
 }
 
 /// dx for y = rmsnorm(x) * w (w frozen), from the saved rstd and the compact `dout` [n, d];
 /// `x` and `dx` laid out alike, as `map` says.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<T: Dtype>(
     dev: &CudaDevice,
     dx: &mut CudaViewMut<'_, T>,
@@ -153,11 +144,7 @@ pub fn rmsnorm_bwd<T: Dtype>(
         .cost(6.0 * nd, 3.0 * nd * std::mem::size_of::<T>() as f64);
     // SAFETY: dout is [n, d], dx and x hold n rows of d as `map` says, w [d], rstd [n]
     // (checked).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(dx).arg(dout).arg(x).arg(w).arg(rstd).arg(&ni).arg(&di).arg(&pi).arg(&ld);
-        })
-    }
+    unsafe { f.launch(cfg, (dx, dout, x, w, rstd, &ni, &di, &pi, &ld)) }
 }
 
 /// Checks a SwiGLU call: `n` output elements [rows, inter] against the fused gate|up buffers
@@ -195,11 +182,7 @@ pub fn swiglu_fwd<T: Dtype>(
     let f = Kernel::load(dev, "swiglu.cu", k)?
         .cost(5.0 * n as f64, 3.0 * n as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: out holds n = rows * inter elements and gu 2n (checked).
-    unsafe {
-        f.launch(grid_stride(n), |l| {
-            l.arg(out).arg(gu).arg(&nn).arg(&ni);
-        })
-    }
+    unsafe { f.launch(grid_stride(n), (out, gu, &nn, &ni)) }
 }
 
 /// The gradient `dgu` [rows, 2 * inter] (dgate, then dup, per row: the layout of `gu`) of
@@ -221,9 +204,5 @@ pub fn swiglu_bwd<T: Dtype>(
     let f = Kernel::load(dev, "swiglu.cu", k)?
         .cost(10.0 * n as f64, 5.0 * n as f64 * std::mem::size_of::<T>() as f64);
     // SAFETY: dout holds n = rows * inter elements, dgu and gu 2n (checked).
-    unsafe {
-        f.launch(grid_stride(n), |l| {
-            l.arg(dgu).arg(dout).arg(gu).arg(&nn).arg(&ni);
-        })
-    }
+    unsafe { f.launch(grid_stride(n), (dgu, dout, gu, &nn, &ni)) }
 }

@@ -215,7 +215,7 @@ pub unsafe fn lora_seg<T: Dtype>(
     // SAFETY: both operands are checked against the call (`check`); the table is this
     // function's contract; the argument list is the kernel's signature.
     unsafe {
-        f.launch(blocks(grid, 256), |l| {
+        f.launch_with(blocks(grid, 256), |l| {
             l.arg(&code);
             match op {
                 SegOp::Shrink { h, x } => l.arg(h).arg(x),

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{
-    Dtype, Kernel, blocks, grid_dim, grid_stride, int, long, need_len, per_item_cfg, row_cfg,
+    Args, Dtype, Kernel, blocks, grid_dim, grid_stride, int, long, need_len, per_item_cfg, row_cfg,
     shape_err, sym,
 };
 use crate::engine::cuda::{CudaDevice, CudaError};
@@ -72,12 +72,7 @@ pub fn xent_fwd<T: Dtype>(
     let e = (n * vc) as f64;
     let f = Kernel::load(dev, "loss.cu", kn)?.cost(20.0 * e, e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [n, ld] with vc <= ld, m/s [n], tgt/targets [n, K] (checked).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(m).arg(s).arg(tgt).arg(logits).arg(&ldl).arg(&v0i).arg(&vci);
-            l.arg(targets).arg(&kti).arg(&ni).arg(&first);
-        })
-    }
+    unsafe { f.launch(cfg, (m, s, tgt, logits, &ldl, &v0i, &vci, targets, &kti, &ni, &first)) }
 }
 
 /// After the last chunk: lse = m + ln(s) [n]; logprob = tgt - lse [n, K] (0 where target < 0).
@@ -102,11 +97,7 @@ pub fn xent_finish_fwd(
     let cfg = per_item_cfg(kn, "blocks", n * kt, 256)?;
     let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: m/s/lse [n], tgt/targets/logprob [n, K] (checked); one thread per (row, k).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(lse).arg(logprob).arg(m).arg(s).arg(tgt).arg(targets).arg(&kti).arg(&ni);
-        })
-    }
+    unsafe { f.launch(cfg, (lse, logprob, m, s, tgt, targets, &kti, &ni)) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -154,7 +145,7 @@ fn xent_bwd_raw<T: Dtype>(
     // each element before writing it, in the same thread), dst [n, ldd], targets/coef [n, K],
     // lse [n] (checked).
     unsafe {
-        f.launch(cfg, |l| {
+        f.launch_with(cfg, |l| {
             l.arg(dst).arg(&lddl);
             match (src, &src_ptr) {
                 (Some(s), _) => l.arg(s),
@@ -260,7 +251,7 @@ pub fn loss_fwd(
     let f = Kernel::load(dev, "loss.cu", kn)?;
     // SAFETY: all buffers hold n floats (checked); a null weights pointer means 1 in the kernel.
     unsafe {
-        f.launch(grid_stride(n), |l| {
+        f.launch_with(grid_stride(n), |l| {
             l.arg(loss).arg(coef).arg(logprob).arg(sampler_logprob).arg(advantages);
             match weights {
                 Some(w) => l.arg(w),
@@ -316,9 +307,9 @@ pub fn loss_term_fwd(
     // advantages N (checked); signature (double*, float*, const float*, const int*, const
     // float*, const float*, const float*, int, int, int, double, double); one thread per target.
     unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(coef).arg(logprob).arg(targets).arg(weights).arg(sampler_logprob);
-            l.arg(advantages).arg(&kti).arg(&nki).arg(&variant).arg(&a).arg(&b);
+        f.launch_with(cfg, |l| {
+            (out, coef, logprob, targets, weights, sampler_logprob, advantages).push(l);
+            (&kti, &nki, &variant, &a, &b).push(l);
         })
     }
 }
@@ -364,7 +355,7 @@ pub fn adamw_fwd(
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: p, g, m, v each hold n floats (checked).
     unsafe {
-        f.launch(grid_stride(n), |l| {
+        f.launch_with(grid_stride(n), |l| {
             l.arg(p).arg(g).arg(m).arg(v).arg(&nl);
             push_adam(l, h, &bc1, &bc2);
             l.arg(&h.grad_scale);
@@ -411,11 +402,7 @@ pub(crate) unsafe fn sumsq_multi_fwd(
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: acc holds 1 float, ptrs 4 addresses per tensor and lens one length (checked); the
     // addressed buffers are live and sized as lens says (this function's contract).
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(acc).arg(ptrs).arg(lens).arg(&nt);
-        })
-    }
+    unsafe { f.launch(cfg, (acc, ptrs, lens, &nt)) }
 }
 
 /// AdamW over every tensor of the table (as [`sumsq_multi_fwd`]), with the global-norm clip
@@ -443,7 +430,7 @@ pub(crate) unsafe fn adamw_multi_fwd(
     // SAFETY: table and sumsq sized as checked; the addressed buffers are live, sized as lens
     // says and not aliased (this function's contract).
     unsafe {
-        f.launch(cfg, |l| {
+        f.launch_with(cfg, |l| {
             l.arg(ptrs).arg(lens).arg(&nt).arg(sumsq).arg(&clip_norm);
             push_adam(l, h, &bc1, &bc2);
         })

@@ -205,12 +205,27 @@ impl<'d> Kernel<'d> {
         Ok(())
     }
 
-    /// Enqueues the kernel with `cfg`; `args` pushes its parameters in signature order.
+    /// Enqueues the kernel with `cfg` and the parameter tuple `args` (views and `&` scalars,
+    /// in signature order).
+    ///
+    /// # Safety
+    /// As [`Kernel::launch_with`], `args` standing for the pushes.
+    pub(crate) unsafe fn launch<'a>(
+        &'a self,
+        cfg: LaunchConfig,
+        args: impl Args<'a>,
+    ) -> Result<(), CudaError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.launch_with(cfg, |l| args.push(l)) }
+    }
+
+    /// Enqueues the kernel with `cfg`; `args` pushes its parameters in signature order (for
+    /// argument lists that depend on the call: optional or repeated parameters).
     ///
     /// # Safety
     /// `args` must push exactly the kernel's parameters, each of the type its signature names,
     /// and every index the kernel touches under `cfg` must lie inside the buffers pushed.
-    pub(crate) unsafe fn launch<'a>(
+    pub(crate) unsafe fn launch_with<'a>(
         &'a self,
         cfg: LaunchConfig,
         args: impl FnOnce(&mut LaunchArgs<'a>),
@@ -225,6 +240,33 @@ impl<'d> Kernel<'d> {
         })
     }
 }
+
+/// A kernel's whole parameter list as one tuple, so a launch names its arguments once instead
+/// of through a chain of `.arg(..)` calls.
+pub(crate) trait Args<'a> {
+    /// Pushes the elements onto `l`, first to last.
+    fn push(self, l: &mut LaunchArgs<'a>);
+}
+
+/// Implements [`Args`] for the tuples of every length up to the number of names given.
+macro_rules! tuple_args {
+    () => {};
+    ($head:ident $($tail:ident)*) => {
+        tuple_args!($($tail)*);
+        impl<'a, $head, $($tail),*> Args<'a> for ($head, $($tail,)*)
+        where
+            LaunchArgs<'a>: PushKernelArg<$head> $(+ PushKernelArg<$tail>)*,
+        {
+            #[allow(non_snake_case)]
+            fn push(self, l: &mut LaunchArgs<'a>) {
+                let ($head, $($tail,)*) = self;
+                l.arg($head);
+                $(l.arg($tail);)*
+            }
+        }
+    };
+}
+tuple_args!(A B C D E F G H I J K L M N O P);
 
 /// Grid-stride launch of an elementwise kernel over the `n = out.len()` elements of `out`,
 /// after checking that every named input holds `n` too; nothing is enqueued for `n = 0`.
@@ -251,7 +293,7 @@ pub(crate) unsafe fn map_n<O: DeviceRepr, I: DeviceRepr>(
     let f = Kernel::load(dev, file, kernel)?.cost(n as f64, bytes as f64);
     // SAFETY: out and every input hold n elements (checked); the signature is the contract.
     unsafe {
-        f.launch(grid_stride(n), |l| {
+        f.launch_with(grid_stride(n), |l| {
             l.arg(out);
             for (_, x) in ins {
                 l.arg(*x);

@@ -127,7 +127,7 @@ pub fn rope<T: Dtype>(
     // SAFETY: every tensor's rows lie inside its buffer and tensors sharing one are disjoint
     // (checked); the kernel clamps positions into [0, p); the argument list is its signature.
     let launched = unsafe {
-        f.launch(grid_stride(total * (hs_o / 2)), |a| {
+        f.launch_with(grid_stride(total * (hs_o / 2)), |a| {
             a.arg(&ptrs[0]).arg(&ptrs[1]).arg(&ptrs[2]).arg(qi).arg(ki).arg(vi);
             for ld in &lds {
                 a.arg(ld);

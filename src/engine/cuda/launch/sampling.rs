@@ -1,7 +1,7 @@
 //! Launchers for `kernels/sampling.cu`: greedy argmax and the stochastic draw, both with the
 //! one definition of `engine::sampling`.
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut};
 
 use super::loss::chunk_rows;
 use super::{Dtype, Kernel, grid_stride, int, long, need_len, row_cfg, shape_err, sym};
@@ -49,11 +49,7 @@ pub fn argmax_fwd<T: Dtype>(
     let f = Kernel::load(dev, "sampling.cu", kn)?.cost(e, e * std::mem::size_of::<T>() as f64);
     // SAFETY: logits [b, ld] with vocab <= ld, out and logprob [b] (checked); signature (int*,
     // float*, const T*, long long, int); __launch_bounds__(1024), static shared memory only.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi);
-        })
-    }
+    unsafe { f.launch(cfg, (out, logprob, logits, &ldl, &vi)) }
 }
 
 /// Stochastic pick per row of `logits` [B, ld] (first `vocab` columns), bit-exactly
@@ -91,11 +87,7 @@ pub fn sample_fwd<T: Dtype>(
     // SAFETY: logits [b, ld] with vocab <= ld, out, logprob and inv_t [b], params [b, 3]
     // (checked); signature (int*, float*, const T*, long long, int, const double*, const u32*);
     // at most __launch_bounds__(1024) threads, static shared memory only.
-    unsafe {
-        f.launch(cfg, |l| {
-            l.arg(out).arg(logprob).arg(logits).arg(&ldl).arg(&vi).arg(inv_t).arg(params);
-        })
-    }
+    unsafe { f.launch(cfg, (out, logprob, logits, &ldl, &vi, inv_t, params)) }
 }
 
 /// `out[i] = det_exp(d[i])` (`engine::sampling_weight`) on the device, element-wise: the check
@@ -114,9 +106,5 @@ pub fn sample_exp_fwd(
     let f = Kernel::load(dev, "sampling.cu", kn)?;
     // SAFETY: out and d hold n doubles (checked); signature (double*, const double*, int);
     // grid-stride loop, no shared memory.
-    unsafe {
-        f.launch(grid_stride(d.len()), |l| {
-            l.arg(out).arg(d).arg(&n);
-        })
-    }
+    unsafe { f.launch(grid_stride(d.len()), (out, d, &n)) }
 }
