@@ -235,22 +235,31 @@ pub(crate) fn select<T: FromRow>(
     Ok(out)
 }
 
-/// The first record `filter` selects, if any.
+/// The first record `filter` (which must not have its own `LIMIT`) selects, if any.
 pub(crate) fn select_first<T: FromRow>(
     conn: &Connection,
     filter: &str,
     params: impl Params,
 ) -> Result<Option<T>, StateError> {
-    let mut stmt = conn.prepare(&format!("SELECT {} FROM {} {filter}", T::COLUMNS, T::TABLE))?;
-    let mut rows = stmt.query(params)?;
-    rows.next()?.map(T::from_row).transpose()
+    Ok(select(conn, &format!("{filter} LIMIT 1"), params)?.into_iter().next())
 }
 
 /// The filter of a paged list: `owner`'s rows (`?1`), newest first, `LIMIT ?2 OFFSET ?3`.
-pub(crate) const NEWEST_PAGE: &str =
+const NEWEST_PAGE: &str =
     "WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3";
 
 impl Store {
+    /// The record `id` of `owner`; absent or another owner's is NotFound (`what` names it).
+    pub(crate) fn owned_by<T: FromRow>(
+        &self,
+        what: &'static str,
+        owner: &str,
+        id: &str,
+    ) -> Result<T, StateError> {
+        select_first(&self.conn(), "WHERE id = ?1 AND owner = ?2", params![id, owner])?
+            .ok_or_else(|| StateError::not_found(what, id))
+    }
+
     /// One page of `owner`'s records (see [`NEWEST_PAGE`]) and how many they have in all.
     pub(crate) fn owned_page<T: FromRow>(
         &self,
@@ -266,7 +275,7 @@ impl Store {
 }
 
 /// How many rows of `table` belong to `owner`.
-pub(crate) fn count_owned(conn: &Connection, table: &str, owner: &str) -> Result<u64, StateError> {
+fn count_owned(conn: &Connection, table: &str, owner: &str) -> Result<u64, StateError> {
     let n: i64 =
         conn.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE owner = ?1"), [owner], |r| {
             r.get(0)

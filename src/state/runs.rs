@@ -224,8 +224,7 @@ impl Store {
 
     /// The run `id` if `owner` owns it (another owner's run is NotFound too).
     pub fn get_run(&self, owner: &str, id: &str) -> Result<RunRecord, StateError> {
-        select_first(&self.conn(), "WHERE id = ?1 AND owner = ?2", params![id, owner])?
-            .ok_or_else(|| StateError::not_found("training run", id))
+        self.owned_by("training run", owner, id)
     }
 
     /// Runs of `owner`, newest first, and the total count.

@@ -72,8 +72,7 @@ impl Store {
         owner: &str,
         id: &str,
     ) -> Result<SamplingSessionRecord, StateError> {
-        select_first(&self.conn(), "WHERE id = ?1 AND owner = ?2", params![id, owner])?
-            .ok_or_else(|| StateError::not_found("sampling session", id))
+        self.owned_by("sampling session", owner, id)
     }
 
     /// Sampling session ids of a session (for `GET /sessions/{id}`).

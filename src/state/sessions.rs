@@ -3,10 +3,7 @@
 use rusqlite::{OptionalExtension, Row, params};
 use serde_json::Value;
 
-use super::{
-    FromRow, NEWEST_PAGE, StateError, Store, count_owned, json_text, parse_json, select_first,
-    strings, to_i64,
-};
+use super::{FromRow, StateError, Store, json_text, parse_json};
 
 /// A session to create.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +72,18 @@ impl FromRow for SessionRecord {
     }
 }
 
+/// Just the id of a session, for listing them.
+struct SessionId(String);
+
+impl FromRow for SessionId {
+    const TABLE: &'static str = "sessions";
+    const COLUMNS: &'static str = "id";
+
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        Ok(SessionId(r.get(0)?))
+    }
+}
+
 fn tags_corrupt(e: serde_json::Error) -> StateError {
     StateError::Corrupt { what: "session tags", reason: e.to_string() }
 }
@@ -101,8 +110,7 @@ impl Store {
 
     /// The session `id` if `owner` owns it.
     pub fn get_session(&self, owner: &str, id: &str) -> Result<SessionRecord, StateError> {
-        select_first(&self.conn(), "WHERE id = ?1 AND owner = ?2", params![id, owner])?
-            .ok_or_else(|| StateError::not_found("session", id))
+        self.owned_by("session", owner, id)
     }
 
     /// Whether session `id` exists, whoever owns it (the housekeeping of adapters no run refers
@@ -153,14 +161,8 @@ impl Store {
         offset: u64,
         limit: u64,
     ) -> Result<(Vec<String>, u64), StateError> {
-        let conn = self.conn();
-        let total = count_owned(&conn, "sessions", owner)?;
-        let ids = strings(
-            &conn,
-            &format!("SELECT id FROM sessions {NEWEST_PAGE}"),
-            params![owner, to_i64(limit), to_i64(offset)],
-        )?;
-        Ok((ids, total))
+        let (ids, total) = self.owned_page::<SessionId>(owner, offset, limit)?;
+        Ok((ids.into_iter().map(|s| s.0).collect(), total))
     }
 
     /// Returns the counter `name` of a session and increments it (first call: 0).
