@@ -14,6 +14,11 @@ fn node(id: &str, gpus: &[u32], cpus: f64) -> NodeSpec {
     }
 }
 
+/// A demand of `gpus` cards and `cpus` with no custom resources.
+fn demand(app: &str, gpus: u32, cpus: Quantity) -> Demand {
+    Demand { app: app.into(), gpus, cpus, custom: BTreeMap::new() }
+}
+
 fn apps(yaml: &str) -> Vec<Application> {
     serde_norway::from_str(yaml).expect("test yaml parses")
 }
@@ -83,12 +88,7 @@ fn single_eight_gpu_node_shares_with_disjoint_cards() {
 #[test]
 fn spread_prefers_empty_nodes_then_tight_fit() {
     let mut c = ClusterState::new(vec![node("a", &[0, 1, 2, 3], 8.0), node("b", &[4, 5], 8.0)]);
-    let d = |app: &str, gpus| Demand {
-        app: app.into(),
-        gpus,
-        cpus: Quantity::from_f64(0.5),
-        custom: BTreeMap::new(),
-    };
+    let d = |app: &str, gpus| demand(app, gpus, Quantity::from_f64(0.5));
     // Both empty: the 2-GPU demand fills b exactly.
     assert_eq!(placed(&c.schedule(&d("x", 2))), ("b", &[4, 5][..]));
     // b hosts one app now, a none: a.
@@ -100,24 +100,14 @@ fn spread_prefers_empty_nodes_then_tight_fit() {
 #[test]
 fn cpu_only_demands_avoid_gpu_nodes() {
     let mut c = ClusterState::new(vec![node("gpu", &[0, 1], 8.0), node("cpu", &[], 8.0)]);
-    let d = Demand {
-        app: "processor".into(),
-        gpus: 0,
-        cpus: Quantity::from_units(2),
-        custom: BTreeMap::new(),
-    };
+    let d = demand("processor", 0, Quantity::from_units(2));
     assert_eq!(placed(&c.schedule(&d)).0, "cpu");
 }
 
 #[test]
 fn infeasible_names_app_demand_and_every_node() {
     let mut c = ClusterState::new(vec![node("node-0", &[0, 1], 4.0), node("node-1", &[], 2.0)]);
-    let d = Demand {
-        app: "models-big".into(),
-        gpus: 4,
-        cpus: Quantity::from_f64(0.1),
-        custom: BTreeMap::new(),
-    };
+    let d = demand("models-big", 4, Quantity::from_f64(0.1));
     match c.schedule(&d) {
         ScheduleResult::Infeasible(msg) => {
             assert!(msg.contains("\"models-big\""), "{msg}");
@@ -135,12 +125,7 @@ fn infeasible_names_app_demand_and_every_node() {
 #[test]
 fn busy_is_retry_and_release_makes_room() {
     let mut c = ClusterState::new(vec![node("n", &[0, 1], 4.0)]);
-    let d = |app: &str| Demand {
-        app: app.into(),
-        gpus: 2,
-        cpus: Quantity::from_f64(0.1),
-        custom: BTreeMap::new(),
-    };
+    let d = |app: &str| demand(app, 2, Quantity::from_f64(0.1));
     let ScheduleResult::Scheduled(first) = c.schedule(&d("a")) else { panic!("a not placed") };
     match c.schedule(&d("b")) {
         ScheduleResult::Retry(msg) => {
@@ -156,12 +141,7 @@ fn busy_is_retry_and_release_makes_room() {
 #[test]
 fn schedule_all_is_all_or_nothing() {
     let mut c = ClusterState::new(vec![node("n", &[0, 1, 2], 4.0)]);
-    let d = |app: &str, gpus| Demand {
-        app: app.into(),
-        gpus,
-        cpus: Quantity::from_f64(0.1),
-        custom: BTreeMap::new(),
-    };
+    let d = |app: &str, gpus| demand(app, gpus, Quantity::from_f64(0.1));
     let r = c.schedule_all(&[d("a", 2), d("b", 2)]);
     assert!(matches!(r[0], ScheduleResult::Scheduled(_)));
     assert!(matches!(r[1], ScheduleResult::Retry(_)));
@@ -176,12 +156,7 @@ fn largest_first_avoids_fragmentation() {
     // placing the 4-card demand first fits all three.
     let mut c =
         ClusterState::new(vec![node("a", &[0, 1, 2, 3], 8.0), node("b", &[4, 5, 6, 7], 8.0)]);
-    let d = |app: &str, gpus| Demand {
-        app: app.into(),
-        gpus,
-        cpus: Quantity::ZERO,
-        custom: BTreeMap::new(),
-    };
+    let d = |app: &str, gpus| demand(app, gpus, Quantity::ZERO);
     let r = c.schedule_all(&[d("p", 2), d("q", 2), d("r", 4)]);
     assert_eq!(placed(&r[2]), ("a", &[0, 1, 2, 3][..]));
     assert_eq!(placed(&r[0]), ("b", &[4, 5][..]));
@@ -198,8 +173,7 @@ fn custom_resources_and_dead_nodes() {
     let d = Demand { app: "c".into(), gpus: 0, cpus: Quantity::from_units(1), custom };
     assert_eq!(placed(&c.schedule(&d)).0, "n0");
     c.set_alive("n1", false);
-    let plain =
-        Demand { app: "p".into(), gpus: 0, cpus: Quantity::from_units(4), custom: BTreeMap::new() };
+    let plain = demand("p", 0, Quantity::from_units(4));
     // n1 is dead and n0 has only 3 CPUs free: retry (n0 could hold it when idle).
     assert!(matches!(c.schedule(&plain), ScheduleResult::Retry(_)));
 }

@@ -214,34 +214,10 @@ fn check_args(app: &Application, at: &KeyPath, out: &mut Issues) {
         check_queue(q, &args_at.key("queue_config"), out);
     }
     if let Some(a) = &args.adapter_config {
-        let a_at = args_at.key("adapter_config");
-        positive(a.adapter_timeout, &a_at.key("adapter_timeout"), out);
-        positive(a.adapter_max_lifetime, &a_at.key("adapter_max_lifetime"), out);
+        check_adapter(a, &args_at.key("adapter_config"), out);
     }
-    if let Some(s) = &args.server_config {
-        let s_at = args_at.key("server_config");
-        positive(s.expiration_timeout, &s_at.key("expiration_timeout"), out);
-        positive(s.cleanup_interval, &s_at.key("cleanup_interval"), out);
-        positive(s.metrics_update_interval, &s_at.key("metrics_update_interval"), out);
-        positive_u32(s.per_token_model_limit, &s_at.key("per_token_model_limit"), out);
-        if s.max_tokens_per_request == Some(0) {
-            out.push((s_at.key("max_tokens_per_request"), "must be at least 1".into()));
-        }
-        positive_u32(
-            s.max_sampling_requests_per_key,
-            &s_at.key("max_sampling_requests_per_key"),
-            out,
-        );
-        positive(s.restart_wait_s, &s_at.key("restart_wait_s"), out);
-        // Bounded: a request waits this long holding its client's connection and a queue slot.
-        if let Some(w) = s.restart_wait_s
-            && w > MAX_RESTART_WAIT_S
-        {
-            out.push((
-                s_at.key("restart_wait_s"),
-                format!("must be at most {MAX_RESTART_WAIT_S} seconds, got {w}"),
-            ));
-        }
+    if let Some(st) = &args.server_config {
+        check_server_state(st, &args_at.key("server_config"), out);
     }
     for (j, m) in args.supported_models.iter().enumerate() {
         if m.name().trim().is_empty() {
@@ -442,6 +418,32 @@ fn mesh_formula(m: &DeviceMesh) -> String {
     parts.join(" × ")
 }
 
+fn check_adapter(a: &AdapterConfig, at: &KeyPath, out: &mut Issues) {
+    positive(a.adapter_timeout, &at.key("adapter_timeout"), out);
+    positive(a.adapter_max_lifetime, &at.key("adapter_max_lifetime"), out);
+}
+
+fn check_server_state(s: &ServerStateArgs, at: &KeyPath, out: &mut Issues) {
+    positive(s.expiration_timeout, &at.key("expiration_timeout"), out);
+    positive(s.cleanup_interval, &at.key("cleanup_interval"), out);
+    positive(s.metrics_update_interval, &at.key("metrics_update_interval"), out);
+    positive_u32(s.per_token_model_limit, &at.key("per_token_model_limit"), out);
+    if s.max_tokens_per_request == Some(0) {
+        out.push((at.key("max_tokens_per_request"), "must be at least 1".into()));
+    }
+    positive_u32(s.max_sampling_requests_per_key, &at.key("max_sampling_requests_per_key"), out);
+    positive(s.restart_wait_s, &at.key("restart_wait_s"), out);
+    // Bounded: a request waits this long holding its client's connection and a queue slot.
+    if let Some(w) = s.restart_wait_s
+        && w > MAX_RESTART_WAIT_S
+    {
+        out.push((
+            at.key("restart_wait_s"),
+            format!("must be at most {MAX_RESTART_WAIT_S} seconds, got {w}"),
+        ));
+    }
+}
+
 fn check_queue(q: &QueueConfig, at: &KeyPath, out: &mut Issues) {
     non_negative(q.rps_limit, &at.key("rps_limit"), out);
     non_negative(q.tps_limit, &at.key("tps_limit"), out);
@@ -459,17 +461,7 @@ fn check_deployment(d: &Deployment, at: &KeyPath, out: &mut Issues) {
     positive_u32(d.num_replicas, &at.key("num_replicas"), out);
     positive_u32(d.max_ongoing_requests, &at.key("max_ongoing_requests"), out);
     if let Some(a) = &d.autoscaling_config {
-        let a_at = at.key("autoscaling_config");
-        positive_u32(a.max_replicas, &a_at.key("max_replicas"), out);
-        positive(a.target_ongoing_requests, &a_at.key("target_ongoing_requests"), out);
-        if let (Some(min), Some(max)) = (a.min_replicas, a.max_replicas)
-            && min > max
-        {
-            out.push((
-                a_at.key("min_replicas"),
-                format!("min_replicas ({min}) is greater than max_replicas ({max})"),
-            ));
-        }
+        check_autoscaling(a, &at.key("autoscaling_config"), out);
     }
     let o = &d.ray_actor_options;
     let o_at = at.key("ray_actor_options");
@@ -494,6 +486,19 @@ fn check_deployment(d: &Deployment, at: &KeyPath, out: &mut Issues) {
                 ),
             ));
         }
+    }
+}
+
+fn check_autoscaling(a: &AutoscalingConfig, at: &KeyPath, out: &mut Issues) {
+    positive_u32(a.max_replicas, &at.key("max_replicas"), out);
+    positive(a.target_ongoing_requests, &at.key("target_ongoing_requests"), out);
+    if let (Some(min), Some(max)) = (a.min_replicas, a.max_replicas)
+        && min > max
+    {
+        out.push((
+            at.key("min_replicas"),
+            format!("min_replicas ({min}) is greater than max_replicas ({max})"),
+        ));
     }
 }
 

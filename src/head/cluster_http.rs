@@ -12,9 +12,12 @@
 
 use std::net::SocketAddr;
 
-use actix_web::dev::Server;
+use actix_web::dev::{Payload, Server};
+use actix_web::error::InternalError;
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use futures_util::future::LocalBoxFuture;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::HeadError;
@@ -54,8 +57,7 @@ fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResp
             ),
         ));
     }
-    let token = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if token.is_empty() || !constant_time_eq(token.as_bytes(), ctx.token.as_bytes()) {
+    if !token_matches(req, ctx) {
         return Some(refuse(
             StatusCode::UNAUTHORIZED,
             "wrong or missing cluster token: pass the token printed by `twinkle start --head` \
@@ -66,22 +68,66 @@ fn authorize(req: &HttpRequest, ctx: &Ctx, body_version: u32) -> Option<HttpResp
     None
 }
 
+/// Whether the request carries the cluster token.
+fn token_matches(req: &HttpRequest, ctx: &Ctx) -> bool {
+    let token = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    !token.is_empty() && constant_time_eq(token.as_bytes(), ctx.token.as_bytes())
+}
+
+/// A body that states the protocol version its sender speaks.
+trait Versioned {
+    fn protocol(&self) -> u32;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn protocol(&self) -> u32 {
+                self.protocol
+            }
+        }
+    )*};
+}
+versioned!(NodeRegistration, Heartbeat, DeployRequest);
+
+/// A JSON body whose request passed [`authorize`], with the handlers' context: the extractor
+/// answers the refusal itself, so no handler can forget the check.
+struct Authorized<T> {
+    body: T,
+    ctx: web::Data<Ctx>,
+}
+
+impl<T: DeserializeOwned + Versioned + 'static> FromRequest for Authorized<T> {
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let json = web::Json::<T>::from_request(req, payload);
+        let req = req.clone();
+        Box::pin(async move {
+            let body = json.await?.into_inner();
+            let Some(ctx) = req.app_data::<web::Data<Ctx>>().cloned() else {
+                return Err(actix_web::error::ErrorInternalServerError("no control context"));
+            };
+            match authorize(&req, &ctx, body.protocol()) {
+                Some(refusal) => {
+                    tracing::warn!(path = %req.path(), "cluster request refused");
+                    Err(InternalError::from_response("refused", refusal).into())
+                }
+                None => Ok(Authorized { body, ctx }),
+            }
+        })
+    }
+}
+
 /// Token comparison whose time does not depend on where the first difference is.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn register(
-    req: HttpRequest,
-    ctx: web::Data<Ctx>,
-    body: web::Json<NodeRegistration>,
-) -> HttpResponse {
-    if let Some(r) = authorize(&req, &ctx, body.protocol) {
-        tracing::warn!(node = %body.node.node_id, "node registration refused");
-        return r;
-    }
+async fn register(Authorized { body, ctx }: Authorized<NodeRegistration>) -> HttpResponse {
     let node = body.node.clone();
-    let Ok((id, timeout)) = ctx.head.send(RegisterNode(body.into_inner())).await else {
+    let Ok((id, timeout)) = ctx.head.send(RegisterNode(body)).await else {
         return shutting_down();
     };
     let timeout = timeout.as_secs_f64();
@@ -90,15 +136,10 @@ async fn register(
 }
 
 async fn heartbeat(
-    req: HttpRequest,
-    ctx: web::Data<Ctx>,
     path: web::Path<String>,
-    body: web::Json<Heartbeat>,
+    Authorized { body, ctx }: Authorized<Heartbeat>,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&req, &ctx, body.protocol) {
-        return r;
-    }
-    let hb = NodeHeartbeat { node: path.into_inner(), heartbeat: body.into_inner() };
+    let hb = NodeHeartbeat { node: path.into_inner(), heartbeat: body };
     match ctx.head.send(hb).await {
         Ok(Ok(desired)) => HttpResponse::Ok().json(desired),
         Ok(Err(e)) => refuse(StatusCode::NOT_FOUND, e.to_string()),
@@ -106,15 +147,8 @@ async fn heartbeat(
     }
 }
 
-async fn deploy(
-    req: HttpRequest,
-    ctx: web::Data<Ctx>,
-    body: web::Json<DeployRequest>,
-) -> HttpResponse {
-    if let Some(r) = authorize(&req, &ctx, body.protocol) {
-        return r;
-    }
-    let Ok(result) = ctx.head.send(Deploy(body.into_inner())).await else {
+async fn deploy(Authorized { body, ctx }: Authorized<DeployRequest>) -> HttpResponse {
+    let Ok(result) = ctx.head.send(Deploy(body)).await else {
         return shutting_down();
     };
     if let Ok((_, Some(rec))) = &result
@@ -135,8 +169,7 @@ async fn deploy(
 async fn status(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
     // Status lists every node's address and every child's pid: the cluster token is required
     // (`twinkle status` sends the one recorded by `twinkle start`/`join`).
-    let t = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if t.is_empty() || !constant_time_eq(t.as_bytes(), ctx.token.as_bytes()) {
+    if !token_matches(&req, &ctx) {
         return refuse(StatusCode::UNAUTHORIZED, "wrong or missing cluster token".to_string());
     }
     match ctx.head.send(ClusterStatus).await {

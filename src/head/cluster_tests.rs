@@ -68,17 +68,22 @@ fn seed_rank_example_spreads_over_three_nodes() {
     assert_eq!(d.deployment, 1);
 }
 
-#[test]
-fn dead_node_moves_or_goes_pending_and_comes_back() {
+/// Three nodes with the deployment placed; at 2 s every node but `silent` heartbeats, so at
+/// 4.5 s (past the 3 s timeout) `silent` alone is found dead. Returns the head and its t0.
+fn one_node_goes_silent(silent: &str) -> (ClusterHead, Instant) {
     let t0 = Instant::now();
     let mut h = three_nodes(t0);
     assert!(deploy(&mut h).is_ok());
-    let t1 = t0 + Duration::from_secs(2);
-    assert!(h.heartbeat("head", &hb(), t1).is_ok());
-    assert!(h.heartbeat("cpu", &hb(), t1).is_ok());
-    // "gpu" stays silent past the 3 s timeout.
-    let dead = h.tick(t0 + Duration::from_millis(4500));
-    assert_eq!(dead, vec!["gpu".to_string()]);
+    for node in ["head", "gpu", "cpu"].into_iter().filter(|n| *n != silent) {
+        assert!(h.heartbeat(node, &hb(), t0 + Duration::from_secs(2)).is_ok());
+    }
+    assert_eq!(h.tick(t0 + Duration::from_millis(4500)), vec![silent.to_string()]);
+    (h, t0)
+}
+
+#[test]
+fn dead_node_moves_or_goes_pending_and_comes_back() {
+    let (mut h, t0) = one_node_goes_silent("gpu");
     let st = h.status();
     let sampler = st.applications.iter().find(|a| a.name.starts_with("sampler")).cloned();
     let sampler = sampler.expect("sampler listed");
@@ -98,13 +103,7 @@ fn dead_node_moves_or_goes_pending_and_comes_back() {
 
 #[test]
 fn dead_cpu_node_moves_processor_elsewhere() {
-    let t0 = Instant::now();
-    let mut h = three_nodes(t0);
-    assert!(deploy(&mut h).is_ok());
-    let t1 = t0 + Duration::from_secs(2);
-    assert!(h.heartbeat("head", &hb(), t1).is_ok());
-    assert!(h.heartbeat("gpu", &hb(), t1).is_ok());
-    assert_eq!(h.tick(t0 + Duration::from_millis(4500)), vec!["cpu".to_string()]);
+    let (h, _) = one_node_goes_silent("cpu");
     let (node, gpus) = placements(&h)["processor"].clone();
     assert!(node == "head" || node == "gpu", "{node}");
     assert!(gpus.is_empty());

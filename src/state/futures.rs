@@ -1,9 +1,9 @@
 //! Futures: the status and result of every submitted request, deduplicated on (model_id, seq_id).
 //! Status moves pending → running → complete | failed and never leaves a terminal state.
 
-use rusqlite::{OptionalExtension, Row, ToSql, params};
+use rusqlite::{Row, ToSql, params};
 
-use super::{StateError, Store};
+use super::{FromRow, StateError, Store, select_first};
 
 /// Error text of futures left unfinished by a crash or restart.
 pub const UNFINISHED_AT_STARTUP: &str = "the server restarted before this request finished; its result is lost, submit the request again";
@@ -95,57 +95,47 @@ pub struct FutureRecord {
 
 super::record_deref!(FutureRecord => NewFuture);
 
-const COLUMNS: &str = "request_id, owner, model_id, seq_id, kind, status, sample_sequence_ids, result, \
-                       content_type, error, category, created_at, updated_at";
+impl FromRow for FutureRecord {
+    const TABLE: &'static str = "futures";
+    const COLUMNS: &'static str = "request_id, owner, model_id, seq_id, kind, status, \
+        sample_sequence_ids, result, content_type, error, category, created_at, updated_at";
 
-type RawFuture = (FutureRecord, String, Option<String>, Option<String>);
-
-fn read_row(r: &Row<'_>) -> rusqlite::Result<RawFuture> {
-    Ok((
-        FutureRecord {
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        let status: String = r.get(5)?;
+        let status = FutureStatus::parse(&status).ok_or_else(|| StateError::Corrupt {
+            what: "future status",
+            reason: format!("unknown status `{status}`"),
+        })?;
+        let ids: Option<String> = r.get(6)?;
+        let sample_sequence_ids =
+            ids.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| ids_corrupt(&e))?;
+        let category: Option<String> = r.get(10)?;
+        Ok(FutureRecord {
             spec: NewFuture {
                 request_id: r.get(0)?,
                 owner: r.get(1)?,
                 model_id: r.get(2)?,
                 seq_id: r.get(3)?,
                 kind: r.get(4)?,
-                sample_sequence_ids: None,
+                sample_sequence_ids,
             },
-            status: FutureStatus::Pending,
+            status,
             result: r.get(7)?,
             content_type: r.get(8)?,
             error: r.get(9)?,
-            category: None,
+            category: category.as_deref().map(FailureCategory::parse),
             created_at: r.get(11)?,
             updated_at: r.get(12)?,
-        },
-        r.get(5)?,
-        r.get(6)?,
-        r.get(10)?,
-    ))
+        })
+    }
 }
 
-fn finish((mut rec, status, ids, category): RawFuture) -> Result<FutureRecord, StateError> {
-    rec.status = FutureStatus::parse(&status).ok_or_else(|| StateError::Corrupt {
-        what: "future status",
-        reason: format!("unknown status `{status}`"),
-    })?;
-    rec.spec.sample_sequence_ids = match ids {
-        None => None,
-        Some(s) => Some(serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
-            what: "future sample_sequence_ids",
-            reason: e.to_string(),
-        })?),
-    };
-    rec.category = category.as_deref().map(FailureCategory::parse);
-    Ok(rec)
+fn ids_corrupt(e: &serde_json::Error) -> StateError {
+    StateError::Corrupt { what: "future sample_sequence_ids", reason: e.to_string() }
 }
 
 fn ids_text(ids: &Option<Vec<String>>) -> Result<Option<String>, StateError> {
-    ids.as_ref().map(serde_json::to_string).transpose().map_err(|e| StateError::Corrupt {
-        what: "future sample_sequence_ids",
-        reason: e.to_string(),
-    })
+    ids.as_ref().map(serde_json::to_string).transpose().map_err(|e| ids_corrupt(&e))
 }
 
 impl Store {
@@ -155,7 +145,8 @@ impl Store {
         let now = self.now();
         self.execute_one(
             &format!(
-                "INSERT OR IGNORE INTO futures ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, NULL, NULL, NULL, NULL, ?7, ?7)"
+                "INSERT OR IGNORE INTO futures ({}) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, NULL, NULL, NULL, NULL, ?7, ?7)",
+                FutureRecord::COLUMNS
             ),
             params![f.request_id, f.owner, f.model_id, f.seq_id, f.kind, ids_text(&f.sample_sequence_ids)?, now],
             StateError::AlreadyExists { what: "future", id: f.request_id.clone() },
@@ -197,52 +188,16 @@ impl Store {
     /// otherwise creates `f` and returns `(new, true)`. A pair already used by another owner or by a
     /// different kind of request is a `Conflict`.
     pub fn create_or_get_by_seq(&self, f: &NewFuture) -> Result<(FutureRecord, bool), StateError> {
-        if let (Some(model_id), Some(seq_id)) = (&f.model_id, f.seq_id) {
-            let raw = self
-                .conn()
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM futures WHERE model_id = ?1 AND seq_id = ?2"),
-                    params![model_id, seq_id],
-                    read_row,
-                )
-                .optional()?;
-            if let Some(raw) = raw {
-                let rec = finish(raw)?;
-                if rec.owner != f.owner || rec.kind != f.kind {
-                    return Err(StateError::Conflict(format!(
-                        "seq_id {seq_id} of `{model_id}` was already used by another {} request",
-                        rec.kind
-                    )));
-                }
-                return Ok((rec, false));
-            }
+        if let Some(rec) = self.existing_by_seq(f)? {
+            return Ok((rec, false));
         }
         // Two threads can race between the lookup and the insert; the UNIQUE constraint makes the
         // loser's insert a no-op, and it then reads the winner's row.
         match self.create_future(f) {
             Ok(rec) => Ok((rec, true)),
             Err(StateError::AlreadyExists { .. }) if f.model_id.is_some() && f.seq_id.is_some() => {
-                let raw = self
-                    .conn()
-                    .query_row(
-                        &format!(
-                            "SELECT {COLUMNS} FROM futures WHERE model_id = ?1 AND seq_id = ?2"
-                        ),
-                        params![f.model_id, f.seq_id],
-                        read_row,
-                    )
-                    .optional()?;
-                match raw {
-                    Some(raw) => {
-                        let rec = finish(raw)?;
-                        if rec.owner != f.owner || rec.kind != f.kind {
-                            return Err(StateError::Conflict(format!(
-                                "seq_id {:?} of `{:?}` was already used by another {} request",
-                                f.seq_id, f.model_id, rec.kind
-                            )));
-                        }
-                        Ok((rec, false))
-                    }
+                match self.existing_by_seq(f)? {
+                    Some(rec) => Ok((rec, false)),
                     None => {
                         Err(StateError::AlreadyExists { what: "future", id: f.request_id.clone() })
                     }
@@ -252,17 +207,32 @@ impl Store {
         }
     }
 
+    /// The future holding `f`'s (model_id, seq_id) when it has both; one of another owner or
+    /// another kind of request is a `Conflict`.
+    fn existing_by_seq(&self, f: &NewFuture) -> Result<Option<FutureRecord>, StateError> {
+        let (Some(model_id), Some(seq_id)) = (&f.model_id, f.seq_id) else {
+            return Ok(None);
+        };
+        let found: Option<FutureRecord> = select_first(
+            &self.conn(),
+            "WHERE model_id = ?1 AND seq_id = ?2",
+            params![model_id, seq_id],
+        )?;
+        match found {
+            Some(rec) if rec.owner != f.owner || rec.kind != f.kind => {
+                Err(StateError::Conflict(format!(
+                    "seq_id {seq_id} of `{model_id}` was already used by another {} request",
+                    rec.kind
+                )))
+            }
+            found => Ok(found),
+        }
+    }
+
     /// Any owner's future (for workers that complete it).
     pub fn get_future(&self, request_id: &str) -> Result<FutureRecord, StateError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM futures WHERE request_id = ?1"),
-                [request_id],
-                read_row,
-            )
-            .optional()?;
-        finish(raw.ok_or_else(|| StateError::not_found("future", request_id))?)
+        select_first(&self.conn(), "WHERE request_id = ?1", [request_id])?
+            .ok_or_else(|| StateError::not_found("future", request_id))
     }
 
     /// The future if `owner` created it (for `retrieve_future`).

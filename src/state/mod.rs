@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, Params};
+use rusqlite::{Connection, Params, Row, params};
 
 use crate::config::schema::{Persistence, PersistenceMode};
 
@@ -198,18 +198,89 @@ impl Store {
             _ => Ok(()),
         }
     }
+}
 
-    /// The one text column of every row `sql` selects, in its order.
-    pub(crate) fn strings(
-        &self,
-        sql: &str,
-        params: impl Params,
-    ) -> Result<Vec<String>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(sql)?;
-        let rows = stmt.query_map(params, |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
-        Ok(rows)
+/// The one text column of every row `sql` selects, in its order.
+pub(crate) fn strings(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+) -> Result<Vec<String>, StateError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map(params, |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    Ok(rows)
+}
+
+/// A record kept as one row of `TABLE`; `from_row` reads the columns `COLUMNS` names, in that
+/// order, and decodes the JSON and enum columns (a bad one is `Corrupt`, not a SQLite error).
+pub(crate) trait FromRow: Sized {
+    const TABLE: &'static str;
+    const COLUMNS: &'static str;
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError>;
+}
+
+/// The records of `T::TABLE` that `filter` (`WHERE …`, `ORDER BY …`) selects, in its order.
+/// Takes a `Connection` so that a transaction (which derefs to one) can use it too.
+pub(crate) fn select<T: FromRow>(
+    conn: &Connection,
+    filter: &str,
+    params: impl Params,
+) -> Result<Vec<T>, StateError> {
+    let mut stmt = conn.prepare(&format!("SELECT {} FROM {} {filter}", T::COLUMNS, T::TABLE))?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(T::from_row(r)?);
     }
+    Ok(out)
+}
+
+/// The first record `filter` (which must not have its own `LIMIT`) selects, if any.
+pub(crate) fn select_first<T: FromRow>(
+    conn: &Connection,
+    filter: &str,
+    params: impl Params,
+) -> Result<Option<T>, StateError> {
+    Ok(select(conn, &format!("{filter} LIMIT 1"), params)?.into_iter().next())
+}
+
+/// The filter of a paged list: `owner`'s rows (`?1`), newest first, `LIMIT ?2 OFFSET ?3`.
+const NEWEST_PAGE: &str =
+    "WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3";
+
+impl Store {
+    /// The record `id` of `owner`; absent or another owner's is NotFound (`what` names it).
+    pub(crate) fn owned_by<T: FromRow>(
+        &self,
+        what: &'static str,
+        owner: &str,
+        id: &str,
+    ) -> Result<T, StateError> {
+        select_first(&self.conn(), "WHERE id = ?1 AND owner = ?2", params![id, owner])?
+            .ok_or_else(|| StateError::not_found(what, id))
+    }
+
+    /// One page of `owner`'s records (see [`NEWEST_PAGE`]) and how many they have in all.
+    pub(crate) fn owned_page<T: FromRow>(
+        &self,
+        owner: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<T>, u64), StateError> {
+        let conn = self.conn();
+        let total = count_owned(&conn, T::TABLE, owner)?;
+        let page = select(&conn, NEWEST_PAGE, params![owner, to_i64(limit), to_i64(offset)])?;
+        Ok((page, total))
+    }
+}
+
+/// How many rows of `table` belong to `owner`.
+fn count_owned(conn: &Connection, table: &str, owner: &str) -> Result<u64, StateError> {
+    let n: i64 =
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE owner = ?1"), [owner], |r| {
+            r.get(0)
+        })?;
+    Ok(n.max(0) as u64)
 }
 
 pub(crate) fn to_i64(v: u64) -> i64 {

@@ -1,9 +1,9 @@
 //! Training runs (one per model id) and their checkpoints.
 
-use rusqlite::{OptionalExtension, Row, Transaction, params};
+use rusqlite::{Row, Transaction, params};
 use serde_json::Value;
 
-use super::{StateError, Store, json_text, parse_json, to_i64};
+use super::{FromRow, StateError, Store, json_text, parse_json, select, select_first, to_i64};
 
 /// LoRA settings of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,15 +91,14 @@ super::record_deref!(RunRecord => NewRun);
 
 super::record_deref!(CheckpointRecord => NewCheckpoint);
 
-const RUN_COLUMNS: &str = "id, owner, session_id, base_model, lora_rank, seed, train_unembed, train_mlp, \
-    train_attn, optimizer_config, user_metadata, created_at, last_request_time, last_checkpoint, \
-    last_sampler_checkpoint, corrupted";
+impl FromRow for RunRecord {
+    const TABLE: &'static str = "runs";
+    const COLUMNS: &'static str = "id, owner, session_id, base_model, lora_rank, seed, \
+        train_unembed, train_mlp, train_attn, optimizer_config, user_metadata, created_at, \
+        last_request_time, last_checkpoint, last_sampler_checkpoint, corrupted";
 
-type RawRun = (RunRecord, Option<String>, Option<String>);
-
-fn read_run(r: &Row<'_>) -> rusqlite::Result<RawRun> {
-    Ok((
-        RunRecord {
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        Ok(RunRecord {
             spec: NewRun {
                 id: r.get(0)?,
                 owner: r.get(1)?,
@@ -112,65 +111,51 @@ fn read_run(r: &Row<'_>) -> rusqlite::Result<RawRun> {
                     train_mlp: r.get(7)?,
                     train_attn: r.get(8)?,
                 },
-                optimizer_config: Value::Null,
-                user_metadata: Value::Null,
+                optimizer_config: parse_json("run optimizer_config", r.get(9)?)?,
+                user_metadata: parse_json("run user_metadata", r.get(10)?)?,
             },
             created_at: r.get(11)?,
             last_request_time: r.get(12)?,
             last_checkpoint: r.get(13)?,
             last_sampler_checkpoint: r.get(14)?,
             corrupted: r.get(15)?,
-        },
-        r.get(9)?,
-        r.get(10)?,
-    ))
+        })
+    }
 }
 
-fn finish_run((mut rec, opt, meta): RawRun) -> Result<RunRecord, StateError> {
-    rec.spec.optimizer_config = parse_json("run optimizer_config", opt)?;
-    rec.spec.user_metadata = parse_json("run user_metadata", meta)?;
-    Ok(rec)
-}
+impl FromRow for CheckpointRecord {
+    const TABLE: &'static str = "checkpoints";
+    const COLUMNS: &'static str = "run_id, checkpoint_id, owner, checkpoint_type, tinker_path, \
+        created_at, size_bytes, user_metadata, expires_at, public";
 
-const CKPT_COLUMNS: &str = "run_id, checkpoint_id, owner, checkpoint_type, tinker_path, created_at, \
-    size_bytes, user_metadata, expires_at, public";
-
-type RawCheckpoint = (CheckpointRecord, String, Option<String>);
-
-fn read_ckpt(r: &Row<'_>) -> rusqlite::Result<RawCheckpoint> {
-    Ok((
-        CheckpointRecord {
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        let kind: String = r.get(3)?;
+        let checkpoint_type = CheckpointType::parse(&kind).ok_or_else(|| StateError::Corrupt {
+            what: "checkpoint type",
+            reason: format!("unknown type `{kind}`"),
+        })?;
+        Ok(CheckpointRecord {
             spec: NewCheckpoint {
                 run_id: r.get(0)?,
                 checkpoint_id: r.get(1)?,
-                checkpoint_type: CheckpointType::Training,
+                checkpoint_type,
                 tinker_path: r.get(4)?,
                 size_bytes: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
-                user_metadata: Value::Null,
+                user_metadata: parse_json("checkpoint user_metadata", r.get(7)?)?,
                 expires_at: r.get(8)?,
                 public: r.get(9)?,
             },
             owner: r.get(2)?,
             created_at: r.get(5)?,
-        },
-        r.get(3)?,
-        r.get(7)?,
-    ))
+        })
+    }
 }
 
-fn finish_ckpt((mut rec, kind, meta): RawCheckpoint) -> Result<CheckpointRecord, StateError> {
-    rec.spec.checkpoint_type = CheckpointType::parse(&kind).ok_or_else(|| StateError::Corrupt {
-        what: "checkpoint type",
-        reason: format!("unknown type `{kind}`"),
-    })?;
-    rec.spec.user_metadata = parse_json("checkpoint user_metadata", meta)?;
-    Ok(rec)
-}
+/// The filter of one checkpoint of its owner: `run_id = ?1`, `checkpoint_id = ?2`, `owner = ?3`.
+const ONE_CKPT: &str = "WHERE run_id = ?1 AND checkpoint_id = ?2 AND owner = ?3";
 
-fn collect_ckpts(
-    rows: impl Iterator<Item = rusqlite::Result<RawCheckpoint>>,
-) -> Result<Vec<CheckpointRecord>, StateError> {
-    rows.map(|r| finish_ckpt(r?)).collect()
+fn ckpt_not_found(run_id: &str, checkpoint_id: &str) -> StateError {
+    StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}"))
 }
 
 fn owns_run(tx: &Transaction<'_>, owner: &str, run_id: &str) -> Result<(), StateError> {
@@ -239,15 +224,7 @@ impl Store {
 
     /// The run `id` if `owner` owns it (another owner's run is NotFound too).
     pub fn get_run(&self, owner: &str, id: &str) -> Result<RunRecord, StateError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1 AND owner = ?2"),
-                params![id, owner],
-                read_run,
-            )
-            .optional()?;
-        finish_run(raw.ok_or_else(|| StateError::not_found("training run", id))?)
+        self.owned_by("training run", owner, id)
     }
 
     /// Runs of `owner`, newest first, and the total count.
@@ -257,29 +234,7 @@ impl Store {
         offset: u64,
         limit: u64,
     ) -> Result<(Vec<RunRecord>, u64), StateError> {
-        let conn = self.conn();
-        let total: i64 =
-            conn.query_row("SELECT COUNT(*) FROM runs WHERE owner = ?1", [owner], |r| r.get(0))?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
-        ))?;
-        let runs = stmt
-            .query_map(params![owner, to_i64(limit), to_i64(offset)], read_run)?
-            .map(|r| finish_run(r?))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((runs, total as u64))
-    }
-
-    /// Run ids created in a session (for `GET /sessions/{id}`).
-    pub fn list_run_ids_of_session(
-        &self,
-        owner: &str,
-        session_id: &str,
-    ) -> Result<Vec<String>, StateError> {
-        self.strings(
-            "SELECT id FROM runs WHERE owner = ?1 AND session_id = ?2 ORDER BY created_at, rowid",
-            params![owner, session_id],
-        )
+        self.owned_page(owner, offset, limit)
     }
 
     /// Sets `last_request_time` to now.
@@ -333,7 +288,10 @@ impl Store {
             params![c.run_id, c.checkpoint_id],
         )?;
         tx.execute(
-            &format!("INSERT INTO checkpoints ({CKPT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            &format!(
+                "INSERT INTO checkpoints ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                CheckpointRecord::COLUMNS
+            ),
             params![
                 c.run_id,
                 c.checkpoint_id,
@@ -359,17 +317,8 @@ impl Store {
         run_id: &str,
         checkpoint_id: &str,
     ) -> Result<CheckpointRecord, StateError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2 AND owner = ?3"),
-                params![run_id, checkpoint_id, owner],
-                read_ckpt,
-            )
-            .optional()?;
-        finish_ckpt(raw.ok_or_else(|| {
-            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}"))
-        })?)
+        select_first(&self.conn(), ONE_CKPT, params![run_id, checkpoint_id, owner])?
+            .ok_or_else(|| ckpt_not_found(run_id, checkpoint_id))
     }
 
     /// Checkpoints of one run, newest first; NotFound when `owner` does not own the run.
@@ -381,12 +330,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         owns_run(&tx, owner, run_id)?;
-        let out = {
-            let mut stmt = tx.prepare(&format!(
-                "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 ORDER BY created_at DESC, rowid DESC"
-            ))?;
-            collect_ckpts(stmt.query_map([run_id], read_ckpt)?)?
-        };
+        let out = select(&tx, "WHERE run_id = ?1 ORDER BY created_at DESC, rowid DESC", [run_id])?;
         tx.commit()?;
         Ok(out)
     }
@@ -398,18 +342,7 @@ impl Store {
         offset: u64,
         limit: u64,
     ) -> Result<(Vec<CheckpointRecord>, u64), StateError> {
-        let conn = self.conn();
-        let total: i64 =
-            conn.query_row("SELECT COUNT(*) FROM checkpoints WHERE owner = ?1", [owner], |r| {
-                r.get(0)
-            })?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
-        ))?;
-        let out = collect_ckpts(
-            stmt.query_map(params![owner, to_i64(limit), to_i64(offset)], read_ckpt)?,
-        )?;
-        Ok((out, total as u64))
+        self.owned_page(owner, offset, limit)
     }
 
     /// Deletes a checkpoint record and returns it (the caller removes its files).
@@ -421,16 +354,9 @@ impl Store {
     ) -> Result<CheckpointRecord, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let raw = tx
-            .query_row(
-                &format!("SELECT {CKPT_COLUMNS} FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2 AND owner = ?3"),
-                params![run_id, checkpoint_id, owner],
-                read_ckpt,
-            )
-            .optional()?;
-        let rec = finish_ckpt(raw.ok_or_else(|| {
-            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}"))
-        })?)?;
+        let rec: CheckpointRecord =
+            select_first(&tx, ONE_CKPT, params![run_id, checkpoint_id, owner])?
+                .ok_or_else(|| ckpt_not_found(run_id, checkpoint_id))?;
         tx.execute(
             "DELETE FROM checkpoints WHERE run_id = ?1 AND checkpoint_id = ?2",
             params![run_id, checkpoint_id],
@@ -467,16 +393,16 @@ impl Store {
         self.execute_one(
             "UPDATE checkpoints SET expires_at = ?1 WHERE run_id = ?2 AND checkpoint_id = ?3 AND owner = ?4",
             params![expires_at, run_id, checkpoint_id, owner],
-            StateError::not_found("checkpoint", &format!("{run_id}/{checkpoint_id}")),
+            ckpt_not_found(run_id, checkpoint_id),
         )
     }
 
     /// Checkpoints whose expiry time is at or before `now_ms` (for the sweeper).
     pub fn expired_checkpoints(&self, now_ms: i64) -> Result<Vec<CheckpointRecord>, StateError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {CKPT_COLUMNS} FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at"
-        ))?;
-        collect_ckpts(stmt.query_map([now_ms], read_ckpt)?)
+        select(
+            &self.conn(),
+            "WHERE expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at",
+            [now_ms],
+        )
     }
 }

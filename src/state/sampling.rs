@@ -1,9 +1,9 @@
 //! Sampling sessions (`{session}:sample:{seq}`): one per `create_sampling_session`, from the base
 //! model or from saved weights.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Row, params};
 
-use super::{StateError, Store, to_i64};
+use super::{FromRow, StateError, Store, select_first, strings, to_i64};
 
 /// A sampling session to create.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,14 +38,11 @@ impl Store {
         let now = self.now();
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let existing = tx
-            .query_row(
-                "SELECT id, session_id, owner, seq, base_model, model_path, created_at FROM sampling_sessions \
-                 WHERE (session_id = ?1 AND seq = ?2) OR id = ?3",
-                params![s.session_id, to_i64(s.seq), s.id],
-                read_sampling,
-            )
-            .optional()?;
+        let existing: Option<SamplingSessionRecord> = select_first(
+            &tx,
+            "WHERE (session_id = ?1 AND seq = ?2) OR id = ?3",
+            params![s.session_id, to_i64(s.seq), s.id],
+        )?;
         if let Some(rec) = existing {
             if rec.id != s.id
                 || rec.owner != s.owner
@@ -60,8 +57,10 @@ impl Store {
             return Ok((rec, false));
         }
         tx.execute(
-            "INSERT INTO sampling_sessions (id, session_id, owner, seq, base_model, model_path, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            &format!(
+                "INSERT INTO sampling_sessions ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                SamplingSessionRecord::COLUMNS
+            ),
             params![s.id, s.session_id, s.owner, to_i64(s.seq), s.base_model, s.model_path, now],
         )?;
         tx.commit()?;
@@ -73,15 +72,7 @@ impl Store {
         owner: &str,
         id: &str,
     ) -> Result<SamplingSessionRecord, StateError> {
-        self.conn()
-            .query_row(
-                "SELECT id, session_id, owner, seq, base_model, model_path, created_at FROM sampling_sessions \
-                 WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-                read_sampling,
-            )
-            .optional()?
-            .ok_or_else(|| StateError::not_found("sampling session", id))
+        self.owned_by("sampling session", owner, id)
     }
 
     /// Sampling session ids of a session (for `GET /sessions/{id}`).
@@ -90,23 +81,29 @@ impl Store {
         owner: &str,
         session_id: &str,
     ) -> Result<Vec<String>, StateError> {
-        self.strings(
+        strings(
+            &self.conn(),
             "SELECT id FROM sampling_sessions WHERE owner = ?1 AND session_id = ?2 ORDER BY seq",
             params![owner, session_id],
         )
     }
 }
 
-fn read_sampling(r: &Row<'_>) -> rusqlite::Result<SamplingSessionRecord> {
-    Ok(SamplingSessionRecord {
-        spec: NewSamplingSession {
-            id: r.get(0)?,
-            session_id: r.get(1)?,
-            owner: r.get(2)?,
-            seq: r.get::<_, i64>(3)?.max(0) as u64,
-            base_model: r.get(4)?,
-            model_path: r.get(5)?,
-        },
-        created_at: r.get(6)?,
-    })
+impl FromRow for SamplingSessionRecord {
+    const TABLE: &'static str = "sampling_sessions";
+    const COLUMNS: &'static str = "id, session_id, owner, seq, base_model, model_path, created_at";
+
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        Ok(SamplingSessionRecord {
+            spec: NewSamplingSession {
+                id: r.get(0)?,
+                session_id: r.get(1)?,
+                owner: r.get(2)?,
+                seq: r.get::<_, i64>(3)?.max(0) as u64,
+                base_model: r.get(4)?,
+                model_path: r.get(5)?,
+            },
+            created_at: r.get(6)?,
+        })
+    }
 }

@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, Row, params};
 use serde_json::Value;
 
-use super::{StateError, Store, json_text, parse_json, to_i64};
+use super::{FromRow, StateError, Store, json_text, parse_json};
 
 /// A session to create.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,19 +47,19 @@ pub struct SessionRecord {
 
 super::record_deref!(SessionRecord => NewSession);
 
-const COLUMNS: &str = "id, owner, tags, user_metadata, sdk_version, project_id, display_name, \
-                       created_at, last_heartbeat, finished_at, finish_reason";
+impl FromRow for SessionRecord {
+    const TABLE: &'static str = "sessions";
+    const COLUMNS: &'static str = "id, owner, tags, user_metadata, sdk_version, project_id, \
+        display_name, created_at, last_heartbeat, finished_at, finish_reason";
 
-type RawSession = (SessionRecord, String, Option<String>);
-
-fn read_row(r: &Row<'_>) -> rusqlite::Result<RawSession> {
-    Ok((
-        SessionRecord {
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        let tags: String = r.get(2)?;
+        Ok(SessionRecord {
             spec: NewSession {
                 id: r.get(0)?,
                 owner: r.get(1)?,
-                tags: Vec::new(),
-                user_metadata: Value::Null,
+                tags: serde_json::from_str(&tags).map_err(tags_corrupt)?,
+                user_metadata: parse_json("session user_metadata", r.get(3)?)?,
                 sdk_version: r.get(4)?,
                 project_id: r.get(5)?,
                 display_name: r.get(6)?,
@@ -68,25 +68,31 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<RawSession> {
             last_heartbeat: r.get(8)?,
             finished_at: r.get(9)?,
             finish_reason: r.get(10)?,
-        },
-        r.get(2)?,
-        r.get(3)?,
-    ))
+        })
+    }
 }
 
-fn finish((mut rec, tags, meta): RawSession) -> Result<SessionRecord, StateError> {
-    rec.spec.tags = serde_json::from_str(&tags)
-        .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
-    rec.spec.user_metadata = parse_json("session user_metadata", meta)?;
-    Ok(rec)
+/// Just the id of a session, for listing them.
+struct SessionId(String);
+
+impl FromRow for SessionId {
+    const TABLE: &'static str = "sessions";
+    const COLUMNS: &'static str = "id";
+
+    fn from_row(r: &Row<'_>) -> Result<Self, StateError> {
+        Ok(SessionId(r.get(0)?))
+    }
+}
+
+fn tags_corrupt(e: serde_json::Error) -> StateError {
+    StateError::Corrupt { what: "session tags", reason: e.to_string() }
 }
 
 impl Store {
     /// Creates a session; a duplicate id is `AlreadyExists`.
     pub fn create_session(&self, s: &NewSession) -> Result<SessionRecord, StateError> {
         let now = self.now();
-        let tags = serde_json::to_string(&s.tags)
-            .map_err(|e| StateError::Corrupt { what: "session tags", reason: e.to_string() })?;
+        let tags = serde_json::to_string(&s.tags).map_err(tags_corrupt)?;
         self.execute_one(
             "INSERT OR IGNORE INTO sessions (id, owner, tags, user_metadata, sdk_version, project_id, \
              display_name, created_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
@@ -104,15 +110,7 @@ impl Store {
 
     /// The session `id` if `owner` owns it.
     pub fn get_session(&self, owner: &str, id: &str) -> Result<SessionRecord, StateError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1 AND owner = ?2"),
-                params![id, owner],
-                read_row,
-            )
-            .optional()?;
-        finish(raw.ok_or_else(|| StateError::not_found("session", id))?)
+        self.owned_by("session", owner, id)
     }
 
     /// Whether session `id` exists, whoever owns it (the housekeeping of adapters no run refers
@@ -163,18 +161,8 @@ impl Store {
         offset: u64,
         limit: u64,
     ) -> Result<(Vec<String>, u64), StateError> {
-        let conn = self.conn();
-        let total: i64 =
-            conn.query_row("SELECT COUNT(*) FROM sessions WHERE owner = ?1", [owner], |r| {
-                r.get(0)
-            })?;
-        let mut stmt = conn.prepare(
-            "SELECT id FROM sessions WHERE owner = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3",
-        )?;
-        let ids = stmt
-            .query_map(params![owner, to_i64(limit), to_i64(offset)], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
-        Ok((ids, total as u64))
+        let (ids, total) = self.owned_page::<SessionId>(owner, offset, limit)?;
+        Ok((ids.into_iter().map(|s| s.0).collect(), total))
     }
 
     /// Returns the counter `name` of a session and increments it (first call: 0).
