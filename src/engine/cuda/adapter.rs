@@ -34,6 +34,12 @@ impl GpuTensor {
         Ok(GpuTensor { w: make(0)?, g: make(1)?, m: make(2)?, v: make(3)? })
     }
 
+    /// Weights `w` with a zero gradient and zero moments.
+    fn fresh(dev: &CudaDevice, w: CudaSlice<f32>) -> R<GpuTensor> {
+        let n = w.len();
+        Ok(GpuTensor { w, g: zeros(dev, n)?, m: zeros(dev, n)?, v: zeros(dev, n)? })
+    }
+
     /// The buffers in table order.
     fn buffers(&self) -> [&CudaSlice<f32>; 4] {
         [&self.w, &self.g, &self.m, &self.v]
@@ -187,10 +193,8 @@ impl CudaAdapter {
             let a: Vec<f32> = (0..r * inp).map(|_| rng.next_f32() * bound).collect();
             Ok(GpuPair {
                 rank: r,
-                a: GpuTensor::build(
-                    |i| if i == 0 { upload(dev, &a) } else { zeros(dev, r * inp) },
-                )?,
-                b: GpuTensor::build(|_| zeros(dev, out * r))?,
+                a: GpuTensor::fresh(dev, upload(dev, &a)?)?,
+                b: GpuTensor::fresh(dev, zeros(dev, out * r)?)?,
             })
         };
         let mut layers = Vec::with_capacity(c.num_layers);
