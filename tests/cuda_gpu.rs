@@ -12,6 +12,14 @@ use twinkle::engine::cuda::{CudaDevice, CudaError, bf16};
 
 // ---------- harness ----------
 
+/// `f(dev, &mut out.as_view_mut().., &inp.as_view().., rest..)`: a kernel launch on whole
+/// buffers, the ones it writes first, then the ones it reads, then its other arguments.
+macro_rules! launch {
+    ($f:path, $dev:expr, mut [$($o:expr),+], [$($i:expr),*] $(, $rest:expr)* $(,)?) => {
+        $f($dev, $(&mut $o.as_view_mut(),)+ $(&$i.as_view(),)* $($rest),*)
+    };
+}
+
 fn device(test: &str) -> Option<CudaDevice> {
     match CudaDevice::new(0) {
         Ok(d) => Some(d),
@@ -199,25 +207,9 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let (dx_, dw_, dg_) = (up::<T>(s, &x)?, up::<T>(s, &w)?, up::<T>(s, &g)?);
     let mut y = s.alloc_zeros::<T>(n * d)?;
     let mut rstd = s.alloc_zeros::<f32>(n)?;
-    k::rmsnorm_fwd(
-        dev,
-        &mut y.as_view_mut(),
-        &mut rstd.as_view_mut(),
-        &dx_.as_view(),
-        None,
-        &dw_.as_view(),
-        eps as f32,
-    )?;
+    launch!(k::rmsnorm_fwd, dev, mut [y, rstd], [dx_], None, &dw_.as_view(), eps as f32)?;
     let mut dx = s.alloc_zeros::<T>(n * d)?;
-    k::rmsnorm_bwd(
-        dev,
-        &mut dx.as_view_mut(),
-        &dg_.as_view(),
-        &dx_.as_view(),
-        None,
-        &dw_.as_view(),
-        &rstd.as_view(),
-    )?;
+    launch!(k::rmsnorm_bwd, dev, mut [dx], [dg_, dx_], None, &dw_.as_view(), &rstd.as_view())?;
     let (mut wy, mut wdx, mut wr) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
     for i in 0..n {
         let row = &x[i * d..(i + 1) * d];
@@ -306,6 +298,7 @@ fn layer_kernels_match_cpu() -> Result<()> {
 mod engine_support;
 #[path = "cuda_gpu_ref/mod.rs"]
 mod refs;
+use refs::model::{BF16, Check, F32, Tol};
 
 #[test]
 fn attention_matches_cpu() -> Result<()> {
@@ -327,12 +320,22 @@ fn flash_attention_matches_cpu() -> Result<()> {
     refs::attention_long::<f32>(&dev, 64)
 }
 
-#[test]
-fn decode_attention_matches_cpu() -> Result<()> {
-    let Some(dev) = device("decode") else { return Ok(()) };
-    refs::decode::paged::<f32>(&dev)?;
-    refs::decode::paged::<bf16>(&dev)
+/// `#[test] fn $name`: `$check` (generic over the storage type) in f32, then in bf16, on the
+/// device (a pass without a GPU).
+macro_rules! f32_and_bf16 {
+    ($name:ident, $label:literal, $($check:ident)::+) => {
+        #[test]
+        fn $name() -> Result<()> {
+            let Some(dev) = device($label) else { return Ok(()) };
+            $($check)::+::<f32>(&dev)?;
+            $($check)::+::<bf16>(&dev)
+        }
+    };
 }
+
+f32_and_bf16!(decode_attention_matches_cpu, "decode", refs::decode::paged);
+f32_and_bf16!(lora_matches_cpu, "lora", refs::lora::segmented);
+f32_and_bf16!(greedy_argmax_matches_cpu_definition, "argmax", refs::argmax);
 
 #[test]
 fn fused_projection_layouts_match_compact() -> Result<()> {
@@ -341,13 +344,6 @@ fn fused_projection_layouts_match_compact() -> Result<()> {
     refs::fused::layouts::<bf16>(&dev)?;
     refs::fused::swiglu::<f32>(&dev)?;
     refs::fused::swiglu::<bf16>(&dev)
-}
-
-#[test]
-fn lora_matches_cpu() -> Result<()> {
-    let Some(dev) = device("lora") else { return Ok(()) };
-    refs::lora::segmented::<f32>(&dev)?;
-    refs::lora::segmented::<bf16>(&dev)
 }
 
 #[test]
@@ -368,13 +364,6 @@ fn loss_terms_match_lossfn_term_for_every_variant() -> Result<()> {
 fn adamw_matches_cpu() -> Result<()> {
     let Some(dev) = device("adamw") else { return Ok(()) };
     refs::adamw(&dev)
-}
-
-#[test]
-fn greedy_argmax_matches_cpu_definition() -> Result<()> {
-    let Some(dev) = device("argmax") else { return Ok(()) };
-    refs::argmax::<f32>(&dev)?;
-    refs::argmax::<bf16>(&dev)
 }
 
 #[test]
@@ -403,16 +392,7 @@ fn gemm<T: TestT, O: TestT>(dev: &CudaDevice) -> Result<()> {
             .map(|x| 0.5 * (0..kk).map(|p| a[x / n * kk + p] * bij(p, x % n)).sum::<f64>() + c0[x])
             .collect();
         let mut dc = up::<O>(s, &c0)?;
-        k::matmul(
-            dev,
-            &mut dc.as_view_mut(),
-            &da.as_view(),
-            &db.as_view(),
-            layout,
-            (m, n, kk),
-            0.5,
-            1.0,
-        )?;
+        launch!(k::matmul, dev, mut [dc], [da, db], layout, (m, n, kk), 0.5, 1.0)?;
         close_scaled(&format!("gemm {layout:?}"), &down(s, &dc)?, &want, O::TOL);
     }
     Ok(())
@@ -427,16 +407,7 @@ fn cublas_gemm_matches_cpu() -> Result<()> {
     let s = dev.stream();
     let (a, b) = (s.alloc_zeros::<f32>(6)?, s.alloc_zeros::<f32>(6)?);
     let mut c = s.alloc_zeros::<bf16>(4)?;
-    let err = k::matmul(
-        &dev,
-        &mut c.as_view_mut(),
-        &a.as_view(),
-        &b.as_view(),
-        k::BLayout::Nk,
-        (2, 2, 3),
-        1.0,
-        0.0,
-    );
+    let err = launch!(k::matmul, &dev, mut [c], [a, b], k::BLayout::Nk, (2, 2, 3), 1.0, 0.0);
     assert!(matches!(err, Err(CudaError::Shape { .. })), "f32 -> bf16 must be refused");
     Ok(())
 }
@@ -468,17 +439,22 @@ fn every_case(
     rep.finish()
 }
 
+/// A golden case under the tolerances of one storage type.
+fn check<'a>(dev: &'a Arc<CudaDevice>, case: &'a str, tol: &'a Tol) -> Check<'a> {
+    Check { dev, case, tol }
+}
+
 #[test]
 fn golden_fixtures_through_cuda_f32() -> Result<()> {
     every_case("golden f32", |dev, case, rep| {
-        rep.case(case, |r| refs::model::golden::<f32>(dev, case, &refs::model::F32, r));
+        rep.case(case, |r| refs::model::golden::<f32>(&check(dev, case, &F32), r));
     })
 }
 
 #[test]
 fn golden_fixtures_through_cuda_bf16() -> Result<()> {
     every_case("golden bf16", |dev, case, rep| {
-        rep.case(case, |r| refs::model::golden::<bf16>(dev, case, &refs::model::BF16, r));
+        rep.case(case, |r| refs::model::golden::<bf16>(&check(dev, case, &BF16), r));
     })
 }
 
@@ -486,10 +462,10 @@ fn golden_fixtures_through_cuda_bf16() -> Result<()> {
 fn one_training_step_cpu_vs_gpu() -> Result<()> {
     every_case("train step", |dev, case, rep| {
         rep.case(&format!("{case} f32"), |r| {
-            refs::model::train_step_vs_cpu::<f32>(dev, case, &refs::model::F32, r)
+            refs::model::train_step_vs_cpu::<f32>(&check(dev, case, &F32), r)
         });
         rep.case(&format!("{case} bf16"), |r| {
-            refs::model::train_step_vs_cpu::<bf16>(dev, case, &refs::model::BF16, r)
+            refs::model::train_step_vs_cpu::<bf16>(&check(dev, case, &BF16), r)
         });
     })
 }
@@ -520,20 +496,26 @@ fn cuda_optim_step_refuses_a_non_finite_gradient() -> Result<()> {
 /// capture per step shape and replays otherwise.
 #[test]
 fn decode_graph_replays_equal_plain_steps() -> Result<()> {
-    if device("graphs").is_none() {
-        return Ok(());
-    }
-    let (_tmp, model) = engine_support::tiny_model();
-    refs::graphs::graphs_equal_plain(&model)
+    on_tiny_model("graphs", refs::graphs::graphs_equal_plain)
 }
 
+/// Several adapters' sequences decoded in one pass equal each decoded alone.
 #[test]
 fn several_tenants_in_one_pass_equal_each_alone() -> Result<()> {
-    if device("many").is_none() {
+    on_tiny_model("many", refs::many::many_equals_alone)
+}
+
+/// `check` on `engine_support`'s tiny synthetic model, when a GPU is present (the engine opens
+/// its own device).
+fn on_tiny_model(
+    test: &str,
+    check: impl FnOnce(&Arc<twinkle::engine::Model>) -> Result<()>,
+) -> Result<()> {
+    if device(test).is_none() {
         return Ok(());
     }
     let (_tmp, model) = engine_support::tiny_model();
-    refs::many::many_equals_alone(&model)
+    check(&model)
 }
 
 /// `--explain`'s accounting of one training step: every cuBLAS(Lt) GEMM is recorded with its

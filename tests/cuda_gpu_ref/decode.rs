@@ -4,6 +4,7 @@
 //! its table.
 
 use anyhow::Result;
+use cudarc::driver::CudaSlice;
 use twinkle::engine::cuda::launch::{self as k, DecodeShape};
 use twinkle::engine::cuda::{CudaDevice, CudaError};
 
@@ -85,15 +86,7 @@ fn case<T: TestT>(dev: &CudaDevice, c: &Case, name: &str) -> Result<()> {
     let (dkk, dvv, dsl) = (up::<T>(s, &kv_k)?, up::<T>(s, &kv_v)?, upi(s, &slots)?);
     let (mut kc, mut vc) =
         (s.alloc_zeros::<T>(num_slots * row)?, s.alloc_zeros::<T>(num_slots * row)?);
-    k::kv_append_fwd(
-        dev,
-        &mut kc.as_view_mut(),
-        &mut vc.as_view_mut(),
-        &dkk.as_view(),
-        &dvv.as_view(),
-        &dsl.as_view(),
-        row,
-    )?;
+    launch!(k::kv_append_fwd, dev, mut [kc, vc], [dkk, dvv, dsl], row)?;
     let (kc_host, vc_host) = (down(s, &kc)?, down(s, &vc)?);
     let valid = |sl: i64| (0..num_slots as i64).contains(&sl);
     for (t, &slot) in slots.iter().enumerate().filter(|(_, sl)| valid(**sl as i64)) {
@@ -145,20 +138,12 @@ fn case<T: TestT>(dev: &CudaDevice, c: &Case, name: &str) -> Result<()> {
             max_context,
             scale: scale as f32,
         };
+        // the decode into `out` with `ws` as the splits' workspace
+        let attend = |out: &mut CudaSlice<T>, ws: &mut CudaSlice<f32>| launch!(k::decode_attention_fwd, dev, mut [out, ws], [dq, kc, vc, dt, dc], &shape);
         let mut out = s.alloc_zeros::<T>(q.len())?;
         // not zeroed: the kernels must write or skip every state, never read stale ones
         let mut ws = s.clone_htod(&vec![f32::NAN; k::decode_workspace_len(b, &shape)])?;
-        k::decode_attention_fwd(
-            dev,
-            &mut out.as_view_mut(),
-            &mut ws.as_view_mut(),
-            &dq.as_view(),
-            &kc.as_view(),
-            &vc.as_view(),
-            &dt.as_view(),
-            &dc.as_view(),
-            &shape,
-        )?;
+        attend(&mut out, &mut ws)?;
         close_scaled(
             &format!("{name} (max_context {max_context})"),
             &down(s, &out)?,
@@ -167,17 +152,7 @@ fn case<T: TestT>(dev: &CudaDevice, c: &Case, name: &str) -> Result<()> {
         );
         // a workspace sized for another split count is a shape error naming it
         let mut short = s.alloc_zeros::<f32>(k::decode_workspace_len(b, &shape) - 1)?;
-        let err = k::decode_attention_fwd(
-            dev,
-            &mut out.as_view_mut(),
-            &mut short.as_view_mut(),
-            &dq.as_view(),
-            &kc.as_view(),
-            &vc.as_view(),
-            &dt.as_view(),
-            &dc.as_view(),
-            &shape,
-        );
+        let err = attend(&mut out, &mut short);
         assert!(
             matches!(&err, Err(CudaError::Shape { msg, .. }) if msg.contains("workspace")),
             "{name}: {err:?}"

@@ -6,7 +6,9 @@
 use anyhow::{Result, ensure};
 use twinkle::engine::cuda::CudaRuntime;
 use twinkle::engine::lora::{LoraConfig, Target};
-use twinkle::engine::{Adapter, CachedGroup, Model, ModelRuntime};
+use twinkle::engine::{Adapter, Model, ModelRuntime};
+
+use super::decode_groups;
 
 /// Every logits row in feeding order, and each cache's final lengths.
 type Outcome = (Vec<Vec<f32>>, Vec<Vec<usize>>);
@@ -38,17 +40,7 @@ fn schedule(
                 last.iter().map(|l| l.iter().map(|&t| [t]).collect()).collect();
             let ins: Vec<Vec<&[u32]>> =
                 toks.iter().map(|l| l.iter().map(|t| t.as_slice()).collect()).collect();
-            let mut groups: Vec<CachedGroup<'_, _, _>> = caches
-                .iter_mut()
-                .enumerate()
-                .filter(|(r, _)| active.contains(r))
-                .map(|(r, c)| CachedGroup {
-                    adapter: Some(&ads[r]),
-                    cache: c,
-                    slots: &seqs[r],
-                    tokens: &ins[r],
-                })
-                .collect();
+            let mut groups = decode_groups(ads, &mut caches, &seqs, &ins, |r| active.contains(&r));
             let out = rt.forward_cached_many(&mut groups);
             for (&r, lg) in active.iter().zip(out) {
                 let host = rt.logits_to_host(&lg?)?;

@@ -134,16 +134,26 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
         unsafe { k::lora_seg(dev, op, ls, w, c) }?;
         Ok(())
     }
-    use k::SegOp::{Expand, Shrink, Wgrad};
-    let (xv, dyv) = (dx_in.as_view(), dy_in.as_view());
-    // forward: h = x A^T, y += s h B^T
-    run(dev, &ls, Shrink { h: &mut gh.as_view_mut(), x: &xv }, LoraTensor::A, &ci)?;
-    run(dev, &ls, Expand { y: &mut gy.as_view_mut(), h: &gh.as_view() }, LoraTensor::B, &co)?;
-    // backward: dh = s dy B, dx += dh A, dA += dh^T x, dB += s dy^T h
-    run(dev, &ls, Shrink { h: &mut gdh.as_view_mut(), x: &dyv }, LoraTensor::B, &co)?;
-    run(dev, &ls, Expand { y: &mut gdx.as_view_mut(), h: &gdh.as_view() }, LoraTensor::A, &ci)?;
-    run(dev, &ls, Wgrad { u: &gdh.as_view(), v: &xv }, LoraTensor::GradA, &ci)?;
-    run(dev, &ls, Wgrad { u: &gh.as_view(), v: &dyv }, LoraTensor::GradB, &co)?;
+    /// Forward (h = x A^T, y += s h B^T) and backward (dh = s dy B, dx += dh A, dA += dh^T x,
+    /// dB += s dy^T h) of the segmented LoRA, A's side over `ci` and B's over `co`.
+    fn pass<T: TestT>(
+        dev: &CudaDevice,
+        ls: &LoraSegs<'_>,
+        (x, dy): (&CudaSlice<T>, &CudaSlice<T>),
+        (h, y): (&mut CudaSlice<f32>, &mut CudaSlice<T>),
+        (dh, dx): (&mut CudaSlice<f32>, &mut CudaSlice<T>),
+        (ci, co): (&SegCall, &SegCall),
+    ) -> Result<()> {
+        use k::SegOp::{Expand, Shrink, Wgrad};
+        let (xv, dyv) = (x.as_view(), dy.as_view());
+        run(dev, ls, Shrink { h: &mut h.as_view_mut(), x: &xv }, LoraTensor::A, ci)?;
+        run(dev, ls, Expand { y: &mut y.as_view_mut(), h: &h.as_view() }, LoraTensor::B, co)?;
+        run(dev, ls, Shrink { h: &mut dh.as_view_mut(), x: &dyv }, LoraTensor::B, co)?;
+        run(dev, ls, Expand { y: &mut dx.as_view_mut(), h: &dh.as_view() }, LoraTensor::A, ci)?;
+        run(dev, ls, Wgrad { u: &dh.as_view(), v: &xv }, LoraTensor::GradA, ci)?;
+        run(dev, ls, Wgrad { u: &h.as_view(), v: &dyv }, LoraTensor::GradB, co)
+    }
+    pass(dev, &ls, (&dx_in, &dy_in), (&mut gh, &mut gy), (&mut gdh, &mut gdx), (&ci, &co))?;
     close_scaled("seg lora h", &pick(&down(s, &gh)?), &pick(&h), T::TOL);
     // rows 13..20 have no LoRA: y keeps y0 there, dx stays 0, exactly
     close_scaled("seg lora y", &down(s, &gy)?, &y, T::TOL);
@@ -185,13 +195,7 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let (mut yw_d, mut dxw) = (up::<T>(s, &yw_h)?, up::<T>(s, &dxw_h)?);
     let (mut gh2, mut gdh2) = (s.alloc_zeros::<f32>(n * hs)?, s.alloc_zeros::<f32>(n * hs)?);
     let (wi, wo) = (call(kin).window(kw, ko), call(jout).window(jw, jo));
-    let (xv, dyv) = (xw.as_view(), dyw.as_view());
-    run(dev, &ls, Shrink { h: &mut gh2.as_view_mut(), x: &xv }, LoraTensor::A, &wi)?;
-    run(dev, &ls, Expand { y: &mut yw_d.as_view_mut(), h: &gh2.as_view() }, LoraTensor::B, &wo)?;
-    run(dev, &ls, Shrink { h: &mut gdh2.as_view_mut(), x: &dyv }, LoraTensor::B, &wo)?;
-    run(dev, &ls, Expand { y: &mut dxw.as_view_mut(), h: &gdh2.as_view() }, LoraTensor::A, &wi)?;
-    run(dev, &ls, Wgrad { u: &gdh2.as_view(), v: &xv }, LoraTensor::GradA, &wi)?;
-    run(dev, &ls, Wgrad { u: &gh2.as_view(), v: &dyv }, LoraTensor::GradB, &wo)?;
+    pass(dev, &ls, (&xw, &dyw), (&mut gh2, &mut yw_d), (&mut gdh2, &mut dxw), (&wi, &wo))?;
     let pick_bits = |v: Vec<f64>| pick(&v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(pick_bits(down(s, &gh2)?), pick_bits(down(s, &gh)?), "windowed shrink (h)");
     assert_eq!(pick_bits(down(s, &gdh2)?), pick_bits(down(s, &gdh)?), "windowed shrink (dh)");
@@ -211,7 +215,8 @@ pub fn segmented<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let past = call(jout).window(jw, jw - jout + 1);
     // SAFETY: refused before any launch.
     let refused = unsafe {
-        k::lora_seg(dev, Shrink { h: &mut gh2.as_view_mut(), x: &dyv }, &ls, LoraTensor::B, &past)
+        let (h, x) = (&mut gh2.as_view_mut(), &dyw.as_view());
+        k::lora_seg(dev, k::SegOp::Shrink { h, x }, &ls, LoraTensor::B, &past)
     };
     anyhow::ensure!(refused.is_err(), "a window past its row was accepted");
 

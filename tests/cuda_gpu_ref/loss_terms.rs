@@ -50,17 +50,7 @@ pub fn loss_terms(dev: &CudaDevice) -> Result<()> {
     let run = |out_len: usize, loss: &LossFn| -> Result<(Vec<f64>, Vec<f32>)> {
         let mut out = s.alloc_zeros::<f64>(out_len)?;
         let mut coef = s.alloc_zeros::<f32>(n * kt)?;
-        k::loss_term_fwd(
-            dev,
-            &mut out.as_view_mut(),
-            &mut coef.as_view_mut(),
-            &lp_d.as_view(),
-            &t_d.as_view(),
-            &w_d.as_view(),
-            &slp_d.as_view(),
-            &adv_d.as_view(),
-            loss,
-        )?;
+        launch!(k::loss_term_fwd, dev, mut [out, coef], [lp_d, t_d, w_d, slp_d, adv_d], loss)?;
         Ok((s.clone_dtoh(&out)?, s.clone_dtoh(&coef)?))
     };
     for loss in &LOSSES {

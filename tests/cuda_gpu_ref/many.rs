@@ -9,8 +9,10 @@ use twinkle::engine::cuda::CudaRuntime;
 use twinkle::engine::lora::{LoraConfig, Target};
 use twinkle::engine::sampling::SamplingParams;
 use twinkle::engine::{
-    Adapter, CachedGroup, Datum, EvalGroup, FwdBwdOutput, LossFn, Model, ModelRuntime, TrainGroup,
+    Adapter, Datum, EvalGroup, FwdBwdOutput, LossFn, Model, ModelRuntime, TrainGroup,
 };
+
+use super::decode_groups;
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs() as f64)).max(1e-30);
@@ -162,16 +164,7 @@ fn decode_many(
             let ins: Vec<Vec<&[u32]>> =
                 last.iter().map(|l| l.iter().map(|t| t.as_slice()).collect()).collect();
             let logits = if together {
-                let mut groups: Vec<CachedGroup<'_, _, _>> = caches
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(r, c)| CachedGroup {
-                        adapter: Some(&ads[r]),
-                        cache: c,
-                        slots: &seqs[r],
-                        tokens: &ins[r],
-                    })
-                    .collect();
+                let mut groups = decode_groups(ads, &mut caches, &seqs, &ins, |_| true);
                 rt.forward_cached_many(&mut groups).into_iter().collect::<Result<Vec<_>, _>>()?
             } else {
                 let mut out = Vec::new();

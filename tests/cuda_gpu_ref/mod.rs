@@ -13,10 +13,33 @@ pub mod runtime;
 pub mod sampling;
 
 use anyhow::Result;
+use twinkle::engine::CachedGroup;
 use twinkle::engine::cuda::CudaDevice;
 use twinkle::engine::cuda::launch::{self as k, AdamStep, AttentionShape, LossVariant};
 
 use super::{Rng, TestT, close, close_rms, close_scaled, down, rt, up, up32, upi};
+
+/// One shared decode pass's groups: request `r` (of those `active` keeps) feeds `ins[r]`, one
+/// token per sequence, to slots `seqs[r]` of its cache with its adapter.
+pub fn decode_groups<'a, A, C>(
+    ads: &'a [A],
+    caches: &'a mut [C],
+    seqs: &'a [Vec<usize>],
+    ins: &'a [Vec<&'a [u32]>],
+    active: impl Fn(usize) -> bool,
+) -> Vec<CachedGroup<'a, A, C>> {
+    caches
+        .iter_mut()
+        .enumerate()
+        .filter(|(r, _)| active(*r))
+        .map(|(r, cache)| CachedGroup {
+            adapter: Some(&ads[r]),
+            cache,
+            slots: &seqs[r],
+            tokens: &ins[r],
+        })
+        .collect()
+}
 
 /// Reference causal GQA attention for one packed batch: returns (out, lse, dq, dk, dv).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -110,36 +133,18 @@ fn attention_packed<T: TestT>(
     };
     let mut out = s.alloc_zeros::<T>(q.len())?;
     let mut lse = s.alloc_zeros::<f32>(t * hq)?;
-    k::attention_fwd(
-        dev,
-        &mut out.as_view_mut(),
-        &mut lse.as_view_mut(),
-        &dq_.as_view(),
-        &dk_.as_view(),
-        &dv_.as_view(),
-        &dcu.as_view(),
-        &shape,
-    )?;
+    launch!(k::attention_fwd, dev, mut [out, lse], [dq_, dk_, dv_, dcu], &shape)?;
     close_scaled(&format!("attention out hd{hd}"), &down(s, &out)?, &wo, T::TOL);
     close(&format!("attention lse hd{hd}"), &down(s, &lse)?, &wl, (1e-4, 1e-4));
     let (mut gq, mut gk, mut gv) =
         (s.alloc_zeros::<T>(q.len())?, s.alloc_zeros::<T>(kk.len())?, s.alloc_zeros::<T>(v.len())?);
     let (mut acc, mut delta) = (s.alloc_zeros::<f32>(q.len())?, s.alloc_zeros::<f32>(t * hq)?);
-    k::attention_bwd(
+    launch!(
+        k::attention_bwd,
         dev,
-        &mut gq.as_view_mut(),
-        &mut gk.as_view_mut(),
-        &mut gv.as_view_mut(),
-        &mut acc.as_view_mut(),
-        &mut delta.as_view_mut(),
-        &dd_.as_view(),
-        &dq_.as_view(),
-        &dk_.as_view(),
-        &dv_.as_view(),
-        &out.as_view(),
-        &lse.as_view(),
-        &dcu.as_view(),
-        &shape,
+        mut [gq, gk, gv, acc, delta],
+        [dd_, dq_, dk_, dv_, out, lse, dcu],
+        &shape
     )?;
     let (gq, gk, gv) = (down(s, &gq)?, down(s, &gk)?, down(s, &gv)?);
     close_scaled(&format!("attention dq hd{hd}"), &gq, &wdq, T::TOL);
@@ -191,59 +196,23 @@ pub fn xent<T: TestT>(dev: &CudaDevice) -> Result<()> {
             buf[i * ld..i * ld + vc].copy_from_slice(&logits[i * vocab + v0..i * vocab + v0 + vc]);
         }
         let d = up::<T>(s, &buf)?;
-        k::xent_fwd(
-            dev,
-            &mut m.as_view_mut(),
-            &mut sm.as_view_mut(),
-            &mut tg.as_view_mut(),
-            &d.as_view(),
-            ld,
-            v0,
-            vc,
-            &dt.as_view(),
-            ci == 0,
-        )?;
+        launch!(k::xent_fwd, dev, mut [m, sm, tg], [d], ld, v0, vc, &dt.as_view(), ci == 0)?;
         chunks.push((v0, vc, d));
     }
     let (mut glse, mut glp) = (s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n * kt)?);
-    k::xent_finish_fwd(
-        dev,
-        &mut glse.as_view_mut(),
-        &mut glp.as_view_mut(),
-        &m.as_view(),
-        &sm.as_view(),
-        &tg.as_view(),
-        &dt.as_view(),
-    )?;
+    launch!(k::xent_finish_fwd, dev, mut [glse, glp], [m, sm, tg, dt])?;
     close("xent lse", &down(s, &glse)?, &lse, (1e-5, 1e-4));
     close("xent logprob", &down(s, &glp)?, &lp, (1e-5, 1e-4));
+    // what both backward variants read besides the logits
+    let (dtv, dcoefv, glsev) = (dt.as_view(), dcoef.as_view(), glse.as_view());
     for (idx, (v0, vc, mut d)) in chunks.into_iter().enumerate() {
         let got = if idx == 0 {
             let mut out = s.alloc_zeros::<T>(n * ld)?;
-            k::xent_bwd(
-                dev,
-                &mut out.as_view_mut(),
-                ld,
-                &d.as_view(),
-                ld,
-                v0,
-                vc,
-                &dt.as_view(),
-                &dcoef.as_view(),
-                &glse.as_view(),
-            )?;
+            let (o, dv) = (&mut out.as_view_mut(), &d.as_view());
+            k::xent_bwd(dev, o, ld, dv, ld, v0, vc, &dtv, &dcoefv, &glsev)?;
             down(s, &out)?
         } else {
-            k::xent_bwd_inplace(
-                dev,
-                &mut d.as_view_mut(),
-                ld,
-                v0,
-                vc,
-                &dt.as_view(),
-                &dcoef.as_view(),
-                &glse.as_view(),
-            )?;
+            k::xent_bwd_inplace(dev, &mut d.as_view_mut(), ld, v0, vc, &dtv, &dcoefv, &glsev)?;
             down(s, &d)?
         };
         for i in 0..n {
@@ -288,16 +257,7 @@ pub fn losses(dev: &CudaDevice) -> Result<()> {
     ];
     for (variant, f) in cases {
         let (mut loss, mut coef) = (s.alloc_zeros::<f32>(5)?, s.alloc_zeros::<f32>(5)?);
-        k::loss_fwd(
-            dev,
-            &mut loss.as_view_mut(),
-            &mut coef.as_view_mut(),
-            &dl.as_view(),
-            &ds.as_view(),
-            &da.as_view(),
-            Some(&dw.as_view()),
-            variant,
-        )?;
+        launch!(k::loss_fwd, dev, mut [loss, coef], [dl, ds, da], Some(&dw.as_view()), variant)?;
         let want: Vec<(f64, f64)> = (0..5).map(|i| f(lp[i], slp[i], adv[i])).collect();
         close(
             &format!("{variant:?} loss"),
@@ -386,14 +346,7 @@ pub fn argmax<T: TestT>(dev: &CudaDevice) -> Result<()> {
         let dl = up::<T>(s, &l)?;
         let mut out = s.alloc_zeros::<i32>(1)?;
         let mut dlp = s.alloc_zeros::<f32>(1)?;
-        k::argmax_fwd(
-            dev,
-            &mut out.as_view_mut(),
-            &mut dlp.as_view_mut(),
-            &dl.as_view(),
-            l.len(),
-            l.len(),
-        )?;
+        launch!(k::argmax_fwd, dev, mut [out, dlp], [dl], l.len(), l.len())?;
         assert_eq!(s.clone_dtoh(&out)?[0] as usize, want, "row {ri}");
         close("argmax logprob", &[s.clone_dtoh(&dlp)?[0] as f64], &[lp], (1e-6, 1e-6));
     }

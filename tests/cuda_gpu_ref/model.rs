@@ -56,15 +56,20 @@ pub struct Tol {
     pub logprob_abs: f64,
     /// Summed losses, relative.
     pub loss_rel: f64,
-    /// Gradients against the fixture, per tensor max|err| / max|want|.
-    pub grad_rel: f64,
-    /// Gradients against the CPU engine run on the bf16-rounded checkpoint (None: not
-    /// compared; f32 storage matches the fixture itself).
-    pub grad_rel_rounded: Option<f64>,
+    pub grad: GradTol,
     /// Adapter tensors after Adam steps, absolute (None: compare mean drift instead).
     pub adam_abs: Option<f64>,
     /// Greedy decode: the GPU must pick the CPU's token where the CPU's top-2 margin exceeds this.
     pub greedy_margin: f32,
+}
+
+/// Gradient tolerances, per tensor max|err| / max|want|.
+pub struct GradTol {
+    /// Against the fixture.
+    pub fixture: f64,
+    /// Against the CPU engine run on the bf16-rounded checkpoint (None: not compared; f32
+    /// storage matches the fixture itself).
+    pub rounded: Option<f64>,
 }
 
 /// f32 storage: errors measured on the emulator are ~2e-6 (logprobs, gradients) and ~1e-5
@@ -74,8 +79,7 @@ pub struct Tol {
 pub const F32: Tol = Tol {
     logprob_abs: 2e-4,
     loss_rel: 2e-4,
-    grad_rel: 2e-3,
-    grad_rel_rounded: None,
+    grad: GradTol { fixture: 2e-3, rounded: None },
     adam_abs: Some(2e-4),
     greedy_margin: 5e-4,
 };
@@ -101,8 +105,7 @@ pub const F32: Tol = Tol {
 pub const BF16: Tol = Tol {
     logprob_abs: 0.15,
     loss_rel: 4e-2,
-    grad_rel: 0.2,
-    grad_rel_rounded: Some(0.15),
+    grad: GradTol { fixture: 0.2, rounded: Some(0.15) },
     adam_abs: None,
     greedy_margin: 0.25,
 };
@@ -310,17 +313,28 @@ fn rel_to_max(
     Ok(worst)
 }
 
+/// One golden case to check on a device under the tolerances of a storage type.
+pub struct Check<'a> {
+    pub dev: &'a Arc<CudaDevice>,
+    pub case: &'a str,
+    pub tol: &'a Tol,
+}
+
+impl Check<'_> {
+    /// Loads the case and puts its model on the device as `T` (`what`: the check, for the log).
+    fn open<T: Act>(&self, what: &str) -> Result<(Case, CudaModel<T>)> {
+        eprintln!("{what} {} ({})", self.case, std::any::type_name::<T>());
+        let c = load(self.case)?;
+        let gm = CudaModel::<T>::new(self.dev.clone(), &c.model)?;
+        Ok((c, gm))
+    }
+}
+
 /// Every fixture check for one case through `CudaModel<T>`; failures go to `rep`.
-pub fn golden<T: Act>(
-    dev: &Arc<CudaDevice>,
-    name: &str,
-    tol: &Tol,
-    rep: &mut Report,
-) -> Result<()> {
-    eprintln!("golden {name} ({})", std::any::type_name::<T>());
-    let c = load(name)?;
-    let gm = CudaModel::<T>::new(dev.clone(), &c.model)?;
-    let rounded = tol.grad_rel_rounded.map(|_| rounded_model(name)).transpose()?;
+pub fn golden<T: Act>(k: &Check<'_>, rep: &mut Report) -> Result<()> {
+    let (c, gm) = k.open::<T>("golden")?;
+    let (dev, name, tol) = (k.dev, k.case, k.tol);
+    let rounded = tol.grad.rounded.map(|_| rounded_model(name)).transpose()?;
     let ce = LossFn::CrossEntropy;
 
     // target logprobs with the adapter; the base model must differ
@@ -367,10 +381,10 @@ pub fn golden<T: Act>(
         let got = host.gradients();
         let prefix = format!("grad.{lname}");
         let Some(rm) = rounded.as_deref() else {
-            rep.check(&prefix, rel_to_max(&got, &c.exp, &prefix)?, tol.grad_rel);
+            rep.check(&prefix, rel_to_max(&got, &c.exp, &prefix)?, tol.grad.fixture);
             continue;
         };
-        let t = tol.grad_rel_rounded.unwrap_or(tol.grad_rel);
+        let t = tol.grad.rounded.unwrap_or(tol.grad.fixture);
         if let LossFn::Ppo { clip_low, clip_high } = lf {
             // PPO's gradient jumps (r·A -> 0) where the ratio crosses a clip bound, and bf16
             // logprobs are off by up to logprob_abs, so a token near a bound may take the other
@@ -389,7 +403,7 @@ pub fn golden<T: Act>(
             rep.check(&prefix, rel_to_max(&host.gradients(), &want, &prefix)?, t);
             continue;
         }
-        rep.check(&prefix, rel_to_max(&got, &c.exp, &prefix)?, tol.grad_rel);
+        rep.check(&prefix, rel_to_max(&got, &c.exp, &prefix)?, tol.grad.fixture);
         let prefix = format!("grad_vs_rounded_cpu.{lname}");
         let want = rounded_grads(&c, &c.data, rm, &lf, &prefix)?;
         rep.check(&prefix, rel_to_max(&got, &want, &prefix)?, t);
@@ -499,20 +513,14 @@ fn upload_logits<T: Act>(gm: &CudaModel<T>, v: &[f32]) -> Result<cudarc::driver:
 
 /// One training step (cross-entropy forward_backward + AdamW) on the CPU engine and on the GPU
 /// from the same adapter: loss, gradients and the updated weights agree within `tol`. With
-/// `tol.grad_rel_rounded` (bf16) the CPU runs on the bf16-rounded checkpoint, the weights the
+/// `tol.grad.rounded` (bf16) the CPU runs on the bf16-rounded checkpoint, the weights the
 /// GPU holds.
-pub fn train_step_vs_cpu<T: Act>(
-    dev: &Arc<CudaDevice>,
-    name: &str,
-    tol: &Tol,
-    rep: &mut Report,
-) -> Result<()> {
-    eprintln!("train step {name} ({})", std::any::type_name::<T>());
-    let c = load(name)?;
-    let gm = CudaModel::<T>::new(dev.clone(), &c.model)?;
-    let (cpu_model, grad_tol) = match tol.grad_rel_rounded {
+pub fn train_step_vs_cpu<T: Act>(k: &Check<'_>, rep: &mut Report) -> Result<()> {
+    let (c, gm) = k.open::<T>("train step")?;
+    let (dev, name, tol) = (k.dev, k.case, k.tol);
+    let (cpu_model, grad_tol) = match tol.grad.rounded {
         Some(t) => (rounded_model(name)?, t),
-        None => (c.model.clone(), tol.grad_rel),
+        None => (c.model.clone(), tol.grad.fixture),
     };
     let ce = LossFn::CrossEntropy;
     let adam = AdamParams { learning_rate: 1e-3, ..AdamParams::default() };

@@ -128,6 +128,16 @@ static int launch(const char* name, unsigned gx, unsigned bx, unsigned smem, voi
                   unsigned gy = 1) {
     return cuLaunchKernel(fn(name), gx, gy, 1, bx, 1, 1, smem, nullptr, args, nullptr);
 }
+// A case body: `kernel` on a fresh device buffer of `bytes` (its one argument), blocks of
+// `threads` with `smem` bytes of dynamic shared memory, a grid one wide and `grid_y` tall.
+static std::function<void()> on_buffer(const char* kernel, size_t bytes, unsigned threads,
+                                       unsigned smem = 0, unsigned grid_y = 1) {
+    return [=] {
+        auto d = dalloc(bytes);
+        void* a[] = {&d};
+        launch(kernel, 1, threads, smem, a, grid_y);
+    };
+}
 
 // D[n x m] = W^T X (+ bias[n]) (+ C) column-major through cuBLASLt, as the engine issues its
 // row-major x W^T: W stored [k x n] (transposed), X [k x m], f32. Returns the matmul's status.
@@ -231,30 +241,11 @@ int main() {
              for (float v : h)
                  if (v != 32.0f) exit(1);
          }},
-        {"block dimension 0", "a grid or block dimension is 0",
-         [] {
-             auto d = dalloc(4);
-             void* a[] = {&d};
-             launch("t_warp_sum", 1, 0, 0, a);
-         }},
-        {"grid.y over 65535", "grid exceeds",
-         [] {
-             auto d = dalloc(4);
-             void* a[] = {&d};
-             launch("t_warp_sum", 1, 32, 0, a, 70000);
-         }},
-        {"2048 threads per block", "block exceeds",
-         [] {
-             auto d = dalloc(4);
-             void* a[] = {&d};
-             launch("t_warp_sum", 1, 2048, 0, a);
-         }},
+        {"block dimension 0", "a grid or block dimension is 0", on_buffer("t_warp_sum", 4, 0)},
+        {"grid.y over 65535", "grid exceeds", on_buffer("t_warp_sum", 4, 32, 0, 70000)},
+        {"2048 threads per block", "block exceeds", on_buffer("t_warp_sum", 4, 2048)},
         {"__launch_bounds__ exceeded", "__launch_bounds__(128)",
-         [] {
-             auto d = dalloc(256 * 4);
-             void* a[] = {&d};
-             launch("t_bounded", 1, 256, 0, a);
-         }},
+         on_buffer("t_bounded", 256 * 4, 256)},
         {"host pointer as kernel argument", "is not inside any device allocation",
          [] {
              static float host[64];
@@ -269,11 +260,7 @@ int main() {
              launch("t_warp_sum", 1, 32, 0, a);
          }},
         {"60 KiB dynamic smem without opt-in", "need cuFuncSetAttribute",
-         [] {
-             auto d = dalloc(64 * 4);
-             void* a[] = {&d};
-             launch("t_with_barrier", 1, 64, 60 * 1024, a);
-         }},
+         on_buffer("t_with_barrier", 64 * 4, 64, 60 * 1024)},
         {"60 KiB dynamic smem with opt-in; 65 KiB over it", "the opt-in is 65536 B",
          [] {
              auto d = dalloc(64 * 4);
@@ -290,23 +277,11 @@ int main() {
              if (cuFuncSetAttribute(fn("t_with_barrier"), 8, 300 * 1024) == 0) exit(1);
          }},
         {"divergent __syncthreads", "divergent __syncthreads",
-         [] {
-             auto d = dalloc(64 * 4);
-             void* a[] = {&d};
-             launch("t_divergent_barrier", 1, 64, 0, a);
-         }},
+         on_buffer("t_divergent_barrier", 64 * 4, 64)},
         {"full-mask shuffle in a partial warp", "only 16 live lane(s) of 32",
-         [] {
-             auto d = dalloc(48 * 4);
-             void* a[] = {&d};
-             launch("t_warp_sum", 1, 48, 0, a);
-         }},
+         on_buffer("t_warp_sum", 48 * 4, 48)},
         {"shuffle while the rest of the warp waits at a barrier", "deadlock",
-         [] {
-             auto d = dalloc(64 * 4);
-             void* a[] = {&d};
-             launch("t_shuffle_vs_barrier", 1, 64, 0, a);
-         }},
+         on_buffer("t_shuffle_vs_barrier", 64 * 4, 64)},
         {"global overrun is reported",
 #if defined(__SANITIZE_ADDRESS__)
          "the error above happened in kernel t_overrun",

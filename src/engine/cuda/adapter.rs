@@ -15,71 +15,95 @@ use super::{CudaDevice, CudaError};
 use crate::engine::lora::{Adapter, LoraConfig, LoraPair, Target};
 use crate::engine::optim::{AdamParams, OptimMetrics};
 
-/// One LoRA module on the device.
+/// One LoRA matrix (A or B) on the device with its optimizer state: the four buffers that
+/// make one row of the optimizer table.
+pub(crate) struct GpuTensor {
+    /// f32 master weights.
+    pub w: CudaSlice<f32>,
+    /// Accumulated gradient.
+    pub g: CudaSlice<f32>,
+    /// Adam first moment.
+    pub m: CudaSlice<f32>,
+    /// Adam second moment.
+    pub v: CudaSlice<f32>,
+}
+
+impl GpuTensor {
+    /// Builds the four buffers in table order (weights, gradient, first, second moment).
+    fn build(mut make: impl FnMut(usize) -> R<CudaSlice<f32>>) -> R<GpuTensor> {
+        Ok(GpuTensor { w: make(0)?, g: make(1)?, m: make(2)?, v: make(3)? })
+    }
+
+    /// Weights `w` with a zero gradient and zero moments.
+    fn fresh(dev: &CudaDevice, w: CudaSlice<f32>) -> R<GpuTensor> {
+        let n = w.len();
+        Ok(GpuTensor { w, g: zeros(dev, n)?, m: zeros(dev, n)?, v: zeros(dev, n)? })
+    }
+
+    /// The buffers in table order.
+    fn buffers(&self) -> [&CudaSlice<f32>; 4] {
+        [&self.w, &self.g, &self.m, &self.v]
+    }
+
+    /// Uploads host `[weights, gradient, first moment, second moment]`.
+    fn up(dev: &CudaDevice, host: [&[f32]; 4]) -> R<GpuTensor> {
+        GpuTensor::build(|i| upload(dev, host[i]))
+    }
+
+    /// Downloads into host weights (whose length the caller has checked) and
+    /// `[gradient, first moment, second moment]`.
+    fn down(&self, dev: &CudaDevice, w: &mut [f32], state: [&mut Vec<f32>; 3]) -> R<()> {
+        w.copy_from_slice(&download(dev, &self.w.as_view())?);
+        for (host, s) in state.into_iter().zip([&self.g, &self.m, &self.v]) {
+            *host = download(dev, &s.as_view())?;
+        }
+        Ok(())
+    }
+
+    /// A device-to-device copy of every buffer (no host round trip).
+    fn copy(&self, dev: &CudaDevice) -> R<GpuTensor> {
+        let src = self.buffers();
+        GpuTensor::build(|i| {
+            dev.stream().clone_dtod(src[i]).map_err(CudaError::driver("copying an adapter tensor"))
+        })
+    }
+}
+
+/// One LoRA module on the device: A [r, in] and B [out, r].
 pub(crate) struct GpuPair {
     pub rank: usize,
-    pub a: CudaSlice<f32>,
-    pub b: CudaSlice<f32>,
-    pub ga: CudaSlice<f32>,
-    pub gb: CudaSlice<f32>,
-    pub ma: CudaSlice<f32>,
-    pub va: CudaSlice<f32>,
-    pub mb: CudaSlice<f32>,
-    pub vb: CudaSlice<f32>,
+    pub a: GpuTensor,
+    pub b: GpuTensor,
 }
 
 impl GpuPair {
     fn up(dev: &CudaDevice, p: &LoraPair) -> R<GpuPair> {
         Ok(GpuPair {
             rank: p.rank(),
-            a: upload(dev, p.a.data())?,
-            b: upload(dev, p.b.data())?,
-            ga: upload(dev, &p.grad_a)?,
-            gb: upload(dev, &p.grad_b)?,
-            ma: upload(dev, &p.m_a)?,
-            va: upload(dev, &p.v_a)?,
-            mb: upload(dev, &p.m_b)?,
-            vb: upload(dev, &p.v_b)?,
+            a: GpuTensor::up(dev, [p.a.data(), &p.grad_a, &p.m_a, &p.v_a])?,
+            b: GpuTensor::up(dev, [p.b.data(), &p.grad_b, &p.m_b, &p.v_b])?,
         })
     }
 
     fn down(&self, dev: &CudaDevice, p: &mut LoraPair) -> R<()> {
-        let get = |s: &CudaSlice<f32>| download(dev, &s.as_view());
-        let (a, b) = (get(&self.a)?, get(&self.b)?);
-        if a.len() != p.a.len() || b.len() != p.b.len() {
+        if self.a.w.len() != p.a.len() || self.b.w.len() != p.b.len() {
             return Err(mismatch("download"));
         }
-        p.a.data_mut().copy_from_slice(&a);
-        p.b.data_mut().copy_from_slice(&b);
-        p.grad_a = get(&self.ga)?;
-        p.grad_b = get(&self.gb)?;
-        p.m_a = get(&self.ma)?;
-        p.v_a = get(&self.va)?;
-        p.m_b = get(&self.mb)?;
-        p.v_b = get(&self.vb)?;
-        Ok(())
+        self.a.down(dev, p.a.data_mut(), [&mut p.grad_a, &mut p.m_a, &mut p.v_a])?;
+        self.b.down(dev, p.b.data_mut(), [&mut p.grad_b, &mut p.m_b, &mut p.v_b])
     }
 
     /// A device-to-device copy of every buffer (no host round trip).
     fn copy(&self, dev: &CudaDevice) -> R<GpuPair> {
-        let cp = |s: &CudaSlice<f32>| {
-            dev.stream().clone_dtod(s).map_err(CudaError::driver("copying an adapter tensor"))
-        };
-        Ok(GpuPair {
-            rank: self.rank,
-            a: cp(&self.a)?,
-            b: cp(&self.b)?,
-            ga: cp(&self.ga)?,
-            gb: cp(&self.gb)?,
-            ma: cp(&self.ma)?,
-            va: cp(&self.va)?,
-            mb: cp(&self.mb)?,
-            vb: cp(&self.vb)?,
-        })
+        Ok(GpuPair { rank: self.rank, a: self.a.copy(dev)?, b: self.b.copy(dev)? })
     }
 
     fn grads(&self) -> [&CudaSlice<f32>; 2] {
-        [&self.ga, &self.gb]
+        [&self.a.g, &self.b.g]
+    }
+
+    fn grads_mut(&mut self) -> [&mut CudaSlice<f32>; 2] {
+        [&mut self.a.g, &mut self.b.g]
     }
 }
 
@@ -169,14 +193,8 @@ impl CudaAdapter {
             let a: Vec<f32> = (0..r * inp).map(|_| rng.next_f32() * bound).collect();
             Ok(GpuPair {
                 rank: r,
-                a: upload(dev, &a)?,
-                b: zeros(dev, out * r)?,
-                ga: zeros(dev, r * inp)?,
-                gb: zeros(dev, out * r)?,
-                ma: zeros(dev, r * inp)?,
-                va: zeros(dev, r * inp)?,
-                mb: zeros(dev, out * r)?,
-                vb: zeros(dev, out * r)?,
+                a: GpuTensor::fresh(dev, upload(dev, &a)?)?,
+                b: GpuTensor::fresh(dev, zeros(dev, out * r)?)?,
             })
         };
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -259,7 +277,7 @@ impl CudaAdapter {
 
     /// Number of gradient values (`sum of |A| + |B|`), the length of [`Self::grads_to_host`].
     pub fn grad_len(&self) -> usize {
-        self.pairs().map(|p| p.ga.len() + p.gb.len()).sum()
+        self.pairs().map(|p| p.a.g.len() + p.b.g.len()).sum()
     }
 
     /// All accumulated gradients as one host vector (per module A then B, in `pairs()` order):
@@ -284,7 +302,7 @@ impl CudaAdapter {
         }
         let mut off = 0;
         for p in self.pairs_mut() {
-            for g in [&mut p.ga, &mut p.gb] {
+            for g in p.grads_mut() {
                 let n = g.len();
                 dev.stream()
                     .memcpy_htod(&grads[off..off + n], g)
@@ -298,7 +316,7 @@ impl CudaAdapter {
     /// Clears the accumulated gradients.
     pub fn zero_grad(&mut self, dev: &CudaDevice) -> R<()> {
         for p in self.pairs_mut() {
-            for g in [&mut p.ga, &mut p.gb] {
+            for g in p.grads_mut() {
                 dev.stream().memset_zeros(g).map_err(CudaError::driver("zeroing gradients"))?;
             }
         }
@@ -311,13 +329,13 @@ impl CudaAdapter {
             let stream = dev.stream();
             let (mut ptrs, mut lens) = (Vec::new(), Vec::new());
             for p in self.pairs() {
-                for [w, g, m, v] in [[&p.a, &p.ga, &p.ma, &p.va], [&p.b, &p.gb, &p.mb, &p.vb]] {
-                    for s in [w, g, m, v] {
+                for t in [&p.a, &p.b] {
+                    for s in t.buffers() {
                         // event tracking is off (device.rs), so the guard records nothing
                         let (ptr, _guard) = s.device_ptr(stream);
                         ptrs.push(ptr);
                     }
-                    lens.push(i64::try_from(w.len()).map_err(|_| mismatch("optimizer table"))?);
+                    lens.push(i64::try_from(t.w.len()).map_err(|_| mismatch("optimizer table"))?);
                 }
             }
             let max_len = lens.iter().copied().max().unwrap_or(0) as usize;

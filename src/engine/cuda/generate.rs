@@ -10,7 +10,7 @@ use cudarc::driver::CudaSlice;
 use super::CudaError;
 use super::adapter::CudaAdapter;
 use super::decode::{CudaKvCache, invalid};
-use super::layer::{DecodeGroup, KvMode, Pack};
+use super::layer::{DecodeGroup, DecodeRows, KvMode, Pack};
 use super::model::{Act, CudaModel, R, scratch, upload_ws, view, view_mut};
 use super::segment::{SegLora, SegSpec};
 use super::workspace::Buf;
@@ -28,9 +28,7 @@ pub(crate) struct StepHost<'a, T: Act> {
 /// sequence slots fed (whose lengths grow by one when the step succeeds) and the cache.
 pub(crate) struct GroupHost<'a, T: Act> {
     pub rows: std::ops::Range<usize>,
-    pub slots: Vec<i32>,
-    pub table: Vec<i32>,
-    pub ctx: Vec<i32>,
+    pub idx: DecodeRows<Vec<i32>>,
     /// The split-KV decode's context hint: the longest context rounded up to a power of two
     /// (at least 64), so that it changes rarely and a captured graph (which bakes in the split
     /// count) serves many tokens; correctness never depends on it.
@@ -130,7 +128,8 @@ impl<T: Act> CudaModel<T> {
             let fed = g.items.iter().map(|x| x.0).collect();
             let longest = ctx.iter().map(|&c| c as usize).max().unwrap_or(0);
             let max_ctx = longest.next_power_of_two().max(64);
-            hosts.push(GroupHost { rows, slots, table, ctx, max_ctx, fed, cache: g.cache });
+            let idx = DecodeRows { slots, table, ctx };
+            hosts.push(GroupHost { rows, idx, max_ctx, fed, cache: g.cache });
         }
         let step = StepHost { tokens, positions, specs, groups: hosts };
         if self.graphs_usable() {
@@ -158,14 +157,8 @@ impl<T: Act> CudaModel<T> {
         let mut decode = Vec::with_capacity(step.groups.len());
         let mut fed = Vec::with_capacity(step.groups.len());
         for g in step.groups {
-            decode.push(DecodeGroup {
-                rows: g.rows,
-                slots: upload_ws(dev, &g.slots)?,
-                table: upload_ws(dev, &g.table)?,
-                ctx: upload_ws(dev, &g.ctx)?,
-                max_ctx: g.max_ctx,
-                cache: g.cache,
-            });
+            let idx = g.idx.upload(dev)?;
+            decode.push(DecodeGroup { rows: g.rows, idx, max_ctx: g.max_ctx, cache: g.cache });
             fed.push(g.fed);
         }
         Ok((p, lora, KvMode::Decode(decode), fed))

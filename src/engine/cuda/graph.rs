@@ -31,7 +31,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
 use super::CudaError;
 use super::generate::StepHost;
-use super::layer::{KvMode, Pack};
+use super::layer::{DecodeRows, KvMode, Pack};
 use super::model::{Act, CudaModel, R, scratch, view, view_mut};
 use super::segment::{SegHost, SegLora};
 use super::workspace::{Buf, Workspace};
@@ -64,8 +64,8 @@ struct Entry {
     graph: Graph,
     pack: Pack,
     lora: SegLora,
-    /// (slots, table, ctx) per group.
-    inputs: Vec<[Buf<i32>; 3]>,
+    /// Each group's per-row indices, refilled on a replay.
+    inputs: Vec<DecodeRows<Buf<i32>>>,
     logits: Buf<f32>,
     _pool: Arc<Workspace>,
 }
@@ -212,7 +212,7 @@ impl<T: Act> CudaModel<T> {
         let mut inputs = Vec::with_capacity(groups.len());
         for (g, seqs) in groups.into_iter().zip(fed) {
             g.cache.advance(&seqs);
-            inputs.push([g.slots, g.table, g.ctx]);
+            inputs.push(g.idx);
         }
         match captured {
             Ok((graph, logits)) => {
@@ -265,10 +265,10 @@ impl<T: Act> CudaModel<T> {
         stream.memcpy_htod(&to_i32(&step.tokens), &mut *e.pack.ids).map_err(e_in())?;
         stream.memcpy_htod(&to_i32(&step.positions), &mut *e.pack.pos).map_err(e_in())?;
         e.lora.refill(self, tables)?;
-        for (g, [slots, table, ctx]) in step.groups.iter().zip(e.inputs.iter_mut()) {
-            stream.memcpy_htod(&g.slots, &mut **slots).map_err(e_in())?;
-            stream.memcpy_htod(&g.table, &mut **table).map_err(e_in())?;
-            stream.memcpy_htod(&g.ctx, &mut **ctx).map_err(e_in())?;
+        for (g, dst) in step.groups.iter().zip(e.inputs.iter_mut()) {
+            for (host, buf) in g.idx.parts().into_iter().zip(dst.parts_mut()) {
+                stream.memcpy_htod(host, &mut **buf).map_err(e_in())?;
+            }
         }
         e.graph.0.launch().map_err(CudaError::driver("launching a decode graph"))?;
         self.graphs.replays.fetch_add(1, Ordering::Relaxed);

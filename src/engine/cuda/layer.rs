@@ -7,13 +7,13 @@
 //! x being the GEMM's separate C input (`linear.rs`); that buffer becomes the new `x`, so the
 //! old `x` is kept as the saved block input without a copy or an extra pass.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView};
 
 use super::CudaError;
 use super::decode::CudaKvCache;
 use super::launch as k;
-use super::launch::{RopeDst, RopeIn};
-use super::linear::Part;
+use super::launch::{LoraSegs, RopeDst, RopeIn};
+use super::linear::{DLinear, Part};
 use super::model::{Act, CudaModel, R, scratch, slot, upload_ws, view, view_mut};
 use super::segment::SegLora;
 use super::workspace::Buf;
@@ -50,22 +50,20 @@ impl Pack {
                 msg: format!("{what} {v} exceeds i32"),
             })
         };
-        let ids = tokens.iter().map(|&t| to_i32(t, "token")).collect::<R<Vec<_>>>()?;
-        let pos = positions.iter().map(|&t| to_i32(t, "position")).collect::<R<Vec<_>>>()?;
+        let dev = &*m.dev;
+        // converted and uploaded in one go: the i32 copies are only staging
+        let up = |v: &[u32], what: &str| {
+            let v = v.iter().map(|&t| to_i32(t, what)).collect::<R<Vec<_>>>()?;
+            upload_ws(dev, &v)
+        };
+        let (ids, pos) = (up(tokens, "token")?, up(positions, "position")?);
         let mut cu = Vec::with_capacity(seqs.len() + 1);
         cu.push(0i32);
         for &(start, len) in seqs {
             cu.push(to_i32((start + len) as u32, "row")?);
         }
         let max_len = seqs.iter().map(|s| s.1).max().unwrap_or(0);
-        let dev = &*m.dev;
-        Ok(Pack {
-            rows,
-            ids: upload_ws(dev, &ids)?,
-            pos: upload_ws(dev, &pos)?,
-            cu: upload_ws(dev, &cu)?,
-            max_len,
-        })
+        Ok(Pack { rows, ids, pos, cu: upload_ws(dev, &cu)?, max_len })
     }
 }
 
@@ -80,15 +78,40 @@ pub(crate) enum KvMode<'a, T: Act> {
     Decode(Vec<DecodeGroup<'a, T>>),
 }
 
-/// One cache's rows of a decode pass: each row is appended to `cache` at `slots`, then attends
-/// to its cached context (`table` [rows] = the sequence's cache block, `ctx` [rows] = its
-/// length after the append, `max_ctx` the longest of those: it sizes the decode kernel's
-/// split count).
+/// The per-row indices of a decode group, on the host (`Vec<i32>`, built per step) or the
+/// device (`Buf<i32>`): each row is appended to its cache at `slots`, then attends to its cached
+/// context (`table` = the sequence's cache block, `ctx` = its length after the append).
+pub(crate) struct DecodeRows<V> {
+    pub slots: V,
+    pub table: V,
+    pub ctx: V,
+}
+
+impl<V> DecodeRows<V> {
+    pub fn parts(&self) -> [&V; 3] {
+        [&self.slots, &self.table, &self.ctx]
+    }
+
+    pub fn parts_mut(&mut self) -> [&mut V; 3] {
+        [&mut self.slots, &mut self.table, &mut self.ctx]
+    }
+}
+
+impl DecodeRows<Vec<i32>> {
+    pub fn upload(&self, dev: &super::CudaDevice) -> R<DecodeRows<Buf<i32>>> {
+        Ok(DecodeRows {
+            slots: upload_ws(dev, &self.slots)?,
+            table: upload_ws(dev, &self.table)?,
+            ctx: upload_ws(dev, &self.ctx)?,
+        })
+    }
+}
+
+/// One cache's rows of a decode pass (`max_ctx`: the longest context after the append, which
+/// sizes the decode kernel's split count).
 pub(crate) struct DecodeGroup<'a, T: Act> {
     pub rows: std::ops::Range<usize>,
-    pub slots: Buf<i32>,
-    pub table: Buf<i32>,
-    pub ctx: Buf<i32>,
+    pub idx: DecodeRows<Buf<i32>>,
     pub max_ctx: usize,
     pub cache: &'a mut CudaKvCache<T>,
 }
@@ -197,6 +220,24 @@ impl<T: Act> CudaModel<T> {
         Ok(())
     }
 
+    /// A projection with one LoRA (`x_proj` [rows, lin.inp]) added onto the residual stream `x`
+    /// [rows, hidden] in a fresh buffer (C != D in the GEMM): `x` stays intact for the backward
+    /// without a copy or a separate residual pass. Returns the new stream and the LoRA's
+    /// intermediate.
+    fn residual_fwd(
+        &self,
+        x_proj: &CudaView<'_, T>,
+        x: &Buf<T>,
+        rows: usize,
+        lin: &DLinear<T>,
+        lora: Option<LoraSegs<'_>>,
+    ) -> R<(Buf<T>, Option<Buf<f32>>)> {
+        let residual = view(x, 0, rows * self.cfg.hidden_size)?;
+        let (y, [h]) =
+            self.lin_fwd(x_proj, rows, lin, [Part::new(lora.as_ref(), 0)], Some(&residual))?;
+        Ok((y, h))
+    }
+
     /// One layer on the residual stream `x`; returns the new stream (and the saved activations
     /// when `save`).
     fn layer_fwd(
@@ -290,7 +331,7 @@ impl<T: Act> CudaModel<T> {
                     let (kc, vc) = g.cache.append(
                         dev,
                         l,
-                        &view(&g.slots, 0, nr)?,
+                        &view(&g.idx.slots, 0, nr)?,
                         &view(&kp, k0, k1)?,
                         &view(&vp, k0, k1)?,
                         nkv * hdp,
@@ -306,23 +347,17 @@ impl<T: Act> CudaModel<T> {
                         &view(&qp, q0, q1)?,
                         &kc.as_view(),
                         &vc.as_view(),
-                        &view(&g.table, 0, nr)?,
-                        &view(&g.ctx, 0, nr)?,
+                        &view(&g.idx.table, 0, nr)?,
+                        &view(&g.idx.ctx, 0, nr)?,
                         &shape,
                     )?;
                 }
             }
         }
         let attn = self.unpad(&outp, rows * nh)?;
-        // x_mid = x_in + o in a fresh buffer (C != D in the GEMM): x_in stays intact for the
-        // backward without a copy or a separate residual pass
-        let (o, [ho]) = self.lin_fwd(
-            &view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?,
-            rows,
-            &lw.o,
-            [Part::new(m(Target::O)?.as_ref(), 0)],
-            Some(&view(&x, 0, rows * hid)?),
-        )?;
+        // x_mid = x_in + o
+        let o_in = view(attn.as_ref().map_or(&*outp, |a| &**a), 0, rows * nh * hd)?;
+        let (o, ho) = self.residual_fwd(&o_in, &x, rows, &lw.o, m(Target::O)?)?;
         let (x_in, x) = (x, o);
 
         let (h2, rstd2) = self.rmsnorm(&view(&x, 0, rows * hid)?, &lw.post_norm)?;
@@ -339,13 +374,8 @@ impl<T: Act> CudaModel<T> {
             &view(&gu, 0, 2 * rows * inter)?,
             inter,
         )?;
-        let (d, [hdn]) = self.lin_fwd(
-            &view(&act, 0, rows * inter)?,
-            rows,
-            &lw.down,
-            [Part::new(m(Target::Down)?.as_ref(), 0)],
-            Some(&view(&x, 0, rows * hid)?),
-        )?;
+        let down_in = view(&act, 0, rows * inter)?;
+        let (d, hdn) = self.residual_fwd(&down_in, &x, rows, &lw.down, m(Target::Down)?)?;
         let (x_mid, x) = (x, d);
         if !save {
             return Ok((x, None));

@@ -103,6 +103,24 @@ impl<'s, 'a> Part<'s, 'a> {
 }
 
 impl<T: Act> CudaModel<T> {
+    /// A part's LoRA on `lin` over `rows`: a scratch for its rank-sized intermediate
+    /// [rows, max rank] (rows of segments without a LoRA here are neither written nor read),
+    /// and the segment calls of A (the `inp` input columns) and B (the part's window of the
+    /// `out` output columns).
+    fn lora_plan(
+        &self,
+        rows: usize,
+        lin: &DLinear<T>,
+        ls: &LoraSegs<'_>,
+        off: usize,
+    ) -> R<(Buf<f32>, SegCall, SegCall)> {
+        let hs = ls.max_rank();
+        let h = scratch::<f32>(&self.dev, rows * hs)?;
+        let c_in = SegCall::compact(0..rows, lin.inp, hs, 0);
+        let c_out = SegCall::compact(0..rows, ls.dims.1, hs, 0).window(lin.out, off);
+        Ok((h, c_in, c_out))
+    }
+
     /// y = x W^T (+ bias) (+ residual), then each part's LoRA added into its column window of
     /// y (+ s (x A^T) B^T, each row with its segment's adapter); returns y and each part's LoRA
     /// intermediate h = x A^T [rows, max rank] (None without a LoRA). The bias and the residual
@@ -127,12 +145,8 @@ impl<T: Act> CudaModel<T> {
         let mut hs: LoraH<N> = std::array::from_fn(|_| None);
         for (part, h_out) in parts.iter().zip(hs.iter_mut()) {
             let Some(ls) = part.lora else { continue };
-            let hs = ls.max_rank();
-            // rows of segments without a LoRA here are neither written nor read
-            let mut h = scratch::<f32>(dev, rows * hs)?;
-            let mut hv = view_mut(&mut h, 0, rows * hs)?;
-            let shrink = SegCall::compact(0..rows, lin.inp, hs, 0);
-            let expand = SegCall::compact(0..rows, ls.dims.1, hs, 0).window(lin.out, part.off);
+            let (mut h, shrink, expand) = self.lora_plan(rows, lin, ls, part.off)?;
+            let mut hv = view_mut(&mut h, 0, rows * ls.max_rank())?;
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
                 k::lora_seg(dev, k::SegOp::Shrink { h: &mut hv, x }, ls, LoraTensor::A, &shrink)?;
@@ -179,10 +193,8 @@ impl<T: Act> CudaModel<T> {
         for (part, h) in parts {
             let (Some(ls), Some(h)) = (part.lora, h) else { continue };
             let hs = ls.max_rank();
-            let mut dh = scratch::<f32>(dev, rows * hs)?;
+            let (mut dh, c_in, c_out) = self.lora_plan(rows, lin, ls, part.off)?;
             let mut dhv = view_mut(&mut dh, 0, rows * hs)?;
-            let c_in = SegCall::compact(0..rows, lin.inp, hs, 0);
-            let c_out = SegCall::compact(0..rows, ls.dims.1, hs, 0).window(lin.out, part.off);
             // SAFETY: the pass's table addresses its adapters' live tensors (`SegLora::new`).
             unsafe {
                 k::lora_seg(

@@ -16,20 +16,27 @@ use super::CudaError;
 /// Shared prelude (bf16, reductions) prepended to every kernel file.
 pub const COMMON_PRELUDE: &str = include_str!("../../../kernels/common.cuh");
 
+/// `(file name, source)` of each named `kernels/<name>.cu`, embedded at compile time.
+macro_rules! kernel_files {
+    ($($name:literal),* $(,)?) => {
+        &[$((concat!($name, ".cu"), include_str!(concat!("../../../kernels/", $name, ".cu")))),*]
+    };
+}
+
 /// Every kernel file, one per op family, as (file name, source).
-pub const KERNEL_FILES: &[(&str, &str)] = &[
-    ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
-    ("embedding.cu", include_str!("../../../kernels/embedding.cu")),
-    ("rmsnorm.cu", include_str!("../../../kernels/rmsnorm.cu")),
-    ("rope.cu", include_str!("../../../kernels/rope.cu")),
-    ("swiglu.cu", include_str!("../../../kernels/swiglu.cu")),
-    ("attention.cu", include_str!("../../../kernels/attention.cu")),
-    ("flash.cu", include_str!("../../../kernels/flash.cu")),
-    ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
-    ("lora.cu", include_str!("../../../kernels/lora.cu")),
-    ("loss.cu", include_str!("../../../kernels/loss.cu")),
-    ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
-    ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
+pub const KERNEL_FILES: &[(&str, &str)] = kernel_files![
+    "elementwise",
+    "embedding",
+    "rmsnorm",
+    "rope",
+    "swiglu",
+    "attention",
+    "flash",
+    "kv_cache",
+    "lora",
+    "loss",
+    "adamw",
+    "sampling",
 ];
 
 /// Environment variable naming the full path of libnvrtc.so.N to use (preloaded before cudarc

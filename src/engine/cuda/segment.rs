@@ -113,11 +113,11 @@ impl SegLora {
                 let Some(p) = p else { continue };
                 check_pair(p, dims[mi])?;
                 let e = &mut tab[(mi * specs.len() + si) * LORA_TAB_STRIDE..][..LORA_TAB_STRIDE];
-                e[0] = addr(&p.a);
-                e[1] = addr(&p.b);
+                e[0] = addr(&p.a.w);
+                e[1] = addr(&p.b.w);
                 if s.train {
-                    e[2] = addr(&p.ga);
-                    e[3] = addr(&p.gb);
+                    e[2] = addr(&p.a.g);
+                    e[3] = addr(&p.b.g);
                 }
                 e[4] = p.rank as u64;
                 e[5] = u64::from(a.scaling.to_bits());
@@ -169,8 +169,8 @@ impl SegLora {
 fn check_pair(p: &GpuPair, (inp, out): (usize, usize)) -> R<()> {
     if p.rank == 0
         || p.rank > LORA_MAX_RANK
-        || p.a.len() != p.rank * inp
-        || p.b.len() != out * p.rank
+        || p.a.w.len() != p.rank * inp
+        || p.b.w.len() != out * p.rank
     {
         return Err(shape_err("an adapter module does not match the model's shapes"));
     }

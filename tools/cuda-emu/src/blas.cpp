@@ -156,15 +156,8 @@ Status gemm(Handle* h, int ta, int tb, int m, int n, int k, const void* alpha_p,
 
 }  // namespace
 
-EMU_API Status cublasCreate_v2(void** h) {
-    if (!h) return INVALID_VALUE;
-    *h = new Handle{};
-    return SUCCESS;
-}
-EMU_API Status cublasDestroy_v2(void* h) {
-    delete static_cast<Handle*>(h);
-    return SUCCESS;
-}
+EMU_API Status cublasCreate_v2(void** h) { return emu::create_object<Handle>(h); }
+EMU_API Status cublasDestroy_v2(void* h) { return emu::destroy_object<Handle>(h); }
 EMU_API Status cublasGetVersion_v2(void*, int* v) {
     if (!v) return INVALID_VALUE;
     *v = 130000;

@@ -73,6 +73,25 @@ bool take(const void* buf, std::size_t size, V* out) {
     return true;
 }
 
+// What a descriptor's attribute store reports besides a status of its own (never a cuBLAS
+// status: those are >= 0).
+constexpr Status WRONG_SIZE = -1, UNKNOWN_ATTRIBUTE = -2;
+
+// The frame of the descriptor attribute setters: a null descriptor is INVALID_VALUE; else
+// `store` writes attribute `attr` into it, and its WRONG_SIZE or UNKNOWN_ATTRIBUTE becomes the
+// failure cuBLASLt reports.
+template <class T, class Store>
+Status set_attribute(const char* api, void* obj, int attr, Store store) {
+    if (!obj) return INVALID_VALUE;
+    const Status st = store(*static_cast<T*>(obj));
+    if (st == WRONG_SIZE) return fail(INVALID_VALUE, api, "attribute buffer of the wrong size");
+    if (st == UNKNOWN_ATTRIBUTE) {
+        fprintf(stderr, "cuda-emu: %s: attribute %d\n", api, attr);
+        return fail(NOT_SUPPORTED, api, "attribute not implemented by the emulator");
+    }
+    return st;
+}
+
 uint32_t alignment_of(const void* p) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     uint32_t al = 1;
@@ -112,15 +131,9 @@ Status plan(const Desc* d, const Layout* a, const Layout* b, const Layout* c, co
 
 }  // namespace
 
-EMU_API Status cublasLtCreate(void** h) {
-    if (!h) return INVALID_VALUE;
-    *h = new Handle{};
-    return SUCCESS;
-}
+EMU_API Status cublasLtCreate(void** h) { return emu::create_object<Handle>(h); }
 EMU_API Status cublasLtDestroy(void* h) {
-    if (!h) return NOT_INITIALIZED;
-    delete static_cast<Handle*>(h);
-    return SUCCESS;
+    return h ? emu::destroy_object<Handle>(h) : NOT_INITIALIZED;
 }
 
 EMU_API Status cublasLtMatmulDescCreate(void** out, int compute, int scale) {
@@ -131,41 +144,36 @@ EMU_API Status cublasLtMatmulDescCreate(void** out, int compute, int scale) {
     *out = d;
     return SUCCESS;
 }
-EMU_API Status cublasLtMatmulDescDestroy(void* d) {
-    delete static_cast<Desc*>(d);
-    return SUCCESS;
-}
+EMU_API Status cublasLtMatmulDescDestroy(void* d) { return emu::destroy_object<Desc>(d); }
 EMU_API Status cublasLtMatmulDescSetAttribute(void* desc, int attr, const void* buf,
                                               std::size_t size) {
     const char* api = "cublasLtMatmulDescSetAttribute";
-    Desc* d = static_cast<Desc*>(desc);
-    if (!d) return INVALID_VALUE;
-    bool ok;
-    switch (attr) {
-        case 1: ok = take(buf, size, &d->scale); break;         // SCALE_TYPE
-        case 2: ok = take(buf, size, &d->pointer_mode); break;  // POINTER_MODE
-        case 3: ok = take(buf, size, &d->ta); break;            // TRANSA
-        case 4: ok = take(buf, size, &d->tb); break;            // TRANSB
-        case 7: {                                               // EPILOGUE
-            int e = 0;
-            ok = take(buf, size, &e);
-            if (ok && e != EPILOGUE_DEFAULT && e != EPILOGUE_BIAS) {
-                fprintf(stderr, "cuda-emu: %s: epilogue %d\n", api, e);
-                return fail(NOT_SUPPORTED, api, "epilogue not implemented by the emulator");
+    return set_attribute<Desc>(api, desc, attr, [&](Desc& d) -> Status {
+        bool ok;
+        switch (attr) {
+            case 1: ok = take(buf, size, &d.scale); break;         // SCALE_TYPE
+            case 2: ok = take(buf, size, &d.pointer_mode); break;  // POINTER_MODE
+            case 3: ok = take(buf, size, &d.ta); break;            // TRANSA
+            case 4: ok = take(buf, size, &d.tb); break;            // TRANSB
+            case 7: {                                              // EPILOGUE
+                int e = 0;
+                ok = take(buf, size, &e);
+                if (ok && e != EPILOGUE_DEFAULT && e != EPILOGUE_BIAS) {
+                    fprintf(stderr, "cuda-emu: %s: epilogue %d\n", api, e);
+                    return fail(NOT_SUPPORTED, api, "epilogue not implemented by the emulator");
+                }
+                if (ok) d.epilogue = e;
+                break;
             }
-            if (ok) d->epilogue = e;
-            break;
+            case 8: ok = take(buf, size, &d.bias); break;        // BIAS_POINTER
+            case 26: ok = take(buf, size, &d.bias_type); break;  // BIAS_DATA_TYPE
+            default: return UNKNOWN_ATTRIBUTE;
         }
-        case 8: ok = take(buf, size, &d->bias); break;        // BIAS_POINTER
-        case 26: ok = take(buf, size, &d->bias_type); break;  // BIAS_DATA_TYPE
-        default:
-            fprintf(stderr, "cuda-emu: %s: attribute %d\n", api, attr);
-            return fail(NOT_SUPPORTED, api, "attribute not implemented by the emulator");
-    }
-    if (!ok) return fail(INVALID_VALUE, api, "attribute buffer of the wrong size");
-    if ((attr == 3 || attr == 4) && (d->ta < OP_N || d->ta > OP_T || d->tb < OP_N || d->tb > OP_T))
-        return fail(NOT_SUPPORTED, api, "transpose other than N or T");
-    return SUCCESS;
+        if (!ok) return WRONG_SIZE;
+        if ((attr == 3 || attr == 4) && (d.ta < OP_N || d.ta > OP_T || d.tb < OP_N || d.tb > OP_T))
+            return fail(NOT_SUPPORTED, api, "transpose other than N or T");
+        return SUCCESS;
+    });
 }
 
 EMU_API Status cublasLtMatrixLayoutCreate(void** out, int type, uint64_t rows, uint64_t cols,
@@ -178,10 +186,7 @@ EMU_API Status cublasLtMatrixLayoutCreate(void** out, int type, uint64_t rows, u
     *out = new Layout{type, rows, cols, ld};
     return SUCCESS;
 }
-EMU_API Status cublasLtMatrixLayoutDestroy(void* l) {
-    delete static_cast<Layout*>(l);
-    return SUCCESS;
-}
+EMU_API Status cublasLtMatrixLayoutDestroy(void* l) { return emu::destroy_object<Layout>(l); }
 EMU_API Status cublasLtMatrixLayoutSetAttribute(void* l, int attr, const void* buf,
                                                 std::size_t size) {
     const char* api = "cublasLtMatrixLayoutSetAttribute";
@@ -193,30 +198,18 @@ EMU_API Status cublasLtMatrixLayoutSetAttribute(void* l, int attr, const void* b
     return fail(NOT_SUPPORTED, api, "only column order and batch count 1 are implemented");
 }
 
-EMU_API Status cublasLtMatmulPreferenceCreate(void** out) {
-    if (!out) return INVALID_VALUE;
-    *out = new Pref{};
-    return SUCCESS;
-}
-EMU_API Status cublasLtMatmulPreferenceDestroy(void* p) {
-    delete static_cast<Pref*>(p);
-    return SUCCESS;
-}
+EMU_API Status cublasLtMatmulPreferenceCreate(void** out) { return emu::create_object<Pref>(out); }
+EMU_API Status cublasLtMatmulPreferenceDestroy(void* p) { return emu::destroy_object<Pref>(p); }
 EMU_API Status cublasLtMatmulPreferenceSetAttribute(void* pref, int attr, const void* buf,
                                                     std::size_t size) {
     const char* api = "cublasLtMatmulPreferenceSetAttribute";
-    Pref* p = static_cast<Pref*>(pref);
-    if (!p) return INVALID_VALUE;
-    bool ok;
-    if (attr == 1) {  // MAX_WORKSPACE_BYTES
-        ok = take(buf, size, &p->max_workspace);
-    } else if (attr >= 5 && attr <= 8) {  // MIN_ALIGNMENT_{A,B,C,D}_BYTES
-        ok = take(buf, size, &p->align[attr - 5]);
-    } else {
-        fprintf(stderr, "cuda-emu: %s: attribute %d\n", api, attr);
-        return fail(NOT_SUPPORTED, api, "attribute not implemented by the emulator");
-    }
-    return ok ? SUCCESS : fail(INVALID_VALUE, api, "attribute buffer of the wrong size");
+    return set_attribute<Pref>(api, pref, attr, [&](Pref& p) -> Status {
+        if (attr == 1)  // MAX_WORKSPACE_BYTES
+            return take(buf, size, &p.max_workspace) ? SUCCESS : WRONG_SIZE;
+        if (attr >= 5 && attr <= 8)  // MIN_ALIGNMENT_{A,B,C,D}_BYTES
+            return take(buf, size, &p.align[attr - 5]) ? SUCCESS : WRONG_SIZE;
+        return UNKNOWN_ATTRIBUTE;
+    });
 }
 
 EMU_API Status cublasLtMatmulAlgoGetHeuristic(void* h, void* desc, void* a, void* b, void* c,

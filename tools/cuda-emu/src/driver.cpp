@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -397,6 +398,22 @@ bool refuse_in_capture(void* stream, const char* api) {
     emu::invalidate(stream, api);
     return true;
 }
+// A device range an async call names: the driver checks a captured operation's operands when it
+// is recorded, not at the replay.
+struct Operand {
+    const char* what;
+    CUdeviceptr p;
+    std::size_t n;
+};
+// An async memset or device copy: recorded into the capture of `s` (its operands checked now,
+// under the async API's name), else done at once by `now`.
+template <class Now>
+CUresult record_or_run(void* s, const char* api, std::initializer_list<Operand> ops, Now now) {
+    if (!emu::capturing(s)) return now();
+    for (const Operand& o : ops) emu::check_range(api, o.what, o.p, o.n);
+    emu::record(s, [now] { now(); });
+    return OK;
+}
 EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t n) {
     if (refuse_in_capture(nullptr, "cuMemAlloc")) return CAPTURE_UNSUPPORTED;
     return dev_alloc(p, n);
@@ -446,12 +463,8 @@ EMU_API CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, std::size_t n) {
     return OK;
 }
 EMU_API CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, std::size_t n, void* s) {
-    if (emu::capturing(s)) {
-        emu::check_range("cuMemsetD8Async", "destination", p, n);
-        emu::record(s, [=] { cuMemsetD8_v2(p, v, n); });
-        return OK;
-    }
-    return cuMemsetD8_v2(p, v, n);
+    return record_or_run(s, "cuMemsetD8Async", {{"destination", p, n}},
+                         [=] { return cuMemsetD8_v2(p, v, n); });
 }
 EMU_API CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, std::size_t n) {
     if (n == 0) return OK;
@@ -461,12 +474,8 @@ EMU_API CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, std::size_t n) {
     return OK;
 }
 EMU_API CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, std::size_t n, void* s) {
-    if (emu::capturing(s)) {
-        emu::check_range("cuMemsetD32Async", "destination", p, n * 4);
-        emu::record(s, [=] { cuMemsetD32_v2(p, v, n); });
-        return OK;
-    }
-    return cuMemsetD32_v2(p, v, n);
+    return record_or_run(s, "cuMemsetD32Async", {{"destination", p, n * 4}},
+                         [=] { return cuMemsetD32_v2(p, v, n); });
 }
 EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, std::size_t n) {
     if (n == 0) return OK;
@@ -497,13 +506,8 @@ EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n
     return OK;
 }
 EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, std::size_t n, void* s) {
-    if (emu::capturing(s)) {
-        emu::check_range("cuMemcpyDtoDAsync", "source", src, n);
-        emu::check_range("cuMemcpyDtoDAsync", "destination", dst, n);
-        emu::record(s, [=] { cuMemcpyDtoD_v2(dst, src, n); });
-        return OK;
-    }
-    return cuMemcpyDtoD_v2(dst, src, n);
+    return record_or_run(s, "cuMemcpyDtoDAsync", {{"source", src, n}, {"destination", dst, n}},
+                         [=] { return cuMemcpyDtoD_v2(dst, src, n); });
 }
 EMU_API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, std::size_t n) {
     // Unified addressing: either side may be host memory; check whichever is device memory.

@@ -87,4 +87,18 @@ struct GemmArgs {
 };
 int gemm_run(const GemmArgs& g, const char* api);
 
+// cuBLAS(Lt)'s create / destroy of an opaque object with no creation arguments: a new default
+// `T` in *out (CUBLAS_STATUS_INVALID_VALUE for a null out), and its deletion.
+template <class T>
+int create_object(void** out) {
+    if (!out) return 7;
+    *out = new T{};
+    return 0;
+}
+template <class T>
+int destroy_object(void* p) {
+    delete static_cast<T*>(p);
+    return 0;
+}
+
 }  // namespace emu
