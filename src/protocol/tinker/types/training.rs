@@ -137,6 +137,18 @@ pub struct OptimStepResponse {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What both checkpoint saves carry beside the name: the request's place in the model's order,
+/// the checkpoint's lifetime and its metadata.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SaveOptions {
+    #[serde(default)]
+    pub seq_id: Option<i64>,
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    #[serde(default)]
+    pub user_metadata: Option<Metadata>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SaveWeightsRequest {
     pub model_id: String,
@@ -144,13 +156,9 @@ pub struct SaveWeightsRequest {
     #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
-    pub seq_id: Option<i64>,
-    #[serde(default)]
     pub overwrite: bool,
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
-    #[serde(default)]
-    pub user_metadata: Option<Metadata>,
+    #[serde(flatten)]
+    pub options: SaveOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -163,12 +171,8 @@ pub struct SaveWeightsForSamplerRequest {
     /// `snapshot` (default) or `inflight`.
     #[serde(default)]
     pub kind: Option<String>,
-    #[serde(default)]
-    pub seq_id: Option<i64>,
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
-    #[serde(default)]
-    pub user_metadata: Option<Metadata>,
+    #[serde(flatten)]
+    pub options: SaveOptions,
 }
 
 /// The two forms of `save_weights_for_sampler`.
