@@ -138,14 +138,12 @@ pub struct OptimStepResponse {
 }
 
 /// What both checkpoint saves carry beside the name: the request's place in the model's order,
-/// the checkpoint's lifetime and its metadata.
+/// the checkpoint's lifetime and its metadata; each may be absent.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SaveOptions {
-    #[serde(default)]
     pub seq_id: Option<i64>,
-    #[serde(default)]
     pub ttl_seconds: Option<i64>,
-    #[serde(default)]
     pub user_metadata: Option<Metadata>,
 }
 
