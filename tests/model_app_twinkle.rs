@@ -100,6 +100,16 @@ fn alice<S>(app: &S) -> Client<'_, S> {
     Client { app, token: "alice", scope: "s1", base: "/m/twinkle" }
 }
 
+/// [`alice`] with adapter `a` added (accumulating over `ga` micro-batches) and its optimizer set.
+async fn alice_adapter<S>(app: &S, ga: u64) -> Client<'_, S>
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    let c = alice(app);
+    c.adapter(ga).await;
+    c
+}
+
 fn feature() -> Value {
     let ids: Vec<u32> = SEQ.to_vec();
     let mut labels: Vec<i64> = vec![-100; ids.len()];
@@ -118,8 +128,7 @@ fn layer(root: &std::path::Path) -> Arc<TwinkleModel> {
 #[actix_web::test]
 async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
     let (_t, app) = served_layer(true).await;
-    let c = alice(&app);
-    c.adapter(2).await;
+    let c = alice_adapter(&app, 2).await;
     c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 2})).await;
     let x = feature();
     let l0 = c.loss(&x).await;
@@ -153,8 +162,7 @@ async fn accumulation_clip_step_and_schedules_follow_the_boundaries() {
 #[actix_web::test]
 async fn losses_match_their_definitions() {
     let (_t, app) = served_layer(false).await;
-    let c = alice(&app);
-    c.adapter(1).await;
+    let c = alice_adapter(&app, 1).await;
     let x = feature();
     let out = c.ok("forward_only", json!({"adapter_name": "a", "inputs": x})).await;
     let logps: Vec<f64> =
@@ -195,8 +203,7 @@ async fn losses_match_their_definitions() {
 #[actix_web::test]
 async fn save_resume_isolation_and_bad_names() {
     let (_t, app) = served_layer(true).await;
-    let c = alice(&app);
-    c.adapter(1).await;
+    let c = alice_adapter(&app, 1).await;
     let x = feature();
     for _ in 0..3 {
         c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;
@@ -286,8 +293,7 @@ async fn state_dict_heartbeat_and_idle_expiry() {
     let auth = Auth { keys: None, salt: b"s".to_vec(), save_root: t.path().join("save") };
     let tw = Arc::new(TwinkleModel::new(svc.clone(), auth, Duration::from_millis(300), 4));
     let app = serve(&tw, true).await;
-    let c = alice(&app);
-    c.adapter(1).await;
+    let c = alice_adapter(&app, 1).await;
     // PEFT tensor names with [out, in] rows: lora_A is [r, in], lora_B [out, r].
     let sd = c.ok("get_state_dict", json!({"adapter_name": "a"})).await;
     let sd = sd["result"].as_object().unwrap();
@@ -335,8 +341,7 @@ async fn a_restarted_application_keeps_twinkle_adapters() {
         let (svc, tw, restored) = start();
         assert_eq!(restored, 0);
         let app = serve(&tw, true).await;
-        let c = alice(&app);
-        c.adapter(1).await;
+        let c = alice_adapter(&app, 1).await;
         c.ok("set_lr_scheduler", json!({"adapter_name": "a", "scheduler_cls": "LinearLR", "start_factor": 0.5, "total_iters": 4})).await;
         for _ in 0..2 {
             c.ok("forward_backward", json!({"adapter_name": "a", "inputs": x})).await;

@@ -275,7 +275,7 @@ fn sampling_session_bodies() {
     let r: CreateSamplingSessionRequest = parse(
         json!({"session_id":"s","sampling_session_seq_id":1,"model_path":"tinker://s:train:0/sampler_weights/a","type":"create_sampling_session"}),
     );
-    assert_eq!((r.sampling_session_seq_id, r.base_model), (1, None));
+    assert_eq!((r.sampling_session_seq_id, r.source.base_model), (1, None));
     let g = GetSamplerResponse {
         sampler_id: "s:sample:1".into(),
         base_model: "B".into(),

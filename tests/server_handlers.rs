@@ -15,10 +15,24 @@ mod rest;
 #[path = "server_handlers/sampling.rs"]
 mod sampling;
 
+use actix_http::Request;
+use actix_web::body::MessageBody;
+use actix_web::dev::{Service, ServiceResponse};
 use actix_web::test;
 use anyhow::{Result, ensure};
 use serde_json::json;
 use server_handlers_support::*;
+
+/// A new session and its first model (`{session}:train:0`): the ids.
+async fn session_with_model<S, B>(svc: &S) -> Result<(String, String)>
+where
+    S: Service<Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let s = session(svc).await?;
+    let m = model(svc, &s, 0).await?;
+    Ok((s, m))
+}
 
 /// Every Tinker route (method, path under `/api/v1`) the server mounts, in the spec's order.
 const ROUTES: &[(&str, &str)] = &[

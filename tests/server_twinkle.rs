@@ -100,6 +100,11 @@ async fn read(resp: ServiceResponse) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// The `key` string of every object in the list `body[list]`.
+fn each_str<'a>(body: &'a Value, list: &str, key: &str) -> Vec<&'a str> {
+    body[list].as_array().unwrap().iter().map(|r| r[key].as_str().unwrap()).collect()
+}
+
 fn bearer(req: test::TestRequest, token: &str) -> test::TestRequest {
     req.insert_header(("Twinkle-Authorization", format!("Bearer {token}")))
         .insert_header(("Authorization", format!("Bearer {token}")))
@@ -194,12 +199,7 @@ async fn runs_are_listed_per_owner_with_a_cursor() {
         call!(&svc, get("/api/v1/twinkle/training_runs?limit=2&offset=0", "alice")).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["cursor"], json!({"limit": 2, "offset": 0, "total_count": 3}));
-    let ids: Vec<&str> = body["training_runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["training_run_id"].as_str().unwrap())
-        .collect();
+    let ids = each_str(&body, "training_runs", "training_run_id");
     assert_eq!(ids, ["a2-default", "a1-default"], "most recent first");
     assert_eq!(body["training_runs"][0]["model_owner"], owner_hash(SALT, "alice"));
     assert_ne!(body["training_runs"][0]["model_owner"], "alice");
@@ -237,12 +237,7 @@ async fn checkpoints_list_delete_path_and_weights_info() {
         call!(&svc, get(&format!("{base}/training_runs/s1-default/checkpoints"), "alice")).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["cursor"], Value::Null);
-    let ids: Vec<&str> = body["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["checkpoint_id"].as_str().unwrap())
-        .collect();
+    let ids = each_str(&body, "checkpoints", "checkpoint_id");
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&"weights/ep0") && ids.contains(&"weights/ep1"), "{ids:?}");
     assert_eq!(body["checkpoints"][0]["checkpoint_type"], "training");
@@ -256,20 +251,13 @@ async fn checkpoints_list_delete_path_and_weights_info() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["twinkle_path"], "twinkle://s1-default/weights/ep0");
     assert_eq!(body["path"], "twinkle://s1-default/weights/ep0");
-    assert_eq!(
-        call!(&svc, get(&format!("{base}/checkpoint_path/s1-default/weights/ep9"), "alice"))
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        call!(&svc, get(&format!("{base}/checkpoint_path/s1-default/weights/ep0"), "bob")).await.0,
-        404
-    );
-    assert_eq!(
-        call!(&svc, get(&format!("{base}/checkpoint_path/s1-default/other/ep0"), "alice")).await.0,
-        400
-    );
+    // An unknown checkpoint, another owner's, and a kind that is not one.
+    for (ckpt, token, want) in
+        [("weights/ep9", "alice", 404), ("weights/ep0", "bob", 404), ("other/ep0", "alice", 400)]
+    {
+        let url = format!("{base}/checkpoint_path/s1-default/{ckpt}");
+        assert_eq!(call!(&svc, get(&url, token)).await.0, want, "{url} as {token}");
+    }
 
     let wi = |path: &str, tok: &str| {
         post(&format!("{base}/weights_info"), tok, json!({"twinkle_path": path}))
@@ -339,14 +327,11 @@ async fn server_type_selects_gen1_or_tinker_routes() {
     let resp =
         test::call_service(&g1, test::TestRequest::get().uri("/server/healthz").to_request()).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        call!(&g1, get(&format!("/server/training_runs/{run}"), "EMPTY_TOKEN")).await.0,
-        200
-    );
-    assert_eq!(
-        call!(&g1, get(&format!("/server/training_runs/{run}/checkpoints"), "EMPTY_TOKEN")).await.0,
-        200
-    );
+    for url in
+        [format!("/server/training_runs/{run}"), format!("/server/training_runs/{run}/checkpoints")]
+    {
+        assert_eq!(call!(&g1, get(&url, "EMPTY_TOKEN")).await.0, 200, "{url}");
+    }
     let (code, body) =
         call!(&g1, get(&format!("/server/checkpoint_path/{run}/weights/ep0"), "EMPTY_TOKEN")).await;
     assert_eq!(

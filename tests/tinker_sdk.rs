@@ -60,9 +60,24 @@ impl Env {
         Ok(Env { port: free_port()?, save, state_db, sampler: false, cuda: None })
     }
 
+    /// The venv's Python (`None`: the SDK is not installed, skip the test) and serve started on
+    /// a fresh [`Env::new`]`(durable)`.
+    fn started(durable: bool) -> Result<Option<(PathBuf, Env, Serve)>> {
+        let Some(py) = venv_python()? else { return Ok(None) };
+        let env = Env::new(durable)?;
+        let serve = env.start()?;
+        Ok(Some((py, env, serve)))
+    }
+
     /// Where restart.py hands its state from one phase to the next.
     fn handoff(&self) -> String {
         self.save.path().join("handoff.json").to_string_lossy().into_owned()
+    }
+
+    /// Runs restart.py's `phase` as `key` against `serve` (its log goes with a failure).
+    fn restart_phase(&self, py: &Path, serve: &Serve, key: &str, phase: &str) -> Result<Value> {
+        run_script(py, self.port, key, "restart.py", &[phase, &self.handoff()])
+            .with_context(|| format!("serve log:\n{}", serve.log_text()))
     }
 
     fn start(&self) -> Result<Serve> {
@@ -143,9 +158,7 @@ fn f(v: &Value, k: &str) -> f64 {
 
 #[test]
 fn sdk_minimal_flow_and_acceptance_scripts() -> Result<()> {
-    let Some(py) = venv_python()? else { return Ok(()) };
-    let env = Env::new(false)?;
-    let serve = env.start()?;
+    let Some((py, env, serve)) = Env::started(false)? else { return Ok(()) };
     let run = |key: &str, script: &str| {
         run_script(&py, env.port, key, script, &[])
             .with_context(|| format!("serve log:\n{}", serve.log_text()))
@@ -220,9 +233,7 @@ fn sdk_script_run_right_after_serve_waits_for_the_model() -> Result<()> {
 
 #[test]
 fn sdk_memorizes_four_pairs() -> Result<()> {
-    let Some(py) = venv_python()? else { return Ok(()) };
-    let env = Env::new(false)?;
-    let serve = env.start()?;
+    let Some((py, env, serve)) = Env::started(false)? else { return Ok(()) };
     let b = run_script(&py, env.port, "tml-memo", "memorize.py", &[])
         .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
     assert!(f(&b, "final_loss") < 0.05 * f(&b, "first_loss"), "{b}");
@@ -288,17 +299,12 @@ fn sdk_samples_saved_weights_on_the_sampler_application() -> Result<()> {
 
 #[test]
 fn sdk_training_resumes_across_restart() -> Result<()> {
-    let Some(py) = venv_python()? else { return Ok(()) };
-    let env = Env::new(true)?;
-    let handoff = env.handoff();
-    let mut serve = env.start()?;
-    let p1 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase1", &handoff])
-        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let Some((py, env, mut serve)) = Env::started(true)? else { return Ok(()) };
+    let p1 = env.restart_phase(&py, &serve, "tml-restart", "phase1")?;
     serve.stop_ok(Signal::SIGTERM, Duration::from_secs(60))?;
     drop(serve);
     let serve = env.start()?;
-    let p2 = run_script(&py, env.port, "tml-restart", "restart.py", &["phase2", &handoff])
-        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let p2 = env.restart_phase(&py, &serve, "tml-restart", "phase2")?;
     // The durable store knows the first run's session: its restored adapter is no orphan (the
     // start-up pass of `sdk_orphaned_adapters_go_after_a_memory_restart` ran by now).
     std::thread::sleep(Duration::from_secs(3));
@@ -349,9 +355,7 @@ fn sdk_flow_on_a_cuda_model_app() -> Result<()> {
 /// loaded from a save_state taken before the kill).
 #[test]
 fn sdk_training_client_survives_a_model_app_crash() -> Result<()> {
-    let Some(py) = venv_python()? else { return Ok(()) };
-    let env = Env::new(false)?;
-    let mut serve = env.start()?;
+    let Some((py, env, mut serve)) = Env::started(false)? else { return Ok(()) };
     let st = serve.wait_all_running(Duration::from_secs(60))?;
     let apps = st["applications"].as_array().context("applications")?;
     let model = apps.iter().find(|a| a["import_path"] == "model").context("model app")?;
@@ -387,12 +391,8 @@ fn live_snapshots(env: &Env) -> usize {
 /// store (`sdk_training_resumes_across_restart`) the same restart keeps them.
 #[test]
 fn sdk_orphaned_adapters_go_after_a_memory_restart() -> Result<()> {
-    let Some(py) = venv_python()? else { return Ok(()) };
-    let env = Env::new(false)?;
-    let handoff = env.handoff();
-    let mut serve = env.start()?;
-    run_script(&py, env.port, "tml-orphan", "restart.py", &["phase1", &handoff])
-        .with_context(|| format!("serve log:\n{}", serve.log_text()))?;
+    let Some((py, env, mut serve)) = Env::started(false)? else { return Ok(()) };
+    env.restart_phase(&py, &serve, "tml-orphan", "phase1")?;
     // Written in the background right after the step.
     let t0 = Instant::now();
     while live_snapshots(&env) == 0 && t0.elapsed() < Duration::from_secs(30) {

@@ -17,8 +17,7 @@ use crate::server_handlers_support::*;
 async fn training_routes_refuse_bad_input_by_field() -> Result<()> {
     let st = stack(true, None).await?;
     let svc = test::init_service(app_config(st.app.clone())).await;
-    let s = session(&svc).await?;
-    let m = model(&svc, &s, 0).await?;
+    let (s, m) = crate::session_with_model(&svc).await?;
     let nope = format!("{s}:train:9");
 
     // create_model.

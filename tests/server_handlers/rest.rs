@@ -13,8 +13,7 @@ use crate::server_handlers_support::*;
 async fn rest_routes_list_get_and_delete_what_the_key_owns() -> Result<()> {
     let st = stack(true, None).await?;
     let svc = test::init_service(app_config(st.app.clone())).await;
-    let s = session(&svc).await?;
-    let m = model(&svc, &s, 0).await?;
+    let (s, m) = crate::session_with_model(&svc).await?;
     let save = json!({"model_id": m, "path": "c1"});
     let c1 = done_json(&svc, post("save_weights", save)).await?["path"].clone();
     let save = json!({"model_id": m, "path": "c2", "kind": "snapshot"});

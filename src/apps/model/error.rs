@@ -1,43 +1,38 @@
 //! Errors of the model and sampler applications, with their HTTP mapping
 //! (`{"detail", "category"}`: 4xx = `user`, 5xx = `server`).
 
-use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::{HttpResponse, HttpResponseBuilder};
 use serde_json::json;
 
 use crate::engine::EngineError;
 use crate::engine::sampling::SamplingError;
 use crate::hub::HubError;
+use crate::protocol::http_error::{Answer, http_error};
 use crate::tokenize::TokenizeError;
 
 /// The `reason` of an [`AppError::UnknownAdapter`] answer.
 pub const UNKNOWN_ADAPTER: &str = "unknown_adapter";
 
-/// What went wrong in a model/sampler operation.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    /// The request is wrong (HTTP 400).
-    #[error("{0}")]
-    BadRequest(String),
-    /// An unknown adapter id (HTTP 404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The adapter id is not held here (HTTP 404, `"reason": "unknown_adapter"`): unknown, or
-    /// lost by a restart that had no snapshot of it; the server marks its run corrupted.
-    #[error("{0}")]
-    UnknownAdapter(String),
-    /// The adapter id is taken (HTTP 409).
-    #[error("{0}")]
-    Conflict(String),
-    /// Missing or wrong internal token (HTTP 403).
-    #[error("{0}")]
-    Forbidden(String),
-    /// Our fault (HTTP 500).
-    #[error("{0}")]
-    Internal(String),
-    /// The model could not be found or loaded at startup.
-    #[error("cannot start: {0}")]
-    Startup(String),
+http_error! {
+    /// What went wrong in a model/sampler operation.
+    pub enum AppError {
+        /// The request is wrong.
+        BadRequest => BAD_REQUEST,
+        /// An unknown adapter id.
+        NotFound => NOT_FOUND,
+        /// The adapter id is not held here (`"reason": "unknown_adapter"`): unknown, or lost by a
+        /// restart that had no snapshot of it; the server marks its run corrupted.
+        UnknownAdapter => NOT_FOUND,
+        /// The adapter id is taken.
+        Conflict => CONFLICT,
+        /// Missing or wrong internal token.
+        Forbidden => FORBIDDEN,
+        /// Our fault.
+        Internal => INTERNAL_SERVER_ERROR,
+        /// The model could not be found or loaded at startup.
+        #[display("cannot start: {0}")]
+        Startup => INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl AppError {
@@ -83,23 +78,14 @@ impl From<HubError> for AppError {
     }
 }
 
-impl ResponseError for AppError {
-    fn status_code(&self) -> StatusCode {
-        match self {
-            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::NotFound(_) | AppError::UnknownAdapter(_) => StatusCode::NOT_FOUND,
-            AppError::Conflict(_) => StatusCode::CONFLICT,
-            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::Internal(_) | AppError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn error_response(&self) -> HttpResponse {
+/// `{"detail", "category"}`, and `"reason"` for an adapter not held here.
+impl Answer for AppError {
+    fn answer(&self, mut out: HttpResponseBuilder) -> HttpResponse {
         let mut body = json!({"detail": self.to_string(), "category": self.category()});
         if matches!(self, AppError::UnknownAdapter(_)) {
             body["reason"] = json!(UNKNOWN_ADAPTER);
         }
-        HttpResponse::build(self.status_code()).json(body)
+        out.json(body)
     }
 }
 

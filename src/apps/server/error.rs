@@ -1,9 +1,10 @@
 //! Errors of the server application and their HTTP answers: every error is JSON
 //! `{"detail": ...}` (never an empty body), bad input is 4xx, only our own faults are 5xx.
 
-use actix_web::http::{StatusCode, header};
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::http::header;
+use actix_web::{HttpResponse, HttpResponseBuilder};
 
+use crate::protocol::http_error::{Answer, detail, http_error};
 use crate::protocol::tinker::ProtocolError;
 use crate::protocol::tinker::paths::PathError;
 use crate::state::StateError;
@@ -17,52 +18,31 @@ pub const TOO_MANY_RETRY_AFTER_S: &str = "2";
 /// What a Tinker route handler answers: its JSON, or an [`ApiError`].
 pub type Reply = Result<HttpResponse, ApiError>;
 
-/// An error answered directly on a request path.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    Unavailable(String),
-    /// A per-key bound on queued work (429: the SDK backs off and retries).
-    #[error("{0}")]
-    TooManyRequests(String),
-    /// A configured application is starting, restarting or downloading its model: 503 with
-    /// Retry-After, which the Tinker SDK retries.
-    #[error("{0}")]
-    NotReady(String),
-    /// A configured application failed: waiting will not help, so the SDK is told not to retry.
-    #[error("{0}")]
-    AppFailed(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+http_error! {
+    /// An error answered directly on a request path.
+    pub enum ApiError {
+        BadRequest => BAD_REQUEST,
+        Unauthorized => UNAUTHORIZED,
+        NotFound => NOT_FOUND,
+        /// Not 409: the SDK retries 409 for minutes; a conflict here is a permanent refusal.
+        Conflict => BAD_REQUEST,
+        PayloadTooLarge => PAYLOAD_TOO_LARGE,
+        Unavailable => SERVICE_UNAVAILABLE,
+        /// A per-key bound on queued work (429: the SDK backs off and retries).
+        TooManyRequests => TOO_MANY_REQUESTS,
+        /// A configured application is starting, restarting or downloading its model: 503 with
+        /// Retry-After, which the Tinker SDK retries.
+        NotReady => SERVICE_UNAVAILABLE,
+        /// A configured application failed: waiting will not help, so the SDK is told not to retry.
+        AppFailed => INTERNAL_SERVER_ERROR,
+        #[display("internal error: {0}")]
+        Internal => INTERNAL_SERVER_ERROR,
+    }
 }
 
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            // Not 409: the SDK retries 409 for minutes; a conflict here is a permanent refusal.
-            ApiError::Conflict(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) | ApiError::AppFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        let mut out = HttpResponse::build(self.status_code());
+/// `{"detail": ...}`, with the headers that steer the SDK's retries.
+impl Answer for ApiError {
+    fn answer(&self, mut out: HttpResponseBuilder) -> HttpResponse {
         match self {
             ApiError::NotReady(_) => {
                 out.insert_header((header::RETRY_AFTER, NOT_READY_RETRY_AFTER_S));
@@ -77,7 +57,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        out.json(serde_json::json!({"detail": self.to_string()}))
+        detail(out, self)
     }
 }
 

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ProtocolError;
+use super::types::SamplerSource;
 use crate::engine::sampling::{SamplingError, Stop};
 
 /// Raw shape of a JSON chunk before dispatch on `type`.
@@ -188,26 +189,43 @@ pub struct SampleRequest {
     pub sampling_params: SamplingParams,
     #[serde(default)]
     pub sampling_session_id: Option<String>,
-    #[serde(default)]
-    pub base_model: Option<String>,
-    #[serde(default)]
-    pub model_path: Option<String>,
+    #[serde(flatten)]
+    pub source: SamplerSource,
     #[serde(default)]
     pub seq_id: Option<i64>,
     #[serde(default)]
     pub prompt_logprobs: bool,
-    #[serde(default)]
-    pub topk_prompt_logprobs: u32,
-    #[serde(default)]
-    pub topk_sample_logprobs: u32,
-    #[serde(default)]
-    pub target_prompt_logprobs: Option<Value>,
-    #[serde(default)]
-    pub prompt_alt_tokens_k: u32,
-    #[serde(default)]
-    pub prompt_logprobs_last_n: Option<u32>,
+    #[serde(flatten)]
+    pub unsupported: UnsupportedLogprobs,
     #[serde(default)]
     pub record_stability_info: bool,
+}
+
+/// The logprob options of `asample` this server does not implement: each is refused (category
+/// `user`) when set, rather than silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UnsupportedLogprobs {
+    pub topk_prompt_logprobs: u32,
+    pub topk_sample_logprobs: u32,
+    /// `null` when absent.
+    pub target_prompt_logprobs: Value,
+    pub prompt_alt_tokens_k: u32,
+    pub prompt_logprobs_last_n: Option<u32>,
+}
+
+impl UnsupportedLogprobs {
+    /// The name of the first option that is set.
+    pub fn first_set(&self) -> Option<&'static str> {
+        let set = [
+            (self.topk_prompt_logprobs > 0, "topk_prompt_logprobs"),
+            (self.topk_sample_logprobs > 0, "topk_sample_logprobs"),
+            (!self.target_prompt_logprobs.is_null(), "target_prompt_logprobs"),
+            (self.prompt_alt_tokens_k > 0, "prompt_alt_tokens_k"),
+            (self.prompt_logprobs_last_n.is_some(), "prompt_logprobs_last_n"),
+        ];
+        set.into_iter().find_map(|(on, name)| on.then_some(name))
+    }
 }
 
 impl SampleRequest {
@@ -245,19 +263,9 @@ impl SampleRequest {
             };
             ProtocolError::invalid(format!("sampling_params.{field}"), e.to_string())
         })?;
-        let unsupported = [
-            (self.topk_prompt_logprobs > 0, "topk_prompt_logprobs"),
-            (self.topk_sample_logprobs > 0, "topk_sample_logprobs"),
-            (
-                self.target_prompt_logprobs.as_ref().is_some_and(|v| !v.is_null()),
-                "target_prompt_logprobs",
-            ),
-            (self.prompt_alt_tokens_k > 0, "prompt_alt_tokens_k"),
-            (self.prompt_logprobs_last_n.is_some(), "prompt_logprobs_last_n"),
-        ];
-        if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
+        if let Some(name) = self.unsupported.first_set() {
             return Err(ProtocolError::Unsupported {
-                field: (*name).into(),
+                field: name.into(),
                 what: format!("`{name}`"),
             });
         }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use actix_web::web;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::super::dispatch::{Finish, Job, Request};
 use super::super::error::{ApiError, Reply};
@@ -18,7 +18,8 @@ use crate::protocol::tinker::paths::{
     CheckpointKind, TinkerPath, checkpoint_dir, format_model_id, format_sampling_session_id,
 };
 use crate::protocol::tinker::types::{
-    LoadForm, LoadWeightsRequest, SamplerSaveForm, SaveWeightsForSamplerRequest, SaveWeightsRequest,
+    LoadForm, LoadWeightsRequest, SamplerSaveForm, SaveOptions, SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
 };
 use crate::state::{CheckpointType, NewCheckpoint, NewRun, NewSamplingSession, RunRecord};
 
@@ -42,21 +43,19 @@ pub(crate) fn ephemeral_dir(app: &ServerApp, owner: &str, sampling_id: &str) -> 
 }
 
 /// A named checkpoint save of `run` (state or sampler weights).
-#[allow(clippy::too_many_arguments)]
 async fn save_named(
     app: &ServerApp,
     owner: String,
     run: RunRecord,
     kind: CheckpointKind,
     name: &str,
-    seq_id: Option<i64>,
     overwrite: bool,
-    ttl: Option<i64>,
-    user_metadata: Option<serde_json::Map<String, Value>>,
+    options: SaveOptions,
 ) -> Reply {
+    let SaveOptions { seq_id, ttl_seconds, user_metadata } = options;
     let tp = TinkerPath::new(&run.id, kind, name)?;
     let dir = checkpoint_dir(&app.save_root, &owner, &tp)?;
-    let expires_at = expiry(ttl)?;
+    let expires_at = expiry(ttl_seconds)?;
     let ckpt_id = tp.checkpoint_id();
     let (o, r, c) = (owner.clone(), run.id.clone(), ckpt_id.clone());
     let exists = app.disp.db(move |s| Ok(s.get_checkpoint(&o, &r, &c).is_ok())).await?;
@@ -101,18 +100,7 @@ pub(super) async fn save_weights(app: Shared, Owner(owner): Owner, body: web::By
     let r: SaveWeightsRequest = parse_json(&body)?;
     let run = owned_run(&app, &owner, &r.model_id).await?;
     let name = r.path.clone().ok_or_else(|| bad("path: the checkpoint name is required".into()))?;
-    save_named(
-        &app,
-        owner,
-        run,
-        CheckpointKind::Weights,
-        &name,
-        r.seq_id,
-        r.overwrite,
-        r.ttl_seconds,
-        r.user_metadata,
-    )
-    .await
+    save_named(&app, owner, run, CheckpointKind::Weights, &name, r.overwrite, r.options).await
 }
 
 pub(super) async fn save_weights_for_sampler(
@@ -125,18 +113,8 @@ pub(super) async fn save_weights_for_sampler(
     let run = owned_run(&app, &owner, &r.model_id).await?;
     match form {
         SamplerSaveForm::Named { name } => {
-            save_named(
-                &app,
-                owner,
-                run,
-                CheckpointKind::SamplerWeights,
-                &name,
-                r.seq_id,
-                true,
-                r.ttl_seconds,
-                r.user_metadata,
-            )
-            .await
+            let kind = CheckpointKind::SamplerWeights;
+            save_named(&app, owner, run, kind, &name, true, r.options).await
         }
         SamplerSaveForm::Ephemeral { sampling_session_seq_id } => {
             let sid = format_sampling_session_id(&run.session_id, sampling_session_seq_id);
@@ -150,7 +128,8 @@ pub(super) async fn save_weights_for_sampler(
                 model_path: None,
             };
             let call = SaveRequest { model_id: run.id.clone(), dir, kind: SaveKind::Sampler };
-            let sub = Submission::on_model(owner, &run.id, r.seq_id, "save_weights_for_sampler");
+            let sub =
+                Submission::on_model(owner, &run.id, r.options.seq_id, "save_weights_for_sampler");
             let finish = Finish::SamplingSession {
                 session: Box::new(session),
                 result: json!({"path": null, "sampling_session_id": sid}),

@@ -34,7 +34,7 @@ async fn create_sampling_session(app: Shared, Owner(owner): Owner, body: web::By
     let r: CreateSamplingSessionRequest = parse_json(&body)?;
     let (o, sid) = (owner.clone(), r.session_id.clone());
     app.disp.db(move |s| s.get_session(&o, &sid)).await?;
-    let base_model = match (&r.model_path, &r.base_model) {
+    let base_model = match (&r.source.model_path, &r.source.base_model) {
         (Some(p), _) => {
             let tp = TinkerPath::parse(p)?;
             let (o, run, cid) = (owner.clone(), tp.run_id.clone(), tp.checkpoint_id());
@@ -56,7 +56,7 @@ async fn create_sampling_session(app: Shared, Owner(owner): Owner, body: web::By
         owner,
         seq: r.sampling_session_seq_id,
         base_model,
-        model_path: r.model_path,
+        model_path: r.source.model_path,
     };
     app.disp.db(move |s| s.create_or_get_sampling_session(&rec)).await?;
     Ok(HttpResponse::Ok().json(CreateSamplingSessionResponse { sampling_session_id: id }))

@@ -5,14 +5,21 @@ use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------- sampling
 
+/// What a sampler samples: a base model, or the weights at a `tinker://` path (each optional
+/// on the wire; which one is needed depends on the endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SamplerSource {
+    pub base_model: Option<String>,
+    pub model_path: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct CreateSamplingSessionRequest {
     pub session_id: String,
     pub sampling_session_seq_id: u64,
-    #[serde(default)]
-    pub base_model: Option<String>,
-    #[serde(default)]
-    pub model_path: Option<String>,
+    #[serde(flatten)]
+    pub source: SamplerSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -137,6 +137,16 @@ pub struct OptimStepResponse {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What both checkpoint saves carry beside the name: the request's place in the model's order,
+/// the checkpoint's lifetime and its metadata; each may be absent.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SaveOptions {
+    pub seq_id: Option<i64>,
+    pub ttl_seconds: Option<i64>,
+    pub user_metadata: Option<Metadata>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SaveWeightsRequest {
     pub model_id: String,
@@ -144,13 +154,9 @@ pub struct SaveWeightsRequest {
     #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
-    pub seq_id: Option<i64>,
-    #[serde(default)]
     pub overwrite: bool,
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
-    #[serde(default)]
-    pub user_metadata: Option<Metadata>,
+    #[serde(flatten)]
+    pub options: SaveOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -163,12 +169,8 @@ pub struct SaveWeightsForSamplerRequest {
     /// `snapshot` (default) or `inflight`.
     #[serde(default)]
     pub kind: Option<String>,
-    #[serde(default)]
-    pub seq_id: Option<i64>,
-    #[serde(default)]
-    pub ttl_seconds: Option<i64>,
-    #[serde(default)]
-    pub user_metadata: Option<Metadata>,
+    #[serde(flatten)]
+    pub options: SaveOptions,
 }
 
 /// The two forms of `save_weights_for_sampler`.
