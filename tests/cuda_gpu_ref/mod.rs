@@ -346,7 +346,9 @@ pub fn argmax<T: TestT>(dev: &CudaDevice) -> Result<()> {
         let dl = up::<T>(s, &l)?;
         let mut out = s.alloc_zeros::<i32>(1)?;
         let mut dlp = s.alloc_zeros::<f32>(1)?;
-        launch!(k::argmax_fwd, dev, mut [out, dlp], [dl], l.len(), l.len())?;
+        let (dl, n) = (dl.as_view(), l.len());
+        let picks = k::Picks { token: &mut out.as_view_mut(), logprob: &mut dlp.as_view_mut() };
+        k::argmax_fwd(dev, picks, k::Logits { data: &dl, ld: n, cols: n })?;
         assert_eq!(s.clone_dtoh(&out)?[0] as usize, want, "row {ri}");
         close("argmax logprob", &[s.clone_dtoh(&dlp)?[0] as f64], &[lp], (1e-6, 1e-6));
     }

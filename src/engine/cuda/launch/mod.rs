@@ -16,6 +16,7 @@ mod lora;
 mod loss;
 mod rope;
 mod sampling;
+mod views;
 
 pub use attention::{AttentionShape, attention_bwd, attention_fwd};
 pub use decode::{DecodeShape, decode_attention_fwd, decode_workspace_len, kv_append_fwd};
@@ -36,6 +37,7 @@ pub use loss::{
 pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
 pub use rope::{RopeDir, RopeDst, RopeIn, RopeShape, rope};
 pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
+pub use views::{Kv, Logits, Picks, Qkv};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
