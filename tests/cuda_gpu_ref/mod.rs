@@ -133,18 +133,29 @@ fn attention_packed<T: TestT>(
     };
     let mut out = s.alloc_zeros::<T>(q.len())?;
     let mut lse = s.alloc_zeros::<f32>(t * hq)?;
-    launch!(k::attention_fwd, dev, mut [out, lse], [dq_, dk_, dv_, dcu], &shape)?;
+    let (qv, kv, vv, cuv) = (dq_.as_view(), dk_.as_view(), dv_.as_view(), dcu.as_view());
+    let qkv = k::Qkv { q: &qv, k: &kv, v: &vv };
+    k::attention_fwd(dev, &mut out.as_view_mut(), &mut lse.as_view_mut(), qkv, &cuv, &shape)?;
     close_scaled(&format!("attention out hd{hd}"), &down(s, &out)?, &wo, T::TOL);
     close(&format!("attention lse hd{hd}"), &down(s, &lse)?, &wl, (1e-4, 1e-4));
     let (mut gq, mut gk, mut gv) =
         (s.alloc_zeros::<T>(q.len())?, s.alloc_zeros::<T>(kk.len())?, s.alloc_zeros::<T>(v.len())?);
     let (mut acc, mut delta) = (s.alloc_zeros::<f32>(q.len())?, s.alloc_zeros::<f32>(t * hq)?);
-    launch!(
-        k::attention_bwd,
+    let grads =
+        k::Qkv { q: &mut gq.as_view_mut(), k: &mut gk.as_view_mut(), v: &mut gv.as_view_mut() };
+    let (ws, fwd) = ((acc.as_view_mut(), delta.as_view_mut()), (out.as_view(), lse.as_view()));
+    let (mut acc_v, mut delta_v) = ws;
+    let dd = dd_.as_view();
+    k::attention_bwd(
         dev,
-        mut [gq, gk, gv, acc, delta],
-        [dd_, dq_, dk_, dv_, out, lse, dcu],
-        &shape
+        grads,
+        &mut acc_v,
+        &mut delta_v,
+        &dd,
+        qkv,
+        (&fwd.0, &fwd.1),
+        &cuv,
+        &shape,
     )?;
     let (gq, gk, gv) = (down(s, &gq)?, down(s, &gk)?, down(s, &gv)?);
     close_scaled(&format!("attention dq hd{hd}"), &gq, &wdq, T::TOL);

@@ -143,7 +143,8 @@ impl<T: Act> CudaKvCache<T> {
         let (Some(kc), Some(vc)) = (self.k.get_mut(l), self.v.get_mut(l)) else {
             return Err(invalid(format!("KV cache has no layer {l}")));
         };
-        k::kv_append_fwd(dev, &mut kc.as_view_mut(), &mut vc.as_view_mut(), k, v, slots, row)?;
+        let cache = k::Kv { k: &mut kc.as_view_mut(), v: &mut vc.as_view_mut() };
+        k::kv_append_fwd(dev, cache, k::Kv { k, v }, slots, row)?;
         Ok((kc, vc))
     }
 }

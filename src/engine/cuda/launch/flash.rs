@@ -5,6 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 
 use super::attention::{AttentionShape, attention_cost, tile_cfg};
+use super::views::Qkv;
 use super::{Dtype, Kernel, int};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
@@ -99,7 +100,7 @@ fn setup<'d, T>(
 pub(super) fn fwd<T: Dtype>(
     dev: &CudaDevice,
     (out, lse): (&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, f32>),
-    (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+    Qkv { q, k, v }: Qkv<&CudaView<'_, T>>,
     p: &Packed<'_, '_>,
 ) -> Result<(), CudaError> {
     let (hd, hq) = (p.s.head_dim, p.s.q_heads);
@@ -114,9 +115,9 @@ pub(super) fn fwd<T: Dtype>(
 /// computed by the caller). Two kernels, so nothing is accumulated with atomics.
 pub(super) fn bwd<T: Dtype>(
     dev: &CudaDevice,
-    (dq, dk, dv): (&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, T>),
+    Qkv { q: dq, k: dk, v: dv }: Qkv<&mut CudaViewMut<'_, T>>,
     dout: &CudaView<'_, T>,
-    (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+    Qkv { q, k, v }: Qkv<&CudaView<'_, T>>,
     (lse, delta): (&CudaView<'_, f32>, &CudaView<'_, f32>),
     p: &Packed<'_, '_>,
 ) -> Result<(), CudaError> {

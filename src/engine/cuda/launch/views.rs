@@ -8,14 +8,14 @@ use super::loss::chunk_rows;
 use crate::engine::cuda::CudaError;
 
 /// Keys and values: a paged cache's two halves, or the new rows appended to it.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Kv<V> {
     pub k: V,
     pub v: V,
 }
 
 /// Attention's queries, keys and values (inputs as views; gradients as mutable views).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Qkv<V> {
     pub q: V,
     pub k: V,
