@@ -143,20 +143,9 @@ fn attention_packed<T: TestT>(
     let (mut acc, mut delta) = (s.alloc_zeros::<f32>(q.len())?, s.alloc_zeros::<f32>(t * hq)?);
     let grads =
         k::Qkv { q: &mut gq.as_view_mut(), k: &mut gk.as_view_mut(), v: &mut gv.as_view_mut() };
-    let (ws, fwd) = ((acc.as_view_mut(), delta.as_view_mut()), (out.as_view(), lse.as_view()));
-    let (mut acc_v, mut delta_v) = ws;
-    let dd = dd_.as_view();
-    k::attention_bwd(
-        dev,
-        grads,
-        &mut acc_v,
-        &mut delta_v,
-        &dd,
-        qkv,
-        (&fwd.0, &fwd.1),
-        &cuv,
-        &shape,
-    )?;
+    let (acc, delta) = (&mut acc.as_view_mut(), &mut delta.as_view_mut());
+    let fwd = (&out.as_view(), &lse.as_view());
+    k::attention_bwd(dev, grads, acc, delta, &dd_.as_view(), qkv, fwd, &cuv, &shape)?;
     let (gq, gk, gv) = (down(s, &gq)?, down(s, &gk)?, down(s, &gv)?);
     close_scaled(&format!("attention dq hd{hd}"), &gq, &wdq, T::TOL);
     close_scaled(&format!("attention dk hd{hd}"), &gk, &wdk, T::TOL);

@@ -21,7 +21,7 @@ mod views;
 pub use attention::{AttentionShape, attention_bwd, attention_fwd};
 pub use decode::{DecodeShape, decode_attention_fwd, decode_workspace_len, kv_append_fwd};
 pub use elementwise::{
-    acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
+    acc_fwd, add_fwd, bias_add_fwd, cast_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd,
 };
 pub use gemm::{BLayout, matmul};
 pub use gemm_lt::{BlasLt, matmul_lt};

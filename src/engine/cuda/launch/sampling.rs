@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaView, CudaViewMut};
 
 use super::views::{Logits, Picks};
-use super::{Dtype, Kernel, grid_stride, int, long, need_len, row_cfg, shape_err, sym};
+use super::{Dtype, Kernel, int, long, map_n, need_len, row_cfg, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
 const ARGMAX_THREADS: u32 = 1024;
@@ -85,14 +85,7 @@ pub fn sample_exp_fwd(
     out: &mut CudaViewMut<'_, f64>,
     d: &CudaView<'_, f64>,
 ) -> Result<(), CudaError> {
-    let kn = "sample_exp_fwd";
-    need_len(kn, "out", out.len(), d.len())?;
-    if d.is_empty() {
-        return Ok(());
-    }
-    let n = int(kn, "n", d.len())?;
-    let f = Kernel::load(dev, "sampling.cu", kn)?;
-    // SAFETY: out and d hold n doubles (checked); signature (double*, const double*, int);
-    // grid-stride loop, no shared memory.
-    unsafe { f.launch(grid_stride(d.len()), (out, d, &n)) }
+    // SAFETY: signature (double*, const double*, long long); grid-stride loop over indices < n,
+    // no shared memory.
+    unsafe { map_n(dev, "sampling.cu", "sample_exp_fwd", out, &[("d", d)]) }
 }
