@@ -196,23 +196,28 @@ pub fn xent<T: TestT>(dev: &CudaDevice) -> Result<()> {
             buf[i * ld..i * ld + vc].copy_from_slice(&logits[i * vocab + v0..i * vocab + v0 + vc]);
         }
         let d = up::<T>(s, &buf)?;
-        launch!(k::xent_fwd, dev, mut [m, sm, tg], [d], ld, v0, vc, &dt.as_view(), ci == 0)?;
+        let (mv, sv, tv) = (&mut m.as_view_mut(), &mut sm.as_view_mut(), &mut tg.as_view_mut());
+        let logits = k::Logits { data: &d.as_view(), ld, cols: vc };
+        k::xent_fwd(dev, k::XentAcc { m: mv, s: sv, tgt: tv }, logits, v0, &dt.as_view(), ci == 0)?;
         chunks.push((v0, vc, d));
     }
     let (mut glse, mut glp) = (s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n * kt)?);
-    launch!(k::xent_finish_fwd, dev, mut [glse, glp], [m, sm, tg, dt])?;
+    let acc = k::XentAcc { m: &m.as_view(), s: &sm.as_view(), tgt: &tg.as_view() };
+    let outs = (&mut glse.as_view_mut(), &mut glp.as_view_mut());
+    k::xent_finish_fwd(dev, outs, acc, &dt.as_view())?;
     close("xent lse", &down(s, &glse)?, &lse, (1e-5, 1e-4));
     close("xent logprob", &down(s, &glp)?, &lp, (1e-5, 1e-4));
     // what both backward variants read besides the logits
     let (dtv, dcoefv, glsev) = (dt.as_view(), dcoef.as_view(), glse.as_view());
+    let rows = k::XentRows { targets: &dtv, coef: &dcoefv, lse: &glsev };
     for (idx, (v0, vc, mut d)) in chunks.into_iter().enumerate() {
         let got = if idx == 0 {
             let mut out = s.alloc_zeros::<T>(n * ld)?;
             let (o, dv) = (&mut out.as_view_mut(), &d.as_view());
-            k::xent_bwd(dev, o, ld, dv, ld, v0, vc, &dtv, &dcoefv, &glsev)?;
+            k::xent_bwd(dev, (o, ld), k::Logits { data: dv, ld, cols: vc }, v0, rows)?;
             down(s, &out)?
         } else {
-            k::xent_bwd_inplace(dev, &mut d.as_view_mut(), ld, v0, vc, &dtv, &dcoefv, &glsev)?;
+            k::xent_bwd_inplace(dev, (&mut d.as_view_mut(), ld), (v0, vc), rows)?;
             down(s, &d)?
         };
         for i in 0..n {
@@ -257,7 +262,9 @@ pub fn losses(dev: &CudaDevice) -> Result<()> {
     ];
     for (variant, f) in cases {
         let (mut loss, mut coef) = (s.alloc_zeros::<f32>(5)?, s.alloc_zeros::<f32>(5)?);
-        launch!(k::loss_fwd, dev, mut [loss, coef], [dl, ds, da], Some(&dw.as_view()), variant)?;
+        let outs = (&mut loss.as_view_mut(), &mut coef.as_view_mut());
+        let rl = k::RlInputs { sampler_logprob: &ds.as_view(), advantages: &da.as_view() };
+        k::loss_fwd(dev, outs, &dl.as_view(), rl, Some(&dw.as_view()), variant)?;
         let want: Vec<(f64, f64)> = (0..5).map(|i| f(lp[i], slp[i], adv[i])).collect();
         close(
             &format!("{variant:?} loss"),

@@ -31,10 +31,10 @@ pub use lora::{
     lora_seg,
 };
 pub use loss::{
-    AdamStep, LossVariant, adamw_fwd, loss_fwd, loss_term_fwd, xent_bwd, xent_bwd_inplace,
-    xent_finish_fwd, xent_fwd,
+    AdamStep, LossVariant, RlInputs, XentAcc, XentRows, adamw_fwd, loss_fwd, loss_term_fwd,
+    xent_bwd, xent_bwd_inplace, xent_finish_fwd, xent_fwd,
 };
-pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
+pub(crate) use loss::{TensorTable, adamw_multi_fwd, sumsq_multi_fwd};
 pub use rope::{RopeDir, RopeDst, RopeIn, RopeShape, rope};
 pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
 pub use views::{Kv, Logits, Picks, Qkv};
