@@ -187,7 +187,7 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let ids = [3, 0, 12, 13, -1, 5, 3];
     let (dt, di) = (up::<T>(s, &table)?, upi(s, &ids)?);
     let mut emb = s.alloc_zeros::<T>(n * d)?;
-    k::embedding_fwd(dev, &mut emb.as_view_mut(), &dt.as_view(), &di.as_view(), d)?;
+    k::embedding_fwd(dev, &mut emb.as_view_mut(), (&dt.as_view(), d), &di.as_view())?;
     let tref = &table;
     let want: Vec<f64> = ids
         .iter()

@@ -178,9 +178,8 @@ impl<T: Act> CudaModel<T> {
         k::embedding_fwd(
             &self.dev,
             &mut view_mut(&mut x, 0, p.rows * h)?,
-            &self.embed.as_view(),
+            (&self.embed.as_view(), h),
             &view(&p.ids, 0, p.rows)?,
-            h,
         )?;
         let mut saves = Vec::new();
         for l in 0..self.layers.len() {
