@@ -162,23 +162,42 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Where a block of the forward or the dQ kernel (FL_BM query rows of one head each) works:
+// head h (blockIdx.y) and its kv head, its sequence (first token seq0, length seqlen; blockIdx.z),
+// the tile's first query row q0, the row strides of q-shaped and k-shaped tensors and the offsets
+// of the head's first row in them. `live` is false for a tile past its sequence's end.
+struct QTile {
+    bool live;
+    int h, kvh, seq0, seqlen, q0;
+    long long qs, ks, qoff, koff;
+};
+
+template <int HD>
+__device__ __forceinline__ QTile q_tile(const int* cu, int ntok, int hq, int hkv) {
+    QTile p{};
+    p.h = blockIdx.y;
+    p.live = tile_start(cu, ntok, FL_BM, p.seq0, p.seqlen, p.q0);
+    if (!p.live) return p;
+    p.kvh = p.h / (hq / hkv);
+    p.qs = (long long)hq * HD;
+    p.ks = (long long)hkv * HD;
+    p.qoff = (long long)p.seq0 * p.qs + (long long)p.h * HD;
+    p.koff = (long long)p.seq0 * p.ks + (long long)p.kvh * HD;
+    return p;
+}
+
 template <int HD>
 __device__ void flash_fwd_impl(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                const int* cu, int ntok, int hq, int hkv, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int LD = HD + FL_PAD, LDT = FL_BN + FL_PAD;
-    const int h = blockIdx.y;
-    int seq0, seqlen, q0;
-    if (!tile_start(cu, ntok, FL_BM, seq0, seqlen, q0)) return;
-    const int kvh = h / (hq / hkv);
+    const auto [live, h, kvh, seq0, seqlen, q0, qs, ks, qoff, koff] = q_tile<HD>(cu, ntok, hq, hkv);
+    if (!live) return;
     bf16* Qs = reinterpret_cast<bf16*>(smem);  // [BM][LD]
     bf16* Ks = Qs + FL_BM * LD;                // [BN][LD]
     bf16* Vt = Ks + FL_BN * LD;                // [HD][LDT]: V transposed, B of P V
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const long long qs = (long long)hq * HD, ks = (long long)hkv * HD;
-    const bf16* qh = q + (long long)seq0 * qs + (long long)h * HD;
-    const bf16* kh = k + (long long)seq0 * ks + (long long)kvh * HD;
-    const bf16* vh = v + (long long)seq0 * ks + (long long)kvh * HD;
+    const bf16 *qh = q + qoff, *kh = k + koff, *vh = v + koff;
 
     fl_load<HD>(Qs, LD, qh, qs, q0, FL_BM, seqlen);
     __syncthreads();
@@ -261,19 +280,14 @@ __device__ void flash_dq_impl(bf16* dq, const bf16* dout, const bf16* q, const b
                               int ntok, int hq, int hkv, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int LD = HD + FL_PAD, LDT = FL_BN_DQ + FL_PAD;
-    const int h = blockIdx.y;
-    int seq0, seqlen, q0;
-    if (!tile_start(cu, ntok, FL_BM, seq0, seqlen, q0)) return;
-    const int kvh = h / (hq / hkv);
+    const auto [live, h, kvh, seq0, seqlen, q0, qs, ks, qoff, koff] = q_tile<HD>(cu, ntok, hq, hkv);
+    if (!live) return;
     bf16* Qs = reinterpret_cast<bf16*>(smem);  // [BM][LD]
     bf16* dOs = Qs + FL_BM * LD;               // [BM][LD]
     bf16* Ks = dOs + FL_BM * LD;               // [BN][LD]: B of Q K^T
     bf16* Vs = Ks + FL_BN_DQ * LD;             // [BN][LD]: B of dO V^T
     bf16* Kt = Vs + FL_BN_DQ * LD;             // [HD][LDT]: B of dS K
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const long long qs = (long long)hq * HD, ks = (long long)hkv * HD;
-    const long long qoff = (long long)seq0 * qs + (long long)h * HD;
-    const long long koff = (long long)seq0 * ks + (long long)kvh * HD;
 
     fl_load<HD>(Qs, LD, q + qoff, qs, q0, FL_BM, seqlen);
     fl_load<HD>(dOs, LD, dout + qoff, qs, q0, FL_BM, seqlen);

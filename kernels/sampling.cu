@@ -107,8 +107,9 @@ __device__ double sample_exp(double d) {
 
 // det_exp element-wise, so a test can check bit for bit that the device computes the host's
 // exp (over [-708, 0]; the draw only needs [-40, 0]).
-extern "C" __global__ void sample_exp_fwd(double* out, const double* d, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+extern "C" __global__ void sample_exp_fwd(double* out, const double* d, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         out[i] = sample_exp(d[i]);
 }
 

@@ -162,10 +162,10 @@ fn elementwise_matches_cpu() -> Result<()> {
     let x = vec![1.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5, 65504.0];
     let dx = up32(s, &x)?;
     let mut h = s.alloc_zeros::<bf16>(x.len())?;
-    k::to_bf16_fwd(&dev, &mut h.as_view_mut(), &dx.as_view())?;
+    k::cast_fwd(&dev, &mut h.as_view_mut(), &dx.as_view())?;
     assert_eq!(down(s, &h)?, vec![1.0, 1.0, 1.0 + 4.0 / 256.0, -2.5, 65536.0]);
     let mut back = s.alloc_zeros::<f32>(x.len())?;
-    k::to_f32_fwd(&dev, &mut back.as_view_mut(), &h.as_view())?;
+    k::cast_fwd(&dev, &mut back.as_view_mut(), &h.as_view())?;
     assert_eq!(down(s, &back)?, vec![1.0, 1.0, 1.0 + 4.0 / 256.0, -2.5, 65536.0]);
     // sum of squares of 1..=1000 = 333_833_500
     let v: Vec<f64> = (1..=1000).map(|i| i as f64).collect();
@@ -187,7 +187,7 @@ fn layers<T: TestT>(dev: &CudaDevice) -> Result<()> {
     let ids = [3, 0, 12, 13, -1, 5, 3];
     let (dt, di) = (up::<T>(s, &table)?, upi(s, &ids)?);
     let mut emb = s.alloc_zeros::<T>(n * d)?;
-    k::embedding_fwd(dev, &mut emb.as_view_mut(), &dt.as_view(), &di.as_view(), d)?;
+    k::embedding_fwd(dev, &mut emb.as_view_mut(), (&dt.as_view(), d), &di.as_view())?;
     let tref = &table;
     let want: Vec<f64> = ids
         .iter()

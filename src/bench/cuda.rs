@@ -102,28 +102,31 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
+/// What both benchmarks run against: the model on its GPU and the GPU's assumed peaks.
+#[derive(Clone, Copy)]
+struct Gpu<'m> {
+    model: &'m CudaModel<bf16>,
+    info: &'m GpuInfo,
+}
+
 /// LoRA (all linears) cross-entropy forward_backward + AdamW on the GPU.
-pub fn train(
-    model: &CudaModel<bf16>,
-    info: &GpuInfo,
-    opts: &TrainOptions,
-) -> Result<(TrainReport, Value, String), BenchError> {
+fn train(gpu: Gpu<'_>, opts: &TrainOptions) -> Result<(TrainReport, Value, String), BenchError> {
     opts.check()?;
-    let c = model.config().clone();
-    let dev = model.device().clone();
+    let Gpu { model, info } = gpu;
+    let (c, dev) = (model.config(), model.device());
     let mut ad = CudaAdapter::fresh(model, &super::bench_lora(opts.rank, 0))?;
     let data = super::train_batch(opts, c.vocab_size);
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let lora_params = ad.num_params();
-    let flops_per = flops(&c, opts.seq, lora_params);
+    let flops_per = flops(c, opts.seq, lora_params);
     let r = super::timed_train("bench train (cuda)", opts, flops_per, lora_params, |_| {
         let t0 = Instant::now();
         cu::forward_backward(model, Some(&mut ad), &data, &loss, true)?;
         let t1 = Instant::now();
         cu::forward_backward(model, Some(&mut ad), &data, &loss, false)?;
         let t2 = Instant::now();
-        ad.optim_step(&dev, &adam)?;
+        ad.optim_step(dev, &adam)?;
         dev.synchronize()?;
         Ok::<_, BenchError>([t0, t1, t2, Instant::now()])
     })?;
@@ -150,14 +153,10 @@ pub fn train(
 
 /// Prefill of `batch` random prompts, then `max_tokens` greedy decode steps (argmax on the
 /// device), no adapter.
-pub fn sample(
-    model: &CudaModel<bf16>,
-    info: &GpuInfo,
-    opts: &SampleOptions,
-) -> Result<(SampleReport, Value, String), BenchError> {
+fn sample(gpu: Gpu<'_>, opts: &SampleOptions) -> Result<(SampleReport, Value, String), BenchError> {
     opts.check()?;
-    let c = model.config().clone();
-    let dev = model.device().clone();
+    let Gpu { model, info } = gpu;
+    let c = model.config();
     let ctx = opts.prompt + opts.max_tokens;
     let mut cache = CudaKvCache::new(model, opts.batch, ctx)?;
     let mut rng = SynthRng(7);
@@ -185,7 +184,7 @@ pub fn sample(
         let t = Instant::now();
         logits = feed(&mut cache, &refs)?;
         picks = model.select_tokens(&logits, &params, &draws)?;
-        dev.synchronize()?;
+        model.device().synchronize()?;
         step_s.push(t.elapsed().as_secs_f64());
         progress.advance(1, "decode step");
     }
@@ -199,7 +198,7 @@ pub fn sample(
     };
     // bytes one decode step reads: every matmul weight once (bf16) plus the KV cache at the
     // mean context length of the run
-    let f = flops(&c, 1, 0);
+    let f = flops(c, 1, 0);
     let kv_row = 2 * c.num_kv_heads * c.head_dim.div_ceil(32) * 32 * 2;
     let mean_ctx = opts.prompt as f64 + opts.max_tokens as f64 / 2.0;
     let bytes =
@@ -237,13 +236,14 @@ pub fn run(
 ) -> Result<String, BenchError> {
     let (model, info) = load(src)?;
     let describe = super::describe(model.config());
+    let gpu = Gpu { model: &model, info: &info };
     let (text, json, extra, extra_text) = match what {
         Either::Train(o) => {
-            let (r, e, t) = train(&model, &info, o)?;
+            let (r, e, t) = train(gpu, o)?;
             (r.text(), r.json(), e, t)
         }
         Either::Sample(o) => {
-            let (r, e, t) = sample(&model, &info, o)?;
+            let (r, e, t) = sample(gpu, o)?;
             (r.text(), r.json(), e, t)
         }
     };

@@ -86,7 +86,9 @@ fn case<T: TestT>(dev: &CudaDevice, c: &Case, name: &str) -> Result<()> {
     let (dkk, dvv, dsl) = (up::<T>(s, &kv_k)?, up::<T>(s, &kv_v)?, upi(s, &slots)?);
     let (mut kc, mut vc) =
         (s.alloc_zeros::<T>(num_slots * row)?, s.alloc_zeros::<T>(num_slots * row)?);
-    launch!(k::kv_append_fwd, dev, mut [kc, vc], [dkk, dvv, dsl], row)?;
+    let cache = k::Kv { k: &mut kc.as_view_mut(), v: &mut vc.as_view_mut() };
+    let new = k::Kv { k: &dkk.as_view(), v: &dvv.as_view() };
+    k::kv_append_fwd(dev, cache, new, &dsl.as_view(), row)?;
     let (kc_host, vc_host) = (down(s, &kc)?, down(s, &vc)?);
     let valid = |sl: i64| (0..num_slots as i64).contains(&sl);
     for (t, &slot) in slots.iter().enumerate().filter(|(_, sl)| valid(**sl as i64)) {
@@ -139,7 +141,12 @@ fn case<T: TestT>(dev: &CudaDevice, c: &Case, name: &str) -> Result<()> {
             scale: scale as f32,
         };
         // the decode into `out` with `ws` as the splits' workspace
-        let attend = |out: &mut CudaSlice<T>, ws: &mut CudaSlice<f32>| launch!(k::decode_attention_fwd, dev, mut [out, ws], [dq, kc, vc, dt, dc], &shape);
+        let attend = |out: &mut CudaSlice<T>, ws: &mut CudaSlice<f32>| {
+            let cache = k::Kv { k: &kc.as_view(), v: &vc.as_view() };
+            let (o, w) = (&mut out.as_view_mut(), &mut ws.as_view_mut());
+            let (table, ctx) = (dt.as_view(), dc.as_view());
+            k::decode_attention_fwd(dev, o, w, &dq.as_view(), cache, &table, &ctx, &shape)
+        };
         let mut out = s.alloc_zeros::<T>(q.len())?;
         // not zeroed: the kernels must write or skip every state, never read stale ones
         let mut ws = s.clone_htod(&vec![f32::NAN; k::decode_workspace_len(b, &shape)])?;

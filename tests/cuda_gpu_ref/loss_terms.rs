@@ -50,7 +50,10 @@ pub fn loss_terms(dev: &CudaDevice) -> Result<()> {
     let run = |out_len: usize, loss: &LossFn| -> Result<(Vec<f64>, Vec<f32>)> {
         let mut out = s.alloc_zeros::<f64>(out_len)?;
         let mut coef = s.alloc_zeros::<f32>(n * kt)?;
-        launch!(k::loss_term_fwd, dev, mut [out, coef], [lp_d, t_d, w_d, slp_d, adv_d], loss)?;
+        let outs = (&mut out.as_view_mut(), &mut coef.as_view_mut());
+        let per_target = (&t_d.as_view(), &w_d.as_view());
+        let rl = k::RlInputs { sampler_logprob: &slp_d.as_view(), advantages: &adv_d.as_view() };
+        k::loss_term_fwd(dev, outs, &lp_d.as_view(), per_target, rl, loss)?;
         Ok((s.clone_dtoh(&out)?, s.clone_dtoh(&coef)?))
     };
     for loss in &LOSSES {

@@ -133,19 +133,19 @@ fn attention_packed<T: TestT>(
     };
     let mut out = s.alloc_zeros::<T>(q.len())?;
     let mut lse = s.alloc_zeros::<f32>(t * hq)?;
-    launch!(k::attention_fwd, dev, mut [out, lse], [dq_, dk_, dv_, dcu], &shape)?;
+    let (qv, kv, vv, cuv) = (dq_.as_view(), dk_.as_view(), dv_.as_view(), dcu.as_view());
+    let qkv = k::Qkv { q: &qv, k: &kv, v: &vv };
+    k::attention_fwd(dev, &mut out.as_view_mut(), &mut lse.as_view_mut(), qkv, &cuv, &shape)?;
     close_scaled(&format!("attention out hd{hd}"), &down(s, &out)?, &wo, T::TOL);
     close(&format!("attention lse hd{hd}"), &down(s, &lse)?, &wl, (1e-4, 1e-4));
     let (mut gq, mut gk, mut gv) =
         (s.alloc_zeros::<T>(q.len())?, s.alloc_zeros::<T>(kk.len())?, s.alloc_zeros::<T>(v.len())?);
     let (mut acc, mut delta) = (s.alloc_zeros::<f32>(q.len())?, s.alloc_zeros::<f32>(t * hq)?);
-    launch!(
-        k::attention_bwd,
-        dev,
-        mut [gq, gk, gv, acc, delta],
-        [dd_, dq_, dk_, dv_, out, lse, dcu],
-        &shape
-    )?;
+    let grads =
+        k::Qkv { q: &mut gq.as_view_mut(), k: &mut gk.as_view_mut(), v: &mut gv.as_view_mut() };
+    let (acc, delta) = (&mut acc.as_view_mut(), &mut delta.as_view_mut());
+    let fwd = (&out.as_view(), &lse.as_view());
+    k::attention_bwd(dev, grads, acc, delta, &dd_.as_view(), qkv, fwd, &cuv, &shape)?;
     let (gq, gk, gv) = (down(s, &gq)?, down(s, &gk)?, down(s, &gv)?);
     close_scaled(&format!("attention dq hd{hd}"), &gq, &wdq, T::TOL);
     close_scaled(&format!("attention dk hd{hd}"), &gk, &wdk, T::TOL);
@@ -196,23 +196,28 @@ pub fn xent<T: TestT>(dev: &CudaDevice) -> Result<()> {
             buf[i * ld..i * ld + vc].copy_from_slice(&logits[i * vocab + v0..i * vocab + v0 + vc]);
         }
         let d = up::<T>(s, &buf)?;
-        launch!(k::xent_fwd, dev, mut [m, sm, tg], [d], ld, v0, vc, &dt.as_view(), ci == 0)?;
+        let (mv, sv, tv) = (&mut m.as_view_mut(), &mut sm.as_view_mut(), &mut tg.as_view_mut());
+        let logits = k::Logits { data: &d.as_view(), ld, cols: vc };
+        k::xent_fwd(dev, k::XentAcc { m: mv, s: sv, tgt: tv }, logits, v0, &dt.as_view(), ci == 0)?;
         chunks.push((v0, vc, d));
     }
     let (mut glse, mut glp) = (s.alloc_zeros::<f32>(n)?, s.alloc_zeros::<f32>(n * kt)?);
-    launch!(k::xent_finish_fwd, dev, mut [glse, glp], [m, sm, tg, dt])?;
+    let acc = k::XentAcc { m: &m.as_view(), s: &sm.as_view(), tgt: &tg.as_view() };
+    let outs = (&mut glse.as_view_mut(), &mut glp.as_view_mut());
+    k::xent_finish_fwd(dev, outs, acc, &dt.as_view())?;
     close("xent lse", &down(s, &glse)?, &lse, (1e-5, 1e-4));
     close("xent logprob", &down(s, &glp)?, &lp, (1e-5, 1e-4));
     // what both backward variants read besides the logits
     let (dtv, dcoefv, glsev) = (dt.as_view(), dcoef.as_view(), glse.as_view());
+    let rows = k::XentRows { targets: &dtv, coef: &dcoefv, lse: &glsev };
     for (idx, (v0, vc, mut d)) in chunks.into_iter().enumerate() {
         let got = if idx == 0 {
             let mut out = s.alloc_zeros::<T>(n * ld)?;
             let (o, dv) = (&mut out.as_view_mut(), &d.as_view());
-            k::xent_bwd(dev, o, ld, dv, ld, v0, vc, &dtv, &dcoefv, &glsev)?;
+            k::xent_bwd(dev, (o, ld), k::Logits { data: dv, ld, cols: vc }, v0, rows)?;
             down(s, &out)?
         } else {
-            k::xent_bwd_inplace(dev, &mut d.as_view_mut(), ld, v0, vc, &dtv, &dcoefv, &glsev)?;
+            k::xent_bwd_inplace(dev, (&mut d.as_view_mut(), ld), (v0, vc), rows)?;
             down(s, &d)?
         };
         for i in 0..n {
@@ -257,7 +262,9 @@ pub fn losses(dev: &CudaDevice) -> Result<()> {
     ];
     for (variant, f) in cases {
         let (mut loss, mut coef) = (s.alloc_zeros::<f32>(5)?, s.alloc_zeros::<f32>(5)?);
-        launch!(k::loss_fwd, dev, mut [loss, coef], [dl, ds, da], Some(&dw.as_view()), variant)?;
+        let outs = (&mut loss.as_view_mut(), &mut coef.as_view_mut());
+        let rl = k::RlInputs { sampler_logprob: &ds.as_view(), advantages: &da.as_view() };
+        k::loss_fwd(dev, outs, &dl.as_view(), rl, Some(&dw.as_view()), variant)?;
         let want: Vec<(f64, f64)> = (0..5).map(|i| f(lp[i], slp[i], adv[i])).collect();
         close(
             &format!("{variant:?} loss"),
@@ -346,7 +353,9 @@ pub fn argmax<T: TestT>(dev: &CudaDevice) -> Result<()> {
         let dl = up::<T>(s, &l)?;
         let mut out = s.alloc_zeros::<i32>(1)?;
         let mut dlp = s.alloc_zeros::<f32>(1)?;
-        launch!(k::argmax_fwd, dev, mut [out, dlp], [dl], l.len(), l.len())?;
+        let (dl, n) = (dl.as_view(), l.len());
+        let picks = k::Picks { token: &mut out.as_view_mut(), logprob: &mut dlp.as_view_mut() };
+        k::argmax_fwd(dev, picks, k::Logits { data: &dl, ld: n, cols: n })?;
         assert_eq!(s.clone_dtoh(&out)?[0] as usize, want, "row {ri}");
         close("argmax logprob", &[s.clone_dtoh(&dlp)?[0] as f64], &[lp], (1e-6, 1e-6));
     }

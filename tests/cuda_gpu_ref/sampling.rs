@@ -94,8 +94,11 @@ fn check_batch<T: TestT>(
     let mut tok = s.alloc_zeros::<i32>(b)?;
     let mut lp = s.alloc_zeros::<f32>(b)?;
     let (mut tv, mut lv) = (tok.as_view_mut(), lp.as_view_mut());
-    k::argmax_fwd(dev, &mut tv, &mut lv, &dl.as_view(), v, v)?;
-    k::sample_fwd(dev, &mut tv, &mut lv, &dl.as_view(), v, v, &dt.as_view(), &dp.as_view())?;
+    let dl = dl.as_view();
+    let logits = k::Logits { data: &dl, ld: v, cols: v };
+    k::argmax_fwd(dev, k::Picks { token: &mut tv, logprob: &mut lv }, logits)?;
+    let picks = k::Picks { token: &mut tv, logprob: &mut lv };
+    k::sample_fwd(dev, picks, logits, (&dt.as_view(), &dp.as_view()))?;
     let (tok, lp) = (s.clone_dtoh(&tok)?, s.clone_dtoh(&lp)?);
     for (i, (p, u)) in cases.iter().enumerate() {
         let what =

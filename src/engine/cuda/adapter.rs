@@ -368,8 +368,9 @@ impl CudaAdapter {
         // SAFETY: the table addresses this adapter's own tensors (see `OptimTable`), which
         // `&mut self` keeps alive and unaliased while the stream runs the two kernels.
         unsafe {
-            k::sumsq_multi_fwd(dev, &mut acc.as_view_mut(), &ptrs, &lens, t.max_len)?;
-            k::adamw_multi_fwd(dev, &ptrs, &lens, t.max_len, &acc.as_view(), p.grad_clip_norm, &h)?;
+            let table = k::TensorTable { ptrs: &ptrs, lens: &lens, max_len: t.max_len };
+            k::sumsq_multi_fwd(dev, &mut acc.as_view_mut(), table)?;
+            k::adamw_multi_fwd(dev, table, &acc.as_view(), p.grad_clip_norm, &h)?;
         }
         // the step's one synchronisation, after everything is queued
         let sq = download(dev, &view(&acc, 0, 1)?)?.first().copied().unwrap_or(0.0);

@@ -143,7 +143,8 @@ impl<T: Act> CudaKvCache<T> {
         let (Some(kc), Some(vc)) = (self.k.get_mut(l), self.v.get_mut(l)) else {
             return Err(invalid(format!("KV cache has no layer {l}")));
         };
-        k::kv_append_fwd(dev, &mut kc.as_view_mut(), &mut vc.as_view_mut(), k, v, slots, row)?;
+        let cache = k::Kv { k: &mut kc.as_view_mut(), v: &mut vc.as_view_mut() };
+        k::kv_append_fwd(dev, cache, k::Kv { k, v }, slots, row)?;
         Ok((kc, vc))
     }
 }
@@ -183,11 +184,14 @@ impl<T: Act> CudaModel<T> {
             // SAFETY: i32 and f32 have the same size and every bit pattern is a valid f32.
             let mut lpv = unsafe { rest.transmute_mut::<f32>(n) }
                 .ok_or_else(|| invalid("logprob view".into()))?;
-            k::argmax_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v)?;
+            let logits = k::Logits { data: &lv, ld: v, cols: v };
+            let picks = k::Picks { token: &mut tv, logprob: &mut lpv };
+            k::argmax_fwd::<f32>(&self.dev, picks, logits)?;
             if inv_t.iter().any(|&x| x != 0.0) {
                 let (dt, dp) = (upload_ws(&self.dev, &inv_t)?, upload_ws(&self.dev, &ints)?);
                 let (dt, dp) = (view(&dt, 0, n)?, view(&dp, 0, 3 * n)?);
-                k::sample_fwd::<f32>(&self.dev, &mut tv, &mut lpv, &lv, v, v, &dt, &dp)?;
+                let picks = k::Picks { token: &mut tv, logprob: &mut lpv };
+                k::sample_fwd::<f32>(&self.dev, picks, logits, (&dt, &dp))?;
             }
         }
         let host = download(&self.dev, &view(&picks, 0, 2 * n)?)?;

@@ -50,26 +50,26 @@ impl<T: Act> CudaModel<T> {
                 let vc = VOCAB_CHUNK.min(v - v0);
                 let mut lv = view_mut(&mut buf, 0, nr * vc)?;
                 self.head_chunk(&mut lv, &hb, r0..r0 + nr, v0, vc, w, lora.zip(ha.as_ref()))?;
-                k::xent_fwd::<f32>(
-                    dev,
-                    &mut view_mut(&mut m, 0, nr)?,
-                    &mut view_mut(&mut s, 0, nr)?,
-                    &mut view_mut(&mut tgt, 0, nr * kmax)?,
-                    &lv.as_view(),
-                    vc,
-                    v0,
-                    vc,
-                    &tb,
-                    v0 == 0,
-                )?;
+                let acc = k::XentAcc {
+                    m: &mut view_mut(&mut m, 0, nr)?,
+                    s: &mut view_mut(&mut s, 0, nr)?,
+                    tgt: &mut view_mut(&mut tgt, 0, nr * kmax)?,
+                };
+                let logits = k::Logits { data: &lv.as_view(), ld: vc, cols: vc };
+                k::xent_fwd::<f32>(dev, acc, logits, v0, &tb, v0 == 0)?;
             }
+            let acc = k::XentAcc {
+                m: &view(&m, 0, nr)?,
+                s: &view(&s, 0, nr)?,
+                tgt: &view(&tgt, 0, nr * kmax)?,
+            };
             k::xent_finish_fwd(
                 dev,
-                &mut view_mut(&mut lse, r0, r0 + nr)?,
-                &mut view_mut(&mut lp, r0 * kmax, (r0 + nr) * kmax)?,
-                &view(&m, 0, nr)?,
-                &view(&s, 0, nr)?,
-                &view(&tgt, 0, nr * kmax)?,
+                (
+                    &mut view_mut(&mut lse, r0, r0 + nr)?,
+                    &mut view_mut(&mut lp, r0 * kmax, (r0 + nr) * kmax)?,
+                ),
+                acc,
                 &tb,
             )?;
         }
@@ -171,7 +171,8 @@ impl<T: Act> CudaModel<T> {
                 let vc = VOCAB_CHUNK.min(v - v0);
                 let mut lv = view_mut(&mut buf, 0, nr * vc)?;
                 self.head_chunk(&mut lv, &hb, rr.clone(), v0, vc, w, lora.zip(ha.as_ref()))?;
-                k::xent_bwd_inplace::<f32>(dev, &mut lv, vc, v0, vc, &tb, &cb, &lb)?;
+                let rows = k::XentRows { targets: &tb, coef: &cb, lse: &lb };
+                k::xent_bwd_inplace::<f32>(dev, (&mut lv, vc), (v0, vc), rows)?;
                 let mut dv = view_mut(&mut dl, 0, nr * vc)?;
                 T::cast_from_f32(dev, &mut dv, &lv.as_view())?;
                 let dlv = dv.as_view();

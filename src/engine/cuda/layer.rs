@@ -178,9 +178,8 @@ impl<T: Act> CudaModel<T> {
         k::embedding_fwd(
             &self.dev,
             &mut view_mut(&mut x, 0, p.rows * h)?,
-            &self.embed.as_view(),
+            (&self.embed.as_view(), h),
             &view(&p.ids, 0, p.rows)?,
-            h,
         )?;
         let mut saves = Vec::new();
         for l in 0..self.layers.len() {
@@ -312,9 +311,7 @@ impl<T: Act> CudaModel<T> {
                     dev,
                     &mut view_mut(&mut outp, 0, nq)?,
                     &mut view_mut(&mut lse, 0, rows * nh)?,
-                    &qv,
-                    &kv_,
-                    &vv,
+                    k::Qkv { q: &qv, k: &kv_, v: &vv },
                     &p.cu.as_view(),
                     &self.attn_shape(p.max_len),
                 )?;
@@ -345,8 +342,7 @@ impl<T: Act> CudaModel<T> {
                         &mut view_mut(&mut outp, q0, q1)?,
                         &mut view_mut(&mut ws, 0, nws)?,
                         &view(&qp, q0, q1)?,
-                        &kc.as_view(),
-                        &vc.as_view(),
+                        k::Kv { k: &kc.as_view(), v: &vc.as_view() },
                         &view(&g.idx.table, 0, nr)?,
                         &view(&g.idx.ctx, 0, nr)?,
                         &shape,
@@ -490,19 +486,20 @@ impl<T: Act> CudaModel<T> {
         let mut dvp = scratch::<T>(dev, nk)?;
         let mut dq_acc = scratch::<f32>(dev, nq)?;
         let mut delta = scratch::<f32>(dev, rows * nh)?;
+        let grads = k::Qkv {
+            q: &mut view_mut(&mut dqp, 0, nq)?,
+            k: &mut view_mut(&mut dkp, 0, nk)?,
+            v: &mut view_mut(&mut dvp, 0, nk)?,
+        };
+        let (q, kk, v) = (view(&s.qp, 0, nq)?, view(&s.kp, 0, nk)?, view(&s.vp, 0, nk)?);
         k::attention_bwd(
             dev,
-            &mut view_mut(&mut dqp, 0, nq)?,
-            &mut view_mut(&mut dkp, 0, nk)?,
-            &mut view_mut(&mut dvp, 0, nk)?,
+            grads,
             &mut view_mut(&mut dq_acc, 0, nq)?,
             &mut view_mut(&mut delta, 0, rows * nh)?,
             &view(&dattn_p, 0, nq)?,
-            &view(&s.qp, 0, nq)?,
-            &view(&s.kp, 0, nk)?,
-            &view(&s.vp, 0, nk)?,
-            &view(&s.outp, 0, nq)?,
-            &view(&s.lse, 0, rows * nh)?,
+            k::Qkv { q: &q, k: &kk, v: &v },
+            (&view(&s.outp, 0, nq)?, &view(&s.lse, 0, rows * nh)?),
             &p.cu.as_view(),
             &self.attn_shape(p.max_len),
         )?;

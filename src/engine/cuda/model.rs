@@ -55,7 +55,7 @@ impl Act for bf16 {
         out: &mut CudaViewMut<'_, bf16>,
         x: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
-        k::to_bf16_fwd(dev, out, x)
+        k::cast_fwd(dev, out, x)
     }
 }
 

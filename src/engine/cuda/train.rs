@@ -206,15 +206,13 @@ fn run_valid<T: Act>(model: &CudaModel<T>, jobs: &[Job<'_>]) -> R<Vec<FwdBwdOutp
     for (job, r) in jobs.iter().zip(&ranges) {
         let (a, b) = (r.start * kmax, r.end * kmax);
         // group g's part of `terms` is [its loss terms | its logprobs], at 2a .. 2b
+        let (slp, adv) = (view(&tg.slp, r.start, r.end)?, view(&tg.adv, r.start, r.end)?);
         k::loss_term_fwd(
             dev,
-            &mut view_mut(&mut terms, 2 * a, 2 * b)?,
-            &mut view_mut(&mut coef, a, b)?,
+            (&mut view_mut(&mut terms, 2 * a, 2 * b)?, &mut view_mut(&mut coef, a, b)?),
             &view(&lp_dev, a, b)?,
-            &view(&tg.dev, a, b)?,
-            &view(&tg.weights, a, b)?,
-            &view(&tg.slp, r.start, r.end)?,
-            &view(&tg.adv, r.start, r.end)?,
+            (&view(&tg.dev, a, b)?, &view(&tg.weights, a, b)?),
+            k::RlInputs { sampler_logprob: &slp, advantages: &adv },
             job.loss,
         )?;
     }

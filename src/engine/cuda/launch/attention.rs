@@ -5,6 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 use super::flash;
+use super::views::Qkv;
 use super::{Args, Dtype, Kernel, blocks, grid_dim, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
@@ -141,13 +142,12 @@ pub fn attention_fwd<T: Dtype>(
     dev: &CudaDevice,
     out: &mut CudaViewMut<'_, T>,
     lse: &mut CudaViewMut<'_, f32>,
-    q: &CudaView<'_, T>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
+    qkv: Qkv<&CudaView<'_, T>>,
     cu_seqlens: &CudaView<'_, i32>,
     s: &AttentionShape,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "attention_fwd");
+    let Qkv { q, k, v } = qkv;
     let (t, batch) = check_shape(kn, s, q.len(), k.len(), cu_seqlens.len())?;
     need_len(kn, "v", v.len(), k.len())?;
     need_len(kn, "out", out.len(), q.len())?;
@@ -159,7 +159,7 @@ pub fn attention_fwd<T: Dtype>(
     let ptrs = [a(q), a(k), a(v), flash::addr(dev, &*out)];
     if flash::serves::<T>(s.head_dim, &ptrs) {
         let p = flash::Packed { cu_seqlens, s, t, batch };
-        return flash::fwd(dev, (out, lse), (q, k, v), &p);
+        return flash::fwd(dev, (out, lse), qkv, &p);
     }
     let (fl, by) = attention_cost::<T>(s, t, batch, (4.0, 2.0));
     let f = Kernel::load(dev, "attention.cu", kn)?.cost(fl, by);
@@ -172,27 +172,23 @@ pub fn attention_fwd<T: Dtype>(
     unsafe { f.launch(cfg, (out, lse, q, k, v, cu_seqlens, &ti, &hq, &hkv, &hd, &s.scale)) }
 }
 
-/// Gradients of [`attention_fwd`]. `dq_accum` [T, Hq, hd] f32 and `delta` [T, Hq] f32 are
-/// workspaces (overwritten; the tensor-core path leaves `dq_accum` untouched: its dQ kernel owns
-/// whole rows); `out` and `lse` are the forward's outputs.
+/// Gradients of [`attention_fwd`] into `grads` (dq, dk, dv). `dq_accum` [T, Hq, hd] f32 and
+/// `delta` [T, Hq] f32 are workspaces (overwritten; the tensor-core path leaves `dq_accum`
+/// untouched: its dQ kernel owns whole rows); `out` and `lse` are the forward's outputs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Dtype>(
     dev: &CudaDevice,
-    dq: &mut CudaViewMut<'_, T>,
-    dk: &mut CudaViewMut<'_, T>,
-    dv: &mut CudaViewMut<'_, T>,
+    grads: Qkv<&mut CudaViewMut<'_, T>>,
     dq_accum: &mut CudaViewMut<'_, f32>,
     delta: &mut CudaViewMut<'_, f32>,
     dout: &CudaView<'_, T>,
-    q: &CudaView<'_, T>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
-    out: &CudaView<'_, T>,
-    lse: &CudaView<'_, f32>,
+    qkv: Qkv<&CudaView<'_, T>>,
+    (out, lse): (&CudaView<'_, T>, &CudaView<'_, f32>),
     cu_seqlens: &CudaView<'_, i32>,
     s: &AttentionShape,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "attention_bwd");
+    let (Qkv { q: dq, k: dk, v: dv }, Qkv { q, k, v }) = (grads, qkv);
     let (t, batch) = check_shape(kn, s, q.len(), k.len(), cu_seqlens.len())?;
     for (name, len) in [("v", v.len()), ("dk", dk.len()), ("dv", dv.len())] {
         need_len(kn, name, len, k.len())?;
@@ -228,7 +224,8 @@ pub fn attention_bwd<T: Dtype>(
     if flash::serves::<T>(s.head_dim, &ptrs) {
         let delta_v = delta.as_view();
         let p = flash::Packed { cu_seqlens, s, t, batch };
-        return flash::bwd(dev, (dq, dk, dv), dout, (q, k, v), (lse, &delta_v), &p);
+        let grads = Qkv { q: dq, k: dk, v: dv };
+        return flash::bwd(dev, grads, dout, qkv, (lse, &delta_v), &p);
     }
     dev.stream().memset_zeros(dq_accum).map_err(CudaError::driver("zeroing dq_accum"))?;
     let (fl, by) = attention_cost::<T>(s, t, batch, (10.0, 4.0));

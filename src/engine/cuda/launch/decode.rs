@@ -5,6 +5,7 @@
 use cudarc::driver::{CudaView, CudaViewMut};
 
 use super::attention::{MAX_GRID_YZ, check_gqa, head_ints};
+use super::views::Kv;
 use super::{Args, Dtype, Kernel, blocks, grid_dim, int, long, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
 
@@ -79,14 +80,13 @@ pub fn decode_workspace_len(batch: usize, s: &DecodeShape) -> usize {
 /// outside [0, num_slots) (e.g. -1 for padding) are skipped.
 pub fn kv_append_fwd<T: Dtype>(
     dev: &CudaDevice,
-    k_cache: &mut CudaViewMut<'_, T>,
-    v_cache: &mut CudaViewMut<'_, T>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
+    cache: Kv<&mut CudaViewMut<'_, T>>,
+    new: Kv<&CudaView<'_, T>>,
     slots: &CudaView<'_, i32>,
     row: usize,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "kv_append_fwd");
+    let (Kv { k: k_cache, v: v_cache }, Kv { k, v }) = (cache, new);
     let n = slots.len();
     if row == 0 || k_cache.len() % row != 0 {
         return Err(shape_err(
@@ -150,13 +150,13 @@ pub fn decode_attention_fwd<T: Dtype>(
     out: &mut CudaViewMut<'_, T>,
     workspace: &mut CudaViewMut<'_, f32>,
     q: &CudaView<'_, T>,
-    k_cache: &CudaView<'_, T>,
-    v_cache: &CudaView<'_, T>,
+    cache: Kv<&CudaView<'_, T>>,
     block_table: &CudaView<'_, i32>,
     ctx_lens: &CudaView<'_, i32>,
     s: &DecodeShape,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "decode_split_fwd");
+    let Kv { k: k_cache, v: v_cache } = cache;
     let lens = (q.len(), out.len(), block_table.len(), ctx_lens.len());
     let b = check_decode(kn, s, lens, (k_cache.len(), v_cache.len()))?;
     need_len(kn, "workspace", workspace.len(), decode_workspace_len(b, s))?;

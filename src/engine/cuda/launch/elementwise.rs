@@ -1,9 +1,8 @@
-//! Launchers for `kernels/elementwise.cu`: residual add, in-place scale, dtype casts and the
+//! Launchers for `kernels/elementwise.cu`: residual add, in-place scale, the f32 / bf16 cast and the
 //! sum of squares used for the global gradient norm, in-place accumulate, bias rows and the
 //! column copy that pads / strips attention's head dimension.
 
 use cudarc::driver::{CudaView, CudaViewMut};
-use half::bf16;
 
 use super::{Dtype, Kernel, grid_stride, int, long, map_n, need_len, shape_err, sym};
 use crate::engine::cuda::{CudaDevice, CudaError};
@@ -39,24 +38,20 @@ pub fn scale_fwd<T: Dtype>(
     unsafe { f.launch(grid_stride(n), (x, &s, &nn)) }
 }
 
-/// out = bf16(x), round to nearest even.
-pub fn to_bf16_fwd(
+/// out = x in `O`'s dtype: f32 to bf16 rounds to nearest even, bf16 to f32 is exact. Refuses
+/// a cast to the same dtype (a copy, which needs no kernel).
+pub fn cast_fwd<I: Dtype, O: Dtype>(
     dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, bf16>,
-    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, O>,
+    x: &CudaView<'_, I>,
 ) -> Result<(), CudaError> {
-    // SAFETY: signature (bf16*, const float*, long long), indices < n only.
-    unsafe { map_n(dev, FILE, "to_bf16_fwd_f32", out, &[("x", x)]) }
-}
-
-/// out = f32(x).
-pub fn to_f32_fwd(
-    dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, f32>,
-    x: &CudaView<'_, bf16>,
-) -> Result<(), CudaError> {
-    // SAFETY: signature (float*, const bf16*, long long), indices < n only.
-    unsafe { map_n(dev, FILE, "to_f32_fwd_bf16", out, &[("x", x)]) }
+    let kernel = match (I::IS_BF16, O::IS_BF16) {
+        (false, true) => "to_bf16_fwd_f32",
+        (true, false) => "to_f32_fwd_bf16",
+        _ => return Err(shape_err("cast_fwd", "input and output have the same dtype")),
+    };
+    // SAFETY: signature (O*, const I*, long long) for both kernels, indices < n only.
+    unsafe { map_n(dev, FILE, kernel, out, &[("x", x)]) }
 }
 
 /// acc[0] += sum(x^2). `acc` is not cleared, so several tensors can add into one norm.

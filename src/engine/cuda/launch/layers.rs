@@ -18,13 +18,13 @@ fn hidden_row_cfg(kernel: &'static str, rows: usize, d: usize) -> Result<LaunchC
     super::row_cfg(kernel, rows, threads)
 }
 
-/// out[n, :] = table[ids[n], :]; ids outside [0, V) give a zero row (validate them on the host).
+/// out[n, :] = table[ids[n], :] for `table` [V, d] given with its row width d; ids outside
+/// [0, V) give a zero row (validate them on the host).
 pub fn embedding_fwd<T: Dtype>(
     dev: &CudaDevice,
     out: &mut CudaViewMut<'_, T>,
-    table: &CudaView<'_, T>,
+    (table, d): (&CudaView<'_, T>, usize),
     ids: &CudaView<'_, i32>,
-    d: usize,
 ) -> Result<(), CudaError> {
     let k = sym!(T, "embedding_fwd");
     if d == 0 || table.len() % d != 0 {

@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
+use super::views::Logits;
 use super::{
     Args, Dtype, Kernel, blocks, grid_dim, grid_stride, int, long, need_len, per_item_cfg, row_cfg,
     shape_err, sym,
@@ -36,30 +37,45 @@ fn targets_per_row(k: &'static str, targets: usize, n: usize) -> Result<usize, C
     Ok(targets / n)
 }
 
-/// Merges one vocabulary chunk of logits ([n, ld], columns `v0 .. v0 + vc` of the vocabulary)
-/// into the running per-row (max `m`, sum-exp `s`) and picks up target logits `tgt` [n, K]
-/// for targets [n, K] inside the chunk. `first` initialises m, s and tgt.
-#[allow(clippy::too_many_arguments)]
+/// The running per-row state of the chunked cross-entropy: max `m` [n], sum-exp `s` [n] and the
+/// target logits `tgt` [n, K] (mutable views while [`xent_fwd`] merges chunks in, views for
+/// [`xent_finish_fwd`]).
+#[derive(Debug, Clone, Copy)]
+pub struct XentAcc<V> {
+    pub m: V,
+    pub s: V,
+    pub tgt: V,
+}
+
+/// What the cross-entropy backward reads per row besides the logits: targets [n, K], the
+/// coefficients [n, K] and the forward's lse [n].
+#[derive(Debug, Clone, Copy)]
+pub struct XentRows<'r, 'a> {
+    pub targets: &'r CudaView<'a, i32>,
+    pub coef: &'r CudaView<'a, f32>,
+    pub lse: &'r CudaView<'a, f32>,
+}
+
+/// Merges one vocabulary chunk of `logits` ([n, ld], its `cols` valid columns being vocabulary
+/// columns `v0 .. v0 + cols`) into the running `acc`, picking up the target logits for targets
+/// [n, K] inside the chunk. `first` initialises the state.
 pub fn xent_fwd<T: Dtype>(
     dev: &CudaDevice,
-    m: &mut CudaViewMut<'_, f32>,
-    s: &mut CudaViewMut<'_, f32>,
-    tgt: &mut CudaViewMut<'_, f32>,
-    logits: &CudaView<'_, T>,
-    ld: usize,
+    acc: XentAcc<&mut CudaViewMut<'_, f32>>,
+    logits: Logits<'_, '_, T>,
     v0: usize,
-    vc: usize,
     targets: &CudaView<'_, i32>,
     first: bool,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "xent_fwd");
-    let n = chunk_rows(kn, logits.len(), ld, vc)?;
+    let XentAcc { m, s, tgt } = acc;
+    let (n, vc) = (logits.rows(kn)?, logits.cols);
     need_len(kn, "m", m.len(), n)?;
     need_len(kn, "s", s.len(), n)?;
     let kt = targets_per_row(kn, targets.len(), n)?;
     need_len(kn, "tgt", tgt.len(), n * kt)?;
     let (ldl, v0i, vci, kti, ni) = (
-        long(kn, "ld", ld)?,
+        long(kn, "ld", logits.ld)?,
         int(kn, "v0", v0)?,
         int(kn, "vc", vc)?,
         int(kn, "K", kt)?,
@@ -71,21 +87,20 @@ pub fn xent_fwd<T: Dtype>(
     // the chunk read once: max, exp and sum (~20 FLOPs an element with the exp)
     let e = (n * vc) as f64;
     let f = Kernel::load(dev, "loss.cu", kn)?.cost(20.0 * e, e * std::mem::size_of::<T>() as f64);
+    let l = logits.data;
     // SAFETY: logits [n, ld] with vc <= ld, m/s [n], tgt/targets [n, K] (checked).
-    unsafe { f.launch(cfg, (m, s, tgt, logits, &ldl, &v0i, &vci, targets, &kti, &ni, &first)) }
+    unsafe { f.launch(cfg, (m, s, tgt, l, &ldl, &v0i, &vci, targets, &kti, &ni, &first)) }
 }
 
 /// After the last chunk: lse = m + ln(s) [n]; logprob = tgt - lse [n, K] (0 where target < 0).
 pub fn xent_finish_fwd(
     dev: &CudaDevice,
-    lse: &mut CudaViewMut<'_, f32>,
-    logprob: &mut CudaViewMut<'_, f32>,
-    m: &CudaView<'_, f32>,
-    s: &CudaView<'_, f32>,
-    tgt: &CudaView<'_, f32>,
+    (lse, logprob): (&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>),
+    acc: XentAcc<&CudaView<'_, f32>>,
     targets: &CudaView<'_, i32>,
 ) -> Result<(), CudaError> {
     let kn = "xent_finish_fwd_f32";
+    let XentAcc { m, s, tgt } = acc;
     let n = m.len();
     need_len(kn, "s", s.len(), n)?;
     need_len(kn, "lse", lse.len(), n)?;
@@ -100,21 +115,17 @@ pub fn xent_finish_fwd(
     unsafe { f.launch(cfg, (lse, logprob, m, s, tgt, targets, &kti, &ni)) }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The backward into `dst` [n, ldd] from the logits chunk `src` (None: `dst` itself, in place),
+/// [n, ld] with `vc` valid columns starting at vocabulary column `v0`; `cols` = (ld, v0, vc).
 fn xent_bwd_raw<T: Dtype>(
     dev: &CudaDevice,
-    dst: &mut CudaViewMut<'_, T>,
-    ldd: usize,
-    src_ptr: Option<u64>,
+    (dst, ldd): (&mut CudaViewMut<'_, T>, usize),
     src: Option<&CudaView<'_, T>>,
-    ld: usize,
-    v0: usize,
-    vc: usize,
-    targets: &CudaView<'_, i32>,
-    coef: &CudaView<'_, f32>,
-    lse: &CudaView<'_, f32>,
+    (ld, v0, vc): (usize, usize, usize),
+    rows: XentRows<'_, '_>,
 ) -> Result<(), CudaError> {
     let kn = sym!(T, "xent_bwd");
+    let XentRows { targets, coef, lse } = rows;
     let n = chunk_rows(kn, src.map(|s| s.len()).unwrap_or(dst.len()), ld, vc)?;
     if ldd < vc || dst.len() != n * ldd {
         return Err(shape_err(
@@ -133,9 +144,14 @@ fn xent_bwd_raw<T: Dtype>(
         int(kn, "K", kt)?,
         int(kn, "n", n)?,
     );
-    if src.is_none() && src_ptr.is_none() {
-        return Err(shape_err(kn, "no logits given"));
-    }
+    // the in-place form reads the logits through dst's own address
+    let src_ptr = if src.is_some() {
+        0
+    } else {
+        let (p, sync) = dst.device_ptr(dev.stream());
+        drop(sync);
+        p
+    };
     let cfg = row_cfg(kn, n, XENT_THREADS)?;
     // the chunk read and its gradient written (an exp and a few FLOPs an element)
     let e = (n * vc) as f64;
@@ -147,10 +163,9 @@ fn xent_bwd_raw<T: Dtype>(
     unsafe {
         f.launch_with(cfg, |l| {
             l.arg(dst).arg(&lddl);
-            match (src, &src_ptr) {
-                (Some(s), _) => l.arg(s),
-                (None, Some(p)) => l.arg(p),
-                (None, None) => unreachable!("refused above"),
+            match src {
+                Some(s) => l.arg(s),
+                None => l.arg(&src_ptr),
             };
             l.arg(&ldl).arg(&v0i).arg(&vci).arg(targets).arg(coef).arg(lse).arg(&kti).arg(&ni);
         })
@@ -158,38 +173,28 @@ fn xent_bwd_raw<T: Dtype>(
 }
 
 /// dlogits[n, v] = sum_k coef[n, k] (softmax[n, v] - [v == targets[n, k]]) for one chunk
-/// (columns v0 .. v0 + vc); coef = -dLoss/dlogprob (for cross-entropy: the weights).
-#[allow(clippy::too_many_arguments)]
+/// (the `cols` valid columns of `logits` being vocabulary columns v0 ..); coef =
+/// -dLoss/dlogprob (for cross-entropy: the weights).
 pub fn xent_bwd<T: Dtype>(
     dev: &CudaDevice,
-    dlogits: &mut CudaViewMut<'_, T>,
-    ldd: usize,
-    logits: &CudaView<'_, T>,
-    ld: usize,
+    (dlogits, ldd): (&mut CudaViewMut<'_, T>, usize),
+    logits: Logits<'_, '_, T>,
     v0: usize,
-    vc: usize,
-    targets: &CudaView<'_, i32>,
-    coef: &CudaView<'_, f32>,
-    lse: &CudaView<'_, f32>,
+    rows: XentRows<'_, '_>,
 ) -> Result<(), CudaError> {
-    xent_bwd_raw(dev, dlogits, ldd, None, Some(logits), ld, v0, vc, targets, coef, lse)
+    let cols = (logits.ld, v0, logits.cols);
+    xent_bwd_raw(dev, (dlogits, ldd), Some(logits.data), cols, rows)
 }
 
-/// [`xent_bwd`] overwriting the logits chunk with its gradient (saves a [n, ld] buffer).
-#[allow(clippy::too_many_arguments)]
+/// [`xent_bwd`] overwriting the logits chunk [n, ld] (vocabulary columns `v0 .. v0 + vc`) with
+/// its gradient (saves a [n, ld] buffer).
 pub fn xent_bwd_inplace<T: Dtype>(
     dev: &CudaDevice,
-    logits: &mut CudaViewMut<'_, T>,
-    ld: usize,
-    v0: usize,
-    vc: usize,
-    targets: &CudaView<'_, i32>,
-    coef: &CudaView<'_, f32>,
-    lse: &CudaView<'_, f32>,
+    (logits, ld): (&mut CudaViewMut<'_, T>, usize),
+    (v0, vc): (usize, usize),
+    rows: XentRows<'_, '_>,
 ) -> Result<(), CudaError> {
-    let (ptr, sync) = logits.device_ptr(dev.stream());
-    drop(sync);
-    xent_bwd_raw(dev, logits, ld, Some(ptr), None, ld, v0, vc, targets, coef, lse)
+    xent_bwd_raw(dev, (logits, ld), None, (ld, v0, vc), rows)
 }
 
 /// Per-token RL objective (loss = -sum objective); `a`/`b` are the variant's parameters.
@@ -216,20 +221,26 @@ impl LossVariant {
     }
 }
 
+/// The per-token inputs of the RL losses besides the logprobs: the sampler's logprobs and the
+/// advantages.
+#[derive(Debug, Clone, Copy)]
+pub struct RlInputs<'r, 'a> {
+    pub sampler_logprob: &'r CudaView<'a, f32>,
+    pub advantages: &'r CudaView<'a, f32>,
+}
+
 /// loss[n] = -objective * w and coef[n] = d objective / d logprob * w (feed coef to
 /// [`xent_bwd`]). `weights` None means 1.
-#[allow(clippy::too_many_arguments)]
 pub fn loss_fwd(
     dev: &CudaDevice,
-    loss: &mut CudaViewMut<'_, f32>,
-    coef: &mut CudaViewMut<'_, f32>,
+    (loss, coef): (&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>),
     logprob: &CudaView<'_, f32>,
-    sampler_logprob: &CudaView<'_, f32>,
-    advantages: &CudaView<'_, f32>,
+    rl: RlInputs<'_, '_>,
     weights: Option<&CudaView<'_, f32>>,
     variant: LossVariant,
 ) -> Result<(), CudaError> {
     let kn = "loss_fwd_f32";
+    let RlInputs { sampler_logprob, advantages } = rl;
     let n = logprob.len();
     for (name, len) in [
         ("loss", loss.len()),
@@ -265,20 +276,17 @@ pub fn loss_fwd(
 /// Per-target terms of `loss` on the device, exactly `LossFn::term` in f64: `out` [2, N*K]
 /// receives the loss terms then the logprobs (widened), `coef` [N, K] = -dLoss/dlogprob as f32
 /// (what [`xent_bwd`] takes); all 0 where `targets` < 0. `weights` [N, K] (cross-entropy
-/// weights), `sampler_logprob` and `advantages` [N] (zeros where a loss does not read them).
-#[allow(clippy::too_many_arguments)]
+/// weights), `rl`'s two [N] (zeros where a loss does not read them).
 pub fn loss_term_fwd(
     dev: &CudaDevice,
-    out: &mut CudaViewMut<'_, f64>,
-    coef: &mut CudaViewMut<'_, f32>,
+    (out, coef): (&mut CudaViewMut<'_, f64>, &mut CudaViewMut<'_, f32>),
     logprob: &CudaView<'_, f32>,
-    targets: &CudaView<'_, i32>,
-    weights: &CudaView<'_, f32>,
-    sampler_logprob: &CudaView<'_, f32>,
-    advantages: &CudaView<'_, f32>,
+    (targets, weights): (&CudaView<'_, i32>, &CudaView<'_, f32>),
+    rl: RlInputs<'_, '_>,
     loss: &LossFn,
 ) -> Result<(), CudaError> {
     let kn = "loss_term_fwd_f32";
+    let RlInputs { sampler_logprob, advantages } = rl;
     let n = sampler_logprob.len();
     let nk = logprob.len();
     if n == 0 || nk % n != 0 || nk < n {
@@ -363,42 +371,46 @@ pub fn adamw_fwd(
     }
 }
 
-/// Checks a tensor table of the multi-tensor optimizer kernels (`ptrs` [count, 4], `lens`
-/// [count]) and returns its grid (x splits the longest tensor, y = tensor) and the kernel's
-/// count, or None for an empty table.
-fn multi_setup(
-    kn: &'static str,
-    ptrs: usize,
-    count: usize,
-    max_len: usize,
-) -> Result<Option<(LaunchConfig, i32)>, CudaError> {
-    need_len(kn, "ptrs", ptrs, 4 * count)?;
-    if count == 0 {
-        return Ok(None);
-    }
-    let x = max_len.div_ceil(256).clamp(1, 512) as u32;
-    let cfg = blocks((x, grid_dim(kn, "tensors", count, 65535)?, 1), 256);
-    Ok(Some((cfg, int(kn, "tensors", count)?)))
+/// The tensor table of the multi-tensor optimizer kernels (see adamw.cu): `ptrs` [count, 4] =
+/// (p, g, m, v) addresses, `lens` [count], `max_len` = the largest of `lens`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TensorTable<'r, 'a> {
+    pub ptrs: &'r CudaView<'a, u64>,
+    pub lens: &'r CudaView<'a, i64>,
+    pub max_len: usize,
 }
 
-/// acc[0] += sum of g^2 over every tensor of a table `ptrs` [count, 4] = (p, g, m, v)
-/// addresses, `lens` [count] (see adamw.cu); `max_len` = the largest of `lens`.
+impl TensorTable<'_, '_> {
+    /// Checks the table and returns its grid (x splits the longest tensor, y = tensor) and the
+    /// kernel's count, or None for an empty table.
+    fn setup(&self, kn: &'static str) -> Result<Option<(LaunchConfig, i32)>, CudaError> {
+        let count = self.lens.len();
+        need_len(kn, "ptrs", self.ptrs.len(), 4 * count)?;
+        if count == 0 {
+            return Ok(None);
+        }
+        let x = self.max_len.div_ceil(256).clamp(1, 512) as u32;
+        let cfg = blocks((x, grid_dim(kn, "tensors", count, 65535)?, 1), 256);
+        Ok(Some((cfg, int(kn, "tensors", count)?)))
+    }
+}
+
+/// acc[0] += sum of g^2 over every tensor of `table`.
 ///
 /// # Safety
-/// Every row of `ptrs` must address live f32 buffers of the row's length on this device,
+/// Every row of `table.ptrs` must address live f32 buffers of the row's length on this device,
 /// not written by anything else while the stream runs the kernel.
 pub(crate) unsafe fn sumsq_multi_fwd(
     dev: &CudaDevice,
     acc: &mut CudaViewMut<'_, f32>,
-    ptrs: &CudaView<'_, u64>,
-    lens: &CudaView<'_, i64>,
-    max_len: usize,
+    table: TensorTable<'_, '_>,
 ) -> Result<(), CudaError> {
     let kn = "sumsq_multi_fwd_f32";
     need_len(kn, "acc", acc.len(), 1)?;
-    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
+    let Some((cfg, nt)) = table.setup(kn)? else {
         return Ok(());
     };
+    let (ptrs, lens) = (table.ptrs, table.lens);
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: acc holds 1 float, ptrs 4 addresses per tensor and lens one length (checked); the
     // addressed buffers are live and sized as lens says (this function's contract).
@@ -413,9 +425,7 @@ pub(crate) unsafe fn sumsq_multi_fwd(
 /// As [`sumsq_multi_fwd`]; additionally p, m, v and g of each row are written.
 pub(crate) unsafe fn adamw_multi_fwd(
     dev: &CudaDevice,
-    ptrs: &CudaView<'_, u64>,
-    lens: &CudaView<'_, i64>,
-    max_len: usize,
+    table: TensorTable<'_, '_>,
     sumsq: &CudaView<'_, f32>,
     clip_norm: f64,
     h: &AdamStep,
@@ -423,9 +433,10 @@ pub(crate) unsafe fn adamw_multi_fwd(
     let kn = "adamw_multi_fwd_f32";
     need_len(kn, "sumsq", sumsq.len(), 1)?;
     let (bc1, bc2) = bias_corrections(kn, h)?;
-    let Some((cfg, nt)) = multi_setup(kn, ptrs.len(), lens.len(), max_len)? else {
+    let Some((cfg, nt)) = table.setup(kn)? else {
         return Ok(());
     };
+    let (ptrs, lens) = (table.ptrs, table.lens);
     let f = Kernel::load(dev, "adamw.cu", kn)?;
     // SAFETY: table and sumsq sized as checked; the addressed buffers are live, sized as lens
     // says and not aliased (this function's contract).

@@ -16,11 +16,12 @@ mod lora;
 mod loss;
 mod rope;
 mod sampling;
+mod views;
 
 pub use attention::{AttentionShape, attention_bwd, attention_fwd};
 pub use decode::{DecodeShape, decode_attention_fwd, decode_workspace_len, kv_append_fwd};
 pub use elementwise::{
-    acc_fwd, add_fwd, bias_add_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd, to_bf16_fwd, to_f32_fwd,
+    acc_fwd, add_fwd, bias_add_fwd, cast_fwd, copy_cols_fwd, scale_fwd, sumsq_fwd,
 };
 pub use gemm::{BLayout, matmul};
 pub use gemm_lt::{BlasLt, matmul_lt};
@@ -30,12 +31,13 @@ pub use lora::{
     lora_seg,
 };
 pub use loss::{
-    AdamStep, LossVariant, adamw_fwd, loss_fwd, loss_term_fwd, xent_bwd, xent_bwd_inplace,
-    xent_finish_fwd, xent_fwd,
+    AdamStep, LossVariant, RlInputs, XentAcc, XentRows, adamw_fwd, loss_fwd, loss_term_fwd,
+    xent_bwd, xent_bwd_inplace, xent_finish_fwd, xent_fwd,
 };
-pub(crate) use loss::{adamw_multi_fwd, sumsq_multi_fwd};
+pub(crate) use loss::{TensorTable, adamw_multi_fwd, sumsq_multi_fwd};
 pub use rope::{RopeDir, RopeDst, RopeIn, RopeShape, rope};
 pub use sampling::{argmax_fwd, sample_exp_fwd, sample_fwd};
+pub use views::{Kv, Logits, Picks, Qkv};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
