@@ -162,10 +162,8 @@ fn an_answered_optim_step_is_on_disk_even_while_the_background_writer_races_it()
 #[test]
 fn without_durable_steps_the_background_writer_snapshots_the_latest_step() {
     let t = tempfile::tempdir().unwrap();
-    let opts = twinkle::apps::model::ServiceOptions {
-        durable_steps: false,
-        ..options(t.path(), std::time::Duration::from_secs(1800), None)
-    };
+    let mut opts = options(t.path(), std::time::Duration::from_secs(1800), None);
+    opts.adapters.durable_steps = false;
     let svc = twinkle::apps::model::ModelService::new(&opts).unwrap();
     svc.enable_snapshots();
     let id = "r:train:0";
