@@ -15,12 +15,12 @@ fn state_of(a: &twinkle::engine::Adapter) -> Vec<(String, Vec<f32>)> {
         .into_iter()
         .flat_map(|(k, p)| {
             [
-                (format!("{k}.a"), p.a.data().to_vec()),
-                (format!("{k}.b"), p.b.data().to_vec()),
-                (format!("{k}.m_a"), p.m_a.clone()),
-                (format!("{k}.v_a"), p.v_a.clone()),
-                (format!("{k}.m_b"), p.m_b.clone()),
-                (format!("{k}.v_b"), p.v_b.clone()),
+                (format!("{k}.a"), p.a.w.data().to_vec()),
+                (format!("{k}.b"), p.b.w.data().to_vec()),
+                (format!("{k}.m_a"), p.a.adam.m.clone()),
+                (format!("{k}.v_a"), p.a.adam.v.clone()),
+                (format!("{k}.m_b"), p.b.adam.m.clone()),
+                (format!("{k}.v_b"), p.b.adam.v.clone()),
             ]
         })
         .collect()
