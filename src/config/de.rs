@@ -128,6 +128,7 @@ macro_rules! deserialize_by_visitor {
     };
 }
 
+/// What a `device_group.device_type` may be (the seed accepts `gpu` for `cuda`, any case).
 const DEVICE_TYPES: &str = "one of cuda, gpu, CPU";
 
 // Checked inside the visitor so the error carries the scalar's own position.

@@ -153,7 +153,9 @@ impl LoraConfig {
 /// (the host side of the CUDA runtime's `GpuTensor`).
 #[derive(Debug, Clone)]
 pub struct LoraTensor {
+    /// f32 master weights.
     pub w: Tensor,
+    /// Accumulated gradient.
     pub g: Vec<f32>,
     pub adam: AdamMoments,
 }
