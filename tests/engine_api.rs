@@ -215,8 +215,8 @@ fn gradients_accumulate_until_the_optimizer_step() {
 /// Sets every gradient of the adapter to `f(index)` and returns a copy of the weights.
 fn set_grads(ad: &mut Adapter, f: &dyn Fn(usize) -> f32) {
     for (_, p) in ad.pairs_mut() {
-        p.grad_a.iter_mut().enumerate().for_each(|(i, g)| *g = f(i));
-        p.grad_b.iter_mut().enumerate().for_each(|(i, g)| *g = f(i + 1));
+        p.a.g.iter_mut().enumerate().for_each(|(i, g)| *g = f(i));
+        p.b.g.iter_mut().enumerate().for_each(|(i, g)| *g = f(i + 1));
     }
 }
 

@@ -164,14 +164,12 @@ fn check_gradients(model: &Model, ad: &Adapter, data: &[Datum], loss: &LossFn, s
             let shifted = |step: f32| {
                 let mut a = ad.clone();
                 for (k, p) in a.pairs_mut() {
-                    let t = if key == &format!("{k}.lora_A.weight") {
-                        &mut p.a
-                    } else if key == &format!("{k}.lora_B.weight") {
-                        &mut p.b
-                    } else {
-                        continue;
-                    };
-                    t.data_mut().iter_mut().zip(&d).for_each(|(w, dv)| *w += step * dv);
+                    for (s, t) in p.named_mut() {
+                        if key == &format!("{k}.{s}.weight") {
+                            let w = t.w.data_mut().iter_mut();
+                            w.zip(&d).for_each(|(w, dv)| *w += step * dv);
+                        }
+                    }
                 }
                 loss_at(model, &a, data, loss)
             };

@@ -15,12 +15,12 @@ fn state_of(a: &twinkle::engine::Adapter) -> Vec<(String, Vec<f32>)> {
         .into_iter()
         .flat_map(|(k, p)| {
             [
-                (format!("{k}.a"), p.a.data().to_vec()),
-                (format!("{k}.b"), p.b.data().to_vec()),
-                (format!("{k}.m_a"), p.m_a.clone()),
-                (format!("{k}.v_a"), p.v_a.clone()),
-                (format!("{k}.m_b"), p.m_b.clone()),
-                (format!("{k}.v_b"), p.v_b.clone()),
+                (format!("{k}.a"), p.a.w.data().to_vec()),
+                (format!("{k}.b"), p.b.w.data().to_vec()),
+                (format!("{k}.m_a"), p.a.adam.m.clone()),
+                (format!("{k}.v_a"), p.a.adam.v.clone()),
+                (format!("{k}.m_b"), p.b.adam.m.clone()),
+                (format!("{k}.v_b"), p.b.adam.v.clone()),
             ]
         })
         .collect()
@@ -162,10 +162,8 @@ fn an_answered_optim_step_is_on_disk_even_while_the_background_writer_races_it()
 #[test]
 fn without_durable_steps_the_background_writer_snapshots_the_latest_step() {
     let t = tempfile::tempdir().unwrap();
-    let opts = twinkle::apps::model::ServiceOptions {
-        durable_steps: false,
-        ..options(t.path(), std::time::Duration::from_secs(1800), None)
-    };
+    let mut opts = options(t.path(), std::time::Duration::from_secs(1800), None);
+    opts.adapters.durable_steps = false;
     let svc = twinkle::apps::model::ModelService::new(&opts).unwrap();
     svc.enable_snapshots();
     let id = "r:train:0";

@@ -91,13 +91,15 @@ fn fb<R: ModelRuntime>(svc: &ModelService<R>, id: &str) -> Result<f64, AppError>
 
 fn weights<R: ModelRuntime>(svc: &ModelService<R>, id: &str) -> Vec<f32> {
     let a = svc.download(id).unwrap();
-    a.pairs().iter().flat_map(|(_, p)| p.a.data().iter().chain(p.b.data()).copied()).collect()
+    a.pairs().iter().flat_map(|(_, p)| p.a.w.data().iter().chain(p.b.w.data()).copied()).collect()
 }
 
 fn moments(a: &Adapter) -> Vec<f32> {
     a.pairs()
         .iter()
-        .flat_map(|(_, p)| p.m_a.iter().chain(&p.v_a).chain(&p.m_b).chain(&p.v_b).copied())
+        .flat_map(|(_, p)| {
+            p.a.adam.m.iter().chain(&p.a.adam.v).chain(&p.b.adam.m).chain(&p.b.adam.v).copied()
+        })
         .collect()
 }
 

@@ -343,7 +343,7 @@ fn idle_adapters_spill_and_reload_transparently() {
 fn max_loras_keeps_only_the_most_recent_adapters_in_memory() {
     let t = tempfile::tempdir().unwrap();
     let mut o = options(&t.path().join("spill"), Duration::from_secs(1800), None);
-    o.max_loras = Some(2);
+    o.adapters.max_loras = Some(2);
     let svc = ModelService::new(&o).unwrap();
     let twin = service(&t.path().join("other"));
     for id in ["a", "b"] {

@@ -20,7 +20,7 @@ use crate::worker::{AppContext, WorkerError, serve_and_register};
 use model::decode::DEFAULT_MAX_SEQS;
 use model::http::{InternalToken, ModelApp};
 use model::{
-    AppError, BaseModel, CPU_WORKERS_ENV, DEFAULT_ADAPTER_TIMEOUT, ModelService, ServiceOptions,
+    AdapterPolicy, AppError, BaseModel, CPU_WORKERS_ENV, ModelService, ServiceOptions,
     parse_cpu_workers,
 };
 use sampler::{SamplerApp, SamplerService};
@@ -89,19 +89,18 @@ fn resolve_model(spec: &Application) -> Result<(String, PathBuf), AppError> {
 /// `$TWINKLE_SAVE_DIR/.spill/<app>` (else `$TWINKLE_HOME/spill/<app>`).
 pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
     let (base_model, model_dir) = resolve_model(spec)?;
-    let timeout = spec
-        .args
-        .adapter_config
-        .as_ref()
-        .and_then(|a| a.adapter_timeout)
-        .filter(|t| t.is_finite() && *t > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(DEFAULT_ADAPTER_TIMEOUT);
     let adapter = spec.args.adapter_config.as_ref();
-    let max_lifetime = adapter
-        .and_then(|a| a.adapter_max_lifetime)
-        .filter(|t| t.is_finite() && *t > 0.0)
-        .map(Duration::from_secs_f64);
+    // Positive seconds only: a config that skipped validation gets the defaults.
+    let seconds =
+        |s: Option<f64>| s.filter(|t| t.is_finite() && *t > 0.0).map(Duration::from_secs_f64);
+    let default = AdapterPolicy::default();
+    let policy = AdapterPolicy {
+        idle_timeout: seconds(adapter.and_then(|a| a.adapter_timeout))
+            .unwrap_or(default.idle_timeout),
+        max_lifetime: seconds(adapter.and_then(|a| a.adapter_max_lifetime)),
+        max_loras: spec.args.max_loras.map(|m| m as usize),
+        durable_steps: adapter.and_then(|a| a.durable_steps).unwrap_or(default.durable_steps),
+    };
     let spill_root = std::env::var_os("TWINKLE_SAVE_DIR")
         .filter(|v| !v.is_empty())
         .map(|d| PathBuf::from(d).join(".spill"))
@@ -110,11 +109,8 @@ pub fn model_options(spec: &Application) -> Result<ServiceOptions, AppError> {
         base_model,
         model_dir,
         max_length: spec.args.max_length.map(|m| m as usize),
-        adapter_timeout: timeout,
         spill_dir: spill_root.join(&spec.name),
-        max_loras: spec.args.max_loras.map(|m| m as usize),
-        adapter_max_lifetime: max_lifetime,
-        durable_steps: adapter.and_then(|a| a.durable_steps).unwrap_or(true),
+        adapters: policy,
         batch_window: batch_window(spec.args.batch_window_ms),
     })
 }
@@ -315,7 +311,7 @@ fn twinkle_layer(
     svc: Arc<dyn ModelApp>,
     opts: &ServiceOptions,
 ) -> Result<Arc<model::twinkle::TwinkleModel>, WorkerError> {
-    let timeout = opts.adapter_timeout;
+    let timeout = opts.adapters.idle_timeout;
     let auth = twinkle_auth(ctx)?;
     let per_owner = ctx
         .opts
@@ -330,7 +326,7 @@ fn twinkle_layer(
         .map_or(model::twinkle::DEFAULT_PER_OWNER, |n| n as usize);
     let tw = model::twinkle::TwinkleModel::new(svc, auth, timeout, per_owner)
         .with_journal(opts.spill_dir.join(model::twinkle::JOURNAL_DIR))
-        .with_max_lifetime(opts.adapter_max_lifetime);
+        .with_max_lifetime(opts.adapters.max_lifetime);
     // Adapters of a previous life of this application come back before the first request.
     tw.restore();
     let tw = Arc::new(tw);

@@ -197,7 +197,7 @@ pub fn train(model: &Model, opts: &TrainOptions) -> Result<TrainReport, BenchErr
     let loss = LossFn::CrossEntropy;
     let adam = AdamParams::default();
     let mut phases: Vec<(&'static str, f64)> = Vec::new();
-    let lora_params: usize = adapter.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
+    let lora_params: usize = adapter.num_params();
     let flops_per = flops(c, opts.seq, lora_params);
     let r = timed_train("bench train", opts, flops_per, lora_params, |timed| {
         let t0 = Instant::now();

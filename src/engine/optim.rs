@@ -114,7 +114,7 @@ impl Adapter {
             .pairs()
             .iter()
             .map(|(_, l)| {
-                l.grad_a.iter().chain(&l.grad_b).map(|g| (*g as f64) * (*g as f64)).sum::<f64>()
+                l.a.g.iter().chain(&l.b.g).map(|g| (*g as f64) * (*g as f64)).sum::<f64>()
             })
             .sum();
         let grad_norm = sq.sqrt();
@@ -134,11 +134,8 @@ impl Adapter {
         let step_size = p.learning_rate / bc1;
         let decay = 1.0 - p.learning_rate * p.weight_decay;
         for (_, l) in self.pairs_mut() {
-            let groups = [
-                (l.a.data_mut(), &mut l.grad_a, &mut l.m_a, &mut l.v_a),
-                (l.b.data_mut(), &mut l.grad_b, &mut l.m_b, &mut l.v_b),
-            ];
-            for (w, g, m, v) in groups {
+            for (_, t) in l.named_mut() {
+                let (w, g, m, v) = (t.w.data_mut(), &mut t.g, &mut t.adam.m, &mut t.adam.v);
                 for i in 0..w.len() {
                     let gi = g[i] as f64 * clip;
                     let mi = p.beta1 * m[i] as f64 + (1.0 - p.beta1) * gi;

@@ -70,7 +70,7 @@ fn trace<R: ModelRuntime>(dp: &DataParallel<R>, model: &Model) -> Result<Trace> 
     let weights_after: Vec<f32> = host
         .pairs()
         .iter()
-        .flat_map(|(_, p)| p.a.data().iter().chain(p.b.data()))
+        .flat_map(|(_, p)| p.a.w.data().iter().chain(p.b.w.data()))
         .copied()
         .collect();
     let fwd = dp.forward(Some(&rep), &batch(3, &[8], vocab), &loss)?;
@@ -139,9 +139,10 @@ fn state_bits(a: &Adapter) -> (Vec<u32>, u64) {
         .pairs()
         .iter()
         .flat_map(|(_, p)| {
-            let w = p.a.data().iter().chain(p.b.data());
-            let moments = p.m_a.iter().chain(&p.v_a).chain(&p.m_b).chain(&p.v_b);
-            w.chain(&p.grad_a).chain(&p.grad_b).chain(moments).copied()
+            let w = p.a.w.data().iter().chain(p.b.w.data());
+            let moments =
+                p.a.adam.m.iter().chain(&p.a.adam.v).chain(&p.b.adam.m).chain(&p.b.adam.v);
+            w.chain(&p.a.g).chain(&p.b.g).chain(moments).copied()
         })
         .map(f32::to_bits)
         .collect();

@@ -99,8 +99,8 @@ pub fn fresh_adapter(
 pub fn randomize_b(ad: &mut Adapter, seed: u64, scale: f32) {
     let mut rng = Rng(seed);
     for (_, p) in ad.pairs_mut() {
-        let n = p.b.len();
-        p.b.data_mut().copy_from_slice(&rng.vec(n, scale));
+        let n = p.b.w.len();
+        p.b.w.data_mut().copy_from_slice(&rng.vec(n, scale));
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use twinkle::apps::model::{ModelService, ServiceOptions};
+use twinkle::apps::model::{AdapterPolicy, ModelService, ServiceOptions};
 use twinkle::engine::{Datum, LossInputs};
 use twinkle::hub::{HubEnv, resolve_with};
 use twinkle::protocol::internal::*;
@@ -29,11 +29,8 @@ pub fn options(
         base_model: "generate://qwen3-tiny".into(),
         model_dir: tiny_model_dir(),
         max_length,
-        adapter_timeout: timeout,
         spill_dir: spill.to_path_buf(),
-        max_loras: None,
-        adapter_max_lifetime: None,
-        durable_steps: true,
+        adapters: AdapterPolicy { idle_timeout: timeout, ..Default::default() },
         batch_window: twinkle::apps::model::DEFAULT_BATCH_WINDOW,
     }
 }

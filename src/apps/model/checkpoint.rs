@@ -123,7 +123,7 @@ pub fn restore(dir: &Path, model: &ModelConfig) -> Result<(Adapter, bool), AppEr
     }
     let mut grads: BTreeMap<String, Tensor> = load_f32(&grads_path)?;
     for (key, p) in adapter.pairs_mut() {
-        for (s, dst) in [("lora_A", &mut p.grad_a), ("lora_B", &mut p.grad_b)] {
+        for (s, dst) in [("lora_A", &mut p.a.g), ("lora_B", &mut p.b.g)] {
             let name = format!("{key}.{s}.weight");
             let t = grads
                 .remove(&name)

@@ -81,25 +81,47 @@ pub struct ServiceOptions {
     pub base_model: String,
     /// The resolved model directory.
     pub model_dir: PathBuf,
+    /// Where idle adapters are spilled (and their durable snapshots and journal kept).
+    pub spill_dir: PathBuf,
     /// Config `max_length`; the model's `max_position_embeddings` when absent or larger.
     pub max_length: Option<usize>,
-    pub adapter_timeout: Duration,
-    /// Where idle adapters are spilled.
-    pub spill_dir: PathBuf,
-    /// Most adapters kept in memory (config `max_loras`); beyond it the least recently used are
-    /// spilled like idle ones. `None`: no limit.
-    pub max_loras: Option<usize>,
-    /// Config `adapter_config.adapter_max_lifetime`: the Twinkle-native layer expires an adapter
-    /// this old whatever its activity (Tinker runs are durable and only spill when idle).
-    pub adapter_max_lifetime: Option<Duration>,
-    /// Config `adapter_config.durable_steps` (default true): `optim_step` answers once the
-    /// adapter's snapshot is written; false leaves the write to the background writer (faster
-    /// steps for large adapters; a crash may then lose the last answered step).
-    pub durable_steps: bool,
+    /// When adapters leave memory and how their steps are kept.
+    pub adapters: AdapterPolicy,
     /// Config `batch_window_ms` (default [`DEFAULT_BATCH_WINDOW`]): forward / forward_backward
     /// jobs of different adapters queued within it run as one batch; zero turns batching off
     /// (every job runs on its own thread, different adapters concurrently).
     pub batch_window: Duration,
+}
+
+/// An adapter's life in a model service: when it leaves memory and how its steps are kept
+/// (config `adapter_config` and `max_loras`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterPolicy {
+    /// Config `adapter_config.adapter_timeout`: an adapter unused this long is spilled.
+    pub idle_timeout: Duration,
+    /// Config `adapter_config.adapter_max_lifetime`: the Twinkle-native layer expires an adapter
+    /// this old whatever its activity (Tinker runs are durable and only spill when idle).
+    pub max_lifetime: Option<Duration>,
+    /// Most adapters kept in memory (config `max_loras`); beyond it the least recently used are
+    /// spilled like idle ones. `None`: no limit.
+    pub max_loras: Option<usize>,
+    /// Config `adapter_config.durable_steps` (default true): `optim_step` answers once the
+    /// adapter's snapshot is written; false leaves the write to the background writer (faster
+    /// steps for large adapters; a crash may then lose the last answered step).
+    pub durable_steps: bool,
+}
+
+/// What [`crate::apps::model_options`] uses for what the config leaves out: spill after
+/// [`DEFAULT_ADAPTER_TIMEOUT`], no maximum lifetime, no residency limit, durable steps.
+impl Default for AdapterPolicy {
+    fn default() -> Self {
+        AdapterPolicy {
+            idle_timeout: DEFAULT_ADAPTER_TIMEOUT,
+            max_lifetime: None,
+            max_loras: None,
+            durable_steps: true,
+        }
+    }
 }
 
 /// Where an adapter is.
@@ -202,10 +224,10 @@ impl<R: ModelRuntime> ModelService<R> {
             engine,
             adapters: Mutex::new(HashMap::new()),
             by_dir: AdapterCache::new(4),
-            timeout: opts.adapter_timeout,
-            durable_steps: opts.durable_steps,
+            timeout: opts.adapters.idle_timeout,
+            durable_steps: opts.adapters.durable_steps,
             spill_dir: opts.spill_dir.clone(),
-            max_resident: opts.max_loras.map(|m| m.max(1)),
+            max_resident: opts.adapters.max_loras.map(|m| m.max(1)),
             snaps: durable::Snapshots::new(&opts.spill_dir),
             next_worker: Default::default(),
             decoders,

@@ -34,7 +34,7 @@ impl Head<'_> {
             Some(p) => {
                 let r = p.rank();
                 let mut xa = vec![0.0f32; rows * r];
-                backend().matmul(&mut xa, h, p.a.data(), MatMul::linear(rows, hidden, r));
+                backend().matmul(&mut xa, h, p.a.w.data(), MatMul::linear(rows, hidden, r));
                 xa.iter_mut().for_each(|v| *v *= self.scale);
                 xa
             }
@@ -52,7 +52,7 @@ impl Head<'_> {
     pub(super) fn add_lora(&self, xa: &[f32], rows: usize, out: &mut [f32]) {
         if let Some(p) = self.lora {
             let mm = MatMul::linear(rows, p.rank(), self.vocab()).acc();
-            backend().matmul(out, xa, p.b.data(), mm);
+            backend().matmul(out, xa, p.b.w.data(), mm);
         }
     }
 
@@ -211,12 +211,12 @@ impl Head<'_> {
                     MatMul { trans_a: true, accumulate: true, ..plain(v, n, rank) },
                 );
                 let mut dxa = vec![0.0f32; n * rank];
-                be.matmul(&mut dxa, dlp, p.b.data(), plain(n, v, rank));
+                be.matmul(&mut dxa, dlp, p.b.w.data(), plain(n, v, rank));
                 dxa.iter_mut().for_each(|x| *x *= seg.scale);
                 let ga_mm = MatMul { trans_a: true, accumulate: true, ..plain(rank, n, hidden) };
                 be.matmul(ga, &dxa, hp, ga_mm);
                 let dhp = &mut dhb[pr.start * hidden..pr.end * hidden];
-                be.matmul(dhp, &dxa, p.a.data(), plain(n, rank, hidden).acc());
+                be.matmul(dhp, &dxa, p.a.w.data(), plain(n, rank, hidden).acc());
             }
         }
         out

@@ -96,18 +96,12 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
-/// A random `[rank, hidden]` A and `[vocab, rank]` B (no optimizer state).
+/// A random `[rank, hidden]` A and `[vocab, rank]` B (zero optimizer state).
 fn lora_pair(r: usize, hd: usize, v: usize, seed: u64) -> LoraPair {
-    LoraPair {
-        a: Tensor::from_parts(vec![r, hd], rand_vec(r * hd, seed)),
-        b: Tensor::from_parts(vec![v, r], rand_vec(v * r, seed + 1)),
-        grad_a: vec![],
-        grad_b: vec![],
-        m_a: vec![],
-        v_a: vec![],
-        m_b: vec![],
-        v_b: vec![],
-    }
+    LoraPair::new(
+        Tensor::from_parts(vec![r, hd], rand_vec(r * hd, seed)),
+        Tensor::from_parts(vec![v, r], rand_vec(v * r, seed + 1)),
+    )
 }
 
 /// `k` targets a row, each with its weight, and a sampler logprob and advantage per row.
@@ -136,7 +130,7 @@ fn check(c: &Case, loss: &LossFn, seed: u64) {
     let adv = rand_vec(n, seed + 7);
     let csr = rows_of(c.k, &targets, &weights, &slp, &adv);
     let tg = csr.view();
-    let want = reference(c, &h, &w.to_f32_cow(), pair.a.data(), pair.b.data(), &tg, loss);
+    let want = reference(c, &h, &w.to_f32_cow(), pair.a.w.data(), pair.b.w.data(), &tg, loss);
     let head = Head { w: &w, lora: Some(&pair), scale: c.scale };
     for block in [1, 3, n, n + 5] {
         let (mut ga, mut gb) = (vec![0.0f32; r * hd], vec![0.0f32; v * r]);
@@ -208,7 +202,9 @@ fn segmented_pass_matches_each_segment_alone() {
     for block in [1, 3, 4, n, n + 5] {
         let mut grads: Vec<(Vec<f32>, Vec<f32>)> = tenants
             .iter()
-            .map(|t| t.1.map_or((vec![], vec![]), |p| (vec![0.0; p.a.len()], vec![0.0; p.b.len()])))
+            .map(|t| {
+                t.1.map_or((vec![], vec![]), |p| (vec![0.0; p.a.w.len()], vec![0.0; p.b.w.len()]))
+            })
             .collect();
         let mut segs: Vec<HeadSegment> = tenants
             .iter()

@@ -104,10 +104,15 @@ fn seg_lora_fwd(
         let be = backend();
         let (n, i0) = (rows.len(), rows.start - seg.start);
         let xa = &mut xa[i0 * r..(i0 + n) * r];
-        be.matmul(xa, &x[rows.start * inp..rows.end * inp], p.a.data(), MatMul::linear(n, inp, r));
+        be.matmul(
+            xa,
+            &x[rows.start * inp..rows.end * inp],
+            p.a.w.data(),
+            MatMul::linear(n, inp, r),
+        );
         xa.iter_mut().for_each(|v| *v *= scale);
         let mm = MatMul::linear(n, r, out).acc();
-        be.matmul(&mut y[i0 * out..(i0 + n) * out], xa, p.b.data(), mm);
+        be.matmul(&mut y[i0 * out..(i0 + n) * out], xa, p.b.w.data(), mm);
     };
     let BaseRows::Split { single, blocks } = base else {
         product(seg.clone(), &mut xa);
@@ -128,12 +133,12 @@ fn seg_lora_fwd(
     let xs: Vec<&[f32]> = mine.iter().map(|&i| &x[i * inp..(i + 1) * inp]).collect();
     let mut h = vec![0.0f32; mine.len() * r];
     let mut outs: Vec<&mut [f32]> = h.chunks_mut(r).collect();
-    dot_rows_on(path, &xs, p.a.data(), inp, &mut outs);
+    dot_rows_on(path, &xs, p.a.w.data(), inp, &mut outs);
     h.iter_mut().for_each(|v| *v *= scale);
     let hs: Vec<&[f32]> = h.chunks(r).collect();
     let mut d = vec![0.0f32; mine.len() * out];
     let mut outs: Vec<&mut [f32]> = d.chunks_mut(out).collect();
-    dot_rows_on(path, &hs, p.b.data(), r, &mut outs);
+    dot_rows_on(path, &hs, p.b.w.data(), r, &mut outs);
     for ((&i, hi), di) in mine.iter().zip(h.chunks(r)).zip(d.chunks(out)) {
         let i0 = i - seg.start;
         xa[i0 * r..(i0 + 1) * r].copy_from_slice(hi);
@@ -186,11 +191,11 @@ fn lora_bwd(
     let r = p.rank();
     let plain = |m, k, n| MatMul { m, k, n, trans_a: false, trans_b: false, accumulate: false };
     let gb = MatMul { trans_a: true, accumulate: true, ..plain(out, rows, r) };
-    be.matmul(&mut p.grad_b, dy, xa, gb);
+    be.matmul(&mut p.b.g, dy, xa, gb);
     let mut dyb = vec![0.0f32; rows * r];
-    be.matmul(&mut dyb, dy, p.b.data(), plain(rows, out, r));
+    be.matmul(&mut dyb, dy, p.b.w.data(), plain(rows, out, r));
     dyb.iter_mut().for_each(|v| *v *= scale);
     let ga = MatMul { trans_a: true, accumulate: true, ..plain(r, rows, inp) };
-    be.matmul(&mut p.grad_a, &dyb, x, ga);
-    be.matmul(dx, &dyb, p.a.data(), plain(rows, r, inp).acc());
+    be.matmul(&mut p.a.g, &dyb, x, ga);
+    be.matmul(dx, &dyb, p.a.w.data(), plain(rows, r, inp).acc());
 }

@@ -217,9 +217,9 @@ fn head_pass(
     let mut taken: Vec<Option<(Vec<f32>, Vec<f32>)>> = jobs
         .iter_mut()
         .map(|j| match &mut j.adapter {
-            AdapterUse::Train(ad) => ad
-                .lm_head_mut()
-                .map(|p| (std::mem::take(&mut p.grad_a), std::mem::take(&mut p.grad_b))),
+            AdapterUse::Train(ad) => {
+                ad.lm_head_mut().map(|p| (std::mem::take(&mut p.a.g), std::mem::take(&mut p.b.g)))
+            }
             _ => None,
         })
         .collect();
@@ -249,8 +249,8 @@ fn head_pass(
         if let (AdapterUse::Train(ad), Some((ga, gb))) = (&mut j.adapter, g)
             && let Some(p) = ad.lm_head_mut()
         {
-            p.grad_a = ga;
-            p.grad_b = gb;
+            p.a.g = ga;
+            p.b.g = gb;
         }
     }
     let head_out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));

@@ -80,17 +80,17 @@ impl GpuPair {
     fn up(dev: &CudaDevice, p: &LoraPair) -> R<GpuPair> {
         Ok(GpuPair {
             rank: p.rank(),
-            a: GpuTensor::up(dev, [p.a.data(), &p.grad_a, &p.m_a, &p.v_a])?,
-            b: GpuTensor::up(dev, [p.b.data(), &p.grad_b, &p.m_b, &p.v_b])?,
+            a: GpuTensor::up(dev, [p.a.w.data(), &p.a.g, &p.a.adam.m, &p.a.adam.v])?,
+            b: GpuTensor::up(dev, [p.b.w.data(), &p.b.g, &p.b.adam.m, &p.b.adam.v])?,
         })
     }
 
     fn down(&self, dev: &CudaDevice, p: &mut LoraPair) -> R<()> {
-        if self.a.w.len() != p.a.len() || self.b.w.len() != p.b.len() {
+        if self.a.w.len() != p.a.w.len() || self.b.w.len() != p.b.w.len() {
             return Err(mismatch("download"));
         }
-        self.a.down(dev, p.a.data_mut(), [&mut p.grad_a, &mut p.m_a, &mut p.v_a])?;
-        self.b.down(dev, p.b.data_mut(), [&mut p.grad_b, &mut p.m_b, &mut p.v_b])
+        self.a.down(dev, p.a.w.data_mut(), [&mut p.a.g, &mut p.a.adam.m, &mut p.a.adam.v])?;
+        self.b.down(dev, p.b.w.data_mut(), [&mut p.b.g, &mut p.b.adam.m, &mut p.b.adam.v])
     }
 
     /// A device-to-device copy of every buffer (no host round trip).
@@ -148,7 +148,7 @@ impl CudaAdapter {
         let check = |t: Target, p: &LoraPair| {
             let (inp, out) = t.dims(c);
             let r = p.rank();
-            if p.a.len() != r * inp || p.b.len() != out * r {
+            if p.a.w.len() != r * inp || p.b.w.len() != out * r {
                 return Err(CudaError::Engine(crate::engine::EngineError::Adapter(format!(
                     "adapter module {} does not fit this model ({}x{} expected)",
                     t.name(),

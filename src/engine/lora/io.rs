@@ -69,7 +69,8 @@ impl Adapter {
         adapter.base_model =
             v.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("").to_string();
         for (key, p) in adapter.pairs_mut() {
-            for (suffix, dst) in [("lora_A", &mut p.a), ("lora_B", &mut p.b)] {
+            for (suffix, dst) in p.named_mut() {
+                let dst = &mut dst.w;
                 let name = format!("{key}.{suffix}.weight");
                 let t = tensors
                     .remove(&name)
@@ -122,15 +123,16 @@ impl Adapter {
         self.save_peft(dir)?;
         let mut moments = BTreeMap::new();
         for (k, p) in self.pairs() {
-            for (s, t, m, v) in [("lora_A", &p.a, &p.m_a, &p.v_a), ("lora_B", &p.b, &p.m_b, &p.v_b)]
-            {
-                let shape = t.shape().to_vec();
+            for (s, t) in p.named() {
+                let shape = t.w.shape().to_vec();
                 moments.insert(
                     format!("{k}.{s}.weight.exp_avg"),
-                    Tensor::new(shape.clone(), m.clone())?,
+                    Tensor::new(shape.clone(), t.adam.m.clone())?,
                 );
-                moments
-                    .insert(format!("{k}.{s}.weight.exp_avg_sq"), Tensor::new(shape, v.clone())?);
+                moments.insert(
+                    format!("{k}.{s}.weight.exp_avg_sq"),
+                    Tensor::new(shape, t.adam.v.clone())?,
+                );
             }
         }
         weights::save_f32(&dir.join(OPTIM_FILE), &moments)?;
@@ -158,10 +160,8 @@ impl Adapter {
         adapter.step = meta.get("step").and_then(Value::as_u64).unwrap_or(0);
         let mut moments = weights::load_f32(&dir.join(OPTIM_FILE))?;
         for (k, p) in adapter.pairs_mut() {
-            for (s, m, v) in
-                [("lora_A", &mut p.m_a, &mut p.v_a), ("lora_B", &mut p.m_b, &mut p.v_b)]
-            {
-                for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
+            for (s, t) in p.named_mut() {
+                for (suffix, dst) in [("exp_avg", &mut t.adam.m), ("exp_avg_sq", &mut t.adam.v)] {
                     let name = format!("{k}.{s}.weight.{suffix}");
                     let t = moments.remove(&name).ok_or_else(|| {
                         EngineError::Adapter(format!("optimizer state lacks `{name}`"))

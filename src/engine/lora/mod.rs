@@ -149,36 +149,59 @@ impl LoraConfig {
     }
 }
 
-/// One LoRA module: `a` `[r, in]`, `b` `[out, r]`, their accumulated gradients and Adam moments.
+/// One LoRA matrix and its training state: weights, accumulated gradient and Adam moments
+/// (the host side of the CUDA runtime's `GpuTensor`).
+#[derive(Debug, Clone)]
+pub struct LoraTensor {
+    /// f32 master weights.
+    pub w: Tensor,
+    /// Accumulated gradient.
+    pub g: Vec<f32>,
+    pub adam: AdamMoments,
+}
+
+/// Adam's running moments of one matrix, one value per weight.
+#[derive(Debug, Clone)]
+pub struct AdamMoments {
+    /// First moment (`exp_avg`).
+    pub m: Vec<f32>,
+    /// Second moment (`exp_avg_sq`).
+    pub v: Vec<f32>,
+}
+
+/// Weights with a zero gradient and zero moments.
+impl From<Tensor> for LoraTensor {
+    fn from(w: Tensor) -> Self {
+        let n = w.len();
+        LoraTensor { w, g: vec![0.0; n], adam: AdamMoments { m: vec![0.0; n], v: vec![0.0; n] } }
+    }
+}
+
+/// One LoRA module: `a` `[r, in]` and `b` `[out, r]`.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub grad_a: Vec<f32>,
-    pub grad_b: Vec<f32>,
-    pub m_a: Vec<f32>,
-    pub v_a: Vec<f32>,
-    pub m_b: Vec<f32>,
-    pub v_b: Vec<f32>,
+    pub a: LoraTensor,
+    pub b: LoraTensor,
 }
 
 impl LoraPair {
-    fn new(a: Tensor, b: Tensor) -> Self {
-        let (na, nb) = (a.len(), b.len());
-        LoraPair {
-            a,
-            b,
-            grad_a: vec![0.0; na],
-            grad_b: vec![0.0; nb],
-            m_a: vec![0.0; na],
-            v_a: vec![0.0; na],
-            m_b: vec![0.0; nb],
-            v_b: vec![0.0; nb],
-        }
+    /// `a` and `b` with zero gradients and moments.
+    pub(crate) fn new(a: Tensor, b: Tensor) -> Self {
+        LoraPair { a: a.into(), b: b.into() }
     }
 
     pub fn rank(&self) -> usize {
-        self.a.dim(0)
+        self.a.w.dim(0)
+    }
+
+    /// The two matrices with their PEFT names (`lora_A`, `lora_B`).
+    pub fn named(&self) -> [(&'static str, &LoraTensor); 2] {
+        [("lora_A", &self.a), ("lora_B", &self.b)]
+    }
+
+    /// [`Self::named`], mutable.
+    pub fn named_mut(&mut self) -> [(&'static str, &mut LoraTensor); 2] {
+        [("lora_A", &mut self.a), ("lora_B", &mut self.b)]
     }
 }
 
@@ -297,15 +320,16 @@ impl Adapter {
     pub fn grads_flat(&self) -> Vec<f32> {
         let mut out = Vec::new();
         for (_, p) in self.pairs() {
-            out.extend_from_slice(&p.grad_a);
-            out.extend_from_slice(&p.grad_b);
+            for (_, t) in p.named() {
+                out.extend_from_slice(&t.g);
+            }
         }
         out
     }
 
     /// Number of trainable values (all A and B entries): the length of [`Self::grads_flat`].
     pub fn num_params(&self) -> usize {
-        self.pairs().iter().map(|(_, p)| p.a.len() + p.b.len()).sum()
+        self.pairs().iter().map(|(_, p)| p.a.w.len() + p.b.w.len()).sum()
     }
 
     /// Replaces the accumulated gradients with `grads` (layout of [`Self::grads_flat`]).
@@ -321,10 +345,10 @@ impl Adapter {
         // also repairs buffers a failed job left in any state.
         let mut off = 0;
         for (_, p) in self.pairs_mut() {
-            let (na, nb) = (p.a.len(), p.b.len());
-            for (g, n) in [(&mut p.grad_a, na), (&mut p.grad_b, nb)] {
-                g.clear();
-                g.extend_from_slice(&grads[off..off + n]);
+            for (_, t) in p.named_mut() {
+                let n = t.w.len();
+                t.g.clear();
+                t.g.extend_from_slice(&grads[off..off + n]);
                 off += n;
             }
         }
@@ -418,12 +442,11 @@ impl Adapter {
     /// Clears accumulated gradients.
     pub fn zero_grad(&mut self) {
         for (_, p) in self.pairs_mut() {
-            // Resized to the parameters' lengths (a no-op unless a failed job broke them).
-            let (na, nb) = (p.a.len(), p.b.len());
-            p.grad_a.clear();
-            p.grad_a.resize(na, 0.0);
-            p.grad_b.clear();
-            p.grad_b.resize(nb, 0.0);
+            for (_, t) in p.named_mut() {
+                // Resized to the parameters' length (a no-op unless a failed job broke it).
+                t.g.clear();
+                t.g.resize(t.w.len(), 0.0);
+            }
         }
     }
 
@@ -431,14 +454,10 @@ impl Adapter {
     pub fn gradients(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (k, p) in self.pairs() {
-            out.insert(
-                format!("{k}.lora_A.weight"),
-                Tensor::from_parts(p.a.shape().to_vec(), p.grad_a.clone()),
-            );
-            out.insert(
-                format!("{k}.lora_B.weight"),
-                Tensor::from_parts(p.b.shape().to_vec(), p.grad_b.clone()),
-            );
+            for (s, t) in p.named() {
+                let grad = Tensor::from_parts(t.w.shape().to_vec(), t.g.clone());
+                out.insert(format!("{k}.{s}.weight"), grad);
+            }
         }
         out
     }
@@ -447,8 +466,9 @@ impl Adapter {
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (k, p) in self.pairs() {
-            out.insert(format!("{k}.lora_A.weight"), p.a.clone());
-            out.insert(format!("{k}.lora_B.weight"), p.b.clone());
+            for (s, t) in p.named() {
+                out.insert(format!("{k}.{s}.weight"), t.w.clone());
+            }
         }
         out
     }
