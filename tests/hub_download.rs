@@ -11,16 +11,23 @@ use std::sync::{Arc, Barrier};
 use hub_support::{ENGINE_FILES, MockHub, tiny_repo};
 use twinkle::hub::progress::DownloadProgress;
 use twinkle::hub::{
-    BarMode, FetchOptions, HubEnv, HubError, needs_download, resolve_or_download, resolve_with,
+    BarMode, FetchOptions, HfEnv, HubEnv, HubError, MsEnv, needs_download, resolve_or_download,
+    resolve_with,
 };
 
 fn env(t: &Path, hub: &MockHub) -> HubEnv {
     HubEnv {
         home: Some(t.join("home")),
-        hf_hub_cache: Some(t.join("hf")),
-        modelscope_cache: Some(t.join("ms")),
-        hf_endpoint: Some(hub.url.clone()),
-        ms_endpoint: Some(hub.url.clone()),
+        hf: HfEnv {
+            hub_cache: Some(t.join("hf")),
+            endpoint: Some(hub.url.clone()),
+            ..HfEnv::default()
+        },
+        ms: MsEnv {
+            cache: Some(t.join("ms")),
+            endpoint: Some(hub.url.clone()),
+            ..MsEnv::default()
+        },
         ..HubEnv::default()
     }
 }
@@ -222,7 +229,7 @@ fn private_repos_name_the_token_variable_and_the_token_stays_with_the_hub() {
     let t = tempfile::tempdir().unwrap();
     let hub = mock();
     hub.set(|s| s.token = Some("secret".into()));
-    let e = env(t.path(), &hub);
+    let mut e = env(t.path(), &hub);
     let msg = err_text(resolve_or_download("hf://Org/Tiny", &e, &quiet()));
     assert!(msg.contains("HF_TOKEN") && msg.contains("401") && msg.contains("Org/Tiny"), "{msg}");
     let msg = err_text(resolve_or_download("ms://Org/Tiny", &e, &quiet()));
@@ -230,11 +237,13 @@ fn private_repos_name_the_token_variable_and_the_token_stays_with_the_hub() {
         msg.contains("MODELSCOPE_API_TOKEN") && msg.contains("401") && msg.contains("ModelScope"),
         "{msg}"
     );
-    let wrong = HubEnv { hf_token: Some("nope".into()), ..e.clone() };
+    let mut wrong = e.clone();
+    wrong.hf.token = Some("nope".into());
     let msg = err_text(resolve_or_download("hf://Org/Tiny", &wrong, &quiet()));
     assert!(msg.contains("refused") && msg.contains("HF_TOKEN"), "{msg}");
 
-    let e = HubEnv { hf_token: Some("secret".into()), ms_token: Some("secret".into()), ..e };
+    e.hf.token = Some("secret".into());
+    e.ms.token = Some("secret".into());
     hub.clear();
     resolve_or_download("hf://Org/Tiny", &e, &quiet()).unwrap();
     resolve_or_download("ms://Org/Tiny", &e, &quiet()).unwrap();
@@ -258,7 +267,7 @@ fn private_repos_name_the_token_variable_and_the_token_stays_with_the_hub() {
 
 #[test]
 fn missing_repos_and_revisions_say_which_hub_id_and_revision() {
-    let (t, _hub, e) = setup();
+    let (t, _hub, mut e) = setup();
     let cases = [
         ("hf://Org/Nope", &["Hugging Face Hub", "Org/Nope", "`main`"][..]),
         ("hf://Org/Tiny@v9", &["Hugging Face Hub", "Org/Tiny", "no revision `v9`"]),
@@ -272,7 +281,7 @@ fn missing_repos_and_revisions_say_which_hub_id_and_revision() {
         }
     }
     // With a token the Hub answers 404 RepoNotFound for a missing repo.
-    let e = HubEnv { hf_token: Some("t".into()), ..e };
+    e.hf.token = Some("t".into());
     let msg = err_text(resolve_or_download("hf://Org/Nope", &e, &quiet()));
     assert!(
         msg.contains("does not exist") && msg.contains("Org/Nope") && msg.contains("`main`"),
@@ -300,7 +309,8 @@ fn offline_modes_use_the_cache_only() {
     let t = tempfile::tempdir().unwrap();
     let hub = mock();
     let online = env(t.path(), &hub);
-    let hf_off = HubEnv { hf_offline: true, ..online.clone() };
+    let mut hf_off = online.clone();
+    hf_off.hf.offline = true;
     let all_off = HubEnv { twinkle_offline: true, ..online.clone() };
     let msg = err_text(resolve_or_download("hf://Org/Tiny", &hf_off, &quiet()));
     assert!(msg.contains("HF_HUB_OFFLINE=1") && msg.contains("models--Org--Tiny"), "{msg}");

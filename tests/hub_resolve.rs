@@ -32,7 +32,8 @@ fn modelscope_layouts_resolve() {
     assert_eq!(resolve_with("ms://Org/Legacy", &e).unwrap(), legacy);
     // MODELSCOPE_CACHE comes first.
     let custom = model_dir(&t.path().join("msc/models/Org/Legacy"));
-    let e2 = HubEnv { modelscope_cache: Some(t.path().join("msc")), ..env(t.path()) };
+    let mut e2 = env(t.path());
+    e2.ms.cache = Some(t.path().join("msc"));
     assert_eq!(resolve_with("ms://Org/Legacy", &e2).unwrap(), custom);
 }
 
@@ -48,11 +49,12 @@ fn huggingface_snapshots_resolve() {
     // Without refs/main, the only snapshot is used.
     let one = t.path().join("hfhome/hub/models--Org--One/snapshots/only");
     let one = model_dir(&one);
-    let e = HubEnv { hf_home: Some(t.path().join("hfhome")), ..env(t.path()) };
+    let mut e = env(t.path());
+    e.hf.home = Some(t.path().join("hfhome"));
     assert_eq!(resolve_with("hf://Org/One", &e).unwrap(), one);
     // HF_HUB_CACHE wins over HF_HOME.
     let direct = model_dir(&t.path().join("hc/models--Org--One/snapshots/x"));
-    let e = HubEnv { hf_hub_cache: Some(t.path().join("hc")), ..e };
+    e.hf.hub_cache = Some(t.path().join("hc"));
     assert_eq!(resolve_with("hf://Org/One", &e).unwrap(), direct);
     // Two snapshots and no refs/main: ambiguous, so not found.
     std::fs::remove_file(repo.join("refs/main")).unwrap();
@@ -70,11 +72,9 @@ fn local_paths_are_used_as_is() {
 #[test]
 fn missing_model_lists_every_place_looked() {
     let t = tempfile::tempdir().unwrap();
-    let e = HubEnv {
-        modelscope_cache: Some(t.path().join("msc")),
-        hf_hub_cache: Some(t.path().join("hfc")),
-        ..env(t.path())
-    };
+    let mut e = env(t.path());
+    e.ms.cache = Some(t.path().join("msc"));
+    e.hf.hub_cache = Some(t.path().join("hfc"));
     let err = resolve_with("Nope/Missing", &e).unwrap_err();
     let HubError::NotFound { looked, .. } = &err else { panic!("{err}") };
     let text = err.to_string();

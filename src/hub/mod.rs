@@ -20,6 +20,7 @@
 //! `TWINKLE_OFFLINE=1`, or `HF_HUB_OFFLINE=1` for the HF Hub).
 
 pub mod download;
+mod env;
 pub mod generate;
 pub mod id;
 pub mod progress;
@@ -27,6 +28,7 @@ pub mod progress;
 use std::path::{Path, PathBuf};
 
 pub use download::{BarMode, DownloadError, FetchOptions, needs_download, resolve_or_download};
+pub use env::{HfEnv, HubEnv, MsEnv};
 use id::{Hub, ModelRef, RepoRef, parse_model_id, repo_parts};
 
 /// Errors of model id resolution.
@@ -61,152 +63,6 @@ impl HubError {
                 *status == 429 || *status >= 500
             }
             _ => false,
-        }
-    }
-}
-
-/// The environment resolution and downloading read, captured once so tests can pass their own.
-#[derive(Debug, Clone, Default)]
-pub struct HubEnv {
-    pub home: Option<PathBuf>,
-    pub modelscope_cache: Option<PathBuf>,
-    pub hf_hub_cache: Option<PathBuf>,
-    pub hf_home: Option<PathBuf>,
-    pub twinkle_home: Option<PathBuf>,
-    /// `HF_ENDPOINT` (default `https://huggingface.co`).
-    pub hf_endpoint: Option<String>,
-    /// `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, else the token file (`HF_TOKEN_PATH`, `$HF_HOME/token`).
-    pub hf_token: Option<String>,
-    /// `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is true.
-    pub hf_offline: bool,
-    /// `MODELSCOPE_ENDPOINT` (a full URL).
-    pub ms_endpoint: Option<String>,
-    /// `MODELSCOPE_DOMAIN` (deprecated; `https://` is added when it has no scheme).
-    pub ms_domain: Option<String>,
-    /// `MODELSCOPE_API_TOKEN`.
-    pub ms_token: Option<String>,
-    /// `TWINKLE_OFFLINE` is true: no hub is contacted.
-    pub twinkle_offline: bool,
-}
-
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
-}
-
-fn env_string(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
-}
-
-/// huggingface_hub's truthy values (`1`, `ON`, `YES`, `TRUE`, any case).
-fn env_flag(name: &str) -> bool {
-    env_string(name)
-        .is_some_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
-}
-
-impl HubEnv {
-    /// Reads `HOME`, the cache variables, `TWINKLE_HOME`, and the hubs' endpoint, token and
-    /// offline variables (see the field docs).
-    pub fn from_process() -> Self {
-        let home = env_path("HOME");
-        // huggingface_hub: HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface.
-        let hf_home = env_path("HF_HOME")
-            .or_else(|| env_path("XDG_CACHE_HOME").map(|x| x.join("huggingface")));
-        let token_file = env_path("HF_TOKEN_PATH").or_else(|| {
-            let base =
-                hf_home.clone().or_else(|| home.as_ref().map(|h| h.join(".cache/huggingface")));
-            base.map(|b| b.join("token"))
-        });
-        let hf_token =
-            env_string("HF_TOKEN").or_else(|| env_string("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
-                let t = std::fs::read_to_string(token_file?).ok()?;
-                Some(t.trim().to_string()).filter(|t| !t.is_empty())
-            });
-        HubEnv {
-            home,
-            modelscope_cache: env_path("MODELSCOPE_CACHE"),
-            hf_hub_cache: env_path("HF_HUB_CACHE").or_else(|| env_path("HUGGINGFACE_HUB_CACHE")),
-            hf_home,
-            twinkle_home: env_path("TWINKLE_HOME"),
-            hf_endpoint: env_string("HF_ENDPOINT"),
-            hf_token,
-            hf_offline: env_flag("HF_HUB_OFFLINE") || env_flag("TRANSFORMERS_OFFLINE"),
-            ms_endpoint: env_string("MODELSCOPE_ENDPOINT"),
-            ms_domain: env_string("MODELSCOPE_DOMAIN"),
-            ms_token: env_string("MODELSCOPE_API_TOKEN"),
-            twinkle_offline: env_flag("TWINKLE_OFFLINE"),
-        }
-    }
-
-    /// ModelScope cache roots of the layout both SDK generations read (`models/Org/Name___`),
-    /// in lookup order; the first is where downloads go.
-    pub fn modelscope_roots(&self) -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        v.extend(self.modelscope_cache.clone());
-        v.extend(self.home.as_ref().map(|h| h.join(".cache/modelscope/hub")));
-        v.dedup();
-        v
-    }
-
-    /// Roots of the newer ModelScope SDK's layout (`models/Org--Name/snapshots/<rev>`).
-    pub fn modelscope_new_roots(&self) -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        v.extend(self.modelscope_cache.clone());
-        v.extend(self.home.as_ref().map(|h| h.join(".cache/modelscope")));
-        v.dedup();
-        v
-    }
-
-    /// Hugging Face hub cache roots, in lookup order; the first is where downloads go.
-    pub fn hf_roots(&self) -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        v.extend(self.hf_hub_cache.clone());
-        v.extend(self.hf_home.as_ref().map(|h| h.join("hub")));
-        v.extend(self.home.as_ref().map(|h| h.join(".cache/huggingface/hub")));
-        v.dedup();
-        v
-    }
-
-    /// The HF Hub base URL, without a trailing `/`.
-    pub fn hf_endpoint_url(&self) -> String {
-        self.hf_endpoint
-            .as_deref()
-            .unwrap_or("https://huggingface.co")
-            .trim_end_matches('/')
-            .to_string()
-    }
-
-    /// The ModelScope base URL: `MODELSCOPE_ENDPOINT`, else `MODELSCOPE_DOMAIN` (scheme optional),
-    /// else `https://modelscope.cn`, as the current SDK picks it.
-    pub fn ms_endpoint_url(&self) -> String {
-        let url = match (&self.ms_endpoint, &self.ms_domain) {
-            (Some(e), _) => e.clone(),
-            (None, Some(d)) if d.contains("://") => d.clone(),
-            (None, Some(d)) => format!("https://{d}"),
-            (None, None) => "https://modelscope.cn".into(),
-        };
-        url.trim_end_matches('/').to_string()
-    }
-
-    /// Whether downloads from `hub` are forbidden.
-    pub fn offline(&self, hub: Hub) -> bool {
-        self.twinkle_offline || (hub == Hub::HuggingFace && self.hf_offline)
-    }
-
-    /// The variable that made `hub` offline (for error messages).
-    pub fn offline_var(&self, hub: Hub) -> &'static str {
-        if self.twinkle_offline || hub == Hub::ModelScope {
-            "TWINKLE_OFFLINE=1"
-        } else {
-            "HF_HUB_OFFLINE=1"
-        }
-    }
-
-    /// Where generated models are cached.
-    pub fn generated_root(&self) -> PathBuf {
-        match (&self.twinkle_home, &self.home) {
-            (Some(t), _) => t.join("models/generated"),
-            (None, Some(h)) => h.join(".cache/twinkle/models/generated"),
-            (None, None) => PathBuf::from(".twinkle/models/generated"),
         }
     }
 }
@@ -394,26 +250,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_follow_the_sdks_precedence() {
-        let e = HubEnv::default();
-        assert_eq!(e.hf_endpoint_url(), "https://huggingface.co");
-        assert_eq!(e.ms_endpoint_url(), "https://modelscope.cn");
-        let e = HubEnv {
-            hf_endpoint: Some("http://m:1/".into()),
-            ms_domain: Some("www.x.cn".into()),
-            ..e
-        };
-        assert_eq!(e.hf_endpoint_url(), "http://m:1");
-        assert_eq!(e.ms_endpoint_url(), "https://www.x.cn");
-        let e = HubEnv { ms_domain: Some("http://d".into()), ..e };
-        assert_eq!(e.ms_endpoint_url(), "http://d");
-        let e = HubEnv { ms_endpoint: Some("http://ep/".into()), ..e };
-        assert_eq!(e.ms_endpoint_url(), "http://ep");
-        assert!(!e.offline(Hub::HuggingFace));
-        let e = HubEnv { hf_offline: true, ..e };
-        assert!(e.offline(Hub::HuggingFace) && !e.offline(Hub::ModelScope));
-        let e = HubEnv { twinkle_offline: true, ..e };
-        assert!(e.offline(Hub::ModelScope));
+    fn display_names() {
         assert_eq!(display_name("ms://Org/Name@v1"), "Org/Name");
     }
 }

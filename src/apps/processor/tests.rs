@@ -146,11 +146,9 @@ fn hub_ids_resolve_only_against_local_caches() {
     let t = tempfile::tempdir().unwrap();
     let ms = t.path().join("ms");
     let hf = t.path().join("hf");
-    let env = HubEnv {
-        modelscope_cache: Some(ms.clone()),
-        hf_hub_cache: Some(hf.clone()),
-        ..HubEnv::default()
-    };
+    let mut env = HubEnv::default();
+    env.ms.cache = Some(ms.clone());
+    env.hf.hub_cache = Some(hf.clone());
     let repo = ms.join("datasets/swift/self-cognition");
     std::fs::create_dir_all(repo.join("data")).unwrap();
     std::fs::write(repo.join("dataset_infos.json"), "{}").unwrap();

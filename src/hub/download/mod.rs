@@ -280,8 +280,8 @@ impl<'a> Target<'a> {
     pub(crate) fn new(hub: Hub, env: &HubEnv, repo: &'a RepoRef) -> (Self, http::Client) {
         let revision = repo.revision.clone().unwrap_or_else(|| hub.default_revision().into());
         let (endpoint, token) = match hub {
-            Hub::HuggingFace => (env.hf_endpoint_url(), env.hf_token.clone()),
-            Hub::ModelScope => (env.ms_endpoint_url(), env.ms_token.clone()),
+            Hub::HuggingFace => (env.hf.endpoint_url(), env.hf.token.clone()),
+            Hub::ModelScope => (env.ms.endpoint_url(), env.ms.token.clone()),
         };
         // ModelScope also takes the token as its session cookie.
         let client = http::Client::new(&endpoint, token, hub == Hub::ModelScope);
