@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use twinkle::node::NodeResources;
 
 mod cli_bench;
 use cli_bench::{BenchCommand, bench};
@@ -69,12 +70,8 @@ enum Command {
         /// Log filter, e.g. `info`, `debug`, `twinkle=debug` (RUST_LOG syntax).
         #[arg(long, default_value = "info")]
         log_level: String,
-        /// GPUs this node offers (default: what NVML reports, limited by CUDA_VISIBLE_DEVICES).
-        #[arg(long)]
-        num_gpus: Option<u32>,
-        /// CPUs this node offers (default: the CPUs the OS reports).
-        #[arg(long)]
-        num_cpus: Option<f64>,
+        #[command(flatten)]
+        resources: NodeResources,
         /// Loopback port of the control plane (default: any free port).
         #[arg(long, default_value_t = 0)]
         control_port: u16,
@@ -184,11 +181,8 @@ enum Command {
 /// Options of `start` and `join`.
 #[derive(clap::Args, Debug, Clone)]
 struct NodeArgs {
-    /// GPUs this node offers (the first N of CUDA_VISIBLE_DEVICES when set).
-    #[arg(long)]
-    num_gpus: Option<u32>,
-    #[arg(long)]
-    num_cpus: Option<f64>,
+    #[command(flatten)]
+    offers: NodeResources,
     /// Custom resources as JSON, e.g. '{"accel": 2}'.
     #[arg(long)]
     resources: Option<String>,
@@ -214,9 +208,8 @@ struct NodeArgs {
 impl NodeArgs {
     fn options(&self) -> twinkle::node::cluster_cli::NodeOptions {
         twinkle::node::cluster_cli::NodeOptions {
-            num_gpus: self.num_gpus,
-            num_cpus: self.num_cpus,
-            resources: self.resources.clone(),
+            resources: self.offers.clone(),
+            custom_resources: self.resources.clone(),
             node_ip: self.node_ip.clone(),
             node_name: self.node_name.clone(),
             gateway_port: self.gateway_port,
@@ -400,8 +393,7 @@ fn main() -> ExitCode {
             server_type,
             namespace,
             log_level,
-            num_gpus,
-            num_cpus,
+            resources,
             control_port,
             address,
             token,
@@ -415,8 +407,7 @@ fn main() -> ExitCode {
                 config_path: config,
                 server_type,
                 namespace,
-                num_gpus,
-                num_cpus,
+                resources,
                 control_port,
                 log_level,
                 wait,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use super::NodeError;
 use super::agent::{self, AgentOptions};
+use super::{NodeError, NodeResources};
 use crate::cluster::{NodeSpec, Quantity};
 use crate::config::ServerType;
 use crate::head::cluster::{
@@ -25,10 +25,9 @@ use crate::head::state_file::{self, pid_alive};
 /// Options shared by `start --head` and `join`.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    pub num_gpus: Option<u32>,
-    pub num_cpus: Option<f64>,
+    pub resources: NodeResources,
     /// Custom resources as JSON, e.g. `{"accel": 2}`.
-    pub resources: Option<String>,
+    pub custom_resources: Option<String>,
     pub node_ip: String,
     /// Stable node name (default: generated once and kept in `$TWINKLE_HOME/node_id`).
     pub node_name: Option<String>,
@@ -60,10 +59,10 @@ fn node_id(home: &Path, name: Option<&str>) -> String {
 }
 
 fn node_spec(home: &Path, o: &NodeOptions) -> Result<NodeSpec, NodeError> {
-    let mut spec = crate::cluster::detect_local_node(o.num_gpus, o.num_cpus);
+    let mut spec = o.resources.detect();
     spec.node_id = node_id(home, o.node_name.as_deref());
     spec.address = o.node_ip.clone();
-    if let Some(text) = &o.resources {
+    if let Some(text) = &o.custom_resources {
         let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|e| {
             NodeError::Invalid(format!("--resources must be a JSON object of numbers: {e}"))
         })?;
@@ -388,9 +387,8 @@ mod tests {
 
     fn opts(resources: Option<&str>) -> NodeOptions {
         NodeOptions {
-            num_gpus: Some(2),
-            num_cpus: Some(3.0),
-            resources: resources.map(str::to_string),
+            resources: NodeResources { num_gpus: Some(2), num_cpus: Some(3.0) },
+            custom_resources: resources.map(str::to_string),
             node_ip: "127.0.0.1".into(),
             node_name: None,
             gateway_port: None,

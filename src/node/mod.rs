@@ -17,6 +17,26 @@ pub mod supervise;
 
 pub use supervise::{ChildSpec, RestartPolicy, SupervisorActor, supervise};
 
+/// The CPUs and GPUs this machine offers as a node: the `--num-gpus` / `--num-cpus` flags that
+/// `serve`, `start` and `join` share (flattened into each command).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeResources {
+    /// GPUs this node offers (default: what NVML reports, limited by CUDA_VISIBLE_DEVICES; a
+    /// number takes the first N of CUDA_VISIBLE_DEVICES when set).
+    #[arg(long)]
+    pub num_gpus: Option<u32>,
+    /// CPUs this node offers (default: the CPUs the OS reports).
+    #[arg(long)]
+    pub num_cpus: Option<f64>,
+}
+
+impl NodeResources {
+    /// This machine as a node offering these resources (see [`crate::cluster::detect_local_node`]).
+    pub fn detect(&self) -> crate::cluster::NodeSpec {
+        crate::cluster::detect_local_node(self.num_gpus, self.num_cpus)
+    }
+}
+
 /// Errors of the node layer.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use actix::Addr;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::NodeError;
 use super::gpu_monitor::GpuMonitor;
 use super::reconcile::{Converge, Reconciler, StopAll, Wanted};
 use super::supervise::{ChildSpec, RestartPolicy};
+use super::{NodeError, NodeResources};
 use crate::cluster::{Allocation, ClusterState, NodeSpec, Quantity, ScheduleResult, demand_of};
 use crate::config::{self, Application, ServerConfig, ServerType};
 use crate::contract::APP_SPEC_ENV;
@@ -33,8 +33,7 @@ pub struct ServeOptions {
     /// Overrides the file's `server_type`.
     pub server_type: Option<ServerType>,
     pub namespace: Option<String>,
-    pub num_gpus: Option<u32>,
-    pub num_cpus: Option<f64>,
+    pub resources: NodeResources,
     /// Loopback port of the control plane (0 = any free port).
     pub control_port: u16,
     /// Passed to the children's `--log-level`.
@@ -196,7 +195,7 @@ pub fn run(opts: ServeOptions) -> Result<(), NodeError> {
         config.applications.iter().map(|a| (a.name.as_str(), a.route_prefix.as_str())),
     )
     .map_err(|e| NodeError::Invalid(e.to_string()))?;
-    let node = crate::cluster::detect_local_node(opts.num_gpus, opts.num_cpus);
+    let node = opts.resources.detect();
     let node_id = node.node_id.clone();
     let gpu_ids = node.gpu_ids.clone();
     let (placements, nodes) = plan(&config, node)?;
