@@ -18,6 +18,25 @@ pub struct HubEnv {
     pub ms: MsEnv,
 }
 
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+fn env_string(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+/// huggingface_hub's truthy values (`1`, `ON`, `YES`, `TRUE`, any case).
+fn env_flag(name: &str) -> bool {
+    env_string(name)
+        .is_some_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+}
+
+/// A hub's base URL: `endpoint`, else `default`, without a trailing `/`.
+fn base_url(endpoint: Option<&str>, default: &str) -> String {
+    endpoint.unwrap_or(default).trim_end_matches('/').to_string()
+}
+
 /// The Hugging Face Hub variables, read as huggingface_hub reads them.
 #[derive(Debug, Clone, Default)]
 pub struct HfEnv {
@@ -31,33 +50,6 @@ pub struct HfEnv {
     pub token: Option<String>,
     /// `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is true.
     pub offline: bool,
-}
-
-/// The ModelScope variables, read as the modelscope SDK reads them.
-#[derive(Debug, Clone, Default)]
-pub struct MsEnv {
-    /// `MODELSCOPE_CACHE`.
-    pub cache: Option<PathBuf>,
-    /// `MODELSCOPE_ENDPOINT` (a full URL).
-    pub endpoint: Option<String>,
-    /// `MODELSCOPE_DOMAIN` (deprecated; `https://` is added when it has no scheme).
-    pub domain: Option<String>,
-    /// `MODELSCOPE_API_TOKEN`.
-    pub token: Option<String>,
-}
-
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
-}
-
-fn env_string(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
-}
-
-/// huggingface_hub's truthy values (`1`, `ON`, `YES`, `TRUE`, any case).
-fn env_flag(name: &str) -> bool {
-    env_string(name)
-        .is_some_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
 }
 
 impl HfEnv {
@@ -86,34 +78,43 @@ impl HfEnv {
 
     /// The HF Hub base URL, without a trailing `/`.
     pub fn endpoint_url(&self) -> String {
-        self.endpoint
-            .as_deref()
-            .unwrap_or("https://huggingface.co")
-            .trim_end_matches('/')
-            .to_string()
+        base_url(self.endpoint.as_deref(), "https://huggingface.co")
     }
+}
+
+/// The ModelScope variables, read as the modelscope SDK reads them.
+#[derive(Debug, Clone, Default)]
+pub struct MsEnv {
+    /// `MODELSCOPE_CACHE`.
+    pub cache: Option<PathBuf>,
+    /// `MODELSCOPE_ENDPOINT` (a full URL), else `MODELSCOPE_DOMAIN` (deprecated; `https://` is
+    /// added when it has no scheme), as the current SDK picks it.
+    pub endpoint: Option<String>,
+    /// `MODELSCOPE_API_TOKEN`.
+    pub token: Option<String>,
+}
+
+/// The current SDK's choice: `MODELSCOPE_ENDPOINT`, else `MODELSCOPE_DOMAIN` with `https://` added
+/// when it has no scheme.
+fn ms_endpoint(endpoint: Option<String>, domain: Option<String>) -> Option<String> {
+    endpoint.or_else(|| domain.map(|d| if d.contains("://") { d } else { format!("https://{d}") }))
 }
 
 impl MsEnv {
     fn from_process() -> Self {
         MsEnv {
             cache: env_path("MODELSCOPE_CACHE"),
-            endpoint: env_string("MODELSCOPE_ENDPOINT"),
-            domain: env_string("MODELSCOPE_DOMAIN"),
+            endpoint: ms_endpoint(
+                env_string("MODELSCOPE_ENDPOINT"),
+                env_string("MODELSCOPE_DOMAIN"),
+            ),
             token: env_string("MODELSCOPE_API_TOKEN"),
         }
     }
 
-    /// The ModelScope base URL: `MODELSCOPE_ENDPOINT`, else `MODELSCOPE_DOMAIN` (scheme optional),
-    /// else `https://modelscope.cn`, as the current SDK picks it.
+    /// The ModelScope base URL (default `https://modelscope.cn`), without a trailing `/`.
     pub fn endpoint_url(&self) -> String {
-        let url = match (&self.endpoint, &self.domain) {
-            (Some(e), _) => e.clone(),
-            (None, Some(d)) if d.contains("://") => d.clone(),
-            (None, Some(d)) => format!("https://{d}"),
-            (None, None) => "https://modelscope.cn".into(),
-        };
-        url.trim_end_matches('/').to_string()
+        base_url(self.endpoint.as_deref(), "https://modelscope.cn")
     }
 }
 
@@ -195,12 +196,13 @@ mod tests {
         assert_eq!(e.ms.endpoint_url(), "https://modelscope.cn");
         let hf = HfEnv { endpoint: Some("http://m:1/".into()), ..HfEnv::default() };
         assert_eq!(hf.endpoint_url(), "http://m:1");
-        let ms = MsEnv { domain: Some("www.x.cn".into()), ..MsEnv::default() };
-        assert_eq!(ms.endpoint_url(), "https://www.x.cn");
-        let ms = MsEnv { domain: Some("http://d".into()), ..ms };
-        assert_eq!(ms.endpoint_url(), "http://d");
-        let ms = MsEnv { endpoint: Some("http://ep/".into()), ..ms };
-        assert_eq!(ms.endpoint_url(), "http://ep");
+        let ms = |e: Option<&str>, d: Option<&str>| MsEnv {
+            endpoint: ms_endpoint(e.map(Into::into), d.map(Into::into)),
+            ..MsEnv::default()
+        };
+        assert_eq!(ms(None, Some("www.x.cn")).endpoint_url(), "https://www.x.cn");
+        assert_eq!(ms(None, Some("http://d")).endpoint_url(), "http://d");
+        assert_eq!(ms(Some("http://ep/"), Some("http://d")).endpoint_url(), "http://ep");
     }
 
     #[test]
