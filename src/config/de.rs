@@ -106,79 +106,85 @@ pub(crate) fn env_vars<'de, D: Deserializer<'de>>(
     d.deserialize_any(EnvVisitor)
 }
 
-/// `impl Deserialize for $ty` through a visitor of its own: `$expecting` says what is accepted
-/// (serde's error texts quote it), `$drive` is the `Deserializer` method that feeds the visitor
-/// and the items are its `visit_*` methods. The lifetime is passed in so those methods can
-/// name it.
-macro_rules! deserialize_by_visitor {
-    ($de:lifetime, $ty:ty, $drive:ident, $expecting:expr, $($visit:item)*) => {
-        impl<$de> Deserialize<$de> for $ty {
-            fn deserialize<D: Deserializer<$de>>(d: D) -> Result<Self, D::Error> {
-                struct TypeVisitor;
-                impl<$de> Visitor<$de> for TypeVisitor {
-                    type Value = $ty;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str($expecting)
-                    }
-                    $($visit)*
+impl<'de> Deserialize<'de> for DeviceType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor so the error carries the scalar's own position.
+        struct TypeVisitor;
+        const EXPECTED: &str = "one of cuda, gpu, CPU";
+        impl Visitor<'_> for TypeVisitor {
+            type Value = DeviceType;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<DeviceType, E> {
+                match s.to_ascii_lowercase().as_str() {
+                    "cuda" | "gpu" => Ok(DeviceType::Cuda),
+                    "cpu" => Ok(DeviceType::Cpu),
+                    _ => Err(E::invalid_value(Unexpected::Str(s), &EXPECTED)),
                 }
-                d.$drive(TypeVisitor)
             }
         }
-    };
-}
-
-/// What a `device_group.device_type` may be (the seed accepts `gpu` for `cuda`, any case).
-const DEVICE_TYPES: &str = "one of cuda, gpu, CPU";
-
-// Checked inside the visitor so the error carries the scalar's own position.
-deserialize_by_visitor! {'de, DeviceType, deserialize_str, DEVICE_TYPES,
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<DeviceType, E> {
-        match s.to_ascii_lowercase().as_str() {
-            "cuda" | "gpu" => Ok(DeviceType::Cuda),
-            "cpu" => Ok(DeviceType::Cpu),
-            _ => Err(E::invalid_value(Unexpected::Str(s), &DEVICE_TYPES)),
-        }
+        d.deserialize_str(TypeVisitor)
     }
 }
 
-deserialize_by_visitor! {'de, Ranks, deserialize_any, "an integer",
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ranks, E> {
-        u32::try_from(v)
-            .map(Ranks::Count)
-            .map_err(|_| E::invalid_value(Unexpected::Signed(v), &"a non-negative integer"))
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ranks, E> {
-        u32::try_from(v)
-            .map(Ranks::Count)
-            .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &"an integer below 2^32"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ranks, A::Error> {
-        let mut out = Vec::new();
-        while let Some(r) = seq.next_element::<u32>()? {
-            out.push(r);
+impl<'de> Deserialize<'de> for Ranks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RanksVisitor;
+        impl<'de> Visitor<'de> for RanksVisitor {
+            type Value = Ranks;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ranks, E> {
+                u32::try_from(v)
+                    .map(Ranks::Count)
+                    .map_err(|_| E::invalid_value(Unexpected::Signed(v), &"a non-negative integer"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ranks, E> {
+                u32::try_from(v).map(Ranks::Count).map_err(|_| {
+                    E::invalid_value(Unexpected::Unsigned(v), &"an integer below 2^32")
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ranks, A::Error> {
+                let mut out = Vec::new();
+                while let Some(r) = seq.next_element::<u32>()? {
+                    out.push(r);
+                }
+                Ok(Ranks::List(out))
+            }
         }
-        Ok(Ranks::List(out))
+        d.deserialize_any(RanksVisitor)
     }
 }
 
-deserialize_by_visitor! {'de, SupportedModel, deserialize_any, "a model name or {model_name: NAME}",
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<SupportedModel, E> {
-        Ok(SupportedModel::Name(v.to_string()))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SupportedModel, A::Error> {
-        let mut name = None;
-        while let Some(key) = map.next_key::<String>()? {
-            if key != "model_name" {
-                return Err(de::Error::unknown_field(&key, &["model_name"]));
+impl<'de> Deserialize<'de> for SupportedModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModelVisitor;
+        impl<'de> Visitor<'de> for ModelVisitor {
+            type Value = SupportedModel;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a model name or {model_name: NAME}")
             }
-            if name.is_some() {
-                return Err(de::Error::duplicate_field("model_name"));
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SupportedModel, E> {
+                Ok(SupportedModel::Name(v.to_string()))
             }
-            name = Some(map.next_value::<String>()?);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SupportedModel, A::Error> {
+                let mut name = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "model_name" {
+                        return Err(de::Error::unknown_field(&key, &["model_name"]));
+                    }
+                    if name.is_some() {
+                        return Err(de::Error::duplicate_field("model_name"));
+                    }
+                    name = Some(map.next_value::<String>()?);
+                }
+                name.map(|model_name| SupportedModel::Entry { model_name })
+                    .ok_or_else(|| de::Error::missing_field("model_name"))
+            }
         }
-        name.map(|model_name| SupportedModel::Entry { model_name })
-            .ok_or_else(|| de::Error::missing_field("model_name"))
+        d.deserialize_any(ModelVisitor)
     }
 }
 
