@@ -9,8 +9,8 @@ use std::sync::Arc;
 use engine_support::{Rng, Spec, fresh_adapter, test_shape, tokens, write_model};
 use twinkle::engine::synth::SynthSpec;
 use twinkle::engine::{
-    AdamParams, Adapter, Datum, EngineError, LoraConfig, LossFn, LossInputs, Model, Target,
-    forward_backward,
+    AdamParams, Adapter, Datum, EngineError, LoraConfig, LoraTargets, LossFn, LossInputs, Model,
+    Target, forward_backward,
 };
 
 fn spec() -> Spec {
@@ -267,7 +267,8 @@ fn adamw_matches_hand_derived_steps() {
 #[test]
 fn lora_init_is_seeded_and_peft_shaped() {
     let (_tmp, m) = model();
-    let cfg = LoraConfig::from_tinker(4, 8.0, true, false, true, 7);
+    let cfg =
+        LoraConfig::from_tinker(4, 8.0, LoraTargets { train_mlp: false, ..LoraTargets::ALL }, 7);
     assert_eq!(cfg.targets, vec![Target::Q, Target::K, Target::V, Target::O, Target::LmHead]);
     let a = Adapter::new(&m, &cfg).unwrap();
     let b = Adapter::new(&m, &cfg).unwrap();

@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use twinkle::engine::LoraTargets;
 use twinkle::protocol::tinker::types::*;
 
 fn parse<T: serde::de::DeserializeOwned>(v: Value) -> T {
@@ -65,16 +66,27 @@ fn create_model_and_get_info() {
         parse(json!({"session_id": "sess-1", "model_seq_id": 0, "base_model": "Qwen/Qwen3-8B",
         "lora_config": {"rank": 8, "train_unembed": true, "train_mlp": true, "train_attn": true},
         "optimizer_config": {"type": "adamw"}, "type": "create_model"}));
-    let lora = r.lora_config.clone().expect("lora");
-    assert_eq!((lora.rank, lora.seed, lora.train_mlp), (8, None, true));
+    let lora = r.lora_config.expect("lora");
+    assert_eq!((lora.rank, lora.seed, lora.targets.train_mlp), (8, None, true));
     assert_eq!(r.optimizer_config.map(|o| o.kind).as_deref(), Some("adamw"));
     assert!(lora.validate(64).is_ok());
     let defaults: LoraConfig = parse(json!({}));
+    let all = LoraTargets { train_unembed: true, train_mlp: true, train_attn: true };
+    assert_eq!(defaults, LoraConfig { rank: 32, seed: None, targets: all });
+    let some: LoraConfig = parse(json!({"rank": 4, "seed": -2, "train_mlp": false}));
     assert_eq!(
-        defaults,
-        LoraConfig { rank: 32, seed: None, train_unembed: true, train_mlp: true, train_attn: true }
+        some,
+        LoraConfig { rank: 4, seed: Some(-2), targets: LoraTargets { train_mlp: false, ..all } }
     );
-    assert!(LoraConfig { rank: 0, ..defaults.clone() }.validate(64).is_err());
+    assert!(
+        LoraConfig {
+            targets: LoraTargets { train_unembed: false, train_mlp: false, train_attn: false },
+            ..defaults
+        }
+        .validate(64)
+        .is_err_and(|e| e.to_string().contains("all false"))
+    );
+    assert!(LoraConfig { rank: 0, ..defaults }.validate(64).is_err());
     assert!(LoraConfig { rank: 65, ..defaults }.validate(64).is_err());
 
     let info = GetInfoResponse {

@@ -40,13 +40,7 @@ fn run_of(key: &str, id: &str) -> NewRun {
         owner: owner_hash(SALT, key),
         session_id: "sess-1".into(),
         base_model: "qwen3-tiny".into(),
-        lora: LoraSettings {
-            rank: 4,
-            seed: None,
-            train_unembed: true,
-            train_mlp: true,
-            train_attn: true,
-        },
+        lora: LoraSettings { rank: 4, ..LoraSettings::default() },
         optimizer_config: Value::Null,
         user_metadata: json!({}),
     }

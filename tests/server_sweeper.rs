@@ -12,6 +12,7 @@ use twinkle::apps::server::sweeper::{Swept, sweep_once};
 use twinkle::apps::server::upstream::Upstreams;
 use twinkle::apps::server::{ServerApp, routes};
 use twinkle::config::ServerType;
+use twinkle::engine::LoraTargets;
 use twinkle::protocol::tinker::paths::owner_hash;
 use twinkle::protocol::twinkle::Auth;
 use twinkle::state::*;
@@ -72,9 +73,7 @@ async fn futures_are_pruned_ttls_enforced_and_snapshots_go_with_their_session() 
                 lora: LoraSettings {
                     rank: 8,
                     seed: None,
-                    train_unembed: false,
-                    train_mlp: true,
-                    train_attn: true,
+                    targets: LoraTargets { train_unembed: false, ..LoraTargets::ALL },
                 },
                 optimizer_config: json!({}),
                 user_metadata: json!({}),

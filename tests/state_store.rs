@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use serde_json::json;
+use twinkle::engine::LoraTargets;
 use twinkle::state::*;
 
 const ALICE: &str = "a11ce";
@@ -21,7 +22,8 @@ fn open(path: &std::path::Path) -> Store {
 }
 
 fn lora() -> LoraSettings {
-    LoraSettings { rank: 8, seed: Some(3), train_unembed: false, train_mlp: true, train_attn: true }
+    let targets = LoraTargets { train_unembed: false, ..LoraTargets::ALL };
+    LoraSettings { rank: 8, seed: Some(3), targets }
 }
 
 fn new_run(id: &str, owner: &str) -> NewRun {

@@ -14,8 +14,8 @@ use std::time::Instant;
 use crate::engine::backend::profile;
 use crate::engine::synth::{SynthRng, SynthSpec};
 use crate::engine::{
-    AdamParams, Adapter, Datum, EngineError, KvCache, LoraConfig, LossFn, LossInputs, Model,
-    ModelConfig,
+    AdamParams, Adapter, Datum, EngineError, KvCache, LoraConfig, LoraTargets, LossFn, LossInputs,
+    Model, ModelConfig,
 };
 
 pub use multi::{MultiTenantOptions, MultiTenantReport, multi_tenant};
@@ -125,7 +125,8 @@ pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
 /// The benchmarks' LoRA: rank `rank`, alpha = rank, every linear of every layer (Tinker's
 /// defaults with the MLP and attention on, the head off).
 pub(crate) fn bench_lora(rank: usize, seed: u64) -> LoraConfig {
-    LoraConfig::from_tinker(rank, rank as f32, true, true, false, seed)
+    let all_linear = LoraTargets { train_unembed: false, ..LoraTargets::ALL };
+    LoraConfig::from_tinker(rank, rank as f32, all_linear, seed)
 }
 
 /// `opts.batch` random sequences of `opts.seq` tokens with next-token targets (fixed seed, so

@@ -42,7 +42,7 @@ pub use batch::{BatchLimits, CachedGroup, EvalGroup, FwdBwdOutput, TrainGroup, c
 pub use cpu::backend;
 pub use cpu::{KvCache, forward, forward_backward, forward_backward_many, forward_many};
 pub use error::{EngineError, Result};
-pub use lora::{Adapter, AdapterShape, LoraConfig, Target};
+pub use lora::{Adapter, AdapterShape, LoraConfig, LoraTargets, Target};
 pub use loss::{Datum, DatumOutput, LossFn, LossInputs};
 pub use models::{Model, ModelConfig};
 pub use optim::{AdamParams, OptimMetrics};

@@ -1,18 +1,32 @@
 //! Training runs (one per model id) and their checkpoints.
 
 use rusqlite::{Row, Transaction, params};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{FromRow, StateError, Store, json_text, parse_json, select, select_first, to_i64};
+use crate::engine::LoraTargets;
 
-/// LoRA settings of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// LoRA settings of a run, as Tinker's `create_model` sends them in `lora_config` (the
+/// protocol's `LoraConfig` is this type); what is left out takes the SDK's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoraSettings {
+    #[serde(default = "default_rank")]
     pub rank: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
-    pub train_unembed: bool,
-    pub train_mlp: bool,
-    pub train_attn: bool,
+    #[serde(flatten)]
+    pub targets: LoraTargets,
+}
+
+fn default_rank() -> u32 {
+    LoraSettings::default().rank
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        LoraSettings { rank: 32, seed: None, targets: LoraTargets::ALL }
+    }
 }
 
 /// A training run to create.
@@ -107,9 +121,11 @@ impl FromRow for RunRecord {
                 lora: LoraSettings {
                     rank: r.get(4)?,
                     seed: r.get(5)?,
-                    train_unembed: r.get(6)?,
-                    train_mlp: r.get(7)?,
-                    train_attn: r.get(8)?,
+                    targets: LoraTargets {
+                        train_unembed: r.get(6)?,
+                        train_mlp: r.get(7)?,
+                        train_attn: r.get(8)?,
+                    },
                 },
                 optimizer_config: parse_json("run optimizer_config", r.get(9)?)?,
                 user_metadata: parse_json("run user_metadata", r.get(10)?)?,
@@ -203,9 +219,9 @@ impl Store {
                 run.base_model,
                 run.lora.rank,
                 run.lora.seed,
-                run.lora.train_unembed,
-                run.lora.train_mlp,
-                run.lora.train_attn,
+                run.lora.targets.train_unembed,
+                run.lora.targets.train_mlp,
+                run.lora.targets.train_attn,
                 json_text(&run.optimizer_config),
                 json_text(&run.user_metadata),
                 now

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use twinkle::apps::model::{AdapterPolicy, ModelService, ServiceOptions};
-use twinkle::engine::{Datum, LossInputs};
+use twinkle::engine::{Datum, LoraTargets, LossInputs};
 use twinkle::hub::{HubEnv, resolve_with};
 use twinkle::protocol::internal::*;
 
@@ -42,14 +42,7 @@ pub fn service(spill: &std::path::Path) -> ModelService {
 pub fn create(id: &str, rank: usize, seed: u64) -> CreateAdapterRequest {
     CreateAdapterRequest {
         model_id: id.into(),
-        lora: LoraSettings {
-            rank,
-            alpha: 32.0,
-            train_attn: true,
-            train_mlp: true,
-            train_unembed: true,
-            seed: Some(seed),
-        },
+        lora: LoraSettings { rank, alpha: 32.0, targets: LoraTargets::ALL, seed: Some(seed) },
     }
 }
 

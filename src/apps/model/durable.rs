@@ -313,7 +313,12 @@ mod tests {
         let snaps = Snapshots::new(t.path());
         let spec = crate::engine::cuda::bench_shape("tiny").unwrap();
         let cfg = crate::engine::cuda::spec_config(&spec);
-        let lora = crate::engine::LoraConfig::from_tinker(2, 4.0, true, false, false, 1);
+        let attn = crate::engine::LoraTargets {
+            train_mlp: false,
+            train_unembed: false,
+            ..Default::default()
+        };
+        let lora = crate::engine::LoraConfig::from_tinker(2, 4.0, attn, 1);
         let adapter = crate::engine::Adapter::for_config(&cfg, &lora).unwrap();
         checkpoint::spill(&adapter, &id, false, &snaps.dir(&id)).unwrap();
         let found = snaps.found();

@@ -405,14 +405,7 @@ impl<R: ModelRuntime> ModelService<R> {
         Self::check_id(&req.model_id)?;
         let l = &req.lora;
         let seed = l.seed.unwrap_or_else(crate::ids::seed);
-        let cfg = LoraConfig::from_tinker(
-            l.rank,
-            l.alpha,
-            l.train_attn,
-            l.train_mlp,
-            l.train_unembed,
-            seed,
-        );
+        let cfg = LoraConfig::from_tinker(l.rank, l.alpha, l.targets, seed);
         cfg.check(MAX_RANK)?;
         if lock(&self.adapters).contains_key(&req.model_id) {
             return Err(AppError::Conflict(format!("model_id `{}` already exists", req.model_id)));

@@ -126,26 +126,57 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// Tinker's switches: attention = q,k,v,o; mlp = gate,up,down; unembed = lm_head.
-    pub fn from_tinker(
-        rank: usize,
-        alpha: f32,
-        attn: bool,
-        mlp: bool,
-        unembed: bool,
-        seed: u64,
-    ) -> Self {
+    /// An adapter of `rank` and `alpha` on the modules `train` switches on.
+    pub fn from_tinker(rank: usize, alpha: f32, train: LoraTargets, seed: u64) -> Self {
+        LoraConfig { rank, alpha, targets: train.modules(), seed }
+    }
+}
+
+/// Which groups of modules an adapter trains, as Tinker's `lora_config` switches them (the
+/// Twinkle protocol's `target_modules` map onto the same groups). One value travels from the
+/// request through the run record and the internal hop to [`LoraConfig::from_tinker`]; each
+/// switch is true when left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoraTargets {
+    /// lm_head.
+    #[serde(default = "switched_on")]
+    pub train_unembed: bool,
+    /// gate, up and down.
+    #[serde(default = "switched_on")]
+    pub train_mlp: bool,
+    /// q, k, v and o.
+    #[serde(default = "switched_on")]
+    pub train_attn: bool,
+}
+
+fn switched_on() -> bool {
+    true
+}
+
+impl LoraTargets {
+    /// Every module: Tinker's default.
+    pub const ALL: LoraTargets =
+        LoraTargets { train_unembed: true, train_mlp: true, train_attn: true };
+
+    /// The modules switched on, attention first.
+    pub fn modules(self) -> Vec<Target> {
         let mut targets = Vec::new();
-        if attn {
+        if self.train_attn {
             targets.extend([Target::Q, Target::K, Target::V, Target::O]);
         }
-        if mlp {
+        if self.train_mlp {
             targets.extend([Target::Gate, Target::Up, Target::Down]);
         }
-        if unembed {
+        if self.train_unembed {
             targets.push(Target::LmHead);
         }
-        LoraConfig { rank, alpha, targets, seed }
+        targets
+    }
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        LoraTargets::ALL
     }
 }
 

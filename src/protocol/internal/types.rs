@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::Call;
-use crate::engine::{AdamParams, Datum};
+use crate::engine::{AdamParams, Datum, LoraTargets};
 
 /// `GET /_internal/v1/info`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -95,10 +95,6 @@ fn default_alpha() -> f32 {
     32.0
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// LoRA settings of `create_adapter` (and `load.create`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSettings {
@@ -106,12 +102,8 @@ pub struct LoraSettings {
     pub rank: usize,
     #[serde(default = "default_alpha")]
     pub alpha: f32,
-    #[serde(default = "yes")]
-    pub train_attn: bool,
-    #[serde(default = "yes")]
-    pub train_mlp: bool,
-    #[serde(default = "yes")]
-    pub train_unembed: bool,
+    #[serde(flatten)]
+    pub targets: LoraTargets,
     #[serde(default)]
     pub seed: Option<u64>,
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::types::{LoraConfig, OptimizerConfig};
+use crate::engine::LoraTargets;
 
 /// `{offset, limit, total_count}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,9 +104,9 @@ pub struct WeightsInfoResponse {
     pub base_model: String,
     pub is_lora: bool,
     pub lora_rank: Option<u32>,
-    pub train_unembed: Option<bool>,
-    pub train_mlp: Option<bool>,
-    pub train_attn: Option<bool>,
+    /// `train_unembed`, `train_mlp`, `train_attn` (left out when not a LoRA).
+    #[serde(flatten)]
+    pub targets: Option<LoraTargets>,
     pub optimizer_config: Option<OptimizerConfig>,
 }
 
@@ -119,9 +120,7 @@ impl WeightsInfoResponse {
             base_model: base_model.into(),
             is_lora: true,
             lora_rank: Some(lora.rank),
-            train_unembed: Some(lora.train_unembed),
-            train_mlp: Some(lora.train_mlp),
-            train_attn: Some(lora.train_attn),
+            targets: Some(lora.targets),
             optimizer_config: optimizer,
         }
     }

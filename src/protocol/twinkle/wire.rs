@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::TwinkleError;
+use crate::engine::LoraTargets;
 
 /// Label value of a position that is not trained on (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -37,10 +38,8 @@ pub fn decode_typed(
 pub struct LoraRequest {
     pub rank: usize,
     pub alpha: f32,
-    pub train_attn: bool,
-    pub train_mlp: bool,
-    /// `lm_head` listed in `target_modules` (PEFT's "all-linear" leaves it out).
-    pub train_unembed: bool,
+    /// From `target_modules`; `lm_head` only when listed (PEFT's "all-linear" leaves it out).
+    pub targets: LoraTargets,
     /// `lora_dropout` as sent (the engine trains without dropout; reported in train configs).
     pub dropout: f64,
 }
@@ -83,9 +82,11 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
             )));
         }
     }
-    let (train_attn, train_mlp, train_unembed) = match m.get("target_modules") {
-        None | Some(Value::Null) => (true, true, false),
-        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => (true, true, false),
+    const ALL_LINEAR: LoraTargets =
+        LoraTargets { train_attn: true, train_mlp: true, train_unembed: false };
+    let targets = match m.get("target_modules") {
+        None | Some(Value::Null) => ALL_LINEAR,
+        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => ALL_LINEAR,
         Some(Value::String(s)) => regex_targets(s)?,
         Some(Value::Array(items)) => {
             let names: Vec<String> =
@@ -93,7 +94,7 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
             if names.len() != items.len() {
                 return Err(TwinkleError::bad("config.target_modules must be a list of strings"));
             }
-            targets(&names)?
+            named_targets(&names)?
         }
         Some(other) => {
             return Err(TwinkleError::bad(format!(
@@ -104,18 +105,11 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
     if !(alpha.is_finite() && alpha > 0.0) {
         return Err(TwinkleError::bad(format!("config.lora_alpha must be > 0, got {alpha}")));
     }
-    Ok(LoraRequest {
-        rank,
-        alpha,
-        train_attn,
-        train_mlp,
-        train_unembed,
-        dropout: num("lora_dropout").unwrap_or(0.0),
-    })
+    Ok(LoraRequest { rank, alpha, targets, dropout: num("lora_dropout").unwrap_or(0.0) })
 }
 
 /// Maps module names onto the engine's groups; a group is trained whole (all its projections).
-fn targets(names: &[String]) -> Result<(bool, bool, bool), TwinkleError> {
+fn named_targets(names: &[String]) -> Result<LoraTargets, TwinkleError> {
     let (mut attn, mut mlp, mut head) = (false, false, false);
     for n in names {
         let short = n.rsplit('.').next().unwrap_or(n);
@@ -135,14 +129,14 @@ fn targets(names: &[String]) -> Result<(bool, bool, bool), TwinkleError> {
     if !(attn || mlp || head) {
         return Err(TwinkleError::bad("config.target_modules is empty: nothing to train"));
     }
-    Ok((attn, mlp, head))
+    Ok(LoraTargets { train_attn: attn, train_mlp: mlp, train_unembed: head })
 }
 
 /// A `target_modules` string other than "all-linear" is, as in PEFT, a regular expression that
 /// must match a module's whole name (`model.layers.3.self_attn.q_proj`, `lm_head`). The engine
 /// trains whole groups on every layer, so it must select all or none of a group's projections,
 /// the same on every layer.
-fn regex_targets(pattern: &str) -> Result<(bool, bool, bool), TwinkleError> {
+fn regex_targets(pattern: &str) -> Result<LoraTargets, TwinkleError> {
     let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
         TwinkleError::bad(format!("config.target_modules is not a valid regular expression: {e}"))
     })?;
@@ -170,7 +164,7 @@ fn regex_targets(pattern: &str) -> Result<(bool, bool, bool), TwinkleError> {
             "config.target_modules `{pattern}` matches no LoRA target (names like model.layers.0.self_attn.q_proj, lm_head)"
         )));
     }
-    Ok((attn, mlp, head))
+    Ok(LoraTargets { train_attn: attn, train_mlp: mlp, train_unembed: head })
 }
 
 /// A pre-tokenised model input. `labels[i]` is the target of position `i` (already rolled);
@@ -395,16 +389,25 @@ mod tests {
     fn lora_config_from_the_recorded_client_string() {
         let s = r#"{"task_type": null, "peft_type": "LORA", "r": 8, "target_modules": "all-linear", "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": false, "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": false, "_TWINKLE_TYPE_": "LoraConfig"}"#;
         let l = lora_config(&json!(s)).unwrap();
-        assert_eq!((l.rank, l.alpha, l.train_attn, l.train_mlp), (8, 8.0, true, true));
+        assert_eq!(
+            (l.rank, l.alpha, l.targets.train_attn, l.targets.train_mlp),
+            (8, 8.0, true, true)
+        );
         let l =
             lora_config(&json!({"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
                 .unwrap();
-        assert_eq!((l.rank, l.train_attn, l.train_mlp), (4, true, false));
+        assert_eq!((l.rank, l.targets.train_attn, l.targets.train_mlp), (4, true, false));
         let re = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head";
         let l = lora_config(&json!({"r": 4, "target_modules": re})).unwrap();
-        assert_eq!((l.train_attn, l.train_mlp, l.train_unembed), (true, true, true));
+        assert_eq!(
+            (l.targets.train_attn, l.targets.train_mlp, l.targets.train_unembed),
+            (true, true, true)
+        );
         let l = lora_config(&json!({"r": 4, "target_modules": r".*self_attn\..*"})).unwrap();
-        assert_eq!((l.train_attn, l.train_mlp, l.train_unembed), (true, false, false));
+        assert_eq!(
+            (l.targets.train_attn, l.targets.train_mlp, l.targets.train_unembed),
+            (true, false, false)
+        );
         for bad in [
             json!({"r": 4, "target_modules": r".*q_proj"}),
             json!({"r": 4, "target_modules": r"model\.layers\.0\..*"}),

@@ -66,9 +66,7 @@ impl TwinkleModel {
             lora: LoraSettings {
                 rank: lora.rank,
                 alpha: lora.alpha,
-                train_attn: lora.train_attn,
-                train_mlp: lora.train_mlp,
-                train_unembed: lora.train_unembed,
+                targets: lora.targets,
                 seed: None,
             },
         })?;
@@ -312,7 +310,7 @@ impl TwinkleModel {
         self.with_state(c, |st| {
         let cfg = json!({
             "adapter_name": st.run_id,
-            "lora": {"r": st.lora.rank, "lora_alpha": st.lora.alpha, "attention": st.lora.train_attn, "mlp": st.lora.train_mlp,
+            "lora": {"r": st.lora.rank, "lora_alpha": st.lora.alpha, "attention": st.lora.targets.train_attn, "mlp": st.lora.targets.train_mlp,
                      "lora_dropout": st.lora.dropout, "note": "dropout is not applied by this engine"},
             "gradient_accumulation_steps": st.ga_steps,
             "loss": st.loss.name(),

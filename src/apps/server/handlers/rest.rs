@@ -10,7 +10,7 @@ use crate::protocol::tinker::rest::{
     CheckpointsListResponse, Cursor, ListQuery, TrainingRunsResponse, WeightsInfoRequest,
     WeightsInfoResponse,
 };
-use crate::protocol::tinker::types::{LoraConfig, OptimizerConfig};
+use crate::protocol::tinker::types::OptimizerConfig;
 use crate::protocol::tinker::views::{checkpoint_view, training_run_view};
 use crate::state::{RunRecord, Store};
 
@@ -114,13 +114,6 @@ async fn weights_info(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Rep
             s.get_run(&owner, &run_id)
         })
         .await?;
-    let lora = LoraConfig {
-        rank: run.lora.rank,
-        seed: run.lora.seed,
-        train_unembed: run.lora.train_unembed,
-        train_mlp: run.lora.train_mlp,
-        train_attn: run.lora.train_attn,
-    };
     let opt: Option<OptimizerConfig> = serde_json::from_value(run.optimizer_config.clone()).ok();
-    Ok(HttpResponse::Ok().json(WeightsInfoResponse::lora(run.spec.base_model, &lora, opt)))
+    Ok(HttpResponse::Ok().json(WeightsInfoResponse::lora(&run.base_model, &run.lora, opt)))
 }

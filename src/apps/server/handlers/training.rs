@@ -14,7 +14,7 @@ use crate::protocol::tinker::codec::{ConfigValue, decode_forward_backward};
 use crate::protocol::tinker::paths::format_model_id;
 use crate::protocol::tinker::tensor::{DecodeLimits, TensorValues};
 use crate::protocol::tinker::types::{
-    CreateModelRequest, GetInfoRequest, GetInfoResponse, LoraConfig, ModelData, OptimStepRequest,
+    CreateModelRequest, GetInfoRequest, GetInfoResponse, ModelData, OptimStepRequest,
     OptimizerConfig, UntypedFuture,
 };
 use crate::state::{FailureCategory, LoraSettings, NewFuture, NewRun, RunRecord};
@@ -187,24 +187,12 @@ pub(super) async fn model_limit_error(
     }))
 }
 
-pub(super) fn lora_settings(l: &LoraConfig) -> LoraSettings {
-    LoraSettings {
-        rank: l.rank,
-        seed: l.seed,
-        train_unembed: l.train_unembed,
-        train_mlp: l.train_mlp,
-        train_attn: l.train_attn,
-    }
-}
-
 /// The adapter a run's LoRA settings ask the model application for.
 pub(super) fn adapter_spec(l: &LoraSettings) -> internal::LoraSettings {
     internal::LoraSettings {
         rank: l.rank as usize,
         alpha: crate::protocol::tinker::types::LORA_ALPHA,
-        train_attn: l.train_attn,
-        train_mlp: l.train_mlp,
-        train_unembed: l.train_unembed,
+        targets: l.targets,
         // Any 64-bit seed is a seed: a negative one keeps its bits.
         seed: l.seed.map(|s| s as u64),
     }
@@ -218,7 +206,7 @@ async fn create_model(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Rep
     let r: CreateModelRequest = parse_json(&body)?;
     owned_session(&app, &owner, &r.session_id).await?;
     let up = app.disp.up.model_for(&r.base_model).await?;
-    let lora = r.lora_config.clone().unwrap_or_default();
+    let lora = r.lora_config.unwrap_or_default();
     lora.validate(up.info.max_rank as u32)?;
     let opt = r.optimizer_config.clone().unwrap_or_default();
     if opt.kind != "adamw" {
@@ -231,17 +219,14 @@ async fn create_model(app: Shared, Owner(owner): Owner, body: web::Bytes) -> Rep
     crate::protocol::tinker::paths::validate_run_id(&model_id)?;
     let existing = owned_run(&app, &owner, &model_id).await.ok();
     let over_limit = if existing.is_none() { model_limit_error(&app, &owner).await? } else { None };
-    let settings = lora_settings(&lora);
-    let call = internal::CreateAdapterRequest {
-        model_id: model_id.clone(),
-        lora: adapter_spec(&settings),
-    };
+    let call =
+        internal::CreateAdapterRequest { model_id: model_id.clone(), lora: adapter_spec(&lora) };
     let run = NewRun {
         id: model_id.clone(),
         owner: owner.clone(),
         session_id: r.session_id.clone(),
         base_model: r.base_model.clone(),
-        lora: settings,
+        lora,
         optimizer_config: serde_json::to_value(&opt).unwrap_or(Value::Null),
         user_metadata: metadata(r.user_metadata),
     };

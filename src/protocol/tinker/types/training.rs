@@ -9,33 +9,9 @@ use serde_json::Value;
 use super::super::error::ProtocolError;
 use super::Metadata;
 
-fn d_rank() -> u32 {
-    32
-}
-fn d_true() -> bool {
-    true
-}
-
-/// LoRA settings of `create_model` (also echoed by `weights_info`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoraConfig {
-    #[serde(default = "d_rank")]
-    pub rank: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(default = "d_true")]
-    pub train_unembed: bool,
-    #[serde(default = "d_true")]
-    pub train_mlp: bool,
-    #[serde(default = "d_true")]
-    pub train_attn: bool,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        LoraConfig { rank: 32, seed: None, train_unembed: true, train_mlp: true, train_attn: true }
-    }
-}
+/// LoRA settings of `create_model` (also echoed by `weights_info`): the run record's own
+/// type, so the server stores what the client sent without a copy.
+pub use crate::state::LoraSettings as LoraConfig;
 
 /// Tinker's `lora_alpha` (the SDK does not send one).
 pub const LORA_ALPHA: f32 = 32.0;
@@ -44,14 +20,8 @@ impl LoraConfig {
     /// The engine's check of these settings ([`crate::engine::LoraConfig::check`], the one
     /// the model application runs too), at Tinker's alpha.
     pub fn validate(&self, max_rank: u32) -> Result<(), ProtocolError> {
-        let cfg = crate::engine::LoraConfig::from_tinker(
-            self.rank as usize,
-            LORA_ALPHA,
-            self.train_attn,
-            self.train_mlp,
-            self.train_unembed,
-            0,
-        );
+        let cfg =
+            crate::engine::LoraConfig::from_tinker(self.rank as usize, LORA_ALPHA, self.targets, 0);
         cfg.check(max_rank as usize).map_err(|e| match e {
             crate::engine::EngineError::InvalidInput(m) => ProtocolError::Engine(m),
             other => ProtocolError::Engine(other.to_string()),
