@@ -98,8 +98,9 @@ pub struct WeightsInfoRequest {
     pub tinker_path: String,
 }
 
+/// Serialize only: the flattened `targets` would read back as all-true from a body without them.
 #[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WeightsInfoResponse {
     pub base_model: String,
     pub is_lora: bool,
