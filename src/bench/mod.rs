@@ -125,8 +125,7 @@ pub fn load(src: &ModelSource) -> Result<Arc<Model>, BenchError> {
 /// The benchmarks' LoRA: rank `rank`, alpha = rank, every linear of every layer (Tinker's
 /// defaults with the MLP and attention on, the head off).
 pub(crate) fn bench_lora(rank: usize, seed: u64) -> LoraConfig {
-    let all_linear = LoraTargets { train_unembed: false, ..LoraTargets::ALL };
-    LoraConfig::from_tinker(rank, rank as f32, all_linear, seed)
+    LoraConfig::from_tinker(rank, rank as f32, LoraTargets::ALL_LINEAR, seed)
 }
 
 /// `opts.batch` random sequences of `opts.seq` tokens with next-token targets (fixed seed, so

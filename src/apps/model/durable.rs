@@ -316,7 +316,7 @@ mod tests {
         let attn = crate::engine::LoraTargets {
             train_mlp: false,
             train_unembed: false,
-            ..Default::default()
+            ..crate::engine::LoraTargets::ALL
         };
         let lora = crate::engine::LoraConfig::from_tinker(2, 4.0, attn, 1);
         let adapter = crate::engine::Adapter::for_config(&cfg, &lora).unwrap();

@@ -158,6 +158,9 @@ impl LoraTargets {
     pub const ALL: LoraTargets =
         LoraTargets { train_unembed: true, train_mlp: true, train_attn: true };
 
+    /// PEFT's `target_modules="all-linear"`: every linear of every layer, not the head.
+    pub const ALL_LINEAR: LoraTargets = LoraTargets { train_unembed: false, ..LoraTargets::ALL };
+
     /// The modules switched on, attention first.
     pub fn modules(self) -> Vec<Target> {
         let mut targets = Vec::new();

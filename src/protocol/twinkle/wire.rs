@@ -82,11 +82,9 @@ pub fn lora_config(value: &Value) -> Result<LoraRequest, TwinkleError> {
             )));
         }
     }
-    const ALL_LINEAR: LoraTargets =
-        LoraTargets { train_attn: true, train_mlp: true, train_unembed: false };
     let targets = match m.get("target_modules") {
-        None | Some(Value::Null) => ALL_LINEAR,
-        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => ALL_LINEAR,
+        None | Some(Value::Null) => LoraTargets::ALL_LINEAR,
+        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => LoraTargets::ALL_LINEAR,
         Some(Value::String(s)) => regex_targets(s)?,
         Some(Value::Array(items)) => {
             let names: Vec<String> =
